@@ -1,0 +1,118 @@
+"""Read and add header fields on raw message bytes.
+
+The agent's header bytes are never re-serialized: Python's email generator can refold or
+inject fields (CVE-2024-6923 class). We only split the raw bytes, read values, and splice
+new, generated fields in front.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.utils import getaddresses
+
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
+MAX_LINE = 78
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    """One field exactly as it stands in the message, folding and line end included."""
+
+    name: str
+    raw: bytes
+
+    @property
+    def value(self) -> str:
+        """The unfolded value, undecoded, leading white space removed."""
+        _, _, value = self.raw.partition(b":")
+        unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", value).rstrip(b"\r\n")
+        return unfolded.decode("utf-8", errors="replace").strip()
+
+
+def split_message(raw: bytes) -> tuple[bytes, bytes]:
+    """Header block (with its last line end) and body (after the blank line)."""
+    if raw.startswith((b"\r\n", b"\n")):
+        return b"", raw[2:] if raw.startswith(b"\r\n") else raw[1:]
+    match = _BLANK_LINE.search(raw)
+    if match is None:
+        return raw, b""
+    blank = match.group(0)
+    first_eol = blank[: 2 if blank.startswith(b"\r") else 1]
+    return raw[: match.start() + len(first_eol)], raw[match.end() :]
+
+
+def parse_fields(header_block: bytes) -> list[HeaderField]:
+    """The fields of a header block, in order; a leading non-field line is kept as its own."""
+    starts = [m.start() for m in _FIELD_START.finditer(header_block)]
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    fields = []
+    for begin, end in zip(starts, [*starts[1:], len(header_block)], strict=True):
+        chunk = header_block[begin:end]
+        name = chunk.split(b":", 1)[0].strip().decode("ascii", errors="replace").lower()
+        fields.append(HeaderField(name, chunk))
+    return fields
+
+
+def fields_of(raw: bytes) -> list[HeaderField]:
+    return parse_fields(split_message(raw)[0])
+
+
+def values(fields: Iterable[HeaderField], name: str) -> list[str]:
+    wanted = name.lower()
+    return [f.value for f in fields if f.name == wanted]
+
+
+def first_value(fields: Iterable[HeaderField], name: str) -> str | None:
+    found = values(fields, name)
+    return found[0] if found else None
+
+
+def decoded(value: str) -> str:
+    """An RFC 2047 encoded value as text, for display and logs only."""
+    try:
+        return str(make_header(decode_header(value)))
+    except (ValueError, LookupError):
+        return value
+
+
+def addresses(fields: Iterable[HeaderField], name: str) -> list[str]:
+    """The bare addresses of an address-list field (From, To, Cc ...), lower-cased."""
+    pairs = getaddresses(values(fields, name))
+    return [addr.lower() for _, addr in pairs if addr]
+
+
+def format_field(name: str, value: str) -> bytes:
+    """A generated field, folded at white space, CRLF-terminated.
+
+    Values come from our own code; a CR or LF in one would let it inject a field, so it is
+    refused outright rather than cleaned.
+    """
+    if "\r" in value or "\n" in value or ":" in name or not name.isascii():
+        raise ValueError(f"refusing to write header {name!r}: line break or bad name")
+    words = value.split(" ")
+    lines: list[str] = []
+    current = f"{name}:"
+    for word in words:
+        candidate = f"{current} {word}"
+        if len(candidate) > MAX_LINE and current.strip() and not current.endswith(":"):
+            lines.append(current)
+            current = f"\t{word}"
+        else:
+            current = candidate
+    lines.append(current)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def prepend(raw: bytes, fields: Iterable[bytes]) -> bytes:
+    """New fields in front of the message, as trace and signature fields are added."""
+    return b"".join(fields) + raw
+
+
+def has_bare_line_end(data: bytes) -> bool:
+    """A CR not followed by LF or an LF not preceded by CR: the stuff of SMTP smuggling."""
+    return re.search(rb"\r(?!\n)|(?<!\r)\n", data) is not None
