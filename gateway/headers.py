@@ -101,7 +101,7 @@ def format_field(name: str, value: str) -> bytes:
         candidate = f"{current} {word}"
         if len(candidate) > MAX_LINE and current.strip() and not current.endswith(":"):
             lines.append(current)
-            current = f"\t{word}"
+            current = f" {word}"
         else:
             current = candidate
     lines.append(current)

@@ -1,0 +1,336 @@
+"""The `sealrelay` command: run the relay and administer users, queue, keys and journal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from gateway import dkim, journal, queue, users
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.db import Database
+from gateway.models import DeliveryStatus, utcnow
+
+T = TypeVar("T")
+DEMO_AGENT = "agent@demo.sealrelay.example"
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        raise click.ClickException(f"config error: {exc}") from exc
+
+
+def _run(work: Callable[[Database], Awaitable[T]], config: Path | None) -> T:
+    """Run one admin action against the configured database, migrating it first."""
+    settings = _settings(config)
+
+    async def main() -> T:
+        db = Database.connect(settings.database.url)
+        try:
+            await db.upgrade()
+            return await work(db)
+        except (users.UserError, queue.QueueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            await db.close()
+
+    return asyncio.run(main())
+
+
+def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--config",
+        "-c",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        envvar="SEALRELAY_CONFIG",
+        help="TOML settings file (default: embedded defaults). Env: SEALRELAY_CONFIG.",
+    )(command)
+
+
+@click.group()
+def main() -> None:
+    """sealrelay: the outbound SMTP relay for brokerages."""
+
+
+@main.command()
+@config_option
+@click.option(
+    "--roles",
+    default="smtp,web,worker",
+    show_default=True,
+    help="Which parts this instance runs, comma-separated.",
+)
+def serve(config: Path | None, roles: str) -> None:
+    """Run the relay until SIGTERM or Ctrl-C."""
+    from gateway.relay import Relay
+
+    settings = _settings(config)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def run() -> None:
+        relay = Relay(settings, roles=[r.strip() for r in roles.split(",") if r.strip()])
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, relay.request_stop)
+        try:
+            await relay.serve_forever()
+        finally:
+            await relay.stop()
+
+    try:
+        asyncio.run(run())
+    except (ValueError, RuntimeError, OSError, dkim.DkimError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("check-config")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def check_config(file: Path) -> None:
+    """Validate a settings file (and the environment on top of it)."""
+    from gateway.relay import load_signer
+
+    settings = _settings(file)
+    try:
+        load_signer(settings)
+    except dkim.DkimError as exc:
+        raise click.ClickException(f"config error: dkim: {exc}") from exc
+    click.echo(
+        f"{file}: ok (smtp {', '.join(settings.smtp.listen)}; web {settings.web.listen};"
+        f" upstream {settings.upstream.url}; dkim for {len(settings.dkim)} domain(s))"
+    )
+
+
+@main.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config: Path | None) -> None:
+    """Apply all migrations (serve does this at start too)."""
+
+    async def noop(_: Database) -> None:
+        return None
+
+    _run(noop, config)
+    click.echo("database is up to date")
+
+
+@main.group()
+def user() -> None:
+    """Agents and admins."""
+
+
+def _password(from_stdin: bool) -> tuple[str, bool]:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n"), False
+    return users.generate_password(), True
+
+
+@user.command("add")
+@config_option
+@click.argument("email")
+@click.option("--admin", is_flag=True, help="May use the admin console.")
+@click.option("--group", default=None, help="The group whose settings apply to this agent.")
+@click.option("--alias", "aliases", multiple=True, help="Another address the agent sends from.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def user_add(
+    config: Path | None,
+    email: str,
+    admin: bool,
+    group: str | None,
+    aliases: tuple[str, ...],
+    password_stdin: bool,
+) -> None:
+    """Create a user; prints a generated password unless one comes on stdin."""
+    password, generated = _password(password_stdin)
+    created = _run(
+        lambda db: users.add_user(db, email, password, admin=admin, group=group, aliases=aliases),
+        config,
+    )
+    click.echo(f"created {'admin' if admin else 'agent'} {created.email}")
+    if generated:
+        click.echo(f"password: {password}")
+
+
+@user.command("list")
+@config_option
+def user_list(config: Path | None) -> None:
+    """All users with their aliases."""
+    for account, aliases in _run(users.list_users, config):
+        flags = ["admin" if account.is_admin else "agent"]
+        if account.disabled:
+            flags.append("disabled")
+        if account.group_name:
+            flags.append(f"group={account.group_name}")
+        alias_text = f"  aliases: {', '.join(aliases)}" if aliases else ""
+        click.echo(f"{account.email}  [{' '.join(flags)}]{alias_text}")
+
+
+@user.command("disable")
+@config_option
+@click.argument("email")
+def user_disable(config: Path | None, email: str) -> None:
+    """Stop a user from logging in (their queued mail still goes out)."""
+    _run(lambda db: users.set_disabled(db, email, True), config)
+    click.echo(f"disabled {email}")
+
+
+@user.command("enable")
+@config_option
+@click.argument("email")
+def user_enable(config: Path | None, email: str) -> None:
+    """Let a disabled user log in again."""
+    _run(lambda db: users.set_disabled(db, email, False), config)
+    click.echo(f"enabled {email}")
+
+
+@user.command("passwd")
+@config_option
+@click.argument("email")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def user_passwd(config: Path | None, email: str, password_stdin: bool) -> None:
+    """Set a new password; prints a generated one unless one comes on stdin."""
+    password, generated = _password(password_stdin)
+    _run(lambda db: users.set_password(db, email, password), config)
+    click.echo(f"password changed for {email}")
+    if generated:
+        click.echo(f"password: {password}")
+
+
+@main.command("demo-agent")
+@config_option
+def demo_agent(config: Path | None) -> None:
+    """Create the demo agent, or give it a fresh password, and print the credentials."""
+    password = users.generate_password()
+
+    async def ensure(db: Database) -> None:
+        try:
+            await users.add_user(db, DEMO_AGENT, password)
+        except users.UserError:
+            await users.set_password(db, DEMO_AGENT, password)
+
+    _run(ensure, config)
+    click.echo(f"demo agent: {DEMO_AGENT}  password: {password}")
+
+
+@main.group("queue")
+def queue_group() -> None:
+    """The outbound queue."""
+
+
+@queue_group.command("list")
+@config_option
+@click.option("--all", "show_all", is_flag=True, help="Include delivered, bounced, deleted.")
+def queue_list(config: Path | None, show_all: bool) -> None:
+    """Copies waiting for delivery, oldest first."""
+    statuses = list(DeliveryStatus) if show_all else [DeliveryStatus.QUEUED]
+
+    async def fetch(db: Database) -> list[queue.Claimed]:
+        async with db.transaction() as session:
+            return await queue.list_deliveries(session, statuses)
+
+    rows = _run(fetch, config)
+    if not rows:
+        click.echo("the queue is empty")
+    for row in rows:
+        d, m = row.delivery, row.message
+        error = f"  last error: {d.last_error}" if d.last_error else ""
+        click.echo(
+            f"{d.id}  {d.status:<9} {m.sender or '<>'} -> {d.recipient}  attempts={d.attempts}"
+            f"  next={d.next_attempt_at:%Y-%m-%d %H:%M:%S}Z  {m.subject[:40]!r}{error}"
+        )
+
+
+@queue_group.command("retry")
+@config_option
+@click.argument("delivery_id")
+def queue_retry(config: Path | None, delivery_id: str) -> None:
+    """Try a queued (or bounced) copy again now."""
+    lifetime = timedelta(seconds=_settings(config).upstream.queue_lifetime)
+
+    async def retry(db: Database) -> None:
+        async with db.transaction() as session:
+            await queue.retry_now(session, delivery_id, utcnow(), lifetime)
+
+    _run(retry, config)
+    click.echo(f"{delivery_id} will be retried now (a running relay picks it up)")
+
+
+@queue_group.command("delete")
+@config_option
+@click.argument("delivery_id")
+def queue_delete(config: Path | None, delivery_id: str) -> None:
+    """Drop a queued copy without sending a bounce."""
+
+    async def remove(db: Database) -> None:
+        async with db.transaction() as session:
+            await queue.delete(session, delivery_id, utcnow())
+
+    _run(remove, config)
+    click.echo(f"{delivery_id} deleted")
+
+
+@main.group("dkim")
+def dkim_group() -> None:
+    """DKIM signing keys."""
+
+
+@dkim_group.command("keygen")
+@click.option("--domain", required=True, help="The sender domain the key signs for.")
+@click.option("--selector", required=True, help="The DNS selector, e.g. 2026a.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the private key (default var/dkim/DOMAIN.SELECTOR.pem).",
+)
+def dkim_keygen(domain: str, selector: str, out: Path | None) -> None:
+    """Write a new 2048-bit key and print its DNS record and config lines."""
+    path = out or Path("var/dkim") / f"{domain}.{selector}.pem"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = dkim.generate_private_key()
+    try:
+        dkim.write_private_key(key, path)
+    except dkim.DkimError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"private key written to {path}\n")
+    click.echo("Publish this DNS record:\n")
+    click.echo(dkim.dns_txt_record(key, selector, domain))
+    click.echo("\nand add to the config:\n")
+    click.echo(f'[dkim."{domain}"]\nselector = "{selector}"\nkey_file = "{path}"')
+
+
+@main.command()
+@config_option
+@click.option("--journal", "check_journal", is_flag=True, help="Check the journal's hash chain.")
+def verify(config: Path | None, check_journal: bool) -> None:
+    """Check evidence: the journal's hash chain."""
+    if not check_journal:
+        raise click.UsageError("say what to verify: --journal")
+
+    async def check(db: Database) -> journal.ChainReport:
+        async with db.transaction() as session:
+            return await journal.verify(session)
+
+    report = _run(check, config)
+    if report.ok:
+        click.echo(f"journal OK: {report.events} events, chain intact")
+        return
+    click.echo(
+        f"journal NOT OK: event {report.broken_at} {report.reason}"
+        f" ({report.events} events verified before it)"
+    )
+    sys.exit(1)

@@ -1,0 +1,217 @@
+"""Settings: one TOML file, overridable per key from the environment, validated once.
+
+Code never reads raw config dicts; it gets a frozen `Settings`. A bad value stops start-up
+with one line naming the key (and the environment variable when that is where it came from).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "SEALRELAY_"
+
+
+class ConfigError(Exception):
+    """Raised with a single human line: `key: what is wrong`."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(Section):
+    hostname: str = Field(default_factory=socket.getfqdn)
+    public_url: str = "http://127.0.0.1:8080"
+    company_name: str = "sealrelay"
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+HostPort = Annotated[str, Field(min_length=3)]
+
+
+class SmtpSettings(Section):
+    listen: list[HostPort] = ["127.0.0.1:2525"]
+    implicit_tls_listen: list[HostPort] = []
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_message_size: int = Field(default=50 * 1024 * 1024, gt=1024)
+    max_recipients: int = Field(default=100, ge=1)
+    max_auth_failures: int = Field(default=3, ge=1)
+    max_received_headers: int = Field(default=30, ge=5)
+    allow_plaintext_auth_on_loopback: bool = False
+    timeout: float = Field(default=300, gt=0)
+
+    @field_validator("listen", "implicit_tls_listen")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return [_host_port(v) for v in value]
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> SmtpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.implicit_tls_listen and self.tls_cert is None:
+            raise ValueError("implicit_tls_listen needs tls_cert and tls_key")
+        return self
+
+
+class UpstreamSettings(Section):
+    url: str = "capture:var/outbox"
+    username: str | None = None
+    password: str | None = None
+    timeout: float = Field(default=60, gt=0)
+    verify_tls: bool = True
+    queue_lifetime: float = Field(default=5 * 86400, gt=0, description="seconds")
+    retry_base: float = Field(default=60, gt=0, description="seconds before the first retry")
+    retry_max: float = Field(default=3600, gt=0, description="seconds between retries at most")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme == "capture":
+            if not value.split(":", 1)[1]:
+                raise ValueError("capture: needs a directory, e.g. capture:var/outbox")
+            return value
+        parts = urlsplit(value)
+        if scheme not in {"smtp", "smtps"} or not parts.hostname:
+            raise ValueError("must be smtp://HOST[:PORT], smtps://HOST[:PORT] or capture:DIR")
+        return value
+
+
+class WebSettings(Section):
+    listen: HostPort = "127.0.0.1:8080"
+    trusted_proxies: list[str] = []
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _host_port(value)
+
+
+class DatabaseSettings(Section):
+    url: str = "sqlite+aiosqlite:///var/sealrelay.db"
+
+    @field_validator("url")
+    @classmethod
+    def _supported(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+
+class StorageSettings(Section):
+    path: Path = Path("var/blobs")
+
+
+class DkimDomain(Section):
+    selector: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    key_file: Path
+
+
+class WorkerSettings(Section):
+    concurrency: int = Field(default=4, ge=1, le=256)
+    batch_size: int = Field(default=50, ge=1, le=1000)
+    lease_seconds: float = Field(default=300, gt=0)
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+
+class Settings(Section):
+    server: ServerSettings = ServerSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    web: WebSettings = WebSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    storage: StorageSettings = StorageSettings()
+    worker: WorkerSettings = WorkerSettings()
+    dkim: dict[str, DkimDomain] = {}
+
+    @field_validator("dkim")
+    @classmethod
+    def _lower_domains(cls, value: dict[str, DkimDomain]) -> dict[str, DkimDomain]:
+        return {domain.lower(): entry for domain, entry in value.items()}
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the TOML file (or the embedded defaults) with the environment on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    sources = _apply_environment(data, os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc, sources)) from exc
+
+
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Overlay SEALRELAY_<SECTION>__<KEY> variables; returns key -> variable for messages."""
+    sources = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        target = data
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{name}: {'.'.join(path)} does not name a setting")
+        target[path[-1]] = _env_value(raw)
+        sources[".".join(path)] = name
+    return sources
+
+
+def _env_value(raw: str) -> Any:
+    """Lists and tables come as JSON (`["a:1","b:2"]`); everything else stays a string."""
+    if raw.startswith(("[", "{")):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _first_error(exc: ValidationError, sources: Mapping[str, str]) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting"
+    origin = next((var for k, var in sources.items() if key.startswith(k)), None)
+    where = f" (from {origin})" if origin else ""
+    return f"{key or 'config'}: {message}{where}"

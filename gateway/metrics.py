@@ -1,0 +1,15 @@
+"""Prometheus metrics, served by the web server at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+SMTP_REPLIES = Counter(
+    "sealrelay_smtp_replies_total", "Final SMTP replies given to clients, by code", ["code"]
+)
+DELIVERY_OUTCOMES = Counter(
+    "sealrelay_delivery_outcomes_total",
+    "Outcomes of delivery attempts per recipient copy",
+    ["outcome"],
+)
+QUEUE_DEPTH = Gauge("sealrelay_queue_deliveries", "Deliveries in the queue, by status", ["status"])

@@ -1,0 +1,51 @@
+"""The bytes that leave: a stored copy plus trace fields, then the DKIM signature.
+
+Signing comes last, after every change to the copy, so the signature covers what is sent.
+Fields are only ever prepended; the agent's own header bytes are never rewritten.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from email.utils import format_datetime
+
+from gateway import dkim, headers
+from gateway.models import Message
+
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
+
+
+class Signer:
+    """DKIM keys by the From domain, loaded once at start-up."""
+
+    def __init__(self, keys: Mapping[str, dkim.DkimKey]) -> None:
+        self.keys = {domain.lower(): key for domain, key in keys.items()}
+
+    def key_for(self, author_domain: str) -> dkim.DkimKey | None:
+        return self.keys.get(author_domain.lower())
+
+
+def prepare(raw: bytes, message: Message, hostname: str, signer: Signer) -> bytes:
+    fields = headers.fields_of(raw)
+    added = [received_field(message, hostname)]
+    if headers.first_value(fields, "message-id") is None:
+        added.append(headers.format_field("Message-ID", message.message_id_header))
+    if headers.first_value(fields, "date") is None:
+        added.append(headers.format_field("Date", format_datetime(message.received_at)))
+    outgoing = headers.prepend(raw, added)
+    authors = headers.addresses(fields, "from")
+    key = signer.key_for(authors[0].rpartition("@")[2]) if authors else None
+    if key is None:
+        return outgoing
+    return headers.prepend(outgoing, [dkim.sign(outgoing, key)])
+
+
+def received_field(message: Message, hostname: str) -> bytes:
+    helo = _HELO_UNSAFE.sub("", message.helo) or "unknown"
+    source = f"from {helo} ({message.peer}) " if message.peer else ""
+    return headers.format_field(
+        "Received",
+        f"{source}by {hostname} (sealrelay) with {message.protocol} id {message.id};"
+        f" {format_datetime(message.received_at)}",
+    )

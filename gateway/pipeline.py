@@ -1,0 +1,216 @@
+"""The heart of the relay: receive -> facts -> plan -> materialize -> commit.
+
+`Pipeline.submit` is the one entry every front (SMTP submission today; smart-host, content
+filter and milter later) feeds with an envelope, the raw bytes and who sent them. It returns
+only once the message and every copy to deliver are durable; after that the front may answer
+250. Delivery is the queue's job (gateway/delivery.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.utils import make_msgid
+from typing import Protocol
+
+from gateway import headers, journal
+from gateway.blobstore import BlobStore
+from gateway.config import Settings
+from gateway.db import Database
+from gateway.headers import HeaderField
+from gateway.models import Delivery, Message, new_id, utcnow
+from rules.actions import Action, KeepOriginal
+from rules.facts import MessageFacts
+from rules.plan import plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    mail_from: str
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where the message came in, for the Received line and the journal."""
+
+    helo: str
+    peer: str
+    protocol: str
+
+
+class Submitter(Protocol):
+    """Who hands the message in: an authenticated agent today, a trusted host later."""
+
+    @property
+    def user_id(self) -> int | None: ...
+    @property
+    def group(self) -> str | None: ...
+    def may_send_as(self, address: str) -> bool: ...
+
+
+class Rejected(Exception):
+    """A permanent or temporary refusal with the SMTP reply a front should give."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+class QueueSignal:
+    """Wakes local delivery workers when new work is committed, instead of waiting a poll."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+
+    async def wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), seconds)
+        self._event.clear()
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        blobs: BlobStore,
+        signal: QueueSignal | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.blobs = blobs
+        self.signal = signal or QueueSignal()
+
+    async def submit(
+        self, envelope: Envelope, raw: bytes, submitter: Submitter, origin: Origin
+    ) -> str:
+        """The new message's id once it is durable; raises Rejected with the reply to give."""
+        fields = self.receive(envelope, raw, submitter)
+        facts = message_facts(envelope, fields, submitter)
+        original = await self.blobs.put(raw)
+        copies = self.materialize(plan(facts).per_recipient, original)
+        return await self.commit(envelope, original, len(raw), fields, submitter, origin, copies)
+
+    def receive(self, envelope: Envelope, raw: bytes, submitter: Submitter) -> list[HeaderField]:
+        """Refuse what must not be relayed; the checks every front shares."""
+        if headers.has_bare_line_end(raw):
+            raise Rejected(
+                "550 5.6.0 The message contains a bare CR or LF; lines must end with CRLF"
+            )
+        fields = headers.fields_of(raw)
+        hops = sum(1 for field in fields if field.name == "received")
+        if hops >= self.settings.smtp.max_received_headers:
+            raise Rejected(f"554 5.4.6 Too many Received headers ({hops}): a mail loop?")
+        if not submitter.may_send_as(envelope.mail_from):
+            raise Rejected(f"553 5.7.1 You may not send as <{envelope.mail_from}>")
+        authors = headers.addresses(fields, "from")
+        if not authors:
+            raise Rejected("550 5.6.0 The message has no From header")
+        for author in authors:
+            if not submitter.may_send_as(author):
+                raise Rejected(f"553 5.7.1 You may not send as {author} (From header)")
+        return fields
+
+    def materialize(
+        self, per_recipient: Mapping[str, tuple[Action, ...]], original: str
+    ) -> dict[str, str]:
+        """Each recipient's copy as the digest of a durable blob."""
+        copies = {}
+        for recipient, actions in per_recipient.items():
+            if actions != (KeepOriginal(),):
+                raise TypeError(f"no materializer for {actions!r}")
+            copies[recipient] = original
+        return copies
+
+    async def commit(
+        self,
+        envelope: Envelope,
+        original: str,
+        size: int,
+        fields: list[HeaderField],
+        submitter: Submitter,
+        origin: Origin,
+        copies: Mapping[str, str],
+    ) -> str:
+        """Message, deliveries and journal in one transaction: after this, 250 is safe."""
+        now = utcnow()
+        message = Message(
+            id=new_id(),
+            received_at=now,
+            sender=envelope.mail_from,
+            user_id=submitter.user_id,
+            blob=original,
+            size=size,
+            message_id_header=headers.first_value(fields, "message-id")
+            or make_msgid(domain=self.settings.server.hostname),
+            subject=headers.decoded(headers.first_value(fields, "subject") or "")[:998],
+            helo=origin.helo[:255],
+            peer=origin.peer[:100],
+            protocol=origin.protocol,
+        )
+        deliveries = [
+            Delivery(
+                id=new_id(),
+                message_id=message.id,
+                recipient=recipient,
+                blob=blob,
+                next_attempt_at=now,
+                expires_at=expiry(now, self.settings.upstream.queue_lifetime),
+            )
+            for recipient, blob in copies.items()
+        ]
+        events = [
+            journal.NewEvent(
+                "message.received",
+                message.id,
+                data={
+                    "sender": message.sender,
+                    "recipients": list(envelope.recipients),
+                    "size": message.size,
+                    "subject": message.subject,
+                    "message_id": message.message_id_header,
+                    "user_id": submitter.user_id,
+                    "peer": origin.peer,
+                },
+            ),
+            *(
+                journal.NewEvent("delivery.queued", message.id, d.id, {"recipient": d.recipient})
+                for d in deliveries
+            ),
+        ]
+        async with self.db.transaction() as session:
+            session.add(message)
+            await session.flush()
+            session.add_all(deliveries)
+            await journal.append(session, events, now)
+        self.signal.notify()
+        log.info(
+            "accepted %s from %s for %d recipients", message.id, message.sender, len(deliveries)
+        )
+        return message.id
+
+
+def message_facts(
+    envelope: Envelope, fields: list[HeaderField], submitter: Submitter
+) -> MessageFacts:
+    return MessageFacts(
+        sender=envelope.mail_from,
+        group=submitter.group,
+        recipients=envelope.recipients,
+        subject=headers.decoded(headers.first_value(fields, "subject") or ""),
+        headers=tuple((field.name, field.value) for field in fields),
+    )
+
+
+def expiry(start: datetime, lifetime_seconds: float) -> datetime:
+    return start + timedelta(seconds=lifetime_seconds)

@@ -1,0 +1,237 @@
+"""The outbound queue: deliveries claimed with a lease, their state kept per recipient.
+
+A worker claims due rows by setting a lease; on PostgreSQL `FOR UPDATE SKIP LOCKED` lets
+several instances claim at once without blocking each other or taking the same row. A lease
+that runs out (its worker died) makes the row claimable again: delivery is at-least-once.
+Outcomes are recorded only by the worker that still holds the lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway import journal
+from gateway.models import Delivery, DeliveryStatus, Message
+
+
+class QueueError(Exception):
+    """An admin request on the queue that cannot be done."""
+
+
+def backoff(attempts: int, base: float, cap: float, jitter: float = 0.0) -> timedelta:
+    """Wait before the next try: doubling from `base`, at most `cap`, stretched by jitter.
+
+    `jitter` in [0, 1) spreads retries of many copies that failed together.
+    """
+    seconds = min(cap, base * 2 ** max(0, attempts - 1))
+    return timedelta(seconds=seconds * (1 + jitter / 4))
+
+
+@dataclass(frozen=True)
+class Claimed:
+    delivery: Delivery
+    message: Message
+
+
+async def claim(
+    session: AsyncSession, worker: str, now: datetime, lease: timedelta, limit: int
+) -> list[Claimed]:
+    due = (
+        select(Delivery.id)
+        .where(
+            Delivery.status == DeliveryStatus.QUEUED,
+            Delivery.next_attempt_at <= now,
+            or_(Delivery.lease_until.is_(None), Delivery.lease_until < now),
+        )
+        .order_by(Delivery.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = (
+        await session.scalars(
+            update(Delivery)
+            .where(Delivery.id.in_(due.scalar_subquery()))
+            .values(lease_until=now + lease, leased_by=worker)
+            .returning(Delivery.id),
+            execution_options={"synchronize_session": False},
+        )
+    ).all()
+    if not ids:
+        return []
+    rows = await session.execute(
+        select(Delivery, Message)
+        .join(Message, Message.id == Delivery.message_id)
+        .where(Delivery.id.in_(ids))
+        .order_by(Delivery.message_id, Delivery.id)
+        .execution_options(populate_existing=True)
+    )
+    return [Claimed(delivery, message) for delivery, message in rows]
+
+
+async def _settle(
+    session: AsyncSession, delivery: Delivery, worker: str, now: datetime, **values: object
+) -> bool:
+    """Apply an outcome if `worker` still holds the lease; False if another took over."""
+    result = await session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == delivery.id,
+            Delivery.leased_by == worker,
+            Delivery.status == DeliveryStatus.QUEUED,
+        )
+        .values(lease_until=None, leased_by=None, updated_at=now, **values),
+        execution_options={"synchronize_session": False},
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def mark_delivered(
+    session: AsyncSession, delivery: Delivery, worker: str, now: datetime, remote: str | None
+) -> journal.NewEvent | None:
+    settled = await _settle(
+        session,
+        delivery,
+        worker,
+        now,
+        status=DeliveryStatus.DELIVERED,
+        attempts=delivery.attempts + 1,
+        last_error=None,
+    )
+    if not settled:
+        return None
+    return journal.NewEvent(
+        "delivery.delivered",
+        delivery.message_id,
+        delivery.id,
+        {"recipient": delivery.recipient, "attempt": delivery.attempts + 1, "remote": remote},
+    )
+
+
+async def mark_deferred(
+    session: AsyncSession,
+    delivery: Delivery,
+    worker: str,
+    now: datetime,
+    error: str,
+    next_attempt: datetime,
+) -> journal.NewEvent | None:
+    settled = await _settle(
+        session,
+        delivery,
+        worker,
+        now,
+        attempts=delivery.attempts + 1,
+        last_error=error,
+        next_attempt_at=next_attempt,
+    )
+    if not settled:
+        return None
+    return journal.NewEvent(
+        "delivery.deferred",
+        delivery.message_id,
+        delivery.id,
+        {
+            "recipient": delivery.recipient,
+            "attempt": delivery.attempts + 1,
+            "error": error,
+            "next_attempt": next_attempt.isoformat(),
+        },
+    )
+
+
+async def mark_bounced(
+    session: AsyncSession, delivery: Delivery, worker: str, now: datetime, error: str
+) -> journal.NewEvent | None:
+    settled = await _settle(
+        session,
+        delivery,
+        worker,
+        now,
+        status=DeliveryStatus.BOUNCED,
+        attempts=delivery.attempts + 1,
+        last_error=error,
+    )
+    if not settled:
+        return None
+    return journal.NewEvent(
+        "delivery.bounced",
+        delivery.message_id,
+        delivery.id,
+        {"recipient": delivery.recipient, "attempt": delivery.attempts + 1, "error": error},
+    )
+
+
+async def list_deliveries(
+    session: AsyncSession, statuses: Sequence[str] = (DeliveryStatus.QUEUED,), limit: int = 1000
+) -> list[Claimed]:
+    rows = await session.execute(
+        select(Delivery, Message)
+        .join(Message, Message.id == Delivery.message_id)
+        .where(Delivery.status.in_(statuses))
+        .order_by(Delivery.next_attempt_at)
+        .limit(limit)
+    )
+    return [Claimed(delivery, message) for delivery, message in rows]
+
+
+async def retry_now(
+    session: AsyncSession, delivery_id: str, now: datetime, lifetime: timedelta
+) -> Delivery:
+    """Make a queued copy due at once; a bounced one is queued again for a new lifetime."""
+    delivery = await _get(session, delivery_id)
+    if delivery.status not in (DeliveryStatus.QUEUED, DeliveryStatus.BOUNCED):
+        raise QueueError(f"delivery {delivery_id} is {delivery.status}; nothing to retry")
+    if delivery.status == DeliveryStatus.BOUNCED:
+        delivery.expires_at = now + lifetime
+    delivery.status = DeliveryStatus.QUEUED
+    delivery.next_attempt_at = now
+    delivery.lease_until = None
+    delivery.leased_by = None
+    await journal.append(
+        session,
+        [
+            journal.NewEvent(
+                "delivery.retried",
+                delivery.message_id,
+                delivery.id,
+                {"recipient": delivery.recipient},
+            )
+        ],
+        now,
+    )
+    return delivery
+
+
+async def delete(session: AsyncSession, delivery_id: str, now: datetime) -> Delivery:
+    """Give up a queued copy without a bounce, as an admin decides."""
+    delivery = await _get(session, delivery_id)
+    if delivery.status != DeliveryStatus.QUEUED:
+        raise QueueError(f"delivery {delivery_id} is {delivery.status}; only queued ones go")
+    delivery.status = DeliveryStatus.DELETED
+    delivery.lease_until = None
+    delivery.leased_by = None
+    await journal.append(
+        session,
+        [
+            journal.NewEvent(
+                "delivery.deleted",
+                delivery.message_id,
+                delivery.id,
+                {"recipient": delivery.recipient},
+            )
+        ],
+        now,
+    )
+    return delivery
+
+
+async def _get(session: AsyncSession, delivery_id: str) -> Delivery:
+    delivery = await session.get(Delivery, delivery_id, with_for_update=True)
+    if delivery is None:
+        raise QueueError(f"no delivery {delivery_id}")
+    return delivery

@@ -1,0 +1,102 @@
+"""The one composition root: build every part from the settings and run the chosen roles.
+
+`sealrelay serve` runs all roles in one process; `--roles` splits them across instances.
+The web package is imported here, inside `start`, so `gateway` never depends on `web` at
+module level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection
+from datetime import datetime
+from typing import Any
+
+from gateway import dkim
+from gateway.blobstore import BlobStore
+from gateway.config import Settings
+from gateway.db import Database
+from gateway.delivery import DeliveryWorker
+from gateway.models import utcnow
+from gateway.outgoing import Signer
+from gateway.pipeline import Pipeline, QueueSignal
+from gateway.smtp import SmtpFront
+from gateway.upstream import Upstream, open_upstream
+
+log = logging.getLogger(__name__)
+
+ROLES = ("smtp", "web", "worker")
+
+
+def load_signer(settings: Settings) -> Signer:
+    return Signer(
+        {
+            domain: dkim.DkimKey.load(domain, entry.selector, entry.key_file)
+            for domain, entry in settings.dkim.items()
+        }
+    )
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        roles: Collection[str] = ROLES,
+        db: Database | None = None,
+        upstream: Upstream | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        unknown = set(roles) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
+        self.settings = settings
+        self.roles = frozenset(roles)
+        self.db = db or Database.connect(settings.database.url)
+        self.blobs = BlobStore(settings.storage.path)
+        self.signal = QueueSignal()
+        self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal)
+        self.smtp = SmtpFront(settings, self.db, self.pipeline)
+        self.worker = DeliveryWorker(
+            settings,
+            self.db,
+            self.blobs,
+            upstream or open_upstream(settings.upstream, settings.server.hostname),
+            load_signer(settings),
+            self.signal,
+            clock,
+        )
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._web_runner: Any = None
+
+    async def start(self) -> None:
+        await self.db.upgrade()
+        if "worker" in self.roles:
+            self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
+        if "smtp" in self.roles:
+            await self.smtp.start()
+        if "web" in self.roles:
+            from web.app import start_web
+
+            self._web_runner = await start_web(self)
+
+    async def stop(self) -> None:
+        """Stop taking mail first, then let workers finish their round."""
+        await self.smtp.stop()
+        if self._web_runner is not None:
+            await self._web_runner.cleanup()
+        self._stop.set()
+        self.signal.notify()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.db.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        log.info("sealrelay running: roles %s", ", ".join(sorted(self.roles)))
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self.signal.notify()

@@ -1,0 +1,293 @@
+"""The submission front: agents' mail clients speak SMTP to aiosmtpd, which hands over here.
+
+A thin handler: each hook checks its input and turns it into a pipeline call, answering from
+one table of replies. 250 is only given once the pipeline has made the message durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import ipaddress
+import logging
+import ssl
+from base64 import b64decode
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from email_validator import EmailNotValidError, validate_email
+
+from gateway import users
+from gateway.config import Settings
+from gateway.db import Database
+from gateway.metrics import SMTP_REPLIES
+from gateway.pipeline import Envelope as PipelineEnvelope
+from gateway.pipeline import Origin, Pipeline, Rejected
+
+log = logging.getLogger(__name__)
+
+
+class Reply:
+    """Every reply the handler gives, in one place."""
+
+    OK = "250 2.1.0 Ok"
+    RCPT_OK = "250 2.1.5 Ok"
+    AUTH_OK = "235 2.7.0 Authentication successful"
+    AUTH_FAILED = "535 5.7.8 Authentication failed: wrong login or password"
+    AUTH_TOO_MANY = "421 4.7.0 Too many failed logins; closing the connection"
+    AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 answer"
+    AUTH_BAD_PLAIN = "501 5.5.2 AUTH PLAIN needs authzid NUL login NUL password"
+    AUTH_CANCELLED = "501 5.7.0 Authentication cancelled"
+    TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients; at most {limit} per message"
+    TEMPORARY = "451 4.3.0 The message was not accepted because of a local problem; try again"
+    QUEUED = "250 2.0.0 Ok: queued as {message_id}"
+
+    @staticmethod
+    def bad_sender(address: str, why: str) -> str:
+        return f"553 5.1.7 The sender address <{address}> is not valid: {why}"
+
+    @staticmethod
+    def not_your_address(address: str) -> str:
+        return f"553 5.7.1 You may not send as <{address}>: it is not one of your addresses"
+
+    @staticmethod
+    def bad_recipient(address: str, why: str) -> str:
+        return f"553 5.1.3 The recipient address <{address}> is not valid: {why}"
+
+
+class SubmissionHandler:
+    def __init__(self, settings: Settings, db: Database, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.db = db
+        self.pipeline = pipeline
+        self._auth_failures: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
+
+    # -- AUTH: our own PLAIN and LOGIN so that argon2 runs off the event loop.
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        answer = await _initial_or_challenge(server, args, "")
+        if answer is None:
+            return AuthResult(success=False, handled=True)
+        parts = answer.split(b"\x00")
+        if len(parts) != 3:
+            return await _refuse(server, Reply.AUTH_BAD_PLAIN)
+        return await self._check(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        login = await _initial_or_challenge(server, args, server.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return await _refuse(server, Reply.AUTH_CANCELLED)
+        return await self._check(server, login, password)
+
+    async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        session = server.session
+        assert session is not None
+        agent = await users.authenticate(
+            self.db,
+            login.decode("utf-8", errors="replace"),
+            password.decode("utf-8", errors="replace"),
+        )
+        if agent is not None:
+            log.info("%s authenticated as %s", _peer(session), agent.email)
+            return AuthResult(success=True, auth_data=agent, message=Reply.AUTH_OK)
+        failures = self._auth_failures.get(session, 0) + 1
+        self._auth_failures[session] = failures
+        log.warning("failed login %r from %s", login[:100], _peer(session))
+        if failures >= self.settings.smtp.max_auth_failures:
+            await _refuse(server, Reply.AUTH_TOO_MANY)
+            if server.transport is not None:
+                server.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, message=Reply.AUTH_FAILED)
+
+    # -- the envelope
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        agent = _agent(session)
+        try:
+            validate_email(address, check_deliverability=False, allow_smtputf8=False)
+        except EmailNotValidError as exc:
+            return _count(Reply.bad_sender(address, str(exc)))
+        if not agent.may_send_as(address):
+            return _count(Reply.not_your_address(address))
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return Reply.OK
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        limit = self.settings.smtp.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            return _count(Reply.TOO_MANY_RECIPIENTS.format(limit=limit))
+        try:
+            validate_email(address, check_deliverability=False, allow_smtputf8=False)
+        except EmailNotValidError as exc:
+            return _count(Reply.bad_recipient(address, str(exc)))
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return Reply.RCPT_OK
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content
+        assert raw is not None and envelope.mail_from is not None
+        tls = server.transport is not None and (
+            server.transport.get_extra_info("ssl_object") is not None
+        )
+        origin = Origin(
+            helo=session.host_name or "",
+            peer=_peer(session),
+            protocol="ESMTPSA" if tls else "ESMTPA",
+        )
+        try:
+            message_id = await self.pipeline.submit(
+                PipelineEnvelope(envelope.mail_from, tuple(envelope.rcpt_tos)),
+                raw,
+                _agent(session),
+                origin,
+            )
+        except Rejected as refusal:
+            log.info("refused mail from %s: %s", envelope.mail_from, refusal.reply)
+            return _count(refusal.reply)
+        except Exception:
+            log.exception("could not accept mail from %s", envelope.mail_from)
+            return _count(Reply.TEMPORARY)
+        return _count(Reply.QUEUED.format(message_id=message_id))
+
+
+class SmtpFront:
+    """The listeners: plain ones with STARTTLS, implicit-TLS ones (port 465 style)."""
+
+    def __init__(self, settings: Settings, db: Database, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.handler = SubmissionHandler(settings, db, pipeline)
+        self.tls = _tls_context(settings)
+        self.servers: list[asyncio.Server] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        smtp = self.settings.smtp
+        for address in smtp.listen:
+            host, port = _split(address)
+            plaintext_ok = smtp.allow_plaintext_auth_on_loopback and _is_loopback(host)
+            if self.tls is None and not plaintext_ok:
+                raise RuntimeError(
+                    f"smtp.listen {address}: agents could not log in; set smtp.tls_cert and"
+                    " smtp.tls_key, or allow_plaintext_auth_on_loopback on a loopback address"
+                )
+            factory = self._factory(self.tls, require_tls=not plaintext_ok)
+            self.servers.append(await loop.create_server(factory, host, port))
+        for address in smtp.implicit_tls_listen:
+            host, port = _split(address)
+            factory = self._factory(None, require_tls=False)
+            self.servers.append(await loop.create_server(factory, host, port, ssl=self.tls))
+        for server in self.servers:
+            for sock in server.sockets:
+                log.info("SMTP listening on %s", sock.getsockname()[:2])
+
+    def _factory(self, tls: ssl.SSLContext | None, require_tls: bool) -> Any:
+        smtp = self.settings.smtp
+
+        def make() -> SMTP:
+            return SMTP(
+                self.handler,
+                data_size_limit=smtp.max_message_size,
+                enable_SMTPUTF8=False,
+                decode_data=False,
+                hostname=self.settings.server.hostname,
+                ident="sealrelay",
+                tls_context=tls,
+                require_starttls=tls is not None and require_tls,
+                timeout=smtp.timeout,
+                auth_required=True,
+                auth_require_tls=require_tls,
+            )
+
+        return make
+
+    @property
+    def ports(self) -> list[int]:
+        return [sock.getsockname()[1] for server in self.servers for sock in server.sockets]
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers = []
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    smtp = settings.smtp
+    if smtp.tls_cert is None or smtp.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(smtp.tls_cert, smtp.tls_key)
+    return context
+
+
+def _agent(session: Session) -> users.Agent:
+    agent = session.auth_data
+    if not isinstance(agent, users.Agent):
+        raise RuntimeError("MAIL without an authenticated agent: aiosmtpd must require AUTH")
+    return agent
+
+
+async def _initial_or_challenge(server: SMTP, args: list[str], challenge: str) -> bytes | None:
+    """The client's first answer, inline (`AUTH PLAIN xyz`) or after a 334 challenge.
+
+    None when it was cancelled or not base64; the reply has been given then.
+    """
+    if len(args) > 1:
+        answer = _b64(args[1])
+        if answer is None:
+            await _refuse(server, Reply.AUTH_BAD_BASE64)
+        return answer
+    challenged = await server.challenge_auth(challenge)
+    if not isinstance(challenged, bytes):
+        await _refuse(server, Reply.AUTH_CANCELLED)
+        return None
+    return challenged
+
+
+async def _refuse(server: SMTP, reply: str) -> AuthResult:
+    await server.push(_count(reply))
+    return AuthResult(success=False, handled=True)
+
+
+def _count(reply: str) -> str:
+    SMTP_REPLIES.labels(code=reply[:3]).inc()
+    return reply
+
+
+def _b64(value: str) -> bytes | None:
+    try:
+        return b64decode(value.encode(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

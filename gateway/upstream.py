@@ -1,0 +1,129 @@
+"""Where outgoing copies go: an SMTP smart host, or a capture directory.
+
+A transport answers per recipient with `(error, permanent)` in the manner of chasquid's
+courier: None for delivered, else the reply and whether retrying could help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import ssl
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+
+from gateway.config import UpstreamSettings
+from gateway.models import new_id
+
+
+@dataclass(frozen=True)
+class Outcome:
+    error: str | None = None
+    permanent: bool = False
+    remote_mta: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.error is None
+
+
+DELIVERED = Outcome()
+
+
+class Upstream(Protocol):
+    async def send(
+        self, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, Outcome]: ...
+
+
+class CaptureUpstream:
+    """Writes each copy as `<id>.eml` plus its envelope in `<id>.json`, for trying it out."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    async def send(
+        self, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, Outcome]:
+        await asyncio.to_thread(self._write, mail_from, recipients, data)
+        return dict.fromkeys(recipients, DELIVERED)
+
+    def _write(self, mail_from: str, recipients: Sequence[str], data: bytes) -> None:
+        name = new_id()
+        envelope = json.dumps({"mail_from": mail_from, "rcpt_tos": list(recipients)})
+        # The .eml appears last and whole, so a reader that sees it can trust both files.
+        for suffix, content in ((".json", envelope.encode()), (".eml", data)):
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+            os.replace(tmp, self.directory / f"{name}{suffix}")
+
+
+class SmtpUpstream:
+    """One connection per batch; STARTTLS whenever the server offers it (smtp://)."""
+
+    def __init__(self, settings: UpstreamSettings, local_hostname: str) -> None:
+        parts = urlsplit(settings.url)
+        self.host = parts.hostname or "localhost"
+        self.implicit_tls = parts.scheme == "smtps"
+        self.port = parts.port or (465 if self.implicit_tls else 25)
+        self.username = settings.username or (unquote(parts.username) if parts.username else None)
+        self.password = settings.password or (unquote(parts.password) if parts.password else None)
+        self.timeout = settings.timeout
+        self.local_hostname = local_hostname
+        self.tls_context = ssl.create_default_context()
+        if not settings.verify_tls:
+            self.tls_context.check_hostname = False
+            self.tls_context.verify_mode = ssl.CERT_NONE
+
+    async def send(
+        self, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, Outcome]:
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            use_tls=self.implicit_tls,
+            start_tls=None,
+            tls_context=self.tls_context,
+            timeout=self.timeout,
+            local_hostname=self.local_hostname,
+        )
+        try:
+            await client.connect()
+            if self.username and self.password:
+                await client.login(self.username, self.password)
+            refused, _ = await client.sendmail(mail_from, list(recipients), data)
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit()
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            return {r.recipient: self._refusal(r.code, r.message) for r in exc.recipients}
+        except aiosmtplib.SMTPResponseException as exc:
+            return dict.fromkeys(recipients, self._refusal(exc.code, exc.message))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            reason = f"{self.host}:{self.port}: {exc or type(exc).__name__}"
+            return dict.fromkeys(recipients, Outcome(reason, permanent=False))
+        finally:
+            client.close()
+        outcomes = dict.fromkeys(recipients, DELIVERED)
+        for recipient, response in refused.items():
+            outcomes[recipient] = self._refusal(response.code, response.message)
+        return outcomes
+
+    def _refusal(self, code: int, message: str) -> Outcome:
+        text = " ".join(f"{code} {message}".split())
+        return Outcome(text, permanent=500 <= code < 600, remote_mta=self.host)
+
+
+def open_upstream(settings: UpstreamSettings, local_hostname: str) -> Upstream:
+    if settings.url.startswith("capture:"):
+        return CaptureUpstream(Path(settings.url.removeprefix("capture:")))
+    return SmtpUpstream(settings, local_hostname)

@@ -1,0 +1,161 @@
+"""Agents and admins: who may log in, and which addresses each may send from."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from gateway import journal
+from gateway.db import Database
+from gateway.models import Alias, User
+
+_hasher = PasswordHasher()
+# Each argon2 verification takes ~64 MiB and tens of ms: two threads keep memory bounded and
+# the event loop free.
+_argon2_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
+# Verified against when the login is unknown, so timing does not reveal which logins exist.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+class UserError(Exception):
+    """A request about users that cannot be done; the message is for the person asking."""
+
+
+@dataclass(frozen=True)
+class Agent:
+    """An authenticated sender: what the pipeline needs to know about who is sending."""
+
+    user_id: int
+    email: str
+    group: str | None
+    is_admin: bool
+    addresses: frozenset[str]
+
+    def may_send_as(self, address: str) -> bool:
+        return address.lower() in self.addresses
+
+
+def normalize_address(address: str) -> str:
+    """Validated, lower-cased; raises UserError with the validator's sentence."""
+    try:
+        valid = validate_email(address, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise UserError(f"{address!r} is not a valid address: {exc}") from exc
+    return valid.normalized.lower()
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(15)
+
+
+async def add_user(
+    db: Database,
+    email: str,
+    password: str,
+    *,
+    admin: bool = False,
+    group: str | None = None,
+    aliases: tuple[str, ...] = (),
+) -> User:
+    email = normalize_address(email)
+    alias_addresses = sorted({normalize_address(a) for a in aliases} - {email})
+    if len(password) < 10:
+        raise UserError("the password must have at least 10 characters")
+    password_hash = await asyncio.to_thread(_hasher.hash, password)
+    user = User(email=email, password_hash=password_hash, is_admin=admin, group_name=group)
+    try:
+        async with db.transaction() as session:
+            taken = await session.scalar(select(Alias).where(Alias.address == email))
+            if taken is not None:
+                raise UserError(f"{email} is already an alias of another user")
+            session.add(user)
+            await session.flush()
+            session.add_all(Alias(address=a, user_id=user.id) for a in alias_addresses)
+            await journal.append(
+                session,
+                [journal.NewEvent("user.created", data={"email": email, "admin": admin})],
+            )
+    except IntegrityError as exc:
+        raise UserError(f"{email} or one of its aliases is already in use") from exc
+    return user
+
+
+async def list_users(db: Database) -> list[tuple[User, list[str]]]:
+    async with db.transaction() as session:
+        users = (await session.scalars(select(User).order_by(User.email))).all()
+        aliases = (await session.scalars(select(Alias))).all()
+    by_user: dict[int, list[str]] = {}
+    for alias in aliases:
+        by_user.setdefault(alias.user_id, []).append(alias.address)
+    return [(user, sorted(by_user.get(user.id, []))) for user in users]
+
+
+async def set_disabled(db: Database, email: str, disabled: bool = True) -> None:
+    email = normalize_address(email)
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == email))
+        if user is None:
+            raise UserError(f"no user {email}")
+        user.disabled = disabled
+        await journal.append(
+            session,
+            [
+                journal.NewEvent(
+                    "user.disabled" if disabled else "user.enabled", data={"email": email}
+                )
+            ],
+        )
+
+
+async def set_password(db: Database, email: str, password: str) -> None:
+    email = normalize_address(email)
+    if len(password) < 10:
+        raise UserError("the password must have at least 10 characters")
+    password_hash = await asyncio.to_thread(_hasher.hash, password)
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == email))
+        if user is None:
+            raise UserError(f"no user {email}")
+        user.password_hash = password_hash
+        await journal.append(
+            session, [journal.NewEvent("user.password_changed", data={"email": email})]
+        )
+
+
+async def authenticate(db: Database, login: str, password: str) -> Agent | None:
+    """The agent for these credentials, or None; disabled users never authenticate."""
+    login = login.strip().lower()
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == login))
+        aliases = (
+            (await session.scalars(select(Alias.address).where(Alias.user_id == user.id))).all()
+            if user is not None
+            else []
+        )
+    stored = user.password_hash if user is not None else _DUMMY_HASH
+    loop = asyncio.get_running_loop()
+    matches = await loop.run_in_executor(_argon2_pool, _verify, stored, password)
+    if user is None or user.disabled or not matches:
+        return None
+    return Agent(
+        user_id=user.id,
+        email=user.email,
+        group=user.group_name,
+        is_admin=user.is_admin,
+        addresses=frozenset([user.email, *aliases]),
+    )
+
+
+def _verify(stored: str, password: str) -> bool:
+    try:
+        return _hasher.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return False

@@ -1,0 +1,202 @@
+"""Fixtures: every database test runs on SQLite and on PostgreSQL.
+
+PostgreSQL is required, not optional: without it these tests fail instead of skipping.
+Point SEALRELAY_TEST_POSTGRES_URL elsewhere if it is not on 127.0.0.1:5432.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from sqlalchemy import text
+
+from gateway import dkim, users
+from gateway.config import Settings
+from gateway.db import Database, make_engine
+from gateway.relay import Relay
+from tests.support import Sink, free_port, make_certificate
+
+POSTGRES_URL = os.environ.get(
+    "SEALRELAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+AGENT = "agent@broker.example"
+ALIAS = "team@broker.example"
+PASSWORD = "correct horse battery"
+DKIM_DOMAIN = "broker.example"
+DKIM_SELECTOR = "s2026"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "sqlite":
+        db = Database.connect(f"sqlite+aiosqlite:///{tmp_path}/relay.db")
+        await db.upgrade()
+        yield db
+        await db.close()
+        return
+    schema = f"test_{secrets.token_hex(6)}"
+    admin = make_engine(POSTGRES_URL)
+    async with admin.begin() as conn:
+        await conn.execute(text(f"CREATE SCHEMA {schema}"))
+    db = Database.connect(POSTGRES_URL, schema=schema)
+    try:
+        await db.upgrade()
+        yield db
+    finally:
+        await db.close()
+        async with admin.begin() as conn:
+            await conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        await admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def dkim_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dkim") / "key.pem"
+    dkim.write_private_key(dkim.generate_private_key(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dkim_key(dkim_key_file: Path) -> dkim.DkimKey:
+    return dkim.DkimKey.load(DKIM_DOMAIN, DKIM_SELECTOR, dkim_key_file)
+
+
+def dkim_dns(key: dkim.DkimKey) -> Any:
+    """A dnsfunc for dkimpy that answers only for our selector, offline."""
+    record = dkim.public_txt_value(key).encode()
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes:
+        return record if name == f"{key.selector}._domainkey.{key.domain}.".encode() else b""
+
+    return lookup
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    server = await Sink().start()
+    yield server
+    await server.stop()
+
+
+def relay_settings(tmp_path: Path, upstream_port: int, **sections: dict[str, Any]) -> Settings:
+    data: dict[str, Any] = {
+        "server": {"hostname": "relay.broker.example", "public_url": "http://127.0.0.1:8080"},
+        "smtp": {"listen": [f"127.0.0.1:{free_port()}"]},
+        "web": {"listen": f"127.0.0.1:{free_port()}"},
+        "upstream": {
+            "url": f"smtp://127.0.0.1:{upstream_port}",
+            "verify_tls": False,
+            "timeout": 10,
+            "retry_base": 0.2,
+            "retry_max": 1,
+        },
+        "storage": {"path": str(tmp_path / "blobs")},
+        "worker": {"poll_seconds": 0.2},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return Settings.model_validate(data)
+
+
+@dataclass
+class Harness:
+    relay: Relay
+    sink: Sink
+    settings: Settings
+    dkim_key: dkim.DkimKey
+
+    @property
+    def smtp_port(self) -> int:
+        return self.relay.smtp.ports[0]
+
+    @property
+    def tls_port(self) -> int:
+        return self.relay.smtp.ports[-1]
+
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.settings.web.listen}"
+
+    def client(self, **kwargs: Any) -> aiosmtplib.SMTP:
+        return aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=self.smtp_port,
+            start_tls=True,
+            validate_certs=False,
+            timeout=15,
+            **kwargs,
+        )
+
+    async def send(
+        self,
+        message: EmailMessage | bytes,
+        *,
+        sender: str = AGENT,
+        recipients: list[str] | None = None,
+    ) -> str:
+        """Send as the agent over STARTTLS + AUTH; returns the 250 reply text."""
+        async with self.client(username=AGENT, password=PASSWORD) as client:
+            if isinstance(message, EmailMessage):
+                response = await client.send_message(
+                    message, sender=sender, recipients=recipients
+                )
+            else:
+                assert recipients is not None
+                response = await client.sendmail(sender, recipients, message)
+        return response[1]
+
+
+def make_message(
+    to: str = "prospect@example.com", subject: str = "Ihr Exposé", body: str = "Guten Tag!\n"
+) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = f"Anna Agent <{AGENT}>"
+    message["To"] = to
+    message["Subject"] = subject
+    message.set_content(body)
+    return message
+
+
+@pytest.fixture
+async def relay(
+    database: Database,
+    sink: Sink,
+    tmp_path: Path,
+    tls_files: tuple[Path, Path],
+    dkim_key: dkim.DkimKey,
+    dkim_key_file: Path,
+) -> AsyncIterator[Harness]:
+    cert, key = tls_files
+    settings = relay_settings(
+        tmp_path,
+        sink.port,
+        smtp={
+            "tls_cert": str(cert),
+            "tls_key": str(key),
+            "implicit_tls_listen": [f"127.0.0.1:{free_port()}"],
+            "max_recipients": 5,
+            "max_message_size": 1024 * 1024,
+        },
+        dkim={DKIM_DOMAIN: {"selector": DKIM_SELECTOR, "key_file": str(dkim_key_file)}},
+    )
+    await users.add_user(database, AGENT, PASSWORD, aliases=(ALIAS,))
+    relay = Relay(settings, db=database)
+    await relay.start()
+    try:
+        yield Harness(relay, sink, settings, dkim_key)
+    finally:
+        await relay.stop()
+

@@ -1,0 +1,123 @@
+"""Real test doubles at the edge: a recording SMTP sink, certificates, free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_certificate(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+
+@dataclass
+class Sink:
+    """An upstream SMTP server that records what it got and can be told to refuse."""
+
+    port: int = 0
+    messages: list[Received] = field(default_factory=list)
+    # recipient -> reply; "421 ..." style temporary or "550 ..." permanent refusals at RCPT
+    refuse: dict[str, str] = field(default_factory=dict)
+    data_reply: str | None = None
+    _server: asyncio.Server | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply:
+            return self.data_reply
+        assert envelope.original_content is not None and envelope.mail_from is not None
+        async with self._changed:
+            self.messages.append(
+                Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+            )
+            self._changed.notify_all()
+        return "250 OK stored"
+
+    async def start(self, port: int | None = None) -> Sink:
+        loop = asyncio.get_running_loop()
+        self.port = port or self.port or free_port()
+
+        def make() -> SMTP:
+            return SMTP(self, hostname="sink.test", decode_data=False, data_size_limit=None)
+
+        self._server = await loop.create_server(make, "127.0.0.1", self.port)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def expect(self, count: int, timeout: float = 30) -> list[Received]:
+        """Wait until `count` copies arrived (bounded), then return them all."""
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self.messages) >= count)
+        return list(self.messages)
+
+    def where(self, predicate: Callable[[Received], bool]) -> list[Received]:
+        return [m for m in self.messages if predicate(m)]
+
+    def to(self, address: str) -> list[Received]:
+        return self.where(lambda m: address in m.rcpt_tos)

@@ -1,0 +1,57 @@
+"""The web server: health and metrics now; prospect pages, console and API later."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from gateway.metrics import QUEUE_DEPTH
+from gateway.models import Delivery, DeliveryStatus
+from gateway.relay import Relay
+
+RELAY = web.AppKey("relay", Relay)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Ready when the database answers; load balancers and orchestrators poll this."""
+    relay = request.app[RELAY]
+    try:
+        async with relay.db.transaction() as session:
+            await session.execute(text("SELECT 1"))
+    except Exception as exc:
+        return web.json_response({"status": "error", "database": str(exc)}, status=503)
+    return web.json_response({"status": "ok", "roles": sorted(relay.roles)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    async with relay.db.transaction() as session:
+        counts = dict(
+            (
+                await session.execute(
+                    select(Delivery.status, func.count()).group_by(Delivery.status)
+                )
+            ).tuples()
+        )
+    for status in DeliveryStatus:
+        QUEUE_DEPTH.labels(status=status.value).set(counts.get(status.value, 0))
+    body = generate_latest()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(relay: Relay) -> web.Application:
+    app = web.Application()
+    app[RELAY] = relay
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def start_web(relay: Relay) -> web.AppRunner:
+    runner = web.AppRunner(create_app(relay), access_log=None)
+    await runner.setup()
+    host, _, port = relay.settings.web.listen.rpartition(":")
+    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    await site.start()
+    return runner
