@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -99,12 +100,17 @@ def serve(config: Path | None, roles: str) -> None:
 def check_config(file: Path) -> None:
     """Validate a settings file (and the environment on top of it)."""
     from gateway.relay import load_signer
+    from gateway.smtp import tls_context
 
     settings = _settings(file)
     try:
         load_signer(settings)
     except dkim.DkimError as exc:
         raise click.ClickException(f"config error: dkim: {exc}") from exc
+    try:
+        tls_context(settings)
+    except (OSError, ssl.SSLError) as exc:
+        raise click.ClickException(f"config error: smtp.tls_cert/tls_key: {exc}") from exc
     click.echo(
         f"{file}: ok (smtp {', '.join(settings.smtp.listen)}; web {settings.web.listen};"
         f" upstream {settings.upstream.url}; dkim for {len(settings.dkim)} domain(s))"

@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from email.header import decode_header, make_header
+import email.policy
 from email.utils import getaddresses
 
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
 MAX_LINE = 78
 
@@ -73,11 +74,16 @@ def first_value(fields: Iterable[HeaderField], name: str) -> str | None:
 
 
 def decoded(value: str) -> str:
-    """An RFC 2047 encoded value as text, for display and logs only."""
+    """An RFC 2047 encoded value as one line of text, for display, logs and the journal.
+
+    Control characters (an encoded CR LF among them) become spaces, so the result can never
+    start a new line wherever it is shown.
+    """
     try:
-        return str(make_header(decode_header(value)))
-    except (ValueError, LookupError):
-        return value
+        text = str(email.policy.default.header_factory("x", value))
+    except (ValueError, LookupError, IndexError):
+        text = value
+    return _CONTROL.sub(" ", text)
 
 
 def addresses(fields: Iterable[HeaderField], name: str) -> list[str]:

@@ -167,7 +167,7 @@ class SmtpFront:
     def __init__(self, settings: Settings, db: Database, pipeline: Pipeline) -> None:
         self.settings = settings
         self.handler = SubmissionHandler(settings, db, pipeline)
-        self.tls = _tls_context(settings)
+        self.tls = tls_context(settings)
         self.servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
@@ -223,7 +223,7 @@ class SmtpFront:
         self.servers = []
 
 
-def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
     smtp = settings.smtp
     if smtp.tls_cert is None or smtp.tls_key is None:
         return None

@@ -17,6 +17,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import dkim, users
 from gateway.config import Settings
@@ -44,8 +45,16 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         return
     schema = f"test_{secrets.token_hex(6)}"
     admin = make_engine(POSTGRES_URL)
-    async with admin.begin() as conn:
-        await conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        async with admin.begin() as conn:
+            await conn.execute(text(f"CREATE SCHEMA {schema}"))
+    except (OSError, SQLAlchemyError) as exc:
+        await admin.dispose()
+        pytest.fail(
+            f"PostgreSQL is required for the tests and is not reachable at {POSTGRES_URL}:"
+            f" {exc}. Start it or set SEALRELAY_TEST_POSTGRES_URL.",
+            pytrace=False,
+        )
     db = Database.connect(POSTGRES_URL, schema=schema)
     try:
         await db.upgrade()
@@ -150,9 +159,7 @@ class Harness:
         """Send as the agent over STARTTLS + AUTH; returns the 250 reply text."""
         async with self.client(username=AGENT, password=PASSWORD) as client:
             if isinstance(message, EmailMessage):
-                response = await client.send_message(
-                    message, sender=sender, recipients=recipients
-                )
+                response = await client.send_message(message, sender=sender, recipients=recipients)
             else:
                 assert recipients is not None
                 response = await client.sendmail(sender, recipients, message)
@@ -199,4 +206,3 @@ async def relay(
         yield Harness(relay, sink, settings, dkim_key)
     finally:
         await relay.stop()
-

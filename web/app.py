@@ -27,13 +27,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     async with relay.db.transaction() as session:
-        counts = dict(
-            (
-                await session.execute(
-                    select(Delivery.status, func.count()).group_by(Delivery.status)
-                )
-            ).tuples()
+        rows = await session.execute(
+            select(Delivery.status, func.count()).group_by(Delivery.status)
         )
+        counts = {status: count for status, count in rows}
     for status in DeliveryStatus:
         QUEUE_DEPTH.labels(status=status.value).set(counts.get(status.value, 0))
     body = generate_latest()
