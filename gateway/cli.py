@@ -78,6 +78,8 @@ def serve(config: Path | None, roles: str) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # aiosmtpd logs every command line at INFO, inline AUTH PLAIN credentials included.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
     async def run() -> None:
         relay = Relay(settings, roles=[r.strip() for r in roles.split(",") if r.strip()])
