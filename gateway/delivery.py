@@ -22,6 +22,7 @@ from gateway import dsn, headers, journal, queue
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
+from gateway.metrics import DELIVERY_OUTCOMES
 from gateway.models import Delivery, Message, MessageKind, new_id, utcnow
 from gateway.outgoing import Signer, prepare
 from gateway.pipeline import QueueSignal, expiry
@@ -166,6 +167,8 @@ class DeliveryWorker:
         for delivery, event in zip(deliveries, events, strict=False):
             if event is None:
                 log.warning("lease on %s was lost; another worker records it", delivery.id)
+            else:
+                DELIVERY_OUTCOMES.labels(outcome=event.type.removeprefix("delivery.")).inc()
 
     def _next_attempt(self, delivery: Delivery, now: datetime) -> datetime:
         upstream = self.settings.upstream

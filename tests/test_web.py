@@ -19,6 +19,7 @@ async def test_healthz_and_metrics(relay: Harness) -> None:
             text = await response.text()
     assert 'sealrelay_smtp_replies_total{code="250"}' in text
     assert "sealrelay_queue_deliveries" in text
+    assert 'sealrelay_delivery_outcomes_total{outcome="delivered"}' in text
 
 
 async def test_healthz_reports_a_dead_database(relay: Harness) -> None:
