@@ -61,6 +61,7 @@ _LINE_BREAK = re.compile(rb"\r?\n")
 _WSP_RUN = re.compile(rb"[ \t]+")
 _SPACE_RUN = re.compile(rb"  +")
 _REVERSED_CRLFS = re.compile(rb"(?:\n\r)*")
+_BODY_HASH = re.compile(r"[A-Za-z0-9+/]{43}=")
 
 
 class DkimError(Exception):
@@ -180,16 +181,14 @@ def body_hash(body: bytes) -> str:
         body = _SPACE_RUN.sub(b" ", body)
     if b" \r\n" in body:
         body = body.replace(b" \r\n", b"\r\n")
-    view = memoryview(body)
-    if body:
-        trailing = len(body) - len(body.rstrip(b"\r\n"))
-        match = _REVERSED_CRLFS.match(bytes(view[len(body) - trailing :])[::-1])
-        assert match is not None
-        pairs = match.end() // 2
-        view = view[: len(body) - 2 * (pairs - 1)]
-        if view == b"\r\n":
-            view = view[:0]
-    return base64.b64encode(hashlib.sha256(view).digest()).decode("ascii")
+    end = len(body)
+    if end:
+        tail = body[len(body.rstrip(b"\r\n")) :][::-1]
+        match = _REVERSED_CRLFS.match(tail)
+        end -= 2 * ((match.end() // 2 if match else 1) - 1)
+        if end == 2:
+            end = 0
+    return base64.b64encode(hashlib.sha256(memoryview(body)[:end]).digest()).decode("ascii")
 
 
 def sign(
@@ -205,8 +204,11 @@ def sign(
     """The DKIM-Signature field for `message`, to be prepended to exactly these bytes.
 
     Oversigned names go into h= once more than they occur, so that adding such a field
-    later (a second From, a forged evidence header) breaks the signature.
+    later (a second From, a forged evidence header) breaks the signature. `bh` takes a
+    body_hash() of this body computed earlier, when one body goes out under several headers.
     """
+    if bh is not None and not _BODY_HASH.fullmatch(bh):
+        raise DkimError(f"{bh!r} is not a body_hash() value")
     header_block, body = split_message(message)
     fields = [f for f in parse_fields(header_block) if b":" in f.raw]
     over = _names(oversigned, extra_oversigned)
@@ -235,7 +237,7 @@ def sign(
         f"s={key.selector};",
         f"t={timestamp};",
     ]
-    unsigned = _fold(tags, h_names, bh or body_hash(body))
+    unsigned = _fold(tags, h_names, bh if bh is not None else body_hash(body))
     hashed.append(_canon_field(unsigned))
     signature = key.private_key.sign(b"".join(hashed), padding.PKCS1v15(), hashes.SHA256())
     return _append_b(unsigned, base64.b64encode(signature))
