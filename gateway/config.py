@@ -12,17 +12,21 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from rules.matching import ConfiguredRule, Match, PolicyConfig
+from rules.policy import Policy
 
 ENV_PREFIX = "SEALRELAY_"
 
@@ -38,7 +42,6 @@ class Section(BaseModel):
 class ServerSettings(Section):
     hostname: str = Field(default_factory=socket.getfqdn)
     public_url: str = "http://127.0.0.1:8080"
-    company_name: str = "sealrelay"
 
     @field_validator("public_url")
     @classmethod
@@ -146,6 +149,75 @@ class WorkerSettings(Section):
     poll_seconds: float = Field(default=1.0, gt=0)
 
 
+LANGUAGES = ("de", "en", "es")
+Language = Literal["de", "en", "es"]
+MIME_TYPE = r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$"
+
+
+class BrandingSettings(Section):
+    """What prospects see on their pages: the brokerage, not sealrelay."""
+
+    company_name: str = "sealrelay"
+    logo_url: str | None = None
+    primary_color: str = Field(default="#1f4e79", pattern=r"^#[0-9a-fA-F]{6}$")
+    background_color: str = Field(default="#f4f6f8", pattern=r"^#[0-9a-fA-F]{6}$")
+
+
+class PolicyOverrides(Section):
+    """Any subset of the policy settings; what a group or a rule changes."""
+
+    link_attachments_over: ByteSize | None = None
+    link_total_over: ByteSize | None = None
+    keep_attached: list[Annotated[str, Field(pattern=MIME_TYPE)]] | None = None
+    download_link_days: int | None = Field(default=None, ge=1, le=3650)
+    internal_domains: list[str] | None = None
+    language: Language | None = None
+
+    def values(self) -> dict[str, Any]:
+        """The set values, in the types rules.policy.Policy expects."""
+        values = self.model_dump(exclude_none=True, exclude={"name"})
+        for key in ("keep_attached", "internal_domains"):
+            if key in values:
+                values[key] = frozenset(v.lower() for v in values[key])
+        for key in ("link_attachments_over", "link_total_over"):
+            if key in values:
+                values[key] = int(values[key])
+        return values
+
+
+class PolicySettings(PolicyOverrides):
+    """The defaults for everyone; groups and rules override them."""
+
+    link_attachments_over: ByteSize | None = ByteSize(2 * 1024 * 1024)
+    link_total_over: ByteSize | None = ByteSize(10 * 1024 * 1024)
+    keep_attached: list[Annotated[str, Field(pattern=MIME_TYPE)]] | None = [
+        "text/calendar",
+        "text/vcard",
+        "text/x-vcard",
+    ]
+    download_link_days: int | None = Field(default=90, ge=1, le=3650)
+    internal_domains: list[str] | None = []
+    language: Language | None = "de"
+
+
+class GroupSettings(PolicyOverrides):
+    name: str = Field(min_length=1)
+
+
+class RuleMatch(Section):
+    senders: list[str] = []
+    groups: list[str] = []
+    recipient_domains: list[str] = []
+    subject_prefixes: list[str] = []
+    filenames: list[str] = []
+
+
+class RuleSettings(Section):
+    name: str = Field(min_length=1)
+    match: RuleMatch = RuleMatch()
+    set: PolicyOverrides = PolicyOverrides()
+
+
 class Settings(Section):
     server: ServerSettings = ServerSettings()
     smtp: SmtpSettings = SmtpSettings()
@@ -155,6 +227,42 @@ class Settings(Section):
     storage: StorageSettings = StorageSettings()
     worker: WorkerSettings = WorkerSettings()
     dkim: dict[str, DkimDomain] = {}
+    branding: BrandingSettings = BrandingSettings()
+    policy: PolicySettings = PolicySettings()
+    groups: list[GroupSettings] = []
+    rules: list[RuleSettings] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        for kind, names in (
+            ("groups", [g.name for g in self.groups]),
+            ("rules", [r.name for r in self.rules]),
+        ):
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"{kind}: names must be unique; repeated: {', '.join(repeated)}")
+        return self
+
+    def policy_config(self) -> PolicyConfig:
+        """The pure policy input for rules/, built once at start-up."""
+        return PolicyConfig(
+            defaults=Policy(**self.policy.values()),
+            groups={g.name: g.values() for g in self.groups},
+            rules=tuple(
+                ConfiguredRule(
+                    name=r.name,
+                    match=Match(
+                        senders=tuple(r.match.senders),
+                        groups=tuple(r.match.groups),
+                        recipient_domains=tuple(r.match.recipient_domains),
+                        subject_prefixes=tuple(r.match.subject_prefixes),
+                        filenames=tuple(r.match.filenames),
+                    ),
+                    settings=r.set.values(),
+                )
+                for r in self.rules
+            ),
+        )
 
     @field_validator("dkim")
     @classmethod

@@ -157,3 +157,50 @@ class JournalHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class StoredFile(Base):
+    """An attachment taken out of a message; its bytes are the blob `sha256`."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class LinkKind(StrEnum):
+    DOWNLOAD = "download"
+
+
+class Link(Base):
+    """A personal link sent to one recipient. Only the token's sha256 is stored."""
+
+    __tablename__ = "links"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(20), default=LinkKind.DOWNLOAD)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    recipient: Mapped[str] = mapped_column(String(320))
+    language: Mapped[str] = mapped_column(String(10))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    expired: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class LinkFile(Base):
+    """A file behind a link; `downloads` decides first against repeated download atomically."""
+
+    __tablename__ = "link_files"
+
+    link_id: Mapped[str] = mapped_column(
+        ForeignKey("links.id", ondelete="CASCADE"), primary_key=True
+    )
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    downloads: Mapped[int] = mapped_column(Integer, default=0)

@@ -23,9 +23,10 @@ from gateway.config import Settings
 from gateway.db import Database
 from gateway.headers import HeaderField
 from gateway.models import Delivery, Message, new_id, utcnow
-from rules.actions import Action, KeepOriginal
+from rules.actions import KeepOriginal
 from rules.facts import MessageFacts
-from rules.plan import plan
+from rules.matching import PolicyConfig
+from rules.plan import Decision, plan
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Pipeline:
         self.db = db
         self.blobs = blobs
         self.signal = signal or QueueSignal()
+        self.policy = PolicyConfig()
 
     async def submit(
         self, envelope: Envelope, raw: bytes, submitter: Submitter, origin: Origin
@@ -98,7 +100,7 @@ class Pipeline:
         fields = self.receive(envelope, raw, submitter)
         facts = message_facts(envelope, fields, submitter)
         original = await self.blobs.put(raw)
-        copies = self.materialize(plan(facts).per_recipient, original)
+        copies = self.materialize(plan(facts, self.policy).per_recipient, original)
         return await self.commit(envelope, original, len(raw), fields, submitter, origin, copies)
 
     def receive(self, envelope: Envelope, raw: bytes, submitter: Submitter) -> list[HeaderField]:
@@ -121,14 +123,12 @@ class Pipeline:
                 raise Rejected(f"553 5.7.1 You may not send as {author} (From header)")
         return fields
 
-    def materialize(
-        self, per_recipient: Mapping[str, tuple[Action, ...]], original: str
-    ) -> dict[str, str]:
+    def materialize(self, per_recipient: Mapping[str, Decision], original: str) -> dict[str, str]:
         """Each recipient's copy as the digest of a durable blob."""
         copies = {}
-        for recipient, actions in per_recipient.items():
-            if actions != (KeepOriginal(),):
-                raise TypeError(f"no materializer for {actions!r}")
+        for recipient, decision in per_recipient.items():
+            if not isinstance(decision.action, KeepOriginal):
+                raise TypeError(f"no materializer for {decision.action!r}")
             copies[recipient] = original
         return copies
 

@@ -52,6 +52,7 @@ class Relay:
         if unknown:
             raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
         self.settings = settings
+        self.clock = clock
         self.roles = frozenset(roles)
         self.db = db or Database.connect(settings.database.url)
         self.blobs = BlobStore(settings.storage.path)

@@ -1,5 +1,5 @@
 """What can happen to a recipient's copy. One small frozen dataclass per kind of action;
-the gateway has one materializer per type."""
+the gateway has one materializer per type, so a new kind touches no other."""
 
 from __future__ import annotations
 
@@ -8,7 +8,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class KeepOriginal:
-    """The recipient gets the message as the agent wrote it."""
+    """The recipient gets the message as the agent wrote it; `reason` says why, if notable."""
+
+    reason: str = ""
 
 
-Action = KeepOriginal
+@dataclass(frozen=True)
+class LinkAttachments:
+    """These parts leave the copy; a personal download link in `language` replaces them."""
+
+    part_ids: tuple[str, ...]
+    days: int
+    language: str
+
+
+Action = KeepOriginal | LinkAttachments

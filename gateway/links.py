@@ -1,0 +1,100 @@
+"""Personal links: 256-bit random tokens, sent once, stored only as their sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.models import Link, LinkFile, LinkKind, Message, StoredFile, new_id
+
+TOKEN_BYTES = 32
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", errors="surrogateescape")).hexdigest()
+
+
+def download_url(public_url: str, token: str) -> str:
+    return f"{public_url.rstrip('/')}/d/{token}"
+
+
+def new_link(
+    *,
+    token: str,
+    kind: LinkKind,
+    message_id: str,
+    recipient: str,
+    language: str,
+    now: datetime,
+    days: int,
+    files: Sequence[StoredFile] = (),
+) -> tuple[Link, list[LinkFile]]:
+    """The rows for one link; the caller adds them in its transaction."""
+    link = Link(
+        id=new_id(),
+        token_hash=hash_token(token),
+        kind=kind,
+        message_id=message_id,
+        recipient=recipient,
+        language=language,
+        created_at=now,
+        expires_at=now + timedelta(days=days),
+        expired=False,
+    )
+    entries = [
+        LinkFile(link_id=link.id, file_id=f.id, position=i, downloads=0)
+        for i, f in enumerate(files)
+    ]
+    return link, entries
+
+
+class LinkState(StrEnum):
+    VALID = "valid"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class FoundLink:
+    link: Link
+    message: Message
+    files: list[StoredFile]
+    state: LinkState
+
+
+async def find_link(
+    session: AsyncSession, token: str, now: datetime, kind: LinkKind = LinkKind.DOWNLOAD
+) -> FoundLink | None:
+    """The link for a token as a visitor presents it; None when no such link exists."""
+    if not token or len(token) > 100:
+        return None
+    row = (
+        await session.execute(
+            select(Link, Message)
+            .join(Message, Message.id == Link.message_id)
+            .where(Link.token_hash == hash_token(token), Link.kind == kind)
+        )
+    ).first()
+    if row is None:
+        return None
+    link, message = row
+    files = (
+        await session.scalars(
+            select(StoredFile)
+            .join(LinkFile, LinkFile.file_id == StoredFile.id)
+            .where(LinkFile.link_id == link.id)
+            .order_by(LinkFile.position)
+        )
+    ).all()
+    expired = link.expired or link.expires_at <= now
+    return FoundLink(link, message, list(files), LinkState.EXPIRED if expired else LinkState.VALID)
