@@ -11,6 +11,7 @@ import binascii
 import ipaddress
 import logging
 import ssl
+import warnings
 from base64 import b64decode
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -28,6 +29,18 @@ from gateway.pipeline import Origin, Pipeline, Rejected
 log = logging.getLogger(__name__)
 
 
+class _ImplicitTlsNoise(logging.Filter):
+    """aiosmtpd warns on every connection where AUTH does not require STARTTLS; ours are
+    implicit-TLS sockets (already encrypted) and the loopback dev listener, so it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "auth_require_tls == False" not in record.getMessage()
+
+
+logging.getLogger("mail.log").addFilter(_ImplicitTlsNoise())
+warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+
+
 class Reply:
     """Every reply the handler gives, in one place."""
 
@@ -38,7 +51,6 @@ class Reply:
     AUTH_TOO_MANY = "421 4.7.0 Too many failed logins; closing the connection"
     AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 answer"
     AUTH_BAD_PLAIN = "501 5.5.2 AUTH PLAIN needs authzid NUL login NUL password"
-    AUTH_CANCELLED = "501 5.7.0 Authentication cancelled"
     TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients; at most {limit} per message"
     TEMPORARY = "451 4.3.0 The message was not accepted because of a local problem; try again"
     QUEUED = "250 2.0.0 Ok: queued as {message_id}"
@@ -79,8 +91,8 @@ class SubmissionHandler:
         if login is None:
             return AuthResult(success=False, handled=True)
         password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
-        if not isinstance(password, bytes):
-            return await _refuse(server, Reply.AUTH_CANCELLED)
+        if not isinstance(password, bytes):  # "*" or not base64: aiosmtpd has replied
+            return AuthResult(success=False, handled=True)
         return await self._check(server, login, password)
 
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
@@ -102,7 +114,8 @@ class SubmissionHandler:
             if server.transport is not None:
                 server.transport.close()
             return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, message=Reply.AUTH_FAILED)
+        # AuthResult's handled defaults to True, which would make aiosmtpd send nothing.
+        return await _refuse(server, Reply.AUTH_FAILED)
 
     # -- the envelope
 
@@ -251,10 +264,9 @@ async def _initial_or_challenge(server: SMTP, args: list[str], challenge: str) -
             await _refuse(server, Reply.AUTH_BAD_BASE64)
         return answer
     challenged = await server.challenge_auth(challenge)
-    if not isinstance(challenged, bytes):
-        await _refuse(server, Reply.AUTH_CANCELLED)
-        return None
-    return challenged
+    # On "*" or an answer that is not base64, challenge_auth has given the 501 itself;
+    # a second reply here would answer the client's next command out of turn.
+    return challenged if isinstance(challenged, bytes) else None
 
 
 async def _refuse(server: SMTP, reply: str) -> AuthResult:

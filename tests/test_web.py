@@ -31,9 +31,11 @@ async def test_healthz_reports_a_dead_database(relay: Harness) -> None:
 
     relay.relay.db.transaction = broken  # type: ignore[method-assign]
     try:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{relay.web_url}/healthz") as response:
-                assert response.status == 503
-                assert (await response.json())["status"] == "error"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{relay.web_url}/healthz") as response,
+        ):
+            assert response.status == 503
+            assert (await response.json())["status"] == "error"
     finally:
         relay.relay.db.transaction = original  # type: ignore[method-assign]

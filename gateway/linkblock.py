@@ -1,0 +1,39 @@
+"""The short block that replaces linked attachments in a recipient's text and HTML body."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+
+from gateway.localize import format_date, format_size
+from gateway.models import StoredFile
+
+_TEMPLATES = Path(__file__).parent / "templates" / "linkblock"
+_text = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=False, keep_trailing_newline=True
+)
+_html = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=True)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def render(
+    language: str, url: str, files: Sequence[StoredFile], expires_at: datetime, color: str
+) -> tuple[str, str]:
+    """Text and HTML block in the recipient's language."""
+    context = {
+        "url": url,
+        "count": len(files),
+        "expires": format_date(expires_at.date(), language),
+        "color": color,
+        "files": [
+            {"name": _CONTROL.sub(" ", f.filename), "size": format_size(f.size, language)}
+            for f in files
+        ],
+    }
+    text = _text.get_template(f"{language}.txt.j2").render(context)
+    html = _html.get_template(f"{language}.html.j2").render(context)
+    return text.replace("\r\n", "\n").replace("\n", "\r\n"), html
