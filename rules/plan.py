@@ -47,5 +47,8 @@ def plan_for_recipient(facts: MessageFacts, recipient: str, config: PolicyConfig
     return Decision(KeepOriginal(), "default")
 
 
-def plan(facts: MessageFacts, config: PolicyConfig) -> Plan:
+DEFAULTS = PolicyConfig()
+
+
+def plan(facts: MessageFacts, config: PolicyConfig = DEFAULTS) -> Plan:
     return Plan({r: plan_for_recipient(facts, r, config) for r in facts.recipients})
