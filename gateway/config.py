@@ -6,6 +6,7 @@ with one line naming the key (and the environment variable when that is where it
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -120,6 +121,16 @@ class WebSettings(Section):
     @classmethod
     def _address(cls, value: str) -> str:
         return _host_port(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not an IP address or network") from exc
+        return value
 
 
 class DatabaseSettings(Section):

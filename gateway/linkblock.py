@@ -9,29 +9,33 @@ from pathlib import Path
 
 import jinja2
 
-from gateway.localize import format_date, format_size
+from gateway.i18n import load_catalogs
 from gateway.models import StoredFile
 
 _TEMPLATES = Path(__file__).parent / "templates" / "linkblock"
 _text = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=False, keep_trailing_newline=True
+    # Plain text for a text/plain body: HTML escaping would corrupt names like "A & B".
+    loader=jinja2.FileSystemLoader(_TEMPLATES),
+    autoescape=False,  # noqa: S701
+    keep_trailing_newline=True,
 )
 _html = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=True)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CATALOGS = load_catalogs()
 
 
 def render(
     language: str, url: str, files: Sequence[StoredFile], expires_at: datetime, color: str
 ) -> tuple[str, str]:
     """Text and HTML block in the recipient's language."""
+    catalog = _CATALOGS[language]
     context = {
         "url": url,
         "count": len(files),
-        "expires": format_date(expires_at.date(), language),
+        "expires": catalog.date(expires_at),
         "color": color,
         "files": [
-            {"name": _CONTROL.sub(" ", f.filename), "size": format_size(f.size, language)}
-            for f in files
+            {"name": _CONTROL.sub(" ", f.filename), "size": catalog.size(f.size)} for f in files
         ],
     }
     text = _text.get_template(f"{language}.txt.j2").render(context)

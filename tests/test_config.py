@@ -59,6 +59,7 @@ def test_dkim_domains_from_file_are_lower_cased(tmp_path: Path) -> None:
         ("[upstream]\nurl = 'capture:'\n", {}, "upstream.url: capture: needs a directory"),
         ("[server]\npublic_url = 'ftp://x'\n", {}, "server.public_url: must be an http"),
         ("[database]\nurl = 'mysql://x'\n", {}, "database.url: must start with"),
+        ("[web]\ntrusted_proxies = ['10.0.0.0/8', 'proxy']\n", {}, "web.trusted_proxies: 'proxy'"),
         ("[smtp]\ntls_cert = 'a.pem'\n", {}, "smtp: Value error, tls_cert and tls_key go together"),
         (
             "[smtp]\nimplicit_tls_listen = ['0.0.0.0:465']\n",

@@ -1,4 +1,4 @@
-"""The web server: health and metrics now; prospect pages, console and API later."""
+"""The web server: health, metrics and the prospect's download pages; console and API later."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from sqlalchemy import func, select, text
 from gateway.metrics import QUEUE_DEPTH
 from gateway.models import Delivery, DeliveryStatus
 from gateway.relay import Relay
+from web.downloads import DownloadPages
 
 RELAY = web.AppKey("relay", Relay)
 
@@ -42,6 +43,7 @@ def create_app(relay: Relay) -> web.Application:
     app[RELAY] = relay
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    DownloadPages(relay).register(app)
     return app
 
 
