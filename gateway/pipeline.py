@@ -17,18 +17,20 @@ from datetime import datetime, timedelta
 from email.utils import make_msgid
 from typing import Protocol
 
-from gateway import headers, journal
+from gateway import headers, journal, mime
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.headers import HeaderField
-from gateway.models import Delivery, Message, new_id, utcnow
-from rules.actions import KeepOriginal
+from gateway.materializers import Draft, materializers
+from gateway.models import Base, Delivery, Message, new_id, utcnow
 from rules.facts import MessageFacts
-from rules.matching import PolicyConfig
 from rules.plan import Decision, plan
 
 log = logging.getLogger(__name__)
+
+# The agent's instructions to the relay; they never leave it.
+CONTROL_FIELDS = ("x-sealrelay-language",)
 
 
 @dataclass(frozen=True)
@@ -91,17 +93,18 @@ class Pipeline:
         self.db = db
         self.blobs = blobs
         self.signal = signal or QueueSignal()
-        self.policy = PolicyConfig()
+        self.policy = settings.policy_config()
+        self.materializers = materializers(settings, blobs)
 
     async def submit(
         self, envelope: Envelope, raw: bytes, submitter: Submitter, origin: Origin
     ) -> str:
         """The new message's id once it is durable; raises Rejected with the reply to give."""
         fields = self.receive(envelope, raw, submitter)
-        facts = message_facts(envelope, fields, submitter)
-        original = await self.blobs.put(raw)
-        copies = self.materialize(plan(facts, self.policy).per_recipient, original)
-        return await self.commit(envelope, original, len(raw), fields, submitter, origin, copies)
+        draft = await self.draft(envelope, raw, fields, submitter, origin)
+        facts = message_facts(envelope, fields, submitter, draft)
+        copies = await self.materialize(draft, plan(facts, self.policy).per_recipient)
+        return await self.commit(draft, envelope, copies)
 
     def receive(self, envelope: Envelope, raw: bytes, submitter: Submitter) -> list[HeaderField]:
         """Refuse what must not be relayed; the checks every front shares."""
@@ -123,34 +126,33 @@ class Pipeline:
                 raise Rejected(f"553 5.7.1 You may not send as {author} (From header)")
         return fields
 
-    def materialize(self, per_recipient: Mapping[str, Decision], original: str) -> dict[str, str]:
-        """Each recipient's copy as the digest of a durable blob."""
-        copies = {}
-        for recipient, decision in per_recipient.items():
-            if not isinstance(decision.action, KeepOriginal):
-                raise TypeError(f"no materializer for {decision.action!r}")
-            copies[recipient] = original
-        return copies
-
-    async def commit(
+    async def draft(
         self,
         envelope: Envelope,
-        original: str,
-        size: int,
+        raw: bytes,
         fields: list[HeaderField],
         submitter: Submitter,
         origin: Origin,
-        copies: Mapping[str, str],
-    ) -> str:
-        """Message, deliveries and journal in one transaction: after this, 250 is safe."""
+    ) -> Draft:
+        """Store the original as received; prepare what every copy starts from.
+
+        Copies lose the agent's instructions to us (X-Sealrelay-* fields); the original keeps
+        them, as the record of what the agent sent.
+        """
+        base = headers.remove_fields(raw, CONTROL_FIELDS)
+        try:
+            root = mime.parse(base)
+        except mime.UnsafeMessage as exc:
+            raise Rejected(f"554 5.6.0 {exc}") from exc
         now = utcnow()
+        original = await self.blobs.put(raw)
         message = Message(
             id=new_id(),
             received_at=now,
             sender=envelope.mail_from,
             user_id=submitter.user_id,
             blob=original,
-            size=size,
+            size=len(raw),
             message_id_header=headers.first_value(fields, "message-id")
             or make_msgid(domain=self.settings.server.hostname),
             subject=headers.decoded(headers.first_value(fields, "subject") or "")[:998],
@@ -158,6 +160,22 @@ class Pipeline:
             peer=origin.peer[:100],
             protocol=origin.protocol,
         )
+        copy_base = original if base == raw else await self.blobs.put(base)
+        return Draft(message, now, base, root, copy_base)
+
+    async def materialize(
+        self, draft: Draft, per_recipient: Mapping[str, Decision]
+    ) -> dict[str, str]:
+        """Each recipient's copy as the digest of a durable blob."""
+        copies = {}
+        for recipient, decision in per_recipient.items():
+            materializer = self.materializers[type(decision.action)]
+            copies[recipient] = await materializer(draft, recipient, decision.action)
+        return copies
+
+    async def commit(self, draft: Draft, envelope: Envelope, copies: Mapping[str, str]) -> str:
+        """Message, copies, links and journal in one transaction: after this, 250 is safe."""
+        message, now = draft.message, draft.now
         deliveries = [
             Delivery(
                 id=new_id(),
@@ -179,10 +197,11 @@ class Pipeline:
                     "size": message.size,
                     "subject": message.subject,
                     "message_id": message.message_id_header,
-                    "user_id": submitter.user_id,
-                    "peer": origin.peer,
+                    "user_id": message.user_id,
+                    "peer": message.peer,
                 },
             ),
+            *draft.events,
             *(
                 journal.NewEvent("delivery.queued", message.id, d.id, {"recipient": d.recipient})
                 for d in deliveries
@@ -191,6 +210,11 @@ class Pipeline:
         async with self.db.transaction() as session:
             session.add(message)
             await session.flush()
+            for table in Base.metadata.sorted_tables:  # parents before the rows that refer to them
+                batch = [row for row in draft.rows if row.__table__ is table]
+                if batch:
+                    session.add_all(batch)
+                    await session.flush()
             session.add_all(deliveries)
             await journal.append(session, events, now)
         self.signal.notify()
@@ -201,7 +225,7 @@ class Pipeline:
 
 
 def message_facts(
-    envelope: Envelope, fields: list[HeaderField], submitter: Submitter
+    envelope: Envelope, fields: list[HeaderField], submitter: Submitter, draft: Draft
 ) -> MessageFacts:
     return MessageFacts(
         sender=envelope.mail_from,
@@ -209,6 +233,8 @@ def message_facts(
         recipients=envelope.recipients,
         subject=headers.decoded(headers.first_value(fields, "subject") or ""),
         headers=tuple((field.name, field.value) for field in fields),
+        parts=mime.part_facts(draft.raw, draft.root),
+        signed=mime.is_signed(draft.root),
     )
 
 

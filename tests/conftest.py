@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -177,32 +177,51 @@ def make_message(
     return message
 
 
+StartRelay = Callable[..., Awaitable[Harness]]
+
+
 @pytest.fixture
-async def relay(
+async def relay_factory(
     database: Database,
     sink: Sink,
     tmp_path: Path,
     tls_files: tuple[Path, Path],
     dkim_key: dkim.DkimKey,
     dkim_key_file: Path,
-) -> AsyncIterator[Harness]:
-    cert, key = tls_files
-    settings = relay_settings(
-        tmp_path,
-        sink.port,
-        smtp={
+) -> AsyncIterator[StartRelay]:
+    """Starts a full relay (TLS, DKIM, the agent) with any settings sections on top."""
+    started: list[Relay] = []
+    await users.add_user(database, AGENT, PASSWORD, aliases=(ALIAS,))
+
+    async def start(**sections: dict[str, Any]) -> Harness:
+        cert, key = tls_files
+        smtp = {
             "tls_cert": str(cert),
             "tls_key": str(key),
             "implicit_tls_listen": [f"127.0.0.1:{free_port()}"],
             "max_recipients": 5,
             "max_message_size": 1024 * 1024,
-        },
-        dkim={DKIM_DOMAIN: {"selector": DKIM_SELECTOR, "key_file": str(dkim_key_file)}},
-    )
-    await users.add_user(database, AGENT, PASSWORD, aliases=(ALIAS,))
-    relay = Relay(settings, db=database)
-    await relay.start()
+            **sections.pop("smtp", {}),
+        }
+        settings = relay_settings(
+            tmp_path,
+            sink.port,
+            smtp=smtp,
+            dkim={DKIM_DOMAIN: {"selector": DKIM_SELECTOR, "key_file": str(dkim_key_file)}},
+            **sections,
+        )
+        relay = Relay(settings, db=database)
+        await relay.start()
+        started.append(relay)
+        return Harness(relay, sink, settings, dkim_key)
+
     try:
-        yield Harness(relay, sink, settings, dkim_key)
+        yield start
     finally:
-        await relay.stop()
+        for relay in started:
+            await relay.stop()
+
+
+@pytest.fixture
+async def relay(relay_factory: StartRelay) -> Harness:
+    return await relay_factory()
