@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from gateway import dkim, journal, queue, users
+from gateway import dkim, journal, queue, sweeper, users
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.db import Database
 from gateway.models import DeliveryStatus, utcnow
@@ -289,6 +289,30 @@ def queue_delete(config: Path | None, delivery_id: str) -> None:
 
     _run(remove, config)
     click.echo(f"{delivery_id} deleted")
+
+
+@main.group("links")
+def links_group() -> None:
+    """Personal links and the files behind them."""
+
+
+@links_group.command("expire")
+@config_option
+def links_expire(config: Path | None) -> None:
+    """Mark links past their date expired and delete blobs nobody needs (as the hourly sweep)."""
+    from gateway.blobstore import BlobStore
+
+    settings = _settings(config)
+    grace = timedelta(days=settings.storage.blob_grace_days)
+
+    async def run(db: Database) -> sweeper.SweepReport:
+        return await sweeper.sweep(db, BlobStore(settings.storage.path), utcnow(), grace)
+
+    report = _run(run, config)
+    click.echo(
+        f"{report.links_expired} link(s) expired, {report.blobs_deleted} blob(s) deleted"
+        f" ({report.bytes_freed / 1e6:.1f} MB freed)"
+    )
 
 
 @main.group("dkim")

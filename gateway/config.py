@@ -146,6 +146,8 @@ class DatabaseSettings(Section):
 
 class StorageSettings(Section):
     path: Path = Path("var/blobs")
+    blob_grace_days: float = Field(default=7, ge=0)
+    sweep_interval: float = Field(default=3600, gt=0, description="seconds between sweeps")
 
 
 class DkimDomain(Section):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import make_msgid
@@ -88,8 +88,10 @@ class Pipeline:
         db: Database,
         blobs: BlobStore,
         signal: QueueSignal | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.settings = settings
+        self.clock = clock
         self.db = db
         self.blobs = blobs
         self.signal = signal or QueueSignal()
@@ -144,7 +146,7 @@ class Pipeline:
             root = mime.parse(base)
         except mime.UnsafeMessage as exc:
             raise Rejected(f"554 5.6.0 {exc}") from exc
-        now = utcnow()
+        now = self.clock()
         original = await self.blobs.put(raw)
         message = Message(
             id=new_id(),

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from gateway import dkim
+from gateway import dkim, sweeper
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
@@ -57,7 +57,7 @@ class Relay:
         self.db = db or Database.connect(settings.database.url)
         self.blobs = BlobStore(settings.storage.path)
         self.signal = QueueSignal()
-        self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal)
+        self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
         self.smtp = SmtpFront(settings, self.db, self.pipeline)
         self.worker = DeliveryWorker(
             settings,
@@ -75,7 +75,20 @@ class Relay:
     async def start(self) -> None:
         await self.db.upgrade()
         if "worker" in self.roles:
+            storage = self.settings.storage
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
+            self._tasks.append(
+                asyncio.create_task(
+                    sweeper.run_hourly(
+                        self.db,
+                        self.blobs,
+                        self.clock,
+                        timedelta(days=storage.blob_grace_days),
+                        self._stop,
+                        storage.sweep_interval,
+                    )
+                )
+            )
         if "smtp" in self.roles:
             await self.smtp.start()
         if "web" in self.roles:
