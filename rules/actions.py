@@ -22,4 +22,20 @@ class LinkAttachments:
     language: str
 
 
-Action = KeepOriginal | LinkAttachments
+@dataclass(frozen=True)
+class RegisteredLetter:
+    """The original is held; the recipient first gets a letter with the consent texts.
+
+    On consent the held original is released with `link_parts` turned into a download link,
+    as any other copy would be, and `tag` taken off its subject.
+    """
+
+    language: str
+    link_days: int
+    block_set: str
+    tag: str | None
+    link_parts: tuple[str, ...] = ()
+    download_days: int = 90
+
+
+Action = KeepOriginal | LinkAttachments | RegisteredLetter

@@ -10,12 +10,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 
-from rules import internal_recipient, large_attachments, signed_message
+from rules import internal_recipient, large_attachments, registered_letter, signed_message
 from rules.actions import Action, KeepOriginal
 from rules.facts import MessageFacts
 from rules.matching import PolicyConfig
 
-CHAIN: tuple[ModuleType, ...] = (internal_recipient, signed_message, large_attachments)
+CHAIN: tuple[ModuleType, ...] = (
+    internal_recipient,
+    registered_letter,
+    signed_message,
+    large_attachments,
+)
 
 
 def check_chain(chain: tuple[ModuleType, ...] = CHAIN) -> None:

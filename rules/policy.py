@@ -23,6 +23,10 @@ class Policy:
     internal_domains: frozenset[str] = frozenset()
     language: str = "de"
     languages: frozenset[str] = frozenset({"de", "en", "es"})
+    letter_tags: tuple[str, ...] = ("[Exposé]", "[S-Exposé]", "[Offer]")
+    registered_letter: bool = False
+    letter_link_days: int = 14
+    letter_block_set: str = "default"
 
 
 POLICY_FIELDS = frozenset(f.name for f in dataclasses.fields(Policy))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rules.actions import KeepOriginal, LinkAttachments
+from rules.actions import KeepOriginal, LinkAttachments, RegisteredLetter
 from rules.facts import MessageFacts, PartFacts
 from rules.matching import ConfiguredRule, Match, PolicyConfig
 from rules.plan import CHAIN, check_chain, plan, plan_for_recipient
@@ -192,3 +192,53 @@ def test_group_settings_win_over_defaults(specs: list[tuple[int, str]], limit: i
         assert decision.action == LinkAttachments(expected, 90, "de")
     else:
         assert decision.action == KeepOriginal()
+
+
+@pytest.mark.parametrize(
+    ("subject", "headers", "tag"),
+    [
+        ("[Exposé] Villa am See", (), "[Exposé]"),
+        ("  [EXPOSÉ] Villa", (), "[Exposé]"),
+        ("[s-exposé] Stadthaus", (), "[S-Exposé]"),
+        ("[Offer] Flat", (), "[Offer]"),
+        ("Villa", (("x-sealrelay-action", "Registered-Letter"),), None),
+    ],
+)
+def test_offers_become_registered_letters(
+    subject: str, headers: tuple[tuple[str, str], ...], tag: str | None
+) -> None:
+    config = PolicyConfig(Policy(internal_domains=frozenset({"broker.example"})))
+    doc = facts(
+        (BODY, attachment("2", 3 * MiB)),
+        recipients=("p@example.com", "ben@broker.example"),
+        subject=subject,
+        headers=headers,
+    )
+    decisions = plan(doc, config).per_recipient
+    assert decisions["ben@broker.example"].action == KeepOriginal("internal recipient")
+    letter = decisions["p@example.com"]
+    assert letter.rule == "registered-letter"
+    assert letter.action == RegisteredLetter("de", 14, "default", tag, ("2",), 90)
+
+
+def test_plain_mail_and_other_actions_are_no_letter() -> None:
+    doc = facts((BODY,), subject="Re: [Exposé] question", headers=(("x-sealrelay-action", "x"),))
+    assert plan(doc).per_recipient["p@example.com"].action == KeepOriginal()
+
+
+def test_a_rule_can_make_any_matching_mail_a_letter_and_signed_mail_keeps_parts() -> None:
+    config = PolicyConfig(
+        rules=(
+            ConfiguredRule(
+                "expose-pdf", Match(filenames=("expose*",)), {"registered_letter": True}
+            ),
+        )
+    )
+    doc = facts((BODY, attachment("2", 3 * MiB, name="Exposé.pdf")), subject="Villa")
+    assert not isinstance(plan(doc, config).per_recipient["p@example.com"].action, RegisteredLetter)
+    doc = facts((BODY, attachment("2", 3 * MiB, name="Expose-Villa.pdf")), subject="Villa")
+    action = plan(doc, config).per_recipient["p@example.com"].action
+    assert isinstance(action, RegisteredLetter) and action.link_parts == ("2",)
+    signed = facts((BODY, attachment("2", 3 * MiB)), subject="[Offer] x", signed=True)
+    action = plan(signed).per_recipient["p@example.com"].action
+    assert isinstance(action, RegisteredLetter) and action.link_parts == ()
