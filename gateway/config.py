@@ -185,6 +185,9 @@ class PolicyOverrides(Section):
     download_link_days: int | None = Field(default=None, ge=1, le=3650)
     internal_domains: list[str] | None = None
     language: Language | None = None
+    registered_letter: bool | None = None
+    letter_link_days: int | None = Field(default=None, ge=1, le=365)
+    letter_block_set: str | None = Field(default=None, min_length=1)
 
     def values(self) -> dict[str, Any]:
         """The set values, in the types rules.policy.Policy expects."""
@@ -211,6 +214,29 @@ class PolicySettings(PolicyOverrides):
     download_link_days: int | None = Field(default=90, ge=1, le=3650)
     internal_domains: list[str] | None = []
     language: Language | None = "de"
+    registered_letter: bool | None = False
+    letter_link_days: int | None = Field(default=14, ge=1, le=365)
+    letter_block_set: str | None = "default"
+
+
+class LetterSettings(Section):
+    """Registered letters: what marks an offer, the texts, the evidence's archive copy."""
+
+    tags: list[str] = ["[Exposé]", "[S-Exposé]", "[Offer]"]
+    # Block sets by name: "default" is the shipped example set; others are directories.
+    block_sets: dict[str, Path] = {}
+    terms_pdf: dict[Language, Path] = {}
+    archive_bcc: str | None = None
+    company_address: str = ""
+    company_email: str = ""
+    commission: str = ""
+
+    @field_validator("archive_bcc")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and "@" not in value:
+            raise ValueError(f"{value!r} is not a mail address")
+        return value
 
 
 class GroupSettings(PolicyOverrides):
@@ -241,6 +267,7 @@ class Settings(Section):
     worker: WorkerSettings = WorkerSettings()
     dkim: dict[str, DkimDomain] = {}
     branding: BrandingSettings = BrandingSettings()
+    letter: LetterSettings = LetterSettings()
     policy: PolicySettings = PolicySettings()
     groups: list[GroupSettings] = []
     rules: list[RuleSettings] = []
@@ -258,8 +285,18 @@ class Settings(Section):
 
     def policy_config(self) -> PolicyConfig:
         """The pure policy input for rules/, built once at start-up."""
+        known_sets = {"default", *self.letter.block_sets}
+        for source, chosen in [
+            ("policy", self.policy.letter_block_set),
+            *((f"group {g.name}", g.letter_block_set) for g in self.groups),
+            *((f"rule {r.name}", r.set.letter_block_set) for r in self.rules),
+        ]:
+            if chosen is not None and chosen not in known_sets:
+                raise ValueError(
+                    f"{source}: letter_block_set {chosen!r} is not in letter.block_sets"
+                )
         return PolicyConfig(
-            defaults=Policy(**self.policy.values()),
+            defaults=Policy(**self.policy.values(), letter_tags=tuple(self.letter.tags)),
             groups={g.name: g.values() for g in self.groups},
             rules=tuple(
                 ConfiguredRule(

@@ -175,6 +175,7 @@ class StoredFile(Base):
 
 class LinkKind(StrEnum):
     DOWNLOAD = "download"
+    LETTER = "letter"
 
 
 class Link(Base):
@@ -204,3 +205,55 @@ class LinkFile(Base):
     file_id: Mapped[str] = mapped_column(ForeignKey("files.id"), primary_key=True)
     position: Mapped[int] = mapped_column(Integer, default=0)
     downloads: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class LetterStatus(StrEnum):
+    HELD = "held"
+    RELEASED = "released"
+
+
+class Letter(Base):
+    """An offer held for one recipient until they consent; `held_blob` is what is released.
+
+    `blocks` is the snapshot of the consent texts as the letter carried them: the page shows
+    exactly these, and the consent hashes exactly these.
+    """
+
+    __tablename__ = "letters"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    recipient: Mapped[str] = mapped_column(String(320))
+    link_id: Mapped[str] = mapped_column(ForeignKey("links.id"), unique=True)
+    letter_delivery_id: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(20), default=LetterStatus.HELD)
+    language: Mapped[str] = mapped_column(String(10))
+    subject: Mapped[str] = mapped_column(String(998))
+    blocks: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    button: Mapped[str] = mapped_column(String(300))
+    texts_sha256: Mapped[str] = mapped_column(String(64))
+    held_blob: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    released_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Consent(Base):
+    """A prospect's declaration: what they saw, what they ticked, when and from where.
+
+    Kept apart from the letter so that a later confirmation in text form (the prospect's own
+    mail, § 126b BGB) can be attached to the same consent id.
+    """
+
+    __tablename__ = "consents"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    letter_id: Mapped[str] = mapped_column(ForeignKey("letters.id"), unique=True)
+    given_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    ip: Mapped[str] = mapped_column(String(45))
+    user_agent: Mapped[str] = mapped_column(String(1000))
+    blocks: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    checked: Mapped[list[str]] = mapped_column(JSON)
+    texts_sha256: Mapped[str] = mapped_column(String(64))
+    letter_sent_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    pdf_blob: Mapped[str] = mapped_column(String(64))
+    released_delivery_id: Mapped[str] = mapped_column(String(32))
