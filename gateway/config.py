@@ -281,10 +281,6 @@ class Settings(Section):
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
                 raise ValueError(f"{kind}: names must be unique; repeated: {', '.join(repeated)}")
-        return self
-
-    def policy_config(self) -> PolicyConfig:
-        """The pure policy input for rules/, built once at start-up."""
         known_sets = {"default", *self.letter.block_sets}
         for source, chosen in [
             ("policy", self.policy.letter_block_set),
@@ -295,6 +291,10 @@ class Settings(Section):
                 raise ValueError(
                     f"{source}: letter_block_set {chosen!r} is not in letter.block_sets"
                 )
+        return self
+
+    def policy_config(self) -> PolicyConfig:
+        """The pure policy input for rules/, built once at start-up."""
         return PolicyConfig(
             defaults=Policy(**self.policy.values(), letter_tags=tuple(self.letter.tags)),
             groups={g.name: g.values() for g in self.groups},

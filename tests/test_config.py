@@ -59,6 +59,11 @@ def test_dkim_domains_from_file_are_lower_cased(tmp_path: Path) -> None:
         ("[upstream]\nurl = 'capture:'\n", {}, "upstream.url: capture: needs a directory"),
         ("[server]\npublic_url = 'ftp://x'\n", {}, "server.public_url: must be an http"),
         ("[database]\nurl = 'mysql://x'\n", {}, "database.url: must start with"),
+        (
+            "[[groups]]\nname = 'g'\nletter_block_set = 'lawyer'\n",
+            {},
+            "config: group g: letter_block_set 'lawyer' is not in letter.block_sets",
+        ),
         ("[web]\ntrusted_proxies = ['10.0.0.0/8', 'proxy']\n", {}, "web.trusted_proxies: 'proxy'"),
         ("[smtp]\ntls_cert = 'a.pem'\n", {}, "smtp: Value error, tls_cert and tls_key go together"),
         (
