@@ -90,8 +90,13 @@ class DeliveryWorker:
         recipients = [d.recipient for d in deliveries]
         async with self._slots:
             try:
-                raw = await self.blobs.read(deliveries[0].blob)
-                data = prepare(raw, message, self.settings.server.hostname, self.signer)
+                # Not kept in a local: the stored bytes are freed once the copy is built.
+                data = prepare(
+                    await self.blobs.read(deliveries[0].blob),
+                    message,
+                    self.settings.server.hostname,
+                    self.signer,
+                )
                 outcomes = await self.upstream.send(message.sender, recipients, data)
             except Exception as exc:
                 log.exception("delivering %s failed before a reply", message.id)
@@ -116,6 +121,9 @@ class DeliveryWorker:
         bounce = await self._bounce_for(message, failures, now) if failures else None
         failed = {f.delivery.id: f for f in failures}
 
+        # One draw for the batch: copies deferred together stay due together, and so leave
+        # in one transaction again instead of one per recipient.
+        jitter = random.random()
         events: list[journal.NewEvent | None] = []
         async with self.db.transaction() as session:
             for delivery in deliveries:
@@ -144,7 +152,7 @@ class DeliveryWorker:
                             self.name,
                             now,
                             outcome.error or "",
-                            self._next_attempt(delivery, now),
+                            self._next_attempt(delivery, now, jitter),
                         )
                     )
             bounced_now = any(e is not None and e.type == "delivery.bounced" for e in events)
@@ -170,11 +178,9 @@ class DeliveryWorker:
             else:
                 DELIVERY_OUTCOMES.labels(outcome=event.type.removeprefix("delivery.")).inc()
 
-    def _next_attempt(self, delivery: Delivery, now: datetime) -> datetime:
+    def _next_attempt(self, delivery: Delivery, now: datetime, jitter: float) -> datetime:
         upstream = self.settings.upstream
-        wait = queue.backoff(
-            delivery.attempts + 1, upstream.retry_base, upstream.retry_max, random.random()
-        )
+        wait = queue.backoff(delivery.attempts + 1, upstream.retry_base, upstream.retry_max, jitter)
         return min(now + wait, delivery.expires_at)
 
     async def _bounce_for(

@@ -183,12 +183,23 @@ def body_hash(body: bytes) -> str:
         body = body.replace(b" \r\n", b"\r\n")
     end = len(body)
     if end:
-        tail = body[len(body.rstrip(b"\r\n")) :][::-1]
+        tail = body[_content_end(body) :][::-1]
         match = _REVERSED_CRLFS.match(tail)
         end -= 2 * ((match.end() // 2 if match else 1) - 1)
         if end == 2:
             end = 0
     return base64.b64encode(hashlib.sha256(memoryview(body)[:end]).digest()).decode("ascii")
+
+
+def _content_end(body: bytes) -> int:
+    """`len(body.rstrip(b"\\r\\n"))` without copying the body, as rstrip would (10 MB mail)."""
+    window = 4096
+    while True:
+        tail = body[-window:]
+        kept = len(tail.rstrip(b"\r\n"))
+        if kept or len(tail) == len(body):
+            return len(body) - len(tail) + kept
+        window *= 16
 
 
 def sign(

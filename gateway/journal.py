@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -59,6 +59,9 @@ async def append(
     if not events:
         return []
     at = now or utcnow()
+    if at.tzinfo is not None:  # (a naive time is refused at flush, as in every UTC column)
+        # Hash the time as it is stored, in UTC: `verify` recomputes from the stored value.
+        at = at.astimezone(UTC)
     head = (
         await session.execute(select(JournalHead).where(JournalHead.id == 1).with_for_update())
     ).scalar_one()

@@ -28,7 +28,9 @@ def backoff(attempts: int, base: float, cap: float, jitter: float = 0.0) -> time
 
     `jitter` in [0, 1) spreads retries of many copies that failed together.
     """
-    seconds = min(cap, base * 2 ** max(0, attempts - 1))
+    # Past ~1000 doublings 2.0**n overflows a float; any base has reached the cap long before.
+    doublings = max(0, attempts - 1)
+    seconds = cap if doublings >= 1000 else min(cap, base * 2.0**doublings)
     return timedelta(seconds=seconds * (1 + jitter / 4))
 
 

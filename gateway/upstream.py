@@ -106,6 +106,12 @@ class SmtpUpstream:
                 await client.quit()
         except aiosmtplib.SMTPRecipientsRefused as exc:
             return {r.recipient: self._refusal(r.code, r.message) for r in exc.recipients}
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            # Our credentials are wrong, not the message: keep it queued until an admin fixes
+            # the config, rather than bounce every copy.
+            refusal = self._refusal(exc.code, exc.message)
+            login = Outcome(f"login refused: {refusal.error}", False, refusal.remote_mta)
+            return dict.fromkeys(recipients, login)
         except aiosmtplib.SMTPResponseException as exc:
             return dict.fromkeys(recipients, self._refusal(exc.code, exc.message))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -120,7 +126,10 @@ class SmtpUpstream:
 
     def _refusal(self, code: int, message: str) -> Outcome:
         text = " ".join(f"{code} {message}".split())
-        return Outcome(text, permanent=500 <= code < 600, remote_mta=self.host)
+        # 530 "Authentication required" (RFC 4954) means our relay is not set up to log in
+        # upstream: a configuration problem to retry through, not a verdict on the message.
+        permanent = 500 <= code < 600 and code != 530
+        return Outcome(text, permanent=permanent, remote_mta=self.host)
 
 
 def open_upstream(settings: UpstreamSettings, local_hostname: str) -> Upstream:

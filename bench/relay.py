@@ -1,0 +1,614 @@
+"""End-to-end relay benchmark: clients -> `sealrelay serve` -> a counting sink.
+
+    .venv/bin/python bench/relay.py --messages 5000 --size 5000 --sessions 20
+    .venv/bin/python bench/relay.py --messages 50 --size 10000000 --sessions 5
+    .venv/bin/python bench/relay.py --messages 500 --size 5000 --sessions 10 --backend postgres
+
+The relay runs as a real subprocess with a temporary config (SQLite in a temp directory, or
+a fresh PostgreSQL database), plaintext AUTH on loopback and a DKIM key for the sender
+domain, so signing is part of the cost. The sink runs in a child process of its own so that
+its DATA parsing does not share an event loop with the clients; it counts messages and bytes
+and throws the bodies away.
+
+Prints accepted and delivered msgs/s, p50/p99 time-to-250, the relay's peak RSS and the loss;
+exits 1 if a message was lost (or not accepted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiosmtplib
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from gateway import dkim  # noqa: E402
+
+DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+DOMAIN = "bench.example"
+AGENT = f"agent@{DOMAIN}"
+PASSWORD = "bench password 2026"
+RECIPIENT = "prospect@example.com"
+SELECTOR = "bench"
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
+
+
+# -- the sink, in its own process ------------------------------------------------------------
+
+
+class CountingSink:
+    """aiosmtpd handler: reports (Message-ID, size) of each message and drops the bytes."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        data: bytes = envelope.original_content
+        match = _MESSAGE_ID.search(data, 0, 65536)
+        self.conn.send((match.group(1).decode() if match else "", len(data)))
+        envelope.content = envelope.original_content = None
+        return "250 2.0.0 Ok: counted"
+
+
+def run_sink(port: int, conn: Connection) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        handler = CountingSink(conn)
+
+        def make() -> SMTP:
+            return SMTP(handler, hostname="sink.bench", decode_data=False, data_size_limit=None)
+
+        server = await loop.create_server(make, "127.0.0.1", port)
+        conn.send(("ready", 0))
+        async with server:
+            await server.serve_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+@dataclass
+class Tally:
+    """What the sink reported, gathered in the bench process."""
+
+    copies: dict[str, int] = field(default_factory=dict)
+    first_seen: dict[str, float] = field(default_factory=dict)
+    octets: int = 0
+    wanted: set[str] = field(default_factory=set)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, message_id: str, size: int) -> None:
+        self.copies[message_id] = self.copies.get(message_id, 0) + 1
+        self.first_seen.setdefault(message_id, time.perf_counter())
+        self.octets += size
+        self.check()
+
+    def check(self) -> None:
+        if self.wanted and self.wanted <= self.copies.keys():
+            self.done.set()
+
+    def complete_at(self) -> float | None:
+        """When the last wanted message first arrived; None while any is missing."""
+        if not self.done.is_set():
+            return None
+        return max(self.first_seen[message_id] for message_id in self.wanted)
+
+
+@contextlib.contextmanager
+def sink_process(port: int, tally: Tally, loop: asyncio.AbstractEventLoop) -> Iterator[int]:
+    """Start the sink child; a reader thread feeds its reports into `tally`. Yields its pid."""
+    parent, child = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    process = multiprocessing.get_context("spawn").Process(
+        target=run_sink, args=(port, child), daemon=True
+    )
+    process.start()
+    child.close()
+    if not parent.poll(30) or parent.recv()[0] != "ready":
+        process.kill()
+        raise RuntimeError("the sink did not start")
+
+    def read() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                message_id, size = parent.recv()
+                loop.call_soon_threadsafe(tally.add, message_id, size)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert process.pid is not None
+        yield process.pid
+    finally:
+        process.terminate()
+        process.join(5)
+        parent.close()
+
+
+# -- the relay subprocess --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sealrelay_command() -> str:
+    beside = Path(sys.executable).parent / "sealrelay"
+    found = str(beside) if beside.exists() else shutil.which("sealrelay")
+    if found is None:
+        raise SystemExit("no `sealrelay` script beside the interpreter or on PATH")
+    return found
+
+
+def child_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SEALRELAY_")}
+
+
+@contextlib.asynccontextmanager
+async def database_url(backend: str, directory: Path) -> AsyncIterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{directory}/relay.db"
+        return
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = make_url(os.environ.get("SEALRELAY_TEST_POSTGRES_URL", DEFAULT_POSTGRES))
+    name = f"sealrelay_bench_{secrets.token_hex(5)}"
+    admin = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        await admin.dispose()
+
+
+NO_LINKS = """
+[policy]
+link_attachments_over = "1TiB"
+link_total_over = "1TiB"
+"""
+
+
+def write_config(
+    directory: Path,
+    db_url: str,
+    ports: tuple[int, int, int],
+    size: int,
+    links: bool,
+) -> Path:
+    """The relay's settings; without `links`, no attachment is big enough to become a link."""
+    smtp_port, web_port, sink_port = ports
+    policy = "" if links else NO_LINKS
+    key_file = directory / "dkim.pem"
+    dkim.write_private_key(dkim.generate_private_key(), key_file)
+    config = directory / "relay.toml"
+    config.write_text(
+        f"""
+[server]
+hostname = "relay.bench.example"
+public_url = "http://127.0.0.1:{web_port}"
+
+[smtp]
+listen = ["127.0.0.1:{smtp_port}"]
+allow_plaintext_auth_on_loopback = true
+max_message_size = {max(2 * size, 50 * 1024 * 1024)}
+
+[web]
+listen = "127.0.0.1:{web_port}"
+
+[upstream]
+url = "smtp://127.0.0.1:{sink_port}"
+retry_base = 1
+retry_max = 5
+
+[database]
+url = "{db_url}"
+
+[storage]
+path = "{directory / "blobs"}"
+
+{policy}
+[dkim."{DOMAIN}"]
+selector = "{SELECTOR}"
+key_file = "{key_file}"
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+def add_agent(config: Path) -> None:
+    subprocess.run(
+        [sealrelay_command(), "user", "add", AGENT, "--password-stdin", "--config", str(config)],
+        input=f"{PASSWORD}\n",
+        text=True,
+        check=True,
+        capture_output=True,
+        env=child_environment(),
+        timeout=60,
+    )
+
+
+async def wait_ready(process: asyncio.subprocess.Process, web_port: int, log: Path) -> None:
+    url = f"http://127.0.0.1:{web_port}/healthz"
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while True:
+            if process.returncode is not None:
+                raise SystemExit(f"the relay exited at start-up:\n{tail(log)}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(url) as response:
+                    if response.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the relay was not ready in 30 s:\n{tail(log)}")
+            await asyncio.sleep(0.1)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return "(no log)"
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    """The kernel's high-water mark of the process's resident set (the true peak)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return None
+
+
+def reset_peak(pid: int) -> bool:
+    """Start VmHWM afresh (Linux: writing 5 to clear_refs), so start-up and logins drop out."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class RssSampler:
+    """Samples RSS of the relay and its children every 50 ms; keeps the maximum."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            total = self.process.memory_info().rss
+            for child in self.process.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+            self.peak = max(self.peak, total)
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(0.05)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.sample()
+
+
+# -- the messages ----------------------------------------------------------------------------
+
+
+def make_body(size: int, header_size: int) -> bytes:
+    """A multipart body: a short text and a base64 attachment bringing the mail to `size`."""
+    boundary = "=_bench_" + secrets.token_hex(8)
+    text = (
+        "Guten Tag,\r\n\r\nanbei das Expos=C3=A9 zur Wohnung in der Musterstra=C3=9Fe.\r\n"
+        "Mit freundlichen Gr=C3=BC=C3=9Fen\r\nAnna Agent\r\n"
+    )
+    head = (
+        f"This is a MIME message.\r\n\r\n--{boundary}\r\n"
+        'Content-Type: text/plain; charset="utf-8"\r\n'
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        f"{text}\r\n--{boundary}\r\n"
+        'Content-Type: application/pdf; name="expose.pdf"\r\n'
+        "Content-Transfer-Encoding: base64\r\n"
+        'Content-Disposition: attachment; filename="expose.pdf"\r\n\r\n'
+    ).encode()
+    end = f"\r\n--{boundary}--\r\n".encode()
+    room = size - header_size - len(head) - len(end)
+    lines = max(1, room // 78)  # 76 base64 characters + CRLF per 57 bytes
+    attachment = base64.encodebytes(os.urandom(57 * lines)).replace(b"\n", b"\r\n").rstrip()
+    return (
+        b"Content-Type: multipart/mixed; boundary="
+        + boundary.encode()
+        + b"\r\n\r\n"
+        + (head + attachment + end)
+    )
+
+
+def make_header(run: str, number: int) -> tuple[str, bytes]:
+    message_id = f"<bench-{run}-{number}@{DOMAIN}>"
+    header = (
+        f"From: Anna Agent <{AGENT}>\r\n"
+        f"To: {RECIPIENT}\r\n"
+        f"Subject: Bench {number}\r\n"
+        f"Date: {formatdate(localtime=False)}\r\n"
+        f"Message-ID: {message_id}\r\n"
+        "MIME-Version: 1.0\r\n"
+    )
+    return message_id, header.encode()
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    accepted: set[str] = field(default_factory=set)
+    refused: dict[str, str] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    first_send: float = 0.0
+    last_250: float = 0.0
+
+
+async def open_sessions(count: int, smtp_port: int) -> list[aiosmtplib.SMTP]:
+    """Connected and logged-in clients (argon2 runs per login; that is not timed)."""
+
+    async def login() -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=smtp_port,
+            start_tls=False,
+            local_hostname="client.bench.example",
+            timeout=300,
+        )
+        await client.connect()
+        await client.login(AGENT, PASSWORD)
+        return client
+
+    return list(await asyncio.gather(*(login() for _ in range(count))))
+
+
+async def send_all(clients: list[aiosmtplib.SMTP], messages: int, size: int, run: str) -> Results:
+    """`messages` mails of about `size` bytes, spread over the sessions as each gets free."""
+    results = Results()
+    body = make_body(size, len(make_header(run, 0)[1]))
+    numbers = iter(range(messages))
+
+    async def session(client: aiosmtplib.SMTP) -> None:
+        try:
+            for number in numbers:
+                message_id, header = make_header(run, number)
+                began = time.perf_counter()
+                try:
+                    await client.sendmail(AGENT, [RECIPIENT], header + body)
+                except aiosmtplib.SMTPResponseException as exc:
+                    results.refused[message_id] = f"{exc.code} {exc.message}"
+                    continue
+                done = time.perf_counter()
+                results.latencies.append(done - began)
+                results.accepted.add(message_id)
+                results.last_250 = max(results.last_250, done)
+        finally:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit()
+
+    results.first_send = time.perf_counter()
+    await asyncio.gather(*(session(client) for client in clients))
+    return results
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+async def bench(args: argparse.Namespace) -> int:
+    directory = Path(tempfile.mkdtemp(prefix="sealrelay-bench-"))
+    loop = asyncio.get_running_loop()
+    tally = Tally()
+    smtp_port, web_port, sink_port = free_port(), free_port(), free_port()
+    log = directory / "relay.log"
+    try:
+        async with database_url(args.backend, directory) as db_url:
+            config = write_config(
+                directory, db_url, (smtp_port, web_port, sink_port), args.size, args.links
+            )
+            await asyncio.to_thread(add_agent, config)
+            with sink_process(sink_port, tally, loop) as sink_pid, log.open("wb") as out:
+                profile = ("-m", "cProfile", "-o", str(args.profile)) if args.profile else ()
+                relay = await asyncio.create_subprocess_exec(
+                    *((sys.executable, *profile) if profile else ()),
+                    sealrelay_command(),
+                    "serve",
+                    "--config",
+                    str(config),
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=child_environment(),
+                )
+                try:
+                    return await measure(args, relay, (smtp_port, web_port), log, tally, sink_pid)
+                finally:
+                    relay.terminate()
+                    try:
+                        await asyncio.wait_for(relay.wait(), 15)
+                    except TimeoutError:
+                        relay.kill()
+                        await relay.wait()
+    finally:
+        if args.keep:
+            print(f"kept {directory} (config, relay.log, database, blobs)")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+async def measure(
+    args: argparse.Namespace,
+    relay: asyncio.subprocess.Process,
+    ports: tuple[int, int],
+    log: Path,
+    tally: Tally,
+    sink_pid: int,
+) -> int:
+    smtp_port, web_port = ports
+    load_at_start = round(os.getloadavg()[0], 2)
+    await wait_ready(relay, web_port, log)
+    start_rss = psutil.Process(relay.pid).memory_info().rss
+    clients = await open_sessions(args.sessions, smtp_port)
+    login_hwm = vm_hwm_kib(relay.pid)
+    was_reset = reset_peak(relay.pid)
+    sampler = RssSampler(relay.pid)
+    sampler.start()
+
+    results = await send_all(clients, args.messages, args.size, secrets.token_hex(4))
+    tally.wanted = set(results.accepted)
+    tally.check()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(tally.done.wait(), args.timeout)
+    await asyncio.sleep(0.5)  # late duplicates, if any, still count
+    await sampler.stop()
+    traffic_hwm = vm_hwm_kib(relay.pid)
+    relay_cpu = sum(psutil.Process(relay.pid).cpu_times()[:2])
+    sink_cpu = sum(psutil.Process(sink_pid).cpu_times()[:2])
+    own_cpu = sum(os.times()[:2])
+
+    lost = sorted(tally.wanted - tally.copies.keys())
+    accept_span = results.last_250 - results.first_send
+    deliver_span = (tally.complete_at() or time.perf_counter()) - results.first_send
+    figures: dict[str, Any] = {
+        "backend": args.backend,
+        "messages": args.messages,
+        "size": args.size,
+        "sessions": args.sessions,
+        "links": args.links,
+        "accepted": len(results.accepted),
+        "refused": len(results.refused),
+        "delivered": len(tally.wanted & tally.copies.keys()),
+        "accept_seconds": round(accept_span, 2),
+        "deliver_seconds": round(deliver_span, 2),
+        "accepted_per_s": round(len(results.accepted) / accept_span, 1) if accept_span else 0,
+        "delivered_per_s": round(len(tally.wanted) / deliver_span, 1) if not lost else 0,
+        "p50_ms": round(percentile(results.latencies, 0.50) * 1000, 1),
+        "p99_ms": round(percentile(results.latencies, 0.99) * 1000, 1),
+        "rss_start_mib": mib(start_rss // 1024),
+        "peak_rss_logins_mib": mib(login_hwm),
+        "peak_rss_traffic_mib": mib(traffic_hwm) if was_reset else None,
+        "peak_rss_sampled_mib": mib(sampler.peak // 1024),
+        "sink_mib": mib(tally.octets // 1024),
+        "load_average_at_start": load_at_start,
+        "duplicates": sum(n - 1 for n in tally.copies.values()),
+        "lost": len(lost),
+        "cpu_relay_s": round(relay_cpu, 1),
+        "cpu_sink_s": round(sink_cpu, 1),
+        "cpu_clients_s": round(own_cpu, 1),
+    }
+    print_report(figures, results, lost)
+    if args.json:
+        print(json.dumps(figures))
+    return 1 if lost or results.refused else 0
+
+
+def mib(kib: int | None) -> float | None:
+    return None if kib is None else round(kib / 1024, 1)
+
+
+def print_report(f: dict[str, Any], results: Results, lost: list[str]) -> None:
+    print(
+        f"sealrelay bench: {f['messages']} x {f['size']} B over {f['sessions']} sessions"
+        f" ({f['backend']}, links {'on' if f['links'] else 'off'};"
+        f" load average {f['load_average_at_start']} at start)"
+    )
+    print(
+        f"  accepted      {f['accepted']} in {f['accept_seconds']} s: {f['accepted_per_s']} msg/s"
+    )
+    print(
+        f"  delivered     {f['delivered']} in {f['deliver_seconds']} s:"
+        f" {f['delivered_per_s']} msg/s ({f['sink_mib']} MiB at the sink)"
+    )
+    print(f"  time to 250   p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms")
+    print(
+        f"  relay RSS     {f['rss_start_mib']} MiB when ready; peak (VmHWM) through the logins"
+        f" {f['peak_rss_logins_mib']} MiB, during the traffic {f['peak_rss_traffic_mib']} MiB;"
+        f" sampled every 50 ms: {f['peak_rss_sampled_mib']} MiB"
+    )
+    print(
+        f"  CPU seconds   relay {f['cpu_relay_s']}, sink {f['cpu_sink_s']},"
+        f" clients {f['cpu_clients_s']}"
+    )
+    print(f"  refused       {f['refused']} {list(results.refused.items())[:3]}")
+    print(f"  duplicates    {f['duplicates']}")
+    print(f"  lost          {f['lost']} {lost[:5]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--messages", type=int, default=1000, help="how many messages (N)")
+    parser.add_argument("--size", type=int, default=5000, help="bytes per message, about")
+    parser.add_argument("--sessions", type=int, default=10, help="parallel SMTP sessions (C)")
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument(
+        "--links",
+        action="store_true",
+        help="keep the shipped policy, so large attachments become download links"
+        " (default: links off, every message is relayed whole and signed)",
+    )
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for delivery")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="run the relay under cProfile and write its stats to this file",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(bench(args)))
+
+
+if __name__ == "__main__":
+    main()
