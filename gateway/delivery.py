@@ -115,8 +115,8 @@ class DeliveryWorker:
             if outcome.permanent:
                 failures.append(Failure(delivery, outcome, _status_of(outcome.error, "5.0.0")))
             elif now >= delivery.expires_at:
-                days = self.settings.upstream.queue_lifetime / 86400
-                gave_up = f"gave up after {days:g} days; last error: {outcome.error}"
+                lifetime = _duration(self.settings.upstream.queue_lifetime)
+                gave_up = f"gave up after {lifetime}; last error: {outcome.error}"
                 failures.append(Failure(delivery, Outcome(gave_up, True), "4.4.7"))
         bounce = await self._bounce_for(message, failures, now) if failures else None
         failed = {f.delivery.id: f for f in failures}
@@ -232,6 +232,13 @@ class DeliveryWorker:
             expires_at=expiry(now, self.settings.upstream.queue_lifetime),
         )
         return bounce, delivery
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} seconds"
 
 
 def _status_of(reply: str | None, default: str) -> str:

@@ -185,7 +185,7 @@ async def retry_now(
     session: AsyncSession, delivery_id: str, now: datetime, lifetime: timedelta
 ) -> Delivery:
     """Make a queued copy due at once; a bounced one is queued again for a new lifetime."""
-    delivery = await _get(session, delivery_id)
+    delivery = await _get(session, delivery_id, now)
     if delivery.status not in (DeliveryStatus.QUEUED, DeliveryStatus.BOUNCED):
         raise QueueError(f"delivery {delivery_id} is {delivery.status}; nothing to retry")
     if delivery.status == DeliveryStatus.BOUNCED:
@@ -211,7 +211,7 @@ async def retry_now(
 
 async def delete(session: AsyncSession, delivery_id: str, now: datetime) -> Delivery:
     """Give up a queued copy without a bounce, as an admin decides."""
-    delivery = await _get(session, delivery_id)
+    delivery = await _get(session, delivery_id, now)
     if delivery.status != DeliveryStatus.QUEUED:
         raise QueueError(f"delivery {delivery_id} is {delivery.status}; only queued ones go")
     delivery.status = DeliveryStatus.DELETED
@@ -232,8 +232,11 @@ async def delete(session: AsyncSession, delivery_id: str, now: datetime) -> Deli
     return delivery
 
 
-async def _get(session: AsyncSession, delivery_id: str) -> Delivery:
+async def _get(session: AsyncSession, delivery_id: str, now: datetime) -> Delivery:
+    """The delivery, unless a worker is sending it right now (changing it could send twice)."""
     delivery = await session.get(Delivery, delivery_id, with_for_update=True)
     if delivery is None:
         raise QueueError(f"no delivery {delivery_id}")
+    if delivery.lease_until is not None and delivery.lease_until > now:
+        raise QueueError(f"delivery {delivery_id} is being sent right now; try again shortly")
     return delivery
