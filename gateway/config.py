@@ -229,6 +229,7 @@ class LetterSettings(Section):
     archive_bcc: str | None = None
     company_address: str = ""
     company_email: str = ""
+    company_phone: str = ""
     commission: str = ""
 
     @field_validator("archive_bcc")

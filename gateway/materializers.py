@@ -16,7 +16,7 @@ from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.links import download_url, new_link, new_token
 from gateway.models import Base, LinkKind, Message, StoredFile, new_id
-from rules.actions import Action, KeepOriginal, LinkAttachments
+from rules.actions import Action, KeepOriginal, LinkAttachments, RegisteredLetter
 
 
 @dataclass
@@ -58,6 +58,13 @@ class LinkAttachmentsMaterializer:
         self.blobs = blobs
 
     async def __call__(self, draft: Draft, recipient: str, action: LinkAttachments) -> str:
+        return await self.blobs.put(await self.copy_with_links(draft, draft.raw, recipient, action))
+
+    async def copy_with_links(
+        self, draft: Draft, raw: bytes, recipient: str, action: LinkAttachments
+    ) -> bytes:
+        """`raw` (the draft's bytes, or a copy differing only in top-level fields) with the
+        planned parts replaced by the recipient's own link."""
         files = [await self._stored_file(draft, part_id) for part_id in action.part_ids]
         token = new_token()
         link, entries = new_link(
@@ -90,9 +97,8 @@ class LinkAttachmentsMaterializer:
             link.expires_at,
             self.settings.branding.primary_color,
         )
-        without = mime.remove_parts(draft.raw, draft.root, action.part_ids)
-        copy = mime.add_link_block(without, mime.parse(without), text, html)
-        return await self.blobs.put(copy)
+        without = mime.remove_parts(raw, mime.parse(raw), action.part_ids)
+        return mime.add_link_block(without, mime.parse(without), text, html)
 
     async def _stored_file(self, draft: Draft, part_id: str) -> StoredFile:
         """One row and one blob per linked part, shared by every recipient's link."""
@@ -120,7 +126,11 @@ def _fallback_name(part: mime.MimePart) -> str:
 
 
 def materializers(settings: Settings, blobs: BlobStore) -> dict[type[Action], Materializer]:
+    from gateway.registered_letter import RegisteredLetterMaterializer
+
+    links = LinkAttachmentsMaterializer(settings, blobs)
     return {
         KeepOriginal: KeepOriginalMaterializer(),
-        LinkAttachments: LinkAttachmentsMaterializer(settings, blobs),
+        LinkAttachments: links,
+        RegisteredLetter: RegisteredLetterMaterializer(settings, blobs, links),
     }

@@ -82,6 +82,7 @@ class Alias(Base):
 class MessageKind(StrEnum):
     SUBMITTED = "submitted"
     BOUNCE = "bounce"
+    CONFIRMATION = "confirmation"
 
 
 class Message(Base):
@@ -225,7 +226,7 @@ class Letter(Base):
     message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
     recipient: Mapped[str] = mapped_column(String(320))
     link_id: Mapped[str] = mapped_column(ForeignKey("links.id"), unique=True)
-    letter_delivery_id: Mapped[str] = mapped_column(String(32))
+    letter_blob: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(20), default=LetterStatus.HELD)
     language: Mapped[str] = mapped_column(String(10))
     subject: Mapped[str] = mapped_column(String(998))

@@ -30,7 +30,7 @@ from rules.plan import Decision, plan
 log = logging.getLogger(__name__)
 
 # The agent's instructions to the relay; they never leave it.
-CONTROL_FIELDS = ("x-sealrelay-language",)
+CONTROL_FIELDS = ("x-sealrelay-language", "x-sealrelay-action")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from gateway.delivery import DeliveryWorker
 from gateway.models import utcnow
 from gateway.outgoing import Signer
 from gateway.pipeline import Pipeline, QueueSignal
+from gateway.registered_letter import LetterDesk
 from gateway.smtp import SmtpFront
 from gateway.upstream import Upstream, open_upstream
 
@@ -58,6 +59,7 @@ class Relay:
         self.blobs = BlobStore(settings.storage.path)
         self.signal = QueueSignal()
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
+        self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
         self.smtp = SmtpFront(settings, self.db, self.pipeline)
         self.worker = DeliveryWorker(
             settings,

@@ -25,7 +25,7 @@ def upgrade() -> None:
         sa.Column("message_id", sa.String(length=32), nullable=False),
         sa.Column("recipient", sa.String(length=320), nullable=False),
         sa.Column("link_id", sa.String(length=32), nullable=False),
-        sa.Column("letter_delivery_id", sa.String(length=32), nullable=False),
+        sa.Column("letter_blob", sa.String(length=64), nullable=False),
         sa.Column("status", sa.String(length=20), nullable=False),
         sa.Column("language", sa.String(length=10), nullable=False),
         sa.Column("subject", sa.String(length=998), nullable=False),
