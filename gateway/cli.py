@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import click
 
-from gateway import dkim, journal, queue, sweeper, users
+from gateway import dkim, journal, queue, sweeper, users, verification
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.db import Database
 from gateway.models import DeliveryStatus, utcnow
@@ -348,21 +350,134 @@ def dkim_keygen(domain: str, selector: str, out: Path | None) -> None:
 @main.command()
 @config_option
 @click.option("--journal", "check_journal", is_flag=True, help="Check the journal's hash chain.")
-def verify(config: Path | None, check_journal: bool) -> None:
-    """Check evidence: the journal's hash chain."""
-    if not check_journal:
-        raise click.UsageError("say what to verify: --journal")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def verify(config: Path | None, check_journal: bool, file: Path | None) -> None:
+    """Check evidence: a released original FILE.eml, and/or the journal's hash chain.
 
-    async def check(db: Database) -> journal.ChainReport:
-        async with db.transaction() as session:
-            return await journal.verify(session)
+    FILE.eml is checked offline against the configured DKIM key, the consent in the database
+    and the journal. Exit status: 0 OK, 1 NOT OK, 2 the file cannot be read as a message.
+    """
+    if not check_journal and file is None:
+        raise click.UsageError("say what to verify: FILE.eml, --journal, or both")
+    raw = _read_message(file) if file is not None else None
+    settings = _settings(config)
 
-    report = _run(check, config)
-    if report.ok:
-        click.echo(f"journal OK: {report.events} events, chain intact")
-        return
-    click.echo(
-        f"journal NOT OK: event {report.broken_at} {report.reason}"
-        f" ({report.events} events verified before it)"
-    )
-    sys.exit(1)
+    async def check(
+        db: Database,
+    ) -> tuple[verification.VerificationReport | None, journal.ChainReport | None]:
+        report = None
+        if raw is not None:
+            report = await verification.verify_released(db, settings, raw)
+        chain = None
+        if check_journal:
+            async with db.transaction() as session:
+                chain = await journal.verify(session)
+        return report, chain
+
+    report, chain = _run(check, config)
+    ok = True
+    if report is not None:
+        for line in report.lines():
+            click.echo(line)
+        ok = report.ok
+    if chain is not None:
+        if chain.ok:
+            click.echo(f"journal OK: {chain.events} events, chain intact")
+        else:
+            click.echo(
+                f"journal NOT OK: event {chain.broken_at} {chain.reason}"
+                f" ({chain.events} events verified before it)"
+            )
+            ok = False
+    if not ok:
+        sys.exit(1)
+
+
+def _read_message(file: Path) -> bytes:
+    """The bytes of a saved message; exit 2 with one line when there is none to check."""
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        click.echo(f"cannot read {file}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+    if raw.startswith(b"From "):  # an mbox separator line some clients save first
+        raw = raw.partition(b"\n")[2]
+    if not re.match(rb"[!-9;-~]+[ \t]*:", raw):
+        click.echo(f"{file} is not a mail message: it does not start with a header field", err=True)
+        sys.exit(2)
+    return raw
+
+
+@main.command()
+@config_option
+@click.argument("consent_id")
+def evidence(config: Path | None, consent_id: str) -> None:
+    """Show the stored record of a consent, its journal events and its PDF."""
+    settings = _settings(config)
+    found = _run(lambda db: verification.consent_evidence(db, settings, consent_id), config)
+    if found is None:
+        raise click.ClickException(f"no consent with id {consent_id!r}")
+    consent, letter, message = found.consent, found.letter, found.message
+    berlin = ZoneInfo("Europe/Berlin")
+
+    def moment(at: datetime) -> str:
+        return f"{at:%Y-%m-%d %H:%M:%S} UTC ({at.astimezone(berlin):%Y-%m-%d %H:%M:%S} Berlin)"
+
+    if found.recomputed_sha256 == consent.texts_sha256:
+        texts_note = "the stored texts hash to it"
+    elif found.recomputed_sha256 is None:
+        texts_note = "THE STORED TEXTS ARE UNREADABLE"
+    else:
+        texts_note = f"THE STORED TEXTS HASH TO {found.recomputed_sha256}"
+    rows: list[tuple[str, list[str]]] = [
+        ("consent", [consent.id]),
+        (
+            "letter",
+            [
+                f"{letter.id} ({letter.status}, language {letter.language})"
+                f" of message {letter.message_id}"
+                if letter is not None
+                else f"{consent.letter_id} (NOT FOUND)"
+            ],
+        ),
+        ("recipient", [letter.recipient if letter is not None else "?"]),
+        ("subject", [letter.subject if letter is not None else "?"]),
+        ("agent", [message.sender if message is not None else "?"]),
+        ("letter sent", [moment(consent.letter_sent_at)]),
+        ("consent given", [moment(consent.given_at)]),
+        ("IP address", [consent.ip]),
+        ("user agent", [consent.user_agent]),
+        ("texts", [f"sha256:{consent.texts_sha256} ({texts_note})"]),
+        ("boxes", _boxes(consent.blocks, consent.checked) or ["(none to tick)"]),
+        (
+            "journal",
+            [
+                f"#{event.seq} {event.at:%Y-%m-%d %H:%M:%S} UTC {event.type}"
+                for event in found.events
+            ]
+            or ["(no events name this consent)"],
+        ),
+        (
+            "PDF",
+            [
+                f"{found.pdf_path}{'' if found.pdf_path.exists() else ' (MISSING)'}"
+                if found.pdf_path is not None
+                else f"{consent.pdf_blob!r} (NOT A BLOB NAME)"
+            ],
+        ),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, values in rows:
+        for index, value in enumerate(values):
+            click.echo(f"{label if index == 0 else '':<{width}}  {value}")
+
+
+def _boxes(blocks: list[dict[str, Any]], checked: list[str]) -> list[str]:
+    lines = []
+    for block in blocks:
+        label = block.get("checkbox")
+        if label is None:
+            continue
+        mark = "☒" if block.get("id") in checked else "☐"
+        lines.append(f"{mark} {block.get('id')}: {' '.join(str(label).split())}")
+    return lines

@@ -55,8 +55,9 @@ _html = jinja2.Environment(loader=jinja2.FileSystemLoader(_templates), autoescap
 
 
 def fill(text: str, values: Mapping[str, str]) -> str:
-    """Placeholders like {company}; unknown ones stay as written, broker comments go."""
-    return _PLACEHOLDER.sub(lambda m: values.get(m[1], m[0]), _COMMENT.sub("", text)).strip()
+    """Placeholders like {company}; unknown or unset ones stay as written, so a broker sees
+    what is missing rather than a silent gap. Broker comments (<!-- -->) go."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m[1]) or m[0], _COMMENT.sub("", text)).strip()
 
 
 def markdown_html(text: str) -> str:
