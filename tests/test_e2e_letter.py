@@ -22,6 +22,7 @@ from gateway import headers, journal
 from gateway.evidence import parse_evidence
 from gateway.models import Consent, Delivery, Event, Letter, LetterStatus
 from gateway.registered_letter import ConsentIncomplete, LetterUnknown
+from gateway.verification import verify_released
 from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
 
 PROSPECT = "paula@example.com"
@@ -119,6 +120,11 @@ async def test_offer_is_held_and_released_with_signed_evidence(relay: Harness) -
     assert not dkimpy.verify(tampered, dnsfunc=dns)
     forged = b"X-Sealrelay-Consent: at=2026-01-01T00:00:00Z; ip=10.0.0.1\r\n" + copy
     assert not dkimpy.verify(forged, dnsfunc=dns)
+
+    report = await verify_released(relay.relay.db, relay.settings, copy)
+    assert report.ok, report.lines()
+    report = await verify_released(relay.relay.db, relay.settings, tampered)
+    assert not report.ok
 
     notice = email.message_from_bytes(notices[0].data, policy=email.policy.default)
     assert notices[0].mail_from in ("", "<>")  # the null sender
