@@ -18,7 +18,7 @@ from datetime import datetime
 from email.header import Header
 from email.utils import format_datetime
 
-from gateway.consent_pdf import language_of, load_texts, moment
+from gateway.consent_texts import language_of, load_texts, moment
 from gateway.evidence import ConsentRecord
 from gateway.headers import format_field
 from gateway.models import utcnow

@@ -14,27 +14,26 @@ hash is taken over the original texts, not over what the PDF can show.
 
 from __future__ import annotations
 
-import re
-import tomllib
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from functools import lru_cache
-from pathlib import Path
-from typing import Any
-from zoneinfo import ZoneInfo
+from datetime import UTC
 
 from fpdf import FPDF, FontFace
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
+from gateway.consent_texts import (  # noqa: F401 (re-exported for callers of this module)
+    FALLBACK_LANGUAGE,
+    LANGUAGES,
+    LOCAL_ZONE,
+    TEXTS,
+    TextsError,
+    language_of,
+    load_texts,
+    moment,
+)
 from gateway.evidence import ConsentRecord, ShownBlock
-
-TEXTS = Path(__file__).parent / "texts"
-LANGUAGES = ("de", "en", "es")
-FALLBACK_LANGUAGE = "en"
-LOCAL_ZONE = ZoneInfo("Europe/Berlin")
 
 FONT = "helvetica"
 MONO = "courier"
@@ -82,73 +81,7 @@ _PLAIN = str.maketrans(
 _BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
-class TextsError(ValueError):
-    """A wording file is missing, unreadable, or its keys differ from the German one."""
-
-
 # -- wording ---------------------------------------------------------------------------------
-
-
-def language_of(language: str) -> str:
-    """``de``, ``de-DE``, ``es_ES`` -> ``de``/``es``; anything we do not ship -> English."""
-    primary = re.split(r"[-_]", language.strip().lower(), maxsplit=1)[0]
-    return primary if primary in LANGUAGES else FALLBACK_LANGUAGE
-
-
-@lru_cache(maxsize=8)
-def load_texts(kind: str) -> Mapping[str, Mapping[str, str]]:
-    """All languages of ``gateway/texts/{kind}/``, flattened (``fields.ip``), same keys each."""
-    directory = TEXTS / kind
-    catalogs: dict[str, dict[str, str]] = {}
-    for language in LANGUAGES:
-        path = directory / f"{language}.toml"
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise TextsError(f"{path}: {exc}") from exc
-        catalogs[language] = _flatten(data)
-    reference = catalogs[LANGUAGES[0]].keys()
-    for language, catalog in catalogs.items():
-        missing, extra = reference - catalog.keys(), catalog.keys() - reference
-        if missing or extra:
-            raise TextsError(
-                f"{directory / language}.toml: keys differ from {LANGUAGES[0]}.toml:"
-                f" missing {sorted(missing)}, extra {sorted(extra)}"
-            )
-    return catalogs
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
-
-
-def moment(texts: Mapping[str, str], when: datetime) -> str:
-    """A point in time as the wording file writes it: Europe/Berlin and UTC side by side."""
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise ValueError("consent times must be aware datetimes")
-
-    def parts(at: datetime) -> dict[str, int]:
-        return {
-            "year": at.year,
-            "month": at.month,
-            "day": at.day,
-            "hour": at.hour,
-            "minute": at.minute,
-            "second": at.second,
-        }
-
-    local = texts["format.local"].format(**parts(when.astimezone(LOCAL_ZONE)))
-    utc = texts["format.utc"].format(**parts(when.astimezone(UTC)))
-    return texts["format.moment"].format(local=local, utc=utc)
-
-
-# -- text the core fonts can show ------------------------------------------------------------
 
 
 def pdf_text(text: str) -> str:

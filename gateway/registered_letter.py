@@ -24,7 +24,7 @@ import jinja2
 from markdown_it import MarkdownIt
 from sqlalchemy import select
 
-from gateway import confirmation, consent_pdf, headers, journal, mime
+from gateway import confirmation, headers, journal, mime
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
@@ -376,6 +376,9 @@ class LetterDesk:
                 b"".join(evidence_fields(consent_id, now, ip, letter.texts_sha256, sent_at)) + held
             )
             released_blob = await self.blobs.put(released)
+            # fpdf2 (with Pillow) costs ~44 MiB resident: only a release pays for it.
+            from gateway import consent_pdf
+
             pdf = consent_pdf.render(record)
             pdf_blob = await self.blobs.put(pdf)
             notice = confirmation.compose_confirmation(
