@@ -4,13 +4,13 @@ write a moment in time. Apart from consent_pdf so the confirmation does not load
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
+
+from gateway.i18n import load_language_files
 
 TEXTS = Path(__file__).parent / "texts"
 LANGUAGES = ("de", "en", "es")
@@ -31,34 +31,14 @@ def language_of(language: str) -> str:
 @lru_cache(maxsize=8)
 def load_texts(kind: str) -> Mapping[str, Mapping[str, str]]:
     """All languages of ``gateway/texts/{kind}/``, flattened (``fields.ip``), same keys each."""
-    directory = TEXTS / kind
-    catalogs: dict[str, dict[str, str]] = {}
-    for language in LANGUAGES:
-        path = directory / f"{language}.toml"
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise TextsError(f"{path}: {exc}") from exc
-        catalogs[language] = _flatten(data)
-    reference = catalogs[LANGUAGES[0]].keys()
-    for language, catalog in catalogs.items():
-        missing, extra = reference - catalog.keys(), catalog.keys() - reference
-        if missing or extra:
-            raise TextsError(
-                f"{directory / language}.toml: keys differ from {LANGUAGES[0]}.toml:"
-                f" missing {sorted(missing)}, extra {sorted(extra)}"
-            )
-    return catalogs
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
+    try:
+        files = load_language_files(TEXTS / kind)
+    except ValueError as exc:
+        raise TextsError(str(exc)) from exc
+    return {
+        language: {key: str(value) for key, value in texts.items()}
+        for language, texts in files.items()
+    }
 
 
 def moment(texts: Mapping[str, str], when: datetime) -> str:

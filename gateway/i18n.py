@@ -74,24 +74,34 @@ class Catalog:
         return f"{self.number(value, 1 if value < 99.95 else 0)} {unit}"
 
 
-def load_catalogs(directory: Path = TEXTS) -> dict[str, Catalog]:
-    catalogs = {}
+def load_language_files(directory: Path) -> dict[str, dict[str, Any]]:
+    """`{language}.toml` of every language in `directory`, flattened, with the same keys.
+
+    A missing translation stops start-up instead of showing a hole to a prospect.
+    """
+    files = {}
     for language in LANGUAGES:
         path = directory / f"{language}.toml"
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            files[language] = _flatten(tomllib.loads(path.read_text(encoding="utf-8")))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"{path}: {exc}") from exc
-        catalogs[language] = Catalog(language, _flatten(data))
-    reference = catalogs[LANGUAGES[0]].keys()
-    for language, catalog in catalogs.items():
-        missing, extra = reference - catalog.keys(), catalog.keys() - reference
+    reference = files[LANGUAGES[0]].keys()
+    for language, flat in files.items():
+        missing, extra = reference - flat.keys(), flat.keys() - reference
         if missing or extra:
             raise ValueError(
                 f"{directory / language}.toml: keys differ from {LANGUAGES[0]}.toml:"
                 f" missing {sorted(missing)}, extra {sorted(extra)}"
             )
-    return catalogs
+    return files
+
+
+def load_catalogs(directory: Path = TEXTS) -> dict[str, Catalog]:
+    return {
+        language: Catalog(language, texts)
+        for language, texts in load_language_files(directory).items()
+    }
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
