@@ -1026,3 +1026,17 @@ def test_lf_only_message_is_understood() -> None:
         "message/rfc822",
         "text/calendar",
     ]
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 56, 57, 58, 1000, 65537])
+def test_base64_size_is_counted_without_decoding(size: int) -> None:
+    message = EmailMessage()
+    message["From"] = "a@broker.example"
+    message.set_content("body")
+    message.add_attachment(
+        os.urandom(size), maintype="application", subtype="pdf", filename="x.pdf"
+    )
+    raw = message.as_bytes(policy=email.policy.SMTP)
+    root = mime.parse(raw)
+    [attachment] = [p for p in root.walk() if p.filename == "x.pdf"]
+    assert mime.decoded_size(raw, attachment) == len(mime.decoded_body(raw, attachment)) == size
