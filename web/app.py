@@ -1,4 +1,5 @@
-"""The web server: health, metrics and the prospect's download pages; console and API later."""
+"""The web server: health, metrics and the prospect's pages (downloads, registered letters);
+console and API later."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from gateway.metrics import QUEUE_DEPTH
 from gateway.models import Delivery, DeliveryStatus
 from gateway.relay import Relay
 from web.downloads import DownloadPages
+from web.letters import LetterPages
+from web.pages import ProspectSite
 
 RELAY = web.AppKey("relay", Relay)
 
@@ -43,7 +46,10 @@ def create_app(relay: Relay) -> web.Application:
     app[RELAY] = relay
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    DownloadPages(relay).register(app)
+    site = ProspectSite(relay.settings, clock=lambda: relay.clock().timestamp())
+    site.register(app)
+    DownloadPages(relay, site).register(app)
+    LetterPages(relay, site).register(app)
     return app
 
 

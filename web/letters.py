@@ -1,0 +1,578 @@
+"""The prospect's registered-letter pages: consent at `/l/{token}`, then the offer.
+
+Routes and what they write (nothing else is ever written by a visitor's request):
+
+- `GET /l/{token}`: the consent texts of the letter's snapshot, a box per declaration and the
+  button with the block set's exact label (§ 312j (3) BGB). Writes one `letter.viewed`
+  event and nothing else: mail scanners fetch links, so a GET never consents. A released
+  letter gets a short "already opened" page instead (still `letter.viewed`). HEAD writes
+  nothing.
+- `POST /l/{token}` (fields `csrf` and the ticked block ids): no or a wrong CSRF token, or an
+  `Origin` that is not ours: 403, nothing written. Required boxes missing: the page again
+  with what is missing, 422, nothing written. Otherwise `LetterDesk.release` (one
+  transaction, idempotent, locked) and `303 See Other` to the offer page; a POST after
+  release is a 303 there too and changes nothing.
+- `GET /l/{token}/offer`: the released offer as the prospect got it by mail: subject, body
+  (HTML sanitized with nh3, or the text), attachments. Before release: 303 to the letter.
+- `GET /l/{token}/a/{part}`: one attachment of the held copy, decoded; inline images of the
+  HTML body are served here too (their `cid:` references point here).
+- `GET /l/{token}/consent.pdf`: the consent record as PDF, at any time after release.
+- `POST /l/{token}/renew` (CSRF protected, only for an expired letter): asks the agent for a
+  new link (gateway/renewal.py: one mail per letter per 24 hours) and says so.
+
+Unknown tokens get the download pages' 404 and count against the client's address; an
+expired letter gets 410 in its language with the button to ask the agent for a new link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import getaddresses
+from typing import Any
+from urllib.parse import quote, unquote
+
+import nh3
+from aiohttp import web
+from markupsafe import Markup, escape
+
+from gateway import headers, journal, mime, renewal
+from gateway.i18n import Catalog
+from gateway.models import Letter, Link, Message
+from gateway.registered_letter import (
+    ConsentIncomplete,
+    FoundLetter,
+    LetterExpired,
+    LetterUnknown,
+    markdown_html,
+)
+from gateway.relay import Relay
+from web.csrf import KEY_FILE, FormTokens
+from web.pages import (
+    SEGMENT,
+    ProspectSite,
+    Visitor,
+    content_disposition,
+    content_type,
+    file_badge,
+    file_kind,
+    safe_filename,
+)
+
+log = logging.getLogger(__name__)
+
+PART = r"[0-9]{1,4}(?:\.[0-9]{1,4}){0,19}"  # a MIME part id: "2", "1.3"
+HEADER_PEEK = 64 * 1024  # enough of the held copy to read the agent's From
+BODY_MAX = 2 * 1024 * 1024  # characters of a body shown on the page
+_URL_IN_TEXT = re.compile(r"https?://[^\s<>\"']+[^\s<>\"'.,;:!?)\]]")
+_FORM_FIELDS_MAX = 100
+CHUNK_SIZE = 256 * 1024
+
+# What of an offer's HTML body survives: structure and text, links as links, no scripts,
+# forms, frames, styles or event handlers, and no image that would load from elsewhere.
+_ALLOWED_TAGS = set(nh3.ALLOWED_TAGS) - {"area", "map"}
+_ALLOWED_ATTRIBUTES = {
+    tag: set(attributes) for tag, attributes in nh3.ALLOWED_ATTRIBUTES.items() if tag != "area"
+}
+_URL_SCHEMES = {"http", "https", "mailto", "tel", "cid", "data"}
+
+
+@dataclass(frozen=True)
+class OfferPart:
+    """An attachment (or inline image) of the held copy, as the pages list and serve it."""
+
+    id: str
+    filename: str
+    content_type: str
+    size: int
+    listed: bool
+
+
+class LetterPages:
+    def __init__(self, relay: Relay, site: ProspectSite) -> None:
+        self.relay = relay
+        self.settings = relay.settings
+        self.site = site
+        self.forms = FormTokens(
+            relay.settings.storage.path.parent / KEY_FILE, relay.settings.server.public_url
+        )
+
+    def register(self, app: web.Application) -> None:
+        token = f"{{token:{SEGMENT}}}"
+        router = app.router
+        router.add_get(f"/l/{token}", self.letter)
+        router.add_post(f"/l/{token}", self.consent)
+        router.add_get(f"/l/{token}/offer", self.offer)
+        router.add_get(f"/l/{token}/a/{{part:{PART}}}", self.attachment)
+        router.add_get(f"/l/{token}/consent.pdf", self.consent_pdf)
+        router.add_post(f"/l/{token}/renew", self.renew)
+        router.add_get("/l", self.unknown)
+        router.add_get("/l/{tail:.*}", self.unknown)
+
+    # -- handlers
+
+    async def unknown(self, request: web.Request) -> web.Response:
+        return self.site.unknown_token(request)
+
+    async def letter(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        found = await self.find(request, token)
+        if isinstance(found, web.StreamResponse):
+            return found
+        if request.method == "GET":
+            await self.record_view(found, self.site.visitor(request))
+        catalog = self.site.catalog(found.letter.language)
+        if found.released:
+            return await self.render_released(request, token, found, catalog)
+        return await self.render_letter(request, token, found, catalog)
+
+    async def consent(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        found = await self.find(request, token)
+        if isinstance(found, web.StreamResponse):
+            return found
+        catalog = self.site.catalog(found.letter.language)
+        form = await self.checked_form(request, token, catalog)
+        if isinstance(form, web.StreamResponse):
+            return form
+        if found.released:
+            raise web.HTTPSeeOther(self.url(token, "/offer"))
+        checked = {name for name in form if name != "csrf"}
+        visitor = self.site.visitor(request)
+        try:
+            await self.relay.letters.release(token, checked, visitor.ip, visitor.user_agent)
+        except ConsentIncomplete as incomplete:
+            return await self.render_letter(
+                request,
+                token,
+                found,
+                catalog,
+                status=422,
+                checked=checked,
+                missing={block.id for block in incomplete.missing},
+            )
+        except LetterExpired as expired:  # it expired between our look and the release
+            return await self.render_expired(request, token, expired, catalog)
+        raise web.HTTPSeeOther(self.url(token, "/offer"))
+
+    async def offer(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        found = await self.find(request, token)
+        if isinstance(found, web.StreamResponse):
+            return found
+        if not found.released or found.consent is None:
+            raise web.HTTPSeeOther(self.url(token))
+        catalog = self.site.catalog(found.letter.language)
+        raw = await self.relay.blobs.read(found.letter.held_blob)
+        held = await asyncio.to_thread(read_offer, raw)
+        parts = held.parts
+        inline = {cid: self.url(token, f"/a/{part_id}") for cid, part_id in held.inline.items()}
+        files = [
+            {
+                "name": part.filename,
+                "badge": file_badge(part.filename),
+                "kind": catalog.t(f"kind.{file_kind(part.content_type, part.filename)}"),
+                "size": catalog.size(part.size),
+                "url": self.url(token, f"/a/{part.id}"),
+            }
+            for part in parts.values()
+            if part.listed
+        ]
+        html, text = held.html, held.text
+        given = found.consent.given_at
+        return self.site.render(
+            request,
+            "offer.html",
+            catalog,
+            title=found.letter.subject or catalog.t("offer.eyebrow"),
+            subject=found.letter.subject,
+            agent=await self.agent_label(found),
+            released=catalog.t(
+                "offer.released", date=catalog.date(given), time=_time(catalog, given)
+            ),
+            files=files,
+            count=catalog.plural("download.count", len(files)),
+            total=catalog.size(sum(part.size for part in parts.values() if part.listed)),
+            body=sanitized_html(html, inline) if html is not None else None,
+            text=linked_text(text) if text is not None else None,
+            pdf_url=self.url(token, "/consent.pdf"),
+        )
+
+    async def attachment(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        found = await self.find(request, token)
+        if isinstance(found, web.StreamResponse):
+            return found
+        catalog = self.site.catalog(found.letter.language)
+        if not found.released:
+            raise web.HTTPSeeOther(self.url(token))
+        raw = await self.relay.blobs.read(found.letter.held_blob)
+        wanted = request.match_info["part"]
+        found_part = await asyncio.to_thread(decoded_part, raw, wanted)
+        if found_part is None:
+            return self.site.not_found(request, catalog)
+        part, data = found_part
+        return await self.send_bytes(request, data, content_type(part.content_type), part.filename)
+
+    async def consent_pdf(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        found = await self.find(request, token)
+        if isinstance(found, web.StreamResponse):
+            return found
+        if found.consent is None:
+            raise web.HTTPSeeOther(self.url(token))
+        catalog = self.site.catalog(found.letter.language)
+        data = await self.relay.blobs.read(found.consent.pdf_blob)
+        name = catalog.t("offer.consent_filename", subject=found.letter.subject)
+        return await self.send_bytes(request, data, "application/pdf", f"{name}.pdf")
+
+    async def renew(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        try:
+            await self.relay.letters.find(token)
+        except LetterUnknown:
+            return self.site.unknown_token(request)
+        except LetterExpired as expired:
+            return await self.ask_for_new_link(request, token, expired)
+        # the link is valid (or the letter released): its page is the place to go
+        raise web.HTTPSeeOther(self.url(token))
+
+    async def ask_for_new_link(
+        self, request: web.Request, token: str, expired: LetterExpired
+    ) -> web.StreamResponse:
+        catalog = self.site.catalog(expired.letter.language)
+        form = await self.checked_form(request, token, catalog)
+        if isinstance(form, web.StreamResponse):
+            return form
+        sent = await renewal.request_new_link(
+            self.relay,
+            expired.letter,
+            expired.message,
+            self.site.visitor(request).ip,
+            self.relay.clock(),
+        )
+        if not sent:  # the visitor is not told: the agent simply is not asked twice a day
+            log.info("new link for letter %s asked for again within 24 h", expired.letter.id)
+        agent = await self.agent_name(expired.letter, expired.message)
+        return self.site.render(
+            request,
+            "error.html",
+            catalog,
+            title=catalog.t("letter.renewed_title"),
+            message=catalog.t("letter.renewed", agent=agent, subject=expired.letter.subject),
+            detail=catalog.t("letter.renewed_hint"),
+        )
+
+    # -- looking up, checking, recording
+
+    async def find(self, request: web.Request, token: str) -> FoundLetter | web.StreamResponse:
+        """The letter, or the page to answer with: 404 unknown, 410 expired."""
+        try:
+            return await self.relay.letters.find(token)
+        except LetterUnknown:
+            return self.site.unknown_token(request)
+        except LetterExpired as expired:
+            catalog = self.site.catalog(expired.letter.language)
+            return await self.render_expired(request, token, expired, catalog)
+
+    async def checked_form(
+        self, request: web.Request, token: str, catalog: Catalog
+    ) -> set[str] | web.StreamResponse:
+        """The posted field names, or a 403 page when the CSRF token or the Origin is wrong."""
+        form: dict[str, str] = {}
+        if self.forms.origin_allowed(request.headers.get("Origin")):
+            try:
+                posted = await request.post()
+            except ValueError:
+                posted = None
+            if posted is not None:
+                for name, value in list(posted.items())[:_FORM_FIELDS_MAX]:
+                    if isinstance(value, str):
+                        form.setdefault(name, value)
+        if not form or not self.forms.valid(token, form.get("csrf")):
+            return self.site.render(
+                request,
+                "error.html",
+                catalog,
+                status=403,
+                title=catalog.t("letter.forbidden_title"),
+                message=catalog.t("letter.forbidden"),
+            )
+        return set(form)
+
+    async def record_view(self, found: FoundLetter, visitor: Visitor) -> None:
+        async with self.relay.db.transaction() as session:
+            event = journal.NewEvent(
+                "letter.viewed",
+                found.letter.message_id,
+                data={
+                    "letter_id": found.letter.id,
+                    "recipient": found.letter.recipient,
+                    "ip": visitor.ip,
+                    "user_agent": visitor.user_agent,
+                },
+            )
+            await journal.append(session, [event], self.relay.clock())
+
+    # -- rendering
+
+    async def render_letter(
+        self,
+        request: web.Request,
+        token: str,
+        found: FoundLetter,
+        catalog: Catalog,
+        *,
+        status: int = 200,
+        checked: set[str] | None = None,
+        missing: set[str] | None = None,
+    ) -> web.Response:
+        checked, missing = checked or set(), missing or set()
+        blocks = [
+            {
+                "id": block.id,
+                "title": block.title,
+                "html": Markup(markdown_html(block.text)),  # noqa: S704 (raw HTML is off)
+                "checkbox": block.checkbox,
+                "checked": block.id in checked,
+                "missing": block.id in missing,
+            }
+            for block in found.blocks
+        ]
+        return self.site.render(
+            request,
+            "letter.html",
+            catalog,
+            status=status,
+            title=found.letter.subject or catalog.t("letter.eyebrow"),
+            subject=found.letter.subject,
+            agent=await self.agent_label(found),
+            expires=catalog.date(found.link.expires_at),
+            blocks=blocks,
+            checks=[block for block in blocks if block["checkbox"]],
+            missing=[block for block in blocks if block["missing"]],
+            button=found.letter.button,
+            action=self.url(token),
+            csrf=self.forms.token_for(token),
+        )
+
+    async def render_released(
+        self, request: web.Request, token: str, found: FoundLetter, catalog: Catalog
+    ) -> web.Response:
+        given = found.consent.given_at if found.consent else found.letter.released_at
+        return self.site.render(
+            request,
+            "letter_released.html",
+            catalog,
+            title=catalog.t("letter.done_title"),
+            subject=found.letter.subject,
+            given=catalog.t(
+                "letter.done",
+                date=catalog.date(given) if given else "",
+                time=_time(catalog, given) if given else "",
+            ),
+            offer_url=self.url(token, "/offer"),
+            pdf_url=self.url(token, "/consent.pdf"),
+        )
+
+    async def render_expired(
+        self, request: web.Request, token: str, expired: LetterExpired, catalog: Catalog
+    ) -> web.Response:
+        async with self.relay.db.transaction() as session:
+            link = await session.get(Link, expired.letter.link_id)
+        until = link.expires_at if link is not None else self.relay.clock()
+        agent = await self.agent_name(expired.letter, expired.message)
+        return self.site.render(
+            request,
+            "letter_expired.html",
+            catalog,
+            status=410,
+            title=catalog.t("letter.expired_title"),
+            message=catalog.t(
+                "letter.expired", subject=expired.letter.subject, date=catalog.date(until)
+            ),
+            hint=catalog.t("letter.expired_hint", agent=agent),
+            button=catalog.t("letter.renew", agent=agent),
+            action=self.url(token, "/renew"),
+            csrf=self.forms.token_for(token),
+        )
+
+    async def send_bytes(
+        self, request: web.Request, data: bytes, ctype: str, filename: str
+    ) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.headers["Content-Type"] = ctype
+        response.headers["Content-Disposition"] = content_disposition(filename)
+        response.content_length = len(data)
+        await response.prepare(request)
+        if request.method != "HEAD":
+            view = memoryview(data)
+            for start in range(0, len(data), CHUNK_SIZE):
+                await response.write(view[start : start + CHUNK_SIZE])
+            await response.write_eof()
+        return response
+
+    # -- helpers
+
+    def url(self, token: str, suffix: str = "") -> str:
+        return f"{self.site.base}/l/{quote(token, safe='')}{suffix}"
+
+    async def agent_label(self, found: FoundLetter) -> str:
+        """ "Anna Agent (agent@broker.example)", or the address alone."""
+        name = await self.from_name(found.letter, found.message)
+        address = found.message.sender
+        return f"{name} ({address})" if name and address and name != address else address or name
+
+    async def agent_name(self, letter: Letter, message: Message) -> str:
+        return await self.from_name(letter, message) or message.sender
+
+    async def from_name(self, letter: Letter, message: Message) -> str:
+        """The display name the agent's From gives their address, read from the held copy."""
+        try:
+            peek = await asyncio.to_thread(_read_start, self.relay.blobs.path(letter.held_blob))
+        except (OSError, ValueError) as exc:
+            log.error("held copy %s of letter %s: %s", letter.held_blob, letter.id, exc)
+            return ""
+        block, _ = headers.split_message(peek)
+        values = headers.values(headers.parse_fields(block), "from")
+        for display, address in getaddresses(values):
+            if address.lower() == message.sender.lower() or len(values) == 1:
+                return headers.decoded(display).strip()[:200]
+        return ""
+
+
+def _read_start(path: Any) -> bytes:
+    with open(path, "rb") as blob:
+        return blob.read(HEADER_PEEK)
+
+
+def _time(catalog: Catalog, moment: datetime) -> str:
+    local = moment.astimezone(catalog.zone)
+    return catalog.t("letter.time", hour=local.hour, minute=local.minute)
+
+
+# --- the offer's body and parts ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldOffer:
+    """What the offer page shows of the held copy."""
+
+    parts: dict[str, OfferPart]
+    inline: dict[str, str]  # Content-ID -> part id
+    html: str | None
+    text: str | None
+
+
+def read_offer(raw: bytes) -> HeldOffer:
+    """The held copy taken apart for the page (CPU work: run it in a thread)."""
+    root = mime.parse(raw)
+    html, text = body_of(raw, root)
+    return HeldOffer(offer_parts(raw, root), inline_images(root), html, text)
+
+
+def decoded_part(raw: bytes, part_id: str) -> tuple[OfferPart, bytes] | None:
+    """One servable part of the held copy and its decoded bytes, or None."""
+    root = mime.parse(raw)
+    part = offer_parts(raw, root).get(part_id)
+    tree = next((p for p in root.walk() if p.id == part_id), None)
+    if part is None or tree is None:
+        return None
+    return part, mime.decoded_body(raw, tree)
+
+
+def offer_parts(raw: bytes, root: mime.MimePart) -> dict[str, OfferPart]:
+    """The attachments the page lists, plus the inline images the HTML body shows."""
+    facts = mime.part_facts(raw, root)
+    inline = set(inline_images(root).values())
+    parts = {}
+    for number, fact in enumerate(facts, 1):
+        if not (fact.is_attachment or fact.id in inline):
+            continue
+        parts[fact.id] = OfferPart(
+            id=fact.id,
+            filename=safe_filename(fact.filename or "", f"attachment-{number}"),
+            content_type=fact.content_type,
+            size=fact.size,
+            listed=fact.is_attachment,
+        )
+    return parts
+
+
+def inline_images(root: mime.MimePart) -> dict[str, str]:
+    """Content-ID (without brackets) -> part id of the images an HTML body may show."""
+    return {
+        part.content_id.strip("<> "): part.id
+        for part in root.walk()
+        if part.content_id and part.content_type.startswith("image/") and not part.children
+    }
+
+
+def body_of(raw: bytes, root: mime.MimePart) -> tuple[str | None, str | None]:
+    """The first HTML and the first text body that are not attachments, decoded."""
+    facts = {fact.id: fact for fact in mime.part_facts(raw, root)}
+    html = text = None
+    for part in root.walk():
+        fact = facts.get(part.id)
+        if fact is None or fact.is_attachment:
+            continue
+        if part.content_type == "text/html" and html is None:
+            html = _decode(raw, part)
+        elif part.content_type == "text/plain" and text is None:
+            text = _decode(raw, part)
+    return html, text
+
+
+def _decode(raw: bytes, part: mime.MimePart) -> str:
+    data = mime.decoded_body(raw, part)
+    charset = part.params.get("charset", "utf-8").strip().strip('"') or "utf-8"
+    try:
+        text = data.decode(charset, errors="replace")
+    except LookupError:
+        text = data.decode("utf-8", errors="replace")
+    return text[:BODY_MAX]
+
+
+def sanitized_html(html: str, inline: dict[str, str]) -> Markup:
+    """The agent's HTML with nothing active left: no script, style, form, frame or handler;
+    links stay links; images only from the message itself (cid:) or data: URIs."""
+
+    def keep(tag: str, attribute: str, value: str) -> str | None:
+        if tag == "img" and attribute == "src":
+            if value.lower().startswith("cid:"):
+                return inline.get(unquote(value[4:]).strip("<> "))
+            return value if value.lower().startswith("data:image/") else None
+        if attribute in ("href", "cite") and value.lower().startswith(("data:", "cid:")):
+            return None
+        return value
+
+    cleaned = nh3.clean(
+        html,
+        tags=_ALLOWED_TAGS,
+        clean_content_tags={"script", "style", "title", "noscript", "template"},
+        attributes=_ALLOWED_ATTRIBUTES,
+        attribute_filter=keep,
+        url_schemes=_URL_SCHEMES,
+        link_rel="noopener noreferrer nofollow",
+        set_tag_attribute_values={"a": {"target": "_blank"}},
+    )
+    return Markup(cleaned)  # noqa: S704 (sanitized just above)
+
+
+def linked_text(text: str) -> Markup:
+    """Plain text, escaped, with its web addresses made into links."""
+    text = text.replace("\r\n", "\n")
+    pieces, position = [], 0
+    for match in _URL_IN_TEXT.finditer(text):
+        pieces.append(escape(text[position : match.start()]))
+        pieces.append(
+            Markup(
+                '<a href="{0}" target="_blank" rel="noopener noreferrer nofollow">{0}</a>'
+            ).format(match.group(0))
+        )
+        position = match.end()
+    pieces.append(escape(text[position:]))
+    return Markup("").join(pieces)
