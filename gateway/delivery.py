@@ -18,14 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from gateway import dsn, headers, journal, queue
+from gateway import dsn, journal, queue
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
+from gateway.local_mail import compose_queued
 from gateway.metrics import DELIVERY_OUTCOMES
-from gateway.models import Delivery, Message, MessageKind, new_id, utcnow
+from gateway.models import Delivery, Message, MessageKind, utcnow
 from gateway.outgoing import Signer, prepare
-from gateway.pipeline import QueueSignal, expiry
+from gateway.pipeline import QueueSignal
 from gateway.upstream import Outcome, Upstream
 
 log = logging.getLogger(__name__)
@@ -210,26 +211,14 @@ class DeliveryWorker:
             now=now,
             envelope_id=message.id,
         )
-        fields = headers.fields_of(report)
-        bounce = Message(
-            id=new_id(),
+        bounce, [delivery] = await compose_queued(
+            self.blobs,
+            report,
             kind=MessageKind.BOUNCE,
-            received_at=now,
-            sender="",
             user_id=message.user_id,
-            blob=await self.blobs.put(report),
-            size=len(report),
-            message_id_header=headers.first_value(fields, "message-id") or "",
-            subject=headers.decoded(headers.first_value(fields, "subject") or ""),
-            protocol="local",
-        )
-        delivery = Delivery(
-            id=new_id(),
-            message_id=bounce.id,
-            recipient=message.sender,
-            blob=bounce.blob,
-            next_attempt_at=now,
-            expires_at=expiry(now, self.settings.upstream.queue_lifetime),
+            recipients=[message.sender],
+            now=now,
+            lifetime=self.settings.upstream.queue_lifetime,
         )
         return bounce, delivery
 

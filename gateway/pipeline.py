@@ -23,7 +23,8 @@ from gateway.config import Settings
 from gateway.db import Database
 from gateway.headers import HeaderField
 from gateway.materializers import Draft, materializers
-from gateway.models import Base, Delivery, Message, new_id, utcnow
+from gateway.models import Base, Message, new_id, utcnow
+from gateway.queue import new_delivery
 from rules.facts import MessageFacts
 from rules.plan import Decision, plan
 
@@ -178,15 +179,9 @@ class Pipeline:
     async def commit(self, draft: Draft, envelope: Envelope, copies: Mapping[str, str]) -> str:
         """Message, copies, links and journal in one transaction: after this, 250 is safe."""
         message, now = draft.message, draft.now
+        lifetime = self.settings.upstream.queue_lifetime
         deliveries = [
-            Delivery(
-                id=new_id(),
-                message_id=message.id,
-                recipient=recipient,
-                blob=blob,
-                next_attempt_at=now,
-                expires_at=expiry(now, self.settings.upstream.queue_lifetime),
-            )
+            new_delivery(message.id, recipient, blob, now, lifetime)
             for recipient, blob in copies.items()
         ]
         events = [

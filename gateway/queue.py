@@ -16,11 +16,25 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import journal
-from gateway.models import Delivery, DeliveryStatus, Message
+from gateway.models import Delivery, DeliveryStatus, Message, new_id
 
 
 class QueueError(Exception):
     """An admin request on the queue that cannot be done."""
+
+
+def new_delivery(
+    message_id: str, recipient: str, blob: str, now: datetime, lifetime: float
+) -> Delivery:
+    """One copy to one recipient, due now, given up after `lifetime` seconds."""
+    return Delivery(
+        id=new_id(),
+        message_id=message_id,
+        recipient=recipient,
+        blob=blob,
+        next_attempt_at=now,
+        expires_at=now + timedelta(seconds=lifetime),
+    )
 
 
 def backoff(attempts: int, base: float, cap: float, jitter: float = 0.0) -> timedelta:

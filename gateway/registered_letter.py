@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from email.header import Header
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses, make_msgid
@@ -30,6 +30,7 @@ from gateway.config import Settings
 from gateway.db import Database
 from gateway.evidence import ConsentRecord, ShownBlock, evidence_fields, texts_sha256
 from gateway.links import hash_token, new_link, new_token
+from gateway.local_mail import compose_queued
 from gateway.models import (
     Consent,
     Delivery,
@@ -42,6 +43,7 @@ from gateway.models import (
     MessageKind,
     new_id,
 )
+from gateway.queue import new_delivery
 from rules.actions import LinkAttachments, RegisteredLetter
 
 SHIPPED = Path(__file__).parent / "letters" / "default"
@@ -388,58 +390,22 @@ class LetterDesk:
                 hostname=self.settings.server.hostname,
                 offer_subject=letter.subject,
             )
-            notice_message = Message(
-                id=new_id(),
+            lifetime = self.settings.upstream.queue_lifetime
+            archive = [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []
+            notice_message, notices = await compose_queued(
+                self.blobs,
+                notice,
                 kind=MessageKind.CONFIRMATION,
-                received_at=now,
-                sender="",
                 user_id=message.user_id,
-                blob=await self.blobs.put(notice),
-                size=len(notice),
-                message_id_header=headers.first_value(headers.fields_of(notice), "message-id")
-                or "",
-                subject=f"consent {consent_id}",
-                protocol="local",
+                recipients=[message.sender, *archive],
+                now=now,
+                lifetime=lifetime,
             )
-            lifetime = timedelta(seconds=self.settings.upstream.queue_lifetime)
-            archive = self.settings.letter.archive_bcc
+            # The released original first: the consent and the journal name that delivery.
             deliveries = [
-                Delivery(
-                    id=new_id(),
-                    message_id=message.id,
-                    recipient=letter.recipient,
-                    blob=released_blob,
-                    next_attempt_at=now,
-                    expires_at=now + lifetime,
-                ),
-                Delivery(
-                    id=new_id(),
-                    message_id=notice_message.id,
-                    recipient=message.sender,
-                    blob=notice_message.blob,
-                    next_attempt_at=now,
-                    expires_at=now + lifetime,
-                ),
-            ]
-            if archive:
-                deliveries += [
-                    Delivery(
-                        id=new_id(),
-                        message_id=message.id,
-                        recipient=archive,
-                        blob=released_blob,
-                        next_attempt_at=now,
-                        expires_at=now + lifetime,
-                    ),
-                    Delivery(
-                        id=new_id(),
-                        message_id=notice_message.id,
-                        recipient=archive,
-                        blob=notice_message.blob,
-                        next_attempt_at=now,
-                        expires_at=now + lifetime,
-                    ),
-                ]
+                new_delivery(message.id, recipient, released_blob, now, lifetime)
+                for recipient in (letter.recipient, *archive)
+            ] + notices
             consent = Consent(
                 id=consent_id,
                 letter_id=letter.id,

@@ -23,7 +23,8 @@ from sqlalchemy import select
 
 from gateway import headers, journal
 from gateway.i18n import LANGUAGES, Catalog, load_catalogs
-from gateway.models import Delivery, Event, Letter, Link, Message, MessageKind, new_id
+from gateway.local_mail import compose_queued
+from gateway.models import Event, Letter, Link, Message, MessageKind
 
 EVENT = "letter.renewal_requested"
 INTERVAL = timedelta(hours=24)
@@ -124,26 +125,14 @@ async def request_new_link(
             expired_on=link.expires_at if link is not None else now,
             now=now,
         )
-        fields = headers.fields_of(raw)
-        notice = Message(
-            id=new_id(),
+        notice, [delivery] = await compose_queued(
+            relay.blobs,
+            raw,
             kind=MessageKind.CONFIRMATION,
-            received_at=now,
-            sender="",
             user_id=message.user_id,
-            blob=await relay.blobs.put(raw),
-            size=len(raw),
-            message_id_header=headers.first_value(fields, "message-id") or "",
-            subject=headers.decoded(headers.first_value(fields, "subject") or ""),
-            protocol="local",
-        )
-        delivery = Delivery(
-            id=new_id(),
-            message_id=notice.id,
-            recipient=message.sender,
-            blob=notice.blob,
-            next_attempt_at=now,
-            expires_at=now + timedelta(seconds=settings.upstream.queue_lifetime),
+            recipients=[message.sender],
+            now=now,
+            lifetime=settings.upstream.queue_lifetime,
         )
         session.add(notice)
         await session.flush()
