@@ -70,7 +70,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 1024 * 1024
 
 
 # --- ranges ---------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ class DownloadPages:
             response.content_length = served.length
             await response.prepare(request)
             if request.method != "HEAD":
-                await _send_file(response, blob, served.start, served.length)
+                await _send_file(request, response, blob, served.start, served.length)
                 await response.write_eof()
             return response
         finally:
@@ -374,9 +374,22 @@ def _open_blob(path: Path) -> IO[bytes]:
 
 
 async def _send_file(
-    response: web.StreamResponse, blob: IO[bytes], start: int, length: int
+    request: web.Request,
+    response: web.StreamResponse,
+    blob: IO[bytes],
+    start: int,
+    length: int,
 ) -> None:
-    """Copy `length` bytes from `start` in chunks; file reads run in a thread."""
+    """`length` bytes from `start`: by the kernel's sendfile as aiohttp's FileResponse does,
+    else (TLS, no sendfile) copied in chunks with file reads in a thread."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("connection lost")
+    try:
+        await asyncio.get_running_loop().sendfile(transport, blob, start, length, fallback=False)
+        return
+    except (NotImplementedError, asyncio.SendfileNotAvailableError):
+        pass
 
     def read(size: int) -> bytes:
         return blob.read(size)
