@@ -16,11 +16,12 @@ from base64 import b64decode
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 from email_validator import EmailNotValidError, validate_email
 
 from gateway import users
 from gateway.config import Settings
+from gateway.data_reader import read_data
 from gateway.db import Database
 from gateway.metrics import SMTP_REPLIES
 from gateway.pipeline import Envelope as PipelineEnvelope
@@ -52,6 +53,8 @@ class Reply:
     AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 answer"
     AUTH_BAD_PLAIN = "501 5.5.2 AUTH PLAIN needs authzid NUL login NUL password"
     TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients; at most {limit} per message"
+    TOO_BIG = "552 5.3.4 The message is too big; at most {limit} bytes are accepted"
+    LINE_TOO_LONG = "500 5.5.6 Line too long; at most 1000 octets per line (RFC 5321 4.5.3.1.6)"
     TEMPORARY = "451 4.3.0 The message was not accepted because of a local problem; try again"
     QUEUED = "250 2.0.0 Ok: queued as {message_id}"
 
@@ -174,6 +177,34 @@ class SubmissionHandler:
         return _count(Reply.QUEUED.format(message_id=message_id))
 
 
+class SubmissionSMTP(SMTP):
+    """aiosmtpd's protocol with DATA read in large pieces (gateway/data_reader.py)."""
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        result = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+        if result.too_big:
+            reply = _count(Reply.TOO_BIG.format(limit=self.data_size_limit))
+        elif result.line_too_long:
+            reply = _count(Reply.LINE_TOO_LONG)
+        else:
+            self.envelope.content = self.envelope.original_content = result.content
+            status = await self._call_handler_hook("DATA")
+            reply = "250 OK" if status is MISSING else status
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(reply)
+
+
 class SmtpFront:
     """The listeners: plain ones with STARTTLS, implicit-TLS ones (port 465 style)."""
 
@@ -208,7 +239,7 @@ class SmtpFront:
         smtp = self.settings.smtp
 
         def make() -> SMTP:
-            return SMTP(
+            return SubmissionSMTP(
                 self.handler,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=False,

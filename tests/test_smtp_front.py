@@ -672,7 +672,7 @@ async def test_data_over_the_limit_552(relay: Harness, agent: Wire) -> None:
     big = raw_message(body=line * (1024 * 1024 // len(line) + 10))
     assert len(big) > 1024 * 1024
     answer = await agent.data(dotted(big))
-    assert answer.code == 552 and "Too much mail data" in answer.text, answer
+    assert answer.code == 552 and "5.3.4 The message is too big" in answer.text, answer
     await assert_nothing_written(relay)
     await send_sentinel(relay, agent)
 
