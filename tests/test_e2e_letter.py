@@ -13,6 +13,7 @@ import os
 import re
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from pathlib import Path
 
 import dkim as dkimpy
 import pytest
@@ -167,3 +168,31 @@ async def test_concurrent_consents_release_once(relay: Harness) -> None:
         m for m in relay.sink.messages if m.rcpt_tos == [OTHER] and b"X-Sealrelay" in m.data
     ]
     assert len(released) == 1
+
+
+async def test_terms_pdf_travels_with_the_letter_and_the_archive_gets_copies(
+    relay_factory: StartRelay, tmp_path: Path
+) -> None:
+    terms = tmp_path / "agb.pdf"
+    terms.write_bytes(b"%PDF-1.4 terms of Musterimmobilien")
+    archive = "archiv@broker.example"
+    relay = await relay_factory(
+        smtp={"max_message_size": 50 * 1024 * 1024},
+        letter={"terms_pdf": {"de": str(terms)}, "archive_bcc": archive},
+    )
+    await relay.send(offer(), recipients=[PROSPECT])
+    [letter] = await relay.sink.expect(1)
+    parsed = email.message_from_bytes(letter.data, policy=email.policy.default)
+    [attached] = list(parsed.iter_attachments())
+    assert attached.get_filename() == "AGB.pdf"
+    assert attached.get_payload(decode=True) == terms.read_bytes()
+    [token] = set(LETTER_LINK.findall(text_of(letter.data)))
+
+    await relay.relay.letters.release(token, REQUIRED, "127.0.0.1", "pytest")
+    # Copies sharing a blob leave together: original to prospect and archive, notice to
+    # agent and archive.
+    arrived = await relay.sink.expect(3)
+    to_archive = [m.data for m in arrived if archive in m.rcpt_tos]
+    assert len(to_archive) == 2
+    assert any(b"X-Sealrelay-Consent" in data for data in to_archive)
+    assert any(b"application/pdf" in data for data in to_archive)
