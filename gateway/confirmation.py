@@ -21,6 +21,7 @@ from email.utils import format_datetime
 from gateway.consent_texts import language_of, load_texts, moment
 from gateway.evidence import ConsentRecord
 from gateway.headers import format_field
+from gateway.mime import join_multipart
 from gateway.models import utcnow
 
 CRLF = b"\r\n"
@@ -115,12 +116,7 @@ def compose_confirmation(
             pdf_part,
         ),
     ]
-    delimiter = b"--" + boundary.encode("ascii")
-    out = [*head, CRLF]
-    for part_head, content in parts:
-        out += [delimiter, CRLF, *part_head, CRLF, content, CRLF]
-    out += [delimiter, b"--", CRLF]
-    return b"".join(out)
+    return join_multipart(head, boundary, parts)
 
 
 def _one_line(text: str, limit: int) -> str:

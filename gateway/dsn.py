@@ -44,6 +44,7 @@ from jinja2 import (
 )
 
 from gateway.headers import decoded, fields_of, first_value, format_field, split_message
+from gateway.mime import join_multipart
 
 __all__ = ["DEFAULT_LANGUAGE", "FailedRecipient", "build_dsn"]
 
@@ -206,12 +207,7 @@ def build_dsn(
             embedded,
         ),
     ]
-    delimiter = b"--" + boundary.encode("ascii")
-    out = [*head, CRLF]
-    for part_head, body in parts:
-        out += [delimiter, CRLF, *part_head, CRLF, body, CRLF]
-    out += [delimiter, b"--", CRLF]
-    return b"".join(out)
+    return join_multipart(head, boundary, parts)
 
 
 # -- values ----------------------------------------------------------------------------------

@@ -90,9 +90,17 @@ async def claim(
 
 
 async def _settle(
-    session: AsyncSession, delivery: Delivery, worker: str, now: datetime, **values: object
-) -> bool:
-    """Apply an outcome if `worker` still holds the lease; False if another took over."""
+    session: AsyncSession,
+    delivery: Delivery,
+    worker: str,
+    now: datetime,
+    event: str,
+    data: dict[str, object],
+    **values: object,
+) -> journal.NewEvent | None:
+    """Record one attempt's outcome if `worker` still holds the lease; the journal event for
+    it, or None when another worker took over."""
+    attempt = delivery.attempts + 1
     result = await session.execute(
         update(Delivery)
         .where(
@@ -100,31 +108,31 @@ async def _settle(
             Delivery.leased_by == worker,
             Delivery.status == DeliveryStatus.QUEUED,
         )
-        .values(lease_until=None, leased_by=None, updated_at=now, **values),
+        .values(lease_until=None, leased_by=None, updated_at=now, attempts=attempt, **values),
         execution_options={"synchronize_session": False},
     )
-    return bool(getattr(result, "rowcount", 0))
+    if not getattr(result, "rowcount", 0):
+        return None
+    return journal.NewEvent(
+        event,
+        delivery.message_id,
+        delivery.id,
+        {"recipient": delivery.recipient, "attempt": attempt, **data},
+    )
 
 
 async def mark_delivered(
     session: AsyncSession, delivery: Delivery, worker: str, now: datetime, remote: str | None
 ) -> journal.NewEvent | None:
-    settled = await _settle(
+    return await _settle(
         session,
         delivery,
         worker,
         now,
-        status=DeliveryStatus.DELIVERED,
-        attempts=delivery.attempts + 1,
-        last_error=None,
-    )
-    if not settled:
-        return None
-    return journal.NewEvent(
         "delivery.delivered",
-        delivery.message_id,
-        delivery.id,
-        {"recipient": delivery.recipient, "attempt": delivery.attempts + 1, "remote": remote},
+        {"remote": remote},
+        status=DeliveryStatus.DELIVERED,
+        last_error=None,
     )
 
 
@@ -136,49 +144,30 @@ async def mark_deferred(
     error: str,
     next_attempt: datetime,
 ) -> journal.NewEvent | None:
-    settled = await _settle(
+    return await _settle(
         session,
         delivery,
         worker,
         now,
-        attempts=delivery.attempts + 1,
+        "delivery.deferred",
+        {"error": error, "next_attempt": next_attempt.isoformat()},
         last_error=error,
         next_attempt_at=next_attempt,
-    )
-    if not settled:
-        return None
-    return journal.NewEvent(
-        "delivery.deferred",
-        delivery.message_id,
-        delivery.id,
-        {
-            "recipient": delivery.recipient,
-            "attempt": delivery.attempts + 1,
-            "error": error,
-            "next_attempt": next_attempt.isoformat(),
-        },
     )
 
 
 async def mark_bounced(
     session: AsyncSession, delivery: Delivery, worker: str, now: datetime, error: str
 ) -> journal.NewEvent | None:
-    settled = await _settle(
+    return await _settle(
         session,
         delivery,
         worker,
         now,
-        status=DeliveryStatus.BOUNCED,
-        attempts=delivery.attempts + 1,
-        last_error=error,
-    )
-    if not settled:
-        return None
-    return journal.NewEvent(
         "delivery.bounced",
-        delivery.message_id,
-        delivery.id,
-        {"recipient": delivery.recipient, "attempt": delivery.attempts + 1, "error": error},
+        {"error": error},
+        status=DeliveryStatus.BOUNCED,
+        last_error=error,
     )
 
 
