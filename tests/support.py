@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+
+
+def screenshot_dir(suite: str) -> Path:
+    """Where browser tests keep their screenshots, so a person can open and read them.
+
+    `var/screenshots/<suite>/` in the checkout unless SEALRELAY_SCREENSHOTS names another root.
+    """
+    root = Path(
+        os.environ.get("SEALRELAY_SCREENSHOTS", Path(__file__).parent.parent / "var/screenshots")
+    )
+    directory = root / suite
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def free_port() -> int:
