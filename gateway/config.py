@@ -182,6 +182,7 @@ class PolicyOverrides(Section):
     link_attachments_over: ByteSize | None = None
     link_total_over: ByteSize | None = None
     keep_attached: list[Annotated[str, Field(pattern=MIME_TYPE)]] | None = None
+    always_link: list[Annotated[str, Field(min_length=1)]] | None = None
     download_link_days: int | None = Field(default=None, ge=1, le=3650)
     internal_domains: list[str] | None = None
     language: Language | None = None
@@ -192,7 +193,7 @@ class PolicyOverrides(Section):
     def values(self) -> dict[str, Any]:
         """The set values, in the types rules.policy.Policy expects."""
         values = self.model_dump(exclude_none=True, exclude={"name"})
-        for key in ("keep_attached", "internal_domains"):
+        for key in ("keep_attached", "always_link", "internal_domains"):
             if key in values:
                 values[key] = frozenset(v.lower() for v in values[key])
         for key in ("link_attachments_over", "link_total_over"):
@@ -211,6 +212,7 @@ class PolicySettings(PolicyOverrides):
         "text/vcard",
         "text/x-vcard",
     ]
+    always_link: list[Annotated[str, Field(min_length=1)]] | None = []
     download_link_days: int | None = Field(default=90, ge=1, le=3650)
     internal_domains: list[str] | None = []
     language: Language | None = "de"
