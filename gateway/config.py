@@ -43,6 +43,9 @@ class Section(BaseModel):
 class ServerSettings(Section):
     hostname: str = Field(default_factory=socket.getfqdn)
     public_url: str = "http://127.0.0.1:8080"
+    # The local part the relay's own mail to an agent comes from, at the agent's domain
+    # when that domain has a [dkim] key (so it is signed), else at `hostname`.
+    own_mail_sender: str = Field(default="postmaster", pattern=r"^[A-Za-z0-9._+-]{1,64}$")
 
     @field_validator("public_url")
     @classmethod

@@ -598,7 +598,7 @@ async def test_expired_letter_offers_to_ask_the_agent_once_a_day(
         f"Neuer Link erbeten: Villa am See – {PROSPECT}"
     )
     assert headers.first_value(fields, "auto-submitted") == "auto-generated"
-    assert headers.addresses(fields, "from") == ["postmaster@relay.broker.example"]
+    assert headers.addresses(fields, "from") == ["postmaster@broker.example"]  # signed
     assert headers.addresses(fields, "reply-to") == [PROSPECT]
     parsed = email.message_from_bytes(mail.data, policy=email.policy.default)
     assert not parsed.defects
