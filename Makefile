@@ -12,14 +12,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-run: $(STAMP)
+DEV_DKIM_KEY := var/dkim/demo.sealrelay.example.dev.pem
+
+run: $(STAMP) $(DEV_DKIM_KEY)
 	$(BIN)/sealrelay db upgrade --config examples/dev.toml
 	$(BIN)/sealrelay demo-agent --config examples/dev.toml
 	@echo "SMTP on 127.0.0.1:2525, web on http://127.0.0.1:8080, outgoing copies in var/outbox/"
 	$(BIN)/sealrelay serve --config examples/dev.toml
 
+$(DEV_DKIM_KEY): | $(STAMP)
+	$(BIN)/sealrelay dkim keygen --domain demo.sealrelay.example --selector dev --out $@ >/dev/null
+
+# Installs chromium and swaks when missing (as root) and starts a throw-away PostgreSQL
+# when none answers on 127.0.0.1:5432; see scripts/with-test-services.
 test: $(STAMP)
-	$(BIN)/pytest
+	scripts/with-test-services $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -28,6 +35,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/dkim.py
+	$(BIN)/python bench/mime.py
 	$(BIN)/python bench/relay.py --messages 2000 --size 5000 --sessions 20
 
 clean:

@@ -115,10 +115,24 @@ def check_config(file: Path) -> None:
         tls_context(settings)
     except (OSError, ssl.SSLError) as exc:
         raise click.ClickException(f"config error: smtp.tls_cert/tls_key: {exc}") from exc
+    _report_letter_keys(settings)
     click.echo(
         f"{file}: ok (smtp {', '.join(settings.smtp.listen)}; web {settings.web.listen};"
         f" upstream {settings.upstream.url}; dkim for {len(settings.dkim)} domain(s))"
     )
+
+
+def _report_letter_keys(settings: Settings) -> None:
+    """Warnings to stderr; errors (letters that would certainly be refused) stop the check."""
+    from gateway import letter_keys
+
+    found = letter_keys.problems(settings)
+    for problem in found:
+        if not problem.error:
+            click.echo(str(problem), err=True)
+    errors = [f"{p.key}: {p.text}" for p in found if p.error]
+    if errors:
+        raise click.ClickException("config error: " + "; ".join(errors))
 
 
 @main.group()

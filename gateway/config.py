@@ -43,6 +43,9 @@ class Section(BaseModel):
 class ServerSettings(Section):
     hostname: str = Field(default_factory=socket.getfqdn)
     public_url: str = "http://127.0.0.1:8080"
+    # The local part the relay's own mail to an agent comes from, at the agent's domain
+    # when that domain has a [dkim] key (so it is signed), else at `hostname`.
+    own_mail_sender: str = Field(default="postmaster", pattern=r"^[A-Za-z0-9._+-]{1,64}$")
 
     @field_validator("public_url")
     @classmethod
@@ -182,6 +185,7 @@ class PolicyOverrides(Section):
     link_attachments_over: ByteSize | None = None
     link_total_over: ByteSize | None = None
     keep_attached: list[Annotated[str, Field(pattern=MIME_TYPE)]] | None = None
+    always_link: list[Annotated[str, Field(min_length=1)]] | None = None
     download_link_days: int | None = Field(default=None, ge=1, le=3650)
     internal_domains: list[str] | None = None
     language: Language | None = None
@@ -192,7 +196,7 @@ class PolicyOverrides(Section):
     def values(self) -> dict[str, Any]:
         """The set values, in the types rules.policy.Policy expects."""
         values = self.model_dump(exclude_none=True, exclude={"name"})
-        for key in ("keep_attached", "internal_domains"):
+        for key in ("keep_attached", "always_link", "internal_domains"):
             if key in values:
                 values[key] = frozenset(v.lower() for v in values[key])
         for key in ("link_attachments_over", "link_total_over"):
@@ -211,6 +215,7 @@ class PolicySettings(PolicyOverrides):
         "text/vcard",
         "text/x-vcard",
     ]
+    always_link: list[Annotated[str, Field(min_length=1)]] | None = []
     download_link_days: int | None = Field(default=90, ge=1, le=3650)
     internal_domains: list[str] | None = []
     language: Language | None = "de"

@@ -41,6 +41,7 @@ def compose_confirmation(
     offer_subject: str,
     language: str = "de",
     now: datetime | None = None,
+    sender: str | None = None,
 ) -> bytes:
     """The complete confirmation mail to ``agent_address`` (CRLF line ends).
 
@@ -48,7 +49,8 @@ def compose_confirmation(
     our host name, for From and Message-ID; ``offer_subject`` the offer's subject as the
     agent wrote it, decoded; ``language`` the agent's (``de`` by default); ``now`` the Date.
     Raises ``ValueError`` for values that are ours to get right: a bad host name or an agent
-    address that could break a header line.
+    address that could break a header line. ``sender`` is the From address
+    (gateway.local_mail.own_sender), ``postmaster@hostname`` by default.
     """
     if not _HOSTNAME.fullmatch(hostname):
         raise ValueError(f"not a host name: {hostname!r}")
@@ -89,7 +91,7 @@ def compose_confirmation(
     pdf_part = _base64_lines(pdf)
     boundary = _boundary(text_part, pdf_part)
     head = [
-        format_field("From", f"sealrelay <postmaster@{hostname}>"),
+        format_field("From", f"sealrelay <{sender or f'postmaster@{hostname}'}>"),
         format_field("To", agent_address),
         format_field("Subject", _encoded_subject(subject)),
         format_field("Date", format_datetime(sent)),

@@ -22,7 +22,7 @@ from gateway import dsn, journal, queue
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
-from gateway.local_mail import compose_queued
+from gateway.local_mail import compose_queued, own_sender
 from gateway.metrics import DELIVERY_OUTCOMES
 from gateway.models import Delivery, Message, MessageKind, utcnow
 from gateway.outgoing import Signer, prepare
@@ -210,6 +210,7 @@ class DeliveryWorker:
             arrival=message.received_at,
             now=now,
             envelope_id=message.id,
+            sender=own_sender(self.settings, message.sender, "MAILER-DAEMON"),
         )
         bounce, [delivery] = await compose_queued(
             self.blobs,

@@ -111,13 +111,16 @@ def build_dsn(
     now: datetime,
     envelope_id: str | None = None,
     language: str = "de",
+    sender: str | None = None,
 ) -> bytes:
     """The complete bounce message (CRLF line ends), to be sent from ``<>`` to the sender.
 
     ``reporting_mta`` is our host name; ``original`` the raw message as the agent sent it;
     ``arrival`` when we accepted it and ``now`` the time of the report (both aware);
     ``envelope_id`` the ENVID parameter, xtext-decoded, if the agent gave one; ``language``
-    picks the text template (``de``, ``en``, ``es``; anything else falls back to English).
+    picks the text template (``de``, ``en``, ``es``; anything else falls back to English);
+    ``sender`` the From address (``MAILER-DAEMON@reporting_mta`` by default), in a domain
+    that signs when there is one (gateway.local_mail.own_sender).
 
     Raises ``ValueError`` for input that is ours to get right: a null or multi-line sender, a
     bad host name, no failed recipients, a malformed status code or a naive datetime.
@@ -125,6 +128,8 @@ def build_dsn(
     if not envelope_sender or envelope_sender == "<>":
         raise ValueError("never send a DSN to the null sender <>")
     _check_address(envelope_sender, "envelope sender")
+    if sender is not None:
+        _check_address(sender, "sender")
     if not _HOSTNAME.fullmatch(reporting_mta):
         raise ValueError(f"reporting MTA is not a host name: {reporting_mta!r}")
     if not failed:
@@ -164,7 +169,9 @@ def build_dsn(
     boundary = _boundary(original, human, status, embedded)
 
     head = [
-        format_field("From", f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"),
+        format_field(
+            "From", f"Mail Delivery System <{sender or f'MAILER-DAEMON@{reporting_mta}'}>"
+        ),
         format_field("To", f"<{envelope_sender}>"),
         format_field("Subject", _encoded_subject(subject)),
         format_field("Date", format_datetime(now_utc)),

@@ -10,8 +10,21 @@ from datetime import datetime
 
 from gateway import headers
 from gateway.blobstore import BlobStore
+from gateway.config import Settings
 from gateway.models import Delivery, Message, MessageKind, new_id
 from gateway.queue import new_delivery
+
+
+def own_sender(settings: Settings, agent: str, local_part: str | None = None) -> str:
+    """The From address of mail the relay writes to `agent`.
+
+    The agent's own domain when it has a DKIM key, so the mail is signed and aligned with the
+    domain the agent's mailbox trusts; the relay's host name otherwise. `local_part` defaults
+    to `[server] own_mail_sender`; bounces pass MAILER-DAEMON.
+    """
+    domain = agent.rpartition("@")[2].lower()
+    signed = domain if domain in settings.dkim else settings.server.hostname
+    return f"{local_part or settings.server.own_mail_sender}@{signed}"
 
 
 async def compose_queued(

@@ -24,13 +24,13 @@ import jinja2
 from markdown_it import MarkdownIt
 from sqlalchemy import select
 
-from gateway import confirmation, headers, journal, mime
+from gateway import confirmation, headers, journal, letter_keys, mime
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.evidence import ConsentRecord, ShownBlock, evidence_fields, texts_sha256
 from gateway.links import hash_token, new_link, new_token
-from gateway.local_mail import compose_queued
+from gateway.local_mail import compose_queued, own_sender
 from gateway.models import (
     Consent,
     Delivery,
@@ -389,6 +389,7 @@ class LetterDesk:
                 agent_address=message.sender,
                 hostname=self.settings.server.hostname,
                 offer_subject=letter.subject,
+                sender=own_sender(self.settings, message.sender),
             )
             lifetime = self.settings.upstream.queue_lifetime
             archive = [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []
@@ -473,6 +474,7 @@ class RegisteredLetterMaterializer:
         }
 
     async def __call__(self, draft: Any, recipient: str, action: RegisteredLetter) -> str:
+        letter_keys.require_key(self.settings, draft.raw)
         held = remove_subject_tag(draft.raw, action.tag) if action.tag else draft.raw
         if action.link_parts:
             plan = LinkAttachments(action.link_parts, action.download_days, action.language)

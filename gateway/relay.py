@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
 
-from gateway import dkim, sweeper
+from gateway import dkim, letter_keys, sweeper
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
@@ -75,6 +75,8 @@ class Relay:
         self._web_runner: Any = None
 
     async def start(self) -> None:
+        for problem in letter_keys.problems(self.settings):
+            log.warning("%s", problem)
         await self.db.upgrade()
         if "worker" in self.roles:
             storage = self.settings.storage

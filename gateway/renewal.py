@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from gateway import headers, journal
 from gateway.i18n import LANGUAGES, Catalog, load_catalogs
-from gateway.local_mail import compose_queued
+from gateway.local_mail import compose_queued, own_sender
 from gateway.models import Event, Letter, Link, Message, MessageKind
 
 EVENT = "letter.renewal_requested"
@@ -56,6 +56,7 @@ def compose_request(
     subject: str,
     expired_on: datetime,
     now: datetime,
+    sender: str | None = None,
 ) -> bytes:
     """The mail to the agent, as bytes; every header value is ours or reduced to one line."""
     recipient, subject = one_line(recipient), one_line(subject)
@@ -72,7 +73,7 @@ def compose_request(
     charset.body_encoding = QP
     encoded_body = charset.body_encode(text)
     top = [
-        headers.format_field("From", f"<postmaster@{hostname}>"),
+        headers.format_field("From", f"<{sender or f'postmaster@{hostname}'}>"),
         headers.format_field("To", f"<{agent}>"),
         headers.format_field("Reply-To", f"<{recipient}>"),
         headers.format_field("Subject", _encoded(one_line(mail_subject, 998))),
@@ -124,6 +125,7 @@ async def request_new_link(
             subject=letter.subject,
             expired_on=link.expires_at if link is not None else now,
             now=now,
+            sender=own_sender(settings, message.sender),
         )
         notice, [delivery] = await compose_queued(
             relay.blobs,

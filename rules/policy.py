@@ -19,6 +19,8 @@ class Policy:
     link_attachments_over: int = 2 * MiB
     link_total_over: int = 10 * MiB
     keep_attached: frozenset[str] = frozenset({"text/calendar", "text/vcard", "text/x-vcard"})
+    # MIME types ("video/*") or file names ("*.mp4") linked whatever their size.
+    always_link: frozenset[str] = frozenset()
     download_link_days: int = 90
     internal_domains: frozenset[str] = frozenset()
     language: str = "de"

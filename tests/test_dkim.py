@@ -264,16 +264,13 @@ def test_malformed_precomputed_body_hash_is_refused(key: DkimKey) -> None:
 
 
 def test_ten_megabyte_body(key: DkimKey) -> None:
+    """How fast: bench/dkim.py --large."""
     rng = random.Random(6376)
     encoded = base64.encodebytes(rng.randbytes(7_500_000)).replace(b"\n", b"\r\n")
     text = b"Zeile mit  doppelten Leerzeichen und\tTab am Ende \t\r\n" * 20_000
     message = SIMPLE.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" + text + encoded + b"\r\n\r\n"
     assert len(message) > 10_000_000
-    started = time.perf_counter()
-    result = signed(message, key)
-    elapsed = time.perf_counter() - started
-    assert verifies(result, key)
-    assert elapsed < 1.0
+    assert verifies(signed(message, key), key)
 
 
 # --- oversigning and tampering ------------------------------------------------------------

@@ -24,11 +24,13 @@ from pathlib import Path
 import aiohttp
 import aiosmtplib
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway import headers
+from gateway.db import Database
+from gateway.models import Delivery
 from tests.conftest import AGENT, PASSWORD, POSTGRES_URL, Harness, make_message
 from tests.support import Sink, free_port
 
@@ -352,6 +354,17 @@ async def test_sigkill_mid_burst_loses_no_accepted_message(
         assert set(copies) <= {burst_message(backend, n)[0] for n in range(BURST)}
 
 
+async def deferred_twice(db: Database, count: int) -> None:
+    """Until each of `count` copies has been tried and deferred at least twice (bounded)."""
+    query = select(func.count()).select_from(Delivery).where(Delivery.attempts >= 2)
+    async with asyncio.timeout(DELIVERY_TIMEOUT):
+        while True:
+            async with db.transaction() as session:
+                if await session.scalar(query) == count:
+                    return
+            await asyncio.sleep(0.05)
+
+
 async def test_mail_accepted_while_upstream_is_down_is_delivered_when_it_returns(
     relay: Harness,
 ) -> None:
@@ -363,7 +376,7 @@ async def test_mail_accepted_while_upstream_is_down_is_delivered_when_it_returns
             message_id, message = burst_message("upstream-down", number)
             await client.send_message(message)
             wanted.add(message_id)
-    await asyncio.sleep(1.5)  # several refused attempts and deferrals while the sink is down
+    await deferred_twice(relay.relay.db, len(wanted))  # refused attempts while the sink is down
     assert not sink.messages
 
     await sink.start()

@@ -8,7 +8,6 @@ import email
 import email.policy
 import html
 import os
-import time
 import tracemalloc
 from collections.abc import Iterator
 from email.message import EmailMessage, Message
@@ -346,11 +345,10 @@ def nested(levels: int) -> bytes:
     return opening + b"Content-Type: text/plain\r\n\r\ndeep" + closing + b"\r\n"
 
 
-def test_deep_nesting_fails_fast_without_recursion() -> None:
-    started = time.perf_counter()
+def test_deep_nesting_fails_without_recursion() -> None:
+    """How fast: bench/mime.py (a wall-clock limit fails on a loaded machine)."""
     with pytest.raises(UnsafeMessage, match="deeper than 20 levels"):
         mime.parse(nested(10_000))
-    assert time.perf_counter() - started < 1.0
     assert mime.parse(nested(20))
     with pytest.raises(UnsafeMessage, match="deeper than 3 levels"):
         mime.parse(nested(4), Limits(max_depth=3))
@@ -359,10 +357,8 @@ def test_deep_nesting_fails_fast_without_recursion() -> None:
 def test_too_many_parts() -> None:
     part = b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n"
     raw = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + part * 100_000 + b"--b--\r\n"
-    started = time.perf_counter()
     with pytest.raises(UnsafeMessage, match="more than 500 MIME parts"):
         mime.parse(raw)
-    assert time.perf_counter() - started < 1.0
     few = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + part * 2_000 + b"--b--\r\n"
     assert len(mime.parse(few, Limits(max_parts=2_001)).children) == 2_000
 
@@ -403,11 +399,10 @@ def test_broken_multiparts_are_unsafe(raw: bytes, sentence: str) -> None:
         "multipart/mixed; boundary=b" + "".join(f"; n*{i}*=%41" for i in range(999)),
     ],
 )
-def test_hostile_content_type_values_parse_in_linear_time(value: str) -> None:
+def test_hostile_content_type_values_parse(value: str) -> None:
+    """How fast (linear, not quadratic): bench/mime.py."""
     raw = f"Content-Type: {value}\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n".encode()
-    started = time.perf_counter()
     root = mime.parse(raw)
-    assert time.perf_counter() - started < 0.5
     assert root.params["boundary"] == "b"
 
 
@@ -853,30 +848,25 @@ def big_message() -> tuple[bytes, bytes]:
     return raw, payload
 
 
-def test_25_mb_message_parses_and_drops_its_attachment_quickly() -> None:
+def test_25_mb_message_parses_and_drops_its_attachment_in_little_memory() -> None:
+    """How fast: bench/mime.py."""
     raw, payload = big_message()
     assert len(raw) > 25_000_000
     tracemalloc.start()
     try:
-        started = time.perf_counter()
         root = mime.parse(raw)
         out = mime.remove_parts(raw, root, ["2"])
-        elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         kept = mime.remove_parts(raw, root, ["1"])
         _, peak_kept = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    print(f"25 MB: parse + remove_parts {elapsed * 1000:.1f} ms, peak {peak / 1e6:.2f} MB")
-    assert elapsed < 0.5
     assert peak < len(raw) // 10
     assert peak_kept < len(raw) * 1.2
     assert kept[-len(payload) // 2 :] == raw[-len(payload) // 2 :]
     assert len(out) < 1_100_000
-    started = time.perf_counter()
     facts = mime.part_facts(raw, root)
-    print(f"25 MB: part_facts {(time.perf_counter() - started) * 1000:.1f} ms")
     assert facts[1].size == len(payload)
 
 

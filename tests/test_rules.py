@@ -242,3 +242,39 @@ def test_a_rule_can_make_any_matching_mail_a_letter_and_signed_mail_keeps_parts(
     signed = facts((BODY, attachment("2", 3 * MiB)), subject="[Offer] x", signed=True)
     action = plan(signed).per_recipient["p@example.com"].action
     assert isinstance(action, RegisteredLetter) and action.link_parts == ()
+
+
+def test_the_example_rule_videos_always_linked_links_the_videos_only() -> None:
+    """The shipped example rule says what it does: a video is linked whatever its size, and
+    the small PDF beside it stays attached."""
+    from pathlib import Path
+
+    from gateway.config import load_settings
+
+    example = Path(__file__).parent.parent / "examples" / "sealrelay.toml"
+    config = load_settings(example, environ={}).policy_config()
+    parts = (
+        BODY,
+        attachment("2", 3 * 1024 * 1024 // 2, "video/mp4", "Rundgang.MP4"),
+        attachment("3", 200_000, "application/pdf", "Grundriss.pdf"),
+        attachment("4", 90_000, "video/quicktime", "clip.mov"),
+        attachment("5", 50_000, "image/jpeg", "Ansicht.jpg"),
+    )
+    decision = plan(facts(parts), config).per_recipient["p@example.com"]
+    assert decision.action == LinkAttachments(("2", "4"), 90, "de")
+    assert config.policy_for(facts(parts), "p@example.com").source("always_link") == (
+        "rule videos-always-linked"
+    )
+
+
+def test_always_link_matches_types_and_file_names_but_keep_attached_wins() -> None:
+    policy = Policy(always_link=frozenset({"video/*", "*.pano"}))
+    parts = (
+        BODY,
+        attachment("2", 10, "application/octet-stream", "tour.PANO"),
+        PartFacts("3", "video/webm", None, 10, True),
+        attachment("4", 10, "text/calendar", "video.pano"),
+        attachment("5", 10),
+    )
+    action = plan(facts(parts), PolicyConfig(defaults=policy)).per_recipient["p@example.com"]
+    assert action.action == LinkAttachments(("2", "3"), 90, "de")
