@@ -51,7 +51,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_BREAK = re.compile(rb"\r\n|\n")
 _TEXT_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _HTML_BODY_END = re.compile(rb"</body\s*>", re.IGNORECASE)
-_HTML_BODY_END_TEXT = re.compile(r"</body\s*>", re.IGNORECASE)
 _COMMENT_SYNTAX = re.compile(r'\\.|[()"]', re.DOTALL)
 _MIME_ATOM = r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+"
 _TYPE = re.compile(rf"\s*({_MIME_ATOM})\s*/\s*({_MIME_ATOM})")
@@ -728,12 +727,12 @@ def add_link_block(raw: bytes, root: MimePart, text_block: str, html_block: str)
     When a body that exists cannot take its block, or there is no body, the text block goes
     into a new ``text/plain; charset=utf-8`` quoted-printable part of its own (also when the
     other body took its block): as the first part of a multipart/mixed root; otherwise the
-    message is wrapped. Wrapping keeps every top-level
-    field byte for byte except the Content-* fields (Content-Type, -Transfer-Encoding,
-    -Disposition, -ID, -Description ...): those move, byte for byte and in order, to the
-    header of the original content, which becomes the second part of a new multipart/mixed
-    whose Content-Type (fresh boundary, absent from the message) stands where the first
-    Content-* field stood; the new text part is the first. The HTML block is not used then.
+    message is wrapped. Wrapping keeps every top-level field byte for byte except the
+    Content-* fields (Content-Type, -Transfer-Encoding, -Disposition, -ID, -Description
+    ...): those move, byte for byte and in order, to the header of the original content,
+    which becomes the second part of a new multipart/mixed whose Content-Type (fresh
+    boundary, absent from the message) stands where the first Content-* field stood; the new
+    text part is the first.
     """
     text_part, html_part = _bodies(root)
     edits: list[_Edit] = []
@@ -818,12 +817,6 @@ def _text_with_block(text: str, block: str) -> str:
     if not text:
         return block
     return text + ("\r\n" if text.endswith("\n") else "\r\n\r\n") + block
-
-
-def _html_with_block(text: str, block: str) -> str:
-    ends = list(_HTML_BODY_END_TEXT.finditer(text))
-    at = ends[-1].start() if ends else len(text)
-    return text[:at] + block + text[at:]
 
 
 def _body_edits(
