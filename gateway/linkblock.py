@@ -27,7 +27,7 @@ _CATALOGS = load_catalogs()
 def render(
     language: str, url: str, files: Sequence[StoredFile], expires_at: datetime, color: str
 ) -> tuple[str, str]:
-    """Text and HTML block in the recipient's language."""
+    """Text and HTML block in the recipient's language, every line ending in CRLF."""
     catalog = _CATALOGS[language]
     context = {
         "url": url,
@@ -40,4 +40,8 @@ def render(
     }
     text = _text.get_template(f"{language}.txt.j2").render(context)
     html = _html.get_template(f"{language}.html.j2").render(context)
-    return text.replace("\r\n", "\n").replace("\n", "\r\n"), html
+    return _crlf(text), _crlf(html)
+
+
+def _crlf(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")

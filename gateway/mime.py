@@ -51,7 +51,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_BREAK = re.compile(rb"\r\n|\n")
 _TEXT_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _HTML_BODY_END = re.compile(rb"</body\s*>", re.IGNORECASE)
-_HTML_BODY_END_TEXT = re.compile(r"</body\s*>", re.IGNORECASE)
 _COMMENT_SYNTAX = re.compile(r'\\.|[()"]', re.DOTALL)
 _MIME_ATOM = r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+"
 _TYPE = re.compile(rf"\s*({_MIME_ATOM})\s*/\s*({_MIME_ATOM})")
@@ -711,36 +710,51 @@ def add_link_block(raw: bytes, root: MimePart, text_block: str, html_block: str)
     - Text whose charset is unknown, whose bytes are not valid in the declared charset, or
       whose charset parameter cannot be edited safely (RFC 2231 form, duplicates): the
       block is transliterated to ASCII (ä → ae, é → e, others → ?) and appended.
-    - Charsets that do not keep ASCII bytes (UTF-16, UTF-7) are decoded and the whole body
-      re-encoded as UTF-8, as for text above; if they do not decode, that body is skipped.
+    - Bodies in charsets that do not keep ASCII bytes (UTF-7, UTF-16, UTF-32, EBCDIC) are
+      never touched: their own bytes can hide line breaks and dots (UTF-7 ``+AAoALgANAAo-``
+      is LF "." CR LF) that re-encoding would put on the wire as bare LF, which is what
+      SMTP smuggling is made of.
 
     Transfer encodings: 7bit, 8bit and binary bodies get the block spliced into their bytes;
-    a 7bit body whose result would hold 8-bit bytes or lines over 998 octets is re-encoded as
-    quoted-printable and its Content-Transfer-Encoding field replaced (or added). Base64 and
-    quoted-printable bodies are decoded, changed and re-encoded in the same encoding (76
-    character base64 lines). No other header field of a body part changes; a root that gains
-    a Content-* field also gains ``MIME-Version: 1.0`` if it had none. Bodies in other
-    transfer encodings are skipped.
+    one whose result would hold a bare CR or LF, 8-bit bytes in 7bit, or lines over 998
+    octets (not in binary) is re-encoded as quoted-printable and its
+    Content-Transfer-Encoding field replaced (or added), so every line written ends in CRLF.
+    Base64 and quoted-printable bodies are decoded, changed and re-encoded in the same
+    encoding (76 character base64 lines). No other header field of a body part changes; a
+    root that gains a Content-* field also gains ``MIME-Version: 1.0`` if it had none. Bodies
+    in other transfer encodings are skipped.
 
-    When no body takes a block (none exists, or none could be changed), the text block goes
-    into a new ``text/plain; charset=utf-8`` quoted-printable part: as the first part of a
-    multipart/mixed root; otherwise the message is wrapped. Wrapping keeps every top-level
-    field byte for byte except the Content-* fields (Content-Type, -Transfer-Encoding,
-    -Disposition, -ID, -Description ...): those move, byte for byte and in order, to the
-    header of the original content, which becomes the second part of a new multipart/mixed
-    whose Content-Type (fresh boundary, absent from the message) stands where the first
-    Content-* field stood; the new text part is the first. The HTML block is not used then.
+    When a body that exists cannot take its block, or there is no body, the text block goes
+    into a new ``text/plain; charset=utf-8`` quoted-printable part of its own (also when the
+    other body took its block): as the first part of a multipart/mixed root; otherwise the
+    message is wrapped. Wrapping keeps every top-level field byte for byte except the
+    Content-* fields (Content-Type, -Transfer-Encoding, -Disposition, -ID, -Description
+    ...): those move, byte for byte and in order, to the header of the original content,
+    which becomes the second part of a new multipart/mixed whose Content-Type (fresh
+    boundary, absent from the message) stands where the first Content-* field stood; the new
+    text part is the first.
     """
     text_part, html_part = _bodies(root)
     edits: list[_Edit] = []
-    if text_part is not None and text_block:
-        edits.extend(_body_edits(raw, root, text_part, text_block, html=False) or [])
-    if html_part is not None and html_block:
-        edits.extend(_body_edits(raw, root, html_part, html_block, html=True) or [])
+    missed = False
+    for part, block, html in ((text_part, text_block, False), (html_part, html_block, True)):
+        if part is None or not block:
+            continue
+        found = _body_edits(raw, root, part, block, html=html)
+        missed = missed or found is None
+        edits.extend(found or [])
     if edits:
-        return _splice(raw, edits)
+        raw = _splice(raw, edits)
+        if not missed:
+            return raw
+        root = parse(raw)
     if not text_block:
         return raw
+    return _with_text_part(raw, root, text_block)
+
+
+def _with_text_part(raw: bytes, root: MimePart, text_block: str) -> bytes:
+    """`raw` with the text block in a new part of its own: first in a mixed root, or wrapped."""
     if root.content_type == "multipart/mixed" and root.children:
         first = _delimiter_start(raw, root, root.children[0])
         part = b"--" + _boundary(root.params) + CRLF + _new_text_part(text_block) + CRLF
@@ -805,12 +819,6 @@ def _text_with_block(text: str, block: str) -> str:
     return text + ("\r\n" if text.endswith("\n") else "\r\n\r\n") + block
 
 
-def _html_with_block(text: str, block: str) -> str:
-    ends = list(_HTML_BODY_END_TEXT.finditer(text))
-    at = ends[-1].start() if ends else len(text)
-    return text[:at] + block + text[at:]
-
-
 def _body_edits(
     raw: bytes, root: MimePart, part: MimePart, block: str, *, html: bool
 ) -> list[_Edit] | None:
@@ -827,35 +835,37 @@ def _body_edits(
     )
     can_switch = bool(utf8_field) or not content_type_field
 
-    if codec is None or codec[1]:
-        charset = codec[0] if codec is not None else "ascii"
-        try:
-            addition = block.encode(charset, "xmlcharrefreplace" if html else "strict")
-        except UnicodeEncodeError:
-            text = _strict_decode(body, charset) if can_switch and codec is not None else None
-            if text is None:
-                addition = _transliterated(block).encode(charset, "replace")
-            else:
-                new_body = _text_with_block(text, block).encode("utf-8")
-                return _rewrite_body(raw, root, part, layout, new_body, utf8_field, switch=True)
-        if html:
-            ends = list(_HTML_BODY_END.finditer(body))
-            at = ends[-1].start() if ends else len(body)
-        else:
-            at = len(body)
-            if body:
-                addition = (CRLF if body.endswith(b"\n") else CRLF + CRLF) + addition
-        if part.transfer_encoding in _IDENTITY_ENCODINGS and not _needs_qp(part, addition):
-            insert = (part.body_start + at, part.body_start + at, addition)
-            return [*_header_edits(raw, root, part, layout, []), insert]
-        new_body = body[:at] + addition + body[at:]
-        return _rewrite_body(raw, root, part, layout, new_body, None, switch=False)
-
-    text = _strict_decode(body, codec[0])
-    if text is None or not can_switch:
+    if codec is not None and not codec[1]:
+        # A charset that does not keep ASCII bytes (UTF-7, UTF-16, EBCDIC) hides line breaks
+        # and dots in its own bytes: re-encoding them could put a bare LF on the wire.
         return None
-    joined = (_html_with_block if html else _text_with_block)(text, block)
-    return _rewrite_body(raw, root, part, layout, joined.encode("utf-8"), utf8_field, switch=True)
+    charset = codec[0] if codec is not None else "ascii"
+    try:
+        addition = block.encode(charset, "xmlcharrefreplace" if html else "strict")
+    except UnicodeEncodeError:
+        text = _strict_decode(body, charset) if can_switch and codec is not None else None
+        if text is None:
+            addition = _transliterated(block).encode(charset, "replace")
+        else:
+            new_body = _text_with_block(text, block).encode("utf-8")
+            return _rewrite_body(raw, root, part, layout, new_body, utf8_field, switch=True)
+    if html:
+        ends = list(_HTML_BODY_END.finditer(body))
+        at = ends[-1].start() if ends else len(body)
+    else:
+        at = len(body)
+        if body:
+            addition = (CRLF if body.endswith(b"\n") else CRLF + CRLF) + addition
+    line_start = body.rfind(b"\n", 0, at) + 1
+    line_end = len(body) if (found := body.find(b"\r\n", at)) < 0 else found
+    joined_line = body[line_start:at] + addition + body[at:line_end]
+    if not _needs_qp(part.transfer_encoding, joined_line) and (
+        part.transfer_encoding in _IDENTITY_ENCODINGS
+    ):
+        insert = (part.body_start + at, part.body_start + at, addition)
+        return [*_header_edits(raw, root, part, layout, []), insert]
+    new_body = body[:at] + addition + body[at:]
+    return _rewrite_body(raw, root, part, layout, new_body, None, switch=False)
 
 
 def _strict_decode(body: bytes, codec: str) -> str | None:
@@ -865,10 +875,21 @@ def _strict_decode(body: bytes, codec: str) -> str | None:
         return None
 
 
-def _needs_qp(part: MimePart, added: bytes) -> bool:
-    if part.transfer_encoding != "7bit":
+def _needs_qp(encoding: str, added: bytes) -> bool:
+    """Whether bytes written as they are would break the part's encoding or the line rules.
+
+    Every line the relay writes ends in CRLF: a bare CR or LF is what SMTP smuggling is made
+    of, so such bytes go out quoted-printable, as do 8-bit bytes in a 7bit part and lines
+    over 998 octets.
+    """
+    if encoding not in _IDENTITY_ENCODINGS:
         return False
-    return not added.isascii() or any(len(line) > _MAX_LINE for line in _LINE_BREAK.split(added))
+    if headers.has_bare_line_end(added):
+        return True
+    if encoding == "binary":
+        return False
+    too_long = any(len(line) > _MAX_LINE for line in _LINE_BREAK.split(added))
+    return too_long or (encoding == "7bit" and not added.isascii())
 
 
 def _rewrite_body(
@@ -883,11 +904,12 @@ def _rewrite_body(
 ) -> list[_Edit]:
     """Replace the body with `new_body` encoded in the part's transfer encoding.
 
-    A 7bit body that no longer fits 7bit becomes quoted-printable; `switch` also sets the
-    charset parameter to utf-8 (editing the field's bytes or adding a Content-Type field).
+    A 7bit, 8bit or binary body that its encoding can no longer carry with CRLF lines only
+    becomes quoted-printable; `switch` also sets the charset parameter to utf-8 (editing the
+    field's bytes or adding a Content-Type field).
     """
     encoding = part.transfer_encoding
-    if encoding == "7bit" and _needs_qp(part, new_body):
+    if _needs_qp(encoding, new_body):
         encoding = "quoted-printable"
     if encoding == "base64":
         encoded = _encode_base64(new_body)

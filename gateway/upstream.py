@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import re
 import ssl
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -20,8 +22,12 @@ from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
+from gateway import headers
 from gateway.config import UpstreamSettings
 from gateway.models import new_id
+
+log = logging.getLogger(__name__)
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class CaptureUpstream:
     async def send(
         self, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> dict[str, Outcome]:
+        if (refusal := bare_line_end_refusal(data)) is not None:
+            return dict.fromkeys(recipients, Outcome(refusal))
         await asyncio.to_thread(self._write, mail_from, recipients, data)
         return dict.fromkeys(recipients, DELIVERED)
 
@@ -159,7 +167,11 @@ async def send_data(client: aiosmtplib.SMTP, data: bytes, reply_timeout: float) 
     aiosmtplib's own DATA rewrites the whole message three times (line ends, dot-stuffing,
     terminator): for a 10 MB message, ~30 MB more memory per copy in flight. The reply is
     marked as expected before the first piece, as aiosmtplib does, so an early one is kept.
+    A copy with a bare CR or LF is refused before DATA (and so deferred): a receiver that
+    ends the data at LF "." CRLF would read what follows as a second message.
     """
+    if (refusal := bare_line_end_refusal(data)) is not None:
+        raise BareLineEnd(refusal)
     reply = await client.execute_command(b"DATA", timeout=reply_timeout)
     if reply.code != 354:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
@@ -174,6 +186,26 @@ async def send_data(client: aiosmtplib.SMTP, data: bytes, reply_timeout: float) 
     reply = await protocol.read_response(timeout=reply_timeout)
     if reply.code != 250:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+
+
+class BareLineEnd(aiosmtplib.SMTPException):
+    """The copy would put a bare CR or LF on the wire; it is kept queued, not sent."""
+
+
+def bare_line_end_refusal(data: bytes) -> str | None:
+    """Why `data` must not leave, logged once with where it breaks; None when every line
+    ends in CRLF. Copies are made CRLF-only; this is the last line of defence."""
+    if not headers.has_bare_line_end(data):
+        return None
+    found = _BARE_LINE_END.search(data)
+    offset = found.start() if found is not None else -1
+    log.error(
+        "refusing to send a copy of %d bytes: bare CR or LF at byte %d (SMTP smuggling risk);"
+        " the copy stays queued",
+        len(data),
+        offset,
+    )
+    return f"copy not sent: it holds a bare CR or LF at byte {offset}"
 
 
 def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:

@@ -680,17 +680,20 @@ def test_mislabelled_or_unknown_charset_gets_a_transliterated_block() -> None:
     assert not headers.has_bare_line_end(out)
 
 
-def test_utf16_body_is_reencoded_as_utf8() -> None:
+def test_utf16_body_is_left_as_written_and_the_block_gets_its_own_part() -> None:
+    body = base64.encodebytes("Grüße\r\n".encode("utf-16")).replace(b"\n", b"\r\n")
     raw = (
         TOP + b"MIME-Version: 1.0\r\n"
         b"Content-Type: text/plain; charset=utf-16\r\n"
-        b"Content-Transfer-Encoding: base64\r\n\r\n"
-        + base64.encodebytes("Grüße\r\n".encode("utf-16")).replace(b"\n", b"\r\n")
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + body
     )
     out = mime.add_link_block(raw, mime.parse(raw), TEXT_BLOCK, HTML_BLOCK)
     message = assert_clean(out)
-    assert message.get_content() == "Grüße\r\n\r\n" + TEXT_BLOCK.replace("\n", "\r\n")
-    assert message["content-type"].params["charset"] == "utf-8"
+    block, original = message.iter_parts()
+    assert block.get_content() == TEXT_BLOCK.replace("\n", "\r\n")
+    assert original.get_content() == "Grüße\r\n"
+    assert original["content-type"].params["charset"] == "utf-16"
+    assert out.endswith(body + b"\r\n--" + mime.parse(out).params["boundary"].encode() + b"--\r\n")
     assert top_fields(out) == top_fields(raw)
 
 

@@ -90,37 +90,69 @@ class Served:
         return self.status in (200, 206) and self.start == 0
 
 
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE | re.ASCII)
+_UNIT = re.compile(r"\s*bytes\s*=", re.IGNORECASE | re.ASCII)
+_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*", re.ASCII)
+_LAST_POSITION = 2**63 - 1  # no file is larger; a number past it is unsatisfiable, as in nginx
+
+
+class _PastAnyFile(Exception):
+    """A position with more digits than any file size: the request is unsatisfiable."""
 
 
 def plan_range(range_header: str | None, if_range: str | None, etag: str, size: int) -> Served:
     """RFC 9110 §14: one byte range gets 206, an unsatisfiable one 416, anything else 200.
 
-    Several ranges, an unknown unit or a malformed value are answered with the whole file,
-    as a server may; so is a stale `If-Range`.
+    Several ranges are answered with the whole file (as a server may), or 416 when none of
+    them is satisfiable; an unknown unit, a malformed value or a stale `If-Range` with the
+    whole file. A position past 2**63 - 1 is 416: no file reaches it, and converting its
+    thousands of digits would itself be the failure.
     """
     whole = Served(200, 0, size)
     if range_header is None or (if_range is not None and if_range.strip() != etag):
         return whole
-    match = _RANGE.match(range_header)
-    if match is None:
+    unit = _UNIT.match(range_header)
+    if unit is None:
         return whole
-    first, last = match.groups()
-    if not first:
-        if not last:
-            return whole
-        suffix = int(last)
-        if suffix == 0 or size == 0:
-            return Served(416)
-        start = max(0, size - suffix)
-        return Served(206, start, size - start)
-    start = int(first)
-    if last and int(last) < start:
-        return whole
-    if start >= size:
+    specs = [spec for spec in range_header[unit.end() :].split(",") if spec.strip()]
+    try:
+        planned = [_plan_spec(spec, size) for spec in specs]
+    except _PastAnyFile:
         return Served(416)
-    end = min(int(last), size - 1) if last else size - 1
-    return Served(206, start, end - start + 1)
+    if not planned or None in planned:
+        return whole
+    if len(planned) == 1:
+        return planned[0] or whole
+    return Served(416) if all(p is not None and p.status == 416 for p in planned) else whole
+
+
+def _plan_spec(spec: str, size: int) -> Served | None:
+    """One byte-range-spec as 206 or 416, or None when it is malformed."""
+    match = _SPEC.fullmatch(spec)
+    if match is None:
+        return None
+    first, last = (_position(digits) for digits in match.groups())
+    if first is None:
+        if last is None:
+            return None
+        if last == 0 or size == 0:
+            return Served(416)
+        start = max(0, size - last)
+        return Served(206, start, size - start)
+    if last is not None and last < first:
+        return None
+    if first >= size:
+        return Served(416)
+    end = size - 1 if last is None else min(last, size - 1)
+    return Served(206, first, end - first + 1)
+
+
+def _position(digits: str) -> int | None:
+    if not digits:
+        return None
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(_LAST_POSITION)) or int(significant) > _LAST_POSITION:
+        raise _PastAnyFile(digits)
+    return int(significant)
 
 
 # --- the pages --------------------------------------------------------------------------------
