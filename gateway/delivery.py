@@ -210,6 +210,7 @@ class DeliveryWorker:
             arrival=message.received_at,
             now=now,
             envelope_id=message.id,
+            zone=self.settings.branding.timezone,
         )
         bounce, [delivery] = await compose_queued(
             self.blobs,

@@ -381,7 +381,8 @@ class LetterDesk:
             # fpdf2 (with Pillow) costs ~44 MiB resident: only a release pays for it.
             from gateway import consent_pdf
 
-            pdf = consent_pdf.render(record)
+            zone = self.settings.branding.timezone
+            pdf = consent_pdf.render(record, zone)
             pdf_blob = await self.blobs.put(pdf)
             notice = confirmation.compose_confirmation(
                 record,
@@ -389,6 +390,7 @@ class LetterDesk:
                 agent_address=message.sender,
                 hostname=self.settings.server.hostname,
                 offer_subject=letter.subject,
+                zone=zone,
             )
             lifetime = self.settings.upstream.queue_lifetime
             archive = [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []

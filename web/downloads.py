@@ -189,7 +189,7 @@ class DownloadPages:
             title=found.message.subject or catalog.t("download.title"),
             subject=found.message.subject,
             sender=found.message.sender,
-            expires=catalog.date(found.link.expires_at),
+            expires=catalog.moment(found.link.expires_at),
             files=files,
             total=catalog.size(sum(stored.size for stored in found.files)),
             zip_url=f"{here}/zip",
@@ -340,7 +340,7 @@ class DownloadPages:
                 if sender
                 else catalog.t("error.expired_no_sender")
             ),
-            detail=catalog.t("error.expired_since", date=catalog.date(found.link.expires_at)),
+            detail=catalog.t("error.expired_since", date=catalog.moment(found.link.expires_at)),
             mail_to=(
                 f"mailto:{quote(sender, safe='@')}?subject={quote(mail_subject, safe='')}"
                 if sender

@@ -30,7 +30,6 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from datetime import datetime
 from email.utils import getaddresses
 from typing import Any
 from urllib.parse import quote, unquote
@@ -191,7 +190,7 @@ class LetterPages:
             subject=found.letter.subject,
             agent=await self.agent_label(found),
             released=catalog.t(
-                "offer.released", date=catalog.date(given), time=_time(catalog, given)
+                "offer.released", date=catalog.date(given), time=catalog.time(given)
             ),
             files=files,
             count=catalog.plural("download.count", len(files)),
@@ -350,7 +349,7 @@ class LetterPages:
             title=found.letter.subject or catalog.t("letter.eyebrow"),
             subject=found.letter.subject,
             agent=await self.agent_label(found),
-            expires=catalog.date(found.link.expires_at),
+            expires=catalog.moment(found.link.expires_at),
             blocks=blocks,
             checks=[block for block in blocks if block["checkbox"]],
             missing=[block for block in blocks if block["missing"]],
@@ -372,7 +371,7 @@ class LetterPages:
             given=catalog.t(
                 "letter.done",
                 date=catalog.date(given) if given else "",
-                time=_time(catalog, given) if given else "",
+                time=catalog.time(given) if given else "",
             ),
             offer_url=self.url(token, "/offer"),
             pdf_url=self.url(token, "/consent.pdf"),
@@ -392,7 +391,7 @@ class LetterPages:
             status=410,
             title=catalog.t("letter.expired_title"),
             message=catalog.t(
-                "letter.expired", subject=expired.letter.subject, date=catalog.date(until)
+                "letter.expired", subject=expired.letter.subject, date=catalog.moment(until)
             ),
             hint=catalog.t("letter.expired_hint", agent=agent),
             button=catalog.t("letter.renew", agent=agent),
@@ -447,11 +446,6 @@ class LetterPages:
 def _read_start(path: Any) -> bytes:
     with open(path, "rb") as blob:
         return blob.read(HEADER_PEEK)
-
-
-def _time(catalog: Catalog, moment: datetime) -> str:
-    local = moment.astimezone(catalog.zone)
-    return catalog.t("letter.time", hour=local.hour, minute=local.minute)
 
 
 # --- the offer's body and parts ------------------------------------------------------------

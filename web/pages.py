@@ -290,7 +290,7 @@ class ProspectSite:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self.catalogs = load_catalogs()
+        self.catalogs = load_catalogs(zone=settings.branding.timezone)
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES),
             autoescape=True,
