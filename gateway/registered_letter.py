@@ -124,8 +124,8 @@ def _load(directory: Path, values: Mapping[str, str]) -> BlockSet:
         return BlockSet(
             button=fill(data["button"], values),
             letter_subject=data["letter_subject"],
-            greeting=fill(data["greeting"], values),
-            greeting_without_name=fill(data["greeting_without_name"], values),
+            greeting=fill(data.get("greeting", ""), values),
+            greeting_without_name=fill(data.get("greeting_without_name", ""), values),
             intro=fill(data["intro"], values),
             link_label=fill(data["link_label"], values),
             outro=fill(data["outro"], values),
@@ -176,6 +176,17 @@ def _display_name(fields: list[headers.HeaderField], names: tuple[str, ...], add
     return ""
 
 
+def _greeted(block_set: BlockSet, recipient_name: str) -> str:
+    """The intro after the set's greeting for a recipient with or without a name. A set
+    written before the greeting keys carries it in its intro: there an unknown name goes with
+    the space before it ("Guten Tag,"), the best such a set allows."""
+    if not block_set.greeting:
+        intro = block_set.intro
+        return intro if recipient_name else intro.replace(" {recipient_name}", "")
+    greeting = block_set.greeting if recipient_name else block_set.greeting_without_name
+    return f"{greeting}\n\n{block_set.intro}"
+
+
 @dataclass(frozen=True)
 class LetterMail:
     recipient: str
@@ -203,8 +214,7 @@ def compose_letter(
         "subject": mail.subject,
         "days": str(mail.days),
     }
-    greeting = block_set.greeting if mail.recipient_name else block_set.greeting_without_name
-    intro = fill(f"{greeting}\n\n{block_set.intro}", values)
+    intro = fill(_greeted(block_set, mail.recipient_name), values)
     outro = fill(block_set.outro, values)
     context: dict[str, Any] = {
         "language": mail.language,
