@@ -140,3 +140,43 @@ async def test_the_bounce_tells_the_agent_the_time_in_the_brokerage_zone(
     # the agent's language is German; the instant is the same, in Tokyo, named
     assert shown(message.received_at, "Asia/Tokyo", "de").search(text), text
     assert "(UTC)" not in text
+
+
+async def test_an_expired_letter_and_the_agents_renewal_mail_name_the_zone(
+    database: Database,
+    sink: Sink,
+    tmp_path: Path,
+    tls_files: tuple[Path, Path],
+    dkim_key: dkim.DkimKey,
+    dkim_key_file: Path,
+) -> None:
+    clock = Clock()
+    async with running_site(
+        database,
+        sink,
+        tmp_path,
+        tls_files,
+        dkim_key,
+        dkim_key_file,
+        clock,
+        branding={"timezone": "America/Sao_Paulo"},  # no letters for its zone: UTC-3
+    ) as site:
+        token, _ = await site.send_offer(offer(language="en"))
+        csrf = await site.csrf(token)
+        letter = await site.letter_row()
+        async with site.relay.db.transaction() as session:
+            link = await session.get(Link, letter.link_id)
+        assert link is not None
+        clock.advance(days=14, seconds=1)
+        response, body = await site.get(f"/l/{token}")
+        assert response.status == 410
+        local = link.expires_at.astimezone(ZoneInfo("America/Sao_Paulo"))
+        assert f"{local:%H:%M} UTC-3" in text_of(body), text_of(body)
+
+        response, _ = await site.post(f"/l/{token}/renew", {"csrf": csrf})
+        assert response.status == 200
+        arrived = await site.sink.expect(2)
+        [request] = [m for m in arrived if m.rcpt_tos == [AGENT]]
+        text = plain_body(request.data)
+        # the agent reads the brokerage's language (German), the same instant and zone
+        assert f"{local:%H:%M} Uhr UTC-3" in text, text
