@@ -432,10 +432,11 @@ def evidence(config: Path | None, consent_id: str) -> None:
     if found is None:
         raise click.ClickException(f"no consent with id {consent_id!r}")
     consent, letter, message = found.consent, found.letter, found.message
-    berlin = ZoneInfo("Europe/Berlin")
+    zone = ZoneInfo(settings.branding.timezone)
 
     def moment(at: datetime) -> str:
-        return f"{at:%Y-%m-%d %H:%M:%S} UTC ({at.astimezone(berlin):%Y-%m-%d %H:%M:%S} Berlin)"
+        local = at.astimezone(zone)
+        return f"{at:%Y-%m-%d %H:%M:%S} UTC ({local:%Y-%m-%d %H:%M:%S %Z}, {zone.key})"
 
     if found.recomputed_sha256 == consent.texts_sha256:
         texts_note = "the stored texts hash to it"

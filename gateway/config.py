@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.i18n import DEFAULT_TIMEZONE, time_zone
 from rules.matching import ConfiguredRule, Match, PolicyConfig
 from rules.policy import Policy
 
@@ -177,6 +178,14 @@ class BrandingSettings(Section):
     logo_url: str | None = None
     primary_color: str = Field(default="#1f4e79", pattern=r"^#[0-9a-fA-F]{6}$")
     background_color: str = Field(default="#f4f6f8", pattern=r"^#[0-9a-fA-F]{6}$")
+    # the one zone every page, mail and PDF writes times in, with the zone's name
+    timezone: str = DEFAULT_TIMEZONE
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        time_zone(value)
+        return value
 
 
 class PolicyOverrides(Section):

@@ -21,6 +21,7 @@ from email.utils import format_datetime
 from gateway.consent_texts import language_of, load_texts, moment
 from gateway.evidence import ConsentRecord
 from gateway.headers import format_field
+from gateway.i18n import DEFAULT_TIMEZONE
 from gateway.mime import join_multipart
 from gateway.models import utcnow
 
@@ -42,12 +43,14 @@ def compose_confirmation(
     language: str = "de",
     now: datetime | None = None,
     sender: str | None = None,
+    zone: str = DEFAULT_TIMEZONE,
 ) -> bytes:
     """The complete confirmation mail to ``agent_address`` (CRLF line ends).
 
     ``pdf`` is the consent PDF (gateway.consent_pdf.render of the same record); ``hostname``
     our host name, for From and Message-ID; ``offer_subject`` the offer's subject as the
-    agent wrote it, decoded; ``language`` the agent's (``de`` by default); ``now`` the Date.
+    agent wrote it, decoded; ``language`` the agent's (``de`` by default); ``now`` the Date;
+    ``zone`` the one the times are written in (``[branding] timezone``).
     Raises ``ValueError`` for values that are ours to get right: a bad host name or an agent
     address that could break a header line. ``sender`` is the From address
     (gateway.local_mail.own_sender), ``postmaster@hostname`` by default.
@@ -75,8 +78,8 @@ def compose_confirmation(
     body = texts["body"].format(
         recipient=recipient,
         offer_subject=offer,
-        given=moment(texts, record.given_at),
-        letter_sent=moment(texts, record.letter_sent_at),
+        given=moment(texts, record.given_at, lang, zone),
+        letter_sent=moment(texts, record.letter_sent_at, lang, zone),
         ip=record.ip,
         user_agent=_one_line(record.user_agent, 1000),
         declarations="\n".join(declarations) or texts["no_checkboxes"],

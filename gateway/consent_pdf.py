@@ -1,9 +1,9 @@
 """The consent PDF: the prospect's declarations as they made them, on a durable medium.
 
 One page or more of A4 in the prospect's language: who offered what to whom, when the letter
-went out and when they consented (Europe/Berlin and UTC), from which IP address and browser,
-then every block they were shown in full with each checkbox and whether they ticked it, and
-the SHA-256 of those texts with how to check it. The wording lives in
+went out and when they consented (in `[branding] timezone` and UTC), from which IP address
+and browser, then every block they were shown in full with each checkbox and whether they
+ticked it, and the SHA-256 of those texts with how to check it. The wording lives in
 ``gateway/texts/consent_pdf/{de,en,es}.toml``.
 
 fpdf2's built-in Helvetica needs no font file, so this works wherever Python runs. Those fonts
@@ -26,7 +26,6 @@ from markdown_it.token import Token
 from gateway.consent_texts import (  # noqa: F401 (re-exported for callers of this module)
     FALLBACK_LANGUAGE,
     LANGUAGES,
-    LOCAL_ZONE,
     TEXTS,
     TextsError,
     language_of,
@@ -34,6 +33,7 @@ from gateway.consent_texts import (  # noqa: F401 (re-exported for callers of th
     moment,
 )
 from gateway.evidence import ConsentRecord, ShownBlock
+from gateway.i18n import DEFAULT_TIMEZONE
 
 FONT = "helvetica"
 MONO = "courier"
@@ -236,8 +236,8 @@ class _ConsentDocument(FPDF):
         self.set_text_color(0)
 
 
-def render(record: ConsentRecord) -> bytes:
-    """The consent PDF for ``record``; the same record gives the same bytes."""
+def render(record: ConsentRecord, zone: str = DEFAULT_TIMEZONE) -> bytes:
+    """The consent PDF for ``record``, times in ``zone``; the same input, the same bytes."""
     language = language_of(record.language)
     texts = load_texts("consent_pdf")[language]
     pdf = _ConsentDocument(texts["page"], record.consent_id)
@@ -261,7 +261,7 @@ def render(record: ConsentRecord) -> bytes:
     pdf.multi_cell(0, LINE, pdf_text(texts["intro"]), new_x="LMARGIN", new_y="NEXT", align="L")
     pdf.ln(4)
 
-    _facts(pdf, texts, record)
+    _facts(pdf, texts, record, zone)
     pdf.ln(6)
 
     pdf.set_font(FONT, "B", 13)
@@ -282,14 +282,14 @@ def render(record: ConsentRecord) -> bytes:
     return bytes(pdf.output())
 
 
-def _facts(pdf: FPDF, texts: Mapping[str, str], record: ConsentRecord) -> None:
+def _facts(pdf: FPDF, texts: Mapping[str, str], record: ConsentRecord, zone: str) -> None:
     rows = [
         ("fields.company", record.company),
         ("fields.recipient", record.recipient),
         ("fields.subject", record.subject),
         ("fields.agent", record.agent),
-        ("fields.letter_sent", moment(texts, record.letter_sent_at)),
-        ("fields.given", moment(texts, record.given_at)),
+        ("fields.letter_sent", moment(texts, record.letter_sent_at, record.language, zone)),
+        ("fields.given", moment(texts, record.given_at, record.language, zone)),
         ("fields.ip", record.ip),
         ("fields.user_agent", record.user_agent),
         ("fields.consent_id", record.consent_id),

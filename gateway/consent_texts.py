@@ -8,14 +8,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
-from gateway.i18n import load_language_files
+from gateway.i18n import DEFAULT_TIMEZONE, load_language_files, shipped_catalogs
 
 TEXTS = Path(__file__).parent / "texts"
 LANGUAGES = ("de", "en", "es")
 FALLBACK_LANGUAGE = "en"
-LOCAL_ZONE = ZoneInfo("Europe/Berlin")
 
 
 class TextsError(ValueError):
@@ -41,8 +39,14 @@ def load_texts(kind: str) -> Mapping[str, Mapping[str, str]]:
     }
 
 
-def moment(texts: Mapping[str, str], when: datetime) -> str:
-    """A point in time as the wording file writes it: Europe/Berlin and UTC side by side."""
+def moment(
+    texts: Mapping[str, str], when: datetime, language: str, zone: str = DEFAULT_TIMEZONE
+) -> str:
+    """A point in time as the wording file writes it: local and UTC side by side.
+
+    The local half is the pages' own (`Catalog.moment` with seconds, in `[branding]
+    timezone`, the zone named), so the PDF, the mail and the pages show the same instant.
+    """
     if when.tzinfo is None or when.utcoffset() is None:
         raise ValueError("consent times must be aware datetimes")
 
@@ -56,7 +60,7 @@ def moment(texts: Mapping[str, str], when: datetime) -> str:
             "second": at.second,
         }
 
-    local = texts["format.local"].format(**parts(when.astimezone(LOCAL_ZONE)))
+    local = shipped_catalogs(zone)[language_of(language)].moment(when, seconds=True)
     utc = texts["format.utc"].format(**parts(when.astimezone(UTC)))
     return texts["format.moment"].format(local=local, utc=utc)
 

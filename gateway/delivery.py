@@ -211,6 +211,7 @@ class DeliveryWorker:
             now=now,
             envelope_id=message.id,
             sender=own_sender(self.settings, message.sender, "MAILER-DAEMON"),
+            zone=self.settings.branding.timezone,
         )
         bounce, [delivery] = await compose_queued(
             self.blobs,

@@ -44,6 +44,7 @@ from jinja2 import (
 )
 
 from gateway.headers import decoded, fields_of, first_value, format_field, split_message
+from gateway.i18n import DEFAULT_TIMEZONE, Catalog, shipped_catalogs
 from gateway.mime import join_multipart
 
 __all__ = ["DEFAULT_LANGUAGE", "FailedRecipient", "build_dsn"]
@@ -112,6 +113,7 @@ def build_dsn(
     envelope_id: str | None = None,
     language: str = "de",
     sender: str | None = None,
+    zone: str = DEFAULT_TIMEZONE,
 ) -> bytes:
     """The complete bounce message (CRLF line ends), to be sent from ``<>`` to the sender.
 
@@ -121,6 +123,7 @@ def build_dsn(
     picks the text template (``de``, ``en``, ``es``; anything else falls back to English);
     ``sender`` the From address (``MAILER-DAEMON@reporting_mta`` by default), in a domain
     that signs when there is one (gateway.local_mail.own_sender).
+    ``zone`` is the one the text writes the arrival in (``[branding] timezone``), named.
 
     Raises ``ValueError`` for input that is ours to get right: a null or multi-line sender, a
     bad host name, no failed recipients, a malformed status code or a naive datetime.
@@ -157,6 +160,7 @@ def build_dsn(
         original_subject=original_subject,
         original_date=original_date,
         arrival=arrival_utc,
+        accepted=_catalog(lang, zone).moment(arrival_utc),
         now=now_utc,
         expired=any(v.reason == "expired" for v in views),
         tried_days=tried_hours // 24,
@@ -406,6 +410,12 @@ def _environment() -> Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+
+
+def _catalog(language: str, zone: str) -> Catalog:
+    """The pages' formats for a template language; a broker's own (``fr``) gets English's."""
+    catalogs = shipped_catalogs(zone)
+    return catalogs.get(language) or catalogs[DEFAULT_LANGUAGE]
 
 
 def _language(language: str) -> str:

@@ -1,7 +1,10 @@
 """Prospect-facing texts per language, from gateway/texts/{de,en,es}.toml, and their formats.
 
-Every text a prospect sees lives in those files, including how dates and numbers are
-written; Python only picks the key. Keys are the TOML tables joined with dots
+Every text a prospect sees lives in those files, including how dates, times and numbers are
+written; Python only picks the key. Every moment a page, a mail or a PDF shows goes through
+`Catalog.moment` (or its halves `date` and `time`): in the one zone of `[branding] timezone`,
+whatever the language, and always followed by the zone's name, so that a prospect, an agent
+and a court read the same instant. Keys are the TOML tables joined with dots
 (`[download] title = ...` is `download.title`). All languages must have the same keys, so a
 missing translation stops start-up instead of showing a hole on a page.
 """
@@ -10,7 +13,8 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -18,18 +22,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 LANGUAGES = ("de", "en", "es")
 TEXTS = Path(__file__).parent / "texts"
 SIZE_UNITS = ("kB", "MB", "GB", "TB")
+DEFAULT_TIMEZONE = "Europe/Berlin"
 
 
 class Catalog:
     """One language's texts with `t(key, **params)` for templates."""
 
-    def __init__(self, language: str, texts: Mapping[str, Any]) -> None:
+    def __init__(
+        self, language: str, texts: Mapping[str, Any], zone: str = DEFAULT_TIMEZONE
+    ) -> None:
         self.language = language
         self._texts = dict(texts)
-        try:
-            self.zone = ZoneInfo(self._texts["format.timezone"])
-        except ZoneInfoNotFoundError:
-            self.zone = ZoneInfo("UTC")
+        self.zone = time_zone(zone)
 
     def keys(self) -> set[str]:
         return set(self._texts)
@@ -42,9 +46,13 @@ class Catalog:
         """`key.one` for 1, `key.other` otherwise (enough for de, en and es)."""
         return self.t(f"{key}.{'one' if count == 1 else 'other'}", count=count, **params)
 
+    def moment(self, moment: datetime, *, seconds: bool = False) -> str:
+        """Date and time in our zone, with the zone's name: "23.11.2026, 11:00 Uhr MEZ"."""
+        return self.t("format.moment", date=self.date(moment), time=self.time(moment, seconds))
+
     def date(self, moment: datetime) -> str:
-        """A calendar date in this language's zone and style, e.g. 23.11.2026."""
-        local = moment.astimezone(self.zone)
+        """A calendar date in our zone and this language's style, e.g. 23.11.2026."""
+        local = self._local(moment)
         months = self._texts["format.months"]
         return self.t(
             "format.date",
@@ -53,6 +61,33 @@ class Catalog:
             month_name=months[local.month - 1],
             year=local.year,
         )
+
+    def time(self, moment: datetime, seconds: bool = False) -> str:
+        """The time of day in our zone with the zone's name, e.g. "11:00 Uhr MEZ"."""
+        local = self._local(moment)
+        return self.t(
+            "format.time_seconds" if seconds else "format.time",
+            hour=local.hour,
+            minute=local.minute,
+            second=local.second,
+            zone=self.zone_name(local),
+        )
+
+    def zone_name(self, local: datetime) -> str:
+        """The language's name for the zone at that moment (MEZ/MESZ in German), else its
+        abbreviation (CET, JST), else the offset (UTC+3) where the zone has no letters."""
+        abbreviation = local.tzname() or ""
+        named = self._texts.get(f"format.zone_names.{abbreviation}")
+        if named:
+            return str(named)
+        if abbreviation.isalpha():
+            return abbreviation
+        return utc_offset(local.utcoffset() or timedelta())
+
+    def _local(self, moment: datetime) -> datetime:
+        if moment.tzinfo is None or moment.utcoffset() is None:
+            raise ValueError("moments to show must be aware datetimes")
+        return moment.astimezone(self.zone)
 
     def number(self, value: float, decimals: int) -> str:
         text = f"{value:,.{decimals}f}"
@@ -97,11 +132,37 @@ def load_language_files(directory: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def load_catalogs(directory: Path = TEXTS) -> dict[str, Catalog]:
+def load_catalogs(directory: Path = TEXTS, zone: str = DEFAULT_TIMEZONE) -> dict[str, Catalog]:
     return {
-        language: Catalog(language, texts)
+        language: Catalog(language, texts, zone)
         for language, texts in load_language_files(directory).items()
     }
+
+
+@lru_cache(maxsize=8)
+def shipped_catalogs(zone: str = DEFAULT_TIMEZONE) -> dict[str, Catalog]:
+    """The shipped texts, read once per zone, for mails composed outside a web request."""
+    return load_catalogs(TEXTS, zone)
+
+
+def time_zone(name: str) -> ZoneInfo:
+    """The IANA zone of that name; ValueError naming it when the zone database lacks it."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(
+            f"unknown time zone {name!r} (an IANA name such as Europe/Berlin)"
+        ) from exc
+
+
+def utc_offset(offset: timedelta) -> str:
+    """UTC, UTC+3, UTC-3:30."""
+    minutes = int(offset.total_seconds() // 60)
+    if not minutes:
+        return "UTC"
+    sign, minutes = ("+" if minutes > 0 else "-"), abs(minutes)
+    hours, rest = divmod(minutes, 60)
+    return f"UTC{sign}{hours}" + (f":{rest:02d}" if rest else "")
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jinja2
 
-from gateway.i18n import load_catalogs
+from gateway.i18n import DEFAULT_TIMEZONE, shipped_catalogs
 from gateway.models import StoredFile
 
 _TEMPLATES = Path(__file__).parent / "templates" / "linkblock"
@@ -21,18 +21,23 @@ _text = jinja2.Environment(
 )
 _html = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=True)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CATALOGS = load_catalogs()
 
 
 def render(
-    language: str, url: str, files: Sequence[StoredFile], expires_at: datetime, color: str
+    language: str,
+    url: str,
+    files: Sequence[StoredFile],
+    expires_at: datetime,
+    color: str,
+    zone: str = DEFAULT_TIMEZONE,
 ) -> tuple[str, str]:
-    """Text and HTML block in the recipient's language, every line ending in CRLF."""
-    catalog = _CATALOGS[language]
+    """Text and HTML block in the recipient's language, every line ending in CRLF; the expiry
+    in `zone`, named."""
+    catalog = shipped_catalogs(zone)[language]
     context = {
         "url": url,
         "count": len(files),
-        "expires": catalog.date(expires_at),
+        "expires": catalog.moment(expires_at),
         "color": color,
         "files": [
             {"name": _CONTROL.sub(" ", f.filename), "size": catalog.size(f.size)} for f in files

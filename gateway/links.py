@@ -88,6 +88,28 @@ async def find_link(
     if row is None:
         return None
     link, message = row
+    return await _found(session, link, message, now)
+
+
+async def find_recipient_link(
+    session: AsyncSession, message: Message, recipient: str, now: datetime
+) -> FoundLink | None:
+    """The newest download link `message` made for `recipient`, reached without its token:
+    a registered letter's offer page lists the files its held copy links to."""
+    link = await session.scalar(
+        select(Link)
+        .where(
+            Link.message_id == message.id,
+            Link.recipient == recipient,
+            Link.kind == LinkKind.DOWNLOAD,
+        )
+        .order_by(Link.created_at.desc(), Link.id)
+        .limit(1)
+    )
+    return None if link is None else await _found(session, link, message, now)
+
+
+async def _found(session: AsyncSession, link: Link, message: Message, now: datetime) -> FoundLink:
     files = (
         await session.scalars(
             select(StoredFile)

@@ -96,6 +96,7 @@ class LinkAttachmentsMaterializer:
             files,
             link.expires_at,
             self.settings.branding.primary_color,
+            self.settings.branding.timezone,
         )
         without = mime.remove_parts(raw, mime.parse(raw), action.part_ids)
         return mime.add_link_block(without, mime.parse(without), text, html)

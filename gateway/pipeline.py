@@ -26,6 +26,8 @@ from gateway.materializers import Draft, materializers
 from gateway.models import Base, Message, new_id, utcnow
 from gateway.queue import new_delivery
 from rules.facts import MessageFacts
+from rules.language import LANGUAGE_HEADER_NAME, unsupported_request
+from rules.matching import PolicyConfig
 from rules.plan import Decision, plan
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,9 @@ class Pipeline:
         fields = self.receive(envelope, raw, submitter)
         draft = await self.draft(envelope, raw, fields, submitter, origin)
         facts = message_facts(envelope, fields, submitter, draft)
-        copies = await self.materialize(draft, plan(facts, self.policy).per_recipient)
+        decisions = plan(facts, self.policy).per_recipient
+        draft.events.extend(language_warnings(facts, decisions, self.policy, draft.message.id))
+        copies = await self.materialize(draft, decisions)
         return await self.commit(draft, envelope, copies)
 
     def receive(self, envelope: Envelope, raw: bytes, submitter: Submitter) -> list[HeaderField]:
@@ -233,6 +237,33 @@ def message_facts(
         parts=mime.part_facts(draft.raw, draft.root),
         signed=mime.is_signed(draft.root),
     )
+
+
+def language_warnings(
+    facts: MessageFacts,
+    decisions: Mapping[str, Decision],
+    policy: PolicyConfig,
+    message_id: str,
+) -> list[journal.NewEvent]:
+    """A `language.unsupported` warning when the agent asked for a language we do not ship,
+    naming the language each recipient got instead; the agent's console and CRM see it."""
+    requested = unsupported_request(facts, policy.defaults)
+    if requested is None:
+        return []
+    used = {
+        recipient: language
+        for recipient, decision in decisions.items()
+        if (language := getattr(decision.action, "language", None)) is not None
+    }
+    log.warning(
+        "message %s: %s %r is not a language we ship; using %s",
+        message_id,
+        LANGUAGE_HEADER_NAME,
+        requested,
+        ", ".join(sorted(set(used.values()))) or "none (no text in a language was needed)",
+    )
+    data = {"header": LANGUAGE_HEADER_NAME, "requested": requested[:100], "used": used}
+    return [journal.NewEvent("language.unsupported", message_id, data=data)]
 
 
 def expiry(start: datetime, lifetime_seconds: float) -> datetime:

@@ -49,6 +49,8 @@ from rules.actions import LinkAttachments, RegisteredLetter
 SHIPPED = Path(__file__).parent / "letters" / "default"
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
+# a placeholder, its closing emphasis, and the period of the sentence it ends
+_PERIOD_AFTER = re.compile(r"(\{([a-z_]+)\}[*_]*)\.")
 _ESCAPED = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
 _markdown = MarkdownIt("commonmark", {"html": False})
 _templates = Path(__file__).parent / "templates" / "letter"
@@ -58,8 +60,13 @@ _html = jinja2.Environment(loader=jinja2.FileSystemLoader(_templates), autoescap
 
 def fill(text: str, values: Mapping[str, str]) -> str:
     """Placeholders like {company}; unknown or unset ones stay as written, so a broker sees
-    what is missing rather than a silent gap. Broker comments (<!-- -->) go."""
-    return _PLACEHOLDER.sub(lambda m: values.get(m[1]) or m[0], _COMMENT.sub("", text)).strip()
+    what is missing rather than a silent gap. Broker comments (<!-- -->) go. A value that
+    ends a sentence itself ("inkl. MwSt.") takes the place of the text's period after it."""
+    text = _PERIOD_AFTER.sub(
+        lambda m: m[1] if (values.get(m[2]) or "").endswith(".") else m[0],
+        _COMMENT.sub("", text),
+    )
+    return _PLACEHOLDER.sub(lambda m: values.get(m[1]) or m[0], text).strip()
 
 
 def markdown_html(text: str) -> str:
@@ -71,6 +78,8 @@ def markdown_html(text: str) -> str:
 class BlockSet:
     button: str
     letter_subject: str
+    greeting: str  # the letter's first line, naming {recipient_name}
+    greeting_without_name: str  # when the offer's To or Cc gives no name
     intro: str
     link_label: str
     outro: str
@@ -115,6 +124,8 @@ def _load(directory: Path, values: Mapping[str, str]) -> BlockSet:
         return BlockSet(
             button=fill(data["button"], values),
             letter_subject=data["letter_subject"],
+            greeting=fill(data.get("greeting", ""), values),
+            greeting_without_name=fill(data.get("greeting_without_name", ""), values),
             intro=fill(data["intro"], values),
             link_label=fill(data["link_label"], values),
             outro=fill(data["outro"], values),
@@ -165,6 +176,17 @@ def _display_name(fields: list[headers.HeaderField], names: tuple[str, ...], add
     return ""
 
 
+def _greeted(block_set: BlockSet, recipient_name: str) -> str:
+    """The intro after the set's greeting for a recipient with or without a name. A set
+    written before the greeting keys carries it in its intro: there an unknown name goes with
+    the space before it ("Guten Tag,"), the best such a set allows."""
+    if not block_set.greeting:
+        intro = block_set.intro
+        return intro if recipient_name else intro.replace(" {recipient_name}", "")
+    greeting = block_set.greeting if recipient_name else block_set.greeting_without_name
+    return f"{greeting}\n\n{block_set.intro}"
+
+
 @dataclass(frozen=True)
 class LetterMail:
     recipient: str
@@ -192,10 +214,8 @@ def compose_letter(
         "subject": mail.subject,
         "days": str(mail.days),
     }
-    intro_text = block_set.intro
-    if not mail.recipient_name:  # "Guten Tag," rather than "Guten Tag ,"
-        intro_text = intro_text.replace(" {recipient_name}", "")
-    intro, outro = fill(intro_text, values), fill(block_set.outro, values)
+    intro = fill(_greeted(block_set, mail.recipient_name), values)
+    outro = fill(block_set.outro, values)
     context: dict[str, Any] = {
         "language": mail.language,
         "subject": mail.subject,
@@ -381,7 +401,8 @@ class LetterDesk:
             # fpdf2 (with Pillow) costs ~44 MiB resident: only a release pays for it.
             from gateway import consent_pdf
 
-            pdf = consent_pdf.render(record)
+            zone = self.settings.branding.timezone
+            pdf = consent_pdf.render(record, zone)
             pdf_blob = await self.blobs.put(pdf)
             notice = confirmation.compose_confirmation(
                 record,
@@ -390,6 +411,7 @@ class LetterDesk:
                 hostname=self.settings.server.hostname,
                 offer_subject=letter.subject,
                 sender=own_sender(self.settings, message.sender),
+                zone=zone,
             )
             lifetime = self.settings.upstream.queue_lifetime
             archive = [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []

@@ -16,13 +16,12 @@ from datetime import datetime, timedelta
 from email.charset import QP, Charset
 from email.header import Header
 from email.utils import format_datetime, make_msgid
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import select
 
 from gateway import headers, journal
-from gateway.i18n import LANGUAGES, Catalog, load_catalogs
+from gateway.i18n import LANGUAGES, Catalog, shipped_catalogs
 from gateway.local_mail import compose_queued, own_sender
 from gateway.models import Event, Letter, Link, Message, MessageKind
 
@@ -30,11 +29,6 @@ EVENT = "letter.renewal_requested"
 INTERVAL = timedelta(hours=24)
 SUBJECT_MAX = 300
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
-
-
-@lru_cache(maxsize=1)
-def _catalogs() -> dict[str, Catalog]:
-    return load_catalogs()
 
 
 def one_line(text: str, limit: int = SUBJECT_MAX) -> str:
@@ -65,7 +59,7 @@ def compose_request(
         "renewal.body",
         recipient=recipient,
         subject=subject,
-        date=catalog.date(expired_on),
+        date=catalog.moment(expired_on),
         hostname=hostname,
     )
     text = body.strip().replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n"
@@ -96,7 +90,7 @@ async def request_new_link(
     settings = relay.settings
     if not message.sender:
         return False
-    catalog = _catalogs()[
+    catalog = shipped_catalogs(settings.branding.timezone)[
         settings.policy.language if settings.policy.language in LANGUAGES else LANGUAGES[0]
     ]
     hostname = settings.server.hostname

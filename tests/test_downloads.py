@@ -592,7 +592,7 @@ async def test_expired_link_is_410_in_its_language_naming_the_sender(pages: Page
         html, text = body.decode(), text_of(body)
         assert '<html lang="en">' in html
         assert f"This link has expired — please ask {AGENT} for a new one." in text
-        assert "It was valid until 7 Dec 2026." in text
+        assert "It was valid until 7 Dec 2026, 11:00 CET." in text
         assert f'href="mailto:{AGENT}?subject=Request%20for%20a%20new%20link%3A%20Ihr%20' in html
     assert await pages.events() == []
 

@@ -181,7 +181,11 @@ async def running_site(
             "max_message_size": 20 * 1024 * 1024,
         },
         dkim={"broker.example": {"selector": "s2026", "key_file": str(dkim_key_file)}},
-        branding={"company_name": "Müller & Söhne Immobilien", "primary_color": "#8a1538"},
+        branding={
+            "company_name": "Müller & Söhne Immobilien",
+            "primary_color": "#8a1538",
+            **sections.pop("branding", {}),
+        },
         letter={
             "company_address": "Seestraße 1, 82319 Starnberg",
             "company_email": "info@broker.example",

@@ -571,7 +571,9 @@ async def test_sealrelay_evidence(cli_setup: tuple[Path, Seeded]) -> None:
     assert rows["recipient"] == PROSPECT
     assert rows["subject"] == "[Exposé] Wohnung mit Balkon"
     assert rows["agent"] == AGENT
-    assert rows["consent given"] == "2026-11-23 14:05:09 UTC (2026-11-23 15:05:09 Berlin)"
+    assert rows["consent given"] == (
+        "2026-11-23 14:05:09 UTC (2026-11-23 15:05:09 CET, Europe/Berlin)"
+    )
     assert rows["IP address"] == IP
     assert rows["user agent"] == "Mozilla/5.0 (X11; Linux x86_64)"
     assert rows["texts"] == f"sha256:{texts_sha256(BLOCKS)} (the stored texts hash to it)"

@@ -45,6 +45,7 @@ from web.pages import (
     BadTokenLimiter,
     ProspectSite,
     Visitor,
+    agent_of,
     branding_css,
     content_disposition,
     contrast,
@@ -185,7 +186,7 @@ class DownloadPages:
     # -- handlers
 
     async def unknown(self, request: web.Request) -> web.Response:
-        return self.bad_link(request, None)
+        return await self.bad_link(request, None)
 
     async def page(self, request: web.Request) -> web.StreamResponse:
         now = self.relay.clock()
@@ -200,7 +201,7 @@ class DownloadPages:
                 )
                 await journal.append(session, [event], now)
         if found is None or found.state is not LinkState.VALID:
-            return self.bad_link(request, found)
+            return await self.bad_link(request, found)
         catalog = self.catalogs[_language(found.link.language)]
         token = request.match_info["token"]
         here = f"{self.base}/d/{quote(token, safe='')}"
@@ -220,8 +221,8 @@ class DownloadPages:
             catalog,
             title=found.message.subject or catalog.t("download.title"),
             subject=found.message.subject,
-            sender=found.message.sender,
-            expires=catalog.date(found.link.expires_at),
+            sender=(await agent_of(self.relay.blobs, found.message)).label,
+            expires=catalog.moment(found.link.expires_at),
             files=files,
             total=catalog.size(sum(stored.size for stored in found.files)),
             zip_url=f"{here}/zip",
@@ -233,8 +234,19 @@ class DownloadPages:
         async with self.relay.db.transaction() as session:
             found = await find_link(session, request.match_info["token"], now)
         if found is None or found.state is not LinkState.VALID:
-            return self.bad_link(request, found)
-        file_id = request.match_info["file_id"]
+            return await self.bad_link(request, found)
+        return await self.serve_file(request, found, request.match_info["file_id"], visitor, now)
+
+    async def serve_file(
+        self,
+        request: web.Request,
+        found: FoundLink,
+        file_id: str,
+        visitor: Visitor,
+        now: datetime,
+    ) -> web.StreamResponse:
+        """One file of a valid link, counted as a download as the module says; the letter's
+        offer page serves the linked files of its held copy through here too."""
         stored = next((f for f in found.files if f.id == file_id), None)
         if stored is None:
             return self.not_found(request, self.catalogs[_language(found.link.language)])
@@ -279,7 +291,7 @@ class DownloadPages:
         async with self.relay.db.transaction() as session:
             found = await find_link(session, request.match_info["token"], now)
         if found is None or found.state is not LinkState.VALID:
-            return self.bad_link(request, found)
+            return await self.bad_link(request, found)
         catalog = self.catalogs[_language(found.link.language)]
         if not found.files:
             return self.not_found(request, catalog)
@@ -349,7 +361,7 @@ class DownloadPages:
             "user_agent": visitor.user_agent,
         }
 
-    def bad_link(self, request: web.Request, found: FoundLink | None) -> web.Response:
+    async def bad_link(self, request: web.Request, found: FoundLink | None) -> web.Response:
         """Unknown: 404 in the browser's language. Expired: 410 in the link's, naming the sender.
 
         Both count against the client's address; an unknown token never reveals whether
@@ -359,7 +371,8 @@ class DownloadPages:
         if found is None:
             return self.not_found(request, self.catalog_for(request))
         catalog = self.catalogs[_language(found.link.language)]
-        sender, subject = found.message.sender, found.message.subject
+        agent = await agent_of(self.relay.blobs, found.message)
+        sender, subject = agent.address, found.message.subject
         mail_subject = catalog.t("error.expired_mail_subject", subject=subject).rstrip(": ")
         return self.render(
             request,
@@ -368,17 +381,17 @@ class DownloadPages:
             status=410,
             title=catalog.t("error.expired_title"),
             message=(
-                catalog.t("error.expired", sender=sender)
+                catalog.t("error.expired", sender=agent.called)
                 if sender
                 else catalog.t("error.expired_no_sender")
             ),
-            detail=catalog.t("error.expired_since", date=catalog.date(found.link.expires_at)),
+            detail=catalog.t("error.expired_since", date=catalog.moment(found.link.expires_at)),
             mail_to=(
                 f"mailto:{quote(sender, safe='@')}?subject={quote(mail_subject, safe='')}"
                 if sender
                 else None
             ),
-            mail_label=catalog.t("error.expired_mail", sender=sender),
+            mail_label=catalog.t("error.expired_mail", sender=agent.called),
         )
 
 

@@ -16,6 +16,8 @@ Routes and what they write (nothing else is ever written by a visitor's request)
   (HTML sanitized with nh3, or the text), attachments. Before release: 303 to the letter.
 - `GET /l/{token}/a/{part}`: one attachment of the held copy, decoded; inline images of the
   HTML body are served here too (their `cid:` references point here).
+- `GET /l/{token}/f/{file}`: a file the held copy carries as a download link (the large
+  exposé), listed with the attachments; served and counted as its download page does.
 - `GET /l/{token}/consent.pdf`: the consent record as PDF, at any time after release.
 - `POST /l/{token}/renew` (CSRF protected, only for an expired letter): asks the agent for a
   new link (gateway/renewal.py: one mail per letter per 24 hours) and says so.
@@ -30,17 +32,15 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from datetime import datetime
-from email.utils import getaddresses
-from typing import Any
 from urllib.parse import quote, unquote
 
 import nh3
 from aiohttp import web
 from markupsafe import Markup, escape
 
-from gateway import headers, journal, mime, renewal
+from gateway import journal, mime, renewal
 from gateway.i18n import Catalog
+from gateway.links import FoundLink, LinkState, find_recipient_link
 from gateway.models import Letter, Link, Message
 from gateway.registered_letter import (
     ConsentIncomplete,
@@ -51,10 +51,12 @@ from gateway.registered_letter import (
 )
 from gateway.relay import Relay
 from web.csrf import KEY_FILE, FormTokens
+from web.downloads import DownloadPages
 from web.pages import (
     SEGMENT,
     ProspectSite,
     Visitor,
+    agent_of,
     content_disposition,
     content_type,
     file_badge,
@@ -65,7 +67,6 @@ from web.pages import (
 log = logging.getLogger(__name__)
 
 PART = r"[0-9]{1,4}(?:\.[0-9]{1,4}){0,19}"  # a MIME part id: "2", "1.3"
-HEADER_PEEK = 64 * 1024  # enough of the held copy to read the agent's From
 BODY_MAX = 2 * 1024 * 1024  # characters of a body shown on the page
 _URL_IN_TEXT = re.compile(r"https?://[^\s<>\"']+[^\s<>\"'.,;:!?)\]]")
 _FORM_FIELDS_MAX = 100
@@ -96,6 +97,7 @@ class LetterPages:
         self.relay = relay
         self.settings = relay.settings
         self.site = site
+        self.downloads = DownloadPages(relay, site)
         self.forms = FormTokens(
             relay.settings.storage.path.parent / KEY_FILE, relay.settings.server.public_url
         )
@@ -107,6 +109,7 @@ class LetterPages:
         router.add_post(f"/l/{token}", self.consent)
         router.add_get(f"/l/{token}/offer", self.offer)
         router.add_get(f"/l/{token}/a/{{part:{PART}}}", self.attachment)
+        router.add_get(f"/l/{token}/f/{{file_id:{SEGMENT}}}", self.linked_file)
         router.add_get(f"/l/{token}/consent.pdf", self.consent_pdf)
         router.add_post(f"/l/{token}/renew", self.renew)
         router.add_get("/l", self.unknown)
@@ -181,6 +184,19 @@ class LetterPages:
             for part in parts.values()
             if part.listed
         ]
+        linked = await self.linked(found)
+        files += [
+            {
+                "name": stored.filename,
+                "badge": file_badge(stored.filename),
+                "kind": catalog.t(f"kind.{file_kind(stored.content_type, stored.filename)}"),
+                "size": catalog.size(stored.size),
+                "url": self.url(token, f"/f/{quote(stored.id, safe='')}"),
+            }
+            for stored in (linked.files if linked else [])
+        ]
+        sizes = [part.size for part in parts.values() if part.listed]
+        sizes += [stored.size for stored in (linked.files if linked else [])]
         html, text = held.html, held.text
         given = found.consent.given_at
         return self.site.render(
@@ -191,11 +207,11 @@ class LetterPages:
             subject=found.letter.subject,
             agent=await self.agent_label(found),
             released=catalog.t(
-                "offer.released", date=catalog.date(given), time=_time(catalog, given)
+                "offer.released", date=catalog.date(given), time=catalog.time(given)
             ),
             files=files,
             count=catalog.plural("download.count", len(files)),
-            total=catalog.size(sum(part.size for part in parts.values() if part.listed)),
+            total=catalog.size(sum(sizes)),
             body=sanitized_html(html, inline) if html is not None else None,
             text=linked_text(text) if text is not None else None,
             pdf_url=self.url(token, "/consent.pdf"),
@@ -216,6 +232,28 @@ class LetterPages:
             return self.site.not_found(request, catalog)
         part, data = found_part
         return await self.send_bytes(request, data, content_type(part.content_type), part.filename)
+
+    async def linked_file(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        found = await self.find(request, token)
+        if isinstance(found, web.StreamResponse):
+            return found
+        if not found.released:
+            raise web.HTTPSeeOther(self.url(token))
+        linked = await self.linked(found)
+        if linked is None:
+            return self.site.not_found(request, self.site.catalog(found.letter.language))
+        visitor, now = self.site.visitor(request), self.relay.clock()
+        file_id = request.match_info["file_id"]
+        return await self.downloads.serve_file(request, linked, file_id, visitor, now)
+
+    async def linked(self, found: FoundLetter) -> FoundLink | None:
+        """The held copy's valid download link for this recipient, if it has one."""
+        async with self.relay.db.transaction() as session:
+            linked = await find_recipient_link(
+                session, found.message, found.letter.recipient, self.relay.clock()
+            )
+        return linked if linked is not None and linked.state is LinkState.VALID else None
 
     async def consent_pdf(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
@@ -350,7 +388,7 @@ class LetterPages:
             title=found.letter.subject or catalog.t("letter.eyebrow"),
             subject=found.letter.subject,
             agent=await self.agent_label(found),
-            expires=catalog.date(found.link.expires_at),
+            expires=catalog.moment(found.link.expires_at),
             blocks=blocks,
             checks=[block for block in blocks if block["checkbox"]],
             missing=[block for block in blocks if block["missing"]],
@@ -372,7 +410,7 @@ class LetterPages:
             given=catalog.t(
                 "letter.done",
                 date=catalog.date(given) if given else "",
-                time=_time(catalog, given) if given else "",
+                time=catalog.time(given) if given else "",
             ),
             offer_url=self.url(token, "/offer"),
             pdf_url=self.url(token, "/consent.pdf"),
@@ -392,7 +430,7 @@ class LetterPages:
             status=410,
             title=catalog.t("letter.expired_title"),
             message=catalog.t(
-                "letter.expired", subject=expired.letter.subject, date=catalog.date(until)
+                "letter.expired", subject=expired.letter.subject, date=catalog.moment(until)
             ),
             hint=catalog.t("letter.expired_hint", agent=agent),
             button=catalog.t("letter.renew", agent=agent),
@@ -421,37 +459,11 @@ class LetterPages:
         return f"{self.site.base}/l/{quote(token, safe='')}{suffix}"
 
     async def agent_label(self, found: FoundLetter) -> str:
-        """ "Anna Agent (agent@broker.example)", or the address alone."""
-        name = await self.from_name(found.letter, found.message)
-        address = found.message.sender
-        return f"{name} ({address})" if name and address and name != address else address or name
+        """ "Anna Agent (agent@broker.example)", as the download page introduces them too."""
+        return (await agent_of(self.relay.blobs, found.message)).label
 
     async def agent_name(self, letter: Letter, message: Message) -> str:
-        return await self.from_name(letter, message) or message.sender
-
-    async def from_name(self, letter: Letter, message: Message) -> str:
-        """The display name the agent's From gives their address, read from the held copy."""
-        try:
-            peek = await asyncio.to_thread(_read_start, self.relay.blobs.path(letter.held_blob))
-        except (OSError, ValueError) as exc:
-            log.error("held copy %s of letter %s: %s", letter.held_blob, letter.id, exc)
-            return ""
-        block, _ = headers.split_message(peek)
-        values = headers.values(headers.parse_fields(block), "from")
-        for display, address in getaddresses(values):
-            if address.lower() == message.sender.lower() or len(values) == 1:
-                return headers.decoded(display).strip()[:200]
-        return ""
-
-
-def _read_start(path: Any) -> bytes:
-    with open(path, "rb") as blob:
-        return blob.read(HEADER_PEEK)
-
-
-def _time(catalog: Catalog, moment: datetime) -> str:
-    local = moment.astimezone(catalog.zone)
-    return catalog.t("letter.time", hour=local.hour, minute=local.minute)
+        return (await agent_of(self.relay.blobs, message)).called
 
 
 # --- the offer's body and parts ------------------------------------------------------------

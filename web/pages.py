@@ -20,8 +20,10 @@ the Origin is ours. `same-origin` still sends nothing to any other site.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -30,6 +32,7 @@ import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -37,9 +40,14 @@ from urllib.parse import quote, urlsplit
 import jinja2
 from aiohttp import web
 
+from gateway import headers
+from gateway.blobstore import BlobStore
 from gateway.config import BrandingSettings, Settings
 from gateway.i18n import LANGUAGES, Catalog, load_catalogs, negotiate
+from gateway.models import Message
 from web.client_ip import ClientIpResolver
+
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
@@ -48,6 +56,7 @@ STATIC = HERE / "static"
 BAD_TOKEN_LIMIT = 20
 BAD_TOKEN_WINDOW = 600.0  # seconds
 USER_AGENT_MAX = 512
+HEADER_PEEK = 64 * 1024  # enough of the original to read the agent's From
 
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self' https: data:;"
@@ -263,6 +272,53 @@ def branding_css(brand: BrandingSettings) -> str:
     )
 
 
+# --- the agent ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Agent:
+    """The agent as the prospect knows them from the mail: the name in its From, the address.
+
+    Every prospect page names them the same way: `label` where a page introduces them,
+    `called` in a sentence that asks the prospect to turn to them (the address then goes
+    behind a mail button, where it is useful).
+    """
+
+    name: str
+    address: str
+
+    @property
+    def label(self) -> str:
+        """'Anna Agent (anna@broker.example)', or whichever of the two there is."""
+        if self.name and self.address and self.name != self.address:
+            return f"{self.name} ({self.address})"
+        return self.address or self.name
+
+    @property
+    def called(self) -> str:
+        return self.name or self.address
+
+
+async def agent_of(blobs: BlobStore, message: Message) -> Agent:
+    """The agent of `message`, their name read from the From of the original as received."""
+    try:
+        peek = await asyncio.to_thread(_read_start, blobs.path(message.blob))
+    except (OSError, ValueError) as exc:
+        log.error("original %s of message %s: %s", message.blob, message.id, exc)
+        return Agent("", message.sender)
+    block, _ = headers.split_message(peek)
+    values = headers.values(headers.parse_fields(block), "from")
+    for display, address in getaddresses(values):
+        if address.lower() == message.sender.lower() or len(values) == 1:
+            return Agent(headers.decoded(display).strip()[:200], message.sender)
+    return Agent("", message.sender)
+
+
+def _read_start(path: Path) -> bytes:
+    with open(path, "rb") as blob:
+        return blob.read(HEADER_PEEK)
+
+
 # --- the site -------------------------------------------------------------------------------
 
 
@@ -290,7 +346,7 @@ class ProspectSite:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self.catalogs = load_catalogs()
+        self.catalogs = load_catalogs(zone=settings.branding.timezone)
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES),
             autoescape=True,
