@@ -210,6 +210,7 @@ class DeliveryWorker:
             arrival=message.received_at,
             now=now,
             envelope_id=message.id,
+            language=self.settings.policy.language or "de",  # the agent's, like the renewal
         )
         bounce, [delivery] = await compose_queued(
             self.blobs,

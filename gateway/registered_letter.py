@@ -22,6 +22,7 @@ from typing import Any
 
 import jinja2
 from markdown_it import MarkdownIt
+from markupsafe import Markup
 from sqlalchemy import select
 
 from gateway import confirmation, headers, journal, mime
@@ -31,6 +32,7 @@ from gateway.db import Database
 from gateway.evidence import ConsentRecord, ShownBlock, evidence_fields, texts_sha256
 from gateway.links import hash_token, new_link, new_token
 from gateway.local_mail import compose_queued
+from gateway.markdown_text import markdown_text
 from gateway.models import (
     Consent,
     Delivery,
@@ -49,7 +51,6 @@ from rules.actions import LinkAttachments, RegisteredLetter
 SHIPPED = Path(__file__).parent / "letters" / "default"
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
-_ESCAPED = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
 _markdown = MarkdownIt("commonmark", {"html": False})
 _templates = Path(__file__).parent / "templates" / "letter"
 _text = jinja2.Environment(loader=jinja2.FileSystemLoader(_templates), autoescape=False)  # noqa: S701
@@ -62,9 +63,10 @@ def fill(text: str, values: Mapping[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: values.get(m[1]) or m[0], _COMMENT.sub("", text)).strip()
 
 
-def markdown_html(text: str) -> str:
-    html: str = _markdown.render(text)
-    return html
+def markdown_html(text: str) -> Markup:
+    """HTML of the broker's Markdown, safe to place in a page or mail as it is: raw HTML is
+    off, so every `<` of the source arrives escaped once, and only once."""
+    return Markup(_markdown.render(text))  # noqa: S704
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,9 @@ def compose_letter(
     context: dict[str, Any] = {
         "language": mail.language,
         "subject": mail.subject,
-        "intro": intro,
+        "intro": markdown_text(intro),
         "intro_html": markdown_html(intro),
-        "outro": outro,
+        "outro": markdown_text(outro),
         "outro_html": markdown_html(outro),
         "url": mail.url,
         "link_label": block_set.link_label,
@@ -211,7 +213,7 @@ def compose_letter(
         "blocks": [
             {
                 **asdict(block),
-                "text": _ESCAPED.sub(r"\1", block.text),
+                "text": markdown_text(block.text),
                 "html": markdown_html(block.text),
             }
             for block in block_set.blocks
@@ -389,6 +391,7 @@ class LetterDesk:
                 agent_address=message.sender,
                 hostname=self.settings.server.hostname,
                 offer_subject=letter.subject,
+                language=self.settings.policy.language or "de",
             )
             lifetime = self.settings.upstream.queue_lifetime
             archive = [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []
