@@ -332,7 +332,12 @@ async def test_check_config_names_the_bad_key(tmp_path: Path, dkim_key_file: Pat
         'url = "smtp://smarthost.example:587"\n'
         '[dkim."broker.example"]\n'
         'selector = "s2026"\n'
-        f'key_file = "{dkim_key_file}"\n',
+        f'key_file = "{dkim_key_file}"\n'
+        "[letter]\n"
+        'company_address = "Musterstraße 1, 80331 München"\n'
+        'company_email = "widerruf@broker.example"\n'
+        'company_phone = "+49 89 123456"\n'
+        'commission = "3,57 %"\n',
     )
     bad = write_config(tmp_path, "bad.toml", "[smtp]\nmax_recipients = 0\n")
     ok, value, env = await asyncio.gather(

@@ -63,6 +63,11 @@ url = "capture:{tmp_path / "outbox"}"
 url = "sqlite+aiosqlite:///{tmp_path / "relay.db"}"
 [storage]
 path = "{tmp_path / "blobs"}"
+[letter]
+company_address = "Musterstraße 1, 80331 München"
+company_email = "widerruf@broker.example"
+company_phone = "+49 89 123456"
+commission = "3,57 %"
 """
     )
     add = await asyncio.create_subprocess_exec(
