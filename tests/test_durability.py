@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway import headers
 from tests.conftest import AGENT, PASSWORD, POSTGRES_URL, Harness, make_message
-from tests.support import Sink, free_port
+from tests.support import LETTER_TOML, Sink, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,8 @@ path = "{self.directory / "blobs"}"
 [worker]
 lease_seconds = 2
 poll_seconds = 0.2
-""",
+"""
+            + LETTER_TOML,
             encoding="utf-8",
         )
 

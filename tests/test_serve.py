@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port
+from tests.support import LETTER_TOML, free_port
 
 SEALRELAY = str(Path(sys.executable).parent / "sealrelay")
 AGENT = "anna@broker.example"
@@ -63,12 +63,8 @@ url = "capture:{tmp_path / "outbox"}"
 url = "sqlite+aiosqlite:///{tmp_path / "relay.db"}"
 [storage]
 path = "{tmp_path / "blobs"}"
-[letter]
-company_address = "Musterstraße 1, 80331 München"
-company_email = "widerruf@broker.example"
-company_phone = "+49 89 123456"
-commission = "3,57 %"
 """
+        + LETTER_TOML
     )
     add = await asyncio.create_subprocess_exec(
         SEALRELAY,
