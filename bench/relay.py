@@ -242,6 +242,12 @@ url = "{db_url}"
 [storage]
 path = "{directory / "blobs"}"
 
+[letter]
+company_address = "Benchstraße 1, 12345 Benchstadt"
+company_email = "widerruf@bench.invalid"
+company_phone = "+49 30 0000000"
+commission = "3,57 %"
+
 {policy}
 [dkim."{DOMAIN}"]
 selector = "{SELECTOR}"

@@ -103,6 +103,7 @@ def serve(config: Path | None, roles: str) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def check_config(file: Path) -> None:
     """Validate a settings file (and the environment on top of it)."""
+    from gateway.registered_letter import BlockSets
     from gateway.relay import load_signer
     from gateway.smtp import tls_context
 
@@ -115,6 +116,10 @@ def check_config(file: Path) -> None:
         tls_context(settings)
     except (OSError, ssl.SSLError) as exc:
         raise click.ClickException(f"config error: smtp.tls_cert/tls_key: {exc}") from exc
+    try:
+        BlockSets(settings)
+    except ValueError as exc:
+        raise click.ClickException(f"config error: {exc}") from exc
     _report_letter_keys(settings)
     click.echo(
         f"{file}: ok (smtp {', '.join(settings.smtp.listen)}; web {settings.web.listen};"

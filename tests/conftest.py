@@ -114,6 +114,13 @@ def relay_settings(tmp_path: Path, upstream_port: int, **sections: dict[str, Any
         },
         "storage": {"path": str(tmp_path / "blobs")},
         "worker": {"poll_seconds": 0.2},
+        # the letter texts' placeholders need values, or the relay refuses to start
+        "letter": {
+            "company_address": "Musterstraße 1, 80331 München",
+            "company_email": "widerruf@broker.example",
+            "company_phone": "+49 89 123456",
+            "commission": "3,57 % des Kaufpreises inkl. MwSt.",
+        },
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)

@@ -31,6 +31,16 @@ def screenshot_dir(suite: str) -> Path:
     return directory
 
 
+# What a config file needs for the letter texts' placeholders, or serve refuses to start.
+LETTER_TOML = """
+[letter]
+company_address = "Musterstraße 1, 80331 München"
+company_email = "widerruf@broker.example"
+company_phone = "+49 89 123456"
+commission = "3,57 % des Kaufpreises inkl. MwSt."
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ from gateway import headers
 from gateway.db import Database
 from gateway.models import Delivery
 from tests.conftest import AGENT, PASSWORD, POSTGRES_URL, Harness, make_message
-from tests.support import Sink, free_port
+from tests.support import LETTER_TOML, Sink, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,8 @@ path = "{self.directory / "blobs"}"
 [worker]
 lease_seconds = 2
 poll_seconds = 0.2
-""",
+"""
+            + LETTER_TOML,
             encoding="utf-8",
         )
 

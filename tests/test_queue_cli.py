@@ -21,6 +21,7 @@ from gateway import journal, queue, users
 from gateway.db import Database
 from gateway.models import Delivery, DeliveryStatus, Event, Message, new_id, utcnow
 from tests.conftest import AGENT
+from tests.support import LETTER_TOML
 
 SEALRELAY = Path(sys.executable).with_name("sealrelay")
 LIFETIME = timedelta(days=5)
@@ -332,7 +333,7 @@ async def test_check_config_names_the_bad_key(tmp_path: Path, dkim_key_file: Pat
         'url = "smtp://smarthost.example:587"\n'
         '[dkim."broker.example"]\n'
         'selector = "s2026"\n'
-        f'key_file = "{dkim_key_file}"\n',
+        f'key_file = "{dkim_key_file}"\n' + LETTER_TOML,
     )
     bad = write_config(tmp_path, "bad.toml", "[smtp]\nmax_recipients = 0\n")
     ok, value, env = await asyncio.gather(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port
+from tests.support import LETTER_TOML, free_port
 
 SEALRELAY = str(Path(sys.executable).parent / "sealrelay")
 AGENT = "anna@broker.example"
@@ -64,6 +64,7 @@ url = "sqlite+aiosqlite:///{tmp_path / "relay.db"}"
 [storage]
 path = "{tmp_path / "blobs"}"
 """
+        + LETTER_TOML
     )
     add = await asyncio.create_subprocess_exec(
         SEALRELAY,
