@@ -16,6 +16,14 @@ from pathlib import Path
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
+class BlobMissing(FileNotFoundError):
+    """A blob a row names is not in the store (deleted, or lost with a disk)."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__(f"blob {digest} is not in the store")
+        self.digest = digest
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -51,7 +59,10 @@ class BlobStore:
         return await asyncio.to_thread(self.put_sync, data)
 
     def read_sync(self, digest: str) -> bytes:
-        return self.path(digest).read_bytes()
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError as exc:
+            raise BlobMissing(digest) from exc
 
     async def read(self, digest: str) -> bytes:
         return await asyncio.to_thread(self.read_sync, digest)

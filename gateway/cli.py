@@ -301,19 +301,23 @@ def links_group() -> None:
 @links_group.command("expire")
 @config_option
 def links_expire(config: Path | None) -> None:
-    """Mark links past their date expired and delete blobs nobody needs (as the hourly sweep)."""
+    """Expire links and letters past their date, delete blobs nobody needs (the hourly sweep)."""
     from gateway.blobstore import BlobStore
+    from gateway.pipeline import QueueSignal
+    from gateway.registered_letter import LetterDesk
+    from gateway.relay import sweeper_for
 
     settings = _settings(config)
-    grace = timedelta(days=settings.storage.blob_grace_days)
 
     async def run(db: Database) -> sweeper.SweepReport:
-        return await sweeper.sweep(db, BlobStore(settings.storage.path), utcnow(), grace)
+        blobs = BlobStore(settings.storage.path)
+        letters = LetterDesk(settings, db, blobs, QueueSignal().notify, utcnow)
+        return await sweeper_for(settings, db, blobs, letters)(utcnow())
 
     report = _run(run, config)
     click.echo(
-        f"{report.links_expired} link(s) expired, {report.blobs_deleted} blob(s) deleted"
-        f" ({report.bytes_freed / 1e6:.1f} MB freed)"
+        f"{report.links_expired} link(s) expired, {report.letters_expired} letter(s) expired,"
+        f" {report.blobs_deleted} blob(s) deleted ({report.bytes_freed / 1e6:.1f} MB freed)"
     )
 
 

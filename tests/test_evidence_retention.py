@@ -1,0 +1,151 @@
+"""Evidence outlives the link sweep: held offers, released originals, consent PDFs.
+
+Offers are sent through a running relay (SMTP, worker, web) whose clock the test moves on;
+the sweep is the one the relay runs every hour. SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import String, select
+
+from gateway import blob_columns, dkim, sweeper
+from gateway.db import Database
+from gateway.models import Base, Consent, LetterStatus
+from tests.support import Sink
+from tests.test_letter_pages import PROSPECT, Clock, LetterSite, running_site
+
+GRACE = timedelta(days=7)
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def site(
+    database: Database,
+    sink: Sink,
+    tmp_path: Path,
+    tls_files: tuple[Path, Path],
+    dkim_key: dkim.DkimKey,
+    dkim_key_file: Path,
+    clock: Clock,
+) -> AsyncIterator[LetterSite]:
+    async with running_site(
+        database, sink, tmp_path, tls_files, dkim_key, dkim_key_file, clock
+    ) as running:
+        yield running
+
+
+async def sweep(site: LetterSite) -> sweeper.SweepReport:
+    """One round of the relay's own housekeeping, at the relay's (moved) time."""
+    return await site.relay.sweep_once()
+
+
+async def test_a_held_offer_can_be_released_after_the_link_sweep(
+    site: LetterSite, clock: Clock
+) -> None:
+    token, _ = await site.send_offer()
+    clock.advance(days=10)  # past the blob grace period, still inside the letter's 14 days
+    await sweep(site)
+
+    response = await site.consent(token)
+    assert response.status == 303, await response.text()
+    letter = await site.letter_row()
+    assert letter.status == LetterStatus.RELEASED
+    released = await site.sink.expect(3)
+    assert any(b"X-Sealrelay-Consent" in m.data for m in released if m.rcpt_tos == [PROSPECT])
+
+
+async def test_a_released_offer_and_its_pdf_outlive_the_link_sweep(
+    site: LetterSite, clock: Clock
+) -> None:
+    token, _ = await site.send_offer()
+    assert (await site.consent(token)).status == 303
+    clock.advance(days=400)
+    await sweep(site)
+
+    response, body = await site.get(f"/l/{token}/offer")
+    assert response.status == 200, body[:300]
+    parts = set(re.findall(rf"/l/{token}(/a/[0-9.]+)", body.decode()))
+    assert parts, "the offer page lists the floor plan"
+    for path in ("/consent.pdf", *parts):
+        response, body = await site.get(f"/l/{token}{path}")
+        assert response.status == 200, (path, body[:300])
+    async with site.relay.db.transaction() as session:
+        [consent] = (await session.scalars(select(Consent))).all()
+    assert site.relay.blobs.exists(consent.pdf_blob)
+
+
+async def test_evidence_goes_after_its_retention_and_not_before(
+    site: LetterSite, clock: Clock
+) -> None:
+    """Three years counted from the end of the year of the consent (§§ 195, 199 BGB)."""
+    token, _ = await site.send_offer()
+    assert (await site.consent(token)).status == 303
+    letter = await site.letter_row()
+    async with site.relay.db.transaction() as session:
+        [consent] = (await session.scalars(select(Consent))).all()
+    given = consent.given_at
+    evidence = (letter.held_blob, consent.pdf_blob)
+
+    end_of_retention = datetime(given.year + 4, 1, 1, tzinfo=UTC) + timedelta(days=1)
+    clock.advance(seconds=(end_of_retention - given).total_seconds() - 3 * 86400)
+    await sweep(site)
+    assert all(site.relay.blobs.exists(digest) for digest in evidence)
+
+    clock.advance(days=4)
+    await sweep(site)
+    assert not any(site.relay.blobs.exists(digest) for digest in evidence)
+
+
+async def test_every_column_that_names_a_blob_is_declared(site: LetterSite) -> None:
+    """After a real flow (links, a letter, a consent), every column holding a stored blob's
+    name is declared in gateway/blob_columns.py: the sweeper only keeps what is declared."""
+    token, _ = await site.send_offer()
+    assert (await site.consent(token)).status == 303
+    await site.sink.expect(3)
+    declared = {str(c.column.expression) for c in blob_columns.BLOB_COLUMNS}
+    naming_blobs = set()
+    async with site.relay.db.transaction() as session:
+        for table in Base.metadata.sorted_tables:
+            for column in table.columns:
+                if not isinstance(column.type, String):
+                    continue
+                values = (await session.scalars(select(column).distinct())).all()
+                if any(
+                    isinstance(v, str) and _DIGEST.match(v) and site.relay.blobs.exists(v)
+                    for v in values
+                ):
+                    naming_blobs.add(f"{table.name}.{column.name}")
+    assert naming_blobs <= declared, naming_blobs - declared
+    assert {"letters.held_blob", "consents.pdf_blob"} <= naming_blobs
+
+
+def test_every_digest_sized_column_is_classified() -> None:
+    """A new String(64) column, or one named *blob* or *sha256*, must be declared either as
+    naming a blob or as a hash of something else; otherwise the sweeper would not know it."""
+    classified = {
+        str(c.expression)
+        for c in (
+            *(b.column for b in blob_columns.BLOB_COLUMNS),
+            *blob_columns.HASHES_NAMING_NO_BLOB,
+        )
+    }
+    candidates = {
+        f"{table.name}.{column.name}"
+        for table in Base.metadata.sorted_tables
+        for column in table.columns
+        if (isinstance(column.type, String) and column.type.length == 64)
+        or "blob" in column.name
+        or "sha256" in column.name
+    }
+    assert candidates == classified, (candidates - classified, classified - candidates)
