@@ -461,19 +461,29 @@ def evidence(config: Path | None, consent_id: str) -> None:
             ]
             or ["(no events name this consent)"],
         ),
-        (
-            "PDF",
-            [
-                f"{found.pdf_path}{'' if found.pdf_path.exists() else ' (MISSING)'}"
-                if found.pdf_path is not None
-                else f"{consent.pdf_blob!r} (NOT A BLOB NAME)"
-            ],
+        *(
+            (
+                "PDF" if file.label == "consent PDF" else file.label,
+                [_stored(file)],
+            )
+            for file in found.files
         ),
     ]
     width = max(len(label) for label, _ in rows)
     for label, values in rows:
         for index, value in enumerate(values):
             click.echo(f"{label if index == 0 else '':<{width}}  {value}")
+    missing = [file.label for file in found.files if not file.present]
+    if missing:
+        raise click.ClickException(
+            f"evidence files missing from the blob store: {', '.join(missing)}"
+        )
+
+
+def _stored(file: verification.EvidenceFile) -> str:
+    if file.path is None:
+        return f"{file.digest!r} (NOT A BLOB NAME)"
+    return f"{file.path}{'' if file.present else ' (MISSING from the blob store)'}"
 
 
 def _boxes(blocks: list[dict[str, Any]], checked: list[str]) -> list[str]:

@@ -6,8 +6,11 @@ the sweep is the one the relay runs every hour. SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -149,3 +152,93 @@ def test_every_digest_sized_column_is_classified() -> None:
         or "sha256" in column.name
     }
     assert candidates == classified, (candidates - classified, classified - candidates)
+
+
+# --- a blob lost all the same (a disk, a hand): a clear answer, never a 500 -----------------
+
+
+def lose(site: LetterSite, digest: str) -> None:
+    site.relay.blobs.path(digest).unlink()
+
+
+async def test_a_lost_held_offer_gets_a_page_naming_it(site: LetterSite) -> None:
+    token, _ = await site.send_offer()
+    lose(site, (await site.letter_row()).held_blob)
+    response = await site.consent(token)
+    body = await response.text()
+    assert response.status == 410, body[:300]
+    assert "Villa am See" in body and "nicht mehr gespeichert" in body
+    letter = await site.letter_row()
+    assert letter.status == LetterStatus.HELD  # nothing was consented or written
+    assert await site.count(Consent) == 0
+
+
+async def test_lost_evidence_files_get_pages_naming_them(site: LetterSite) -> None:
+    token, _ = await site.send_offer()
+    assert (await site.consent(token)).status == 303
+    letter = await site.letter_row()
+    async with site.relay.db.transaction() as session:
+        [consent] = (await session.scalars(select(Consent))).all()
+    response, body = await site.get(f"/l/{token}/offer")
+    parts = set(re.findall(rf"/l/{token}(/a/[0-9.]+)", body.decode()))
+    lose(site, letter.held_blob)
+    lose(site, consent.pdf_blob)
+    expected = {
+        "/offer": "Das Angebot „Villa am See“ ist hier nicht mehr gespeichert",
+        "/consent.pdf": "Das PDF Ihrer Erklärungen zu „Villa am See“ ist hier nicht mehr",
+        **dict.fromkeys(parts, "Das Angebot „Villa am See“ ist hier nicht mehr gespeichert"),
+    }
+    for path, sentence in expected.items():
+        response, body = await site.get(f"/l/{token}{path}")
+        assert response.status == 410, (path, body[:300])
+        assert sentence in body.decode(), path
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+async def sealrelay(*args: str) -> Run:
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "sealrelay"),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return Run(process.returncode, out.decode(), err.decode())
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_sealrelay_evidence_names_lost_files(site: LetterSite, tmp_path: Path) -> None:
+    token, _ = await site.send_offer()
+    assert (await site.consent(token)).status == 303
+    await site.sink.expect(3)
+    letter = await site.letter_row()
+    async with site.relay.db.transaction() as session:
+        [consent] = (await session.scalars(select(Consent))).all()
+    config = tmp_path / "cli.toml"
+    config.write_text(
+        f'[database]\nurl = "{site.relay.db.engine.url.render_as_string(False)}"\n'
+        f'[storage]\npath = "{site.relay.blobs.root}"\n'
+    )
+
+    whole = await sealrelay("evidence", consent.id, "-c", str(config))
+    assert whole.code == 0, whole
+    assert "MISSING" not in whole.out
+
+    lose(site, letter.held_blob)
+    lose(site, consent.pdf_blob)
+    lost = await sealrelay("evidence", consent.id, "-c", str(config))
+    assert lost.code == 1, lost
+    assert "Traceback" not in lost.err
+    rows = {line.split("  ", 1)[0]: line for line in lost.out.splitlines()}
+    assert "MISSING" in rows["PDF"] and "MISSING" in rows["held original"]
+    assert "MISSING" not in rows["released original"]
+    assert lost.err.strip().splitlines()[-1] == (
+        "Error: evidence files missing from the blob store: held original, consent PDF"
+    )
