@@ -95,6 +95,7 @@ class Relay:
 
     async def start(self) -> None:
         await self.db.upgrade()
+        await asyncio.to_thread(self.blobs.remove_abandoned_temp_files)
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
             self._tasks.append(
