@@ -19,11 +19,13 @@ from sqlalchemy import String, select
 
 from gateway import blob_columns, dkim, sweeper
 from gateway.db import Database
-from gateway.models import Base, Consent, LetterStatus
+from gateway.models import Base, Consent, Letter, LetterStatus
+from gateway.registered_letter import LetterDesk
 from tests.support import Sink
 from tests.test_letter_pages import PROSPECT, Clock, LetterSite, running_site
 
 GRACE = timedelta(days=7)
+OTHER = "omar@example.org"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -91,23 +93,38 @@ async def test_a_released_offer_and_its_pdf_outlive_the_link_sweep(
 async def test_evidence_goes_after_its_retention_and_not_before(
     site: LetterSite, clock: Clock
 ) -> None:
-    """Three years counted from the end of the year of the consent (§§ 195, 199 BGB)."""
+    """Three years counted from the end of the year of the consent or of the expiry
+    (§§ 195, 199 BGB), for a released and for a never-consented letter."""
+    clock.offset = datetime(2027, 6, 15, 12, tzinfo=UTC) - datetime.now(UTC)
+    await site.send_offer(recipient=OTHER)
     token, _ = await site.send_offer()
     assert (await site.consent(token)).status == 303
-    letter = await site.letter_row()
     async with site.relay.db.transaction() as session:
+        letters = {row.recipient: row for row in (await session.scalars(select(Letter))).all()}
         [consent] = (await session.scalars(select(Consent))).all()
-    given = consent.given_at
-    evidence = (letter.held_blob, consent.pdf_blob)
+    evidence = (letters[PROSPECT].held_blob, consent.pdf_blob, letters[OTHER].held_blob)
 
-    end_of_retention = datetime(given.year + 4, 1, 1, tzinfo=UTC) + timedelta(days=1)
-    clock.advance(seconds=(end_of_retention - given).total_seconds() - 3 * 86400)
+    clock.offset = datetime(2030, 12, 30, tzinfo=UTC) - datetime.now(UTC)
     await sweep(site)
     assert all(site.relay.blobs.exists(digest) for digest in evidence)
 
-    clock.advance(days=4)
+    clock.offset = datetime(2031, 1, 2, tzinfo=UTC) - datetime.now(UTC)
     await sweep(site)
     assert not any(site.relay.blobs.exists(digest) for digest in evidence)
+
+
+async def test_a_letter_expired_by_another_instance_cannot_be_consented(
+    site: LetterSite, clock: Clock
+) -> None:
+    """An instance whose clock runs a little behind honours the expiry another recorded."""
+    token, _ = await site.send_offer()
+    letters = site.relay.letters
+    ahead = LetterDesk(letters.settings, letters.db, letters.blobs, letters.notify, clock)
+    assert await ahead.expire_due(clock() + timedelta(days=14, seconds=1)) == 1
+    response = await site.consent(token)
+    assert response.status == 410
+    assert await site.count(Consent) == 0
+    assert (await site.letter_row()).status == LetterStatus.EXPIRED
 
 
 async def test_every_column_that_names_a_blob_is_declared(site: LetterSite) -> None:
