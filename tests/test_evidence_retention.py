@@ -21,7 +21,8 @@ from gateway import blob_columns, dkim, sweeper
 from gateway.db import Database
 from gateway.models import Base, Consent, Letter, LetterStatus
 from gateway.registered_letter import LetterDesk
-from tests.support import Sink
+from tests.support import Sink, screenshot_dir
+from tests.test_browser_downloads import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.test_letter_pages import PROSPECT, Clock, LetterSite, running_site
 
 GRACE = timedelta(days=7)
@@ -259,3 +260,34 @@ async def test_sealrelay_evidence_names_lost_files(site: LetterSite, tmp_path: P
     assert lost.err.strip().splitlines()[-1] == (
         "Error: evidence files missing from the blob store: held original, consent PDF"
     )
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_the_lost_offer_page_reads_well_on_a_phone(site: LetterSite) -> None:
+    token, _ = await site.send_offer()
+    assert (await site.consent(token)).status == 303
+    lose(site, (await site.letter_row()).held_blob)
+    async_playwright = playwright_api()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            context = await browser.new_context(
+                viewport=PHONE, device_scale_factor=2, is_mobile=True, locale="de-DE"
+            )
+            page = await context.new_page()
+            response = await page.goto(f"{site.url}/l/{token}/offer")
+            assert response is not None and response.status == 410
+            heading = page.get_by_role("heading", name="Nicht mehr verfügbar")
+            assert await heading.is_visible()
+            text = await page.locator("main").inner_text()
+            assert "Das Angebot „Villa am See“ ist hier nicht mehr gespeichert." in text
+            assert "Bitte fragen Sie Anna Agent" in text
+            assert "<" not in text
+            await page.screenshot(
+                path=str(screenshot_dir("evidence") / "offer-no-longer-stored.png"),
+                full_page=True,
+            )
+        finally:
+            await browser.close()

@@ -468,11 +468,15 @@ class LetterPages:
         return await self.from_name(letter, message) or message.sender
 
     async def from_name(self, letter: Letter, message: Message) -> str:
-        """The display name the agent's From gives their address, read from the held copy."""
-        try:
-            peek = await asyncio.to_thread(_read_start, self.relay.blobs.path(letter.held_blob))
-        except (OSError, ValueError) as exc:
-            log.error("held copy %s of letter %s: %s", letter.held_blob, letter.id, exc)
+        """The display name the agent's From gives their address, read from the held copy
+        (or, should that be lost, from the original as received)."""
+        for digest in (letter.held_blob, message.blob):
+            try:
+                peek = await asyncio.to_thread(_read_start, self.relay.blobs.path(digest))
+                break
+            except (OSError, ValueError) as exc:
+                log.error("blob %s of letter %s: %s", digest, letter.id, exc)
+        else:
             return ""
         block, _ = headers.split_message(peek)
         values = headers.values(headers.parse_fields(block), "from")
