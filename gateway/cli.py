@@ -320,19 +320,23 @@ def links_group() -> None:
 @links_group.command("expire")
 @config_option
 def links_expire(config: Path | None) -> None:
-    """Mark links past their date expired and delete blobs nobody needs (as the hourly sweep)."""
+    """Expire links and letters past their date, delete blobs nobody needs (the hourly sweep)."""
     from gateway.blobstore import BlobStore
+    from gateway.pipeline import QueueSignal
+    from gateway.registered_letter import LetterDesk
+    from gateway.relay import sweeper_for
 
     settings = _settings(config)
-    grace = timedelta(days=settings.storage.blob_grace_days)
 
     async def run(db: Database) -> sweeper.SweepReport:
-        return await sweeper.sweep(db, BlobStore(settings.storage.path), utcnow(), grace)
+        blobs = BlobStore(settings.storage.path)
+        letters = LetterDesk(settings, db, blobs, QueueSignal().notify, utcnow)
+        return await sweeper_for(settings, db, blobs, letters)(utcnow())
 
     report = _run(run, config)
     click.echo(
-        f"{report.links_expired} link(s) expired, {report.blobs_deleted} blob(s) deleted"
-        f" ({report.bytes_freed / 1e6:.1f} MB freed)"
+        f"{report.links_expired} link(s) expired, {report.letters_expired} letter(s) expired,"
+        f" {report.blobs_deleted} blob(s) deleted ({report.bytes_freed / 1e6:.1f} MB freed)"
     )
 
 
@@ -477,19 +481,29 @@ def evidence(config: Path | None, consent_id: str) -> None:
             ]
             or ["(no events name this consent)"],
         ),
-        (
-            "PDF",
-            [
-                f"{found.pdf_path}{'' if found.pdf_path.exists() else ' (MISSING)'}"
-                if found.pdf_path is not None
-                else f"{consent.pdf_blob!r} (NOT A BLOB NAME)"
-            ],
+        *(
+            (
+                "PDF" if file.label == "consent PDF" else file.label,
+                [_stored(file)],
+            )
+            for file in found.files
         ),
     ]
     width = max(len(label) for label, _ in rows)
     for label, values in rows:
         for index, value in enumerate(values):
             click.echo(f"{label if index == 0 else '':<{width}}  {value}")
+    missing = [file.label for file in found.files if not file.present]
+    if missing:
+        raise click.ClickException(
+            f"evidence files missing from the blob store: {', '.join(missing)}"
+        )
+
+
+def _stored(file: verification.EvidenceFile) -> str:
+    if file.path is None:
+        return f"{file.digest!r} (NOT A BLOB NAME)"
+    return f"{file.path}{'' if file.present else ' (MISSING from the blob store)'}"
 
 
 def _boxes(blocks: list[dict[str, Any]], checked: list[str]) -> list[str]:

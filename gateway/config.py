@@ -245,6 +245,11 @@ class LetterSettings(Section):
     company_email: str = ""
     company_phone: str = ""
     commission: str = ""
+    # Years the evidence (letter, held and released original, consent PDF) is kept, counted
+    # from the end of the year of the consent or of the letter's expiry.
+    evidence_retention: int = Field(default=3, ge=1, le=30, description="years")
+    # Tell the agent by mail when a letter's link ran out without a consent.
+    expired_notice: bool = True
 
     @field_validator("archive_bcc")
     @classmethod

@@ -211,6 +211,7 @@ class LinkFile(Base):
 class LetterStatus(StrEnum):
     HELD = "held"
     RELEASED = "released"
+    EXPIRED = "expired"  # the link ran out without a consent; the agent was told
 
 
 class Letter(Base):

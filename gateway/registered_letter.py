@@ -30,6 +30,7 @@ from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.evidence import ConsentRecord, ShownBlock, evidence_fields, texts_sha256
+from gateway.expiry_notice import ExpiredLetter, compose_expiry_notice
 from gateway.links import hash_token, new_link, new_token
 from gateway.local_mail import compose_queued, own_sender
 from gateway.markdown_text import markdown_text
@@ -49,6 +50,7 @@ from gateway.queue import new_delivery
 from rules.actions import LinkAttachments, RegisteredLetter
 
 SHIPPED = Path(__file__).parent / "letters" / "default"
+EXPIRE_BATCH = 100
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
 # a placeholder, its closing emphasis, and the period of the sentence it ends
@@ -436,7 +438,10 @@ class LetterDesk:
             raise LetterUnknown(token)
         letter, message, link = row
         consent = await session.scalar(select(Consent).where(Consent.letter_id == letter.id))
-        expired = link.expired or link.expires_at <= self.clock()
+        # An instance whose clock runs behind still honours an expiry another one recorded.
+        expired = (
+            link.expired or link.expires_at <= self.clock() or letter.status == LetterStatus.EXPIRED
+        )
         if expired and letter.status != LetterStatus.RELEASED:
             # the exception rolls the transaction back, which would expire (blank) the rows
             # it carries; detached first, they stay readable for the page that says "expired"
@@ -576,6 +581,96 @@ class LetterDesk:
         self.notify()
         return Release(consent, letter, already=False)
 
+    async def expire_due(self, now: datetime) -> int:
+        """Mark held letters whose link ran out as expired, each once, and tell the agent.
+
+        Rows another transaction holds (a release under way) are skipped: the next round
+        sees them released or still due.
+        """
+        total = 0
+        while True:
+            expired = await self._expire_batch(now)
+            total += expired
+            if expired < EXPIRE_BATCH:
+                break
+        if total:
+            self.notify()
+        return total
+
+    async def _expire_batch(self, now: datetime) -> int:
+        async with self.db.transaction() as session:
+            rows = (
+                await session.execute(
+                    select(Letter, Message, Link)
+                    .join(Link, Link.id == Letter.link_id)
+                    .join(Message, Message.id == Letter.message_id)
+                    .where(Letter.status == LetterStatus.HELD, Link.expires_at <= now)
+                    .order_by(Link.expires_at)
+                    .limit(EXPIRE_BATCH)
+                    .with_for_update(of=Letter, skip_locked=True)
+                )
+            ).all()
+            events: list[journal.NewEvent] = []
+            for letter, message, link in rows:
+                letter.status = LetterStatus.EXPIRED
+                notices = await self._queue_expiry_notice(session, letter, message, link, now)
+                notice_id = notices[0].message_id if notices else None
+                events.append(
+                    journal.NewEvent(
+                        "letter.expired",
+                        message.id,
+                        data={
+                            "letter_id": letter.id,
+                            "recipient": letter.recipient,
+                            "expired_at": link.expires_at.isoformat(),
+                            "notice_message_id": notice_id,
+                        },
+                    )
+                )
+                events.extend(
+                    journal.NewEvent(
+                        "delivery.queued", d.message_id, d.id, {"recipient": d.recipient}
+                    )
+                    for d in notices
+                )
+            await journal.append(session, events, now)
+        return len(rows)
+
+    async def _queue_expiry_notice(
+        self, session: Any, letter: Letter, message: Message, link: Link, now: datetime
+    ) -> list[Delivery]:
+        """The notice's deliveries, queued in `session`; none when no notice is to go."""
+        if not self.settings.letter.expired_notice or not message.sender:
+            return []
+        raw = compose_expiry_notice(
+            ExpiredLetter(
+                letter_id=letter.id,
+                recipient=letter.recipient,
+                offer_subject=letter.subject,
+                letter_sent=letter.created_at,
+                expired=link.expires_at,
+            ),
+            agent_address=message.sender,
+            hostname=self.settings.server.hostname,
+            sender=own_sender(self.settings, message.sender),
+            language=self.settings.policy.language or "de",
+            zone=self.settings.branding.timezone,
+            now=now,
+        )
+        notice, deliveries = await compose_queued(
+            self.blobs,
+            raw,
+            kind=MessageKind.CONFIRMATION,
+            user_id=message.user_id,
+            recipients=[message.sender],
+            now=now,
+            lifetime=self.settings.upstream.queue_lifetime,
+        )
+        session.add(notice)
+        await session.flush()
+        session.add_all(deliveries)
+        return deliveries
+
 
 class RegisteredLetterMaterializer:
     """Holds the original for one recipient and returns the letter that goes out now."""
@@ -642,6 +737,7 @@ class RegisteredLetterMaterializer:
             created_at=draft.now,
         )
         draft.rows.extend([link, letter])
+        self._archive_copy(draft, letter.letter_blob)
         draft.events.append(
             journal.NewEvent(
                 "letter.held",
@@ -655,3 +751,18 @@ class RegisteredLetterMaterializer:
             )
         )
         return letter.letter_blob
+
+    def _archive_copy(self, draft: Any, letter_blob: str) -> None:
+        """The archive gets the letter exactly as the prospect does (the same bytes)."""
+        archive = self.settings.letter.archive_bcc
+        if not archive:
+            return
+        delivery = new_delivery(
+            draft.message.id, archive, letter_blob, draft.now, self.settings.upstream.queue_lifetime
+        )
+        draft.rows.append(delivery)
+        draft.events.append(
+            journal.NewEvent(
+                "delivery.queued", draft.message.id, delivery.id, {"recipient": archive}
+            )
+        )

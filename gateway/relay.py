@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,6 +37,24 @@ def load_signer(settings: Settings) -> Signer:
             for domain, entry in settings.dkim.items()
         }
     )
+
+
+def sweeper_for(
+    settings: Settings, db: Database, blobs: BlobStore, letters: LetterDesk
+) -> Callable[[datetime], Awaitable[sweeper.SweepReport]]:
+    """The housekeeping round as configured: links, letters, blobs (serve and the CLI)."""
+
+    async def sweep(now: datetime) -> sweeper.SweepReport:
+        return await sweeper.sweep(
+            db,
+            blobs,
+            now,
+            timedelta(days=settings.storage.blob_grace_days),
+            evidence_years=settings.letter.evidence_retention,
+            expire_letters=letters.expire_due,
+        )
+
+    return sweep
 
 
 class Relay:
@@ -70,6 +88,7 @@ class Relay:
             self.signal,
             clock,
         )
+        self.sweeper = sweeper_for(settings, self.db, self.blobs, self.letters)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._web_runner: Any = None
@@ -78,18 +97,13 @@ class Relay:
         for problem in letter_keys.problems(self.settings):
             log.warning("%s", problem)
         await self.db.upgrade()
+        await asyncio.to_thread(self.blobs.remove_abandoned_temp_files)
         if "worker" in self.roles:
-            storage = self.settings.storage
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
             self._tasks.append(
                 asyncio.create_task(
                     sweeper.run_hourly(
-                        self.db,
-                        self.blobs,
-                        self.clock,
-                        timedelta(days=storage.blob_grace_days),
-                        self._stop,
-                        storage.sweep_interval,
+                        self.sweep_once, self._stop, self.settings.storage.sweep_interval
                     )
                 )
             )
@@ -99,6 +113,10 @@ class Relay:
             from web.app import start_web
 
             self._web_runner = await start_web(self)
+
+    async def sweep_once(self) -> sweeper.SweepReport:
+        """What the hourly sweep does, now (by this relay's clock)."""
+        return await self.sweeper(self.clock())
 
     async def stop(self) -> None:
         """Stop taking mail first, then let workers finish their round."""

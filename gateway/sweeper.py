@@ -1,9 +1,10 @@
-"""Housekeeping: expire links whose time is up, delete blobs nobody needs any more.
+"""Housekeeping: expire links and letters whose time is up, delete blobs nobody needs.
 
-A blob is needed while a message or a delivery names it, or while a link to a file made of
-it is valid or expired for less than the grace period (so an agent can still re-send one).
-A blob also lives at least the grace period after it was written: an intake stores blobs
-before it commits the rows that name them.
+Which blobs are needed is declared once, per column, in gateway/blob_columns.py: messages
+and deliveries keep theirs, a linked file lives while its link is valid or expired for less
+than the grace period, evidence for its retention. A blob also lives at least the grace
+period after it was written: an intake stores blobs before it commits the rows that name
+them.
 """
 
 from __future__ import annotations
@@ -12,18 +13,24 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, union, update
+from sqlalchemy import update
 
 from gateway import journal
+from gateway.blob_columns import Horizon
+from gateway.blob_columns import needed as needed_query
 from gateway.blobstore import BlobStore
 from gateway.db import Database
-from gateway.models import Delivery, Link, LinkFile, Message, StoredFile
+from gateway.models import Link
 
 log = logging.getLogger(__name__)
+
+EVIDENCE_YEARS = 3
+# Marks held letters whose link ran out as expired and tells their agents; the count.
+ExpireLetters = Callable[[datetime], Awaitable[int]]
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class SweepReport:
     links_expired: int
     blobs_deleted: int
     bytes_freed: int
+    letters_expired: int = 0
 
 
 async def expire_links(db: Database, now: datetime) -> int:
@@ -59,17 +67,10 @@ async def expire_links(db: Database, now: datetime) -> int:
     return len(rows)
 
 
-async def needed_blobs(db: Database, now: datetime, grace: timedelta) -> set[str]:
-    live_link = (Link.expired.is_(False)) | (Link.expires_at > now - grace)
-    query = union(
-        select(Message.blob),
-        select(Delivery.blob),
-        select(StoredFile.sha256)
-        .join(LinkFile, LinkFile.file_id == StoredFile.id)
-        .join(Link, Link.id == LinkFile.link_id)
-        .where(live_link),
-        select(StoredFile.sha256).where(~StoredFile.id.in_(select(LinkFile.file_id))),
-    )
+async def needed_blobs(
+    db: Database, now: datetime, grace: timedelta, evidence_years: int = EVIDENCE_YEARS
+) -> set[str]:
+    query = needed_query(Horizon(now, grace, evidence_years))
     async with db.transaction() as session:
         return set((await session.scalars(query)).all())
 
@@ -91,9 +92,18 @@ def _delete_unneeded(blobs: BlobStore, needed: set[str], written_before: float) 
     return deleted, freed
 
 
-async def sweep(db: Database, blobs: BlobStore, now: datetime, grace: timedelta) -> SweepReport:
+async def sweep(
+    db: Database,
+    blobs: BlobStore,
+    now: datetime,
+    grace: timedelta,
+    *,
+    evidence_years: int = EVIDENCE_YEARS,
+    expire_letters: ExpireLetters | None = None,
+) -> SweepReport:
     expired = await expire_links(db, now)
-    needed = await needed_blobs(db, now, grace)
+    letters = await expire_letters(now) if expire_letters is not None else 0
+    needed = await needed_blobs(db, now, grace, evidence_years)
     deleted, freed = await asyncio.to_thread(
         _delete_unneeded, blobs, needed, (now - grace).timestamp()
     )
@@ -104,21 +114,18 @@ async def sweep(db: Database, blobs: BlobStore, now: datetime, grace: timedelta)
                 [journal.NewEvent("blobs.deleted", data={"count": deleted, "bytes": freed})],
                 now,
             )
-    return SweepReport(expired, deleted, freed)
+    return SweepReport(expired, deleted, freed, letters)
 
 
 async def run_hourly(
-    db: Database,
-    blobs: BlobStore,
-    clock: Callable[[], datetime],
-    grace: timedelta,
+    sweep_once: Callable[[], Awaitable[SweepReport]],
     stop: asyncio.Event,
     interval: float = 3600,
 ) -> None:
     while not stop.is_set():
         try:
-            report = await sweep(db, blobs, clock(), grace)
-            if report.links_expired or report.blobs_deleted:
+            report = await sweep_once()
+            if report.links_expired or report.blobs_deleted or report.letters_expired:
                 log.info("sweep: %s", report)
         except Exception:
             log.exception("sweep failed; trying again next time")

@@ -44,7 +44,7 @@ from gateway.evidence import (
     rfc3339,
     texts_sha256,
 )
-from gateway.models import Consent, Event, Letter, Message
+from gateway.models import Consent, Delivery, Event, Letter, Message
 
 CONSENT_GIVEN = "consent.given"
 LETTER_RELEASED = "letter.released"
@@ -406,6 +406,20 @@ class ConsentEvidence:
     events: list[Event]
     pdf_path: Path | None  # None when the stored blob name is not a digest
     recomputed_sha256: str | None
+    files: tuple[EvidenceFile, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvidenceFile:
+    """One stored file of the evidence and whether the blob store still has it."""
+
+    label: str  # "held original", "released original", "consent PDF"
+    digest: str
+    path: Path | None  # None when the stored name is not a digest
+
+    @property
+    def present(self) -> bool:
+        return self.path is not None and self.path.exists()
 
 
 async def consent_evidence(
@@ -419,6 +433,13 @@ async def consent_evidence(
         letter = await session.get(Letter, consent.letter_id)
         message = await session.get(Message, letter.message_id) if letter is not None else None
         events = await consent_events(session, consent.id)
+        released = await session.get(Delivery, consent.released_delivery_id)
+    blobs = BlobStore(settings.storage.path)
+    digests = [
+        ("held original", letter.held_blob if letter is not None else ""),
+        ("released original", released.blob if released is not None else ""),
+        ("consent PDF", consent.pdf_blob),
+    ]
     try:
         recomputed: str | None = texts_sha256([ShownBlock(**b) for b in consent.blocks])
     except TypeError:
@@ -434,4 +455,12 @@ async def consent_evidence(
         events=events,
         pdf_path=pdf_path,
         recomputed_sha256=recomputed,
+        files=tuple(EvidenceFile(label, d, _blob_path(blobs, d)) for label, d in digests),
     )
+
+
+def _blob_path(blobs: BlobStore, digest: str) -> Path | None:
+    try:
+        return blobs.path(digest)
+    except ValueError:
+        return None

@@ -182,6 +182,7 @@ async def test_terms_pdf_travels_with_the_letter_and_the_archive_gets_copies(
     )
     await relay.send(offer(), recipients=[PROSPECT])
     [letter] = await relay.sink.expect(1)
+    assert sorted(letter.rcpt_tos) == sorted([PROSPECT, archive])  # the letter as sent
     parsed = email.message_from_bytes(letter.data, policy=email.policy.default)
     [attached] = list(parsed.iter_attachments())
     assert attached.get_filename() == "AGB.pdf"
@@ -193,6 +194,6 @@ async def test_terms_pdf_travels_with_the_letter_and_the_archive_gets_copies(
     # agent and archive.
     arrived = await relay.sink.expect(3)
     to_archive = [m.data for m in arrived if archive in m.rcpt_tos]
-    assert len(to_archive) == 2
+    assert len(to_archive) == 3
     assert any(b"X-Sealrelay-Consent" in data for data in to_archive)
     assert any(b"application/pdf" in data for data in to_archive)

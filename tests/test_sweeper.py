@@ -118,4 +118,6 @@ async def test_cli_links_expire(tmp_path: Path) -> None:
     )
     out, _ = await process.communicate()
     assert process.returncode == 0
-    assert out.decode().strip() == "0 link(s) expired, 0 blob(s) deleted (0.0 MB freed)"
+    assert out.decode().strip() == (
+        "0 link(s) expired, 0 letter(s) expired, 0 blob(s) deleted (0.0 MB freed)"
+    )

@@ -30,6 +30,7 @@ from gateway.evidence import (
 )
 from gateway.headers import remove_fields
 from gateway.models import Consent, Event, Letter, LetterStatus, Link, LinkKind, Message, new_id
+from gateway.queue import new_delivery
 from gateway.verification import VerificationReport, verify_released
 from tests.conftest import AGENT, DKIM_DOMAIN, DKIM_SELECTOR
 from tests.test_queue_cli import sealrelay, sqlite_url, write_config
@@ -121,6 +122,11 @@ async def seed(
     )
     blobs = BlobStore(settings.storage.path)
     pdf_blob = await blobs.put(consent_pdf.render(record))
+    held_blob = await blobs.put(OFFER)
+    released = release(key, consent_id)
+    released_delivery = new_delivery(
+        message_id, PROSPECT, await blobs.put(released), GIVEN_AT, 86400
+    )
     async with db.transaction() as session:
         await journal.append(
             session, [journal.NewEvent("message.accepted", message_id, data={"size": 1})]
@@ -162,7 +168,7 @@ async def seed(
                 blocks=[asdict(b) for b in BLOCKS],
                 button="Provisionspflichtig beauftragen und Exposé öffnen",
                 texts_sha256=texts_sha256(BLOCKS),
-                held_blob="2" * 64,
+                held_blob=held_blob,
                 released_at=GIVEN_AT,
             )
         )
@@ -179,9 +185,10 @@ async def seed(
                 texts_sha256=texts_sha256(BLOCKS),
                 letter_sent_at=LETTER_SENT_AT,
                 pdf_blob=pdf_blob,
-                released_delivery_id=new_id(),
+                released_delivery_id=released_delivery.id,
             )
         )
+        session.add(released_delivery)
         await session.flush()
         await journal.append(
             session,
@@ -191,7 +198,7 @@ async def seed(
             ],
             GIVEN_AT,
         )
-    return Seeded(consent_id, letter_id, message_id, release(key, consent_id), blobs.path(pdf_blob))
+    return Seeded(consent_id, letter_id, message_id, released, blobs.path(pdf_blob))
 
 
 @pytest.fixture

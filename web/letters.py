@@ -39,6 +39,7 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from gateway import journal, mime, renewal
+from gateway.blobstore import BlobMissing
 from gateway.i18n import Catalog
 from gateway.links import FoundLink, LinkState, find_recipient_link
 from gateway.models import Letter, Link, Message
@@ -159,6 +160,8 @@ class LetterPages:
             )
         except LetterExpired as expired:  # it expired between our look and the release
             return await self.render_expired(request, token, expired, catalog)
+        except BlobMissing as missing:
+            return await self.gone(request, found, catalog, "offer", missing)
         raise web.HTTPSeeOther(self.url(token, "/offer"))
 
     async def offer(self, request: web.Request) -> web.StreamResponse:
@@ -169,7 +172,10 @@ class LetterPages:
         if not found.released or found.consent is None:
             raise web.HTTPSeeOther(self.url(token))
         catalog = self.site.catalog(found.letter.language)
-        raw = await self.relay.blobs.read(found.letter.held_blob)
+        try:
+            raw = await self.relay.blobs.read(found.letter.held_blob)
+        except BlobMissing as missing:
+            return await self.gone(request, found, catalog, "offer", missing)
         held = await asyncio.to_thread(read_offer, raw)
         parts = held.parts
         inline = {cid: self.url(token, f"/a/{part_id}") for cid, part_id in held.inline.items()}
@@ -225,7 +231,10 @@ class LetterPages:
         catalog = self.site.catalog(found.letter.language)
         if not found.released:
             raise web.HTTPSeeOther(self.url(token))
-        raw = await self.relay.blobs.read(found.letter.held_blob)
+        try:
+            raw = await self.relay.blobs.read(found.letter.held_blob)
+        except BlobMissing as missing:
+            return await self.gone(request, found, catalog, "offer", missing)
         wanted = request.match_info["part"]
         found_part = await asyncio.to_thread(decoded_part, raw, wanted)
         if found_part is None:
@@ -263,7 +272,10 @@ class LetterPages:
         if found.consent is None:
             raise web.HTTPSeeOther(self.url(token))
         catalog = self.site.catalog(found.letter.language)
-        data = await self.relay.blobs.read(found.consent.pdf_blob)
+        try:
+            data = await self.relay.blobs.read(found.consent.pdf_blob)
+        except BlobMissing as missing:
+            return await self.gone(request, found, catalog, "pdf", missing)
         name = catalog.t("offer.consent_filename", subject=found.letter.subject)
         return await self.send_bytes(request, data, "application/pdf", f"{name}.pdf")
 
@@ -436,6 +448,32 @@ class LetterPages:
             button=catalog.t("letter.renew", agent=agent),
             action=self.url(token, "/renew"),
             csrf=self.forms.token_for(token),
+        )
+
+    async def gone(
+        self,
+        request: web.Request,
+        found: FoundLetter,
+        catalog: Catalog,
+        what: str,
+        missing: BlobMissing,
+    ) -> web.Response:
+        """410 naming what is no longer stored (`offer` or `pdf`); the details go to the log."""
+        log.error(
+            "letter %s: the %s is missing from the blob store (%s)",
+            found.letter.id,
+            "held original" if what == "offer" else "consent PDF",
+            missing.digest,
+        )
+        agent = await self.agent_name(found.letter, found.message)
+        return self.site.render(
+            request,
+            "error.html",
+            catalog,
+            status=410,
+            title=catalog.t("letter.gone_title"),
+            message=catalog.t(f"letter.gone_{what}", subject=found.letter.subject),
+            detail=catalog.t("letter.gone_hint", agent=agent),
         )
 
     async def send_bytes(
