@@ -21,7 +21,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from gateway import users
 from gateway.config import Settings
-from gateway.data_reader import read_data
+from gateway.data_reader import DataResult, read_data
 from gateway.db import Database
 from gateway.metrics import SMTP_REPLIES
 from gateway.pipeline import Envelope as PipelineEnvelope
@@ -57,6 +57,7 @@ class Reply:
     LINE_TOO_LONG = "500 5.5.6 Line too long; at most 1000 octets per line (RFC 5321 4.5.3.1.6)"
     TEMPORARY = "451 4.3.0 The message was not accepted because of a local problem; try again"
     QUEUED = "250 2.0.0 Ok: queued as {message_id}"
+    TIMEOUT = "421 4.4.2 {hostname} Timeout: the client was silent too long; closing"
 
     @staticmethod
     def bad_sender(address: str, why: str) -> str:
@@ -178,7 +179,41 @@ class SubmissionHandler:
 
 
 class SubmissionSMTP(SMTP):
-    """aiosmtpd's protocol with DATA read in large pieces (gateway/data_reader.py)."""
+    """aiosmtpd's protocol with DATA read in large pieces (gateway/data_reader.py).
+
+    `timeout` means client silence, as Postfix's smtpd_timeout does: aiosmtpd restarts its
+    timer only per command, so a DATA transfer longer than the timeout was cut however
+    steadily it flowed. Here every piece of DATA restarts it, and the timer stands still
+    while the relay itself works on the message (the client is waiting for us then).
+    """
+
+    _receiving_data = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._receiving_data:
+            self._reset_timeout()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        """Say why before closing, so the client logs a reason and not a lost connection."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            log.info("%s: no data for %.0f s; closing", _peer_of(self), self._timeout_duration)
+            transport.write((Reply.TIMEOUT.format(hostname=self.hostname) + "\r\n").encode("ascii"))
+            _count(Reply.TIMEOUT)
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def _read_data(self) -> DataResult:
+        self._receiving_data = True
+        try:
+            return await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+        finally:
+            self._receiving_data = False
+            self._pause_timeout()
+
+    def _pause_timeout(self) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -192,7 +227,7 @@ class SubmissionSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        result = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+        result = await self._read_data()
         if result.too_big:
             reply = _count(Reply.TOO_BIG.format(limit=self.data_size_limit))
         elif result.line_too_long:
@@ -203,6 +238,7 @@ class SubmissionSMTP(SMTP):
             reply = "250 OK" if status is MISSING else status
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(reply)
+        self._reset_timeout()
 
 
 class SmtpFront:
@@ -315,6 +351,10 @@ def _b64(value: str) -> bytes | None:
         return b64decode(value.encode(), validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def _peer_of(server: SMTP) -> str:
+    return _peer(server.session) if server.session is not None else "?"
 
 
 def _peer(session: Session) -> str:
