@@ -135,6 +135,9 @@ class WebSettings(Section):
 
 class DatabaseSettings(Section):
     url: str = "sqlite+aiosqlite:///var/sealrelay.db"
+    connect_retry_max: float = Field(
+        default=30, gt=0, description="seconds between start-up attempts to reach it, at most"
+    )
 
     @field_validator("url")
     @classmethod

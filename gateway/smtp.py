@@ -18,6 +18,7 @@ from weakref import WeakKeyDictionary
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 from email_validator import EmailNotValidError, validate_email
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import users
 from gateway.config import Settings
@@ -49,6 +50,7 @@ class Reply:
     RCPT_OK = "250 2.1.5 Ok"
     AUTH_OK = "235 2.7.0 Authentication successful"
     AUTH_FAILED = "535 5.7.8 Authentication failed: wrong login or password"
+    AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
     AUTH_TOO_MANY = "421 4.7.0 Too many failed logins; closing the connection"
     AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 answer"
     AUTH_BAD_PLAIN = "501 5.5.2 AUTH PLAIN needs authzid NUL login NUL password"
@@ -56,6 +58,7 @@ class Reply:
     TOO_BIG = "552 5.3.4 The message is too big; at most {limit} bytes are accepted"
     LINE_TOO_LONG = "500 5.5.6 Line too long; at most 1000 octets per line (RFC 5321 4.5.3.1.6)"
     TEMPORARY = "451 4.3.0 The message was not accepted because of a local problem; try again"
+    LOCAL_ERROR = "451 4.3.0 A local problem; try again later"
     QUEUED = "250 2.0.0 Ok: queued as {message_id}"
     TIMEOUT = "421 4.4.2 {hostname} Timeout: the client was silent too long; closing"
 
@@ -102,11 +105,15 @@ class SubmissionHandler:
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         session = server.session
         assert session is not None
-        agent = await users.authenticate(
-            self.db,
-            login.decode("utf-8", errors="replace"),
-            password.decode("utf-8", errors="replace"),
-        )
+        try:
+            agent = await users.authenticate(
+                self.db,
+                login.decode("utf-8", errors="replace"),
+                password.decode("utf-8", errors="replace"),
+            )
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            log.error("%s: cannot check the login, no database: %s", _peer(session), exc)
+            return await _refuse(server, Reply.AUTH_TEMPORARY)
         if agent is not None:
             log.info("%s authenticated as %s", _peer(session), agent.email)
             return AuthResult(success=True, auth_data=agent, message=Reply.AUTH_OK)
@@ -120,6 +127,12 @@ class SubmissionHandler:
             return AuthResult(success=False, handled=True)
         # AuthResult's handled defaults to True, which would make aiosmtpd send nothing.
         return await _refuse(server, Reply.AUTH_FAILED)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's default answers `500 Error: (Class) text`, showing the client our
+        internals (database addresses, paths) and telling it not to retry."""
+        log.error("SMTP session failed", exc_info=error)
+        return _count(Reply.LOCAL_ERROR)
 
     # -- the envelope
 
