@@ -27,8 +27,10 @@ from gateway.db import Database
 from gateway.metrics import SMTP_REPLIES
 from gateway.pipeline import Envelope as PipelineEnvelope
 from gateway.pipeline import Origin, Pipeline, Rejected
+from gateway.smtp_guard import ConnectionGate, FailedLogins, ThrottledLog, session_ceiling
 
 log = logging.getLogger(__name__)
+TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds an implicit-TLS client may take to say hello
 
 
 class _ImplicitTlsNoise(logging.Filter):
@@ -50,6 +52,7 @@ class Reply:
     RCPT_OK = "250 2.1.5 Ok"
     AUTH_OK = "235 2.7.0 Authentication successful"
     AUTH_FAILED = "535 5.7.8 Authentication failed: wrong login or password"
+    AUTH_THROTTLED = "454 4.7.0 Too many failed logins from your address; try again later"
     AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
     AUTH_TOO_MANY = "421 4.7.0 Too many failed logins; closing the connection"
     AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 answer"
@@ -76,15 +79,21 @@ class Reply:
 
 
 class SubmissionHandler:
-    def __init__(self, settings: Settings, db: Database, pipeline: Pipeline) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, pipeline: Pipeline, failed_logins: FailedLogins
+    ) -> None:
         self.settings = settings
         self.db = db
         self.pipeline = pipeline
+        self.failed_logins = failed_logins
         self._auth_failures: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
+        self._throttled = ThrottledLog(log)
 
     # -- AUTH: our own PLAIN and LOGIN so that argon2 runs off the event loop.
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if self._over_budget(server):
+            return await self._failed(server, Reply.AUTH_THROTTLED)
         answer = await _initial_or_challenge(server, args, "")
         if answer is None:
             return AuthResult(success=False, handled=True)
@@ -94,6 +103,8 @@ class SubmissionHandler:
         return await self._check(server, parts[1], parts[2])
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if self._over_budget(server):
+            return await self._failed(server, Reply.AUTH_THROTTLED)
         login = await _initial_or_challenge(server, args, server.AuthLoginUsernameChallenge)
         if login is None:
             return AuthResult(success=False, handled=True)
@@ -105,28 +116,47 @@ class SubmissionHandler:
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         session = server.session
         assert session is not None
+        address = _peer(session)
         try:
             agent = await users.authenticate(
                 self.db,
                 login.decode("utf-8", errors="replace"),
                 password.decode("utf-8", errors="replace"),
+                priority=self.failed_logins.level(address),
             )
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            log.error("%s: cannot check the login, no database: %s", _peer(session), exc)
+            log.error("%s: cannot check the login, no database: %s", address, exc)
             return await _refuse(server, Reply.AUTH_TEMPORARY)
         if agent is not None:
-            log.info("%s authenticated as %s", _peer(session), agent.email)
+            log.info("%s authenticated as %s", address, agent.email)
             return AuthResult(success=True, auth_data=agent, message=Reply.AUTH_OK)
+        self.failed_logins.record(address)
+        log.warning("failed login %r from %s", login[:100], address)
+        return await self._failed(server, Reply.AUTH_FAILED)
+
+    def _over_budget(self, server: SMTP) -> bool:
+        """An address over its failed-login budget is refused before a password is read."""
+        address = _peer_of(server)
+        if not self.failed_logins.over_budget(address):
+            return False
+        self._throttled.warning(
+            "auth", "refused a login from %s: too many failed logins from there", address
+        )
+        return True
+
+    async def _failed(self, server: SMTP, reply: str) -> AuthResult:
+        """A refused login; the session's own count closes it after max_auth_failures."""
+        session = server.session
+        assert session is not None
         failures = self._auth_failures.get(session, 0) + 1
         self._auth_failures[session] = failures
-        log.warning("failed login %r from %s", login[:100], _peer(session))
         if failures >= self.settings.smtp.max_auth_failures:
             await _refuse(server, Reply.AUTH_TOO_MANY)
             if server.transport is not None:
                 server.transport.close()
             return AuthResult(success=False, handled=True)
         # AuthResult's handled defaults to True, which would make aiosmtpd send nothing.
-        return await _refuse(server, Reply.AUTH_FAILED)
+        return await _refuse(server, reply)
 
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's default answers `500 Error: (Class) text`, showing the client our
@@ -202,7 +232,47 @@ class SubmissionSMTP(SMTP):
 
     _receiving_data = False
 
+    def __init__(self, handler: SubmissionHandler, gate: ConnectionGate, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._gate = gate
+        self._admitted: str | None = None  # the client address while counted by the gate
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The gate decides before aiosmtpd sets up a session (STARTTLS calls this again)."""
+        if self._admitted is None:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+            refusal = self._gate.admit(address)
+            if refusal is not None:
+                self._refused = True
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(refusal.encode("ascii") + b"\r\n")
+                _count(refusal)
+                transport.close()
+                return
+            self._admitted = address
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        try:
+            super().connection_lost(error)
+        finally:
+            if self._admitted is not None:
+                self._gate.release(self._admitted)
+                self._admitted = None
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._receiving_data:
             self._reset_timeout()
         super().data_received(data)
@@ -259,13 +329,17 @@ class SmtpFront:
 
     def __init__(self, settings: Settings, db: Database, pipeline: Pipeline) -> None:
         self.settings = settings
-        self.handler = SubmissionHandler(settings, db, pipeline)
+        smtp = settings.smtp
+        self.failed_logins = FailedLogins(smtp.max_auth_failures_per_ip, smtp.auth_failure_forget)
+        self.handler = SubmissionHandler(settings, db, pipeline, self.failed_logins)
+        self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
         self.tls = tls_context(settings)
         self.servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         smtp = self.settings.smtp
+        self.gate.total = session_ceiling(smtp.max_connections)
         for address in smtp.listen:
             host, port = _split(address)
             plaintext_ok = smtp.allow_plaintext_auth_on_loopback and _is_loopback(host)
@@ -279,7 +353,15 @@ class SmtpFront:
         for address in smtp.implicit_tls_listen:
             host, port = _split(address)
             factory = self._factory(None, require_tls=False)
-            self.servers.append(await loop.create_server(factory, host, port, ssl=self.tls))
+            self.servers.append(
+                await loop.create_server(
+                    factory,
+                    host,
+                    port,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=min(smtp.timeout, TLS_HANDSHAKE_TIMEOUT),
+                )
+            )
         for server in self.servers:
             for sock in server.sockets:
                 log.info("SMTP listening on %s", sock.getsockname()[:2])
@@ -290,6 +372,7 @@ class SmtpFront:
         def make() -> SMTP:
             return SubmissionSMTP(
                 self.handler,
+                self.gate,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=False,
                 decode_data=False,

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import threading
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 
+from gateway import users
 from tests.conftest import AGENT, Harness, StartRelay
 from tests.test_smtp_front import (
     PROSPECT,
@@ -21,9 +25,11 @@ from tests.test_smtp_front import (
     Answer,
     Wire,
     assert_nothing_written,
+    client_tls,
     dotted,
     plain_token,
     raw_message,
+    send_sentinel,
 )
 
 AGENT_IP = "127.0.0.1"
@@ -133,3 +139,178 @@ async def test_a_silent_client_gets_421_timeout_and_nothing_is_stored(
     finally:
         await wire.close()
     await assert_nothing_written(relay)
+
+
+# -- item 13: floods of connections and of failed logins
+
+
+async def admitted_eventually(port: int, source: str) -> Wire:
+    """A connection from `source` once the relay has counted a closed one out (bounded)."""
+    for _ in range(100):
+        wire = await connect(port, source)
+        answer = await wire.answer()
+        if answer.code == 220:
+            return wire
+        await wire.close()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{source} was never admitted again")
+
+
+def log_lines(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+
+async def test_connections_over_the_per_address_limit_get_421_and_others_get_in(
+    relay_factory: StartRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = await relay_factory(smtp={"max_connections_per_ip": 3})
+    flood = "127.0.0.9"
+    async with wires() as opened:
+        for _ in range(3):
+            opened.append(await greeted(relay.smtp_port, flood))
+        for _ in range(10):
+            answer = await refused_at_greeting(relay.smtp_port, flood)
+            assert answer.lines == [
+                "421 4.7.0 Too many connections from your address; try again later"
+            ]
+        # the implicit-TLS port counts the same sessions
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                "127.0.0.1", relay.tls_port, ssl=client_tls(), local_addr=(flood, 0)
+            ),
+            TIMEOUT,
+        )
+        tls_wire = Wire(reader, writer)
+        opened.append(tls_wire)
+        assert (await tls_wire.answer()).code == 421
+
+        # an agent from elsewhere is not locked out
+        agent = await logged_in(relay, AGENT_IP)
+        opened.append(agent)
+        await send_sentinel(relay, agent)
+
+        # eleven refusals, one line in the log
+        assert len(log_lines(caplog, "refused a connection from 127.0.0.9")) == 1
+
+        # a closed session frees its place
+        assert (await opened[0].command("QUIT")).code == 221
+        opened.append(await admitted_eventually(relay.smtp_port, flood))
+
+
+async def test_connections_over_the_total_limit_get_421_busy(relay_factory: StartRelay) -> None:
+    relay = await relay_factory(smtp={"max_connections": 4})
+    async with wires() as opened:
+        for n in range(4):
+            opened.append(await greeted(relay.smtp_port, f"127.0.3.{n + 1}"))
+        answer = await refused_at_greeting(relay.smtp_port, "127.0.3.99")
+        assert answer.lines == ["421 4.3.2 Too many connections; try again later"]
+        assert (await opened.pop(0).command("QUIT")).code == 221
+        agent = await admitted_eventually(relay.smtp_port, AGENT_IP)
+        opened.append(agent)
+        await agent.ehlo()
+        await agent.starttls()
+        await agent.ehlo()
+        assert (await agent.command(f"AUTH PLAIN {plain_token()}")).code == 235
+        await send_sentinel(relay, agent)
+
+
+async def test_failed_logins_are_counted_per_address_across_connections(
+    relay_factory: StartRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = await relay_factory(smtp={"max_auth_failures_per_ip": 4, "auth_failure_forget": 3600})
+    attacker = "127.0.0.7"
+    bad = plain_token(password="guess 1")
+
+    first = await started_tls(relay, attacker)
+    try:
+        for _ in range(2):
+            assert (await first.command(f"AUTH PLAIN {bad}")).code == 535
+        assert (await first.command(f"AUTH PLAIN {bad}")).code == 421  # per connection: 3
+        assert await first.closed_by_server()
+    finally:
+        await first.close()
+
+    second = await started_tls(relay, attacker)
+    try:
+        assert (await second.command(f"AUTH PLAIN {bad}")).code == 535  # the fourth
+        # over budget: refused before any password is checked, the right one included
+        answer = await second.command(f"AUTH PLAIN {plain_token()}")
+        assert answer.lines == [
+            "454 4.7.0 Too many failed logins from your address; try again later"
+        ]
+        # and such refusals count for the connection's own limit
+        assert (await second.command("AUTH LOGIN")).code == 421
+        assert await second.closed_by_server()
+    finally:
+        await second.close()
+
+    answer = await refused_at_greeting(relay.smtp_port, attacker)
+    assert answer.lines == ["421 4.7.0 Too many failed logins from your address; try again later"]
+
+    # the agent's own address has a clean record
+    agent = await logged_in(relay, AGENT_IP)
+    try:
+        await send_sentinel(relay, agent)
+    finally:
+        await agent.close()
+    assert len(log_lines(caplog, "refused a login from 127.0.0.7")) == 1
+
+
+async def waiting_checks(web_url: str, http: aiohttp.ClientSession) -> float:
+    async with http.get(f"{web_url}/metrics") as response:
+        body = await response.text()
+    match = re.search(r"^sealrelay_auth_checks_waiting (\S+)$", body, re.MULTILINE)
+    assert match is not None, "the metric sealrelay_auth_checks_waiting is missing"
+    return float(match.group(1))
+
+
+async def test_a_login_from_a_clean_address_goes_ahead_of_queued_guesses(
+    relay_factory: StartRelay,
+) -> None:
+    """Completion order, not time: with guesses queued, the agent's check comes next.
+
+    Both hasher threads are held busy until every guess and the agent's login are queued,
+    so the queue's order alone decides who is answered first.
+    """
+    relay = await relay_factory(smtp={"auth_failure_forget": 3600})
+    guessers = [f"127.0.4.{n}" for n in range(1, 17)]
+    bad = plain_token(password="a guess")
+    finished: list[str] = []
+
+    async def answered(wire: Wire, name: str, code: int) -> None:
+        answer = await wire.answer()
+        assert answer.code == code, answer
+        finished.append(name)
+
+    async def queued(http: aiohttp.ClientSession, count: int) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while await waiting_checks(relay.web_url, http) < count:
+                await asyncio.sleep(0.02)
+
+    release = threading.Event()
+    async with wires() as opened, aiohttp.ClientSession() as http:
+        # each guesser address has failed once before: its record is no longer clean
+        for address in guessers:
+            wire = await started_tls(relay, address)
+            opened.append(wire)
+            assert (await wire.command(f"AUTH PLAIN {bad}")).code == 535
+        agent = await started_tls(relay, AGENT_IP)
+
+        busy = [users._argon2_pool.submit(release.wait) for _ in range(users.ARGON2_THREADS)]
+        try:
+            replies = []
+            for wire, address in zip(opened, guessers, strict=True):
+                await wire.write(f"AUTH PLAIN {bad}\r\n".encode())
+                replies.append(asyncio.create_task(answered(wire, address, 535)))
+            # two guesses hold the hasher's turns, the others wait in the queue
+            await queued(http, len(guessers) - users.ARGON2_THREADS)
+            await agent.write(f"AUTH PLAIN {plain_token()}\r\n".encode())
+            replies.append(asyncio.create_task(answered(agent, "agent", 235)))
+            await queued(http, len(guessers) - users.ARGON2_THREADS + 1)
+        finally:
+            release.set()
+        await asyncio.gather(*replies, *(asyncio.wrap_future(f) for f in busy))
+        await agent.close()
+    # before it finish the checks that held a turn, and those that ran beside its own;
+    # first come, first served it would be the last of all 17
+    assert finished.index("agent") <= 2 * users.ARGON2_THREADS, finished
