@@ -76,6 +76,9 @@ class SmtpSettings(Section):
     timeout: float = Field(default=300, gt=0)
     max_connections: int = Field(default=1000, ge=1)
     max_connections_per_ip: int = Field(default=50, ge=1)
+    busy_timeout: float = Field(
+        default=10, gt=0, description="seconds of silence before login when 3/4 full"
+    )
     max_auth_failures_per_ip: int = Field(default=20, ge=1)
     auth_failure_forget: float = Field(
         default=60, gt=0, description="seconds until one failed login of an address is forgotten"

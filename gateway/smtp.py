@@ -252,6 +252,9 @@ class SubmissionSMTP(SMTP):
                 transport.close()
                 return
             self._admitted = address
+            super().connection_made(transport)
+            self._gate.enter(self)
+            return
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -261,7 +264,7 @@ class SubmissionSMTP(SMTP):
             super().connection_lost(error)
         finally:
             if self._admitted is not None:
-                self._gate.release(self._admitted)
+                self._gate.release(self._admitted, self)
                 self._admitted = None
 
     def eof_received(self) -> bool | None:
@@ -269,6 +272,19 @@ class SubmissionSMTP(SMTP):
             return False
         result: bool | None = super().eof_received()
         return result
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        if duration is None and self._gate.under_stress and not self._logged_in:
+            duration = self._gate.busy_timeout
+        super()._reset_timeout(duration)
+
+    def shorten_idle(self) -> None:
+        if not self._logged_in and self.transport is not None:
+            self._reset_timeout()
+
+    @property
+    def _logged_in(self) -> bool:
+        return self.session is not None and bool(self.session.authenticated)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:

@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
+from weakref import WeakSet
 
 from gateway.config import SmtpSettings
 
@@ -146,19 +148,48 @@ class FailedLogins:
             self._buckets = {a: v for a, v in self._buckets.items() if self.level(a) > 0}
 
 
+class IdleSession(Protocol):
+    def shorten_idle(self) -> None: ...
+
+
 class ConnectionGate:
-    """Counts open sessions, per client address and in all, and admits or refuses new ones."""
+    """Counts open sessions, per client address and in all, and admits or refuses new ones.
+
+    From three quarters full on, sessions that have not logged in may stay silent only
+    `busy_timeout` seconds (Postfix's stress mode): idle connections from many addresses
+    would otherwise hold every place for the full timeout and lock the agents out.
+    """
 
     def __init__(self, settings: SmtpSettings, failed_logins: FailedLogins, total: int) -> None:
         self.per_address = settings.max_connections_per_ip
+        self.busy_timeout = settings.busy_timeout
         self.total = total
         self.failed_logins = failed_logins
         self.open: Counter[str] = Counter()
+        self.sessions: WeakSet[IdleSession] = WeakSet()
         self.refusals = ThrottledLog(log)
 
     @property
     def open_total(self) -> int:
         return self.open.total()
+
+    @property
+    def under_stress(self) -> bool:
+        return self.open_total >= max(1, self.total * 3 // 4)
+
+    def enter(self, session: IdleSession) -> None:
+        """An admitted session; the one that brings stress shortens everyone's idle time."""
+        self.sessions.add(session)
+        if self.open_total == max(1, self.total * 3 // 4):
+            self.refusals.warning(
+                "stress",
+                "%d of %d SMTP sessions open: sessions not logged in get %.0f s of silence",
+                self.open_total,
+                self.total,
+                self.busy_timeout,
+            )
+            for other in list(self.sessions):
+                other.shorten_idle()
 
     def admit(self, address: str) -> str | None:
         """None and the session is counted, or the reply that refuses it."""
@@ -183,7 +214,8 @@ class ConnectionGate:
         self.open[address] += 1
         return None
 
-    def release(self, address: str) -> None:
+    def release(self, address: str, session: IdleSession) -> None:
+        self.sessions.discard(session)
         self.open[address] -= 1
         if self.open[address] <= 0:
             del self.open[address]

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
+import resource
+import signal
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from gateway import users
-from tests.conftest import AGENT, Harness, StartRelay
+from gateway.smtp_guard import ACCEPT_FAILURES, FailedLogins, ThrottledLog, ThrottledRecords
+from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
+from tests.support import free_port
+from tests.test_database_outage import SEALRELAY, port_open
 from tests.test_smtp_front import (
     PROSPECT,
     TIMEOUT,
@@ -314,3 +322,182 @@ async def test_a_login_from_a_clean_address_goes_ahead_of_queued_guesses(
     # before it finish the checks that held a turn, and those that ran beside its own;
     # first come, first served it would be the last of all 17
     assert finished.index("agent") <= 2 * users.ARGON2_THREADS, finished
+
+
+async def test_idle_sessions_from_many_addresses_are_shed_so_an_agent_gets_in(
+    relay_factory: StartRelay,
+) -> None:
+    """Three quarters full, a session not logged in may stay silent only busy_timeout."""
+    relay = await relay_factory(smtp={"max_connections": 8, "busy_timeout": 0.5, "timeout": 300})
+    async with wires() as opened:
+        for n in range(8):
+            opened.append(await greeted(relay.smtp_port, f"127.0.6.{n + 1}"))
+        # the flood's sessions are closed after half a second of silence, not 300 s
+        for wire in opened:
+            answer = await wire.answer()
+            assert answer.lines[0].startswith("421 4.4.2 "), answer
+            assert await wire.closed_by_server()
+        agent = await admitted_eventually(relay.smtp_port, AGENT_IP)
+        opened.append(agent)
+        await agent.ehlo()
+        await agent.starttls()
+        await agent.ehlo()
+        assert (await agent.command(f"AUTH PLAIN {plain_token()}")).code == 235
+        await send_sentinel(relay, agent)
+
+
+# -- the whole process against the file-descriptor limit
+
+
+def serve_config(tmp_path: Path, smtp_port: int) -> Path:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f"""
+[server]
+hostname = "relay.test.example"
+[smtp]
+listen = ["127.0.0.1:{smtp_port}"]
+allow_plaintext_auth_on_loopback = true
+busy_timeout = 120
+[web]
+listen = "127.0.0.1:{free_port()}"
+[upstream]
+url = "capture:{tmp_path / "outbox"}"
+[database]
+url = "sqlite+aiosqlite:///{tmp_path / "relay.db"}"
+[storage]
+path = "{tmp_path / "blobs"}"
+"""
+    )
+    return config
+
+
+def low_descriptor_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+FD_LIMIT = 256
+
+
+@pytest.mark.slow
+async def test_a_flood_past_the_descriptor_limit_is_refused_not_a_lockout(
+    tmp_path: Path,
+) -> None:
+    """1,050 idle connections used to exhaust the descriptors: then nobody got in and
+    asyncio logged `accept() out of system resource` without pause. Scaled down here."""
+    smtp_port = free_port()
+    config = serve_config(tmp_path, smtp_port)
+    add = await asyncio.create_subprocess_exec(
+        SEALRELAY,
+        *("user", "add", AGENT, "--password-stdin", "--config", str(config)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    await add.communicate(f"{PASSWORD}\n".encode())
+    assert add.returncode == 0
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            *(SEALRELAY, "serve", "--config", str(config)),
+            stdout=log,
+            stderr=log,
+            preexec_fn=low_descriptor_limit,
+        )
+        try:
+            await port_open(smtp_port, process)
+            greetings: Counter[str] = Counter()
+            async with wires() as opened:
+                for n in range(FD_LIMIT):
+                    wire = await connect(smtp_port, f"127.0.7.{n // 40 + 1}")
+                    answer = await wire.answer()
+                    greetings[answer.lines[0][:9]] += 1
+                    if answer.code == 220:
+                        opened.append(wire)
+                    else:
+                        await wire.close()
+                admitted = greetings["220 relay"]
+                assert 0 < admitted < FD_LIMIT - 32, greetings
+                assert greetings["421 4.3.2"] == FD_LIMIT - admitted, greetings
+            # the flood is gone: the agent gets in
+            agent = await admitted_eventually(smtp_port, AGENT_IP)
+            try:
+                await agent.ehlo()
+                assert (await agent.command(f"AUTH PLAIN {plain_token()}")).code == 235
+            finally:
+                await agent.close()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                code = await process.wait()
+    assert code == 0
+    text = log_path.read_text()
+    assert "out of system resource" not in text
+    assert f"smtp.max_connections 1000 lowered to {admitted}" in text
+    assert len(re.findall(r"refused a connection from .*sessions open", text)) == 1, text
+
+
+# -- the mechanisms on their own, with a clock the test moves
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failed_logins_leak_away_one_per_forget_interval() -> None:
+    clock = Clock()
+    failed = FailedLogins(budget=3, forget_seconds=60, clock=clock)
+    for _ in range(3):
+        failed.record("192.0.2.1")
+    assert failed.over_budget("192.0.2.1")
+    assert not failed.over_budget("192.0.2.2")
+    clock.now += 59
+    assert failed.over_budget("192.0.2.1")
+    clock.now += 1
+    assert not failed.over_budget("192.0.2.1")
+    assert failed.level("192.0.2.1") == pytest.approx(2)
+    clock.now += 3600
+    assert failed.level("192.0.2.1") == 0
+
+
+def test_throttled_log_writes_one_line_per_kind_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    throttled = ThrottledLog(logging.getLogger("test.throttled"), interval=60, clock=clock)
+    for n in range(100):
+        throttled.warning("flood", "refused %d", n)
+    throttled.warning("other", "another kind")
+    clock.now += 60
+    throttled.warning("flood", "refused %d", 100)
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0",
+        "another kind",
+        "refused 100 (and 99 more like it in the last 60 s)",
+    ]
+
+
+def test_asyncios_accept_failures_are_logged_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    records = ThrottledRecords("socket.accept() out of system resource", 60, clock)
+    logger = logging.getLogger("test.accept")
+    logger.addFilter(records)
+    try:
+        for _ in range(500):
+            logger.error("socket.accept() out of system resource")
+        logger.error("something else")
+        clock.now += 61
+        logger.error("socket.accept() out of system resource")
+    finally:
+        logger.removeFilter(records)
+    assert [r.getMessage() for r in caplog.records] == [
+        "socket.accept() out of system resource",
+        "something else",
+        "socket.accept() out of system resource (and 499 more like it in the last 60 s)",
+    ]
+    assert ACCEPT_FAILURES in logging.getLogger("asyncio").filters
