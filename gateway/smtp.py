@@ -118,16 +118,18 @@ class SubmissionHandler:
         assert session is not None
         address = _peer(session)
         try:
-            agent = await users.authenticate(
-                self.db,
-                login.decode("utf-8", errors="replace"),
-                password.decode("utf-8", errors="replace"),
-                priority=self.failed_logins.level(address),
-            )
+            with self.failed_logins.checking(address):
+                agent = await users.authenticate(
+                    self.db,
+                    login.decode("utf-8", errors="replace"),
+                    password.decode("utf-8", errors="replace"),
+                    priority=self.failed_logins.priority(address),
+                )
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             log.error("%s: cannot check the login, no database: %s", address, exc)
             return await _refuse(server, Reply.AUTH_TEMPORARY)
         if agent is not None:
+            self.failed_logins.record_login(address)
             log.info("%s authenticated as %s", address, agent.email)
             return AuthResult(success=True, auth_data=agent, message=Reply.AUTH_OK)
         self.failed_logins.record(address)

@@ -264,6 +264,20 @@ async def test_failed_logins_are_counted_per_address_across_connections(
     assert len(log_lines(caplog, "refused a login from 127.0.0.7")) == 1
 
 
+async def test_parallel_guesses_from_one_address_get_no_more_checks_than_the_budget(
+    relay_factory: StartRelay,
+) -> None:
+    relay = await relay_factory(smtp={"max_auth_failures_per_ip": 3, "auth_failure_forget": 3600})
+    attacker = "127.0.0.8"
+    async with wires() as opened:
+        for _ in range(8):
+            opened.append(await started_tls(relay, attacker))
+        for n, wire in enumerate(opened):
+            await wire.write(f"AUTH PLAIN {plain_token(password=f'guess {n}')}\r\n".encode())
+        answers = await asyncio.gather(*(wire.answer() for wire in opened))
+    assert sorted(a.code for a in answers) == [454] * 5 + [535] * 3, answers
+
+
 async def waiting_checks(web_url: str, http: aiohttp.ClientSession) -> float:
     async with http.get(f"{web_url}/metrics") as response:
         body = await response.text()
@@ -461,6 +475,17 @@ def test_failed_logins_leak_away_one_per_forget_interval() -> None:
     assert failed.level("192.0.2.1") == pytest.approx(2)
     clock.now += 3600
     assert failed.level("192.0.2.1") == 0
+
+
+def test_addresses_agents_logged_in_from_go_first_to_the_check() -> None:
+    clock = Clock()
+    failed = FailedLogins(budget=20, forget_seconds=60, clock=clock)
+    failed.record("192.0.2.9")
+    failed.record_login("192.0.2.1")
+    order = sorted(["192.0.2.9", "192.0.2.5", "192.0.2.1"], key=failed.priority)
+    assert order == ["192.0.2.1", "192.0.2.5", "192.0.2.9"]
+    clock.now += FailedLogins.TRUST_SECONDS
+    assert failed.priority("192.0.2.1") == failed.priority("192.0.2.5") == 0
 
 
 def test_throttled_log_writes_one_line_per_kind_per_interval(
