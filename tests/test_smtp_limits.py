@@ -28,6 +28,7 @@ from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
 from tests.support import free_port
 from tests.test_database_outage import SEALRELAY, port_open
 from tests.test_smtp_front import (
+    AUTH_WITHOUT_STARTTLS,
     PROSPECT,
     TIMEOUT,
     Answer,
@@ -168,6 +169,7 @@ def log_lines(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if words in r.getMessage()]
 
 
+@AUTH_WITHOUT_STARTTLS
 async def test_connections_over_the_per_address_limit_get_421_and_others_get_in(
     relay_factory: StartRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
