@@ -230,6 +230,7 @@ class SubmissionSMTP(SMTP):
     timer only per command, so a DATA transfer longer than the timeout was cut however
     steadily it flowed. Here every piece of DATA restarts it, and the timer stands still
     while the relay itself works on the message (the client is waiting for us then).
+    Each connection first passes the front's gate (gateway/smtp_guard.py), or hears 421.
     """
 
     _receiving_data = False
@@ -299,7 +300,7 @@ class SubmissionSMTP(SMTP):
         """Say why before closing, so the client logs a reason and not a lost connection."""
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            log.info("%s: no data for %.0f s; closing", _peer_of(self), self._timeout_duration)
+            log.info("%s: silent too long; closing", _peer_of(self))
             transport.write((Reply.TIMEOUT.format(hostname=self.hostname) + "\r\n").encode("ascii"))
             _count(Reply.TIMEOUT)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
