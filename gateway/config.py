@@ -78,6 +78,15 @@ class SmtpSettings(Section):
     max_received_headers: int = Field(default=30, ge=5)
     allow_plaintext_auth_on_loopback: bool = False
     timeout: float = Field(default=300, gt=0)
+    max_connections: int = Field(default=1000, ge=1)
+    max_connections_per_ip: int = Field(default=50, ge=1)
+    busy_timeout: float = Field(
+        default=10, gt=0, description="seconds of silence before login when 3/4 full"
+    )
+    max_auth_failures_per_ip: int = Field(default=20, ge=1)
+    auth_failure_forget: float = Field(
+        default=60, gt=0, description="seconds until one failed login of an address is forgotten"
+    )
 
     @field_validator("listen", "implicit_tls_listen")
     @classmethod
@@ -139,6 +148,9 @@ class WebSettings(Section):
 
 class DatabaseSettings(Section):
     url: str = "sqlite+aiosqlite:///var/sealrelay.db"
+    connect_retry_max: float = Field(
+        default=30, gt=0, description="seconds between start-up attempts to reach it, at most"
+    )
 
     @field_validator("url")
     @classmethod

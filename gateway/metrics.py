@@ -13,3 +13,6 @@ DELIVERY_OUTCOMES = Counter(
     ["outcome"],
 )
 QUEUE_DEPTH = Gauge("sealrelay_queue_deliveries", "Deliveries in the queue, by status", ["status"])
+AUTH_CHECKS_WAITING = Gauge(
+    "sealrelay_auth_checks_waiting", "SMTP logins waiting for the password hasher"
+)

@@ -8,10 +8,13 @@ module level.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import dkim, letter_keys, sweeper
 from gateway.blobstore import BlobStore
@@ -28,6 +31,7 @@ from gateway.upstream import Upstream, open_upstream
 log = logging.getLogger(__name__)
 
 ROLES = ("smtp", "web", "worker")
+STARTUP_RETRY_FIRST = 0.5  # seconds; doubles up to database.connect_retry_max
 
 
 def load_signer(settings: Settings) -> Signer:
@@ -94,9 +98,12 @@ class Relay:
         self._web_runner: Any = None
 
     async def start(self) -> None:
+        """Start the roles; returns without starting them when stopped while waiting for the
+        database."""
         for problem in letter_keys.problems(self.settings):
             log.warning("%s", problem)
-        await self.db.upgrade()
+        if not await self._database_ready():
+            return
         await asyncio.to_thread(self.blobs.remove_abandoned_temp_files)
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
@@ -118,6 +125,27 @@ class Relay:
         """What the hourly sweep does, now (by this relay's clock)."""
         return await self.sweeper(self.clock())
 
+    async def _database_ready(self) -> bool:
+        """Migrate, retrying with backoff while the database cannot be reached.
+
+        Orchestrators start the relay and its database together; exiting because PostgreSQL
+        is a few seconds late turns a normal boot into a restart loop. False when a stop was
+        requested first.
+        """
+        delay = STARTUP_RETRY_FIRST
+        while not self._stop.is_set():
+            try:
+                await self.db.upgrade()
+                return True
+            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                wait = min(delay, self.settings.database.connect_retry_max)
+                log.warning("database not reachable (%s); retrying in %.1f s", _reason(exc), wait)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._stop.wait()
+            delay *= 2
+        return False
+
     async def stop(self) -> None:
         """Stop taking mail first, then let workers finish their round."""
         await self.smtp.stop()
@@ -130,9 +158,17 @@ class Relay:
 
     async def serve_forever(self) -> None:
         await self.start()
+        if self._stop.is_set():
+            return
         log.info("sealrelay running: roles %s", ", ".join(sorted(self.roles)))
         await self._stop.wait()
 
     def request_stop(self) -> None:
         self._stop.set()
         self.signal.notify()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: SQLAlchemy appends SQL and a link to its own text."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

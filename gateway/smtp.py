@@ -18,16 +18,19 @@ from weakref import WeakKeyDictionary
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 from email_validator import EmailNotValidError, validate_email
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import users
 from gateway.config import Settings
-from gateway.data_reader import read_data
+from gateway.data_reader import DataResult, read_data
 from gateway.db import Database
 from gateway.metrics import SMTP_REPLIES
 from gateway.pipeline import Envelope as PipelineEnvelope
 from gateway.pipeline import Origin, Pipeline, Rejected
+from gateway.smtp_guard import ConnectionGate, FailedLogins, ThrottledLog, session_ceiling
 
 log = logging.getLogger(__name__)
+TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds an implicit-TLS client may take to say hello
 
 
 class _ImplicitTlsNoise(logging.Filter):
@@ -49,6 +52,8 @@ class Reply:
     RCPT_OK = "250 2.1.5 Ok"
     AUTH_OK = "235 2.7.0 Authentication successful"
     AUTH_FAILED = "535 5.7.8 Authentication failed: wrong login or password"
+    AUTH_THROTTLED = "454 4.7.0 Too many failed logins from your address; try again later"
+    AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
     AUTH_TOO_MANY = "421 4.7.0 Too many failed logins; closing the connection"
     AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 answer"
     AUTH_BAD_PLAIN = "501 5.5.2 AUTH PLAIN needs authzid NUL login NUL password"
@@ -56,7 +61,9 @@ class Reply:
     TOO_BIG = "552 5.3.4 The message is too big; at most {limit} bytes are accepted"
     LINE_TOO_LONG = "500 5.5.6 Line too long; at most 1000 octets per line (RFC 5321 4.5.3.1.6)"
     TEMPORARY = "451 4.3.0 The message was not accepted because of a local problem; try again"
+    LOCAL_ERROR = "451 4.3.0 A local problem; try again later"
     QUEUED = "250 2.0.0 Ok: queued as {message_id}"
+    TIMEOUT = "421 4.4.2 {hostname} Timeout: the client was silent too long; closing"
 
     @staticmethod
     def bad_sender(address: str, why: str) -> str:
@@ -72,15 +79,21 @@ class Reply:
 
 
 class SubmissionHandler:
-    def __init__(self, settings: Settings, db: Database, pipeline: Pipeline) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, pipeline: Pipeline, failed_logins: FailedLogins
+    ) -> None:
         self.settings = settings
         self.db = db
         self.pipeline = pipeline
+        self.failed_logins = failed_logins
         self._auth_failures: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
+        self._throttled = ThrottledLog(log)
 
     # -- AUTH: our own PLAIN and LOGIN so that argon2 runs off the event loop.
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if self._over_budget(server):
+            return await self._failed(server, Reply.AUTH_THROTTLED)
         answer = await _initial_or_challenge(server, args, "")
         if answer is None:
             return AuthResult(success=False, handled=True)
@@ -90,6 +103,8 @@ class SubmissionHandler:
         return await self._check(server, parts[1], parts[2])
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if self._over_budget(server):
+            return await self._failed(server, Reply.AUTH_THROTTLED)
         login = await _initial_or_challenge(server, args, server.AuthLoginUsernameChallenge)
         if login is None:
             return AuthResult(success=False, handled=True)
@@ -101,24 +116,55 @@ class SubmissionHandler:
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         session = server.session
         assert session is not None
-        agent = await users.authenticate(
-            self.db,
-            login.decode("utf-8", errors="replace"),
-            password.decode("utf-8", errors="replace"),
-        )
+        address = _peer(session)
+        try:
+            with self.failed_logins.checking(address):
+                agent = await users.authenticate(
+                    self.db,
+                    login.decode("utf-8", errors="replace"),
+                    password.decode("utf-8", errors="replace"),
+                    priority=self.failed_logins.priority(address),
+                )
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            log.error("%s: cannot check the login, no database: %s", address, exc)
+            return await _refuse(server, Reply.AUTH_TEMPORARY)
         if agent is not None:
-            log.info("%s authenticated as %s", _peer(session), agent.email)
+            self.failed_logins.record_login(address)
+            log.info("%s authenticated as %s", address, agent.email)
             return AuthResult(success=True, auth_data=agent, message=Reply.AUTH_OK)
+        self.failed_logins.record(address)
+        log.warning("failed login %r from %s", login[:100], address)
+        return await self._failed(server, Reply.AUTH_FAILED)
+
+    def _over_budget(self, server: SMTP) -> bool:
+        """An address over its failed-login budget is refused before a password is read."""
+        address = _peer_of(server)
+        if not self.failed_logins.over_budget(address):
+            return False
+        self._throttled.warning(
+            "auth", "refused a login from %s: too many failed logins from there", address
+        )
+        return True
+
+    async def _failed(self, server: SMTP, reply: str) -> AuthResult:
+        """A refused login; the session's own count closes it after max_auth_failures."""
+        session = server.session
+        assert session is not None
         failures = self._auth_failures.get(session, 0) + 1
         self._auth_failures[session] = failures
-        log.warning("failed login %r from %s", login[:100], _peer(session))
         if failures >= self.settings.smtp.max_auth_failures:
             await _refuse(server, Reply.AUTH_TOO_MANY)
             if server.transport is not None:
                 server.transport.close()
             return AuthResult(success=False, handled=True)
         # AuthResult's handled defaults to True, which would make aiosmtpd send nothing.
-        return await _refuse(server, Reply.AUTH_FAILED)
+        return await _refuse(server, reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's default answers `500 Error: (Class) text`, showing the client our
+        internals (database addresses, paths) and telling it not to retry."""
+        log.error("SMTP session failed", exc_info=error)
+        return _count(Reply.LOCAL_ERROR)
 
     # -- the envelope
 
@@ -178,7 +224,98 @@ class SubmissionHandler:
 
 
 class SubmissionSMTP(SMTP):
-    """aiosmtpd's protocol with DATA read in large pieces (gateway/data_reader.py)."""
+    """aiosmtpd's protocol with DATA read in large pieces (gateway/data_reader.py).
+
+    `timeout` means client silence, as Postfix's smtpd_timeout does: aiosmtpd restarts its
+    timer only per command, so a DATA transfer longer than the timeout was cut however
+    steadily it flowed. Here every piece of DATA restarts it, and the timer stands still
+    while the relay itself works on the message (the client is waiting for us then).
+    Each connection first passes the front's gate (gateway/smtp_guard.py), or hears 421.
+    """
+
+    _receiving_data = False
+
+    def __init__(self, handler: SubmissionHandler, gate: ConnectionGate, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._gate = gate
+        self._admitted: str | None = None  # the client address while counted by the gate
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The gate decides before aiosmtpd sets up a session (STARTTLS calls this again)."""
+        if self._admitted is None:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+            refusal = self._gate.admit(address)
+            if refusal is not None:
+                self._refused = True
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(refusal.encode("ascii") + b"\r\n")
+                _count(refusal)
+                transport.close()
+                return
+            self._admitted = address
+            super().connection_made(transport)
+            self._gate.enter(self)
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        try:
+            super().connection_lost(error)
+        finally:
+            if self._admitted is not None:
+                self._gate.release(self._admitted, self)
+                self._admitted = None
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        if duration is None and self._gate.under_stress and not self._logged_in:
+            duration = self._gate.busy_timeout
+        super()._reset_timeout(duration)
+
+    def shorten_idle(self) -> None:
+        if not self._logged_in and self.transport is not None:
+            self._reset_timeout()
+
+    @property
+    def _logged_in(self) -> bool:
+        return self.session is not None and bool(self.session.authenticated)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._receiving_data:
+            self._reset_timeout()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        """Say why before closing, so the client logs a reason and not a lost connection."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            log.info("%s: silent too long; closing", _peer_of(self))
+            transport.write((Reply.TIMEOUT.format(hostname=self.hostname) + "\r\n").encode("ascii"))
+            _count(Reply.TIMEOUT)
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def _read_data(self) -> DataResult:
+        self._receiving_data = True
+        try:
+            return await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+        finally:
+            self._receiving_data = False
+            self._pause_timeout()
+
+    def _pause_timeout(self) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -192,7 +329,7 @@ class SubmissionSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        result = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+        result = await self._read_data()
         if result.too_big:
             reply = _count(Reply.TOO_BIG.format(limit=self.data_size_limit))
         elif result.line_too_long:
@@ -203,6 +340,7 @@ class SubmissionSMTP(SMTP):
             reply = "250 OK" if status is MISSING else status
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(reply)
+        self._reset_timeout()
 
 
 class SmtpFront:
@@ -210,13 +348,17 @@ class SmtpFront:
 
     def __init__(self, settings: Settings, db: Database, pipeline: Pipeline) -> None:
         self.settings = settings
-        self.handler = SubmissionHandler(settings, db, pipeline)
+        smtp = settings.smtp
+        self.failed_logins = FailedLogins(smtp.max_auth_failures_per_ip, smtp.auth_failure_forget)
+        self.handler = SubmissionHandler(settings, db, pipeline, self.failed_logins)
+        self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
         self.tls = tls_context(settings)
         self.servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         smtp = self.settings.smtp
+        self.gate.total = session_ceiling(smtp.max_connections)
         for address in smtp.listen:
             host, port = _split(address)
             plaintext_ok = smtp.allow_plaintext_auth_on_loopback and _is_loopback(host)
@@ -230,7 +372,15 @@ class SmtpFront:
         for address in smtp.implicit_tls_listen:
             host, port = _split(address)
             factory = self._factory(None, require_tls=False)
-            self.servers.append(await loop.create_server(factory, host, port, ssl=self.tls))
+            self.servers.append(
+                await loop.create_server(
+                    factory,
+                    host,
+                    port,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=min(smtp.timeout, TLS_HANDSHAKE_TIMEOUT),
+                )
+            )
         for server in self.servers:
             for sock in server.sockets:
                 log.info("SMTP listening on %s", sock.getsockname()[:2])
@@ -241,6 +391,7 @@ class SmtpFront:
         def make() -> SMTP:
             return SubmissionSMTP(
                 self.handler,
+                self.gate,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=False,
                 decode_data=False,
@@ -315,6 +466,10 @@ def _b64(value: str) -> bytes | None:
         return b64decode(value.encode(), validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def _peer_of(server: SMTP) -> str:
+    return _peer(server.session) if server.session is not None else "?"
 
 
 def _peer(session: Session) -> str:

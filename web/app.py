@@ -3,6 +3,8 @@ console and API later."""
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
@@ -15,6 +17,7 @@ from web.letters import LetterPages
 from web.pages import ProspectSite
 
 RELAY = web.AppKey("relay", Relay)
+log = logging.getLogger(__name__)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -24,7 +27,9 @@ async def healthz(request: web.Request) -> web.Response:
         async with relay.db.transaction() as session:
             await session.execute(text("SELECT 1"))
     except Exception as exc:
-        return web.json_response({"status": "error", "database": str(exc)}, status=503)
+        # The exception names hosts, ports and SQL; the public may only learn that it failed.
+        log.warning("healthz: database unavailable: %s", exc)
+        return web.json_response({"status": "error", "database": "unavailable"}, status=503)
     return web.json_response({"status": "ok", "roles": sorted(relay.roles)})
 
 
