@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.blobstore import BlobStore
-from tests.support import free_port
+from tests.support import LETTER_TOML, free_port
 
 
 async def test_put_is_content_addressed_and_deduplicated(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ async def test_temp_files_of_a_killed_writer_go_at_start_up(tmp_path: Path) -> N
             f'[web]\nlisten = "127.0.0.1:{web_port}"\n'
             f'[upstream]\nurl = "capture:{tmp_path / "outbox"}"\n'
             f'[database]\nurl = "sqlite+aiosqlite:///{tmp_path / "relay.db"}"\n'
-            f'[storage]\npath = "{root}"\n'
+            f'[storage]\npath = "{root}"\n' + LETTER_TOML
         )
         serve = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "sealrelay"),
