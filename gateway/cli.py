@@ -3,43 +3,95 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import signal
-import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import dkim, journal, queue, sweeper, users, verification
-from gateway.config import ConfigError, Settings, load_settings
+from gateway import config_check, dkim, journal, queue, sweeper, users, verification
+from gateway.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    locate_config,
+    where_config_is_looked_for,
+)
 from gateway.db import Database
 from gateway.models import DeliveryStatus, utcnow
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEMO_AGENT = "agent@demo.sealrelay.example"
 
 
-def _settings(config: Path | None) -> Settings:
+class Access(Enum):
+    """What a command does to the database, which decides whether it may create one."""
+
+    READ = "read"  # looks only: the database must exist at the current schema
+    WRITE = "write"  # changes what is there: the database must exist; migrated first
+    CREATE = "create"  # may start a new database (db upgrade, user add, serve)
+
+
+def _config_path(config: Path | None) -> Path | None:
+    """The settings file in use; says so on stderr when there is none."""
     try:
-        return load_settings(config)
+        path = locate_config(config)
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
+    if path is None:
+        click.echo(
+            f"Note: no config file found ({where_config_is_looked_for()});"
+            f" using the embedded defaults in {Path.cwd()}",
+            err=True,
+        )
+    return path
 
 
-def _run(work: Callable[[Database], Awaitable[T]], config: Path | None) -> T:
-    """Run one admin action against the configured database, migrating it first."""
+@functools.cache
+def _loaded(config: Path | None) -> tuple[Path | None, Settings]:
+    path = _config_path(config)
+    try:
+        return path, load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems[:-1]:
+            click.echo(f"Error: config error: {problem}", err=True)
+        raise click.ClickException(f"config error: {exc.problems[-1]}") from exc
+
+
+def _settings(config: Path | None) -> Settings:
+    return _loaded(config)[1]
+
+
+def _run(
+    work: Callable[[Database], Awaitable[T]], config: Path | None, access: Access = Access.READ
+) -> T:
+    """Run one admin action against the configured database.
+
+    Only commands that may start a database create one; the others fail with one line naming
+    the database, so a command run without the right config never reports on an empty one.
+    """
     settings = _settings(config)
 
     async def main() -> T:
+        if access is not Access.CREATE:
+            _require_sqlite_file(settings.database.url)
         db = Database.connect(settings.database.url)
         try:
-            await db.upgrade()
+            if access is Access.READ:
+                await _require_current_schema(db, settings.database.url)
+            else:
+                await db.upgrade()
             return await work(db)
         except (users.UserError, queue.QueueError) as exc:
             raise click.ClickException(str(exc)) from exc
@@ -49,13 +101,46 @@ def _run(work: Callable[[Database], Awaitable[T]], config: Path | None) -> T:
     return asyncio.run(main())
 
 
+def _require_sqlite_file(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    path = Path(parsed.database)
+    if not path.is_file():
+        raise click.ClickException(
+            f"database.url: there is no database at {path.absolute()}; is this the right"
+            " config? `sealrelay db upgrade` creates one"
+        )
+
+
+async def _require_current_schema(db: Database, url: str) -> None:
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        current, newest = await db.schema_revisions()
+    except (OSError, SQLAlchemyError) as exc:
+        raise click.ClickException(f"database.url: cannot open {shown}: {exc}") from exc
+    if not current:
+        raise click.ClickException(
+            f"database.url: {shown} holds no sealrelay tables; is this the right config?"
+            " `sealrelay db upgrade` creates them"
+        )
+    if current != newest:
+        raise click.ClickException(
+            f"database.url: {shown} is at schema {', '.join(sorted(current))}, this sealrelay"
+            f" needs {', '.join(sorted(newest))}: run `sealrelay db upgrade`"
+        )
+
+
 def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--config",
         "-c",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        envvar="SEALRELAY_CONFIG",
-        help="TOML settings file (default: embedded defaults). Env: SEALRELAY_CONFIG.",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=(
+            "TOML settings file. Without it: $SEALRELAY_CONFIG, ./sealrelay.toml,"
+            " /etc/sealrelay/sealrelay.toml, else the embedded defaults."
+        ),
     )(command)
 
 
@@ -76,15 +161,22 @@ def serve(config: Path | None, roles: str) -> None:
     """Run the relay until SIGTERM or Ctrl-C."""
     from gateway.relay import Relay
 
-    settings = _settings(config)
+    chosen = [r.strip() for r in roles.split(",") if r.strip()]
+    settings, problems = config_check.check_config(_config_path(config))
+    if settings is not None:
+        problems += config_check.listen_problems(settings, chosen)
+    _stop_on_errors(problems)
+    assert settings is not None
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # aiosmtpd logs every command line at INFO, inline AUTH PLAIN credentials included.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    for problem in problems:
+        log.warning("config: %s", problem)
 
     async def run() -> None:
-        relay = Relay(settings, roles=[r.strip() for r in roles.split(",") if r.strip()])
+        relay = Relay(settings, roles=chosen)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, relay.request_stop)
@@ -99,26 +191,66 @@ def serve(config: Path | None, roles: str) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-@main.command("check-config")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def check_config(file: Path) -> None:
-    """Validate a settings file (and the environment on top of it)."""
-    from gateway.relay import load_signer
-    from gateway.smtp import tls_context
+def _stop_on_errors(problems: list[config_check.Problem]) -> None:
+    """Every error on its own line, naming key and path; exit 1 if there was one."""
+    errors = [problem for problem in problems if problem.error]
+    if not errors:
+        return
+    for problem in errors[:-1]:
+        click.echo(f"Error: config error: {problem}", err=True)
+    raise click.ClickException(f"config error: {errors[-1]}")
 
-    settings = _settings(file)
-    try:
-        load_signer(settings)
-    except dkim.DkimError as exc:
-        raise click.ClickException(f"config error: dkim: {exc}") from exc
-    try:
-        tls_context(settings)
-    except (OSError, ssl.SSLError) as exc:
-        raise click.ClickException(f"config error: smtp.tls_cert/tls_key: {exc}") from exc
+
+@main.command("check-config")
+@config_option
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def check_config(config: Path | None, file: Path | None) -> None:
+    """Check a settings file and everything it names; report every problem at once.
+
+    FILE (or --config) is found as for every command. Errors exit 1; warnings do not.
+    """
+    path = _config_path(file or config)
+    settings, problems = config_check.check_config(path)
+    if settings is not None and not any(p.error and p.key == "database.url" for p in problems):
+        problems += _user_group_problems(settings)
+    for problem in problems:
+        if not problem.error:
+            click.echo(f"Warning: {problem}", err=True)
+    _stop_on_errors(problems)
+    assert settings is not None
     click.echo(
-        f"{file}: ok (smtp {', '.join(settings.smtp.listen)}; web {settings.web.listen};"
-        f" upstream {settings.upstream.url}; dkim for {len(settings.dkim)} domain(s))"
+        f"{path or 'embedded defaults'}: ok (smtp {', '.join(settings.smtp.listen)};"
+        f" web {settings.web.listen}; upstream {settings.upstream.url};"
+        f" dkim for {len(settings.dkim)} domain(s))"
     )
+
+
+def _user_group_problems(settings: Settings) -> list[config_check.Problem]:
+    """Users whose group the settings do not know, if the database is there to ask."""
+
+    async def groups() -> dict[str, str]:
+        db = Database.connect(settings.database.url)
+        try:
+            current, _ = await db.schema_revisions()
+            if not current:
+                return {}
+            return {
+                account.email: account.group_name
+                for account, _ in await users.list_users(db)
+                if account.group_name
+            }
+        finally:
+            await db.close()
+
+    try:
+        _require_sqlite_file(settings.database.url)
+    except click.ClickException:
+        return []  # not created yet: `serve` will
+    try:
+        return config_check.unknown_group_problems(settings, asyncio.run(groups()))
+    except (OSError, SQLAlchemyError) as exc:
+        shown = make_url(settings.database.url).render_as_string(hide_password=True)
+        return [config_check.Problem("database.url", f"cannot open {shown}: {exc}")]
 
 
 @main.group()
@@ -134,7 +266,7 @@ def db_upgrade(config: Path | None) -> None:
     async def noop(_: Database) -> None:
         return None
 
-    _run(noop, config)
+    _run(noop, config, Access.CREATE)
     click.echo("database is up to date")
 
 
@@ -169,8 +301,16 @@ def user_add(
     created = _run(
         lambda db: users.add_user(db, email, password, admin=admin, group=group, aliases=aliases),
         config,
+        Access.CREATE,
     )
     click.echo(f"created {'admin' if admin else 'agent'} {created.email}")
+    known = {g.name for g in _settings(config).groups}
+    if group is not None and group not in known:
+        click.echo(
+            f"Warning: group {group!r} is not in the config's [[groups]];"
+            " the [policy] defaults apply to this agent until it is",
+            err=True,
+        )
     if generated:
         click.echo(f"password: {password}")
 
@@ -194,7 +334,7 @@ def user_list(config: Path | None) -> None:
 @click.argument("email")
 def user_disable(config: Path | None, email: str) -> None:
     """Stop a user from logging in (their queued mail still goes out)."""
-    _run(lambda db: users.set_disabled(db, email, True), config)
+    _run(lambda db: users.set_disabled(db, email, True), config, Access.WRITE)
     click.echo(f"disabled {email}")
 
 
@@ -203,7 +343,7 @@ def user_disable(config: Path | None, email: str) -> None:
 @click.argument("email")
 def user_enable(config: Path | None, email: str) -> None:
     """Let a disabled user log in again."""
-    _run(lambda db: users.set_disabled(db, email, False), config)
+    _run(lambda db: users.set_disabled(db, email, False), config, Access.WRITE)
     click.echo(f"enabled {email}")
 
 
@@ -214,7 +354,7 @@ def user_enable(config: Path | None, email: str) -> None:
 def user_passwd(config: Path | None, email: str, password_stdin: bool) -> None:
     """Set a new password; prints a generated one unless one comes on stdin."""
     password, generated = _password(password_stdin)
-    _run(lambda db: users.set_password(db, email, password), config)
+    _run(lambda db: users.set_password(db, email, password), config, Access.WRITE)
     click.echo(f"password changed for {email}")
     if generated:
         click.echo(f"password: {password}")
@@ -232,7 +372,7 @@ def demo_agent(config: Path | None) -> None:
         except users.UserError:
             await users.set_password(db, DEMO_AGENT, password)
 
-    _run(ensure, config)
+    _run(ensure, config, Access.CREATE)
     click.echo(f"demo agent: {DEMO_AGENT}  password: {password}")
 
 
@@ -275,7 +415,7 @@ def queue_retry(config: Path | None, delivery_id: str) -> None:
         async with db.transaction() as session:
             await queue.retry_now(session, delivery_id, utcnow(), lifetime)
 
-    _run(retry, config)
+    _run(retry, config, Access.WRITE)
     click.echo(f"{delivery_id} will be retried now (a running relay picks it up)")
 
 
@@ -289,7 +429,7 @@ def queue_delete(config: Path | None, delivery_id: str) -> None:
         async with db.transaction() as session:
             await queue.delete(session, delivery_id, utcnow())
 
-    _run(remove, config)
+    _run(remove, config, Access.WRITE)
     click.echo(f"{delivery_id} deleted")
 
 
@@ -310,7 +450,7 @@ def links_expire(config: Path | None) -> None:
     async def run(db: Database) -> sweeper.SweepReport:
         return await sweeper.sweep(db, BlobStore(settings.storage.path), utcnow(), grace)
 
-    report = _run(run, config)
+    report = _run(run, config, Access.WRITE)
     click.echo(
         f"{report.links_expired} link(s) expired, {report.blobs_deleted} blob(s) deleted"
         f" ({report.bytes_freed / 1e6:.1f} MB freed)"

@@ -224,10 +224,12 @@ async def test_cli_queue_list_retry_delete(config: Path, tmp_path: Path) -> None
     seeded = await seed_queue(db)
     await db.close()
     cfg = ("-c", str(config))
+    empty = write_config(tmp_path / "empty")
+    assert (await sealrelay("db", "upgrade", "-c", str(empty))).code == 0
 
     waiting, nothing, unknown = await asyncio.gather(
         sealrelay("queue", "list", *cfg),
-        sealrelay("queue", "list", "-c", str(write_config(tmp_path / "empty"))),
+        sealrelay("queue", "list", "-c", str(empty)),
         sealrelay("queue", "retry", "nope", *cfg),
     )
     assert (nothing.code, nothing.out) == (0, "the queue is empty\n")
@@ -328,13 +330,18 @@ async def test_check_config_names_the_bad_key(tmp_path: Path, dkim_key_file: Pat
         "good.toml",
         "[smtp]\n"
         'listen = ["127.0.0.1:2587"]\n'
+        "allow_plaintext_auth_on_loopback = true\n"
         "[upstream]\n"
         'url = "smtp://smarthost.example:587"\n'
         '[dkim."broker.example"]\n'
         'selector = "s2026"\n'
         f'key_file = "{dkim_key_file}"\n',
     )
-    bad = write_config(tmp_path, "bad.toml", "[smtp]\nmax_recipients = 0\n")
+    bad = write_config(
+        tmp_path,
+        "bad.toml",
+        "[smtp]\nmax_recipients = 0\n[upstream]\nurl = 'smtp://smarthost.example:587'\n",
+    )
     ok, value, env = await asyncio.gather(
         sealrelay("check-config", str(good)),
         sealrelay("check-config", str(bad)),
