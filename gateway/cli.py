@@ -28,7 +28,7 @@ from gateway.config import (
     where_config_is_looked_for,
 )
 from gateway.db import Database
-from gateway.models import DeliveryStatus, utcnow
+from gateway.models import Delivery, DeliveryStatus, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -385,7 +385,7 @@ def queue_group() -> None:
 @config_option
 @click.option("--all", "show_all", is_flag=True, help="Include delivered, bounced, deleted.")
 def queue_list(config: Path | None, show_all: bool) -> None:
-    """Copies waiting for delivery, oldest first."""
+    """Messages with copies waiting for delivery, each copy under its message's id."""
     statuses = list(DeliveryStatus) if show_all else [DeliveryStatus.QUEUED]
 
     async def fetch(db: Database) -> list[queue.Claimed]:
@@ -395,42 +395,89 @@ def queue_list(config: Path | None, show_all: bool) -> None:
     rows = _run(fetch, config)
     if not rows:
         click.echo("the queue is empty")
+    by_message: dict[str, list[queue.Claimed]] = {}
     for row in rows:
-        d, m = row.delivery, row.message
-        error = f"  last error: {d.last_error}" if d.last_error else ""
+        by_message.setdefault(row.message.id, []).append(row)
+    for copies in by_message.values():
+        m = copies[0].message
         click.echo(
-            f"{d.id}  {d.status:<9} {m.sender or '<>'} -> {d.recipient}  attempts={d.attempts}"
-            f"  next={d.next_attempt_at:%Y-%m-%d %H:%M:%S}Z  {m.subject[:40]!r}{error}"
+            f"{m.id}  {m.received_at:%Y-%m-%d %H:%M:%S}Z  {m.sender or '<>'}  {m.subject[:40]!r}"
         )
+        for copy in copies:
+            d = copy.delivery
+            error = f"  last error: {d.last_error}" if d.last_error else ""
+            click.echo(
+                f"    {d.status:<9} {d.recipient}  attempts={d.attempts}"
+                f"  next={d.next_attempt_at:%Y-%m-%d %H:%M:%S}Z{error}"
+            )
 
 
 @queue_group.command("retry")
 @config_option
-@click.argument("delivery_id")
-def queue_retry(config: Path | None, delivery_id: str) -> None:
-    """Try a queued (or bounced) copy again now."""
+@click.argument("message_id")
+@click.argument("recipients", nargs=-1)
+def queue_retry(config: Path | None, message_id: str, recipients: tuple[str, ...]) -> None:
+    """Try a message's queued (or bounced) copies again now; only to RECIPIENTS if given."""
     lifetime = timedelta(seconds=_settings(config).upstream.queue_lifetime)
 
-    async def retry(db: Database) -> None:
+    async def retry(db: Database) -> list[Delivery]:
         async with db.transaction() as session:
-            await queue.retry_now(session, delivery_id, utcnow(), lifetime)
+            copies = _named(
+                await queue.copies_of(session, message_id, recipients),
+                message_id,
+                recipients,
+                {DeliveryStatus.QUEUED, DeliveryStatus.BOUNCED},
+                "queued or bounced copy to retry",
+            )
+            for copy in copies:
+                await queue.retry_now(session, copy.id, utcnow(), lifetime)
+            return copies
 
-    _run(retry, config, Access.WRITE)
-    click.echo(f"{delivery_id} will be retried now (a running relay picks it up)")
+    for copy in _run(retry, config, Access.WRITE):
+        click.echo(
+            f"{copy.message_id}: {copy.recipient} will be retried now (a running relay picks it up)"
+        )
 
 
 @queue_group.command("delete")
 @config_option
-@click.argument("delivery_id")
-def queue_delete(config: Path | None, delivery_id: str) -> None:
-    """Drop a queued copy without sending a bounce."""
+@click.argument("message_id")
+@click.argument("recipients", nargs=-1)
+def queue_delete(config: Path | None, message_id: str, recipients: tuple[str, ...]) -> None:
+    """Drop a message's queued copies (only to RECIPIENTS if given) without a bounce."""
 
-    async def remove(db: Database) -> None:
+    async def remove(db: Database) -> list[Delivery]:
         async with db.transaction() as session:
-            await queue.delete(session, delivery_id, utcnow())
+            copies = _named(
+                await queue.copies_of(session, message_id, recipients),
+                message_id,
+                recipients,
+                {DeliveryStatus.QUEUED},
+                "queued copy to delete",
+            )
+            for copy in copies:
+                await queue.delete(session, copy.id, utcnow())
+            return copies
 
-    _run(remove, config, Access.WRITE)
-    click.echo(f"{delivery_id} deleted")
+    for copy in _run(remove, config, Access.WRITE):
+        click.echo(f"{copy.message_id}: {copy.recipient} deleted")
+
+
+def _named(
+    copies: list[Delivery],
+    message_id: str,
+    recipients: tuple[str, ...],
+    statuses: set[DeliveryStatus],
+    wanted: str,
+) -> list[Delivery]:
+    """The copies to act on, or a QueueError saying why there are none."""
+    if not copies:
+        to = f" to {', '.join(recipients)}" if recipients else ""
+        raise queue.QueueError(f"no message {message_id}{to} in the queue")
+    chosen = [copy for copy in copies if copy.status in statuses]
+    if not chosen:
+        raise queue.QueueError(f"message {message_id} has no {wanted}")
+    return chosen
 
 
 @main.group("links")

@@ -9,6 +9,7 @@ evidence-stamped original and the agent's confirmation queued together, exactly 
 from __future__ import annotations
 
 import email.policy
+import logging
 import re
 import tomllib
 from collections.abc import Mapping
@@ -46,6 +47,7 @@ from gateway.models import (
 from gateway.queue import new_delivery
 from rules.actions import LinkAttachments, RegisteredLetter
 
+log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).parent / "letters" / "default"
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
@@ -457,6 +459,14 @@ class LetterDesk:
                 now,
             )
         self.notify()
+        log.info(
+            "%s: consent=%s to=<%s>, ip=%s, letter=%s, status=released",
+            message.id,
+            consent_id,
+            letter.recipient,
+            ip,
+            letter.id,
+        )
         return Release(consent, letter, already=False)
 
 

@@ -32,10 +32,15 @@ log = logging.getLogger(__name__)
 
 class _ImplicitTlsNoise(logging.Filter):
     """aiosmtpd warns on every connection where AUTH does not require STARTTLS; ours are
-    implicit-TLS sockets (already encrypted) and the loopback dev listener, so it is noise."""
+    implicit-TLS sockets (already encrypted) and the loopback dev listener, so it is noise.
+    It also warns on every successful login that `Session.login_data` (which it sets itself,
+    and which we never read) is deprecated."""
+
+    NOISE = ("auth_require_tls == False", "Session.login_data is deprecated")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "auth_require_tls == False" not in record.getMessage()
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
 
 
 logging.getLogger("mail.log").addFilter(_ImplicitTlsNoise())
@@ -111,7 +116,8 @@ class SubmissionHandler:
             return AuthResult(success=True, auth_data=agent, message=Reply.AUTH_OK)
         failures = self._auth_failures.get(session, 0) + 1
         self._auth_failures[session] = failures
-        log.warning("failed login %r from %s", login[:100], _peer(session))
+        shown = login[:100].decode("utf-8", errors="replace")
+        log.warning("failed login %r from %s", shown, _peer(session))
         if failures >= self.settings.smtp.max_auth_failures:
             await _refuse(server, Reply.AUTH_TOO_MANY)
             if server.transport is not None:
