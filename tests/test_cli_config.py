@@ -317,3 +317,25 @@ async def test_reading_commands_refuse_a_database_without_tables(
     assert upgraded.code == 0, upgraded.err
     empty = await sealrelay("verify", "--journal", "-c", str(config))
     assert (empty.code, empty.out) == (0, "journal OK: 0 events, chain intact\n")
+
+
+async def test_serve_names_a_listen_address_that_is_taken(tmp_path: Path) -> None:
+    taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = taken.sockets[0].getsockname()[1]
+    try:
+        config = write_config(
+            tmp_path,
+            extra=(
+                f"[smtp]\nlisten = ['127.0.0.1:{port}']\nallow_plaintext_auth_on_loopback = true\n"
+                f"[web]\nlisten = '127.0.0.1:{free_port()}'\n"
+                "[upstream]\nurl = 'smtp://smarthost.example:587'\n"
+            ),
+        )
+        run = await sealrelay("serve", "--config", str(config))
+    finally:
+        taken.close()
+        await taken.wait_closed()
+    assert run.code == 1
+    assert run.error_line == (
+        f"Error: config error: smtp.listen: 127.0.0.1:{port}: cannot listen: Address already in use"
+    )
