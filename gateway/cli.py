@@ -58,19 +58,14 @@ def _config_path(config: Path | None) -> Path | None:
     return path
 
 
-@functools.cache
-def _loaded(config: Path | None) -> tuple[Path | None, Settings]:
-    path = _config_path(config)
+@functools.cache  # commands ask more than once; the note about the defaults comes once
+def _settings(config: Path | None) -> Settings:
     try:
-        return path, load_settings(path)
+        return load_settings(_config_path(config))
     except ConfigError as exc:
         for problem in exc.problems[:-1]:
             click.echo(f"Error: config error: {problem}", err=True)
         raise click.ClickException(f"config error: {exc.problems[-1]}") from exc
-
-
-def _settings(config: Path | None) -> Settings:
-    return _loaded(config)[1]
 
 
 def _run(
@@ -88,9 +83,9 @@ def _run(
             _require_sqlite_file(settings.database.url)
         db = Database.connect(settings.database.url)
         try:
-            if access is Access.READ:
-                await _require_current_schema(db, settings.database.url)
-            else:
+            if access is not Access.CREATE:
+                await _require_schema(db, settings.database.url, current=access is Access.READ)
+            if access is not Access.READ:
                 await db.upgrade()
             return await work(db)
         except (users.UserError, queue.QueueError) as exc:
@@ -113,20 +108,21 @@ def _require_sqlite_file(url: str) -> None:
         )
 
 
-async def _require_current_schema(db: Database, url: str) -> None:
+async def _require_schema(db: Database, url: str, *, current: bool) -> None:
+    """The database holds sealrelay's tables (at the newest schema, if `current`)."""
     shown = make_url(url).render_as_string(hide_password=True)
     try:
-        current, newest = await db.schema_revisions()
+        revisions, newest = await db.schema_revisions()
     except (OSError, SQLAlchemyError) as exc:
         raise click.ClickException(f"database.url: cannot open {shown}: {exc}") from exc
-    if not current:
+    if not revisions:
         raise click.ClickException(
             f"database.url: {shown} holds no sealrelay tables; is this the right config?"
             " `sealrelay db upgrade` creates them"
         )
-    if current != newest:
+    if current and revisions != newest:
         raise click.ClickException(
-            f"database.url: {shown} is at schema {', '.join(sorted(current))}, this sealrelay"
+            f"database.url: {shown} is at schema {', '.join(sorted(revisions))}, this sealrelay"
             f" needs {', '.join(sorted(newest))}: run `sealrelay db upgrade`"
         )
 

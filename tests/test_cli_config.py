@@ -285,20 +285,19 @@ async def test_check_config_without_a_config_says_what_it_checked(tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_reading_commands_refuse_a_database_without_tables(
-    tmp_path: Path, database_url: str
-) -> None:
+async def test_commands_refuse_a_database_without_tables(tmp_path: Path, database_url: str) -> None:
     if database_url.startswith("sqlite"):
         (tmp_path / "relay.db").touch()
     config = write_config(tmp_path)
     config.write_text(
         config.read_text().replace(f"sqlite+aiosqlite:///{tmp_path}/relay.db", database_url)
     )
-    listed, verified = await asyncio.gather(
+    listed, verified, retried = await asyncio.gather(
         sealrelay("queue", "list", "-c", str(config)),
         sealrelay("verify", "--journal", "-c", str(config)),
+        sealrelay("queue", "retry", "0123456789abcdef", "-c", str(config)),
     )
-    for run in (listed, verified):
+    for run in (listed, verified, retried):
         assert (run.code, run.out) == (1, "")
         assert run.error_line.startswith("Error: database.url: ")
         assert run.error_line.endswith(
