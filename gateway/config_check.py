@@ -196,6 +196,13 @@ def _storage(storage: StorageSettings) -> Iterator[Problem]:
 def _dkim(domain: str, entry: DkimDomain) -> Iterator[Problem]:
     key = f"dkim.{domain}.key_file"
     problem = readable_file(key, entry.key_file)
+    if problem is not None and not entry.key_file.exists():
+        yield Problem(
+            key,
+            f"{problem.text}; create it with `sealrelay dkim keygen --domain {domain}"
+            f" --selector {entry.selector} --out {entry.key_file}`",
+        )
+        return
     if problem is not None:
         yield problem
         return

@@ -83,7 +83,8 @@ async def test_check_config_reports_every_problem_at_once(tmp_path: Path) -> Non
             f"Error: config error: storage.path: {occupied}/blobs cannot be created:"
             f" {occupied} is not a directory",
             f"Error: config error: dkim.broker.example.key_file: {tmp_path}/dkim/missing.pem:"
-            " no such file",
+            " no such file; create it with `sealrelay dkim keygen --domain broker.example"
+            f" --selector s2026 --out {tmp_path}/dkim/missing.pem`",
             f"Error: config error: letter.terms_pdf.de: {tmp_path} is a directory, not a file",
         ]
     )
