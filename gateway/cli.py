@@ -205,6 +205,8 @@ def check_config(config: Path | None, file: Path | None) -> None:
 
     FILE (or --config) is found as for every command. Errors exit 1; warnings do not.
     """
+    if file is not None and not file.is_file():
+        raise click.ClickException(f"config error: {file}: no such file")
     path = _config_path(file or config)
     settings, problems = config_check.check_config(path)
     if settings is not None and not any(p.error and p.key == "database.url" for p in problems):

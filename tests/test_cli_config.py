@@ -250,6 +250,8 @@ async def test_commands_find_the_config_as_users_expect(tmp_path: Path) -> None:
     assert from_option.out == "opt@broker.example  [agent]\n"
     assert (typo.code, typo.out) == (1, "")
     assert typo.error_line == f"Error: config error: SEALRELAY_CONFIG {tmp_path}/typo: no such file"
+    named_typo = await sealrelay("check-config", str(tmp_path / "typo.toml"), cwd=here)
+    assert named_typo.error_line == f"Error: config error: {tmp_path}/typo.toml: no such file"
     assert local.exists() and not (here / "var").exists()
 
 
