@@ -158,7 +158,8 @@ def serve(config: Path | None, roles: str) -> None:
     from gateway.relay import Relay
 
     chosen = [r.strip() for r in roles.split(",") if r.strip()]
-    settings, problems = config_check.check_config(_config_path(config))
+    path = _config_path(config)
+    settings, problems = config_check.check_config(path)
     if settings is not None:
         problems += config_check.listen_problems(settings, chosen)
     _stop_on_errors(problems)
@@ -168,6 +169,7 @@ def serve(config: Path | None, roles: str) -> None:
     )
     # aiosmtpd logs every command line at INFO, inline AUTH PLAIN credentials included.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    log.info("config: %s", path.absolute() if path else "the embedded defaults (no file found)")
     for problem in problems:
         log.warning("config: %s", problem)
 
