@@ -3,43 +3,90 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import signal
-import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import dkim, journal, queue, sweeper, users, verification
-from gateway.config import ConfigError, Settings, load_settings
+from gateway import config_check, dkim, journal, queue, sweeper, users, verification
+from gateway.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    locate_config,
+    where_config_is_looked_for,
+)
 from gateway.db import Database
-from gateway.models import DeliveryStatus, utcnow
+from gateway.models import Delivery, DeliveryStatus, utcnow
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEMO_AGENT = "agent@demo.sealrelay.example"
 
 
-def _settings(config: Path | None) -> Settings:
+class Access(Enum):
+    """What a command does to the database, which decides whether it may create one."""
+
+    READ = "read"  # looks only: the database must exist at the current schema
+    WRITE = "write"  # changes what is there: the database must exist; migrated first
+    CREATE = "create"  # may start a new database (db upgrade, user add, serve)
+
+
+def _config_path(config: Path | None) -> Path | None:
+    """The settings file in use; says so on stderr when there is none."""
     try:
-        return load_settings(config)
+        path = locate_config(config)
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
+    if path is None:
+        click.echo(
+            f"Note: no config file found ({where_config_is_looked_for()});"
+            f" using the embedded defaults in {Path.cwd()}",
+            err=True,
+        )
+    return path
 
 
-def _run(work: Callable[[Database], Awaitable[T]], config: Path | None) -> T:
-    """Run one admin action against the configured database, migrating it first."""
+@functools.cache  # commands ask more than once; the note about the defaults comes once
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(_config_path(config))
+    except ConfigError as exc:
+        for problem in exc.problems[:-1]:
+            click.echo(f"Error: config error: {problem}", err=True)
+        raise click.ClickException(f"config error: {exc.problems[-1]}") from exc
+
+
+def _run(
+    work: Callable[[Database], Awaitable[T]], config: Path | None, access: Access = Access.READ
+) -> T:
+    """Run one admin action against the configured database.
+
+    Only commands that may start a database create one; the others fail with one line naming
+    the database, so a command run without the right config never reports on an empty one.
+    """
     settings = _settings(config)
 
     async def main() -> T:
+        if access is not Access.CREATE:
+            _require_sqlite_file(settings.database.url)
         db = Database.connect(settings.database.url)
         try:
-            await db.upgrade()
+            if access is not Access.CREATE:
+                await _require_schema(db, settings.database.url, current=access is Access.READ)
+            if access is not Access.READ:
+                await db.upgrade()
             return await work(db)
         except (users.UserError, queue.QueueError) as exc:
             raise click.ClickException(str(exc)) from exc
@@ -49,13 +96,47 @@ def _run(work: Callable[[Database], Awaitable[T]], config: Path | None) -> T:
     return asyncio.run(main())
 
 
+def _require_sqlite_file(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    path = Path(parsed.database)
+    if not path.is_file():
+        raise click.ClickException(
+            f"database.url: there is no database at {path.absolute()}; is this the right"
+            " config? `sealrelay db upgrade` creates one"
+        )
+
+
+async def _require_schema(db: Database, url: str, *, current: bool) -> None:
+    """The database holds sealrelay's tables (at the newest schema, if `current`)."""
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        revisions, newest = await db.schema_revisions()
+    except (OSError, SQLAlchemyError) as exc:
+        raise click.ClickException(f"database.url: cannot open {shown}: {exc}") from exc
+    if not revisions:
+        raise click.ClickException(
+            f"database.url: {shown} holds no sealrelay tables; is this the right config?"
+            " `sealrelay db upgrade` creates them"
+        )
+    if current and revisions != newest:
+        raise click.ClickException(
+            f"database.url: {shown} is at schema {', '.join(sorted(revisions))}, this sealrelay"
+            f" needs {', '.join(sorted(newest))}: run `sealrelay db upgrade`"
+        )
+
+
 def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--config",
         "-c",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        envvar="SEALRELAY_CONFIG",
-        help="TOML settings file (default: embedded defaults). Env: SEALRELAY_CONFIG.",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=(
+            "TOML settings file. Without it: $SEALRELAY_CONFIG, ./sealrelay.toml,"
+            " /etc/sealrelay/sealrelay.toml, else the embedded defaults."
+        ),
     )(command)
 
 
@@ -76,15 +157,24 @@ def serve(config: Path | None, roles: str) -> None:
     """Run the relay until SIGTERM or Ctrl-C."""
     from gateway.relay import Relay
 
-    settings = _settings(config)
+    chosen = [r.strip() for r in roles.split(",") if r.strip()]
+    path = _config_path(config)
+    settings, problems = config_check.check_config(path)
+    if settings is not None:
+        problems += config_check.listen_problems(settings, chosen)
+    _stop_on_errors(problems)
+    assert settings is not None
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # aiosmtpd logs every command line at INFO, inline AUTH PLAIN credentials included.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    log.info("config: %s", path.absolute() if path else "the embedded defaults (no file found)")
+    for problem in problems:
+        log.warning("config: %s", problem)
 
     async def run() -> None:
-        relay = Relay(settings, roles=[r.strip() for r in roles.split(",") if r.strip()])
+        relay = Relay(settings, roles=chosen)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, relay.request_stop)
@@ -99,45 +189,68 @@ def serve(config: Path | None, roles: str) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-@main.command("check-config")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def check_config(file: Path) -> None:
-    """Validate a settings file (and the environment on top of it)."""
-    from gateway.registered_letter import BlockSets
-    from gateway.relay import load_signer
-    from gateway.smtp import tls_context
+def _stop_on_errors(problems: list[config_check.Problem]) -> None:
+    """Every error on its own line, naming key and path; exit 1 if there was one."""
+    errors = [problem for problem in problems if problem.error]
+    if not errors:
+        return
+    for problem in errors[:-1]:
+        click.echo(f"Error: config error: {problem}", err=True)
+    raise click.ClickException(f"config error: {errors[-1]}")
 
-    settings = _settings(file)
-    try:
-        load_signer(settings)
-    except dkim.DkimError as exc:
-        raise click.ClickException(f"config error: dkim: {exc}") from exc
-    try:
-        tls_context(settings)
-    except (OSError, ssl.SSLError) as exc:
-        raise click.ClickException(f"config error: smtp.tls_cert/tls_key: {exc}") from exc
-    try:
-        BlockSets(settings)
-    except ValueError as exc:
-        raise click.ClickException(f"config error: {exc}") from exc
-    _report_letter_keys(settings)
+
+@main.command("check-config")
+@config_option
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def check_config(config: Path | None, file: Path | None) -> None:
+    """Check a settings file and everything it names; report every problem at once.
+
+    FILE (or --config) is found as for every command. Errors exit 1; warnings do not.
+    """
+    if file is not None and not file.is_file():
+        raise click.ClickException(f"config error: {file}: no such file")
+    path = _config_path(file or config)
+    settings, problems = config_check.check_config(path)
+    if settings is not None and not any(p.error and p.key == "database.url" for p in problems):
+        problems += _user_group_problems(settings)
+    for problem in problems:
+        if not problem.error:
+            click.echo(f"Warning: {problem}", err=True)
+    _stop_on_errors(problems)
+    assert settings is not None
     click.echo(
-        f"{file}: ok (smtp {', '.join(settings.smtp.listen)}; web {settings.web.listen};"
-        f" upstream {settings.upstream.url}; dkim for {len(settings.dkim)} domain(s))"
+        f"{path or 'embedded defaults'}: ok (smtp {', '.join(settings.smtp.listen)};"
+        f" web {settings.web.listen}; upstream {settings.upstream.url};"
+        f" dkim for {len(settings.dkim)} domain(s))"
     )
 
 
-def _report_letter_keys(settings: Settings) -> None:
-    """Warnings to stderr; errors (letters that would certainly be refused) stop the check."""
-    from gateway import letter_keys
+def _user_group_problems(settings: Settings) -> list[config_check.Problem]:
+    """Users whose group the settings do not know, if the database is there to ask."""
 
-    found = letter_keys.problems(settings)
-    for problem in found:
-        if not problem.error:
-            click.echo(str(problem), err=True)
-    errors = [f"{p.key}: {p.text}" for p in found if p.error]
-    if errors:
-        raise click.ClickException("config error: " + "; ".join(errors))
+    async def groups() -> dict[str, str]:
+        db = Database.connect(settings.database.url)
+        try:
+            current, _ = await db.schema_revisions()
+            if not current:
+                return {}
+            return {
+                account.email: account.group_name
+                for account, _ in await users.list_users(db)
+                if account.group_name
+            }
+        finally:
+            await db.close()
+
+    try:
+        _require_sqlite_file(settings.database.url)
+    except click.ClickException:
+        return []  # not created yet: `serve` will
+    try:
+        return config_check.unknown_group_problems(settings, asyncio.run(groups()))
+    except (OSError, SQLAlchemyError) as exc:
+        shown = make_url(settings.database.url).render_as_string(hide_password=True)
+        return [config_check.Problem("database.url", f"cannot open {shown}: {exc}")]
 
 
 @main.group()
@@ -153,7 +266,7 @@ def db_upgrade(config: Path | None) -> None:
     async def noop(_: Database) -> None:
         return None
 
-    _run(noop, config)
+    _run(noop, config, Access.CREATE)
     click.echo("database is up to date")
 
 
@@ -188,8 +301,16 @@ def user_add(
     created = _run(
         lambda db: users.add_user(db, email, password, admin=admin, group=group, aliases=aliases),
         config,
+        Access.CREATE,
     )
     click.echo(f"created {'admin' if admin else 'agent'} {created.email}")
+    known = {g.name for g in _settings(config).groups}
+    if group is not None and group not in known:
+        click.echo(
+            f"Warning: group {group!r} is not in the config's [[groups]];"
+            " the [policy] defaults apply to this agent until it is",
+            err=True,
+        )
     if generated:
         click.echo(f"password: {password}")
 
@@ -213,7 +334,7 @@ def user_list(config: Path | None) -> None:
 @click.argument("email")
 def user_disable(config: Path | None, email: str) -> None:
     """Stop a user from logging in (their queued mail still goes out)."""
-    _run(lambda db: users.set_disabled(db, email, True), config)
+    _run(lambda db: users.set_disabled(db, email, True), config, Access.WRITE)
     click.echo(f"disabled {email}")
 
 
@@ -222,7 +343,7 @@ def user_disable(config: Path | None, email: str) -> None:
 @click.argument("email")
 def user_enable(config: Path | None, email: str) -> None:
     """Let a disabled user log in again."""
-    _run(lambda db: users.set_disabled(db, email, False), config)
+    _run(lambda db: users.set_disabled(db, email, False), config, Access.WRITE)
     click.echo(f"enabled {email}")
 
 
@@ -233,7 +354,7 @@ def user_enable(config: Path | None, email: str) -> None:
 def user_passwd(config: Path | None, email: str, password_stdin: bool) -> None:
     """Set a new password; prints a generated one unless one comes on stdin."""
     password, generated = _password(password_stdin)
-    _run(lambda db: users.set_password(db, email, password), config)
+    _run(lambda db: users.set_password(db, email, password), config, Access.WRITE)
     click.echo(f"password changed for {email}")
     if generated:
         click.echo(f"password: {password}")
@@ -251,7 +372,7 @@ def demo_agent(config: Path | None) -> None:
         except users.UserError:
             await users.set_password(db, DEMO_AGENT, password)
 
-    _run(ensure, config)
+    _run(ensure, config, Access.CREATE)
     click.echo(f"demo agent: {DEMO_AGENT}  password: {password}")
 
 
@@ -264,7 +385,7 @@ def queue_group() -> None:
 @config_option
 @click.option("--all", "show_all", is_flag=True, help="Include delivered, bounced, deleted.")
 def queue_list(config: Path | None, show_all: bool) -> None:
-    """Copies waiting for delivery, oldest first."""
+    """Messages with copies waiting for delivery, each copy under its message's id."""
     statuses = list(DeliveryStatus) if show_all else [DeliveryStatus.QUEUED]
 
     async def fetch(db: Database) -> list[queue.Claimed]:
@@ -274,42 +395,89 @@ def queue_list(config: Path | None, show_all: bool) -> None:
     rows = _run(fetch, config)
     if not rows:
         click.echo("the queue is empty")
+    by_message: dict[str, list[queue.Claimed]] = {}
     for row in rows:
-        d, m = row.delivery, row.message
-        error = f"  last error: {d.last_error}" if d.last_error else ""
+        by_message.setdefault(row.message.id, []).append(row)
+    for copies in by_message.values():
+        m = copies[0].message
         click.echo(
-            f"{d.id}  {d.status:<9} {m.sender or '<>'} -> {d.recipient}  attempts={d.attempts}"
-            f"  next={d.next_attempt_at:%Y-%m-%d %H:%M:%S}Z  {m.subject[:40]!r}{error}"
+            f"{m.id}  {m.received_at:%Y-%m-%d %H:%M:%S}Z  {m.sender or '<>'}  {m.subject[:40]!r}"
         )
+        for copy in copies:
+            d = copy.delivery
+            error = f"  last error: {d.last_error}" if d.last_error else ""
+            click.echo(
+                f"    {d.status:<9} {d.recipient}  attempts={d.attempts}"
+                f"  next={d.next_attempt_at:%Y-%m-%d %H:%M:%S}Z{error}"
+            )
 
 
 @queue_group.command("retry")
 @config_option
-@click.argument("delivery_id")
-def queue_retry(config: Path | None, delivery_id: str) -> None:
-    """Try a queued (or bounced) copy again now."""
+@click.argument("message_id")
+@click.argument("recipients", nargs=-1)
+def queue_retry(config: Path | None, message_id: str, recipients: tuple[str, ...]) -> None:
+    """Try a message's queued (or bounced) copies again now; only to RECIPIENTS if given."""
     lifetime = timedelta(seconds=_settings(config).upstream.queue_lifetime)
 
-    async def retry(db: Database) -> None:
+    async def retry(db: Database) -> list[Delivery]:
         async with db.transaction() as session:
-            await queue.retry_now(session, delivery_id, utcnow(), lifetime)
+            copies = _named(
+                await queue.copies_of(session, message_id, recipients),
+                message_id,
+                recipients,
+                {DeliveryStatus.QUEUED, DeliveryStatus.BOUNCED},
+                "queued or bounced copy to retry",
+            )
+            for copy in copies:
+                await queue.retry_now(session, copy.id, utcnow(), lifetime)
+            return copies
 
-    _run(retry, config)
-    click.echo(f"{delivery_id} will be retried now (a running relay picks it up)")
+    for copy in _run(retry, config, Access.WRITE):
+        click.echo(
+            f"{copy.message_id}: {copy.recipient} will be retried now (a running relay picks it up)"
+        )
 
 
 @queue_group.command("delete")
 @config_option
-@click.argument("delivery_id")
-def queue_delete(config: Path | None, delivery_id: str) -> None:
-    """Drop a queued copy without sending a bounce."""
+@click.argument("message_id")
+@click.argument("recipients", nargs=-1)
+def queue_delete(config: Path | None, message_id: str, recipients: tuple[str, ...]) -> None:
+    """Drop a message's queued copies (only to RECIPIENTS if given) without a bounce."""
 
-    async def remove(db: Database) -> None:
+    async def remove(db: Database) -> list[Delivery]:
         async with db.transaction() as session:
-            await queue.delete(session, delivery_id, utcnow())
+            copies = _named(
+                await queue.copies_of(session, message_id, recipients),
+                message_id,
+                recipients,
+                {DeliveryStatus.QUEUED},
+                "queued copy to delete",
+            )
+            for copy in copies:
+                await queue.delete(session, copy.id, utcnow())
+            return copies
 
-    _run(remove, config)
-    click.echo(f"{delivery_id} deleted")
+    for copy in _run(remove, config, Access.WRITE):
+        click.echo(f"{copy.message_id}: {copy.recipient} deleted")
+
+
+def _named(
+    copies: list[Delivery],
+    message_id: str,
+    recipients: tuple[str, ...],
+    statuses: set[DeliveryStatus],
+    wanted: str,
+) -> list[Delivery]:
+    """The copies to act on, or a QueueError saying why there are none."""
+    if not copies:
+        to = f" to {', '.join(recipients)}" if recipients else ""
+        raise queue.QueueError(f"no message {message_id}{to} in the queue")
+    chosen = [copy for copy in copies if copy.status in statuses]
+    if not chosen:
+        raise queue.QueueError(f"message {message_id} has no {wanted}")
+    return chosen
 
 
 @main.group("links")
@@ -333,7 +501,7 @@ def links_expire(config: Path | None) -> None:
         letters = LetterDesk(settings, db, blobs, QueueSignal().notify, utcnow)
         return await sweeper_for(settings, db, blobs, letters)(utcnow())
 
-    report = _run(run, config)
+    report = _run(run, config, Access.WRITE)
     click.echo(
         f"{report.links_expired} link(s) expired, {report.letters_expired} letter(s) expired,"
         f" {report.blobs_deleted} blob(s) deleted ({report.bytes_freed / 1e6:.1f} MB freed)"

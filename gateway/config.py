@@ -34,7 +34,11 @@ ENV_PREFIX = "SEALRELAY_"
 
 
 class ConfigError(Exception):
-    """Raised with a single human line: `key: what is wrong`."""
+    """Raised with human lines, `key: what is wrong`; `str()` is the first of them."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(problems[0] if problems else "config error")
+        self.problems = list(problems) or [str(self)]
 
 
 class Section(BaseModel):
@@ -352,8 +356,37 @@ class Settings(Section):
         return {domain.lower(): entry for domain, entry in value.items()}
 
 
-def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings from the TOML file (or the embedded defaults) with the environment on top."""
+SYSTEM_CONFIG = Path("/etc/sealrelay/sealrelay.toml")
+LOCAL_CONFIG = Path("sealrelay.toml")
+CONFIG_VARIABLE = "SEALRELAY_CONFIG"
+
+
+def locate_config(explicit: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The settings file as users expect to find it, or None for the embedded defaults.
+
+    `--config`, then $SEALRELAY_CONFIG, then ./sealrelay.toml, then /etc/sealrelay/sealrelay.toml.
+    A file named explicitly (option or variable) must exist: a typo never falls through.
+    """
+    environ = os.environ if environ is None else environ
+    named = [("--config", explicit)] if explicit is not None else []
+    if environ.get(CONFIG_VARIABLE):
+        named.append((CONFIG_VARIABLE, Path(environ[CONFIG_VARIABLE])))
+    if named:
+        origin, path = named[0]
+        if not path.is_file():
+            raise ConfigError(f"{origin} {path}: no such file")
+        return path
+    return next((p for p in (LOCAL_CONFIG, SYSTEM_CONFIG) if p.is_file()), None)
+
+
+def where_config_is_looked_for() -> str:
+    return f"--config FILE, ${CONFIG_VARIABLE}, ./{LOCAL_CONFIG} or {SYSTEM_CONFIG}"
+
+
+def read_config(
+    path: Path | None, environ: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The raw settings (file, then environment on top) and which variable set which key."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -363,10 +396,16 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     sources = _apply_environment(data, os.environ if environ is None else environ)
+    return data, sources
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the TOML file (or the embedded defaults) with the environment on top."""
+    data, sources = read_config(path, environ)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_first_error(exc, sources)) from exc
+        raise ConfigError(*validation_problems(exc, sources)) from exc
 
 
 def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
@@ -396,12 +435,18 @@ def _env_value(raw: str) -> Any:
     return raw
 
 
-def _first_error(exc: ValidationError, sources: Mapping[str, str]) -> str:
-    error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"])
+def validation_problems(
+    exc: ValidationError, sources: Mapping[str, str], prefix: str = ""
+) -> list[str]:
+    """Every error pydantic found, one line each, naming the key (and its variable)."""
+    return [_problem(error, sources, prefix) for error in exc.errors()]
+
+
+def _problem(error: Any, sources: Mapping[str, str], prefix: str) -> str:
+    key = prefix + ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown setting"
     origin = next((var for k, var in sources.items() if key.startswith(k)), None)
     where = f" (from {origin})" if origin else ""
-    return f"{key or 'config'}: {message}{where}"
+    return f"{key.rstrip('.') or 'config'}: {message}{where}"

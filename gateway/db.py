@@ -15,6 +15,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -85,8 +87,22 @@ class Database:
         async with self.engine.begin() as connection:
             await connection.run_sync(_upgrade)
 
+    async def schema_revisions(self) -> tuple[set[str], set[str]]:
+        """(the revisions this database is at, the newest this code knows): equal when current.
+
+        Reads only: a command that only looks must not create or migrate anything.
+        """
+        async with self.engine.connect() as connection:
+            current = await connection.run_sync(_current_revisions)
+        script = ScriptDirectory(str(MIGRATIONS))
+        return current, set(script.get_heads())
+
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _current_revisions(connection: Connection) -> set[str]:
+    return set(MigrationContext.configure(connection).get_current_heads())
 
 
 def _upgrade(connection: Connection) -> None:

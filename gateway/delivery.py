@@ -27,10 +27,15 @@ from gateway.metrics import DELIVERY_OUTCOMES
 from gateway.models import Delivery, Message, MessageKind, utcnow
 from gateway.outgoing import Signer, prepare
 from gateway.pipeline import QueueSignal
-from gateway.upstream import Outcome, Upstream
+from gateway.upstream import Outcome, Upstream, relay_name
 
 log = logging.getLogger(__name__)
 
+_LOGGED_STATUS = {
+    "delivery.delivered": "sent",
+    "delivery.deferred": "deferred",
+    "delivery.bounced": "bounced",
+}
 _ENHANCED_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 
 
@@ -178,6 +183,27 @@ class DeliveryWorker:
                 log.warning("lease on %s was lost; another worker records it", delivery.id)
             else:
                 DELIVERY_OUTCOMES.labels(outcome=event.type.removeprefix("delivery.")).inc()
+                outcome = outcomes.get(delivery.recipient, Outcome("no reply for this recipient"))
+                if delivery.id in failed:
+                    outcome = failed[delivery.id].outcome
+                self._log_outcome(message, delivery, event.type, outcome, now)
+
+    def _log_outcome(
+        self, message: Message, delivery: Delivery, event: str, outcome: Outcome, now: datetime
+    ) -> None:
+        """One line per outcome, as Postfix writes it, under the id the agent got in the 250."""
+        status = _LOGGED_STATUS[event]
+        reply = " ".join((outcome.error or outcome.reply or "").split())
+        log.info(
+            "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
+            message.id,
+            delivery.recipient,
+            relay_name(self.settings.upstream.url),
+            (now - message.received_at).total_seconds(),
+            _status_of(reply, {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")),
+            status,
+            reply,
+        )
 
     def _next_attempt(self, delivery: Delivery, now: datetime, jitter: float) -> datetime:
         upstream = self.settings.upstream

@@ -8,10 +8,10 @@ domains have a key.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from gateway import headers
 from gateway.config import Settings
+from gateway.config_check import Problem
 from gateway.pipeline import Rejected
 
 
@@ -40,18 +40,6 @@ def require_key(settings: Settings, raw: bytes) -> None:
         raise UnsignedLetter(domain or "an address without a domain")
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One line of `check-config`: an error stops start-up checks, a warning informs."""
-
-    error: bool
-    key: str
-    text: str
-
-    def __str__(self) -> str:
-        return f"{'error' if self.error else 'warning'}: {self.key}: {self.text}"
-
-
 def problems(settings: Settings) -> list[Problem]:
     """Settings that would send registered letters for a domain without a DKIM key.
 
@@ -60,10 +48,10 @@ def problems(settings: Settings) -> list[Problem]:
     """
     found = [
         Problem(
-            True,
             f"rules.{rule.name}",
             f"sets registered_letter for {domain}, which has no [dkim] key:"
             " its offers would be refused (550)",
+            error=True,
         )
         for rule in settings.rules
         if rule.set.registered_letter
@@ -72,18 +60,18 @@ def problems(settings: Settings) -> list[Problem]:
     if not settings.dkim:
         found.append(
             Problem(
-                False,
                 "dkim",
                 "no key configured: every registered letter (offer) is refused with 550"
                 ' until [dkim."DOMAIN"] is set for the sender\'s domain',
+                error=False,
             )
         )
         return found
     found.extend(
         Problem(
-            False,
             "policy.internal_domains",
             f"{domain} has no [dkim] key: registered letters (offers) from it are refused (550)",
+            error=False,
         )
         for domain in _unsigned(settings, settings.policy.internal_domains or [])
     )

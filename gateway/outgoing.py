@@ -52,6 +52,19 @@ def prepare(raw: bytes, message: Message, hostname: str, signer: Signer) -> byte
     return headers.prepend(raw, [signature, *added])
 
 
+_OUR_ID = re.compile(rb"\(sealrelay\)\s+with\s+[A-Z]+\s+id\s+([0-9a-f]+);")
+
+
+def relay_id(data: bytes) -> str | None:
+    """The message id our own trace field carries in an outgoing copy (see received_field)."""
+    end = data.find(b"\r\n\r\n")  # the header block alone: the body may be 50 MB
+    for field in headers.parse_fields(data if end == -1 else data[: end + 2]):
+        if field.name == "received":
+            found = _OUR_ID.search(field.raw)
+            return found.group(1).decode() if found else None
+    return None
+
+
 def received_field(message: Message, hostname: str) -> bytes:
     helo = _HELO_UNSAFE.sub("", message.helo) or "unknown"
     source = f"from {helo} ({message.peer}) " if message.peer else ""

@@ -243,3 +243,22 @@ async def _get(session: AsyncSession, delivery_id: str, now: datetime) -> Delive
     if delivery.lease_until is not None and delivery.lease_until > now:
         raise QueueError(f"delivery {delivery_id} is being sent right now; try again shortly")
     return delivery
+
+
+async def copies_of(
+    session: AsyncSession, message_or_delivery_id: str, recipients: Sequence[str] = ()
+) -> list[Delivery]:
+    """The copies an admin names: all of a message's (or those to `recipients`), by the id
+    the agent got in the 250 reply; a delivery's own id still names just that copy."""
+    rows = await session.scalars(
+        select(Delivery)
+        .where(
+            or_(
+                Delivery.message_id == message_or_delivery_id,
+                Delivery.id == message_or_delivery_id,
+            )
+        )
+        .order_by(Delivery.id)
+    )
+    wanted = {address.lower() for address in recipients}
+    return [d for d in rows if not wanted or d.recipient.lower() in wanted]

@@ -9,6 +9,7 @@ evidence-stamped original and the agent's confirmation queued together, exactly 
 from __future__ import annotations
 
 import email.policy
+import logging
 import re
 import tomllib
 from collections.abc import Mapping
@@ -49,6 +50,7 @@ from gateway.models import (
 from gateway.queue import new_delivery
 from rules.actions import LinkAttachments, RegisteredLetter
 
+log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).parent / "letters" / "default"
 EXPIRE_BATCH = 100
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
@@ -579,6 +581,14 @@ class LetterDesk:
                 now,
             )
         self.notify()
+        log.info(
+            "%s: consent=%s to=<%s>, ip=%s, letter=%s, status=released",
+            message.id,
+            consent_id,
+            letter.recipient,
+            ip,
+            letter.id,
+        )
         return Release(consent, letter, already=False)
 
     async def expire_due(self, now: datetime) -> int:

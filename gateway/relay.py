@@ -101,7 +101,7 @@ class Relay:
         """Start the roles; returns without starting them when stopped while waiting for the
         database."""
         for problem in letter_keys.problems(self.settings):
-            log.warning("%s", problem)
+            log.warning("%s: %s", "error" if problem.error else "warning", problem)
         if not await self._database_ready():
             return
         await asyncio.to_thread(self.blobs.remove_abandoned_temp_files)

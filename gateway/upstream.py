@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import aiosmtplib
 from gateway import headers
 from gateway.config import UpstreamSettings
 from gateway.models import new_id
+from gateway.outgoing import relay_id
 
 log = logging.getLogger(__name__)
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
@@ -35,6 +37,7 @@ class Outcome:
     error: str | None = None
     permanent: bool = False
     remote_mta: str | None = None
+    reply: str | None = None  # what the upstream said when it took the copy, for the log
 
     @property
     def delivered(self) -> bool:
@@ -51,7 +54,11 @@ class Upstream(Protocol):
 
 
 class CaptureUpstream:
-    """Writes each copy as `<id>.eml` plus its envelope in `<id>.json`, for trying it out."""
+    """Writes each copy as `<message id>.eml` plus its envelope in `<message id>.json`.
+
+    The name is the id the agent got in the 250 reply (a second copy of the same message is
+    `<message id>-2.eml`, and so on), so a person finds the file of the mail they sent.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -62,18 +69,36 @@ class CaptureUpstream:
     ) -> dict[str, Outcome]:
         if (refusal := bare_line_end_refusal(data)) is not None:
             return dict.fromkeys(recipients, Outcome(refusal))
-        await asyncio.to_thread(self._write, mail_from, recipients, data)
-        return dict.fromkeys(recipients, DELIVERED)
+        path = await asyncio.to_thread(self._write, mail_from, recipients, data)
+        return dict.fromkeys(recipients, Outcome(reply=f"written to {path}"))
 
-    def _write(self, mail_from: str, recipients: Sequence[str], data: bytes) -> None:
-        name = new_id()
+    def _write(self, mail_from: str, recipients: Sequence[str], data: bytes) -> Path:
         envelope = json.dumps({"mail_from": mail_from, "rcpt_tos": list(recipients)})
-        # The .eml appears last and whole, so a reader that sees it can trust both files.
-        for suffix, content in ((".json", envelope.encode()), (".eml", data)):
+        staged = []
+        for content in (envelope.encode(), data):
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)
-            os.replace(tmp, self.directory / f"{name}{suffix}")
+            staged.append(tmp)
+        try:
+            return self._publish(relay_id(data) or new_id(), *staged)
+        finally:
+            for tmp in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def _publish(self, name: str, envelope: str, message: str) -> Path:
+        """Link both files under the first free name; the .eml appears last and whole, so a
+        reader that sees it can trust both files."""
+        for number in itertools.count(1):
+            stem = name if number == 1 else f"{name}-{number}"
+            try:
+                os.link(envelope, self.directory / f"{stem}.json")
+            except FileExistsError:
+                continue
+            os.link(message, self.directory / f"{stem}.eml")
+            return self.directory / f"{stem}.eml"
+        raise AssertionError("unreachable")
 
 
 class SmtpUpstream:
@@ -143,11 +168,12 @@ class SmtpUpstream:
         if not accepted:
             return outcomes
         try:
-            await send_data(client, data, self.timeout)
+            taken = await send_data(client, data, self.timeout)
         except aiosmtplib.SMTPResponseException as exc:
             outcomes.update(dict.fromkeys(accepted, self._refusal(exc.code, exc.message)))
         else:
-            outcomes.update(dict.fromkeys(accepted, DELIVERED))
+            reply = " ".join(f"{taken.code} {taken.message}".split())
+            outcomes.update(dict.fromkeys(accepted, Outcome(reply=reply, remote_mta=self.host)))
         return outcomes
 
     def _refusal(self, code: int, message: str) -> Outcome:
@@ -161,7 +187,9 @@ class SmtpUpstream:
 PIECE = 256 * 1024
 
 
-async def send_data(client: aiosmtplib.SMTP, data: bytes, reply_timeout: float) -> None:
+async def send_data(
+    client: aiosmtplib.SMTP, data: bytes, reply_timeout: float
+) -> aiosmtplib.SMTPResponse:
     """DATA written in dot-stuffed, line-aligned pieces as the socket takes them.
 
     aiosmtplib's own DATA rewrites the whole message three times (line ends, dot-stuffing,
@@ -186,6 +214,7 @@ async def send_data(client: aiosmtplib.SMTP, data: bytes, reply_timeout: float) 
     reply = await protocol.read_response(timeout=reply_timeout)
     if reply.code != 250:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    return reply
 
 
 class BareLineEnd(aiosmtplib.SMTPException):
@@ -221,6 +250,14 @@ def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
         start = end
     if data and not data.endswith(b"\r\n"):
         yield b"\r\n"
+
+
+def relay_name(url: str) -> str:
+    """Where copies go, as the log names it: HOST:PORT, or the capture URL."""
+    if url.startswith("capture:"):
+        return url
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (465 if parts.scheme == 'smtps' else 25)}"
 
 
 def open_upstream(settings: UpstreamSettings, local_hostname: str) -> Upstream:

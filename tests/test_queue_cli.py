@@ -225,31 +225,41 @@ async def test_cli_queue_list_retry_delete(config: Path, tmp_path: Path) -> None
     seeded = await seed_queue(db)
     await db.close()
     cfg = ("-c", str(config))
+    empty = write_config(tmp_path / "empty")
+    assert (await sealrelay("db", "upgrade", "-c", str(empty))).code == 0
 
     waiting, nothing, unknown = await asyncio.gather(
         sealrelay("queue", "list", *cfg),
-        sealrelay("queue", "list", "-c", str(write_config(tmp_path / "empty"))),
+        sealrelay("queue", "list", "-c", str(empty)),
         sealrelay("queue", "retry", "nope", *cfg),
     )
     assert (nothing.code, nothing.out) == (0, "the queue is empty\n")
-    assert (unknown.code, unknown.out, unknown.error_line) == (1, "", "Error: no delivery nope")
+    assert (unknown.code, unknown.out) == (1, "")
+    assert unknown.error_line == "Error: no message nope in the queue"
     assert waiting.code == 0, waiting.err
-    lines = waiting.out.splitlines()
-    assert [line.split()[0] for line in lines] == [seeded.fresh, seeded.deferred]
-    fresh_line, deferred_line = lines
-    assert f"queued    {AGENT} -> fresh@example.com  attempts=0" in fresh_line
-    assert "'Exposé Lindenstraße 5'" in fresh_line and "last error" not in fresh_line
-    assert "deferred@example.com  attempts=1" in deferred_line
+    # One id: the message's, as in the 250 reply; its copies are listed under it.
+    head, fresh_line, deferred_line = waiting.out.splitlines()
+    assert head.startswith(f"{seeded.message}  ")
+    assert head.endswith(f"Z  {AGENT}  'Exposé Lindenstraße 5'")
+    assert fresh_line.startswith("    queued    fresh@example.com  attempts=0  next=")
+    assert "last error" not in fresh_line
+    assert deferred_line.startswith("    queued    deferred@example.com  attempts=1  next=")
     assert deferred_line.endswith("last error: 451 4.3.0 try again later")
 
-    retried, revived, deleted = await asyncio.gather(
-        sealrelay("queue", "retry", seeded.deferred, *cfg),
-        sealrelay("queue", "retry", seeded.bounced, *cfg),
-        sealrelay("queue", "delete", seeded.fresh, *cfg),
+    m = seeded.message
+    delivered_again, retried, deleted = await asyncio.gather(
+        sealrelay("queue", "delete", m, "delivered@example.com", *cfg),
+        sealrelay("queue", "retry", m, "deferred@example.com", "Bounced@Example.com", *cfg),
+        sealrelay("queue", "delete", m, "fresh@example.com", *cfg),
     )
-    assert retried.code == 0 and retried.out.startswith(f"{seeded.deferred} will be retried now")
-    assert revived.code == 0 and revived.out.startswith(f"{seeded.bounced} will be retried now")
-    assert (deleted.code, deleted.out) == (0, f"{seeded.fresh} deleted\n")
+    assert delivered_again.code == 1
+    assert delivered_again.error_line == f"Error: message {m} has no queued copy to delete"
+    assert retried.code == 0, retried.err
+    assert sorted(retried.out.splitlines()) == [
+        f"{m}: bounced@example.com will be retried now (a running relay picks it up)",
+        f"{m}: deferred@example.com will be retried now (a running relay picks it up)",
+    ]
+    assert (deleted.code, deleted.out) == (0, f"{m}: fresh@example.com deleted\n")
 
     db = Database.connect(sqlite_url(config))
     try:
@@ -329,13 +339,18 @@ async def test_check_config_names_the_bad_key(tmp_path: Path, dkim_key_file: Pat
         "good.toml",
         "[smtp]\n"
         'listen = ["127.0.0.1:2587"]\n'
+        "allow_plaintext_auth_on_loopback = true\n"
         "[upstream]\n"
         'url = "smtp://smarthost.example:587"\n'
         '[dkim."broker.example"]\n'
         'selector = "s2026"\n'
         f'key_file = "{dkim_key_file}"\n' + LETTER_TOML,
     )
-    bad = write_config(tmp_path, "bad.toml", "[smtp]\nmax_recipients = 0\n")
+    bad = write_config(
+        tmp_path,
+        "bad.toml",
+        "[smtp]\nmax_recipients = 0\n[upstream]\nurl = 'smtp://smarthost.example:587'\n",
+    )
     ok, value, env = await asyncio.gather(
         sealrelay("check-config", str(good)),
         sealrelay("check-config", str(bad)),

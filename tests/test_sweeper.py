@@ -108,6 +108,10 @@ async def test_cli_links_expire(tmp_path: Path) -> None:
         f'[database]\nurl = "sqlite+aiosqlite:///{tmp_path}/r.db"\n'
         f'[storage]\npath = "{tmp_path}/blobs"\n'
     )
+    created = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "sealrelay"), "db", "upgrade", "--config", str(config)
+    )
+    assert await created.wait() == 0  # only commands that may start a database create one
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "sealrelay"),
         "links",

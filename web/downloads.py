@@ -20,6 +20,7 @@ headers and holds the texts, templates and branding these pages share with the l
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -306,6 +307,13 @@ class DownloadPages:
                 data["files"] = [{"file_id": f.id, "filename": f.filename} for f in found.files]
                 event = journal.NewEvent("download.zip", found.link.message_id, data=data)
                 await journal.append(session, [event], now)
+            log.info(
+                "%s: download=zip to=<%s>, ip=%s, files=%d",
+                found.link.message_id,
+                found.link.recipient,
+                visitor.ip,
+                len(found.files),
+            )
         name = safe_filename(found.message.subject, "") or catalog.t("download.zip_name")
         response = web.StreamResponse()
         response.headers["Content-Type"] = "application/zip"
@@ -351,6 +359,15 @@ class DownloadPages:
                 data=data,
             )
             await journal.append(session, [event], now)
+        log.info(
+            "%s: download=%s to=<%s>, ip=%s, file=%s %s",
+            found.link.message_id,
+            event.type.removeprefix("download."),
+            found.link.recipient,
+            visitor.ip,
+            stored.id,
+            json.dumps(stored.filename, ensure_ascii=False),
+        )
 
     @staticmethod
     def event_data(found: FoundLink, visitor: Visitor) -> dict[str, Any]:

@@ -1,0 +1,354 @@
+"""Everything a settings file names, checked before the relay relies on it.
+
+Pydantic checks the shape of each value; this checks the world those values point at: the
+certificate can be read, the blob directory can be written by the user the relay runs as,
+the DKIM keys load. `check-config` reports every problem at once and `serve` refuses to start
+on any error, each line naming the key and the path, so IT fixes a file in one round instead of
+meeting `[Errno 2] No such file or directory` one problem at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import ssl
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.engine import make_url
+
+from gateway import dkim
+from gateway.config import (
+    ConfigError,
+    DkimDomain,
+    LetterSettings,
+    Settings,
+    SmtpSettings,
+    StorageSettings,
+    UpstreamSettings,
+    read_config,
+    validation_problems,
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: an error stops start-up, a warning is worth a look."""
+
+    key: str
+    text: str
+    error: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.text}"
+
+
+def check_config(
+    path: Path | None, environ: Mapping[str, str] | None = None
+) -> tuple[Settings | None, list[Problem]]:
+    """The settings (None when they do not validate) and every problem found in them."""
+    try:
+        data, sources = read_config(path, environ)
+    except ConfigError as exc:
+        return None, [Problem(str(path), line.removeprefix(f"{path}: ")) for line in exc.problems]
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = [_split(line) for line in validation_problems(exc, sources)]
+        return None, problems + list(_sections_that_validate(data))
+    return settings, list(settings_problems(settings))
+
+
+def settings_problems(settings: Settings) -> Iterator[Problem]:
+    """What the valid settings point at: files, directories, keys, names."""
+    yield from _smtp(settings.smtp)
+    yield from _upstream(settings.upstream)
+    yield from _database(settings.database.url)
+    yield from _storage(settings.storage)
+    for domain, entry in settings.dkim.items():
+        yield from _dkim(domain, entry)
+    yield from _letter(settings.letter)
+    yield from _letter_texts(settings)
+    yield from _letter_keys(settings)
+    yield from _rule_groups(settings)
+
+
+def unknown_group_problems(settings: Settings, user_groups: Mapping[str, str]) -> list[Problem]:
+    """Users (email -> group) whose group is not configured: the defaults apply to them."""
+    known = {group.name for group in settings.groups}
+    return [
+        Problem(
+            "groups",
+            f"user {email} is in group {group!r}, which is not in [[groups]];"
+            " the [policy] defaults apply to them",
+            error=False,
+        )
+        for email, group in sorted(user_groups.items())
+        if group not in known
+    ]
+
+
+def _split(line: str) -> Problem:
+    key, _, text = line.partition(": ")
+    return Problem(key, text)
+
+
+def _sections_that_validate(data: Mapping[str, Any]) -> Iterator[Problem]:
+    """File checks of the sections that are valid on their own, while others are not."""
+    checks: list[tuple[str, type[BaseModel], Callable[[Any], Iterator[Problem]]]] = [
+        ("smtp", SmtpSettings, _smtp),
+        ("upstream", UpstreamSettings, _upstream),
+        ("storage", StorageSettings, _storage),
+        ("letter", LetterSettings, _letter),
+    ]
+    for name, model, check in checks:
+        try:
+            section = model.model_validate(data.get(name, {}))
+        except ValidationError:
+            continue  # its errors are reported already
+        yield from check(section)
+    dkim_table = data.get("dkim", {})
+    if isinstance(dkim_table, Mapping):
+        for domain, entry in dkim_table.items():
+            try:
+                yield from _dkim(str(domain).lower(), DkimDomain.model_validate(entry))
+            except ValidationError:
+                continue
+
+
+# -- the sections
+
+
+def _smtp(smtp: SmtpSettings) -> Iterator[Problem]:
+    if smtp.tls_cert is None or smtp.tls_key is None:
+        yield from _logins_without_tls(smtp)
+        return
+    missing = [
+        problem
+        for key, path in (("smtp.tls_cert", smtp.tls_cert), ("smtp.tls_key", smtp.tls_key))
+        if (problem := readable_file(key, path)) is not None
+    ]
+    if missing:
+        yield from missing
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(smtp.tls_cert, smtp.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        yield Problem(
+            "smtp.tls_cert",
+            f"{_shown(smtp.tls_cert)} with key {_shown(smtp.tls_key)}: not a certificate and"
+            f" matching private key in PEM ({exc.strerror or exc})",
+        )
+
+
+def _logins_without_tls(smtp: SmtpSettings) -> Iterator[Problem]:
+    from gateway.smtp import _is_loopback  # the rule the listener applies
+
+    for address in smtp.listen:
+        host = address.rpartition(":")[0].strip("[]")
+        if not (smtp.allow_plaintext_auth_on_loopback and _is_loopback(host)):
+            yield Problem(
+                "smtp.listen",
+                f"{address}: agents could not log in: set smtp.tls_cert and smtp.tls_key,"
+                " or allow_plaintext_auth_on_loopback on a loopback address",
+            )
+
+
+def _upstream(upstream: UpstreamSettings) -> Iterator[Problem]:
+    if not upstream.url.startswith("capture:"):
+        return
+    directory = Path(upstream.url.removeprefix("capture:"))
+    problem = writable_directory("upstream.url", directory)
+    if problem is not None:
+        yield problem
+    yield Problem(
+        "upstream.url",
+        f"{upstream.url}: outgoing mail is written to files in {_shown(directory)}, nothing is"
+        " sent; set smtp://HOST:PORT or smtps://HOST:PORT to deliver",
+        error=False,
+    )
+
+
+def _database(url: str) -> Iterator[Problem]:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    path = Path(parsed.database)
+    problem = (
+        writable_file("database.url", path)
+        if path.exists()
+        else writable_directory("database.url", path.parent)
+    )
+    if problem is not None:
+        yield problem
+
+
+def _storage(storage: StorageSettings) -> Iterator[Problem]:
+    problem = writable_directory("storage.path", storage.path)
+    if problem is not None:
+        yield problem
+
+
+def _dkim(domain: str, entry: DkimDomain) -> Iterator[Problem]:
+    key = f"dkim.{domain}.key_file"
+    problem = readable_file(key, entry.key_file)
+    if problem is not None and not entry.key_file.exists():
+        yield Problem(
+            key,
+            f"{problem.text}; create it with `sealrelay dkim keygen --domain {domain}"
+            f" --selector {entry.selector} --out {entry.key_file}`",
+        )
+        return
+    if problem is not None:
+        yield problem
+        return
+    try:
+        dkim.DkimKey.load(domain, entry.selector, entry.key_file)
+    except dkim.DkimError as exc:
+        yield Problem(key, str(exc))
+
+
+def _letter(letter: LetterSettings) -> Iterator[Problem]:
+    for name, directory in letter.block_sets.items():
+        problem = readable_directory(f"letter.block_sets.{name}", directory)
+        if problem is not None:
+            yield problem
+    for language, pdf in letter.terms_pdf.items():
+        problem = readable_file(f"letter.terms_pdf.{language}", pdf)
+        if problem is not None:
+            yield problem
+
+
+def _letter_texts(settings: Settings) -> Iterator[Problem]:
+    """The block sets load as the relay will load them (only once their directories exist)."""
+    from gateway.registered_letter import BlockSets
+
+    letter = settings.letter
+    if any(not directory.is_dir() for directory in letter.block_sets.values()):
+        return
+    try:
+        BlockSets(settings)
+    except ValueError as exc:
+        yield Problem("letter.block_sets", str(exc))
+
+
+def _letter_keys(settings: Settings) -> Iterator[Problem]:
+    """Letters that could only go out unsigned are refused: say so before mail is sent."""
+    from gateway import letter_keys
+
+    yield from letter_keys.problems(settings)
+
+
+def _rule_groups(settings: Settings) -> Iterator[Problem]:
+    known = {group.name for group in settings.groups}
+    for index, rule in enumerate(settings.rules):
+        for group in rule.match.groups:
+            if group not in known:
+                yield Problem(
+                    f"rules.{index}.match.groups",
+                    f"rule {rule.name!r} matches group {group!r}, which is not in [[groups]]",
+                    error=False,
+                )
+
+
+# -- files and directories, as the user the relay runs as sees them
+
+
+def readable_file(key: str, path: Path) -> Problem | None:
+    try:
+        if path.is_dir():
+            return Problem(key, f"{_shown(path)} is a directory, not a file")
+        if not path.exists():
+            return Problem(key, f"{_shown(path)}: no such file")
+    except OSError as exc:
+        return Problem(key, f"{_shown(path)}: {exc.strerror}")
+    if not os.access(path, os.R_OK):
+        return Problem(key, f"{_shown(path)} is not readable by {_user()}")
+    return None
+
+
+def writable_file(key: str, path: Path) -> Problem | None:
+    if path.is_dir():
+        return Problem(key, f"{_shown(path)} is a directory, not a file")
+    if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+        return Problem(key, f"{_shown(path)} is not writable by {_user()}")
+    return None
+
+
+def readable_directory(key: str, path: Path) -> Problem | None:
+    if not path.exists():
+        return Problem(key, f"{_shown(path)}: no such directory")
+    if not path.is_dir():
+        return Problem(key, f"{_shown(path)} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        return Problem(key, f"{_shown(path)} is not readable by {_user()}")
+    return None
+
+
+def writable_directory(key: str, path: Path) -> Problem | None:
+    """The directory can be written, or created where it is missing."""
+    if path.exists():
+        if not path.is_dir():
+            return Problem(key, f"{_shown(path)} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            return Problem(key, f"{_shown(path)} is not writable by {_user()}")
+        return None
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return Problem(key, f"{_shown(path)} cannot be created: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return Problem(
+            key, f"{_shown(path)} does not exist and {ancestor} is not writable by {_user()}"
+        )
+    return None
+
+
+def _shown(path: Path) -> str:
+    """The path as written, and where that is when it is relative."""
+    return str(path) if path.is_absolute() else f"{path} ({path.absolute()})"
+
+
+def _user() -> str:
+    uid = os.geteuid()
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def listen_problems(settings: Settings, roles: Collection[str]) -> list[Problem]:
+    """Addresses this instance would listen on that it cannot take (in use, not local)."""
+    wanted: list[tuple[str, str]] = []
+    if "smtp" in roles:
+        wanted += [("smtp.listen", a) for a in settings.smtp.listen]
+        wanted += [("smtp.implicit_tls_listen", a) for a in settings.smtp.implicit_tls_listen]
+    if "web" in roles:
+        wanted.append(("web.listen", settings.web.listen))
+    return [
+        Problem(key, f"{address}: cannot listen: {reason}")
+        for key, address in wanted
+        if (reason := _cannot_bind(address)) is not None
+    ]
+
+
+def _cannot_bind(address: str) -> str | None:
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            # asyncio sets SO_REUSEADDR too: a port in TIME_WAIT is no problem for it.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return None
