@@ -41,6 +41,34 @@ commission = "3,57 % des Kaufpreises inkl. MwSt."
 """
 
 
+def serve_config(
+    directory: Path, *, smtp_port: int, database_url: str, extra: dict[str, str] | None = None
+) -> Path:
+    """`directory/relay.toml` for a `sealrelay serve` process: plaintext AUTH on loopback,
+    a capture upstream in `directory/outbox`, the letter values serve needs. `extra` adds
+    lines to a section ("smtp", "database", ...), or a new section."""
+    lines = {
+        "server": ['hostname = "relay.test.example"'],
+        "smtp": [f'listen = ["127.0.0.1:{smtp_port}"]', "allow_plaintext_auth_on_loopback = true"],
+        "web": [f'listen = "127.0.0.1:{free_port()}"'],
+        "upstream": [f'url = "capture:{directory / "outbox"}"'],
+        "database": [f'url = "{database_url}"'],
+        "storage": [f'path = "{directory / "blobs"}"'],
+    }
+    for section, more in (extra or {}).items():
+        lines.setdefault(section, []).extend(more.strip().splitlines() if more.strip() else [])
+    config = directory / "relay.toml"
+    config.write_text(
+        "".join(
+            f"[{section}]\n" + "".join(f"{line}\n" for line in body)
+            for section, body in lines.items()
+        )
+        + LETTER_TOML,
+        encoding="utf-8",
+    )
+    return config
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

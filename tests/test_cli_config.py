@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.config import SYSTEM_CONFIG
-from tests.support import free_port
+from tests.support import LETTER_TOML, free_port
 from tests.test_durability import database_url
 from tests.test_queue_cli import SEALRELAY, Run, sealrelay, write_config
 
@@ -100,7 +100,7 @@ async def test_check_config_finds_what_a_valid_file_points_at(
         f"[smtp]\nlisten = ['{listen}']\ntls_cert = '{key}'\ntls_key = '{cert}'\n"
         f"[upstream]\nurl = 'smtp://smarthost.example:587'\n"
         f"[database]\nurl = 'sqlite+aiosqlite:///{tmp_path}/relay.db'\n"
-        f"[storage]\npath = '{cert}'\n"
+        f"[storage]\npath = '{cert}'\n" + LETTER_TOML
     )
     plaintext = write_config(
         tmp_path, "plain.toml", f"[smtp]\nlisten = ['0.0.0.0:{free_port()}']\n"
@@ -160,7 +160,7 @@ async def test_check_config_refuses_paths_the_relay_user_cannot_use(
         "[upstream]\nurl = 'smtp://smarthost.example:587'\n"
         f"[database]\nurl = 'sqlite+aiosqlite:///{foreign_directory}/relay.db'\n"
         f"[storage]\npath = '{foreign_directory}/blobs'\n"
-        f"[dkim.'broker.example']\nselector = 's1'\nkey_file = '{secret_key}'\n"
+        f"[dkim.'broker.example']\nselector = 's1'\nkey_file = '{secret_key}'\n" + LETTER_TOML
     )
     try:
         process = await asyncio.create_subprocess_exec(
@@ -212,6 +212,8 @@ async def test_check_config_warns_of_capture_and_unknown_groups(
     assert checked.code == 0, checked.err
     assert checked.out.startswith(f"{config}: ok (")
     assert sorted(checked.err.splitlines()) == [
+        "Warning: dkim: no key configured: every registered letter (offer) is refused with 550"
+        ' until [dkim."DOMAIN"] is set for the sender\'s domain',
         f"Warning: groups: user {AGENT} is in group 'sales', which is not in [[groups]];"
         " the [policy] defaults apply to them",
         "Warning: rules.0.match.groups: rule 'sales-videos' matches group 'sale', which is not"

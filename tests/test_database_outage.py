@@ -27,7 +27,7 @@ from gateway import users
 from gateway.db import Database, make_engine
 from gateway.relay import Relay
 from tests.conftest import AGENT, PASSWORD, POSTGRES_URL, relay_settings
-from tests.support import Sink, free_port
+from tests.support import Sink, free_port, serve_config
 from tests.test_smtp_front import (
     AUTH_WITHOUT_STARTTLS,
     PROSPECT,
@@ -194,27 +194,13 @@ async def scratch_database() -> AsyncIterator[str]:
         await admin.dispose()
 
 
-def serve_config(tmp_path: Path, smtp_port: int, database_url: str) -> Path:
-    config = tmp_path / "relay.toml"
-    config.write_text(
-        f"""
-[server]
-hostname = "relay.test.example"
-[smtp]
-listen = ["127.0.0.1:{smtp_port}"]
-allow_plaintext_auth_on_loopback = true
-[web]
-listen = "127.0.0.1:{free_port()}"
-[upstream]
-url = "capture:{tmp_path / "outbox"}"
-[database]
-url = "{database_url}"
-connect_retry_max = 0.5
-[storage]
-path = "{tmp_path / "blobs"}"
-"""
+def relay_config(tmp_path: Path, smtp_port: int, database_url: str) -> Path:
+    return serve_config(
+        tmp_path,
+        smtp_port=smtp_port,
+        database_url=database_url,
+        extra={"database": "connect_retry_max = 0.5"},
     )
-    return config
 
 
 async def log_shows(log_path: Path, needle: str, times: int, process: asyncio.subprocess.Process):
@@ -249,7 +235,7 @@ async def test_serve_waits_for_the_database_and_then_relays(tmp_path: Path) -> N
     forward = Forwarder(free_port())  # nothing listens there yet
     async with scratch_database() as name:
         database_url = forward.url.rsplit("/", 1)[0] + f"/{name}"
-        config = serve_config(tmp_path, smtp_port, database_url)
+        config = relay_config(tmp_path, smtp_port, database_url)
         log_path = tmp_path / "serve.log"
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
@@ -282,7 +268,7 @@ async def test_serve_waits_for_the_database_and_then_relays(tmp_path: Path) -> N
 
 async def test_serve_stops_cleanly_while_waiting_for_the_database(tmp_path: Path) -> None:
     nothing_there = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/test"
-    config = serve_config(tmp_path, free_port(), nothing_there)
+    config = relay_config(tmp_path, free_port(), nothing_there)
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from gateway.db import Database
 from gateway.models import Event
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, make_message
-from tests.support import free_port
+from tests.support import free_port, serve_config
 from tests.test_durability import database_url
 from tests.test_e2e_links import LINK
 from tests.test_e2e_links import offer as linked_offer
@@ -49,28 +49,12 @@ async def until(check: Callable[[], bool], timeout: float = 30) -> None:
 
 
 def write_relay_config(directory: Path, database: str, smtp_port: int) -> Path:
-    config = directory / "sealrelay.toml"
-    config.write_text(
-        f"""
-[server]
-hostname = "relay.ids.test"
-[smtp]
-listen = ["127.0.0.1:{smtp_port}"]
-allow_plaintext_auth_on_loopback = true
-[web]
-listen = "127.0.0.1:{free_port()}"
-[upstream]
-url = "capture:{directory / "outbox"}"
-[database]
-url = "{database}"
-[storage]
-path = "{directory / "blobs"}"
-[worker]
-poll_seconds = 0.2
-""",
-        encoding="utf-8",
+    return serve_config(
+        directory,
+        smtp_port=smtp_port,
+        database_url=database,
+        extra={"worker": "poll_seconds = 0.2"},
     )
-    return config
 
 
 def submit(port: int) -> str:

@@ -148,7 +148,10 @@ async def test_bounce_comes_signed_from_the_agents_domain(site: LetterSite) -> N
 async def test_check_config_names_rules_that_would_send_unsigned_letters(
     tmp_path: Path, dkim_key_file: Path
 ) -> None:
-    keyed = f'[dkim."broker.example"]\nselector = "s2026"\nkey_file = "{dkim_key_file}"\n'
+    keyed = (
+        "[smtp]\nallow_plaintext_auth_on_loopback = true\n"
+        f'[dkim."broker.example"]\nselector = "s2026"\nkey_file = "{dkim_key_file}"\n'
+    )
     broken = write_config(
         tmp_path,
         "broken.toml",
@@ -162,7 +165,9 @@ async def test_check_config_names_rules_that_would_send_unsigned_letters(
         "branch.toml",
         keyed + '[policy]\ninternal_domains = ["broker.example", "branch.example"]\n',
     )
-    keyless = write_config(tmp_path, "keyless.toml", "")
+    keyless = write_config(
+        tmp_path, "keyless.toml", "[smtp]\nallow_plaintext_auth_on_loopback = true\n"
+    )
     error = await sealrelay("check-config", str(broken))
     assert error.code == 1
     assert "rules.lawyer-offers" in error.err and "unsigned.example" in error.err

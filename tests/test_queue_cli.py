@@ -62,16 +62,21 @@ async def sealrelay(
     return Run(process.returncode, out.decode(), err.decode())
 
 
-def write_config(directory: Path, name: str = "sealrelay.toml", extra: str = "") -> Path:
+def write_config(
+    directory: Path, name: str = "sealrelay.toml", extra: str = "", *, letter: bool = True
+) -> Path:
+    """A config in `directory`; the letter values `serve` needs unless `extra` sets [letter]
+    itself or `letter` is False."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
+    letter_values = LETTER_TOML if letter and "[letter]" not in extra else ""
     path.write_text(
         "[server]\n"
         'hostname = "relay.broker.example"\n'
         "[database]\n"
         f'url = "sqlite+aiosqlite:///{directory}/relay.db"\n'
         "[storage]\n"
-        f'path = "{directory}/blobs"\n' + extra,
+        f'path = "{directory}/blobs"\n' + extra + letter_values,
         encoding="utf-8",
     )
     return path

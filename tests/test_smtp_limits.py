@@ -25,7 +25,7 @@ import pytest
 from gateway import users
 from gateway.smtp_guard import ACCEPT_FAILURES, FailedLogins, ThrottledLog, ThrottledRecords
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
-from tests.support import free_port
+from tests.support import free_port, serve_config
 from tests.test_database_outage import SEALRELAY, port_open
 from tests.test_smtp_front import (
     AUTH_WITHOUT_STARTTLS,
@@ -365,27 +365,13 @@ async def test_idle_sessions_from_many_addresses_are_shed_so_an_agent_gets_in(
 # -- the whole process against the file-descriptor limit
 
 
-def serve_config(tmp_path: Path, smtp_port: int) -> Path:
-    config = tmp_path / "relay.toml"
-    config.write_text(
-        f"""
-[server]
-hostname = "relay.test.example"
-[smtp]
-listen = ["127.0.0.1:{smtp_port}"]
-allow_plaintext_auth_on_loopback = true
-busy_timeout = 120
-[web]
-listen = "127.0.0.1:{free_port()}"
-[upstream]
-url = "capture:{tmp_path / "outbox"}"
-[database]
-url = "sqlite+aiosqlite:///{tmp_path / "relay.db"}"
-[storage]
-path = "{tmp_path / "blobs"}"
-"""
+def relay_config(tmp_path: Path, smtp_port: int) -> Path:
+    return serve_config(
+        tmp_path,
+        smtp_port=smtp_port,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}",
+        extra={"smtp": "busy_timeout = 120"},
     )
-    return config
 
 
 def low_descriptor_limit() -> None:
@@ -402,7 +388,7 @@ async def test_a_flood_past_the_descriptor_limit_is_refused_not_a_lockout(
     """1,050 idle connections used to exhaust the descriptors: then nobody got in and
     asyncio logged `accept() out of system resource` without pause. Scaled down here."""
     smtp_port = free_port()
-    config = serve_config(tmp_path, smtp_port)
+    config = relay_config(tmp_path, smtp_port)
     add = await asyncio.create_subprocess_exec(
         SEALRELAY,
         *("user", "add", AGENT, "--password-stdin", "--config", str(config)),
