@@ -113,11 +113,14 @@ class DeliveryWorker:
         self.signal.notify()  # room for more claims
 
     async def _claim(self, limit: int) -> list[queue.Claimed]:
+        """Due copies, leased to this worker; never one it already holds (its lease ran out
+        while it waited for a slot, and the claim just renewed it)."""
         lease = timedelta(seconds=self.settings.worker.lease_seconds)
         async with self.db.transaction() as session:
             claimed = await queue.claim(session, self.name, self.clock(), lease, limit)
-        self._held.update(item.delivery.id for item in claimed)
-        return claimed
+        fresh = [item for item in claimed if item.delivery.id not in self._held]
+        self._held.update(item.delivery.id for item in fresh)
+        return fresh
 
     async def _renew_leases(self) -> None:
         """The heartbeat: every third of a lease, extend the leases of every copy held."""
