@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import select
 
+from gateway.db import Database
 from gateway.models import Event
 from tests.conftest import Harness, StartRelay, make_message
 from tests.support import Sink, free_port
@@ -118,3 +119,57 @@ async def test_an_upstream_that_stops_reading_during_data_blocks_nobody(
     [slow] = [m for m in arrived if m.rcpt_tos == [SLOW]]
     assert slow.data.endswith(big)
     assert sink.stalls >= 1
+
+
+@dataclass
+class SlowSink(Sink):
+    """A recording sink that takes `delay` seconds over each reply to MAIL, RCPT and DATA."""
+
+    delay: float = 0.0
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        await asyncio.sleep(self.delay)
+        envelope.mail_from, envelope.mail_options = address, list(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        await asyncio.sleep(self.delay)
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await asyncio.sleep(self.delay)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+async def slow_sink() -> AsyncIterator[SlowSink]:
+    server = await SlowSink(delay=1.0).start()
+    yield server
+    await server.stop()
+
+
+async def test_a_conversation_over_its_whole_deadline_is_deferred(
+    relay_factory: StartRelay, slow_sink: SlowSink, database: Database
+) -> None:
+    # Each reply comes well within `timeout`; all three together overrun the conversation's
+    # deadline, session_timeout plus size / min_transfer_rate (about 1.5 s here).
+    relay = await relay_factory(
+        upstream={
+            "url": f"smtp://127.0.0.1:{slow_sink.port}",
+            "timeout": 10,
+            "session_timeout": 1.5,
+            "min_transfer_rate": 1e9,
+        }
+    )
+    await relay.send(make_message(to=FAST))
+    async with asyncio.timeout(30):
+        while not (deferred := await deferrals(relay, FAST)):
+            await asyncio.sleep(0.05)
+    assert "deadline 2 s" in deferred[0].data["error"], deferred[0].data
+    slow_sink.delay = 0
+    [copy] = await slow_sink.expect(1)
+    assert copy.rcpt_tos == [FAST]
