@@ -2,8 +2,8 @@
 
 Copies of one message that share a blob leave in one SMTP transaction, prepared and signed
 once; its outcomes are recorded as soon as the upstream has answered, before the worker slot
-is given up. Temporary failures retry with backoff until the copy's queue lifetime runs out; then,
-or at once on a permanent failure, the copy bounces and the agent gets a DSN.
+is given up. Temporary failures retry with backoff until the copy's queue lifetime runs out;
+then, or at once on a permanent failure, the copy bounces and the agent gets a DSN.
 """
 
 from __future__ import annotations
