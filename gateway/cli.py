@@ -561,8 +561,7 @@ def verify(config: Path | None, check_journal: bool, file: Path | None) -> None:
             report = await verification.verify_released(db, settings, raw)
         chain = None
         if check_journal:
-            async with db.transaction() as session:
-                chain = await journal.verify(session)
+            chain = await journal.verify_database(db)
         return report, chain
 
     report, chain = _run(check, config)

@@ -110,7 +110,14 @@ class UpstreamSettings(Section):
     url: str = "capture:var/outbox"
     username: str | None = None
     password: str | None = None
-    timeout: float = Field(default=60, gt=0)
+    timeout: float = Field(default=60, gt=0, description="seconds for each reply and each write")
+    connect_timeout: float = Field(default=30, gt=0, description="seconds to connect (TCP, TLS)")
+    session_timeout: float = Field(
+        default=300, gt=0, description="seconds one conversation may take, plus its size's time"
+    )
+    min_transfer_rate: float = Field(
+        default=10240, gt=0, description="bytes/s: a copy of N bytes gets N / this more seconds"
+    )
     verify_tls: bool = True
     queue_lifetime: float = Field(default=5 * 86400, gt=0, description="seconds")
     retry_base: float = Field(default=60, gt=0, description="seconds before the first retry")
@@ -178,7 +185,12 @@ class DkimDomain(Section):
 class WorkerSettings(Section):
     concurrency: int = Field(default=4, ge=1, le=256)
     batch_size: int = Field(default=50, ge=1, le=1000)
-    lease_seconds: float = Field(default=300, gt=0)
+    lease_seconds: float = Field(
+        default=30,
+        gt=0,
+        description="renewed while a copy is in flight; a dead worker's claims"
+        " return to the queue after this",
+    )
     poll_seconds: float = Field(default=1.0, gt=0)
 
 

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import (
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SNAPSHOT = "sealrelay_snapshot"
 
 
 def make_engine(url: str, *, schema: str | None = None) -> AsyncEngine:
@@ -58,7 +59,10 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(_SNAPSHOT):
+            connection.exec_driver_sql("BEGIN")  # WAL: a read snapshot that blocks no writer
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Database:
@@ -80,6 +84,26 @@ class Database:
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """Commits on leaving, rolls back on any exception."""
         async with self.sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[AsyncSession]:
+        """A read-only transaction that sees one consistent state of the whole database.
+
+        For checks that read many statements' worth (the journal's chain and its head):
+        PostgreSQL's REPEATABLE READ, SQLite's deferred read transaction in WAL. Neither
+        blocks writers.
+        """
+        async with self.sessions() as session, session.begin():
+            if self.is_postgres:
+                await session.connection(
+                    execution_options={
+                        "isolation_level": "REPEATABLE READ",
+                        "postgresql_readonly": True,
+                    }
+                )
+            else:
+                await session.connection(execution_options={_SNAPSHOT: True})
             yield session
 
     async def upgrade(self) -> None:

@@ -1,13 +1,15 @@
 """The delivery worker: claim due copies, send them upstream, record each outcome.
 
 Copies of one message that share a blob leave in one SMTP transaction, prepared and signed
-once. Temporary failures retry with backoff until the copy's queue lifetime runs out; then,
-or at once on a permanent failure, the copy bounces and the agent gets a DSN.
+once; its outcomes are recorded as soon as the upstream has answered, before the worker slot
+is given up. Temporary failures retry with backoff until the copy's queue lifetime runs out;
+then, or at once on a permanent failure, the copy bounces and the agent gets a DSN.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -66,48 +68,120 @@ class DeliveryWorker:
         self.clock = clock
         self.name = f"{settings.server.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
         self._slots = asyncio.Semaphore(settings.worker.concurrency)
+        self._held: set[str] = set()  # claimed here and not yet recorded: the heartbeat's list
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                handled = await self.run_once()
-            except Exception:
-                log.exception("delivery round failed; trying again shortly")
-                handled = 0
-            if not handled:
-                await self.signal.wait(self.settings.worker.poll_seconds)
+        """Claim due copies whenever there is room and send each group as a task of its own.
+
+        No round waits for its slowest conversation: a stalled upstream holds one slot until
+        its deadline while the other copies keep leaving. Leases of held copies are renewed.
+        """
+        heartbeat = asyncio.create_task(self._renew_leases())
+        sending: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                try:
+                    started = await self._start_due(sending, stop)
+                except Exception:
+                    log.exception("claiming due copies failed; trying again shortly")
+                    started = 0
+                if not started:
+                    await self.signal.wait(self.settings.worker.poll_seconds)
+        finally:
+            await asyncio.gather(*sending, return_exceptions=True)
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
 
     async def run_once(self) -> int:
         """One round: claim what is due and deliver it. Returns how many copies it handled."""
-        lease = timedelta(seconds=self.settings.worker.lease_seconds)
-        async with self.db.transaction() as session:
-            claimed = await queue.claim(
-                session, self.name, self.clock(), lease, self.settings.worker.batch_size
-            )
-        groups: dict[tuple[str, str], list[queue.Claimed]] = defaultdict(list)
-        for item in claimed:
-            groups[(item.message.id, item.delivery.blob)].append(item)
-        await asyncio.gather(*(self._deliver(group) for group in groups.values()))
+        claimed = await self._claim(self.settings.worker.batch_size)
+        await asyncio.gather(*(self._deliver(group) for group in _groups(claimed)))
         return len(claimed)
 
-    async def _deliver(self, group: Sequence[queue.Claimed]) -> None:
+    async def _start_due(self, sending: set[asyncio.Task[None]], stop: asyncio.Event) -> int:
+        """Claim up to the room left in the batch; a task per group. How many were claimed."""
+        room = self.settings.worker.batch_size - len(self._held)
+        if room <= 0:
+            return 0
+        claimed = await self._claim(room)
+        for group in _groups(claimed):
+            task = asyncio.create_task(self._deliver(group, stop))
+            sending.add(task)
+            task.add_done_callback(lambda done: self._finished(done, sending))
+        return len(claimed)
+
+    def _finished(self, task: asyncio.Task[None], sending: set[asyncio.Task[None]]) -> None:
+        sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivering a group failed", exc_info=task.exception())
+        self.signal.notify()  # room for more claims
+
+    async def _claim(self, limit: int) -> list[queue.Claimed]:
+        """Due copies, leased to this worker; never one it already holds (its lease ran out
+        while it waited for a slot, and the claim just renewed it)."""
+        lease = timedelta(seconds=self.settings.worker.lease_seconds)
+        async with self.db.transaction() as session:
+            claimed = await queue.claim(session, self.name, self.clock(), lease, limit)
+        fresh = [item for item in claimed if item.delivery.id not in self._held]
+        self._held.update(item.delivery.id for item in fresh)
+        return fresh
+
+    async def _renew_leases(self) -> None:
+        """The heartbeat: every third of a lease, extend the leases of every copy held."""
+        seconds = self.settings.worker.lease_seconds
+        while True:
+            await asyncio.sleep(seconds / 3)
+            if not self._held:
+                continue
+            try:
+                async with self.db.transaction() as session:
+                    await queue.renew(
+                        session,
+                        set(self._held),
+                        self.name,
+                        self.clock(),
+                        timedelta(seconds=seconds),
+                    )
+            except Exception:
+                log.exception("renewing leases failed; trying again at the next beat")
+
+    async def _deliver(
+        self, group: Sequence[queue.Claimed], stop: asyncio.Event | None = None
+    ) -> None:
+        """Send one group and record its outcomes before giving up the slot, so that copies
+        sent but not yet recorded (sent again after a crash) are at most the slots."""
+        ids = [item.delivery.id for item in group]
+        try:
+            async with self._slots:
+                if stop is not None and stop.is_set():
+                    await self._release(ids)
+                    return
+                outcomes = await self._send(group)
+                await self._record(group[0].message, [item.delivery for item in group], outcomes)
+        finally:
+            self._held.difference_update(ids)
+
+    async def _send(self, group: Sequence[queue.Claimed]) -> dict[str, Outcome]:
         message = group[0].message
         deliveries = [item.delivery for item in group]
         recipients = [d.recipient for d in deliveries]
-        async with self._slots:
-            try:
-                # Not kept in a local: the stored bytes are freed once the copy is built.
-                data = prepare(
-                    await self.blobs.read(deliveries[0].blob),
-                    message,
-                    self.settings.server.hostname,
-                    self.signer,
-                )
-                outcomes = await self.upstream.send(message.sender, recipients, data)
-            except Exception as exc:
-                log.exception("delivering %s failed before a reply", message.id)
-                outcomes = dict.fromkeys(recipients, Outcome(f"local error: {exc}"))
-        await self._record(message, deliveries, outcomes)
+        try:
+            # Not kept in a local: the stored bytes are freed once the copy is built.
+            data = prepare(
+                await self.blobs.read(deliveries[0].blob),
+                message,
+                self.settings.server.hostname,
+                self.signer,
+            )
+            return await self.upstream.send(message.sender, recipients, data)
+        except Exception as exc:
+            log.exception("delivering %s failed before a reply", message.id)
+            return dict.fromkeys(recipients, Outcome(f"local error: {exc}"))
+
+    async def _release(self, ids: Sequence[str]) -> None:
+        async with self.db.transaction() as session:
+            await queue.release(session, ids, self.name)
 
     async def _record(
         self, message: Message, deliveries: Sequence[Delivery], outcomes: dict[str, Outcome]
@@ -250,6 +324,14 @@ class DeliveryWorker:
             lifetime=self.settings.upstream.queue_lifetime,
         )
         return bounce, delivery
+
+
+def _groups(claimed: Sequence[queue.Claimed]) -> list[list[queue.Claimed]]:
+    """Copies of one message that share a blob leave in one SMTP transaction."""
+    groups: dict[tuple[str, str], list[queue.Claimed]] = defaultdict(list)
+    for item in claimed:
+        groups[(item.message.id, item.delivery.blob)].append(item)
+    return list(groups.values())
 
 
 def _duration(seconds: float) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.db import Database
 from gateway.models import Event, JournalHead, utcnow
 
 GENESIS = "0" * 64
@@ -98,15 +99,22 @@ class ChainReport:
 
 
 async def verify(session: AsyncSession) -> ChainReport:
-    """Walk the whole chain in order, recomputing every hash."""
+    """Walk the chain in order up to the head read first, recomputing every hash.
+
+    The head is read before the events: whatever the transaction's isolation, every event up
+    to it was committed with it, and events appended while the walk runs lie beyond it.
+    Callers should still pass a snapshot (`Database.snapshot`) so what they read beside the
+    chain is of the same moment.
+    """
+    head = (await session.execute(select(JournalHead).where(JournalHead.id == 1))).scalar_one()
     prev_hash, expected_seq, count = GENESIS, 1, 0
     last_seq = 0
-    while True:
+    while last_seq < head.seq:
         batch = (
             (
                 await session.execute(
                     select(Event)
-                    .where(Event.seq > last_seq)
+                    .where(Event.seq > last_seq, Event.seq <= head.seq)
                     .order_by(Event.seq)
                     .limit(VERIFY_BATCH)
                 )
@@ -134,9 +142,14 @@ async def verify(session: AsyncSession) -> ChainReport:
                 return ChainReport(count, event.seq, "content does not match its hash")
             prev_hash, expected_seq, count = event.hash, expected_seq + 1, count + 1
         last_seq = batch[-1].seq
-    head = (await session.execute(select(JournalHead).where(JournalHead.id == 1))).scalar_one()
     if head.seq != count or head.hash != prev_hash:
         return ChainReport(
             count, count + 1, f"the chain ends at {count} but its head says {head.seq}"
         )
     return ChainReport(count)
+
+
+async def verify_database(db: Database) -> ChainReport:
+    """`verify` over one snapshot of `db`, blocking no writer: safe while mail flows."""
+    async with db.snapshot() as session:
+        return await verify(session)

@@ -3,12 +3,14 @@
 A worker claims due rows by setting a lease; on PostgreSQL `FOR UPDATE SKIP LOCKED` lets
 several instances claim at once without blocking each other or taking the same row. A lease
 that runs out (its worker died) makes the row claimable again: delivery is at-least-once.
-Outcomes are recorded only by the worker that still holds the lease.
+A live worker renews the leases of copies it still holds (a heartbeat), so the lease can be
+short and a crashed worker's claims come back quickly. Outcomes are recorded only by the
+worker that still holds the lease.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -87,6 +89,40 @@ async def claim(
         .execution_options(populate_existing=True)
     )
     return [Claimed(delivery, message) for delivery, message in rows]
+
+
+async def renew(
+    session: AsyncSession, ids: Collection[str], worker: str, now: datetime, lease: timedelta
+) -> int:
+    """Extend the lease on copies `worker` still holds (its heartbeat); how many it kept.
+
+    A copy whose lease another worker took over is left alone: its outcome is theirs.
+    """
+    if not ids:
+        return 0
+    result = await session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id.in_(list(ids)),
+            Delivery.leased_by == worker,
+            Delivery.status == DeliveryStatus.QUEUED,
+        )
+        .values(lease_until=now + lease),
+        execution_options={"synchronize_session": False},
+    )
+    return int(getattr(result, "rowcount", 0))
+
+
+async def release(session: AsyncSession, ids: Collection[str], worker: str) -> None:
+    """Give claimed copies back unsent (a stopping worker), so any worker may take them now."""
+    if not ids:
+        return
+    await session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(list(ids)), Delivery.leased_by == worker)
+        .values(lease_until=None, leased_by=None),
+        execution_options={"synchronize_session": False},
+    )
 
 
 async def _settle(

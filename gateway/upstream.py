@@ -112,15 +112,25 @@ class SmtpUpstream:
         self.username = settings.username or (unquote(parts.username) if parts.username else None)
         self.password = settings.password or (unquote(parts.password) if parts.password else None)
         self.timeout = settings.timeout
+        self.connect_timeout = settings.connect_timeout
+        self.session_timeout = settings.session_timeout
+        self.min_transfer_rate = settings.min_transfer_rate
         self.local_hostname = local_hostname
+        self._quitting: set[asyncio.Task[None]] = set()
         self.tls_context = ssl.create_default_context()
         if not settings.verify_tls:
             self.tls_context.check_hostname = False
             self.tls_context.verify_mode = ssl.CERT_NONE
 
+    def deadline(self, size: int) -> float:
+        """Seconds a whole conversation about `size` bytes may take before it is given up."""
+        return self.session_timeout + size / self.min_transfer_rate
+
     async def send(
         self, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> dict[str, Outcome]:
+        """Every step has a deadline, and so has the whole: a stalled upstream defers the copy
+        instead of holding a worker slot forever."""
         client = aiosmtplib.SMTP(
             hostname=self.host,
             port=self.port,
@@ -130,13 +140,16 @@ class SmtpUpstream:
             timeout=self.timeout,
             local_hostname=self.local_hostname,
         )
+        total = self.deadline(len(data))
+        done = False
         try:
-            await client.connect()
-            if self.username and self.password:
-                await client.login(self.username, self.password)
-            outcomes = await self._transaction(client, mail_from, recipients, data)
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await client.quit()
+            async with asyncio.timeout(total):
+                await client.connect(timeout=self.connect_timeout)
+                if self.username and self.password:
+                    await client.login(self.username, self.password)
+                outcomes = await self._transaction(client, mail_from, recipients, data)
+            done = True
+            self._quit_later(client)
             return outcomes
         except aiosmtplib.SMTPAuthenticationError as exc:
             # Our credentials are wrong, not the message: keep it queued until an admin fixes
@@ -148,7 +161,23 @@ class SmtpUpstream:
             return dict.fromkeys(recipients, self._refusal(exc.code, exc.message))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             reason = f"{self.host}:{self.port}: {exc or type(exc).__name__}"
+            if isinstance(exc, TimeoutError) and not str(exc):
+                reason = f"{self.host}:{self.port}: no progress in time (deadline {total:.0f} s)"
             return dict.fromkeys(recipients, Outcome(reason, permanent=False))
+        finally:
+            if not done:
+                client.close()
+
+    def _quit_later(self, client: aiosmtplib.SMTP) -> None:
+        """QUIT without waiting for its reply: the outcome is known and is recorded at once."""
+        task = asyncio.create_task(self._quit(client))
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
+
+    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+        try:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await client.quit(timeout=self.timeout)
         finally:
             client.close()
 
@@ -192,6 +221,9 @@ async def send_data(
 ) -> aiosmtplib.SMTPResponse:
     """DATA written in dot-stuffed, line-aligned pieces as the socket takes them.
 
+    Each reply, and each piece's drain, gets `reply_timeout`: a receiver that stops reading
+    mid-DATA raises TimeoutError instead of waiting forever.
+
     aiosmtplib's own DATA rewrites the whole message three times (line ends, dot-stuffing,
     terminator): for a 10 MB message, ~30 MB more memory per copy in flight. The reply is
     marked as expected before the first piece, as aiosmtplib does, so an early one is kept.
@@ -209,7 +241,8 @@ async def send_data(
     protocol._response_pending = True
     for piece in stuffed_pieces(data):
         protocol.write(piece)
-        await protocol._drain_helper()
+        async with asyncio.timeout(reply_timeout):  # an upstream that stops reading
+            await protocol._drain_helper()
     protocol.write(b".\r\n")
     reply = await protocol.read_response(timeout=reply_timeout)
     if reply.code != 250:

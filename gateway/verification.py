@@ -124,7 +124,7 @@ async def verify_released(db: Database, settings: Settings, raw: bytes) -> Verif
             f" from {evidence.ip}, texts sha256:{evidence.texts_sha256}",
         )
 
-    async with db.transaction() as session:
+    async with db.snapshot() as session:  # the records and the chain of one moment
         if evidence is not None:
             consent = await session.get(Consent, evidence.consent_id)
             if consent is None:

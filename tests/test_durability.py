@@ -29,6 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway import headers
+from gateway.config import WorkerSettings
 from gateway.db import Database
 from gateway.models import Delivery
 from tests.conftest import AGENT, PASSWORD, POSTGRES_URL, Harness, make_message
@@ -353,6 +354,9 @@ async def test_sigkill_mid_burst_loses_no_accepted_message(
         figures["lost"] = len(lost)
         assert not lost
         assert set(copies) <= {burst_message(backend, n)[0] for n in range(BURST)}
+        # Outcomes are recorded as each reply comes: only the copies in flight (one per
+        # worker slot) can have been sent and not yet recorded when the kill came.
+        assert figures["duplicates"] <= WorkerSettings().concurrency
 
 
 async def deferred_twice(db: Database, count: int) -> None:
