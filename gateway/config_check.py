@@ -242,6 +242,11 @@ def _letter_texts(settings: Settings) -> Iterator[Problem]:
         BlockSets(settings)
     except ValueError as exc:
         yield Problem("letter.block_sets", str(exc))
+        return
+    for name, directory in letter.block_sets.items():
+        for problem in text_files.block_set(name, directory).problems():
+            # the broker's texts: a checkbox in one language only may be meant
+            yield Problem(f"letter.block_sets.{name}", problem, error=False)
 
 
 def _letter_keys(settings: Settings) -> Iterator[Problem]:

@@ -25,7 +25,7 @@ from gateway.i18n import DEFAULT_TIMEZONE
 from gateway.mime import join_multipart
 from gateway.models import utcnow
 from gateway.text_files import load_texts
-from rules.language import shipped_language
+from rules.language import HOME_LANGUAGE, shipped_language
 
 CRLF = b"\r\n"
 SUBJECT_PART_LIMIT = 150
@@ -42,7 +42,7 @@ def compose_confirmation(
     agent_address: str,
     hostname: str,
     offer_subject: str,
-    language: str = "de",
+    language: str = HOME_LANGUAGE,
     now: datetime | None = None,
     sender: str | None = None,
     zone: str = DEFAULT_TIMEZONE,

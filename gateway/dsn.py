@@ -44,7 +44,7 @@ from gateway.headers import decoded, fields_of, first_value, format_field, split
 from gateway.i18n import DEFAULT_TIMEZONE, shipped_catalogs
 from gateway.mime import join_multipart
 from gateway.text_files import TEMPLATES
-from rules.language import shipped_language
+from rules.language import HOME_LANGUAGE, shipped_language
 
 __all__ = ["FailedRecipient", "build_dsn"]
 
@@ -108,7 +108,7 @@ def build_dsn(
     arrival: datetime,
     now: datetime,
     envelope_id: str | None = None,
-    language: str = "de",
+    language: str = HOME_LANGUAGE,
     sender: str | None = None,
     zone: str = DEFAULT_TIMEZONE,
 ) -> bytes:

@@ -129,6 +129,11 @@ def template_keys(path: Path) -> frozenset[str]:
     return frozenset(meta.find_undeclared_variables(tree) | names)
 
 
+def block_set(name: str, directory: Path) -> TextKind:
+    """A letter block set: `{language}/blocks.toml` and the Markdown files it names."""
+    return TextKind(f"letter block set {name}", directory, "{language}/blocks.toml", block_set_keys)
+
+
 def _wording(kind: str) -> TextKind:
     return TextKind(kind, TEXTS / kind, "{language}.toml", toml_keys)
 
@@ -141,9 +146,7 @@ TEXT_KINDS: tuple[TextKind, ...] = (
     TextKind("dsn", TEMPLATES / "dsn", "{language}.txt.j2", template_keys),
     TextKind("linkblock text", TEMPLATES / "linkblock", "{language}.txt.j2", template_keys),
     TextKind("linkblock html", TEMPLATES / "linkblock", "{language}.html.j2", template_keys),
-    TextKind(
-        "letter block set default", SHIPPED_BLOCK_SET, "{language}/blocks.toml", block_set_keys
-    ),
+    block_set("default", SHIPPED_BLOCK_SET),
 )
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from gateway import i18n, text_files
 from rules.language import SHIPPED_LANGUAGES, shipped_language
+from tests.support import LETTER_TOML
 from tests.test_queue_cli import sealrelay, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,3 +142,26 @@ async def test_a_language_added_without_its_files_stops_check_config_and_serve(
             line = f"Error: config error: texts: {tree}/gateway/{missing}: missing"
             assert any(error.startswith(line) for error in errors), (line, run.err)
     assert not (tmp_path / "etc" / "relay.db").exists()
+
+
+async def test_check_config_warns_of_a_broker_block_set_whose_languages_differ(
+    tmp_path: Path,
+) -> None:
+    custom = tmp_path / "custom"
+    shutil.copytree(text_files.SHIPPED_BLOCK_SET, custom)
+    blocks = custom / "en" / "blocks.toml"
+    shorter, _ = _drop_checkbox(blocks.read_text(encoding="utf-8"))
+    blocks.write_text(shorter, encoding="utf-8")
+    config = write_config(
+        tmp_path,
+        extra=LETTER_TOML
+        + f'block_sets = {{ custom = "{custom}" }}\n'
+        + '[policy]\nletter_block_set = "custom"\n'
+        + "[smtp]\nallow_plaintext_auth_on_loopback = true\n",
+    )
+    run = await sealrelay("check-config", str(config))
+    assert run.code == 0, run.err
+    assert (
+        f"Warning: letter.block_sets.custom: {blocks}: lacks block.withdrawal.checkbox,"
+        " which de, es has"
+    ) in run.err.splitlines()
