@@ -52,7 +52,6 @@ from rules.actions import LinkAttachments, RegisteredLetter
 from rules.language import SHIPPED_LANGUAGES
 
 log = logging.getLogger(__name__)
-SHIPPED = SHIPPED_BLOCK_SET
 EXPIRE_BATCH = 100
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
@@ -135,7 +134,7 @@ class BlockSets:
             "company_phone": letter.company_phone,
             "commission": letter.commission,
         }
-        directories = {"default": SHIPPED, **letter.block_sets}
+        directories = {"default": SHIPPED_BLOCK_SET, **letter.block_sets}
         problems: list[str] = []
         self.sets: dict[tuple[str, str], BlockSet] = {}
         for name in sorted(used_block_sets(settings)):
