@@ -34,6 +34,8 @@ PASSWORD = "correct horse battery"
 DKIM_DOMAIN = "broker.example"
 DKIM_SELECTOR = "s2026"
 
+pytest_plugins = ["tests.letter_fixtures"]
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
