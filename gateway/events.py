@@ -10,6 +10,7 @@ error the tests catch. `python -m gateway.event_docs` renders the catalog to doc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Generic, TypeVar, get_args, get_origin, get_type_hints
@@ -35,6 +36,8 @@ class About:
 
 @dataclass(frozen=True)
 class Field:
+    """A payload field as docs/events.md lists it."""
+
     name: str
     type: Any
     meaning: str
@@ -89,20 +92,20 @@ class EventType(Generic[P]):
 
 
 CATALOG: dict[str, EventType[Any]] = {}
-_ADAPTERS: dict[type, TypeAdapter[Any]] = {}
 
 
-def _declare(event_type: EventType[P]) -> EventType[P]:
-    if event_type.name in CATALOG:
-        raise UndeclaredEvent(f"{event_type.name} is declared twice")
-    CATALOG[event_type.name] = event_type
-    return event_type
+def _declare(
+    name: str, meaning: str, payload: type[P], *, message: str | None, delivery: str | None = None
+) -> EventType[P]:
+    if name in CATALOG:
+        raise ValueError(f"{name} is declared twice")
+    CATALOG[name] = EventType(name, meaning, payload, message, delivery)
+    return CATALOG[name]
 
 
+@functools.cache
 def _adapter(payload: type) -> TypeAdapter[Any]:
-    if payload not in _ADAPTERS:
-        _ADAPTERS[payload] = TypeAdapter(payload)
-    return _ADAPTERS[payload]
+    return TypeAdapter(payload)
 
 
 def _check_reference(name: str, what: str, meaning: str | None, value: str | None) -> None:
@@ -171,12 +174,10 @@ class MessageReceived(TypedDict):
 
 
 MESSAGE_RECEIVED = _declare(
-    EventType(
-        "message.received",
-        "An agent's message was accepted (the relay answered 250) and stored.",
-        MessageReceived,
-        message="the message received",
-    )
+    "message.received",
+    "An agent's message was accepted (the relay answered 250) and stored.",
+    MessageReceived,
+    message="the message received",
 )
 
 
@@ -187,13 +188,11 @@ class PolicyKept(TypedDict):
 
 
 POLICY_KEPT = _declare(
-    EventType(
-        "policy.kept",
-        "A recipient gets the message as the agent wrote it, attachments included, although"
-        " the policy would have moved them behind a link (for example: the message is signed).",
-        PolicyKept,
-        message="the message",
-    )
+    "policy.kept",
+    "A recipient gets the message as the agent wrote it, attachments included, although"
+    " the policy would have moved them behind a link (for example: the message is signed).",
+    PolicyKept,
+    message="the message",
 )
 
 
@@ -208,13 +207,11 @@ class LanguageUnsupported(TypedDict):
 
 
 LANGUAGE_UNSUPPORTED = _declare(
-    EventType(
-        "language.unsupported",
-        "The agent asked for a language the relay does not ship; the recipients got the texts"
-        " in another one. A warning for the agent.",
-        LanguageUnsupported,
-        message="the message",
-    )
+    "language.unsupported",
+    "The agent asked for a language the relay does not ship; the recipients got the texts"
+    " in another one. A warning for the agent.",
+    LanguageUnsupported,
+    message="the message",
 )
 
 
@@ -230,12 +227,10 @@ class LinkCreated(TypedDict):
 
 
 LINK_CREATED = _declare(
-    EventType(
-        "link.created",
-        "A recipient's attachments were moved behind a personal download link.",
-        LinkCreated,
-        message="the message whose attachments the link serves",
-    )
+    "link.created",
+    "A recipient's attachments were moved behind a personal download link.",
+    LinkCreated,
+    message="the message whose attachments the link serves",
 )
 
 
@@ -245,12 +240,10 @@ class LinkVisit(Visit):
 
 
 LINK_VIEWED = _declare(
-    EventType(
-        "link.viewed",
-        "Someone opened the download page of a valid link (a GET; link scanners do too).",
-        LinkVisit,
-        message="the message whose attachments the link serves",
-    )
+    "link.viewed",
+    "Someone opened the download page of a valid link (a GET; link scanners do too).",
+    LinkVisit,
+    message="the message whose attachments the link serves",
 )
 
 
@@ -262,12 +255,10 @@ class LinkExpired(TypedDict):
 
 
 LINK_EXPIRED = _declare(
-    EventType(
-        "link.expired",
-        "A link reached the end of its validity and no longer serves anything.",
-        LinkExpired,
-        message="the message the link belongs to",
-    )
+    "link.expired",
+    "A link reached the end of its validity and no longer serves anything.",
+    LinkExpired,
+    message="the message the link belongs to",
 )
 
 
@@ -278,21 +269,17 @@ class FileDownload(LinkVisit):
 
 
 DOWNLOAD_FIRST = _declare(
-    EventType(
-        "download.first",
-        "A file was downloaded through its link for the first time: the recipient has it.",
-        FileDownload,
-        message="the message the file came with",
-    )
+    "download.first",
+    "A file was downloaded through its link for the first time: the recipient has it.",
+    FileDownload,
+    message="the message the file came with",
 )
 
 DOWNLOAD_REPEAT = _declare(
-    EventType(
-        "download.repeat",
-        "A file was downloaded through its link again.",
-        FileDownload,
-        message="the message the file came with",
-    )
+    "download.repeat",
+    "A file was downloaded through its link again.",
+    FileDownload,
+    message="the message the file came with",
 )
 
 
@@ -308,12 +295,10 @@ class ZipDownload(LinkVisit):
 
 
 DOWNLOAD_ZIP = _declare(
-    EventType(
-        "download.zip",
-        "All files of a link were downloaded at once, as one ZIP archive.",
-        ZipDownload,
-        message="the message the files came with",
-    )
+    "download.zip",
+    "All files of a link were downloaded at once, as one ZIP archive.",
+    ZipDownload,
+    message="the message the files came with",
 )
 
 
@@ -331,12 +316,10 @@ class LetterHeld(TypedDict):
 
 
 LETTER_HELD = _declare(
-    EventType(
-        "letter.held",
-        "A registered letter went to a recipient; the offer itself is held until they consent.",
-        LetterHeld,
-        message="the agent's message (the offer)",
-    )
+    "letter.held",
+    "A registered letter went to a recipient; the offer itself is held until they consent.",
+    LetterHeld,
+    message="the agent's message (the offer)",
 )
 
 
@@ -346,12 +329,10 @@ class LetterVisit(Visit):
 
 
 LETTER_VIEWED = _declare(
-    EventType(
-        "letter.viewed",
-        "Someone opened the page of a registered letter that is still waiting for consent.",
-        LetterVisit,
-        message="the agent's message (the offer)",
-    )
+    "letter.viewed",
+    "Someone opened the page of a registered letter that is still waiting for consent.",
+    LetterVisit,
+    message="the agent's message (the offer)",
 )
 
 
@@ -364,12 +345,10 @@ class ConsentGiven(Visit):
 
 
 CONSENT_GIVEN = _declare(
-    EventType(
-        "consent.given",
-        "The recipient ticked every required box and confirmed: the legal evidence of consent.",
-        ConsentGiven,
-        message="the agent's message (the offer)",
-    )
+    "consent.given",
+    "The recipient ticked every required box and confirmed: the legal evidence of consent.",
+    ConsentGiven,
+    message="the agent's message (the offer)",
 )
 
 
@@ -380,13 +359,11 @@ class LetterReleased(TypedDict):
 
 
 LETTER_RELEASED = _declare(
-    EventType(
-        "letter.released",
-        "After consent, the offer was queued to the recipient with the evidence headers.",
-        LetterReleased,
-        message="the agent's message (the offer)",
-        delivery="the released copy to the recipient",
-    )
+    "letter.released",
+    "After consent, the offer was queued to the recipient with the evidence headers.",
+    LetterReleased,
+    message="the agent's message (the offer)",
+    delivery="the released copy to the recipient",
 )
 
 
@@ -401,12 +378,10 @@ class LetterExpired(TypedDict):
 
 
 LETTER_EXPIRED = _declare(
-    EventType(
-        "letter.expired",
-        "A registered letter's link expired without consent; the offer was never released.",
-        LetterExpired,
-        message="the agent's message (the offer)",
-    )
+    "letter.expired",
+    "A registered letter's link expired without consent; the offer was never released.",
+    LetterExpired,
+    message="the agent's message (the offer)",
 )
 
 
@@ -419,14 +394,12 @@ class RenewalRequested(TypedDict):
 
 
 LETTER_RENEWAL_REQUESTED = _declare(
-    EventType(
-        "letter.renewal_requested",
-        "The recipient of an expired letter asked the agent for a new link; the agent was"
-        " mailed (at most once a day per letter).",
-        RenewalRequested,
-        message="the agent's message (the offer)",
-        delivery="the copy of the request mail to the agent",
-    )
+    "letter.renewal_requested",
+    "The recipient of an expired letter asked the agent for a new link; the agent was"
+    " mailed (at most once a day per letter).",
+    RenewalRequested,
+    message="the agent's message (the offer)",
+    delivery="the copy of the request mail to the agent",
 )
 
 
@@ -435,13 +408,11 @@ LETTER_RENEWAL_REQUESTED = _declare(
 COPY = "the copy (one recipient of the message)"
 
 DELIVERY_QUEUED = _declare(
-    EventType(
-        "delivery.queued",
-        "A copy for one recipient was queued for delivery.",
-        ToRecipient,
-        message="the message the copy belongs to",
-        delivery=COPY,
-    )
+    "delivery.queued",
+    "A copy for one recipient was queued for delivery.",
+    ToRecipient,
+    message="the message the copy belongs to",
+    delivery=COPY,
 )
 
 
@@ -453,13 +424,11 @@ class Delivered(TypedDict):
 
 
 DELIVERY_DELIVERED = _declare(
-    EventType(
-        "delivery.delivered",
-        "The upstream server accepted the copy: it is on its way to the recipient's inbox.",
-        Delivered,
-        message="the message the copy belongs to",
-        delivery=COPY,
-    )
+    "delivery.delivered",
+    "The upstream server accepted the copy: it is on its way to the recipient's inbox.",
+    Delivered,
+    message="the message the copy belongs to",
+    delivery=COPY,
 )
 
 
@@ -472,13 +441,11 @@ class Deferred(TypedDict):
 
 
 DELIVERY_DEFERRED = _declare(
-    EventType(
-        "delivery.deferred",
-        "An attempt failed for now; the copy is tried again at `next_attempt`.",
-        Deferred,
-        message="the message the copy belongs to",
-        delivery=COPY,
-    )
+    "delivery.deferred",
+    "An attempt failed for now; the copy is tried again at `next_attempt`.",
+    Deferred,
+    message="the message the copy belongs to",
+    delivery=COPY,
 )
 
 
@@ -490,34 +457,28 @@ class Bounced(TypedDict):
 
 
 DELIVERY_BOUNCED = _declare(
-    EventType(
-        "delivery.bounced",
-        "The copy could not be delivered and will not be tried again (refused for good, or"
-        " its queue lifetime ran out); the sender gets a bounce.",
-        Bounced,
-        message="the message the copy belongs to",
-        delivery=COPY,
-    )
+    "delivery.bounced",
+    "The copy could not be delivered and will not be tried again (refused for good, or"
+    " its queue lifetime ran out); the sender gets a bounce.",
+    Bounced,
+    message="the message the copy belongs to",
+    delivery=COPY,
 )
 
 DELIVERY_RETRIED = _declare(
-    EventType(
-        "delivery.retried",
-        "An admin made the copy due now (a bounced one is queued again).",
-        ToRecipient,
-        message="the message the copy belongs to",
-        delivery=COPY,
-    )
+    "delivery.retried",
+    "An admin made the copy due now (a bounced one is queued again).",
+    ToRecipient,
+    message="the message the copy belongs to",
+    delivery=COPY,
 )
 
 DELIVERY_DELETED = _declare(
-    EventType(
-        "delivery.deleted",
-        "An admin gave up a queued copy; no bounce is sent.",
-        ToRecipient,
-        message="the message the copy belongs to",
-        delivery=COPY,
-    )
+    "delivery.deleted",
+    "An admin gave up a queued copy; no bounce is sent.",
+    ToRecipient,
+    message="the message the copy belongs to",
+    delivery=COPY,
 )
 
 
@@ -528,13 +489,11 @@ class BounceQueued(TypedDict):
 
 
 BOUNCE_QUEUED = _declare(
-    EventType(
-        "bounce.queued",
-        "A bounce (delivery status notification) to the sender was queued.",
-        BounceQueued,
-        message="the bounce message",
-        delivery="the bounce's copy to the sender",
-    )
+    "bounce.queued",
+    "A bounce (delivery status notification) to the sender was queued.",
+    BounceQueued,
+    message="the bounce message",
+    delivery="the bounce's copy to the sender",
 )
 
 
@@ -548,12 +507,10 @@ class BlobsDeleted(TypedDict):
 
 
 BLOBS_DELETED = _declare(
-    EventType(
-        "blobs.deleted",
-        "The sweeper deleted stored files that nothing needs any longer.",
-        BlobsDeleted,
-        message=None,
-    )
+    "blobs.deleted",
+    "The sweeper deleted stored files that nothing needs any longer.",
+    BlobsDeleted,
+    message=None,
 )
 
 
@@ -563,18 +520,16 @@ class UserCreated(TypedDict):
     admin: Annotated[bool, About("Whether the user is an admin.")]
 
 
-USER_CREATED = _declare(
-    EventType("user.created", "A user (an agent) was added.", UserCreated, message=None)
-)
+USER_CREATED = _declare("user.created", "A user (an agent) was added.", UserCreated, message=None)
 
 USER_ENABLED = _declare(
-    EventType("user.enabled", "A user may send and sign in again.", UserChange, message=None)
+    "user.enabled", "A user may send and sign in again.", UserChange, message=None
 )
 
 USER_DISABLED = _declare(
-    EventType("user.disabled", "A user may no longer send or sign in.", UserChange, message=None)
+    "user.disabled", "A user may no longer send or sign in.", UserChange, message=None
 )
 
 USER_PASSWORD_CHANGED = _declare(
-    EventType("user.password_changed", "A user's password was set.", UserChange, message=None)
+    "user.password_changed", "A user's password was set.", UserChange, message=None
 )
