@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import delete, insert
 
 from gateway import events, journal
 from gateway.db import Database
+from gateway.models import Event, utcnow
+from tests.support import undeclared_event_types
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("gateway", "web", "rules")
@@ -155,3 +158,16 @@ async def test_a_declared_event_is_appended_as_declared(database: Database) -> N
     )
     await _append(database, new)
     assert (await journal.verify_database(database)) == journal.ChainReport(1)
+
+
+async def test_the_teardown_check_finds_an_event_written_past_the_journal(
+    database: Database,
+) -> None:
+    """Every database test's teardown runs this check over what the test journaled."""
+    row = {"seq": 1, "at": utcnow(), "type": "letter.opened", "data": {}}
+    async with database.transaction() as session:
+        await session.execute(insert(Event).values(prev_hash="0" * 64, hash="1" * 64, **row))
+    assert await undeclared_event_types(database) == ["letter.opened"]
+    async with database.transaction() as session:
+        await session.execute(delete(Event))
+    assert await undeclared_event_types(database) == []
