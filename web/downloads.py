@@ -36,6 +36,7 @@ from sqlalchemy import update
 from zipstream import ZipStream
 
 from gateway import journal
+from gateway.events import DOWNLOAD_FIRST, DOWNLOAD_REPEAT, DOWNLOAD_ZIP, LINK_VIEWED
 from gateway.links import FoundLink, LinkState, find_link
 from gateway.models import LinkFile, StoredFile
 from gateway.relay import Relay
@@ -195,10 +196,8 @@ class DownloadPages:
         async with self.relay.db.transaction() as session:
             found = await find_link(session, request.match_info["token"], now)
             if found is not None and found.state is LinkState.VALID and _is_get(request):
-                event = journal.NewEvent(
-                    "link.viewed",
-                    found.link.message_id,
-                    data=self.event_data(found, visitor),
+                event = LINK_VIEWED.new(
+                    self.event_data(found, visitor), message_id=found.link.message_id
                 )
                 await journal.append(session, [event], now)
         if found is None or found.state is not LinkState.VALID:
@@ -305,7 +304,7 @@ class DownloadPages:
             async with self.relay.db.transaction() as session:
                 data = self.event_data(found, visitor)
                 data["files"] = [{"file_id": f.id, "filename": f.filename} for f in found.files]
-                event = journal.NewEvent("download.zip", found.link.message_id, data=data)
+                event = DOWNLOAD_ZIP.new(data, message_id=found.link.message_id)
                 await journal.append(session, [event], now)
             log.info(
                 "%s: download=zip to=<%s>, ip=%s, files=%d",
@@ -353,10 +352,9 @@ class DownloadPages:
                 return
             data = self.event_data(found, visitor)
             data.update(file_id=stored.id, filename=stored.filename)
-            event = journal.NewEvent(
-                "download.first" if downloads == 1 else "download.repeat",
-                found.link.message_id,
-                data=data,
+            first = downloads == 1
+            event = (DOWNLOAD_FIRST if first else DOWNLOAD_REPEAT).new(
+                data, message_id=found.link.message_id
             )
             await journal.append(session, [event], now)
         log.info(
