@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.parse import quote
 
 from aiohttp import web
@@ -36,7 +36,15 @@ from sqlalchemy import update
 from zipstream import ZipStream
 
 from gateway import journal
-from gateway.events import DOWNLOAD_FIRST, DOWNLOAD_REPEAT, DOWNLOAD_ZIP, LINK_VIEWED
+from gateway.events import (
+    DOWNLOAD_FIRST,
+    DOWNLOAD_REPEAT,
+    DOWNLOAD_ZIP,
+    LINK_VIEWED,
+    FileDownload,
+    LinkVisit,
+    ZipDownload,
+)
 from gateway.links import FoundLink, LinkState, find_link
 from gateway.models import LinkFile, StoredFile
 from gateway.relay import Relay
@@ -302,8 +310,10 @@ class DownloadPages:
             return self.not_found(request, catalog)
         if _is_get(request):
             async with self.relay.db.transaction() as session:
-                data = self.event_data(found, visitor)
-                data["files"] = [{"file_id": f.id, "filename": f.filename} for f in found.files]
+                data: ZipDownload = {
+                    **self.event_data(found, visitor),
+                    "files": [{"file_id": f.id, "filename": f.filename} for f in found.files],
+                }
                 event = DOWNLOAD_ZIP.new(data, message_id=found.link.message_id)
                 await journal.append(session, [event], now)
             log.info(
@@ -350,8 +360,11 @@ class DownloadPages:
             ).scalar_one_or_none()
             if downloads is None:  # the link lost the file since we looked
                 return
-            data = self.event_data(found, visitor)
-            data.update(file_id=stored.id, filename=stored.filename)
+            data: FileDownload = {
+                **self.event_data(found, visitor),
+                "file_id": stored.id,
+                "filename": stored.filename,
+            }
             first = downloads == 1
             event = (DOWNLOAD_FIRST if first else DOWNLOAD_REPEAT).new(
                 data, message_id=found.link.message_id
@@ -368,7 +381,7 @@ class DownloadPages:
         )
 
     @staticmethod
-    def event_data(found: FoundLink, visitor: Visitor) -> dict[str, Any]:
+    def event_data(found: FoundLink, visitor: Visitor) -> LinkVisit:
         return {
             "link_id": found.link.id,
             "recipient": found.link.recipient,
