@@ -29,6 +29,13 @@ from gateway import confirmation, headers, journal, letter_keys, mime
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
+from gateway.events import (
+    CONSENT_GIVEN,
+    DELIVERY_QUEUED,
+    LETTER_EXPIRED,
+    LETTER_HELD,
+    LETTER_RELEASED,
+)
 from gateway.evidence import ConsentRecord, ShownBlock, evidence_fields, texts_sha256
 from gateway.expiry_notice import ExpiredLetter, compose_expiry_notice
 from gateway.links import hash_token, new_link, new_token
@@ -552,10 +559,8 @@ class LetterDesk:
             await journal.append(
                 session,
                 [
-                    journal.NewEvent(
-                        "consent.given",
-                        message.id,
-                        data={
+                    CONSENT_GIVEN.new(
+                        {
                             "consent_id": consent_id,
                             "letter_id": letter.id,
                             "recipient": letter.recipient,
@@ -564,16 +569,16 @@ class LetterDesk:
                             "texts_sha256": letter.texts_sha256,
                             "checked": ticked,
                         },
+                        message_id=message.id,
                     ),
-                    journal.NewEvent(
-                        "letter.released",
-                        message.id,
-                        deliveries[0].id,
+                    LETTER_RELEASED.new(
                         {"consent_id": consent_id, "recipient": letter.recipient},
+                        message_id=message.id,
+                        delivery_id=deliveries[0].id,
                     ),
                     *(
-                        journal.NewEvent(
-                            "delivery.queued", d.message_id, d.id, {"recipient": d.recipient}
+                        DELIVERY_QUEUED.new(
+                            {"recipient": d.recipient}, message_id=d.message_id, delivery_id=d.id
                         )
                         for d in deliveries
                     ),
@@ -626,20 +631,19 @@ class LetterDesk:
                 notices = await self._queue_expiry_notice(session, letter, message, link, now)
                 notice_id = notices[0].message_id if notices else None
                 events.append(
-                    journal.NewEvent(
-                        "letter.expired",
-                        message.id,
-                        data={
+                    LETTER_EXPIRED.new(
+                        {
                             "letter_id": letter.id,
                             "recipient": letter.recipient,
                             "expired_at": link.expires_at.isoformat(),
                             "notice_message_id": notice_id,
                         },
+                        message_id=message.id,
                     )
                 )
                 events.extend(
-                    journal.NewEvent(
-                        "delivery.queued", d.message_id, d.id, {"recipient": d.recipient}
+                    DELIVERY_QUEUED.new(
+                        {"recipient": d.recipient}, message_id=d.message_id, delivery_id=d.id
                     )
                     for d in notices
                 )
@@ -749,15 +753,14 @@ class RegisteredLetterMaterializer:
         draft.rows.extend([link, letter])
         self._archive_copy(draft, letter.letter_blob)
         draft.events.append(
-            journal.NewEvent(
-                "letter.held",
-                draft.message.id,
-                data={
+            LETTER_HELD.new(
+                {
                     "recipient": recipient,
                     "letter_id": letter.id,
                     "expires_at": link.expires_at.isoformat(),
                     "texts_sha256": letter.texts_sha256,
                 },
+                message_id=draft.message.id,
             )
         )
         return letter.letter_blob
@@ -772,7 +775,7 @@ class RegisteredLetterMaterializer:
         )
         draft.rows.append(delivery)
         draft.events.append(
-            journal.NewEvent(
-                "delivery.queued", draft.message.id, delivery.id, {"recipient": archive}
+            DELIVERY_QUEUED.new(
+                {"recipient": archive}, message_id=draft.message.id, delivery_id=delivery.id
             )
         )

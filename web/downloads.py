@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.parse import quote
 
 from aiohttp import web
@@ -36,6 +36,15 @@ from sqlalchemy import update
 from zipstream import ZipStream
 
 from gateway import journal
+from gateway.events import (
+    DOWNLOAD_FIRST,
+    DOWNLOAD_REPEAT,
+    DOWNLOAD_ZIP,
+    LINK_VIEWED,
+    FileDownload,
+    LinkVisit,
+    ZipDownload,
+)
 from gateway.links import FoundLink, LinkState, find_link
 from gateway.models import LinkFile, StoredFile
 from gateway.relay import Relay
@@ -193,10 +202,8 @@ class DownloadPages:
         async with self.relay.db.transaction() as session:
             found = await find_link(session, request.match_info["token"], now)
             if found is not None and found.state is LinkState.VALID and _is_get(request):
-                event = journal.NewEvent(
-                    "link.viewed",
-                    found.link.message_id,
-                    data=self.event_data(found, visitor),
+                event = LINK_VIEWED.new(
+                    self.event_data(found, visitor), message_id=found.link.message_id
                 )
                 await journal.append(session, [event], now)
         if found is None or found.state is not LinkState.VALID:
@@ -301,9 +308,11 @@ class DownloadPages:
             return self.not_found(request, catalog)
         if _is_get(request):
             async with self.relay.db.transaction() as session:
-                data = self.event_data(found, visitor)
-                data["files"] = [{"file_id": f.id, "filename": f.filename} for f in found.files]
-                event = journal.NewEvent("download.zip", found.link.message_id, data=data)
+                data: ZipDownload = {
+                    **self.event_data(found, visitor),
+                    "files": [{"file_id": f.id, "filename": f.filename} for f in found.files],
+                }
+                event = DOWNLOAD_ZIP.new(data, message_id=found.link.message_id)
                 await journal.append(session, [event], now)
             log.info(
                 "%s: download=zip to=<%s>, ip=%s, files=%d",
@@ -349,12 +358,14 @@ class DownloadPages:
             ).scalar_one_or_none()
             if downloads is None:  # the link lost the file since we looked
                 return
-            data = self.event_data(found, visitor)
-            data.update(file_id=stored.id, filename=stored.filename)
-            event = journal.NewEvent(
-                "download.first" if downloads == 1 else "download.repeat",
-                found.link.message_id,
-                data=data,
+            data: FileDownload = {
+                **self.event_data(found, visitor),
+                "file_id": stored.id,
+                "filename": stored.filename,
+            }
+            first = downloads == 1
+            event = (DOWNLOAD_FIRST if first else DOWNLOAD_REPEAT).new(
+                data, message_id=found.link.message_id
             )
             await journal.append(session, [event], now)
         log.info(
@@ -368,7 +379,7 @@ class DownloadPages:
         )
 
     @staticmethod
-    def event_data(found: FoundLink, visitor: Visitor) -> dict[str, Any]:
+    def event_data(found: FoundLink, visitor: Visitor) -> LinkVisit:
         return {
             "link_id": found.link.id,
             "recipient": found.link.recipient,
