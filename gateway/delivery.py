@@ -312,7 +312,7 @@ class DeliveryWorker:
             envelope_id=message.id,
             sender=own_sender(self.settings, message.sender, "MAILER-DAEMON"),
             zone=self.settings.branding.timezone,
-            language=self.settings.policy.language or "de",  # the agent's, like the renewal
+            language=self.settings.policy.language,  # the agent's, like the renewal
         )
         bounce, [delivery] = await compose_queued(
             self.blobs,

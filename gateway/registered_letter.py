@@ -11,7 +11,6 @@ from __future__ import annotations
 import email.policy
 import logging
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -55,17 +54,18 @@ from gateway.models import (
     new_id,
 )
 from gateway.queue import new_delivery
+from gateway.text_files import SHIPPED_BLOCK_SET, TEMPLATES, TextsError, read_toml
 from rules.actions import LinkAttachments, RegisteredLetter
+from rules.language import SHIPPED_LANGUAGES
 
 log = logging.getLogger(__name__)
-SHIPPED = Path(__file__).parent / "letters" / "default"
 EXPIRE_BATCH = 100
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
 # a placeholder, its closing emphasis, and the period of the sentence it ends
 _PERIOD_AFTER = re.compile(r"(\{([a-z_]+)\}[*_]*)\.")
 _markdown = MarkdownIt("commonmark", {"html": False})
-_templates = Path(__file__).parent / "templates" / "letter"
+_templates = TEMPLATES / "letter"
 _text = jinja2.Environment(loader=jinja2.FileSystemLoader(_templates), autoescape=False)  # noqa: S701
 _html = jinja2.Environment(loader=jinja2.FileSystemLoader(_templates), autoescape=True)
 
@@ -141,11 +141,11 @@ class BlockSets:
             "company_phone": letter.company_phone,
             "commission": letter.commission,
         }
-        directories = {"default": SHIPPED, **letter.block_sets}
+        directories = {"default": SHIPPED_BLOCK_SET, **letter.block_sets}
         problems: list[str] = []
         self.sets: dict[tuple[str, str], BlockSet] = {}
         for name in sorted(used_block_sets(settings)):
-            for language in ("de", "en", "es"):
+            for language in SHIPPED_LANGUAGES:
                 texts = _Texts({key: value for key, value in values.items() if value})
                 self.sets[(name, language)] = _load(directories[name] / language, texts)
                 problems += [
@@ -207,7 +207,7 @@ def _unfilled(name: str, places: list[str]) -> str:
 
 def _load(directory: Path, texts: _Texts) -> BlockSet:
     try:
-        data = tomllib.loads((directory / "blocks.toml").read_text(encoding="utf-8"))
+        data = read_toml(directory / "blocks.toml")
         blocks = tuple(
             ShownBlock(
                 id=block["id"],
@@ -235,7 +235,7 @@ def _load(directory: Path, texts: _Texts) -> BlockSet:
             outro=texts.fill("outro", data["outro"]),
             blocks=blocks,
         )
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, KeyError, TextsError) as exc:
         raise ValueError(f"letter block set {directory}: {exc}") from exc
 
 
@@ -519,7 +519,7 @@ class LetterDesk:
                 offer_subject=letter.subject,
                 sender=own_sender(self.settings, message.sender),
                 zone=zone,
-                language=self.settings.policy.language or "de",
+                language=self.settings.policy.language,
             )
             lifetime = self.settings.upstream.queue_lifetime
             archive = [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []
@@ -667,7 +667,7 @@ class LetterDesk:
             agent_address=message.sender,
             hostname=self.settings.server.hostname,
             sender=own_sender(self.settings, message.sender),
-            language=self.settings.policy.language or "de",
+            language=self.settings.policy.language,
             zone=self.settings.branding.timezone,
             now=now,
         )

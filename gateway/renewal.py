@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from gateway import headers, journal
 from gateway.events import DELIVERY_QUEUED, LETTER_RENEWAL_REQUESTED
-from gateway.i18n import LANGUAGES, Catalog, shipped_catalogs
+from gateway.i18n import Catalog, shipped_catalogs
 from gateway.local_mail import compose_queued, own_sender
 from gateway.models import Event, Letter, Link, Message, MessageKind
 
@@ -90,9 +90,7 @@ async def request_new_link(
     settings = relay.settings
     if not message.sender:
         return False
-    catalog = shipped_catalogs(settings.branding.timezone)[
-        settings.policy.language if settings.policy.language in LANGUAGES else LANGUAGES[0]
-    ]
+    catalog = shipped_catalogs(settings.branding.timezone)[settings.policy.language]
     hostname = settings.server.hostname
     async with relay.db.transaction() as session:
         locked = await session.scalar(

@@ -61,7 +61,6 @@ from web.pages import (
     contrast,
     file_badge,
     file_kind,
-    page_language,
     safe_filename,
 )
 from web.pages import content_type as _content_type
@@ -176,7 +175,6 @@ class DownloadPages:
         self.relay = relay
         self.settings = relay.settings
         self.site = site
-        self.catalogs = site.catalogs
         self.limiter = site.limiter
         self.base = site.base
         self.render = site.render
@@ -210,7 +208,7 @@ class DownloadPages:
                 await journal.append(session, [event], now)
         if found is None or found.state is not LinkState.VALID:
             return await self.bad_link(request, found)
-        catalog = self.catalogs[_language(found.link.language)]
+        catalog = self.site.catalog(found.link.language)
         token = request.match_info["token"]
         here = f"{self.base}/d/{quote(token, safe='')}"
         files = [
@@ -257,12 +255,12 @@ class DownloadPages:
         offer page serves the linked files of its held copy through here too."""
         stored = next((f for f in found.files if f.id == file_id), None)
         if stored is None:
-            return self.not_found(request, self.catalogs[_language(found.link.language)])
+            return self.not_found(request, self.site.catalog(found.link.language))
         try:
             blob = await asyncio.to_thread(_open_blob, self.relay.blobs.path(stored.sha256))
         except (OSError, ValueError) as exc:  # gone from the store, or not a digest at all
             log.error("blob %s of file %s cannot be read: %s", stored.sha256, stored.id, exc)
-            return self.not_found(request, self.catalogs[_language(found.link.language)])
+            return self.not_found(request, self.site.catalog(found.link.language))
         try:
             size = os.fstat(blob.fileno()).st_size
             etag = f'"{stored.sha256}"'
@@ -300,7 +298,7 @@ class DownloadPages:
             found = await find_link(session, request.match_info["token"], now)
         if found is None or found.state is not LinkState.VALID:
             return await self.bad_link(request, found)
-        catalog = self.catalogs[_language(found.link.language)]
+        catalog = self.site.catalog(found.link.language)
         if not found.files:
             return self.not_found(request, catalog)
         try:
@@ -398,7 +396,7 @@ class DownloadPages:
         self.limiter.record(self.visitor(request).ip)
         if found is None:
             return self.not_found(request, self.catalog_for(request))
-        catalog = self.catalogs[_language(found.link.language)]
+        catalog = self.site.catalog(found.link.language)
         agent = await agent_of(self.relay.blobs, found.message)
         sender, subject = agent.address, found.message.subject
         mail_subject = catalog.t("error.expired_mail_subject", subject=subject).rstrip(": ")
@@ -425,10 +423,6 @@ class DownloadPages:
 
 def _is_get(request: web.Request) -> bool:
     return request.method == "GET"
-
-
-def _language(language: str) -> str:
-    return page_language(language)
 
 
 def _unique(name: str, taken: set[str]) -> str:
