@@ -74,6 +74,7 @@ class Relay:
         *,
         roles: Collection[str] = ROLES,
         db: Database | None = None,
+        blobs: BlobStore | None = None,
         upstream: Upstream | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -84,7 +85,7 @@ class Relay:
         self.clock = clock
         self.roles = frozenset(roles)
         self.db = db or Database.connect(settings.database.url)
-        self.blobs = blob_store(settings)
+        self.blobs = blobs or blob_store(settings)
         self.signal = QueueSignal()
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
         self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,7 +33,7 @@ class MemoryBlobStore(BlobStore):
     def __init__(self) -> None:
         self.blobs: dict[str, tuple[bytes, datetime]] = {}
 
-    async def put_stream(self, chunks: AsyncIterator[bytes]) -> str:  # type: ignore[override]
+    async def put_stream(self, chunks: AsyncIterable[bytes]) -> str:
         data = b"".join([chunk async for chunk in chunks])
         digest = hashlib.sha256(data).hexdigest()
         self.blobs[digest] = (data, datetime.now(UTC))
@@ -253,7 +253,7 @@ async def _age(store: BlobStore, digest: str) -> None:
 
 
 class FirstChunkDigest(MemoryBlobStore):
-    async def put_stream(self, chunks: AsyncIterator[bytes]) -> str:  # type: ignore[override]
+    async def put_stream(self, chunks: AsyncIterable[bytes]) -> str:
         parts = [chunk async for chunk in chunks]
         digest = hashlib.sha256(parts[0]).hexdigest()
         self.blobs[digest] = (b"".join(parts), datetime.now(UTC))
@@ -261,7 +261,7 @@ class FirstChunkDigest(MemoryBlobStore):
 
 
 class KeepsHalfWrittenBlobs(MemoryBlobStore):
-    async def put_stream(self, chunks: AsyncIterator[bytes]) -> str:  # type: ignore[override]
+    async def put_stream(self, chunks: AsyncIterable[bytes]) -> str:
         data = b""
         try:
             async for chunk in chunks:
@@ -293,7 +293,7 @@ class DeleteForgetsNothing(MemoryBlobStore):
 
 
 class KeepsTheFirstAge(MemoryBlobStore):
-    async def put_stream(self, chunks: AsyncIterator[bytes]) -> str:  # type: ignore[override]
+    async def put_stream(self, chunks: AsyncIterable[bytes]) -> str:
         data = b"".join([chunk async for chunk in chunks])
         digest = hashlib.sha256(data).hexdigest()
         self.blobs.setdefault(digest, (data, datetime.now(UTC)))
