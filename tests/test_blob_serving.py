@@ -8,33 +8,15 @@ import asyncio
 import io
 import os
 import zipfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.blobstore import BlobStore
 from gateway.db import Database
-from gateway.relay import Relay
-from tests.conftest import relay_settings
-from tests.support import free_port
 from tests.test_blob_contract import STORES
-from tests.test_downloads import Clock, Pages
-
-
-@asynccontextmanager
-async def pages_on(database: Database, tmp_path: Path, blobs: BlobStore) -> AsyncIterator[Pages]:
-    clock = Clock()
-    relay = Relay(
-        relay_settings(tmp_path, free_port()), roles={"web"}, db=database, blobs=blobs, clock=clock
-    )
-    await relay.start()
-    try:
-        yield Pages(relay, clock)
-    finally:
-        await relay.stop()
+from tests.test_downloads import Clock, running_pages
 
 
 @pytest.fixture
@@ -60,7 +42,7 @@ async def test_files_ranges_and_zips_from_every_store(
     database: Database, tmp_path: Path, kind: str, sendfile_calls: list[int]
 ) -> None:
     content, small = os.urandom(3 * 1024 * 1024 + 17), b"%PDF a small second file"
-    async with pages_on(database, tmp_path, STORES[kind](tmp_path)) as pages:
+    async with running_pages(database, tmp_path, Clock(), STORES[kind](tmp_path)) as pages:
         made = await pages.link(
             [("Exposé.pdf", "application/pdf", content), ("Plan.pdf", "application/pdf", small)]
         )
@@ -88,7 +70,7 @@ async def test_a_file_lost_from_any_store_is_a_404_not_a_500(
     database: Database, tmp_path: Path, kind: str
 ) -> None:
     blobs = STORES[kind](tmp_path)
-    async with pages_on(database, tmp_path, blobs) as pages:
+    async with running_pages(database, tmp_path, Clock(), blobs) as pages:
         made = await pages.link([("Exposé.pdf", "application/pdf", b"%PDF lost soon")])
         await blobs.delete(made.files[0].sha256)
         for path in (made.file_path(made.files[0]), made.path("/zip")):
