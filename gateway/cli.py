@@ -605,8 +605,9 @@ def evidence(config: Path | None, consent_id: str) -> None:
     from gateway.relay import blob_store
 
     settings = _settings(config)
-    blobs = blob_store(settings)
-    found = _run(lambda db: verification.consent_evidence(db, blobs, consent_id), config)
+    found = _run(
+        lambda db: verification.consent_evidence(db, blob_store(settings), consent_id), config
+    )
     if found is None:
         raise click.ClickException(f"no consent with id {consent_id!r}")
     consent, letter, message = found.consent, found.letter, found.message

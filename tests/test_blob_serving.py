@@ -9,6 +9,7 @@ import io
 import os
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,25 @@ async def test_a_file_lost_from_any_store_is_a_404_not_a_500(
         for path in (made.file_path(made.files[0]), made.path("/zip")):
             response, _ = await pages.get(path)
             assert response.status == 404, path
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_parallel_zips_never_wait_for_the_threads_they_hold(
+    database: Database, tmp_path: Path
+) -> None:
+    """A zip is pulled in a thread that waits for the store on the event loop, and the local
+    store reads in the loop's worker threads: were the zips pulled in those same workers, as
+    many zips as workers would wait for each other for ever."""
+    workers = 1
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers))
+    files = [(f"{n}.pdf", "application/pdf", os.urandom(2 * 1024 * 1024)) for n in range(3)]
+    async with running_pages(database, tmp_path, Clock(), STORES["local"](tmp_path)) as pages:
+        made = await pages.link(files)
+        async with asyncio.timeout(30):
+            answers = await asyncio.gather(
+                *(pages.get(made.path("/zip")) for _ in range(2 * workers))
+            )
+    for response, body in answers:
+        assert response.status == 200
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            assert [archive.read(n) for n in archive.namelist()] == [f[2] for f in files]

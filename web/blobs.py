@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 from aiohttp import web
 
-from gateway.blobstore import BlobReader, BlobStore
+from gateway.blobstore import CHUNK_SIZE, BlobReader, BlobStore
 
 
 async def send_blob(
@@ -40,9 +41,32 @@ async def _sendfile(request: web.Request, file: IO[bytes], start: int, length: i
     return True
 
 
+# The threads that pull a blocking iterator of PulledBlobs (the zip), kept apart from the
+# loop's default executor: a pull waits for the store on the event loop, and the store may
+# read in the default executor's threads, so pulls there could take every thread a read needs.
+_PULLERS = ThreadPoolExecutor(thread_name_prefix="blob-pull")
+
+
+async def send_pulled(response: web.StreamResponse, chunks: Iterator[bytes]) -> None:
+    """Drain a blocking iterator (the zip) in a puller thread, about CHUNK_SIZE at a time."""
+
+    def take() -> bytes:
+        parts, total = [], 0
+        for part in chunks:
+            parts.append(part)
+            total += len(part)
+            if total >= CHUNK_SIZE:
+                break
+        return b"".join(parts)
+
+    loop = asyncio.get_running_loop()
+    while chunk := await loop.run_in_executor(_PULLERS, take):
+        await response.write(chunk)
+
+
 class PulledBlob:
     """A blob as a blocking iterator of chunks, for a writer that pulls its input in a
-    worker thread (the zip) while the store works on the event loop."""
+    thread (the zip, through `send_pulled`) while the store works on the event loop."""
 
     def __init__(self, blobs: BlobStore, digest: str, loop: asyncio.AbstractEventLoop) -> None:
         self.blobs = blobs

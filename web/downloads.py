@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -40,7 +39,7 @@ from gateway.blobstore import BlobReader
 from gateway.links import FoundLink, LinkState, find_link
 from gateway.models import LinkFile, StoredFile
 from gateway.relay import Relay
-from web.blobs import PulledBlob, send_blob
+from web.blobs import PulledBlob, send_blob, send_pulled
 from web.pages import (
     BAD_TOKEN_LIMIT,
     SECURITY_HEADERS,
@@ -73,8 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-CHUNK_SIZE = 1024 * 1024
 
 
 # --- ranges ---------------------------------------------------------------------------------
@@ -332,7 +329,7 @@ class DownloadPages:
         response.content_length = len(archive)
         await response.prepare(request)
         if request.method != "HEAD":
-            await _send_chunks(response, iter(archive))
+            await send_pulled(response, iter(archive))
             await response.write_eof()
         return response
 
@@ -441,19 +438,3 @@ def _unique(name: str, taken: set[str]) -> str:
         candidate = f"{stem} ({n}){ext}"
     taken.add(candidate.lower())
     return candidate
-
-
-async def _send_chunks(response: web.StreamResponse, chunks: Iterator[bytes]) -> None:
-    """Drain a blocking byte iterator (the zip) in a thread, about CHUNK_SIZE at a time."""
-
-    def take() -> bytes:
-        parts, total = [], 0
-        for part in chunks:
-            parts.append(part)
-            total += len(part)
-            if total >= CHUNK_SIZE:
-                break
-        return b"".join(parts)
-
-    while chunk := await asyncio.to_thread(take):
-        await response.write(chunk)
