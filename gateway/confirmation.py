@@ -18,12 +18,14 @@ from datetime import datetime
 from email.header import Header
 from email.utils import format_datetime
 
-from gateway.consent_texts import language_of, load_texts, moment
+from gateway.consent_texts import moment
 from gateway.evidence import ConsentRecord
 from gateway.headers import format_field
 from gateway.i18n import DEFAULT_TIMEZONE
 from gateway.mime import join_multipart
 from gateway.models import utcnow
+from gateway.text_files import load_texts
+from rules.language import HOME_LANGUAGE, shipped_language
 
 CRLF = b"\r\n"
 SUBJECT_PART_LIMIT = 150
@@ -40,7 +42,7 @@ def compose_confirmation(
     agent_address: str,
     hostname: str,
     offer_subject: str,
-    language: str = "de",
+    language: str = HOME_LANGUAGE,
     now: datetime | None = None,
     sender: str | None = None,
     zone: str = DEFAULT_TIMEZONE,
@@ -59,7 +61,7 @@ def compose_confirmation(
         raise ValueError(f"not a host name: {hostname!r}")
     if not agent_address or _one_line(agent_address, 320) != agent_address:
         raise ValueError(f"agent address is not usable in a header: {agent_address!r}")
-    lang = language_of(language)
+    lang = shipped_language(language)
     texts = load_texts("confirmation")[lang]
     sent = now if now is not None else utcnow()
 

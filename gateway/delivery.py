@@ -24,6 +24,7 @@ from gateway import dsn, journal, queue
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
+from gateway.events import BOUNCE_QUEUED, DELIVERY_BOUNCED, DELIVERY_DEFERRED, DELIVERY_DELIVERED
 from gateway.local_mail import compose_queued, own_sender
 from gateway.metrics import DELIVERY_OUTCOMES
 from gateway.models import Delivery, Message, MessageKind, utcnow
@@ -34,9 +35,9 @@ from gateway.upstream import Outcome, Upstream, relay_name
 log = logging.getLogger(__name__)
 
 _LOGGED_STATUS = {
-    "delivery.delivered": "sent",
-    "delivery.deferred": "deferred",
-    "delivery.bounced": "bounced",
+    DELIVERY_DELIVERED.name: "sent",
+    DELIVERY_DEFERRED.name: "deferred",
+    DELIVERY_BOUNCED.name: "bounced",
 }
 _ENHANCED_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -235,18 +236,17 @@ class DeliveryWorker:
                             self._next_attempt(delivery, now, jitter),
                         )
                     )
-            bounced_now = any(e is not None and e.type == "delivery.bounced" for e in events)
+            bounced_now = any(e is not None and e.type == DELIVERY_BOUNCED.name for e in events)
             if bounce is not None and bounced_now:
                 bounce_message, bounce_delivery = bounce
                 session.add(bounce_message)
                 await session.flush()
                 session.add(bounce_delivery)
                 events.append(
-                    journal.NewEvent(
-                        "bounce.queued",
-                        bounce_message.id,
-                        bounce_delivery.id,
+                    BOUNCE_QUEUED.new(
                         {"original": message.id, "recipient": bounce_delivery.recipient},
+                        message_id=bounce_message.id,
+                        delivery_id=bounce_delivery.id,
                     )
                 )
             await journal.append(session, [e for e in events if e is not None], now)
@@ -312,7 +312,7 @@ class DeliveryWorker:
             envelope_id=message.id,
             sender=own_sender(self.settings, message.sender, "MAILER-DAEMON"),
             zone=self.settings.branding.timezone,
-            language=self.settings.policy.language or "de",  # the agent's, like the renewal
+            language=self.settings.policy.language,  # the agent's, like the renewal
         )
         bounce, [delivery] = await compose_queued(
             self.blobs,

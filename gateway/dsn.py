@@ -31,30 +31,27 @@ from datetime import UTC, datetime
 from email.header import Header
 from email.utils import format_datetime
 from functools import lru_cache
-from pathlib import Path
 from typing import Final
 
 from jinja2 import (
     Environment,
     FileSystemLoader,
     StrictUndefined,
-    Template,
-    TemplateNotFound,
     select_autoescape,
 )
 
 from gateway.headers import decoded, fields_of, first_value, format_field, split_message
-from gateway.i18n import DEFAULT_TIMEZONE, Catalog, shipped_catalogs
+from gateway.i18n import DEFAULT_TIMEZONE, shipped_catalogs
 from gateway.mime import join_multipart
+from gateway.text_files import TEMPLATES
+from rules.language import HOME_LANGUAGE, shipped_language
 
-__all__ = ["DEFAULT_LANGUAGE", "FailedRecipient", "build_dsn"]
+__all__ = ["FailedRecipient", "build_dsn"]
 
-TEMPLATE_DIR: Final = Path(__file__).resolve().parent / "templates" / "dsn"
-DEFAULT_LANGUAGE: Final = "en"
+TEMPLATE_DIR: Final = TEMPLATES / "dsn"
 CRLF: Final = b"\r\n"
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
-_LANGUAGE = re.compile(r"^[a-z]{2,3}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _MESSAGE_ID = re.compile(r"^<[!-;=?-~]{1,250}@[!-;=?-~]{1,250}>$")
 _REMOTE_MTA_JUNK = re.compile(r"[^A-Za-z0-9.:\[\]-]")
@@ -111,7 +108,7 @@ def build_dsn(
     arrival: datetime,
     now: datetime,
     envelope_id: str | None = None,
-    language: str = "de",
+    language: str = HOME_LANGUAGE,
     sender: str | None = None,
     zone: str = DEFAULT_TIMEZONE,
 ) -> bytes:
@@ -120,7 +117,8 @@ def build_dsn(
     ``reporting_mta`` is our host name; ``original`` the raw message as the agent sent it;
     ``arrival`` when we accepted it and ``now`` the time of the report (both aware);
     ``envelope_id`` the ENVID parameter, xtext-decoded, if the agent gave one; ``language``
-    picks the text template (``de``, ``en``, ``es``; anything else falls back to English);
+    picks the text template (rules.language.shipped_language: anything we do not ship gets
+    English, as no configured default is at hand here);
     ``sender`` the From address (``MAILER-DAEMON@reporting_mta`` by default), in a domain
     that signs when there is one (gateway.local_mail.own_sender).
     ``zone`` is the one the text writes the arrival in (``[branding] timezone``), named.
@@ -149,7 +147,7 @@ def build_dsn(
     original_date = _one_line(date_raw, 100) if date_raw else ""
     message_id = first_value(fields, "message-id")
 
-    lang = _language(language)
+    lang = shipped_language(language)
     tried = max(v.last_attempt for v in views) - arrival_utc
     tried_hours = max(1, int(tried.total_seconds() // 3600))
     subject, text = _render(
@@ -160,7 +158,7 @@ def build_dsn(
         original_subject=original_subject,
         original_date=original_date,
         arrival=arrival_utc,
-        accepted=_catalog(lang, zone).moment(arrival_utc),
+        accepted=shipped_catalogs(zone)[lang].moment(arrival_utc),
         now=now_utc,
         expired=any(v.reason == "expired" for v in views),
         tried_days=tried_hours // 24,
@@ -412,30 +410,9 @@ def _environment() -> Environment:
     )
 
 
-def _catalog(language: str, zone: str) -> Catalog:
-    """The pages' formats for a template language; a broker's own (``fr``) gets English's."""
-    catalogs = shipped_catalogs(zone)
-    return catalogs.get(language) or catalogs[DEFAULT_LANGUAGE]
-
-
-def _language(language: str) -> str:
-    """``de``, ``de-DE``, ``de_AT`` -> ``de`` when a template exists, else English."""
-    primary = re.split(r"[-_]", language.strip().lower(), maxsplit=1)[0]
-    if _LANGUAGE.fullmatch(primary) and (TEMPLATE_DIR / f"{primary}.txt.j2").is_file():
-        return primary
-    return DEFAULT_LANGUAGE
-
-
-def _template(language: str) -> Template:
-    try:
-        return _environment().get_template(f"{language}.txt.j2")
-    except TemplateNotFound:
-        return _environment().get_template(f"{DEFAULT_LANGUAGE}.txt.j2")
-
-
 def _render(language: str, **context: object) -> tuple[str, str]:
     """The subject (the template's ``{% set subject %}``) and the body text."""
-    module = _template(language).make_module(context)
+    module = _environment().get_template(f"{language}.txt.j2").make_module(context)
     exported = vars(module)
     if "subject" not in exported:
         raise ValueError(f"DSN template {language!r} sets no subject")

@@ -13,8 +13,10 @@ from datetime import datetime
 from email.utils import format_datetime
 
 from gateway.confirmation import SUBJECT_PART_LIMIT, _encoded_subject, _one_line, _quoted_printable
-from gateway.consent_texts import language_of, load_texts, moment
+from gateway.consent_texts import moment
 from gateway.headers import format_field
+from gateway.text_files import load_texts
+from rules.language import shipped_language
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ def compose_expiry_notice(
     """The complete notice to ``agent_address`` (CRLF line ends), from ``sender``
     (gateway.local_mail.own_sender, so it is signed where the agent's domain has a key), its
     times in ``zone`` (``[branding] timezone``)."""
-    lang = language_of(language)
+    lang = shipped_language(language)
     texts = load_texts("letter_expired")[lang]
     recipient = _one_line(expired.recipient, SUBJECT_PART_LIMIT)
     offer = _one_line(expired.offer_subject, SUBJECT_PART_LIMIT)

@@ -21,11 +21,11 @@ from typing import Any
 from sqlalchemy import select
 
 from gateway import headers, journal
-from gateway.i18n import LANGUAGES, Catalog, shipped_catalogs
+from gateway.events import DELIVERY_QUEUED, LETTER_RENEWAL_REQUESTED
+from gateway.i18n import Catalog, shipped_catalogs
 from gateway.local_mail import compose_queued, own_sender
 from gateway.models import Event, Letter, Link, Message, MessageKind
 
-EVENT = "letter.renewal_requested"
 INTERVAL = timedelta(hours=24)
 SUBJECT_MAX = 300
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
@@ -90,9 +90,7 @@ async def request_new_link(
     settings = relay.settings
     if not message.sender:
         return False
-    catalog = shipped_catalogs(settings.branding.timezone)[
-        settings.policy.language if settings.policy.language in LANGUAGES else LANGUAGES[0]
-    ]
+    catalog = shipped_catalogs(settings.branding.timezone)[settings.policy.language]
     hostname = settings.server.hostname
     async with relay.db.transaction() as session:
         locked = await session.scalar(
@@ -102,7 +100,9 @@ async def request_new_link(
             return False
         earlier = await session.scalars(
             select(Event)
-            .where(Event.type == EVENT, Event.message_id == letter.message_id)
+            .where(
+                Event.type == LETTER_RENEWAL_REQUESTED.name, Event.message_id == letter.message_id
+            )
             .order_by(Event.seq.desc())
         )
         if any(
@@ -136,19 +136,20 @@ async def request_new_link(
         await journal.append(
             session,
             [
-                journal.NewEvent(
-                    EVENT,
-                    letter.message_id,
-                    delivery.id,
+                LETTER_RENEWAL_REQUESTED.new(
                     {
                         "letter_id": letter.id,
                         "recipient": letter.recipient,
                         "ip": ip,
                         "request_message_id": notice.id,
                     },
+                    message_id=letter.message_id,
+                    delivery_id=delivery.id,
                 ),
-                journal.NewEvent(
-                    "delivery.queued", notice.id, delivery.id, {"recipient": delivery.recipient}
+                DELIVERY_QUEUED.new(
+                    {"recipient": delivery.recipient},
+                    message_id=notice.id,
+                    delivery_id=delivery.id,
                 ),
             ],
             now,
