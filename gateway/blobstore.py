@@ -1,27 +1,31 @@
-"""Content-addressed files: raw originals, attachments, generated documents.
+"""The blob store: raw originals, attachments and generated documents, named by their sha256.
 
-A blob is durable when `put` returns: written to a temp file, fsynced, renamed into place,
-and the directory fsynced, so a crash leaves either the whole blob or none of it.
+Everything outside the store knows a blob only by its digest and this interface, so where
+blobs live (a local directory today, an S3 bucket later) is one class. The contract every
+implementation keeps, checked for each by tests/test_blob_contract.py:
 
-A writer holds an exclusive lock (flock) on its temp file while it writes, and the kernel
-drops the lock when the process dies however it dies. So a temp file nobody has locked was
-left by a killed writer, and start-up removes it, while the temp files of another instance
-still writing into the same store stay.
+- `put_stream` returns the sha256 hex digest only once the whole blob is durable, and a
+  failed put leaves nothing under that digest; putting the same bytes again is harmless.
+- A put, even of bytes already stored, makes the blob young again (`BlobInfo.written_at`):
+  the sweeper spares young blobs because an intake stores its blobs before it commits the
+  rows that name them.
+- Only a digest names a blob: any other name raises ValueError, before the store is asked.
+- Reading, sizing or opening a blob that is not there raises BlobMissing; deleting it is a
+  no-op (two sweepers may race).
 """
 
 from __future__ import annotations
 
-import asyncio
-import fcntl
-import hashlib
-import logging
-import os
 import re
-import tempfile
-from pathlib import Path
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO
 
+CHUNK_SIZE = 1024 * 1024
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
-log = logging.getLogger(__name__)
 
 
 class BlobMissing(FileNotFoundError):
@@ -32,98 +36,100 @@ class BlobMissing(FileNotFoundError):
         self.digest = digest
 
 
-class BlobStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._tmp = root / "tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
+def is_digest(name: str) -> bool:
+    return _DIGEST.match(name) is not None
 
-    def path(self, digest: str) -> Path:
-        if not _DIGEST.match(digest):
-            raise ValueError(f"not a blob digest: {digest!r}")
-        return self.root / digest[:2] / digest[2:4] / digest
 
-    def put_sync(self, data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        target = self.path(digest)
-        if target.exists():
-            return digest
-        _make_dirs_durably(target.parent, self.root)
-        fd, tmp_name = self._locked_temp_file()
-        try:
-            with os.fdopen(fd, "wb") as tmp:
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
-        return digest
+def checked_digest(name: str) -> str:
+    """`name`, if it is a digest: a row's value never reaches a store as a key otherwise."""
+    if not is_digest(name):
+        raise ValueError(f"not a blob digest: {name!r}")
+    return name
 
-    def _locked_temp_file(self) -> tuple[int, str]:
-        """A new temp file, locked; made again if start-up removed it before the lock."""
-        while True:
-            fd, name = tempfile.mkstemp(dir=self._tmp)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_nlink > 0:
-                return fd, name
-            os.close(fd)
 
-    def remove_abandoned_temp_files(self) -> int:
-        """Delete temp files no living writer holds (left by a kill); how many went."""
-        removed = 0
-        for path in self._tmp.iterdir():
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue  # its writer finished meanwhile
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a writer is at work on it
-            else:
-                path.unlink(missing_ok=True)
-                removed += 1
-            finally:
-                os.close(fd)
-        if removed:
-            log.info("removed %d temp file(s) an interrupted write left in %s", removed, self._tmp)
-        return removed
+@dataclass(frozen=True)
+class BlobInfo:
+    """One stored blob as the sweeper sees it."""
+
+    digest: str
+    size: int
+    written_at: datetime  # the last put of these bytes, aware (UTC)
+
+
+class BlobReader(ABC):
+    """An open blob: its size and its bytes, from any position (for HTTP ranges)."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @abstractmethod
+    async def read(self, start: int, length: int) -> bytes:
+        """`length` bytes from `start`, fewer only where the blob ends."""
+
+    async def stream(
+        self, start: int, length: int, chunk_size: int = CHUNK_SIZE
+    ) -> AsyncIterator[bytes]:
+        """`length` bytes from `start` in chunks; OSError if the blob ends before."""
+        position, end = start, start + length
+        while position < end:
+            chunk = await self.read(position, min(chunk_size, end - position))
+            if not chunk:
+                raise OSError(f"blob ended {end - position} bytes early")
+            position += len(chunk)
+            yield chunk
+
+    def kernel_file(self) -> IO[bytes] | None:
+        """A regular file the kernel can send from (sendfile), when the store has one;
+        the web sends through it and streams otherwise."""
+        return None
+
+
+class BlobStore(ABC):
+    """Content-addressed, durable bytes; see the module for the contract."""
+
+    @abstractmethod
+    async def put_stream(self, chunks: AsyncIterable[bytes]) -> str:
+        """The sha256 of everything `chunks` yields, once it is durably stored."""
 
     async def put(self, data: bytes) -> str:
-        """The sha256 of `data`, once it is safely on disk."""
-        return await asyncio.to_thread(self.put_sync, data)
+        """The sha256 of `data`, once it is durably stored."""
+        return await self.put_stream(_once(data))
 
-    def read_sync(self, digest: str) -> bytes:
-        try:
-            return self.path(digest).read_bytes()
-        except FileNotFoundError as exc:
-            raise BlobMissing(digest) from exc
+    @abstractmethod
+    def open(self, digest: str) -> AbstractAsyncContextManager[BlobReader]:
+        """The blob for reading, held open (and its size fixed) until the block ends."""
 
     async def read(self, digest: str) -> bytes:
-        return await asyncio.to_thread(self.read_sync, digest)
+        async with self.open(digest) as blob:
+            return await blob.read(0, blob.size)
 
-    def exists(self, digest: str) -> bool:
-        return self.path(digest).exists()
+    async def read_start(self, digest: str, length: int) -> bytes:
+        """The first `length` bytes (all of a shorter blob): a peek at a mail's header."""
+        async with self.open(digest) as blob:
+            return await blob.read(0, min(length, blob.size))
+
+    @abstractmethod
+    async def size(self, digest: str) -> int: ...
+
+    @abstractmethod
+    async def exists(self, digest: str) -> bool: ...
+
+    @abstractmethod
+    async def delete(self, digest: str) -> None: ...
+
+    @abstractmethod
+    def list(self) -> AsyncIterator[BlobInfo]:
+        """Every stored blob, in no particular order (for the sweeper)."""
+
+    @abstractmethod
+    def location(self, digest: str) -> str:
+        """Where an operator finds the blob outside sealrelay: a file name, a URL."""
+
+    async def remove_interrupted_writes(self) -> int:
+        """Clear what writers killed mid-put left behind (at start-up); how many went."""
+        return 0
 
 
-def _make_dirs_durably(directory: Path, root: Path) -> None:
-    """Create the fan-out directories, fsyncing each parent whose entries changed."""
-    missing = []
-    current = directory
-    while not current.exists() and current != root:
-        missing.append(current)
-        current = current.parent
-    for created in reversed(missing):
-        created.mkdir(exist_ok=True)
-        _fsync_dir(created.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -489,15 +489,14 @@ def links_group() -> None:
 @config_option
 def links_expire(config: Path | None) -> None:
     """Expire links and letters past their date, delete blobs nobody needs (the hourly sweep)."""
-    from gateway.blobstore import BlobStore
     from gateway.pipeline import QueueSignal
     from gateway.registered_letter import LetterDesk
-    from gateway.relay import sweeper_for
+    from gateway.relay import blob_store, sweeper_for
 
     settings = _settings(config)
 
     async def run(db: Database) -> sweeper.SweepReport:
-        blobs = BlobStore(settings.storage.path)
+        blobs = blob_store(settings)
         letters = LetterDesk(settings, db, blobs, QueueSignal().notify, utcnow)
         return await sweeper_for(settings, db, blobs, letters)(utcnow())
 
@@ -603,8 +602,12 @@ def _read_message(file: Path) -> bytes:
 @click.argument("consent_id")
 def evidence(config: Path | None, consent_id: str) -> None:
     """Show the stored record of a consent, its journal events and its PDF."""
+    from gateway.relay import blob_store
+
     settings = _settings(config)
-    found = _run(lambda db: verification.consent_evidence(db, settings, consent_id), config)
+    found = _run(
+        lambda db: verification.consent_evidence(db, blob_store(settings), consent_id), config
+    )
     if found is None:
         raise click.ClickException(f"no consent with id {consent_id!r}")
     consent, letter, message = found.consent, found.letter, found.message
@@ -668,9 +671,9 @@ def evidence(config: Path | None, consent_id: str) -> None:
 
 
 def _stored(file: verification.EvidenceFile) -> str:
-    if file.path is None:
+    if file.location is None:
         return f"{file.digest!r} (NOT A BLOB NAME)"
-    return f"{file.path}{'' if file.present else ' (MISSING from the blob store)'}"
+    return f"{file.location}{'' if file.present else ' (MISSING from the blob store)'}"
 
 
 def _boxes(blocks: list[dict[str, Any]], checked: list[str]) -> list[str]:

@@ -21,6 +21,7 @@ from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.delivery import DeliveryWorker
+from gateway.local_blobs import LocalBlobStore
 from gateway.models import utcnow
 from gateway.outgoing import Signer
 from gateway.pipeline import Pipeline, QueueSignal
@@ -41,6 +42,11 @@ def load_signer(settings: Settings) -> Signer:
             for domain, entry in settings.dkim.items()
         }
     )
+
+
+def blob_store(settings: Settings) -> BlobStore:
+    """The blob store the settings name (a local directory, for now)."""
+    return LocalBlobStore(settings.storage.path)
 
 
 def sweeper_for(
@@ -68,6 +74,7 @@ class Relay:
         *,
         roles: Collection[str] = ROLES,
         db: Database | None = None,
+        blobs: BlobStore | None = None,
         upstream: Upstream | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -78,7 +85,7 @@ class Relay:
         self.clock = clock
         self.roles = frozenset(roles)
         self.db = db or Database.connect(settings.database.url)
-        self.blobs = BlobStore(settings.storage.path)
+        self.blobs = blobs or blob_store(settings)
         self.signal = QueueSignal()
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
         self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
@@ -104,7 +111,7 @@ class Relay:
             log.warning("%s: %s", "error" if problem.error else "warning", problem)
         if not await self._database_ready():
             return
-        await asyncio.to_thread(self.blobs.remove_abandoned_temp_files)
+        await self.blobs.remove_interrupted_writes()
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
             self._tasks.append(

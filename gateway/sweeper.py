@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -75,20 +74,15 @@ async def needed_blobs(
         return set((await session.scalars(query)).all())
 
 
-def _delete_unneeded(blobs: BlobStore, needed: set[str], written_before: float) -> tuple[int, int]:
+async def _delete_unneeded(
+    blobs: BlobStore, needed: set[str], written_before: datetime
+) -> tuple[int, int]:
     deleted = freed = 0
-    for directory, _, names in os.walk(blobs.root):
-        if os.path.basename(directory) == "tmp":
+    async for blob in blobs.list():
+        if blob.digest in needed or blob.written_at >= written_before:
             continue
-        for name in names:
-            if len(name) != 64 or name in needed:
-                continue
-            path = os.path.join(directory, name)
-            stat = os.stat(path)
-            if stat.st_mtime >= written_before:
-                continue
-            os.unlink(path)
-            deleted, freed = deleted + 1, freed + stat.st_size
+        await blobs.delete(blob.digest)
+        deleted, freed = deleted + 1, freed + blob.size
     return deleted, freed
 
 
@@ -104,9 +98,7 @@ async def sweep(
     expired = await expire_links(db, now)
     letters = await expire_letters(now) if expire_letters is not None else 0
     needed = await needed_blobs(db, now, grace, evidence_years)
-    deleted, freed = await asyncio.to_thread(
-        _delete_unneeded, blobs, needed, (now - grace).timestamp()
-    )
+    deleted, freed = await _delete_unneeded(blobs, needed, now - grace)
     if deleted:
         async with db.transaction() as session:
             await journal.append(

@@ -24,14 +24,13 @@ import ipaddress
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import dkim as dkimpy
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import headers, journal
-from gateway.blobstore import BlobStore
+from gateway.blobstore import BlobStore, is_digest
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.dkim import DkimError, DkimKey, public_txt_value
@@ -403,7 +402,6 @@ class ConsentEvidence:
     letter: Letter | None
     message: Message | None
     events: list[Event]
-    pdf_path: Path | None  # None when the stored blob name is not a digest
     recomputed_sha256: str | None
     files: tuple[EvidenceFile, ...] = ()
 
@@ -414,15 +412,12 @@ class EvidenceFile:
 
     label: str  # "held original", "released original", "consent PDF"
     digest: str
-    path: Path | None  # None when the stored name is not a digest
-
-    @property
-    def present(self) -> bool:
-        return self.path is not None and self.path.exists()
+    location: str | None  # None when the stored name is not a digest
+    present: bool
 
 
 async def consent_evidence(
-    db: Database, settings: Settings, consent_id: str
+    db: Database, blobs: BlobStore, consent_id: str
 ) -> ConsentEvidence | None:
     """The stored record of a consent, or None for an id we do not know."""
     async with db.transaction() as session:
@@ -433,7 +428,6 @@ async def consent_evidence(
         message = await session.get(Message, letter.message_id) if letter is not None else None
         events = await consent_events(session, consent.id)
         released = await session.get(Delivery, consent.released_delivery_id)
-    blobs = BlobStore(settings.storage.path)
     digests = [
         ("held original", letter.held_blob if letter is not None else ""),
         ("released original", released.blob if released is not None else ""),
@@ -443,23 +437,17 @@ async def consent_evidence(
         recomputed: str | None = texts_sha256([ShownBlock(**b) for b in consent.blocks])
     except TypeError:
         recomputed = None
-    try:
-        pdf_path: Path | None = BlobStore(settings.storage.path).path(consent.pdf_blob)
-    except ValueError:
-        pdf_path = None
     return ConsentEvidence(
         consent=consent,
         letter=letter,
         message=message,
         events=events,
-        pdf_path=pdf_path,
         recomputed_sha256=recomputed,
-        files=tuple(EvidenceFile(label, d, _blob_path(blobs, d)) for label, d in digests),
+        files=tuple([await _evidence_file(blobs, label, d) for label, d in digests]),
     )
 
 
-def _blob_path(blobs: BlobStore, digest: str) -> Path | None:
-    try:
-        return blobs.path(digest)
-    except ValueError:
-        return None
+async def _evidence_file(blobs: BlobStore, label: str, digest: str) -> EvidenceFile:
+    if not is_digest(digest):
+        return EvidenceFile(label, digest, None, False)
+    return EvidenceFile(label, digest, blobs.location(digest), await blobs.exists(digest))

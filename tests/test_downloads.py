@@ -27,6 +27,7 @@ import yarl
 from sqlalchemy import select, update
 
 from gateway import journal
+from gateway.blobstore import BlobStore
 from gateway.config import BrandingSettings
 from gateway.db import Database
 from gateway.i18n import load_catalogs, negotiate
@@ -190,7 +191,11 @@ class Pages:
 
 @asynccontextmanager
 async def running_pages(
-    database: Database, tmp_path: Path, clock: Clock, **sections: dict[str, Any]
+    database: Database,
+    tmp_path: Path,
+    clock: Clock,
+    blobs: BlobStore | None = None,
+    **sections: dict[str, Any],
 ) -> AsyncIterator[Pages]:
     sections.setdefault(
         "branding",
@@ -202,7 +207,7 @@ async def running_pages(
         },
     )
     settings = relay_settings(tmp_path, free_port(), **sections)
-    relay = Relay(settings, roles={"web"}, db=database, clock=clock)
+    relay = Relay(settings, roles={"web"}, db=database, blobs=blobs, clock=clock)
     await relay.start()
     try:
         yield Pages(relay, clock)

@@ -65,7 +65,7 @@ async def test_a_released_offer_and_its_pdf_outlive_the_link_sweep(
         assert response.status == 200, (path, body[:300])
     async with site.relay.db.transaction() as session:
         [consent] = (await session.scalars(select(Consent))).all()
-    assert site.relay.blobs.exists(consent.pdf_blob)
+    assert await site.relay.blobs.exists(consent.pdf_blob)
 
 
 async def test_evidence_goes_after_its_retention_and_not_before(
@@ -84,11 +84,11 @@ async def test_evidence_goes_after_its_retention_and_not_before(
 
     clock.offset = datetime(2030, 12, 30, tzinfo=UTC) - datetime.now(UTC)
     await sweep(site)
-    assert all(site.relay.blobs.exists(digest) for digest in evidence)
+    assert all([await site.relay.blobs.exists(digest) for digest in evidence])
 
     clock.offset = datetime(2031, 1, 2, tzinfo=UTC) - datetime.now(UTC)
     await sweep(site)
-    assert not any(site.relay.blobs.exists(digest) for digest in evidence)
+    assert not any([await site.relay.blobs.exists(digest) for digest in evidence])
 
 
 async def test_a_letter_expired_by_another_instance_cannot_be_consented(
@@ -120,8 +120,10 @@ async def test_every_column_that_names_a_blob_is_declared(site: LetterSite) -> N
                     continue
                 values = (await session.scalars(select(column).distinct())).all()
                 if any(
-                    isinstance(v, str) and _DIGEST.match(v) and site.relay.blobs.exists(v)
-                    for v in values
+                    [
+                        isinstance(v, str) and _DIGEST.match(v) and await site.relay.blobs.exists(v)
+                        for v in values
+                    ]
                 ):
                     naming_blobs.add(f"{table.name}.{column.name}")
     assert naming_blobs <= declared, naming_blobs - declared
@@ -152,13 +154,14 @@ def test_every_digest_sized_column_is_classified() -> None:
 # --- a blob lost all the same (a disk, a hand): a clear answer, never a 500 -----------------
 
 
-def lose(site: LetterSite, digest: str) -> None:
-    site.relay.blobs.path(digest).unlink()
+async def lose(site: LetterSite, digest: str) -> None:
+    assert await site.relay.blobs.exists(digest)
+    await site.relay.blobs.delete(digest)
 
 
 async def test_a_lost_held_offer_gets_a_page_naming_it(site: LetterSite) -> None:
     token, _ = await site.send_offer()
-    lose(site, (await site.letter_row()).held_blob)
+    await lose(site, (await site.letter_row()).held_blob)
     response = await site.consent(token)
     body = await response.text()
     assert response.status == 410, body[:300]
@@ -176,8 +179,8 @@ async def test_lost_evidence_files_get_pages_naming_them(site: LetterSite) -> No
         [consent] = (await session.scalars(select(Consent))).all()
     response, body = await site.get(f"/l/{token}/offer")
     parts = set(re.findall(rf"/l/{token}(/a/[0-9.]+)", body.decode()))
-    lose(site, letter.held_blob)
-    lose(site, consent.pdf_blob)
+    await lose(site, letter.held_blob)
+    await lose(site, consent.pdf_blob)
     expected = {
         "/offer": "Das Angebot „Villa am See“ ist hier nicht mehr gespeichert",
         "/consent.pdf": "Das PDF Ihrer Erklärungen zu „Villa am See“ ist hier nicht mehr",
@@ -219,15 +222,15 @@ async def test_sealrelay_evidence_names_lost_files(site: LetterSite, tmp_path: P
     config = tmp_path / "cli.toml"
     config.write_text(
         f'[database]\nurl = "{site.relay.db.engine.url.render_as_string(False)}"\n'
-        f'[storage]\npath = "{site.relay.blobs.root}"\n'
+        f'[storage]\npath = "{site.relay.settings.storage.path}"\n'
     )
 
     whole = await sealrelay("evidence", consent.id, "-c", str(config))
     assert whole.code == 0, whole
     assert "MISSING" not in whole.out
 
-    lose(site, letter.held_blob)
-    lose(site, consent.pdf_blob)
+    await lose(site, letter.held_blob)
+    await lose(site, consent.pdf_blob)
     lost = await sealrelay("evidence", consent.id, "-c", str(config))
     assert lost.code == 1, lost
     assert "Traceback" not in lost.err
@@ -243,7 +246,7 @@ async def test_sealrelay_evidence_names_lost_files(site: LetterSite, tmp_path: P
 async def test_the_lost_offer_page_reads_well_on_a_phone(site: LetterSite) -> None:
     token, _ = await site.send_offer()
     assert (await site.consent(token)).status == 303
-    lose(site, (await site.letter_row()).held_blob)
+    await lose(site, (await site.letter_row()).held_blob)
     async_playwright = playwright_api()
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(

@@ -26,8 +26,8 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway import dkim, headers, users
-from gateway.blobstore import BlobStore
 from gateway.db import Database
+from gateway.local_blobs import LocalBlobStore
 from gateway.models import Delivery, Event, Message
 from gateway.pipeline import Pipeline
 from gateway.relay import Relay
@@ -450,7 +450,7 @@ async def test_dev_relay_allows_plaintext_auth_on_loopback(dev_relay: Harness) -
 async def test_front_without_tls_refuses_to_start(tmp_path: Path, smtp: dict[str, Any]) -> None:
     settings = relay_settings(tmp_path, free_port(), smtp=smtp)
     db = Database.connect(f"sqlite+aiosqlite:///{tmp_path}/unused.db")
-    front = SmtpFront(settings, db, Pipeline(settings, db, BlobStore(tmp_path / "blobs")))
+    front = SmtpFront(settings, db, Pipeline(settings, db, LocalBlobStore(tmp_path / "blobs")))
     try:
         with pytest.raises(RuntimeError, match=r"smtp\.listen .*agents could not log in.*tls_cert"):
             await front.start()

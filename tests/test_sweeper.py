@@ -13,8 +13,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 from gateway import journal, sweeper, users
-from gateway.blobstore import BlobStore
 from gateway.db import Database
+from gateway.local_blobs import LocalBlobStore
 from gateway.models import Event, Link, Message, StoredFile
 from gateway.pipeline import Envelope, Origin, Pipeline
 from gateway.users import Agent
@@ -36,8 +36,8 @@ def offer(size: int) -> bytes:
     return message.as_bytes(policy=email.policy.SMTP)
 
 
-async def submit(database: Database, blobs: BlobStore, raw: bytes, at: datetime) -> None:
-    settings = relay_settings(Path(blobs.root).parent, 25)
+async def submit(database: Database, blobs: LocalBlobStore, raw: bytes, at: datetime) -> None:
+    settings = relay_settings(blobs.root.parent, 25)
     pipeline = Pipeline(settings, database, blobs, clock=lambda: at)
     found = [u for u, _ in await users.list_users(database) if u.email == AGENT]
     user = found[0] if found else await users.add_user(database, AGENT, "a long password")
@@ -50,7 +50,7 @@ async def submit(database: Database, blobs: BlobStore, raw: bytes, at: datetime)
 async def test_links_expire_then_their_files_go_after_the_grace_period(
     database: Database, tmp_path: Path
 ) -> None:
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = LocalBlobStore(tmp_path / "blobs")
     await submit(database, blobs, offer(3 * 1024 * 1024), START)
     async with database.transaction() as session:
         [stored] = (await session.scalars(select(StoredFile))).all()
@@ -63,15 +63,15 @@ async def test_links_expire_then_their_files_go_after_the_grace_period(
     # Past expiry (90 days): the link expires, the file stays for the grace period.
     expired = await sweeper.sweep(database, blobs, START + timedelta(days=91), GRACE)
     assert expired.links_expired == 1
-    assert blobs.exists(stored.sha256)
-    assert not blobs.exists(orphan)  # nothing names it and it is older than the grace period
+    assert await blobs.exists(stored.sha256)
+    assert not await blobs.exists(orphan)  # nothing names it and it is older than the grace period
 
     collected = await sweeper.sweep(database, blobs, START + timedelta(days=99), GRACE)
     assert collected.links_expired == 0
     assert collected.blobs_deleted == 1
     assert collected.bytes_freed == 3 * 1024 * 1024
-    assert not blobs.exists(stored.sha256)
-    assert blobs.exists(message.blob)
+    assert not await blobs.exists(stored.sha256)
+    assert await blobs.exists(message.blob)
 
     async with database.transaction() as session:
         [link] = (await session.scalars(select(Link))).all()
@@ -83,7 +83,7 @@ async def test_links_expire_then_their_files_go_after_the_grace_period(
 
 
 async def test_a_blob_still_linked_elsewhere_is_kept(database: Database, tmp_path: Path) -> None:
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = LocalBlobStore(tmp_path / "blobs")
     raw = offer(3 * 1024 * 1024)
     await submit(database, blobs, raw, START)
     await submit(database, blobs, raw, START + timedelta(days=60))  # same file, newer link
@@ -91,15 +91,15 @@ async def test_a_blob_still_linked_elsewhere_is_kept(database: Database, tmp_pat
     async with database.transaction() as session:
         digests = {f.sha256 for f in (await session.scalars(select(StoredFile)))}
     [digest] = digests
-    assert blobs.exists(digest)
+    assert await blobs.exists(digest)
 
 
 async def test_recent_blobs_are_never_collected(database: Database, tmp_path: Path) -> None:
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = LocalBlobStore(tmp_path / "blobs")
     in_flight = await blobs.put(b"written a moment ago by an intake still running")
     report = await sweeper.sweep(database, blobs, datetime.now(UTC), GRACE)
     assert report.blobs_deleted == 0
-    assert blobs.exists(in_flight)
+    assert await blobs.exists(in_flight)
 
 
 async def test_cli_links_expire(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import pytest
 from sqlalchemy import update
 
 from gateway import consent_pdf, dkim, journal, outgoing
-from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.events import CONSENT_GIVEN, LETTER_HELD, LETTER_RELEASED
@@ -30,6 +29,7 @@ from gateway.evidence import (
     texts_sha256,
 )
 from gateway.headers import remove_fields
+from gateway.local_blobs import LocalBlobStore
 from gateway.models import Consent, Event, Letter, LetterStatus, Link, LinkKind, Message, new_id
 from gateway.queue import new_delivery
 from gateway.verification import VerificationReport, verify_released
@@ -121,7 +121,7 @@ async def seed(
         checked=frozenset({"withdrawal"}),
         texts_sha256=texts_sha256(BLOCKS),
     )
-    blobs = BlobStore(settings.storage.path)
+    blobs = LocalBlobStore(settings.storage.path)
     pdf_blob = await blobs.put(consent_pdf.render(record))
     held_blob = await blobs.put(OFFER)
     released = release(key, consent_id)
@@ -203,7 +203,7 @@ async def seed(
             ],
             GIVEN_AT,
         )
-    return Seeded(consent_id, letter_id, message_id, released, blobs.path(pdf_blob))
+    return Seeded(consent_id, letter_id, message_id, released, Path(blobs.location(pdf_blob)))
 
 
 def consent_event(

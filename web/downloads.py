@@ -20,15 +20,13 @@ headers and holds the texts, templates and branding these pages share with the l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import IO
 from urllib.parse import quote
 
 from aiohttp import web
@@ -36,6 +34,7 @@ from sqlalchemy import update
 from zipstream import ZipStream
 
 from gateway import journal
+from gateway.blobstore import BlobReader
 from gateway.events import (
     DOWNLOAD_FIRST,
     DOWNLOAD_REPEAT,
@@ -48,6 +47,7 @@ from gateway.events import (
 from gateway.links import FoundLink, LinkState, find_link
 from gateway.models import LinkFile, StoredFile
 from gateway.relay import Relay
+from web.blobs import PulledBlob, send_blob, send_pulled
 from web.pages import (
     BAD_TOKEN_LIMIT,
     SECURITY_HEADERS,
@@ -79,8 +79,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-CHUNK_SIZE = 1024 * 1024
 
 
 # --- ranges ---------------------------------------------------------------------------------
@@ -256,40 +254,48 @@ class DownloadPages:
         stored = next((f for f in found.files if f.id == file_id), None)
         if stored is None:
             return self.not_found(request, self.site.catalog(found.link.language))
-        try:
-            blob = await asyncio.to_thread(_open_blob, self.relay.blobs.path(stored.sha256))
-        except (OSError, ValueError) as exc:  # gone from the store, or not a digest at all
-            log.error("blob %s of file %s cannot be read: %s", stored.sha256, stored.id, exc)
-            return self.not_found(request, self.site.catalog(found.link.language))
-        try:
-            size = os.fstat(blob.fileno()).st_size
-            etag = f'"{stored.sha256}"'
-            served = plan_range(
-                request.headers.get("Range"), request.headers.get("If-Range"), etag, size
-            )
-            if _is_get(request) and served.counts_as_download:
-                await self.record_download(found, stored, visitor, now)
-            response = web.StreamResponse(status=served.status)
-            response.headers["Accept-Ranges"] = "bytes"
-            response.headers["ETag"] = etag
-            if served.status == 416:
-                response.headers["Content-Range"] = f"bytes */{size}"
-                response.content_length = 0
-                await response.prepare(request)
-                return response
-            response.headers["Content-Type"] = _content_type(stored.content_type)
-            response.headers["Content-Disposition"] = content_disposition(stored.filename)
-            if served.status == 206:
-                last = served.start + served.length - 1
-                response.headers["Content-Range"] = f"bytes {served.start}-{last}/{size}"
-            response.content_length = served.length
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                blob = await held.enter_async_context(self.relay.blobs.open(stored.sha256))
+            except (OSError, ValueError) as exc:  # gone from the store, or not a digest at all
+                log.error("blob %s of file %s cannot be read: %s", stored.sha256, stored.id, exc)
+                return self.not_found(request, self.site.catalog(found.link.language))
+            return await self.send_stored(request, found, stored, blob, visitor, now)
+
+    async def send_stored(
+        self,
+        request: web.Request,
+        found: FoundLink,
+        stored: StoredFile,
+        blob: BlobReader,
+        visitor: Visitor,
+        now: datetime,
+    ) -> web.StreamResponse:
+        etag = f'"{stored.sha256}"'
+        served = plan_range(
+            request.headers.get("Range"), request.headers.get("If-Range"), etag, blob.size
+        )
+        if _is_get(request) and served.counts_as_download:
+            await self.record_download(found, stored, visitor, now)
+        response = web.StreamResponse(status=served.status)
+        response.headers["Accept-Ranges"] = "bytes"
+        response.headers["ETag"] = etag
+        if served.status == 416:
+            response.headers["Content-Range"] = f"bytes */{blob.size}"
+            response.content_length = 0
             await response.prepare(request)
-            if request.method != "HEAD":
-                await _send_file(request, response, blob, served.start, served.length)
-                await response.write_eof()
             return response
-        finally:
-            blob.close()
+        response.headers["Content-Type"] = _content_type(stored.content_type)
+        response.headers["Content-Disposition"] = content_disposition(stored.filename)
+        if served.status == 206:
+            last = served.start + served.length - 1
+            response.headers["Content-Range"] = f"bytes {served.start}-{last}/{blob.size}"
+        response.content_length = served.length
+        await response.prepare(request)
+        if request.method != "HEAD":
+            await send_blob(request, response, blob, served.start, served.length)
+            await response.write_eof()
+        return response
 
     async def zip(self, request: web.Request) -> web.StreamResponse:
         now = self.relay.clock()
@@ -302,7 +308,7 @@ class DownloadPages:
         if not found.files:
             return self.not_found(request, catalog)
         try:
-            archive = await asyncio.to_thread(self.build_zip, found.files)
+            archive = await self.build_zip(found.files)
         except (OSError, ValueError) as exc:
             log.error("zip of link %s cannot be built: %s", found.link.id, exc)
             return self.not_found(request, catalog)
@@ -329,19 +335,21 @@ class DownloadPages:
         response.content_length = len(archive)
         await response.prepare(request)
         if request.method != "HEAD":
-            await _send_chunks(response, iter(archive))
+            await send_pulled(response, iter(archive))
             await response.write_eof()
         return response
 
     # -- helpers
 
-    def build_zip(self, files: list[StoredFile]) -> ZipStream:
+    async def build_zip(self, files: list[StoredFile]) -> ZipStream:
         """A sized, uncompressed zip of the files; nothing is read until it is iterated."""
         archive = ZipStream(sized=True)
         taken: set[str] = set()
+        loop = asyncio.get_running_loop()
         for stored in files:
             name = _unique(safe_filename(stored.filename), taken)
-            archive.add_path(str(self.relay.blobs.path(stored.sha256)), name, recurse=False)
+            size = await self.relay.blobs.size(stored.sha256)
+            archive.add(PulledBlob(self.relay.blobs, stored.sha256, loop), name, size=size)
         return archive
 
     async def record_download(
@@ -434,54 +442,3 @@ def _unique(name: str, taken: set[str]) -> str:
         candidate = f"{stem} ({n}){ext}"
     taken.add(candidate.lower())
     return candidate
-
-
-def _open_blob(path: Path) -> IO[bytes]:
-    return path.open("rb")
-
-
-async def _send_file(
-    request: web.Request,
-    response: web.StreamResponse,
-    blob: IO[bytes],
-    start: int,
-    length: int,
-) -> None:
-    """`length` bytes from `start`: by the kernel's sendfile as aiohttp's FileResponse does,
-    else (TLS, no sendfile) copied in chunks with file reads in a thread."""
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("connection lost")
-    try:
-        await asyncio.get_running_loop().sendfile(transport, blob, start, length, fallback=False)
-        return
-    except (NotImplementedError, asyncio.SendfileNotAvailableError):
-        pass
-
-    def read(size: int) -> bytes:
-        return blob.read(size)
-
-    await asyncio.to_thread(blob.seek, start)
-    remaining = length
-    while remaining > 0:
-        chunk = await asyncio.to_thread(read, min(CHUNK_SIZE, remaining))
-        if not chunk:
-            raise OSError(f"blob ended {remaining} bytes early")
-        await response.write(chunk)
-        remaining -= len(chunk)
-
-
-async def _send_chunks(response: web.StreamResponse, chunks: Iterator[bytes]) -> None:
-    """Drain a blocking byte iterator (the zip) in a thread, about CHUNK_SIZE at a time."""
-
-    def take() -> bytes:
-        parts, total = [], 0
-        for part in chunks:
-            parts.append(part)
-            total += len(part)
-            if total >= CHUNK_SIZE:
-                break
-        return b"".join(parts)
-
-    while chunk := await asyncio.to_thread(take):
-        await response.write(chunk)

@@ -20,7 +20,6 @@ the Origin is ours. `same-origin` still sends nothing to any other site.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
 import logging
@@ -303,7 +302,7 @@ class Agent:
 async def agent_of(blobs: BlobStore, message: Message) -> Agent:
     """The agent of `message`, their name read from the From of the original as received."""
     try:
-        peek = await asyncio.to_thread(_read_start, blobs.path(message.blob))
+        peek = await blobs.read_start(message.blob, HEADER_PEEK)
     except (OSError, ValueError) as exc:
         log.error("original %s of message %s: %s", message.blob, message.id, exc)
         return Agent("", message.sender)
@@ -313,11 +312,6 @@ async def agent_of(blobs: BlobStore, message: Message) -> Agent:
         if address.lower() == message.sender.lower() or len(values) == 1:
             return Agent(headers.decoded(display).strip()[:200], message.sender)
     return Agent("", message.sender)
-
-
-def _read_start(path: Path) -> bytes:
-    with open(path, "rb") as blob:
-        return blob.read(HEADER_PEEK)
 
 
 # --- the site -------------------------------------------------------------------------------
