@@ -1,7 +1,8 @@
 """Golden files: every mail the relay writes, byte for byte, in German, English and Spanish.
 
 Each mail (bounce, registered letter, consent confirmation, renewal request, expiry notice)
-is composed from fixed inputs by the same functions the relay uses and compared with
+is composed from fixed inputs by the same functions the relay uses (each kind's content, then
+``own_mail.render`` as the one door for the relay's own mail does) and compared with
 ``tests/golden/<mail>-<language>.eml``. Only what is random or the moment of writing is
 normalised before the comparison: boundaries (``BOUNDARY-1`` ...), the random part of the
 Message-ID and the Date field. Every other byte (header order, folding, encodings, CRLF line
@@ -24,13 +25,14 @@ from pathlib import Path
 import pytest
 
 from gateway import headers
-from gateway.confirmation import compose_confirmation
-from gateway.dsn import FailedRecipient, build_dsn
+from gateway.confirmation import confirmation_mail
+from gateway.dsn import FailedRecipient, dsn_mail
 from gateway.evidence import ConsentRecord, texts_sha256
-from gateway.expiry_notice import ExpiredLetter, compose_expiry_notice
+from gateway.expiry_notice import ExpiredLetter, expiry_notice_mail
 from gateway.i18n import shipped_catalogs
+from gateway.own_mail import OwnMail, render
 from gateway.registered_letter import BlockSet, BlockSets, LetterMail, compose_letter
-from gateway.renewal import compose_request
+from gateway.renewal import request_mail
 from tests.conftest import relay_settings
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -65,6 +67,11 @@ _MESSAGE_ID = re.compile(rb"(?m)^(Message-ID: <(?:[0-9a-f]{20}\.)?)[0-9A-Za-z._-
 _DATE = re.compile(rb"(?m)^Date: [^\r\n]*")
 
 
+def sent(mail: OwnMail, sender: str = "postmaster@broker.example") -> bytes:
+    """The mail as the relay's one door writes it (gateway.local_mail.enqueue renders so)."""
+    return render(mail, sender=sender, hostname=HOSTNAME, now=NOW)
+
+
 def block_set(language: str) -> BlockSet:
     return BlockSets(relay_settings(Path("/nonexistent"), 25)).get("default", language)
 
@@ -87,7 +94,7 @@ def dsn(language: str) -> bytes:
             remote_mta=None,
         ),
     ]
-    return build_dsn(
+    mail = dsn_mail(
         reporting_mta=HOSTNAME,
         original=OFFER_HEADER,
         envelope_sender=AGENT,
@@ -96,9 +103,9 @@ def dsn(language: str) -> bytes:
         now=NOW,
         envelope_id="0190aaaabbbbccccdddd",
         language=language,
-        sender="MAILER-DAEMON@broker.example",
         zone=ZONE,
     )
+    return sent(mail, "MAILER-DAEMON@broker.example")
 
 
 def letter(language: str) -> bytes:
@@ -118,6 +125,7 @@ def letter(language: str) -> bytes:
 
 def confirmation(language: str) -> bytes:
     blocks = block_set(language).blocks
+    boxes = [b.id for b in blocks if b.checkbox is not None]
     record = ConsentRecord(
         consent_id=CONSENT_ID,
         recipient=f"Paula Prospect <{PROSPECT}>",
@@ -130,38 +138,34 @@ def confirmation(language: str) -> bytes:
         ip="203.0.113.7",
         user_agent="Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X)",
         blocks=blocks,
-        checked=frozenset(b.id for b in blocks if b.checkbox is not None)
-        - {blocks[-1].id},
+        checked=frozenset(boxes[:-1]),  # the last box left unticked
         texts_sha256=texts_sha256(blocks),
     )
-    return compose_confirmation(
+    mail = confirmation_mail(
         record,
         PDF,
         agent_address=AGENT,
-        hostname=HOSTNAME,
         offer_subject=OFFER_SUBJECT,
         language=language,
-        now=NOW,
-        sender="postmaster@broker.example",
         zone=ZONE,
     )
+    return sent(mail)
 
 
 def renewal(language: str) -> bytes:
-    return compose_request(
+    mail = request_mail(
         shipped_catalogs(ZONE)[language],
         hostname=HOSTNAME,
         agent=AGENT,
         recipient=PROSPECT,
         subject=f"[Exposé] {OFFER_SUBJECT}",
         expired_on=NOW - timedelta(hours=3),
-        now=NOW,
-        sender="postmaster@broker.example",
     )
+    return sent(mail)
 
 
 def expiry_notice(language: str) -> bytes:
-    return compose_expiry_notice(
+    mail = expiry_notice_mail(
         ExpiredLetter(
             letter_id=LETTER_ID,
             recipient=PROSPECT,
@@ -170,12 +174,10 @@ def expiry_notice(language: str) -> bytes:
             expired=NOW,
         ),
         agent_address=AGENT,
-        hostname=HOSTNAME,
-        sender="postmaster@broker.example",
         language=language,
         zone=ZONE,
-        now=NOW,
     )
+    return sent(mail)
 
 
 MAILS: dict[str, Callable[[str], bytes]] = {
