@@ -20,7 +20,7 @@ import re
 import secrets
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from email.header import Header
 from email.utils import format_datetime
@@ -60,7 +60,7 @@ class OwnMail:
     local_part: str | None = None
     about: str | None = None
     auto_submitted: str = "auto-generated"
-    fields: tuple[tuple[str, str], ...] = field(default=())
+    fields: tuple[tuple[str, str], ...] = ()
 
 
 # -- values ----------------------------------------------------------------------------------
@@ -172,7 +172,9 @@ def plain_part(content_type: str, body: bytes, *, description: str = "") -> Part
 def multipart(subtype: str, parts: Sequence[Part], *, label: str, params: str = "") -> Part:
     """Parts joined under a fresh boundary (``=_sealrelay_<label>_...``) none of them holds."""
     boundary = _boundary(label, [b"".join(p.fields) + p.body for p in parts])
-    content_type = f'multipart/{subtype}; {params}{"; " if params else ""}boundary="{boundary}"'
+    content_type = "; ".join(
+        [f"multipart/{subtype}", *([params] if params else []), f'boundary="{boundary}"']
+    )
     delimiter = b"--" + boundary.encode("ascii")
     body: list[bytes] = []
     for part in parts:
