@@ -13,10 +13,11 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ByteSize,
     ConfigDict,
@@ -27,8 +28,12 @@ from pydantic import (
 )
 
 from gateway.i18n import DEFAULT_TIMEZONE, time_zone
+from rules.language import SHIPPED_LANGUAGES
 from rules.matching import ConfiguredRule, Match, PolicyConfig
 from rules.policy import Policy
+
+# The policy's defaults are rules/policy.py's; the settings only give them their TOML shape.
+DEFAULT_POLICY = Policy()
 
 ENV_PREFIX = "SEALRELAY_"
 
@@ -194,8 +199,15 @@ class WorkerSettings(Section):
     poll_seconds: float = Field(default=1.0, gt=0)
 
 
-LANGUAGES = ("de", "en", "es")
-Language = Literal["de", "en", "es"]
+def _shipped(value: str) -> str:
+    if value not in SHIPPED_LANGUAGES:
+        raise ValueError(
+            f"{value!r} is not a language sealrelay ships ({', '.join(SHIPPED_LANGUAGES)})"
+        )
+    return value
+
+
+Language = Annotated[str, AfterValidator(_shipped)]
 MIME_TYPE = r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$"
 
 
@@ -245,26 +257,27 @@ class PolicyOverrides(Section):
 class PolicySettings(PolicyOverrides):
     """The defaults for everyone; groups and rules override them."""
 
-    link_attachments_over: ByteSize | None = ByteSize(2 * 1024 * 1024)
-    link_total_over: ByteSize | None = ByteSize(10 * 1024 * 1024)
-    keep_attached: list[Annotated[str, Field(pattern=MIME_TYPE)]] | None = [
-        "text/calendar",
-        "text/vcard",
-        "text/x-vcard",
-    ]
-    always_link: list[Annotated[str, Field(min_length=1)]] | None = []
-    download_link_days: int | None = Field(default=90, ge=1, le=3650)
-    internal_domains: list[str] | None = []
-    language: Language | None = "de"
-    registered_letter: bool | None = False
-    letter_link_days: int | None = Field(default=14, ge=1, le=365)
-    letter_block_set: str | None = "default"
+    link_attachments_over: ByteSize | None = ByteSize(DEFAULT_POLICY.link_attachments_over)
+    link_total_over: ByteSize | None = ByteSize(DEFAULT_POLICY.link_total_over)
+    keep_attached: list[Annotated[str, Field(pattern=MIME_TYPE)]] | None = sorted(
+        DEFAULT_POLICY.keep_attached
+    )
+    always_link: list[Annotated[str, Field(min_length=1)]] | None = sorted(
+        DEFAULT_POLICY.always_link
+    )
+    download_link_days: int | None = Field(default=DEFAULT_POLICY.download_link_days, ge=1, le=3650)
+    internal_domains: list[str] | None = sorted(DEFAULT_POLICY.internal_domains)
+    # never None: every page and mail of the relay falls back to it (rules.language)
+    language: Language = DEFAULT_POLICY.language
+    registered_letter: bool | None = DEFAULT_POLICY.registered_letter
+    letter_link_days: int | None = Field(default=DEFAULT_POLICY.letter_link_days, ge=1, le=365)
+    letter_block_set: str | None = DEFAULT_POLICY.letter_block_set
 
 
 class LetterSettings(Section):
     """Registered letters: what marks an offer, the texts, the evidence's archive copy."""
 
-    tags: list[str] = ["[Exposé]", "[S-Exposé]", "[Offer]"]
+    tags: list[str] = list(DEFAULT_POLICY.letter_tags)
     # Block sets by name: "default" is the shipped example set; others are directories.
     block_sets: dict[str, Path] = {}
     terms_pdf: dict[Language, Path] = {}

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 
-from gateway import dkim
+from gateway import dkim, text_files
 from gateway.config import (
     ConfigError,
     DkimDomain,
@@ -59,7 +59,7 @@ def check_config(
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         problems = [_split(line) for line in validation_problems(exc, sources)]
-        return None, problems + list(_sections_that_validate(data))
+        return None, problems + list(_sections_that_validate(data)) + list(_texts())
     return settings, list(settings_problems(settings))
 
 
@@ -72,6 +72,7 @@ def settings_problems(settings: Settings) -> Iterator[Problem]:
     for domain, entry in settings.dkim.items():
         yield from _dkim(domain, entry)
     yield from _letter(settings.letter)
+    yield from _texts()
     yield from _letter_texts(settings)
     yield from _letter_keys(settings)
     yield from _rule_groups(settings)
@@ -224,6 +225,12 @@ def _letter(letter: LetterSettings) -> Iterator[Problem]:
             yield problem
 
 
+def _texts() -> Iterator[Problem]:
+    """Every shipped language's file of every text kind, with the keys the others have."""
+    for problem in text_files.text_problems():
+        yield Problem("texts", problem)
+
+
 def _letter_texts(settings: Settings) -> Iterator[Problem]:
     """The block sets load as the relay will load them (only once their directories exist)."""
     from gateway.registered_letter import BlockSets
@@ -235,6 +242,11 @@ def _letter_texts(settings: Settings) -> Iterator[Problem]:
         BlockSets(settings)
     except ValueError as exc:
         yield Problem("letter.block_sets", str(exc))
+        return
+    for name, directory in letter.block_sets.items():
+        for problem in text_files.block_set(name, directory).problems():
+            # the broker's texts: a checkbox in one language only may be meant
+            yield Problem(f"letter.block_sets.{name}", problem, error=False)
 
 
 def _letter_keys(settings: Settings) -> Iterator[Problem]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gateway.consent_texts import language_of, load_texts, moment
+from gateway.consent_texts import moment
 from gateway.evidence import ConsentRecord
 from gateway.i18n import DEFAULT_TIMEZONE
 from gateway.own_mail import (
@@ -20,6 +20,8 @@ from gateway.own_mail import (
     one_line,
     text_part,
 )
+from gateway.text_files import load_texts
+from rules.language import HOME_LANGUAGE, shipped_language
 
 SUBJECT_PART_LIMIT = 150
 
@@ -30,7 +32,7 @@ def confirmation_mail(
     *,
     agent_address: str,
     offer_subject: str,
-    language: str = "de",
+    language: str = HOME_LANGUAGE,
     zone: str = DEFAULT_TIMEZONE,
 ) -> OwnMail:
     """The confirmation to ``agent_address``.
@@ -42,7 +44,7 @@ def confirmation_mail(
     """
     if not agent_address or one_line(agent_address, ADDRESS_LIMIT) != agent_address:
         raise ValueError(f"agent address is not usable in a header: {agent_address!r}")
-    lang = language_of(language)
+    lang = shipped_language(language)
     texts = load_texts("confirmation")[lang]
     recipient = one_line(record.recipient, SUBJECT_PART_LIMIT)
     offer = one_line(offer_subject, SUBJECT_PART_LIMIT)

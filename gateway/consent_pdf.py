@@ -23,17 +23,11 @@ from fpdf import FPDF, FontFace
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from gateway.consent_texts import (  # noqa: F401 (re-exported for callers of this module)
-    FALLBACK_LANGUAGE,
-    LANGUAGES,
-    TEXTS,
-    TextsError,
-    language_of,
-    load_texts,
-    moment,
-)
+from gateway.consent_texts import moment
 from gateway.evidence import ConsentRecord, ShownBlock
 from gateway.i18n import DEFAULT_TIMEZONE
+from gateway.text_files import load_texts
+from rules.language import shipped_language
 
 FONT = "helvetica"
 MONO = "courier"
@@ -238,7 +232,7 @@ class _ConsentDocument(FPDF):
 
 def render(record: ConsentRecord, zone: str = DEFAULT_TIMEZONE) -> bytes:
     """The consent PDF for ``record``, times in ``zone``; the same input, the same bytes."""
-    language = language_of(record.language)
+    language = shipped_language(record.language)
     texts = load_texts("consent_pdf")[language]
     pdf = _ConsentDocument(texts["page"], record.consent_id)
     pdf.set_margins(MARGIN, MARGIN, MARGIN)

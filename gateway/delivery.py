@@ -24,6 +24,7 @@ from gateway import dsn, journal, queue
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
+from gateway.events import DELIVERY_BOUNCED, DELIVERY_DEFERRED, DELIVERY_DELIVERED
 from gateway.local_mail import enqueue
 from gateway.metrics import DELIVERY_OUTCOMES
 from gateway.models import Delivery, Message, MessageKind, utcnow
@@ -35,9 +36,9 @@ from gateway.upstream import Outcome, Upstream, relay_name
 log = logging.getLogger(__name__)
 
 _LOGGED_STATUS = {
-    "delivery.delivered": "sent",
-    "delivery.deferred": "deferred",
-    "delivery.bounced": "bounced",
+    DELIVERY_DELIVERED.name: "sent",
+    DELIVERY_DEFERRED.name: "deferred",
+    DELIVERY_BOUNCED.name: "bounced",
 }
 _ENHANCED_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -236,7 +237,7 @@ class DeliveryWorker:
                             self._next_attempt(delivery, now, jitter),
                         )
                     )
-            bounced_now = any(e is not None and e.type == "delivery.bounced" for e in events)
+            bounced_now = any(e is not None and e.type == DELIVERY_BOUNCED.name for e in events)
             if bounce is not None and bounced_now:
                 queued = await enqueue(
                     session,
@@ -246,8 +247,7 @@ class DeliveryWorker:
                     kind=MessageKind.BOUNCE,
                     user_id=message.user_id,
                     now=now,
-                    event="bounce.queued",
-                    event_data={"original": message.id},
+                    bounce_of=message.id,
                 )
                 events += queued.events
             await journal.append(session, [e for e in events if e is not None], now)
@@ -310,7 +310,7 @@ class DeliveryWorker:
             now=now,
             envelope_id=message.id,
             zone=self.settings.branding.timezone,
-            language=self.settings.policy.language or "de",  # the agent's, like the renewal
+            language=self.settings.policy.language,  # the agent's, like the renewal
         )
 
 

@@ -28,20 +28,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from functools import lru_cache
-from pathlib import Path
 from typing import Final
 
 from jinja2 import (
     Environment,
     FileSystemLoader,
     StrictUndefined,
-    Template,
-    TemplateNotFound,
     select_autoescape,
 )
 
 from gateway.headers import decoded, fields_of, first_value, format_field, split_message
-from gateway.i18n import DEFAULT_TIMEZONE, Catalog, shipped_catalogs
+from gateway.i18n import DEFAULT_TIMEZONE, shipped_catalogs
 from gateway.own_mail import (
     OwnMail,
     crlf_lines,
@@ -51,15 +48,15 @@ from gateway.own_mail import (
     plain_part,
     text_part,
 )
+from gateway.text_files import TEMPLATES
+from rules.language import HOME_LANGUAGE, shipped_language
 
-__all__ = ["DEFAULT_LANGUAGE", "FailedRecipient", "dsn_mail"]
+__all__ = ["FailedRecipient", "dsn_mail"]
 
-TEMPLATE_DIR: Final = Path(__file__).resolve().parent / "templates" / "dsn"
-DEFAULT_LANGUAGE: Final = "en"
+TEMPLATE_DIR: Final = TEMPLATES / "dsn"
 CRLF: Final = b"\r\n"
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
-_LANGUAGE = re.compile(r"^[a-z]{2,3}$")
 _MESSAGE_ID = re.compile(r"^<[!-;=?-~]{1,250}@[!-;=?-~]{1,250}>$")
 _REMOTE_MTA_JUNK = re.compile(r"[^A-Za-z0-9.:\[\]-]")
 _SMTP_REPLY = re.compile(r"^[245][0-9][0-9](?:[ -]|$)")
@@ -113,7 +110,7 @@ def dsn_mail(
     arrival: datetime,
     now: datetime,
     envelope_id: str | None = None,
-    language: str = "de",
+    language: str = HOME_LANGUAGE,
     zone: str = DEFAULT_TIMEZONE,
 ) -> OwnMail:
     """The bounce to the envelope sender, from ``MAILER-DAEMON``; to be sent from ``<>``.
@@ -121,7 +118,8 @@ def dsn_mail(
     ``reporting_mta`` is our host name; ``original`` the raw message as the agent sent it;
     ``arrival`` when we accepted it and ``now`` the time of the report (both aware);
     ``envelope_id`` the ENVID parameter, xtext-decoded, if the agent gave one; ``language``
-    picks the text template (``de``, ``en``, ``es``; anything else falls back to English);
+    picks the text template (rules.language.shipped_language: anything we do not ship gets
+    English, as no configured default is at hand here);
     ``zone`` is the one the text writes the arrival in (``[branding] timezone``), named.
 
     Raises ``ValueError`` for input that is ours to get right: a null or multi-line sender, a
@@ -136,7 +134,7 @@ def dsn_mail(
         raise ValueError("a DSN needs at least one failed recipient")
     arrival_utc = _utc(arrival, "arrival")
     views = [_view(r) for r in failed]
-    lang = _language(language)
+    lang = shipped_language(language)
     subject, text = _explanation(
         lang, reporting_mta, envelope_sender, original, views, arrival_utc, _utc(now, "now"), zone
     )
@@ -191,7 +189,7 @@ def _explanation(
         original_subject=one_line(decoded(subject_raw), SUBJECT_LIMIT) if subject_raw else "",
         original_date=one_line(date_raw, 100) if date_raw else "",
         arrival=arrival,
-        accepted=_catalog(language, zone).moment(arrival),
+        accepted=shipped_catalogs(zone)[language].moment(arrival),
         now=now,
         expired=any(v.reason == "expired" for v in views),
         tried_days=tried_hours // 24,
@@ -333,30 +331,9 @@ def _environment() -> Environment:
     )
 
 
-def _catalog(language: str, zone: str) -> Catalog:
-    """The pages' formats for a template language; a broker's own (``fr``) gets English's."""
-    catalogs = shipped_catalogs(zone)
-    return catalogs.get(language) or catalogs[DEFAULT_LANGUAGE]
-
-
-def _language(language: str) -> str:
-    """``de``, ``de-DE``, ``de_AT`` -> ``de`` when a template exists, else English."""
-    primary = re.split(r"[-_]", language.strip().lower(), maxsplit=1)[0]
-    if _LANGUAGE.fullmatch(primary) and (TEMPLATE_DIR / f"{primary}.txt.j2").is_file():
-        return primary
-    return DEFAULT_LANGUAGE
-
-
-def _template(language: str) -> Template:
-    try:
-        return _environment().get_template(f"{language}.txt.j2")
-    except TemplateNotFound:
-        return _environment().get_template(f"{DEFAULT_LANGUAGE}.txt.j2")
-
-
 def _render(language: str, **context: object) -> tuple[str, str]:
     """The subject (the template's ``{% set subject %}``) and the body text."""
-    module = _template(language).make_module(context)
+    module = _environment().get_template(f"{language}.txt.j2").make_module(context)
     exported = vars(module)
     if "subject" not in exported:
         raise ValueError(f"DSN template {language!r} sets no subject")

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.consent_texts import language_of, load_texts, moment
+from gateway.consent_texts import moment
 from gateway.own_mail import OwnMail, one_line, text_part
+from gateway.text_files import load_texts
+from rules.language import shipped_language
 
 SUBJECT_PART_LIMIT = 150
 
@@ -28,7 +30,7 @@ def expiry_notice_mail(
     expired: ExpiredLetter, *, agent_address: str, language: str, zone: str
 ) -> OwnMail:
     """The notice to ``agent_address``, its times in ``zone`` (``[branding] timezone``)."""
-    lang = language_of(language)
+    lang = shipped_language(language)
     texts = load_texts("letter_expired")[lang]
     recipient = one_line(expired.recipient, SUBJECT_PART_LIMIT)
     offer = one_line(expired.offer_subject, SUBJECT_PART_LIMIT)

@@ -1,17 +1,17 @@
-"""Prospect-facing texts per language, from gateway/texts/{de,en,es}.toml, and their formats.
+"""Prospect-facing texts per language, from gateway/texts/{language}.toml, and their formats.
 
 Every text a prospect sees lives in those files, including how dates, times and numbers are
 written; Python only picks the key. Every moment a page, a mail or a PDF shows goes through
 `Catalog.moment` (or its halves `date` and `time`): in the one zone of `[branding] timezone`,
 whatever the language, and always followed by the zone's name, so that a prospect, an agent
 and a court read the same instant. Keys are the TOML tables joined with dots
-(`[download] title = ...` is `download.title`). All languages must have the same keys, so a
-missing translation stops start-up instead of showing a hole on a page.
+(`[download] title = ...` is `download.title`). The files are read by the one loader
+(gateway.text_files) for every language of rules.language's one list, so a missing
+translation stops start-up instead of showing a hole on a page.
 """
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-LANGUAGES = ("de", "en", "es")
-TEXTS = Path(__file__).parent / "texts"
+from gateway.text_files import TEXTS, load_language_files
+from rules.language import SHIPPED_LANGUAGES, primary_subtag
+
 SIZE_UNITS = ("kB", "MB", "GB", "TB")
 DEFAULT_TIMEZONE = "Europe/Berlin"
 
@@ -109,29 +110,6 @@ class Catalog:
         return f"{self.number(value, 1 if value < 99.95 else 0)} {unit}"
 
 
-def load_language_files(directory: Path) -> dict[str, dict[str, Any]]:
-    """`{language}.toml` of every language in `directory`, flattened, with the same keys.
-
-    A missing translation stops start-up instead of showing a hole to a prospect.
-    """
-    files = {}
-    for language in LANGUAGES:
-        path = directory / f"{language}.toml"
-        try:
-            files[language] = _flatten(tomllib.loads(path.read_text(encoding="utf-8")))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"{path}: {exc}") from exc
-    reference = files[LANGUAGES[0]].keys()
-    for language, flat in files.items():
-        missing, extra = reference - flat.keys(), flat.keys() - reference
-        if missing or extra:
-            raise ValueError(
-                f"{directory / language}.toml: keys differ from {LANGUAGES[0]}.toml:"
-                f" missing {sorted(missing)}, extra {sorted(extra)}"
-            )
-    return files
-
-
 def load_catalogs(directory: Path = TEXTS, zone: str = DEFAULT_TIMEZONE) -> dict[str, Catalog]:
     return {
         language: Catalog(language, texts, zone)
@@ -165,23 +143,13 @@ def utc_offset(offset: timedelta) -> str:
     return f"UTC{sign}{hours}" + (f":{rest:02d}" if rest else "")
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def negotiate(accept_language: str, default: str) -> str:
     """The best of our languages for an Accept-Language header, else `default`."""
     best, best_q = default, 0.0
     for position, part in enumerate(accept_language.split(",")[:20]):
         tag, _, params = part.strip().partition(";")
-        primary = tag.strip().lower().split("-")[0]
-        if primary not in LANGUAGES:
+        primary = primary_subtag(tag)
+        if primary not in SHIPPED_LANGUAGES:
             continue
         q = 1.0
         for param in params.split(";"):

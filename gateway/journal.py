@@ -10,26 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway import events
 from gateway.db import Database
+from gateway.events import NewEvent
 from gateway.models import Event, JournalHead, utcnow
+
+__all__ = ["ChainReport", "NewEvent", "append", "event_hash", "verify", "verify_database"]
 
 GENESIS = "0" * 64
 VERIFY_BATCH = 1000
-
-
-@dataclass(frozen=True)
-class NewEvent:
-    type: str
-    message_id: str | None = None
-    delivery_id: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
 
 
 def event_hash(
@@ -51,14 +47,16 @@ def event_hash(
 
 
 async def append(
-    session: AsyncSession, events: Sequence[NewEvent], now: datetime | None = None
+    session: AsyncSession, new_events: Sequence[NewEvent], now: datetime | None = None
 ) -> list[Event]:
-    """Add events inside the caller's transaction.
+    """Add events inside the caller's transaction, each exactly as gateway/events.py declares it.
 
     Call it last before commit: it locks the chain head until the transaction ends.
     """
-    if not events:
+    if not new_events:
         return []
+    for new in new_events:
+        events.check(new)
     at = now or utcnow()
     if at.tzinfo is not None:  # (a naive time is refused at flush, as in every UTC column)
         # Hash the time as it is stored, in UTC: `verify` recomputes from the stored value.
@@ -67,7 +65,7 @@ async def append(
         await session.execute(select(JournalHead).where(JournalHead.id == 1).with_for_update())
     ).scalar_one()
     rows = []
-    for new in events:
+    for new in new_events:
         seq = head.seq + 1
         digest = event_hash(head.hash, seq, at, new.type, new.message_id, new.delivery_id, new.data)
         rows.append(

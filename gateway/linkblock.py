@@ -5,14 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
 
 import jinja2
 
 from gateway.i18n import DEFAULT_TIMEZONE, shipped_catalogs
 from gateway.models import StoredFile
+from gateway.text_files import TEMPLATES
 
-_TEMPLATES = Path(__file__).parent / "templates" / "linkblock"
+_TEMPLATES = TEMPLATES / "linkblock"
 _text = jinja2.Environment(
     # Plain text for a text/plain body: HTML escaping would corrupt names like "A & B".
     loader=jinja2.FileSystemLoader(_TEMPLATES),

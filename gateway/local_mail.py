@@ -8,16 +8,16 @@ events saying so. It leaves from the null sender, so a failure never bounces bac
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway import headers, journal, own_mail
+from gateway import headers, own_mail
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
+from gateway.events import BOUNCE_QUEUED, DELIVERY_QUEUED, NewEvent
 from gateway.models import Delivery, Message, MessageKind, new_id
 from gateway.queue import new_delivery
 
@@ -28,7 +28,7 @@ class Queued:
 
     message: Message
     deliveries: list[Delivery]
-    events: list[journal.NewEvent]
+    events: list[NewEvent]
 
 
 def own_sender(settings: Settings, agent: str, local_part: str | None = None) -> str:
@@ -53,13 +53,12 @@ async def enqueue(
     user_id: int | None,
     now: datetime,
     copies: Sequence[str] = (),
-    event: str = "delivery.queued",
-    event_data: Mapping[str, Any] | None = None,
+    bounce_of: str | None = None,
 ) -> Queued:
     """Queue ``mail`` to its addressee (and ``copies``, such as the archive) in ``session``.
 
-    Each delivery gets one ``event`` (``delivery.queued``; bounces say ``bounce.queued``) with
-    its recipient and ``event_data``; the caller appends them with its own events.
+    Each delivery gets one event, ``delivery.queued`` (a bounce of the message ``bounce_of``:
+    ``bounce.queued``); the caller appends them with its own events.
     """
     sender = own_sender(settings, mail.to, mail.local_part)
     raw = own_mail.render(mail, sender=sender, hostname=settings.server.hostname, now=now)
@@ -71,11 +70,14 @@ async def enqueue(
     session.add(message)
     await session.flush()  # the deliveries refer to it
     session.add_all(deliveries)
-    events = [
-        journal.NewEvent(event, message.id, d.id, {**(event_data or {}), "recipient": d.recipient})
-        for d in deliveries
-    ]
-    return Queued(message, deliveries, events)
+    return Queued(message, deliveries, [_queued(d, bounce_of) for d in deliveries])
+
+
+def _queued(delivery: Delivery, bounce_of: str | None) -> NewEvent:
+    names = {"message_id": delivery.message_id, "delivery_id": delivery.id}
+    if bounce_of is not None:
+        return BOUNCE_QUEUED.new({"original": bounce_of, "recipient": delivery.recipient}, **names)
+    return DELIVERY_QUEUED.new({"recipient": delivery.recipient}, **names)
 
 
 async def _stored(

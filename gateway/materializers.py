@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from gateway import journal, linkblock, mime
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
+from gateway.events import LINK_CREATED, POLICY_KEPT
 from gateway.links import download_url, new_link, new_token
 from gateway.models import Base, LinkKind, Message, StoredFile, new_id
 from rules.actions import Action, KeepOriginal, LinkAttachments, RegisteredLetter
@@ -43,10 +44,9 @@ class KeepOriginalMaterializer:
     async def __call__(self, draft: Draft, recipient: str, action: KeepOriginal) -> str:
         if action.reason:
             draft.events.append(
-                journal.NewEvent(
-                    "policy.kept",
-                    draft.message.id,
-                    data={"recipient": recipient, "reason": action.reason},
+                POLICY_KEPT.new(
+                    {"recipient": recipient, "reason": action.reason},
+                    message_id=draft.message.id,
                 )
             )
         return draft.copy_base
@@ -79,15 +79,14 @@ class LinkAttachmentsMaterializer:
         )
         draft.rows.extend([link, *entries])
         draft.events.append(
-            journal.NewEvent(
-                "link.created",
-                draft.message.id,
-                data={
+            LINK_CREATED.new(
+                {
                     "recipient": recipient,
                     "link_id": link.id,
                     "files": [f.filename for f in files],
                     "expires_at": link.expires_at.isoformat(),
                 },
+                message_id=draft.message.id,
             )
         )
         text, html = linkblock.render(

@@ -21,6 +21,12 @@ from gateway import headers, journal, mime
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
+from gateway.events import (
+    DELIVERY_QUEUED,
+    LANGUAGE_UNSUPPORTED,
+    MESSAGE_RECEIVED,
+    LanguageUnsupported,
+)
 from gateway.headers import HeaderField
 from gateway.materializers import Draft, materializers
 from gateway.models import Base, Message, new_id, utcnow
@@ -189,10 +195,8 @@ class Pipeline:
             for recipient, blob in copies.items()
         ]
         events = [
-            journal.NewEvent(
-                "message.received",
-                message.id,
-                data={
+            MESSAGE_RECEIVED.new(
+                {
                     "sender": message.sender,
                     "recipients": list(envelope.recipients),
                     "size": message.size,
@@ -201,10 +205,13 @@ class Pipeline:
                     "user_id": message.user_id,
                     "peer": message.peer,
                 },
+                message_id=message.id,
             ),
             *draft.events,
             *(
-                journal.NewEvent("delivery.queued", message.id, d.id, {"recipient": d.recipient})
+                DELIVERY_QUEUED.new(
+                    {"recipient": d.recipient}, message_id=message.id, delivery_id=d.id
+                )
                 for d in deliveries
             ),
         ]
@@ -262,8 +269,12 @@ def language_warnings(
         requested,
         ", ".join(sorted(set(used.values()))) or "none (no text in a language was needed)",
     )
-    data = {"header": LANGUAGE_HEADER_NAME, "requested": requested[:100], "used": used}
-    return [journal.NewEvent("language.unsupported", message_id, data=data)]
+    data: LanguageUnsupported = {
+        "header": LANGUAGE_HEADER_NAME,
+        "requested": requested[:100],
+        "used": used,
+    }
+    return [LANGUAGE_UNSUPPORTED.new(data, message_id=message_id)]
 
 
 def expiry(start: datetime, lifetime_seconds: float) -> datetime:

@@ -13,11 +13,20 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import journal
+from gateway.events import (
+    DELIVERY_BOUNCED,
+    DELIVERY_DEFERRED,
+    DELIVERY_DELETED,
+    DELIVERY_DELIVERED,
+    DELIVERY_RETRIED,
+    EventType,
+)
 from gateway.models import Delivery, DeliveryStatus, Message, new_id
 
 
@@ -130,7 +139,7 @@ async def _settle(
     delivery: Delivery,
     worker: str,
     now: datetime,
-    event: str,
+    event: EventType[Any],
     data: dict[str, object],
     **values: object,
 ) -> journal.NewEvent | None:
@@ -149,11 +158,10 @@ async def _settle(
     )
     if not getattr(result, "rowcount", 0):
         return None
-    return journal.NewEvent(
-        event,
-        delivery.message_id,
-        delivery.id,
+    return event.new(
         {"recipient": delivery.recipient, "attempt": attempt, **data},
+        message_id=delivery.message_id,
+        delivery_id=delivery.id,
     )
 
 
@@ -165,7 +173,7 @@ async def mark_delivered(
         delivery,
         worker,
         now,
-        "delivery.delivered",
+        DELIVERY_DELIVERED,
         {"remote": remote},
         status=DeliveryStatus.DELIVERED,
         last_error=None,
@@ -185,7 +193,7 @@ async def mark_deferred(
         delivery,
         worker,
         now,
-        "delivery.deferred",
+        DELIVERY_DEFERRED,
         {"error": error, "next_attempt": next_attempt.isoformat()},
         last_error=error,
         next_attempt_at=next_attempt,
@@ -200,7 +208,7 @@ async def mark_bounced(
         delivery,
         worker,
         now,
-        "delivery.bounced",
+        DELIVERY_BOUNCED,
         {"error": error},
         status=DeliveryStatus.BOUNCED,
         last_error=error,
@@ -236,11 +244,10 @@ async def retry_now(
     await journal.append(
         session,
         [
-            journal.NewEvent(
-                "delivery.retried",
-                delivery.message_id,
-                delivery.id,
+            DELIVERY_RETRIED.new(
                 {"recipient": delivery.recipient},
+                message_id=delivery.message_id,
+                delivery_id=delivery.id,
             )
         ],
         now,
@@ -259,11 +266,10 @@ async def delete(session: AsyncSession, delivery_id: str, now: datetime) -> Deli
     await journal.append(
         session,
         [
-            journal.NewEvent(
-                "delivery.deleted",
-                delivery.message_id,
-                delivery.id,
+            DELIVERY_DELETED.new(
                 {"recipient": delivery.recipient},
+                message_id=delivery.message_id,
+                delivery_id=delivery.id,
             )
         ],
         now,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -27,6 +26,13 @@ from gateway import confirmation, headers, journal, letter_keys, mime, own_mail
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
+from gateway.events import (
+    CONSENT_GIVEN,
+    DELIVERY_QUEUED,
+    LETTER_EXPIRED,
+    LETTER_HELD,
+    LETTER_RELEASED,
+)
 from gateway.evidence import ConsentRecord, ShownBlock, evidence_fields, texts_sha256
 from gateway.expiry_notice import ExpiredLetter, expiry_notice_mail
 from gateway.links import hash_token, new_link, new_token
@@ -45,17 +51,18 @@ from gateway.models import (
     new_id,
 )
 from gateway.queue import new_delivery
+from gateway.text_files import SHIPPED_BLOCK_SET, TEMPLATES, TextsError, read_toml
 from rules.actions import LinkAttachments, RegisteredLetter
+from rules.language import SHIPPED_LANGUAGES
 
 log = logging.getLogger(__name__)
-SHIPPED = Path(__file__).parent / "letters" / "default"
 EXPIRE_BATCH = 100
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
 # a placeholder, its closing emphasis, and the period of the sentence it ends
 _PERIOD_AFTER = re.compile(r"(\{([a-z_]+)\}[*_]*)\.")
 _markdown = MarkdownIt("commonmark", {"html": False})
-_templates = Path(__file__).parent / "templates" / "letter"
+_templates = TEMPLATES / "letter"
 _text = jinja2.Environment(loader=jinja2.FileSystemLoader(_templates), autoescape=False)  # noqa: S701
 _html = jinja2.Environment(loader=jinja2.FileSystemLoader(_templates), autoescape=True)
 
@@ -131,11 +138,11 @@ class BlockSets:
             "company_phone": letter.company_phone,
             "commission": letter.commission,
         }
-        directories = {"default": SHIPPED, **letter.block_sets}
+        directories = {"default": SHIPPED_BLOCK_SET, **letter.block_sets}
         problems: list[str] = []
         self.sets: dict[tuple[str, str], BlockSet] = {}
         for name in sorted(used_block_sets(settings)):
-            for language in ("de", "en", "es"):
+            for language in SHIPPED_LANGUAGES:
                 texts = _Texts({key: value for key, value in values.items() if value})
                 self.sets[(name, language)] = _load(directories[name] / language, texts)
                 problems += [
@@ -197,7 +204,7 @@ def _unfilled(name: str, places: list[str]) -> str:
 
 def _load(directory: Path, texts: _Texts) -> BlockSet:
     try:
-        data = tomllib.loads((directory / "blocks.toml").read_text(encoding="utf-8"))
+        data = read_toml(directory / "blocks.toml")
         blocks = tuple(
             ShownBlock(
                 id=block["id"],
@@ -225,7 +232,7 @@ def _load(directory: Path, texts: _Texts) -> BlockSet:
             outro=texts.fill("outro", data["outro"]),
             blocks=blocks,
         )
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, KeyError, TextsError) as exc:
         raise ValueError(f"letter block set {directory}: {exc}") from exc
 
 
@@ -503,7 +510,7 @@ class LetterDesk:
                 agent_address=message.sender,
                 offer_subject=letter.subject,
                 zone=zone,
-                language=self.settings.policy.language or "de",
+                language=self.settings.policy.language,
             )
             lifetime = self.settings.upstream.queue_lifetime
             archive = [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []
@@ -543,10 +550,8 @@ class LetterDesk:
             await journal.append(
                 session,
                 [
-                    journal.NewEvent(
-                        "consent.given",
-                        message.id,
-                        data={
+                    CONSENT_GIVEN.new(
+                        {
                             "consent_id": consent_id,
                             "letter_id": letter.id,
                             "recipient": letter.recipient,
@@ -555,16 +560,16 @@ class LetterDesk:
                             "texts_sha256": letter.texts_sha256,
                             "checked": ticked,
                         },
+                        message_id=message.id,
                     ),
-                    journal.NewEvent(
-                        "letter.released",
-                        message.id,
-                        deliveries[0].id,
+                    LETTER_RELEASED.new(
                         {"consent_id": consent_id, "recipient": letter.recipient},
+                        message_id=message.id,
+                        delivery_id=deliveries[0].id,
                     ),
                     *(
-                        journal.NewEvent(
-                            "delivery.queued", d.message_id, d.id, {"recipient": d.recipient}
+                        DELIVERY_QUEUED.new(
+                            {"recipient": d.recipient}, message_id=d.message_id, delivery_id=d.id
                         )
                         for d in deliveries
                     ),
@@ -617,15 +622,14 @@ class LetterDesk:
                 letter.status = LetterStatus.EXPIRED
                 notice = await self._queue_expiry_notice(session, letter, message, link, now)
                 events.append(
-                    journal.NewEvent(
-                        "letter.expired",
-                        message.id,
-                        data={
+                    LETTER_EXPIRED.new(
+                        {
                             "letter_id": letter.id,
                             "recipient": letter.recipient,
                             "expired_at": link.expires_at.isoformat(),
                             "notice_message_id": notice.message.id if notice else None,
                         },
+                        message_id=message.id,
                     )
                 )
                 events.extend(notice.events if notice else [])
@@ -647,7 +651,7 @@ class LetterDesk:
                 expired=link.expires_at,
             ),
             agent_address=message.sender,
-            language=self.settings.policy.language or "de",
+            language=self.settings.policy.language,
             zone=self.settings.branding.timezone,
         )
         return await enqueue(
@@ -728,15 +732,14 @@ class RegisteredLetterMaterializer:
         draft.rows.extend([link, letter])
         self._archive_copy(draft, letter.letter_blob)
         draft.events.append(
-            journal.NewEvent(
-                "letter.held",
-                draft.message.id,
-                data={
+            LETTER_HELD.new(
+                {
                     "recipient": recipient,
                     "letter_id": letter.id,
                     "expires_at": link.expires_at.isoformat(),
                     "texts_sha256": letter.texts_sha256,
                 },
+                message_id=draft.message.id,
             )
         )
         return letter.letter_blob
@@ -751,7 +754,7 @@ class RegisteredLetterMaterializer:
         )
         draft.rows.append(delivery)
         draft.events.append(
-            journal.NewEvent(
-                "delivery.queued", draft.message.id, delivery.id, {"recipient": archive}
+            DELIVERY_QUEUED.new(
+                {"recipient": archive}, message_id=draft.message.id, delivery_id=delivery.id
             )
         )

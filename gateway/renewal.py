@@ -18,12 +18,12 @@ from typing import Any
 from sqlalchemy import select
 
 from gateway import journal
-from gateway.i18n import LANGUAGES, Catalog, shipped_catalogs
+from gateway.events import LETTER_RENEWAL_REQUESTED
+from gateway.i18n import Catalog, shipped_catalogs
 from gateway.local_mail import enqueue
 from gateway.models import Event, Letter, Link, Message, MessageKind
 from gateway.own_mail import OwnMail, one_line, text_part
 
-EVENT = "letter.renewal_requested"
 INTERVAL = timedelta(hours=24)
 SUBJECT_MAX = 300
 
@@ -61,9 +61,7 @@ async def request_new_link(
     settings = relay.settings
     if not message.sender:
         return False
-    catalog = shipped_catalogs(settings.branding.timezone)[
-        settings.policy.language if settings.policy.language in LANGUAGES else LANGUAGES[0]
-    ]
+    catalog = shipped_catalogs(settings.branding.timezone)[settings.policy.language]
     hostname = settings.server.hostname
     async with relay.db.transaction() as session:
         locked = await session.scalar(
@@ -73,7 +71,9 @@ async def request_new_link(
             return False
         earlier = await session.scalars(
             select(Event)
-            .where(Event.type == EVENT, Event.message_id == letter.message_id)
+            .where(
+                Event.type == LETTER_RENEWAL_REQUESTED.name, Event.message_id == letter.message_id
+            )
             .order_by(Event.seq.desc())
         )
         if any(
@@ -100,16 +100,15 @@ async def request_new_link(
             now=now,
         )
         [delivery] = queued.deliveries
-        requested = journal.NewEvent(
-            EVENT,
-            letter.message_id,
-            delivery.id,
+        requested = LETTER_RENEWAL_REQUESTED.new(
             {
                 "letter_id": letter.id,
                 "recipient": letter.recipient,
                 "ip": ip,
                 "request_message_id": queued.message.id,
             },
+            message_id=letter.message_id,
+            delivery_id=delivery.id,
         )
         await journal.append(session, [requested, *queued.events], now)
     relay.signal.notify()

@@ -24,6 +24,7 @@ from gateway.blob_columns import Horizon
 from gateway.blob_columns import needed as needed_query
 from gateway.blobstore import BlobStore
 from gateway.db import Database
+from gateway.events import BLOBS_DELETED, LINK_EXPIRED
 from gateway.models import Link
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,9 @@ async def expire_links(db: Database, now: datetime) -> int:
         await journal.append(
             session,
             [
-                journal.NewEvent(
-                    "link.expired",
-                    message_id,
-                    data={"link_id": link_id, "recipient": recipient, "kind": kind},
+                LINK_EXPIRED.new(
+                    {"link_id": link_id, "recipient": recipient, "kind": kind},
+                    message_id=message_id,
                 )
                 for link_id, message_id, recipient, kind in rows
             ],
@@ -111,7 +111,7 @@ async def sweep(
         async with db.transaction() as session:
             await journal.append(
                 session,
-                [journal.NewEvent("blobs.deleted", data={"count": deleted, "bytes": freed})],
+                [BLOBS_DELETED.new({"count": deleted, "bytes": freed})],
                 now,
             )
     return SweepReport(expired, deleted, freed, letters)

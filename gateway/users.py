@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway import journal
 from gateway.db import Database
+from gateway.events import USER_CREATED, USER_DISABLED, USER_ENABLED, USER_PASSWORD_CHANGED
 from gateway.metrics import AUTH_CHECKS_WAITING
 from gateway.models import Alias, User
 
@@ -149,7 +150,7 @@ async def add_user(
             session.add_all(Alias(address=a, user_id=user.id) for a in alias_addresses)
             await journal.append(
                 session,
-                [journal.NewEvent("user.created", data={"email": email, "admin": admin})],
+                [USER_CREATED.new({"email": email, "admin": admin})],
             )
     except IntegrityError as exc:
         raise UserError(f"{email} or one of its aliases is already in use") from exc
@@ -175,11 +176,7 @@ async def set_disabled(db: Database, email: str, disabled: bool = True) -> None:
         user.disabled = disabled
         await journal.append(
             session,
-            [
-                journal.NewEvent(
-                    "user.disabled" if disabled else "user.enabled", data={"email": email}
-                )
-            ],
+            [(USER_DISABLED if disabled else USER_ENABLED).new({"email": email})],
         )
 
 
@@ -193,9 +190,7 @@ async def set_password(db: Database, email: str, password: str) -> None:
         if user is None:
             raise UserError(f"no user {email}")
         user.password_hash = password_hash
-        await journal.append(
-            session, [journal.NewEvent("user.password_changed", data={"email": email})]
-        )
+        await journal.append(session, [USER_PASSWORD_CHANGED.new({"email": email})])
 
 
 async def authenticate(

@@ -35,6 +35,7 @@ from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.dkim import DkimError, DkimKey, public_txt_value
+from gateway.events import CONSENT_GIVEN, LETTER_RELEASED
 from gateway.evidence import (
     EVIDENCE_HEADERS,
     Evidence,
@@ -46,9 +47,7 @@ from gateway.evidence import (
 )
 from gateway.models import Consent, Delivery, Event, Letter, Message
 
-CONSENT_GIVEN = "consent.given"
-LETTER_RELEASED = "letter.released"
-REQUIRED_EVENTS = (CONSENT_GIVEN, LETTER_RELEASED)
+REQUIRED_EVENTS = (CONSENT_GIVEN.name, LETTER_RELEASED.name)
 
 CHECK_SIGNATURE = "DKIM signature"
 CHECK_OVERSIGNED = "evidence headers signed"

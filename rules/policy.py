@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rules.language import HOME_LANGUAGE
+
 MiB = 1024 * 1024
 
 
@@ -23,8 +25,7 @@ class Policy:
     always_link: frozenset[str] = frozenset()
     download_link_days: int = 90
     internal_domains: frozenset[str] = frozenset()
-    language: str = "de"
-    languages: frozenset[str] = frozenset({"de", "en", "es"})
+    language: str = HOME_LANGUAGE
     letter_tags: tuple[str, ...] = ("[Exposé]", "[S-Exposé]", "[Offer]")
     registered_letter: bool = False
     letter_link_days: int = 14

@@ -23,7 +23,7 @@ from gateway import dkim, users
 from gateway.config import Settings
 from gateway.db import Database, make_engine
 from gateway.relay import Relay
-from tests.support import Sink, free_port, make_certificate
+from tests.support import Sink, free_port, make_certificate, undeclared_event_types
 
 POSTGRES_URL = os.environ.get(
     "SEALRELAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -34,6 +34,8 @@ PASSWORD = "correct horse battery"
 DKIM_DOMAIN = "broker.example"
 DKIM_SELECTOR = "s2026"
 
+pytest_plugins = ["tests.letter_fixtures"]
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
@@ -41,7 +43,9 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         db = Database.connect(f"sqlite+aiosqlite:///{tmp_path}/relay.db")
         await db.upgrade()
         yield db
+        undeclared = await undeclared_event_types(db)
         await db.close()
+        assert undeclared == [], f"journaled but not declared in gateway/events.py: {undeclared}"
         return
     schema = f"test_{secrets.token_hex(6)}"
     admin = make_engine(POSTGRES_URL)
@@ -59,6 +63,8 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     try:
         await db.upgrade()
         yield db
+        undeclared = await undeclared_event_types(db)
+        assert undeclared == [], f"journaled but not declared in gateway/events.py: {undeclared}"
     finally:
         await db.close()
         async with admin.begin() as conn:

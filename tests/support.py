@@ -16,6 +16,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from sqlalchemy import select
+
+from gateway import events
+from gateway.db import Database
+from gateway.models import Event
 
 
 def screenshot_dir(suite: str) -> Path:
@@ -173,3 +178,14 @@ class Sink:
 
     def to(self, address: str) -> list[Received]:
         return self.where(lambda m: address in m.rcpt_tos)
+
+
+async def undeclared_event_types(db: Database) -> list[str]:
+    """The event types the test's journal holds that gateway/events.py does not declare.
+
+    Every database test's teardown asks, so each end-to-end flow of the suite proves that
+    whatever it journaled is in the catalog, on both backends.
+    """
+    async with db.transaction() as session:
+        stored = (await session.scalars(select(Event.type).distinct())).all()
+    return sorted(set(stored) - set(events.CATALOG))

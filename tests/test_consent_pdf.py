@@ -17,9 +17,11 @@ import pytest
 
 from gateway import consent_pdf
 from gateway.confirmation import confirmation_mail
-from gateway.consent_pdf import Paragraph, language_of, load_texts, markdown_paragraphs, pdf_text
+from gateway.consent_pdf import Paragraph, markdown_paragraphs, pdf_text
 from gateway.evidence import ConsentRecord, ShownBlock, texts_sha256
 from gateway.own_mail import render
+from gateway.text_files import load_texts
+from rules.language import shipped_language
 
 CONSENT_ID = "0190abcdef0123456789"
 LETTERS = Path(consent_pdf.__file__).parent / "letters" / "default"
@@ -248,9 +250,9 @@ def test_the_shipped_letter_texts_render(language: str) -> None:
 
 
 def test_languages_and_wording_files() -> None:
-    assert language_of("de-DE") == "de"
-    assert language_of("es_ES") == "es"
-    assert language_of("fr") == "en"
+    assert shipped_language("de-DE") == "de"
+    assert shipped_language("es_ES") == "es"
+    assert shipped_language("fr") == "en"
     for kind in ("consent_pdf", "confirmation"):
         catalogs = load_texts(kind)  # raises if a language's keys differ
         assert set(catalogs) == {"de", "en", "es"}

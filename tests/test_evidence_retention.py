@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,38 +16,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import String, select
 
-from gateway import blob_columns, dkim, sweeper
-from gateway.db import Database
+from gateway import blob_columns, sweeper
 from gateway.models import Base, Consent, Letter, LetterStatus
 from gateway.registered_letter import LetterDesk
-from tests.support import Sink, screenshot_dir
+from tests.support import screenshot_dir
 from tests.test_browser_downloads import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
-from tests.test_letter_pages import PROSPECT, Clock, LetterSite, running_site
+from tests.test_letter_pages import PROSPECT, Clock, LetterSite
 
 GRACE = timedelta(days=7)
 OTHER = "omar@example.org"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def site(
-    database: Database,
-    sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
-    clock: Clock,
-) -> AsyncIterator[LetterSite]:
-    async with running_site(
-        database, sink, tmp_path, tls_files, dkim_key, dkim_key_file, clock
-    ) as running:
-        yield running
 
 
 async def sweep(site: LetterSite) -> sweeper.SweepReport:

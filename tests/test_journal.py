@@ -17,6 +17,7 @@ from sqlalchemy import delete, func, select, update
 
 from gateway import journal
 from gateway.db import Database
+from gateway.events import BLOBS_DELETED, POLICY_KEPT
 from gateway.models import Delivery, DeliveryStatus, Event, JournalHead, Message, utcnow
 from tests.conftest import Harness, make_message
 from tests.test_queue_cli import sealrelay, sqlite_url, write_config
@@ -156,7 +157,12 @@ async def append_events(db: Database, count: int) -> list[Event]:
         async with db.transaction() as session:
             await journal.append(
                 session,
-                [journal.NewEvent("test.event", f"m{i}", None, {"n": i, "text": "Exposé ✓"})],
+                [
+                    POLICY_KEPT.new(
+                        {"recipient": f"p{i}@example.com", "reason": f"Exposé ✓ {i}"},
+                        message_id=f"m{i}",
+                    )
+                ],
                 start + timedelta(seconds=i),
             )
     return await all_events(db)
@@ -235,7 +241,9 @@ async def test_events_stamped_in_another_zone_still_verify(database: Database) -
     berlin = timezone(timedelta(hours=1))
     async with database.transaction() as session:
         [event] = await journal.append(
-            session, [journal.NewEvent("test.zone")], datetime(2026, 11, 5, 10, 0, tzinfo=berlin)
+            session,
+            [BLOBS_DELETED.new({"count": 0, "bytes": 0})],
+            datetime(2026, 11, 5, 10, 0, tzinfo=berlin),
         )
     assert await verify(database) == journal.ChainReport(1)
     [stored] = await all_events(database)
@@ -272,7 +280,8 @@ async def test_concurrent_appends_keep_one_unbroken_chain(database: Database) ->
             await journal.append(
                 session,
                 [
-                    journal.NewEvent("test.concurrent", None, None, {"task": task, "i": i})
+                    # count: which task wrote it, bytes: its place in that task's batch
+                    BLOBS_DELETED.new({"count": task, "bytes": i})
                     for i in range(per_task)
                 ],
             )
@@ -285,7 +294,7 @@ async def test_concurrent_appends_keep_one_unbroken_chain(database: Database) ->
     # A transaction's events stay together: the head was held until it committed.
     by_task: dict[int, list[int]] = {}
     for event in events:
-        by_task.setdefault(event.data["task"], []).append(event.seq)
+        by_task.setdefault(event.data["count"], []).append(event.seq)
     assert len(by_task) == tasks
     for seqs in by_task.values():
         assert seqs == list(range(seqs[0], seqs[0] + per_task))

@@ -14,7 +14,6 @@ import email
 import email.policy
 import os
 import re
-from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -22,11 +21,11 @@ import aiohttp
 import pytest
 from sqlalchemy import text
 
-from gateway import dkim, journal
+from gateway import journal
 from gateway.db import Database
 from tests.conftest import AGENT
-from tests.support import Sink
-from tests.test_letter_pages import Clock, LetterSite, running_site, token_in
+from tests.letter_fixtures import StartSite
+from tests.test_letter_pages import LetterSite, token_in
 
 MESSAGES = 200
 OFFER_EVERY = 5  # every fifth message is an offer the prospect consents to
@@ -59,25 +58,8 @@ def plain_text(raw: bytes) -> str:
 
 
 @pytest.fixture
-async def site(
-    database: Database,
-    sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
-) -> AsyncIterator[LetterSite]:
-    async with running_site(
-        database,
-        sink,
-        tmp_path,
-        tls_files,
-        dkim_key,
-        dkim_key_file,
-        Clock(),
-        policy={"link_attachments_over": "10KB"},
-    ) as running:
-        yield running
+async def site(site_factory: StartSite) -> LetterSite:
+    return await site_factory(policy={"link_attachments_over": "10KB"})
 
 
 async def second_connection(database: Database, tmp_path: Path) -> Database:

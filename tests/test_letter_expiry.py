@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import dkim as dkimpy
@@ -30,27 +29,6 @@ from tests.test_letter_pages import (
 )
 
 ARCHIVE = "archiv@broker.example"
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def site(
-    database: Database,
-    sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
-    clock: Clock,
-) -> AsyncIterator[LetterSite]:
-    async with running_site(
-        database, sink, tmp_path, tls_files, dkim_key, dkim_key_file, clock
-    ) as running:
-        yield running
 
 
 async def to_agent(site: LetterSite) -> int:

@@ -203,27 +203,6 @@ async def running_site(
         await relay.stop()
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def site(
-    database: Database,
-    sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
-    clock: Clock,
-) -> AsyncIterator[LetterSite]:
-    async with running_site(
-        database, sink, tmp_path, tls_files, dkim_key, dkim_key_file, clock
-    ) as running:
-        yield running
-
-
 def offer(
     subject: str = SUBJECT,
     html: str | None = None,

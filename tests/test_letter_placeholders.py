@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.registered_letter import SHIPPED, BlockSetError
+from gateway.registered_letter import BlockSetError
+from gateway.text_files import SHIPPED_BLOCK_SET as SHIPPED
 from tests.conftest import StartRelay
 from tests.support import Sink
 from tests.test_queue_cli import sealrelay, write_config

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -29,21 +28,6 @@ from tests.test_letter_pages import Clock, LetterSite, running_site
 from tests.test_queue_cli import sealrelay, write_config
 
 UNSIGNED_AGENT = "sam@unsigned.example"
-
-
-@pytest.fixture
-async def site(
-    database: Database,
-    sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
-) -> AsyncIterator[LetterSite]:
-    async with running_site(
-        database, sink, tmp_path, tls_files, dkim_key, dkim_key_file, Clock()
-    ) as running:
-        yield running
 
 
 def mail(sender: str, subject: str, to: str = "paula@example.com") -> EmailMessage:

@@ -18,12 +18,13 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from gateway import headers
+from gateway.events import BOUNCE_QUEUED, DELIVERY_QUEUED
 from gateway.models import Event, Letter, Link, Message, MessageKind
 from tests.conftest import AGENT, Harness, StartRelay
 from tests.test_browser_mails import LATE, relay_mails, wait_for
 
 OWN_MAILS = ("confirmation", "renewal", "dsn", "expiry notice")
-QUEUED = {MessageKind.BOUNCE: "bounce.queued", MessageKind.CONFIRMATION: "delivery.queued"}
+QUEUED = {MessageKind.BOUNCE: BOUNCE_QUEUED.name, MessageKind.CONFIRMATION: DELIVERY_QUEUED.name}
 
 
 async def expiry_notice(relay: Harness) -> bytes:
@@ -77,5 +78,5 @@ async def test_the_relays_own_mails_share_one_head_and_one_queue_event(
         [MessageKind.BOUNCE, *[MessageKind.CONFIRMATION] * 3]
     )
     for message in own:
-        queued = [e for e in events if e.message_id == message.id and e.type.endswith(".queued")]
+        queued = [e for e in events if e.message_id == message.id and e.type in QUEUED.values()]
         assert [(e.type, e.data["recipient"]) for e in queued] == [(QUEUED[message.kind], AGENT)]

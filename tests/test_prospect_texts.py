@@ -28,6 +28,7 @@ import pytest
 from gateway import dkim
 from gateway.db import Database
 from tests.conftest import AGENT
+from tests.letter_fixtures import StartSite
 from tests.support import Sink, screenshot_dir
 from tests.test_browser_downloads import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.test_letter_pages import (
@@ -74,25 +75,8 @@ def without_name(raw: bytes) -> bytes:
 
 
 @pytest.fixture
-async def site(
-    database: Database,
-    sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
-) -> Any:
-    async with running_site(
-        database,
-        sink,
-        tmp_path,
-        tls_files,
-        dkim_key,
-        dkim_key_file,
-        Clock(),
-        letter={"commission": COMMISSION},
-    ) as running:
-        yield running
+async def site(site_factory: StartSite) -> LetterSite:
+    return await site_factory(letter={"commission": COMMISSION})
 
 
 async def test_a_commission_ending_in_a_period_gets_no_second_one(site: LetterSite) -> None:

@@ -19,6 +19,7 @@ from gateway import consent_pdf, dkim, journal, outgoing
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
+from gateway.events import CONSENT_GIVEN, LETTER_HELD, LETTER_RELEASED
 from gateway.evidence import (
     CONSENT_HEADER,
     EVIDENCE_HEADERS,
@@ -101,7 +102,7 @@ async def seed(
     db: Database,
     settings: Settings,
     key: dkim.DkimKey,
-    events: tuple[str, ...] = ("consent.given", "letter.released"),
+    kinds: tuple[str, ...] = ("consent.given", "letter.released"),
 ) -> Seeded:
     """A held offer, its letter and link, the consent, the journal, as a release leaves them."""
     message_id, link_id, letter_id, consent_id = new_id(), new_id(), new_id(), new_id()
@@ -128,9 +129,13 @@ async def seed(
         message_id, PROSPECT, await blobs.put(released), GIVEN_AT, 86400
     )
     async with db.transaction() as session:
-        await journal.append(
-            session, [journal.NewEvent("message.accepted", message_id, data={"size": 1})]
-        )
+        held = {
+            "recipient": PROSPECT,
+            "letter_id": letter_id,
+            "expires_at": (GIVEN_AT + timedelta(days=14)).isoformat(),
+            "texts_sha256": texts_sha256(BLOCKS),
+        }
+        await journal.append(session, [LETTER_HELD.new(held, message_id=message_id)])
     async with db.transaction() as session:
         session.add(
             Message(
@@ -193,12 +198,31 @@ async def seed(
         await journal.append(
             session,
             [
-                journal.NewEvent(kind, message_id, data={"consent_id": consent_id})
-                for kind in events
+                consent_event(kind, message_id, letter_id, consent_id, released_delivery.id)
+                for kind in kinds
             ],
             GIVEN_AT,
         )
     return Seeded(consent_id, letter_id, message_id, released, blobs.path(pdf_blob))
+
+
+def consent_event(
+    kind: str, message_id: str, letter_id: str, consent_id: str, delivery_id: str
+) -> journal.NewEvent:
+    """The consent.given or letter.released event a release journals for this consent."""
+    if kind == "letter.released":
+        released = {"consent_id": consent_id, "recipient": PROSPECT}
+        return LETTER_RELEASED.new(released, message_id=message_id, delivery_id=delivery_id)
+    given = {
+        "consent_id": consent_id,
+        "letter_id": letter_id,
+        "recipient": PROSPECT,
+        "ip": IP,
+        "user_agent": "Mozilla/5.0 (X11; Linux x86_64)",
+        "texts_sha256": texts_sha256(BLOCKS),
+        "checked": ["withdrawal"],
+    }
+    return CONSENT_GIVEN.new(given, message_id=message_id)
 
 
 @pytest.fixture
@@ -441,7 +465,7 @@ async def test_a_changed_ip_is_also_named_against_the_database(
 async def test_missing_journal_events_are_named(
     database: Database, settings: Settings, dkim_key: dkim.DkimKey
 ) -> None:
-    seeded = await seed(database, settings, dkim_key, events=("consent.given",))
+    seeded = await seed(database, settings, dkim_key, kinds=("consent.given",))
     report = await run(database, settings, seeded.released)
     assert report.lines()[0] == (
         f"NOT OK: the journal has no letter.released event for consent {seeded.consent_id}"

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.parse import quote
 
 from aiohttp import web
@@ -36,6 +36,15 @@ from sqlalchemy import update
 from zipstream import ZipStream
 
 from gateway import journal
+from gateway.events import (
+    DOWNLOAD_FIRST,
+    DOWNLOAD_REPEAT,
+    DOWNLOAD_ZIP,
+    LINK_VIEWED,
+    FileDownload,
+    LinkVisit,
+    ZipDownload,
+)
 from gateway.links import FoundLink, LinkState, find_link
 from gateway.models import LinkFile, StoredFile
 from gateway.relay import Relay
@@ -52,7 +61,6 @@ from web.pages import (
     contrast,
     file_badge,
     file_kind,
-    page_language,
     safe_filename,
 )
 from web.pages import content_type as _content_type
@@ -167,7 +175,6 @@ class DownloadPages:
         self.relay = relay
         self.settings = relay.settings
         self.site = site
-        self.catalogs = site.catalogs
         self.limiter = site.limiter
         self.base = site.base
         self.render = site.render
@@ -195,15 +202,13 @@ class DownloadPages:
         async with self.relay.db.transaction() as session:
             found = await find_link(session, request.match_info["token"], now)
             if found is not None and found.state is LinkState.VALID and _is_get(request):
-                event = journal.NewEvent(
-                    "link.viewed",
-                    found.link.message_id,
-                    data=self.event_data(found, visitor),
+                event = LINK_VIEWED.new(
+                    self.event_data(found, visitor), message_id=found.link.message_id
                 )
                 await journal.append(session, [event], now)
         if found is None or found.state is not LinkState.VALID:
             return await self.bad_link(request, found)
-        catalog = self.catalogs[_language(found.link.language)]
+        catalog = self.site.catalog(found.link.language)
         token = request.match_info["token"]
         here = f"{self.base}/d/{quote(token, safe='')}"
         files = [
@@ -250,12 +255,12 @@ class DownloadPages:
         offer page serves the linked files of its held copy through here too."""
         stored = next((f for f in found.files if f.id == file_id), None)
         if stored is None:
-            return self.not_found(request, self.catalogs[_language(found.link.language)])
+            return self.not_found(request, self.site.catalog(found.link.language))
         try:
             blob = await asyncio.to_thread(_open_blob, self.relay.blobs.path(stored.sha256))
         except (OSError, ValueError) as exc:  # gone from the store, or not a digest at all
             log.error("blob %s of file %s cannot be read: %s", stored.sha256, stored.id, exc)
-            return self.not_found(request, self.catalogs[_language(found.link.language)])
+            return self.not_found(request, self.site.catalog(found.link.language))
         try:
             size = os.fstat(blob.fileno()).st_size
             etag = f'"{stored.sha256}"'
@@ -293,7 +298,7 @@ class DownloadPages:
             found = await find_link(session, request.match_info["token"], now)
         if found is None or found.state is not LinkState.VALID:
             return await self.bad_link(request, found)
-        catalog = self.catalogs[_language(found.link.language)]
+        catalog = self.site.catalog(found.link.language)
         if not found.files:
             return self.not_found(request, catalog)
         try:
@@ -303,9 +308,11 @@ class DownloadPages:
             return self.not_found(request, catalog)
         if _is_get(request):
             async with self.relay.db.transaction() as session:
-                data = self.event_data(found, visitor)
-                data["files"] = [{"file_id": f.id, "filename": f.filename} for f in found.files]
-                event = journal.NewEvent("download.zip", found.link.message_id, data=data)
+                data: ZipDownload = {
+                    **self.event_data(found, visitor),
+                    "files": [{"file_id": f.id, "filename": f.filename} for f in found.files],
+                }
+                event = DOWNLOAD_ZIP.new(data, message_id=found.link.message_id)
                 await journal.append(session, [event], now)
             log.info(
                 "%s: download=zip to=<%s>, ip=%s, files=%d",
@@ -351,12 +358,14 @@ class DownloadPages:
             ).scalar_one_or_none()
             if downloads is None:  # the link lost the file since we looked
                 return
-            data = self.event_data(found, visitor)
-            data.update(file_id=stored.id, filename=stored.filename)
-            event = journal.NewEvent(
-                "download.first" if downloads == 1 else "download.repeat",
-                found.link.message_id,
-                data=data,
+            data: FileDownload = {
+                **self.event_data(found, visitor),
+                "file_id": stored.id,
+                "filename": stored.filename,
+            }
+            first = downloads == 1
+            event = (DOWNLOAD_FIRST if first else DOWNLOAD_REPEAT).new(
+                data, message_id=found.link.message_id
             )
             await journal.append(session, [event], now)
         log.info(
@@ -370,7 +379,7 @@ class DownloadPages:
         )
 
     @staticmethod
-    def event_data(found: FoundLink, visitor: Visitor) -> dict[str, Any]:
+    def event_data(found: FoundLink, visitor: Visitor) -> LinkVisit:
         return {
             "link_id": found.link.id,
             "recipient": found.link.recipient,
@@ -387,7 +396,7 @@ class DownloadPages:
         self.limiter.record(self.visitor(request).ip)
         if found is None:
             return self.not_found(request, self.catalog_for(request))
-        catalog = self.catalogs[_language(found.link.language)]
+        catalog = self.site.catalog(found.link.language)
         agent = await agent_of(self.relay.blobs, found.message)
         sender, subject = agent.address, found.message.subject
         mail_subject = catalog.t("error.expired_mail_subject", subject=subject).rstrip(": ")
@@ -414,10 +423,6 @@ class DownloadPages:
 
 def _is_get(request: web.Request) -> bool:
     return request.method == "GET"
-
-
-def _language(language: str) -> str:
-    return page_language(language)
 
 
 def _unique(name: str, taken: set[str]) -> str:

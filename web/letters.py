@@ -40,6 +40,7 @@ from markupsafe import Markup, escape
 
 from gateway import journal, mime, renewal
 from gateway.blobstore import BlobMissing
+from gateway.events import LETTER_VIEWED
 from gateway.i18n import Catalog
 from gateway.links import FoundLink, LinkState, find_recipient_link
 from gateway.models import Letter, Link, Message
@@ -355,15 +356,14 @@ class LetterPages:
 
     async def record_view(self, found: FoundLetter, visitor: Visitor) -> None:
         async with self.relay.db.transaction() as session:
-            event = journal.NewEvent(
-                "letter.viewed",
-                found.letter.message_id,
-                data={
+            event = LETTER_VIEWED.new(
+                {
                     "letter_id": found.letter.id,
                     "recipient": found.letter.recipient,
                     "ip": visitor.ip,
                     "user_agent": visitor.user_agent,
                 },
+                message_id=found.letter.message_id,
             )
             await journal.append(session, [event], self.relay.clock())
 
@@ -442,7 +442,7 @@ class LetterPages:
             status=410,
             title=catalog.t("letter.expired_title"),
             message=catalog.t(
-                "letter.expired", subject=expired.letter.subject, date=catalog.moment(until)
+                "letter.expired_text", subject=expired.letter.subject, date=catalog.moment(until)
             ),
             hint=catalog.t("letter.expired_hint", agent=agent),
             button=catalog.t("letter.renew", agent=agent),

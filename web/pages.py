@@ -43,8 +43,9 @@ from aiohttp import web
 from gateway import headers
 from gateway.blobstore import BlobStore
 from gateway.config import BrandingSettings, Settings
-from gateway.i18n import LANGUAGES, Catalog, load_catalogs, negotiate
+from gateway.i18n import Catalog, load_catalogs, negotiate
 from gateway.models import Message
+from rules.language import shipped_language
 from web.client_ip import ClientIpResolver
 
 log = logging.getLogger(__name__)
@@ -328,10 +329,6 @@ class Visitor:
     user_agent: str
 
 
-def page_language(language: str) -> str:
-    return language if language in LANGUAGES else LANGUAGES[0]
-
-
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
@@ -412,12 +409,13 @@ class ProspectSite:
         return Visitor(ip, request.headers.get("User-Agent", "")[:USER_AGENT_MAX])
 
     def catalog(self, language: str) -> Catalog:
-        return self.catalogs[page_language(language)]
+        """A link's language; one we no longer ship gets `[policy] language`."""
+        return self.catalogs[shipped_language(language, self.settings.policy.language)]
 
     def catalog_for(self, request: web.Request) -> Catalog:
         """The browser's language, for pages that belong to no link (unknown, too many)."""
         language = negotiate(
-            request.headers.get("Accept-Language", ""), self.settings.policy.language or "de"
+            request.headers.get("Accept-Language", ""), self.settings.policy.language
         )
         return self.catalogs[language]
 
