@@ -25,10 +25,10 @@ from tests.support import free_port, serve_config
 from tests.test_durability import database_url
 from tests.test_e2e_links import LINK
 from tests.test_e2e_links import offer as linked_offer
-from tests.test_letter_pages import REQUIRED, LetterSite, clock, site
+from tests.test_letter_pages import REQUIRED, LetterSite
 from tests.test_queue_cli import SEALRELAY, sealrelay
 
-__all__ = ["clock", "database_url", "site"]  # fixtures used here
+__all__ = ["database_url"]  # fixtures used here (clock and site come from tests.letter_fixtures)
 
 FIRST, SECOND = "paula@example.com", "omar@example.org"
 POSTFIX_LINE = (
