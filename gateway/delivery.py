@@ -24,11 +24,12 @@ from gateway import dsn, journal, queue
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
-from gateway.events import BOUNCE_QUEUED, DELIVERY_BOUNCED, DELIVERY_DEFERRED, DELIVERY_DELIVERED
-from gateway.local_mail import compose_queued, own_sender
+from gateway.events import DELIVERY_BOUNCED, DELIVERY_DEFERRED, DELIVERY_DELIVERED
+from gateway.local_mail import enqueue
 from gateway.metrics import DELIVERY_OUTCOMES
 from gateway.models import Delivery, Message, MessageKind, utcnow
 from gateway.outgoing import Signer, prepare
+from gateway.own_mail import OwnMail
 from gateway.pipeline import QueueSignal
 from gateway.upstream import Outcome, Upstream, relay_name
 
@@ -238,17 +239,17 @@ class DeliveryWorker:
                     )
             bounced_now = any(e is not None and e.type == DELIVERY_BOUNCED.name for e in events)
             if bounce is not None and bounced_now:
-                bounce_message, bounce_delivery = bounce
-                session.add(bounce_message)
-                await session.flush()
-                session.add(bounce_delivery)
-                events.append(
-                    BOUNCE_QUEUED.new(
-                        {"original": message.id, "recipient": bounce_delivery.recipient},
-                        message_id=bounce_message.id,
-                        delivery_id=bounce_delivery.id,
-                    )
+                queued = await enqueue(
+                    session,
+                    self.blobs,
+                    self.settings,
+                    bounce,
+                    kind=MessageKind.BOUNCE,
+                    user_id=message.user_id,
+                    now=now,
+                    bounce_of=message.id,
                 )
+                events += queued.events
             await journal.append(session, [e for e in events if e is not None], now)
         if bounce is not None:
             self.signal.notify()
@@ -286,16 +287,14 @@ class DeliveryWorker:
 
     async def _bounce_for(
         self, message: Message, failures: Sequence[Failure], now: datetime
-    ) -> tuple[Message, Delivery] | None:
+    ) -> OwnMail | None:
         """A DSN to the agent, never for a bounce or a null sender (that would loop)."""
         if not message.sender or message.kind == MessageKind.BOUNCE:
             log.info("not bouncing %s: null sender or a bounce itself", message.id)
             return None
-        hostname = self.settings.server.hostname
-        original = await self.blobs.read(message.blob)
-        report = dsn.build_dsn(
-            reporting_mta=hostname,
-            original=original,
+        return dsn.dsn_mail(
+            reporting_mta=self.settings.server.hostname,
+            original=await self.blobs.read(message.blob),
             envelope_sender=message.sender,
             failed=[
                 dsn.FailedRecipient(
@@ -310,20 +309,9 @@ class DeliveryWorker:
             arrival=message.received_at,
             now=now,
             envelope_id=message.id,
-            sender=own_sender(self.settings, message.sender, "MAILER-DAEMON"),
             zone=self.settings.branding.timezone,
             language=self.settings.policy.language,  # the agent's, like the renewal
         )
-        bounce, [delivery] = await compose_queued(
-            self.blobs,
-            report,
-            kind=MessageKind.BOUNCE,
-            user_id=message.user_id,
-            recipients=[message.sender],
-            now=now,
-            lifetime=self.settings.upstream.queue_lifetime,
-        )
-        return bounce, delivery
 
 
 def _groups(claimed: Sequence[queue.Claimed]) -> list[list[queue.Claimed]]:

@@ -36,7 +36,7 @@ import codecs
 import re
 import secrets
 import unicodedata
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import unquote_to_bytes
@@ -996,15 +996,3 @@ def _encode_qp(data: bytes) -> bytes:
         encoded = binascii.b2a_qp(line, quotetabs=False, istext=True, header=False)
         lines.append(encoded.replace(b"\r", b"=0D").replace(b"\n", CRLF))
     return CRLF.join(lines)
-
-
-def join_multipart(
-    head: Sequence[bytes], boundary: str, parts: Sequence[tuple[Sequence[bytes], bytes]]
-) -> bytes:
-    """A multipart message of our own from its header fields and (fields, body) parts."""
-    delimiter = b"--" + boundary.encode("ascii")
-    out = [*head, b"\r\n"]
-    for part_head, body in parts:
-        out += [delimiter, b"\r\n", *part_head, b"\r\n", body, b"\r\n"]
-    out += [delimiter, b"--\r\n"]
-    return b"".join(out)

@@ -8,15 +8,12 @@ evidence-stamped original and the agent's confirmation queued together, exactly 
 
 from __future__ import annotations
 
-import email.policy
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from email.header import Header
-from email.message import EmailMessage
-from email.utils import format_datetime, getaddresses, make_msgid
+from email.utils import format_datetime, getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ from markdown_it import MarkdownIt
 from markupsafe import Markup
 from sqlalchemy import select
 
-from gateway import confirmation, headers, journal, letter_keys, mime
+from gateway import confirmation, headers, journal, letter_keys, mime, own_mail
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
@@ -37,9 +34,9 @@ from gateway.events import (
     LETTER_RELEASED,
 )
 from gateway.evidence import ConsentRecord, ShownBlock, evidence_fields, texts_sha256
-from gateway.expiry_notice import ExpiredLetter, compose_expiry_notice
+from gateway.expiry_notice import ExpiredLetter, expiry_notice_mail
 from gateway.links import hash_token, new_link, new_token
-from gateway.local_mail import compose_queued, own_sender
+from gateway.local_mail import Queued, enqueue
 from gateway.markdown_text import markdown_text
 from gateway.models import (
     Consent,
@@ -260,16 +257,12 @@ def remove_subject_tag(raw: bytes, tag: str) -> bytes:
             text = headers.decoded(field.value)
             if not text.casefold().startswith(tag.casefold()):
                 return raw
-            new = headers.format_field("Subject", _encoded(text[len(tag) :].strip()))
+            new = headers.format_field(
+                "Subject", own_mail.encoded_subject(text[len(tag) :].strip())
+            )
         start = block.index(field.raw)
         return raw[:start] + new + raw[start + len(field.raw) :]
     return raw
-
-
-def _encoded(text: str) -> str:
-    """RFC 2047 words on one line: Header.encode folds long text with a bare newline, which
-    format_field refuses; it folds the words again itself."""
-    return text if text.isascii() else " ".join(Header(text, "utf-8").encode().split())
 
 
 def _display_name(fields: list[headers.HeaderField], names: tuple[str, ...], address: str) -> str:
@@ -341,30 +334,30 @@ def compose_letter(
             for block in block_set.blocks
         ],
     }
-    body = EmailMessage()
-    body.set_content(_text.get_template("letter.txt.j2").render(context), cte="quoted-printable")
-    body.add_alternative(
-        _html.get_template("letter.html.j2").render(context),
-        subtype="html",
-        cte="quoted-printable",
-    )
-    if terms_pdf is not None:
-        body.add_attachment(
-            terms_pdf,
-            maintype="application",
-            subtype="pdf",
-            filename="AGB.pdf" if mail.language == "de" else "terms.pdf",
-        )
     subject = fill(block_set.letter_subject, values)
-    top = [
+    head = [
         next(f.raw for f in original_fields if f.name == "from"),
         headers.format_field("To", f"<{mail.recipient}>"),
-        headers.format_field("Subject", _encoded(subject)),
+        headers.format_field("Subject", own_mail.encoded_subject(subject)),
         headers.format_field("Date", format_datetime(now)),
-        headers.format_field("Message-ID", make_msgid(domain=settings.server.hostname)),
+        headers.format_field("Message-ID", own_mail.message_id(settings.server.hostname)),
         *(f.raw for f in original_fields if f.name in ("reply-to", "in-reply-to", "references")),
     ]
-    return b"".join(top) + body.as_bytes(policy=email.policy.SMTP)
+    return own_mail.message(head, _letter_body(context, terms_pdf, mail.language))
+
+
+def _letter_body(context: dict[str, Any], terms_pdf: bytes | None, language: str) -> own_mail.Part:
+    """The letter's text and HTML as alternatives, the terms (when configured) attached."""
+    alternatives = [
+        own_mail.text_part(_text.get_template("letter.txt.j2").render(context)),
+        own_mail.text_part(_html.get_template("letter.html.j2").render(context), subtype="html"),
+    ]
+    body = own_mail.multipart("alternative", alternatives, label="letter")
+    if terms_pdf is None:
+        return body
+    filename = "AGB.pdf" if language == "de" else "terms.pdf"
+    terms = own_mail.attachment(terms_pdf, "application/pdf", filename)
+    return own_mail.multipart("mixed", [body, terms], label="letter")
 
 
 class LetterError(Exception):
@@ -511,32 +504,21 @@ class LetterDesk:
             zone = self.settings.branding.timezone
             pdf = consent_pdf.render(record, zone)
             pdf_blob = await self.blobs.put(pdf)
-            notice = confirmation.compose_confirmation(
+            notice = confirmation.confirmation_mail(
                 record,
                 pdf,
                 agent_address=message.sender,
-                hostname=self.settings.server.hostname,
                 offer_subject=letter.subject,
-                sender=own_sender(self.settings, message.sender),
                 zone=zone,
                 language=self.settings.policy.language,
             )
             lifetime = self.settings.upstream.queue_lifetime
             archive = [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []
-            notice_message, notices = await compose_queued(
-                self.blobs,
-                notice,
-                kind=MessageKind.CONFIRMATION,
-                user_id=message.user_id,
-                recipients=[message.sender, *archive],
-                now=now,
-                lifetime=lifetime,
-            )
             # The released original first: the consent and the journal name that delivery.
             deliveries = [
                 new_delivery(message.id, recipient, released_blob, now, lifetime)
                 for recipient in (letter.recipient, *archive)
-            ] + notices
+            ]
             consent = Consent(
                 id=consent_id,
                 letter_id=letter.id,
@@ -552,10 +534,19 @@ class LetterDesk:
             )
             letter.status = LetterStatus.RELEASED
             letter.released_at = now
-            session.add(notice_message)
             session.add(consent)
             await session.flush()
             session.add_all(deliveries)
+            notices = await enqueue(
+                session,
+                self.blobs,
+                self.settings,
+                notice,
+                kind=MessageKind.CONFIRMATION,
+                user_id=message.user_id,
+                now=now,
+                copies=archive,
+            )
             await journal.append(
                 session,
                 [
@@ -582,6 +573,7 @@ class LetterDesk:
                         )
                         for d in deliveries
                     ),
+                    *notices.events,
                 ],
                 now,
             )
@@ -628,35 +620,29 @@ class LetterDesk:
             events: list[journal.NewEvent] = []
             for letter, message, link in rows:
                 letter.status = LetterStatus.EXPIRED
-                notices = await self._queue_expiry_notice(session, letter, message, link, now)
-                notice_id = notices[0].message_id if notices else None
+                notice = await self._queue_expiry_notice(session, letter, message, link, now)
                 events.append(
                     LETTER_EXPIRED.new(
                         {
                             "letter_id": letter.id,
                             "recipient": letter.recipient,
                             "expired_at": link.expires_at.isoformat(),
-                            "notice_message_id": notice_id,
+                            "notice_message_id": notice.message.id if notice else None,
                         },
                         message_id=message.id,
                     )
                 )
-                events.extend(
-                    DELIVERY_QUEUED.new(
-                        {"recipient": d.recipient}, message_id=d.message_id, delivery_id=d.id
-                    )
-                    for d in notices
-                )
+                events.extend(notice.events if notice else [])
             await journal.append(session, events, now)
         return len(rows)
 
     async def _queue_expiry_notice(
         self, session: Any, letter: Letter, message: Message, link: Link, now: datetime
-    ) -> list[Delivery]:
-        """The notice's deliveries, queued in `session`; none when no notice is to go."""
+    ) -> Queued | None:
+        """The notice, queued in `session`; None when no notice is to go."""
         if not self.settings.letter.expired_notice or not message.sender:
-            return []
-        raw = compose_expiry_notice(
+            return None
+        notice = expiry_notice_mail(
             ExpiredLetter(
                 letter_id=letter.id,
                 recipient=letter.recipient,
@@ -665,25 +651,18 @@ class LetterDesk:
                 expired=link.expires_at,
             ),
             agent_address=message.sender,
-            hostname=self.settings.server.hostname,
-            sender=own_sender(self.settings, message.sender),
             language=self.settings.policy.language,
             zone=self.settings.branding.timezone,
-            now=now,
         )
-        notice, deliveries = await compose_queued(
+        return await enqueue(
+            session,
             self.blobs,
-            raw,
+            self.settings,
+            notice,
             kind=MessageKind.CONFIRMATION,
             user_id=message.user_id,
-            recipients=[message.sender],
             now=now,
-            lifetime=self.settings.upstream.queue_lifetime,
         )
-        session.add(notice)
-        await session.flush()
-        session.add_all(deliveries)
-        return deliveries
 
 
 class RegisteredLetterMaterializer:

@@ -16,9 +16,10 @@ import pypdf
 import pytest
 
 from gateway import consent_pdf
-from gateway.confirmation import compose_confirmation
+from gateway.confirmation import confirmation_mail
 from gateway.consent_pdf import Paragraph, markdown_paragraphs, pdf_text
 from gateway.evidence import ConsentRecord, ShownBlock, texts_sha256
+from gateway.own_mail import render
 from gateway.text_files import load_texts
 from rules.language import shipped_language
 
@@ -274,13 +275,18 @@ def confirmation_of(
     language: str = "de",
 ) -> tuple[bytes, EmailMessage, bytes]:
     pdf = consent_pdf.render(record)
-    raw = compose_confirmation(
+    mail = confirmation_mail(
         record,
         pdf,
         agent_address="agent@broker.example",
-        hostname="relay.broker.example",
         offer_subject=offer_subject,
         language=language,
+    )
+    raw = render(
+        mail,
+        sender="postmaster@relay.broker.example",
+        hostname="relay.broker.example",
+        now=datetime.now(UTC),
     )
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(parsed, EmailMessage)
@@ -368,14 +374,13 @@ def test_values_cannot_add_header_fields() -> None:
     assert mail["X-Injected"] is None
     assert "Bcc: victim@example.org" in mail["Subject"]  # on the subject's one line
     with pytest.raises(ValueError, match="host name"):
-        compose_confirmation(
-            record, b"%PDF", agent_address="a@b.example", hostname="bad host\r\n", offer_subject="x"
+        render(
+            confirmation_mail(record, b"%PDF", agent_address="a@b.example", offer_subject="x"),
+            sender="postmaster@relay.example",
+            hostname="bad host\r\n",
+            now=datetime.now(UTC),
         )
     with pytest.raises(ValueError, match="agent address"):
-        compose_confirmation(
-            record,
-            b"%PDF",
-            agent_address="a@b.example\r\nBcc: x@y",
-            hostname="relay.example",
-            offer_subject="x",
+        confirmation_mail(
+            record, b"%PDF", agent_address="a@b.example\r\nBcc: x@y", offer_subject="x"
         )

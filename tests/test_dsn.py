@@ -12,8 +12,9 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
-from gateway.dsn import FailedRecipient, build_dsn
+from gateway.dsn import FailedRecipient, dsn_mail
 from gateway.headers import has_bare_line_end, split_message
+from gateway.own_mail import render
 
 NOW = datetime(2026, 11, 5, 10, 0, tzinfo=UTC)
 ARRIVAL = NOW - timedelta(days=5, minutes=3)
@@ -79,7 +80,10 @@ def build(
         "now": NOW,
     }
     params.update(kwargs)
-    return build_dsn(**params)  # type: ignore[arg-type]
+    mail = dsn_mail(**params)  # type: ignore[arg-type]
+    now = params["now"]
+    assert isinstance(now, datetime)
+    return render(mail, sender=f"MAILER-DAEMON@{MTA}", hostname=MTA, now=now.astimezone(UTC))
 
 
 def parse(raw: bytes) -> EmailMessage:
@@ -367,7 +371,7 @@ def test_boundary_is_redrawn_when_it_collides(monkeypatch: pytest.MonkeyPatch) -
     colliding = PLAIN.replace(
         b"Subject:", b"X-Trap: =_sealrelay_dsn_" + b"a" * 24 + b"\r\nSubject:"
     )
-    monkeypatch.setattr("gateway.dsn.secrets.token_hex", fake_token_hex)
+    monkeypatch.setattr("gateway.own_mail.secrets.token_hex", fake_token_hex)
     raw = build(colliding)
     boundary = parse(raw).get_boundary()
     assert boundary == "=_sealrelay_dsn_" + "b" * 24

@@ -168,10 +168,11 @@ def test_the_notice_reads_in_each_language_and_keeps_values_on_one_line(
 ) -> None:
     from datetime import UTC, datetime
 
-    from gateway.expiry_notice import ExpiredLetter, compose_expiry_notice
+    from gateway.expiry_notice import ExpiredLetter, expiry_notice_mail
+    from gateway.own_mail import render
 
     moment = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
-    raw = compose_expiry_notice(
+    mail = expiry_notice_mail(
         ExpiredLetter(
             letter_id="0123456789abcdef0123",
             recipient="p@example.com",
@@ -180,11 +181,11 @@ def test_the_notice_reads_in_each_language_and_keeps_values_on_one_line(
             expired=moment,
         ),
         agent_address=AGENT,
-        hostname="relay.broker.example",
-        sender="postmaster@broker.example",
         language=language,
         zone="Europe/Berlin",
-        now=moment,
+    )
+    raw = render(
+        mail, sender="postmaster@broker.example", hostname="relay.broker.example", now=moment
     )
     assert b"\r\nBcc:" not in raw and b"\n\n" not in raw.replace(b"\r\n", b"")
     parsed = email.message_from_bytes(raw, policy=email.policy.default)

@@ -33,8 +33,9 @@ from gateway import dkim, headers, journal, users
 from gateway.db import Database
 from gateway.i18n import load_catalogs
 from gateway.models import Consent, Delivery, Event, Letter, LetterStatus, Message
+from gateway.own_mail import render
 from gateway.relay import Relay
-from gateway.renewal import compose_request
+from gateway.renewal import request_mail
 from tests.conftest import AGENT, PASSWORD, Harness, relay_settings
 from tests.queue_wait import queue_idle
 from tests.support import Received, Sink, free_port
@@ -632,15 +633,15 @@ async def test_concurrent_renewals_send_one_mail(site: LetterSite, clock: Clock)
 def test_renewal_mail_keeps_every_value_on_one_line() -> None:
     catalog = load_catalogs()["de"]
     now = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
-    raw = compose_request(
+    mail = request_mail(
         catalog,
         hostname="relay.broker.example",
         agent=AGENT,
         recipient=PROSPECT,
         subject="Villa\r\nBcc: victim@example.com\u2028am See " + "ä" * 200,
         expired_on=now,
-        now=now,
     )
+    raw = render(mail, sender="postmaster@broker.example", hostname="relay.broker.example", now=now)
     fields = headers.fields_of(raw)
     assert headers.values(fields, "bcc") == []
     subject = headers.decoded(headers.first_value(fields, "subject") or "")
