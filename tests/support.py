@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import os
+import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,10 +75,30 @@ def serve_config(
     return config
 
 
+_PORTS = random.Random()
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port below the kernel's ephemeral range (32768-60999 here).
+
+    A port the kernel hands out for bind(0) is also one it may hand to the next outgoing
+    connection before the test binds it; the suite opens thousands, so that race was real
+    ("address already in use" at a relay's start). Ports below the range are never given
+    out by the kernel, only taken by us; each is handed out once per run.
+    """
+    for _ in range(200):
+        port = _PORTS.randrange(20000, 32000)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-31999 after 200 tries")
 
 
 def make_certificate(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
