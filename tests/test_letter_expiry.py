@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import email
 import email.policy
-from pathlib import Path
 
 import dkim as dkimpy
 import pytest
 from sqlalchemy import select
 
-from gateway import dkim, headers, journal
-from gateway.db import Database
+from gateway import headers, journal
 from gateway.models import Delivery, Event, LetterStatus, Message
 from tests.conftest import AGENT, dkim_dns
+from tests.letter_fixtures import StartSite
 from tests.support import Sink
 from tests.test_letter_pages import (
     PROSPECT,
     Clock,
     LetterSite,
     offer,
-    running_site,
     token_in,
 )
 
@@ -94,65 +92,41 @@ async def test_a_consented_letter_never_expires(site: LetterSite, clock: Clock) 
 
 
 async def test_the_notice_can_be_turned_off_and_the_event_stays(
-    database: Database,
-    sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
+    site_factory: StartSite,
     clock: Clock,
 ) -> None:
-    async with running_site(
-        database,
-        sink,
-        tmp_path,
-        tls_files,
-        dkim_key,
-        dkim_key_file,
-        clock,
+    site = await site_factory(
         letter={"expired_notice": False},
-    ) as site:
-        await site.send_offer()
-        clock.advance(days=15)
-        assert (await site.relay.sweep_once()).letters_expired == 1
-        [event] = await site.events("letter.expired")
-        assert event.data["notice_message_id"] is None
-        assert await to_agent(site) == 0
+    )
+    await site.send_offer()
+    clock.advance(days=15)
+    assert (await site.relay.sweep_once()).letters_expired == 1
+    [event] = await site.events("letter.expired")
+    assert event.data["notice_message_id"] is None
+    assert await to_agent(site) == 0
 
 
 async def test_the_archive_gets_the_letter_as_sent(
-    database: Database,
+    site_factory: StartSite,
     sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
-    clock: Clock,
 ) -> None:
-    async with running_site(
-        database,
-        sink,
-        tmp_path,
-        tls_files,
-        dkim_key,
-        dkim_key_file,
-        clock,
+    site = await site_factory(
         letter={"archive_bcc": ARCHIVE},
-    ) as site:
-        await site.harness.send(offer(), recipients=[PROSPECT])
-        arrived = await site.sink.expect(1)
-        letters = [m for m in arrived if PROSPECT in m.rcpt_tos]
-        archived = [m for m in arrived if ARCHIVE in m.rcpt_tos]
-        assert letters and archived
-        assert archived[0].data == letters[0].data  # the very bytes, signature and all
-        assert b"X-Sealrelay-Consent" not in archived[0].data  # the letter, not the offer
-        async with site.relay.db.transaction() as session:
-            queued = (
-                await session.scalars(
-                    select(Event).where(Event.type == "delivery.queued").order_by(Event.seq)
-                )
-            ).all()
-        assert {e.data["recipient"] for e in queued} == {PROSPECT, ARCHIVE}
+    )
+    await site.harness.send(offer(), recipients=[PROSPECT])
+    arrived = await site.sink.expect(1)
+    letters = [m for m in arrived if PROSPECT in m.rcpt_tos]
+    archived = [m for m in arrived if ARCHIVE in m.rcpt_tos]
+    assert letters and archived
+    assert archived[0].data == letters[0].data  # the very bytes, signature and all
+    assert b"X-Sealrelay-Consent" not in archived[0].data  # the letter, not the offer
+    async with site.relay.db.transaction() as session:
+        queued = (
+            await session.scalars(
+                select(Event).where(Event.type == "delivery.queued").order_by(Event.seq)
+            )
+        ).all()
+    assert {e.data["recipient"] for e in queued} == {PROSPECT, ARCHIVE}
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -41,6 +41,9 @@ from tests.queue_wait import queue_idle
 from tests.support import Received, Sink, free_port
 from web.csrf import FormTokens, load_or_create_key, origin_of
 from web.pages import FORM_SECURITY_HEADERS
+
+if TYPE_CHECKING:  # letter_fixtures builds on this module
+    from tests.letter_fixtures import StartSite
 
 PROSPECT = "paula@example.com"
 SUBJECT = "[Exposé] Villa am See"
@@ -678,76 +681,64 @@ def hostile_block_set(directory: Path) -> Path:
 
 
 async def test_html_in_subject_and_blocks_is_escaped_and_scripts_removed(
-    database: Database,
-    sink: Sink,
+    site_factory: StartSite,
     tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
-    clock: Clock,
 ) -> None:
     blocks = hostile_block_set(tmp_path / "hostile")
-    async with running_site(
-        database,
-        sink,
-        tmp_path,
-        tls_files,
-        dkim_key,
-        dkim_key_file,
-        clock,
+    site = await site_factory(
         letter={"block_sets": {"hostile": str(blocks)}},
         policy={"letter_block_set": "hostile"},
-    ) as site:
-        body_html = (
-            "<html><head><style>p{color:red}</style><script>steal()</script></head>"
-            '<body onload="steal()"><p onclick="steal()" style="color:red">Willkommen</p>'
-            '<img src="https://tracker.example/pixel.gif" alt="pixel">'
-            '<a href="javascript:steal()">klick</a> <a href="https://broker.example/">Web</a>'
-            '<iframe src="https://evil.example/"></iframe><form action="https://evil.example/">'
-            '<input name="pw"></form><svg onload="steal()"></svg></body></html>'
-        )
-        raw = offer(
-            subject='[Exposé] <b>Villa</b> <script>alert("s")</script>',
-            html=body_html,
-            big=False,
-        )
-        token, _ = await site.send_offer(raw)
-        response, body = await site.get(f"/l/{token}")
-        assert response.status == 200
-        html = body.decode()
-        assert "<script" not in html
-        assert "&lt;b&gt;Villa&lt;/b&gt; &lt;script&gt;alert(&#34;s&#34;)&lt;/script&gt;" in html
-        assert "Bedingungen &lt;img src=x onerror=alert(3)&gt;" in html
-        assert "Ich &lt;u&gt;stimme&lt;/u&gt; zu" in html
-        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-        assert "onclick" not in html.replace("&lt;b onclick=x()&gt;", "")
-        assert 'href="javascript:' not in html and "[Link](javascript:alert(2))" in html
-        [button] = re.findall(r"<button[^>]*>(.*?)</button>", html, re.S)
-        assert button == "Kostenpflichtig &lt;i&gt;bestellen&lt;/i&gt;"
+    )
+    body_html = (
+        "<html><head><style>p{color:red}</style><script>steal()</script></head>"
+        '<body onload="steal()"><p onclick="steal()" style="color:red">Willkommen</p>'
+        '<img src="https://tracker.example/pixel.gif" alt="pixel">'
+        '<a href="javascript:steal()">klick</a> <a href="https://broker.example/">Web</a>'
+        '<iframe src="https://evil.example/"></iframe><form action="https://evil.example/">'
+        '<input name="pw"></form><svg onload="steal()"></svg></body></html>'
+    )
+    raw = offer(
+        subject='[Exposé] <b>Villa</b> <script>alert("s")</script>',
+        html=body_html,
+        big=False,
+    )
+    token, _ = await site.send_offer(raw)
+    response, body = await site.get(f"/l/{token}")
+    assert response.status == 200
+    html = body.decode()
+    assert "<script" not in html
+    assert "&lt;b&gt;Villa&lt;/b&gt; &lt;script&gt;alert(&#34;s&#34;)&lt;/script&gt;" in html
+    assert "Bedingungen &lt;img src=x onerror=alert(3)&gt;" in html
+    assert "Ich &lt;u&gt;stimme&lt;/u&gt; zu" in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "onclick" not in html.replace("&lt;b onclick=x()&gt;", "")
+    assert 'href="javascript:' not in html and "[Link](javascript:alert(2))" in html
+    [button] = re.findall(r"<button[^>]*>(.*?)</button>", html, re.S)
+    assert button == "Kostenpflichtig &lt;i&gt;bestellen&lt;/i&gt;"
 
-        assert (await site.consent(token, ("terms",))).status == 303
-        response, body = await site.get(f"/l/{token}/offer")
-        assert response.status == 200
-        html = body.decode()
-        main = html[html.index("<main") :]
-        assert "Willkommen" in main and 'href="https://broker.example/"' in main
-        for banned in (
-            "<script",
-            "steal()",
-            "onload",
-            "onclick",
-            "style=",
-            "<style",
-            "tracker.example",
-            "<iframe",
-            '<form action="https',
-            "<input",
-            "javascript:",
-            "<svg onload",
-        ):
-            assert banned not in main, banned
-        assert '<img alt="pixel">' in main, "external images are not loaded"
-        assert "&lt;b&gt;Villa&lt;/b&gt;" in html
+    assert (await site.consent(token, ("terms",))).status == 303
+    response, body = await site.get(f"/l/{token}/offer")
+    assert response.status == 200
+    html = body.decode()
+    main = html[html.index("<main") :]
+    assert "Willkommen" in main and 'href="https://broker.example/"' in main
+    for banned in (
+        "<script",
+        "steal()",
+        "onload",
+        "onclick",
+        "style=",
+        "<style",
+        "tracker.example",
+        "<iframe",
+        '<form action="https',
+        "<input",
+        "javascript:",
+        "<svg onload",
+    ):
+        assert banned not in main, banned
+    assert '<img alt="pixel">' in main, "external images are not loaded"
+    assert "&lt;b&gt;Villa&lt;/b&gt;" in html
 
 
 # --- CSRF pieces ----------------------------------------------------------------------------

@@ -19,12 +19,13 @@ import dkim as dkimpy
 import pytest
 from sqlalchemy import func, select
 
-from gateway import dkim, headers, users
+from gateway import headers, users
 from gateway.db import Database
 from gateway.models import Letter, Message
 from tests.conftest import AGENT, PASSWORD, dkim_dns
+from tests.letter_fixtures import StartSite
 from tests.support import Received, Sink
-from tests.test_letter_pages import Clock, LetterSite, running_site
+from tests.test_letter_pages import Clock, LetterSite
 from tests.test_queue_cli import sealrelay, write_config
 
 UNSIGNED_AGENT = "sam@unsigned.example"
@@ -88,30 +89,19 @@ async def test_agent_confirmation_comes_signed_from_the_agents_domain(site: Lett
 
 
 async def test_renewal_request_comes_signed_from_the_agents_domain(
-    database: Database,
+    site_factory: StartSite,
     sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
+    clock: Clock,
 ) -> None:
-    clock = Clock()
-    async with running_site(
-        database,
-        sink,
-        tmp_path,
-        tls_files,
-        dkim_key,
-        dkim_key_file,
-        clock,
+    site = await site_factory(
         server={"own_mail_sender": "makler-robot"},
-    ) as site:
-        token, _ = await site.send_offer()
-        csrf = await site.csrf(token)
-        clock.advance(days=14, seconds=1)
-        response, _ = await site.post(f"/l/{token}/renew", {"csrf": csrf})
-        assert response.status == 200
-        [request] = [m for m in await site.sink.expect(2) if m.rcpt_tos == [AGENT]]
+    )
+    token, _ = await site.send_offer()
+    csrf = await site.csrf(token)
+    clock.advance(days=14, seconds=1)
+    response, _ = await site.post(f"/l/{token}/renew", {"csrf": csrf})
+    assert response.status == 200
+    [request] = [m for m in await site.sink.expect(2) if m.rcpt_tos == [AGENT]]
     assert_signed_by_agents_domain(request, site)
     assert headers.addresses(headers.fields_of(request.data), "from") == [
         "makler-robot@broker.example"

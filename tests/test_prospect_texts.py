@@ -19,14 +19,11 @@ import hashlib
 import html
 import io
 import re
-from pathlib import Path
 from typing import Any
 
 import pypdf
 import pytest
 
-from gateway import dkim
-from gateway.db import Database
 from tests.conftest import AGENT
 from tests.letter_fixtures import StartSite
 from tests.support import Sink, screenshot_dir
@@ -34,10 +31,8 @@ from tests.test_browser_downloads import CHROMIUM, CHROMIUM_ARGS, PHONE, playwri
 from tests.test_letter_pages import (
     BIG_PDF,
     PROSPECT,
-    Clock,
     LetterSite,
     offer,
-    running_site,
     text_of,
 )
 
@@ -170,76 +165,65 @@ async def test_the_offer_page_lists_the_linked_expose_among_its_attachments(
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 async def test_phone_pages_read_whole(
-    database: Database,
+    site_factory: StartSite,
     sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
 ) -> None:
     """English pages on a phone whose logo cannot load: the name in its place is whole, the
     times carry their zone, the commission one period; screenshots to look at."""
     async_playwright = playwright_api()
     shots = screenshot_dir("pages")
-    async with running_site(
-        database,
-        sink,
-        tmp_path,
-        tls_files,
-        dkim_key,
-        dkim_key_file,
-        Clock(),
+    site = await site_factory(
         letter={"commission": COMMISSION},
         # our own origin (the CSP allows it) answers 404: the browser shows the alt text
         branding={
             "company_name": "Müller & Söhne Immobilien GmbH & Co. KG",
             "logo_url": "/static/no-logo.png",
         },
-    ) as site:
-        token, _ = await site.send_offer(without_name(offer(language="en")))
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+    )
+    token, _ = await site.send_offer(without_name(offer(language="en")))
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            context = await browser.new_context(
+                viewport=PHONE,
+                device_scale_factor=2,
+                is_mobile=True,
+                locale="en-GB",
+                java_script_enabled=False,
             )
-            try:
-                context = await browser.new_context(
-                    viewport=PHONE,
-                    device_scale_factor=2,
-                    is_mobile=True,
-                    locale="en-GB",
-                    java_script_enabled=False,
-                )
-                page = await context.new_page()
-                await page.goto(f"{site.url}/l/{token}")
-                await assert_logo_name_fits(page)
-                body = await page.locator("main").inner_text()
-                assert "inkl. MwSt." in body and "MwSt.." not in body
-                await page.screenshot(path=str(shots / "letter-en.png"), full_page=True)
-                for box in await page.get_by_role("checkbox").all():
-                    await box.check()
-                async with page.expect_navigation():
-                    await page.locator("button.submit").click()
-                assert page.url.endswith("/offer")
-                await assert_logo_name_fits(page)
-                body = await page.locator("main").inner_text()
-                assert re.search(r"Released on \d+ \w+ \d{4} at \d\d:\d\d CES?T", body), body
-                assert "Exposé Villa am See.pdf" in await page.locator(".files").inner_text()
-                await page.screenshot(path=str(shots / "offer-en.png"), full_page=True)
+            page = await context.new_page()
+            await page.goto(f"{site.url}/l/{token}")
+            await assert_logo_name_fits(page)
+            body = await page.locator("main").inner_text()
+            assert "inkl. MwSt." in body and "MwSt.." not in body
+            await page.screenshot(path=str(shots / "letter-en.png"), full_page=True)
+            for box in await page.get_by_role("checkbox").all():
+                await box.check()
+            async with page.expect_navigation():
+                await page.locator("button.submit").click()
+            assert page.url.endswith("/offer")
+            await assert_logo_name_fits(page)
+            body = await page.locator("main").inner_text()
+            assert re.search(r"Released on \d+ \w+ \d{4} at \d\d:\d\d CES?T", body), body
+            assert "Exposé Villa am See.pdf" in await page.locator(".files").inner_text()
+            await page.screenshot(path=str(shots / "offer-en.png"), full_page=True)
 
-                # the released copy's download page names the agent as the letter page does
-                arrived = await site.sink.expect(3)
-                [released] = [m for m in arrived[1:] if m.rcpt_tos == [PROSPECT]]
-                text, _ = parts_of(released.data)
-                [download] = re.findall(rf"{re.escape(site.url)}/d/[A-Za-z0-9_-]+", text)
-                await page.goto(download)
-                await assert_logo_name_fits(page)
-                body = await page.locator("main").inner_text()
-                assert f"Anna Agent ({AGENT}) has shared files with you." in body, body
-                assert re.search(r"Available until \d+ \w+ \d{4}, \d\d:\d\d CES?T", body), body
-                await page.screenshot(path=str(shots / "download-en.png"), full_page=True)
-                await context.close()
-            finally:
-                await browser.close()
+            # the released copy's download page names the agent as the letter page does
+            arrived = await site.sink.expect(3)
+            [released] = [m for m in arrived[1:] if m.rcpt_tos == [PROSPECT]]
+            text, _ = parts_of(released.data)
+            [download] = re.findall(rf"{re.escape(site.url)}/d/[A-Za-z0-9_-]+", text)
+            await page.goto(download)
+            await assert_logo_name_fits(page)
+            body = await page.locator("main").inner_text()
+            assert f"Anna Agent ({AGENT}) has shared files with you." in body, body
+            assert re.search(r"Available until \d+ \w+ \d{4}, \d\d:\d\d CES?T", body), body
+            await page.screenshot(path=str(shots / "download-en.png"), full_page=True)
+            await context.close()
+        finally:
+            await browser.close()
 
 
 async def assert_logo_name_fits(page: Any) -> None:

@@ -14,20 +14,18 @@ import email.policy
 import io
 import re
 from datetime import datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pypdf
 import pytest
 from sqlalchemy import select
 
-from gateway import dkim
 from gateway.config import Settings
-from gateway.db import Database
 from gateway.models import Consent, Link, LinkKind, Message
 from tests.conftest import AGENT, StartRelay, make_message
+from tests.letter_fixtures import StartSite
 from tests.support import Sink
-from tests.test_letter_pages import PROSPECT, Clock, offer, running_site, text_of
+from tests.test_letter_pages import PROSPECT, Clock, offer, text_of
 
 GERMAN_ZONES = {"CET": "MEZ", "CEST": "MESZ"}
 
@@ -66,61 +64,57 @@ def test_the_zone_defaults_to_berlin_and_must_exist() -> None:
     ("language", "zone"), [("en", None), ("de", "Asia/Tokyo"), ("es", "America/New_York")]
 )
 async def test_every_page_mail_and_pdf_shows_the_instant_with_its_zone(
+    site_factory: StartSite,
     language: str,
     zone: str | None,
-    database: Database,
     sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
 ) -> None:
     branding = {"timezone": zone} if zone else {}
     zone = zone or "Europe/Berlin"
-    async with running_site(
-        database, sink, tmp_path, tls_files, dkim_key, dkim_key_file, Clock(), branding=branding
-    ) as site:
-        token, _ = await site.send_offer(offer(language=language))
-        letter = await site.letter_row()
-        async with site.relay.db.transaction() as session:
-            letter_link = await session.get(Link, letter.link_id)
-        assert letter_link is not None
+    site = await site_factory(
+        branding=branding,
+    )
+    token, _ = await site.send_offer(offer(language=language))
+    letter = await site.letter_row()
+    async with site.relay.db.transaction() as session:
+        letter_link = await session.get(Link, letter.link_id)
+    assert letter_link is not None
 
-        _, body = await site.get(f"/l/{token}")
-        assert shown(letter_link.expires_at, zone, language).search(text_of(body)), text_of(body)
+    _, body = await site.get(f"/l/{token}")
+    assert shown(letter_link.expires_at, zone, language).search(text_of(body)), text_of(body)
 
-        assert (await site.consent(token)).status == 303
-        async with site.relay.db.transaction() as session:
-            [consent] = (await session.scalars(select(Consent))).all()
-            [download_link] = (
-                await session.scalars(select(Link).where(Link.kind == LinkKind.DOWNLOAD))
-            ).all()
-        given = shown(consent.given_at, zone, language)
+    assert (await site.consent(token)).status == 303
+    async with site.relay.db.transaction() as session:
+        [consent] = (await session.scalars(select(Consent))).all()
+        [download_link] = (
+            await session.scalars(select(Link).where(Link.kind == LinkKind.DOWNLOAD))
+        ).all()
+    given = shown(consent.given_at, zone, language)
 
-        _, body = await site.get(f"/l/{token}/offer")
-        assert given.search(text_of(body)), text_of(body)
-        _, body = await site.get(f"/l/{token}")
-        assert given.search(text_of(body)), text_of(body)
+    _, body = await site.get(f"/l/{token}/offer")
+    assert given.search(text_of(body)), text_of(body)
+    _, body = await site.get(f"/l/{token}")
+    assert given.search(text_of(body)), text_of(body)
 
-        _, pdf = await site.get(f"/l/{token}/consent.pdf")
-        text = pdf_text(pdf)
-        assert shown(consent.given_at, zone, language, seconds=True).search(text), text
-        assert f"{consent.given_at:%Y-%m-%d %H:%M:%S} UTC" in text, "and the same in UTC"
-        assert "Europe/Berlin" not in text or zone == "Europe/Berlin"
+    _, pdf = await site.get(f"/l/{token}/consent.pdf")
+    text = pdf_text(pdf)
+    assert shown(consent.given_at, zone, language, seconds=True).search(text), text
+    assert f"{consent.given_at:%Y-%m-%d %H:%M:%S} UTC" in text, "and the same in UTC"
+    assert "Europe/Berlin" not in text or zone == "Europe/Berlin"
 
-        arrived = await site.sink.expect(3)
-        [confirmation] = [m for m in arrived if m.rcpt_tos == [AGENT]]
-        text = plain_body(confirmation.data)
-        # the agent reads German; the instant and its zone are the same
-        assert shown(consent.given_at, zone, "de", seconds=True).search(text), text
+    arrived = await site.sink.expect(3)
+    [confirmation] = [m for m in arrived if m.rcpt_tos == [AGENT]]
+    text = plain_body(confirmation.data)
+    # the agent reads German; the instant and its zone are the same
+    assert shown(consent.given_at, zone, "de", seconds=True).search(text), text
 
-        [released] = [m for m in arrived[1:] if m.rcpt_tos == [PROSPECT]]
-        text = plain_body(released.data)
-        expires = shown(download_link.expires_at, zone, language)
-        assert expires.search(text), text
-        [download_url] = re.findall(rf"{re.escape(site.url)}(/d/[A-Za-z0-9_-]+)", text)
-        _, body = await site.get(download_url)
-        assert expires.search(text_of(body)), text_of(body)
+    [released] = [m for m in arrived[1:] if m.rcpt_tos == [PROSPECT]]
+    text = plain_body(released.data)
+    expires = shown(download_link.expires_at, zone, language)
+    assert expires.search(text), text
+    [download_url] = re.findall(rf"{re.escape(site.url)}(/d/[A-Za-z0-9_-]+)", text)
+    _, body = await site.get(download_url)
+    assert expires.search(text_of(body)), text_of(body)
 
 
 async def test_the_bounce_tells_the_agent_the_time_in_the_brokerage_zone(
@@ -143,40 +137,29 @@ async def test_the_bounce_tells_the_agent_the_time_in_the_brokerage_zone(
 
 
 async def test_an_expired_letter_and_the_agents_renewal_mail_name_the_zone(
-    database: Database,
+    site_factory: StartSite,
     sink: Sink,
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    dkim_key: dkim.DkimKey,
-    dkim_key_file: Path,
+    clock: Clock,
 ) -> None:
-    clock = Clock()
-    async with running_site(
-        database,
-        sink,
-        tmp_path,
-        tls_files,
-        dkim_key,
-        dkim_key_file,
-        clock,
+    site = await site_factory(
         branding={"timezone": "America/Sao_Paulo"},  # no letters for its zone: UTC-3
-    ) as site:
-        token, _ = await site.send_offer(offer(language="en"))
-        csrf = await site.csrf(token)
-        letter = await site.letter_row()
-        async with site.relay.db.transaction() as session:
-            link = await session.get(Link, letter.link_id)
-        assert link is not None
-        clock.advance(days=14, seconds=1)
-        response, body = await site.get(f"/l/{token}")
-        assert response.status == 410
-        local = link.expires_at.astimezone(ZoneInfo("America/Sao_Paulo"))
-        assert f"{local:%H:%M} UTC-3" in text_of(body), text_of(body)
+    )
+    token, _ = await site.send_offer(offer(language="en"))
+    csrf = await site.csrf(token)
+    letter = await site.letter_row()
+    async with site.relay.db.transaction() as session:
+        link = await session.get(Link, letter.link_id)
+    assert link is not None
+    clock.advance(days=14, seconds=1)
+    response, body = await site.get(f"/l/{token}")
+    assert response.status == 410
+    local = link.expires_at.astimezone(ZoneInfo("America/Sao_Paulo"))
+    assert f"{local:%H:%M} UTC-3" in text_of(body), text_of(body)
 
-        response, _ = await site.post(f"/l/{token}/renew", {"csrf": csrf})
-        assert response.status == 200
-        arrived = await site.sink.expect(2)
-        [request] = [m for m in arrived if m.rcpt_tos == [AGENT]]
-        text = plain_body(request.data)
-        # the agent reads the brokerage's language (German), the same instant and zone
-        assert f"{local:%H:%M} Uhr UTC-3" in text, text
+    response, _ = await site.post(f"/l/{token}/renew", {"csrf": csrf})
+    assert response.status == 200
+    arrived = await site.sink.expect(2)
+    [request] = [m for m in arrived if m.rcpt_tos == [AGENT]]
+    text = plain_body(request.data)
+    # the agent reads the brokerage's language (German), the same instant and zone
+    assert f"{local:%H:%M} Uhr UTC-3" in text, text
