@@ -28,6 +28,7 @@ from gateway.db import Database, make_engine
 from gateway.relay import Relay
 from tests.conftest import AGENT, PASSWORD, POSTGRES_URL, relay_settings
 from tests.support import Sink, free_port, serve_config
+from tests.test_serve import wait_for_port
 from tests.test_smtp_front import (
     AUTH_WITHOUT_STARTTLS,
     PROSPECT,
@@ -210,19 +211,6 @@ async def log_shows(log_path: Path, needle: str, times: int, process: asyncio.su
             await asyncio.sleep(0.05)
 
 
-async def port_open(port: int, process: asyncio.subprocess.Process) -> None:
-    async with asyncio.timeout(30):
-        while True:
-            assert process.returncode is None, "serve exited early"
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            return
-
-
 def send(port: int) -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
         client.login(AGENT, PASSWORD)
@@ -244,7 +232,7 @@ async def test_serve_waits_for_the_database_and_then_relays(tmp_path: Path) -> N
             try:
                 await log_shows(log_path, "database not reachable", 3, process)
                 await forward.start()
-                await port_open(smtp_port, process)
+                await wait_for_port(smtp_port, process)
                 add = await asyncio.create_subprocess_exec(
                     SEALRELAY,
                     *("user", "add", AGENT, "--password-stdin", "--config", str(config)),

@@ -20,7 +20,7 @@ AGENT = "anna@broker.example"
 PASSWORD = "serve test password"
 
 
-async def _wait_for_port(port: int, process: asyncio.subprocess.Process) -> None:
+async def wait_for_port(port: int, process: asyncio.subprocess.Process) -> None:
     async with asyncio.timeout(30):
         while True:
             if process.returncode is not None:
@@ -87,7 +87,7 @@ path = "{tmp_path / "blobs"}"
             SEALRELAY, "serve", "--config", str(config), stdout=log, stderr=log
         )
         try:
-            await _wait_for_port(smtp_port, process)
+            await wait_for_port(smtp_port, process)
             await asyncio.to_thread(_send, smtp_port)
             async with asyncio.timeout(20):
                 while not list((tmp_path / "outbox").glob("*.eml")):
