@@ -26,7 +26,8 @@ from gateway import users
 from gateway.smtp_guard import ACCEPT_FAILURES, FailedLogins, ThrottledLog, ThrottledRecords
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
 from tests.support import free_port, serve_config
-from tests.test_database_outage import SEALRELAY, port_open
+from tests.test_database_outage import SEALRELAY
+from tests.test_serve import wait_for_port
 from tests.test_smtp_front import (
     AUTH_WITHOUT_STARTTLS,
     PROSPECT,
@@ -406,7 +407,7 @@ async def test_a_flood_past_the_descriptor_limit_is_refused_not_a_lockout(
             preexec_fn=low_descriptor_limit,
         )
         try:
-            await port_open(smtp_port, process)
+            await wait_for_port(smtp_port, process)
             greetings: Counter[str] = Counter()
             async with wires() as opened:
                 for n in range(FD_LIMIT):
