@@ -33,7 +33,6 @@ from gateway.models import Base, Message, new_id, utcnow
 from gateway.queue import new_delivery
 from rules.facts import MessageFacts
 from rules.language import LANGUAGE_HEADER_NAME, unsupported_request
-from rules.matching import PolicyConfig
 from rules.plan import Decision, plan
 
 log = logging.getLogger(__name__)
@@ -115,7 +114,7 @@ class Pipeline:
         draft = await self.draft(envelope, raw, fields, submitter, origin)
         facts = message_facts(envelope, fields, submitter, draft)
         decisions = plan(facts, self.policy).per_recipient
-        draft.events.extend(language_warnings(facts, decisions, self.policy, draft.message.id))
+        draft.events.extend(language_warnings(facts, decisions, draft.message.id))
         copies = await self.materialize(draft, decisions)
         return await self.commit(draft, envelope, copies)
 
@@ -249,12 +248,11 @@ def message_facts(
 def language_warnings(
     facts: MessageFacts,
     decisions: Mapping[str, Decision],
-    policy: PolicyConfig,
     message_id: str,
 ) -> list[journal.NewEvent]:
     """A `language.unsupported` warning when the agent asked for a language we do not ship,
     naming the language each recipient got instead; the agent's console and CRM see it."""
-    requested = unsupported_request(facts, policy.defaults)
+    requested = unsupported_request(facts)
     if requested is None:
         return []
     used = {
