@@ -8,8 +8,6 @@ only once the message and every copy to deliver are durable; after that the fron
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from gateway import headers, journal, mime
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
+from gateway.draft import Draft
 from gateway.events import (
     DELIVERY_QUEUED,
     LANGUAGE_UNSUPPORTED,
@@ -28,9 +27,11 @@ from gateway.events import (
     LanguageUnsupported,
 )
 from gateway.headers import HeaderField
-from gateway.materializers import Draft, materializers
+from gateway.materializers import materializers
 from gateway.models import Base, Message, new_id, utcnow
 from gateway.queue import new_delivery
+from gateway.queue_signal import QueueSignal
+from gateway.rejections import Rejected
 from rules.facts import MessageFacts
 from rules.language import LANGUAGE_HEADER_NAME, unsupported_request
 from rules.plan import Decision, plan
@@ -64,29 +65,6 @@ class Submitter(Protocol):
     @property
     def group(self) -> str | None: ...
     def may_send_as(self, address: str) -> bool: ...
-
-
-class Rejected(Exception):
-    """A permanent or temporary refusal with the SMTP reply a front should give."""
-
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
-
-
-class QueueSignal:
-    """Wakes local delivery workers when new work is committed, instead of waiting a poll."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-
-    async def wait(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds)
-        self._event.clear()
 
 
 class Pipeline:
