@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from email.utils import make_msgid
 from typing import Protocol
 
@@ -251,7 +251,3 @@ def language_warnings(
         "used": used,
     }
     return [LANGUAGE_UNSUPPORTED.new(data, message_id=message_id)]
-
-
-def expiry(start: datetime, lifetime_seconds: float) -> datetime:
-    return start + timedelta(seconds=lifetime_seconds)
