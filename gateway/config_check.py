@@ -32,7 +32,6 @@ from gateway.config import (
     read_config,
     validation_problems,
 )
-from gateway.letter_blocks import BlockSets
 from gateway.listen_addresses import listen_host, plaintext_logins_allowed
 from gateway.problems import Problem
 
@@ -220,6 +219,8 @@ def _texts() -> Iterator[Problem]:
 
 def _letter_texts(settings: Settings) -> Iterator[Problem]:
     """The block sets load as the relay will load them (only once their directories exist)."""
+    from gateway.letter_blocks import BlockSets  # spares every other command the Markdown parser
+
     letter = settings.letter
     if any(not directory.is_dir() for directory in letter.block_sets.values()):
         return
