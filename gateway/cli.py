@@ -29,6 +29,7 @@ from gateway.config import (
 )
 from gateway.db import Database
 from gateway.models import Delivery, DeliveryStatus, utcnow
+from gateway.problems import Problem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -189,7 +190,7 @@ def serve(config: Path | None, roles: str) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-def _stop_on_errors(problems: list[config_check.Problem]) -> None:
+def _stop_on_errors(problems: list[Problem]) -> None:
     """Every error on its own line, naming key and path; exit 1 if there was one."""
     errors = [problem for problem in problems if problem.error]
     if not errors:
@@ -225,7 +226,7 @@ def check_config(config: Path | None, file: Path | None) -> None:
     )
 
 
-def _user_group_problems(settings: Settings) -> list[config_check.Problem]:
+def _user_group_problems(settings: Settings) -> list[Problem]:
     """Users whose group the settings do not know, if the database is there to ask."""
 
     async def groups() -> dict[str, str]:
@@ -250,7 +251,7 @@ def _user_group_problems(settings: Settings) -> list[config_check.Problem]:
         return config_check.unknown_group_problems(settings, asyncio.run(groups()))
     except (OSError, SQLAlchemyError) as exc:
         shown = make_url(settings.database.url).render_as_string(hide_password=True)
-        return [config_check.Problem("database.url", f"cannot open {shown}: {exc}")]
+        return [Problem("database.url", f"cannot open {shown}: {exc}")]
 
 
 @main.group()
@@ -489,7 +490,7 @@ def links_group() -> None:
 @config_option
 def links_expire(config: Path | None) -> None:
     """Expire links and letters past their date, delete blobs nobody needs (the hourly sweep)."""
-    from gateway.pipeline import QueueSignal
+    from gateway.queue_signal import QueueSignal
     from gateway.registered_letter import LetterDesk
     from gateway.relay import blob_store, sweeper_for
 

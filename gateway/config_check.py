@@ -14,14 +14,13 @@ import pwd
 import socket
 import ssl
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 
-from gateway import dkim, text_files
+from gateway import dkim, letter_keys, text_files
 from gateway.config import (
     ConfigError,
     DkimDomain,
@@ -33,18 +32,8 @@ from gateway.config import (
     read_config,
     validation_problems,
 )
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding: an error stops start-up, a warning is worth a look."""
-
-    key: str
-    text: str
-    error: bool = True
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.text}"
+from gateway.listen_addresses import listen_host, plaintext_logins_allowed
+from gateway.problems import Problem
 
 
 def check_config(
@@ -148,11 +137,8 @@ def _smtp(smtp: SmtpSettings) -> Iterator[Problem]:
 
 
 def _logins_without_tls(smtp: SmtpSettings) -> Iterator[Problem]:
-    from gateway.smtp import _is_loopback  # the rule the listener applies
-
     for address in smtp.listen:
-        host = address.rpartition(":")[0].strip("[]")
-        if not (smtp.allow_plaintext_auth_on_loopback and _is_loopback(host)):
+        if not plaintext_logins_allowed(smtp, listen_host(address)):
             yield Problem(
                 "smtp.listen",
                 f"{address}: agents could not log in: set smtp.tls_cert and smtp.tls_key,"
@@ -233,7 +219,7 @@ def _texts() -> Iterator[Problem]:
 
 def _letter_texts(settings: Settings) -> Iterator[Problem]:
     """The block sets load as the relay will load them (only once their directories exist)."""
-    from gateway.registered_letter import BlockSets
+    from gateway.letter_blocks import BlockSets  # spares every other command the Markdown parser
 
     letter = settings.letter
     if any(not directory.is_dir() for directory in letter.block_sets.values()):
@@ -251,8 +237,6 @@ def _letter_texts(settings: Settings) -> Iterator[Problem]:
 
 def _letter_keys(settings: Settings) -> Iterator[Problem]:
     """Letters that could only go out unsigned are refused: say so before mail is sent."""
-    from gateway import letter_keys
-
     yield from letter_keys.problems(settings)
 
 

@@ -110,7 +110,7 @@ def _in_cp1252(char: str) -> bool:
 
 # -- Markdown as paragraphs and list items ---------------------------------------------------
 
-# The parser and options the letter uses for its HTML (gateway/registered_letter.py), so the
+# The parser and options the letter uses for its HTML (gateway/letter_blocks.py), so the
 # PDF reads each text as the letter and the page show it.
 _MARKDOWN = MarkdownIt("commonmark", {"html": False})
 

@@ -30,7 +30,7 @@ from gateway.metrics import DELIVERY_OUTCOMES
 from gateway.models import Delivery, Message, MessageKind, utcnow
 from gateway.outgoing import Signer, prepare
 from gateway.own_mail import OwnMail
-from gateway.pipeline import QueueSignal
+from gateway.queue_signal import QueueSignal
 from gateway.upstream import Outcome, Upstream, relay_name
 
 log = logging.getLogger(__name__)

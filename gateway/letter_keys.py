@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 from gateway import headers
 from gateway.config import Settings
-from gateway.config_check import Problem
-from gateway.pipeline import Rejected
+from gateway.problems import Problem
+from gateway.rejections import Rejected
 
 
 class UnsignedLetter(Rejected):

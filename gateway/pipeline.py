@@ -8,12 +8,10 @@ only once the message and every copy to deliver are durable; after that the fron
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from email.utils import make_msgid
 from typing import Protocol
 
@@ -21,6 +19,7 @@ from gateway import headers, journal, mime
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
+from gateway.draft import Draft
 from gateway.events import (
     DELIVERY_QUEUED,
     LANGUAGE_UNSUPPORTED,
@@ -28,12 +27,13 @@ from gateway.events import (
     LanguageUnsupported,
 )
 from gateway.headers import HeaderField
-from gateway.materializers import Draft, materializers
+from gateway.materializers import materializers
 from gateway.models import Base, Message, new_id, utcnow
 from gateway.queue import new_delivery
+from gateway.queue_signal import QueueSignal
+from gateway.rejections import Rejected
 from rules.facts import MessageFacts
 from rules.language import LANGUAGE_HEADER_NAME, unsupported_request
-from rules.matching import PolicyConfig
 from rules.plan import Decision, plan
 
 log = logging.getLogger(__name__)
@@ -67,29 +67,6 @@ class Submitter(Protocol):
     def may_send_as(self, address: str) -> bool: ...
 
 
-class Rejected(Exception):
-    """A permanent or temporary refusal with the SMTP reply a front should give."""
-
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
-
-
-class QueueSignal:
-    """Wakes local delivery workers when new work is committed, instead of waiting a poll."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-
-    async def wait(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds)
-        self._event.clear()
-
-
 class Pipeline:
     def __init__(
         self,
@@ -115,7 +92,7 @@ class Pipeline:
         draft = await self.draft(envelope, raw, fields, submitter, origin)
         facts = message_facts(envelope, fields, submitter, draft)
         decisions = plan(facts, self.policy).per_recipient
-        draft.events.extend(language_warnings(facts, decisions, self.policy, draft.message.id))
+        draft.events.extend(language_warnings(facts, decisions, draft.message.id))
         copies = await self.materialize(draft, decisions)
         return await self.commit(draft, envelope, copies)
 
@@ -249,12 +226,11 @@ def message_facts(
 def language_warnings(
     facts: MessageFacts,
     decisions: Mapping[str, Decision],
-    policy: PolicyConfig,
     message_id: str,
 ) -> list[journal.NewEvent]:
     """A `language.unsupported` warning when the agent asked for a language we do not ship,
     naming the language each recipient got instead; the agent's console and CRM see it."""
-    requested = unsupported_request(facts, policy.defaults)
+    requested = unsupported_request(facts)
     if requested is None:
         return []
     used = {
@@ -275,7 +251,3 @@ def language_warnings(
         "used": used,
     }
     return [LANGUAGE_UNSUPPORTED.new(data, message_id=message_id)]
-
-
-def expiry(start: datetime, lifetime_seconds: float) -> datetime:
-    return start + timedelta(seconds=lifetime_seconds)

@@ -24,7 +24,8 @@ from gateway.delivery import DeliveryWorker
 from gateway.local_blobs import LocalBlobStore
 from gateway.models import utcnow
 from gateway.outgoing import Signer
-from gateway.pipeline import Pipeline, QueueSignal
+from gateway.pipeline import Pipeline
+from gateway.queue_signal import QueueSignal
 from gateway.registered_letter import LetterDesk
 from gateway.smtp import SmtpFront
 from gateway.upstream import Upstream, open_upstream

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import ipaddress
 import logging
 import ssl
 import warnings
@@ -24,9 +23,11 @@ from gateway import users
 from gateway.config import Settings
 from gateway.data_reader import DataResult, read_data
 from gateway.db import Database
+from gateway.listen_addresses import plaintext_logins_allowed, split_address
 from gateway.metrics import SMTP_REPLIES
 from gateway.pipeline import Envelope as PipelineEnvelope
-from gateway.pipeline import Origin, Pipeline, Rejected
+from gateway.pipeline import Origin, Pipeline
+from gateway.rejections import Rejected
 from gateway.smtp_guard import ConnectionGate, FailedLogins, ThrottledLog, session_ceiling
 
 log = logging.getLogger(__name__)
@@ -366,8 +367,8 @@ class SmtpFront:
         smtp = self.settings.smtp
         self.gate.total = session_ceiling(smtp.max_connections)
         for address in smtp.listen:
-            host, port = _split(address)
-            plaintext_ok = smtp.allow_plaintext_auth_on_loopback and _is_loopback(host)
+            host, port = split_address(address)
+            plaintext_ok = plaintext_logins_allowed(smtp, host)
             if self.tls is None and not plaintext_ok:
                 raise RuntimeError(
                     f"smtp.listen {address}: agents could not log in; set smtp.tls_cert and"
@@ -376,7 +377,7 @@ class SmtpFront:
             factory = self._factory(self.tls, require_tls=not plaintext_ok)
             self.servers.append(await loop.create_server(factory, host, port))
         for address in smtp.implicit_tls_listen:
-            host, port = _split(address)
+            host, port = split_address(address)
             factory = self._factory(None, require_tls=False)
             self.servers.append(
                 await loop.create_server(
@@ -481,17 +482,3 @@ def _peer_of(server: SMTP) -> str:
 def _peer(session: Session) -> str:
     peer = session.peer
     return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
-
-
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -34,8 +34,8 @@ class RegisteredLetter:
     link_days: int
     block_set: str
     tag: str | None
-    link_parts: tuple[str, ...] = ()
-    download_days: int = 90
+    link_parts: tuple[str, ...]
+    download_days: int  # for `link_parts`; the policy's download_link_days
 
 
 Action = KeepOriginal | LinkAttachments | RegisteredLetter

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rules.facts import MessageFacts
-    from rules.policy import Policy
 
 SHIPPED_LANGUAGES = ("de", "en", "es")
 HOME_LANGUAGE = "de"  # the default of `[policy] language`
@@ -46,14 +45,15 @@ def shipped_language(tag: str, default: str | None = None) -> str:
     return LAST_RESORT_LANGUAGE
 
 
-def language_of(facts: MessageFacts, policy: Policy) -> str:
+def language_of(facts: MessageFacts, default: str) -> str:
+    """The recipient's language; `default` is the policy's (`Policy.language`)."""
     requested = _requested(facts)
     if requested:
-        return shipped_language(requested, policy.language)
-    return shipped_language(facts.header("content-language") or "", policy.language)
+        return shipped_language(requested, default)
+    return shipped_language(facts.header("content-language") or "", default)
 
 
-def unsupported_request(facts: MessageFacts, policy: Policy) -> str | None:
+def unsupported_request(facts: MessageFacts) -> str | None:
     """The agent's explicit language when it is one we do not ship, as written."""
     requested = _requested(facts)
     if requested and primary_subtag(requested) not in SHIPPED_LANGUAGES:

@@ -45,5 +45,7 @@ def decide(facts: MessageFacts, recipient: str, policy: Policy) -> Action | None
     if not linked:
         return None
     return LinkAttachments(
-        tuple(part.id for part in linked), policy.download_link_days, language_of(facts, policy)
+        tuple(part.id for part in linked),
+        policy.download_link_days,
+        language_of(facts, policy.language),
     )

@@ -31,7 +31,7 @@ def decide(facts: MessageFacts, recipient: str, policy: Policy) -> Action | None
         return None
     links = None if facts.signed else large_attachments.decide(facts, recipient, policy)
     return RegisteredLetter(
-        language=language_of(facts, policy),
+        language=language_of(facts, policy.language),
         link_days=policy.letter_link_days,
         block_set=policy.letter_block_set,
         tag=tag,

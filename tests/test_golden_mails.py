@@ -30,8 +30,9 @@ from gateway.dsn import FailedRecipient, dsn_mail
 from gateway.evidence import ConsentRecord, texts_sha256
 from gateway.expiry_notice import ExpiredLetter, expiry_notice_mail
 from gateway.i18n import shipped_catalogs
+from gateway.letter_blocks import BlockSet, BlockSets
+from gateway.letter_compose import LetterMail, compose_letter
 from gateway.own_mail import OwnMail, render
-from gateway.registered_letter import BlockSet, BlockSets, LetterMail, compose_letter
 from gateway.renewal import request_mail
 from tests.conftest import relay_settings
 

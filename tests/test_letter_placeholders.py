@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.registered_letter import BlockSetError
+from gateway.letter_blocks import BlockSetError
 from gateway.text_files import SHIPPED_BLOCK_SET as SHIPPED
 from tests.conftest import StartRelay
 from tests.support import Sink

@@ -1,0 +1,35 @@
+"""A message on its way to being committed, and the contract of every materializer.
+
+A materializer writes what it makes durably (blobs) and leaves the rows and events it wants
+committed in the `Draft`, so the pipeline commits everything in its one transaction. Apart
+from the materializers, so each of them and the pipeline depend on this and not on each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from gateway import journal, mime
+from gateway.models import Base, Message, StoredFile
+
+
+@dataclass
+class Draft:
+    """A message on its way to being committed: what every materializer adds to."""
+
+    message: Message
+    now: datetime
+    raw: bytes
+    root: mime.MimePart
+    copy_base: str
+    rows: list[Base] = field(default_factory=list)
+    events: list[journal.NewEvent] = field(default_factory=list)
+    files: dict[str, StoredFile] = field(default_factory=dict)
+
+
+class Materializer(Protocol):
+    async def __call__(self, draft: Draft, recipient: str, action: Any) -> str:
+        """The digest of the recipient's copy, already durable."""
+        ...
