@@ -21,6 +21,7 @@ from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.delivery import DeliveryWorker
+from gateway.link_desk import LinkDesk
 from gateway.local_blobs import LocalBlobStore
 from gateway.models import utcnow
 from gateway.outgoing import Signer
@@ -88,6 +89,7 @@ class Relay:
         self.blobs = blobs or blob_store(settings)
         self.signal = QueueSignal()
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
+        self.links = LinkDesk(self.db, clock)
         self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
         self.smtp = SmtpFront(settings, self.db, self.pipeline)
         self.worker = DeliveryWorker(

@@ -53,7 +53,7 @@ def create_app(relay: Relay) -> web.Application:
     app.router.add_get("/metrics", metrics)
     site = ProspectSite(relay.settings, clock=lambda: relay.clock().timestamp())
     site.register(app)
-    DownloadPages(relay, site).register(app)
+    DownloadPages(site, relay.links, relay.blobs).register(app)
     LetterPages(relay, site).register(app)
     return app
 

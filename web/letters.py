@@ -42,7 +42,7 @@ from gateway import journal, mime, renewal
 from gateway.blobstore import BlobMissing
 from gateway.events import LETTER_VIEWED
 from gateway.i18n import Catalog
-from gateway.links import FoundLink, LinkState, find_recipient_link
+from gateway.links import FoundLink
 from gateway.models import Letter, Link, Message
 from gateway.registered_letter import (
     ConsentIncomplete,
@@ -99,7 +99,7 @@ class LetterPages:
         self.relay = relay
         self.settings = relay.settings
         self.site = site
-        self.downloads = DownloadPages(relay, site)
+        self.downloads = DownloadPages(site, relay.links, relay.blobs)
         self.forms = FormTokens(
             relay.settings.storage.path.parent / KEY_FILE, relay.settings.server.public_url
         )
@@ -253,17 +253,11 @@ class LetterPages:
         linked = await self.linked(found)
         if linked is None:
             return self.site.not_found(request, self.site.catalog(found.letter.language))
-        visitor, now = self.site.visitor(request), self.relay.clock()
-        file_id = request.match_info["file_id"]
-        return await self.downloads.serve_file(request, linked, file_id, visitor, now)
+        return await self.downloads.serve_file(request, linked, request.match_info["file_id"])
 
     async def linked(self, found: FoundLetter) -> FoundLink | None:
         """The held copy's valid download link for this recipient, if it has one."""
-        async with self.relay.db.transaction() as session:
-            linked = await find_recipient_link(
-                session, found.message, found.letter.recipient, self.relay.clock()
-            )
-        return linked if linked is not None and linked.state is LinkState.VALID else None
+        return await self.relay.links.recipient_link(found.message, found.letter.recipient)
 
     async def consent_pdf(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
