@@ -21,12 +21,12 @@ from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.delivery import DeliveryWorker
+from gateway.letter_desk import LetterDesk
 from gateway.link_desk import LinkDesk
 from gateway.local_blobs import LocalBlobStore
 from gateway.models import utcnow
 from gateway.outgoing import Signer
 from gateway.pipeline import Pipeline, QueueSignal
-from gateway.registered_letter import LetterDesk
 from gateway.smtp import SmtpFront
 from gateway.upstream import Upstream, open_upstream
 

@@ -38,26 +38,19 @@ import nh3
 from aiohttp import web
 from markupsafe import Markup, escape
 
-from gateway import journal, mime, renewal
+from gateway import mime
 from gateway.blobstore import BlobMissing
-from gateway.events import LETTER_VIEWED
 from gateway.i18n import Catalog
+from gateway.letter_desk import ConsentIncomplete, FoundLetter, LetterExpired, LetterUnknown
 from gateway.links import FoundLink
-from gateway.models import Letter, Link, Message
-from gateway.registered_letter import (
-    ConsentIncomplete,
-    FoundLetter,
-    LetterExpired,
-    LetterUnknown,
-    markdown_html,
-)
+from gateway.models import Letter, Message
+from gateway.registered_letter import markdown_html
 from gateway.relay import Relay
 from web.csrf import KEY_FILE, FormTokens
 from web.downloads import DownloadPages
 from web.pages import (
     SEGMENT,
     ProspectSite,
-    Visitor,
     agent_of,
     content_disposition,
     content_type,
@@ -128,7 +121,8 @@ class LetterPages:
         if isinstance(found, web.StreamResponse):
             return found
         if request.method == "GET":
-            await self.record_view(found, self.site.visitor(request))
+            visitor = self.site.visitor(request)
+            await self.relay.letters.record_view(found, visitor.ip, visitor.user_agent)
         catalog = self.site.catalog(found.letter.language)
         if found.released:
             return await self.render_released(request, token, found, catalog)
@@ -292,12 +286,8 @@ class LetterPages:
         form = await self.checked_form(request, token, catalog)
         if isinstance(form, web.StreamResponse):
             return form
-        sent = await renewal.request_new_link(
-            self.relay,
-            expired.letter,
-            expired.message,
-            self.site.visitor(request).ip,
-            self.relay.clock(),
+        sent = await self.relay.letters.request_new_link(
+            expired.letter, expired.message, self.site.visitor(request).ip
         )
         if not sent:  # the visitor is not told: the agent simply is not asked twice a day
             log.info("new link for letter %s asked for again within 24 h", expired.letter.id)
@@ -347,19 +337,6 @@ class LetterPages:
                 message=catalog.t("letter.forbidden"),
             )
         return set(form)
-
-    async def record_view(self, found: FoundLetter, visitor: Visitor) -> None:
-        async with self.relay.db.transaction() as session:
-            event = LETTER_VIEWED.new(
-                {
-                    "letter_id": found.letter.id,
-                    "recipient": found.letter.recipient,
-                    "ip": visitor.ip,
-                    "user_agent": visitor.user_agent,
-                },
-                message_id=found.letter.message_id,
-            )
-            await journal.append(session, [event], self.relay.clock())
 
     # -- rendering
 
@@ -425,9 +402,7 @@ class LetterPages:
     async def render_expired(
         self, request: web.Request, token: str, expired: LetterExpired, catalog: Catalog
     ) -> web.Response:
-        async with self.relay.db.transaction() as session:
-            link = await session.get(Link, expired.letter.link_id)
-        until = link.expires_at if link is not None else self.relay.clock()
+        until = expired.expires_at
         agent = await self.agent_name(expired.letter, expired.message)
         return self.site.render(
             request,
