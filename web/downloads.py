@@ -11,9 +11,10 @@ What a visitor's request has the link desk (gateway/link_desk.py) write to the j
 - `GET /d/{token}/zip`: `download.zip` listing the files; it does not count per file.
 - HEAD never writes anything.
 
-Unknown and expired tokens get a friendly page (404 / 410) and are remembered per client
-address by the site's `BadTokenLimiter` (web/pages.py), which also adds the security
-headers and holds the texts, templates and branding these pages share with the letter's.
+Unknown and expired tokens get a friendly page (404 / 410, web/token_pages.py) and are
+remembered per client address by the site's `BadTokenLimiter` (web/pages.py), which also
+adds the security headers and holds the texts, templates and branding these pages share
+with the letter's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from aiohttp import web
 from zipstream import ZipStream
 
 from gateway.blobstore import BlobReader, BlobStore
-from gateway.link_desk import LinkDesk, LinkExpired, LinkUnknown
+from gateway.link_desk import LinkDesk, LinkExpired
 from gateway.links import FoundLink
 from gateway.models import StoredFile
 from web.blobs import PulledBlob, send_blob, send_pulled
@@ -49,6 +50,7 @@ from web.pages import (
     safe_filename,
 )
 from web.pages import content_type as _content_type
+from web.token_pages import TokenFamily
 
 __all__ = [
     "BAD_TOKEN_LIMIT",
@@ -159,12 +161,11 @@ class DownloadPages:
         self.site = site
         self.links = links
         self.blobs = blobs
-        self.limiter = site.limiter
         self.base = site.base
         self.render = site.render
         self.visitor = site.visitor
-        self.catalog_for = site.catalog_for
         self.not_found = site.not_found
+        self.tokens = TokenFamily(site, LinkExpired, self.expired, count_closed=True)
 
     def register(self, app: web.Application) -> None:
         token = f"{{token:{SEGMENT}}}"
@@ -178,20 +179,10 @@ class DownloadPages:
     # -- handlers
 
     async def unknown(self, request: web.Request) -> web.Response:
-        return await self.bad_link(request, None)
-
-    async def find(self, request: web.Request) -> FoundLink | web.Response:
-        try:
-            return await self.links.find(request.match_info["token"])
-        except LinkUnknown:
-            return await self.bad_link(request, None)
-        except LinkExpired as expired:
-            return await self.bad_link(request, expired.found)
+        return self.site.unknown_token(request)
 
     async def page(self, request: web.Request) -> web.StreamResponse:
-        found = await self.find(request)
-        if isinstance(found, web.Response):
-            return found
+        found = await self.tokens.open(request, self.links.find(request.match_info["token"]))
         if _is_get(request):
             visitor = self.visitor(request)
             await self.links.record_view(found, visitor.ip, visitor.user_agent)
@@ -222,9 +213,7 @@ class DownloadPages:
         )
 
     async def file(self, request: web.Request) -> web.StreamResponse:
-        found = await self.find(request)
-        if isinstance(found, web.Response):
-            return found
+        found = await self.tokens.open(request, self.links.find(request.match_info["token"]))
         return await self.serve_file(request, found, request.match_info["file_id"])
 
     async def serve_file(
@@ -274,9 +263,7 @@ class DownloadPages:
         return response
 
     async def zip(self, request: web.Request) -> web.StreamResponse:
-        found = await self.find(request)
-        if isinstance(found, web.Response):
-            return found
+        found = await self.tokens.open(request, self.links.find(request.match_info["token"]))
         catalog = self.site.catalog(found.link.language)
         if not found.files:
             return self.not_found(request, catalog)
@@ -313,15 +300,9 @@ class DownloadPages:
             archive.add(PulledBlob(self.blobs, stored.sha256, loop), name, size=size)
         return archive
 
-    async def bad_link(self, request: web.Request, found: FoundLink | None) -> web.Response:
-        """Unknown: 404 in the browser's language. Expired: 410 in the link's, naming the sender.
-
-        Both count against the client's address; an unknown token never reveals whether
-        it once existed.
-        """
-        self.limiter.record(self.visitor(request).ip)
-        if found is None:
-            return self.not_found(request, self.catalog_for(request))
+    async def expired(self, request: web.Request, closed: LinkExpired) -> web.Response:
+        """410 in the link's language, naming the sender and how to ask them again."""
+        found = closed.found
         catalog = self.site.catalog(found.link.language)
         agent = await agent_of(self.blobs, found.message)
         sender, subject = agent.address, found.message.subject

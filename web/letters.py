@@ -23,7 +23,8 @@ Routes and what they write (nothing else is ever written by a visitor's request)
   new link (gateway/renewal.py: one mail per letter per 24 hours) and says so.
 
 Unknown tokens get the download pages' 404 and count against the client's address; an
-expired letter gets 410 in its language with the button to ask the agent for a new link.
+expired letter gets 410 in its language with the button to ask the agent for a new link
+(the shared flow of web/token_pages.py; the letter's expired page does not count).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from web.pages import (
     file_kind,
     safe_filename,
 )
+from web.token_pages import RaisedPage, TokenFamily
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class LetterPages:
         self.forms = FormTokens(
             relay.settings.storage.path.parent / KEY_FILE, relay.settings.server.public_url
         )
+        self.tokens = TokenFamily(site, LetterExpired, self.expired, count_closed=False)
 
     def register(self, app: web.Application) -> None:
         token = f"{{token:{SEGMENT}}}"
@@ -118,8 +121,6 @@ class LetterPages:
     async def letter(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         if request.method == "GET":
             visitor = self.site.visitor(request)
             await self.relay.letters.record_view(found, visitor.ip, visitor.user_agent)
@@ -131,12 +132,8 @@ class LetterPages:
     async def consent(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         catalog = self.site.catalog(found.letter.language)
         form = await self.checked_form(request, token, catalog)
-        if isinstance(form, web.StreamResponse):
-            return form
         if found.released:
             raise web.HTTPSeeOther(self.url(token, "/offer"))
         checked = {name for name in form if name != "csrf"}
@@ -162,8 +159,6 @@ class LetterPages:
     async def offer(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         if not found.released or found.consent is None:
             raise web.HTTPSeeOther(self.url(token))
         catalog = self.site.catalog(found.letter.language)
@@ -221,8 +216,6 @@ class LetterPages:
     async def attachment(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         catalog = self.site.catalog(found.letter.language)
         if not found.released:
             raise web.HTTPSeeOther(self.url(token))
@@ -240,8 +233,6 @@ class LetterPages:
     async def linked_file(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         if not found.released:
             raise web.HTTPSeeOther(self.url(token))
         linked = await self.linked(found)
@@ -256,8 +247,6 @@ class LetterPages:
     async def consent_pdf(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         if found.consent is None:
             raise web.HTTPSeeOther(self.url(token))
         catalog = self.site.catalog(found.letter.language)
@@ -283,9 +272,7 @@ class LetterPages:
         self, request: web.Request, token: str, expired: LetterExpired
     ) -> web.StreamResponse:
         catalog = self.site.catalog(expired.letter.language)
-        form = await self.checked_form(request, token, catalog)
-        if isinstance(form, web.StreamResponse):
-            return form
+        await self.checked_form(request, token, catalog)
         sent = await self.relay.letters.request_new_link(
             expired.letter, expired.message, self.site.visitor(request).ip
         )
@@ -303,20 +290,16 @@ class LetterPages:
 
     # -- looking up, checking, recording
 
-    async def find(self, request: web.Request, token: str) -> FoundLetter | web.StreamResponse:
-        """The letter, or the page to answer with: 404 unknown, 410 expired."""
-        try:
-            return await self.relay.letters.find(token)
-        except LetterUnknown:
-            return self.site.unknown_token(request)
-        except LetterExpired as expired:
-            catalog = self.site.catalog(expired.letter.language)
-            return await self.render_expired(request, token, expired, catalog)
+    async def find(self, request: web.Request, token: str) -> FoundLetter:
+        """The letter; an unknown (404) or expired (410) token raises its page."""
+        return await self.tokens.open(request, self.relay.letters.find(token))
 
-    async def checked_form(
-        self, request: web.Request, token: str, catalog: Catalog
-    ) -> set[str] | web.StreamResponse:
-        """The posted field names, or a 403 page when the CSRF token or the Origin is wrong."""
+    async def expired(self, request: web.Request, expired: LetterExpired) -> web.Response:
+        catalog = self.site.catalog(expired.letter.language)
+        return await self.render_expired(request, request.match_info["token"], expired, catalog)
+
+    async def checked_form(self, request: web.Request, token: str, catalog: Catalog) -> set[str]:
+        """The posted field names; a wrong CSRF token or Origin raises the 403 page."""
         form: dict[str, str] = {}
         if self.forms.origin_allowed(request.headers.get("Origin")):
             try:
@@ -328,13 +311,15 @@ class LetterPages:
                     if isinstance(value, str):
                         form.setdefault(name, value)
         if not form or not self.forms.valid(token, form.get("csrf")):
-            return self.site.render(
-                request,
-                "error.html",
-                catalog,
-                status=403,
-                title=catalog.t("letter.forbidden_title"),
-                message=catalog.t("letter.forbidden"),
+            raise RaisedPage(
+                self.site.render(
+                    request,
+                    "error.html",
+                    catalog,
+                    status=403,
+                    title=catalog.t("letter.forbidden_title"),
+                    message=catalog.t("letter.forbidden"),
+                )
             )
         return set(form)
 
