@@ -1,7 +1,7 @@
 """The one composition root: build every part from the settings and run the chosen roles.
 
 `sealrelay serve` runs all roles in one process; `--roles` splits them across instances.
-The web package is imported here, inside `start`, so `gateway` never depends on `web` at
+The web package is imported here, inside `_start_web`, so `gateway` never depends on `web` at
 module level.
 """
 
@@ -12,11 +12,11 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import dkim, letter_keys, sweeper
+from gateway import dkim, health, letter_keys, sweeper
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
@@ -29,6 +29,9 @@ from gateway.outgoing import Signer
 from gateway.pipeline import Pipeline, QueueSignal
 from gateway.smtp import SmtpFront
 from gateway.upstream import Upstream, open_upstream
+
+if TYPE_CHECKING:  # the web (and aiohttp) are imported only by a relay with the web role
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ class Relay:
         self.sweeper = sweeper_for(settings, self.db, self.blobs, self.letters)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._web_runner: Any = None
+        self._web_runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         """Start the roles; returns without starting them when stopped while waiting for the
@@ -126,9 +129,23 @@ class Relay:
         if "smtp" in self.roles:
             await self.smtp.start()
         if "web" in self.roles:
-            from web.app import start_web
+            self._web_runner = await self._start_web()
 
-            self._web_runner = await start_web(self)
+    async def _start_web(self) -> web.AppRunner:
+        from web.app import WebParts, start_web
+
+        db = self.db
+        parts = WebParts(
+            settings=self.settings,
+            links=self.links,
+            letters=self.letters,
+            blobs=self.blobs,
+            clock=self.clock,
+            health=lambda: health.database_answers(db),
+            queue_depths=lambda: health.queue_depths(db),
+            roles=self.roles,
+        )
+        return await start_web(parts)
 
     async def sweep_once(self) -> sweeper.SweepReport:
         """What the hourly sweep does, now (by this relay's clock)."""

@@ -40,13 +40,19 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from gateway import mime
-from gateway.blobstore import BlobMissing
+from gateway.blobstore import BlobMissing, BlobStore
 from gateway.i18n import Catalog
-from gateway.letter_desk import ConsentIncomplete, FoundLetter, LetterExpired, LetterUnknown
+from gateway.letter_desk import (
+    ConsentIncomplete,
+    FoundLetter,
+    LetterDesk,
+    LetterExpired,
+    LetterUnknown,
+)
+from gateway.link_desk import LinkDesk
 from gateway.links import FoundLink
 from gateway.models import Letter, Message
 from gateway.registered_letter import markdown_html
-from gateway.relay import Relay
 from web.csrf import KEY_FILE, FormTokens
 from web.downloads import DownloadPages
 from web.pages import (
@@ -90,14 +96,19 @@ class OfferPart:
 
 
 class LetterPages:
-    def __init__(self, relay: Relay, site: ProspectSite) -> None:
-        self.relay = relay
-        self.settings = relay.settings
+    """The handlers of /l/; every write goes through the letter desk."""
+
+    def __init__(
+        self, site: ProspectSite, letters: LetterDesk, links: LinkDesk, blobs: BlobStore
+    ) -> None:
+        settings = site.settings
+        self.settings = settings
         self.site = site
-        self.downloads = DownloadPages(site, relay.links, relay.blobs)
-        self.forms = FormTokens(
-            relay.settings.storage.path.parent / KEY_FILE, relay.settings.server.public_url
-        )
+        self.letters = letters
+        self.links = links
+        self.blobs = blobs
+        self.downloads = DownloadPages(site, links, blobs)
+        self.forms = FormTokens(settings.storage.path.parent / KEY_FILE, settings.server.public_url)
         self.tokens = TokenFamily(site, LetterExpired, self.expired, count_closed=False)
 
     def register(self, app: web.Application) -> None:
@@ -123,7 +134,7 @@ class LetterPages:
         found = await self.find(request, token)
         if request.method == "GET":
             visitor = self.site.visitor(request)
-            await self.relay.letters.record_view(found, visitor.ip, visitor.user_agent)
+            await self.letters.record_view(found, visitor.ip, visitor.user_agent)
         catalog = self.site.catalog(found.letter.language)
         if found.released:
             return await self.render_released(request, token, found, catalog)
@@ -139,7 +150,7 @@ class LetterPages:
         checked = {name for name in form if name != "csrf"}
         visitor = self.site.visitor(request)
         try:
-            await self.relay.letters.release(token, checked, visitor.ip, visitor.user_agent)
+            await self.letters.release(token, checked, visitor.ip, visitor.user_agent)
         except ConsentIncomplete as incomplete:
             return await self.render_letter(
                 request,
@@ -163,7 +174,7 @@ class LetterPages:
             raise web.HTTPSeeOther(self.url(token))
         catalog = self.site.catalog(found.letter.language)
         try:
-            raw = await self.relay.blobs.read(found.letter.held_blob)
+            raw = await self.blobs.read(found.letter.held_blob)
         except BlobMissing as missing:
             return await self.gone(request, found, catalog, "offer", missing)
         held = await asyncio.to_thread(read_offer, raw)
@@ -220,7 +231,7 @@ class LetterPages:
         if not found.released:
             raise web.HTTPSeeOther(self.url(token))
         try:
-            raw = await self.relay.blobs.read(found.letter.held_blob)
+            raw = await self.blobs.read(found.letter.held_blob)
         except BlobMissing as missing:
             return await self.gone(request, found, catalog, "offer", missing)
         wanted = request.match_info["part"]
@@ -242,7 +253,7 @@ class LetterPages:
 
     async def linked(self, found: FoundLetter) -> FoundLink | None:
         """The held copy's valid download link for this recipient, if it has one."""
-        return await self.relay.links.recipient_link(found.message, found.letter.recipient)
+        return await self.links.recipient_link(found.message, found.letter.recipient)
 
     async def consent_pdf(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
@@ -251,7 +262,7 @@ class LetterPages:
             raise web.HTTPSeeOther(self.url(token))
         catalog = self.site.catalog(found.letter.language)
         try:
-            data = await self.relay.blobs.read(found.consent.pdf_blob)
+            data = await self.blobs.read(found.consent.pdf_blob)
         except BlobMissing as missing:
             return await self.gone(request, found, catalog, "pdf", missing)
         name = catalog.t("offer.consent_filename", subject=found.letter.subject)
@@ -260,7 +271,7 @@ class LetterPages:
     async def renew(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         try:
-            await self.relay.letters.find(token)
+            await self.letters.find(token)
         except LetterUnknown:
             return self.site.unknown_token(request)
         except LetterExpired as expired:
@@ -273,7 +284,7 @@ class LetterPages:
     ) -> web.StreamResponse:
         catalog = self.site.catalog(expired.letter.language)
         await self.checked_form(request, token, catalog)
-        sent = await self.relay.letters.request_new_link(
+        sent = await self.letters.request_new_link(
             expired.letter, expired.message, self.site.visitor(request).ip
         )
         if not sent:  # the visitor is not told: the agent simply is not asked twice a day
@@ -292,7 +303,7 @@ class LetterPages:
 
     async def find(self, request: web.Request, token: str) -> FoundLetter:
         """The letter; an unknown (404) or expired (410) token raises its page."""
-        return await self.tokens.open(request, self.relay.letters.find(token))
+        return await self.tokens.open(request, self.letters.find(token))
 
     async def expired(self, request: web.Request, expired: LetterExpired) -> web.Response:
         catalog = self.site.catalog(expired.letter.language)
@@ -452,10 +463,10 @@ class LetterPages:
 
     async def agent_label(self, found: FoundLetter) -> str:
         """ "Anna Agent (agent@broker.example)", as the download page introduces them too."""
-        return (await agent_of(self.relay.blobs, found.message)).label
+        return (await agent_of(self.blobs, found.message)).label
 
     async def agent_name(self, letter: Letter, message: Message) -> str:
-        return (await agent_of(self.relay.blobs, message)).called
+        return (await agent_of(self.blobs, message)).called
 
 
 # --- the offer's body and parts ------------------------------------------------------------
