@@ -490,8 +490,8 @@ def links_group() -> None:
 @config_option
 def links_expire(config: Path | None) -> None:
     """Expire links and letters past their date, delete blobs nobody needs (the hourly sweep)."""
+    from gateway.letter_desk import LetterDesk
     from gateway.queue_signal import QueueSignal
-    from gateway.registered_letter import LetterDesk
     from gateway.relay import blob_store, sweeper_for
 
     settings = _settings(config)

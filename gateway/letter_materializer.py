@@ -1,6 +1,6 @@
 """A registered letter for one recipient: the original held, the letter sent in its place.
 
-The held original is what consent releases (gateway/registered_letter.py): its subject tag
+The held original is what consent releases (gateway/letter_desk.py): its subject tag
 taken off, its large attachments linked as any other copy's would be. The letter and the
 archive's copy of it are left in the draft, committed with the message.
 """

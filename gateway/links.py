@@ -64,6 +64,26 @@ class LinkState(StrEnum):
     EXPIRED = "expired"
 
 
+class Closed(StrEnum):
+    """Why a known token no longer opens its page. Only expiry exists today; `revoked` is the
+    state an agent's "withdraw this link" will record, so the pages already know it."""
+
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+class TokenUnknown(Exception):
+    """No link or letter has this token (or it is not a token at all)."""
+
+
+class TokenClosed(Exception):
+    """The token's link or letter exists but no longer opens; `reason` says why."""
+
+    def __init__(self, reason: Closed) -> None:
+        super().__init__(f"the token's page is {reason}")
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class FoundLink:
     link: Link

@@ -1,7 +1,7 @@
 """The one composition root: build every part from the settings and run the chosen roles.
 
 `sealrelay serve` runs all roles in one process; `--roles` splits them across instances.
-The web package is imported here, inside `start`, so `gateway` never depends on `web` at
+The web package is imported here, inside `_start_web`, so `gateway` never depends on `web` at
 module level.
 """
 
@@ -12,23 +12,27 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import dkim, letter_keys, sweeper
+from gateway import dkim, health, letter_keys, sweeper
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.delivery import DeliveryWorker
+from gateway.letter_desk import LetterDesk
+from gateway.link_desk import LinkDesk
 from gateway.local_blobs import LocalBlobStore
 from gateway.models import utcnow
 from gateway.outgoing import Signer
 from gateway.pipeline import Pipeline
 from gateway.queue_signal import QueueSignal
-from gateway.registered_letter import LetterDesk
 from gateway.smtp import SmtpFront
 from gateway.upstream import Upstream, open_upstream
+
+if TYPE_CHECKING:  # the web (and aiohttp) are imported only by a relay with the web role
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,7 @@ class Relay:
         self.blobs = blobs or blob_store(settings)
         self.signal = QueueSignal()
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
+        self.links = LinkDesk(self.db, clock)
         self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
         self.smtp = SmtpFront(settings, self.db, self.pipeline)
         self.worker = DeliveryWorker(
@@ -103,7 +108,7 @@ class Relay:
         self.sweeper = sweeper_for(settings, self.db, self.blobs, self.letters)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._web_runner: Any = None
+        self._web_runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         """Start the roles; returns without starting them when stopped while waiting for the
@@ -125,9 +130,23 @@ class Relay:
         if "smtp" in self.roles:
             await self.smtp.start()
         if "web" in self.roles:
-            from web.app import start_web
+            self._web_runner = await self._start_web()
 
-            self._web_runner = await start_web(self)
+    async def _start_web(self) -> web.AppRunner:
+        from web.app import WebParts, start_web
+
+        db = self.db
+        parts = WebParts(
+            settings=self.settings,
+            links=self.links,
+            letters=self.letters,
+            blobs=self.blobs,
+            clock=self.clock,
+            health=lambda: health.database_answers(db),
+            queue_depths=lambda: health.queue_depths(db),
+            roles=self.roles,
+        )
+        return await start_web(parts)
 
     async def sweep_once(self) -> sweeper.SweepReport:
         """What the hourly sweep does, now (by this relay's clock)."""

@@ -13,11 +13,13 @@ send.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import journal
+from gateway.blobstore import BlobStore
+from gateway.config import Settings
 from gateway.events import LETTER_RENEWAL_REQUESTED
 from gateway.i18n import Catalog, shipped_catalogs
 from gateway.local_mail import enqueue
@@ -54,62 +56,60 @@ def request_mail(
     )
 
 
-async def request_new_link(
-    relay: Any, letter: Letter, message: Message, ip: str, now: datetime
+async def queue_request(
+    session: AsyncSession,
+    blobs: BlobStore,
+    settings: Settings,
+    letter: Letter,
+    message: Message,
+    ip: str,
+    now: datetime,
 ) -> bool:
-    """Queue the request to the agent; False (and nothing written) when one went out < 24 h ago."""
-    settings = relay.settings
+    """Queue the request to the agent in `session`; False (and nothing written) when one went
+    out < 24 h ago. The letter desk opens the transaction and wakes the queue."""
     if not message.sender:
         return False
     catalog = shipped_catalogs(settings.branding.timezone)[settings.policy.language]
-    hostname = settings.server.hostname
-    async with relay.db.transaction() as session:
-        locked = await session.scalar(
-            select(Letter).where(Letter.id == letter.id).with_for_update()
-        )
-        if locked is None:
-            return False
-        earlier = await session.scalars(
-            select(Event)
-            .where(
-                Event.type == LETTER_RENEWAL_REQUESTED.name, Event.message_id == letter.message_id
-            )
-            .order_by(Event.seq.desc())
-        )
-        if any(
-            event.data.get("letter_id") == letter.id and event.at > now - INTERVAL
-            for event in earlier
-        ):
-            return False
-        link = await session.scalar(select(Link).where(Link.id == letter.link_id))
-        mail = request_mail(
-            catalog,
-            hostname=hostname,
-            agent=message.sender,
-            recipient=letter.recipient,
-            subject=letter.subject,
-            expired_on=link.expires_at if link is not None else now,
-        )
-        queued = await enqueue(
-            session,
-            relay.blobs,
-            settings,
-            mail,
-            kind=MessageKind.CONFIRMATION,
-            user_id=message.user_id,
-            now=now,
-        )
-        [delivery] = queued.deliveries
-        requested = LETTER_RENEWAL_REQUESTED.new(
-            {
-                "letter_id": letter.id,
-                "recipient": letter.recipient,
-                "ip": ip,
-                "request_message_id": queued.message.id,
-            },
-            message_id=letter.message_id,
-            delivery_id=delivery.id,
-        )
-        await journal.append(session, [requested, *queued.events], now)
-    relay.signal.notify()
+    locked = await session.scalar(select(Letter).where(Letter.id == letter.id).with_for_update())
+    if locked is None:
+        return False
+    earlier = await session.scalars(
+        select(Event)
+        .where(Event.type == LETTER_RENEWAL_REQUESTED.name, Event.message_id == letter.message_id)
+        .order_by(Event.seq.desc())
+    )
+    if any(
+        event.data.get("letter_id") == letter.id and event.at > now - INTERVAL for event in earlier
+    ):
+        return False
+    link = await session.scalar(select(Link).where(Link.id == letter.link_id))
+    mail = request_mail(
+        catalog,
+        hostname=settings.server.hostname,
+        agent=message.sender,
+        recipient=letter.recipient,
+        subject=letter.subject,
+        expired_on=link.expires_at if link is not None else now,
+    )
+    queued = await enqueue(
+        session,
+        blobs,
+        settings,
+        mail,
+        kind=MessageKind.CONFIRMATION,
+        user_id=message.user_id,
+        now=now,
+    )
+    [delivery] = queued.deliveries
+    requested = LETTER_RENEWAL_REQUESTED.new(
+        {
+            "letter_id": letter.id,
+            "recipient": letter.recipient,
+            "ip": ip,
+            "request_message_id": queued.message.id,
+        },
+        message_id=letter.message_id,
+        delivery_id=delivery.id,
+    )
+    await journal.append(session, [requested, *queued.events], now)
     return True

@@ -1,7 +1,7 @@
 """Every mail the relay writes, rendered in a real headless Chromium as a reader sees it.
 
 The mails come from the real relay: the agent sends over SMTP, the consent goes through the
-desk the page calls, the renewal request through the function the page's button calls, the
+desk the page calls, the renewal request through the desk method the page's button calls, the
 bounce from an upstream that refuses a recipient; the recording sink hands over what left.
 Each mail's HTML part is loaded as it is, its text/plain part as a mail client shows plain
 text (preformatted, wrapped), on a phone and on a desktop, in German, English and Spanish.
@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from gateway import headers, renewal
+from gateway import headers
 from gateway.models import Letter, Link, Message
 from tests.conftest import AGENT, Harness, StartRelay
 from tests.support import screenshot_dir
@@ -219,9 +219,7 @@ async def request_renewal(relay: Harness) -> bytes:
         assert message is not None
         session.expunge_all()
     before = len(relay.sink.messages)
-    assert await renewal.request_new_link(
-        relay.relay, letter, message, "192.0.2.8", relay.relay.clock()
-    )
+    assert await relay.relay.letters.request_new_link(letter, message, "192.0.2.8")
     [received] = (await relay.sink.expect(before + 1))[before:]
     return received.data
 

@@ -21,8 +21,8 @@ from sqlalchemy import func, select
 
 from gateway import headers, journal
 from gateway.evidence import parse_evidence
+from gateway.letter_desk import ConsentIncomplete, LetterUnknown
 from gateway.models import Consent, Delivery, Event, Letter, LetterStatus
-from gateway.registered_letter import ConsentIncomplete, LetterUnknown
 from gateway.verification import verify_released
 from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
 

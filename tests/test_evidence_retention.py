@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import String, select
 
 from gateway import blob_columns, sweeper
+from gateway.letter_desk import LetterDesk
 from gateway.models import Base, Consent, Letter, LetterStatus
-from gateway.registered_letter import LetterDesk
 from tests.support import screenshot_dir
 from tests.test_browser_downloads import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.test_letter_pages import PROSPECT, Clock, LetterSite

@@ -18,16 +18,6 @@ PACKAGES = ("rules", "gateway", "web")
 # gateway modules that may still import web/: the composition root and the CLI, which are to
 # move above both packages. Shrink this list as they do; never grow it.
 GATEWAY_MAY_IMPORT_WEB = frozenset({"gateway.relay", "gateway.cli"})
-# Arrows from web/ up to the composition root, which close a circle with it until web/ is
-# handed the desks instead of `Relay` (issue 15, item 2). Left out of the cycle check until
-# then; an arrow that is gone must leave this list too.
-WEB_TO_RELAY_FOR_NOW = frozenset(
-    {
-        ("web.app", "gateway.relay"),
-        ("web.downloads", "gateway.relay"),
-        ("web.letters", "gateway.relay"),
-    }
-)
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -122,25 +112,14 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_no_module_imports_itself_round_a_circle(graph: dict[str, set[str]]) -> None:
-    checked = {
-        name: {target for target in targets if (name, target) not in WEB_TO_RELAY_FOR_NOW}
-        for name, targets in graph.items()
-    }
     circles = [
         "among "
         + ", ".join(component)
         + ":\n    "
-        + "\n    ".join(_edges_within(checked, component))
-        for component in cycles(checked)
+        + "\n    ".join(_edges_within(graph, component))
+        for component in cycles(graph)
     ]
     assert not circles, "import cycles:\n" + "\n".join(circles)
-
-
-def test_the_arrows_let_off_the_cycle_check_are_still_there(graph: dict[str, set[str]]) -> None:
-    gone = sorted(
-        f"{name} -> {target}" for name, target in WEB_TO_RELAY_FOR_NOW if target not in graph[name]
-    )
-    assert gone == [], "take these off WEB_TO_RELAY_FOR_NOW: they no longer exist"
 
 
 def _edges_within(graph: Mapping[str, set[str]], component: list[str]) -> list[str]:

@@ -1,67 +1,87 @@
 """The web server: health, metrics and the prospect's pages (downloads, registered letters);
-console and API later."""
+console and API later.
+
+The web receives its parts (`WebParts`) from the composition root: the desks that own every
+write, the blob store, the clock, the settings and the two database questions of /healthz
+and /metrics. It never sees the relay itself, and holds no SQL.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select, text
 
+from gateway.blobstore import BlobStore
+from gateway.config import Settings
+from gateway.letter_desk import LetterDesk
+from gateway.link_desk import LinkDesk
 from gateway.metrics import QUEUE_DEPTH
-from gateway.models import Delivery, DeliveryStatus
-from gateway.relay import Relay
 from web.downloads import DownloadPages
 from web.letters import LetterPages
 from web.pages import ProspectSite
 
-RELAY = web.AppKey("relay", Relay)
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WebParts:
+    """Everything the web server works with."""
+
+    settings: Settings
+    links: LinkDesk
+    letters: LetterDesk
+    blobs: BlobStore
+    clock: Callable[[], datetime]
+    # returns when the database answers, raises what reaching it raised
+    health: Callable[[], Awaitable[None]]
+    # deliveries per status, every status named
+    queue_depths: Callable[[], Awaitable[Mapping[str, int]]]
+    roles: frozenset[str]
+
+
+PARTS = web.AppKey("parts", WebParts)
 
 
 async def healthz(request: web.Request) -> web.Response:
     """Ready when the database answers; load balancers and orchestrators poll this."""
-    relay = request.app[RELAY]
+    parts = request.app[PARTS]
     try:
-        async with relay.db.transaction() as session:
-            await session.execute(text("SELECT 1"))
+        await parts.health()
     except Exception as exc:
         # The exception names hosts, ports and SQL; the public may only learn that it failed.
         log.warning("healthz: database unavailable: %s", exc)
         return web.json_response({"status": "error", "database": "unavailable"}, status=503)
-    return web.json_response({"status": "ok", "roles": sorted(relay.roles)})
+    return web.json_response({"status": "ok", "roles": sorted(parts.roles)})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    relay = request.app[RELAY]
-    async with relay.db.transaction() as session:
-        rows = await session.execute(
-            select(Delivery.status, func.count()).group_by(Delivery.status)
-        )
-        counts = {status: count for status, count in rows}
-    for status in DeliveryStatus:
-        QUEUE_DEPTH.labels(status=status.value).set(counts.get(status.value, 0))
+    for status, count in (await request.app[PARTS].queue_depths()).items():
+        QUEUE_DEPTH.labels(status=status).set(count)
     body = generate_latest()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(relay: Relay) -> web.Application:
+def create_app(parts: WebParts) -> web.Application:
     app = web.Application()
-    app[RELAY] = relay
+    app[PARTS] = parts
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    site = ProspectSite(relay.settings, clock=lambda: relay.clock().timestamp())
+    site = ProspectSite(parts.settings, clock=lambda: parts.clock().timestamp())
     site.register(app)
-    DownloadPages(relay, site).register(app)
-    LetterPages(relay, site).register(app)
+    DownloadPages(site, parts.links, parts.blobs).register(app)
+    LetterPages(site, parts.letters, parts.links, parts.blobs).register(app)
     return app
 
 
-async def start_web(relay: Relay) -> web.AppRunner:
-    runner = web.AppRunner(create_app(relay), access_log=None)
+async def start_web(parts: WebParts) -> web.AppRunner:
+    runner = web.AppRunner(create_app(parts), access_log=None)
     await runner.setup()
-    host, _, port = relay.settings.web.listen.rpartition(":")
+    host, _, port = parts.settings.web.listen.rpartition(":")
     site = web.TCPSite(runner, host.strip("[]"), int(port))
     await site.start()
     return runner

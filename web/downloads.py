@@ -1,52 +1,39 @@
 """The prospect's download page: `/d/{token}`, each file behind it, and all of them as a zip.
 
-What a visitor's request writes to the journal:
+What a visitor's request has the link desk (gateway/link_desk.py) write to the journal:
 - `GET /d/{token}` of a valid link: `link.viewed` (a page view never counts as a download).
 - `GET /d/{token}/f/{file_id}`: `download.first` for the link's first download of that file,
-  `download.repeat` after that. The choice is made by `UPDATE link_files SET downloads =
-  downloads + 1 ... RETURNING downloads` in the same transaction as the event, so two
-  parallel requests cannot both be "first". Only a response that delivers the file from
+  `download.repeat` after that; the desk makes sure two parallel requests cannot both be
+  "first". Only a response that delivers the file from
   byte 0 counts: a plain 200, or a 206 whose range starts at 0. A browser resuming a broken
   download, or a download manager fetching segments, asks for ranges further on; those
   are served but not counted, so one download is one count however it was transported.
 - `GET /d/{token}/zip`: `download.zip` listing the files; it does not count per file.
 - HEAD never writes anything.
 
-Unknown and expired tokens get a friendly page (404 / 410) and are remembered per client
-address by the site's `BadTokenLimiter` (web/pages.py), which also adds the security
-headers and holds the texts, templates and branding these pages share with the letter's.
+Unknown and expired tokens get a friendly page (404 / 410, web/token_pages.py) and are
+remembered per client address by the site's `BadTokenLimiter` (web/pages.py), which also
+adds the security headers and holds the texts, templates and branding these pages share
+with the letter's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime
 from urllib.parse import quote
 
 from aiohttp import web
-from sqlalchemy import update
 from zipstream import ZipStream
 
-from gateway import journal
-from gateway.blobstore import BlobReader
-from gateway.events import (
-    DOWNLOAD_FIRST,
-    DOWNLOAD_REPEAT,
-    DOWNLOAD_ZIP,
-    LINK_VIEWED,
-    FileDownload,
-    LinkVisit,
-    ZipDownload,
-)
-from gateway.links import FoundLink, LinkState, find_link
-from gateway.models import LinkFile, StoredFile
-from gateway.relay import Relay
+from gateway.blobstore import BlobReader, BlobStore
+from gateway.link_desk import LinkDesk, LinkExpired
+from gateway.links import FoundLink
+from gateway.models import StoredFile
 from web.blobs import PulledBlob, send_blob, send_pulled
 from web.pages import (
     BAD_TOKEN_LIMIT,
@@ -54,7 +41,6 @@ from web.pages import (
     SEGMENT,
     BadTokenLimiter,
     ProspectSite,
-    Visitor,
     agent_of,
     branding_css,
     content_disposition,
@@ -64,6 +50,7 @@ from web.pages import (
     safe_filename,
 )
 from web.pages import content_type as _content_type
+from web.token_pages import TokenFamily
 
 __all__ = [
     "BAD_TOKEN_LIMIT",
@@ -167,18 +154,18 @@ def _position(digits: str) -> int | None:
 
 
 class DownloadPages:
-    """The handlers of /d/; texts, templates, limiter and client addresses come from the site."""
+    """The handlers of /d/; texts, templates, limiter and client addresses come from the site,
+    every write from the link desk."""
 
-    def __init__(self, relay: Relay, site: ProspectSite) -> None:
-        self.relay = relay
-        self.settings = relay.settings
+    def __init__(self, site: ProspectSite, links: LinkDesk, blobs: BlobStore) -> None:
         self.site = site
-        self.limiter = site.limiter
+        self.links = links
+        self.blobs = blobs
         self.base = site.base
         self.render = site.render
         self.visitor = site.visitor
-        self.catalog_for = site.catalog_for
         self.not_found = site.not_found
+        self.tokens = TokenFamily(site, LinkExpired, self.expired, count_closed=True)
 
     def register(self, app: web.Application) -> None:
         token = f"{{token:{SEGMENT}}}"
@@ -192,20 +179,13 @@ class DownloadPages:
     # -- handlers
 
     async def unknown(self, request: web.Request) -> web.Response:
-        return await self.bad_link(request, None)
+        return self.site.unknown_token(request)
 
     async def page(self, request: web.Request) -> web.StreamResponse:
-        now = self.relay.clock()
-        visitor = self.visitor(request)
-        async with self.relay.db.transaction() as session:
-            found = await find_link(session, request.match_info["token"], now)
-            if found is not None and found.state is LinkState.VALID and _is_get(request):
-                event = LINK_VIEWED.new(
-                    self.event_data(found, visitor), message_id=found.link.message_id
-                )
-                await journal.append(session, [event], now)
-        if found is None or found.state is not LinkState.VALID:
-            return await self.bad_link(request, found)
+        found = await self.tokens.open(request, self.links.find(request.match_info["token"]))
+        if _is_get(request):
+            visitor = self.visitor(request)
+            await self.links.record_view(found, visitor.ip, visitor.user_agent)
         catalog = self.site.catalog(found.link.language)
         token = request.match_info["token"]
         here = f"{self.base}/d/{quote(token, safe='')}"
@@ -225,7 +205,7 @@ class DownloadPages:
             catalog,
             title=found.message.subject or catalog.t("download.title"),
             subject=found.message.subject,
-            sender=(await agent_of(self.relay.blobs, found.message)).label,
+            sender=(await agent_of(self.blobs, found.message)).label,
             expires=catalog.moment(found.link.expires_at),
             files=files,
             total=catalog.size(sum(stored.size for stored in found.files)),
@@ -233,21 +213,11 @@ class DownloadPages:
         )
 
     async def file(self, request: web.Request) -> web.StreamResponse:
-        now = self.relay.clock()
-        visitor = self.visitor(request)
-        async with self.relay.db.transaction() as session:
-            found = await find_link(session, request.match_info["token"], now)
-        if found is None or found.state is not LinkState.VALID:
-            return await self.bad_link(request, found)
-        return await self.serve_file(request, found, request.match_info["file_id"], visitor, now)
+        found = await self.tokens.open(request, self.links.find(request.match_info["token"]))
+        return await self.serve_file(request, found, request.match_info["file_id"])
 
     async def serve_file(
-        self,
-        request: web.Request,
-        found: FoundLink,
-        file_id: str,
-        visitor: Visitor,
-        now: datetime,
+        self, request: web.Request, found: FoundLink, file_id: str
     ) -> web.StreamResponse:
         """One file of a valid link, counted as a download as the module says; the letter's
         offer page serves the linked files of its held copy through here too."""
@@ -256,27 +226,22 @@ class DownloadPages:
             return self.not_found(request, self.site.catalog(found.link.language))
         async with contextlib.AsyncExitStack() as held:
             try:
-                blob = await held.enter_async_context(self.relay.blobs.open(stored.sha256))
+                blob = await held.enter_async_context(self.blobs.open(stored.sha256))
             except (OSError, ValueError) as exc:  # gone from the store, or not a digest at all
                 log.error("blob %s of file %s cannot be read: %s", stored.sha256, stored.id, exc)
                 return self.not_found(request, self.site.catalog(found.link.language))
-            return await self.send_stored(request, found, stored, blob, visitor, now)
+            return await self.send_stored(request, found, stored, blob)
 
     async def send_stored(
-        self,
-        request: web.Request,
-        found: FoundLink,
-        stored: StoredFile,
-        blob: BlobReader,
-        visitor: Visitor,
-        now: datetime,
+        self, request: web.Request, found: FoundLink, stored: StoredFile, blob: BlobReader
     ) -> web.StreamResponse:
         etag = f'"{stored.sha256}"'
         served = plan_range(
             request.headers.get("Range"), request.headers.get("If-Range"), etag, blob.size
         )
         if _is_get(request) and served.counts_as_download:
-            await self.record_download(found, stored, visitor, now)
+            visitor = self.visitor(request)
+            await self.links.record_download(found, stored, visitor.ip, visitor.user_agent)
         response = web.StreamResponse(status=served.status)
         response.headers["Accept-Ranges"] = "bytes"
         response.headers["ETag"] = etag
@@ -298,12 +263,7 @@ class DownloadPages:
         return response
 
     async def zip(self, request: web.Request) -> web.StreamResponse:
-        now = self.relay.clock()
-        visitor = self.visitor(request)
-        async with self.relay.db.transaction() as session:
-            found = await find_link(session, request.match_info["token"], now)
-        if found is None or found.state is not LinkState.VALID:
-            return await self.bad_link(request, found)
+        found = await self.tokens.open(request, self.links.find(request.match_info["token"]))
         catalog = self.site.catalog(found.link.language)
         if not found.files:
             return self.not_found(request, catalog)
@@ -313,20 +273,8 @@ class DownloadPages:
             log.error("zip of link %s cannot be built: %s", found.link.id, exc)
             return self.not_found(request, catalog)
         if _is_get(request):
-            async with self.relay.db.transaction() as session:
-                data: ZipDownload = {
-                    **self.event_data(found, visitor),
-                    "files": [{"file_id": f.id, "filename": f.filename} for f in found.files],
-                }
-                event = DOWNLOAD_ZIP.new(data, message_id=found.link.message_id)
-                await journal.append(session, [event], now)
-            log.info(
-                "%s: download=zip to=<%s>, ip=%s, files=%d",
-                found.link.message_id,
-                found.link.recipient,
-                visitor.ip,
-                len(found.files),
-            )
+            visitor = self.visitor(request)
+            await self.links.record_zip(found, visitor.ip, visitor.user_agent)
         name = safe_filename(found.message.subject, "") or catalog.t("download.zip_name")
         response = web.StreamResponse()
         response.headers["Content-Type"] = "application/zip"
@@ -348,64 +296,15 @@ class DownloadPages:
         loop = asyncio.get_running_loop()
         for stored in files:
             name = _unique(safe_filename(stored.filename), taken)
-            size = await self.relay.blobs.size(stored.sha256)
-            archive.add(PulledBlob(self.relay.blobs, stored.sha256, loop), name, size=size)
+            size = await self.blobs.size(stored.sha256)
+            archive.add(PulledBlob(self.blobs, stored.sha256, loop), name, size=size)
         return archive
 
-    async def record_download(
-        self, found: FoundLink, stored: StoredFile, visitor: Visitor, now: datetime
-    ) -> None:
-        async with self.relay.db.transaction() as session:
-            downloads = (
-                await session.execute(
-                    update(LinkFile)
-                    .where(LinkFile.link_id == found.link.id, LinkFile.file_id == stored.id)
-                    .values(downloads=LinkFile.downloads + 1)
-                    .returning(LinkFile.downloads)
-                )
-            ).scalar_one_or_none()
-            if downloads is None:  # the link lost the file since we looked
-                return
-            data: FileDownload = {
-                **self.event_data(found, visitor),
-                "file_id": stored.id,
-                "filename": stored.filename,
-            }
-            first = downloads == 1
-            event = (DOWNLOAD_FIRST if first else DOWNLOAD_REPEAT).new(
-                data, message_id=found.link.message_id
-            )
-            await journal.append(session, [event], now)
-        log.info(
-            "%s: download=%s to=<%s>, ip=%s, file=%s %s",
-            found.link.message_id,
-            event.type.removeprefix("download."),
-            found.link.recipient,
-            visitor.ip,
-            stored.id,
-            json.dumps(stored.filename, ensure_ascii=False),
-        )
-
-    @staticmethod
-    def event_data(found: FoundLink, visitor: Visitor) -> LinkVisit:
-        return {
-            "link_id": found.link.id,
-            "recipient": found.link.recipient,
-            "ip": visitor.ip,
-            "user_agent": visitor.user_agent,
-        }
-
-    async def bad_link(self, request: web.Request, found: FoundLink | None) -> web.Response:
-        """Unknown: 404 in the browser's language. Expired: 410 in the link's, naming the sender.
-
-        Both count against the client's address; an unknown token never reveals whether
-        it once existed.
-        """
-        self.limiter.record(self.visitor(request).ip)
-        if found is None:
-            return self.not_found(request, self.catalog_for(request))
+    async def expired(self, request: web.Request, closed: LinkExpired) -> web.Response:
+        """410 in the link's language, naming the sender and how to ask them again."""
+        found = closed.found
         catalog = self.site.catalog(found.link.language)
-        agent = await agent_of(self.relay.blobs, found.message)
+        agent = await agent_of(self.blobs, found.message)
         sender, subject = agent.address, found.message.subject
         mail_subject = catalog.t("error.expired_mail_subject", subject=subject).rstrip(": ")
         return self.render(

@@ -23,7 +23,8 @@ Routes and what they write (nothing else is ever written by a visitor's request)
   new link (gateway/renewal.py: one mail per letter per 24 hours) and says so.
 
 Unknown tokens get the download pages' 404 and count against the client's address; an
-expired letter gets 410 in its language with the button to ask the agent for a new link.
+expired letter gets 410 in its language with the button to ask the agent for a new link
+(the shared flow of web/token_pages.py; the letter's expired page does not count).
 """
 
 from __future__ import annotations
@@ -38,26 +39,25 @@ import nh3
 from aiohttp import web
 from markupsafe import Markup, escape
 
-from gateway import journal, mime, renewal
-from gateway.blobstore import BlobMissing
-from gateway.events import LETTER_VIEWED
+from gateway import mime
+from gateway.blobstore import BlobMissing, BlobStore
 from gateway.i18n import Catalog
-from gateway.links import FoundLink, LinkState, find_recipient_link
-from gateway.models import Letter, Link, Message
-from gateway.registered_letter import (
+from gateway.letter_blocks import markdown_html
+from gateway.letter_desk import (
     ConsentIncomplete,
     FoundLetter,
+    LetterDesk,
     LetterExpired,
     LetterUnknown,
-    markdown_html,
 )
-from gateway.relay import Relay
+from gateway.link_desk import LinkDesk
+from gateway.links import FoundLink
+from gateway.models import Letter, Message
 from web.csrf import KEY_FILE, FormTokens
 from web.downloads import DownloadPages
 from web.pages import (
     SEGMENT,
     ProspectSite,
-    Visitor,
     agent_of,
     content_disposition,
     content_type,
@@ -65,6 +65,7 @@ from web.pages import (
     file_kind,
     safe_filename,
 )
+from web.token_pages import RaisedPage, TokenFamily
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,20 @@ class OfferPart:
 
 
 class LetterPages:
-    def __init__(self, relay: Relay, site: ProspectSite) -> None:
-        self.relay = relay
-        self.settings = relay.settings
+    """The handlers of /l/; every write goes through the letter desk."""
+
+    def __init__(
+        self, site: ProspectSite, letters: LetterDesk, links: LinkDesk, blobs: BlobStore
+    ) -> None:
+        settings = site.settings
+        self.settings = settings
         self.site = site
-        self.downloads = DownloadPages(relay, site)
-        self.forms = FormTokens(
-            relay.settings.storage.path.parent / KEY_FILE, relay.settings.server.public_url
-        )
+        self.letters = letters
+        self.links = links
+        self.blobs = blobs
+        self.downloads = DownloadPages(site, links, blobs)
+        self.forms = FormTokens(settings.storage.path.parent / KEY_FILE, settings.server.public_url)
+        self.tokens = TokenFamily(site, LetterExpired, self.expired, count_closed=False)
 
     def register(self, app: web.Application) -> None:
         token = f"{{token:{SEGMENT}}}"
@@ -125,10 +132,9 @@ class LetterPages:
     async def letter(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         if request.method == "GET":
-            await self.record_view(found, self.site.visitor(request))
+            visitor = self.site.visitor(request)
+            await self.letters.record_view(found, visitor.ip, visitor.user_agent)
         catalog = self.site.catalog(found.letter.language)
         if found.released:
             return await self.render_released(request, token, found, catalog)
@@ -137,18 +143,14 @@ class LetterPages:
     async def consent(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         catalog = self.site.catalog(found.letter.language)
         form = await self.checked_form(request, token, catalog)
-        if isinstance(form, web.StreamResponse):
-            return form
         if found.released:
             raise web.HTTPSeeOther(self.url(token, "/offer"))
         checked = {name for name in form if name != "csrf"}
         visitor = self.site.visitor(request)
         try:
-            await self.relay.letters.release(token, checked, visitor.ip, visitor.user_agent)
+            await self.letters.release(token, checked, visitor.ip, visitor.user_agent)
         except ConsentIncomplete as incomplete:
             return await self.render_letter(
                 request,
@@ -168,13 +170,11 @@ class LetterPages:
     async def offer(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         if not found.released or found.consent is None:
             raise web.HTTPSeeOther(self.url(token))
         catalog = self.site.catalog(found.letter.language)
         try:
-            raw = await self.relay.blobs.read(found.letter.held_blob)
+            raw = await self.blobs.read(found.letter.held_blob)
         except BlobMissing as missing:
             return await self.gone(request, found, catalog, "offer", missing)
         held = await asyncio.to_thread(read_offer, raw)
@@ -227,13 +227,11 @@ class LetterPages:
     async def attachment(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         catalog = self.site.catalog(found.letter.language)
         if not found.released:
             raise web.HTTPSeeOther(self.url(token))
         try:
-            raw = await self.relay.blobs.read(found.letter.held_blob)
+            raw = await self.blobs.read(found.letter.held_blob)
         except BlobMissing as missing:
             return await self.gone(request, found, catalog, "offer", missing)
         wanted = request.match_info["part"]
@@ -246,35 +244,25 @@ class LetterPages:
     async def linked_file(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         if not found.released:
             raise web.HTTPSeeOther(self.url(token))
         linked = await self.linked(found)
         if linked is None:
             return self.site.not_found(request, self.site.catalog(found.letter.language))
-        visitor, now = self.site.visitor(request), self.relay.clock()
-        file_id = request.match_info["file_id"]
-        return await self.downloads.serve_file(request, linked, file_id, visitor, now)
+        return await self.downloads.serve_file(request, linked, request.match_info["file_id"])
 
     async def linked(self, found: FoundLetter) -> FoundLink | None:
         """The held copy's valid download link for this recipient, if it has one."""
-        async with self.relay.db.transaction() as session:
-            linked = await find_recipient_link(
-                session, found.message, found.letter.recipient, self.relay.clock()
-            )
-        return linked if linked is not None and linked.state is LinkState.VALID else None
+        return await self.links.recipient_link(found.message, found.letter.recipient)
 
     async def consent_pdf(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if isinstance(found, web.StreamResponse):
-            return found
         if found.consent is None:
             raise web.HTTPSeeOther(self.url(token))
         catalog = self.site.catalog(found.letter.language)
         try:
-            data = await self.relay.blobs.read(found.consent.pdf_blob)
+            data = await self.blobs.read(found.consent.pdf_blob)
         except BlobMissing as missing:
             return await self.gone(request, found, catalog, "pdf", missing)
         name = catalog.t("offer.consent_filename", subject=found.letter.subject)
@@ -283,7 +271,7 @@ class LetterPages:
     async def renew(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         try:
-            await self.relay.letters.find(token)
+            await self.letters.find(token)
         except LetterUnknown:
             return self.site.unknown_token(request)
         except LetterExpired as expired:
@@ -295,15 +283,9 @@ class LetterPages:
         self, request: web.Request, token: str, expired: LetterExpired
     ) -> web.StreamResponse:
         catalog = self.site.catalog(expired.letter.language)
-        form = await self.checked_form(request, token, catalog)
-        if isinstance(form, web.StreamResponse):
-            return form
-        sent = await renewal.request_new_link(
-            self.relay,
-            expired.letter,
-            expired.message,
-            self.site.visitor(request).ip,
-            self.relay.clock(),
+        await self.checked_form(request, token, catalog)
+        sent = await self.letters.request_new_link(
+            expired.letter, expired.message, self.site.visitor(request).ip
         )
         if not sent:  # the visitor is not told: the agent simply is not asked twice a day
             log.info("new link for letter %s asked for again within 24 h", expired.letter.id)
@@ -319,20 +301,16 @@ class LetterPages:
 
     # -- looking up, checking, recording
 
-    async def find(self, request: web.Request, token: str) -> FoundLetter | web.StreamResponse:
-        """The letter, or the page to answer with: 404 unknown, 410 expired."""
-        try:
-            return await self.relay.letters.find(token)
-        except LetterUnknown:
-            return self.site.unknown_token(request)
-        except LetterExpired as expired:
-            catalog = self.site.catalog(expired.letter.language)
-            return await self.render_expired(request, token, expired, catalog)
+    async def find(self, request: web.Request, token: str) -> FoundLetter:
+        """The letter; an unknown (404) or expired (410) token raises its page."""
+        return await self.tokens.open(request, self.letters.find(token))
 
-    async def checked_form(
-        self, request: web.Request, token: str, catalog: Catalog
-    ) -> set[str] | web.StreamResponse:
-        """The posted field names, or a 403 page when the CSRF token or the Origin is wrong."""
+    async def expired(self, request: web.Request, expired: LetterExpired) -> web.Response:
+        catalog = self.site.catalog(expired.letter.language)
+        return await self.render_expired(request, request.match_info["token"], expired, catalog)
+
+    async def checked_form(self, request: web.Request, token: str, catalog: Catalog) -> set[str]:
+        """The posted field names; a wrong CSRF token or Origin raises the 403 page."""
         form: dict[str, str] = {}
         if self.forms.origin_allowed(request.headers.get("Origin")):
             try:
@@ -344,28 +322,17 @@ class LetterPages:
                     if isinstance(value, str):
                         form.setdefault(name, value)
         if not form or not self.forms.valid(token, form.get("csrf")):
-            return self.site.render(
-                request,
-                "error.html",
-                catalog,
-                status=403,
-                title=catalog.t("letter.forbidden_title"),
-                message=catalog.t("letter.forbidden"),
+            raise RaisedPage(
+                self.site.render(
+                    request,
+                    "error.html",
+                    catalog,
+                    status=403,
+                    title=catalog.t("letter.forbidden_title"),
+                    message=catalog.t("letter.forbidden"),
+                )
             )
         return set(form)
-
-    async def record_view(self, found: FoundLetter, visitor: Visitor) -> None:
-        async with self.relay.db.transaction() as session:
-            event = LETTER_VIEWED.new(
-                {
-                    "letter_id": found.letter.id,
-                    "recipient": found.letter.recipient,
-                    "ip": visitor.ip,
-                    "user_agent": visitor.user_agent,
-                },
-                message_id=found.letter.message_id,
-            )
-            await journal.append(session, [event], self.relay.clock())
 
     # -- rendering
 
@@ -431,9 +398,7 @@ class LetterPages:
     async def render_expired(
         self, request: web.Request, token: str, expired: LetterExpired, catalog: Catalog
     ) -> web.Response:
-        async with self.relay.db.transaction() as session:
-            link = await session.get(Link, expired.letter.link_id)
-        until = link.expires_at if link is not None else self.relay.clock()
+        until = expired.expires_at
         agent = await self.agent_name(expired.letter, expired.message)
         return self.site.render(
             request,
@@ -498,10 +463,10 @@ class LetterPages:
 
     async def agent_label(self, found: FoundLetter) -> str:
         """ "Anna Agent (agent@broker.example)", as the download page introduces them too."""
-        return (await agent_of(self.relay.blobs, found.message)).label
+        return (await agent_of(self.blobs, found.message)).label
 
     async def agent_name(self, letter: Letter, message: Message) -> str:
-        return (await agent_of(self.relay.blobs, message)).called
+        return (await agent_of(self.blobs, message)).called
 
 
 # --- the offer's body and parts ------------------------------------------------------------

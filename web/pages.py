@@ -33,7 +33,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote, urlsplit
 
 import jinja2
@@ -435,7 +434,7 @@ class ProspectSite:
         catalog: Catalog,
         *,
         status: int = 200,
-        **context: Any,
+        **context: object,
     ) -> web.Response:
         context.setdefault("detail", None)
         context.setdefault("mail_to", None)

@@ -1,21 +1,22 @@
-"""Registered letters: hold the offer, send the consent texts, release on consent.
+"""What the prospect's letter pages and the sweeper ask of registered letters.
 
-The letter's body is the durable medium: every consent block is in it in full, in text and
-HTML. The page the link opens shows the very same snapshot (stored with the letter), and
-the consent hashes it. Release happens in one transaction: consent record, journal, the
-evidence-stamped original and the agent's confirmation queued together, exactly once.
+Find a letter by its token, record a view, release it on consent, pass on a request for a
+new link, and expire the letters whose link ran out. Release happens in one transaction:
+consent record, journal, the evidence-stamped original and the agent's confirmation queued
+together, exactly once.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway import confirmation, journal
+from gateway import confirmation, journal, renewal
 from gateway.blobstore import BlobStore
 from gateway.config import Settings
 from gateway.db import Database
@@ -24,11 +25,11 @@ from gateway.events import (
     DELIVERY_QUEUED,
     LETTER_EXPIRED,
     LETTER_RELEASED,
+    LETTER_VIEWED,
 )
 from gateway.evidence import ConsentRecord, ShownBlock, evidence_fields
 from gateway.expiry_notice import ExpiredLetter, expiry_notice_mail
-from gateway.letter_blocks import markdown_html as markdown_html  # web/letters.py reads it here
-from gateway.links import hash_token
+from gateway.links import Closed, TokenClosed, TokenUnknown, hash_token
 from gateway.local_mail import Queued, enqueue
 from gateway.models import (
     Consent,
@@ -52,15 +53,24 @@ class LetterError(Exception):
     """Why a letter cannot be opened or released; the web turns it into a page."""
 
 
-class LetterUnknown(LetterError):
+class LetterUnknown(LetterError, TokenUnknown):
     pass
 
 
-class LetterExpired(LetterError):
-    def __init__(self, letter: Letter, message: Message) -> None:
-        super().__init__("the letter's link has expired")
+class LetterExpired(LetterError, TokenClosed):
+    """The letter can no longer be opened; `expires_at` is when its link ran out."""
+
+    def __init__(
+        self,
+        letter: Letter,
+        message: Message,
+        expires_at: datetime,
+        reason: Closed = Closed.EXPIRED,
+    ) -> None:
+        super().__init__(reason)
         self.letter = letter
         self.message = message
+        self.expires_at = expires_at
 
 
 class ConsentIncomplete(LetterError):
@@ -90,15 +100,16 @@ class Release:
 
 
 class LetterDesk:
-    """What the prospect's pages ask of letters: find one, release it."""
+    """What the prospect's pages ask of letters: find one, record a view, release it, ask
+    for a new link; and what the sweeper asks: expire those whose link ran out."""
 
     def __init__(
         self,
         settings: Settings,
         db: Database,
         blobs: BlobStore,
-        notify: Any,
-        clock: Any,
+        notify: Callable[[], None],
+        clock: Callable[[], datetime],
     ) -> None:
         self.settings = settings
         self.db = db
@@ -112,7 +123,7 @@ class LetterDesk:
             found = await self._find(session, token, lock=False)
         return found
 
-    async def _find(self, session: Any, token: str, *, lock: bool) -> FoundLetter:
+    async def _find(self, session: AsyncSession, token: str, *, lock: bool) -> FoundLetter:
         if not token or len(token) > 100:
             raise LetterUnknown(token)
         query = (
@@ -137,9 +148,36 @@ class LetterDesk:
             # it carries; detached first, they stay readable for the page that says "expired"
             session.expunge(letter)
             session.expunge(message)
-            raise LetterExpired(letter, message)
+            raise LetterExpired(letter, message, link.expires_at)
         blocks = tuple(ShownBlock(**block) for block in letter.blocks)
         return FoundLetter(letter, message, link, blocks, consent)
+
+    async def record_view(self, found: FoundLetter, ip: str, user_agent: str) -> None:
+        """`letter.viewed`: a GET of the letter's page, which never consents."""
+        event = LETTER_VIEWED.new(
+            {
+                "letter_id": found.letter.id,
+                "recipient": found.letter.recipient,
+                "ip": ip,
+                "user_agent": user_agent,
+            },
+            message_id=found.letter.message_id,
+        )
+        async with self.db.transaction() as session:
+            await journal.append(session, [event], self.clock())
+
+    async def request_new_link(self, letter: Letter, message: Message, ip: str) -> bool:
+        """Ask the agent for a new link for an expired letter (gateway/renewal.py); False, with
+        nothing written, when the letter's last request went out less than 24 hours ago."""
+        if not message.sender:
+            return False
+        async with self.db.transaction() as session:
+            sent = await renewal.queue_request(
+                session, self.blobs, self.settings, letter, message, ip, self.clock()
+            )
+        if sent:
+            self.notify()
+        return sent
 
     async def release(self, token: str, checked: set[str], ip: str, user_agent: str) -> Release:
         """Consent and release in one transaction; a second call changes nothing."""
@@ -325,7 +363,7 @@ class LetterDesk:
         return len(rows)
 
     async def _queue_expiry_notice(
-        self, session: Any, letter: Letter, message: Message, link: Link, now: datetime
+        self, session: AsyncSession, letter: Letter, message: Message, link: Link, now: datetime
     ) -> Queued | None:
         """The notice, queued in `session`; None when no notice is to go."""
         if not self.settings.letter.expired_notice or not message.sender:
