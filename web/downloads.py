@@ -47,6 +47,7 @@ from gateway.events import (
 from gateway.links import FoundLink, LinkState, find_link
 from gateway.models import LinkFile, StoredFile
 from gateway.relay import Relay
+from rules.registered_letter import without_tag
 from web.blobs import PulledBlob, send_blob, send_pulled
 from web.pages import (
     BAD_TOKEN_LIMIT,
@@ -223,8 +224,8 @@ class DownloadPages:
             request,
             "download.html",
             catalog,
-            title=found.message.subject or catalog.t("download.title"),
-            subject=found.message.subject,
+            title=self.subject(found) or catalog.t("download.title"),
+            subject=self.subject(found),
             sender=(await agent_of(self.relay.blobs, found.message)).label,
             expires=catalog.moment(found.link.expires_at),
             files=files,
@@ -327,7 +328,7 @@ class DownloadPages:
                 visitor.ip,
                 len(found.files),
             )
-        name = safe_filename(found.message.subject, "") or catalog.t("download.zip_name")
+        name = safe_filename(self.subject(found), "") or catalog.t("download.zip_name")
         response = web.StreamResponse()
         response.headers["Content-Type"] = "application/zip"
         response.headers["Content-Disposition"] = content_disposition(f"{name}.zip")
@@ -386,6 +387,10 @@ class DownloadPages:
             json.dumps(stored.filename, ensure_ascii=False),
         )
 
+    def subject(self, found: FoundLink) -> str:
+        """The message's subject without the tag that made it an offer: never the prospect's."""
+        return without_tag(found.message.subject, tuple(self.relay.settings.letter.tags))
+
     @staticmethod
     def event_data(found: FoundLink, visitor: Visitor) -> LinkVisit:
         return {
@@ -406,7 +411,7 @@ class DownloadPages:
             return self.not_found(request, self.catalog_for(request))
         catalog = self.site.catalog(found.link.language)
         agent = await agent_of(self.relay.blobs, found.message)
-        sender, subject = agent.address, found.message.subject
+        sender, subject = agent.address, self.subject(found)
         mail_subject = catalog.t("error.expired_mail_subject", subject=subject).rstrip(": ")
         return self.render(
             request,
