@@ -159,6 +159,7 @@ async def test_serve_stops_promptly_and_says_so(tmp_path: Path, signum: signal.S
             async with asyncio.timeout(10):
                 code = await process.wait()
             took = time.monotonic() - started
+    assert (await smtp_reader.read()).startswith(b"421 4.3.2 relay.test.example ")
     web_writer.close()
     smtp_writer.close()
     assert code == 0
