@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import re
 import signal
@@ -178,7 +179,7 @@ def serve(config: Path | None, roles: str) -> None:
         relay = Relay(settings, roles=chosen)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, relay.request_stop)
+            loop.add_signal_handler(signum, relay.request_stop, signal.Signals(signum).name)
         try:
             await relay.serve_forever()
         finally:
@@ -188,6 +189,10 @@ def serve(config: Path | None, roles: str) -> None:
         asyncio.run(run())
     except (ValueError, RuntimeError, OSError, dkim.DkimError) as exc:
         raise click.ClickException(str(exc)) from exc
+    # Stopped, the database closed. Left alone, the interpreter's last garbage collections
+    # walk every object the libraries made (1.5-2.5 s measured); the memory goes back to
+    # the system at exit anyway, so they are spared.
+    gc.freeze()
 
 
 def _stop_on_errors(problems: list[Problem]) -> None:

@@ -224,6 +224,7 @@ class DeliveryWorker:
                             self.name,
                             now,
                             failed[delivery.id].outcome.error or "",
+                            status=failed[delivery.id].status,
                         )
                     )
                 else:
@@ -259,23 +260,37 @@ class DeliveryWorker:
             else:
                 DELIVERY_OUTCOMES.labels(outcome=event.type.removeprefix("delivery.")).inc()
                 outcome = outcomes.get(delivery.recipient, Outcome("no reply for this recipient"))
-                if delivery.id in failed:
-                    outcome = failed[delivery.id].outcome
-                self._log_outcome(message, delivery, event.type, outcome, now)
+                failure = failed.get(delivery.id)
+                self._log_outcome(
+                    message,
+                    delivery,
+                    event.type,
+                    failure.outcome if failure else outcome,
+                    now,
+                    failure.status if failure else None,
+                )
 
     def _log_outcome(
-        self, message: Message, delivery: Delivery, event: str, outcome: Outcome, now: datetime
+        self,
+        message: Message,
+        delivery: Delivery,
+        event: str,
+        outcome: Outcome,
+        now: datetime,
+        final: str | None = None,
     ) -> None:
-        """One line per outcome, as Postfix writes it, under the id the agent got in the 250."""
+        """One line per outcome, as Postfix writes it, under the id the agent got in the 250;
+        a bounce's dsn= is the ``final`` status its DSN reports."""
         status = _LOGGED_STATUS[event]
         reply = " ".join((outcome.error or outcome.reply or "").split())
+        default = {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
         log.info(
             "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
             message.id,
             delivery.recipient,
             relay_name(self.settings.upstream.url),
             (now - message.received_at).total_seconds(),
-            _status_of(reply, {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")),
+            final or _status_of(reply, default),
             status,
             reply,
         )
@@ -323,10 +338,11 @@ def _groups(claimed: Sequence[queue.Claimed]) -> list[list[queue.Claimed]]:
 
 
 def _duration(seconds: float) -> str:
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.3g} {unit}"
-    return f"{seconds:.3g} seconds"
+    """The queue lifetime as a person says it: "5 days", "1 minute"."""
+    units = (("day", 86400), ("hour", 3600), ("minute", 60))
+    unit, size = next(((u, n) for u, n in units if seconds >= n), ("second", 1))
+    amount = f"{seconds / size:.3g}"
+    return f"{amount} {unit}" if amount == "1" else f"{amount} {unit}s"
 
 
 def _status_of(reply: str | None, default: str) -> str:

@@ -454,6 +454,13 @@ class Bounced(TypedDict):
     recipient: Recipient
     attempt: Attempt
     error: Reply
+    status: Annotated[
+        str,
+        About(
+            "The final status the bounce reports (RFC 3463): the refusal's own, e.g. 5.1.1,"
+            " or 4.4.7 when the queue lifetime ran out. Events written before 2026-12 lack it."
+        ),
+    ]
 
 
 DELIVERY_BOUNCED = _declare(

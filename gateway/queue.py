@@ -201,15 +201,22 @@ async def mark_deferred(
 
 
 async def mark_bounced(
-    session: AsyncSession, delivery: Delivery, worker: str, now: datetime, error: str
+    session: AsyncSession,
+    delivery: Delivery,
+    worker: str,
+    now: datetime,
+    error: str,
+    *,
+    status: str,
 ) -> journal.NewEvent | None:
+    """Given up for good; ``status`` is the final one the DSN reports (4.4.7 once expired)."""
     return await _settle(
         session,
         delivery,
         worker,
         now,
         DELIVERY_BOUNCED,
-        {"error": error},
+        {"error": error, "status": status},
         status=DeliveryStatus.BOUNCED,
         last_error=error,
     )

@@ -182,6 +182,7 @@ class Relay:
         self.signal.notify()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.db.close()
+        log.info("sealrelay stopped")
 
     async def serve_forever(self) -> None:
         await self.start()
@@ -190,7 +191,9 @@ class Relay:
         log.info("sealrelay running: roles %s", ", ".join(sorted(self.roles)))
         await self._stop.wait()
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "") -> None:
+        if reason and not self._stop.is_set():
+            log.info("sealrelay stopping on %s", reason)
         self._stop.set()
         self.signal.notify()
 

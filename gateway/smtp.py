@@ -32,6 +32,7 @@ from gateway.smtp_guard import ConnectionGate, FailedLogins, ThrottledLog, sessi
 
 log = logging.getLogger(__name__)
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds an implicit-TLS client may take to say hello
+STOP_GRACE = 30.0  # seconds a message under way may take to be answered when the relay stops
 
 
 class _ImplicitTlsNoise(logging.Filter):
@@ -70,6 +71,7 @@ class Reply:
     LOCAL_ERROR = "451 4.3.0 A local problem; try again later"
     QUEUED = "250 2.0.0 Ok: queued as {message_id}"
     TIMEOUT = "421 4.4.2 {hostname} Timeout: the client was silent too long; closing"
+    STOPPING = "421 4.3.2 {hostname} The relay is stopping; try again in a moment"
 
     @staticmethod
     def bad_sender(address: str, why: str) -> str:
@@ -241,12 +243,14 @@ class SubmissionSMTP(SMTP):
     """
 
     _receiving_data = False
+    _stopping = False
 
     def __init__(self, handler: SubmissionHandler, gate: ConnectionGate, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._gate = gate
         self._admitted: str | None = None  # the client address while counted by the gate
         self._refused = False
+        self.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The gate decides before aiosmtpd sets up a session (STARTTLS calls this again)."""
@@ -273,6 +277,7 @@ class SubmissionSMTP(SMTP):
         try:
             super().connection_lost(error)
         finally:
+            self.closed.set()
             if self._admitted is not None:
                 self._gate.release(self._admitted, self)
                 self._admitted = None
@@ -287,6 +292,22 @@ class SubmissionSMTP(SMTP):
         if duration is None and self._gate.under_stress and not self._logged_in:
             duration = self._gate.busy_timeout
         super()._reset_timeout(duration)
+
+    def close_for_stop(self, *, now: bool = False) -> None:
+        """The relay stops: a session between messages hears 421 and is closed at once, one
+        in the middle of a message once that is answered (smtp_DATA), so a message being
+        stored is not cut off before its 250; `now` closes either."""
+        self._stopping = True
+        idle = self.envelope is None or not self.envelope.mail_from
+        if now or (idle and not self._receiving_data):
+            self._say_stopping()
+
+    def _say_stopping(self) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            reply = _count(Reply.STOPPING.format(hostname=self.hostname))
+            transport.write((reply + "\r\n").encode("ascii"))
+            transport.close()
 
     def shorten_idle(self) -> None:
         if not self._logged_in and self.transport is not None:
@@ -347,6 +368,9 @@ class SubmissionSMTP(SMTP):
             reply = "250 OK" if status is MISSING else status
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(reply)
+        if self._stopping:
+            self._say_stopping()
+            return
         self._reset_timeout()
 
 
@@ -418,8 +442,22 @@ class SmtpFront:
         return [sock.getsockname()[1] for server in self.servers for sock in server.sockets]
 
     async def stop(self) -> None:
+        """Take no more connections and end the sessions (SubmissionSMTP.close_for_stop):
+        a message under way gets up to STOP_GRACE seconds to be answered; one cut off
+        gets no 250, so the agent's client sends it again."""
         for server in self.servers:
             server.close()
+        sessions = [s for s in self.gate.sessions if isinstance(s, SubmissionSMTP)]
+        for session in sessions:
+            session.close_for_stop()
+        waits = [asyncio.create_task(s.closed.wait()) for s in sessions]
+        if waits:
+            grace = min(STOP_GRACE, self.settings.smtp.timeout)
+            _, pending = await asyncio.wait(waits, timeout=grace)
+            for wait in pending:
+                wait.cancel()
+        for session in sessions:
+            session.close_for_stop(now=True)
         for server in self.servers:
             await server.wait_closed()
         self.servers = []

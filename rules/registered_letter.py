@@ -24,6 +24,15 @@ def subject_tag(subject: str, tags: tuple[str, ...]) -> str | None:
     return next((tag for tag in tags if stripped.startswith(tag.casefold())), None)
 
 
+def without_tag(subject: str, tags: tuple[str, ...]) -> str:
+    """The subject as the prospect sees it: the tag only told the rules that it is an offer."""
+    stripped = subject.lstrip()
+    tag = subject_tag(stripped, tags)
+    if tag is None or stripped[: len(tag)].casefold() != tag.casefold():
+        return subject
+    return stripped[len(tag) :].lstrip()
+
+
 def decide(facts: MessageFacts, recipient: str, policy: Policy) -> Action | None:
     tag = subject_tag(facts.subject, policy.letter_tags)
     requested = (facts.header(ACTION_HEADER) or "").strip().lower() == "registered-letter"

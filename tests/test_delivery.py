@@ -11,6 +11,7 @@ import asyncio
 import email
 import email.policy
 import json
+import logging
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -502,6 +503,47 @@ async def test_temporary_failures_retry_with_backoff_until_the_lifetime_then_bou
     assert "451 4.3.0 try again later" in diagnostic
 
 
+async def test_a_copy_the_running_worker_gives_up_on_reports_4_4_7_everywhere(
+    start_relay: StartRelay, sink: Sink, database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 3463 X.4.7 "delivery time expired" is the final status of a copy whose lifetime
+    ran out, in the DSN, the journal and the log; the last reply stays the diagnostic."""
+    caplog.set_level(logging.INFO, logger="gateway.delivery")
+    clock = FakeClock()
+    harness = await start_relay(sink, clock=clock, upstream={"queue_lifetime": 60})
+    sink.refuse["slow@example.org"] = "451 4.3.0 try again later"
+    message_id = queued_id(await harness.send(make_message(to="slow@example.org")))
+    [delivery] = await eventually(
+        lambda: _when(deliveries(database, message_id), lambda r: r[0].attempts == 1)
+    )
+    assert delivery.status == DeliveryStatus.QUEUED
+
+    clock.now = delivery.expires_at  # the worker keeps running; the copy is due once more
+    harness.relay.signal.notify()
+    [report] = await sink.expect(1)
+
+    _, _, [block] = parse_dsn(report.data)
+    assert block["Status"] == "4.4.7"
+    assert "451 4.3.0 try again later" in unfolded(block["Diagnostic-Code"])
+    [bounced] = await events(database, "delivery.bounced")
+    assert bounced.data["status"] == "4.4.7"
+    assert "451 4.3.0 try again later" in bounced.data["error"]
+    [line] = [r.getMessage() for r in caplog.records if "status=bounced" in r.getMessage()]
+    assert line.startswith(f"{message_id}: to=<slow@example.org>, ")
+    assert ", dsn=4.4.7, status=bounced (gave up after 1 minute; last error: 451 4.3.0 " in line
+
+
+async def test_a_refused_copy_journals_the_refusals_own_status(
+    start_relay: StartRelay, sink: Sink, database: Database
+) -> None:
+    harness = await start_relay(sink)
+    sink.refuse["gone@example.org"] = "550 5.1.1 no such user"
+    await harness.send(make_message(to="gone@example.org"))
+    [bounced] = await eventually(lambda: events(database, "delivery.bounced"))
+    assert bounced.data["status"] == "5.1.1"
+    assert bounced.data["error"] == "550 5.1.1 no such user"
+
+
 # -- restarts and leases ---------------------------------------------------------------------
 
 
@@ -564,7 +606,9 @@ async def test_an_expired_lease_is_claimed_by_another_worker(
     async with database.transaction() as session:
         for mark in (
             queue.mark_delivered(session, dead.delivery, "dead-worker", clock(), None),
-            queue.mark_bounced(session, dead.delivery, "dead-worker", clock(), "550 x"),
+            queue.mark_bounced(
+                session, dead.delivery, "dead-worker", clock(), "550 x", status="5.0.0"
+            ),
         ):
             assert await mark is None
     [delivery] = await deliveries(database, message_id)

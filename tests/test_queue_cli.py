@@ -146,7 +146,7 @@ async def seed_queue(db: Database) -> Seeded:
                 now + timedelta(hours=1),
             ),
             await queue.mark_bounced(
-                session, claimed[bounced.id], "seed", now, "550 5.1.1 no such user"
+                session, claimed[bounced.id], "seed", now, "550 5.1.1 no such user", status="5.1.1"
             ),
             await queue.mark_delivered(session, claimed[delivered.id], "seed", now, "mx"),
         ]

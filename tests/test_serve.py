@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import signal
 import smtplib
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import LETTER_TOML, free_port
+from tests.support import LETTER_TOML, free_port, serve_config
 
 SEALRELAY = str(Path(sys.executable).parent / "sealrelay")
 AGENT = "anna@broker.example"
@@ -123,3 +125,45 @@ async def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     assert lines == [
         "Error: config error: smtp.max_recipients: Input should be greater than or equal to 1"
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_serve_stops_promptly_and_says_so(tmp_path: Path, signum: signal.Signals) -> None:
+    """With no mail in flight and clients connected to both listeners, a stop finishes at
+    once (0.13-0.2 s measured here; 1.3-1.7 s before) and says so in the log."""
+    smtp_port = free_port()
+    config = serve_config(
+        tmp_path, smtp_port=smtp_port, database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"
+    )
+    match = re.search(r'listen = "127.0.0.1:(\d+)"', config.read_text())
+    assert match is not None
+    web_port = int(match.group(1))
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            SEALRELAY, "serve", "--config", str(config), stdout=log, stderr=log
+        )
+        try:
+            await wait_for_port(smtp_port, process)
+            await wait_for_port(web_port, process)
+            # an idle keep-alive connection to the web listener, an idle SMTP session
+            web_reader, web_writer = await asyncio.open_connection("127.0.0.1", web_port)
+            web_writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+            assert (await web_reader.readline()).startswith(b"HTTP/1.1 200")
+            smtp_reader, smtp_writer = await asyncio.open_connection("127.0.0.1", smtp_port)
+            assert (await smtp_reader.readline()).startswith(b"220 ")
+        finally:
+            started = time.monotonic()
+            process.send_signal(signum)
+            async with asyncio.timeout(10):
+                code = await process.wait()
+            took = time.monotonic() - started
+    assert (await smtp_reader.read()).startswith(b"421 4.3.2 relay.test.example ")
+    web_writer.close()
+    smtp_writer.close()
+    assert code == 0
+    lines = log_path.read_text().splitlines()
+    assert lines[-1].endswith("INFO gateway.relay: sealrelay stopped"), lines[-3:]
+    assert any(line.endswith(f"sealrelay stopping on {signum.name}") for line in lines)
+    print(f"serve stopped {took:.2f} s after {signum.name}")

@@ -40,6 +40,7 @@ from tests.conftest import (
     PASSWORD,
     Harness,
     dkim_dns,
+    make_message,
     relay_settings,
 )
 from tests.support import Sink, free_port
@@ -858,3 +859,36 @@ async def test_message_id_and_date_are_kept_when_present(relay: Harness) -> None
         message = await session.get(Message, message_id)
     assert message is not None and message.message_id_header == "<kept.1234@broker.example>"
     verify_dkim(relay, copy.data)
+
+
+# -- stopping ----------------------------------------------------------------------------------
+
+
+async def test_a_stop_tells_an_idle_session_421_at_once(relay: Harness) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.smtp_port)
+    assert (await reader.readline()).startswith(b"220 ")
+    async with asyncio.timeout(5):  # no grace for a session between messages
+        await relay.relay.stop()
+        said = await reader.read()
+    writer.close()
+    assert said == (
+        b"421 4.3.2 relay.broker.example The relay is stopping; try again in a moment\r\n"
+    )
+
+
+async def test_a_stop_answers_the_message_under_way_then_closes(relay: Harness) -> None:
+    client = relay.client(username=AGENT, password=PASSWORD)
+    await client.connect()
+    await client.mail(AGENT)
+    await client.rcpt(PROSPECT)
+    stopping = asyncio.create_task(relay.relay.stop())
+    await asyncio.sleep(0.3)
+    assert not stopping.done(), "the stop waits for the message under way"
+    code, reply = await client.data(make_message(to=PROSPECT).as_bytes())
+    assert code == 250 and reply.startswith("2.0.0 Ok: queued as "), reply
+    async with asyncio.timeout(5):
+        await stopping
+    with pytest.raises(aiosmtplib.SMTPException):
+        await client.noop()
+    async with relay.relay.db.transaction() as session:
+        assert await session.scalar(select(func.count()).select_from(Message)) == 1

@@ -34,6 +34,7 @@ from gateway.blobstore import BlobReader, BlobStore
 from gateway.link_desk import LinkDesk, LinkExpired
 from gateway.links import FoundLink
 from gateway.models import StoredFile
+from rules.registered_letter import without_tag
 from web.blobs import PulledBlob, send_blob, send_pulled
 from web.pages import (
     BAD_TOKEN_LIMIT,
@@ -203,8 +204,8 @@ class DownloadPages:
             request,
             "download.html",
             catalog,
-            title=found.message.subject or catalog.t("download.title"),
-            subject=found.message.subject,
+            title=self.subject(found) or catalog.t("download.title"),
+            subject=self.subject(found),
             sender=(await agent_of(self.blobs, found.message)).label,
             expires=catalog.moment(found.link.expires_at),
             files=files,
@@ -275,7 +276,7 @@ class DownloadPages:
         if _is_get(request):
             visitor = self.visitor(request)
             await self.links.record_zip(found, visitor.ip, visitor.user_agent)
-        name = safe_filename(found.message.subject, "") or catalog.t("download.zip_name")
+        name = safe_filename(self.subject(found), "") or catalog.t("download.zip_name")
         response = web.StreamResponse()
         response.headers["Content-Type"] = "application/zip"
         response.headers["Content-Disposition"] = content_disposition(f"{name}.zip")
@@ -300,12 +301,16 @@ class DownloadPages:
             archive.add(PulledBlob(self.blobs, stored.sha256, loop), name, size=size)
         return archive
 
+    def subject(self, found: FoundLink) -> str:
+        """The message's subject without the tag that made it an offer: never the prospect's."""
+        return without_tag(found.message.subject, tuple(self.site.settings.letter.tags))
+
     async def expired(self, request: web.Request, closed: LinkExpired) -> web.Response:
         """410 in the link's language, naming the sender and how to ask them again."""
         found = closed.found
         catalog = self.site.catalog(found.link.language)
         agent = await agent_of(self.blobs, found.message)
-        sender, subject = agent.address, found.message.subject
+        sender, subject = agent.address, self.subject(found)
         mail_subject = catalog.t("error.expired_mail_subject", subject=subject).rstrip(": ")
         return self.render(
             request,
