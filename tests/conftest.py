@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import dkim, users
 from gateway.config import Settings
 from gateway.db import Database, make_engine
+from gateway.outgoing import Signer
 from gateway.relay import Relay
 from tests.support import Sink, free_port, make_certificate, undeclared_event_types
 
@@ -223,7 +224,7 @@ async def relay_factory(
             dkim={DKIM_DOMAIN: {"selector": DKIM_SELECTOR, "key_file": str(dkim_key_file)}},
             **sections,
         )
-        relay = Relay(settings, db=database)
+        relay = Relay(settings, db=database, signer=Signer({DKIM_DOMAIN: dkim_key}))
         await relay.start()
         started.append(relay)
         return Harness(relay, sink, settings, dkim_key)

@@ -29,6 +29,7 @@ from gateway import dkim, headers, users
 from gateway.db import Database
 from gateway.local_blobs import LocalBlobStore
 from gateway.models import Delivery, Event, Message
+from gateway.outgoing import Signer
 from gateway.pipeline import Pipeline
 from gateway.relay import Relay
 from gateway.smtp import SmtpFront
@@ -408,7 +409,7 @@ async def dev_relay(
     )
     assert settings.smtp.tls_cert is None
     await users.add_user(database, AGENT, PASSWORD, aliases=(ALIAS,))
-    relay = Relay(settings, db=database)
+    relay = Relay(settings, db=database, signer=Signer({DKIM_DOMAIN: dkim_key}))
     await relay.start()
     try:
         yield Harness(relay, sink, settings, dkim_key)
