@@ -81,6 +81,7 @@ class Relay:
         db: Database | None = None,
         blobs: BlobStore | None = None,
         upstream: Upstream | None = None,
+        signer: Signer | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         unknown = set(roles) - set(ROLES)
@@ -101,7 +102,7 @@ class Relay:
             self.db,
             self.blobs,
             upstream or open_upstream(settings.upstream, settings.server.hostname),
-            load_signer(settings),
+            signer or load_signer(settings),
             self.signal,
             clock,
         )

@@ -22,7 +22,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import dkim, users
 from gateway.config import Settings
 from gateway.db import Database, make_engine
+from gateway.outgoing import Signer
 from gateway.relay import Relay
+from tests import db_templates
 from tests.support import Sink, free_port, make_certificate, undeclared_event_types
 
 POSTGRES_URL = os.environ.get(
@@ -37,11 +39,22 @@ DKIM_SELECTOR = "s2026"
 pytest_plugins = ["tests.letter_fixtures"]
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return db_templates.migrated_sqlite(tmp_path_factory.mktemp("sqlite-template"))
+
+
+@pytest.fixture(scope="session")
+def postgres_migrations() -> db_templates.Statements:
+    return db_templates.migration_statements(POSTGRES_URL)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """A migrated database of the test's own: a copy of the run's template (db_templates)."""
     if request.param == "sqlite":
+        db_templates.copy_sqlite(request.getfixturevalue("sqlite_template"), tmp_path / "relay.db")
         db = Database.connect(f"sqlite+aiosqlite:///{tmp_path}/relay.db")
-        await db.upgrade()
         yield db
         undeclared = await undeclared_event_types(db)
         await db.close()
@@ -61,7 +74,7 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         )
     db = Database.connect(POSTGRES_URL, schema=schema)
     try:
-        await db.upgrade()
+        await db_templates.replay(db, request.getfixturevalue("postgres_migrations"))
         yield db
         undeclared = await undeclared_event_types(db)
         assert undeclared == [], f"journaled but not declared in gateway/events.py: {undeclared}"
@@ -223,7 +236,7 @@ async def relay_factory(
             dkim={DKIM_DOMAIN: {"selector": DKIM_SELECTOR, "key_file": str(dkim_key_file)}},
             **sections,
         )
-        relay = Relay(settings, db=database)
+        relay = Relay(settings, db=database, signer=Signer({DKIM_DOMAIN: dkim_key}))
         await relay.start()
         started.append(relay)
         return Harness(relay, sink, settings, dkim_key)

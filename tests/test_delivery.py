@@ -33,6 +33,7 @@ from gateway.delivery import DeliveryWorker
 from gateway.dkim import DkimKey
 from gateway.models import Delivery, DeliveryStatus, Event, MessageKind, new_id, utcnow
 from gateway.models import Message as MessageRow
+from gateway.outgoing import Signer
 from gateway.pipeline import Envelope as PipelineEnvelope
 from gateway.pipeline import Origin
 from gateway.relay import Relay
@@ -174,7 +175,9 @@ async def start_relay(
         settings: Settings | None = None,
         **sections: dict[str, Any],
     ) -> Harness:
+        signer = None  # a relay given its settings loads the keys they name
         if settings is None:
+            signer = Signer({DKIM_DOMAIN: dkim_key})
             smtp = {"tls_cert": str(cert), "tls_key": str(key), **sections.pop("smtp", {})}
             settings = relay_settings(
                 tmp_path,
@@ -183,7 +186,7 @@ async def start_relay(
                 dkim={DKIM_DOMAIN: {"selector": DKIM_SELECTOR, "key_file": str(dkim_key_file)}},
                 **sections,
             )
-        relay = Relay(settings, db=database, roles=roles, clock=clock)
+        relay = Relay(settings, db=database, roles=roles, signer=signer, clock=clock)
         await relay.start()
         started.append(relay)
         return Harness(relay, sink, settings, dkim_key)

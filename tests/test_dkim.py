@@ -21,6 +21,7 @@ from dkim.util import parse_tag_value
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.db import Database
 from gateway.dkim import (
     DEFAULT_OVERSIGN,
     DkimError,
@@ -32,6 +33,10 @@ from gateway.dkim import (
     sign,
     write_private_key,
 )
+from gateway.outgoing import Signer
+from gateway.relay import Relay
+from tests.conftest import relay_settings
+from tests.support import free_port
 
 DOMAIN = "example.com"
 SELECTOR = "sel2026"
@@ -581,3 +586,17 @@ def test_dns_txt_record(key: DkimKey, domain: str) -> None:
     assert all(len(s) <= 255 for s in strings)
     assert "".join(strings) == public_txt_value(key)
     assert dns_txt_record(key.private_key, "sel2026", domain) == record
+
+
+def test_a_relay_given_its_signer_reads_no_key_file(key: DkimKey, tmp_path: Path) -> None:
+    """Test fixtures hand every relay the one key they loaded; a relay without it reads the
+    files its settings name, as serve does."""
+    missing = tmp_path / "absent.pem"
+    settings = relay_settings(
+        tmp_path, free_port(), dkim={DOMAIN: {"selector": SELECTOR, "key_file": str(missing)}}
+    )
+    db = Database.connect(f"sqlite+aiosqlite:///{tmp_path}/relay.db")
+    signer = Signer({DOMAIN: key})
+    assert Relay(settings, db=db, signer=signer).worker.signer is signer
+    with pytest.raises(DkimError, match="cannot read"):
+        Relay(settings, db=db)

@@ -33,6 +33,7 @@ from gateway import dkim, headers, journal, users
 from gateway.db import Database
 from gateway.i18n import load_catalogs
 from gateway.models import Consent, Delivery, Event, Letter, LetterStatus, Message
+from gateway.outgoing import Signer
 from gateway.own_mail import render
 from gateway.relay import Relay
 from gateway.renewal import request_mail
@@ -198,7 +199,8 @@ async def running_site(
         },
         **sections,
     )
-    relay = Relay(settings, db=database, clock=clock)
+    signer = Signer({"broker.example": dkim_key})  # the session's key, not loaded per relay
+    relay = Relay(settings, db=database, signer=signer, clock=clock)
     await relay.start()
     try:
         yield LetterSite(Harness(relay, sink, settings, dkim_key), clock)

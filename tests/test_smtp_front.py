@@ -29,6 +29,7 @@ from gateway import dkim, headers, users
 from gateway.db import Database
 from gateway.local_blobs import LocalBlobStore
 from gateway.models import Delivery, Event, Message
+from gateway.outgoing import Signer
 from gateway.pipeline import Pipeline
 from gateway.relay import Relay
 from gateway.smtp import SmtpFront
@@ -60,7 +61,7 @@ VICTIM = "victim@example.net"
 
 def client_tls() -> ssl.SSLContext:
     """The relay's certificate is self-signed: encrypt, do not verify."""
-    context = ssl.create_default_context()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA store: nothing is verified
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
@@ -409,7 +410,7 @@ async def dev_relay(
     )
     assert settings.smtp.tls_cert is None
     await users.add_user(database, AGENT, PASSWORD, aliases=(ALIAS,))
-    relay = Relay(settings, db=database)
+    relay = Relay(settings, db=database, signer=Signer({DKIM_DOMAIN: dkim_key}))
     await relay.start()
     try:
         yield Harness(relay, sink, settings, dkim_key)
