@@ -5,6 +5,7 @@ FROM python:3.11-slim
 RUN useradd --system --home /var/lib/sealrelay --create-home sealrelay
 WORKDIR /opt/sealrelay
 COPY pyproject.toml README.md ./
+COPY sealrelay ./sealrelay
 COPY gateway ./gateway
 COPY rules ./rules
 COPY web ./web

@@ -38,8 +38,8 @@ if str(ROOT) not in sys.path:
 
 from bench.relay import database_url  # noqa: E402
 from tests.conftest import AGENT, PASSWORD  # noqa: E402
+from tests.store.test_durability import RelayProcess, burst_message, message_ids  # noqa: E402
 from tests.support import Sink  # noqa: E402
-from tests.test_durability import RelayProcess, burst_message, message_ids  # noqa: E402
 
 
 @dataclass

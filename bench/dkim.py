@@ -1,4 +1,4 @@
-"""DKIM signing cost: gateway.dkim (cryptography) against dkimpy's pure-Python dkim.sign.
+"""DKIM signing cost: gateway.mail.dkim (cryptography) against dkimpy's pure-Python dkim.sign.
 
     .venv/bin/python bench/dkim.py
     .venv/bin/python bench/dkim.py --small 2000 --large 20
@@ -29,7 +29,7 @@ from collections.abc import Callable  # noqa: E402
 import dkim  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from gateway import dkim as signer  # noqa: E402
+from gateway.mail import dkim as signer  # noqa: E402
 
 DOMAIN = "broker.example"
 SELECTOR = "s2026"
@@ -92,7 +92,7 @@ def main() -> None:
         return txt
 
     print(f"rsa-sha256 2048, relaxed/relaxed, Python {sys.version.split()[0]}")
-    print(f"{'message':>10} {'gateway.dkim':>14} {'dkimpy':>12} {'speed-up':>9}")
+    print(f"{'message':>10} {'gateway.mail.dkim':>14} {'dkimpy':>12} {'speed-up':>9}")
     for label, size, repeat in (("5 KB", 5_000, args.small), ("10 MB", 10_000_000, args.large)):
         message = make_message(size)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from gateway import events
+from gateway.store import events
 
 SAMPLES = {
     "delivery.queued": events.DELIVERY_QUEUED.new(

@@ -3,7 +3,7 @@
     .venv/bin/python bench/mime.py
     .venv/bin/python bench/mime.py --repeat 20
 
-tests/test_mime.py checks what the parser answers to these messages; how long it takes
+tests/mail/test_mime.py checks what the parser answers to these messages; how long it takes
 depends on the machine and its load, so it is measured here and printed for a person to
 compare against the targets (a refusal in well under a second, linear time on hostile
 Content-Type values, a 25 MB message parsed and stripped of its attachment in under
@@ -22,9 +22,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-from gateway import mime
-from gateway.mime import UnsafeMessage
-from tests.test_mime import big_message, nested
+from gateway.mail import mime
+from gateway.mail.mime import UnsafeMessage
+from tests.mail.test_mime import big_message, nested
 
 HOSTILE_CONTENT_TYPES = {
     "5,000 open comments": "multipart/mixed; boundary=b; x=" + "(" * 5000,

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.i18n import DEFAULT_TIMEZONE, time_zone
+from gateway.texts.catalog import DEFAULT_TIMEZONE, time_zone
 from rules.language import SHIPPED_LANGUAGES
 from rules.matching import ConfiguredRule, Match, PolicyConfig
 from rules.policy import Policy

@@ -20,7 +20,6 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 
-from gateway import dkim, letter_keys, text_files
 from gateway.config import (
     ConfigError,
     DkimDomain,
@@ -32,8 +31,11 @@ from gateway.config import (
     read_config,
     validation_problems,
 )
-from gateway.listen_addresses import listen_host, plaintext_logins_allowed
+from gateway.fronts.listen_addresses import listen_host, plaintext_logins_allowed
+from gateway.letters import letter_keys
+from gateway.mail import dkim
 from gateway.problems import Problem
+from gateway.texts import files as text_files
 
 
 def check_config(
@@ -219,7 +221,7 @@ def _texts() -> Iterator[Problem]:
 
 def _letter_texts(settings: Settings) -> Iterator[Problem]:
     """The block sets load as the relay will load them (only once their directories exist)."""
-    from gateway.letter_blocks import BlockSets  # spares every other command the Markdown parser
+    from gateway.letters.blocks import BlockSets  # spares every other command the Markdown parser
 
     letter = settings.letter
     if any(not directory.is_dir() for directory in letter.block_sets.values()):

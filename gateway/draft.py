@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from gateway import journal, mime
-from gateway.models import Base, Message, StoredFile
+from gateway.mail import mime
+from gateway.store import journal
+from gateway.store.models import Base, Message, StoredFile
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A finding about the settings, shared by check-config and every check it gathers.
 
-Its own module so that a check (gateway/letter_keys.py) can report problems without
+Its own module so that a check (gateway/letters/letter_keys.py) can report problems without
 importing check-config, which imports every check.
 """
 

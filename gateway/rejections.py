@@ -1,7 +1,8 @@
 """A refusal of a submitted message, with the SMTP reply every front gives for it.
 
-Apart from the pipeline so that the checks the pipeline runs (gateway/letter_keys.py) and the
-fronts that answer with it (gateway/smtp.py) share one type without importing each other.
+Apart from the pipeline so that the checks the pipeline runs (gateway/letters/letter_keys.py)
+and the fronts that answer with it (gateway/fronts/smtp.py) share one type without importing
+each other.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from gateway import journal
-from gateway.db import Database
-from gateway.events import USER_CREATED, USER_DISABLED, USER_ENABLED, USER_PASSWORD_CHANGED
-from gateway.metrics import AUTH_CHECKS_WAITING
-from gateway.models import Alias, User
+from gateway.store import journal
+from gateway.store.db import Database
+from gateway.store.events import USER_CREATED, USER_DISABLED, USER_ENABLED, USER_PASSWORD_CHANGED
+from gateway.store.metrics import AUTH_CHECKS_WAITING
+from gateway.store.models import Alias, User
 
 # OWASP's argon2id minimum (19 MiB, 2 passes, 1 lane): the library default takes 64 MiB per
 # check, which a relay doing SMTP AUTH all day pays in resident memory. Stored hashes carry

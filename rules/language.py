@@ -3,7 +3,7 @@ language a recipient is addressed in.
 
 This is the one list: every text kind (page catalogs, mail wordings, templates, letter block
 sets) must have a file for each language here, and check-config and serve refuse to start
-when one is missing or lacks a key another language has (gateway.i18n.text_problems). It
+when one is missing or lacks a key another language has (gateway.texts.catalog.text_problems). It
 lives in rules/ because rules must choose a recipient's language without importing the
 gateway, and the gateway, the web pages and the settings all import it from here.
 

@@ -19,11 +19,12 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import dkim, users
+from gateway import users
 from gateway.config import Settings
-from gateway.db import Database, make_engine
-from gateway.outgoing import Signer
-from gateway.relay import Relay
+from gateway.mail import dkim
+from gateway.mail.outgoing import Signer
+from gateway.store.db import Database, make_engine
+from sealrelay.serve import Relay
 from tests import db_templates
 from tests.support import Sink, free_port, make_certificate, undeclared_event_types
 
@@ -58,7 +59,9 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         yield db
         undeclared = await undeclared_event_types(db)
         await db.close()
-        assert undeclared == [], f"journaled but not declared in gateway/events.py: {undeclared}"
+        assert undeclared == [], (
+            f"journaled but not declared in gateway/store/events.py: {undeclared}"
+        )
         return
     schema = f"test_{secrets.token_hex(6)}"
     admin = make_engine(POSTGRES_URL)
@@ -77,7 +80,9 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         await db_templates.replay(db, request.getfixturevalue("postgres_migrations"))
         yield db
         undeclared = await undeclared_event_types(db)
-        assert undeclared == [], f"journaled but not declared in gateway/events.py: {undeclared}"
+        assert undeclared == [], (
+            f"journaled but not declared in gateway/store/events.py: {undeclared}"
+        )
     finally:
         await db.close()
         async with admin.begin() as conn:

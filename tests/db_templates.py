@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, event, text
 
-from gateway.db import Database, make_engine
+from gateway.store.db import Database, make_engine
 
 T = TypeVar("T")
 # what the migrations sent to PostgreSQL, in order: (statement, driver parameters)

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from gateway import dkim
-from gateway.db import Database
+from gateway.mail import dkim
+from gateway.store.db import Database
+from tests.letters.test_letter_pages import Clock, LetterSite, running_site
 from tests.support import Sink
-from tests.test_letter_pages import Clock, LetterSite, running_site
 
 StartSite = Callable[..., Awaitable[LetterSite]]
 

@@ -10,8 +10,8 @@ import asyncio
 
 from sqlalchemy import func, select
 
-from gateway.db import Database
-from gateway.models import Delivery, DeliveryStatus
+from gateway.store.db import Database
+from gateway.store.models import Delivery, DeliveryStatus
 
 
 async def pending(db: Database) -> int:

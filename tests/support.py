@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
-from gateway import events
-from gateway.db import Database
-from gateway.models import Event
+from gateway.store import events
+from gateway.store.db import Database
+from gateway.store.models import Event
 
 
 def screenshot_dir(suite: str) -> Path:
@@ -202,7 +202,7 @@ class Sink:
 
 
 async def undeclared_event_types(db: Database) -> list[str]:
-    """The event types the test's journal holds that gateway/events.py does not declare.
+    """The event types the test's journal holds that gateway/store/events.py does not declare.
 
     Every database test's teardown asks, so each end-to-end flow of the suite proves that
     whatever it journaled is in the catalog, on both backends.

@@ -16,11 +16,11 @@ from datetime import datetime
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.blobstore import BlobStore
 from gateway.config import Settings
-from gateway.letter_desk import LetterDesk
-from gateway.link_desk import LinkDesk
-from gateway.metrics import QUEUE_DEPTH
+from gateway.letters.desk import LetterDesk
+from gateway.links.desk import LinkDesk
+from gateway.store.blobs import BlobStore
+from gateway.store.metrics import QUEUE_DEPTH
 from web.downloads import DownloadPages
 from web.letters import LetterPages
 from web.pages import ProspectSite

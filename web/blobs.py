@@ -15,7 +15,7 @@ from typing import IO
 
 from aiohttp import web
 
-from gateway.blobstore import CHUNK_SIZE, BlobReader, BlobStore
+from gateway.store.blobs import CHUNK_SIZE, BlobReader, BlobStore
 
 
 async def send_blob(

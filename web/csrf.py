@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gateway.links import hash_token
+from gateway.links.tokens import hash_token
 
 KEY_BYTES = 32
 KEY_FILE = "secret.key"

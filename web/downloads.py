@@ -1,6 +1,6 @@
 """The prospect's download page: `/d/{token}`, each file behind it, and all of them as a zip.
 
-What a visitor's request has the link desk (gateway/link_desk.py) write to the journal:
+What a visitor's request has the link desk (gateway/links/desk.py) write to the journal:
 - `GET /d/{token}` of a valid link: `link.viewed` (a page view never counts as a download).
 - `GET /d/{token}/f/{file_id}`: `download.first` for the link's first download of that file,
   `download.repeat` after that; the desk makes sure two parallel requests cannot both be
@@ -30,10 +30,10 @@ from urllib.parse import quote
 from aiohttp import web
 from zipstream import ZipStream
 
-from gateway.blobstore import BlobReader, BlobStore
-from gateway.link_desk import LinkDesk, LinkExpired
-from gateway.links import FoundLink
-from gateway.models import StoredFile
+from gateway.links.desk import LinkDesk, LinkExpired
+from gateway.links.tokens import FoundLink
+from gateway.store.blobs import BlobReader, BlobStore
+from gateway.store.models import StoredFile
 from rules.registered_letter import without_tag
 from web.blobs import PulledBlob, send_blob, send_pulled
 from web.pages import (

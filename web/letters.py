@@ -20,7 +20,7 @@ Routes and what they write (nothing else is ever written by a visitor's request)
   exposé), listed with the attachments; served and counted as its download page does.
 - `GET /l/{token}/consent.pdf`: the consent record as PDF, at any time after release.
 - `POST /l/{token}/renew` (CSRF protected, only for an expired letter): asks the agent for a
-  new link (gateway/renewal.py: one mail per letter per 24 hours) and says so.
+  new link (gateway/letters/renewal.py: one mail per letter per 24 hours) and says so.
 
 Unknown tokens get the download pages' 404 and count against the client's address; an
 expired letter gets 410 in its language with the button to ask the agent for a new link
@@ -39,20 +39,20 @@ import nh3
 from aiohttp import web
 from markupsafe import Markup, escape
 
-from gateway import mime
-from gateway.blobstore import BlobMissing, BlobStore
-from gateway.i18n import Catalog
-from gateway.letter_blocks import markdown_html
-from gateway.letter_desk import (
+from gateway.letters.blocks import markdown_html
+from gateway.letters.desk import (
     ConsentIncomplete,
     FoundLetter,
     LetterDesk,
     LetterExpired,
     LetterUnknown,
 )
-from gateway.link_desk import LinkDesk
-from gateway.links import FoundLink
-from gateway.models import Letter, Message
+from gateway.links.desk import LinkDesk
+from gateway.links.tokens import FoundLink
+from gateway.mail import mime
+from gateway.store.blobs import BlobMissing, BlobStore
+from gateway.store.models import Letter, Message
+from gateway.texts.catalog import Catalog
 from web.csrf import KEY_FILE, FormTokens
 from web.downloads import DownloadPages
 from web.pages import (

@@ -38,11 +38,11 @@ from urllib.parse import quote, urlsplit
 import jinja2
 from aiohttp import web
 
-from gateway import headers
-from gateway.blobstore import BlobStore
 from gateway.config import BrandingSettings, Settings
-from gateway.i18n import Catalog, load_catalogs, negotiate
-from gateway.models import Message
+from gateway.mail import headers
+from gateway.store.blobs import BlobStore
+from gateway.store.models import Message
+from gateway.texts.catalog import Catalog, load_catalogs, negotiate
 from rules.language import shipped_language
 from web.client_ip import ClientIpResolver
 

@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.links import TokenClosed, TokenUnknown
+from gateway.links.tokens import TokenClosed, TokenUnknown
 from web.pages import ProspectSite
 
 T = TypeVar("T")

@@ -1,0 +1,522 @@
+"""The submission front: agents' mail clients speak SMTP to aiosmtpd, which hands over here.
+
+A thin handler: each hook checks its input and turns it into a pipeline call, answering from
+one table of replies. 250 is only given once the pipeline has made the message durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import ssl
+import warnings
+from base64 import b64decode
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway import users
+from gateway.config import Settings
+from gateway.fronts.data_reader import DataResult, read_data
+from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
+from gateway.fronts.smtp_guard import ConnectionGate, FailedLogins, ThrottledLog, session_ceiling
+from gateway.intake.pipeline import Envelope as PipelineEnvelope
+from gateway.intake.pipeline import Origin, Pipeline
+from gateway.rejections import Rejected
+from gateway.store.db import Database
+from gateway.store.metrics import SMTP_REPLIES
+
+log = logging.getLogger(__name__)
+TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds an implicit-TLS client may take to say hello
+STOP_GRACE = 30.0  # seconds a message under way may take to be answered when the relay stops
+
+
+class _ImplicitTlsNoise(logging.Filter):
+    """aiosmtpd warns on every connection where AUTH does not require STARTTLS; ours are
+    implicit-TLS sockets (already encrypted) and the loopback dev listener, so it is noise.
+    It also warns on every successful login that `Session.login_data` (which it sets itself,
+    and which we never read) is deprecated."""
+
+    NOISE = ("auth_require_tls == False", "Session.login_data is deprecated")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
+
+
+logging.getLogger("mail.log").addFilter(_ImplicitTlsNoise())
+warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+
+
+class Reply:
+    """Every reply the handler gives, in one place."""
+
+    OK = "250 2.1.0 Ok"
+    RCPT_OK = "250 2.1.5 Ok"
+    AUTH_OK = "235 2.7.0 Authentication successful"
+    AUTH_FAILED = "535 5.7.8 Authentication failed: wrong login or password"
+    AUTH_THROTTLED = "454 4.7.0 Too many failed logins from your address; try again later"
+    AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
+    AUTH_TOO_MANY = "421 4.7.0 Too many failed logins; closing the connection"
+    AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 answer"
+    AUTH_BAD_PLAIN = "501 5.5.2 AUTH PLAIN needs authzid NUL login NUL password"
+    TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients; at most {limit} per message"
+    TOO_BIG = "552 5.3.4 The message is too big; at most {limit} bytes are accepted"
+    LINE_TOO_LONG = "500 5.5.6 Line too long; at most 1000 octets per line (RFC 5321 4.5.3.1.6)"
+    TEMPORARY = "451 4.3.0 The message was not accepted because of a local problem; try again"
+    LOCAL_ERROR = "451 4.3.0 A local problem; try again later"
+    QUEUED = "250 2.0.0 Ok: queued as {message_id}"
+    TIMEOUT = "421 4.4.2 {hostname} Timeout: the client was silent too long; closing"
+    STOPPING = "421 4.3.2 {hostname} The relay is stopping; try again in a moment"
+
+    @staticmethod
+    def bad_sender(address: str, why: str) -> str:
+        return f"553 5.1.7 The sender address <{address}> is not valid: {why}"
+
+    @staticmethod
+    def not_your_address(address: str) -> str:
+        return f"553 5.7.1 You may not send as <{address}>: it is not one of your addresses"
+
+    @staticmethod
+    def bad_recipient(address: str, why: str) -> str:
+        return f"553 5.1.3 The recipient address <{address}> is not valid: {why}"
+
+
+class SubmissionHandler:
+    def __init__(
+        self, settings: Settings, db: Database, pipeline: Pipeline, failed_logins: FailedLogins
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.pipeline = pipeline
+        self.failed_logins = failed_logins
+        self._auth_failures: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
+        self._throttled = ThrottledLog(log)
+
+    # -- AUTH: our own PLAIN and LOGIN so that argon2 runs off the event loop.
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if self._over_budget(server):
+            return await self._failed(server, Reply.AUTH_THROTTLED)
+        answer = await _initial_or_challenge(server, args, "")
+        if answer is None:
+            return AuthResult(success=False, handled=True)
+        parts = answer.split(b"\x00")
+        if len(parts) != 3:
+            return await _refuse(server, Reply.AUTH_BAD_PLAIN)
+        return await self._check(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if self._over_budget(server):
+            return await self._failed(server, Reply.AUTH_THROTTLED)
+        login = await _initial_or_challenge(server, args, server.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):  # "*" or not base64: aiosmtpd has replied
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, login, password)
+
+    async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        session = server.session
+        assert session is not None
+        address = _peer(session)
+        try:
+            with self.failed_logins.checking(address):
+                agent = await users.authenticate(
+                    self.db,
+                    login.decode("utf-8", errors="replace"),
+                    password.decode("utf-8", errors="replace"),
+                    priority=self.failed_logins.priority(address),
+                )
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            log.error("%s: cannot check the login, no database: %s", address, exc)
+            return await _refuse(server, Reply.AUTH_TEMPORARY)
+        if agent is not None:
+            self.failed_logins.record_login(address)
+            log.info("%s authenticated as %s", address, agent.email)
+            return AuthResult(success=True, auth_data=agent, message=Reply.AUTH_OK)
+        self.failed_logins.record(address)
+        shown = login[:100].decode("utf-8", errors="replace")
+        log.warning("failed login %r from %s", shown, address)
+        return await self._failed(server, Reply.AUTH_FAILED)
+
+    def _over_budget(self, server: SMTP) -> bool:
+        """An address over its failed-login budget is refused before a password is read."""
+        address = _peer_of(server)
+        if not self.failed_logins.over_budget(address):
+            return False
+        self._throttled.warning(
+            "auth", "refused a login from %s: too many failed logins from there", address
+        )
+        return True
+
+    async def _failed(self, server: SMTP, reply: str) -> AuthResult:
+        """A refused login; the session's own count closes it after max_auth_failures."""
+        session = server.session
+        assert session is not None
+        failures = self._auth_failures.get(session, 0) + 1
+        self._auth_failures[session] = failures
+        if failures >= self.settings.smtp.max_auth_failures:
+            await _refuse(server, Reply.AUTH_TOO_MANY)
+            if server.transport is not None:
+                server.transport.close()
+            return AuthResult(success=False, handled=True)
+        # AuthResult's handled defaults to True, which would make aiosmtpd send nothing.
+        return await _refuse(server, reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's default answers `500 Error: (Class) text`, showing the client our
+        internals (database addresses, paths) and telling it not to retry."""
+        log.error("SMTP session failed", exc_info=error)
+        return _count(Reply.LOCAL_ERROR)
+
+    # -- the envelope
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        agent = _agent(session)
+        try:
+            validate_email(address, check_deliverability=False, allow_smtputf8=False)
+        except EmailNotValidError as exc:
+            return _count(Reply.bad_sender(address, str(exc)))
+        if not agent.may_send_as(address):
+            return _count(Reply.not_your_address(address))
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return Reply.OK
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        limit = self.settings.smtp.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            return _count(Reply.TOO_MANY_RECIPIENTS.format(limit=limit))
+        try:
+            validate_email(address, check_deliverability=False, allow_smtputf8=False)
+        except EmailNotValidError as exc:
+            return _count(Reply.bad_recipient(address, str(exc)))
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return Reply.RCPT_OK
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content
+        assert raw is not None and envelope.mail_from is not None
+        tls = server.transport is not None and (
+            server.transport.get_extra_info("ssl_object") is not None
+        )
+        origin = Origin(
+            helo=session.host_name or "",
+            peer=_peer(session),
+            protocol="ESMTPSA" if tls else "ESMTPA",
+        )
+        try:
+            message_id = await self.pipeline.submit(
+                PipelineEnvelope(envelope.mail_from, tuple(envelope.rcpt_tos)),
+                raw,
+                _agent(session),
+                origin,
+            )
+        except Rejected as refusal:
+            log.info("refused mail from %s: %s", envelope.mail_from, refusal.reply)
+            return _count(refusal.reply)
+        except Exception:
+            log.exception("could not accept mail from %s", envelope.mail_from)
+            return _count(Reply.TEMPORARY)
+        return _count(Reply.QUEUED.format(message_id=message_id))
+
+
+class SubmissionSMTP(SMTP):
+    """aiosmtpd's protocol with DATA read in large pieces (gateway/fronts/data_reader.py).
+
+    `timeout` means client silence, as Postfix's smtpd_timeout does: aiosmtpd restarts its
+    timer only per command, so a DATA transfer longer than the timeout was cut however
+    steadily it flowed. Here every piece of DATA restarts it, and the timer stands still
+    while the relay itself works on the message (the client is waiting for us then).
+    Each connection first passes the front's gate (gateway/fronts/smtp_guard.py), or hears 421.
+    """
+
+    _receiving_data = False
+    _stopping = False
+
+    def __init__(self, handler: SubmissionHandler, gate: ConnectionGate, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._gate = gate
+        self._admitted: str | None = None  # the client address while counted by the gate
+        self._refused = False
+        self.closed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The gate decides before aiosmtpd sets up a session (STARTTLS calls this again)."""
+        if self._admitted is None:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+            refusal = self._gate.admit(address)
+            if refusal is not None:
+                self._refused = True
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(refusal.encode("ascii") + b"\r\n")
+                _count(refusal)
+                transport.close()
+                return
+            self._admitted = address
+            super().connection_made(transport)
+            self._gate.enter(self)
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        try:
+            super().connection_lost(error)
+        finally:
+            self.closed.set()
+            if self._admitted is not None:
+                self._gate.release(self._admitted, self)
+                self._admitted = None
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        if duration is None and self._gate.under_stress and not self._logged_in:
+            duration = self._gate.busy_timeout
+        super()._reset_timeout(duration)
+
+    def close_for_stop(self, *, now: bool = False) -> None:
+        """The relay stops: a session between messages hears 421 and is closed at once, one
+        in the middle of a message once that is answered (smtp_DATA), so a message being
+        stored is not cut off before its 250; `now` closes either."""
+        self._stopping = True
+        idle = self.envelope is None or not self.envelope.mail_from
+        if now or (idle and not self._receiving_data):
+            self._say_stopping()
+
+    def _say_stopping(self) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            reply = _count(Reply.STOPPING.format(hostname=self.hostname))
+            transport.write((reply + "\r\n").encode("ascii"))
+            transport.close()
+
+    def shorten_idle(self) -> None:
+        if not self._logged_in and self.transport is not None:
+            self._reset_timeout()
+
+    @property
+    def _logged_in(self) -> bool:
+        return self.session is not None and bool(self.session.authenticated)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._receiving_data:
+            self._reset_timeout()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        """Say why before closing, so the client logs a reason and not a lost connection."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            log.info("%s: silent too long; closing", _peer_of(self))
+            transport.write((Reply.TIMEOUT.format(hostname=self.hostname) + "\r\n").encode("ascii"))
+            _count(Reply.TIMEOUT)
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def _read_data(self) -> DataResult:
+        self._receiving_data = True
+        try:
+            return await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+        finally:
+            self._receiving_data = False
+            self._pause_timeout()
+
+    def _pause_timeout(self) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        result = await self._read_data()
+        if result.too_big:
+            reply = _count(Reply.TOO_BIG.format(limit=self.data_size_limit))
+        elif result.line_too_long:
+            reply = _count(Reply.LINE_TOO_LONG)
+        else:
+            self.envelope.content = self.envelope.original_content = result.content
+            status = await self._call_handler_hook("DATA")
+            reply = "250 OK" if status is MISSING else status
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(reply)
+        if self._stopping:
+            self._say_stopping()
+            return
+        self._reset_timeout()
+
+
+class SmtpFront:
+    """The listeners: plain ones with STARTTLS, implicit-TLS ones (port 465 style)."""
+
+    def __init__(self, settings: Settings, db: Database, pipeline: Pipeline) -> None:
+        self.settings = settings
+        smtp = settings.smtp
+        self.failed_logins = FailedLogins(smtp.max_auth_failures_per_ip, smtp.auth_failure_forget)
+        self.handler = SubmissionHandler(settings, db, pipeline, self.failed_logins)
+        self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
+        self.tls = tls_context(settings)
+        self.servers: list[asyncio.Server] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        smtp = self.settings.smtp
+        self.gate.total = session_ceiling(smtp.max_connections)
+        for address in smtp.listen:
+            host, port = split_address(address)
+            plaintext_ok = plaintext_logins_allowed(smtp, host)
+            if self.tls is None and not plaintext_ok:
+                raise RuntimeError(
+                    f"smtp.listen {address}: agents could not log in; set smtp.tls_cert and"
+                    " smtp.tls_key, or allow_plaintext_auth_on_loopback on a loopback address"
+                )
+            factory = self._factory(self.tls, require_tls=not plaintext_ok)
+            self.servers.append(await loop.create_server(factory, host, port))
+        for address in smtp.implicit_tls_listen:
+            host, port = split_address(address)
+            factory = self._factory(None, require_tls=False)
+            self.servers.append(
+                await loop.create_server(
+                    factory,
+                    host,
+                    port,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=min(smtp.timeout, TLS_HANDSHAKE_TIMEOUT),
+                )
+            )
+        for server in self.servers:
+            for sock in server.sockets:
+                log.info("SMTP listening on %s", sock.getsockname()[:2])
+
+    def _factory(self, tls: ssl.SSLContext | None, require_tls: bool) -> Any:
+        smtp = self.settings.smtp
+
+        def make() -> SMTP:
+            return SubmissionSMTP(
+                self.handler,
+                self.gate,
+                data_size_limit=smtp.max_message_size,
+                enable_SMTPUTF8=False,
+                decode_data=False,
+                hostname=self.settings.server.hostname,
+                ident="sealrelay",
+                tls_context=tls,
+                require_starttls=tls is not None and require_tls,
+                timeout=smtp.timeout,
+                auth_required=True,
+                auth_require_tls=require_tls,
+            )
+
+        return make
+
+    @property
+    def ports(self) -> list[int]:
+        return [sock.getsockname()[1] for server in self.servers for sock in server.sockets]
+
+    async def stop(self) -> None:
+        """Take no more connections and end the sessions (SubmissionSMTP.close_for_stop):
+        a message under way gets up to STOP_GRACE seconds to be answered; one cut off
+        gets no 250, so the agent's client sends it again."""
+        for server in self.servers:
+            server.close()
+        sessions = [s for s in self.gate.sessions if isinstance(s, SubmissionSMTP)]
+        for session in sessions:
+            session.close_for_stop()
+        waits = [asyncio.create_task(s.closed.wait()) for s in sessions]
+        if waits:
+            grace = min(STOP_GRACE, self.settings.smtp.timeout)
+            _, pending = await asyncio.wait(waits, timeout=grace)
+            for wait in pending:
+                wait.cancel()
+        for session in sessions:
+            session.close_for_stop(now=True)
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers = []
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    smtp = settings.smtp
+    if smtp.tls_cert is None or smtp.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(smtp.tls_cert, smtp.tls_key)
+    return context
+
+
+def _agent(session: Session) -> users.Agent:
+    agent = session.auth_data
+    if not isinstance(agent, users.Agent):
+        raise RuntimeError("MAIL without an authenticated agent: aiosmtpd must require AUTH")
+    return agent
+
+
+async def _initial_or_challenge(server: SMTP, args: list[str], challenge: str) -> bytes | None:
+    """The client's first answer, inline (`AUTH PLAIN xyz`) or after a 334 challenge.
+
+    None when it was cancelled or not base64; the reply has been given then.
+    """
+    if len(args) > 1:
+        answer = _b64(args[1])
+        if answer is None:
+            await _refuse(server, Reply.AUTH_BAD_BASE64)
+        return answer
+    challenged = await server.challenge_auth(challenge)
+    # On "*" or an answer that is not base64, challenge_auth has given the 501 itself;
+    # a second reply here would answer the client's next command out of turn.
+    return challenged if isinstance(challenged, bytes) else None
+
+
+async def _refuse(server: SMTP, reply: str) -> AuthResult:
+    await server.push(_count(reply))
+    return AuthResult(success=False, handled=True)
+
+
+def _count(reply: str) -> str:
+    SMTP_REPLIES.labels(code=reply[:3]).inc()
+    return reply
+
+
+def _b64(value: str) -> bytes | None:
+    try:
+        return b64decode(value.encode(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _peer_of(server: SMTP) -> str:
+    return _peer(server.session) if server.session is not None else "?"
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")

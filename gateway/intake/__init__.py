@@ -1,0 +1,3 @@
+"""From an accepted envelope to durable copies: the pipeline and the materializers it plans
+with.
+"""

@@ -1,0 +1,254 @@
+"""The heart of the relay: receive -> facts -> plan -> materialize -> commit.
+
+`Pipeline.submit` is the one entry every front (SMTP submission today; smart-host, content
+filter and milter later) feeds with an envelope, the raw bytes and who sent them. It returns
+only once the message and every copy to deliver are durable; after that the front may answer
+250. Delivery is the queue's job (gateway/outbound/delivery.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import make_msgid
+from typing import Protocol
+
+from gateway.config import Settings
+from gateway.draft import Draft
+from gateway.intake.materializers import materializers
+from gateway.mail import headers, mime
+from gateway.mail.headers import HeaderField
+from gateway.outbound.queue import new_delivery
+from gateway.outbound.queue_signal import QueueSignal
+from gateway.rejections import Rejected
+from gateway.store import journal
+from gateway.store.blobs import BlobStore
+from gateway.store.db import Database
+from gateway.store.events import (
+    DELIVERY_QUEUED,
+    LANGUAGE_UNSUPPORTED,
+    MESSAGE_RECEIVED,
+    LanguageUnsupported,
+)
+from gateway.store.models import Base, Message, new_id, utcnow
+from rules.facts import MessageFacts
+from rules.language import LANGUAGE_HEADER_NAME, unsupported_request
+from rules.plan import Decision, plan
+
+log = logging.getLogger(__name__)
+
+# The agent's instructions to the relay; they never leave it.
+CONTROL_FIELDS = ("x-sealrelay-language", "x-sealrelay-action")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    mail_from: str
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where the message came in, for the Received line and the journal."""
+
+    helo: str
+    peer: str
+    protocol: str
+
+
+class Submitter(Protocol):
+    """Who hands the message in: an authenticated agent today, a trusted host later."""
+
+    @property
+    def user_id(self) -> int | None: ...
+    @property
+    def group(self) -> str | None: ...
+    def may_send_as(self, address: str) -> bool: ...
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        blobs: BlobStore,
+        signal: QueueSignal | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.db = db
+        self.blobs = blobs
+        self.signal = signal or QueueSignal()
+        self.policy = settings.policy_config()
+        self.materializers = materializers(settings, blobs)
+
+    async def submit(
+        self, envelope: Envelope, raw: bytes, submitter: Submitter, origin: Origin
+    ) -> str:
+        """The new message's id once it is durable; raises Rejected with the reply to give."""
+        fields = self.receive(envelope, raw, submitter)
+        draft = await self.draft(envelope, raw, fields, submitter, origin)
+        facts = message_facts(envelope, fields, submitter, draft)
+        decisions = plan(facts, self.policy).per_recipient
+        draft.events.extend(language_warnings(facts, decisions, draft.message.id))
+        copies = await self.materialize(draft, decisions)
+        return await self.commit(draft, envelope, copies)
+
+    def receive(self, envelope: Envelope, raw: bytes, submitter: Submitter) -> list[HeaderField]:
+        """Refuse what must not be relayed; the checks every front shares."""
+        if headers.has_bare_line_end(raw):
+            raise Rejected(
+                "550 5.6.0 The message contains a bare CR or LF; lines must end with CRLF"
+            )
+        fields = headers.fields_of(raw)
+        hops = sum(1 for field in fields if field.name == "received")
+        if hops >= self.settings.smtp.max_received_headers:
+            raise Rejected(f"554 5.4.6 Too many Received headers ({hops}): a mail loop?")
+        if not submitter.may_send_as(envelope.mail_from):
+            raise Rejected(f"553 5.7.1 You may not send as <{envelope.mail_from}>")
+        authors = headers.addresses(fields, "from")
+        if not authors:
+            raise Rejected("550 5.6.0 The message has no From header")
+        for author in authors:
+            if not submitter.may_send_as(author):
+                raise Rejected(f"553 5.7.1 You may not send as {author} (From header)")
+        return fields
+
+    async def draft(
+        self,
+        envelope: Envelope,
+        raw: bytes,
+        fields: list[HeaderField],
+        submitter: Submitter,
+        origin: Origin,
+    ) -> Draft:
+        """Store the original as received; prepare what every copy starts from.
+
+        Copies lose the agent's instructions to us (X-Sealrelay-* fields); the original keeps
+        them, as the record of what the agent sent.
+        """
+        base = headers.remove_fields(raw, CONTROL_FIELDS)
+        try:
+            root = mime.parse(base)
+        except mime.UnsafeMessage as exc:
+            raise Rejected(f"554 5.6.0 {exc}") from exc
+        now = self.clock()
+        original = await self.blobs.put(raw)
+        message = Message(
+            id=new_id(),
+            received_at=now,
+            sender=envelope.mail_from,
+            user_id=submitter.user_id,
+            blob=original,
+            size=len(raw),
+            message_id_header=headers.first_value(fields, "message-id")
+            or make_msgid(domain=self.settings.server.hostname),
+            subject=headers.decoded(headers.first_value(fields, "subject") or "")[:998],
+            helo=origin.helo[:255],
+            peer=origin.peer[:100],
+            protocol=origin.protocol,
+        )
+        copy_base = original if base == raw else await self.blobs.put(base)
+        return Draft(message, now, base, root, copy_base)
+
+    async def materialize(
+        self, draft: Draft, per_recipient: Mapping[str, Decision]
+    ) -> dict[str, str]:
+        """Each recipient's copy as the digest of a durable blob."""
+        copies = {}
+        for recipient, decision in per_recipient.items():
+            materializer = self.materializers[type(decision.action)]
+            copies[recipient] = await materializer(draft, recipient, decision.action)
+        return copies
+
+    async def commit(self, draft: Draft, envelope: Envelope, copies: Mapping[str, str]) -> str:
+        """Message, copies, links and journal in one transaction: after this, 250 is safe."""
+        message, now = draft.message, draft.now
+        lifetime = self.settings.upstream.queue_lifetime
+        deliveries = [
+            new_delivery(message.id, recipient, blob, now, lifetime)
+            for recipient, blob in copies.items()
+        ]
+        events = [
+            MESSAGE_RECEIVED.new(
+                {
+                    "sender": message.sender,
+                    "recipients": list(envelope.recipients),
+                    "size": message.size,
+                    "subject": message.subject,
+                    "message_id": message.message_id_header,
+                    "user_id": message.user_id,
+                    "peer": message.peer,
+                },
+                message_id=message.id,
+            ),
+            *draft.events,
+            *(
+                DELIVERY_QUEUED.new(
+                    {"recipient": d.recipient}, message_id=message.id, delivery_id=d.id
+                )
+                for d in deliveries
+            ),
+        ]
+        async with self.db.transaction() as session:
+            session.add(message)
+            await session.flush()
+            for table in Base.metadata.sorted_tables:  # parents before the rows that refer to them
+                batch = [row for row in draft.rows if row.__table__ is table]
+                if batch:
+                    session.add_all(batch)
+                    await session.flush()
+            session.add_all(deliveries)
+            await journal.append(session, events, now)
+        self.signal.notify()
+        log.info(
+            "accepted %s from %s for %d recipients", message.id, message.sender, len(deliveries)
+        )
+        return message.id
+
+
+def message_facts(
+    envelope: Envelope, fields: list[HeaderField], submitter: Submitter, draft: Draft
+) -> MessageFacts:
+    return MessageFacts(
+        sender=envelope.mail_from,
+        group=submitter.group,
+        recipients=envelope.recipients,
+        subject=headers.decoded(headers.first_value(fields, "subject") or ""),
+        headers=tuple((field.name, field.value) for field in fields),
+        parts=mime.part_facts(draft.raw, draft.root),
+        signed=mime.is_signed(draft.root),
+    )
+
+
+def language_warnings(
+    facts: MessageFacts,
+    decisions: Mapping[str, Decision],
+    message_id: str,
+) -> list[journal.NewEvent]:
+    """A `language.unsupported` warning when the agent asked for a language we do not ship,
+    naming the language each recipient got instead; the agent's console and CRM see it."""
+    requested = unsupported_request(facts)
+    if requested is None:
+        return []
+    used = {
+        recipient: language
+        for recipient, decision in decisions.items()
+        if (language := getattr(decision.action, "language", None)) is not None
+    }
+    log.warning(
+        "message %s: %s %r is not a language we ship; using %s",
+        message_id,
+        LANGUAGE_HEADER_NAME,
+        requested,
+        ", ".join(sorted(set(used.values()))) or "none (no text in a language was needed)",
+    )
+    data: LanguageUnsupported = {
+        "header": LANGUAGE_HEADER_NAME,
+        "requested": requested[:100],
+        "used": used,
+    }
+    return [LANGUAGE_UNSUPPORTED.new(data, message_id=message_id)]

@@ -1,0 +1,3 @@
+"""Registered letters: block sets, the letter mail, the desk that records views, consent and
+release, evidence.
+"""

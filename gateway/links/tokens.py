@@ -1,0 +1,142 @@
+"""Personal links: 256-bit random tokens, sent once, stored only as their sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.store.models import Link, LinkFile, LinkKind, Message, StoredFile, new_id
+
+TOKEN_BYTES = 32
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", errors="surrogateescape")).hexdigest()
+
+
+def download_url(public_url: str, token: str) -> str:
+    return f"{public_url.rstrip('/')}/d/{token}"
+
+
+def new_link(
+    *,
+    token: str,
+    kind: LinkKind,
+    message_id: str,
+    recipient: str,
+    language: str,
+    now: datetime,
+    days: int,
+    files: Sequence[StoredFile] = (),
+) -> tuple[Link, list[LinkFile]]:
+    """The rows for one link; the caller adds them in its transaction."""
+    link = Link(
+        id=new_id(),
+        token_hash=hash_token(token),
+        kind=kind,
+        message_id=message_id,
+        recipient=recipient,
+        language=language,
+        created_at=now,
+        expires_at=now + timedelta(days=days),
+        expired=False,
+    )
+    entries = [
+        LinkFile(link_id=link.id, file_id=f.id, position=i, downloads=0)
+        for i, f in enumerate(files)
+    ]
+    return link, entries
+
+
+class LinkState(StrEnum):
+    VALID = "valid"
+    EXPIRED = "expired"
+
+
+class Closed(StrEnum):
+    """Why a known token no longer opens its page. Only expiry exists today; `revoked` is the
+    state an agent's "withdraw this link" will record, so the pages already know it."""
+
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+class TokenUnknown(Exception):
+    """No link or letter has this token (or it is not a token at all)."""
+
+
+class TokenClosed(Exception):
+    """The token's link or letter exists but no longer opens; `reason` says why."""
+
+    def __init__(self, reason: Closed) -> None:
+        super().__init__(f"the token's page is {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FoundLink:
+    link: Link
+    message: Message
+    files: list[StoredFile]
+    state: LinkState
+
+
+async def find_link(
+    session: AsyncSession, token: str, now: datetime, kind: LinkKind = LinkKind.DOWNLOAD
+) -> FoundLink | None:
+    """The link for a token as a visitor presents it; None when no such link exists."""
+    if not token or len(token) > 100:
+        return None
+    row = (
+        await session.execute(
+            select(Link, Message)
+            .join(Message, Message.id == Link.message_id)
+            .where(Link.token_hash == hash_token(token), Link.kind == kind)
+        )
+    ).first()
+    if row is None:
+        return None
+    link, message = row
+    return await _found(session, link, message, now)
+
+
+async def find_recipient_link(
+    session: AsyncSession, message: Message, recipient: str, now: datetime
+) -> FoundLink | None:
+    """The newest download link `message` made for `recipient`, reached without its token:
+    a registered letter's offer page lists the files its held copy links to."""
+    link = await session.scalar(
+        select(Link)
+        .where(
+            Link.message_id == message.id,
+            Link.recipient == recipient,
+            Link.kind == LinkKind.DOWNLOAD,
+        )
+        .order_by(Link.created_at.desc(), Link.id)
+        .limit(1)
+    )
+    return None if link is None else await _found(session, link, message, now)
+
+
+async def _found(session: AsyncSession, link: Link, message: Message, now: datetime) -> FoundLink:
+    files = (
+        await session.scalars(
+            select(StoredFile)
+            .join(LinkFile, LinkFile.file_id == StoredFile.id)
+            .where(LinkFile.link_id == link.id)
+            .order_by(LinkFile.position)
+        )
+    ).all()
+    expired = link.expired or link.expires_at <= now
+    return FoundLink(link, message, list(files), LinkState.EXPIRED if expired else LinkState.VALID)

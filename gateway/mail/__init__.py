@@ -1,0 +1,1 @@
+"""Bytes of mail: headers, MIME surgery, DKIM, and the one builder of the relay's own mail."""

@@ -1,0 +1,11 @@
+"""The header fields that carry a registered letter's evidence in its released original.
+
+Every signature the relay makes oversigns them (gateway/mail/outgoing.py), so nobody can add
+one to a signed copy later; the letters package writes and reads their values.
+"""
+
+from __future__ import annotations
+
+CONSENT_HEADER = "X-Sealrelay-Consent"
+LETTER_SENT_HEADER = "X-Sealrelay-Letter-Sent"
+EVIDENCE_HEADERS = (CONSENT_HEADER, LETTER_SENT_HEADER)

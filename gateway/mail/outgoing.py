@@ -1,0 +1,75 @@
+"""The bytes that leave: a stored copy plus trace fields, then the DKIM signature.
+
+Signing comes last, after every change to the copy, so the signature covers what is sent.
+Fields are only ever prepended; the agent's own header bytes are never rewritten.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from email.utils import format_datetime
+
+from gateway.mail import dkim, headers
+from gateway.mail.evidence_headers import EVIDENCE_HEADERS
+from gateway.store.models import Message
+
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
+
+
+class Signer:
+    """DKIM keys by the From domain, loaded once at start-up."""
+
+    def __init__(self, keys: Mapping[str, dkim.DkimKey]) -> None:
+        self.keys = {domain.lower(): key for domain, key in keys.items()}
+
+    def key_for(self, author_domain: str) -> dkim.DkimKey | None:
+        return self.keys.get(author_domain.lower())
+
+
+def prepare(raw: bytes, message: Message, hostname: str, signer: Signer) -> bytes:
+    """`raw` with the trace fields and the DKIM signature in front, built in one join.
+
+    Each intermediate copy of a 10 MB message would be 10 MB more memory: the signature is
+    made over the new header block alone, with the body hash computed once from `raw`.
+    """
+    header_block, body = headers.split_message(raw)
+    fields = headers.parse_fields(header_block)
+    added = [received_field(message, hostname)]
+    if headers.first_value(fields, "message-id") is None:
+        added.append(headers.format_field("Message-ID", message.message_id_header))
+    if headers.first_value(fields, "date") is None:
+        added.append(headers.format_field("Date", format_datetime(message.received_at)))
+    authors = headers.addresses(fields, "from")
+    key = signer.key_for(authors[0].rpartition("@")[2]) if authors else None
+    if key is None:
+        return headers.prepend(raw, added)
+    bh = dkim.body_hash(body)
+    del body  # a copy of the body: free it before the outgoing bytes are built
+    signature = dkim.sign(
+        b"".join(added) + header_block, key, bh=bh, extra_oversigned=EVIDENCE_HEADERS
+    )
+    return headers.prepend(raw, [signature, *added])
+
+
+_OUR_ID = re.compile(rb"\(sealrelay\)\s+with\s+[A-Z]+\s+id\s+([0-9a-f]+);")
+
+
+def relay_id(data: bytes) -> str | None:
+    """The message id our own trace field carries in an outgoing copy (see received_field)."""
+    end = data.find(b"\r\n\r\n")  # the header block alone: the body may be 50 MB
+    for field in headers.parse_fields(data if end == -1 else data[: end + 2]):
+        if field.name == "received":
+            found = _OUR_ID.search(field.raw)
+            return found.group(1).decode() if found else None
+    return None
+
+
+def received_field(message: Message, hostname: str) -> bytes:
+    helo = _HELO_UNSAFE.sub("", message.helo) or "unknown"
+    source = f"from {helo} ({message.peer}) " if message.peer else ""
+    return headers.format_field(
+        "Received",
+        f"{source}by {hostname} (sealrelay) with {message.protocol} id {message.id};"
+        f" {format_datetime(message.received_at)}",
+    )

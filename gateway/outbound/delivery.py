@@ -1,0 +1,351 @@
+"""The delivery worker: claim due copies, send them upstream, record each outcome.
+
+Copies of one message that share a blob leave in one SMTP transaction, prepared and signed
+once; its outcomes are recorded as soon as the upstream has answered, before the worker slot
+is given up. Temporary failures retry with backoff until the copy's queue lifetime runs out;
+then, or at once on a permanent failure, the copy bounces and the agent gets a DSN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+import secrets
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from gateway.config import Settings
+from gateway.mail.outgoing import Signer, prepare
+from gateway.mail.own_mail import OwnMail
+from gateway.outbound import dsn, queue
+from gateway.outbound.local_mail import enqueue
+from gateway.outbound.queue_signal import QueueSignal
+from gateway.outbound.upstream import Outcome, Upstream, relay_name
+from gateway.store import journal
+from gateway.store.blobs import BlobStore
+from gateway.store.db import Database
+from gateway.store.events import DELIVERY_BOUNCED, DELIVERY_DEFERRED, DELIVERY_DELIVERED
+from gateway.store.metrics import DELIVERY_OUTCOMES
+from gateway.store.models import Delivery, Message, MessageKind, utcnow
+
+log = logging.getLogger(__name__)
+
+_LOGGED_STATUS = {
+    DELIVERY_DELIVERED.name: "sent",
+    DELIVERY_DEFERRED.name: "deferred",
+    DELIVERY_BOUNCED.name: "bounced",
+}
+_ENHANCED_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class Failure:
+    delivery: Delivery
+    outcome: Outcome
+    status: str
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        blobs: BlobStore,
+        upstream: Upstream,
+        signer: Signer,
+        signal: QueueSignal,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.blobs = blobs
+        self.upstream = upstream
+        self.signer = signer
+        self.signal = signal
+        self.clock = clock
+        self.name = f"{settings.server.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._slots = asyncio.Semaphore(settings.worker.concurrency)
+        self._held: set[str] = set()  # claimed here and not yet recorded: the heartbeat's list
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim due copies whenever there is room and send each group as a task of its own.
+
+        No round waits for its slowest conversation: a stalled upstream holds one slot until
+        its deadline while the other copies keep leaving. Leases of held copies are renewed.
+        """
+        heartbeat = asyncio.create_task(self._renew_leases())
+        sending: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                try:
+                    started = await self._start_due(sending, stop)
+                except Exception:
+                    log.exception("claiming due copies failed; trying again shortly")
+                    started = 0
+                if not started:
+                    await self.signal.wait(self.settings.worker.poll_seconds)
+        finally:
+            await asyncio.gather(*sending, return_exceptions=True)
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def run_once(self) -> int:
+        """One round: claim what is due and deliver it. Returns how many copies it handled."""
+        claimed = await self._claim(self.settings.worker.batch_size)
+        await asyncio.gather(*(self._deliver(group) for group in _groups(claimed)))
+        return len(claimed)
+
+    async def _start_due(self, sending: set[asyncio.Task[None]], stop: asyncio.Event) -> int:
+        """Claim up to the room left in the batch; a task per group. How many were claimed."""
+        room = self.settings.worker.batch_size - len(self._held)
+        if room <= 0:
+            return 0
+        claimed = await self._claim(room)
+        for group in _groups(claimed):
+            task = asyncio.create_task(self._deliver(group, stop))
+            sending.add(task)
+            task.add_done_callback(lambda done: self._finished(done, sending))
+        return len(claimed)
+
+    def _finished(self, task: asyncio.Task[None], sending: set[asyncio.Task[None]]) -> None:
+        sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivering a group failed", exc_info=task.exception())
+        self.signal.notify()  # room for more claims
+
+    async def _claim(self, limit: int) -> list[queue.Claimed]:
+        """Due copies, leased to this worker; never one it already holds (its lease ran out
+        while it waited for a slot, and the claim just renewed it)."""
+        lease = timedelta(seconds=self.settings.worker.lease_seconds)
+        async with self.db.transaction() as session:
+            claimed = await queue.claim(session, self.name, self.clock(), lease, limit)
+        fresh = [item for item in claimed if item.delivery.id not in self._held]
+        self._held.update(item.delivery.id for item in fresh)
+        return fresh
+
+    async def _renew_leases(self) -> None:
+        """The heartbeat: every third of a lease, extend the leases of every copy held."""
+        seconds = self.settings.worker.lease_seconds
+        while True:
+            await asyncio.sleep(seconds / 3)
+            if not self._held:
+                continue
+            try:
+                async with self.db.transaction() as session:
+                    await queue.renew(
+                        session,
+                        set(self._held),
+                        self.name,
+                        self.clock(),
+                        timedelta(seconds=seconds),
+                    )
+            except Exception:
+                log.exception("renewing leases failed; trying again at the next beat")
+
+    async def _deliver(
+        self, group: Sequence[queue.Claimed], stop: asyncio.Event | None = None
+    ) -> None:
+        """Send one group and record its outcomes before giving up the slot, so that copies
+        sent but not yet recorded (sent again after a crash) are at most the slots."""
+        ids = [item.delivery.id for item in group]
+        try:
+            async with self._slots:
+                if stop is not None and stop.is_set():
+                    await self._release(ids)
+                    return
+                outcomes = await self._send(group)
+                await self._record(group[0].message, [item.delivery for item in group], outcomes)
+        finally:
+            self._held.difference_update(ids)
+
+    async def _send(self, group: Sequence[queue.Claimed]) -> dict[str, Outcome]:
+        message = group[0].message
+        deliveries = [item.delivery for item in group]
+        recipients = [d.recipient for d in deliveries]
+        try:
+            # Not kept in a local: the stored bytes are freed once the copy is built.
+            data = prepare(
+                await self.blobs.read(deliveries[0].blob),
+                message,
+                self.settings.server.hostname,
+                self.signer,
+            )
+            return await self.upstream.send(message.sender, recipients, data)
+        except Exception as exc:
+            log.exception("delivering %s failed before a reply", message.id)
+            return dict.fromkeys(recipients, Outcome(f"local error: {exc}"))
+
+    async def _release(self, ids: Sequence[str]) -> None:
+        async with self.db.transaction() as session:
+            await queue.release(session, ids, self.name)
+
+    async def _record(
+        self, message: Message, deliveries: Sequence[Delivery], outcomes: dict[str, Outcome]
+    ) -> None:
+        now = self.clock()
+        failures = []
+        for delivery in deliveries:
+            outcome = outcomes.get(delivery.recipient, Outcome("no reply for this recipient"))
+            if outcome.delivered:
+                continue
+            if outcome.permanent:
+                failures.append(Failure(delivery, outcome, _status_of(outcome.error, "5.0.0")))
+            elif now >= delivery.expires_at:
+                lifetime = _duration(self.settings.upstream.queue_lifetime)
+                gave_up = f"gave up after {lifetime}; last error: {outcome.error}"
+                failures.append(Failure(delivery, Outcome(gave_up, True), "4.4.7"))
+        bounce = await self._bounce_for(message, failures, now) if failures else None
+        failed = {f.delivery.id: f for f in failures}
+
+        # One draw for the batch: copies deferred together stay due together, and so leave
+        # in one transaction again instead of one per recipient.
+        jitter = random.random()
+        events: list[journal.NewEvent | None] = []
+        async with self.db.transaction() as session:
+            for delivery in deliveries:
+                outcome = outcomes.get(delivery.recipient, Outcome("no reply for this recipient"))
+                if outcome.delivered:
+                    events.append(
+                        await queue.mark_delivered(
+                            session, delivery, self.name, now, outcome.remote_mta
+                        )
+                    )
+                elif delivery.id in failed:
+                    events.append(
+                        await queue.mark_bounced(
+                            session,
+                            delivery,
+                            self.name,
+                            now,
+                            failed[delivery.id].outcome.error or "",
+                            status=failed[delivery.id].status,
+                        )
+                    )
+                else:
+                    events.append(
+                        await queue.mark_deferred(
+                            session,
+                            delivery,
+                            self.name,
+                            now,
+                            outcome.error or "",
+                            self._next_attempt(delivery, now, jitter),
+                        )
+                    )
+            bounced_now = any(e is not None and e.type == DELIVERY_BOUNCED.name for e in events)
+            if bounce is not None and bounced_now:
+                queued = await enqueue(
+                    session,
+                    self.blobs,
+                    self.settings,
+                    bounce,
+                    kind=MessageKind.BOUNCE,
+                    user_id=message.user_id,
+                    now=now,
+                    bounce_of=message.id,
+                )
+                events += queued.events
+            await journal.append(session, [e for e in events if e is not None], now)
+        if bounce is not None:
+            self.signal.notify()
+        for delivery, event in zip(deliveries, events, strict=False):
+            if event is None:
+                log.warning("lease on %s was lost; another worker records it", delivery.id)
+            else:
+                DELIVERY_OUTCOMES.labels(outcome=event.type.removeprefix("delivery.")).inc()
+                outcome = outcomes.get(delivery.recipient, Outcome("no reply for this recipient"))
+                failure = failed.get(delivery.id)
+                self._log_outcome(
+                    message,
+                    delivery,
+                    event.type,
+                    failure.outcome if failure else outcome,
+                    now,
+                    failure.status if failure else None,
+                )
+
+    def _log_outcome(
+        self,
+        message: Message,
+        delivery: Delivery,
+        event: str,
+        outcome: Outcome,
+        now: datetime,
+        final: str | None = None,
+    ) -> None:
+        """One line per outcome, as Postfix writes it, under the id the agent got in the 250;
+        a bounce's dsn= is the ``final`` status its DSN reports."""
+        status = _LOGGED_STATUS[event]
+        reply = " ".join((outcome.error or outcome.reply or "").split())
+        default = {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
+        log.info(
+            "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
+            message.id,
+            delivery.recipient,
+            relay_name(self.settings.upstream.url),
+            (now - message.received_at).total_seconds(),
+            final or _status_of(reply, default),
+            status,
+            reply,
+        )
+
+    def _next_attempt(self, delivery: Delivery, now: datetime, jitter: float) -> datetime:
+        upstream = self.settings.upstream
+        wait = queue.backoff(delivery.attempts + 1, upstream.retry_base, upstream.retry_max, jitter)
+        return min(now + wait, delivery.expires_at)
+
+    async def _bounce_for(
+        self, message: Message, failures: Sequence[Failure], now: datetime
+    ) -> OwnMail | None:
+        """A DSN to the agent, never for a bounce or a null sender (that would loop)."""
+        if not message.sender or message.kind == MessageKind.BOUNCE:
+            log.info("not bouncing %s: null sender or a bounce itself", message.id)
+            return None
+        return dsn.dsn_mail(
+            reporting_mta=self.settings.server.hostname,
+            original=await self.blobs.read(message.blob),
+            envelope_sender=message.sender,
+            failed=[
+                dsn.FailedRecipient(
+                    address=f.delivery.recipient,
+                    status=f.status,
+                    diagnostic=f.outcome.error or "",
+                    last_attempt=now,
+                    remote_mta=f.outcome.remote_mta,
+                )
+                for f in failures
+            ],
+            arrival=message.received_at,
+            now=now,
+            envelope_id=message.id,
+            zone=self.settings.branding.timezone,
+            language=self.settings.policy.language,  # the agent's, like the renewal
+        )
+
+
+def _groups(claimed: Sequence[queue.Claimed]) -> list[list[queue.Claimed]]:
+    """Copies of one message that share a blob leave in one SMTP transaction."""
+    groups: dict[tuple[str, str], list[queue.Claimed]] = defaultdict(list)
+    for item in claimed:
+        groups[(item.message.id, item.delivery.blob)].append(item)
+    return list(groups.values())
+
+
+def _duration(seconds: float) -> str:
+    """The queue lifetime as a person says it: "5 days", "1 minute"."""
+    units = (("day", 86400), ("hour", 3600), ("minute", 60))
+    unit, size = next(((u, n) for u, n in units if seconds >= n), ("second", 1))
+    amount = f"{seconds / size:.3g}"
+    return f"{amount} {unit}" if amount == "1" else f"{amount} {unit}s"
+
+
+def _status_of(reply: str | None, default: str) -> str:
+    match = _ENHANCED_STATUS.search(reply or "")
+    return match.group(1) if match else default

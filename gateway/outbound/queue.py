@@ -1,0 +1,313 @@
+"""The outbound queue: deliveries claimed with a lease, their state kept per recipient.
+
+A worker claims due rows by setting a lease; on PostgreSQL `FOR UPDATE SKIP LOCKED` lets
+several instances claim at once without blocking each other or taking the same row. A lease
+that runs out (its worker died) makes the row claimable again: delivery is at-least-once.
+A live worker renews the leases of copies it still holds (a heartbeat), so the lease can be
+short and a crashed worker's claims come back quickly. Outcomes are recorded only by the
+worker that still holds the lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.store import journal
+from gateway.store.events import (
+    DELIVERY_BOUNCED,
+    DELIVERY_DEFERRED,
+    DELIVERY_DELETED,
+    DELIVERY_DELIVERED,
+    DELIVERY_RETRIED,
+    EventType,
+)
+from gateway.store.models import Delivery, DeliveryStatus, Message, new_id
+
+
+class QueueError(Exception):
+    """An admin request on the queue that cannot be done."""
+
+
+def new_delivery(
+    message_id: str, recipient: str, blob: str, now: datetime, lifetime: float
+) -> Delivery:
+    """One copy to one recipient, due now, given up after `lifetime` seconds."""
+    return Delivery(
+        id=new_id(),
+        message_id=message_id,
+        recipient=recipient,
+        blob=blob,
+        next_attempt_at=now,
+        expires_at=now + timedelta(seconds=lifetime),
+    )
+
+
+def backoff(attempts: int, base: float, cap: float, jitter: float = 0.0) -> timedelta:
+    """Wait before the next try: doubling from `base`, at most `cap`, stretched by jitter.
+
+    `jitter` in [0, 1) spreads retries of many copies that failed together.
+    """
+    # Past ~1000 doublings 2.0**n overflows a float; any base has reached the cap long before.
+    doublings = max(0, attempts - 1)
+    seconds = cap if doublings >= 1000 else min(cap, base * 2.0**doublings)
+    return timedelta(seconds=seconds * (1 + jitter / 4))
+
+
+@dataclass(frozen=True)
+class Claimed:
+    delivery: Delivery
+    message: Message
+
+
+async def claim(
+    session: AsyncSession, worker: str, now: datetime, lease: timedelta, limit: int
+) -> list[Claimed]:
+    due = (
+        select(Delivery.id)
+        .where(
+            Delivery.status == DeliveryStatus.QUEUED,
+            Delivery.next_attempt_at <= now,
+            or_(Delivery.lease_until.is_(None), Delivery.lease_until < now),
+        )
+        .order_by(Delivery.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = (
+        await session.scalars(
+            update(Delivery)
+            .where(Delivery.id.in_(due.scalar_subquery()))
+            .values(lease_until=now + lease, leased_by=worker)
+            .returning(Delivery.id),
+            execution_options={"synchronize_session": False},
+        )
+    ).all()
+    if not ids:
+        return []
+    rows = await session.execute(
+        select(Delivery, Message)
+        .join(Message, Message.id == Delivery.message_id)
+        .where(Delivery.id.in_(ids))
+        .order_by(Delivery.message_id, Delivery.id)
+        .execution_options(populate_existing=True)
+    )
+    return [Claimed(delivery, message) for delivery, message in rows]
+
+
+async def renew(
+    session: AsyncSession, ids: Collection[str], worker: str, now: datetime, lease: timedelta
+) -> int:
+    """Extend the lease on copies `worker` still holds (its heartbeat); how many it kept.
+
+    A copy whose lease another worker took over is left alone: its outcome is theirs.
+    """
+    if not ids:
+        return 0
+    result = await session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id.in_(list(ids)),
+            Delivery.leased_by == worker,
+            Delivery.status == DeliveryStatus.QUEUED,
+        )
+        .values(lease_until=now + lease),
+        execution_options={"synchronize_session": False},
+    )
+    return int(getattr(result, "rowcount", 0))
+
+
+async def release(session: AsyncSession, ids: Collection[str], worker: str) -> None:
+    """Give claimed copies back unsent (a stopping worker), so any worker may take them now."""
+    if not ids:
+        return
+    await session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(list(ids)), Delivery.leased_by == worker)
+        .values(lease_until=None, leased_by=None),
+        execution_options={"synchronize_session": False},
+    )
+
+
+async def _settle(
+    session: AsyncSession,
+    delivery: Delivery,
+    worker: str,
+    now: datetime,
+    event: EventType[Any],
+    data: dict[str, object],
+    **values: object,
+) -> journal.NewEvent | None:
+    """Record one attempt's outcome if `worker` still holds the lease; the journal event for
+    it, or None when another worker took over."""
+    attempt = delivery.attempts + 1
+    result = await session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == delivery.id,
+            Delivery.leased_by == worker,
+            Delivery.status == DeliveryStatus.QUEUED,
+        )
+        .values(lease_until=None, leased_by=None, updated_at=now, attempts=attempt, **values),
+        execution_options={"synchronize_session": False},
+    )
+    if not getattr(result, "rowcount", 0):
+        return None
+    return event.new(
+        {"recipient": delivery.recipient, "attempt": attempt, **data},
+        message_id=delivery.message_id,
+        delivery_id=delivery.id,
+    )
+
+
+async def mark_delivered(
+    session: AsyncSession, delivery: Delivery, worker: str, now: datetime, remote: str | None
+) -> journal.NewEvent | None:
+    return await _settle(
+        session,
+        delivery,
+        worker,
+        now,
+        DELIVERY_DELIVERED,
+        {"remote": remote},
+        status=DeliveryStatus.DELIVERED,
+        last_error=None,
+    )
+
+
+async def mark_deferred(
+    session: AsyncSession,
+    delivery: Delivery,
+    worker: str,
+    now: datetime,
+    error: str,
+    next_attempt: datetime,
+) -> journal.NewEvent | None:
+    return await _settle(
+        session,
+        delivery,
+        worker,
+        now,
+        DELIVERY_DEFERRED,
+        {"error": error, "next_attempt": next_attempt.isoformat()},
+        last_error=error,
+        next_attempt_at=next_attempt,
+    )
+
+
+async def mark_bounced(
+    session: AsyncSession,
+    delivery: Delivery,
+    worker: str,
+    now: datetime,
+    error: str,
+    *,
+    status: str,
+) -> journal.NewEvent | None:
+    """Given up for good; ``status`` is the final one the DSN reports (4.4.7 once expired)."""
+    return await _settle(
+        session,
+        delivery,
+        worker,
+        now,
+        DELIVERY_BOUNCED,
+        {"error": error, "status": status},
+        status=DeliveryStatus.BOUNCED,
+        last_error=error,
+    )
+
+
+async def list_deliveries(
+    session: AsyncSession, statuses: Sequence[str] = (DeliveryStatus.QUEUED,), limit: int = 1000
+) -> list[Claimed]:
+    rows = await session.execute(
+        select(Delivery, Message)
+        .join(Message, Message.id == Delivery.message_id)
+        .where(Delivery.status.in_(statuses))
+        .order_by(Delivery.next_attempt_at)
+        .limit(limit)
+    )
+    return [Claimed(delivery, message) for delivery, message in rows]
+
+
+async def retry_now(
+    session: AsyncSession, delivery_id: str, now: datetime, lifetime: timedelta
+) -> Delivery:
+    """Make a queued copy due at once; a bounced one is queued again for a new lifetime."""
+    delivery = await _get(session, delivery_id, now)
+    if delivery.status not in (DeliveryStatus.QUEUED, DeliveryStatus.BOUNCED):
+        raise QueueError(f"delivery {delivery_id} is {delivery.status}; nothing to retry")
+    if delivery.status == DeliveryStatus.BOUNCED:
+        delivery.expires_at = now + lifetime
+    delivery.status = DeliveryStatus.QUEUED
+    delivery.next_attempt_at = now
+    delivery.lease_until = None
+    delivery.leased_by = None
+    await journal.append(
+        session,
+        [
+            DELIVERY_RETRIED.new(
+                {"recipient": delivery.recipient},
+                message_id=delivery.message_id,
+                delivery_id=delivery.id,
+            )
+        ],
+        now,
+    )
+    return delivery
+
+
+async def delete(session: AsyncSession, delivery_id: str, now: datetime) -> Delivery:
+    """Give up a queued copy without a bounce, as an admin decides."""
+    delivery = await _get(session, delivery_id, now)
+    if delivery.status != DeliveryStatus.QUEUED:
+        raise QueueError(f"delivery {delivery_id} is {delivery.status}; only queued ones go")
+    delivery.status = DeliveryStatus.DELETED
+    delivery.lease_until = None
+    delivery.leased_by = None
+    await journal.append(
+        session,
+        [
+            DELIVERY_DELETED.new(
+                {"recipient": delivery.recipient},
+                message_id=delivery.message_id,
+                delivery_id=delivery.id,
+            )
+        ],
+        now,
+    )
+    return delivery
+
+
+async def _get(session: AsyncSession, delivery_id: str, now: datetime) -> Delivery:
+    """The delivery, unless a worker is sending it right now (changing it could send twice)."""
+    delivery = await session.get(Delivery, delivery_id, with_for_update=True)
+    if delivery is None:
+        raise QueueError(f"no delivery {delivery_id}")
+    if delivery.lease_until is not None and delivery.lease_until > now:
+        raise QueueError(f"delivery {delivery_id} is being sent right now; try again shortly")
+    return delivery
+
+
+async def copies_of(
+    session: AsyncSession, message_or_delivery_id: str, recipients: Sequence[str] = ()
+) -> list[Delivery]:
+    """The copies an admin names: all of a message's (or those to `recipients`), by the id
+    the agent got in the 250 reply; a delivery's own id still names just that copy."""
+    rows = await session.scalars(
+        select(Delivery)
+        .where(
+            or_(
+                Delivery.message_id == message_or_delivery_id,
+                Delivery.id == message_or_delivery_id,
+            )
+        )
+        .order_by(Delivery.id)
+    )
+    wanted = {address.lower() for address in recipients}
+    return [d for d in rows if not wanted or d.recipient.lower() in wanted]

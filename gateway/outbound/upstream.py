@@ -1,0 +1,310 @@
+"""Where outgoing copies go: an SMTP smart host, or a capture directory.
+
+A transport answers per recipient with `(error, permanent)` in the manner of chasquid's
+courier: None for delivered, else the reply and whether retrying could help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import re
+import ssl
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+
+from gateway.config import UpstreamSettings
+from gateway.mail import headers
+from gateway.mail.outgoing import relay_id
+from gateway.store.models import new_id
+
+log = logging.getLogger(__name__)
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    error: str | None = None
+    permanent: bool = False
+    remote_mta: str | None = None
+    reply: str | None = None  # what the upstream said when it took the copy, for the log
+
+    @property
+    def delivered(self) -> bool:
+        return self.error is None
+
+
+DELIVERED = Outcome()
+
+
+class Upstream(Protocol):
+    async def send(
+        self, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, Outcome]: ...
+
+
+class CaptureUpstream:
+    """Writes each copy as `<message id>.eml` plus its envelope in `<message id>.json`.
+
+    The name is the id the agent got in the 250 reply (a second copy of the same message is
+    `<message id>-2.eml`, and so on), so a person finds the file of the mail they sent.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    async def send(
+        self, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, Outcome]:
+        if (refusal := bare_line_end_refusal(data)) is not None:
+            return dict.fromkeys(recipients, Outcome(refusal))
+        path = await asyncio.to_thread(self._write, mail_from, recipients, data)
+        return dict.fromkeys(recipients, Outcome(reply=f"written to {path}"))
+
+    def _write(self, mail_from: str, recipients: Sequence[str], data: bytes) -> Path:
+        envelope = json.dumps({"mail_from": mail_from, "rcpt_tos": list(recipients)})
+        staged = []
+        for content in (envelope.encode(), data):
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+            staged.append(tmp)
+        try:
+            return self._publish(relay_id(data) or new_id(), *staged)
+        finally:
+            for tmp in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def _publish(self, name: str, envelope: str, message: str) -> Path:
+        """Link both files under the first free name; the .eml appears last and whole, so a
+        reader that sees it can trust both files."""
+        for number in itertools.count(1):
+            stem = name if number == 1 else f"{name}-{number}"
+            try:
+                os.link(envelope, self.directory / f"{stem}.json")
+            except FileExistsError:
+                continue
+            os.link(message, self.directory / f"{stem}.eml")
+            return self.directory / f"{stem}.eml"
+        raise AssertionError("unreachable")
+
+
+def client_tls_context(*, verify: bool) -> ssl.SSLContext:
+    """The context for STARTTLS to the upstream.
+
+    Unverified, the system's CA store would go unused: reading it costs tens of milliseconds
+    of CPU for every relay started, which a test suite starting hundreds of relays pays.
+    """
+    if verify:
+        return ssl.create_default_context()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class SmtpUpstream:
+    """One connection per batch; STARTTLS whenever the server offers it (smtp://)."""
+
+    def __init__(self, settings: UpstreamSettings, local_hostname: str) -> None:
+        parts = urlsplit(settings.url)
+        self.host = parts.hostname or "localhost"
+        self.implicit_tls = parts.scheme == "smtps"
+        self.port = parts.port or (465 if self.implicit_tls else 25)
+        self.username = settings.username or (unquote(parts.username) if parts.username else None)
+        self.password = settings.password or (unquote(parts.password) if parts.password else None)
+        self.timeout = settings.timeout
+        self.connect_timeout = settings.connect_timeout
+        self.session_timeout = settings.session_timeout
+        self.min_transfer_rate = settings.min_transfer_rate
+        self.local_hostname = local_hostname
+        self._quitting: set[asyncio.Task[None]] = set()
+        self.tls_context = client_tls_context(verify=settings.verify_tls)
+
+    def deadline(self, size: int) -> float:
+        """Seconds a whole conversation about `size` bytes may take before it is given up."""
+        return self.session_timeout + size / self.min_transfer_rate
+
+    async def send(
+        self, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, Outcome]:
+        """Every step has a deadline, and so has the whole: a stalled upstream defers the copy
+        instead of holding a worker slot forever."""
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            use_tls=self.implicit_tls,
+            start_tls=None,
+            tls_context=self.tls_context,
+            timeout=self.timeout,
+            local_hostname=self.local_hostname,
+        )
+        total = self.deadline(len(data))
+        done = False
+        try:
+            async with asyncio.timeout(total):
+                await client.connect(timeout=self.connect_timeout)
+                if self.username and self.password:
+                    await client.login(self.username, self.password)
+                outcomes = await self._transaction(client, mail_from, recipients, data)
+            done = True
+            self._quit_later(client)
+            return outcomes
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            # Our credentials are wrong, not the message: keep it queued until an admin fixes
+            # the config, rather than bounce every copy.
+            refusal = self._refusal(exc.code, exc.message)
+            login = Outcome(f"login refused: {refusal.error}", False, refusal.remote_mta)
+            return dict.fromkeys(recipients, login)
+        except aiosmtplib.SMTPResponseException as exc:
+            return dict.fromkeys(recipients, self._refusal(exc.code, exc.message))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            reason = f"{self.host}:{self.port}: {exc or type(exc).__name__}"
+            if isinstance(exc, TimeoutError) and not str(exc):
+                reason = f"{self.host}:{self.port}: no progress in time (deadline {total:.0f} s)"
+            return dict.fromkeys(recipients, Outcome(reason, permanent=False))
+        finally:
+            if not done:
+                client.close()
+
+    def _quit_later(self, client: aiosmtplib.SMTP) -> None:
+        """QUIT without waiting for its reply: the outcome is known and is recorded at once."""
+        task = asyncio.create_task(self._quit(client))
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
+
+    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+        try:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await client.quit(timeout=self.timeout)
+        finally:
+            client.close()
+
+    async def _transaction(
+        self, client: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, Outcome]:
+        """MAIL, one RCPT each, then DATA streamed in pieces; refusals per recipient."""
+        size = [f"SIZE={len(data)}"] if client.supports_extension("size") else []
+        await client.mail(mail_from, options=size)
+        outcomes: dict[str, Outcome] = {}
+        for recipient in recipients:
+            try:
+                await client.rcpt(recipient)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                outcomes[recipient] = self._refusal(exc.code, exc.message)
+        accepted = [r for r in recipients if r not in outcomes]
+        if not accepted:
+            return outcomes
+        try:
+            taken = await send_data(client, data, self.timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            outcomes.update(dict.fromkeys(accepted, self._refusal(exc.code, exc.message)))
+        else:
+            reply = " ".join(f"{taken.code} {taken.message}".split())
+            outcomes.update(dict.fromkeys(accepted, Outcome(reply=reply, remote_mta=self.host)))
+        return outcomes
+
+    def _refusal(self, code: int, message: str) -> Outcome:
+        text = " ".join(f"{code} {message}".split())
+        # 530 "Authentication required" (RFC 4954) means our relay is not set up to log in
+        # upstream: a configuration problem to retry through, not a verdict on the message.
+        permanent = 500 <= code < 600 and code != 530
+        return Outcome(text, permanent=permanent, remote_mta=self.host)
+
+
+PIECE = 256 * 1024
+
+
+async def send_data(
+    client: aiosmtplib.SMTP, data: bytes, reply_timeout: float
+) -> aiosmtplib.SMTPResponse:
+    """DATA written in dot-stuffed, line-aligned pieces as the socket takes them.
+
+    Each reply, and each piece's drain, gets `reply_timeout`: a receiver that stops reading
+    mid-DATA raises TimeoutError instead of waiting forever.
+
+    aiosmtplib's own DATA rewrites the whole message three times (line ends, dot-stuffing,
+    terminator): for a 10 MB message, ~30 MB more memory per copy in flight. The reply is
+    marked as expected before the first piece, as aiosmtplib does, so an early one is kept.
+    A copy with a bare CR or LF is refused before DATA (and so deferred): a receiver that
+    ends the data at LF "." CRLF would read what follows as a second message.
+    """
+    if (refusal := bare_line_end_refusal(data)) is not None:
+        raise BareLineEnd(refusal)
+    reply = await client.execute_command(b"DATA", timeout=reply_timeout)
+    if reply.code != 354:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("connection lost")
+    protocol._response_pending = True
+    for piece in stuffed_pieces(data):
+        protocol.write(piece)
+        async with asyncio.timeout(reply_timeout):  # an upstream that stops reading
+            await protocol._drain_helper()
+    protocol.write(b".\r\n")
+    reply = await protocol.read_response(timeout=reply_timeout)
+    if reply.code != 250:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    return reply
+
+
+class BareLineEnd(aiosmtplib.SMTPException):
+    """The copy would put a bare CR or LF on the wire; it is kept queued, not sent."""
+
+
+def bare_line_end_refusal(data: bytes) -> str | None:
+    """Why `data` must not leave, logged once with where it breaks; None when every line
+    ends in CRLF. Copies are made CRLF-only; this is the last line of defence."""
+    if not headers.has_bare_line_end(data):
+        return None
+    found = _BARE_LINE_END.search(data)
+    offset = found.start() if found is not None else -1
+    log.error(
+        "refusing to send a copy of %d bytes: bare CR or LF at byte %d (SMTP smuggling risk);"
+        " the copy stays queued",
+        len(data),
+        offset,
+    )
+    return f"copy not sent: it holds a bare CR or LF at byte {offset}"
+
+
+def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
+    """`data` in pieces that start at line starts, each line's leading dot doubled."""
+    start, end_of_data = 0, len(data)
+    while start < end_of_data:
+        cut = data.find(b"\r\n", min(start + size, end_of_data))
+        end = end_of_data if cut == -1 else cut + 2
+        piece = data[start:end]
+        if piece.startswith(b"."):
+            piece = b"." + piece
+        yield piece.replace(b"\r\n.", b"\r\n..")
+        start = end
+    if data and not data.endswith(b"\r\n"):
+        yield b"\r\n"
+
+
+def relay_name(url: str) -> str:
+    """Where copies go, as the log names it: HOST:PORT, or the capture URL."""
+    if url.startswith("capture:"):
+        return url
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (465 if parts.scheme == 'smtps' else 25)}"
+
+
+def open_upstream(settings: UpstreamSettings, local_hostname: str) -> Upstream:
+    if settings.url.startswith("capture:"):
+        return CaptureUpstream(Path(settings.url.removeprefix("capture:")))
+    return SmtpUpstream(settings, local_hostname)

@@ -1,0 +1,135 @@
+"""Every column that names a blob, and what keeps the blob it names.
+
+The sweeper deletes exactly the blobs that no declared column keeps, so this is the one
+place that says which blobs are still needed. A column that names a blob and is missing
+here loses its files after the grace period: tests/letters/test_evidence_retention.py fails for any
+digest-sized column that is neither declared here nor listed as a hash of something else.
+
+Evidence (the letter as sent, the held original, the consent PDF; the texts shown live in
+the rows themselves) is kept for `[letter] evidence_retention` years counted from the end of
+the year in which the consent was given or the letter's link expired, as limitation periods
+run (§§ 195, 199 BGB) and the shipped privacy text says. The link sweep never touches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import CompoundSelect, Select, func, select, union
+from sqlalchemy.orm import InstrumentedAttribute
+
+from gateway.store.models import (
+    Consent,
+    Delivery,
+    Event,
+    JournalHead,
+    Letter,
+    Link,
+    LinkFile,
+    Message,
+    StoredFile,
+)
+
+Query = Select[Any]
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """What "still needed" means at one moment."""
+
+    now: datetime
+    link_grace: timedelta
+    evidence_years: int
+
+    @property
+    def evidence_since(self) -> datetime:
+        """Evidence whose consent or expiry is at or after this is kept.
+
+        Kept until the end of the year `evidence_years` after the year it arose; a day
+        earlier, so that no time zone's new year ends it before the last day.
+        """
+        start = datetime(self.now.year - self.evidence_years, 1, 1, tzinfo=UTC)
+        return start - timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class BlobColumn:
+    column: InstrumentedAttribute[str]
+    kept: str  # for people: how long a blob named here lives
+    needed: Callable[[Horizon], Query]
+
+
+def _always(column: InstrumentedAttribute[str]) -> Callable[[Horizon], Query]:
+    return lambda _: select(column)
+
+
+def _linked_file(horizon: Horizon) -> Query:
+    live = Link.expired.is_(False) | (Link.expires_at > horizon.now - horizon.link_grace)
+    linked = select(LinkFile.file_id)
+    linked_live = linked.join(Link, Link.id == LinkFile.link_id).where(live)
+    return select(StoredFile.sha256).where(
+        StoredFile.id.in_(linked_live) | ~StoredFile.id.in_(linked)
+    )
+
+
+def _letter_evidence(
+    column: InstrumentedAttribute[str],
+) -> Callable[[Horizon], Query]:
+    def needed(horizon: Horizon) -> Query:
+        arose = func.coalesce(Consent.given_at, Link.expires_at)
+        return (
+            select(column)
+            .join(Link, Link.id == Letter.link_id)
+            .outerjoin(Consent, Consent.letter_id == Letter.id)
+            .where(arose >= horizon.evidence_since)
+        )
+
+    return needed
+
+
+def _consent_pdf(horizon: Horizon) -> Query:
+    return select(Consent.pdf_blob).where(Consent.given_at >= horizon.evidence_since)
+
+
+BLOB_COLUMNS: tuple[BlobColumn, ...] = (
+    BlobColumn(Message.blob, "as long as the message", _always(Message.blob)),
+    BlobColumn(
+        Delivery.blob,
+        "as long as the delivery (a released original is one)",
+        _always(Delivery.blob),
+    ),
+    BlobColumn(
+        StoredFile.sha256,
+        "while a link to it is valid or expired less than the grace period ago",
+        _linked_file,
+    ),
+    BlobColumn(
+        Letter.letter_blob,
+        "evidence: the retention after consent or expiry",
+        _letter_evidence(Letter.letter_blob),
+    ),
+    BlobColumn(
+        Letter.held_blob,
+        "until released or expired, then evidence for the retention",
+        _letter_evidence(Letter.held_blob),
+    ),
+    BlobColumn(Consent.pdf_blob, "evidence: the retention after consent", _consent_pdf),
+)
+
+# Digest-sized columns that hash something else and name no blob.
+HASHES_NAMING_NO_BLOB: tuple[InstrumentedAttribute[str], ...] = (
+    Event.hash,
+    Event.prev_hash,
+    JournalHead.hash,
+    Link.token_hash,
+    Letter.texts_sha256,
+    Consent.texts_sha256,
+)
+
+
+def needed(horizon: Horizon) -> CompoundSelect[Any]:
+    """One query for every blob some declared column still keeps."""
+    return union(*(column.needed(horizon) for column in BLOB_COLUMNS))

@@ -1,0 +1,135 @@
+"""The blob store: raw originals, attachments and generated documents, named by their sha256.
+
+Everything outside the store knows a blob only by its digest and this interface, so where
+blobs live (a local directory today, an S3 bucket later) is one class. The contract every
+implementation keeps, checked for each by tests/store/test_blob_contract.py:
+
+- `put_stream` returns the sha256 hex digest only once the whole blob is durable, and a
+  failed put leaves nothing under that digest; putting the same bytes again is harmless.
+- A put, even of bytes already stored, makes the blob young again (`BlobInfo.written_at`):
+  the sweeper spares young blobs because an intake stores its blobs before it commits the
+  rows that name them.
+- Only a digest names a blob: any other name raises ValueError, before the store is asked.
+- Reading, sizing or opening a blob that is not there raises BlobMissing; deleting it is a
+  no-op (two sweepers may race).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO
+
+CHUNK_SIZE = 1024 * 1024
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobMissing(FileNotFoundError):
+    """A blob a row names is not in the store (deleted, or lost with a disk)."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__(f"blob {digest} is not in the store")
+        self.digest = digest
+
+
+def is_digest(name: str) -> bool:
+    return _DIGEST.match(name) is not None
+
+
+def checked_digest(name: str) -> str:
+    """`name`, if it is a digest: a row's value never reaches a store as a key otherwise."""
+    if not is_digest(name):
+        raise ValueError(f"not a blob digest: {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """One stored blob as the sweeper sees it."""
+
+    digest: str
+    size: int
+    written_at: datetime  # the last put of these bytes, aware (UTC)
+
+
+class BlobReader(ABC):
+    """An open blob: its size and its bytes, from any position (for HTTP ranges)."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @abstractmethod
+    async def read(self, start: int, length: int) -> bytes:
+        """`length` bytes from `start`, fewer only where the blob ends."""
+
+    async def stream(
+        self, start: int, length: int, chunk_size: int = CHUNK_SIZE
+    ) -> AsyncIterator[bytes]:
+        """`length` bytes from `start` in chunks; OSError if the blob ends before."""
+        position, end = start, start + length
+        while position < end:
+            chunk = await self.read(position, min(chunk_size, end - position))
+            if not chunk:
+                raise OSError(f"blob ended {end - position} bytes early")
+            position += len(chunk)
+            yield chunk
+
+    def kernel_file(self) -> IO[bytes] | None:
+        """A regular file the kernel can send from (sendfile), when the store has one;
+        the web sends through it and streams otherwise."""
+        return None
+
+
+class BlobStore(ABC):
+    """Content-addressed, durable bytes; see the module for the contract."""
+
+    @abstractmethod
+    async def put_stream(self, chunks: AsyncIterable[bytes]) -> str:
+        """The sha256 of everything `chunks` yields, once it is durably stored."""
+
+    async def put(self, data: bytes) -> str:
+        """The sha256 of `data`, once it is durably stored."""
+        return await self.put_stream(_once(data))
+
+    @abstractmethod
+    def open(self, digest: str) -> AbstractAsyncContextManager[BlobReader]:
+        """The blob for reading, held open (and its size fixed) until the block ends."""
+
+    async def read(self, digest: str) -> bytes:
+        async with self.open(digest) as blob:
+            return await blob.read(0, blob.size)
+
+    async def read_start(self, digest: str, length: int) -> bytes:
+        """The first `length` bytes (all of a shorter blob): a peek at a mail's header."""
+        async with self.open(digest) as blob:
+            return await blob.read(0, min(length, blob.size))
+
+    @abstractmethod
+    async def size(self, digest: str) -> int: ...
+
+    @abstractmethod
+    async def exists(self, digest: str) -> bool: ...
+
+    @abstractmethod
+    async def delete(self, digest: str) -> None: ...
+
+    @abstractmethod
+    def list(self) -> AsyncIterator[BlobInfo]:
+        """Every stored blob, in no particular order (for the sweeper)."""
+
+    @abstractmethod
+    def location(self, digest: str) -> str:
+        """Where an operator finds the blob outside sealrelay: a file name, a URL."""
+
+    async def remove_interrupted_writes(self) -> int:
+        """Clear what writers killed mid-put left behind (at start-up); how many went."""
+        return 0
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

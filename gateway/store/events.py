@@ -1,0 +1,544 @@
+"""The journal's event types, each declared once: the contract the API and webhooks publish.
+
+A CRM reads these names, so they say what happened to a message, a link or a letter. The
+names are hashed into journals already stored: never rename one, add a new type instead.
+Each declaration says which message and delivery an event names and what its payload holds
+(a TypedDict, so mypy checks every payload written here and in its callers); the journal
+refuses an event that does not match its declaration, so a mismatch is a programming
+error the tests catch. `python -m gateway.store.event_docs` renders the catalog to docs/events.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Generic, TypeVar, get_args, get_origin, get_type_hints
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+P = TypeVar("P", bound=Mapping[str, object])
+
+
+class UndeclaredEvent(ValueError):
+    """An event whose type, names or payload the catalog does not declare (a programming error)."""
+
+
+@dataclass(frozen=True)
+class About:
+    """What a payload field means to a reader, and whether it is personal data (GDPR)."""
+
+    meaning: str
+    personal: bool = False
+
+
+@dataclass(frozen=True)
+class Field:
+    """A payload field as docs/events.md lists it."""
+
+    name: str
+    type: Any
+    meaning: str
+    personal: bool
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append: its type's name, the message and delivery it names, its payload."""
+
+    type: str
+    message_id: str | None = None
+    delivery_id: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EventType(Generic[P]):
+    """One declared event type. `message` and `delivery` say what the event's message_id and
+    delivery_id name; None means the event never names one."""
+
+    name: str
+    meaning: str
+    payload: type[P]
+    message: str | None
+    delivery: str | None = None
+
+    def new(
+        self, data: P, *, message_id: str | None = None, delivery_id: str | None = None
+    ) -> NewEvent:
+        return NewEvent(self.name, message_id, delivery_id, dict(data))
+
+    def fields(self) -> Iterator[Field]:
+        for name, hint in get_type_hints(self.payload, include_extras=True).items():
+            about = next((a for a in get_args(hint) if isinstance(a, About)), About(""))
+            kind = get_args(hint)[0] if get_origin(hint) is Annotated else hint
+            yield Field(name, kind, about.meaning, about.personal)
+
+    @property
+    def personal(self) -> bool:
+        return any(f.personal for f in self.fields())
+
+    def check(self, new: NewEvent) -> None:
+        _check_reference(self.name, "message", self.message, new.message_id)
+        _check_reference(self.name, "delivery", self.delivery, new.delivery_id)
+        try:
+            _adapter(self.payload).validate_python(new.data)
+        except ValidationError as exc:
+            raise UndeclaredEvent(
+                f"{self.name}: the payload breaks its declaration: {exc}"
+            ) from exc
+
+
+CATALOG: dict[str, EventType[Any]] = {}
+
+
+def _declare(
+    name: str, meaning: str, payload: type[P], *, message: str | None, delivery: str | None = None
+) -> EventType[P]:
+    if name in CATALOG:
+        raise ValueError(f"{name} is declared twice")
+    CATALOG[name] = EventType(name, meaning, payload, message, delivery)
+    return CATALOG[name]
+
+
+@functools.cache
+def _adapter(payload: type) -> TypeAdapter[Any]:
+    return TypeAdapter(payload)
+
+
+def _check_reference(name: str, what: str, meaning: str | None, value: str | None) -> None:
+    if meaning is not None and value is None:
+        raise UndeclaredEvent(f"{name} names a {what} ({meaning}); none was given")
+    if meaning is None and value is not None:
+        raise UndeclaredEvent(f"{name} names no {what}; {value!r} was given")
+
+
+def check(new: NewEvent) -> None:
+    """Raise UndeclaredEvent unless `new` is exactly as its type is declared."""
+    event_type = CATALOG.get(new.type)
+    if event_type is None:
+        raise UndeclaredEvent(
+            f"{new.type!r} is not a declared event type (gateway/store/events.py)"
+        )
+    event_type.check(new)
+
+
+# -- fields that several events share ---------------------------------------------------------
+
+Recipient = Annotated[str, About("The recipient's email address.", personal=True)]
+Ip = Annotated[str, About("The visitor's IP address.", personal=True)]
+UserAgent = Annotated[
+    str, About("The visitor's browser as it named itself (User-Agent).", personal=True)
+]
+LinkId = Annotated[str, About("The link's id (never its token).")]
+LetterId = Annotated[str, About("The registered letter's id.")]
+Timestamp = Annotated[str, About("An ISO 8601 time with its UTC offset.")]
+Attempt = Annotated[int, About("Which attempt this was for this copy: 1, 2, ...")]
+Reply = Annotated[str, About("The upstream server's reply or the error met, as text.")]
+Email = Annotated[str, About("The user's login address.", personal=True)]
+FileName = Annotated[str, About("The attachment's file name.", personal=True)]
+FileId = Annotated[str, About("The attachment's id.")]
+
+
+@with_config(_STRICT)
+class ToRecipient(TypedDict):
+    recipient: Recipient
+
+
+@with_config(_STRICT)
+class Visit(TypedDict):
+    recipient: Recipient
+    ip: Ip
+    user_agent: UserAgent
+
+
+@with_config(_STRICT)
+class UserChange(TypedDict):
+    email: Email
+
+
+# -- intake -------------------------------------------------------------------------------------
+
+
+@with_config(_STRICT)
+class MessageReceived(TypedDict):
+    sender: Annotated[
+        str, About("The envelope sender (MAIL FROM); empty for a null sender.", personal=True)
+    ]
+    recipients: Annotated[list[str], About("The envelope recipients.", personal=True)]
+    size: Annotated[int, About("The message's size in bytes as received.")]
+    subject: Annotated[str, About("The decoded Subject header.", personal=True)]
+    message_id: Annotated[str, About("The Message-ID header (one is made when missing).")]
+    user_id: Annotated[int | None, About("The agent who sent it; null for a trusted network.")]
+    peer: Annotated[str, About("The sending client's IP address.", personal=True)]
+
+
+MESSAGE_RECEIVED = _declare(
+    "message.received",
+    "An agent's message was accepted (the relay answered 250) and stored.",
+    MessageReceived,
+    message="the message received",
+)
+
+
+@with_config(_STRICT)
+class PolicyKept(TypedDict):
+    recipient: Recipient
+    reason: Annotated[str, About("Why the attachments stayed, for the agent to read.")]
+
+
+POLICY_KEPT = _declare(
+    "policy.kept",
+    "A recipient gets the message as the agent wrote it, attachments included, although"
+    " the policy would have moved them behind a link (for example: the message is signed).",
+    PolicyKept,
+    message="the message",
+)
+
+
+@with_config(_STRICT)
+class LanguageUnsupported(TypedDict):
+    header: Annotated[str, About("The header the agent set.")]
+    requested: Annotated[str, About("The language asked for (at most 100 characters).")]
+    used: Annotated[
+        dict[str, str],
+        About("For each recipient address, the language used instead.", personal=True),
+    ]
+
+
+LANGUAGE_UNSUPPORTED = _declare(
+    "language.unsupported",
+    "The agent asked for a language the relay does not ship; the recipients got the texts"
+    " in another one. A warning for the agent.",
+    LanguageUnsupported,
+    message="the message",
+)
+
+
+# -- download links -----------------------------------------------------------------------------
+
+
+@with_config(_STRICT)
+class LinkCreated(TypedDict):
+    recipient: Recipient
+    link_id: LinkId
+    files: Annotated[list[str], About("The file names behind the link.", personal=True)]
+    expires_at: Timestamp
+
+
+LINK_CREATED = _declare(
+    "link.created",
+    "A recipient's attachments were moved behind a personal download link.",
+    LinkCreated,
+    message="the message whose attachments the link serves",
+)
+
+
+@with_config(_STRICT)
+class LinkVisit(Visit):
+    link_id: LinkId
+
+
+LINK_VIEWED = _declare(
+    "link.viewed",
+    "Someone opened the download page of a valid link (a GET; link scanners do too).",
+    LinkVisit,
+    message="the message whose attachments the link serves",
+)
+
+
+@with_config(_STRICT)
+class LinkExpired(TypedDict):
+    link_id: LinkId
+    recipient: Recipient
+    kind: Annotated[str, About('What the link served: "download" or "letter".')]
+
+
+LINK_EXPIRED = _declare(
+    "link.expired",
+    "A link reached the end of its validity and no longer serves anything.",
+    LinkExpired,
+    message="the message the link belongs to",
+)
+
+
+@with_config(_STRICT)
+class FileDownload(LinkVisit):
+    file_id: FileId
+    filename: FileName
+
+
+DOWNLOAD_FIRST = _declare(
+    "download.first",
+    "A file was downloaded through its link for the first time: the recipient has it.",
+    FileDownload,
+    message="the message the file came with",
+)
+
+DOWNLOAD_REPEAT = _declare(
+    "download.repeat",
+    "A file was downloaded through its link again.",
+    FileDownload,
+    message="the message the file came with",
+)
+
+
+@with_config(_STRICT)
+class ZippedFile(TypedDict):
+    file_id: FileId
+    filename: FileName
+
+
+@with_config(_STRICT)
+class ZipDownload(LinkVisit):
+    files: Annotated[list[ZippedFile], About("The files in the archive.", personal=True)]
+
+
+DOWNLOAD_ZIP = _declare(
+    "download.zip",
+    "All files of a link were downloaded at once, as one ZIP archive.",
+    ZipDownload,
+    message="the message the files came with",
+)
+
+
+# -- registered letters -------------------------------------------------------------------------
+
+TextsSha256 = Annotated[str, About("The sha256 of the legal texts shown, as hex.")]
+
+
+@with_config(_STRICT)
+class LetterHeld(TypedDict):
+    recipient: Recipient
+    letter_id: LetterId
+    expires_at: Timestamp
+    texts_sha256: TextsSha256
+
+
+LETTER_HELD = _declare(
+    "letter.held",
+    "A registered letter went to a recipient; the offer itself is held until they consent.",
+    LetterHeld,
+    message="the agent's message (the offer)",
+)
+
+
+@with_config(_STRICT)
+class LetterVisit(Visit):
+    letter_id: LetterId
+
+
+LETTER_VIEWED = _declare(
+    "letter.viewed",
+    "Someone opened the page of a registered letter that is still waiting for consent.",
+    LetterVisit,
+    message="the agent's message (the offer)",
+)
+
+
+@with_config(_STRICT)
+class ConsentGiven(Visit):
+    consent_id: Annotated[str, About("The consent's id, also in the released copy's headers.")]
+    letter_id: LetterId
+    texts_sha256: TextsSha256
+    checked: Annotated[list[str], About("The ids of the boxes the recipient ticked.")]
+
+
+CONSENT_GIVEN = _declare(
+    "consent.given",
+    "The recipient ticked every required box and confirmed: the legal evidence of consent.",
+    ConsentGiven,
+    message="the agent's message (the offer)",
+)
+
+
+@with_config(_STRICT)
+class LetterReleased(TypedDict):
+    consent_id: Annotated[str, About("The consent that released it.")]
+    recipient: Recipient
+
+
+LETTER_RELEASED = _declare(
+    "letter.released",
+    "After consent, the offer was queued to the recipient with the evidence headers.",
+    LetterReleased,
+    message="the agent's message (the offer)",
+    delivery="the released copy to the recipient",
+)
+
+
+@with_config(_STRICT)
+class LetterExpired(TypedDict):
+    letter_id: LetterId
+    recipient: Recipient
+    expired_at: Timestamp
+    notice_message_id: Annotated[
+        str | None, About("The notice to the agent; null when none was sent.")
+    ]
+
+
+LETTER_EXPIRED = _declare(
+    "letter.expired",
+    "A registered letter's link expired without consent; the offer was never released.",
+    LetterExpired,
+    message="the agent's message (the offer)",
+)
+
+
+@with_config(_STRICT)
+class RenewalRequested(TypedDict):
+    letter_id: LetterId
+    recipient: Recipient
+    ip: Ip
+    request_message_id: Annotated[str, About("The request mail queued to the agent.")]
+
+
+LETTER_RENEWAL_REQUESTED = _declare(
+    "letter.renewal_requested",
+    "The recipient of an expired letter asked the agent for a new link; the agent was"
+    " mailed (at most once a day per letter).",
+    RenewalRequested,
+    message="the agent's message (the offer)",
+    delivery="the copy of the request mail to the agent",
+)
+
+
+# -- the outbound queue -------------------------------------------------------------------------
+
+COPY = "the copy (one recipient of the message)"
+
+DELIVERY_QUEUED = _declare(
+    "delivery.queued",
+    "A copy for one recipient was queued for delivery.",
+    ToRecipient,
+    message="the message the copy belongs to",
+    delivery=COPY,
+)
+
+
+@with_config(_STRICT)
+class Delivered(TypedDict):
+    recipient: Recipient
+    attempt: Attempt
+    remote: Annotated[str | None, About("The server that accepted it, when known.")]
+
+
+DELIVERY_DELIVERED = _declare(
+    "delivery.delivered",
+    "The upstream server accepted the copy: it is on its way to the recipient's inbox.",
+    Delivered,
+    message="the message the copy belongs to",
+    delivery=COPY,
+)
+
+
+@with_config(_STRICT)
+class Deferred(TypedDict):
+    recipient: Recipient
+    attempt: Attempt
+    error: Reply
+    next_attempt: Timestamp
+
+
+DELIVERY_DEFERRED = _declare(
+    "delivery.deferred",
+    "An attempt failed for now; the copy is tried again at `next_attempt`.",
+    Deferred,
+    message="the message the copy belongs to",
+    delivery=COPY,
+)
+
+
+@with_config(_STRICT)
+class Bounced(TypedDict):
+    recipient: Recipient
+    attempt: Attempt
+    error: Reply
+    status: Annotated[
+        str,
+        About(
+            "The final status the bounce reports (RFC 3463): the refusal's own, e.g. 5.1.1,"
+            " or 4.4.7 when the queue lifetime ran out. Events written before 2026-12 lack it."
+        ),
+    ]
+
+
+DELIVERY_BOUNCED = _declare(
+    "delivery.bounced",
+    "The copy could not be delivered and will not be tried again (refused for good, or"
+    " its queue lifetime ran out); the sender gets a bounce.",
+    Bounced,
+    message="the message the copy belongs to",
+    delivery=COPY,
+)
+
+DELIVERY_RETRIED = _declare(
+    "delivery.retried",
+    "An admin made the copy due now (a bounced one is queued again).",
+    ToRecipient,
+    message="the message the copy belongs to",
+    delivery=COPY,
+)
+
+DELIVERY_DELETED = _declare(
+    "delivery.deleted",
+    "An admin gave up a queued copy; no bounce is sent.",
+    ToRecipient,
+    message="the message the copy belongs to",
+    delivery=COPY,
+)
+
+
+@with_config(_STRICT)
+class BounceQueued(TypedDict):
+    original: Annotated[str, About("The message that bounced.")]
+    recipient: Annotated[str, About("The bounce's recipient: the sender.", personal=True)]
+
+
+BOUNCE_QUEUED = _declare(
+    "bounce.queued",
+    "A bounce (delivery status notification) to the sender was queued.",
+    BounceQueued,
+    message="the bounce message",
+    delivery="the bounce's copy to the sender",
+)
+
+
+# -- housekeeping and users ---------------------------------------------------------------------
+
+
+@with_config(_STRICT)
+class BlobsDeleted(TypedDict):
+    count: Annotated[int, About("How many stored files were deleted.")]
+    bytes: Annotated[int, About("How many bytes that freed.")]
+
+
+BLOBS_DELETED = _declare(
+    "blobs.deleted",
+    "The sweeper deleted stored files that nothing needs any longer.",
+    BlobsDeleted,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class UserCreated(TypedDict):
+    email: Email
+    admin: Annotated[bool, About("Whether the user is an admin.")]
+
+
+USER_CREATED = _declare("user.created", "A user (an agent) was added.", UserCreated, message=None)
+
+USER_ENABLED = _declare(
+    "user.enabled", "A user may send and sign in again.", UserChange, message=None
+)
+
+USER_DISABLED = _declare(
+    "user.disabled", "A user may no longer send or sign in.", UserChange, message=None
+)
+
+USER_PASSWORD_CHANGED = _declare(
+    "user.password_changed", "A user's password was set.", UserChange, message=None
+)

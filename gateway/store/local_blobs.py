@@ -1,0 +1,243 @@
+"""The blob store as a local directory: `root/ab/cd/abcd…`, one file per blob.
+
+A blob is durable when a put returns: written to a temp file, fsynced, renamed into place,
+and the directory fsynced, so a crash leaves either the whole blob or none of it.
+
+A writer holds an exclusive lock (flock) on its temp file while it writes, and the kernel
+drops the lock when the process dies however it dies. So a temp file nobody has locked was
+left by a killed writer, and start-up removes it, while the temp files of another instance
+still writing into the same store stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from gateway.store.blobs import (
+    BlobInfo,
+    BlobMissing,
+    BlobReader,
+    BlobStore,
+    checked_digest,
+    is_digest,
+)
+
+log = logging.getLogger(__name__)
+
+
+class LocalBlobStore(BlobStore):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._tmp = root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, digest: str) -> Path:
+        checked_digest(digest)
+        return self.root / digest[:2] / digest[2:4] / digest
+
+    # -- writing
+
+    def put_sync(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        if self._refresh(digest):
+            return digest
+        with self._temp_file() as (tmp, name):
+            tmp.write(data)
+            self._settle(tmp, name, digest)
+        return digest
+
+    async def put(self, data: bytes) -> str:
+        return await asyncio.to_thread(self.put_sync, data)
+
+    async def put_stream(self, chunks: AsyncIterable[bytes]) -> str:
+        hasher = hashlib.sha256()
+        with await asyncio.to_thread(self._temp_file) as (tmp, name):
+            async for chunk in chunks:
+                hasher.update(chunk)
+                await asyncio.to_thread(tmp.write, chunk)
+            await asyncio.to_thread(self._settle, tmp, name, hasher.hexdigest())
+        return hasher.hexdigest()
+
+    def _refresh(self, digest: str) -> bool:
+        """Whether the blob is stored; if so it is young again, as a fresh put would be."""
+        try:
+            os.utime(self._path(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _settle(self, tmp: IO[bytes], name: str, digest: str) -> None:
+        """Move a written temp file into place durably, or drop it if the blob is there."""
+        tmp.flush()
+        if self._refresh(digest):
+            os.unlink(name)
+            return
+        os.fsync(tmp.fileno())
+        target = self._path(digest)
+        _make_dirs_durably(target.parent, self.root)
+        os.replace(name, target)
+        _fsync_dir(target.parent)
+
+    def _temp_file(self) -> _TempFile:
+        return _TempFile(*self._locked_temp_file())
+
+    def _locked_temp_file(self) -> tuple[int, str]:
+        """A new temp file, locked; made again if start-up removed it before the lock."""
+        while True:
+            fd, name = tempfile.mkstemp(dir=self._tmp)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink > 0:
+                return fd, name
+            os.close(fd)
+
+    async def remove_interrupted_writes(self) -> int:
+        return await asyncio.to_thread(self.remove_abandoned_temp_files)
+
+    def remove_abandoned_temp_files(self) -> int:
+        """Delete temp files no living writer holds (left by a kill); how many went."""
+        removed = 0
+        for path in self._tmp.iterdir():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # its writer finished meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a writer is at work on it
+            else:
+                path.unlink(missing_ok=True)
+                removed += 1
+            finally:
+                os.close(fd)
+        if removed:
+            log.info("removed %d temp file(s) an interrupted write left in %s", removed, self._tmp)
+        return removed
+
+    # -- reading
+
+    @asynccontextmanager
+    async def open(self, digest: str) -> AsyncIterator[BlobReader]:
+        path = self._path(digest)
+        try:
+            file = await asyncio.to_thread(path.open, "rb")
+        except FileNotFoundError as exc:
+            raise BlobMissing(digest) from exc
+        try:
+            yield LocalBlobReader(file)
+        finally:
+            file.close()
+
+    async def size(self, digest: str) -> int:
+        path = self._path(digest)
+        try:
+            return (await asyncio.to_thread(path.stat)).st_size
+        except FileNotFoundError as exc:
+            raise BlobMissing(digest) from exc
+
+    async def exists(self, digest: str) -> bool:
+        return await asyncio.to_thread(self._path(digest).is_file)
+
+    async def delete(self, digest: str) -> None:
+        await asyncio.to_thread(self._path(digest).unlink, missing_ok=True)
+
+    async def list(self) -> AsyncIterator[BlobInfo]:
+        fans = await asyncio.to_thread(_fan_directories, self.root)
+        for fan in fans:
+            for info in await asyncio.to_thread(_blobs_under, fan):
+                yield info
+
+    def location(self, digest: str) -> str:
+        return str(self._path(digest))
+
+
+class LocalBlobReader(BlobReader):
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._size = os.fstat(file.fileno()).st_size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def read(self, start: int, length: int) -> bytes:
+        return await asyncio.to_thread(_pread, self._file.fileno(), start, length)
+
+    def kernel_file(self) -> IO[bytes]:
+        return self._file
+
+
+class _TempFile:
+    """A locked temp file open for writing; removed unless it was moved into place."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.file = os.fdopen(fd, "wb")
+        self.name = name
+
+    def __enter__(self) -> tuple[IO[bytes], str]:
+        return self.file, self.name
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.file.close()
+        if exc_info[0] is not None:
+            Path(self.name).unlink(missing_ok=True)
+
+
+def _pread(fd: int, start: int, length: int) -> bytes:
+    parts, position, end = [], start, start + length
+    while position < end:
+        part = os.pread(fd, end - position, position)
+        if not part:
+            break
+        parts.append(part)
+        position += len(part)
+    return b"".join(parts)
+
+
+def _fan_directories(root: Path) -> list[Path]:
+    return [path for path in root.iterdir() if path.is_dir() and len(path.name) == 2]
+
+
+def _blobs_under(fan: Path) -> list[BlobInfo]:
+    """The blobs in one top-level directory; a blob deleted meanwhile is left out."""
+    found = []
+    for directory, _, names in os.walk(fan):
+        for name in names:
+            if not is_digest(name):
+                continue
+            try:
+                stat = os.stat(os.path.join(directory, name))
+            except FileNotFoundError:
+                continue
+            found.append(BlobInfo(name, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
+    return found
+
+
+def _make_dirs_durably(directory: Path, root: Path) -> None:
+    """Create the fan-out directories, fsyncing each parent whose entries changed."""
+    missing = []
+    current = directory
+    while not current.exists() and current != root:
+        missing.append(current)
+        current = current.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+        _fsync_dir(created.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,261 @@
+"""The tables. Schema changes go through Alembic migrations in gateway/store/migrations."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def new_id() -> str:
+    """Opaque, roughly time-ordered: 12 hex digits of milliseconds, 8 of randomness."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC in Python on every backend; SQLite would otherwise hand back naive values."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    group_name: Mapped[str | None] = mapped_column(String(100))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Alias(Base):
+    """Another address an agent may send from (a team mailbox, an old address)."""
+
+    __tablename__ = "aliases"
+
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+
+
+class MessageKind(StrEnum):
+    SUBMITTED = "submitted"
+    BOUNCE = "bounce"
+    CONFIRMATION = "confirmation"
+
+
+class Message(Base):
+    """One accepted message; the raw bytes live in the blob store under `blob`."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(20), default=MessageKind.SUBMITTED)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    sender: Mapped[str] = mapped_column(String(320))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    blob: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    message_id_header: Mapped[str] = mapped_column(String(998))
+    subject: Mapped[str] = mapped_column(String(998), default="")
+    helo: Mapped[str] = mapped_column(String(255), default="")
+    peer: Mapped[str] = mapped_column(String(100), default="")
+    protocol: Mapped[str] = mapped_column(String(20), default="ESMTP")
+
+
+class DeliveryStatus(StrEnum):
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    DELETED = "deleted"
+
+
+class Delivery(Base):
+    """One copy to one envelope recipient: the unit of the outbound queue.
+
+    Copies that share a blob and are due together leave in one SMTP transaction; their state
+    stays per recipient.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    recipient: Mapped[str] = mapped_column(String(320))
+    blob: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20), default=DeliveryStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    leased_by: Mapped[str | None] = mapped_column(String(100))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Event(Base):
+    """The journal: append-only, each row carrying the hash of the one before it."""
+
+    __tablename__ = "events"
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime)
+    type: Mapped[str] = mapped_column(String(60), index=True)
+    message_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    delivery_id: Mapped[str | None] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class JournalHead(Base):
+    """One row: the last sequence number and hash. Locking it serializes appends."""
+
+    __tablename__ = "journal_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class StoredFile(Base):
+    """An attachment taken out of a message; its bytes are the blob `sha256`."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class LinkKind(StrEnum):
+    DOWNLOAD = "download"
+    LETTER = "letter"
+
+
+class Link(Base):
+    """A personal link sent to one recipient. Only the token's sha256 is stored."""
+
+    __tablename__ = "links"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(20), default=LinkKind.DOWNLOAD)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    recipient: Mapped[str] = mapped_column(String(320))
+    language: Mapped[str] = mapped_column(String(10))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    expired: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class LinkFile(Base):
+    """A file behind a link; `downloads` decides first against repeated download atomically."""
+
+    __tablename__ = "link_files"
+
+    link_id: Mapped[str] = mapped_column(
+        ForeignKey("links.id", ondelete="CASCADE"), primary_key=True
+    )
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    downloads: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class LetterStatus(StrEnum):
+    HELD = "held"
+    RELEASED = "released"
+    EXPIRED = "expired"  # the link ran out without a consent; the agent was told
+
+
+class Letter(Base):
+    """An offer held for one recipient until they consent; `held_blob` is what is released.
+
+    `blocks` is the snapshot of the consent texts as the letter carried them: the page shows
+    exactly these, and the consent hashes exactly these.
+    """
+
+    __tablename__ = "letters"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    recipient: Mapped[str] = mapped_column(String(320))
+    link_id: Mapped[str] = mapped_column(ForeignKey("links.id"), unique=True)
+    letter_blob: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20), default=LetterStatus.HELD)
+    language: Mapped[str] = mapped_column(String(10))
+    subject: Mapped[str] = mapped_column(String(998))
+    blocks: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    button: Mapped[str] = mapped_column(String(300))
+    texts_sha256: Mapped[str] = mapped_column(String(64))
+    held_blob: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    released_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Consent(Base):
+    """A prospect's declaration: what they saw, what they ticked, when and from where.
+
+    Kept apart from the letter so that a later confirmation in text form (the prospect's own
+    mail, § 126b BGB) can be attached to the same consent id.
+    """
+
+    __tablename__ = "consents"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    letter_id: Mapped[str] = mapped_column(ForeignKey("letters.id"), unique=True)
+    given_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    ip: Mapped[str] = mapped_column(String(45))
+    user_agent: Mapped[str] = mapped_column(String(1000))
+    blocks: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    checked: Mapped[list[str]] = mapped_column(JSON)
+    texts_sha256: Mapped[str] = mapped_column(String(64))
+    letter_sent_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    pdf_blob: Mapped[str] = mapped_column(String(64))
+    released_delivery_id: Mapped[str] = mapped_column(String(32))

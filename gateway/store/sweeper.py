@@ -1,0 +1,125 @@
+"""Housekeeping: expire links and letters whose time is up, delete blobs nobody needs.
+
+Which blobs are needed is declared once, per column, in gateway/store/blob_columns.py: messages
+and deliveries keep theirs, a linked file lives while its link is valid or expired for less
+than the grace period, evidence for its retention. A blob also lives at least the grace
+period after it was written: an intake stores blobs before it commits the rows that name
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import update
+
+from gateway.store import journal
+from gateway.store.blob_columns import Horizon
+from gateway.store.blob_columns import needed as needed_query
+from gateway.store.blobs import BlobStore
+from gateway.store.db import Database
+from gateway.store.events import BLOBS_DELETED, LINK_EXPIRED
+from gateway.store.models import Link
+
+log = logging.getLogger(__name__)
+
+EVIDENCE_YEARS = 3
+# Marks held letters whose link ran out as expired and tells their agents; the count.
+ExpireLetters = Callable[[datetime], Awaitable[int]]
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    links_expired: int
+    blobs_deleted: int
+    bytes_freed: int
+    letters_expired: int = 0
+
+
+async def expire_links(db: Database, now: datetime) -> int:
+    async with db.transaction() as session:
+        rows = (
+            await session.execute(
+                update(Link)
+                .where(Link.expired.is_(False), Link.expires_at <= now)
+                .values(expired=True)
+                .returning(Link.id, Link.message_id, Link.recipient, Link.kind),
+                execution_options={"synchronize_session": False},
+            )
+        ).all()
+        await journal.append(
+            session,
+            [
+                LINK_EXPIRED.new(
+                    {"link_id": link_id, "recipient": recipient, "kind": kind},
+                    message_id=message_id,
+                )
+                for link_id, message_id, recipient, kind in rows
+            ],
+            now,
+        )
+    return len(rows)
+
+
+async def needed_blobs(
+    db: Database, now: datetime, grace: timedelta, evidence_years: int = EVIDENCE_YEARS
+) -> set[str]:
+    query = needed_query(Horizon(now, grace, evidence_years))
+    async with db.transaction() as session:
+        return set((await session.scalars(query)).all())
+
+
+async def _delete_unneeded(
+    blobs: BlobStore, needed: set[str], written_before: datetime
+) -> tuple[int, int]:
+    deleted = freed = 0
+    async for blob in blobs.list():
+        if blob.digest in needed or blob.written_at >= written_before:
+            continue
+        await blobs.delete(blob.digest)
+        deleted, freed = deleted + 1, freed + blob.size
+    return deleted, freed
+
+
+async def sweep(
+    db: Database,
+    blobs: BlobStore,
+    now: datetime,
+    grace: timedelta,
+    *,
+    evidence_years: int = EVIDENCE_YEARS,
+    expire_letters: ExpireLetters | None = None,
+) -> SweepReport:
+    expired = await expire_links(db, now)
+    letters = await expire_letters(now) if expire_letters is not None else 0
+    needed = await needed_blobs(db, now, grace, evidence_years)
+    deleted, freed = await _delete_unneeded(blobs, needed, now - grace)
+    if deleted:
+        async with db.transaction() as session:
+            await journal.append(
+                session,
+                [BLOBS_DELETED.new({"count": deleted, "bytes": freed})],
+                now,
+            )
+    return SweepReport(expired, deleted, freed, letters)
+
+
+async def run_hourly(
+    sweep_once: Callable[[], Awaitable[SweepReport]],
+    stop: asyncio.Event,
+    interval: float = 3600,
+) -> None:
+    while not stop.is_set():
+        try:
+            report = await sweep_once()
+            if report.links_expired or report.blobs_deleted or report.letters_expired:
+                log.info("sweep: %s", report)
+        except Exception:
+            log.exception("sweep failed; trying again next time")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)

@@ -1,0 +1,697 @@
+"""The `sealrelay` command: run the relay and administer users, queue, keys and journal."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import logging
+import re
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
+
+import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway import config_check, users
+from gateway.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    locate_config,
+    where_config_is_looked_for,
+)
+from gateway.letters import verification
+from gateway.mail import dkim
+from gateway.outbound import queue
+from gateway.problems import Problem
+from gateway.store import journal, sweeper
+from gateway.store.db import Database
+from gateway.store.models import Delivery, DeliveryStatus, utcnow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DEMO_AGENT = "agent@demo.sealrelay.example"
+
+
+class Access(Enum):
+    """What a command does to the database, which decides whether it may create one."""
+
+    READ = "read"  # looks only: the database must exist at the current schema
+    WRITE = "write"  # changes what is there: the database must exist; migrated first
+    CREATE = "create"  # may start a new database (db upgrade, user add, serve)
+
+
+def _config_path(config: Path | None) -> Path | None:
+    """The settings file in use; says so on stderr when there is none."""
+    try:
+        path = locate_config(config)
+    except ConfigError as exc:
+        raise click.ClickException(f"config error: {exc}") from exc
+    if path is None:
+        click.echo(
+            f"Note: no config file found ({where_config_is_looked_for()});"
+            f" using the embedded defaults in {Path.cwd()}",
+            err=True,
+        )
+    return path
+
+
+@functools.cache  # commands ask more than once; the note about the defaults comes once
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(_config_path(config))
+    except ConfigError as exc:
+        for problem in exc.problems[:-1]:
+            click.echo(f"Error: config error: {problem}", err=True)
+        raise click.ClickException(f"config error: {exc.problems[-1]}") from exc
+
+
+def _run(
+    work: Callable[[Database], Awaitable[T]], config: Path | None, access: Access = Access.READ
+) -> T:
+    """Run one admin action against the configured database.
+
+    Only commands that may start a database create one; the others fail with one line naming
+    the database, so a command run without the right config never reports on an empty one.
+    """
+    settings = _settings(config)
+
+    async def main() -> T:
+        if access is not Access.CREATE:
+            _require_sqlite_file(settings.database.url)
+        db = Database.connect(settings.database.url)
+        try:
+            if access is not Access.CREATE:
+                await _require_schema(db, settings.database.url, current=access is Access.READ)
+            if access is not Access.READ:
+                await db.upgrade()
+            return await work(db)
+        except (users.UserError, queue.QueueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            await db.close()
+
+    return asyncio.run(main())
+
+
+def _require_sqlite_file(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    path = Path(parsed.database)
+    if not path.is_file():
+        raise click.ClickException(
+            f"database.url: there is no database at {path.absolute()}; is this the right"
+            " config? `sealrelay db upgrade` creates one"
+        )
+
+
+async def _require_schema(db: Database, url: str, *, current: bool) -> None:
+    """The database holds sealrelay's tables (at the newest schema, if `current`)."""
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        revisions, newest = await db.schema_revisions()
+    except (OSError, SQLAlchemyError) as exc:
+        raise click.ClickException(f"database.url: cannot open {shown}: {exc}") from exc
+    if not revisions:
+        raise click.ClickException(
+            f"database.url: {shown} holds no sealrelay tables; is this the right config?"
+            " `sealrelay db upgrade` creates them"
+        )
+    if current and revisions != newest:
+        raise click.ClickException(
+            f"database.url: {shown} is at schema {', '.join(sorted(revisions))}, this sealrelay"
+            f" needs {', '.join(sorted(newest))}: run `sealrelay db upgrade`"
+        )
+
+
+def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--config",
+        "-c",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=(
+            "TOML settings file. Without it: $SEALRELAY_CONFIG, ./sealrelay.toml,"
+            " /etc/sealrelay/sealrelay.toml, else the embedded defaults."
+        ),
+    )(command)
+
+
+@click.group()
+def main() -> None:
+    """sealrelay: the outbound SMTP relay for brokerages."""
+
+
+@main.command()
+@config_option
+@click.option(
+    "--roles",
+    default="smtp,web,worker",
+    show_default=True,
+    help="Which parts this instance runs, comma-separated.",
+)
+def serve(config: Path | None, roles: str) -> None:
+    """Run the relay until SIGTERM or Ctrl-C."""
+    from sealrelay.serve import Relay
+
+    chosen = [r.strip() for r in roles.split(",") if r.strip()]
+    path = _config_path(config)
+    settings, problems = config_check.check_config(path)
+    if settings is not None:
+        problems += config_check.listen_problems(settings, chosen)
+    _stop_on_errors(problems)
+    assert settings is not None
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # aiosmtpd logs every command line at INFO, inline AUTH PLAIN credentials included.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    log.info("config: %s", path.absolute() if path else "the embedded defaults (no file found)")
+    for problem in problems:
+        log.warning("config: %s", problem)
+
+    async def run() -> None:
+        relay = Relay(settings, roles=chosen)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, relay.request_stop, signal.Signals(signum).name)
+        try:
+            await relay.serve_forever()
+        finally:
+            await relay.stop()
+
+    try:
+        asyncio.run(run())
+    except (ValueError, RuntimeError, OSError, dkim.DkimError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    # Stopped, the database closed. Left alone, the interpreter's last garbage collections
+    # walk every object the libraries made (1.5-2.5 s measured); the memory goes back to
+    # the system at exit anyway, so they are spared.
+    gc.freeze()
+
+
+def _stop_on_errors(problems: list[Problem]) -> None:
+    """Every error on its own line, naming key and path; exit 1 if there was one."""
+    errors = [problem for problem in problems if problem.error]
+    if not errors:
+        return
+    for problem in errors[:-1]:
+        click.echo(f"Error: config error: {problem}", err=True)
+    raise click.ClickException(f"config error: {errors[-1]}")
+
+
+@main.command("check-config")
+@config_option
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def check_config(config: Path | None, file: Path | None) -> None:
+    """Check a settings file and everything it names; report every problem at once.
+
+    FILE (or --config) is found as for every command. Errors exit 1; warnings do not.
+    """
+    if file is not None and not file.is_file():
+        raise click.ClickException(f"config error: {file}: no such file")
+    path = _config_path(file or config)
+    settings, problems = config_check.check_config(path)
+    if settings is not None and not any(p.error and p.key == "database.url" for p in problems):
+        problems += _user_group_problems(settings)
+    for problem in problems:
+        if not problem.error:
+            click.echo(f"Warning: {problem}", err=True)
+    _stop_on_errors(problems)
+    assert settings is not None
+    click.echo(
+        f"{path or 'embedded defaults'}: ok (smtp {', '.join(settings.smtp.listen)};"
+        f" web {settings.web.listen}; upstream {settings.upstream.url};"
+        f" dkim for {len(settings.dkim)} domain(s))"
+    )
+
+
+def _user_group_problems(settings: Settings) -> list[Problem]:
+    """Users whose group the settings do not know, if the database is there to ask."""
+
+    async def groups() -> dict[str, str]:
+        db = Database.connect(settings.database.url)
+        try:
+            current, _ = await db.schema_revisions()
+            if not current:
+                return {}
+            return {
+                account.email: account.group_name
+                for account, _ in await users.list_users(db)
+                if account.group_name
+            }
+        finally:
+            await db.close()
+
+    try:
+        _require_sqlite_file(settings.database.url)
+    except click.ClickException:
+        return []  # not created yet: `serve` will
+    try:
+        return config_check.unknown_group_problems(settings, asyncio.run(groups()))
+    except (OSError, SQLAlchemyError) as exc:
+        shown = make_url(settings.database.url).render_as_string(hide_password=True)
+        return [Problem("database.url", f"cannot open {shown}: {exc}")]
+
+
+@main.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config: Path | None) -> None:
+    """Apply all migrations (serve does this at start too)."""
+
+    async def noop(_: Database) -> None:
+        return None
+
+    _run(noop, config, Access.CREATE)
+    click.echo("database is up to date")
+
+
+@main.group()
+def user() -> None:
+    """Agents and admins."""
+
+
+def _password(from_stdin: bool) -> tuple[str, bool]:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n"), False
+    return users.generate_password(), True
+
+
+@user.command("add")
+@config_option
+@click.argument("email")
+@click.option("--admin", is_flag=True, help="May use the admin console.")
+@click.option("--group", default=None, help="The group whose settings apply to this agent.")
+@click.option("--alias", "aliases", multiple=True, help="Another address the agent sends from.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def user_add(
+    config: Path | None,
+    email: str,
+    admin: bool,
+    group: str | None,
+    aliases: tuple[str, ...],
+    password_stdin: bool,
+) -> None:
+    """Create a user; prints a generated password unless one comes on stdin."""
+    password, generated = _password(password_stdin)
+    created = _run(
+        lambda db: users.add_user(db, email, password, admin=admin, group=group, aliases=aliases),
+        config,
+        Access.CREATE,
+    )
+    click.echo(f"created {'admin' if admin else 'agent'} {created.email}")
+    known = {g.name for g in _settings(config).groups}
+    if group is not None and group not in known:
+        click.echo(
+            f"Warning: group {group!r} is not in the config's [[groups]];"
+            " the [policy] defaults apply to this agent until it is",
+            err=True,
+        )
+    if generated:
+        click.echo(f"password: {password}")
+
+
+@user.command("list")
+@config_option
+def user_list(config: Path | None) -> None:
+    """All users with their aliases."""
+    for account, aliases in _run(users.list_users, config):
+        flags = ["admin" if account.is_admin else "agent"]
+        if account.disabled:
+            flags.append("disabled")
+        if account.group_name:
+            flags.append(f"group={account.group_name}")
+        alias_text = f"  aliases: {', '.join(aliases)}" if aliases else ""
+        click.echo(f"{account.email}  [{' '.join(flags)}]{alias_text}")
+
+
+@user.command("disable")
+@config_option
+@click.argument("email")
+def user_disable(config: Path | None, email: str) -> None:
+    """Stop a user from logging in (their queued mail still goes out)."""
+    _run(lambda db: users.set_disabled(db, email, True), config, Access.WRITE)
+    click.echo(f"disabled {email}")
+
+
+@user.command("enable")
+@config_option
+@click.argument("email")
+def user_enable(config: Path | None, email: str) -> None:
+    """Let a disabled user log in again."""
+    _run(lambda db: users.set_disabled(db, email, False), config, Access.WRITE)
+    click.echo(f"enabled {email}")
+
+
+@user.command("passwd")
+@config_option
+@click.argument("email")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def user_passwd(config: Path | None, email: str, password_stdin: bool) -> None:
+    """Set a new password; prints a generated one unless one comes on stdin."""
+    password, generated = _password(password_stdin)
+    _run(lambda db: users.set_password(db, email, password), config, Access.WRITE)
+    click.echo(f"password changed for {email}")
+    if generated:
+        click.echo(f"password: {password}")
+
+
+@main.command("demo-agent")
+@config_option
+def demo_agent(config: Path | None) -> None:
+    """Create the demo agent, or give it a fresh password, and print the credentials."""
+    password = users.generate_password()
+
+    async def ensure(db: Database) -> None:
+        try:
+            await users.add_user(db, DEMO_AGENT, password)
+        except users.UserError:
+            await users.set_password(db, DEMO_AGENT, password)
+
+    _run(ensure, config, Access.CREATE)
+    click.echo(f"demo agent: {DEMO_AGENT}  password: {password}")
+
+
+@main.group("queue")
+def queue_group() -> None:
+    """The outbound queue."""
+
+
+@queue_group.command("list")
+@config_option
+@click.option("--all", "show_all", is_flag=True, help="Include delivered, bounced, deleted.")
+def queue_list(config: Path | None, show_all: bool) -> None:
+    """Messages with copies waiting for delivery, each copy under its message's id."""
+    statuses = list(DeliveryStatus) if show_all else [DeliveryStatus.QUEUED]
+
+    async def fetch(db: Database) -> list[queue.Claimed]:
+        async with db.transaction() as session:
+            return await queue.list_deliveries(session, statuses)
+
+    rows = _run(fetch, config)
+    if not rows:
+        click.echo("the queue is empty")
+    by_message: dict[str, list[queue.Claimed]] = {}
+    for row in rows:
+        by_message.setdefault(row.message.id, []).append(row)
+    for copies in by_message.values():
+        m = copies[0].message
+        click.echo(
+            f"{m.id}  {m.received_at:%Y-%m-%d %H:%M:%S}Z  {m.sender or '<>'}  {m.subject[:40]!r}"
+        )
+        for copy in copies:
+            d = copy.delivery
+            error = f"  last error: {d.last_error}" if d.last_error else ""
+            click.echo(
+                f"    {d.status:<9} {d.recipient}  attempts={d.attempts}"
+                f"  next={d.next_attempt_at:%Y-%m-%d %H:%M:%S}Z{error}"
+            )
+
+
+@queue_group.command("retry")
+@config_option
+@click.argument("message_id")
+@click.argument("recipients", nargs=-1)
+def queue_retry(config: Path | None, message_id: str, recipients: tuple[str, ...]) -> None:
+    """Try a message's queued (or bounced) copies again now; only to RECIPIENTS if given."""
+    lifetime = timedelta(seconds=_settings(config).upstream.queue_lifetime)
+
+    async def retry(db: Database) -> list[Delivery]:
+        async with db.transaction() as session:
+            copies = _named(
+                await queue.copies_of(session, message_id, recipients),
+                message_id,
+                recipients,
+                {DeliveryStatus.QUEUED, DeliveryStatus.BOUNCED},
+                "queued or bounced copy to retry",
+            )
+            for copy in copies:
+                await queue.retry_now(session, copy.id, utcnow(), lifetime)
+            return copies
+
+    for copy in _run(retry, config, Access.WRITE):
+        click.echo(
+            f"{copy.message_id}: {copy.recipient} will be retried now (a running relay picks it up)"
+        )
+
+
+@queue_group.command("delete")
+@config_option
+@click.argument("message_id")
+@click.argument("recipients", nargs=-1)
+def queue_delete(config: Path | None, message_id: str, recipients: tuple[str, ...]) -> None:
+    """Drop a message's queued copies (only to RECIPIENTS if given) without a bounce."""
+
+    async def remove(db: Database) -> list[Delivery]:
+        async with db.transaction() as session:
+            copies = _named(
+                await queue.copies_of(session, message_id, recipients),
+                message_id,
+                recipients,
+                {DeliveryStatus.QUEUED},
+                "queued copy to delete",
+            )
+            for copy in copies:
+                await queue.delete(session, copy.id, utcnow())
+            return copies
+
+    for copy in _run(remove, config, Access.WRITE):
+        click.echo(f"{copy.message_id}: {copy.recipient} deleted")
+
+
+def _named(
+    copies: list[Delivery],
+    message_id: str,
+    recipients: tuple[str, ...],
+    statuses: set[DeliveryStatus],
+    wanted: str,
+) -> list[Delivery]:
+    """The copies to act on, or a QueueError saying why there are none."""
+    if not copies:
+        to = f" to {', '.join(recipients)}" if recipients else ""
+        raise queue.QueueError(f"no message {message_id}{to} in the queue")
+    chosen = [copy for copy in copies if copy.status in statuses]
+    if not chosen:
+        raise queue.QueueError(f"message {message_id} has no {wanted}")
+    return chosen
+
+
+@main.group("links")
+def links_group() -> None:
+    """Personal links and the files behind them."""
+
+
+@links_group.command("expire")
+@config_option
+def links_expire(config: Path | None) -> None:
+    """Expire links and letters past their date, delete blobs nobody needs (the hourly sweep)."""
+    from gateway.letters.desk import LetterDesk
+    from gateway.outbound.queue_signal import QueueSignal
+    from sealrelay.serve import blob_store, sweeper_for
+
+    settings = _settings(config)
+
+    async def run(db: Database) -> sweeper.SweepReport:
+        blobs = blob_store(settings)
+        letters = LetterDesk(settings, db, blobs, QueueSignal().notify, utcnow)
+        return await sweeper_for(settings, db, blobs, letters)(utcnow())
+
+    report = _run(run, config, Access.WRITE)
+    click.echo(
+        f"{report.links_expired} link(s) expired, {report.letters_expired} letter(s) expired,"
+        f" {report.blobs_deleted} blob(s) deleted ({report.bytes_freed / 1e6:.1f} MB freed)"
+    )
+
+
+@main.group("dkim")
+def dkim_group() -> None:
+    """DKIM signing keys."""
+
+
+@dkim_group.command("keygen")
+@click.option("--domain", required=True, help="The sender domain the key signs for.")
+@click.option("--selector", required=True, help="The DNS selector, e.g. 2026a.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the private key (default var/dkim/DOMAIN.SELECTOR.pem).",
+)
+def dkim_keygen(domain: str, selector: str, out: Path | None) -> None:
+    """Write a new 2048-bit key and print its DNS record and config lines."""
+    path = out or Path("var/dkim") / f"{domain}.{selector}.pem"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = dkim.generate_private_key()
+    try:
+        dkim.write_private_key(key, path)
+    except dkim.DkimError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"private key written to {path}\n")
+    click.echo("Publish this DNS record:\n")
+    click.echo(dkim.dns_txt_record(key, selector, domain))
+    click.echo("\nand add to the config:\n")
+    click.echo(f'[dkim."{domain}"]\nselector = "{selector}"\nkey_file = "{path}"')
+
+
+@main.command()
+@config_option
+@click.option("--journal", "check_journal", is_flag=True, help="Check the journal's hash chain.")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def verify(config: Path | None, check_journal: bool, file: Path | None) -> None:
+    """Check evidence: a released original FILE.eml, and/or the journal's hash chain.
+
+    FILE.eml is checked offline against the configured DKIM key, the consent in the database
+    and the journal. Exit status: 0 OK, 1 NOT OK, 2 the file cannot be read as a message.
+    """
+    if not check_journal and file is None:
+        raise click.UsageError("say what to verify: FILE.eml, --journal, or both")
+    raw = _read_message(file) if file is not None else None
+    settings = _settings(config)
+
+    async def check(
+        db: Database,
+    ) -> tuple[verification.VerificationReport | None, journal.ChainReport | None]:
+        report = None
+        if raw is not None:
+            report = await verification.verify_released(db, settings, raw)
+        chain = None
+        if check_journal:
+            chain = await journal.verify_database(db)
+        return report, chain
+
+    report, chain = _run(check, config)
+    ok = True
+    if report is not None:
+        for line in report.lines():
+            click.echo(line)
+        ok = report.ok
+    if chain is not None:
+        if chain.ok:
+            click.echo(f"journal OK: {chain.events} events, chain intact")
+        else:
+            click.echo(
+                f"journal NOT OK: event {chain.broken_at} {chain.reason}"
+                f" ({chain.events} events verified before it)"
+            )
+            ok = False
+    if not ok:
+        sys.exit(1)
+
+
+def _read_message(file: Path) -> bytes:
+    """The bytes of a saved message; exit 2 with one line when there is none to check."""
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        click.echo(f"cannot read {file}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+    if raw.startswith(b"From "):  # an mbox separator line some clients save first
+        raw = raw.partition(b"\n")[2]
+    if not re.match(rb"[!-9;-~]+[ \t]*:", raw):
+        click.echo(f"{file} is not a mail message: it does not start with a header field", err=True)
+        sys.exit(2)
+    return raw
+
+
+@main.command()
+@config_option
+@click.argument("consent_id")
+def evidence(config: Path | None, consent_id: str) -> None:
+    """Show the stored record of a consent, its journal events and its PDF."""
+    from sealrelay.serve import blob_store
+
+    settings = _settings(config)
+    found = _run(
+        lambda db: verification.consent_evidence(db, blob_store(settings), consent_id), config
+    )
+    if found is None:
+        raise click.ClickException(f"no consent with id {consent_id!r}")
+    consent, letter, message = found.consent, found.letter, found.message
+    zone = ZoneInfo(settings.branding.timezone)
+
+    def moment(at: datetime) -> str:
+        local = at.astimezone(zone)
+        return f"{at:%Y-%m-%d %H:%M:%S} UTC ({local:%Y-%m-%d %H:%M:%S %Z}, {zone.key})"
+
+    if found.recomputed_sha256 == consent.texts_sha256:
+        texts_note = "the stored texts hash to it"
+    elif found.recomputed_sha256 is None:
+        texts_note = "THE STORED TEXTS ARE UNREADABLE"
+    else:
+        texts_note = f"THE STORED TEXTS HASH TO {found.recomputed_sha256}"
+    rows: list[tuple[str, list[str]]] = [
+        ("consent", [consent.id]),
+        (
+            "letter",
+            [
+                f"{letter.id} ({letter.status}, language {letter.language})"
+                f" of message {letter.message_id}"
+                if letter is not None
+                else f"{consent.letter_id} (NOT FOUND)"
+            ],
+        ),
+        ("recipient", [letter.recipient if letter is not None else "?"]),
+        ("subject", [letter.subject if letter is not None else "?"]),
+        ("agent", [message.sender if message is not None else "?"]),
+        ("letter sent", [moment(consent.letter_sent_at)]),
+        ("consent given", [moment(consent.given_at)]),
+        ("IP address", [consent.ip]),
+        ("user agent", [consent.user_agent]),
+        ("texts", [f"sha256:{consent.texts_sha256} ({texts_note})"]),
+        ("boxes", _boxes(consent.blocks, consent.checked) or ["(none to tick)"]),
+        (
+            "journal",
+            [
+                f"#{event.seq} {event.at:%Y-%m-%d %H:%M:%S} UTC {event.type}"
+                for event in found.events
+            ]
+            or ["(no events name this consent)"],
+        ),
+        *(
+            (
+                "PDF" if file.label == "consent PDF" else file.label,
+                [_stored(file)],
+            )
+            for file in found.files
+        ),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, values in rows:
+        for index, value in enumerate(values):
+            click.echo(f"{label if index == 0 else '':<{width}}  {value}")
+    missing = [file.label for file in found.files if not file.present]
+    if missing:
+        raise click.ClickException(
+            f"evidence files missing from the blob store: {', '.join(missing)}"
+        )
+
+
+def _stored(file: verification.EvidenceFile) -> str:
+    if file.location is None:
+        return f"{file.digest!r} (NOT A BLOB NAME)"
+    return f"{file.location}{'' if file.present else ' (MISSING from the blob store)'}"
+
+
+def _boxes(blocks: list[dict[str, Any]], checked: list[str]) -> list[str]:
+    lines = []
+    for block in blocks:
+        label = block.get("checkbox")
+        if label is None:
+            continue
+        mark = "☒" if block.get("id") in checked else "☐"
+        lines.append(f"{mark} {block.get('id')}: {' '.join(str(label).split())}")
+    return lines

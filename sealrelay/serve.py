@@ -1,0 +1,207 @@
+"""The one composition root: build every part from the settings and run the chosen roles.
+
+`sealrelay serve` runs all roles in one process; `--roles` splits them across instances.
+The web package is imported here, inside `_start_web`, so `gateway` never depends on `web` at
+module level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.config import Settings
+from gateway.fronts.smtp import SmtpFront
+from gateway.intake.pipeline import Pipeline
+from gateway.letters import letter_keys
+from gateway.letters.desk import LetterDesk
+from gateway.links.desk import LinkDesk
+from gateway.mail import dkim
+from gateway.mail.outgoing import Signer
+from gateway.outbound.delivery import DeliveryWorker
+from gateway.outbound.queue_signal import QueueSignal
+from gateway.outbound.upstream import Upstream, open_upstream
+from gateway.store import health, sweeper
+from gateway.store.blobs import BlobStore
+from gateway.store.db import Database
+from gateway.store.local_blobs import LocalBlobStore
+from gateway.store.models import utcnow
+
+if TYPE_CHECKING:  # the web (and aiohttp) are imported only by a relay with the web role
+    from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+ROLES = ("smtp", "web", "worker")
+STARTUP_RETRY_FIRST = 0.5  # seconds; doubles up to database.connect_retry_max
+
+
+def load_signer(settings: Settings) -> Signer:
+    return Signer(
+        {
+            domain: dkim.DkimKey.load(domain, entry.selector, entry.key_file)
+            for domain, entry in settings.dkim.items()
+        }
+    )
+
+
+def blob_store(settings: Settings) -> BlobStore:
+    """The blob store the settings name (a local directory, for now)."""
+    return LocalBlobStore(settings.storage.path)
+
+
+def sweeper_for(
+    settings: Settings, db: Database, blobs: BlobStore, letters: LetterDesk
+) -> Callable[[datetime], Awaitable[sweeper.SweepReport]]:
+    """The housekeeping round as configured: links, letters, blobs (serve and the CLI)."""
+
+    async def sweep(now: datetime) -> sweeper.SweepReport:
+        return await sweeper.sweep(
+            db,
+            blobs,
+            now,
+            timedelta(days=settings.storage.blob_grace_days),
+            evidence_years=settings.letter.evidence_retention,
+            expire_letters=letters.expire_due,
+        )
+
+    return sweep
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        roles: Collection[str] = ROLES,
+        db: Database | None = None,
+        blobs: BlobStore | None = None,
+        upstream: Upstream | None = None,
+        signer: Signer | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        unknown = set(roles) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
+        self.settings = settings
+        self.clock = clock
+        self.roles = frozenset(roles)
+        self.db = db or Database.connect(settings.database.url)
+        self.blobs = blobs or blob_store(settings)
+        self.signal = QueueSignal()
+        self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
+        self.links = LinkDesk(self.db, clock)
+        self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
+        self.smtp = SmtpFront(settings, self.db, self.pipeline)
+        self.worker = DeliveryWorker(
+            settings,
+            self.db,
+            self.blobs,
+            upstream or open_upstream(settings.upstream, settings.server.hostname),
+            signer or load_signer(settings),
+            self.signal,
+            clock,
+        )
+        self.sweeper = sweeper_for(settings, self.db, self.blobs, self.letters)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._web_runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Start the roles; returns without starting them when stopped while waiting for the
+        database."""
+        for problem in letter_keys.problems(self.settings):
+            log.warning("%s: %s", "error" if problem.error else "warning", problem)
+        if not await self._database_ready():
+            return
+        await self.blobs.remove_interrupted_writes()
+        if "worker" in self.roles:
+            self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
+            self._tasks.append(
+                asyncio.create_task(
+                    sweeper.run_hourly(
+                        self.sweep_once, self._stop, self.settings.storage.sweep_interval
+                    )
+                )
+            )
+        if "smtp" in self.roles:
+            await self.smtp.start()
+        if "web" in self.roles:
+            self._web_runner = await self._start_web()
+
+    async def _start_web(self) -> web.AppRunner:
+        from web.app import WebParts, start_web
+
+        db = self.db
+        parts = WebParts(
+            settings=self.settings,
+            links=self.links,
+            letters=self.letters,
+            blobs=self.blobs,
+            clock=self.clock,
+            health=lambda: health.database_answers(db),
+            queue_depths=lambda: health.queue_depths(db),
+            roles=self.roles,
+        )
+        return await start_web(parts)
+
+    async def sweep_once(self) -> sweeper.SweepReport:
+        """What the hourly sweep does, now (by this relay's clock)."""
+        return await self.sweeper(self.clock())
+
+    async def _database_ready(self) -> bool:
+        """Migrate, retrying with backoff while the database cannot be reached.
+
+        Orchestrators start the relay and its database together; exiting because PostgreSQL
+        is a few seconds late turns a normal boot into a restart loop. False when a stop was
+        requested first.
+        """
+        delay = STARTUP_RETRY_FIRST
+        while not self._stop.is_set():
+            try:
+                await self.db.upgrade()
+                return True
+            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                wait = min(delay, self.settings.database.connect_retry_max)
+                log.warning("database not reachable (%s); retrying in %.1f s", _reason(exc), wait)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._stop.wait()
+            delay *= 2
+        return False
+
+    async def stop(self) -> None:
+        """Stop taking mail first, then let workers finish their round."""
+        await self.smtp.stop()
+        if self._web_runner is not None:
+            await self._web_runner.cleanup()
+        self._stop.set()
+        self.signal.notify()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.db.close()
+        log.info("sealrelay stopped")
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        if self._stop.is_set():
+            return
+        log.info("sealrelay running: roles %s", ", ".join(sorted(self.roles)))
+        await self._stop.wait()
+
+    def request_stop(self, reason: str = "") -> None:
+        if reason and not self._stop.is_set():
+            log.info("sealrelay stopping on %s", reason)
+        self._stop.set()
+        self.signal.notify()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: SQLAlchemy appends SQL and a link to its own text."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -1,0 +1,91 @@
+"""The chunked DATA reader on a real asyncio.StreamReader: ends, smuggling, limits, sync."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from gateway.fronts.data_reader import WINDOW, read_data
+
+LIMIT = 1001
+
+
+def reader_with(*chunks: bytes, eof: bool = False) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=LIMIT)
+    for chunk in chunks:
+        reader.feed_data(chunk)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+async def test_reads_to_the_end_and_leaves_pipelined_commands() -> None:
+    reader = reader_with(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    result = await read_data(reader, None, LIMIT)
+    assert result.content == b"Subject: x\r\n\r\nbody\r\n"
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+
+
+@pytest.mark.parametrize("split", range(1, 12))
+async def test_the_end_split_across_pieces(split: int) -> None:
+    data = b"a\r\nbc\r\n.\r\nNOOP\r\n"
+    reader = asyncio.StreamReader(limit=LIMIT)
+
+    async def feed() -> None:
+        for index in range(0, len(data), split):
+            reader.feed_data(data[index : index + split])
+            await asyncio.sleep(0)
+
+    feeding = asyncio.create_task(feed())
+    result = await read_data(reader, None, LIMIT)
+    await feeding
+    assert result.content == b"a\r\nbc\r\n"
+    assert await reader.readuntil(b"\r\n") == b"NOOP\r\n"
+
+
+async def test_empty_data_and_dot_stuffing() -> None:
+    assert (await read_data(reader_with(b".\r\n"), None, LIMIT)).content == b""
+    stuffed = b"..leading\r\nmid\r\n...\r\n.\r\n"
+    assert (await read_data(reader_with(stuffed), None, LIMIT)).content == (
+        b".leading\r\nmid\r\n..\r\n"
+    )
+
+
+@pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"x.\r\n"])
+async def test_only_crlf_dot_crlf_ends_the_data(fake_end: bytes) -> None:
+    data = b"one\r\n" + fake_end + b"MAIL FROM:<evil@example.com>\r\n.\r\n"
+    reader = reader_with(data + b"QUIT\r\n")
+    result = await read_data(reader, None, LIMIT)
+    assert result.content.endswith(b"MAIL FROM:<evil@example.com>\r\n")  # all one message
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+
+
+async def test_too_big_is_read_to_the_end_so_the_session_stays_in_step() -> None:
+    body = b"x" * 70 + b"\r\n"
+    reader = reader_with(body * 2000 + b".\r\nRSET\r\n")
+    result = await read_data(reader, 10_000, LIMIT)
+    assert result.too_big and result.content == b""
+    assert await reader.readuntil(b"\r\n") == b"RSET\r\n"
+
+
+async def test_pieces_larger_than_the_window() -> None:
+    lines = [os.urandom(30).hex().encode() + b"\r\n" for _ in range(70_000)]
+    data = b"".join(lines)
+    assert len(data) > 4 * WINDOW
+    result = await read_data(reader_with(data + b".\r\n"), None, LIMIT)
+    assert result.content == data
+
+
+async def test_line_length() -> None:
+    ok = b"y" * 999 + b"\r\n"
+    assert (await read_data(reader_with(ok + b".\r\n"), None, LIMIT)).content == ok
+    long = b"y" * 1000 + b"\r\n"
+    assert (await read_data(reader_with(long + b".\r\n"), None, LIMIT)).line_too_long
+
+
+async def test_the_reader_limit_is_restored() -> None:
+    reader = reader_with(b"x\r\n.\r\n")
+    await read_data(reader, None, LIMIT)
+    assert reader._limit == LIMIT  # type: ignore[attr-defined]

@@ -1,0 +1,187 @@
+"""End to end: large attachments become personal, tracked links (issue 3's scenario).
+
+A real client sends through the relay to a recording upstream; the links in the copies are
+fetched over real HTTP. Runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import hashlib
+import os
+import re
+from email.message import EmailMessage
+
+import aiohttp
+import aiosmtplib
+import dkim as dkimpy
+import pytest
+from sqlalchemy import select
+
+from gateway.mail import headers
+from gateway.store import journal
+from gateway.store.models import Event, Message
+from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
+
+PROSPECT = "prospect@example.com"
+OTHER = "other@example.org"
+COLLEAGUE = "ben@broker.example"
+PDF = os.urandom(8 * 1024 * 1024)
+TEXT = b"Energieausweis: B\r\n" * 55
+ICS = (
+    b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nBEGIN:VEVENT\r\nSUMMARY:Besichtigung\r\n"
+    b"DTSTART:20261201T100000Z\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+)
+LINK = re.compile(r"http://127\.0\.0\.1:8080/d/([A-Za-z0-9_-]{43})")
+
+
+def offer() -> bytes:
+    message = EmailMessage()
+    message["From"] = f"Anna Agent <{AGENT}>"
+    message["To"] = f"Paula Prospect <{PROSPECT}>"
+    message["Cc"] = f"{OTHER}, Ben <{COLLEAGUE}>"
+    message["Subject"] = "Ihr Exposé: Müllerstraße 12"
+    message["Message-ID"] = "<offer-1@broker.example>"
+    message["References"] = "<inquiry-7@example.com>"
+    message.set_content("Guten Tag,\n\nanbei das Exposé.\n\nAnna\n")
+    message.add_alternative(
+        "<html><body><p>Guten Tag,</p><p>anbei das Exposé.</p></body></html>", subtype="html"
+    )
+    message.add_attachment(
+        PDF, maintype="application", subtype="pdf", filename="Exposé Müllerstraße.pdf"
+    )
+    message.add_attachment(TEXT, maintype="text", subtype="plain", filename="energie.txt")
+    message.add_attachment(ICS, maintype="text", subtype="calendar", filename="termin.ics")
+    return message.as_bytes(policy=email.policy.SMTP)
+
+
+def top_field(raw: bytes, name: str) -> bytes:
+    [field] = [f.raw for f in headers.fields_of(raw) if f.name == name]
+    return field
+
+
+def attachments(raw: bytes) -> dict[str, bytes]:
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert not parsed.defects
+    return {
+        part.get_filename(): part.get_payload(decode=True)  # type: ignore[misc]
+        for part in parsed.iter_attachments()
+    }
+
+
+def bodies(raw: bytes) -> tuple[str, str]:
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    text = parsed.get_body(("plain",))
+    html = parsed.get_body(("html",))
+    assert text is not None and html is not None
+    return text.get_content(), html.get_content()
+
+
+@pytest.fixture
+async def relay(relay_factory: StartRelay) -> Harness:
+    return await relay_factory(
+        smtp={"max_message_size": 50 * 1024 * 1024},
+        policy={"internal_domains": ["broker.example"]},
+    )
+
+
+async def test_large_attachment_becomes_a_personal_link(relay: Harness) -> None:
+    original = offer()
+    await relay.send(original, recipients=[PROSPECT, OTHER, COLLEAGUE])
+    copies = {copy.rcpt_tos[0]: copy.data for copy in await relay.sink.expect(3)}
+    assert sorted(copies) == sorted([PROSPECT, OTHER, COLLEAGUE])
+
+    # The colleague gets the original: only trace and signature fields in front of it.
+    assert copies[COLLEAGUE].endswith(original)
+
+    tokens = {}
+    for recipient in (PROSPECT, OTHER):
+        copy = copies[recipient]
+        assert dkimpy.verify(copy, dnsfunc=dkim_dns(relay.dkim_key))
+        for name in ("to", "cc", "subject", "message-id", "references", "from"):
+            assert top_field(copy, name) == top_field(original, name), name
+        files = attachments(copy)
+        assert "Exposé Müllerstraße.pdf" not in files
+        assert files["termin.ics"] == ICS
+        assert files["energie.txt"] == TEXT
+        text, html = bodies(copy)
+        assert "anbei das Exposé" in text and "Exposé Müllerstraße.pdf" in text
+        [token] = set(LINK.findall(text))
+        assert token in html and "Dateien herunterladen" in html
+        tokens[recipient] = token
+        assert len(copy) < 100_000
+    assert tokens[PROSPECT] != tokens[OTHER]
+
+    base = relay.web_url
+    async with aiohttp.ClientSession() as http:
+        for token in tokens.values():
+            async with http.get(f"{base}/d/{token}") as page:
+                assert page.status == 200
+                html_page = await page.text()
+            assert "Exposé Müllerstraße.pdf" in html_page
+            [file_path] = re.findall(rf'href="(/d/{token}/f/[0-9a-f]+)"', html_page)
+            for _ in range(2):
+                async with http.get(f"{base}{file_path}") as download:
+                    assert download.status == 200
+                    body = await download.read()
+                assert hashlib.sha256(body).digest() == hashlib.sha256(PDF).digest()
+
+    async with relay.relay.db.transaction() as session:
+        events = (await session.scalars(select(Event).order_by(Event.seq))).all()
+        assert (await journal.verify(session)).ok
+        messages = (await session.scalars(select(Message))).all()
+    for recipient in (PROSPECT, OTHER):
+        downloads = [
+            e.type
+            for e in events
+            if e.type.startswith("download.") and e.data.get("recipient") == recipient
+        ]
+        assert downloads == ["download.first", "download.repeat"], recipient
+    created = [e.data["recipient"] for e in events if e.type == "link.created"]
+    assert sorted(created) == sorted([PROSPECT, OTHER])
+    kept = [e.data for e in events if e.type == "policy.kept"]
+    assert kept == [{"recipient": COLLEAGUE, "reason": "internal recipient"}]
+    # The stored original is the bytes the agent sent.
+    [message] = messages
+    assert await relay.relay.blobs.read(message.blob) == original
+
+
+async def test_language_header_picks_the_block_and_never_leaves(relay: Harness) -> None:
+    raw = offer().replace(b"Subject:", b"X-Sealrelay-Language: es\r\nSubject:", 1)
+    await relay.send(raw, recipients=[PROSPECT])
+    [copy] = await relay.sink.expect(1)
+    assert b"X-Sealrelay-Language" not in copy.data
+    text, _ = bodies(copy.data)
+    assert "Tiene 1 archivo disponible" in text
+
+
+async def test_small_mail_goes_out_unchanged(relay: Harness) -> None:
+    small = email.message_from_bytes(offer(), policy=email.policy.SMTP)
+    for part in small.iter_attachments():
+        if part.get_filename() == "Exposé Müllerstraße.pdf":
+            part.set_content(
+                b"%PDF-1.4 small",
+                maintype="application",
+                subtype="pdf",
+                filename="Exposé Müllerstraße.pdf",
+            )
+    data = small.as_bytes(policy=email.policy.SMTP)
+    await relay.send(data, recipients=[PROSPECT])
+    [copy] = await relay.sink.expect(1)
+    assert copy.data.endswith(data)
+
+
+async def test_unsafe_mime_is_refused_before_250(relay: Harness) -> None:
+    nested = b"".join(
+        f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'.encode()
+        for i in range(30)
+    )
+    raw = f"From: {AGENT}\r\nTo: {PROSPECT}\r\nSubject: deep\r\nMIME-Version: 1.0\r\n".encode()
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await relay.send(raw + nested + b"x\r\n", recipients=[PROSPECT])
+    assert refused.value.code == 554
+    assert "5.6.0" in refused.value.message and "20 levels" in refused.value.message
+    async with relay.relay.db.transaction() as session:
+        assert (await session.scalars(select(Message))).all() == []
+    assert relay.sink.messages == []

@@ -1,0 +1,93 @@
+"""Header fields read and added on raw bytes, never re-serialized."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.mail import headers
+
+RAW = (
+    b"From: Anna <anna@broker.example>\r\n"
+    b"Subject: =?utf-8?q?Expos=C3=A9?=\r\n  Musterstra\xc3\x9fe\r\n"
+    b'To: a@example.com,\r\n\t"B, C" <B@Example.org>\r\n'
+    b"\r\n"
+    b"Body\r\n\r\nmore\r\n"
+)
+
+
+def test_split_and_parse_keep_bytes() -> None:
+    block, body = headers.split_message(RAW)
+    assert block + b"\r\n" + body == RAW
+    fields = headers.parse_fields(block)
+    assert [f.name for f in fields] == ["from", "subject", "to"]
+    assert b"".join(f.raw for f in fields) == block
+    assert headers.addresses(fields, "to") == ["a@example.com", "b@example.org"]
+    assert headers.decoded(headers.first_value(fields, "subject") or "") == "Exposé  Musterstraße"
+
+
+def test_message_without_body_or_headers() -> None:
+    assert headers.split_message(b"Subject: x\r\n") == (b"Subject: x\r\n", b"")
+    assert headers.split_message(b"\r\nbody") == (b"", b"body")
+
+
+def test_format_field_folds_at_spaces_and_refuses_line_breaks() -> None:
+    value = " ".join(["word"] * 40)
+    field = headers.format_field("X-Long", value)
+    lines = field.split(b"\r\n")
+    assert all(len(line) <= 78 for line in lines)
+    assert field.endswith(b"\r\n")
+    unfolded = headers.parse_fields(field)[0].value
+    assert unfolded == value
+    for bad in ("a\r\nX-Injected: 1", "a\nb", "a\rb"):
+        with pytest.raises(ValueError):
+            headers.format_field("X-Test", bad)
+    with pytest.raises(ValueError):
+        headers.format_field("X:Bad", "v")
+
+
+@pytest.mark.parametrize(
+    ("data", "bare"),
+    [
+        (b"a\r\nb\r\n", False),
+        (b"a\nb", True),
+        (b"a\rb\r\n", True),
+        (b"a\r\n.\n", True),
+        (b"\r\r\n", True),
+        (b"", False),
+    ],
+)
+def test_bare_line_ends(data: bytes, bare: bool) -> None:
+    assert headers.has_bare_line_end(data) is bare
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True),
+            st.from_regex(r"[ -~]{0,60}", fullmatch=True),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_prepended_fields_leave_the_rest_untouched(pairs: list[tuple[str, str]]) -> None:
+    added = [headers.format_field(name, value.strip() or "x") for name, value in pairs]
+    result = headers.prepend(RAW, added)
+    assert result.endswith(RAW)
+    fields = headers.fields_of(result)
+    assert [f.name for f in fields[: len(pairs)]] == [n.lower() for n, _ in pairs]
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("=?utf-8?q?Expos=C3=A9?=", "Exposé"),
+        ("=?utf-8?q?a=0D=0AX-Injected:_1?=", "a  X-Injected: 1"),
+        ("=?unknown-charset?q?x?=", "x"),
+        ("plain\ttext", "plain text"),
+    ],
+)
+def test_decoded_is_one_line_of_text(value: str, text: str) -> None:
+    assert headers.decoded(value) == text

@@ -1,0 +1,112 @@
+"""Settings: TOML plus environment, validated once, one clear line per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, Settings, load_settings
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_embedded_defaults_are_the_dev_relay() -> None:
+    settings = load_settings(environ={})
+    assert settings.smtp.listen == ["127.0.0.1:2525"]
+    assert settings.web.listen == "127.0.0.1:8080"
+    assert settings.upstream.url == "capture:var/outbox"
+    assert settings.database.url.startswith("sqlite+aiosqlite:///")
+    assert settings.upstream.queue_lifetime == 5 * 86400
+    assert not settings.smtp.allow_plaintext_auth_on_loopback
+
+
+@pytest.mark.parametrize("name", ["sealrelay.toml", "dev.toml"])
+def test_shipped_examples_validate(name: str) -> None:
+    settings = load_settings(EXAMPLES / name, environ={})
+    assert isinstance(settings, Settings)
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[smtp]\nmax_recipients = 7\nlisten = ["127.0.0.1:2600"]\n')
+    env = {
+        "SEALRELAY_SMTP__MAX_RECIPIENTS": "9",
+        "SEALRELAY_SMTP__LISTEN": '["127.0.0.1:2700", "[::1]:2700"]',
+        "SEALRELAY_UPSTREAM__URL": "smtps://mail.example.com:465",
+        "UNRELATED": "x",
+    }
+    settings = load_settings(path, environ=env)
+    assert settings.smtp.max_recipients == 9
+    assert settings.smtp.listen == ["127.0.0.1:2700", "[::1]:2700"]
+    assert settings.upstream.url == "smtps://mail.example.com:465"
+
+
+def test_dkim_domains_from_file_are_lower_cased(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[dkim."Broker.Example"]\nselector = "s1"\nkey_file = "k.pem"\n')
+    assert list(load_settings(path, environ={}).dkim) == ["broker.example"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "expected"),
+    [
+        ("[smtp]\nmax_recipients = 0\n", {}, "smtp.max_recipients: Input should be greater"),
+        ("[smtp]\nlisten = ['nope']\n", {}, "smtp.listen: 'nope' is not HOST:PORT"),
+        ("[smtp]\ncolour = 'red'\n", {}, "smtp.colour: unknown setting"),
+        ("[nonsense]\nx = 1\n", {}, "nonsense: unknown setting"),
+        ("[upstream]\nurl = 'http://x'\n", {}, "upstream.url: must be smtp://"),
+        ("[upstream]\nurl = 'capture:'\n", {}, "upstream.url: capture: needs a directory"),
+        ("[server]\npublic_url = 'ftp://x'\n", {}, "server.public_url: must be an http"),
+        ("[database]\nurl = 'mysql://x'\n", {}, "database.url: must start with"),
+        (
+            "[[groups]]\nname = 'g'\nletter_block_set = 'lawyer'\n",
+            {},
+            "config: group g: letter_block_set 'lawyer' is not in letter.block_sets",
+        ),
+        ("[web]\ntrusted_proxies = ['10.0.0.0/8', 'proxy']\n", {}, "web.trusted_proxies: 'proxy'"),
+        ("[smtp]\ntls_cert = 'a.pem'\n", {}, "smtp: Value error, tls_cert and tls_key go together"),
+        (
+            "[smtp]\nimplicit_tls_listen = ['0.0.0.0:465']\n",
+            {},
+            "smtp: Value error, implicit_tls_listen needs tls_cert",
+        ),
+        (
+            "",
+            {"SEALRELAY_SMTP__MAX_MESSAGE_SIZE": "big"},
+            "smtp.max_message_size: Input should be a valid integer, unable to parse string as an"
+            " integer (from SEALRELAY_SMTP__MAX_MESSAGE_SIZE)",
+        ),
+        ("[dkim.'a.example']\nselector = 'bad selector'\nkey_file = 'k'\n", {}, "dkim.a.example"),
+    ],
+)
+def test_bad_values_name_the_key(
+    tmp_path: Path, toml: str, env: dict[str, str], expected: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ=env)
+    message = str(caught.value)
+    assert message.startswith(expected.split(":")[0])
+    assert expected.replace("Value error, ", "") in message.replace("Value error, ", "")
+    assert "\n" not in message
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.toml", environ={})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[smtp\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken, environ={})
+
+
+def test_environment_into_a_scalar_is_refused() -> None:
+    with pytest.raises(ConfigError, match="does not name a setting"):
+        load_settings(
+            environ={
+                "SEALRELAY_SMTP__MAX_RECIPIENTS": "5",
+                "SEALRELAY_SMTP__MAX_RECIPIENTS__X": "1",
+            }
+        )

@@ -1,0 +1,83 @@
+"""Agents: argon2 passwords, aliases, disabling; on both database backends."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from gateway import users
+from gateway.store.db import Database
+from gateway.store.models import User
+
+PASSWORD = "a long enough password"
+
+
+async def test_add_and_authenticate_with_aliases(database: Database) -> None:
+    await users.add_user(
+        database, "Anna@Broker.Example", PASSWORD, group="sales", aliases=("team@broker.example",)
+    )
+    agent = await users.authenticate(database, "anna@broker.example", PASSWORD)
+    assert agent is not None
+    assert agent.group == "sales"
+    assert agent.may_send_as("TEAM@broker.example")
+    assert agent.may_send_as("anna@broker.example")
+    assert not agent.may_send_as("boss@broker.example")
+    async with database.transaction() as session:
+        stored = await session.scalar(select(User))
+    assert stored is not None and stored.password_hash.startswith("$argon2")
+    assert PASSWORD not in stored.password_hash
+
+
+async def test_wrong_password_unknown_and_disabled_users(database: Database) -> None:
+    await users.add_user(database, "anna@broker.example", PASSWORD)
+    assert await users.authenticate(database, "anna@broker.example", "wrong password!") is None
+    assert await users.authenticate(database, "nobody@broker.example", PASSWORD) is None
+    await users.set_disabled(database, "anna@broker.example")
+    assert await users.authenticate(database, "anna@broker.example", PASSWORD) is None
+    await users.set_disabled(database, "anna@broker.example", False)
+    assert await users.authenticate(database, "anna@broker.example", PASSWORD) is not None
+
+
+async def test_password_change(database: Database) -> None:
+    await users.add_user(database, "anna@broker.example", PASSWORD)
+    await users.set_password(database, "anna@broker.example", "another long password")
+    assert await users.authenticate(database, "anna@broker.example", PASSWORD) is None
+    assert await users.authenticate(database, "anna@broker.example", "another long password")
+
+
+@pytest.mark.parametrize(
+    ("email", "password", "aliases", "message"),
+    [
+        ("not-an-address", PASSWORD, (), "not a valid address"),
+        ("anna@broker.example", "short", (), "at least 10 characters"),
+        ("anna@broker.example", PASSWORD, ("bad alias",), "not a valid address"),
+    ],
+)
+async def test_bad_input_is_refused(
+    database: Database, email: str, password: str, aliases: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(users.UserError, match=message):
+        await users.add_user(database, email, password, aliases=aliases)
+    assert await users.list_users(database) == []
+
+
+async def test_addresses_are_unique_across_users_and_aliases(database: Database) -> None:
+    await users.add_user(
+        database, "anna@broker.example", PASSWORD, aliases=("team@broker.example",)
+    )
+    with pytest.raises(users.UserError, match="already"):
+        await users.add_user(database, "anna@broker.example", PASSWORD)
+    with pytest.raises(users.UserError, match="already"):
+        await users.add_user(
+            database, "ben@broker.example", PASSWORD, aliases=("team@broker.example",)
+        )
+    with pytest.raises(users.UserError, match="already an alias"):
+        await users.add_user(database, "team@broker.example", PASSWORD)
+    assert [u.email for u, _ in await users.list_users(database)] == ["anna@broker.example"]
+
+
+async def test_unknown_user_operations(database: Database) -> None:
+    with pytest.raises(users.UserError, match="no user"):
+        await users.set_disabled(database, "ghost@broker.example")
+    with pytest.raises(users.UserError, match="no user"):
+        await users.set_password(database, "ghost@broker.example", PASSWORD)

@@ -1,0 +1,109 @@
+"""The local directory store beyond the contract (tests/store/test_blob_contract.py): its layout,
+its durability, and what a killed writer leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.store.local_blobs import LocalBlobStore
+from tests.support import LETTER_TOML, free_port
+
+
+async def test_put_is_content_addressed_and_deduplicated(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    digest = await store.put(b"hello")
+    assert digest == hashlib.sha256(b"hello").hexdigest()
+    assert await store.put(b"hello") == digest
+    assert await store.read(digest) == b"hello"
+    assert Path(store.location(digest)).parent.parent.parent == tmp_path / "blobs"
+    assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
+
+
+async def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr("gateway.store.local_blobs.os.fsync", broken_fsync)
+    with pytest.raises(OSError):
+        await store.put(b"data")
+    assert not await store.exists(hashlib.sha256(b"data").hexdigest())
+    assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
+
+
+# A writer that stops inside put, after its temp file exists: fsync never returns.
+_STUCK_WRITER = """
+import os, stat, sys, time
+from pathlib import Path
+from gateway.store.local_blobs import LocalBlobStore
+
+fsync = os.fsync
+
+def stuck(fd):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return fsync(fd)
+    print("writing", flush=True)
+    time.sleep(600)
+
+os.fsync = stuck
+LocalBlobStore(Path(sys.argv[1])).put_sync(sys.argv[2].encode() * 1000)
+"""
+
+
+async def _stuck_writer(root: Path, content: str) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _STUCK_WRITER, str(root), content, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        assert await process.stdout.readline() == b"writing\n"
+    return process
+
+
+async def test_temp_files_of_a_killed_writer_go_at_start_up(tmp_path: Path) -> None:
+    """A SIGKILL mid-put leaves a temp file; the next start removes it, but never the temp
+    file of a writer still at work (another instance sharing the store)."""
+    root = tmp_path / "blobs"
+    killed = await _stuck_writer(root, "killed")
+    killed.kill()
+    await killed.wait()
+    working = await _stuck_writer(root, "working")
+    try:
+        left = {path.name for path in (root / "tmp").iterdir()}
+        assert len(left) == 2
+        smtp_port, web_port = free_port(), free_port()
+        config = tmp_path / "relay.toml"
+        config.write_text(
+            f'[smtp]\nlisten = ["127.0.0.1:{smtp_port}"]\nallow_plaintext_auth_on_loopback = true\n'
+            f'[web]\nlisten = "127.0.0.1:{web_port}"\n'
+            f'[upstream]\nurl = "capture:{tmp_path / "outbox"}"\n'
+            f'[database]\nurl = "sqlite+aiosqlite:///{tmp_path / "relay.db"}"\n'
+            f'[storage]\npath = "{root}"\n' + LETTER_TOML
+        )
+        serve = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "sealrelay"),
+            "serve",
+            "--config",
+            str(config),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert serve.stderr is not None
+            async with asyncio.timeout(60):
+                while b"sealrelay running" not in (line := await serve.stderr.readline()):
+                    assert line, "serve exited before it was running"
+            remaining = {path.name for path in (root / "tmp").iterdir()}
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            await serve.communicate()
+        assert len(remaining) == 1 and remaining < left
+    finally:
+        working.kill()
+        await working.wait()
