@@ -17,7 +17,9 @@ from typing import Any
 import aiosmtplib
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway import users
 from gateway.config import Settings
@@ -87,6 +89,30 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         await db.close()
         async with admin.begin() as conn:
             await conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        await admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A database of its own for the relay process: a file, or a fresh PostgreSQL database.
+
+    PostgreSQL is required: if it cannot be reached, the test fails.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path}/relay.db"
+        return
+    url = make_url(POSTGRES_URL)
+    name = f"sealrelay_dur_{secrets.token_hex(6)}"
+    admin = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
         await admin.dispose()
 
 

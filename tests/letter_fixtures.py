@@ -16,7 +16,7 @@ import pytest
 
 from gateway.mail import dkim
 from gateway.store.db import Database
-from tests.letters.test_letter_pages import Clock, LetterSite, running_site
+from tests.letter_site import Clock, LetterSite, running_site
 from tests.support import Sink
 
 StartSite = Callable[..., Awaitable[LetterSite]]

@@ -24,6 +24,7 @@ import pytest
 
 from gateway import users
 from gateway.fronts.smtp_guard import ACCEPT_FAILURES, FailedLogins, ThrottledLog, ThrottledRecords
+from tests.cli_runner import SEALRELAY
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
 from tests.fronts.test_smtp_front import (
     AUTH_WITHOUT_STARTTLS,
@@ -38,9 +39,7 @@ from tests.fronts.test_smtp_front import (
     raw_message,
     send_sentinel,
 )
-from tests.relay.test_serve import wait_for_port
-from tests.store.test_database_outage import SEALRELAY
-from tests.support import free_port, serve_config
+from tests.support import free_port, serve_config, wait_for_port
 
 AGENT_IP = "127.0.0.1"
 

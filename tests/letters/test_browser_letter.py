@@ -20,9 +20,10 @@ import pytest
 from sqlalchemy import select
 
 from gateway.store.models import Consent
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.conftest import AGENT
 from tests.letter_fixtures import StartSite
-from tests.letters.test_letter_pages import (
+from tests.letter_site import (
     BUTTON_DE,
     BUTTON_ES,
     FLOOR_PLAN,
@@ -30,7 +31,6 @@ from tests.letters.test_letter_pages import (
     Clock,
     offer,
 )
-from tests.links.test_browser_downloads import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.support import Sink
 
 JOURNEY = {

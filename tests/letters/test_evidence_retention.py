@@ -19,8 +19,8 @@ from sqlalchemy import String, select
 from gateway.letters.desk import LetterDesk
 from gateway.store import blob_columns, sweeper
 from gateway.store.models import Base, Consent, Letter, LetterStatus
-from tests.letters.test_letter_pages import PROSPECT, Clock, LetterSite
-from tests.links.test_browser_downloads import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
+from tests.letter_site import PROSPECT, Clock, LetterSite
 from tests.support import screenshot_dir
 
 GRACE = timedelta(days=7)

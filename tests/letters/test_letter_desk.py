@@ -9,7 +9,7 @@ from sqlalchemy import select
 from gateway.letters.desk import LetterDesk, LetterExpired, LetterUnknown
 from gateway.links.tokens import Closed, TokenClosed, TokenUnknown, new_token
 from gateway.store.models import Link
-from tests.letters.test_letter_pages import PROSPECT, Clock, LetterSite, offer
+from tests.letter_site import PROSPECT, Clock, LetterSite, offer
 
 
 def counting_desk(site: LetterSite, clock: Clock) -> tuple[LetterDesk, list[int]]:

@@ -18,7 +18,7 @@ from gateway.store import journal
 from gateway.store.models import Delivery, Event, LetterStatus, Message
 from tests.conftest import AGENT, dkim_dns
 from tests.letter_fixtures import StartSite
-from tests.letters.test_letter_pages import (
+from tests.letter_site import (
     PROSPECT,
     Clock,
     LetterSite,

@@ -14,8 +14,8 @@ import pytest
 
 from gateway.letters.blocks import BlockSetError
 from gateway.texts.files import SHIPPED_BLOCK_SET as SHIPPED
+from tests.cli_runner import sealrelay, write_config
 from tests.conftest import StartRelay
-from tests.outbound.test_queue_cli import sealrelay, write_config
 from tests.support import Sink
 
 REPOSITORY = Path(__file__).parents[2]

@@ -42,8 +42,8 @@ from gateway.store.models import (
     Message,
     new_id,
 )
+from tests.cli_runner import sealrelay, sqlite_url, write_config
 from tests.conftest import AGENT, DKIM_DOMAIN, DKIM_SELECTOR
-from tests.outbound.test_queue_cli import sealrelay, sqlite_url, write_config
 
 PROSPECT = "prospect@example.com"
 IP = "203.0.113.7"

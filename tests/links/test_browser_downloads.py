@@ -10,22 +10,12 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.links.test_downloads import LOGO, Clock, Pages, clock, pages  # noqa: F401 (fixtures)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
-PHONE = {"width": 390, "height": 844}
 # the brokerage's logo, answered by the test itself: the browser reaches no other host
 LOGO_SVG = (
     '<svg xmlns="http://www.w3.org/2000/svg" width="240" height="48" viewBox="0 0 240 48">'
@@ -37,22 +27,6 @@ LOGO_SVG = (
     ' letter-spacing="3">IMMOBILIEN</text></svg>'
 ).encode()
 SCREENSHOT_COPY = os.environ.get("SEALRELAY_SCREENSHOT")  # e.g. /tmp/download-page.png
-
-
-def playwright_api() -> Any:
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        pytest.fail(
-            "playwright is not installed: .venv/bin/pip install -e '.[test]'", pytrace=False
-        )
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"{CHROMIUM} is missing: apt-get install -y chromium"
-            " (Playwright's own browser downloads are not used)",
-            pytrace=False,
-        )
-    return async_playwright
 
 
 # one database is enough here: the page and its journal are covered on both in test_downloads

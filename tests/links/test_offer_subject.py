@@ -10,7 +10,7 @@ import re
 from urllib.parse import unquote
 
 from rules.registered_letter import without_tag
-from tests.letters.test_letter_pages import LetterSite, text_of
+from tests.letter_site import LetterSite, text_of
 
 
 async def download_path(site: LetterSite, token: str) -> str:

@@ -28,8 +28,8 @@ from sqlalchemy import select, update
 
 from gateway.mail import headers
 from gateway.store.models import Letter, Link, Message
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.conftest import AGENT, Harness, StartRelay
-from tests.links.test_browser_downloads import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.support import screenshot_dir
 
 PROSPECT = "paula@example.com"

@@ -23,10 +23,10 @@ from gateway import users
 from gateway.mail import headers
 from gateway.store.db import Database
 from gateway.store.models import Letter, Message
+from tests.cli_runner import sealrelay, write_config
 from tests.conftest import AGENT, PASSWORD, dkim_dns
 from tests.letter_fixtures import StartSite
-from tests.letters.test_letter_pages import Clock, LetterSite
-from tests.outbound.test_queue_cli import sealrelay, write_config
+from tests.letter_site import Clock, LetterSite
 from tests.support import Received, Sink
 
 UNSIGNED_AGENT = "sam@unsigned.example"

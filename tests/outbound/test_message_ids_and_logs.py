@@ -20,15 +20,12 @@ from sqlalchemy import select
 
 from gateway.store.db import Database
 from gateway.store.models import Event
+from tests.cli_runner import SEALRELAY, sealrelay
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, make_message
-from tests.letters.test_letter_pages import REQUIRED, LetterSite
+from tests.letter_site import REQUIRED, LetterSite
 from tests.links.test_e2e_links import LINK
 from tests.links.test_e2e_links import offer as linked_offer
-from tests.outbound.test_queue_cli import SEALRELAY, sealrelay
-from tests.store.test_durability import database_url
 from tests.support import free_port, serve_config
-
-__all__ = ["database_url"]  # fixtures used here (clock and site come from tests.letter_fixtures)
 
 FIRST, SECOND = "paula@example.com", "omar@example.org"
 POSTFIX_LINE = (

@@ -20,11 +20,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.config import SYSTEM_CONFIG
-from tests.outbound.test_queue_cli import SEALRELAY, Run, sealrelay, write_config
-from tests.store.test_durability import database_url
+from tests.cli_runner import SEALRELAY, Run, sealrelay, write_config
 from tests.support import LETTER_TOML, free_port
-
-__all__ = ["database_url"]  # the fixture: a file, or a fresh PostgreSQL database
 
 AGENT = "anna@broker.example"
 

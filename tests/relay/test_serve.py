@@ -15,25 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import LETTER_TOML, free_port, serve_config
+from tests.support import LETTER_TOML, free_port, serve_config, wait_for_port
 
 SEALRELAY = str(Path(sys.executable).parent / "sealrelay")
 AGENT = "anna@broker.example"
 PASSWORD = "serve test password"
-
-
-async def wait_for_port(port: int, process: asyncio.subprocess.Process) -> None:
-    async with asyncio.timeout(30):
-        while True:
-            if process.returncode is not None:
-                raise AssertionError(f"serve exited early with {process.returncode}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            return
 
 
 def _send(port: int) -> None:

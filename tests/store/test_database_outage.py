@@ -34,8 +34,7 @@ from tests.fronts.test_smtp_front import (
     plain_token,
     raw_message,
 )
-from tests.relay.test_serve import wait_for_port
-from tests.support import Sink, free_port, serve_config
+from tests.support import Sink, free_port, serve_config, wait_for_port
 
 SEALRELAY = str(Path(sys.executable).parent / "sealrelay")
 POSTGRES = make_url(POSTGRES_URL)

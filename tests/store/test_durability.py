@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import re
-import secrets
 import shutil
 import signal
 import sys
@@ -24,15 +23,14 @@ from pathlib import Path
 import aiohttp
 import aiosmtplib
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.config import WorkerSettings
 from gateway.mail import headers
 from gateway.store.db import Database
 from gateway.store.models import Delivery
-from tests.conftest import AGENT, PASSWORD, POSTGRES_URL, Harness, make_message
+from tests.conftest import AGENT, PASSWORD, Harness, make_message
 from tests.support import LETTER_TOML, Sink, free_port
 
 pytestmark = pytest.mark.slow
@@ -277,30 +275,6 @@ async def send_burst(relay: RelayProcess, tag: str) -> Burst:
 
     await asyncio.gather(*(session() for _ in range(SESSIONS)))
     return burst
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A database of its own for the relay process: a file, or a fresh PostgreSQL database.
-
-    PostgreSQL is required: if it cannot be reached, the test fails.
-    """
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/relay.db"
-        return
-    url = make_url(POSTGRES_URL)
-    name = f"sealrelay_dur_{secrets.token_hex(6)}"
-    admin = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            async with admin.connect() as conn:
-                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
 
 
 @pytest.fixture

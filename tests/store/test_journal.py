@@ -19,8 +19,8 @@ from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.events import BLOBS_DELETED, POLICY_KEPT
 from gateway.store.models import Delivery, DeliveryStatus, Event, JournalHead, Message, utcnow
+from tests.cli_runner import sealrelay, sqlite_url, write_config
 from tests.conftest import Harness, make_message
-from tests.outbound.test_queue_cli import sealrelay, sqlite_url, write_config
 
 WAIT = 20
 

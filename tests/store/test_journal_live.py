@@ -25,7 +25,7 @@ from gateway.store import journal
 from gateway.store.db import Database
 from tests.conftest import AGENT
 from tests.letter_fixtures import StartSite
-from tests.letters.test_letter_pages import LetterSite, token_in
+from tests.letter_site import LetterSite, token_in
 
 MESSAGES = 200
 OFFER_EVERY = 5  # every fifth message is an offer the prospect consents to

@@ -26,7 +26,6 @@ from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, make_message
 from tests.store.test_durability import (
     RelayProcess,
     burst_message,
-    database_url,  # noqa: F401 (a fixture)
     message_ids,
 )
 from tests.support import Sink
@@ -111,7 +110,7 @@ async def test_a_copy_in_flight_longer_than_its_lease_is_never_taken_over(
 
 @pytest.fixture
 async def relay_process(
-    database_url: str,  # noqa: F811
+    database_url: str,
     sink: GatedSink,
     tmp_path: Path,
 ) -> AsyncIterator[RelayProcess]:

@@ -24,16 +24,16 @@ from typing import Any
 import pypdf
 import pytest
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.conftest import AGENT
 from tests.letter_fixtures import StartSite
-from tests.letters.test_letter_pages import (
+from tests.letter_site import (
     BIG_PDF,
     PROSPECT,
     LetterSite,
     offer,
     text_of,
 )
-from tests.links.test_browser_downloads import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.support import Sink, screenshot_dir
 
 COMMISSION = "3,57 % des Kaufpreises inkl. MwSt."

@@ -24,7 +24,7 @@ from gateway.config import Settings
 from gateway.store.models import Consent, Link, LinkKind, Message
 from tests.conftest import AGENT, StartRelay, make_message
 from tests.letter_fixtures import StartSite
-from tests.letters.test_letter_pages import PROSPECT, Clock, offer, text_of
+from tests.letter_site import PROSPECT, Clock, offer, text_of
 from tests.support import Sink
 
 GERMAN_ZONES = {"CET": "MEZ", "CEST": "MESZ"}

@@ -17,7 +17,7 @@ import pytest
 from gateway.texts import catalog
 from gateway.texts import files as text_files
 from rules.language import SHIPPED_LANGUAGES, shipped_language
-from tests.outbound.test_queue_cli import sealrelay, write_config
+from tests.cli_runner import sealrelay, write_config
 from tests.support import LETTER_TOML
 
 ROOT = Path(__file__).resolve().parents[2]
