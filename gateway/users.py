@@ -23,7 +23,7 @@ from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.events import USER_CREATED, USER_DISABLED, USER_ENABLED, USER_PASSWORD_CHANGED
 from gateway.store.metrics import AUTH_CHECKS_WAITING
-from gateway.store.models import Alias, User
+from gateway.store.models import Alias, Role, User
 
 # OWASP's argon2id minimum (19 MiB, 2 passes, 1 lane): the library default takes 64 MiB per
 # check, which a relay doing SMTP AUTH all day pays in resident memory. Stored hashes carry
@@ -105,8 +105,12 @@ class Agent:
     user_id: int
     email: str
     group: str | None
-    is_admin: bool
+    role: Role
     addresses: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.ADMIN
 
     def may_send_as(self, address: str) -> bool:
         return address.lower() in self.addresses
@@ -130,7 +134,7 @@ async def add_user(
     email: str,
     password: str,
     *,
-    admin: bool = False,
+    role: Role = Role.AGENT,
     group: str | None = None,
     aliases: tuple[str, ...] = (),
 ) -> User:
@@ -139,7 +143,7 @@ async def add_user(
     if len(password) < 10:
         raise UserError("the password must have at least 10 characters")
     password_hash = await asyncio.to_thread(_hasher.hash, password)
-    user = User(email=email, password_hash=password_hash, is_admin=admin, group_name=group)
+    user = User(email=email, password_hash=password_hash, role=role, group_name=group)
     try:
         async with db.transaction() as session:
             taken = await session.scalar(select(Alias).where(Alias.address == email))
@@ -150,7 +154,11 @@ async def add_user(
             session.add_all(Alias(address=a, user_id=user.id) for a in alias_addresses)
             await journal.append(
                 session,
-                [USER_CREATED.new({"email": email, "admin": admin})],
+                [
+                    USER_CREATED.new(
+                        {"email": email, "admin": role == Role.ADMIN, "role": role.value}
+                    )
+                ],
             )
     except IntegrityError as exc:
         raise UserError(f"{email} or one of its aliases is already in use") from exc
@@ -218,7 +226,7 @@ async def authenticate(
         user_id=user.id,
         email=user.email,
         group=user.group_name,
-        is_admin=user.is_admin,
+        role=Role(user.role),
         addresses=frozenset([user.email, *aliases]),
     )
 

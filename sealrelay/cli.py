@@ -34,7 +34,7 @@ from gateway.outbound import queue
 from gateway.problems import Problem
 from gateway.store import journal, sweeper
 from gateway.store.db import Database
-from gateway.store.models import Delivery, DeliveryStatus, utcnow
+from gateway.store.models import Delivery, DeliveryStatus, Role, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -294,7 +294,14 @@ def _password(from_stdin: bool) -> tuple[str, bool]:
 @user.command("add")
 @config_option
 @click.argument("email")
-@click.option("--admin", is_flag=True, help="May use the admin console.")
+@click.option("--admin", is_flag=True, help="Short for --role admin.")
+@click.option(
+    "--role",
+    type=click.Choice([r.value for r in Role]),
+    default=None,
+    help="agent (the default: own messages), team_lead (the group's messages), admin, or"
+    " auditor (reads everything, changes nothing).",
+)
 @click.option("--group", default=None, help="The group whose settings apply to this agent.")
 @click.option("--alias", "aliases", multiple=True, help="Another address the agent sends from.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
@@ -302,18 +309,22 @@ def user_add(
     config: Path | None,
     email: str,
     admin: bool,
+    role: str | None,
     group: str | None,
     aliases: tuple[str, ...],
     password_stdin: bool,
 ) -> None:
     """Create a user; prints a generated password unless one comes on stdin."""
+    if admin and role not in (None, Role.ADMIN):
+        raise click.UsageError("--admin and --role name different roles; give one of them")
+    chosen = Role.ADMIN if admin else Role(role or Role.AGENT)
     password, generated = _password(password_stdin)
     created = _run(
-        lambda db: users.add_user(db, email, password, admin=admin, group=group, aliases=aliases),
+        lambda db: users.add_user(db, email, password, role=chosen, group=group, aliases=aliases),
         config,
         Access.CREATE,
     )
-    click.echo(f"created {'admin' if admin else 'agent'} {created.email}")
+    click.echo(f"created {chosen} {created.email}")
     known = {g.name for g in _settings(config).groups}
     if group is not None and group not in known:
         click.echo(
@@ -330,7 +341,7 @@ def user_add(
 def user_list(config: Path | None) -> None:
     """All users with their aliases."""
     for account, aliases in _run(users.list_users, config):
-        flags = ["admin" if account.is_admin else "agent"]
+        flags = [account.role]
         if account.disabled:
             flags.append("disabled")
         if account.group_name:

@@ -36,6 +36,8 @@ from gateway.store.models import utcnow
 if TYPE_CHECKING:  # the web (and aiohttp) are imported only by a relay with the web role
     from aiohttp import web
 
+    from web.app import WebParts
+
 log = logging.getLogger(__name__)
 
 ROLES = ("smtp", "web", "worker")
@@ -136,10 +138,16 @@ class Relay:
             self._web_runner = await self._start_web()
 
     async def _start_web(self) -> web.AppRunner:
-        from web.app import WebParts, start_web
+        from web.app import start_web
+
+        return await start_web(self.web_parts())
+
+    def web_parts(self) -> WebParts:
+        """What the web server is given: the desks, the blob store, the clock, the settings."""
+        from web.app import WebParts
 
         db = self.db
-        parts = WebParts(
+        return WebParts(
             settings=self.settings,
             links=self.links,
             letters=self.letters,
@@ -149,7 +157,6 @@ class Relay:
             queue_depths=lambda: health.queue_depths(db),
             roles=self.roles,
         )
-        return await start_web(parts)
 
     async def sweep_once(self) -> sweeper.SweepReport:
         """What the hourly sweep does, now (by this relay's clock)."""

@@ -22,6 +22,7 @@ from gateway.links.desk import LinkDesk
 from gateway.store.blobs import BlobStore
 from gateway.store.metrics import QUEUE_DEPTH
 from web.downloads import DownloadPages
+from web.guard import Routes, guard
 from web.letters import LetterPages
 from web.pages import ProspectSite
 
@@ -67,14 +68,15 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(parts: WebParts) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[guard(authenticators=())])
     app[PARTS] = parts
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    routes = Routes(app)
+    routes.public("GET", "/healthz", healthz)
+    routes.public("GET", "/metrics", metrics)
     site = ProspectSite(parts.settings, clock=lambda: parts.clock().timestamp())
-    site.register(app)
-    DownloadPages(site, parts.links, parts.blobs).register(app)
-    LetterPages(site, parts.letters, parts.links, parts.blobs).register(app)
+    site.register(routes)
+    DownloadPages(site, parts.links, parts.blobs).register(routes)
+    LetterPages(site, parts.letters, parts.links, parts.blobs).register(routes)
     return app
 
 

@@ -36,6 +36,7 @@ from gateway.store.blobs import BlobReader, BlobStore
 from gateway.store.models import StoredFile
 from rules.registered_letter import without_tag
 from web.blobs import PulledBlob, send_blob, send_pulled
+from web.guard import Routes
 from web.pages import (
     BAD_TOKEN_LIMIT,
     SECURITY_HEADERS,
@@ -168,14 +169,13 @@ class DownloadPages:
         self.not_found = site.not_found
         self.tokens = TokenFamily(site, LinkExpired, self.expired, count_closed=True)
 
-    def register(self, app: web.Application) -> None:
+    def register(self, routes: Routes) -> None:
         token = f"{{token:{SEGMENT}}}"
-        router = app.router
-        router.add_get(f"/d/{token}", self.page)
-        router.add_get(f"/d/{token}/f/{{file_id:{SEGMENT}}}", self.file)
-        router.add_get(f"/d/{token}/zip", self.zip)
-        router.add_get("/d", self.unknown)
-        router.add_get("/d/{tail:.*}", self.unknown)
+        routes.public("GET", f"/d/{token}", self.page)
+        routes.public("GET", f"/d/{token}/f/{{file_id:{SEGMENT}}}", self.file)
+        routes.public("GET", f"/d/{token}/zip", self.zip)
+        routes.public("GET", "/d", self.unknown)
+        routes.public("GET", "/d/{tail:.*}", self.unknown)
 
     # -- handlers
 

@@ -55,6 +55,7 @@ from gateway.store.models import Letter, Message
 from gateway.texts.catalog import Catalog
 from web.csrf import KEY_FILE, FormTokens
 from web.downloads import DownloadPages
+from web.guard import Routes
 from web.pages import (
     SEGMENT,
     ProspectSite,
@@ -111,18 +112,17 @@ class LetterPages:
         self.forms = FormTokens(settings.storage.path.parent / KEY_FILE, settings.server.public_url)
         self.tokens = TokenFamily(site, LetterExpired, self.expired, count_closed=False)
 
-    def register(self, app: web.Application) -> None:
+    def register(self, routes: Routes) -> None:
         token = f"{{token:{SEGMENT}}}"
-        router = app.router
-        router.add_get(f"/l/{token}", self.letter)
-        router.add_post(f"/l/{token}", self.consent)
-        router.add_get(f"/l/{token}/offer", self.offer)
-        router.add_get(f"/l/{token}/a/{{part:{PART}}}", self.attachment)
-        router.add_get(f"/l/{token}/f/{{file_id:{SEGMENT}}}", self.linked_file)
-        router.add_get(f"/l/{token}/consent.pdf", self.consent_pdf)
-        router.add_post(f"/l/{token}/renew", self.renew)
-        router.add_get("/l", self.unknown)
-        router.add_get("/l/{tail:.*}", self.unknown)
+        routes.public("GET", f"/l/{token}", self.letter)
+        routes.public("POST", f"/l/{token}", self.consent)
+        routes.public("GET", f"/l/{token}/offer", self.offer)
+        routes.public("GET", f"/l/{token}/a/{{part:{PART}}}", self.attachment)
+        routes.public("GET", f"/l/{token}/f/{{file_id:{SEGMENT}}}", self.linked_file)
+        routes.public("GET", f"/l/{token}/consent.pdf", self.consent_pdf)
+        routes.public("POST", f"/l/{token}/renew", self.renew)
+        routes.public("GET", "/l", self.unknown)
+        routes.public("GET", "/l/{tail:.*}", self.unknown)
 
     # -- handlers
 

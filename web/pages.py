@@ -45,6 +45,7 @@ from gateway.store.models import Message
 from gateway.texts.catalog import Catalog, load_catalogs, negotiate
 from rules.language import shipped_language
 from web.client_ip import ClientIpResolver
+from web.guard import Routes
 
 log = logging.getLogger(__name__)
 
@@ -356,11 +357,11 @@ class ProspectSite:
             "brand_css": f"{self.base}/branding.css?v={digest(self.brand_css.encode())}",
         }
 
-    def register(self, app: web.Application) -> None:
-        app.router.add_get("/branding.css", self.branding)
-        app.router.add_static("/static/", STATIC)
-        app.middlewares.append(self.rate_limit)
-        app.on_response_prepare.append(self.add_headers)
+    def register(self, routes: Routes) -> None:
+        routes.public("GET", "/branding.css", self.branding)
+        routes.public_static("/static/", STATIC)
+        routes.app.middlewares.append(self.rate_limit)
+        routes.app.on_response_prepare.append(self.add_headers)
 
     async def add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         path = request.path

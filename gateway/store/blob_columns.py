@@ -22,7 +22,9 @@ from sqlalchemy import CompoundSelect, Select, func, select, union
 from sqlalchemy.orm import InstrumentedAttribute
 
 from gateway.store.models import (
+    ApiKey,
     Consent,
+    ConsoleSession,
     Delivery,
     Event,
     JournalHead,
@@ -127,6 +129,8 @@ HASHES_NAMING_NO_BLOB: tuple[InstrumentedAttribute[str], ...] = (
     Link.token_hash,
     Letter.texts_sha256,
     Consent.texts_sha256,
+    ApiKey.key_hash,
+    ConsoleSession.id,
 )
 
 

@@ -13,7 +13,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Generic, TypeVar, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    Generic,
+    NotRequired,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict
@@ -527,6 +536,9 @@ BLOBS_DELETED = _declare(
 class UserCreated(TypedDict):
     email: Email
     admin: Annotated[bool, About("Whether the user is an admin.")]
+    role: NotRequired[
+        Annotated[str, About("agent, team_lead, admin or auditor (absent before roles existed).")]
+    ]
 
 
 USER_CREATED = _declare("user.created", "A user (an agent) was added.", UserCreated, message=None)

@@ -58,16 +58,33 @@ class Base(DeclarativeBase):
     pass
 
 
+class Role(StrEnum):
+    """What a console user or API caller may see and do; `gateway/access.py` holds the rules."""
+
+    AGENT = "agent"  # their own messages
+    TEAM_LEAD = "team_lead"  # their group's messages
+    ADMIN = "admin"  # everything
+    AUDITOR = "auditor"  # reads everything, changes nothing
+
+
 class User(Base):
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)
     password_hash: Mapped[str] = mapped_column(String(200))
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    role: Mapped[str] = mapped_column(
+        String(20), default=Role.AGENT, server_default=Role.AGENT.value
+    )
     group_name: Mapped[str | None] = mapped_column(String(100))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # base32 TOTP secret (RFC 6238) when the user turned on a second factor
+    totp_secret: Mapped[str | None] = mapped_column(String(52))
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.ADMIN
 
 
 class Alias(Base):
@@ -89,6 +106,10 @@ class Message(Base):
     """One accepted message; the raw bytes live in the blob store under `blob`."""
 
     __tablename__ = "messages"
+    __table_args__ = (
+        Index("ix_messages_user_received", "user_id", "received_at"),
+        Index("ix_messages_received", "received_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(20), default=MessageKind.SUBMITTED)
@@ -139,6 +160,7 @@ class Event(Base):
     """The journal: append-only, each row carrying the hash of the one before it."""
 
     __tablename__ = "events"
+    __table_args__ = (Index("ix_events_message_seq", "message_id", "seq"),)
 
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     at: Mapped[datetime] = mapped_column(UtcDateTime)
@@ -193,6 +215,8 @@ class Link(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     expired: Mapped[bool] = mapped_column(Boolean, default=False)
+    # set when an agent or admin ended the link before its time; the page says access ended
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class LinkFile(Base):
@@ -259,3 +283,100 @@ class Consent(Base):
     letter_sent_at: Mapped[datetime] = mapped_column(UtcDateTime)
     pdf_blob: Mapped[str] = mapped_column(String(64))
     released_delivery_id: Mapped[str] = mapped_column(String(32))
+
+
+class ConsoleSession(Base):
+    """A login to the web console. `id` is the sha256 of the cookie's token, never the token."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    ip: Mapped[str] = mapped_column(String(45), default="")
+    user_agent: Mapped[str] = mapped_column(String(1000), default="")
+
+
+class ApiKeyScope(StrEnum):
+    READ = "read"
+    WRITE = "write"
+
+
+class ApiKey(Base):
+    """A key for /api/v1. Shown once when created; only its sha256 and a prefix are kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(20))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(10))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(320), default="")
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class WebhookEndpoint(Base):
+    """Where a CRM wants events pushed. `event_types` empty means every type."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    event_types: Mapped[list[str]] = mapped_column(JSON, default=list)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # ids only in payloads; the receiver fetches the rest through the API
+    thin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # the admin allowed a loopback, link-local or private address (an on-premises CRM)
+    allow_private: Mapped[bool] = mapped_column(Boolean, default=False)
+    secret: Mapped[str] = mapped_column(String(100))
+    # during a rotation the old secret signs too, until `previous_secret_until`
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    failing_since: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class WebhookDeliveryStatus(StrEnum):
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # given up, or the endpoint was disabled
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint: the unit of the webhook queue, claimed with a lease like
+    a mail delivery. `message_id` keeps the order per message."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint", "endpoint_id", "event_seq"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_seq: Mapped[int] = mapped_column(BigInteger)
+    message_id: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(20), default=WebhookDeliveryStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    leased_by: Mapped[str | None] = mapped_column(String(100))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+
+class WebhookCursor(Base):
+    """One row: the last journal event fanned out to the webhook endpoints."""
+
+    __tablename__ = "webhook_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
