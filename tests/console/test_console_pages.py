@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from datetime import timedelta
 
 import aiohttp
@@ -91,7 +92,9 @@ async def test_wrong_password_unknown_and_disabled_user_get_the_same_page(
             ]
         ]
         assert {a.status for a in answers} == {401}
-        assert len({a.text for a in answers}) == 1
+        typed_back = re.compile(r'value="[^"]*@broker.example"')
+        assert len({typed_back.sub("", a.text) for a in answers}) == 1
+        assert f'value="{AGENT}"' in answers[0].text, "the address typed stays in the form"
         assert "The email address or the password is not right." in answers[0].text
         assert browser.cookie(SESSION) is None
         assert (await browser.get("/console/")).status == 303
@@ -205,6 +208,9 @@ async def test_sign_out_and_sign_out_everywhere_end_sessions_on_other_clients(
         assert "3 sessions" in (await laptop.get("/console/")).text
         answer = await tablet.post("/console/logout", {"csrf": await tablet.csrf()})
         assert answer.status == 303 and answer.location == "/console/login?done=out"
+        removal = answer.headers.getone("Set-Cookie")
+        assert removal.startswith(f'{SESSION}=""') and "Max-Age=0" in removal
+        assert "HttpOnly" in removal and "Path=/" in removal
         assert tablet.cookie(SESSION) in (None, "")
         assert (await tablet.get("/console/")).status == 303
         assert "You are signed out." in (await tablet.get("/console/login?done=out")).text
@@ -225,6 +231,11 @@ async def test_escaped_markup_in_a_users_address_and_group(relay: Harness) -> No
     assert "<img" not in home
     assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in home
     assert "o&#39;neil&amp;co@broker.example" in home
+    async with ConsoleClient(relay.web_url) as browser:
+        answer = await browser.sign_in('"><script>alert(1)</script>', "wrong password!")
+    assert answer.status == 401
+    assert "<script>" not in answer.text
+    assert 'value="&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"' in answer.text
 
 
 async def test_totp_right_wrong_and_missing_code_over_http(relay: Harness) -> None:

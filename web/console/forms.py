@@ -34,10 +34,11 @@ class CsrfRefused(Exception):
 class CookieNames:
     """The cookies' names and whether they are Secure.
 
-    `__Host-` needs Secure, and a Secure cookie needs https: on a dev relay reached over
-    http on a loopback address the prefix is left off and Secure with it, or no browser
-    would keep the cookie. Anywhere else the cookies are `__Host-` (Secure, Path=/, no
-    Domain: no other host or path can set or overwrite them).
+    `__Host-` needs Secure, and Secure is meant for https. Chromium (156, measured) keeps
+    Secure and `__Host-` cookies on http://127.0.0.1 and http://localhost, but not every
+    browser does, nor do HTTP clients such as aiohttp's; so a dev relay, reached over http on
+    a loopback address, leaves off the prefix and Secure with it. Anywhere else the cookies
+    are `__Host-` (Secure, Path=/, no Domain: no other host or path can set or overwrite them).
     """
 
     session: str

@@ -151,7 +151,8 @@ class ConsolePages:
                     replacing=replacing,
                 )
         except SignInRefused as refused:
-            return self._refused(request, refused.refusal, target, pending)
+            email = _text(form.get("email"))[:320]
+            return self._refused(request, refused.refusal, target, pending, email)
         match result:
             case CodeNeeded(pending=pending):
                 return self._login_form(request, target=target, pending=pending)
@@ -194,7 +195,14 @@ class ConsolePages:
 
     def _signed_out(self, done: str) -> web.HTTPSeeOther:
         response = web.HTTPSeeOther(f"{CONSOLE_LOGIN}?done={done}")
-        response.del_cookie(self.forms.cookies.session, path="/")
+        # a __Host- cookie is only replaced by one with the same flags, or it would stay
+        response.del_cookie(
+            self.forms.cookies.session,
+            path="/",
+            secure=self.forms.cookies.secure,
+            httponly=True,
+            samesite="Lax",
+        )
         return response
 
     def _login_form(
@@ -206,6 +214,7 @@ class ConsolePages:
         notice: str | None = None,
         error: str | None = None,
         status: int = 200,
+        email: str = "",
     ) -> web.Response:
         catalog = self.site.catalog_for(request)
         nonce = request.cookies.get(self.forms.cookies.login) or self.forms.new_login_nonce()
@@ -219,13 +228,14 @@ class ConsolePages:
             pending=pending,
             notice=catalog.t(notice) if notice else None,
             error=error,
+            email=email,
             csrf=self.forms.for_login(nonce),
         )
         self.forms.set_login_cookie(response, nonce)
         return response
 
     def _refused(
-        self, request: web.Request, refusal: Refusal, target: str, pending: str
+        self, request: web.Request, refusal: Refusal, target: str, pending: str, email: str
     ) -> web.Response:
         catalog = self.site.catalog_for(request)
         if refusal is Refusal.THROTTLED:
@@ -253,7 +263,7 @@ class ConsolePages:
                 status=401,
             )
         return self._login_form(
-            request, target=target, error=catalog.t("console.wrong"), status=401
+            request, target=target, error=catalog.t("console.wrong"), status=401, email=email
         )
 
     def _csrf_refused(self, request: web.Request) -> web.Response:
