@@ -93,6 +93,8 @@ class SmtpSettings(Section):
         default=10, gt=0, description="seconds of silence before login when 3/4 full"
     )
     max_auth_failures_per_ip: int = Field(default=20, ge=1)
+    # shared with the console's sign-in; not applied where a login succeeded within a day
+    max_auth_failures_per_account: int = Field(default=10, ge=1)
     auth_failure_forget: float = Field(
         default=60, gt=0, description="seconds until one failed login of an address is forgotten"
     )
@@ -160,6 +162,23 @@ class WebSettings(Section):
             except ValueError as exc:
                 raise ValueError(f"{entry!r} is not an IP address or network") from exc
         return value
+
+
+class ConsoleSettings(Section):
+    """Sign-in to the web console: how long a session lasts."""
+
+    idle_timeout: float = Field(
+        default=30 * 60, ge=60, description="seconds without a request after which a session ends"
+    )
+    absolute_timeout: float = Field(
+        default=12 * 3600, ge=60, description="seconds after sign-in at which a session ends"
+    )
+
+    @model_validator(mode="after")
+    def _idle_within_absolute(self) -> ConsoleSettings:
+        if self.idle_timeout > self.absolute_timeout:
+            raise ValueError("idle_timeout must not exceed absolute_timeout")
+        return self
 
 
 class DatabaseSettings(Section):
@@ -323,6 +342,7 @@ class Settings(Section):
     smtp: SmtpSettings = SmtpSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     web: WebSettings = WebSettings()
+    console: ConsoleSettings = ConsoleSettings()
     database: DatabaseSettings = DatabaseSettings()
     storage: StorageSettings = StorageSettings()
     worker: WorkerSettings = WorkerSettings()

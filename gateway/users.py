@@ -16,14 +16,14 @@ from weakref import WeakKeyDictionary
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.events import USER_CREATED, USER_DISABLED, USER_ENABLED, USER_PASSWORD_CHANGED
 from gateway.store.metrics import AUTH_CHECKS_WAITING
-from gateway.store.models import Alias, Role, User
+from gateway.store.models import Alias, ConsoleSession, Role, User
 
 # OWASP's argon2id minimum (19 MiB, 2 passes, 1 lane): the library default takes 64 MiB per
 # check, which a relay doing SMTP AUTH all day pays in resident memory. Stored hashes carry
@@ -182,6 +182,8 @@ async def set_disabled(db: Database, email: str, disabled: bool = True) -> None:
         if user is None:
             raise UserError(f"no user {email}")
         user.disabled = disabled
+        if disabled:  # signed out of the console at once, on every device
+            await session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
         await journal.append(
             session,
             [(USER_DISABLED if disabled else USER_ENABLED).new({"email": email})],

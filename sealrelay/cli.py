@@ -28,6 +28,7 @@ from gateway.config import (
     locate_config,
     where_config_is_looked_for,
 )
+from gateway.console import totp
 from gateway.letters import verification
 from gateway.mail import dkim
 from gateway.outbound import queue
@@ -346,6 +347,8 @@ def user_list(config: Path | None) -> None:
             flags.append("disabled")
         if account.group_name:
             flags.append(f"group={account.group_name}")
+        if account.totp_secret:
+            flags.append("totp")
         alias_text = f"  aliases: {', '.join(aliases)}" if aliases else ""
         click.echo(f"{account.email}  [{' '.join(flags)}]{alias_text}")
 
@@ -379,6 +382,26 @@ def user_passwd(config: Path | None, email: str, password_stdin: bool) -> None:
     click.echo(f"password changed for {email}")
     if generated:
         click.echo(f"password: {password}")
+
+
+@user.command("totp")
+@config_option
+@click.argument("email")
+@click.option("--off", is_flag=True, help="Stop asking this user for a code.")
+def user_totp(config: Path | None, email: str, off: bool) -> None:
+    """Ask for a TOTP code at console sign-in: prints a new secret and its otpauth:// URI once.
+
+    Running it again replaces the secret (the old authenticator entry stops working).
+    """
+    if off:
+        _run(lambda db: totp.disable(db, email), config, Access.WRITE)
+        click.echo(f"TOTP off for {email}")
+        return
+    issuer = _settings(config).branding.company_name
+    setup = _run(lambda db: totp.enable(db, email, issuer), config, Access.WRITE)
+    click.echo(f"TOTP on for {email}; add it to an authenticator app (shown only now):")
+    click.echo(f"uri: {setup.uri}")
+    click.echo(f"secret: {setup.secret}")
 
 
 @main.command("demo-agent")

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings
+from gateway.console.sessions import SessionDesk
 from gateway.fronts.smtp import SmtpFront
 from gateway.intake.pipeline import Pipeline
 from gateway.letters import letter_keys
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
+from gateway.login_throttle import LoginThrottle
 from gateway.mail import dkim
 from gateway.mail.outgoing import Signer
 from gateway.outbound.delivery import DeliveryWorker
@@ -100,7 +102,10 @@ class Relay:
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
         self.links = LinkDesk(self.db, clock)
         self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
-        self.smtp = SmtpFront(settings, self.db, self.pipeline)
+        # one count of failed logins for SMTP AUTH and the console's sign-in together
+        self.login_throttle = LoginThrottle.from_settings(settings.smtp)
+        self.smtp = SmtpFront(settings, self.db, self.pipeline, self.login_throttle)
+        self._sessions: SessionDesk | None = None
         self.worker = DeliveryWorker(
             settings,
             self.db,
@@ -151,12 +156,28 @@ class Relay:
             settings=self.settings,
             links=self.links,
             letters=self.letters,
+            sessions=self.sessions(),
             blobs=self.blobs,
             clock=self.clock,
             health=lambda: health.database_answers(db),
             queue_depths=lambda: health.queue_depths(db),
             roles=self.roles,
         )
+
+    def sessions(self) -> SessionDesk:
+        """The console's session desk, made once: its pending sign-ins are signed with the
+        installation key the web's forms use."""
+        from web.csrf import installation_key
+
+        if self._sessions is None:
+            self._sessions = SessionDesk(
+                self.db,
+                self.settings.console,
+                self.login_throttle,
+                installation_key(self.settings),
+                self.clock,
+            )
+        return self._sessions
 
     async def sweep_once(self) -> sweeper.SweepReport:
         """What the hourly sweep does, now (by this relay's clock)."""

@@ -1,5 +1,5 @@
-"""The web server: health, metrics and the prospect's pages (downloads, registered letters);
-console and API later.
+"""The web server: health, metrics, the prospect's pages (downloads, registered letters) and
+the console (signing in, for now); the API later.
 
 The web receives its parts (`WebParts`) from the composition root: the desks that own every
 write, the blob store, the clock, the settings and the two database questions of /healthz
@@ -17,10 +17,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.config import Settings
+from gateway.console.sessions import SessionDesk
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.store.blobs import BlobStore
 from gateway.store.metrics import QUEUE_DEPTH
+from web.console.forms import ConsoleForms
+from web.console.pages import ConsolePages
+from web.csrf import key_path
 from web.downloads import DownloadPages
 from web.guard import Routes, guard
 from web.letters import LetterPages
@@ -36,6 +40,7 @@ class WebParts:
     settings: Settings
     links: LinkDesk
     letters: LetterDesk
+    sessions: SessionDesk
     blobs: BlobStore
     clock: Callable[[], datetime]
     # returns when the database answers, raises what reaching it raised
@@ -68,13 +73,18 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(parts: WebParts) -> web.Application:
-    app = web.Application(middlewares=[guard(authenticators=())])
+    settings = parts.settings
+    site = ProspectSite(settings, clock=lambda: parts.clock().timestamp())
+    console = ConsolePages(
+        site, parts.sessions, ConsoleForms(key_path(settings), settings.server.public_url)
+    )
+    app = web.Application(middlewares=[guard(authenticators=[console.authenticate])])
     app[PARTS] = parts
     routes = Routes(app)
     routes.public("GET", "/healthz", healthz)
     routes.public("GET", "/metrics", metrics)
-    site = ProspectSite(parts.settings, clock=lambda: parts.clock().timestamp())
     site.register(routes)
+    console.register(routes)
     DownloadPages(site, parts.links, parts.blobs).register(routes)
     LetterPages(site, parts.letters, parts.links, parts.blobs).register(routes)
     return app

@@ -18,6 +18,7 @@ from typing import (
     Any,
     Generic,
     NotRequired,
+    Required,
     TypeVar,
     get_args,
     get_origin,
@@ -81,6 +82,8 @@ class EventType(Generic[P]):
 
     def fields(self) -> Iterator[Field]:
         for name, hint in get_type_hints(self.payload, include_extras=True).items():
+            if get_origin(hint) in (NotRequired, Required):
+                hint = get_args(hint)[0]
             about = next((a for a in get_args(hint) if isinstance(a, About)), About(""))
             kind = get_args(hint)[0] if get_origin(hint) is Annotated else hint
             yield Field(name, kind, about.meaning, about.personal)
@@ -553,4 +556,65 @@ USER_DISABLED = _declare(
 
 USER_PASSWORD_CHANGED = _declare(
     "user.password_changed", "A user's password was set.", UserChange, message=None
+)
+
+
+# -- console ------------------------------------------------------------------------------------
+
+
+@with_config(_STRICT)
+class ConsoleSignIn(TypedDict):
+    email: Email
+    ip: Annotated[str, About("The address the sign-in came from.", personal=True)]
+    user_agent: Annotated[str, About("The browser as it named itself.", personal=True)]
+
+
+@with_config(_STRICT)
+class ConsoleSignInFailed(TypedDict):
+    login: Annotated[str, About("The login as typed (at most 320 characters).", personal=True)]
+    ip: Annotated[str, About("The address the attempt came from.", personal=True)]
+    reason: Annotated[str, About("'password' (login or password wrong) or 'code' (TOTP).")]
+
+
+@with_config(_STRICT)
+class ConsoleSignOutEverywhere(TypedDict):
+    email: Email
+    sessions: Annotated[int, About("How many sessions were ended.")]
+
+
+CONSOLE_SIGNED_IN = _declare(
+    "console.signed_in", "A user signed in to the web console.", ConsoleSignIn, message=None
+)
+
+CONSOLE_SIGN_IN_FAILED = _declare(
+    "console.sign_in_failed",
+    "A sign-in to the web console was refused: wrong login, password or code. Attempts"
+    " refused by the throttle before any check are not recorded.",
+    ConsoleSignInFailed,
+    message=None,
+)
+
+CONSOLE_SIGNED_OUT = _declare(
+    "console.signed_out", "A user signed out of the web console.", UserChange, message=None
+)
+
+CONSOLE_SIGNED_OUT_EVERYWHERE = _declare(
+    "console.signed_out_everywhere",
+    "A user ended all their console sessions, on every device.",
+    ConsoleSignOutEverywhere,
+    message=None,
+)
+
+USER_TOTP_ENABLED = _declare(
+    "user.totp_enabled",
+    "A user's sign-in to the console now also asks for a TOTP code.",
+    UserChange,
+    message=None,
+)
+
+USER_TOTP_DISABLED = _declare(
+    "user.totp_disabled",
+    "A user's sign-in to the console no longer asks for a TOTP code.",
+    UserChange,
+    message=None,
 )

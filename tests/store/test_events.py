@@ -50,6 +50,12 @@ STORED_NAMES = {
     "user.enabled",
     "user.disabled",
     "user.password_changed",
+    "console.signed_in",
+    "console.sign_in_failed",
+    "console.signed_out",
+    "console.signed_out_everywhere",
+    "user.totp_enabled",
+    "user.totp_disabled",
 }
 
 

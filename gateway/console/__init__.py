@@ -1,0 +1,1 @@
+"""The web console's desks: signing in and out (sessions), and what later pages act through."""
