@@ -1,5 +1,5 @@
 """The web server: health, metrics and the prospect's pages (downloads, registered letters);
-console and API later.
+the JSON API (web/api/); the console later.
 
 The web receives its parts (`WebParts`) from the composition root: the desks that own every
 write, the blob store, the clock, the settings and the two database questions of /healthz
@@ -17,10 +17,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.config import Settings
+from gateway.console.admin import QueueDesk, UserDesk
+from gateway.console.api_keys import ApiKeyDesk
+from gateway.console.timeline import Timeline
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.store.blobs import BlobStore
 from gateway.store.metrics import QUEUE_DEPTH
+from web.api.auth import bearer_authenticator
+from web.api.problems import api_problems
+from web.api.routes import Api
 from web.downloads import DownloadPages
 from web.guard import Routes, guard
 from web.letters import LetterPages
@@ -43,6 +49,10 @@ class WebParts:
     # deliveries per status, every status named
     queue_depths: Callable[[], Awaitable[Mapping[str, int]]]
     roles: frozenset[str]
+    timeline: Timeline
+    api_keys: ApiKeyDesk
+    queue: QueueDesk
+    users: UserDesk
 
 
 PARTS = web.AppKey("parts", WebParts)
@@ -68,7 +78,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(parts: WebParts) -> web.Application:
-    app = web.Application(middlewares=[guard(authenticators=())])
+    app = web.Application(
+        middlewares=[api_problems, guard(authenticators=[bearer_authenticator(parts.api_keys)])]
+    )
     app[PARTS] = parts
     routes = Routes(app)
     routes.public("GET", "/healthz", healthz)
@@ -77,6 +89,7 @@ def create_app(parts: WebParts) -> web.Application:
     site.register(routes)
     DownloadPages(site, parts.links, parts.blobs).register(routes)
     LetterPages(site, parts.letters, parts.links, parts.blobs).register(routes)
+    Api(parts.timeline, parts.api_keys, parts.queue, parts.users).register(routes)
     return app
 
 
