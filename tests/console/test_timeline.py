@@ -64,9 +64,13 @@ async def test_each_state_is_derived_per_recipient(database: Database) -> None:
     by_address = {r.address: [e.type for e in r.events] for r in story.recipients}
     assert by_address["b@example.com"] == ["delivery.queued", "delivery.bounced"]
     assert by_address["r@example.com"] == [
-        "delivery.queued", "delivery.delivered", "letter.held", "delivery.queued",
-        "delivery.delivered", "consent.given",
-    ]  # fmt: skip
+        "delivery.queued",
+        "delivery.delivered",
+        "letter.held",
+        "delivery.queued",
+        "delivery.delivered",
+        "consent.given",
+    ]
     assert [e.type for e in story.events] == ["message.received"]
     seqs = [e.seq for r in story.recipients for e in r.events]
     assert len(seqs) == len(set(seqs))
@@ -83,7 +87,9 @@ async def test_scope_hides_other_agents_messages(database: Database) -> None:
     other = await seed_message(
         database, user_id=cleo, received_at=T0 + timedelta(2), recipients={"p@x.de": "delivered"}
     )
-    trusted = await seed_message(database, user_id=None, received_at=T0 + timedelta(3), recipients={"p@x.de": "delivered"})  # fmt: skip
+    trusted = await seed_message(
+        database, user_id=None, received_at=T0 + timedelta(3), recipients={"p@x.de": "delivered"}
+    )
     timeline = Timeline(database)
 
     async def visible(scope: MessageScope) -> set[str]:
@@ -122,7 +128,13 @@ async def test_filters(database: Database) -> None:
         recipients={"mieter@example.com": "letter_held"},
         subject="Wohnung 100%_sicher",
     )
-    c = await seed_message(database, user_id=anna, received_at=T0 + timedelta(2), recipients={"x@example.com": "bounced", "y@example.com": "delivered"}, subject="Haus")  # fmt: skip
+    c = await seed_message(
+        database,
+        user_id=anna,
+        received_at=T0 + timedelta(2),
+        recipients={"x@example.com": "bounced", "y@example.com": "delivered"},
+        subject="Haus",
+    )
     timeline = Timeline(database)
 
     async def ids(**kw: object) -> list[str]:
@@ -152,7 +164,7 @@ async def test_keyset_pages_lose_and_repeat_nothing_under_concurrent_inserts(
             user_id=anna,
             received_at=same_time if i % 3 == 0 else T0 + timedelta(minutes=i),
             recipients={"p@example.com": "delivered"},
-        )  # fmt: skip
+        )
         for i in range(25)
     ]
     timeline = Timeline(database)
@@ -165,9 +177,19 @@ async def test_keyset_pages_lose_and_repeat_nothing_under_concurrent_inserts(
         # while the client pages, mail keeps arriving: newer than anything listed so far,
         # and at the very moment the page ended on
         newer, same = await asyncio.gather(
-            seed_message(database, user_id=anna, received_at=T0 + timedelta(days=1, minutes=len(seen)), recipients={"n@example.com": "queued"}),
-            seed_message(database, user_id=anna, received_at=datetime.now(UTC) + timedelta(days=400), recipients={"n@example.com": "queued"}),
-        )  # fmt: skip
+            seed_message(
+                database,
+                user_id=anna,
+                received_at=T0 + timedelta(days=1, minutes=len(seen)),
+                recipients={"n@example.com": "queued"},
+            ),
+            seed_message(
+                database,
+                user_id=anna,
+                received_at=datetime.now(UTC) + timedelta(days=400),
+                recipients={"n@example.com": "queued"},
+            ),
+        )
         inserted += [newer, same]
         if page.next_cursor is None:
             break
@@ -190,7 +212,12 @@ async def test_a_bad_cursor_is_refused(database: Database) -> None:
 async def test_the_feed_continues_exactly_after_a_sequence_number(database: Database) -> None:
     anna, _, _ = await _people(database)
     for i in range(5):
-        await seed_message(database, user_id=anna, received_at=T0 + timedelta(minutes=i), recipients={"p@example.com": "delivered"})  # fmt: skip
+        await seed_message(
+            database,
+            user_id=anna,
+            received_at=T0 + timedelta(minutes=i),
+            recipients={"p@example.com": "delivered"},
+        )
     timeline = Timeline(database)
     scope = MessageScope(everything=True)
     whole = await timeline.events(scope, limit=1000)
