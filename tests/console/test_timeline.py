@@ -203,10 +203,10 @@ async def test_keyset_pages_lose_and_repeat_nothing_under_concurrent_inserts(
 async def test_a_bad_cursor_is_refused(database: Database) -> None:
     timeline = Timeline(database)
     scope = MessageScope(everything=True)
-    for bad in ["nonsense", "!!!", encode_cursor(T0, "x")[:-3], "W10", "WzEsMl0"]:
+    for bad in ["nonsense", "!!!", "123", "12.XYZ", "1.", ".ab", "123456789012345678.ab"]:
         with pytest.raises(BadCursor):
             await timeline.messages(scope, cursor=bad)
-    await timeline.messages(scope, cursor=encode_cursor(T0, "x"))
+    assert (await timeline.messages(scope, cursor=encode_cursor(T0, "ab12"))).items == []
 
 
 async def test_the_feed_continues_exactly_after_a_sequence_number(database: Database) -> None:

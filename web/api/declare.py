@@ -127,7 +127,10 @@ def _query_values(model: type[BaseModel], request: web.Request) -> dict[str, Any
 
 
 def _validate(model: type[Q], data: Any, where: str) -> Q:
+    """Query values are strings to convert; a body is validated as JSON, strictly."""
     try:
+        if isinstance(data, bytes):
+            return model.model_validate_json(data)
         return model.model_validate(data)
     except ValidationError as exc:
         errors = [
@@ -152,10 +155,10 @@ async def _read_body(model: type[B], request: web.Request) -> B:
     if len(raw) > BODY_LIMIT:
         raise ProblemResponse(413, "The body is too large.")
     try:
-        data = json.loads(raw)
+        json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProblemResponse(400, f"The body is not valid JSON: {exc}.") from exc
-    return _validate(model, data, "body")
+    return _validate(model, raw, "body")
 
 
 # -- the OpenAPI document --------------------------------------------------------------------

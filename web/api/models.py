@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    EmailStr,
+    Field,
+    WithJsonSchema,
+)
 
-from gateway.console.timeline import RecipientState
+from gateway.console.timeline import CURSOR_PATTERN, RecipientState
 from gateway.store.events import CATALOG
 from gateway.store.models import ApiKeyScope, Role
 
 _IN = ConfigDict(extra="forbid")
+# bodies are JSON: no coercion (0 is not false, "1" is not 1)
+_BODY = ConfigDict(extra="forbid", strict=True)
+_ISO = re.compile(r"\d{4}-\d{2}-\d{2}[T ]")
+
+
+def _iso_only(value: object) -> object:
+    """A time in a query is ISO 8601 with its offset, never a number of seconds."""
+    if isinstance(value, str) and not _ISO.match(value):
+        raise ValueError("not an ISO 8601 date-time with a UTC offset")
+    return value
+
+
+Moment = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
 
 
 def _known_type(name: str) -> str:
@@ -35,10 +58,10 @@ class MessagesQuery(BaseModel):
     state: RecipientState | None = Field(
         None, description="Messages with at least one recipient in this state."
     )
-    since: AwareDatetime | None = Field(None, description="Received at or after.")
-    until: AwareDatetime | None = Field(None, description="Received before.")
+    since: Moment | None = Field(None, description="Received at or after.")
+    until: Moment | None = Field(None, description="Received before.")
     cursor: str | None = Field(
-        None, max_length=500, description="`next_cursor` of the page before."
+        None, pattern=CURSOR_PATTERN, description="`next_cursor` of the page before (opaque)."
     )
     limit: int = Field(50, ge=1, le=200)
 
@@ -94,8 +117,8 @@ class EventsQuery(BaseModel):
     after: int = Field(0, ge=0, le=2**62, description="Events with a greater `seq`.")
     type: list[EventTypeName] = Field(default_factory=list, description="Only these types.")
     message_id: str | None = Field(None, max_length=32)
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: Moment | None = Field(None, description="Events at or after.")
+    until: Moment | None = Field(None, description="Events before.")
     limit: int = Field(100, ge=1, le=1000)
 
 
@@ -124,7 +147,7 @@ class ApiKeyList(BaseModel):
 
 
 class ApiKeyCreate(BaseModel):
-    model_config = _IN
+    model_config = _BODY
     name: str = Field(min_length=1, max_length=200, pattern=r"\S")
     scope: ApiKeyScope
 
@@ -151,11 +174,11 @@ class UserList(BaseModel):
 
 
 class UserCreate(BaseModel):
-    model_config = _IN
-    email: str = Field(max_length=320)
+    model_config = _BODY
+    email: EmailStr = Field(max_length=320)
     role: Role = Role.AGENT
     group: str | None = Field(None, min_length=1, max_length=100)
-    aliases: list[Annotated[str, Field(max_length=320)]] = Field(
+    aliases: list[Annotated[EmailStr, Field(max_length=320)]] = Field(
         default_factory=list, max_length=50
     )
 
@@ -167,7 +190,7 @@ class UserCreated(UserOut):
 
 
 class UserPatch(BaseModel):
-    model_config = _IN
+    model_config = _BODY
     disabled: bool | None = None
     role: Role | None = None
     group: str | None = Field(None, min_length=1, max_length=100, description="null: no group.")
