@@ -232,6 +232,10 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+# columns, not ORM objects: a page of 1,000 events skips the session's identity map
+_EVENT_COLUMNS = (Event.seq, Event.at, Event.type, Event.message_id, Event.delivery_id, Event.data)
+
+
 class Timeline:
     """Reads only; every method takes the caller's scope."""
 
@@ -349,7 +353,7 @@ class Timeline:
         transaction ends), so a reader that continues after the last number it saw misses
         nothing and sees nothing twice.
         """
-        query = select(Event).where(Event.seq > after_seq)
+        query = select(*_EVENT_COLUMNS).where(Event.seq > after_seq)
         if types:
             query = query.where(Event.type.in_(list(types)))
         if message_id is not None:
@@ -365,8 +369,8 @@ class Timeline:
             )
         query = query.order_by(Event.seq).limit(limit)
         async with self.db.snapshot() as session:
-            rows = (await session.scalars(query)).all()
-        return [_event(e) for e in rows]
+            rows = (await session.execute(query)).all()
+        return [EventRow(*row) for row in rows]
 
 
 def _row(message: Message, recipients: list[RecipientRow]) -> MessageRow:
