@@ -17,10 +17,12 @@ from gateway.access import Permission, Principal
 from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.timeline import Timeline
+from gateway.store.db import Database
 from gateway.store.models import ApiKeyScope, Role, utcnow
 from tests.conftest import Harness, make_message
 from tests.console.seeding import seed_message
 from tests.queue_wait import queue_idle
+from web.api.auth import bearer_authenticator
 from web.api.problems import api_problems
 from web.api.routes import Api
 from web.app import create_app
@@ -324,5 +326,75 @@ async def test_an_agent_principal_sees_only_their_own_messages(relay: Harness) -
             async with http.get(base + "/users") as r:
                 assert r.status == 403
             assert Permission.VIEW_ADMIN not in principal.permissions
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_queue_lists_retries_and_deletes(database: Database) -> None:
+    """On a web-only app over the database (no worker takes the copies meanwhile)."""
+    db = database
+    anna = await users.add_user(db, "anna@broker.example", "correct horse battery")
+    message = await seed_message(
+        db,
+        user_id=anna.id,
+        received_at=utcnow() - timedelta(hours=1),
+        recipients={
+            "waits@example.com": "queued",
+            "gone@example.com": "bounced",
+            "fine@example.com": "delivered",
+        },
+    )
+    desk = ApiKeyDesk(db, utcnow)
+    write = _bearer((await desk.create("w", ApiKeyScope.WRITE, "t")).key)
+    read = _bearer((await desk.create("r", ApiKeyScope.READ, "t")).key)
+    app = web.Application(middlewares=[api_problems, guard([bearer_authenticator(desk)])])
+    Api(Timeline(db), desk, QueueDesk(db, utcnow, timedelta(days=1)), UserDesk(db)).register(
+        Routes(app)
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/api/v1"  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/queue", headers=read) as r:
+                items = {i["recipient"]: i for i in (await r.json())["items"]}
+            assert set(items) == {"waits@example.com", "gone@example.com"}
+            assert items["gone@example.com"]["status"] == "bounced"
+            assert items["gone@example.com"]["message_id"] == message
+            async with http.get(base + "/queue?status=bounced", headers=read) as r:
+                assert [i["recipient"] for i in (await r.json())["items"]] == ["gone@example.com"]
+            async with http.get(base + "/queue?status=delivered", headers=read) as r:
+                assert r.status == 400
+            gone, waits = items["gone@example.com"]["id"], items["waits@example.com"]["id"]
+            async with http.post(base + f"/queue/{gone}/retry", headers=read) as r:
+                assert r.status == 403
+            async with http.post(base + f"/queue/{gone}/retry", headers=write) as r:
+                assert r.status == 204
+            async with http.delete(base + f"/queue/{waits}", headers=write) as r:
+                assert r.status == 204
+            async with http.delete(base + f"/queue/{waits}", headers=write) as r:
+                assert r.status == 409
+                assert "deleted" in (await r.json())["detail"]
+            async with http.get(base + "/queue", headers=read) as r:
+                items = {i["recipient"]: i for i in (await r.json())["items"]}
+            assert set(items) == {"gone@example.com"}
+            assert items["gone@example.com"]["status"] == "queued"
+            async with http.get(base + f"/messages/{message}", headers=read) as r:
+                states = {x["address"]: x["state"] for x in (await r.json())["recipients"]}
+            assert states == {
+                "waits@example.com": "deleted",
+                "gone@example.com": "queued",
+                "fine@example.com": "delivered",
+            }
+            async with http.get(
+                base + "/events?type=delivery.retried&type=delivery.deleted", headers=read
+            ) as r:
+                events = [(e["type"], e["data"]["recipient"]) for e in (await r.json())["events"]]
+            assert events == [
+                ("delivery.retried", "gone@example.com"),
+                ("delivery.deleted", "waits@example.com"),
+            ]
     finally:
         await runner.cleanup()
