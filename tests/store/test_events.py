@@ -50,6 +50,9 @@ STORED_NAMES = {
     "user.enabled",
     "user.disabled",
     "user.password_changed",
+    "api_key.created",
+    "api_key.revoked",
+    "user.changed",
 }
 
 
