@@ -212,6 +212,10 @@ async def main() -> None:
                     http, base + "/messages?limit=50&q=objekt%2099", args.rounds // 4 or 1,
                     lambda b: None,
                 )  # fmt: skip
+                by_state = await timed(
+                    http, base + "/messages?limit=50&state=bounced", args.rounds // 4 or 1,
+                    lambda b: None,
+                )  # fmt: skip
         finally:
             relay.request_stop()
             await relay.stop()
@@ -219,6 +223,7 @@ async def main() -> None:
         print(figures("timeline, page at 50,000 (50)", deeper))
         print(figures("events, 1,000 from the middle", feed))
         print(figures("timeline, text search 'objekt 99'", search))
+        print(figures("timeline, state=bounced (none match)", by_state))
     finally:
         if args.postgres:
             async with admin.engine.begin() as conn:

@@ -42,6 +42,7 @@ from sqlalchemy import (
     select,
     union_all,
 )
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.access import MessageScope
 from gateway.store.db import Database
@@ -275,9 +276,10 @@ class Timeline:
                 )
             )
         if filters.state is not None:
+            # uncorrelated, so computed once per query rather than once per message
             every = _states_for(None).subquery("s")
             query = query.where(
-                exists().where(every.c.message_id == Message.id, every.c.state == filters.state)
+                Message.id.in_(select(every.c.message_id).where(every.c.state == filters.state))
             )
         if cursor is not None:
             at, last_id = decode_cursor(cursor)
@@ -296,7 +298,7 @@ class Timeline:
         return Page(items, encode_cursor(last.received_at, last.id) if last else None)
 
     @staticmethod
-    async def _states(session: Any, ids: list[str]) -> dict[str, list[RecipientRow]]:
+    async def _states(session: AsyncSession, ids: list[str]) -> dict[str, list[RecipientRow]]:
         if not ids:
             return {}
         found: dict[str, list[RecipientRow]] = {}
