@@ -206,6 +206,15 @@ def openapi(operations: Iterable[Operation[Any, Any]], title: str, version: str)
     }
 
 
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter is absent or has a value; pydantic's `X | None` says null too."""
+    choices = [c for c in schema.get("anyOf", ()) if c != {"type": "null"}]
+    if len(choices) != 1:
+        return schema
+    rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+    return {**choices[0], **rest}
+
+
 def _operation(
     op: Operation[Any, Any], refs: dict[Any, Any], schemas: dict[str, Any]
 ) -> dict[str, Any]:
@@ -216,7 +225,8 @@ def _operation(
     if op.query is not NoQuery:
         query_schema = schemas[op.query.__name__]
         required = set(query_schema.get("required", ()))
-        for name, prop in query_schema.get("properties", {}).items():
+        for name, spelled in query_schema.get("properties", {}).items():
+            prop = _without_null(spelled)
             parameter = {"name": name, "in": "query", "required": name in required, "schema": prop}
             if prop.get("type") == "array":
                 parameter.update(style="form", explode=True)
