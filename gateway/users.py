@@ -21,7 +21,13 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway.store import journal
 from gateway.store.db import Database
-from gateway.store.events import USER_CREATED, USER_DISABLED, USER_ENABLED, USER_PASSWORD_CHANGED
+from gateway.store.events import (
+    USER_CHANGED,
+    USER_CREATED,
+    USER_DISABLED,
+    USER_ENABLED,
+    USER_PASSWORD_CHANGED,
+)
 from gateway.store.metrics import AUTH_CHECKS_WAITING
 from gateway.store.models import Alias, ConsoleSession, Role, User
 
@@ -188,6 +194,43 @@ async def set_disabled(db: Database, email: str, disabled: bool = True) -> None:
             session,
             [(USER_DISABLED if disabled else USER_ENABLED).new({"email": email})],
         )
+
+
+KEEP = object()  # `change_user`: leave the group as it is
+
+
+async def change_user(
+    db: Database,
+    email: str,
+    *,
+    role: Role | None = None,
+    group: str | object | None = KEEP,
+    disabled: bool | None = None,
+) -> tuple[User, list[str]]:
+    """Change a user's role, group or whether they are disabled, in one transaction; each
+    change that changes something is journaled. Returns the user with their aliases."""
+    email = normalize_address(email)
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == email).with_for_update())
+        if user is None:
+            raise UserError(f"no user {email}")
+        changes = []
+        new_group = user.group_name if group is KEEP else group
+        assert new_group is None or isinstance(new_group, str)
+        if (role is not None and role != user.role) or new_group != user.group_name:
+            user.role = role or user.role
+            user.group_name = new_group
+            changes.append(
+                USER_CHANGED.new({"email": email, "role": user.role, "group": user.group_name})
+            )
+        if disabled is not None and disabled != user.disabled:
+            user.disabled = disabled
+            changes.append((USER_DISABLED if disabled else USER_ENABLED).new({"email": email}))
+        await journal.append(session, changes)
+        aliases = (
+            await session.scalars(select(Alias.address).where(Alias.user_id == user.id))
+        ).all()
+    return user, sorted(aliases)
 
 
 async def set_password(db: Database, email: str, password: str) -> None:

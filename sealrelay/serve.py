@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings
+from gateway.console.admin import QueueDesk, UserDesk
+from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.sessions import SessionDesk
+from gateway.console.timeline import Timeline
 from gateway.fronts.smtp import SmtpFront
 from gateway.intake.pipeline import Pipeline
 from gateway.letters import letter_keys
@@ -162,6 +165,12 @@ class Relay:
             health=lambda: health.database_answers(db),
             queue_depths=lambda: health.queue_depths(db),
             roles=self.roles,
+            timeline=Timeline(db),
+            api_keys=ApiKeyDesk(db, self.clock),
+            queue=QueueDesk(
+                db, self.clock, timedelta(seconds=self.settings.upstream.queue_lifetime)
+            ),
+            users=UserDesk(db),
         )
 
     def sessions(self) -> SessionDesk:

@@ -1,5 +1,5 @@
-"""The web server: health, metrics, the prospect's pages (downloads, registered letters) and
-the console (signing in, for now); the API later.
+"""The web server: health, metrics, the prospect's pages (downloads, registered letters),
+the console (web/console/) and the JSON API (web/api/).
 
 The web receives its parts (`WebParts`) from the composition root: the desks that own every
 write, the blob store, the clock, the settings and the two database questions of /healthz
@@ -17,11 +17,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.config import Settings
+from gateway.console.admin import QueueDesk, UserDesk
+from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.sessions import SessionDesk
+from gateway.console.timeline import Timeline
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.store.blobs import BlobStore
 from gateway.store.metrics import QUEUE_DEPTH
+from web.api.auth import bearer_authenticator
+from web.api.problems import api_problems
+from web.api.routes import Api
 from web.console.forms import ConsoleForms
 from web.console.pages import ConsolePages
 from web.csrf import key_path
@@ -48,6 +54,10 @@ class WebParts:
     # deliveries per status, every status named
     queue_depths: Callable[[], Awaitable[Mapping[str, int]]]
     roles: frozenset[str]
+    timeline: Timeline
+    api_keys: ApiKeyDesk
+    queue: QueueDesk
+    users: UserDesk
 
 
 PARTS = web.AppKey("parts", WebParts)
@@ -78,7 +88,12 @@ def create_app(parts: WebParts) -> web.Application:
     console = ConsolePages(
         site, parts.sessions, ConsoleForms(key_path(settings), settings.server.public_url)
     )
-    app = web.Application(middlewares=[guard(authenticators=[console.authenticate])])
+    app = web.Application(
+        middlewares=[
+            api_problems,
+            guard(authenticators=[bearer_authenticator(parts.api_keys), console.authenticate]),
+        ]
+    )
     app[PARTS] = parts
     routes = Routes(app)
     routes.public("GET", "/healthz", healthz)
@@ -87,6 +102,7 @@ def create_app(parts: WebParts) -> web.Application:
     console.register(routes)
     DownloadPages(site, parts.links, parts.blobs).register(routes)
     LetterPages(site, parts.letters, parts.links, parts.blobs).register(routes)
+    Api(parts.timeline, parts.api_keys, parts.queue, parts.users).register(routes)
     return app
 
 

@@ -1,1 +1,2 @@
-"""The web console's desks: signing in and out (sessions), and what later pages act through."""
+"""What agents, IT and CRMs see and change: console sessions, timelines, the event feed,
+API keys, users and the queue."""

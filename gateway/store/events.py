@@ -618,3 +618,53 @@ USER_TOTP_DISABLED = _declare(
     UserChange,
     message=None,
 )
+
+
+# -- api ----------------------------------------------------------------------------------------
+
+ApiKeyId = Annotated[str, About("The API key's id (never the key).")]
+Actor = Annotated[str, About("Who did it: a user's address or an API key's name.", personal=True)]
+
+
+@with_config(_STRICT)
+class ApiKeyCreated(TypedDict):
+    key_id: ApiKeyId
+    name: Annotated[str, About("The name the admin gave the key.")]
+    scope: Annotated[str, About('"read" or "write".')]
+    prefix: Annotated[str, About("The key's first characters, to recognise it by.")]
+    by: Actor
+
+
+API_KEY_CREATED = _declare(
+    "api_key.created",
+    "An API key was created (the key was shown once).",
+    ApiKeyCreated,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class ApiKeyRevoked(TypedDict):
+    key_id: ApiKeyId
+    name: Annotated[str, About("The key's name.")]
+    by: Actor
+
+
+API_KEY_REVOKED = _declare(
+    "api_key.revoked",
+    "An API key was revoked; it no longer authenticates.",
+    ApiKeyRevoked,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class UserChanged(TypedDict):
+    email: Email
+    role: Annotated[str, About("The user's role after the change.")]
+    group: Annotated[str | None, About("The user's group after the change; null for none.")]
+
+
+USER_CHANGED = _declare(
+    "user.changed", "A user's role or group was changed.", UserChanged, message=None
+)

@@ -56,6 +56,9 @@ STORED_NAMES = {
     "console.signed_out_everywhere",
     "user.totp_enabled",
     "user.totp_disabled",
+    "api_key.created",
+    "api_key.revoked",
+    "user.changed",
 }
 
 
