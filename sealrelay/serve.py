@@ -98,7 +98,12 @@ class Relay:
         self.blobs = blobs or blob_store(settings)
         self.signal = QueueSignal()
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
-        self.links = LinkDesk(self.db, clock)
+        self.links = LinkDesk(
+            self.db,
+            clock,
+            scanners=settings.scanners.rules(),
+            link_grace=timedelta(days=settings.storage.blob_grace_days),
+        )
         self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
         self.smtp = SmtpFront(settings, self.db, self.pipeline)
         self.worker = DeliveryWorker(

@@ -5,8 +5,8 @@ Routes and what they write (nothing else is ever written by a visitor's request)
 - `GET /l/{token}`: the consent texts of the letter's snapshot, a box per declaration and the
   button with the block set's exact label (§ 312j (3) BGB). Writes one `letter.viewed`
   event and nothing else: mail scanners fetch links, so a GET never consents. A released
-  letter gets a short "already opened" page instead (still `letter.viewed`). HEAD writes
-  nothing.
+  letter gets a short "already opened" page instead (still `letter.viewed`). A HEAD, or a
+  request that looks like a link scanner's, is a view marked `automated`.
 - `POST /l/{token}` (fields `csrf` and the ticked block ids): no or a wrong CSRF token, or an
   `Origin` that is not ours: 403, nothing written. Required boxes missing: the page again
   with what is missing, 422, nothing written. Otherwise `LetterDesk.release` (one
@@ -24,7 +24,9 @@ Routes and what they write (nothing else is ever written by a visitor's request)
 
 Unknown tokens get the download pages' 404 and count against the client's address; an
 expired letter gets 410 in its language with the button to ask the agent for a new link
-(the shared flow of web/token_pages.py; the letter's expired page does not count).
+(the shared flow of web/token_pages.py; the letter's expired page does not count). A
+letter whose link an agent ended (revoked, or re-sent with a fresh link) gets 410 "access
+ended" and no offer of a new link, not even by POSTing to /renew.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from gateway.letters.desk import (
     LetterUnknown,
 )
 from gateway.links.desk import LinkDesk
-from gateway.links.tokens import FoundLink
+from gateway.links.tokens import Closed, FoundLink
 from gateway.mail import mime
 from gateway.store.blobs import BlobMissing, BlobStore
 from gateway.store.models import Letter, Message
@@ -132,9 +134,14 @@ class LetterPages:
     async def letter(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if request.method == "GET":
-            visitor = self.site.visitor(request)
-            await self.letters.record_view(found, visitor.ip, visitor.user_agent)
+        visitor = self.site.visitor(request)
+        await self.letters.record_view(
+            found,
+            visitor.ip,
+            visitor.user_agent,
+            method=visitor.method,
+            has_cookie=visitor.has_cookie,
+        )
         catalog = self.site.catalog(found.letter.language)
         if found.released:
             return await self.render_released(request, token, found, catalog)
@@ -283,6 +290,10 @@ class LetterPages:
         self, request: web.Request, token: str, expired: LetterExpired
     ) -> web.StreamResponse:
         catalog = self.site.catalog(expired.letter.language)
+        if expired.reason is Closed.REVOKED:
+            return self.site.access_ended(
+                request, catalog, await agent_of(self.blobs, expired.message)
+            )
         await self.checked_form(request, token, catalog)
         sent = await self.letters.request_new_link(
             expired.letter, expired.message, self.site.visitor(request).ip
@@ -398,6 +409,10 @@ class LetterPages:
     async def render_expired(
         self, request: web.Request, token: str, expired: LetterExpired, catalog: Catalog
     ) -> web.Response:
+        if expired.reason is Closed.REVOKED:
+            return self.site.access_ended(
+                request, catalog, await agent_of(self.blobs, expired.message)
+            )
         until = expired.expires_at
         agent = await self.agent_name(expired.letter, expired.message)
         return self.site.render(
