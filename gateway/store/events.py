@@ -51,6 +51,7 @@ class Field:
     type: Any
     meaning: str
     personal: bool
+    optional: bool = False  # NotRequired: older events, or events of one kind, lack it
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,12 @@ class EventType(Generic[P]):
 
     def fields(self) -> Iterator[Field]:
         for name, hint in get_type_hints(self.payload, include_extras=True).items():
+            optional = get_origin(hint) is NotRequired
+            if optional:
+                hint = get_args(hint)[0]
             about = next((a for a in get_args(hint) if isinstance(a, About)), About(""))
             kind = get_args(hint)[0] if get_origin(hint) is Annotated else hint
-            yield Field(name, kind, about.meaning, about.personal)
+            yield Field(name, kind, about.meaning, about.personal, optional)
 
     @property
     def personal(self) -> bool:

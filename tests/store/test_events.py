@@ -50,6 +50,12 @@ STORED_NAMES = {
     "user.enabled",
     "user.disabled",
     "user.password_changed",
+    # agent actions
+    "download.automated",
+    "link.revoked",
+    "link.extended",
+    "letter.resent",
+    "letter.released_by_agent",
 }
 
 
