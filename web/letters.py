@@ -14,6 +14,7 @@ Routes and what they write (nothing else is ever written by a visitor's request)
   release is a 303 there too and changes nothing.
 - `GET /l/{token}/offer`: the released offer as the prospect got it by mail: subject, body
   (HTML sanitized with nh3, or the text), attachments. Before release: 303 to the letter.
+  An offer the agent released without consent shows no declarations and no PDF.
 - `GET /l/{token}/a/{part}`: one attachment of the held copy, decoded; inline images of the
   HTML body are served here too (their `cid:` references point here).
 - `GET /l/{token}/f/{file}`: a file the held copy carries as a download link (the large
@@ -177,7 +178,7 @@ class LetterPages:
     async def offer(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if not found.released or found.consent is None:
+        if not found.released:
             raise web.HTTPSeeOther(self.url(token))
         catalog = self.site.catalog(found.letter.language)
         try:
@@ -212,7 +213,8 @@ class LetterPages:
         sizes = [part.size for part in parts.values() if part.listed]
         sizes += [stored.size for stored in (linked.files if linked else [])]
         html, text = held.html, held.text
-        given = found.consent.given_at
+        given = found.consent.given_at if found.consent else found.letter.released_at
+        given = given or found.letter.created_at
         return self.site.render(
             request,
             "offer.html",
@@ -228,7 +230,7 @@ class LetterPages:
             total=catalog.size(sum(sizes)),
             body=sanitized_html(html, inline) if html is not None else None,
             text=linked_text(text) if text is not None else None,
-            pdf_url=self.url(token, "/consent.pdf"),
+            pdf_url=self.url(token, "/consent.pdf") if found.consent else None,
         )
 
     async def attachment(self, request: web.Request) -> web.StreamResponse:
@@ -390,18 +392,31 @@ class LetterPages:
     async def render_released(
         self, request: web.Request, token: str, found: FoundLetter, catalog: Catalog
     ) -> web.Response:
-        given = found.consent.given_at if found.consent else found.letter.released_at
+        if found.consent is None:  # the agent released it (LetterDesk.release_by_agent)
+            at = found.letter.released_at or found.letter.created_at
+            return self.site.render(
+                request,
+                "letter_released.html",
+                catalog,
+                title=catalog.t("letter.agent_released_title"),
+                subject=found.letter.subject,
+                given=catalog.t(
+                    "letter.agent_released",
+                    agent=await self.agent_name(found.letter, found.message),
+                    date=catalog.date(at),
+                    time=catalog.time(at),
+                ),
+                offer_url=self.url(token, "/offer"),
+                pdf_url=None,
+            )
+        given = found.consent.given_at
         return self.site.render(
             request,
             "letter_released.html",
             catalog,
             title=catalog.t("letter.done_title"),
             subject=found.letter.subject,
-            given=catalog.t(
-                "letter.done",
-                date=catalog.date(given) if given else "",
-                time=catalog.time(given) if given else "",
-            ),
+            given=catalog.t("letter.done", date=catalog.date(given), time=catalog.time(given)),
             offer_url=self.url(token, "/offer"),
             pdf_url=self.url(token, "/consent.pdf"),
         )
