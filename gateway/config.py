@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from pydantic import (
 )
 
 from gateway.texts.catalog import DEFAULT_TIMEZONE, time_zone
+from rules.automated_visits import ScannerRules
 from rules.language import SHIPPED_LANGUAGES
 from rules.matching import ConfiguredRule, Match, PolicyConfig
 from rules.policy import Policy
@@ -179,6 +181,39 @@ class ConsoleSettings(Section):
         if self.idle_timeout > self.absolute_timeout:
             raise ValueError("idle_timeout must not exceed absolute_timeout")
         return self
+
+
+class ScannerSettings(Section):
+    """Which visits of a link count as a link scanner's (rules/automated_visits.py): the
+    shipped ranges and user agents are a heuristic; these add to them or switch ranges off."""
+
+    window_seconds: float = Field(default=120, ge=0, description="seconds after delivery")
+    user_agents: list[str] = []
+    networks: list[str] = []
+    shipped_networks: bool = True
+
+    @field_validator("user_agents")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                re.compile(entry)
+            except re.error as exc:
+                raise ValueError(f"{entry!r} is not a regular expression: {exc}") from exc
+        return value
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return WebSettings._networks(value)
+
+    def rules(self) -> ScannerRules:
+        return ScannerRules.configured(
+            window_seconds=self.window_seconds,
+            extra_user_agents=self.user_agents,
+            extra_networks=self.networks,
+            shipped_networks=self.shipped_networks,
+        )
 
 
 class DatabaseSettings(Section):
@@ -349,6 +384,7 @@ class Settings(Section):
     dkim: dict[str, DkimDomain] = {}
     branding: BrandingSettings = BrandingSettings()
     letter: LetterSettings = LetterSettings()
+    scanners: ScannerSettings = ScannerSettings()
     policy: PolicySettings = PolicySettings()
     groups: list[GroupSettings] = []
     rules: list[RuleSettings] = []

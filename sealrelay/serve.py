@@ -103,7 +103,12 @@ class Relay:
         self.blobs = blobs or blob_store(settings)
         self.signal = QueueSignal()
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
-        self.links = LinkDesk(self.db, clock)
+        self.links = LinkDesk(
+            self.db,
+            clock,
+            scanners=settings.scanners.rules(),
+            link_grace=timedelta(days=settings.storage.blob_grace_days),
+        )
         self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
         # one count of failed logins for SMTP AUTH and the console's sign-in together
         self.login_throttle = LoginThrottle.from_settings(settings.smtp)

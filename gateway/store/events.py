@@ -52,6 +52,7 @@ class Field:
     type: Any
     meaning: str
     personal: bool
+    optional: bool = False  # NotRequired: older events, or events of one kind, lack it
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,12 @@ class EventType(Generic[P]):
 
     def fields(self) -> Iterator[Field]:
         for name, hint in get_type_hints(self.payload, include_extras=True).items():
+            optional = get_origin(hint) is NotRequired
             if get_origin(hint) in (NotRequired, Required):
                 hint = get_args(hint)[0]
             about = next((a for a in get_args(hint) if isinstance(a, About)), About(""))
             kind = get_args(hint)[0] if get_origin(hint) is Annotated else hint
-            yield Field(name, kind, about.meaning, about.personal)
+            yield Field(name, kind, about.meaning, about.personal, optional)
 
     @property
     def personal(self) -> bool:
@@ -251,6 +253,12 @@ LINK_CREATED = _declare(
 @with_config(_STRICT)
 class LinkVisit(Visit):
     link_id: LinkId
+    automated: NotRequired[
+        Annotated[bool, About("True when the visit looks like a link scanner's, not a person's.")]
+    ]
+    automated_reasons: NotRequired[
+        Annotated[list[str], About("Why the visit looks automated (rules/automated_visits.py).")]
+    ]
 
 
 LINK_VIEWED = _declare(
@@ -340,6 +348,12 @@ LETTER_HELD = _declare(
 @with_config(_STRICT)
 class LetterVisit(Visit):
     letter_id: LetterId
+    automated: NotRequired[
+        Annotated[bool, About("True when the visit looks like a link scanner's, not a person's.")]
+    ]
+    automated_reasons: NotRequired[
+        Annotated[list[str], About("Why the visit looks automated (rules/automated_visits.py).")]
+    ]
 
 
 LETTER_VIEWED = _declare(
@@ -667,4 +681,89 @@ class UserChanged(TypedDict):
 
 USER_CHANGED = _declare(
     "user.changed", "A user's role or group was changed.", UserChanged, message=None
+)
+
+
+# -- agent actions ------------------------------------------------------------------------------
+
+LinkKindField = Annotated[str, About('What the link serves: "download" or "letter".')]
+
+DOWNLOAD_AUTOMATED = _declare(
+    "download.automated",
+    "A link scanner (not a person) fetched a file through its link; it counts as no download.",
+    FileDownload,
+    message="the message the file came with",
+)
+
+
+@with_config(_STRICT)
+class LinkRevoked(TypedDict):
+    link_id: LinkId
+    recipient: Recipient
+    kind: LinkKindField
+    actor: Actor
+    reason: Annotated[str, About("Why, as the agent wrote it (may be empty).")]
+
+
+LINK_REVOKED = _declare(
+    "link.revoked",
+    "An agent or admin ended a recipient's link before its time; its page says access ended.",
+    LinkRevoked,
+    message="the message the link belongs to",
+)
+
+
+@with_config(_STRICT)
+class LinkExtended(TypedDict):
+    link_id: LinkId
+    recipient: Recipient
+    kind: LinkKindField
+    actor: Actor
+    expires_at: Timestamp
+    previous_expires_at: Timestamp
+
+
+LINK_EXTENDED = _declare(
+    "link.extended",
+    "An agent or admin gave a link a new expiry; an expired one opens again.",
+    LinkExtended,
+    message="the message the link belongs to",
+)
+
+
+@with_config(_STRICT)
+class LetterResent(TypedDict):
+    letter_id: LetterId
+    recipient: Recipient
+    actor: Actor
+    link_id: Annotated[str, About("The letter's new link.")]
+    previous_link_id: Annotated[str, About("The link that ended with the re-send.")]
+    expires_at: Timestamp
+
+
+LETTER_RESENT = _declare(
+    "letter.resent",
+    "An agent sent a held letter again with a fresh link; the old link ended. The texts are"
+    " the same snapshot.",
+    LetterResent,
+    message="the agent's message (the offer)",
+    delivery="the new letter's copy to the recipient",
+)
+
+
+@with_config(_STRICT)
+class LetterReleasedByAgent(TypedDict):
+    letter_id: LetterId
+    recipient: Recipient
+    actor: Actor
+    reason: Annotated[str, About("Why the agent released it without consent.")]
+
+
+LETTER_RELEASED_BY_AGENT = _declare(
+    "letter.released_by_agent",
+    "An agent released a held offer without the recipient's consent (no consent record; the"
+    " released copy says so in a header).",
+    LetterReleasedByAgent,
+    message="the agent's message (the offer)",
+    delivery="the released copy to the recipient",
 )

@@ -59,6 +59,12 @@ STORED_NAMES = {
     "api_key.created",
     "api_key.revoked",
     "user.changed",
+    # agent actions
+    "download.automated",
+    "link.revoked",
+    "link.extended",
+    "letter.resent",
+    "letter.released_by_agent",
 }
 
 
