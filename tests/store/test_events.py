@@ -50,6 +50,11 @@ STORED_NAMES = {
     "user.enabled",
     "user.disabled",
     "user.password_changed",
+    "webhook.endpoint_created",
+    "webhook.endpoint_changed",
+    "webhook.endpoint_disabled",
+    "webhook.test",
+    "webhook.endpoint_deleted",
 }
 
 
