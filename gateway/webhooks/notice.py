@@ -21,7 +21,7 @@ def disabled_notice(
     endpoint: WebhookEndpoint,
     *,
     admin: str,
-    reason: str,
+    days: int,
     last_error: str,
     failing_since: datetime,
     language: str,
@@ -41,7 +41,7 @@ def disabled_notice(
             minute=since.minute,
         ),
         failing_since_utc=since.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        reason=one_line(reason, LINE_LIMIT),
+        reason=texts["reason"].format(days=days),
         last_error=one_line(last_error or "-", LINE_LIMIT),
         endpoint_id=endpoint.id,
     )

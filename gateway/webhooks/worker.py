@@ -390,7 +390,7 @@ class WebhookWorker:
             mail = disabled_notice(
                 endpoint,
                 admin=admin.email,
-                reason=reason,
+                days=days,
                 last_error=answer.error or "",
                 failing_since=failing_since,
                 language=self.settings.policy.language,
