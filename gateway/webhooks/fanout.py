@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.store.events import WEBHOOK_TEST_REQUESTED
 from gateway.store.models import (
     Event,
+    JournalHead,
     WebhookCursor,
     WebhookDelivery,
     WebhookEndpoint,
@@ -63,6 +64,14 @@ def deliveries_for(
         for endpoint in endpoints
         if wants(endpoint, event)
     ]
+
+
+async def behind(session: AsyncSession) -> bool:
+    """Whether the journal holds events the fan-out has not taken yet: a read, so an idle
+    relay's polling never takes SQLite's write lock from mail."""
+    head = await session.scalar(select(JournalHead.seq).where(JournalHead.id == 1))
+    done = await session.scalar(select(WebhookCursor.seq).where(WebhookCursor.id == 1))
+    return (head or 0) > (done or 0)
 
 
 async def fan_out_batch(session: AsyncSession, now: datetime, limit: int = BATCH) -> int:

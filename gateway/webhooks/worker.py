@@ -54,7 +54,7 @@ from gateway.store.models import (
 )
 from gateway.webhooks import addresses, payloads
 from gateway.webhooks.desk import disable_in
-from gateway.webhooks.fanout import BATCH, fan_out_batch
+from gateway.webhooks.fanout import BATCH, behind, fan_out_batch
 from gateway.webhooks.notice import disabled_notice
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,9 @@ class WebhookWorker:
 
     async def fan_out(self) -> int:
         """Fan out every event after the cursor, a batch per transaction; how many."""
+        async with self.db.snapshot() as session:
+            if not await behind(session):
+                return 0
         total = 0
         while True:
             async with self.db.transaction() as session:
@@ -251,6 +254,17 @@ class WebhookWorker:
     # -- one attempt -------------------------------------------------------------------------
 
     async def _claim(self, limit: int) -> list[Attempt]:
+        async with self.db.snapshot() as session:  # a read first: idle polls write nothing
+            due = await session.scalar(
+                select(WebhookDelivery.id)
+                .where(
+                    WebhookDelivery.status == WebhookDeliveryStatus.QUEUED,
+                    WebhookDelivery.next_attempt_at <= self.clock(),
+                )
+                .limit(1)
+            )
+        if due is None:
+            return []
         async with self.db.transaction() as session:
             ids = await LEASES.claim(session, self.name, self.clock(), LEASE, limit, *claimable())
             if not ids:
