@@ -64,7 +64,7 @@ TIMEOUT: Final = 15.0
 LEASE: Final = timedelta(seconds=60)
 RETRY_AFTER_CAP: Final = 86400.0
 FAILING_LIMIT: Final = timedelta(days=3)
-CONCURRENCY: Final = 4
+CONCURRENCY: Final = 16
 ERROR_LIMIT: Final = 500
 
 LEASES = LeasedQueue(WebhookDelivery, WebhookDeliveryStatus.QUEUED)
@@ -159,52 +159,70 @@ class WebhookWorker:
         self.timeout = timeout
         self.schedule = tuple(schedule)
         self.name = f"{settings.server.hostname}:{os.getpid()}:{secrets.token_hex(3)}:webhooks"
-        self._room = asyncio.Event()
 
     # -- running -----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fan out and post until `stop`; no more posts at once than `concurrency`."""
-        sending: set[asyncio.Task[None]] = set()
+        """Fan out and post until `stop`; no more posts at once than `concurrency`.
+
+        Posts run as tasks; whenever some finish, their outcomes are recorded together and
+        the free slots are filled again, so a hanging receiver holds its slot only. At the
+        stop, posts still under way are abandoned and their deliveries released.
+        """
+        sending: dict[asyncio.Task[tuple[Attempt, Answer]], Attempt] = {}
+        stopped = asyncio.ensure_future(stop.wait())
         async with self._clients() as clients:
-            while not stop.is_set():
-                started = 0
-                try:
-                    await self.fan_out()
-                    room = self.concurrency - len(sending)
-                    for attempt in await self._claim(room) if room > 0 else []:
-                        task = asyncio.create_task(self._attempt(clients, attempt))
-                        sending.add(task)
-                        task.add_done_callback(self._finished(sending))
-                        started += 1
-                except Exception:
-                    log.exception("webhooks: a round failed; trying again shortly")
-                if not started:
-                    await self._pause(stop)
-            await asyncio.gather(*sending, return_exceptions=True)
+            try:
+                while not stop.is_set():
+                    try:
+                        await self.fan_out()
+                        room = self.concurrency - len(sending)
+                        for attempt in await self._claim(room) if room > 0 else []:
+                            client = clients[attempt.endpoint.allow_private]
+                            sending[asyncio.create_task(self._post(client, attempt))] = attempt
+                    except Exception:
+                        log.exception("webhooks: a round failed; trying again shortly")
+                    await asyncio.wait(
+                        {*sending, stopped},
+                        timeout=self.settings.worker.poll_seconds,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    finished = {task for task in sending if task.done()}
+                    for task in finished:
+                        del sending[task]
+                    await self._record_finished(finished)
+            finally:
+                stopped.cancel()
+                for task in sending:
+                    task.cancel()
+                await asyncio.gather(*sending, return_exceptions=True)
+                await self._record_finished({t for t in sending if not t.cancelled()})
+                abandoned = [sending[t].delivery.id for t in sending if t.cancelled()]
+                if abandoned:
+                    await self._release(abandoned)
 
-    def _finished(self, sending: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
-        def done(task: asyncio.Task[None]) -> None:
-            sending.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                log.error("webhooks: an attempt failed", exc_info=task.exception())
-            self._room.set()
-
-        return done
-
-    async def _pause(self, stop: asyncio.Event) -> None:
-        """Until the poll interval passes, a slot frees up, or the stop."""
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._room.wait())]
+    async def _record_finished(self, finished: set[asyncio.Task[tuple[Attempt, Answer]]]) -> None:
+        outcomes = []
+        for task in finished:
+            if task.exception() is not None:
+                log.error("webhooks: a post failed", exc_info=task.exception())
+            else:
+                outcomes.append(task.result())
         try:
-            await asyncio.wait(
-                waiters,
-                timeout=self.settings.worker.poll_seconds,
-                return_when=asyncio.FIRST_COMPLETED,
+            await self._record(outcomes)
+        except Exception:
+            # The leases run out and the deliveries are tried again: at least once.
+            log.exception("webhooks: recording %d outcomes failed", len(outcomes))
+
+    async def _release(self, ids: list[str]) -> None:
+        """Hand back deliveries whose posts were abandoned at a stop: any worker may retry."""
+        try:
+            async with self.db.transaction() as session:
+                await LEASES.release(session, ids, self.name)
+        except Exception:
+            log.exception(
+                "webhooks: releasing %d deliveries failed; their leases run out", len(ids)
             )
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-            self._room.clear()
 
     async def run_once(self) -> int:
         """One round by this worker's clock: fan out everything, post what is due (all of it,
@@ -214,12 +232,12 @@ class WebhookWorker:
         async with self._clients() as clients:
             slots = asyncio.Semaphore(self.concurrency)
 
-            async def one(attempt: Attempt) -> None:
+            async def one(attempt: Attempt) -> tuple[Attempt, Answer]:
                 async with slots:
-                    await self._attempt(clients, attempt)
+                    return await self._post(clients[attempt.endpoint.allow_private], attempt)
 
             while claimed := await self._claim(BATCH):
-                await asyncio.gather(*(one(a) for a in claimed))
+                await self._record(await asyncio.gather(*(one(a) for a in claimed)))
                 attempted += len(claimed)
         return attempted
 
@@ -279,11 +297,12 @@ class WebhookWorker:
             )
             return [Attempt(d, e, ev) for d, e, ev in rows]
 
-    async def _attempt(self, clients: dict[bool, aiohttp.ClientSession], attempt: Attempt) -> None:
-        answer = await self._post(clients[attempt.endpoint.allow_private], attempt)
-        await self._record(attempt, answer)
+    async def _post(
+        self, client: aiohttp.ClientSession, attempt: Attempt
+    ) -> tuple[Attempt, Answer]:
+        return attempt, await self._answer(client, attempt)
 
-    async def _post(self, client: aiohttp.ClientSession, attempt: Attempt) -> Answer:
+    async def _answer(self, client: aiohttp.ClientSession, attempt: Attempt) -> Answer:
         endpoint, event = attempt.endpoint, attempt.event
         now = self.clock()
         body = payloads.body(event, thin=endpoint.thin)
@@ -311,9 +330,65 @@ class WebhookWorker:
         except OSError as exc:
             return Answer(None, f"{type(exc).__name__}: {exc}")
 
-    async def _record(self, attempt: Attempt, answer: Answer) -> None:
-        delivery = attempt.delivery
+    async def _record(self, outcomes: Sequence[tuple[Attempt, Answer]]) -> None:
+        """Record the outcomes of finished posts, all in one transaction (one commit, one
+        fsync on SQLite, for as many posts as finished together)."""
+        if not outcomes:
+            return
         now = self.clock()
+        jitter = random.random()
+        settled: list[tuple[Attempt, Answer, str]] = []
+        notices = False
+        async with self.db.transaction() as session:
+            endpoints: dict[str, WebhookEndpoint | None] = {}
+            for attempt, answer in outcomes:
+                key = attempt.delivery.endpoint_id
+                if key not in endpoints:
+                    endpoints[key] = await session.get(WebhookEndpoint, key, with_for_update=True)
+                outcome = await self._settle(session, endpoints[key], attempt, answer, now, jitter)
+                if outcome is not None:
+                    settled.append((attempt, answer, outcome))
+            for endpoint in endpoints.values():
+                if (
+                    endpoint is not None
+                    and endpoint.enabled
+                    and endpoint.failing_since is not None
+                    and now - endpoint.failing_since >= FAILING_LIMIT
+                ):
+                    last = next(
+                        (
+                            a
+                            for t, a, o in reversed(settled)
+                            if o != "delivered" and t.delivery.endpoint_id == endpoint.id
+                        ),
+                        Answer(None),
+                    )
+                    notices = await self._give_up(session, endpoint, last, now) or notices
+        if notices:
+            self.notify_mail()
+        for attempt, answer, outcome in settled:
+            log.info(
+                "webhook %s: to=<%s>, attempt=%d, code=%s, status=%s%s",
+                payloads.webhook_id(attempt.event.seq),
+                attempt.endpoint.url,
+                attempt.delivery.attempts + 1,
+                answer.status if answer.status is not None else "-",
+                outcome,
+                f" ({answer.error})" if answer.error else "",
+            )
+
+    async def _settle(
+        self,
+        session: AsyncSession,
+        endpoint: WebhookEndpoint | None,
+        attempt: Attempt,
+        answer: Answer,
+        now: datetime,
+        jitter: float,
+    ) -> str | None:
+        """Record one outcome in `session`: delivered, deferred or failed; None when the
+        delivery was given up meanwhile (its endpoint disabled) or another worker holds it."""
+        delivery = attempt.delivery
         count = delivery.attempts + 1
         values: dict[str, object] = {
             "attempts": count,
@@ -321,70 +396,31 @@ class WebhookWorker:
             "last_error": (answer.error or "")[:ERROR_LIMIT] or None,
             "updated_at": now,
         }
-        outcome: str
-        notices = False
-        async with self.db.transaction() as session:
-            endpoint = await session.get(
-                WebhookEndpoint, delivery.endpoint_id, with_for_update=True
-            )
-            if answer.delivered:
-                outcome = "delivered"
-                settled = await LEASES.settle(
-                    session,
-                    delivery.id,
-                    self.name,
-                    status=WebhookDeliveryStatus.DELIVERED,
-                    **values,
-                )
-                if settled and endpoint is not None:
-                    endpoint.failing_since = None
-            elif answer.status == 410:
-                outcome = "failed"
-                settled = await LEASES.settle(
-                    session, delivery.id, self.name, status=WebhookDeliveryStatus.FAILED, **values
-                )
-                if settled and endpoint is not None and endpoint.enabled:
-                    reason = "the receiver answered 410 Gone"
-                    event = await disable_in(session, endpoint, reason, "relay", now)
-                    await journal.append(session, [event], now)
-            else:
-                wait = scheduled(count, self.schedule, random.random())
-                if wait is None:
-                    outcome = "failed"
-                    settled = await LEASES.settle(
-                        session,
-                        delivery.id,
-                        self.name,
-                        status=WebhookDeliveryStatus.FAILED,
-                        **values,
-                    )
-                else:
-                    if answer.retry_after is not None:
-                        wait = timedelta(seconds=answer.retry_after)
-                    outcome = "deferred"
-                    settled = await LEASES.settle(
-                        session, delivery.id, self.name, next_attempt_at=now + wait, **values
-                    )
-                if settled and endpoint is not None:
-                    endpoint.failing_since = endpoint.failing_since or now
-                    if endpoint.enabled and now - endpoint.failing_since >= FAILING_LIMIT:
-                        notices = await self._give_up(session, endpoint, answer, now)
-        if not settled:
+        wait = scheduled(count, self.schedule, jitter)
+        if answer.delivered:
+            outcome, values["status"] = "delivered", WebhookDeliveryStatus.DELIVERED
+        elif answer.status == 410 or wait is None:
+            outcome, values["status"] = "failed", WebhookDeliveryStatus.FAILED
+        else:
+            if answer.retry_after is not None:
+                wait = timedelta(seconds=answer.retry_after)
+            outcome, values["next_attempt_at"] = "deferred", now + wait
+        if not await LEASES.settle(session, delivery.id, self.name, **values):
             log.warning(
                 "webhooks: %s was given up meanwhile or another worker took it over", delivery.id
             )
-            return
-        if notices:
-            self.notify_mail()
-        log.info(
-            "webhook %s: to=<%s>, attempt=%d, code=%s, status=%s%s",
-            payloads.webhook_id(attempt.event.seq),
-            attempt.endpoint.url,
-            count,
-            answer.status if answer.status is not None else "-",
-            outcome,
-            f" ({answer.error})" if answer.error else "",
-        )
+            return None
+        if endpoint is None:
+            return outcome
+        if answer.delivered:
+            endpoint.failing_since = None
+        elif answer.status == 410 and endpoint.enabled:
+            reason = "the receiver answered 410 Gone"
+            event = await disable_in(session, endpoint, reason, "relay", now)
+            await journal.append(session, [event], now)
+        else:
+            endpoint.failing_since = endpoint.failing_since or now
+        return outcome
 
     async def _give_up(
         self, session: AsyncSession, endpoint: WebhookEndpoint, answer: Answer, now: datetime
