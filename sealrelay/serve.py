@@ -37,6 +37,8 @@ from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import utcnow
+from gateway.webhooks.desk import WebhookDesk
+from gateway.webhooks.worker import WebhookWorker
 
 if TYPE_CHECKING:  # the web (and aiohttp) are imported only by a relay with the web role
     from aiohttp import web
@@ -123,6 +125,11 @@ class Relay:
             self.signal,
             clock,
         )
+        self.webhooks = WebhookDesk(self.db, clock)
+        # Its own task, own connections and own few slots: a slow receiver never holds mail.
+        self.webhook_worker = WebhookWorker(
+            settings, self.db, self.blobs, self.signal.notify, clock
+        )
         self.sweeper = sweeper_for(settings, self.db, self.blobs, self.letters)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -138,6 +145,7 @@ class Relay:
         await self.blobs.remove_interrupted_writes()
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
+            self._tasks.append(asyncio.create_task(self.webhook_worker.run(self._stop)))
             self._tasks.append(
                 asyncio.create_task(
                     sweeper.run_hourly(

@@ -767,3 +767,100 @@ LETTER_RELEASED_BY_AGENT = _declare(
     message="the agent's message (the offer)",
     delivery="the released copy to the recipient",
 )
+
+
+# -- webhooks -----------------------------------------------------------------------------------
+# Changes to endpoints only: each delivery attempt is kept in webhook_deliveries, never here,
+# or every attempt would itself be an event to push.
+
+EndpointId = Annotated[str, About("The webhook endpoint's id.")]
+EndpointUrl = Annotated[str, About("Where the endpoint's events are posted.")]
+
+
+@with_config(_STRICT)
+class WebhookEndpointCreated(TypedDict):
+    endpoint_id: EndpointId
+    url: EndpointUrl
+    event_types: Annotated[list[str], About("The event types it receives; empty: all.")]
+    thin: Annotated[bool, About("Whether its payloads carry ids only, no personal fields.")]
+    allow_private: Annotated[
+        bool, About("Whether it may resolve to a loopback, link-local or private address.")
+    ]
+    by: Actor
+
+
+WEBHOOK_ENDPOINT_CREATED = _declare(
+    "webhook.endpoint_created",
+    "An admin added a webhook endpoint; events from now on are posted to it.",
+    WebhookEndpointCreated,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class WebhookEndpointChanged(TypedDict):
+    endpoint_id: EndpointId
+    changed: Annotated[
+        list[str],
+        About(
+            "What changed: url, event_types, description, thin, allow_private, enabled"
+            " or secret (a rotation; the secret itself is never journaled)."
+        ),
+    ]
+    by: Actor
+
+
+WEBHOOK_ENDPOINT_CHANGED = _declare(
+    "webhook.endpoint_changed",
+    "An admin changed a webhook endpoint (or enabled it again, or rotated its secret).",
+    WebhookEndpointChanged,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class WebhookEndpointDisabled(TypedDict):
+    endpoint_id: EndpointId
+    reason: Annotated[
+        str, About("Why: an admin's decision, the receiver answered 410, or days of failure.")
+    ]
+    by: Annotated[
+        str, About("Who disabled it: a user's login address, cli, or relay.", personal=True)
+    ]
+
+
+WEBHOOK_ENDPOINT_DISABLED = _declare(
+    "webhook.endpoint_disabled",
+    "A webhook endpoint stopped receiving events; its queued deliveries were given up.",
+    WebhookEndpointDisabled,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class WebhookEndpointDeleted(TypedDict):
+    endpoint_id: EndpointId
+    url: EndpointUrl
+    by: Actor
+
+
+@with_config(_STRICT)
+class WebhookTestRequested(TypedDict):
+    endpoint_id: Annotated[str, About("The endpoint the test is posted to (and only that one).")]
+    by: Actor
+
+
+WEBHOOK_TEST_REQUESTED = _declare(
+    "webhook.test",
+    "An admin asked for a test event; it is posted to the one endpoint it names, whatever"
+    " types that endpoint receives.",
+    WebhookTestRequested,
+    message=None,
+)
+
+WEBHOOK_ENDPOINT_DELETED = _declare(
+    "webhook.endpoint_deleted",
+    "An admin deleted a webhook endpoint with its delivery history.",
+    WebhookEndpointDeleted,
+    message=None,
+)

@@ -65,6 +65,11 @@ STORED_NAMES = {
     "link.extended",
     "letter.resent",
     "letter.released_by_agent",
+    "webhook.endpoint_created",
+    "webhook.endpoint_changed",
+    "webhook.endpoint_disabled",
+    "webhook.test",
+    "webhook.endpoint_deleted",
 }
 
 
