@@ -21,6 +21,7 @@ from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.sessions import SessionDesk
 from gateway.console.timeline import Timeline
+from gateway.console.waiting import WaitingLetters
 from gateway.fronts.smtp import SmtpFront
 from gateway.intake.pipeline import Pipeline
 from gateway.letters import letter_keys
@@ -32,7 +33,7 @@ from gateway.mail.outgoing import Signer
 from gateway.outbound.delivery import DeliveryWorker
 from gateway.outbound.queue_signal import QueueSignal
 from gateway.outbound.upstream import Upstream, open_upstream
-from gateway.store import health, sweeper
+from gateway.store import health, journal, sweeper
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
@@ -184,6 +185,9 @@ class Relay:
                 db, self.clock, timedelta(seconds=self.settings.upstream.queue_lifetime)
             ),
             users=UserDesk(db),
+            webhooks=self.webhooks,
+            waiting=WaitingLetters(db),
+            chain=lambda: journal.verify_database(db),
         )
 
     def sessions(self) -> SessionDesk:

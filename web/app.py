@@ -21,15 +21,22 @@ from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.sessions import SessionDesk
 from gateway.console.timeline import Timeline
+from gateway.console.waiting import WaitingLetters
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.store.blobs import BlobStore
+from gateway.store.journal import ChainReport
 from gateway.store.metrics import QUEUE_DEPTH
+from gateway.webhooks.desk import WebhookDesk
 from web.api.auth import bearer_authenticator
 from web.api.problems import api_problems
 from web.api.routes import Api
+from web.console.actions import ActionPages
+from web.console.admin import AdminPages
 from web.console.forms import ConsoleForms
 from web.console.pages import ConsolePages
+from web.console.timeline import TimelinePages
+from web.console.view import ConsoleView
 from web.csrf import key_path
 from web.downloads import DownloadPages
 from web.guard import Routes, guard
@@ -58,6 +65,10 @@ class WebParts:
     api_keys: ApiKeyDesk
     queue: QueueDesk
     users: UserDesk
+    webhooks: WebhookDesk
+    waiting: WaitingLetters
+    # walks the journal's hash chain (gateway/store/journal.py verify_database)
+    chain: Callable[[], Awaitable[ChainReport]]
 
 
 PARTS = web.AppKey("parts", WebParts)
@@ -85,9 +96,8 @@ async def metrics(request: web.Request) -> web.Response:
 def create_app(parts: WebParts) -> web.Application:
     settings = parts.settings
     site = ProspectSite(settings, clock=lambda: parts.clock().timestamp())
-    console = ConsolePages(
-        site, parts.sessions, ConsoleForms(key_path(settings), settings.server.public_url)
-    )
+    forms = ConsoleForms(key_path(settings), settings.server.public_url)
+    console = ConsolePages(site, parts.sessions, forms)
     app = web.Application(
         middlewares=[
             api_problems,
@@ -100,10 +110,21 @@ def create_app(parts: WebParts) -> web.Application:
     routes.public("GET", "/metrics", metrics)
     site.register(routes)
     console.register(routes)
+    register_console_work(parts, ConsoleView(site, forms, console), routes)
     DownloadPages(site, parts.links, parts.blobs).register(routes)
     LetterPages(site, parts.letters, parts.links, parts.blobs).register(routes)
     Api(parts.timeline, parts.api_keys, parts.queue, parts.users).register(routes)
     return app
+
+
+def register_console_work(parts: WebParts, view: ConsoleView, routes: Routes) -> None:
+    """The console's pages after sign-in: the timeline, actions, letters waiting, admin."""
+    pages = TimelinePages(view, parts.timeline, parts.waiting)
+    pages.register(routes)
+    ActionPages(view, parts.timeline, pages, parts.links, parts.letters).register(routes)
+    AdminPages(
+        view, parts.users, parts.queue, parts.webhooks, parts.api_keys, parts.chain
+    ).register(routes)
 
 
 async def start_web(parts: WebParts) -> web.AppRunner:

@@ -159,6 +159,10 @@ def _in_scope(scope: MessageScope) -> ColumnElement[bool] | None:
     return Message.user_id == scope.user_id
 
 
+# the one narrowing of a `Message` query by a scope, for the console's other reads
+scope_clause = _in_scope
+
+
 def _recipient_facts() -> Any:
     """(message_id, recipient, state) for every recipient of every message, as one select.
 
