@@ -18,6 +18,7 @@ from aiohttp import web
 from gateway.access import Permission
 from gateway.agent_actions import ActionRefused, InvalidRequest, UnknownTarget, WrongState
 from gateway.console.timeline import MessageStory, Timeline
+from gateway.letters.blocks import markdown_html
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.texts.catalog import Catalog
@@ -196,7 +197,15 @@ class ActionPages:
             story=story,
             recipient=found.letter.recipient,
             subject=found.letter.subject,
-            blocks=found.blocks,
+            blocks=[
+                {
+                    "id": b.id,
+                    "title": b.title,
+                    "html": markdown_html(b.text),
+                    "checkbox": b.checkbox,
+                }
+                for b in found.blocks
+            ],
             button=found.letter.button,
             files=None,
             closed=catalog.t(f"work.closed.{preview.closed.value}") if preview.closed else None,

@@ -8,7 +8,7 @@ the same 404 page as one that does not exist. Views a link scanner made (journal
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -44,6 +44,7 @@ class Line:
     label: str
     kind: str  # a css hook: "download", "consent", "bounce", "action", ""
     facts: list[tuple[str, str]]
+    download: tuple[str, str] | None = None  # (href, label) of a document the event made
 
 
 @dataclass
@@ -138,7 +139,11 @@ def recipient_views(story: MessageStory, catalog: Catalog) -> list[RecipientView
                 view.has_links = True
             if event.type in QUIET:
                 continue
-            (view.scanner if automated(event) else view.lines).append(describe(event, catalog))
+            line = describe(event, catalog)
+            if event.type == "consent.given" and isinstance(letter_id, str):
+                href = f"{MESSAGES}/{story.message.id}/letters/{letter_id}/consent.pdf"
+                line = replace(line, download=(href, catalog.t("work.consent_pdf")))
+            (view.scanner if automated(event) else view.lines).append(line)
         views.append(view)
     return views
 
