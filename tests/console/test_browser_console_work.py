@@ -172,6 +172,21 @@ async def test_agent_follows_acts_and_previews(
             response, _ = await site.get(f"/l/{second_token}")
             assert response.status == 410, "the old letter link ended"
             await shots.take(page, "message-resent", viewport["width"])
+            if size == "phone":  # the smallest phones in use: nothing cut off at 360 px
+                await page.set_viewport_size({"width": 360, "height": 740})
+                for path in (
+                    f"/console/messages/{world.link_message}",
+                    "/console/messages",
+                    "/console/letters",
+                ):
+                    await page.goto(base + path)
+                    scroll = await page.evaluate("document.documentElement.scrollWidth")
+                    assert scroll <= 360, f"{path} is {scroll} px wide on a 360 px screen"
+                # keyboard: the skip link first, then the navigation
+                await page.keyboard.press("Tab")
+                assert await page.locator(":focus").get_attribute("class") == "skip-link"
+                await page.keyboard.press("Tab")
+                assert await page.locator(":focus").inner_text() == "Start"
         finally:
             await browser.close()
 

@@ -4,6 +4,7 @@ SMTP, on both databases."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import html
@@ -13,6 +14,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 
 import pytest
+from aiohttp import web
 from sqlalchemy import select
 
 from gateway.store.models import Event, Link, LinkKind
@@ -28,6 +30,8 @@ from tests.console.work_world import (
 )
 from tests.letter_site import BIG_PDF, PROSPECT, LetterSite, offer, token_in
 from tests.links.test_link_actions import SAFE_LINKS
+from tests.queue_wait import queue_idle
+from tests.support import free_port
 
 FILE_PATH = re.compile(r'href="(/d/[A-Za-z0-9_-]{43}/f/[0-9a-f]+)"')
 
@@ -380,3 +384,82 @@ async def test_a_waiting_letter_list_is_soonest_first(world: World) -> None:
         link.expires_at = link.expires_at - timedelta(days=3)
     page = visible((await world.consoles[AGENT].get("/console/letters")).text)
     assert page.index("second@example.com") < page.index(PROSPECT)
+
+
+async def test_a_bounce_shows_the_upstream_reply_and_the_admin_retries_it(world: World) -> None:
+    site = world.site
+    site.sink.refuse["gone@example.com"] = "550 5.1.1 <gone@example.com>: no such user"
+    await site.harness.send(offer(subject="Ins Leere", big=False), recipients=["gone@example.com"])
+    await queue_idle(site.relay.db)
+    agent = world.consoles[AGENT]
+    listing = await agent.get("/console/messages?state=bounced")
+    [path] = re.findall(r'href="(/console/messages/[0-9a-f]+)"', listing.text)
+    story = visible((await agent.get(path)).text)
+    assert "Bounced" in story and "550 5.1.1 <gone@example.com>: no such user" in story
+
+    admin = world.consoles[ADMIN]
+    queue = await admin.get("/console/admin/queue")
+    assert "no such user" in visible(queue.text) and "Ins Leere" in visible(queue.text)
+    [retry] = re.findall(r'action="(/console/admin/queue/[0-9a-f]+/retry)"', queue.text)
+    del site.sink.refuse["gone@example.com"]
+    received = len(site.sink.messages)
+    csrf = await world.csrf(ADMIN, "/console/admin/queue")
+    answer = await admin.post(retry, {"csrf": csrf})
+    assert answer.status == 303 and answer.location == "/console/admin/queue?done=retried"
+    await site.sink.expect(received + 1)
+    await queue_idle(site.relay.db)
+    assert "no such user" not in (await admin.get("/console/admin/queue")).text
+    again = await admin.post(retry, {"csrf": csrf})
+    assert again.status == 409 and "nothing to retry" in visible(again.text)
+
+
+async def test_webhook_deliveries_are_listed_and_one_is_replayed(world: World) -> None:
+    got: list[tuple[str, bytes]] = []
+    arrived = asyncio.Condition()
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        async with arrived:
+            got.append((request.headers["webhook-id"], body))
+            arrived.notify_all()
+        return web.Response(status=200)
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        admin = world.consoles[ADMIN]
+        csrf = await world.csrf(ADMIN, "/console/admin/webhooks")
+        made = await admin.post(
+            "/console/admin/webhooks",
+            {
+                "csrf": csrf,
+                "url": f"http://127.0.0.1:{port}/hook",
+                "allow_private": "yes",
+                "event_types": "message.received",
+            },
+        )
+        assert made.status == 201
+        await world.site.harness.send(offer(subject="Neu", big=False), recipients=[BUYER])
+        async with asyncio.timeout(30), arrived:
+            await arrived.wait_for(lambda: len(got) >= 1)
+        hooks = await admin.get("/console/admin/webhooks")
+        [endpoint] = re.findall(r'href="(/console/admin/webhooks/[0-9a-f]+)"', hooks.text)
+        async with asyncio.timeout(30):
+            while "badge-delivered" not in (page := await admin.get(endpoint)).text:
+                await asyncio.sleep(0.05)  # the worker records the outcome after the post
+        text = visible(page.text)
+        assert "message.received" in text and "200" in text
+        [seq] = re.findall(r'name="seq" value="(\d+)"', page.text)
+        answer = await admin.post(endpoint + "/replay", {"csrf": csrf, "seq": seq})
+        assert answer.status == 303 and answer.location == endpoint + "?done=replayed"
+        async with asyncio.timeout(30), arrived:
+            await arrived.wait_for(lambda: len(got) >= 2)
+        assert got[1][0] == got[0][0], "a replay carries the event's own webhook-id"
+        bad = await admin.post(endpoint + "/replay", {"csrf": csrf, "seq": "999999"})
+        assert bad.status == 409
+    finally:
+        await runner.cleanup()

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.web_urldispatcher import AbstractRoute
 from sqlalchemy import select
 
-from gateway.store.models import Delivery, DeliveryStatus
+from gateway.store.models import ApiKeyScope, Delivery, DeliveryStatus
 from tests.console.client import Answer
 from tests.console.work_world import (
     ADMIN,
@@ -197,6 +197,23 @@ async def test_another_agents_message_is_not_found_and_lists_leak_nothing(world:
         assert page.status == (200 if sees else 404), who
     waiting = await world.consoles[OTHER_AGENT].get("/console/letters")
     assert "paula@example.com" not in waiting.text
+
+
+async def test_an_api_key_opens_no_console_page(world: World) -> None:
+    made = await world.site.relay.web_parts().api_keys.create("crm", ApiKeyScope.WRITE, "test")
+    nobody = world.consoles[NOBODY]
+    for path in (
+        "/console/messages",
+        f"/console/messages/{world.letter_message}",
+        "/console/admin",
+    ):
+        async with nobody.http.get(
+            nobody.base + path,
+            headers={"Authorization": f"Bearer {made.key}"},
+            allow_redirects=False,
+        ) as answer:
+            assert answer.status == 303, path
+            assert answer.headers["Location"].startswith("/console/login")
 
 
 async def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(world: World) -> None:
