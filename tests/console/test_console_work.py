@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 
+import aiosmtplib
 import pytest
 from aiohttp import web
 from sqlalchemy import select
@@ -315,6 +316,16 @@ async def test_admin_adds_a_user_who_then_sends_mail_and_changes_things(world: W
     assert disabled.status == 303
     listing = visible((await admin.get("/console/admin/users")).text)
     assert "Team lead" in listing and "sued" in listing and "Disabled" in listing
+    async with world.site.harness.client() as client:
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+            await client.login("new.agent@broker.example", html.unescape(password))
+    enabled = await admin.post(
+        "/console/admin/users/change",
+        {"csrf": csrf, "email": "new.agent@broker.example", "action": "enable"},
+    )
+    assert enabled.status == 303
+    async with world.site.harness.client() as client:
+        await client.login("new.agent@broker.example", html.unescape(password))
 
     keys = await admin.post("/console/admin/keys", {"csrf": csrf, "name": "CRM", "scope": "read"})
     assert keys.status == 201
@@ -347,6 +358,8 @@ async def test_admin_adds_a_user_who_then_sends_mail_and_changes_things(world: W
     [disable] = re.findall(r'action="(/console/admin/webhooks/[^/]+/disable)"', hooks.text)
     assert (await admin.post(disable, {"csrf": csrf})).status == 303
     assert "Disabled" in visible((await admin.get("/console/admin/webhooks")).text)
+    assert (await admin.post(disable.replace("/disable", "/enable"), {"csrf": csrf})).status == 303
+    assert "Disabled" not in visible((await admin.get("/console/admin/webhooks")).text)
 
     queue = await admin.get("/console/admin/queue")
     assert queue.status == 200
