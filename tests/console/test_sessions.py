@@ -350,3 +350,16 @@ async def test_totp_off_signs_in_with_the_password_alone(database: Database, clo
     await signed_in(desk)
     kinds = [e.type for e in await journal(database)]
     assert "user.totp_enabled" in kinds and "user.totp_disabled" in kinds
+
+
+async def test_a_deleted_user_is_signed_out_with_their_sessions_gone(
+    database: Database, clock: Clock
+) -> None:
+    user = await users.add_user(database, EMAIL, PASSWORD)
+    desk = make_desk(database, clock)
+    done = await signed_in(desk)
+    async with database.transaction() as session:
+        row = await session.get(type(user), user.id)
+        await session.delete(row)
+    assert await desk.current(done.token) is None
+    assert await stored_sessions(database) == []
