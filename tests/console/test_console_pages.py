@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from gateway import users
+from gateway.access import Permission
 from gateway.console import totp
 from gateway.console.sessions import SessionDesk
 from gateway.store.models import Role
@@ -22,6 +23,7 @@ from tests.console.test_sessions import Clock, wrong_code
 from tests.support import free_port
 from web.app import create_app
 from web.console.forms import CookieNames, dev_url
+from web.guard import RULES, Audience, Routes
 
 PROXY = {"web": {"trusted_proxies": ["127.0.0.1"]}}
 
@@ -379,3 +381,40 @@ async def test_cookies_are_host_prefixed_and_secure_unless_dev_on_loopback(
         for flag in ("Secure", "HttpOnly", "SameSite=Lax", "Path=/"):
             assert flag in cookie
         assert "Domain" not in cookie
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def test_every_console_post_route_checks_csrf_and_no_cookie_opens_the_api(
+    relay: Harness,
+) -> None:
+    """Enumerates the route table: a console form added later is covered without a line of
+    its own, and an API route never accepts the console's cookie."""
+    app = create_app(relay.relay.web_parts())
+    routes = Routes(app)
+    routes.api("GET", "/api/v1/probe", _ok, Permission.VIEW_MESSAGES)
+    routes.console("POST", "/console/probe", _ok, Permission.VIEW_MESSAGES)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    posts = [
+        route.resource.canonical
+        for route, rule in app[RULES].items()
+        if rule.audience is Audience.CONSOLE and route.method == "POST" and route.resource
+    ]
+    assert {"/console/logout", "/console/logout-everywhere", "/console/probe"} <= set(posts)
+    try:
+        async with ConsoleClient(f"http://127.0.0.1:{port}") as browser:
+            await browser.sign_in(AGENT, PASSWORD)
+            for path in posts:
+                assert (await browser.post(path, {})).status == 403, path
+            assert (
+                await browser.post("/console/probe", {"csrf": await browser.csrf()})
+            ).text == "ok"
+            assert (await browser.get("/console/")).status == 200, "no POST got through"
+            assert (await browser.get("/api/v1/probe")).status == 401
+    finally:
+        await runner.cleanup()
