@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings
-from gateway.console.sessions import SessionDesk
+from gateway.console.sessions import SessionDesk, delete_timed_out
 from gateway.fronts.smtp import SmtpFront
 from gateway.intake.pipeline import Pipeline
 from gateway.letters import letter_keys
@@ -66,7 +66,7 @@ def sweeper_for(
     """The housekeeping round as configured: links, letters, blobs (serve and the CLI)."""
 
     async def sweep(now: datetime) -> sweeper.SweepReport:
-        return await sweeper.sweep(
+        report = await sweeper.sweep(
             db,
             blobs,
             now,
@@ -74,6 +74,10 @@ def sweeper_for(
             evidence_years=settings.letter.evidence_retention,
             expire_letters=letters.expire_due,
         )
+        ended = await delete_timed_out(db, settings.console, now)
+        if ended:
+            log.info("sweep: %d timed-out console sessions deleted", ended)
+        return report
 
     return sweep
 
