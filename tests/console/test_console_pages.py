@@ -362,9 +362,12 @@ async def test_cookies_are_host_prefixed_and_secure_unless_dev_on_loopback(
     assert CookieNames.for_public_url("https://relay.broker.example") == CookieNames(
         "__Host-sealrelay_session", "__Host-sealrelay_login", secure=True
     )
-    relay = await relay_factory(server={"public_url": "https://relay.broker.example"})
+    # behind a proxy that serves the relay under /sealrelay
+    relay = await relay_factory(server={"public_url": "https://relay.broker.example/sealrelay"})
     async with ConsoleClient(relay.web_url) as browser:
         page = await browser.get("/console/login")
+        assert 'action="/sealrelay/console/login"' in page.text
+        assert 'href="/sealrelay/static/console.css?v=' in page.text
         login_cookie = page.headers.getone("Set-Cookie")
         assert login_cookie.startswith("__Host-sealrelay_login=")
         assert "Secure" in login_cookie and "SameSite=Strict" in login_cookie
@@ -375,7 +378,7 @@ async def test_cookies_are_host_prefixed_and_secure_unless_dev_on_loopback(
             {**hidden_fields(page.text), "email": AGENT, "password": PASSWORD},
             Cookie=f"__Host-sealrelay_login={nonce}",
         )
-        assert answer.status == 303
+        assert answer.status == 303 and answer.location == "/sealrelay/console/"
         cookie = answer.headers.getone("Set-Cookie")
         assert cookie.startswith("__Host-sealrelay_session=")
         for flag in ("Secure", "HttpOnly", "SameSite=Lax", "Path=/"):
