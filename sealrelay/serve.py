@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.config import Settings
 from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk
-from gateway.console.sessions import SessionDesk
+from gateway.console.sessions import SessionDesk, delete_timed_out
 from gateway.console.timeline import Timeline
 from gateway.console.waiting import WaitingLetters
 from gateway.fronts.smtp import SmtpFront
@@ -72,7 +72,7 @@ def sweeper_for(
     """The housekeeping round as configured: links, letters, blobs (serve and the CLI)."""
 
     async def sweep(now: datetime) -> sweeper.SweepReport:
-        return await sweeper.sweep(
+        report = await sweeper.sweep(
             db,
             blobs,
             now,
@@ -80,6 +80,10 @@ def sweeper_for(
             evidence_years=settings.letter.evidence_retention,
             expire_letters=letters.expire_due,
         )
+        ended = await delete_timed_out(db, settings.console, now)
+        if ended:
+            log.info("sweep: %d timed-out console sessions deleted", ended)
+        return report
 
     return sweep
 

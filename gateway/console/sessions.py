@@ -328,6 +328,21 @@ class SessionDesk:
         return ended
 
 
+async def delete_timed_out(db: Database, settings: ConsoleSettings, now: datetime) -> int:
+    """Deletes every session past its idle or absolute timeout (with its IP address and
+    browser): the hourly sweep's share for the console. How many there were."""
+    idle = timedelta(seconds=settings.idle_timeout)
+    absolute = timedelta(seconds=settings.absolute_timeout)
+    async with db.transaction() as session:
+        result = await session.execute(
+            delete(ConsoleSession).where(
+                (ConsoleSession.created_at <= now - absolute)
+                | (ConsoleSession.last_seen_at <= now - idle)
+            )
+        )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def pending_parts(pending: str) -> tuple[int, str]:
     fields = pending.split(".")
     return int(fields[1]), fields[2]

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from gateway import users
+from gateway.access import Permission
 from gateway.console import totp
 from gateway.console.sessions import SessionDesk
 from gateway.store.models import Role
@@ -22,6 +23,7 @@ from tests.console.test_sessions import Clock, wrong_code
 from tests.support import free_port
 from web.app import create_app
 from web.console.forms import CookieNames, dev_url
+from web.guard import RULES, Audience, Routes
 
 PROXY = {"web": {"trusted_proxies": ["127.0.0.1"]}}
 
@@ -360,9 +362,12 @@ async def test_cookies_are_host_prefixed_and_secure_unless_dev_on_loopback(
     assert CookieNames.for_public_url("https://relay.broker.example") == CookieNames(
         "__Host-sealrelay_session", "__Host-sealrelay_login", secure=True
     )
-    relay = await relay_factory(server={"public_url": "https://relay.broker.example"})
+    # behind a proxy that serves the relay under /sealrelay
+    relay = await relay_factory(server={"public_url": "https://relay.broker.example/sealrelay"})
     async with ConsoleClient(relay.web_url) as browser:
         page = await browser.get("/console/login")
+        assert 'action="/sealrelay/console/login"' in page.text
+        assert 'href="/sealrelay/static/console.css?v=' in page.text
         login_cookie = page.headers.getone("Set-Cookie")
         assert login_cookie.startswith("__Host-sealrelay_login=")
         assert "Secure" in login_cookie and "SameSite=Strict" in login_cookie
@@ -373,9 +378,46 @@ async def test_cookies_are_host_prefixed_and_secure_unless_dev_on_loopback(
             {**hidden_fields(page.text), "email": AGENT, "password": PASSWORD},
             Cookie=f"__Host-sealrelay_login={nonce}",
         )
-        assert answer.status == 303
+        assert answer.status == 303 and answer.location == "/sealrelay/console/"
         cookie = answer.headers.getone("Set-Cookie")
         assert cookie.startswith("__Host-sealrelay_session=")
         for flag in ("Secure", "HttpOnly", "SameSite=Lax", "Path=/"):
             assert flag in cookie
         assert "Domain" not in cookie
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def test_every_console_post_route_checks_csrf_and_no_cookie_opens_the_api(
+    relay: Harness,
+) -> None:
+    """Enumerates the route table: a console form added later is covered without a line of
+    its own, and an API route never accepts the console's cookie."""
+    app = create_app(relay.relay.web_parts())
+    routes = Routes(app)
+    routes.api("GET", "/api/v1/probe", _ok, Permission.VIEW_MESSAGES)
+    routes.console("POST", "/console/probe", _ok, Permission.VIEW_MESSAGES)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    posts = [
+        route.resource.canonical
+        for route, rule in app[RULES].items()
+        if rule.audience is Audience.CONSOLE and route.method == "POST" and route.resource
+    ]
+    assert {"/console/logout", "/console/logout-everywhere", "/console/probe"} <= set(posts)
+    try:
+        async with ConsoleClient(f"http://127.0.0.1:{port}") as browser:
+            await browser.sign_in(AGENT, PASSWORD)
+            for path in posts:
+                assert (await browser.post(path, {})).status == 403, path
+            assert (
+                await browser.post("/console/probe", {"csrf": await browser.csrf()})
+            ).text == "ok"
+            assert (await browser.get("/console/")).status == 200, "no POST got through"
+            assert (await browser.get("/api/v1/probe")).status == 401
+    finally:
+        await runner.cleanup()

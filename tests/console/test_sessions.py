@@ -19,6 +19,8 @@ from gateway.console.sessions import (
     SessionDesk,
     SignedIn,
     SignInRefused,
+    delete_timed_out,
+    session_id,
 )
 from gateway.login_throttle import LoginThrottle
 from gateway.store.db import Database
@@ -350,3 +352,29 @@ async def test_totp_off_signs_in_with_the_password_alone(database: Database, clo
     await signed_in(desk)
     kinds = [e.type for e in await journal(database)]
     assert "user.totp_enabled" in kinds and "user.totp_disabled" in kinds
+
+
+async def test_a_deleted_user_is_signed_out_with_their_sessions_gone(
+    database: Database, clock: Clock
+) -> None:
+    user = await users.add_user(database, EMAIL, PASSWORD)
+    desk = make_desk(database, clock)
+    done = await signed_in(desk)
+    async with database.transaction() as session:
+        row = await session.get(type(user), user.id)
+        await session.delete(row)
+    assert await desk.current(done.token) is None
+    assert await stored_sessions(database) == []
+
+
+async def test_the_sweep_deletes_timed_out_sessions_only(database: Database, clock: Clock) -> None:
+    await users.add_user(database, EMAIL, PASSWORD)
+    desk = make_desk(database, clock)
+    idle = await signed_in(desk)
+    clock.now += timedelta(minutes=20)
+    active = await signed_in(desk, THERE)
+    clock.now += timedelta(minutes=15)  # idle: 35 minutes quiet; active: 15
+    settings = ConsoleSettings(idle_timeout=1800, absolute_timeout=12 * 3600)
+    assert await delete_timed_out(database, settings, clock.now) == 1
+    assert [r.id for r in await stored_sessions(database)] == [session_id(active.token)]
+    assert await desk.current(idle.token) is None

@@ -120,7 +120,7 @@ class ConsolePages:
         target = safe_next(request.query.get("next"))
         token = request.cookies.get(self.forms.cookies.session)
         if token and await self.sessions.current(token) is not None:
-            raise web.HTTPSeeOther(target)
+            raise web.HTTPSeeOther(self.site.base + target)
         notice = {"out": "console.done_out", "everywhere": "console.done_everywhere"}
         return self._login_form(
             request, target=target, notice=notice.get(request.query.get("done", ""))
@@ -157,7 +157,7 @@ class ConsolePages:
             case CodeNeeded(pending=pending):
                 return self._login_form(request, target=target, pending=pending)
             case SignedIn(token=token):
-                response = web.HTTPSeeOther(target)
+                response = web.HTTPSeeOther(self.site.base + target)
                 response.set_cookie(
                     self.forms.cookies.session,
                     token,
@@ -194,7 +194,7 @@ class ConsolePages:
     # -- helpers
 
     def _signed_out(self, done: str) -> web.HTTPSeeOther:
-        response = web.HTTPSeeOther(f"{CONSOLE_LOGIN}?done={done}")
+        response = web.HTTPSeeOther(f"{self.site.base}{CONSOLE_LOGIN}?done={done}")
         # a __Host- cookie is only replaced by one with the same flags, or it would stay
         response.del_cookie(
             self.forms.cookies.session,
@@ -294,7 +294,8 @@ class ConsolePages:
             status=status,
             console_css=self.css,
             field=FIELD,
-            login_url=CONSOLE_LOGIN,
+            login_url=self.site.base + CONSOLE_LOGIN,
+            base=self.site.base,
             **context,
         )
 
