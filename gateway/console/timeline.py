@@ -164,11 +164,9 @@ scope_clause = _in_scope
 
 
 def _recipient_facts() -> Any:
-    """(message_id, recipient, state) for every recipient of every message, as one select.
-
-    Rows come from three sources (copies, letters with their consent's released copy,
-    links) and are folded per recipient; the CASE is the ordered list in the module doc.
-    """
+    """Flags per (message_id, recipient) from three sources: copies, letters (with their
+    consent's released copy) and download links. `_state_of` folds them per recipient in the
+    order the module doc lists."""
     released = (
         select(Delivery.status).where(Delivery.id == Consent.released_delivery_id).scalar_subquery()
     )

@@ -19,7 +19,7 @@ from tests.conftest import Harness, make_message
 SCHEMATHESIS = Path(sys.executable).with_name("st")
 
 
-async def test_the_api_keeps_its_openapi_document(relay: Harness) -> None:
+async def test_the_api_keeps_its_openapi_document(relay: Harness, tmp_path: Path) -> None:
     await relay.send(make_message())  # a message and events to list
     key = await ApiKeyDesk(relay.relay.db, utcnow).create("schemathesis", ApiKeyScope.WRITE, "t")
     url = f"{relay.web_url}/api/v1/openapi.json"
@@ -55,6 +55,7 @@ async def test_the_api_keeps_its_openapi_document(relay: Harness) -> None:
         "--no-color",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,  # where it keeps its cache
     )
     async with asyncio.timeout(600):
         out, _ = await process.communicate()
