@@ -4,6 +4,11 @@ Find a letter by its token, record a view, release it on consent, pass on a requ
 new link, and expire the letters whose link ran out. Release happens in one transaction:
 consent record, journal, the evidence-stamped original and the agent's confirmation queued
 together, exactly once.
+
+What agents do to letters lives here too (the console and the API call it): re-send with a
+fresh link, release without consent (never journaled as consent), preview, and read the
+consent PDF and the released original for a lawyer. Each takes the actor's name, refuses with
+gateway/agent_actions.py's errors before it writes, and shares release's small steps.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ the evidence for a lawyer, and what a link scanner's visit leaves."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import func, select
 
@@ -13,7 +15,7 @@ from gateway.links.tokens import Closed
 from gateway.mail import headers
 from gateway.mail.evidence_headers import CONSENT_HEADER, RELEASED_BY_AGENT_HEADER
 from gateway.store.models import Consent, Delivery, Event, Letter, LetterStatus, Link
-from tests.letter_site import PROSPECT, REQUIRED, LetterSite, offer, text_of, token_in
+from tests.letter_site import PROSPECT, REQUIRED, Clock, LetterSite, offer, text_of, token_in
 from tests.queue_wait import queue_idle
 
 ANNA = "anna@broker.example"
@@ -220,3 +222,23 @@ async def test_a_scanner_only_views_and_never_consents(site: LetterSite) -> None
     assert not types & {"consent.given", "letter.released", "letter.released_by_agent"}
     async with site.relay.db.transaction() as session:
         assert (await session.scalar(select(Letter.status))) == LetterStatus.HELD
+
+
+async def test_an_expired_letter_extended_waits_for_consent_again(
+    site: LetterSite, clock: Clock
+) -> None:
+    token, _ = await site.send_offer(offer(big=False))
+    letter = await site.letter_row()
+    clock.advance(days=15)
+    assert await site.relay.letters.expire_due(clock()) == 1
+    assert (await site.letter_row()).status == LetterStatus.EXPIRED
+    response, _ = await site.get(f"/l/{token}")
+    assert response.status == 410
+
+    until = clock() + timedelta(days=7)
+    await site.relay.links.extend((letter.message_id, PROSPECT), until, ANNA)
+    assert (await site.letter_row()).status == LetterStatus.HELD
+    [extended] = await site.events("link.extended")
+    assert extended.data["kind"] == "letter" and extended.data["actor"] == ANNA
+    assert (await site.consent(token)).status == 303
+    assert (await site.letter_row()).status == LetterStatus.RELEASED
