@@ -124,6 +124,10 @@ async def test_release_by_agent_is_no_consent(site: LetterSite) -> None:
     [stamp] = headers.values(fields, RELEASED_BY_AGENT_HEADER)
     assert f"letter={letter.id}" in stamp and "consent=none" in stamp
     assert headers.values(fields, CONSENT_HEADER) == []
+    # signed and oversigned: the header can be neither removed nor added to a signed copy
+    [signature] = headers.values(fields, "dkim-signature")
+    names = "".join(signature.split()).lower()
+    assert names.count("x-sealrelay-released-by-agent") == 2
 
     assert (await site.letter_row()).status == LetterStatus.RELEASED
     assert await site.count(Consent) == 0
