@@ -486,10 +486,11 @@ class LetterDesk:
         )
         return deliveries[0]
 
-    async def preview(self, letter_id: str) -> LetterPreview:
+    async def preview(self, letter_id: str, actor: str) -> LetterPreview:
         """What the recipient's letter page shows for `letter_id`, for the console: the same
         found state the page renders, and why it is closed if it is. Reads only: no view is
-        recorded and nothing here can consent."""
+        recorded and nothing here can consent; only the log says who looked."""
+        actor = checked_actor(actor)
         async with self.db.transaction() as session:
             row = (
                 await session.execute(
@@ -505,10 +506,13 @@ class LetterDesk:
             consent = await session.scalar(select(Consent).where(Consent.letter_id == letter.id))
         blocks = tuple(ShownBlock(**block) for block in letter.blocks)
         found = FoundLetter(letter, message, link, blocks, consent)
+        log.info("%s: letter=%s previewed by=%s", message.id, letter.id, actor)
         return LetterPreview(found, _closed(letter, link, self.clock()))
 
-    async def consent_pdf(self, letter_id: str) -> bytes:
-        """The consent record's PDF, as the recipient can download it, for a lawyer."""
+    async def consent_pdf(self, letter_id: str, actor: str) -> bytes:
+        """The consent record's PDF, as the recipient can download it, for a lawyer; read
+        only, the log says who fetched it."""
+        actor = checked_actor(actor)
         async with self.db.transaction() as session:
             letter = await session.get(Letter, letter_id)
             if letter is None:
@@ -516,12 +520,15 @@ class LetterDesk:
             consent = await session.scalar(select(Consent).where(Consent.letter_id == letter.id))
         if consent is None:
             raise WrongState(f"letter {letter_id} has no consent (status {letter.status})")
+        log.info("%s: letter=%s consent PDF read by=%s", letter.message_id, letter.id, actor)
         return await self.blobs.read(consent.pdf_blob)
 
-    async def released_original(self, letter_id: str) -> bytes:
+    async def released_original(self, letter_id: str, actor: str) -> bytes:
         """The released original as queued to the recipient (.eml bytes: the evidence headers,
         or the agent's release header, in front of the held copy). Delivery signs it with
-        DKIM on the way out; the signed copy is the one the recipient and the archive got."""
+        DKIM on the way out; the signed copy is the one the recipient and the archive got.
+        Read only; the log says who fetched it."""
+        actor = checked_actor(actor)
         async with self.db.transaction() as session:
             letter = await session.get(Letter, letter_id)
             if letter is None:
@@ -536,6 +543,7 @@ class LetterDesk:
             delivery = await session.get(Delivery, delivery_id) if delivery_id else None
         if delivery is None:
             raise WrongState(f"letter {letter_id}: the released copy is not on record")
+        log.info("%s: letter=%s released original read by=%s", letter.message_id, letter.id, actor)
         return await self.blobs.read(delivery.blob)
 
     def _snapshot_set(self, letter: Letter) -> BlockSet:

@@ -344,9 +344,10 @@ class LinkDesk:
                 )
         return links
 
-    async def preview(self, link_id: str) -> FoundLink:
+    async def preview(self, link_id: str, actor: str) -> FoundLink:
         """What the download page of `link_id` shows, its state included, for the console:
-        reads only, records no view, counts nothing."""
+        reads only, records no view, counts nothing; only the log says who looked."""
+        actor = checked_actor(actor)
         async with self.db.transaction() as session:
             row = (
                 await session.execute(
@@ -357,7 +358,9 @@ class LinkDesk:
             ).first()
             if row is None:
                 raise UnknownTarget(f"no download link has the id {link_id!r}")
-            return await found_of(session, row[0], row[1], self.clock())
+            found = await found_of(session, row[0], row[1], self.clock())
+        log.info("%s: link=%s previewed by=%s", found.link.message_id, found.link.id, actor)
+        return found
 
 
 def judge_visit(

@@ -301,5 +301,5 @@ async def test_an_offer_released_by_the_agent_stays_evidence(
     clock.advance(days=400)
     await sweep(site)
     assert await site.relay.blobs.exists(letter.held_blob)
-    released = await site.relay.letters.released_original(letter.id)
+    released = await site.relay.letters.released_original(letter.id, "anna@broker.example")
     assert b"X-Sealrelay-Released-By-Agent" in released

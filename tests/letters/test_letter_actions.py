@@ -114,7 +114,7 @@ async def test_release_by_agent_is_no_consent(site: LetterSite) -> None:
             await desk.release_by_agent(letter_id, actor, reason)
     assert await state(site) == before
     with pytest.raises(WrongState):
-        await desk.released_original(letter.id)
+        await desk.released_original(letter.id, "anna@broker.example")
 
     count = len(site.sink.messages)
     delivery = await desk.release_by_agent(letter.id, ANNA, "asked by phone")
@@ -142,10 +142,10 @@ async def test_release_by_agent_is_no_consent(site: LetterSite) -> None:
     }
     assert event.delivery_id == delivery.id
 
-    original = await desk.released_original(letter.id)
+    original = await desk.released_original(letter.id, "anna@broker.example")
     assert RELEASED_BY_AGENT_HEADER.encode() in original
     with pytest.raises(WrongState, match="no consent"):
-        await desk.consent_pdf(letter.id)
+        await desk.consent_pdf(letter.id, ANNA)
     before = await state(site)
     with pytest.raises(WrongState):
         await desk.release_by_agent(letter.id, ANNA, "again")
@@ -171,7 +171,7 @@ async def test_preview_records_nothing_and_cannot_consent(site: LetterSite) -> N
     desk = site.relay.letters
     letter = await site.letter_row()
     before = await state(site)
-    shown = await desk.preview(letter.id)
+    shown = await desk.preview(letter.id, ANNA)
     assert shown.closed is None
     assert shown.found.letter.id == letter.id and not shown.found.released
     assert [b.id for b in shown.found.blocks if b.checkbox] == list(REQUIRED)
@@ -179,10 +179,13 @@ async def test_preview_records_nothing_and_cannot_consent(site: LetterSite) -> N
     assert await state(site) == before
     assert await site.events("letter.viewed") == []
     with pytest.raises(UnknownTarget):
-        await desk.preview("nope")
+        await desk.preview("nope", ANNA)
+    for read in (desk.preview, desk.consent_pdf, desk.released_original):
+        with pytest.raises(InvalidRequest):
+            await read(letter.id, " ")
 
     await site.relay.links.revoke(letter.message_id, PROSPECT, ANNA)
-    assert (await desk.preview(letter.id)).closed is Closed.REVOKED
+    assert (await desk.preview(letter.id, ANNA)).closed is Closed.REVOKED
     response, body = await site.get(f"/l/{token}")
     assert response.status == 410 and "Zugang beendet" in body.decode()
 
@@ -193,15 +196,15 @@ async def test_evidence_for_a_lawyer(site: LetterSite) -> None:
     letter = await site.letter_row()
     for read in (desk.consent_pdf, desk.released_original):
         with pytest.raises(UnknownTarget):
-            await read("nope")
+            await read("nope", ANNA)
         with pytest.raises(WrongState):
-            await read(letter.id)
+            await read(letter.id, ANNA)
     assert (await site.consent(token)).status == 303
     await queue_idle(site.relay.db)
     size = await journal_size(site)
-    pdf = await desk.consent_pdf(letter.id)
+    pdf = await desk.consent_pdf(letter.id, ANNA)
     assert pdf.startswith(b"%PDF")
-    original = await desk.released_original(letter.id)
+    original = await desk.released_original(letter.id, "anna@broker.example")
     async with site.relay.db.transaction() as session:
         consent = await session.scalar(select(Consent))
     assert consent is not None
