@@ -14,9 +14,10 @@ gateway/agent_actions.py's errors before it writes, and shares release's small s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -48,7 +49,7 @@ from gateway.mail import headers
 from gateway.outbound.local_mail import Queued, enqueue
 from gateway.outbound.queue import new_delivery
 from gateway.store import journal
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobMissing, BlobStore
 from gateway.store.db import Database
 from gateway.store.events import (
     CONSENT_GIVEN,
@@ -77,6 +78,7 @@ from gateway.store.models import (
 from rules.automated_visits import Verdict
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 EXPIRE_BATCH = 100
 
 
@@ -364,7 +366,9 @@ class LetterDesk:
         now = self.clock()
         async with self.db.transaction() as session:
             letter, message = await _held_letter(session, letter_id, "released")
-            blob = await self._stamped(letter, [released_by_agent_field(letter.id, now)])
+            blob = await _stored_or_refused(
+                letter, self._stamped(letter, [released_by_agent_field(letter.id, now)])
+            )
             deliveries = self._copies(message, letter.recipient, blob, now)
             _mark_released(letter, now)
             session.add_all(deliveries)
@@ -421,7 +425,7 @@ class LetterDesk:
                 now=now,
                 days=days,
             )
-            held = await self.blobs.read(letter.held_blob)
+            held = await _stored_or_refused(letter, self.blobs.read(letter.held_blob))
             letter_bytes = letter_for_held(
                 self.settings,
                 self._snapshot_set(letter),
@@ -727,6 +731,17 @@ async def _released_by_agent_delivery(session: AsyncSession, letter: Letter) -> 
         .order_by(Event.seq.desc())
     )
     return next((e.delivery_id for e in events if e.data.get("letter_id") == letter.id), None)
+
+
+async def _stored_or_refused(letter: Letter, reading: Awaitable[T]) -> T:
+    """What `reading` reads of the letter's held original; WrongState when the store lost it
+    (the transaction then rolls back: nothing is written)."""
+    try:
+        return await reading
+    except BlobMissing as missing:
+        raise WrongState(
+            f"letter {letter.id}: the held original {missing.digest} is no longer stored"
+        ) from missing
 
 
 def _mark_released(letter: Letter, now: datetime) -> None:

@@ -249,3 +249,16 @@ async def test_an_expired_letter_extended_waits_for_consent_again(
     assert extended.data["kind"] == "letter" and extended.data["actor"] == ANNA
     assert (await site.consent(token)).status == 303
     assert (await site.letter_row()).status == LetterStatus.RELEASED
+
+
+async def test_a_lost_held_original_refuses_and_writes_nothing(site: LetterSite) -> None:
+    await site.send_offer(offer(big=False))
+    letter = await site.letter_row()
+    await site.relay.blobs.delete(letter.held_blob)
+    before = await state(site)
+    with pytest.raises(WrongState, match="no longer stored"):
+        await site.relay.letters.release_by_agent(letter.id, ANNA, "by phone")
+    with pytest.raises(WrongState, match="no longer stored"):
+        await site.relay.letters.resend(letter.id, ANNA)
+    assert await state(site) == before
+    assert (await site.letter_row()).letter_blob == letter.letter_blob
