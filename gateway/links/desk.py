@@ -33,6 +33,7 @@ from gateway.agent_actions import (
     checked_actor,
     checked_reason,
 )
+from gateway.config import DOWNLOAD_LINK_DAYS_MAX, LETTER_LINK_DAYS_MAX
 from gateway.links.tokens import (
     Closed,
     FoundLink,
@@ -61,8 +62,8 @@ from gateway.store.events import (
 from gateway.store.models import Letter, LetterStatus, Link, LinkFile, LinkKind, Message, StoredFile
 from rules.automated_visits import ScannerRules, Verdict, VisitFacts, classify
 
-# The longest a link may be given, in days from now: the policy's own maxima (gateway/config.py).
-MAX_DAYS = {LinkKind.DOWNLOAD: 3650, LinkKind.LETTER: 365}
+# The longest a link may be given, in days from now: the policy's own maxima.
+MAX_DAYS = {LinkKind.DOWNLOAD: DOWNLOAD_LINK_DAYS_MAX, LinkKind.LETTER: LETTER_LINK_DAYS_MAX}
 
 log = logging.getLogger(__name__)
 
