@@ -38,6 +38,9 @@ from rules.policy import Policy
 DEFAULT_POLICY = Policy()
 
 ENV_PREFIX = "SEALRELAY_"
+# The longest a link may be valid, in days: the policy's limits, and an agent's extension's.
+DOWNLOAD_LINK_DAYS_MAX = 3650
+LETTER_LINK_DAYS_MAX = 365
 
 
 class ConfigError(Exception):
@@ -289,11 +292,11 @@ class PolicyOverrides(Section):
     link_total_over: ByteSize | None = None
     keep_attached: list[Annotated[str, Field(pattern=MIME_TYPE)]] | None = None
     always_link: list[Annotated[str, Field(min_length=1)]] | None = None
-    download_link_days: int | None = Field(default=None, ge=1, le=3650)
+    download_link_days: int | None = Field(default=None, ge=1, le=DOWNLOAD_LINK_DAYS_MAX)
     internal_domains: list[str] | None = None
     language: Language | None = None
     registered_letter: bool | None = None
-    letter_link_days: int | None = Field(default=None, ge=1, le=365)
+    letter_link_days: int | None = Field(default=None, ge=1, le=LETTER_LINK_DAYS_MAX)
     letter_block_set: str | None = Field(default=None, min_length=1)
 
     def values(self) -> dict[str, Any]:
@@ -319,12 +322,16 @@ class PolicySettings(PolicyOverrides):
     always_link: list[Annotated[str, Field(min_length=1)]] | None = sorted(
         DEFAULT_POLICY.always_link
     )
-    download_link_days: int | None = Field(default=DEFAULT_POLICY.download_link_days, ge=1, le=3650)
+    download_link_days: int | None = Field(
+        default=DEFAULT_POLICY.download_link_days, ge=1, le=DOWNLOAD_LINK_DAYS_MAX
+    )
     internal_domains: list[str] | None = sorted(DEFAULT_POLICY.internal_domains)
     # never None: every page and mail of the relay falls back to it (rules.language)
     language: Language = DEFAULT_POLICY.language
     registered_letter: bool | None = DEFAULT_POLICY.registered_letter
-    letter_link_days: int | None = Field(default=DEFAULT_POLICY.letter_link_days, ge=1, le=365)
+    letter_link_days: int | None = Field(
+        default=DEFAULT_POLICY.letter_link_days, ge=1, le=LETTER_LINK_DAYS_MAX
+    )
     letter_block_set: str | None = DEFAULT_POLICY.letter_block_set
 
 

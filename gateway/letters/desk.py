@@ -4,14 +4,20 @@ Find a letter by its token, record a view, release it on consent, pass on a requ
 new link, and expire the letters whose link ran out. Release happens in one transaction:
 consent record, journal, the evidence-stamped original and the agent's confirmation queued
 together, exactly once.
+
+What agents do to letters lives here too (the console and the API call it): re-send with a
+fresh link, release without consent (never journaled as consent), preview, and read the
+consent PDF and the released original for a lawyer. Each takes the actor's name, refuses with
+gateway/agent_actions.py's errors before it writes, and shares release's small steps.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,7 +49,7 @@ from gateway.mail import headers
 from gateway.outbound.local_mail import Queued, enqueue
 from gateway.outbound.queue import new_delivery
 from gateway.store import journal
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobMissing, BlobStore
 from gateway.store.db import Database
 from gateway.store.events import (
     CONSENT_GIVEN,
@@ -72,6 +78,7 @@ from gateway.store.models import (
 from rules.automated_visits import Verdict
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 EXPIRE_BATCH = 100
 
 
@@ -359,7 +366,9 @@ class LetterDesk:
         now = self.clock()
         async with self.db.transaction() as session:
             letter, message = await _held_letter(session, letter_id, "released")
-            blob = await self._stamped(letter, [released_by_agent_field(letter.id, now)])
+            blob = await _stored_or_refused(
+                letter, self._stamped(letter, [released_by_agent_field(letter.id, now)])
+            )
             deliveries = self._copies(message, letter.recipient, blob, now)
             _mark_released(letter, now)
             session.add_all(deliveries)
@@ -416,7 +425,7 @@ class LetterDesk:
                 now=now,
                 days=days,
             )
-            held = await self.blobs.read(letter.held_blob)
+            held = await _stored_or_refused(letter, self.blobs.read(letter.held_blob))
             letter_bytes = letter_for_held(
                 self.settings,
                 self._snapshot_set(letter),
@@ -481,10 +490,11 @@ class LetterDesk:
         )
         return deliveries[0]
 
-    async def preview(self, letter_id: str) -> LetterPreview:
+    async def preview(self, letter_id: str, actor: str) -> LetterPreview:
         """What the recipient's letter page shows for `letter_id`, for the console: the same
         found state the page renders, and why it is closed if it is. Reads only: no view is
-        recorded and nothing here can consent."""
+        recorded and nothing here can consent; only the log says who looked."""
+        actor = checked_actor(actor)
         async with self.db.transaction() as session:
             row = (
                 await session.execute(
@@ -500,10 +510,13 @@ class LetterDesk:
             consent = await session.scalar(select(Consent).where(Consent.letter_id == letter.id))
         blocks = tuple(ShownBlock(**block) for block in letter.blocks)
         found = FoundLetter(letter, message, link, blocks, consent)
+        log.info("%s: letter=%s previewed by=%s", message.id, letter.id, actor)
         return LetterPreview(found, _closed(letter, link, self.clock()))
 
-    async def consent_pdf(self, letter_id: str) -> bytes:
-        """The consent record's PDF, as the recipient can download it, for a lawyer."""
+    async def consent_pdf(self, letter_id: str, actor: str) -> bytes:
+        """The consent record's PDF, as the recipient can download it, for a lawyer; read
+        only, the log says who fetched it."""
+        actor = checked_actor(actor)
         async with self.db.transaction() as session:
             letter = await session.get(Letter, letter_id)
             if letter is None:
@@ -511,12 +524,15 @@ class LetterDesk:
             consent = await session.scalar(select(Consent).where(Consent.letter_id == letter.id))
         if consent is None:
             raise WrongState(f"letter {letter_id} has no consent (status {letter.status})")
+        log.info("%s: letter=%s consent PDF read by=%s", letter.message_id, letter.id, actor)
         return await self.blobs.read(consent.pdf_blob)
 
-    async def released_original(self, letter_id: str) -> bytes:
+    async def released_original(self, letter_id: str, actor: str) -> bytes:
         """The released original as queued to the recipient (.eml bytes: the evidence headers,
         or the agent's release header, in front of the held copy). Delivery signs it with
-        DKIM on the way out; the signed copy is the one the recipient and the archive got."""
+        DKIM on the way out; the signed copy is the one the recipient and the archive got.
+        Read only; the log says who fetched it."""
+        actor = checked_actor(actor)
         async with self.db.transaction() as session:
             letter = await session.get(Letter, letter_id)
             if letter is None:
@@ -531,6 +547,7 @@ class LetterDesk:
             delivery = await session.get(Delivery, delivery_id) if delivery_id else None
         if delivery is None:
             raise WrongState(f"letter {letter_id}: the released copy is not on record")
+        log.info("%s: letter=%s released original read by=%s", letter.message_id, letter.id, actor)
         return await self.blobs.read(delivery.blob)
 
     def _snapshot_set(self, letter: Letter) -> BlockSet:
@@ -714,6 +731,17 @@ async def _released_by_agent_delivery(session: AsyncSession, letter: Letter) -> 
         .order_by(Event.seq.desc())
     )
     return next((e.delivery_id for e in events if e.data.get("letter_id") == letter.id), None)
+
+
+async def _stored_or_refused(letter: Letter, reading: Awaitable[T]) -> T:
+    """What `reading` reads of the letter's held original; WrongState when the store lost it
+    (the transaction then rolls back: nothing is written)."""
+    try:
+        return await reading
+    except BlobMissing as missing:
+        raise WrongState(
+            f"letter {letter.id}: the held original {missing.digest} is no longer stored"
+        ) from missing
 
 
 def _mark_released(letter: Letter, now: datetime) -> None:

@@ -33,6 +33,7 @@ from gateway.agent_actions import (
     checked_actor,
     checked_reason,
 )
+from gateway.config import DOWNLOAD_LINK_DAYS_MAX, LETTER_LINK_DAYS_MAX
 from gateway.links.tokens import (
     Closed,
     FoundLink,
@@ -61,8 +62,8 @@ from gateway.store.events import (
 from gateway.store.models import Letter, LetterStatus, Link, LinkFile, LinkKind, Message, StoredFile
 from rules.automated_visits import ScannerRules, Verdict, VisitFacts, classify
 
-# The longest a link may be given, in days from now: the policy's own maxima (gateway/config.py).
-MAX_DAYS = {LinkKind.DOWNLOAD: 3650, LinkKind.LETTER: 365}
+# The longest a link may be given, in days from now: the policy's own maxima.
+MAX_DAYS = {LinkKind.DOWNLOAD: DOWNLOAD_LINK_DAYS_MAX, LinkKind.LETTER: LETTER_LINK_DAYS_MAX}
 
 log = logging.getLogger(__name__)
 
@@ -344,9 +345,10 @@ class LinkDesk:
                 )
         return links
 
-    async def preview(self, link_id: str) -> FoundLink:
+    async def preview(self, link_id: str, actor: str) -> FoundLink:
         """What the download page of `link_id` shows, its state included, for the console:
-        reads only, records no view, counts nothing."""
+        reads only, records no view, counts nothing; only the log says who looked."""
+        actor = checked_actor(actor)
         async with self.db.transaction() as session:
             row = (
                 await session.execute(
@@ -357,7 +359,9 @@ class LinkDesk:
             ).first()
             if row is None:
                 raise UnknownTarget(f"no download link has the id {link_id!r}")
-            return await found_of(session, row[0], row[1], self.clock())
+            found = await found_of(session, row[0], row[1], self.clock())
+        log.info("%s: link=%s previewed by=%s", found.link.message_id, found.link.id, actor)
+        return found
 
 
 def judge_visit(

@@ -4,6 +4,8 @@ the evidence for a lawyer, and what a link scanner's visit leaves."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import func, select
 
@@ -13,7 +15,7 @@ from gateway.links.tokens import Closed
 from gateway.mail import headers
 from gateway.mail.evidence_headers import CONSENT_HEADER, RELEASED_BY_AGENT_HEADER
 from gateway.store.models import Consent, Delivery, Event, Letter, LetterStatus, Link
-from tests.letter_site import PROSPECT, REQUIRED, LetterSite, offer, text_of, token_in
+from tests.letter_site import PROSPECT, REQUIRED, Clock, LetterSite, offer, text_of, token_in
 from tests.queue_wait import queue_idle
 
 ANNA = "anna@broker.example"
@@ -112,7 +114,7 @@ async def test_release_by_agent_is_no_consent(site: LetterSite) -> None:
             await desk.release_by_agent(letter_id, actor, reason)
     assert await state(site) == before
     with pytest.raises(WrongState):
-        await desk.released_original(letter.id)
+        await desk.released_original(letter.id, "anna@broker.example")
 
     count = len(site.sink.messages)
     delivery = await desk.release_by_agent(letter.id, ANNA, "asked by phone")
@@ -122,6 +124,10 @@ async def test_release_by_agent_is_no_consent(site: LetterSite) -> None:
     [stamp] = headers.values(fields, RELEASED_BY_AGENT_HEADER)
     assert f"letter={letter.id}" in stamp and "consent=none" in stamp
     assert headers.values(fields, CONSENT_HEADER) == []
+    # signed and oversigned: the header can be neither removed nor added to a signed copy
+    [signature] = headers.values(fields, "dkim-signature")
+    names = "".join(signature.split()).lower()
+    assert names.count("x-sealrelay-released-by-agent") == 2
 
     assert (await site.letter_row()).status == LetterStatus.RELEASED
     assert await site.count(Consent) == 0
@@ -136,10 +142,10 @@ async def test_release_by_agent_is_no_consent(site: LetterSite) -> None:
     }
     assert event.delivery_id == delivery.id
 
-    original = await desk.released_original(letter.id)
+    original = await desk.released_original(letter.id, "anna@broker.example")
     assert RELEASED_BY_AGENT_HEADER.encode() in original
     with pytest.raises(WrongState, match="no consent"):
-        await desk.consent_pdf(letter.id)
+        await desk.consent_pdf(letter.id, ANNA)
     before = await state(site)
     with pytest.raises(WrongState):
         await desk.release_by_agent(letter.id, ANNA, "again")
@@ -165,7 +171,7 @@ async def test_preview_records_nothing_and_cannot_consent(site: LetterSite) -> N
     desk = site.relay.letters
     letter = await site.letter_row()
     before = await state(site)
-    shown = await desk.preview(letter.id)
+    shown = await desk.preview(letter.id, ANNA)
     assert shown.closed is None
     assert shown.found.letter.id == letter.id and not shown.found.released
     assert [b.id for b in shown.found.blocks if b.checkbox] == list(REQUIRED)
@@ -173,10 +179,13 @@ async def test_preview_records_nothing_and_cannot_consent(site: LetterSite) -> N
     assert await state(site) == before
     assert await site.events("letter.viewed") == []
     with pytest.raises(UnknownTarget):
-        await desk.preview("nope")
+        await desk.preview("nope", ANNA)
+    for read in (desk.preview, desk.consent_pdf, desk.released_original):
+        with pytest.raises(InvalidRequest):
+            await read(letter.id, " ")
 
     await site.relay.links.revoke(letter.message_id, PROSPECT, ANNA)
-    assert (await desk.preview(letter.id)).closed is Closed.REVOKED
+    assert (await desk.preview(letter.id, ANNA)).closed is Closed.REVOKED
     response, body = await site.get(f"/l/{token}")
     assert response.status == 410 and "Zugang beendet" in body.decode()
 
@@ -187,15 +196,15 @@ async def test_evidence_for_a_lawyer(site: LetterSite) -> None:
     letter = await site.letter_row()
     for read in (desk.consent_pdf, desk.released_original):
         with pytest.raises(UnknownTarget):
-            await read("nope")
+            await read("nope", ANNA)
         with pytest.raises(WrongState):
-            await read(letter.id)
+            await read(letter.id, ANNA)
     assert (await site.consent(token)).status == 303
     await queue_idle(site.relay.db)
     size = await journal_size(site)
-    pdf = await desk.consent_pdf(letter.id)
+    pdf = await desk.consent_pdf(letter.id, ANNA)
     assert pdf.startswith(b"%PDF")
-    original = await desk.released_original(letter.id)
+    original = await desk.released_original(letter.id, "anna@broker.example")
     async with site.relay.db.transaction() as session:
         consent = await session.scalar(select(Consent))
     assert consent is not None
@@ -220,3 +229,36 @@ async def test_a_scanner_only_views_and_never_consents(site: LetterSite) -> None
     assert not types & {"consent.given", "letter.released", "letter.released_by_agent"}
     async with site.relay.db.transaction() as session:
         assert (await session.scalar(select(Letter.status))) == LetterStatus.HELD
+
+
+async def test_an_expired_letter_extended_waits_for_consent_again(
+    site: LetterSite, clock: Clock
+) -> None:
+    token, _ = await site.send_offer(offer(big=False))
+    letter = await site.letter_row()
+    clock.advance(days=15)
+    assert await site.relay.letters.expire_due(clock()) == 1
+    assert (await site.letter_row()).status == LetterStatus.EXPIRED
+    response, _ = await site.get(f"/l/{token}")
+    assert response.status == 410
+
+    until = clock() + timedelta(days=7)
+    await site.relay.links.extend((letter.message_id, PROSPECT), until, ANNA)
+    assert (await site.letter_row()).status == LetterStatus.HELD
+    [extended] = await site.events("link.extended")
+    assert extended.data["kind"] == "letter" and extended.data["actor"] == ANNA
+    assert (await site.consent(token)).status == 303
+    assert (await site.letter_row()).status == LetterStatus.RELEASED
+
+
+async def test_a_lost_held_original_refuses_and_writes_nothing(site: LetterSite) -> None:
+    await site.send_offer(offer(big=False))
+    letter = await site.letter_row()
+    await site.relay.blobs.delete(letter.held_blob)
+    before = await state(site)
+    with pytest.raises(WrongState, match="no longer stored"):
+        await site.relay.letters.release_by_agent(letter.id, ANNA, "by phone")
+    with pytest.raises(WrongState, match="no longer stored"):
+        await site.relay.letters.resend(letter.id, ANNA)
+    assert await state(site) == before
+    assert (await site.letter_row()).letter_blob == letter.letter_blob

@@ -788,3 +788,34 @@ def test_texts_formats_and_colours() -> None:
     assert accent is not None and contrast(accent.group(1), "#ffffff") >= 4.5
     assert "--on-brand: #1b1f24;" in css, "dark text on a light brand colour"
     assert "--on-page: #f3f4f6;" in css, "light text on a dark page"
+
+
+async def test_a_scanner_fetch_is_automated_and_the_person_still_downloads_first(
+    pages: Pages,
+) -> None:
+    made = await pages.link([("a.pdf", "application/pdf", b"a" * 100)])
+    scanner = {"User-Agent": "Mozilla/5.0 (compatible; Proofpoint URL Defense)"}
+    for path in (made.path(), made.file_path(made.files[0]), made.path("/zip")):
+        response, _ = await pages.get(path, headers=scanner)
+        assert response.status == 200
+    events = await pages.events()
+    assert [e.type for e in events] == ["link.viewed", "download.automated", "download.zip"]
+    assert all(e.data["automated"] is True for e in events)
+    assert await pages.downloads(made, made.files[0]) == 0
+
+    response, body = await pages.get(made.file_path(made.files[0]), headers={"Cookie": "a=b"})
+    assert response.status == 200 and body == b"a" * 100
+    person = (await pages.events())[-1]
+    assert person.type == "download.first" and "automated" not in person.data
+    assert await pages.downloads(made, made.files[0]) == 1
+
+
+async def test_a_revoked_link_answers_access_ended(pages: Pages) -> None:
+    made = await pages.link(language="en")
+    await pages.relay.links.revoke(made.message_id, PROSPECT, "anna@broker.example")
+    for path in (made.path(), made.file_path(made.files[0]), made.path("/zip")):
+        response, body = await pages.get(path)
+        assert response.status == 410
+        text = body.decode()
+        assert "Access ended" in text and "expired" not in text
+    assert await pages.downloads(made, made.files[0]) == 0

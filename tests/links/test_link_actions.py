@@ -198,16 +198,18 @@ async def test_preview_writes_nothing(database: Database) -> None:
     desk = LinkDesk(database, clock)
     made = await make_link(database, clock.now)
     size = await journal_size(database)
-    shown = await desk.preview(made.link_id)
+    shown = await desk.preview(made.link_id, "admin")
     assert await journal_size(database) == size
     assert shown.state is LinkState.VALID
     assert [f.filename for f in shown.files] == ["Teil 0.pdf", "Teil 1.pdf"]
     assert shown.message.subject == "Exposé"
     await desk.revoke(made.message.id, PROSPECT, "admin")
-    assert (await desk.preview(made.link_id)).state is LinkState.REVOKED
+    assert (await desk.preview(made.link_id, "admin")).state is LinkState.REVOKED
     size = await journal_size(database)
-    await desk.preview(made.link_id)
+    await desk.preview(made.link_id, "admin")
     assert await journal_size(database) == size
     assert await downloads(database, made) == [0, 0]
     with pytest.raises(UnknownTarget):
-        await desk.preview("no-such-link")
+        await desk.preview("no-such-link", "admin")
+    with pytest.raises(InvalidRequest):
+        await desk.preview(made.link_id, "")
