@@ -393,3 +393,29 @@ async def test_during_a_rotation_both_secrets_sign(
     [changed] = await journal(database, "webhook.endpoint_changed")
     assert changed.data["changed"] == ["secret"]
     assert created.secret not in str(changed.data) and new not in str(changed.data)
+
+
+async def test_each_delivery_checks_the_address_again(
+    start_relay: StartRelay, receiver: Receiver, database: Database
+) -> None:
+    """The host resolved to an allowed address when the endpoint was made; now it is not
+    allowed (as when DNS starts answering with a loopback address): nothing is posted."""
+    clock = FakeClock()
+    harness = await start_relay(clock=clock, roles=("smtp",))
+    created = await harness.relay.webhooks.create(
+        receiver.url.replace("127.0.0.1", "localhost"),
+        event_types=["webhook.test"],
+        allow_private=True,
+    )
+    async with database.transaction() as session:
+        row = await session.get(WebhookEndpoint, created.endpoint.id)
+        assert row is not None
+        row.allow_private = False
+    await harness.relay.webhooks.send_test(created.endpoint.id)
+    assert await harness.relay.webhook_worker.run_once() == 1
+    [delivery] = await deliveries(database)
+    assert delivery.status == WebhookDeliveryStatus.QUEUED
+    assert delivery.last_error is not None
+    assert delivery.last_error.startswith("refused: localhost leads to an address")
+    assert "is loopback" in delivery.last_error
+    assert receiver.posts == [] and receiver.refused == []
