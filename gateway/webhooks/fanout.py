@@ -37,10 +37,10 @@ from gateway.store.models import (
 BATCH = 500
 
 
-def wants(endpoint: WebhookEndpoint, event: Event) -> bool:
+def wants(endpoint: WebhookEndpoint, event: Event, *, since_creation: bool = True) -> bool:
     """Whether `endpoint` receives `event`: a test only its own endpoint, the rest by type,
-    and none from before the endpoint existed (a replay asks for those explicitly)."""
-    if event.at < endpoint.created_at:
+    and none from before the endpoint existed (unless a replay asks for those)."""
+    if since_creation and event.at < endpoint.created_at:
         return False
     if event.type == WEBHOOK_TEST_REQUESTED.name:
         return bool(event.data.get("endpoint_id") == endpoint.id)

@@ -419,3 +419,26 @@ async def test_each_delivery_checks_the_address_again(
     assert delivery.last_error.startswith("refused: localhost leads to an address")
     assert "is loopback" in delivery.last_error
     assert receiver.posts == [] and receiver.refused == []
+
+
+async def test_a_stop_abandons_a_hanging_post_and_hands_its_delivery_back(
+    start_relay: StartRelay, receiver: Receiver, database: Database
+) -> None:
+    receiver.gate = asyncio.Event()
+    harness = await start_relay(roles=("smtp",), worker={"poll_seconds": 0.05})
+    created = await harness.relay.webhooks.create(
+        receiver.url, event_types=["webhook.test"], allow_private=True
+    )
+    await harness.relay.webhooks.send_test(created.endpoint.id)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(harness.relay.webhook_worker.run(stop))
+    await receiver.until_waiting(1)
+    [held] = await deliveries(database)
+    assert held.leased_by == harness.relay.webhook_worker.name
+    stop.set()
+    async with asyncio.timeout(5):  # not the 15 s a hanging receiver could take
+        await worker
+    [released] = await deliveries(database)
+    assert released.status == WebhookDeliveryStatus.QUEUED
+    assert released.leased_by is None and released.lease_until is None
+    assert released.attempts == 0  # nothing was answered: no attempt counted
