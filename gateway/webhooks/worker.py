@@ -14,7 +14,8 @@ the same endpoint is still queued, so a CRM sees `delivery.delivered` after
 `message.received` even when the first post had to be retried.
 
 A claim takes only as many deliveries as there are free slots, so a lease (a minute) covers
-one attempt (at most 15 s plus the name lookup) and needs no heartbeat.
+one attempt (at most 15 s plus the name lookup) and needs no heartbeat. No endpoint gets more
+than three quarters of the slots, so one receiver that hangs does not stop the others.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import logging
 import os
 import random
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -137,6 +139,26 @@ def claimable() -> list[ColumnElement[bool]]:
     ]
 
 
+def _crowded(in_flight: Iterable[Attempt], limit: int) -> set[str]:
+    """The endpoints with `limit` posts or more under way."""
+    counts = Counter(attempt.endpoint.id for attempt in in_flight)
+    return {endpoint for endpoint, count in counts.items() if count >= limit}
+
+
+def _shared(
+    claimed: Sequence[Attempt], in_flight: Iterable[Attempt], limit: int
+) -> tuple[list[Attempt], list[Attempt]]:
+    """The claimed attempts to start, and those to hand back so that no endpoint has more
+    than `limit` posts under way."""
+    counts = Counter(attempt.endpoint.id for attempt in in_flight)
+    keep: list[Attempt] = []
+    spare: list[Attempt] = []
+    for attempt in claimed:
+        counts[attempt.endpoint.id] += 1
+        (keep if counts[attempt.endpoint.id] <= limit else spare).append(attempt)
+    return keep, spare
+
+
 class WebhookWorker:
     def __init__(
         self,
@@ -158,6 +180,8 @@ class WebhookWorker:
         self.concurrency = concurrency
         self.timeout = timeout
         self.schedule = tuple(schedule)
+        # A receiver that hangs may hold most slots, never all: the others keep posting.
+        self.per_endpoint = max(1, concurrency * 3 // 4)
         self.name = f"{settings.server.hostname}:{os.getpid()}:{secrets.token_hex(3)}:webhooks"
 
     # -- running -----------------------------------------------------------------------------
@@ -177,7 +201,12 @@ class WebhookWorker:
                     try:
                         await self.fan_out()
                         room = self.concurrency - len(sending)
-                        for attempt in await self._claim(room) if room > 0 else []:
+                        busy = _crowded(sending.values(), self.per_endpoint)
+                        claimed = await self._claim(room, busy) if room > 0 else []
+                        keep, spare = _shared(claimed, sending.values(), self.per_endpoint)
+                        if spare:
+                            await self._release([attempt.delivery.id for attempt in spare])
+                        for attempt in keep:
                             client = clients[attempt.endpoint.allow_private]
                             sending[asyncio.create_task(self._post(client, attempt))] = attempt
                     except Exception:
@@ -271,7 +300,8 @@ class WebhookWorker:
 
     # -- one attempt -------------------------------------------------------------------------
 
-    async def _claim(self, limit: int) -> list[Attempt]:
+    async def _claim(self, limit: int, busy: Collection[str] = ()) -> list[Attempt]:
+        """Due deliveries leased to this worker, none to the endpoints in `busy`."""
         async with self.db.snapshot() as session:  # a read first: idle polls write nothing
             due = await session.scalar(
                 select(WebhookDelivery.id)
@@ -284,7 +314,10 @@ class WebhookWorker:
         if due is None:
             return []
         async with self.db.transaction() as session:
-            ids = await LEASES.claim(session, self.name, self.clock(), LEASE, limit, *claimable())
+            conditions = claimable()
+            if busy:
+                conditions.append(WebhookDelivery.endpoint_id.not_in(list(busy)))
+            ids = await LEASES.claim(session, self.name, self.clock(), LEASE, limit, *conditions)
             if not ids:
                 return []
             rows = await session.execute(

@@ -23,7 +23,7 @@ from gateway.store.models import (
     WebhookEndpoint,
 )
 from gateway.webhooks.desk import WebhookError
-from gateway.webhooks.worker import SCHEDULE
+from gateway.webhooks.worker import SCHEDULE, WebhookWorker
 from tests.conftest import Harness, make_message
 from tests.support import Sink
 from tests.webhooks.conftest import FakeClock, StartRelay
@@ -442,3 +442,32 @@ async def test_a_stop_abandons_a_hanging_post_and_hands_its_delivery_back(
     assert released.status == WebhookDeliveryStatus.QUEUED
     assert released.leased_by is None and released.lease_until is None
     assert released.attempts == 0  # nothing was answered: no attempt counted
+
+
+async def test_a_hanging_receiver_never_holds_every_slot(
+    start_relay: StartRelay, receiver: Receiver, database: Database
+) -> None:
+    receiver.gate = asyncio.Event()
+    other = await Receiver().start()
+    try:
+        harness = await start_relay(roles=("smtp",), worker={"poll_seconds": 0.05})
+        desk = harness.relay.webhooks
+        hanging = await desk.create(receiver.url, event_types=["webhook.test"], allow_private=True)
+        answering = await desk.create(other.url, event_types=["webhook.test"], allow_private=True)
+        for _ in range(6):
+            await desk.send_test(hanging.endpoint.id)
+        await desk.send_test(answering.endpoint.id)
+        worker = WebhookWorker(
+            harness.settings, database, harness.relay.blobs, lambda: None, concurrency=4
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            [post] = await other.expect(1)  # while three posts hang on the first receiver
+            assert receiver.waiting == 3 and receiver.posts == []
+            post.verify(answering.secret)
+        finally:
+            stop.set()
+            await running
+    finally:
+        await other.stop()
