@@ -26,7 +26,7 @@ import logging
 import os
 import random
 import secrets
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,7 +34,7 @@ from email.utils import parsedate_to_datetime
 from typing import Final
 
 import aiohttp
-from sqlalchemy import ColumnElement, exists, select
+from sqlalchemy import ColumnElement, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -143,6 +143,13 @@ def _crowded(in_flight: Iterable[Attempt], limit: int) -> set[str]:
     """The endpoints with `limit` posts or more under way."""
     counts = Counter(attempt.endpoint.id for attempt in in_flight)
     return {endpoint for endpoint, count in counts.items() if count >= limit}
+
+
+def _lost(attempt: Attempt) -> None:
+    log.warning(
+        "webhooks: %s was given up meanwhile or another worker took it over",
+        attempt.delivery.id,
+    )
 
 
 def _shared(
@@ -372,9 +379,44 @@ class WebhookWorker:
         jitter = random.random()
         settled: list[tuple[Attempt, Answer, str]] = []
         notices = False
+        delivered: dict[int, list[tuple[Attempt, Answer]]] = defaultdict(list)
+        others: list[tuple[Attempt, Answer]] = []
+        for attempt, answer in outcomes:
+            if answer.delivered and answer.status is not None:
+                delivered[answer.status].append((attempt, answer))
+            else:
+                others.append((attempt, answer))
         async with self.db.transaction() as session:
+            # The usual case in few statements: successes settled together per status code.
+            for status, group in delivered.items():
+                done = await LEASES.settle_many(
+                    session,
+                    [attempt.delivery.id for attempt, _ in group],
+                    self.name,
+                    status=WebhookDeliveryStatus.DELIVERED,
+                    attempts=WebhookDelivery.attempts + 1,
+                    last_status_code=status,
+                    last_error=None,
+                    updated_at=now,
+                )
+                for attempt, answer in group:
+                    if attempt.delivery.id in done:
+                        settled.append((attempt, answer, "delivered"))
+                    else:
+                        _lost(attempt)
+            succeeded = {a.delivery.endpoint_id for a, _, o in settled}
+            if succeeded:
+                await session.execute(
+                    update(WebhookEndpoint)
+                    .where(
+                        WebhookEndpoint.id.in_(succeeded),
+                        WebhookEndpoint.failing_since.is_not(None),
+                    )
+                    .values(failing_since=None),
+                    execution_options={"synchronize_session": False},
+                )
             endpoints: dict[str, WebhookEndpoint | None] = {}
-            for attempt, answer in outcomes:
+            for attempt, answer in others:
                 key = attempt.delivery.endpoint_id
                 if key not in endpoints:
                     endpoints[key] = await session.get(WebhookEndpoint, key, with_for_update=True)
@@ -439,9 +481,7 @@ class WebhookWorker:
                 wait = timedelta(seconds=answer.retry_after)
             outcome, values["next_attempt_at"] = "deferred", now + wait
         if not await LEASES.settle(session, delivery.id, self.name, **values):
-            log.warning(
-                "webhooks: %s was given up meanwhile or another worker took it over", delivery.id
-            )
+            _lost(attempt)
             return None
         if endpoint is None:
             return outcome
