@@ -130,3 +130,19 @@ class LeasedQueue:
             execution_options={"synchronize_session": False},
         )
         return bool(getattr(result, "rowcount", 0))
+
+    async def settle_many(
+        self, session: AsyncSession, ids: Collection[str], worker: str, **values: object
+    ) -> set[str]:
+        """`settle` for many rows with the same outcome, in one statement; the ids settled."""
+        if not ids:
+            return set()
+        t = self.table
+        settled = await session.scalars(
+            update(t)
+            .where(t.id.in_(list(ids)), t.leased_by == worker, t.status == self.queued)
+            .values(lease_until=None, leased_by=None, **values)
+            .returning(t.id),
+            execution_options={"synchronize_session": False},
+        )
+        return set(settled.all())

@@ -300,12 +300,7 @@ class WebhookDesk:
             if len(events) > REPLAY_LIMIT:
                 raise WebhookError(f"more than {REPLAY_LIMIT} events; replay a shorter range")
             # An explicit replay may reach back before the endpoint existed.
-            matching = [
-                e
-                for e in events
-                if not endpoint.event_types or e.type in endpoint.event_types
-                if e.type != WEBHOOK_TEST_REQUESTED.name or wants(endpoint, e)
-            ]
+            matching = [e for e in events if wants(endpoint, e, since_creation=False)]
             if seq is not None and not matching:
                 raise WebhookError(f"endpoint {endpoint_id} does not receive {events[0].type}")
             session.add_all(

@@ -14,7 +14,8 @@ the same endpoint is still queued, so a CRM sees `delivery.delivered` after
 `message.received` even when the first post had to be retried.
 
 A claim takes only as many deliveries as there are free slots, so a lease (a minute) covers
-one attempt (at most 15 s plus the name lookup) and needs no heartbeat.
+one attempt (at most 15 s plus the name lookup) and needs no heartbeat. No endpoint gets more
+than three quarters of the slots, so one receiver that hangs does not stop the others.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ import logging
 import os
 import random
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Final
 
 import aiohttp
-from sqlalchemy import ColumnElement, exists, select
+from sqlalchemy import ColumnElement, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -137,6 +139,33 @@ def claimable() -> list[ColumnElement[bool]]:
     ]
 
 
+def _crowded(in_flight: Iterable[Attempt], limit: int) -> set[str]:
+    """The endpoints with `limit` posts or more under way."""
+    counts = Counter(attempt.endpoint.id for attempt in in_flight)
+    return {endpoint for endpoint, count in counts.items() if count >= limit}
+
+
+def _lost(attempt: Attempt) -> None:
+    log.warning(
+        "webhooks: %s was given up meanwhile or another worker took it over",
+        attempt.delivery.id,
+    )
+
+
+def _shared(
+    claimed: Sequence[Attempt], in_flight: Iterable[Attempt], limit: int
+) -> tuple[list[Attempt], list[Attempt]]:
+    """The claimed attempts to start, and those to hand back so that no endpoint has more
+    than `limit` posts under way."""
+    counts = Counter(attempt.endpoint.id for attempt in in_flight)
+    keep: list[Attempt] = []
+    spare: list[Attempt] = []
+    for attempt in claimed:
+        counts[attempt.endpoint.id] += 1
+        (keep if counts[attempt.endpoint.id] <= limit else spare).append(attempt)
+    return keep, spare
+
+
 class WebhookWorker:
     def __init__(
         self,
@@ -158,6 +187,8 @@ class WebhookWorker:
         self.concurrency = concurrency
         self.timeout = timeout
         self.schedule = tuple(schedule)
+        # A receiver that hangs may hold most slots, never all: the others keep posting.
+        self.per_endpoint = max(1, concurrency * 3 // 4)
         self.name = f"{settings.server.hostname}:{os.getpid()}:{secrets.token_hex(3)}:webhooks"
 
     # -- running -----------------------------------------------------------------------------
@@ -177,7 +208,12 @@ class WebhookWorker:
                     try:
                         await self.fan_out()
                         room = self.concurrency - len(sending)
-                        for attempt in await self._claim(room) if room > 0 else []:
+                        busy = _crowded(sending.values(), self.per_endpoint)
+                        claimed = await self._claim(room, busy) if room > 0 else []
+                        keep, spare = _shared(claimed, sending.values(), self.per_endpoint)
+                        if spare:
+                            await self._release([attempt.delivery.id for attempt in spare])
+                        for attempt in keep:
                             client = clients[attempt.endpoint.allow_private]
                             sending[asyncio.create_task(self._post(client, attempt))] = attempt
                     except Exception:
@@ -271,7 +307,8 @@ class WebhookWorker:
 
     # -- one attempt -------------------------------------------------------------------------
 
-    async def _claim(self, limit: int) -> list[Attempt]:
+    async def _claim(self, limit: int, busy: Collection[str] = ()) -> list[Attempt]:
+        """Due deliveries leased to this worker, none to the endpoints in `busy`."""
         async with self.db.snapshot() as session:  # a read first: idle polls write nothing
             due = await session.scalar(
                 select(WebhookDelivery.id)
@@ -284,7 +321,10 @@ class WebhookWorker:
         if due is None:
             return []
         async with self.db.transaction() as session:
-            ids = await LEASES.claim(session, self.name, self.clock(), LEASE, limit, *claimable())
+            conditions = claimable()
+            if busy:
+                conditions.append(WebhookDelivery.endpoint_id.not_in(list(busy)))
+            ids = await LEASES.claim(session, self.name, self.clock(), LEASE, limit, *conditions)
             if not ids:
                 return []
             rows = await session.execute(
@@ -339,9 +379,44 @@ class WebhookWorker:
         jitter = random.random()
         settled: list[tuple[Attempt, Answer, str]] = []
         notices = False
+        delivered: dict[int, list[tuple[Attempt, Answer]]] = defaultdict(list)
+        others: list[tuple[Attempt, Answer]] = []
+        for attempt, answer in outcomes:
+            if answer.delivered and answer.status is not None:
+                delivered[answer.status].append((attempt, answer))
+            else:
+                others.append((attempt, answer))
         async with self.db.transaction() as session:
+            # The usual case in few statements: successes settled together per status code.
+            for status, group in delivered.items():
+                done = await LEASES.settle_many(
+                    session,
+                    [attempt.delivery.id for attempt, _ in group],
+                    self.name,
+                    status=WebhookDeliveryStatus.DELIVERED,
+                    attempts=WebhookDelivery.attempts + 1,
+                    last_status_code=status,
+                    last_error=None,
+                    updated_at=now,
+                )
+                for attempt, answer in group:
+                    if attempt.delivery.id in done:
+                        settled.append((attempt, answer, "delivered"))
+                    else:
+                        _lost(attempt)
+            succeeded = {a.delivery.endpoint_id for a, _, o in settled}
+            if succeeded:
+                await session.execute(
+                    update(WebhookEndpoint)
+                    .where(
+                        WebhookEndpoint.id.in_(succeeded),
+                        WebhookEndpoint.failing_since.is_not(None),
+                    )
+                    .values(failing_since=None),
+                    execution_options={"synchronize_session": False},
+                )
             endpoints: dict[str, WebhookEndpoint | None] = {}
-            for attempt, answer in outcomes:
+            for attempt, answer in others:
                 key = attempt.delivery.endpoint_id
                 if key not in endpoints:
                     endpoints[key] = await session.get(WebhookEndpoint, key, with_for_update=True)
@@ -406,9 +481,7 @@ class WebhookWorker:
                 wait = timedelta(seconds=answer.retry_after)
             outcome, values["next_attempt_at"] = "deferred", now + wait
         if not await LEASES.settle(session, delivery.id, self.name, **values):
-            log.warning(
-                "webhooks: %s was given up meanwhile or another worker took it over", delivery.id
-            )
+            _lost(attempt)
             return None
         if endpoint is None:
             return outcome

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 import pytest
 from sqlalchemy import func, select
 
@@ -14,6 +15,7 @@ from gateway.store.models import Event, WebhookDelivery, WebhookEndpoint
 from gateway.webhooks import addresses, payloads
 from gateway.webhooks.desk import EndpointNotFound, WebhookDesk, WebhookError
 from gateway.webhooks.worker import retry_after
+from tests.webhooks.receiver import Receiver
 
 PUBLIC = "http://93.184.215.14/hooks"  # a public address; nothing is sent in these tests
 
@@ -176,3 +178,18 @@ def test_signatures_are_standard_webhooks_ones() -> None:
         payloads.secret_key("abc")
     with pytest.raises(ValueError, match="base64"):
         payloads.secret_key("whsec_!!!")
+
+
+async def test_the_guarded_client_never_connects_to_a_refused_address(
+    receiver: Receiver,
+) -> None:
+    """What the worker's client for public endpoints connects with: a name that resolves to
+    loopback is refused at connect time too, not only by the check before it."""
+    connector = aiohttp.TCPConnector(resolver=addresses.GuardedResolver(), use_dns_cache=False)
+    async with aiohttp.ClientSession(connector=connector) as client:
+        with pytest.raises(aiohttp.ClientConnectorError) as refused:
+            await client.post(receiver.url.replace("127.0.0.1", "localhost"), data=b"{}")
+    cause = refused.value.__cause__
+    assert isinstance(cause, addresses.RefusedAddress), repr(cause)
+    assert "is loopback" in str(cause)
+    assert receiver.posts == [] and receiver.refused == []

@@ -19,8 +19,8 @@ from gateway.store.models import WebhookEndpoint
 from gateway.webhooks.notice import disabled_notice
 from rules.language import SHIPPED_LANGUAGES
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
+from tests.support import screenshot_dir
 
-SCREENS = Path("/work/wt/screens/webhooks")
 DESKTOP = {"width": 1280, "height": 900}
 PAGE = """<!DOCTYPE html><html lang="{lang}"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"></head>
@@ -97,8 +97,7 @@ async def test_the_notice_reads_well_on_a_phone_and_a_desktop(tmp_path: Path) ->
                     assert width <= viewport["width"], (language, name, width)
                     shot = tmp_path / f"webhook-disabled-{language}-{name}.png"
                     await page.screenshot(path=str(shot), full_page=True)
-                    SCREENS.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(shot, SCREENS / shot.name)
+                    shutil.copy(shot, screenshot_dir("webhooks") / shot.name)
                     await context.close()
         finally:
             await browser.close()

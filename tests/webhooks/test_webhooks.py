@@ -23,7 +23,7 @@ from gateway.store.models import (
     WebhookEndpoint,
 )
 from gateway.webhooks.desk import WebhookError
-from gateway.webhooks.worker import SCHEDULE
+from gateway.webhooks.worker import SCHEDULE, WebhookWorker
 from tests.conftest import Harness, make_message
 from tests.support import Sink
 from tests.webhooks.conftest import FakeClock, StartRelay
@@ -63,8 +63,11 @@ def in_order_per_message(posts: list[Post]) -> None:
         assert seqs == sorted(seqs), (message, seqs)
 
 
-async def mail_delivered(harness: Harness, count: int) -> None:
-    await harness.sink.expect(count)
+async def recorded(harness: Harness, timeout: float = 20) -> None:
+    """Until no webhook delivery is queued: every outcome is recorded (bounded)."""
+    async with asyncio.timeout(timeout):
+        while await harness.relay.webhooks.pending():
+            await asyncio.sleep(0.02)
 
 
 # -- arriving ----------------------------------------------------------------------------------
@@ -96,6 +99,7 @@ async def test_events_of_real_mail_arrive_signed_in_order(
         }
         assert len(post.signatures) == 1 and post.signatures[0].startswith("v1,")
     in_order_per_message(posts)
+    await recorded(harness)  # the receiver has them; the worker records right after
     rows = await deliveries(database)
     assert {d.status for d in rows} == {WebhookDeliveryStatus.DELIVERED}
     assert {d.last_status_code for d in rows} == {200}
@@ -393,3 +397,81 @@ async def test_during_a_rotation_both_secrets_sign(
     [changed] = await journal(database, "webhook.endpoint_changed")
     assert changed.data["changed"] == ["secret"]
     assert created.secret not in str(changed.data) and new not in str(changed.data)
+
+
+async def test_each_delivery_checks_the_address_again(
+    start_relay: StartRelay, receiver: Receiver, database: Database
+) -> None:
+    """The host resolved to an allowed address when the endpoint was made; now it is not
+    allowed (as when DNS starts answering with a loopback address): nothing is posted."""
+    clock = FakeClock()
+    harness = await start_relay(clock=clock, roles=("smtp",))
+    created = await harness.relay.webhooks.create(
+        receiver.url.replace("127.0.0.1", "localhost"),
+        event_types=["webhook.test"],
+        allow_private=True,
+    )
+    async with database.transaction() as session:
+        row = await session.get(WebhookEndpoint, created.endpoint.id)
+        assert row is not None
+        row.allow_private = False
+    await harness.relay.webhooks.send_test(created.endpoint.id)
+    assert await harness.relay.webhook_worker.run_once() == 1
+    [delivery] = await deliveries(database)
+    assert delivery.status == WebhookDeliveryStatus.QUEUED
+    assert delivery.last_error is not None
+    assert delivery.last_error.startswith("refused: localhost leads to an address")
+    assert "is loopback" in delivery.last_error
+    assert receiver.posts == [] and receiver.refused == []
+
+
+async def test_a_stop_abandons_a_hanging_post_and_hands_its_delivery_back(
+    start_relay: StartRelay, receiver: Receiver, database: Database
+) -> None:
+    receiver.gate = asyncio.Event()
+    harness = await start_relay(roles=("smtp",), worker={"poll_seconds": 0.05})
+    created = await harness.relay.webhooks.create(
+        receiver.url, event_types=["webhook.test"], allow_private=True
+    )
+    await harness.relay.webhooks.send_test(created.endpoint.id)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(harness.relay.webhook_worker.run(stop))
+    await receiver.until_waiting(1)
+    [held] = await deliveries(database)
+    assert held.leased_by == harness.relay.webhook_worker.name
+    stop.set()
+    async with asyncio.timeout(5):  # not the 15 s a hanging receiver could take
+        await worker
+    [released] = await deliveries(database)
+    assert released.status == WebhookDeliveryStatus.QUEUED
+    assert released.leased_by is None and released.lease_until is None
+    assert released.attempts == 0  # nothing was answered: no attempt counted
+
+
+async def test_a_hanging_receiver_never_holds_every_slot(
+    start_relay: StartRelay, receiver: Receiver, database: Database
+) -> None:
+    receiver.gate = asyncio.Event()
+    other = await Receiver().start()
+    try:
+        harness = await start_relay(roles=("smtp",), worker={"poll_seconds": 0.05})
+        desk = harness.relay.webhooks
+        hanging = await desk.create(receiver.url, event_types=["webhook.test"], allow_private=True)
+        answering = await desk.create(other.url, event_types=["webhook.test"], allow_private=True)
+        for _ in range(6):
+            await desk.send_test(hanging.endpoint.id)
+        await desk.send_test(answering.endpoint.id)
+        worker = WebhookWorker(
+            harness.settings, database, harness.relay.blobs, lambda: None, concurrency=4
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            [post] = await other.expect(1)  # while three posts hang on the first receiver
+            assert receiver.waiting == 3 and receiver.posts == []
+            post.verify(answering.secret)
+        finally:
+            stop.set()
+            await running
+    finally:
+        await other.stop()
