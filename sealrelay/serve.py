@@ -184,6 +184,7 @@ class Relay:
                 db, self.clock, timedelta(seconds=self.settings.upstream.queue_lifetime)
             ),
             users=UserDesk(db),
+            webhooks=self.webhooks,
         )
 
     def sessions(self) -> SessionDesk:

@@ -25,9 +25,12 @@ from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.store.blobs import BlobStore
 from gateway.store.metrics import QUEUE_DEPTH
+from gateway.webhooks.desk import WebhookDesk
+from web.api.actions import MessageActions
 from web.api.auth import bearer_authenticator
 from web.api.problems import api_problems
 from web.api.routes import Api
+from web.api.webhooks import WebhookOperations
 from web.console.forms import ConsoleForms
 from web.console.pages import ConsolePages
 from web.csrf import key_path
@@ -58,6 +61,7 @@ class WebParts:
     api_keys: ApiKeyDesk
     queue: QueueDesk
     users: UserDesk
+    webhooks: WebhookDesk
 
 
 PARTS = web.AppKey("parts", WebParts)
@@ -102,8 +106,20 @@ def create_app(parts: WebParts) -> web.Application:
     console.register(routes)
     DownloadPages(site, parts.links, parts.blobs).register(routes)
     LetterPages(site, parts.letters, parts.links, parts.blobs).register(routes)
-    Api(parts.timeline, parts.api_keys, parts.queue, parts.users).register(routes)
+    api(parts).register(routes)
     return app
+
+
+def api(parts: WebParts) -> Api:
+    """The JSON API over the parts' desks."""
+    return Api(
+        parts.timeline,
+        parts.api_keys,
+        parts.queue,
+        parts.users,
+        MessageActions(parts.timeline, parts.links, parts.letters),
+        WebhookOperations(parts.webhooks),
+    )
 
 
 async def start_web(parts: WebParts) -> web.AppRunner:
