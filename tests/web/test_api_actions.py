@@ -17,6 +17,7 @@ from gateway.store.models import ApiKeyScope, Delivery, Event, Link, WebhookEndp
 from tests.conftest import Harness
 from tests.letter_site import PROSPECT, LetterSite, offer, token_in
 from tests.queue_wait import queue_idle
+from tests.webhooks.receiver import Receiver
 
 OTTO = "otto@example.com"
 
@@ -270,3 +271,33 @@ async def test_webhook_endpoints_through_the_api(relay: Harness, hook_api: Api) 
         "webhook.endpoint_changed",  # secret
         "webhook.endpoint_deleted",
     ]
+
+
+async def test_the_secret_the_api_returns_is_the_one_that_signs(
+    relay: Harness, hook_api: Api
+) -> None:
+    """Create, test, rotate and test again through the API; a real receiver checks the
+    signatures with the standardwebhooks package."""
+    receiver = await Receiver().start()
+    try:
+        status, made, _ = await hook_api.call(
+            "POST",
+            "/webhooks",
+            {"url": receiver.url, "allow_private": True, "event_types": ["webhook.test"]},
+        )
+        assert status == 201, made
+        one = f"/webhooks/{made['id']}"
+        status, tested, _ = await hook_api.call("POST", f"{one}/test")
+        assert status == 202
+        [first] = await receiver.expect(1)
+        assert first.verify(made["secret"])["data"]["seq"] == tested["seq"]
+
+        status, rotated, _ = await hook_api.call("POST", f"{one}/rotate-secret")
+        assert status == 200
+        status, _, _ = await hook_api.call("POST", f"{one}/test")
+        second = (await receiver.expect(2))[1]
+        second.verify(rotated["secret"])
+        assert second.signed_by(made["secret"])  # the previous one signs during the grace
+        assert not first.signed_by(rotated["secret"])
+    finally:
+        await receiver.stop()
