@@ -276,8 +276,8 @@ async def test_webhook_endpoints_through_the_api(relay: Harness, hook_api: Api) 
 async def test_the_secret_the_api_returns_is_the_one_that_signs(
     relay: Harness, hook_api: Api
 ) -> None:
-    """Create, test, rotate and test again through the API; a real receiver checks the
-    signatures with the standardwebhooks package."""
+    """Create, test, rotate, test again and replay through the API; a real receiver checks
+    the signatures with the standardwebhooks package."""
     receiver = await Receiver().start()
     try:
         status, made, _ = await hook_api.call(
@@ -299,5 +299,11 @@ async def test_the_secret_the_api_returns_is_the_one_that_signs(
         second.verify(rotated["secret"])
         assert second.signed_by(made["secret"])  # the previous one signs during the grace
         assert not first.signed_by(rotated["secret"])
+
+        status, replayed, _ = await hook_api.call("POST", f"{one}/replay", {"seq": tested["seq"]})
+        assert status == 202 and replayed == {"queued": 1}
+        again = (await receiver.expect(3))[2]
+        assert again.id == first.id and again.body == first.body  # the receiver can dedupe
+        again.verify(rotated["secret"])
     finally:
         await receiver.stop()
