@@ -28,9 +28,11 @@ from gateway.store.blobs import BlobStore
 from gateway.store.journal import ChainReport
 from gateway.store.metrics import QUEUE_DEPTH
 from gateway.webhooks.desk import WebhookDesk
+from web.api.actions import MessageActions
 from web.api.auth import bearer_authenticator
 from web.api.problems import api_problems
 from web.api.routes import Api
+from web.api.webhooks import WebhookOperations
 from web.console.actions import ActionPages
 from web.console.admin import AdminPages
 from web.console.forms import ConsoleForms
@@ -113,7 +115,7 @@ def create_app(parts: WebParts) -> web.Application:
     register_console_work(parts, ConsoleView(site, forms, console), routes)
     DownloadPages(site, parts.links, parts.blobs).register(routes)
     LetterPages(site, parts.letters, parts.links, parts.blobs).register(routes)
-    Api(parts.timeline, parts.api_keys, parts.queue, parts.users).register(routes)
+    api(parts).register(routes)
     return app
 
 
@@ -125,6 +127,18 @@ def register_console_work(parts: WebParts, view: ConsoleView, routes: Routes) ->
     AdminPages(
         view, parts.users, parts.queue, parts.webhooks, parts.api_keys, parts.chain
     ).register(routes)
+
+
+def api(parts: WebParts) -> Api:
+    """The JSON API over the parts' desks."""
+    return Api(
+        parts.timeline,
+        parts.api_keys,
+        parts.queue,
+        parts.users,
+        MessageActions(parts.timeline, parts.links, parts.letters),
+        WebhookOperations(parts.webhooks),
+    )
 
 
 async def start_web(parts: WebParts) -> web.AppRunner:

@@ -116,10 +116,38 @@ class EventRow:
 
 
 @dataclass(frozen=True)
+class LinkRef:
+    """A link made for a recipient, by the id that the agents' actions take."""
+
+    id: str
+    kind: str
+    expires_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class LetterRef:
+    """A registered letter to a recipient, by the id that the letter actions take."""
+
+    id: str
+    status: str
+
+
+class Target(StrEnum):
+    """What an agent's action names: a message, or a letter or link of one."""
+
+    MESSAGE = "message"
+    LETTER = "letter"
+    LINK = "link"
+
+
+@dataclass(frozen=True)
 class RecipientStory:
     address: str
     state: RecipientState
     events: list[EventRow]
+    links: list[LinkRef] = field(default_factory=list)
+    letters: list[LetterRef] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -327,6 +355,16 @@ class Timeline:
                     select(Event).where(Event.message_id == found.id).order_by(Event.seq)
                 )
             ).all()
+            links = (
+                await session.scalars(
+                    select(Link)
+                    .where(Link.message_id == found.id)
+                    .order_by(Link.created_at, Link.id)
+                )
+            ).all()
+            letters = (
+                await session.scalars(select(Letter).where(Letter.message_id == found.id))
+            ).all()
         row = _row(found, states)
         by_recipient: dict[str, list[EventRow]] = {r.address.lower(): [] for r in states}
         general: list[EventRow] = []
@@ -336,9 +374,45 @@ class Timeline:
             (story if story is not None else general).append(_event(event))
         return MessageStory(
             row,
-            [RecipientStory(r.address, r.state, by_recipient[r.address.lower()]) for r in states],
+            [
+                RecipientStory(
+                    r.address,
+                    r.state,
+                    by_recipient[r.address.lower()],
+                    [
+                        LinkRef(k.id, k.kind, k.expires_at, k.revoked_at)
+                        for k in links
+                        if k.recipient.lower() == r.address.lower()
+                    ],
+                    [
+                        LetterRef(x.id, x.status)
+                        for x in letters
+                        if x.recipient.lower() == r.address.lower()
+                    ],
+                )
+                for r in row.recipients
+            ],
             general,
         )
+
+    async def in_scope(self, scope: MessageScope, target: Target, target_id: str) -> bool:
+        """Whether the message, or the message of the letter or link, exists and lies in the
+        scope: the one check before an agent's action, so that a target outside the scope is
+        refused exactly as an unknown one."""
+        query = select(Message.id).where(Message.kind == MessageKind.SUBMITTED)
+        if target is Target.MESSAGE:
+            query = query.where(Message.id == target_id)
+        elif target is Target.LETTER:
+            query = query.join(Letter, Letter.message_id == Message.id).where(
+                Letter.id == target_id
+            )
+        else:
+            query = query.join(Link, Link.message_id == Message.id).where(Link.id == target_id)
+        narrowed = _in_scope(scope)
+        if narrowed is not None:
+            query = query.where(narrowed)
+        async with self.db.snapshot() as session:
+            return await session.scalar(query.limit(1)) is not None
 
     async def events(
         self,

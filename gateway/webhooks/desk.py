@@ -53,6 +53,14 @@ class EndpointNotFound(WebhookError):
     pass
 
 
+class EndpointDisabled(WebhookError):
+    """The endpoint is disabled: nothing is sent to it until it is enabled."""
+
+
+class UrlRefused(WebhookError):
+    """The URL is malformed or leads to an address webhooks may not reach."""
+
+
 @dataclass(frozen=True)
 class Created:
     """A new endpoint and its secret, which is shown this once."""
@@ -100,7 +108,7 @@ class WebhookDesk:
         try:
             await addresses.check(url, allow_private=allow_private)
         except addresses.EndpointUrlError as exc:
-            raise WebhookError(str(exc)) from exc
+            raise UrlRefused(str(exc)) from exc
         return url
 
     async def create(
@@ -259,7 +267,7 @@ class WebhookDesk:
         async with self.db.transaction() as session:
             endpoint = await _endpoint(session, endpoint_id)
             if not endpoint.enabled:
-                raise WebhookError(f"endpoint {endpoint_id} is disabled; enable it first")
+                raise EndpointDisabled(f"endpoint {endpoint_id} is disabled; enable it first")
             [event] = await journal.append(
                 session,
                 [WEBHOOK_TEST_REQUESTED.new({"endpoint_id": endpoint.id, "by": by})],
@@ -286,7 +294,7 @@ class WebhookDesk:
         async with self.db.transaction() as session:
             endpoint = await _endpoint(session, endpoint_id)
             if not endpoint.enabled:
-                raise WebhookError(f"endpoint {endpoint_id} is disabled; enable it first")
+                raise EndpointDisabled(f"endpoint {endpoint_id} is disabled; enable it first")
             query = select(Event).order_by(Event.seq).limit(REPLAY_LIMIT + 1)
             if seq is not None:
                 query = query.where(Event.seq == seq)

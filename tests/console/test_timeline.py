@@ -13,6 +13,7 @@ from gateway.console.timeline import (
     BadCursor,
     MessageFilter,
     RecipientState,
+    Target,
     Timeline,
     encode_cursor,
 )
@@ -234,3 +235,44 @@ async def test_the_feed_continues_exactly_after_a_sequence_number(database: Data
         scope, since=T0 + timedelta(minutes=3), until=T0 + timedelta(days=1), limit=1000
     )
     assert {e.at for e in late} == {T0 + timedelta(minutes=3), T0 + timedelta(minutes=4)}
+
+
+async def test_in_scope_answers_for_messages_letters_and_links(database: Database) -> None:
+    """The one check before an agent's action: a letter or link counts as its message."""
+    anna, bert, cleo = await _people(database)
+    recipients = {"w@example.com": "letter_held", "l@example.com": "link_expired"}
+    north = await seed_message(database, user_id=anna, received_at=T0, recipients=recipients)
+    south = await seed_message(database, user_id=cleo, received_at=T0, recipients=recipients)
+    timeline = Timeline(database)
+    targets: dict[str, list[tuple[Target, str]]] = {}
+    for message_id in (north, south):
+        story = await timeline.message(MessageScope(everything=True), message_id)
+        assert story is not None
+        by_address = {r.address: r for r in story.recipients}
+        [letter] = by_address["w@example.com"].letters
+        [link] = by_address["l@example.com"].links
+        assert letter.status == "held" and link.kind == "download"
+        targets[message_id] = [
+            (Target.MESSAGE, message_id),
+            (Target.LETTER, letter.id),
+            (Target.LINK, link.id),
+        ]
+    scopes = {
+        "anna": MessageScope.for_role(Role.AGENT, anna, "north"),
+        "bert": MessageScope.for_role(Role.AGENT, bert, "north"),
+        "north lead": MessageScope.for_role(Role.TEAM_LEAD, bert, "north"),
+        "auditor": MessageScope.for_role(Role.AUDITOR, bert, None),
+    }
+    sees = {"anna": {north}, "bert": set(), "north lead": {north}, "auditor": {north, south}}
+    for who, scope in scopes.items():
+        for message_id, kinds in targets.items():
+            for target, target_id in kinds:
+                expected = message_id in sees[who]
+                assert await timeline.in_scope(scope, target, target_id) is expected, (
+                    who,
+                    target,
+                )
+    for target in Target:
+        assert not await timeline.in_scope(MessageScope(everything=True), target, "nosuch")
+    # a letter's id is not a link's, nor a message's
+    assert not await timeline.in_scope(scopes["auditor"], Target.LINK, targets[north][1][1])

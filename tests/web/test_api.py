@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,19 +14,20 @@ import pytest
 from aiohttp import web
 
 from gateway import users
-from gateway.access import Permission, Principal
-from gateway.console.admin import QueueDesk, UserDesk
+from gateway.access import MessageScope, Permission, Principal
+from gateway.console.admin import QueueDesk
 from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.timeline import Timeline
 from gateway.store.db import Database
 from gateway.store.models import ApiKeyScope, Role, utcnow
-from tests.conftest import Harness, make_message
+from sealrelay.serve import Relay
+from tests.conftest import Harness, make_message, relay_settings
 from tests.console.seeding import seed_message
 from tests.queue_wait import queue_idle
+from tests.support import free_port
 from web.api.auth import bearer_authenticator
 from web.api.problems import api_problems
-from web.api.routes import Api
-from web.app import create_app
+from web.app import api, create_app
 from web.guard import RULES, Routes, guard
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
@@ -59,6 +61,10 @@ def _bearer(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
+_RECIPIENT = "/api/v1/messages/{id}/recipients/{recipient}"
+_NOBODY = {"id": "nosuchmessage", "recipient": "p@example.com"}
+
+
 # Each API route, how to call it: path values and a body. A route missing here fails the test.
 def _cases() -> dict[tuple[str, str], tuple[dict[str, str], Any]]:
     return {
@@ -77,6 +83,24 @@ def _cases() -> dict[tuple[str, str], tuple[dict[str, str], Any]]:
         ("GET", "/api/v1/queue"): ({}, None),
         ("POST", "/api/v1/queue/{id}/retry"): ({"id": "nosuchcopy"}, None),
         ("DELETE", "/api/v1/queue/{id}"): ({"id": "nosuchcopy"}, None),
+        ("POST", f"{_RECIPIENT}/revoke"): (_NOBODY, {"reason": "test"}),
+        ("POST", f"{_RECIPIENT}/extend"): (_NOBODY, {"until": "2099-01-01T00:00:00Z"}),
+        ("POST", "/api/v1/letters/{id}/resend"): ({"id": "nosuchletter"}, None),
+        ("POST", "/api/v1/letters/{id}/release"): ({"id": "nosuchletter"}, {"reason": "asked"}),
+        ("GET", "/api/v1/letters/{id}/consent.pdf"): ({"id": "nosuchletter"}, None),
+        ("GET", "/api/v1/letters/{id}/original.eml"): ({"id": "nosuchletter"}, None),
+        ("GET", "/api/v1/webhooks"): ({}, None),
+        ("POST", "/api/v1/webhooks"): (
+            {},
+            {"url": "http://127.0.0.1:9/", "allow_private": True, "enabled": False},
+        ),
+        ("GET", "/api/v1/webhooks/{id}"): ({"id": "nosuchhook"}, None),
+        ("PATCH", "/api/v1/webhooks/{id}"): ({"id": "nosuchhook"}, {"description": "x"}),
+        ("DELETE", "/api/v1/webhooks/{id}"): ({"id": "nosuchhook"}, None),
+        ("POST", "/api/v1/webhooks/{id}/rotate-secret"): ({"id": "nosuchhook"}, None),
+        ("POST", "/api/v1/webhooks/{id}/test"): ({"id": "nosuchhook"}, None),
+        ("POST", "/api/v1/webhooks/{id}/replay"): ({"id": "nosuchhook"}, {"seq": 1}),
+        ("GET", "/api/v1/webhooks/{id}/deliveries"): ({"id": "nosuchhook"}, None),
         ("GET", "/api/v1/openapi.json"): ({}, None),
     }
 
@@ -284,33 +308,45 @@ async def test_users_are_provisioned_and_changed(
     assert types == ["user.changed", "user.disabled"]
 
 
-async def test_an_agent_principal_sees_only_their_own_messages(relay: Harness) -> None:
+async def test_an_agent_principal_sees_and_acts_only_on_their_own_messages(
+    relay: Harness,
+) -> None:
     db = relay.relay.db
     anna = await users.add_user(db, "anna@broker.example", "correct horse battery")
     bert = await users.add_user(db, "bert@broker.example", "correct horse battery")
     mine = await seed_message(
-        db, user_id=anna.id, received_at=T0, recipients={"p@example.com": "delivered"}
+        db,
+        user_id=anna.id,
+        received_at=T0,
+        recipients={"p@example.com": "delivered", "q@example.com": "link_expired"},
     )
     theirs = await seed_message(
         db,
         user_id=bert.id,
         received_at=T0 + timedelta(1),
-        recipients={"p@example.com": "delivered"},
+        recipients={
+            "p@example.com": "delivered",
+            "q@example.com": "link_expired",
+            "l@example.com": "letter_held",
+            "r@example.com": "released",
+        },
     )
+    story = await Timeline(db).message(MessageScope(everything=True), theirs)
+    assert story is not None
+    letters = {r.address: r.letters[0].id for r in story.recipients if r.letters}
     principal = Principal.for_user(anna.id, anna.email, Role.AGENT, None)
 
     async def as_anna(request: web.Request) -> Principal | None:
         return principal
 
     app = web.Application(middlewares=[api_problems, guard([as_anna])])
-    Api(
-        Timeline(db), ApiKeyDesk(db, utcnow), QueueDesk(db, utcnow, timedelta(days=1)), UserDesk(db)
-    ).register(Routes(app))
+    api(relay.relay.web_parts()).register(Routes(app))
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/api/v1"  # type: ignore[union-attr]
+    until = {"until": (utcnow() + timedelta(days=3)).isoformat()}
     try:
         async with aiohttp.ClientSession() as http:
             async with http.get(base + "/messages") as r:
@@ -326,11 +362,50 @@ async def test_an_agent_principal_sees_only_their_own_messages(relay: Harness) -
             async with http.get(base + "/users") as r:
                 assert r.status == 403
             assert Permission.VIEW_ADMIN not in principal.permissions
+            # another agent's message, letters and links: 404, exactly as unknown ones
+            journal_before = len(
+                await Timeline(db).events(MessageScope(everything=True), limit=10_000)
+            )
+            bert_letters = (letters["l@example.com"], letters["r@example.com"], "nosuchletter")
+            for method, path, body, targets in [
+                ("POST", "/messages/{}/recipients/q@example.com/revoke", {}, (theirs, "nosuch")),
+                ("POST", "/messages/{}/recipients/q@example.com/extend", until, (theirs, "x")),
+                ("POST", "/letters/{}/resend", None, bert_letters),
+                ("POST", "/letters/{}/release", {"reason": "asked"}, bert_letters),
+                ("GET", "/letters/{}/consent.pdf", None, bert_letters),
+                ("GET", "/letters/{}/original.eml", None, bert_letters),
+            ]:
+                answers = set()
+                for target in targets:
+                    async with http.request(method, base + path.format(target), json=body) as r:
+                        answers.add((r.status, (await r.json())["detail"]))
+                assert len(answers) == 1 and answers.pop()[0] == 404, (path, answers)
+            async with http.get(base + "/webhooks") as r:
+                assert r.status == 403
+            assert (
+                len(await Timeline(db).events(MessageScope(everything=True), limit=10_000))
+                == journal_before
+            )
+            # her own: done
+            async with http.post(
+                base + f"/messages/{mine}/recipients/q@example.com/revoke", json={}
+            ) as r:
+                assert r.status == 200
+                assert len((await r.json())["link_ids"]) == 1
+            async with http.get(base + f"/messages/{mine}") as r:
+                detail = await r.json()
+            [link] = next(x for x in detail["recipients"] if x["address"] == "q@example.com")[
+                "links"
+            ]
+            assert link["revoked_at"] is not None
+            async with http.get(base + "/events?type=link.revoked") as r:
+                [event] = (await r.json())["events"]
+            assert event["data"]["actor"] == "anna@broker.example"
     finally:
         await runner.cleanup()
 
 
-async def test_the_queue_lists_retries_and_deletes(database: Database) -> None:
+async def test_the_queue_lists_retries_and_deletes(database: Database, tmp_path: Path) -> None:
     """On a web-only app over the database (no worker takes the copies meanwhile)."""
     db = database
     anna = await users.add_user(db, "anna@broker.example", "correct horse battery")
@@ -348,7 +423,8 @@ async def test_the_queue_lists_retries_and_deletes(database: Database) -> None:
     write = _bearer((await desk.create("w", ApiKeyScope.WRITE, "t")).key)
     read = _bearer((await desk.create("r", ApiKeyScope.READ, "t")).key)
     app = web.Application(middlewares=[api_problems, guard([bearer_authenticator(desk)])])
-    Api(Timeline(db), desk, QueueDesk(db, utcnow, timedelta(days=1)), UserDesk(db)).register(
+    parts = Relay(relay_settings(tmp_path, free_port()), db=db).web_parts()  # never started
+    api(replace(parts, api_keys=desk, queue=QueueDesk(db, utcnow, timedelta(days=1)))).register(
         Routes(app)
     )
     runner = web.AppRunner(app)

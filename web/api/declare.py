@@ -50,6 +50,22 @@ class Problem(BaseModel):
 
 
 @dataclass(frozen=True)
+class Binary:
+    """A response of bytes in one media type (a PDF, a message as .eml), not JSON."""
+
+    media_type: str
+    description: str
+
+
+@dataclass(frozen=True)
+class File:
+    """What a handler of a `Binary` operation returns: the bytes and the name to save them as."""
+
+    data: bytes
+    filename: str
+
+
+@dataclass(frozen=True)
 class Call(Generic[Q, B]):
     """What a handler gets: who asks, the path's values, the validated query and body."""
 
@@ -65,10 +81,10 @@ class Operation(Generic[Q, B]):
     path: str
     needs: Permission
     summary: str
-    handler: Callable[[Call[Q, B]], Awaitable[BaseModel | None]]
+    handler: Callable[[Call[Q, B]], Awaitable[BaseModel | File | None]]
     query: type[Q]
     body: type[B]
-    response: type[BaseModel] | None  # None: 204 No Content
+    response: type[BaseModel] | Binary | None  # None: 204 No Content
     status: int = 200
     errors: tuple[int, ...] = ()  # beyond 400, 401, 403 that every operation may answer
 
@@ -92,6 +108,17 @@ class Operation(Generic[Q, B]):
         result = await self.handler(call)
         if self.response is None:
             return web.Response(status=204)
+        if isinstance(self.response, Binary):
+            assert isinstance(result, File)
+            return web.Response(
+                status=self.status,
+                body=result.data,
+                content_type=self.response.media_type,
+                headers={
+                    "Content-Disposition": f'attachment; filename="{result.filename}"',
+                    "X-Content-Type-Options": "nosniff",
+                },
+            )
         assert isinstance(result, self.response)
         return web.Response(
             status=self.status,
@@ -182,7 +209,7 @@ def openapi(operations: Iterable[Operation[Any, Any]], title: str, version: str)
         models.add(op.query)
         if op.body is not NoBody:
             models.add(op.body)
-        if op.response is not None:
+        if isinstance(op.response, type):
             models.add(op.response)
     ordered = sorted(models, key=lambda m: m.__name__)
     refs, top = models_json_schema(
@@ -236,6 +263,12 @@ def _operation(
     responses: dict[str, Any] = {}
     if op.response is None:
         responses[str(op.status if op.status != 200 else 204)] = {"description": "Done."}
+    elif isinstance(op.response, Binary):
+        media = op.response.media_type
+        responses[str(op.status)] = {
+            "description": op.response.description,
+            "content": {media: {"schema": {"type": "string", "contentMediaType": media}}},
+        }
     else:
         responses[str(op.status)] = {
             "description": op.response.__doc__ or "The result.",

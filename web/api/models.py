@@ -95,10 +95,24 @@ class EventOut(BaseModel):
     data: dict[str, Any]
 
 
+class LinkOut(BaseModel):
+    id: str
+    kind: str = Field(description="`download` or `letter`.")
+    expires_at: datetime
+    revoked_at: datetime | None
+
+
+class LetterOut(BaseModel):
+    id: str = Field(description="The id that /letters/{id}/... takes.")
+    status: str = Field(description="`held`, `released` or `expired`.")
+
+
 class RecipientStory(BaseModel):
-    address: str
+    address: str = Field(description="The value that .../recipients/{recipient}/... takes.")
     state: RecipientState
     events: list[EventOut]
+    links: list[LinkOut] = Field(description="Download and letter links made for them.")
+    letters: list[LetterOut] = Field(description="Registered letters to them.")
 
 
 class MessageDetail(BaseModel):
@@ -220,3 +234,144 @@ class QueueList(BaseModel):
     """Copies waiting for delivery or bounced, soonest due first."""
 
     items: list[QueueItem]
+
+
+# -- what agents do to links and letters ----------------------------------------------------
+
+
+class RevokeLinks(BaseModel):
+    model_config = _BODY
+    reason: str = Field("", max_length=500, description="Why; the journal keeps it.")
+
+
+class ExtendLinks(BaseModel):
+    model_config = _BODY
+    until: AwareDatetime = Field(
+        description="The new expiry, in the future, within the policy's maximum."
+    )
+
+
+class LinksChanged(BaseModel):
+    """The links this call changed (none when they already were)."""
+
+    link_ids: list[str]
+
+
+class ReleaseLetter(BaseModel):
+    model_config = _BODY
+    reason: str = Field(
+        min_length=1,
+        max_length=500,
+        pattern=r"\S",
+        description="Why the offer goes out without consent; required, journaled.",
+    )
+
+
+class LetterQueued(BaseModel):
+    """The copy queued to the recipient: the fresh letter, or the released offer."""
+
+    letter_id: str
+    delivery_id: str
+
+
+# -- webhooks -------------------------------------------------------------------------------
+
+EventTypes = Annotated[list[EventTypeName], Field(max_length=200)]
+Url = Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+class WebhookOut(BaseModel):
+    id: str
+    url: str
+    description: str
+    event_types: list[str] = Field(description="Empty: every event type.")
+    enabled: bool
+    thin: bool = Field(description="Payloads carry ids only, no personal data.")
+    allow_private: bool = Field(description="The URL may lead to a private address.")
+    created_at: datetime
+    disabled_reason: str | None
+    failing_since: datetime | None
+    previous_secret_until: datetime | None = Field(
+        description="Until then the previous secret signs beside the current one."
+    )
+
+
+class WebhookList(BaseModel):
+    """Every endpoint."""
+
+    items: list[WebhookOut]
+
+
+class WebhookCreate(BaseModel):
+    model_config = _BODY
+    url: Url
+    event_types: EventTypes = Field(default_factory=list)
+    description: str = Field("", max_length=500)
+    enabled: bool = True
+    thin: bool = False
+    allow_private: bool = False
+
+
+class WebhookCreated(WebhookOut):
+    """The new endpoint; `secret` (whsec_...) is shown this once."""
+
+    secret: str
+
+
+class WebhookPatch(BaseModel):
+    model_config = _BODY
+    url: Url | None = None
+    event_types: EventTypes | None = None
+    description: str | None = Field(None, max_length=500)
+    enabled: bool | None = None
+    thin: bool | None = None
+    allow_private: bool | None = None
+
+
+class WebhookSecret(BaseModel):
+    """The new secret, shown this once; the previous one signs too until the time given."""
+
+    secret: str
+    previous_secret_until: datetime
+
+
+class WebhookTest(BaseModel):
+    """The `webhook.test` event journaled for this endpoint; its delivery is queued."""
+
+    seq: int
+
+
+class WebhookReplay(BaseModel):
+    model_config = _BODY
+    seq: int | None = Field(None, ge=1, le=2**62, description="One event, by its seq.")
+    since: AwareDatetime | None = Field(None, description="Or events at or after ...")
+    until: AwareDatetime | None = Field(None, description="... and before.")
+
+
+class WebhookReplayed(BaseModel):
+    """How many events were queued again for the endpoint."""
+
+    queued: int
+
+
+class DeliveriesQuery(BaseModel):
+    model_config = _IN
+    limit: int = Field(50, ge=1, le=500)
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: str
+    event_seq: int
+    event_type: str
+    status: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: datetime
+    updated_at: datetime
+
+
+class WebhookDeliveries(BaseModel):
+    """The endpoint's most recent deliveries, newest first."""
+
+    items: list[WebhookDeliveryOut]

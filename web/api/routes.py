@@ -18,7 +18,9 @@ from gateway.outbound.queue import QueueError
 from gateway.store.models import DeliveryStatus, Role, User
 from gateway.users import KEEP, UserError
 from web.api import models as m
+from web.api.actions import MessageActions
 from web.api.declare import Call, NoBody, NoQuery, Operation, openapi
+from web.api.webhooks import WebhookOperations
 from web.guard import Routes
 from web.problem_details import ProblemResponse
 
@@ -69,6 +71,8 @@ class Api:
     keys: ApiKeyDesk
     queue: QueueDesk
     users: UserDesk
+    actions: MessageActions
+    webhooks: WebhookOperations
 
     # -- messages and events --------------------------------------------------------------
 
@@ -113,7 +117,16 @@ class Api:
             subject=row.subject,
             recipients=[
                 m.RecipientStory(
-                    address=r.address, state=r.state, events=[_event(e) for e in r.events]
+                    address=r.address,
+                    state=r.state,
+                    events=[_event(e) for e in r.events],
+                    links=[
+                        m.LinkOut(
+                            id=k.id, kind=k.kind, expires_at=k.expires_at, revoked_at=k.revoked_at
+                        )
+                        for k in r.links
+                    ],
+                    letters=[m.LetterOut(id=x.id, status=x.status) for x in r.letters],
                 )
                 for r in story.recipients
             ],
@@ -242,6 +255,8 @@ class Api:
                       self.retry_delivery, NoQuery, NoBody, None, errors=(404, 409)),
             Operation("DELETE", f"{p}/queue/{{id}}", manage, "Give up a queued copy, no bounce",
                       self.delete_delivery, NoQuery, NoBody, None, errors=(404, 409)),
+            *self.actions.operations(p),
+            *self.webhooks.operations(p),
         ]  # fmt: skip
 
     def register(self, routes: Routes) -> None:
