@@ -354,6 +354,25 @@ class LetterSettings(Section):
         return value
 
 
+class NoticeSettings(Section):
+    """The agent's optional mails: what each agent gets unless they chose otherwise.
+
+    Both are on by default: a first download and a letter about to run out are the moments
+    an agent acts on (call the prospect, send again), each is at most one short mail per
+    recipient and message, and an agent who finds them noisy turns them off
+    (`sealrelay user notify`). The consent confirmation is not among them: it carries the
+    evidence and always goes.
+    """
+
+    first_download: bool = True
+    expiry_warning: bool = True
+    # How long before a waiting letter's link runs out the agent is warned.
+    expiry_warning_days: int = Field(default=2, ge=1, le=60, description="days")
+    # First downloads of one recipient within this many seconds make one mail (a prospect
+    # fetching several files one after another); the notice waits that long.
+    download_batch_seconds: int = Field(default=60, ge=0, le=3600, description="seconds")
+
+
 class GroupSettings(PolicyOverrides):
     name: str = Field(min_length=1)
 
@@ -384,6 +403,7 @@ class Settings(Section):
     dkim: dict[str, DkimDomain] = {}
     branding: BrandingSettings = BrandingSettings()
     letter: LetterSettings = LetterSettings()
+    notices: NoticeSettings = NoticeSettings()
     scanners: ScannerSettings = ScannerSettings()
     policy: PolicySettings = PolicySettings()
     groups: list[GroupSettings] = []

@@ -8,7 +8,7 @@ import functools
 import heapq
 import itertools
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
@@ -19,6 +19,7 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
+from gateway.config import NoticeSettings
 from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.events import (
@@ -194,6 +195,59 @@ async def set_disabled(db: Database, email: str, disabled: bool = True) -> None:
             session,
             [(USER_DISABLED if disabled else USER_ENABLED).new({"email": email})],
         )
+
+
+@dataclass(frozen=True)
+class NoticePrefs:
+    """Which optional mails an agent gets (gateway/notices/). The consent confirmation is
+    not a preference: it is the broker's evidence of the consent and always goes."""
+
+    first_download: bool
+    expiry_warning: bool
+
+    @classmethod
+    def of(cls, stored: Mapping[str, object], defaults: NoticeSettings) -> NoticePrefs:
+        """The effective choice: what the agent stored, else the installation's default."""
+        return cls(
+            first_download=_choice(stored, "first_download", defaults.first_download),
+            expiry_warning=_choice(stored, "expiry_warning", defaults.expiry_warning),
+        )
+
+
+NOTICE_KINDS = tuple(NoticePrefs.__dataclass_fields__)
+
+
+def _choice(stored: Mapping[str, object], key: str, default: bool) -> bool:
+    value = stored.get(key)
+    return value if isinstance(value, bool) else default
+
+
+async def notifications(db: Database, email: str, defaults: NoticeSettings) -> NoticePrefs:
+    """The agent's effective notice preferences."""
+    email = normalize_address(email)
+    async with db.transaction() as session:
+        stored = await session.scalar(select(User.notify).where(User.email == email))
+    if stored is None:
+        raise UserError(f"no user {email}")
+    return NoticePrefs.of(stored, defaults)
+
+
+async def set_notifications(
+    db: Database, email: str, changes: Mapping[str, bool], defaults: NoticeSettings
+) -> NoticePrefs:
+    """Store the agent's choices (only the kinds named in `changes`; the rest stay) and
+    return the effective preferences. An unknown kind is refused, nothing is written."""
+    unknown = sorted(set(changes) - set(NOTICE_KINDS))
+    if unknown:
+        raise UserError(f"unknown notice kinds: {', '.join(unknown)}")
+    email = normalize_address(email)
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == email).with_for_update())
+        if user is None:
+            raise UserError(f"no user {email}")
+        user.notify = {**(user.notify or {}), **{k: bool(v) for k, v in changes.items()}}
+        stored = dict(user.notify)
+    return NoticePrefs.of(stored, defaults)
 
 
 KEEP = object()  # `change_user`: leave the group as it is
