@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import config_check, users
 from gateway.config import (
     ConfigError,
+    NoticeSettings,
     Settings,
     load_settings,
     locate_config,
@@ -349,11 +350,12 @@ def user_add(
 @user.command("list")
 @config_option
 def user_list(config: Path | None) -> None:
-    """All users with their aliases and the optional mails each gets."""
+    """All users with their aliases; an optional mail a user gets or not, unlike the
+    installation's default ([notices]), shows as a flag: no-first-download, expiry-warning."""
     defaults = _settings(config).notices
     for account, aliases in _run(users.list_users, config):
-        prefs = users.NoticePrefs.of(account.notify or {}, defaults)
-        flags = [account.role, f"notify={_notice_flags(prefs)}"]
+        prefs = users.NoticePrefs.of(account.notify, defaults)
+        flags = [account.role, *_notice_flags(prefs, defaults)]
         if account.disabled:
             flags.append("disabled")
         if account.group_name:
@@ -364,9 +366,12 @@ def user_list(config: Path | None) -> None:
         click.echo(f"{account.email}  [{' '.join(flags)}]{alias_text}")
 
 
-def _notice_flags(prefs: users.NoticePrefs) -> str:
-    chosen = [kind.replace("_", "-") for kind in users.NOTICE_KINDS if getattr(prefs, kind)]
-    return ",".join(chosen) or "none"
+def _notice_flags(prefs: users.NoticePrefs, defaults: NoticeSettings) -> list[str]:
+    return [
+        ("" if getattr(prefs, kind) else "no-") + kind.replace("_", "-")
+        for kind in users.NOTICE_KINDS
+        if getattr(prefs, kind) != getattr(defaults, kind)
+    ]
 
 
 @user.command("notify")
