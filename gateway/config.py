@@ -373,8 +373,21 @@ class NoticeSettings(Section):
     download_batch_seconds: int = Field(default=60, ge=0, le=3600, description="seconds")
 
 
+class NoticeOverrides(Section):
+    """A group's own defaults for the agent's optional mails; unset: the installation's."""
+
+    first_download: bool | None = None
+    expiry_warning: bool | None = None
+
+
 class GroupSettings(PolicyOverrides):
     name: str = Field(min_length=1)
+    notices: NoticeOverrides = NoticeOverrides()
+
+    def values(self) -> dict[str, Any]:
+        values = super().values()
+        values.pop("notices", None)  # not policy: read by notices_for
+        return values
 
 
 class RuleMatch(Section):
@@ -429,6 +442,13 @@ class Settings(Section):
                     f"{source}: letter_block_set {chosen!r} is not in letter.block_sets"
                 )
         return self
+
+    def notices_for(self, group: str | None) -> NoticeSettings:
+        """The notice defaults for an agent of `group`: the group's own, else `[notices]`."""
+        own = next((g.notices for g in self.groups if g.name == group), None)
+        if own is None:
+            return self.notices
+        return self.notices.model_copy(update=own.model_dump(exclude_none=True))
 
     def policy_config(self) -> PolicyConfig:
         """The pure policy input for rules/, built once at start-up."""

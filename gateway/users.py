@@ -19,7 +19,7 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from gateway.config import NoticeSettings
+from gateway.config import NoticeSettings, Settings
 from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.events import (
@@ -222,18 +222,19 @@ def _choice(stored: Mapping[str, object], key: str, default: bool) -> bool:
     return value if isinstance(value, bool) else default
 
 
-async def notifications(db: Database, email: str, defaults: NoticeSettings) -> NoticePrefs:
-    """The agent's effective notice preferences."""
+async def notifications(db: Database, email: str, settings: Settings) -> NoticePrefs:
+    """The agent's effective notice preferences (theirs, else their group's, else
+    `[notices]`)."""
     email = normalize_address(email)
     async with db.transaction() as session:
-        stored = await session.scalar(select(User.notify).where(User.email == email))
-    if stored is None:
+        user = await session.scalar(select(User).where(User.email == email))
+    if user is None:
         raise UserError(f"no user {email}")
-    return NoticePrefs.of(stored, defaults)
+    return NoticePrefs.of(user.notify, settings.notices_for(user.group_name))
 
 
 async def set_notifications(
-    db: Database, email: str, changes: Mapping[str, bool], defaults: NoticeSettings
+    db: Database, email: str, changes: Mapping[str, bool], settings: Settings
 ) -> NoticePrefs:
     """Store the agent's choices (only the kinds named in `changes`; the rest stay) and
     return the effective preferences. An unknown kind is refused, nothing is written."""
@@ -246,8 +247,8 @@ async def set_notifications(
         if user is None:
             raise UserError(f"no user {email}")
         user.notify = {**(user.notify or {}), **{k: bool(v) for k, v in changes.items()}}
-        stored = dict(user.notify)
-    return NoticePrefs.of(stored, defaults)
+        stored, group = dict(user.notify), user.group_name
+    return NoticePrefs.of(stored, settings.notices_for(group))
 
 
 KEEP = object()  # `change_user`: leave the group as it is

@@ -351,9 +351,11 @@ def user_add(
 @config_option
 def user_list(config: Path | None) -> None:
     """All users with their aliases; an optional mail a user gets or not, unlike the
-    installation's default ([notices]), shows as a flag: no-first-download, expiry-warning."""
-    defaults = _settings(config).notices
+    default of their group or installation ([notices]), shows as a flag: no-first-download,
+    expiry-warning."""
+    settings = _settings(config)
     for account, aliases in _run(users.list_users, config):
+        defaults = settings.notices_for(account.group_name)
         prefs = users.NoticePrefs.of(account.notify, defaults)
         flags = [account.role, *_notice_flags(prefs, defaults)]
         if account.disabled:
@@ -396,7 +398,7 @@ def user_notify(
 
     The consent confirmation is not optional: it carries the evidence of the consent.
     """
-    defaults = _settings(config).notices
+    settings = _settings(config)
     changes = {
         kind: value == "on"
         for kind, value in (("first_download", first_download), ("expiry_warning", expiry_warning))
@@ -404,10 +406,10 @@ def user_notify(
     }
     if changes:
         prefs = _run(
-            lambda db: users.set_notifications(db, email, changes, defaults), config, Access.WRITE
+            lambda db: users.set_notifications(db, email, changes, settings), config, Access.WRITE
         )
     else:
-        prefs = _run(lambda db: users.notifications(db, email, defaults), config)
+        prefs = _run(lambda db: users.notifications(db, email, settings), config)
     click.echo(
         f"{email}: first-download {'on' if prefs.first_download else 'off'},"
         f" expiry-warning {'on' if prefs.expiry_warning else 'off'},"

@@ -291,13 +291,19 @@ class NoticeDesk:
         ]
 
     async def _wants(self, session: AsyncSession, user_id: int | None, kind: str) -> bool:
-        """The sender's choice; a message from a trusted network (no user) gets the default."""
-        stored = (
-            await session.scalar(select(User.notify).where(User.id == user_id))
-            if user_id is not None
-            else None
-        )
-        prefs = NoticePrefs.of(stored or {}, self.settings.notices)
+        """The sender's choice, else their group's default ([[groups]] notices), else
+        `[notices]`; a message from a trusted network (no user) gets `[notices]`."""
+        stored: dict[str, bool] = {}
+        group: str | None = None
+        if user_id is not None:
+            row = (
+                await session.execute(
+                    select(User.notify, User.group_name).where(User.id == user_id)
+                )
+            ).one_or_none()
+            if row is not None:
+                stored, group = row.notify, row.group_name
+        prefs = NoticePrefs.of(stored or {}, self.settings.notices_for(group))
         return bool(getattr(prefs, kind))
 
 

@@ -99,8 +99,9 @@ async def test_no_warning_for_a_letter_already_expired(site: LetterSite, clock: 
 async def test_an_agent_who_turned_it_off_is_not_warned_and_it_never_comes_late(
     site: LetterSite, clock: Clock
 ) -> None:
-    defaults = site.harness.settings.notices
-    await users.set_notifications(site.relay.db, AGENT, {"expiry_warning": False}, defaults)
+    await users.set_notifications(
+        site.relay.db, AGENT, {"expiry_warning": False}, site.harness.settings
+    )
     await site.send_offer()
     clock.advance(days=12, hours=1)
     await site.relay.sweep_once()
@@ -110,7 +111,9 @@ async def test_an_agent_who_turned_it_off_is_not_warned_and_it_never_comes_late(
         [letter] = (await session.scalars(select(Letter))).all()
     assert letter.expiry_warned_at is not None  # looked at: turning it on again sends no late one
 
-    await users.set_notifications(site.relay.db, AGENT, {"expiry_warning": True}, defaults)
+    await users.set_notifications(
+        site.relay.db, AGENT, {"expiry_warning": True}, site.harness.settings
+    )
     clock.advance(hours=1)
     await site.relay.sweep_once()
     assert await to_agent(site) == 0

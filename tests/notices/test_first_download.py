@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway import users
+from gateway.config import GroupSettings, NoticeOverrides
 from gateway.mail import headers
 from gateway.notices.desk import NoticeDesk
 from gateway.store import journal
@@ -146,10 +147,11 @@ async def test_first_downloads_make_one_notice_and_repeats_and_scanners_none(
 
 
 async def test_an_agent_who_turned_it_off_gets_no_notice(site: LetterSite, clock: Clock) -> None:
-    defaults = site.harness.settings.notices
-    prefs = await users.set_notifications(site.relay.db, AGENT, {"first_download": False}, defaults)
+    prefs = await users.set_notifications(
+        site.relay.db, AGENT, {"first_download": False}, site.harness.settings
+    )
     assert prefs == users.NoticePrefs(first_download=False, expiry_warning=True)
-    assert await users.notifications(site.relay.db, AGENT, defaults) == prefs
+    assert await users.notifications(site.relay.db, AGENT, site.harness.settings) == prefs
 
     prospect = await send(site)
     [plan, _] = await prospect.files()
@@ -162,14 +164,17 @@ async def test_an_agent_who_turned_it_off_gets_no_notice(site: LetterSite, clock
 
 
 async def test_preferences_refuse_unknown_kinds_and_users(site: LetterSite) -> None:
-    defaults = site.harness.settings.notices
     with pytest.raises(users.UserError, match="unknown notice kinds: consent"):
-        await users.set_notifications(site.relay.db, AGENT, {"consent": False}, defaults)
+        await users.set_notifications(
+            site.relay.db, AGENT, {"consent": False}, site.harness.settings
+        )
     with pytest.raises(users.UserError, match="no user"):
-        await users.set_notifications(site.relay.db, "nobody@broker.example", {}, defaults)
-    assert await users.notifications(site.relay.db, AGENT, defaults) == users.NoticePrefs(
-        first_download=True, expiry_warning=True
-    )
+        await users.set_notifications(
+            site.relay.db, "nobody@broker.example", {}, site.harness.settings
+        )
+    assert await users.notifications(
+        site.relay.db, AGENT, site.harness.settings
+    ) == users.NoticePrefs(first_download=True, expiry_warning=True)
 
 
 @pytest.fixture
@@ -212,3 +217,35 @@ async def test_a_crash_before_the_commit_loses_nothing_and_after_it_doubles_noth
     site.relay.signal.notify()
     arrived = await site.sink.expect(2)
     assert [m.rcpt_tos for m in arrived].count([AGENT]) == 1
+
+
+async def test_a_groups_default_applies_unless_the_agent_chose(
+    slow_site: LetterSite, clock: Clock
+) -> None:
+    site = slow_site  # the relay's own loop keeps out: this desk has the group in its settings
+    sales = GroupSettings(name="sales", notices=NoticeOverrides(first_download=False))
+    running = site.harness.settings
+    window = running.notices.model_copy(update={"download_batch_seconds": 60})
+    settings = running.model_copy(update={"groups": [sales], "notices": window})
+    later = Clock(clock.offset + timedelta(minutes=2))
+    desk = NoticeDesk(settings, site.relay.db, site.relay.blobs, lambda: None, later)
+    await users.change_user(site.relay.db, AGENT, group="sales")
+    assert await users.notifications(site.relay.db, AGENT, settings) == users.NoticePrefs(
+        first_download=False, expiry_warning=True
+    )
+    prospect = await send(site)
+    [plan, photos] = await prospect.files()
+    await prospect.download(plan)
+    later.advance(minutes=2)
+    assert await desk.first_downloads() == 0
+    assert await to_agent(site) == 0
+    [first] = await site.events("download.first")
+    assert await cursor(site) >= first.seq  # looked at, and the group said no
+
+    await users.set_notifications(site.relay.db, AGENT, {"first_download": True}, settings)
+    await prospect.download(photos)
+    later.advance(minutes=2)
+    assert await desk.first_downloads() == 1
+    assert await to_agent(site) == 1
+    [queued] = await site.events("notice.download_queued")
+    assert len(queued.data["file_ids"]) == 1
