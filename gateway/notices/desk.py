@@ -9,10 +9,10 @@ cursor where it was and the next round does it all again, a crash after it has t
 durable in the queue, so none is lost and none is doubled. Driving it from the journal rather
 than inside the download's transaction keeps the download fast (no mail rendered, no blob
 written while the prospect waits) and lets several files fetched one after another make one
-mail: an event is taken only once it is ``download_batch_seconds`` old, and the first
-downloads of one recipient taken together make one notice. (A burst that the cut-off falls
-into makes two.) Scanner fetches are ``download.automated`` and never ``download.first``, so
-they never notify.
+mail: an event is taken only once it is ``download_batch_seconds`` old, the first downloads
+of one recipient taken together make one notice, and a burst still going on at the cut-off
+(the next file within the window) waits for the next round whole. Scanner fetches are
+``download.automated`` and never ``download.first``, so they never notify.
 
 **Expiry warnings**: the worker's periodic round (serve's sweep, next to
 ``LetterDesk.expire_due``) finds letters still held whose link runs out within
@@ -130,19 +130,18 @@ class NoticeDesk:
                 select(Event).where(Event.seq > cursor.seq).order_by(Event.seq).limit(BATCH)
             )
         ).all()
-        settled = list(_until_unsettled(events, cutoff))
+        window = timedelta(seconds=self.settings.notices.download_batch_seconds)
+        settled = _whole_bursts(events, cutoff, window)
         if not settled:
             return 0, 0
         firsts = sorted(
             (e for e in settled if e.type == DOWNLOAD_FIRST.name and e.message_id is not None),
-            key=lambda e: (e.message_id or "", str(e.data.get("recipient", "")), e.seq),
+            key=lambda e: (*_downloader(e), e.seq),
         )
         now = self.clock()
         journaled: list[NewEvent] = []
         queued = 0
-        for (message_id, recipient), group in groupby(
-            firsts, key=lambda e: (e.message_id or "", str(e.data.get("recipient", "")))
-        ):
+        for (message_id, recipient), group in groupby(firsts, key=_downloader):
             notice = await self._download_notice(session, message_id, recipient, list(group), now)
             if notice:
                 journaled.extend(notice)
@@ -307,9 +306,30 @@ class NoticeDesk:
         return bool(getattr(prefs, kind))
 
 
-def _until_unsettled(events: Sequence[Event], cutoff: datetime) -> Sequence[Event]:
-    """The events up to (not including) the first one newer than `cutoff`."""
-    for index, event in enumerate(events):
-        if event.at > cutoff:
-            return events[:index]
-    return events
+def _downloader(event: Event) -> tuple[str, str]:
+    """Whose first downloads one notice reports: a message's recipient."""
+    return event.message_id or "", str(event.data.get("recipient", ""))
+
+
+def _whole_bursts(events: Sequence[Event], cutoff: datetime, window: timedelta) -> list[Event]:
+    """The events to take now: those up to the first one newer than `cutoff`, and of these
+    only those before a recipient's burst that goes on past the cut-off (a first download
+    taken now while the same recipient's next one, within `window`, is not yet settled): the
+    burst is taken whole in a later round, so it makes one mail."""
+    settled = next(
+        (events[:i] for i, event in enumerate(events) if event.at > cutoff), list(events)
+    )
+    later: dict[tuple[str, str], datetime] = {}
+    for event in events[len(settled) :]:
+        if event.type == DOWNLOAD_FIRST.name:
+            later.setdefault(_downloader(event), event.at)
+    last: dict[tuple[str, str], datetime] = {}
+    first_index: dict[tuple[str, str], int] = {}
+    for index, event in enumerate(settled):
+        if event.type == DOWNLOAD_FIRST.name:
+            last[_downloader(event)] = event.at
+            first_index.setdefault(_downloader(event), index)
+    ongoing = [
+        first_index[key] for key, at in later.items() if key in last and at - last[key] <= window
+    ]
+    return list(settled[: min(ongoing)] if ongoing else settled)

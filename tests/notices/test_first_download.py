@@ -249,3 +249,22 @@ async def test_a_groups_default_applies_unless_the_agent_chose(
     assert await to_agent(site) == 1
     [queued] = await site.events("notice.download_queued")
     assert len(queued.data["file_ids"]) == 1
+
+
+async def test_a_burst_that_goes_on_past_the_cut_off_waits_and_makes_one_mail(
+    site: LetterSite, clock: Clock
+) -> None:
+    prospect = await send(site)
+    plan, photos = await prospect.files()
+    await prospect.download(plan)
+    clock.advance(seconds=50)
+    await prospect.download(photos)  # 50 s later: the same burst
+    clock.advance(seconds=15)  # the plan is settled, the photos are not
+    await site.relay.notices.first_downloads()
+    assert await to_agent(site) == 0
+    assert await cursor(site) < min(e.seq for e in await site.events("download.first"))
+
+    await settled(site, clock)
+    assert await to_agent(site) == 1
+    [queued] = await site.events("notice.download_queued")
+    assert len(queued.data["file_ids"]) == 2
