@@ -27,6 +27,7 @@ from gateway.store.events import (
     USER_CREATED,
     USER_DISABLED,
     USER_ENABLED,
+    USER_NOTICES_CHANGED,
     USER_PASSWORD_CHANGED,
 )
 from gateway.store.metrics import AUTH_CHECKS_WAITING
@@ -237,7 +238,8 @@ async def set_notifications(
     db: Database, email: str, changes: Mapping[str, bool], settings: Settings
 ) -> NoticePrefs:
     """Store the agent's choices (only the kinds named in `changes`; the rest stay) and
-    return the effective preferences. An unknown kind is refused, nothing is written."""
+    return the effective preferences; a change is journaled (`user.notices_changed`). An
+    unknown kind is refused, nothing is written."""
     unknown = sorted(set(changes) - set(NOTICE_KINDS))
     if unknown:
         raise UserError(f"unknown notice kinds: {', '.join(unknown)}")
@@ -246,9 +248,24 @@ async def set_notifications(
         user = await session.scalar(select(User).where(User.email == email).with_for_update())
         if user is None:
             raise UserError(f"no user {email}")
+        defaults = settings.notices_for(user.group_name)
+        before = NoticePrefs.of(user.notify, defaults)
         user.notify = {**(user.notify or {}), **{k: bool(v) for k, v in changes.items()}}
-        stored, group = dict(user.notify), user.group_name
-    return NoticePrefs.of(stored, settings.notices_for(group))
+        after = NoticePrefs.of(user.notify, defaults)
+        if after != before:
+            await journal.append(
+                session,
+                [
+                    USER_NOTICES_CHANGED.new(
+                        {
+                            "email": email,
+                            "first_download": after.first_download,
+                            "expiry_warning": after.expiry_warning,
+                        }
+                    )
+                ],
+            )
+    return after
 
 
 KEEP = object()  # `change_user`: leave the group as it is

@@ -903,3 +903,19 @@ LETTER_EXPIRY_WARNED = _declare(
     LetterExpiryWarned,
     message="the agent's message (the offer)",
 )
+
+
+@with_config(_STRICT)
+class UserNoticesChanged(TypedDict):
+    email: Email
+    first_download: Annotated[bool, About("Whether the user now gets the first-download mail.")]
+    expiry_warning: Annotated[bool, About("Whether the user now gets the expiry warning.")]
+
+
+USER_NOTICES_CHANGED = _declare(
+    "user.notices_changed",
+    "A user's choice of optional mails changed (first downloads, letters about to expire);"
+    " the payload holds the effective choice after the change.",
+    UserNoticesChanged,
+    message=None,
+)

@@ -152,6 +152,8 @@ async def test_an_agent_who_turned_it_off_gets_no_notice(site: LetterSite, clock
     )
     assert prefs == users.NoticePrefs(first_download=False, expiry_warning=True)
     assert await users.notifications(site.relay.db, AGENT, site.harness.settings) == prefs
+    [changed] = await site.events("user.notices_changed")
+    assert changed.data == {"email": AGENT, "first_download": False, "expiry_warning": True}
 
     prospect = await send(site)
     [plan, _] = await prospect.files()
@@ -175,6 +177,11 @@ async def test_preferences_refuse_unknown_kinds_and_users(site: LetterSite) -> N
     assert await users.notifications(
         site.relay.db, AGENT, site.harness.settings
     ) == users.NoticePrefs(first_download=True, expiry_warning=True)
+    # choosing what is already in effect changes nothing, so nothing is journaled
+    await users.set_notifications(
+        site.relay.db, AGENT, {"expiry_warning": True}, site.harness.settings
+    )
+    assert await site.events("user.notices_changed") == []
 
 
 @pytest.fixture

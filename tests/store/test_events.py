@@ -73,6 +73,7 @@ STORED_NAMES = {
     # notifications
     "notice.download_queued",
     "letter.expiry_warned",
+    "user.notices_changed",
 }
 
 
