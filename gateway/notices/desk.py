@@ -2,7 +2,9 @@
 
 **First downloads** are read from the journal after commit, by a cursor (`notice_cursor`), as
 the webhook fan-out reads it (gateway/webhooks/fanout.py, which says why seq order is commit
-order). One transaction locks the cursor, reads the settled ``download.first`` events after it,
+order). The cursor moves over ``download.first`` events only (the rest of the journal is
+never read, and a round without a first download writes nothing, so mail traffic pays
+nothing). One transaction locks the cursor, reads the settled ``download.first`` events after it,
 queues one notice per message and recipient through the one door (local_mail.enqueue),
 journals ``notice.download_queued`` and moves the cursor: a crash before the commit leaves the
 cursor where it was and the next round does it all again, a crash after it has the notice
@@ -103,7 +105,13 @@ class NoticeDesk:
         async with self.db.snapshot() as session:  # a read first: idle rounds write nothing
             done = await session.scalar(select(NoticeCursor.seq).where(NoticeCursor.id == 1))
             waiting = await session.scalar(
-                select(Event.seq).where(Event.seq > (done or 0), Event.at <= cutoff).limit(1)
+                select(Event.seq)
+                .where(
+                    Event.seq > (done or 0),
+                    Event.type == DOWNLOAD_FIRST.name,
+                    Event.at <= cutoff,
+                )
+                .limit(1)
             )
         if waiting is None:
             return 0
@@ -127,7 +135,10 @@ class NoticeDesk:
         ).scalar_one()
         events = (
             await session.scalars(
-                select(Event).where(Event.seq > cursor.seq).order_by(Event.seq).limit(BATCH)
+                select(Event)
+                .where(Event.seq > cursor.seq, Event.type == DOWNLOAD_FIRST.name)
+                .order_by(Event.seq)
+                .limit(BATCH)
             )
         ).all()
         window = timedelta(seconds=self.settings.notices.download_batch_seconds)
@@ -135,7 +146,7 @@ class NoticeDesk:
         if not settled:
             return 0, 0
         firsts = sorted(
-            (e for e in settled if e.type == DOWNLOAD_FIRST.name and e.message_id is not None),
+            (e for e in settled if e.message_id is not None),
             key=lambda e: (*_downloader(e), e.seq),
         )
         now = self.clock()
@@ -312,7 +323,7 @@ def _downloader(event: Event) -> tuple[str, str]:
 
 
 def _whole_bursts(events: Sequence[Event], cutoff: datetime, window: timedelta) -> list[Event]:
-    """The events to take now: those up to the first one newer than `cutoff`, and of these
+    """The first downloads to take now: those up to the first one newer than `cutoff`, and of these
     only those before a recipient's burst that goes on past the cut-off (a first download
     taken now while the same recipient's next one, within `window`, is not yet settled): the
     burst is taken whole in a later round, so it makes one mail."""

@@ -387,7 +387,7 @@ class WebhookCursor(Base):
 
 
 class NoticeCursor(Base):
-    """One row: the last journal event the agent's notices (first downloads) looked at."""
+    """One row: the last ``download.first`` event the agent's notices have taken."""
 
     __tablename__ = "notice_cursor"
 
