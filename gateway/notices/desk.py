@@ -19,7 +19,8 @@ of one recipient taken together make one notice, and a burst still going on at t
 **Expiry warnings**: the worker's periodic round (serve's sweep, next to
 ``LetterDesk.expire_due``) finds letters still held whose link runs out within
 ``expiry_warning_days`` and not yet warned, marks ``letters.expiry_warned_at``, queues the
-warning and journals ``letter.expiry_warned`` in one transaction: never twice.
+warning and journals ``letter.expiry_warned`` in one transaction: never twice for one expiry
+(an agent who extends the link gets one warning for the new date).
 
 Preferences are read when the notice is written (gateway/users.py ``NoticePrefs``).
 """
@@ -33,7 +34,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from itertools import groupby
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Settings
@@ -223,7 +224,8 @@ class NoticeDesk:
     async def expiry_warnings(self, now: datetime) -> int:
         """Warn the agents of held letters whose link runs out within `expiry_warning_days`;
         each letter once. How many letters were looked at and marked."""
-        soon = now + timedelta(days=self.settings.notices.expiry_warning_days)
+        window = timedelta(days=self.settings.notices.expiry_warning_days)
+        soon = now + window
         total = 0
         while True:
             async with self.db.transaction() as session:
@@ -234,7 +236,13 @@ class NoticeDesk:
                         .join(Message, Message.id == Letter.message_id)
                         .where(
                             Letter.status == LetterStatus.HELD,
-                            Letter.expiry_warned_at.is_(None),
+                            # never twice for one expiry: a link warned about runs out within
+                            # `window` of the warning, so an older warning means the link
+                            # was extended since, and the new date earns one of its own
+                            or_(
+                                Letter.expiry_warned_at.is_(None),
+                                Letter.expiry_warned_at < now - window,
+                            ),
                             Link.expires_at > now,
                             Link.expires_at <= soon,
                             Link.revoked_at.is_(None),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+from datetime import timedelta
 
 import dkim as dkimpy
 from sqlalchemy import select
@@ -16,7 +17,7 @@ from sqlalchemy import select
 from gateway import users
 from gateway.mail import headers
 from gateway.store import journal
-from gateway.store.models import Delivery, Letter, Message
+from gateway.store.models import Delivery, Letter, Link, Message
 from tests.conftest import AGENT, dkim_dns
 from tests.letter_site import PROSPECT, Clock, LetterSite
 
@@ -117,3 +118,28 @@ async def test_an_agent_who_turned_it_off_is_not_warned_and_it_never_comes_late(
     clock.advance(hours=1)
     await site.relay.sweep_once()
     assert await to_agent(site) == 0
+
+
+async def test_an_extended_link_earns_one_warning_for_its_new_date(
+    site: LetterSite, clock: Clock
+) -> None:
+    await site.send_offer()
+    clock.advance(days=12, hours=1)
+    await site.relay.sweep_once()
+    assert len(await site.events("letter.expiry_warned")) == 1
+
+    letter = await site.letter_row()
+    async with site.relay.db.snapshot() as session:
+        link = await session.get(Link, letter.link_id)
+    assert link is not None
+    await site.relay.links.extend(link.id, link.expires_at + timedelta(days=7), AGENT)
+    await site.relay.sweep_once()
+    assert len(await site.events("letter.expiry_warned")) == 1  # 8 days left: no warning yet
+
+    clock.advance(days=7)  # 2 days minus an hour before the new date
+    await site.relay.sweep_once()
+    await site.relay.sweep_once()
+    warnings = await site.events("letter.expiry_warned")
+    assert len(warnings) == 2
+    assert warnings[1].data["expires_at"] == (link.expires_at + timedelta(days=7)).isoformat()
+    assert await to_agent(site) == 2
