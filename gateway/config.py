@@ -361,8 +361,40 @@ class LetterSettings(Section):
         return value
 
 
+class NoticeSettings(Section):
+    """The agent's optional mails: what each agent gets unless they chose otherwise.
+
+    Both are on by default: a first download and a letter about to run out are the moments
+    an agent acts on (call the prospect, send again), each is at most one short mail per
+    recipient and message, and an agent who finds them noisy turns them off
+    (`sealrelay user notify`). The consent confirmation is not among them: it carries the
+    evidence and always goes.
+    """
+
+    first_download: bool = True
+    expiry_warning: bool = True
+    # How long before a waiting letter's link runs out the agent is warned.
+    expiry_warning_days: int = Field(default=2, ge=1, le=60, description="days")
+    # First downloads of one recipient within this many seconds make one mail (a prospect
+    # fetching several files one after another); the notice waits that long.
+    download_batch_seconds: int = Field(default=60, ge=0, le=3600, description="seconds")
+
+
+class NoticeOverrides(Section):
+    """A group's own defaults for the agent's optional mails; unset: the installation's."""
+
+    first_download: bool | None = None
+    expiry_warning: bool | None = None
+
+
 class GroupSettings(PolicyOverrides):
     name: str = Field(min_length=1)
+    notices: NoticeOverrides = NoticeOverrides()
+
+    def values(self) -> dict[str, Any]:
+        values = super().values()
+        values.pop("notices", None)  # not policy: read by notices_for
+        return values
 
 
 class RuleMatch(Section):
@@ -391,6 +423,7 @@ class Settings(Section):
     dkim: dict[str, DkimDomain] = {}
     branding: BrandingSettings = BrandingSettings()
     letter: LetterSettings = LetterSettings()
+    notices: NoticeSettings = NoticeSettings()
     scanners: ScannerSettings = ScannerSettings()
     policy: PolicySettings = PolicySettings()
     groups: list[GroupSettings] = []
@@ -416,6 +449,13 @@ class Settings(Section):
                     f"{source}: letter_block_set {chosen!r} is not in letter.block_sets"
                 )
         return self
+
+    def notices_for(self, group: str | None) -> NoticeSettings:
+        """The notice defaults for an agent of `group`: the group's own, else `[notices]`."""
+        own = next((g.notices for g in self.groups if g.name == group), None)
+        if own is None:
+            return self.notices
+        return self.notices.model_copy(update=own.model_dump(exclude_none=True))
 
     def policy_config(self) -> PolicyConfig:
         """The pure policy input for rules/, built once at start-up."""

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import config_check, users
 from gateway.config import (
     ConfigError,
+    NoticeSettings,
     Settings,
     load_settings,
     locate_config,
@@ -349,9 +350,14 @@ def user_add(
 @user.command("list")
 @config_option
 def user_list(config: Path | None) -> None:
-    """All users with their aliases."""
+    """All users with their aliases; an optional mail a user gets or not, unlike the
+    default of their group or installation ([notices]), shows as a flag: no-first-download,
+    expiry-warning."""
+    settings = _settings(config)
     for account, aliases in _run(users.list_users, config):
-        flags = [account.role]
+        defaults = settings.notices_for(account.group_name)
+        prefs = users.NoticePrefs.of(account.notify, defaults)
+        flags = [account.role, *_notice_flags(prefs, defaults)]
         if account.disabled:
             flags.append("disabled")
         if account.group_name:
@@ -360,6 +366,55 @@ def user_list(config: Path | None) -> None:
             flags.append("totp")
         alias_text = f"  aliases: {', '.join(aliases)}" if aliases else ""
         click.echo(f"{account.email}  [{' '.join(flags)}]{alias_text}")
+
+
+def _notice_flags(prefs: users.NoticePrefs, defaults: NoticeSettings) -> list[str]:
+    return [
+        ("" if getattr(prefs, kind) else "no-") + kind.replace("_", "-")
+        for kind in users.NOTICE_KINDS
+        if getattr(prefs, kind) != getattr(defaults, kind)
+    ]
+
+
+@user.command("notify")
+@config_option
+@click.argument("email")
+@click.option(
+    "--first-download",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="A mail when a recipient downloads a file for the first time.",
+)
+@click.option(
+    "--expiry-warning",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="A mail when a registered letter still waits for consent shortly before it expires.",
+)
+def user_notify(
+    config: Path | None, email: str, first_download: str | None, expiry_warning: str | None
+) -> None:
+    """Choose the optional mails an agent gets; without options, show them.
+
+    The consent confirmation is not optional: it carries the evidence of the consent.
+    """
+    settings = _settings(config)
+    changes = {
+        kind: value == "on"
+        for kind, value in (("first_download", first_download), ("expiry_warning", expiry_warning))
+        if value is not None
+    }
+    if changes:
+        prefs = _run(
+            lambda db: users.set_notifications(db, email, changes, settings), config, Access.WRITE
+        )
+    else:
+        prefs = _run(lambda db: users.notifications(db, email, settings), config)
+    click.echo(
+        f"{email}: first-download {'on' if prefs.first_download else 'off'},"
+        f" expiry-warning {'on' if prefs.expiry_warning else 'off'},"
+        " consent confirmation always"
+    )
 
 
 @user.command("disable")
@@ -760,6 +815,7 @@ def links_group() -> None:
 def links_expire(config: Path | None) -> None:
     """Expire links and letters past their date, delete blobs nobody needs (the hourly sweep)."""
     from gateway.letters.desk import LetterDesk
+    from gateway.notices.desk import NoticeDesk
     from gateway.outbound.queue_signal import QueueSignal
     from sealrelay.serve import blob_store, sweeper_for
 
@@ -768,7 +824,8 @@ def links_expire(config: Path | None) -> None:
     async def run(db: Database) -> sweeper.SweepReport:
         blobs = blob_store(settings)
         letters = LetterDesk(settings, db, blobs, QueueSignal().notify, utcnow)
-        return await sweeper_for(settings, db, blobs, letters)(utcnow())
+        notices = NoticeDesk(settings, db, blobs, QueueSignal().notify, utcnow)
+        return await sweeper_for(settings, db, blobs, letters, notices)(utcnow())
 
     report = _run(run, config, Access.WRITE)
     click.echo(

@@ -30,6 +30,7 @@ from gateway.links.desk import LinkDesk
 from gateway.login_throttle import LoginThrottle
 from gateway.mail import dkim
 from gateway.mail.outgoing import Signer
+from gateway.notices.desk import NoticeDesk
 from gateway.outbound.delivery import DeliveryWorker
 from gateway.outbound.queue_signal import QueueSignal
 from gateway.outbound.upstream import Upstream, open_upstream
@@ -67,11 +68,20 @@ def blob_store(settings: Settings) -> BlobStore:
 
 
 def sweeper_for(
-    settings: Settings, db: Database, blobs: BlobStore, letters: LetterDesk
+    settings: Settings,
+    db: Database,
+    blobs: BlobStore,
+    letters: LetterDesk,
+    notices: NoticeDesk | None = None,
 ) -> Callable[[datetime], Awaitable[sweeper.SweepReport]]:
-    """The housekeeping round as configured: links, letters, blobs (serve and the CLI)."""
+    """The housekeeping round as configured: expiry warnings, links, letters, blobs (serve
+    and the CLI)."""
 
     async def sweep(now: datetime) -> sweeper.SweepReport:
+        if notices is not None:
+            warned = await notices.expiry_warnings(now)
+            if warned:
+                log.info("sweep: %d letters about to expire, agents warned", warned)
         report = await sweeper.sweep(
             db,
             blobs,
@@ -135,7 +145,8 @@ class Relay:
         self.webhook_worker = WebhookWorker(
             settings, self.db, self.blobs, self.signal.notify, clock
         )
-        self.sweeper = sweeper_for(settings, self.db, self.blobs, self.letters)
+        self.notices = NoticeDesk(settings, self.db, self.blobs, self.signal.notify, clock)
+        self.sweeper = sweeper_for(settings, self.db, self.blobs, self.letters, self.notices)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._web_runner: web.AppRunner | None = None
@@ -151,6 +162,7 @@ class Relay:
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
             self._tasks.append(asyncio.create_task(self.webhook_worker.run(self._stop)))
+            self._tasks.append(asyncio.create_task(self.notices.run(self._stop)))
             self._tasks.append(
                 asyncio.create_task(
                     sweeper.run_hourly(

@@ -864,3 +864,58 @@ WEBHOOK_ENDPOINT_DELETED = _declare(
     WebhookEndpointDeleted,
     message=None,
 )
+
+
+# -- notifications ------------------------------------------------------------------------------
+# The agent's optional mails about their messages (gateway/notices/). The consent confirmation
+# is not one of them: it carries the evidence and always goes (letter.released's transaction).
+
+
+@with_config(_STRICT)
+class DownloadNoticeQueued(TypedDict):
+    recipient: Recipient
+    file_ids: Annotated[list[str], About("The files whose first download the notice reports.")]
+    first_seq: Annotated[int, About("The seq of the first download.first event it reports.")]
+    notice_message_id: Annotated[str, About("The notice mail queued to the agent.")]
+
+
+NOTICE_DOWNLOAD_QUEUED = _declare(
+    "notice.download_queued",
+    "The agent was mailed that a recipient downloaded files for the first time (one mail"
+    " for the first downloads of one recipient that arrived together).",
+    DownloadNoticeQueued,
+    message="the agent's message the files came with",
+)
+
+
+@with_config(_STRICT)
+class LetterExpiryWarned(TypedDict):
+    letter_id: LetterId
+    recipient: Recipient
+    expires_at: Timestamp
+    notice_message_id: Annotated[str, About("The warning mail queued to the agent.")]
+
+
+LETTER_EXPIRY_WARNED = _declare(
+    "letter.expiry_warned",
+    "A registered letter still waits for consent and its link runs out soon: the agent was"
+    " warned by mail (once per letter).",
+    LetterExpiryWarned,
+    message="the agent's message (the offer)",
+)
+
+
+@with_config(_STRICT)
+class UserNoticesChanged(TypedDict):
+    email: Email
+    first_download: Annotated[bool, About("Whether the user now gets the first-download mail.")]
+    expiry_warning: Annotated[bool, About("Whether the user now gets the expiry warning.")]
+
+
+USER_NOTICES_CHANGED = _declare(
+    "user.notices_changed",
+    "A user's choice of optional mails changed (first downloads, letters about to expire);"
+    " the payload holds the effective choice after the change.",
+    UserNoticesChanged,
+    message=None,
+)

@@ -70,6 +70,10 @@ STORED_NAMES = {
     "webhook.endpoint_disabled",
     "webhook.test",
     "webhook.endpoint_deleted",
+    # notifications
+    "notice.download_queued",
+    "letter.expiry_warned",
+    "user.notices_changed",
 }
 
 
