@@ -22,7 +22,7 @@ import pytest
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.conftest import PASSWORD
 from tests.console.work_world import ADMIN, AGENT, AUDITOR, BUYER, World, build_world
-from tests.letter_site import LetterSite
+from tests.letter_site import LetterSite, offer
 from tests.links.test_link_actions import SAFE_LINKS
 from tests.queue_wait import queue_idle
 
@@ -202,6 +202,9 @@ async def test_admin_adds_a_user_and_the_auditor_changes_nothing(
     base = world.url
     shots = Screens(tmp_path, size)
     newcomer = f"neu-{size}@broker.example"
+    site.sink.refuse["gone@example.com"] = "550 5.1.1 <gone@example.com>: no such user"
+    await site.harness.send(offer(subject="Ins Leere", big=False), recipients=["gone@example.com"])
+    await queue_idle(site.relay.db)
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
@@ -229,12 +232,11 @@ async def test_admin_adds_a_user_and_the_auditor_changes_nothing(
                     f"From: {newcomer}\r\nTo: {BUYER}\r\nSubject: Hallo\r\n\r\nTest\r\n".encode(),
                 )
             await site.sink.expect(sent + 1)
-            for path, name in (
-                ("/console/admin/queue", "admin-queue"),
-                ("/console/admin/journal", "admin-journal"),
-            ):
-                await page.goto(base + path)
-                await shots.take(page, name, viewport["width"])
+            await page.goto(f"{base}/console/admin/queue")
+            assert "no such user" in await page.locator("main").inner_text()
+            await shots.take(page, "admin-queue", viewport["width"])
+            await page.goto(f"{base}/console/admin/journal")
+            await shots.take(page, "admin-journal", viewport["width"])
             await page.goto(f"{base}/console/admin/webhooks")
             await page.locator("#url").fill("http://127.0.0.1:9/hook")
             await page.locator("#description").fill("CRM")

@@ -109,7 +109,7 @@ class ActionPages:
         return self.pages.render_story(
             request,
             story,
-            error=catalog.t(key, detail=_detail(exc)),
+            error=catalog.t(key, detail=str(exc)),
             status=status,
         )
 
@@ -272,7 +272,3 @@ def _end_of_day(text: str, catalog: Catalog) -> datetime:
     except ValueError:
         raise InvalidRequest("the new expiry is not a date (YYYY-MM-DD)") from None
     return datetime.combine(day, time(23, 59), catalog.zone)
-
-
-def _detail(exc: ActionRefused) -> str:
-    return str(exc)
