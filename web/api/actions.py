@@ -87,13 +87,13 @@ class MessageActions:
     async def consent_pdf(self, call: Call[NoQuery, NoBody]) -> File:
         letter_id = await self._reach(call, Target.LETTER)
         with _refusals():
-            pdf = await self.letters.consent_pdf(letter_id)
+            pdf = await self.letters.consent_pdf(letter_id, call.principal.name)
         return File(pdf, f"consent-{letter_id}.pdf")
 
     async def released_original(self, call: Call[NoQuery, NoBody]) -> File:
         letter_id = await self._reach(call, Target.LETTER)
         with _refusals():
-            eml = await self.letters.released_original(letter_id)
+            eml = await self.letters.released_original(letter_id, call.principal.name)
         return File(eml, f"released-{letter_id}.eml")
 
     def operations(self, prefix: str) -> list[Operation[Any, Any]]:

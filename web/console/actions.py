@@ -187,7 +187,7 @@ class ActionPages:
             letter_id = self._letter(story, request)
         except NotInMessage:
             return self.view.not_found(request)
-        preview = await self.letters.preview(letter_id)
+        preview = await self.letters.preview(letter_id, self.view.principal(request).name)
         catalog = self.view.catalog(request)
         found = preview.found
         return self.view.render(
@@ -220,7 +220,7 @@ class ActionPages:
                 raise NotInMessage()
         except NotInMessage:
             return self.view.not_found(request)
-        found = await self.links.preview(link_id)
+        found = await self.links.preview(link_id, self.view.principal(request).name)
         catalog = self.view.catalog(request)
         state = found.state.value
         return self.view.render(
@@ -251,10 +251,12 @@ class ActionPages:
             return self.view.not_found(request)
         try:
             if which == "consent":
-                body = await self.letters.consent_pdf(letter_id)
+                body = await self.letters.consent_pdf(letter_id, self.view.principal(request).name)
                 name, kind = f"consent-{letter_id}.pdf", "application/pdf"
             else:
-                body = await self.letters.released_original(letter_id)
+                body = await self.letters.released_original(
+                    letter_id, self.view.principal(request).name
+                )
                 name, kind = f"original-{letter_id}.eml", "message/rfc822"
         except ActionRefused as exc:
             return self._refused(request, story, exc)

@@ -25,6 +25,22 @@ from gateway.console.timeline import (
     Timeline,
 )
 from gateway.console.waiting import WaitingLetters
+from gateway.store.events import (
+    CONSENT_GIVEN,
+    DELIVERY_BOUNCED,
+    DELIVERY_QUEUED,
+    DOWNLOAD_AUTOMATED,
+    DOWNLOAD_FIRST,
+    DOWNLOAD_REPEAT,
+    DOWNLOAD_ZIP,
+    LETTER_HELD,
+    LETTER_RELEASED_BY_AGENT,
+    LETTER_RESENT,
+    LINK_CREATED,
+    LINK_EXTENDED,
+    LINK_REVOKED,
+    POLICY_KEPT,
+)
 from gateway.texts.catalog import Catalog
 from web.console.view import ConsoleView
 from web.guard import Routes
@@ -32,7 +48,7 @@ from web.guard import Routes
 MESSAGES = "/console/messages"
 SEARCH_MAX = 200
 # noise on a recipient's story: every copy is queued before it is delivered or bounces
-QUIET = frozenset({"delivery.queued"})
+QUIET = frozenset({DELIVERY_QUEUED.name})
 
 
 @dataclass(frozen=True)
@@ -61,7 +77,7 @@ class RecipientView:
 
 
 def automated(event: EventRow) -> bool:
-    return event.type == "download.automated" or event.data.get("automated") is True
+    return event.type == DOWNLOAD_AUTOMATED.name or event.data.get("automated") is True
 
 
 def describe(event: EventRow, catalog: Catalog) -> Line:
@@ -88,32 +104,32 @@ def describe(event: EventRow, catalog: Catalog) -> Line:
             return value
 
     fact("file", data.get("filename"))
-    if event.type == "download.zip":
+    if event.type == DOWNLOAD_ZIP.name:
         fact("files", ", ".join(f.get("filename", "") for f in data.get("files", [])))
-    if event.type == "link.created":
+    if event.type == LINK_CREATED.name:
         fact("files", ", ".join(data.get("files", [])))
     fact("error", data.get("error"))
-    fact("status", data.get("status") if event.type == "delivery.bounced" else None)
+    fact("status", data.get("status") if event.type == DELIVERY_BOUNCED.name else None)
     fact("remote", data.get("remote"))
     fact("actor", data.get("actor"))
-    fact("reason", data.get("reason") if event.type != "policy.kept" else None)
+    fact("reason", data.get("reason") if event.type != POLICY_KEPT.name else None)
     fact("expires", when(data.get("expires_at")))
     fact("next_attempt", when(data.get("next_attempt")))
     fact("ip", data.get("ip"))
     fact("user_agent", data.get("user_agent"))
-    fact("texts_sha256", data.get("texts_sha256") if event.type == "consent.given" else None)
+    fact("texts_sha256", data.get("texts_sha256") if event.type == CONSENT_GIVEN.name else None)
     if automated(event):
         fact("why_automated", ", ".join(data.get("automated_reasons", [])))
     kind = {
-        "download.first": "download",
-        "download.repeat": "download",
-        "download.zip": "download",
-        "consent.given": "consent",
-        "delivery.bounced": "bounce",
-        "link.revoked": "action",
-        "link.extended": "action",
-        "letter.resent": "action",
-        "letter.released_by_agent": "action",
+        DOWNLOAD_FIRST.name: "download",
+        DOWNLOAD_REPEAT.name: "download",
+        DOWNLOAD_ZIP.name: "download",
+        CONSENT_GIVEN.name: "consent",
+        DELIVERY_BOUNCED.name: "bounce",
+        LINK_REVOKED.name: "action",
+        LINK_EXTENDED.name: "action",
+        LETTER_RESENT.name: "action",
+        LETTER_RELEASED_BY_AGENT.name: "action",
     }.get(event.type, "")
     return Line(event.seq, catalog.moment(event.at, seconds=True), label, kind, facts)
 
@@ -125,22 +141,22 @@ def recipient_views(story: MessageStory, catalog: Catalog) -> list[RecipientView
         for event in told.events:
             data = event.data
             letter_id = data.get("letter_id")
-            if event.type == "letter.held" and isinstance(letter_id, str):
+            if event.type == LETTER_HELD.name and isinstance(letter_id, str):
                 view.letters.append(letter_id)
-            if event.type == "consent.given" and isinstance(letter_id, str):
+            if event.type == CONSENT_GIVEN.name and isinstance(letter_id, str):
                 view.consents.append(letter_id)
-            if event.type in ("consent.given", "letter.released_by_agent") and isinstance(
+            if event.type in (CONSENT_GIVEN.name, LETTER_RELEASED_BY_AGENT.name) and isinstance(
                 letter_id, str
             ):
                 view.released.append(letter_id)
-            if event.type == "link.created" and isinstance(data.get("link_id"), str):
+            if event.type == LINK_CREATED.name and isinstance(data.get("link_id"), str):
                 view.links.append(data["link_id"])
-            if event.type in ("link.created", "letter.held"):
+            if event.type in (LINK_CREATED.name, LETTER_HELD.name):
                 view.has_links = True
             if event.type in QUIET:
                 continue
             line = describe(event, catalog)
-            if event.type == "consent.given" and isinstance(letter_id, str):
+            if event.type == CONSENT_GIVEN.name and isinstance(letter_id, str):
                 href = f"{MESSAGES}/{story.message.id}/letters/{letter_id}/consent.pdf"
                 line = replace(line, download=(href, catalog.t("work.consent_pdf")))
             (view.scanner if automated(event) else view.lines).append(line)
@@ -154,7 +170,7 @@ def story_letters(story: MessageStory) -> dict[str, str]:
         e.data["letter_id"]: r.address
         for r in story.recipients
         for e in r.events
-        if e.type == "letter.held" and isinstance(e.data.get("letter_id"), str)
+        if e.type == LETTER_HELD.name and isinstance(e.data.get("letter_id"), str)
     }
 
 
@@ -164,7 +180,7 @@ def story_links(story: MessageStory) -> dict[str, str]:
         e.data["link_id"]: r.address
         for r in story.recipients
         for e in r.events
-        if e.type == "link.created" and isinstance(e.data.get("link_id"), str)
+        if e.type == LINK_CREATED.name and isinstance(e.data.get("link_id"), str)
     }
 
 
