@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from pydantic import (
 )
 
 from gateway.texts.catalog import DEFAULT_TIMEZONE, time_zone
+from rules.automated_visits import ScannerRules
 from rules.language import SHIPPED_LANGUAGES
 from rules.matching import ConfiguredRule, Match, PolicyConfig
 from rules.policy import Policy
@@ -36,6 +38,9 @@ from rules.policy import Policy
 DEFAULT_POLICY = Policy()
 
 ENV_PREFIX = "SEALRELAY_"
+# The longest a link may be valid, in days: the policy's limits, and an agent's extension's.
+DOWNLOAD_LINK_DAYS_MAX = 3650
+LETTER_LINK_DAYS_MAX = 365
 
 
 class ConfigError(Exception):
@@ -93,6 +98,8 @@ class SmtpSettings(Section):
         default=10, gt=0, description="seconds of silence before login when 3/4 full"
     )
     max_auth_failures_per_ip: int = Field(default=20, ge=1)
+    # shared with the console's sign-in; not applied where a login succeeded within a day
+    max_auth_failures_per_account: int = Field(default=10, ge=1)
     auth_failure_forget: float = Field(
         default=60, gt=0, description="seconds until one failed login of an address is forgotten"
     )
@@ -160,6 +167,56 @@ class WebSettings(Section):
             except ValueError as exc:
                 raise ValueError(f"{entry!r} is not an IP address or network") from exc
         return value
+
+
+class ConsoleSettings(Section):
+    """Sign-in to the web console: how long a session lasts."""
+
+    idle_timeout: float = Field(
+        default=30 * 60, ge=60, description="seconds without a request after which a session ends"
+    )
+    absolute_timeout: float = Field(
+        default=12 * 3600, ge=60, description="seconds after sign-in at which a session ends"
+    )
+
+    @model_validator(mode="after")
+    def _idle_within_absolute(self) -> ConsoleSettings:
+        if self.idle_timeout > self.absolute_timeout:
+            raise ValueError("idle_timeout must not exceed absolute_timeout")
+        return self
+
+
+class ScannerSettings(Section):
+    """Which visits of a link count as a link scanner's (rules/automated_visits.py): the
+    shipped ranges and user agents are a heuristic; these add to them or switch ranges off."""
+
+    window_seconds: float = Field(default=120, ge=0, description="seconds after delivery")
+    user_agents: list[str] = []
+    networks: list[str] = []
+    shipped_networks: bool = True
+
+    @field_validator("user_agents")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                re.compile(entry)
+            except re.error as exc:
+                raise ValueError(f"{entry!r} is not a regular expression: {exc}") from exc
+        return value
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return WebSettings._networks(value)
+
+    def rules(self) -> ScannerRules:
+        return ScannerRules.configured(
+            window_seconds=self.window_seconds,
+            extra_user_agents=self.user_agents,
+            extra_networks=self.networks,
+            shipped_networks=self.shipped_networks,
+        )
 
 
 class DatabaseSettings(Section):
@@ -235,11 +292,11 @@ class PolicyOverrides(Section):
     link_total_over: ByteSize | None = None
     keep_attached: list[Annotated[str, Field(pattern=MIME_TYPE)]] | None = None
     always_link: list[Annotated[str, Field(min_length=1)]] | None = None
-    download_link_days: int | None = Field(default=None, ge=1, le=3650)
+    download_link_days: int | None = Field(default=None, ge=1, le=DOWNLOAD_LINK_DAYS_MAX)
     internal_domains: list[str] | None = None
     language: Language | None = None
     registered_letter: bool | None = None
-    letter_link_days: int | None = Field(default=None, ge=1, le=365)
+    letter_link_days: int | None = Field(default=None, ge=1, le=LETTER_LINK_DAYS_MAX)
     letter_block_set: str | None = Field(default=None, min_length=1)
 
     def values(self) -> dict[str, Any]:
@@ -265,12 +322,16 @@ class PolicySettings(PolicyOverrides):
     always_link: list[Annotated[str, Field(min_length=1)]] | None = sorted(
         DEFAULT_POLICY.always_link
     )
-    download_link_days: int | None = Field(default=DEFAULT_POLICY.download_link_days, ge=1, le=3650)
+    download_link_days: int | None = Field(
+        default=DEFAULT_POLICY.download_link_days, ge=1, le=DOWNLOAD_LINK_DAYS_MAX
+    )
     internal_domains: list[str] | None = sorted(DEFAULT_POLICY.internal_domains)
     # never None: every page and mail of the relay falls back to it (rules.language)
     language: Language = DEFAULT_POLICY.language
     registered_letter: bool | None = DEFAULT_POLICY.registered_letter
-    letter_link_days: int | None = Field(default=DEFAULT_POLICY.letter_link_days, ge=1, le=365)
+    letter_link_days: int | None = Field(
+        default=DEFAULT_POLICY.letter_link_days, ge=1, le=LETTER_LINK_DAYS_MAX
+    )
     letter_block_set: str | None = DEFAULT_POLICY.letter_block_set
 
 
@@ -300,8 +361,40 @@ class LetterSettings(Section):
         return value
 
 
+class NoticeSettings(Section):
+    """The agent's optional mails: what each agent gets unless they chose otherwise.
+
+    Both are on by default: a first download and a letter about to run out are the moments
+    an agent acts on (call the prospect, send again), each is at most one short mail per
+    recipient and message, and an agent who finds them noisy turns them off
+    (`sealrelay user notify`). The consent confirmation is not among them: it carries the
+    evidence and always goes.
+    """
+
+    first_download: bool = True
+    expiry_warning: bool = True
+    # How long before a waiting letter's link runs out the agent is warned.
+    expiry_warning_days: int = Field(default=2, ge=1, le=60, description="days")
+    # First downloads of one recipient within this many seconds make one mail (a prospect
+    # fetching several files one after another); the notice waits that long.
+    download_batch_seconds: int = Field(default=60, ge=0, le=3600, description="seconds")
+
+
+class NoticeOverrides(Section):
+    """A group's own defaults for the agent's optional mails; unset: the installation's."""
+
+    first_download: bool | None = None
+    expiry_warning: bool | None = None
+
+
 class GroupSettings(PolicyOverrides):
     name: str = Field(min_length=1)
+    notices: NoticeOverrides = NoticeOverrides()
+
+    def values(self) -> dict[str, Any]:
+        values = super().values()
+        values.pop("notices", None)  # not policy: read by notices_for
+        return values
 
 
 class RuleMatch(Section):
@@ -323,12 +416,15 @@ class Settings(Section):
     smtp: SmtpSettings = SmtpSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     web: WebSettings = WebSettings()
+    console: ConsoleSettings = ConsoleSettings()
     database: DatabaseSettings = DatabaseSettings()
     storage: StorageSettings = StorageSettings()
     worker: WorkerSettings = WorkerSettings()
     dkim: dict[str, DkimDomain] = {}
     branding: BrandingSettings = BrandingSettings()
     letter: LetterSettings = LetterSettings()
+    notices: NoticeSettings = NoticeSettings()
+    scanners: ScannerSettings = ScannerSettings()
     policy: PolicySettings = PolicySettings()
     groups: list[GroupSettings] = []
     rules: list[RuleSettings] = []
@@ -353,6 +449,13 @@ class Settings(Section):
                     f"{source}: letter_block_set {chosen!r} is not in letter.block_sets"
                 )
         return self
+
+    def notices_for(self, group: str | None) -> NoticeSettings:
+        """The notice defaults for an agent of `group`: the group's own, else `[notices]`."""
+        own = next((g.notices for g in self.groups if g.name == group), None)
+        if own is None:
+            return self.notices
+        return self.notices.model_copy(update=own.model_dump(exclude_none=True))
 
     def policy_config(self) -> PolicyConfig:
         """The pure policy input for rules/, built once at start-up."""

@@ -8,7 +8,7 @@ import functools
 import heapq
 import itertools
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
@@ -16,14 +16,22 @@ from weakref import WeakKeyDictionary
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
+from gateway.config import NoticeSettings, Settings
 from gateway.store import journal
 from gateway.store.db import Database
-from gateway.store.events import USER_CREATED, USER_DISABLED, USER_ENABLED, USER_PASSWORD_CHANGED
+from gateway.store.events import (
+    USER_CHANGED,
+    USER_CREATED,
+    USER_DISABLED,
+    USER_ENABLED,
+    USER_NOTICES_CHANGED,
+    USER_PASSWORD_CHANGED,
+)
 from gateway.store.metrics import AUTH_CHECKS_WAITING
-from gateway.store.models import Alias, Role, User
+from gateway.store.models import Alias, ConsoleSession, Role, User
 
 # OWASP's argon2id minimum (19 MiB, 2 passes, 1 lane): the library default takes 64 MiB per
 # check, which a relay doing SMTP AUTH all day pays in resident memory. Stored hashes carry
@@ -182,10 +190,119 @@ async def set_disabled(db: Database, email: str, disabled: bool = True) -> None:
         if user is None:
             raise UserError(f"no user {email}")
         user.disabled = disabled
+        if disabled:  # signed out of the console at once, on every device
+            await session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
         await journal.append(
             session,
             [(USER_DISABLED if disabled else USER_ENABLED).new({"email": email})],
         )
+
+
+@dataclass(frozen=True)
+class NoticePrefs:
+    """Which optional mails an agent gets (gateway/notices/). The consent confirmation is
+    not a preference: it is the broker's evidence of the consent and always goes."""
+
+    first_download: bool
+    expiry_warning: bool
+
+    @classmethod
+    def of(cls, stored: Mapping[str, object], defaults: NoticeSettings) -> NoticePrefs:
+        """The effective choice: what the agent stored, else the installation's default."""
+        return cls(
+            first_download=_choice(stored, "first_download", defaults.first_download),
+            expiry_warning=_choice(stored, "expiry_warning", defaults.expiry_warning),
+        )
+
+
+NOTICE_KINDS = tuple(NoticePrefs.__dataclass_fields__)
+
+
+def _choice(stored: Mapping[str, object], key: str, default: bool) -> bool:
+    value = stored.get(key)
+    return value if isinstance(value, bool) else default
+
+
+async def notifications(db: Database, email: str, settings: Settings) -> NoticePrefs:
+    """The agent's effective notice preferences (theirs, else their group's, else
+    `[notices]`)."""
+    email = normalize_address(email)
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == email))
+    if user is None:
+        raise UserError(f"no user {email}")
+    return NoticePrefs.of(user.notify, settings.notices_for(user.group_name))
+
+
+async def set_notifications(
+    db: Database, email: str, changes: Mapping[str, bool], settings: Settings
+) -> NoticePrefs:
+    """Store the agent's choices (only the kinds named in `changes`; the rest stay) and
+    return the effective preferences; a change is journaled (`user.notices_changed`). An
+    unknown kind is refused, nothing is written."""
+    unknown = sorted(set(changes) - set(NOTICE_KINDS))
+    if unknown:
+        raise UserError(f"unknown notice kinds: {', '.join(unknown)}")
+    email = normalize_address(email)
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == email).with_for_update())
+        if user is None:
+            raise UserError(f"no user {email}")
+        defaults = settings.notices_for(user.group_name)
+        before = NoticePrefs.of(user.notify, defaults)
+        user.notify = {**(user.notify or {}), **{k: bool(v) for k, v in changes.items()}}
+        after = NoticePrefs.of(user.notify, defaults)
+        if after != before:
+            await journal.append(
+                session,
+                [
+                    USER_NOTICES_CHANGED.new(
+                        {
+                            "email": email,
+                            "first_download": after.first_download,
+                            "expiry_warning": after.expiry_warning,
+                        }
+                    )
+                ],
+            )
+    return after
+
+
+KEEP = object()  # `change_user`: leave the group as it is
+
+
+async def change_user(
+    db: Database,
+    email: str,
+    *,
+    role: Role | None = None,
+    group: str | object | None = KEEP,
+    disabled: bool | None = None,
+) -> tuple[User, list[str]]:
+    """Change a user's role, group or whether they are disabled, in one transaction; each
+    change that changes something is journaled. Returns the user with their aliases."""
+    email = normalize_address(email)
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == email).with_for_update())
+        if user is None:
+            raise UserError(f"no user {email}")
+        changes = []
+        new_group = user.group_name if group is KEEP else group
+        assert new_group is None or isinstance(new_group, str)
+        if (role is not None and role != user.role) or new_group != user.group_name:
+            user.role = role or user.role
+            user.group_name = new_group
+            changes.append(
+                USER_CHANGED.new({"email": email, "role": user.role, "group": user.group_name})
+            )
+        if disabled is not None and disabled != user.disabled:
+            user.disabled = disabled
+            changes.append((USER_DISABLED if disabled else USER_ENABLED).new({"email": email}))
+        await journal.append(session, changes)
+        aliases = (
+            await session.scalars(select(Alias.address).where(Alias.user_id == user.id))
+        ).all()
+    return user, sorted(aliases)
 
 
 async def set_password(db: Database, email: str, password: str) -> None:

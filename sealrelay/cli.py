@@ -23,18 +23,29 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import config_check, users
 from gateway.config import (
     ConfigError,
+    NoticeSettings,
     Settings,
     load_settings,
     locate_config,
     where_config_is_looked_for,
 )
+from gateway.console import totp
+from gateway.console.api_keys import ApiKeyDesk, ApiKeyError
 from gateway.letters import verification
 from gateway.mail import dkim
 from gateway.outbound import queue
 from gateway.problems import Problem
 from gateway.store import journal, sweeper
 from gateway.store.db import Database
-from gateway.store.models import Delivery, DeliveryStatus, Role, utcnow
+from gateway.store.models import (
+    ApiKeyScope,
+    Delivery,
+    DeliveryStatus,
+    Role,
+    WebhookEndpoint,
+    utcnow,
+)
+from gateway.webhooks.desk import Created, DeliveryView, WebhookDesk, WebhookError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,7 +105,7 @@ def _run(
             if access is not Access.READ:
                 await db.upgrade()
             return await work(db)
-        except (users.UserError, queue.QueueError) as exc:
+        except (users.UserError, queue.QueueError, ApiKeyError, WebhookError) as exc:
             raise click.ClickException(str(exc)) from exc
         finally:
             await db.close()
@@ -339,15 +350,71 @@ def user_add(
 @user.command("list")
 @config_option
 def user_list(config: Path | None) -> None:
-    """All users with their aliases."""
+    """All users with their aliases; an optional mail a user gets or not, unlike the
+    default of their group or installation ([notices]), shows as a flag: no-first-download,
+    expiry-warning."""
+    settings = _settings(config)
     for account, aliases in _run(users.list_users, config):
-        flags = [account.role]
+        defaults = settings.notices_for(account.group_name)
+        prefs = users.NoticePrefs.of(account.notify, defaults)
+        flags = [account.role, *_notice_flags(prefs, defaults)]
         if account.disabled:
             flags.append("disabled")
         if account.group_name:
             flags.append(f"group={account.group_name}")
+        if account.totp_secret:
+            flags.append("totp")
         alias_text = f"  aliases: {', '.join(aliases)}" if aliases else ""
         click.echo(f"{account.email}  [{' '.join(flags)}]{alias_text}")
+
+
+def _notice_flags(prefs: users.NoticePrefs, defaults: NoticeSettings) -> list[str]:
+    return [
+        ("" if getattr(prefs, kind) else "no-") + kind.replace("_", "-")
+        for kind in users.NOTICE_KINDS
+        if getattr(prefs, kind) != getattr(defaults, kind)
+    ]
+
+
+@user.command("notify")
+@config_option
+@click.argument("email")
+@click.option(
+    "--first-download",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="A mail when a recipient downloads a file for the first time.",
+)
+@click.option(
+    "--expiry-warning",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="A mail when a registered letter still waits for consent shortly before it expires.",
+)
+def user_notify(
+    config: Path | None, email: str, first_download: str | None, expiry_warning: str | None
+) -> None:
+    """Choose the optional mails an agent gets; without options, show them.
+
+    The consent confirmation is not optional: it carries the evidence of the consent.
+    """
+    settings = _settings(config)
+    changes = {
+        kind: value == "on"
+        for kind, value in (("first_download", first_download), ("expiry_warning", expiry_warning))
+        if value is not None
+    }
+    if changes:
+        prefs = _run(
+            lambda db: users.set_notifications(db, email, changes, settings), config, Access.WRITE
+        )
+    else:
+        prefs = _run(lambda db: users.notifications(db, email, settings), config)
+    click.echo(
+        f"{email}: first-download {'on' if prefs.first_download else 'off'},"
+        f" expiry-warning {'on' if prefs.expiry_warning else 'off'},"
+        " consent confirmation always"
+    )
 
 
 @user.command("disable")
@@ -379,6 +446,26 @@ def user_passwd(config: Path | None, email: str, password_stdin: bool) -> None:
     click.echo(f"password changed for {email}")
     if generated:
         click.echo(f"password: {password}")
+
+
+@user.command("totp")
+@config_option
+@click.argument("email")
+@click.option("--off", is_flag=True, help="Stop asking this user for a code.")
+def user_totp(config: Path | None, email: str, off: bool) -> None:
+    """Ask for a TOTP code at console sign-in: prints a new secret and its otpauth:// URI once.
+
+    Running it again replaces the secret (the old authenticator entry stops working).
+    """
+    if off:
+        _run(lambda db: totp.disable(db, email), config, Access.WRITE)
+        click.echo(f"TOTP off for {email}")
+        return
+    issuer = _settings(config).branding.company_name
+    setup = _run(lambda db: totp.enable(db, email, issuer), config, Access.WRITE)
+    click.echo(f"TOTP on for {email}; add it to an authenticator app (shown only now):")
+    click.echo(f"uri: {setup.uri}")
+    click.echo(f"secret: {setup.secret}")
 
 
 @main.command("demo-agent")
@@ -501,6 +588,223 @@ def _named(
     return chosen
 
 
+@main.group("apikey")
+def apikey_group() -> None:
+    """Keys for the JSON API (/api/v1)."""
+
+
+@apikey_group.command("create")
+@config_option
+@click.argument("name")
+@click.option(
+    "--scope",
+    type=click.Choice([s.value for s in ApiKeyScope]),
+    required=True,
+    help="read: messages, events, users, queue; write: also change users, queue and keys.",
+)
+def apikey_create(config: Path | None, name: str, scope: str) -> None:
+    """Create a key and print it; it is shown this once and stored only as a hash."""
+    made = _run(
+        lambda db: ApiKeyDesk(db, utcnow).create(name, ApiKeyScope(scope), "cli"),
+        config,
+        Access.WRITE,
+    )
+    click.echo(f"created {made.info.scope} key {made.info.id} ({made.info.name})", err=True)
+    click.echo("the key is shown once; store it now:", err=True)
+    click.echo(made.key)
+
+
+@apikey_group.command("list")
+@config_option
+def apikey_list(config: Path | None) -> None:
+    """Every key: id, prefix, scope, name, created, last used, revoked."""
+    keys = _run(lambda db: ApiKeyDesk(db, utcnow).listing(), config)
+    if not keys:
+        click.echo("no API keys")
+
+    def when(at: datetime | None) -> str:
+        return f"{at:%Y-%m-%d %H:%M}Z" if at is not None else "-"
+
+    for key in keys:
+        revoked = f"  REVOKED {when(key.revoked_at)}" if key.revoked_at else ""
+        click.echo(
+            f"{key.id}  {key.prefix}…  {key.scope:<5}  {key.name}  created {when(key.created_at)}"
+            f"  last used {when(key.last_used_at)}{revoked}"
+        )
+
+
+@apikey_group.command("revoke")
+@config_option
+@click.argument("key_id")
+def apikey_revoke(config: Path | None, key_id: str) -> None:
+    """Revoke a key at once; clients using it get 401 from then on."""
+    revoked = _run(lambda db: ApiKeyDesk(db, utcnow).revoke(key_id, "cli"), config, Access.WRITE)
+    click.echo(f"revoked {revoked.id} ({revoked.name})")
+
+
+@main.group("webhook")
+def webhook_group() -> None:
+    """Webhook endpoints: where the journal's events are posted (docs/webhooks.md)."""
+
+
+def _desk_run(
+    work: Callable[[WebhookDesk], Awaitable[T]], config: Path | None, access: Access
+) -> T:
+    async def run(db: Database) -> T:
+        return await work(WebhookDesk(db))
+
+    return _run(run, config, access)
+
+
+def _moment(text: str) -> datetime:
+    """An ISO 8601 time; without a zone it is UTC."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} is not an ISO 8601 time") from exc
+    return at if at.tzinfo is not None else at.replace(tzinfo=ZoneInfo("UTC"))
+
+
+def _endpoint_line(endpoint: WebhookEndpoint) -> str:
+    state = "enabled" if endpoint.enabled else f"disabled ({endpoint.disabled_reason or '-'})"
+    flags = [f for f, on in (("thin", endpoint.thin), ("private", endpoint.allow_private)) if on]
+    types = ",".join(endpoint.event_types) or "all events"
+    extra = f"  [{' '.join(flags)}]" if flags else ""
+    about = f"  {endpoint.description!r}" if endpoint.description else ""
+    return f"{endpoint.id}  {endpoint.url}  {state}  {types}{extra}{about}"
+
+
+@webhook_group.command("add")
+@config_option
+@click.argument("url")
+@click.option(
+    "--event", "events", multiple=True, help="An event type to post (repeat); all if none."
+)
+@click.option("--thin", is_flag=True, help="Ids only: no personal fields in payloads.")
+@click.option("--allow-private", is_flag=True, help="May resolve to loopback or private addresses.")
+@click.option("--description", default="", help="What the endpoint is for.")
+def webhook_add(
+    config: Path | None,
+    url: str,
+    events: tuple[str, ...],
+    thin: bool,
+    allow_private: bool,
+    description: str,
+) -> None:
+    """Add an endpoint; prints its signing secret, this once."""
+
+    async def add(desk: WebhookDesk) -> Created:
+        return await desk.create(
+            url,
+            event_types=events,
+            thin=thin,
+            allow_private=allow_private,
+            description=description,
+        )
+
+    created = _desk_run(add, config, Access.WRITE)
+    click.echo(_endpoint_line(created.endpoint))
+    click.echo(f"secret: {created.secret}  (shown once; the receiver verifies with it)")
+
+
+@webhook_group.command("list")
+@config_option
+def webhook_list(config: Path | None) -> None:
+    """Every endpoint with its state and the events it receives."""
+    endpoints = _desk_run(lambda desk: desk.list_endpoints(), config, Access.READ)
+    if not endpoints:
+        click.echo("no webhook endpoints")
+    for endpoint in endpoints:
+        click.echo(_endpoint_line(endpoint))
+
+
+@webhook_group.command("disable")
+@config_option
+@click.argument("endpoint_id")
+def webhook_disable(config: Path | None, endpoint_id: str) -> None:
+    """Stop posting to an endpoint; its queued deliveries are given up."""
+    endpoint = _desk_run(lambda desk: desk.disable(endpoint_id), config, Access.WRITE)
+    click.echo(_endpoint_line(endpoint))
+
+
+@webhook_group.command("enable")
+@config_option
+@click.argument("endpoint_id")
+def webhook_enable(config: Path | None, endpoint_id: str) -> None:
+    """Post to an endpoint again, from now on (`replay` sends what it missed)."""
+    endpoint = _desk_run(lambda desk: desk.enable(endpoint_id), config, Access.WRITE)
+    click.echo(_endpoint_line(endpoint))
+
+
+@webhook_group.command("delete")
+@config_option
+@click.argument("endpoint_id")
+def webhook_delete(config: Path | None, endpoint_id: str) -> None:
+    """Delete an endpoint and its delivery history."""
+    _desk_run(lambda desk: desk.delete(endpoint_id), config, Access.WRITE)
+    click.echo(f"{endpoint_id} deleted")
+
+
+@webhook_group.command("rotate-secret")
+@config_option
+@click.argument("endpoint_id")
+def webhook_rotate(config: Path | None, endpoint_id: str) -> None:
+    """A new signing secret; the old one keeps signing beside it for 24 hours."""
+    secret = _desk_run(lambda desk: desk.rotate_secret(endpoint_id), config, Access.WRITE)
+    click.echo(f"secret: {secret}  (shown once; the previous one signs too for 24 hours)")
+
+
+@webhook_group.command("test")
+@config_option
+@click.argument("endpoint_id")
+def webhook_test(config: Path | None, endpoint_id: str) -> None:
+    """Post a `webhook.test` event to the endpoint (a running relay sends it)."""
+    seq = _desk_run(lambda desk: desk.send_test(endpoint_id), config, Access.WRITE)
+    click.echo(f"test event evt_{seq} queued for {endpoint_id}")
+
+
+@webhook_group.command("deliveries")
+@config_option
+@click.argument("endpoint_id")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+def webhook_deliveries(config: Path | None, endpoint_id: str, limit: int) -> None:
+    """The endpoint's recent deliveries, newest first."""
+    rows: list[DeliveryView] = _desk_run(
+        lambda desk: desk.deliveries(endpoint_id, limit), config, Access.READ
+    )
+    if not rows:
+        click.echo("no deliveries yet")
+    for d in rows:
+        code = d.last_status_code if d.last_status_code is not None else "-"
+        error = f"  {d.last_error}" if d.last_error else ""
+        click.echo(
+            f"evt_{d.event_seq}  {d.event_type}  {d.status}  attempts={d.attempts}  code={code}"
+            f"  at={d.updated_at:%Y-%m-%d %H:%M:%S}Z{error}"
+        )
+
+
+@webhook_group.command("replay")
+@config_option
+@click.argument("endpoint_id")
+@click.option("--event", "seq", type=int, help="The seq of one event to post again.")
+@click.option("--since", help="Post again the events from this time (ISO 8601, UTC if no zone).")
+@click.option("--until", help="... up to this time (exclusive; default: now).")
+def webhook_replay(
+    config: Path | None, endpoint_id: str, seq: int | None, since: str | None, until: str | None
+) -> None:
+    """Post events again with their own webhook-id: one (--event) or a range (--since)."""
+    if (seq is None) == (since is None):
+        raise click.UsageError("give either --event SEQ or --since TIME [--until TIME]")
+    start = _moment(since) if since else None
+    end = _moment(until) if until else (utcnow() if since else None)
+    count = _desk_run(
+        lambda desk: desk.replay(endpoint_id, seq=seq, since=start, until=end),
+        config,
+        Access.WRITE,
+    )
+    click.echo(f"{count} event(s) queued again for {endpoint_id}")
+
+
 @main.group("links")
 def links_group() -> None:
     """Personal links and the files behind them."""
@@ -511,6 +815,7 @@ def links_group() -> None:
 def links_expire(config: Path | None) -> None:
     """Expire links and letters past their date, delete blobs nobody needs (the hourly sweep)."""
     from gateway.letters.desk import LetterDesk
+    from gateway.notices.desk import NoticeDesk
     from gateway.outbound.queue_signal import QueueSignal
     from sealrelay.serve import blob_store, sweeper_for
 
@@ -519,7 +824,8 @@ def links_expire(config: Path | None) -> None:
     async def run(db: Database) -> sweeper.SweepReport:
         blobs = blob_store(settings)
         letters = LetterDesk(settings, db, blobs, QueueSignal().notify, utcnow)
-        return await sweeper_for(settings, db, blobs, letters)(utcnow())
+        notices = NoticeDesk(settings, db, blobs, QueueSignal().notify, utcnow)
+        return await sweeper_for(settings, db, blobs, letters, notices)(utcnow())
 
     report = _run(run, config, Access.WRITE)
     click.echo(

@@ -17,21 +17,30 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Settings
+from gateway.console.admin import QueueDesk, UserDesk
+from gateway.console.api_keys import ApiKeyDesk
+from gateway.console.sessions import SessionDesk, delete_timed_out
+from gateway.console.timeline import Timeline
+from gateway.console.waiting import WaitingLetters
 from gateway.fronts.smtp import SmtpFront
 from gateway.intake.pipeline import Pipeline
 from gateway.letters import letter_keys
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
+from gateway.login_throttle import LoginThrottle
 from gateway.mail import dkim
 from gateway.mail.outgoing import Signer
+from gateway.notices.desk import NoticeDesk
 from gateway.outbound.delivery import DeliveryWorker
 from gateway.outbound.queue_signal import QueueSignal
 from gateway.outbound.upstream import Upstream, open_upstream
-from gateway.store import health, sweeper
+from gateway.store import health, journal, sweeper
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import utcnow
+from gateway.webhooks.desk import WebhookDesk
+from gateway.webhooks.worker import WebhookWorker
 
 if TYPE_CHECKING:  # the web (and aiohttp) are imported only by a relay with the web role
     from aiohttp import web
@@ -59,12 +68,21 @@ def blob_store(settings: Settings) -> BlobStore:
 
 
 def sweeper_for(
-    settings: Settings, db: Database, blobs: BlobStore, letters: LetterDesk
+    settings: Settings,
+    db: Database,
+    blobs: BlobStore,
+    letters: LetterDesk,
+    notices: NoticeDesk | None = None,
 ) -> Callable[[datetime], Awaitable[sweeper.SweepReport]]:
-    """The housekeeping round as configured: links, letters, blobs (serve and the CLI)."""
+    """The housekeeping round as configured: expiry warnings, links, letters, blobs (serve
+    and the CLI)."""
 
     async def sweep(now: datetime) -> sweeper.SweepReport:
-        return await sweeper.sweep(
+        if notices is not None:
+            warned = await notices.expiry_warnings(now)
+            if warned:
+                log.info("sweep: %d letters about to expire, agents warned", warned)
+        report = await sweeper.sweep(
             db,
             blobs,
             now,
@@ -72,6 +90,10 @@ def sweeper_for(
             evidence_years=settings.letter.evidence_retention,
             expire_letters=letters.expire_due,
         )
+        ended = await delete_timed_out(db, settings.console, now)
+        if ended:
+            log.info("sweep: %d timed-out console sessions deleted", ended)
+        return report
 
     return sweep
 
@@ -98,9 +120,17 @@ class Relay:
         self.blobs = blobs or blob_store(settings)
         self.signal = QueueSignal()
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
-        self.links = LinkDesk(self.db, clock)
+        self.links = LinkDesk(
+            self.db,
+            clock,
+            scanners=settings.scanners.rules(),
+            link_grace=timedelta(days=settings.storage.blob_grace_days),
+        )
         self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
-        self.smtp = SmtpFront(settings, self.db, self.pipeline)
+        # one count of failed logins for SMTP AUTH and the console's sign-in together
+        self.login_throttle = LoginThrottle.from_settings(settings.smtp)
+        self.smtp = SmtpFront(settings, self.db, self.pipeline, self.login_throttle)
+        self._sessions: SessionDesk | None = None
         self.worker = DeliveryWorker(
             settings,
             self.db,
@@ -110,7 +140,13 @@ class Relay:
             self.signal,
             clock,
         )
-        self.sweeper = sweeper_for(settings, self.db, self.blobs, self.letters)
+        self.webhooks = WebhookDesk(self.db, clock)
+        # Its own task, own connections and own few slots: a slow receiver never holds mail.
+        self.webhook_worker = WebhookWorker(
+            settings, self.db, self.blobs, self.signal.notify, clock
+        )
+        self.notices = NoticeDesk(settings, self.db, self.blobs, self.signal.notify, clock)
+        self.sweeper = sweeper_for(settings, self.db, self.blobs, self.letters, self.notices)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._web_runner: web.AppRunner | None = None
@@ -125,6 +161,8 @@ class Relay:
         await self.blobs.remove_interrupted_writes()
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
+            self._tasks.append(asyncio.create_task(self.webhook_worker.run(self._stop)))
+            self._tasks.append(asyncio.create_task(self.notices.run(self._stop)))
             self._tasks.append(
                 asyncio.create_task(
                     sweeper.run_hourly(
@@ -151,12 +189,37 @@ class Relay:
             settings=self.settings,
             links=self.links,
             letters=self.letters,
+            sessions=self.sessions(),
             blobs=self.blobs,
             clock=self.clock,
             health=lambda: health.database_answers(db),
             queue_depths=lambda: health.queue_depths(db),
             roles=self.roles,
+            timeline=Timeline(db),
+            api_keys=ApiKeyDesk(db, self.clock),
+            queue=QueueDesk(
+                db, self.clock, timedelta(seconds=self.settings.upstream.queue_lifetime)
+            ),
+            users=UserDesk(db),
+            webhooks=self.webhooks,
+            waiting=WaitingLetters(db),
+            chain=lambda: journal.verify_database(db),
         )
+
+    def sessions(self) -> SessionDesk:
+        """The console's session desk, made once: its pending sign-ins are signed with the
+        installation key the web's forms use."""
+        from web.csrf import installation_key
+
+        if self._sessions is None:
+            self._sessions = SessionDesk(
+                self.db,
+                self.settings.console,
+                self.login_throttle,
+                installation_key(self.settings),
+                self.clock,
+            )
+        return self._sessions
 
     async def sweep_once(self) -> sweeper.SweepReport:
         """What the hourly sweep does, now (by this relay's clock)."""

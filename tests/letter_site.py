@@ -32,7 +32,7 @@ from gateway.store.db import Database
 from gateway.store.models import Event, Letter
 from sealrelay.serve import Relay
 from tests.conftest import AGENT, PASSWORD, Harness, relay_settings
-from tests.support import Received, Sink, free_port
+from tests.support import PERSON_UA, Received, Sink, free_port
 from web.pages import FORM_SECURITY_HEADERS
 
 PROSPECT = "paula@example.com"
@@ -106,7 +106,7 @@ class LetterSite:
     async def request(
         self, method: str, path: str, **kwargs: Any
     ) -> tuple[aiohttp.ClientResponse, bytes]:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers={"User-Agent": PERSON_UA}) as http:
             url = yarl.URL(self.url + path, encoded=True)  # sent as written, dots and all
             async with http.request(method, url, allow_redirects=False, **kwargs) as response:
                 return response, await response.read()

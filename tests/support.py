@@ -225,3 +225,11 @@ async def wait_for_port(port: int, process: asyncio.subprocess.Process) -> None:
                 continue
             writer.close()
             return
+
+
+# A person's browser: the test clients send it unless a test names another user agent, since
+# aiohttp's own ("Python/3.11 aiohttp/...") is rightly taken for a link scanner.
+PERSON_UA = (
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36"
+)

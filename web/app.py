@@ -1,5 +1,5 @@
-"""The web server: health, metrics and the prospect's pages (downloads, registered letters);
-console and API later.
+"""The web server: health, metrics, the prospect's pages (downloads, registered letters),
+the console (web/console/) and the JSON API (web/api/).
 
 The web receives its parts (`WebParts`) from the composition root: the desks that own every
 write, the blob store, the clock, the settings and the two database questions of /healthz
@@ -17,10 +17,29 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.config import Settings
+from gateway.console.admin import QueueDesk, UserDesk
+from gateway.console.api_keys import ApiKeyDesk
+from gateway.console.sessions import SessionDesk
+from gateway.console.timeline import Timeline
+from gateway.console.waiting import WaitingLetters
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.store.blobs import BlobStore
+from gateway.store.journal import ChainReport
 from gateway.store.metrics import QUEUE_DEPTH
+from gateway.webhooks.desk import WebhookDesk
+from web.api.actions import MessageActions
+from web.api.auth import bearer_authenticator
+from web.api.problems import api_problems
+from web.api.routes import Api
+from web.api.webhooks import WebhookOperations
+from web.console.actions import ActionPages
+from web.console.admin import AdminPages
+from web.console.forms import ConsoleForms
+from web.console.pages import ConsolePages
+from web.console.timeline import TimelinePages
+from web.console.view import ConsoleView
+from web.csrf import key_path
 from web.downloads import DownloadPages
 from web.guard import Routes, guard
 from web.letters import LetterPages
@@ -36,6 +55,7 @@ class WebParts:
     settings: Settings
     links: LinkDesk
     letters: LetterDesk
+    sessions: SessionDesk
     blobs: BlobStore
     clock: Callable[[], datetime]
     # returns when the database answers, raises what reaching it raised
@@ -43,6 +63,14 @@ class WebParts:
     # deliveries per status, every status named
     queue_depths: Callable[[], Awaitable[Mapping[str, int]]]
     roles: frozenset[str]
+    timeline: Timeline
+    api_keys: ApiKeyDesk
+    queue: QueueDesk
+    users: UserDesk
+    webhooks: WebhookDesk
+    waiting: WaitingLetters
+    # walks the journal's hash chain (gateway/store/journal.py verify_database)
+    chain: Callable[[], Awaitable[ChainReport]]
 
 
 PARTS = web.AppKey("parts", WebParts)
@@ -68,16 +96,49 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(parts: WebParts) -> web.Application:
-    app = web.Application(middlewares=[guard(authenticators=())])
+    settings = parts.settings
+    site = ProspectSite(settings, clock=lambda: parts.clock().timestamp())
+    forms = ConsoleForms(key_path(settings), settings.server.public_url)
+    console = ConsolePages(site, parts.sessions, forms)
+    app = web.Application(
+        middlewares=[
+            api_problems,
+            guard(authenticators=[bearer_authenticator(parts.api_keys), console.authenticate]),
+        ]
+    )
     app[PARTS] = parts
     routes = Routes(app)
     routes.public("GET", "/healthz", healthz)
     routes.public("GET", "/metrics", metrics)
-    site = ProspectSite(parts.settings, clock=lambda: parts.clock().timestamp())
     site.register(routes)
+    console.register(routes)
+    register_console_work(parts, ConsoleView(site, forms, console), routes)
     DownloadPages(site, parts.links, parts.blobs).register(routes)
     LetterPages(site, parts.letters, parts.links, parts.blobs).register(routes)
+    api(parts).register(routes)
     return app
+
+
+def register_console_work(parts: WebParts, view: ConsoleView, routes: Routes) -> None:
+    """The console's pages after sign-in: the timeline, actions, letters waiting, admin."""
+    pages = TimelinePages(view, parts.timeline, parts.waiting)
+    pages.register(routes)
+    ActionPages(view, parts.timeline, pages, parts.links, parts.letters).register(routes)
+    AdminPages(
+        view, parts.users, parts.queue, parts.webhooks, parts.api_keys, parts.chain
+    ).register(routes)
+
+
+def api(parts: WebParts) -> Api:
+    """The JSON API over the parts' desks."""
+    return Api(
+        parts.timeline,
+        parts.api_keys,
+        parts.queue,
+        parts.users,
+        MessageActions(parts.timeline, parts.links, parts.letters),
+        WebhookOperations(parts.webhooks),
+    )
 
 
 async def start_web(parts: WebParts) -> web.AppRunner:

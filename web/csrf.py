@@ -19,11 +19,21 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gateway.config import Settings
 from gateway.links.tokens import hash_token
 
 KEY_BYTES = 32
 KEY_FILE = "secret.key"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def key_path(settings: Settings) -> Path:
+    """This installation's secret key: beside the blob store directory."""
+    return settings.storage.path.parent / KEY_FILE
+
+
+def installation_key(settings: Settings) -> bytes:
+    return load_or_create_key(key_path(settings))
 
 
 def load_or_create_key(path: Path) -> bytes:

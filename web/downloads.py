@@ -9,7 +9,11 @@ What a visitor's request has the link desk (gateway/links/desk.py) write to the 
   download, or a download manager fetching segments, asks for ranges further on; those
   are served but not counted, so one download is one count however it was transported.
 - `GET /d/{token}/zip`: `download.zip` listing the files; it does not count per file.
-- HEAD never writes anything.
+- HEAD, and any request that looks like a link scanner's (rules/automated_visits.py: a
+  scanner's user agent, or a data-centre address within seconds of delivery without
+  cookies), is journaled as automated: a view marked so, `download.automated` for a file,
+  which never counts. A person on a data-centre VPN after that window counts as a person.
+- A link an agent ended (revoked) answers 410 "access ended", in its own words.
 
 Unknown and expired tokens get a friendly page (404 / 410, web/token_pages.py) and are
 remembered per client address by the site's `BadTokenLimiter` (web/pages.py), which also
@@ -31,7 +35,7 @@ from aiohttp import web
 from zipstream import ZipStream
 
 from gateway.links.desk import LinkDesk, LinkExpired
-from gateway.links.tokens import FoundLink
+from gateway.links.tokens import Closed, FoundLink
 from gateway.store.blobs import BlobReader, BlobStore
 from gateway.store.models import StoredFile
 from rules.registered_letter import without_tag
@@ -184,9 +188,14 @@ class DownloadPages:
 
     async def page(self, request: web.Request) -> web.StreamResponse:
         found = await self.tokens.open(request, self.links.find(request.match_info["token"]))
-        if _is_get(request):
-            visitor = self.visitor(request)
-            await self.links.record_view(found, visitor.ip, visitor.user_agent)
+        visitor = self.visitor(request)
+        await self.links.record_view(
+            found,
+            visitor.ip,
+            visitor.user_agent,
+            method=visitor.method,
+            has_cookie=visitor.has_cookie,
+        )
         catalog = self.site.catalog(found.link.language)
         token = request.match_info["token"]
         here = f"{self.base}/d/{quote(token, safe='')}"
@@ -240,9 +249,16 @@ class DownloadPages:
         served = plan_range(
             request.headers.get("Range"), request.headers.get("If-Range"), etag, blob.size
         )
-        if _is_get(request) and served.counts_as_download:
+        if served.counts_as_download:
             visitor = self.visitor(request)
-            await self.links.record_download(found, stored, visitor.ip, visitor.user_agent)
+            await self.links.record_download(
+                found,
+                stored,
+                visitor.ip,
+                visitor.user_agent,
+                method=visitor.method,
+                has_cookie=visitor.has_cookie,
+            )
         response = web.StreamResponse(status=served.status)
         response.headers["Accept-Ranges"] = "bytes"
         response.headers["ETag"] = etag
@@ -273,9 +289,14 @@ class DownloadPages:
         except (OSError, ValueError) as exc:
             log.error("zip of link %s cannot be built: %s", found.link.id, exc)
             return self.not_found(request, catalog)
-        if _is_get(request):
-            visitor = self.visitor(request)
-            await self.links.record_zip(found, visitor.ip, visitor.user_agent)
+        visitor = self.visitor(request)
+        await self.links.record_zip(
+            found,
+            visitor.ip,
+            visitor.user_agent,
+            method=visitor.method,
+            has_cookie=visitor.has_cookie,
+        )
         name = safe_filename(self.subject(found), "") or catalog.t("download.zip_name")
         response = web.StreamResponse()
         response.headers["Content-Type"] = "application/zip"
@@ -306,10 +327,13 @@ class DownloadPages:
         return without_tag(found.message.subject, tuple(self.site.settings.letter.tags))
 
     async def expired(self, request: web.Request, closed: LinkExpired) -> web.Response:
-        """410 in the link's language, naming the sender and how to ask them again."""
+        """410 in the link's language, naming the sender and how to ask them again; a
+        revoked link's page says access ended instead."""
         found = closed.found
         catalog = self.site.catalog(found.link.language)
         agent = await agent_of(self.blobs, found.message)
+        if closed.reason is Closed.REVOKED:
+            return self.site.access_ended(request, catalog, agent)
         sender, subject = agent.address, self.subject(found)
         mail_subject = catalog.t("error.expired_mail_subject", subject=subject).rstrip(": ")
         return self.render(
@@ -331,10 +355,6 @@ class DownloadPages:
             ),
             mail_label=catalog.t("error.expired_mail", sender=agent.called),
         )
-
-
-def _is_get(request: web.Request) -> bool:
-    return request.method == "GET"
 
 
 def _unique(name: str, taken: set[str]) -> str:

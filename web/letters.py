@@ -5,8 +5,8 @@ Routes and what they write (nothing else is ever written by a visitor's request)
 - `GET /l/{token}`: the consent texts of the letter's snapshot, a box per declaration and the
   button with the block set's exact label (§ 312j (3) BGB). Writes one `letter.viewed`
   event and nothing else: mail scanners fetch links, so a GET never consents. A released
-  letter gets a short "already opened" page instead (still `letter.viewed`). HEAD writes
-  nothing.
+  letter gets a short "already opened" page instead (still `letter.viewed`). A HEAD, or a
+  request that looks like a link scanner's, is a view marked `automated`.
 - `POST /l/{token}` (fields `csrf` and the ticked block ids): no or a wrong CSRF token, or an
   `Origin` that is not ours: 403, nothing written. Required boxes missing: the page again
   with what is missing, 422, nothing written. Otherwise `LetterDesk.release` (one
@@ -14,6 +14,7 @@ Routes and what they write (nothing else is ever written by a visitor's request)
   release is a 303 there too and changes nothing.
 - `GET /l/{token}/offer`: the released offer as the prospect got it by mail: subject, body
   (HTML sanitized with nh3, or the text), attachments. Before release: 303 to the letter.
+  An offer the agent released without consent shows no declarations and no PDF.
 - `GET /l/{token}/a/{part}`: one attachment of the held copy, decoded; inline images of the
   HTML body are served here too (their `cid:` references point here).
 - `GET /l/{token}/f/{file}`: a file the held copy carries as a download link (the large
@@ -24,7 +25,9 @@ Routes and what they write (nothing else is ever written by a visitor's request)
 
 Unknown tokens get the download pages' 404 and count against the client's address; an
 expired letter gets 410 in its language with the button to ask the agent for a new link
-(the shared flow of web/token_pages.py; the letter's expired page does not count).
+(the shared flow of web/token_pages.py; the letter's expired page does not count). A
+letter whose link an agent ended (revoked, or re-sent with a fresh link) gets 410 "access
+ended" and no offer of a new link, not even by POSTing to /renew.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from gateway.letters.desk import (
     LetterUnknown,
 )
 from gateway.links.desk import LinkDesk
-from gateway.links.tokens import FoundLink
+from gateway.links.tokens import Closed, FoundLink
 from gateway.mail import mime
 from gateway.store.blobs import BlobMissing, BlobStore
 from gateway.store.models import Letter, Message
@@ -132,9 +135,14 @@ class LetterPages:
     async def letter(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if request.method == "GET":
-            visitor = self.site.visitor(request)
-            await self.letters.record_view(found, visitor.ip, visitor.user_agent)
+        visitor = self.site.visitor(request)
+        await self.letters.record_view(
+            found,
+            visitor.ip,
+            visitor.user_agent,
+            method=visitor.method,
+            has_cookie=visitor.has_cookie,
+        )
         catalog = self.site.catalog(found.letter.language)
         if found.released:
             return await self.render_released(request, token, found, catalog)
@@ -170,7 +178,7 @@ class LetterPages:
     async def offer(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         found = await self.find(request, token)
-        if not found.released or found.consent is None:
+        if not found.released:
             raise web.HTTPSeeOther(self.url(token))
         catalog = self.site.catalog(found.letter.language)
         try:
@@ -205,7 +213,8 @@ class LetterPages:
         sizes = [part.size for part in parts.values() if part.listed]
         sizes += [stored.size for stored in (linked.files if linked else [])]
         html, text = held.html, held.text
-        given = found.consent.given_at
+        given = found.consent.given_at if found.consent else found.letter.released_at
+        given = given or found.letter.created_at
         return self.site.render(
             request,
             "offer.html",
@@ -221,7 +230,7 @@ class LetterPages:
             total=catalog.size(sum(sizes)),
             body=sanitized_html(html, inline) if html is not None else None,
             text=linked_text(text) if text is not None else None,
-            pdf_url=self.url(token, "/consent.pdf"),
+            pdf_url=self.url(token, "/consent.pdf") if found.consent else None,
         )
 
     async def attachment(self, request: web.Request) -> web.StreamResponse:
@@ -283,6 +292,10 @@ class LetterPages:
         self, request: web.Request, token: str, expired: LetterExpired
     ) -> web.StreamResponse:
         catalog = self.site.catalog(expired.letter.language)
+        if expired.reason is Closed.REVOKED:
+            return self.site.access_ended(
+                request, catalog, await agent_of(self.blobs, expired.message)
+            )
         await self.checked_form(request, token, catalog)
         sent = await self.letters.request_new_link(
             expired.letter, expired.message, self.site.visitor(request).ip
@@ -379,18 +392,31 @@ class LetterPages:
     async def render_released(
         self, request: web.Request, token: str, found: FoundLetter, catalog: Catalog
     ) -> web.Response:
-        given = found.consent.given_at if found.consent else found.letter.released_at
+        if found.consent is None:  # the agent released it (LetterDesk.release_by_agent)
+            at = found.letter.released_at or found.letter.created_at
+            return self.site.render(
+                request,
+                "letter_released.html",
+                catalog,
+                title=catalog.t("letter.agent_released_title"),
+                subject=found.letter.subject,
+                given=catalog.t(
+                    "letter.agent_released",
+                    agent=await self.agent_name(found.letter, found.message),
+                    date=catalog.date(at),
+                    time=catalog.time(at),
+                ),
+                offer_url=self.url(token, "/offer"),
+                pdf_url=None,
+            )
+        given = found.consent.given_at
         return self.site.render(
             request,
             "letter_released.html",
             catalog,
             title=catalog.t("letter.done_title"),
             subject=found.letter.subject,
-            given=catalog.t(
-                "letter.done",
-                date=catalog.date(given) if given else "",
-                time=catalog.time(given) if given else "",
-            ),
+            given=catalog.t("letter.done", date=catalog.date(given), time=catalog.time(given)),
             offer_url=self.url(token, "/offer"),
             pdf_url=self.url(token, "/consent.pdf"),
         )
@@ -398,6 +424,10 @@ class LetterPages:
     async def render_expired(
         self, request: web.Request, token: str, expired: LetterExpired, catalog: Catalog
     ) -> web.Response:
+        if expired.reason is Closed.REVOKED:
+            return self.site.access_ended(
+                request, catalog, await agent_of(self.blobs, expired.message)
+            )
         until = expired.expires_at
         agent = await self.agent_name(expired.letter, expired.message)
         return self.site.render(

@@ -319,8 +319,12 @@ async def agent_of(blobs: BlobStore, message: Message) -> Agent:
 
 @dataclass(frozen=True)
 class Visitor:
+    """A request's client as the desks judge it (a person or a link scanner)."""
+
     ip: str
     user_agent: str
+    method: str = "GET"
+    has_cookie: bool = False
 
 
 def digest(data: bytes) -> str:
@@ -400,7 +404,12 @@ class ProspectSite:
 
     def visitor(self, request: web.Request) -> Visitor:
         ip = self.client_ips.resolve(request.remote, request.headers.getall("X-Forwarded-For", []))
-        return Visitor(ip, request.headers.get("User-Agent", "")[:USER_AGENT_MAX])
+        return Visitor(
+            ip,
+            request.headers.get("User-Agent", "")[:USER_AGENT_MAX],
+            request.method,
+            bool(request.headers.get("Cookie", "").strip()),
+        )
 
     def catalog(self, language: str) -> Catalog:
         """A link's language; one we no longer ship gets `[policy] language`."""
@@ -412,6 +421,28 @@ class ProspectSite:
             request.headers.get("Accept-Language", ""), self.settings.policy.language
         )
         return self.catalogs[language]
+
+    def access_ended(self, request: web.Request, catalog: Catalog, agent: Agent) -> web.Response:
+        """410 for a link an agent ended (revoked): polite, its own words, never an offer of
+        a new link; the prospect is pointed to the agent."""
+        named = bool(agent.called)
+        return self.render(
+            request,
+            "error.html",
+            catalog,
+            status=410,
+            title=catalog.t("error.revoked_title"),
+            message=(
+                catalog.t("error.revoked", sender=agent.called)
+                if named
+                else catalog.t("error.revoked_no_sender")
+            ),
+            detail=(
+                catalog.t("error.revoked_hint", sender=agent.label)
+                if named
+                else catalog.t("error.revoked_hint_no_sender")
+            ),
+        )
 
     def unknown_token(self, request: web.Request) -> web.Response:
         """404 in the browser's language; counts against the client's address."""

@@ -3,8 +3,8 @@
 A token is in one of four states. Found: the desk returns what the page shows. Unknown
 (`TokenUnknown`): 404 in the browser's language, never revealing whether it once existed,
 counted against the client's address by the site's bad-token limiter. Expired or revoked
-(`TokenClosed`, its `reason` says which): the family's own closed page, 410. Only expiry is
-recorded today; a revoked token gets the same page until revoking brings texts of its own.
+(`TokenClosed`, its `reason` says which): the family's own closed page, 410; a revoked
+token's says "access ended" (ProspectSite.access_ended) and never offers a new link.
 
 Lookups raise the page instead of returning it (`RaisedPage`, an aiohttp HTTP exception
 that is the rendered page), so a handler reads top to bottom: the lookup's value is always

@@ -23,9 +23,10 @@ from gateway import users
 from gateway.config import Settings
 from gateway.fronts.data_reader import DataResult, read_data
 from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
-from gateway.fronts.smtp_guard import ConnectionGate, FailedLogins, ThrottledLog, session_ceiling
+from gateway.fronts.smtp_guard import ConnectionGate, ThrottledLog, session_ceiling
 from gateway.intake.pipeline import Envelope as PipelineEnvelope
 from gateway.intake.pipeline import Origin, Pipeline
+from gateway.login_throttle import LoginThrottle
 from gateway.rejections import Rejected
 from gateway.store.db import Database
 from gateway.store.metrics import SMTP_REPLIES
@@ -60,6 +61,7 @@ class Reply:
     AUTH_OK = "235 2.7.0 Authentication successful"
     AUTH_FAILED = "535 5.7.8 Authentication failed: wrong login or password"
     AUTH_THROTTLED = "454 4.7.0 Too many failed logins from your address; try again later"
+    AUTH_ACCOUNT_THROTTLED = "454 4.7.0 Too many failed logins for this account; try again later"
     AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure; try again later"
     AUTH_TOO_MANY = "421 4.7.0 Too many failed logins; closing the connection"
     AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 answer"
@@ -88,12 +90,13 @@ class Reply:
 
 class SubmissionHandler:
     def __init__(
-        self, settings: Settings, db: Database, pipeline: Pipeline, failed_logins: FailedLogins
+        self, settings: Settings, db: Database, pipeline: Pipeline, throttle: LoginThrottle
     ) -> None:
         self.settings = settings
         self.db = db
         self.pipeline = pipeline
-        self.failed_logins = failed_logins
+        self.throttle = throttle
+        self.failed_logins = throttle.per_address
         self._auth_failures: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
         self._throttled = ThrottledLog(log)
 
@@ -125,22 +128,28 @@ class SubmissionHandler:
         session = server.session
         assert session is not None
         address = _peer(session)
+        account = login.decode("utf-8", errors="replace")
+        if self.throttle.account_refused(address, account):
+            self._throttled.warning(
+                "account", "refused a login from %s: too many failed logins for it", address
+            )
+            return await self._failed(server, Reply.AUTH_ACCOUNT_THROTTLED)
         try:
-            with self.failed_logins.checking(address):
+            with self.throttle.checking(address, account):
                 agent = await users.authenticate(
                     self.db,
-                    login.decode("utf-8", errors="replace"),
+                    account,
                     password.decode("utf-8", errors="replace"),
-                    priority=self.failed_logins.priority(address),
+                    priority=self.throttle.priority(address),
                 )
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             log.error("%s: cannot check the login, no database: %s", address, exc)
             return await _refuse(server, Reply.AUTH_TEMPORARY)
         if agent is not None:
-            self.failed_logins.record_login(address)
+            self.throttle.succeeded(address)
             log.info("%s authenticated as %s", address, agent.email)
             return AuthResult(success=True, auth_data=agent, message=Reply.AUTH_OK)
-        self.failed_logins.record(address)
+        self.throttle.failed(address, account)
         shown = login[:100].decode("utf-8", errors="replace")
         log.warning("failed login %r from %s", shown, address)
         return await self._failed(server, Reply.AUTH_FAILED)
@@ -377,11 +386,19 @@ class SubmissionSMTP(SMTP):
 class SmtpFront:
     """The listeners: plain ones with STARTTLS, implicit-TLS ones (port 465 style)."""
 
-    def __init__(self, settings: Settings, db: Database, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        pipeline: Pipeline,
+        throttle: LoginThrottle | None = None,
+    ) -> None:
+        """`throttle` is shared with the console's sign-in; a front of its own gets its own."""
         self.settings = settings
         smtp = settings.smtp
-        self.failed_logins = FailedLogins(smtp.max_auth_failures_per_ip, smtp.auth_failure_forget)
-        self.handler = SubmissionHandler(settings, db, pipeline, self.failed_logins)
+        self.throttle = throttle or LoginThrottle.from_settings(smtp)
+        self.failed_logins = self.throttle.per_address
+        self.handler = SubmissionHandler(settings, db, pipeline, self.throttle)
         self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
         self.tls = tls_context(settings)
         self.servers: list[asyncio.Server] = []

@@ -10,17 +10,17 @@ over any number of connections, is turned away before a password is checked. Ref
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 from weakref import WeakSet
 
 from gateway.config import SmtpSettings
+from gateway.login_throttle import FailedLogins
 
 log = logging.getLogger(__name__)
 
@@ -113,74 +113,6 @@ class ThrottledRecords(logging.Filter):
 
 ACCEPT_FAILURES = ThrottledRecords("socket.accept() out of system resource")
 logging.getLogger("asyncio").addFilter(ACCEPT_FAILURES)
-
-
-class FailedLogins:
-    """Failed logins per client address, across connections: a leaky bucket.
-
-    Each failure adds one; one leaks away every `forget_seconds`. At `budget` the address is
-    refused before any password is checked, so guessing costs the relay no argon2 time and a
-    login from elsewhere is not queued behind the guesses. A success does not empty the
-    bucket: one known account must not buy an attacker fresh guesses.
-    """
-
-    MAX_ADDRESSES = 100_000  # beyond this, addresses whose bucket has leaked empty are dropped
-    TRUST_SECONDS = 86_400.0  # an address with a login this recent goes ahead of all others
-
-    def __init__(
-        self, budget: int, forget_seconds: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.budget = budget
-        self.forget_seconds = forget_seconds
-        self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (level, at)
-        self._logged_in: dict[str, float] = {}  # address -> time of its last good login
-        self._checking: Counter[str] = Counter()  # address -> logins being checked now
-
-    def level(self, address: str) -> float:
-        """Recent failures from `address`, leaked down to now."""
-        level, at = self._buckets.get(address, (0.0, 0.0))
-        return max(0.0, level - (self.clock() - at) / self.forget_seconds)
-
-    def priority(self, address: str) -> float:
-        """Lower goes first to the password check: where agents logged in lately, then
-        addresses with a clean record, then by how much each has failed.
-
-        A first guess from a fresh address looks like an agent's first login; an address an
-        agent used yesterday does not look like a guesser's.
-        """
-        seen = self._logged_in.get(address)
-        trusted = seen is not None and self.clock() - seen < self.TRUST_SECONDS
-        return self.level(address) - (1 if trusted else 0)
-
-    def record_login(self, address: str) -> None:
-        self._logged_in[address] = self.clock()
-        if len(self._logged_in) > self.MAX_ADDRESSES:
-            cutoff = self.clock() - self.TRUST_SECONDS
-            self._logged_in = {a: t for a, t in self._logged_in.items() if t > cutoff}
-
-    def over_budget(self, address: str) -> bool:
-        """True from the `budget`-th failure until a whole one has leaked away.
-
-        Logins being checked count as failures until they are known, or fifty connections
-        from one address could each start a guess before the first failure is recorded.
-        """
-        return self.level(address) + self._checking[address] > self.budget - 1
-
-    @contextlib.contextmanager
-    def checking(self, address: str) -> Iterator[None]:
-        self._checking[address] += 1
-        try:
-            yield
-        finally:
-            self._checking[address] -= 1
-            if self._checking[address] <= 0:
-                del self._checking[address]
-
-    def record(self, address: str) -> None:
-        self._buckets[address] = (self.level(address) + 1, self.clock())
-        if len(self._buckets) > self.MAX_ADDRESSES:
-            self._buckets = {a: v for a, v in self._buckets.items() if self.level(a) > 0}
 
 
 class IdleSession(Protocol):

@@ -15,7 +15,7 @@ import jinja2
 
 from gateway.config import Settings
 from gateway.letters.blocks import BlockSet, fill, markdown_html
-from gateway.mail import headers, own_mail
+from gateway.mail import headers, mime, own_mail
 from gateway.mail.markdown_text import markdown_text
 from gateway.texts.catalog import shipped_catalogs
 from gateway.texts.files import TEMPLATES
@@ -135,6 +135,44 @@ def compose_letter(
     ]
     catalog = shipped_catalogs(settings.branding.timezone)[mail.language]
     return own_mail.message(head, _letter_body(context, terms_pdf, catalog.t("letter.terms_file")))
+
+
+def letter_for_held(
+    settings: Settings,
+    block_set: BlockSet,
+    held_fields: list[headers.HeaderField],
+    *,
+    sender: str,
+    recipient: str,
+    subject: str,
+    language: str,
+    url: str,
+    days: int,
+    terms_pdf: bytes | None,
+    now: datetime,
+) -> bytes:
+    """The letter for the held copy whose header fields are `held_fields`: names taken from
+    its From, To and Cc (the agent's `sender` when its From names no one). The materializer
+    sends the first one, `LetterDesk.resend` a fresh one with a new link."""
+    agent_address = (headers.addresses(held_fields, "from") or [sender])[0]
+    letter = compose_letter(
+        settings,
+        block_set,
+        LetterMail(
+            recipient=recipient,
+            recipient_name=display_name(held_fields, ("to", "cc"), recipient),
+            agent_name=display_name(held_fields, ("from",), agent_address) or agent_address,
+            subject=subject,
+            language=language,
+            url=url,
+            days=days,
+        ),
+        held_fields,
+        terms_pdf,
+        now,
+    )
+    mime.parse(letter)
+    return letter
 
 
 def _letter_body(

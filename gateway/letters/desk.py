@@ -4,39 +4,69 @@ Find a letter by its token, record a view, release it on consent, pass on a requ
 new link, and expire the letters whose link ran out. Release happens in one transaction:
 consent record, journal, the evidence-stamped original and the agent's confirmation queued
 together, exactly once.
+
+What agents do to letters lives here too (the console and the API call it): re-send with a
+fresh link, release without consent (never journaled as consent), preview, and read the
+consent PDF and the released original for a lawyer. Each takes the actor's name, refuses with
+gateway/agent_actions.py's errors before it writes, and shares release's small steps.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
+from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.agent_actions import UnknownTarget, WrongState, checked_actor, checked_reason
 from gateway.config import Settings
 from gateway.letters import confirmation, renewal
-from gateway.letters.evidence import ConsentRecord, ShownBlock, evidence_fields
+from gateway.letters.blocks import BlockSet, BlockSets
+from gateway.letters.compose import letter_for_held
+from gateway.letters.evidence import (
+    ConsentRecord,
+    ShownBlock,
+    evidence_fields,
+    released_by_agent_field,
+    texts_sha256,
+)
 from gateway.letters.expiry_notice import ExpiredLetter, expiry_notice_mail
-from gateway.links.tokens import Closed, TokenClosed, TokenUnknown, hash_token
+from gateway.links.desk import MAX_DAYS, judge_visit
+from gateway.links.tokens import (
+    Closed,
+    TokenClosed,
+    TokenUnknown,
+    hash_token,
+    letter_url,
+    new_link,
+    new_token,
+)
+from gateway.mail import headers
 from gateway.outbound.local_mail import Queued, enqueue
 from gateway.outbound.queue import new_delivery
 from gateway.store import journal
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobMissing, BlobStore
 from gateway.store.db import Database
 from gateway.store.events import (
     CONSENT_GIVEN,
     DELIVERY_QUEUED,
     LETTER_EXPIRED,
     LETTER_RELEASED,
+    LETTER_RELEASED_BY_AGENT,
+    LETTER_RESENT,
     LETTER_VIEWED,
+    LINK_REVOKED,
+    LetterVisit,
 )
 from gateway.store.models import (
     Consent,
     Delivery,
     DeliveryStatus,
+    Event,
     Letter,
     LetterStatus,
     Link,
@@ -45,8 +75,10 @@ from gateway.store.models import (
     MessageKind,
     new_id,
 )
+from rules.automated_visits import Verdict
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 EXPIRE_BATCH = 100
 
 
@@ -94,6 +126,14 @@ class FoundLetter:
 
 
 @dataclass(frozen=True)
+class LetterPreview:
+    """What the letter's page shows (`found`), and why it is closed (None when it opens)."""
+
+    found: FoundLetter
+    closed: Closed | None
+
+
+@dataclass(frozen=True)
 class Release:
     consent: Consent
     letter: Letter
@@ -117,6 +157,8 @@ class LetterDesk:
         self.blobs = blobs
         self.notify = notify
         self.clock = clock
+        self.scanners = settings.scanners.rules()
+        self._loaded_block_sets: BlockSets | None = None  # loaded when a letter is re-sent
 
     async def find(self, token: str) -> FoundLetter:
         """The letter behind a token; LetterUnknown or LetterExpired (unless released)."""
@@ -127,11 +169,17 @@ class LetterDesk:
     async def _find(self, session: AsyncSession, token: str, *, lock: bool) -> FoundLetter:
         if not token or len(token) > 100:
             raise LetterUnknown(token)
+        # A letter re-sent with a fresh link keeps the old link (revoked): the old token
+        # still finds its letter, by message and recipient, to say that access ended.
         query = (
             select(Letter, Message, Link)
-            .join(Link, Link.id == Letter.link_id)
+            .join(
+                Link,
+                and_(Link.message_id == Letter.message_id, Link.recipient == Letter.recipient),
+            )
             .join(Message, Message.id == Letter.message_id)
             .where(Link.token_hash == hash_token(token), Link.kind == LinkKind.LETTER)
+            .limit(1)
         )
         if lock:
             query = query.with_for_update(of=Letter)
@@ -140,32 +188,43 @@ class LetterDesk:
             raise LetterUnknown(token)
         letter, message, link = row
         consent = await session.scalar(select(Consent).where(Consent.letter_id == letter.id))
-        # An instance whose clock runs behind still honours an expiry another one recorded.
-        expired = (
-            link.expired or link.expires_at <= self.clock() or letter.status == LetterStatus.EXPIRED
-        )
-        if expired and letter.status != LetterStatus.RELEASED:
+        closed = _closed(letter, link, self.clock())
+        if closed is not None:
             # the exception rolls the transaction back, which would expire (blank) the rows
-            # it carries; detached first, they stay readable for the page that says "expired"
+            # it carries; detached first, they stay readable for the page that says so
             session.expunge(letter)
             session.expunge(message)
-            raise LetterExpired(letter, message, link.expires_at)
+            raise LetterExpired(letter, message, link.expires_at, closed)
         blocks = tuple(ShownBlock(**block) for block in letter.blocks)
         return FoundLetter(letter, message, link, blocks, consent)
 
-    async def record_view(self, found: FoundLetter, ip: str, user_agent: str) -> None:
-        """`letter.viewed`: a GET of the letter's page, which never consents."""
-        event = LETTER_VIEWED.new(
-            {
-                "letter_id": found.letter.id,
-                "recipient": found.letter.recipient,
-                "ip": ip,
-                "user_agent": user_agent,
-            },
-            message_id=found.letter.message_id,
+    async def record_view(
+        self,
+        found: FoundLetter,
+        ip: str,
+        user_agent: str,
+        *,
+        method: str = "GET",
+        has_cookie: bool = False,
+    ) -> Verdict:
+        """`letter.viewed`: a GET of the letter's page, which never consents; marked when it
+        looks like a link scanner's (rules/automated_visits.py)."""
+        verdict = judge_visit(
+            self.scanners, found.link, self.clock(), ip, user_agent, method, has_cookie
         )
+        visit: LetterVisit = {
+            "letter_id": found.letter.id,
+            "recipient": found.letter.recipient,
+            "ip": ip,
+            "user_agent": user_agent,
+        }
+        if verdict.automated:
+            visit["automated"] = True
+            visit["automated_reasons"] = list(verdict.reasons)
+        event = LETTER_VIEWED.new(visit, message_id=found.letter.message_id)
         async with self.db.transaction() as session:
             await journal.append(session, [event], self.clock())
+        return verdict
 
     async def request_new_link(self, letter: Letter, message: Message, ip: str) -> bool:
         """Ask the agent for a new link for an expired letter (gateway/letters/renewal.py);
@@ -192,18 +251,7 @@ class LetterDesk:
             if missing:
                 raise ConsentIncomplete(missing)
             letter, message = found.letter, found.message
-            sent = await session.scalar(
-                select(Delivery).where(
-                    Delivery.message_id == message.id,
-                    Delivery.recipient == letter.recipient,
-                    Delivery.blob == letter.letter_blob,
-                )
-            )
-            sent_at = (
-                sent.updated_at
-                if sent is not None and sent.status == DeliveryStatus.DELIVERED
-                else letter.created_at
-            )
+            sent_at = await _letter_sent_at(session, letter)
             consent_id = new_id()
             ticked = sorted(checked & {b.id for b in found.blocks})
             record = ConsentRecord(
@@ -221,11 +269,9 @@ class LetterDesk:
                 checked=frozenset(ticked),
                 texts_sha256=letter.texts_sha256,
             )
-            held = await self.blobs.read(letter.held_blob)
-            released = (
-                b"".join(evidence_fields(consent_id, now, ip, letter.texts_sha256, sent_at)) + held
+            released_blob = await self._stamped(
+                letter, evidence_fields(consent_id, now, ip, letter.texts_sha256, sent_at)
             )
-            released_blob = await self.blobs.put(released)
             # fpdf2 (with Pillow) costs ~44 MiB resident: only a release pays for it.
             from gateway.letters import consent_pdf
 
@@ -240,13 +286,8 @@ class LetterDesk:
                 zone=zone,
                 language=self.settings.policy.language,
             )
-            lifetime = self.settings.upstream.queue_lifetime
-            archive = [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []
-            # The released original first: the consent and the journal name that delivery.
-            deliveries = [
-                new_delivery(message.id, recipient, released_blob, now, lifetime)
-                for recipient in (letter.recipient, *archive)
-            ]
+            archive = self._archive()
+            deliveries = self._copies(message, letter.recipient, released_blob, now)
             consent = Consent(
                 id=consent_id,
                 letter_id=letter.id,
@@ -260,8 +301,7 @@ class LetterDesk:
                 pdf_blob=pdf_blob,
                 released_delivery_id=deliveries[0].id,
             )
-            letter.status = LetterStatus.RELEASED
-            letter.released_at = now
+            _mark_released(letter, now)
             session.add(consent)
             await session.flush()
             session.add_all(deliveries)
@@ -295,12 +335,7 @@ class LetterDesk:
                         message_id=message.id,
                         delivery_id=deliveries[0].id,
                     ),
-                    *(
-                        DELIVERY_QUEUED.new(
-                            {"recipient": d.recipient}, message_id=d.message_id, delivery_id=d.id
-                        )
-                        for d in deliveries
-                    ),
+                    *_queued(deliveries),
                     *notices.events,
                 ],
                 now,
@@ -315,6 +350,251 @@ class LetterDesk:
             letter.id,
         )
         return Release(consent, letter, already=False)
+
+    # -- what agents do (the console and the API call these)
+
+    async def release_by_agent(self, letter_id: str, actor: str, reason: str) -> Delivery:
+        """Release a held offer without consent, because the agent says so.
+
+        No consent record is made and no `consent.given` journaled: the journal says
+        `letter.released_by_agent` with who and why, and the released copy carries
+        X-Sealrelay-Released-By-Agent instead of the consent evidence. Returns the delivery
+        of the copy to the recipient.
+        """
+        actor = checked_actor(actor)
+        reason = checked_reason(reason, required=True)
+        now = self.clock()
+        async with self.db.transaction() as session:
+            letter, message = await _held_letter(session, letter_id, "released")
+            blob = await _stored_or_refused(
+                letter, self._stamped(letter, [released_by_agent_field(letter.id, now)])
+            )
+            deliveries = self._copies(message, letter.recipient, blob, now)
+            _mark_released(letter, now)
+            session.add_all(deliveries)
+            await journal.append(
+                session,
+                [
+                    LETTER_RELEASED_BY_AGENT.new(
+                        {
+                            "letter_id": letter.id,
+                            "recipient": letter.recipient,
+                            "actor": actor,
+                            "reason": reason,
+                        },
+                        message_id=message.id,
+                        delivery_id=deliveries[0].id,
+                    ),
+                    *_queued(deliveries),
+                ],
+                now,
+            )
+        self.notify()
+        log.info(
+            "%s: letter=%s to=<%s>, status=released, by=%s, consent=none",
+            message.id,
+            letter.id,
+            letter.recipient,
+            actor,
+        )
+        return deliveries[0]
+
+    async def resend(self, letter_id: str, actor: str) -> Delivery:
+        """Send a held (or expired) letter again with a fresh link; the old link ends.
+
+        The same snapshot of texts goes out (the letter's blocks and button, not today's
+        files), composed as the first letter was (compose.letter_for_held), as a copy of the
+        agent's message like the first one; the archive gets it too. The link is valid as
+        long as the first one was. Returns the delivery to the recipient.
+        """
+        actor = checked_actor(actor)
+        now = self.clock()
+        async with self.db.transaction() as session:
+            letter, message = await _held_letter(session, letter_id, "re-sent", expired_ok=True)
+            old = await session.scalar(select(Link).where(Link.id == letter.link_id))
+            if old is None:  # the foreign key makes this impossible
+                raise UnknownTarget(f"letter {letter_id!r} has no link")
+            days = min(max((old.expires_at - old.created_at).days, 1), MAX_DAYS[LinkKind.LETTER])
+            token = new_token()
+            link, _ = new_link(
+                token=token,
+                kind=LinkKind.LETTER,
+                message_id=message.id,
+                recipient=letter.recipient,
+                language=letter.language,
+                now=now,
+                days=days,
+            )
+            held = await _stored_or_refused(letter, self.blobs.read(letter.held_blob))
+            letter_bytes = letter_for_held(
+                self.settings,
+                self._snapshot_set(letter),
+                headers.fields_of(held),
+                sender=message.sender,
+                recipient=letter.recipient,
+                subject=letter.subject,
+                language=letter.language,
+                url=letter_url(self.settings.server.public_url, token),
+                days=days,
+                terms_pdf=self._terms(letter.language),
+                now=now,
+            )
+            blob = await self.blobs.put(letter_bytes)
+            revoked = old.revoked_at is None
+            if revoked:
+                old.revoked_at = now
+            session.add(link)
+            await session.flush()  # the letter refers to its new link
+            letter.link_id = link.id
+            letter.letter_blob = blob
+            letter.status = LetterStatus.HELD
+            deliveries = self._copies(message, letter.recipient, blob, now)
+            session.add_all(deliveries)
+            events: list[journal.NewEvent] = []
+            if revoked:
+                events.append(
+                    LINK_REVOKED.new(
+                        {
+                            "link_id": old.id,
+                            "recipient": old.recipient,
+                            "kind": old.kind,
+                            "actor": actor,
+                            "reason": "letter re-sent with a fresh link",
+                        },
+                        message_id=message.id,
+                    )
+                )
+            events.append(
+                LETTER_RESENT.new(
+                    {
+                        "letter_id": letter.id,
+                        "recipient": letter.recipient,
+                        "actor": actor,
+                        "link_id": link.id,
+                        "previous_link_id": old.id,
+                        "expires_at": link.expires_at.isoformat(),
+                    },
+                    message_id=message.id,
+                    delivery_id=deliveries[0].id,
+                )
+            )
+            await journal.append(session, [*events, *_queued(deliveries)], now)
+        self.notify()
+        log.info(
+            "%s: letter=%s to=<%s>, status=resent, link=%s, by=%s",
+            message.id,
+            letter.id,
+            letter.recipient,
+            link.id,
+            actor,
+        )
+        return deliveries[0]
+
+    async def preview(self, letter_id: str, actor: str) -> LetterPreview:
+        """What the recipient's letter page shows for `letter_id`, for the console: the same
+        found state the page renders, and why it is closed if it is. Reads only: no view is
+        recorded and nothing here can consent; only the log says who looked."""
+        actor = checked_actor(actor)
+        async with self.db.transaction() as session:
+            row = (
+                await session.execute(
+                    select(Letter, Message, Link)
+                    .join(Link, Link.id == Letter.link_id)
+                    .join(Message, Message.id == Letter.message_id)
+                    .where(Letter.id == letter_id)
+                )
+            ).first()
+            if row is None:
+                raise UnknownTarget(f"no letter has the id {letter_id!r}")
+            letter, message, link = row
+            consent = await session.scalar(select(Consent).where(Consent.letter_id == letter.id))
+        blocks = tuple(ShownBlock(**block) for block in letter.blocks)
+        found = FoundLetter(letter, message, link, blocks, consent)
+        log.info("%s: letter=%s previewed by=%s", message.id, letter.id, actor)
+        return LetterPreview(found, _closed(letter, link, self.clock()))
+
+    async def consent_pdf(self, letter_id: str, actor: str) -> bytes:
+        """The consent record's PDF, as the recipient can download it, for a lawyer; read
+        only, the log says who fetched it."""
+        actor = checked_actor(actor)
+        async with self.db.transaction() as session:
+            letter = await session.get(Letter, letter_id)
+            if letter is None:
+                raise UnknownTarget(f"no letter has the id {letter_id!r}")
+            consent = await session.scalar(select(Consent).where(Consent.letter_id == letter.id))
+        if consent is None:
+            raise WrongState(f"letter {letter_id} has no consent (status {letter.status})")
+        log.info("%s: letter=%s consent PDF read by=%s", letter.message_id, letter.id, actor)
+        return await self.blobs.read(consent.pdf_blob)
+
+    async def released_original(self, letter_id: str, actor: str) -> bytes:
+        """The released original as queued to the recipient (.eml bytes: the evidence headers,
+        or the agent's release header, in front of the held copy). Delivery signs it with
+        DKIM on the way out; the signed copy is the one the recipient and the archive got.
+        Read only; the log says who fetched it."""
+        actor = checked_actor(actor)
+        async with self.db.transaction() as session:
+            letter = await session.get(Letter, letter_id)
+            if letter is None:
+                raise UnknownTarget(f"no letter has the id {letter_id!r}")
+            if letter.status != LetterStatus.RELEASED:
+                raise WrongState(f"letter {letter_id} was not released (status {letter.status})")
+            delivery_id = await session.scalar(
+                select(Consent.released_delivery_id).where(Consent.letter_id == letter.id)
+            )
+            if delivery_id is None:
+                delivery_id = await _released_by_agent_delivery(session, letter)
+            delivery = await session.get(Delivery, delivery_id) if delivery_id else None
+        if delivery is None:
+            raise WrongState(f"letter {letter_id}: the released copy is not on record")
+        log.info("%s: letter=%s released original read by=%s", letter.message_id, letter.id, actor)
+        return await self.blobs.read(delivery.blob)
+
+    def _snapshot_set(self, letter: Letter) -> BlockSet:
+        """A block set that shows exactly the letter's snapshot: the configured set whose texts
+        hash as the letter's did (for its greeting, intro and outro), or the policy's, with
+        the snapshot's blocks and button either way."""
+        sets = self._block_sets().sets
+        same = [
+            block_set
+            for (_, language), block_set in sorted(sets.items())
+            if language == letter.language and texts_sha256(block_set.blocks) == letter.texts_sha256
+        ]
+        base = (
+            same[0]
+            if same
+            else sets[(self.settings.policy.letter_block_set or "default", letter.language)]
+        )
+        blocks = tuple(ShownBlock(**block) for block in letter.blocks)
+        return replace(base, blocks=blocks, button=letter.button)
+
+    def _block_sets(self) -> BlockSets:
+        if self._loaded_block_sets is None:
+            self._loaded_block_sets = BlockSets(self.settings)
+        return self._loaded_block_sets
+
+    def _terms(self, language: str) -> bytes | None:
+        path = self.settings.letter.terms_pdf.get(language)
+        return path.read_bytes() if path is not None else None
+
+    # -- what release, release_by_agent and resend share
+
+    def _archive(self) -> list[str]:
+        return [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []
+
+    def _copies(self, message: Message, recipient: str, blob: str, now: datetime) -> list[Delivery]:
+        """One delivery of `blob` to `recipient` and one to the archive, the recipient's first:
+        the consent and the journal name that one."""
+        lifetime = self.settings.upstream.queue_lifetime
+        return [
+            new_delivery(message.id, to, blob, now, lifetime)
+            for to in (recipient, *self._archive())
+        ]
+
+    async def _stamped(self, letter: Letter, fields: list[bytes]) -> str:
+        """The held original with `fields` in front, stored; its digest."""
+        held = await self.blobs.read(letter.held_blob)
+        return await self.blobs.put(b"".join(fields) + held)
 
     async def expire_due(self, now: datetime) -> int:
         """Mark held letters whose link ran out as expired, each once, and tell the agent.
@@ -391,3 +671,86 @@ class LetterDesk:
             user_id=message.user_id,
             now=now,
         )
+
+
+def _closed(letter: Letter, link: Link, now: datetime) -> Closed | None:
+    """Why the letter's page no longer opens for this link, if it does not: revoked (the old
+    link of a re-sent letter, or an agent's ending) before expired; a released letter's own
+    link does not expire."""
+    if link.revoked_at is not None or link.id != letter.link_id:
+        return Closed.REVOKED
+    # An instance whose clock runs behind still honours an expiry another one recorded.
+    expired = link.expired or link.expires_at <= now or letter.status == LetterStatus.EXPIRED
+    if expired and letter.status != LetterStatus.RELEASED:
+        return Closed.EXPIRED
+    return None
+
+
+async def _held_letter(
+    session: AsyncSession, letter_id: str, action: str, *, expired_ok: bool = False
+) -> tuple[Letter, Message]:
+    """The letter, locked, with its message; UnknownTarget or WrongState unless it is held."""
+    row = (
+        await session.execute(
+            select(Letter, Message)
+            .join(Message, Message.id == Letter.message_id)
+            .where(Letter.id == letter_id)
+            .with_for_update(of=Letter)
+        )
+    ).first()
+    if row is None:
+        raise UnknownTarget(f"no letter has the id {letter_id!r}")
+    letter, message = row
+    allowed = {LetterStatus.HELD, LetterStatus.EXPIRED} if expired_ok else {LetterStatus.HELD}
+    if letter.status not in allowed:
+        raise WrongState(f"letter {letter_id} is {letter.status}; only a held letter is {action}")
+    return letter, message
+
+
+async def _letter_sent_at(session: AsyncSession, letter: Letter) -> datetime:
+    """When the letter reached the recipient's server, or when it was made if not yet."""
+    sent = await session.scalar(
+        select(Delivery).where(
+            Delivery.message_id == letter.message_id,
+            Delivery.recipient == letter.recipient,
+            Delivery.blob == letter.letter_blob,
+        )
+    )
+    if sent is not None and sent.status == DeliveryStatus.DELIVERED:
+        return sent.updated_at
+    return letter.created_at
+
+
+async def _released_by_agent_delivery(session: AsyncSession, letter: Letter) -> str | None:
+    events = await session.scalars(
+        select(Event)
+        .where(
+            Event.type == LETTER_RELEASED_BY_AGENT.name,
+            Event.message_id == letter.message_id,
+        )
+        .order_by(Event.seq.desc())
+    )
+    return next((e.delivery_id for e in events if e.data.get("letter_id") == letter.id), None)
+
+
+async def _stored_or_refused(letter: Letter, reading: Awaitable[T]) -> T:
+    """What `reading` reads of the letter's held original; WrongState when the store lost it
+    (the transaction then rolls back: nothing is written)."""
+    try:
+        return await reading
+    except BlobMissing as missing:
+        raise WrongState(
+            f"letter {letter.id}: the held original {missing.digest} is no longer stored"
+        ) from missing
+
+
+def _mark_released(letter: Letter, now: datetime) -> None:
+    letter.status = LetterStatus.RELEASED
+    letter.released_at = now
+
+
+def _queued(deliveries: list[Delivery]) -> list[journal.NewEvent]:
+    return [
+        DELIVERY_QUEUED.new({"recipient": d.recipient}, message_id=d.message_id, delivery_id=d.id)
+        for d in deliveries
+    ]

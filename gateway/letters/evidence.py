@@ -15,7 +15,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from gateway.mail import headers
-from gateway.mail.evidence_headers import CONSENT_HEADER, LETTER_SENT_HEADER
+from gateway.mail.evidence_headers import (
+    CONSENT_HEADER,
+    LETTER_SENT_HEADER,
+    RELEASED_BY_AGENT_HEADER,
+)
 
 _CONSENT_VALUE = re.compile(
     r"^at=(?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ); ip=(?P<ip>[0-9a-fA-F.:]+);"
@@ -82,6 +86,14 @@ def evidence_fields(
         headers.format_field(CONSENT_HEADER, value),
         headers.format_field(LETTER_SENT_HEADER, rfc3339(letter_sent_at)),
     ]
+
+
+def released_by_agent_field(letter_id: str, at: datetime) -> bytes:
+    """The header of an offer the agent released without consent: never consent evidence."""
+    value = f"at={rfc3339(at)}; letter={letter_id}; consent=none"
+    if not re.fullmatch(r"[A-Za-z0-9=;:. _-]+", value):
+        raise ValueError(f"refusing to write {value!r}")
+    return headers.format_field(RELEASED_BY_AGENT_HEADER, value)
 
 
 @dataclass(frozen=True)

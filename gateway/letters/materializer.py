@@ -13,11 +13,11 @@ from gateway.config import Settings
 from gateway.draft import Draft
 from gateway.letters import letter_keys
 from gateway.letters.blocks import BlockSets
-from gateway.letters.compose import LetterMail, compose_letter, display_name, remove_subject_tag
+from gateway.letters.compose import letter_for_held, remove_subject_tag
 from gateway.letters.evidence import texts_sha256
 from gateway.links.materializer import LinkAttachmentsMaterializer
-from gateway.links.tokens import new_link, new_token
-from gateway.mail import headers, mime
+from gateway.links.tokens import letter_url, new_link, new_token
+from gateway.mail import headers
 from gateway.outbound.queue import new_delivery
 from gateway.store.blobs import BlobStore
 from gateway.store.events import DELIVERY_QUEUED, LETTER_HELD
@@ -58,24 +58,19 @@ class RegisteredLetterMaterializer:
             now=draft.now,
             days=action.link_days,
         )
-        agent_address = (headers.addresses(fields, "from") or [draft.message.sender])[0]
-        letter_bytes = compose_letter(
+        letter_bytes = letter_for_held(
             self.settings,
             block_set,
-            LetterMail(
-                recipient=recipient,
-                recipient_name=display_name(fields, ("to", "cc"), recipient),
-                agent_name=display_name(fields, ("from",), agent_address) or agent_address,
-                subject=subject,
-                language=action.language,
-                url=f"{self.settings.server.public_url}/l/{token}",
-                days=action.link_days,
-            ),
             fields,
-            self.terms.get(action.language),
-            draft.now,
+            sender=draft.message.sender,
+            recipient=recipient,
+            subject=subject,
+            language=action.language,
+            url=letter_url(self.settings.server.public_url, token),
+            days=action.link_days,
+            terms_pdf=self.terms.get(action.language),
+            now=draft.now,
         )
-        mime.parse(letter_bytes)
         letter = Letter(
             id=new_id(),
             message_id=draft.message.id,

@@ -29,6 +29,10 @@ def download_url(public_url: str, token: str) -> str:
     return f"{public_url.rstrip('/')}/d/{token}"
 
 
+def letter_url(public_url: str, token: str) -> str:
+    return f"{public_url.rstrip('/')}/l/{token}"
+
+
 def new_link(
     *,
     token: str,
@@ -62,11 +66,12 @@ def new_link(
 class LinkState(StrEnum):
     VALID = "valid"
     EXPIRED = "expired"
+    REVOKED = "revoked"  # an agent ended it: its page says access ended, never "expired"
 
 
 class Closed(StrEnum):
-    """Why a known token no longer opens its page. Only expiry exists today; `revoked` is the
-    state an agent's "withdraw this link" will record, so the pages already know it."""
+    """Why a known token no longer opens its page: it ran out, or an agent ended it
+    (`LinkDesk.revoke`), each with its own page."""
 
     EXPIRED = "expired"
     REVOKED = "revoked"
@@ -108,7 +113,7 @@ async def find_link(
     if row is None:
         return None
     link, message = row
-    return await _found(session, link, message, now)
+    return await found_of(session, link, message, now)
 
 
 async def find_recipient_link(
@@ -126,10 +131,10 @@ async def find_recipient_link(
         .order_by(Link.created_at.desc(), Link.id)
         .limit(1)
     )
-    return None if link is None else await _found(session, link, message, now)
+    return None if link is None else await found_of(session, link, message, now)
 
 
-async def _found(session: AsyncSession, link: Link, message: Message, now: datetime) -> FoundLink:
+async def found_of(session: AsyncSession, link: Link, message: Message, now: datetime) -> FoundLink:
     files = (
         await session.scalars(
             select(StoredFile)
@@ -138,5 +143,13 @@ async def _found(session: AsyncSession, link: Link, message: Message, now: datet
             .order_by(LinkFile.position)
         )
     ).all()
-    expired = link.expired or link.expires_at <= now
-    return FoundLink(link, message, list(files), LinkState.EXPIRED if expired else LinkState.VALID)
+    return FoundLink(link, message, list(files), link_state(link, now))
+
+
+def link_state(link: Link, now: datetime) -> LinkState:
+    """Revoked before expired: an agent's ending says more than the date."""
+    if link.revoked_at is not None:
+        return LinkState.REVOKED
+    if link.expired or link.expires_at <= now:
+        return LinkState.EXPIRED
+    return LinkState.VALID

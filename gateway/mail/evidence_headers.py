@@ -9,3 +9,7 @@ from __future__ import annotations
 CONSENT_HEADER = "X-Sealrelay-Consent"
 LETTER_SENT_HEADER = "X-Sealrelay-Letter-Sent"
 EVIDENCE_HEADERS = (CONSENT_HEADER, LETTER_SENT_HEADER)
+# On an offer an agent released without consent: who and when, so no reader takes it for consent.
+RELEASED_BY_AGENT_HEADER = "X-Sealrelay-Released-By-Agent"
+# What every signature of ours oversigns: none of these can be added to a signed copy later.
+OVERSIGNED_HEADERS = (*EVIDENCE_HEADERS, RELEASED_BY_AGENT_HEADER)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from email.utils import format_datetime
 
 from gateway.mail import dkim, headers
-from gateway.mail.evidence_headers import EVIDENCE_HEADERS
+from gateway.mail.evidence_headers import OVERSIGNED_HEADERS
 from gateway.store.models import Message
 
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
@@ -47,7 +47,7 @@ def prepare(raw: bytes, message: Message, hostname: str, signer: Signer) -> byte
     bh = dkim.body_hash(body)
     del body  # a copy of the body: free it before the outgoing bytes are built
     signature = dkim.sign(
-        b"".join(added) + header_block, key, bh=bh, extra_oversigned=EVIDENCE_HEADERS
+        b"".join(added) + header_block, key, bh=bh, extra_oversigned=OVERSIGNED_HEADERS
     )
     return headers.prepend(raw, [signature, *added])
 

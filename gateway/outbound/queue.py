@@ -1,11 +1,9 @@
 """The outbound queue: deliveries claimed with a lease, their state kept per recipient.
 
-A worker claims due rows by setting a lease; on PostgreSQL `FOR UPDATE SKIP LOCKED` lets
-several instances claim at once without blocking each other or taking the same row. A lease
-that runs out (its worker died) makes the row claimable again: delivery is at-least-once.
-A live worker renews the leases of copies it still holds (a heartbeat), so the lease can be
-short and a crashed worker's claims come back quickly. Outcomes are recorded only by the
-worker that still holds the lease.
+Claims, leases, their renewal and the backoff are the ones every queue shares
+(gateway/store/leases.py, webhooks use them too). A live worker renews the leases of copies it
+still holds (a heartbeat), so the lease can be short and a crashed worker's claims come back
+quickly. Outcomes are recorded only by the worker that still holds the lease.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.store import journal
@@ -27,7 +25,12 @@ from gateway.store.events import (
     DELIVERY_RETRIED,
     EventType,
 )
+from gateway.store.leases import LeasedQueue, backoff
 from gateway.store.models import Delivery, DeliveryStatus, Message, new_id
+
+__all__ = ["LEASES", "Claimed", "QueueError", "backoff", "claim", "new_delivery"]
+
+LEASES = LeasedQueue(Delivery, DeliveryStatus.QUEUED)
 
 
 class QueueError(Exception):
@@ -48,17 +51,6 @@ def new_delivery(
     )
 
 
-def backoff(attempts: int, base: float, cap: float, jitter: float = 0.0) -> timedelta:
-    """Wait before the next try: doubling from `base`, at most `cap`, stretched by jitter.
-
-    `jitter` in [0, 1) spreads retries of many copies that failed together.
-    """
-    # Past ~1000 doublings 2.0**n overflows a float; any base has reached the cap long before.
-    doublings = max(0, attempts - 1)
-    seconds = cap if doublings >= 1000 else min(cap, base * 2.0**doublings)
-    return timedelta(seconds=seconds * (1 + jitter / 4))
-
-
 @dataclass(frozen=True)
 class Claimed:
     delivery: Delivery
@@ -68,26 +60,7 @@ class Claimed:
 async def claim(
     session: AsyncSession, worker: str, now: datetime, lease: timedelta, limit: int
 ) -> list[Claimed]:
-    due = (
-        select(Delivery.id)
-        .where(
-            Delivery.status == DeliveryStatus.QUEUED,
-            Delivery.next_attempt_at <= now,
-            or_(Delivery.lease_until.is_(None), Delivery.lease_until < now),
-        )
-        .order_by(Delivery.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    ids = (
-        await session.scalars(
-            update(Delivery)
-            .where(Delivery.id.in_(due.scalar_subquery()))
-            .values(lease_until=now + lease, leased_by=worker)
-            .returning(Delivery.id),
-            execution_options={"synchronize_session": False},
-        )
-    ).all()
+    ids = await LEASES.claim(session, worker, now, lease, limit)
     if not ids:
         return []
     rows = await session.execute(
@@ -107,31 +80,12 @@ async def renew(
 
     A copy whose lease another worker took over is left alone: its outcome is theirs.
     """
-    if not ids:
-        return 0
-    result = await session.execute(
-        update(Delivery)
-        .where(
-            Delivery.id.in_(list(ids)),
-            Delivery.leased_by == worker,
-            Delivery.status == DeliveryStatus.QUEUED,
-        )
-        .values(lease_until=now + lease),
-        execution_options={"synchronize_session": False},
-    )
-    return int(getattr(result, "rowcount", 0))
+    return await LEASES.renew(session, ids, worker, now, lease)
 
 
 async def release(session: AsyncSession, ids: Collection[str], worker: str) -> None:
     """Give claimed copies back unsent (a stopping worker), so any worker may take them now."""
-    if not ids:
-        return
-    await session.execute(
-        update(Delivery)
-        .where(Delivery.id.in_(list(ids)), Delivery.leased_by == worker)
-        .values(lease_until=None, leased_by=None),
-        execution_options={"synchronize_session": False},
-    )
+    await LEASES.release(session, ids, worker)
 
 
 async def _settle(
@@ -146,17 +100,10 @@ async def _settle(
     """Record one attempt's outcome if `worker` still holds the lease; the journal event for
     it, or None when another worker took over."""
     attempt = delivery.attempts + 1
-    result = await session.execute(
-        update(Delivery)
-        .where(
-            Delivery.id == delivery.id,
-            Delivery.leased_by == worker,
-            Delivery.status == DeliveryStatus.QUEUED,
-        )
-        .values(lease_until=None, leased_by=None, updated_at=now, attempts=attempt, **values),
-        execution_options={"synchronize_session": False},
+    settled = await LEASES.settle(
+        session, delivery.id, worker, updated_at=now, attempts=attempt, **values
     )
-    if not getattr(result, "rowcount", 0):
+    if not settled:
         return None
     return event.new(
         {"recipient": delivery.recipient, "attempt": attempt, **data},

@@ -62,7 +62,8 @@ def event_section(event_type: EventType[Any]) -> list[str]:
     lines += ["", "| field | type | meaning |", "| --- | --- | --- |"]
     for field in event_type.fields():
         mark = " **personal data**" if field.personal else ""
-        lines.append(f"| `{field.name}` | {type_name(field.type)} | {field.meaning}{mark} |")
+        kind = type_name(field.type) + (" (optional)" if field.optional else "")
+        lines.append(f"| `{field.name}` | {kind} | {field.meaning}{mark} |")
     return [*lines, ""]
 
 

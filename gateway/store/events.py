@@ -18,6 +18,7 @@ from typing import (
     Any,
     Generic,
     NotRequired,
+    Required,
     TypeVar,
     get_args,
     get_origin,
@@ -51,6 +52,7 @@ class Field:
     type: Any
     meaning: str
     personal: bool
+    optional: bool = False  # NotRequired: older events, or events of one kind, lack it
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,12 @@ class EventType(Generic[P]):
 
     def fields(self) -> Iterator[Field]:
         for name, hint in get_type_hints(self.payload, include_extras=True).items():
+            optional = get_origin(hint) is NotRequired
+            if get_origin(hint) in (NotRequired, Required):
+                hint = get_args(hint)[0]
             about = next((a for a in get_args(hint) if isinstance(a, About)), About(""))
             kind = get_args(hint)[0] if get_origin(hint) is Annotated else hint
-            yield Field(name, kind, about.meaning, about.personal)
+            yield Field(name, kind, about.meaning, about.personal, optional)
 
     @property
     def personal(self) -> bool:
@@ -248,6 +253,12 @@ LINK_CREATED = _declare(
 @with_config(_STRICT)
 class LinkVisit(Visit):
     link_id: LinkId
+    automated: NotRequired[
+        Annotated[bool, About("True when the visit looks like a link scanner's, not a person's.")]
+    ]
+    automated_reasons: NotRequired[
+        Annotated[list[str], About("Why the visit looks automated (rules/automated_visits.py).")]
+    ]
 
 
 LINK_VIEWED = _declare(
@@ -337,6 +348,12 @@ LETTER_HELD = _declare(
 @with_config(_STRICT)
 class LetterVisit(Visit):
     letter_id: LetterId
+    automated: NotRequired[
+        Annotated[bool, About("True when the visit looks like a link scanner's, not a person's.")]
+    ]
+    automated_reasons: NotRequired[
+        Annotated[list[str], About("Why the visit looks automated (rules/automated_visits.py).")]
+    ]
 
 
 LETTER_VIEWED = _declare(
@@ -553,4 +570,352 @@ USER_DISABLED = _declare(
 
 USER_PASSWORD_CHANGED = _declare(
     "user.password_changed", "A user's password was set.", UserChange, message=None
+)
+
+
+# -- console ------------------------------------------------------------------------------------
+
+
+@with_config(_STRICT)
+class ConsoleSignIn(TypedDict):
+    email: Email
+    ip: Annotated[str, About("The address the sign-in came from.", personal=True)]
+    user_agent: Annotated[str, About("The browser as it named itself.", personal=True)]
+
+
+@with_config(_STRICT)
+class ConsoleSignInFailed(TypedDict):
+    login: Annotated[str, About("The login as typed (at most 320 characters).", personal=True)]
+    ip: Annotated[str, About("The address the attempt came from.", personal=True)]
+    reason: Annotated[str, About("'password' (login or password wrong) or 'code' (TOTP).")]
+
+
+@with_config(_STRICT)
+class ConsoleSignOutEverywhere(TypedDict):
+    email: Email
+    sessions: Annotated[int, About("How many sessions were ended.")]
+
+
+CONSOLE_SIGNED_IN = _declare(
+    "console.signed_in", "A user signed in to the web console.", ConsoleSignIn, message=None
+)
+
+CONSOLE_SIGN_IN_FAILED = _declare(
+    "console.sign_in_failed",
+    "A sign-in to the web console was refused: wrong login, password or code. Attempts"
+    " refused by the throttle before any check are not recorded.",
+    ConsoleSignInFailed,
+    message=None,
+)
+
+CONSOLE_SIGNED_OUT = _declare(
+    "console.signed_out", "A user signed out of the web console.", UserChange, message=None
+)
+
+CONSOLE_SIGNED_OUT_EVERYWHERE = _declare(
+    "console.signed_out_everywhere",
+    "A user ended all their console sessions, on every device.",
+    ConsoleSignOutEverywhere,
+    message=None,
+)
+
+USER_TOTP_ENABLED = _declare(
+    "user.totp_enabled",
+    "A user's sign-in to the console now also asks for a TOTP code.",
+    UserChange,
+    message=None,
+)
+
+USER_TOTP_DISABLED = _declare(
+    "user.totp_disabled",
+    "A user's sign-in to the console no longer asks for a TOTP code.",
+    UserChange,
+    message=None,
+)
+
+
+# -- api ----------------------------------------------------------------------------------------
+
+ApiKeyId = Annotated[str, About("The API key's id (never the key).")]
+Actor = Annotated[str, About("Who did it: a user's address or an API key's name.", personal=True)]
+
+
+@with_config(_STRICT)
+class ApiKeyCreated(TypedDict):
+    key_id: ApiKeyId
+    name: Annotated[str, About("The name the admin gave the key.")]
+    scope: Annotated[str, About('"read" or "write".')]
+    prefix: Annotated[str, About("The key's first characters, to recognise it by.")]
+    by: Actor
+
+
+API_KEY_CREATED = _declare(
+    "api_key.created",
+    "An API key was created (the key was shown once).",
+    ApiKeyCreated,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class ApiKeyRevoked(TypedDict):
+    key_id: ApiKeyId
+    name: Annotated[str, About("The key's name.")]
+    by: Actor
+
+
+API_KEY_REVOKED = _declare(
+    "api_key.revoked",
+    "An API key was revoked; it no longer authenticates.",
+    ApiKeyRevoked,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class UserChanged(TypedDict):
+    email: Email
+    role: Annotated[str, About("The user's role after the change.")]
+    group: Annotated[str | None, About("The user's group after the change; null for none.")]
+
+
+USER_CHANGED = _declare(
+    "user.changed", "A user's role or group was changed.", UserChanged, message=None
+)
+
+
+# -- agent actions ------------------------------------------------------------------------------
+
+LinkKindField = Annotated[str, About('What the link serves: "download" or "letter".')]
+
+DOWNLOAD_AUTOMATED = _declare(
+    "download.automated",
+    "A link scanner (not a person) fetched a file through its link; it counts as no download.",
+    FileDownload,
+    message="the message the file came with",
+)
+
+
+@with_config(_STRICT)
+class LinkRevoked(TypedDict):
+    link_id: LinkId
+    recipient: Recipient
+    kind: LinkKindField
+    actor: Actor
+    reason: Annotated[str, About("Why, as the agent wrote it (may be empty).")]
+
+
+LINK_REVOKED = _declare(
+    "link.revoked",
+    "An agent or admin ended a recipient's link before its time; its page says access ended.",
+    LinkRevoked,
+    message="the message the link belongs to",
+)
+
+
+@with_config(_STRICT)
+class LinkExtended(TypedDict):
+    link_id: LinkId
+    recipient: Recipient
+    kind: LinkKindField
+    actor: Actor
+    expires_at: Timestamp
+    previous_expires_at: Timestamp
+
+
+LINK_EXTENDED = _declare(
+    "link.extended",
+    "An agent or admin gave a link a new expiry; an expired one opens again.",
+    LinkExtended,
+    message="the message the link belongs to",
+)
+
+
+@with_config(_STRICT)
+class LetterResent(TypedDict):
+    letter_id: LetterId
+    recipient: Recipient
+    actor: Actor
+    link_id: Annotated[str, About("The letter's new link.")]
+    previous_link_id: Annotated[str, About("The link that ended with the re-send.")]
+    expires_at: Timestamp
+
+
+LETTER_RESENT = _declare(
+    "letter.resent",
+    "An agent sent a held letter again with a fresh link; the old link ended. The texts are"
+    " the same snapshot.",
+    LetterResent,
+    message="the agent's message (the offer)",
+    delivery="the new letter's copy to the recipient",
+)
+
+
+@with_config(_STRICT)
+class LetterReleasedByAgent(TypedDict):
+    letter_id: LetterId
+    recipient: Recipient
+    actor: Actor
+    reason: Annotated[str, About("Why the agent released it without consent.")]
+
+
+LETTER_RELEASED_BY_AGENT = _declare(
+    "letter.released_by_agent",
+    "An agent released a held offer without the recipient's consent (no consent record; the"
+    " released copy says so in a header).",
+    LetterReleasedByAgent,
+    message="the agent's message (the offer)",
+    delivery="the released copy to the recipient",
+)
+
+
+# -- webhooks -----------------------------------------------------------------------------------
+# Changes to endpoints only: each delivery attempt is kept in webhook_deliveries, never here,
+# or every attempt would itself be an event to push.
+
+EndpointId = Annotated[str, About("The webhook endpoint's id.")]
+EndpointUrl = Annotated[str, About("Where the endpoint's events are posted.")]
+
+
+@with_config(_STRICT)
+class WebhookEndpointCreated(TypedDict):
+    endpoint_id: EndpointId
+    url: EndpointUrl
+    event_types: Annotated[list[str], About("The event types it receives; empty: all.")]
+    thin: Annotated[bool, About("Whether its payloads carry ids only, no personal fields.")]
+    allow_private: Annotated[
+        bool, About("Whether it may resolve to a loopback, link-local or private address.")
+    ]
+    by: Actor
+
+
+WEBHOOK_ENDPOINT_CREATED = _declare(
+    "webhook.endpoint_created",
+    "An admin added a webhook endpoint; events from now on are posted to it.",
+    WebhookEndpointCreated,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class WebhookEndpointChanged(TypedDict):
+    endpoint_id: EndpointId
+    changed: Annotated[
+        list[str],
+        About(
+            "What changed: url, event_types, description, thin, allow_private, enabled"
+            " or secret (a rotation; the secret itself is never journaled)."
+        ),
+    ]
+    by: Actor
+
+
+WEBHOOK_ENDPOINT_CHANGED = _declare(
+    "webhook.endpoint_changed",
+    "An admin changed a webhook endpoint (or enabled it again, or rotated its secret).",
+    WebhookEndpointChanged,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class WebhookEndpointDisabled(TypedDict):
+    endpoint_id: EndpointId
+    reason: Annotated[
+        str, About("Why: an admin's decision, the receiver answered 410, or days of failure.")
+    ]
+    by: Annotated[
+        str, About("Who disabled it: a user's login address, cli, or relay.", personal=True)
+    ]
+
+
+WEBHOOK_ENDPOINT_DISABLED = _declare(
+    "webhook.endpoint_disabled",
+    "A webhook endpoint stopped receiving events; its queued deliveries were given up.",
+    WebhookEndpointDisabled,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class WebhookEndpointDeleted(TypedDict):
+    endpoint_id: EndpointId
+    url: EndpointUrl
+    by: Actor
+
+
+@with_config(_STRICT)
+class WebhookTestRequested(TypedDict):
+    endpoint_id: Annotated[str, About("The endpoint the test is posted to (and only that one).")]
+    by: Actor
+
+
+WEBHOOK_TEST_REQUESTED = _declare(
+    "webhook.test",
+    "An admin asked for a test event; it is posted to the one endpoint it names, whatever"
+    " types that endpoint receives.",
+    WebhookTestRequested,
+    message=None,
+)
+
+WEBHOOK_ENDPOINT_DELETED = _declare(
+    "webhook.endpoint_deleted",
+    "An admin deleted a webhook endpoint with its delivery history.",
+    WebhookEndpointDeleted,
+    message=None,
+)
+
+
+# -- notifications ------------------------------------------------------------------------------
+# The agent's optional mails about their messages (gateway/notices/). The consent confirmation
+# is not one of them: it carries the evidence and always goes (letter.released's transaction).
+
+
+@with_config(_STRICT)
+class DownloadNoticeQueued(TypedDict):
+    recipient: Recipient
+    file_ids: Annotated[list[str], About("The files whose first download the notice reports.")]
+    first_seq: Annotated[int, About("The seq of the first download.first event it reports.")]
+    notice_message_id: Annotated[str, About("The notice mail queued to the agent.")]
+
+
+NOTICE_DOWNLOAD_QUEUED = _declare(
+    "notice.download_queued",
+    "The agent was mailed that a recipient downloaded files for the first time (one mail"
+    " for the first downloads of one recipient that arrived together).",
+    DownloadNoticeQueued,
+    message="the agent's message the files came with",
+)
+
+
+@with_config(_STRICT)
+class LetterExpiryWarned(TypedDict):
+    letter_id: LetterId
+    recipient: Recipient
+    expires_at: Timestamp
+    notice_message_id: Annotated[str, About("The warning mail queued to the agent.")]
+
+
+LETTER_EXPIRY_WARNED = _declare(
+    "letter.expiry_warned",
+    "A registered letter still waits for consent and its link runs out soon: the agent was"
+    " warned by mail (once per letter).",
+    LetterExpiryWarned,
+    message="the agent's message (the offer)",
+)
+
+
+@with_config(_STRICT)
+class UserNoticesChanged(TypedDict):
+    email: Email
+    first_download: Annotated[bool, About("Whether the user now gets the first-download mail.")]
+    expiry_warning: Annotated[bool, About("Whether the user now gets the expiry warning.")]
+
+
+USER_NOTICES_CHANGED = _declare(
+    "user.notices_changed",
+    "A user's choice of optional mails changed (first downloads, letters about to expire);"
+    " the payload holds the effective choice after the change.",
+    UserNoticesChanged,
+    message=None,
 )

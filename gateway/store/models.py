@@ -81,6 +81,8 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     # base32 TOTP secret (RFC 6238) when the user turned on a second factor
     totp_secret: Mapped[str | None] = mapped_column(String(52))
+    # the agent's mail notices, only what differs from the defaults (gateway/notices/prefs.py)
+    notify: Mapped[dict[str, bool]] = mapped_column(JSON, default=dict, server_default="{}")
 
     @property
     def is_admin(self) -> bool:
@@ -261,6 +263,8 @@ class Letter(Base):
     held_blob: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     released_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # when the agent was warned that the link runs out soon (never twice)
+    expiry_warned_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class Consent(Base):
@@ -377,6 +381,15 @@ class WebhookCursor(Base):
     """One row: the last journal event fanned out to the webhook endpoints."""
 
     __tablename__ = "webhook_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class NoticeCursor(Base):
+    """One row: the last ``download.first`` event the agent's notices have taken."""
+
+    __tablename__ = "notice_cursor"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)

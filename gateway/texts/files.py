@@ -143,6 +143,7 @@ TEXT_KINDS: tuple[TextKind, ...] = (
     _wording("consent_pdf"),
     _wording("confirmation"),
     _wording("letter_expired"),
+    _wording("webhook_disabled"),
     TextKind("dsn", TEMPLATES / "dsn", "{language}.txt.j2", template_keys),
     TextKind("linkblock text", TEMPLATES / "linkblock", "{language}.txt.j2", template_keys),
     TextKind("linkblock html", TEMPLATES / "linkblock", "{language}.html.j2", template_keys),

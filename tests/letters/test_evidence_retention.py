@@ -20,7 +20,7 @@ from gateway.letters.desk import LetterDesk
 from gateway.store import blob_columns, sweeper
 from gateway.store.models import Base, Consent, Letter, LetterStatus
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
-from tests.letter_site import PROSPECT, Clock, LetterSite
+from tests.letter_site import PROSPECT, Clock, LetterSite, token_in
 from tests.support import screenshot_dir
 
 GRACE = timedelta(days=7)
@@ -271,3 +271,35 @@ async def test_the_lost_offer_page_reads_well_on_a_phone(site: LetterSite) -> No
             )
         finally:
             await browser.close()
+
+
+async def test_a_resent_letter_keeps_its_offer_through_the_link_sweep(
+    site: LetterSite, clock: Clock
+) -> None:
+    """A re-sent letter points at its new link: the held original lives as long as that one."""
+    await site.send_offer()
+    letter = await site.letter_row()
+    count = len(site.sink.messages)
+    await site.relay.letters.resend(letter.id, "anna@broker.example")
+    await site.sink.expect(count + 1)
+    fresh = token_in(site.sink.messages[-1].data, site.url)
+    clock.advance(days=10)  # the first link's creation plus the blob grace period
+    await sweep(site)
+    assert await site.relay.blobs.exists(letter.held_blob)
+    assert await site.relay.blobs.exists((await site.letter_row()).letter_blob)
+    assert (await site.consent(fresh)).status == 303
+
+
+async def test_an_offer_released_by_the_agent_stays_evidence(
+    site: LetterSite, clock: Clock
+) -> None:
+    """Without a consent, the retention runs from the link's expiry; the released copy lives
+    as long as its delivery."""
+    await site.send_offer()
+    letter = await site.letter_row()
+    await site.relay.letters.release_by_agent(letter.id, "anna@broker.example", "by phone")
+    clock.advance(days=400)
+    await sweep(site)
+    assert await site.relay.blobs.exists(letter.held_blob)
+    released = await site.relay.letters.released_original(letter.id, "anna@broker.example")
+    assert b"X-Sealrelay-Released-By-Agent" in released

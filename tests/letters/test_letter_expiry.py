@@ -41,16 +41,23 @@ async def test_the_agent_is_told_once_when_a_letter_expires_unconsented(
     clock.advance(days=13)
     await site.relay.sweep_once()
     assert await site.events("letter.expired") == []
+    assert len(await site.events("letter.expiry_warned")) == 1  # [notices] expiry_warning
 
     clock.advance(days=1, seconds=1)
     report = await site.relay.sweep_once()
     assert report.letters_expired == 1
     again = await site.relay.sweep_once()
     assert again.letters_expired == 0
-    assert await to_agent(site) == 1
+    assert await to_agent(site) == 2  # the warning two days before, then this notice
 
-    arrived = await site.sink.expect(2)
-    [notice] = [m for m in arrived if m.rcpt_tos == [AGENT]]
+    arrived = await site.sink.expect(3)
+    [notice] = [
+        m
+        for m in arrived
+        if m.rcpt_tos == [AGENT]
+        and "Ohne Zustimmung"
+        in headers.decoded(headers.first_value(headers.fields_of(m.data), "subject") or "")
+    ]
     assert notice.mail_from in ("", "<>")  # the null sender: it never bounces back to us
     fields = headers.fields_of(notice.data)
     assert headers.decoded(headers.first_value(fields, "subject") or "") == (

@@ -78,7 +78,8 @@ async def test_get_shows_the_letter_and_records_only_a_view(site: LetterSite) ->
     response, _ = await site.request("HEAD", f"/l/{token}")
     assert response.status == 200
 
-    [view] = await site.events("letter.viewed")
+    view, head = await site.events("letter.viewed")
+    assert head.data["automated"] is True and head.data["automated_reasons"] == ["HEAD request"]
     letter = await site.letter_row()
     assert view.message_id == letter.message_id
     assert view.data == {

@@ -36,7 +36,7 @@ from gateway.texts.catalog import load_catalogs, negotiate
 from rules.language import SHIPPED_LANGUAGES
 from sealrelay.serve import Relay
 from tests.conftest import AGENT, relay_settings
-from tests.support import free_port
+from tests.support import PERSON_UA, free_port
 from web.client_ip import ClientIpResolver
 from web.downloads import (
     BAD_TOKEN_LIMIT,
@@ -183,7 +183,7 @@ class Pages:
         self, method: str, path: str, **kwargs: Any
     ) -> tuple[aiohttp.ClientResponse, bytes]:
         """One request; `path` is sent as written (no client-side dot-segment cleanup)."""
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers={"User-Agent": PERSON_UA}) as http:
             url = yarl.URL(self.url + path, encoded=True)
             async with http.request(method, url, allow_redirects=False, **kwargs) as response:
                 return response, await response.read()
@@ -390,7 +390,7 @@ async def test_parallel_downloads_have_exactly_one_first(pages: Pages) -> None:
         assert (await journal.verify(session)).ok
 
 
-async def test_head_gives_headers_and_records_nothing(pages: Pages) -> None:
+async def test_head_gives_headers_and_records_only_automated_visits(pages: Pages) -> None:
     made = await pages.link(
         [("a.pdf", "application/pdf", b"a" * 1000), ("b.mp4", "video/mp4", b"b" * 2000)]
     )
@@ -411,7 +411,16 @@ async def test_head_gives_headers_and_records_nothing(pages: Pages) -> None:
         "HEAD", made.file_path(made.files[0]), headers={"Range": "bytes=0-9"}
     )
     assert response.status == 206
-    assert await pages.events() == []
+    events = await pages.events()
+    assert [e.type for e in events] == [
+        "link.viewed",
+        "download.automated",
+        "download.zip",
+        "download.automated",
+    ]
+    assert all(e.data["automated"] is True for e in events)
+    assert all(e.data["automated_reasons"] == ["HEAD request"] for e in events)
+    assert await pages.downloads(made, made.files[0]) == 0
     assert await pages.downloads(made, made.files[1]) == 0
 
 
@@ -779,3 +788,34 @@ def test_texts_formats_and_colours() -> None:
     assert accent is not None and contrast(accent.group(1), "#ffffff") >= 4.5
     assert "--on-brand: #1b1f24;" in css, "dark text on a light brand colour"
     assert "--on-page: #f3f4f6;" in css, "light text on a dark page"
+
+
+async def test_a_scanner_fetch_is_automated_and_the_person_still_downloads_first(
+    pages: Pages,
+) -> None:
+    made = await pages.link([("a.pdf", "application/pdf", b"a" * 100)])
+    scanner = {"User-Agent": "Mozilla/5.0 (compatible; Proofpoint URL Defense)"}
+    for path in (made.path(), made.file_path(made.files[0]), made.path("/zip")):
+        response, _ = await pages.get(path, headers=scanner)
+        assert response.status == 200
+    events = await pages.events()
+    assert [e.type for e in events] == ["link.viewed", "download.automated", "download.zip"]
+    assert all(e.data["automated"] is True for e in events)
+    assert await pages.downloads(made, made.files[0]) == 0
+
+    response, body = await pages.get(made.file_path(made.files[0]), headers={"Cookie": "a=b"})
+    assert response.status == 200 and body == b"a" * 100
+    person = (await pages.events())[-1]
+    assert person.type == "download.first" and "automated" not in person.data
+    assert await pages.downloads(made, made.files[0]) == 1
+
+
+async def test_a_revoked_link_answers_access_ended(pages: Pages) -> None:
+    made = await pages.link(language="en")
+    await pages.relay.links.revoke(made.message_id, PROSPECT, "anna@broker.example")
+    for path in (made.path(), made.file_path(made.files[0]), made.path("/zip")):
+        response, body = await pages.get(path)
+        assert response.status == 410
+        text = body.decode()
+        assert "Access ended" in text and "expired" not in text
+    assert await pages.downloads(made, made.files[0]) == 0

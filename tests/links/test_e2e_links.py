@@ -23,6 +23,7 @@ from gateway.mail import headers
 from gateway.store import journal
 from gateway.store.models import Event, Message
 from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
+from tests.support import PERSON_UA
 
 PROSPECT = "prospect@example.com"
 OTHER = "other@example.org"
@@ -114,7 +115,7 @@ async def test_large_attachment_becomes_a_personal_link(relay: Harness) -> None:
     assert tokens[PROSPECT] != tokens[OTHER]
 
     base = relay.web_url
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers={"User-Agent": PERSON_UA}) as http:
         for token in tokens.values():
             async with http.get(f"{base}/d/{token}") as page:
                 assert page.status == 200

@@ -32,6 +32,12 @@ from gateway.letters.expiry_notice import ExpiredLetter, expiry_notice_mail
 from gateway.letters.renewal import request_mail
 from gateway.mail import headers
 from gateway.mail.own_mail import OwnMail, render
+from gateway.notices.mails import (
+    FirstDownloads,
+    WaitingLetter,
+    expiry_warning_mail,
+    first_download_mail,
+)
 from gateway.outbound.dsn import FailedRecipient, dsn_mail
 from gateway.texts.catalog import shipped_catalogs
 from tests.conftest import relay_settings
@@ -182,12 +188,53 @@ def expiry_notice(language: str) -> bytes:
     return sent(mail)
 
 
+MESSAGE_ID = "0190aa55bb66cc77dd88"
+PUBLIC_URL = "https://relay.broker.example"
+
+
+def first_download(language: str) -> bytes:
+    mail = first_download_mail(
+        FirstDownloads(
+            message_id=MESSAGE_ID,
+            recipient=PROSPECT,
+            offer_subject=OFFER_SUBJECT,
+            filenames=("Grundriss EG.pdf", "Fotos Garten & Terrasse.zip"),
+            at=NOW,
+        ),
+        agent_address=AGENT,
+        public_url=PUBLIC_URL,
+        language=language,
+        zone=ZONE,
+    )
+    return sent(mail)
+
+
+def expiry_warning(language: str) -> bytes:
+    mail = expiry_warning_mail(
+        WaitingLetter(
+            letter_id=LETTER_ID,
+            message_id=MESSAGE_ID,
+            recipient=PROSPECT,
+            offer_subject=f"[Exposé] {OFFER_SUBJECT}",
+            letter_sent=NOW - timedelta(days=12),
+            expires=NOW + timedelta(days=2),
+        ),
+        agent_address=AGENT,
+        public_url=PUBLIC_URL,
+        language=language,
+        zone=ZONE,
+    )
+    return sent(mail)
+
+
 MAILS: dict[str, Callable[[str], bytes]] = {
     "dsn": dsn,
     "letter": letter,
     "confirmation": confirmation,
     "renewal": renewal,
     "expiry-notice": expiry_notice,
+    "first-download": first_download,
+    "expiry-warning": expiry_warning,
 }
 
 

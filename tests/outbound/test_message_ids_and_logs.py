@@ -25,7 +25,7 @@ from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, make_message
 from tests.letter_site import REQUIRED, LetterSite
 from tests.links.test_e2e_links import LINK
 from tests.links.test_e2e_links import offer as linked_offer
-from tests.support import free_port, serve_config
+from tests.support import PERSON_UA, free_port, serve_config
 
 FIRST, SECOND = "paula@example.com", "omar@example.org"
 POSTFIX_LINE = (
@@ -199,7 +199,7 @@ async def test_a_download_is_one_log_line(
     [message_id] = re.findall(r"queued as ([0-9a-f]{20})$", reply)
     [copy] = await relay.sink.expect(1)
     [token] = set(LINK.findall(copy.data.decode(errors="replace")))
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers={"User-Agent": PERSON_UA}) as http:
         async with http.get(f"{relay.web_url}/d/{token}") as page:
             [file_path] = re.findall(rf'href="(/d/{token}/f/[0-9a-f]+)"', await page.text())
         for _ in range(2):

@@ -78,6 +78,13 @@ def test_dkim_domains_from_file_are_lower_cased(tmp_path: Path) -> None:
             " integer (from SEALRELAY_SMTP__MAX_MESSAGE_SIZE)",
         ),
         ("[dkim.'a.example']\nselector = 'bad selector'\nkey_file = 'k'\n", {}, "dkim.a.example"),
+        (
+            "[console]\nidle_timeout = 7200\nabsolute_timeout = 3600\n",
+            {},
+            "console: Value error, idle_timeout must not exceed absolute_timeout",
+        ),
+        ("[console]\nidle_timeout = 10\n", {}, "console.idle_timeout: Input should be greater"),
+        ("[console]\nremember_me = true\n", {}, "console.remember_me: unknown setting"),
     ],
 )
 def test_bad_values_name_the_key(

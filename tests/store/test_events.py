@@ -50,6 +50,30 @@ STORED_NAMES = {
     "user.enabled",
     "user.disabled",
     "user.password_changed",
+    "console.signed_in",
+    "console.sign_in_failed",
+    "console.signed_out",
+    "console.signed_out_everywhere",
+    "user.totp_enabled",
+    "user.totp_disabled",
+    "api_key.created",
+    "api_key.revoked",
+    "user.changed",
+    # agent actions
+    "download.automated",
+    "link.revoked",
+    "link.extended",
+    "letter.resent",
+    "letter.released_by_agent",
+    "webhook.endpoint_created",
+    "webhook.endpoint_changed",
+    "webhook.endpoint_disabled",
+    "webhook.test",
+    "webhook.endpoint_deleted",
+    # notifications
+    "notice.download_queued",
+    "letter.expiry_warned",
+    "user.notices_changed",
 }
 
 

@@ -63,6 +63,7 @@ EDITS: dict[str, Callable[[str], tuple[str, str]]] = {
     "consent_pdf": _drop_toml_key,
     "confirmation": _drop_toml_key,
     "letter_expired": _drop_toml_key,
+    "webhook_disabled": _drop_toml_key,
     "letter block set default": _drop_checkbox,
     "dsn": _drop_template_subject,
     "linkblock text": _drop_template_value,

@@ -1,0 +1,63 @@
+"""The admin's desks for the queue and the users, bound to the database and the clock, so
+the web hands them requests and never a session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+
+from gateway import users
+from gateway.outbound import queue
+from gateway.store.db import Database
+from gateway.store.models import Delivery, DeliveryStatus, Role, User
+
+
+class QueueDesk:
+    def __init__(self, db: Database, clock: Callable[[], datetime], lifetime: timedelta) -> None:
+        self.db = db
+        self.clock = clock
+        self.lifetime = lifetime
+
+    async def listing(
+        self, statuses: Sequence[str] = (DeliveryStatus.QUEUED, DeliveryStatus.BOUNCED)
+    ) -> list[queue.Claimed]:
+        async with self.db.snapshot() as session:
+            return await queue.list_deliveries(session, statuses)
+
+    async def retry(self, delivery_id: str) -> Delivery:
+        """Raises QueueError when there is no such copy or nothing to retry."""
+        async with self.db.transaction() as session:
+            return await queue.retry_now(session, delivery_id, self.clock(), self.lifetime)
+
+    async def delete(self, delivery_id: str) -> Delivery:
+        async with self.db.transaction() as session:
+            return await queue.delete(session, delivery_id, self.clock())
+
+
+class UserDesk:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def listing(self) -> list[tuple[User, list[str]]]:
+        return await users.list_users(self.db)
+
+    async def add(
+        self, email: str, role: Role, group: str | None, aliases: Sequence[str]
+    ) -> tuple[User, list[str], str]:
+        """The new user, their aliases and the generated password (shown once)."""
+        password = users.generate_password()
+        user = await users.add_user(
+            self.db, email, password, role=role, group=group, aliases=tuple(aliases)
+        )
+        normalized = {users.normalize_address(a) for a in aliases} - {user.email}
+        return user, sorted(normalized), password
+
+    async def change(
+        self,
+        email: str,
+        *,
+        role: Role | None = None,
+        group: str | object | None = users.KEEP,
+        disabled: bool | None = None,
+    ) -> tuple[User, list[str]]:
+        return await users.change_user(self.db, email, role=role, group=group, disabled=disabled)

@@ -1,0 +1,88 @@
+"""The optional second factor of a console sign-in: time-based one-time codes (RFC 6238).
+
+Six digits, 30-second steps, SHA-1, as every authenticator app reads them from an
+`otpauth://` URI. A code is accepted one step early or late (clocks drift), and each step's
+code only once per user in this process, so a code read over a shoulder is spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import pyotp
+from sqlalchemy import select
+
+from gateway.store import journal
+from gateway.store.db import Database
+from gateway.store.events import USER_TOTP_DISABLED, USER_TOTP_ENABLED
+from gateway.store.models import User
+from gateway.users import UserError, normalize_address
+
+ISSUER = "sealrelay"
+DRIFT_STEPS = 1
+
+
+@dataclass(frozen=True)
+class TotpSetup:
+    """What the user types into or scans with their authenticator app, shown once."""
+
+    secret: str
+    uri: str
+
+
+def matching_step(secret: str, code: str, now: datetime) -> int | None:
+    """The 30-second step whose code `code` is, within the allowed drift; None if none."""
+    code = code.strip().replace(" ", "")
+    if len(code) != 6 or not code.isascii() or not code.isdigit():
+        return None
+    totp = pyotp.TOTP(secret)
+    step = totp.timecode(now)
+    for offset in range(-DRIFT_STEPS, DRIFT_STEPS + 1):
+        if pyotp.utils.strings_equal(totp.generate_otp(step + offset), code):
+            return step + offset
+    return None
+
+
+class SpentCodes:
+    """The newest step each user has signed in with; a step at or before it is refused."""
+
+    MAX_USERS = 100_000
+
+    def __init__(self) -> None:
+        self._last: dict[int, int] = {}
+
+    def spend(self, user_id: int, step: int) -> bool:
+        """True and the step is spent; False when it (or a later one) was used already."""
+        if step <= self._last.get(user_id, -1):
+            return False
+        if len(self._last) >= self.MAX_USERS:
+            self._last.clear()
+        self._last[user_id] = step
+        return True
+
+
+async def enable(db: Database, email: str, issuer: str = ISSUER) -> TotpSetup:
+    """A fresh secret for the user (replacing any earlier one); journaled."""
+    email = normalize_address(email)
+    secret = pyotp.random_base32()
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == email))
+        if user is None:
+            raise UserError(f"no user {email}")
+        user.totp_secret = secret
+        await journal.append(session, [USER_TOTP_ENABLED.new({"email": email})])
+    uri = pyotp.TOTP(secret).provisioning_uri(name=email, issuer_name=issuer)
+    return TotpSetup(secret, uri)
+
+
+async def disable(db: Database, email: str) -> None:
+    email = normalize_address(email)
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == email))
+        if user is None:
+            raise UserError(f"no user {email}")
+        if user.totp_secret is None:
+            return
+        user.totp_secret = None
+        await journal.append(session, [USER_TOTP_DISABLED.new({"email": email})])

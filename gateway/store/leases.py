@@ -1,0 +1,148 @@
+"""Leases, retries and backoff for every queue the relay works off: mail copies and webhooks.
+
+A row of such a queue has an `id`, a `status` (one value of which means "queued"), a
+`next_attempt_at`, and the lease: `lease_until` and `leased_by`. A worker claims due rows by
+setting a lease; on PostgreSQL `FOR UPDATE SKIP LOCKED` lets several instances claim at once
+without blocking each other or taking the same row. A lease that runs out (its worker died)
+makes the row claimable again: work is done at least once. Outcomes are recorded only by the
+worker that still holds the lease (`settle`), so a worker that lost its lease cannot overwrite
+the outcome of the one that took over. One implementation for both queues, as Postal's one
+locking concern serves its mail queue and its webhooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+def backoff(attempts: int, base: float, cap: float, jitter: float = 0.0) -> timedelta:
+    """Wait before the next try: doubling from `base`, at most `cap`, stretched by jitter.
+
+    `jitter` in [0, 1) spreads retries of many rows that failed together.
+    """
+    # Past ~1000 doublings 2.0**n overflows a float; any base has reached the cap long before.
+    doublings = max(0, attempts - 1)
+    seconds = cap if doublings >= 1000 else min(cap, base * 2.0**doublings)
+    return timedelta(seconds=seconds * (1 + jitter / 4))
+
+
+def scheduled(attempts: int, schedule: Sequence[float], jitter: float = 0.0) -> timedelta | None:
+    """Wait before the next try after `attempts` failed ones, by a fixed schedule of seconds
+    stretched by jitter as `backoff` does; None once the schedule is used up (give up)."""
+    if attempts < 1 or attempts > len(schedule):
+        return None
+    return timedelta(seconds=schedule[attempts - 1] * (1 + jitter / 4))
+
+
+@dataclass(frozen=True)
+class LeasedQueue:
+    """The lease operations over one queue table (`table` is its mapped class)."""
+
+    table: Any
+    queued: str
+
+    async def claim(
+        self,
+        session: AsyncSession,
+        worker: str,
+        now: datetime,
+        lease: timedelta,
+        limit: int,
+        *conditions: ColumnElement[bool],
+    ) -> list[str]:
+        """Lease up to `limit` due, unleased rows (oldest due first, meeting `conditions`) to
+        `worker`; their ids."""
+        t = self.table
+        due = (
+            select(t.id)
+            .where(
+                t.status == self.queued,
+                t.next_attempt_at <= now,
+                or_(t.lease_until.is_(None), t.lease_until < now),
+                *conditions,
+            )
+            .order_by(t.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        ids = (
+            await session.scalars(
+                update(t)
+                .where(t.id.in_(due.scalar_subquery()))
+                .values(lease_until=now + lease, leased_by=worker)
+                .returning(t.id),
+                execution_options={"synchronize_session": False},
+            )
+        ).all()
+        return list(ids)
+
+    async def renew(
+        self,
+        session: AsyncSession,
+        ids: Collection[str],
+        worker: str,
+        now: datetime,
+        lease: timedelta,
+    ) -> int:
+        """Extend the lease on rows `worker` still holds (its heartbeat); how many it kept.
+
+        A row whose lease another worker took over is left alone: its outcome is theirs.
+        """
+        if not ids:
+            return 0
+        t = self.table
+        result = await session.execute(
+            update(t)
+            .where(t.id.in_(list(ids)), t.leased_by == worker, t.status == self.queued)
+            .values(lease_until=now + lease),
+            execution_options={"synchronize_session": False},
+        )
+        return int(getattr(result, "rowcount", 0))
+
+    async def release(self, session: AsyncSession, ids: Collection[str], worker: str) -> None:
+        """Give claimed rows back undone (a stopping worker), so any worker may take them now."""
+        if not ids:
+            return
+        t = self.table
+        await session.execute(
+            update(t)
+            .where(t.id.in_(list(ids)), t.leased_by == worker)
+            .values(lease_until=None, leased_by=None),
+            execution_options={"synchronize_session": False},
+        )
+
+    async def settle(
+        self, session: AsyncSession, row_id: str, worker: str, **values: object
+    ) -> bool:
+        """Record one attempt's outcome (`values`) and drop the lease, if `worker` still holds
+        it; False when another worker took the row over (the outcome is theirs to record)."""
+        t = self.table
+        result = await session.execute(
+            update(t)
+            .where(t.id == row_id, t.leased_by == worker, t.status == self.queued)
+            .values(lease_until=None, leased_by=None, **values),
+            execution_options={"synchronize_session": False},
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def settle_many(
+        self, session: AsyncSession, ids: Collection[str], worker: str, **values: object
+    ) -> set[str]:
+        """`settle` for many rows with the same outcome, in one statement; the ids settled."""
+        if not ids:
+            return set()
+        t = self.table
+        settled = await session.scalars(
+            update(t)
+            .where(t.id.in_(list(ids)), t.leased_by == worker, t.status == self.queued)
+            .values(lease_until=None, leased_by=None, **values)
+            .returning(t.id),
+            execution_options={"synchronize_session": False},
+        )
+        return set(settled.all())

@@ -1,0 +1,1 @@
+"""Webhooks: journal events pushed to the endpoints a CRM registers (Standard Webhooks)."""

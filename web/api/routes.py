@@ -1,0 +1,279 @@
+"""The operations of /api/v1, each declared once (web/api/declare.py).
+
+Handlers call desks and shape their answers; a desk's refusal becomes a problem response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from gateway.access import Permission
+from gateway.console.admin import QueueDesk, UserDesk
+from gateway.console.api_keys import ApiKeyDesk, ApiKeyError, ApiKeyNotFound, KeyInfo
+from gateway.console.timeline import BadCursor, EventRow, MessageFilter, Timeline
+from gateway.outbound.queue import QueueError
+from gateway.store.models import DeliveryStatus, Role, User
+from gateway.users import KEEP, UserError
+from web.api import models as m
+from web.api.actions import MessageActions
+from web.api.declare import Call, NoBody, NoQuery, Operation, openapi
+from web.api.webhooks import WebhookOperations
+from web.guard import Routes
+from web.problem_details import ProblemResponse
+
+PREFIX = "/api/v1"
+VERSION = "1.0.0"
+
+
+def _event(e: EventRow) -> m.EventOut:
+    # from the journal, already of these types: built without validating again (a feed page
+    # holds 1,000 of them)
+    return m.EventOut.model_construct(
+        seq=e.seq,
+        at=e.at,
+        type=e.type,
+        message_id=e.message_id,
+        delivery_id=e.delivery_id,
+        data=e.data,
+    )
+
+
+def _key(k: KeyInfo) -> dict[str, Any]:
+    return {
+        "id": k.id,
+        "name": k.name,
+        "scope": k.scope,
+        "prefix": k.prefix,
+        "created_at": k.created_at,
+        "created_by": k.created_by,
+        "last_used_at": k.last_used_at,
+        "revoked_at": k.revoked_at,
+    }
+
+
+def _user(user: User, aliases: list[str]) -> dict[str, Any]:
+    return {
+        "email": user.email,
+        "role": Role(user.role),
+        "group": user.group_name,
+        "disabled": user.disabled,
+        "aliases": aliases,
+        "created_at": user.created_at,
+    }
+
+
+@dataclass(frozen=True)
+class Api:
+    timeline: Timeline
+    keys: ApiKeyDesk
+    queue: QueueDesk
+    users: UserDesk
+    actions: MessageActions
+    webhooks: WebhookOperations
+
+    # -- messages and events --------------------------------------------------------------
+
+    async def list_messages(self, call: Call[m.MessagesQuery, NoBody]) -> m.MessagePage:
+        q = call.query
+        try:
+            page = await self.timeline.messages(
+                call.principal.scope,
+                MessageFilter(q.q, q.state, q.since, q.until),
+                q.cursor,
+                q.limit,
+            )
+        except BadCursor as exc:
+            raise ProblemResponse(
+                400, str(exc), errors=[{"parameter": "cursor", "message": str(exc)}]
+            ) from exc
+        return m.MessagePage(
+            items=[
+                m.MessageSummary(
+                    id=row.id,
+                    received_at=row.received_at,
+                    sender=row.sender,
+                    subject=row.subject,
+                    recipients=[
+                        m.Recipient(address=r.address, state=r.state) for r in row.recipients
+                    ],
+                )
+                for row in page.items
+            ],
+            next_cursor=page.next_cursor,
+        )
+
+    async def get_message(self, call: Call[NoQuery, NoBody]) -> m.MessageDetail:
+        story = await self.timeline.message(call.principal.scope, call.path["id"])
+        if story is None:
+            raise ProblemResponse(404, "No such message.")
+        row = story.message
+        return m.MessageDetail(
+            id=row.id,
+            received_at=row.received_at,
+            sender=row.sender,
+            subject=row.subject,
+            recipients=[
+                m.RecipientStory(
+                    address=r.address,
+                    state=r.state,
+                    events=[_event(e) for e in r.events],
+                    links=[
+                        m.LinkOut(
+                            id=k.id, kind=k.kind, expires_at=k.expires_at, revoked_at=k.revoked_at
+                        )
+                        for k in r.links
+                    ],
+                    letters=[m.LetterOut(id=x.id, status=x.status) for x in r.letters],
+                )
+                for r in story.recipients
+            ],
+            events=[_event(e) for e in story.events],
+        )
+
+    async def list_events(self, call: Call[m.EventsQuery, NoBody]) -> m.EventFeed:
+        q = call.query
+        rows = await self.timeline.events(
+            call.principal.scope,
+            after_seq=q.after,
+            types=q.type,
+            message_id=q.message_id,
+            since=q.since,
+            until=q.until,
+            limit=q.limit,
+        )
+        return m.EventFeed(
+            events=[_event(e) for e in rows], next_after=rows[-1].seq if rows else q.after
+        )
+
+    # -- API keys ---------------------------------------------------------------------------
+
+    async def list_api_keys(self, call: Call[NoQuery, NoBody]) -> m.ApiKeyList:
+        return m.ApiKeyList(items=[m.ApiKeyOut(**_key(k)) for k in await self.keys.listing()])
+
+    async def create_api_key(self, call: Call[NoQuery, m.ApiKeyCreate]) -> m.ApiKeyCreated:
+        try:
+            made = await self.keys.create(call.body.name, call.body.scope, call.principal.name)
+        except ApiKeyError as exc:
+            raise ProblemResponse(422, str(exc)) from exc
+        return m.ApiKeyCreated(**_key(made.info), key=made.key)
+
+    async def revoke_api_key(self, call: Call[NoQuery, NoBody]) -> None:
+        try:
+            await self.keys.revoke(call.path["id"], call.principal.name)
+        except ApiKeyNotFound as exc:
+            raise ProblemResponse(404, "No such API key.") from exc
+        except ApiKeyError as exc:
+            raise ProblemResponse(409, str(exc)) from exc
+
+    # -- users ------------------------------------------------------------------------------
+
+    async def list_users(self, call: Call[NoQuery, NoBody]) -> m.UserList:
+        return m.UserList(items=[m.UserOut(**_user(u, a)) for u, a in await self.users.listing()])
+
+    async def create_user(self, call: Call[NoQuery, m.UserCreate]) -> m.UserCreated:
+        b = call.body
+        try:
+            user, aliases, password = await self.users.add(b.email, b.role, b.group, b.aliases)
+        except UserError as exc:
+            status = 409 if "in use" in str(exc) or "already" in str(exc) else 422
+            raise ProblemResponse(status, str(exc)) from exc
+        return m.UserCreated(**_user(user, aliases), password=password)
+
+    async def change_user(self, call: Call[NoQuery, m.UserPatch]) -> m.UserOut:
+        b = call.body
+        group = b.group if "group" in b.model_fields_set else KEEP
+        try:
+            user, aliases = await self.users.change(
+                call.path["email"], role=b.role, group=group, disabled=b.disabled
+            )
+        except UserError as exc:
+            raise ProblemResponse(404, str(exc)) from exc
+        return m.UserOut(**_user(user, aliases))
+
+    # -- the queue --------------------------------------------------------------------------
+
+    async def list_queue(self, call: Call[m.QueueQuery, NoBody]) -> m.QueueList:
+        statuses = call.query.status or [DeliveryStatus.QUEUED, DeliveryStatus.BOUNCED]
+        return m.QueueList(
+            items=[
+                m.QueueItem(
+                    id=c.delivery.id,
+                    message_id=c.message.id,
+                    sender=c.message.sender,
+                    subject=c.message.subject,
+                    recipient=c.delivery.recipient,
+                    status=c.delivery.status,
+                    attempts=c.delivery.attempts,
+                    next_attempt_at=c.delivery.next_attempt_at,
+                    expires_at=c.delivery.expires_at,
+                    last_error=c.delivery.last_error,
+                )
+                for c in await self.queue.listing(statuses)
+            ]
+        )
+
+    async def retry_delivery(self, call: Call[NoQuery, NoBody]) -> None:
+        await _queue_action(self.queue.retry, call.path["id"])
+
+    async def delete_delivery(self, call: Call[NoQuery, NoBody]) -> None:
+        await _queue_action(self.queue.delete, call.path["id"])
+
+    # -- the declarations -------------------------------------------------------------------
+
+    def operations(self) -> list[Operation[Any, Any]]:
+        read, admin, manage = Permission.VIEW_MESSAGES, Permission.VIEW_ADMIN, Permission.MANAGE
+        p = PREFIX
+        return [
+            Operation("GET", f"{p}/messages", read, "List messages, newest first",
+                      self.list_messages, m.MessagesQuery, NoBody, m.MessagePage),
+            Operation("GET", f"{p}/messages/{{id}}", read,
+                      "A message with its recipients and their events",
+                      self.get_message, NoQuery, NoBody, m.MessageDetail, errors=(404,)),
+            Operation("GET", f"{p}/events", read, "The event feed, in journal order",
+                      self.list_events, m.EventsQuery, NoBody, m.EventFeed),
+            Operation("GET", f"{p}/api-keys", admin, "List API keys",
+                      self.list_api_keys, NoQuery, NoBody, m.ApiKeyList),
+            Operation("POST", f"{p}/api-keys", manage, "Create an API key (shown once)",
+                      self.create_api_key, NoQuery, m.ApiKeyCreate, m.ApiKeyCreated, 201),
+            Operation("DELETE", f"{p}/api-keys/{{id}}", manage, "Revoke an API key",
+                      self.revoke_api_key, NoQuery, NoBody, None, errors=(404, 409)),
+            Operation("GET", f"{p}/users", admin, "List users",
+                      self.list_users, NoQuery, NoBody, m.UserList),
+            Operation("POST", f"{p}/users", manage,
+                      "Create a user (the generated password is shown once)",
+                      self.create_user, NoQuery, m.UserCreate, m.UserCreated, 201,
+                      errors=(409,)),
+            Operation("PATCH", f"{p}/users/{{email}}", manage,
+                      "Disable or enable a user, change their role or group",
+                      self.change_user, NoQuery, m.UserPatch, m.UserOut, errors=(404,)),
+            Operation("GET", f"{p}/queue", admin, "Copies queued or bounced, with the last error",
+                      self.list_queue, m.QueueQuery, NoBody, m.QueueList),
+            Operation("POST", f"{p}/queue/{{id}}/retry", manage, "Retry a copy now",
+                      self.retry_delivery, NoQuery, NoBody, None, errors=(404, 409)),
+            Operation("DELETE", f"{p}/queue/{{id}}", manage, "Give up a queued copy, no bounce",
+                      self.delete_delivery, NoQuery, NoBody, None, errors=(404, 409)),
+            *self.actions.operations(p),
+            *self.webhooks.operations(p),
+        ]  # fmt: skip
+
+    def register(self, routes: Routes) -> None:
+        operations = self.operations()
+        for operation in operations:
+            operation.register(routes)
+        document = openapi(operations, "sealrelay API", VERSION)
+
+        async def openapi_json(request: web.Request) -> web.Response:
+            return web.json_response(document)
+
+        routes.public("GET", f"{PREFIX}/openapi.json", openapi_json)
+
+
+async def _queue_action(action: Any, delivery_id: str) -> None:
+    try:
+        await action(delivery_id)
+    except QueueError as exc:
+        status = 404 if str(exc).startswith("no delivery") else 409
+        raise ProblemResponse(status, str(exc)) from exc

@@ -1,0 +1,137 @@
+"""What every console page after sign-in shares: rendering on console/base.html, the signed-in
+user's CSRF token, the navigation their permissions allow, notices after an action, and the
+404 page for what lies outside the caller's scope.
+
+The sign-in pages (web/console/pages.py) keep their own rendering; the work pages
+(timeline, actions, letters waiting, admin) each get one `ConsoleView`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.access import Permission, Principal
+from gateway.texts.catalog import Catalog
+from web.console.forms import FIELD, ConsoleForms
+from web.console.pages import CONSOLE_USER, ConsolePages
+from web.guard import CONSOLE_LOGIN, PRINCIPAL
+from web.pages import ProspectSite
+
+# what `?done=` may name after an action: the notice's catalog key
+NOTICES = frozenset(
+    {
+        "revoked",
+        "revoked_none",
+        "extended",
+        "resent",
+        "released",
+        "user_added",
+        "user_changed",
+        "retried",
+        "deleted",
+        "endpoint_added",
+        "endpoint_enabled",
+        "endpoint_disabled",
+        "replayed",
+        "key_created",
+        "key_revoked",
+    }
+)
+
+
+@dataclass(frozen=True)
+class NavItem:
+    href: str
+    label: str
+    current: bool
+
+
+class ConsoleView:
+    def __init__(self, site: ProspectSite, forms: ConsoleForms, console: ConsolePages) -> None:
+        self.site = site
+        self.forms = forms
+        self.css = console.css
+
+    def catalog(self, request: web.Request) -> Catalog:
+        return self.site.catalog_for(request)
+
+    def principal(self, request: web.Request) -> Principal:
+        return request[PRINCIPAL]
+
+    def csrf(self, request: web.Request) -> str:
+        return self.forms.for_session(request[CONSOLE_USER].session_id)
+
+    def render(
+        self,
+        request: web.Request,
+        template: str,
+        title: str,
+        *,
+        status: int = 200,
+        error: str | None = None,
+        **context: object,
+    ) -> web.Response:
+        catalog = self.catalog(request)
+        principal = self.principal(request)
+        done = request.query.get("done", "")
+        return self.site.render(
+            request,
+            template,
+            catalog,
+            status=status,
+            title=title,
+            console_css=self.css,
+            field=FIELD,
+            login_url=CONSOLE_LOGIN,
+            user=request[CONSOLE_USER],
+            csrf=self.csrf(request),
+            nav=self._nav(request, catalog, principal),
+            may_act=principal.may(Permission.ACT_ON_MESSAGES),
+            may_manage=principal.may(Permission.MANAGE),
+            notice=catalog.t(f"work.done.{done}") if done in NOTICES else None,
+            error=error,
+            moment=catalog.moment,
+            size=catalog.size,
+            **context,
+        )
+
+    def not_found(self, request: web.Request) -> web.Response:
+        """The same page for "does not exist" and "not yours": an id reveals nothing."""
+        catalog = self.catalog(request)
+        return self.render(
+            request,
+            "console/work_message.html",
+            catalog.t("work.not_found_title"),
+            status=404,
+            message=catalog.t("work.not_found"),
+        )
+
+    def _nav(self, request: web.Request, catalog: Catalog, principal: Principal) -> list[NavItem]:
+        items = [
+            ("/console/", "work.nav.home"),
+            ("/console/messages", "work.nav.messages"),
+            ("/console/letters", "work.nav.letters"),
+        ]
+        if principal.may(Permission.VIEW_ADMIN):
+            items.append(("/console/admin", "work.nav.admin"))
+        path = request.path
+        return [
+            NavItem(
+                href,
+                catalog.t(key),
+                path == href or (href not in ("/console/",) and path.startswith(href + "/")),
+            )
+            for href, key in items
+        ]
+
+
+def see_other(path: str, done: str) -> web.HTTPSeeOther:
+    """Back to a page after an action, with the notice saying what happened."""
+    assert done in NOTICES, done
+    return web.HTTPSeeOther(f"{path}?done={done}")
+
+
+def form_text(value: object, limit: int = 1000) -> str:
+    return value[:limit].strip() if isinstance(value, str) else ""
