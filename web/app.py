@@ -100,10 +100,14 @@ def create_app(parts: WebParts) -> web.Application:
     site = ProspectSite(settings, clock=lambda: parts.clock().timestamp())
     forms = ConsoleForms(key_path(settings), settings.server.public_url)
     console = ConsolePages(site, parts.sessions, forms)
+    view = ConsoleView(site, forms, console)
     app = web.Application(
         middlewares=[
             api_problems,
-            guard(authenticators=[bearer_authenticator(parts.api_keys), console.authenticate]),
+            guard(
+                authenticators=[bearer_authenticator(parts.api_keys), console.authenticate],
+                forbidden_page=view.forbidden,
+            ),
         ]
     )
     app[PARTS] = parts
@@ -112,7 +116,7 @@ def create_app(parts: WebParts) -> web.Application:
     routes.public("GET", "/metrics", metrics)
     site.register(routes)
     console.register(routes)
-    register_console_work(parts, ConsoleView(site, forms, console), routes)
+    register_console_work(parts, view, routes)
     DownloadPages(site, parts.links, parts.blobs).register(routes)
     LetterPages(site, parts.letters, parts.links, parts.blobs).register(routes)
     api(parts).register(routes)

@@ -8,7 +8,8 @@ from the authenticators (an API key, a console session), the first that recognis
 request wins; the principal is then in `request[PRINCIPAL]` for the handler and its desk.
 
 Denials: the API answers 401/403 as problem details; the console sends a visitor who is not
-signed in to the sign-in page and answers 403 with a page.
+signed in to the sign-in page and answers 403 with the console's own page (`forbidden_page`,
+rendered for the signed-in principal, so it keeps their navigation and language).
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ def rule_of(request: web.Request) -> Rule | None:
     return request.app[RULES].get(request.match_info.route)
 
 
-def guard(authenticators: Sequence[Authenticator]) -> Callable[..., Awaitable[web.StreamResponse]]:
+def guard(
+    authenticators: Sequence[Authenticator],
+    forbidden_page: Callable[[web.Request], web.Response] | None = None,
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route
@@ -106,9 +110,9 @@ def guard(authenticators: Sequence[Authenticator]) -> Callable[..., Awaitable[we
         if principal is None:
             raise _not_signed_in(request, rule)
         assert rule.needs is not None
-        if not principal.may(rule.needs):
-            raise _forbidden(request, rule, principal)
         request[PRINCIPAL] = principal
+        if not principal.may(rule.needs):
+            raise _forbidden(request, rule, principal, forbidden_page)
         return await handler(request)
 
     return middleware
@@ -134,10 +138,28 @@ def _not_signed_in(request: web.Request, rule: Rule) -> web.HTTPException:
     return web.HTTPSeeOther(CONSOLE_LOGIN)
 
 
-def _forbidden(request: web.Request, rule: Rule, principal: Principal) -> web.HTTPException:
+def _forbidden(
+    request: web.Request,
+    rule: Rule,
+    principal: Principal,
+    page: Callable[[web.Request], web.Response] | None,
+) -> web.HTTPException:
     log.info(
         "%s may not %s %s (needs %s)", principal.name, request.method, request.path, rule.needs
     )
     if rule.audience is Audience.API:
         return ProblemResponse(403, f"This key or user lacks the permission '{rule.needs}'.")
-    return web.HTTPForbidden(text="You may not do this.")
+    if page is None:
+        return web.HTTPForbidden(text="You may not do this.")
+    return RenderedDenial(page(request))
+
+
+class RenderedDenial(web.HTTPForbidden):
+    """A rendered 403 page, raised; aiohttp answers with it as it is."""
+
+    def __init__(self, page: web.Response) -> None:
+        super().__init__(
+            headers={k: v for k, v in page.headers.items() if k.lower() != "content-type"},
+            text=page.text,
+            content_type=page.content_type,
+        )

@@ -240,3 +240,23 @@ async def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(worl
     assert await world.journal_size() == before
     response, _ = await world.site.get(f"/d/{world.link_token}")
     assert response.status == 200, "the link still works"
+
+
+async def test_a_refused_page_is_the_consoles_own_page_in_the_users_language(
+    world: World,
+) -> None:
+    before = await world.journal_size()
+    agent = world.consoles[AGENT]
+    answer = await agent.get("/console/admin")
+    assert answer.status == 403
+    assert answer.headers["Content-Type"].startswith("text/html")
+    assert "Not allowed" in answer.text and "/console/messages" in answer.text
+    assert answer.headers["Cache-Control"] == "no-store"
+    auditor = world.consoles[AUDITOR]
+    token = await world.csrf(AUDITOR)
+    refused = await auditor.post(
+        "/console/admin/users", {"csrf": token, "email": "new@broker.example", "role": "agent"}
+    )
+    assert refused.status == 403 and "Not allowed" in refused.text
+    assert "new@broker.example" not in refused.text
+    assert await world.journal_size() == before

@@ -108,6 +108,17 @@ class ConsoleView:
             message=catalog.t("work.not_found"),
         )
 
+    def forbidden(self, request: web.Request) -> web.Response:
+        """What a signed-in user sees on a page or action their role does not allow."""
+        catalog = self.catalog(request)
+        return self.render(
+            request,
+            "console/work_message.html",
+            catalog.t("work.forbidden_title"),
+            status=403,
+            message=catalog.t("work.forbidden"),
+        )
+
     def _nav(self, request: web.Request, catalog: Catalog, principal: Principal) -> list[NavItem]:
         items = [
             ("/console/", "work.nav.home"),
