@@ -26,6 +26,7 @@ from aiohttp.web_urldispatcher import AbstractRoute, SystemRoute
 
 from gateway.access import Permission, Principal
 from web.problem_details import ProblemResponse
+from web.raised_page import RaisedPage
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +152,4 @@ def _forbidden(
         return ProblemResponse(403, f"This key or user lacks the permission '{rule.needs}'.")
     if page is None:
         return web.HTTPForbidden(text="You may not do this.")
-    return RenderedDenial(page(request))
-
-
-class RenderedDenial(web.HTTPForbidden):
-    """A rendered 403 page, raised; aiohttp answers with it as it is."""
-
-    def __init__(self, page: web.Response) -> None:
-        super().__init__(
-            headers={k: v for k, v in page.headers.items() if k.lower() != "content-type"},
-            text=page.text,
-            content_type=page.content_type,
-        )
+    return RaisedPage(page(request))

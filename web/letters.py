@@ -69,7 +69,8 @@ from web.pages import (
     file_kind,
     safe_filename,
 )
-from web.token_pages import RaisedPage, TokenFamily
+from web.raised_page import RaisedPage
+from web.token_pages import TokenFamily
 
 log = logging.getLogger(__name__)
 

@@ -17,23 +17,13 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.links.tokens import TokenClosed, TokenUnknown
 from web.pages import ProspectSite
+from web.raised_page import RaisedPage
 
 T = TypeVar("T")
 C = TypeVar("C", bound=TokenClosed)
-
-
-class RaisedPage(web.HTTPException):
-    """A rendered page (status, headers, HTML), raised; aiohttp answers with it as it is."""
-
-    def __init__(self, page: web.Response) -> None:
-        self.status_code = page.status
-        headers = CIMultiDict(page.headers)
-        headers.popall("Content-Type", None)
-        super().__init__(headers=headers, text=page.text, content_type=page.content_type)
 
 
 class TokenFamily(Generic[C]):

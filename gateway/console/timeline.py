@@ -179,16 +179,14 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return _EPOCH + timedelta(microseconds=int(micros)), message_id
 
 
-def _in_scope(scope: MessageScope) -> ColumnElement[bool] | None:
+def scope_clause(scope: MessageScope) -> ColumnElement[bool] | None:
+    """The one narrowing of a `Message` query by a caller's scope (None: no narrowing), for
+    every console read; gateway/access.py `MessageScope.covers` says the same in Python."""
     if scope.everything:
         return None
     if scope.group is not None:
         return Message.user_id.in_(select(User.id).where(User.group_name == scope.group))
     return Message.user_id == scope.user_id
-
-
-# the one narrowing of a `Message` query by a scope, for the console's other reads
-scope_clause = _in_scope
 
 
 def _recipient_facts() -> Any:
@@ -287,7 +285,7 @@ class Timeline:
         """
         filters = filters or MessageFilter()
         query = select(Message).where(Message.kind == MessageKind.SUBMITTED)
-        narrowed = _in_scope(scope)
+        narrowed = scope_clause(scope)
         if narrowed is not None:
             query = query.where(narrowed)
         if filters.since is not None:
@@ -342,7 +340,7 @@ class Timeline:
         query = select(Message).where(
             Message.id == message_id, Message.kind == MessageKind.SUBMITTED
         )
-        narrowed = _in_scope(scope)
+        narrowed = scope_clause(scope)
         if narrowed is not None:
             query = query.where(narrowed)
         async with self.db.snapshot() as session:
@@ -408,7 +406,7 @@ class Timeline:
             )
         else:
             query = query.join(Link, Link.message_id == Message.id).where(Link.id == target_id)
-        narrowed = _in_scope(scope)
+        narrowed = scope_clause(scope)
         if narrowed is not None:
             query = query.where(narrowed)
         async with self.db.snapshot() as session:
@@ -440,7 +438,7 @@ class Timeline:
             query = query.where(Event.at >= since)
         if until is not None:
             query = query.where(Event.at < until)
-        narrowed = _in_scope(scope)
+        narrowed = scope_clause(scope)
         if narrowed is not None:
             query = query.where(
                 Event.message_id.in_(select(Message.id).where(narrowed)),

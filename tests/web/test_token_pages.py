@@ -12,7 +12,8 @@ from gateway.links.tokens import Closed, TokenClosed, TokenUnknown
 from tests.conftest import relay_settings
 from tests.support import free_port
 from web.pages import ProspectSite
-from web.token_pages import RaisedPage, TokenFamily
+from web.raised_page import RaisedPage
+from web.token_pages import TokenFamily
 
 
 class Shut(TokenClosed):
