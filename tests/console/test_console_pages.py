@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import aiosmtplib
@@ -323,7 +323,7 @@ async def test_failures_for_one_account_over_many_addresses_throttle_both_ways_i
 
 
 async def test_idle_and_absolute_expiry_over_http(relay: Harness) -> None:
-    clock = Clock()
+    clock = Clock(start=datetime.now(UTC))
     parts = relay.relay.web_parts()
     desk = SessionDesk(
         relay.relay.db, relay.settings.console, relay.relay.login_throttle, b"k" * 32, clock

@@ -33,8 +33,12 @@ THERE = Client("198.51.100.7", "Safari")
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    """A clock the test moves on. Against a running relay, start it at the real time: the
+    relay's sweeper ends sessions by the real clock, so a fixed date in the past would let it
+    end them mid-test once that date is more than a timeout ago."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
 
     def __call__(self) -> datetime:
         return self.now
