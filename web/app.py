@@ -22,6 +22,7 @@ from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.sessions import SessionDesk
 from gateway.console.timeline import Timeline
 from gateway.console.waiting import WaitingLetters
+from gateway.dns_lookup import DnsLookup
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.store.blobs import BlobStore
@@ -35,6 +36,7 @@ from web.api.routes import Api
 from web.api.webhooks import WebhookOperations
 from web.console.actions import ActionPages
 from web.console.admin import AdminPages
+from web.console.admin_config import ConfigPages
 from web.console.forms import ConsoleForms
 from web.console.pages import ConsolePages
 from web.console.timeline import TimelinePages
@@ -131,6 +133,9 @@ def register_console_work(parts: WebParts, view: ConsoleView, routes: Routes) ->
     AdminPages(
         view, parts.users, parts.queue, parts.webhooks, parts.api_keys, parts.chain
     ).register(routes)
+    console = parts.settings.console
+    lookup = DnsLookup.at(console.dns_resolver) if console.dns_checks else None
+    ConfigPages(view, parts.settings, lookup).register(routes)
 
 
 def api(parts: WebParts) -> Api:
