@@ -269,7 +269,10 @@ async def relay_factory(
             tmp_path,
             sink.port,
             smtp=smtp,
-            dkim={DKIM_DOMAIN: {"selector": DKIM_SELECTOR, "key_file": str(dkim_key_file)}},
+            dkim={
+                DKIM_DOMAIN: {"selector": DKIM_SELECTOR, "key_file": str(dkim_key_file)},
+                **sections.pop("dkim", {}),
+            },
             **sections,
         )
         relay = Relay(settings, db=database, signer=Signer({DKIM_DOMAIN: dkim_key}))

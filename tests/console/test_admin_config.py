@@ -232,7 +232,7 @@ async def test_admin_reads_the_policy_the_texts_and_the_dkim_record(
         assert "Senders without a group" in shown and "Group video" in shown
         assert "Download links valid for download_link_days 30 days Set by: group video" in shown
         assert "60 days Set by: default" in shown
-        assert "5.2 MB" in shown  # 5 MiB, in the units file managers show
+        assert "5.2 MB (5 MiB)" in shown  # in the units file managers show, and the settings
         assert "A rule may change it: big-films" in shown
         assert "File names: *.mp4" in shown and "Groups: video" in shown
         assert "Always link (types or file names) always_link : video/*" in shown

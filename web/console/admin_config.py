@@ -22,6 +22,7 @@ from gateway.console.letter_texts import letter_texts
 from gateway.dns_lookup import DnsLookup
 from gateway.letters.blocks import BlockSets
 from gateway.texts.catalog import Catalog
+from rules.policy import MiB
 from web.console.admin import DKIM, POLICY, TEXTS
 from web.console.view import ConsoleView
 from web.guard import Routes
@@ -131,7 +132,9 @@ def source_label(catalog: Catalog, source: str) -> str:
 def human(catalog: Catalog, name: str, value: Any) -> str:
     """A policy value as a reader says it: sizes in MB, days, yes or no, lists."""
     if name in SIZES:
-        return catalog.size(int(value))
+        size = int(value)
+        whole_mib = size >= MiB and size % MiB == 0  # as the settings likely wrote it
+        return f"{catalog.size(size)} ({size // MiB} MiB)" if whole_mib else catalog.size(size)
     if name in DAYS:
         return catalog.plural("work.config.days", int(value))
     if isinstance(value, bool):
