@@ -34,30 +34,34 @@ UNREACHABLE = TxtAnswer(reachable=False)
 
 class DnsLookup:
     """TXT records of a name; `server` (an IP address and port) instead of the system's
-    resolver where given."""
+    resolver where given. Not `enabled`: the installation asks DNS nothing (pages say so)."""
 
     def __init__(
         self,
         server: tuple[str, int] | None = None,
         *,
+        enabled: bool = True,
         timeout: float = TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.server = server
+        self.enabled = enabled
         self.timeout = timeout
         self.clock = clock
         self._known: dict[str, tuple[float, TxtAnswer]] = {}
         self._asking: dict[str, asyncio.Task[TxtAnswer]] = {}
 
     @classmethod
-    def at(cls, address: str | None) -> DnsLookup:
-        """From `[console] dns_resolver` ("HOST:PORT", or None for the system's)."""
+    def configured(cls, enabled: bool, address: str | None) -> DnsLookup:
+        """From `[console] dns_checks` and `dns_resolver` ("HOST:PORT", None: the system's)."""
         if address is None:
-            return cls()
+            return cls(enabled=enabled)
         host, _, port = address.rpartition(":")
-        return cls((host.strip("[]"), int(port)))
+        return cls((host.strip("[]"), int(port)), enabled=enabled)
 
     async def txt(self, name: str) -> TxtAnswer:
+        if not self.enabled:
+            raise RuntimeError("DNS questions are switched off ([console] dns_checks)")
         key = name.lower().rstrip(".")
         known = self._known.get(key)
         if known is not None and known[0] > self.clock():

@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway import users
 from gateway.config import Settings
+from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.dkim_records import (
     DkimRecord,
     DnsState,
@@ -28,7 +30,7 @@ from gateway.dns_lookup import DnsLookup, TxtAnswer
 from gateway.letters.blocks import BlockSets
 from gateway.letters.evidence import texts_sha256
 from gateway.mail import dkim
-from gateway.store.models import Role
+from gateway.store.models import ApiKeyScope, Role, utcnow
 from gateway.texts.files import SHIPPED_BLOCK_SET
 from rules.policy import MiB
 from tests.conftest import AGENT, DKIM_DOMAIN, DKIM_SELECTOR, PASSWORD, Harness, StartRelay
@@ -123,7 +125,7 @@ async def test_the_dns_check_tells_found_different_missing_and_remembers_answers
         fresh = DnsLookup(("127.0.0.1", port))
         await asyncio.gather(*(fresh.txt(f"new._domainkey.{DKIM_DOMAIN}") for _ in range(5)))
         assert len(server.questions) == asked + 1
-    off = await check_records((ours,), None)
+    off = await check_records((ours,), DnsLookup(("127.0.0.1", 9), enabled=False))
     assert off[0].check.state is DnsState.OFF
     no_key = DkimRecord(DKIM_DOMAIN, "x", "x._domainkey.broker.example", None, "unreadable")
     assert compare(no_key, TxtAnswer(reachable=True)).state is DnsState.NO_KEY
@@ -155,8 +157,8 @@ def test_a_dns_resolver_must_be_an_address_and_port() -> None:
         with pytest.raises(ValueError, match="dns_resolver"):
             Settings.model_validate({"console": {"dns_resolver": bad}})
     assert Settings.model_validate({"console": {"dns_resolver": "[::1]:5353"}})
-    assert DnsLookup.at("[::1]:5353").server == ("::1", 5353)
-    assert DnsLookup.at(None).server is None
+    assert DnsLookup.configured(True, "[::1]:5353").server == ("::1", 5353)
+    assert DnsLookup.configured(False, None).server is None
 
 
 def test_an_unreadable_key_file_is_named_not_fatal(tmp_path: Path) -> None:
@@ -310,3 +312,61 @@ async def test_the_dkim_page_when_dns_does_not_answer(
     assert "Nicht geprüft (DNS nicht erreichbar)." in visible(
         (await german.get("/console/admin/dkim")).text
     )
+
+
+# -- the same through the API
+
+
+async def test_the_api_gives_the_same_three_as_data(
+    relay_factory: StartRelay, dkim_key: dkim.DkimKey
+) -> None:
+    ours = DkimRecord(DKIM_DOMAIN, DKIM_SELECTOR, RECORD, dkim.public_txt_value(dkim_key), None)
+    async with tiny_dns({RECORD: [ours.strings]}) as (server, port):
+        relay = await relay_factory(
+            console={"dns_checks": True, "dns_resolver": f"127.0.0.1:{port}"}, **POLICY_SECTIONS
+        )
+        desk = ApiKeyDesk(relay.relay.db, utcnow)
+        key = (await desk.create("audit", ApiKeyScope.READ, "test")).key
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession() as http:
+
+            async def get(path: str) -> Any:
+                async with http.get(relay.web_url + path, headers=headers) as response:
+                    assert response.status == 200, await response.text()
+                    return await response.json()
+
+            policy = await get("/api/v1/settings/policy")
+            texts = await get("/api/v1/settings/consent-texts")
+            records = await get("/api/v1/settings/dkim")
+            async with http.get(relay.web_url + "/api/v1/settings/dkim") as response:
+                assert response.status == 401
+            document = await get("/api/v1/openapi.json")
+    assert {"/api/v1/settings/policy", "/api/v1/settings/dkim"} <= set(document["paths"])
+    video = next(g for g in policy["groups"] if g["group"] == "video")
+    values = {v["name"]: v for v in video["values"]}
+    assert values["download_link_days"] == {
+        "name": "download_link_days",
+        "value": 30,
+        "source": "group video",
+        "rules": ["big-films"],
+    }
+    assert values["link_attachments_over"]["value"] == 5 * MiB
+    assert values["registered_letter"]["value"] is False
+    assert values["keep_attached"]["value"] == ["text/calendar", "text/vcard", "text/x-vcard"]
+    assert policy["groups"][0]["group"] is None
+    assert policy["rules"][0]["sets"] == {"always_link": ["video/*"], "download_link_days": 7}
+    assert policy["rules"][0]["match"]["filenames"] == ["*.mp4"]
+    sets = BlockSets(relay.settings)
+    by_language = {s["language"]: s for s in texts["items"] if s["name"] == "default"}
+    assert sorted(by_language) == ["de", "en", "es"]
+    for language, shown in by_language.items():
+        assert shown["texts_sha256"] == texts_sha256(sets.get("default", language).blocks)
+    intro = next(t for t in by_language["en"]["letter"] if t["place"] == "intro")
+    assert {"name": "company", "origin": "setting", "setting": "[branding] company_name"} in intro[
+        "placeholders"
+    ]
+    [record] = records["items"]
+    assert record["name"] == RECORD and record["value"] == ours.value
+    assert record["strings"] == list(ours.strings)
+    assert record["dns"] == "found" and record["published"] == [ours.value]
+    assert server.questions == [RECORD]

@@ -45,8 +45,7 @@ class Shown:
 
 
 class ConfigPages:
-    def __init__(self, view: ConsoleView, settings: Settings, lookup: DnsLookup | None) -> None:
-        """`lookup` None: `[console] dns_checks` is off and DNS is never asked."""
+    def __init__(self, view: ConsoleView, settings: Settings, lookup: DnsLookup) -> None:
         self.view = view
         self.settings = settings
         self.lookup = lookup
