@@ -170,7 +170,7 @@ class WebSettings(Section):
 
 
 class ConsoleSettings(Section):
-    """Sign-in to the web console: how long a session lasts."""
+    """The web console: how long a session lasts, and whether its DKIM page asks DNS."""
 
     idle_timeout: float = Field(
         default=30 * 60, ge=60, description="seconds without a request after which a session ends"
@@ -178,6 +178,23 @@ class ConsoleSettings(Section):
     absolute_timeout: float = Field(
         default=12 * 3600, ge=60, description="seconds after sign-in at which a session ends"
     )
+
+    # The DKIM page asks DNS whether each key is published; off where the relay cannot reach
+    # DNS, and `dns_resolver` (HOST:PORT) asks that server rather than the system's.
+    dns_checks: bool = True
+    dns_resolver: HostPort | None = None
+
+    @field_validator("dns_resolver")
+    @classmethod
+    def _resolver(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host = _host_port(value).rpartition(":")[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: the resolver must be an IP address and port") from exc
+        return value
 
     @model_validator(mode="after")
     def _idle_within_absolute(self) -> ConsoleSettings:

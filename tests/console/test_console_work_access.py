@@ -83,6 +83,9 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/console/admin/keys"): Case("admin", 400, post=True),  # no scope
     ("POST", "/console/admin/keys/{id}/revoke"): Case("admin", 409, post=True),  # no such key
     ("GET", "/console/admin/journal"): Case("admin", 200),
+    ("GET", "/console/admin/policy"): Case("admin", 200),
+    ("GET", "/console/admin/texts"): Case("admin", 200),
+    ("GET", "/console/admin/dkim"): Case("admin", 200),
 }
 
 MINE_CAN = {AGENT, LEAD, AUDITOR, ADMIN}  # the agent, their team lead, the two who see all

@@ -101,6 +101,9 @@ def _cases() -> dict[tuple[str, str], tuple[dict[str, str], Any]]:
         ("POST", "/api/v1/webhooks/{id}/test"): ({"id": "nosuchhook"}, None),
         ("POST", "/api/v1/webhooks/{id}/replay"): ({"id": "nosuchhook"}, {"seq": 1}),
         ("GET", "/api/v1/webhooks/{id}/deliveries"): ({"id": "nosuchhook"}, None),
+        ("GET", "/api/v1/settings/policy"): ({}, None),
+        ("GET", "/api/v1/settings/consent-texts"): ({}, None),
+        ("GET", "/api/v1/settings/dkim"): ({}, None),
         ("GET", "/api/v1/openapi.json"): ({}, None),
     }
 

@@ -20,6 +20,7 @@ from gateway.users import KEEP, UserError
 from web.api import models as m
 from web.api.actions import MessageActions
 from web.api.declare import Call, NoBody, NoQuery, Operation, openapi
+from web.api.settings import SettingsOperations
 from web.api.webhooks import WebhookOperations
 from web.guard import Routes
 from web.problem_details import ProblemResponse
@@ -73,6 +74,7 @@ class Api:
     users: UserDesk
     actions: MessageActions
     webhooks: WebhookOperations
+    settings: SettingsOperations
 
     # -- messages and events --------------------------------------------------------------
 
@@ -257,6 +259,7 @@ class Api:
                       self.delete_delivery, NoQuery, NoBody, None, errors=(404, 409)),
             *self.actions.operations(p),
             *self.webhooks.operations(p),
+            *self.settings.operations(p),
         ]  # fmt: skip
 
     def register(self, routes: Routes) -> None:

@@ -34,6 +34,9 @@ QUEUE = ADMIN + "/queue"
 WEBHOOKS = ADMIN + "/webhooks"
 KEYS = ADMIN + "/keys"
 JOURNAL = ADMIN + "/journal"
+POLICY = ADMIN + "/policy"
+TEXTS = ADMIN + "/texts"
+DKIM = ADMIN + "/dkim"
 
 
 class AdminPages:
@@ -93,6 +96,9 @@ class AdminPages:
                 (WEBHOOKS, self._t(request, "work.webhooks_title")),
                 (KEYS, self._t(request, "work.keys_title")),
                 (JOURNAL, self._t(request, "work.journal_title")),
+                (POLICY, self._t(request, "work.config.policy_title")),
+                (TEXTS, self._t(request, "work.config.texts_title")),
+                (DKIM, self._t(request, "work.config.dkim_title")),
             ],
         )
 
