@@ -33,6 +33,7 @@ from web.api.auth import bearer_authenticator
 from web.api.problems import api_problems
 from web.api.routes import Api
 from web.api.webhooks import WebhookOperations
+from web.console.account import AccountPages
 from web.console.actions import ActionPages
 from web.console.admin import AdminPages
 from web.console.forms import ConsoleForms
@@ -131,6 +132,7 @@ def register_console_work(parts: WebParts, view: ConsoleView, routes: Routes) ->
     AdminPages(
         view, parts.users, parts.queue, parts.webhooks, parts.api_keys, parts.chain
     ).register(routes)
+    AccountPages(view, view.site, parts.users, parts.sessions, parts.settings).register(routes)
 
 
 def api(parts: WebParts) -> Api:
