@@ -178,7 +178,8 @@ class Api:
         try:
             user, aliases, password = await self.users.add(b.email, b.role, b.group, b.aliases)
         except UserError as exc:
-            status = 409 if "in use" in str(exc) or "already" in str(exc) else 422
+            taken = isinstance(exc, UserConflict) or "in use" in str(exc) or "already" in str(exc)
+            status = 409 if taken else 422
             raise ProblemResponse(status, str(exc)) from exc
         return m.UserCreated(**_user(user, aliases), password=password)
 
