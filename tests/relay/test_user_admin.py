@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway import users
+from gateway.console import totp
 from gateway.store.db import Database
 from gateway.store.models import Alias, ConsoleSession, Event, Message, Role, User, utcnow
 from tests.conftest import AGENT, Harness, make_message
@@ -90,8 +91,9 @@ async def test_a_deleted_user_keeps_their_messages_and_loses_every_way_to_act(
         users.change_user(db, AGENT, disabled=False),
         users.add_alias(db, AGENT, "x@broker.example", by=ADMIN),
         users.find_user(db, AGENT),
+        totp.enable(db, AGENT),
     ):
-        with pytest.raises(users.UnknownUser):
+        with pytest.raises(users.UserError, match="no user"):
             await operation
 
 
