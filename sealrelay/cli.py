@@ -440,12 +440,53 @@ def user_enable(config: Path | None, email: str) -> None:
 @click.argument("email")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 def user_passwd(config: Path | None, email: str, password_stdin: bool) -> None:
-    """Set a new password; prints a generated one unless one comes on stdin."""
+    """Set a new password (their console sessions end); prints a generated one unless one
+    comes on stdin."""
     password, generated = _password(password_stdin)
     _run(lambda db: users.set_password(db, email, password), config, Access.WRITE)
     click.echo(f"password changed for {email}")
     if generated:
         click.echo(f"password: {password}")
+
+
+@user.command("delete")
+@config_option
+@click.argument("email")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def user_delete(config: Path | None, email: str, yes: bool) -> None:
+    """Delete a user: sign-in, sessions, aliases and notices end; their messages and the
+    journal stay, and the address stays reserved for them. Use `disable` to pause someone."""
+    if not yes:
+        click.confirm(f"Delete {email} for good (their messages stay)?", abort=True)
+    _run(lambda db: users.delete_user(db, email, by="cli"), config, Access.WRITE)
+    click.echo(f"deleted {email}")
+
+
+@user.group("alias")
+def user_alias() -> None:
+    """The other addresses a user may send from."""
+
+
+@user_alias.command("add")
+@config_option
+@click.argument("email")
+@click.argument("address")
+def user_alias_add(config: Path | None, email: str, address: str) -> None:
+    """Let EMAIL also send from ADDRESS."""
+    aliases = _run(lambda db: users.add_alias(db, email, address, by="cli"), config, Access.WRITE)
+    click.echo(f"{email} may send from: {', '.join(aliases)}")
+
+
+@user_alias.command("remove")
+@config_option
+@click.argument("email")
+@click.argument("address")
+def user_alias_remove(config: Path | None, email: str, address: str) -> None:
+    """Stop EMAIL sending from ADDRESS."""
+    aliases = _run(
+        lambda db: users.remove_alias(db, email, address, by="cli"), config, Access.WRITE
+    )
+    click.echo(f"{email} may send from: {', '.join(aliases) or 'no alias'}")
 
 
 @user.command("totp")

@@ -35,6 +35,7 @@ from web.api.problems import api_problems
 from web.api.routes import Api
 from web.api.settings import SettingsOperations
 from web.api.webhooks import WebhookOperations
+from web.console.account import AccountPages
 from web.console.actions import ActionPages
 from web.console.admin import AdminPages
 from web.console.admin_config import ConfigPages
@@ -143,6 +144,7 @@ def register_console_work(
         view, parts.users, parts.queue, parts.webhooks, parts.api_keys, parts.chain
     ).register(routes)
     ConfigPages(view, parts.settings, lookup).register(routes)
+    AccountPages(view, view.site, parts.users, parts.sessions, parts.settings).register(routes)
 
 
 def api(parts: WebParts, lookup: DnsLookup | None = None) -> Api:

@@ -305,6 +305,29 @@ class SessionDesk:
             )
         return int(count or 0)
 
+    async def change_password(
+        self, user: ConsoleUser, current: str, new: str, client: Client
+    ) -> None:
+        """The signed-in user's own new password, given their current one.
+
+        The current password is checked like a sign-in, in the same throttle, so a session
+        left open on a shared computer is no way to guess it; a wrong one raises
+        SignInRefused(WRONG) and counts as a failed login, too many raise THROTTLED before
+        any check. Every other session of the user ends; this one stays.
+        """
+        if self.throttle.refused(client.ip, user.email):
+            raise SignInRefused(Refusal.THROTTLED)
+        with self.throttle.checking(client.ip, user.email):
+            agent = await users.authenticate(
+                self.db, user.email, current, priority=self.throttle.priority(client.ip)
+            )
+        if agent is None or agent.user_id != user.user_id:
+            self.throttle.failed(client.ip, user.email)
+            log.warning("console: wrong current password for %s from %s", user.email, client.ip)
+            raise SignInRefused(Refusal.WRONG)
+        await users.set_password(self.db, user.email, new, keep_session=user.session_id)
+        log.info("%s changed their password", user.email)
+
     async def sign_out(self, user: ConsoleUser) -> None:
         async with self.db.transaction() as session:
             result = await session.execute(

@@ -67,7 +67,9 @@ async def enable(db: Database, email: str, issuer: str = ISSUER) -> TotpSetup:
     email = normalize_address(email)
     secret = pyotp.random_base32()
     async with db.transaction() as session:
-        user = await session.scalar(select(User).where(User.email == email))
+        user = await session.scalar(
+            select(User).where(User.email == email, User.deleted_at.is_(None))
+        )
         if user is None:
             raise UserError(f"no user {email}")
         user.totp_secret = secret
@@ -79,7 +81,9 @@ async def enable(db: Database, email: str, issuer: str = ISSUER) -> TotpSetup:
 async def disable(db: Database, email: str) -> None:
     email = normalize_address(email)
     async with db.transaction() as session:
-        user = await session.scalar(select(User).where(User.email == email))
+        user = await session.scalar(
+            select(User).where(User.email == email, User.deleted_at.is_(None))
+        )
         if user is None:
             raise UserError(f"no user {email}")
         if user.totp_secret is None:

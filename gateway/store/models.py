@@ -83,6 +83,9 @@ class User(Base):
     totp_secret: Mapped[str | None] = mapped_column(String(52))
     # the agent's mail notices, only what differs from the defaults (gateway/notices/prefs.py)
     notify: Mapped[dict[str, bool]] = mapped_column(JSON, default=dict, server_default="{}")
+    # set when an admin deleted the user: the row stays because messages and the journal
+    # name it (gateway/users.py delete_user); such a user no longer exists for anything else
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
     @property
     def is_admin(self) -> bool:

@@ -80,6 +80,16 @@ def _cases() -> dict[tuple[str, str], tuple[dict[str, str], Any]]:
             {"email": "nobody@broker.example"},
             {"disabled": True},
         ),
+        ("DELETE", "/api/v1/users/{email}"): ({"email": "nobody@broker.example"}, None),
+        ("POST", "/api/v1/users/{email}/password"): ({"email": "nobody@broker.example"}, None),
+        ("POST", "/api/v1/users/{email}/aliases"): (
+            {"email": "nobody@broker.example"},
+            {"address": "desk@broker.example"},
+        ),
+        ("DELETE", "/api/v1/users/{email}/aliases/{alias}"): (
+            {"email": "nobody@broker.example", "alias": "desk@broker.example"},
+            None,
+        ),
         ("GET", "/api/v1/queue"): ({}, None),
         ("POST", "/api/v1/queue/{id}/retry"): ({"id": "nosuchcopy"}, None),
         ("DELETE", "/api/v1/queue/{id}"): ({"id": "nosuchcopy"}, None),

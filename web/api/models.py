@@ -210,6 +210,18 @@ class UserPatch(BaseModel):
     group: str | None = Field(None, min_length=1, max_length=100, description="null: no group.")
 
 
+class UserPassword(BaseModel):
+    """The user's new generated password, shown this once; their console sessions ended."""
+
+    email: str
+    password: str
+
+
+class AliasAdd(BaseModel):
+    model_config = _BODY
+    address: EmailStr = Field(max_length=320)
+
+
 class QueueQuery(BaseModel):
     model_config = _IN
     status: list[Annotated[str, Field(pattern="^(queued|bounced)$")]] = Field(

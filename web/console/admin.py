@@ -21,7 +21,7 @@ from gateway.console.api_keys import ApiKeyDesk, ApiKeyError
 from gateway.outbound.queue import QueueError
 from gateway.store.journal import ChainReport
 from gateway.store.models import ApiKeyScope, DeliveryStatus, Role
-from gateway.users import UserError
+from gateway.users import UnknownUser, UserConflict, UserError, normalize_address
 from gateway.webhooks.desk import WebhookDesk, WebhookError
 from web.console.view import ConsoleView, form_text, see_other
 from web.guard import Routes
@@ -62,6 +62,10 @@ class AdminPages:
         routes.console("GET", USERS, self.user_list, see)
         routes.console("POST", USERS, self.add_user, change)
         routes.console("POST", USERS + "/change", self.change_user, change)
+        routes.console("GET", USERS + "/delete", self.confirm_delete, change)
+        routes.console("POST", USERS + "/delete", self.delete_user, change)
+        routes.console("POST", USERS + "/password", self.reset_password, change)
+        routes.console("POST", USERS + "/aliases", self.change_aliases, change)
         routes.console("GET", QUEUE, self.queue_list, see)
         routes.console("POST", QUEUE + "/{id}/retry", self.retry, change)
         routes.console("POST", QUEUE + "/{id}/delete", self.delete, change)
@@ -110,6 +114,7 @@ class AdminPages:
         *,
         error: str | None = None,
         created: tuple[str, str] | None = None,
+        reset: tuple[str, str] | None = None,
         status: int = 200,
     ) -> web.Response:
         catalog = self.view.catalog(request)
@@ -122,6 +127,18 @@ class AdminPages:
             users=await self.users.listing(),
             roles=[(r.value, catalog.t(f"console.roles.{r.value}")) for r in Role],
             created=created,
+            reset=reset,
+            me=self.view.principal(request).name,
+        )
+
+    async def _user_refused(self, request: web.Request, exc: UserError) -> web.Response:
+        """The users page with the reason: 404 for no such user, 409 when the users as they
+        are forbid it (the last admin, oneself, an address in use), else 400."""
+        status = (
+            404 if isinstance(exc, UnknownUser) else 409 if isinstance(exc, UserConflict) else 400
+        )
+        return await self.user_list(
+            request, error=self._t(request, "work.error.user", detail=str(exc)), status=status
         )
 
     async def add_user(self, request: web.Request) -> web.StreamResponse:
@@ -159,11 +176,74 @@ class AdminPages:
                 )
             else:
                 raise ValueError(action)
-        except (UserError, ValueError) as exc:
+        except UserError as exc:
+            return await self._user_refused(request, exc)
+        except ValueError as exc:
             return await self.user_list(
                 request, error=self._t(request, "work.error.user", detail=str(exc)), status=400
             )
         raise see_other(USERS, "user_changed")
+
+    async def confirm_delete(self, request: web.Request) -> web.StreamResponse:
+        """The confirmation step: says what deleting keeps and what it ends; a GET changes
+        nothing."""
+        try:
+            user, aliases = await self.users.find(request.query.get("email", ""))
+        except UserError as exc:
+            return await self.user_list(
+                request, error=self._t(request, "work.error.user", detail=str(exc)), status=404
+            )
+        return self.view.render(
+            request,
+            "console/admin_user_delete.html",
+            self._t(request, "admin_users.delete_title", email=user.email),
+            target=user,
+            aliases=aliases,
+            myself=user.email == self.view.principal(request).name,
+        )
+
+    async def delete_user(self, request: web.Request) -> web.StreamResponse:
+        form = await self._form(request)
+        email = form.get("email", "")
+        if not email or form.get("confirm", "") != email:
+            return await self.user_list(
+                request, error=self._t(request, "admin_users.error.unconfirmed"), status=400
+            )
+        by = self.view.principal(request).name
+        try:
+            await self.users.delete(email, by=by)
+        except UserError as exc:
+            return await self._user_refused(request, exc)
+        log.info("console: %s deleted user %s", by, email)
+        raise see_other(USERS, "user_deleted")
+
+    async def reset_password(self, request: web.Request) -> web.StreamResponse:
+        form = await self._form(request)
+        by = self.view.principal(request).name
+        try:
+            password = await self.users.reset_password(form.get("email", ""), by=by)
+        except UserError as exc:
+            return await self._user_refused(request, exc)
+        email = normalize_address(form.get("email", ""))
+        log.info("console: %s reset the password of %s", by, email)
+        return await self.user_list(request, reset=(email, password))
+
+    async def change_aliases(self, request: web.Request) -> web.StreamResponse:
+        form = await self._form(request)
+        by = self.view.principal(request).name
+        email, address, action = form.get("email", ""), form.get("address", ""), form.get("action")
+        try:
+            if action == "add":
+                await self.users.add_alias(email, address, by=by)
+            elif action == "remove":
+                await self.users.remove_alias(email, address, by=by)
+            else:
+                return await self.user_list(
+                    request, error=self._t(request, "admin_users.error.action"), status=400
+                )
+        except UserError as exc:
+            return await self._user_refused(request, exc)
+        raise see_other(USERS, "alias_added" if action == "add" else "alias_removed")
 
     # -- the queue
 

@@ -37,6 +37,11 @@ NOTICES = frozenset(
         "replayed",
         "key_created",
         "key_revoked",
+        "user_deleted",
+        "alias_added",
+        "alias_removed",
+        "notices_saved",
+        "password_changed",
     }
 )
 
@@ -127,6 +132,7 @@ class ConsoleView:
         ]
         if principal.may(Permission.VIEW_ADMIN):
             items.append(("/console/admin", "work.nav.admin"))
+        items.append(("/console/account", "work.nav.account"))
         path = request.path
         return [
             NavItem(
