@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -39,10 +38,7 @@ from gateway.store.models import (
 from gateway.webhooks import addresses
 from gateway.webhooks.fanout import wants
 from gateway.webhooks.payloads import new_secret
-
-ROTATION_GRACE: Final = timedelta(hours=24)
-DESCRIPTION_LIMIT: Final = 500
-REPLAY_LIMIT: Final = 10_000
+from gateway.webhooks.tunables import DESCRIPTION_LIMIT, REPLAY_LIMIT, ROTATION_GRACE
 
 
 class WebhookError(ValueError):
