@@ -792,7 +792,10 @@ def webhook_deliveries(config: Path | None, endpoint_id: str, limit: int) -> Non
 def webhook_replay(
     config: Path | None, endpoint_id: str, seq: int | None, since: str | None, until: str | None
 ) -> None:
-    """Post events again with their own webhook-id: one (--event) or a range (--since)."""
+    """Post events again with their own webhook-id: one (--event) or a range (--since).
+
+    A range takes every event of the endpoint's types, in order, leaving out those already
+    queued for it; more than 10,000 is refused (replay shorter ranges one after another)."""
     if (seq is None) == (since is None):
         raise click.UsageError("give either --event SEQ or --since TIME [--until TIME]")
     start = _moment(since) if since else None

@@ -61,7 +61,8 @@ async def test_an_admin_manages_endpoints_from_the_command_line(config: Path) ->
     replayed = await sealrelay("webhook", "replay", endpoint_id, "--event", str(seq), *c)
     assert replayed.code == 0 and replayed.out.startswith("1 event(s) queued again")
     ranged = await sealrelay("webhook", "replay", endpoint_id, "--since", "2000-01-01T00:00:00", *c)
-    assert ranged.code == 0 and ranged.out.startswith("1 event(s) queued again")
+    # the one event in range is queued already (no relay runs here): it is not queued twice
+    assert ranged.code == 0 and ranged.out.startswith("0 event(s) queued again")
     neither = await sealrelay("webhook", "replay", endpoint_id, *c)
     assert neither.code == 2 and "--event SEQ or --since" in neither.err
     bad_time = await sealrelay("webhook", "replay", endpoint_id, "--since", "yesterday", *c)
@@ -69,7 +70,7 @@ async def test_an_admin_manages_endpoints_from_the_command_line(config: Path) ->
 
     deliveries = await sealrelay("webhook", "deliveries", endpoint_id, *c)
     assert deliveries.code == 0
-    assert deliveries.out.count(f"evt_{seq}  webhook.test  queued  attempts=0  code=-") == 2
+    assert deliveries.out.count(f"evt_{seq}  webhook.test  queued  attempts=0  code=-") == 1
 
     rotated = await sealrelay("webhook", "rotate-secret", endpoint_id, *c)
     assert rotated.code == 0 and "whsec_" in rotated.out
@@ -86,7 +87,7 @@ async def test_an_admin_manages_endpoints_from_the_command_line(config: Path) ->
             assert endpoint.previous_secret == secret.group(1)
             assert endpoint.secret in rotated.out
             statuses = list(await session.scalars(select(WebhookDelivery.status)))
-            assert statuses == ["failed", "failed"]  # given up when it was disabled
+            assert statuses == ["failed"]  # given up when it was disabled
     finally:
         await db.close()
 
