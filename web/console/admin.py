@@ -306,7 +306,7 @@ class AdminPages:
                 "since": (now - timedelta(days=1)).isoformat(timespec="minutes"),
                 "until": now.isoformat(timespec="minutes"),
             },
-            replay_limit=f"{REPLAY_LIMIT:,}",
+            replay_limit=catalog.number(REPLAY_LIMIT, 0),
         )
 
     async def _test_outcome(self, request: web.Request, endpoint_id: str) -> TestOutcome | None:
