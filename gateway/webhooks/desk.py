@@ -53,6 +53,10 @@ class EndpointDisabled(WebhookError):
     """The endpoint is disabled: nothing is sent to it until it is enabled."""
 
 
+class NotATest(WebhookError):
+    """The event asked about is not a test sent to this endpoint."""
+
+
 class ReplayTooLarge(WebhookError):
     """A replay of more events than REPLAY_LIMIT: refused whole, nothing queued."""
 
@@ -360,15 +364,21 @@ class WebhookDesk:
             )
             return [_view(d, type_) for d, type_ in rows]
 
-    async def delivery_of(self, endpoint_id: str, seq: int) -> DeliveryView | None:
-        """The latest delivery of event `seq` to the endpoint; None while it is not fanned
-        out yet. What a sent test came to."""
+    async def test_delivery(self, endpoint_id: str, seq: int) -> DeliveryView | None:
+        """What the test event `seq` sent to this endpoint came to: its latest delivery, None
+        while it is not fanned out yet. NotATest when `seq` is no test of this endpoint's."""
         async with self.db.transaction() as session:
             await _endpoint(session, endpoint_id)
+            event = await session.get(Event, seq) if 0 < seq < 2**62 else None
+            if (
+                event is None
+                or event.type != WEBHOOK_TEST_REQUESTED.name
+                or event.data.get("endpoint_id") != endpoint_id
+            ):
+                raise NotATest(f"event {seq} is no test sent to endpoint {endpoint_id}")
             row = (
                 await session.execute(
-                    select(WebhookDelivery, Event.type)
-                    .join(Event, Event.seq == WebhookDelivery.event_seq)
+                    select(WebhookDelivery)
                     .where(
                         WebhookDelivery.endpoint_id == endpoint_id,
                         WebhookDelivery.event_seq == seq,
@@ -376,8 +386,8 @@ class WebhookDesk:
                     .order_by(WebhookDelivery.created_at.desc())
                     .limit(1)
                 )
-            ).first()
-            return None if row is None else _view(*row)
+            ).scalar_one_or_none()
+            return None if row is None else _view(row, event.type)
 
     async def figures(self, endpoint_id: str) -> EndpointFigures:
         """Pending deliveries, those given up in the last 24 hours, the last success."""

@@ -268,6 +268,11 @@ async def test_the_endpoint_forms_refuse_bad_input_and_write_nothing(
         if since:
             assert f'value="{since}"' in answer.text, name
 
+    for test in ("abc", "-1", "1", "9" * 30):  # no test of this endpoint's: no card, no reload
+        shown = await admin.get(f"{page}?test={test}")
+        assert shown.status == 200, test
+        assert "http-equiv" not in shown.text and "Test event" not in visible(shown.text), test
+
     ghost = "/console/admin/webhooks/no-such-endpoint"
     hour = {"since": local(now - timedelta(hours=1), zone), "until": local(now, zone)}
     for action, form in (

@@ -24,12 +24,13 @@ from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk, ApiKeyError
 from gateway.outbound.queue import QueueError
 from gateway.store.journal import ChainReport
-from gateway.store.models import ApiKeyScope, DeliveryStatus, Role
+from gateway.store.models import ApiKeyScope, DeliveryStatus, Role, WebhookDeliveryStatus
 from gateway.users import UserError
 from gateway.webhooks.desk import (
     DeliveryView,
     EndpointDisabled,
     EndpointNotFound,
+    NotATest,
     WebhookDesk,
     WebhookError,
 )
@@ -54,11 +55,17 @@ class TestOutcome:
 
     seq: int
     delivery: DeliveryView | None
+    enabled: bool
 
     @property
     def waiting(self) -> bool:
-        """No answer from the receiver yet: not fanned out, or not attempted."""
-        return self.delivery is None or self.delivery.attempts == 0
+        """No answer from the receiver yet, and one may still come: not fanned out or not
+        attempted, on an endpoint that is enabled."""
+        if not self.enabled:
+            return False
+        return self.delivery is None or (
+            self.delivery.status == WebhookDeliveryStatus.QUEUED and self.delivery.attempts == 0
+        )
 
 
 def _local_time(text: str, zone: ZoneInfo) -> datetime:
@@ -280,7 +287,7 @@ class AdminPages:
         try:
             endpoint = await self.webhooks.get(endpoint_id)
             figures = await self.webhooks.figures(endpoint_id)
-            test = await self._test_outcome(request, endpoint_id)
+            test = await self._test_outcome(request, endpoint_id, endpoint.enabled)
             deliveries = await self.webhooks.deliveries(endpoint_id)
         except WebhookError:
             return self.view.not_found(request)
@@ -309,12 +316,15 @@ class AdminPages:
             replay_limit=catalog.number(REPLAY_LIMIT, 0),
         )
 
-    async def _test_outcome(self, request: web.Request, endpoint_id: str) -> TestOutcome | None:
+    async def _test_outcome(
+        self, request: web.Request, endpoint_id: str, enabled: bool
+    ) -> TestOutcome | None:
+        """The test named by `?test=SEQ`; none for anything else there."""
         try:
             seq = int(request.query.get("test", ""))
-        except ValueError:
+            return TestOutcome(seq, await self.webhooks.test_delivery(endpoint_id, seq), enabled)
+        except (ValueError, NotATest):
             return None
-        return TestOutcome(seq, await self.webhooks.delivery_of(endpoint_id, seq))
 
     async def edit_endpoint(self, request: web.Request) -> web.StreamResponse:
         """Change URL, description, event types and payloads; a new URL is checked again."""
