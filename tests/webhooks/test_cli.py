@@ -53,6 +53,18 @@ async def test_an_admin_manages_endpoints_from_the_command_line(config: Path) ->
     assert "[thin private]" in listed.out and "'CRM'" in listed.out
     assert secret.group(1) not in listed.out  # shown once only
 
+    refused_change = await sealrelay(
+        "webhook", "change", endpoint_id, "--public-only", *c
+    )  # the URL is checked again: loopback without --allow-private
+    assert refused_change.code == 1 and "is loopback" in refused_change.error_line
+    both = await sealrelay("webhook", "change", endpoint_id, "--event", "x", "--all-events", *c)
+    assert both.code == 2
+    changed = await sealrelay(
+        "webhook", "change", endpoint_id, "--full", "--description", "CRM Nord", *c
+    )
+    assert changed.code == 0, changed.err
+    assert "consent.given,webhook.test  [private]  'CRM Nord'" in changed.out
+
     tested = await sealrelay("webhook", "test", endpoint_id, *c)
     assert tested.code == 0 and "queued" in tested.out
     queued = re.search(r"evt_(\d+)", tested.out)
@@ -105,6 +117,7 @@ async def test_an_admin_manages_endpoints_from_the_command_line(config: Path) ->
         await db.close()
     assert types == [
         "webhook.endpoint_created",
+        "webhook.endpoint_changed",  # change --full --description
         "webhook.test",
         "webhook.endpoint_changed",
         "webhook.endpoint_disabled",
