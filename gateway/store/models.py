@@ -363,6 +363,12 @@ class WebhookDelivery(Base):
     __table_args__ = (
         Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
         Index("ix_webhook_deliveries_endpoint", "endpoint_id", "event_seq"),
+        # the claim's "no earlier event of this message still queued" (worker.claimable)
+        Index("ix_webhook_deliveries_message", "endpoint_id", "message_id", "event_seq"),
+        # the console's and the API's newest-first listing of an endpoint's deliveries
+        Index("ix_webhook_deliveries_recent", "endpoint_id", "created_at", "event_seq"),
+        # the endpoint page's figures: pending, failed in the last day, last success
+        Index("ix_webhook_deliveries_outcome", "endpoint_id", "status", "updated_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

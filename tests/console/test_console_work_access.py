@@ -90,6 +90,11 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/console/admin/webhooks/{id}/enable"): Case("admin", 404, post=True),
     ("POST", "/console/admin/webhooks/{id}/disable"): Case("admin", 404, post=True),
     ("POST", "/console/admin/webhooks/{id}/replay"): Case("admin", 400, post=True),  # no seq
+    # no times given: refused before anything is looked up
+    ("POST", "/console/admin/webhooks/{id}/replay-range"): Case("admin", 400, post=True),
+    ("POST", "/console/admin/webhooks/{id}/edit"): Case("admin", 404, post=True),
+    ("POST", "/console/admin/webhooks/{id}/rotate-secret"): Case("admin", 404, post=True),
+    ("POST", "/console/admin/webhooks/{id}/test"): Case("admin", 404, post=True),
     ("GET", "/console/admin/keys"): Case("admin", 200),
     ("POST", "/console/admin/keys"): Case("admin", 400, post=True),  # no scope
     ("POST", "/console/admin/keys/{id}/revoke"): Case("admin", 409, post=True),  # no such key

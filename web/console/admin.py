@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -20,9 +24,17 @@ from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk, ApiKeyError
 from gateway.outbound.queue import QueueError
 from gateway.store.journal import ChainReport
-from gateway.store.models import ApiKeyScope, DeliveryStatus, Role
+from gateway.store.models import ApiKeyScope, DeliveryStatus, Role, WebhookDeliveryStatus
 from gateway.users import UnknownUser, UserConflict, UserError, normalize_address
-from gateway.webhooks.desk import WebhookDesk, WebhookError
+from gateway.webhooks.desk import (
+    DeliveryView,
+    EndpointDisabled,
+    EndpointNotFound,
+    NotATest,
+    WebhookDesk,
+    WebhookError,
+)
+from gateway.webhooks.tunables import REPLAY_LIMIT
 from web.console.view import ConsoleView, form_text, see_other
 from web.guard import Routes
 
@@ -37,6 +49,33 @@ JOURNAL = ADMIN + "/journal"
 POLICY = ADMIN + "/policy"
 TEXTS = ADMIN + "/texts"
 DKIM = ADMIN + "/dkim"
+
+TEST_REFRESH_SECONDS: Final = 2
+
+
+@dataclass(frozen=True)
+class TestOutcome:
+    """A test event sent from the endpoint page, and its delivery once there is one."""
+
+    seq: int
+    delivery: DeliveryView | None
+    enabled: bool
+
+    @property
+    def waiting(self) -> bool:
+        """No answer from the receiver yet, and one may still come: not fanned out or not
+        attempted, on an endpoint that is enabled."""
+        if not self.enabled:
+            return False
+        return self.delivery is None or (
+            self.delivery.status == WebhookDeliveryStatus.QUEUED and self.delivery.attempts == 0
+        )
+
+
+def _local_time(text: str, zone: ZoneInfo) -> datetime:
+    """A `datetime-local` field's value, read in the branding zone (a zone given wins)."""
+    at = datetime.fromisoformat(text)
+    return at if at.tzinfo is not None else at.replace(tzinfo=zone)
 
 
 class AdminPages:
@@ -75,6 +114,10 @@ class AdminPages:
         routes.console("POST", WEBHOOKS + "/{id}/enable", self.enable_endpoint, change)
         routes.console("POST", WEBHOOKS + "/{id}/disable", self.disable_endpoint, change)
         routes.console("POST", WEBHOOKS + "/{id}/replay", self.replay, change)
+        routes.console("POST", WEBHOOKS + "/{id}/replay-range", self.replay_range, change)
+        routes.console("POST", WEBHOOKS + "/{id}/edit", self.edit_endpoint, change)
+        routes.console("POST", WEBHOOKS + "/{id}/rotate-secret", self.rotate_secret, change)
+        routes.console("POST", WEBHOOKS + "/{id}/test", self.send_test, change)
         routes.console("GET", KEYS, self.key_list, see)
         routes.console("POST", KEYS, self.create_key, change)
         routes.console("POST", KEYS + "/{id}/revoke", self.revoke_key, change)
@@ -316,12 +359,27 @@ class AdminPages:
         return await self.endpoint_list(request, secret=created.secret, status=201)
 
     async def endpoint(
-        self, request: web.Request, *, error: str | None = None, status: int = 200
+        self,
+        request: web.Request,
+        *,
+        error: str | None = None,
+        status: int = 200,
+        secret: str | None = None,
+        replayed: int | None = None,
+        kept: dict[str, str] | None = None,
     ) -> web.Response:
+        """The endpoint's page: figures, the outcome of a test just sent (`?test=SEQ`), the
+        forms (test, rotate, replay a range, change) and the recent deliveries."""
+        endpoint_id = request.match_info["id"]
         try:
-            endpoint = await self.webhooks.get(request.match_info["id"])
+            endpoint = await self.webhooks.get(endpoint_id)
+            figures = await self.webhooks.figures(endpoint_id)
+            test = await self._test_outcome(request, endpoint_id, endpoint.enabled)
+            deliveries = await self.webhooks.deliveries(endpoint_id)
         except WebhookError:
             return self.view.not_found(request)
+        catalog = self.view.catalog(request)
+        now = datetime.now(catalog.zone).replace(second=0, microsecond=0, tzinfo=None)
         return self.view.render(
             request,
             "console/admin_webhook.html",
@@ -329,8 +387,104 @@ class AdminPages:
             status=status,
             error=error,
             endpoint=endpoint,
-            deliveries=await self.webhooks.deliveries(endpoint.id),
+            figures=figures,
+            test=test,
+            # a test still waiting for its answer: the page reloads itself until it has one
+            refresh=TEST_REFRESH_SECONDS if test is not None and test.waiting else None,
+            deliveries=deliveries,
+            secret=secret,
+            replayed=replayed,
+            zone=f"{catalog.zone.key} ({catalog.zone_name(datetime.now(catalog.zone))})",
+            kept=kept
+            or {
+                "since": (now - timedelta(days=1)).isoformat(timespec="minutes"),
+                "until": now.isoformat(timespec="minutes"),
+            },
+            replay_limit=catalog.number(REPLAY_LIMIT, 0),
         )
+
+    async def _test_outcome(
+        self, request: web.Request, endpoint_id: str, enabled: bool
+    ) -> TestOutcome | None:
+        """The test named by `?test=SEQ`; none for anything else there."""
+        try:
+            seq = int(request.query.get("test", ""))
+            return TestOutcome(seq, await self.webhooks.test_delivery(endpoint_id, seq), enabled)
+        except (ValueError, NotATest):
+            return None
+
+    async def edit_endpoint(self, request: web.Request) -> web.StreamResponse:
+        """Change URL, description, event types and payloads; a new URL is checked again."""
+        form = await self._form(request)
+        endpoint_id = request.match_info["id"]
+        types = [t for t in form.get("event_types", "").replace(",", " ").split() if t]
+        try:
+            await self.webhooks.update(
+                endpoint_id,
+                url=form.get("url", ""),
+                event_types=types,
+                description=form.get("description", ""),
+                thin=form.get("thin") == "yes",
+                allow_private=form.get("allow_private") == "yes",
+                by=self.view.principal(request).name,
+            )
+        except EndpointNotFound:
+            return self.view.not_found(request)
+        except WebhookError as exc:
+            return await self.endpoint(
+                request, error=self._t(request, "work.error.webhook", detail=str(exc)), status=400
+            )
+        raise see_other(f"{WEBHOOKS}/{endpoint_id}", "endpoint_changed")
+
+    async def rotate_secret(self, request: web.Request) -> web.StreamResponse:
+        """A new secret, shown on this answer only; the previous one keeps signing a while."""
+        try:
+            secret = await self.webhooks.rotate_secret(
+                request.match_info["id"], by=self.view.principal(request).name
+            )
+        except WebhookError:
+            return self.view.not_found(request)
+        return await self.endpoint(request, secret=secret)
+
+    async def send_test(self, request: web.Request) -> web.StreamResponse:
+        endpoint_id = request.match_info["id"]
+        try:
+            seq = await self.webhooks.send_test(endpoint_id, by=self.view.principal(request).name)
+        except EndpointNotFound:
+            return self.view.not_found(request)
+        except WebhookError as exc:
+            return await self.endpoint(
+                request, error=self._t(request, "work.error.replay", detail=str(exc)), status=409
+            )
+        raise web.HTTPSeeOther(f"{WEBHOOKS}/{endpoint_id}?test={seq}")
+
+    async def replay_range(self, request: web.Request) -> web.StreamResponse:
+        """Queue again every event of the endpoint's types between two times of the branding
+        zone; the page says how many."""
+        form = await self._form(request)
+        kept = {"since": form.get("since", ""), "until": form.get("until", "")}
+        catalog = self.view.catalog(request)
+        try:
+            since, until = (_local_time(kept[k], catalog.zone) for k in ("since", "until"))
+        except ValueError:
+            return await self.endpoint(
+                request, error=catalog.t("work.error.bad_time"), status=400, kept=kept
+            )
+        if since >= until:
+            return await self.endpoint(
+                request, error=catalog.t("work.error.range_reversed"), status=400, kept=kept
+            )
+        try:
+            count = await self.webhooks.replay(request.match_info["id"], since=since, until=until)
+        except EndpointNotFound:
+            return self.view.not_found(request)
+        except EndpointDisabled as exc:
+            detail = catalog.t("work.error.replay", detail=str(exc))
+            return await self.endpoint(request, error=detail, status=409, kept=kept)
+        except WebhookError as exc:
+            detail = catalog.t("work.error.replay", detail=str(exc))
+            return await self.endpoint(request, error=detail, status=400, kept=kept)
+        return await self.endpoint(request, replayed=count, status=202, kept=kept)
 
     async def enable_endpoint(self, request: web.Request) -> web.StreamResponse:
         by = self.view.principal(request).name
@@ -359,6 +513,8 @@ class AdminPages:
             )
         try:
             await self.webhooks.replay(endpoint_id, seq=seq)
+        except EndpointNotFound:
+            return self.view.not_found(request)
         except WebhookError as exc:
             return await self.endpoint(
                 request, error=self._t(request, "work.error.webhook", detail=str(exc)), status=409

@@ -34,6 +34,7 @@ NOTICES = frozenset(
         "endpoint_added",
         "endpoint_enabled",
         "endpoint_disabled",
+        "endpoint_changed",
         "replayed",
         "key_created",
         "key_revoked",
