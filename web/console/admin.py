@@ -23,7 +23,7 @@ from gateway.store.journal import ChainReport
 from gateway.store.models import ApiKeyScope, DeliveryStatus, Role
 from gateway.users import UserError
 from gateway.webhooks.desk import WebhookDesk, WebhookError
-from web.console.view import ConsoleView, form_text, see_other
+from web.console.view import ConsoleView, form_text
 from web.guard import Routes
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class AdminPages:
             return await self.user_list(
                 request, error=self._t(request, "work.error.user", detail=str(exc)), status=400
             )
-        raise see_other(USERS, "user_changed")
+        raise self.view.see_other(USERS, "user_changed")
 
     # -- the queue
 
@@ -189,7 +189,7 @@ class AdminPages:
             return await self.queue_list(
                 request, error=self._t(request, "work.error.queue", detail=str(exc)), status=409
             )
-        raise see_other(QUEUE, done)
+        raise self.view.see_other(QUEUE, done)
 
     # -- webhooks
 
@@ -252,7 +252,7 @@ class AdminPages:
             await self.webhooks.enable(request.match_info["id"], by=by)
         except WebhookError:
             return self.view.not_found(request)
-        raise see_other(WEBHOOKS, "endpoint_enabled")
+        raise self.view.see_other(WEBHOOKS, "endpoint_enabled")
 
     async def disable_endpoint(self, request: web.Request) -> web.StreamResponse:
         by = self.view.principal(request).name
@@ -260,7 +260,7 @@ class AdminPages:
             await self.webhooks.disable(request.match_info["id"], by=by)
         except WebhookError:
             return self.view.not_found(request)
-        raise see_other(WEBHOOKS, "endpoint_disabled")
+        raise self.view.see_other(WEBHOOKS, "endpoint_disabled")
 
     async def replay(self, request: web.Request) -> web.StreamResponse:
         form = await self._form(request)
@@ -277,7 +277,7 @@ class AdminPages:
             return await self.endpoint(
                 request, error=self._t(request, "work.error.webhook", detail=str(exc)), status=409
             )
-        raise see_other(f"{WEBHOOKS}/{endpoint_id}", "replayed")
+        raise self.view.see_other(f"{WEBHOOKS}/{endpoint_id}", "replayed")
 
     # -- API keys
 
@@ -320,7 +320,7 @@ class AdminPages:
             return await self.key_list(
                 request, error=self._t(request, "work.error.key", detail=str(exc)), status=409
             )
-        raise see_other(KEYS, "key_revoked")
+        raise self.view.see_other(KEYS, "key_revoked")
 
     # -- the journal
 
