@@ -254,10 +254,12 @@ class ActionPages:
                 body = await self.letters.consent_pdf(letter_id, self.view.principal(request).name)
                 name, kind = f"consent-{letter_id}.pdf", "application/pdf"
             else:
-                body = await self.letters.released_original(
+                original = await self.letters.released_original(
                     letter_id, self.view.principal(request).name
                 )
-                name, kind = f"original-{letter_id}.eml", "message/rfc822"
+                body = original.data
+                unsigned = "" if original.signed else "-unsigned"
+                name, kind = f"original-{letter_id}{unsigned}.eml", "message/rfc822"
         except ActionRefused as exc:
             return self._refused(request, story, exc)
         return web.Response(
