@@ -644,6 +644,7 @@ class LetterDesk:
 
     async def expire_due(self, now: datetime) -> int:
         """Mark held letters whose link ran out as expired, each once, and tell the agent.
+        A letter whose link was revoked is left alone: revoked is what it is.
 
         Rows another transaction holds (a release under way) are skipped: the next round
         sees them released or still due.
@@ -665,7 +666,13 @@ class LetterDesk:
                     select(Letter, Message, Link)
                     .join(Link, Link.id == Letter.link_id)
                     .join(Message, Message.id == Letter.message_id)
-                    .where(Letter.status == LetterStatus.HELD, Link.expires_at <= now)
+                    # a revoked link ended the letter already: it stays revoked, and the
+                    # agent who revoked it is not told that it expired
+                    .where(
+                        Letter.status == LetterStatus.HELD,
+                        Link.expires_at <= now,
+                        Link.revoked_at.is_(None),
+                    )
                     .order_by(Link.expires_at)
                     .limit(EXPIRE_BATCH)
                     .with_for_update(of=Letter, skip_locked=True)
