@@ -35,7 +35,7 @@ from gateway.letters.evidence import (
     texts_sha256,
 )
 from gateway.letters.expiry_notice import ExpiredLetter, expiry_notice_mail
-from gateway.links.desk import MAX_DAYS, judge_visit
+from gateway.links.desk import MAX_DAYS, copy_delivered_at, judge_visit
 from gateway.links.tokens import (
     Closed,
     TokenClosed,
@@ -234,8 +234,10 @@ class LetterDesk:
     ) -> Verdict:
         """`letter.viewed`: a GET of the letter's page, which never consents; marked when it
         looks like a link scanner's (rules/automated_visits.py)."""
+        now = self.clock()
+        delivered = await copy_delivered_at(self.db, found.link, now)
         verdict = judge_visit(
-            self.scanners, found.link, self.clock(), ip, user_agent, method, has_cookie
+            self.scanners, found.link, now, ip, user_agent, method, has_cookie, delivered
         )
         visit: LetterVisit = {
             "letter_id": found.letter.id,
