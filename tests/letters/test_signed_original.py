@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import dkim as dkimpy
 import pytest
@@ -19,6 +22,7 @@ from gateway.letters.desk import UNSIGNED_HEADER
 from gateway.letters.evidence import parse_evidence
 from gateway.mail import headers
 from gateway.store.models import ApiKeyScope, Consent, Delivery, utcnow
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.conftest import AGENT, PASSWORD, dkim_dns
 from tests.console.client import ConsoleClient
 from tests.console.work_world import get_bytes
@@ -26,6 +30,7 @@ from tests.letter_site import PROSPECT, Clock, LetterSite, offer
 from tests.queue_wait import queue_idle
 
 DEFER = "451 4.3.0 Try again later"
+SCREENS = Path(os.environ.get("SEALRELAY_SCREENS", "/work/wt/screens/trust-fixes"))
 
 
 @pytest.fixture
@@ -141,3 +146,48 @@ async def test_before_delivery_the_copy_is_marked_unsigned_and_the_console_says_
     assert "not delivered yet" not in page.text
     parsed = email.message_from_bytes(eml, policy=email.policy.default)
     assert parsed["X-Sealrelay-Consent"] is not None
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_the_not_yet_delivered_original_reads_clean_on_a_phone_and_a_desktop(
+    site: LetterSite, tmp_path: Path
+) -> None:
+    token, _ = await site.send_offer(offer(big=False))
+    letter = await site.letter_row()
+    site.sink.refuse[PROSPECT] = DEFER
+    assert (await site.consent(token)).status == 303
+    async_playwright = playwright_api()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            for size, viewport, locale, label in (
+                ("phone", PHONE, "de-DE", "noch nicht zugestellt"),
+                ("desktop", {"width": 1280, "height": 800}, "en-GB", "not delivered yet"),
+            ):
+                phone = viewport is PHONE
+                context = await browser.new_context(
+                    viewport=viewport,
+                    device_scale_factor=2 if phone else 1,
+                    is_mobile=phone,
+                    locale=locale,
+                    java_script_enabled=False,
+                )
+                page = await context.new_page()
+                await page.goto(f"{site.url}/console/login")
+                await page.locator("#email").fill(AGENT)
+                await page.locator("#password").fill(PASSWORD)
+                await page.locator("form button[type=submit]").click()
+                await page.goto(f"{site.url}/console/messages/{letter.message_id}")
+                link = page.locator("a[href$='/original.eml']")
+                assert label in await link.inner_text()
+                width = await page.evaluate("document.documentElement.scrollWidth")
+                assert width <= viewport["width"]
+                shot = tmp_path / f"unsigned-original-{size}.png"
+                await page.screenshot(path=str(shot), full_page=True)
+                SCREENS.mkdir(parents=True, exist_ok=True)
+                shutil.copy(shot, SCREENS / shot.name)
+                await context.close()
+        finally:
+            await browser.close()
