@@ -217,6 +217,7 @@ async def test_sealrelay_evidence_names_lost_files(site: LetterSite, tmp_path: P
     token, _ = await site.send_offer()
     assert (await site.consent(token)).status == 303
     await site.sink.expect(3)
+    await queue_idle(site.relay.db)  # the signed copy is recorded with its delivery
     letter = await site.letter_row()
     async with site.relay.db.transaction() as session:
         [consent] = (await session.scalars(select(Consent))).all()
@@ -238,6 +239,7 @@ async def test_sealrelay_evidence_names_lost_files(site: LetterSite, tmp_path: P
     rows = {line.split("  ", 1)[0]: line for line in lost.out.splitlines()}
     assert "MISSING" in rows["PDF"] and "MISSING" in rows["held original"]
     assert "MISSING" not in rows["released original"]
+    assert "MISSING" not in rows["released original, signed as delivered"]
     assert lost.err.strip().splitlines()[-1] == (
         "Error: evidence files missing from the blob store: held original, consent PDF"
     )
