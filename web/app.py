@@ -45,7 +45,7 @@ from web.console.timeline import TimelinePages
 from web.console.view import ConsoleView
 from web.csrf import key_path
 from web.downloads import DownloadPages
-from web.guard import Routes, guard
+from web.guard import CONSOLE_LOGIN, Routes, guard
 from web.letters import LetterPages
 from web.pages import ProspectSite
 
@@ -111,6 +111,7 @@ def create_app(parts: WebParts) -> web.Application:
             guard(
                 authenticators=[bearer_authenticator(parts.api_keys), console.authenticate],
                 forbidden_page=view.forbidden,
+                login_url=site.url(CONSOLE_LOGIN),
             ),
         ]
     )

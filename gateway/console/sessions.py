@@ -32,7 +32,7 @@ from sqlalchemy import delete, func, select, update
 from gateway import users
 from gateway.access import Principal
 from gateway.config import ConsoleSettings
-from gateway.console.totp import SpentCodes, matching_step
+from gateway.console import totp
 from gateway.login_throttle import LoginThrottle
 from gateway.store import journal
 from gateway.store.db import Database
@@ -125,7 +125,6 @@ class SessionDesk:
         self.throttle = throttle
         self._key = key
         self.clock = clock
-        self._spent = SpentCodes()
 
     # -- signing in
 
@@ -176,8 +175,8 @@ class SessionDesk:
             raise SignInRefused(Refusal.EXPIRED)
         if self.throttle.refused(client.ip, user.email):
             raise SignInRefused(Refusal.THROTTLED)
-        step = matching_step(user.totp_secret, code, self.clock())
-        if step is None or not self._spent.spend(user.id, step):
+        step = totp.matching_step(user.totp_secret, code, self.clock())
+        if step is None or not await totp.spend(self.db, user.id, step):
             await self._failed(user.email, client, "code")
         self.throttle.succeeded(client.ip)
         return await self._open(user, client)

@@ -8,6 +8,8 @@ The state of a recipient is derived from the rows the desks keep, not stored, so
 never disagree with them. In this order, the first that holds:
 
 - `bounced`: a copy to the recipient (the mail, the letter, or the released offer) bounced.
+- `revoked`: the link of the recipient's held registered letter was revoked (it never
+  expires after that: revoked is what it stays until the letter is sent again).
 - `expired`: the recipient's registered letter expired without consent, or a download link
   of theirs expired or was revoked (the files are no longer reachable).
 - `released`: they consented and the released offer was delivered upstream.
@@ -63,6 +65,7 @@ from gateway.store.models import (
 
 class RecipientState(StrEnum):
     BOUNCED = "bounced"
+    REVOKED = "revoked"
     EXPIRED = "expired"
     RELEASED = "released"
     CONSENTED = "consented"
@@ -200,6 +203,7 @@ def _recipient_facts() -> Any:
         Delivery.message_id.label("message_id"),
         Delivery.recipient.label("recipient"),
         case((Delivery.status == DeliveryStatus.BOUNCED, 1), else_=0).label("bounced"),
+        literal(0).label("revoked"),
         literal(0).label("expired"),
         literal(0).label("released"),
         literal(0).label("consented"),
@@ -207,23 +211,36 @@ def _recipient_facts() -> Any:
         case((Delivery.status == DeliveryStatus.QUEUED, 1), else_=0).label("queued"),
         case((Delivery.status == DeliveryStatus.DELIVERED, 1), else_=0).label("delivered"),
     )
-    letters = select(
-        Letter.message_id,
-        Letter.recipient,
-        literal(0),
-        case((Letter.status == LetterStatus.EXPIRED, 1), else_=0),
-        case(
-            (and_(Letter.status == LetterStatus.RELEASED, released == DeliveryStatus.DELIVERED), 1),
-            else_=0,
-        ),
-        case((Letter.status == LetterStatus.RELEASED, 1), else_=0),
-        case((Letter.status == LetterStatus.HELD, 1), else_=0),
-        literal(0),
-        literal(0),
-    ).outerjoin(Consent, Consent.letter_id == Letter.id)
+    held = Letter.status == LetterStatus.HELD
+    letters = (
+        select(
+            Letter.message_id,
+            Letter.recipient,
+            literal(0),
+            case((and_(held, Link.revoked_at.is_not(None)), 1), else_=0),
+            case((Letter.status == LetterStatus.EXPIRED, 1), else_=0),
+            case(
+                (
+                    and_(
+                        Letter.status == LetterStatus.RELEASED,
+                        released == DeliveryStatus.DELIVERED,
+                    ),
+                    1,
+                ),
+                else_=0,
+            ),
+            case((Letter.status == LetterStatus.RELEASED, 1), else_=0),
+            case((held, 1), else_=0),
+            literal(0),
+            literal(0),
+        )
+        .join(Link, Link.id == Letter.link_id)
+        .outerjoin(Consent, Consent.letter_id == Letter.id)
+    )
     links = select(
         Link.message_id,
         Link.recipient,
+        literal(0),
         literal(0),
         case((or_(Link.expired, Link.revoked_at.is_not(None)), 1), else_=0),
         literal(0),
@@ -239,6 +256,7 @@ def _state_of(facts: Any) -> ColumnElement[str]:
     flag = facts.c
     return case(
         (func.max(flag.bounced) == 1, RecipientState.BOUNCED.value),
+        (func.max(flag.revoked) == 1, RecipientState.REVOKED.value),
         (func.max(flag.expired) == 1, RecipientState.EXPIRED.value),
         (func.max(flag.released) == 1, RecipientState.RELEASED.value),
         (func.max(flag.consented) == 1, RecipientState.CONSENTED.value),

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -81,6 +82,8 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     # base32 TOTP secret (RFC 6238) when the user turned on a second factor
     totp_secret: Mapped[str | None] = mapped_column(String(52))
+    # the newest TOTP step a sign-in used; set by compare-and-set (gateway/console/totp.py)
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
     # the agent's mail notices, only what differs from the defaults (gateway/notices/prefs.py)
     notify: Mapped[dict[str, bool]] = mapped_column(JSON, default=dict, server_default="{}")
     # set when an admin deleted the user: the row stays because messages and the journal
@@ -159,6 +162,9 @@ class Delivery(Base):
     leased_by: Mapped[str | None] = mapped_column(String(100))
     last_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+    # a released original: the worker stores the DKIM-signed bytes it delivered (evidence)
+    keep_signed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    signed_blob: Mapped[str | None] = mapped_column(String(64))
 
 
 class Event(Base):

@@ -18,7 +18,7 @@ from gateway.console.admin import UserDesk
 from gateway.console.sessions import Client, Refusal, SessionDesk, SignInRefused
 from gateway.users import NOTICE_KINDS, UserError
 from web.console.pages import CONSOLE_USER
-from web.console.view import ConsoleView, form_text, see_other
+from web.console.view import ConsoleView, form_text
 from web.guard import Routes
 from web.pages import ProspectSite
 
@@ -78,7 +78,7 @@ class AccountPages:
         changes = {kind: form_text(posted.get(kind)) == "yes" for kind in NOTICE_KINDS}
         user = request[CONSOLE_USER]
         await self.users.set_notices(user.email, changes, self.settings)
-        raise see_other(ACCOUNT, "notices_saved")
+        raise self.view.see_other(ACCOUNT, "notices_saved")
 
     async def change_password(self, request: web.Request) -> web.StreamResponse:
         posted = await request.post()
@@ -124,4 +124,4 @@ class AccountPages:
             return await self.page(
                 request, password_error=catalog.t("account.error.short"), status=400
             )
-        raise see_other(ACCOUNT, "password_changed")
+        raise self.view.see_other(ACCOUNT, "password_changed")

@@ -35,7 +35,7 @@ from gateway.webhooks.desk import (
     WebhookError,
 )
 from gateway.webhooks.tunables import REPLAY_LIMIT
-from web.console.view import ConsoleView, form_text, see_other
+from web.console.view import ConsoleView, form_text
 from web.guard import Routes
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class AdminPages:
             return await self.user_list(
                 request, error=self._t(request, "work.error.user", detail=str(exc)), status=400
             )
-        raise see_other(USERS, "user_changed")
+        raise self.view.see_other(USERS, "user_changed")
 
     async def confirm_delete(self, request: web.Request) -> web.StreamResponse:
         """The confirmation step: says what deleting keeps and what it ends; a GET changes
@@ -258,7 +258,7 @@ class AdminPages:
         except UserError as exc:
             return await self._user_refused(request, exc)
         log.info("console: %s deleted user %s", by, email)
-        raise see_other(USERS, "user_deleted")
+        raise self.view.see_other(USERS, "user_deleted")
 
     async def reset_password(self, request: web.Request) -> web.StreamResponse:
         form = await self._form(request)
@@ -286,7 +286,7 @@ class AdminPages:
                 )
         except UserError as exc:
             return await self._user_refused(request, exc)
-        raise see_other(USERS, "alias_added" if action == "add" else "alias_removed")
+        raise self.view.see_other(USERS, "alias_added" if action == "add" else "alias_removed")
 
     # -- the queue
 
@@ -318,7 +318,7 @@ class AdminPages:
             return await self.queue_list(
                 request, error=self._t(request, "work.error.queue", detail=str(exc)), status=409
             )
-        raise see_other(QUEUE, done)
+        raise self.view.see_other(QUEUE, done)
 
     # -- webhooks
 
@@ -434,7 +434,7 @@ class AdminPages:
             return await self.endpoint(
                 request, error=self._t(request, "work.error.webhook", detail=str(exc)), status=400
             )
-        raise see_other(f"{WEBHOOKS}/{endpoint_id}", "endpoint_changed")
+        raise self.view.see_other(f"{WEBHOOKS}/{endpoint_id}", "endpoint_changed")
 
     async def rotate_secret(self, request: web.Request) -> web.StreamResponse:
         """A new secret, shown on this answer only; the previous one keeps signing a while."""
@@ -456,7 +456,7 @@ class AdminPages:
             return await self.endpoint(
                 request, error=self._t(request, "work.error.replay", detail=str(exc)), status=409
             )
-        raise web.HTTPSeeOther(f"{WEBHOOKS}/{endpoint_id}?test={seq}")
+        raise web.HTTPSeeOther(self.view.site.url(f"{WEBHOOKS}/{endpoint_id}?test={seq}"))
 
     async def replay_range(self, request: web.Request) -> web.StreamResponse:
         """Queue again every event of the endpoint's types between two times of the branding
@@ -492,7 +492,7 @@ class AdminPages:
             await self.webhooks.enable(request.match_info["id"], by=by)
         except WebhookError:
             return self.view.not_found(request)
-        raise see_other(WEBHOOKS, "endpoint_enabled")
+        raise self.view.see_other(WEBHOOKS, "endpoint_enabled")
 
     async def disable_endpoint(self, request: web.Request) -> web.StreamResponse:
         by = self.view.principal(request).name
@@ -500,7 +500,7 @@ class AdminPages:
             await self.webhooks.disable(request.match_info["id"], by=by)
         except WebhookError:
             return self.view.not_found(request)
-        raise see_other(WEBHOOKS, "endpoint_disabled")
+        raise self.view.see_other(WEBHOOKS, "endpoint_disabled")
 
     async def replay(self, request: web.Request) -> web.StreamResponse:
         form = await self._form(request)
@@ -519,7 +519,7 @@ class AdminPages:
             return await self.endpoint(
                 request, error=self._t(request, "work.error.webhook", detail=str(exc)), status=409
             )
-        raise see_other(f"{WEBHOOKS}/{endpoint_id}", "replayed")
+        raise self.view.see_other(f"{WEBHOOKS}/{endpoint_id}", "replayed")
 
     # -- API keys
 
@@ -562,7 +562,7 @@ class AdminPages:
             return await self.key_list(
                 request, error=self._t(request, "work.error.key", detail=str(exc)), status=409
             )
-        raise see_other(KEYS, "key_revoked")
+        raise self.view.see_other(KEYS, "key_revoked")
 
     # -- the journal
 
