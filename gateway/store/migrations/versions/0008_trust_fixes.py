@@ -1,7 +1,7 @@
 """trust-fixes: the signed copy of a released original, the last TOTP step a user spent
 
-Revision ID: 0006_trust_fixes
-Revises: 0005_notify
+Revision ID: 0008_trust_fixes
+Revises: 0007_webhook_console
 Create Date: 2026-12-02 18:30:00.000000
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006_trust_fixes"
-down_revision: str | None = "0005_notify"
+revision: str = "0008_trust_fixes"
+down_revision: str | None = "0007_webhook_console"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
