@@ -356,7 +356,9 @@ class ProspectSite:
         self.brand_css = branding_css(settings.branding)
         # versioned URLs, so browsers may cache the stylesheets until they change
         css_version = digest((STATIC / "downloads.css").read_bytes())
+        base_version = digest((STATIC / "base.css").read_bytes())
         self.assets = {
+            "base_css": self.url(f"/static/base.css?v={base_version}"),
             "css": self.url(f"/static/downloads.css?v={css_version}"),
             "brand_css": self.url(f"/branding.css?v={digest(self.brand_css.encode())}"),
         }
