@@ -15,15 +15,18 @@ from base64 import b64decode
 from typing import Any
 from weakref import WeakKeyDictionary
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import users
 from gateway.config import Settings
+from gateway.fronts.client_address import client_address
 from gateway.fronts.data_reader import DataResult, read_data
 from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
-from gateway.fronts.smtp_guard import ConnectionGate, ThrottledLog, session_ceiling
+from gateway.fronts.proxy_header import ProxyPolicy, proxied_client
+from gateway.fronts.smtp_guard import ConnectionGate, Refusal, ThrottledLog, session_ceiling
 from gateway.intake.pipeline import Envelope as PipelineEnvelope
 from gateway.intake.pipeline import Origin, Pipeline
 from gateway.login_throttle import LoginThrottle
@@ -127,7 +130,7 @@ class SubmissionHandler:
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         session = server.session
         assert session is not None
-        address = _peer(session)
+        address = client_address(session)
         account = login.decode("utf-8", errors="replace")
         if self.throttle.account_refused(address, account):
             self._throttled.warning(
@@ -178,6 +181,12 @@ class SubmissionHandler:
         # AuthResult's handled defaults to True, which would make aiosmtpd send nothing.
         return await _refuse(server, reply)
 
+    async def handle_PROXY(
+        self, server: SMTP, session: Session, envelope: Envelope, proxy_data: ProxyData
+    ) -> bool:
+        """aiosmtpd has read the PROXY header; False closes the connection."""
+        return isinstance(server, SubmissionSMTP) and server.admit_proxied(proxy_data)
+
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's default answers `500 Error: (Class) text`, showing the client our
         internals (database addresses, paths) and telling it not to retry."""
@@ -222,7 +231,7 @@ class SubmissionHandler:
         )
         origin = Origin(
             helo=session.host_name or "",
-            peer=_peer(session),
+            peer=client_address(session),
             protocol="ESMTPSA" if tls else "ESMTPA",
         )
         try:
@@ -249,36 +258,100 @@ class SubmissionSMTP(SMTP):
     steadily it flowed. Here every piece of DATA restarts it, and the timer stands still
     while the relay itself works on the message (the client is waiting for us then).
     Each connection first passes the front's gate (gateway/fronts/smtp_guard.py), or hears 421.
+    Behind HAProxy (`proxy`), the gate waits for the PROXY header and counts the client it
+    names, never the proxy; the session's peer becomes that client (client_address.py).
     """
 
     _receiving_data = False
     _stopping = False
 
-    def __init__(self, handler: SubmissionHandler, gate: ConnectionGate, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        gate: ConnectionGate,
+        proxy: ProxyPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if proxy is not None:
+            kwargs["proxy_protocol_timeout"] = proxy.timeout
         super().__init__(handler, **kwargs)
         self._gate = gate
+        self._proxy = proxy
+        self._started = False
         self._admitted: str | None = None  # the client address while counted by the gate
+        self._client: Any = None  # (address, port) the PROXY header named
+        self._proxy_data: ProxyData | None = None
         self._refused = False
         self.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The gate decides before aiosmtpd sets up a session (STARTTLS calls this again)."""
-        if self._admitted is None:
-            peer = transport.get_extra_info("peername")
-            address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
-            refusal = self._gate.admit(address)
-            if refusal is not None:
-                self._refused = True
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(refusal.encode("ascii") + b"\r\n")
-                _count(refusal)
-                transport.close()
-                return
-            self._admitted = address
+        if self._started:
             super().connection_made(transport)
-            self._gate.enter(self)
+            if self._client is not None and self.session is not None:
+                self.session.peer = self._client
+                self.session.proxy_data = self._proxy_data
+            return
+        self._started = True
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+        if self._proxy is not None:
+            self._await_proxy_header(transport, address)
+            return
+        refusal = self._gate.admit(address)
+        if refusal is not None:
+            self._refuse(transport, refusal)
+            return
+        self._admitted = address
+        super().connection_made(transport)
+        self._gate.enter(self)
+
+    def _await_proxy_header(self, transport: asyncio.BaseTransport, address: str) -> None:
+        """Only a configured proxy may connect; aiosmtpd then reads its header before the
+        greeting, within the proxy timeout, and calls handle_PROXY (admit_proxied)."""
+        assert self._proxy is not None
+        if not self._proxy.trusted(address):
+            self._gate.refusals.warning(
+                "not-a-proxy", "closed a connection from %s: not in smtp.proxy_from", address
+            )
+            self._refuse(transport, None)
+            return
+        if self._gate.open_total >= self._gate.total:
+            self._refuse(transport, Refusal.BUSY)
             return
         super().connection_made(transport)
+        self._gate.sessions.add(self)  # so that stopping the relay closes it too
+
+    def admit_proxied(self, data: ProxyData) -> bool:
+        """The header is read: the client it names passes the gate, or the connection ends."""
+        session = self.session
+        assert session is not None
+        proxy = client_address(session)
+        client = proxied_client(data, session.peer)
+        if client is None:
+            self._gate.refusals.warning(
+                "proxy-header", "closed a connection from proxy %s: unusable PROXY header", proxy
+            )
+            return False
+        refusal = self._gate.admit(client[0])
+        if refusal is not None:
+            if isinstance(self.transport, asyncio.WriteTransport):
+                self.transport.write(_count(refusal).encode("ascii") + b"\r\n")
+            return False
+        self._admitted = client[0]
+        self._client = client
+        session.peer = client  # type: ignore[assignment]  # aiosmtpd stores the peername tuple
+        self._proxy_data = data
+        log.info("%s connected through proxy %s", client[0], proxy)
+        self._gate.enter(self)
+        return True
+
+    def _refuse(self, transport: asyncio.BaseTransport, refusal: str | None) -> None:
+        self._refused = True
+        if refusal is not None and isinstance(transport, asyncio.WriteTransport):
+            transport.write(refusal.encode("ascii") + b"\r\n")
+            _count(refusal)
+        transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -290,6 +363,7 @@ class SubmissionSMTP(SMTP):
             if self._admitted is not None:
                 self._gate.release(self._admitted, self)
                 self._admitted = None
+            self._gate.sessions.discard(self)
 
     def eof_received(self) -> bool | None:
         if self._refused:
@@ -313,13 +387,15 @@ class SubmissionSMTP(SMTP):
 
     def _say_stopping(self) -> None:
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if self._proxy is not None and self._admitted is None and transport is not None:
+            transport.close()  # still waiting for the PROXY header: nobody to speak SMTP to
+        elif isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             reply = _count(Reply.STOPPING.format(hostname=self.hostname))
             transport.write((reply + "\r\n").encode("ascii"))
             transport.close()
 
     def shorten_idle(self) -> None:
-        if not self._logged_in and self.transport is not None:
+        if not self._logged_in and self.transport is not None and self._admitted is not None:
             self._reset_timeout()
 
     @property
@@ -334,9 +410,13 @@ class SubmissionSMTP(SMTP):
         super().data_received(data)
 
     def _timeout_cb(self) -> None:
-        """Say why before closing, so the client logs a reason and not a lost connection."""
+        """Say why before closing, so the client logs a reason and not a lost connection.
+
+        A proxy that sent no header in time hears nothing: we do not speak SMTP before it."""
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if self._proxy is not None and self._admitted is None:
+            log.info("%s: no PROXY header in %.0f s; closing", _peer_of(self), self._proxy.timeout)
+        elif isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             log.info("%s: silent too long; closing", _peer_of(self))
             transport.write((Reply.TIMEOUT.format(hostname=self.hostname) + "\r\n").encode("ascii"))
             _count(Reply.TIMEOUT)
@@ -400,6 +480,7 @@ class SmtpFront:
         self.failed_logins = self.throttle.per_address
         self.handler = SubmissionHandler(settings, db, pipeline, self.throttle)
         self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
+        self.proxy = ProxyPolicy.from_settings(smtp)
         self.tls = tls_context(settings)
         self.servers: list[asyncio.Server] = []
 
@@ -415,11 +496,11 @@ class SmtpFront:
                     f"smtp.listen {address}: agents could not log in; set smtp.tls_cert and"
                     " smtp.tls_key, or allow_plaintext_auth_on_loopback on a loopback address"
                 )
-            factory = self._factory(self.tls, require_tls=not plaintext_ok)
+            factory = self._factory(self.tls, require_tls=not plaintext_ok, proxy=self.proxy)
             self.servers.append(await loop.create_server(factory, host, port))
         for address in smtp.implicit_tls_listen:
             host, port = split_address(address)
-            factory = self._factory(None, require_tls=False)
+            factory = self._factory(None, require_tls=False, proxy=None)
             self.servers.append(
                 await loop.create_server(
                     factory,
@@ -433,13 +514,16 @@ class SmtpFront:
             for sock in server.sockets:
                 log.info("SMTP listening on %s", sock.getsockname()[:2])
 
-    def _factory(self, tls: ssl.SSLContext | None, require_tls: bool) -> Any:
+    def _factory(
+        self, tls: ssl.SSLContext | None, require_tls: bool, proxy: ProxyPolicy | None
+    ) -> Any:
         smtp = self.settings.smtp
 
         def make() -> SMTP:
             return SubmissionSMTP(
                 self.handler,
                 self.gate,
+                proxy,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=False,
                 decode_data=False,
@@ -531,9 +615,4 @@ def _b64(value: str) -> bytes | None:
 
 
 def _peer_of(server: SMTP) -> str:
-    return _peer(server.session) if server.session is not None else "?"
-
-
-def _peer(session: Session) -> str:
-    peer = session.peer
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+    return client_address(server.session) if server.session is not None else "?"
