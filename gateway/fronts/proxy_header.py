@@ -61,4 +61,6 @@ def proxied_client(data: ProxyData, peer: object) -> Peer | None:
     source = data.src_addr
     if not isinstance(source, IPv4Address | IPv6Address) or data.src_port is None:
         return None
+    if isinstance(source, IPv6Address) and source.ipv4_mapped is not None:
+        source = source.ipv4_mapped  # one client, one key for the limits, whichever stack
     return str(source), int(data.src_port)

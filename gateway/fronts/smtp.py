@@ -43,9 +43,14 @@ class _ImplicitTlsNoise(logging.Filter):
     """aiosmtpd warns on every connection where AUTH does not require STARTTLS; ours are
     implicit-TLS sockets (already encrypted) and the loopback dev listener, so it is noise.
     It also warns on every successful login that `Session.login_data` (which it sets itself,
-    and which we never read) is deprecated."""
+    and which we never read) is deprecated, and on every connection when smtp.proxy_timeout
+    is below 3 s, a choice the operator made once."""
 
-    NOISE = ("auth_require_tls == False", "Session.login_data is deprecated")
+    NOISE = (
+        "auth_require_tls == False",
+        "Session.login_data is deprecated",
+        "proxy_protocol_timeout < 3.0",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

@@ -145,6 +145,8 @@ async def test_the_real_client_is_in_the_received_line_and_the_journal(proxied: 
 HEADERS = {
     "v1 TCP4": (v1(), CLIENT),
     "v1 TCP6": (v1(CLIENT6, "TCP6"), CLIENT6),
+    "v1 TCP6 IPv4-mapped": (v1(f"::ffff:{CLIENT}", "TCP6"), CLIENT),
+    "v2 INET6 IPv4-mapped": (v2(f"::ffff:{CLIENT}"), CLIENT),
     "v2 INET": (v2(), CLIENT),
     "v2 INET6 with TLVs": (v2(CLIENT6, tlvs=tlv(0x04, b"") + tlv(0x05, b"id-1")), CLIENT6),
     # no client to name (HAProxy's health checks): the specification says use the peer
