@@ -103,7 +103,7 @@ class SmtpSettings(Section):
     auth_failure_forget: float = Field(
         default=60, gt=0, description="seconds until one failed login of an address is forgotten"
     )
-    # behind HAProxy: every `listen` connection must start with a PROXY header (docs/haproxy.md)
+    # behind HAProxy: every connection must start with a PROXY header (docs/haproxy.md)
     proxy_protocol: bool = False
     proxy_from: list[str] = []
     proxy_timeout: float = Field(default=10, gt=0, description="seconds to wait for the header")
@@ -131,11 +131,6 @@ class SmtpSettings(Section):
             raise ValueError("implicit_tls_listen needs tls_cert and tls_key")
         if self.proxy_protocol and not self.proxy_from:
             raise ValueError("proxy_protocol needs proxy_from: the proxies' addresses")
-        if self.proxy_protocol and self.implicit_tls_listen:
-            raise ValueError(
-                "proxy_protocol covers the STARTTLS listeners (listen) only; an implicit-TLS"
-                " listener cannot read a PROXY header yet: remove implicit_tls_listen"
-            )
         return self
 
 

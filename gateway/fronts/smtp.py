@@ -11,6 +11,7 @@ import binascii
 import logging
 import ssl
 import warnings
+from asyncio import sslproto
 from base64 import b64decode
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -190,7 +191,7 @@ class SubmissionHandler:
         self, server: SMTP, session: Session, envelope: Envelope, proxy_data: ProxyData
     ) -> bool:
         """aiosmtpd has read the PROXY header; False closes the connection."""
-        return isinstance(server, SubmissionSMTP) and server.admit_proxied(proxy_data)
+        return isinstance(server, SubmissionSMTP) and await server.admit_proxied(proxy_data)
 
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's default answers `500 Error: (Class) text`, showing the client our
@@ -275,13 +276,17 @@ class SubmissionSMTP(SMTP):
         handler: SubmissionHandler,
         gate: ConnectionGate,
         proxy: ProxyPolicy | None = None,
+        implicit_tls: ssl.SSLContext | None = None,
         **kwargs: Any,
     ) -> None:
+        """`implicit_tls`: an implicit-TLS listener behind a proxy, whose handshake follows
+        the PROXY header (without a proxy, the listening socket itself does TLS)."""
         if proxy is not None:
             kwargs["proxy_protocol_timeout"] = proxy.timeout
         super().__init__(handler, **kwargs)
         self._gate = gate
         self._proxy = proxy
+        self._implicit_tls = implicit_tls
         self._started = False
         self._admitted: str | None = None  # the client address while counted by the gate
         self._client: Any = None  # (address, port) the PROXY header named
@@ -327,8 +332,11 @@ class SubmissionSMTP(SMTP):
         super().connection_made(transport)
         self._gate.sessions.add(self)  # so that stopping the relay closes it too
 
-    def admit_proxied(self, data: ProxyData) -> bool:
-        """The header is read: the client it names passes the gate, or the connection ends."""
+    async def admit_proxied(self, data: ProxyData) -> bool:
+        """The header is read: the client it names passes the gate, or the connection ends.
+
+        On an implicit-TLS listener the refusal is silent (the client expects a TLS
+        handshake, not text) and the handshake happens here, before the greeting."""
         session = self.session
         assert session is not None
         proxy = client_address(session)
@@ -340,8 +348,9 @@ class SubmissionSMTP(SMTP):
             return False
         refusal = self._gate.admit(client[0])
         if refusal is not None:
-            if isinstance(self.transport, asyncio.WriteTransport):
-                self.transport.write(_count(refusal).encode("ascii") + b"\r\n")
+            _count(refusal)
+            if isinstance(self.transport, asyncio.WriteTransport) and self._implicit_tls is None:
+                self.transport.write(refusal.encode("ascii") + b"\r\n")
             return False
         self._admitted = client[0]
         self._client = client
@@ -349,6 +358,43 @@ class SubmissionSMTP(SMTP):
         self._proxy_data = data
         log.info("%s connected through proxy %s", client[0], proxy)
         self._gate.enter(self)
+        if self._implicit_tls is not None:
+            return await self._start_implicit_tls(self._implicit_tls)
+        return True
+
+    async def _start_implicit_tls(self, context: ssl.SSLContext) -> bool:
+        """What aiosmtpd's STARTTLS does, without the command: the TLS layer goes between
+        the socket and this protocol, which sees connection_made again once it is up.
+        Bytes the client sent right behind the header (its ClientHello, often in the same
+        packet) are already in the reader; they are handed to the TLS layer, not lost."""
+        assert self.transport is not None
+        early = bytes(self._reader._buffer)  # type: ignore[attr-defined]
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        waiter = self.loop.create_future()
+        tls = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=int(TLS_HANDSHAKE_TIMEOUT),
+        )
+        self._tls_protocol = tls
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(tls)
+        self.transport = tls._app_transport
+        tls.connection_made(self._original_transport)
+        if early:
+            _feed(tls, early)
+        try:
+            await waiter
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            # The TLS layer closes the socket but, the handshake never done, does not call
+            # our connection_lost: the session ends here, or the gate would count it forever.
+            log.info("%s: TLS handshake failed: %s", _peer_of(self), exc)
+            self._pause_timeout()
+            self._leave_gate()
+            return False
         return True
 
     def _refuse(self, transport: asyncio.BaseTransport, refusal: str | None) -> None:
@@ -364,11 +410,14 @@ class SubmissionSMTP(SMTP):
         try:
             super().connection_lost(error)
         finally:
-            self.closed.set()
-            if self._admitted is not None:
-                self._gate.release(self._admitted, self)
-                self._admitted = None
-            self._gate.sessions.discard(self)
+            self._leave_gate()
+
+    def _leave_gate(self) -> None:
+        self.closed.set()
+        if self._admitted is not None:
+            self._gate.release(self._admitted, self)
+            self._admitted = None
+        self._gate.sessions.discard(self)
 
     def eof_received(self) -> bool | None:
         if self._refused:
@@ -505,6 +554,10 @@ class SmtpFront:
             self.servers.append(await loop.create_server(factory, host, port))
         for address in smtp.implicit_tls_listen:
             host, port = split_address(address)
+            if self.proxy is not None:
+                factory = self._factory(None, False, self.proxy, implicit_tls=self.tls)
+                self.servers.append(await loop.create_server(factory, host, port))
+                continue
             factory = self._factory(None, require_tls=False, proxy=None)
             self.servers.append(
                 await loop.create_server(
@@ -520,7 +573,11 @@ class SmtpFront:
                 log.info("SMTP listening on %s", sock.getsockname()[:2])
 
     def _factory(
-        self, tls: ssl.SSLContext | None, require_tls: bool, proxy: ProxyPolicy | None
+        self,
+        tls: ssl.SSLContext | None,
+        require_tls: bool,
+        proxy: ProxyPolicy | None,
+        implicit_tls: ssl.SSLContext | None = None,
     ) -> Any:
         smtp = self.settings.smtp
 
@@ -529,6 +586,7 @@ class SmtpFront:
                 self.handler,
                 self.gate,
                 proxy,
+                implicit_tls,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=False,
                 decode_data=False,
@@ -617,6 +675,16 @@ def _b64(value: str) -> bytes | None:
         return b64decode(value.encode(), validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
 
 
 def _peer_of(server: SMTP) -> str:

@@ -10,8 +10,10 @@ connection without a good header, or from a peer that is no proxy, hears nothing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import ssl
 import struct
 from typing import Any
 
@@ -23,10 +25,12 @@ from gateway.config import SmtpSettings
 from gateway.store.models import Event
 from tests.conftest import AGENT, Harness, StartRelay
 from tests.fronts.test_smtp_front import (
+    AUTH_WITHOUT_STARTTLS,
     PROSPECT,
     TIMEOUT,
     Wire,
     assert_nothing_written,
+    client_tls,
     dotted,
     plain_token,
     raw_message,
@@ -75,7 +79,6 @@ def tlv(kind: int, value: bytes) -> bytes:
 async def proxied(relay_factory: StartRelay) -> Harness:
     return await relay_factory(
         smtp={
-            "implicit_tls_listen": [],
             "proxy_protocol": True,
             "proxy_from": [f"{PROXY}/32"],
             "proxy_timeout": 1,
@@ -85,9 +88,12 @@ async def proxied(relay_factory: StartRelay) -> Harness:
     )
 
 
-async def connect(relay: Harness, header: bytes, source: str = PROXY) -> Wire:
+async def connect(
+    relay: Harness, header: bytes, source: str = PROXY, port: int | None = None
+) -> Wire:
     reader, writer = await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", relay.smtp_port, local_addr=(source, 0)), TIMEOUT
+        asyncio.open_connection("127.0.0.1", port or relay.smtp_port, local_addr=(source, 0)),
+        TIMEOUT,
     )
     wire = Wire(reader, writer)
     if header:
@@ -310,13 +316,6 @@ async def test_stopping_the_front_closes_a_connection_still_waiting_for_its_head
 BAD_SETTINGS = {
     "without proxy_from": {"proxy_protocol": True},
     "not a network": {"proxy_protocol": True, "proxy_from": ["haproxy.internal"]},
-    "with implicit TLS": {
-        "proxy_protocol": True,
-        "proxy_from": ["10.0.0.0/8"],
-        "implicit_tls_listen": ["0.0.0.0:465"],
-        "tls_cert": "cert.pem",
-        "tls_key": "key.pem",
-    },
 }
 
 
@@ -331,3 +330,74 @@ def test_settings_that_work() -> None:
         {"proxy_protocol": True, "proxy_from": ["10.0.0.0/8", "fd00::/8"], "proxy_timeout": 5}
     )
     assert smtp.proxy_from == ["10.0.0.0/8", "fd00::/8"]
+
+
+# -- implicit TLS (port 465 style): the header comes first, in clear, then the handshake
+
+
+@AUTH_WITHOUT_STARTTLS
+async def test_implicit_tls_after_the_header_takes_mail_from_the_real_client(
+    proxied: Harness,
+) -> None:
+    wire = await connect(proxied, v2(), port=proxied.tls_port)
+    await asyncio.wait_for(wire.writer.start_tls(client_tls()), TIMEOUT)
+    greeting = await wire.answer()
+    assert greeting.code == 220, greeting
+    assert open_per_address(proxied) == {CLIENT: 1}
+    await wire.ehlo()
+    assert (await wire.command(f"AUTH PLAIN {plain_token()}")).code == 235
+    assert (await wire.command(f"MAIL FROM:<{AGENT}>")).code == 250
+    assert (await wire.command(f"RCPT TO:<{PROSPECT}>")).code == 250
+    assert (await wire.data(dotted(raw_message()))).code == 250
+    await wire.close()
+    [copy] = await proxied.sink.expect(1)
+    assert f"from client.example ({CLIENT}) by relay.broker.example".encode() in copy.data
+    assert b"with ESMTPSA" in copy.data
+
+
+@AUTH_WITHOUT_STARTTLS
+async def test_implicit_tls_client_hello_in_the_same_packet_as_the_header(
+    proxied: Harness,
+) -> None:
+    """HAProxy forwards the client's first bytes right behind the header; the relay has read
+    them with the header and must hand them to the TLS layer, or the handshake hangs."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", proxied.tls_port, local_addr=(PROXY, 0)), TIMEOUT
+    )
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_tls().wrap_bio(incoming, outgoing, server_side=False)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    writer.write(v1() + outgoing.read())  # one write: header and ClientHello together
+    received = b""
+    for _ in range(100):  # a handshake is a few round trips, one or more reads each
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.do_handshake()  # nothing once it is done
+            received += tls.read(4096)
+        if outgoing.pending:
+            writer.write(outgoing.read())
+        if received.endswith(b"\r\n"):
+            break
+        data = await asyncio.wait_for(reader.read(65536), TIMEOUT)
+        assert data, f"closed during the handshake, after {received!r}"
+        incoming.write(data)
+    assert received.startswith(b"220 relay.broker.example"), received
+    assert open_per_address(proxied) == {CLIENT: 1}
+    writer.close()
+
+
+async def test_implicit_tls_plain_text_after_the_header_ends_the_connection(
+    proxied: Harness,
+) -> None:
+    wire = await connect(proxied, v1() + b"EHLO client.example\r\n", port=proxied.tls_port)
+    try:
+        rest = await asyncio.wait_for(wire.reader.read(), TIMEOUT)
+    except ConnectionResetError:
+        rest = b""
+    assert not rest.startswith(b"220") and b"250" not in rest  # at most a TLS alert
+    await wire.close()
+    await assert_nothing_written(proxied)
+    # the failed session left the gate: the client's one place (max_connections_per_ip) is free
+    again = await greeted(proxied, v1(port=40004))
+    assert open_per_address(proxied) == {CLIENT: 1}
+    await again.close()
