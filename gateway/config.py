@@ -103,11 +103,25 @@ class SmtpSettings(Section):
     auth_failure_forget: float = Field(
         default=60, gt=0, description="seconds until one failed login of an address is forgotten"
     )
+    # behind HAProxy: every connection must start with a PROXY header (docs/haproxy.md)
+    proxy_protocol: bool = False
+    proxy_from: list[str] = []
+    proxy_timeout: float = Field(default=10, gt=0, description="seconds to wait for the header")
 
     @field_validator("listen", "implicit_tls_listen")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
         return [_host_port(v) for v in value]
+
+    @field_validator("proxy_from")
+    @classmethod
+    def _proxy_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not an IP network: {exc}") from None
+        return value
 
     @model_validator(mode="after")
     def _tls_complete(self) -> SmtpSettings:
@@ -115,6 +129,8 @@ class SmtpSettings(Section):
             raise ValueError("tls_cert and tls_key go together")
         if self.implicit_tls_listen and self.tls_cert is None:
             raise ValueError("implicit_tls_listen needs tls_cert and tls_key")
+        if self.proxy_protocol and not self.proxy_from:
+            raise ValueError("proxy_protocol needs proxy_from: the proxies' addresses")
         return self
 
 

@@ -11,19 +11,23 @@ import binascii
 import logging
 import ssl
 import warnings
+from asyncio import sslproto
 from base64 import b64decode
 from typing import Any
 from weakref import WeakKeyDictionary
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import users
 from gateway.config import Settings
+from gateway.fronts.client_address import client_address
 from gateway.fronts.data_reader import DataResult, read_data
 from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
-from gateway.fronts.smtp_guard import ConnectionGate, ThrottledLog, session_ceiling
+from gateway.fronts.proxy_header import ProxyPolicy, proxied_client
+from gateway.fronts.smtp_guard import ConnectionGate, Refusal, ThrottledLog, session_ceiling
 from gateway.intake.pipeline import Envelope as PipelineEnvelope
 from gateway.intake.pipeline import Origin, Pipeline
 from gateway.login_throttle import LoginThrottle
@@ -40,9 +44,14 @@ class _ImplicitTlsNoise(logging.Filter):
     """aiosmtpd warns on every connection where AUTH does not require STARTTLS; ours are
     implicit-TLS sockets (already encrypted) and the loopback dev listener, so it is noise.
     It also warns on every successful login that `Session.login_data` (which it sets itself,
-    and which we never read) is deprecated."""
+    and which we never read) is deprecated, and on every connection when smtp.proxy_timeout
+    is below 3 s, a choice the operator made once."""
 
-    NOISE = ("auth_require_tls == False", "Session.login_data is deprecated")
+    NOISE = (
+        "auth_require_tls == False",
+        "Session.login_data is deprecated",
+        "proxy_protocol_timeout < 3.0",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -127,7 +136,7 @@ class SubmissionHandler:
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         session = server.session
         assert session is not None
-        address = _peer(session)
+        address = client_address(session)
         account = login.decode("utf-8", errors="replace")
         if self.throttle.account_refused(address, account):
             self._throttled.warning(
@@ -178,6 +187,12 @@ class SubmissionHandler:
         # AuthResult's handled defaults to True, which would make aiosmtpd send nothing.
         return await _refuse(server, reply)
 
+    async def handle_PROXY(
+        self, server: SMTP, session: Session, envelope: Envelope, proxy_data: ProxyData
+    ) -> bool:
+        """aiosmtpd has read the PROXY header; False closes the connection."""
+        return isinstance(server, SubmissionSMTP) and await server.admit_proxied(proxy_data)
+
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's default answers `500 Error: (Class) text`, showing the client our
         internals (database addresses, paths) and telling it not to retry."""
@@ -222,7 +237,7 @@ class SubmissionHandler:
         )
         origin = Origin(
             helo=session.host_name or "",
-            peer=_peer(session),
+            peer=client_address(session),
             protocol="ESMTPSA" if tls else "ESMTPA",
         )
         try:
@@ -249,36 +264,145 @@ class SubmissionSMTP(SMTP):
     steadily it flowed. Here every piece of DATA restarts it, and the timer stands still
     while the relay itself works on the message (the client is waiting for us then).
     Each connection first passes the front's gate (gateway/fronts/smtp_guard.py), or hears 421.
+    Behind HAProxy (`proxy`), the gate waits for the PROXY header and counts the client it
+    names, never the proxy; the session's peer becomes that client (client_address.py).
     """
 
     _receiving_data = False
     _stopping = False
 
-    def __init__(self, handler: SubmissionHandler, gate: ConnectionGate, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        gate: ConnectionGate,
+        proxy: ProxyPolicy | None = None,
+        implicit_tls: ssl.SSLContext | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`implicit_tls`: an implicit-TLS listener behind a proxy, whose handshake follows
+        the PROXY header (without a proxy, the listening socket itself does TLS)."""
+        if proxy is not None:
+            kwargs["proxy_protocol_timeout"] = proxy.timeout
         super().__init__(handler, **kwargs)
         self._gate = gate
+        self._proxy = proxy
+        self._implicit_tls = implicit_tls
+        self._started = False
         self._admitted: str | None = None  # the client address while counted by the gate
+        self._client: Any = None  # (address, port) the PROXY header named
+        self._proxy_data: ProxyData | None = None
         self._refused = False
         self.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The gate decides before aiosmtpd sets up a session (STARTTLS calls this again)."""
-        if self._admitted is None:
-            peer = transport.get_extra_info("peername")
-            address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
-            refusal = self._gate.admit(address)
-            if refusal is not None:
-                self._refused = True
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(refusal.encode("ascii") + b"\r\n")
-                _count(refusal)
-                transport.close()
-                return
-            self._admitted = address
+        if self._started:
             super().connection_made(transport)
-            self._gate.enter(self)
+            if self._client is not None and self.session is not None:
+                self.session.peer = self._client
+                self.session.proxy_data = self._proxy_data
+            return
+        self._started = True
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+        if self._proxy is not None:
+            self._await_proxy_header(transport, address)
+            return
+        refusal = self._gate.admit(address)
+        if refusal is not None:
+            self._refuse(transport, refusal)
+            return
+        self._admitted = address
+        super().connection_made(transport)
+        self._gate.enter(self)
+
+    def _await_proxy_header(self, transport: asyncio.BaseTransport, address: str) -> None:
+        """Only a configured proxy may connect; aiosmtpd then reads its header before the
+        greeting, within the proxy timeout, and calls handle_PROXY (admit_proxied)."""
+        assert self._proxy is not None
+        if not self._proxy.trusted(address):
+            self._gate.refusals.warning(
+                "not-a-proxy", "closed a connection from %s: not in smtp.proxy_from", address
+            )
+            self._refuse(transport, None)
+            return
+        if self._gate.open_total >= self._gate.total:
+            self._refuse(transport, Refusal.BUSY)
             return
         super().connection_made(transport)
+        self._gate.sessions.add(self)  # so that stopping the relay closes it too
+
+    async def admit_proxied(self, data: ProxyData) -> bool:
+        """The header is read: the client it names passes the gate, or the connection ends.
+
+        On an implicit-TLS listener the refusal is silent (the client expects a TLS
+        handshake, not text) and the handshake happens here, before the greeting."""
+        session = self.session
+        assert session is not None
+        proxy = client_address(session)
+        client = proxied_client(data, session.peer)
+        if client is None:
+            self._gate.refusals.warning(
+                "proxy-header", "closed a connection from proxy %s: unusable PROXY header", proxy
+            )
+            return False
+        refusal = self._gate.admit(client[0])
+        if refusal is not None:
+            _count(refusal)
+            if isinstance(self.transport, asyncio.WriteTransport) and self._implicit_tls is None:
+                self.transport.write(refusal.encode("ascii") + b"\r\n")
+            return False
+        self._admitted = client[0]
+        self._client = client
+        session.peer = client  # type: ignore[assignment]  # aiosmtpd stores the peername tuple
+        self._proxy_data = data
+        log.info("%s connected through proxy %s", client[0], proxy)
+        self._gate.enter(self)
+        if self._implicit_tls is not None:
+            return await self._start_implicit_tls(self._implicit_tls)
+        return True
+
+    async def _start_implicit_tls(self, context: ssl.SSLContext) -> bool:
+        """What aiosmtpd's STARTTLS does, without the command: the TLS layer goes between
+        the socket and this protocol, which sees connection_made again once it is up.
+        Bytes the client sent right behind the header (its ClientHello, often in the same
+        packet) are already in the reader; they are handed to the TLS layer, not lost."""
+        assert self.transport is not None
+        early = bytes(self._reader._buffer)  # type: ignore[attr-defined]
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        waiter = self.loop.create_future()
+        tls = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=int(TLS_HANDSHAKE_TIMEOUT),
+        )
+        self._tls_protocol = tls
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(tls)
+        self.transport = tls._app_transport
+        tls.connection_made(self._original_transport)
+        if early:
+            _feed(tls, early)
+        try:
+            await waiter
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            # The TLS layer closes the socket but, the handshake never done, does not call
+            # our connection_lost: the session ends here, or the gate would count it forever.
+            log.info("%s: TLS handshake failed: %s", _peer_of(self), exc)
+            self._pause_timeout()
+            self._leave_gate()
+            return False
+        return True
+
+    def _refuse(self, transport: asyncio.BaseTransport, refusal: str | None) -> None:
+        self._refused = True
+        if refusal is not None and isinstance(transport, asyncio.WriteTransport):
+            transport.write(refusal.encode("ascii") + b"\r\n")
+            _count(refusal)
+        transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -286,10 +410,14 @@ class SubmissionSMTP(SMTP):
         try:
             super().connection_lost(error)
         finally:
-            self.closed.set()
-            if self._admitted is not None:
-                self._gate.release(self._admitted, self)
-                self._admitted = None
+            self._leave_gate()
+
+    def _leave_gate(self) -> None:
+        self.closed.set()
+        if self._admitted is not None:
+            self._gate.release(self._admitted, self)
+            self._admitted = None
+        self._gate.sessions.discard(self)
 
     def eof_received(self) -> bool | None:
         if self._refused:
@@ -313,13 +441,15 @@ class SubmissionSMTP(SMTP):
 
     def _say_stopping(self) -> None:
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if self._proxy is not None and self._admitted is None and transport is not None:
+            transport.close()  # still waiting for the PROXY header: nobody to speak SMTP to
+        elif isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             reply = _count(Reply.STOPPING.format(hostname=self.hostname))
             transport.write((reply + "\r\n").encode("ascii"))
             transport.close()
 
     def shorten_idle(self) -> None:
-        if not self._logged_in and self.transport is not None:
+        if not self._logged_in and self.transport is not None and self._admitted is not None:
             self._reset_timeout()
 
     @property
@@ -334,9 +464,13 @@ class SubmissionSMTP(SMTP):
         super().data_received(data)
 
     def _timeout_cb(self) -> None:
-        """Say why before closing, so the client logs a reason and not a lost connection."""
+        """Say why before closing, so the client logs a reason and not a lost connection.
+
+        A proxy that sent no header in time hears nothing: we do not speak SMTP before it."""
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if self._proxy is not None and self._admitted is None:
+            log.info("%s: no PROXY header in %.0f s; closing", _peer_of(self), self._proxy.timeout)
+        elif isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             log.info("%s: silent too long; closing", _peer_of(self))
             transport.write((Reply.TIMEOUT.format(hostname=self.hostname) + "\r\n").encode("ascii"))
             _count(Reply.TIMEOUT)
@@ -400,6 +534,7 @@ class SmtpFront:
         self.failed_logins = self.throttle.per_address
         self.handler = SubmissionHandler(settings, db, pipeline, self.throttle)
         self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
+        self.proxy = ProxyPolicy.from_settings(smtp)
         self.tls = tls_context(settings)
         self.servers: list[asyncio.Server] = []
 
@@ -415,11 +550,15 @@ class SmtpFront:
                     f"smtp.listen {address}: agents could not log in; set smtp.tls_cert and"
                     " smtp.tls_key, or allow_plaintext_auth_on_loopback on a loopback address"
                 )
-            factory = self._factory(self.tls, require_tls=not plaintext_ok)
+            factory = self._factory(self.tls, require_tls=not plaintext_ok, proxy=self.proxy)
             self.servers.append(await loop.create_server(factory, host, port))
         for address in smtp.implicit_tls_listen:
             host, port = split_address(address)
-            factory = self._factory(None, require_tls=False)
+            if self.proxy is not None:
+                factory = self._factory(None, False, self.proxy, implicit_tls=self.tls)
+                self.servers.append(await loop.create_server(factory, host, port))
+                continue
+            factory = self._factory(None, require_tls=False, proxy=None)
             self.servers.append(
                 await loop.create_server(
                     factory,
@@ -433,13 +572,21 @@ class SmtpFront:
             for sock in server.sockets:
                 log.info("SMTP listening on %s", sock.getsockname()[:2])
 
-    def _factory(self, tls: ssl.SSLContext | None, require_tls: bool) -> Any:
+    def _factory(
+        self,
+        tls: ssl.SSLContext | None,
+        require_tls: bool,
+        proxy: ProxyPolicy | None,
+        implicit_tls: ssl.SSLContext | None = None,
+    ) -> Any:
         smtp = self.settings.smtp
 
         def make() -> SMTP:
             return SubmissionSMTP(
                 self.handler,
                 self.gate,
+                proxy,
+                implicit_tls,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=False,
                 decode_data=False,
@@ -530,10 +677,15 @@ def _b64(value: str) -> bytes | None:
         return None
 
 
+def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
+
+
 def _peer_of(server: SMTP) -> str:
-    return _peer(server.session) if server.session is not None else "?"
-
-
-def _peer(session: Session) -> str:
-    peer = session.peer
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+    return client_address(server.session) if server.session is not None else "?"
