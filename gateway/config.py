@@ -81,6 +81,50 @@ def _host_port(value: str) -> str:
 HostPort = Annotated[str, Field(min_length=3)]
 
 
+class TrustedClient(Section):
+    """One `[[smtp.trusted]]` entry: a client that may send without AUTH (docs/trusted-hosts.md).
+
+    A client matches only when every condition given holds: its address is in `networks`,
+    it presented a certificate verified against `client_ca` naming one of
+    `certificate_names` (when given), and it speaks TLS (when `require_tls`).
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    networks: list[str] = Field(min_length=1)
+    certificate_names: list[Annotated[str, Field(min_length=1)]] = []
+    client_ca: Path | None = None
+    require_tls: bool = False
+    listen: list[HostPort] = []
+    service: str | None = Field(default=None, min_length=1, max_length=100)
+    domains: list[Annotated[str, Field(min_length=1)]] | None = None
+    map_agents: bool = False
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return WebSettings._networks(value)
+
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return [_host_port(v) for v in value]
+
+    @field_validator("certificate_names", "domains")
+    @classmethod
+    def _lower(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [v.strip().lower().rstrip(".") for v in value]
+
+    @model_validator(mode="after")
+    def _certificate_needs_ca(self) -> TrustedClient:
+        if self.certificate_names and self.client_ca is None:
+            raise ValueError("certificate_names needs client_ca, the CAs to verify them against")
+        return self
+
+    @property
+    def service_name(self) -> str:
+        return self.service or self.name
+
+
 class SmtpSettings(Section):
     listen: list[HostPort] = ["127.0.0.1:2525"]
     implicit_tls_listen: list[HostPort] = []
@@ -103,6 +147,7 @@ class SmtpSettings(Section):
     auth_failure_forget: float = Field(
         default=60, gt=0, description="seconds until one failed login of an address is forgotten"
     )
+    trusted: list[TrustedClient] = []
 
     @field_validator("listen", "implicit_tls_listen")
     @classmethod
@@ -115,6 +160,15 @@ class SmtpSettings(Section):
             raise ValueError("tls_cert and tls_key go together")
         if self.implicit_tls_listen and self.tls_cert is None:
             raise ValueError("implicit_tls_listen needs tls_cert and tls_key")
+        names = [t.name for t in self.trusted]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"trusted: names must be unique; repeated: {', '.join(repeated)}")
+        for entry in self.trusted:
+            if (entry.client_ca is not None or entry.require_tls) and self.tls_cert is None:
+                raise ValueError(
+                    f"trusted {entry.name}: client_ca and require_tls need tls_cert and tls_key"
+                )
         return self
 
 
