@@ -16,17 +16,21 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from cryptography.hazmat.primitives.serialization import Encoding
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import users
 from gateway.config import Settings
+from gateway.fronts import trusted
 from gateway.fronts.data_reader import DataResult, read_data
 from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
 from gateway.fronts.smtp_guard import ConnectionGate, ThrottledLog, session_ceiling
+from gateway.fronts.trusted import ClientFacts, TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Envelope as PipelineEnvelope
-from gateway.intake.pipeline import Origin, Pipeline
+from gateway.intake.pipeline import Origin, Pipeline, Submitter, TrustedOrigin
 from gateway.login_throttle import LoginThrottle
+from gateway.mail import headers
 from gateway.rejections import Rejected
 from gateway.store.db import Database
 from gateway.store.metrics import SMTP_REPLIES
@@ -82,6 +86,13 @@ class Reply:
     @staticmethod
     def not_your_address(address: str) -> str:
         return f"553 5.7.1 You may not send as <{address}>: it is not one of your addresses"
+
+    @staticmethod
+    def not_our_domain(address: str, where: str) -> str:
+        return (
+            f"550 5.7.1 This client may send only for the domains this relay serves;"
+            f" <{address}> ({where}) is not in one of them"
+        )
 
     @staticmethod
     def bad_recipient(address: str, why: str) -> str:
@@ -181,6 +192,9 @@ class SubmissionHandler:
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's default answers `500 Error: (Class) text`, showing the client our
         internals (database addresses, paths) and telling it not to retry."""
+        if isinstance(error, ssl.SSLError):  # e.g. a client certificate from an unknown CA
+            log.info("SMTP session ended: TLS failed: %s", error)
+            return _count(Reply.LOCAL_ERROR)
         log.error("SMTP session failed", exc_info=error)
         return _count(Reply.LOCAL_ERROR)
 
@@ -189,12 +203,17 @@ class SubmissionHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        agent = _agent(session)
         try:
             validate_email(address, check_deliverability=False, allow_smtputf8=False)
         except EmailNotValidError as exc:
             return _count(Reply.bad_sender(address, str(exc)))
-        if not agent.may_send_as(address):
+        if not session.authenticated:
+            found = _trusted_match(server)
+            domains = await trusted.allowed_domains(found, self.settings, self.db)
+            if trusted.domain_of(address) not in domains:
+                log.info("%s (%s): refused sender %s", _peer(session), found.entry.name, address)
+                return _count(Reply.not_our_domain(address, "MAIL FROM"))
+        elif not _agent(session).may_send_as(address):
             return _count(Reply.not_your_address(address))
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -225,11 +244,25 @@ class SubmissionHandler:
             peer=_peer(session),
             protocol="ESMTPSA" if tls else "ESMTPA",
         )
+        submitter: Submitter
         try:
+            if session.authenticated:
+                submitter = _agent(session)
+            else:
+                found = _trusted_match(server)
+                submitter = await self._trusted_submitter(found, envelope.mail_from, raw)
+                origin = Origin(
+                    helo=origin.helo,
+                    peer=origin.peer,
+                    protocol="ESMTPS" if tls else "ESMTP",
+                    trusted=TrustedOrigin(
+                        found.entry.name, found.entry.settings.service_name, found.certificate_name
+                    ),
+                )
             message_id = await self.pipeline.submit(
                 PipelineEnvelope(envelope.mail_from, tuple(envelope.rcpt_tos)),
                 raw,
-                _agent(session),
+                submitter,
                 origin,
             )
         except Rejected as refusal:
@@ -239,6 +272,18 @@ class SubmissionHandler:
             log.exception("could not accept mail from %s", envelope.mail_from)
             return _count(Reply.TEMPORARY)
         return _count(Reply.QUEUED.format(message_id=message_id))
+
+    async def _trusted_submitter(
+        self, found: TrustedMatch, mail_from: str, raw: bytes
+    ) -> trusted.TrustedSubmitter:
+        """The service (or mapped agent) a trusted client sends as; its From header must be
+        in the entry's domains too, or the message is refused here with 550."""
+        domains = await trusted.allowed_domains(found, self.settings, self.db)
+        authors = headers.addresses(headers.fields_of(raw), "from")
+        for author in authors:
+            if trusted.domain_of(author) not in domains:
+                raise Rejected(Reply.not_our_domain(author, "From header"))
+        return await trusted.submitter_for(found, domains, self.db, [mail_from, *authors])
 
 
 class SubmissionSMTP(SMTP):
@@ -253,10 +298,19 @@ class SubmissionSMTP(SMTP):
 
     _receiving_data = False
     _stopping = False
+    _require_starttls = False
+    trusted: tuple[TrustedEntry, ...] = ()
 
-    def __init__(self, handler: SubmissionHandler, gate: ConnectionGate, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        gate: ConnectionGate,
+        trusted: tuple[TrustedEntry, ...] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._gate = gate
+        self.trusted = trusted
         self._admitted: str | None = None  # the client address while counted by the gate
         self._refused = False
         self.closed = asyncio.Event()
@@ -317,6 +371,34 @@ class SubmissionSMTP(SMTP):
             reply = _count(Reply.STOPPING.format(hostname=self.hostname))
             transport.write((reply + "\r\n").encode("ascii"))
             transport.close()
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        """A client that matches a trusted entry needs no AUTH; every other hears 530."""
+        if self.session is not None and not self.session.authenticated and self.trusted_match():
+            return False
+        result: bool = await super().check_auth_needed(caller_method)
+        return result
+
+    @property
+    def require_starttls(self) -> bool:
+        """aiosmtpd answers 530 to commands before STARTTLS when this holds; a trusted
+        client whose entry allows plain text is spared, every other client is not."""
+        if not self._require_starttls or self._tls_protocol is not None:
+            return self._require_starttls
+        return self.trusted_match() is None
+
+    @require_starttls.setter
+    def require_starttls(self, value: bool) -> None:
+        self._require_starttls = bool(value)
+
+    def trusted_match(self) -> TrustedMatch | None:
+        """The entry this client matches now (after STARTTLS it may match more)."""
+        if not self.trusted or self.session is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        client = ClientFacts(_peer(self.session), ssl_object is not None, certificate)
+        return trusted.match(self.trusted, client)
 
     def shorten_idle(self) -> None:
         if not self._logged_in and self.transport is not None:
@@ -400,6 +482,7 @@ class SmtpFront:
         self.failed_logins = self.throttle.per_address
         self.handler = SubmissionHandler(settings, db, pipeline, self.throttle)
         self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
+        self.trusted = tuple(TrustedEntry.load(entry) for entry in smtp.trusted)
         self.tls = tls_context(settings)
         self.servers: list[asyncio.Server] = []
 
@@ -415,17 +498,25 @@ class SmtpFront:
                     f"smtp.listen {address}: agents could not log in; set smtp.tls_cert and"
                     " smtp.tls_key, or allow_plaintext_auth_on_loopback on a loopback address"
                 )
-            factory = self._factory(self.tls, require_tls=not plaintext_ok)
+            entries = self._trusted_on(address)
+            factory = self._factory(self._tls_for(entries), not plaintext_ok, entries)
+            self.servers.append(await loop.create_server(factory, host, port))
+        for address in self._trusted_listeners():
+            host, port = split_address(address)
+            require_tls = not plaintext_logins_allowed(smtp, host)
+            entries = self._trusted_on(address)
+            factory = self._factory(self._tls_for(entries), require_tls, entries)
             self.servers.append(await loop.create_server(factory, host, port))
         for address in smtp.implicit_tls_listen:
             host, port = split_address(address)
-            factory = self._factory(None, require_tls=False)
+            entries = self._trusted_on(address)
+            factory = self._factory(None, False, entries)
             self.servers.append(
                 await loop.create_server(
                     factory,
                     host,
                     port,
-                    ssl=self.tls,
+                    ssl=self._tls_for(entries),
                     ssl_handshake_timeout=min(smtp.timeout, TLS_HANDSHAKE_TIMEOUT),
                 )
             )
@@ -433,13 +524,37 @@ class SmtpFront:
             for sock in server.sockets:
                 log.info("SMTP listening on %s", sock.getsockname()[:2])
 
-    def _factory(self, tls: ssl.SSLContext | None, require_tls: bool) -> Any:
+    def _tls_for(self, entries: tuple[TrustedEntry, ...]) -> ssl.SSLContext | None:
+        """A listener asks for client certificates only where an entry on it names some."""
+        if not any(entry.authorities for entry in entries):
+            return self.tls
+        return tls_context(self.settings, entries)
+
+    def _trusted_on(self, address: str) -> tuple[TrustedEntry, ...]:
+        """Entries without listeners of their own match on the shared ones."""
+        return tuple(
+            e for e in self.trusted if address in e.settings.listen or not e.settings.listen
+        )
+
+    def _trusted_listeners(self) -> list[str]:
+        """Trusted entries' own listen addresses (STARTTLS when TLS is configured)."""
+        shared = {*self.settings.smtp.listen, *self.settings.smtp.implicit_tls_listen}
+        own = [a for e in self.trusted for a in e.settings.listen if a not in shared]
+        return list(dict.fromkeys(own))
+
+    def _factory(
+        self,
+        tls: ssl.SSLContext | None,
+        require_tls: bool,
+        trusted_entries: tuple[TrustedEntry, ...],
+    ) -> Any:
         smtp = self.settings.smtp
 
         def make() -> SMTP:
             return SubmissionSMTP(
                 self.handler,
                 self.gate,
+                trusted_entries,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=False,
                 decode_data=False,
@@ -480,14 +595,34 @@ class SmtpFront:
         self.servers = []
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
+def tls_context(
+    settings: Settings, trusted_entries: tuple[TrustedEntry, ...] = ()
+) -> ssl.SSLContext | None:
+    """The listeners' TLS; with trusted entries' client CAs it asks for (never requires) a
+    client certificate, verified against those CAs only, so agents without one connect."""
     smtp = settings.smtp
     if smtp.tls_cert is None or smtp.tls_key is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(smtp.tls_cert, smtp.tls_key)
+    authorities = [a for entry in trusted_entries for a in entry.authorities]
+    if authorities:
+        context.load_verify_locations(
+            cadata="".join(a.public_bytes(Encoding.PEM).decode("ascii") for a in authorities)
+        )
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+def _trusted_match(server: SMTP) -> TrustedMatch:
+    """The trusted entry of a session that did not log in; aiosmtpd let it past AUTH
+    (SubmissionSMTP.check_auth_needed) only because there is one."""
+    found = server.trusted_match() if isinstance(server, SubmissionSMTP) else None
+    if found is None:
+        raise RuntimeError("MAIL without AUTH from a client that matches no trusted entry")
+    return found
 
 
 def _agent(session: Session) -> users.Agent:

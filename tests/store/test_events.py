@@ -74,6 +74,8 @@ STORED_NAMES = {
     "notice.download_queued",
     "letter.expiry_warned",
     "user.notices_changed",
+    # trusted-front
+    "message.trusted_client",
 }
 
 
