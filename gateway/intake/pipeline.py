@@ -59,6 +59,11 @@ class TrustedOrigin:
     service: str
     certificate: str | None = None
 
+    def describe(self) -> str:
+        """For the Received line: `SERVICE, entry NAME, certificate CN`."""
+        certificate = f", certificate {self.certificate}" if self.certificate else ""
+        return f"{self.service}, entry {self.entry}{certificate}"[:300]
+
 
 @dataclass(frozen=True)
 class Origin:
@@ -163,6 +168,7 @@ class Pipeline:
             helo=origin.helo[:255],
             peer=origin.peer[:100],
             protocol=origin.protocol,
+            trusted_client=origin.trusted.describe() if origin.trusted else None,
         )
         copy_base = original if base == raw else await self.blobs.put(base)
         return Draft(message, now, base, root, copy_base)

@@ -335,7 +335,11 @@ async def test_every_combination_of_address_certificate_tls_and_domain(
     [copy] = await relay.sink.expect(1)
     assert copy.rcpt_tos == [PROSPECT] and copy.mail_from == SERVED
     received = [v for k, v in _fields(copy.data) if k == "received"]
-    assert f"({INSIDE})" in received[0] and "with ESMTPS id" in received[0], received
+    assert (
+        f"({INSIDE}) (trusted client Microsoft 365 connector, entry m365,"
+        f" certificate {CONNECTOR}) by relay.broker.example (sealrelay) with ESMTPS id"
+        in received[0]
+    ), received
     async with relay.relay.db.transaction() as session:
         event = await session.scalar(select(Event).where(Event.type == "message.trusted_client"))
         message_row = await session.scalar(select(Message))
