@@ -28,7 +28,8 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from gateway import users
-from gateway.config import SmtpSettings, TrustedClient
+from gateway.config import Settings, SmtpSettings, TrustedClient
+from gateway.config_check import settings_problems
 from gateway.fronts.trusted import TrustedEntry
 from gateway.store.models import Delivery, Event, Message
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
@@ -559,3 +560,23 @@ def test_a_client_ca_without_certificates_stops_start_up(tmp_path: Path) -> None
         TrustedEntry.load(entry)
     with pytest.raises(RuntimeError, match="cannot read"):
         TrustedEntry.load(entry.model_copy(update={"client_ca": tmp_path / "missing.pem"}))
+
+
+def test_check_config_names_an_unusable_client_ca(
+    tmp_path: Path, tls_files: tuple[Path, Path], pki: Pki
+) -> None:
+    cert, key = tls_files
+    settings = Settings.model_validate(
+        {
+            "smtp": {
+                "tls_cert": str(cert),
+                "tls_key": str(key),
+                "trusted": [
+                    {"name": "good", "networks": ["10.0.0.0/8"], "client_ca": str(pki.ca.pem)},
+                    {"name": "gone", "networks": ["10.0.0.0/8"], "client_ca": str(tmp_path)},
+                ],
+            }
+        }
+    )
+    found = [str(p) for p in settings_problems(settings) if p.key == "smtp.trusted"]
+    assert found == [f"smtp.trusted: gone: client_ca {tmp_path}: cannot read: Is a directory"]
