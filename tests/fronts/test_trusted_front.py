@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from gateway import users
 from gateway.config import Settings, SmtpSettings, TrustedClient
 from gateway.config_check import settings_problems
-from gateway.fronts.trusted import TrustedEntry
+from gateway.fronts.trusted import ClientFacts, TrustedEntry, match
 from gateway.store.models import Delivery, Event, Message
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
 from tests.support import free_port
@@ -580,3 +580,75 @@ def test_check_config_names_an_unusable_client_ca(
     )
     found = [str(p) for p in settings_problems(settings) if p.key == "smtp.trusted"]
     assert found == [f"smtp.trusted: gone: client_ca {tmp_path}: cannot read: Is a directory"]
+
+
+async def test_a_certificate_from_another_entrys_ca_does_not_match(
+    relay_factory: StartRelay, tmp_path: Path, pki: Pki
+) -> None:
+    """Both CAs are trusted by the listener's TLS; the name must come from the entry's own."""
+    google = Authority(tmp_path, "google-ca")
+    relay = await relay_factory(
+        smtp={
+            "trusted": [
+                {
+                    "name": "m365",
+                    "networks": ["127.0.0.4/31"],
+                    "certificate_names": [CONNECTOR],
+                    "client_ca": str(pki.ca.pem),
+                },
+                {
+                    "name": "google",
+                    "networks": ["127.0.0.4/31"],
+                    "certificate_names": ["relay.google.example"],
+                    "client_ca": str(google.pem),
+                },
+            ]
+        }
+    )
+    forged = google.issue(CONNECTOR)  # google's CA, m365's name
+    got = await attempt(
+        relay.smtp_port, INSIDE, tls=True, certificate=forged, mail_from=SERVED, author=SERVED
+    )
+    assert got == AUTH_REQUIRED
+    assert await stored(relay) == (0, 0, 0)
+    got = await attempt(
+        relay.smtp_port,
+        INSIDE,
+        tls=True,
+        certificate=google.issue("relay.google.example"),
+        mail_from=SERVED,
+        author=SERVED,
+    )
+    assert got.startswith("250 2.0.0 Ok: queued as")
+    async with relay.relay.db.transaction() as session:
+        event = await session.scalar(select(Event).where(Event.type == "message.trusted_client"))
+    assert event is not None and event.data["entry"] == "google"
+
+
+def _entry(**values: object) -> TrustedEntry:
+    return TrustedEntry.load(TrustedClient.model_validate({"name": "e", **values}))
+
+
+@pytest.mark.parametrize(
+    ("networks", "peer", "matches"),
+    [
+        (["2001:db8::/32"], "2001:db8::7", True),
+        (["2001:db8::/32"], "2001:db9::7", False),
+        (["192.0.2.0/24"], "::ffff:192.0.2.7", True),  # a dual-stack listener's view of v4
+        (["192.0.2.0/24"], "192.0.3.7", False),
+        (["192.0.2.0/24"], "", False),
+        (["192.0.2.0/24"], "not-an-address", False),
+    ],
+)
+def test_networks_match_v4_v6_and_mapped_addresses(
+    networks: list[str], peer: str, matches: bool
+) -> None:
+    found = match([_entry(networks=networks)], ClientFacts(peer, tls=False))
+    assert (found is not None) == matches
+
+
+def test_require_tls_alone_needs_tls_and_no_certificate() -> None:
+    entry = _entry(networks=["192.0.2.0/24"], require_tls=True)
+    assert match([entry], ClientFacts("192.0.2.7", tls=False)) is None
+    found = match([entry], ClientFacts("192.0.2.7", tls=True))
+    assert found is not None and found.certificate_name is None
