@@ -652,3 +652,25 @@ def test_require_tls_alone_needs_tls_and_no_certificate() -> None:
     assert match([entry], ClientFacts("192.0.2.7", tls=False)) is None
     found = match([entry], ClientFacts("192.0.2.7", tls=True))
     assert found is not None and found.certificate_name is None
+
+
+async def test_a_trusted_client_keeps_the_recipient_and_size_limits(
+    relay_factory: StartRelay,
+) -> None:
+    relay = await relay_factory(smtp={"trusted": [{"name": "crm", "networks": [f"{INSIDE}/32"]}]})
+    client = await Client.open(relay.smtp_port, INSIDE)
+    try:
+        assert (await client.command("EHLO crm.example")).startswith("250")
+        assert (await client.command(f"MAIL FROM:<{SERVED}>")).startswith("250")
+        for n in range(5):
+            assert (await client.command(f"RCPT TO:<p{n}@example.com>")).startswith("250")
+        too_many = await client.command("RCPT TO:<p5@example.com>")
+        assert too_many == "452 4.5.3 Too many recipients; at most 5 per message"
+        assert (await client.command("DATA")).startswith("354")
+        big = message(SERVED) + b"x" * 1100 * 1024 + b"\r\n"
+        client.writer.write(big.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        too_big = await client.reply()
+        assert too_big == ("552 5.3.4 The message is too big; at most 1048576 bytes are accepted")
+    finally:
+        await client.close()
+    assert await stored(relay) == (0, 0, 0)
