@@ -81,6 +81,50 @@ def _host_port(value: str) -> str:
 HostPort = Annotated[str, Field(min_length=3)]
 
 
+class TrustedClient(Section):
+    """One `[[smtp.trusted]]` entry: a client that may send without AUTH (docs/trusted-hosts.md).
+
+    A client matches only when every condition given holds: its address is in `networks`,
+    it presented a certificate verified against `client_ca` naming one of
+    `certificate_names` (when given), and it speaks TLS (when `require_tls`).
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    networks: list[str] = Field(min_length=1)
+    certificate_names: list[Annotated[str, Field(min_length=1)]] = []
+    client_ca: Path | None = None
+    require_tls: bool = False
+    listen: list[HostPort] = []
+    service: str | None = Field(default=None, min_length=1, max_length=100)
+    domains: list[Annotated[str, Field(min_length=1)]] | None = None
+    map_agents: bool = False
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return WebSettings._networks(value)
+
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return [_host_port(v) for v in value]
+
+    @field_validator("certificate_names", "domains")
+    @classmethod
+    def _lower(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [v.strip().lower().rstrip(".") for v in value]
+
+    @model_validator(mode="after")
+    def _certificate_needs_ca(self) -> TrustedClient:
+        if self.certificate_names and self.client_ca is None:
+            raise ValueError("certificate_names needs client_ca, the CAs to verify them against")
+        return self
+
+    @property
+    def service_name(self) -> str:
+        return self.service or self.name
+
+
 class SmtpSettings(Section):
     listen: list[HostPort] = ["127.0.0.1:2525"]
     implicit_tls_listen: list[HostPort] = []
@@ -107,6 +151,7 @@ class SmtpSettings(Section):
     proxy_protocol: bool = False
     proxy_from: list[str] = []
     proxy_timeout: float = Field(default=10, gt=0, description="seconds to wait for the header")
+    trusted: list[TrustedClient] = []
 
     @field_validator("listen", "implicit_tls_listen")
     @classmethod
@@ -131,6 +176,15 @@ class SmtpSettings(Section):
             raise ValueError("implicit_tls_listen needs tls_cert and tls_key")
         if self.proxy_protocol and not self.proxy_from:
             raise ValueError("proxy_protocol needs proxy_from: the proxies' addresses")
+        names = [t.name for t in self.trusted]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"trusted: names must be unique; repeated: {', '.join(repeated)}")
+        for entry in self.trusted:
+            if (entry.client_ca is not None or entry.require_tls) and self.tls_cert is None:
+                raise ValueError(
+                    f"trusted {entry.name}: client_ca and require_tls need tls_cert and tls_key"
+                )
         return self
 
 

@@ -552,3 +552,34 @@ def _verify(stored: str, password: str) -> bool:
         return _hasher.verify(stored, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+async def agent_by_address(db: Database, address: str) -> Agent | None:
+    """The enabled agent whose address or alias `address` is, for a trusted client's mail
+    (gateway/fronts/trusted.py); None when nobody has it."""
+    address = address.strip().lower()
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == address))
+        if user is None:
+            owner = await session.scalar(select(Alias.user_id).where(Alias.address == address))
+            user = await session.get(User, owner) if owner is not None else None
+        if user is None or user.disabled:
+            return None
+        aliases = (
+            await session.scalars(select(Alias.address).where(Alias.user_id == user.id))
+        ).all()
+    return Agent(
+        user_id=user.id,
+        email=user.email,
+        group=user.group_name,
+        role=Role(user.role),
+        addresses=frozenset([user.email, *aliases]),
+    )
+
+
+async def address_domains(db: Database) -> frozenset[str]:
+    """The domains of every user's address and alias: part of "the domains we serve"."""
+    async with db.transaction() as session:
+        emails = (await session.scalars(select(User.email))).all()
+        aliases = (await session.scalars(select(Alias.address))).all()
+    return frozenset(a.rpartition("@")[2].lower() for a in (*emails, *aliases))

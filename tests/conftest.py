@@ -150,7 +150,7 @@ async def sink() -> AsyncIterator[Sink]:
     await server.stop()
 
 
-def relay_settings(tmp_path: Path, upstream_port: int, **sections: dict[str, Any]) -> Settings:
+def relay_settings(tmp_path: Path, upstream_port: int, **sections: Any) -> Settings:
     data: dict[str, Any] = {
         "server": {"hostname": "relay.broker.example", "public_url": "http://127.0.0.1:8080"},
         "smtp": {"listen": [f"127.0.0.1:{free_port()}"]},

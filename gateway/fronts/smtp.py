@@ -18,19 +18,23 @@ from weakref import WeakKeyDictionary
 
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from cryptography.hazmat.primitives.serialization import Encoding
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import users
 from gateway.config import Settings
+from gateway.fronts import trusted
 from gateway.fronts.client_address import client_address
 from gateway.fronts.data_reader import DataResult, read_data
 from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
 from gateway.fronts.proxy_header import ProxyPolicy, proxied_client
 from gateway.fronts.smtp_guard import ConnectionGate, Refusal, ThrottledLog, session_ceiling
+from gateway.fronts.trusted import ClientFacts, TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Envelope as PipelineEnvelope
-from gateway.intake.pipeline import Origin, Pipeline
+from gateway.intake.pipeline import Origin, Pipeline, Submitter, TrustedOrigin
 from gateway.login_throttle import LoginThrottle
+from gateway.mail import headers
 from gateway.rejections import Rejected
 from gateway.store.db import Database
 from gateway.store.metrics import SMTP_REPLIES
@@ -91,6 +95,13 @@ class Reply:
     @staticmethod
     def not_your_address(address: str) -> str:
         return f"553 5.7.1 You may not send as <{address}>: it is not one of your addresses"
+
+    @staticmethod
+    def not_our_domain(address: str, where: str) -> str:
+        return (
+            f"550 5.7.1 This client may send only for the domains this relay serves;"
+            f" <{address}> ({where}) is not in one of them"
+        )
 
     @staticmethod
     def bad_recipient(address: str, why: str) -> str:
@@ -196,6 +207,9 @@ class SubmissionHandler:
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's default answers `500 Error: (Class) text`, showing the client our
         internals (database addresses, paths) and telling it not to retry."""
+        if isinstance(error, ssl.SSLError):  # e.g. a client certificate from an unknown CA
+            log.info("SMTP session ended: TLS failed: %s", error)
+            return _count(Reply.LOCAL_ERROR)
         log.error("SMTP session failed", exc_info=error)
         return _count(Reply.LOCAL_ERROR)
 
@@ -204,12 +218,19 @@ class SubmissionHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        agent = _agent(session)
         try:
             validate_email(address, check_deliverability=False, allow_smtputf8=False)
         except EmailNotValidError as exc:
             return _count(Reply.bad_sender(address, str(exc)))
-        if not agent.may_send_as(address):
+        if not session.authenticated:
+            found = _trusted_match(server)
+            domains = await trusted.allowed_domains(found, self.settings, self.db)
+            if trusted.domain_of(address) not in domains:
+                log.info(
+                    "%s (%s): refused sender %s", client_address(session), found.entry.name, address
+                )
+                return _count(Reply.not_our_domain(address, "MAIL FROM"))
+        elif not _agent(session).may_send_as(address):
             return _count(Reply.not_your_address(address))
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -240,11 +261,25 @@ class SubmissionHandler:
             peer=client_address(session),
             protocol="ESMTPSA" if tls else "ESMTPA",
         )
+        submitter: Submitter
         try:
+            if session.authenticated:
+                submitter = _agent(session)
+            else:
+                found = _trusted_match(server)
+                submitter = await self._trusted_submitter(found, envelope.mail_from, raw)
+                origin = Origin(
+                    helo=origin.helo,
+                    peer=origin.peer,
+                    protocol="ESMTPS" if tls else "ESMTP",
+                    trusted=TrustedOrigin(
+                        found.entry.name, found.entry.settings.service_name, found.certificate_name
+                    ),
+                )
             message_id = await self.pipeline.submit(
                 PipelineEnvelope(envelope.mail_from, tuple(envelope.rcpt_tos)),
                 raw,
-                _agent(session),
+                submitter,
                 origin,
             )
         except Rejected as refusal:
@@ -254,6 +289,18 @@ class SubmissionHandler:
             log.exception("could not accept mail from %s", envelope.mail_from)
             return _count(Reply.TEMPORARY)
         return _count(Reply.QUEUED.format(message_id=message_id))
+
+    async def _trusted_submitter(
+        self, found: TrustedMatch, mail_from: str, raw: bytes
+    ) -> trusted.TrustedSubmitter:
+        """The service (or mapped agent) a trusted client sends as; its From header must be
+        in the entry's domains too, or the message is refused here with 550."""
+        domains = await trusted.allowed_domains(found, self.settings, self.db)
+        authors = headers.addresses(headers.fields_of(raw), "from")
+        for author in authors:
+            if trusted.domain_of(author) not in domains:
+                raise Rejected(Reply.not_our_domain(author, "From header"))
+        return await trusted.submitter_for(found, domains, self.db, [mail_from, *authors])
 
 
 class SubmissionSMTP(SMTP):
@@ -270,6 +317,8 @@ class SubmissionSMTP(SMTP):
 
     _receiving_data = False
     _stopping = False
+    _require_starttls = False
+    trusted: tuple[TrustedEntry, ...] = ()
 
     def __init__(
         self,
@@ -277,6 +326,7 @@ class SubmissionSMTP(SMTP):
         gate: ConnectionGate,
         proxy: ProxyPolicy | None = None,
         implicit_tls: ssl.SSLContext | None = None,
+        trusted: tuple[TrustedEntry, ...] = (),
         **kwargs: Any,
     ) -> None:
         """`implicit_tls`: an implicit-TLS listener behind a proxy, whose handshake follows
@@ -288,6 +338,7 @@ class SubmissionSMTP(SMTP):
         self._proxy = proxy
         self._implicit_tls = implicit_tls
         self._started = False
+        self.trusted = trusted
         self._admitted: str | None = None  # the client address while counted by the gate
         self._client: Any = None  # (address, port) the PROXY header named
         self._proxy_data: ProxyData | None = None
@@ -448,6 +499,34 @@ class SubmissionSMTP(SMTP):
             transport.write((reply + "\r\n").encode("ascii"))
             transport.close()
 
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        """A client that matches a trusted entry needs no AUTH; every other hears 530."""
+        if self.session is not None and not self.session.authenticated and self.trusted_match():
+            return False
+        result: bool = await super().check_auth_needed(caller_method)
+        return result
+
+    @property
+    def require_starttls(self) -> bool:
+        """aiosmtpd answers 530 to commands before STARTTLS when this holds; a trusted
+        client whose entry allows plain text is spared, every other client is not."""
+        if not self._require_starttls or self._tls_protocol is not None:
+            return self._require_starttls
+        return self.trusted_match() is None
+
+    @require_starttls.setter
+    def require_starttls(self, value: bool) -> None:
+        self._require_starttls = bool(value)
+
+    def trusted_match(self) -> TrustedMatch | None:
+        """The entry this client matches now (after STARTTLS it may match more)."""
+        if not self.trusted or self.session is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        client = ClientFacts(client_address(self.session), ssl_object is not None, certificate)
+        return trusted.match(self.trusted, client)
+
     def shorten_idle(self) -> None:
         if not self._logged_in and self.transport is not None and self._admitted is not None:
             self._reset_timeout()
@@ -535,6 +614,7 @@ class SmtpFront:
         self.handler = SubmissionHandler(settings, db, pipeline, self.throttle)
         self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
         self.proxy = ProxyPolicy.from_settings(smtp)
+        self.trusted = tuple(TrustedEntry.load(entry) for entry in smtp.trusted)
         self.tls = tls_context(settings)
         self.servers: list[asyncio.Server] = []
 
@@ -550,21 +630,29 @@ class SmtpFront:
                     f"smtp.listen {address}: agents could not log in; set smtp.tls_cert and"
                     " smtp.tls_key, or allow_plaintext_auth_on_loopback on a loopback address"
                 )
-            factory = self._factory(self.tls, require_tls=not plaintext_ok, proxy=self.proxy)
+            entries = self._trusted_on(address)
+            factory = self._factory(self._tls_for(entries), not plaintext_ok, entries)
+            self.servers.append(await loop.create_server(factory, host, port))
+        for address in self._trusted_listeners():
+            host, port = split_address(address)
+            require_tls = not plaintext_logins_allowed(smtp, host)
+            entries = self._trusted_on(address)
+            factory = self._factory(self._tls_for(entries), require_tls, entries)
             self.servers.append(await loop.create_server(factory, host, port))
         for address in smtp.implicit_tls_listen:
             host, port = split_address(address)
+            entries = self._trusted_on(address)
             if self.proxy is not None:
-                factory = self._factory(None, False, self.proxy, implicit_tls=self.tls)
+                factory = self._factory(None, False, entries, implicit_tls=self._tls_for(entries))
                 self.servers.append(await loop.create_server(factory, host, port))
                 continue
-            factory = self._factory(None, require_tls=False, proxy=None)
+            factory = self._factory(None, False, entries)
             self.servers.append(
                 await loop.create_server(
                     factory,
                     host,
                     port,
-                    ssl=self.tls,
+                    ssl=self._tls_for(entries),
                     ssl_handshake_timeout=min(smtp.timeout, TLS_HANDSHAKE_TIMEOUT),
                 )
             )
@@ -572,11 +660,29 @@ class SmtpFront:
             for sock in server.sockets:
                 log.info("SMTP listening on %s", sock.getsockname()[:2])
 
+    def _tls_for(self, entries: tuple[TrustedEntry, ...]) -> ssl.SSLContext | None:
+        """A listener asks for client certificates only where an entry on it names some."""
+        if not any(entry.authorities for entry in entries):
+            return self.tls
+        return tls_context(self.settings, entries)
+
+    def _trusted_on(self, address: str) -> tuple[TrustedEntry, ...]:
+        """Entries without listeners of their own match on the shared ones."""
+        return tuple(
+            e for e in self.trusted if address in e.settings.listen or not e.settings.listen
+        )
+
+    def _trusted_listeners(self) -> list[str]:
+        """Trusted entries' own listen addresses (STARTTLS when TLS is configured)."""
+        shared = {*self.settings.smtp.listen, *self.settings.smtp.implicit_tls_listen}
+        own = [a for e in self.trusted for a in e.settings.listen if a not in shared]
+        return list(dict.fromkeys(own))
+
     def _factory(
         self,
         tls: ssl.SSLContext | None,
         require_tls: bool,
-        proxy: ProxyPolicy | None,
+        trusted_entries: tuple[TrustedEntry, ...],
         implicit_tls: ssl.SSLContext | None = None,
     ) -> Any:
         smtp = self.settings.smtp
@@ -585,8 +691,9 @@ class SmtpFront:
             return SubmissionSMTP(
                 self.handler,
                 self.gate,
-                proxy,
+                self.proxy,
                 implicit_tls,
+                trusted_entries,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=False,
                 decode_data=False,
@@ -627,14 +734,34 @@ class SmtpFront:
         self.servers = []
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
+def tls_context(
+    settings: Settings, trusted_entries: tuple[TrustedEntry, ...] = ()
+) -> ssl.SSLContext | None:
+    """The listeners' TLS; with trusted entries' client CAs it asks for (never requires) a
+    client certificate, verified against those CAs only, so agents without one connect."""
     smtp = settings.smtp
     if smtp.tls_cert is None or smtp.tls_key is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(smtp.tls_cert, smtp.tls_key)
+    authorities = [a for entry in trusted_entries for a in entry.authorities]
+    if authorities:
+        context.load_verify_locations(
+            cadata="".join(a.public_bytes(Encoding.PEM).decode("ascii") for a in authorities)
+        )
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+def _trusted_match(server: SMTP) -> TrustedMatch:
+    """The trusted entry of a session that did not log in; aiosmtpd let it past AUTH
+    (SubmissionSMTP.check_auth_needed) only because there is one."""
+    found = server.trusted_match() if isinstance(server, SubmissionSMTP) else None
+    if found is None:
+        raise RuntimeError("MAIL without AUTH from a client that matches no trusted entry")
+    return found
 
 
 def _agent(session: Session) -> users.Agent:

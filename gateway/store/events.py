@@ -977,3 +977,27 @@ USER_ALIAS_REMOVED = _declare(
     UserAliasChange,
     message=None,
 )
+
+
+# -- trusted-front: clients that send without AUTH (gateway/fronts/trusted.py)
+
+
+@with_config(_STRICT)
+class MessageTrustedClient(TypedDict):
+    entry: Annotated[str, About("The [[smtp.trusted]] entry the client matched.")]
+    service: Annotated[str, About("The entry's service name (the sending system).")]
+    peer: Annotated[str, About("The client's IP address.", personal=True)]
+    certificate: Annotated[
+        str | None,
+        About("The name in its verified TLS client certificate that matched; null without."),
+    ]
+    protocol: Annotated[str, About("ESMTPS with TLS, ESMTP without.")]
+
+
+MESSAGE_TRUSTED_CLIENT = _declare(
+    "message.trusted_client",
+    "The message came from a trusted client without AUTH (a connector, a CRM, a scanner);"
+    " written with message.received, it names which entry let it in.",
+    MessageTrustedClient,
+    message="the message received",
+)

@@ -131,6 +131,8 @@ class Message(Base):
     helo: Mapped[str] = mapped_column(String(255), default="")
     peer: Mapped[str] = mapped_column(String(100), default="")
     protocol: Mapped[str] = mapped_column(String(20), default="ESMTP")
+    # "SERVICE (entry NAME[, certificate CN])" when a trusted client sent it without AUTH
+    trusted_client: Mapped[str | None] = mapped_column(String(300), default=None)
 
 
 class DeliveryStatus(StrEnum):

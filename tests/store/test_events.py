@@ -79,6 +79,8 @@ STORED_NAMES = {
     "user.password_reset",
     "user.alias_added",
     "user.alias_removed",
+    # trusted-front
+    "message.trusted_client",
 }
 
 
