@@ -71,6 +71,15 @@ class ServerSettings(Section):
         return value.rstrip("/")
 
 
+def _ip_networks(value: list[str]) -> list[str]:
+    for entry in value:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{entry!r} is not an IP address or network") from exc
+    return value
+
+
 def _host_port(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -102,7 +111,7 @@ class TrustedClient(Section):
     @field_validator("networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        return WebSettings._networks(value)
+        return _ip_networks(value)
 
     @field_validator("listen")
     @classmethod
@@ -161,12 +170,7 @@ class SmtpSettings(Section):
     @field_validator("proxy_from")
     @classmethod
     def _proxy_networks(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{entry!r} is not an IP network: {exc}") from None
-        return value
+        return _ip_networks(value)
 
     @model_validator(mode="after")
     def _tls_complete(self) -> SmtpSettings:
@@ -231,12 +235,7 @@ class WebSettings(Section):
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{entry!r} is not an IP address or network") from exc
-        return value
+        return _ip_networks(value)
 
 
 class ConsoleSettings(Section):
@@ -295,7 +294,7 @@ class ScannerSettings(Section):
     @field_validator("networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        return WebSettings._networks(value)
+        return _ip_networks(value)
 
     def rules(self) -> ScannerRules:
         return ScannerRules.configured(
