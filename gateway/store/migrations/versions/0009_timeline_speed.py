@@ -35,20 +35,25 @@ def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    # Creating an extension takes a privilege the relay's role may lack (and an extension
-    # made in a schema outside the search path leaves its operator class unseen); without
+    # Creating an extension takes a privilege the relay's role may lack; without
     # the indexes the text search still works, by reading every row. In a savepoint, so
     # that a refusal leaves the rest of the upgrade standing.
+    # The operator class is named with the extension's schema: an extension made earlier in
+    # another schema (`IF NOT EXISTS` then leaves it there) is outside this search path.
     try:
         with bind.begin_nested():
-            bind.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+            bind.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm SCHEMA public")
+            home = bind.exec_driver_sql(
+                "SELECT n.nspname FROM pg_extension e"
+                " JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_trgm'"
+            ).scalar_one()
             for name, table, column in TRIGRAM_INDEXES:
                 op.create_index(
                     name,
                     table,
                     [column],
                     postgresql_using="gin",
-                    postgresql_ops={column: "gin_trgm_ops"},
+                    postgresql_ops={column: f'"{home}".gin_trgm_ops'},
                 )
     except DBAPIError as refused:
         log.warning(
