@@ -11,7 +11,8 @@ through HTTP, ROUNDS times each:
 - the timeline's first page (`GET /api/v1/messages?limit=50`),
 - a deep page (the cursor of the message half-way down),
 - the event feed returning 1,000 events (`GET /api/v1/events?after=N&limit=1000`),
-- a text search and a state filter that matches nothing (a quarter of the rounds each),
+- text searches (common, a few hundred, one recipient, none) and a filter by each state,
+  each of which about 1,000 of the agent's messages are in (a quarter of the rounds each),
 
 then the timeline's first page and the 1,000 events from the desk alone, without HTTP, the
 key check and JSON, and prints p50/p95 in milliseconds. Targets: timeline < 300 ms p95,
@@ -33,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from sqlalchemy import insert, text, update
@@ -45,21 +47,80 @@ sys.path.insert(0, str(ROOT))
 from gateway import users  # noqa: E402
 from gateway.access import MessageScope  # noqa: E402
 from gateway.console.api_keys import ApiKeyDesk  # noqa: E402
-from gateway.console.timeline import Timeline, encode_cursor  # noqa: E402
+from gateway.console.timeline import RecipientState, Timeline, encode_cursor  # noqa: E402
 from gateway.store.db import Database  # noqa: E402
 from gateway.store.journal import event_hash  # noqa: E402
 from gateway.store.models import (  # noqa: E402
     ApiKeyScope,
+    Consent,
     Delivery,
     Event,
     JournalHead,
+    Letter,
+    Link,
     Message,
     utcnow,
 )
 
+# common (a page at once), some hundreds, one recipient, none
+SEARCHES = ("objekt", "objekt 99", "prospect4711@", "nirgendwo")
 SEALRELAY = str(Path(sys.executable).parent / "sealrelay")
 BATCH = 5000
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+# One agent message in a hundred each ends in one of these (by its number modulo 100), so
+# every state filter has about 1,000 messages to find; the rest are delivered.
+FATES = {
+    1: "bounced",
+    2: "queued",
+    3: "deleted",
+    4: "letter_held",
+    5: "letter_expired",
+    6: "consented",
+    7: "released",
+    8: "link_expired",
+}
+
+
+def _fate_rows(
+    fate: str, message_id: str, recipient: str, at: datetime
+) -> list[tuple[str, dict[str, Any]]]:
+    """The letter, link, consent and released copy rows that a fate adds to a message's one
+    delivered copy (the letter itself, or the mail with its download link)."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    link_id = secrets.token_hex(16)
+    link = dict(id=link_id, token_hash=secrets.token_hex(32), message_id=message_id,
+                recipient=recipient, language="de", created_at=at, expires_at=at,
+                expired=False, revoked_at=None)  # fmt: skip
+    if fate == "link_expired":
+        rows.append(("links", {**link, "kind": "download", "expired": True}))
+    if not fate.startswith("letter") and fate not in ("consented", "released"):
+        return rows
+    rows.append(("links", {**link, "kind": "letter"}))
+    status = {"letter_held": "held", "letter_expired": "expired"}.get(fate, "released")
+    letter_id = secrets.token_hex(16)
+    rows.append(
+        ("letters", dict(id=letter_id, message_id=message_id, recipient=recipient,
+                         link_id=link_id, letter_blob="0" * 64, status=status, language="de",
+                         subject="Exposé", blocks=[], button="OK", texts_sha256="0" * 64,
+                         held_blob="0" * 64, created_at=at))
+    )  # fmt: skip
+    if status == "released":
+        released_id = secrets.token_hex(16)
+        rows.append(
+            ("deliveries", dict(id=released_id, message_id=message_id, recipient=recipient,
+                                blob="0" * 64, attempts=1, next_attempt_at=at, expires_at=at,
+                                updated_at=at,
+                                status="delivered" if fate == "released" else "queued"))
+        )  # fmt: skip
+        rows.append(
+            ("consents", dict(id=secrets.token_hex(16), letter_id=letter_id, given_at=at,
+                              ip="192.0.2.1", user_agent="bench", blocks=[], checked=[],
+                              texts_sha256="0" * 64, letter_sent_at=at, pdf_blob="0" * 64,
+                              released_delivery_id=released_id))
+        )  # fmt: skip
+    return rows
 
 
 def free_port() -> int:
@@ -84,6 +145,8 @@ async def seed(
         messages: list[dict[str, Any]] = []
         deliveries: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
+        others: dict[str, list[dict[str, Any]]] = {"links": [], "letters": [], "deliveries": [],
+                                                   "consents": []}  # fmt: skip
         for i in range(start, min(total, start + BATCH)):
             mine = i % every != 0 or i >= count + 1000
             at = T0 + timedelta(seconds=30 * i)
@@ -97,11 +160,16 @@ async def seed(
                      message_id_header=f"<{message_id}@bench>", subject=subject, helo="", peer="",
                      protocol="ESMTP")
             )  # fmt: skip
+            fate = FATES.get(i % 100, "delivered") if mine else "delivered"
+            status = fate if fate in ("bounced", "queued", "deleted") else "delivered"
             deliveries.append(
                 dict(id=delivery_id, message_id=message_id, recipient=recipient, blob="0" * 64,
-                     status="delivered", attempts=1, next_attempt_at=at, expires_at=at,
+                     status=status, attempts=1, next_attempt_at=at, expires_at=at,
                      updated_at=at)
             )  # fmt: skip
+            extra = _fate_rows(fate, message_id, recipient, at)
+            for table, row in extra:
+                others[table].append(row)
             if mine:
                 positions.append((at, message_id))
             for type_, data, delivery in (
@@ -122,7 +190,10 @@ async def seed(
                 prev = digest
         async with db.transaction() as session:
             await session.execute(insert(Message), messages)
-            await session.execute(insert(Delivery), deliveries)
+            await session.execute(insert(Delivery), deliveries + others["deliveries"])
+            for model, table in ((Link, "links"), (Letter, "letters"), (Consent, "consents")):
+                if others[table]:
+                    await session.execute(insert(model), others[table])
             await session.execute(insert(Event), events)
     async with db.transaction() as session:
         await session.execute(
@@ -242,14 +313,20 @@ async def main() -> None:
                     http, base + f"/events?after={head_seq // 2}&limit=1000", args.rounds,
                     lambda b: len(b["events"]) == 1000 or sys.exit("short feed"),
                 )  # fmt: skip
-                search = await timed(
-                    http, base + "/messages?limit=50&q=objekt%2099", args.rounds // 4 or 1,
-                    lambda b: None,
-                )  # fmt: skip
-                by_state = await timed(
-                    http, base + "/messages?limit=50&state=bounced", args.rounds // 4 or 1,
-                    lambda b: None,
-                )  # fmt: skip
+                searches = {
+                    words: await timed(
+                        http, base + f"/messages?limit=50&q={quote(words)}", args.rounds // 4 or 1,
+                        lambda b: None,
+                    )
+                    for words in SEARCHES
+                }  # fmt: skip
+                by_state = {
+                    state: await timed(
+                        http, base + f"/messages?limit=50&state={state}", args.rounds // 4 or 1,
+                        lambda b, state=state: b["items"] or sys.exit(f"no message {state}"),
+                    )
+                    for state in RecipientState
+                }  # fmt: skip
             timeline = Timeline(db)
             everything = MessageScope(everything=True)
             agent_only = MessageScope(user_id=agent.id)
@@ -266,8 +343,10 @@ async def main() -> None:
         print(figures("timeline, first page (50)", first))
         print(figures("timeline, page half-way down (50)", deeper))
         print(figures("events, 1,000 from the middle", feed))
-        print(figures("timeline, text search 'objekt 99'", search))
-        print(figures("timeline, state=bounced (none match)", by_state))
+        for words, samples in searches.items():
+            print(figures(f"timeline, text search '{words}'", samples))
+        for state, samples in by_state.items():
+            print(figures(f"timeline, state={state}", samples))
         print("the desk alone (no HTTP, no key check, no JSON):")
         print(figures("timeline, first page (50)", desk_page))
         print(figures("events, 1,000 from the middle", desk_feed))

@@ -9,6 +9,8 @@ through the console's own form, and measures through HTTP, ROUNDS times each:
 - the timeline page (`GET /console/messages`, 50 rows with their recipients' states),
 - an "older" page half-way down (`?after=<cursor>`),
 - one message's page (`GET /console/messages/<id>`),
+- the timeline filtered by each state and searched for texts as in bench/api.py (a quarter
+  of the rounds each),
 
 and prints p50/p95 in milliseconds. Target: the timeline page < 300 ms p95.
 """
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 from sqlalchemy import text
@@ -30,10 +33,10 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.api import figures, free_port, seed  # noqa: E402
+from bench.api import SEARCHES, figures, free_port, seed  # noqa: E402
 from gateway import users  # noqa: E402
 from gateway.config import Settings  # noqa: E402
-from gateway.console.timeline import encode_cursor  # noqa: E402
+from gateway.console.timeline import RecipientState, encode_cursor  # noqa: E402
 from gateway.store.db import Database  # noqa: E402
 from sealrelay.serve import Relay  # noqa: E402
 
@@ -125,12 +128,34 @@ async def main() -> None:
                 one = await timed(
                     http, base + f"/console/messages/{deep_id}", args.rounds, "prospect"
                 )
+                by_state = {
+                    state: await timed(
+                        http,
+                        base + f"/console/messages?state={state}",
+                        args.rounds // 4 or 1,
+                        "Exposé Objekt",
+                    )
+                    for state in RecipientState
+                }
+                searches = {
+                    words: await timed(
+                        http,
+                        base + f"/console/messages?q={quote(words)}",
+                        args.rounds // 4 or 1,
+                        "</html>",
+                    )
+                    for words in SEARCHES
+                }
         finally:
             relay.request_stop()
             await relay.stop()
         print(figures("console timeline page (50 rows)", first))
         print(figures("console timeline, older page at the middle", deeper))
         print(figures("console message page", one))
+        for state, samples in by_state.items():
+            print(figures(f"console timeline, state={state}", samples))
+        for words, samples in searches.items():
+            print(figures(f"console timeline, search '{words}'", samples))
     finally:
         if args.postgres:
             async with admin.engine.begin() as conn:

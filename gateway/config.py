@@ -71,6 +71,15 @@ class ServerSettings(Section):
         return value.rstrip("/")
 
 
+def _ip_networks(value: list[str]) -> list[str]:
+    for entry in value:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{entry!r} is not an IP address or network") from exc
+    return value
+
+
 def _host_port(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -79,6 +88,50 @@ def _host_port(value: str) -> str:
 
 
 HostPort = Annotated[str, Field(min_length=3)]
+
+
+class TrustedClient(Section):
+    """One `[[smtp.trusted]]` entry: a client that may send without AUTH (docs/trusted-hosts.md).
+
+    A client matches only when every condition given holds: its address is in `networks`,
+    it presented a certificate verified against `client_ca` naming one of
+    `certificate_names` (when given), and it speaks TLS (when `require_tls`).
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    networks: list[str] = Field(min_length=1)
+    certificate_names: list[Annotated[str, Field(min_length=1)]] = []
+    client_ca: Path | None = None
+    require_tls: bool = False
+    listen: list[HostPort] = []
+    service: str | None = Field(default=None, min_length=1, max_length=100)
+    domains: list[Annotated[str, Field(min_length=1)]] | None = None
+    map_agents: bool = False
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return _ip_networks(value)
+
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return [_host_port(v) for v in value]
+
+    @field_validator("certificate_names", "domains")
+    @classmethod
+    def _lower(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [v.strip().lower().rstrip(".") for v in value]
+
+    @model_validator(mode="after")
+    def _certificate_needs_ca(self) -> TrustedClient:
+        if self.certificate_names and self.client_ca is None:
+            raise ValueError("certificate_names needs client_ca, the CAs to verify them against")
+        return self
+
+    @property
+    def service_name(self) -> str:
+        return self.service or self.name
 
 
 class SmtpSettings(Section):
@@ -103,11 +156,21 @@ class SmtpSettings(Section):
     auth_failure_forget: float = Field(
         default=60, gt=0, description="seconds until one failed login of an address is forgotten"
     )
+    # behind HAProxy: every connection must start with a PROXY header (docs/haproxy.md)
+    proxy_protocol: bool = False
+    proxy_from: list[str] = []
+    proxy_timeout: float = Field(default=10, gt=0, description="seconds to wait for the header")
+    trusted: list[TrustedClient] = []
 
     @field_validator("listen", "implicit_tls_listen")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
         return [_host_port(v) for v in value]
+
+    @field_validator("proxy_from")
+    @classmethod
+    def _proxy_networks(cls, value: list[str]) -> list[str]:
+        return _ip_networks(value)
 
     @model_validator(mode="after")
     def _tls_complete(self) -> SmtpSettings:
@@ -115,6 +178,17 @@ class SmtpSettings(Section):
             raise ValueError("tls_cert and tls_key go together")
         if self.implicit_tls_listen and self.tls_cert is None:
             raise ValueError("implicit_tls_listen needs tls_cert and tls_key")
+        if self.proxy_protocol and not self.proxy_from:
+            raise ValueError("proxy_protocol needs proxy_from: the proxies' addresses")
+        names = [t.name for t in self.trusted]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"trusted: names must be unique; repeated: {', '.join(repeated)}")
+        for entry in self.trusted:
+            if (entry.client_ca is not None or entry.require_tls) and self.tls_cert is None:
+                raise ValueError(
+                    f"trusted {entry.name}: client_ca and require_tls need tls_cert and tls_key"
+                )
         return self
 
 
@@ -161,16 +235,11 @@ class WebSettings(Section):
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{entry!r} is not an IP address or network") from exc
-        return value
+        return _ip_networks(value)
 
 
 class ConsoleSettings(Section):
-    """Sign-in to the web console: how long a session lasts."""
+    """The web console: how long a session lasts, and whether its DKIM page asks DNS."""
 
     idle_timeout: float = Field(
         default=30 * 60, ge=60, description="seconds without a request after which a session ends"
@@ -178,6 +247,23 @@ class ConsoleSettings(Section):
     absolute_timeout: float = Field(
         default=12 * 3600, ge=60, description="seconds after sign-in at which a session ends"
     )
+
+    # The DKIM page asks DNS whether each key is published; off where the relay cannot reach
+    # DNS, and `dns_resolver` (HOST:PORT) asks that server rather than the system's.
+    dns_checks: bool = True
+    dns_resolver: HostPort | None = None
+
+    @field_validator("dns_resolver")
+    @classmethod
+    def _resolver(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host = _host_port(value).rpartition(":")[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: the resolver must be an IP address and port") from exc
+        return value
 
     @model_validator(mode="after")
     def _idle_within_absolute(self) -> ConsoleSettings:
@@ -208,7 +294,7 @@ class ScannerSettings(Section):
     @field_validator("networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        return WebSettings._networks(value)
+        return _ip_networks(value)
 
     def rules(self) -> ScannerRules:
         return ScannerRules.configured(

@@ -32,6 +32,7 @@ from gateway.config import (
     validation_problems,
 )
 from gateway.fronts.listen_addresses import listen_host, plaintext_logins_allowed
+from gateway.fronts.trusted import TrustedEntry
 from gateway.letters import letter_keys
 from gateway.mail import dkim
 from gateway.problems import Problem
@@ -116,6 +117,11 @@ def _sections_that_validate(data: Mapping[str, Any]) -> Iterator[Problem]:
 
 
 def _smtp(smtp: SmtpSettings) -> Iterator[Problem]:
+    for entry in smtp.trusted:
+        try:
+            TrustedEntry.load(entry)
+        except RuntimeError as exc:
+            yield Problem("smtp.trusted", str(exc).removeprefix("smtp.trusted "))
     if smtp.tls_cert is None or smtp.tls_key is None:
         yield from _logins_without_tls(smtp)
         return

@@ -1,4 +1,10 @@
-"""Agents and admins: who may log in, and which addresses each may send from."""
+"""Agents and admins: who may log in, and which addresses each may send from.
+
+A deleted user keeps their row, marked `deleted_at`: messages point at it (`messages.user_id`)
+and the journal names their address, so removing the row would either fail on the foreign
+key or leave the broker's evidence without its sender. Everything else about them ends (see
+`delete_user`), and every lookup here treats them as unknown.
+"""
 
 from __future__ import annotations
 
@@ -16,22 +22,27 @@ from weakref import WeakKeyDictionary
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import NoticeSettings, Settings
 from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.events import (
+    USER_ALIAS_ADDED,
+    USER_ALIAS_REMOVED,
     USER_CHANGED,
     USER_CREATED,
+    USER_DELETED,
     USER_DISABLED,
     USER_ENABLED,
     USER_NOTICES_CHANGED,
     USER_PASSWORD_CHANGED,
+    USER_PASSWORD_RESET,
 )
 from gateway.store.metrics import AUTH_CHECKS_WAITING
-from gateway.store.models import Alias, ConsoleSession, Role, User
+from gateway.store.models import Alias, ConsoleSession, Role, User, utcnow
 
 # OWASP's argon2id minimum (19 MiB, 2 passes, 1 lane): the library default takes 64 MiB per
 # check, which a relay doing SMTP AUTH all day pays in resident memory. Stored hashes carry
@@ -106,6 +117,19 @@ class UserError(Exception):
     """A request about users that cannot be done; the message is for the person asking."""
 
 
+class UnknownUser(UserError):
+    """No such user, or one who was deleted."""
+
+
+class UserConflict(UserError):
+    """The request is well formed but the users as they are forbid it (the last admin, one's
+    own account, an address in use)."""
+
+
+MAX_ALIASES = 50
+DELETED_PASSWORD = "!deleted"  # noqa: S105 (not an argon2 hash: no password verifies)
+
+
 @dataclass(frozen=True)
 class Agent:
     """An authenticated sender: what the pipeline needs to know about who is sending."""
@@ -157,6 +181,13 @@ async def add_user(
             taken = await session.scalar(select(Alias).where(Alias.address == email))
             if taken is not None:
                 raise UserError(f"{email} is already an alias of another user")
+            gone = await session.scalar(
+                select(User.id).where(User.email == email, User.deleted_at.is_not(None))
+            )
+            if gone is not None:
+                raise UserConflict(
+                    f"{email} belonged to a deleted user and stays reserved for their messages"
+                )
             session.add(user)
             await session.flush()
             session.add_all(Alias(address=a, user_id=user.id) for a in alias_addresses)
@@ -175,7 +206,11 @@ async def add_user(
 
 async def list_users(db: Database) -> list[tuple[User, list[str]]]:
     async with db.transaction() as session:
-        users = (await session.scalars(select(User).order_by(User.email))).all()
+        users = (
+            await session.scalars(
+                select(User).where(User.deleted_at.is_(None)).order_by(User.email)
+            )
+        ).all()
         aliases = (await session.scalars(select(Alias))).all()
     by_user: dict[int, list[str]] = {}
     for alias in aliases:
@@ -183,12 +218,60 @@ async def list_users(db: Database) -> list[tuple[User, list[str]]]:
     return [(user, sorted(by_user.get(user.id, []))) for user in users]
 
 
+async def _live(session: AsyncSession, email: str, *, lock: bool = False) -> User:
+    """The user with this address; UnknownUser when there is none or they were deleted."""
+    query = select(User).where(User.email == email, User.deleted_at.is_(None))
+    user = await session.scalar(query.with_for_update() if lock else query)
+    if user is None:
+        raise UnknownUser(f"no user {email}")
+    return user
+
+
+async def _keep_an_admin(session: AsyncSession, user: User) -> None:
+    """Refuses to take away the last enabled admin: without one nobody can manage users,
+    and only the CLI on the server could repair it. The other admins' rows are locked, so
+    two admins demoting each other at once cannot both succeed (PostgreSQL; SQLite has one
+    writer anyway)."""
+    if user.role != Role.ADMIN or user.disabled:
+        return
+    others = (
+        await session.scalars(
+            select(User.id)
+            .where(
+                User.role == Role.ADMIN,
+                User.disabled.is_(False),
+                User.deleted_at.is_(None),
+                User.id != user.id,
+            )
+            .with_for_update()
+        )
+    ).all()
+    if not others:
+        raise UserConflict(f"{user.email} is the last enabled admin; make another admin first")
+
+
+async def _end_sessions(session: AsyncSession, user_id: int, keep: str | None = None) -> int:
+    query = delete(ConsoleSession).where(ConsoleSession.user_id == user_id)
+    if keep is not None:
+        query = query.where(ConsoleSession.id != keep)
+    result = await session.execute(query)
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def find_user(db: Database, email: str) -> tuple[User, list[str]]:
+    """The user with their aliases; UnknownUser when there is none or they were deleted."""
+    email = normalize_address(email)
+    async with db.transaction() as session:
+        user = await _live(session, email)
+        return user, await _aliases(session, user.id)
+
+
 async def set_disabled(db: Database, email: str, disabled: bool = True) -> None:
     email = normalize_address(email)
     async with db.transaction() as session:
-        user = await session.scalar(select(User).where(User.email == email))
-        if user is None:
-            raise UserError(f"no user {email}")
+        user = await _live(session, email, lock=True)
+        if disabled:
+            await _keep_an_admin(session, user)
         user.disabled = disabled
         if disabled:  # signed out of the console at once, on every device
             await session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
@@ -228,9 +311,7 @@ async def notifications(db: Database, email: str, settings: Settings) -> NoticeP
     `[notices]`)."""
     email = normalize_address(email)
     async with db.transaction() as session:
-        user = await session.scalar(select(User).where(User.email == email))
-    if user is None:
-        raise UserError(f"no user {email}")
+        user = await _live(session, email)
     return NoticePrefs.of(user.notify, settings.notices_for(user.group_name))
 
 
@@ -245,9 +326,7 @@ async def set_notifications(
         raise UserError(f"unknown notice kinds: {', '.join(unknown)}")
     email = normalize_address(email)
     async with db.transaction() as session:
-        user = await session.scalar(select(User).where(User.email == email).with_for_update())
-        if user is None:
-            raise UserError(f"no user {email}")
+        user = await _live(session, email, lock=True)
         defaults = settings.notices_for(user.group_name)
         before = NoticePrefs.of(user.notify, defaults)
         user.notify = {**(user.notify or {}), **{k: bool(v) for k, v in changes.items()}}
@@ -280,12 +359,13 @@ async def change_user(
     disabled: bool | None = None,
 ) -> tuple[User, list[str]]:
     """Change a user's role, group or whether they are disabled, in one transaction; each
-    change that changes something is journaled. Returns the user with their aliases."""
+    change that changes something is journaled. Returns the user with their aliases. The
+    last enabled admin is neither demoted nor disabled (UserConflict)."""
     email = normalize_address(email)
     async with db.transaction() as session:
-        user = await session.scalar(select(User).where(User.email == email).with_for_update())
-        if user is None:
-            raise UserError(f"no user {email}")
+        user = await _live(session, email, lock=True)
+        if (role is not None and role != Role.ADMIN) or disabled:
+            await _keep_an_admin(session, user)
         changes = []
         new_group = user.group_name if group is KEEP else group
         assert new_group is None or isinstance(new_group, str)
@@ -297,6 +377,8 @@ async def change_user(
             )
         if disabled is not None and disabled != user.disabled:
             user.disabled = disabled
+            if disabled:  # signed out of the console at once, on every device
+                await _end_sessions(session, user.id)
             changes.append((USER_DISABLED if disabled else USER_ENABLED).new({"email": email}))
         await journal.append(session, changes)
         aliases = (
@@ -305,17 +387,128 @@ async def change_user(
     return user, sorted(aliases)
 
 
-async def set_password(db: Database, email: str, password: str) -> None:
+async def set_password(
+    db: Database, email: str, password: str, *, keep_session: str | None = None
+) -> None:
+    """A new password; every console session of the user ends but `keep_session` (the one
+    a user changing their own password is signed in with), since a password is changed
+    because someone else may know the old one."""
     email = normalize_address(email)
+    password_hash = await _hash_new(password)
+    async with db.transaction() as session:
+        user = await _live(session, email, lock=True)
+        user.password_hash = password_hash
+        await _end_sessions(session, user.id, keep_session)
+        await journal.append(session, [USER_PASSWORD_CHANGED.new({"email": email})])
+
+
+async def _hash_new(password: str) -> str:
     if len(password) < 10:
         raise UserError("the password must have at least 10 characters")
-    password_hash = await asyncio.to_thread(_hasher.hash, password)
+    return await asyncio.to_thread(_hasher.hash, password)
+
+
+async def reset_password(db: Database, email: str, *, by: str) -> str:
+    """An admin's reset: a generated password, returned to be shown once and never stored
+    or journaled in clear; the user's console sessions end, their mail programs need the
+    new password."""
+    email = normalize_address(email)
+    password = generate_password()
+    password_hash = await _hash_new(password)
     async with db.transaction() as session:
-        user = await session.scalar(select(User).where(User.email == email))
-        if user is None:
-            raise UserError(f"no user {email}")
+        user = await _live(session, email, lock=True)
         user.password_hash = password_hash
-        await journal.append(session, [USER_PASSWORD_CHANGED.new({"email": email})])
+        ended = await _end_sessions(session, user.id)
+        await journal.append(
+            session, [USER_PASSWORD_RESET.new({"email": email, "sessions": ended, "by": by})]
+        )
+    return password
+
+
+async def delete_user(db: Database, email: str, *, by: str) -> None:
+    """Delete a user as far as the evidence allows.
+
+    The row stays, marked deleted and disabled, because `messages.user_id` points at it and
+    the journal names the address: the broker must still show who sent an offer and what
+    happened to it, so the address stays reserved (re-adding it is refused). Everything that
+    let the person act ends in the same transaction: the password (replaced by a value no
+    password matches), the TOTP secret, every console session, the optional notice mails,
+    and the aliases, which are free for another user. Their team lead still sees their
+    messages (the group stays). Refused for one's own account (`by` is the actor's address)
+    and for the last enabled admin.
+    """
+    email = normalize_address(email)
+    if by.strip().lower() == email:
+        raise UserConflict("you cannot delete your own account; ask another admin")
+    async with db.transaction() as session:
+        user = await _live(session, email, lock=True)
+        await _keep_an_admin(session, user)
+        aliases = sorted(
+            (await session.scalars(select(Alias.address).where(Alias.user_id == user.id))).all()
+        )
+        await session.execute(delete(Alias).where(Alias.user_id == user.id))
+        ended = await _end_sessions(session, user.id)
+        user.deleted_at = utcnow()
+        user.disabled = True
+        user.password_hash = DELETED_PASSWORD
+        user.totp_secret = None
+        user.notify = {kind: False for kind in NOTICE_KINDS}
+        await journal.append(
+            session,
+            [USER_DELETED.new({"email": email, "aliases": aliases, "sessions": ended, "by": by})],
+        )
+
+
+async def add_alias(db: Database, email: str, address: str, *, by: str) -> list[str]:
+    """Let the user also send as `address`; returns their aliases. An address that is a
+    user's login or another alias is refused (UserConflict)."""
+    email = normalize_address(email)
+    alias = normalize_address(address)
+    try:
+        async with db.transaction() as session:
+            user = await _live(session, email, lock=True)
+            if await session.scalar(select(User.id).where(User.email == alias)) is not None:
+                raise UserConflict(f"{alias} is a user's own address")
+            owner = await session.scalar(select(Alias.user_id).where(Alias.address == alias))
+            if owner is not None:
+                raise UserConflict(f"{alias} is already an alias")
+            count = await session.scalar(
+                select(func.count()).select_from(Alias).where(Alias.user_id == user.id)
+            )
+            if (count or 0) >= MAX_ALIASES:
+                raise UserConflict(f"{email} has {MAX_ALIASES} aliases already")
+            session.add(Alias(address=alias, user_id=user.id))
+            await session.flush()
+            await journal.append(
+                session, [USER_ALIAS_ADDED.new({"email": email, "alias": alias, "by": by})]
+            )
+            return await _aliases(session, user.id)
+    except IntegrityError as exc:  # the same address added twice at once
+        raise UserConflict(f"{alias} is already an alias") from exc
+
+
+async def remove_alias(db: Database, email: str, address: str, *, by: str) -> list[str]:
+    """The user may no longer send as `address`; returns their aliases. UnknownUser when the
+    address is not one of this user's aliases."""
+    email = normalize_address(email)
+    alias = normalize_address(address)
+    async with db.transaction() as session:
+        user = await _live(session, email, lock=True)
+        result = await session.execute(
+            delete(Alias).where(Alias.user_id == user.id, Alias.address == alias)
+        )
+        if not result.rowcount:  # type: ignore[attr-defined]
+            raise UnknownUser(f"{alias} is not an alias of {email}")
+        await journal.append(
+            session, [USER_ALIAS_REMOVED.new({"email": email, "alias": alias, "by": by})]
+        )
+        return await _aliases(session, user.id)
+
+
+async def _aliases(session: AsyncSession, user_id: int) -> list[str]:
+    return sorted(
+        (await session.scalars(select(Alias.address).where(Alias.user_id == user_id))).all()
+    )
 
 
 async def authenticate(
@@ -359,3 +552,34 @@ def _verify(stored: str, password: str) -> bool:
         return _hasher.verify(stored, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+async def agent_by_address(db: Database, address: str) -> Agent | None:
+    """The enabled agent whose address or alias `address` is, for a trusted client's mail
+    (gateway/fronts/trusted.py); None when nobody has it."""
+    address = address.strip().lower()
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.email == address))
+        if user is None:
+            owner = await session.scalar(select(Alias.user_id).where(Alias.address == address))
+            user = await session.get(User, owner) if owner is not None else None
+        if user is None or user.disabled:
+            return None
+        aliases = (
+            await session.scalars(select(Alias.address).where(Alias.user_id == user.id))
+        ).all()
+    return Agent(
+        user_id=user.id,
+        email=user.email,
+        group=user.group_name,
+        role=Role(user.role),
+        addresses=frozenset([user.email, *aliases]),
+    )
+
+
+async def address_domains(db: Database) -> frozenset[str]:
+    """The domains of every user's address and alias: part of "the domains we serve"."""
+    async with db.transaction() as session:
+        emails = (await session.scalars(select(User.email))).all()
+        aliases = (await session.scalars(select(Alias.address))).all()
+    return frozenset(a.rpartition("@")[2].lower() for a in (*emails, *aliases))

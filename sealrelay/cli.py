@@ -440,12 +440,53 @@ def user_enable(config: Path | None, email: str) -> None:
 @click.argument("email")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 def user_passwd(config: Path | None, email: str, password_stdin: bool) -> None:
-    """Set a new password; prints a generated one unless one comes on stdin."""
+    """Set a new password (their console sessions end); prints a generated one unless one
+    comes on stdin."""
     password, generated = _password(password_stdin)
     _run(lambda db: users.set_password(db, email, password), config, Access.WRITE)
     click.echo(f"password changed for {email}")
     if generated:
         click.echo(f"password: {password}")
+
+
+@user.command("delete")
+@config_option
+@click.argument("email")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def user_delete(config: Path | None, email: str, yes: bool) -> None:
+    """Delete a user: sign-in, sessions, aliases and notices end; their messages and the
+    journal stay, and the address stays reserved for them. Use `disable` to pause someone."""
+    if not yes:
+        click.confirm(f"Delete {email} for good (their messages stay)?", abort=True)
+    _run(lambda db: users.delete_user(db, email, by="cli"), config, Access.WRITE)
+    click.echo(f"deleted {email}")
+
+
+@user.group("alias")
+def user_alias() -> None:
+    """The other addresses a user may send from."""
+
+
+@user_alias.command("add")
+@config_option
+@click.argument("email")
+@click.argument("address")
+def user_alias_add(config: Path | None, email: str, address: str) -> None:
+    """Let EMAIL also send from ADDRESS."""
+    aliases = _run(lambda db: users.add_alias(db, email, address, by="cli"), config, Access.WRITE)
+    click.echo(f"{email} may send from: {', '.join(aliases)}")
+
+
+@user_alias.command("remove")
+@config_option
+@click.argument("email")
+@click.argument("address")
+def user_alias_remove(config: Path | None, email: str, address: str) -> None:
+    """Stop EMAIL sending from ADDRESS."""
+    aliases = _run(
+        lambda db: users.remove_alias(db, email, address, by="cli"), config, Access.WRITE
+    )
+    click.echo(f"{email} may send from: {', '.join(aliases) or 'no alias'}")
 
 
 @user.command("totp")
@@ -707,6 +748,46 @@ def webhook_add(
     click.echo(f"secret: {created.secret}  (shown once; the receiver verifies with it)")
 
 
+@webhook_group.command("change")
+@config_option
+@click.argument("endpoint_id")
+@click.option("--url", help="A new URL (checked again, as on add).")
+@click.option(
+    "--event", "events", multiple=True, help="The event types to post (repeat); replaces them."
+)
+@click.option("--all-events", is_flag=True, help="Post every event type from now on.")
+@click.option("--thin/--full", default=None, help="Ids only, or full payloads.")
+@click.option("--allow-private/--public-only", default=None, help="May reach private addresses.")
+@click.option("--description", help="What the endpoint is for.")
+def webhook_change(
+    config: Path | None,
+    endpoint_id: str,
+    url: str | None,
+    events: tuple[str, ...],
+    all_events: bool,
+    thin: bool | None,
+    allow_private: bool | None,
+    description: str | None,
+) -> None:
+    """Change an endpoint; what is not given stays as it is."""
+    if events and all_events:
+        raise click.UsageError("give either --event TYPE ... or --all-events")
+    types: list[str] | None = list(events) if events else ([] if all_events else None)
+
+    async def change(desk: WebhookDesk) -> WebhookEndpoint:
+        return await desk.update(
+            endpoint_id,
+            url=url,
+            event_types=types,
+            description=description,
+            thin=thin,
+            allow_private=allow_private,
+            by="cli",
+        )
+
+    click.echo(_endpoint_line(_desk_run(change, config, Access.WRITE)))
+
+
 @webhook_group.command("list")
 @config_option
 def webhook_list(config: Path | None) -> None:
@@ -792,7 +873,10 @@ def webhook_deliveries(config: Path | None, endpoint_id: str, limit: int) -> Non
 def webhook_replay(
     config: Path | None, endpoint_id: str, seq: int | None, since: str | None, until: str | None
 ) -> None:
-    """Post events again with their own webhook-id: one (--event) or a range (--since)."""
+    """Post events again with their own webhook-id: one (--event) or a range (--since).
+
+    A range takes every event of the endpoint's types, in order, leaving out those already
+    queued for it; more than 10,000 is refused (replay shorter ranges one after another)."""
     if (seq is None) == (since is None):
         raise click.UsageError("give either --event SEQ or --since TIME [--until TIME]")
     start = _moment(since) if since else None

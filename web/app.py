@@ -22,6 +22,7 @@ from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.sessions import SessionDesk
 from gateway.console.timeline import Timeline
 from gateway.console.waiting import WaitingLetters
+from gateway.dns_lookup import DnsLookup
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.store.blobs import BlobStore
@@ -32,16 +33,19 @@ from web.api.actions import MessageActions
 from web.api.auth import bearer_authenticator
 from web.api.problems import api_problems
 from web.api.routes import Api
+from web.api.settings import SettingsOperations
 from web.api.webhooks import WebhookOperations
+from web.console.account import AccountPages
 from web.console.actions import ActionPages
 from web.console.admin import AdminPages
+from web.console.admin_config import ConfigPages
 from web.console.forms import ConsoleForms
 from web.console.pages import ConsolePages
 from web.console.timeline import TimelinePages
 from web.console.view import ConsoleView
 from web.csrf import key_path
 from web.downloads import DownloadPages
-from web.guard import Routes, guard
+from web.guard import CONSOLE_LOGIN, Routes, guard
 from web.letters import LetterPages
 from web.pages import ProspectSite
 
@@ -107,6 +111,7 @@ def create_app(parts: WebParts) -> web.Application:
             guard(
                 authenticators=[bearer_authenticator(parts.api_keys), console.authenticate],
                 forbidden_page=view.forbidden,
+                login_url=site.url(CONSOLE_LOGIN),
             ),
         ]
     )
@@ -116,14 +121,22 @@ def create_app(parts: WebParts) -> web.Application:
     routes.public("GET", "/metrics", metrics)
     site.register(routes)
     console.register(routes)
-    register_console_work(parts, view, routes)
+    lookup = dns_lookup(settings)
+    register_console_work(parts, view, routes, lookup)
     DownloadPages(site, parts.links, parts.blobs).register(routes)
     LetterPages(site, parts.letters, parts.links, parts.blobs).register(routes)
-    api(parts).register(routes)
+    api(parts, lookup).register(routes)
     return app
 
 
-def register_console_work(parts: WebParts, view: ConsoleView, routes: Routes) -> None:
+def dns_lookup(settings: Settings) -> DnsLookup:
+    """One per web server: the console's page and the API share its remembered answers."""
+    return DnsLookup.configured(settings.console.dns_checks, settings.console.dns_resolver)
+
+
+def register_console_work(
+    parts: WebParts, view: ConsoleView, routes: Routes, lookup: DnsLookup
+) -> None:
     """The console's pages after sign-in: the timeline, actions, letters waiting, admin."""
     pages = TimelinePages(view, parts.timeline, parts.waiting)
     pages.register(routes)
@@ -131,9 +144,11 @@ def register_console_work(parts: WebParts, view: ConsoleView, routes: Routes) ->
     AdminPages(
         view, parts.users, parts.queue, parts.webhooks, parts.api_keys, parts.chain
     ).register(routes)
+    ConfigPages(view, parts.settings, lookup).register(routes)
+    AccountPages(view, view.site, parts.users, parts.sessions, parts.settings).register(routes)
 
 
-def api(parts: WebParts) -> Api:
+def api(parts: WebParts, lookup: DnsLookup | None = None) -> Api:
     """The JSON API over the parts' desks."""
     return Api(
         parts.timeline,
@@ -142,6 +157,7 @@ def api(parts: WebParts) -> Api:
         parts.users,
         MessageActions(parts.timeline, parts.links, parts.letters),
         WebhookOperations(parts.webhooks),
+        SettingsOperations(parts.settings, lookup or dns_lookup(parts.settings)),
     )
 
 

@@ -95,7 +95,10 @@ def rule_of(request: web.Request) -> Rule | None:
 def guard(
     authenticators: Sequence[Authenticator],
     forbidden_page: Callable[[web.Request], web.Response] | None = None,
+    login_url: str = CONSOLE_LOGIN,
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """`login_url` is the sign-in page as the browser reaches it (public_url's path first)."""
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route
@@ -109,7 +112,7 @@ def guard(
             return await handler(request)
         principal = await _who(request, authenticators)
         if principal is None:
-            raise _not_signed_in(request, rule)
+            raise _not_signed_in(request, rule, login_url)
         assert rule.needs is not None
         request[PRINCIPAL] = principal
         if not principal.may(rule.needs):
@@ -127,16 +130,16 @@ async def _who(request: web.Request, authenticators: Sequence[Authenticator]) ->
     return None
 
 
-def _not_signed_in(request: web.Request, rule: Rule) -> web.HTTPException:
+def _not_signed_in(request: web.Request, rule: Rule, login_url: str) -> web.HTTPException:
     if rule.audience is Audience.API:
         return ProblemResponse(
             401,
             "Send an API key as 'Authorization: Bearer <key>'.",
             headers={"WWW-Authenticate": 'Bearer realm="sealrelay"'},
         )
-    if request.method in ("GET", "HEAD"):
-        return web.HTTPSeeOther(f"{CONSOLE_LOGIN}?next={quote(request.path_qs, safe='')}")
-    return web.HTTPSeeOther(CONSOLE_LOGIN)
+    if request.method in ("GET", "HEAD"):  # `next` is our own path: the sign-in adds the prefix
+        return web.HTTPSeeOther(f"{login_url}?next={quote(request.path_qs, safe='')}")
+    return web.HTTPSeeOther(login_url)
 
 
 def _forbidden(

@@ -356,10 +356,22 @@ class ProspectSite:
         self.brand_css = branding_css(settings.branding)
         # versioned URLs, so browsers may cache the stylesheets until they change
         css_version = digest((STATIC / "downloads.css").read_bytes())
+        base_version = digest((STATIC / "base.css").read_bytes())
         self.assets = {
-            "css": f"{self.base}/static/downloads.css?v={css_version}",
-            "brand_css": f"{self.base}/branding.css?v={digest(self.brand_css.encode())}",
+            "base_css": self.url(f"/static/base.css?v={base_version}"),
+            "css": self.url(f"/static/downloads.css?v={css_version}"),
+            "brand_css": self.url(f"/branding.css?v={digest(self.brand_css.encode())}"),
         }
+
+    def url(self, path: str) -> str:
+        """Where the browser reaches one of our paths: public_url's path in front of it.
+
+        A proxy that serves the relay under a path strips it before we see the request, so
+        routes and request.path stay "/console/..."; every link, form and redirect the
+        browser follows is made here, so none of them can leave the prefix off.
+        """
+        assert path.startswith("/"), path
+        return self.base + path
 
     def register(self, routes: Routes) -> None:
         routes.public("GET", "/branding.css", self.branding)
@@ -479,6 +491,7 @@ class ProspectSite:
             plural=catalog.plural,
             brand=self.settings.branding,
             assets=self.assets,
+            url=self.url,
             **context,
         )
         return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")

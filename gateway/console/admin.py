@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from gateway import users
+from gateway.config import Settings
 from gateway.outbound import queue
 from gateway.store.db import Database
 from gateway.store.models import Delivery, DeliveryStatus, Role, User
@@ -38,6 +39,11 @@ class UserDesk:
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    async def find(self, email: str) -> tuple[User, list[str]]:
+        """One user with their aliases; UnknownUser when there is none (or they were
+        deleted)."""
+        return await users.find_user(self.db, email)
+
     async def listing(self) -> list[tuple[User, list[str]]]:
         return await users.list_users(self.db)
 
@@ -61,3 +67,25 @@ class UserDesk:
         disabled: bool | None = None,
     ) -> tuple[User, list[str]]:
         return await users.change_user(self.db, email, role=role, group=group, disabled=disabled)
+
+    async def delete(self, email: str, *, by: str) -> None:
+        await users.delete_user(self.db, email, by=by)
+
+    async def reset_password(self, email: str, *, by: str) -> str:
+        """The new generated password, to be shown once."""
+        return await users.reset_password(self.db, email, by=by)
+
+    async def add_alias(self, email: str, address: str, *, by: str) -> list[str]:
+        return await users.add_alias(self.db, email, address, by=by)
+
+    async def remove_alias(self, email: str, address: str, *, by: str) -> list[str]:
+        return await users.remove_alias(self.db, email, address, by=by)
+
+    async def notices(self, email: str, settings: Settings) -> users.NoticePrefs:
+        """The user's effective choice of optional mails."""
+        return await users.notifications(self.db, email, settings)
+
+    async def set_notices(
+        self, email: str, changes: dict[str, bool], settings: Settings
+    ) -> users.NoticePrefs:
+        return await users.set_notifications(self.db, email, changes, settings)

@@ -32,7 +32,7 @@ from sqlalchemy import delete, func, select, update
 from gateway import users
 from gateway.access import Principal
 from gateway.config import ConsoleSettings
-from gateway.console.totp import SpentCodes, matching_step
+from gateway.console import totp
 from gateway.login_throttle import LoginThrottle
 from gateway.store import journal
 from gateway.store.db import Database
@@ -125,7 +125,6 @@ class SessionDesk:
         self.throttle = throttle
         self._key = key
         self.clock = clock
-        self._spent = SpentCodes()
 
     # -- signing in
 
@@ -176,8 +175,8 @@ class SessionDesk:
             raise SignInRefused(Refusal.EXPIRED)
         if self.throttle.refused(client.ip, user.email):
             raise SignInRefused(Refusal.THROTTLED)
-        step = matching_step(user.totp_secret, code, self.clock())
-        if step is None or not self._spent.spend(user.id, step):
+        step = totp.matching_step(user.totp_secret, code, self.clock())
+        if step is None or not await totp.spend(self.db, user.id, step):
             await self._failed(user.email, client, "code")
         self.throttle.succeeded(client.ip)
         return await self._open(user, client)
@@ -304,6 +303,29 @@ class SessionDesk:
                 )
             )
         return int(count or 0)
+
+    async def change_password(
+        self, user: ConsoleUser, current: str, new: str, client: Client
+    ) -> None:
+        """The signed-in user's own new password, given their current one.
+
+        The current password is checked like a sign-in, in the same throttle, so a session
+        left open on a shared computer is no way to guess it; a wrong one raises
+        SignInRefused(WRONG) and counts as a failed login, too many raise THROTTLED before
+        any check. Every other session of the user ends; this one stays.
+        """
+        if self.throttle.refused(client.ip, user.email):
+            raise SignInRefused(Refusal.THROTTLED)
+        with self.throttle.checking(client.ip, user.email):
+            agent = await users.authenticate(
+                self.db, user.email, current, priority=self.throttle.priority(client.ip)
+            )
+        if agent is None or agent.user_id != user.user_id:
+            self.throttle.failed(client.ip, user.email)
+            log.warning("console: wrong current password for %s from %s", user.email, client.ip)
+            raise SignInRefused(Refusal.WRONG)
+        await users.set_password(self.db, user.email, new, keep_session=user.session_id)
+        log.info("%s changed their password", user.email)
 
     async def sign_out(self, user: ConsoleUser) -> None:
         async with self.db.transaction() as session:

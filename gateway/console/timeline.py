@@ -8,6 +8,8 @@ The state of a recipient is derived from the rows the desks keep, not stored, so
 never disagree with them. In this order, the first that holds:
 
 - `bounced`: a copy to the recipient (the mail, the letter, or the released offer) bounced.
+- `revoked`: the link of the recipient's held registered letter was revoked (it never
+  expires after that: revoked is what it stays until the letter is sent again).
 - `expired`: the recipient's registered letter expired without consent, or a download link
   of theirs expired or was revoked (the files are no longer reachable).
 - `released`: they consented and the released offer was delivered upstream.
@@ -35,11 +37,12 @@ from sqlalchemy import (
     Select,
     and_,
     case,
-    exists,
     func,
     literal,
     or_,
     select,
+    text,
+    union,
     union_all,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -63,6 +66,7 @@ from gateway.store.models import (
 
 class RecipientState(StrEnum):
     BOUNCED = "bounced"
+    REVOKED = "revoked"
     EXPIRED = "expired"
     RELEASED = "released"
     CONSENTED = "consented"
@@ -200,6 +204,7 @@ def _recipient_facts() -> Any:
         Delivery.message_id.label("message_id"),
         Delivery.recipient.label("recipient"),
         case((Delivery.status == DeliveryStatus.BOUNCED, 1), else_=0).label("bounced"),
+        literal(0).label("revoked"),
         literal(0).label("expired"),
         literal(0).label("released"),
         literal(0).label("consented"),
@@ -207,23 +212,36 @@ def _recipient_facts() -> Any:
         case((Delivery.status == DeliveryStatus.QUEUED, 1), else_=0).label("queued"),
         case((Delivery.status == DeliveryStatus.DELIVERED, 1), else_=0).label("delivered"),
     )
-    letters = select(
-        Letter.message_id,
-        Letter.recipient,
-        literal(0),
-        case((Letter.status == LetterStatus.EXPIRED, 1), else_=0),
-        case(
-            (and_(Letter.status == LetterStatus.RELEASED, released == DeliveryStatus.DELIVERED), 1),
-            else_=0,
-        ),
-        case((Letter.status == LetterStatus.RELEASED, 1), else_=0),
-        case((Letter.status == LetterStatus.HELD, 1), else_=0),
-        literal(0),
-        literal(0),
-    ).outerjoin(Consent, Consent.letter_id == Letter.id)
+    held = Letter.status == LetterStatus.HELD
+    letters = (
+        select(
+            Letter.message_id,
+            Letter.recipient,
+            literal(0),
+            case((and_(held, Link.revoked_at.is_not(None)), 1), else_=0),
+            case((Letter.status == LetterStatus.EXPIRED, 1), else_=0),
+            case(
+                (
+                    and_(
+                        Letter.status == LetterStatus.RELEASED,
+                        released == DeliveryStatus.DELIVERED,
+                    ),
+                    1,
+                ),
+                else_=0,
+            ),
+            case((Letter.status == LetterStatus.RELEASED, 1), else_=0),
+            case((held, 1), else_=0),
+            literal(0),
+            literal(0),
+        )
+        .join(Link, Link.id == Letter.link_id)
+        .outerjoin(Consent, Consent.letter_id == Letter.id)
+    )
     links = select(
         Link.message_id,
         Link.recipient,
+        literal(0),
         literal(0),
         case((or_(Link.expired, Link.revoked_at.is_not(None)), 1), else_=0),
         literal(0),
@@ -239,6 +257,7 @@ def _state_of(facts: Any) -> ColumnElement[str]:
     flag = facts.c
     return case(
         (func.max(flag.bounced) == 1, RecipientState.BOUNCED.value),
+        (func.max(flag.revoked) == 1, RecipientState.REVOKED.value),
         (func.max(flag.expired) == 1, RecipientState.EXPIRED.value),
         (func.max(flag.released) == 1, RecipientState.RELEASED.value),
         (func.max(flag.consented) == 1, RecipientState.CONSENTED.value),
@@ -257,9 +276,109 @@ def _states_for(message_ids: Sequence[str] | None) -> Select[Any]:
     return query.group_by(facts.c.message_id, facts.c.recipient)
 
 
+def _could_be(state: RecipientState) -> Any:
+    """The ids of messages with a row that can make a recipient's state `state` under
+    `_state_of`: a superset of the messages in that state (the fold decides which are),
+    read through the status indexes, so a filter for a rare state skips the other messages
+    without folding them. None: every message is a candidate (`delivered`, which most
+    messages are: walking them newest first finds a page sooner than reading all their ids)."""
+    if state is RecipientState.BOUNCED:
+        return select(Delivery.message_id).where(Delivery.status == DeliveryStatus.BOUNCED)
+    if state is RecipientState.QUEUED:
+        return select(Delivery.message_id).where(Delivery.status == DeliveryStatus.QUEUED)
+    if state in (RecipientState.RELEASED, RecipientState.CONSENTED):
+        return select(Letter.message_id).where(Letter.status == LetterStatus.RELEASED)
+    if state in (RecipientState.LETTER_WAITING, RecipientState.REVOKED):
+        return select(Letter.message_id).where(Letter.status == LetterStatus.HELD)
+    if state is RecipientState.EXPIRED:
+        return union_all(
+            select(Letter.message_id).where(Letter.status == LetterStatus.EXPIRED),
+            select(Link.message_id).where(
+                Link.kind == LinkKind.DOWNLOAD, or_(Link.expired, Link.revoked_at.is_not(None))
+            ),
+        )
+    if state is RecipientState.DELETED:  # a recipient none of whose rows sets a flag
+        return union_all(
+            select(Delivery.message_id).where(
+                Delivery.status.not_in(
+                    [DeliveryStatus.BOUNCED, DeliveryStatus.QUEUED, DeliveryStatus.DELIVERED]
+                )
+            ),
+            select(Letter.message_id).where(
+                Letter.status.not_in(
+                    [LetterStatus.EXPIRED, LetterStatus.RELEASED, LetterStatus.HELD]
+                )
+            ),
+            select(Link.message_id).where(
+                Link.kind == LinkKind.DOWNLOAD, Link.expired.is_(False), Link.revoked_at.is_(None)
+            ),
+        )
+    return None
+
+
+def _listing(
+    scope: MessageScope,
+    filters: MessageFilter,
+    position: tuple[datetime, str] | None,
+    limit: int,
+    *,
+    by_index: bool,
+) -> Select[Any]:
+    """Up to `limit` messages after `position` (newest first) that pass the filters, the
+    state's candidates (`_could_be`) standing in for the state itself.
+
+    With `by_index` (PostgreSQL, whose trigram indexes serve `ILIKE '%...%'`), a text
+    search is two queries, one per place the text can be (the subject, a recipient), each
+    ordered and cut at `limit` on its own: each can then walk the newest messages when the
+    text is common, or read a short list from its index when it is rare, which one query
+    with an OR cannot. Without such indexes (SQLite) one query with an OR is faster: it
+    stops at the first page of matches, where the split one scans the place that has few;
+    its recipients' list is read once (uncorrelated), not probed once per message.
+    """
+
+    def narrowed(query: Select[Any]) -> Select[Any]:
+        query = query.where(Message.kind == MessageKind.SUBMITTED)
+        clause = scope_clause(scope)
+        if clause is not None:
+            query = query.where(clause)
+        if filters.since is not None:
+            query = query.where(Message.received_at >= filters.since)
+        if filters.until is not None:
+            query = query.where(Message.received_at < filters.until)
+        if filters.state is not None:
+            candidates = _could_be(filters.state)
+            if candidates is not None:
+                query = query.where(Message.id.in_(candidates))
+        if position is not None:
+            at, last_id = position
+            query = query.where(
+                Message.received_at <= at,
+                or_(Message.received_at < at, Message.id < last_id),
+            )
+        return query.order_by(Message.received_at.desc(), Message.id.desc()).limit(limit)
+
+    query = narrowed(select(Message))
+    if not filters.text:
+        return query
+    pattern = f"%{_escape_like(filters.text)}%"
+    # a message once however many of its copies match (a cut at `limit` counts messages)
+    to_match = select(Delivery.message_id).where(Delivery.recipient.ilike(pattern, escape="\\"))
+    if not by_index:
+        return query.where(
+            or_(Message.subject.ilike(pattern, escape="\\"), Message.id.in_(to_match))
+        )
+    by_subject = narrowed(select(Message.id).where(Message.subject.ilike(pattern, escape="\\")))
+    by_recipient = narrowed(select(Message.id).where(Message.id.in_(to_match)))
+    found = union(by_subject.subquery().select(), by_recipient.subquery().select())
+    return query.where(Message.id.in_(found))
+
+
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
+
+# the most candidates a state filter's walk folds in one round
+_WALK_BATCH = 1000
 
 # columns, not ORM objects: a page of 1,000 events skips the session's identity map
 _EVENT_COLUMNS = (Event.seq, Event.at, Event.type, Event.message_id, Event.delivery_id, Event.data)
@@ -284,46 +403,53 @@ class Timeline:
         neither repeated nor does it shift what the next page holds.
         """
         filters = filters or MessageFilter()
-        query = select(Message).where(Message.kind == MessageKind.SUBMITTED)
-        narrowed = scope_clause(scope)
-        if narrowed is not None:
-            query = query.where(narrowed)
-        if filters.since is not None:
-            query = query.where(Message.received_at >= filters.since)
-        if filters.until is not None:
-            query = query.where(Message.received_at < filters.until)
-        if filters.text:
-            pattern = f"%{_escape_like(filters.text)}%"
-            query = query.where(
-                or_(
-                    Message.subject.ilike(pattern, escape="\\"),
-                    exists().where(
-                        Delivery.message_id == Message.id,
-                        Delivery.recipient.ilike(pattern, escape="\\"),
-                    ),
-                )
-            )
-        if filters.state is not None:
-            # uncorrelated, so computed once per query rather than once per message
-            every = _states_for(None).subquery("s")
-            query = query.where(
-                Message.id.in_(select(every.c.message_id).where(every.c.state == filters.state))
-            )
-        if cursor is not None:
-            at, last_id = decode_cursor(cursor)
-            query = query.where(
-                Message.received_at <= at,
-                or_(Message.received_at < at, Message.id < last_id),
-            )
-        query = query.order_by(Message.received_at.desc(), Message.id.desc()).limit(limit + 1)
+        position = decode_cursor(cursor) if cursor is not None else None
         async with self.db.snapshot() as session:
-            rows = list((await session.scalars(query)).all())
-            more = len(rows) > limit
-            rows = rows[:limit]
-            states = await self._states(session, [m.id for m in rows])
+            if self.db.is_postgres and (filters.state is not None or filters.text):
+                # The default (4) prices each index probe as a disk seek, so PostgreSQL
+                # would scan every message to join a thousand candidates; with the table in
+                # memory, or on SSD, a probe costs about what a sequential read does.
+                await session.execute(text("SET LOCAL random_page_cost = 1.1"))
+            if filters.state is None:
+                query = _listing(scope, filters, position, limit + 1, by_index=self.db.is_postgres)
+                rows = list((await session.scalars(query)).all())
+                states = await self._states(session, [m.id for m in rows[:limit]])
+            else:
+                rows, states = await self._walk(session, scope, filters, position, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
         items = [_row(m, states.get(m.id, [])) for m in rows]
         last = rows[-1] if more and rows else None
         return Page(items, encode_cursor(last.received_at, last.id) if last else None)
+
+    async def _walk(
+        self,
+        session: AsyncSession,
+        scope: MessageScope,
+        filters: MessageFilter,
+        position: tuple[datetime, str] | None,
+        wanted: int,
+    ) -> tuple[list[Message], dict[str, list[RecipientRow]]]:
+        """The first `wanted` messages with a recipient in the filter's state: the
+        candidates in rounds, newest first, each round folded by `_states` (on its own rows
+        alone), until enough matched or the candidates ran out. One snapshot, so exact."""
+        assert filters.state is not None
+        found: list[Message] = []
+        states: dict[str, list[RecipientRow]] = {}
+        batch = wanted  # most candidates match; when few do, the rounds grow
+        while len(found) < wanted:
+            query = _listing(scope, filters, position, batch, by_index=self.db.is_postgres)
+            rows = list((await session.scalars(query)).all())
+            folded = await self._states(session, [m.id for m in rows])
+            for message in rows:
+                if any(r.state == filters.state for r in folded.get(message.id, [])):
+                    found.append(message)
+                    states[message.id] = folded[message.id]
+            if len(rows) < batch:
+                break
+            batch = min(batch * 4, _WALK_BATCH)
+            position = (rows[-1].received_at, rows[-1].id)
+        return found[:wanted], states
 
     @staticmethod
     async def _states(session: AsyncSession, ids: list[str]) -> dict[str, list[RecipientRow]]:

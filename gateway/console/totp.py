@@ -2,7 +2,9 @@
 
 Six digits, 30-second steps, SHA-1, as every authenticator app reads them from an
 `otpauth://` URI. A code is accepted one step early or late (clocks drift), and each step's
-code only once per user in this process, so a code read over a shoulder is spent.
+code only once per user, so a code read over a shoulder is spent. The newest step used is
+stored with the user and moved by one conditional UPDATE, so neither a restart nor another
+process nor two sign-ins at the same moment can use a step twice.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import pyotp
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 
 from gateway.store import journal
 from gateway.store.db import Database
@@ -44,22 +46,24 @@ def matching_step(secret: str, code: str, now: datetime) -> int | None:
     return None
 
 
-class SpentCodes:
-    """The newest step each user has signed in with; a step at or before it is refused."""
+async def spend(db: Database, user_id: int, step: int) -> bool:
+    """True and `step` is spent for the user; False when it (or a later one) was used already.
 
-    MAX_USERS = 100_000
-
-    def __init__(self) -> None:
-        self._last: dict[int, int] = {}
-
-    def spend(self, user_id: int, step: int) -> bool:
-        """True and the step is spent; False when it (or a later one) was used already."""
-        if step <= self._last.get(user_id, -1):
-            return False
-        if len(self._last) >= self.MAX_USERS:
-            self._last.clear()
-        self._last[user_id] = step
-        return True
+    Compare-and-set in the database: of two sign-ins racing with one code, the second's
+    UPDATE waits for the first's row lock (PostgreSQL) or the write lock (SQLite) and then
+    finds the condition false.
+    """
+    async with db.transaction() as session:
+        result = await session.execute(
+            update(User)
+            .where(
+                User.id == user_id,
+                or_(User.totp_last_step.is_(None), User.totp_last_step < step),
+            )
+            .values(totp_last_step=step)
+            .execution_options(synchronize_session=False)
+        )
+    return int(getattr(result, "rowcount", 0)) == 1
 
 
 async def enable(db: Database, email: str, issuer: str = ISSUER) -> TotpSetup:
@@ -67,7 +71,9 @@ async def enable(db: Database, email: str, issuer: str = ISSUER) -> TotpSetup:
     email = normalize_address(email)
     secret = pyotp.random_base32()
     async with db.transaction() as session:
-        user = await session.scalar(select(User).where(User.email == email))
+        user = await session.scalar(
+            select(User).where(User.email == email, User.deleted_at.is_(None))
+        )
         if user is None:
             raise UserError(f"no user {email}")
         user.totp_secret = secret
@@ -79,7 +85,9 @@ async def enable(db: Database, email: str, issuer: str = ISSUER) -> TotpSetup:
 async def disable(db: Database, email: str) -> None:
     email = normalize_address(email)
     async with db.transaction() as session:
-        user = await session.scalar(select(User).where(User.email == email))
+        user = await session.scalar(
+            select(User).where(User.email == email, User.deleted_at.is_(None))
+        )
         if user is None:
             raise UserError(f"no user {email}")
         if user.totp_secret is None:

@@ -34,12 +34,13 @@ class WaitingLetters:
         self.db = db
 
     async def listing(self, scope: MessageScope, limit: int = 500) -> list[WaitingLetter]:
-        """Every held letter in the scope, the one whose link runs out first at the top."""
+        """Every held letter in the scope whose link was not revoked (no one can consent to
+        that one), the one whose link runs out first at the top."""
         query = (
             select(Letter, Link.expires_at)
             .join(Link, Link.id == Letter.link_id)
             .join(Message, Message.id == Letter.message_id)
-            .where(Letter.status == LetterStatus.HELD)
+            .where(Letter.status == LetterStatus.HELD, Link.revoked_at.is_(None))
             .order_by(Link.expires_at, Letter.id)
             .limit(limit)
         )

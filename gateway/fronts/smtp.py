@@ -11,22 +11,30 @@ import binascii
 import logging
 import ssl
 import warnings
+from asyncio import sslproto
 from base64 import b64decode
 from typing import Any
 from weakref import WeakKeyDictionary
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from cryptography.hazmat.primitives.serialization import Encoding
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import users
 from gateway.config import Settings
+from gateway.fronts import trusted
+from gateway.fronts.client_address import client_address
 from gateway.fronts.data_reader import DataResult, read_data
 from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
-from gateway.fronts.smtp_guard import ConnectionGate, ThrottledLog, session_ceiling
+from gateway.fronts.proxy_header import ProxyPolicy, proxied_client
+from gateway.fronts.smtp_guard import ConnectionGate, Refusal, ThrottledLog, session_ceiling
+from gateway.fronts.trusted import ClientFacts, TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Envelope as PipelineEnvelope
-from gateway.intake.pipeline import Origin, Pipeline
+from gateway.intake.pipeline import Origin, Pipeline, Submitter, TrustedOrigin
 from gateway.login_throttle import LoginThrottle
+from gateway.mail import headers
 from gateway.rejections import Rejected
 from gateway.store.db import Database
 from gateway.store.metrics import SMTP_REPLIES
@@ -40,9 +48,14 @@ class _ImplicitTlsNoise(logging.Filter):
     """aiosmtpd warns on every connection where AUTH does not require STARTTLS; ours are
     implicit-TLS sockets (already encrypted) and the loopback dev listener, so it is noise.
     It also warns on every successful login that `Session.login_data` (which it sets itself,
-    and which we never read) is deprecated."""
+    and which we never read) is deprecated, and on every connection when smtp.proxy_timeout
+    is below 3 s, a choice the operator made once."""
 
-    NOISE = ("auth_require_tls == False", "Session.login_data is deprecated")
+    NOISE = (
+        "auth_require_tls == False",
+        "Session.login_data is deprecated",
+        "proxy_protocol_timeout < 3.0",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -82,6 +95,13 @@ class Reply:
     @staticmethod
     def not_your_address(address: str) -> str:
         return f"553 5.7.1 You may not send as <{address}>: it is not one of your addresses"
+
+    @staticmethod
+    def not_our_domain(address: str, where: str) -> str:
+        return (
+            f"550 5.7.1 This client may send only for the domains this relay serves;"
+            f" <{address}> ({where}) is not in one of them"
+        )
 
     @staticmethod
     def bad_recipient(address: str, why: str) -> str:
@@ -127,7 +147,7 @@ class SubmissionHandler:
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         session = server.session
         assert session is not None
-        address = _peer(session)
+        address = client_address(session)
         account = login.decode("utf-8", errors="replace")
         if self.throttle.account_refused(address, account):
             self._throttled.warning(
@@ -178,9 +198,18 @@ class SubmissionHandler:
         # AuthResult's handled defaults to True, which would make aiosmtpd send nothing.
         return await _refuse(server, reply)
 
+    async def handle_PROXY(
+        self, server: SMTP, session: Session, envelope: Envelope, proxy_data: ProxyData
+    ) -> bool:
+        """aiosmtpd has read the PROXY header; False closes the connection."""
+        return isinstance(server, SubmissionSMTP) and await server.admit_proxied(proxy_data)
+
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's default answers `500 Error: (Class) text`, showing the client our
         internals (database addresses, paths) and telling it not to retry."""
+        if isinstance(error, ssl.SSLError):  # e.g. a client certificate from an unknown CA
+            log.info("SMTP session ended: TLS failed: %s", error)
+            return _count(Reply.LOCAL_ERROR)
         log.error("SMTP session failed", exc_info=error)
         return _count(Reply.LOCAL_ERROR)
 
@@ -189,12 +218,19 @@ class SubmissionHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        agent = _agent(session)
         try:
             validate_email(address, check_deliverability=False, allow_smtputf8=False)
         except EmailNotValidError as exc:
             return _count(Reply.bad_sender(address, str(exc)))
-        if not agent.may_send_as(address):
+        if not session.authenticated:
+            found = _trusted_match(server)
+            domains = await trusted.allowed_domains(found, self.settings, self.db)
+            if trusted.domain_of(address) not in domains:
+                log.info(
+                    "%s (%s): refused sender %s", client_address(session), found.entry.name, address
+                )
+                return _count(Reply.not_our_domain(address, "MAIL FROM"))
+        elif not _agent(session).may_send_as(address):
             return _count(Reply.not_your_address(address))
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -222,14 +258,28 @@ class SubmissionHandler:
         )
         origin = Origin(
             helo=session.host_name or "",
-            peer=_peer(session),
+            peer=client_address(session),
             protocol="ESMTPSA" if tls else "ESMTPA",
         )
+        submitter: Submitter
         try:
+            if session.authenticated:
+                submitter = _agent(session)
+            else:
+                found = _trusted_match(server)
+                submitter = await self._trusted_submitter(found, envelope.mail_from, raw)
+                origin = Origin(
+                    helo=origin.helo,
+                    peer=origin.peer,
+                    protocol="ESMTPS" if tls else "ESMTP",
+                    trusted=TrustedOrigin(
+                        found.entry.name, found.entry.settings.service_name, found.certificate_name
+                    ),
+                )
             message_id = await self.pipeline.submit(
                 PipelineEnvelope(envelope.mail_from, tuple(envelope.rcpt_tos)),
                 raw,
-                _agent(session),
+                submitter,
                 origin,
             )
         except Rejected as refusal:
@@ -240,6 +290,18 @@ class SubmissionHandler:
             return _count(Reply.TEMPORARY)
         return _count(Reply.QUEUED.format(message_id=message_id))
 
+    async def _trusted_submitter(
+        self, found: TrustedMatch, mail_from: str, raw: bytes
+    ) -> trusted.TrustedSubmitter:
+        """The service (or mapped agent) a trusted client sends as; its From header must be
+        in the entry's domains too, or the message is refused here with 550."""
+        domains = await trusted.allowed_domains(found, self.settings, self.db)
+        authors = headers.addresses(headers.fields_of(raw), "from")
+        for author in authors:
+            if trusted.domain_of(author) not in domains:
+                raise Rejected(Reply.not_our_domain(author, "From header"))
+        return await trusted.submitter_for(found, domains, self.db, [mail_from, *authors])
+
 
 class SubmissionSMTP(SMTP):
     """aiosmtpd's protocol with DATA read in large pieces (gateway/fronts/data_reader.py).
@@ -249,36 +311,149 @@ class SubmissionSMTP(SMTP):
     steadily it flowed. Here every piece of DATA restarts it, and the timer stands still
     while the relay itself works on the message (the client is waiting for us then).
     Each connection first passes the front's gate (gateway/fronts/smtp_guard.py), or hears 421.
+    Behind HAProxy (`proxy`), the gate waits for the PROXY header and counts the client it
+    names, never the proxy; the session's peer becomes that client (client_address.py).
     """
 
     _receiving_data = False
     _stopping = False
+    _require_starttls = False
+    trusted: tuple[TrustedEntry, ...] = ()
 
-    def __init__(self, handler: SubmissionHandler, gate: ConnectionGate, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        gate: ConnectionGate,
+        proxy: ProxyPolicy | None = None,
+        implicit_tls: ssl.SSLContext | None = None,
+        trusted: tuple[TrustedEntry, ...] = (),
+        **kwargs: Any,
+    ) -> None:
+        """`implicit_tls`: an implicit-TLS listener behind a proxy, whose handshake follows
+        the PROXY header (without a proxy, the listening socket itself does TLS)."""
+        if proxy is not None:
+            kwargs["proxy_protocol_timeout"] = proxy.timeout
         super().__init__(handler, **kwargs)
         self._gate = gate
+        self._proxy = proxy
+        self._implicit_tls = implicit_tls
+        self._started = False
+        self.trusted = trusted
         self._admitted: str | None = None  # the client address while counted by the gate
+        self._client: Any = None  # (address, port) the PROXY header named
+        self._proxy_data: ProxyData | None = None
         self._refused = False
         self.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The gate decides before aiosmtpd sets up a session (STARTTLS calls this again)."""
-        if self._admitted is None:
-            peer = transport.get_extra_info("peername")
-            address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
-            refusal = self._gate.admit(address)
-            if refusal is not None:
-                self._refused = True
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(refusal.encode("ascii") + b"\r\n")
-                _count(refusal)
-                transport.close()
-                return
-            self._admitted = address
+        if self._started:
             super().connection_made(transport)
-            self._gate.enter(self)
+            if self._client is not None and self.session is not None:
+                self.session.peer = self._client
+                self.session.proxy_data = self._proxy_data
+            return
+        self._started = True
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+        if self._proxy is not None:
+            self._await_proxy_header(transport, address)
+            return
+        refusal = self._gate.admit(address)
+        if refusal is not None:
+            self._refuse(transport, refusal)
+            return
+        self._admitted = address
+        super().connection_made(transport)
+        self._gate.enter(self)
+
+    def _await_proxy_header(self, transport: asyncio.BaseTransport, address: str) -> None:
+        """Only a configured proxy may connect; aiosmtpd then reads its header before the
+        greeting, within the proxy timeout, and calls handle_PROXY (admit_proxied)."""
+        assert self._proxy is not None
+        if not self._proxy.trusted(address):
+            self._gate.refusals.warning(
+                "not-a-proxy", "closed a connection from %s: not in smtp.proxy_from", address
+            )
+            self._refuse(transport, None)
+            return
+        if self._gate.open_total >= self._gate.total:
+            self._refuse(transport, Refusal.BUSY)
             return
         super().connection_made(transport)
+        self._gate.sessions.add(self)  # so that stopping the relay closes it too
+
+    async def admit_proxied(self, data: ProxyData) -> bool:
+        """The header is read: the client it names passes the gate, or the connection ends.
+
+        On an implicit-TLS listener the refusal is silent (the client expects a TLS
+        handshake, not text) and the handshake happens here, before the greeting."""
+        session = self.session
+        assert session is not None
+        proxy = client_address(session)
+        client = proxied_client(data, session.peer)
+        if client is None:
+            self._gate.refusals.warning(
+                "proxy-header", "closed a connection from proxy %s: unusable PROXY header", proxy
+            )
+            return False
+        refusal = self._gate.admit(client[0])
+        if refusal is not None:
+            _count(refusal)
+            if isinstance(self.transport, asyncio.WriteTransport) and self._implicit_tls is None:
+                self.transport.write(refusal.encode("ascii") + b"\r\n")
+            return False
+        self._admitted = client[0]
+        self._client = client
+        session.peer = client  # type: ignore[assignment]  # aiosmtpd stores the peername tuple
+        self._proxy_data = data
+        log.info("%s connected through proxy %s", client[0], proxy)
+        self._gate.enter(self)
+        if self._implicit_tls is not None:
+            return await self._start_implicit_tls(self._implicit_tls)
+        return True
+
+    async def _start_implicit_tls(self, context: ssl.SSLContext) -> bool:
+        """What aiosmtpd's STARTTLS does, without the command: the TLS layer goes between
+        the socket and this protocol, which sees connection_made again once it is up.
+        Bytes the client sent right behind the header (its ClientHello, often in the same
+        packet) are already in the reader; they are handed to the TLS layer, not lost."""
+        assert self.transport is not None
+        early = bytes(self._reader._buffer)  # type: ignore[attr-defined]
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        waiter = self.loop.create_future()
+        tls = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=int(TLS_HANDSHAKE_TIMEOUT),
+        )
+        self._tls_protocol = tls
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(tls)
+        self.transport = tls._app_transport
+        tls.connection_made(self._original_transport)
+        if early:
+            _feed(tls, early)
+        try:
+            await waiter
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            # The TLS layer closes the socket but, the handshake never done, does not call
+            # our connection_lost: the session ends here, or the gate would count it forever.
+            log.info("%s: TLS handshake failed: %s", _peer_of(self), exc)
+            self._pause_timeout()
+            self._leave_gate()
+            return False
+        return True
+
+    def _refuse(self, transport: asyncio.BaseTransport, refusal: str | None) -> None:
+        self._refused = True
+        if refusal is not None and isinstance(transport, asyncio.WriteTransport):
+            transport.write(refusal.encode("ascii") + b"\r\n")
+            _count(refusal)
+        transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -286,10 +461,14 @@ class SubmissionSMTP(SMTP):
         try:
             super().connection_lost(error)
         finally:
-            self.closed.set()
-            if self._admitted is not None:
-                self._gate.release(self._admitted, self)
-                self._admitted = None
+            self._leave_gate()
+
+    def _leave_gate(self) -> None:
+        self.closed.set()
+        if self._admitted is not None:
+            self._gate.release(self._admitted, self)
+            self._admitted = None
+        self._gate.sessions.discard(self)
 
     def eof_received(self) -> bool | None:
         if self._refused:
@@ -313,13 +492,43 @@ class SubmissionSMTP(SMTP):
 
     def _say_stopping(self) -> None:
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if self._proxy is not None and self._admitted is None and transport is not None:
+            transport.close()  # still waiting for the PROXY header: nobody to speak SMTP to
+        elif isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             reply = _count(Reply.STOPPING.format(hostname=self.hostname))
             transport.write((reply + "\r\n").encode("ascii"))
             transport.close()
 
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        """A client that matches a trusted entry needs no AUTH; every other hears 530."""
+        if self.session is not None and not self.session.authenticated and self.trusted_match():
+            return False
+        result: bool = await super().check_auth_needed(caller_method)
+        return result
+
+    @property
+    def require_starttls(self) -> bool:
+        """aiosmtpd answers 530 to commands before STARTTLS when this holds; a trusted
+        client whose entry allows plain text is spared, every other client is not."""
+        if not self._require_starttls or self._tls_protocol is not None:
+            return self._require_starttls
+        return self.trusted_match() is None
+
+    @require_starttls.setter
+    def require_starttls(self, value: bool) -> None:
+        self._require_starttls = bool(value)
+
+    def trusted_match(self) -> TrustedMatch | None:
+        """The entry this client matches now (after STARTTLS it may match more)."""
+        if not self.trusted or self.session is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        client = ClientFacts(client_address(self.session), ssl_object is not None, certificate)
+        return trusted.match(self.trusted, client)
+
     def shorten_idle(self) -> None:
-        if not self._logged_in and self.transport is not None:
+        if not self._logged_in and self.transport is not None and self._admitted is not None:
             self._reset_timeout()
 
     @property
@@ -334,9 +543,13 @@ class SubmissionSMTP(SMTP):
         super().data_received(data)
 
     def _timeout_cb(self) -> None:
-        """Say why before closing, so the client logs a reason and not a lost connection."""
+        """Say why before closing, so the client logs a reason and not a lost connection.
+
+        A proxy that sent no header in time hears nothing: we do not speak SMTP before it."""
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if self._proxy is not None and self._admitted is None:
+            log.info("%s: no PROXY header in %.0f s; closing", _peer_of(self), self._proxy.timeout)
+        elif isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             log.info("%s: silent too long; closing", _peer_of(self))
             transport.write((Reply.TIMEOUT.format(hostname=self.hostname) + "\r\n").encode("ascii"))
             _count(Reply.TIMEOUT)
@@ -400,6 +613,8 @@ class SmtpFront:
         self.failed_logins = self.throttle.per_address
         self.handler = SubmissionHandler(settings, db, pipeline, self.throttle)
         self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
+        self.proxy = ProxyPolicy.from_settings(smtp)
+        self.trusted = tuple(TrustedEntry.load(entry) for entry in smtp.trusted)
         self.tls = tls_context(settings)
         self.servers: list[asyncio.Server] = []
 
@@ -415,17 +630,29 @@ class SmtpFront:
                     f"smtp.listen {address}: agents could not log in; set smtp.tls_cert and"
                     " smtp.tls_key, or allow_plaintext_auth_on_loopback on a loopback address"
                 )
-            factory = self._factory(self.tls, require_tls=not plaintext_ok)
+            entries = self._trusted_on(address)
+            factory = self._factory(self._tls_for(entries), not plaintext_ok, entries)
+            self.servers.append(await loop.create_server(factory, host, port))
+        for address in self._trusted_listeners():
+            host, port = split_address(address)
+            require_tls = not plaintext_logins_allowed(smtp, host)
+            entries = self._trusted_on(address)
+            factory = self._factory(self._tls_for(entries), require_tls, entries)
             self.servers.append(await loop.create_server(factory, host, port))
         for address in smtp.implicit_tls_listen:
             host, port = split_address(address)
-            factory = self._factory(None, require_tls=False)
+            entries = self._trusted_on(address)
+            if self.proxy is not None:
+                factory = self._factory(None, False, entries, implicit_tls=self._tls_for(entries))
+                self.servers.append(await loop.create_server(factory, host, port))
+                continue
+            factory = self._factory(None, False, entries)
             self.servers.append(
                 await loop.create_server(
                     factory,
                     host,
                     port,
-                    ssl=self.tls,
+                    ssl=self._tls_for(entries),
                     ssl_handshake_timeout=min(smtp.timeout, TLS_HANDSHAKE_TIMEOUT),
                 )
             )
@@ -433,13 +660,40 @@ class SmtpFront:
             for sock in server.sockets:
                 log.info("SMTP listening on %s", sock.getsockname()[:2])
 
-    def _factory(self, tls: ssl.SSLContext | None, require_tls: bool) -> Any:
+    def _tls_for(self, entries: tuple[TrustedEntry, ...]) -> ssl.SSLContext | None:
+        """A listener asks for client certificates only where an entry on it names some."""
+        if not any(entry.authorities for entry in entries):
+            return self.tls
+        return tls_context(self.settings, entries)
+
+    def _trusted_on(self, address: str) -> tuple[TrustedEntry, ...]:
+        """Entries without listeners of their own match on the shared ones."""
+        return tuple(
+            e for e in self.trusted if address in e.settings.listen or not e.settings.listen
+        )
+
+    def _trusted_listeners(self) -> list[str]:
+        """Trusted entries' own listen addresses (STARTTLS when TLS is configured)."""
+        shared = {*self.settings.smtp.listen, *self.settings.smtp.implicit_tls_listen}
+        own = [a for e in self.trusted for a in e.settings.listen if a not in shared]
+        return list(dict.fromkeys(own))
+
+    def _factory(
+        self,
+        tls: ssl.SSLContext | None,
+        require_tls: bool,
+        trusted_entries: tuple[TrustedEntry, ...],
+        implicit_tls: ssl.SSLContext | None = None,
+    ) -> Any:
         smtp = self.settings.smtp
 
         def make() -> SMTP:
             return SubmissionSMTP(
                 self.handler,
                 self.gate,
+                self.proxy,
+                implicit_tls,
+                trusted_entries,
                 data_size_limit=smtp.max_message_size,
                 enable_SMTPUTF8=False,
                 decode_data=False,
@@ -480,14 +734,34 @@ class SmtpFront:
         self.servers = []
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
+def tls_context(
+    settings: Settings, trusted_entries: tuple[TrustedEntry, ...] = ()
+) -> ssl.SSLContext | None:
+    """The listeners' TLS; with trusted entries' client CAs it asks for (never requires) a
+    client certificate, verified against those CAs only, so agents without one connect."""
     smtp = settings.smtp
     if smtp.tls_cert is None or smtp.tls_key is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(smtp.tls_cert, smtp.tls_key)
+    authorities = [a for entry in trusted_entries for a in entry.authorities]
+    if authorities:
+        context.load_verify_locations(
+            cadata="".join(a.public_bytes(Encoding.PEM).decode("ascii") for a in authorities)
+        )
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+def _trusted_match(server: SMTP) -> TrustedMatch:
+    """The trusted entry of a session that did not log in; aiosmtpd let it past AUTH
+    (SubmissionSMTP.check_auth_needed) only because there is one."""
+    found = server.trusted_match() if isinstance(server, SubmissionSMTP) else None
+    if found is None:
+        raise RuntimeError("MAIL without AUTH from a client that matches no trusted entry")
+    return found
 
 
 def _agent(session: Session) -> users.Agent:
@@ -530,10 +804,15 @@ def _b64(value: str) -> bytes | None:
         return None
 
 
+def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
+
+
 def _peer_of(server: SMTP) -> str:
-    return _peer(server.session) if server.session is not None else "?"
-
-
-def _peer(session: Session) -> str:
-    peer = session.peer
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+    return client_address(server.session) if server.session is not None else "?"

@@ -30,7 +30,9 @@ from gateway.store.events import (
     DELIVERY_QUEUED,
     LANGUAGE_UNSUPPORTED,
     MESSAGE_RECEIVED,
+    MESSAGE_TRUSTED_CLIENT,
     LanguageUnsupported,
+    MessageTrustedClient,
 )
 from gateway.store.models import Base, Message, new_id, utcnow
 from rules.facts import MessageFacts
@@ -50,16 +52,31 @@ class Envelope:
 
 
 @dataclass(frozen=True)
+class TrustedOrigin:
+    """The trusted-client entry that let a message in without AUTH, for the journal."""
+
+    entry: str
+    service: str
+    certificate: str | None = None
+
+    def describe(self) -> str:
+        """For the Received line: `SERVICE, entry NAME, certificate CN`."""
+        certificate = f", certificate {self.certificate}" if self.certificate else ""
+        return f"{self.service}, entry {self.entry}{certificate}"[:300]
+
+
+@dataclass(frozen=True)
 class Origin:
     """Where the message came in, for the Received line and the journal."""
 
     helo: str
     peer: str
     protocol: str
+    trusted: TrustedOrigin | None = None
 
 
 class Submitter(Protocol):
-    """Who hands the message in: an authenticated agent today, a trusted host later."""
+    """Who hands the message in: an authenticated agent, or a trusted client's service."""
 
     @property
     def user_id(self) -> int | None: ...
@@ -91,6 +108,7 @@ class Pipeline:
         """The new message's id once it is durable; raises Rejected with the reply to give."""
         fields = self.receive(envelope, raw, submitter)
         draft = await self.draft(envelope, raw, fields, submitter, origin)
+        draft.events.extend(trusted_origin(origin, draft.message.id))
         facts = message_facts(envelope, fields, submitter, draft)
         decisions = plan(facts, self.policy).per_recipient
         draft.events.extend(language_warnings(facts, decisions, draft.message.id))
@@ -150,6 +168,7 @@ class Pipeline:
             helo=origin.helo[:255],
             peer=origin.peer[:100],
             protocol=origin.protocol,
+            trusted_client=origin.trusted.describe() if origin.trusted else None,
         )
         copy_base = original if base == raw else await self.blobs.put(base)
         return Draft(message, now, base, root, copy_base)
@@ -222,6 +241,20 @@ def message_facts(
         parts=mime.part_facts(draft.raw, draft.root),
         signed=mime.is_signed(draft.root),
     )
+
+
+def trusted_origin(origin: Origin, message_id: str) -> list[journal.NewEvent]:
+    """Which trusted entry let the message in, when no agent logged in."""
+    if origin.trusted is None:
+        return []
+    data: MessageTrustedClient = {
+        "entry": origin.trusted.entry,
+        "service": origin.trusted.service,
+        "peer": origin.peer[:100],
+        "certificate": origin.trusted.certificate,
+        "protocol": origin.protocol,
+    }
+    return [MESSAGE_TRUSTED_CLIENT.new(data, message_id=message_id)]
 
 
 def language_warnings(

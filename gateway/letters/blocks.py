@@ -102,10 +102,13 @@ class BlockSets:
         directories = {"default": SHIPPED_BLOCK_SET, **letter.block_sets}
         problems: list[str] = []
         self.sets: dict[tuple[str, str], BlockSet] = {}
+        # per set and language: each text's place and the placeholders its source names
+        self.placeholders: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {}
         for name in sorted(used_block_sets(settings)):
             for language in SHIPPED_LANGUAGES:
                 texts = _Texts({key: value for key, value in values.items() if value})
                 self.sets[(name, language)] = _load(directories[name] / language, texts)
+                self.placeholders[(name, language)] = texts.used
                 problems += [
                     f'letter block set "{name}", language {language}: {problem}'
                     for problem in texts.problems
@@ -136,8 +139,13 @@ class _Texts:
     def __init__(self, values: Mapping[str, str]) -> None:
         self.values = values
         self.unfilled: dict[str, list[str]] = {}
+        self.used: dict[str, tuple[str, ...]] = {}
 
-    def fill(self, place: str, text: str) -> str:
+    def fill(self, place: str, text: str, *, named: str | None = None) -> str:
+        """`named`: the key under which `used` records the text's placeholders, if not its
+        place (a block's text is reported by its file, shown by its block)."""
+        found = _PLACEHOLDER.findall(_COMMENT.sub("", text))
+        self.used[named or place] = tuple(dict.fromkeys(found))
         values = dict(self.values)
         if place in PER_LETTER_PLACES:  # kept for the letter: filled when it is sent
             values.update({name: f"{{{name}}}" for name in PER_LETTER})
@@ -171,7 +179,9 @@ def _load(directory: Path, texts: _Texts) -> BlockSet:
                 id=block["id"],
                 title=texts.fill(f"block {block['id']} title", block["title"]),
                 text=texts.fill(
-                    block["file"], (directory / block["file"]).read_text(encoding="utf-8")
+                    block["file"],
+                    (directory / block["file"]).read_text(encoding="utf-8"),
+                    named=f"block {block['id']} text",
                 ),
                 checkbox=(
                     texts.fill(f"block {block['id']} checkbox", block["checkbox"])

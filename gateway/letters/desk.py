@@ -35,7 +35,7 @@ from gateway.letters.evidence import (
     texts_sha256,
 )
 from gateway.letters.expiry_notice import ExpiredLetter, expiry_notice_mail
-from gateway.links.desk import MAX_DAYS, judge_visit
+from gateway.links.desk import MAX_DAYS, copy_delivered_at, judge_visit
 from gateway.links.tokens import (
     Closed,
     TokenClosed,
@@ -140,6 +140,31 @@ class Release:
     already: bool
 
 
+UNSIGNED_HEADER = "X-Sealrelay-Unsigned-Copy"
+
+
+@dataclass(frozen=True)
+class ReleasedOriginal:
+    """A released original for a lawyer. `signed`: the exact bytes the recipient's server
+    accepted, DKIM-signed over the evidence headers. Otherwise the copy as queued, with an
+    `X-Sealrelay-Unsigned-Copy` field in front saying why (`pending`: not delivered yet)."""
+
+    data: bytes
+    signed: bool
+    pending: bool
+
+
+@dataclass(frozen=True)
+class _Unsigned:
+    pending: bool
+
+    @property
+    def reason(self) -> str:
+        if self.pending:
+            return "not delivered yet; the copy as queued, without the DKIM signature it gets"
+        return "delivered before signed copies were kept; the copy as queued, without DKIM"
+
+
 class LetterDesk:
     """What the prospect's pages ask of letters: find one, record a view, release it, ask
     for a new link; and what the sweeper asks: expire those whose link ran out."""
@@ -209,8 +234,10 @@ class LetterDesk:
     ) -> Verdict:
         """`letter.viewed`: a GET of the letter's page, which never consents; marked when it
         looks like a link scanner's (rules/automated_visits.py)."""
+        now = self.clock()
+        delivered = await copy_delivered_at(self.db, found.link, now)
         verdict = judge_visit(
-            self.scanners, found.link, self.clock(), ip, user_agent, method, has_cookie
+            self.scanners, found.link, now, ip, user_agent, method, has_cookie, delivered
         )
         visit: LetterVisit = {
             "letter_id": found.letter.id,
@@ -287,7 +314,7 @@ class LetterDesk:
                 language=self.settings.policy.language,
             )
             archive = self._archive()
-            deliveries = self._copies(message, letter.recipient, released_blob, now)
+            deliveries = self._copies(message, letter.recipient, released_blob, now, released=True)
             consent = Consent(
                 id=consent_id,
                 letter_id=letter.id,
@@ -369,7 +396,7 @@ class LetterDesk:
             blob = await _stored_or_refused(
                 letter, self._stamped(letter, [released_by_agent_field(letter.id, now)])
             )
-            deliveries = self._copies(message, letter.recipient, blob, now)
+            deliveries = self._copies(message, letter.recipient, blob, now, released=True)
             _mark_released(letter, now)
             session.add_all(deliveries)
             await journal.append(
@@ -527,10 +554,10 @@ class LetterDesk:
         log.info("%s: letter=%s consent PDF read by=%s", letter.message_id, letter.id, actor)
         return await self.blobs.read(consent.pdf_blob)
 
-    async def released_original(self, letter_id: str, actor: str) -> bytes:
-        """The released original as queued to the recipient (.eml bytes: the evidence headers,
-        or the agent's release header, in front of the held copy). Delivery signs it with
-        DKIM on the way out; the signed copy is the one the recipient and the archive got.
+    async def released_original(self, letter_id: str, actor: str) -> ReleasedOriginal:
+        """The released original as the recipient got it: the DKIM-signed bytes the delivery
+        stored (evidence headers, or the agent's release header, signed over). Until it is
+        delivered, the copy as queued with an `X-Sealrelay-Unsigned-Copy` field saying so.
         Read only; the log says who fetched it."""
         actor = checked_actor(actor)
         async with self.db.transaction() as session:
@@ -547,8 +574,20 @@ class LetterDesk:
             delivery = await session.get(Delivery, delivery_id) if delivery_id else None
         if delivery is None:
             raise WrongState(f"letter {letter_id}: the released copy is not on record")
-        log.info("%s: letter=%s released original read by=%s", letter.message_id, letter.id, actor)
-        return await self.blobs.read(delivery.blob)
+        signed = delivery.signed_blob is not None
+        log.info(
+            "%s: letter=%s released original read by=%s signed=%s",
+            letter.message_id,
+            letter.id,
+            actor,
+            "yes" if signed else "no",
+        )
+        if delivery.signed_blob is not None:
+            return ReleasedOriginal(await self.blobs.read(delivery.signed_blob), True, False)
+        unsigned = _Unsigned(pending=delivery.status != DeliveryStatus.DELIVERED)
+        queued = await self.blobs.read(delivery.blob)
+        marker = headers.format_field(UNSIGNED_HEADER, unsigned.reason)
+        return ReleasedOriginal(marker + queued, False, unsigned.pending)
 
     def _snapshot_set(self, letter: Letter) -> BlockSet:
         """A block set that shows exactly the letter's snapshot: the configured set whose texts
@@ -582,12 +621,21 @@ class LetterDesk:
     def _archive(self) -> list[str]:
         return [self.settings.letter.archive_bcc] if self.settings.letter.archive_bcc else []
 
-    def _copies(self, message: Message, recipient: str, blob: str, now: datetime) -> list[Delivery]:
+    def _copies(
+        self,
+        message: Message,
+        recipient: str,
+        blob: str,
+        now: datetime,
+        *,
+        released: bool = False,
+    ) -> list[Delivery]:
         """One delivery of `blob` to `recipient` and one to the archive, the recipient's first:
-        the consent and the journal name that one."""
+        the consent and the journal name that one. A `released` original keeps the signed
+        bytes it is delivered as: that is the copy a lawyer needs (released_original)."""
         lifetime = self.settings.upstream.queue_lifetime
         return [
-            new_delivery(message.id, to, blob, now, lifetime)
+            new_delivery(message.id, to, blob, now, lifetime, keep_signed=released)
             for to in (recipient, *self._archive())
         ]
 
@@ -598,6 +646,7 @@ class LetterDesk:
 
     async def expire_due(self, now: datetime) -> int:
         """Mark held letters whose link ran out as expired, each once, and tell the agent.
+        A letter whose link was revoked is left alone: revoked is what it is.
 
         Rows another transaction holds (a release under way) are skipped: the next round
         sees them released or still due.
@@ -619,7 +668,13 @@ class LetterDesk:
                     select(Letter, Message, Link)
                     .join(Link, Link.id == Letter.link_id)
                     .join(Message, Message.id == Letter.message_id)
-                    .where(Letter.status == LetterStatus.HELD, Link.expires_at <= now)
+                    # a revoked link ended the letter already: it stays revoked, and the
+                    # agent who revoked it is not told that it expired
+                    .where(
+                        Letter.status == LetterStatus.HELD,
+                        Link.expires_at <= now,
+                        Link.revoked_at.is_(None),
+                    )
                     .order_by(Link.expires_at)
                     .limit(EXPIRE_BATCH)
                     .with_for_update(of=Letter, skip_locked=True)

@@ -434,6 +434,8 @@ async def consent_evidence(
         ("released original", released.blob if released is not None else ""),
         ("consent PDF", consent.pdf_blob),
     ]
+    if released is not None and released.signed_blob is not None:
+        digests.insert(2, ("released original, signed as delivered", released.signed_blob))
     try:
         recomputed: str | None = texts_sha256([ShownBlock(**b) for b in consent.blocks])
     except TypeError:

@@ -59,7 +59,17 @@ from gateway.store.events import (
     NewEvent,
     ZipDownload,
 )
-from gateway.store.models import Letter, LetterStatus, Link, LinkFile, LinkKind, Message, StoredFile
+from gateway.store.models import (
+    Delivery,
+    DeliveryStatus,
+    Letter,
+    LetterStatus,
+    Link,
+    LinkFile,
+    LinkKind,
+    Message,
+    StoredFile,
+)
 from rules.automated_visits import ScannerRules, Verdict, VisitFacts, classify
 
 # The longest a link may be given, in days from now: the policy's own maxima.
@@ -111,8 +121,12 @@ class LinkDesk:
             raise LinkExpired(found)
         return found
 
-    def judge(self, link: Link, ip: str, user_agent: str, method: str, has_cookie: bool) -> Verdict:
-        return judge_visit(self.scanners, link, self.clock(), ip, user_agent, method, has_cookie)
+    async def judge(
+        self, link: Link, ip: str, user_agent: str, method: str, has_cookie: bool
+    ) -> Verdict:
+        now = self.clock()
+        delivered = await copy_delivered_at(self.db, link, now)
+        return judge_visit(self.scanners, link, now, ip, user_agent, method, has_cookie, delivered)
 
     async def recipient_link(self, message: Message, recipient: str) -> FoundLink | None:
         """The valid download link `message` made for `recipient`, if there is one: a
@@ -131,7 +145,7 @@ class LinkDesk:
         has_cookie: bool = False,
     ) -> Verdict:
         """`link.viewed`: a page view, never a download; marked when it looks automated."""
-        verdict = self.judge(found.link, ip, user_agent, method, has_cookie)
+        verdict = await self.judge(found.link, ip, user_agent, method, has_cookie)
         event = LINK_VIEWED.new(
             _visit(found, ip, user_agent, verdict), message_id=found.link.message_id
         )
@@ -153,7 +167,7 @@ class LinkDesk:
         Nothing is written when the link lost the file since it was found. A scanner's
         fetch is `download.automated` and counts nothing."""
         now = self.clock()
-        verdict = self.judge(found.link, ip, user_agent, method, has_cookie)
+        verdict = await self.judge(found.link, ip, user_agent, method, has_cookie)
         if verdict.automated:
             await self._record_automated_download(found, stored, ip, user_agent, verdict)
             return False
@@ -219,7 +233,7 @@ class LinkDesk:
         has_cookie: bool = False,
     ) -> None:
         """`download.zip` naming every file of the link; marked when it looks automated."""
-        verdict = self.judge(found.link, ip, user_agent, method, has_cookie)
+        verdict = await self.judge(found.link, ip, user_agent, method, has_cookie)
         data: ZipDownload = {
             **_visit(found, ip, user_agent, verdict),
             "files": [{"file_id": f.id, "filename": f.filename} for f in found.files],
@@ -372,11 +386,30 @@ def judge_visit(
     user_agent: str,
     method: str,
     has_cookie: bool,
+    delivered_at: datetime | None = None,
 ) -> Verdict:
-    """A person's visit or a link scanner's (rules/automated_visits.py); the time since the
-    link was made stands for the time since its mail was delivered."""
-    since = (now - link.created_at).total_seconds()
+    """A person's visit or a link scanner's (rules/automated_visits.py). Scanners fetch a
+    link seconds after its mail was delivered: `delivered_at` is when the recipient's copy
+    was (copy_delivered_at); the link's creation stands in while no copy is."""
+    since = (now - (delivered_at or link.created_at)).total_seconds()
     return classify(VisitFacts(method, user_agent, has_cookie, ip, since), rules)
+
+
+async def copy_delivered_at(db: Database, link: Link, now: datetime) -> datetime | None:
+    """When the newest copy of the link's message to its recipient was accepted upstream,
+    between the link's creation and `now`: the copy a scanner in front of the recipient's
+    mailbox just fetched the link from (a deferred copy arrives minutes or hours after the
+    link was made; a letter's released original, with its download link, days after)."""
+    async with db.snapshot() as session:
+        return await session.scalar(
+            select(func.max(Delivery.updated_at)).where(
+                Delivery.message_id == link.message_id,
+                func.lower(Delivery.recipient) == link.recipient.lower(),
+                Delivery.status == DeliveryStatus.DELIVERED,
+                Delivery.updated_at >= link.created_at,
+                Delivery.updated_at <= now,
+            )
+        )
 
 
 async def _recipient_links(session: AsyncSession, message_id: str, recipient: str) -> list[Link]:

@@ -15,6 +15,7 @@ from gateway.mail.evidence_headers import OVERSIGNED_HEADERS
 from gateway.store.models import Message
 
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
+_COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 .,:@_+-]")  # no parentheses, no backslash, ASCII
 
 
 class Signer:
@@ -68,6 +69,8 @@ def relay_id(data: bytes) -> str | None:
 def received_field(message: Message, hostname: str) -> bytes:
     helo = _HELO_UNSAFE.sub("", message.helo) or "unknown"
     source = f"from {helo} ({message.peer}) " if message.peer else ""
+    if message.trusted_client:
+        source += f"(trusted client {_COMMENT_UNSAFE.sub('', message.trusted_client)}) "
     return headers.format_field(
         "Received",
         f"{source}by {hostname} (sealrelay) with {message.protocol} id {message.id};"

@@ -160,15 +160,21 @@ class DeliveryWorker:
                 if stop is not None and stop.is_set():
                     await self._release(ids)
                     return
-                outcomes = await self._send(group)
-                await self._record(group[0].message, [item.delivery for item in group], outcomes)
+                outcomes, signed = await self._send(group)
+                await self._record(
+                    group[0].message, [item.delivery for item in group], outcomes, signed
+                )
         finally:
             self._held.difference_update(ids)
 
-    async def _send(self, group: Sequence[queue.Claimed]) -> dict[str, Outcome]:
+    async def _send(self, group: Sequence[queue.Claimed]) -> tuple[dict[str, Outcome], str | None]:
+        """The upstream's outcome per recipient, and the digest of the signed bytes when a
+        copy of the group keeps them: stored before they leave, so that a copy recorded as
+        delivered always has them (a released original's evidence is what the recipient got)."""
         message = group[0].message
         deliveries = [item.delivery for item in group]
         recipients = [d.recipient for d in deliveries]
+        signed = None
         try:
             # Not kept in a local: the stored bytes are freed once the copy is built.
             data = prepare(
@@ -177,17 +183,23 @@ class DeliveryWorker:
                 self.settings.server.hostname,
                 self.signer,
             )
-            return await self.upstream.send(message.sender, recipients, data)
+            if any(d.keep_signed for d in deliveries):
+                signed = await self.blobs.put(data)
+            return await self.upstream.send(message.sender, recipients, data), signed
         except Exception as exc:
             log.exception("delivering %s failed before a reply", message.id)
-            return dict.fromkeys(recipients, Outcome(f"local error: {exc}"))
+            return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None
 
     async def _release(self, ids: Sequence[str]) -> None:
         async with self.db.transaction() as session:
             await queue.release(session, ids, self.name)
 
     async def _record(
-        self, message: Message, deliveries: Sequence[Delivery], outcomes: dict[str, Outcome]
+        self,
+        message: Message,
+        deliveries: Sequence[Delivery],
+        outcomes: dict[str, Outcome],
+        signed: str | None = None,
     ) -> None:
         now = self.clock()
         failures = []
@@ -214,7 +226,7 @@ class DeliveryWorker:
                 if outcome.delivered:
                     events.append(
                         await queue.mark_delivered(
-                            session, delivery, self.name, now, outcome.remote_mta
+                            session, delivery, self.name, now, outcome.remote_mta, signed
                         )
                     )
                 elif delivery.id in failed:

@@ -38,9 +38,18 @@ class QueueError(Exception):
 
 
 def new_delivery(
-    message_id: str, recipient: str, blob: str, now: datetime, lifetime: float
+    message_id: str,
+    recipient: str,
+    blob: str,
+    now: datetime,
+    lifetime: float,
+    *,
+    keep_signed: bool = False,
 ) -> Delivery:
-    """One copy to one recipient, due now, given up after `lifetime` seconds."""
+    """One copy to one recipient, due now, given up after `lifetime` seconds.
+
+    `keep_signed`: the copy is evidence (a released original), so the worker stores the
+    DKIM-signed bytes it delivers (`signed_blob`)."""
     return Delivery(
         id=new_id(),
         message_id=message_id,
@@ -48,6 +57,7 @@ def new_delivery(
         blob=blob,
         next_attempt_at=now,
         expires_at=now + timedelta(seconds=lifetime),
+        keep_signed=keep_signed,
     )
 
 
@@ -113,8 +123,15 @@ async def _settle(
 
 
 async def mark_delivered(
-    session: AsyncSession, delivery: Delivery, worker: str, now: datetime, remote: str | None
+    session: AsyncSession,
+    delivery: Delivery,
+    worker: str,
+    now: datetime,
+    remote: str | None,
+    signed_blob: str | None = None,
 ) -> journal.NewEvent | None:
+    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them."""
+    kept = {"signed_blob": signed_blob} if signed_blob and delivery.keep_signed else {}
     return await _settle(
         session,
         delivery,
@@ -124,6 +141,7 @@ async def mark_delivered(
         {"remote": remote},
         status=DeliveryStatus.DELIVERED,
         last_error=None,
+        **kept,
     )
 
 

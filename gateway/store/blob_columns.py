@@ -5,10 +5,11 @@ place that says which blobs are still needed. A column that names a blob and is 
 here loses its files after the grace period: tests/letters/test_evidence_retention.py fails for any
 digest-sized column that is neither declared here nor listed as a hash of something else.
 
-Evidence (the letter as sent, the held original, the consent PDF; the texts shown live in
-the rows themselves) is kept for `[letter] evidence_retention` years counted from the end of
-the year in which the consent was given or the letter's link expired, as limitation periods
-run (§§ 195, 199 BGB) and the shipped privacy text says. The link sweep never touches it.
+Evidence (the letter as sent, the held original, the released original as signed and
+delivered, the consent PDF; the texts shown live in the rows themselves) is kept for
+`[letter] evidence_retention` years counted from the end of the year in which the consent was
+given or the letter's link expired, as limitation periods run (§§ 195, 199 BGB) and the
+shipped privacy text says. The link sweep never touches it.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Horizon:
 
 @dataclass(frozen=True)
 class BlobColumn:
-    column: InstrumentedAttribute[str]
+    column: InstrumentedAttribute[str] | InstrumentedAttribute[str | None]
     kept: str  # for people: how long a blob named here lives
     needed: Callable[[Horizon], Query]
 
@@ -92,6 +93,18 @@ def _letter_evidence(
     return needed
 
 
+def _signed_release(horizon: Horizon) -> Query:
+    """The signed copy of a released original lives as its letter's evidence does."""
+    arose = func.coalesce(Consent.given_at, Link.expires_at)
+    return (
+        select(Delivery.signed_blob)
+        .join(Letter, Letter.message_id == Delivery.message_id)
+        .join(Link, Link.id == Letter.link_id)
+        .outerjoin(Consent, Consent.letter_id == Letter.id)
+        .where(Delivery.signed_blob.is_not(None), arose >= horizon.evidence_since)
+    )
+
+
 def _consent_pdf(horizon: Horizon) -> Query:
     return select(Consent.pdf_blob).where(Consent.given_at >= horizon.evidence_since)
 
@@ -119,6 +132,12 @@ BLOB_COLUMNS: tuple[BlobColumn, ...] = (
         _letter_evidence(Letter.held_blob),
     ),
     BlobColumn(Consent.pdf_blob, "evidence: the retention after consent", _consent_pdf),
+    BlobColumn(
+        Delivery.signed_blob,
+        "evidence: the released original as signed and delivered; the retention after"
+        " consent or expiry",
+        _signed_release,
+    ),
 )
 
 # Digest-sized columns that hash something else and name no blob.

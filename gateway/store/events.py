@@ -919,3 +919,85 @@ USER_NOTICES_CHANGED = _declare(
     UserNoticesChanged,
     message=None,
 )
+
+
+# -- admin-users: deleting users, resetting passwords, aliases ---------------------------------
+
+
+@with_config(_STRICT)
+class UserDeleted(TypedDict):
+    email: Email
+    aliases: Annotated[list[str], About("The aliases the user had; free again.", personal=True)]
+    sessions: Annotated[int, About("How many console sessions were ended.")]
+    by: Actor
+
+
+USER_DELETED = _declare(
+    "user.deleted",
+    "An admin deleted a user: they can no longer send or sign in, their aliases are free, and"
+    " their messages and journal stay (the address stays reserved for them).",
+    UserDeleted,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class UserPasswordReset(TypedDict):
+    email: Email
+    sessions: Annotated[int, About("How many console sessions were ended.")]
+    by: Actor
+
+
+USER_PASSWORD_RESET = _declare(
+    "user.password_reset",
+    "An admin gave a user a new generated password (shown to the admin once, never"
+    " recorded); the user's console sessions ended.",
+    UserPasswordReset,
+    message=None,
+)
+
+
+@with_config(_STRICT)
+class UserAliasChange(TypedDict):
+    email: Email
+    alias: Annotated[str, About("The sender address added or removed.", personal=True)]
+    by: Actor
+
+
+USER_ALIAS_ADDED = _declare(
+    "user.alias_added",
+    "A user may now also send from another address.",
+    UserAliasChange,
+    message=None,
+)
+
+USER_ALIAS_REMOVED = _declare(
+    "user.alias_removed",
+    "A user may no longer send from one of their other addresses.",
+    UserAliasChange,
+    message=None,
+)
+
+
+# -- trusted-front: clients that send without AUTH (gateway/fronts/trusted.py)
+
+
+@with_config(_STRICT)
+class MessageTrustedClient(TypedDict):
+    entry: Annotated[str, About("The [[smtp.trusted]] entry the client matched.")]
+    service: Annotated[str, About("The entry's service name (the sending system).")]
+    peer: Annotated[str, About("The client's IP address.", personal=True)]
+    certificate: Annotated[
+        str | None,
+        About("The name in its verified TLS client certificate that matched; null without."),
+    ]
+    protocol: Annotated[str, About("ESMTPS with TLS, ESMTP without.")]
+
+
+MESSAGE_TRUSTED_CLIENT = _declare(
+    "message.trusted_client",
+    "The message came from a trusted client without AUTH (a connector, a CRM, a scanner);"
+    " written with message.received, it names which entry let it in.",
+    MessageTrustedClient,
+    message="the message received",
+)

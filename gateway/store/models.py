@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -81,8 +82,13 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     # base32 TOTP secret (RFC 6238) when the user turned on a second factor
     totp_secret: Mapped[str | None] = mapped_column(String(52))
+    # the newest TOTP step a sign-in used; set by compare-and-set (gateway/console/totp.py)
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
     # the agent's mail notices, only what differs from the defaults (gateway/notices/prefs.py)
     notify: Mapped[dict[str, bool]] = mapped_column(JSON, default=dict, server_default="{}")
+    # set when an admin deleted the user: the row stays because messages and the journal
+    # name it (gateway/users.py delete_user); such a user no longer exists for anything else
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
     @property
     def is_admin(self) -> bool:
@@ -125,6 +131,8 @@ class Message(Base):
     helo: Mapped[str] = mapped_column(String(255), default="")
     peer: Mapped[str] = mapped_column(String(100), default="")
     protocol: Mapped[str] = mapped_column(String(20), default="ESMTP")
+    # "SERVICE (entry NAME[, certificate CN])" when a trusted client sent it without AUTH
+    trusted_client: Mapped[str | None] = mapped_column(String(300), default=None)
 
 
 class DeliveryStatus(StrEnum):
@@ -142,7 +150,10 @@ class Delivery(Base):
     """
 
     __tablename__ = "deliveries"
-    __table_args__ = (Index("ix_deliveries_due", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_deliveries_status_message", "status", "message_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
@@ -156,6 +167,9 @@ class Delivery(Base):
     leased_by: Mapped[str | None] = mapped_column(String(100))
     last_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+    # a released original: the worker stores the DKIM-signed bytes it delivered (evidence)
+    keep_signed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    signed_blob: Mapped[str | None] = mapped_column(String(64))
 
 
 class Event(Base):
@@ -248,6 +262,7 @@ class Letter(Base):
     """
 
     __tablename__ = "letters"
+    __table_args__ = (Index("ix_letters_status_message", "status", "message_id"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
@@ -360,6 +375,12 @@ class WebhookDelivery(Base):
     __table_args__ = (
         Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
         Index("ix_webhook_deliveries_endpoint", "endpoint_id", "event_seq"),
+        # the claim's "no earlier event of this message still queued" (worker.claimable)
+        Index("ix_webhook_deliveries_message", "endpoint_id", "message_id", "event_seq"),
+        # the console's and the API's newest-first listing of an endpoint's deliveries
+        Index("ix_webhook_deliveries_recent", "endpoint_id", "created_at", "event_seq"),
+        # the endpoint page's figures: pending, failed in the last day, last success
+        Index("ix_webhook_deliveries_outcome", "endpoint_id", "status", "updated_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.store import journal
@@ -39,10 +38,7 @@ from gateway.store.models import (
 from gateway.webhooks import addresses
 from gateway.webhooks.fanout import wants
 from gateway.webhooks.payloads import new_secret
-
-ROTATION_GRACE: Final = timedelta(hours=24)
-DESCRIPTION_LIMIT: Final = 500
-REPLAY_LIMIT: Final = 10_000
+from gateway.webhooks.tunables import DESCRIPTION_LIMIT, REPLAY_LIMIT, ROTATION_GRACE
 
 
 class WebhookError(ValueError):
@@ -55,6 +51,14 @@ class EndpointNotFound(WebhookError):
 
 class EndpointDisabled(WebhookError):
     """The endpoint is disabled: nothing is sent to it until it is enabled."""
+
+
+class NotATest(WebhookError):
+    """The event asked about is not a test sent to this endpoint."""
+
+
+class ReplayTooLarge(WebhookError):
+    """A replay of more events than REPLAY_LIMIT: refused whole, nothing queued."""
 
 
 class UrlRefused(WebhookError):
@@ -82,6 +86,30 @@ class DeliveryView:
     last_error: str | None
     next_attempt_at: datetime
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class EndpointFigures:
+    """What the console shows at a glance: how much waits, how much was given up in the last
+    day, and when the receiver last accepted a post."""
+
+    pending: int
+    failed_last_day: int
+    last_success: datetime | None
+
+
+def _view(d: WebhookDelivery, event_type: str) -> DeliveryView:
+    return DeliveryView(
+        d.id,
+        d.event_seq,
+        event_type,
+        d.status,
+        d.attempts,
+        d.last_status_code,
+        d.last_error,
+        d.next_attempt_at,
+        d.updated_at,
+    )
 
 
 def checked_types(event_types: Sequence[str]) -> list[str]:
@@ -283,9 +311,13 @@ class WebhookDesk:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> int:
-        """Queue the events again for this endpoint: one (`seq`) or those of a time range
-        [since, until) that it receives. They carry their own webhook-id, as the first time.
-        How many were queued."""
+        """Queue events again for this endpoint: one (`seq`), or every event of its types in
+        the time range [since, until). They carry their own webhook-id, as the first time, and
+        keep their order per message (the worker's claim sees to that). How many were queued.
+
+        A range leaves out events already queued for the endpoint (and other endpoints'
+        `webhook.test` events), and is refused whole when it holds more than REPLAY_LIMIT
+        events: a half-done replay is harder to reason about than a shorter range."""
         if (seq is None) == (since is None and until is None):
             raise WebhookError("replay one event (seq) or a time range (since, until)")
         if since is not None and until is not None and since >= until:
@@ -295,35 +327,29 @@ class WebhookDesk:
             endpoint = await _endpoint(session, endpoint_id)
             if not endpoint.enabled:
                 raise EndpointDisabled(f"endpoint {endpoint_id} is disabled; enable it first")
-            query = select(Event).order_by(Event.seq).limit(REPLAY_LIMIT + 1)
             if seq is not None:
-                query = query.where(Event.seq == seq)
-            if since is not None:
-                query = query.where(Event.at >= since)
-            if until is not None:
-                query = query.where(Event.at < until)
-            events = list(await session.scalars(query))
-            if seq is not None and not events:
-                raise WebhookError(f"no event {seq} in the journal")
-            if len(events) > REPLAY_LIMIT:
-                raise WebhookError(f"more than {REPLAY_LIMIT} events; replay a shorter range")
-            # An explicit replay may reach back before the endpoint existed.
-            matching = [e for e in events if wants(endpoint, e, since_creation=False)]
-            if seq is not None and not matching:
-                raise WebhookError(f"endpoint {endpoint_id} does not receive {events[0].type}")
-            session.add_all(
-                WebhookDelivery(
-                    id=new_id(),
-                    endpoint_id=endpoint.id,
-                    event_seq=e.seq,
-                    message_id=e.message_id,
-                    next_attempt_at=now,
-                    created_at=now,
-                    updated_at=now,
+                events = await _one_event(session, endpoint, seq)
+            else:
+                events = await _range(session, endpoint, since, until)
+            if events:  # a Core insert, as the fan-out does: nothing here reads them back
+                await session.execute(
+                    insert(WebhookDelivery),
+                    [
+                        {
+                            "id": new_id(),
+                            "endpoint_id": endpoint.id,
+                            "event_seq": event_seq,
+                            "message_id": message_id,
+                            "status": WebhookDeliveryStatus.QUEUED,
+                            "attempts": 0,
+                            "next_attempt_at": now,
+                            "created_at": now,
+                            "updated_at": now,
+                        }
+                        for event_seq, message_id in events
+                    ],
                 )
-                for e in matching
-            )
-            return len(matching)
+            return len(events)
 
     async def deliveries(self, endpoint_id: str, limit: int = 50) -> list[DeliveryView]:
         """The endpoint's most recent deliveries, newest first."""
@@ -336,20 +362,59 @@ class WebhookDesk:
                 .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.event_seq.desc())
                 .limit(limit)
             )
-            return [
-                DeliveryView(
-                    d.id,
-                    d.event_seq,
-                    type_,
-                    d.status,
-                    d.attempts,
-                    d.last_status_code,
-                    d.last_error,
-                    d.next_attempt_at,
-                    d.updated_at,
+            return [_view(d, type_) for d, type_ in rows]
+
+    async def test_delivery(self, endpoint_id: str, seq: int) -> DeliveryView | None:
+        """What the test event `seq` sent to this endpoint came to: its latest delivery, None
+        while it is not fanned out yet. NotATest when `seq` is no test of this endpoint's."""
+        async with self.db.transaction() as session:
+            await _endpoint(session, endpoint_id)
+            event = await session.get(Event, seq) if 0 < seq < 2**62 else None
+            if (
+                event is None
+                or event.type != WEBHOOK_TEST_REQUESTED.name
+                or event.data.get("endpoint_id") != endpoint_id
+            ):
+                raise NotATest(f"event {seq} is no test sent to endpoint {endpoint_id}")
+            row = (
+                await session.execute(
+                    select(WebhookDelivery)
+                    .where(
+                        WebhookDelivery.endpoint_id == endpoint_id,
+                        WebhookDelivery.event_seq == seq,
+                    )
+                    .order_by(WebhookDelivery.created_at.desc())
+                    .limit(1)
                 )
-                for d, type_ in rows
-            ]
+            ).scalar_one_or_none()
+            return None if row is None else _view(row, event.type)
+
+    async def figures(self, endpoint_id: str) -> EndpointFigures:
+        """Pending deliveries, those given up in the last 24 hours, the last success."""
+        day_ago = self.clock() - timedelta(hours=24)
+        mine = WebhookDelivery.endpoint_id == endpoint_id
+        async with self.db.transaction() as session:
+            await _endpoint(session, endpoint_id)
+            pending = await session.scalar(
+                select(func.count())
+                .select_from(WebhookDelivery)
+                .where(mine, WebhookDelivery.status == WebhookDeliveryStatus.QUEUED)
+            )
+            failed = await session.scalar(
+                select(func.count())
+                .select_from(WebhookDelivery)
+                .where(
+                    mine,
+                    WebhookDelivery.status == WebhookDeliveryStatus.FAILED,
+                    WebhookDelivery.updated_at >= day_ago,
+                )
+            )
+            last = await session.scalar(
+                select(func.max(WebhookDelivery.updated_at)).where(
+                    mine, WebhookDelivery.status == WebhookDeliveryStatus.DELIVERED
+                )
+            )
+        return EndpointFigures(int(pending or 0), int(failed or 0), last)
 
     async def pending(self) -> int:
         """Deliveries still queued, over all endpoints."""
@@ -369,6 +434,65 @@ async def _endpoint(
     if endpoint is None:
         raise EndpointNotFound(f"no webhook endpoint {endpoint_id}")
     return endpoint
+
+
+async def _one_event(
+    session: AsyncSession, endpoint: WebhookEndpoint, seq: int
+) -> list[tuple[int, str | None]]:
+    event = await session.get(Event, seq)
+    if event is None:
+        raise WebhookError(f"no event {seq} in the journal")
+    # An explicit replay may reach back before the endpoint existed.
+    if not wants(endpoint, event, since_creation=False):
+        raise WebhookError(f"endpoint {endpoint.id} does not receive {event.type}")
+    return [(event.seq, event.message_id)]
+
+
+async def _range(
+    session: AsyncSession,
+    endpoint: WebhookEndpoint,
+    since: datetime | None,
+    until: datetime | None,
+) -> list[tuple[int, str | None]]:
+    """The events of `endpoint`'s types in [since, until) not queued for it already, in
+    order; refused when there are more than REPLAY_LIMIT."""
+    queued = (
+        select(WebhookDelivery.id)
+        .where(
+            WebhookDelivery.endpoint_id == endpoint.id,
+            WebhookDelivery.event_seq == Event.seq,
+            WebhookDelivery.status == WebhookDeliveryStatus.QUEUED,
+        )
+        .exists()
+    )
+    query = (
+        select(Event.seq, Event.message_id, Event.type, Event.data)
+        .where(~queued)
+        .order_by(Event.seq)
+        .limit(REPLAY_LIMIT + 1)
+    )
+    if endpoint.event_types:  # its own tests it receives whatever its types (fanout.wants)
+        query = query.where(
+            or_(
+                Event.type.in_(list(endpoint.event_types)),
+                Event.type == WEBHOOK_TEST_REQUESTED.name,
+            )
+        )
+    if since is not None:
+        query = query.where(Event.at >= since)
+    if until is not None:
+        query = query.where(Event.at < until)
+    rows = [
+        (int(seq), message_id)
+        for seq, message_id, type_, data in (await session.execute(query)).all()
+        if type_ != WEBHOOK_TEST_REQUESTED.name or data.get("endpoint_id") == endpoint.id
+    ]
+    if len(rows) > REPLAY_LIMIT:
+        raise ReplayTooLarge(
+            f"the range holds more than {REPLAY_LIMIT} events for this endpoint;"
+            " replay a shorter range, one after another"
+        )
+    return rows
 
 
 def _changed(endpoint_id: str, changed: list[str], by: str) -> NewEvent:

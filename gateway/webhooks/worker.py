@@ -7,7 +7,8 @@ Standard Webhooks one: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h (eac
 by up to a quarter of jitter; over 3 days in all), then the delivery fails. 2xx is success;
 410 Gone disables the endpoint; 429 and 503 wait as long as `Retry-After` says (capped at a
 day); anything else, a timeout (15 s) or a refused connection tries again. An endpoint that
-has failed for three days is disabled and the admins are told by mail.
+has failed for three days is disabled and the admins are told by mail. Every such number
+lives in gateway/webhooks/tunables.py.
 
 Order per message: a delivery is not claimed while an earlier event of the same message to
 the same endpoint is still queued, so a CRM sees `delivery.delivered` after
@@ -31,7 +32,6 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable, Seque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Final
 
 import aiohttp
 from sqlalchemy import ColumnElement, exists, select, update
@@ -58,16 +58,17 @@ from gateway.webhooks import addresses, payloads
 from gateway.webhooks.desk import disable_in
 from gateway.webhooks.fanout import BATCH, behind, fan_out_batch
 from gateway.webhooks.notice import disabled_notice
+from gateway.webhooks.tunables import (
+    CONCURRENCY,
+    ERROR_LIMIT,
+    FAILING_LIMIT,
+    LEASE,
+    RETRY_AFTER_CAP,
+    SCHEDULE,
+    TIMEOUT,
+)
 
 log = logging.getLogger(__name__)
-
-SCHEDULE: Final = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
-TIMEOUT: Final = 15.0
-LEASE: Final = timedelta(seconds=60)
-RETRY_AFTER_CAP: Final = 86400.0
-FAILING_LIMIT: Final = timedelta(days=3)
-CONCURRENCY: Final = 16
-ERROR_LIMIT: Final = 500
 
 LEASES = LeasedQueue(WebhookDelivery, WebhookDeliveryStatus.QUEUED)
 

@@ -31,9 +31,19 @@ class Answer:
 class ConsoleClient:
     """One browser: its own cookie jar, optionally posing as another address behind a proxy."""
 
-    def __init__(self, base: str, forwarded_for: str | None = None, language: str = "en") -> None:
+    def __init__(
+        self,
+        base: str,
+        forwarded_for: str | None = None,
+        language: str = "en",
+        *,
+        behind_https: bool = False,
+    ) -> None:
+        """`behind_https`: the relay's public_url is https and a proxy in front speaks it, so
+        the browser keeps and returns the Secure (__Host-) cookies though we reach it by http."""
         self.base = base
-        self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        jar = aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=base if behind_https else None)
+        self.http = aiohttp.ClientSession(cookie_jar=jar)
         self.headers = {"Accept-Language": language}
         if forwarded_for:
             self.headers["X-Forwarded-For"] = forwarded_for

@@ -40,7 +40,8 @@ async def seed_message(
 ) -> str:
     """One message; `recipients` maps each address to what happened to it: "queued",
     "delivered", "bounced", "deleted", "letter_held", "letter_expired", "consented"
-    (released copy queued), "released" (released copy delivered), "link_expired"."""
+    (released copy queued), "released" (released copy delivered), "link_expired",
+    "letter_revoked" (held, its link revoked)."""
     message_id = new_id()
     rows: list[object] = [
         Message(
@@ -130,10 +131,13 @@ async def seed_message(
             recipient=to,
             language="de",
             expires_at=received_at + timedelta(days=14),
+            revoked_at=received_at if what == "letter_revoked" else None,
         )
-        status = {"letter_held": LetterStatus.HELD, "letter_expired": LetterStatus.EXPIRED}.get(
-            what, LetterStatus.RELEASED
-        )
+        status = {
+            "letter_held": LetterStatus.HELD,
+            "letter_revoked": LetterStatus.HELD,
+            "letter_expired": LetterStatus.EXPIRED,
+        }.get(what, LetterStatus.RELEASED)
         letter = Letter(
             id=new_id(),
             message_id=message_id,

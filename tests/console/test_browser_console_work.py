@@ -182,9 +182,11 @@ async def test_agent_follows_acts_and_previews(
                     await page.goto(base + path)
                     scroll = await page.evaluate("document.documentElement.scrollWidth")
                     assert scroll <= 360, f"{path} is {scroll} px wide on a 360 px screen"
-                # keyboard: the skip link first, then the navigation
+                # keyboard: the skip link first, sign-out in the bar, then the navigation
                 await page.keyboard.press("Tab")
                 assert await page.locator(":focus").get_attribute("class") == "skip-link"
+                await page.keyboard.press("Tab")
+                assert await page.locator(":focus").inner_text() == "Abmelden"
                 await page.keyboard.press("Tab")
                 assert await page.locator(":focus").inner_text() == "Start"
         finally:

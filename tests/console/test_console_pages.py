@@ -368,6 +368,7 @@ async def test_cookies_are_host_prefixed_and_secure_unless_dev_on_loopback(
         page = await browser.get("/console/login")
         assert 'action="/sealrelay/console/login"' in page.text
         assert 'href="/sealrelay/static/console.css?v=' in page.text
+        assert 'href="/sealrelay/static/base.css?v=' in page.text
         login_cookie = page.headers.getone("Set-Cookie")
         assert login_cookie.startswith("__Host-sealrelay_login=")
         assert "Secure" in login_cookie and "SameSite=Strict" in login_cookie

@@ -378,10 +378,14 @@ async def test_an_auditor_sees_everything_and_is_offered_no_change(world: World)
         "/console/admin/queue",
         "/console/admin/webhooks",
         "/console/admin/keys",
+        "/console/admin/policy",
+        "/console/admin/texts",
+        "/console/admin/dkim",
     ):
         page = await auditor.get(path)
         assert page.status == 200
-        assert 'method="post"' not in page.text, path
+        # the bar's sign-out is the one form an auditor is offered
+        assert 'method="post"' not in page.text.split("<main")[1], path
     admin = await auditor.get("/console/admin")
     assert "change nothing" in visible(admin.text)
 

@@ -38,7 +38,9 @@ class Case:
     refusal of the desk's where a POST would change something: the matrix changes nothing);
     `others`, the answer for a signed-in user the route is not for."""
 
-    kind: str  # "mine" (a message of the agent's), "all" (everyone's own view), "admin"
+    # "mine" (a message of the agent's), "all" (everyone's own view), "admin" (admins, and
+    # auditors to read), "manage" (admins only, even to read)
+    kind: str
     allowed: int
     post: bool = False
     covered_elsewhere: str = ""
@@ -69,6 +71,15 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/console/admin/users"): Case("admin", 200),
     ("POST", "/console/admin/users"): Case("admin", 400, post=True),  # no role
     ("POST", "/console/admin/users/change"): Case("admin", 400, post=True),  # no action
+    ("GET", "/console/admin/users/delete"): Case("manage", 404),  # no such user
+    ("POST", "/console/admin/users/delete"): Case("admin", 400, post=True),  # not confirmed
+    ("POST", "/console/admin/users/password"): Case("admin", 400, post=True),  # no address
+    ("POST", "/console/admin/users/aliases"): Case("admin", 400, post=True),  # no action
+    ("GET", "/console/account"): Case("all", 200),
+    # no marker field: no choice made, nothing stored
+    ("POST", "/console/account/notices"): Case("all", 400, post=True),
+    # no current password: refused before any check
+    ("POST", "/console/account/password"): Case("all", 400, post=True),
     ("GET", "/console/admin/queue"): Case("admin", 200),
     # a delivered copy: nothing to retry, not queued to delete
     ("POST", "/console/admin/queue/{id}/retry"): Case("admin", 409, post=True),
@@ -79,10 +90,18 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/console/admin/webhooks/{id}/enable"): Case("admin", 404, post=True),
     ("POST", "/console/admin/webhooks/{id}/disable"): Case("admin", 404, post=True),
     ("POST", "/console/admin/webhooks/{id}/replay"): Case("admin", 400, post=True),  # no seq
+    # no times given: refused before anything is looked up
+    ("POST", "/console/admin/webhooks/{id}/replay-range"): Case("admin", 400, post=True),
+    ("POST", "/console/admin/webhooks/{id}/edit"): Case("admin", 404, post=True),
+    ("POST", "/console/admin/webhooks/{id}/rotate-secret"): Case("admin", 404, post=True),
+    ("POST", "/console/admin/webhooks/{id}/test"): Case("admin", 404, post=True),
     ("GET", "/console/admin/keys"): Case("admin", 200),
     ("POST", "/console/admin/keys"): Case("admin", 400, post=True),  # no scope
     ("POST", "/console/admin/keys/{id}/revoke"): Case("admin", 409, post=True),  # no such key
     ("GET", "/console/admin/journal"): Case("admin", 200),
+    ("GET", "/console/admin/policy"): Case("admin", 200),
+    ("GET", "/console/admin/texts"): Case("admin", 200),
+    ("GET", "/console/admin/dkim"): Case("admin", 200),
 }
 
 MINE_CAN = {AGENT, LEAD, AUDITOR, ADMIN}  # the agent, their team lead, the two who see all
@@ -93,6 +112,8 @@ def expected(case: Case, who: str) -> int:
         return 303
     if case.kind == "all":
         return case.allowed
+    if case.kind == "manage":
+        return case.allowed if who == ADMIN else 403
     if case.kind == "admin":
         if who == ADMIN or (who == AUDITOR and not case.post):
             return case.allowed

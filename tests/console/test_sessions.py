@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import UTC, datetime, timedelta
 
@@ -291,6 +292,44 @@ async def test_totp_right_code_signs_in_and_a_code_is_spent_once(
     assert refused.value.refusal is Refusal.WRONG, "the same code twice"
     clock.now += timedelta(seconds=30)
     await desk.confirm_code(again.pending, pyotp.TOTP(secret).at(clock.now), HERE)
+
+
+async def test_a_spent_code_stays_spent_across_processes_restarts_and_a_race(
+    database: Database, clock: Clock
+) -> None:
+    """Two relay processes (two desks on one database) each get the same code at the same
+    moment: exactly one signs in. A desk started afterwards refuses it too."""
+    secret = await _with_totp(database)
+    desks = [make_desk(database, clock), make_desk(database, clock)]
+    pending = []
+    for desk in desks:
+        step = await desk.sign_in(EMAIL, PASSWORD, HERE)
+        assert isinstance(step, CodeNeeded)
+        pending.append(step.pending)
+    code = pyotp.TOTP(secret).at(clock.now)
+    results = await asyncio.gather(
+        *(desk.confirm_code(p, code, HERE) for desk, p in zip(desks, pending, strict=True)),
+        return_exceptions=True,
+    )
+    signed = [r for r in results if isinstance(r, SignedIn)]
+    refused = [r for r in results if isinstance(r, SignInRefused)]
+    assert len(signed) == 1 and len(refused) == 1, results
+    assert refused[0].refusal is Refusal.WRONG
+    assert len(await stored_sessions(database)) == 1
+
+    restarted = make_desk(database, clock)
+    step = await restarted.sign_in(EMAIL, PASSWORD, HERE)
+    assert isinstance(step, CodeNeeded)
+    with pytest.raises(SignInRefused):
+        await restarted.confirm_code(step.pending, code, HERE)
+    # the step before the spent one is refused as well; the next one signs in
+    with pytest.raises(SignInRefused):
+        await restarted.confirm_code(
+            step.pending, pyotp.TOTP(secret).at(clock.now - timedelta(seconds=30)), HERE
+        )
+    clock.now += timedelta(seconds=30)
+    done = await restarted.confirm_code(step.pending, pyotp.TOTP(secret).at(clock.now), HERE)
+    assert await restarted.current(done.token) is not None
 
 
 @pytest.mark.parametrize("code", ["", "000000", "12345", "abcdef", "1234567"])

@@ -21,6 +21,7 @@ from gateway.store import blob_columns, sweeper
 from gateway.store.models import Base, Consent, Letter, LetterStatus
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.letter_site import PROSPECT, Clock, LetterSite, token_in
+from tests.queue_wait import queue_idle
 from tests.support import screenshot_dir
 
 GRACE = timedelta(days=7)
@@ -216,6 +217,7 @@ async def test_sealrelay_evidence_names_lost_files(site: LetterSite, tmp_path: P
     token, _ = await site.send_offer()
     assert (await site.consent(token)).status == 303
     await site.sink.expect(3)
+    await queue_idle(site.relay.db)  # the signed copy is recorded with its delivery
     letter = await site.letter_row()
     async with site.relay.db.transaction() as session:
         [consent] = (await session.scalars(select(Consent))).all()
@@ -237,6 +239,7 @@ async def test_sealrelay_evidence_names_lost_files(site: LetterSite, tmp_path: P
     rows = {line.split("  ", 1)[0]: line for line in lost.out.splitlines()}
     assert "MISSING" in rows["PDF"] and "MISSING" in rows["held original"]
     assert "MISSING" not in rows["released original"]
+    assert "MISSING" not in rows["released original, signed as delivered"]
     assert lost.err.strip().splitlines()[-1] == (
         "Error: evidence files missing from the blob store: held original, consent PDF"
     )
@@ -294,12 +297,15 @@ async def test_an_offer_released_by_the_agent_stays_evidence(
     site: LetterSite, clock: Clock
 ) -> None:
     """Without a consent, the retention runs from the link's expiry; the released copy lives
-    as long as its delivery."""
+    as long as its delivery, and the signed copy it was delivered as for the retention."""
     await site.send_offer()
     letter = await site.letter_row()
     await site.relay.letters.release_by_agent(letter.id, "anna@broker.example", "by phone")
+    # delivered first: a copy in flight is protected by the blob grace period, not by a row,
+    # and a clock moved 400 days would put even a blob written a moment ago beyond it
+    await queue_idle(site.relay.db)
     clock.advance(days=400)
     await sweep(site)
     assert await site.relay.blobs.exists(letter.held_blob)
     released = await site.relay.letters.released_original(letter.id, "anna@broker.example")
-    assert b"X-Sealrelay-Released-By-Agent" in released
+    assert released.signed and b"X-Sealrelay-Released-By-Agent" in released.data

@@ -142,7 +142,7 @@ async def test_release_by_agent_is_no_consent(site: LetterSite) -> None:
     }
     assert event.delivery_id == delivery.id
 
-    original = await desk.released_original(letter.id, "anna@broker.example")
+    original = (await desk.released_original(letter.id, "anna@broker.example")).data
     assert RELEASED_BY_AGENT_HEADER.encode() in original
     with pytest.raises(WrongState, match="no consent"):
         await desk.consent_pdf(letter.id, ANNA)
@@ -204,7 +204,7 @@ async def test_evidence_for_a_lawyer(site: LetterSite) -> None:
     size = await journal_size(site)
     pdf = await desk.consent_pdf(letter.id, ANNA)
     assert pdf.startswith(b"%PDF")
-    original = await desk.released_original(letter.id, "anna@broker.example")
+    original = (await desk.released_original(letter.id, "anna@broker.example")).data
     async with site.relay.db.transaction() as session:
         consent = await session.scalar(select(Consent))
     assert consent is not None

@@ -296,6 +296,11 @@ async def test_page_in_each_language_with_branding(pages: Pages) -> None:
     assert stylesheet is not None
     response, _ = await pages.get(stylesheet.group(1))
     assert response.status == 200 and response.content_type == "text/css"
+    shared = re.search(r'href="(/static/base\.css\?v=\w+)"', html)  # before downloads.css
+    assert shared is not None and shared.start() < stylesheet.start()
+    response, body = await pages.get(shared.group(1))
+    assert response.status == 200 and response.content_type == "text/css"
+    assert "box-sizing: border-box" in body.decode()
 
     views = await pages.events()
     assert [e.type for e in views] == ["link.viewed"] * 3, "a page view is never a download"

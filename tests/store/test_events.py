@@ -74,6 +74,13 @@ STORED_NAMES = {
     "notice.download_queued",
     "letter.expiry_warned",
     "user.notices_changed",
+    # admin-users
+    "user.deleted",
+    "user.password_reset",
+    "user.alias_added",
+    "user.alias_removed",
+    # trusted-front
+    "message.trusted_client",
 }
 
 

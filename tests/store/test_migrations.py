@@ -11,6 +11,7 @@ from sqlalchemy import Connection, text
 
 from gateway.store.db import MIGRATIONS, Database
 from gateway.store.models import Base
+from gateway.store.search_indexes import include_object
 
 
 def _upgrade_to(connection: Connection, revision: str) -> None:
@@ -21,7 +22,8 @@ def _upgrade_to(connection: Connection, revision: str) -> None:
 
 
 def _differences(connection: Connection) -> list[object]:
-    return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+    context = MigrationContext.configure(connection, opts={"include_object": include_object})
+    return list(compare_metadata(context, Base.metadata))
 
 
 async def test_the_newest_schema_is_what_the_models_declare(database_url: str) -> None:

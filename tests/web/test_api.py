@@ -80,6 +80,16 @@ def _cases() -> dict[tuple[str, str], tuple[dict[str, str], Any]]:
             {"email": "nobody@broker.example"},
             {"disabled": True},
         ),
+        ("DELETE", "/api/v1/users/{email}"): ({"email": "nobody@broker.example"}, None),
+        ("POST", "/api/v1/users/{email}/password"): ({"email": "nobody@broker.example"}, None),
+        ("POST", "/api/v1/users/{email}/aliases"): (
+            {"email": "nobody@broker.example"},
+            {"address": "desk@broker.example"},
+        ),
+        ("DELETE", "/api/v1/users/{email}/aliases/{alias}"): (
+            {"email": "nobody@broker.example", "alias": "desk@broker.example"},
+            None,
+        ),
         ("GET", "/api/v1/queue"): ({}, None),
         ("POST", "/api/v1/queue/{id}/retry"): ({"id": "nosuchcopy"}, None),
         ("DELETE", "/api/v1/queue/{id}"): ({"id": "nosuchcopy"}, None),
@@ -101,6 +111,9 @@ def _cases() -> dict[tuple[str, str], tuple[dict[str, str], Any]]:
         ("POST", "/api/v1/webhooks/{id}/test"): ({"id": "nosuchhook"}, None),
         ("POST", "/api/v1/webhooks/{id}/replay"): ({"id": "nosuchhook"}, {"seq": 1}),
         ("GET", "/api/v1/webhooks/{id}/deliveries"): ({"id": "nosuchhook"}, None),
+        ("GET", "/api/v1/settings/policy"): ({}, None),
+        ("GET", "/api/v1/settings/consent-texts"): ({}, None),
+        ("GET", "/api/v1/settings/dkim"): ({}, None),
         ("GET", "/api/v1/openapi.json"): ({}, None),
     }
 

@@ -13,7 +13,15 @@ from sqlalchemy import func, select
 
 from gateway.console.api_keys import ApiKeyDesk
 from gateway.mail.evidence_headers import CONSENT_HEADER, RELEASED_BY_AGENT_HEADER
-from gateway.store.models import ApiKeyScope, Delivery, Event, Link, WebhookEndpoint, utcnow
+from gateway.store.models import (
+    ApiKeyScope,
+    Delivery,
+    Event,
+    Link,
+    WebhookDelivery,
+    WebhookEndpoint,
+    utcnow,
+)
 from tests.conftest import Harness
 from tests.letter_site import PROSPECT, LetterSite, offer, token_in
 from tests.queue_wait import queue_idle
@@ -307,3 +315,51 @@ async def test_the_secret_the_api_returns_is_the_one_that_signs(
         again.verify(rotated["secret"])
     finally:
         await receiver.stop()
+
+
+async def test_a_time_range_is_replayed_through_the_api(
+    relay: Harness, hook_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's replay of a range: what it queues, and its refusals (reversed or empty
+    range, a zone-less time, too many events, an unknown endpoint) writing nothing."""
+    api = hook_api
+    async with relay.relay.db.transaction() as session:
+        first = await session.scalar(select(func.min(Event.at)))
+        last = int(await session.scalar(select(func.max(Event.seq))) or 0)
+    # the fan-out posts what comes after the endpoint; only a replay queues these
+    total = last
+    assert first is not None and total > 2
+    status, made, _ = await api.call(
+        "POST",
+        "/webhooks",
+        {"url": "http://127.0.0.1:9/hook", "allow_private": True, "enabled": False},
+    )
+    assert status == 201
+    one = f"/webhooks/{made['id']}"
+    since = (first - timedelta(seconds=1)).isoformat()
+    until = (utcnow() + timedelta(minutes=1)).isoformat()
+    status, problem, _ = await api.call("POST", f"{one}/replay", {"since": since})
+    assert status == 409 and "enable it first" in problem["detail"]
+    status, _, _ = await api.call("PATCH", one, {"enabled": True})
+    assert status == 200
+    refused: list[tuple[dict[str, Any], int, str]] = [
+        ({"since": until, "until": since}, 422, "since must be before until"),
+        ({"since": since, "until": since}, 422, "since must be before until"),
+        ({"since": "2026-12-01T10:00:00", "until": until}, 422, ""),  # no zone
+    ]
+    monkeypatch.setattr("gateway.webhooks.desk.REPLAY_LIMIT", total - 2)
+    refused.append(({"since": since, "until": until}, 422, f"more than {total - 2} events"))
+    for body, want, detail in refused:
+        status, problem, _ = await api.call("POST", f"{one}/replay", body)
+        assert status == want and detail in problem["detail"], (body, problem)
+    status, _, _ = await api.call("POST", "/webhooks/no-such/replay", {"since": since})
+    assert status == 404
+    async with relay.relay.db.transaction() as session:
+        replays = select(func.count()).where(WebhookDelivery.event_seq <= last)
+        assert await session.scalar(replays) == 0
+
+    monkeypatch.undo()
+    status, replayed, _ = await api.call("POST", f"{one}/replay", {"since": since, "until": until})
+    assert status == 202 and replayed["queued"] >= total  # and what was journaled since
+    status, again, _ = await api.call("POST", f"{one}/replay", {"since": since, "until": until})
+    assert status == 202 and again["queued"] < replayed["queued"], "still queued: not twice"

@@ -193,3 +193,39 @@ async def test_the_guarded_client_never_connects_to_a_refused_address(
     assert isinstance(cause, addresses.RefusedAddress), repr(cause)
     assert "is loopback" in str(cause)
     assert receiver.posts == [] and receiver.refused == []
+
+
+async def test_a_range_replay_counts_only_what_the_endpoint_receives(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit counts the endpoint's own events (its types, its own tests), not the
+    journal's; what is still queued is not queued twice; too many is refused whole."""
+    desk = WebhookDesk(database)
+    mine = (await desk.create(PUBLIC, event_types=["webhook.endpoint_changed"])).endpoint
+    other = (await desk.create(PUBLIC)).endpoint
+    for n in range(3):
+        await desk.update(mine.id, description=f"change {n}")
+    for _ in range(4):
+        await desk.create(PUBLIC)  # webhook.endpoint_created: not for `mine`
+    own_test = await desk.send_test(mine.id)
+    other_test = await desk.send_test(other.id)
+    since = datetime(2000, 1, 1, tzinfo=UTC)
+    monkeypatch.setattr("gateway.webhooks.desk.REPLAY_LIMIT", 3)
+    before = await counts(database)
+    with pytest.raises(WebhookError, match="more than 3 events"):
+        await desk.replay(mine.id, since=since)
+    assert await counts(database) == before, "refused whole: nothing queued"
+    monkeypatch.setattr("gateway.webhooks.desk.REPLAY_LIMIT", 4)
+    assert await desk.replay(mine.id, since=since) == 4  # three changes and its own test
+    async with database.transaction() as session:
+        seqs = list(
+            await session.scalars(
+                select(WebhookDelivery.event_seq).where(WebhookDelivery.endpoint_id == mine.id)
+            )
+        )
+    assert own_test in seqs and other_test not in seqs
+    assert await desk.replay(mine.id, since=since) == 0, "still queued: not queued twice"
+    with pytest.raises(WebhookError, match="since must be before until"):
+        await desk.replay(mine.id, since=since, until=since - timedelta(seconds=1))
+    with pytest.raises(EndpointNotFound):
+        await desk.replay("no-such-endpoint", since=since)

@@ -23,7 +23,8 @@ from gateway.store.models import (
     WebhookEndpoint,
 )
 from gateway.webhooks.desk import WebhookError
-from gateway.webhooks.worker import SCHEDULE, WebhookWorker
+from gateway.webhooks.tunables import SCHEDULE
+from gateway.webhooks.worker import WebhookWorker
 from tests.conftest import Harness, make_message
 from tests.support import Sink
 from tests.webhooks.conftest import FakeClock, StartRelay

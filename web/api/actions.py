@@ -93,8 +93,9 @@ class MessageActions:
     async def released_original(self, call: Call[NoQuery, NoBody]) -> File:
         letter_id = await self._reach(call, Target.LETTER)
         with _refusals():
-            eml = await self.letters.released_original(letter_id, call.principal.name)
-        return File(eml, f"released-{letter_id}.eml")
+            original = await self.letters.released_original(letter_id, call.principal.name)
+        unsigned = "" if original.signed else "-unsigned"
+        return File(original.data, f"released-{letter_id}{unsigned}.eml")
 
     def operations(self, prefix: str) -> list[Operation[Any, Any]]:
         read, act = Permission.VIEW_MESSAGES, Permission.ACT_ON_MESSAGES

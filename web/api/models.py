@@ -210,6 +210,18 @@ class UserPatch(BaseModel):
     group: str | None = Field(None, min_length=1, max_length=100, description="null: no group.")
 
 
+class UserPassword(BaseModel):
+    """The user's new generated password, shown this once; their console sessions ended."""
+
+    email: str
+    password: str
+
+
+class AliasAdd(BaseModel):
+    model_config = _BODY
+    address: EmailStr = Field(max_length=320)
+
+
 class QueueQuery(BaseModel):
     model_config = _IN
     status: list[Annotated[str, Field(pattern="^(queued|bounced)$")]] = Field(
@@ -344,8 +356,12 @@ class WebhookTest(BaseModel):
 class WebhookReplay(BaseModel):
     model_config = _BODY
     seq: int | None = Field(None, ge=1, le=2**62, description="One event, by its seq.")
-    since: AwareDatetime | None = Field(None, description="Or events at or after ...")
-    until: AwareDatetime | None = Field(None, description="... and before.")
+    since: AwareDatetime | None = Field(
+        None,
+        description="Or every event of the endpoint's types at or after this time (events"
+        " already queued for it are left out; more than 10,000 are refused) ...",
+    )
+    until: AwareDatetime | None = Field(None, description="... and before this time.")
 
 
 class WebhookReplayed(BaseModel):

@@ -16,10 +16,11 @@ from gateway.console.api_keys import ApiKeyDesk, ApiKeyError, ApiKeyNotFound, Ke
 from gateway.console.timeline import BadCursor, EventRow, MessageFilter, Timeline
 from gateway.outbound.queue import QueueError
 from gateway.store.models import DeliveryStatus, Role, User
-from gateway.users import KEEP, UserError
+from gateway.users import KEEP, UnknownUser, UserConflict, UserError, normalize_address
 from web.api import models as m
 from web.api.actions import MessageActions
 from web.api.declare import Call, NoBody, NoQuery, Operation, openapi
+from web.api.settings import SettingsOperations
 from web.api.webhooks import WebhookOperations
 from web.guard import Routes
 from web.problem_details import ProblemResponse
@@ -73,6 +74,7 @@ class Api:
     users: UserDesk
     actions: MessageActions
     webhooks: WebhookOperations
+    settings: SettingsOperations
 
     # -- messages and events --------------------------------------------------------------
 
@@ -178,7 +180,8 @@ class Api:
         try:
             user, aliases, password = await self.users.add(b.email, b.role, b.group, b.aliases)
         except UserError as exc:
-            status = 409 if "in use" in str(exc) or "already" in str(exc) else 422
+            taken = isinstance(exc, UserConflict) or "in use" in str(exc) or "already" in str(exc)
+            status = 409 if taken else 422
             raise ProblemResponse(status, str(exc)) from exc
         return m.UserCreated(**_user(user, aliases), password=password)
 
@@ -190,8 +193,39 @@ class Api:
                 call.path["email"], role=b.role, group=group, disabled=b.disabled
             )
         except UserError as exc:
-            raise ProblemResponse(404, str(exc)) from exc
+            raise _user_problem(exc) from exc
         return m.UserOut(**_user(user, aliases))
+
+    async def delete_user(self, call: Call[NoQuery, NoBody]) -> None:
+        try:
+            await self.users.delete(call.path["email"], by=call.principal.name)
+        except UserError as exc:
+            raise _user_problem(exc) from exc
+
+    async def reset_password(self, call: Call[NoQuery, NoBody]) -> m.UserPassword:
+        try:
+            password = await self.users.reset_password(call.path["email"], by=call.principal.name)
+        except UserError as exc:
+            raise _user_problem(exc) from exc
+        return m.UserPassword(email=normalize_address(call.path["email"]), password=password)
+
+    async def add_alias(self, call: Call[NoQuery, m.AliasAdd]) -> m.UserOut:
+        try:
+            await self.users.add_alias(
+                call.path["email"], call.body.address, by=call.principal.name
+            )
+            user, aliases = await self.users.find(call.path["email"])
+        except UserError as exc:
+            raise _user_problem(exc, 422) from exc
+        return m.UserOut(**_user(user, aliases))
+
+    async def remove_alias(self, call: Call[NoQuery, NoBody]) -> None:
+        try:
+            await self.users.remove_alias(
+                call.path["email"], call.path["alias"], by=call.principal.name
+            )
+        except UserError as exc:
+            raise _user_problem(exc) from exc
 
     # -- the queue --------------------------------------------------------------------------
 
@@ -248,7 +282,19 @@ class Api:
                       errors=(409,)),
             Operation("PATCH", f"{p}/users/{{email}}", manage,
                       "Disable or enable a user, change their role or group",
-                      self.change_user, NoQuery, m.UserPatch, m.UserOut, errors=(404,)),
+                      self.change_user, NoQuery, m.UserPatch, m.UserOut, errors=(404, 409)),
+            Operation("DELETE", f"{p}/users/{{email}}", manage,
+                      "Delete a user: sign-in, sessions and aliases end; messages and journal stay",
+                      self.delete_user, NoQuery, NoBody, None, errors=(404, 409)),
+            Operation("POST", f"{p}/users/{{email}}/password", manage,
+                      "Reset a user's password (the generated one is shown once)",
+                      self.reset_password, NoQuery, NoBody, m.UserPassword, errors=(404,)),
+            Operation("POST", f"{p}/users/{{email}}/aliases", manage,
+                      "Let a user also send from another address",
+                      self.add_alias, NoQuery, m.AliasAdd, m.UserOut, 201, errors=(404, 409)),
+            Operation("DELETE", f"{p}/users/{{email}}/aliases/{{alias}}", manage,
+                      "Stop a user sending from one of their aliases",
+                      self.remove_alias, NoQuery, NoBody, None, errors=(404,)),
             Operation("GET", f"{p}/queue", admin, "Copies queued or bounced, with the last error",
                       self.list_queue, m.QueueQuery, NoBody, m.QueueList),
             Operation("POST", f"{p}/queue/{{id}}/retry", manage, "Retry a copy now",
@@ -257,6 +303,7 @@ class Api:
                       self.delete_delivery, NoQuery, NoBody, None, errors=(404, 409)),
             *self.actions.operations(p),
             *self.webhooks.operations(p),
+            *self.settings.operations(p),
         ]  # fmt: skip
 
     def register(self, routes: Routes) -> None:
@@ -269,6 +316,17 @@ class Api:
             return web.json_response(document)
 
         routes.public("GET", f"{PREFIX}/openapi.json", openapi_json)
+
+
+def _user_problem(exc: UserError, invalid: int = 404) -> ProblemResponse:
+    """404 for no such user (or alias), 409 when the users as they are forbid the change (the
+    last admin, an address in use); `invalid` for an address that is none (404 when it came
+    in the path: no user has it; 422 when in the body)."""
+    if isinstance(exc, UnknownUser):
+        return ProblemResponse(404, str(exc))
+    if isinstance(exc, UserConflict):
+        return ProblemResponse(409, str(exc))
+    return ProblemResponse(invalid, str(exc))
 
 
 async def _queue_action(action: Any, delivery_id: str) -> None:

@@ -23,7 +23,7 @@ from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.texts.catalog import Catalog
 from web.console.timeline import MESSAGES, TimelinePages, story_letters, story_links
-from web.console.view import ConsoleView, form_text, see_other
+from web.console.view import ConsoleView, form_text
 from web.guard import Routes
 from web.pages import content_disposition
 
@@ -131,7 +131,7 @@ class ActionPages:
             )
         except ActionRefused as exc:
             return self._refused(request, story, exc)
-        raise see_other(self._back(story), "revoked" if ended else "revoked_none")
+        raise self.view.see_other(self._back(story), "revoked" if ended else "revoked_none")
 
     async def extend(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -148,7 +148,7 @@ class ActionPages:
             )
         except ActionRefused as exc:
             return self._refused(request, story, exc)
-        raise see_other(self._back(story), "extended")
+        raise self.view.see_other(self._back(story), "extended")
 
     async def resend(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -160,7 +160,7 @@ class ActionPages:
             await self.letters.resend(letter_id, self.view.principal(request).name)
         except ActionRefused as exc:
             return self._refused(request, story, exc)
-        raise see_other(self._back(story), "resent")
+        raise self.view.see_other(self._back(story), "resent")
 
     async def release(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -175,7 +175,7 @@ class ActionPages:
             )
         except ActionRefused as exc:
             return self._refused(request, story, exc)
-        raise see_other(self._back(story), "released")
+        raise self.view.see_other(self._back(story), "released")
 
     # -- reading: previews and documents
 
@@ -254,10 +254,12 @@ class ActionPages:
                 body = await self.letters.consent_pdf(letter_id, self.view.principal(request).name)
                 name, kind = f"consent-{letter_id}.pdf", "application/pdf"
             else:
-                body = await self.letters.released_original(
+                original = await self.letters.released_original(
                     letter_id, self.view.principal(request).name
                 )
-                name, kind = f"original-{letter_id}.eml", "message/rfc822"
+                body = original.data
+                unsigned = "" if original.signed else "-unsigned"
+                name, kind = f"original-{letter_id}{unsigned}.eml", "message/rfc822"
         except ActionRefused as exc:
             return self._refused(request, story, exc)
         return web.Response(

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -20,10 +24,18 @@ from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk, ApiKeyError
 from gateway.outbound.queue import QueueError
 from gateway.store.journal import ChainReport
-from gateway.store.models import ApiKeyScope, DeliveryStatus, Role
-from gateway.users import UserError
-from gateway.webhooks.desk import WebhookDesk, WebhookError
-from web.console.view import ConsoleView, form_text, see_other
+from gateway.store.models import ApiKeyScope, DeliveryStatus, Role, WebhookDeliveryStatus
+from gateway.users import UnknownUser, UserConflict, UserError, normalize_address
+from gateway.webhooks.desk import (
+    DeliveryView,
+    EndpointDisabled,
+    EndpointNotFound,
+    NotATest,
+    WebhookDesk,
+    WebhookError,
+)
+from gateway.webhooks.tunables import REPLAY_LIMIT
+from web.console.view import ConsoleView, form_text
 from web.guard import Routes
 
 log = logging.getLogger(__name__)
@@ -34,6 +46,36 @@ QUEUE = ADMIN + "/queue"
 WEBHOOKS = ADMIN + "/webhooks"
 KEYS = ADMIN + "/keys"
 JOURNAL = ADMIN + "/journal"
+POLICY = ADMIN + "/policy"
+TEXTS = ADMIN + "/texts"
+DKIM = ADMIN + "/dkim"
+
+TEST_REFRESH_SECONDS: Final = 2
+
+
+@dataclass(frozen=True)
+class TestOutcome:
+    """A test event sent from the endpoint page, and its delivery once there is one."""
+
+    seq: int
+    delivery: DeliveryView | None
+    enabled: bool
+
+    @property
+    def waiting(self) -> bool:
+        """No answer from the receiver yet, and one may still come: not fanned out or not
+        attempted, on an endpoint that is enabled."""
+        if not self.enabled:
+            return False
+        return self.delivery is None or (
+            self.delivery.status == WebhookDeliveryStatus.QUEUED and self.delivery.attempts == 0
+        )
+
+
+def _local_time(text: str, zone: ZoneInfo) -> datetime:
+    """A `datetime-local` field's value, read in the branding zone (a zone given wins)."""
+    at = datetime.fromisoformat(text)
+    return at if at.tzinfo is not None else at.replace(tzinfo=zone)
 
 
 class AdminPages:
@@ -59,6 +101,10 @@ class AdminPages:
         routes.console("GET", USERS, self.user_list, see)
         routes.console("POST", USERS, self.add_user, change)
         routes.console("POST", USERS + "/change", self.change_user, change)
+        routes.console("GET", USERS + "/delete", self.confirm_delete, change)
+        routes.console("POST", USERS + "/delete", self.delete_user, change)
+        routes.console("POST", USERS + "/password", self.reset_password, change)
+        routes.console("POST", USERS + "/aliases", self.change_aliases, change)
         routes.console("GET", QUEUE, self.queue_list, see)
         routes.console("POST", QUEUE + "/{id}/retry", self.retry, change)
         routes.console("POST", QUEUE + "/{id}/delete", self.delete, change)
@@ -68,6 +114,10 @@ class AdminPages:
         routes.console("POST", WEBHOOKS + "/{id}/enable", self.enable_endpoint, change)
         routes.console("POST", WEBHOOKS + "/{id}/disable", self.disable_endpoint, change)
         routes.console("POST", WEBHOOKS + "/{id}/replay", self.replay, change)
+        routes.console("POST", WEBHOOKS + "/{id}/replay-range", self.replay_range, change)
+        routes.console("POST", WEBHOOKS + "/{id}/edit", self.edit_endpoint, change)
+        routes.console("POST", WEBHOOKS + "/{id}/rotate-secret", self.rotate_secret, change)
+        routes.console("POST", WEBHOOKS + "/{id}/test", self.send_test, change)
         routes.console("GET", KEYS, self.key_list, see)
         routes.console("POST", KEYS, self.create_key, change)
         routes.console("POST", KEYS + "/{id}/revoke", self.revoke_key, change)
@@ -93,6 +143,9 @@ class AdminPages:
                 (WEBHOOKS, self._t(request, "work.webhooks_title")),
                 (KEYS, self._t(request, "work.keys_title")),
                 (JOURNAL, self._t(request, "work.journal_title")),
+                (POLICY, self._t(request, "work.config.policy_title")),
+                (TEXTS, self._t(request, "work.config.texts_title")),
+                (DKIM, self._t(request, "work.config.dkim_title")),
             ],
         )
 
@@ -104,6 +157,7 @@ class AdminPages:
         *,
         error: str | None = None,
         created: tuple[str, str] | None = None,
+        reset: tuple[str, str] | None = None,
         status: int = 200,
     ) -> web.Response:
         catalog = self.view.catalog(request)
@@ -116,6 +170,18 @@ class AdminPages:
             users=await self.users.listing(),
             roles=[(r.value, catalog.t(f"console.roles.{r.value}")) for r in Role],
             created=created,
+            reset=reset,
+            me=self.view.principal(request).name,
+        )
+
+    async def _user_refused(self, request: web.Request, exc: UserError) -> web.Response:
+        """The users page with the reason: 404 for no such user, 409 when the users as they
+        are forbid it (the last admin, oneself, an address in use), else 400."""
+        status = (
+            404 if isinstance(exc, UnknownUser) else 409 if isinstance(exc, UserConflict) else 400
+        )
+        return await self.user_list(
+            request, error=self._t(request, "work.error.user", detail=str(exc)), status=status
         )
 
     async def add_user(self, request: web.Request) -> web.StreamResponse:
@@ -153,11 +219,74 @@ class AdminPages:
                 )
             else:
                 raise ValueError(action)
-        except (UserError, ValueError) as exc:
+        except UserError as exc:
+            return await self._user_refused(request, exc)
+        except ValueError as exc:
             return await self.user_list(
                 request, error=self._t(request, "work.error.user", detail=str(exc)), status=400
             )
-        raise see_other(USERS, "user_changed")
+        raise self.view.see_other(USERS, "user_changed")
+
+    async def confirm_delete(self, request: web.Request) -> web.StreamResponse:
+        """The confirmation step: says what deleting keeps and what it ends; a GET changes
+        nothing."""
+        try:
+            user, aliases = await self.users.find(request.query.get("email", ""))
+        except UserError as exc:
+            return await self.user_list(
+                request, error=self._t(request, "work.error.user", detail=str(exc)), status=404
+            )
+        return self.view.render(
+            request,
+            "console/admin_user_delete.html",
+            self._t(request, "admin_users.delete_title", email=user.email),
+            target=user,
+            aliases=aliases,
+            myself=user.email == self.view.principal(request).name,
+        )
+
+    async def delete_user(self, request: web.Request) -> web.StreamResponse:
+        form = await self._form(request)
+        email = form.get("email", "")
+        if not email or form.get("confirm", "") != email:
+            return await self.user_list(
+                request, error=self._t(request, "admin_users.error.unconfirmed"), status=400
+            )
+        by = self.view.principal(request).name
+        try:
+            await self.users.delete(email, by=by)
+        except UserError as exc:
+            return await self._user_refused(request, exc)
+        log.info("console: %s deleted user %s", by, email)
+        raise self.view.see_other(USERS, "user_deleted")
+
+    async def reset_password(self, request: web.Request) -> web.StreamResponse:
+        form = await self._form(request)
+        by = self.view.principal(request).name
+        try:
+            password = await self.users.reset_password(form.get("email", ""), by=by)
+        except UserError as exc:
+            return await self._user_refused(request, exc)
+        email = normalize_address(form.get("email", ""))
+        log.info("console: %s reset the password of %s", by, email)
+        return await self.user_list(request, reset=(email, password))
+
+    async def change_aliases(self, request: web.Request) -> web.StreamResponse:
+        form = await self._form(request)
+        by = self.view.principal(request).name
+        email, address, action = form.get("email", ""), form.get("address", ""), form.get("action")
+        try:
+            if action == "add":
+                await self.users.add_alias(email, address, by=by)
+            elif action == "remove":
+                await self.users.remove_alias(email, address, by=by)
+            else:
+                return await self.user_list(
+                    request, error=self._t(request, "admin_users.error.action"), status=400
+                )
+        except UserError as exc:
+            return await self._user_refused(request, exc)
+        raise self.view.see_other(USERS, "alias_added" if action == "add" else "alias_removed")
 
     # -- the queue
 
@@ -189,7 +318,7 @@ class AdminPages:
             return await self.queue_list(
                 request, error=self._t(request, "work.error.queue", detail=str(exc)), status=409
             )
-        raise see_other(QUEUE, done)
+        raise self.view.see_other(QUEUE, done)
 
     # -- webhooks
 
@@ -230,12 +359,27 @@ class AdminPages:
         return await self.endpoint_list(request, secret=created.secret, status=201)
 
     async def endpoint(
-        self, request: web.Request, *, error: str | None = None, status: int = 200
+        self,
+        request: web.Request,
+        *,
+        error: str | None = None,
+        status: int = 200,
+        secret: str | None = None,
+        replayed: int | None = None,
+        kept: dict[str, str] | None = None,
     ) -> web.Response:
+        """The endpoint's page: figures, the outcome of a test just sent (`?test=SEQ`), the
+        forms (test, rotate, replay a range, change) and the recent deliveries."""
+        endpoint_id = request.match_info["id"]
         try:
-            endpoint = await self.webhooks.get(request.match_info["id"])
+            endpoint = await self.webhooks.get(endpoint_id)
+            figures = await self.webhooks.figures(endpoint_id)
+            test = await self._test_outcome(request, endpoint_id, endpoint.enabled)
+            deliveries = await self.webhooks.deliveries(endpoint_id)
         except WebhookError:
             return self.view.not_found(request)
+        catalog = self.view.catalog(request)
+        now = datetime.now(catalog.zone).replace(second=0, microsecond=0, tzinfo=None)
         return self.view.render(
             request,
             "console/admin_webhook.html",
@@ -243,8 +387,104 @@ class AdminPages:
             status=status,
             error=error,
             endpoint=endpoint,
-            deliveries=await self.webhooks.deliveries(endpoint.id),
+            figures=figures,
+            test=test,
+            # a test still waiting for its answer: the page reloads itself until it has one
+            refresh=TEST_REFRESH_SECONDS if test is not None and test.waiting else None,
+            deliveries=deliveries,
+            secret=secret,
+            replayed=replayed,
+            zone=f"{catalog.zone.key} ({catalog.zone_name(datetime.now(catalog.zone))})",
+            kept=kept
+            or {
+                "since": (now - timedelta(days=1)).isoformat(timespec="minutes"),
+                "until": now.isoformat(timespec="minutes"),
+            },
+            replay_limit=catalog.number(REPLAY_LIMIT, 0),
         )
+
+    async def _test_outcome(
+        self, request: web.Request, endpoint_id: str, enabled: bool
+    ) -> TestOutcome | None:
+        """The test named by `?test=SEQ`; none for anything else there."""
+        try:
+            seq = int(request.query.get("test", ""))
+            return TestOutcome(seq, await self.webhooks.test_delivery(endpoint_id, seq), enabled)
+        except (ValueError, NotATest):
+            return None
+
+    async def edit_endpoint(self, request: web.Request) -> web.StreamResponse:
+        """Change URL, description, event types and payloads; a new URL is checked again."""
+        form = await self._form(request)
+        endpoint_id = request.match_info["id"]
+        types = [t for t in form.get("event_types", "").replace(",", " ").split() if t]
+        try:
+            await self.webhooks.update(
+                endpoint_id,
+                url=form.get("url", ""),
+                event_types=types,
+                description=form.get("description", ""),
+                thin=form.get("thin") == "yes",
+                allow_private=form.get("allow_private") == "yes",
+                by=self.view.principal(request).name,
+            )
+        except EndpointNotFound:
+            return self.view.not_found(request)
+        except WebhookError as exc:
+            return await self.endpoint(
+                request, error=self._t(request, "work.error.webhook", detail=str(exc)), status=400
+            )
+        raise self.view.see_other(f"{WEBHOOKS}/{endpoint_id}", "endpoint_changed")
+
+    async def rotate_secret(self, request: web.Request) -> web.StreamResponse:
+        """A new secret, shown on this answer only; the previous one keeps signing a while."""
+        try:
+            secret = await self.webhooks.rotate_secret(
+                request.match_info["id"], by=self.view.principal(request).name
+            )
+        except WebhookError:
+            return self.view.not_found(request)
+        return await self.endpoint(request, secret=secret)
+
+    async def send_test(self, request: web.Request) -> web.StreamResponse:
+        endpoint_id = request.match_info["id"]
+        try:
+            seq = await self.webhooks.send_test(endpoint_id, by=self.view.principal(request).name)
+        except EndpointNotFound:
+            return self.view.not_found(request)
+        except WebhookError as exc:
+            return await self.endpoint(
+                request, error=self._t(request, "work.error.replay", detail=str(exc)), status=409
+            )
+        raise web.HTTPSeeOther(self.view.site.url(f"{WEBHOOKS}/{endpoint_id}?test={seq}"))
+
+    async def replay_range(self, request: web.Request) -> web.StreamResponse:
+        """Queue again every event of the endpoint's types between two times of the branding
+        zone; the page says how many."""
+        form = await self._form(request)
+        kept = {"since": form.get("since", ""), "until": form.get("until", "")}
+        catalog = self.view.catalog(request)
+        try:
+            since, until = (_local_time(kept[k], catalog.zone) for k in ("since", "until"))
+        except ValueError:
+            return await self.endpoint(
+                request, error=catalog.t("work.error.bad_time"), status=400, kept=kept
+            )
+        if since >= until:
+            return await self.endpoint(
+                request, error=catalog.t("work.error.range_reversed"), status=400, kept=kept
+            )
+        try:
+            count = await self.webhooks.replay(request.match_info["id"], since=since, until=until)
+        except EndpointNotFound:
+            return self.view.not_found(request)
+        except EndpointDisabled as exc:
+            detail = catalog.t("work.error.replay", detail=str(exc))
+            return await self.endpoint(request, error=detail, status=409, kept=kept)
+        except WebhookError as exc:
+            detail = catalog.t("work.error.replay", detail=str(exc))
+            return await self.endpoint(request, error=detail, status=400, kept=kept)
+        return await self.endpoint(request, replayed=count, status=202, kept=kept)
 
     async def enable_endpoint(self, request: web.Request) -> web.StreamResponse:
         by = self.view.principal(request).name
@@ -252,7 +492,7 @@ class AdminPages:
             await self.webhooks.enable(request.match_info["id"], by=by)
         except WebhookError:
             return self.view.not_found(request)
-        raise see_other(WEBHOOKS, "endpoint_enabled")
+        raise self.view.see_other(WEBHOOKS, "endpoint_enabled")
 
     async def disable_endpoint(self, request: web.Request) -> web.StreamResponse:
         by = self.view.principal(request).name
@@ -260,7 +500,7 @@ class AdminPages:
             await self.webhooks.disable(request.match_info["id"], by=by)
         except WebhookError:
             return self.view.not_found(request)
-        raise see_other(WEBHOOKS, "endpoint_disabled")
+        raise self.view.see_other(WEBHOOKS, "endpoint_disabled")
 
     async def replay(self, request: web.Request) -> web.StreamResponse:
         form = await self._form(request)
@@ -273,11 +513,13 @@ class AdminPages:
             )
         try:
             await self.webhooks.replay(endpoint_id, seq=seq)
+        except EndpointNotFound:
+            return self.view.not_found(request)
         except WebhookError as exc:
             return await self.endpoint(
                 request, error=self._t(request, "work.error.webhook", detail=str(exc)), status=409
             )
-        raise see_other(f"{WEBHOOKS}/{endpoint_id}", "replayed")
+        raise self.view.see_other(f"{WEBHOOKS}/{endpoint_id}", "replayed")
 
     # -- API keys
 
@@ -320,7 +562,7 @@ class AdminPages:
             return await self.key_list(
                 request, error=self._t(request, "work.error.key", detail=str(exc)), status=409
             )
-        raise see_other(KEYS, "key_revoked")
+        raise self.view.see_other(KEYS, "key_revoked")
 
     # -- the journal
 

@@ -69,7 +69,7 @@ class ConsolePages:
         self.sessions = sessions
         self.forms = forms
         version = digest((STATIC / "console.css").read_bytes())
-        self.css = f"{site.base}/static/console.css?v={version}"
+        self.css = site.url(f"/static/console.css?v={version}")
 
     def register(self, routes: Routes) -> None:
         routes.public("GET", CONSOLE_LOGIN, self.login_page)
@@ -120,7 +120,7 @@ class ConsolePages:
         target = safe_next(request.query.get("next"))
         token = request.cookies.get(self.forms.cookies.session)
         if token and await self.sessions.current(token) is not None:
-            raise web.HTTPSeeOther(self.site.base + target)
+            raise web.HTTPSeeOther(self.site.url(target))
         notice = {"out": "console.done_out", "everywhere": "console.done_everywhere"}
         return self._login_form(
             request, target=target, notice=notice.get(request.query.get("done", ""))
@@ -157,7 +157,7 @@ class ConsolePages:
             case CodeNeeded(pending=pending):
                 return self._login_form(request, target=target, pending=pending)
             case SignedIn(token=token):
-                response = web.HTTPSeeOther(self.site.base + target)
+                response = web.HTTPSeeOther(self.site.url(target))
                 response.set_cookie(
                     self.forms.cookies.session,
                     token,
@@ -194,7 +194,7 @@ class ConsolePages:
     # -- helpers
 
     def _signed_out(self, done: str) -> web.HTTPSeeOther:
-        response = web.HTTPSeeOther(f"{self.site.base}{CONSOLE_LOGIN}?done={done}")
+        response = web.HTTPSeeOther(self.site.url(f"{CONSOLE_LOGIN}?done={done}"))
         # a __Host- cookie is only replaced by one with the same flags, or it would stay
         response.del_cookie(
             self.forms.cookies.session,
@@ -294,8 +294,7 @@ class ConsolePages:
             status=status,
             console_css=self.css,
             field=FIELD,
-            login_url=self.site.base + CONSOLE_LOGIN,
-            base=self.site.base,
+            login_url=self.site.url(CONSOLE_LOGIN),
             **context,
         )
 

@@ -28,12 +28,14 @@ from gateway.console.waiting import WaitingLetters
 from gateway.store.events import (
     CONSENT_GIVEN,
     DELIVERY_BOUNCED,
+    DELIVERY_DELIVERED,
     DELIVERY_QUEUED,
     DOWNLOAD_AUTOMATED,
     DOWNLOAD_FIRST,
     DOWNLOAD_REPEAT,
     DOWNLOAD_ZIP,
     LETTER_HELD,
+    LETTER_RELEASED,
     LETTER_RELEASED_BY_AGENT,
     LETTER_RESENT,
     LINK_CREATED,
@@ -72,6 +74,8 @@ class RecipientView:
     letters: list[str] = field(default_factory=list)  # letter ids
     consents: list[str] = field(default_factory=list)  # letter ids with a consent PDF
     released: list[str] = field(default_factory=list)  # letter ids with a released original
+    # a released copy not delivered yet: its original is the unsigned copy as queued
+    released_pending: bool = False
     links: list[str] = field(default_factory=list)  # download link ids
     has_links: bool = False
 
@@ -138,6 +142,13 @@ def recipient_views(story: MessageStory, catalog: Catalog) -> list[RecipientView
     views = []
     for told in story.recipients:
         view = RecipientView(told.address, told.state)
+        releases = {
+            e.delivery_id
+            for e in told.events
+            if e.type in (LETTER_RELEASED.name, LETTER_RELEASED_BY_AGENT.name) and e.delivery_id
+        }
+        delivered = {e.delivery_id for e in told.events if e.type == DELIVERY_DELIVERED.name}
+        view.released_pending = bool(releases - delivered)
         for event in told.events:
             data = event.data
             letter_id = data.get("letter_id")

@@ -34,9 +34,15 @@ NOTICES = frozenset(
         "endpoint_added",
         "endpoint_enabled",
         "endpoint_disabled",
+        "endpoint_changed",
         "replayed",
         "key_created",
         "key_revoked",
+        "user_deleted",
+        "alias_added",
+        "alias_removed",
+        "notices_saved",
+        "password_changed",
     }
 )
 
@@ -84,7 +90,7 @@ class ConsoleView:
             title=title,
             console_css=self.css,
             field=FIELD,
-            login_url=CONSOLE_LOGIN,
+            login_url=self.site.url(CONSOLE_LOGIN),
             user=request[CONSOLE_USER],
             csrf=self.csrf(request),
             nav=self._nav(request, catalog, principal),
@@ -119,6 +125,11 @@ class ConsoleView:
             message=catalog.t("work.forbidden"),
         )
 
+    def see_other(self, path: str, done: str) -> web.HTTPSeeOther:
+        """Back to a console page after an action, with the notice saying what happened."""
+        assert done in NOTICES, done
+        return web.HTTPSeeOther(self.site.url(f"{path}?done={done}"))
+
     def _nav(self, request: web.Request, catalog: Catalog, principal: Principal) -> list[NavItem]:
         items = [
             ("/console/", "work.nav.home"),
@@ -127,6 +138,7 @@ class ConsoleView:
         ]
         if principal.may(Permission.VIEW_ADMIN):
             items.append(("/console/admin", "work.nav.admin"))
+        items.append(("/console/account", "work.nav.account"))
         path = request.path
         return [
             NavItem(
@@ -136,12 +148,6 @@ class ConsoleView:
             )
             for href, key in items
         ]
-
-
-def see_other(path: str, done: str) -> web.HTTPSeeOther:
-    """Back to a page after an action, with the notice saying what happened."""
-    assert done in NOTICES, done
-    return web.HTTPSeeOther(f"{path}?done={done}")
 
 
 def form_text(value: object, limit: int = 1000) -> str:

@@ -11,6 +11,7 @@ from sqlalchemy import Connection
 
 from gateway.store.db import make_engine
 from gateway.store.models import Base
+from gateway.store.search_indexes import include_object
 
 config = context.config
 
@@ -21,6 +22,7 @@ def run(connection: Connection) -> None:
         target_metadata=Base.metadata,
         render_as_batch=True,
         compare_type=True,
+        include_object=include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -1,0 +1,17 @@
+"""Which address the SMTP client has: the one helper every check and record reads it from.
+
+A session's `peer` is the TCP peer, or, on a listener behind HAProxy, the client that the
+PROXY header named (SubmissionSMTP puts it there, and back after STARTTLS). Trusted networks,
+the per-address connection gate, the login throttle, Received lines, logs and the journal
+all ask here, so none of them can see the proxy where the client is meant.
+"""
+
+from __future__ import annotations
+
+from aiosmtpd.smtp import Session
+
+
+def client_address(session: Session) -> str:
+    """The client's IP address as text ("" when the socket had none)."""
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
