@@ -225,6 +225,8 @@ class SubmissionHandler:
         if not session.authenticated:
             found = _trusted_match(server)
             domains = await trusted.allowed_domains(found, self.settings, self.db)
+            assert isinstance(server, SubmissionSMTP)  # _trusted_match found an entry
+            server.sender_domains = domains
             if trusted.domain_of(address) not in domains:
                 log.info(
                     "%s (%s): refused sender %s", client_address(session), found.entry.name, address
@@ -267,7 +269,10 @@ class SubmissionHandler:
                 submitter = _agent(session)
             else:
                 found = _trusted_match(server)
-                submitter = await self._trusted_submitter(found, envelope.mail_from, raw)
+                assert isinstance(server, SubmissionSMTP)
+                submitter = await self._trusted_submitter(
+                    found, server.sender_domains, envelope.mail_from, raw
+                )
                 origin = Origin(
                     helo=origin.helo,
                     peer=origin.peer,
@@ -291,11 +296,10 @@ class SubmissionHandler:
         return _count(Reply.QUEUED.format(message_id=message_id))
 
     async def _trusted_submitter(
-        self, found: TrustedMatch, mail_from: str, raw: bytes
+        self, found: TrustedMatch, domains: frozenset[str], mail_from: str, raw: bytes
     ) -> trusted.TrustedSubmitter:
         """The service (or mapped agent) a trusted client sends as; its From header must be
-        in the entry's domains too, or the message is refused here with 550."""
-        domains = await trusted.allowed_domains(found, self.settings, self.db)
+        in the entry's domains too (as MAIL found them), or the message is refused with 550."""
         authors = headers.addresses(headers.fields_of(raw), "from")
         for author in authors:
             if trusted.domain_of(author) not in domains:
@@ -339,6 +343,9 @@ class SubmissionSMTP(SMTP):
         self._implicit_tls = implicit_tls
         self._started = False
         self.trusted = trusted
+        self._trusted_found: tuple[tuple[str, object], TrustedMatch | None] | None = None
+        # the domains a trusted client may send for, as MAIL found them for this transaction
+        self.sender_domains: frozenset[str] = frozenset()
         self._admitted: str | None = None  # the client address while counted by the gate
         self._client: Any = None  # (address, port) the PROXY header named
         self._proxy_data: ProxyData | None = None
@@ -519,13 +526,17 @@ class SubmissionSMTP(SMTP):
         self._require_starttls = bool(value)
 
     def trusted_match(self) -> TrustedMatch | None:
-        """The entry this client matches now (after STARTTLS it may match more)."""
+        """The entry this client matches now (after STARTTLS it may match more). Every
+        command asks; the certificate is read and checked once per address and TLS state."""
         if not self.trusted or self.session is None:
             return None
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
-        certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        client = ClientFacts(client_address(self.session), ssl_object is not None, certificate)
-        return trusted.match(self.trusted, client)
+        state = (client_address(self.session), ssl_object)
+        if self._trusted_found is None or self._trusted_found[0] != state:
+            certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+            client = ClientFacts(state[0], ssl_object is not None, certificate)
+            self._trusted_found = (state, trusted.match(self.trusted, client))
+        return self._trusted_found[1]
 
     def shorten_idle(self) -> None:
         if not self._logged_in and self.transport is not None and self._admitted is not None:
