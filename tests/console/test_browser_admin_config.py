@@ -22,6 +22,7 @@ from gateway.mail import dkim
 from gateway.store.models import Role
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.conftest import DKIM_DOMAIN, DKIM_SELECTOR, PASSWORD, StartRelay
+from tests.console.browser_sign_in import sign_in
 from tests.console.test_admin_config import ADMIN, EVIL, POLICY_SECTIONS, RECORD
 from tests.dns_server import tiny_dns
 from tests.support import free_port
@@ -108,22 +109,7 @@ async def test_admin_settings_pages_on_phone_and_desktop(
                 executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
             )
             try:
-                phone = viewport is PHONE
-                context = await browser.new_context(
-                    viewport=viewport,
-                    device_scale_factor=2 if phone else 1,
-                    is_mobile=phone,
-                    has_touch=phone,
-                    locale=locale,
-                    java_script_enabled=False,
-                )
-                page = await context.new_page()
-                page.set_default_timeout(10_000)
-                await page.goto(f"{base}/console/login")
-                await page.locator("#email").fill(ADMIN)
-                await page.locator("#password").fill(PASSWORD)
-                await page.locator("form button[type=submit]").click()
-                assert page.url == f"{base}/console/", page.url
+                page = await sign_in(browser, base, ADMIN, viewport, locale)
                 await page.goto(f"{base}/console/admin")
                 policy_title, texts_title, dkim_title = HEADINGS[language]
 

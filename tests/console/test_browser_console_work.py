@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
-from tests.conftest import PASSWORD
+from tests.console.browser_sign_in import sign_in
 from tests.console.work_world import ADMIN, AGENT, AUDITOR, BUYER, World, build_world
 from tests.letter_site import LetterSite, offer
 from tests.links.test_link_actions import SAFE_LINKS
@@ -50,27 +50,6 @@ class Screens:
         await page.screenshot(path=str(shot), full_page=True)
         SCREENS.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, SCREENS / shot.name)
-
-
-async def sign_in(browser: Any, base: str, who: str, viewport: dict[str, int], locale: str) -> Any:
-    phone = viewport is PHONE
-    context = await browser.new_context(
-        viewport=viewport,
-        device_scale_factor=2 if phone else 1,
-        is_mobile=phone,
-        has_touch=phone,
-        locale=locale,
-        java_script_enabled=False,
-        accept_downloads=True,
-    )
-    page = await context.new_page()
-    page.set_default_timeout(10_000)
-    await page.goto(f"{base}/console/login")
-    await page.locator("#email").fill(who)
-    await page.locator("#password").fill(PASSWORD)
-    await page.locator("form button[type=submit]").click()
-    assert page.url == f"{base}/console/", page.url
-    return page
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)

@@ -20,7 +20,8 @@ import pytest
 
 from gateway import users
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
-from tests.console.test_browser_console_work import DESKTOP, SIZES, sign_in
+from tests.console.browser_sign_in import sign_in
+from tests.console.test_browser_console_work import DESKTOP, SIZES
 from tests.console.work_world import ADMIN, AGENT, OTHER_AGENT, World, build_world
 from tests.letter_site import LetterSite
 

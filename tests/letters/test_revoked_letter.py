@@ -16,6 +16,7 @@ import pytest
 from gateway.store.models import Delivery, LetterStatus
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.conftest import AGENT, PASSWORD
+from tests.console.browser_sign_in import sign_in
 from tests.console.client import ConsoleClient, hidden_fields
 from tests.console.test_console_work import visible
 from tests.letter_site import PROSPECT, Clock, LetterSite, offer
@@ -107,19 +108,7 @@ async def test_the_revoked_state_reads_clean_on_a_phone_and_a_desktop(
                 ("phone", PHONE, "de-DE", "Zugang zum Brief beendet"),
                 ("desktop", {"width": 1280, "height": 800}, "en-GB", REVOKED),
             ):
-                phone = viewport is PHONE
-                context = await browser.new_context(
-                    viewport=viewport,
-                    device_scale_factor=2 if phone else 1,
-                    is_mobile=phone,
-                    locale=locale,
-                    java_script_enabled=False,
-                )
-                page = await context.new_page()
-                await page.goto(f"{site.url}/console/login")
-                await page.locator("#email").fill(AGENT)
-                await page.locator("#password").fill(PASSWORD)
-                await page.locator("form button[type=submit]").click()
+                page = await sign_in(browser, site.url, AGENT, viewport, locale)
                 await page.goto(f"{site.url}/console/messages/{letter.message_id}")
                 text = await page.locator("main").inner_text()
                 assert label in text
@@ -133,6 +122,6 @@ async def test_the_revoked_state_reads_clean_on_a_phone_and_a_desktop(
                 await page.screenshot(path=str(shot), full_page=True)
                 SCREENS.mkdir(parents=True, exist_ok=True)
                 shutil.copy(shot, SCREENS / shot.name)
-                await context.close()
+                await page.context.close()
         finally:
             await browser.close()

@@ -24,6 +24,7 @@ from gateway.mail import headers
 from gateway.store.models import ApiKeyScope, Consent, Delivery, utcnow
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.conftest import AGENT, PASSWORD, dkim_dns
+from tests.console.browser_sign_in import sign_in
 from tests.console.client import ConsoleClient
 from tests.console.work_world import get_bytes
 from tests.letter_site import PROSPECT, Clock, LetterSite, offer
@@ -166,19 +167,7 @@ async def test_the_not_yet_delivered_original_reads_clean_on_a_phone_and_a_deskt
                 ("phone", PHONE, "de-DE", "noch nicht zugestellt"),
                 ("desktop", {"width": 1280, "height": 800}, "en-GB", "not delivered yet"),
             ):
-                phone = viewport is PHONE
-                context = await browser.new_context(
-                    viewport=viewport,
-                    device_scale_factor=2 if phone else 1,
-                    is_mobile=phone,
-                    locale=locale,
-                    java_script_enabled=False,
-                )
-                page = await context.new_page()
-                await page.goto(f"{site.url}/console/login")
-                await page.locator("#email").fill(AGENT)
-                await page.locator("#password").fill(PASSWORD)
-                await page.locator("form button[type=submit]").click()
+                page = await sign_in(browser, site.url, AGENT, viewport, locale)
                 await page.goto(f"{site.url}/console/messages/{letter.message_id}")
                 link = page.locator("a[href$='/original.eml']")
                 assert label in await link.inner_text()
@@ -188,6 +177,6 @@ async def test_the_not_yet_delivered_original_reads_clean_on_a_phone_and_a_deskt
                 await page.screenshot(path=str(shot), full_page=True)
                 SCREENS.mkdir(parents=True, exist_ok=True)
                 shutil.copy(shot, SCREENS / shot.name)
-                await context.close()
+                await page.context.close()
         finally:
             await browser.close()
