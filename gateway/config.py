@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -221,6 +222,87 @@ class UpstreamSettings(Section):
         if scheme not in {"smtp", "smtps"} or not parts.hostname:
             raise ValueError("must be smtp://HOST[:PORT], smtps://HOST[:PORT] or capture:DIR")
         return value
+
+
+# The fallback route's name: `[upstream]`, for mail no `[[routes]]` entry matches.
+DEFAULT_ROUTE = "default"
+# How long a copy may wait and how often it is tried are the queue's, whatever the route:
+# set on [upstream] only (a copy's lifetime is fixed when it is queued, before any route).
+QUEUE_KEYS = ("queue_lifetime", "retry_base", "retry_max")
+ROUTE_NAME = r"^[A-Za-z0-9._-]{1,100}$"
+
+
+def _domains(value: list[str]) -> list[str]:
+    return [v.strip().lower().rstrip(".") for v in value]
+
+
+class RouteSettings(Section):
+    """One `[[routes]]` entry (docs/routes.md): a copy that meets every condition given goes
+    to the named upstream. Within a list, any one entry will do."""
+
+    name: str = Field(pattern=ROUTE_NAME)
+    upstream: str = Field(min_length=1)
+    sender_domains: list[Annotated[str, Field(min_length=1)]] = []
+    recipient_domains: list[Annotated[str, Field(min_length=1)]] = []
+    trusted: list[Annotated[str, Field(min_length=1)]] = []
+
+    @field_validator("sender_domains", "recipient_domains")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return _domains(value)
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> RouteSettings:
+        if not (self.sender_domains or self.recipient_domains or self.trusted):
+            raise ValueError(
+                f"route {self.name}: needs a condition (sender_domains, recipient_domains or"
+                " trusted); for all mail, set the upstream in [upstream] instead"
+            )
+        if self.name == DEFAULT_ROUTE:
+            raise ValueError(f"route name {DEFAULT_ROUTE!r} is taken by [upstream], the fallback")
+        return self
+
+
+def _named_upstreams(value: dict[str, UpstreamSettings]) -> dict[str, UpstreamSettings]:
+    for name, upstream in value.items():
+        if name == DEFAULT_ROUTE or not re.fullmatch(ROUTE_NAME, name):
+            raise ValueError(
+                f"{name!r}: a name of letters, digits, '.', '_' or '-', and not"
+                f" {DEFAULT_ROUTE!r} ([upstream] is that one)"
+            )
+        if "url" not in upstream.model_fields_set:
+            raise ValueError(f"{name}.url: required, an upstream names where its mail goes")
+        for key in QUEUE_KEYS:
+            if key in upstream.model_fields_set:
+                raise ValueError(
+                    f"{name}.{key}: the queue's lifetime and retries are the same for every"
+                    " route; set it on [upstream]"
+                )
+    return value
+
+
+def _route_references(
+    routes: list[RouteSettings], upstreams: Mapping[str, object] | None, trusted: list[str] | None
+) -> list[RouteSettings]:
+    """Every route names a defined upstream and defined trusted entries, under its own name."""
+    names = [r.name for r in routes]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"names must be unique; repeated: {', '.join(repeated)}")
+    for route in routes:
+        known = [DEFAULT_ROUTE, *(upstreams or {})]
+        if upstreams is not None and route.upstream not in known:
+            raise ValueError(
+                f"route {route.name}: upstream {route.upstream!r} is not defined; add"
+                f" [upstreams.{route.upstream}] or name one of: {', '.join(known)}"
+            )
+        unknown = [t for t in route.trusted if trusted is not None and t not in trusted]
+        if unknown:
+            raise ValueError(
+                f"route {route.name}: trusted {', '.join(map(repr, unknown))} is not the name of"
+                f" an [[smtp.trusted]] entry (there: {', '.join(trusted or []) or 'none'})"
+            )
+    return routes
 
 
 class WebSettings(Section):
@@ -501,6 +583,8 @@ class Settings(Section):
     server: ServerSettings = ServerSettings()
     smtp: SmtpSettings = SmtpSettings()
     upstream: UpstreamSettings = UpstreamSettings()
+    # more upstreams by name, for [[routes]] (docs/routes.md); [upstream] is "default"
+    upstreams: Annotated[dict[str, UpstreamSettings], AfterValidator(_named_upstreams)] = {}
     web: WebSettings = WebSettings()
     console: ConsoleSettings = ConsoleSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -514,6 +598,17 @@ class Settings(Section):
     policy: PolicySettings = PolicySettings()
     groups: list[GroupSettings] = []
     rules: list[RuleSettings] = []
+    routes: list[RouteSettings] = []
+
+    @field_validator("routes")
+    @classmethod
+    def _routes_name_what_exists(
+        cls, value: list[RouteSettings], info: ValidationInfo
+    ) -> list[RouteSettings]:
+        # what failed its own validation is missing here, and reported already
+        smtp = info.data.get("smtp")
+        trusted = [t.name for t in smtp.trusted] if isinstance(smtp, SmtpSettings) else None
+        return _route_references(value, info.data.get("upstreams"), trusted)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:

@@ -33,7 +33,8 @@ from gateway.mail.outgoing import Signer
 from gateway.notices.desk import NoticeDesk
 from gateway.outbound.delivery import DeliveryWorker
 from gateway.outbound.queue_signal import QueueSignal
-from gateway.outbound.upstream import Upstream, open_upstream
+from gateway.outbound.routes import RouteTable
+from gateway.outbound.upstream import Upstream
 from gateway.store import health, journal, sweeper
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
@@ -135,7 +136,7 @@ class Relay:
             settings,
             self.db,
             self.blobs,
-            upstream or open_upstream(settings.upstream, settings.server.hostname),
+            RouteTable.open(settings, default=upstream),
             signer or load_signer(settings),
             self.signal,
             clock,

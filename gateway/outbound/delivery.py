@@ -1,9 +1,10 @@
 """The delivery worker: claim due copies, send them upstream, record each outcome.
 
-Copies of one message that share a blob leave in one SMTP transaction, prepared and signed
-once; its outcomes are recorded as soon as the upstream has answered, before the worker slot
-is given up. Temporary failures retry with backoff until the copy's queue lifetime runs out;
-then, or at once on a permanent failure, the copy bounces and the agent gets a DSN.
+Copies of one message that share a blob and a route (gateway/outbound/routes.py) leave in
+one SMTP transaction, prepared and signed once; its outcomes are recorded as soon as the
+upstream has answered, before the worker slot is given up. Temporary failures retry with
+backoff until the copy's queue lifetime runs out; then, or at once on a permanent failure,
+the copy bounces and the agent gets a DSN.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import random
 import re
 import secrets
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,7 +26,8 @@ from gateway.mail.own_mail import OwnMail
 from gateway.outbound import dsn, queue
 from gateway.outbound.local_mail import enqueue
 from gateway.outbound.queue_signal import QueueSignal
-from gateway.outbound.upstream import Outcome, Upstream, relay_name
+from gateway.outbound.routes import Route, RouteTable
+from gateway.outbound.upstream import Outcome
 from gateway.store import journal
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
@@ -57,7 +58,7 @@ class DeliveryWorker:
         settings: Settings,
         db: Database,
         blobs: BlobStore,
-        upstream: Upstream,
+        routes: RouteTable,
         signer: Signer,
         signal: QueueSignal,
         clock: Callable[[], datetime] = utcnow,
@@ -65,7 +66,7 @@ class DeliveryWorker:
         self.settings = settings
         self.db = db
         self.blobs = blobs
-        self.upstream = upstream
+        self.routes = routes
         self.signer = signer
         self.signal = signal
         self.clock = clock
@@ -99,7 +100,8 @@ class DeliveryWorker:
     async def run_once(self) -> int:
         """One round: claim what is due and deliver it. Returns how many copies it handled."""
         claimed = await self._claim(self.settings.worker.batch_size)
-        await asyncio.gather(*(self._deliver(group) for group in _groups(claimed)))
+        groups = _groups(claimed, self._route_for)
+        await asyncio.gather(*(self._deliver(route, group) for route, group in groups))
         return len(claimed)
 
     async def _start_due(self, sending: set[asyncio.Task[None]], stop: asyncio.Event) -> int:
@@ -108,8 +110,8 @@ class DeliveryWorker:
         if room <= 0:
             return 0
         claimed = await self._claim(room)
-        for group in _groups(claimed):
-            task = asyncio.create_task(self._deliver(group, stop))
+        for route, group in _groups(claimed, self._route_for):
+            task = asyncio.create_task(self._deliver(route, group, stop))
             sending.add(task)
             task.add_done_callback(lambda done: self._finished(done, sending))
         return len(claimed)
@@ -149,8 +151,12 @@ class DeliveryWorker:
             except Exception:
                 log.exception("renewing leases failed; trying again at the next beat")
 
+    def _route_for(self, item: queue.Claimed) -> Route:
+        """Where this copy goes, decided at each attempt: queued mail follows the settings."""
+        return self.routes.route_for(item.message, item.delivery.recipient)
+
     async def _deliver(
-        self, group: Sequence[queue.Claimed], stop: asyncio.Event | None = None
+        self, route: Route, group: Sequence[queue.Claimed], stop: asyncio.Event | None = None
     ) -> None:
         """Send one group and record its outcomes before giving up the slot, so that copies
         sent but not yet recorded (sent again after a crash) are at most the slots."""
@@ -160,14 +166,16 @@ class DeliveryWorker:
                 if stop is not None and stop.is_set():
                     await self._release(ids)
                     return
-                outcomes, signed = await self._send(group)
+                outcomes, signed = await self._send(route, group)
                 await self._record(
-                    group[0].message, [item.delivery for item in group], outcomes, signed
+                    group[0].message, [item.delivery for item in group], outcomes, route, signed
                 )
         finally:
             self._held.difference_update(ids)
 
-    async def _send(self, group: Sequence[queue.Claimed]) -> tuple[dict[str, Outcome], str | None]:
+    async def _send(
+        self, route: Route, group: Sequence[queue.Claimed]
+    ) -> tuple[dict[str, Outcome], str | None]:
         """The upstream's outcome per recipient, and the digest of the signed bytes when a
         copy of the group keeps them: stored before they leave, so that a copy recorded as
         delivered always has them (a released original's evidence is what the recipient got)."""
@@ -185,7 +193,7 @@ class DeliveryWorker:
             )
             if any(d.keep_signed for d in deliveries):
                 signed = await self.blobs.put(data)
-            return await self.upstream.send(message.sender, recipients, data), signed
+            return await route.upstream.send(message.sender, recipients, data), signed
         except Exception as exc:
             log.exception("delivering %s failed before a reply", message.id)
             return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None
@@ -199,6 +207,7 @@ class DeliveryWorker:
         message: Message,
         deliveries: Sequence[Delivery],
         outcomes: dict[str, Outcome],
+        route: Route,
         signed: str | None = None,
     ) -> None:
         now = self.clock()
@@ -226,7 +235,13 @@ class DeliveryWorker:
                 if outcome.delivered:
                     events.append(
                         await queue.mark_delivered(
-                            session, delivery, self.name, now, outcome.remote_mta, signed
+                            session,
+                            delivery,
+                            self.name,
+                            now,
+                            outcome.remote_mta,
+                            signed,
+                            route=route.name,
                         )
                     )
                 elif delivery.id in failed:
@@ -238,6 +253,7 @@ class DeliveryWorker:
                             now,
                             failed[delivery.id].outcome.error or "",
                             status=failed[delivery.id].status,
+                            route=route.name,
                         )
                     )
                 else:
@@ -249,6 +265,7 @@ class DeliveryWorker:
                             now,
                             outcome.error or "",
                             self._next_attempt(delivery, now, jitter),
+                            route=route.name,
                         )
                     )
             bounced_now = any(e is not None and e.type == DELIVERY_BOUNCED.name for e in events)
@@ -277,6 +294,7 @@ class DeliveryWorker:
                 self._log_outcome(
                     message,
                     delivery,
+                    route,
                     event.type,
                     failure.outcome if failure else outcome,
                     now,
@@ -287,13 +305,15 @@ class DeliveryWorker:
         self,
         message: Message,
         delivery: Delivery,
+        route: Route,
         event: str,
         outcome: Outcome,
         now: datetime,
         final: str | None = None,
     ) -> None:
         """One line per outcome, as Postfix writes it, under the id the agent got in the 250;
-        a bounce's dsn= is the ``final`` status its DSN reports."""
+        relay= is where the route's upstream is; a bounce's dsn= is the ``final`` status its
+        DSN reports."""
         status = _LOGGED_STATUS[event]
         reply = " ".join((outcome.error or outcome.reply or "").split())
         default = {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
@@ -301,7 +321,7 @@ class DeliveryWorker:
             "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
             message.id,
             delivery.recipient,
-            relay_name(self.settings.upstream.url),
+            route.relay,
             (now - message.received_at).total_seconds(),
             final or _status_of(reply, default),
             status,
@@ -342,11 +362,15 @@ class DeliveryWorker:
         )
 
 
-def _groups(claimed: Sequence[queue.Claimed]) -> list[list[queue.Claimed]]:
-    """Copies of one message that share a blob leave in one SMTP transaction."""
-    groups: dict[tuple[str, str], list[queue.Claimed]] = defaultdict(list)
+def _groups(
+    claimed: Sequence[queue.Claimed], route_for: Callable[[queue.Claimed], Route]
+) -> list[tuple[Route, list[queue.Claimed]]]:
+    """Copies of one message that share a blob and a route leave in one SMTP transaction."""
+    groups: dict[tuple[str, str, str], tuple[Route, list[queue.Claimed]]] = {}
     for item in claimed:
-        groups[(item.message.id, item.delivery.blob)].append(item)
+        route = route_for(item)
+        key = (item.message.id, item.delivery.blob, route.name)
+        groups.setdefault(key, (route, []))[1].append(item)
     return list(groups.values())
 
 

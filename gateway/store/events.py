@@ -444,11 +444,21 @@ DELIVERY_QUEUED = _declare(
 )
 
 
+RouteTaken = Annotated[
+    str,
+    About(
+        "The `[[routes]]` entry the attempt took (docs/routes.md), or `default` for"
+        " `[upstream]`. Events written before 2026-12 lack it."
+    ),
+]
+
+
 @with_config(_STRICT)
 class Delivered(TypedDict):
     recipient: Recipient
     attempt: Attempt
     remote: Annotated[str | None, About("The server that accepted it, when known.")]
+    route: NotRequired[RouteTaken]
 
 
 DELIVERY_DELIVERED = _declare(
@@ -466,6 +476,7 @@ class Deferred(TypedDict):
     attempt: Attempt
     error: Reply
     next_attempt: Timestamp
+    route: NotRequired[RouteTaken]
 
 
 DELIVERY_DEFERRED = _declare(
@@ -489,6 +500,7 @@ class Bounced(TypedDict):
             " or 4.4.7 when the queue lifetime ran out. Events written before 2026-12 lack it."
         ),
     ]
+    route: NotRequired[RouteTaken]
 
 
 DELIVERY_BOUNCED = _declare(

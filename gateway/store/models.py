@@ -170,6 +170,8 @@ class Delivery(Base):
     # a released original: the worker stores the DKIM-signed bytes it delivered (evidence)
     keep_signed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     signed_blob: Mapped[str | None] = mapped_column(String(64))
+    # the [[routes]] entry (or "default") the last attempt took; null before the first
+    route: Mapped[str | None] = mapped_column(String(100))
 
 
 class Event(Base):

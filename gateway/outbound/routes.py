@@ -1,0 +1,151 @@
+"""Which upstream a copy leaves through: the `[[routes]]` table (docs/routes.md).
+
+Routes are checked in file order and the first whose conditions all hold wins; a copy no
+route takes goes to `[upstream]`, the route named "default". The table is opened once per
+relay, one upstream object per named upstream, and asked at every attempt: a queued copy
+follows the settings the relay runs with now, not those it was queued under.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.config import DEFAULT_ROUTE, RouteSettings, Settings, TrustedClient, UpstreamSettings
+from gateway.outbound.upstream import Upstream, open_upstream, relay_name
+
+
+class Routed(Protocol):
+    """What a route looks at in a message (a gateway.store.models.Message)."""
+
+    @property
+    def sender(self) -> str: ...
+
+    @property
+    def trusted_client(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """The route a copy takes: its name, the upstream's name, and the upstream itself."""
+
+    name: str
+    upstream_name: str
+    upstream: Upstream
+    relay: str  # where the upstream is, as the log's relay= names it
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    upstream: str
+    sender_domains: frozenset[str]
+    recipient_domains: frozenset[str]
+    # the start of messages.trusted_client for each trusted entry named (its Received words)
+    trusted: tuple[str, ...]
+
+    def takes(self, message: Routed, recipient: str) -> bool:
+        return (
+            (not self.sender_domains or domain_of(message.sender) in self.sender_domains)
+            and (not self.recipient_domains or domain_of(recipient) in self.recipient_domains)
+            and (not self.trusted or came_through(message.trusted_client, self.trusted))
+        )
+
+
+class RouteTable:
+    def __init__(
+        self,
+        routes: Sequence[RouteSettings],
+        upstreams: Mapping[str, tuple[Upstream, str]],
+        trusted: Sequence[TrustedClient] = (),
+    ) -> None:
+        """`upstreams`: each upstream by name with its relay= name; "default" is required."""
+        services = {t.name: t.service_name for t in trusted}
+        self._routes = {
+            name: Route(name, name, upstream, relay)
+            for name, (upstream, relay) in upstreams.items()
+        }
+        self._entries = [
+            _Entry(
+                r.name,
+                r.upstream,
+                frozenset(r.sender_domains),
+                frozenset(r.recipient_domains),
+                tuple(f"{services.get(t, t)}, entry {t}" for t in r.trusted),
+            )
+            for r in routes
+        ]
+        self.default = self._routes[DEFAULT_ROUTE]
+
+    @classmethod
+    def open(cls, settings: Settings, default: Upstream | None = None) -> RouteTable:
+        """The relay's table: one upstream per `[upstream]`/`[upstreams.*]` table.
+
+        `default`: an upstream to use instead of `[upstream]`'s (a test's)."""
+        named: dict[str, UpstreamSettings] = {
+            DEFAULT_ROUTE: settings.upstream,
+            **settings.upstreams,
+        }
+        hostname = settings.server.hostname
+        upstreams = {
+            name: (
+                default
+                if default is not None and name == DEFAULT_ROUTE
+                else open_upstream(upstream, hostname),
+                relay_name(upstream.url),
+            )
+            for name, upstream in named.items()
+        }
+        return cls(settings.routes, upstreams, settings.smtp.trusted)
+
+    def route_for(self, message: Routed, recipient: str) -> Route:
+        """The first route that takes this copy, else the default."""
+        for entry in self._entries:
+            if entry.takes(message, recipient):
+                upstream = self._routes[entry.upstream]
+                return Route(entry.name, upstream.name, upstream.upstream, upstream.relay)
+        return self.default
+
+
+def domain_of(address: str) -> str | None:
+    """The domain part, lower-cased; None for the null sender."""
+    local, at, domain = address.rpartition("@")
+    return domain.lower().rstrip(".") if at and local and domain else None
+
+
+def came_through(trusted_client: str | None, described: Sequence[str]) -> bool:
+    """Whether the message came in through one of the trusted entries `described`.
+
+    messages.trusted_client is `SERVICE, entry NAME[, certificate CN]` (intake's
+    TrustedOrigin.describe; tests/outbound/test_routes.py sends through a trusted entry to
+    hold the two together). The entry is matched by that whole start, so a certificate's name
+    can never pose as an entry."""
+    if not trusted_client:
+        return False
+    return any(trusted_client == d or trusted_client.startswith(f"{d}, ") for d in described)
+
+
+def describe_routes(settings: Settings) -> list[str]:
+    """The table as `check-config` lists it: one line per route, then the fallback."""
+    relays = {
+        DEFAULT_ROUTE: settings.upstream.url,
+        **{n: u.url for n, u in settings.upstreams.items()},
+    }
+    lines = []
+    for route in settings.routes:
+        conditions = [
+            f"{key} {', '.join(values)}"
+            for key, values in (
+                ("sender domain", route.sender_domains),
+                ("recipient domain", route.recipient_domains),
+                ("trusted", route.trusted),
+            )
+            if values
+        ]
+        lines.append(
+            f"route {route.name}: {' and '.join(conditions)}"
+            f" -> {route.upstream} ({relay_name(relays[route.upstream])})"
+        )
+    lines.append(f"otherwise -> {DEFAULT_ROUTE} ({relay_name(settings.upstream.url)})")
+    return lines
