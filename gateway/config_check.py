@@ -59,6 +59,8 @@ def settings_problems(settings: Settings) -> Iterator[Problem]:
     """What the valid settings point at: files, directories, keys, names."""
     yield from _smtp(settings.smtp)
     yield from _upstream(settings.upstream)
+    for name, upstream in settings.upstreams.items():
+        yield from _upstream(upstream, f"upstreams.{name}")
     yield from _database(settings.database.url)
     yield from _storage(settings.storage)
     for domain, entry in settings.dkim.items():
@@ -154,15 +156,16 @@ def _logins_without_tls(smtp: SmtpSettings) -> Iterator[Problem]:
             )
 
 
-def _upstream(upstream: UpstreamSettings) -> Iterator[Problem]:
+def _upstream(upstream: UpstreamSettings, key: str = "upstream") -> Iterator[Problem]:
+    """`key`: the table, `upstream` or a named one's `upstreams.NAME`."""
     if not upstream.url.startswith("capture:"):
         return
     directory = Path(upstream.url.removeprefix("capture:"))
-    problem = writable_directory("upstream.url", directory)
+    problem = writable_directory(f"{key}.url", directory)
     if problem is not None:
         yield problem
     yield Problem(
-        "upstream.url",
+        f"{key}.url",
         f"{upstream.url}: outgoing mail is written to files in {_shown(directory)}, nothing is"
         " sent; set smtp://HOST:PORT or smtps://HOST:PORT to deliver",
         error=False,

@@ -34,6 +34,7 @@ from gateway.console.api_keys import ApiKeyDesk, ApiKeyError
 from gateway.letters import verification
 from gateway.mail import dkim
 from gateway.outbound import queue
+from gateway.outbound.routes import describe_routes
 from gateway.problems import Problem
 from gateway.store import journal, sweeper
 from gateway.store.db import Database
@@ -244,6 +245,9 @@ def check_config(config: Path | None, file: Path | None) -> None:
         f" web {settings.web.listen}; upstream {settings.upstream.url};"
         f" dkim for {len(settings.dkim)} domain(s))"
     )
+    if settings.routes:
+        for line in describe_routes(settings):
+            click.echo(f"  {line}")
 
 
 def _user_group_problems(settings: Settings) -> list[Problem]:
