@@ -244,6 +244,7 @@ class Api:
                     next_attempt_at=c.delivery.next_attempt_at,
                     expires_at=c.delivery.expires_at,
                     last_error=c.delivery.last_error,
+                    route=c.delivery.route,
                 )
                 for c in await self.queue.listing(statuses)
             ]
