@@ -7,6 +7,8 @@ Every relay here runs against real SMTP sinks, one per upstream, on SQLite and P
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,13 +18,16 @@ import aiohttp
 import pytest
 from pydantic import ValidationError
 
+from gateway import users
 from gateway.config import ConfigError, Settings, load_settings, validation_problems
 from gateway.config_check import check_config
 from gateway.console.api_keys import ApiKeyDesk
 from gateway.outbound.routes import RouteTable, came_through, describe_routes
-from gateway.store.models import ApiKeyScope, DeliveryStatus, utcnow
+from gateway.store.models import ApiKeyScope, DeliveryStatus, Role, utcnow
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.cli_runner import sealrelay, write_config
-from tests.conftest import AGENT, StartRelay, make_message
+from tests.conftest import AGENT, PASSWORD, StartRelay, make_message
+from tests.console.browser_sign_in import sign_in
 from tests.fronts.test_trusted_front import INSIDE, PROSPECT, SERVED, Client, message
 from tests.outbound.test_delivery import deliveries, events, eventually, queued_id
 from tests.support import Sink, free_port
@@ -397,3 +402,61 @@ async def test_check_config_prints_the_table_and_refuses_an_unknown_upstream(
     )
     served = await sealrelay("serve", "--config", str(bad))
     assert served.code == 1 and refused.err.splitlines()[-1] in served.err
+
+
+# -- where a person sees it
+
+SCREENS = Path(os.environ.get("SEALRELAY_SCREENS", "/work/wt/screens/routes"))
+SIZES = [("phone", PHONE, "de-DE"), ("desktop", {"width": 1280, "height": 800}, "en-GB")]
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_the_console_shows_each_attempts_route(
+    relay_factory: StartRelay, other_sink: Sink, tmp_path: Path
+) -> None:
+    down, web = free_port(), free_port()
+    relay = await relay_factory(
+        server={"public_url": f"http://127.0.0.1:{web}"},  # the sign-in checks the Origin
+        web={"listen": f"127.0.0.1:{web}"},
+        upstreams={"partner": upstream_at(other_sink.port), "down": upstream_at(down)},
+        routes=[
+            {"name": "to-partner", "upstream": "partner", "recipient_domains": ["two.example"]},
+            {"name": "via-down", "upstream": "down", "recipient_domains": ["three.example"]},
+        ],
+    )
+    admin = "admin@broker.example"
+    await users.add_user(relay.relay.db, admin, PASSWORD, role=Role.ADMIN)
+    to = "a@one.example, b@two.example, c@three.example"
+    message_id = queued_id(await relay.send(make_message(to=to)))
+    await relay.sink.expect(1)
+    await other_sink.expect(1)
+    await settled(relay, 3)
+    await eventually(lambda: _delivered(relay.relay.db, message_id, "b@two.example"))
+
+    async_playwright = playwright_api()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+        )
+        try:
+            for size, viewport, locale in SIZES:
+                page = await sign_in(browser, relay.web_url, admin, viewport, locale)
+                for path, name in (
+                    (f"/console/messages/{message_id}", "message"),
+                    ("/console/admin/queue", "queue"),
+                ):
+                    await page.goto(f"{relay.web_url}{path}")
+                    facts = await page.locator("dl.facts").all_inner_texts()
+                    shown = "\n".join(facts)
+                    width = await page.evaluate("document.documentElement.scrollWidth")
+                    assert width <= viewport["width"], f"{name} is {width} px wide"
+                    shot = tmp_path / f"routes-{name}-{size}.png"
+                    await page.screenshot(path=str(shot), full_page=True)
+                    SCREENS.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(shot, SCREENS / shot.name)
+                    assert "via-down" in shown, shown
+                    if name == "message":
+                        assert "to-partner" in shown and "default" in shown, shown
+                await page.context.close()
+        finally:
+            await browser.close()
