@@ -195,6 +195,34 @@ async def test_a_route_whose_upstream_is_down_defers_only_its_copies(
     assert {e["data"].get("route") for e in told["b@two.example"]} >= {"via-down"}
 
 
+async def test_queued_mail_follows_a_route_added_later(
+    relay_factory: StartRelay, other_sink: Sink
+) -> None:
+    """The route is decided at each attempt, not when the copy was queued."""
+    first = await relay_factory()
+    await first.sink.stop()
+    message_id = queued_id(await first.send(make_message(to="p@partner.example")))
+    [waiting] = await settled(first, 1)
+    assert waiting.status == DeliveryStatus.QUEUED and waiting.route == "default"
+    await first.relay.stop()
+
+    await relay_factory(
+        upstreams={"partner": upstream_at(other_sink.port)},
+        routes=[
+            {"name": "to-partner", "upstream": "partner", "recipient_domains": ["partner.example"]}
+        ],
+    )
+    [copy] = await other_sink.expect(1)
+    assert copy.rcpt_tos == ["p@partner.example"]
+    [row] = await eventually(lambda: _all_delivered(first.relay.db, message_id, 1))
+    assert row.route == "to-partner"
+    routes = [
+        e.data["route"]
+        for e in await events(first.relay.db, "delivery.deferred", "delivery.delivered")
+    ]
+    assert routes[0] == "default" and routes[-1] == "to-partner"
+
+
 async def _delivered(db: Any, message_id: str, recipient: str) -> bool:
     rows = await deliveries(db, message_id)
     return any(d.recipient == recipient and d.status == DeliveryStatus.DELIVERED for d in rows)
