@@ -135,7 +135,7 @@ class Relay:
             settings,
             self.db,
             self.blobs,
-            upstream or open_upstream(settings.upstream, settings.server.hostname),
+            upstream or open_upstream(settings.upstream, settings.server.hostname, settings.mx),
             signer or load_signer(settings),
             self.signal,
             clock,

@@ -301,7 +301,7 @@ class DeliveryWorker:
             "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
             message.id,
             delivery.recipient,
-            relay_name(self.settings.upstream.url),
+            relay_name(self.settings.upstream.url, outcome.remote_mta),
             (now - message.received_at).total_seconds(),
             final or _status_of(reply, default),
             status,
