@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from gateway.config import MxSettings, Settings, UpstreamSettings
+from gateway.config_check import settings_problems
 from gateway.outbound.mta_sts import Policy, parse_policy, txt_id
 from gateway.outbound.mx import MxUpstream
 from gateway.outbound.upstream import Outcome, open_upstream
@@ -422,6 +423,28 @@ def test_bad_settings_name_the_key(section: str, values: dict[str, Any], problem
         Settings.model_validate({section: values})
     [error] = caught.value.errors()
     assert error["loc"][0] == section and problem in str(error["msg"])
+
+
+def test_check_config_warns_of_a_private_ehlo_name_and_refuses_a_bad_ca_file(
+    tmp_path: Path,
+) -> None:
+    bad = tmp_path / "roots.pem"
+    bad.write_text("not a certificate\n")
+    settings = Settings.model_validate(
+        {
+            "server": {"hostname": "relay.local"},
+            "upstream": {"url": "mx:"},
+            "mx": {"ca_file": str(bad)},
+        }
+    )
+    found = {p.key: p for p in settings_problems(settings)}
+    assert not found["server.hostname"].error
+    assert "relay.local: direct delivery greets MX hosts" in found["server.hostname"].text
+    assert found["mx.ca_file"].error and "not PEM certificates" in found["mx.ca_file"].text
+    public = settings.model_copy(
+        update={"server": settings.server.model_copy(update={"hostname": "mail.broker.de"})}
+    )
+    assert "server.hostname" not in {p.key for p in settings_problems(public)}
 
 
 # -- through the relay ---------------------------------------------------------------------
