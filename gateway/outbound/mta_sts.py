@@ -13,6 +13,7 @@ When the policy cannot be fetched and none is cached, the domain is treated as h
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import socket
@@ -144,6 +145,7 @@ class MtaSts:
         self.timeout = timeout
         self.clock = clock
         self._cache: dict[str, tuple[float, Policy]] = {}  # domain -> (expires, policy)
+        self._asking: dict[str, asyncio.Future[Policy | None]] = {}
 
     def cached(self, domain: str) -> Policy | None:
         entry = self._cache.get(domain)
@@ -155,7 +157,17 @@ class MtaSts:
         return entry[1]
 
     async def policy(self, domain: str) -> Policy | None:
-        """The domain's policy in force, or None (no policy, or none could be had)."""
+        """The domain's policy in force, or None (no policy, or none could be had).
+
+        Copies for one domain that ask at the same time share one lookup and fetch."""
+        task = self._asking.get(domain)
+        if task is None:
+            task = asyncio.ensure_future(self._policy(domain))
+            self._asking[domain] = task
+            task.add_done_callback(lambda _: self._asking.pop(domain, None))
+        return await asyncio.shield(task)
+
+    async def _policy(self, domain: str) -> Policy | None:
         cached = self.cached(domain)
         try:
             answer = await self.dns.ask(f"_mta-sts.{domain}", dns.rdatatype.TXT)

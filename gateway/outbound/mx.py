@@ -87,7 +87,7 @@ class MxUpstream:
             return dict.fromkeys(recipients, Outcome(error, permanent))
 
         try:
-            name = domain.encode("idna").decode("ascii")
+            name = domain.rstrip(".").encode("idna").decode("ascii")
         except UnicodeError:
             return every(f"5.1.2 {domain!r} is not a domain name", permanent=True)
         if not name or name.startswith("["):
@@ -121,6 +121,8 @@ class MxUpstream:
         reasons: list[str] = []
         connected = False  # a host was reached, or DNS failed: not a verdict on the domain
         async with self.limits.slot(name):
+            if (why := self.limits.resting(name)) is not None:  # failed while we waited
+                return every(f"4.4.1 {domain}: {why}")
             for host in hosts:
                 try:
                     addresses = await self.dns.addresses(host)
@@ -207,7 +209,10 @@ class MxUpstream:
     ) -> None:
         """STARTTLS when offered: checked against `host` under an MTA-STS policy
         (enforce or testing), else only encrypted."""
-        await client.ehlo()
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await client.helo()  # a server from before ESMTP: no STARTTLS either
         checked = mode in {"enforce", "testing"}
         if not client.supports_extension("starttls"):
             if mode == "enforce":

@@ -53,6 +53,7 @@ class Net:
     zone: dict[str, Sequence[Sequence[str]]] = field(default_factory=dict)  # TXT records
     failing: frozenset[str] = frozenset()
     dns_port: int = 0
+    policy_fetches: int = 0
 
     def address(self, last: int) -> str:
         return f"{self.block}.{last}"
@@ -95,6 +96,7 @@ class Net:
         context.load_cert_chain(cert, key)
 
         async def serve_policy(request: web.Request) -> web.Response:
+            self.policy_fetches += 1
             return web.Response(text=policy, content_type="text/plain")
 
         app = web.Application()
@@ -342,7 +344,15 @@ async def test_a_fetched_policy_is_cached_until_its_id_changes(net: Net, mx_dir:
     first = upstream.mta_sts.cached("sts.test")
     await send(upstream, "q@sts.test")
     assert first is not None and upstream.mta_sts.cached("sts.test") is first
+    assert net.policy_fetches == 1
     assert len(sink.messages) == 2
+
+
+async def test_copies_for_one_domain_at_once_fetch_its_policy_once(net: Net, mx_dir: Path) -> None:
+    upstream, sink = await sts_world(net, mx_dir, mode="enforce")
+    results = await asyncio.gather(*(send(upstream, f"p{n}@sts.test") for n in range(3)))
+    assert all(r[f"p{n}@sts.test"].delivered for n, r in enumerate(results))
+    assert net.policy_fetches == 1 and len(sink.messages) == 3
 
 
 def test_policy_texts_are_read_as_rfc_8461_says() -> None:
