@@ -414,6 +414,20 @@ async def test_a_domain_that_could_not_be_reached_rests_before_the_next_try(net:
     assert other["q@a.test"].delivered
 
 
+async def test_copies_that_waited_for_a_slot_rest_too_when_the_first_failed(net: Net) -> None:
+    net.mx("a.test", (10, "mx1.a.test"))
+    net.a("mx1.a.test", 10)  # nothing listens
+    upstream = await net.upstream(connections_per_destination=1, failure_backoff=300)
+    results = await asyncio.gather(*(send(upstream, f"p{n}@a.test") for n in range(3)))
+    errors = sorted(str(r[f"p{n}@a.test"].error) for n, r in enumerate(results))
+    assert [e.startswith("4.4.1 a.test: not tried for another 300 s") for e in errors] == [
+        True,
+        True,
+        False,
+    ]
+    assert errors[2].startswith("4.4.1 no MX host of a.test took the copy: mx1.a.test[")
+
+
 # -- settings ------------------------------------------------------------------------------
 
 
