@@ -31,7 +31,7 @@ from gateway.outbound.mx import MxUpstream
 from gateway.outbound.upstream import Outcome, open_upstream
 from gateway.store.db import Database
 from gateway.store.models import Delivery, DeliveryStatus, Event
-from tests.conftest import StartRelay, dkim_dns, make_message
+from tests.conftest import AGENT, StartRelay, dkim_dns, make_message
 from tests.dns_server import tiny_dns
 from tests.queue_wait import queue_idle
 from tests.support import Sink, free_port, make_certificate
@@ -499,3 +499,33 @@ async def test_a_relayed_message_arrives_signed_at_the_mx(
     assert row.status == DeliveryStatus.DELIVERED
     assert event.data["remote"] == "mx1.example.com"
     assert harness.sink.messages == []  # the smart host of the other tests saw nothing
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)  # no database question
+async def test_a_null_mx_recipient_bounces_to_the_agent_through_the_agents_mx(
+    relay_factory: StartRelay, database: Database, net: Net, caplog: pytest.LogCaptureFixture
+) -> None:
+    net.records["nomail.example", "MX"] = ["0 ."]
+    net.mx("broker.example", (10, "mx.broker.example"))
+    net.a("mx.broker.example", 10)
+    agents_mx = await net.sink(10)
+    await net.upstream()
+    harness = await relay_factory(
+        upstream={"url": "mx:"},
+        mx={"resolver": [f"127.0.0.1:{net.dns_port}"], "port": net.port, "mta_sts": False},
+    )
+    with caplog.at_level(logging.INFO, logger="gateway.outbound.delivery"):
+        await harness.send(make_message(to="someone@nomail.example"))
+        [report] = await agents_mx.expect(1)
+        await queue_idle(database)
+    assert report.mail_from == "<>" and report.rcpt_tos == [AGENT]
+    dsn = report.data.decode()
+    assert "Status: 5.1.10" in dsn and "publishes a null MX" in dsn
+    async with database.transaction() as session:
+        rows = {d.recipient: d for d in (await session.scalars(select(Delivery))).all()}
+    assert rows["someone@nomail.example"].status == DeliveryStatus.BOUNCED
+    assert rows["someone@nomail.example"].attempts == 1
+    assert rows[AGENT].status == DeliveryStatus.DELIVERED
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("to=<someone@nomail.example>, relay=mx:," in m and "dsn=5.1.10" in m for m in logged)
+    assert any(f"to=<{AGENT}>, relay=mx.broker.example," in m for m in logged)
