@@ -14,6 +14,7 @@ When the policy cannot be fetched and none is cached, the domain is treated as h
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import socket
@@ -136,16 +137,21 @@ class MtaSts:
     def __init__(
         self,
         dns_resolver: DnsResolver,
-        tls_context: ssl.SSLContext,
+        ca_file: Path | None,
         timeout: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.dns = dns_resolver
-        self.tls_context = tls_context
+        self.ca_file = ca_file
         self.timeout = timeout
         self.clock = clock
         self._cache: dict[str, tuple[float, Policy]] = {}  # domain -> (expires, policy)
         self._asking: dict[str, asyncio.Future[Policy | None]] = {}
+
+    @functools.cached_property
+    def tls_context(self) -> ssl.SSLContext:
+        """Read on the first fetch: loading the system's trust roots takes a while."""
+        return verified_context(self.ca_file)
 
     def cached(self, domain: str) -> Policy | None:
         entry = self._cache.get(domain)

@@ -58,7 +58,7 @@ class MxUpstream:
         self.quitter = Quitter(self.timeout)
         self.opportunistic = client_tls_context(verify=False)
         self.limits = DestinationLimits(mx.connections_per_destination, mx.failure_backoff)
-        self.mta_sts = MtaSts(self.dns, self.verified, self.connect_timeout) if mx.mta_sts else None
+        self.mta_sts = MtaSts(self.dns, mx.ca_file, self.connect_timeout) if mx.mta_sts else None
 
     @functools.cached_property
     def verified(self) -> ssl.SSLContext:
