@@ -187,7 +187,7 @@ class MtaSts:
             fetched = await self._fetch(domain, announced)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             log.warning(
-                "MTA-STS policy of %s (id %s) could not be fetched: %s; %s",
+                "MTA-STS policy of %s (id %s) could not be used: %s; %s",
                 domain,
                 announced,
                 exc or type(exc).__name__,

@@ -85,7 +85,14 @@ class Net:
         assert isinstance(opened, MxUpstream)
         return opened
 
-    async def policy_server(self, domain: str, last: int, policy: str, directory: Path) -> Path:
+    async def policy_server(
+        self,
+        domain: str,
+        last: int,
+        policy: str,
+        directory: Path,
+        content_type: str = "text/plain",
+    ) -> Path:
         """`https://mta-sts.<domain>/.well-known/mta-sts.txt` on port 443 of its own
         address, its certificate self-signed; returns the certificate (a trust root)."""
         name = f"mta-sts.{domain}"
@@ -97,7 +104,7 @@ class Net:
 
         async def serve_policy(request: web.Request) -> web.Response:
             self.policy_fetches += 1
-            return web.Response(text=policy, content_type="text/plain")
+            return web.Response(text=policy, content_type=content_type)
 
         app = web.Application()
         app.router.add_get("/.well-known/mta-sts.txt", serve_policy)
@@ -335,6 +342,37 @@ async def test_a_policy_that_cannot_be_fetched_counts_as_none(net: Net, tmp_path
     upstream = await net.upstream(mta_sts=True)
     outcome = (await send(upstream, "p@sts.test"))["p@sts.test"]
     assert outcome.delivered and len(sink.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "content_type", "logged"),
+    [
+        (POLICY.format(mode="enforce", mx="*.sts.test"), "text/html", "is text/html"),
+        ("version: STSv1\nmode: enforce\nmax_age: 600\n", "text/plain", "names no mx"),
+        ("x" * 70000, "text/plain", "larger than 65536 bytes"),
+    ],
+    ids=["wrong-type", "no-mx", "too-large"],
+)
+async def test_an_unusable_policy_counts_as_none_and_is_logged(
+    net: Net,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    policy: str,
+    content_type: str,
+    logged: str,
+) -> None:
+    net.mx("sts.test", (10, "mx1.sts.test"))
+    net.a("mx1.sts.test", 10)
+    cert = await net.policy_server("sts.test", 53, policy, tmp_path, content_type)
+    sink = await net.sink(10)  # no TLS: an enforced policy would refuse it
+    upstream = await net.upstream(mta_sts=True, ca_file=bundle(tmp_path, cert))
+    with caplog.at_level(logging.WARNING, logger="gateway.outbound.mta_sts"):
+        outcome = (await send(upstream, "p@sts.test"))["p@sts.test"]
+    assert outcome.delivered and len(sink.messages) == 1
+    assert upstream.mta_sts is not None and upstream.mta_sts.cached("sts.test") is None
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("MTA-STS policy of sts.test (id 20261202T1) could not be used")
+    assert logged in warning and warning.endswith("delivering as if it had none")
 
 
 async def test_a_fetched_policy_is_cached_until_its_id_changes(net: Net, mx_dir: Path) -> None:
