@@ -218,9 +218,48 @@ class UpstreamSettings(Section):
             if not value.split(":", 1)[1]:
                 raise ValueError("capture: needs a directory, e.g. capture:var/outbox")
             return value
+        if value == "mx:":  # direct delivery to each recipient domain's MX ([mx] settings)
+            return value
         parts = urlsplit(value)
         if scheme not in {"smtp", "smtps"} or not parts.hostname:
-            raise ValueError("must be smtp://HOST[:PORT], smtps://HOST[:PORT] or capture:DIR")
+            raise ValueError("must be smtp://HOST[:PORT], smtps://HOST[:PORT], capture:DIR or mx:")
+        return value
+
+
+class MxSettings(Section):
+    """Direct delivery (`url = "mx:"`): how recipient domains are looked up and reached
+    (docs/direct-delivery.md)."""
+
+    # DNS servers ("IP:PORT") asked for MX, A, AAAA and MTA-STS records; empty: the system's
+    resolver: list[HostPort] = []
+    # The port MX hosts are reached on: 25 on the internet; another for tests or a site
+    # whose firewall sends port 25 elsewhere.
+    port: int = Field(default=25, gt=0, lt=65536)
+    mta_sts: bool = True
+    connections_per_destination: int = Field(default=2, ge=1, le=100)
+    failure_backoff: float = Field(
+        default=60, ge=0, description="seconds a domain that could not be reached is left alone"
+    )
+    dns_timeout: float = Field(default=10, gt=0, description="seconds for one DNS question")
+    # More trust roots (PEM) for MX hosts' certificates and MTA-STS policy servers
+    ca_file: Path | None = None
+
+    @field_validator("resolver")
+    @classmethod
+    def _resolvers(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            host = _host_port(entry).rpartition(":")[0].strip("[]")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r}: a resolver must be an IP address and port") from exc
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value}: no such file")
         return value
 
 
@@ -585,6 +624,7 @@ class Settings(Section):
     upstream: UpstreamSettings = UpstreamSettings()
     # more upstreams by name, for [[routes]] (docs/routes.md); [upstream] is "default"
     upstreams: Annotated[dict[str, UpstreamSettings], AfterValidator(_named_upstreams)] = {}
+    mx: MxSettings = MxSettings()
     web: WebSettings = WebSettings()
     console: ConsoleSettings = ConsoleSettings()
     database: DatabaseSettings = DatabaseSettings()

@@ -61,6 +61,7 @@ def settings_problems(settings: Settings) -> Iterator[Problem]:
     yield from _upstream(settings.upstream)
     for name, upstream in settings.upstreams.items():
         yield from _upstream(upstream, f"upstreams.{name}")
+    yield from _direct_delivery(settings)
     yield from _database(settings.database.url)
     yield from _storage(settings.storage)
     for domain, entry in settings.dkim.items():
@@ -170,6 +171,25 @@ def _upstream(upstream: UpstreamSettings, key: str = "upstream") -> Iterator[Pro
         " sent; set smtp://HOST:PORT or smtps://HOST:PORT to deliver",
         error=False,
     )
+
+
+def _direct_delivery(settings: Settings) -> Iterator[Problem]:
+    """With `mx:`, receivers see the EHLO name and the trust roots decide MTA-STS."""
+    if settings.upstream.url != "mx:":
+        return
+    name = settings.server.hostname.rstrip(".")
+    if "." not in name or name.endswith((".local", ".localdomain", ".internal", ".lan")):
+        yield Problem(
+            "server.hostname",
+            f"{name}: direct delivery greets MX hosts with this name; it must be a public"
+            " name whose A record and PTR match the relay's address (docs/direct-delivery.md)",
+            error=False,
+        )
+    if settings.mx.ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(settings.mx.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            yield Problem("mx.ca_file", f"{settings.mx.ca_file}: not PEM certificates: {exc}")
 
 
 def _database(url: str) -> Iterator[Problem]:

@@ -321,7 +321,7 @@ class DeliveryWorker:
             "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
             message.id,
             delivery.recipient,
-            route.relay,
+            outcome.remote_mta if route.relay == "mx:" and outcome.remote_mta else route.relay,
             (now - message.received_at).total_seconds(),
             final or _status_of(reply, default),
             status,

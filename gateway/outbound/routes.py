@@ -92,7 +92,7 @@ class RouteTable:
             name: (
                 default
                 if default is not None and name == DEFAULT_ROUTE
-                else open_upstream(upstream, hostname),
+                else open_upstream(upstream, hostname, settings.mx),
                 relay_name(upstream.url),
             )
             for name, upstream in named.items()

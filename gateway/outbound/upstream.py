@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
-from gateway.config import UpstreamSettings
+from gateway.config import MxSettings, UpstreamSettings
 from gateway.mail import headers
 from gateway.mail.outgoing import relay_id
 from gateway.store.models import new_id
@@ -130,7 +130,7 @@ class SmtpUpstream:
         self.session_timeout = settings.session_timeout
         self.min_transfer_rate = settings.min_transfer_rate
         self.local_hostname = local_hostname
-        self._quitting: set[asyncio.Task[None]] = set()
+        self.quitter = Quitter(self.timeout)
         self.tls_context = client_tls_context(verify=settings.verify_tls)
 
     def deadline(self, size: int) -> float:
@@ -158,29 +158,43 @@ class SmtpUpstream:
                 await client.connect(timeout=self.connect_timeout)
                 if self.username and self.password:
                     await client.login(self.username, self.password)
-                outcomes = await self._transaction(client, mail_from, recipients, data)
+                outcomes = await transaction(
+                    client, mail_from, recipients, data, self.timeout, self.host
+                )
             done = True
-            self._quit_later(client)
+            self.quitter.quit_later(client)
             return outcomes
         except aiosmtplib.SMTPAuthenticationError as exc:
             # Our credentials are wrong, not the message: keep it queued until an admin fixes
             # the config, rather than bounce every copy.
-            refusal = self._refusal(exc.code, exc.message)
-            login = Outcome(f"login refused: {refusal.error}", False, refusal.remote_mta)
+            refused = refusal(exc.code, exc.message, self.host)
+            login = Outcome(f"login refused: {refused.error}", False, refused.remote_mta)
             return dict.fromkeys(recipients, login)
         except aiosmtplib.SMTPResponseException as exc:
-            return dict.fromkeys(recipients, self._refusal(exc.code, exc.message))
+            return dict.fromkeys(recipients, refusal(exc.code, exc.message, self.host))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            reason = f"{self.host}:{self.port}: {exc or type(exc).__name__}"
-            if isinstance(exc, TimeoutError) and not str(exc):
-                reason = f"{self.host}:{self.port}: no progress in time (deadline {total:.0f} s)"
+            reason = failure_reason(exc, f"{self.host}:{self.port}", total)
             return dict.fromkeys(recipients, Outcome(reason, permanent=False))
         finally:
             if not done:
                 client.close()
 
-    def _quit_later(self, client: aiosmtplib.SMTP) -> None:
-        """QUIT without waiting for its reply: the outcome is known and is recorded at once."""
+
+def failure_reason(exc: BaseException, where: str, deadline: float) -> str:
+    """A connection-level failure as the log and the DSN say it: where, and what happened."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"{where}: no progress in time (deadline {deadline:.0f} s)"
+    return f"{where}: {exc or type(exc).__name__}"
+
+
+class Quitter:
+    """QUIT without waiting for its reply: the outcome is known and is recorded at once."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._quitting: set[asyncio.Task[None]] = set()
+
+    def quit_later(self, client: aiosmtplib.SMTP) -> None:
         task = asyncio.create_task(self._quit(client))
         self._quitting.add(task)
         task.add_done_callback(self._quitting.discard)
@@ -192,36 +206,45 @@ class SmtpUpstream:
         finally:
             client.close()
 
-    async def _transaction(
-        self, client: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
-    ) -> dict[str, Outcome]:
-        """MAIL, one RCPT each, then DATA streamed in pieces; refusals per recipient."""
-        size = [f"SIZE={len(data)}"] if client.supports_extension("size") else []
-        await client.mail(mail_from, options=size)
-        outcomes: dict[str, Outcome] = {}
-        for recipient in recipients:
-            try:
-                await client.rcpt(recipient)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                outcomes[recipient] = self._refusal(exc.code, exc.message)
-        accepted = [r for r in recipients if r not in outcomes]
-        if not accepted:
-            return outcomes
-        try:
-            taken = await send_data(client, data, self.timeout)
-        except aiosmtplib.SMTPResponseException as exc:
-            outcomes.update(dict.fromkeys(accepted, self._refusal(exc.code, exc.message)))
-        else:
-            reply = " ".join(f"{taken.code} {taken.message}".split())
-            outcomes.update(dict.fromkeys(accepted, Outcome(reply=reply, remote_mta=self.host)))
-        return outcomes
 
-    def _refusal(self, code: int, message: str) -> Outcome:
-        text = " ".join(f"{code} {message}".split())
-        # 530 "Authentication required" (RFC 4954) means our relay is not set up to log in
-        # upstream: a configuration problem to retry through, not a verdict on the message.
-        permanent = 500 <= code < 600 and code != 530
-        return Outcome(text, permanent=permanent, remote_mta=self.host)
+async def transaction(
+    client: aiosmtplib.SMTP,
+    mail_from: str,
+    recipients: Sequence[str],
+    data: bytes,
+    reply_timeout: float,
+    remote: str,
+) -> dict[str, Outcome]:
+    """MAIL, one RCPT each, then DATA streamed in pieces; refusals per recipient.
+
+    `remote` is the host the outcomes name (the smart host, or the MX host used)."""
+    size = [f"SIZE={len(data)}"] if client.supports_extension("size") else []
+    await client.mail(mail_from, options=size)
+    outcomes: dict[str, Outcome] = {}
+    for recipient in recipients:
+        try:
+            await client.rcpt(recipient)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            outcomes[recipient] = refusal(exc.code, exc.message, remote)
+    accepted = [r for r in recipients if r not in outcomes]
+    if not accepted:
+        return outcomes
+    try:
+        taken = await send_data(client, data, reply_timeout)
+    except aiosmtplib.SMTPResponseException as exc:
+        outcomes.update(dict.fromkeys(accepted, refusal(exc.code, exc.message, remote)))
+    else:
+        reply = " ".join(f"{taken.code} {taken.message}".split())
+        outcomes.update(dict.fromkeys(accepted, Outcome(reply=reply, remote_mta=remote)))
+    return outcomes
+
+
+def refusal(code: int, message: str, remote: str) -> Outcome:
+    text = " ".join(f"{code} {message}".split())
+    # 530 "Authentication required" (RFC 4954) means our relay is not set up to log in
+    # upstream: a configuration problem to retry through, not a verdict on the message.
+    permanent = 500 <= code < 600 and code != 530
+    return Outcome(text, permanent=permanent, remote_mta=remote)
 
 
 PIECE = 256 * 1024
@@ -241,8 +264,8 @@ async def send_data(
     A copy with a bare CR or LF is refused before DATA (and so deferred): a receiver that
     ends the data at LF "." CRLF would read what follows as a second message.
     """
-    if (refusal := bare_line_end_refusal(data)) is not None:
-        raise BareLineEnd(refusal)
+    if (problem := bare_line_end_refusal(data)) is not None:
+        raise BareLineEnd(problem)
     reply = await client.execute_command(b"DATA", timeout=reply_timeout)
     if reply.code != 354:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
@@ -296,15 +319,25 @@ def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
         yield b"\r\n"
 
 
-def relay_name(url: str) -> str:
-    """Where copies go, as the log names it: HOST:PORT, or the capture URL."""
+def relay_name(url: str, remote_mta: str | None = None) -> str:
+    """Where copies go, as the log names it: HOST:PORT, the capture URL, or for direct
+    delivery the MX host that took (or refused) the copy."""
     if url.startswith("capture:"):
         return url
+    if url == "mx:":
+        return remote_mta or url
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or (465 if parts.scheme == 'smtps' else 25)}"
 
 
-def open_upstream(settings: UpstreamSettings, local_hostname: str) -> Upstream:
+def open_upstream(
+    settings: UpstreamSettings, local_hostname: str, mx: MxSettings | None = None
+) -> Upstream:
+    """The transport for `settings.url`; `mx` ([mx]) is read by direct delivery only."""
     if settings.url.startswith("capture:"):
         return CaptureUpstream(Path(settings.url.removeprefix("capture:")))
+    if settings.url == "mx:":
+        from gateway.outbound.mx import MxUpstream  # it builds on this module
+
+        return MxUpstream(settings, mx or MxSettings(), local_hostname)
     return SmtpUpstream(settings, local_hostname)
