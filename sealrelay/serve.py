@@ -41,6 +41,7 @@ from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import utcnow
 from gateway.webhooks.desk import WebhookDesk
+from gateway.webhooks.history import prune_finished
 from gateway.webhooks.worker import WebhookWorker
 
 if TYPE_CHECKING:  # the web (and aiohttp) are imported only by a relay with the web role
@@ -94,6 +95,9 @@ def sweeper_for(
         ended = await delete_timed_out(db, settings.console, now)
         if ended:
             log.info("sweep: %d timed-out console sessions deleted", ended)
+        pruned = await prune_finished(db, now)
+        if pruned:
+            log.info("sweep: %d finished webhook deliveries older than 30 days deleted", pruned)
         return report
 
     return sweep

@@ -638,10 +638,25 @@ USER_TOTP_ENABLED = _declare(
     message=None,
 )
 
+
+@with_config(_STRICT)
+class UserTotpDisabled(TypedDict):
+    email: Email
+    by: NotRequired[
+        Annotated[
+            str,
+            About(
+                "The admin who turned it off in the console; absent when it was the CLI.",
+                personal=True,
+            ),
+        ]
+    ]
+
+
 USER_TOTP_DISABLED = _declare(
     "user.totp_disabled",
     "A user's sign-in to the console no longer asks for a TOTP code.",
-    UserChange,
+    UserTotpDisabled,
     message=None,
 )
 

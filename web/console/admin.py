@@ -105,6 +105,7 @@ class AdminPages:
         routes.console("POST", USERS + "/delete", self.delete_user, change)
         routes.console("POST", USERS + "/password", self.reset_password, change)
         routes.console("POST", USERS + "/aliases", self.change_aliases, change)
+        routes.console("POST", USERS + "/totp-off", self.turn_off_totp, change)
         routes.console("GET", QUEUE, self.queue_list, see)
         routes.console("POST", QUEUE + "/{id}/retry", self.retry, change)
         routes.console("POST", QUEUE + "/{id}/delete", self.delete, change)
@@ -270,6 +271,23 @@ class AdminPages:
         email = normalize_address(form.get("email", ""))
         log.info("console: %s reset the password of %s", by, email)
         return await self.user_list(request, reset=(email, password))
+
+    async def turn_off_totp(self, request: web.Request) -> web.StreamResponse:
+        """The way back in for someone who lost their authenticator; they set it up again
+        with `sealrelay user totp`. Not for oneself: another admin must vouch for the person."""
+        form = await self._form(request)
+        by = self.view.principal(request).name
+        email = normalize_address(form.get("email", ""))
+        if email == by:
+            return await self.user_list(
+                request, error=self._t(request, "admin_users.error.own_totp"), status=409
+            )
+        try:
+            await self.users.turn_off_totp(email, by=by)
+        except UserError as exc:
+            return await self._user_refused(request, exc)
+        log.info("console: %s turned off TOTP for %s", by, email)
+        raise self.view.see_other(USERS, "totp_off")
 
     async def change_aliases(self, request: web.Request) -> web.StreamResponse:
         form = await self._form(request)

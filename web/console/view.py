@@ -41,6 +41,7 @@ NOTICES = frozenset(
         "user_deleted",
         "alias_added",
         "alias_removed",
+        "totp_off",
         "notices_saved",
         "password_changed",
     }
