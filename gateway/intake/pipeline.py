@@ -169,6 +169,7 @@ class Pipeline:
             peer=origin.peer[:100],
             protocol=origin.protocol,
             trusted_client=origin.trusted.describe() if origin.trusted else None,
+            trusted_entry=origin.trusted.entry if origin.trusted else None,
         )
         copy_base = original if base == raw else await self.blobs.put(base)
         return Draft(message, now, base, root, copy_base)

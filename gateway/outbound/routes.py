@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.config import DEFAULT_ROUTE, RouteSettings, Settings, TrustedClient, UpstreamSettings
+from gateway.config import DEFAULT_ROUTE, RouteSettings, Settings, UpstreamSettings
 from gateway.outbound.upstream import Upstream, open_upstream, relay_name
 
 
@@ -23,7 +23,7 @@ class Routed(Protocol):
     def sender(self) -> str: ...
 
     @property
-    def trusted_client(self) -> str | None: ...
+    def trusted_entry(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,13 @@ class _Entry:
     upstream: str
     sender_domains: frozenset[str]
     recipient_domains: frozenset[str]
-    # the start of messages.trusted_client for each trusted entry named (its Received words)
-    trusted: tuple[str, ...]
+    trusted: frozenset[str]  # names of [[smtp.trusted]] entries
 
     def takes(self, message: Routed, recipient: str) -> bool:
         return (
             (not self.sender_domains or domain_of(message.sender) in self.sender_domains)
             and (not self.recipient_domains or domain_of(recipient) in self.recipient_domains)
-            and (not self.trusted or came_through(message.trusted_client, self.trusted))
+            and (not self.trusted or message.trusted_entry in self.trusted)
         )
 
 
@@ -58,10 +57,8 @@ class RouteTable:
         self,
         routes: Sequence[RouteSettings],
         upstreams: Mapping[str, tuple[Upstream, str]],
-        trusted: Sequence[TrustedClient] = (),
     ) -> None:
         """`upstreams`: each upstream by name with its relay= name; "default" is required."""
-        services = {t.name: t.service_name for t in trusted}
         self._routes = {
             name: Route(name, name, upstream, relay)
             for name, (upstream, relay) in upstreams.items()
@@ -72,7 +69,7 @@ class RouteTable:
                 r.upstream,
                 frozenset(r.sender_domains),
                 frozenset(r.recipient_domains),
-                tuple(f"{services.get(t, t)}, entry {t}" for t in r.trusted),
+                frozenset(r.trusted),
             )
             for r in routes
         ]
@@ -97,7 +94,7 @@ class RouteTable:
             )
             for name, upstream in named.items()
         }
-        return cls(settings.routes, upstreams, settings.smtp.trusted)
+        return cls(settings.routes, upstreams)
 
     def route_for(self, message: Routed, recipient: str) -> Route:
         """The first route that takes this copy, else the default."""
@@ -112,18 +109,6 @@ def domain_of(address: str) -> str | None:
     """The domain part, lower-cased; None for the null sender."""
     local, at, domain = address.rpartition("@")
     return domain.lower().rstrip(".") if at and local and domain else None
-
-
-def came_through(trusted_client: str | None, described: Sequence[str]) -> bool:
-    """Whether the message came in through one of the trusted entries `described`.
-
-    messages.trusted_client is `SERVICE, entry NAME[, certificate CN]` (intake's
-    TrustedOrigin.describe; tests/outbound/test_routes.py sends through a trusted entry to
-    hold the two together). The entry is matched by that whole start, so a certificate's name
-    can never pose as an entry."""
-    if not trusted_client:
-        return False
-    return any(trusted_client == d or trusted_client.startswith(f"{d}, ") for d in described)
 
 
 def describe_routes(settings: Settings) -> list[str]:

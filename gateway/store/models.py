@@ -133,6 +133,8 @@ class Message(Base):
     protocol: Mapped[str] = mapped_column(String(20), default="ESMTP")
     # "SERVICE (entry NAME[, certificate CN])" when a trusted client sent it without AUTH
     trusted_client: Mapped[str | None] = mapped_column(String(300), default=None)
+    # the [[smtp.trusted]] entry's name, what a route's `trusted` condition matches
+    trusted_entry: Mapped[str | None] = mapped_column(String(100), default=None)
 
 
 class DeliveryStatus(StrEnum):

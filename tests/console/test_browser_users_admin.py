@@ -1,7 +1,7 @@
 """The admin's user pages and the account page in Chromium, without JavaScript, on a phone
 (German) and a desktop (English): the admin opens a user, adds an alias, resets the password
-(shown once), turns off the TOTP of someone who lost their phone, deletes another user after the confirmation page; an agent sets their notice
-mails and changes their own password.
+(shown once), turns off the TOTP of someone who lost their phone, deletes another user after
+the confirmation page; an agent sets their notice mails and changes their own password.
 
 Screenshots go to the test's tmp dir and to /work/wt/screens/admin-users/ (or
 SEALRELAY_SCREENS), to be looked at.

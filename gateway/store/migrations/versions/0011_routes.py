@@ -1,4 +1,5 @@
-"""routes: which [[routes]] entry a copy's last attempt took
+"""routes: which [[routes]] entry a copy's last attempt took, and which trusted entry let a
+message in (what a route's `trusted` condition matches)
 
 Revision ID: 0011_routes
 Revises: 0010_trusted_front
@@ -22,8 +23,12 @@ def upgrade() -> None:
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         # null: not attempted yet (or attempted before routes were recorded)
         batch_op.add_column(sa.Column("route", sa.String(length=100), nullable=True))
+    with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("trusted_entry", sa.String(length=100), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_column("trusted_entry")
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.drop_column("route")
