@@ -121,11 +121,12 @@ class ConnectorSimulator:
                 timeout=TIMEOUT,
             )
         else:
-            await self._to_relay(sender, recipients, data, message_id)
+            await self.to_relay(sender, recipients, data, message_id)
 
-    async def _to_relay(
+    async def to_relay(
         self, sender: str, recipients: list[str], data: bytes, message_id: str
     ) -> None:
+        """One pass to sealrelay's trusted listener; a refusal becomes a bounce."""
         trace = f"Received: from m365.test by m365.test with ESMTPS; {formatdate()}\r\n"
         client = aiosmtplib.SMTP(
             hostname="127.0.0.1",

@@ -14,6 +14,7 @@ import email.policy
 import os
 import stat
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -30,6 +31,7 @@ from gateway.store.models import Delivery, Event, Message
 from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
 from tests.connector_simulator import ConnectorSimulator
 from tests.pki import Authority, Issued
+from tests.queue_wait import queue_idle
 from tests.support import Sink
 
 CONNECTOR = "mail.protection.outlook.test"
@@ -135,6 +137,7 @@ async def test_correct_rule_the_internet_gets_one_marked_signed_copy(
     signature = headers.first_value(headers.fields_of(copy.data), "dkim-signature") or ""
     h_tag = "".join(signature.split()).split("h=")[1].split(";")[0].lower().split(":")
     assert h_tag.count("x-sealrelay-loop") == 2  # signed and oversigned
+    await queue_idle(relay.relay.db)
     assert await counts(relay) == (1, 1, 0)
 
 
@@ -157,6 +160,7 @@ async def test_broken_rule_the_second_pass_is_refused_and_the_platform_bounces(
     assert bounce.to == AGENT and bounce.reason == second.reply
     assert len(connector.forwards) == 2 and sink.messages == []
     # one message, its one copy delivered (to the platform), nothing left to send
+    await queue_idle(relay.relay.db)
     assert await counts(relay) == (1, 1, 0)
     assert len(await journal(relay, "message.received")) == 1
 
@@ -204,6 +208,7 @@ async def test_forged_marks_are_no_loop_and_are_removed_and_journaled(
         ]
     )
     assert {e.data["relay"] for e in events} == {"relay.broker.example", ""}
+    await queue_idle(relay.relay.db)
     assert await counts(relay) == (1 + len(cases), 1 + len(cases), 0)
 
 
@@ -225,14 +230,15 @@ async def test_the_mark_verifies_after_a_restart_and_at_a_second_relay_with_the_
     restarted = await start_relay(relay_factory, connector, ca)
     assert key_file.read_bytes() == key  # read again, not made anew
     connector.rule = "everything"
-    await connector._to_relay(AGENT, [PROSPECT], copy.data, "<before-restart@broker.example>")
+    await connector.to_relay(AGENT, [PROSPECT], copy.data, "<before-restart@broker.example>")
     assert connector.forwards[-1].reply.startswith(f"{LOOP_REFUSAL} relay.broker.example")
     await restarted.relay.stop()
 
     second = await start_relay(relay_factory, connector, ca, server={"hostname": "relay2.example"})
-    await connector._to_relay(AGENT, [PROSPECT], copy.data, "<before-restart@broker.example>")
+    await connector.to_relay(AGENT, [PROSPECT], copy.data, "<before-restart@broker.example>")
     assert connector.forwards[-1].reply.startswith(f"{LOOP_REFUSAL} relay.broker.example")
     assert second.relay.loop.hostname == "relay2.example"
+    await queue_idle(second.relay.db)
     assert await counts(second) == (1, 1, 0)
 
 
@@ -245,6 +251,23 @@ def test_the_key_file_is_made_once_with_mode_0600(tmp_path: Path) -> None:
     assert len(key) == 32 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert load_or_create_key(path) == key
     assert [p.name for p in path.parent.iterdir()] == ["loop.key"]  # no temporary left
+
+
+def test_relays_starting_at_once_end_up_with_one_key(tmp_path: Path) -> None:
+    path = tmp_path / "loop.key"
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda _: load_or_create_key(path), range(16)))
+    assert keys == {load_or_create_key(path)}
+    assert [p.name for p in tmp_path.iterdir()] == ["loop.key"]
+
+
+def test_a_key_file_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    (tmp_path / "not-a-directory").write_text("")
+    path = tmp_path / "not-a-directory" / "loop.key"
+    with pytest.raises(
+        LoopKeyError, match=f"loop.key_file {path}: cannot read it: .*Not a directory"
+    ):
+        load_or_create_key(path)
 
 
 @pytest.mark.parametrize("content", ["", "short", "!!!not base64!!!", "c2hvcnQ="])
