@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
+import aiosmtplib
 import dkim as dkimpy
 import pytest
 from sqlalchemy import func, select
@@ -303,3 +304,33 @@ def test_an_old_mark_of_ours_is_ignored_not_refused(tmp_path: Path) -> None:
     folded = data.replace(b"Message-ID: <m@broker.example>", b"Message-ID:\r\n <m@broker.example>")
     clock[0] = now
     assert [f.verdict for f in marks.judge(headers.fields_of(folded))] == ["loop"]
+
+
+async def test_an_agent_resending_a_fresh_copy_is_refused_and_an_old_one_taken(
+    relay_factory: StartRelay, sink: Sink
+) -> None:
+    relay = await relay_factory()
+    key = load_or_create_key(relay.settings.loop.key_file)
+    now = datetime.now(UTC)
+
+    def marked(message_id: str, age: timedelta) -> bytes:
+        marks = LoopMarks(key, "relay.broker.example", timedelta(days=7), lambda: now - age)
+        mark = marks_in(marks.field(Message(id="0a1b2c3d", message_id_header=message_id)))[0]
+        return agent_mail(message_id, mark)
+
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        fresh = marked("<fresh@broker.example>", timedelta(minutes=1))
+        await relay.send(fresh, recipients=[PROSPECT])
+    assert refused.value.code == 554
+    assert refused.value.message.startswith(
+        "5.4.6 Routing loop detected: this message was already relayed by relay.broker.example"
+    )
+    assert await counts(relay) == (0, 0, 0)
+
+    await relay.send(marked("<old@broker.example>", timedelta(days=8)), recipients=[PROSPECT])
+    [copy] = await sink.expect(1)
+    [mark] = marks_in(copy.data)
+    assert "id=0a1b2c3d" not in mark  # the old mark is gone, the copy carries a new one
+    assert await journal(relay, "message.loop_mark_forged") == []  # ours, only too old
+    await queue_idle(relay.relay.db)
+    assert await counts(relay) == (1, 1, 0)
