@@ -81,7 +81,7 @@ class ConnectorSimulator:
             handler = _Listener(self, from_relay)
             self._servers.append(
                 await loop.create_server(
-                    lambda h=handler: SMTP(h, hostname="m365.test", decode_data=False),  # type: ignore[misc]
+                    lambda h=handler: SMTP(h, hostname="m365.test", decode_data=False),
                     "127.0.0.1",
                     port,
                 )
@@ -151,7 +151,10 @@ class ConnectorSimulator:
 
     async def _record(self, item: Forward | Bounce) -> None:
         async with self._changed:
-            (self.forwards if isinstance(item, Forward) else self.bounces).append(item)  # type: ignore[arg-type]
+            if isinstance(item, Forward):
+                self.forwards.append(item)
+            else:
+                self.bounces.append(item)
             self._changed.notify_all()
 
     async def wait_for(self, *, forwards: int = 0, bounces: int = 0) -> None:
