@@ -451,6 +451,16 @@ class DkimDomain(Section):
     key_file: Path
 
 
+class LoopSettings(Section):
+    """The loop-prevention mark on outgoing copies (gateway/mail/loop_mark.py)."""
+
+    # Made (mode 0600) on first start when missing; the relays of one brokerage share it.
+    key_file: Path = Path("var/loop.key")
+    max_age_days: float = Field(
+        default=7, gt=0, le=365, description="older marks of ours are ignored, not refused"
+    )
+
+
 class WorkerSettings(Section):
     concurrency: int = Field(default=4, ge=1, le=256)
     batch_size: int = Field(default=50, ge=1, le=1000)
@@ -631,6 +641,7 @@ class Settings(Section):
     storage: StorageSettings = StorageSettings()
     worker: WorkerSettings = WorkerSettings()
     dkim: dict[str, DkimDomain] = {}
+    loop: LoopSettings = LoopSettings()
     branding: BrandingSettings = BrandingSettings()
     letter: LetterSettings = LetterSettings()
     notices: NoticeSettings = NoticeSettings()

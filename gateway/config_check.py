@@ -24,6 +24,7 @@ from gateway.config import (
     ConfigError,
     DkimDomain,
     LetterSettings,
+    LoopSettings,
     Settings,
     SmtpSettings,
     StorageSettings,
@@ -35,6 +36,7 @@ from gateway.fronts.listen_addresses import listen_host, plaintext_logins_allowe
 from gateway.fronts.trusted import TrustedEntry
 from gateway.letters import letter_keys
 from gateway.mail import dkim
+from gateway.mail.loop_mark import LoopKeyError, load_or_create_key
 from gateway.problems import Problem
 from gateway.texts import files as text_files
 
@@ -66,6 +68,7 @@ def settings_problems(settings: Settings) -> Iterator[Problem]:
     yield from _storage(settings.storage)
     for domain, entry in settings.dkim.items():
         yield from _dkim(domain, entry)
+    yield from _loop(settings.loop)
     yield from _letter(settings.letter)
     yield from _texts()
     yield from _letter_texts(settings)
@@ -229,6 +232,23 @@ def _dkim(domain: str, entry: DkimDomain) -> Iterator[Problem]:
         dkim.DkimKey.load(domain, entry.selector, entry.key_file)
     except dkim.DkimError as exc:
         yield Problem(key, str(exc))
+
+
+def _loop(loop: LoopSettings) -> Iterator[Problem]:
+    """The loop key: a valid key, or a directory where the relay can make one at start."""
+    if not loop.key_file.exists():
+        problem = writable_directory("loop.key_file", loop.key_file.parent)
+        if problem is not None:
+            yield Problem(problem.key, f"the key is made there at start, but {problem.text}")
+        return
+    problem = readable_file("loop.key_file", loop.key_file)
+    if problem is not None:
+        yield problem
+        return
+    try:
+        load_or_create_key(loop.key_file)
+    except LoopKeyError as exc:
+        yield Problem("loop.key_file", str(exc).removeprefix(f"loop.key_file {loop.key_file}: "))
 
 
 def _letter(letter: LetterSettings) -> Iterator[Problem]:

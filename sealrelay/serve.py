@@ -29,6 +29,7 @@ from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.login_throttle import LoginThrottle
 from gateway.mail import dkim
+from gateway.mail.loop_mark import LoopMarks, load_or_create_key
 from gateway.mail.outgoing import Signer
 from gateway.notices.desk import NoticeDesk
 from gateway.outbound.delivery import DeliveryWorker
@@ -61,6 +62,16 @@ def load_signer(settings: Settings) -> Signer:
             domain: dkim.DkimKey.load(domain, entry.selector, entry.key_file)
             for domain, entry in settings.dkim.items()
         }
+    )
+
+
+def load_loop_marks(settings: Settings, clock: Callable[[], datetime] = utcnow) -> LoopMarks:
+    """The loop mark's key from `loop.key_file`, made on first start (docs/microsoft-365.md)."""
+    return LoopMarks(
+        load_or_create_key(settings.loop.key_file),
+        settings.server.hostname,
+        timedelta(days=settings.loop.max_age_days),
+        clock,
     )
 
 
@@ -124,7 +135,8 @@ class Relay:
         self.db = db or Database.connect(settings.database.url)
         self.blobs = blobs or blob_store(settings)
         self.signal = QueueSignal()
-        self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
+        self.loop = load_loop_marks(settings, clock)
+        self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock, self.loop)
         self.links = LinkDesk(
             self.db,
             clock,
@@ -144,6 +156,7 @@ class Relay:
             signer or load_signer(settings),
             self.signal,
             clock,
+            self.loop,
         )
         self.webhooks = WebhookDesk(self.db, clock)
         # Its own task, own connections and own few slots: a slow receiver never holds mail.

@@ -62,6 +62,7 @@ def serve_config(
         "upstream": [f'url = "capture:{directory / "outbox"}"'],
         "database": [f'url = "{database_url}"'],
         "storage": [f'path = "{directory / "blobs"}"'],
+        "loop": [f'key_file = "{directory / "loop.key"}"'],
     }
     for section, more in (extra or {}).items():
         lines.setdefault(section, []).extend(more.strip().splitlines() if more.strip() else [])

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from gateway.config import Settings
+from gateway.mail.loop_mark import LoopMarks
 from gateway.mail.outgoing import Signer, prepare
 from gateway.mail.own_mail import OwnMail
 from gateway.outbound import dsn, queue
@@ -62,12 +63,14 @@ class DeliveryWorker:
         signer: Signer,
         signal: QueueSignal,
         clock: Callable[[], datetime] = utcnow,
+        loop: LoopMarks | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.blobs = blobs
         self.routes = routes
         self.signer = signer
+        self.loop = loop
         self.signal = signal
         self.clock = clock
         self.name = f"{settings.server.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -190,6 +193,7 @@ class DeliveryWorker:
                 message,
                 self.settings.server.hostname,
                 self.signer,
+                self.loop,
             )
             if any(d.keep_signed for d in deliveries):
                 signed = await self.blobs.put(data)

@@ -1028,3 +1028,24 @@ MESSAGE_TRUSTED_CLIENT = _declare(
     MessageTrustedClient,
     message="the message received",
 )
+
+
+# -- loop-mark: the signed X-Sealrelay-Loop field (gateway/mail/loop_mark.py)
+
+
+@with_config(_STRICT)
+class MessageLoopMarkForged(TypedDict):
+    relay: Annotated[
+        str, About("The relay hostname the mark claims (h=); empty when it is malformed.")
+    ]
+    reason: Annotated[str, About("Why it does not verify with this relay's key.")]
+
+
+MESSAGE_LOOP_MARK_FORGED = _declare(
+    "message.loop_mark_forged",
+    "The message carried an X-Sealrelay-Loop mark that does not verify with this relay's key"
+    " (altered, copied from another message, or made with another key). It is no loop: the"
+    " message was accepted and the mark removed from every copy.",
+    MessageLoopMarkForged,
+    message="the message received",
+)

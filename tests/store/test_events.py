@@ -81,6 +81,8 @@ STORED_NAMES = {
     "user.alias_removed",
     # trusted-front
     "message.trusted_client",
+    # loop-mark
+    "message.loop_mark_forged",
 }
 
 
