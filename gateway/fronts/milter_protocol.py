@@ -110,6 +110,19 @@ def delete_header(name: str, index: int) -> Reply:
     return Reply(R_CHGHEADER, struct.pack("!I", index) + _cstring(name) + b"\0")
 
 
+def _spaced(reply: Reply) -> Reply:
+    """With leading spaces kept, the MTA also takes our values as they are: an added
+    header would read `Name:value`, so it gets the space the filter API otherwise adds."""
+    if reply.code not in (R_ADDHEADER, R_CHGHEADER):
+        return reply
+    offset = 4 if reply.code == R_CHGHEADER else 0
+    name_end = reply.data.index(b"\0", offset) + 1
+    value = reply.data[name_end:]
+    if value == b"\0":  # an empty value deletes the header
+        return reply
+    return Reply(reply.code, reply.data[:name_end] + b" " + value)
+
+
 def _cstring(text: str) -> bytes:
     data = text.encode("utf-8", errors="replace")
     if b"\0" in data:
@@ -275,6 +288,8 @@ class MilterConnection:
         return packet[:1], packet[1:]
 
     async def _send(self, *replies: Reply) -> None:
+        if self.negotiated is not None and self.negotiated.steps & HEADER_LEADING_SPACE:
+            replies = tuple(_spaced(reply) for reply in replies)
         self.writer.write(b"".join(reply.packet() for reply in replies))
         await self.writer.drain()
 

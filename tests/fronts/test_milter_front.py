@@ -84,7 +84,7 @@ async def test_mail_every_recipient_gets_as_is_passes_with_our_header(
     assert row is not None and row.peer == "192.0.2.7" and row.helo == "client.example"
     assert (name, value.decode()) == (
         b"X-Sealrelay",
-        f"{row.id} checked by relay.broker.example; passed",
+        f" {row.id} checked by relay.broker.example; passed",
     )
     assert await relay.relay.blobs.read(row.blob) == message()
     await client.close()

@@ -125,7 +125,7 @@ async def test_a_whole_message_reaches_the_filter_and_gets_its_replies(server: S
     raw = b"Subject: Hi\r\nTo: p@example.com,\r\n q@example.com\r\n\r\nbody\r\n"
     answers = await client.content(raw, queue_id="4QX")
     assert [(a.code, a.data) for a in answers] == [
-        (b"h", b"X-Sealrelay\0abc checked\0"),
+        (b"h", b"X-Sealrelay\0 abc checked\0"),  # values are taken as given: the space
         (b"m", struct.pack("!I", 2) + b"X-A\0\0"),
         (b"c", b""),
     ]
@@ -249,4 +249,13 @@ async def test_values_lose_no_leading_space_when_the_mta_strips_it(server: Serve
     await client.negotiate(steps=0)  # an MTA that cannot keep the space
     await client.ask(mp.HEADER, b"Subject\0Hi\0")
     assert server.calls("header") == [("Subject", b" Hi")]
+    await client.close()
+
+
+async def test_added_values_get_no_extra_space_when_the_mta_adds_it(server: Server) -> None:
+    server.eom = [mp.add_header("X-Sealrelay", "abc"), mp.CONTINUE]
+    client = await MilterClient.open(server.port)
+    await client.negotiate(steps=0)
+    answers = await client.ask(mp.BODYEOB)
+    assert [(a.code, a.data) for a in answers] == [(b"h", b"X-Sealrelay\0abc\0"), (b"c", b"")]
     await client.close()
