@@ -172,7 +172,10 @@ async def test_with_the_milter_down_postfix_tempfails_and_nothing_is_lost(
     await relay.relay.milter.stop()
     with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
         await send(postfix, mail(subject="first try"))
-    assert 400 <= refused.value.code < 500
+    assert (refused.value.code, refused.value.message) == (
+        451,
+        "4.7.1 Service unavailable - try again later",
+    )
     assert await postfix.queue() == []
     assert await stored(relay) == (0, 0)
     await relay.relay.milter.start()
