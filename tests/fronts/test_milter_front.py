@@ -7,6 +7,7 @@ that nothing is kept when the MTA goes away mid-message or something inside fail
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 from email.message import EmailMessage
@@ -16,6 +17,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from gateway.access import MessageScope
+from gateway.console.timeline import Timeline
 from gateway.fronts.smtp import Reply
 from gateway.store.models import Delivery, Event, Message
 from tests.conftest import AGENT, Harness, StartRelay
@@ -87,6 +90,11 @@ async def test_mail_every_recipient_gets_as_is_passes_with_our_header(
         f" {row.id} checked by relay.broker.example; passed",
     )
     assert await relay.relay.blobs.read(row.blob) == message()
+    story = await Timeline(relay.relay.db).message(MessageScope(everything=True), row.id)
+    assert story is not None
+    assert {"message.received", "message.milter"} <= {e.type for e in story.events}
+    page = await Timeline(relay.relay.db).messages(MessageScope(everything=True))
+    assert [m.id for m in page.items] == [row.id]
     await client.close()
     await queue_idle(relay.relay.db)
     assert relay.sink.messages == []
@@ -216,3 +224,12 @@ async def test_only_the_allowed_networks_may_connect(relay_factory: StartRelay) 
     )
     client = await MilterClient.open(relay.relay.milter.port)
     assert await client.closed_by_peer()
+
+
+async def test_stopping_closes_idle_connections_at_once(relay_factory: StartRelay) -> None:
+    relay, client = await start(relay_factory)
+    await client.envelope(AGENT, [PROSPECT])
+    async with asyncio.timeout(5):  # far below the 30 s a message being decided would get
+        await relay.relay.milter.stop()
+    assert await client.closed_by_peer()
+    assert (await stored(relay))[:2] == (0, 0)

@@ -6,6 +6,7 @@ upstream (another sink). Each case checks both sinks, Postfix's queue and the re
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import tempfile
@@ -140,6 +141,13 @@ async def test_mail_with_a_large_attachment_is_delivered_by_sealrelay_exactly_on
         parsed = email.message_from_bytes(copy.data, policy=email.policy.default)
         bodies = [p.get_content() for p in parsed.walk() if p.get_content_maintype() == "text"]
         assert any("http://127.0.0.1:8080/d/" in body for body in bodies)
+        # Postfix passes no Received line of its own to milters; the relay's names the
+        # client Postfix saw, and the Postfix service that handed the message over
+        (trace,) = parsed.get_all("Received") or []
+        assert trace.startswith(
+            "from localhost (127.0.0.1) (trusted client postfix, entry milter)"
+            " by relay.broker.example (sealrelay) with ESMTP id "
+        )
     assert postfix_sink.messages == []
     assert await stored(relay) == (1, 2)
 
@@ -185,3 +193,26 @@ async def test_with_the_milter_down_postfix_tempfails_and_nothing_is_lost(
     assert b"\r\nSubject: first try\r\n" in delivered.data
     assert b"\r\nX-Sealrelay: " in delivered.data
     assert await stored(relay) == (1, 0)
+
+
+async def test_a_client_that_hangs_up_mid_message_leaves_nothing(
+    setup: tuple[Harness, PostfixInstance], postfix_sink: Sink
+) -> None:
+    relay, postfix = setup
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=postfix.smtpd_port, timeout=30)
+    await client.connect()
+    await client.mail(AGENT)
+    await client.rcpt(PROSPECT)
+    code, _ = await client.execute_command(b"DATA")
+    assert code == 354
+    assert client.transport is not None
+    client.transport.write(mail(attachment=3 * MiB).as_bytes()[: 2 * MiB])
+    client.close()
+    async with asyncio.timeout(30):  # Postfix notices, tells the milter to abort
+        while "lost connection after DATA" not in postfix.log():
+            await asyncio.sleep(0.1)
+    assert await postfix.queue() == []
+    assert await stored(relay) == (0, 0)
+    await send(postfix, mail(subject="next"))  # the listener is there for the next message
+    await postfix_sink.expect(1)
+    assert relay.sink.messages == []

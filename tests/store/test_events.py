@@ -81,6 +81,8 @@ STORED_NAMES = {
     "user.alias_removed",
     # trusted-front
     "message.trusted_client",
+    # milter
+    "message.milter",
 }
 
 
