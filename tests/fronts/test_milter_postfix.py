@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
@@ -20,7 +22,7 @@ from sqlalchemy import func, select
 
 from gateway.fronts.smtp import Reply
 from gateway.store.models import Delivery, Event, Message
-from tests.conftest import AGENT, Harness, StartRelay
+from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
 from tests.postfix_instance import PostfixInstance, postfix_instance
 from tests.queue_wait import queue_idle
 from tests.support import Sink, free_port
@@ -65,6 +67,38 @@ def postfix_directory() -> Iterator[Path]:
         yield Path(directory)
 
 
+def sasl_logins(directory: Path, login: str, password: str) -> list[str]:
+    """main.cf lines for SMTP AUTH in Postfix (Cyrus SASL, a sasldb of its own with one
+    login), so that the milter sees `{auth_authen}` as at a site whose users log in.
+
+    `directory` is the instance's config_directory/sasl: Debian's Postfix reads
+    `smtpd_sasl_path = smtpd` as sasl/smtpd.conf there."""
+    saslpasswd2 = shutil.which("saslpasswd2") or "/usr/sbin/saslpasswd2"
+    if not Path(saslpasswd2).exists():
+        pytest.fail("saslpasswd2 is missing: apt-get install -y sasl2-bin", pytrace=False)
+    directory.mkdir(parents=True)  # before Postfix starts; its harness keeps what is there
+    database = directory / "sasldb2"
+    user, _, realm = login.partition("@")
+    subprocess.run(
+        [saslpasswd2, "-c", "-p", "-f", str(database), "-u", realm, user],
+        input=password.encode(),
+        check=True,
+        timeout=30,
+    )
+    shutil.chown(database, user="postfix")
+    (directory / "smtpd.conf").write_text(
+        f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {database}\n"
+        "mech_list: PLAIN LOGIN\n",
+        encoding="utf-8",
+    )
+    return [
+        "smtpd_sasl_auth_enable = yes",
+        "smtpd_sasl_type = cyrus",
+        "smtpd_sasl_path = smtpd",
+        "smtpd_sasl_security_options = noanonymous",
+    ]
+
+
 @pytest.fixture
 async def setup(
     relay_factory: StartRelay, postfix_sink: Sink, postfix_directory: Path
@@ -81,12 +115,15 @@ async def setup(
             f"smtpd_milters = inet:127.0.0.1:{milter_port}",
             "milter_default_action = tempfail",
             "milter_protocol = 6",
+            *sasl_logins(postfix_directory / "postfix" / "etc" / "sasl", AGENT, PASSWORD),
         ],
     ) as postfix:
         yield relay, postfix
 
 
-async def send(postfix: PostfixInstance, message: EmailMessage, sender: str = AGENT) -> str:
+async def send(
+    postfix: PostfixInstance, message: EmailMessage, sender: str = AGENT, *, login: bool = False
+) -> str:
     _, reply = await aiosmtplib.send(
         message,
         sender=sender,
@@ -94,6 +131,9 @@ async def send(postfix: PostfixInstance, message: EmailMessage, sender: str = AG
         hostname="127.0.0.1",
         port=postfix.smtpd_port,
         timeout=60,
+        username=AGENT if login else None,
+        password=PASSWORD if login else None,
+        start_tls=False,
     )
     return reply
 
@@ -216,3 +256,25 @@ async def test_a_client_that_hangs_up_mid_message_leaves_nothing(
     await send(postfix, mail(subject="next"))  # the listener is there for the next message
     await postfix_sink.expect(1)
     assert relay.sink.messages == []
+
+
+async def test_a_postfix_login_that_is_an_agent_sends_as_that_agent(
+    setup: tuple[Harness, PostfixInstance], postfix_sink: Sink
+) -> None:
+    relay, postfix = setup
+    with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+        await send(postfix, mail("sales@broker.example"), "sales@broker.example", login=True)
+    assert (refused.value.code, refused.value.message) == (
+        553,
+        Reply.not_your_address("sales@broker.example")[4:],
+    )
+    assert await stored(relay) == (0, 0)
+    await send(postfix, mail(), login=True)
+    await postfix_sink.expect(1)
+    await postfix.wait_queue_empty()
+    async with relay.relay.db.transaction() as session:
+        row = await session.scalar(select(Message))
+        record = await session.scalar(select(Event.data).where(Event.type == "message.milter"))
+    assert row is not None and row.user_id is not None and row.protocol == "ESMTPA"
+    assert row.trusted_client is None
+    assert record is not None and record["login"] == AGENT
