@@ -259,3 +259,18 @@ async def test_added_values_get_no_extra_space_when_the_mta_adds_it(server: Serv
     answers = await client.ask(mp.BODYEOB)
     assert [(a.code, a.data) for a in answers] == [(b"h", b"X-Sealrelay\0abc\0"), (b"c", b"")]
     await client.close()
+
+
+async def test_a_reused_connection_starts_a_new_session(server: Server) -> None:
+    client = await MilterClient.open(server.port)
+    await client.start(helo="first.example")
+    await client.envelope("a@broker.example", ["p@example.com"], login="a@b.example")
+    await client.tell(mp.QUIT_NC)
+    await client.tell(mp.MACRO, b"C" + strings("j", "mx.example"))
+    await client.start(helo="second.example")
+    await client.tell(mp.MACRO, b"M")
+    assert (await client.ask(mp.MAIL, strings("<b@broker.example>")))[-1].code == b"c"
+    assert server.calls("helo") == ["first.example", "second.example"]
+    assert server.calls("mail")[-1] == (["<b@broker.example>"], {"j": "mx.example"})
+    assert server.calls("abort") == [None]
+    await client.close()
