@@ -278,3 +278,43 @@ async def test_a_postfix_login_that_is_an_agent_sends_as_that_agent(
     assert row is not None and row.user_id is not None and row.protocol == "ESMTPA"
     assert row.trusted_client is None
     assert record is not None and record["login"] == AGENT
+
+
+async def test_taken_over_mail_can_go_back_through_postfix_without_the_milter(
+    relay_factory: StartRelay, postfix_sink: Sink, postfix_directory: Path
+) -> None:
+    """docs/postfix.md's loop: sealrelay's upstream is a Postfix listener without milters."""
+    milter_port, return_port = free_port(), free_port()
+    relay = await relay_factory(
+        milter={"listen": f"127.0.0.1:{milter_port}"},
+        smtp={"max_message_size": 8 * MiB},
+        upstream={"url": f"smtp://127.0.0.1:{return_port}"},
+    )
+    async with postfix_instance(
+        postfix_directory / "postfix",
+        relayhost=f"[127.0.0.1]:{postfix_sink.port}",
+        main_cf=[
+            f"smtpd_milters = inet:127.0.0.1:{milter_port}",
+            "milter_default_action = tempfail",
+            "milter_protocol = 6",
+        ],
+        master_cf=[
+            f"127.0.0.1:{return_port} inet n - n - - smtpd",
+            "  -o smtpd_milters=",
+            "  -o mynetworks=127.0.0.0/8",
+            "  -o smtpd_client_restrictions=permit_mynetworks,reject",
+        ],
+    ) as postfix:
+        await send(postfix, mail(attachment=3 * MiB))
+        await queue_idle(relay.relay.db)
+        copies = await postfix_sink.expect(2)
+        await postfix.wait_queue_empty()
+    assert sorted(r for copy in copies for r in copy.rcpt_tos) == [OTHER, PROSPECT]
+    for copy in copies:
+        assert len(copy.data) < MiB and b"\r\nX-Sealrelay: " not in copy.data
+        parsed = email.message_from_bytes(copy.data, policy=email.policy.default)
+        trace = [" ".join(str(line).split()) for line in parsed.get_all("Received") or []]
+        assert trace[0].startswith("from relay.broker.example (localhost [127.0.0.1]) by postfix")
+        assert "by relay.broker.example (sealrelay)" in trace[1]
+    assert await stored(relay) == (1, 2)
+    assert relay.sink.messages == []
