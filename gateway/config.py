@@ -628,9 +628,39 @@ class RuleSettings(Section):
     set: PolicyOverrides = PolicyOverrides()
 
 
+class MilterSettings(Section):
+    """`[milter]`: the milter front for a Postfix or Sendmail that stays in charge
+    (docs/postfix.md, "Milter"). Off until `listen` is given."""
+
+    listen: HostPort | None = None
+    allow_from: list[str] = ["127.0.0.0/8", "::1/128"]
+    service: str = Field(default="postfix", min_length=1, max_length=100)
+    domains: list[Annotated[str, Field(min_length=1)]] | None = None
+    map_agents: bool = False
+    timeout: float = Field(default=300, gt=0, description="seconds of silence from the MTA")
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else _host_port(value)
+
+    @field_validator("allow_from")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one network (the MTA's address)")
+        return _ip_networks(value)
+
+    @field_validator("domains")
+    @classmethod
+    def _lower(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [v.strip().lower().rstrip(".") for v in value]
+
+
 class Settings(Section):
     server: ServerSettings = ServerSettings()
     smtp: SmtpSettings = SmtpSettings()
+    milter: MilterSettings = MilterSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     # more upstreams by name, for [[routes]] (docs/routes.md); [upstream] is "default"
     upstreams: Annotated[dict[str, UpstreamSettings], AfterValidator(_named_upstreams)] = {}

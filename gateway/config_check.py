@@ -376,6 +376,8 @@ def listen_problems(settings: Settings, roles: Collection[str]) -> list[Problem]
     if "smtp" in roles:
         wanted += [("smtp.listen", a) for a in settings.smtp.listen]
         wanted += [("smtp.implicit_tls_listen", a) for a in settings.smtp.implicit_tls_listen]
+        if settings.milter.listen is not None:
+            wanted.append(("milter.listen", settings.milter.listen))
     if "web" in roles:
         wanted.append(("web.listen", settings.web.listen))
     return [

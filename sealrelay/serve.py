@@ -22,6 +22,7 @@ from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.sessions import SessionDesk, delete_timed_out
 from gateway.console.timeline import Timeline
 from gateway.console.waiting import WaitingLetters
+from gateway.fronts.milter import MilterFront
 from gateway.fronts.smtp import SmtpFront
 from gateway.intake.pipeline import Pipeline
 from gateway.letters import letter_keys
@@ -147,6 +148,7 @@ class Relay:
         # one count of failed logins for SMTP AUTH and the console's sign-in together
         self.login_throttle = LoginThrottle.from_settings(settings.smtp)
         self.smtp = SmtpFront(settings, self.db, self.pipeline, self.login_throttle)
+        self.milter = MilterFront(settings, self.db, self.pipeline)  # listens if [milter] listen
         self._sessions: SessionDesk | None = None
         self.worker = DeliveryWorker(
             settings,
@@ -190,6 +192,7 @@ class Relay:
             )
         if "smtp" in self.roles:
             await self.smtp.start()
+            await self.milter.start()
         if "web" in self.roles:
             self._web_runner = await self._start_web()
 
@@ -267,6 +270,7 @@ class Relay:
     async def stop(self) -> None:
         """Stop taking mail first, then let workers finish their round."""
         await self.smtp.stop()
+        await self.milter.stop()
         if self._web_runner is not None:
             await self._web_runner.cleanup()
         self._stop.set()

@@ -38,6 +38,7 @@ from gateway.store.events import (
     MessageTrustedClient,
 )
 from gateway.store.models import Base, Message, new_id, utcnow
+from rules.actions import KeepOriginal
 from rules.facts import MessageFacts
 from rules.language import LANGUAGE_HEADER_NAME, unsupported_request
 from rules.plan import Decision, plan
@@ -80,6 +81,20 @@ class Origin:
     trusted: TrustedOrigin | None = None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A message the pipeline has checked and planned, not yet committed."""
+
+    envelope: Envelope
+    draft: Draft
+    decisions: Mapping[str, Decision]
+
+    @property
+    def unchanged(self) -> bool:
+        """Every recipient gets the original as it came (no links, no letter)."""
+        return all(isinstance(d.action, KeepOriginal) for d in self.decisions.values())
+
+
 class Submitter(Protocol):
     """Who hands the message in: an authenticated agent, or a trusted client's service."""
 
@@ -113,6 +128,18 @@ class Pipeline:
         self, envelope: Envelope, raw: bytes, submitter: Submitter, origin: Origin
     ) -> str:
         """The new message's id once it is durable; raises Rejected with the reply to give."""
+        prepared = await self.prepare(envelope, raw, submitter, origin)
+        copies = await self.materialize(prepared.draft, prepared.decisions)
+        return await self.commit(prepared.draft, envelope, copies)
+
+    async def prepare(
+        self, envelope: Envelope, raw: bytes, submitter: Submitter, origin: Origin
+    ) -> Prepared:
+        """Checked, the original stored, each recipient's decision made; nothing committed.
+
+        The milter front looks at the decisions before choosing to commit copies or only a
+        record (`pass_on`); every other front goes straight on, as `submit` does.
+        """
         fields = self.receive(envelope, raw, submitter)
         ignored = self.refuse_loops(fields)
         fields = [field for field in fields if field.name != LOOP_HEADER.lower()]
@@ -122,8 +149,14 @@ class Pipeline:
         facts = message_facts(envelope, fields, submitter, draft)
         decisions = plan(facts, self.policy).per_recipient
         draft.events.extend(language_warnings(facts, decisions, draft.message.id))
-        copies = await self.materialize(draft, decisions)
-        return await self.commit(draft, envelope, copies)
+        return Prepared(envelope, draft, decisions)
+
+    async def pass_on(self, prepared: Prepared, events: list[journal.NewEvent]) -> str:
+        """Journal a message another MTA delivers itself (every copy is the original): the
+        message and its record are committed, and no delivery is queued."""
+        await self.materialize(prepared.draft, prepared.decisions)  # their journal entries
+        prepared.draft.events.extend(events)
+        return await self.commit(prepared.draft, prepared.envelope, {})
 
     def receive(self, envelope: Envelope, raw: bytes, submitter: Submitter) -> list[HeaderField]:
         """Refuse what must not be relayed; the checks every front shares."""

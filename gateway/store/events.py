@@ -1049,3 +1049,31 @@ MESSAGE_LOOP_MARK_FORGED = _declare(
     MessageLoopMarkForged,
     message="the message received",
 )
+
+
+# -- milter: Postfix or Sendmail stays in charge (gateway/fronts/milter.py)
+
+
+@with_config(_STRICT)
+class MessageMilter(TypedDict):
+    outcome: Annotated[
+        str,
+        About(
+            "passed: every copy is the original, the MTA delivers it with our header added;"
+            " taken_over: recipients get different copies, the relay delivers them and the"
+            " MTA discards its own."
+        ),
+    ]
+    mta_queue_id: Annotated[str | None, About("The MTA's queue id ({i}), when it sent one.")]
+    login: Annotated[
+        str | None, About("The MTA's SASL login ({auth_authen}); null without.", personal=True)
+    ]
+
+
+MESSAGE_MILTER = _declare(
+    "message.milter",
+    "The message came through the milter front; written with message.received, it says"
+    " whether the MTA delivers it (passed) or the relay took it over.",
+    MessageMilter,
+    message="the message received",
+)

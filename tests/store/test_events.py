@@ -83,6 +83,8 @@ STORED_NAMES = {
     "message.trusted_client",
     # loop-mark
     "message.loop_mark_forged",
+    # milter
+    "message.milter",
 }
 
 
