@@ -65,7 +65,7 @@ def reinjection(port: int) -> list[str]:
         "  -o smtpd_recipient_restrictions=permit_mynetworks,reject",
         "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
         "  -o mynetworks=127.0.0.0/8",
-        "  -o smtpd_authorized_xforward_hosts=127.0.0.0/8",
+        "  -o smtpd_tls_security_level=none",
     ]
 
 
@@ -84,6 +84,7 @@ class Setup:
         return [
             f"content_filter = sealrelay:[127.0.0.1]:{self.filter_port}",
             "sealrelay_destination_recipient_limit = 5",  # sealrelay's smtp.max_recipients
+            "disable_mime_output_conversion = yes",
         ]
 
     def postfix_lines(self, *, reinjection_up: bool = True) -> list[str]:
