@@ -15,6 +15,7 @@ import email
 import email.policy
 import os
 import re
+import tomllib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from sqlalchemy import func, select
 
 from gateway import users
 from gateway.mail import headers
-from gateway.store.models import Delivery, Letter, LetterStatus, Message
+from gateway.store.models import Delivery, Event, Letter, LetterStatus, Message
 from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
 from tests.postfix_instance import PostfixInstance, postfix_instance
 from tests.queue_wait import queue_idle
@@ -42,31 +43,19 @@ PDF = os.urandom(3 * 1024 * 1024)  # over the default link_attachments_over (2 M
 LETTER_LINK = re.compile(r"http://127\.0\.0\.1:8080/l/([A-Za-z0-9_-]{43})")
 
 
-def filter_transport() -> list[str]:
-    """master.cf: the transport that hands mail to sealrelay (docs/postfix.md)."""
-    return [
-        "sealrelay unix  -       -       n       -       10      smtp",
-        "  -o smtp_send_xforward_command=no",
-        "  -o disable_mime_output_conversion=yes",
-        "  -o smtp_tls_security_level=none",
-    ]
+DOCS = Path(__file__).parents[2] / "docs" / "postfix.md"
+DOCS_FILTER, DOCS_REINJECTION = 10025, 10026
 
 
-def reinjection(port: int) -> list[str]:
-    """master.cf: the smtpd sealrelay gives the mail back to (docs/postfix.md)."""
-    return [
-        f"127.0.0.1:{port} inet  n       -       n       -       -       smtpd",
-        "  -o content_filter=",
-        "  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,"
-        "no_milters",
-        "  -o smtpd_helo_restrictions=",
-        "  -o smtpd_client_restrictions=",
-        "  -o smtpd_sender_restrictions=",
-        "  -o smtpd_recipient_restrictions=permit_mynetworks,reject",
-        "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
-        "  -o mynetworks=127.0.0.0/8",
-        "  -o smtpd_tls_security_level=none",
-    ]
+def documented(heading: str) -> str:
+    """The first code block under `heading` in docs/postfix.md: the tests run what it says."""
+    text = DOCS.read_text(encoding="utf-8")
+    section = text[text.index(f"\n{heading}\n") :]
+    return section.split("```", 2)[1].split("\n", 1)[1]
+
+
+def config_lines(block: str) -> list[str]:
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
 @dataclass
@@ -78,18 +67,22 @@ class Setup:
     filter_port: int
     reinject_port: int
 
+    def ports(self, text: str) -> str:
+        """The docs' ports 10025 and 10026 replaced with this test's."""
+        text = re.sub(rf"\b{DOCS_FILTER}\b", str(self.filter_port), text)
+        return re.sub(rf"\b{DOCS_REINJECTION}\b", str(self.reinject_port), text)
+
     def main_cf(self) -> list[str]:
-        """main.cf (docs/postfix.md): everything received goes through sealrelay; Postfix's
+        """main.cf as the docs give it: everything received goes through sealrelay; Postfix's
         own bounces do not (the bounce test shows it)."""
-        return [
-            f"content_filter = sealrelay:[127.0.0.1]:{self.filter_port}",
-            "sealrelay_destination_recipient_limit = 5",  # sealrelay's smtp.max_recipients
-            "disable_mime_output_conversion = yes",
-        ]
+        return config_lines(self.ports(documented("### Postfix: main.cf")))
 
     def postfix_lines(self, *, reinjection_up: bool = True) -> list[str]:
-        lines = filter_transport()
-        return lines + (reinjection(self.reinject_port) if reinjection_up else [])
+        """master.cf as the docs give it; without the re-injection service when it is down."""
+        lines = config_lines(self.ports(documented("### Postfix: master.cf")))
+        start = next(i for i, line in enumerate(lines) if line.startswith("127.0.0.1:"))
+        assert lines[start].startswith(f"127.0.0.1:{self.reinject_port} inet"), lines[start]
+        return lines if reinjection_up else lines[:start]
 
     @asynccontextmanager
     async def postfix(self, *, reinjection_up: bool = True) -> AsyncIterator[PostfixInstance]:
@@ -102,21 +95,12 @@ class Setup:
             yield postfix
 
     async def sealrelay(self, relay_factory: StartRelay) -> Harness:
+        """sealrelay with the docs' TOML block on top of the test relay's settings."""
+        toml = tomllib.loads(self.ports(documented("### sealrelay: sealrelay.toml")))
         relay = await relay_factory(
-            smtp={
-                "max_message_size": 20 * 1024 * 1024,
-                "trusted": [
-                    {
-                        "name": "postfix",
-                        "service": "Postfix",
-                        "networks": ["127.0.0.1/32"],
-                        "listen": [f"127.0.0.1:{self.filter_port}"],
-                        "domains": ["broker.example"],
-                        "map_agents": True,
-                    }
-                ],
-            },
-            upstream={"url": f"smtp://127.0.0.1:{self.reinject_port}"},
+            # the limits docs' main.cf matches: sealrelay's defaults
+            smtp={**toml["smtp"], "max_message_size": 52428800, "max_recipients": 100},
+            upstream=toml["upstream"],
         )
         return relay
 
@@ -258,6 +242,11 @@ async def test_reinjection_port_down_sealrelay_defers_then_delivers_once(
                 await asyncio.sleep(0.1)
         assert row.status == "queued" and row.last_error, row.last_error
         assert setup.sink.messages == []
+        async with relay.relay.db.transaction() as session:
+            deferred = (
+                await session.scalars(select(Event).where(Event.type == "delivery.deferred"))
+            ).all()
+        assert deferred and all(str(setup.reinject_port) in e.data["error"] for e in deferred)
         await postfix.reconfigure(master_cf=setup.postfix_lines(reinjection_up=True))
         [copy] = await setup.sink.expect(1)
         await settled(relay, postfix)
