@@ -3,9 +3,10 @@
     client -> Postfix smtpd (content_filter) -> sealrelay's trusted listener
            -> Postfix re-injection smtpd -> relayhost = the recording Sink
 
-The Postfix side is the configuration the docs give (master.cf lines below, ports changed);
-the sealrelay side is a `[[smtp.trusted]]` entry on its own listener with `map_agents`, and
-the re-injection port as upstream. SQLite and PostgreSQL (relay_factory).
+Both sides run what docs/postfix.md gives: its main.cf and master.cf blocks for Postfix, its
+TOML block (a `[[smtp.trusted]]` entry on its own listener with `map_agents`, the
+re-injection port as upstream) on top of the test relay's settings; only the ports differ.
+SQLite and PostgreSQL (relay_factory).
 """
 
 from __future__ import annotations
