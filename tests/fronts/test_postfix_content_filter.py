@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import dkim as dkimpy
@@ -31,7 +32,7 @@ from sqlalchemy import func, select
 from gateway import users
 from gateway.mail import headers
 from gateway.store.models import Delivery, Event, Letter, LetterStatus, Message
-from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
+from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, dkim_dns
 from tests.postfix_instance import PostfixInstance, postfix_instance
 from tests.queue_wait import queue_idle
 from tests.support import Sink, free_port
@@ -41,6 +42,8 @@ pytestmark = pytest.mark.slow
 PROSPECT = "paula@example.com"
 STRANGER = "someone@elsewhere.example"
 PDF = os.urandom(3 * 1024 * 1024)  # over the default link_attachments_over (2 MiB)
+MIDSIZE_PDF = os.urandom(1536 * 1024)
+SALES = "sales.agent@broker.example"
 LETTER_LINK = re.compile(r"http://127\.0\.0\.1:8080/l/([A-Za-z0-9_-]{43})")
 
 
@@ -95,13 +98,14 @@ class Setup:
         ) as postfix:
             yield postfix
 
-    async def sealrelay(self, relay_factory: StartRelay) -> Harness:
+    async def sealrelay(self, relay_factory: StartRelay, **sections: Any) -> Harness:
         """sealrelay with the docs' TOML block on top of the test relay's settings."""
         toml = tomllib.loads(self.ports(documented("### sealrelay: sealrelay.toml")))
         relay = await relay_factory(
             # the limits docs' main.cf matches: sealrelay's defaults
             smtp={**toml["smtp"], "max_message_size": 52428800, "max_recipients": 100},
             upstream=toml["upstream"],
+            **sections,
         )
         return relay
 
@@ -191,19 +195,29 @@ async def test_plain_mail_passes_once_signed_and_marked(
     assert agent is not None and row.user_id == agent.user_id  # map_agents: the agent's policy
 
 
-async def test_large_attachment_arrives_as_a_download_link(
+async def test_large_attachment_arrives_as_a_download_link_by_the_agents_group(
     setup: Setup, relay_factory: StartRelay
 ) -> None:
-    relay = await setup.sealrelay(relay_factory)
+    """1.5 MiB: under the default link_attachments_over (2 MiB), over the sales group's 1 MiB.
+    map_agents gives the sales agent's mail the group's policy, through Postfix."""
+    relay = await setup.sealrelay(
+        relay_factory, groups=[{"name": "sales", "link_attachments_over": "1MiB"}]
+    )
+    await users.add_user(relay.relay.db, SALES, PASSWORD, group="sales")
     async with setup.postfix() as postfix:
-        await submit(postfix, mail(pdf=PDF))
-        [copy] = await setup.sink.expect(1)
+        await submit(postfix, mail(sender=SALES, pdf=MIDSIZE_PDF), sender=SALES)
+        await submit(postfix, mail(pdf=MIDSIZE_PDF))
+        copies = await setup.sink.expect(2)
         await settled(relay, postfix)
-    assert len(setup.sink.messages) == 1
-    assert PDF[:64] not in copy.data and b"Expose.pdf" in copy.data
-    assert "http://127.0.0.1:8080/d/" in text_of(copy.data)
-    assert len(copy.data) < 200_000
-    assert dkimpy.verify(copy.data, dnsfunc=dkim_dns(relay.dkim_key))
+    assert len(setup.sink.messages) == 2
+    by_sender = {copy.mail_from: copy.data for copy in copies}
+    linked, attached = by_sender[SALES], by_sender[AGENT]
+    assert MIDSIZE_PDF[:64] not in linked and b"Expose.pdf" in linked
+    assert "http://127.0.0.1:8080/d/" in text_of(linked)
+    assert len(linked) < 200_000
+    assert dkimpy.verify(linked, dnsfunc=dkim_dns(relay.dkim_key))
+    assert len(attached) > len(MIDSIZE_PDF) and "/d/" not in text_of(attached)
+    assert dkimpy.verify(attached, dnsfunc=dkim_dns(relay.dkim_key))
 
 
 async def test_registered_letter_is_held_and_only_the_letter_leaves(
