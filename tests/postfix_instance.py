@@ -311,6 +311,22 @@ class PostfixInstance:
         """Ask Postfix to try every deferred message now (`postqueue -f`)."""
         await self.run("postqueue", "-f")
 
+    async def wait_deferred(self, count: int = 1, timeout: float = 30) -> list[dict[str, object]]:
+        """Until `count` messages wait in the queue, each recipient with the reason Postfix
+        keeps for the delay (the failed attempt's error); returns the queue then."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    queued = await self.queue()
+                    if len(queued) >= count and all(map(_deferred, queued)):
+                        return queued
+                    await asyncio.sleep(0.1)
+        except TimeoutError as exc:
+            raise AssertionError(
+                f"{count} deferred message(s) expected after {timeout}s: {await self.queue()}"
+                f"\n{self.log()}"
+            ) from exc
+
     async def wait_queue_empty(self, timeout: float = 60) -> None:
         """Until nothing is queued any more (delivered or bounced); bounded by `timeout`."""
         try:
@@ -321,6 +337,18 @@ class PostfixInstance:
             raise AssertionError(
                 f"Postfix's queue is not empty after {timeout}s: {await self.queue()}\n{self.log()}"
             ) from exc
+
+
+def delay_reasons(message: dict[str, object]) -> list[str]:
+    """The delay reason of each recipient of one `queue()` entry ("" while none)."""
+    recipients = message.get("recipients")
+    assert isinstance(recipients, list)
+    return [str(r.get("delay_reason", "")) for r in recipients]
+
+
+def _deferred(message: dict[str, object]) -> bool:
+    reasons = delay_reasons(message)
+    return bool(reasons) and all(reasons)
 
 
 @contextlib.asynccontextmanager
