@@ -7,12 +7,16 @@ double: its queue, its retries and its bounces are what the documented setups re
         ... send to 127.0.0.1:{postfix.smtpd_port} ...
         await postfix.wait_queue_empty()
 
-The instance has its own config_directory, queue_directory and data_directory under
-`directory`; its master runs in the foreground (`postfix start-fg`) under a child process, and
-leaving the context (also when the test fails) stops it and waits until it is gone. It works
-as root (Postfix's own commands accept a private `-c` directory from root without it being
-listed in alternate_config_directories). When Postfix is not installed, the test fails with a
-line saying how to install it; it is never skipped.
+The instance has its own config_directory, queue_directory and data_directory. Postfix's
+daemons run as the postfix user and must reach them, which pytest's tmp_path (under a 0700
+directory that other pytest runs reset) does not allow: so they live in a fresh directory in
+/tmp, `directory/instance` is a symbolic link to it while the instance runs, and on the way
+out the log and the configuration are copied there and the rest is removed. Its master runs
+in the foreground (`postfix start-fg`) under a child process, and leaving the context (also
+when the test fails) stops it and waits until it is gone. It works as root (Postfix's own
+commands accept a private `-c` directory from root without it being listed in
+alternate_config_directories). When Postfix is not installed, the test fails with a line
+saying how to install it; it is never skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,30 +93,48 @@ class PostfixInstance:
     relayhost: str = ""
     main_cf: Sequence[str] = ()
     master_cf: Sequence[str] = ()
+    smtpd_options: Sequence[str] = ()
     smtpd_port: int = field(default_factory=free_port)
     hostname: str = "postfix.test.example"
     _master: asyncio.subprocess.Process | None = None
+    _root: Path | None = None
+
+    @property
+    def link(self) -> Path:
+        """`directory/instance`: the tree while it runs, its log and configuration after."""
+        return self.directory / "instance"
+
+    @property
+    def root(self) -> Path:
+        """The instance's tree (in /tmp, reachable by the postfix user)."""
+        if self._root is None:
+            self._root = Path(tempfile.mkdtemp(prefix="sealrelay-postfix-"))
+            self._root.chmod(0o755)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.link.symlink_to(self._root, target_is_directory=True)
+        return self._root
 
     @property
     def config_directory(self) -> Path:
-        return self.directory / "etc"
+        return self.root / "etc"
 
     @property
     def queue_directory(self) -> Path:
-        return self.directory / "spool"
+        return self.root / "spool"
 
     @property
     def data_directory(self) -> Path:
-        return self.directory / "lib"
+        return self.root / "lib"
 
     @property
     def maillog(self) -> Path:
-        return self.directory / "maillog"
+        return self.root / "maillog"
 
     def log(self) -> str:
         """Postfix's own log so far (what a failed test shows)."""
+        path = self.maillog if self._root is not None else self.link / "maillog"
         try:
-            return self.maillog.read_text(encoding="utf-8", errors="replace")
+            return path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -119,18 +142,11 @@ class PostfixInstance:
         # `postfix check` makes the queue's subdirectories and the data directory, owned right
         for path in (self.config_directory, self.queue_directory):
             path.mkdir(parents=True, exist_ok=True)
-        # Postfix's daemons run as the postfix user and need to reach their directories.
-        for path in [self.directory, *self.directory.parents]:
-            if path == Path("/"):
-                break
-            mode = path.stat().st_mode
-            if mode & 0o005 != 0o005 and path.owner() == "root":
-                path.chmod(mode | 0o005)
         main = [
             "compatibility_level = 3.6",
             f"queue_directory = {self.queue_directory}",
             f"data_directory = {self.data_directory}",
-            f"maillog_file_prefixes = {self.directory}",
+            f"maillog_file_prefixes = {self.root}",
             f"maillog_file = {self.maillog}",
             f"myhostname = {self.hostname}",
             "mydomain = test.example",
@@ -158,9 +174,11 @@ class PostfixInstance:
             *self.main_cf,
         ]
         (self.config_directory / "main.cf").write_text("\n".join(main) + "\n", encoding="utf-8")
-        master = MASTER_CF.format(smtpd_listener=f"127.0.0.1:{self.smtpd_port}")
+        smtpd, rest = MASTER_CF.format(smtpd_listener=f"127.0.0.1:{self.smtpd_port}").split("\n", 1)
+        options = "".join(f"  -o {option}\n" for option in self.smtpd_options)
         (self.config_directory / "master.cf").write_text(
-            master + "".join(f"{line}\n" for line in self.master_cf), encoding="utf-8"
+            f"{smtpd}\n{options}{rest}" + "".join(f"{line}\n" for line in self.master_cf),
+            encoding="utf-8",
         )
 
     async def run(self, command: str, *args: str) -> str:
@@ -232,6 +250,19 @@ class PostfixInstance:
         except (AssertionError, TimeoutError) as exc:
             raise AssertionError(f"Postfix did not start: {exc!r}\n{self.log()}") from exc
 
+    async def reconfigure(
+        self, *, main_cf: Sequence[str] | None = None, master_cf: Sequence[str] | None = None
+    ) -> None:
+        """Replace the extra main.cf or master.cf lines and `postfix reload` (listeners the new
+        master.cf drops close, new ones open); waits until the smtpd answers again."""
+        if main_cf is not None:
+            self.main_cf = main_cf
+        if master_cf is not None:
+            self.master_cf = master_cf
+        self.write_config()
+        await self.run("postfix", "reload")
+        await self.wait_smtpd()
+
     async def stop(self) -> None:
         """`postfix stop`, then wait (bounded) for the foreground master to exit.
 
@@ -251,6 +282,18 @@ class PostfixInstance:
                 master.kill()
             await master.wait()
 
+    def remove(self) -> None:
+        """After stop: keep the log and the configuration in `directory`, remove the tree."""
+        root, self._root = self._root, None
+        if root is None:
+            return
+        self.link.unlink()
+        self.link.mkdir()
+        for kept in (root / "maillog", root / "etc" / "main.cf", root / "etc" / "master.cf"):
+            if kept.exists():
+                shutil.copy(kept, self.link / kept.name)
+        shutil.rmtree(root, ignore_errors=True)
+
     def kill_by_pid_file(self) -> None:
         try:
             pid = int((self.queue_directory / "pid" / "master.pid").read_text().strip())
@@ -268,6 +311,22 @@ class PostfixInstance:
         """Ask Postfix to try every deferred message now (`postqueue -f`)."""
         await self.run("postqueue", "-f")
 
+    async def wait_deferred(self, count: int = 1, timeout: float = 30) -> list[dict[str, object]]:
+        """Until `count` messages wait in the queue, each recipient with the reason Postfix
+        keeps for the delay (the failed attempt's error); returns the queue then."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    queued = await self.queue()
+                    if len(queued) >= count and all(map(_deferred, queued)):
+                        return queued
+                    await asyncio.sleep(0.1)
+        except TimeoutError as exc:
+            raise AssertionError(
+                f"{count} deferred message(s) expected after {timeout}s: {await self.queue()}"
+                f"\n{self.log()}"
+            ) from exc
+
     async def wait_queue_empty(self, timeout: float = 60) -> None:
         """Until nothing is queued any more (delivered or bounced); bounded by `timeout`."""
         try:
@@ -280,6 +339,18 @@ class PostfixInstance:
             ) from exc
 
 
+def delay_reasons(message: dict[str, object]) -> list[str]:
+    """The delay reason of each recipient of one `queue()` entry ("" while none)."""
+    recipients = message.get("recipients")
+    assert isinstance(recipients, list)
+    return [str(r.get("delay_reason", "")) for r in recipients]
+
+
+def _deferred(message: dict[str, object]) -> bool:
+    reasons = delay_reasons(message)
+    return bool(reasons) and all(reasons)
+
+
 @contextlib.asynccontextmanager
 async def postfix_instance(
     directory: Path,
@@ -287,22 +358,26 @@ async def postfix_instance(
     relayhost: str = "",
     main_cf: Sequence[str] = (),
     master_cf: Sequence[str] = (),
+    smtpd_options: Sequence[str] = (),
     smtpd_port: int | None = None,
 ) -> AsyncIterator[PostfixInstance]:
     """A started private Postfix in `directory`, stopped on the way out.
 
     `relayhost` is where it sends everything (e.g. "[127.0.0.1]:2525"); `main_cf` lines are
-    appended to main.cf (later lines win), `master_cf` lines to master.cf (more services).
+    appended to main.cf (later lines win), `master_cf` lines to master.cf (more services),
+    `smtpd_options` become `-o NAME=VALUE` lines of the smtpd listener on `smtpd_port`.
     """
     instance = PostfixInstance(
         directory,
         relayhost=relayhost,
         main_cf=main_cf,
         master_cf=master_cf,
+        smtpd_options=smtpd_options,
         smtpd_port=smtpd_port or free_port(),
     )
-    await instance.start()
     try:
+        await instance.start()
         yield instance
     finally:
         await instance.stop()
+        instance.remove()

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from tests.postfix_instance import postfix_command, postfix_instance
+from tests.postfix_instance import delay_reasons, postfix_command, postfix_instance
 from tests.support import Sink, free_port
 
 pytestmark = pytest.mark.slow
@@ -38,11 +38,10 @@ async def test_relays_queues_while_relayhost_is_down_and_stops_cleanly(tmp_path:
     sink = Sink(port=free_port())
     async with postfix_instance(tmp_path, relayhost=f"[127.0.0.1]:{sink.port}") as postfix:
         await aiosmtplib.send(note("first"), hostname="127.0.0.1", port=postfix.smtpd_port)
-        async with asyncio.timeout(30):
-            while not await postfix.queue():  # deferred: nobody listens on the relayhost yet
-                await asyncio.sleep(0.1)
-        (queued,) = await postfix.queue()
+        (queued,) = await postfix.wait_deferred()  # nobody listens on the relayhost yet
         assert queued["sender"] == "someone@sender.example"
+        [reason] = delay_reasons(queued)
+        assert f"127.0.0.1[127.0.0.1]:{sink.port}: Connection refused" in reason
         await sink.start()
         try:
             await postfix.flush()
