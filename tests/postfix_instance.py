@@ -27,8 +27,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,7 @@ class PostfixInstance:
     smtpd_options: Sequence[str] = ()
     smtpd_port: int = field(default_factory=free_port)
     hostname: str = "postfix.test.example"
+    logins: Mapping[str, str] = field(default_factory=dict)  # SMTP AUTH: address -> password
     _master: asyncio.subprocess.Process | None = None
     _root: Path | None = None
 
@@ -171,6 +173,7 @@ class PostfixInstance:
             "queue_run_delay = 1s",
             "minimal_backoff_time = 1s",
             "maximal_backoff_time = 2s",
+            *(self.sasl_logins() if self.logins else []),
             *self.main_cf,
         ]
         (self.config_directory / "main.cf").write_text("\n".join(main) + "\n", encoding="utf-8")
@@ -180,6 +183,37 @@ class PostfixInstance:
             f"{smtpd}\n{options}{rest}" + "".join(f"{line}\n" for line in self.master_cf),
             encoding="utf-8",
         )
+
+    def sasl_logins(self) -> list[str]:
+        """main.cf lines for SMTP AUTH (Cyrus SASL with a sasldb of its own holding `logins`),
+        so that a milter sees `{auth_authen}` as at a site whose users log in. Debian's
+        Postfix reads `smtpd_sasl_path = smtpd` as config_directory/sasl/smtpd.conf."""
+        saslpasswd2 = shutil.which("saslpasswd2") or "/usr/sbin/saslpasswd2"
+        if not Path(saslpasswd2).exists():
+            raise AssertionError("saslpasswd2 is missing: apt-get install -y sasl2-bin")
+        directory = self.config_directory / "sasl"
+        directory.mkdir(parents=True, exist_ok=True)
+        database = directory / "sasldb2"
+        for login, password in self.logins.items():
+            user, _, realm = login.partition("@")
+            subprocess.run(
+                [saslpasswd2, "-c", "-p", "-f", str(database), "-u", realm, user],
+                input=password.encode(),
+                check=True,
+                timeout=COMMAND_TIMEOUT,
+            )
+        shutil.chown(database, user="postfix")
+        (directory / "smtpd.conf").write_text(
+            f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {database}\n"
+            "mech_list: PLAIN LOGIN\n",
+            encoding="utf-8",
+        )
+        return [
+            "smtpd_sasl_auth_enable = yes",
+            "smtpd_sasl_type = cyrus",
+            "smtpd_sasl_path = smtpd",
+            "smtpd_sasl_security_options = noanonymous",
+        ]
 
     async def run(self, command: str, *args: str) -> str:
         """One of Postfix's commands against this instance; its output, or an AssertionError."""
@@ -360,12 +394,14 @@ async def postfix_instance(
     master_cf: Sequence[str] = (),
     smtpd_options: Sequence[str] = (),
     smtpd_port: int | None = None,
+    logins: Mapping[str, str] | None = None,
 ) -> AsyncIterator[PostfixInstance]:
     """A started private Postfix in `directory`, stopped on the way out.
 
     `relayhost` is where it sends everything (e.g. "[127.0.0.1]:2525"); `main_cf` lines are
     appended to main.cf (later lines win), `master_cf` lines to master.cf (more services),
-    `smtpd_options` become `-o NAME=VALUE` lines of the smtpd listener on `smtpd_port`.
+    `smtpd_options` become `-o NAME=VALUE` lines of the smtpd listener on `smtpd_port`;
+    `logins` (address -> password) turn on SMTP AUTH with those logins.
     """
     instance = PostfixInstance(
         directory,
@@ -374,6 +410,7 @@ async def postfix_instance(
         master_cf=master_cf,
         smtpd_options=smtpd_options,
         smtpd_port=smtpd_port or free_port(),
+        logins=logins or {},
     )
     try:
         await instance.start()

@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import shutil
-import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -59,49 +56,8 @@ async def postfix_sink() -> AsyncIterator[Sink]:
 
 
 @pytest.fixture
-def postfix_directory() -> Iterator[Path]:
-    """Postfix's own directory, outside pytest's: Postfix's master opens its lock file as
-    the postfix user, who must be able to walk every parent, and a pytest run starting
-    at the same time (other test sessions on this machine) resets pytest-of-root to 0700."""
-    with tempfile.TemporaryDirectory(prefix="sealrelay-milter-") as directory:
-        yield Path(directory)
-
-
-def sasl_logins(directory: Path, login: str, password: str) -> list[str]:
-    """main.cf lines for SMTP AUTH in Postfix (Cyrus SASL, a sasldb of its own with one
-    login), so that the milter sees `{auth_authen}` as at a site whose users log in.
-
-    `directory` is the instance's config_directory/sasl: Debian's Postfix reads
-    `smtpd_sasl_path = smtpd` as sasl/smtpd.conf there."""
-    saslpasswd2 = shutil.which("saslpasswd2") or "/usr/sbin/saslpasswd2"
-    if not Path(saslpasswd2).exists():
-        pytest.fail("saslpasswd2 is missing: apt-get install -y sasl2-bin", pytrace=False)
-    directory.mkdir(parents=True)  # before Postfix starts; its harness keeps what is there
-    database = directory / "sasldb2"
-    user, _, realm = login.partition("@")
-    subprocess.run(
-        [saslpasswd2, "-c", "-p", "-f", str(database), "-u", realm, user],
-        input=password.encode(),
-        check=True,
-        timeout=30,
-    )
-    shutil.chown(database, user="postfix")
-    (directory / "smtpd.conf").write_text(
-        f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {database}\n"
-        "mech_list: PLAIN LOGIN\n",
-        encoding="utf-8",
-    )
-    return [
-        "smtpd_sasl_auth_enable = yes",
-        "smtpd_sasl_type = cyrus",
-        "smtpd_sasl_path = smtpd",
-        "smtpd_sasl_security_options = noanonymous",
-    ]
-
-
-@pytest.fixture
 async def setup(
-    relay_factory: StartRelay, postfix_sink: Sink, postfix_directory: Path
+    relay_factory: StartRelay, postfix_sink: Sink, tmp_path: Path
 ) -> AsyncIterator[tuple[Harness, PostfixInstance]]:
     milter_port = free_port()
     relay = await relay_factory(
@@ -109,14 +65,14 @@ async def setup(
         smtp={"max_message_size": 8 * MiB},
     )
     async with postfix_instance(
-        postfix_directory / "postfix",
+        tmp_path / "postfix",
         relayhost=f"[127.0.0.1]:{postfix_sink.port}",
         main_cf=[
             f"smtpd_milters = inet:127.0.0.1:{milter_port}",
             "milter_default_action = tempfail",
             "milter_protocol = 6",
-            *sasl_logins(postfix_directory / "postfix" / "etc" / "sasl", AGENT, PASSWORD),
         ],
+        logins={AGENT: PASSWORD},
     ) as postfix:
         yield relay, postfix
 
@@ -281,7 +237,7 @@ async def test_a_postfix_login_that_is_an_agent_sends_as_that_agent(
 
 
 async def test_taken_over_mail_can_go_back_through_postfix_without_the_milter(
-    relay_factory: StartRelay, postfix_sink: Sink, postfix_directory: Path
+    relay_factory: StartRelay, postfix_sink: Sink, tmp_path: Path
 ) -> None:
     """docs/postfix.md's loop: sealrelay's upstream is a Postfix listener without milters."""
     milter_port, return_port = free_port(), free_port()
@@ -291,7 +247,7 @@ async def test_taken_over_mail_can_go_back_through_postfix_without_the_milter(
         upstream={"url": f"smtp://127.0.0.1:{return_port}"},
     )
     async with postfix_instance(
-        postfix_directory / "postfix",
+        tmp_path / "postfix",
         relayhost=f"[127.0.0.1]:{postfix_sink.port}",
         main_cf=[
             f"smtpd_milters = inet:127.0.0.1:{milter_port}",
