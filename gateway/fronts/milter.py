@@ -27,7 +27,7 @@ from gateway.fronts import trusted
 from gateway.fronts.listen_addresses import split_address
 from gateway.fronts.smtp import Reply
 from gateway.fronts.trusted import TrustedEntry, TrustedMatch
-from gateway.intake.pipeline import CONTROL_FIELDS, Envelope, Origin, Pipeline, TrustedOrigin
+from gateway.intake.pipeline import STRIPPED_FIELDS, Envelope, Origin, Pipeline, TrustedOrigin
 from gateway.mail import headers
 from gateway.rejections import Rejected
 from gateway.store.db import Database
@@ -106,7 +106,7 @@ class MilterSession:
     async def header(self, name: str, value: bytes) -> mp.Reply:
         count = self.header_counts.get(name.lower(), 0) + 1
         self.header_counts[name.lower()] = count
-        if name.lower() in CONTROL_FIELDS:
+        if name.lower() in STRIPPED_FIELDS:
             self.control_fields.append((name, count))
         folded = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         return self._add(name.encode("ascii", errors="replace") + b":" + folded + b"\r\n")

@@ -114,6 +114,21 @@ async def test_the_agents_instructions_to_the_relay_are_taken_off(
     await client.close()
 
 
+async def test_a_loop_mark_that_is_not_ours_is_taken_off_mail_postfix_delivers(
+    relay_factory: StartRelay,
+) -> None:
+    relay, client = await start(relay_factory)
+    await client.envelope(AGENT, [PROSPECT])
+    forged = "v=1; h=relay.broker.example; t=1; id=x; mac=AAAA"
+    answers = await client.content(message(extra={"X-Sealrelay-Loop": forged}))
+    assert [(a.code, a.data) for a in answers[:1]] == [(b"m", b"\0\0\0\x01X-Sealrelay-Loop\0\0")]
+    assert [a.code for a in answers[1:]] == [b"h", b"c"]
+    await client.close()
+    async with relay.relay.db.transaction() as session:
+        kinds = (await session.scalars(select(Event.type))).all()
+    assert "message.loop_mark_forged" in kinds
+
+
 async def test_mail_that_needs_a_link_is_taken_over_and_delivered_once(
     relay_factory: StartRelay,
 ) -> None:
