@@ -20,13 +20,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from gateway.agent_logins import AgentLogins, LoginKeyMissing, LoginUnreadable
 from gateway.config import Settings
 from gateway.mail.outgoing import Signer, prepare
 from gateway.mail.own_mail import OwnMail
 from gateway.outbound import dsn, queue
 from gateway.outbound.local_mail import enqueue
 from gateway.outbound.queue_signal import QueueSignal
-from gateway.outbound.upstream import Outcome, Upstream, relay_name
+from gateway.outbound.upstream import Outcome, SmtpUpstream, Upstream, relay_name
 from gateway.store import journal
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
@@ -42,6 +43,7 @@ _LOGGED_STATUS = {
     DELIVERY_BOUNCED.name: "bounced",
 }
 _ENHANCED_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+AGENT_LOGIN = "agent-login"  # the delivered event's route when the agent's own login was used
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,12 @@ class DeliveryWorker:
         signer: Signer,
         signal: QueueSignal,
         clock: Callable[[], datetime] = utcnow,
+        logins: AgentLogins | None = None,
     ) -> None:
         self.settings = settings
+        self.logins = logins
+        # user id -> (the login's updated_at, an upstream that logs in with it)
+        self._login_upstreams: dict[int, tuple[datetime, tuple[str, SmtpUpstream]]] = {}
         self.db = db
         self.blobs = blobs
         self.upstream = upstream
@@ -160,21 +166,30 @@ class DeliveryWorker:
                 if stop is not None and stop.is_set():
                     await self._release(ids)
                     return
-                outcomes, signed = await self._send(group)
+                outcomes, signed, route = await self._send(group)
                 await self._record(
-                    group[0].message, [item.delivery for item in group], outcomes, signed
+                    group[0].message, [item.delivery for item in group], outcomes, signed, route
                 )
         finally:
             self._held.difference_update(ids)
 
-    async def _send(self, group: Sequence[queue.Claimed]) -> tuple[dict[str, Outcome], str | None]:
-        """The upstream's outcome per recipient, and the digest of the signed bytes when a
-        copy of the group keeps them: stored before they leave, so that a copy recorded as
-        delivered always has them (a released original's evidence is what the recipient got)."""
+    async def _send(
+        self, group: Sequence[queue.Claimed]
+    ) -> tuple[dict[str, Outcome], str | None, str | None]:
+        """The upstream's outcome per recipient, the digest of the signed bytes when a
+        copy of the group keeps them (stored before they leave, so that a copy recorded as
+        delivered always has them: a released original's evidence is what the recipient got),
+        and the route when not the default one."""
         message = group[0].message
         deliveries = [item.delivery for item in group]
         recipients = [d.recipient for d in deliveries]
         signed = None
+        try:
+            own = await self._agent_login_for(message)
+        except (LoginKeyMissing, LoginUnreadable) as exc:
+            log.error("%s: the agent's upstream login cannot be used: %s", message.id, exc)
+            return dict.fromkeys(recipients, Outcome(f"agent login unusable: {exc}")), None, None
+        route, upstream = own if own is not None else (None, self.upstream)
         try:
             # Not kept in a local: the stored bytes are freed once the copy is built.
             data = prepare(
@@ -185,10 +200,38 @@ class DeliveryWorker:
             )
             if any(d.keep_signed for d in deliveries):
                 signed = await self.blobs.put(data)
-            return await self.upstream.send(message.sender, recipients, data), signed
+            return await upstream.send(message.sender, recipients, data), signed, route
         except Exception as exc:
             log.exception("delivering %s failed before a reply", message.id)
-            return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None
+            return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None, None
+
+    async def _agent_login_for(self, message: Message) -> tuple[str, SmtpUpstream] | None:
+        """The agent's own login as a route and upstream, for mail the agent sent (their
+        submissions, released originals); never for the relay's own mail to them. One
+        upstream per user, made again when their login changed."""
+        if self.logins is None or message.kind != MessageKind.SUBMITTED or not message.user_id:
+            return None
+        user_id = message.user_id
+        changed = await self.logins.updated_at(user_id)
+        cached = self._login_upstreams.get(user_id)
+        if changed is None or (cached is not None and cached[0] != changed):
+            self._login_upstreams.pop(user_id, None)
+            cached = None
+        if changed is None:
+            return None
+        if cached is None:
+            login = await self.logins.open(user_id)
+            if login is None:
+                return None
+            upstream = SmtpUpstream(
+                self.settings.upstream,
+                self.settings.server.hostname,
+                url=login.url,
+                login=(login.username, login.password),
+            )
+            cached = (login.updated_at, (f"{AGENT_LOGIN} {relay_name(login.url)}", upstream))
+            self._login_upstreams[user_id] = cached
+        return cached[1]
 
     async def _release(self, ids: Sequence[str]) -> None:
         async with self.db.transaction() as session:
@@ -200,6 +243,7 @@ class DeliveryWorker:
         deliveries: Sequence[Delivery],
         outcomes: dict[str, Outcome],
         signed: str | None = None,
+        route: str | None = None,
     ) -> None:
         now = self.clock()
         failures = []
@@ -226,7 +270,13 @@ class DeliveryWorker:
                 if outcome.delivered:
                     events.append(
                         await queue.mark_delivered(
-                            session, delivery, self.name, now, outcome.remote_mta, signed
+                            session,
+                            delivery,
+                            self.name,
+                            now,
+                            outcome.remote_mta,
+                            signed,
+                            AGENT_LOGIN if route else None,
                         )
                     )
                 elif delivery.id in failed:
@@ -281,6 +331,7 @@ class DeliveryWorker:
                     failure.outcome if failure else outcome,
                     now,
                     failure.status if failure else None,
+                    route,
                 )
 
     def _log_outcome(
@@ -291,9 +342,11 @@ class DeliveryWorker:
         outcome: Outcome,
         now: datetime,
         final: str | None = None,
+        route: str | None = None,
     ) -> None:
         """One line per outcome, as Postfix writes it, under the id the agent got in the 250;
-        a bounce's dsn= is the ``final`` status its DSN reports."""
+        a bounce's dsn= is the ``final`` status its DSN reports, relay= the agent's own host
+        when their login was used."""
         status = _LOGGED_STATUS[event]
         reply = " ".join((outcome.error or outcome.reply or "").split())
         default = {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
@@ -301,7 +354,7 @@ class DeliveryWorker:
             "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
             message.id,
             delivery.recipient,
-            relay_name(self.settings.upstream.url),
+            route or relay_name(self.settings.upstream.url),
             (now - message.received_at).total_seconds(),
             final or _status_of(reply, default),
             status,

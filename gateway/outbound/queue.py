@@ -129,8 +129,10 @@ async def mark_delivered(
     now: datetime,
     remote: str | None,
     signed_blob: str | None = None,
+    route: str | None = None,
 ) -> journal.NewEvent | None:
-    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them."""
+    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them; `route`:
+    how it left when not the default way ("agent-login")."""
     kept = {"signed_blob": signed_blob} if signed_blob and delivery.keep_signed else {}
     return await _settle(
         session,
@@ -138,7 +140,7 @@ async def mark_delivered(
         worker,
         now,
         DELIVERY_DELIVERED,
-        {"remote": remote},
+        {"remote": remote, **({"route": route} if route else {})},
         status=DeliveryStatus.DELIVERED,
         last_error=None,
         **kept,

@@ -449,6 +449,9 @@ class Delivered(TypedDict):
     recipient: Recipient
     attempt: Attempt
     remote: Annotated[str | None, About("The server that accepted it, when known.")]
+    route: NotRequired[
+        Annotated[str, About("'agent-login' when it left through the agent's own login.")]
+    ]
 
 
 DELIVERY_DELIVERED = _declare(
@@ -1000,4 +1003,33 @@ MESSAGE_TRUSTED_CLIENT = _declare(
     " written with message.received, it names which entry let it in.",
     MessageTrustedClient,
     message="the message received",
+)
+
+
+# -- agent-logins: an agent's own login at their mail host (gateway/agent_logins.py)
+
+
+@with_config(_STRICT)
+class UserUpstreamLogin(TypedDict):
+    email: Email
+    url: Annotated[str, About("The agent's mail host, smtp:// or smtps://.")]
+    username: Annotated[
+        str, About("The login name at that host (never the password).", personal=True)
+    ]
+    by: Actor
+
+
+USER_UPSTREAM_LOGIN_SET = _declare(
+    "user.upstream_login_set",
+    "A user's mail now leaves through their own login at their mail host; the password is"
+    " stored sealed and is never recorded.",
+    UserUpstreamLogin,
+    message=None,
+)
+
+USER_UPSTREAM_LOGIN_CLEARED = _declare(
+    "user.upstream_login_cleared",
+    "A user's own upstream login was removed: their mail leaves the default way again.",
+    UserUpstreamLogin,
+    message=None,
 )

@@ -81,6 +81,9 @@ STORED_NAMES = {
     "user.alias_removed",
     # trusted-front
     "message.trusted_client",
+    # agent-logins
+    "user.upstream_login_set",
+    "user.upstream_login_cleared",
 }
 
 
