@@ -208,6 +208,7 @@ class Relay:
             users=UserDesk(db),
             webhooks=self.webhooks,
             waiting=WaitingLetters(db),
+            agent_logins=self.agent_logins,
             chain=lambda: journal.verify_database(db),
         )
 
