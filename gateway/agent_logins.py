@@ -255,6 +255,19 @@ class AgentLogins:
                 return None
             return LoginView(email, row.url, row.username, row.created_at, row.updated_at)
 
+    async def views(self) -> dict[str, LoginView]:
+        """Every live user's login by address, for the admin's users page."""
+        async with self.db.transaction() as session:
+            rows = await session.execute(
+                select(User.email, AgentLogin)
+                .join(AgentLogin, AgentLogin.user_id == User.id)
+                .where(User.deleted_at.is_(None))
+            )
+            return {
+                email: LoginView(email, row.url, row.username, row.created_at, row.updated_at)
+                for email, row in rows.all()
+            }
+
     async def updated_at(self, user_id: int) -> datetime | None:
         """When the user's login last changed, None without one: a cheap look for caches."""
         async with self.db.transaction() as session:

@@ -145,10 +145,18 @@ def register_console_work(
     pages.register(routes)
     ActionPages(view, parts.timeline, pages, parts.links, parts.letters).register(routes)
     AdminPages(
-        view, parts.users, parts.queue, parts.webhooks, parts.api_keys, parts.chain
+        view,
+        parts.users,
+        parts.queue,
+        parts.webhooks,
+        parts.api_keys,
+        parts.chain,
+        parts.agent_logins,
     ).register(routes)
     ConfigPages(view, parts.settings, lookup).register(routes)
-    AccountPages(view, view.site, parts.users, parts.sessions, parts.settings).register(routes)
+    AccountPages(
+        view, view.site, parts.users, parts.sessions, parts.settings, parts.agent_logins
+    ).register(routes)
 
 
 def api(parts: WebParts, lookup: DnsLookup | None = None) -> Api:

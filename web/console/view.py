@@ -43,6 +43,8 @@ NOTICES = frozenset(
         "alias_removed",
         "notices_saved",
         "password_changed",
+        "login_saved",
+        "login_cleared",
     }
 )
 
