@@ -108,7 +108,7 @@ async def test_an_admin_sets_and_clears_another_users_login(world: World) -> Non
     assert nobody.status == 404 and "no user nobody@broker.example" in visible(nobody.text)
 
     saved = await admin.post(path, {"csrf": csrf, **FORM, "email": OTHER_AGENT, "password": SECRET})
-    assert saved.status == 303 and saved.location == f"{USERS}?done=login_saved"
+    assert saved.status == 303 and saved.location == f"{USERS}?done=user_login_saved"
     listing = await admin.get(USERS)
     assert "smtp://mail.webhoster.example:587" in listing.text
     assert SECRET.strip() not in listing.text

@@ -308,7 +308,7 @@ class AdminPages:
             )
         except LoginRefused as refused:
             return await self.user_list(request, error=refused.message, status=refused.status)
-        raise self.view.see_other(USERS, done)
+        raise self.view.see_other(USERS, f"user_{done}")
 
     # -- the queue
 

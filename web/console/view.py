@@ -45,6 +45,8 @@ NOTICES = frozenset(
         "password_changed",
         "login_saved",
         "login_cleared",
+        "user_login_saved",
+        "user_login_cleared",
     }
 )
 
