@@ -283,8 +283,36 @@ class AgentLogins:
         if row is None:
             return None
         box = await self._open_box(create=False)
-        password = box.open(user_id, row.ciphertext)
+        try:
+            password = box.open(user_id, row.ciphertext)
+        except LoginUnreadable:
+            # the key may have been rotated by `rotate-key` since this process read it
+            self._box = None
+            password = (await self._open_box(create=False)).open(user_id, row.ciphertext)
         return OpenLogin(user_id, row.url, row.username, row.updated_at, password)
+
+    async def rotate_key(self) -> int:
+        """Seal every login with a new key; returns how many. The new key is written beside
+        the old one first (`.new`), the rows are re-sealed in one transaction, then the new
+        key takes the old one's place and the old one is kept as `.old`. Run it again after
+        an interruption: rows already sealed with the pending key are taken as they are."""
+        old = await self._open_box(create=False)
+        pending_path = self.key_file.with_name(self.key_file.name + ".new")
+        pending = SecretBox(read_key(pending_path) or create_key(pending_path))
+        async with self.db.transaction() as session:
+            rows = (await session.scalars(select(AgentLogin).with_for_update())).all()
+            for row in rows:
+                try:
+                    secret = old.open(row.user_id, row.ciphertext)
+                except LoginUnreadable:
+                    secret = pending.open(row.user_id, row.ciphertext)
+                row.ciphertext = pending.seal(row.user_id, secret)
+        kept = self.key_file.with_name(self.key_file.name + ".old")
+        kept.unlink(missing_ok=True)
+        os.link(self.key_file, kept)
+        os.replace(pending_path, self.key_file)
+        self._box = None
+        return len(rows)
 
 
 async def _live_user(session: AsyncSession, email: str) -> User:

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import config_check, users
-from gateway.agent_logins import AgentLogins, LoginKeyMissing
+from gateway.agent_logins import AgentLogins, LoginKeyMissing, key_path
 from gateway.config import (
     ConfigError,
     NoticeSettings,
@@ -546,6 +546,17 @@ def user_upstream_login_show(config: Path | None, email: str) -> None:
         click.echo(f"{email}: no upstream login (mail leaves the default way)")
         return
     click.echo(f"{email}: {view.username} at {view.url}, set {view.updated_at:%Y-%m-%d %H:%M} UTC")
+
+
+@user_upstream_login.command("rotate-key")
+@config_option
+def user_upstream_login_rotate_key(config: Path | None) -> None:
+    """Seal every stored login with a new key ([secrets] key_file); the old key is kept
+    beside it as .old. Back up the new key; run again if it was interrupted."""
+    count = _agent_logins(config, lambda desk: desk.rotate_key())
+    path = key_path(_settings(config))
+    click.echo(f"{count} upstream logins sealed with the new key {path}; back it up")
+    click.echo(f"the old key is kept at {path}.old: delete it once the backup has the new one")
 
 
 @user.command("totp")

@@ -53,6 +53,16 @@ async def test_a_login_is_set_shown_and_cleared_without_the_secret_showing(
     for run in (bad, done, shown):
         assert SECRET not in run.out + run.err
 
+    old_key = key.read_bytes()
+    rotated = await sealrelay("user", "upstream-login", "rotate-key", *cfg)
+    assert rotated.code == 0, rotated.err
+    assert rotated.out.startswith(f"1 upstream logins sealed with the new key {key}; back it up")
+    assert key.read_bytes() != old_key and (key.parent / "agent-logins.key.old").exists()
+    assert (
+        "anna@webhoster.example"
+        in (await sealrelay("user", "upstream-login", "show", ANNA, *cfg)).out
+    )
+
     cleared = await sealrelay("user", "upstream-login", "clear", ANNA, *cfg)
     assert cleared.out == f"{ANNA}: upstream login removed\n"
     again = await sealrelay("user", "upstream-login", "clear", ANNA, *cfg)

@@ -252,3 +252,35 @@ def test_sealed_values_are_bound_to_their_user() -> None:
     with pytest.raises(LoginUnreadable):
         SecretBox(b"j" * 32).open(1, sealed)
     assert check_url("smtps://Mail.Example:465/") == "smtps://Mail.Example:465"
+
+
+async def test_a_rotated_key_opens_every_login_and_a_running_relay_follows(
+    relay_factory: StartRelay, hoster: SecureSink, database: Database
+) -> None:
+    await users.add_user(database, OTHER, PASSWORD)
+    harness = await relay_factory()
+    running = harness.relay.agent_logins
+    url = f"smtp://127.0.0.1:{hoster.port}"
+    await running.set(AGENT, url, HOSTER_USER, HOSTER_SECRET, by=ADMIN)
+    await running.set(OTHER, url, "other@webhoster.example", "other secret 9", by=ADMIN)
+    key_file = key_path(harness.settings)
+    before = key_file.read_bytes()
+    async with database.transaction() as session:
+        sealed_before = {r.user_id: r.ciphertext for r in await session.scalars(select(AgentLogin))}
+
+    # another process (the CLI) rotates; the running relay still holds the old key
+    assert await AgentLogins(database, key_file).rotate_key() == 2
+    assert key_file.read_bytes() != before
+    assert key_file.with_name(key_file.name + ".old").read_bytes() == before
+    assert not key_file.with_name(key_file.name + ".new").exists()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    async with database.transaction() as session:
+        for row in await session.scalars(select(AgentLogin)):
+            assert row.ciphertext != sealed_before[row.user_id]
+    with pytest.raises(LoginUnreadable):
+        SecretBox(before).open(row.user_id, row.ciphertext)
+    assert SecretBox(before).open(row.user_id, sealed_before[row.user_id])  # the old row did
+
+    await send_as(harness, AGENT, "p@example.com")
+    [copy] = await hoster.expect(1)
+    assert copy.rcpt_tos == ["p@example.com"] and hoster.logins == [HOSTER_USER]
