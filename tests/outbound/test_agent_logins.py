@@ -23,10 +23,11 @@ from gateway.agent_logins import (
     check_url,
     key_path,
 )
+from gateway.config_check import settings_problems
 from gateway.store.db import Database
 from gateway.store.models import AgentLogin, DeliveryStatus, Event, User
 from gateway.users import UnknownUser, UserError
-from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, make_message
+from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, make_message, relay_settings
 from tests.outbound.test_delivery import (
     SecureSink,
     _when,
@@ -284,3 +285,25 @@ async def test_a_rotated_key_opens_every_login_and_a_running_relay_follows(
     await send_as(harness, AGENT, "p@example.com")
     [copy] = await hoster.expect(1)
     assert copy.rcpt_tos == ["p@example.com"] and hoster.logins == [HOSTER_USER]
+
+
+def test_config_check_looks_at_the_key_file_without_showing_it(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys" / "logins.key"
+    settings = relay_settings(tmp_path, 25, secrets={"key_file": str(key_file)})
+    assert key_path(settings) == key_file
+    assert key_path(relay_settings(tmp_path, 25)) == tmp_path / "agent-logins.key"
+
+    def findings() -> list[str]:
+        return [str(p) for p in settings_problems(settings) if p.key == "secrets.key_file"]
+
+    assert findings() == [], "a missing key is made when the first login is set"
+    key_file.parent.mkdir()
+    key_file.write_bytes(b"k" * 31)
+    key_file.chmod(0o600)
+    assert findings() == [f"secrets.key_file: {key_file} must hold exactly 32 bytes"]
+    key_file.write_bytes(b"k" * 32)
+    key_file.chmod(0o644)
+    [warning] = [p for p in settings_problems(settings) if p.key == "secrets.key_file"]
+    assert not warning.error and "chmod 600" in warning.text and "kkkk" not in warning.text
+    with pytest.raises(ValueError, match=r"secrets\.key_file"):
+        relay_settings(tmp_path, 25, secrets={"key_file": 1})
