@@ -28,6 +28,7 @@ from gateway.store.db import Database
 from gateway.store.models import AgentLogin, DeliveryStatus, Event, User
 from gateway.users import UnknownUser, UserError
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, make_message, relay_settings
+from tests.letter_site import PROSPECT, LetterSite
 from tests.outbound.test_delivery import (
     SecureSink,
     _when,
@@ -38,6 +39,7 @@ from tests.outbound.test_delivery import (
     queued_id,
     server_tls,
 )
+from tests.support import Received
 
 OTHER = "other@broker.example"
 HOSTER_USER = "anna@webhoster.example"
@@ -307,3 +309,25 @@ def test_config_check_looks_at_the_key_file_without_showing_it(tmp_path: Path) -
     assert not warning.error and "chmod 600" in warning.text and "kkkk" not in warning.text
     with pytest.raises(ValueError, match=r"secrets\.key_file"):
         relay_settings(tmp_path, 25, secrets={"key_file": 1})
+
+
+async def test_a_released_original_leaves_through_the_login_and_the_confirmations_do_not(
+    site: LetterSite, hoster: SecureSink
+) -> None:
+    token, _ = await site.send_offer()  # the letter left before the login was set
+    await site.relay.agent_logins.set(
+        AGENT, f"smtp://127.0.0.1:{hoster.port}", HOSTER_USER, HOSTER_SECRET, by=ADMIN
+    )
+    before = len(site.sink.messages)
+    assert (await site.consent(token)).status == 303
+
+    [original] = await hoster.expect(1)
+    assert original.rcpt_tos == [PROSPECT] and b"X-Sealrelay-Consent" in original.data
+    assert hoster.logins == [HOSTER_USER]
+
+    async def confirmation_to_agent() -> list[Received]:
+        return site.sink.to(AGENT)[-1:] if len(site.sink.messages) > before else []
+
+    [confirmation] = await eventually(confirmation_to_agent)
+    assert b"X-Sealrelay-Consent" not in confirmation.data.split(b"\r\n\r\n", 1)[0]
+    assert hoster.to(AGENT) == []
