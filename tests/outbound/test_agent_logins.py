@@ -331,3 +331,15 @@ async def test_a_released_original_leaves_through_the_login_and_the_confirmation
     [confirmation] = await eventually(confirmation_to_agent)
     assert b"X-Sealrelay-Consent" not in confirmation.data.split(b"\r\n\r\n", 1)[0]
     assert hoster.to(AGENT) == []
+
+
+async def test_deleting_a_user_removes_their_login(
+    relay_factory: StartRelay, database: Database
+) -> None:
+    harness = await relay_factory()
+    logins = harness.relay.agent_logins
+    await logins.set(AGENT, "smtp://mail.webhoster.example", HOSTER_USER, HOSTER_SECRET, by=ADMIN)
+    await users.delete_user(database, AGENT, by=ADMIN)
+    assert await logins.count() == 0
+    with pytest.raises(UnknownUser):
+        await logins.show(AGENT)
