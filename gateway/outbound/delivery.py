@@ -186,11 +186,7 @@ class DeliveryWorker:
         signed = None
         try:
             own = await self._agent_login_for(message)
-        except (LoginKeyMissing, LoginUnreadable) as exc:
-            log.error("%s: the agent's upstream login cannot be used: %s", message.id, exc)
-            return dict.fromkeys(recipients, Outcome(f"agent login unusable: {exc}")), None, None
-        route, upstream = own if own is not None else (None, self.upstream)
-        try:
+            route, upstream = own if own is not None else (None, self.upstream)
             # Not kept in a local: the stored bytes are freed once the copy is built.
             data = prepare(
                 await self.blobs.read(deliveries[0].blob),
@@ -201,6 +197,9 @@ class DeliveryWorker:
             if any(d.keep_signed for d in deliveries):
                 signed = await self.blobs.put(data)
             return await upstream.send(message.sender, recipients, data), signed, route
+        except (LoginKeyMissing, LoginUnreadable) as exc:  # their texts hold no secret
+            log.error("%s: the agent's upstream login cannot be used: %s", message.id, exc)
+            return dict.fromkeys(recipients, Outcome(f"agent login unusable: {exc}")), None, None
         except Exception as exc:
             log.exception("delivering %s failed before a reply", message.id)
             return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None, None
@@ -213,13 +212,11 @@ class DeliveryWorker:
             return None
         user_id = message.user_id
         changed = await self.logins.updated_at(user_id)
-        cached = self._login_upstreams.get(user_id)
-        if changed is None or (cached is not None and cached[0] != changed):
-            self._login_upstreams.pop(user_id, None)
-            cached = None
         if changed is None:
+            self._login_upstreams.pop(user_id, None)
             return None
-        if cached is None:
+        cached = self._login_upstreams.get(user_id)
+        if cached is None or cached[0] != changed:
             login = await self.logins.open(user_id)
             if login is None:
                 return None
