@@ -446,6 +446,16 @@ class StorageSettings(Section):
     sweep_interval: float = Field(default=3600, gt=0, description="seconds between sweeps")
 
 
+class SecretsSettings(Section):
+    """Where the key that seals the agents' upstream passwords lives: never the database."""
+
+    key_file: Path | None = Field(
+        default=None,
+        description="AES key for the agents' upstream logins; default: agent-logins.key"
+        " beside the blob store directory, created 0600 on first use. Back it up.",
+    )
+
+
 class DkimDomain(Section):
     selector: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     key_file: Path
@@ -669,6 +679,7 @@ class Settings(Section):
     console: ConsoleSettings = ConsoleSettings()
     database: DatabaseSettings = DatabaseSettings()
     storage: StorageSettings = StorageSettings()
+    secrets: SecretsSettings = SecretsSettings()
     worker: WorkerSettings = WorkerSettings()
     dkim: dict[str, DkimDomain] = {}
     loop: LoopSettings = LoopSettings()

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 
+from gateway import agent_logins
 from gateway.config import (
     ConfigError,
     DkimDomain,
@@ -66,6 +67,7 @@ def settings_problems(settings: Settings) -> Iterator[Problem]:
     yield from _direct_delivery(settings)
     yield from _database(settings.database.url)
     yield from _storage(settings.storage)
+    yield from _secrets(settings)
     for domain, entry in settings.dkim.items():
         yield from _dkim(domain, entry)
     yield from _loop(settings.loop)
@@ -213,6 +215,27 @@ def _storage(storage: StorageSettings) -> Iterator[Problem]:
     problem = writable_directory("storage.path", storage.path)
     if problem is not None:
         yield problem
+
+
+def _secrets(settings: Settings) -> Iterator[Problem]:
+    """The login key, when there is one: readable, 32 bytes, for the relay's user only. A
+    missing one is made when the first login is set (never shown: only its size and mode)."""
+    path = agent_logins.key_path(settings)
+    if not path.exists():
+        return
+    if (problem := readable_file("secrets.key_file", path)) is not None:
+        yield problem
+        return
+    if path.stat().st_size != agent_logins.KEY_BYTES:
+        yield Problem(
+            "secrets.key_file", f"{_shown(path)} must hold exactly {agent_logins.KEY_BYTES} bytes"
+        )
+    if path.stat().st_mode & 0o077:
+        yield Problem(
+            "secrets.key_file",
+            f"{_shown(path)} can be read by other users; chmod 600 it",
+            error=False,
+        )
 
 
 def _dkim(domain: str, entry: DkimDomain) -> Iterator[Problem]:

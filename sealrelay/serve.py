@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.agent_logins import AgentLogins
 from gateway.config import Settings
 from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk
@@ -150,6 +151,7 @@ class Relay:
         self.smtp = SmtpFront(settings, self.db, self.pipeline, self.login_throttle)
         self.milter = MilterFront(settings, self.db, self.pipeline)  # listens if [milter] listen
         self._sessions: SessionDesk | None = None
+        self.agent_logins = AgentLogins.from_settings(settings, self.db, clock)
         self.worker = DeliveryWorker(
             settings,
             self.db,
@@ -159,6 +161,7 @@ class Relay:
             self.signal,
             clock,
             self.loop,
+            logins=self.agent_logins,
         )
         self.webhooks = WebhookDesk(self.db, clock)
         # Its own task, own connections and own few slots: a slow receiver never holds mail.
@@ -179,6 +182,8 @@ class Relay:
         if not await self._database_ready():
             return
         await self.blobs.remove_interrupted_writes()
+        if (unopenable := await self.agent_logins.key_problem()) is not None:
+            log.error("agents' upstream logins: %s; their mail stays queued", unopenable)
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
             self._tasks.append(asyncio.create_task(self.webhook_worker.run(self._stop)))
@@ -224,6 +229,7 @@ class Relay:
             users=UserDesk(db),
             webhooks=self.webhooks,
             waiting=WaitingLetters(db),
+            agent_logins=self.agent_logins,
             chain=lambda: journal.verify_database(db),
         )
 

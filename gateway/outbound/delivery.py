@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from gateway.agent_logins import AgentLogins, LoginKeyMissing, LoginUnreadable
 from gateway.config import Settings
 from gateway.mail.loop_mark import LoopMarks
 from gateway.mail.outgoing import Signer, prepare
@@ -28,7 +29,7 @@ from gateway.outbound import dsn, queue
 from gateway.outbound.local_mail import enqueue
 from gateway.outbound.queue_signal import QueueSignal
 from gateway.outbound.routes import Route, RouteTable
-from gateway.outbound.upstream import Outcome
+from gateway.outbound.upstream import Outcome, SmtpUpstream, relay_name
 from gateway.store import journal
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
@@ -44,6 +45,7 @@ _LOGGED_STATUS = {
     DELIVERY_BOUNCED.name: "bounced",
 }
 _ENHANCED_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+AGENT_LOGIN = "agent-login"  # the delivered event's route when the agent's own login was used
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,12 @@ class DeliveryWorker:
         signal: QueueSignal,
         clock: Callable[[], datetime] = utcnow,
         loop: LoopMarks | None = None,
+        logins: AgentLogins | None = None,
     ) -> None:
         self.settings = settings
+        self.logins = logins
+        # user id -> (the login's updated_at, an upstream that logs in with it)
+        self._login_upstreams: dict[int, tuple[datetime, Route]] = {}
         self.db = db
         self.blobs = blobs
         self.routes = routes
@@ -169,7 +175,7 @@ class DeliveryWorker:
                 if stop is not None and stop.is_set():
                     await self._release(ids)
                     return
-                outcomes, signed = await self._send(route, group)
+                outcomes, signed, route = await self._send(route, group)
                 await self._record(
                     group[0].message, [item.delivery for item in group], outcomes, route, signed
                 )
@@ -178,15 +184,17 @@ class DeliveryWorker:
 
     async def _send(
         self, route: Route, group: Sequence[queue.Claimed]
-    ) -> tuple[dict[str, Outcome], str | None]:
-        """The upstream's outcome per recipient, and the digest of the signed bytes when a
-        copy of the group keeps them: stored before they leave, so that a copy recorded as
-        delivered always has them (a released original's evidence is what the recipient got)."""
+    ) -> tuple[dict[str, Outcome], str | None, Route]:
+        """The upstream's outcome per recipient, the digest of the signed bytes when a
+        copy of the group keeps them (stored before they leave, so that a copy recorded as
+        delivered always has them: a released original's evidence is what the recipient got),
+        and the route taken: the agent's own login, when they have one, before any route."""
         message = group[0].message
         deliveries = [item.delivery for item in group]
         recipients = [d.recipient for d in deliveries]
         signed = None
         try:
+            route = await self._agent_login_for(message) or route
             # Not kept in a local: the stored bytes are freed once the copy is built.
             data = prepare(
                 await self.blobs.read(deliveries[0].blob),
@@ -197,10 +205,40 @@ class DeliveryWorker:
             )
             if any(d.keep_signed for d in deliveries):
                 signed = await self.blobs.put(data)
-            return await route.upstream.send(message.sender, recipients, data), signed
+            return await route.upstream.send(message.sender, recipients, data), signed, route
+        except (LoginKeyMissing, LoginUnreadable) as exc:  # their texts hold no secret
+            log.error("%s: the agent's upstream login cannot be used: %s", message.id, exc)
+            return dict.fromkeys(recipients, Outcome(f"agent login unusable: {exc}")), None, route
         except Exception as exc:
             log.exception("delivering %s failed before a reply", message.id)
-            return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None
+            return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None, route
+
+    async def _agent_login_for(self, message: Message) -> Route | None:
+        """The agent's own login as a route and upstream, for mail the agent sent (their
+        submissions, released originals); never for the relay's own mail to them. One
+        upstream per user, made again when their login changed."""
+        if self.logins is None or message.kind != MessageKind.SUBMITTED or not message.user_id:
+            return None
+        user_id = message.user_id
+        changed = await self.logins.updated_at(user_id)
+        if changed is None:
+            self._login_upstreams.pop(user_id, None)
+            return None
+        cached = self._login_upstreams.get(user_id)
+        if cached is None or cached[0] != changed:
+            login = await self.logins.open(user_id)
+            if login is None:
+                return None
+            upstream = SmtpUpstream(
+                self.settings.upstream,
+                self.settings.server.hostname,
+                url=login.url,
+                login=(login.username, login.password),
+            )
+            relay = f"{AGENT_LOGIN} {relay_name(login.url)}"
+            cached = (login.updated_at, Route(AGENT_LOGIN, AGENT_LOGIN, upstream, relay))
+            self._login_upstreams[user_id] = cached
+        return cached[1]
 
     async def _release(self, ids: Sequence[str]) -> None:
         async with self.db.transaction() as session:
@@ -316,8 +354,8 @@ class DeliveryWorker:
         final: str | None = None,
     ) -> None:
         """One line per outcome, as Postfix writes it, under the id the agent got in the 250;
-        relay= is where the route's upstream is; a bounce's dsn= is the ``final`` status its
-        DSN reports."""
+        relay= is where the route's upstream is (the agent's own host when their login was
+        used); a bounce's dsn= is the ``final`` status its DSN reports."""
         status = _LOGGED_STATUS[event]
         reply = " ".join((outcome.error or outcome.reply or "").split())
         default = {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")

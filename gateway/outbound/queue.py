@@ -134,7 +134,8 @@ async def mark_delivered(
     *,
     route: str | None = None,
 ) -> journal.NewEvent | None:
-    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them."""
+    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them; `route`:
+    how it left when not the default way ("agent-login")."""
     kept = {"signed_blob": signed_blob} if signed_blob and delivery.keep_signed else {}
     return await _settle(
         session,

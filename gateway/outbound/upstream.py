@@ -118,13 +118,24 @@ def client_tls_context(*, verify: bool) -> ssl.SSLContext:
 class SmtpUpstream:
     """One connection per batch; STARTTLS whenever the server offers it (smtp://)."""
 
-    def __init__(self, settings: UpstreamSettings, local_hostname: str) -> None:
-        parts = urlsplit(settings.url)
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        local_hostname: str,
+        *,
+        url: str | None = None,
+        login: tuple[str, str] | None = None,
+    ) -> None:
+        """`url` and `login` (username, password) replace the settings' own: an agent's
+        own account at their mail host (gateway/agent_logins.py)."""
+        parts = urlsplit(url or settings.url)
         self.host = parts.hostname or "localhost"
         self.implicit_tls = parts.scheme == "smtps"
         self.port = parts.port or (465 if self.implicit_tls else 25)
         self.username = settings.username or (unquote(parts.username) if parts.username else None)
         self.password = settings.password or (unquote(parts.password) if parts.password else None)
+        if login is not None:
+            self.username, self.password = login
         self.timeout = settings.timeout
         self.connect_timeout = settings.connect_timeout
         self.session_timeout = settings.session_timeout

@@ -447,8 +447,9 @@ DELIVERY_QUEUED = _declare(
 RouteTaken = Annotated[
     str,
     About(
-        "The `[[routes]]` entry the attempt took (docs/routes.md), or `default` for"
-        " `[upstream]`. Events written before 2026-12 lack it."
+        "The `[[routes]]` entry the attempt took (docs/routes.md), `default` for"
+        " `[upstream]`, or `agent-login` when it left through the agent's own login at their"
+        " mail host (docs/agent-logins.md). Events written before 2026-12 lack it."
     ),
 ]
 
@@ -1076,4 +1077,33 @@ MESSAGE_MILTER = _declare(
     " whether the MTA delivers it (passed) or the relay took it over.",
     MessageMilter,
     message="the message received",
+)
+
+
+# -- agent-logins: an agent's own login at their mail host (gateway/agent_logins.py)
+
+
+@with_config(_STRICT)
+class UserUpstreamLogin(TypedDict):
+    email: Email
+    url: Annotated[str, About("The agent's mail host, smtp:// or smtps://.")]
+    username: Annotated[
+        str, About("The login name at that host (never the password).", personal=True)
+    ]
+    by: Actor
+
+
+USER_UPSTREAM_LOGIN_SET = _declare(
+    "user.upstream_login_set",
+    "A user's mail now leaves through their own login at their mail host; the password is"
+    " stored sealed and is never recorded.",
+    UserUpstreamLogin,
+    message=None,
+)
+
+USER_UPSTREAM_LOGIN_CLEARED = _declare(
+    "user.upstream_login_cleared",
+    "A user's own upstream login was removed: their mail leaves the default way again.",
+    UserUpstreamLogin,
+    message=None,
 )

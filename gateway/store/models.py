@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -418,3 +419,22 @@ class NoticeCursor(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class AgentLogin(Base):
+    """An agent's own login at their mail host, for hosts that refuse other From addresses.
+
+    The password is only ever stored sealed (AES-GCM, bound to the user id) with a key kept
+    outside the database (gateway/agent_logins.py); url and username are not secret.
+    """
+
+    __tablename__ = "agent_logins"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    url: Mapped[str] = mapped_column(String(300))
+    username: Mapped[str] = mapped_column(String(320))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

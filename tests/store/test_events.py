@@ -85,6 +85,9 @@ STORED_NAMES = {
     "message.loop_mark_forged",
     # milter
     "message.milter",
+    # agent-logins
+    "user.upstream_login_set",
+    "user.upstream_login_cleared",
 }
 
 

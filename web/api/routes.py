@@ -19,6 +19,7 @@ from gateway.store.models import DeliveryStatus, Role, User
 from gateway.users import KEEP, UnknownUser, UserConflict, UserError, normalize_address
 from web.api import models as m
 from web.api.actions import MessageActions
+from web.api.agent_logins import AgentLoginOperations
 from web.api.declare import Call, NoBody, NoQuery, Operation, openapi
 from web.api.settings import SettingsOperations
 from web.api.webhooks import WebhookOperations
@@ -75,6 +76,7 @@ class Api:
     actions: MessageActions
     webhooks: WebhookOperations
     settings: SettingsOperations
+    logins: AgentLoginOperations
 
     # -- messages and events --------------------------------------------------------------
 
@@ -305,6 +307,7 @@ class Api:
             *self.actions.operations(p),
             *self.webhooks.operations(p),
             *self.settings.operations(p),
+            *self.logins.operations(p),
         ]  # fmt: skip
 
     def register(self, routes: Routes) -> None:

@@ -44,6 +44,10 @@ NOTICES = frozenset(
         "totp_off",
         "notices_saved",
         "password_changed",
+        "login_saved",
+        "login_cleared",
+        "user_login_saved",
+        "user_login_cleared",
     }
 )
 
