@@ -29,7 +29,7 @@ import dns.rdatatype
 import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from gateway.outbound.mx_routes import DnsResolver, DnsTrouble
+from gateway.outbound.mx_lookup import DnsResolver, DnsTrouble
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import aiosmtplib
 from gateway.config import MxSettings, UpstreamSettings
 from gateway.outbound.destinations import DestinationLimits
 from gateway.outbound.mta_sts import MtaSts, verified_context
-from gateway.outbound.mx_routes import DnsResolver, DnsTrouble, RouteError, route
+from gateway.outbound.mx_lookup import DnsResolver, DnsTrouble, MxLookupError, mx_hosts
 from gateway.outbound.upstream import (
     Outcome,
     Quitter,
@@ -95,8 +95,8 @@ class MxUpstream:
         if (why := self.limits.resting(name)) is not None:
             return every(f"4.4.1 {domain}: {why}")
         try:
-            found = await route(self.dns, name)
-        except RouteError as exc:
+            found = await mx_hosts(self.dns, name)
+        except MxLookupError as exc:
             return every(str(exc), exc.permanent)
         policy = await self.mta_sts.policy(name) if self.mta_sts is not None else None
         mode = policy.mode if policy is not None else "none"

@@ -2,7 +2,7 @@
 and each host's addresses, asked of the configured resolver.
 
 An answer that settles the matter for good (the domain does not exist, or publishes a null
-MX, RFC 7505) is a permanent `RouteError`; a resolver that fails or does not answer in time
+MX, RFC 7505) is a permanent `MxLookupError`; a resolver that fails or does not answer in time
 is a temporary one, so the copy waits and is tried again.
 """
 
@@ -20,7 +20,7 @@ import dns.rdatatype
 import dns.resolver
 
 
-class RouteError(Exception):
+class MxLookupError(Exception):
     """Why no host can be tried; `str()` carries an enhanced status code for the DSN."""
 
     def __init__(self, error: str, *, permanent: bool) -> None:
@@ -33,7 +33,7 @@ class DnsTrouble(Exception):
 
 
 @dataclass(frozen=True)
-class Route:
+class MxHosts:
     hosts: tuple[str, ...]  # MX host names, most preferred first
     implicit: bool = False  # no MX record: the domain itself is the host (RFC 5321 §5.1)
 
@@ -102,22 +102,22 @@ def _nameserver(server: str) -> dns.nameserver.Nameserver:
     return dns.nameserver.Do53Nameserver(host.strip("[]"), int(port))
 
 
-async def route(resolver: DnsResolver, domain: str) -> Route:
+async def mx_hosts(resolver: DnsResolver, domain: str) -> MxHosts:
     """The hosts to try for `domain`, most preferred first; hosts of equal preference in a
     random order, as RFC 5321 §5.1 asks, to spread the load."""
     try:
         answer = await resolver.ask(domain, dns.rdatatype.MX)
     except dns.resolver.NXDOMAIN as exc:
-        raise RouteError(f"5.1.2 {domain}: the domain does not exist", permanent=True) from exc
+        raise MxLookupError(f"5.1.2 {domain}: the domain does not exist", permanent=True) from exc
     except DnsTrouble as exc:
-        raise RouteError(f"4.4.3 MX lookup failed: {exc}", permanent=False) from exc
+        raise MxLookupError(f"4.4.3 MX lookup failed: {exc}", permanent=False) from exc
     if answer is None:
-        return Route((domain,), implicit=True)
+        return MxHosts((domain,), implicit=True)
     records = [(rdata.preference, rdata.exchange.to_text().rstrip(".").lower()) for rdata in answer]
     if any(exchange == "" for _, exchange in records):  # "0 ." is the root name
-        raise RouteError(
+        raise MxLookupError(
             f"5.1.10 {domain} accepts no mail (it publishes a null MX, RFC 7505)", permanent=True
         )
     shuffle = random.Random()
     ordered = sorted(records, key=lambda record: (record[0], shuffle.random()))
-    return Route(tuple(dict.fromkeys(exchange for _, exchange in ordered)))
+    return MxHosts(tuple(dict.fromkeys(exchange for _, exchange in ordered)))
