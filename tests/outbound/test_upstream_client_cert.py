@@ -129,7 +129,7 @@ async def assert_kept_queued(relay: Harness, message_id: str) -> str:
     """Deferred, not failed: queued with a reason, no bounce, nothing at the smart host."""
     row = await deferred_copy(relay, message_id)
     assert row.status == DeliveryStatus.QUEUED
-    assert await events(relay.relay.db, "delivery.failed") == []
+    assert await events(relay.relay.db, "delivery.bounced") == []
     deferred = await events(relay.relay.db, "delivery.deferred")
     assert deferred and deferred[0].data["error"] == row.last_error
     assert relay.sink.messages == []
