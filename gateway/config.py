@@ -206,6 +206,10 @@ class UpstreamSettings(Section):
         default=10240, gt=0, description="bytes/s: a copy of N bytes gets N / this more seconds"
     )
     verify_tls: bool = True
+    # The certificate (PEM, chain after it) and its private key the relay shows when the
+    # upstream asks, so a smart host such as a Microsoft 365 connector can tell it by name
+    client_certificate: Path | None = None
+    client_key: Path | None = Field(default=None, validate_default=True)
     queue_lifetime: float = Field(default=5 * 86400, gt=0, description="seconds")
     retry_base: float = Field(default=60, gt=0, description="seconds before the first retry")
     retry_max: float = Field(default=3600, gt=0, description="seconds between retries at most")
@@ -223,6 +227,18 @@ class UpstreamSettings(Section):
         parts = urlsplit(value)
         if scheme not in {"smtp", "smtps"} or not parts.hostname:
             raise ValueError("must be smtp://HOST[:PORT], smtps://HOST[:PORT], capture:DIR or mx:")
+        return value
+
+    @field_validator("client_key")
+    @classmethod
+    def _key_with_certificate(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """Both or neither: a certificate without its key cannot be shown, and a key alone
+        is nothing to show."""
+        certificate = info.data.get("client_certificate")
+        if value is None and certificate is not None:
+            raise ValueError("missing: client_certificate needs its private key here (PEM)")
+        if value is not None and certificate is None and "client_certificate" in info.data:
+            raise ValueError("set client_certificate too: the key alone is nothing to show")
         return value
 
 

@@ -164,6 +164,7 @@ def _logins_without_tls(smtp: SmtpSettings) -> Iterator[Problem]:
 
 def _upstream(upstream: UpstreamSettings, key: str = "upstream") -> Iterator[Problem]:
     """`key`: the table, `upstream` or a named one's `upstreams.NAME`."""
+    yield from _client_certificate(upstream, key)
     if not upstream.url.startswith("capture:"):
         return
     directory = Path(upstream.url.removeprefix("capture:"))
@@ -176,6 +177,36 @@ def _upstream(upstream: UpstreamSettings, key: str = "upstream") -> Iterator[Pro
         " sent; set smtp://HOST:PORT or smtps://HOST:PORT to deliver",
         error=False,
     )
+
+
+def _client_certificate(upstream: UpstreamSettings, key: str) -> Iterator[Problem]:
+    """The certificate and key load together, as each connection to the upstream uses them."""
+    certificate, private_key = upstream.client_certificate, upstream.client_key
+    if certificate is None or private_key is None:
+        return
+    unreadable = [
+        problem
+        for name, path in (("client_certificate", certificate), ("client_key", private_key))
+        if (problem := readable_file(f"{key}.{name}", path)) is not None
+    ]
+    if unreadable:
+        yield from unreadable
+        return
+    if upstream.url.startswith("capture:"):
+        yield Problem(
+            f"{key}.client_certificate",
+            f"{upstream.url}: nothing is sent, so the certificate is not used",
+            error=False,
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(certificate, private_key)
+    except (OSError, ssl.SSLError) as exc:
+        yield Problem(
+            f"{key}.client_certificate",
+            f"{_shown(certificate)} with {key}.client_key {_shown(private_key)}: not a"
+            f" certificate and its matching private key in PEM ({exc.strerror or exc})",
+        )
 
 
 def _direct_delivery(settings: Settings) -> Iterator[Problem]:

@@ -31,6 +31,7 @@ from gateway.outbound.upstream import (
     client_tls_context,
     failure_reason,
     refusal,
+    show_client_certificate,
     transaction,
 )
 
@@ -56,14 +57,17 @@ class MxUpstream:
         self.min_transfer_rate = settings.min_transfer_rate
         self.local_hostname = local_hostname
         self.quitter = Quitter(self.timeout)
-        self.opportunistic = client_tls_context(verify=False)
+        self.settings = settings
+        self.opportunistic = client_tls_context(verify=False, upstream=settings)
         self.limits = DestinationLimits(mx.connections_per_destination, mx.failure_backoff)
         self.mta_sts = MtaSts(self.dns, mx.ca_file, self.connect_timeout) if mx.mta_sts else None
 
     @functools.cached_property
     def verified(self) -> ssl.SSLContext:
         """Read on first use: loading the system's trust roots costs tens of milliseconds."""
-        return verified_context(self.ca_file)
+        context = verified_context(self.ca_file)
+        show_client_certificate(context, self.settings)
+        return context
 
     def deadline(self, size: int) -> float:
         return self.session_timeout + size / self.min_transfer_rate

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
@@ -101,18 +101,50 @@ class CaptureUpstream:
         raise AssertionError("unreachable")
 
 
-def client_tls_context(*, verify: bool) -> ssl.SSLContext:
-    """The context for STARTTLS to the upstream.
+def client_tls_context(*, verify: bool, upstream: UpstreamSettings | None = None) -> ssl.SSLContext:
+    """The context for STARTTLS (or implicit TLS) to the upstream.
 
     Unverified, the system's CA store would go unused: reading it costs tens of milliseconds
     of CPU for every relay started, which a test suite starting hundreds of relays pays.
+    `upstream`: the upstream whose client certificate, if it has one, the context shows.
     """
     if verify:
-        return ssl.create_default_context()
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+        context = ssl.create_default_context()
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if upstream is not None:
+        show_client_certificate(context, upstream)
     return context
+
+
+def show_client_certificate(context: ssl.SSLContext, settings: UpstreamSettings) -> None:
+    """Load the upstream's `client_certificate` and `client_key` into `context`, once per
+    upstream: every connection then shows it to a server that asks (config_check has read
+    both files before start-up)."""
+    if settings.client_certificate is not None:
+        context.load_cert_chain(settings.client_certificate, settings.client_key)
+
+
+class _Client(aiosmtplib.SMTP):
+    """aiosmtplib's client, knowing whether TLS is up and nothing was answered over it yet.
+
+    A server that wants a client certificate (or refuses ours) finds out only after the TLS
+    1.3 handshake, and ends the connection: the relay sees just an unexpected EOF.
+    """
+
+    tls_unanswered = False
+
+    async def starttls(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        response = await super().starttls(*args, **kwargs)
+        self.tls_unanswered = True
+        return response
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        response = await super().execute_command(*args, **kwargs)
+        self.tls_unanswered = False
+        return response
 
 
 class SmtpUpstream:
@@ -142,7 +174,8 @@ class SmtpUpstream:
         self.min_transfer_rate = settings.min_transfer_rate
         self.local_hostname = local_hostname
         self.quitter = Quitter(self.timeout)
-        self.tls_context = client_tls_context(verify=settings.verify_tls)
+        self.tls_context = client_tls_context(verify=settings.verify_tls, upstream=settings)
+        self.client_certificate = settings.client_certificate
 
     def deadline(self, size: int) -> float:
         """Seconds a whole conversation about `size` bytes may take before it is given up."""
@@ -153,7 +186,7 @@ class SmtpUpstream:
     ) -> dict[str, Outcome]:
         """Every step has a deadline, and so has the whole: a stalled upstream defers the copy
         instead of holding a worker slot forever."""
-        client = aiosmtplib.SMTP(
+        client = _Client(
             hostname=self.host,
             port=self.port,
             use_tls=self.implicit_tls,
@@ -162,6 +195,7 @@ class SmtpUpstream:
             timeout=self.timeout,
             local_hostname=self.local_hostname,
         )
+        client.tls_unanswered = self.implicit_tls
         total = self.deadline(len(data))
         done = False
         try:
@@ -185,10 +219,30 @@ class SmtpUpstream:
             return dict.fromkeys(recipients, refusal(exc.code, exc.message, self.host))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             reason = failure_reason(exc, f"{self.host}:{self.port}", total)
+            if client.tls_unanswered:
+                reason += self.certificate_hint(exc)
             return dict.fromkeys(recipients, Outcome(reason, permanent=False))
         finally:
             if not done:
                 client.close()
+
+    def certificate_hint(self, exc: BaseException) -> str:
+        """Why the upstream may have ended the connection as TLS began; "" when `exc`
+        (or, from implicit TLS's connect, its cause) is not such an ending."""
+        cause = exc.__cause__ if isinstance(exc, aiosmtplib.SMTPConnectError) else exc
+        if isinstance(cause, ssl.SSLCertVerificationError) or not isinstance(
+            cause, (aiosmtplib.SMTPServerDisconnected, ssl.SSLError)
+        ):
+            return ""  # its certificate, not ours, or no conversation at all
+        if self.client_certificate is None:
+            return (
+                " (the connection ended as TLS began: the upstream may require a client"
+                " certificate; set client_certificate and client_key)"
+            )
+        return (
+            " (the connection ended as TLS began: the upstream may not accept the client"
+            f" certificate {self.client_certificate})"
+        )
 
 
 def failure_reason(exc: BaseException, where: str, deadline: float) -> str:
