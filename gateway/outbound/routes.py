@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
-from gateway.config import DEFAULT_ROUTE, RouteSettings, Settings, UpstreamSettings
-from gateway.outbound.upstream import Upstream, open_upstream, relay_name
+from gateway.config import DEFAULT_ROUTE, MxSettings, RouteSettings, Settings, UpstreamSettings
+from gateway.outbound.mx import MxUpstream
+from gateway.outbound.upstream import CaptureUpstream, SmtpUpstream, Upstream, relay_name
 
 
 class Routed(Protocol):
@@ -134,3 +136,14 @@ def describe_routes(settings: Settings) -> list[str]:
         )
     lines.append(f"otherwise -> {DEFAULT_ROUTE} ({relay_name(settings.upstream.url)})")
     return lines
+
+
+def open_upstream(
+    settings: UpstreamSettings, local_hostname: str, mx: MxSettings | None = None
+) -> Upstream:
+    """The transport for `settings.url`; `mx` ([mx]) is read by direct delivery only."""
+    if settings.url.startswith("capture:"):
+        return CaptureUpstream(Path(settings.url.removeprefix("capture:")))
+    if settings.url == "mx:":
+        return MxUpstream(settings, mx or MxSettings(), local_hostname)
+    return SmtpUpstream(settings, local_hostname)

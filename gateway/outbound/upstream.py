@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
-from gateway.config import MxSettings, UpstreamSettings
+from gateway.config import UpstreamSettings
 from gateway.mail import headers
 from gateway.mail.outgoing import relay_id
 from gateway.store.models import new_id
@@ -393,16 +393,3 @@ def relay_name(url: str, remote_mta: str | None = None) -> str:
         return remote_mta or url
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or (465 if parts.scheme == 'smtps' else 25)}"
-
-
-def open_upstream(
-    settings: UpstreamSettings, local_hostname: str, mx: MxSettings | None = None
-) -> Upstream:
-    """The transport for `settings.url`; `mx` ([mx]) is read by direct delivery only."""
-    if settings.url.startswith("capture:"):
-        return CaptureUpstream(Path(settings.url.removeprefix("capture:")))
-    if settings.url == "mx:":
-        from gateway.outbound.mx import MxUpstream  # it builds on this module
-
-        return MxUpstream(settings, mx or MxSettings(), local_hostname)
-    return SmtpUpstream(settings, local_hostname)

@@ -28,7 +28,8 @@ from gateway.config import MxSettings, Settings, UpstreamSettings
 from gateway.config_check import settings_problems
 from gateway.outbound.mta_sts import Policy, parse_policy, txt_id
 from gateway.outbound.mx import MxUpstream
-from gateway.outbound.upstream import Outcome, open_upstream
+from gateway.outbound.routes import open_upstream
+from gateway.outbound.upstream import Outcome
 from gateway.store.db import Database
 from gateway.store.models import Delivery, DeliveryStatus, Event
 from tests.conftest import AGENT, StartRelay, dkim_dns, make_message

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from gateway.config import MxSettings, Settings, UpstreamSettings, validation_problems
 from gateway.config_check import check_config
 from gateway.outbound.mx import MxUpstream
-from gateway.outbound.upstream import open_upstream
+from gateway.outbound.routes import open_upstream
 from gateway.store.models import DeliveryStatus
 from tests.cli_runner import sealrelay, write_config
 from tests.conftest import Harness, StartRelay, make_message

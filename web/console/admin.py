@@ -283,12 +283,12 @@ class AdminPages:
         with `sealrelay user totp`. Not for oneself: another admin must vouch for the person."""
         form = await self._form(request)
         by = self.view.principal(request).name
-        email = normalize_address(form.get("email", ""))
-        if email == by:
-            return await self.user_list(
-                request, error=self._t(request, "admin_users.error.own_totp"), status=409
-            )
         try:
+            email = normalize_address(form.get("email", ""))
+            if email == by:
+                return await self.user_list(
+                    request, error=self._t(request, "admin_users.error.own_totp"), status=409
+                )
             await self.users.turn_off_totp(email, by=by)
         except UserError as exc:
             return await self._user_refused(request, exc)
