@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -205,6 +206,10 @@ class UpstreamSettings(Section):
         default=10240, gt=0, description="bytes/s: a copy of N bytes gets N / this more seconds"
     )
     verify_tls: bool = True
+    # The certificate (PEM, chain after it) and its private key the relay shows when the
+    # upstream asks, so a smart host such as a Microsoft 365 connector can tell it by name
+    client_certificate: Path | None = None
+    client_key: Path | None = Field(default=None, validate_default=True)
     queue_lifetime: float = Field(default=5 * 86400, gt=0, description="seconds")
     retry_base: float = Field(default=60, gt=0, description="seconds before the first retry")
     retry_max: float = Field(default=3600, gt=0, description="seconds between retries at most")
@@ -217,10 +222,142 @@ class UpstreamSettings(Section):
             if not value.split(":", 1)[1]:
                 raise ValueError("capture: needs a directory, e.g. capture:var/outbox")
             return value
+        if value == "mx:":  # direct delivery to each recipient domain's MX ([mx] settings)
+            return value
         parts = urlsplit(value)
         if scheme not in {"smtp", "smtps"} or not parts.hostname:
-            raise ValueError("must be smtp://HOST[:PORT], smtps://HOST[:PORT] or capture:DIR")
+            raise ValueError("must be smtp://HOST[:PORT], smtps://HOST[:PORT], capture:DIR or mx:")
         return value
+
+    @field_validator("client_key")
+    @classmethod
+    def _key_with_certificate(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """Both or neither: a certificate without its key cannot be shown, and a key alone
+        is nothing to show."""
+        certificate = info.data.get("client_certificate")
+        if value is None and certificate is not None:
+            raise ValueError("missing: client_certificate needs its private key here (PEM)")
+        if value is not None and certificate is None and "client_certificate" in info.data:
+            raise ValueError("set client_certificate too: the key alone is nothing to show")
+        return value
+
+
+class MxSettings(Section):
+    """Direct delivery (`url = "mx:"`): how recipient domains are looked up and reached
+    (docs/direct-delivery.md)."""
+
+    # DNS servers ("IP:PORT") asked for MX, A, AAAA and MTA-STS records; empty: the system's
+    resolver: list[HostPort] = []
+    # The port MX hosts are reached on: 25 on the internet; another for tests or a site
+    # whose firewall sends port 25 elsewhere.
+    port: int = Field(default=25, gt=0, lt=65536)
+    mta_sts: bool = True
+    connections_per_destination: int = Field(default=2, ge=1, le=100)
+    failure_backoff: float = Field(
+        default=60, ge=0, description="seconds a domain that could not be reached is left alone"
+    )
+    dns_timeout: float = Field(default=10, gt=0, description="seconds for one DNS question")
+    # More trust roots (PEM) for MX hosts' certificates and MTA-STS policy servers
+    ca_file: Path | None = None
+
+    @field_validator("resolver")
+    @classmethod
+    def _resolvers(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            host = _host_port(entry).rpartition(":")[0].strip("[]")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r}: a resolver must be an IP address and port") from exc
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value}: no such file")
+        return value
+
+
+# The fallback route's name: `[upstream]`, for mail no `[[routes]]` entry matches.
+DEFAULT_ROUTE = "default"
+# How long a copy may wait and how often it is tried are the queue's, whatever the route:
+# set on [upstream] only (a copy's lifetime is fixed when it is queued, before any route).
+QUEUE_KEYS = ("queue_lifetime", "retry_base", "retry_max")
+ROUTE_NAME = r"^[A-Za-z0-9._-]{1,100}$"
+
+
+def _domains(value: list[str]) -> list[str]:
+    return [v.strip().lower().rstrip(".") for v in value]
+
+
+class RouteSettings(Section):
+    """One `[[routes]]` entry (docs/routes.md): a copy that meets every condition given goes
+    to the named upstream. Within a list, any one entry will do."""
+
+    name: str = Field(pattern=ROUTE_NAME)
+    upstream: str = Field(min_length=1)
+    sender_domains: list[Annotated[str, Field(min_length=1)]] = []
+    recipient_domains: list[Annotated[str, Field(min_length=1)]] = []
+    trusted: list[Annotated[str, Field(min_length=1)]] = []
+
+    @field_validator("sender_domains", "recipient_domains")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return _domains(value)
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> RouteSettings:
+        if not (self.sender_domains or self.recipient_domains or self.trusted):
+            raise ValueError(
+                f"route {self.name}: needs a condition (sender_domains, recipient_domains or"
+                " trusted); for all mail, set the upstream in [upstream] instead"
+            )
+        if self.name == DEFAULT_ROUTE:
+            raise ValueError(f"route name {DEFAULT_ROUTE!r} is taken by [upstream], the fallback")
+        return self
+
+
+def _named_upstreams(value: dict[str, UpstreamSettings]) -> dict[str, UpstreamSettings]:
+    for name, upstream in value.items():
+        if name == DEFAULT_ROUTE or not re.fullmatch(ROUTE_NAME, name):
+            raise ValueError(
+                f"{name!r}: a name of letters, digits, '.', '_' or '-', and not"
+                f" {DEFAULT_ROUTE!r} ([upstream] is that one)"
+            )
+        if "url" not in upstream.model_fields_set:
+            raise ValueError(f"{name}.url: required, an upstream names where its mail goes")
+        for key in QUEUE_KEYS:
+            if key in upstream.model_fields_set:
+                raise ValueError(
+                    f"{name}.{key}: the queue's lifetime and retries are the same for every"
+                    " route; set it on [upstream]"
+                )
+    return value
+
+
+def _route_references(
+    routes: list[RouteSettings], upstreams: Mapping[str, object] | None, trusted: list[str] | None
+) -> list[RouteSettings]:
+    """Every route names a defined upstream and defined trusted entries, under its own name."""
+    names = [r.name for r in routes]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"names must be unique; repeated: {', '.join(repeated)}")
+    for route in routes:
+        known = [DEFAULT_ROUTE, *(upstreams or {})]
+        if upstreams is not None and route.upstream not in known:
+            raise ValueError(
+                f"route {route.name}: upstream {route.upstream!r} is not defined; add"
+                f" [upstreams.{route.upstream}] or name one of: {', '.join(known)}"
+            )
+        unknown = [t for t in route.trusted if trusted is not None and t not in trusted]
+        if unknown:
+            raise ValueError(
+                f"route {route.name}: trusted {', '.join(map(repr, unknown))} is not the name of"
+                f" an [[smtp.trusted]] entry (there: {', '.join(trusted or []) or 'none'})"
+            )
+    return routes
 
 
 class WebSettings(Section):
@@ -325,9 +462,29 @@ class StorageSettings(Section):
     sweep_interval: float = Field(default=3600, gt=0, description="seconds between sweeps")
 
 
+class SecretsSettings(Section):
+    """Where the key that seals the agents' upstream passwords lives: never the database."""
+
+    key_file: Path | None = Field(
+        default=None,
+        description="AES key for the agents' upstream logins; default: agent-logins.key"
+        " beside the blob store directory, created 0600 on first use. Back it up.",
+    )
+
+
 class DkimDomain(Section):
     selector: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     key_file: Path
+
+
+class LoopSettings(Section):
+    """The loop-prevention mark on outgoing copies (gateway/mail/loop_mark.py)."""
+
+    # Made (mode 0600) on first start when missing; the relays of one brokerage share it.
+    key_file: Path = Path("var/loop.key")
+    max_age_days: float = Field(
+        default=7, gt=0, le=365, description="older marks of ours are ignored, not refused"
+    )
 
 
 class WorkerSettings(Section):
@@ -497,16 +654,51 @@ class RuleSettings(Section):
     set: PolicyOverrides = PolicyOverrides()
 
 
+class MilterSettings(Section):
+    """`[milter]`: the milter front for a Postfix or Sendmail that stays in charge
+    (docs/postfix.md, "Milter"). Off until `listen` is given."""
+
+    listen: HostPort | None = None
+    allow_from: list[str] = ["127.0.0.0/8", "::1/128"]
+    service: str = Field(default="postfix", min_length=1, max_length=100)
+    domains: list[Annotated[str, Field(min_length=1)]] | None = None
+    map_agents: bool = False
+    timeout: float = Field(default=300, gt=0, description="seconds of silence from the MTA")
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else _host_port(value)
+
+    @field_validator("allow_from")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one network (the MTA's address)")
+        return _ip_networks(value)
+
+    @field_validator("domains")
+    @classmethod
+    def _lower(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [v.strip().lower().rstrip(".") for v in value]
+
+
 class Settings(Section):
     server: ServerSettings = ServerSettings()
     smtp: SmtpSettings = SmtpSettings()
+    milter: MilterSettings = MilterSettings()
     upstream: UpstreamSettings = UpstreamSettings()
+    # more upstreams by name, for [[routes]] (docs/routes.md); [upstream] is "default"
+    upstreams: Annotated[dict[str, UpstreamSettings], AfterValidator(_named_upstreams)] = {}
+    mx: MxSettings = MxSettings()
     web: WebSettings = WebSettings()
     console: ConsoleSettings = ConsoleSettings()
     database: DatabaseSettings = DatabaseSettings()
     storage: StorageSettings = StorageSettings()
+    secrets: SecretsSettings = SecretsSettings()
     worker: WorkerSettings = WorkerSettings()
     dkim: dict[str, DkimDomain] = {}
+    loop: LoopSettings = LoopSettings()
     branding: BrandingSettings = BrandingSettings()
     letter: LetterSettings = LetterSettings()
     notices: NoticeSettings = NoticeSettings()
@@ -514,6 +706,17 @@ class Settings(Section):
     policy: PolicySettings = PolicySettings()
     groups: list[GroupSettings] = []
     rules: list[RuleSettings] = []
+    routes: list[RouteSettings] = []
+
+    @field_validator("routes")
+    @classmethod
+    def _routes_name_what_exists(
+        cls, value: list[RouteSettings], info: ValidationInfo
+    ) -> list[RouteSettings]:
+        # what failed its own validation is missing here, and reported already
+        smtp = info.data.get("smtp")
+        trusted = [t.name for t in smtp.trusted] if isinstance(smtp, SmtpSettings) else None
+        return _route_references(value, info.data.get("upstreams"), trusted)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:

@@ -20,10 +20,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 
+from gateway import agent_logins
 from gateway.config import (
     ConfigError,
     DkimDomain,
     LetterSettings,
+    LoopSettings,
     Settings,
     SmtpSettings,
     StorageSettings,
@@ -35,6 +37,7 @@ from gateway.fronts.listen_addresses import listen_host, plaintext_logins_allowe
 from gateway.fronts.trusted import TrustedEntry
 from gateway.letters import letter_keys
 from gateway.mail import dkim
+from gateway.mail.loop_mark import LoopKeyError, load_or_create_key
 from gateway.problems import Problem
 from gateway.texts import files as text_files
 
@@ -59,10 +62,15 @@ def settings_problems(settings: Settings) -> Iterator[Problem]:
     """What the valid settings point at: files, directories, keys, names."""
     yield from _smtp(settings.smtp)
     yield from _upstream(settings.upstream)
+    for name, upstream in settings.upstreams.items():
+        yield from _upstream(upstream, f"upstreams.{name}")
+    yield from _direct_delivery(settings)
     yield from _database(settings.database.url)
     yield from _storage(settings.storage)
+    yield from _secrets(settings)
     for domain, entry in settings.dkim.items():
         yield from _dkim(domain, entry)
+    yield from _loop(settings.loop)
     yield from _letter(settings.letter)
     yield from _texts()
     yield from _letter_texts(settings)
@@ -154,19 +162,70 @@ def _logins_without_tls(smtp: SmtpSettings) -> Iterator[Problem]:
             )
 
 
-def _upstream(upstream: UpstreamSettings) -> Iterator[Problem]:
+def _upstream(upstream: UpstreamSettings, key: str = "upstream") -> Iterator[Problem]:
+    """`key`: the table, `upstream` or a named one's `upstreams.NAME`."""
+    yield from _client_certificate(upstream, key)
     if not upstream.url.startswith("capture:"):
         return
     directory = Path(upstream.url.removeprefix("capture:"))
-    problem = writable_directory("upstream.url", directory)
+    problem = writable_directory(f"{key}.url", directory)
     if problem is not None:
         yield problem
     yield Problem(
-        "upstream.url",
+        f"{key}.url",
         f"{upstream.url}: outgoing mail is written to files in {_shown(directory)}, nothing is"
         " sent; set smtp://HOST:PORT or smtps://HOST:PORT to deliver",
         error=False,
     )
+
+
+def _client_certificate(upstream: UpstreamSettings, key: str) -> Iterator[Problem]:
+    """The certificate and key load together, as each connection to the upstream uses them."""
+    certificate, private_key = upstream.client_certificate, upstream.client_key
+    if certificate is None or private_key is None:
+        return
+    unreadable = [
+        problem
+        for name, path in (("client_certificate", certificate), ("client_key", private_key))
+        if (problem := readable_file(f"{key}.{name}", path)) is not None
+    ]
+    if unreadable:
+        yield from unreadable
+        return
+    if upstream.url.startswith("capture:"):
+        yield Problem(
+            f"{key}.client_certificate",
+            f"{upstream.url}: nothing is sent, so the certificate is not used",
+            error=False,
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(certificate, private_key)
+    except (OSError, ssl.SSLError) as exc:
+        yield Problem(
+            f"{key}.client_certificate",
+            f"{_shown(certificate)} with {key}.client_key {_shown(private_key)}: not a"
+            f" certificate and its matching private key in PEM ({exc.strerror or exc})",
+        )
+
+
+def _direct_delivery(settings: Settings) -> Iterator[Problem]:
+    """With `mx:`, receivers see the EHLO name and the trust roots decide MTA-STS."""
+    if settings.upstream.url != "mx:":
+        return
+    name = settings.server.hostname.rstrip(".")
+    if "." not in name or name.endswith((".local", ".localdomain", ".internal", ".lan")):
+        yield Problem(
+            "server.hostname",
+            f"{name}: direct delivery greets MX hosts with this name; it must be a public"
+            " name whose A record and PTR match the relay's address (docs/direct-delivery.md)",
+            error=False,
+        )
+    if settings.mx.ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(settings.mx.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            yield Problem("mx.ca_file", f"{settings.mx.ca_file}: not PEM certificates: {exc}")
 
 
 def _database(url: str) -> Iterator[Problem]:
@@ -189,6 +248,27 @@ def _storage(storage: StorageSettings) -> Iterator[Problem]:
         yield problem
 
 
+def _secrets(settings: Settings) -> Iterator[Problem]:
+    """The login key, when there is one: readable, 32 bytes, for the relay's user only. A
+    missing one is made when the first login is set (never shown: only its size and mode)."""
+    path = agent_logins.key_path(settings)
+    if not path.exists():
+        return
+    if (problem := readable_file("secrets.key_file", path)) is not None:
+        yield problem
+        return
+    if path.stat().st_size != agent_logins.KEY_BYTES:
+        yield Problem(
+            "secrets.key_file", f"{_shown(path)} must hold exactly {agent_logins.KEY_BYTES} bytes"
+        )
+    if path.stat().st_mode & 0o077:
+        yield Problem(
+            "secrets.key_file",
+            f"{_shown(path)} can be read by other users; chmod 600 it",
+            error=False,
+        )
+
+
 def _dkim(domain: str, entry: DkimDomain) -> Iterator[Problem]:
     key = f"dkim.{domain}.key_file"
     problem = readable_file(key, entry.key_file)
@@ -206,6 +286,23 @@ def _dkim(domain: str, entry: DkimDomain) -> Iterator[Problem]:
         dkim.DkimKey.load(domain, entry.selector, entry.key_file)
     except dkim.DkimError as exc:
         yield Problem(key, str(exc))
+
+
+def _loop(loop: LoopSettings) -> Iterator[Problem]:
+    """The loop key: a valid key, or a directory where the relay can make one at start."""
+    if not loop.key_file.exists():
+        problem = writable_directory("loop.key_file", loop.key_file.parent)
+        if problem is not None:
+            yield Problem(problem.key, f"the key is made there at start, but {problem.text}")
+        return
+    problem = readable_file("loop.key_file", loop.key_file)
+    if problem is not None:
+        yield problem
+        return
+    try:
+        load_or_create_key(loop.key_file)
+    except LoopKeyError as exc:
+        yield Problem("loop.key_file", str(exc).removeprefix(f"loop.key_file {loop.key_file}: "))
 
 
 def _letter(letter: LetterSettings) -> Iterator[Problem]:
@@ -333,6 +430,8 @@ def listen_problems(settings: Settings, roles: Collection[str]) -> list[Problem]
     if "smtp" in roles:
         wanted += [("smtp.listen", a) for a in settings.smtp.listen]
         wanted += [("smtp.implicit_tls_listen", a) for a in settings.smtp.implicit_tls_listen]
+        if settings.milter.listen is not None:
+            wanted.append(("milter.listen", settings.milter.listen))
     if "web" in roles:
         wanted.append(("web.listen", settings.web.listen))
     return [

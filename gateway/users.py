@@ -42,7 +42,7 @@ from gateway.store.events import (
     USER_PASSWORD_RESET,
 )
 from gateway.store.metrics import AUTH_CHECKS_WAITING
-from gateway.store.models import Alias, ConsoleSession, Role, User, utcnow
+from gateway.store.models import AgentLogin, Alias, ConsoleSession, Role, User, utcnow
 
 # OWASP's argon2id minimum (19 MiB, 2 passes, 1 lane): the library default takes 64 MiB per
 # check, which a relay doing SMTP AUTH all day pays in resident memory. Stored hashes carry
@@ -433,7 +433,8 @@ async def delete_user(db: Database, email: str, *, by: str) -> None:
     happened to it, so the address stays reserved (re-adding it is refused). Everything that
     let the person act ends in the same transaction: the password (replaced by a value no
     password matches), the TOTP secret, every console session, the optional notice mails,
-    and the aliases, which are free for another user. Their team lead still sees their
+    their own upstream login (its sealed password is not kept), and the aliases, which are
+    free for another user. Their team lead still sees their
     messages (the group stays). Refused for one's own account (`by` is the actor's address)
     and for the last enabled admin.
     """
@@ -447,6 +448,7 @@ async def delete_user(db: Database, email: str, *, by: str) -> None:
             (await session.scalars(select(Alias.address).where(Alias.user_id == user.id))).all()
         )
         await session.execute(delete(Alias).where(Alias.user_id == user.id))
+        await session.execute(delete(AgentLogin).where(AgentLogin.user_id == user.id))
         ended = await _end_sessions(session, user.id)
         user.deleted_at = utcnow()
         user.disabled = True

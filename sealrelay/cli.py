@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import config_check, users
+from gateway.agent_logins import AgentLogins, LoginKeyMissing, key_path
 from gateway.config import (
     ConfigError,
     NoticeSettings,
@@ -34,6 +35,7 @@ from gateway.console.api_keys import ApiKeyDesk, ApiKeyError
 from gateway.letters import verification
 from gateway.mail import dkim
 from gateway.outbound import queue
+from gateway.outbound.routes import describe_routes
 from gateway.problems import Problem
 from gateway.store import journal, sweeper
 from gateway.store.db import Database
@@ -244,6 +246,9 @@ def check_config(config: Path | None, file: Path | None) -> None:
         f" web {settings.web.listen}; upstream {settings.upstream.url};"
         f" dkim for {len(settings.dkim)} domain(s))"
     )
+    if settings.routes:
+        for line in describe_routes(settings):
+            click.echo(f"  {line}")
 
 
 def _user_group_problems(settings: Settings) -> list[Problem]:
@@ -487,6 +492,75 @@ def user_alias_remove(config: Path | None, email: str, address: str) -> None:
         lambda db: users.remove_alias(db, email, address, by="cli"), config, Access.WRITE
     )
     click.echo(f"{email} may send from: {', '.join(aliases) or 'no alias'}")
+
+
+@user.group("upstream-login")
+def user_upstream_login() -> None:
+    """An agent's own login at their mail host, for hosts that refuse other From addresses
+    (docs/agent-logins.md)."""
+
+
+def _agent_logins(config: Path | None, work: Callable[[AgentLogins], Awaitable[T]]) -> T:
+    settings = _settings(config)
+
+    async def run(db: Database) -> T:
+        try:
+            return await work(AgentLogins.from_settings(settings, db))
+        except LoginKeyMissing as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return _run(run, config, Access.WRITE)
+
+
+@user_upstream_login.command("set")
+@config_option
+@click.argument("email")
+@click.option("--url", required=True, help="smtp://HOST[:PORT] (STARTTLS) or smtps://HOST[:PORT].")
+@click.option("--username", required=True, help="The login name at the mail host.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def user_upstream_login_set(
+    config: Path | None, email: str, url: str, username: str, password_stdin: bool
+) -> None:
+    """EMAIL's mail leaves through this login; the password is asked for (never an argument)
+    and stored sealed."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password at the mail host", hide_input=True)
+    _agent_logins(config, lambda desk: desk.set(email, url, username, password, by="cli"))
+    click.echo(f"{email} now sends through {username} at {url.strip()}")
+
+
+@user_upstream_login.command("clear")
+@config_option
+@click.argument("email")
+def user_upstream_login_clear(config: Path | None, email: str) -> None:
+    """EMAIL's mail leaves the default way again."""
+    cleared = _agent_logins(config, lambda desk: desk.clear(email, by="cli"))
+    click.echo(f"{email}: upstream login removed" if cleared else f"{email} had no upstream login")
+
+
+@user_upstream_login.command("show")
+@config_option
+@click.argument("email")
+def user_upstream_login_show(config: Path | None, email: str) -> None:
+    """Where EMAIL's mail leaves through, without the password."""
+    view = _agent_logins(config, lambda desk: desk.show(email))
+    if view is None:
+        click.echo(f"{email}: no upstream login (mail leaves the default way)")
+        return
+    click.echo(f"{email}: {view.username} at {view.url}, set {view.updated_at:%Y-%m-%d %H:%M} UTC")
+
+
+@user_upstream_login.command("rotate-key")
+@config_option
+def user_upstream_login_rotate_key(config: Path | None) -> None:
+    """Seal every stored login with a new key ([secrets] key_file); the old key is kept
+    beside it as .old. Back up the new key; run again if it was interrupted."""
+    count = _agent_logins(config, lambda desk: desk.rotate_key())
+    path = key_path(_settings(config))
+    click.echo(f"{count} upstream logins sealed with the new key {path}; back it up")
+    click.echo(f"the old key is kept at {path}.old: delete it once the backup has the new one")
 
 
 @user.command("totp")

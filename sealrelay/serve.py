@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.agent_logins import AgentLogins
 from gateway.config import Settings
 from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.sessions import SessionDesk, delete_timed_out
 from gateway.console.timeline import Timeline
 from gateway.console.waiting import WaitingLetters
+from gateway.fronts.milter import MilterFront
 from gateway.fronts.smtp import SmtpFront
 from gateway.intake.pipeline import Pipeline
 from gateway.letters import letter_keys
@@ -29,17 +31,20 @@ from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.login_throttle import LoginThrottle
 from gateway.mail import dkim
+from gateway.mail.loop_mark import LoopMarks, load_or_create_key
 from gateway.mail.outgoing import Signer
 from gateway.notices.desk import NoticeDesk
 from gateway.outbound.delivery import DeliveryWorker
 from gateway.outbound.queue_signal import QueueSignal
-from gateway.outbound.upstream import Upstream, open_upstream
+from gateway.outbound.routes import RouteTable
+from gateway.outbound.upstream import Upstream
 from gateway.store import health, journal, sweeper
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import utcnow
 from gateway.webhooks.desk import WebhookDesk
+from gateway.webhooks.history import prune_finished
 from gateway.webhooks.worker import WebhookWorker
 
 if TYPE_CHECKING:  # the web (and aiohttp) are imported only by a relay with the web role
@@ -59,6 +64,16 @@ def load_signer(settings: Settings) -> Signer:
             domain: dkim.DkimKey.load(domain, entry.selector, entry.key_file)
             for domain, entry in settings.dkim.items()
         }
+    )
+
+
+def load_loop_marks(settings: Settings, clock: Callable[[], datetime] = utcnow) -> LoopMarks:
+    """The loop mark's key from `loop.key_file`, made on first start (docs/microsoft-365.md)."""
+    return LoopMarks(
+        load_or_create_key(settings.loop.key_file),
+        settings.server.hostname,
+        timedelta(days=settings.loop.max_age_days),
+        clock,
     )
 
 
@@ -93,6 +108,9 @@ def sweeper_for(
         ended = await delete_timed_out(db, settings.console, now)
         if ended:
             log.info("sweep: %d timed-out console sessions deleted", ended)
+        pruned = await prune_finished(db, now)
+        if pruned:
+            log.info("sweep: %d finished webhook deliveries older than 30 days deleted", pruned)
         return report
 
     return sweep
@@ -119,7 +137,8 @@ class Relay:
         self.db = db or Database.connect(settings.database.url)
         self.blobs = blobs or blob_store(settings)
         self.signal = QueueSignal()
-        self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock)
+        self.loop = load_loop_marks(settings, clock)
+        self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock, self.loop)
         self.links = LinkDesk(
             self.db,
             clock,
@@ -130,15 +149,19 @@ class Relay:
         # one count of failed logins for SMTP AUTH and the console's sign-in together
         self.login_throttle = LoginThrottle.from_settings(settings.smtp)
         self.smtp = SmtpFront(settings, self.db, self.pipeline, self.login_throttle)
+        self.milter = MilterFront(settings, self.db, self.pipeline)  # listens if [milter] listen
         self._sessions: SessionDesk | None = None
+        self.agent_logins = AgentLogins.from_settings(settings, self.db, clock)
         self.worker = DeliveryWorker(
             settings,
             self.db,
             self.blobs,
-            upstream or open_upstream(settings.upstream, settings.server.hostname),
+            RouteTable.open(settings, default=upstream),
             signer or load_signer(settings),
             self.signal,
             clock,
+            self.loop,
+            logins=self.agent_logins,
         )
         self.webhooks = WebhookDesk(self.db, clock)
         # Its own task, own connections and own few slots: a slow receiver never holds mail.
@@ -159,6 +182,8 @@ class Relay:
         if not await self._database_ready():
             return
         await self.blobs.remove_interrupted_writes()
+        if (unopenable := await self.agent_logins.key_problem()) is not None:
+            log.error("agents' upstream logins: %s; their mail stays queued", unopenable)
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
             self._tasks.append(asyncio.create_task(self.webhook_worker.run(self._stop)))
@@ -172,6 +197,7 @@ class Relay:
             )
         if "smtp" in self.roles:
             await self.smtp.start()
+            await self.milter.start()
         if "web" in self.roles:
             self._web_runner = await self._start_web()
 
@@ -203,6 +229,7 @@ class Relay:
             users=UserDesk(db),
             webhooks=self.webhooks,
             waiting=WaitingLetters(db),
+            agent_logins=self.agent_logins,
             chain=lambda: journal.verify_database(db),
         )
 
@@ -249,6 +276,7 @@ class Relay:
     async def stop(self) -> None:
         """Stop taking mail first, then let workers finish their round."""
         await self.smtp.stop()
+        await self.milter.stop()
         if self._web_runner is not None:
             await self._web_runner.cleanup()
         self._stop.set()

@@ -163,6 +163,7 @@ def relay_settings(tmp_path: Path, upstream_port: int, **sections: Any) -> Setti
             "retry_max": 1,
         },
         "storage": {"path": str(tmp_path / "blobs")},
+        "loop": {"key_file": str(tmp_path / "loop.key")},
         "worker": {"poll_seconds": 0.2},
         # no test asks the machine's DNS; the DKIM page's tests bring their own server
         "console": {"dns_checks": False},

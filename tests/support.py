@@ -8,9 +8,11 @@ import ipaddress
 import os
 import random
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from cryptography import x509
@@ -60,6 +62,7 @@ def serve_config(
         "upstream": [f'url = "capture:{directory / "outbox"}"'],
         "database": [f'url = "{database_url}"'],
         "storage": [f'path = "{directory / "blobs"}"'],
+        "loop": [f'key_file = "{directory / "loop.key"}"'],
     }
     for section, more in (extra or {}).items():
         lines.setdefault(section, []).extend(more.strip().splitlines() if more.strip() else [])
@@ -138,6 +141,27 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    tls: bool = False  # it came over STARTTLS
+
+
+class _CountingSMTP(SMTP):
+    """aiosmtpd's server, telling its sink when a connection opens and closes."""
+
+    def __init__(self, sink: Sink, **kwargs: Any) -> None:
+        super().__init__(sink, **kwargs)
+        self.sink = sink
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.sink.connected_once(self):
+            self.sink.open_connections += 1
+            self.sink.most_connections = max(self.sink.most_connections, self.sink.open_connections)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self in self.sink._counted:  # STARTTLS calls it again for the same connection
+            self.sink._counted.discard(self)
+            self.sink.open_connections -= 1
+        super().connection_lost(error)
 
 
 @dataclass
@@ -149,8 +173,22 @@ class Sink:
     # recipient -> reply; "421 ..." style temporary or "550 ..." permanent refusals at RCPT
     refuse: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
+    host: str = "127.0.0.1"
+    tls_context: ssl.SSLContext | None = None  # offers STARTTLS with it
+    hold: asyncio.Event | None = None  # DATA waits for it; `held` counts the waiting
+    held: int = 0
+    open_connections: int = 0
+    most_connections: int = 0  # open at the same time, at most
+    _counted: set[SMTP] = field(default_factory=set)
     _server: asyncio.Server | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def connected_once(self, server: SMTP) -> bool:
+        """Whether `server`'s connection was counted already (STARTTLS makes it again)."""
+        if server in self._counted:
+            return True
+        self._counted.add(server)
+        return False
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -161,12 +199,22 @@ class Sink:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.hold is not None:
+            async with self._changed:
+                self.held += 1
+                self._changed.notify_all()
+            await self.hold.wait()
         if self.data_reply:
             return self.data_reply
         assert envelope.original_content is not None and envelope.mail_from is not None
         async with self._changed:
             self.messages.append(
-                Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+                Received(
+                    envelope.mail_from,
+                    list(envelope.rcpt_tos),
+                    envelope.original_content,
+                    tls=session.ssl is not None,
+                )
             )
             self._changed.notify_all()
         return "250 OK stored"
@@ -176,10 +224,22 @@ class Sink:
         self.port = port or self.port or free_port()
 
         def make() -> SMTP:
-            return SMTP(self, hostname="sink.test", decode_data=False, data_size_limit=None)
+            return _CountingSMTP(
+                self,
+                hostname="sink.test",
+                decode_data=False,
+                data_size_limit=None,
+                tls_context=self.tls_context,
+            )
 
-        self._server = await loop.create_server(make, "127.0.0.1", self.port)
+        self._server = await loop.create_server(make, self.host, self.port)
         return self
+
+    async def wait_held(self, count: int, timeout: float = 30) -> None:
+        """Until `count` conversations wait in DATA for `hold`."""
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                await self._changed.wait_for(lambda: self.held >= count)
 
     async def stop(self) -> None:
         if self._server is not None:

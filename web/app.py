@@ -16,6 +16,7 @@ from datetime import datetime
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.agent_logins import AgentLogins
 from gateway.config import Settings
 from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk
@@ -30,6 +31,7 @@ from gateway.store.journal import ChainReport
 from gateway.store.metrics import QUEUE_DEPTH
 from gateway.webhooks.desk import WebhookDesk
 from web.api.actions import MessageActions
+from web.api.agent_logins import AgentLoginOperations
 from web.api.auth import bearer_authenticator
 from web.api.problems import api_problems
 from web.api.routes import Api
@@ -73,6 +75,7 @@ class WebParts:
     users: UserDesk
     webhooks: WebhookDesk
     waiting: WaitingLetters
+    agent_logins: AgentLogins
     # walks the journal's hash chain (gateway/store/journal.py verify_database)
     chain: Callable[[], Awaitable[ChainReport]]
 
@@ -142,10 +145,18 @@ def register_console_work(
     pages.register(routes)
     ActionPages(view, parts.timeline, pages, parts.links, parts.letters).register(routes)
     AdminPages(
-        view, parts.users, parts.queue, parts.webhooks, parts.api_keys, parts.chain
+        view,
+        parts.users,
+        parts.queue,
+        parts.webhooks,
+        parts.api_keys,
+        parts.chain,
+        parts.agent_logins,
     ).register(routes)
     ConfigPages(view, parts.settings, lookup).register(routes)
-    AccountPages(view, view.site, parts.users, parts.sessions, parts.settings).register(routes)
+    AccountPages(
+        view, view.site, parts.users, parts.sessions, parts.settings, parts.agent_logins
+    ).register(routes)
 
 
 def api(parts: WebParts, lookup: DnsLookup | None = None) -> Api:
@@ -158,6 +169,7 @@ def api(parts: WebParts, lookup: DnsLookup | None = None) -> Api:
         MessageActions(parts.timeline, parts.links, parts.letters),
         WebhookOperations(parts.webhooks),
         SettingsOperations(parts.settings, lookup or dns_lookup(parts.settings)),
+        AgentLoginOperations(parts.agent_logins),
     )
 
 

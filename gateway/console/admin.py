@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from gateway import users
 from gateway.config import Settings
+from gateway.console import totp
 from gateway.outbound import queue
 from gateway.store.db import Database
 from gateway.store.models import Delivery, DeliveryStatus, Role, User
@@ -74,6 +75,10 @@ class UserDesk:
     async def reset_password(self, email: str, *, by: str) -> str:
         """The new generated password, to be shown once."""
         return await users.reset_password(self.db, email, by=by)
+
+    async def turn_off_totp(self, email: str, *, by: str) -> bool:
+        """For a user who lost their authenticator; whether they had TOTP on."""
+        return await totp.disable(self.db, email, by=by)
 
     async def add_alias(self, email: str, address: str, *, by: str) -> list[str]:
         return await users.add_alias(self.db, email, address, by=by)

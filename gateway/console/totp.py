@@ -17,9 +17,9 @@ from sqlalchemy import or_, select, update
 
 from gateway.store import journal
 from gateway.store.db import Database
-from gateway.store.events import USER_TOTP_DISABLED, USER_TOTP_ENABLED
+from gateway.store.events import USER_TOTP_DISABLED, USER_TOTP_ENABLED, UserTotpDisabled
 from gateway.store.models import User
-from gateway.users import UserError, normalize_address
+from gateway.users import UnknownUser, normalize_address
 
 ISSUER = "sealrelay"
 DRIFT_STEPS = 1
@@ -75,22 +75,28 @@ async def enable(db: Database, email: str, issuer: str = ISSUER) -> TotpSetup:
             select(User).where(User.email == email, User.deleted_at.is_(None))
         )
         if user is None:
-            raise UserError(f"no user {email}")
+            raise UnknownUser(f"no user {email}")
         user.totp_secret = secret
         await journal.append(session, [USER_TOTP_ENABLED.new({"email": email})])
     uri = pyotp.TOTP(secret).provisioning_uri(name=email, issuer_name=issuer)
     return TotpSetup(secret, uri)
 
 
-async def disable(db: Database, email: str) -> None:
+async def disable(db: Database, email: str, *, by: str | None = None) -> bool:
+    """Whether a TOTP secret was removed (False when the user had none); `by` is the admin
+    who did it in the console."""
     email = normalize_address(email)
     async with db.transaction() as session:
         user = await session.scalar(
             select(User).where(User.email == email, User.deleted_at.is_(None))
         )
         if user is None:
-            raise UserError(f"no user {email}")
+            raise UnknownUser(f"no user {email}")
         if user.totp_secret is None:
-            return
+            return False
         user.totp_secret = None
-        await journal.append(session, [USER_TOTP_DISABLED.new({"email": email})])
+        data: UserTotpDisabled = {"email": email}
+        if by is not None:
+            data["by"] = by
+        await journal.append(session, [USER_TOTP_DISABLED.new(data)])
+    return True

@@ -20,6 +20,7 @@ from gateway.draft import Draft
 from gateway.intake.materializers import materializers
 from gateway.mail import headers, mime
 from gateway.mail.headers import HeaderField
+from gateway.mail.loop_mark import LOOP_HEADER, Finding, LoopMarks
 from gateway.outbound.queue import new_delivery
 from gateway.outbound.queue_signal import QueueSignal
 from gateway.rejections import Rejected
@@ -29,12 +30,15 @@ from gateway.store.db import Database
 from gateway.store.events import (
     DELIVERY_QUEUED,
     LANGUAGE_UNSUPPORTED,
+    MESSAGE_LOOP_MARK_FORGED,
     MESSAGE_RECEIVED,
     MESSAGE_TRUSTED_CLIENT,
     LanguageUnsupported,
+    MessageLoopMarkForged,
     MessageTrustedClient,
 )
 from gateway.store.models import Base, Message, new_id, utcnow
+from rules.actions import KeepOriginal
 from rules.facts import MessageFacts
 from rules.language import LANGUAGE_HEADER_NAME, unsupported_request
 from rules.plan import Decision, plan
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # The agent's instructions to the relay; they never leave it.
 CONTROL_FIELDS = ("x-sealrelay-language", "x-sealrelay-action")
+# Marks that came in (not loops: forged or expired) never leave; each copy gets our own.
+STRIPPED_FIELDS = (*CONTROL_FIELDS, LOOP_HEADER.lower())
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,20 @@ class Origin:
     trusted: TrustedOrigin | None = None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A message the pipeline has checked and planned, not yet committed."""
+
+    envelope: Envelope
+    draft: Draft
+    decisions: Mapping[str, Decision]
+
+    @property
+    def unchanged(self) -> bool:
+        """Every recipient gets the original as it came (no links, no letter)."""
+        return all(isinstance(d.action, KeepOriginal) for d in self.decisions.values())
+
+
 class Submitter(Protocol):
     """Who hands the message in: an authenticated agent, or a trusted client's service."""
 
@@ -93,9 +113,11 @@ class Pipeline:
         blobs: BlobStore,
         signal: QueueSignal | None = None,
         clock: Callable[[], datetime] = utcnow,
+        loop: LoopMarks | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
+        self.loop = loop
         self.db = db
         self.blobs = blobs
         self.signal = signal or QueueSignal()
@@ -106,14 +128,35 @@ class Pipeline:
         self, envelope: Envelope, raw: bytes, submitter: Submitter, origin: Origin
     ) -> str:
         """The new message's id once it is durable; raises Rejected with the reply to give."""
+        prepared = await self.prepare(envelope, raw, submitter, origin)
+        copies = await self.materialize(prepared.draft, prepared.decisions)
+        return await self.commit(prepared.draft, envelope, copies)
+
+    async def prepare(
+        self, envelope: Envelope, raw: bytes, submitter: Submitter, origin: Origin
+    ) -> Prepared:
+        """Checked, the original stored, each recipient's decision made; nothing committed.
+
+        The milter front looks at the decisions before choosing to commit copies or only a
+        record (`pass_on`); every other front goes straight on, as `submit` does.
+        """
         fields = self.receive(envelope, raw, submitter)
+        ignored = self.refuse_loops(fields)
+        fields = [field for field in fields if field.name != LOOP_HEADER.lower()]
         draft = await self.draft(envelope, raw, fields, submitter, origin)
         draft.events.extend(trusted_origin(origin, draft.message.id))
+        draft.events.extend(ignored_marks(ignored, draft.message.id))
         facts = message_facts(envelope, fields, submitter, draft)
         decisions = plan(facts, self.policy).per_recipient
         draft.events.extend(language_warnings(facts, decisions, draft.message.id))
-        copies = await self.materialize(draft, decisions)
-        return await self.commit(draft, envelope, copies)
+        return Prepared(envelope, draft, decisions)
+
+    async def pass_on(self, prepared: Prepared, events: list[journal.NewEvent]) -> str:
+        """Journal a message another MTA delivers itself (every copy is the original): the
+        message and its record are committed, and no delivery is queued."""
+        await self.materialize(prepared.draft, prepared.decisions)  # their journal entries
+        prepared.draft.events.extend(events)
+        return await self.commit(prepared.draft, prepared.envelope, {})
 
     def receive(self, envelope: Envelope, raw: bytes, submitter: Submitter) -> list[HeaderField]:
         """Refuse what must not be relayed; the checks every front shares."""
@@ -135,6 +178,21 @@ class Pipeline:
                 raise Rejected(f"553 5.7.1 You may not send as {author} (From header)")
         return fields
 
+    def refuse_loops(self, fields: list[HeaderField]) -> list[Finding]:
+        """Refuse a copy of ours that came back (554 5.4.6); the marks that are not ours, or
+        too old to count, to note. Without a key (a bare pipeline in tests) nothing is judged.
+        """
+        findings = self.loop.judge(fields) if self.loop is not None else []
+        for finding in findings:
+            if finding.verdict == "loop":
+                log.warning("refused a routing loop: %s (relay %s)", finding.reason, finding.relay)
+                raise Rejected(
+                    f"554 5.4.6 Routing loop detected: this message was already relayed by"
+                    f" {finding.relay} and came back; check the mail flow rule that sends mail"
+                    f" to this relay (it must skip messages with the {LOOP_HEADER} header)"
+                )
+        return findings
+
     async def draft(
         self,
         envelope: Envelope,
@@ -148,7 +206,7 @@ class Pipeline:
         Copies lose the agent's instructions to us (X-Sealrelay-* fields); the original keeps
         them, as the record of what the agent sent.
         """
-        base = headers.remove_fields(raw, CONTROL_FIELDS)
+        base = headers.remove_fields(raw, STRIPPED_FIELDS)
         try:
             root = mime.parse(base)
         except mime.UnsafeMessage as exc:
@@ -169,6 +227,7 @@ class Pipeline:
             peer=origin.peer[:100],
             protocol=origin.protocol,
             trusted_client=origin.trusted.describe() if origin.trusted else None,
+            trusted_entry=origin.trusted.entry if origin.trusted else None,
         )
         copy_base = original if base == raw else await self.blobs.put(base)
         return Draft(message, now, base, root, copy_base)
@@ -255,6 +314,30 @@ def trusted_origin(origin: Origin, message_id: str) -> list[journal.NewEvent]:
         "protocol": origin.protocol,
     }
     return [MESSAGE_TRUSTED_CLIENT.new(data, message_id=message_id)]
+
+
+def ignored_marks(findings: list[Finding], message_id: str) -> list[journal.NewEvent]:
+    """A journal event per forged mark; expired marks of ours are only logged."""
+    events = []
+    for finding in findings:
+        if finding.verdict == "forged":
+            log.warning(
+                "message %s: a forged %s mark (claims %r): %s; removed from the copies",
+                message_id,
+                LOOP_HEADER,
+                finding.relay,
+                finding.reason,
+            )
+            data: MessageLoopMarkForged = {"relay": finding.relay, "reason": finding.reason}
+            events.append(MESSAGE_LOOP_MARK_FORGED.new(data, message_id=message_id))
+        else:
+            log.info(
+                "message %s: our own %s mark, %s: not a loop; removed from the copies",
+                message_id,
+                LOOP_HEADER,
+                finding.reason,
+            )
+    return events
 
 
 def language_warnings(

@@ -12,6 +12,7 @@ from email.utils import format_datetime
 
 from gateway.mail import dkim, headers
 from gateway.mail.evidence_headers import OVERSIGNED_HEADERS
+from gateway.mail.loop_mark import LOOP_HEADER, LoopMarks
 from gateway.store.models import Message
 
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
@@ -28,15 +29,26 @@ class Signer:
         return self.keys.get(author_domain.lower())
 
 
-def prepare(raw: bytes, message: Message, hostname: str, signer: Signer) -> bytes:
-    """`raw` with the trace fields and the DKIM signature in front, built in one join.
+def prepare(
+    raw: bytes,
+    message: Message,
+    hostname: str,
+    signer: Signer,
+    loop: LoopMarks | None = None,
+) -> bytes:
+    """`raw` with the trace fields, the loop mark and the DKIM signature in front, built in
+    one join.
 
     Each intermediate copy of a 10 MB message would be 10 MB more memory: the signature is
     made over the new header block alone, with the body hash computed once from `raw`.
+    The loop mark is signed and oversigned: a DKIM verifier sees that our domain put it
+    there, and a second mark added later breaks the signature.
     """
     header_block, body = headers.split_message(raw)
     fields = headers.parse_fields(header_block)
     added = [received_field(message, hostname)]
+    if loop is not None:
+        added.append(loop.field(message))
     if headers.first_value(fields, "message-id") is None:
         added.append(headers.format_field("Message-ID", message.message_id_header))
     if headers.first_value(fields, "date") is None:
@@ -48,7 +60,10 @@ def prepare(raw: bytes, message: Message, hostname: str, signer: Signer) -> byte
     bh = dkim.body_hash(body)
     del body  # a copy of the body: free it before the outgoing bytes are built
     signature = dkim.sign(
-        b"".join(added) + header_block, key, bh=bh, extra_oversigned=OVERSIGNED_HEADERS
+        b"".join(added) + header_block,
+        key,
+        bh=bh,
+        extra_oversigned=(*OVERSIGNED_HEADERS, LOOP_HEADER),
     )
     return headers.prepend(raw, [signature, *added])
 

@@ -1,9 +1,10 @@
 """The delivery worker: claim due copies, send them upstream, record each outcome.
 
-Copies of one message that share a blob leave in one SMTP transaction, prepared and signed
-once; its outcomes are recorded as soon as the upstream has answered, before the worker slot
-is given up. Temporary failures retry with backoff until the copy's queue lifetime runs out;
-then, or at once on a permanent failure, the copy bounces and the agent gets a DSN.
+Copies of one message that share a blob and a route (gateway/outbound/routes.py) leave in
+one SMTP transaction, prepared and signed once; its outcomes are recorded as soon as the
+upstream has answered, before the worker slot is given up. Temporary failures retry with
+backoff until the copy's queue lifetime runs out; then, or at once on a permanent failure,
+the copy bounces and the agent gets a DSN.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ import os
 import random
 import re
 import secrets
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from gateway.agent_logins import AgentLogins, LoginKeyMissing, LoginUnreadable
 from gateway.config import Settings
+from gateway.mail.loop_mark import LoopMarks
 from gateway.mail.outgoing import Signer, prepare
 from gateway.mail.own_mail import OwnMail
 from gateway.outbound import dsn, queue
 from gateway.outbound.local_mail import enqueue
 from gateway.outbound.queue_signal import QueueSignal
-from gateway.outbound.upstream import Outcome, Upstream, relay_name
+from gateway.outbound.routes import Route, RouteTable
+from gateway.outbound.upstream import Outcome, SmtpUpstream, relay_name
 from gateway.store import journal
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
@@ -42,6 +45,7 @@ _LOGGED_STATUS = {
     DELIVERY_BOUNCED.name: "bounced",
 }
 _ENHANCED_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+AGENT_LOGIN = "agent-login"  # the delivered event's route when the agent's own login was used
 
 
 @dataclass(frozen=True)
@@ -57,16 +61,22 @@ class DeliveryWorker:
         settings: Settings,
         db: Database,
         blobs: BlobStore,
-        upstream: Upstream,
+        routes: RouteTable,
         signer: Signer,
         signal: QueueSignal,
         clock: Callable[[], datetime] = utcnow,
+        loop: LoopMarks | None = None,
+        logins: AgentLogins | None = None,
     ) -> None:
         self.settings = settings
+        self.logins = logins
+        # user id -> (the login's updated_at, an upstream that logs in with it)
+        self._login_upstreams: dict[int, tuple[datetime, Route]] = {}
         self.db = db
         self.blobs = blobs
-        self.upstream = upstream
+        self.routes = routes
         self.signer = signer
+        self.loop = loop
         self.signal = signal
         self.clock = clock
         self.name = f"{settings.server.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -99,7 +109,8 @@ class DeliveryWorker:
     async def run_once(self) -> int:
         """One round: claim what is due and deliver it. Returns how many copies it handled."""
         claimed = await self._claim(self.settings.worker.batch_size)
-        await asyncio.gather(*(self._deliver(group) for group in _groups(claimed)))
+        groups = _groups(claimed, self._route_for)
+        await asyncio.gather(*(self._deliver(route, group) for route, group in groups))
         return len(claimed)
 
     async def _start_due(self, sending: set[asyncio.Task[None]], stop: asyncio.Event) -> int:
@@ -108,8 +119,8 @@ class DeliveryWorker:
         if room <= 0:
             return 0
         claimed = await self._claim(room)
-        for group in _groups(claimed):
-            task = asyncio.create_task(self._deliver(group, stop))
+        for route, group in _groups(claimed, self._route_for):
+            task = asyncio.create_task(self._deliver(route, group, stop))
             sending.add(task)
             task.add_done_callback(lambda done: self._finished(done, sending))
         return len(claimed)
@@ -149,8 +160,12 @@ class DeliveryWorker:
             except Exception:
                 log.exception("renewing leases failed; trying again at the next beat")
 
+    def _route_for(self, item: queue.Claimed) -> Route:
+        """Where this copy goes, decided at each attempt: queued mail follows the settings."""
+        return self.routes.route_for(item.message, item.delivery.recipient)
+
     async def _deliver(
-        self, group: Sequence[queue.Claimed], stop: asyncio.Event | None = None
+        self, route: Route, group: Sequence[queue.Claimed], stop: asyncio.Event | None = None
     ) -> None:
         """Send one group and record its outcomes before giving up the slot, so that copies
         sent but not yet recorded (sent again after a crash) are at most the slots."""
@@ -160,35 +175,70 @@ class DeliveryWorker:
                 if stop is not None and stop.is_set():
                     await self._release(ids)
                     return
-                outcomes, signed = await self._send(group)
+                outcomes, signed, route = await self._send(route, group)
                 await self._record(
-                    group[0].message, [item.delivery for item in group], outcomes, signed
+                    group[0].message, [item.delivery for item in group], outcomes, route, signed
                 )
         finally:
             self._held.difference_update(ids)
 
-    async def _send(self, group: Sequence[queue.Claimed]) -> tuple[dict[str, Outcome], str | None]:
-        """The upstream's outcome per recipient, and the digest of the signed bytes when a
-        copy of the group keeps them: stored before they leave, so that a copy recorded as
-        delivered always has them (a released original's evidence is what the recipient got)."""
+    async def _send(
+        self, route: Route, group: Sequence[queue.Claimed]
+    ) -> tuple[dict[str, Outcome], str | None, Route]:
+        """The upstream's outcome per recipient, the digest of the signed bytes when a
+        copy of the group keeps them (stored before they leave, so that a copy recorded as
+        delivered always has them: a released original's evidence is what the recipient got),
+        and the route taken: the agent's own login, when they have one, before any route."""
         message = group[0].message
         deliveries = [item.delivery for item in group]
         recipients = [d.recipient for d in deliveries]
         signed = None
         try:
+            route = await self._agent_login_for(message) or route
             # Not kept in a local: the stored bytes are freed once the copy is built.
             data = prepare(
                 await self.blobs.read(deliveries[0].blob),
                 message,
                 self.settings.server.hostname,
                 self.signer,
+                self.loop,
             )
             if any(d.keep_signed for d in deliveries):
                 signed = await self.blobs.put(data)
-            return await self.upstream.send(message.sender, recipients, data), signed
+            return await route.upstream.send(message.sender, recipients, data), signed, route
+        except (LoginKeyMissing, LoginUnreadable) as exc:  # their texts hold no secret
+            log.error("%s: the agent's upstream login cannot be used: %s", message.id, exc)
+            return dict.fromkeys(recipients, Outcome(f"agent login unusable: {exc}")), None, route
         except Exception as exc:
             log.exception("delivering %s failed before a reply", message.id)
-            return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None
+            return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None, route
+
+    async def _agent_login_for(self, message: Message) -> Route | None:
+        """The agent's own login as a route and upstream, for mail the agent sent (their
+        submissions, released originals); never for the relay's own mail to them. One
+        upstream per user, made again when their login changed."""
+        if self.logins is None or message.kind != MessageKind.SUBMITTED or not message.user_id:
+            return None
+        user_id = message.user_id
+        changed = await self.logins.updated_at(user_id)
+        if changed is None:
+            self._login_upstreams.pop(user_id, None)
+            return None
+        cached = self._login_upstreams.get(user_id)
+        if cached is None or cached[0] != changed:
+            login = await self.logins.open(user_id)
+            if login is None:
+                return None
+            upstream = SmtpUpstream(
+                self.settings.upstream,
+                self.settings.server.hostname,
+                url=login.url,
+                login=(login.username, login.password),
+            )
+            relay = f"{AGENT_LOGIN} {relay_name(login.url)}"
+            cached = (login.updated_at, Route(AGENT_LOGIN, AGENT_LOGIN, upstream, relay))
+            self._login_upstreams[user_id] = cached
+        return cached[1]
 
     async def _release(self, ids: Sequence[str]) -> None:
         async with self.db.transaction() as session:
@@ -199,6 +249,7 @@ class DeliveryWorker:
         message: Message,
         deliveries: Sequence[Delivery],
         outcomes: dict[str, Outcome],
+        route: Route,
         signed: str | None = None,
     ) -> None:
         now = self.clock()
@@ -226,7 +277,13 @@ class DeliveryWorker:
                 if outcome.delivered:
                     events.append(
                         await queue.mark_delivered(
-                            session, delivery, self.name, now, outcome.remote_mta, signed
+                            session,
+                            delivery,
+                            self.name,
+                            now,
+                            outcome.remote_mta,
+                            signed,
+                            route=route.name,
                         )
                     )
                 elif delivery.id in failed:
@@ -238,6 +295,7 @@ class DeliveryWorker:
                             now,
                             failed[delivery.id].outcome.error or "",
                             status=failed[delivery.id].status,
+                            route=route.name,
                         )
                     )
                 else:
@@ -249,6 +307,7 @@ class DeliveryWorker:
                             now,
                             outcome.error or "",
                             self._next_attempt(delivery, now, jitter),
+                            route=route.name,
                         )
                     )
             bounced_now = any(e is not None and e.type == DELIVERY_BOUNCED.name for e in events)
@@ -277,6 +336,7 @@ class DeliveryWorker:
                 self._log_outcome(
                     message,
                     delivery,
+                    route,
                     event.type,
                     failure.outcome if failure else outcome,
                     now,
@@ -287,13 +347,15 @@ class DeliveryWorker:
         self,
         message: Message,
         delivery: Delivery,
+        route: Route,
         event: str,
         outcome: Outcome,
         now: datetime,
         final: str | None = None,
     ) -> None:
         """One line per outcome, as Postfix writes it, under the id the agent got in the 250;
-        a bounce's dsn= is the ``final`` status its DSN reports."""
+        relay= is where the route's upstream is (the agent's own host when their login was
+        used); a bounce's dsn= is the ``final`` status its DSN reports."""
         status = _LOGGED_STATUS[event]
         reply = " ".join((outcome.error or outcome.reply or "").split())
         default = {"sent": "2.0.0", "deferred": "4.0.0"}.get(status, "5.0.0")
@@ -301,7 +363,7 @@ class DeliveryWorker:
             "%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
             message.id,
             delivery.recipient,
-            relay_name(self.settings.upstream.url),
+            outcome.remote_mta if route.relay == "mx:" and outcome.remote_mta else route.relay,
             (now - message.received_at).total_seconds(),
             final or _status_of(reply, default),
             status,
@@ -342,11 +404,15 @@ class DeliveryWorker:
         )
 
 
-def _groups(claimed: Sequence[queue.Claimed]) -> list[list[queue.Claimed]]:
-    """Copies of one message that share a blob leave in one SMTP transaction."""
-    groups: dict[tuple[str, str], list[queue.Claimed]] = defaultdict(list)
+def _groups(
+    claimed: Sequence[queue.Claimed], route_for: Callable[[queue.Claimed], Route]
+) -> list[tuple[Route, list[queue.Claimed]]]:
+    """Copies of one message that share a blob and a route leave in one SMTP transaction."""
+    groups: dict[tuple[str, str, str], tuple[Route, list[queue.Claimed]]] = {}
     for item in claimed:
-        groups[(item.message.id, item.delivery.blob)].append(item)
+        route = route_for(item)
+        key = (item.message.id, item.delivery.blob, route.name)
+        groups.setdefault(key, (route, []))[1].append(item)
     return list(groups.values())
 
 

@@ -105,18 +105,20 @@ async def _settle(
     now: datetime,
     event: EventType[Any],
     data: dict[str, object],
+    route: str | None,
     **values: object,
 ) -> journal.NewEvent | None:
     """Record one attempt's outcome if `worker` still holds the lease; the journal event for
-    it, or None when another worker took over."""
+    it, or None when another worker took over. `route`: the [[routes]] entry it took."""
     attempt = delivery.attempts + 1
+    taken = {"route": route} if route is not None else {}
     settled = await LEASES.settle(
-        session, delivery.id, worker, updated_at=now, attempts=attempt, **values
+        session, delivery.id, worker, updated_at=now, attempts=attempt, **taken, **values
     )
     if not settled:
         return None
     return event.new(
-        {"recipient": delivery.recipient, "attempt": attempt, **data},
+        {"recipient": delivery.recipient, "attempt": attempt, **data, **taken},
         message_id=delivery.message_id,
         delivery_id=delivery.id,
     )
@@ -129,8 +131,11 @@ async def mark_delivered(
     now: datetime,
     remote: str | None,
     signed_blob: str | None = None,
+    *,
+    route: str | None = None,
 ) -> journal.NewEvent | None:
-    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them."""
+    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them; `route`:
+    how it left when not the default way ("agent-login")."""
     kept = {"signed_blob": signed_blob} if signed_blob and delivery.keep_signed else {}
     return await _settle(
         session,
@@ -139,6 +144,7 @@ async def mark_delivered(
         now,
         DELIVERY_DELIVERED,
         {"remote": remote},
+        route,
         status=DeliveryStatus.DELIVERED,
         last_error=None,
         **kept,
@@ -152,6 +158,8 @@ async def mark_deferred(
     now: datetime,
     error: str,
     next_attempt: datetime,
+    *,
+    route: str | None = None,
 ) -> journal.NewEvent | None:
     return await _settle(
         session,
@@ -160,6 +168,7 @@ async def mark_deferred(
         now,
         DELIVERY_DEFERRED,
         {"error": error, "next_attempt": next_attempt.isoformat()},
+        route,
         last_error=error,
         next_attempt_at=next_attempt,
     )
@@ -173,6 +182,7 @@ async def mark_bounced(
     error: str,
     *,
     status: str,
+    route: str | None = None,
 ) -> journal.NewEvent | None:
     """Given up for good; ``status`` is the final one the DSN reports (4.4.7 once expired)."""
     return await _settle(
@@ -182,6 +192,7 @@ async def mark_bounced(
         now,
         DELIVERY_BOUNCED,
         {"error": error, "status": status},
+        route,
         status=DeliveryStatus.BOUNCED,
         last_error=error,
     )

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
@@ -101,37 +101,81 @@ class CaptureUpstream:
         raise AssertionError("unreachable")
 
 
-def client_tls_context(*, verify: bool) -> ssl.SSLContext:
-    """The context for STARTTLS to the upstream.
+def client_tls_context(*, verify: bool, upstream: UpstreamSettings | None = None) -> ssl.SSLContext:
+    """The context for STARTTLS (or implicit TLS) to the upstream.
 
     Unverified, the system's CA store would go unused: reading it costs tens of milliseconds
     of CPU for every relay started, which a test suite starting hundreds of relays pays.
+    `upstream`: the upstream whose client certificate, if it has one, the context shows.
     """
     if verify:
-        return ssl.create_default_context()
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+        context = ssl.create_default_context()
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if upstream is not None:
+        show_client_certificate(context, upstream)
     return context
+
+
+def show_client_certificate(context: ssl.SSLContext, settings: UpstreamSettings) -> None:
+    """Load the upstream's `client_certificate` and `client_key` into `context`, once per
+    upstream: every connection then shows it to a server that asks (config_check has read
+    both files before start-up)."""
+    if settings.client_certificate is not None:
+        context.load_cert_chain(settings.client_certificate, settings.client_key)
+
+
+class _Client(aiosmtplib.SMTP):
+    """aiosmtplib's client, knowing whether TLS is up and nothing was answered over it yet.
+
+    A server that wants a client certificate (or refuses ours) finds out only after the TLS
+    1.3 handshake, and ends the connection: the relay sees just an unexpected EOF.
+    """
+
+    tls_unanswered = False
+
+    async def starttls(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        response = await super().starttls(*args, **kwargs)
+        self.tls_unanswered = True
+        return response
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        response = await super().execute_command(*args, **kwargs)
+        self.tls_unanswered = False
+        return response
 
 
 class SmtpUpstream:
     """One connection per batch; STARTTLS whenever the server offers it (smtp://)."""
 
-    def __init__(self, settings: UpstreamSettings, local_hostname: str) -> None:
-        parts = urlsplit(settings.url)
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        local_hostname: str,
+        *,
+        url: str | None = None,
+        login: tuple[str, str] | None = None,
+    ) -> None:
+        """`url` and `login` (username, password) replace the settings' own: an agent's
+        own account at their mail host (gateway/agent_logins.py)."""
+        parts = urlsplit(url or settings.url)
         self.host = parts.hostname or "localhost"
         self.implicit_tls = parts.scheme == "smtps"
         self.port = parts.port or (465 if self.implicit_tls else 25)
         self.username = settings.username or (unquote(parts.username) if parts.username else None)
         self.password = settings.password or (unquote(parts.password) if parts.password else None)
+        if login is not None:
+            self.username, self.password = login
         self.timeout = settings.timeout
         self.connect_timeout = settings.connect_timeout
         self.session_timeout = settings.session_timeout
         self.min_transfer_rate = settings.min_transfer_rate
         self.local_hostname = local_hostname
-        self._quitting: set[asyncio.Task[None]] = set()
-        self.tls_context = client_tls_context(verify=settings.verify_tls)
+        self.quitter = Quitter(self.timeout)
+        self.tls_context = client_tls_context(verify=settings.verify_tls, upstream=settings)
+        self.client_certificate = settings.client_certificate
 
     def deadline(self, size: int) -> float:
         """Seconds a whole conversation about `size` bytes may take before it is given up."""
@@ -142,7 +186,7 @@ class SmtpUpstream:
     ) -> dict[str, Outcome]:
         """Every step has a deadline, and so has the whole: a stalled upstream defers the copy
         instead of holding a worker slot forever."""
-        client = aiosmtplib.SMTP(
+        client = _Client(
             hostname=self.host,
             port=self.port,
             use_tls=self.implicit_tls,
@@ -151,6 +195,7 @@ class SmtpUpstream:
             timeout=self.timeout,
             local_hostname=self.local_hostname,
         )
+        client.tls_unanswered = self.implicit_tls
         total = self.deadline(len(data))
         done = False
         try:
@@ -158,29 +203,63 @@ class SmtpUpstream:
                 await client.connect(timeout=self.connect_timeout)
                 if self.username and self.password:
                     await client.login(self.username, self.password)
-                outcomes = await self._transaction(client, mail_from, recipients, data)
+                outcomes = await transaction(
+                    client, mail_from, recipients, data, self.timeout, self.host
+                )
             done = True
-            self._quit_later(client)
+            self.quitter.quit_later(client)
             return outcomes
         except aiosmtplib.SMTPAuthenticationError as exc:
             # Our credentials are wrong, not the message: keep it queued until an admin fixes
             # the config, rather than bounce every copy.
-            refusal = self._refusal(exc.code, exc.message)
-            login = Outcome(f"login refused: {refusal.error}", False, refusal.remote_mta)
+            refused = refusal(exc.code, exc.message, self.host)
+            login = Outcome(f"login refused: {refused.error}", False, refused.remote_mta)
             return dict.fromkeys(recipients, login)
         except aiosmtplib.SMTPResponseException as exc:
-            return dict.fromkeys(recipients, self._refusal(exc.code, exc.message))
+            return dict.fromkeys(recipients, refusal(exc.code, exc.message, self.host))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            reason = f"{self.host}:{self.port}: {exc or type(exc).__name__}"
-            if isinstance(exc, TimeoutError) and not str(exc):
-                reason = f"{self.host}:{self.port}: no progress in time (deadline {total:.0f} s)"
+            reason = failure_reason(exc, f"{self.host}:{self.port}", total)
+            if client.tls_unanswered:
+                reason += self.certificate_hint(exc)
             return dict.fromkeys(recipients, Outcome(reason, permanent=False))
         finally:
             if not done:
                 client.close()
 
-    def _quit_later(self, client: aiosmtplib.SMTP) -> None:
-        """QUIT without waiting for its reply: the outcome is known and is recorded at once."""
+    def certificate_hint(self, exc: BaseException) -> str:
+        """Why the upstream may have ended the connection as TLS began; "" when `exc`
+        (or, from implicit TLS's connect, its cause) is not such an ending."""
+        cause = exc.__cause__ if isinstance(exc, aiosmtplib.SMTPConnectError) else exc
+        if isinstance(cause, ssl.SSLCertVerificationError) or not isinstance(
+            cause, (aiosmtplib.SMTPServerDisconnected, ssl.SSLError)
+        ):
+            return ""  # its certificate, not ours, or no conversation at all
+        if self.client_certificate is None:
+            return (
+                " (the connection ended as TLS began: the upstream may require a client"
+                " certificate; set client_certificate and client_key)"
+            )
+        return (
+            " (the connection ended as TLS began: the upstream may not accept the client"
+            f" certificate {self.client_certificate})"
+        )
+
+
+def failure_reason(exc: BaseException, where: str, deadline: float) -> str:
+    """A connection-level failure as the log and the DSN say it: where, and what happened."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"{where}: no progress in time (deadline {deadline:.0f} s)"
+    return f"{where}: {exc or type(exc).__name__}"
+
+
+class Quitter:
+    """QUIT without waiting for its reply: the outcome is known and is recorded at once."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._quitting: set[asyncio.Task[None]] = set()
+
+    def quit_later(self, client: aiosmtplib.SMTP) -> None:
         task = asyncio.create_task(self._quit(client))
         self._quitting.add(task)
         task.add_done_callback(self._quitting.discard)
@@ -192,36 +271,45 @@ class SmtpUpstream:
         finally:
             client.close()
 
-    async def _transaction(
-        self, client: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
-    ) -> dict[str, Outcome]:
-        """MAIL, one RCPT each, then DATA streamed in pieces; refusals per recipient."""
-        size = [f"SIZE={len(data)}"] if client.supports_extension("size") else []
-        await client.mail(mail_from, options=size)
-        outcomes: dict[str, Outcome] = {}
-        for recipient in recipients:
-            try:
-                await client.rcpt(recipient)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                outcomes[recipient] = self._refusal(exc.code, exc.message)
-        accepted = [r for r in recipients if r not in outcomes]
-        if not accepted:
-            return outcomes
-        try:
-            taken = await send_data(client, data, self.timeout)
-        except aiosmtplib.SMTPResponseException as exc:
-            outcomes.update(dict.fromkeys(accepted, self._refusal(exc.code, exc.message)))
-        else:
-            reply = " ".join(f"{taken.code} {taken.message}".split())
-            outcomes.update(dict.fromkeys(accepted, Outcome(reply=reply, remote_mta=self.host)))
-        return outcomes
 
-    def _refusal(self, code: int, message: str) -> Outcome:
-        text = " ".join(f"{code} {message}".split())
-        # 530 "Authentication required" (RFC 4954) means our relay is not set up to log in
-        # upstream: a configuration problem to retry through, not a verdict on the message.
-        permanent = 500 <= code < 600 and code != 530
-        return Outcome(text, permanent=permanent, remote_mta=self.host)
+async def transaction(
+    client: aiosmtplib.SMTP,
+    mail_from: str,
+    recipients: Sequence[str],
+    data: bytes,
+    reply_timeout: float,
+    remote: str,
+) -> dict[str, Outcome]:
+    """MAIL, one RCPT each, then DATA streamed in pieces; refusals per recipient.
+
+    `remote` is the host the outcomes name (the smart host, or the MX host used)."""
+    size = [f"SIZE={len(data)}"] if client.supports_extension("size") else []
+    await client.mail(mail_from, options=size)
+    outcomes: dict[str, Outcome] = {}
+    for recipient in recipients:
+        try:
+            await client.rcpt(recipient)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            outcomes[recipient] = refusal(exc.code, exc.message, remote)
+    accepted = [r for r in recipients if r not in outcomes]
+    if not accepted:
+        return outcomes
+    try:
+        taken = await send_data(client, data, reply_timeout)
+    except aiosmtplib.SMTPResponseException as exc:
+        outcomes.update(dict.fromkeys(accepted, refusal(exc.code, exc.message, remote)))
+    else:
+        reply = " ".join(f"{taken.code} {taken.message}".split())
+        outcomes.update(dict.fromkeys(accepted, Outcome(reply=reply, remote_mta=remote)))
+    return outcomes
+
+
+def refusal(code: int, message: str, remote: str) -> Outcome:
+    text = " ".join(f"{code} {message}".split())
+    # 530 "Authentication required" (RFC 4954) means our relay is not set up to log in
+    # upstream: a configuration problem to retry through, not a verdict on the message.
+    permanent = 500 <= code < 600 and code != 530
+    return Outcome(text, permanent=permanent, remote_mta=remote)
 
 
 PIECE = 256 * 1024
@@ -241,8 +329,8 @@ async def send_data(
     A copy with a bare CR or LF is refused before DATA (and so deferred): a receiver that
     ends the data at LF "." CRLF would read what follows as a second message.
     """
-    if (refusal := bare_line_end_refusal(data)) is not None:
-        raise BareLineEnd(refusal)
+    if (problem := bare_line_end_refusal(data)) is not None:
+        raise BareLineEnd(problem)
     reply = await client.execute_command(b"DATA", timeout=reply_timeout)
     if reply.code != 354:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
@@ -296,15 +384,12 @@ def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
         yield b"\r\n"
 
 
-def relay_name(url: str) -> str:
-    """Where copies go, as the log names it: HOST:PORT, or the capture URL."""
+def relay_name(url: str, remote_mta: str | None = None) -> str:
+    """Where copies go, as the log names it: HOST:PORT, the capture URL, or for direct
+    delivery the MX host that took (or refused) the copy."""
     if url.startswith("capture:"):
         return url
+    if url == "mx:":
+        return remote_mta or url
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or (465 if parts.scheme == 'smtps' else 25)}"
-
-
-def open_upstream(settings: UpstreamSettings, local_hostname: str) -> Upstream:
-    if settings.url.startswith("capture:"):
-        return CaptureUpstream(Path(settings.url.removeprefix("capture:")))
-    return SmtpUpstream(settings, local_hostname)

@@ -444,11 +444,22 @@ DELIVERY_QUEUED = _declare(
 )
 
 
+RouteTaken = Annotated[
+    str,
+    About(
+        "The `[[routes]]` entry the attempt took (docs/routes.md), `default` for"
+        " `[upstream]`, or `agent-login` when it left through the agent's own login at their"
+        " mail host (docs/agent-logins.md). Events written before 2026-12 lack it."
+    ),
+]
+
+
 @with_config(_STRICT)
 class Delivered(TypedDict):
     recipient: Recipient
     attempt: Attempt
     remote: Annotated[str | None, About("The server that accepted it, when known.")]
+    route: NotRequired[RouteTaken]
 
 
 DELIVERY_DELIVERED = _declare(
@@ -466,6 +477,7 @@ class Deferred(TypedDict):
     attempt: Attempt
     error: Reply
     next_attempt: Timestamp
+    route: NotRequired[RouteTaken]
 
 
 DELIVERY_DEFERRED = _declare(
@@ -489,6 +501,7 @@ class Bounced(TypedDict):
             " or 4.4.7 when the queue lifetime ran out. Events written before 2026-12 lack it."
         ),
     ]
+    route: NotRequired[RouteTaken]
 
 
 DELIVERY_BOUNCED = _declare(
@@ -626,10 +639,25 @@ USER_TOTP_ENABLED = _declare(
     message=None,
 )
 
+
+@with_config(_STRICT)
+class UserTotpDisabled(TypedDict):
+    email: Email
+    by: NotRequired[
+        Annotated[
+            str,
+            About(
+                "The admin who turned it off in the console; absent when it was the CLI.",
+                personal=True,
+            ),
+        ]
+    ]
+
+
 USER_TOTP_DISABLED = _declare(
     "user.totp_disabled",
     "A user's sign-in to the console no longer asks for a TOTP code.",
-    UserChange,
+    UserTotpDisabled,
     message=None,
 )
 
@@ -1000,4 +1028,82 @@ MESSAGE_TRUSTED_CLIENT = _declare(
     " written with message.received, it names which entry let it in.",
     MessageTrustedClient,
     message="the message received",
+)
+
+
+# -- loop-mark: the signed X-Sealrelay-Loop field (gateway/mail/loop_mark.py)
+
+
+@with_config(_STRICT)
+class MessageLoopMarkForged(TypedDict):
+    relay: Annotated[
+        str, About("The relay hostname the mark claims (h=); empty when it is malformed.")
+    ]
+    reason: Annotated[str, About("Why it does not verify with this relay's key.")]
+
+
+MESSAGE_LOOP_MARK_FORGED = _declare(
+    "message.loop_mark_forged",
+    "The message carried an X-Sealrelay-Loop mark that does not verify with this relay's key"
+    " (altered, copied from another message, or made with another key). It is no loop: the"
+    " message was accepted and the mark removed from every copy.",
+    MessageLoopMarkForged,
+    message="the message received",
+)
+
+
+# -- milter: Postfix or Sendmail stays in charge (gateway/fronts/milter.py)
+
+
+@with_config(_STRICT)
+class MessageMilter(TypedDict):
+    outcome: Annotated[
+        str,
+        About(
+            "passed: every copy is the original, the MTA delivers it with our header added;"
+            " taken_over: recipients get different copies, the relay delivers them and the"
+            " MTA discards its own."
+        ),
+    ]
+    mta_queue_id: Annotated[str | None, About("The MTA's queue id ({i}), when it sent one.")]
+    login: Annotated[
+        str | None, About("The MTA's SASL login ({auth_authen}); null without.", personal=True)
+    ]
+
+
+MESSAGE_MILTER = _declare(
+    "message.milter",
+    "The message came through the milter front; written with message.received, it says"
+    " whether the MTA delivers it (passed) or the relay took it over.",
+    MessageMilter,
+    message="the message received",
+)
+
+
+# -- agent-logins: an agent's own login at their mail host (gateway/agent_logins.py)
+
+
+@with_config(_STRICT)
+class UserUpstreamLogin(TypedDict):
+    email: Email
+    url: Annotated[str, About("The agent's mail host, smtp:// or smtps://.")]
+    username: Annotated[
+        str, About("The login name at that host (never the password).", personal=True)
+    ]
+    by: Actor
+
+
+USER_UPSTREAM_LOGIN_SET = _declare(
+    "user.upstream_login_set",
+    "A user's mail now leaves through their own login at their mail host; the password is"
+    " stored sealed and is never recorded.",
+    UserUpstreamLogin,
+    message=None,
+)
+
+USER_UPSTREAM_LOGIN_CLEARED = _declare(
+    "user.upstream_login_cleared",
+    "A user's own upstream login was removed: their mail leaves the default way again.",
+    UserUpstreamLogin,
+    message=None,
 )

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -133,6 +134,8 @@ class Message(Base):
     protocol: Mapped[str] = mapped_column(String(20), default="ESMTP")
     # "SERVICE (entry NAME[, certificate CN])" when a trusted client sent it without AUTH
     trusted_client: Mapped[str | None] = mapped_column(String(300), default=None)
+    # the [[smtp.trusted]] entry's name, what a route's `trusted` condition matches
+    trusted_entry: Mapped[str | None] = mapped_column(String(100), default=None)
 
 
 class DeliveryStatus(StrEnum):
@@ -170,6 +173,8 @@ class Delivery(Base):
     # a released original: the worker stores the DKIM-signed bytes it delivered (evidence)
     keep_signed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     signed_blob: Mapped[str | None] = mapped_column(String(64))
+    # the [[routes]] entry (or "default") the last attempt took; null before the first
+    route: Mapped[str | None] = mapped_column(String(100))
 
 
 class Event(Base):
@@ -414,3 +419,22 @@ class NoticeCursor(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class AgentLogin(Base):
+    """An agent's own login at their mail host, for hosts that refuse other From addresses.
+
+    The password is only ever stored sealed (AES-GCM, bound to the user id) with a key kept
+    outside the database (gateway/agent_logins.py); url and username are not secret.
+    """
+
+    __tablename__ = "agent_logins"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    url: Mapped[str] = mapped_column(String(300))
+    username: Mapped[str] = mapped_column(String(320))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -31,3 +31,8 @@ ROTATION_GRACE: Final = timedelta(hours=24)
 REPLAY_LIMIT: Final = 10_000
 # The longest endpoint description.
 DESCRIPTION_LIMIT: Final = 500
+# Delivered and failed deliveries are deleted this long after their last attempt; the events
+# stay in the journal, so a replay can still send them again.
+KEEP_FINISHED: Final = timedelta(days=30)
+# Rows one pruning transaction deletes, so the sweep never holds the writer for long.
+PRUNE_BATCH: Final = 5_000

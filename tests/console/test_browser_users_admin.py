@@ -1,7 +1,7 @@
 """The admin's user pages and the account page in Chromium, without JavaScript, on a phone
 (German) and a desktop (English): the admin opens a user, adds an alias, resets the password
-(shown once), deletes another user after the confirmation page; an agent sets their notice
-mails and changes their own password.
+(shown once), turns off the TOTP of someone who lost their phone, deletes another user after
+the confirmation page; an agent sets their notice mails and changes their own password.
 
 Screenshots go to the test's tmp dir and to /work/wt/screens/admin-users/ (or
 SEALRELAY_SCREENS), to be looked at.
@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from gateway import users
+from gateway.console import totp
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
 from tests.console.browser_sign_in import sign_in
 from tests.console.test_browser_console_work import DESKTOP, SIZES
@@ -57,6 +58,7 @@ async def test_admin_manages_users_and_an_agent_their_account(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
         )
         try:
+            await totp.enable(db, AGENT)
             page = await sign_in(browser, world.url, ADMIN, viewport, locale)
             await page.goto(f"{world.url}/console/admin/users")
             row = page.locator("li.row", has_text=AGENT)
@@ -72,6 +74,13 @@ async def test_admin_manages_users_and_an_agent_their_account(
             password = (await page.locator(".secret-value").inner_text()).strip()
             assert await users.authenticate(db, AGENT, password) is not None
             await take(page, tmp_path, "password-once", size, width)
+
+            row = page.locator("li.row", has_text=AGENT)
+            await row.locator("summary").click()
+            await row.locator("form[action='/console/admin/users/totp-off'] button").click()
+            assert page.url.endswith("done=totp_off")
+            assert (await users.find_user(db, AGENT))[0].totp_secret is None
+            await take(page, tmp_path, "totp-off", size, width)
 
             row = page.locator("li.row", has_text=OTHER_AGENT)
             await row.locator("summary").click()

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from gateway import users
+from gateway.console import totp
 from gateway.store.models import Event
 from tests.conftest import PASSWORD
 from tests.console.client import ConsoleClient
@@ -114,6 +115,7 @@ async def test_posts_without_the_csrf_token_change_nothing(world: World) -> None
         (ADMIN, f"{USERS}/delete", {"email": AGENT, "confirm": AGENT}),
         (ADMIN, f"{USERS}/password", {"email": AGENT}),
         (ADMIN, f"{USERS}/aliases", {"email": AGENT, "action": "add", "address": "d@b.example"}),
+        (ADMIN, f"{USERS}/totp-off", {"email": AGENT}),
         (AGENT, "/console/account/notices", {"notices": "1"}),
         (AGENT, "/console/account/password", {"current": PASSWORD, "new": "x" * 12}),
     ):
@@ -139,6 +141,37 @@ async def test_a_reset_password_is_shown_once_and_signs_the_user_out(world: Worl
     assert event == {"email": AGENT, "sessions": 1, "by": ADMIN}
     async with world.site.relay.db.transaction() as session:
         assert password not in str((await session.scalars(select(Event.data))).all())
+
+
+async def test_an_admin_turns_off_the_totp_of_someone_who_lost_their_phone(
+    world: World,
+) -> None:
+    admin = world.consoles[ADMIN]
+    db = world.site.relay.db
+    csrf = await world.csrf(ADMIN)
+    button = 'action="/console/admin/users/totp-off"'
+    assert button not in (await admin.get(USERS)).text, "offered only to users who have it"
+    await totp.enable(db, AGENT)
+    assert (await admin.get(USERS)).text.count(button) == 1
+
+    answer = await admin.post(f"{USERS}/totp-off", {"csrf": csrf, "email": AGENT.upper()})
+    assert answer.status == 303 and answer.location == f"{USERS}?done=totp_off"
+    assert "TOTP turned off" in visible((await admin.get(answer.location)).text)
+    assert (await users.find_user(db, AGENT))[0].totp_secret is None
+    assert await journal(world, "user.totp_disabled") == [{"email": AGENT, "by": ADMIN}]
+    async with ConsoleClient(world.url) as again:
+        assert (await again.sign_in(AGENT, PASSWORD)).status == 303, "no code asked"
+
+    await totp.enable(db, ADMIN)
+    before = await world.journal_size()
+    own = await admin.post(f"{USERS}/totp-off", {"csrf": csrf, "email": ADMIN})
+    assert own.status == 409 and "Ask another administrator" in visible(own.text)
+    assert (await users.find_user(db, ADMIN))[0].totp_secret is not None
+    unknown = await admin.post(f"{USERS}/totp-off", {"csrf": csrf, "email": "nobody@b.example"})
+    assert unknown.status == 404
+    agent = await world.consoles[AGENT].post(f"{USERS}/totp-off", {"csrf": csrf, "email": ADMIN})
+    assert agent.status in (403, 404)
+    assert await world.journal_size() == before
 
 
 async def test_an_admin_adds_and_removes_aliases(world: World) -> None:

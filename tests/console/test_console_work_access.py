@@ -75,11 +75,14 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/console/admin/users/delete"): Case("admin", 400, post=True),  # not confirmed
     ("POST", "/console/admin/users/password"): Case("admin", 400, post=True),  # no address
     ("POST", "/console/admin/users/aliases"): Case("admin", 400, post=True),  # no action
+    ("POST", "/console/admin/users/totp-off"): Case("admin", 400, post=True),  # no address
+    ("POST", "/console/admin/users/upstream-login"): Case("admin", 400, post=True),
     ("GET", "/console/account"): Case("all", 200),
     # no marker field: no choice made, nothing stored
     ("POST", "/console/account/notices"): Case("all", 400, post=True),
     # no current password: refused before any check
     ("POST", "/console/account/password"): Case("all", 400, post=True),
+    ("POST", "/console/account/upstream-login"): Case("all", 400, post=True),
     ("GET", "/console/admin/queue"): Case("admin", 200),
     # a delivered copy: nothing to retry, not queued to delete
     ("POST", "/console/admin/queue/{id}/retry"): Case("admin", 409, post=True),

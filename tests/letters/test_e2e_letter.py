@@ -99,7 +99,9 @@ async def test_offer_is_held_and_released_with_signed_evidence(relay: Harness) -
     release = await desk.release(tokens[PROSPECT], REQUIRED, "127.0.0.1", "Mozilla/5.0 pytest")
     assert not release.already
     arrived = await relay.sink.expect(5)
-    released = [m.data for m in arrived if m.rcpt_tos == [PROSPECT] and b"X-Sealrelay" in m.data]
+    released = [
+        m.data for m in arrived if m.rcpt_tos == [PROSPECT] and b"X-Sealrelay-Consent" in m.data
+    ]
     notices = [m for m in arrived if m.rcpt_tos == [AGENT]]
     assert len(released) == 1 and len(notices) == 1
     copy = released[0]
@@ -166,7 +168,7 @@ async def test_concurrent_consents_release_once(relay: Harness) -> None:
         )
     assert released_rows == 2  # the letter and the one released original
     released = [
-        m for m in relay.sink.messages if m.rcpt_tos == [OTHER] and b"X-Sealrelay" in m.data
+        m for m in relay.sink.messages if m.rcpt_tos == [OTHER] and b"X-Sealrelay-Consent" in m.data
     ]
     assert len(released) == 1
 

@@ -591,7 +591,7 @@ async def test_an_expired_lease_is_claimed_by_another_worker(
         harness.settings,
         database,
         relay.blobs,
-        relay.worker.upstream,
+        relay.worker.routes,
         relay.worker.signer,
         relay.signal,
         clock,
@@ -737,7 +737,7 @@ async def test_two_workers_deliver_each_copy_once(
         harness.settings,
         database,
         relay.blobs,
-        relay.worker.upstream,
+        relay.worker.routes,
         relay.worker.signer,
         relay.signal,
     )

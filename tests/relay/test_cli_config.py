@@ -75,8 +75,8 @@ async def test_check_config_reports_every_problem_at_once(tmp_path: Path) -> Non
     assert sorted(errors(run)) == sorted(
         [
             "Error: config error: smtp.max_recipients: Input should be greater than or equal to 1",
-            "Error: config error: upstream.url: must be smtp://HOST[:PORT], smtps://HOST[:PORT]"
-            " or capture:DIR",
+            "Error: config error: upstream.url: must be smtp://HOST[:PORT], smtps://HOST[:PORT],"
+            " capture:DIR or mx:",
             f"Error: config error: storage.path: {occupied}/blobs cannot be created:"
             f" {occupied} is not a directory",
             f"Error: config error: dkim.broker.example.key_file: {tmp_path}/dkim/missing.pem:"

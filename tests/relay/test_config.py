@@ -21,7 +21,7 @@ def test_embedded_defaults_are_the_dev_relay() -> None:
     assert not settings.smtp.allow_plaintext_auth_on_loopback
 
 
-@pytest.mark.parametrize("name", ["sealrelay.toml", "dev.toml"])
+@pytest.mark.parametrize("name", ["sealrelay.toml", "dev.toml", "postfix-content-filter.toml"])
 def test_shipped_examples_validate(name: str) -> None:
     settings = load_settings(EXAMPLES / name, environ={})
     assert isinstance(settings, Settings)

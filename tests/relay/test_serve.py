@@ -51,6 +51,8 @@ url = "capture:{tmp_path / "outbox"}"
 url = "sqlite+aiosqlite:///{tmp_path / "relay.db"}"
 [storage]
 path = "{tmp_path / "blobs"}"
+[loop]
+key_file = "{tmp_path / "loop.key"}"
 """
         + LETTER_TOML
     )
@@ -91,6 +93,10 @@ path = "{tmp_path / "blobs"}"
     secret = base64.b64encode(f"\0{AGENT}\0{PASSWORD}".encode()).decode()
     assert secret not in log_text and PASSWORD not in log_text
     assert "accepted" in log_text
+    # the loop key was made at the first start, for the relay's user alone, and marks the copy
+    assert (tmp_path / "loop.key").stat().st_mode & 0o777 == 0o600
+    [copy] = [p.read_bytes() for p in (tmp_path / "outbox").glob("*.eml")]
+    assert b"\r\nX-Sealrelay-Loop: v=1; h=relay.test.example; t=" in b"\r\n" + copy
 
 
 async def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:

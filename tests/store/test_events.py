@@ -81,6 +81,13 @@ STORED_NAMES = {
     "user.alias_removed",
     # trusted-front
     "message.trusted_client",
+    # loop-mark
+    "message.loop_mark_forged",
+    # milter
+    "message.milter",
+    # agent-logins
+    "user.upstream_login_set",
+    "user.upstream_login_cleared",
 }
 
 

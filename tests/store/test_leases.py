@@ -74,7 +74,7 @@ async def test_a_copy_in_flight_longer_than_its_lease_is_never_taken_over(
         harness.settings,
         database,
         relay.blobs,
-        relay.worker.upstream,
+        relay.worker.routes,
         relay.worker.signer,
         relay.signal,
     )

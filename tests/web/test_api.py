@@ -90,6 +90,15 @@ def _cases() -> dict[tuple[str, str], tuple[dict[str, str], Any]]:
             {"email": "nobody@broker.example", "alias": "desk@broker.example"},
             None,
         ),
+        ("GET", "/api/v1/users/{email}/upstream-login"): ({"email": "nobody@broker.example"}, None),
+        ("PUT", "/api/v1/users/{email}/upstream-login"): (
+            {"email": "nobody@broker.example"},
+            {"url": "smtp://mail.example", "username": "u", "password": "secret 1"},
+        ),
+        ("DELETE", "/api/v1/users/{email}/upstream-login"): (
+            {"email": "nobody@broker.example"},
+            None,
+        ),
         ("GET", "/api/v1/queue"): ({}, None),
         ("POST", "/api/v1/queue/{id}/retry"): ({"id": "nosuchcopy"}, None),
         ("DELETE", "/api/v1/queue/{id}"): ({"id": "nosuchcopy"}, None),

@@ -199,6 +199,7 @@ _PROBLEM_TEXT = {
     413: "The body is too large.",
     415: "The body is not application/json.",
     422: "The body is JSON but not what this operation takes.",
+    503: "The relay cannot do this now (a missing key file, say); the operator must act.",
 }
 
 

@@ -240,6 +240,10 @@ class QueueItem(BaseModel):
     next_attempt_at: datetime
     expires_at: datetime
     last_error: str | None
+    route: str | None = Field(
+        description="The `[[routes]]` entry the last attempt took (`default`: `[upstream]`);"
+        " null before the first attempt."
+    )
 
 
 class QueueList(BaseModel):

@@ -19,6 +19,7 @@ from gateway.store.models import DeliveryStatus, Role, User
 from gateway.users import KEEP, UnknownUser, UserConflict, UserError, normalize_address
 from web.api import models as m
 from web.api.actions import MessageActions
+from web.api.agent_logins import AgentLoginOperations
 from web.api.declare import Call, NoBody, NoQuery, Operation, openapi
 from web.api.settings import SettingsOperations
 from web.api.webhooks import WebhookOperations
@@ -75,6 +76,7 @@ class Api:
     actions: MessageActions
     webhooks: WebhookOperations
     settings: SettingsOperations
+    logins: AgentLoginOperations
 
     # -- messages and events --------------------------------------------------------------
 
@@ -244,6 +246,7 @@ class Api:
                     next_attempt_at=c.delivery.next_attempt_at,
                     expires_at=c.delivery.expires_at,
                     last_error=c.delivery.last_error,
+                    route=c.delivery.route,
                 )
                 for c in await self.queue.listing(statuses)
             ]
@@ -304,6 +307,7 @@ class Api:
             *self.actions.operations(p),
             *self.webhooks.operations(p),
             *self.settings.operations(p),
+            *self.logins.operations(p),
         ]  # fmt: skip
 
     def register(self, routes: Routes) -> None:

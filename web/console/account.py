@@ -1,4 +1,5 @@
-"""The signed-in user's own page: which optional mails they get, and their own password.
+"""The signed-in user's own page: which optional mails they get, their own password, and
+their own login at their mail host (web/console/upstream_login.py).
 
 Every role has it, for themselves only: the handlers act on the session's user and never on
 an address from the form. Both forms are CSRF-checked by the console's gate like every
@@ -13,11 +14,13 @@ import math
 from aiohttp import web
 
 from gateway.access import Permission
+from gateway.agent_logins import AgentLogins
 from gateway.config import Settings
 from gateway.console.admin import UserDesk
 from gateway.console.sessions import Client, Refusal, SessionDesk, SignInRefused
 from gateway.users import NOTICE_KINDS, UserError
 from web.console.pages import CONSOLE_USER
+from web.console.upstream_login import LoginRefused, apply_login_form
 from web.console.view import ConsoleView, form_text
 from web.guard import Routes
 from web.pages import ProspectSite
@@ -36,7 +39,9 @@ class AccountPages:
         users: UserDesk,
         sessions: SessionDesk,
         settings: Settings,
+        logins: AgentLogins,
     ) -> None:
+        self.logins = logins
         self.view = view
         self.site = site
         self.users = users
@@ -48,6 +53,7 @@ class AccountPages:
         routes.console("GET", ACCOUNT, self.page, own)
         routes.console("POST", ACCOUNT + "/notices", self.save_notices, own)
         routes.console("POST", ACCOUNT + "/password", self.change_password, own)
+        routes.console("POST", ACCOUNT + "/upstream-login", self.change_login, own)
 
     async def page(
         self,
@@ -55,6 +61,7 @@ class AccountPages:
         *,
         error: str | None = None,
         password_error: str | None = None,
+        login_error: str | None = None,
         status: int = 200,
     ) -> web.Response:
         catalog = self.view.catalog(request)
@@ -66,7 +73,9 @@ class AccountPages:
             status=status,
             error=error,
             password_error=password_error,
+            login_error=login_error,
             prefs=await self.users.notices(user.email, self.settings),
+            login=await self.logins.show(user.email),
         )
 
     async def save_notices(self, request: web.Request) -> web.StreamResponse:
@@ -125,3 +134,15 @@ class AccountPages:
                 request, password_error=catalog.t("account.error.short"), status=400
             )
         raise self.view.see_other(ACCOUNT, "password_changed")
+
+    async def change_login(self, request: web.Request) -> web.StreamResponse:
+        """Set or clear the user's own login at their mail host: always their own."""
+        user = request[CONSOLE_USER]
+        catalog = self.view.catalog(request)
+        try:
+            done = await apply_login_form(
+                self.logins, user.email, await request.post(), catalog, by=user.email
+            )
+        except LoginRefused as refused:
+            return await self.page(request, login_error=refused.message, status=refused.status)
+        raise self.view.see_other(ACCOUNT, done)

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from gateway.access import Permission
+from gateway.agent_logins import AgentLogins
 from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk, ApiKeyError
 from gateway.outbound.queue import QueueError
@@ -35,6 +36,7 @@ from gateway.webhooks.desk import (
     WebhookError,
 )
 from gateway.webhooks.tunables import REPLAY_LIMIT
+from web.console.upstream_login import LoginRefused, apply_login_form
 from web.console.view import ConsoleView, form_text
 from web.guard import Routes
 
@@ -87,7 +89,9 @@ class AdminPages:
         webhooks: WebhookDesk,
         keys: ApiKeyDesk,
         chain: Callable[[], Awaitable[ChainReport]],
+        logins: AgentLogins,
     ) -> None:
+        self.logins = logins
         self.view = view
         self.users = users
         self.queue = queue
@@ -105,6 +109,8 @@ class AdminPages:
         routes.console("POST", USERS + "/delete", self.delete_user, change)
         routes.console("POST", USERS + "/password", self.reset_password, change)
         routes.console("POST", USERS + "/aliases", self.change_aliases, change)
+        routes.console("POST", USERS + "/totp-off", self.turn_off_totp, change)
+        routes.console("POST", USERS + "/upstream-login", self.change_login, change)
         routes.console("GET", QUEUE, self.queue_list, see)
         routes.console("POST", QUEUE + "/{id}/retry", self.retry, change)
         routes.console("POST", QUEUE + "/{id}/delete", self.delete, change)
@@ -168,6 +174,7 @@ class AdminPages:
             status=status,
             error=error,
             users=await self.users.listing(),
+            logins=await self.logins.views(),
             roles=[(r.value, catalog.t(f"console.roles.{r.value}")) for r in Role],
             created=created,
             reset=reset,
@@ -271,6 +278,23 @@ class AdminPages:
         log.info("console: %s reset the password of %s", by, email)
         return await self.user_list(request, reset=(email, password))
 
+    async def turn_off_totp(self, request: web.Request) -> web.StreamResponse:
+        """The way back in for someone who lost their authenticator; they set it up again
+        with `sealrelay user totp`. Not for oneself: another admin must vouch for the person."""
+        form = await self._form(request)
+        by = self.view.principal(request).name
+        try:
+            email = normalize_address(form.get("email", ""))
+            if email == by:
+                return await self.user_list(
+                    request, error=self._t(request, "admin_users.error.own_totp"), status=409
+                )
+            await self.users.turn_off_totp(email, by=by)
+        except UserError as exc:
+            return await self._user_refused(request, exc)
+        log.info("console: %s turned off TOTP for %s", by, email)
+        raise self.view.see_other(USERS, "totp_off")
+
     async def change_aliases(self, request: web.Request) -> web.StreamResponse:
         form = await self._form(request)
         by = self.view.principal(request).name
@@ -287,6 +311,22 @@ class AdminPages:
         except UserError as exc:
             return await self._user_refused(request, exc)
         raise self.view.see_other(USERS, "alias_added" if action == "add" else "alias_removed")
+
+    async def change_login(self, request: web.Request) -> web.StreamResponse:
+        """Set or clear a user's own login at their mail host."""
+        posted = await request.post()
+        catalog = self.view.catalog(request)
+        try:
+            done = await apply_login_form(
+                self.logins,
+                form_text(posted.get("email")),
+                posted,
+                catalog,
+                by=self.view.principal(request).name,
+            )
+        except LoginRefused as refused:
+            return await self.user_list(request, error=refused.message, status=refused.status)
+        raise self.view.see_other(USERS, f"user_{done}")
 
     # -- the queue
 

@@ -115,6 +115,7 @@ def describe(event: EventRow, catalog: Catalog) -> Line:
     fact("error", data.get("error"))
     fact("status", data.get("status") if event.type == DELIVERY_BOUNCED.name else None)
     fact("remote", data.get("remote"))
+    fact("route", data.get("route"))
     fact("actor", data.get("actor"))
     fact("reason", data.get("reason") if event.type != POLICY_KEPT.name else None)
     fact("expires", when(data.get("expires_at")))

@@ -41,8 +41,13 @@ NOTICES = frozenset(
         "user_deleted",
         "alias_added",
         "alias_removed",
+        "totp_off",
         "notices_saved",
         "password_changed",
+        "login_saved",
+        "login_cleared",
+        "user_login_saved",
+        "user_login_cleared",
     }
 )
 

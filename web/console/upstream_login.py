@@ -1,0 +1,54 @@
+"""The console's form for an agent's own upstream login, shared by My account and the admin's
+users page: read the posted fields, set or clear, and say what went wrong in the reader's
+language. The password field is never filled in by a page; the password is never logged."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.agent_logins import MAX_PASSWORD, AgentLogins, LoginKeyMissing
+from gateway.texts.catalog import Catalog
+from gateway.users import UnknownUser, UserError
+from web.console.view import form_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoginRefused(Exception):
+    """Why the form did nothing, for the page; `status` for the response."""
+
+    message: str
+    status: int
+
+
+async def apply_login_form(
+    logins: AgentLogins, email: str, posted: Mapping[str, object], catalog: Catalog, *, by: str
+) -> str:
+    """Set or clear `email`'s login from the posted form; the notice key for what was done.
+    LoginRefused when nothing was done. The password is taken as typed (spaces count)."""
+    action = form_text(posted.get("action"))
+    try:
+        if action == "clear":
+            await logins.clear(email, by=by)
+            return "login_cleared"
+        if action != "set":
+            raise LoginRefused(catalog.t("upstream_login.error.form"), 400)
+        url, username = form_text(posted.get("url")), form_text(posted.get("username"))
+        raw = posted.get("password")
+        password = raw if isinstance(raw, str) else ""
+        if not url or not username or not password:
+            raise LoginRefused(catalog.t("upstream_login.error.missing"), 400)
+        if len(password) > MAX_PASSWORD:
+            raise LoginRefused(catalog.t("upstream_login.error.form"), 400)
+        await logins.set(email, url, username, password, by=by)
+        return "login_saved"
+    except LoginKeyMissing as exc:
+        log.error("console: an upstream login cannot be changed: %s", exc)
+        raise LoginRefused(catalog.t("upstream_login.error.key"), 503) from exc
+    except UnknownUser as exc:
+        raise LoginRefused(catalog.t("upstream_login.error.refused", detail=str(exc)), 404) from exc
+    except UserError as exc:  # the reason names the field, never the password
+        raise LoginRefused(catalog.t("upstream_login.error.refused", detail=str(exc)), 400) from exc
