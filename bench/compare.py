@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -34,10 +36,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import aiosmtplib
 import psutil
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -144,6 +148,36 @@ class TreeMemory:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.sample()
+
+
+def database_cpu(server: Server) -> dict[int, float]:
+    """The PostgreSQL backends serving the server's connections now, with their CPU seconds
+    so far: the database's work is part of what a message costs on PostgreSQL."""
+    if server.database_port is None:
+        return {}
+    try:
+        ours = {
+            c.laddr.port
+            for c in psutil.Process(server.pid).net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == server.database_port
+        }
+        backends = {
+            c.pid
+            for c in psutil.net_connections(kind="tcp")
+            if c.pid and c.raddr and c.laddr.port == server.database_port and c.raddr.port in ours
+        }
+    except psutil.Error:
+        return {}
+    found: dict[int, float] = {}
+    for pid in backends:
+        with contextlib.suppress(psutil.Error):
+            found[pid] = sum(psutil.Process(pid).cpu_times()[:2])
+    return found
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two `database_cpu` looks (a backend new at the end: all of it)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 async def wait_listening(port: int, process: asyncio.subprocess.Process, what: str) -> None:
@@ -264,6 +298,7 @@ class Server:
     name: str
     port: int
     pid: int
+    database_port: int | None = None  # PostgreSQL's: its backends serving `pid` count too
 
 
 async def start_postfix(
@@ -304,6 +339,7 @@ class Relay:
     trusted_port: int
     web_port: int
     process: asyncio.subprocess.Process
+    database_port: int | None
 
     @property
     def public_url(self) -> str:
@@ -344,7 +380,8 @@ async def start_sealrelay(
         await wait_ready(process, web_port, log)
     except SystemExit as exc:
         raise Failed(str(exc)) from None
-    return Relay(f"sealrelay-{backend}", directory, trusted_port, web_port, process)
+    database_port = (make_url(db_url).port or 5432) if backend == "postgres" else None
+    return Relay(f"sealrelay-{backend}", directory, trusted_port, web_port, process, database_port)
 
 
 NGINX_CONF = """\
@@ -418,6 +455,7 @@ class MailRun:
     cpu_seconds: float
     peak_rss: int
     peak_pss: int
+    database_cpu_seconds: float = 0.0  # PostgreSQL's backends serving the relay
     latencies: list[float] = field(default_factory=list)
 
     @property
@@ -430,7 +468,12 @@ class MailRun:
 
     @property
     def cpu_ms_per_message(self) -> float:
-        return self.cpu_seconds * 1000 / self.messages
+        """The server's CPU and its database's (PostgreSQL's backends), per message."""
+        return (self.cpu_seconds + self.database_cpu_seconds) * 1000 / self.messages
+
+    @property
+    def database_ms_per_message(self) -> float:
+        return self.database_cpu_seconds * 1000 / self.messages
 
 
 def probe_message(size: int) -> bytes:
@@ -486,6 +529,7 @@ async def mail_run(
     own alongside; the run ends when the sink has every message (theirs and the probes')."""
     start_count = sink.count
     cpu_before = tree_cpu_seconds(server.pid)
+    database_before = database_cpu(server)
     sampler = TreeMemory(server.pid)
     sampler.start()
     latencies: list[float] = []
@@ -523,6 +567,7 @@ async def mail_run(
         seconds=done - began,
         octets=total * size,
         cpu_seconds=tree_cpu_seconds(server.pid) - cpu_before,
+        database_cpu_seconds=cpu_spent(database_before, database_cpu(server)),
         peak_rss=sampler.peak_rss,
         peak_pss=sampler.peak_pss,
         latencies=latencies,
@@ -537,7 +582,12 @@ def print_mail_run(workload: str, round_number: int, run: MailRun) -> None:
     figures = [
         f"{run.msg_per_s:.1f} msg/s delivered",
         f"{run.mb_per_s:.1f} MB/s",
-        f"CPU {run.cpu_ms_per_message:.2f} ms/msg",
+        f"CPU {run.cpu_ms_per_message:.2f} ms/msg"
+        + (
+            f" ({run.database_ms_per_message:.2f} of it PostgreSQL)"
+            if run.database_cpu_seconds
+            else ""
+        ),
         f"peak RSS {run.peak_rss / MIB:.0f} MiB (PSS {run.peak_pss / MIB:.0f} MiB)",
     ]
     if run.latencies:
@@ -653,6 +703,23 @@ async def download_pair(args: argparse.Namespace, backend: str) -> dict[str, lis
 # -- the comparison --------------------------------------------------------------------------
 
 
+def as_record(run: MailRun | DownloadRun) -> dict[str, Any]:
+    """One run for --json: its measurements and the figures derived from them."""
+    record = dataclasses.asdict(run)
+    if isinstance(run, MailRun):
+        latencies = record.pop("latencies")
+        record.update(
+            msg_per_s=run.msg_per_s,
+            mb_per_s=run.mb_per_s,
+            cpu_ms_per_message=run.cpu_ms_per_message,
+            p50_ms=percentile(latencies, 0.5) * 1000 if latencies else None,
+            p99_ms=percentile(latencies, 0.99) * 1000 if latencies else None,
+        )
+    else:
+        record["mib_per_s"] = run.mib_per_s
+    return record
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -709,7 +776,9 @@ def summarize_downloads(runs: dict[str, list[DownloadRun]]) -> None:
     )
 
 
-async def compare_mail(args: argparse.Namespace, workloads: list[str]) -> None:
+async def compare_mail(
+    args: argparse.Namespace, workloads: list[str], record: dict[str, Any]
+) -> None:
     async with contextlib.AsyncExitStack() as stack:
         directory = Path(tempfile.mkdtemp(prefix="sealrelay-compare-"))
         stack.callback(shutil.rmtree, directory, True)
@@ -720,7 +789,9 @@ async def compare_mail(args: argparse.Namespace, workloads: list[str]) -> None:
         servers = [await start_postfix(directory, sink.port, stack)]
         for backend in args.backends:
             relay = await start_sealrelay(backend, sink.port, largest, stack)
-            servers.append(Server(relay.name, relay.trusted_port, relay.process.pid))
+            servers.append(
+                Server(relay.name, relay.trusted_port, relay.process.pid, relay.database_port)
+            )
         shapes = {
             "small": (args.messages, args.size, args.sessions, args.probes),
             "big": (args.big_messages, args.big_size, args.big_sessions, 0),
@@ -747,10 +818,12 @@ async def compare_mail(args: argparse.Namespace, workloads: list[str]) -> None:
                     runs[server.name].append(run)
                     print_mail_run(workload, number, run)
             summarize_mail(workload, runs)
+            record[workload] = {name: [as_record(r) for r in done] for name, done in runs.items()}
 
 
 async def compare(args: argparse.Namespace) -> int:
     workloads = args.workloads
+    record: dict[str, Any] = {"arguments": {k: v for k, v in vars(args).items() if k != "json"}}
     print(
         f"compare: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start;"
         f" backends {', '.join(args.backends)}; {args.rounds} round(s)",
@@ -763,15 +836,19 @@ async def compare(args: argparse.Namespace) -> int:
             tool("nginx", "nginx")
         mail = [w for w in workloads if w != "dl"]
         if mail:
-            await compare_mail(args, mail)
+            await compare_mail(args, mail, record)
         if "dl" in workloads:
-            summarize_downloads(await download_pair(args, args.backends[0]))
+            downloads = await download_pair(args, args.backends[0])
+            summarize_downloads(downloads)
+            record["dl"] = {name: [as_record(r) for r in done] for name, done in downloads.items()}
     except (Missing, PostfixMissing) as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
     except Failed as exc:
         print(f"compare FAILED: {exc}", file=sys.stderr)
         return 1
+    if args.json is not None:
+        args.json.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return 0
 
 
@@ -798,6 +875,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--download-mib", type=int, default=100, help="linked file, MiB")
     parser.add_argument("--clients", type=int, default=10, help="parallel downloads")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run, at most")
+    parser.add_argument("--json", type=Path, default=None, help="also write every run here")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 1

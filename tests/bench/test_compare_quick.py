@@ -54,7 +54,8 @@ async def test_the_quick_comparison_prints_each_figure() -> None:
     status, out = await run_quick()
     assert status == 0, out
     mail = (
-        rf"{NUMBER} msg/s delivered, {NUMBER} MB/s, .*CPU {NUMBER} ms/msg,"
+        rf"{NUMBER} msg/s delivered, {NUMBER} MB/s, .*CPU {NUMBER} ms/msg"
+        rf"(?: \({NUMBER} of it PostgreSQL\))?,"
         rf" peak RSS {NUMBER} MiB \(PSS {NUMBER} MiB\)$"
     )
     latency = rf"time to 250 p50 {NUMBER} ms p99 {NUMBER} ms \([1-9][0-9]* probes\)"
@@ -75,3 +76,26 @@ async def test_the_quick_comparison_prints_each_figure() -> None:
     )
     assert ratios == ["postfix", "postfix", "nginx"], out
     assert len(re.findall(rf"CPU per message {NUMBER}x$", out, re.MULTILINE)) == 2, out
+
+
+def test_a_missing_tool_is_named_with_its_package() -> None:
+    from bench.compare import Missing, tool
+
+    with pytest.raises(Missing, match=r"^no-such-server is missing: apt-get install -y nginx "):
+        tool("no-such-server", "nginx")
+
+
+def test_an_unknown_backend_or_workload_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.compare import parse
+
+    for argv, wrong in (
+        (["--backends", "sqlite,mysql"], "--backends: unknown mysql"),
+        (["--workloads", "small,huge"], "--workloads: unknown huge"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            parse(argv)
+        assert exited.value.code == 2
+        assert wrong in capsys.readouterr().err
+    quick = parse(["--quick"])
+    assert (quick.rounds, quick.backends, quick.messages) == (1, ["sqlite"], 40)
+    assert parse([]).backends == ["sqlite", "postgres"]
