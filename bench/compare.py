@@ -538,6 +538,7 @@ async def mail_run(
     sessions: int,
     probes: int,
     seconds: float,
+    reuse: bool = False,
 ) -> MailRun:
     """smtp-source sends `messages` of `size` bytes over `sessions`, `probes` sessions of our
     own alongside; the run ends when the sink has every message (theirs and the probes')."""
@@ -552,6 +553,7 @@ async def mail_run(
     source = await asyncio.create_subprocess_exec(
         postfix_command("smtp-source"),
         "-s", str(sessions), "-m", str(messages), "-l", str(size),
+        *(["-d"] if reuse else []),
         "-f", AGENT, "-t", RECIPIENT, f"127.0.0.1:{server.port}",
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -815,6 +817,7 @@ async def compare_mail(
             messages, size, sessions, probes = shapes[workload]
             print(
                 f"{workload}: smtp-source -s {sessions} -m {messages} -l {size}"
+                + (" -d" if args.reuse_connections else "")
                 + (f", {probes} latency probe session(s) alongside" if probes else ""),
                 flush=True,
             )
@@ -829,6 +832,7 @@ async def compare_mail(
                         sessions=sessions,
                         probes=probes,
                         seconds=args.timeout,
+                        reuse=args.reuse_connections,
                     )
                     runs[server.name].append(run)
                     print_mail_run(workload, number, run)
@@ -890,6 +894,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--download-mib", type=int, default=100, help="linked file, MiB")
     parser.add_argument("--clients", type=int, default=10, help="parallel downloads")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run, at most")
+    parser.add_argument(
+        "--reuse-connections",
+        action="store_true",
+        help="smtp-source -d: many messages per connection (default: one, as smtp-source does)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every run here")
     args = parser.parse_args(argv)
     if args.quick:
