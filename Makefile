@@ -23,8 +23,8 @@ run: $(STAMP) $(DEV_DKIM_KEY)
 $(DEV_DKIM_KEY): | $(STAMP)
 	$(BIN)/sealrelay dkim keygen --domain demo.sealrelay.example --selector dev --out $@ >/dev/null
 
-# Installs chromium, swaks and postfix when missing (as root) and starts a throw-away PostgreSQL
-# when none answers on 127.0.0.1:5432; see scripts/with-test-services.
+# Installs chromium, swaks, postfix and nginx when missing (as root) and starts a throw-away
+# PostgreSQL when none answers on 127.0.0.1:5432; see scripts/with-test-services.
 test: $(STAMP)
 	scripts/with-test-services $(BIN)/pytest
 

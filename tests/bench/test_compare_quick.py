@@ -1,0 +1,101 @@
+"""bench/compare.py --quick: the comparison runs end to end and prints every figure.
+
+It is a smoke test, not a speed test: it starts smtp-sink, a private Postfix, a sealrelay on
+SQLite and nginx, drives each with smtp-source and parallel downloads, and checks that each
+figure came out as a number. Missing smtp-source, Postfix or nginx makes it fail, not skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.postfix_instance import postfix_command
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+
+async def run_quick() -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "bench" / "compare.py"),
+        "--quick",
+        cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), 600)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode("utf-8", errors="replace")
+
+
+def one_line(out: str, pattern: str) -> str:
+    found = re.findall(pattern, out, re.MULTILINE)
+    assert len(found) == 1, f"want one line matching {pattern!r}:\n{out}"
+    return str(found[0])
+
+
+async def test_the_quick_comparison_prints_each_figure() -> None:
+    for tool in ("smtp-sink", "smtp-source", "postfix"):
+        postfix_command(tool)  # a missing Postfix fails here, saying how to install it
+    status, out = await run_quick()
+    assert status == 0, out
+    mail = (
+        rf"{NUMBER} msg/s delivered, {NUMBER} MB/s, .*CPU {NUMBER} ms/msg"
+        rf"(?: \({NUMBER} of it PostgreSQL\))?,"
+        rf" peak RSS {NUMBER} MiB \(PSS {NUMBER} MiB\)$"
+    )
+    latency = rf"time to 250 p50 {NUMBER} ms p99 {NUMBER} ms \([1-9][0-9]* probes\)"
+    for server in ("postfix", "sealrelay-sqlite"):
+        small = one_line(out, rf"^  round 1 small {server} +(.*)$")
+        assert re.fullmatch(mail, small) and re.search(latency, small), small
+        big = one_line(out, rf"^  round 1 big   {server} +(.*)$")
+        assert re.fullmatch(mail, big), big
+    for server in ("nginx", "sealrelay-sqlite"):
+        download = one_line(out, rf"^  round 1 dl    {server} +(.*)$")
+        assert re.fullmatch(
+            rf"{NUMBER} MiB/s \(2 x 5 MiB\), server CPU {NUMBER} s,"
+            rf" peak RSS {NUMBER} MiB \(PSS {NUMBER} MiB\)",
+            download,
+        ), download
+    ratios = re.findall(
+        rf"^  ratio sealrelay-sqlite / (postfix|nginx): throughput {NUMBER}x", out, re.MULTILINE
+    )
+    assert ratios == ["postfix", "postfix", "nginx"], out
+    assert len(re.findall(rf"CPU per message {NUMBER}x$", out, re.MULTILINE)) == 2, out
+
+
+def test_a_missing_tool_is_named_with_its_package() -> None:
+    from bench.compare import Missing, tool
+
+    with pytest.raises(Missing, match=r"^no-such-server is missing: apt-get install -y nginx "):
+        tool("no-such-server", "nginx")
+
+
+def test_an_unknown_backend_or_workload_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.compare import parse
+
+    for argv, wrong in (
+        (["--backends", "sqlite,mysql"], "--backends: unknown mysql"),
+        (["--workloads", "small,huge"], "--workloads: unknown huge"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            parse(argv)
+        assert exited.value.code == 2
+        assert wrong in capsys.readouterr().err
+    quick = parse(["--quick"])
+    assert (quick.rounds, quick.backends, quick.messages) == (1, ["sqlite"], 40)
+    assert parse([]).backends == ["sqlite", "postgres"]
