@@ -9,10 +9,8 @@ key is an error that names the file, never a new key that would silently orphan 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +23,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Settings
+from gateway.key_files import place_key
 from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.events import (
@@ -139,21 +138,9 @@ def read_key(path: Path) -> bytes | None:
 
 
 def create_key(path: Path) -> bytes:
-    """32 random bytes at `path`, mode 0600, linked into place whole; when another process
-    was first, its key is used."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(secrets.token_bytes(KEY_BYTES))
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp_name, path)
-    finally:
-        os.unlink(tmp_name)
-    return path.read_bytes()
+    """32 random bytes at `path` (gateway/key_files.py); another process's key when it was
+    first."""
+    return place_key(path, secrets.token_bytes(KEY_BYTES))
 
 
 class AgentLogins:

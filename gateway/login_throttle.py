@@ -8,11 +8,12 @@ it lives here, beside neither, so that the fronts and the console need not know 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config import SmtpSettings
 
@@ -60,11 +61,13 @@ class FailedLogins:
             self._logged_in = {a: t for a, t in self._logged_in.items() if t > cutoff}
 
     def over_budget(self, address: str) -> bool:
-        """True from the `budget`-th failure until a whole one has leaked away.
+        """True from the `budget`-th failure until a whole one has leaked away."""
+        return self.level(address) > self.budget - 1
 
-        Logins being checked count as failures until they are known, or fifty connections
-        from one address could each start a guess before the first failure is recorded.
-        """
+    def full(self, address: str) -> bool:
+        """Whether the logins being checked now, were they all to fail, would reach the
+        budget: a further check must wait for one of them to end, or fifty connections from
+        one address could each start a guess before the first failure is recorded."""
         return self.level(address) + self._checking[address] > self.budget - 1
 
     @contextlib.contextmanager
@@ -88,6 +91,23 @@ class FailedLogins:
         return seen is not None and self.clock() - seen < self.TRUST_SECONDS
 
 
+class _Ended:
+    """Wakes whoever waits for a password check to end."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+TURN_LIMIT = 30.0  # seconds a login waits for its turn before it hears "try again later"
+
+
 @dataclass(frozen=True)
 class LoginThrottle:
     """The per-address and the per-account buckets, shared by SMTP AUTH and the console.
@@ -99,6 +119,7 @@ class LoginThrottle:
 
     per_address: FailedLogins
     per_account: FailedLogins
+    _ended: _Ended = field(default_factory=_Ended, compare=False)
 
     @classmethod
     def from_settings(
@@ -120,13 +141,39 @@ class LoginThrottle:
     def refused(self, address: str, account: str) -> bool:
         return self.address_refused(address) or self.account_refused(address, account)
 
+    async def wait_turn(self, address: str, account: str, limit: float = TURN_LIMIT) -> None:
+        """Wait while the address's or the account's budget is taken up by logins still being
+        checked, not by failures; then the caller asks `refused` and starts its check.
+
+        A CRM opening twenty sessions at once with the right password waits a moment
+        instead of hearing "too many failed logins"; twenty parallel guesses still get no
+        more checks than the budget, as the waiting ones find the failures recorded.
+        TimeoutError after `limit` seconds.
+        """
+        key = account_key(account)
+        async with asyncio.timeout(limit):
+            while self._waits(self.per_address, address) or (
+                self._waits(self.per_account, key) and not self.per_address.trusted(address)
+            ):
+                await self._ended.wait()
+
+    @staticmethod
+    def _waits(bucket: FailedLogins, key: str) -> bool:
+        return bucket.full(key) and not bucket.over_budget(key)
+
     def priority(self, address: str) -> float:
         return self.per_address.priority(address)
 
     @contextlib.contextmanager
     def checking(self, address: str, account: str) -> Iterator[None]:
-        with self.per_address.checking(address), self.per_account.checking(account_key(account)):
-            yield
+        try:
+            with (
+                self.per_address.checking(address),
+                self.per_account.checking(account_key(account)),
+            ):
+                yield
+        finally:
+            self._ended.notify()
 
     def failed(self, address: str, account: str) -> None:
         self.per_address.record(address)

@@ -10,16 +10,14 @@ is refused as well.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
-import os
 import secrets
-import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.config import Settings
+from gateway.key_files import place_key
 from gateway.links.tokens import hash_token
 
 KEY_BYTES = 32
@@ -48,19 +46,7 @@ def load_or_create_key(path: Path) -> bytes:
 
 
 def _create_key(path: Path) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(secrets.token_bytes(KEY_BYTES))
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        with contextlib.suppress(FileExistsError):  # another process was first: use its key
-            os.link(tmp_name, path)
-    finally:
-        os.unlink(tmp_name)
-    return path.read_bytes()
+    return place_key(path, secrets.token_bytes(KEY_BYTES))
 
 
 def origin_of(url: str) -> str:

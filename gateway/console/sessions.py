@@ -138,6 +138,7 @@ class SessionDesk:
         """
         login = login.strip()[:LOGIN_MAX]
         await self._forget(replacing)
+        await self._wait_turn(client.ip, login)
         if self.throttle.refused(client.ip, login):
             log.warning("console sign-in from %s refused: too many failed logins", client.ip)
             raise SignInRefused(Refusal.THROTTLED)
@@ -180,6 +181,15 @@ class SessionDesk:
             await self._failed(user.email, client, "code")
         self.throttle.succeeded(client.ip)
         return await self._open(user, client)
+
+    async def _wait_turn(self, ip: str, login: str) -> None:
+        """Parallel sign-ins wait for the checks before them (gateway/login_throttle.py); one
+        that waits too long is refused as throttled."""
+        try:
+            await self.throttle.wait_turn(ip, login)
+        except TimeoutError:
+            log.warning("console sign-in from %s refused: waited too long for its turn", ip)
+            raise SignInRefused(Refusal.THROTTLED) from None
 
     async def _failed(self, login: str, client: Client, reason: str) -> NoReturn:
         self.throttle.failed(client.ip, login)
@@ -314,6 +324,7 @@ class SessionDesk:
         SignInRefused(WRONG) and counts as a failed login, too many raise THROTTLED before
         any check. Every other session of the user ends; this one stays.
         """
+        await self._wait_turn(client.ip, user.email)
         if self.throttle.refused(client.ip, user.email):
             raise SignInRefused(Refusal.THROTTLED)
         with self.throttle.checking(client.ip, user.email):

@@ -149,6 +149,15 @@ class SubmissionHandler:
         assert session is not None
         address = client_address(session)
         account = login.decode("utf-8", errors="replace")
+        try:
+            await self.throttle.wait_turn(address, account)
+        except TimeoutError:
+            return await _refuse(server, Reply.AUTH_TEMPORARY)
+        if self.throttle.address_refused(address):
+            self._throttled.warning(
+                "auth", "refused a login from %s: too many failed logins from there", address
+            )
+            return await self._failed(server, Reply.AUTH_THROTTLED)
         if self.throttle.account_refused(address, account):
             self._throttled.warning(
                 "account", "refused a login from %s: too many failed logins for it", address

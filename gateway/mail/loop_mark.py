@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from collections.abc import Callable, Iterable
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from gateway.key_files import place_key
 from gateway.mail import headers
 from gateway.mail.headers import HeaderField
 from gateway.store.models import Message, utcnow
@@ -46,25 +45,17 @@ class LoopKeyError(ValueError):
 def load_or_create_key(path: Path) -> bytes:
     """The key in `path`, made (32 random bytes, base64, mode 0600) when there is none.
 
-    Created by a hard link from a finished temporary file, so two relays starting at once
-    on a shared directory end up with the same key and nobody reads a half-written one.
+    Made as every key file is (gateway/key_files.py): two relays starting at once on a
+    shared directory end up with the same key.
     """
     try:
         return _read_key(path)
     except FileNotFoundError:
         pass
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-            handle.write(base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode() + "\n")
-        with contextlib.suppress(FileExistsError):  # another relay made it first: use theirs
-            os.link(temporary, path)
+        place_key(path, base64.b64encode(secrets.token_bytes(KEY_BYTES)) + b"\n")
     except OSError as exc:
         raise LoopKeyError(f"loop.key_file {path}: cannot create it: {exc.strerror}") from exc
-    finally:
-        temporary.unlink(missing_ok=True)
     return _read_key(path)
 
 

@@ -294,6 +294,23 @@ async def test_parallel_guesses_from_one_address_get_no_more_checks_than_the_bud
     assert sorted(a.code for a in answers) == [454] * 5 + [535] * 3, answers
 
 
+async def test_parallel_logins_with_the_right_password_wait_their_turn_instead_of_refusal(
+    relay_factory: StartRelay,
+) -> None:
+    """A CRM opening many sessions at once for one account, from an address never seen: more
+    logins are under way than the account's and the address's budgets, and none failed."""
+    relay = await relay_factory(
+        smtp={"max_auth_failures_per_ip": 4, "max_auth_failures_per_account": 3}
+    )
+    async with wires() as opened:
+        for _ in range(12):
+            opened.append(await started_tls(relay, "127.0.0.9"))
+        for wire in opened:
+            await wire.write(f"AUTH PLAIN {plain_token()}\r\n".encode())
+        answers = await asyncio.gather(*(wire.answer() for wire in opened))
+    assert [a.code for a in answers] == [235] * 12, answers
+
+
 async def waiting_checks(web_url: str, http: aiohttp.ClientSession) -> float:
     async with http.get(f"{web_url}/metrics") as response:
         body = await response.text()
