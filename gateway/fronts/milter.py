@@ -28,7 +28,6 @@ from gateway.fronts.listen_addresses import split_address
 from gateway.fronts.smtp import Reply
 from gateway.fronts.trusted import TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import STRIPPED_FIELDS, Envelope, Origin, Pipeline, TrustedOrigin
-from gateway.mail import headers
 from gateway.rejections import Rejected
 from gateway.store.db import Database
 from gateway.store.events import MESSAGE_MILTER, MessageMilter
@@ -145,7 +144,9 @@ class MilterSession:
         front = self.front
         envelope = Envelope(mail_from, tuple(self.recipients))
         login = self.macros.get("auth_authen") or None
-        submitter = self.submitter or await self._service_submitter(mail_from, raw)
+        submitter = self.submitter or await trusted.submitter_of_message(
+            front.match, self.domains, front.db, mail_from, raw
+        )
         origin = Origin(
             helo=self.helo_name or self.client.hostname,
             peer=self.peer,
@@ -174,17 +175,6 @@ class MilterSession:
         message_id = await front.pipeline.commit(prepared.draft, envelope, copies)
         log.info("milter: %s from %s taken over; the MTA discards its copy", message_id, mail_from)
         return [mp.DISCARD]
-
-    async def _service_submitter(self, mail_from: str, raw: bytes) -> trusted.TrustedSubmitter:
-        """The service (or mapped agent) sends; its From header must be in the domains MAIL
-        found, as for a trusted client (gateway/fronts/smtp.py)."""
-        authors = headers.addresses(headers.fields_of(raw), "from")
-        for author in authors:
-            if trusted.domain_of(author) not in self.domains:
-                raise Rejected(Reply.not_our_domain(author, "From header"))
-        return await trusted.submitter_for(
-            self.front.match, self.domains, self.front.db, [mail_from, *authors]
-        )
 
 
 class MilterFront:

@@ -34,7 +34,6 @@ from gateway.fronts.trusted import ClientFacts, TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Envelope as PipelineEnvelope
 from gateway.intake.pipeline import Origin, Pipeline, Submitter, TrustedOrigin
 from gateway.login_throttle import LoginThrottle
-from gateway.mail import headers
 from gateway.rejections import Rejected
 from gateway.store.db import Database
 from gateway.store.metrics import SMTP_REPLIES
@@ -98,10 +97,7 @@ class Reply:
 
     @staticmethod
     def not_our_domain(address: str, where: str) -> str:
-        return (
-            f"550 5.7.1 This client may send only for the domains this relay serves;"
-            f" <{address}> ({where}) is not in one of them"
-        )
+        return trusted.not_our_domain(address, where)
 
     @staticmethod
     def bad_recipient(address: str, why: str) -> str:
@@ -279,8 +275,8 @@ class SubmissionHandler:
             else:
                 found = _trusted_match(server)
                 assert isinstance(server, SubmissionSMTP)
-                submitter = await self._trusted_submitter(
-                    found, server.sender_domains, envelope.mail_from, raw
+                submitter = await trusted.submitter_of_message(
+                    found, server.sender_domains, self.db, envelope.mail_from, raw
                 )
                 origin = Origin(
                     helo=origin.helo,
@@ -303,17 +299,6 @@ class SubmissionHandler:
             log.exception("could not accept mail from %s", envelope.mail_from)
             return _count(Reply.TEMPORARY)
         return _count(Reply.QUEUED.format(message_id=message_id))
-
-    async def _trusted_submitter(
-        self, found: TrustedMatch, domains: frozenset[str], mail_from: str, raw: bytes
-    ) -> trusted.TrustedSubmitter:
-        """The service (or mapped agent) a trusted client sends as; its From header must be
-        in the entry's domains too (as MAIL found them), or the message is refused with 550."""
-        authors = headers.addresses(headers.fields_of(raw), "from")
-        for author in authors:
-            if trusted.domain_of(author) not in domains:
-                raise Rejected(Reply.not_our_domain(author, "From header"))
-        return await trusted.submitter_for(found, domains, self.db, [mail_from, *authors])
 
 
 class SubmissionSMTP(SMTP):

@@ -21,6 +21,8 @@ from cryptography.x509.oid import NameOID
 
 from gateway import users
 from gateway.config import Settings, TrustedClient
+from gateway.mail import headers
+from gateway.rejections import Rejected
 from gateway.store.db import Database
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -184,3 +186,24 @@ async def submitter_for(
             if agent is not None:
                 return TrustedSubmitter(service, domains, agent.user_id, agent.group)
     return TrustedSubmitter(service, domains)
+
+
+def not_our_domain(address: str, where: str) -> str:
+    """The refusal of a sender outside the domains a trusted client (or the milter's MTA)
+    may send for."""
+    return (
+        f"550 5.7.1 This client may send only for the domains this relay serves;"
+        f" <{address}> ({where}) is not in one of them"
+    )
+
+
+async def submitter_of_message(
+    found: TrustedMatch, domains: frozenset[str], db: Database, mail_from: str, raw: bytes
+) -> TrustedSubmitter:
+    """The service (or mapped agent) a trusted client's message is sent by; its From header
+    must be in `domains` too (as MAIL found them), or the message is refused with 550."""
+    authors = headers.addresses(headers.fields_of(raw), "from")
+    for author in authors:
+        if domain_of(author) not in domains:
+            raise Rejected(not_our_domain(author, "From header"))
+    return await submitter_for(found, domains, db, [mail_from, *authors])
