@@ -26,6 +26,7 @@ from sqlalchemy import update
 
 from gateway import users
 from gateway.fronts.smtp_guard import ACCEPT_FAILURES, FailedLogins, ThrottledLog, ThrottledRecords
+from gateway.login_throttle import LoginThrottle
 from gateway.store.models import User
 from tests.cli_runner import SEALRELAY
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
@@ -498,6 +499,26 @@ def test_failed_logins_leak_away_one_per_forget_interval() -> None:
     assert failed.level("192.0.2.1") == pytest.approx(2)
     clock.now += 3600
     assert failed.level("192.0.2.1") == 0
+
+
+async def test_a_login_waits_for_the_checks_that_fill_its_budget_and_no_longer() -> None:
+    clock = Clock()
+    throttle = LoginThrottle(
+        FailedLogins(budget=1, forget_seconds=60, clock=clock),
+        FailedLogins(budget=5, forget_seconds=60, clock=clock),
+    )
+    with throttle.checking("192.0.2.1", "agent@broker.example"):
+        with pytest.raises(TimeoutError):
+            await throttle.wait_turn("192.0.2.1", "agent@broker.example", limit=0.05)
+        waiting = asyncio.create_task(throttle.wait_turn("192.0.2.1", "agent@broker.example"))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+    await asyncio.wait_for(waiting, 5)  # woken when the check before it ended
+
+    throttle.failed("192.0.2.1", "agent@broker.example")
+    assert throttle.refused("192.0.2.1", "agent@broker.example")
+    # over budget by failures: no waiting, the caller refuses at once
+    await asyncio.wait_for(throttle.wait_turn("192.0.2.1", "agent@broker.example"), 5)
 
 
 def test_addresses_agents_logged_in_from_go_first_to_the_check() -> None:
