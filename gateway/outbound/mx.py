@@ -194,7 +194,8 @@ class MxUpstream:
                 where = connection.where
                 error = failure_reason(exc, where, self.deadline(len(data)))
                 return dict.fromkeys(recipients, Outcome(error, remote_mta=connection.remote))
-            self.connections.keep((domain, mode), connection)
+            finally:
+                self.connections.keep((domain, mode), connection)  # or closed, when unfit
             return outcomes
         return None
 
@@ -236,9 +237,10 @@ class MxUpstream:
                     raise
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     raise HostFailed(failure_reason(exc, where, total)) from exc
-                outcomes = await transaction(connection, mail_from, recipients, data, self.timeout)
-            self.connections.keep((domain, kept_as), connection)
-            return outcomes
+                try:
+                    return await transaction(connection, mail_from, recipients, data, self.timeout)
+                finally:
+                    self.connections.keep((domain, kept_as), connection)
         except _CertificateRejected as exc:
             if mode != "testing":
                 raise

@@ -134,7 +134,11 @@ class _ReplyReader(asyncio.Protocol):
 
     def _line(self, line: bytes) -> None:
         code = line[:3]
-        if len(line) > MAX_LINE or not code.isdigit() or line[3:4] not in (b" ", b"-", b"\r"):
+        if (
+            len(line) > MAX_LINE
+            or not code.isdigit()
+            or line[3:4] not in (b" ", b"-", b"\r", b"\n")
+        ):
             self._end(f"the upstream sent no SMTP reply: {line[:80]!r}")
             return
         self._lines.append(line)

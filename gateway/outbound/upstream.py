@@ -267,9 +267,12 @@ class SmtpUpstream:
         recipients: Sequence[str],
         data: bytes,
     ) -> dict[str, Outcome]:
-        outcomes = await transaction(connection, mail_from, recipients, data, self.timeout)
-        self.connections.keep(KEPT, connection)
-        return outcomes
+        """The copy over `connection`, which is kept afterwards when it is still fit (a copy
+        refused before anything was written leaves it so), else closed."""
+        try:
+            return await transaction(connection, mail_from, recipients, data, self.timeout)
+        finally:
+            self.connections.keep(KEPT, connection)
 
     async def close(self) -> None:
         """QUIT on the kept connections."""

@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.config import UpstreamSettings
 from gateway.outbound.upstream import KEPT, Outcome, SmtpUpstream
+from tests.conftest import StartRelay, make_message
 from tests.support import Sink
 
 SENDER = "agent@broker.example"
@@ -305,3 +306,16 @@ async def test_close_says_quit_on_kept_connections(
     assert delivered(await send(upstream))  # a closed cache keeps nothing more
     await sink.wait_for(lambda: sink.quits == 3)
     assert upstream.connections.idle(KEPT) == 0
+
+
+async def test_the_relay_sends_over_one_connection_and_says_quit_when_it_stops(
+    relay_factory: StartRelay, sink: RecordingSink
+) -> None:
+    relay = await relay_factory()
+    for number in range(3):
+        await relay.send(make_message(to=f"p{number}@example.com"))
+        await sink.expect(number + 1)
+    assert sink.connections == 1
+    assert sink.sessions[0][0] == "EHLO relay.broker.example"  # [server] hostname
+    await relay.relay.stop()
+    assert sink.quits == 1  # before stop() returned
