@@ -38,6 +38,7 @@ class RecordingSink(Sink):
     cut_at_mail: set[int] = field(default_factory=set)  # the Nth MAIL: connection cut
     closing_at_mail: set[int] = field(default_factory=set)  # the Nth MAIL: 421, then closed
     cut_after_data: set[int] = field(default_factory=set)  # the Nth message: kept, no reply
+    servers: list[SMTP] = field(default_factory=list)  # one per connection
     _seen: dict[int, list[str]] = field(default_factory=dict)
 
     @property
@@ -54,6 +55,8 @@ class RecordingSink(Sink):
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: Any
     ) -> list[str]:
         session.host_name = hostname
+        if id(session) not in self._seen:
+            self.servers.append(server)
         self._verb(session, f"EHLO {hostname}")
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
@@ -263,6 +266,20 @@ async def test_a_kept_connection_that_broke_before_data_is_retried_once_on_a_new
     assert "127.0.0.1:" in (outcome.error or "")
     assert sink.connections == 3 and sink.mails == 5
     assert len(sink.messages) == 2
+
+
+async def test_an_idle_connection_the_upstream_ended_is_replaced(
+    sink: RecordingSink, upstreams: Callable[..., SmtpUpstream]
+) -> None:
+    upstream = upstreams()
+    assert delivered(await send(upstream, "a@example.com"))
+    transport = sink.servers[0].transport
+    assert transport is not None
+    transport.write(b"421 4.4.2 sink.test idle too long\r\n")  # as Postfix's smtpd does
+    transport.close()
+    assert delivered(await send(upstream, "b@example.com"))
+    assert sink.connections == 2
+    assert [m.rcpt_tos for m in sink.messages] == [["a@example.com"], ["b@example.com"]]
 
 
 async def test_a_connection_lost_after_the_data_is_never_sent_again(
