@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -61,10 +62,21 @@ _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re
 
 
 class CountingSink:
-    """aiosmtpd handler: reports (Message-ID, size) of each message and drops the bytes."""
+    """aiosmtpd handler: reports (Message-ID, size) of each message and drops the bytes, and
+    each new connection as ("", -1). It offers PIPELINING, as Postfix's smtpd does."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self._greeted: weakref.WeakSet[Any] = weakref.WeakSet()  # sessions (one per connection)
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if session not in self._greeted:
+            self._greeted.add(session)
+            self.conn.send(("", -1))
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         data: bytes = envelope.original_content
@@ -100,10 +112,14 @@ class Tally:
     copies: dict[str, int] = field(default_factory=dict)
     first_seen: dict[str, float] = field(default_factory=dict)
     octets: int = 0
+    connections: int = 0  # the relay opened to the sink
     wanted: set[str] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, message_id: str, size: int) -> None:
+        if size < 0:
+            self.connections += 1
+            return
         self.copies[message_id] = self.copies.get(message_id, 0) + 1
         self.first_seen.setdefault(message_id, time.perf_counter())
         self.octets += size
@@ -546,6 +562,7 @@ async def measure(
         "peak_rss_traffic_mib": mib(traffic_hwm) if was_reset else None,
         "peak_rss_sampled_mib": mib(sampler.peak // 1024),
         "sink_mib": mib(tally.octets // 1024),
+        "sink_connections": tally.connections,
         "load_average_at_start": load_at_start,
         "duplicates": sum(n - 1 for n in tally.copies.values()),
         "lost": len(lost),
@@ -577,6 +594,7 @@ def print_report(f: dict[str, Any], results: Results, lost: list[str]) -> None:
         f" {f['delivered_per_s']} msg/s ({f['sink_mib']} MiB at the sink)"
     )
     print(f"  time to 250   p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms")
+    print(f"  upstream      {f['sink_connections']} connections to the sink")
     print(
         f"  relay RSS     {f['rss_start_mib']} MiB when ready; peak (VmHWM) through the logins"
         f" {f['peak_rss_logins_mib']} MiB, during the traffic {f['peak_rss_traffic_mib']} MiB;"

@@ -213,6 +213,21 @@ class UpstreamSettings(Section):
     queue_lifetime: float = Field(default=5 * 86400, gt=0, description="seconds")
     retry_base: float = Field(default=60, gt=0, description="seconds before the first retry")
     retry_max: float = Field(default=3600, gt=0, description="seconds between retries at most")
+    # Kept connections (docs/connection-cache.md), named after Postfix's smtp_connection_cache_*
+    connection_cache: int = Field(
+        default=4, ge=0, le=1000, description="idle connections kept per destination; 0: none"
+    )
+    connection_cache_time_limit: float = Field(
+        default=5, gt=0, description="seconds an idle connection is kept for the next copy"
+    )
+    connection_reuse_count_limit: int = Field(
+        default=100, ge=1, description="copies one connection carries at most"
+    )
+    connection_reuse_time_limit: float = Field(
+        default=300, gt=0, description="seconds after it opened that a connection is not reused"
+    )
+    # RSET, MAIL, RCPT and DATA in one write when the upstream offers PIPELINING (RFC 2920)
+    pipelining: bool = True
 
     @field_validator("url")
     @classmethod

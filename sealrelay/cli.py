@@ -174,6 +174,7 @@ def main() -> None:
 )
 def serve(config: Path | None, roles: str) -> None:
     """Run the relay until SIGTERM or Ctrl-C."""
+    from sealrelay import serve as serving
     from sealrelay.serve import Relay
 
     chosen = [r.strip() for r in roles.split(",") if r.strip()]
@@ -203,7 +204,7 @@ def serve(config: Path | None, roles: str) -> None:
             await relay.stop()
 
     try:
-        asyncio.run(run())
+        serving.run(run())
     except (ValueError, RuntimeError, OSError, dkim.DkimError) as exc:
         raise click.ClickException(str(exc)) from exc
     # Stopped, the database closed. Left alone, the interpreter's last garbage collections

@@ -13,7 +13,7 @@ import ssl
 import warnings
 from asyncio import sslproto
 from base64 import b64decode
-from typing import Any
+from typing import Any, cast
 from weakref import WeakKeyDictionary
 
 from aiosmtpd.proxy_protocol import ProxyData
@@ -401,8 +401,8 @@ class SubmissionSMTP(SMTP):
         refusal = self._gate.admit(client[0])
         if refusal is not None:
             _count(refusal)
-            if isinstance(self.transport, asyncio.WriteTransport) and self._implicit_tls is None:
-                self.transport.write(refusal.encode("ascii") + b"\r\n")
+            if (writable := _writable(self.transport)) is not None and self._implicit_tls is None:
+                writable.write(refusal.encode("ascii") + b"\r\n")
             return False
         self._admitted = client[0]
         self._client = client
@@ -451,8 +451,8 @@ class SubmissionSMTP(SMTP):
 
     def _refuse(self, transport: asyncio.BaseTransport, refusal: str | None) -> None:
         self._refused = True
-        if refusal is not None and isinstance(transport, asyncio.WriteTransport):
-            transport.write(refusal.encode("ascii") + b"\r\n")
+        if refusal is not None and (writable := _writable(transport)) is not None:
+            writable.write(refusal.encode("ascii") + b"\r\n")
             _count(refusal)
         transport.close()
 
@@ -495,10 +495,10 @@ class SubmissionSMTP(SMTP):
         transport = self.transport
         if self._proxy is not None and self._admitted is None and transport is not None:
             transport.close()  # still waiting for the PROXY header: nobody to speak SMTP to
-        elif isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        elif (writable := _writable(transport)) is not None:
             reply = _count(Reply.STOPPING.format(hostname=self.hostname))
-            transport.write((reply + "\r\n").encode("ascii"))
-            transport.close()
+            writable.write((reply + "\r\n").encode("ascii"))
+            writable.close()
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         """A client that matches a trusted entry needs no AUTH; every other hears 530."""
@@ -554,9 +554,9 @@ class SubmissionSMTP(SMTP):
         transport = self.transport
         if self._proxy is not None and self._admitted is None:
             log.info("%s: no PROXY header in %.0f s; closing", _peer_of(self), self._proxy.timeout)
-        elif isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        elif (writable := _writable(transport)) is not None:
             log.info("%s: silent too long; closing", _peer_of(self))
-            transport.write((Reply.TIMEOUT.format(hostname=self.hostname) + "\r\n").encode("ascii"))
+            writable.write((Reply.TIMEOUT.format(hostname=self.hostname) + "\r\n").encode("ascii"))
             _count(Reply.TIMEOUT)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -795,6 +795,14 @@ async def _initial_or_challenge(server: SMTP, args: list[str], challenge: str) -
 async def _refuse(server: SMTP, reply: str) -> AuthResult:
     await server.push(_count(reply))
     return AuthResult(success=False, handled=True)
+
+
+def _writable(transport: asyncio.BaseTransport | None) -> asyncio.WriteTransport | None:
+    """`transport` when a reply can still be written to it. By what it can do, not its
+    class: uvloop's transports do not derive from asyncio.WriteTransport."""
+    if transport is None or transport.is_closing() or not hasattr(transport, "write"):
+        return None
+    return cast(asyncio.WriteTransport, transport)
 
 
 def _count(reply: str) -> str:

@@ -16,9 +16,10 @@ import os
 import random
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from gateway.agent_logins import AgentLogins, LoginKeyMissing, LoginUnreadable
 from gateway.config import Settings
@@ -82,6 +83,7 @@ class DeliveryWorker:
         self.name = f"{settings.server.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
         self._slots = asyncio.Semaphore(settings.worker.concurrency)
         self._held: set[str] = set()  # claimed here and not yet recorded: the heartbeat's list
+        self._closings: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim due copies whenever there is room and send each group as a task of its own.
@@ -222,7 +224,8 @@ class DeliveryWorker:
         user_id = message.user_id
         changed = await self.logins.updated_at(user_id)
         if changed is None:
-            self._login_upstreams.pop(user_id, None)
+            if (gone := self._login_upstreams.pop(user_id, None)) is not None:
+                self._closing(gone[1].upstream.close())
             return None
         cached = self._login_upstreams.get(user_id)
         if cached is None or cached[0] != changed:
@@ -236,9 +239,24 @@ class DeliveryWorker:
                 login=(login.username, login.password),
             )
             relay = f"{AGENT_LOGIN} {relay_name(login.url)}"
+            replaced = self._login_upstreams.get(user_id)
             cached = (login.updated_at, Route(AGENT_LOGIN, AGENT_LOGIN, upstream, relay))
             self._login_upstreams[user_id] = cached
+            if replaced is not None:  # its kept connections log in with the old password
+                self._closing(replaced[1].upstream.close())
         return cached[1]
+
+    def _closing(self, closing: Coroutine[Any, Any, None]) -> None:
+        """Close an agent's former upstream in the background; close() waits for it."""
+        task = asyncio.create_task(closing)
+        self._closings.add(task)
+        task.add_done_callback(self._closings.discard)
+
+    async def close(self) -> None:
+        """QUIT on every kept upstream connection (routes and agents' logins); after run()."""
+        logins = [route.upstream.close() for _, route in self._login_upstreams.values()]
+        self._login_upstreams.clear()
+        await asyncio.gather(self.routes.close(), *logins, *self._closings)
 
     async def _release(self, ids: Sequence[str]) -> None:
         async with self.db.transaction() as session:

@@ -22,13 +22,15 @@ from collections.abc import Sequence
 import aiosmtplib
 
 from gateway.config import MxSettings, UpstreamSettings
+from gateway.outbound.connection_cache import ConnectionCache
 from gateway.outbound.destinations import DestinationLimits
-from gateway.outbound.mta_sts import MtaSts, verified_context
+from gateway.outbound.mta_sts import MtaSts, Policy, verified_context
 from gateway.outbound.mx_lookup import DnsResolver, DnsTrouble, MxLookupError, mx_hosts
+from gateway.outbound.smtp_connection import ConnectionEnded, SmtpConnection
 from gateway.outbound.upstream import (
     Outcome,
-    Quitter,
     client_tls_context,
+    ended,
     failure_reason,
     refusal,
     show_client_certificate,
@@ -56,7 +58,9 @@ class MxUpstream:
         self.session_timeout = settings.session_timeout
         self.min_transfer_rate = settings.min_transfer_rate
         self.local_hostname = local_hostname
-        self.quitter = Quitter(self.timeout)
+        self.pipelining = settings.pipelining
+        # per domain and MTA-STS mode: a connection opened under one mode serves no other
+        self.connections = ConnectionCache(settings)
         self.settings = settings
         self.opportunistic = client_tls_context(verify=False, upstream=settings)
         self.limits = DestinationLimits(mx.connections_per_destination, mx.failure_backoff)
@@ -71,6 +75,10 @@ class MxUpstream:
 
     def deadline(self, size: int) -> float:
         return self.session_timeout + size / self.min_transfer_rate
+
+    async def close(self) -> None:
+        """QUIT on the kept connections."""
+        await self.connections.close()
 
     async def send(
         self, mail_from: str, recipients: Sequence[str], data: bytes
@@ -127,6 +135,9 @@ class MxUpstream:
         async with self.limits.slot(name):
             if (why := self.limits.resting(name)) is not None:  # failed while we waited
                 return every(f"4.4.1 {domain}: {why}")
+            kept = await self._over_kept(name, mode, policy, mail_from, recipients, data)
+            if kept is not None:
+                return kept
             for host in hosts:
                 try:
                     addresses = await self.dns.addresses(host)
@@ -139,7 +150,7 @@ class MxUpstream:
                 for address in addresses:
                     try:
                         outcomes = await self._conversation(
-                            name, host, address, mode, mail_from, recipients, data
+                            name, host, address, mode, mail_from, recipients, data, mode
                         )
                     except HostFailed as exc:
                         reasons.append(str(exc))
@@ -154,6 +165,40 @@ class MxUpstream:
         status = "4.4.1" if connected else "4.4.4"
         return every(f"{status} no MX host of {name} took the copy: {why}")
 
+    async def _over_kept(
+        self,
+        domain: str,
+        mode: str,
+        policy: Policy | None,
+        mail_from: str,
+        recipients: list[str],
+        data: bytes,
+    ) -> dict[str, Outcome] | None:
+        """The copy over a kept connection to `domain`; None when there is none, or when it
+        ended before the data began (then the hosts are tried on new connections)."""
+        while (connection := self.connections.take((domain, mode))) is not None:
+            if mode == "enforce" and policy is not None and not policy.allows(connection.remote):
+                connection.close()  # the policy changed since: its hosts only
+                continue
+            try:
+                async with asyncio.timeout(self.deadline(len(data))):
+                    outcomes = await transaction(
+                        connection, mail_from, recipients, data, self.timeout
+                    )
+            except ConnectionEnded as exc:
+                if not exc.before_data:
+                    return dict.fromkeys(recipients, ended(exc, connection.remote))
+                log.info("%s: a kept connection ended (%s); opening a new one", domain, exc)
+                return None
+            except (aiosmtplib.SMTPException, TimeoutError) as exc:
+                where = connection.where
+                error = failure_reason(exc, where, self.deadline(len(data)))
+                return dict.fromkeys(recipients, Outcome(error, remote_mta=connection.remote))
+            finally:
+                self.connections.keep((domain, mode), connection)  # or closed, when unfit
+            return outcomes
+        return None
+
     async def _conversation(
         self,
         domain: str,
@@ -163,8 +208,12 @@ class MxUpstream:
         mail_from: str,
         recipients: list[str],
         data: bytes,
+        kept_as: str,
     ) -> dict[str, Outcome]:
-        """One connection to one address of `host`; HostFailed before a transaction began."""
+        """One connection to one address of `host`; HostFailed before a transaction began.
+
+        `kept_as`: the MTA-STS mode the connection is kept under afterwards (the policy's,
+        also when testing mode went on without a checked certificate)."""
         where = f"{host}[{address}]:{self.port}"
         client = aiosmtplib.SMTP(
             hostname=address,
@@ -174,22 +223,24 @@ class MxUpstream:
             local_hostname=self.local_hostname,
         )
         total = self.deadline(len(data))
-        done = False
+        adopted = False
         try:
             async with asyncio.timeout(total):
                 try:
                     await client.connect(timeout=self.connect_timeout)
                     await self._secure(client, domain, host, where, mode)
+                    connection = await SmtpConnection.adopt(
+                        client, remote=host, where=where, pipelining=self.pipelining
+                    )
+                    adopted = True
                 except HostFailed:
                     raise
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     raise HostFailed(failure_reason(exc, where, total)) from exc
-                outcomes = await transaction(
-                    client, mail_from, recipients, data, self.timeout, host
-                )
-            done = True
-            self.quitter.quit_later(client)
-            return outcomes
+                try:
+                    return await transaction(connection, mail_from, recipients, data, self.timeout)
+                finally:
+                    self.connections.keep((domain, kept_as), connection)
         except _CertificateRejected as exc:
             if mode != "testing":
                 raise
@@ -198,15 +249,19 @@ class MxUpstream:
             )
         except HostFailed:
             raise
+        except ConnectionEnded as exc:
+            return dict.fromkeys(recipients, ended(exc, host))
         except aiosmtplib.SMTPResponseException as exc:
             return dict.fromkeys(recipients, refusal(exc.code, exc.message, host))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             error = failure_reason(exc, where, total)
             return dict.fromkeys(recipients, Outcome(error, remote_mta=host))
         finally:
-            if not done:
+            if not adopted:
                 client.close()
-        return await self._conversation(domain, host, address, "none", mail_from, recipients, data)
+        return await self._conversation(
+            domain, host, address, "none", mail_from, recipients, data, kept_as
+        )
 
     async def _secure(
         self, client: aiosmtplib.SMTP, domain: str, host: str, where: str, mode: str

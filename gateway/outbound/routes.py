@@ -8,6 +8,7 @@ follows the settings the relay runs with now, not those it was queued under.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,11 @@ class RouteTable:
             for name, upstream in named.items()
         }
         return cls(settings.routes, upstreams)
+
+    async def close(self) -> None:
+        """Close every upstream once (QUIT on their kept connections), at shutdown."""
+        upstreams = {id(route.upstream): route.upstream for route in self._routes.values()}
+        await asyncio.gather(*(upstream.close() for upstream in upstreams.values()))
 
     def route_for(self, message: Routed, recipient: str) -> Route:
         """The first route that takes this copy, else the default."""

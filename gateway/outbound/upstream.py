@@ -12,10 +12,9 @@ import itertools
 import json
 import logging
 import os
-import re
 import ssl
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,12 +23,14 @@ from urllib.parse import unquote, urlsplit
 import aiosmtplib
 
 from gateway.config import UpstreamSettings
-from gateway.mail import headers
 from gateway.mail.outgoing import relay_id
+from gateway.outbound.connection_cache import ConnectionCache
+from gateway.outbound.smtp_connection import BareLineEnd as BareLineEnd
+from gateway.outbound.smtp_connection import ConnectionEnded, SmtpConnection, bare_line_end_refusal
+from gateway.outbound.smtp_connection import stuffed_pieces as stuffed_pieces
 from gateway.store.models import new_id
 
 log = logging.getLogger(__name__)
-_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class Upstream(Protocol):
         self, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> dict[str, Outcome]: ...
 
+    async def close(self) -> None:
+        """Let go of what is kept open (connections: QUIT); called once, at shutdown."""
+
 
 class CaptureUpstream:
     """Writes each copy as `<message id>.eml` plus its envelope in `<message id>.json`.
@@ -71,6 +75,9 @@ class CaptureUpstream:
             return dict.fromkeys(recipients, Outcome(refusal))
         path = await asyncio.to_thread(self._write, mail_from, recipients, data)
         return dict.fromkeys(recipients, Outcome(reply=f"written to {path}"))
+
+    async def close(self) -> None:
+        """Nothing is kept open."""
 
     def _write(self, mail_from: str, recipients: Sequence[str], data: bytes) -> Path:
         envelope = json.dumps({"mail_from": mail_from, "rcpt_tos": list(recipients)})
@@ -147,8 +154,12 @@ class _Client(aiosmtplib.SMTP):
         return response
 
 
+KEPT = "kept"  # a smart host's connections share one key: the upstream is the destination
+
+
 class SmtpUpstream:
-    """One connection per batch; STARTTLS whenever the server offers it (smtp://)."""
+    """A smart host: STARTTLS whenever the server offers it (smtp://), connections kept
+    between copies (gateway/outbound/connection_cache.py)."""
 
     def __init__(
         self,
@@ -173,9 +184,14 @@ class SmtpUpstream:
         self.session_timeout = settings.session_timeout
         self.min_transfer_rate = settings.min_transfer_rate
         self.local_hostname = local_hostname
-        self.quitter = Quitter(self.timeout)
+        self.pipelining = settings.pipelining
+        self.connections = ConnectionCache(settings)
         self.tls_context = client_tls_context(verify=settings.verify_tls, upstream=settings)
         self.client_certificate = settings.client_certificate
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
 
     def deadline(self, size: int) -> float:
         """Seconds a whole conversation about `size` bytes may take before it is given up."""
@@ -184,8 +200,54 @@ class SmtpUpstream:
     async def send(
         self, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> dict[str, Outcome]:
-        """Every step has a deadline, and so has the whole: a stalled upstream defers the copy
+        """Over a kept connection when there is one, else a new one; a kept connection that
+        fails before the data began is given up and the copy tried once more on a new one.
+
+        Every step has a deadline, and so has the whole: a stalled upstream defers the copy
         instead of holding a worker slot forever."""
+        total = self.deadline(len(data))
+        client: _Client | None = None
+        try:
+            async with asyncio.timeout(total):
+                kept = self.connections.take(KEPT)
+                if kept is not None:
+                    try:
+                        return await self._transaction(kept, mail_from, recipients, data)
+                    except ConnectionEnded as exc:
+                        if not exc.before_data:
+                            raise
+                        log.info(
+                            "%s: a kept connection ended (%s); opening a new one", self.where, exc
+                        )
+                client = self._client()
+                await client.connect(timeout=self.connect_timeout)
+                if self.username and self.password:
+                    await client.login(self.username, self.password)
+                connection = await SmtpConnection.adopt(
+                    client, remote=self.host, where=self.where, pipelining=self.pipelining
+                )
+                client = None
+                return await self._transaction(connection, mail_from, recipients, data)
+        except ConnectionEnded as exc:
+            return dict.fromkeys(recipients, ended(exc, self.host))
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            # Our credentials are wrong, not the message: keep it queued until an admin fixes
+            # the config, rather than bounce every copy.
+            refused = refusal(exc.code, exc.message, self.host)
+            login = Outcome(f"login refused: {refused.error}", False, refused.remote_mta)
+            return dict.fromkeys(recipients, login)
+        except aiosmtplib.SMTPResponseException as exc:
+            return dict.fromkeys(recipients, refusal(exc.code, exc.message, self.host))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            reason = failure_reason(exc, self.where, total)
+            if client is not None and client.tls_unanswered:
+                reason += self.certificate_hint(exc)
+            return dict.fromkeys(recipients, Outcome(reason, permanent=False))
+        finally:
+            if client is not None:
+                client.close()
+
+    def _client(self) -> _Client:
         client = _Client(
             hostname=self.host,
             port=self.port,
@@ -196,35 +258,25 @@ class SmtpUpstream:
             local_hostname=self.local_hostname,
         )
         client.tls_unanswered = self.implicit_tls
-        total = self.deadline(len(data))
-        done = False
+        return client
+
+    async def _transaction(
+        self,
+        connection: SmtpConnection,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+    ) -> dict[str, Outcome]:
+        """The copy over `connection`, which is kept afterwards when it is still fit (a copy
+        refused before anything was written leaves it so), else closed."""
         try:
-            async with asyncio.timeout(total):
-                await client.connect(timeout=self.connect_timeout)
-                if self.username and self.password:
-                    await client.login(self.username, self.password)
-                outcomes = await transaction(
-                    client, mail_from, recipients, data, self.timeout, self.host
-                )
-            done = True
-            self.quitter.quit_later(client)
-            return outcomes
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            # Our credentials are wrong, not the message: keep it queued until an admin fixes
-            # the config, rather than bounce every copy.
-            refused = refusal(exc.code, exc.message, self.host)
-            login = Outcome(f"login refused: {refused.error}", False, refused.remote_mta)
-            return dict.fromkeys(recipients, login)
-        except aiosmtplib.SMTPResponseException as exc:
-            return dict.fromkeys(recipients, refusal(exc.code, exc.message, self.host))
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            reason = failure_reason(exc, f"{self.host}:{self.port}", total)
-            if client.tls_unanswered:
-                reason += self.certificate_hint(exc)
-            return dict.fromkeys(recipients, Outcome(reason, permanent=False))
+            return await transaction(connection, mail_from, recipients, data, self.timeout)
         finally:
-            if not done:
-                client.close()
+            self.connections.keep(KEPT, connection)
+
+    async def close(self) -> None:
+        """QUIT on the kept connections."""
+        await self.connections.close()
 
     def certificate_hint(self, exc: BaseException) -> str:
         """Why the upstream may have ended the connection as TLS began; "" when `exc`
@@ -252,55 +304,42 @@ def failure_reason(exc: BaseException, where: str, deadline: float) -> str:
     return f"{where}: {exc or type(exc).__name__}"
 
 
-class Quitter:
-    """QUIT without waiting for its reply: the outcome is known and is recorded at once."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._quitting: set[asyncio.Task[None]] = set()
-
-    def quit_later(self, client: aiosmtplib.SMTP) -> None:
-        task = asyncio.create_task(self._quit(client))
-        self._quitting.add(task)
-        task.add_done_callback(self._quitting.discard)
-
-    async def _quit(self, client: aiosmtplib.SMTP) -> None:
-        try:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await client.quit(timeout=self.timeout)
-        finally:
-            client.close()
+def ended(exc: ConnectionEnded, remote: str) -> Outcome:
+    """A conversation that broke: the upstream's 421 when it said one, else why (temporary)."""
+    if exc.reply is not None:
+        return refusal(exc.reply.code, exc.reply.message, remote)
+    return Outcome(str(exc), permanent=False, remote_mta=remote)
 
 
 async def transaction(
-    client: aiosmtplib.SMTP,
+    connection: SmtpConnection,
     mail_from: str,
     recipients: Sequence[str],
     data: bytes,
     reply_timeout: float,
-    remote: str,
 ) -> dict[str, Outcome]:
-    """MAIL, one RCPT each, then DATA streamed in pieces; refusals per recipient.
+    """One copy over `connection`; the upstream's refusals per recipient.
 
-    `remote` is the host the outcomes name (the smart host, or the MX host used)."""
-    size = [f"SIZE={len(data)}"] if client.supports_extension("size") else []
-    await client.mail(mail_from, options=size)
+    Outcomes name `connection.remote` (the smart host, or the MX host used). Raises
+    ConnectionEnded when the conversation broke, BareLineEnd before anything was sent."""
+    remote = connection.remote
+    replies = await connection.send(mail_from, recipients, data, reply_timeout)
+    if replies.mail.code != 250:
+        return dict.fromkeys(recipients, refusal(replies.mail.code, replies.mail.message, remote))
     outcomes: dict[str, Outcome] = {}
-    for recipient in recipients:
-        try:
-            await client.rcpt(recipient)
-        except aiosmtplib.SMTPRecipientRefused as exc:
-            outcomes[recipient] = refusal(exc.code, exc.message, remote)
+    for recipient, reply in zip(recipients, replies.rcpt, strict=True):
+        if reply.code not in (250, 251):
+            outcomes[recipient] = refusal(reply.code, reply.message, remote)
     accepted = [r for r in recipients if r not in outcomes]
     if not accepted:
         return outcomes
-    try:
-        taken = await send_data(client, data, reply_timeout)
-    except aiosmtplib.SMTPResponseException as exc:
-        outcomes.update(dict.fromkeys(accepted, refusal(exc.code, exc.message, remote)))
+    taken = replies.data
+    if taken is None:
+        outcomes.update(dict.fromkeys(accepted, Outcome("no reply to DATA", remote_mta=remote)))
+    elif taken.code != 250:
+        outcomes.update(dict.fromkeys(accepted, refusal(taken.code, taken.message, remote)))
     else:
-        reply = " ".join(f"{taken.code} {taken.message}".split())
-        outcomes.update(dict.fromkeys(accepted, Outcome(reply=reply, remote_mta=remote)))
+        outcomes.update(dict.fromkeys(accepted, Outcome(reply=taken.text, remote_mta=remote)))
     return outcomes
 
 
@@ -310,78 +349,6 @@ def refusal(code: int, message: str, remote: str) -> Outcome:
     # upstream: a configuration problem to retry through, not a verdict on the message.
     permanent = 500 <= code < 600 and code != 530
     return Outcome(text, permanent=permanent, remote_mta=remote)
-
-
-PIECE = 256 * 1024
-
-
-async def send_data(
-    client: aiosmtplib.SMTP, data: bytes, reply_timeout: float
-) -> aiosmtplib.SMTPResponse:
-    """DATA written in dot-stuffed, line-aligned pieces as the socket takes them.
-
-    Each reply, and each piece's drain, gets `reply_timeout`: a receiver that stops reading
-    mid-DATA raises TimeoutError instead of waiting forever.
-
-    aiosmtplib's own DATA rewrites the whole message three times (line ends, dot-stuffing,
-    terminator): for a 10 MB message, ~30 MB more memory per copy in flight. The reply is
-    marked as expected before the first piece, as aiosmtplib does, so an early one is kept.
-    A copy with a bare CR or LF is refused before DATA (and so deferred): a receiver that
-    ends the data at LF "." CRLF would read what follows as a second message.
-    """
-    if (problem := bare_line_end_refusal(data)) is not None:
-        raise BareLineEnd(problem)
-    reply = await client.execute_command(b"DATA", timeout=reply_timeout)
-    if reply.code != 354:
-        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-    protocol = client.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("connection lost")
-    protocol._response_pending = True
-    for piece in stuffed_pieces(data):
-        protocol.write(piece)
-        async with asyncio.timeout(reply_timeout):  # an upstream that stops reading
-            await protocol._drain_helper()
-    protocol.write(b".\r\n")
-    reply = await protocol.read_response(timeout=reply_timeout)
-    if reply.code != 250:
-        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-    return reply
-
-
-class BareLineEnd(aiosmtplib.SMTPException):
-    """The copy would put a bare CR or LF on the wire; it is kept queued, not sent."""
-
-
-def bare_line_end_refusal(data: bytes) -> str | None:
-    """Why `data` must not leave, logged once with where it breaks; None when every line
-    ends in CRLF. Copies are made CRLF-only; this is the last line of defence."""
-    if not headers.has_bare_line_end(data):
-        return None
-    found = _BARE_LINE_END.search(data)
-    offset = found.start() if found is not None else -1
-    log.error(
-        "refusing to send a copy of %d bytes: bare CR or LF at byte %d (SMTP smuggling risk);"
-        " the copy stays queued",
-        len(data),
-        offset,
-    )
-    return f"copy not sent: it holds a bare CR or LF at byte {offset}"
-
-
-def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
-    """`data` in pieces that start at line starts, each line's leading dot doubled."""
-    start, end_of_data = 0, len(data)
-    while start < end_of_data:
-        cut = data.find(b"\r\n", min(start + size, end_of_data))
-        end = end_of_data if cut == -1 else cut + 2
-        piece = data[start:end]
-        if piece.startswith(b"."):
-            piece = b"." + piece
-        yield piece.replace(b"\r\n.", b"\r\n..")
-        start = end
-    if data and not data.endswith(b"\r\n"):
-        yield b"\r\n"
 
 
 def relay_name(url: str, remote_mta: str | None = None) -> str:

@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from gateway.mail import headers, mime
 from gateway.outbound import queue
-from gateway.outbound.upstream import send_data
+from gateway.outbound.smtp_connection import SmtpConnection
 from gateway.store import models
 from gateway.store.models import Event
 from sealrelay.serve import Relay
@@ -223,20 +223,23 @@ def test_utf7_line_breaks_stay_inside_the_untouched_part() -> None:
 
 
 @pytest.mark.parametrize("bad", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\n.\n", b"end\r"])
-async def test_send_data_refuses_a_bare_cr_or_lf_before_writing_anything(bad: bytes) -> None:
+async def test_the_upstream_writer_refuses_a_bare_cr_or_lf_before_writing_anything(
+    bad: bytes,
+) -> None:
     sink = await LaxSink().start()
     try:
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, timeout=5)
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=sink.port, timeout=5, local_hostname="relay.test"
+        )
         await client.connect()
-        await client.mail("a@broker.example")
-        await client.rcpt("p@example.com")
+        connection = await SmtpConnection.adopt(client, remote="lax", where="lax", pipelining=True)
         with pytest.raises(aiosmtplib.SMTPException, match="bare CR or LF"):
-            await send_data(client, b"Subject: x\r\n\r\n" + bad, 5)
-        await client.quit()
+            await connection.send("a@broker.example", ["p@example.com"], b"x\r\n\r\n" + bad, 5)
+        await connection.quit()
     finally:
         await sink.stop()
     assert sink.messages == []
-    assert b"DATA" not in sink.wire
+    assert b"MAIL" not in sink.wire and b"DATA" not in sink.wire
 
 
 async def test_a_queued_copy_with_a_bare_lf_is_deferred_never_sent(
@@ -416,6 +419,7 @@ async def test_utf7_smuggling_through_the_relay_stores_one_message(
     )
     await relay.send(smuggling_offer(), recipients=["p@example.com"])
     await lax_sink.expect(1)
+    await relay.relay.worker.close()  # QUIT on the kept connection
     await lax_sink.ended(1)  # the relay quit: the receiver has read every byte we sent
     [copy] = lax_sink.messages  # no second, forged message
     assert not headers.has_bare_line_end(lax_sink.wire)

@@ -34,6 +34,7 @@ from gateway.store.db import Database
 from gateway.store.models import Delivery, DeliveryStatus, Event
 from tests.conftest import AGENT, StartRelay, dkim_dns, make_message
 from tests.dns_server import tiny_dns
+from tests.outbound.test_connection_cache import RecordingSink
 from tests.queue_wait import queue_idle
 from tests.support import Sink, free_port, make_certificate
 
@@ -568,3 +569,24 @@ async def test_a_null_mx_recipient_bounces_to_the_agent_through_the_agents_mx(
     logged = [r.getMessage() for r in caplog.records]
     assert any("to=<someone@nomail.example>, relay=mx:," in m and "dsn=5.1.10" in m for m in logged)
     assert any(f"to=<{AGENT}>, relay=mx.broker.example," in m for m in logged)
+
+
+# -- kept connections ----------------------------------------------------------------------
+
+
+async def test_copies_to_one_domain_share_a_kept_connection(net: Net) -> None:
+    net.mx("a.test", (10, "mx1.a.test"))
+    net.a("mx1.a.test", 10)
+    sink = await RecordingSink(host=net.address(10), port=net.port).start()
+    net.stack.push_async_callback(sink.stop)
+    upstream = await net.upstream()
+    for number in range(3):
+        [outcome] = (await send(upstream, f"p{number}@a.test")).values()
+        assert outcome.delivered and outcome.remote_mta == "mx1.a.test"
+    other = (await send(upstream, "q@b.test"))["q@b.test"]  # another domain: not that one
+    assert not other.delivered
+    assert sink.connections == 1 and sink.pipelined == [True] * 3
+    assert sink.sessions[0][0] == "EHLO relay.broker.example"
+    assert upstream.connections.idle(("a.test", "none")) == 1
+    await upstream.close()
+    assert sink.quits == 1

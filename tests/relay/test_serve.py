@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import json
 import re
 import signal
@@ -93,6 +94,9 @@ key_file = "{tmp_path / "loop.key"}"
     secret = base64.b64encode(f"\0{AGENT}\0{PASSWORD}".encode()).decode()
     assert secret not in log_text and PASSWORD not in log_text
     assert "accepted" in log_text
+    # uvloop when installed (the `fast` extra); its transports pass the front's checks too
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    assert f"INFO sealrelay.serve: event loop: {loop}" in log_text
     # the loop key was made at the first start, for the relay's user alone, and marks the copy
     assert (tmp_path / "loop.key").stat().st_mode & 0o777 == 0o600
     [copy] = [p.read_bytes() for p in (tmp_path / "outbox").glob("*.eml")]

@@ -1,0 +1,106 @@
+"""Open upstream connections kept for the next copy to the same destination.
+
+A new connection costs a TCP and TLS handshake, EHLO twice and often AUTH: more CPU than the
+copy itself for small mail, and a round trip or five. So after a copy, its connection is kept
+idle for the next one (Postfix's smtp_connection_cache_*, docs/connection-cache.md): per
+destination (a smart host, an agent's own login, an MX domain with its MTA-STS mode) at most
+`connection_cache` idle connections, each for `connection_cache_time_limit` seconds idle, and
+none used for more than `connection_reuse_count_limit` copies or after
+`connection_reuse_time_limit` seconds since it opened. A connection that had any trouble
+(a lost reply, a 421, a timeout) is never kept. Closing the cache says QUIT on every kept one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Hashable
+
+from gateway.config import UpstreamSettings
+from gateway.outbound.smtp_connection import SmtpConnection
+
+
+class ConnectionCache:
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.size = settings.connection_cache
+        self.idle_limit = settings.connection_cache_time_limit
+        self.count_limit = settings.connection_reuse_count_limit
+        self.age_limit = settings.connection_reuse_time_limit
+        self._idle: dict[Hashable, list[tuple[SmtpConnection, asyncio.TimerHandle]]] = {}
+        self._quitting: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    def take(self, key: Hashable) -> SmtpConnection | None:
+        """The most recently used idle connection to `key` still fit for a copy, or None."""
+        kept = self._idle.get(key)
+        while kept:
+            connection, expiry = kept.pop()
+            expiry.cancel()
+            if self._reusable(connection):
+                if not kept:
+                    del self._idle[key]
+                return connection
+            self._end(connection)
+        self._idle.pop(key, None)
+        return None
+
+    def keep(self, key: Hashable, connection: SmtpConnection) -> None:
+        """Keep `connection` after a copy, or say QUIT when it is not to be used again."""
+        kept = self._idle.setdefault(key, [])
+        if self.closed or len(kept) >= self.size or not self._reusable(connection):
+            if not kept:
+                del self._idle[key]
+            self._end(connection)
+            return
+        expiry = asyncio.get_running_loop().call_later(
+            self.idle_limit, self._expire, key, connection
+        )
+        kept.append((connection, expiry))
+
+    def idle(self, key: Hashable) -> int:
+        """How many connections to `key` wait for a copy."""
+        return len(self._idle.get(key, ()))
+
+    async def close(self) -> None:
+        """QUIT on every idle connection, and on each one handed back from now on; returns
+        once the upstreams answered (or a few seconds passed)."""
+        self.closed = True
+        for kept in self._idle.values():
+            for connection, expiry in kept:
+                expiry.cancel()
+                self._end(connection)
+        self._idle.clear()
+        while self._quitting:
+            await asyncio.gather(*self._quitting, return_exceptions=True)
+
+    def _reusable(self, connection: SmtpConnection) -> bool:
+        return (
+            connection.alive
+            and connection.messages < self.count_limit
+            and time.monotonic() - connection.opened_at < self.age_limit
+        )
+
+    def _expire(self, key: Hashable, connection: SmtpConnection) -> None:
+        kept = self._idle.get(key, [])
+        for entry in kept:
+            if entry[0] is connection:
+                kept.remove(entry)
+                break
+        if not kept:
+            self._idle.pop(key, None)
+        self._end(connection)
+
+    def _end(self, connection: SmtpConnection) -> None:
+        """QUIT in the background when the connection can still hear it, else just close."""
+        if not connection.alive:
+            connection.close()
+            return
+        task = asyncio.get_running_loop().create_task(connection.quit())
+        self._quitting.add(task)
+        task.add_done_callback(self._quit_done)
+
+    def _quit_done(self, task: asyncio.Task[None]) -> None:
+        self._quitting.discard(task)
+        with contextlib.suppress(asyncio.CancelledError):
+            task.exception()  # retrieved: a failed QUIT is no news

@@ -1,0 +1,382 @@
+"""One open SMTP conversation with an upstream, after its greeting, EHLO, STARTTLS and AUTH.
+
+aiosmtplib opens the connection and does the handshake; this module then takes the transport
+over with a reply reader of its own, because aiosmtplib reads one reply per command written
+and drops the rest: with PIPELINING (RFC 2920) offered, RSET, MAIL, every RCPT and DATA leave
+in one write and their replies are read back in order, one round trip instead of three or
+more. Without it, each command waits for its reply, as RFC 5321 has it.
+
+A conversation that fails before the upstream said 354 to DATA has sent no byte of the
+message, so the caller may try again on a fresh connection; once the data started, never:
+the upstream could have taken the copy. `ConnectionEnded.before_data` says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import aiosmtplib
+
+from gateway.mail import headers
+
+log = logging.getLogger(__name__)
+
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_LINE = 8192  # one reply line at most, as aiosmtplib allows
+MAX_REPLY = 4 * MAX_LINE  # a whole (multi-line) reply at most
+PIECE = 256 * 1024
+CLOSING = 421  # "service not available, closing transmission channel" (RFC 5321 4.2.3)
+QUIT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    message: str  # the lines of a multi-line reply joined by "\n", as aiosmtplib does
+
+    @property
+    def text(self) -> str:
+        """The reply on one line, as outcomes and logs show it."""
+        return " ".join(f"{self.code} {self.message}".split())
+
+
+@dataclass(frozen=True)
+class Replies:
+    """What the upstream answered to one transaction, in the order the commands went.
+
+    `rcpt` has one reply per recipient; `data` is the reply to DATA when it was not 354,
+    else the reply after the data; None when DATA was not sent (MAIL or every RCPT refused
+    without PIPELINING)."""
+
+    mail: Reply
+    rcpt: tuple[Reply, ...]
+    data: Reply | None
+
+
+class ConnectionEnded(Exception):
+    """The conversation broke (lost, a reply too late or unreadable, or 421); the connection
+    is gone. `before_data`: no byte of the message was written, so it may go again elsewhere.
+    `reply`: the 421, when the upstream said why."""
+
+    def __init__(self, reason: str, *, before_data: bool, reply: Reply | None = None) -> None:
+        super().__init__(reason)
+        self.before_data = before_data
+        self.reply = reply
+
+
+class BareLineEnd(aiosmtplib.SMTPException):
+    """The copy would put a bare CR or LF on the wire; it is kept queued, not sent."""
+
+
+def bare_line_end_refusal(data: bytes) -> str | None:
+    """Why `data` must not leave, logged once with where it breaks; None when every line
+    ends in CRLF. Copies are made CRLF-only; this is the last line of defence."""
+    if not headers.has_bare_line_end(data):
+        return None
+    found = _BARE_LINE_END.search(data)
+    offset = found.start() if found is not None else -1
+    log.error(
+        "refusing to send a copy of %d bytes: bare CR or LF at byte %d (SMTP smuggling risk);"
+        " the copy stays queued",
+        len(data),
+        offset,
+    )
+    return f"copy not sent: it holds a bare CR or LF at byte {offset}"
+
+
+def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
+    """`data` in pieces that start at line starts, each line's leading dot doubled.
+
+    aiosmtplib's own DATA rewrites the whole message three times (line ends, dot-stuffing,
+    terminator): for a 10 MB message, ~30 MB more memory per copy in flight."""
+    start, end_of_data = 0, len(data)
+    while start < end_of_data:
+        cut = data.find(b"\r\n", min(start + size, end_of_data))
+        end = end_of_data if cut == -1 else cut + 2
+        piece = data[start:end]
+        if piece.startswith(b"."):
+            piece = b"." + piece
+        yield piece.replace(b"\r\n.", b"\r\n..")
+        start = end
+    if data and not data.endswith(b"\r\n"):
+        yield b"\r\n"
+
+
+class _ReplyReader(asyncio.Protocol):
+    """The transport's protocol once the handshake is done: every reply kept, in order."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._replies: deque[Reply] = deque()
+        self._lines: list[bytes] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self.ended: str | None = None  # why no more replies will come
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) != -1:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            self._line(line)
+        if len(self._buffer) > MAX_LINE:
+            self._end("the upstream sent a reply line too long")
+        self._wake()
+
+    def _line(self, line: bytes) -> None:
+        code = line[:3]
+        if (
+            len(line) > MAX_LINE
+            or not code.isdigit()
+            or line[3:4] not in (b" ", b"-", b"\r", b"\n")
+        ):
+            self._end(f"the upstream sent no SMTP reply: {line[:80]!r}")
+            return
+        self._lines.append(line)
+        if sum(map(len, self._lines)) > MAX_REPLY:
+            self._end("the upstream sent a reply too long")
+        elif line[3:4] != b"-":
+            text = b"\n".join(part[4:].strip(b" \t\r\n") for part in self._lines)
+            self._replies.append(Reply(int(code), text.decode("utf-8", "surrogateescape")))
+            self._lines = []
+
+    def eof_received(self) -> bool:
+        self._end("the upstream closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(f"connection lost: {exc}" if exc else "the upstream closed the connection")
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    def _end(self, why: str) -> None:
+        if self.ended is None:
+            self.ended = why
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    @property
+    def unread(self) -> bool:
+        """Whether the upstream said something nobody asked for (an idle 421, typically)."""
+        return bool(self._replies or self._buffer or self._lines)
+
+    async def reply(self, reply_timeout: float) -> Reply:
+        """The next reply; TimeoutError when none came in `reply_timeout` seconds."""
+        async with asyncio.timeout(reply_timeout):
+            while not self._replies:
+                if self.ended is not None:
+                    raise ConnectionError(self.ended)
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        return self._replies.popleft()
+
+    async def drained(self, reply_timeout: float) -> None:
+        """Until the transport takes more: an upstream that stops reading raises TimeoutError
+        instead of holding the copy forever."""
+        if self._writable is not None:
+            async with asyncio.timeout(reply_timeout):
+                await self._writable
+
+
+class SmtpConnection:
+    """An open, greeted (and when offered, encrypted and logged-in) connection, ready for MAIL.
+
+    `remote` is the host outcomes name as the one that answered (the smart host, or the MX
+    host); `where` names it for connection errors (host[:address]:port).
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        extensions: set[str],
+        *,
+        remote: str,
+        where: str,
+        pipelining: bool,
+    ) -> None:
+        self._transport = transport
+        self._reader = _ReplyReader()
+        transport.set_protocol(self._reader)
+        self.remote = remote
+        self.where = where
+        self.pipelining = pipelining and "pipelining" in extensions
+        self.size = "size" in extensions
+        self.opened_at = time.monotonic()
+        self.messages = 0  # transactions begun on it
+        self.usable = True  # False once anything went wrong: never reused then
+        self._in_transaction = False  # a transaction was begun: RSET before the next
+        self._data_started = False
+
+    @classmethod
+    async def adopt(
+        cls, client: aiosmtplib.SMTP, *, remote: str, where: str, pipelining: bool
+    ) -> SmtpConnection:
+        """Take over `client`'s transport after its handshake; the client is not used again.
+
+        EHLO (HELO for a server from before ESMTP) first when the client has not greeted
+        since connecting or since TLS began, as aiosmtplib's MAIL would."""
+        if client.is_ehlo_or_helo_needed:
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()
+        transport = client.transport
+        if transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        extensions = set(client.esmtp_extensions)
+        client.transport = None
+        client.protocol = None
+        return cls(
+            cast(asyncio.Transport, transport),
+            extensions,
+            remote=remote,
+            where=where,
+            pipelining=pipelining,
+        )
+
+    @property
+    def alive(self) -> bool:
+        """Usable, still open, and nothing unasked-for came (an idle upstream's 421)."""
+        return self.usable and not self._transport.is_closing() and not self._reader.unread
+
+    async def send(
+        self, mail_from: str, recipients: Sequence[str], data: bytes, reply_timeout: float
+    ) -> Replies:
+        """One transaction: RSET when one was begun before, MAIL, RCPT each, DATA, the data.
+
+        Each reply and each piece's drain gets `reply_timeout`. A copy with a bare CR or LF is
+        refused before any byte is written (BareLineEnd): a receiver that ends the data at
+        LF "." CRLF would read what follows as a second message.
+        """
+        if (problem := bare_line_end_refusal(data)) is not None:
+            raise BareLineEnd(problem)
+        for address in (mail_from, *recipients):
+            if _CONTROL.search(address):
+                raise ValueError(f"address with a control character: {address!r}")
+        mail = f"MAIL FROM:<{mail_from}>" + (f" SIZE={len(data)}" if self.size else "")
+        commands = [
+            *(["RSET"] if self._in_transaction else []),
+            mail,
+            *(f"RCPT TO:<{recipient}>" for recipient in recipients),
+            "DATA",
+        ]
+        encoded = [f"{command}\r\n".encode("ascii") for command in commands]
+        self.messages += 1
+        self._in_transaction = True
+        try:
+            return await self._transaction(encoded, len(recipients), data, reply_timeout)
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            self.close()
+            raise ConnectionEnded(
+                f"{self.where}: {_reason(exc)}", before_data=not self._data_started
+            ) from exc
+        except BaseException:  # ConnectionEnded, or the caller's deadline: mid-conversation
+            self.close()
+            raise
+
+    async def _transaction(
+        self, commands: list[bytes], recipients: int, data: bytes, reply_timeout: float
+    ) -> Replies:
+        self._data_started = False
+        reset = commands[0] == b"RSET\r\n"
+        replies: list[Reply] = []
+        if self.pipelining:
+            self._write(b"".join(commands))
+            for _ in commands:
+                replies.append(await self._reply(reply_timeout))
+        else:
+            for command in commands:
+                self._write(command)
+                reply = await self._reply(reply_timeout)
+                replies.append(reply)
+                if command == b"RSET\r\n":
+                    if not _ok(reply):
+                        raise ConnectionEnded(
+                            f"{self.where}: RSET refused: {reply.text}", before_data=True
+                        )
+                elif command.startswith(b"MAIL ") and not _ok(reply):
+                    return Replies(reply, (), None)  # no RCPT without a sender
+                elif len(replies) == reset + 1 + recipients:
+                    rcpts = tuple(replies[reset + 1 :])
+                    if not any(map(_accepted, rcpts)):
+                        return Replies(replies[reset], rcpts, None)  # DATA for nobody
+        if reset and not _ok(replies[0]):
+            raise ConnectionEnded(
+                f"{self.where}: RSET refused: {replies[0].text}", before_data=True
+            )
+        mail, rcpt, go = replies[reset], tuple(replies[1 + reset : -1]), replies[-1]
+        if go.code != 354:
+            return Replies(mail, rcpt, go)
+        if not _ok(mail) or not any(map(_accepted, rcpt)):
+            # RFC 2920 3.1: nobody to send to, yet the upstream waits for data; end it empty
+            self._write(b".\r\n")
+            await self._reply(reply_timeout)
+            return Replies(mail, rcpt, None)
+        self._data_started = True
+        for piece in stuffed_pieces(data):
+            self._write(piece)
+            await self._reader.drained(reply_timeout)
+        self._write(b".\r\n")
+        return Replies(mail, rcpt, await self._reply(reply_timeout))
+
+    async def _reply(self, reply_timeout: float) -> Reply:
+        reply = await self._reader.reply(reply_timeout)
+        if reply.code == CLOSING:
+            raise ConnectionEnded(reply.text, before_data=not self._data_started, reply=reply)
+        return reply
+
+    def _write(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            raise ConnectionError(self._reader.ended or "connection lost")
+        self._transport.write(data)
+
+    async def quit(self) -> None:
+        """QUIT and its reply (shortly), then close: the polite end of a kept connection."""
+        try:
+            if not self._transport.is_closing():
+                self._transport.write(b"QUIT\r\n")
+                with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                    await self._reader.reply(QUIT_TIMEOUT)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.usable = False
+        self._transport.close()
+
+
+def _ok(reply: Reply) -> bool:
+    return reply.code == 250
+
+
+def _accepted(reply: Reply) -> bool:
+    return reply.code in (250, 251)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no reply in time"
+    return str(exc) or type(exc).__name__
