@@ -9,6 +9,7 @@ protocol cannot.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,14 +66,22 @@ class S3Server:
         stored.last_modified = when.replace(tzinfo=None)
 
     @contextmanager
-    def refusing_unknown_keys(self) -> Iterator[tuple[str, str]]:
-        """The server checks signatures against its IAM users, as AWS does, while the
-        block runs; yields the key id and secret of a user allowed everything."""
+    def refusing_unknown_keys(
+        self, policy: dict[str, Any] | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """The server checks signatures and permissions against its IAM users, as AWS does,
+        while the block runs; yields the key id and secret of a user with `policy` (an IAM
+        policy document; by default every S3 action)."""
         iam = _boto3_client(self.endpoint_url, "iam")
         user = f"relay-{secrets.token_hex(4)}"
         iam.create_user(UserName=user)
-        iam.attach_user_policy(
-            UserName=user, PolicyArn="arn:aws:iam::aws:policy/AdministratorAccess"
+        everything = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+        iam.put_user_policy(
+            UserName=user,
+            PolicyName="relay",
+            PolicyDocument=json.dumps(
+                policy or {"Version": "2012-10-17", "Statement": [everything]}
+            ),
         )
         key = iam.create_access_key(UserName=user)["AccessKey"]
         previous = moto_settings.INITIAL_NO_AUTH_ACTION_COUNT

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
+    from gateway.config import StorageSettings
+
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
@@ -69,6 +71,26 @@ def _session() -> AioSession:
 
 class S3StoreError(OSError):
     """S3 refused or could not be reached: the bucket's counterpart of a disk error."""
+
+
+def s3_store(storage: StorageSettings, **options: Any) -> S3BlobStore:
+    """The store `[storage]` names (its url is s3://); `options` as for S3BlobStore.
+    OSError if the secret key file cannot be read."""
+    if storage.bucket is None:
+        raise ValueError(f"storage.url {storage.url!r} is not an s3:// URL")
+    secret = None
+    if storage.secret_access_key_file is not None:
+        secret = storage.secret_access_key_file.read_text(encoding="utf-8").strip()
+    return S3BlobStore(
+        storage.bucket,
+        storage.prefix,
+        endpoint_url=storage.endpoint_url,
+        region=storage.region,
+        addressing_style=storage.addressing_style,
+        access_key_id=storage.access_key_id,
+        secret_access_key=secret,
+        **options,
+    )
 
 
 class S3BlobStore(BlobStore):
