@@ -274,19 +274,12 @@ class S3BlobStore(BlobStore):
             return None
 
     async def _check_bucket(self) -> None:
-        """S3StoreError if the bucket is gone: a HEAD answers 404 for a missing key and for
-        a missing bucket alike, and only the first means a blob is missing."""
+        """S3StoreError if the bucket is gone: a HEAD answers a bare 404 for a missing key
+        and for a missing bucket alike, and only the first means a blob is missing. A list
+        says NoSuchBucket in words (and needs only s3:ListBucket, which the sweep needs)."""
         s3 = await self._client()
-        try:
-            await s3.head_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            where = f"s3://{self.bucket}/{self.prefix}"
-            if code in _NOT_FOUND | {"NoSuchBucket"}:
-                raise S3StoreError(f"cannot read {where}: the bucket does not exist") from exc
-            raise S3StoreError(_explained("read", where, code, None)) from exc
-        except BotoCoreError as exc:
-            raise S3StoreError(f"cannot read s3://{self.bucket}/: {exc}") from exc
+        with self._errors("read", None):
+            await s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
 
     @asynccontextmanager
     async def open(self, digest: str) -> AsyncIterator[BlobReader]:
