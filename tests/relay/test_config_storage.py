@@ -3,6 +3,7 @@ relies on it: against a real S3-compatible server (tests/s3_server.py), each fai
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from gateway.problems import Problem
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.s3_blobs import S3BlobStore
 from sealrelay.serve import blob_store
-from tests.cli_runner import sealrelay
+from tests.cli_runner import sealrelay, write_config
 from tests.s3_server import KEY_ID, REGION, SECRET, S3Server
 
 
@@ -143,3 +144,25 @@ async def test_check_config_reports_an_unreachable_endpoint(tmp_path: Path) -> N
     assert run.code == 1
     assert "Error: config error: storage.url: cannot list s3://bucket/relay/: " in run.err
     assert "Could not connect to the endpoint URL" in run.err
+
+
+async def test_the_sweep_command_deletes_old_blobs_from_the_bucket(
+    s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    storage = s3_storage(s3_server, s3_bucket, tmp_path / "secret")
+    config.write_text(config.read_text().replace("[storage]\n", f"[storage]\n{storage}", 1))
+    assert (await sealrelay("db", "upgrade", "-c", str(config))).code == 0
+    store = s3_server.store(s3_bucket, "relay/blobs")
+    old, young = await store.put(b"nobody names me"), await store.put(b"just written")
+    await store.close()
+    s3_server.set_written_at(
+        s3_bucket, f"relay/blobs/{old}", datetime.now(UTC) - timedelta(days=30)
+    )
+
+    run = await sealrelay("links", "expire", "-c", str(config))
+    assert run.code == 0, run.err
+    assert "1 blob(s) deleted" in run.out
+    assert "Unclosed" not in run.err  # the S3 client was closed
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert keys == [f"relay/blobs/{young}"]
