@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.relay import free_port  # noqa: E402
 from gateway.store.blobs import BlobStore  # noqa: E402
 from gateway.store.local_blobs import LocalBlobStore  # noqa: E402
 from gateway.store.s3_blobs import S3BlobStore  # noqa: E402
-from tests.support import free_port  # noqa: E402
 from web.blobs import send_blob  # noqa: E402
 
 MIB = 1024 * 1024
