@@ -286,6 +286,18 @@ class S3BlobStore(BlobStore):
         size = await self.size(digest)
         yield S3BlobReader(self, digest, size)
 
+    async def read(self, digest: str) -> bytes:
+        """The whole blob in one GET (no HEAD first): a GET names a missing key and a
+        missing bucket apart, as a HEAD cannot."""
+        s3 = await self._client()
+        with self._errors("read", digest):
+            body = (await s3.get_object(Bucket=self.bucket, Key=self._key(digest)))["Body"]
+            try:
+                data: bytes = await body.read()
+            finally:
+                body.close()
+        return data
+
     async def size(self, digest: str) -> int:
         size = await self._head(digest)
         if size is None:
