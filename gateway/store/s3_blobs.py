@@ -19,6 +19,7 @@ OSError, so callers treat a bucket in trouble as they treat a disk in trouble.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -59,14 +60,12 @@ STALE_UPLOAD = timedelta(days=1)
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
 AddressingStyle = Literal["auto", "virtual", "path"]
-_SESSION: AioSession | None = None  # shared: it caches the service model, slow to load
 
 
+@functools.cache
 def _session() -> AioSession:
-    global _SESSION
-    if _SESSION is None:
-        _SESSION = AioSession()
-    return _SESSION
+    """One session for every store: it caches S3's service model, slow to load."""
+    return AioSession()
 
 
 class S3StoreError(OSError):
