@@ -99,7 +99,6 @@ async def sweep(
     letters = await expire_letters(now) if expire_letters is not None else 0
     needed = await needed_blobs(db, now, grace, evidence_years)
     deleted, freed = await _delete_unneeded(blobs, needed, now - grace)
-    await blobs.remove_interrupted_writes()  # a killed writer's leftovers (S3: parts)
     if deleted:
         async with db.transaction() as session:
             await journal.append(
@@ -107,6 +106,7 @@ async def sweep(
                 [BLOBS_DELETED.new({"count": deleted, "bytes": freed})],
                 now,
             )
+    await blobs.remove_interrupted_writes()  # a killed writer's leftovers (S3: parts)
     return SweepReport(expired, deleted, freed, letters)
 
 
