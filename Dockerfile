@@ -1,5 +1,6 @@
 # sealrelay in a container: mount the config at /etc/sealrelay/sealrelay.toml and a volume
-# at /var/lib/sealrelay for the SQLite database and blobs (or point them at PostgreSQL).
+# at /var/lib/sealrelay for the SQLite database and blobs (or point them at PostgreSQL and,
+# with [storage] url = "s3://bucket/prefix", an S3-compatible bucket: docs/object-storage.md).
 FROM python:3.11-slim
 
 RUN useradd --system --home /var/lib/sealrelay --create-home sealrelay
@@ -9,7 +10,7 @@ COPY sealrelay ./sealrelay
 COPY gateway ./gateway
 COPY rules ./rules
 COPY web ./web
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir '.[s3]'
 
 USER sealrelay
 WORKDIR /var/lib/sealrelay

@@ -14,7 +14,7 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -471,10 +471,92 @@ class DatabaseSettings(Section):
         return value
 
 
+_S3_ONLY = ("endpoint_url", "region", "access_key_id", "secret_access_key_file")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
 class StorageSettings(Section):
+    """Where blobs live: a local directory (`path`), or an S3-compatible bucket when `url`
+    is s3://bucket/prefix (docs/object-storage.md). `url` as file:///dir or a plain path
+    names the local directory instead of `path`. The S3 secret is read from a file, so it
+    is never in the TOML; with no key configured the usual AWS chain applies (environment,
+    instance role)."""
+
     path: Path = Path("var/blobs")
+    url: str | None = None
+    endpoint_url: str | None = Field(
+        default=None, description="the S3 API's URL when it is not AWS (MinIO, Garage, Ceph)"
+    )
+    region: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+$")
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    access_key_id: str | None = Field(default=None, pattern=r"^\S+$")
+    secret_access_key_file: Path | None = None
     blob_grace_days: float = Field(default=7, ge=0)
     sweep_interval: float = Field(default=3600, gt=0, description="seconds between sweeps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_url_names_the_path(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("url"), str):
+            local = _local_directory(data["url"])
+            if local is not None:
+                return {**data, "path": local}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        if value is None or _local_directory(value) is not None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme != "s3":
+            raise ValueError("must be s3://bucket/prefix, file:///directory or a path")
+        if not _BUCKET.match(parts.netloc):
+            raise ValueError(f"{parts.netloc!r} is not an S3 bucket name (s3://bucket/prefix)")
+        if parts.query or parts.fragment:
+            raise ValueError("s3://bucket/prefix takes no ?query or #fragment")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in {"http", "https"} or not parts.netloc:
+                raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _s3_keys_with_s3(self) -> StorageSettings:
+        if self.bucket is None:
+            given = [key for key in _S3_ONLY if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f'{", ".join(given)}: only with url = "s3://bucket/prefix"')
+        if (self.access_key_id is None) != (self.secret_access_key_file is None):
+            raise ValueError("access_key_id and secret_access_key_file go together")
+        return self
+
+    @property
+    def bucket(self) -> str | None:
+        """The S3 bucket blobs live in; None for a local directory."""
+        if self.url is None or _local_directory(self.url) is not None:
+            return None
+        return urlsplit(self.url).netloc
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix in the bucket ("" for the whole bucket)."""
+        if self.url is None or self.bucket is None:
+            return ""
+        return urlsplit(self.url).path.strip("/")
+
+
+def _local_directory(url: str) -> str | None:
+    """The directory a file:// URL or a plain path names; None for any other URL."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return parts.path or None
+    return url if not parts.scheme and url else None
 
 
 class SecretsSettings(Section):

@@ -9,13 +9,15 @@ meeting `[Errno 2] No such file or directory` one problem at a time.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import socket
 import ssl
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
@@ -40,6 +42,11 @@ from gateway.mail import dkim
 from gateway.mail.loop_mark import LoopKeyError, load_or_create_key
 from gateway.problems import Problem
 from gateway.texts import files as text_files
+
+if TYPE_CHECKING:  # aiobotocore is the optional s3 extra
+    from gateway.store.s3_blobs import S3BlobStore
+
+BUCKET_PROBE_TIMEOUT = 20  # seconds for check-config to list, write and delete in a bucket
 
 
 def check_config(
@@ -243,9 +250,56 @@ def _database(url: str) -> Iterator[Problem]:
 
 
 def _storage(storage: StorageSettings) -> Iterator[Problem]:
+    if storage.bucket is not None:
+        yield from _bucket(storage)
+        return
     problem = writable_directory("storage.path", storage.path)
     if problem is not None:
         yield problem
+
+
+def _bucket(storage: StorageSettings) -> Iterator[Problem]:
+    """The secret key file, then the bucket itself: listed, written and deleted under the
+    prefix, as the relay will, so a wrong key, bucket or policy shows before the first mail."""
+    secret = storage.secret_access_key_file
+    if secret is not None:
+        if (problem := readable_file("storage.secret_access_key_file", secret)) is not None:
+            yield problem
+            return
+        if secret.stat().st_mode & 0o077:
+            yield Problem(
+                "storage.secret_access_key_file",
+                f"{_shown(secret)} can be read by other users; chmod 600 it",
+                error=False,
+            )
+    try:
+        from gateway.store import s3_blobs
+    except ImportError:
+        yield Problem(
+            "storage.url", "an s3:// store needs aiobotocore: pip install 'sealrelay[s3]'"
+        )
+        return
+    try:
+        _in_own_loop(_probe(s3_blobs.s3_store(storage, connect_timeout=5, max_attempts=2)))
+    except OSError as exc:
+        yield Problem("storage.url", str(exc))
+
+
+async def _probe(store: S3BlobStore) -> None:
+    try:
+        async with asyncio.timeout(BUCKET_PROBE_TIMEOUT):
+            await store.probe()
+    except TimeoutError as exc:
+        raise OSError(f"no answer from the bucket within {BUCKET_PROBE_TIMEOUT} s") from exc
+    finally:
+        await store.close()
+
+
+def _in_own_loop(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` to the end on an event loop of its own, in a thread: the checks are
+    synchronous and their caller may be running a loop already."""
+    with ThreadPoolExecutor(1, thread_name_prefix="config-check") as thread:
+        thread.submit(asyncio.run, work).result()
 
 
 def _secrets(settings: Settings) -> Iterator[Problem]:

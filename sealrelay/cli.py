@@ -984,7 +984,10 @@ def links_expire(config: Path | None) -> None:
         blobs = blob_store(settings)
         letters = LetterDesk(settings, db, blobs, QueueSignal().notify, utcnow)
         notices = NoticeDesk(settings, db, blobs, QueueSignal().notify, utcnow)
-        return await sweeper_for(settings, db, blobs, letters, notices)(utcnow())
+        try:
+            return await sweeper_for(settings, db, blobs, letters, notices)(utcnow())
+        finally:
+            await blobs.close()
 
     report = _run(run, config, Access.WRITE)
     click.echo(
@@ -1091,9 +1094,15 @@ def evidence(config: Path | None, consent_id: str) -> None:
     from sealrelay.serve import blob_store
 
     settings = _settings(config)
-    found = _run(
-        lambda db: verification.consent_evidence(db, blob_store(settings), consent_id), config
-    )
+
+    async def look_up(db: Database) -> verification.ConsentEvidence | None:
+        blobs = blob_store(settings)
+        try:
+            return await verification.consent_evidence(db, blobs, consent_id)
+        finally:
+            await blobs.close()
+
+    found = _run(look_up, config)
     if found is None:
         raise click.ClickException(f"no consent with id {consent_id!r}")
     consent, letter, message = found.consent, found.letter, found.message

@@ -101,8 +101,17 @@ def load_loop_marks(settings: Settings, clock: Callable[[], datetime] = utcnow) 
 
 
 def blob_store(settings: Settings) -> BlobStore:
-    """The blob store the settings name (a local directory, for now)."""
-    return LocalBlobStore(settings.storage.path)
+    """The blob store `[storage]` names: an S3 bucket for an s3:// url, else the local
+    directory. The S3 store is imported only then: aiobotocore is the optional `s3` extra."""
+    if settings.storage.bucket is None:
+        return LocalBlobStore(settings.storage.path)
+    try:
+        from gateway.store.s3_blobs import s3_store
+    except ImportError as exc:
+        raise RuntimeError(
+            f"storage.url {settings.storage.url} needs aiobotocore: pip install 'sealrelay[s3]'"
+        ) from exc
+    return s3_store(settings.storage)
 
 
 def sweeper_for(
@@ -306,6 +315,7 @@ class Relay:
         self.signal.notify()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.worker.close()
+        await self.blobs.close()
         await self.db.close()
         log.info("sealrelay stopped")
 

@@ -39,7 +39,7 @@ PASSWORD = "correct horse battery"
 DKIM_DOMAIN = "broker.example"
 DKIM_SELECTOR = "s2026"
 
-pytest_plugins = ["tests.letter_fixtures"]
+pytest_plugins = ["tests.letter_fixtures", "tests.s3_server"]
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The blob store: raw originals, attachments and generated documents, named by their sha256.
 
 Everything outside the store knows a blob only by its digest and this interface, so where
-blobs live (a local directory today, an S3 bucket later) is one class. The contract every
+blobs live (a local directory, an S3 bucket) is one class. The contract every
 implementation keeps, checked for each by tests/store/test_blob_contract.py:
 
 - `put_stream` returns the sha256 hex digest only once the whole blob is durable, and a
@@ -127,8 +127,13 @@ class BlobStore(ABC):
         """Where an operator finds the blob outside sealrelay: a file name, a URL."""
 
     async def remove_interrupted_writes(self) -> int:
-        """Clear what writers killed mid-put left behind (at start-up); how many went."""
+        """Clear what writers killed mid-put left behind (at start-up and each sweep);
+        how many went. What a living writer is still writing stays."""
         return 0
+
+    async def close(self) -> None:
+        """Let go of connections (an S3 client's); a local store holds none."""
+        return None
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -106,6 +106,7 @@ async def sweep(
                 [BLOBS_DELETED.new({"count": deleted, "bytes": freed})],
                 now,
             )
+    await blobs.remove_interrupted_writes()  # a killed writer's leftovers (S3: parts)
     return SweepReport(expired, deleted, freed, letters)
 
 

@@ -1,6 +1,7 @@
 """The blob store contract (gateway/store/blobs.py): every implementation must pass this module.
 
-An implementation is added to STORES. The in-memory store below exists only to show that
+An implementation is added to STORES; S3BlobStore runs against a real S3-compatible server
+(tests/s3_server.py). The in-memory store below exists only to show that
 the contract speaks of the interface and nothing local; the broken stores at the end show
 that each check catches the fault it is there for.
 """
@@ -20,6 +21,8 @@ import pytest
 
 from gateway.store.blobs import BlobInfo, BlobMissing, BlobReader, BlobStore, checked_digest
 from gateway.store.local_blobs import LocalBlobStore
+from gateway.store.s3_blobs import S3BlobStore
+from tests.s3_server import S3Server
 
 # The clocks of a store and of this process may disagree by a file system's tick.
 SLACK = timedelta(seconds=2)
@@ -78,15 +81,25 @@ class MemoryBlobReader(BlobReader):
         return self.data[start : start + length]
 
 
-STORES: dict[str, Callable[[Path], BlobStore]] = {
-    "local": lambda tmp_path: LocalBlobStore(tmp_path / "blobs"),
-    "memory": lambda tmp_path: MemoryBlobStore(),
+STORES: dict[str, Callable[[pytest.FixtureRequest, Path], BlobStore]] = {
+    "local": lambda request, tmp_path: LocalBlobStore(tmp_path / "blobs"),
+    "memory": lambda request, tmp_path: MemoryBlobStore(),
+    "s3": lambda request, tmp_path: _s3_store(request.getfixturevalue("s3_server")),
+    "s3 with a prefix": lambda request, tmp_path: _s3_store(
+        request.getfixturevalue("s3_server"), "relay/blobs"
+    ),
 }
 
 
+def _s3_store(server: S3Server, prefix: str = "") -> S3BlobStore:
+    return server.store(server.new_bucket(), prefix, spool_directory=None)
+
+
 @pytest.fixture(params=sorted(STORES))
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
-    return STORES[request.param](tmp_path)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    opened = STORES[request.param](request, tmp_path)
+    yield opened
+    await opened.close()
 
 
 async def chunks_of(*parts: bytes) -> AsyncIterator[bytes]:
@@ -243,6 +256,9 @@ async def _age(store: BlobStore, digest: str) -> None:
     if isinstance(store, LocalBlobStore):
         stamp = month_ago.timestamp()
         os.utime(store.location(digest), (stamp, stamp))
+    elif isinstance(store, S3BlobStore):
+        server = S3Server(store.endpoint_url or "")
+        server.set_written_at(store.bucket, store.prefix + digest, month_ago)
     elif isinstance(store, MemoryBlobStore):
         store.blobs[digest] = (store.blobs[digest][0], month_ago)
     else:

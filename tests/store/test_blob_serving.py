@@ -1,6 +1,6 @@
 """Downloads from any blob store: the kernel sends the local store's files (sendfile), and a
-store without local files (S3 later; the contract's in-memory store here) is streamed with the
-same bytes, ranges and zips."""
+store without local files (S3, against tests/s3_server.py; the contract's in-memory store) is
+streamed with the same bytes, ranges and zips."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.store.db import Database
+from gateway.store.local_blobs import LocalBlobStore
 from tests.links.test_downloads import Clock, running_pages
 from tests.store.test_blob_contract import STORES
 
@@ -40,10 +41,15 @@ async def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("kind", sorted(STORES))
 async def test_files_ranges_and_zips_from_every_store(
-    database: Database, tmp_path: Path, kind: str, sendfile_calls: list[int]
+    database: Database,
+    tmp_path: Path,
+    kind: str,
+    sendfile_calls: list[int],
+    request: pytest.FixtureRequest,
 ) -> None:
     content, small = os.urandom(3 * 1024 * 1024 + 17), b"%PDF a small second file"
-    async with running_pages(database, tmp_path, Clock(), STORES[kind](tmp_path)) as pages:
+    blobs = STORES[kind](request, tmp_path)
+    async with running_pages(database, tmp_path, Clock(), blobs) as pages:
         made = await pages.link(
             [("Exposé.pdf", "application/pdf", content), ("Plan.pdf", "application/pdf", small)]
         )
@@ -59,6 +65,7 @@ async def test_files_ranges_and_zips_from_every_store(
         assert response.headers["Content-Length"] == str(len(body))
         with zipfile.ZipFile(io.BytesIO(body)) as archive:
             assert [archive.read(name) for name in archive.namelist()] == [content, small]
+    await blobs.close()
     if kind == "local":
         assert sendfile_calls == [len(content), len(content) - 1048570]
     else:
@@ -68,15 +75,16 @@ async def test_files_ranges_and_zips_from_every_store(
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("kind", sorted(STORES))
 async def test_a_file_lost_from_any_store_is_a_404_not_a_500(
-    database: Database, tmp_path: Path, kind: str
+    database: Database, tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    blobs = STORES[kind](tmp_path)
+    blobs = STORES[kind](request, tmp_path)
     async with running_pages(database, tmp_path, Clock(), blobs) as pages:
         made = await pages.link([("Exposé.pdf", "application/pdf", b"%PDF lost soon")])
         await blobs.delete(made.files[0].sha256)
         for path in (made.file_path(made.files[0]), made.path("/zip")):
             response, _ = await pages.get(path)
             assert response.status == 404, path
+    await blobs.close()
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
@@ -89,7 +97,8 @@ async def test_parallel_zips_never_wait_for_the_threads_they_hold(
     workers = 1
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers))
     files = [(f"{n}.pdf", "application/pdf", os.urandom(2 * 1024 * 1024)) for n in range(3)]
-    async with running_pages(database, tmp_path, Clock(), STORES["local"](tmp_path)) as pages:
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    async with running_pages(database, tmp_path, Clock(), blobs) as pages:
         made = await pages.link(files)
         async with asyncio.timeout(30):
             answers = await asyncio.gather(

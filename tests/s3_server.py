@@ -1,0 +1,120 @@
+"""A real S3-compatible server for the tests: moto's, in a thread, on a free loopback port.
+
+It speaks the S3 protocol over HTTP like AWS, MinIO or Garage, so S3BlobStore is tested
+through aiobotocore, signing and all; nothing of the store is stubbed. One server per run,
+one new bucket per test. `refusing_unknown_keys` makes it check credentials as AWS does (it
+takes any key otherwise), and `set_written_at` changes an object's age, which the S3
+protocol cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+import boto3
+import pytest
+from moto import settings as moto_settings
+from moto.core.authorization import ActionAuthenticatorMixin
+from moto.s3.models import s3_backends
+from moto.server import ThreadedMotoServer
+
+from gateway.store.s3_blobs import S3BlobStore
+from tests.support import free_port
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's default account
+KEY_ID, SECRET = "testing", "testing"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+
+    def client(self) -> Any:
+        """A plain (blocking) boto3 client, to set up and look behind the store's back."""
+        return _boto3_client(self.endpoint_url, "s3")
+
+    def new_bucket(self) -> str:
+        name = f"test-{secrets.token_hex(6)}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def store(self, bucket: str, prefix: str = "", **options: Any) -> S3BlobStore:
+        options.setdefault("access_key_id", KEY_ID)
+        options.setdefault("secret_access_key", SECRET)
+        return S3BlobStore(
+            bucket,
+            prefix,
+            endpoint_url=self.endpoint_url,
+            region=REGION,
+            addressing_style="path",
+            max_attempts=1,
+            **options,
+        )
+
+    def set_written_at(self, bucket: str, key: str, when: datetime) -> None:
+        """Make an object look written at `when` (moto keeps naive UTC times)."""
+        stored = s3_backends[ACCOUNT]["aws"].get_object(bucket, key)
+        assert stored is not None, f"no object {key} in {bucket}"
+        stored.last_modified = when.replace(tzinfo=None)
+
+    @contextmanager
+    def refusing_unknown_keys(
+        self, policy: dict[str, Any] | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """The server checks signatures and permissions against its IAM users, as AWS does,
+        while the block runs; yields the key id and secret of a user with `policy` (an IAM
+        policy document; by default every S3 action)."""
+        iam = _boto3_client(self.endpoint_url, "iam")
+        user = f"relay-{secrets.token_hex(4)}"
+        iam.create_user(UserName=user)
+        everything = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+        iam.put_user_policy(
+            UserName=user,
+            PolicyName="relay",
+            PolicyDocument=json.dumps(
+                policy or {"Version": "2012-10-17", "Statement": [everything]}
+            ),
+        )
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        previous = moto_settings.INITIAL_NO_AUTH_ACTION_COUNT
+        moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+        ActionAuthenticatorMixin.request_count = 0
+        try:
+            yield key["AccessKeyId"], key["SecretAccessKey"]
+        finally:
+            moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = previous
+
+
+@cache
+def _boto3_client(endpoint_url: str, service: str) -> Any:
+    return boto3.client(
+        service,  # type: ignore[call-overload]
+        endpoint_url=endpoint_url,
+        region_name=REGION,
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+    )
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Server(f"http://{host}:{port}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    return s3_server.new_bucket()
