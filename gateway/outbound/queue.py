@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import Connection, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.store import journal
+from gateway.store import bulk, journal
 from gateway.store.events import (
     DELIVERY_BOUNCED,
     DELIVERY_DEFERRED,
@@ -25,10 +25,23 @@ from gateway.store.events import (
     DELIVERY_RETRIED,
     EventType,
 )
+from gateway.store.group_commit import Done
 from gateway.store.leases import LeasedQueue, backoff
-from gateway.store.models import Delivery, DeliveryStatus, Message, new_id
+from gateway.store.models import Base, Delivery, DeliveryStatus, Message, new_id
 
-__all__ = ["LEASES", "Claimed", "QueueError", "backoff", "claim", "new_delivery"]
+__all__ = [
+    "LEASES",
+    "Attempt",
+    "Claimed",
+    "QueueError",
+    "Settle",
+    "backoff",
+    "bounced",
+    "claim",
+    "deferred",
+    "delivered",
+    "new_delivery",
+]
 
 LEASES = LeasedQueue(Delivery, DeliveryStatus.QUEUED)
 
@@ -98,30 +111,127 @@ async def release(session: AsyncSession, ids: Collection[str], worker: str) -> N
     await LEASES.release(session, ids, worker)
 
 
-async def _settle(
-    session: AsyncSession,
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt's outcome to record: the copy's new `values` and the journal event (`event`
+    with `data`) that says so, written only if the worker still holds the lease."""
+
+    delivery: Delivery
+    event: EventType[Any]
+    data: dict[str, object]
+    values: dict[str, object]
+
+    def new_event(self) -> journal.NewEvent:
+        return self.event.new(
+            self.data, message_id=self.delivery.message_id, delivery_id=self.delivery.id
+        )
+
+
+def _attempt(
     delivery: Delivery,
-    worker: str,
-    now: datetime,
     event: EventType[Any],
     data: dict[str, object],
     route: str | None,
     **values: object,
-) -> journal.NewEvent | None:
-    """Record one attempt's outcome if `worker` still holds the lease; the journal event for
-    it, or None when another worker took over. `route`: the [[routes]] entry it took."""
+) -> Attempt:
+    """`route`: the [[routes]] entry the attempt took."""
     attempt = delivery.attempts + 1
     taken = {"route": route} if route is not None else {}
-    settled = await LEASES.settle(
-        session, delivery.id, worker, updated_at=now, attempts=attempt, **taken, **values
-    )
-    if not settled:
-        return None
-    return event.new(
+    return Attempt(
+        delivery,
+        event,
         {"recipient": delivery.recipient, "attempt": attempt, **data, **taken},
-        message_id=delivery.message_id,
-        delivery_id=delivery.id,
+        {"attempts": attempt, **taken, **values},
     )
+
+
+def delivered(
+    delivery: Delivery,
+    remote: str | None,
+    signed_blob: str | None = None,
+    *,
+    route: str | None = None,
+) -> Attempt:
+    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them; `route`:
+    how it left when not the default way ("agent-login")."""
+    kept = {"signed_blob": signed_blob} if signed_blob and delivery.keep_signed else {}
+    return _attempt(
+        delivery,
+        DELIVERY_DELIVERED,
+        {"remote": remote},
+        route,
+        status=DeliveryStatus.DELIVERED,
+        last_error=None,
+        **kept,
+    )
+
+
+def deferred(
+    delivery: Delivery, error: str, next_attempt: datetime, *, route: str | None = None
+) -> Attempt:
+    return _attempt(
+        delivery,
+        DELIVERY_DEFERRED,
+        {"error": error, "next_attempt": next_attempt.isoformat()},
+        route,
+        last_error=error,
+        next_attempt_at=next_attempt,
+    )
+
+
+def bounced(delivery: Delivery, error: str, *, status: str, route: str | None = None) -> Attempt:
+    """Given up for good; ``status`` is the final one the DSN reports (4.4.7 once expired)."""
+    return _attempt(
+        delivery,
+        DELIVERY_BOUNCED,
+        {"error": error, "status": status},
+        route,
+        status=DeliveryStatus.BOUNCED,
+        last_error=error,
+    )
+
+
+@dataclass(frozen=True)
+class Settle:
+    """The outcomes of one group of copies, as a unit of the group commit
+    (gateway/store/group_commit.py): one UPDATE per distinct outcome (usually one for the
+    group), the journal events of the copies whose lease `worker` still held, and
+    `bounce_rows` (a DSN's message and delivery) with `bounce_events` when one of them
+    bounced. Its result: per attempt, its event, or None where another worker took over."""
+
+    worker: str
+    now: datetime
+    attempts: Sequence[Attempt]
+    bounce_rows: Sequence[Base] = ()
+    bounce_events: Sequence[journal.NewEvent] = ()
+
+    def __call__(self, connection: Connection) -> Done[list[journal.NewEvent | None]]:
+        alike: dict[tuple[tuple[str, object], ...], list[str]] = {}
+        for attempt in self.attempts:
+            key = tuple(sorted(attempt.values.items()))
+            alike.setdefault(key, []).append(attempt.delivery.id)
+        settled: set[str] = set()
+        for key, ids in alike.items():
+            settled |= LEASES.settle_rows(
+                connection, ids, self.worker, updated_at=self.now, **dict(key)
+            )
+        outcomes = [a.new_event() if a.delivery.id in settled else None for a in self.attempts]
+        recorded = [event for event in outcomes if event is not None]
+        if self.bounce_rows and any(e.type == DELIVERY_BOUNCED.name for e in recorded):
+            bulk.insert_rows(connection, self.bounce_rows)
+            recorded += self.bounce_events
+        return Done(outcomes, recorded, self.now)
+
+
+async def _settle(
+    session: AsyncSession, worker: str, now: datetime, attempt: Attempt
+) -> journal.NewEvent | None:
+    """Record one attempt's outcome in `session` if `worker` still holds the lease; the
+    journal event for it, or None when another worker took over."""
+    settled = await LEASES.settle(
+        session, attempt.delivery.id, worker, updated_at=now, **attempt.values
+    )
+    return attempt.new_event() if settled else None
 
 
 async def mark_delivered(
@@ -134,20 +244,8 @@ async def mark_delivered(
     *,
     route: str | None = None,
 ) -> journal.NewEvent | None:
-    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them; `route`:
-    how it left when not the default way ("agent-login")."""
-    kept = {"signed_blob": signed_blob} if signed_blob and delivery.keep_signed else {}
     return await _settle(
-        session,
-        delivery,
-        worker,
-        now,
-        DELIVERY_DELIVERED,
-        {"remote": remote},
-        route,
-        status=DeliveryStatus.DELIVERED,
-        last_error=None,
-        **kept,
+        session, worker, now, delivered(delivery, remote, signed_blob, route=route)
     )
 
 
@@ -161,17 +259,7 @@ async def mark_deferred(
     *,
     route: str | None = None,
 ) -> journal.NewEvent | None:
-    return await _settle(
-        session,
-        delivery,
-        worker,
-        now,
-        DELIVERY_DEFERRED,
-        {"error": error, "next_attempt": next_attempt.isoformat()},
-        route,
-        last_error=error,
-        next_attempt_at=next_attempt,
-    )
+    return await _settle(session, worker, now, deferred(delivery, error, next_attempt, route=route))
 
 
 async def mark_bounced(
@@ -184,18 +272,7 @@ async def mark_bounced(
     status: str,
     route: str | None = None,
 ) -> journal.NewEvent | None:
-    """Given up for good; ``status`` is the final one the DSN reports (4.4.7 once expired)."""
-    return await _settle(
-        session,
-        delivery,
-        worker,
-        now,
-        DELIVERY_BOUNCED,
-        {"error": error, "status": status},
-        route,
-        status=DeliveryStatus.BOUNCED,
-        last_error=error,
-    )
+    return await _settle(session, worker, now, bounced(delivery, error, status=status, route=route))
 
 
 async def list_deliveries(

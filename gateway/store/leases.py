@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, Connection, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 
@@ -146,3 +146,19 @@ class LeasedQueue:
             execution_options={"synchronize_session": False},
         )
         return set(settled.all())
+
+    def settle_rows(
+        self, connection: Connection, ids: Collection[str], worker: str, **values: object
+    ) -> set[str]:
+        """`settle_many` in Core on a plain connection, for a group commit's unit
+        (gateway/store/group_commit.py): one UPDATE ... IN; the ids settled."""
+        if not ids:
+            return set()
+        t = self.table.__table__
+        settled = connection.execute(
+            update(t)
+            .where(t.c.id.in_(list(ids)), t.c.leased_by == worker, t.c.status == self.queued)
+            .values(lease_until=None, leased_by=None, **values)
+            .returning(t.c.id)
+        )
+        return set(settled.scalars().all())
