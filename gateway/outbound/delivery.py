@@ -194,7 +194,7 @@ class DeliveryWorker:
         recipients = [d.recipient for d in deliveries]
         signed = None
         try:
-            route = await self._agent_login_for(message) or route
+            route = await self._agent_login_for(message, group[0].login_changed) or route
             # Not kept in a local: the stored bytes are freed once the copy is built.
             data = prepare(
                 await self.blobs.read(deliveries[0].blob),
@@ -213,14 +213,14 @@ class DeliveryWorker:
             log.exception("delivering %s failed before a reply", message.id)
             return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None, route
 
-    async def _agent_login_for(self, message: Message) -> Route | None:
+    async def _agent_login_for(self, message: Message, changed: datetime | None) -> Route | None:
         """The agent's own login as a route and upstream, for mail the agent sent (their
         submissions, released originals); never for the relay's own mail to them. One
-        upstream per user, made again when their login changed."""
+        upstream per user, made again when their login changed (`changed`, read with the
+        claim)."""
         if self.logins is None or message.kind != MessageKind.SUBMITTED or not message.user_id:
             return None
         user_id = message.user_id
-        changed = await self.logins.updated_at(user_id)
         if changed is None:
             self._login_upstreams.pop(user_id, None)
             return None
