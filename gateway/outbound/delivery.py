@@ -135,8 +135,9 @@ class DeliveryWorker:
         """Due copies, leased to this worker; never one it already holds (its lease ran out
         while it waited for a slot, and the claim just renewed it)."""
         lease = timedelta(seconds=self.settings.worker.lease_seconds)
-        async with self.db.transaction() as session:
-            claimed = await queue.claim(session, self.name, self.clock(), lease, limit)
+        claimed = await group_commit.submit(
+            self.db, queue.Claim(self.name, self.clock(), lease, limit)
+        )
         fresh = [item for item in claimed if item.delivery.id not in self._held]
         self._held.update(item.delivery.id for item in fresh)
         return fresh

@@ -96,38 +96,55 @@ _MESSAGE_COLUMNS = [
 async def claim(
     session: AsyncSession, worker: str, now: datetime, lease: timedelta, limit: int
 ) -> list[Claimed]:
-    """Lease up to `limit` due copies to `worker`, each with its message.
+    """Lease up to `limit` due copies to `worker`, each with its message."""
+    return await session.run_sync(
+        lambda sync: Claim(worker, now, lease, limit)(sync.connection()).result
+    )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The claim as a unit of the group commit (gateway/store/group_commit.py): the lease is
+    written in the transaction that also carries intake's new copies, so claiming costs no
+    commit of its own.
 
     Read with Core, not the ORM's identity map: the rows become plain (transient) objects,
-    which costs a fraction of loading them into the session.
+    which costs a fraction of loading them into a session.
     """
-    ids = await LEASES.claim(session, worker, now, lease, limit)
-    if not ids:
-        return []
-    rows = await session.execute(
-        select(
-            *(column for column, _key in _DELIVERY_COLUMNS),
-            *(column for column, _key in _MESSAGE_COLUMNS),
-            AgentLogin.updated_at,
-        )
-        .select_from(Delivery.__table__)
-        .join(Message.__table__, Message.id == Delivery.message_id)
-        .outerjoin(AgentLogin, AgentLogin.user_id == Message.user_id)
-        .where(Delivery.id.in_(ids))
-        .order_by(Delivery.message_id, Delivery.id)
-    )
-    split = len(_DELIVERY_COLUMNS)
-    claimed = []
-    messages: dict[str, Message] = {}
-    for row in rows:
-        delivery = Delivery(**{key: row[i] for i, (_c, key) in enumerate(_DELIVERY_COLUMNS)})
-        message = messages.get(delivery.message_id)
-        if message is None:
-            message = messages[delivery.message_id] = Message(
-                **{key: row[split + i] for i, (_c, key) in enumerate(_MESSAGE_COLUMNS)}
+
+    worker: str
+    now: datetime
+    lease: timedelta
+    limit: int
+
+    def __call__(self, connection: Connection) -> Done[list[Claimed]]:
+        ids = LEASES.claim_rows(connection, self.worker, self.now, self.lease, self.limit)
+        if not ids:
+            return Done([])
+        rows = connection.execute(
+            select(
+                *(column for column, _key in _DELIVERY_COLUMNS),
+                *(column for column, _key in _MESSAGE_COLUMNS),
+                AgentLogin.updated_at,
             )
-        claimed.append(Claimed(delivery, message, row[-1]))
-    return claimed
+            .select_from(Delivery.__table__)
+            .join(Message.__table__, Message.id == Delivery.message_id)
+            .outerjoin(AgentLogin, AgentLogin.user_id == Message.user_id)
+            .where(Delivery.id.in_(ids))
+            .order_by(Delivery.message_id, Delivery.id)
+        )
+        split = len(_DELIVERY_COLUMNS)
+        claimed = []
+        messages: dict[str, Message] = {}
+        for row in rows:
+            delivery = Delivery(**{key: row[i] for i, (_c, key) in enumerate(_DELIVERY_COLUMNS)})
+            message = messages.get(delivery.message_id)
+            if message is None:
+                message = messages[delivery.message_id] = Message(
+                    **{key: row[split + i] for i, (_c, key) in enumerate(_MESSAGE_COLUMNS)}
+                )
+            claimed.append(Claimed(delivery, message, row[-1]))
+        return Done(claimed)
 
 
 async def renew(
