@@ -14,11 +14,21 @@ import pytest
 from sqlalchemy import Connection, event, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from gateway.outbound import queue
+from gateway.outbound.queue import new_delivery
 from gateway.store import group_commit, journal
 from gateway.store.db import Database
 from gateway.store.events import POLICY_KEPT, NewEvent, UndeclaredEvent
 from gateway.store.group_commit import Done
-from gateway.store.models import Event, Message, MessageKind, new_id, utcnow
+from gateway.store.models import (
+    Delivery,
+    DeliveryStatus,
+    Event,
+    Message,
+    MessageKind,
+    new_id,
+    utcnow,
+)
 
 
 def message(message_id: str | None = None) -> Message:
@@ -182,3 +192,59 @@ async def test_closing_the_database_commits_what_is_queued(database: Database) -
 
 def vars_of(row: Message) -> dict[str, Any]:
     return {k: v for k, v in vars(row).items() if not k.startswith("_")}
+
+
+async def test_claims_and_outcomes_join_the_group_and_respect_leases(database: Database) -> None:
+    now = utcnow()
+    row = message()
+    copies = [new_delivery(row.id, f"p{n}@example.com", row.blob, now, 3600) for n in range(3)]
+    await group_commit.insert(database, [row, *copies], [], now)
+    later = message()
+    with counting_commits(database) as commits:
+        claimed, _ = await asyncio.gather(
+            group_commit.submit(database, queue.Claim("w1", now, timedelta(minutes=5), 2)),
+            group_commit.insert(database, [later], [kept(later.id)], now),
+        )
+    assert len(commits) == 1
+    assert {c.delivery.recipient for c in claimed} <= {d.recipient for d in copies}
+    assert all(c.message.id == row.id and c.login_changed is None for c in claimed)
+    first, second = (c.delivery for c in claimed)
+    bounce = Message(
+        id=new_id(), received_at=now, sender="", blob="1" * 64, size=1, message_id_header=""
+    )
+    bounce_copy = new_delivery(bounce.id, row.sender, bounce.blob, now, 3600)
+    bounced_event = POLICY_KEPT.new({"recipient": "x", "reason": "dsn"}, message_id=bounce.id)
+
+    # Another worker's outcome for a copy it does not hold is refused, and its DSN not queued.
+    lost = await group_commit.submit(
+        database,
+        queue.Settle(
+            "w2", now, [queue.bounced(first, "550 no", status="5.0.0")], [bounce, bounce_copy]
+        ),
+    )
+    assert lost == [None]
+    assert bounce.id not in await stored_ids(database)
+
+    outcomes = await group_commit.submit(
+        database,
+        queue.Settle(
+            "w1",
+            now,
+            [queue.delivered(second, "mx.example"), queue.bounced(first, "550 no", status="5.0.0")],
+            [bounce, bounce_copy],
+            [bounced_event],
+        ),
+    )
+    assert [e.type if e else None for e in outcomes] == ["delivery.delivered", "delivery.bounced"]
+    assert bounce.id in await stored_ids(database)
+    async with database.transaction() as session:
+        states = {
+            d.id: (d.status, d.attempts, d.leased_by)
+            for d in await session.scalars(select(Delivery))
+        }
+    assert states[second.id] == (DeliveryStatus.DELIVERED, 1, None)
+    assert states[first.id] == (DeliveryStatus.BOUNCED, 1, None)
+    assert states[bounce_copy.id][0] == DeliveryStatus.QUEUED
+    types = [e.type for e in await events_of(database)]
+    assert types == ["policy.kept", "delivery.delivered", "delivery.bounced", "policy.kept"]
+    assert (await journal.verify_database(database)).ok
