@@ -24,7 +24,7 @@ from gateway.mail.loop_mark import LOOP_HEADER, Finding, LoopMarks
 from gateway.outbound.queue import new_delivery
 from gateway.outbound.queue_signal import QueueSignal
 from gateway.rejections import Rejected
-from gateway.store import journal
+from gateway.store import group_commit, journal
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
 from gateway.store.events import (
@@ -37,7 +37,7 @@ from gateway.store.events import (
     MessageLoopMarkForged,
     MessageTrustedClient,
 )
-from gateway.store.models import Base, Message, new_id, utcnow
+from gateway.store.models import Message, new_id, utcnow
 from rules.actions import KeepOriginal
 from rules.facts import MessageFacts
 from rules.language import LANGUAGE_HEADER_NAME, unsupported_request
@@ -243,7 +243,11 @@ class Pipeline:
         return copies
 
     async def commit(self, draft: Draft, envelope: Envelope, copies: Mapping[str, str]) -> str:
-        """Message, copies, links and journal in one transaction: after this, 250 is safe."""
+        """Message, copies, links and journal committed together: after this, 250 is safe.
+
+        The rows join the group commit (gateway/store/group_commit.py): this session waits
+        for the transaction that carries its message, shared with other sessions' messages.
+        """
         message, now = draft.message, draft.now
         lifetime = self.settings.upstream.queue_lifetime
         deliveries = [
@@ -271,16 +275,7 @@ class Pipeline:
                 for d in deliveries
             ),
         ]
-        async with self.db.transaction() as session:
-            session.add(message)
-            await session.flush()
-            for table in Base.metadata.sorted_tables:  # parents before the rows that refer to them
-                batch = [row for row in draft.rows if row.__table__ is table]
-                if batch:
-                    session.add_all(batch)
-                    await session.flush()
-            session.add_all(deliveries)
-            await journal.append(session, events, now)
+        await group_commit.insert(self.db, [message, *draft.rows, *deliveries], events, now)
         self.signal.notify()
         log.info(
             "accepted %s from %s for %d recipients", message.id, message.sender, len(deliveries)

@@ -27,11 +27,11 @@ from gateway.mail.loop_mark import LoopMarks
 from gateway.mail.outgoing import Signer, prepare
 from gateway.mail.own_mail import OwnMail
 from gateway.outbound import dsn, queue
-from gateway.outbound.local_mail import enqueue
+from gateway.outbound.local_mail import prepare as prepare_own_mail
 from gateway.outbound.queue_signal import QueueSignal
 from gateway.outbound.routes import Route, RouteTable
 from gateway.outbound.upstream import Outcome, SmtpUpstream, relay_name
-from gateway.store import journal
+from gateway.store import group_commit
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
 from gateway.store.events import DELIVERY_BOUNCED, DELIVERY_DEFERRED, DELIVERY_DELIVERED
@@ -137,8 +137,9 @@ class DeliveryWorker:
         """Due copies, leased to this worker; never one it already holds (its lease ran out
         while it waited for a slot, and the claim just renewed it)."""
         lease = timedelta(seconds=self.settings.worker.lease_seconds)
-        async with self.db.transaction() as session:
-            claimed = await queue.claim(session, self.name, self.clock(), lease, limit)
+        claimed = await group_commit.submit(
+            self.db, queue.Claim(self.name, self.clock(), lease, limit)
+        )
         fresh = [item for item in claimed if item.delivery.id not in self._held]
         self._held.update(item.delivery.id for item in fresh)
         return fresh
@@ -196,7 +197,7 @@ class DeliveryWorker:
         recipients = [d.recipient for d in deliveries]
         signed = None
         try:
-            route = await self._agent_login_for(message) or route
+            route = await self._agent_login_for(message, group[0].login_changed) or route
             # Not kept in a local: the stored bytes are freed once the copy is built.
             data = prepare(
                 await self.blobs.read(deliveries[0].blob),
@@ -215,14 +216,14 @@ class DeliveryWorker:
             log.exception("delivering %s failed before a reply", message.id)
             return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None, route
 
-    async def _agent_login_for(self, message: Message) -> Route | None:
+    async def _agent_login_for(self, message: Message, changed: datetime | None) -> Route | None:
         """The agent's own login as a route and upstream, for mail the agent sent (their
         submissions, released originals); never for the relay's own mail to them. One
-        upstream per user, made again when their login changed."""
+        upstream per user, made again when their login changed (`changed`, read with the
+        claim)."""
         if self.logins is None or message.kind != MessageKind.SUBMITTED or not message.user_id:
             return None
         user_id = message.user_id
-        changed = await self.logins.updated_at(user_id)
         if changed is None:
             if (gone := self._login_upstreams.pop(user_id, None)) is not None:
                 self._closing(gone[1].upstream.close())
@@ -288,60 +289,47 @@ class DeliveryWorker:
         # One draw for the batch: copies deferred together stay due together, and so leave
         # in one transaction again instead of one per recipient.
         jitter = random.random()
-        events: list[journal.NewEvent | None] = []
-        async with self.db.transaction() as session:
-            for delivery in deliveries:
-                outcome = outcomes.get(delivery.recipient, Outcome("no reply for this recipient"))
-                if outcome.delivered:
-                    events.append(
-                        await queue.mark_delivered(
-                            session,
-                            delivery,
-                            self.name,
-                            now,
-                            outcome.remote_mta,
-                            signed,
-                            route=route.name,
-                        )
-                    )
-                elif delivery.id in failed:
-                    events.append(
-                        await queue.mark_bounced(
-                            session,
-                            delivery,
-                            self.name,
-                            now,
-                            failed[delivery.id].outcome.error or "",
-                            status=failed[delivery.id].status,
-                            route=route.name,
-                        )
-                    )
-                else:
-                    events.append(
-                        await queue.mark_deferred(
-                            session,
-                            delivery,
-                            self.name,
-                            now,
-                            outcome.error or "",
-                            self._next_attempt(delivery, now, jitter),
-                            route=route.name,
-                        )
-                    )
-            bounced_now = any(e is not None and e.type == DELIVERY_BOUNCED.name for e in events)
-            if bounce is not None and bounced_now:
-                queued = await enqueue(
-                    session,
-                    self.blobs,
-                    self.settings,
-                    bounce,
-                    kind=MessageKind.BOUNCE,
-                    user_id=message.user_id,
-                    now=now,
-                    bounce_of=message.id,
+        attempts = []
+        for delivery in deliveries:
+            outcome = outcomes.get(delivery.recipient, Outcome("no reply for this recipient"))
+            if outcome.delivered:
+                attempt = queue.delivered(delivery, outcome.remote_mta, signed, route=route.name)
+            elif delivery.id in failed:
+                given_up = failed[delivery.id]
+                attempt = queue.bounced(
+                    delivery, given_up.outcome.error or "", status=given_up.status, route=route.name
                 )
-                events += queued.events
-            await journal.append(session, [e for e in events if e is not None], now)
+            else:
+                next_attempt = self._next_attempt(delivery, now, jitter)
+                attempt = queue.deferred(
+                    delivery, outcome.error or "", next_attempt, route=route.name
+                )
+            attempts.append(attempt)
+        # The DSN is rendered and stored before the shared transaction; it is queued only if
+        # a copy of it really bounced here (not when another worker took the lease over).
+        dsn_mail = (
+            await prepare_own_mail(
+                self.blobs,
+                self.settings,
+                bounce,
+                kind=MessageKind.BOUNCE,
+                user_id=message.user_id,
+                now=now,
+                bounce_of=message.id,
+            )
+            if bounce is not None
+            else None
+        )
+        events = await group_commit.submit(
+            self.db,
+            queue.Settle(
+                self.name,
+                now,
+                attempts,
+                dsn_mail.rows if dsn_mail else (),
+                dsn_mail.events if dsn_mail else (),
+            ),
+        )
         if bounce is not None:
             self.signal.notify()
         for delivery, event in zip(deliveries, events, strict=False):

@@ -3,7 +3,8 @@
 ``enqueue`` renders the mail (gateway.mail.own_mail) from an address of the agent's own domain
 when that domain has a DKIM key, so delivery signs it like every outgoing copy, and queues it
 in the caller's transaction: the stored message, one delivery per recipient and the journal
-events saying so. It leaves from the null sender, so a failure never bounces back into a loop.
+events saying so (``prepare`` does the same without a session, for a group commit). It leaves
+from the null sender, so a failure never bounces back into a loop.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gateway.mail import headers, own_mail
 from gateway.outbound.queue import new_delivery
 from gateway.store.blobs import BlobStore
 from gateway.store.events import BOUNCE_QUEUED, DELIVERY_QUEUED, NewEvent
-from gateway.store.models import Delivery, Message, MessageKind, new_id
+from gateway.store.models import Base, Delivery, Message, MessageKind, new_id
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class Queued:
     message: Message
     deliveries: list[Delivery]
     events: list[NewEvent]
+
+    @property
+    def rows(self) -> list[Base]:
+        """What to insert, the message before the deliveries that refer to it."""
+        return [self.message, *self.deliveries]
 
 
 def own_sender(settings: Settings, agent: str, local_part: str | None = None) -> str:
@@ -43,6 +49,34 @@ def own_sender(settings: Settings, agent: str, local_part: str | None = None) ->
     return f"{local_part or settings.server.own_mail_sender}@{signed}"
 
 
+async def prepare(
+    blobs: BlobStore,
+    settings: Settings,
+    mail: own_mail.OwnMail,
+    *,
+    kind: MessageKind,
+    user_id: int | None,
+    now: datetime,
+    copies: Sequence[str] = (),
+    bounce_of: str | None = None,
+) -> Queued:
+    """``mail`` rendered and stored (its blob durable), with the rows and events that queue it
+    to its addressee (and ``copies``, such as the archive); nothing written to the database.
+
+    For callers that commit outside a session (the delivery worker's group commit): the
+    awaits on the blob store happen before any transaction is open. Each delivery gets one
+    event, ``delivery.queued`` (a bounce of the message ``bounce_of``: ``bounce.queued``).
+    """
+    sender = own_sender(settings, mail.to, mail.local_part)
+    raw = own_mail.render(mail, sender=sender, hostname=settings.server.hostname, now=now)
+    message = await _stored(blobs, raw, kind, user_id, now)
+    lifetime = settings.upstream.queue_lifetime
+    deliveries = [
+        new_delivery(message.id, to, message.blob, now, lifetime) for to in (mail.to, *copies)
+    ]
+    return Queued(message, deliveries, [_queued(d, bounce_of) for d in deliveries])
+
+
 async def enqueue(
     session: AsyncSession,
     blobs: BlobStore,
@@ -55,22 +89,22 @@ async def enqueue(
     copies: Sequence[str] = (),
     bounce_of: str | None = None,
 ) -> Queued:
-    """Queue ``mail`` to its addressee (and ``copies``, such as the archive) in ``session``.
-
-    Each delivery gets one event, ``delivery.queued`` (a bounce of the message ``bounce_of``:
-    ``bounce.queued``); the caller appends them with its own events.
-    """
-    sender = own_sender(settings, mail.to, mail.local_part)
-    raw = own_mail.render(mail, sender=sender, hostname=settings.server.hostname, now=now)
-    message = await _stored(blobs, raw, kind, user_id, now)
-    lifetime = settings.upstream.queue_lifetime
-    deliveries = [
-        new_delivery(message.id, to, message.blob, now, lifetime) for to in (mail.to, *copies)
-    ]
-    session.add(message)
+    """Queue ``mail`` as `prepare` does, in ``session``; the caller appends the events with
+    its own."""
+    queued = await prepare(
+        blobs,
+        settings,
+        mail,
+        kind=kind,
+        user_id=user_id,
+        now=now,
+        copies=copies,
+        bounce_of=bounce_of,
+    )
+    session.add(queued.message)
     await session.flush()  # the deliveries refer to it
-    session.add_all(deliveries)
-    return Queued(message, deliveries, [_queued(d, bounce_of) for d in deliveries])
+    session.add_all(queued.deliveries)
+    return queued
 
 
 def _queued(delivery: Delivery, bounce_of: str | None) -> NewEvent:

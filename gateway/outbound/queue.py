@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import Connection, inspect, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.store import journal
+from gateway.store import bulk, journal
 from gateway.store.events import (
     DELIVERY_BOUNCED,
     DELIVERY_DEFERRED,
@@ -25,10 +25,23 @@ from gateway.store.events import (
     DELIVERY_RETRIED,
     EventType,
 )
+from gateway.store.group_commit import Done
 from gateway.store.leases import LeasedQueue, backoff
-from gateway.store.models import Delivery, DeliveryStatus, Message, new_id
+from gateway.store.models import AgentLogin, Base, Delivery, DeliveryStatus, Message, new_id
 
-__all__ = ["LEASES", "Claimed", "QueueError", "backoff", "claim", "new_delivery"]
+__all__ = [
+    "LEASES",
+    "Attempt",
+    "Claimed",
+    "QueueError",
+    "Settle",
+    "backoff",
+    "bounced",
+    "claim",
+    "deferred",
+    "delivered",
+    "new_delivery",
+]
 
 LEASES = LeasedQueue(Delivery, DeliveryStatus.QUEUED)
 
@@ -63,24 +76,75 @@ def new_delivery(
 
 @dataclass(frozen=True)
 class Claimed:
+    """A claimed copy with its message; `login_changed`: when the sender's own upstream login
+    last changed (None without one), read with the claim so that the worker need not ask the
+    database again per group (gateway/agent_logins.py caches the opened login by it)."""
+
     delivery: Delivery
     message: Message
+    login_changed: datetime | None = None
+
+
+_DELIVERY_COLUMNS = [
+    (c, inspect(Delivery).get_property_by_column(c).key) for c in Delivery.__table__.c
+]
+_MESSAGE_COLUMNS = [
+    (c, inspect(Message).get_property_by_column(c).key) for c in Message.__table__.c
+]
 
 
 async def claim(
     session: AsyncSession, worker: str, now: datetime, lease: timedelta, limit: int
 ) -> list[Claimed]:
-    ids = await LEASES.claim(session, worker, now, lease, limit)
-    if not ids:
-        return []
-    rows = await session.execute(
-        select(Delivery, Message)
-        .join(Message, Message.id == Delivery.message_id)
-        .where(Delivery.id.in_(ids))
-        .order_by(Delivery.message_id, Delivery.id)
-        .execution_options(populate_existing=True)
+    """Lease up to `limit` due copies to `worker`, each with its message."""
+    return await session.run_sync(
+        lambda sync: Claim(worker, now, lease, limit)(sync.connection()).result
     )
-    return [Claimed(delivery, message) for delivery, message in rows]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The claim as a unit of the group commit (gateway/store/group_commit.py): the lease is
+    written in the transaction that also carries intake's new copies, so claiming costs no
+    commit of its own.
+
+    Read with Core, not the ORM's identity map: the rows become plain (transient) objects,
+    which costs a fraction of loading them into a session.
+    """
+
+    worker: str
+    now: datetime
+    lease: timedelta
+    limit: int
+
+    def __call__(self, connection: Connection) -> Done[list[Claimed]]:
+        ids = LEASES.claim_rows(connection, self.worker, self.now, self.lease, self.limit)
+        if not ids:
+            return Done([])
+        rows = connection.execute(
+            select(
+                *(column for column, _key in _DELIVERY_COLUMNS),
+                *(column for column, _key in _MESSAGE_COLUMNS),
+                AgentLogin.updated_at,
+            )
+            .select_from(Delivery.__table__)
+            .join(Message.__table__, Message.id == Delivery.message_id)
+            .outerjoin(AgentLogin, AgentLogin.user_id == Message.user_id)
+            .where(Delivery.id.in_(ids))
+            .order_by(Delivery.message_id, Delivery.id)
+        )
+        split = len(_DELIVERY_COLUMNS)
+        claimed = []
+        messages: dict[str, Message] = {}
+        for row in rows:
+            delivery = Delivery(**{key: row[i] for i, (_c, key) in enumerate(_DELIVERY_COLUMNS)})
+            message = messages.get(delivery.message_id)
+            if message is None:
+                message = messages[delivery.message_id] = Message(
+                    **{key: row[split + i] for i, (_c, key) in enumerate(_MESSAGE_COLUMNS)}
+                )
+            claimed.append(Claimed(delivery, message, row[-1]))
+        return Done(claimed)
 
 
 async def renew(
@@ -98,30 +162,127 @@ async def release(session: AsyncSession, ids: Collection[str], worker: str) -> N
     await LEASES.release(session, ids, worker)
 
 
-async def _settle(
-    session: AsyncSession,
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt's outcome to record: the copy's new `values` and the journal event (`event`
+    with `data`) that says so, written only if the worker still holds the lease."""
+
+    delivery: Delivery
+    event: EventType[Any]
+    data: dict[str, object]
+    values: dict[str, object]
+
+    def new_event(self) -> journal.NewEvent:
+        return self.event.new(
+            self.data, message_id=self.delivery.message_id, delivery_id=self.delivery.id
+        )
+
+
+def _attempt(
     delivery: Delivery,
-    worker: str,
-    now: datetime,
     event: EventType[Any],
     data: dict[str, object],
     route: str | None,
     **values: object,
-) -> journal.NewEvent | None:
-    """Record one attempt's outcome if `worker` still holds the lease; the journal event for
-    it, or None when another worker took over. `route`: the [[routes]] entry it took."""
+) -> Attempt:
+    """`route`: the [[routes]] entry the attempt took."""
     attempt = delivery.attempts + 1
     taken = {"route": route} if route is not None else {}
-    settled = await LEASES.settle(
-        session, delivery.id, worker, updated_at=now, attempts=attempt, **taken, **values
-    )
-    if not settled:
-        return None
-    return event.new(
+    return Attempt(
+        delivery,
+        event,
         {"recipient": delivery.recipient, "attempt": attempt, **data, **taken},
-        message_id=delivery.message_id,
-        delivery_id=delivery.id,
+        {"attempts": attempt, **taken, **values},
     )
+
+
+def delivered(
+    delivery: Delivery,
+    remote: str | None,
+    signed_blob: str | None = None,
+    *,
+    route: str | None = None,
+) -> Attempt:
+    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them; `route`:
+    how it left when not the default way ("agent-login")."""
+    kept = {"signed_blob": signed_blob} if signed_blob and delivery.keep_signed else {}
+    return _attempt(
+        delivery,
+        DELIVERY_DELIVERED,
+        {"remote": remote},
+        route,
+        status=DeliveryStatus.DELIVERED,
+        last_error=None,
+        **kept,
+    )
+
+
+def deferred(
+    delivery: Delivery, error: str, next_attempt: datetime, *, route: str | None = None
+) -> Attempt:
+    return _attempt(
+        delivery,
+        DELIVERY_DEFERRED,
+        {"error": error, "next_attempt": next_attempt.isoformat()},
+        route,
+        last_error=error,
+        next_attempt_at=next_attempt,
+    )
+
+
+def bounced(delivery: Delivery, error: str, *, status: str, route: str | None = None) -> Attempt:
+    """Given up for good; ``status`` is the final one the DSN reports (4.4.7 once expired)."""
+    return _attempt(
+        delivery,
+        DELIVERY_BOUNCED,
+        {"error": error, "status": status},
+        route,
+        status=DeliveryStatus.BOUNCED,
+        last_error=error,
+    )
+
+
+@dataclass(frozen=True)
+class Settle:
+    """The outcomes of one group of copies, as a unit of the group commit
+    (gateway/store/group_commit.py): one UPDATE per distinct outcome (usually one for the
+    group), the journal events of the copies whose lease `worker` still held, and
+    `bounce_rows` (a DSN's message and delivery) with `bounce_events` when one of them
+    bounced. Its result: per attempt, its event, or None where another worker took over."""
+
+    worker: str
+    now: datetime
+    attempts: Sequence[Attempt]
+    bounce_rows: Sequence[Base] = ()
+    bounce_events: Sequence[journal.NewEvent] = ()
+
+    def __call__(self, connection: Connection) -> Done[list[journal.NewEvent | None]]:
+        alike: dict[tuple[tuple[str, object], ...], list[str]] = {}
+        for attempt in self.attempts:
+            key = tuple(sorted(attempt.values.items()))
+            alike.setdefault(key, []).append(attempt.delivery.id)
+        settled: set[str] = set()
+        for key, ids in alike.items():
+            settled |= LEASES.settle_rows(
+                connection, ids, self.worker, updated_at=self.now, **dict(key)
+            )
+        outcomes = [a.new_event() if a.delivery.id in settled else None for a in self.attempts]
+        recorded = [event for event in outcomes if event is not None]
+        if self.bounce_rows and any(e.type == DELIVERY_BOUNCED.name for e in recorded):
+            bulk.insert_rows(connection, self.bounce_rows)
+            recorded += self.bounce_events
+        return Done(outcomes, recorded, self.now)
+
+
+async def _settle(
+    session: AsyncSession, worker: str, now: datetime, attempt: Attempt
+) -> journal.NewEvent | None:
+    """Record one attempt's outcome in `session` if `worker` still holds the lease; the
+    journal event for it, or None when another worker took over."""
+    settled = await LEASES.settle(
+        session, attempt.delivery.id, worker, updated_at=now, **attempt.values
+    )
+    return attempt.new_event() if settled else None
 
 
 async def mark_delivered(
@@ -134,20 +295,8 @@ async def mark_delivered(
     *,
     route: str | None = None,
 ) -> journal.NewEvent | None:
-    """`signed_blob`: the stored bytes as delivered, for a copy that keeps them; `route`:
-    how it left when not the default way ("agent-login")."""
-    kept = {"signed_blob": signed_blob} if signed_blob and delivery.keep_signed else {}
     return await _settle(
-        session,
-        delivery,
-        worker,
-        now,
-        DELIVERY_DELIVERED,
-        {"remote": remote},
-        route,
-        status=DeliveryStatus.DELIVERED,
-        last_error=None,
-        **kept,
+        session, worker, now, delivered(delivery, remote, signed_blob, route=route)
     )
 
 
@@ -161,17 +310,7 @@ async def mark_deferred(
     *,
     route: str | None = None,
 ) -> journal.NewEvent | None:
-    return await _settle(
-        session,
-        delivery,
-        worker,
-        now,
-        DELIVERY_DEFERRED,
-        {"error": error, "next_attempt": next_attempt.isoformat()},
-        route,
-        last_error=error,
-        next_attempt_at=next_attempt,
-    )
+    return await _settle(session, worker, now, deferred(delivery, error, next_attempt, route=route))
 
 
 async def mark_bounced(
@@ -184,18 +323,7 @@ async def mark_bounced(
     status: str,
     route: str | None = None,
 ) -> journal.NewEvent | None:
-    """Given up for good; ``status`` is the final one the DSN reports (4.4.7 once expired)."""
-    return await _settle(
-        session,
-        delivery,
-        worker,
-        now,
-        DELIVERY_BOUNCED,
-        {"error": error, "status": status},
-        route,
-        status=DeliveryStatus.BOUNCED,
-        last_error=error,
-    )
+    return await _settle(session, worker, now, bounced(delivery, error, status=status, route=route))
 
 
 async def list_deliveries(

@@ -8,7 +8,7 @@ upgrading a read lock.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,9 @@ class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # Run by `close` before the engine goes: work still queued for a commit (the group
+        # commit's writers, gateway/store/group_commit.py) is finished, not dropped.
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
     def connect(cls, url: str, *, schema: str | None = None) -> Database:
@@ -122,6 +125,9 @@ class Database:
         return current, set(script.get_heads())
 
     async def close(self) -> None:
+        hooks, self.on_close = self.on_close, []
+        for hook in hooks:
+            await hook()
         await self.engine.dispose()
 
 

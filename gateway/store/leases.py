@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, Connection, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 
@@ -58,29 +58,41 @@ class LeasedQueue:
     ) -> list[str]:
         """Lease up to `limit` due, unleased rows (oldest due first, meeting `conditions`) to
         `worker`; their ids."""
-        t = self.table
+        return await session.run_sync(
+            lambda sync: self.claim_rows(sync.connection(), worker, now, lease, limit, *conditions)
+        )
+
+    def claim_rows(
+        self,
+        connection: Connection,
+        worker: str,
+        now: datetime,
+        lease: timedelta,
+        limit: int,
+        *conditions: ColumnElement[bool],
+    ) -> list[str]:
+        """`claim` on a plain connection, for a group commit's unit
+        (gateway/store/group_commit.py)."""
+        t = self.table.__table__
         due = (
-            select(t.id)
+            select(t.c.id)
             .where(
-                t.status == self.queued,
-                t.next_attempt_at <= now,
-                or_(t.lease_until.is_(None), t.lease_until < now),
+                t.c.status == self.queued,
+                t.c.next_attempt_at <= now,
+                or_(t.c.lease_until.is_(None), t.c.lease_until < now),
                 *conditions,
             )
-            .order_by(t.next_attempt_at)
+            .order_by(t.c.next_attempt_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        ids = (
-            await session.scalars(
-                update(t)
-                .where(t.id.in_(due.scalar_subquery()))
-                .values(lease_until=now + lease, leased_by=worker)
-                .returning(t.id),
-                execution_options={"synchronize_session": False},
-            )
-        ).all()
-        return list(ids)
+        ids = connection.execute(
+            update(t)
+            .where(t.c.id.in_(due.scalar_subquery()))
+            .values(lease_until=now + lease, leased_by=worker)
+            .returning(t.c.id)
+        )
+        return list(ids.scalars().all())
 
     async def renew(
         self,
@@ -146,3 +158,19 @@ class LeasedQueue:
             execution_options={"synchronize_session": False},
         )
         return set(settled.all())
+
+    def settle_rows(
+        self, connection: Connection, ids: Collection[str], worker: str, **values: object
+    ) -> set[str]:
+        """`settle_many` in Core on a plain connection, for a group commit's unit
+        (gateway/store/group_commit.py): one UPDATE ... IN; the ids settled."""
+        if not ids:
+            return set()
+        t = self.table.__table__
+        settled = connection.execute(
+            update(t)
+            .where(t.c.id.in_(list(ids)), t.c.leased_by == worker, t.c.status == self.queued)
+            .values(lease_until=None, leased_by=None, **values)
+            .returning(t.c.id)
+        )
+        return set(settled.scalars().all())

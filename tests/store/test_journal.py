@@ -108,20 +108,20 @@ async def test_state_and_its_events_commit_or_roll_back_together(
 ) -> None:
     db, sink = relay.relay.db, relay.sink
     before = await all_events(db)
-    real_append = journal.append
+    real_append_rows = journal.append_rows
     failed = asyncio.Event()
 
-    async def append_failing_on(
-        types: set[str], session: Any, events: Sequence[journal.NewEvent], now: Any = None
-    ) -> list[Event]:
-        if any(e.type in types for e in events):
+    def append_rows_failing_on(
+        types: set[str], connection: Any, batches: Sequence[tuple[Sequence[Any], Any]]
+    ) -> int:
+        if any(e.type in types for news, _at in batches for e in news):
             failed.set()
             raise RuntimeError("the journal is unavailable")
-        return await real_append(session, events, now)
+        return real_append_rows(connection, batches)
 
     # Intake: without its journal events the message is not accepted at all.
     monkeypatch.setattr(
-        journal, "append", lambda *a, **k: append_failing_on({"message.received"}, *a, **k)
+        journal, "append_rows", lambda *a: append_rows_failing_on({"message.received"}, *a)
     )
     with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
         await relay.send(make_message(to="p@example.com"))
@@ -134,7 +134,7 @@ async def test_state_and_its_events_commit_or_roll_back_together(
     # recorded either; the row stays queued under the worker's lease (sent again later).
     failed.clear()
     monkeypatch.setattr(
-        journal, "append", lambda *a, **k: append_failing_on({"delivery.delivered"}, *a, **k)
+        journal, "append_rows", lambda *a: append_rows_failing_on({"delivery.delivered"}, *a)
     )
     await relay.send(make_message(to="p@example.com"))
     await sink.expect(1)

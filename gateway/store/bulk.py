@@ -1,0 +1,50 @@
+"""Insert ORM-built rows with SQLAlchemy Core: one executemany per table, parents first.
+
+Intake builds its rows as mapped objects (they read clearly and the materializers share
+them), but the ORM's unit of work costs milliseconds of CPU per message; an executemany of
+the same values costs a tenth of that. The objects end up as a flush would leave them: every
+column that has a Python-side default gets its value, so callers can read `row.id` or
+`row.kind` afterwards. Objects are not attached to any session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Table, insert, inspect
+
+from gateway.store.models import Base
+
+_ORDER = {table: index for index, table in enumerate(Base.metadata.sorted_tables)}
+
+
+def insert_rows(connection: Connection, rows: Sequence[Base]) -> None:
+    """INSERT every row in `connection`'s transaction; tables in dependency order (parents
+    before the rows that refer to them), rows of one table in the order given."""
+    batches: dict[tuple[Table, tuple[str, ...]], list[dict[str, Any]]] = {}
+    for row in rows:
+        table, values = _values(row)
+        batches.setdefault((table, tuple(values)), []).append(values)
+    for (table, _keys), batch in sorted(batches.items(), key=lambda item: _ORDER[item[0][0]]):
+        connection.execute(insert(table), batch)
+
+
+def _values(row: Base) -> tuple[Table, dict[str, Any]]:
+    """The row's table and its column values, Python-side defaults filled in on the object."""
+    mapper = inspect(row).mapper
+    table = mapper.local_table
+    assert isinstance(table, Table)
+    values: dict[str, Any] = {}
+    state = row.__dict__
+    for prop in mapper.column_attrs:
+        column = prop.columns[0]
+        if state.get(prop.key) is None:
+            # As a flush does: None leaves the column to its default, Python's or the server's.
+            default = column.default
+            if default is None or not (default.is_scalar or default.is_callable):
+                continue
+            arg = default.arg
+            setattr(row, prop.key, arg(None) if default.is_callable else arg)
+        values[column.key] = state[prop.key]
+    return table, values

@@ -1,0 +1,213 @@
+"""Group commit: one writer per database and event loop commits the work of many callers in
+one short transaction, with one fsync.
+
+A transaction per message cost a commit (an fsync on SQLite, a round trip and a WAL flush on
+PostgreSQL) and the lock on the journal's head for as long as the caller's awaits took. Here a
+caller hands in a *unit*: a plain function that does its writes on the connection it is given
+(SQLAlchemy Core, no awaits) and returns `Done(result, events, at)`. The writer takes whatever
+units are queued (up to `BATCH`), runs them one after another in one transaction, appends all
+their journal events with one read of the chain's head (`journal.append_rows`), commits, and
+then answers each caller. Nothing awaits inside the open transaction but the database call
+itself, so the transaction is as short as the SQL.
+
+A unit that raises fails only itself: when a batch fails, the writer runs it again with a
+SAVEPOINT around each unit, so the others commit and the bad one gets its own exception.
+`Database.close()` lets the writers finish what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Connection
+
+from gateway.store import bulk, events, journal
+from gateway.store.db import Database
+from gateway.store.events import NewEvent
+from gateway.store.models import Base, utcnow
+
+__all__ = ["BATCH", "Done", "Unit", "insert", "submit"]
+
+log = logging.getLogger(__name__)
+
+BATCH = 200  # units per transaction: enough to share a commit, short enough to keep it brief
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Done(Generic[T]):
+    """What a unit did: its caller's `result`, and the journal `events` it adds, at `at`
+    (the commit's time when None)."""
+
+    result: T
+    events: Sequence[NewEvent] = ()
+    at: datetime | None = None
+
+
+Unit = Callable[[Connection], Done[T]]
+
+
+async def submit(db: Database, unit: Unit[T]) -> T:
+    """Run `unit` in the next group transaction; its result once that has committed.
+
+    Raises what the unit raised (nothing of it is committed then), or the error of the
+    commit itself.
+    """
+    return await _writer(db).put(unit)  # type: ignore[no-any-return]
+
+
+async def insert(
+    db: Database, rows: Sequence[Base], new_events: Sequence[NewEvent], at: datetime
+) -> None:
+    """INSERT `rows` (parents first, gateway/store/bulk.py) and journal `new_events`, durably."""
+
+    def unit(connection: Connection) -> Done[None]:
+        bulk.insert_rows(connection, rows)
+        return Done(None, new_events, at)
+
+    await submit(db, unit)
+
+
+@dataclass(frozen=True)
+class _Item:
+    unit: Unit[Any]
+    future: asyncio.Future[Any]
+
+
+class _Writer:
+    """The one writer of a database on one event loop."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self.closed = False
+        self.task = asyncio.create_task(self._run(), name="group-commit")
+
+    def put(self, unit: Unit[Any]) -> asyncio.Future[Any]:
+        if self.closed:
+            raise RuntimeError("the database is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(_Item(unit, future))
+        return future
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop."""
+        self.closed = True
+        self.queue.put_nowait(None)
+        await self.task
+
+    async def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self.queue.get()
+            batch: list[_Item] = []
+            item = first
+            while True:
+                if item is None:
+                    stopping = True
+                elif not item.future.cancelled():
+                    batch.append(item)
+                if len(batch) >= BATCH or self.queue.empty():
+                    break
+                item = self.queue.get_nowait()
+            if not batch:
+                continue
+            try:
+                await self._commit(batch)
+            except BaseException as exc:  # cancelled: no caller may wait forever
+                _fail(batch, exc if isinstance(exc, Exception) else RuntimeError("stopped"))
+                raise
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        units = [item.unit for item in batch]
+        try:
+            async with self.db.engine.begin() as connection:
+                results = await connection.run_sync(_all_at_once, units)
+        except Exception as exc:
+            if len(batch) == 1:
+                _fail(batch, exc)
+                return
+            log.info("a group of %d failed (%s); each unit again on its own", len(batch), exc)
+            try:
+                async with self.db.engine.begin() as connection:
+                    results = await connection.run_sync(_each_on_its_own, units)
+            except Exception as again:
+                _fail(batch, again)
+                return
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+
+def _all_at_once(connection: Connection, units: Sequence[Unit[Any]]) -> list[Any]:
+    """The fast path: every unit, then every event, no savepoints."""
+    now = utcnow()
+    done = [unit(connection) for unit in units]
+    journal.append_rows(connection, [(d.events, d.at or now) for d in done])
+    return [d.result for d in done]
+
+
+def _each_on_its_own(connection: Connection, units: Sequence[Unit[Any]]) -> list[Any]:
+    """After a failed batch: each unit in a SAVEPOINT, so that a bad one is rolled back alone
+    and answered with its own exception."""
+    now = utcnow()
+    results: list[Any] = []
+    kept: list[Done[Any]] = []
+    for unit in units:
+        savepoint = connection.begin_nested()
+        try:
+            done = unit(connection)
+            for new in done.events:
+                events.check(new)
+        except Exception as exc:
+            savepoint.rollback()
+            results.append(exc)
+            continue
+        savepoint.commit()
+        kept.append(done)
+        results.append(done.result)
+    journal.append_rows(connection, [(d.events, d.at or now) for d in kept])
+    return results
+
+
+def _fail(batch: Sequence[_Item], exc: Exception) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+
+_writers: weakref.WeakKeyDictionary[Database, dict[asyncio.AbstractEventLoop, _Writer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _writer(db: Database) -> _Writer:
+    loop = asyncio.get_running_loop()
+    per_loop = _writers.get(db)
+    if per_loop is None:
+        per_loop = _writers[db] = {}
+        db.on_close.append(lambda: _close(db))
+    writer = per_loop.get(loop)
+    if writer is None or writer.task.done():
+        writer = per_loop[loop] = _Writer(db)
+    return writer
+
+
+async def _close(db: Database) -> None:
+    """`Database.close`'s hook: drain this loop's writer; writers of loops gone are dropped."""
+    per_loop = _writers.pop(db, {})
+    loop = asyncio.get_running_loop()
+    writer = per_loop.get(loop)
+    if writer is not None and not writer.task.done():
+        await writer.close()
