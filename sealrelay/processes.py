@@ -63,7 +63,7 @@ class Backoff:
     stable: float = 60.0
 
     def delay(self, failures: int) -> float:
-        return min(self.cap, self.first * 2.0 ** max(0, failures - 1))
+        return min(self.cap, self.first * 2.0 ** min(64, max(0, failures - 1)))
 
 
 @dataclass
@@ -131,14 +131,12 @@ class Supervisor:
         while True:
             now = self.clock()
             timeout = self._next_timeout(now, stop_deadline)
-            for key, _ in selector.select(timeout):
-                if key.fd == ready_r:
-                    self._read_ready(ready_r)
-                else:
-                    for signum in _drain(wake_r):
-                        if signum in STOP_SIGNALS and not self._stopping:
-                            log.info("supervisor: %s, stopping the processes", _name(signum))
-                            stop_deadline = self._stop_children()
+            selector.select(timeout)
+            self._read_ready(ready_r)  # before reaping: a child may be ready, then die
+            for signum in _drain(wake_r):
+                if signum in STOP_SIGNALS and not self._stopping:
+                    log.info("supervisor: %s, stopping the processes", _name(signum))
+                    stop_deadline = self._stop_children()
             for slot, status in self._reap():
                 problem = self._died(slot, status)
                 if problem is not None and failed is None and not self._stopping:

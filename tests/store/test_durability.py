@@ -70,6 +70,8 @@ class RelayProcess:
     web_port: int = field(default_factory=free_port)
     process: asyncio.subprocess.Process | None = None
     starts: int = 0
+    serve_args: tuple[str, ...] = ()  # e.g. ("--processes", "2")
+    extra_config: str = ""  # TOML appended to the config (more sections)
 
     @property
     def config(self) -> Path:
@@ -106,7 +108,8 @@ path = "{self.directory / "blobs"}"
 lease_seconds = 2
 poll_seconds = 0.2
 """
-            + LETTER_TOML,
+            + LETTER_TOML
+            + self.extra_config,
             encoding="utf-8",
         )
 
@@ -136,6 +139,7 @@ poll_seconds = 0.2
                 "serve",
                 "--config",
                 str(self.config),
+                *self.serve_args,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 env=child_environment(),
