@@ -10,7 +10,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import psutil
@@ -58,8 +58,11 @@ class Tree:
         return (await self.process.stderr.read()).decode()
 
 
+StartTree = Callable[[str, int], Awaitable[Tree]]
+
+
 @pytest.fixture
-async def start_tree() -> AsyncIterator[object]:
+async def start_tree() -> AsyncIterator[StartTree]:
     trees: list[Tree] = []
 
     async def start(behaviour: str, count: int) -> Tree:
@@ -86,13 +89,13 @@ async def start_tree() -> AsyncIterator[object]:
 def gone(pid: int) -> bool:
     """The process has ended (a zombie not yet reaped by its parent counts as ended)."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
 
-async def test_sigterm_stops_every_child_and_exits_0(start_tree: object) -> None:
-    tree: Tree = await start_tree("serve", 3)  # type: ignore[operator]
+async def test_sigterm_stops_every_child_and_exits_0(start_tree: StartTree) -> None:
+    tree = await start_tree("serve", 3)
     pids = await tree.ready(3)
     assert sorted(pids) == [0, 1, 2]
     assert set(pids.values()) == {c.pid for c in psutil.Process(tree.process.pid).children()}
@@ -105,8 +108,8 @@ async def test_sigterm_stops_every_child_and_exits_0(start_tree: object) -> None
     assert "all processes stopped" in await tree.stderr()
 
 
-async def test_a_child_killed_is_restarted_in_its_place(start_tree: object) -> None:
-    tree: Tree = await start_tree("serve", 2)  # type: ignore[operator]
+async def test_a_child_killed_is_restarted_in_its_place(start_tree: StartTree) -> None:
+    tree = await start_tree("serve", 2)
     pids = await tree.ready(2)
     os.kill(pids[1], signal.SIGKILL)
     again = await tree.ready(1)
@@ -126,8 +129,10 @@ async def test_a_child_killed_is_restarted_in_its_place(start_tree: object) -> N
     assert "process 1 was killed by SIGKILL; restarting it in 0.2 s" in log  # doubled
 
 
-async def test_a_child_dying_before_it_is_ready_stops_all_and_exits_1(start_tree: object) -> None:
-    tree: Tree = await start_tree("fail-at-start", 2)  # type: ignore[operator]
+async def test_a_child_dying_before_it_is_ready_stops_all_and_exits_1(
+    start_tree: StartTree,
+) -> None:
+    tree = await start_tree("fail-at-start", 2)
     failed = " ".join(await tree.line("failed:"))
     assert "process 1 exited with status 3 before it was ready" in failed
     assert "Not restarting" in failed
@@ -138,9 +143,9 @@ async def test_a_child_dying_before_it_is_ready_stops_all_and_exits_1(start_tree
 
 
 async def test_children_that_ignore_sigterm_are_killed_after_the_stop_timeout(
-    start_tree: object,
+    start_tree: StartTree,
 ) -> None:
-    tree: Tree = await start_tree("stubborn", 2)  # type: ignore[operator]
+    tree = await start_tree("stubborn", 2)
     pids = await tree.ready(2)
     tree.process.send_signal(signal.SIGTERM)
     assert await tree.exit_code() == 0
@@ -151,8 +156,8 @@ async def test_children_that_ignore_sigterm_are_killed_after_the_stop_timeout(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-async def test_children_end_when_the_supervisor_is_killed(start_tree: object) -> None:
-    tree: Tree = await start_tree("serve", 2)  # type: ignore[operator]
+async def test_children_end_when_the_supervisor_is_killed(start_tree: StartTree) -> None:
+    tree = await start_tree("serve", 2)
     pids = await tree.ready(2)
     tree.process.kill()
     await tree.exit_code()
