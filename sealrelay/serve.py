@@ -1,6 +1,7 @@
 """The one composition root: build every part from the settings and run the chosen roles.
 
-`sealrelay serve` runs all roles in one process; `--roles` splits them across instances.
+`sealrelay serve` runs all roles in one process; `--roles` splits them across instances;
+`--processes N` runs `Relay.prepare` once and N relays in forked processes (sealrelay/processes.py).
 The web package is imported here, inside `_start_web`, so `gateway` never depends on `web` at
 module level.
 """

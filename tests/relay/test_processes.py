@@ -23,8 +23,10 @@ from sqlalchemy import func, select
 
 from gateway.store.db import Database
 from gateway.store.models import Consent, Event
+from gateway.store.sweeper import SweepReport
+from sealrelay.serve import Relay
 from tests.cli_runner import sealrelay
-from tests.conftest import AGENT, PASSWORD
+from tests.conftest import AGENT, PASSWORD, relay_settings
 from tests.letter_site import BIG_PDF, PROSPECT, REQUIRED, offer, token_in
 from tests.store.test_durability import RelayProcess, burst_message, message_ids
 from tests.support import PERSON_UA, Sink, free_port, serve_config
@@ -265,3 +267,40 @@ async def test_the_number_of_processes_is_bounded(tmp_path: Path) -> None:
     run = await sealrelay("serve", "--config", str(config), "--processes", "0")
     assert run.code == 2
     assert "--processes" in run.err and "0 is not in the range 1<=x<=64" in run.err
+
+
+async def test_only_the_first_process_sweeps_and_sends_notices(
+    database: Database, tmp_path: Path, sink: Sink
+) -> None:
+    """What process 0 runs and the others do not, in-process: the supervisor's children
+    differ only in `singletons`."""
+    rounds: list[str] = []
+    swept = asyncio.Event()
+
+    def recording(relay: Relay, name: str) -> None:
+        async def sweep(now: object) -> SweepReport:
+            rounds.append(f"{name} sweep")
+            swept.set()
+            return SweepReport(0, 0, 0)
+
+        async def notices(stop: asyncio.Event) -> None:
+            rounds.append(f"{name} notices")
+
+        relay.sweeper = sweep  # type: ignore[assignment]
+        relay.notices.run = notices  # type: ignore[method-assign]
+
+    settings = relay_settings(tmp_path, sink.port)
+    others = Relay(settings, roles=["worker"], db=database)
+    first = Relay(settings, roles=["worker"], db=database)
+    recording(others, "other")
+    recording(first, "first")
+    assert await first.prepare()
+    try:
+        await others.start_roles(singletons=False)  # its tasks run before the first's
+        await first.start_roles(singletons=True)
+        await asyncio.wait_for(swept.wait(), TIMEOUT)
+        assert sorted(rounds) == ["first notices", "first sweep"]
+    finally:
+        others.request_stop()
+        await asyncio.gather(*others._tasks, return_exceptions=True)
+        await first.stop()
