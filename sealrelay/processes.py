@@ -73,7 +73,6 @@ class Slot:
     index: int
     pid: int | None = None
     started: float = 0.0
-    ready: bool = False
     ever_ready: bool = False
     failures: int = 0
     restart_at: float | None = None
@@ -100,7 +99,7 @@ class Supervisor:
         wake_r, wake_w = os.pipe()
         for fd in (ready_r, wake_r, wake_w):
             os.set_blocking(fd, False)
-        previous = {s: signal.signal(s, _note) for s in (signal.SIGCHLD, *STOP_SIGNALS)}
+        previous = {s: signal.signal(s, _note) for s in HANDLED}
         previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         own = (ready_r, ready_w, wake_r, wake_w)
         try:
@@ -170,10 +169,13 @@ class Supervisor:
         parent = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
+        # held until the child has its own handlers: it must not write to our wakeup pipe
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         pid = os.fork()
         if pid == 0:
             _child(slot.index, self.child, parent, ready_w, own)
-        slot.pid, slot.started, slot.ready, slot.restart_at = pid, self.clock(), False, None
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        slot.pid, slot.started, slot.restart_at = pid, self.clock(), None
         log.info("supervisor: process %d started (pid %d)", slot.index, pid)
 
     def _read_ready(self, ready_r: int) -> None:
@@ -184,7 +186,7 @@ class Supervisor:
         for (pid,) in _PID.iter_unpack(data[: len(data) - len(data) % _PID.size]):
             for slot in self.slots:
                 if slot.pid == pid:
-                    slot.ready = slot.ever_ready = True
+                    slot.ever_ready = True
 
     def _reap(self) -> list[tuple[Slot, int]]:
         """The children that have ended since the last look, with their wait status."""
@@ -243,6 +245,7 @@ class Supervisor:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED = (signal.SIGCHLD, *STOP_SIGNALS)
 
 
 def serve_processes(settings: Settings, roles: Collection[str], count: int) -> None:
@@ -322,8 +325,9 @@ def _child(index: int, main: ChildMain, parent: int, ready_w: int, own: tuple[in
     status = 1
     try:
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, *STOP_SIGNALS):
+        for signum in HANDLED:
             signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         for fd in own:
             if fd != ready_w:
                 os.close(fd)
