@@ -282,6 +282,9 @@ def serve_processes(settings: Settings, roles: Collection[str], count: int) -> N
         return 0
 
     log.info("supervisor: starting %d processes; process 0 also sweeps and sends notices", count)
+    # What the start-up made stays shared with the children: collections in them would
+    # otherwise write to every inherited object and copy its page.
+    gc.freeze()
     Supervisor(count, child).run()
 
 
