@@ -72,6 +72,7 @@ class RelayProcess:
     starts: int = 0
     serve_args: tuple[str, ...] = ()  # e.g. ("--processes", "2")
     extra_config: str = ""  # TOML appended to the config (more sections)
+    lease_seconds: float = 2  # short: a killed relay's claims return soon
 
     @property
     def config(self) -> Path:
@@ -105,7 +106,7 @@ url = "{self.database_url}"
 path = "{self.directory / "blobs"}"
 
 [worker]
-lease_seconds = 2
+lease_seconds = {self.lease_seconds}
 poll_seconds = 0.2
 """
             + LETTER_TOML
