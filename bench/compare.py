@@ -353,6 +353,7 @@ async def start_sealrelay(
     stack: contextlib.AsyncExitStack,
     *,
     links: bool = False,
+    processes: int = 1,
 ) -> Relay:
     """bench/relay.py's relay (DKIM for the sender domain, SQLite in its temp directory or a
     fresh PostgreSQL database, dropped afterwards) plus a trusted listener for smtp-source."""
@@ -370,6 +371,7 @@ async def start_sealrelay(
             "serve",
             "--config",
             str(config),
+            *(("--processes", str(processes)) if processes > 1 and backend != "sqlite" else ()),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
@@ -644,7 +646,9 @@ async def download_pair(args: argparse.Namespace, backend: str) -> dict[str, lis
     sink_port = free_port()
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(keeping_sink(sink_port, inbox, loop))
-        relay = await start_sealrelay(backend, sink_port, size * 2, stack, links=True)
+        relay = await start_sealrelay(
+            backend, sink_port, size * 2, stack, links=True, processes=args.processes
+        )
         attachment = make_attachment(size)
         sha256 = hashlib.sha256(attachment).hexdigest()
         message_id = f"<compare-{secrets.token_hex(4)}@{DOMAIN}>"
@@ -805,7 +809,9 @@ async def compare_mail(
         largest = max(args.size, args.big_size if "big" in workloads else 0)
         servers = [await start_postfix(directory, sink.port, stack)]
         for backend in args.backends:
-            relay = await start_sealrelay(backend, sink.port, largest, stack)
+            relay = await start_sealrelay(
+                backend, sink.port, largest, stack, processes=args.processes
+            )
             servers.append(
                 Server(relay.name, relay.trusted_port, relay.process.pid, relay.database_port)
             )
@@ -898,6 +904,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--reuse-connections",
         action="store_true",
         help="smtp-source -d: many messages per connection (default: one, as smtp-source does)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="sealrelay serve --processes N on PostgreSQL (SQLite keeps 1: one writer)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every run here")
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from multiprocessing.connection import Connection
@@ -489,6 +489,7 @@ async def bench(args: argparse.Namespace) -> int:
                     "serve",
                     "--config",
                     str(config),
+                    *(("--processes", str(args.processes)) if args.processes > 1 else ()),
                     stdout=out,
                     stderr=asyncio.subprocess.STDOUT,
                     env=child_environment(),
@@ -520,10 +521,11 @@ async def measure(
     smtp_port, web_port = ports
     load_at_start = round(os.getloadavg()[0], 2)
     await wait_ready(relay, web_port, log)
-    start_rss = psutil.Process(relay.pid).memory_info().rss
+    pids = await relay_pids(relay.pid, args.processes, smtp_port)
+    start_rss = sum(psutil.Process(pid).memory_info().rss for pid in pids)
     clients = await open_sessions(args.sessions, smtp_port)
-    login_hwm = vm_hwm_kib(relay.pid)
-    was_reset = reset_peak(relay.pid)
+    login_hwm = total_kib(vm_hwm_kib(pid) for pid in pids)
+    was_reset = all([reset_peak(pid) for pid in pids])
     sampler = RssSampler(relay.pid)
     sampler.start()
 
@@ -534,8 +536,8 @@ async def measure(
         await asyncio.wait_for(tally.done.wait(), args.timeout)
     await asyncio.sleep(0.5)  # late duplicates, if any, still count
     await sampler.stop()
-    traffic_hwm = vm_hwm_kib(relay.pid)
-    relay_cpu = sum(psutil.Process(relay.pid).cpu_times()[:2])
+    traffic_hwm = total_kib(vm_hwm_kib(pid) for pid in pids)
+    relay_cpu = sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
     sink_cpu = sum(psutil.Process(sink_pid).cpu_times()[:2])
     own_cpu = sum(os.times()[:2])
 
@@ -548,6 +550,7 @@ async def measure(
         "size": args.size,
         "sessions": args.sessions,
         "links": args.links,
+        "processes": args.processes,
         "accepted": len(results.accepted),
         "refused": len(results.refused),
         "delivered": len(tally.wanted & tally.copies.keys()),
@@ -576,6 +579,35 @@ async def measure(
     return 1 if lost or results.refused else 0
 
 
+async def relay_pids(pid: int, processes: int, smtp_port: int) -> list[int]:
+    """The relay's processes: the one started, and with --processes its children once each
+    listens on the SMTP port (the figures sum over them)."""
+    if processes == 1:
+        return [pid]
+    deadline = time.monotonic() + 30
+    while True:
+        children = [child.pid for child in psutil.Process(pid).children()]
+        listening = [c for c in children if listens(c, smtp_port)]
+        if len(listening) == processes:
+            return [pid, *children]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{len(listening)} of {processes} relay processes listen")
+        await asyncio.sleep(0.1)
+
+
+def listens(pid: int, port: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        for connection in psutil.Process(pid).net_connections(kind="tcp"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+                return True
+    return False
+
+
+def total_kib(values: Iterable[int | None]) -> int | None:
+    found = list(values)
+    return None if None in found else sum(v for v in found if v is not None)
+
+
 def mib(kib: int | None) -> float | None:
     return None if kib is None else round(kib / 1024, 1)
 
@@ -583,7 +615,7 @@ def mib(kib: int | None) -> float | None:
 def print_report(f: dict[str, Any], results: Results, lost: list[str]) -> None:
     print(
         f"sealrelay bench: {f['messages']} x {f['size']} B over {f['sessions']} sessions"
-        f" ({f['backend']}, links {'on' if f['links'] else 'off'};"
+        f" ({f['backend']}, {f['processes']} process(es), links {'on' if f['links'] else 'off'};"
         f" load average {f['load_average_at_start']} at start)"
     )
     print(
@@ -615,6 +647,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=5000, help="bytes per message, about")
     parser.add_argument("--sessions", type=int, default=10, help="parallel SMTP sessions (C)")
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="sealrelay serve --processes N (more than 1 needs --backend postgres);"
+        " RSS and CPU are summed over the processes",
+    )
     parser.add_argument(
         "--links",
         action="store_true",

@@ -62,6 +62,13 @@ class ServerSettings(Section):
     # The local part the relay's own mail to an agent comes from, at the agent's domain
     # when that domain has a [dkim] key (so it is signed), else at `hostname`.
     own_mail_sender: str = Field(default="postmaster", pattern=r"^[A-Za-z0-9._+-]{1,64}$")
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="relay processes, each with its own event loop and the same listening"
+        " ports (SO_REUSEPORT); more than 1 needs PostgreSQL (docs/deployment.md)",
+    )
 
     @field_validator("public_url")
     @classmethod

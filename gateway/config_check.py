@@ -73,6 +73,7 @@ def settings_problems(settings: Settings) -> Iterator[Problem]:
         yield from _upstream(upstream, f"upstreams.{name}")
     yield from _direct_delivery(settings)
     yield from _database(settings.database.url)
+    yield from processes_problems(settings.database.url, settings.server.processes)
     yield from _storage(settings.storage)
     yield from _secrets(settings)
     for domain, entry in settings.dkim.items():
@@ -247,6 +248,21 @@ def _database(url: str) -> Iterator[Problem]:
     )
     if problem is not None:
         yield problem
+
+
+def processes_problems(database_url: str, processes: int) -> list[Problem]:
+    """Several processes need a database with more than one writer: SQLite has one, so the
+    others would wait on its lock (or fail with "database is locked") instead of working."""
+    if processes == 1 or make_url(database_url).get_backend_name() != "sqlite":
+        return []
+    return [
+        Problem(
+            "server.processes",
+            f"{processes} processes need PostgreSQL: SQLite has one writer, so extra processes"
+            " would only wait for its lock. Use processes = 1 with SQLite, or a"
+            " postgresql+asyncpg:// database.url (docs/deployment.md)",
+        )
+    ]
 
 
 def _storage(storage: StorageSettings) -> Iterator[Problem]:

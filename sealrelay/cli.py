@@ -172,7 +172,14 @@ def main() -> None:
     show_default=True,
     help="Which parts this instance runs, comma-separated.",
 )
-def serve(config: Path | None, roles: str) -> None:
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Relay processes sharing the listening ports, one per core (default: [server]"
+    " processes, 1). More than 1 needs PostgreSQL.",
+)
+def serve(config: Path | None, roles: str, processes: int | None) -> None:
     """Run the relay until SIGTERM or Ctrl-C."""
     from sealrelay import serve as serving
     from sealrelay.serve import Relay
@@ -181,17 +188,33 @@ def serve(config: Path | None, roles: str) -> None:
     path = _config_path(config)
     settings, problems = config_check.check_config(path)
     if settings is not None:
+        if processes is not None:
+            server = settings.server.model_copy(update={"processes": processes})
+            settings = settings.model_copy(update={"server": server})
+            problems = [p for p in problems if p.key != "server.processes"]
+            problems += config_check.processes_problems(settings.database.url, processes)
         problems += config_check.listen_problems(settings, chosen)
     _stop_on_errors(problems)
     assert settings is not None
+    count = settings.server.processes
+    pid = " [%(process)d]" if count > 1 else ""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO, format=f"%(asctime)s{pid} %(levelname)s %(name)s: %(message)s"
     )
     # aiosmtpd logs every command line at INFO, inline AUTH PLAIN credentials included.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     log.info("config: %s", path.absolute() if path else "the embedded defaults (no file found)")
     for problem in problems:
         log.warning("config: %s", problem)
+
+    if count > 1:
+        from sealrelay.processes import StartFailed, serve_processes
+
+        try:
+            serve_processes(settings, chosen, count)
+        except (StartFailed, ValueError, RuntimeError, OSError, dkim.DkimError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        return
 
     async def run() -> None:
         relay = Relay(settings, roles=chosen)

@@ -1,6 +1,7 @@
 """The one composition root: build every part from the settings and run the chosen roles.
 
-`sealrelay serve` runs all roles in one process; `--roles` splits them across instances.
+`sealrelay serve` runs all roles in one process; `--roles` splits them across instances;
+`--processes N` runs `Relay.prepare` once and N relays in forked processes (sealrelay/processes.py).
 The web package is imported here, inside `_start_web`, so `gateway` never depends on `web` at
 module level.
 """
@@ -209,34 +210,57 @@ class Relay:
     async def start(self) -> None:
         """Start the roles; returns without starting them when stopped while waiting for the
         database."""
+        if await self.prepare():
+            await self.start_roles()
+
+    async def prepare(self) -> bool:
+        """The start-up work done once, before any process takes work: migrate (waiting for
+        the database), clear interrupted blob writes, make the key files, report key problems.
+
+        With `--processes N` the supervisor runs it in the parent before forking, so that no
+        child removes another's blob write under way. False when stopped while waiting.
+        """
         for problem in letter_keys.problems(self.settings):
             log.warning("%s: %s", "error" if problem.error else "warning", problem)
         if not await self._database_ready():
-            return
+            return False
         await self.blobs.remove_interrupted_writes()
         if (unopenable := await self.agent_logins.key_problem()) is not None:
             log.error("agents' upstream logins: %s; their mail stays queued", unopenable)
+        if "web" in self.roles:
+            self.sessions()  # makes the installation key, if it is the first start
+        return True
+
+    async def start_roles(self, *, singletons: bool = True, reuse_port: bool = False) -> None:
+        """Start this process's listeners and workers, after `prepare`.
+
+        `singletons`: also the rounds that must not run in two processes at once (the sweeper,
+        the notices round); with `--processes N` only process 0 runs them. The delivery and
+        webhook workers run everywhere: their claims are leases (gateway/store/leases.py).
+        `reuse_port`: bind with SO_REUSEPORT, so that every process listens on the same ports.
+        """
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
             self._tasks.append(asyncio.create_task(self.webhook_worker.run(self._stop)))
-            self._tasks.append(asyncio.create_task(self.notices.run(self._stop)))
-            self._tasks.append(
-                asyncio.create_task(
-                    sweeper.run_hourly(
-                        self.sweep_once, self._stop, self.settings.storage.sweep_interval
+            if singletons:
+                self._tasks.append(asyncio.create_task(self.notices.run(self._stop)))
+                self._tasks.append(
+                    asyncio.create_task(
+                        sweeper.run_hourly(
+                            self.sweep_once, self._stop, self.settings.storage.sweep_interval
+                        )
                     )
                 )
-            )
         if "smtp" in self.roles:
-            await self.smtp.start()
-            await self.milter.start()
+            await self.smtp.start(reuse_port=reuse_port)
+            await self.milter.start(reuse_port=reuse_port)
         if "web" in self.roles:
-            self._web_runner = await self._start_web()
+            self._web_runner = await self._start_web(reuse_port)
 
-    async def _start_web(self) -> web.AppRunner:
+    async def _start_web(self, reuse_port: bool = False) -> web.AppRunner:
         from web.app import start_web
 
-        return await start_web(self.web_parts())
+        return await start_web(self.web_parts(), reuse_port=reuse_port)
 
     def web_parts(self) -> WebParts:
         """What the web server is given: the desks, the blob store, the clock, the settings."""
@@ -319,11 +343,21 @@ class Relay:
         await self.db.close()
         log.info("sealrelay stopped")
 
-    async def serve_forever(self) -> None:
-        await self.start()
-        if self._stop.is_set():
+    async def serve_forever(
+        self,
+        *,
+        prepared: bool = False,
+        singletons: bool = True,
+        reuse_port: bool = False,
+        ready: Callable[[], None] | None = None,
+    ) -> None:
+        """Prepare (unless the supervisor did), start, call `ready`, and wait for a stop."""
+        if not prepared and not await self.prepare():
             return
+        await self.start_roles(singletons=singletons, reuse_port=reuse_port)
         log.info("sealrelay running: roles %s", ", ".join(sorted(self.roles)))
+        if ready is not None:
+            ready()
         await self._stop.wait()
 
     def request_stop(self, reason: str = "") -> None:

@@ -173,10 +173,11 @@ def api(parts: WebParts, lookup: DnsLookup | None = None) -> Api:
     )
 
 
-async def start_web(parts: WebParts) -> web.AppRunner:
+async def start_web(parts: WebParts, *, reuse_port: bool = False) -> web.AppRunner:
+    """Serve the web on `[web] listen`; `reuse_port` as for the SMTP front."""
     runner = web.AppRunner(create_app(parts), access_log=None)
     await runner.setup()
     host, _, port = parts.settings.web.listen.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=reuse_port)
     await site.start()
     return runner

@@ -203,12 +203,13 @@ class MilterFront:
         port: int = self.server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self) -> None:
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Listen when `[milter] listen` is set; `reuse_port` as for the SMTP front."""
         listen = self.settings.milter.listen
         if listen is None:
             return
         host, port = split_address(listen)
-        self.server = await asyncio.start_server(self._connected, host, port)
+        self.server = await asyncio.start_server(self._connected, host, port, reuse_port=reuse_port)
         log.info("milter front listening on %s", listen)
 
     def _allowed(self, peer: str) -> bool:

@@ -623,7 +623,9 @@ class SmtpFront:
         self.tls = tls_context(settings)
         self.servers: list[asyncio.Server] = []
 
-    async def start(self) -> None:
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Listen on every address; `reuse_port` (SO_REUSEPORT) lets the processes of
+        `serve --processes N` listen on the same ones."""
         loop = asyncio.get_running_loop()
         smtp = self.settings.smtp
         self.gate.total = session_ceiling(smtp.max_connections)
@@ -637,19 +639,25 @@ class SmtpFront:
                 )
             entries = self._trusted_on(address)
             factory = self._factory(self._tls_for(entries), not plaintext_ok, entries)
-            self.servers.append(await loop.create_server(factory, host, port))
+            self.servers.append(
+                await loop.create_server(factory, host, port, reuse_port=reuse_port)
+            )
         for address in self._trusted_listeners():
             host, port = split_address(address)
             require_tls = not plaintext_logins_allowed(smtp, host)
             entries = self._trusted_on(address)
             factory = self._factory(self._tls_for(entries), require_tls, entries)
-            self.servers.append(await loop.create_server(factory, host, port))
+            self.servers.append(
+                await loop.create_server(factory, host, port, reuse_port=reuse_port)
+            )
         for address in smtp.implicit_tls_listen:
             host, port = split_address(address)
             entries = self._trusted_on(address)
             if self.proxy is not None:
                 factory = self._factory(None, False, entries, implicit_tls=self._tls_for(entries))
-                self.servers.append(await loop.create_server(factory, host, port))
+                self.servers.append(
+                    await loop.create_server(factory, host, port, reuse_port=reuse_port)
+                )
                 continue
             factory = self._factory(None, False, entries)
             self.servers.append(
@@ -659,6 +667,7 @@ class SmtpFront:
                     port,
                     ssl=self._tls_for(entries),
                     ssl_handshake_timeout=min(smtp.timeout, TLS_HANDSHAKE_TIMEOUT),
+                    reuse_port=reuse_port,
                 )
             )
         for server in self.servers:

@@ -70,6 +70,9 @@ class RelayProcess:
     web_port: int = field(default_factory=free_port)
     process: asyncio.subprocess.Process | None = None
     starts: int = 0
+    serve_args: tuple[str, ...] = ()  # e.g. ("--processes", "2")
+    extra_config: str = ""  # TOML appended to the config (more sections)
+    lease_seconds: float = 2  # short: a killed relay's claims return soon
 
     @property
     def config(self) -> Path:
@@ -103,10 +106,11 @@ url = "{self.database_url}"
 path = "{self.directory / "blobs"}"
 
 [worker]
-lease_seconds = 2
+lease_seconds = {self.lease_seconds}
 poll_seconds = 0.2
 """
-            + LETTER_TOML,
+            + LETTER_TOML
+            + self.extra_config,
             encoding="utf-8",
         )
 
@@ -136,6 +140,7 @@ poll_seconds = 0.2
                 "serve",
                 "--config",
                 str(self.config),
+                *self.serve_args,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 env=child_environment(),
