@@ -253,7 +253,7 @@ def serve_processes(settings: Settings, roles: Collection[str], count: int) -> N
 
     Raises StartFailed when a process dies before it serves (the others are stopped first).
     """
-    from sealrelay.serve import load_signer
+    from sealrelay.serve import load_signer, run
 
     signer = load_signer(settings)  # once: a key that does not load stops it here
 
@@ -262,13 +262,14 @@ def serve_processes(settings: Settings, roles: Collection[str], count: int) -> N
         try:
             return await relay.prepare()
         finally:
+            await relay.blobs.close()
             await relay.db.close()
 
-    if not asyncio.run(prepare()):  # stopped while waiting for the database
+    if not run(prepare()):  # stopped while waiting for the database
         return
 
     def child(index: int, ready: Callable[[], None]) -> int:
-        async def run() -> None:
+        async def serve_child() -> None:
             relay = _relay(settings, roles, signer)
             try:
                 await relay.serve_forever(
@@ -277,7 +278,7 @@ def serve_processes(settings: Settings, roles: Collection[str], count: int) -> N
             finally:
                 await relay.stop()
 
-        asyncio.run(run())
+        run(serve_child())
         gc.freeze()  # as `serve` does: the last collections would only delay the exit
         return 0
 
