@@ -174,7 +174,10 @@ def main() -> None:
 )
 def serve(config: Path | None, roles: str) -> None:
     """Run the relay until SIGTERM or Ctrl-C."""
+    from gateway.memory import return_big_buffers
     from sealrelay.serve import Relay
+
+    return_big_buffers()
 
     chosen = [r.strip() for r in roles.split(",") if r.strip()]
     path = _config_path(config)
