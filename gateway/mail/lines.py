@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 WINDOW = 1024 * 1024
+MANY_DOTS = 256
 _BARE_CR = re.compile(rb"\r(?:[^\n]|\Z)")
 _BARE_ANY = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _NOT_LINE_END = bytes(b for b in range(256) if b not in b"\r\n")
@@ -49,20 +50,40 @@ def bare_line_end(data: Data, window: int = WINDOW) -> int:
 
 def has_line_longer_than(data: Data, limit: int) -> bool:
     """Whether a line is longer than `limit` octets, its LF included (RFC 5321 counts the
-    CRLF); the last line needs no line end. Lines end at LF, as aiosmtpd counts them.
+    CRLF); the last line needs no line end. Lines end at LF, as aiosmtpd counts them."""
+    return checked_until(data, 0, limit) == -1
 
-    From each line start, the window of `limit` octets must hold an LF; the scan goes on
-    after the last LF in it, so it steps about `limit` octets at a time, not a line.
+
+def checked_until(data: Data, start: int, limit: int) -> int:
+    """From the line start `start`, the start of the first line that may still grow past
+    `limit` when more data comes (the rest is shorter than that); -1 when a line before it
+    is already longer.
+
+    From each line start, the next `limit` octets must hold an LF; the scan goes on after
+    the last LF among them, so it steps about `limit` octets at a time, not a line. Called
+    again on the same growing buffer with what it returned, it checks each octet once.
     """
-    if limit < 1:
-        return len(data) > 0
-    start, size = 0, len(data)
+    size = len(data)
     while size - start > limit:
         end = data.rfind(b"\n", start, start + limit)
         if end == -1:
-            return True
+            return -1
         start = end + 1
-    return False
+    return start
+
+
+def stuffing_dots(data: Data, start: int = 0, most: int = MANY_DOTS) -> list[int] | None:
+    """Where a dot follows a CRLF, the first CRLF at `start` or later; None when there are
+    more than `most` (then replacing them all at C speed beats listing them). A dot at the
+    very start of the data is the caller's to see."""
+    dots: list[int] = []
+    found = data.find(b"\r\n.", start)
+    while found != -1:
+        if len(dots) == most:
+            return None
+        dots.append(found + 2)
+        found = data.find(b"\r\n.", found + 3)
+    return dots
 
 
 def has_dot_line(data: Data, start: int = 0) -> bool:
@@ -71,21 +92,24 @@ def has_dot_line(data: Data, start: int = 0) -> bool:
     return data.startswith(b".", start) or data.find(b"\r\n.", start) != -1
 
 
-def unstuffed(data: Data) -> bytes:
-    """DATA as received, minus the dot that stuffing put before each line starting with
-    one: a single copy, built from slices of `data` (plain `bytes(data)` when none)."""
+def without(data: Data, positions: list[int]) -> bytes:
+    """`data` minus the octets at these ascending positions, in one copy."""
+    if not positions:
+        return bytes(data)
     view = memoryview(data)
-    start = 1 if data.startswith(b".") else 0
-    pieces: list[memoryview] = []
-    found = data.find(b"\r\n.", start)
-    while found != -1:
-        if len(pieces) == 256:  # many dot lines: C-speed replace of the rest
-            rest = bytes(view[start:]).replace(b"\r\n.", b"\r\n")
-            return b"".join([*pieces, rest])
-        pieces.append(view[start : found + 2])
-        start = found + 3
-        found = data.find(b"\r\n.", start)
-    if not pieces:
-        return bytes(view[start:])
+    pieces, start = [], 0
+    for position in positions:
+        pieces.append(view[start:position])
+        start = position + 1
     pieces.append(view[start:])
     return b"".join(pieces)
+
+
+def unstuffed(data: Data) -> bytes:
+    """DATA as received, minus the dot that stuffing put before each line starting with
+    one: a single copy, built from slices of `data`, when the dots are few."""
+    dots = stuffing_dots(data)
+    if dots is None:
+        first = 1 if data.startswith(b".") else 0
+        return bytes(memoryview(data)[first:]).replace(b"\r\n.", b"\r\n")
+    return without(data, [0, *dots] if data.startswith(b".") else dots)
