@@ -31,17 +31,11 @@ async def read_data(
     reader: asyncio.StreamReader, size_limit: int | None, line_limit: int
 ) -> DataResult:
     """Everything up to CRLF.CRLF, dot-unstuffed; the rest stays in `reader` for the next
-    command (clients may pipeline QUIT behind the data).
-
-    Each piece is checked for long lines and stuffing dots as it is appended, while it is
-    still in the CPU cache, so the message is not read again for them at the end.
-    """
+    command (clients may pipeline QUIT behind the data)."""
     buffer = bytearray()
     tail = b"\r\n"  # the DATA command's line end stands before the first line
     received = 0
-    too_big = too_long = False
-    line_start = 0
-    dots: list[int] | None = []
+    too_big = False
     saved_limit = reader._limit  # type: ignore[attr-defined]
     reader._limit = WINDOW  # type: ignore[attr-defined]
     try:
@@ -54,29 +48,14 @@ async def read_data(
             if size_limit is not None and received - len(_END) > size_limit:
                 too_big = True
                 buffer.clear()
-            if not (too_big or too_long):
-                appended_at = len(buffer)
+            if not too_big:
                 buffer += piece
-                line_start = lines.checked_until(buffer, line_start, line_limit)
-                too_long = line_start == -1
-                if too_long:
-                    buffer.clear()  # the rest is only read, to find the end
-                elif dots is not None:
-                    more = lines.stuffing_dots(
-                        buffer, max(0, appended_at - 2), lines.MANY_DOTS - len(dots)
-                    )
-                    dots = None if more is None else dots + more
             tail = (tail + piece[-5:])[-5:]
     finally:
         reader._limit = saved_limit  # type: ignore[attr-defined]
     if too_big:
         return DataResult(b"", too_big=True)
-    if too_long:
-        return DataResult(b"", line_too_long=True)
     del buffer[-3:]
-    if lines.checked_until(buffer, line_start, line_limit) == -1:
+    if lines.has_line_longer_than(buffer, line_limit):
         return DataResult(b"", line_too_long=True)
-    if dots is None:
-        return DataResult(lines.unstuffed(buffer))
-    dots = [0, *dots] if buffer.startswith(b".") else dots
-    return DataResult(lines.without(buffer, [dot for dot in dots if dot < len(buffer)]))
+    return DataResult(lines.unstuffed(buffer))

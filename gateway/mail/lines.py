@@ -50,26 +50,18 @@ def bare_line_end(data: Data, window: int = WINDOW) -> int:
 
 def has_line_longer_than(data: Data, limit: int) -> bool:
     """Whether a line is longer than `limit` octets, its LF included (RFC 5321 counts the
-    CRLF); the last line needs no line end. Lines end at LF, as aiosmtpd counts them."""
-    return checked_until(data, 0, limit) == -1
-
-
-def checked_until(data: Data, start: int, limit: int) -> int:
-    """From the line start `start`, the start of the first line that may still grow past
-    `limit` when more data comes (the rest is shorter than that); -1 when a line before it
-    is already longer.
+    CRLF); the last line needs no line end. Lines end at LF, as aiosmtpd counts them.
 
     From each line start, the next `limit` octets must hold an LF; the scan goes on after
-    the last LF among them, so it steps about `limit` octets at a time, not a line. Called
-    again on the same growing buffer with what it returned, it checks each octet once.
+    the last LF among them, so it steps about `limit` octets at a time, not a line.
     """
-    size = len(data)
+    start, size = 0, len(data)
     while size - start > limit:
         end = data.rfind(b"\n", start, start + limit)
         if end == -1:
-            return -1
+            return True
         start = end + 1
-    return start
+    return False
 
 
 def stuffing_dots(data: Data, start: int = 0, most: int = MANY_DOTS) -> list[int] | None:
