@@ -181,8 +181,11 @@ def main() -> None:
 )
 def serve(config: Path | None, roles: str, processes: int | None) -> None:
     """Run the relay until SIGTERM or Ctrl-C."""
+    from gateway.memory import return_big_buffers
     from sealrelay import serve as serving
     from sealrelay.serve import Relay
+
+    return_big_buffers()
 
     chosen = [r.strip() for r in roles.split(",") if r.strip()]
     path = _config_path(config)

@@ -3,14 +3,18 @@
 aiosmtpd keeps every line of DATA as its own object and joins them at the end: for a 10 MB
 message that is ~4x its size in memory and most of a minimal relay's CPU (DESIGN.md,
 measured facts). Here the stream is searched for the end of data in windows of up to a MiB
-at C speed, into one buffer. The end is only ever CRLF "." CRLF: a bare LF or CR before the
-dot does not end the data (no SMTP smuggling), and the pipeline refuses such mail anyway.
+at C speed, into one buffer that becomes the message in one copy, dot-unstuffed on the way
+(`gateway.mail.lines`, whose line length check steps a line limit at a time, not a line).
+The end is only ever CRLF "." CRLF: a bare LF or CR before the dot does not end the data
+(no SMTP smuggling), and the pipeline refuses such mail anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+
+from gateway.mail import lines
 
 WINDOW = 1024 * 1024
 _END = b".\r\n"
@@ -52,24 +56,6 @@ async def read_data(
     if too_big:
         return DataResult(b"", too_big=True)
     del buffer[-3:]
-    if _line_longer_than(buffer, line_limit):
+    if lines.has_line_longer_than(buffer, line_limit):
         return DataResult(b"", line_too_long=True)
-    if buffer.startswith(b"."):
-        del buffer[0]
-    content = bytes(buffer)
-    del buffer
-    if b"\r\n." in content:
-        content = content.replace(b"\r\n.", b"\r\n")
-    return DataResult(content)
-
-
-def _line_longer_than(data: bytearray, limit: int) -> bool:
-    """A line over `limit` octets, CRLF included, as aiosmtpd refuses them (RFC 5321)."""
-    start, size = 0, len(data)
-    while start < size:
-        end = data.find(b"\n", start)
-        end = size - 1 if end == -1 else end
-        if end - start + 1 > limit:
-            return True
-        start = end + 1
-    return False
+    return DataResult(lines.unstuffed(buffer))

@@ -31,7 +31,7 @@ def remove_subject_tag(raw: bytes, tag: str) -> bytes:
     Where the tag stands in the field as plain bytes, only those bytes go; an encoded
     subject is written anew (RFC 2047), the rest of the message untouched.
     """
-    block, _ = headers.split_message(raw)
+    block = headers.header_block(raw)
     fields = headers.parse_fields(block)
     for field in fields:
         if field.name != "subject":
@@ -50,7 +50,7 @@ def remove_subject_tag(raw: bytes, tag: str) -> bytes:
                 "Subject", own_mail.encoded_subject(text[len(tag) :].strip())
             )
         start = block.index(field.raw)
-        return raw[:start] + new + raw[start + len(field.raw) :]
+        return b"".join((raw[:start], new, memoryview(raw)[start + len(field.raw) :]))
     return raw
 
 

@@ -23,10 +23,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from gateway.mail.headers import parse_fields, split_message
+from gateway.mail.headers import parse_fields, split_offsets
 
 MIN_KEY_BITS = 1024
 MAX_LINE = 78
+PIECE = 1024 * 1024
 
 DEFAULT_SIGNED: tuple[str, ...] = (
     "From",
@@ -164,42 +165,76 @@ def dns_txt_record(key: DkimKey | rsa.RSAPrivateKey, selector: str, domain: str)
     return f"{selector}._domainkey.{domain.rstrip('.')}. IN TXT ( {quoted} )"
 
 
-def body_hash(body: bytes) -> str:
-    """The bh= value; a caller sending one body under several headers can compute it once.
+def body_hash(data: bytes, start: int = 0, piece: int = PIECE) -> str:
+    """The bh= value of the body `data[start:]`; a caller sending one body under several
+    headers can compute it once.
+
+    The body is never copied whole (a 10 MB message would cost 10 MB more): it is hashed
+    in pieces of about `piece` octets that end at a line end, each hashed as it stands
+    unless it holds a space or a tab (base64 never does), else canonicalized on its own.
+    Relaxed canonicalization only ever joins bytes within one line, so pieces cut after an
+    LF canonicalize independently. Only the tail, from the line of the last visible
+    character on, goes through the whole-body rules (empty lines removed at the end).
 
     A body without a final CRLF gets one before canonicalization, since SMTP adds it in
     transit and receivers hash what arrives: otherwise white space at the end of such a last
     line would be hashed here and stripped there.
     """
+    digest = hashlib.sha256()
+    tail = _tail_start(data, start)
+    view = memoryview(data)
+    while start < tail:
+        cut = data.rfind(b"\n", start, min(start + piece, tail)) + 1
+        if cut == 0:
+            cut = data.find(b"\n", start, tail) + 1 or tail
+        if data.find(b" ", start, cut) == -1 and data.find(b"\t", start, cut) == -1:
+            digest.update(view[start:cut])
+        else:
+            digest.update(_relaxed_lines(data[start:cut]))
+        start = cut
+    digest.update(_relaxed_tail(data[tail:]))
+    return base64.b64encode(digest.digest()).decode("ascii")
+
+
+def _tail_start(data: bytes, start: int) -> int:
+    """The start of the line holding the last octet that is not white space or a line end
+    (`start` when there is none), found in growing windows from the end, not a copy."""
+    end, window = len(data), 4096
+    while end > start:
+        low = max(start, end - window)
+        kept = len(data[low:end].rstrip(b" \t\r\n"))
+        if kept:
+            return max(start, data.rfind(b"\n", start, low + kept) + 1)
+        end, window = low, window * 16
+    return start
+
+
+def _relaxed_lines(lines: bytes) -> bytes:
+    """Whole lines canonicalized: the same as RFC 6376's order (strip at line end, then
+    collapse), in C-speed passes that are skipped when there is nothing to do."""
+    if b"\t" in lines:
+        lines = lines.replace(b"\t", b" ")
+    if b"  " in lines:
+        lines = _SPACE_RUN.sub(b" ", lines)
+    if b" \r\n" in lines:
+        lines = lines.replace(b" \r\n", b"\r\n")
+    return lines
+
+
+def _relaxed_tail(body: bytes) -> memoryview:
+    """The end of a body canonicalized, empty lines at its end removed; an empty body when
+    nothing but line ends is left."""
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
-    # Same result as RFC 6376's order (strip at line end, then collapse), in C-speed passes
-    # that are skipped when there is nothing to do, as in base64 parts.
-    if b"\t" in body:
-        body = body.replace(b"\t", b" ")
-    if b"  " in body:
-        body = _SPACE_RUN.sub(b" ", body)
-    if b" \r\n" in body:
-        body = body.replace(b" \r\n", b"\r\n")
+    body = _relaxed_lines(body)
     end = len(body)
     if end:
-        tail = body[_content_end(body) :][::-1]
+        tail = body[len(body.rstrip(b"\r\n")) :][::-1]
         match = _REVERSED_CRLFS.match(tail)
         end -= 2 * ((match.end() // 2 if match else 1) - 1)
         if end == 2:
             end = 0
-    return base64.b64encode(hashlib.sha256(memoryview(body)[:end]).digest()).decode("ascii")
-
-
-def _content_end(body: bytes) -> int:
-    """`len(body.rstrip(b"\\r\\n"))` without copying the body, as rstrip would (10 MB mail)."""
-    window = 4096
-    while True:
-        tail = body[-window:]
-        kept = len(tail.rstrip(b"\r\n"))
-        if kept or len(tail) == len(body):
-            return len(body) - len(tail) + kept
-        window *= 16
+    return memoryview(body)[:end]
 
 
 def sign(
@@ -220,8 +255,8 @@ def sign(
     """
     if bh is not None and not _BODY_HASH.fullmatch(bh):
         raise DkimError(f"{bh!r} is not a body_hash() value")
-    header_block, body = split_message(message)
-    fields = [f for f in parse_fields(header_block) if b":" in f.raw]
+    header_end, body_start = split_offsets(message)
+    fields = [f for f in parse_fields(message[:header_end]) if b":" in f.raw]
     over = _names(oversigned, extra_oversigned)
     wanted = _names(DEFAULT_SIGNED, extra_signed, over)
 
@@ -248,7 +283,7 @@ def sign(
         f"s={key.selector};",
         f"t={timestamp};",
     ]
-    unsigned = _fold(tags, h_names, bh if bh is not None else body_hash(body))
+    unsigned = _fold(tags, h_names, bh if bh is not None else body_hash(message, body_start))
     hashed.append(_canon_field(unsigned))
     signature = key.private_key.sign(b"".join(hashed), padding.PKCS1v15(), hashes.SHA256())
     return _append_b(unsigned, base64.b64encode(signature))

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from email.utils import getaddresses
 
+from gateway.mail import lines
+
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
@@ -34,16 +36,30 @@ class HeaderField:
         return unfolded.decode("utf-8", errors="replace").strip()
 
 
-def split_message(raw: bytes) -> tuple[bytes, bytes]:
-    """Header block (with its last line end) and body (after the blank line)."""
-    if raw.startswith((b"\r\n", b"\n")):
-        return b"", raw[2:] if raw.startswith(b"\r\n") else raw[1:]
+def split_offsets(raw: bytes) -> tuple[int, int]:
+    """Where the header block ends (after its last line end) and where the body starts
+    (after the blank line): offsets, so that a 10 MB body is never copied to find them."""
+    if raw.startswith(b"\r\n"):
+        return 0, 2
+    if raw.startswith(b"\n"):
+        return 0, 1
     match = _BLANK_LINE.search(raw)
     if match is None:
-        return raw, b""
-    blank = match.group(0)
-    first_eol = blank[: 2 if blank.startswith(b"\r") else 1]
-    return raw[: match.start() + len(first_eol)], raw[match.end() :]
+        return len(raw), len(raw)
+    first_eol = 2 if raw[match.start()] == 0x0D else 1
+    return match.start() + first_eol, match.end()
+
+
+def header_block(raw: bytes) -> bytes:
+    """The header block with its last line end, without the body."""
+    return raw[: split_offsets(raw)[0]]
+
+
+def split_message(raw: bytes) -> tuple[bytes, bytes]:
+    """Header block (with its last line end) and body (after the blank line), both copied:
+    for big mail, `split_offsets` or `header_block`."""
+    header_end, body_start = split_offsets(raw)
+    return raw[:header_end], raw[body_start:]
 
 
 def parse_fields(header_block: bytes) -> list[HeaderField]:
@@ -60,7 +76,7 @@ def parse_fields(header_block: bytes) -> list[HeaderField]:
 
 
 def fields_of(raw: bytes) -> list[HeaderField]:
-    return parse_fields(split_message(raw)[0])
+    return parse_fields(header_block(raw))
 
 
 def values(fields: Iterable[HeaderField], name: str) -> list[str]:
@@ -117,12 +133,12 @@ def format_field(name: str, value: str) -> bytes:
 def remove_fields(raw: bytes, names: Iterable[str]) -> bytes:
     """`raw` without the top-level fields of these names; every other byte stays."""
     unwanted = {name.lower() for name in names}
-    block, _ = split_message(raw)
+    block = header_block(raw)
     fields = parse_fields(block)
     if not any(field.name in unwanted for field in fields):
         return raw
-    kept = b"".join(field.raw for field in fields if field.name not in unwanted)
-    return kept + raw[len(block) :]
+    kept = [field.raw for field in fields if field.name not in unwanted]
+    return b"".join([*kept, memoryview(raw)[len(block) :]])
 
 
 def prepend(raw: bytes, fields: Iterable[bytes]) -> bytes:
@@ -131,10 +147,5 @@ def prepend(raw: bytes, fields: Iterable[bytes]) -> bytes:
 
 
 def has_bare_line_end(data: bytes) -> bool:
-    """A CR not followed by LF or an LF not preceded by CR: the stuff of SMTP smuggling.
-
-    Every CRLF holds one CR and one LF, so any other CR or LF makes the counts differ:
-    three C-speed counts instead of a lookaround regex (0.02 s against 0.26 s for 10 MB).
-    """
-    pairs = data.count(b"\r\n")
-    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+    """A CR not followed by LF or an LF not preceded by CR: the stuff of SMTP smuggling."""
+    return lines.bare_line_end(data) != -1

@@ -40,11 +40,12 @@ def prepare(
     one join.
 
     Each intermediate copy of a 10 MB message would be 10 MB more memory: the signature is
-    made over the new header block alone, with the body hash computed once from `raw`.
+    made over the new header block alone, with the body hash computed from `raw` in place.
     The loop mark is signed and oversigned: a DKIM verifier sees that our domain put it
     there, and a second mark added later breaks the signature.
     """
-    header_block, body = headers.split_message(raw)
+    header_end, body_start = headers.split_offsets(raw)
+    header_block = raw[:header_end]
     fields = headers.parse_fields(header_block)
     added = [received_field(message, hostname)]
     if loop is not None:
@@ -57,8 +58,7 @@ def prepare(
     key = signer.key_for(authors[0].rpartition("@")[2]) if authors else None
     if key is None:
         return headers.prepend(raw, added)
-    bh = dkim.body_hash(body)
-    del body  # a copy of the body: free it before the outgoing bytes are built
+    bh = dkim.body_hash(raw, body_start)
     signature = dkim.sign(
         b"".join(added) + header_block,
         key,

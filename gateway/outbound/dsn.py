@@ -37,7 +37,7 @@ from jinja2 import (
     select_autoescape,
 )
 
-from gateway.mail.headers import decoded, fields_of, first_value, format_field, split_message
+from gateway.mail.headers import decoded, fields_of, first_value, format_field, header_block
 from gateway.mail.own_mail import (
     OwnMail,
     crlf_lines,
@@ -138,7 +138,7 @@ def dsn_mail(
     subject, text = _explanation(
         lang, reporting_mta, envelope_sender, original, views, arrival_utc, _utc(now, "now"), zone
     )
-    header_block, _ = split_message(original)
+    original_headers = header_block(original)  # never the body: it may be 50 MB
     parts = [
         text_part(text, language=lang, description="Notification"),
         plain_part(
@@ -148,7 +148,7 @@ def dsn_mail(
         ),
         plain_part(
             "text/rfc822-headers",
-            crlf_lines(header_block),
+            crlf_lines(original_headers),
             description="Undelivered message headers",
         ),
     ]

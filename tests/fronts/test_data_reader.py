@@ -89,3 +89,36 @@ async def test_the_reader_limit_is_restored() -> None:
     reader = reader_with(b"x\r\n.\r\n")
     await read_data(reader, None, LIMIT)
     assert reader._limit == LIMIT  # type: ignore[attr-defined]
+
+
+def fed_in_pieces(data: bytes, size: int) -> tuple[asyncio.StreamReader, asyncio.Task[None]]:
+    reader = asyncio.StreamReader(limit=LIMIT)
+
+    async def feed() -> None:
+        for index in range(0, len(data), size):
+            reader.feed_data(data[index : index + size])
+            await asyncio.sleep(0)
+
+    return reader, asyncio.create_task(feed())
+
+
+@pytest.mark.parametrize("dot_lines", [3, 300])  # a few dots are listed, many replaced
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 4096])
+async def test_dots_and_long_lines_across_piece_borders(dot_lines: int, size: int) -> None:
+    """The scans run on each piece as it arrives: whatever the borders, the result is the
+    whole message's, unstuffed at every line start and refused for a line one octet over."""
+    content = b".first.\r\n" + b"text.\r\n.dot.\r\n..two\r\n" * dot_lines + b"y" * 999 + b"\r\n."
+    wire = content.replace(b"\r\n.", b"\r\n..")
+    wire = b"." + wire + b"\r\n.\r\nQUIT\r\n"
+    reader, feeding = fed_in_pieces(wire, size)
+    result = await read_data(reader, None, LIMIT)
+    await feeding
+    assert result.content == content + b"\r\n"
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+
+    over = wire.replace(b"y" * 999, b"y" * 1000)
+    reader, feeding = fed_in_pieces(over, size)
+    result = await read_data(reader, None, LIMIT)
+    await feeding
+    assert result.line_too_long and result.content == b""
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"

@@ -1,0 +1,207 @@
+"""The windowed scans against plain per-line references, with windows small enough that
+every CRLF, dot line and long line falls across a window border somewhere."""
+
+from __future__ import annotations
+
+import binascii
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.mail import dkim, lines, mime
+from gateway.memory import return_big_buffers
+from tests.mail.test_dkim import as_delivered, dkimpy_body_hash
+
+PIECES = st.sampled_from([b"a", b"Z9", b".", b"..", b" ", b"\t", b"\r\n", b"\r", b"\n", b"="])
+DATA = st.lists(PIECES, max_size=60).map(b"".join)
+WINDOWS = st.integers(min_value=1, max_value=9)
+
+
+def reference_bare(data: bytes) -> int:
+    found = re.search(rb"\r(?!\n)|(?<!\r)\n", data)
+    return -1 if found is None else found.start()
+
+
+def reference_longest(data: bytes) -> int:
+    """The longest line, LF included, as aiosmtpd counts (the last needs no line end)."""
+    return max((len(line) for line in data.splitlines(keepends=True) if line), default=0)
+
+
+def reference_line_lengths(data: bytes) -> list[int]:
+    lengths, start = [], 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end == -1 else end + 1
+        lengths.append(end - start)
+        start = end
+    return lengths
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=DATA, window=WINDOWS)
+def test_bare_line_end_finds_the_first(data: bytes, window: int) -> None:
+    assert lines.bare_line_end(data, window) == reference_bare(data)
+    assert lines.bare_line_end(bytearray(data), window) == reference_bare(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "offset"),
+    [
+        (b"", -1),
+        (b"\r\n", -1),
+        (b"\n", 0),  # a lone LF at the start
+        (b"a\r\nb\n", 4),  # ... and at the end
+        (b"a\r", 1),  # a CR at the very end has no LF after it
+        (b"\r\r\n", 0),
+        (b"a\r\nb\rc\r\n", 4),
+        (b"abc\r\n\n", 5),
+    ],
+)
+@pytest.mark.parametrize("window", [1, 2, 3, 1024])
+def test_bare_line_end_edges(data: bytes, offset: int, window: int) -> None:
+    assert lines.bare_line_end(data, window) == offset
+
+
+def test_crlf_split_across_every_window_border() -> None:
+    data = b"x\r\n" * 5000
+    for window in (2, 3, 4096, 4097):
+        assert lines.bare_line_end(data, window) == -1
+    assert lines.bare_line_end(data + b"\n", 4096) == len(data)
+    broken = data[:9000] + b"\r" + data[9000:]
+    assert lines.bare_line_end(broken, 4096) == reference_bare(broken)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=DATA, limit=st.integers(min_value=1, max_value=8))
+def test_line_limit_matches_the_per_line_count(data: bytes, limit: int) -> None:
+    expected = any(length > limit for length in reference_line_lengths(data))
+    assert lines.has_line_longer_than(data, limit) is expected
+    assert lines.has_line_longer_than(bytearray(data), limit) is expected
+
+
+@pytest.mark.parametrize("limit", [5, 1001])
+def test_a_line_of_exactly_the_limit_passes_one_more_fails(limit: int) -> None:
+    exact = b"x" * (limit - 2) + b"\r\n"
+    assert reference_longest(exact) == limit
+    for data in (exact, exact * 3, b"a\r\n" + exact, exact + b"x" * limit):
+        assert not lines.has_line_longer_than(data, limit)
+    longer = b"x" * (limit - 1) + b"\r\n"
+    for data in (longer, exact + longer, longer + exact, exact + b"x" * (limit + 1)):
+        assert lines.has_line_longer_than(data, limit)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=DATA)
+def test_unstuffing_and_dot_lines(data: bytes) -> None:
+    expected = data[1:] if data.startswith(b".") else data
+    assert lines.unstuffed(bytearray(data)) == expected.replace(b"\r\n.", b"\r\n")
+    assert lines.has_dot_line(data) is (data.startswith(b".") or b"\r\n." in data)
+
+
+def test_many_dot_lines_are_unstuffed_alike() -> None:
+    data = b"..a\r\n" + b"..b\r\n" * 300 + b"c\r\n..\r\n"
+    assert lines.unstuffed(bytearray(data)) == b".a\r\n" + b".b\r\n" * 300 + b"c\r\n.\r\n"
+    assert type(lines.unstuffed(bytearray(b"plain"))) is bytes
+
+
+BODY_PIECES = st.sampled_from(
+    [b"a", b"Z9", b" ", b"  ", b"\t", b" \t ", b"\r\n", b"\r\n\r\n", b"\r", b"\n", b"\xc3\xa4"]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    prefix=st.binary(max_size=8),
+    pieces=st.lists(BODY_PIECES, max_size=60),
+    piece=st.integers(min_value=1, max_value=12),
+)
+def test_body_hash_in_pieces_matches_dkimpy(prefix: bytes, pieces: list[bytes], piece: int) -> None:
+    body = b"".join(pieces)
+    expected = dkimpy_body_hash(as_delivered(body) if body else body)
+    assert dkim.body_hash(prefix + body, len(prefix), piece) == expected
+    assert dkim.body_hash(body) == expected
+
+
+def test_body_hash_of_a_big_base64_body_is_hashed_in_place() -> None:
+    body = binascii.b2a_base64(bytes(range(256)) * 4000, newline=False)
+    lines76 = b"\r\n".join(body[i : i + 76] for i in range(0, len(body), 76)) + b"\r\n\r\n \r\n"
+    head = b"Subject: x\r\n\r\n"
+    assert dkim.body_hash(head + lines76, len(head), 4096) == dkimpy_body_hash(lines76)
+
+
+QP_PIECES = st.sampled_from(
+    [b"a", b"=", b"=3D", b"=C3=A4", b"=\r\n", b"=\n", b"=\r", b"\r\n", b"\n", b"=4", b"==", b" "]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(pieces=st.lists(QP_PIECES, max_size=40), window=WINDOWS)
+def test_quoted_printable_size_without_decoding_whole(pieces: list[bytes], window: int) -> None:
+    body = b"".join(pieces)
+    raw = b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + body
+    part = mime.parse(raw)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mime, "_SIZE_WINDOW", window)
+        assert mime.decoded_size(raw, part) == len(binascii.a2b_qp(body))
+
+
+@pytest.mark.parametrize("window", [3, 77, 1024 * 1024])
+def test_base64_size_counted_a_window_at_a_time(window: int) -> None:
+    data = bytes(range(256)) * 40
+    encoded = binascii.b2a_base64(data).replace(b"\n", b"\r\n")
+    wrapped = b"\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+    raw = b"Content-Transfer-Encoding: base64\r\n\r\n" + wrapped
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mime, "_SIZE_WINDOW", window)
+        assert mime.decoded_size(raw, mime.parse(raw)) == len(data)
+
+
+_RSS_AFTER_FREE = textwrap.dedent(
+    """
+    import sys
+    from gateway.memory import return_big_buffers
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096 / 2**20
+
+    if sys.argv[1] == "fixed":
+        assert return_big_buffers()
+    first = bytearray(20 * 2**20)  # freeing a big block raises glibc's dynamic threshold
+    del first
+    base = rss_mib()
+    kept, buffers = [], []
+    for _ in range(30):  # message buffers, each with a smaller long-lived one after it
+        buffer = bytearray(3 * 2**20)
+        buffer[::4096] = b"x" * len(range(0, len(buffer), 4096))  # touch every page
+        buffers.append(buffer)
+        kept.append(bytearray(200_000))
+    del buffers, buffer
+    print(round(rss_mib() - base))
+    """
+)
+
+
+def test_freed_message_buffers_go_back_to_the_system() -> None:
+    """In a fresh interpreter: glibc keeps 90 MiB of freed buffers without the fixed
+    threshold, and gives them back with it."""
+    if not return_big_buffers():
+        pytest.skip("not glibc on Linux")
+
+    def kept_mib(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", _RSS_AFTER_FREE, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return int(done.stdout)
+
+    assert kept_mib("fixed") < 10
+    assert kept_mib("default") > 60
