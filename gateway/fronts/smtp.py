@@ -472,10 +472,13 @@ class SubmissionSMTP(SMTP):
         self._gate.sessions.discard(self)
 
     def eof_received(self) -> bool | None:
-        if self._refused:
-            return False
-        result: bool | None = super().eof_received()
-        return result
+        """Close at the client's EOF: aiosmtpd has cancelled the session's handler, so
+        nothing more will be written, and a half-open connection would hold its place at
+        the gate until the idle timeout (uvloop keeps it open where asyncio's write to the
+        closed peer happened to end it)."""
+        if not self._refused:
+            super().eof_received()
+        return False
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         if duration is None and self._gate.under_stress and not self._logged_in:
