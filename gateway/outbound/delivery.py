@@ -178,12 +178,40 @@ class DeliveryWorker:
                 if stop is not None and stop.is_set():
                     await self._release(ids)
                     return
+                group = await self._hold(group)
+                if not group:
+                    return
                 outcomes, signed, route = await self._send(route, group)
                 await self._record(
                     group[0].message, [item.delivery for item in group], outcomes, route, signed
                 )
         finally:
             self._held.difference_update(ids)
+
+    async def _hold(self, group: Sequence[queue.Claimed]) -> list[queue.Claimed]:
+        """The copies of `group` this worker still holds, their leases now long enough for
+        the send (the upstream's deadline for the size) and a heartbeat's lease after it.
+
+        The heartbeat alone cannot promise that: a beat late by a lease (a loaded host, a
+        database that answers slowly) let another process claim copies waiting for a slot,
+        or in flight, and both sent them. Now a copy in flight keeps its lease while this
+        process lives; the price is that a crashed process's copies in flight come back
+        only after that longer lease, not after `lease_seconds`."""
+        upstream = self.settings.upstream
+        size = max(item.message.size or 0 for item in group)
+        seconds = (
+            self.settings.worker.lease_seconds
+            + upstream.session_timeout
+            + size / upstream.min_transfer_rate
+        )
+        ids = [item.delivery.id for item in group]
+        held = await group_commit.submit(
+            self.db, queue.Hold(self.name, ids, self.clock() + timedelta(seconds=seconds))
+        )
+        lost = [i for i in ids if i not in held]
+        if lost:
+            log.warning("leases on %s ran out and another worker took them", ", ".join(lost))
+        return [item for item in group if item.delivery.id in held]
 
     async def _send(
         self, route: Route, group: Sequence[queue.Claimed]

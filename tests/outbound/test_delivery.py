@@ -620,6 +620,48 @@ async def test_an_expired_lease_is_claimed_by_another_worker(
     assert len(await events(database, "delivery.delivered", "delivery.bounced")) == 1
 
 
+async def test_a_live_worker_whose_lease_ran_out_sends_nothing_twice(
+    start_relay: StartRelay, sink: Sink, database: Database
+) -> None:
+    """Two processes, one of them slow: its heartbeat was late by more than a lease while
+    one copy was in flight and another waited for its one slot. The other process took
+    over what the lease no longer covered; each copy still left exactly once."""
+    clock = FakeClock()
+    harness = await start_relay(
+        sink, clock=clock, roles=("smtp",), worker={"lease_seconds": 30, "concurrency": 1}
+    )
+    relay = harness.relay
+    for recipient in ("first@example.com", "second@example.com"):
+        await harness.send(make_message(to=recipient))
+    clock.now = utcnow()
+    other = DeliveryWorker(
+        harness.settings,
+        database,
+        relay.blobs,
+        relay.worker.routes,
+        relay.worker.signer,
+        relay.signal,
+        clock,
+    )
+
+    # run_once has no heartbeat: as if every beat of this process came too late.
+    hold = sink.hold = asyncio.Event()
+    slow = asyncio.create_task(relay.worker.run_once())
+    await sink.wait_held(1, WAIT)
+    sink.hold = None
+    clock.advance(31)
+    assert await other.run_once() == 1  # the copy waiting for a slot; not the one in flight
+    hold.set()
+    async with asyncio.timeout(WAIT):
+        assert await slow == 2
+
+    got = Counter(r for m in sink.messages for r in m.rcpt_tos)
+    assert got == Counter(["first@example.com", "second@example.com"])
+    rows = await deliveries(database)
+    assert all(d.status == DeliveryStatus.DELIVERED and d.attempts == 1 for d in rows)
+    assert len(await events(database, "delivery.delivered")) == 2
+
+
 async def test_settle_refuses_a_worker_whose_lease_was_taken(database: Database) -> None:
     [delivery_id] = await insert_due(database, 1)
     now = utcnow()
