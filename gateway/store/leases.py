@@ -104,15 +104,23 @@ class LeasedQueue:
     ) -> int:
         """Extend the lease on rows `worker` still holds (its heartbeat); how many it kept.
 
-        A row whose lease another worker took over is left alone: its outcome is theirs.
+        A row whose lease another worker took over is left alone: its outcome is theirs. A
+        row locked by an open transaction (its outcome being recorded, or another worker
+        claiming it) is skipped rather than waited for: a heartbeat stuck behind one lock
+        let every other lease it should keep run out.
         """
         if not ids:
             return 0
         t = self.table
         until = now + lease
+        held = (
+            select(t.id)
+            .where(t.id.in_(list(ids)), t.leased_by == worker, t.status == self.queued)
+            .with_for_update(skip_locked=True)
+        )
         result = await session.execute(
             update(t)
-            .where(t.id.in_(list(ids)), t.leased_by == worker, t.status == self.queued)
+            .where(t.id.in_(held.scalar_subquery()))
             # never shortened: a copy in flight holds a lease as long as its send may take
             .values(lease_until=case((t.lease_until > until, t.lease_until), else_=until)),
             execution_options={"synchronize_session": False},

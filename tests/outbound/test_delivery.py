@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import dkim as dkimpy
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from gateway import users
 from gateway.config import Settings
@@ -757,6 +757,26 @@ async def test_postgres_claims_skip_rows_locked_by_an_open_claim(database: Datab
         assert {c.delivery.id for c in first} | {c.delivery.id for c in second} == set(ids)
     async with database.transaction() as session:
         assert await queue.claim(session, "third", now, lease, 50) == []
+
+
+@pytest.mark.parametrize("database", ["postgres"], indirect=True)  # SQLite has one writer
+async def test_postgres_renewal_is_not_held_up_by_a_locked_copy(database: Database) -> None:
+    """The heartbeat renews every lease it can now, not after whatever transaction holds one
+    of its copies (its outcome being recorded) ends: meanwhile the others would run out."""
+    ids = await insert_due(database, 3)
+    now = utcnow()
+    lease = timedelta(seconds=30)
+    async with database.transaction() as session:
+        assert len(await queue.claim(session, "worker", now, lease, 3)) == 3
+    later = now + timedelta(seconds=20)
+    async with database.transaction() as recording:
+        await recording.execute(
+            update(Delivery).where(Delivery.id == ids[0]).values(last_error="recording")
+        )
+        async with asyncio.timeout(5), database.transaction() as session:
+            assert await queue.renew(session, ids, "worker", later, lease) == 2
+    leases = {d.id: d.lease_until for d in await deliveries(database)}
+    assert leases == {ids[0]: now + lease, ids[1]: later + lease, ids[2]: later + lease}
 
 
 async def test_two_workers_deliver_each_copy_once(
