@@ -33,6 +33,7 @@ __all__ = [
     "LEASES",
     "Attempt",
     "Claimed",
+    "Hold",
     "QueueError",
     "Settle",
     "backoff",
@@ -155,6 +156,21 @@ async def renew(
     A copy whose lease another worker took over is left alone: its outcome is theirs.
     """
     return await LEASES.renew(session, ids, worker, now, lease)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Just before a group leaves, as a unit of the group commit: extend the lease of its
+    copies that `worker` still holds to `until` (as long as the send and its recording may
+    take); the result is the ids still held. A copy taken over by another worker while this
+    one waited for a slot is not sent here: the other worker sends it."""
+
+    worker: str
+    ids: Collection[str]
+    until: datetime
+
+    def __call__(self, connection: Connection) -> Done[set[str]]:
+        return Done(LEASES.hold_rows(connection, self.ids, self.worker, self.until))
 
 
 async def release(session: AsyncSession, ids: Collection[str], worker: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, or_, select, update
+from sqlalchemy import ColumnElement, Connection, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 
@@ -104,18 +104,45 @@ class LeasedQueue:
     ) -> int:
         """Extend the lease on rows `worker` still holds (its heartbeat); how many it kept.
 
-        A row whose lease another worker took over is left alone: its outcome is theirs.
+        A row whose lease another worker took over is left alone: its outcome is theirs. A
+        row locked by an open transaction (its outcome being recorded, or another worker
+        claiming it) is skipped rather than waited for: a heartbeat stuck behind one lock
+        let every other lease it should keep run out.
         """
         if not ids:
             return 0
         t = self.table
+        until = now + lease
+        held = (
+            select(t.id)
+            .where(t.id.in_(list(ids)), t.leased_by == worker, t.status == self.queued)
+            .with_for_update(skip_locked=True)
+        )
         result = await session.execute(
             update(t)
-            .where(t.id.in_(list(ids)), t.leased_by == worker, t.status == self.queued)
-            .values(lease_until=now + lease),
+            .where(t.id.in_(held.scalar_subquery()))
+            # never shortened: a copy in flight holds a lease as long as its send may take
+            .values(lease_until=case((t.lease_until > until, t.lease_until), else_=until)),
             execution_options={"synchronize_session": False},
         )
         return int(getattr(result, "rowcount", 0))
+
+    def hold_rows(
+        self, connection: Connection, ids: Collection[str], worker: str, until: datetime
+    ) -> set[str]:
+        """Extend the lease on rows `worker` still holds to at least `until`, just before the
+        work is done; the ids it still holds. A row another worker took over while this one
+        waited (its lease ran out) is theirs: doing it here too would do it twice."""
+        if not ids:
+            return set()
+        t = self.table.__table__
+        held = connection.execute(
+            update(t)
+            .where(t.c.id.in_(list(ids)), t.c.leased_by == worker, t.c.status == self.queued)
+            .values(lease_until=case((t.c.lease_until > until, t.c.lease_until), else_=until))
+            .returning(t.c.id)
+        )
+        return set(held.scalars().all())
 
     async def release(self, session: AsyncSession, ids: Collection[str], worker: str) -> None:
         """Give claimed rows back undone (a stopping worker), so any worker may take them now."""

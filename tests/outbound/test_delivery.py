@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import dkim as dkimpy
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from gateway import users
 from gateway.config import Settings
@@ -620,6 +620,49 @@ async def test_an_expired_lease_is_claimed_by_another_worker(
     assert len(await events(database, "delivery.delivered", "delivery.bounced")) == 1
 
 
+async def test_a_live_worker_sends_no_copy_whose_lease_another_took_over(
+    start_relay: StartRelay, sink: Sink, database: Database
+) -> None:
+    """Two processes, one of them slow: its heartbeat came later than a lease while one
+    copy was in flight and another waited for its one slot. The other process took both
+    over; the slow one must not send the one that was still waiting. (The one in flight
+    had left already: it arrives twice, the most a late heartbeat can cost.)"""
+    clock = FakeClock()
+    harness = await start_relay(
+        sink, clock=clock, roles=("smtp",), worker={"lease_seconds": 30, "concurrency": 1}
+    )
+    relay = harness.relay
+    for recipient in ("first@example.com", "second@example.com"):
+        await harness.send(make_message(to=recipient))
+    clock.now = utcnow()
+    other = DeliveryWorker(
+        harness.settings,
+        database,
+        relay.blobs,
+        relay.worker.routes,
+        relay.worker.signer,
+        relay.signal,
+        clock,
+    )
+
+    # run_once has no heartbeat: as if every beat of this process came too late.
+    hold = sink.hold = asyncio.Event()
+    slow = asyncio.create_task(relay.worker.run_once())
+    await sink.wait_held(1, WAIT)
+    sink.hold = None
+    clock.advance(31)
+    assert await other.run_once() == 2
+    hold.set()
+    async with asyncio.timeout(WAIT):
+        assert await slow == 2
+
+    got = Counter(r for m in sink.messages for r in m.rcpt_tos)
+    assert got == Counter({"first@example.com": 2, "second@example.com": 1})
+    rows = await deliveries(database)
+    assert all(d.status == DeliveryStatus.DELIVERED and d.attempts == 1 for d in rows)
+    assert len(await events(database, "delivery.delivered")) == 2
+
+
 async def test_settle_refuses_a_worker_whose_lease_was_taken(database: Database) -> None:
     [delivery_id] = await insert_due(database, 1)
     now = utcnow()
@@ -714,6 +757,26 @@ async def test_postgres_claims_skip_rows_locked_by_an_open_claim(database: Datab
         assert {c.delivery.id for c in first} | {c.delivery.id for c in second} == set(ids)
     async with database.transaction() as session:
         assert await queue.claim(session, "third", now, lease, 50) == []
+
+
+@pytest.mark.parametrize("database", ["postgres"], indirect=True)  # SQLite has one writer
+async def test_postgres_renewal_is_not_held_up_by_a_locked_copy(database: Database) -> None:
+    """The heartbeat renews every lease it can now, not after whatever transaction holds one
+    of its copies (its outcome being recorded) ends: meanwhile the others would run out."""
+    ids = await insert_due(database, 3)
+    now = utcnow()
+    lease = timedelta(seconds=30)
+    async with database.transaction() as session:
+        assert len(await queue.claim(session, "worker", now, lease, 3)) == 3
+    later = now + timedelta(seconds=20)
+    async with database.transaction() as recording:
+        await recording.execute(
+            update(Delivery).where(Delivery.id == ids[0]).values(last_error="recording")
+        )
+        async with asyncio.timeout(5), database.transaction() as session:
+            assert await queue.renew(session, ids, "worker", later, lease) == 2
+    leases = {d.id: d.lease_until for d in await deliveries(database)}
+    assert leases == {ids[0]: now + lease, ids[1]: later + lease, ids[2]: later + lease}
 
 
 async def test_two_workers_deliver_each_copy_once(
