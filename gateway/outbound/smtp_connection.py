@@ -25,11 +25,10 @@ from typing import cast
 
 import aiosmtplib
 
-from gateway.mail import headers
+from gateway.mail import lines
 
 log = logging.getLogger(__name__)
 
-_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_LINE = 8192  # one reply line at most, as aiosmtplib allows
 MAX_REPLY = 4 * MAX_LINE  # a whole (multi-line) reply at most
@@ -80,10 +79,9 @@ class BareLineEnd(aiosmtplib.SMTPException):
 def bare_line_end_refusal(data: bytes) -> str | None:
     """Why `data` must not leave, logged once with where it breaks; None when every line
     ends in CRLF. Copies are made CRLF-only; this is the last line of defence."""
-    if not headers.has_bare_line_end(data):
+    offset = lines.bare_line_end(data)
+    if offset == -1:
         return None
-    found = _BARE_LINE_END.search(data)
-    offset = found.start() if found is not None else -1
     log.error(
         "refusing to send a copy of %d bytes: bare CR or LF at byte %d (SMTP smuggling risk);"
         " the copy stays queued",

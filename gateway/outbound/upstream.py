@@ -25,9 +25,7 @@ import aiosmtplib
 from gateway.config import UpstreamSettings
 from gateway.mail.outgoing import relay_id
 from gateway.outbound.connection_cache import ConnectionCache
-from gateway.outbound.smtp_connection import BareLineEnd as BareLineEnd
 from gateway.outbound.smtp_connection import ConnectionEnded, SmtpConnection, bare_line_end_refusal
-from gateway.outbound.smtp_connection import stuffed_pieces as stuffed_pieces
 from gateway.store.models import new_id
 
 log = logging.getLogger(__name__)

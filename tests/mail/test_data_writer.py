@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.outbound.upstream import stuffed_pieces
+from gateway.outbound.smtp_connection import stuffed_pieces
 from tests.conftest import AGENT, StartRelay
 
 
