@@ -39,7 +39,7 @@ from rules.policy import Policy
 DEFAULT_POLICY = Policy()
 
 ENV_PREFIX = "SEALRELAY_"
-# [worker]: sends upstream at once in all, and to one destination (docs/configuration.md)
+# [worker]: sends upstream at once in all, and to one destination (docs/deployment.md)
 DEFAULT_CONCURRENCY = 20
 DEFAULT_DESTINATION_CONCURRENCY = 10
 # The longest a link may be valid, in days: the policy's limits, and an agent's extension's.
