@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from gateway.outbound.delivery import WAITING_BATCHES
 from gateway.outbound.destination_gates import DestinationGates
 from gateway.store.models import DeliveryStatus
-from tests.conftest import Harness, StartRelay, make_message
+from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, make_message
 from tests.outbound.test_delivery import WAIT, deliveries, eventually
 from tests.support import Sink
 
@@ -87,9 +88,10 @@ def routed(*sinks: CountingSink) -> dict[str, Any]:
 
 
 async def send_each(harness: Harness, recipients: list[str]) -> None:
-    """One message per recipient: each leaves as a group of its own."""
-    for recipient in recipients:
-        await harness.send(make_message(to=recipient))
+    """One message per recipient, each leaving as a group of its own; one session."""
+    async with harness.client(username=AGENT, password=PASSWORD) as client:
+        for recipient in recipients:
+            await client.send_message(make_message(to=recipient), sender=AGENT)
 
 
 async def all_delivered_once(harness: Harness, sinks: list[CountingSink], count: int) -> None:
@@ -171,6 +173,29 @@ async def test_the_destination_and_the_total_limits_are_never_exceeded(
 
 
 DOMAINS = ("d1.example", "d2.example")
+
+
+async def test_claims_pause_once_the_copies_waiting_for_destinations_reach_their_bound(
+    relay_factory: StartRelay, sink: CountingSink
+) -> None:
+    """Copies waiting for a busy destination are held in memory and leased: at most
+    WAITING_BATCHES batches of them, then the rest stays in the queue, unleased."""
+    harness = await relay_factory(
+        worker={"concurrency": 4, "destination_concurrency": 1, "batch_size": 2}
+    )
+    bound = 2 * WAITING_BATCHES
+    release = sink.hold = asyncio.Event()
+    await send_each(harness, [f"p{n}@example.com" for n in range(bound + 3)])
+    gates, key = harness.relay.worker.destinations, key_of(harness)
+    await until(lambda: gates.waiting(key) == bound)
+    rows = await deliveries(harness.relay.db)
+    assert sum(d.leased_by is not None for d in rows) == bound + 1
+    assert sum(d.leased_by is None for d in rows) == 2
+    assert gates.running(key) == 1 and sink.own.now == 1
+
+    release.set()
+    await all_delivered_once(harness, [sink], bound + 3)
+    assert sink.own.most == 1
 
 
 async def test_a_destination_that_defers_a_whole_send_gets_one_at_a_time_until_one_succeeds(
