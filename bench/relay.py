@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from multiprocessing.connection import Connection
@@ -226,10 +226,13 @@ def write_config(
     ports: tuple[int, int, int],
     size: int,
     links: bool,
+    worker: Mapping[str, int] | None = None,
 ) -> Path:
-    """The relay's settings; without `links`, no attachment is big enough to become a link."""
+    """The relay's settings; without `links`, no attachment is big enough to become a link.
+    `worker`: [worker] settings to set, else the shipped ones."""
     smtp_port, web_port, sink_port = ports
     policy = "" if links else NO_LINKS
+    worker_lines = "".join(f"{key} = {value}\n" for key, value in (worker or {}).items())
     key_file = directory / "dkim.pem"
     dkim.write_private_key(dkim.generate_private_key(), key_file)
     config = directory / "relay.toml"
@@ -255,6 +258,8 @@ retry_max = 5
 [database]
 url = "{db_url}"
 
+[worker]
+{worker_lines}
 [storage]
 path = "{directory / "blobs"}"
 
@@ -477,8 +482,16 @@ async def bench(args: argparse.Namespace) -> int:
     log = directory / "relay.log"
     try:
         async with database_url(args.backend, directory) as db_url:
+            worker = {
+                key: value
+                for key, value in (
+                    ("concurrency", args.concurrency),
+                    ("destination_concurrency", args.destination_concurrency),
+                )
+                if value is not None
+            }
             config = write_config(
-                directory, db_url, (smtp_port, web_port, sink_port), args.size, args.links
+                directory, db_url, (smtp_port, web_port, sink_port), args.size, args.links, worker
             )
             await asyncio.to_thread(add_agent, config)
             with sink_process(sink_port, tally, loop) as sink_pid, log.open("wb") as out:
@@ -659,6 +672,15 @@ def main() -> None:
         action="store_true",
         help="keep the shipped policy, so large attachments become download links"
         " (default: links off, every message is relayed whole and signed)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="[worker] concurrency (default: shipped)"
+    )
+    parser.add_argument(
+        "--destination-concurrency",
+        type=int,
+        default=None,
+        help="[worker] destination_concurrency (default: shipped); the sink is one destination",
     )
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for delivery")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")

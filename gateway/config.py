@@ -39,6 +39,9 @@ from rules.policy import Policy
 DEFAULT_POLICY = Policy()
 
 ENV_PREFIX = "SEALRELAY_"
+# [worker]: sends upstream at once in all, and to one destination (docs/deployment.md)
+DEFAULT_CONCURRENCY = 20
+DEFAULT_DESTINATION_CONCURRENCY = 10
 # The longest a link may be valid, in days: the policy's limits, and an agent's extension's.
 DOWNLOAD_LINK_DAYS_MAX = 3650
 LETTER_LINK_DAYS_MAX = 365
@@ -221,8 +224,12 @@ class UpstreamSettings(Section):
     retry_base: float = Field(default=60, gt=0, description="seconds before the first retry")
     retry_max: float = Field(default=3600, gt=0, description="seconds between retries at most")
     # Kept connections (docs/connection-cache.md), named after Postfix's smtp_connection_cache_*
-    connection_cache: int = Field(
-        default=4, ge=0, le=1000, description="idle connections kept per destination; 0: none"
+    connection_cache: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="idle connections kept per destination; 0: none; unset: every one a"
+        " destination's sends opened (at most [worker] destination_concurrency)",
     )
     connection_cache_time_limit: float = Field(
         default=5, gt=0, description="seconds an idle connection is kept for the next copy"
@@ -592,7 +599,16 @@ class LoopSettings(Section):
 
 
 class WorkerSettings(Section):
-    concurrency: int = Field(default=4, ge=1, le=256)
+    concurrency: int = Field(
+        default=DEFAULT_CONCURRENCY, ge=1, le=1000, description="sends upstream at once, in all"
+    )
+    destination_concurrency: int = Field(
+        default=DEFAULT_DESTINATION_CONCURRENCY,
+        ge=1,
+        le=1000,
+        description="sends to one destination (smart host and login, MX domain) at once;"
+        " unset: 10, or `concurrency` when that is less",
+    )
     batch_size: int = Field(default=50, ge=1, le=1000)
     lease_seconds: float = Field(
         default=30,
@@ -601,6 +617,32 @@ class WorkerSettings(Section):
         " return to the queue after this",
     )
     poll_seconds: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _destination_within_total(cls, data: Any) -> Any:
+        """An explicit destination_concurrency above concurrency is a mistake (it could
+        never be reached); left unset, it follows a lowered concurrency."""
+        if not isinstance(data, Mapping) or "destination_concurrency" in data:
+            return data
+        try:
+            total = int(data["concurrency"])
+        except (KeyError, TypeError, ValueError):
+            return data  # the default, or a value its own check reports
+        if 1 <= total < DEFAULT_DESTINATION_CONCURRENCY:
+            return {**data, "destination_concurrency": total}
+        return data
+
+    @field_validator("destination_concurrency")
+    @classmethod
+    def _destination_at_most_total(cls, value: int, info: ValidationInfo) -> int:
+        total = info.data.get("concurrency")  # missing when it failed its own check
+        if total is not None and value > total:
+            raise ValueError(
+                f"{value} is more than concurrency ({total}), the sends to all destinations"
+                " together; lower it or raise concurrency"
+            )
+        return value
 
 
 def _shipped(value: str) -> str:

@@ -4,7 +4,9 @@ A new connection costs a TCP and TLS handshake, EHLO twice and often AUTH: more 
 copy itself for small mail, and a round trip or five. So after a copy, its connection is kept
 idle for the next one (Postfix's smtp_connection_cache_*, docs/connection-cache.md): per
 destination (a smart host, an agent's own login, an MX domain with its MTA-STS mode) at most
-`connection_cache` idle connections, each for `connection_cache_time_limit` seconds idle, and
+`connection_cache` idle connections (unset: all of them, which the worker's per-destination
+limit bounds, so that the next burst finds every connection the last one opened), each for
+`connection_cache_time_limit` seconds idle, and
 none used for more than `connection_reuse_count_limit` copies or after
 `connection_reuse_time_limit` seconds since it opened. A connection that had any trouble
 (a lost reply, a 421, a timeout) is never kept. Closing the cache says QUIT on every kept one.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import Hashable
 
@@ -23,7 +26,7 @@ from gateway.outbound.smtp_connection import SmtpConnection
 
 class ConnectionCache:
     def __init__(self, settings: UpstreamSettings) -> None:
-        self.size = settings.connection_cache
+        self.size = sys.maxsize if settings.connection_cache is None else settings.connection_cache
         self.idle_limit = settings.connection_cache_time_limit
         self.count_limit = settings.connection_reuse_count_limit
         self.age_limit = settings.connection_reuse_time_limit

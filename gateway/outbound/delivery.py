@@ -1,8 +1,10 @@
 """The delivery worker: claim due copies, send them upstream, record each outcome.
 
-Copies of one message that share a blob and a route (gateway/outbound/routes.py) leave in
-one SMTP transaction, prepared and signed once; its outcomes are recorded as soon as the
-upstream has answered, before the worker slot is given up. Temporary failures retry with
+Copies of one message that share a blob, a route (gateway/outbound/routes.py) and a
+destination leave in one SMTP transaction, prepared and signed once; its outcomes are recorded
+as soon as the upstream has answered, before the worker slot is given up. At most
+`[worker] concurrency` groups are sent at once, and at most `destination_concurrency` of them
+to one destination (gateway/outbound/destination_gates.py). Temporary failures retry with
 backoff until the copy's queue lifetime runs out; then, or at once on a permanent failure,
 the copy bounces and the agent gets a DSN.
 """
@@ -16,7 +18,7 @@ import os
 import random
 import re
 import secrets
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,10 +29,11 @@ from gateway.mail.loop_mark import LoopMarks
 from gateway.mail.outgoing import Signer, prepare
 from gateway.mail.own_mail import OwnMail
 from gateway.outbound import dsn, queue
+from gateway.outbound.destination_gates import DestinationGates
 from gateway.outbound.local_mail import prepare as prepare_own_mail
 from gateway.outbound.queue_signal import QueueSignal
 from gateway.outbound.routes import Route, RouteTable
-from gateway.outbound.upstream import Outcome, SmtpUpstream, relay_name
+from gateway.outbound.upstream import Destination, Outcome, SmtpUpstream, relay_name
 from gateway.store import group_commit
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
@@ -47,6 +50,9 @@ _LOGGED_STATUS = {
 }
 _ENHANCED_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 AGENT_LOGIN = "agent-login"  # the delivered event's route when the agent's own login was used
+# Copies held waiting for a busy destination, at most this many batches: claims go on past
+# them for other destinations until then (Postfix's qmgr_message_active_limit, in small).
+WAITING_BATCHES = 20
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,9 @@ class DeliveryWorker:
         self.clock = clock
         self.name = f"{settings.server.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
         self._slots = asyncio.Semaphore(settings.worker.concurrency)
+        self.destinations = DestinationGates(settings.worker.destination_concurrency)
         self._held: set[str] = set()  # claimed here and not yet recorded: the heartbeat's list
+        self._waiting = 0  # of those, copies waiting for their destination's turn
         self._closings: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -116,8 +124,14 @@ class DeliveryWorker:
         return len(claimed)
 
     async def _start_due(self, sending: set[asyncio.Task[None]], stop: asyncio.Event) -> int:
-        """Claim up to the room left in the batch; a task per group. How many were claimed."""
-        room = self.settings.worker.batch_size - len(self._held)
+        """Claim up to the room left in the batch; a task per group. How many were claimed.
+
+        Copies waiting for a busy destination do not count against the batch (up to
+        WAITING_BATCHES of them): a burst to one destination does not stop the claims of
+        copies for others."""
+        batch = self.settings.worker.batch_size
+        ready = len(self._held) - self._waiting
+        room = min(batch - ready, batch * WAITING_BATCHES - self._waiting)
         if room <= 0:
             return 0
         claimed = await self._claim(room)
@@ -171,22 +185,50 @@ class DeliveryWorker:
         self, route: Route, group: Sequence[queue.Claimed], stop: asyncio.Event | None = None
     ) -> None:
         """Send one group and record its outcomes before giving up the slot, so that copies
-        sent but not yet recorded (sent again after a crash) are at most the slots."""
+        sent but not yet recorded (sent again after a crash) are at most the slots.
+
+        The group first waits for its destination's turn, holding no slot meanwhile, so
+        that groups for other destinations take the slots."""
         ids = [item.delivery.id for item in group]
+        self._waiting += len(ids)
+        waiting = True
         try:
-            async with self._slots:
-                if stop is not None and stop.is_set():
-                    await self._release(ids)
-                    return
-                group = await self._hold(group)
-                if not group:
-                    return
-                outcomes, signed, route = await self._send(route, group)
-                await self._record(
-                    group[0].message, [item.delivery for item in group], outcomes, route, signed
-                )
+            route, unusable = await self._route_of(route, group)
+            destination = route.upstream.destination(group[0].delivery.recipient)
+            async with self.destinations.slot(destination.key, destination.limit):
+                self._waiting -= len(ids)
+                waiting = False
+                async with self._slots:
+                    if stop is not None and stop.is_set():
+                        await self._release(ids)
+                        return
+                    group = await self._hold(group)
+                    if not group:
+                        return
+                    outcomes, signed = unusable or await self._send(route, destination, group)
+                    await self._record(
+                        group[0].message, [item.delivery for item in group], outcomes, route, signed
+                    )
         finally:
+            if waiting:
+                self._waiting -= len(ids)
             self._held.difference_update(ids)
+
+    async def _route_of(
+        self, route: Route, group: Sequence[queue.Claimed]
+    ) -> tuple[Route, tuple[dict[str, Outcome], None] | None]:
+        """The route the group takes: the agent's own login, when they have one, before the
+        table's; with the group's outcomes already when that login cannot be used."""
+        message = group[0].message
+        recipients = [item.delivery.recipient for item in group]
+        try:
+            return await self._agent_login_for(message, group[0].login_changed) or route, None
+        except (LoginKeyMissing, LoginUnreadable) as exc:  # their texts hold no secret
+            log.error("%s: the agent's upstream login cannot be used: %s", message.id, exc)
+            return route, (dict.fromkeys(recipients, Outcome(f"agent login unusable: {exc}")), None)
+        except Exception as exc:
+            log.exception("delivering %s failed before a reply", message.id)
+            return route, (dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None)
 
     async def _hold(self, group: Sequence[queue.Claimed]) -> list[queue.Claimed]:
         """The copies of `group` this worker still holds, each leased for `lease_seconds`
@@ -205,18 +247,17 @@ class DeliveryWorker:
         return [item for item in group if item.delivery.id in held]
 
     async def _send(
-        self, route: Route, group: Sequence[queue.Claimed]
-    ) -> tuple[dict[str, Outcome], str | None, Route]:
-        """The upstream's outcome per recipient, the digest of the signed bytes when a
+        self, route: Route, destination: Destination, group: Sequence[queue.Claimed]
+    ) -> tuple[dict[str, Outcome], str | None]:
+        """The upstream's outcome per recipient, and the digest of the signed bytes when a
         copy of the group keeps them (stored before they leave, so that a copy recorded as
-        delivered always has them: a released original's evidence is what the recipient got),
-        and the route taken: the agent's own login, when they have one, before any route."""
+        delivered always has them: a released original's evidence is what the recipient got).
+        The outcomes tell the destination's gate how it went."""
         message = group[0].message
         deliveries = [item.delivery for item in group]
         recipients = [d.recipient for d in deliveries]
         signed = None
         try:
-            route = await self._agent_login_for(message, group[0].login_changed) or route
             # Not kept in a local: the stored bytes are freed once the copy is built.
             data = prepare(
                 await self.blobs.read(deliveries[0].blob),
@@ -227,13 +268,15 @@ class DeliveryWorker:
             )
             if any(d.keep_signed for d in deliveries):
                 signed = await self.blobs.put(data)
-            return await route.upstream.send(message.sender, recipients, data), signed, route
-        except (LoginKeyMissing, LoginUnreadable) as exc:  # their texts hold no secret
-            log.error("%s: the agent's upstream login cannot be used: %s", message.id, exc)
-            return dict.fromkeys(recipients, Outcome(f"agent login unusable: {exc}")), None, route
+            outcomes = await route.upstream.send(message.sender, recipients, data)
         except Exception as exc:
             log.exception("delivering %s failed before a reply", message.id)
-            return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None, route
+            return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None
+        if all(not o.delivered and not o.permanent for o in outcomes.values()):
+            self.destinations.failed(destination.key)
+        else:
+            self.destinations.succeeded(destination.key)
+        return outcomes, signed
 
     async def _agent_login_for(self, message: Message, changed: datetime | None) -> Route | None:
         """The agent's own login as a route and upstream, for mail the agent sent (their
@@ -432,11 +475,13 @@ class DeliveryWorker:
 def _groups(
     claimed: Sequence[queue.Claimed], route_for: Callable[[queue.Claimed], Route]
 ) -> list[tuple[Route, list[queue.Claimed]]]:
-    """Copies of one message that share a blob and a route leave in one SMTP transaction."""
-    groups: dict[tuple[str, str, str], tuple[Route, list[queue.Claimed]]] = {}
+    """Copies of one message that share a blob, a route and a destination (direct
+    delivery: a recipient domain) leave in one SMTP transaction."""
+    groups: dict[tuple[str, str, str, Hashable], tuple[Route, list[queue.Claimed]]] = {}
     for item in claimed:
         route = route_for(item)
-        key = (item.message.id, item.delivery.blob, route.name)
+        destination = route.upstream.destination(item.delivery.recipient).key
+        key = (item.message.id, item.delivery.blob, route.name, destination)
         groups.setdefault(key, (route, []))[1].append(item)
     return list(groups.values())
 

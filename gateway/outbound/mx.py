@@ -28,6 +28,7 @@ from gateway.outbound.mta_sts import MtaSts, Policy, verified_context
 from gateway.outbound.mx_lookup import DnsResolver, DnsTrouble, MxLookupError, mx_hosts
 from gateway.outbound.smtp_connection import ConnectionEnded, SmtpConnection
 from gateway.outbound.upstream import (
+    Destination,
     Outcome,
     client_tls_context,
     ended,
@@ -38,6 +39,10 @@ from gateway.outbound.upstream import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def domain_of(recipient: str) -> str:
+    return recipient.rpartition("@")[2].lower()
 
 
 class HostFailed(Exception):
@@ -80,13 +85,18 @@ class MxUpstream:
         """QUIT on the kept connections."""
         await self.connections.close()
 
+    def destination(self, recipient: str) -> Destination:
+        """The recipient's domain, at most `[mx] connections_per_destination` at a time:
+        the worker then never waits inside `send` for this upstream's own per-domain slot."""
+        return Destination(("mx", domain_of(recipient)), self.limits.per_destination)
+
     async def send(
         self, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> dict[str, Outcome]:
         """One transaction per recipient domain, the domains at the same time."""
         by_domain: dict[str, list[str]] = {}
         for recipient in recipients:
-            by_domain.setdefault(recipient.rpartition("@")[2].lower(), []).append(recipient)
+            by_domain.setdefault(domain_of(recipient), []).append(recipient)
         results = await asyncio.gather(
             *(self._to_domain(d, group, mail_from, data) for d, group in by_domain.items())
         )

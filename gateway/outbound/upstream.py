@@ -14,7 +14,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,10 +46,23 @@ class Outcome:
 DELIVERED = Outcome()
 
 
+@dataclass(frozen=True)
+class Destination:
+    """Where a copy's conversation goes, as the worker counts sends per destination
+    (gateway/outbound/destination_gates.py): the key its connections are kept under, and
+    the upstream's own lower limit if it has one (direct delivery's per domain)."""
+
+    key: Hashable
+    limit: int | None = None
+
+
 class Upstream(Protocol):
     async def send(
         self, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> dict[str, Outcome]: ...
+
+    def destination(self, recipient: str) -> Destination:
+        """Where a copy to `recipient` goes; copies to one destination may leave together."""
 
     async def close(self) -> None:
         """Let go of what is kept open (connections: QUIT); called once, at shutdown."""
@@ -73,6 +86,9 @@ class CaptureUpstream:
             return dict.fromkeys(recipients, Outcome(refusal))
         path = await asyncio.to_thread(self._write, mail_from, recipients, data)
         return dict.fromkeys(recipients, Outcome(reply=f"written to {path}"))
+
+    def destination(self, recipient: str) -> Destination:
+        return Destination(("capture", str(self.directory)))
 
     async def close(self) -> None:
         """Nothing is kept open."""
@@ -194,6 +210,11 @@ class SmtpUpstream:
     def deadline(self, size: int) -> float:
         """Seconds a whole conversation about `size` bytes may take before it is given up."""
         return self.session_timeout + size / self.min_transfer_rate
+
+    def destination(self, recipient: str) -> Destination:
+        """The host and the login: two routes to one smart host share its limit, two
+        agents' own logins at one host do not."""
+        return Destination(("smtp", self.host, self.port, self.username))
 
     async def send(
         self, mail_from: str, recipients: Sequence[str], data: bytes

@@ -251,6 +251,32 @@ async def test_no_cache_means_a_connection_per_copy(
     await sink.wait_for(lambda: sink.quits == 3)
 
 
+async def test_unset_the_cache_keeps_every_connection_a_burst_opened(
+    sink: RecordingSink, upstreams: Callable[..., SmtpUpstream]
+) -> None:
+    """Left unset, the cache keeps what a destination's concurrent sends opened (the worker
+    bounds them by destination_concurrency), so the next burst opens none; a set size
+    still caps it."""
+    unset, four = upstreams(), upstreams(connection_cache=4)
+    held = 0
+
+    async def burst(upstream: SmtpUpstream) -> None:
+        nonlocal held
+        release = sink.hold = asyncio.Event()
+        sends = [asyncio.create_task(send(upstream, f"p{n}@example.com")) for n in range(6)]
+        held += 6
+        await sink.wait_held(held, 10)
+        release.set()
+        assert all(delivered(outcomes) for outcomes in await asyncio.gather(*sends))
+
+    await burst(unset)
+    assert (sink.connections, unset.connections.idle(KEPT)) == (6, 6)
+    await burst(unset)
+    assert (sink.connections, unset.connections.idle(KEPT)) == (6, 6)
+    await burst(four)
+    assert (sink.connections, four.connections.idle(KEPT)) == (12, 4)
+
+
 async def test_a_kept_connection_that_broke_before_data_is_retried_once_on_a_new_one(
     sink: RecordingSink, upstreams: Callable[..., SmtpUpstream]
 ) -> None:

@@ -541,6 +541,46 @@ async def test_a_relayed_message_arrives_signed_at_the_mx(
     assert harness.sink.messages == []  # the smart host of the other tests saw nothing
 
 
+async def test_a_message_for_two_domains_leaves_per_domain_and_a_slow_one_holds_no_other(
+    relay_factory: StartRelay, database: Database, net: Net
+) -> None:
+    """Each recipient domain is a destination of its own: the copy for the domain whose MX
+    is slow waits for it alone; the other domain's copy is delivered and recorded."""
+    net.mx("slow.example.com", (10, "mx.slow.example.com"))
+    net.a("mx.slow.example.com", 10)
+    net.mx("fast.example.com", (10, "mx.fast.example.com"))
+    net.a("mx.fast.example.com", 11)
+    release = asyncio.Event()
+    slow, fast = await net.sink(10, hold=release), await net.sink(11)
+    await net.upstream()  # starts the DNS server
+    harness = await relay_factory(
+        upstream={"url": "mx:"},
+        mx={"resolver": [f"127.0.0.1:{net.dns_port}"], "port": net.port, "mta_sts": False},
+        worker={"concurrency": 2, "destination_concurrency": 1},
+    )
+    await harness.send(make_message(to="a@slow.example.com, b@fast.example.com"))
+    await slow.wait_held(1)
+    [copy] = await fast.expect(1)
+    assert copy.rcpt_tos == ["b@fast.example.com"]
+
+    async def fast_recorded() -> bool:
+        async with database.transaction() as session:
+            rows = (await session.scalars(select(Delivery))).all()
+        return {d.recipient: d.status for d in rows} == {
+            "a@slow.example.com": DeliveryStatus.QUEUED,
+            "b@fast.example.com": DeliveryStatus.DELIVERED,
+        }
+
+    async with asyncio.timeout(20):
+        while not await fast_recorded():
+            await asyncio.sleep(0.05)
+    assert harness.relay.worker.destinations.running(("mx", "slow.example.com")) == 1
+    release.set()
+    [held] = await slow.expect(1)
+    assert held.rcpt_tos == ["a@slow.example.com"]
+    await queue_idle(database)
+
+
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)  # no database question
 async def test_a_null_mx_recipient_bounces_to_the_agent_through_the_agents_mx(
     relay_factory: StartRelay, database: Database, net: Net, caplog: pytest.LogCaptureFixture

@@ -42,6 +42,23 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     assert settings.upstream.url == "smtps://mail.example.com:465"
 
 
+def test_destination_concurrency_follows_a_lower_total_unless_set(tmp_path: Path) -> None:
+    """Unset, it is 10, or the total when that is lower (a config from before it existed,
+    with `concurrency = 4`, still starts); set, it is kept."""
+    path = tmp_path / "c.toml"
+    assert load_settings(environ={}).worker.concurrency == 20
+    assert load_settings(environ={}).worker.destination_concurrency == 10
+    assert load_settings(environ={}).upstream.connection_cache is None
+    path.write_text("[worker]\nconcurrency = 4\n")
+    assert load_settings(path, environ={}).worker.destination_concurrency == 4
+    env = {"SEALRELAY_WORKER__CONCURRENCY": "3"}
+    assert load_settings(path, environ=env).worker.destination_concurrency == 3
+    path.write_text("[worker]\nconcurrency = 40\ndestination_concurrency = 40\n")
+    assert load_settings(path, environ={}).worker.destination_concurrency == 40
+    path.write_text("[worker]\nconcurrency = 40\n")
+    assert load_settings(path, environ={}).worker.destination_concurrency == 10
+
+
 def test_dkim_domains_from_file_are_lower_cased(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[dkim."Broker.Example"]\nselector = "s1"\nkey_file = "k.pem"\n')
@@ -85,6 +102,37 @@ def test_dkim_domains_from_file_are_lower_cased(tmp_path: Path) -> None:
         ),
         ("[console]\nidle_timeout = 10\n", {}, "console.idle_timeout: Input should be greater"),
         ("[console]\nremember_me = true\n", {}, "console.remember_me: unknown setting"),
+        ("[worker]\nconcurrency = 0\n", {}, "worker.concurrency: Input should be greater"),
+        ("[worker]\nconcurrency = -3\n", {}, "worker.concurrency: Input should be greater"),
+        ("[worker]\nconcurrency = 1001\n", {}, "worker.concurrency: Input should be less"),
+        (
+            "[worker]\ndestination_concurrency = 0\n",
+            {},
+            "worker.destination_concurrency: Input should be greater than or equal to 1",
+        ),
+        (
+            "",
+            {"SEALRELAY_WORKER__DESTINATION_CONCURRENCY": "-1"},
+            "worker.destination_concurrency: Input should be greater than or equal to 1"
+            " (from SEALRELAY_WORKER__DESTINATION_CONCURRENCY)",
+        ),
+        (
+            "[worker]\ndestination_concurrency = 'ten'\n",
+            {},
+            "worker.destination_concurrency: Input should be a valid integer",
+        ),
+        (
+            "[worker]\nconcurrency = 4\ndestination_concurrency = 5\n",
+            {},
+            "worker.destination_concurrency: 5 is more than concurrency (4), the sends to all"
+            " destinations together; lower it or raise concurrency",
+        ),
+        (
+            "[worker]\ndestination_concurrency = 21\n",
+            {},
+            "worker.destination_concurrency: 21 is more than concurrency (20)",
+        ),
+        ("[upstream]\nconnection_cache = -1\n", {}, "upstream.connection_cache: Input should be"),
     ],
 )
 def test_bad_values_name_the_key(
