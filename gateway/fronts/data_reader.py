@@ -2,12 +2,13 @@
 
 aiosmtpd keeps every line of DATA as its own object and joins them at the end: for a 10 MB
 message that is ~4x its size in memory and most of a minimal relay's CPU (DESIGN.md,
-measured facts). Here the stream is searched for the end of data in windows of
-`WINDOW` octets at C speed; each window's complete lines are checked for length,
-dot-unstuffed (`gateway.mail.lines`) and written to a nameless spool file at once. So a
-session holds a window or two while its client sends, not the message: with 20 big
-messages arriving at once that was 20 whole messages in memory (issue 18). The message is
-read back in one piece only once the end of data has arrived.
+measured facts). Here the stream is searched for the end of data in windows of `WINDOW`
+octets at C speed; each window's complete lines are checked for length and dot-unstuffed
+(`gateway.mail.lines`) as they arrive. The first `KEPT` octets stay in memory (small mail
+costs no file); past them everything goes to a nameless spool file. So a session holds a
+window or two while its client sends, not the message: with 20 big messages arriving at
+once that was 20 whole messages in memory (issue 18). The message is read back in one
+piece only when the front hands it on (gateway/fronts/byte_budget.py says when).
 
 The end is only ever CRLF "." CRLF: a bare LF or CR before the dot does not end the data
 (no SMTP smuggling), and the pipeline refuses such mail anyway.
@@ -24,6 +25,7 @@ from typing import IO
 from gateway.mail import lines
 
 WINDOW = 256 * 1024
+KEPT = 256 * 1024  # octets kept in memory before a spool file is made
 _END = b".\r\n"
 
 
@@ -35,14 +37,19 @@ class DataResult:
 
 
 class _Spool:
-    """Complete lines, checked and unstuffed, go to the file; a line's start waits for its
-    end in `carry` (at most the line limit: a longer one is refused at once)."""
+    """Complete lines, checked and unstuffed, are kept; a line's start waits for its end in
+    `carry` (at most the line limit: a longer one is refused at once). The first `KEPT`
+    octets stay in memory, so that small mail costs no file; past them everything goes to
+    a nameless file in `spool_dir`."""
 
-    def __init__(self, file: IO[bytes], line_limit: int) -> None:
-        self.file = file
+    def __init__(self, line_limit: int, spool_dir: Path | None) -> None:
         self.line_limit = line_limit
+        self.spool_dir = spool_dir
         self.carry = bytearray()
         self.line_too_long = False
+        self.kept: list[bytes] = []
+        self.size = 0
+        self.file: IO[bytes] | None = None
 
     async def feed(self, piece: bytes, end: int) -> None:
         """`piece[:end]`, which continues what came before."""
@@ -64,7 +71,29 @@ class _Spool:
         ):
             self.line_too_long = True
             return
-        await asyncio.to_thread(self.file.writelines, _unstuffed_pieces(block))
+        await self._write(_unstuffed_pieces(block))
+
+    async def _write(self, pieces: list[bytes | memoryview]) -> None:
+        self.size += sum(len(piece) for piece in pieces)
+        file = self.file
+        if file is None:
+            self.kept.extend(bytes(piece) for piece in pieces)
+            if self.size <= KEPT:
+                return
+            file = await asyncio.to_thread(_nameless_file, self.spool_dir)
+            self.file = file
+            pieces, self.kept = list(self.kept), []
+        await asyncio.to_thread(file.writelines, pieces)
+
+    async def read(self) -> bytes:
+        if self.file is None:
+            return b"".join(self.kept)
+        return await asyncio.to_thread(_read_back, self.file)
+
+    def close(self) -> None:
+        self.kept = []
+        if self.file is not None:
+            self.file.close()
 
 
 def _unstuffed_pieces(block: bytes | bytearray) -> list[bytes | memoryview]:
@@ -84,20 +113,20 @@ def _unstuffed_pieces(block: bytes | bytearray) -> list[bytes | memoryview]:
 
 
 class Spooled:
-    """DATA as received, in its spool file until `read` takes it into memory; `close`
+    """DATA as received, in memory or its spool file until `read` takes it whole; `close`
     ends the file (it has no name, so nothing is left behind)."""
 
-    def __init__(self, file: IO[bytes], too_big: bool = False, line_too_long: bool = False):
-        self._file = file
+    def __init__(self, spool: _Spool, too_big: bool = False) -> None:
+        self._spool = spool
         self.too_big = too_big
-        self.line_too_long = line_too_long
-        self.size = 0 if too_big or line_too_long else file.tell()
+        self.line_too_long = spool.line_too_long and not too_big
+        self.size = 0 if too_big or spool.line_too_long else spool.size
 
     async def read(self) -> bytes:
-        return await asyncio.to_thread(_read_back, self._file)
+        return await self._spool.read()
 
     def close(self) -> None:
-        self._file.close()
+        self._spool.close()
 
 
 async def spool_data(
@@ -106,22 +135,20 @@ async def spool_data(
     line_limit: int,
     spool_dir: Path | None = None,
 ) -> Spooled:
-    """Everything up to CRLF.CRLF, dot-unstuffed, into a spool file the caller closes; the
-    rest stays in `reader` for the next command (clients may pipeline QUIT behind the data).
-    The file is made in `spool_dir` (the system's temp directory when None) without a name,
-    so nothing is left there however the session ends, a killed process included."""
-    file = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 - Spooled.close ends it
+    """Everything up to CRLF.CRLF, dot-unstuffed, in memory up to `KEPT` octets and in a
+    spool file past them, which the caller closes; the rest stays in `reader` for the next
+    command (clients may pipeline QUIT behind the data). The file is made in `spool_dir`
+    (the system's temp directory when None) without a name, so nothing is left there
+    however the session ends, a killed process included."""
+    spool = _Spool(line_limit, spool_dir)
     try:
-        return await _spool(reader, size_limit, line_limit, file)
+        return await _spool(reader, size_limit, spool)
     except BaseException:
-        file.close()
+        spool.close()
         raise
 
 
-async def _spool(
-    reader: asyncio.StreamReader, size_limit: int | None, line_limit: int, file: IO[bytes]
-) -> Spooled:
-    spool = _Spool(file, line_limit)
+async def _spool(reader: asyncio.StreamReader, size_limit: int | None, spool: _Spool) -> Spooled:
     tail = b"\r\n"  # the DATA command's line end stands before the first line
     received = 0
     too_big = False
@@ -146,7 +173,7 @@ async def _spool(
             await spool.feed(piece, len(piece) - len(_END) if held else len(piece))
     finally:
         reader._limit = saved_limit  # type: ignore[attr-defined]
-    return Spooled(file, too_big, spool.line_too_long)
+    return Spooled(spool, too_big)
 
 
 async def read_data(
@@ -165,6 +192,10 @@ async def read_data(
         return DataResult(await spooled.read())
     finally:
         spooled.close()
+
+
+def _nameless_file(directory: Path | None) -> IO[bytes]:
+    return tempfile.TemporaryFile(dir=directory)
 
 
 def _read_back(file: IO[bytes]) -> bytes:
