@@ -172,6 +172,16 @@ class SmtpSettings(Section):
     proxy_from: list[str] = []
     proxy_timeout: float = Field(default=10, gt=0, description="seconds to wait for the header")
     trusted: list[TrustedClient] = []
+    data_in_memory: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="octets of received messages the pipeline holds at once; more wait spooled",
+    )
+    spool_dir: Path | None = Field(
+        default=None,
+        description="where DATA is spooled while it arrives (nameless files); default:"
+        " spool/ beside the blob store directory",
+    )
 
     @field_validator("listen", "implicit_tls_listen")
     @classmethod

@@ -1,10 +1,15 @@
-"""SMTP DATA read in large pieces instead of one await per line.
+"""SMTP DATA read in large pieces instead of one await per line, spooled to a file.
 
 aiosmtpd keeps every line of DATA as its own object and joins them at the end: for a 10 MB
 message that is ~4x its size in memory and most of a minimal relay's CPU (DESIGN.md,
-measured facts). Here the stream is searched for the end of data in windows of up to a MiB
-at C speed, into one buffer that becomes the message in one copy, dot-unstuffed on the way
-(`gateway.mail.lines`, whose line length check steps a line limit at a time, not a line).
+measured facts). Here the stream is searched for the end of data in windows of `WINDOW`
+octets at C speed; each window's complete lines are checked for length and dot-unstuffed
+(`gateway.mail.lines`) as they arrive. The first `KEPT` octets stay in memory (small mail
+costs no file); past them everything goes to a nameless spool file. So a session holds a
+window or two while its client sends, not the message: with 20 big messages arriving at
+once that was 20 whole messages in memory (issue 18). The message is read back in one
+piece only when the front hands it on (gateway/fronts/byte_budget.py says when).
+
 The end is only ever CRLF "." CRLF: a bare LF or CR before the dot does not end the data
 (no SMTP smuggling), and the pipeline refuses such mail anyway.
 """
@@ -12,11 +17,15 @@ The end is only ever CRLF "." CRLF: a bare LF or CR before the dot does not end 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 from gateway.mail import lines
 
-WINDOW = 1024 * 1024
+WINDOW = 256 * 1024
+KEPT = 256 * 1024  # octets kept in memory before a spool file is made
 _END = b".\r\n"
 
 
@@ -27,15 +36,123 @@ class DataResult:
     line_too_long: bool = False
 
 
-async def read_data(
-    reader: asyncio.StreamReader, size_limit: int | None, line_limit: int
-) -> DataResult:
-    """Everything up to CRLF.CRLF, dot-unstuffed; the rest stays in `reader` for the next
-    command (clients may pipeline QUIT behind the data)."""
-    buffer = bytearray()
+class _Spool:
+    """Complete lines, checked and unstuffed, are kept; a line's start waits for its end in
+    `carry` (at most the line limit: a longer one is refused at once). The first `KEPT`
+    octets stay in memory, so that small mail costs no file; past them everything goes to
+    a nameless file in `spool_dir`."""
+
+    def __init__(self, line_limit: int, spool_dir: Path | None) -> None:
+        self.line_limit = line_limit
+        self.spool_dir = spool_dir
+        self.carry = bytearray()
+        self.line_too_long = False
+        self.kept: list[bytes] = []
+        self.size = 0
+        self.file: IO[bytes] | None = None
+
+    async def feed(self, piece: bytes, end: int) -> None:
+        """`piece[:end]`, which continues what came before."""
+        if self.line_too_long or end == 0:
+            return
+        last = piece.rfind(b"\n", 0, end)
+        if last == -1:
+            self.carry += memoryview(piece)[:end]
+            self.line_too_long = len(self.carry) > self.line_limit
+            return
+        if self.carry:
+            self.carry += memoryview(piece)[: last + 1]
+            block: bytes | bytearray = self.carry
+        else:
+            block = piece[: last + 1] if last + 1 < len(piece) else piece
+        self.carry = bytearray(memoryview(piece)[last + 1 : end])
+        if lines.has_line_longer_than(block, self.line_limit) or (
+            len(self.carry) > self.line_limit
+        ):
+            self.line_too_long = True
+            return
+        await self._write(_unstuffed_pieces(block))
+
+    async def _write(self, pieces: list[bytes | memoryview]) -> None:
+        self.size += sum(len(piece) for piece in pieces)
+        file = self.file
+        if file is None:
+            self.kept.extend(bytes(piece) for piece in pieces)
+            if self.size <= KEPT:
+                return
+            file = await asyncio.to_thread(_nameless_file, self.spool_dir)
+            self.file = file
+            pieces, self.kept = list(self.kept), []
+        await asyncio.to_thread(file.writelines, pieces)
+
+    async def read(self) -> bytes:
+        if self.file is None:
+            return b"".join(self.kept)
+        return await asyncio.to_thread(_read_back, self.file)
+
+    def close(self) -> None:
+        self.kept = []
+        if self.file is not None:
+            self.file.close()
+
+
+def _unstuffed_pieces(block: bytes | bytearray) -> list[bytes | memoryview]:
+    """`block` (whole lines) without the stuffing dots, as slices of it where they are few."""
+    dots = lines.stuffing_dots(block)
+    if dots is None:
+        return [lines.unstuffed(block)]
+    positions = [0, *dots] if block.startswith(b".") else dots
+    view = memoryview(block)
+    pieces: list[bytes | memoryview] = []
+    start = 0
+    for position in positions:
+        pieces.append(view[start:position])
+        start = position + 1
+    pieces.append(view[start:])
+    return pieces
+
+
+class Spooled:
+    """DATA as received, in memory or its spool file until `read` takes it whole; `close`
+    ends the file (it has no name, so nothing is left behind)."""
+
+    def __init__(self, spool: _Spool, too_big: bool = False) -> None:
+        self._spool = spool
+        self.too_big = too_big
+        self.line_too_long = spool.line_too_long and not too_big
+        self.size = 0 if too_big or spool.line_too_long else spool.size
+
+    async def read(self) -> bytes:
+        return await self._spool.read()
+
+    def close(self) -> None:
+        self._spool.close()
+
+
+async def spool_data(
+    reader: asyncio.StreamReader,
+    size_limit: int | None,
+    line_limit: int,
+    spool_dir: Path | None = None,
+) -> Spooled:
+    """Everything up to CRLF.CRLF, dot-unstuffed, in memory up to `KEPT` octets and in a
+    spool file past them, which the caller closes; the rest stays in `reader` for the next
+    command (clients may pipeline QUIT behind the data). The file is made in `spool_dir`
+    (the system's temp directory when None) without a name, so nothing is left there
+    however the session ends, a killed process included."""
+    spool = _Spool(line_limit, spool_dir)
+    try:
+        return await _spool(reader, size_limit, spool)
+    except BaseException:
+        spool.close()
+        raise
+
+
+async def _spool(reader: asyncio.StreamReader, size_limit: int | None, spool: _Spool) -> Spooled:
     tail = b"\r\n"  # the DATA command's line end stands before the first line
     received = 0
     too_big = False
+    held = False  # a piece ended in ".\r\n", which ends the data if the line began there
     saved_limit = reader._limit  # type: ignore[attr-defined]
     reader._limit = WINDOW  # type: ignore[attr-defined]
     try:
@@ -45,17 +162,43 @@ async def read_data(
             except asyncio.LimitOverrunError as exc:
                 piece = await reader.readexactly(exc.consumed)
             received += len(piece)
+            tail = (tail + piece[-5:])[-5:]
             if size_limit is not None and received - len(_END) > size_limit:
                 too_big = True
-                buffer.clear()
-            if not too_big:
-                buffer += piece
-            tail = (tail + piece[-5:])[-5:]
+            if too_big or spool.line_too_long:
+                continue  # read to the end, so that the session stays in step
+            if held:
+                await spool.feed(_END, len(_END))
+            held = piece.endswith(_END)
+            await spool.feed(piece, len(piece) - len(_END) if held else len(piece))
     finally:
         reader._limit = saved_limit  # type: ignore[attr-defined]
-    if too_big:
-        return DataResult(b"", too_big=True)
-    del buffer[-3:]
-    if lines.has_line_longer_than(buffer, line_limit):
-        return DataResult(b"", line_too_long=True)
-    return DataResult(lines.unstuffed(buffer))
+    return Spooled(spool, too_big)
+
+
+async def read_data(
+    reader: asyncio.StreamReader,
+    size_limit: int | None,
+    line_limit: int,
+    spool_dir: Path | None = None,
+) -> DataResult:
+    """`spool_data`, read back into memory at once."""
+    spooled = await spool_data(reader, size_limit, line_limit, spool_dir)
+    try:
+        if spooled.too_big:
+            return DataResult(b"", too_big=True)
+        if spooled.line_too_long:
+            return DataResult(b"", line_too_long=True)
+        return DataResult(await spooled.read())
+    finally:
+        spooled.close()
+
+
+def _nameless_file(directory: Path | None) -> IO[bytes]:
+    return tempfile.TemporaryFile(dir=directory)
+
+
+def _read_back(file: IO[bytes]) -> bytes:
+    file.flush()
+    file.seek(0)
+    return file.read()

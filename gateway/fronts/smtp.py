@@ -13,6 +13,7 @@ import ssl
 import warnings
 from asyncio import sslproto
 from base64 import b64decode
+from pathlib import Path
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
@@ -25,8 +26,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import users
 from gateway.config import Settings
 from gateway.fronts import trusted
+from gateway.fronts.byte_budget import ByteBudget
 from gateway.fronts.client_address import client_address
-from gateway.fronts.data_reader import DataResult, read_data
+from gateway.fronts.data_reader import Spooled, spool_data
 from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
 from gateway.fronts.proxy_header import ProxyPolicy, proxied_client
 from gateway.fronts.smtp_guard import ConnectionGate, Refusal, ThrottledLog, session_ceiling
@@ -317,6 +319,8 @@ class SubmissionSMTP(SMTP):
     _stopping = False
     _require_starttls = False
     trusted: tuple[TrustedEntry, ...] = ()
+    spool_dir: Path | None = None  # where DATA is spooled; the system's temp directory if None
+    data_budget: ByteBudget | None = None  # received messages in memory at once; None: no bound
 
     def __init__(
         self,
@@ -563,10 +567,12 @@ class SubmissionSMTP(SMTP):
             _count(Reply.TIMEOUT)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
-    async def _read_data(self) -> DataResult:
+    async def _spool_data(self) -> Spooled:
         self._receiving_data = True
         try:
-            return await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+            return await spool_data(
+                self._reader, self.data_size_limit, self.line_length_limit, self.spool_dir
+            )
         finally:
             self._receiving_data = False
             self._pause_timeout()
@@ -587,21 +593,35 @@ class SubmissionSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        result = await self._read_data()
-        if result.too_big:
-            reply = _count(Reply.TOO_BIG.format(limit=self.data_size_limit))
-        elif result.line_too_long:
-            reply = _count(Reply.LINE_TOO_LONG)
-        else:
-            self.envelope.content = self.envelope.original_content = result.content
-            status = await self._call_handler_hook("DATA")
-            reply = "250 OK" if status is MISSING else status
+        spooled = await self._spool_data()
+        try:
+            if spooled.too_big:
+                reply = _count(Reply.TOO_BIG.format(limit=self.data_size_limit))
+            elif spooled.line_too_long:
+                reply = _count(Reply.LINE_TOO_LONG)
+            else:
+                reply = await self._hand_over(spooled)
+        finally:
+            spooled.close()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(reply)
         if self._stopping:
             self._say_stopping()
             return
         self._reset_timeout()
+
+    async def _hand_over(self, spooled: Spooled) -> str:
+        """The message to the handler, in memory only while the budget holds its size; the
+        envelope lets go of it before the budget does."""
+        assert self.envelope is not None
+        budget = self.data_budget or ByteBudget(spooled.size)
+        async with budget.holding(spooled.size):
+            self.envelope.content = self.envelope.original_content = await spooled.read()
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                self.envelope.content = self.envelope.original_content = None
+        return "250 OK" if status is MISSING else str(status)
 
 
 class SmtpFront:
@@ -624,6 +644,8 @@ class SmtpFront:
         self.proxy = ProxyPolicy.from_settings(smtp)
         self.trusted = tuple(TrustedEntry.load(entry) for entry in smtp.trusted)
         self.tls = tls_context(settings)
+        self.spool_dir = spool_directory(settings)
+        self.data_budget = ByteBudget(smtp.data_in_memory)
         self.servers: list[asyncio.Server] = []
 
     async def start(self, *, reuse_port: bool = False) -> None:
@@ -632,6 +654,7 @@ class SmtpFront:
         loop = asyncio.get_running_loop()
         smtp = self.settings.smtp
         self.gate.total = session_ceiling(smtp.max_connections)
+        await asyncio.to_thread(self.spool_dir.mkdir, parents=True, exist_ok=True)
         for address in smtp.listen:
             host, port = split_address(address)
             plaintext_ok = plaintext_logins_allowed(smtp, host)
@@ -705,7 +728,7 @@ class SmtpFront:
         smtp = self.settings.smtp
 
         def make() -> SMTP:
-            return SubmissionSMTP(
+            session = SubmissionSMTP(
                 self.handler,
                 self.gate,
                 self.proxy,
@@ -722,6 +745,9 @@ class SmtpFront:
                 auth_required=True,
                 auth_require_tls=require_tls,
             )
+            session.spool_dir = self.spool_dir
+            session.data_budget = self.data_budget
+            return session
 
         return make
 
@@ -749,6 +775,12 @@ class SmtpFront:
         for server in self.servers:
             await server.wait_closed()
         self.servers = []
+
+
+def spool_directory(settings: Settings) -> Path:
+    """`smtp.spool_dir`, or spool/ beside the blob store directory (on the same disk as the
+    blobs, not in a temp directory that may be memory, tmpfs)."""
+    return settings.smtp.spool_dir or settings.storage.path.parent / "spool"
 
 
 def tls_context(

@@ -13,10 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -25,6 +21,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+
+from gateway.store.schema_version import migration_heads, stored_revisions
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -110,7 +108,12 @@ class Database:
             yield session
 
     async def upgrade(self) -> None:
-        """Bring the schema to the newest migration."""
+        """Bring the schema to the newest migration; alembic is imported only when there
+        is one to run (gateway/store/schema_version.py)."""
+        async with self.engine.connect() as connection:
+            current = await connection.run_sync(stored_revisions)
+        if current == migration_heads(MIGRATIONS / "versions"):
+            return
         async with self.engine.begin() as connection:
             await connection.run_sync(_upgrade)
 
@@ -119,6 +122,8 @@ class Database:
 
         Reads only: a command that only looks must not create or migrate anything.
         """
+        from alembic.script import ScriptDirectory
+
         async with self.engine.connect() as connection:
             current = await connection.run_sync(_current_revisions)
         script = ScriptDirectory(str(MIGRATIONS))
@@ -132,10 +137,15 @@ class Database:
 
 
 def _current_revisions(connection: Connection) -> set[str]:
+    from alembic.runtime.migration import MigrationContext
+
     return set(MigrationContext.configure(connection).get_current_heads())
 
 
 def _upgrade(connection: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 
-from gateway.fronts.data_reader import WINDOW, read_data
+from gateway.fronts.data_reader import KEPT, WINDOW, read_data, spool_data
 
 LIMIT = 1001
 
@@ -122,3 +123,24 @@ async def test_dots_and_long_lines_across_piece_borders(dot_lines: int, size: in
     await feeding
     assert result.line_too_long and result.content == b""
     assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+
+
+@pytest.mark.parametrize("size", [KEPT - 1000, KEPT + 1000, 3 * KEPT])
+async def test_small_data_stays_in_memory_and_big_data_goes_to_the_spool(
+    size: int, tmp_path: Path
+) -> None:
+    line = b"z" * 98 + b"\r\n"
+    data = b"." + line * (size // len(line))  # a stuffed dot first: the data starts a line
+    spooled = await spool_data(reader_with(data + b".\r\n"), None, LIMIT, tmp_path)
+    try:
+        spooled_to_file = any(
+            os.readlink(f"/proc/self/fd/{fd}").startswith(f"{tmp_path}/")
+            for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")
+        )
+        assert spooled_to_file == (size > KEPT)
+        assert spooled.size == len(data) - 1
+        assert await spooled.read() == data[1:]
+    finally:
+        spooled.close()
+    assert list(tmp_path.iterdir()) == []
