@@ -30,6 +30,7 @@ from gateway.fronts.data_reader import DataResult, read_data
 from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
 from gateway.fronts.proxy_header import ProxyPolicy, proxied_client
 from gateway.fronts.smtp_guard import ConnectionGate, Refusal, ThrottledLog, session_ceiling
+from gateway.fronts.smtp_paths import plain_path
 from gateway.fronts.trusted import ClientFacts, TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Envelope as PipelineEnvelope
 from gateway.intake.pipeline import Origin, Pipeline, Submitter, TrustedOrigin
@@ -345,6 +346,17 @@ class SubmissionSMTP(SMTP):
         self._proxy_data: ProxyData | None = None
         self._refused = False
         self.closed = asyncio.Event()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's reading of a MAIL or RCPT path, a plain `<local@domain>` read quickly
+        (gateway/fronts/smtp_paths.py)."""
+        plain = plain_path(arg)
+        if plain is None:
+            return super()._getaddr(arg)
+        address, rest = plain
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, rest
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The gate decides before aiosmtpd sets up a session (STARTTLS calls this again)."""

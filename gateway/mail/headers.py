@@ -89,14 +89,21 @@ def first_value(fields: Iterable[HeaderField], name: str) -> str | None:
     return found[0] if found else None
 
 
+# The header class `header_factory("x", value)` would build anew on every call (type() in
+# HeaderRegistry.__getitem__, the larger part of its cost), made once.
+_UNSTRUCTURED = email.policy.default.header_factory["x"]
+
+
 def decoded(value: str) -> str:
     """An RFC 2047 encoded value as one line of text, for display, logs and the journal.
 
     Control characters (an encoded CR LF among them) become spaces, so the result can never
     start a new line wherever it is shown.
     """
+    if value.isascii() and "=?" not in value:
+        return _CONTROL.sub(" ", value)  # no encoded word: the parser would give it back as is
     try:
-        text = str(email.policy.default.header_factory("x", value))
+        text = str(_UNSTRUCTURED("x", value))
     except (ValueError, LookupError, IndexError):
         text = value
     return _CONTROL.sub(" ", text)
