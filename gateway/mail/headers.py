@@ -7,10 +7,10 @@ new, generated fields in front.
 
 from __future__ import annotations
 
-import email.policy
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from email.headerregistry import HeaderRegistry
 from email.utils import getaddresses
 
 from gateway.mail import lines
@@ -89,9 +89,9 @@ def first_value(fields: Iterable[HeaderField], name: str) -> str | None:
     return found[0] if found else None
 
 
-# The header class `header_factory("x", value)` would build anew on every call (type() in
-# HeaderRegistry.__getitem__, the larger part of its cost), made once.
-_UNSTRUCTURED = email.policy.default.header_factory["x"]
+# The header class that email.policy.default's `header_factory("x", value)` would build anew
+# on every call (type() in HeaderRegistry.__getitem__, the larger part of its cost), made once.
+_UNSTRUCTURED = HeaderRegistry()["x"]
 
 
 def decoded(value: str) -> str:
