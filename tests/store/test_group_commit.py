@@ -5,6 +5,8 @@ and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -249,4 +251,37 @@ async def test_claims_and_outcomes_join_the_group_and_respect_leases(database: D
     assert states[bounce_copy.id][0] == DeliveryStatus.QUEUED
     types = [e.type for e in await events_of(database)]
     assert types == ["policy.kept", "delivery.delivered", "delivery.bounced", "policy.kept"]
+    assert (await journal.verify_database(database)).ok
+
+
+async def test_on_sqlite_a_batch_runs_off_the_event_loop(database: Database) -> None:
+    """On SQLite the batch runs whole on the driver's thread (gateway/store/sqlite_thread.py):
+    a slow unit leaves the event loop free, and the batch is committed as usual."""
+    if database.is_postgres:
+        pytest.skip("on PostgreSQL the units run on the loop, each statement through asyncpg")
+    threads: list[int] = []
+    row = message()
+
+    def slow(connection: Connection) -> Done[None]:
+        threads.append(threading.get_ident())
+        time.sleep(0.3)  # a unit that takes its time: the loop must not wait for it
+        connection.execute(insert(Message), [vars_of(row)])
+        return Done(None, [kept(row.id)])
+
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await group_commit.submit(database, slow)
+    finally:
+        ticker.cancel()
+    assert threads and threading.get_ident() not in threads
+    assert ticks >= 5, f"the event loop ran {ticks} times in 0.3 s"
+    assert await stored_ids(database) == {row.id}
     assert (await journal.verify_database(database)).ok
