@@ -7,10 +7,10 @@ new, generated fields in front.
 
 from __future__ import annotations
 
-import email.policy
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from email.headerregistry import HeaderRegistry
 from email.utils import getaddresses
 
 from gateway.mail import lines
@@ -89,14 +89,21 @@ def first_value(fields: Iterable[HeaderField], name: str) -> str | None:
     return found[0] if found else None
 
 
+# The header class that email.policy.default's `header_factory("x", value)` would build anew
+# on every call (type() in HeaderRegistry.__getitem__, the larger part of its cost), made once.
+_UNSTRUCTURED = HeaderRegistry()["x"]
+
+
 def decoded(value: str) -> str:
     """An RFC 2047 encoded value as one line of text, for display, logs and the journal.
 
     Control characters (an encoded CR LF among them) become spaces, so the result can never
     start a new line wherever it is shown.
     """
+    if value.isascii() and "=?" not in value:
+        return _CONTROL.sub(" ", value)  # no encoded word: the parser would give it back as is
     try:
-        text = str(email.policy.default.header_factory("x", value))
+        text = str(_UNSTRUCTURED("x", value))
     except (ValueError, LookupError, IndexError):
         text = value
     return _CONTROL.sub(" ", text)

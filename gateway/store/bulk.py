@@ -9,10 +9,11 @@ column that has a Python-side default gets its value, so callers can read `row.i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, insert, inspect
+from sqlalchemy import Connection, Insert, Table, insert, inspect
 
 from gateway.store.models import Base
 
@@ -27,7 +28,13 @@ def insert_rows(connection: Connection, rows: Sequence[Base]) -> None:
         table, values = _values(row)
         batches.setdefault((table, tuple(values)), []).append(values)
     for (table, _keys), batch in sorted(batches.items(), key=lambda item: _ORDER[item[0][0]]):
-        connection.execute(insert(table), batch)
+        connection.execute(_insert(table), batch)
+
+
+@functools.cache
+def _insert(table: Table) -> Insert:
+    """One INSERT per table, built once: its cache key is then computed once, not per call."""
+    return insert(table)
 
 
 def _values(row: Base) -> tuple[Table, dict[str, Any]]:

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection
 
-from gateway.store import bulk, events, journal
+from gateway.store import bulk, events, journal, sqlite_thread
 from gateway.store.db import Database
 from gateway.store.events import NewEvent
 from gateway.store.models import Base, utcnow
@@ -128,16 +128,14 @@ class _Writer:
     async def _commit(self, batch: list[_Item]) -> None:
         units = [item.unit for item in batch]
         try:
-            async with self.db.engine.begin() as connection:
-                results = await connection.run_sync(_all_at_once, units)
+            results = await self._transaction(lambda c: _all_at_once(c, units))
         except Exception as exc:
             if len(batch) == 1:
                 _fail(batch, exc)
                 return
             log.info("a group of %d failed (%s); each unit again on its own", len(batch), exc)
             try:
-                async with self.db.engine.begin() as connection:
-                    results = await connection.run_sync(_each_on_its_own, units)
+                results = await self._transaction(lambda c: _each_on_its_own(c, units))
             except Exception as again:
                 _fail(batch, again)
                 return
@@ -148,6 +146,15 @@ class _Writer:
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
+
+    async def _transaction(self, work: Callable[[Connection], list[Any]]) -> list[Any]:
+        """One transaction around `work`: on SQLite whole on the driver's thread
+        (gateway/store/sqlite_thread.py), on PostgreSQL through the async connection."""
+        if self.db.is_postgres:
+            async with self.db.engine.begin() as connection:
+                return await connection.run_sync(work)
+        async with self.db.engine.connect() as connection:
+            return await sqlite_thread.run(connection, work)
 
 
 def _all_at_once(connection: Connection, units: Sequence[Unit[Any]]) -> list[Any]:

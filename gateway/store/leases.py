@@ -12,12 +12,24 @@ locking concern serves its mail queue and its webhooks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, case, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Integer,
+    Table,
+    Update,
+    bindparam,
+    case,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 
@@ -74,23 +86,12 @@ class LeasedQueue:
         """`claim` on a plain connection, for a group commit's unit
         (gateway/store/group_commit.py)."""
         t = self.table.__table__
-        due = (
-            select(t.c.id)
-            .where(
-                t.c.status == self.queued,
-                t.c.next_attempt_at <= now,
-                or_(t.c.lease_until.is_(None), t.c.lease_until < now),
-                *conditions,
-            )
-            .order_by(t.c.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+        if conditions:
+            statement = _claim_statement(t, self.queued, *conditions)
+        else:
+            statement = _cached_claim(t, self.queued)
         ids = connection.execute(
-            update(t)
-            .where(t.c.id.in_(due.scalar_subquery()))
-            .values(lease_until=now + lease, leased_by=worker)
-            .returning(t.c.id)
+            statement, {"now": now, "until": now + lease, "worker": worker, "limit": limit}
         )
         return list(ids.scalars().all())
 
@@ -135,12 +136,9 @@ class LeasedQueue:
         waited (its lease ran out) is theirs: doing it here too would do it twice."""
         if not ids:
             return set()
-        t = self.table.__table__
         held = connection.execute(
-            update(t)
-            .where(t.c.id.in_(list(ids)), t.c.leased_by == worker, t.c.status == self.queued)
-            .values(lease_until=case((t.c.lease_until > until, t.c.lease_until), else_=until))
-            .returning(t.c.id)
+            _cached_hold(self.table.__table__, self.queued),
+            {"ids": list(ids), "worker": worker, "until": until},
         )
         return set(held.scalars().all())
 
@@ -193,11 +191,76 @@ class LeasedQueue:
         (gateway/store/group_commit.py): one UPDATE ... IN; the ids settled."""
         if not ids:
             return set()
-        t = self.table.__table__
         settled = connection.execute(
-            update(t)
-            .where(t.c.id.in_(list(ids)), t.c.leased_by == worker, t.c.status == self.queued)
-            .values(lease_until=None, leased_by=None, **values)
-            .returning(t.c.id)
+            _cached_settle(self.table.__table__, self.queued, tuple(sorted(values))),
+            {"ids": list(ids), "worker": worker, **{f"v_{k}": v for k, v in values.items()}},
         )
         return set(settled.scalars().all())
+
+
+# The hot statements are built once per table (and per set of columns an outcome sets) with
+# bind parameters: building, coercing and hashing such an UPDATE for every call cost about
+# 0.5 ms of CPU, five times what executing the built one costs.
+
+
+def _claim_statement(t: Table, queued: str, *conditions: ColumnElement[bool]) -> Update:
+    now = bindparam("now", type_=t.c.next_attempt_at.type)
+    due = (
+        select(t.c.id)
+        .where(
+            t.c.status == queued,
+            t.c.next_attempt_at <= now,
+            or_(t.c.lease_until.is_(None), t.c.lease_until < now),
+            *conditions,
+        )
+        .order_by(t.c.next_attempt_at)
+        .limit(bindparam("limit", type_=Integer()))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(t)
+        .where(t.c.id.in_(due.scalar_subquery()))
+        .values(
+            lease_until=bindparam("until", type_=t.c.lease_until.type),
+            leased_by=bindparam("worker", type_=t.c.leased_by.type),
+        )
+        .returning(t.c.id)
+    )
+
+
+@functools.cache
+def _cached_claim(t: Table, queued: str) -> Update:
+    return _claim_statement(t, queued)
+
+
+@functools.cache
+def _cached_hold(t: Table, queued: str) -> Update:
+    until = bindparam("until", type_=t.c.lease_until.type)
+    return (
+        update(t)
+        .where(
+            t.c.id.in_(bindparam("ids", expanding=True, type_=t.c.id.type)),
+            t.c.leased_by == bindparam("worker", type_=t.c.leased_by.type),
+            t.c.status == queued,
+        )
+        .values(lease_until=case((t.c.lease_until > until, t.c.lease_until), else_=until))
+        .returning(t.c.id)
+    )
+
+
+@functools.cache
+def _cached_settle(t: Table, queued: str, keys: tuple[str, ...]) -> Update:
+    return (
+        update(t)
+        .where(
+            t.c.id.in_(bindparam("ids", expanding=True, type_=t.c.id.type)),
+            t.c.leased_by == bindparam("worker", type_=t.c.leased_by.type),
+            t.c.status == queued,
+        )
+        .values(
+            lease_until=None,
+            leased_by=None,
+            **{key: bindparam(f"v_{key}", type_=t.c[key].type) for key in keys},
+        )
+        .returning(t.c.id)
+    )

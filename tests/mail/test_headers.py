@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import email.policy
+import random
+import re
+import string
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -91,3 +96,16 @@ def test_prepended_fields_leave_the_rest_untouched(pairs: list[tuple[str, str]])
 )
 def test_decoded_is_one_line_of_text(value: str, text: str) -> None:
     assert headers.decoded(value) == text
+
+
+def test_values_without_encoded_words_read_as_the_parser_reads_them() -> None:
+    """decoded() skips the header parser for ASCII without `=?`: the parser gives those back
+    unchanged, which this checks on random values (control characters, quotes, comments)."""
+    parser = email.policy.default.header_factory["x"]
+    rng = random.Random(18)
+    chars = string.printable + "\x00\x01\x7f"
+    for _ in range(5_000):
+        value = "".join(rng.choice(chars) for _ in range(rng.randint(0, 16)))
+        if "=?" in value:
+            continue
+        assert headers.decoded(value) == re.sub(r"[\x00-\x1f\x7f]", " ", str(parser("x", value)))

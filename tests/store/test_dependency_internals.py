@@ -34,6 +34,7 @@ CLASS_NAMES: list[tuple[type, str, str]] = [
     (SMTP, "data_received", "gateway/fronts/smtp.py: the silence timer during DATA"),
     (SMTP, "challenge_auth", "gateway/fronts/smtp.py: AUTH PLAIN and LOGIN"),
     (SMTP, "check_helo_needed", "gateway/fronts/smtp.py: our smtp_DATA"),
+    (SMTP, "_getaddr", "gateway/fronts/smtp.py: plain MAIL and RCPT paths read quickly"),
     (SMTP, "check_auth_needed", "gateway/fronts/smtp.py: our smtp_DATA"),
     (SMTP, "AuthLoginUsernameChallenge", "gateway/fronts/smtp.py: AUTH LOGIN"),
     (SMTP, "AuthLoginPasswordChallenge", "gateway/fronts/smtp.py: AUTH LOGIN"),

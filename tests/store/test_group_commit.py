@@ -5,13 +5,15 @@ and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, event, func, insert, select
+from sqlalchemy import Connection, Engine, event, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.outbound import queue
@@ -50,17 +52,19 @@ def kept(message_id: str, n: int = 0) -> NewEvent:
 
 
 @contextmanager
-def counting_commits(db: Database) -> Iterator[list[int]]:
+def counting_commits() -> Iterator[list[int]]:
+    """Commits of every engine: on SQLite the group commit runs its batch through an engine
+    of its own over the same connection (gateway/store/sqlite_thread.py)."""
     commits: list[int] = []
 
     def on_commit(_connection: Any) -> None:
         commits.append(1)
 
-    event.listen(db.engine.sync_engine, "commit", on_commit)
+    event.listen(Engine, "commit", on_commit)
     try:
         yield commits
     finally:
-        event.remove(db.engine.sync_engine, "commit", on_commit)
+        event.remove(Engine, "commit", on_commit)
 
 
 async def stored_ids(db: Database) -> set[str]:
@@ -76,7 +80,7 @@ async def events_of(db: Database) -> list[Event]:
 async def test_concurrent_inserts_share_one_transaction_and_one_chain(database: Database) -> None:
     rows = [message() for _ in range(60)]
     at = utcnow()
-    with counting_commits(database) as commits:
+    with counting_commits() as commits:
         await asyncio.gather(
             *(
                 group_commit.insert(database, [row], [kept(row.id, n)], at + timedelta(seconds=n))
@@ -121,7 +125,7 @@ async def test_a_failing_unit_fails_only_its_own_caller(database: Database) -> N
     def undeclared_event(_connection: Connection) -> Done[str]:
         return Done("never", [NewEvent("no.such.event", "x", None, {})])
 
-    with counting_commits(database) as commits:
+    with counting_commits() as commits:
         results = await asyncio.gather(
             group_commit.insert(database, [good[0]], [kept(good[0].id)], utcnow()),
             group_commit.insert(database, [message(taken.id)], [kept(taken.id)], utcnow()),
@@ -200,7 +204,7 @@ async def test_claims_and_outcomes_join_the_group_and_respect_leases(database: D
     copies = [new_delivery(row.id, f"p{n}@example.com", row.blob, now, 3600) for n in range(3)]
     await group_commit.insert(database, [row, *copies], [], now)
     later = message()
-    with counting_commits(database) as commits:
+    with counting_commits() as commits:
         claimed, _ = await asyncio.gather(
             group_commit.submit(database, queue.Claim("w1", now, timedelta(minutes=5), 2)),
             group_commit.insert(database, [later], [kept(later.id)], now),
@@ -247,4 +251,37 @@ async def test_claims_and_outcomes_join_the_group_and_respect_leases(database: D
     assert states[bounce_copy.id][0] == DeliveryStatus.QUEUED
     types = [e.type for e in await events_of(database)]
     assert types == ["policy.kept", "delivery.delivered", "delivery.bounced", "policy.kept"]
+    assert (await journal.verify_database(database)).ok
+
+
+async def test_on_sqlite_a_batch_runs_off_the_event_loop(database: Database) -> None:
+    """On SQLite the batch runs whole on the driver's thread (gateway/store/sqlite_thread.py):
+    a slow unit leaves the event loop free, and the batch is committed as usual."""
+    if database.is_postgres:
+        pytest.skip("on PostgreSQL the units run on the loop, each statement through asyncpg")
+    threads: list[int] = []
+    row = message()
+
+    def slow(connection: Connection) -> Done[None]:
+        threads.append(threading.get_ident())
+        time.sleep(0.3)  # a unit that takes its time: the loop must not wait for it
+        connection.execute(insert(Message), [vars_of(row)])
+        return Done(None, [kept(row.id)])
+
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await group_commit.submit(database, slow)
+    finally:
+        ticker.cancel()
+    assert threads and threading.get_ident() not in threads
+    assert ticks >= 5, f"the event loop ran {ticks} times in 0.3 s"
+    assert await stored_ids(database) == {row.id}
     assert (await journal.verify_database(database)).ok

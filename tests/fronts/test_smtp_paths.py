@@ -1,0 +1,91 @@
+"""The quick reading of MAIL and RCPT paths gives what aiosmtpd's full parser gives, and
+leaves every path it does not fully understand to that parser."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import pytest
+from aiosmtpd.smtp import SMTP
+
+from gateway.fronts.smtp_paths import plain_path
+
+
+class _Server(SMTP):
+    def __init__(self, local_part_limit: int = 0) -> None:
+        self.local_part_limit = local_part_limit
+
+
+def aiosmtpd_reading(arg: str, local_part_limit: int = 0) -> tuple[str | None, str | None]:
+    return SMTP._getaddr(_Server(local_part_limit), arg)
+
+
+PLAIN = [
+    "<a@b.c>",
+    "<agent@bench.example> SIZE=5123",
+    "<a.b+tag@c-d.example>  BODY=8BITMIME",
+    "<A_B@Example.COM>",
+    "<x@localhost>",
+    "<a@b.c> \t SMTPUTF8",
+    "<a@b.c>",
+    "<!#$%&'*+/=?^_`{|}~-@d.e>",
+]
+FULL_PARSER = [
+    "",
+    "<>",
+    "<a..b@c>",
+    "<.a@c>",
+    "<a.@c>",
+    "<a@c.>",
+    "<a@[192.0.2.1]>",
+    '<"a b"@c>',
+    "<@relay.example:a@b>",
+    "<a@b(comment)>",
+    "<a@b.c> (comment) SIZE=1",
+    "<a@b.c>(comment)",
+    " <a@b.c>",
+    "a@b.c",
+    "<a@b.c",
+    "<jörg@b.c>",
+    "<a@bücher.example>",
+    "<a @b.c>",
+]
+
+
+@pytest.mark.parametrize("arg", PLAIN)
+def test_a_plain_path_reads_as_the_full_parser_reads_it(arg: str) -> None:
+    assert plain_path(arg) is not None
+    assert plain_path(arg) == aiosmtpd_reading(arg)
+
+
+@pytest.mark.parametrize("arg", FULL_PARSER)
+def test_anything_else_is_left_to_the_full_parser(arg: str) -> None:
+    assert plain_path(arg) is None
+
+
+def test_random_paths_read_alike_wherever_read_quickly() -> None:
+    chars = string.ascii_letters[:5] + string.digits[:2] + '.-_+@<>" ()[]=!#~\t,;:\\é'
+    rest = ["", " SIZE=1", "x", " ", "\t(c) X", " (c)", "(c)", "  \t B=1", ">"]
+    rng = random.Random(18)
+    quick = 0
+    for _ in range(50_000):
+        local = "".join(rng.choice(chars) for _ in range(rng.randint(0, 4)))
+        domain = "".join(rng.choice(chars) for _ in range(rng.randint(0, 4)))
+        arg = f"<{local}{rng.choice(['@', ''])}{domain}>{rng.choice(rest)}"
+        read = plain_path(arg)
+        if read is not None:
+            quick += 1
+            assert read == aiosmtpd_reading(arg), arg
+    assert quick > 50
+
+
+def test_the_local_part_limit_holds_on_the_quick_path() -> None:
+    from gateway.fronts.smtp import SubmissionSMTP
+
+    server = SubmissionSMTP.__new__(SubmissionSMTP)
+    server.local_part_limit = 4
+    assert server._getaddr("<abcd@b.c>") == ("abcd@b.c", "")
+    assert server._getaddr("<abcde@b.c>") == (None, None)
+    assert server._getaddr("<abcde@b.c>") == aiosmtpd_reading("<abcde@b.c>", 4)
+    assert server._getaddr('<"ab"@b.c>') == aiosmtpd_reading('<"ab"@b.c>', 4)
