@@ -254,11 +254,11 @@ async def test_claims_and_outcomes_join_the_group_and_respect_leases(database: D
     assert (await journal.verify_database(database)).ok
 
 
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 async def test_on_sqlite_a_batch_runs_off_the_event_loop(database: Database) -> None:
     """On SQLite the batch runs whole on the driver's thread (gateway/store/sqlite_thread.py):
-    a slow unit leaves the event loop free, and the batch is committed as usual."""
-    if database.is_postgres:
-        pytest.skip("on PostgreSQL the units run on the loop, each statement through asyncpg")
+    a slow unit leaves the event loop free, and the batch is committed as usual. (On
+    PostgreSQL the units run on the loop, each statement through asyncpg.)"""
     threads: list[int] = []
     row = message()
 
