@@ -26,7 +26,7 @@ from gateway.console.waiting import WaitingLetters
 from gateway.dns_lookup import DnsLookup
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.journal import ChainReport
 from gateway.store.metrics import QUEUE_DEPTH
 from gateway.webhooks.desk import WebhookDesk
@@ -47,9 +47,10 @@ from web.console.timeline import TimelinePages
 from web.console.view import ConsoleView
 from web.csrf import key_path
 from web.downloads import DownloadPages
-from web.guard import CONSOLE_LOGIN, Routes, guard
+from web.guard import CONSOLE_LOGIN, Handler, Routes, guard
 from web.letters import LetterPages
 from web.pages import ProspectSite
+from web.raised_page import RaisedPage
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,21 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def store_unavailable(site: ProspectSite) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """503 with Retry-After for any request the blob store failed, in the browser's language:
+    the net under the pages that answer it in their link's language themselves."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except StoreUnavailable as exc:
+            log.warning("%s %s: blob store unavailable: %s", request.method, request.path, exc)
+            raise RaisedPage(site.unavailable(request, site.catalog_for(request))) from exc
+
+    return middleware
+
+
 def create_app(parts: WebParts) -> web.Application:
     settings = parts.settings
     site = ProspectSite(settings, clock=lambda: parts.clock().timestamp())
@@ -116,6 +132,7 @@ def create_app(parts: WebParts) -> web.Application:
                 forbidden_page=view.forbidden,
                 login_url=site.url(CONSOLE_LOGIN),
             ),
+            store_unavailable(site),
         ]
     )
     app[PARTS] = parts

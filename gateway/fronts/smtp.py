@@ -35,6 +35,7 @@ from gateway.intake.pipeline import Envelope as PipelineEnvelope
 from gateway.intake.pipeline import Origin, Pipeline, Submitter, TrustedOrigin
 from gateway.login_throttle import LoginThrottle
 from gateway.rejections import Rejected
+from gateway.store.blobs import StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.metrics import SMTP_REPLIES
 
@@ -83,6 +84,7 @@ class Reply:
     LINE_TOO_LONG = "500 5.5.6 Line too long; at most 1000 octets per line (RFC 5321 4.5.3.1.6)"
     TEMPORARY = "451 4.3.0 The message was not accepted because of a local problem; try again"
     LOCAL_ERROR = "451 4.3.0 A local problem; try again later"
+    STORE_UNAVAILABLE = "451 4.3.0 The message store is unavailable for the moment; try again"
     QUEUED = "250 2.0.0 Ok: queued as {message_id}"
     TIMEOUT = "421 4.4.2 {hostname} Timeout: the client was silent too long; closing"
     STOPPING = "421 4.3.2 {hostname} The relay is stopping; try again in a moment"
@@ -295,6 +297,11 @@ class SubmissionHandler:
         except Rejected as refusal:
             log.info("refused mail from %s: %s", envelope.mail_from, refusal.reply)
             return _count(refusal.reply)
+        except StoreUnavailable as exc:
+            log.warning(
+                "deferred mail from %s, blob store unavailable: %s", envelope.mail_from, exc
+            )
+            return _count(Reply.STORE_UNAVAILABLE)
         except Exception:
             log.exception("could not accept mail from %s", envelope.mail_from)
             return _count(Reply.TEMPORARY)

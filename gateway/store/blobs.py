@@ -12,6 +12,10 @@ implementation keeps, checked for each by tests/store/test_blob_contract.py:
 - Only a digest names a blob: any other name raises ValueError, before the store is asked.
 - Reading, sizing or opening a blob that is not there raises BlobMissing; deleting it is a
   no-op (two sweepers may race).
+- A store that cannot answer (a bucket unreachable, timing out, answering 5xx or refusing
+  the credentials; a disk failing or unmounted) raises StoreUnavailable, never BlobMissing:
+  whether the blob is there is then unknown, and callers say "try again later" (SMTP 451,
+  HTTP 503, a delivery deferred), never "it is gone".
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ class BlobMissing(FileNotFoundError):
     def __init__(self, digest: str) -> None:
         super().__init__(f"blob {digest} is not in the store")
         self.digest = digest
+
+
+class StoreUnavailable(OSError):
+    """The store could not be asked (unreachable, timed out, refused, failing): the blob may
+    well be there, so this is temporary trouble, never a missing blob."""
 
 
 def is_digest(name: str) -> bool:

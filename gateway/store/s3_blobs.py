@@ -12,8 +12,10 @@ a small blob is simply written again, a big one copied onto itself, which S3 doe
 without moving its bytes through the relay.
 
 Reads are ranged GETs, so downloads and HTTP Range requests stream from the bucket and the
-relay never holds a whole blob. Every failure of S3 or the way to it raises S3StoreError, an
-OSError, so callers treat a bucket in trouble as they treat a disk in trouble.
+relay never holds a whole blob. S3's "no such key" raises BlobMissing; every other failure
+of S3 or of the way to it (refused connections, timeouts, 5xx, throttling, refused
+credentials, a missing bucket) raises S3StoreError, a StoreUnavailable: the blob's fate is
+then unknown, and callers answer "try again later", as they do for a disk in trouble.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError
@@ -40,6 +43,7 @@ from gateway.store.blobs import (
     BlobMissing,
     BlobReader,
     BlobStore,
+    StoreUnavailable,
     checked_digest,
     is_digest,
 )
@@ -68,7 +72,7 @@ def _session() -> AioSession:
     return AioSession()
 
 
-class S3StoreError(OSError):
+class S3StoreError(StoreUnavailable):
     """S3 refused or could not be reached: the bucket's counterpart of a disk error."""
 
 
@@ -358,7 +362,8 @@ class S3BlobStore(BlobStore):
             if digest is not None and code in _NOT_FOUND:
                 raise BlobMissing(digest) from exc
             raise S3StoreError(_explained(action, where, code, error.get("Message"))) from exc
-        except BotoCoreError as exc:
+        except (BotoCoreError, aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            # the last three: a response body cut off while it streams
             raise S3StoreError(f"cannot {action} {where}: {exc}") from exc
 
 
