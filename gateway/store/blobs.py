@@ -12,6 +12,8 @@ implementation keeps, checked for each by tests/store/test_blob_contract.py:
 - Only a digest names a blob: any other name raises ValueError, before the store is asked.
 - Reading, sizing or opening a blob that is not there raises BlobMissing; deleting it is a
   no-op (two sweepers may race).
+- `delete_stale` deletes a blob only if no put reached it since a moment: the sweeper's
+  delete, which must not take a blob an intake has just put again (gateway/store/sweeper.py).
 - A store that cannot answer (a bucket unreachable, timing out, answering 5xx or refusing
   the credentials; a disk failing or unmounted) raises StoreUnavailable, never BlobMissing:
   whether the blob is there is then unknown, and callers say "try again later" (SMTP 451,
@@ -126,6 +128,12 @@ class BlobStore(ABC):
 
     @abstractmethod
     async def delete(self, digest: str) -> None: ...
+
+    @abstractmethod
+    async def delete_stale(self, digest: str, written_before: datetime) -> int | None:
+        """Delete the blob if its last put was before `written_before`: the bytes freed, or
+        None when it was spared (put again since) or already gone. The age is read at the
+        delete, not taken from an older listing."""
 
     @abstractmethod
     def list(self) -> AsyncIterator[BlobInfo]:

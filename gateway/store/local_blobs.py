@@ -16,6 +16,7 @@ was unmounted or removed, which says nothing about the blob (as S3's NoSuchBucke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -162,6 +163,37 @@ class LocalBlobStore(BlobStore):
         path = self._path(digest)
         with self._trouble("delete", None):
             await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    async def delete_stale(self, digest: str, written_before: datetime) -> int | None:
+        with self._trouble("delete", None):
+            return await asyncio.to_thread(self._delete_stale, self._path(digest), written_before)
+
+    def _delete_stale(self, path: Path, written_before: datetime) -> int | None:
+        """Move the blob aside first, then judge its age: a put refreshes the file in place
+        (utime), so one that came before the move shows in the moved file's mtime and the
+        file goes back, and one after it finds no file and writes a new one, which this never
+        touches. The moved file stays locked, so a start-up clearing temp files spares it."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None  # another sweeper took it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            aside = self._tmp / f"sweep-{path.name}-{os.getpid()}-{fd}"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                return None
+            stat = os.fstat(fd)
+            if datetime.fromtimestamp(stat.st_mtime, UTC) >= written_before:
+                with contextlib.suppress(FileExistsError):  # a put wrote it anew meanwhile
+                    os.link(aside, path)
+                os.unlink(aside)
+                return None
+            os.unlink(aside)
+            return stat.st_size
+        finally:
+            os.close(fd)
 
     async def list(self) -> AsyncIterator[BlobInfo]:
         with self._trouble("list", None):

@@ -315,6 +315,21 @@ class S3BlobStore(BlobStore):
         with self._errors("delete", digest):
             await s3.delete_object(Bucket=self.bucket, Key=self._key(digest))
 
+    async def delete_stale(self, digest: str, written_before: datetime) -> int | None:
+        """A HEAD for the age, then the DELETE: S3 has no delete-if-unmodified, so a put
+        that lands between the two (one round trip) is still lost; the sweeper keeps that
+        window to bytes nothing names and nothing put for the whole grace period."""
+        s3 = await self._client()
+        try:
+            with self._errors("look up", digest):
+                head = await s3.head_object(Bucket=self.bucket, Key=self._key(digest))
+        except BlobMissing:
+            return None
+        if head["LastModified"].astimezone(UTC) >= written_before:
+            return None
+        await self.delete(digest)
+        return head["ContentLength"]
+
     async def list(self) -> AsyncIterator[BlobInfo]:
         s3 = await self._client()
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
