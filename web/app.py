@@ -79,13 +79,17 @@ class WebParts:
     agent_logins: AgentLogins
     # walks the journal's hash chain (gateway/store/journal.py verify_database)
     chain: Callable[[], Awaitable[ChainReport]]
+    # why the blob store is unavailable, None while it answers (gateway/store/health.py)
+    store_problem: Callable[[], str | None] = lambda: None
 
 
 PARTS = web.AppKey("parts", WebParts)
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Ready when the database answers; load balancers and orchestrators poll this."""
+    """Ready when the database and the blob store answer; load balancers and orchestrators
+    poll this. A relay without its blob store runs on, degraded, and is whole again once
+    the store answers: 503 says "send no work here now", not "restart me"."""
     parts = request.app[PARTS]
     try:
         await parts.health()
@@ -93,6 +97,11 @@ async def healthz(request: web.Request) -> web.Response:
         # The exception names hosts, ports and SQL; the public may only learn that it failed.
         log.warning("healthz: database unavailable: %s", exc)
         return web.json_response({"status": "error", "database": "unavailable"}, status=503)
+    if (problem := parts.store_problem()) is not None:
+        log.warning("healthz: blob store unavailable: %s", problem)
+        return web.json_response(
+            {"status": "degraded", "database": "ok", "blob_store": "unavailable"}, status=503
+        )
     return web.json_response({"status": "ok", "roles": sorted(parts.roles)})
 
 

@@ -37,6 +37,7 @@ from gateway.login_throttle import LoginThrottle
 from gateway.rejections import Rejected
 from gateway.store.blobs import StoreUnavailable
 from gateway.store.db import Database
+from gateway.store.health import BlobHealth
 from gateway.store.metrics import SMTP_REPLIES
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,18 @@ class Reply:
 
 class SubmissionHandler:
     def __init__(
-        self, settings: Settings, db: Database, pipeline: Pipeline, throttle: LoginThrottle
+        self,
+        settings: Settings,
+        db: Database,
+        pipeline: Pipeline,
+        throttle: LoginThrottle,
+        store: BlobHealth | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.pipeline = pipeline
         self.throttle = throttle
+        self.store = store
         self.failed_logins = throttle.per_address
         self._auth_failures: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
         self._throttled = ThrottledLog(log)
@@ -229,6 +236,8 @@ class SubmissionHandler:
             validate_email(address, check_deliverability=False, allow_smtputf8=False)
         except EmailNotValidError as exc:
             return _count(Reply.bad_sender(address, str(exc)))
+        if self.store is not None and not self.store.available:
+            return _count(Reply.STORE_UNAVAILABLE)  # before the client sends its data
         if not session.authenticated:
             found = _trusted_match(server)
             domains = await trusted.allowed_domains(found, self.settings, self.db)
@@ -301,6 +310,8 @@ class SubmissionHandler:
             log.warning(
                 "deferred mail from %s, blob store unavailable: %s", envelope.mail_from, exc
             )
+            if self.store is not None:
+                self.store.failed(exc)
             return _count(Reply.STORE_UNAVAILABLE)
         except Exception:
             log.exception("could not accept mail from %s", envelope.mail_from)
@@ -620,13 +631,15 @@ class SmtpFront:
         db: Database,
         pipeline: Pipeline,
         throttle: LoginThrottle | None = None,
+        store: BlobHealth | None = None,
     ) -> None:
-        """`throttle` is shared with the console's sign-in; a front of its own gets its own."""
+        """`throttle` is shared with the console's sign-in; a front of its own gets its own.
+        `store`: while it says the blob store is unavailable, MAIL FROM hears 451."""
         self.settings = settings
         smtp = settings.smtp
         self.throttle = throttle or LoginThrottle.from_settings(smtp)
         self.failed_logins = self.throttle.per_address
-        self.handler = SubmissionHandler(settings, db, pipeline, self.throttle)
+        self.handler = SubmissionHandler(settings, db, pipeline, self.throttle, store)
         self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
         self.proxy = ProxyPolicy.from_settings(smtp)
         self.trusted = tuple(TrustedEntry.load(entry) for entry in smtp.trusted)

@@ -143,6 +143,11 @@ class BlobStore(ABC):
     def location(self, digest: str) -> str:
         """Where an operator finds the blob outside sealrelay: a file name, a URL."""
 
+    async def check(self) -> None:
+        """Returns when the store answers, StoreUnavailable when not: a cheap question,
+        asked while the relay runs (gateway/store/health.py BlobHealth)."""
+        return None
+
     async def remove_interrupted_writes(self) -> int:
         """Clear what writers killed mid-put left behind (at start-up and each sweep);
         how many went. What a living writer is still writing stays."""

@@ -111,6 +111,11 @@ class LocalBlobStore(BlobStore):
                 return fd, name
             os.close(fd)
 
+    async def check(self) -> None:
+        """The store's `tmp` directory is there (its disk mounted) and writable."""
+        if not await asyncio.to_thread(os.access, self._tmp, os.W_OK | os.X_OK):
+            raise StoreUnavailable(f"{self._tmp} is not there or not writable")
+
     async def remove_interrupted_writes(self) -> int:
         return await asyncio.to_thread(self.remove_abandoned_temp_files)
 

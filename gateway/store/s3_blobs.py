@@ -344,6 +344,12 @@ class S3BlobStore(BlobStore):
     def location(self, digest: str) -> str:
         return f"s3://{self.bucket}/{self._key(digest)}"
 
+    async def check(self) -> None:
+        """A list of one key under the prefix: the bucket is there and takes this key."""
+        s3 = await self._client()
+        with self._errors("list", None):
+            await s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+
     async def probe(self) -> None:
         """List, write and delete under the prefix, as the relay will: S3StoreError says
         which of them failed and why (check-config runs this before the relay starts)."""

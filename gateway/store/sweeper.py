@@ -31,7 +31,7 @@ from sqlalchemy import select, update
 from gateway.store import journal
 from gateway.store.blob_columns import Horizon
 from gateway.store.blob_columns import needed as needed_query
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.events import BLOBS_DELETED, LINK_EXPIRED
 from gateway.store.models import Link
@@ -150,6 +150,8 @@ async def run_hourly(
             report = await sweep_once()
             if report.links_expired or report.blobs_deleted or report.letters_expired:
                 log.info("sweep: %s", report)
+        except StoreUnavailable as exc:
+            log.warning("sweep put off, blob store unavailable: %s", exc)
         except Exception:
             log.exception("sweep failed; trying again next time")
         with contextlib.suppress(TimeoutError):

@@ -10,12 +10,18 @@ nothing written), delivery (deferred, retried, never bounced).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
+import signal
+import sys
+from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiosmtplib
 import pytest
 from sqlalchemy import func, select, update
@@ -27,6 +33,7 @@ from gateway.store.models import Delivery, DeliveryStatus, Event, Message
 from tests.conftest import StartRelay, make_message
 from tests.links.test_downloads import Clock, running_pages, text_of
 from tests.s3_server import KEY_ID, REGION, SECRET, S3Door, S3Server
+from tests.support import free_port, serve_config, wait_for_port
 
 
 class Outages:
@@ -115,11 +122,13 @@ async def test_a_store_down_is_unavailable_and_a_missing_blob_stays_missing(
         lambda: store.exists(digest),
         lambda: store.read(missing),
         lambda: store.put(b"new bytes"),
+        lambda: store.check(),
     ):
         with pytest.raises(StoreUnavailable) as raised:
             await call()
         assert not isinstance(raised.value, BlobMissing)
     await outages.up()
+    await store.check()
     assert await store.read(digest) == b"kept through the outage"
     with pytest.raises(BlobMissing):
         await store.read(missing)
@@ -176,13 +185,16 @@ async def test_smtp_intake_with_the_store_down_answers_451_and_writes_nothing(
     harness = await relay_factory(storage=outages.storage(tmp_path))
     before = outages.leftovers(s3_server)
     await outages.down()
-    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+    # at the end of DATA when the put fails; at MAIL FROM once the relay knows (a check)
+    with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
         await harness.send(make_message(subject="während des Ausfalls"))
     assert refused.value.code == 451
     assert refused.value.message.startswith("4.3.0")
+    assert not harness.relay.blob_health.available  # the failed put said so
     await outages.up()
     assert await messages(database) == 0
     assert outages.leftovers(s3_server) == before
+    await until_healthy(harness.web_url)
     await harness.send(make_message(subject="danach"))
     assert await messages(database) == 1
     [received] = await harness.sink.expect(1)
@@ -227,3 +239,97 @@ async def test_delivery_with_the_store_down_is_deferred_not_bounced_then_deliver
         types = list((await session.scalars(select(Event.type))).all())
     assert "delivery.deferred" in types and "delivery.bounced" not in types
     assert (await the_delivery(database)).status == DeliveryStatus.DELIVERED
+
+
+async def healthz(url: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as response:
+        return response.status, await response.json()
+
+
+async def metric(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+        text = await response.text()
+    [line] = [line for line in text.splitlines() if line.startswith(f"{name} ")]
+    return float(line.split()[1])
+
+
+async def until_healthy(url: str, timeout: float = 60) -> None:
+    """Until /healthz says ok: the relay checks the store again after 1, 2, 4 ... s."""
+    async with asyncio.timeout(timeout):
+        while (await healthz(url))[0] != 200:
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("outages", ["s3-down", "s3-503"], indirect=True)
+async def test_a_relay_starts_degraded_without_its_bucket_and_recovers(
+    relay_factory: StartRelay, database: Database, tmp_path: Path, outages: Outages
+) -> None:
+    storage = outages.storage(tmp_path)
+    await outages.down()
+    harness = await relay_factory(storage=storage)  # starts all the same
+    assert await healthz(harness.web_url) == (
+        503,
+        {"status": "degraded", "database": "ok", "blob_store": "unavailable"},
+    )
+    assert await metric(harness.web_url, "sealrelay_blob_store_available") == 0
+    with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+        await harness.send(make_message(subject="zu früh"))
+    assert refused.value.code == 451 and refused.value.message.startswith("4.3.0")
+    assert await messages(database) == 0
+    await outages.up()
+    await until_healthy(harness.web_url)
+    assert await metric(harness.web_url, "sealrelay_blob_store_available") == 1
+    await harness.send(make_message(subject="wieder da"))
+    [received] = await harness.sink.expect(1)
+    assert b"wieder da" in received.data
+
+
+SEALRELAY = str(Path(sys.executable).parent / "sealrelay")
+
+
+@pytest.mark.slow
+async def test_serve_starts_degraded_while_check_config_refuses_the_bucket(
+    tmp_path: Path, door: S3Door, s3_bucket: str
+) -> None:
+    """`check-config` is there to say the bucket cannot be used; `serve` starts without it."""
+    outages = Outages("s3-down", tmp_path, door, s3_bucket)
+    storage = "\n".join(f"{k} = {json.dumps(v)}" for k, v in outages.storage(tmp_path).items())
+    smtp_port, web_port = free_port(), free_port()
+    config = serve_config(
+        tmp_path,
+        smtp_port=smtp_port,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}",
+        extra={"web": f'listen = "127.0.0.1:{web_port}"'},
+    )
+    text = config.read_text()
+    text = text.replace(f'[storage]\npath = "{tmp_path / "blobs"}"\n', f"[storage]\n{storage}\n")
+    text = re.sub(r'\[web\]\nlisten = "[^"]+"\n', "[web]\n", text, count=1)
+    config.write_text(text)
+    await door.shut()
+    checked = await asyncio.create_subprocess_exec(
+        SEALRELAY, "check-config", "--config", str(config), stdout=PIPE, stderr=STDOUT
+    )
+    said = (await checked.communicate())[0].decode()
+    assert checked.returncode != 0
+    assert f"storage.url: cannot list s3://{s3_bucket}/relay/" in said, said
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            SEALRELAY, "serve", "--config", str(config), stdout=log, stderr=log
+        )
+        try:
+            await wait_for_port(web_port, process)
+            await wait_for_port(smtp_port, process)
+            url = f"http://127.0.0.1:{web_port}"
+            assert (await healthz(url))[1]["blob_store"] == "unavailable"
+            await door.open()
+            await until_healthy(url)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(20):
+                code = await process.wait()
+    assert code == 0
+    logged = log_path.read_text()
+    assert "blob store unavailable, the relay is degraded" in logged
+    assert "blob store available again" in logged
