@@ -29,8 +29,9 @@ from sqlalchemy import func, select, update
 from gateway.store.blobs import BlobMissing, BlobStore, StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
-from gateway.store.models import Delivery, DeliveryStatus, Event, Message
+from gateway.store.models import Consent, Delivery, DeliveryStatus, Event, Message
 from tests.conftest import StartRelay, make_message
+from tests.letter_site import LetterSite
 from tests.links.test_downloads import Clock, running_pages, text_of
 from tests.s3_server import KEY_ID, REGION, SECRET, S3Door, S3Server
 from tests.support import free_port, serve_config, wait_for_port
@@ -333,3 +334,30 @@ async def test_serve_starts_degraded_while_check_config_refuses_the_bucket(
     logged = log_path.read_text()
     assert "blob store unavailable, the relay is degraded" in logged
     assert "blob store available again" in logged
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_a_letters_pages_while_the_store_is_down_are_503_then_200(
+    site: LetterSite,
+) -> None:
+    """The consent, the offer and the consent PDF: 503 in the letter's language, nothing
+    written, and all there once the store's directory is back."""
+    token, _ = await site.send_offer()
+    root = site.relay.settings.storage.path
+    away = root.with_name("blobs-unmounted")
+    root.rename(away)
+    response = await site.consent(token)
+    assert response.status == 503 and response.headers["Retry-After"] == "60"
+    assert await site.count(Consent) == 0
+    assert not await site.events("consent.given", "letter.released")
+    away.rename(root)
+    assert (await site.consent(token)).status == 303
+    root.rename(away)
+    for path in ("/offer", "/consent.pdf"):
+        response, body = await site.get(f"/l/{token}{path}")
+        assert response.status == 503, path
+        assert "Vorübergehend nicht erreichbar" in text_of(body)
+    away.rename(root)
+    for path in ("/offer", "/consent.pdf"):
+        response, _ = await site.get(f"/l/{token}{path}")
+        assert response.status == 200, path
