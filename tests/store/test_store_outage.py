@@ -237,8 +237,11 @@ async def test_delivery_with_the_store_down_is_deferred_not_bounced_then_deliver
     [received] = await intake.sink.expect(1)
     assert b"im Ausfall zugestellt" in received.data
     async with database.transaction() as session:
-        types = list((await session.scalars(select(Event.type))).all())
-    assert "delivery.deferred" in types and "delivery.bounced" not in types
+        events = list((await session.scalars(select(Event).order_by(Event.seq))).all())
+    types = [event.type for event in events]
+    assert "delivery.bounced" not in types
+    deferred = [event.data["error"] for event in events if event.type == "delivery.deferred"]
+    assert deferred and all(e.startswith("blob store unavailable: cannot read ") for e in deferred)
     assert (await the_delivery(database)).status == DeliveryStatus.DELIVERED
 
 
