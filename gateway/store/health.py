@@ -45,7 +45,7 @@ class BlobHealth:
     check is made again after 1, 2, 4 … seconds, at most RECHECK_MAX apart, until the
     store answers; then the relay is whole again without a restart. Checks go on every
     RECHECK_MAX while it answers, so an outage shows on /healthz within that time even when
-    no mail comes (a put or read that fails says so at once, through `failed`).
+    no mail comes (a put that fails at SMTP intake says so at once, through `failed`).
     """
 
     def __init__(self, blobs: BlobStore) -> None:
