@@ -177,20 +177,26 @@ class LocalBlobStore(BlobStore):
         """Move the blob aside first, then judge its age: a put refreshes the file in place
         (utime), so one that came before the move shows in the moved file's mtime and the
         file goes back, and one after it finds no file and writes a new one, which this never
-        touches. The moved file stays locked, so a start-up clearing temp files spares it."""
+        touches. The moved file stays locked, so a start-up clearing temp files spares it,
+        and a second sweeper at the same blob leaves it to the first."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None  # another sweeper took it
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
             aside = self._tmp / f"sweep-{path.name}-{os.getpid()}-{fd}"
             try:
                 os.rename(path, aside)
             except FileNotFoundError:
                 return None
             stat = os.fstat(fd)
-            if datetime.fromtimestamp(stat.st_mtime, UTC) >= written_before:
+            moved = os.stat(aside).st_ino == stat.st_ino  # not a file put since the open
+            young = datetime.fromtimestamp(stat.st_mtime, UTC) >= written_before
+            if young or not moved:
                 with contextlib.suppress(FileExistsError):  # a put wrote it anew meanwhile
                     os.link(aside, path)
                 os.unlink(aside)
