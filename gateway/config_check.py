@@ -50,9 +50,11 @@ BUCKET_PROBE_TIMEOUT = 20  # seconds for check-config to list, write and delete 
 
 
 def check_config(
-    path: Path | None, environ: Mapping[str, str] | None = None
+    path: Path | None, environ: Mapping[str, str] | None = None, *, reach_bucket: bool = True
 ) -> tuple[Settings | None, list[Problem]]:
-    """The settings (None when they do not validate) and every problem found in them."""
+    """The settings (None when they do not validate) and every problem found in them.
+    `reach_bucket`: list, write and delete in an s3:// store's bucket, and call it an error
+    when that fails (check-config does; serve starts degraded instead, BlobHealth)."""
     try:
         data, sources = read_config(path, environ)
     except ConfigError as exc:
@@ -62,10 +64,10 @@ def check_config(
     except ValidationError as exc:
         problems = [_split(line) for line in validation_problems(exc, sources)]
         return None, problems + list(_sections_that_validate(data)) + list(_texts())
-    return settings, list(settings_problems(settings))
+    return settings, list(settings_problems(settings, reach_bucket=reach_bucket))
 
 
-def settings_problems(settings: Settings) -> Iterator[Problem]:
+def settings_problems(settings: Settings, *, reach_bucket: bool = True) -> Iterator[Problem]:
     """What the valid settings point at: files, directories, keys, names."""
     yield from _smtp(settings.smtp)
     yield from _upstream(settings.upstream)
@@ -74,7 +76,7 @@ def settings_problems(settings: Settings) -> Iterator[Problem]:
     yield from _direct_delivery(settings)
     yield from _database(settings.database.url)
     yield from processes_problems(settings.database.url, settings.server.processes)
-    yield from _storage(settings.storage)
+    yield from _storage(settings.storage, reach_bucket=reach_bucket)
     yield from _secrets(settings)
     for domain, entry in settings.dkim.items():
         yield from _dkim(domain, entry)
@@ -265,16 +267,16 @@ def processes_problems(database_url: str, processes: int) -> list[Problem]:
     ]
 
 
-def _storage(storage: StorageSettings) -> Iterator[Problem]:
+def _storage(storage: StorageSettings, *, reach_bucket: bool = True) -> Iterator[Problem]:
     if storage.bucket is not None:
-        yield from _bucket(storage)
+        yield from _bucket(storage, reach_bucket)
         return
     problem = writable_directory("storage.path", storage.path)
     if problem is not None:
         yield problem
 
 
-def _bucket(storage: StorageSettings) -> Iterator[Problem]:
+def _bucket(storage: StorageSettings, reach: bool) -> Iterator[Problem]:
     """The secret key file, then the bucket itself: listed, written and deleted under the
     prefix, as the relay will, so a wrong key, bucket or policy shows before the first mail."""
     secret = storage.secret_access_key_file
@@ -294,6 +296,8 @@ def _bucket(storage: StorageSettings) -> Iterator[Problem]:
         yield Problem(
             "storage.url", "an s3:// store needs aiobotocore: pip install 'sealrelay[s3]'"
         )
+        return
+    if not reach:
         return
     try:
         _in_own_loop(_probe(s3_blobs.s3_store(storage, connect_timeout=5, max_attempts=2)))

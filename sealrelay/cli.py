@@ -189,7 +189,8 @@ def serve(config: Path | None, roles: str, processes: int | None) -> None:
 
     chosen = [r.strip() for r in roles.split(",") if r.strip()]
     path = _config_path(config)
-    settings, problems = config_check.check_config(path)
+    # A bucket out of reach is no reason not to start: the relay runs degraded until it answers.
+    settings, problems = config_check.check_config(path, reach_bucket=False)
     if settings is not None:
         if processes is not None:
             server = settings.server.model_copy(update={"processes": processes})

@@ -42,7 +42,7 @@ from gateway.outbound.queue_signal import QueueSignal
 from gateway.outbound.routes import RouteTable
 from gateway.outbound.upstream import Upstream
 from gateway.store import health, journal, sweeper
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import utcnow
@@ -181,7 +181,10 @@ class Relay:
         self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
         # one count of failed logins for SMTP AUTH and the console's sign-in together
         self.login_throttle = LoginThrottle.from_settings(settings.smtp)
-        self.smtp = SmtpFront(settings, self.db, self.pipeline, self.login_throttle)
+        self.blob_health = health.BlobHealth(self.blobs)
+        self.smtp = SmtpFront(
+            settings, self.db, self.pipeline, self.login_throttle, store=self.blob_health
+        )
         self.milter = MilterFront(settings, self.db, self.pipeline)  # listens if [milter] listen
         self._sessions: SessionDesk | None = None
         self.agent_logins = AgentLogins.from_settings(settings, self.db, clock)
@@ -224,12 +227,21 @@ class Relay:
             log.warning("%s: %s", "error" if problem.error else "warning", problem)
         if not await self._database_ready():
             return False
-        await self.blobs.remove_interrupted_writes()
+        await self._clear_interrupted_writes()
         if (unopenable := await self.agent_logins.key_problem()) is not None:
             log.error("agents' upstream logins: %s; their mail stays queued", unopenable)
         if "web" in self.roles:
             self.sessions()  # makes the installation key, if it is the first start
         return True
+
+    async def _clear_interrupted_writes(self) -> None:
+        """What killed writers left in the blob store; a store that cannot be reached does
+        not stop the start: the relay runs degraded until it answers (BlobHealth), and the
+        sweep clears the leftovers later."""
+        try:
+            await self.blobs.remove_interrupted_writes()
+        except StoreUnavailable as exc:
+            self.blob_health.failed(exc)
 
     async def start_roles(self, *, singletons: bool = True, reuse_port: bool = False) -> None:
         """Start this process's listeners and workers, after `prepare`.
@@ -239,6 +251,7 @@ class Relay:
         webhook workers run everywhere: their claims are leases (gateway/store/leases.py).
         `reuse_port`: bind with SO_REUSEPORT, so that every process listens on the same ports.
         """
+        self._tasks.append(asyncio.create_task(self.blob_health.run(self._stop)))
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
             self._tasks.append(asyncio.create_task(self.webhook_worker.run(self._stop)))
@@ -275,6 +288,7 @@ class Relay:
             blobs=self.blobs,
             clock=self.clock,
             health=lambda: health.database_answers(db),
+            store_problem=lambda: self.blob_health.problem,
             queue_depths=lambda: health.queue_depths(db),
             roles=self.roles,
             timeline=Timeline(db),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -26,7 +26,7 @@ from gateway.config import Settings
 from gateway.mail import dkim
 from gateway.mail.outgoing import Signer
 from gateway.store.db import Database, make_engine
-from sealrelay.serve import Relay
+from sealrelay.serve import ROLES, Relay
 from tests import db_templates
 from tests.support import Sink, free_port, make_certificate, undeclared_event_types
 
@@ -256,7 +256,7 @@ async def relay_factory(
     started: list[Relay] = []
     await users.add_user(database, AGENT, PASSWORD, aliases=(ALIAS,))
 
-    async def start(**sections: dict[str, Any]) -> Harness:
+    async def start(roles: Collection[str] = ROLES, **sections: dict[str, Any]) -> Harness:
         cert, key = tls_files
         smtp = {
             "tls_cert": str(cert),
@@ -276,7 +276,7 @@ async def relay_factory(
             },
             **sections,
         )
-        relay = Relay(settings, db=database, signer=Signer({DKIM_DOMAIN: dkim_key}))
+        relay = Relay(settings, roles=roles, db=database, signer=Signer({DKIM_DOMAIN: dkim_key}))
         await relay.start()
         started.append(relay)
         return Harness(relay, sink, settings, dkim_key)

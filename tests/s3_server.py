@@ -9,6 +9,7 @@ protocol cannot.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 
 import boto3
 import pytest
+import yarl
 from moto import settings as moto_settings
 from moto.core.authorization import ActionAuthenticatorMixin
 from moto.s3.models import s3_backends
@@ -118,3 +120,93 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture
 def s3_bucket(s3_server: S3Server) -> str:
     return s3_server.new_bucket()
+
+
+class S3Door:
+    """A TCP door between a store and the S3 server that a test shuts and opens again, as an
+    endpoint goes down and comes back: shut, it refuses connections and cuts those open (kept
+    connections included); `answering_503` makes it answer every request with S3's
+    `SlowDown` instead (a throttling or failing service). The objects stay on the server."""
+
+    def __init__(self, server: S3Server) -> None:
+        target = yarl.URL(server.endpoint_url)
+        self._target = (target.host or "127.0.0.1", target.port or 80)
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self._listener: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self.answering_503 = False
+
+    def store(self, bucket: str, **options: Any) -> S3BlobStore:
+        """A store for `bucket` that reaches the server through this door."""
+        return S3Server(self.endpoint_url).store(bucket, **options)
+
+    async def open(self) -> None:
+        self._listener = await asyncio.start_server(self._pass, "127.0.0.1", self.port)
+
+    async def shut(self) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        await self._listener.wait_closed()
+        self._listener = None
+        for writer in list(self._open):
+            writer.transport.abort()
+        self._open.clear()
+
+    async def __aenter__(self) -> S3Door:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._listener is not None:
+            await self.shut()
+
+    async def _pass(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ends = [writer]
+        self._open.add(writer)
+        try:
+            if self.answering_503:
+                await _answer_503(reader, writer)
+                return
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            ends.append(up_writer)
+            self._open.add(up_writer)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for end in ends:
+                self._open.discard(end)
+                end.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(256 * 1024):
+        writer.write(data)
+        await writer.drain()
+    writer.transport.abort()
+
+
+_SLOW_DOWN = (
+    b"<?xml version='1.0' encoding='UTF-8'?>\n<Error><Code>SlowDown</Code>"
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+async def _answer_503(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """503 SlowDown to one request, then the connection closed (so the door, opened again,
+    is reached on a new one); the body is read first unless it waits for 100 Continue."""
+    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+    fields = dict(
+        (name.strip(), value.strip())
+        for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+    )
+    if fields.get(b"expect") != b"100-continue":
+        await reader.readexactly(int(fields.get(b"content-length", b"0")))
+    writer.write(
+        b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+        + f"Content-Length: {len(_SLOW_DOWN)}\r\n\r\n".encode()
+        + _SLOW_DOWN
+    )
+    writer.close()
+    await writer.wait_closed()

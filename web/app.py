@@ -26,7 +26,7 @@ from gateway.console.waiting import WaitingLetters
 from gateway.dns_lookup import DnsLookup
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.journal import ChainReport
 from gateway.store.metrics import QUEUE_DEPTH
 from gateway.webhooks.desk import WebhookDesk
@@ -47,9 +47,10 @@ from web.console.timeline import TimelinePages
 from web.console.view import ConsoleView
 from web.csrf import key_path
 from web.downloads import DownloadPages
-from web.guard import CONSOLE_LOGIN, Routes, guard
+from web.guard import CONSOLE_LOGIN, Handler, Routes, guard
 from web.letters import LetterPages
 from web.pages import ProspectSite
+from web.raised_page import RaisedPage
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,17 @@ class WebParts:
     agent_logins: AgentLogins
     # walks the journal's hash chain (gateway/store/journal.py verify_database)
     chain: Callable[[], Awaitable[ChainReport]]
+    # why the blob store is unavailable, None while it answers (gateway/store/health.py)
+    store_problem: Callable[[], str | None] = lambda: None
 
 
 PARTS = web.AppKey("parts", WebParts)
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Ready when the database answers; load balancers and orchestrators poll this."""
+    """Ready when the database and the blob store answer; load balancers and orchestrators
+    poll this. A relay without its blob store runs on, degraded, and is whole again once
+    the store answers: 503 says "send no work here now", not "restart me"."""
     parts = request.app[PARTS]
     try:
         await parts.health()
@@ -92,6 +97,11 @@ async def healthz(request: web.Request) -> web.Response:
         # The exception names hosts, ports and SQL; the public may only learn that it failed.
         log.warning("healthz: database unavailable: %s", exc)
         return web.json_response({"status": "error", "database": "unavailable"}, status=503)
+    if (problem := parts.store_problem()) is not None:
+        log.warning("healthz: blob store unavailable: %s", problem)
+        return web.json_response(
+            {"status": "degraded", "database": "ok", "blob_store": "unavailable"}, status=503
+        )
     return web.json_response({"status": "ok", "roles": sorted(parts.roles)})
 
 
@@ -100,6 +110,21 @@ async def metrics(request: web.Request) -> web.Response:
         QUEUE_DEPTH.labels(status=status).set(count)
     body = generate_latest()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def store_unavailable(site: ProspectSite) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """503 with Retry-After for any request the blob store failed, in the browser's language:
+    the net under the pages that answer it in their link's language themselves."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except StoreUnavailable as exc:
+            log.warning("%s %s: blob store unavailable: %s", request.method, request.path, exc)
+            raise RaisedPage(site.unavailable(request, site.catalog_for(request))) from exc
+
+    return middleware
 
 
 def create_app(parts: WebParts) -> web.Application:
@@ -116,6 +141,7 @@ def create_app(parts: WebParts) -> web.Application:
                 forbidden_page=view.forbidden,
                 login_url=site.url(CONSOLE_LOGIN),
             ),
+            store_unavailable(site),
         ]
     )
     app[PARTS] = parts

@@ -36,7 +36,7 @@ from zipstream import ZipStream
 
 from gateway.links.desk import LinkDesk, LinkExpired
 from gateway.links.tokens import Closed, FoundLink
-from gateway.store.blobs import BlobReader, BlobStore
+from gateway.store.blobs import BlobMissing, BlobReader, BlobStore, StoreUnavailable
 from gateway.store.models import StoredFile
 from rules.registered_letter import without_tag
 from web.blobs import PulledBlob, send_blob, send_pulled
@@ -234,12 +234,16 @@ class DownloadPages:
         stored = next((f for f in found.files if f.id == file_id), None)
         if stored is None:
             return self.not_found(request, self.site.catalog(found.link.language))
+        catalog = self.site.catalog(found.link.language)
         async with contextlib.AsyncExitStack() as held:
             try:
                 blob = await held.enter_async_context(self.blobs.open(stored.sha256))
-            except (OSError, ValueError) as exc:  # gone from the store, or not a digest at all
-                log.error("blob %s of file %s cannot be read: %s", stored.sha256, stored.id, exc)
-                return self.not_found(request, self.site.catalog(found.link.language))
+            except StoreUnavailable as exc:
+                log.warning("file %s not served, blob store unavailable: %s", stored.id, exc)
+                return self.site.unavailable(request, catalog)
+            except (BlobMissing, ValueError) as exc:  # gone from the store, or not a digest
+                log.error("blob %s of file %s is missing: %s", stored.sha256, stored.id, exc)
+                return self.not_found(request, catalog)
             return await self.send_stored(request, found, stored, blob)
 
     async def send_stored(
@@ -286,8 +290,11 @@ class DownloadPages:
             return self.not_found(request, catalog)
         try:
             archive = await self.build_zip(found.files)
-        except (OSError, ValueError) as exc:
-            log.error("zip of link %s cannot be built: %s", found.link.id, exc)
+        except StoreUnavailable as exc:
+            log.warning("zip of link %s not served, blob store unavailable: %s", found.link.id, exc)
+            return self.site.unavailable(request, catalog)
+        except (BlobMissing, ValueError) as exc:
+            log.error("zip of link %s cannot be built, a blob is missing: %s", found.link.id, exc)
             return self.not_found(request, catalog)
         visitor = self.visitor(request)
         await self.links.record_zip(

@@ -53,7 +53,7 @@ from gateway.letters.desk import (
 from gateway.links.desk import LinkDesk
 from gateway.links.tokens import Closed, FoundLink
 from gateway.mail import mime
-from gateway.store.blobs import BlobMissing, BlobStore
+from gateway.store.blobs import BlobMissing, BlobStore, StoreUnavailable
 from gateway.store.models import Letter, Message
 from gateway.texts.catalog import Catalog
 from web.csrf import KEY_FILE, FormTokens
@@ -174,6 +174,8 @@ class LetterPages:
             return await self.render_expired(request, token, expired, catalog)
         except BlobMissing as missing:
             return await self.gone(request, found, catalog, "offer", missing)
+        except StoreUnavailable as exc:
+            return self.unavailable(request, found, catalog, exc)
         raise web.HTTPSeeOther(self.url(token, "/offer"))
 
     async def offer(self, request: web.Request) -> web.StreamResponse:
@@ -186,6 +188,8 @@ class LetterPages:
             raw = await self.blobs.read(found.letter.held_blob)
         except BlobMissing as missing:
             return await self.gone(request, found, catalog, "offer", missing)
+        except StoreUnavailable as exc:
+            return self.unavailable(request, found, catalog, exc)
         held = await asyncio.to_thread(read_offer, raw)
         parts = held.parts
         inline = {cid: self.url(token, f"/a/{part_id}") for cid, part_id in held.inline.items()}
@@ -244,6 +248,8 @@ class LetterPages:
             raw = await self.blobs.read(found.letter.held_blob)
         except BlobMissing as missing:
             return await self.gone(request, found, catalog, "offer", missing)
+        except StoreUnavailable as exc:
+            return self.unavailable(request, found, catalog, exc)
         wanted = request.match_info["part"]
         found_part = await asyncio.to_thread(decoded_part, raw, wanted)
         if found_part is None:
@@ -275,6 +281,8 @@ class LetterPages:
             data = await self.blobs.read(found.consent.pdf_blob)
         except BlobMissing as missing:
             return await self.gone(request, found, catalog, "pdf", missing)
+        except StoreUnavailable as exc:
+            return self.unavailable(request, found, catalog, exc)
         name = catalog.t("offer.consent_filename", subject=found.letter.subject)
         return await self.send_bytes(request, data, "application/pdf", f"{name}.pdf")
 
@@ -471,6 +479,13 @@ class LetterPages:
             message=catalog.t(f"letter.gone_{what}", subject=found.letter.subject),
             detail=catalog.t("letter.gone_hint", agent=agent),
         )
+
+    def unavailable(
+        self, request: web.Request, found: FoundLetter, catalog: Catalog, exc: StoreUnavailable
+    ) -> web.Response:
+        """503 while the blob store cannot be reached: the letter's files are not gone."""
+        log.warning("letter %s not served, blob store unavailable: %s", found.letter.id, exc)
+        return self.site.unavailable(request, catalog)
 
     async def send_bytes(
         self, request: web.Request, data: bytes, ctype: str, filename: str

@@ -40,7 +40,7 @@ from aiohttp import web
 
 from gateway.config import BrandingSettings, Settings
 from gateway.mail import headers
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.models import Message
 from gateway.texts.catalog import Catalog, load_catalogs, negotiate
 from rules.language import shipped_language
@@ -57,6 +57,7 @@ BAD_TOKEN_LIMIT = 20
 BAD_TOKEN_WINDOW = 600.0  # seconds
 USER_AGENT_MAX = 512
 HEADER_PEEK = 64 * 1024  # enough of the original to read the agent's From
+STORE_RETRY_AFTER = 60  # seconds a page asks to wait while the blob store cannot be reached
 
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self' https: data:;"
@@ -303,6 +304,9 @@ async def agent_of(blobs: BlobStore, message: Message) -> Agent:
     """The agent of `message`, their name read from the From of the original as received."""
     try:
         peek = await blobs.read_start(message.blob, HEADER_PEEK)
+    except StoreUnavailable as exc:
+        log.warning("blob store unavailable, the agent's name is left out: %s", exc)
+        return Agent("", message.sender)
     except (OSError, ValueError) as exc:
         log.error("original %s of message %s: %s", message.blob, message.id, exc)
         return Agent("", message.sender)
@@ -470,6 +474,20 @@ class ProspectSite:
             title=catalog.t("error.not_found_title"),
             message=catalog.t("error.not_found"),
         )
+
+    def unavailable(self, request: web.Request, catalog: Catalog) -> web.Response:
+        """503 while the blob store cannot be reached: the file is not gone, so the page
+        asks the prospect to come back (Retry-After), never says "not found"."""
+        response = self.render(
+            request,
+            "error.html",
+            catalog,
+            status=503,
+            title=catalog.t("error.unavailable_title"),
+            message=catalog.t("error.unavailable"),
+        )
+        response.headers["Retry-After"] = str(STORE_RETRY_AFTER)
+        return response
 
     def render(
         self,

@@ -29,6 +29,7 @@ from gateway.fronts.smtp import Reply
 from gateway.fronts.trusted import TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import STRIPPED_FIELDS, Envelope, Origin, Pipeline, TrustedOrigin
 from gateway.rejections import Rejected
+from gateway.store.blobs import StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.events import MESSAGE_MILTER, MessageMilter
 
@@ -134,6 +135,14 @@ class MilterSession:
         except Rejected as refusal:
             log.info("milter %s: refused mail from %s: %s", self.peer, self.mail_from, refusal)
             return [mp.reply_code(refusal.reply)]
+        except StoreUnavailable as exc:
+            log.warning(
+                "milter %s: deferred mail from %s, blob store unavailable: %s",
+                self.peer,
+                self.mail_from,
+                exc,
+            )
+            return [mp.reply_code(Reply.STORE_UNAVAILABLE)]
         except Exception:
             log.exception("milter %s: could not take mail from %s", self.peer, self.mail_from)
             return [mp.reply_code(Reply.TEMPORARY)]

@@ -39,7 +39,9 @@ from gateway.intake.pipeline import Envelope as PipelineEnvelope
 from gateway.intake.pipeline import Origin, Pipeline, Submitter, TrustedOrigin
 from gateway.login_throttle import LoginThrottle
 from gateway.rejections import Rejected
+from gateway.store.blobs import StoreUnavailable
 from gateway.store.db import Database
+from gateway.store.health import BlobHealth
 from gateway.store.metrics import SMTP_REPLIES
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class Reply:
     LINE_TOO_LONG = "500 5.5.6 Line too long; at most 1000 octets per line (RFC 5321 4.5.3.1.6)"
     TEMPORARY = "451 4.3.0 The message was not accepted because of a local problem; try again"
     LOCAL_ERROR = "451 4.3.0 A local problem; try again later"
+    STORE_UNAVAILABLE = "451 4.3.0 The message store is unavailable for the moment; try again"
     QUEUED = "250 2.0.0 Ok: queued as {message_id}"
     TIMEOUT = "421 4.4.2 {hostname} Timeout: the client was silent too long; closing"
     STOPPING = "421 4.3.2 {hostname} The relay is stopping; try again in a moment"
@@ -110,12 +113,18 @@ class Reply:
 
 class SubmissionHandler:
     def __init__(
-        self, settings: Settings, db: Database, pipeline: Pipeline, throttle: LoginThrottle
+        self,
+        settings: Settings,
+        db: Database,
+        pipeline: Pipeline,
+        throttle: LoginThrottle,
+        store: BlobHealth | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.pipeline = pipeline
         self.throttle = throttle
+        self.store = store
         self.failed_logins = throttle.per_address
         self._auth_failures: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
         self._throttled = ThrottledLog(log)
@@ -230,6 +239,8 @@ class SubmissionHandler:
         problem = address_problem(address)
         if problem is not None:
             return _count(Reply.bad_sender(address, problem))
+        if self.store is not None and not self.store.available:
+            return _count(Reply.STORE_UNAVAILABLE)  # before the client sends its data
         if not session.authenticated:
             found = _trusted_match(server)
             domains = await trusted.allowed_domains(found, self.settings, self.db)
@@ -297,6 +308,13 @@ class SubmissionHandler:
         except Rejected as refusal:
             log.info("refused mail from %s: %s", envelope.mail_from, refusal.reply)
             return _count(refusal.reply)
+        except StoreUnavailable as exc:
+            log.warning(
+                "deferred mail from %s, blob store unavailable: %s", envelope.mail_from, exc
+            )
+            if self.store is not None:
+                self.store.failed(exc)
+            return _count(Reply.STORE_UNAVAILABLE)
         except Exception:
             log.exception("could not accept mail from %s", envelope.mail_from)
             return _count(Reply.TEMPORARY)
@@ -656,13 +674,15 @@ class SmtpFront:
         db: Database,
         pipeline: Pipeline,
         throttle: LoginThrottle | None = None,
+        store: BlobHealth | None = None,
     ) -> None:
-        """`throttle` is shared with the console's sign-in; a front of its own gets its own."""
+        """`throttle` is shared with the console's sign-in; a front of its own gets its own.
+        `store`: while it says the blob store is unavailable, MAIL FROM hears 451."""
         self.settings = settings
         smtp = settings.smtp
         self.throttle = throttle or LoginThrottle.from_settings(smtp)
         self.failed_logins = self.throttle.per_address
-        self.handler = SubmissionHandler(settings, db, pipeline, self.throttle)
+        self.handler = SubmissionHandler(settings, db, pipeline, self.throttle, store)
         self.gate = ConnectionGate(smtp, self.failed_logins, smtp.max_connections)
         self.proxy = ProxyPolicy.from_settings(smtp)
         self.trusted = tuple(TrustedEntry.load(entry) for entry in smtp.trusted)

@@ -35,7 +35,7 @@ from gateway.outbound.queue_signal import QueueSignal
 from gateway.outbound.routes import Route, RouteTable
 from gateway.outbound.upstream import Destination, Outcome, SmtpUpstream, relay_name
 from gateway.store import group_commit
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.events import DELIVERY_BOUNCED, DELIVERY_DEFERRED, DELIVERY_DELIVERED
 from gateway.store.metrics import DELIVERY_OUTCOMES
@@ -269,6 +269,10 @@ class DeliveryWorker:
             if any(d.keep_signed for d in deliveries):
                 signed = await self.blobs.put(data)
             outcomes = await route.upstream.send(message.sender, recipients, data)
+        except StoreUnavailable as exc:  # deferred as any temporary error: retried, never bounced
+            log.warning("%s: deferred, blob store unavailable: %s", message.id, exc)
+            unavailable = Outcome(f"blob store unavailable: {exc}", store_unavailable=True)
+            return dict.fromkeys(recipients, unavailable), None
         except Exception as exc:
             log.exception("delivering %s failed before a reply", message.id)
             return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None
@@ -341,7 +345,7 @@ class DeliveryWorker:
                 continue
             if outcome.permanent:
                 failures.append(Failure(delivery, outcome, _status_of(outcome.error, "5.0.0")))
-            elif now >= delivery.expires_at:
+            elif now >= delivery.expires_at and not outcome.store_unavailable:
                 lifetime = _duration(self.settings.upstream.queue_lifetime)
                 gave_up = f"gave up after {lifetime}; last error: {outcome.error}"
                 failures.append(Failure(delivery, Outcome(gave_up, True), "4.4.7"))
@@ -362,7 +366,7 @@ class DeliveryWorker:
                     delivery, given_up.outcome.error or "", status=given_up.status, route=route.name
                 )
             else:
-                next_attempt = self._next_attempt(delivery, now, jitter)
+                next_attempt = self._next_attempt(delivery, now, jitter, outcome.store_unavailable)
                 attempt = queue.deferred(
                     delivery, outcome.error or "", next_attempt, route=route.name
                 )
@@ -438,10 +442,12 @@ class DeliveryWorker:
             reply,
         )
 
-    def _next_attempt(self, delivery: Delivery, now: datetime, jitter: float) -> datetime:
+    def _next_attempt(
+        self, delivery: Delivery, now: datetime, jitter: float, past_lifetime: bool = False
+    ) -> datetime:
         upstream = self.settings.upstream
         wait = queue.backoff(delivery.attempts + 1, upstream.retry_base, upstream.retry_max, jitter)
-        return min(now + wait, delivery.expires_at)
+        return now + wait if past_lifetime else min(now + wait, delivery.expires_at)
 
     async def _bounce_for(
         self, message: Message, failures: Sequence[Failure], now: datetime

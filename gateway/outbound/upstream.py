@@ -37,6 +37,9 @@ class Outcome:
     permanent: bool = False
     remote_mta: str | None = None
     reply: str | None = None  # what the upstream said when it took the copy, for the log
+    # The relay's own blob store failed, not the way to the recipient: the copy is never
+    # given up for it, even past its lifetime (a bounce could not quote the original either).
+    store_unavailable: bool = False
 
     @property
     def delivered(self) -> bool:

@@ -12,6 +12,12 @@ implementation keeps, checked for each by tests/store/test_blob_contract.py:
 - Only a digest names a blob: any other name raises ValueError, before the store is asked.
 - Reading, sizing or opening a blob that is not there raises BlobMissing; deleting it is a
   no-op (two sweepers may race).
+- `delete_stale` deletes a blob only if no put reached it since a moment: the sweeper's
+  delete, which must not take a blob an intake has just put again (gateway/store/sweeper.py).
+- A store that cannot answer (a bucket unreachable, timing out, answering 5xx or refusing
+  the credentials; a disk failing or unmounted) raises StoreUnavailable, never BlobMissing:
+  whether the blob is there is then unknown, and callers say "try again later" (SMTP 451,
+  HTTP 503, a delivery deferred), never "it is gone".
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ class BlobMissing(FileNotFoundError):
     def __init__(self, digest: str) -> None:
         super().__init__(f"blob {digest} is not in the store")
         self.digest = digest
+
+
+class StoreUnavailable(OSError):
+    """The store could not be asked (unreachable, timed out, refused, failing): the blob may
+    well be there, so this is temporary trouble, never a missing blob."""
 
 
 def is_digest(name: str) -> bool:
@@ -119,12 +130,23 @@ class BlobStore(ABC):
     async def delete(self, digest: str) -> None: ...
 
     @abstractmethod
+    async def delete_stale(self, digest: str, written_before: datetime) -> int | None:
+        """Delete the blob if its last put was before `written_before`: the bytes freed, or
+        None when it was spared (put again since) or already gone. The age is read at the
+        delete, not taken from an older listing."""
+
+    @abstractmethod
     def list(self) -> AsyncIterator[BlobInfo]:
         """Every stored blob, in no particular order (for the sweeper)."""
 
     @abstractmethod
     def location(self, digest: str) -> str:
         """Where an operator finds the blob outside sealrelay: a file name, a URL."""
+
+    async def check(self) -> None:
+        """Returns when the store answers, StoreUnavailable when not: a cheap question,
+        asked while the relay runs (gateway/store/health.py BlobHealth)."""
+        return None
 
     async def remove_interrupted_writes(self) -> int:
         """Clear what writers killed mid-put left behind (at start-up and each sweep);

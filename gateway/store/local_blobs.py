@@ -7,18 +7,23 @@ A writer holds an exclusive lock (flock) on its temp file while it writes, and t
 drops the lock when the process dies however it dies. So a temp file nobody has locked was
 left by a killed writer, and start-up removes it, while the temp files of another instance
 still writing into the same store stay.
+
+A disk error (EIO, a full disk, a permission taken away) raises StoreUnavailable, and so
+does a blob missing from a store whose `tmp` directory is gone too: the store's directory
+was unmounted or removed, which says nothing about the blob (as S3's NoSuchBucket).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
@@ -28,6 +33,7 @@ from gateway.store.blobs import (
     BlobMissing,
     BlobReader,
     BlobStore,
+    StoreUnavailable,
     checked_digest,
     is_digest,
 )
@@ -49,11 +55,12 @@ class LocalBlobStore(BlobStore):
 
     def put_sync(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        if self._refresh(digest):
-            return digest
-        with self._temp_file() as (tmp, name):
-            tmp.write(data)
-            self._settle(tmp, name, digest)
+        with self._trouble("write", None):
+            if self._refresh(digest):
+                return digest
+            with self._temp_file() as (tmp, name):
+                tmp.write(data)
+                self._settle(tmp, name, digest)
         return digest
 
     async def put(self, data: bytes) -> str:
@@ -61,11 +68,15 @@ class LocalBlobStore(BlobStore):
 
     async def put_stream(self, chunks: AsyncIterable[bytes]) -> str:
         hasher = hashlib.sha256()
-        with await asyncio.to_thread(self._temp_file) as (tmp, name):
+        with self._trouble("write", None):
+            temp = await asyncio.to_thread(self._temp_file)
+        with temp as (tmp, name):
             async for chunk in chunks:
                 hasher.update(chunk)
-                await asyncio.to_thread(tmp.write, chunk)
-            await asyncio.to_thread(self._settle, tmp, name, hasher.hexdigest())
+                with self._trouble("write", None):
+                    await asyncio.to_thread(tmp.write, chunk)
+            with self._trouble("write", None):
+                await asyncio.to_thread(self._settle, tmp, name, hasher.hexdigest())
         return hasher.hexdigest()
 
     def _refresh(self, digest: str) -> bool:
@@ -100,6 +111,11 @@ class LocalBlobStore(BlobStore):
                 return fd, name
             os.close(fd)
 
+    async def check(self) -> None:
+        """The store's `tmp` directory is there (its disk mounted) and writable."""
+        if not await asyncio.to_thread(os.access, self._tmp, os.W_OK | os.X_OK):
+            raise StoreUnavailable(f"{self._tmp} is not there or not writable")
+
     async def remove_interrupted_writes(self) -> int:
         return await asyncio.to_thread(self.remove_abandoned_temp_files)
 
@@ -129,49 +145,109 @@ class LocalBlobStore(BlobStore):
     @asynccontextmanager
     async def open(self, digest: str) -> AsyncIterator[BlobReader]:
         path = self._path(digest)
-        try:
+        with self._trouble("read", digest):
             file = await asyncio.to_thread(path.open, "rb")
-        except FileNotFoundError as exc:
-            raise BlobMissing(digest) from exc
         try:
-            yield LocalBlobReader(file)
+            yield LocalBlobReader(file, self, digest)
         finally:
             file.close()
 
     async def size(self, digest: str) -> int:
         path = self._path(digest)
-        try:
+        with self._trouble("read", digest):
             return (await asyncio.to_thread(path.stat)).st_size
-        except FileNotFoundError as exc:
-            raise BlobMissing(digest) from exc
 
     async def exists(self, digest: str) -> bool:
-        return await asyncio.to_thread(self._path(digest).is_file)
+        try:
+            await self.size(digest)
+        except BlobMissing:
+            return False
+        return True
 
     async def delete(self, digest: str) -> None:
-        await asyncio.to_thread(self._path(digest).unlink, missing_ok=True)
+        path = self._path(digest)
+        with self._trouble("delete", None):
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    async def delete_stale(self, digest: str, written_before: datetime) -> int | None:
+        with self._trouble("delete", None):
+            return await asyncio.to_thread(self._delete_stale, self._path(digest), written_before)
+
+    def _delete_stale(self, path: Path, written_before: datetime) -> int | None:
+        """Move the blob aside first, then judge its age: a put refreshes the file in place
+        (utime), so one that came before the move shows in the moved file's mtime and the
+        file goes back, and one after it finds no file and writes a new one, which this never
+        touches. The moved file stays locked, so a start-up clearing temp files spares it,
+        and a second sweeper at the same blob leaves it to the first."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None  # another sweeper took it
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            aside = self._tmp / f"sweep-{path.name}-{os.getpid()}-{fd}"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                return None
+            stat = os.fstat(fd)
+            moved = os.stat(aside).st_ino == stat.st_ino  # not a file put since the open
+            young = datetime.fromtimestamp(stat.st_mtime, UTC) >= written_before
+            if young or not moved:
+                with contextlib.suppress(FileExistsError):  # a put wrote it anew meanwhile
+                    os.link(aside, path)
+                os.unlink(aside)
+                return None
+            os.unlink(aside)
+            return stat.st_size
+        finally:
+            os.close(fd)
 
     async def list(self) -> AsyncIterator[BlobInfo]:
-        fans = await asyncio.to_thread(_fan_directories, self.root)
+        with self._trouble("list", None):
+            fans = await asyncio.to_thread(_fan_directories, self.root)
         for fan in fans:
-            for info in await asyncio.to_thread(_blobs_under, fan):
+            with self._trouble("list", None):
+                infos = await asyncio.to_thread(_blobs_under, fan)
+            for info in infos:
                 yield info
+
+    @contextmanager
+    def _trouble(self, action: str, digest: str | None) -> Iterator[None]:
+        """The file system's errors as BlobMissing (no such file, in a store still mounted)
+        or StoreUnavailable (anything else: the disk, not the blob, is in trouble)."""
+        try:
+            yield
+        except (BlobMissing, StoreUnavailable):
+            raise
+        except FileNotFoundError as exc:
+            if digest is not None and self._tmp.is_dir():
+                raise BlobMissing(digest) from exc
+            raise StoreUnavailable(f"cannot {action} in {self.root}: {exc}") from exc
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot {action} in {self.root}: {exc}") from exc
 
     def location(self, digest: str) -> str:
         return str(self._path(digest))
 
 
 class LocalBlobReader(BlobReader):
-    def __init__(self, file: IO[bytes]) -> None:
+    def __init__(self, file: IO[bytes], store: LocalBlobStore, digest: str) -> None:
         self._file = file
         self._size = os.fstat(file.fileno()).st_size
+        self._store = store
+        self._digest = digest
 
     @property
     def size(self) -> int:
         return self._size
 
     async def read(self, start: int, length: int) -> bytes:
-        return await asyncio.to_thread(_pread, self._file.fileno(), start, length)
+        with self._store._trouble("read", self._digest):
+            return await asyncio.to_thread(_pread, self._file.fileno(), start, length)
 
     def kernel_file(self) -> IO[bytes]:
         return self._file

@@ -16,3 +16,7 @@ QUEUE_DEPTH = Gauge("sealrelay_queue_deliveries", "Deliveries in the queue, by s
 AUTH_CHECKS_WAITING = Gauge(
     "sealrelay_auth_checks_waiting", "SMTP logins waiting for the password hasher"
 )
+BLOB_STORE_AVAILABLE = Gauge(
+    "sealrelay_blob_store_available",
+    "1 while the blob store answers, 0 while the relay is degraded without it",
+)

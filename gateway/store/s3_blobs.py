@@ -12,8 +12,10 @@ a small blob is simply written again, a big one copied onto itself, which S3 doe
 without moving its bytes through the relay.
 
 Reads are ranged GETs, so downloads and HTTP Range requests stream from the bucket and the
-relay never holds a whole blob. Every failure of S3 or the way to it raises S3StoreError, an
-OSError, so callers treat a bucket in trouble as they treat a disk in trouble.
+relay never holds a whole blob. S3's "no such key" raises BlobMissing; every other failure
+of S3 or of the way to it (refused connections, timeouts, 5xx, throttling, refused
+credentials, a missing bucket) raises S3StoreError, a StoreUnavailable: the blob's fate is
+then unknown, and callers answer "try again later", as they do for a disk in trouble.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError
@@ -40,6 +43,7 @@ from gateway.store.blobs import (
     BlobMissing,
     BlobReader,
     BlobStore,
+    StoreUnavailable,
     checked_digest,
     is_digest,
 )
@@ -68,7 +72,7 @@ def _session() -> AioSession:
     return AioSession()
 
 
-class S3StoreError(OSError):
+class S3StoreError(StoreUnavailable):
     """S3 refused or could not be reached: the bucket's counterpart of a disk error."""
 
 
@@ -311,6 +315,21 @@ class S3BlobStore(BlobStore):
         with self._errors("delete", digest):
             await s3.delete_object(Bucket=self.bucket, Key=self._key(digest))
 
+    async def delete_stale(self, digest: str, written_before: datetime) -> int | None:
+        """A HEAD for the age, then the DELETE: S3 has no delete-if-unmodified, so a put
+        that lands between the two (one round trip) is still lost; the sweeper keeps that
+        window to bytes nothing names and nothing put for the whole grace period."""
+        s3 = await self._client()
+        try:
+            with self._errors("look up", digest):
+                head = await s3.head_object(Bucket=self.bucket, Key=self._key(digest))
+        except BlobMissing:
+            return None
+        if head["LastModified"].astimezone(UTC) >= written_before:
+            return None
+        await self.delete(digest)
+        return head["ContentLength"]
+
     async def list(self) -> AsyncIterator[BlobInfo]:
         s3 = await self._client()
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
@@ -324,6 +343,12 @@ class S3BlobStore(BlobStore):
 
     def location(self, digest: str) -> str:
         return f"s3://{self.bucket}/{self._key(digest)}"
+
+    async def check(self) -> None:
+        """A list of one key under the prefix: the bucket is there and takes this key."""
+        s3 = await self._client()
+        with self._errors("list", None):
+            await s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
 
     async def probe(self) -> None:
         """List, write and delete under the prefix, as the relay will: S3StoreError says
@@ -358,7 +383,8 @@ class S3BlobStore(BlobStore):
             if digest is not None and code in _NOT_FOUND:
                 raise BlobMissing(digest) from exc
             raise S3StoreError(_explained(action, where, code, error.get("Message"))) from exc
-        except BotoCoreError as exc:
+        except (BotoCoreError, aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            # the last three: a response body cut off while it streams
             raise S3StoreError(f"cannot {action} {where}: {exc}") from exc
 
 

@@ -5,6 +5,16 @@ and deliveries keep theirs, a linked file lives while its link is valid or expir
 than the grace period, evidence for its retention. A blob also lives at least the grace
 period after it was written: an intake stores blobs before it commits the rows that name
 them.
+
+Between listing a blob and deleting it, an intake may put the same bytes again (making it
+young) and commit rows naming it; the listing's age and the needed set read before it are
+then stale. So a blob the listing condemns is judged again right before it goes: its digest
+is looked up in the declared columns once more (rows committed since the first look keep
+it), and the store deletes it only if its age at that moment is still past the grace period
+(`BlobStore.delete_stale`; a put refreshes the age of bytes already stored, so a put after
+the listing spares the blob). The local store makes that last check and the delete one
+step; S3 cannot, and leaves one round trip between them, which a put must hit exactly for
+bytes nothing named for the whole grace period.
 """
 
 from __future__ import annotations
@@ -12,16 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from gateway.store import journal
 from gateway.store.blob_columns import Horizon
 from gateway.store.blob_columns import needed as needed_query
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.events import BLOBS_DELETED, LINK_EXPIRED
 from gateway.store.models import Link
@@ -29,6 +39,7 @@ from gateway.store.models import Link
 log = logging.getLogger(__name__)
 
 EVIDENCE_YEARS = 3
+RECHECK_BATCH = 500  # condemned blobs looked up again in one query, just before they go
 # Marks held letters whose link ran out as expired and tells their agents; the count.
 ExpireLetters = Callable[[datetime], Awaitable[int]]
 
@@ -74,15 +85,33 @@ async def needed_blobs(
         return set((await session.scalars(query)).all())
 
 
+async def still_needed(db: Database, horizon: Horizon, digests: Sequence[str]) -> set[str]:
+    """Which of `digests` the declared columns keep now."""
+    kept = needed_query(horizon).subquery()
+    column = next(iter(kept.c))
+    async with db.transaction() as session:
+        found = await session.scalars(select(column).where(column.in_(digests)))
+        return set(found.all())
+
+
 async def _delete_unneeded(
-    blobs: BlobStore, needed: set[str], written_before: datetime
+    db: Database, blobs: BlobStore, horizon: Horizon, needed: set[str], written_before: datetime
 ) -> tuple[int, int]:
+    condemned = [
+        blob.digest
+        async for blob in blobs.list()
+        if blob.digest not in needed and blob.written_at < written_before
+    ]
     deleted = freed = 0
-    async for blob in blobs.list():
-        if blob.digest in needed or blob.written_at >= written_before:
-            continue
-        await blobs.delete(blob.digest)
-        deleted, freed = deleted + 1, freed + blob.size
+    for start in range(0, len(condemned), RECHECK_BATCH):
+        batch = condemned[start : start + RECHECK_BATCH]
+        kept = await still_needed(db, horizon, batch)
+        for digest in batch:
+            if digest in kept:
+                continue
+            size = await blobs.delete_stale(digest, written_before)
+            if size is not None:
+                deleted, freed = deleted + 1, freed + size
     return deleted, freed
 
 
@@ -97,8 +126,9 @@ async def sweep(
 ) -> SweepReport:
     expired = await expire_links(db, now)
     letters = await expire_letters(now) if expire_letters is not None else 0
+    horizon = Horizon(now, grace, evidence_years)
     needed = await needed_blobs(db, now, grace, evidence_years)
-    deleted, freed = await _delete_unneeded(blobs, needed, now - grace)
+    deleted, freed = await _delete_unneeded(db, blobs, horizon, needed, now - grace)
     if deleted:
         async with db.transaction() as session:
             await journal.append(
@@ -120,6 +150,8 @@ async def run_hourly(
             report = await sweep_once()
             if report.links_expired or report.blobs_deleted or report.letters_expired:
                 log.info("sweep: %s", report)
+        except StoreUnavailable as exc:
+            log.warning("sweep put off, blob store unavailable: %s", exc)
         except Exception:
             log.exception("sweep failed; trying again next time")
         with contextlib.suppress(TimeoutError):

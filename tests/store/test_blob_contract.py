@@ -61,6 +61,13 @@ class MemoryBlobStore(BlobStore):
     async def delete(self, digest: str) -> None:
         self.blobs.pop(checked_digest(digest), None)
 
+    async def delete_stale(self, digest: str, written_before: datetime) -> int | None:
+        data, written_at = self.blobs.get(checked_digest(digest), (b"", written_before))
+        if written_at >= written_before:
+            return None
+        del self.blobs[digest]
+        return len(data)
+
     async def list(self) -> AsyncIterator[BlobInfo]:
         for digest, (data, written_at) in list(self.blobs.items()):
             yield BlobInfo(digest, len(data), written_at)
@@ -219,6 +226,21 @@ async def test_a_put_again_makes_a_blob_young(store: BlobStore) -> None:
     assert (await listed(store))[digest].written_at >= before - SLACK
 
 
+async def test_delete_stale_takes_only_a_blob_not_put_since(store: BlobStore) -> None:
+    """The sweeper's delete judges the age at the delete, not by an older listing."""
+    data = b"an attachment the sweep looks at"
+    digest = await store.put(data)
+    day_ago = datetime.now(UTC) - timedelta(days=1)
+    assert await store.delete_stale(digest, day_ago) is None  # put since: spared
+    assert await store.read(digest) == data
+    await _age(store, digest)
+    assert await store.delete_stale(digest, day_ago) == len(data)
+    assert not await store.exists(digest)
+    assert await store.delete_stale(digest, day_ago) is None  # gone already: no error
+    assert await store.delete_stale(UNKNOWN, day_ago) is None
+    assert await listed(store) == {}
+
+
 @pytest.mark.parametrize("name", NOT_DIGESTS)
 async def test_only_digests_name_blobs(store: BlobStore, name: str) -> None:
     calls: list[Callable[[], Awaitable[object]]] = [
@@ -226,6 +248,7 @@ async def test_only_digests_name_blobs(store: BlobStore, name: str) -> None:
         lambda: store.size(name),
         lambda: store.exists(name),
         lambda: store.delete(name),
+        lambda: store.delete_stale(name, datetime.now(UTC)),
         lambda: store.read_start(name, 10),
     ]
     for call in calls:
@@ -322,6 +345,12 @@ class ListsNaiveTimes(MemoryBlobStore):
             yield BlobInfo(info.digest, info.size, info.written_at.replace(tzinfo=None))
 
 
+class DeletesWhateverItsAge(MemoryBlobStore):
+    async def delete_stale(self, digest: str, written_before: datetime) -> int | None:
+        data = self.blobs.pop(checked_digest(digest), None)
+        return None if data is None else len(data[0])
+
+
 class TakesAnyName(MemoryBlobStore):
     async def exists(self, digest: str) -> bool:
         return digest in self.blobs
@@ -338,6 +367,10 @@ BROKEN: dict[str, tuple[type[MemoryBlobStore], Callable[[BlobStore], Awaitable[N
     "delete forgets nothing": (DeleteForgetsNothing, test_delete_removes_one_blob),
     "a put again keeps the old age": (KeepsTheFirstAge, test_a_put_again_makes_a_blob_young),
     "ages without a zone": (ListsNaiveTimes, test_list_names_every_blob_with_its_size_and_age),
+    "a blob put since deleted": (
+        DeletesWhateverItsAge,
+        test_delete_stale_takes_only_a_blob_not_put_since,
+    ),
     "any name taken": (
         TakesAnyName,
         functools.partial(test_only_digests_name_blobs, name="../../etc/passwd"),

@@ -11,6 +11,7 @@ from web.problem_details import MEDIA_TYPE, ProblemResponse
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/"
+_KEPT_HEADERS = ("allow", "retry-after")
 
 
 @web.middleware
@@ -22,7 +23,7 @@ async def api_problems(request: web.Request, handler: Handler) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.content_type == MEDIA_TYPE or exc.status < 400:
             raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in _KEPT_HEADERS}
         raise ProblemResponse(exc.status, exc.reason, headers=headers) from exc
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
