@@ -1,8 +1,8 @@
 """Blobs into HTTP responses, from whichever store holds them.
 
 A store with a local file hands it over (`BlobReader.kernel_file`) and the kernel sends it
-(sendfile, as aiohttp's FileResponse does); any other store, or a connection without
-sendfile (TLS), is streamed in chunks.
+(web/kernel_send.py: sendfile on asyncio and on uvloop); any other store, or a connection
+the kernel cannot send to (TLS), is streamed in chunks.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO
 
 from aiohttp import web
 
 from gateway.store.blobs import CHUNK_SIZE, BlobReader, BlobStore
+from web.kernel_send import kernel_send
 
 
 async def send_blob(
@@ -23,22 +23,10 @@ async def send_blob(
 ) -> None:
     """`length` bytes of `blob` from `start` into a prepared response."""
     file = blob.kernel_file()
-    if file is not None and await _sendfile(request, file, start, length):
+    if file is not None and await kernel_send(request, file, start, length):
         return
     async for chunk in blob.stream(start, length):
         await response.write(chunk)
-
-
-async def _sendfile(request: web.Request, file: IO[bytes], start: int, length: int) -> bool:
-    """Whether the kernel sent the bytes; False when this connection cannot sendfile."""
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("connection lost")
-    try:
-        await asyncio.get_running_loop().sendfile(transport, file, start, length, fallback=False)
-    except (NotImplementedError, asyncio.SendfileNotAvailableError):
-        return False
-    return True
 
 
 # The threads that pull a blocking iterator of PulledBlobs (the zip), kept apart from the
