@@ -106,7 +106,7 @@ async def test_create_change_disable_delete_are_journaled(database: Database) ->
     with pytest.raises(EndpointNotFound):
         await desk.get(endpoint.id)
     async with database.transaction() as session:
-        rows = list(await session.scalars(select(Event).order_by(Event.seq)))
+        rows = list(await session.scalars(select(Event).order_by(Event.id)))
     assert [(e.type, e.data) for e in rows] == [
         (
             "webhook.endpoint_created",
