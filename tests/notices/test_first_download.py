@@ -24,6 +24,7 @@ from gateway.config import GroupSettings, NoticeOverrides
 from gateway.mail import headers
 from gateway.notices.desk import NoticeDesk
 from gateway.store.models import Delivery, Event, NoticeCursor
+from gateway.store.sequencer import chain_all
 from tests.conftest import AGENT, dkim_dns
 from tests.letter_fixtures import StartSite
 from tests.letter_site import PROSPECT, Clock, LetterSite
@@ -67,6 +68,8 @@ class Prospect:
         async with http, http.get(self.site.url + path) as response:
             assert response.status == 200
             await response.read()
+        # chained, as the relay's sequencer does within a second: the notices read the chain
+        await chain_all(self.site.relay.db)
 
 
 def _text(raw: bytes) -> str:
