@@ -472,7 +472,8 @@ async def _range(
     )
     query = (
         select(Event.seq, Event.message_id, Event.type, Event.data)
-        .where(~queued)
+        # chained events only: one not chained yet reaches the fan-out when it is
+        .where(~queued, Event.seq.is_not(None))
         .order_by(Event.seq)
         .limit(REPLAY_LIMIT + 1)
     )
