@@ -486,6 +486,12 @@ class DatabaseSettings(Section):
     connect_retry_max: float = Field(
         default=30, gt=0, description="seconds between start-up attempts to reach it, at most"
     )
+    chain_interval: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="seconds between the journal sequencer's looks for other processes' events",
+    )
 
     @field_validator("url")
     @classmethod

@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +37,7 @@ from gateway.mail import dkim
 from gateway.outbound import queue
 from gateway.outbound.routes import describe_routes
 from gateway.problems import Problem
-from gateway.store import journal, sweeper
+from gateway.store import journal, sequencer, sweeper
 from gateway.store.db import Database
 from gateway.store.models import (
     ApiKeyScope,
@@ -106,7 +106,10 @@ def _run(
                 await _require_schema(db, settings.database.url, current=access is Access.READ)
             if access is not Access.READ:
                 await db.upgrade()
-            return await work(db)
+            done = await work(db)
+            if access is not Access.READ:  # what it journaled, chained before it exits
+                await sequencer.chain_all(db)
+            return done
         except (users.UserError, queue.QueueError, ApiKeyError, WebhookError) as exc:
             raise click.ClickException(str(exc)) from exc
         finally:
@@ -1094,8 +1097,20 @@ def verify(config: Path | None, check_journal: bool, file: Path | None) -> None:
                 f" ({chain.events} events verified before it)"
             )
             ok = False
+        if chain.lag.unchained:
+            click.echo(_lag_line(chain.lag, datetime.now(UTC)))
     if not ok:
         sys.exit(1)
+
+
+def _lag_line(lag: journal.Lag, now: datetime) -> str:
+    """The events a sequencer has still to chain: `verify` proves nothing about them yet."""
+    count = f"{lag.unchained} event{'s' if lag.unchained != 1 else ''}"
+    oldest = f"{lag.oldest:%Y-%m-%d %H:%M:%S} UTC, " if lag.oldest else ""
+    return (
+        f"journal: {count} not chained yet, the oldest written {oldest}{lag.age(now):.0f} s"
+        " ago (a running relay chains them within database.chain_interval)"
+    )
 
 
 def _read_message(file: Path) -> bytes:
@@ -1168,7 +1183,7 @@ def evidence(config: Path | None, consent_id: str) -> None:
         (
             "journal",
             [
-                f"#{event.seq} {event.at:%Y-%m-%d %H:%M:%S} UTC {event.type}"
+                f"{verification.chain_number(event)} {event.at:%Y-%m-%d %H:%M:%S} UTC {event.type}"
                 for event in found.events
             ]
             or ["(no events name this consent)"],

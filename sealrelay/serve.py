@@ -46,6 +46,7 @@ from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import utcnow
+from gateway.store.sequencer import Sequencer
 from gateway.webhooks.desk import WebhookDesk
 from gateway.webhooks.history import prune_finished
 from gateway.webhooks.worker import WebhookWorker
@@ -206,6 +207,9 @@ class Relay:
         )
         self.notices = NoticeDesk(settings, self.db, self.blobs, self.signal.notify, clock)
         self.sweeper = sweeper_for(settings, self.db, self.blobs, self.letters, self.notices)
+        # every process numbers and chains the journal's new events (the first pass also
+        # those a crash left); closing the database drains it
+        self.sequencer = Sequencer(self.db, settings.database.chain_interval)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._web_runner: web.AppRunner | None = None
@@ -251,6 +255,7 @@ class Relay:
         webhook workers run everywhere: their claims are leases (gateway/store/leases.py).
         `reuse_port`: bind with SO_REUSEPORT, so that every process listens on the same ports.
         """
+        self.sequencer.start()
         self._tasks.append(asyncio.create_task(self.blob_health.run(self._stop)))
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
@@ -290,6 +295,7 @@ class Relay:
             health=lambda: health.database_answers(db),
             store_problem=lambda: self.blob_health.problem,
             queue_depths=lambda: health.queue_depths(db),
+            journal_lag=lambda: health.journal_lag(db),
             roles=self.roles,
             timeline=Timeline(db),
             api_keys=ApiKeyDesk(db, self.clock),

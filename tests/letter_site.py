@@ -134,7 +134,7 @@ class LetterSite:
 
     async def events(self, *types: str) -> list[Event]:
         async with self.relay.db.transaction() as session:
-            query = select(Event).order_by(Event.seq)
+            query = select(Event).order_by(Event.id)
             if types:
                 query = query.where(Event.type.in_(types))
             return list((await session.scalars(query)).all())

@@ -23,7 +23,9 @@ from sqlalchemy import select
 
 from gateway.store import events
 from gateway.store.db import Database
+from gateway.store.journal import ChainReport, verify_database
 from gateway.store.models import Event
+from gateway.store.sequencer import chain_all
 
 
 def screenshot_dir(suite: str) -> Path:
@@ -293,3 +295,10 @@ PERSON_UA = (
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/131.0.0.0 Safari/537.36"
 )
+
+
+async def chained(db: Database) -> ChainReport:
+    """The journal's chain verified once every event written so far is chained: what a
+    relay's sequencer does within `database.chain_interval`, done at once."""
+    await chain_all(db)
+    return await verify_database(db)

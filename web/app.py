@@ -27,8 +27,8 @@ from gateway.dns_lookup import DnsLookup
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.store.blobs import BlobStore, StoreUnavailable
-from gateway.store.journal import ChainReport
-from gateway.store.metrics import QUEUE_DEPTH
+from gateway.store.journal import ChainReport, Lag
+from gateway.store.metrics import JOURNAL_LAG, JOURNAL_UNCHAINED, QUEUE_DEPTH
 from gateway.webhooks.desk import WebhookDesk
 from web.api.actions import MessageActions
 from web.api.agent_logins import AgentLoginOperations
@@ -69,6 +69,8 @@ class WebParts:
     health: Callable[[], Awaitable[None]]
     # deliveries per status, every status named
     queue_depths: Callable[[], Awaitable[Mapping[str, int]]]
+    # the journal's events not chained yet (gateway/store/health.py journal_lag)
+    journal_lag: Callable[[], Awaitable[Lag]]
     roles: frozenset[str]
     timeline: Timeline
     api_keys: ApiKeyDesk
@@ -108,6 +110,9 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     for status, count in (await request.app[PARTS].queue_depths()).items():
         QUEUE_DEPTH.labels(status=status).set(count)
+    lag = await request.app[PARTS].journal_lag()
+    JOURNAL_UNCHAINED.set(lag.unchained)
+    JOURNAL_LAG.set(lag.age(request.app[PARTS].clock()))
     body = generate_latest()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

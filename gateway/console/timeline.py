@@ -111,7 +111,7 @@ class Page:
 
 @dataclass(frozen=True)
 class EventRow:
-    seq: int
+    seq: int | None  # None in a message's story while the sequencer has not chained it
     at: datetime
     type: str
     message_id: str | None
@@ -476,7 +476,7 @@ class Timeline:
             states = (await self._states(session, [found.id])).get(found.id, [])
             events = (
                 await session.scalars(
-                    select(Event).where(Event.message_id == found.id).order_by(Event.seq)
+                    select(Event).where(Event.message_id == found.id).order_by(Event.id)
                 )
             ).all()
             links = (
@@ -549,11 +549,12 @@ class Timeline:
         until: datetime | None = None,
         limit: int = 100,
     ) -> list[EventRow]:
-        """Events with a sequence number above `after_seq`, in journal order.
+        """Chained events with a sequence number above `after_seq`, in journal order.
 
-        The journal numbers events in commit order (an append holds the chain head until its
-        transaction ends), so a reader that continues after the last number it saw misses
-        nothing and sees nothing twice.
+        The sequencer numbers events in passes that commit one after another, each with the
+        chain's head (gateway/store/sequencer.py), so a seq is visible only once every lower
+        one is: a reader that continues after the last number it saw misses nothing and sees
+        nothing twice.
         """
         query = select(*_EVENT_COLUMNS).where(Event.seq > after_seq)
         if types:

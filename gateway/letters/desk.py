@@ -783,7 +783,7 @@ async def _released_by_agent_delivery(session: AsyncSession, letter: Letter) -> 
             Event.type == LETTER_RELEASED_BY_AGENT.name,
             Event.message_id == letter.message_id,
         )
-        .order_by(Event.seq.desc())
+        .order_by(Event.id.desc())
     )
     return next((e.delivery_id for e in events if e.data.get("letter_id") == letter.id), None)
 

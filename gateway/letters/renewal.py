@@ -76,7 +76,7 @@ async def queue_request(
     earlier = await session.scalars(
         select(Event)
         .where(Event.type == LETTER_RENEWAL_REQUESTED.name, Event.message_id == letter.message_id)
-        .order_by(Event.seq.desc())
+        .order_by(Event.id.desc())
     )
     if any(
         event.data.get("letter_id") == letter.id and event.at > now - INTERVAL for event in earlier

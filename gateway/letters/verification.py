@@ -365,11 +365,17 @@ def _check_texts(checks: _Checks, consent: Consent, letter: Letter | None) -> No
 
 
 async def consent_events(session: AsyncSession, consent_id: str) -> list[Event]:
-    """The journal events that name this consent (data["consent_id"]), in order."""
+    """The journal events that name this consent (data["consent_id"]), in the order they
+    were written, chained or not yet."""
     rows = await session.scalars(
-        select(Event).where(Event.data["consent_id"].as_string() == consent_id).order_by(Event.seq)
+        select(Event).where(Event.data["consent_id"].as_string() == consent_id).order_by(Event.id)
     )
     return list(rows.all())
+
+
+def chain_number(event: Event) -> str:
+    """`#seq`, or what stands for it while the sequencer has not chained the event yet."""
+    return f"#{event.seq}" if event.seq is not None else "(not chained yet)"
 
 
 def _check_events(checks: _Checks, consent_id: str, events: Sequence[Event]) -> None:
@@ -386,7 +392,7 @@ def _check_events(checks: _Checks, consent_id: str, events: Sequence[Event]) -> 
         CHECK_EVENTS,
         True,
         ", ".join(
-            f"{kind} #{by_type[kind].seq} at {rfc3339(by_type[kind].at)}"
+            f"{kind} {chain_number(by_type[kind])} at {rfc3339(by_type[kind].at)}"
             for kind in REQUIRED_EVENTS
         ),
     )

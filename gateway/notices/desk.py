@@ -158,7 +158,7 @@ class NoticeDesk:
             if notice:
                 journaled.extend(notice)
                 queued += 1
-        cursor.seq = settled[-1].seq
+        cursor.seq = journal.seq_of(settled[-1])
         await journal.append(session, journaled, now)
         return len(settled), queued
 
@@ -211,7 +211,7 @@ class NoticeDesk:
                 {
                     "recipient": recipient,
                     "file_ids": list(dict.fromkeys(str(e.data["file_id"]) for e in events)),
-                    "first_seq": events[0].seq,
+                    "first_seq": journal.seq_of(events[0]),
                     "notice_message_id": queued.message.id,
                 },
                 message_id=message.id,

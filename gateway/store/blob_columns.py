@@ -141,7 +141,9 @@ BLOB_COLUMNS: tuple[BlobColumn, ...] = (
 )
 
 # Digest-sized columns that hash something else and name no blob.
-HASHES_NAMING_NO_BLOB: tuple[InstrumentedAttribute[str], ...] = (
+HASHES_NAMING_NO_BLOB: tuple[
+    InstrumentedAttribute[str] | InstrumentedAttribute[str | None], ...
+] = (
     Event.hash,
     Event.prev_hash,
     JournalHead.hash,

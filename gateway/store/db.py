@@ -27,6 +27,8 @@ from gateway.store.schema_version import migration_heads, stored_revisions
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SNAPSHOT = "sealrelay_snapshot"
+# set in a session's `info` by whatever journaled events in its transaction (journal.append)
+JOURNALED = "sealrelay_journaled"
 
 
 def make_engine(url: str, *, schema: str | None = None) -> AsyncEngine:
@@ -72,6 +74,9 @@ class Database:
         # Run by `close` before the engine goes: work still queued for a commit (the group
         # commit's writers, gateway/store/group_commit.py) is finished, not dropped.
         self.on_close: list[Callable[[], Awaitable[None]]] = []
+        # Called after a commit that added journal events: the sequencer
+        # (gateway/store/sequencer.py) listens, to chain them at once.
+        self.on_journaled: list[Callable[[], None]] = []
 
     @classmethod
     def connect(cls, url: str, *, schema: str | None = None) -> Database:
@@ -84,8 +89,16 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """Commits on leaving, rolls back on any exception."""
-        async with self.sessions() as session, session.begin():
-            yield session
+        async with self.sessions() as session:
+            async with session.begin():
+                yield session
+            if session.info.pop(JOURNALED, False):
+                self.journaled()
+
+    def journaled(self) -> None:
+        """Say that a commit added journal events."""
+        for listener in self.on_journaled:
+            listener()
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[AsyncSession]:

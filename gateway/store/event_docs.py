@@ -22,8 +22,9 @@ by hand.
 
 The journal records everything that happened to every message, link and registered letter,
 one event at a time, each carrying the hash of the one before it (`sealrelay verify
---journal`). The admin UI shows these events, the API lists them and webhooks push them to a
-CRM. Every event has a `seq`, a time `at` (UTC), a `type` (the names below, which never
+--journal`; docs/journal.md says how events are numbered and chained, within about a second).
+The admin UI shows these events, the API lists them and webhooks push them to a CRM. Every
+event has a `seq`, a time `at` (UTC), a `type` (the names below, which never
 change), a `message_id` and a `delivery_id` (null where an event names none) and a `data`
 object whose fields are listed for each type. Fields marked **personal data** name or
 identify a person; an event type is marked when any of its fields is.

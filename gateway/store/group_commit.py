@@ -5,9 +5,9 @@ A transaction per message cost a commit (an fsync on SQLite, a round trip and a 
 PostgreSQL) and the lock on the journal's head for as long as the caller's awaits took. Here a
 caller hands in a *unit*: a plain function that does its writes on the connection it is given
 (SQLAlchemy Core, no awaits) and returns `Done(result, events, at)`. The writer takes whatever
-units are queued (up to `BATCH`), runs them one after another in one transaction, appends all
-their journal events with one read of the chain's head (`journal.append_rows`), commits, and
-then answers each caller. Nothing awaits inside the open transaction but the database call
+units are queued (up to `BATCH`), runs them one after another in one transaction, inserts all
+their journal events in one statement (`journal.append_rows`), commits, answers each caller
+and wakes the journal's sequencer. Nothing awaits inside the open transaction but the database call
 itself, so the transaction is as short as the SQL.
 
 A unit that raises fails only itself: when a batch fails, the writer runs it again with a
@@ -128,17 +128,19 @@ class _Writer:
     async def _commit(self, batch: list[_Item]) -> None:
         units = [item.unit for item in batch]
         try:
-            results = await self._transaction(lambda c: _all_at_once(c, units))
+            results, journaled = await self._transaction(lambda c: _all_at_once(c, units))
         except Exception as exc:
             if len(batch) == 1:
                 _fail(batch, exc)
                 return
             log.info("a group of %d failed (%s); each unit again on its own", len(batch), exc)
             try:
-                results = await self._transaction(lambda c: _each_on_its_own(c, units))
+                results, journaled = await self._transaction(lambda c: _each_on_its_own(c, units))
             except Exception as again:
                 _fail(batch, again)
                 return
+        if journaled:
+            self.db.journaled()
         for item, result in zip(batch, results, strict=True):
             if item.future.done():
                 continue
@@ -147,7 +149,9 @@ class _Writer:
             else:
                 item.future.set_result(result)
 
-    async def _transaction(self, work: Callable[[Connection], list[Any]]) -> list[Any]:
+    async def _transaction(
+        self, work: Callable[[Connection], tuple[list[Any], int]]
+    ) -> tuple[list[Any], int]:
         """One transaction around `work`: on SQLite whole on the driver's thread
         (gateway/store/sqlite_thread.py), on PostgreSQL through the async connection."""
         if self.db.is_postgres:
@@ -157,15 +161,15 @@ class _Writer:
             return await sqlite_thread.run(connection, work)
 
 
-def _all_at_once(connection: Connection, units: Sequence[Unit[Any]]) -> list[Any]:
-    """The fast path: every unit, then every event, no savepoints."""
+def _all_at_once(connection: Connection, units: Sequence[Unit[Any]]) -> tuple[list[Any], int]:
+    """The fast path: every unit, then every event, no savepoints. (Results, events added.)"""
     now = utcnow()
     done = [unit(connection) for unit in units]
-    journal.append_rows(connection, [(d.events, d.at or now) for d in done])
-    return [d.result for d in done]
+    journaled = journal.append_rows(connection, [(d.events, d.at or now) for d in done])
+    return [d.result for d in done], journaled
 
 
-def _each_on_its_own(connection: Connection, units: Sequence[Unit[Any]]) -> list[Any]:
+def _each_on_its_own(connection: Connection, units: Sequence[Unit[Any]]) -> tuple[list[Any], int]:
     """After a failed batch: each unit in a SAVEPOINT, so that a bad one is rolled back alone
     and answered with its own exception."""
     now = utcnow()
@@ -184,8 +188,8 @@ def _each_on_its_own(connection: Connection, units: Sequence[Unit[Any]]) -> list
         savepoint.commit()
         kept.append(done)
         results.append(done.result)
-    journal.append_rows(connection, [(d.events, d.at or now) for d in kept])
-    return results
+    journaled = journal.append_rows(connection, [(d.events, d.at or now) for d in kept])
+    return results, journaled
 
 
 def _fail(batch: Sequence[_Item], exc: Exception) -> None:
@@ -204,7 +208,8 @@ def _writer(db: Database) -> _Writer:
     per_loop = _writers.get(db)
     if per_loop is None:
         per_loop = _writers[db] = {}
-        db.on_close.append(lambda: _close(db))
+        # first of the close hooks: what is queued commits before anything else closes
+        db.on_close.insert(0, lambda: _close(db))
     writer = per_loop.get(loop)
     if writer is None or writer.task.done():
         writer = per_loop[loop] = _Writer(db)

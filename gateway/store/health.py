@@ -9,6 +9,7 @@ import logging
 
 from sqlalchemy import func, select, text
 
+from gateway.store import journal
 from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.metrics import BLOB_STORE_AVAILABLE
@@ -25,6 +26,12 @@ async def database_answers(db: Database) -> None:
     """Returns when the database answers a trivial query; raises whatever reaching it raised."""
     async with db.transaction() as session:
         await session.execute(text("SELECT 1"))
+
+
+async def journal_lag(db: Database) -> journal.Lag:
+    """The journal's events not chained yet (gateway/store/sequencer.py), a read only."""
+    async with db.snapshot() as session:
+        return await journal.lag(session)
 
 
 async def queue_depths(db: Database) -> dict[str, int]:

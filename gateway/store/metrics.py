@@ -12,6 +12,13 @@ DELIVERY_OUTCOMES = Counter(
     "Outcomes of delivery attempts per recipient copy",
     ["outcome"],
 )
+JOURNAL_UNCHAINED = Gauge(
+    "sealrelay_journal_unchained_events", "Journal events written but not chained yet"
+)
+JOURNAL_LAG = Gauge(
+    "sealrelay_journal_chain_lag_seconds",
+    "How long the oldest journal event not chained yet has waited (0: none waits)",
+)
 QUEUE_DEPTH = Gauge("sealrelay_queue_deliveries", "Deliveries in the queue, by status", ["status"])
 AUTH_CHECKS_WAITING = Gauge(
     "sealrelay_auth_checks_waiting", "SMTP logins waiting for the password hasher"

@@ -21,7 +21,9 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -178,23 +180,40 @@ class Delivery(Base):
 
 
 class Event(Base):
-    """The journal: append-only, each row carrying the hash of the one before it."""
+    """The journal: append-only, each chained row carrying the hash of the one before it.
+
+    Writers insert a row with `seq`, `prev_hash` and `hash` empty (no lock but the row's
+    own); the sequencer (gateway/store/sequencer.py) numbers and chains rows in `id` order
+    shortly after. `id` is the order of writing, `seq` the order of the chain.
+    """
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_message_seq", "message_id", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("seq", name="uq_events_seq"),
+        Index("ix_events_message_order", "message_id", "id"),
+        # the sequencer's work: rows not chained yet, in the order they were written
+        Index(
+            "ix_events_unchained",
+            "id",
+            postgresql_where=text("seq IS NULL"),
+            sqlite_where=text("seq IS NULL"),
+        ),
+    )
 
-    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    seq: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     at: Mapped[datetime] = mapped_column(UtcDateTime)
     type: Mapped[str] = mapped_column(String(60), index=True)
     message_id: Mapped[str | None] = mapped_column(String(32), index=True)
     delivery_id: Mapped[str | None] = mapped_column(String(32))
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
-    prev_hash: Mapped[str] = mapped_column(String(64))
-    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64), unique=True)
 
 
 class JournalHead(Base):
-    """One row: the last sequence number and hash. Locking it serializes appends."""
+    """One row: the last chained sequence number and hash. The sequencer locks it while it
+    chains; writers never touch it."""
 
     __tablename__ = "journal_head"
 

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.store import journal
+from gateway.store import journal, sequencer
 from gateway.store.db import Database
 from gateway.store.events import (
     CATALOG,
@@ -291,17 +291,18 @@ class WebhookDesk:
         return secret
 
     async def send_test(self, endpoint_id: str, *, by: str = "cli") -> int:
-        """Journal a `webhook.test` for this endpoint; the fan-out posts it there. Its seq."""
+        """Journal a `webhook.test` for this endpoint; the fan-out posts it there. Its seq,
+        so it is chained here rather than by the next pass of the sequencer."""
         async with self.db.transaction() as session:
             endpoint = await _endpoint(session, endpoint_id)
             if not endpoint.enabled:
                 raise EndpointDisabled(f"endpoint {endpoint_id} is disabled; enable it first")
-            [event] = await journal.append(
+            [event_id] = await journal.append(
                 session,
                 [WEBHOOK_TEST_REQUESTED.new({"endpoint_id": endpoint.id, "by": by})],
                 self.clock(),
             )
-            return event.seq
+        return await sequencer.chained_seq(self.db, event_id)
 
     async def replay(
         self,
@@ -369,7 +370,7 @@ class WebhookDesk:
         while it is not fanned out yet. NotATest when `seq` is no test of this endpoint's."""
         async with self.db.transaction() as session:
             await _endpoint(session, endpoint_id)
-            event = await session.get(Event, seq) if 0 < seq < 2**62 else None
+            event = await _chained(session, seq) if 0 < seq < 2**62 else None
             if (
                 event is None
                 or event.type != WEBHOOK_TEST_REQUESTED.name
@@ -436,16 +437,20 @@ async def _endpoint(
     return endpoint
 
 
+async def _chained(session: AsyncSession, seq: int) -> Event | None:
+    return await session.scalar(select(Event).where(Event.seq == seq))
+
+
 async def _one_event(
     session: AsyncSession, endpoint: WebhookEndpoint, seq: int
 ) -> list[tuple[int, str | None]]:
-    event = await session.get(Event, seq)
+    event = await _chained(session, seq)
     if event is None:
         raise WebhookError(f"no event {seq} in the journal")
     # An explicit replay may reach back before the endpoint existed.
     if not wants(endpoint, event, since_creation=False):
         raise WebhookError(f"endpoint {endpoint.id} does not receive {event.type}")
-    return [(event.seq, event.message_id)]
+    return [(seq, event.message_id)]
 
 
 async def _range(
@@ -467,7 +472,8 @@ async def _range(
     )
     query = (
         select(Event.seq, Event.message_id, Event.type, Event.data)
-        .where(~queued)
+        # chained events only: one not chained yet reaches the fan-out when it is
+        .where(~queued, Event.seq.is_not(None))
         .order_by(Event.seq)
         .limit(REPLAY_LIMIT + 1)
     )

@@ -7,13 +7,12 @@ none is skipped (the cursor never passes an event whose deliveries were not writ
 PostgreSQL the cursor row is locked, so instances fan out one after another; SQLite has one
 writer anyway.
 
-This rests on one property of the journal (gateway/store/journal.py): an event's seq is
-visible only once every lower seq is. Appends lock the journal head row until they commit,
-so the transaction that took seq N commits before any other can take N+1: seq order is
-commit order. Should appends ever stop serializing on the head (a sequencer handing out
-numbers to transactions that commit in any order), the cursor could pass a seq committed
-late; the fan-out would then have to read only up to the lowest seq still in flight.
-tests/webhooks/test_fanout.py holds the property.
+This rests on one property of the journal: an event's seq is visible only once every lower
+seq is. Writers insert events without a number; the sequencer (gateway/store/sequencer.py)
+hands out numbers in passes that each hold the chain's head row until they commit, together
+with the head, so the pass that gave seq N commits before any other can give N+1: seq order
+is the sequencer's commit order, whatever order the writers committed in. An event is fanned
+out once it is chained. tests/webhooks/test_fanout.py holds the property.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.store.events import WEBHOOK_TEST_REQUESTED
+from gateway.store.journal import seq_of
 from gateway.store.models import (
     Event,
     JournalHead,
@@ -96,5 +96,5 @@ async def fan_out_batch(session: AsyncSession, now: datetime, limit: int = BATCH
     rows = deliveries_for(endpoints, events, now)
     if rows:  # a Core insert: no unit of work for rows nobody reads back here
         await session.execute(insert(WebhookDelivery), rows)
-    cursor.seq = events[-1].seq
+    cursor.seq = seq_of(events[-1])
     return len(events)

@@ -347,7 +347,9 @@ class WebhookWorker:
         endpoint, event = attempt.endpoint, attempt.event
         now = self.clock()
         body = payloads.body(event, thin=endpoint.thin)
-        headers = payloads.headers(active_secrets(endpoint, now), event.seq, now, body)
+        headers = payloads.headers(
+            active_secrets(endpoint, now), attempt.delivery.event_seq, now, body
+        )
         try:
             # Resolved again at each delivery: DNS may have changed since the endpoint was made.
             await addresses.check(endpoint.url, allow_private=endpoint.allow_private)
@@ -445,7 +447,7 @@ class WebhookWorker:
         for attempt, answer, outcome in settled:
             log.info(
                 "webhook %s: to=<%s>, attempt=%d, code=%s, status=%s%s",
-                payloads.webhook_id(attempt.event.seq),
+                payloads.webhook_id(attempt.delivery.event_seq),
                 attempt.endpoint.url,
                 attempt.delivery.attempts + 1,
                 answer.status if answer.status is not None else "-",

@@ -27,6 +27,7 @@ from gateway.store.models import (
     Message,
     new_id,
 )
+from gateway.store.sequencer import chain_all
 
 
 async def seed_message(
@@ -201,4 +202,5 @@ async def seed_message(
             session.add(row)
             await session.flush()
         await journal.append(session, events, received_at)
+    await chain_all(db)  # as a running relay's sequencer does within a second
     return message_id

@@ -29,7 +29,7 @@ async def test_a_key_is_kept_as_a_hash_and_revoked_for_good(database: Database) 
     assert made.key.startswith(made.info.prefix) and len(made.info.prefix) < 12
     async with database.transaction() as session:
         row = (await session.scalars(select(ApiKey))).one()
-        types = (await session.scalars(select(Event.type).order_by(Event.seq))).all()
+        types = (await session.scalars(select(Event.type).order_by(Event.id))).all()
     assert row.key_hash == hashlib.sha256(made.key.encode()).hexdigest()
     assert made.key not in (row.key_hash, row.prefix, row.name)
     assert types == ["api_key.created"]
@@ -50,7 +50,7 @@ async def test_a_key_is_kept_as_a_hash_and_revoked_for_good(database: Database) 
     with pytest.raises(ApiKeyNotFound):
         await desk.revoke("nosuchkey", "admin@broker.example")
     async with database.transaction() as session:
-        events = (await session.scalars(select(Event).order_by(Event.seq))).all()
+        events = (await session.scalars(select(Event).order_by(Event.id))).all()
     assert [e.type for e in events] == ["api_key.created", "api_key.created", "api_key.revoked"]
     assert events[-1].data == {
         "key_id": made.info.id,

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.store.db import Database
+from gateway.store.journal import lag
 from gateway.store.models import Event, WebhookDelivery
 from gateway.webhooks.desk import WebhookDesk
 from gateway.webhooks.fanout import behind
@@ -79,7 +80,7 @@ async def webhooks_idle(db: Database, timeout: float = 30) -> None:
     async with asyncio.timeout(timeout):
         while True:
             async with db.snapshot() as session:
-                lagging = await behind(session)
+                lagging = await behind(session) or (await lag(session)).unchained > 0
             if not lagging and not await desk.pending():
                 return
             await asyncio.sleep(0.05)

@@ -49,7 +49,7 @@ def visible(page: str) -> str:
 
 async def types_of(world: World) -> list[str]:
     async with world.site.relay.db.transaction() as session:
-        return list((await session.scalars(select(Event.type).order_by(Event.seq))).all())
+        return list((await session.scalars(select(Event.type).order_by(Event.id))).all())
 
 
 async def test_the_story_shows_scanner_views_apart_and_the_first_download(world: World) -> None:

@@ -72,7 +72,7 @@ async def stored_sessions(db: Database) -> list[ConsoleSession]:
 
 async def journal(db: Database) -> list[Event]:
     async with db.transaction() as session:
-        return list((await session.scalars(select(Event).order_by(Event.seq))).all())
+        return list((await session.scalars(select(Event).order_by(Event.id))).all())
 
 
 async def test_a_sign_in_stores_only_the_tokens_hash_and_the_token_finds_the_user(

@@ -42,7 +42,7 @@ async def test_totp_on_prints_the_uri_once_and_off_removes_it(tmp_path: Path) ->
         async with db.transaction() as session:
             user = await session.scalar(select(User).where(User.email == BOSS))
             assert user is not None and user.totp_secret is None
-            kinds = (await session.scalars(select(Event.type).order_by(Event.seq))).all()
+            kinds = (await session.scalars(select(Event.type).order_by(Event.id))).all()
         assert kinds[-2:] == ["user.totp_enabled", "user.totp_disabled"]
     finally:
         await db.close()

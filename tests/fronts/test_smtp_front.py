@@ -802,7 +802,7 @@ async def test_queued_250_names_a_stored_message_with_its_journal(relay: Harness
         ).all()
         events = (
             await session.scalars(
-                select(Event).where(Event.message_id == message_id).order_by(Event.seq)
+                select(Event).where(Event.message_id == message_id).order_by(Event.id)
             )
         ).all()
     assert message is not None

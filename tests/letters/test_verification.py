@@ -42,6 +42,7 @@ from gateway.store.models import (
     Message,
     new_id,
 )
+from gateway.store.sequencer import chain_all
 from tests.cli_runner import sealrelay, sqlite_url, write_config
 from tests.conftest import AGENT, DKIM_DOMAIN, DKIM_SELECTOR
 
@@ -212,6 +213,7 @@ async def seed(
             ],
             GIVEN_AT,
         )
+    await chain_all(db)  # as a running relay's sequencer does within a second
     return Seeded(consent_id, letter_id, message_id, released, Path(blobs.location(pdf_blob)))
 
 

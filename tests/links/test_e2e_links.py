@@ -20,10 +20,9 @@ import pytest
 from sqlalchemy import select
 
 from gateway.mail import headers
-from gateway.store import journal
 from gateway.store.models import Event, Message
 from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
-from tests.support import PERSON_UA
+from tests.support import PERSON_UA, chained
 
 PROSPECT = "prospect@example.com"
 OTHER = "other@example.org"
@@ -128,9 +127,9 @@ async def test_large_attachment_becomes_a_personal_link(relay: Harness) -> None:
                     body = await download.read()
                 assert hashlib.sha256(body).digest() == hashlib.sha256(PDF).digest()
 
+    assert (await chained(relay.relay.db)).ok
     async with relay.relay.db.transaction() as session:
-        events = (await session.scalars(select(Event).order_by(Event.seq))).all()
-        assert (await journal.verify(session)).ok
+        events = (await session.scalars(select(Event).order_by(Event.id))).all()
         messages = (await session.scalars(select(Message))).all()
     for recipient in (PROSPECT, OTHER):
         downloads = [

@@ -78,7 +78,7 @@ async def make_link(db: Database, now: datetime, *, files: int = 2, days: int = 
 
 async def events(db: Database, *types: str) -> list[Event]:
     async with db.transaction() as session:
-        query = select(Event).where(Event.type.in_(types)).order_by(Event.seq)
+        query = select(Event).where(Event.type.in_(types)).order_by(Event.id)
         return list((await session.scalars(query)).all())
 
 

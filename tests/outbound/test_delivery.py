@@ -101,7 +101,7 @@ async def delivery_to(db: Database, recipient: str, message_id: str | None = Non
 
 
 async def events(db: Database, *types: str) -> list[Event]:
-    query = select(Event).order_by(Event.seq)
+    query = select(Event).order_by(Event.id)
     if types:
         query = query.where(Event.type.in_(types))
     async with db.transaction() as session:

@@ -125,7 +125,7 @@ async def test_one_message_id_in_reply_queue_outbox_log_and_journal(
     db = Database.connect(database_url)
     try:
         async with db.transaction() as session:
-            events = (await session.scalars(select(Event).order_by(Event.seq))).all()
+            events = (await session.scalars(select(Event).order_by(Event.id))).all()
     finally:
         await db.close()
     assert [e.type for e in events if e.message_id is None] == ["user.created"]

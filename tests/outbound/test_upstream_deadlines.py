@@ -91,7 +91,7 @@ def big_message() -> bytes:
 async def deferrals(relay: Harness, recipient: str) -> list[Event]:
     async with relay.relay.db.transaction() as session:
         events = await session.scalars(
-            select(Event).where(Event.type == "delivery.deferred").order_by(Event.seq)
+            select(Event).where(Event.type == "delivery.deferred").order_by(Event.id)
         )
         return [e for e in events if e.data.get("recipient") == recipient]
 

@@ -14,7 +14,7 @@ PASSWORD = "correct horse battery"
 
 async def _journal(db: Database) -> list[tuple[str, dict[str, object]]]:
     async with db.transaction() as session:
-        rows = (await session.scalars(select(Event).order_by(Event.seq))).all()
+        rows = (await session.scalars(select(Event).order_by(Event.id))).all()
     return [(e.type, e.data) for e in rows if e.type != "user.created"]
 
 

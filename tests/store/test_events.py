@@ -15,7 +15,7 @@ from sqlalchemy import delete, insert
 from gateway.store import events, journal
 from gateway.store.db import Database
 from gateway.store.models import Event, utcnow
-from tests.support import undeclared_event_types
+from tests.support import chained, undeclared_event_types
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("gateway", "web", "rules")
@@ -156,7 +156,7 @@ async def _append(db: Database, new: journal.NewEvent) -> None:
 async def test_the_journal_refuses_an_undeclared_event(database: Database) -> None:
     with pytest.raises(events.UndeclaredEvent, match=r"'letter\.opened' is not a declared"):
         await _append(database, journal.NewEvent("letter.opened", "m1"))
-    assert (await journal.verify_database(database)) == journal.ChainReport(0)
+    assert (await chained(database)) == journal.ChainReport(0)
 
 
 QUEUED = {"recipient": "p@example.com"}
@@ -177,7 +177,7 @@ async def test_the_journal_refuses_an_event_that_breaks_its_declaration(
     new = journal.NewEvent("delivery.queued", message_id, delivery_id, data)
     with pytest.raises(events.UndeclaredEvent, match=complaint):
         await _append(database, new)
-    assert (await journal.verify_database(database)) == journal.ChainReport(0)
+    assert (await chained(database)) == journal.ChainReport(0)
 
 
 async def test_an_event_without_a_message_refuses_one(database: Database) -> None:
@@ -195,7 +195,7 @@ async def test_a_declared_event_is_appended_as_declared(database: Database) -> N
         QUEUED,
     )
     await _append(database, new)
-    assert (await journal.verify_database(database)) == journal.ChainReport(1)
+    assert (await chained(database)) == journal.ChainReport(1)
 
 
 async def test_the_teardown_check_finds_an_event_written_past_the_journal(

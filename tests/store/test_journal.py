@@ -4,6 +4,7 @@ walks, and tampering that it catches, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +20,7 @@ from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.events import BLOBS_DELETED, POLICY_KEPT
 from gateway.store.models import Delivery, DeliveryStatus, Event, JournalHead, Message, utcnow
+from gateway.store.sequencer import chain_all
 from tests.cli_runner import sealrelay, sqlite_url, write_config
 from tests.conftest import Harness, make_message
 
@@ -37,6 +39,12 @@ async def all_events(db: Database) -> list[Event]:
         return list((await session.scalars(select(Event).order_by(Event.seq))).all())
 
 
+async def written_events(db: Database) -> list[Event]:
+    """Every event in the order it was written, chained or not yet."""
+    async with db.transaction() as session:
+        return list((await session.scalars(select(Event).order_by(Event.id))).all())
+
+
 async def all_deliveries(db: Database) -> list[Delivery]:
     async with db.transaction() as session:
         return list((await session.scalars(select(Delivery))).all())
@@ -45,6 +53,16 @@ async def all_deliveries(db: Database) -> list[Delivery]:
 async def verify(db: Database) -> journal.ChainReport:
     async with db.transaction() as session:
         return await journal.verify(session)
+
+
+async def chained_and_verified(db: Database) -> journal.ChainReport:
+    """`verify` once the relay's sequencer has chained everything written so far."""
+
+    async def all_chained() -> journal.ChainReport | None:
+        report = await journal.verify_database(db)  # the walk and the lag of one snapshot
+        return report if report.lag.unchained == 0 else None
+
+    return await eventually(all_chained)  # type: ignore[no-any-return]
 
 
 # -- events with their state -----------------------------------------------------------------
@@ -70,7 +88,7 @@ async def test_a_relay_run_leaves_one_verified_chain_matching_the_state(relay: H
         return rows if done else None
 
     rows = await eventually(settled)
-    report = await verify(db)
+    report = await chained_and_verified(db)
     assert report.ok, report
     events = await all_events(db)
     assert report.events == len(events)
@@ -107,7 +125,7 @@ async def test_state_and_its_events_commit_or_roll_back_together(
     relay: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db, sink = relay.relay.db, relay.sink
-    before = await all_events(db)
+    before = await written_events(db)
     real_append_rows = journal.append_rows
     failed = asyncio.Event()
 
@@ -143,9 +161,9 @@ async def test_state_and_its_events_commit_or_roll_back_together(
     [delivery] = await all_deliveries(db)
     assert delivery.status == DeliveryStatus.QUEUED
     assert delivery.attempts == 0 and delivery.leased_by == relay.relay.worker.name
-    events = await all_events(db)
+    events = await written_events(db)
     assert [e.type for e in events[len(before) :]] == ["message.received", "delivery.queued"]
-    assert (await verify(db)).ok
+    assert (await chained_and_verified(db)).ok
 
 
 # -- tampering -------------------------------------------------------------------------------
@@ -165,6 +183,7 @@ async def append_events(db: Database, count: int) -> list[Event]:
                 ],
                 start + timedelta(seconds=i),
             )
+    await chain_all(db)
     return await all_events(db)
 
 
@@ -206,6 +225,11 @@ TAMPERING = {
         5,
         "the chain ends at 4 but its head says 5",
     ),
+    "unchain an event": (
+        lambda db: _execute(db, update(Event).where(Event.seq == 3).values(seq=None)),
+        3,
+        "event 3 is missing",
+    ),
     "rehash a changed event": (
         lambda db: rehash(db, 3, {"n": 99}),
         4,
@@ -240,14 +264,16 @@ async def test_events_stamped_in_another_zone_still_verify(database: Database) -
     """The hash covers the time as stored (UTC), whatever zone the caller's clock gave."""
     berlin = timezone(timedelta(hours=1))
     async with database.transaction() as session:
-        [event] = await journal.append(
+        [event_id] = await journal.append(
             session,
             [BLOBS_DELETED.new({"count": 0, "bytes": 0})],
             datetime(2026, 11, 5, 10, 0, tzinfo=berlin),
         )
+    await chain_all(database)
     assert await verify(database) == journal.ChainReport(1)
     [stored] = await all_events(database)
-    assert stored.at == datetime(2026, 11, 5, 9, 0, tzinfo=UTC) == event.at
+    assert stored.id == event_id
+    assert stored.at == datetime(2026, 11, 5, 9, 0, tzinfo=UTC)
 
 
 async def test_cli_verify_journal(tmp_path: Path) -> None:
@@ -260,13 +286,33 @@ async def test_cli_verify_journal(tmp_path: Path) -> None:
     ok = await sealrelay("verify", "--journal", "-c", str(config))
     assert (ok.code, ok.out) == (0, "journal OK: 4 events, chain intact\n")
 
+    # written, and no relay ran to chain it: the chain is intact, the event still waits
+    db = Database.connect(sqlite_url(config))
+    async with db.transaction() as session:
+        await journal.append(
+            session,
+            [BLOBS_DELETED.new({"count": 0, "bytes": 0})],
+            datetime(2026, 11, 5, 9, 0, tzinfo=UTC),
+        )
+    await db.close()
+    waiting = await sealrelay("verify", "--journal", "-c", str(config))
+    assert waiting.code == 0
+    assert re.fullmatch(
+        r"journal OK: 4 events, chain intact\n"
+        r"journal: 1 event not chained yet, the oldest written 2026-11-05 09:00:00 UTC, \d+ s"
+        r" ago \(a running relay chains them within database.chain_interval\)\n",
+        waiting.out,
+    ), waiting.out
+
     with sqlite3.connect(tmp_path / "relay.db") as connection:
         connection.execute("UPDATE events SET data = '{\"n\": 7}' WHERE seq = 2")
     tampered = await sealrelay("verify", "--journal", "-c", str(config))
     assert tampered.code == 1
-    assert tampered.out == (
-        "journal NOT OK: event 2 content does not match its hash (1 events verified before it)\n"
+    first, second = tampered.out.splitlines()
+    assert first == (
+        "journal NOT OK: event 2 content does not match its hash (1 events verified before it)"
     )
+    assert second.startswith("journal: 1 event not chained yet")
 
 
 # -- concurrency -----------------------------------------------------------------------------
@@ -287,14 +333,17 @@ async def test_concurrent_appends_keep_one_unbroken_chain(database: Database) ->
             )
 
     await asyncio.gather(*(writer(t) for t in range(tasks)))
+    await chain_all(database)
     report = await verify(database)
     assert report == journal.ChainReport(tasks * per_task)
     events = await all_events(database)
     assert [e.seq for e in events] == list(range(1, tasks * per_task + 1))
-    # A transaction's events stay together: the head was held until it committed.
+    # The chain follows the order of writing: a transaction's events keep their order
+    # (writers no longer hold the head, so other transactions' events may fall between).
+    assert [e.id for e in events] == sorted(e.id for e in events)
     by_task: dict[int, list[int]] = {}
     for event in events:
-        by_task.setdefault(event.data["count"], []).append(event.seq)
+        by_task.setdefault(event.data["count"], []).append(event.data["bytes"])
     assert len(by_task) == tasks
-    for seqs in by_task.values():
-        assert seqs == list(range(seqs[0], seqs[0] + per_task))
+    for places in by_task.values():
+        assert places == list(range(per_task))

@@ -3,15 +3,21 @@ data written under an older schema survives the upgrade with its meaning."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 
+from gateway.store import journal
 from gateway.store.db import MIGRATIONS, Database
+from gateway.store.events import BLOBS_DELETED
 from gateway.store.models import Base
 from gateway.store.search_indexes import include_object
+from gateway.store.sequencer import chain_all
 
 
 def _upgrade_to(connection: Connection, revision: str) -> None:
@@ -54,5 +60,50 @@ async def test_admins_keep_their_role_across_the_roles_migration(database_url: s
             cursor = (await connection.execute(text("SELECT id, seq FROM webhook_cursor"))).all()
         assert roles == {"it@broker.example": "admin", "anna@broker.example": "agent"}
         assert cursor == [(1, 0)]
+    finally:
+        await db.close()
+
+
+async def test_the_journal_keeps_its_chain_across_the_sequencer_migration(
+    database_url: str,
+) -> None:
+    """Events chained under the head lock (0012) keep seq and hashes and get id = seq; new
+    events, written bare, continue the same chain once the sequencer ran."""
+    db = Database.connect(database_url)
+    try:
+        async with db.engine.begin() as connection:
+            await connection.run_sync(_upgrade_to, "0012_agent_logins")
+        prev, at = journal.GENESIS, datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+        async with db.engine.begin() as connection:
+            for seq in (1, 2, 3):
+                data = {"count": seq, "bytes": 0}
+                digest = journal.event_hash(prev, seq, at, "blobs.deleted", None, None, data)
+                await connection.execute(
+                    text(
+                        "INSERT INTO events (seq, at, type, data, prev_hash, hash)"
+                        " VALUES (:seq, :at, 'blobs.deleted', :data, :prev, :hash)"
+                    ),
+                    {
+                        "seq": seq,
+                        "at": at.replace(tzinfo=None) if not db.is_postgres else at,
+                        "data": json.dumps(data),
+                        "prev": prev,
+                        "hash": digest,
+                    },
+                )
+                prev = digest
+            await connection.execute(
+                text("UPDATE journal_head SET seq = 3, hash = :hash"), {"hash": prev}
+            )
+        await db.upgrade()
+        async with db.engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT id, seq FROM events ORDER BY id"))).all()
+        assert [tuple(row) for row in rows] == [(1, 1), (2, 2), (3, 3)]
+        assert await journal.verify_database(db) == journal.ChainReport(3)
+        async with db.transaction() as session:
+            ids = await journal.append(session, [BLOBS_DELETED.new({"count": 4, "bytes": 0})])
+        assert ids == [4]
+        await chain_all(db)
+        assert await journal.verify_database(db) == journal.ChainReport(4)
     finally:
         await db.close()

@@ -20,6 +20,7 @@ from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.timeline import Timeline
 from gateway.store.db import Database
 from gateway.store.models import ApiKeyScope, Role, utcnow
+from gateway.store.sequencer import chain_all
 from sealrelay.serve import Relay
 from tests.conftest import Harness, make_message, relay_settings
 from tests.console.seeding import seed_message
@@ -217,6 +218,7 @@ async def test_mail_sent_shows_up_in_messages_and_the_feed(
     assert item["id"] in reply
     assert item["subject"] == "Villa <b>am</b> See"
     await queue_idle(relay.relay.db)
+    await chain_all(relay.relay.db)  # a second later: the feed lists chained events
     feed: list[dict[str, Any]] = []
     after = 0
     while True:  # a CRM catching up two events at a time
@@ -325,6 +327,7 @@ async def test_users_are_provisioned_and_changed(
     assert changed["disabled"] is True and changed["group"] is None
     assert changed["role"] == "team_lead"
     assert await users.authenticate(relay.relay.db, "neu@broker.example", made["password"]) is None
+    await chain_all(relay.relay.db)  # a second later: the feed lists chained events
     async with http.get(base + "/events?type=user.changed&type=user.disabled", headers=write) as r:
         types = [e["type"] for e in (await r.json())["events"]]
     assert types == ["user.changed", "user.disabled"]
@@ -377,6 +380,7 @@ async def test_an_agent_principal_sees_and_acts_only_on_their_own_messages(
                 assert r.status == 404
             async with http.get(base + f"/messages/{mine}") as r:
                 assert r.status == 200
+            await chain_all(db)  # a second later: the feed lists chained events
             async with http.get(base + "/events?limit=1000") as r:
                 assert {e["message_id"] for e in (await r.json())["events"]} == {mine}
             async with http.get(base + f"/events?message_id={theirs}") as r:
@@ -420,6 +424,7 @@ async def test_an_agent_principal_sees_and_acts_only_on_their_own_messages(
                 "links"
             ]
             assert link["revoked_at"] is not None
+            await chain_all(db)  # a second later: the feed lists chained events
             async with http.get(base + "/events?type=link.revoked") as r:
                 [event] = (await r.json())["events"]
             assert event["data"]["actor"] == "anna@broker.example"
@@ -486,6 +491,7 @@ async def test_the_queue_lists_retries_and_deletes(database: Database, tmp_path:
                 "gone@example.com": "queued",
                 "fine@example.com": "delivered",
             }
+            await chain_all(db)  # a second later: the feed lists chained events
             async with http.get(
                 base + "/events?type=delivery.retried&type=delivery.deleted", headers=read
             ) as r:

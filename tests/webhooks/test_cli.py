@@ -112,7 +112,7 @@ async def test_an_admin_manages_endpoints_from_the_command_line(config: Path) ->
     db = Database.connect(sqlite_url(config))
     try:
         async with db.transaction() as session:
-            types = list(await session.scalars(select(Event.type).order_by(Event.seq)))
+            types = list(await session.scalars(select(Event.type).order_by(Event.id)))
     finally:
         await db.close()
     assert types == [

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from gateway.store.db import Database
 from gateway.store.models import Event, WebhookDelivery, WebhookEndpoint
+from gateway.store.sequencer import chain_all
 from gateway.webhooks import addresses, payloads
 from gateway.webhooks.desk import EndpointNotFound, WebhookDesk, WebhookError
 from gateway.webhooks.worker import retry_after
@@ -106,7 +107,7 @@ async def test_create_change_disable_delete_are_journaled(database: Database) ->
     with pytest.raises(EndpointNotFound):
         await desk.get(endpoint.id)
     async with database.transaction() as session:
-        rows = list(await session.scalars(select(Event).order_by(Event.seq)))
+        rows = list(await session.scalars(select(Event).order_by(Event.id)))
     assert [(e.type, e.data) for e in rows] == [
         (
             "webhook.endpoint_created",
@@ -229,3 +230,31 @@ async def test_a_range_replay_counts_only_what_the_endpoint_receives(
         await desk.replay(mine.id, since=since, until=since - timedelta(seconds=1))
     with pytest.raises(EndpointNotFound):
         await desk.replay("no-such-endpoint", since=since)
+
+
+async def test_a_range_replay_takes_chained_events_only(database: Database) -> None:
+    """An event not chained yet has no seq to post under: a replay leaves it to the fan-out,
+    which posts it once it is chained."""
+    desk = WebhookDesk(database)
+    endpoint = (await desk.create(PUBLIC, event_types=["webhook.endpoint_changed"])).endpoint
+    await desk.update(endpoint.id, description="before")
+    await chain_all(database)
+    await desk.update(endpoint.id, description="not chained yet")
+    since = datetime(2000, 1, 1, tzinfo=UTC)
+    assert await desk.replay(endpoint.id, since=since) == 1
+    await chain_all(database)
+    assert await desk.replay(endpoint.id, since=since) == 1  # the first is still queued
+    async with database.transaction() as session:
+        queued = list(
+            await session.scalars(
+                select(WebhookDelivery.event_seq).order_by(WebhookDelivery.event_seq)
+            )
+        )
+        changes = list(
+            await session.scalars(
+                select(Event.seq)
+                .where(Event.type == "webhook.endpoint_changed")
+                .order_by(Event.seq)
+            )
+        )
+    assert queued == changes and len(changes) == 2

@@ -1,18 +1,19 @@
 """The fan-out: every journal event once per matching endpoint, none skipped, in seq order,
-also when fan-outs run at once, and the journal property it rests on (seq order is commit
-order). SQLite and PostgreSQL."""
+also when fan-outs run at once, and the journal property it rests on (a seq is visible only
+once every lower one is, whatever order the writers committed in). SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.events import BLOBS_DELETED, USER_CREATED
 from gateway.store.models import Event, WebhookCursor, WebhookDelivery, utcnow
+from gateway.store.sequencer import chain_all
 from gateway.webhooks.desk import WebhookDesk
 from gateway.webhooks.fanout import fan_out_batch
 
@@ -20,10 +21,12 @@ PUBLIC = "http://93.184.215.14/hooks"
 
 
 async def append(db: Database, count: int) -> None:
+    """Write `count` events and chain them, as a relay's sequencer would."""
     async with db.transaction() as session:
         await journal.append(
             session, [BLOBS_DELETED.new({"count": n, "bytes": 0}) for n in range(count)]
         )
+    await chain_all(db)
 
 
 async def fan_out_all(db: Database) -> int:
@@ -58,6 +61,7 @@ async def test_each_event_goes_once_to_each_endpoint_that_wants_it(database: Dat
     await append(database, 20)
     async with database.transaction() as session:
         await journal.append(session, [USER_CREATED.new({"email": "a@b.example", "admin": False})])
+    await chain_all(database)
     # Fan-outs running at once (several instances) still write each delivery once.
     await asyncio.gather(*(fan_out_all(database) for _ in range(3)))
     await fan_out_all(database)
@@ -78,10 +82,14 @@ async def test_each_event_goes_once_to_each_endpoint_that_wants_it(database: Dat
     assert await cursor(database) == events[-1].seq
 
 
-async def test_an_event_still_being_committed_is_never_passed(database: Database) -> None:
-    """Appends serialize on the journal head row until they commit, so a fan-out never sees
-    seq N+1 before seq N: the cursor cannot pass an event committed late."""
+async def test_an_event_committed_late_is_chained_late_and_never_passed(
+    database: Database,
+) -> None:
+    """Writers do not wait for one another; the sequencer numbers only what is committed, so
+    an event whose transaction commits late gets a later seq than one written after it, and
+    the fan-out, already past the earlier number, still takes it."""
     await WebhookDesk(database).create(PUBLIC)
+    await chain_all(database)
     await fan_out_all(database)
     start = await cursor(database)
 
@@ -97,45 +105,36 @@ async def test_an_event_still_being_committed_is_never_passed(database: Database
     holder = asyncio.create_task(first())
     await first_appended.wait()
     if database.is_postgres:
-        # A second append waits for the head row; a fan-out meanwhile sees neither event.
-        async with database.sessions() as probe:
-            second_pid = asyncio.get_running_loop().create_future()
-
-            async def second() -> None:
-                async with database.transaction() as session:
-                    pid = await session.scalar(text("select pg_backend_pid()"))
-                    second_pid.set_result(pid)
-                    await journal.append(session, [BLOBS_DELETED.new({"count": 2, "bytes": 2})])
-
-            appender = asyncio.create_task(second())
-            pid = await second_pid
-            async with asyncio.timeout(20):
-                while (
-                    await probe.scalar(
-                        text("select wait_event_type from pg_stat_activity where pid = :pid"),
-                        {"pid": pid},
-                    )
-                ) != "Lock":
-                    await asyncio.sleep(0.02)
-                await probe.rollback()
-            assert await fan_out_all(database) == 0
-            assert await cursor(database) == start
-            commit_first.set()
-            await holder
-            await appender
-    else:
-        # SQLite has one writer: the fan-out waits for the open append and then sees it.
-        fan_out = asyncio.create_task(fan_out_all(database))
-        for _ in range(10):
-            await asyncio.sleep(0)
-        assert not fan_out.done()
+        # the second writer commits while the first is still open: no lock held it
+        async with asyncio.timeout(20):
+            async with database.transaction() as session:
+                await journal.append(session, [BLOBS_DELETED.new({"count": 2, "bytes": 2})])
+            assert await chain_all(database) == 1  # the first is not committed: not seen
+        assert await fan_out_all(database) == 1
+        assert await cursor(database) == start + 1
         commit_first.set()
         await holder
-        assert await fan_out == 1
-        await append(database, 1)
-    assert await fan_out_all(database) in (0, 1, 2)
+    else:
+        # SQLite has one writer: the second waits for the first to commit.
+        second = asyncio.create_task(append(database, 1))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not second.done()
+        commit_first.set()
+        await holder
+        await second
+    await chain_all(database)
+    assert await fan_out_all(database) == (1 if database.is_postgres else 2)
     async with database.transaction() as session:
-        seqs = list(await session.scalars(select(Event.seq).where(Event.seq > start)))
+        rows = (
+            await session.execute(
+                select(Event.seq, Event.id, Event.data).where(Event.seq > start).order_by(Event.seq)
+            )
+        ).all()
+    seqs = [seq for seq, _, _ in rows]
     assert seqs == [start + 1, start + 2]
+    if database.is_postgres:  # written first, committed last: chained second
+        assert [data["count"] for _, _, data in rows] == [2, 1]
+        assert rows[0].id > rows[1].id
     assert await cursor(database) == start + 2
     assert sorted(seq for _, seq in await fanned(database) if seq > start) == seqs

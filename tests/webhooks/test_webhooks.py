@@ -22,6 +22,7 @@ from gateway.store.models import (
     WebhookDeliveryStatus,
     WebhookEndpoint,
 )
+from gateway.store.sequencer import chain_all
 from gateway.webhooks.desk import WebhookError
 from gateway.webhooks.tunables import SCHEDULE
 from gateway.webhooks.worker import WebhookWorker
@@ -122,6 +123,7 @@ async def test_a_receiver_down_for_a_while_gets_every_event_in_order_once_up(
 
     # Down: each message's first event is tried and deferred; the later ones of the same
     # message wait behind it.
+    await chain_all(relay.db)
     first_round = await relay.webhook_worker.run_once()
     assert first_round == 4  # the endpoint's own creation event and one per message
     waiting = [d for d in await deliveries(database) if d.attempts]
@@ -131,12 +133,15 @@ async def test_a_receiver_down_for_a_while_gets_every_event_in_order_once_up(
         wait = (d.next_attempt_at - clock.now).total_seconds()
         assert SCHEDULE[0] <= wait <= SCHEDULE[0] * 1.25
     clock.advance(SCHEDULE[0] * 1.25)
+    await chain_all(relay.db)
     assert await relay.webhook_worker.run_once() == 4  # still down: the second attempt
+    await chain_all(relay.db)
     assert await relay.webhook_worker.run_once() == 0  # nothing is due before its time
 
     await receiver.start()
     try:
         clock.advance(SCHEDULE[1] * 1.25)
+        await chain_all(relay.db)
         await relay.webhook_worker.run_once()
         expected = await journal(database)
         expected = [e for e in expected if e.seq >= min(d.event_seq for d in waiting)]
@@ -179,6 +184,7 @@ async def test_410_gone_disables_the_endpoint_and_gives_up_its_queue(
     created = await harness.relay.webhooks.create(receiver.url, allow_private=True)
     receiver.default = Answer(410)
     await harness.send(make_message())
+    await chain_all(harness.relay.db)
     assert await harness.relay.webhook_worker.run_once() >= 1
     endpoint = await endpoint_row(database, created.endpoint.id)
     assert not endpoint.enabled
@@ -196,6 +202,7 @@ async def test_410_gone_disables_the_endpoint_and_gives_up_its_queue(
     # Later events are not fanned out to it.
     before = len(rows)
     await harness.send(make_message())
+    await chain_all(harness.relay.db)
     assert await harness.relay.webhook_worker.run_once() == 0
     assert len(await deliveries(database)) == before
 
@@ -212,14 +219,17 @@ async def test_retry_after_is_honoured(
     receiver.answers = [Answer(status, {"Retry-After": "120"})]
     seq = await harness.relay.webhooks.send_test(created.endpoint.id)
     worker = harness.relay.webhook_worker
+    await chain_all(worker.db)
     assert await worker.run_once() == 1
     [delivery] = await deliveries(database)
     assert delivery.status == WebhookDeliveryStatus.QUEUED
     assert delivery.last_status_code == status
     assert delivery.next_attempt_at == clock.now + timedelta(seconds=120)
     clock.advance(119)
+    await chain_all(worker.db)
     assert await worker.run_once() == 0
     clock.advance(1)
+    await chain_all(worker.db)
     assert await worker.run_once() == 1
     [post] = receiver.posts
     assert post.id == f"evt_{seq}" and post.type == "webhook.test"
@@ -239,6 +249,7 @@ async def test_failing_for_three_days_disables_and_mails_the_admins(
     worker = harness.relay.webhook_worker
     started = clock.now
     for _ in range(len(SCHEDULE) + 1):
+        await chain_all(worker.db)
         assert await worker.run_once() == 1
         endpoint = await endpoint_row(database, created.endpoint.id)
         if not endpoint.enabled:
@@ -274,6 +285,7 @@ async def test_every_attempt_failing_ends_after_the_schedule(
     worker = harness.relay.webhook_worker
     waits = []
     for _ in range(len(SCHEDULE) + 1):
+        await chain_all(worker.db)
         assert await worker.run_once() == 1
         [delivery] = await deliveries(database)
         if delivery.status != WebhookDeliveryStatus.QUEUED:
@@ -303,6 +315,7 @@ async def test_redirects_are_not_followed(
         moved, event_types=["webhook.test"], allow_private=True
     )
     await harness.relay.webhooks.send_test(created.endpoint.id)
+    await chain_all(harness.relay.db)
     assert await harness.relay.webhook_worker.run_once() == 1
     [delivery] = await deliveries(database)
     assert delivery.status == WebhookDeliveryStatus.QUEUED
@@ -321,11 +334,13 @@ async def test_replay_posts_again_with_the_same_webhook_id(
     desk = harness.relay.webhooks
     created = await desk.create(receiver.url, event_types=["message.received"], allow_private=True)
     await harness.send(make_message())
+    await chain_all(harness.relay.db)
     assert await harness.relay.webhook_worker.run_once() == 1
     [first] = receiver.posts
     [event] = await journal(database, "message.received")
 
     assert await desk.replay(created.endpoint.id, seq=event.seq) == 1
+    await chain_all(harness.relay.db)
     assert await harness.relay.webhook_worker.run_once() == 1
     assert receiver.posts[1].id == first.id == f"evt_{event.seq}"
     assert receiver.posts[1].body == first.body
@@ -333,10 +348,12 @@ async def test_replay_posts_again_with_the_same_webhook_id(
     # A range: the events it receives, from their own times.
     clock.advance(60)
     await harness.send(make_message())
+    await chain_all(harness.relay.db)
     count = await desk.replay(
         created.endpoint.id, since=event.at, until=clock.now + timedelta(seconds=1)
     )
     assert count == 2
+    await chain_all(harness.relay.db)
     await harness.relay.webhook_worker.run_once()
     ids = [p.id for p in receiver.posts]
     received = [f"evt_{e.seq}" for e in await journal(database, "message.received")]
@@ -383,6 +400,7 @@ async def test_during_a_rotation_both_secrets_sign(
     new = await desk.rotate_secret(created.endpoint.id)
     assert new.startswith("whsec_") and new != created.secret
     await desk.send_test(created.endpoint.id)
+    await chain_all(harness.relay.db)
     await harness.relay.webhook_worker.run_once()
     [post] = receiver.posts
     assert len(post.signatures) == 2
@@ -391,6 +409,7 @@ async def test_during_a_rotation_both_secrets_sign(
 
     clock.advance(24 * 3600 + 1)  # the grace is over: only the new secret signs
     await desk.send_test(created.endpoint.id)
+    await chain_all(harness.relay.db)
     await harness.relay.webhook_worker.run_once()
     later = receiver.posts[1]
     assert len(later.signatures) == 1
@@ -417,6 +436,7 @@ async def test_each_delivery_checks_the_address_again(
         assert row is not None
         row.allow_private = False
     await harness.relay.webhooks.send_test(created.endpoint.id)
+    await chain_all(harness.relay.db)
     assert await harness.relay.webhook_worker.run_once() == 1
     [delivery] = await deliveries(database)
     assert delivery.status == WebhookDeliveryStatus.QUEUED

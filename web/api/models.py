@@ -95,6 +95,19 @@ class EventOut(BaseModel):
     data: dict[str, Any]
 
 
+class StoryEventOut(BaseModel):
+    seq: int | None = Field(
+        description="The journal's sequence number; null for an event written but not chained"
+        " yet (the journal chains events within about a second; the event feed lists them"
+        " from then on)."
+    )
+    at: datetime
+    type: str
+    message_id: str | None
+    delivery_id: str | None
+    data: dict[str, Any]
+
+
 class LinkOut(BaseModel):
     id: str
     kind: str = Field(description="`download` or `letter`.")
@@ -110,20 +123,20 @@ class LetterOut(BaseModel):
 class RecipientStory(BaseModel):
     address: str = Field(description="The value that .../recipients/{recipient}/... takes.")
     state: RecipientState
-    events: list[EventOut]
+    events: list[StoryEventOut]
     links: list[LinkOut] = Field(description="Download and letter links made for them.")
     letters: list[LetterOut] = Field(description="Registered letters to them.")
 
 
 class MessageDetail(BaseModel):
-    """A message with, per recipient, every event in journal order."""
+    """A message with, per recipient, every event in the order it was written."""
 
     id: str
     received_at: datetime
     sender: str
     subject: str
     recipients: list[RecipientStory]
-    events: list[EventOut] = Field(description="Events that name no single recipient.")
+    events: list[StoryEventOut] = Field(description="Events that name no single recipient.")
 
 
 class EventsQuery(BaseModel):

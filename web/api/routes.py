@@ -43,6 +43,17 @@ def _event(e: EventRow) -> m.EventOut:
     )
 
 
+def _story_event(e: EventRow) -> m.StoryEventOut:
+    return m.StoryEventOut.model_construct(
+        seq=e.seq,
+        at=e.at,
+        type=e.type,
+        message_id=e.message_id,
+        delivery_id=e.delivery_id,
+        data=e.data,
+    )
+
+
 def _key(k: KeyInfo) -> dict[str, Any]:
     return {
         "id": k.id,
@@ -123,7 +134,7 @@ class Api:
                 m.RecipientStory(
                     address=r.address,
                     state=r.state,
-                    events=[_event(e) for e in r.events],
+                    events=[_story_event(e) for e in r.events],
                     links=[
                         m.LinkOut(
                             id=k.id, kind=k.kind, expires_at=k.expires_at, revoked_at=k.revoked_at
@@ -134,7 +145,7 @@ class Api:
                 )
                 for r in story.recipients
             ],
-            events=[_event(e) for e in story.events],
+            events=[_story_event(e) for e in story.events],
         )
 
     async def list_events(self, call: Call[m.EventsQuery, NoBody]) -> m.EventFeed:
@@ -148,8 +159,10 @@ class Api:
             until=q.until,
             limit=q.limit,
         )
+        # the feed reads the chained journal only: every row has its seq
+        seqs = [e.seq for e in rows if e.seq is not None]
         return m.EventFeed(
-            events=[_event(e) for e in rows], next_after=rows[-1].seq if rows else q.after
+            events=[_event(e) for e in rows], next_after=seqs[-1] if seqs else q.after
         )
 
     # -- API keys ---------------------------------------------------------------------------

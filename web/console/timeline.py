@@ -57,7 +57,7 @@ QUIET = frozenset({DELIVERY_QUEUED.name})
 class Line:
     """One event as the page shows it: when, what, and its facts as (label, value) pairs."""
 
-    seq: int
+    seq: int | None  # None while the journal has not chained the event yet
     at: str
     label: str
     kind: str  # a css hook: "download", "consent", "bounce", "action", ""

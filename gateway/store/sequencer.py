@@ -1,0 +1,186 @@
+"""The journal's sequencer: numbers and hash-chains the events that writers inserted bare.
+
+Writers (`journal.append`, `journal.append_rows`) only insert rows; none of them waits for
+another. Here one short transaction at a time locks the chain's head row, takes up to `BATCH`
+unchained events in id order, gives them the next sequence numbers and hashes (exactly
+`journal.event_hash`, so `verify` proves what it always did), and moves the head. The head
+row serializes sequencers, not writers: on PostgreSQL a background pass takes it with
+`FOR UPDATE SKIP LOCKED` and leaves the work to whichever process holds it; on SQLite the
+write lock (BEGIN IMMEDIATE) does the same.
+
+Because every pass commits its numbers together with the head, and passes run one after
+another, an event's seq is visible only once every lower seq is: readers that continue after
+the last seq they saw (the API feed, webhooks, notices) miss nothing and see nothing twice.
+
+The time bound: while a relay runs, an event is chained within `database.chain_interval`
+plus one pass after its commit (within `GATHER` plus a pass when its own process committed
+it); events left unchained by a crash are chained by the first pass of the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import cast
+
+from sqlalchemy import Connection, Table, bindparam, select, update
+
+from gateway.store.db import Database
+from gateway.store.journal import event_hash
+from gateway.store.models import Event, JournalHead
+
+__all__ = ["BATCH", "Sequencer", "chain_all", "chain_pass", "chained_seq"]
+
+log = logging.getLogger(__name__)
+
+BATCH = 1000  # events per pass: a few milliseconds of hashing, one short transaction
+BUSY_RETRY = 0.05  # seconds before trying again when another process's pass holds the head
+# seconds a woken sequencer lets further commits gather before its pass: under load one pass
+# (one more transaction, on SQLite one more fsync) then serves many group commits
+GATHER = 0.1
+
+
+async def chain_pass(db: Database, *, wait: bool = False, limit: int = BATCH) -> int | None:
+    """Chain up to `limit` events in one transaction; how many. None when another
+    sequencer holds the head and `wait` is False: it chains them instead."""
+    async with db.engine.begin() as connection:
+        return await connection.run_sync(_chain, limit, wait)
+
+
+async def chain_all(db: Database) -> int:
+    """Chain every event committed so far, waiting for another sequencer's pass if need be;
+    how many this call chained. For shutdown, the command line, and tests."""
+    total = 0
+    while True:
+        chained = await chain_pass(db, wait=True) or 0
+        total += chained
+        if chained < BATCH:
+            return total
+
+
+async def chained_seq(db: Database, event_id: int) -> int:
+    """The seq of the committed event `event_id`, chaining it now if no pass has yet: for
+    the few callers that must name the event by its seq at once (a webhook test)."""
+    await chain_all(db)
+    async with db.snapshot() as session:
+        seq = await session.scalar(select(Event.seq).where(Event.id == event_id))
+    if seq is None:
+        raise LookupError(f"event {event_id} is not in the journal")
+    return seq
+
+
+def _chain(connection: Connection, limit: int, wait: bool) -> int | None:
+    head = cast(Table, JournalHead.__table__)
+    events = cast(Table, Event.__table__)
+    found = connection.execute(
+        select(head.c.seq, head.c.hash).where(head.c.id == 1).with_for_update(skip_locked=not wait)
+    ).one_or_none()
+    if found is None:
+        return None
+    seq, prev_hash = found
+    pending = connection.execute(
+        select(
+            events.c.id,
+            events.c.at,
+            events.c.type,
+            events.c.message_id,
+            events.c.delivery_id,
+            events.c.data,
+        )
+        .where(events.c.seq.is_(None))
+        .order_by(events.c.id)
+        .limit(limit)
+    ).all()
+    if not pending:
+        return 0
+    chained = []
+    for row in pending:
+        seq += 1
+        digest = event_hash(
+            prev_hash, seq, row.at, row.type, row.message_id, row.delivery_id, row.data
+        )
+        chained.append({"row": row.id, "new_seq": seq, "new_prev": prev_hash, "new_hash": digest})
+        prev_hash = digest
+    connection.execute(
+        update(events)
+        .where(events.c.id == bindparam("row"))
+        .values(
+            seq=bindparam("new_seq"),
+            prev_hash=bindparam("new_prev"),
+            hash=bindparam("new_hash"),
+        ),
+        chained,
+    )
+    connection.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=prev_hash))
+    return len(chained)
+
+
+class Sequencer:
+    """The background sequencer of one process: a pass whenever this process commits events,
+    and at least every `interval` seconds for other processes' events.
+
+    `start` registers it with the database; `Database.close` stops it after the group
+    commit has drained and chains whatever is left, so a clean stop leaves nothing unchained.
+    """
+
+    def __init__(self, db: Database, interval: float = 1.0) -> None:
+        self.db = db
+        self.interval = interval
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run(), name="journal-sequencer")
+        self.db.on_journaled.append(self.wake)
+        self.db.on_close.append(self.close)
+
+    def wake(self) -> None:
+        """Run a pass soon: events were committed. Safe from another thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    async def close(self) -> None:
+        """Stop the background passes, then chain what is left."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        await self._task
+        self._task = None
+        with contextlib.suppress(ValueError):
+            self.db.on_journaled.remove(self.wake)
+        try:
+            await chain_all(self.db)
+        except Exception:
+            log.exception("journal sequencer: chaining at stop failed; the next start does it")
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            pause = self.interval
+            try:
+                while (chained := await chain_pass(self.db)) == BATCH:
+                    pass
+                if chained is None:
+                    pause = min(BUSY_RETRY, self.interval)
+            except Exception:
+                log.exception("journal sequencer: a pass failed; trying again")
+            if self._stopping:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._wake.wait()
+                    await asyncio.sleep(min(GATHER, self.interval))
