@@ -233,16 +233,20 @@ def _cached_claim(t: Table, queued: str) -> Update:
     return _claim_statement(t, queued)
 
 
+def _still_held(t: Table, queued: str) -> Update:
+    """The rows of `ids` that `worker` still holds and that are still queued."""
+    return update(t).where(
+        t.c.id.in_(bindparam("ids", expanding=True, type_=t.c.id.type)),
+        t.c.leased_by == bindparam("worker", type_=t.c.leased_by.type),
+        t.c.status == queued,
+    )
+
+
 @functools.cache
 def _cached_hold(t: Table, queued: str) -> Update:
     until = bindparam("until", type_=t.c.lease_until.type)
     return (
-        update(t)
-        .where(
-            t.c.id.in_(bindparam("ids", expanding=True, type_=t.c.id.type)),
-            t.c.leased_by == bindparam("worker", type_=t.c.leased_by.type),
-            t.c.status == queued,
-        )
+        _still_held(t, queued)
         .values(lease_until=case((t.c.lease_until > until, t.c.lease_until), else_=until))
         .returning(t.c.id)
     )
@@ -251,12 +255,7 @@ def _cached_hold(t: Table, queued: str) -> Update:
 @functools.cache
 def _cached_settle(t: Table, queued: str, keys: tuple[str, ...]) -> Update:
     return (
-        update(t)
-        .where(
-            t.c.id.in_(bindparam("ids", expanding=True, type_=t.c.id.type)),
-            t.c.leased_by == bindparam("worker", type_=t.c.leased_by.type),
-            t.c.status == queued,
-        )
+        _still_held(t, queued)
         .values(
             lease_until=None,
             leased_by=None,

@@ -6,7 +6,7 @@ Handlers call desks and shape their answers; a desk's refusal becomes a problem 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -26,25 +26,16 @@ from web.api.webhooks import WebhookOperations
 from web.guard import Routes
 from web.problem_details import ProblemResponse
 
+_Out = TypeVar("_Out", m.EventOut, m.StoryEventOut)
+
 PREFIX = "/api/v1"
 VERSION = "1.0.0"
 
 
-def _event(e: EventRow) -> m.EventOut:
+def _event(e: EventRow, out: type[_Out]) -> _Out:
     # from the journal, already of these types: built without validating again (a feed page
     # holds 1,000 of them)
-    return m.EventOut.model_construct(
-        seq=e.seq,
-        at=e.at,
-        type=e.type,
-        message_id=e.message_id,
-        delivery_id=e.delivery_id,
-        data=e.data,
-    )
-
-
-def _story_event(e: EventRow) -> m.StoryEventOut:
-    return m.StoryEventOut.model_construct(
+    return out.model_construct(
         seq=e.seq,
         at=e.at,
         type=e.type,
@@ -134,7 +125,7 @@ class Api:
                 m.RecipientStory(
                     address=r.address,
                     state=r.state,
-                    events=[_story_event(e) for e in r.events],
+                    events=[_event(e, m.StoryEventOut) for e in r.events],
                     links=[
                         m.LinkOut(
                             id=k.id, kind=k.kind, expires_at=k.expires_at, revoked_at=k.revoked_at
@@ -145,7 +136,7 @@ class Api:
                 )
                 for r in story.recipients
             ],
-            events=[_story_event(e) for e in story.events],
+            events=[_event(e, m.StoryEventOut) for e in story.events],
         )
 
     async def list_events(self, call: Call[m.EventsQuery, NoBody]) -> m.EventFeed:
@@ -162,7 +153,7 @@ class Api:
         # the feed reads the chained journal only: every row has its seq
         seqs = [e.seq for e in rows if e.seq is not None]
         return m.EventFeed(
-            events=[_event(e) for e in rows], next_after=seqs[-1] if seqs else q.after
+            events=[_event(e, m.EventOut) for e in rows], next_after=seqs[-1] if seqs else q.after
         )
 
     # -- API keys ---------------------------------------------------------------------------
