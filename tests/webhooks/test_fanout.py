@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from gateway.store import journal
 from gateway.store.db import Database
@@ -138,3 +138,26 @@ async def test_an_event_committed_late_is_chained_late_and_never_passed(
         assert rows[0].id > rows[1].id
     assert await cursor(database) == start + 2
     assert sorted(seq for _, seq in await fanned(database) if seq > start) == seqs
+
+
+async def test_without_endpoints_the_cursor_steps_to_the_chain_s_end(database: Database) -> None:
+    """With no endpoint enabled nothing is loaded or written, but the cursor still moves to
+    the end of the chain (in steps of the batch), so an endpoint made later starts from there,
+    and events not chained yet are not stepped over."""
+    await append(database, 20)
+    async with database.transaction() as session:
+        await journal.append(session, [BLOBS_DELETED.new({"count": 99, "bytes": 0})])  # unchained
+        head = await session.scalar(select(func.max(Event.seq)))
+    assert head is not None
+    assert await fan_out_all(database) >= 20  # in steps of 7
+    assert await cursor(database) == head
+    assert not await fanned(database)
+
+    endpoint = (await WebhookDesk(database).create(PUBLIC)).endpoint  # journals its creation
+    await chain_all(database)
+    await append(database, 2)
+    assert await fan_out_all(database) == 4
+    assert await cursor(database) == head + 4
+    seqs = {seq for _, seq in await fanned(database)}
+    assert {head + 3, head + 4} <= seqs and head + 1 not in seqs  # 99 came before the endpoint
+    assert {endpoint_id for endpoint_id, _ in await fanned(database)} == {endpoint.id}
