@@ -61,6 +61,35 @@ async def test_a_message_larger_than_the_budget_goes_alone() -> None:
     assert budget.held == 0
 
 
+async def test_a_waiting_message_is_passed_by_at_most_the_budget() -> None:
+    """Small mail passes a big message that waits, but only the budget's worth of it: then
+    it queues behind, the holders drain, and the big one gets in."""
+    budget = ByteBudget(10 * MIB)
+    entered: list[int] = []
+    first_leaves = asyncio.Event()
+    first = asyncio.create_task(hold(budget, 6 * MIB, entered, first_leaves))
+    await settled()
+    big = asyncio.create_task(hold(budget, 8 * MIB, entered, asyncio.Event()))
+    await settled()
+    small_leave = [asyncio.Event() for _ in range(12)]
+    smalls = []
+    for event in small_leave:
+        smalls.append(asyncio.create_task(hold(budget, MIB, entered, event)))
+        await settled()
+        event.set()  # each small message is gone at once, as fast small mail is
+        await settled()
+    # 10 of them passed the big one; the 11th and 12th wait behind it
+    assert entered == [6 * MIB] + [MIB] * 10
+    first_leaves.set()
+    await settled()
+    assert entered == [6 * MIB] + [MIB] * 10 + [8 * MIB, MIB, MIB]
+    big.cancel()
+    await asyncio.gather(first, *smalls)
+    with pytest.raises(asyncio.CancelledError):
+        await big
+    assert budget.held == 0
+
+
 async def test_a_waiter_cancelled_takes_nothing_with_it() -> None:
     budget = ByteBudget(MIB)
     entered: list[int] = []
