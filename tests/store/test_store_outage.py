@@ -364,3 +364,41 @@ async def test_a_letters_pages_while_the_store_is_down_are_503_then_200(
     for path in ("/offer", "/consent.pdf"):
         response, _ = await site.get(f"/l/{token}{path}")
         assert response.status == 200, path
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("outages", ["local"], indirect=True)
+async def test_the_503_page_reads_clean_on_a_phone_and_a_desktop(
+    database: Database, tmp_path: Path, outages: Outages
+) -> None:
+    """What a prospect sees while the store is down, as Chromium draws it: the link's
+    language, no markup or catalog key, nothing wider than the screen."""
+    from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
+
+    blobs = outages.store()
+    async with running_pages(database, tmp_path, Clock(), blobs) as pages:
+        made = await pages.link([("Exposé.pdf", "application/pdf", b"%PDF" * 100)], language="de")
+        await outages.down()
+        async with playwright_api()() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                for size, viewport in (
+                    ("phone", PHONE),
+                    ("desktop", {"width": 1280, "height": 800}),
+                ):
+                    page = await browser.new_page(viewport=viewport, locale="en-GB")
+                    response = await page.goto(pages.url + made.file_path(made.files[0]))
+                    assert response is not None and response.status == 503
+                    text = await page.locator("body").inner_text()
+                    assert "Vorübergehend nicht erreichbar" in text
+                    assert not re.search(r"[<>{}]|error\.|_title", text), text
+                    width = await page.evaluate("document.documentElement.scrollWidth")
+                    assert width <= viewport["width"]
+                    await page.screenshot(path=str(tmp_path / f"store-down-{size}.png"))
+                    await page.close()
+            finally:
+                await browser.close()
+        await outages.up()
+    await blobs.close()
