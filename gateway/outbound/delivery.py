@@ -227,8 +227,7 @@ class DeliveryWorker:
             log.error("%s: the agent's upstream login cannot be used: %s", message.id, exc)
             return route, (dict.fromkeys(recipients, Outcome(f"agent login unusable: {exc}")), None)
         except Exception as exc:
-            log.exception("delivering %s failed before a reply", message.id)
-            return route, (dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None)
+            return route, (_local_error(message.id, recipients, exc), None)
 
     async def _hold(self, group: Sequence[queue.Claimed]) -> list[queue.Claimed]:
         """The copies of `group` this worker still holds, each leased for `lease_seconds`
@@ -274,8 +273,7 @@ class DeliveryWorker:
             unavailable = Outcome(f"blob store unavailable: {exc}", store_unavailable=True)
             return dict.fromkeys(recipients, unavailable), None
         except Exception as exc:
-            log.exception("delivering %s failed before a reply", message.id)
-            return dict.fromkeys(recipients, Outcome(f"local error: {exc}")), None
+            return _local_error(message.id, recipients, exc), None
         if all(not o.delivered and not o.permanent for o in outcomes.values()):
             self.destinations.failed(destination.key)
         else:
@@ -476,6 +474,12 @@ class DeliveryWorker:
             zone=self.settings.branding.timezone,
             language=self.settings.policy.language,  # the agent's, like the renewal
         )
+
+
+def _local_error(message_id: str, recipients: list[str], exc: Exception) -> dict[str, Outcome]:
+    """Every recipient deferred for a fault of ours before the upstream replied."""
+    log.exception("delivering %s failed before a reply", message_id)
+    return dict.fromkeys(recipients, Outcome(f"local error: {exc}"))
 
 
 def _groups(
