@@ -20,16 +20,19 @@ with the same bytes after the sweeper's look keeps them.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, Insert, delete, select
+import aiosqlite
+from sqlalchemy import Connection, Insert, Select, bindparam, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.store.blobs import BlobInfo, BlobReader, BlobStore, checked_digest
-from gateway.store.db import Database, make_engine
+from gateway.store.db import SQLITE_BUSY_TIMEOUT_MS, Database
 from gateway.store.models import InlineBlob
 
 LIST_PAGE = 1000  # rows per query while the sweeper lists
@@ -63,7 +66,7 @@ class InlineBlobStore(BlobStore):
         self.db = db
         self.files = files
         self.max_inline = max_inline
-        self._reads = db if db.is_postgres else _own_connection(db)
+        self._reads: _Reads = _PostgresReads(db) if db.is_postgres else _SqliteReads(db)
 
     def takes_inline(self, size: int) -> bool:
         return 0 < size <= self.max_inline
@@ -75,20 +78,12 @@ class InlineBlobStore(BlobStore):
         return await self.files.put(data)
 
     async def _data(self, digest: str) -> bytes | None:
-        checked_digest(digest)
-        async with self._reads.snapshot() as session:
-            found: bytes | None = await session.scalar(
-                select(InlineBlob.data).where(InlineBlob.digest == digest)
-            )
-            return found
+        found: bytes | None = await self._reads.value(_DATA, checked_digest(digest))
+        return found
 
     async def _size(self, digest: str) -> int | None:
-        checked_digest(digest)
-        async with self._reads.snapshot() as session:
-            found: int | None = await session.scalar(
-                select(InlineBlob.size).where(InlineBlob.digest == digest)
-            )
-            return found
+        found: int | None = await self._reads.value(_SIZE, checked_digest(digest))
+        return found
 
     def open(self, digest: str) -> AbstractAsyncContextManager[BlobReader]:
         return self._open(digest)
@@ -145,7 +140,7 @@ class InlineBlobStore(BlobStore):
     async def list(self) -> AsyncIterator[BlobInfo]:
         after = ""
         while True:
-            async with self._reads.snapshot() as session:
+            async with self.db.snapshot() as session:
                 page = (
                     await session.execute(
                         select(InlineBlob.digest, InlineBlob.size, InlineBlob.written_at)
@@ -177,13 +172,69 @@ class InlineBlobStore(BlobStore):
         await self.files.close()
 
 
-def _own_connection(db: Database) -> Database:
-    """A second SQLite connection for reads. Callers read blobs inside their own transactions
-    (a letter's held original, read while its row is locked), and the relay's one SQLite
-    connection is then taken; in WAL this one reads beside it and blocks no writer."""
-    reads = Database(make_engine(db.engine.url.render_as_string(hide_password=False)))
-    db.on_close.append(reads.close)
-    return reads
+_DATA = "data"
+_SIZE = "size"
+
+
+class _Reads(Protocol):
+    async def value(self, column: str, digest: str) -> Any:
+        """`column` of the row for `digest`, None when there is none."""
+
+
+class _PostgresReads:
+    """One statement on a pooled connection; no ORM session (delivery reads every copy)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def value(self, column: str, digest: str) -> Any:
+        async with self.db.engine.connect() as connection:
+            return await connection.scalar(_select(column), {"digest": digest})
+
+
+@functools.cache
+def _select(column: str) -> Select[Any]:
+    return select(InlineBlob.__table__.c[column]).where(InlineBlob.digest == bindparam("digest"))
+
+
+class _SqliteReads:
+    """A second SQLite connection, for reads only, each one hop to its thread.
+
+    Callers read blobs inside their own transactions (a letter's held original, read while
+    its row is locked), when the relay's one SQLite connection is taken; in WAL this one
+    reads beside it and blocks no writer. It is sqlite3's own, not the engine's: a read is a
+    single SELECT with no transaction around it to begin and end.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._path = db.engine.url.database or ":memory:"
+        self._connection: aiosqlite.Connection | None = None
+        self._opening = asyncio.Lock()
+        db.on_close.append(self.close)
+
+    async def value(self, column: str, digest: str) -> Any:
+        connection = self._connection or await self._open()
+        rows = list(await connection.execute_fetchall(_SQLITE_SELECT[column], (digest,)))
+        return rows[0][0] if rows else None
+
+    async def _open(self) -> aiosqlite.Connection:
+        async with self._opening:
+            if self._connection is None:
+                connection = await aiosqlite.connect(self._path, isolation_level=None)
+                await connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+                self._connection = connection
+            return self._connection
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+
+_SQLITE_SELECT = {
+    _DATA: "SELECT data FROM inline_blobs WHERE digest = ?",
+    _SIZE: "SELECT size FROM inline_blobs WHERE digest = ?",
+}
 
 
 class InlineBlobReader(BlobReader):

@@ -24,6 +24,7 @@ from gateway.store.inline_blobs import InlineBlobStore
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import InlineBlob, Message
 from gateway.users import Agent
+from tests.cli_runner import sealrelay
 from tests.conftest import AGENT, Harness, StartRelay, make_message, relay_settings
 from tests.s3_server import S3Server
 from tests.store.test_sweeper import START, offer
@@ -119,6 +120,17 @@ def test_the_limit_is_checked_with_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(ValidationError, match=r"must be from 0 .* to 1048576 bytes"):
             relay_settings(tmp_path, 25, storage={"inline_max_bytes": wrong})
     assert Settings().storage.inline_max_bytes == 64 * 1024
+
+
+async def test_check_config_names_a_wrong_limit(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f"[storage]\npath = '{tmp_path}/blobs'\ninline_max_bytes = 5000000\n")
+    run = await sealrelay("check-config", str(config))
+    assert run.code == 1
+    assert (
+        "Error: config error: storage.inline_max_bytes: must be from 0 (every blob a file) to"
+        " 1048576 bytes (1 MiB)"
+    ) in run.err
 
 
 async def test_reads_find_inline_blobs_and_files_alike(
