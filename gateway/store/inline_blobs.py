@@ -209,6 +209,7 @@ class _SqliteReads:
         self._path = db.engine.url.database or ":memory:"
         self._connection: aiosqlite.Connection | None = None
         self._opening = asyncio.Lock()
+        self._closed = False
         db.on_close.append(self.close)
 
     async def value(self, column: str, digest: str) -> Any:
@@ -218,6 +219,8 @@ class _SqliteReads:
 
     async def _open(self) -> aiosqlite.Connection:
         async with self._opening:
+            if self._closed:  # opened now, its thread would keep the process from exiting
+                raise RuntimeError("the database is closed")
             if self._connection is None:
                 connection = await aiosqlite.connect(self._path, isolation_level=None)
                 await connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -225,6 +228,7 @@ class _SqliteReads:
             return self._connection
 
     async def close(self) -> None:
+        self._closed = True
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
