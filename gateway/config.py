@@ -501,6 +501,8 @@ class DatabaseSettings(Section):
         return value
 
 
+INLINE_DEFAULT = 64 * 1024
+INLINE_CEILING = 1024 * 1024
 _S3_ONLY = ("endpoint_url", "region", "access_key_id", "secret_access_key_file")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -523,6 +525,23 @@ class StorageSettings(Section):
     secret_access_key_file: Path | None = None
     blob_grace_days: float = Field(default=7, ge=0)
     sweep_interval: float = Field(default=3600, gt=0, description="seconds between sweeps")
+    inline_max_bytes: int = Field(
+        default=INLINE_DEFAULT,
+        description="the intake keeps a message (original and the copy without the relay's"
+        " control headers) of at most this many bytes in the database, committed with the"
+        " message, instead of a file or object with fsyncs of its own; 0 turns it off",
+    )
+
+    @field_validator("inline_max_bytes")
+    @classmethod
+    def _inline_limit(cls, value: int) -> int:
+        if not 0 <= value <= INLINE_CEILING:
+            raise ValueError(
+                f"must be from 0 (every blob a file) to {INLINE_CEILING} bytes (1 MiB): the"
+                f" database holds small blobs only, a read takes the whole blob into memory"
+                f" (default {INLINE_DEFAULT})"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -1011,7 +1011,7 @@ def links_expire(config: Path | None) -> None:
     settings = _settings(config)
 
     async def run(db: Database) -> sweeper.SweepReport:
-        blobs = blob_store(settings)
+        blobs = blob_store(settings, db)
         letters = LetterDesk(settings, db, blobs, QueueSignal().notify, utcnow)
         notices = NoticeDesk(settings, db, blobs, QueueSignal().notify, utcnow)
         try:
@@ -1138,7 +1138,7 @@ def evidence(config: Path | None, consent_id: str) -> None:
     settings = _settings(config)
 
     async def look_up(db: Database) -> verification.ConsentEvidence | None:
-        blobs = blob_store(settings)
+        blobs = blob_store(settings, db)
         try:
             return await verification.consent_evidence(db, blobs, consent_id)
         finally:

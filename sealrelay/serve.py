@@ -44,6 +44,7 @@ from gateway.outbound.upstream import Upstream
 from gateway.store import health, journal, sweeper
 from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.db import Database
+from gateway.store.inline_blobs import InlineBlobStore
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import utcnow
 from gateway.store.sequencer import Sequencer
@@ -102,9 +103,16 @@ def load_loop_marks(settings: Settings, clock: Callable[[], datetime] = utcnow) 
     )
 
 
-def blob_store(settings: Settings) -> BlobStore:
-    """The blob store `[storage]` names: an S3 bucket for an s3:// url, else the local
-    directory. The S3 store is imported only then: aiobotocore is the optional `s3` extra."""
+def blob_store(settings: Settings, db: Database, files: BlobStore | None = None) -> BlobStore:
+    """The blob store `[storage]` names, with the database's small blobs in front
+    (gateway/store/inline_blobs.py): those are read from wherever blobs were kept, even with
+    `inline_max_bytes` lowered since."""
+    return InlineBlobStore(db, files or file_store(settings), settings.storage.inline_max_bytes)
+
+
+def file_store(settings: Settings) -> BlobStore:
+    """An S3 bucket for an s3:// url, else the local directory. The S3 store is imported
+    only then: aiobotocore is the optional `s3` extra."""
     if settings.storage.bucket is None:
         return LocalBlobStore(settings.storage.path)
     try:
@@ -169,7 +177,7 @@ class Relay:
         self.clock = clock
         self.roles = frozenset(roles)
         self.db = db or Database.connect(settings.database.url)
-        self.blobs = blobs or blob_store(settings)
+        self.blobs = blob_store(settings, self.db, blobs)
         self.signal = QueueSignal()
         self.loop = load_loop_marks(settings, clock)
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock, self.loop)

@@ -8,6 +8,7 @@ only once the message and every copy to deliver are durable; after that the fron
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -212,7 +213,8 @@ class Pipeline:
         except mime.UnsafeMessage as exc:
             raise Rejected(f"554 5.6.0 {exc}") from exc
         now = self.clock()
-        original = await self.blobs.put(raw)
+        inline: dict[str, bytes] = {}
+        original = await self._keep(raw, inline)
         message = Message(
             id=new_id(),
             received_at=now,
@@ -229,8 +231,18 @@ class Pipeline:
             trusted_client=origin.trusted.describe() if origin.trusted else None,
             trusted_entry=origin.trusted.entry if origin.trusted else None,
         )
-        copy_base = original if base == raw else await self.blobs.put(base)
-        return Draft(message, now, base, root, copy_base)
+        copy_base = original if base == raw else await self._keep(base, inline)
+        return Draft(message, now, base, root, copy_base, inline_blobs=inline)
+
+    async def _keep(self, data: bytes, inline: dict[str, bytes]) -> str:
+        """Put `data` in the blob store, or, when it is small, leave it in `inline` for the
+        commit's transaction: it is then durable with the message and needs no fsync of its
+        own (gateway/store/inline_blobs.py)."""
+        if not self.blobs.takes_inline(len(data)):
+            return await self.blobs.put(data)
+        digest = hashlib.sha256(data).hexdigest()
+        inline[digest] = data
+        return digest
 
     async def materialize(
         self, draft: Draft, per_recipient: Mapping[str, Decision]
@@ -275,7 +287,9 @@ class Pipeline:
                 for d in deliveries
             ),
         ]
-        await group_commit.insert(self.db, [message, *draft.rows, *deliveries], events, now)
+        await group_commit.insert(
+            self.db, [message, *draft.rows, *deliveries], events, now, draft.inline_blobs
+        )
         self.signal.notify()
         log.info(
             "accepted %s from %s for %d recipients", message.id, message.sender, len(deliveries)

@@ -28,6 +28,7 @@ from gateway.store.models import (
     ConsoleSession,
     Delivery,
     Event,
+    InlineBlob,
     JournalHead,
     Letter,
     Link,
@@ -139,6 +140,10 @@ BLOB_COLUMNS: tuple[BlobColumn, ...] = (
         _signed_release,
     ),
 )
+
+# Columns that hold blobs themselves, keyed by their digest: the sweeper takes them as it
+# takes files (gateway/store/inline_blobs.py), by what the columns above keep.
+BLOBS_HELD: tuple[InstrumentedAttribute[str], ...] = (InlineBlob.digest,)
 
 # Digest-sized columns that hash something else and name no blob.
 HASHES_NAMING_NO_BLOB: tuple[

@@ -107,6 +107,12 @@ class BlobStore(ABC):
         """The sha256 of `data`, once it is durably stored."""
         return await self.put_stream(_once(data))
 
+    def takes_inline(self, size: int) -> bool:
+        """Whether a writer may keep a blob of `size` bytes in its own database transaction
+        (gateway/store/inline_blobs.py) instead of putting it here: only a store that reads
+        such blobs back says yes."""
+        return False
+
     @abstractmethod
     def open(self, digest: str) -> AbstractAsyncContextManager[BlobReader]:
         """The blob for reading, held open (and its size fixed) until the block ends."""

@@ -20,14 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection
 
-from gateway.store import bulk, events, journal, sqlite_thread
+from gateway.store import bulk, events, inline_blobs, journal, sqlite_thread
 from gateway.store.db import Database
 from gateway.store.events import NewEvent
 from gateway.store.models import Base, utcnow
@@ -64,11 +64,19 @@ async def submit(db: Database, unit: Unit[T]) -> T:
 
 
 async def insert(
-    db: Database, rows: Sequence[Base], new_events: Sequence[NewEvent], at: datetime
+    db: Database,
+    rows: Sequence[Base],
+    new_events: Sequence[NewEvent],
+    at: datetime,
+    blobs: Mapping[str, bytes] | None = None,
 ) -> None:
-    """INSERT `rows` (parents first, gateway/store/bulk.py) and journal `new_events`, durably."""
+    """INSERT `rows` (parents first, gateway/store/bulk.py) and journal `new_events`, durably;
+    with `blobs` (digest -> bytes) stored in the same transaction (gateway/store/inline_blobs.py).
+    """
 
     def unit(connection: Connection) -> Done[None]:
+        if blobs:
+            inline_blobs.insert(connection, blobs, at)
         bulk.insert_rows(connection, rows)
         return Done(None, new_events, at)
 

@@ -457,3 +457,16 @@ class AgentLogin(Base):
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class InlineBlob(Base):
+    """A small blob kept in the database instead of a file: the intake writes it in the
+    transaction that commits the message naming it, so it costs no fsync of its own
+    (gateway/store/inline_blobs.py). Read and swept through the blob store as files are."""
+
+    __tablename__ = "inline_blobs"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(Integer)
+    written_at: Mapped[datetime] = mapped_column(UtcDateTime)  # the last put, as a file's mtime
+    data: Mapped[bytes] = mapped_column(LargeBinary)

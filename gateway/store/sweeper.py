@@ -14,7 +14,9 @@ it), and the store deletes it only if its age at that moment is still past the g
 (`BlobStore.delete_stale`; a put refreshes the age of bytes already stored, so a put after
 the listing spares the blob). The local store makes that last check and the delete one
 step; S3 cannot, and leaves one round trip between them, which a put must hit exactly for
-bytes nothing named for the whole grace period.
+bytes nothing named for the whole grace period. Small blobs kept in the database
+(gateway/store/inline_blobs.py) are listed with the files and go by one DELETE that checks
+the age itself.
 """
 
 from __future__ import annotations

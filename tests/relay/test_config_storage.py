@@ -13,7 +13,7 @@ from gateway.config_check import check_config
 from gateway.problems import Problem
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.s3_blobs import S3BlobStore
-from sealrelay.serve import blob_store
+from sealrelay.serve import file_store
 from tests.cli_runner import sealrelay, write_config
 from tests.s3_server import KEY_ID, REGION, SECRET, S3Server
 
@@ -44,10 +44,10 @@ def storage_problems(path: Path) -> list[Problem]:
 
 
 def test_the_default_and_local_urls_keep_blobs_in_a_directory(tmp_path: Path) -> None:
-    assert isinstance(blob_store(load_settings(environ={})), LocalBlobStore)
+    assert isinstance(file_store(load_settings(environ={})), LocalBlobStore)
     for url in (f"file://{tmp_path}/blobs", f"{tmp_path}/blobs"):
         settings = load_settings(storage_config(tmp_path, f'url = "{url}"\n'), environ={})
-        store = blob_store(settings)
+        store = file_store(settings)
         assert isinstance(store, LocalBlobStore)
         assert store.root == tmp_path / "blobs" == settings.storage.path
 
@@ -55,7 +55,7 @@ def test_the_default_and_local_urls_keep_blobs_in_a_directory(tmp_path: Path) ->
 def test_an_s3_url_builds_the_s3_store(s3_server: S3Server, tmp_path: Path) -> None:
     path = storage_config(tmp_path, s3_storage(s3_server, "my-bucket", tmp_path / "secret"))
     settings = load_settings(path, environ={})
-    store = blob_store(settings)
+    store = file_store(settings)
     assert isinstance(store, S3BlobStore)
     assert (store.bucket, store.prefix) == ("my-bucket", "relay/blobs/")
     assert store.location("a" * 64) == f"s3://my-bucket/relay/blobs/{'a' * 64}"

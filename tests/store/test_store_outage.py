@@ -36,6 +36,7 @@ from tests.conftest import AGENT, StartRelay, make_message
 from tests.fronts.milter_client import MilterClient
 from tests.letter_site import LetterSite
 from tests.links.test_downloads import Clock, running_pages, text_of
+from tests.queue_wait import queue_idle
 from tests.s3_server import KEY_ID, REGION, SECRET, S3Door, S3Server
 from tests.support import free_port, serve_config, wait_for_port
 
@@ -173,6 +174,11 @@ async def test_a_download_while_the_store_is_down_is_a_503_then_a_200(
     await blobs.close()
 
 
+# Over [storage] inline_max_bytes: a smaller message lives in the database and never
+# touches the store (tests/store/test_inline_blobs.py).
+FILE_SIZED = "Die Unterlagen folgen.\n" * 4000
+
+
 async def messages(db: Database) -> int:
     async with db.transaction() as session:
         return int(await session.scalar(select(func.count()).select_from(Message)) or 0)
@@ -191,7 +197,7 @@ async def test_smtp_intake_with_the_store_down_answers_451_and_writes_nothing(
     await outages.down()
     # at the end of DATA when the put fails; at MAIL FROM once the relay knows (a check)
     with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
-        await harness.send(make_message(subject="während des Ausfalls"))
+        await harness.send(make_message(subject="während des Ausfalls", body=FILE_SIZED))
     assert refused.value.code == 451
     assert refused.value.message.startswith("4.3.0")
     assert not harness.relay.blob_health.available  # the failed put said so
@@ -266,7 +272,7 @@ async def test_delivery_with_the_store_down_is_deferred_not_bounced_then_deliver
     and a bounce could not quote the original either."""
     storage = outages.storage(tmp_path)
     intake = await relay_factory(roles={"smtp"}, storage=storage)
-    await intake.send(make_message(subject="im Ausfall zugestellt"))
+    await intake.send(make_message(subject="im Ausfall zugestellt", body=FILE_SIZED))
     now = datetime.now(UTC)
     await set_due(database, now + timedelta(days=1), expires_at=now - timedelta(minutes=1))
     await relay_factory(roles={"worker"}, storage=storage)
@@ -289,6 +295,25 @@ async def test_delivery_with_the_store_down_is_deferred_not_bounced_then_deliver
     deferred = [event.data["error"] for event in events if event.type == "delivery.deferred"]
     assert deferred and all(e.startswith("blob store unavailable: cannot read ") for e in deferred)
     assert (await the_delivery(database)).status == DeliveryStatus.DELIVERED
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_a_small_message_is_delivered_with_the_store_down(
+    relay_factory: StartRelay, database: Database, tmp_path: Path, outages: Outages
+) -> None:
+    """Its original lives in the database, so the store's outage does not hold it up."""
+    storage = outages.storage(tmp_path)
+    intake = await relay_factory(roles={"smtp"}, storage=storage)
+    await intake.send(make_message(subject="klein, im Ausfall zugestellt"))
+    await set_due(database, datetime.now(UTC) + timedelta(days=1))
+    await relay_factory(roles={"worker"}, storage=storage)
+    await outages.down()
+    await set_due(database, datetime.now(UTC) - timedelta(seconds=1))
+    [received] = await intake.sink.expect(1)
+    assert b"klein, im Ausfall zugestellt" in received.data
+    await queue_idle(database)
+    assert (await the_delivery(database)).status == DeliveryStatus.DELIVERED
+    await outages.up()
 
 
 async def healthz(url: str) -> tuple[int, dict[str, Any]]:
