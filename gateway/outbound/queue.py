@@ -12,10 +12,11 @@ import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, bindparam, inspect, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.instrumentation import manager_of_class
 
 from gateway.store import bulk, journal
 from gateway.store.events import (
@@ -94,6 +95,9 @@ _DELIVERY_COLUMNS = [
 _MESSAGE_COLUMNS = [
     (c, inspect(Message).get_property_by_column(c).key) for c in Message.__table__.c
 ]
+_DELIVERY_KEYS = [key for _c, key in _DELIVERY_COLUMNS]
+_MESSAGE_KEYS = [key for _c, key in _MESSAGE_COLUMNS]
+_T = TypeVar("_T", Delivery, Message)
 
 
 async def claim(
@@ -129,14 +133,22 @@ class Claim:
         claimed = []
         messages: dict[str, Message] = {}
         for row in rows:
-            delivery = Delivery(**{key: row[i] for i, (_c, key) in enumerate(_DELIVERY_COLUMNS)})
+            delivery = _plain(Delivery, _DELIVERY_KEYS, row[:split])
             message = messages.get(delivery.message_id)
             if message is None:
-                message = messages[delivery.message_id] = Message(
-                    **{key: row[split + i] for i, (_c, key) in enumerate(_MESSAGE_COLUMNS)}
+                message = messages[delivery.message_id] = _plain(
+                    Message, _MESSAGE_KEYS, row[split:-1]
                 )
             claimed.append(Claimed(delivery, message, row[-1]))
         return Done(claimed)
+
+
+def _plain(cls: type[_T], keys: Sequence[str], values: Sequence[Any]) -> _T:
+    """A transient `cls` holding `values`, made as the ORM makes the rows it loads: no
+    constructor, no change events per attribute (which cost five times as much)."""
+    instance: _T = manager_of_class(cls).new_instance()
+    instance.__dict__.update(zip(keys, values, strict=True))
+    return instance
 
 
 @functools.cache

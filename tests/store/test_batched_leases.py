@@ -221,3 +221,21 @@ async def test_a_bounce_in_a_batch_queues_its_dsn_only_where_the_copy_bounced_he
     after = await states(database)
     assert dsn_copies[0].id in after
     assert dsn_copies[1].id not in after
+
+
+async def test_claimed_copies_and_messages_hold_what_the_orm_reads(database: Database) -> None:
+    now = utcnow()
+    (copy,) = await claimed_copies(database, 1, now)
+    claimed = await group_commit.submit(
+        database, queue.Claim("w1", now + timedelta(hours=1), LEASE, 1)
+    )  # w1's lease ran out: claimed again, with its message
+    assert [c.delivery.id for c in claimed] == [copy.id]
+    async with database.transaction() as session:
+        delivery = await session.get(Delivery, copy.id)
+        message = await session.get(Message, copy.message_id)
+        assert delivery is not None and message is not None
+        for plain, loaded in ((claimed[0].delivery, delivery), (claimed[0].message, message)):
+            for column in type(loaded).__table__.columns:
+                assert getattr(plain, column.key) == getattr(loaded, column.key), column.key
+    claimed[0].delivery.attempts += 1  # plain objects take changes as any transient one
+    assert claimed[0].delivery.attempts == 1
