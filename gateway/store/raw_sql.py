@@ -10,7 +10,10 @@ booleans), Python-side column defaults filled in as Core fills them, result colu
 converted by the types' result processors. No ORM, no events, no statement cache.
 
 It runs on the cursor of the connection's own transaction, which the caller has begun (the
-group commit's), so its writes commit or roll back with the rest.
+group commit's), so its writes commit or roll back with the rest. It leans on three of
+SQLAlchemy's internals (the compiler's `_bind_processors` and `_result_columns`, the
+connection's `_handle_dbapi_exception`); tests/store/test_raw_sql.py holds them to what
+SQLAlchemy itself writes and reads, on both backends.
 """
 
 from __future__ import annotations
