@@ -4,7 +4,7 @@ SQLAlchemy spends about 100 us of CPU on each statement it executes (cache key, 
 context, parameter and result processing in layers) where the same statement on the
 driver's cursor costs about 10 us. The group commit runs the same few statements for every
 message (intake's INSERTs, journal events, claim, hold, settle), so those are written in Core
-as usual and run here: compiled once per dialect (and per length of each IN list), their
+as usual and run here: compiled once per dialect (and per size of an IN list), their
 parameters converted by the very bind processors SQLAlchemy uses (UTC datetimes, JSON,
 booleans), Python-side column defaults filled in as Core fills them, result columns
 converted by the types' result processors. No ORM, no events, no statement cache.
@@ -162,11 +162,24 @@ def _values(compiled: _Compiled, params: Mapping[str, Any]) -> tuple[_Variant, d
     for key, default in compiled.defaults:
         if key not in values:
             values[key] = default()
+    for name in compiled.expanding:
+        values[name] = _padded(values[name])
     variant = compiled.variant(values)
     values.update(variant.fixed)
     for name, names in variant.expansion.items():
         values.update(zip(names, values[name], strict=True))
     return variant, values
+
+
+def _padded(items: Sequence[Any]) -> Sequence[Any]:
+    """An IN list made up to a power of two with its last element (a value twice in an IN
+    list changes nothing), so that a statement has a handful of forms rather than one per
+    length: fewer to keep here, and the driver's prepared statements (asyncpg keeps 100)
+    are used again instead of prepared anew."""
+    size = 1 << max(len(items) - 1, 0).bit_length()
+    if len(items) < 2 or size == len(items):
+        return items
+    return [*items, *[items[-1]] * (size - len(items))]
 
 
 def _default_of(column: Column[Any], default: Any) -> Callable[[], Any]:

@@ -127,7 +127,7 @@ async def test_rows_written_raw_read_back_as_the_orm_wrote_them(database: Databa
     assert stored_data[0] == stored_data[1]
 
 
-async def test_returned_columns_are_converted_as_the_orm_converts_them(
+async def test_returned_columns_are_converted_and_in_lists_of_any_length_read_alike(
     database: Database,
 ) -> None:
     _, raw = twins()
@@ -139,12 +139,20 @@ async def test_returned_columns_are_converted_as_the_orm_converts_them(
     )
     copy = raw[1]
     assert isinstance(copy, Delivery)
-    for ids in ([copy.id], [copy.id, "x", "y"], [copy.id]):
+    others = [f"x{n}" for n in range(40)]
+    for ids in ([copy.id], [copy.id, *others[:2]], [*others[:4], copy.id], [copy.id, *others]):
         rows = await run(
             database, lambda connection, ids=ids: statement.rows(connection, {"ids": ids})
         )
         assert rows == [(copy.lease_until, True, 0, 12345678901)]
         assert rows[0][0].tzinfo is not None
+    # an IN list is padded to a power of two: 1, 3, 5 and 41 ids took 1, 4, 8 and 64 places
+    assert sorted(lengths for v in statement._by_dialect.values() for (lengths,) in v.variants) == [
+        1,
+        4,
+        8,
+        64,
+    ]
 
 
 async def test_a_raw_update_fills_onupdate_columns_as_core_does(database: Database) -> None:
