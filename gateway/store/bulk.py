@@ -13,28 +13,31 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Table, insert, inspect
+from sqlalchemy import Connection, Table, insert, inspect
 
 from gateway.store.models import Base
+from gateway.store.raw_sql import RawStatement
 
 _ORDER = {table: index for index, table in enumerate(Base.metadata.sorted_tables)}
 
 
 def insert_rows(connection: Connection, rows: Sequence[Base]) -> None:
     """INSERT every row in `connection`'s transaction; tables in dependency order (parents
-    before the rows that refer to them), rows of one table in the order given."""
+    before the rows that refer to them), rows of one table in the order given. One
+    executemany per table and set of columns, on the driver's cursor
+    (gateway/store/raw_sql.py)."""
     batches: dict[tuple[Table, tuple[str, ...]], list[dict[str, Any]]] = {}
     for row in rows:
         table, values = _values(row)
         batches.setdefault((table, tuple(values)), []).append(values)
-    for (table, _keys), batch in sorted(batches.items(), key=lambda item: _ORDER[item[0][0]]):
-        connection.execute(_insert(table), batch)
+    for (table, keys), batch in sorted(batches.items(), key=lambda item: _ORDER[item[0][0]]):
+        _insert(table, keys).executemany(connection, batch)
 
 
 @functools.cache
-def _insert(table: Table) -> Insert:
-    """One INSERT per table, built once: its cache key is then computed once, not per call."""
-    return insert(table)
+def _insert(table: Table, keys: tuple[str, ...]) -> RawStatement:
+    """One INSERT per table and set of columns, compiled once."""
+    return RawStatement(insert(table), keys)
 
 
 def _values(row: Base) -> tuple[Table, dict[str, Any]]:

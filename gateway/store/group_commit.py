@@ -5,10 +5,11 @@ A transaction per message cost a commit (an fsync on SQLite, a round trip and a 
 PostgreSQL) and the lock on the journal's head for as long as the caller's awaits took. Here a
 caller hands in a *unit*: a plain function that does its writes on the connection it is given
 (SQLAlchemy Core, no awaits) and returns `Done(result, events, at)`. The writer takes whatever
-units are queued (up to `BATCH`), runs them one after another in one transaction, inserts all
-their journal events in one statement (`journal.append_rows`), commits, answers each caller
-and wakes the journal's sequencer. Nothing awaits inside the open transaction but the database call
-itself, so the transaction is as short as the SQL.
+units are queued (up to `BATCH`), runs them one after another in one transaction (units of a
+kind that can, together: the batch's holds, settles and intake rows in a statement or two
+each), inserts all their journal events in one statement (`journal.append_rows`), commits,
+answers each caller and wakes the journal's sequencer. Nothing awaits inside the open
+transaction but the database call itself, so the transaction is as short as the SQL.
 
 A unit that raises fails only itself: when a batch fails, the writer runs it again with a
 SAVEPOINT around each unit, so the others commit and the bad one gets its own exception.
@@ -73,14 +74,29 @@ async def insert(
     """INSERT `rows` (parents first, gateway/store/bulk.py) and journal `new_events`, durably;
     with `blobs` (digest -> bytes) stored in the same transaction (gateway/store/inline_blobs.py).
     """
+    await submit(db, _Insert(rows, new_events, at, blobs or {}))
 
-    def unit(connection: Connection) -> Done[None]:
-        if blobs:
-            inline_blobs.insert(connection, blobs, at)
-        bulk.insert_rows(connection, rows)
-        return Done(None, new_events, at)
 
-    await submit(db, unit)
+@dataclass(frozen=True)
+class _Insert:
+    """`insert` as a unit; the rows of every such unit in a batch go in together."""
+
+    rows: Sequence[Base]
+    events: Sequence[NewEvent]
+    at: datetime
+    blobs: Mapping[str, bytes]
+
+    def __call__(self, connection: Connection) -> Done[None]:
+        return _Insert.run_together(connection, [self])[0]
+
+    @staticmethod
+    def run_together(connection: Connection, inserts: Sequence[_Insert]) -> list[Done[None]]:
+        inline_blobs.insert(
+            connection,
+            [(digest, data, unit.at) for unit in inserts for digest, data in unit.blobs.items()],
+        )
+        bulk.insert_rows(connection, [row for unit in inserts for row in unit.rows])
+        return [Done(None, unit.events, unit.at) for unit in inserts]
 
 
 @dataclass(frozen=True)
@@ -172,9 +188,38 @@ class _Writer:
 def _all_at_once(connection: Connection, units: Sequence[Unit[Any]]) -> tuple[list[Any], int]:
     """The fast path: every unit, then every event, no savepoints. (Results, events added.)"""
     now = utcnow()
-    done = [unit(connection) for unit in units]
+    done = _run(connection, units)
     journaled = journal.append_rows(connection, [(d.events, d.at or now) for d in done])
     return [d.result for d in done], journaled
+
+
+def _run(connection: Connection, units: Sequence[Unit[Any]]) -> list[Done[Any]]:
+    """Every unit, in the order given; units of a class with a `run_together` (a static
+    method taking the connection and all of them) run in one call, at the place of the first.
+
+    The callers of one batch wait for its commit together, so none has seen another's
+    outcome: any order of their units is one they could have arrived in."""
+    done: list[Done[Any] | None] = [None] * len(units)
+    together: dict[type, list[int]] = {}
+    steps: list[int | type] = []
+    for index, unit in enumerate(units):
+        kind = type(unit)
+        if not hasattr(kind, "run_together"):
+            steps.append(index)
+        elif kind in together:
+            together[kind].append(index)
+        else:
+            together[kind] = [index]
+            steps.append(kind)
+    for step in steps:
+        if isinstance(step, int):
+            done[step] = units[step](connection)
+            continue
+        indexes = together[step]
+        results = step.run_together(connection, [units[i] for i in indexes])  # type: ignore[attr-defined]
+        for index, result in zip(indexes, results, strict=True):
+            done[index] = result
+    return done  # type: ignore[return-value]
 
 
 def _each_on_its_own(connection: Connection, units: Sequence[Unit[Any]]) -> tuple[list[Any], int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, Protocol
@@ -38,16 +38,19 @@ from gateway.store.models import InlineBlob
 LIST_PAGE = 1000  # rows per query while the sweeper lists
 
 
-def insert(connection: Connection, blobs: Mapping[str, bytes], at: datetime) -> None:
-    """Store `blobs` (digest -> bytes) in `connection`'s transaction, written at `at`."""
-    if blobs:
-        connection.execute(
-            _upsert(connection.dialect.name),
-            [
-                {"digest": digest, "size": len(data), "written_at": at, "data": data}
-                for digest, data in blobs.items()
-            ],
-        )
+def insert(connection: Connection, blobs: Iterable[tuple[str, bytes, datetime]]) -> None:
+    """Store `blobs` (digest, bytes, written at) in `connection`'s transaction.
+
+    Two messages of one group commit may carry the same bytes: each digest goes in once,
+    at the later time, since one statement may not touch a row twice.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for digest, data, at in blobs:
+        known = rows.get(digest)
+        if known is None or known["written_at"] < at:
+            rows[digest] = {"digest": digest, "size": len(data), "written_at": at, "data": data}
+    if rows:
+        connection.execute(_upsert(connection.dialect.name), list(rows.values()))
 
 
 @functools.cache

@@ -10,6 +10,7 @@ them shortly after. `verify` proves the chain and says how many events still wai
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from gateway.store import events
 from gateway.store.db import JOURNALED, Database
 from gateway.store.events import NewEvent
 from gateway.store.models import Event, JournalHead, utcnow
+from gateway.store.raw_sql import RawStatement
 
 __all__ = [
     "ChainReport",
@@ -86,7 +88,7 @@ async def append(
 def append_rows(
     connection: Connection, batches: Sequence[tuple[Sequence[NewEvent], datetime]]
 ) -> int:
-    """`append` in SQLAlchemy Core for the group commit (gateway/store/group_commit.py): the
+    """`append` on a plain connection for the group commit (gateway/store/group_commit.py): the
     events of many units, each list with its own time, in one executemany. The same rows as
     `append`. How many events it added; the caller wakes the sequencer after its commit.
     """
@@ -95,8 +97,15 @@ def append_rows(
         return 0
     for new, _at in pending:
         events.check(new)
-    connection.execute(insert(_events()), [_row(new, at) for new, at in pending])
+    _insert_events().executemany(connection, [_row(new, at) for new, at in pending])
     return len(pending)
+
+
+@functools.cache
+def _insert_events() -> RawStatement:
+    """The events' INSERT, compiled once and run on the driver's cursor
+    (gateway/store/raw_sql.py)."""
+    return RawStatement(insert(_events()), ("at", "type", "message_id", "delivery_id", "data"))
 
 
 def seq_of(event: Event) -> int:

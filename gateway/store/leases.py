@@ -32,6 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.store.raw_sql import RawStatement
+
 
 def backoff(attempts: int, base: float, cap: float, jitter: float = 0.0) -> timedelta:
     """Wait before the next try: doubling from `base`, at most `cap`, stretched by jitter.
@@ -86,14 +88,11 @@ class LeasedQueue:
         """`claim` on a plain connection, for a group commit's unit
         (gateway/store/group_commit.py)."""
         t = self.table.__table__
+        params = {"now": now, "until": now + lease, "worker": worker, "limit": limit}
         if conditions:
             statement = _claim_statement(t, self.queued, *conditions)
-        else:
-            statement = _cached_claim(t, self.queued)
-        ids = connection.execute(
-            statement, {"now": now, "until": now + lease, "worker": worker, "limit": limit}
-        )
-        return list(ids.scalars().all())
+            return list(connection.execute(statement, params).scalars().all())
+        return [row[0] for row in _cached_claim(t, self.queued).rows(connection, params)]
 
     async def renew(
         self,
@@ -128,19 +127,26 @@ class LeasedQueue:
         )
         return int(getattr(result, "rowcount", 0))
 
-    def hold_rows(
-        self, connection: Connection, ids: Collection[str], worker: str, until: datetime
-    ) -> set[str]:
-        """Extend the lease on rows `worker` still holds to at least `until`, just before the
-        work is done; the ids it still holds. A row another worker took over while this one
-        waited (its lease ran out) is theirs: doing it here too would do it twice."""
-        if not ids:
-            return set()
-        held = connection.execute(
-            _cached_hold(self.table.__table__, self.queued),
-            {"ids": list(ids), "worker": worker, "until": until},
+    def hold_each(
+        self, connection: Connection, holds: Sequence[tuple[Collection[str], str, datetime]]
+    ) -> list[set[str]]:
+        """Just before the work is done, for many callers at once: each `(ids, worker,
+        until)` extends the lease on the rows of `ids` that `worker` still holds to at least
+        `until`; per caller, the ids it still holds. A row another worker took over while
+        this one waited (its lease ran out) is theirs: doing it here too would do it twice.
+
+        One statement reads and locks who holds the rows, one executemany extends them."""
+        holders = self._holders(connection, [i for ids, _w, _u in holds for i in ids])
+        held = [{i for i in ids if holders.get(i) == worker} for ids, worker, _u in holds]
+        _cached_hold(self.table.__table__, self.queued).executemany(
+            connection,
+            [
+                {"id": i, "worker": worker, "until": until}
+                for (_ids, worker, until), kept in zip(holds, held, strict=True)
+                for i in sorted(kept)
+            ],
         )
-        return set(held.scalars().all())
+        return held
 
     async def release(self, session: AsyncSession, ids: Collection[str], worker: str) -> None:
         """Give claimed rows back undone (a stopping worker), so any worker may take them now."""
@@ -184,18 +190,41 @@ class LeasedQueue:
         )
         return set(settled.all())
 
-    def settle_rows(
-        self, connection: Connection, ids: Collection[str], worker: str, **values: object
-    ) -> set[str]:
-        """`settle_many` in Core on a plain connection, for a group commit's unit
-        (gateway/store/group_commit.py): one UPDATE ... IN; the ids settled."""
+    def settle_each(
+        self, connection: Connection, outcomes: Sequence[tuple[str, str, dict[str, object]]]
+    ) -> list[bool]:
+        """`settle` on a plain connection for many rows at once, for the group commit
+        (gateway/store/group_commit.py): each `(row_id, worker, values)` is recorded if
+        `worker` still holds the row. Per outcome, whether it was recorded.
+
+        One statement reads and locks who holds the rows, then one executemany per set of
+        columns the outcomes set (delivered, deferred and bounced differ)."""
+        holders = self._holders(connection, [row_id for row_id, _w, _v in outcomes])
+        recorded: list[bool] = []
+        alike: dict[tuple[str, ...], list[dict[str, object]]] = {}
+        for row_id, worker, values in outcomes:
+            if holders.get(row_id) != worker:
+                recorded.append(False)
+                continue
+            holders.pop(row_id)  # settled: no longer held by anyone
+            recorded.append(True)
+            params = {"id": row_id, "worker": worker, **{f"v_{k}": v for k, v in values.items()}}
+            alike.setdefault(tuple(sorted(values)), []).append(params)
+        t = self.table.__table__
+        for keys, rows in alike.items():
+            _cached_settle(t, self.queued, keys).executemany(connection, rows)
+        return recorded
+
+    def _holders(self, connection: Connection, ids: Sequence[str]) -> dict[str, str | None]:
+        """Who leases each still queued row of `ids`; the rows stay locked (PostgreSQL) or
+        the database is (SQLite's BEGIN IMMEDIATE) until the transaction ends, so the answer
+        holds for the statements that follow in it."""
         if not ids:
-            return set()
-        settled = connection.execute(
-            _cached_settle(self.table.__table__, self.queued, tuple(sorted(values))),
-            {"ids": list(ids), "worker": worker, **{f"v_{k}": v for k, v in values.items()}},
+            return {}
+        found = _cached_holders(self.table.__table__, self.queued).rows(
+            connection, {"ids": sorted(set(ids))}
         )
-        return set(settled.scalars().all())
+        return dict(found)
 
 
 # The hot statements are built once per table (and per set of columns an outcome sets) with
@@ -229,37 +258,49 @@ def _claim_statement(t: Table, queued: str, *conditions: ColumnElement[bool]) ->
 
 
 @functools.cache
-def _cached_claim(t: Table, queued: str) -> Update:
-    return _claim_statement(t, queued)
+def _cached_claim(t: Table, queued: str) -> RawStatement:
+    return RawStatement(_claim_statement(t, queued), keys=())
 
 
-def _still_held(t: Table, queued: str) -> Update:
-    """The rows of `ids` that `worker` still holds and that are still queued."""
+@functools.cache
+def _cached_holders(t: Table, queued: str) -> RawStatement:
+    return RawStatement(
+        select(t.c.id, t.c.leased_by)
+        .where(
+            t.c.id.in_(bindparam("ids", expanding=True, type_=t.c.id.type)), t.c.status == queued
+        )
+        .order_by(t.c.id)  # locks taken in one order by every process
+        .with_for_update()
+    )
+
+
+def _one_held(t: Table, queued: str) -> Update:
+    """The row `id`, if `worker` still holds it and it is still queued."""
     return update(t).where(
-        t.c.id.in_(bindparam("ids", expanding=True, type_=t.c.id.type)),
+        t.c.id == bindparam("id", type_=t.c.id.type),
         t.c.leased_by == bindparam("worker", type_=t.c.leased_by.type),
         t.c.status == queued,
     )
 
 
 @functools.cache
-def _cached_hold(t: Table, queued: str) -> Update:
+def _cached_hold(t: Table, queued: str) -> RawStatement:
     until = bindparam("until", type_=t.c.lease_until.type)
-    return (
-        _still_held(t, queued)
-        .values(lease_until=case((t.c.lease_until > until, t.c.lease_until), else_=until))
-        .returning(t.c.id)
+    return RawStatement(
+        _one_held(t, queued).values(
+            lease_until=case((t.c.lease_until > until, t.c.lease_until), else_=until)
+        ),
+        keys=(),
     )
 
 
 @functools.cache
-def _cached_settle(t: Table, queued: str, keys: tuple[str, ...]) -> Update:
-    return (
-        _still_held(t, queued)
-        .values(
+def _cached_settle(t: Table, queued: str, keys: tuple[str, ...]) -> RawStatement:
+    return RawStatement(
+        _one_held(t, queued).values(
             lease_until=None,
             leased_by=None,
             **{key: bindparam(f"v_{key}", type_=t.c[key].type) for key in keys},
-        )
-        .returning(t.c.id)
+        ),
+        keys=(),
     )

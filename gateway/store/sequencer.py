@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import cast
 
-from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy import Connection, Integer, Table, bindparam, select, update
 
+from gateway.store import sqlite_thread
 from gateway.store.db import Database
 from gateway.store.journal import event_hash
 from gateway.store.models import Event, JournalHead
+from gateway.store.raw_sql import RawStatement
 
 __all__ = ["BATCH", "Sequencer", "chain_all", "chain_pass", "chained_seq"]
 
@@ -44,8 +47,13 @@ GATHER = 0.1
 async def chain_pass(db: Database, *, wait: bool = False, limit: int = BATCH) -> int | None:
     """Chain up to `limit` events in one transaction; how many. None when another
     sequencer holds the head and `wait` is False: it chains them instead."""
-    async with db.engine.begin() as connection:
-        return await connection.run_sync(_chain, limit, wait)
+    if db.is_postgres:
+        async with db.engine.begin() as connection:
+            return await connection.run_sync(_chain, limit, wait)
+    # whole on the driver's thread, as the group commit's batches: one hop per pass, the
+    # hashing off the event loop
+    async with db.engine.connect() as connection:
+        return await sqlite_thread.run(connection, lambda sync: _chain(sync, limit, wait))
 
 
 async def chain_all(db: Database) -> int:
@@ -71,49 +79,68 @@ async def chained_seq(db: Database, event_id: int) -> int:
 
 
 def _chain(connection: Connection, limit: int, wait: bool) -> int | None:
-    head = cast(Table, JournalHead.__table__)
-    events = cast(Table, Event.__table__)
-    found = connection.execute(
-        select(head.c.seq, head.c.hash).where(head.c.id == 1).with_for_update(skip_locked=not wait)
-    ).one_or_none()
-    if found is None:
+    head, pending_events, number, move_head = _statements(wait)
+    found = head.rows(connection, {})
+    if not found:
         return None
-    seq, prev_hash = found
-    pending = connection.execute(
-        select(
-            events.c.id,
-            events.c.at,
-            events.c.type,
-            events.c.message_id,
-            events.c.delivery_id,
-            events.c.data,
-        )
-        .where(events.c.seq.is_(None))
-        .order_by(events.c.id)
-        .limit(limit)
-    ).all()
+    ((seq, prev_hash),) = found
+    pending = pending_events.rows(connection, {"limit": limit})
     if not pending:
         return 0
     chained = []
-    for row in pending:
+    for row_id, at, type_, message_id, delivery_id, data in pending:
         seq += 1
-        digest = event_hash(
-            prev_hash, seq, row.at, row.type, row.message_id, row.delivery_id, row.data
-        )
-        chained.append({"row": row.id, "new_seq": seq, "new_prev": prev_hash, "new_hash": digest})
+        digest = event_hash(prev_hash, seq, at, type_, message_id, delivery_id, data)
+        chained.append({"row": row_id, "new_seq": seq, "new_prev": prev_hash, "new_hash": digest})
         prev_hash = digest
-    connection.execute(
-        update(events)
-        .where(events.c.id == bindparam("row"))
-        .values(
-            seq=bindparam("new_seq"),
-            prev_hash=bindparam("new_prev"),
-            hash=bindparam("new_hash"),
-        ),
-        chained,
-    )
-    connection.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=prev_hash))
+    number.executemany(connection, chained)
+    move_head.execute(connection, {"new_seq": seq, "new_hash": prev_hash})
     return len(chained)
+
+
+@functools.cache
+def _statements(wait: bool) -> tuple[RawStatement, RawStatement, RawStatement, RawStatement]:
+    """A pass's four statements, compiled once and run on the driver's cursor
+    (gateway/store/raw_sql.py): read and lock the head, read the unchained events in id
+    order, number and chain them, move the head."""
+    head = cast(Table, JournalHead.__table__)
+    events = cast(Table, Event.__table__)
+    return (
+        RawStatement(
+            select(head.c.seq, head.c.hash)
+            .where(head.c.id == 1)
+            .with_for_update(skip_locked=not wait)
+        ),
+        RawStatement(
+            select(
+                events.c.id,
+                events.c.at,
+                events.c.type,
+                events.c.message_id,
+                events.c.delivery_id,
+                events.c.data,
+            )
+            .where(events.c.seq.is_(None))
+            .order_by(events.c.id)
+            .limit(bindparam("limit", type_=Integer()))
+        ),
+        RawStatement(
+            update(events)
+            .where(events.c.id == bindparam("row"))
+            .values(
+                seq=bindparam("new_seq"),
+                prev_hash=bindparam("new_prev"),
+                hash=bindparam("new_hash"),
+            ),
+            keys=(),
+        ),
+        RawStatement(
+            update(head)
+            .where(head.c.id == 1)
+            .values(seq=bindparam("new_seq", type_=head.c.seq.type), hash=bindparam("new_hash")),
+            keys=(),
+        ),
+    )
 
 
 class Sequencer:

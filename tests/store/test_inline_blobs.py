@@ -185,9 +185,11 @@ async def test_the_sweeper_deletes_an_unreferenced_small_blob_and_keeps_a_refere
     young_digest = digest_of(young)
     async with database.transaction() as session:
         connection = await session.connection()
-        await connection.run_sync(lambda c: inline_blobs.insert(c, {orphan_digest: orphan}, START))
         await connection.run_sync(
-            lambda c: inline_blobs.insert(c, {young_digest: young}, START + timedelta(days=9))
+            lambda c: inline_blobs.insert(c, [(orphan_digest, orphan, START)])
+        )
+        await connection.run_sync(
+            lambda c: inline_blobs.insert(c, [(young_digest, young, START + timedelta(days=9))])
         )
     assert set(await inline_rows(database)) == {message.blob, orphan_digest, young_digest}
 
@@ -234,7 +236,7 @@ async def test_a_failed_unit_leaves_no_inline_blob(database: Database) -> None:
     bad, good = b"never committed", b"committed beside it"
 
     def failing(connection: Connection) -> group_commit.Done[None]:
-        inline_blobs.insert(connection, {digest_of(bad): bad}, START)
+        inline_blobs.insert(connection, [(digest_of(bad), bad, START)])
         raise RuntimeError("the unit failed after its blob")
 
     with pytest.raises(RuntimeError):
