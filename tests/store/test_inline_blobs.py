@@ -280,3 +280,20 @@ async def test_small_blobs_over_s3_never_reach_the_bucket(
     await submit(database, store, big, START, tmp_path)
     assert hashlib.sha256(big).hexdigest() in [info.digest async for info in store.files.list()]
     await store.close()
+
+
+async def test_the_same_bytes_from_several_messages_of_one_group_commit_are_one_row(
+    store: InlineBlobStore, database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends one message again at once: the group commit carries both, and one
+    statement may not write a row twice, so each digest goes in once, at the later time."""
+    await submit(database, store, SMALL, START, tmp_path)  # the agent's row first
+    later = START + timedelta(minutes=1)
+    await asyncio.gather(*(submit(database, store, SMALL, later, tmp_path) for _ in range(8)))
+    async with database.transaction() as session:
+        messages = (await session.scalars(select(Message))).all()
+        [(written_at,)] = (await session.execute(select(InlineBlob.written_at))).all()
+    assert len(messages) == 9 and len({m.blob for m in messages}) == 1
+    assert written_at.replace(tzinfo=UTC) == later
+    assert await store.read(messages[0].blob) == SMALL
+    assert "each unit again on its own" not in caplog.text  # no batch failed over it
