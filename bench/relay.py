@@ -537,7 +537,8 @@ async def bench(args: argparse.Namespace) -> int:
                         return await measure_mixed(args, relay, ports, log, tally, sink_pid, db_url)
                     return await measure(args, relay, (smtp_port, web_port), log, tally, sink_pid)
                 finally:
-                    relay.terminate()
+                    if relay.returncode is None:
+                        relay.terminate()
                     try:
                         await asyncio.wait_for(relay.wait(), 15)
                     except TimeoutError:
@@ -807,6 +808,11 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = parser.parse_args()
+    if args.processes > 1 and args.backend == "sqlite":
+        parser.error(
+            "--processes above 1 needs --backend postgres: the relay refuses it on SQLite,"
+            " which has one writer (docs/deployment.md)"
+        )
     sys.exit(asyncio.run(bench(args)))
 
 
