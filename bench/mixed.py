@@ -320,7 +320,11 @@ def print_turn(number: int, turn: Turn, args: argparse.Namespace) -> None:
         f" CPU {turn.cpu_seconds * 1000 / max(1, turn.accepted):.2f} ms/msg"
     )
     if turn.outcome is not None:
-        line += f"; web {turn.outcome.sent} requests, {len(turn.outcome.errors)} errors"
+        times = [x for kind in turn.outcome.latencies.values() for x in kind]
+        line += (
+            f"; web {turn.outcome.sent} requests, p50 {ms(percentile(times, 0.5))} ms"
+            f" p99 {ms(percentile(times, 0.99))} ms, {len(turn.outcome.errors)} errors"
+        )
     print(line, flush=True)
 
 
