@@ -668,7 +668,10 @@ def print_report(f: dict[str, Any], args: argparse.Namespace) -> None:
         f"  accepted      {f['accepted']}, refused {f['refused']};"
         f" copies at the sink {f['copies']}, lost {f['lost']}"
     )
-    print(f"  time to 250   p50 {f['to_250_p50_s']} s, max {f['to_250_max_s']} s")
+    print(
+        f"  time to 250   p50 {f['to_250_p50_s']} s, max {f['to_250_max_s']} s;"
+        f" target < 1 s: {met[f['to_250_max_s'] < 1]}"
+    )
     print(
         f"  all copies in p50 {f['to_all_copies_p50_s']} s, max {f['to_all_copies_max_s']} s"
         " (MAIL FROM until the sink had every recipient's copy)"

@@ -54,6 +54,7 @@ DOMAIN = "bench.example"
 AGENT = f"agent@{DOMAIN}"
 PASSWORD = "bench password 2026"
 RECIPIENT = "prospect@example.com"
+SEED = "seed-"  # recipients whose copies the sink passes on whole (bench/mixed.py reads links)
 SELECTOR = "bench"
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
 
@@ -63,7 +64,8 @@ _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re
 
 class CountingSink:
     """aiosmtpd handler: reports (Message-ID, size) of each message and drops the bytes, and
-    each new connection as ("", -1). It offers PIPELINING, as Postfix's smtpd does."""
+    each new connection as ("", -1). It offers PIPELINING, as Postfix's smtpd does. A copy
+    for a `SEED` recipient is reported with its bytes, so that its links can be read."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -81,7 +83,11 @@ class CountingSink:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         data: bytes = envelope.original_content
         match = _MESSAGE_ID.search(data, 0, 65536)
-        self.conn.send((match.group(1).decode() if match else "", len(data)))
+        message_id = match.group(1).decode() if match else ""
+        if any(rcpt.startswith(SEED) for rcpt in envelope.rcpt_tos):
+            self.conn.send((message_id, len(data), data))
+        else:
+            self.conn.send((message_id, len(data)))
         envelope.content = envelope.original_content = None
         return "250 2.0.0 Ok: counted"
 
@@ -115,11 +121,16 @@ class Tally:
     connections: int = 0  # the relay opened to the sink
     wanted: set[str] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    kept: list[bytes] = field(default_factory=list)  # copies for SEED recipients, whole
+    kept_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def add(self, message_id: str, size: int) -> None:
+    def add(self, message_id: str, size: int, raw: bytes | None = None) -> None:
         if size < 0:
             self.connections += 1
             return
+        if raw is not None:
+            self.kept.append(raw)
+            self.kept_changed.set()
         self.copies[message_id] = self.copies.get(message_id, 0) + 1
         self.first_seen.setdefault(message_id, time.perf_counter())
         self.octets += size
@@ -152,8 +163,8 @@ def sink_process(port: int, tally: Tally, loop: asyncio.AbstractEventLoop) -> It
     def read() -> None:
         with contextlib.suppress(EOFError, OSError):
             while True:
-                message_id, size = parent.recv()
-                loop.call_soon_threadsafe(tally.add, message_id, size)
+                report = parent.recv()
+                loop.call_soon_threadsafe(tally.add, *report)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -227,11 +238,15 @@ def write_config(
     size: int,
     links: bool,
     worker: Mapping[str, int] | None = None,
+    link_over: str | None = None,
 ) -> Path:
     """The relay's settings; without `links`, no attachment is big enough to become a link.
-    `worker`: [worker] settings to set, else the shipped ones."""
+    `worker`: [worker] settings to set, else the shipped ones. `link_over`: attachments over
+    this size become links (and only they: the total no longer counts)."""
     smtp_port, web_port, sink_port = ports
     policy = "" if links else NO_LINKS
+    if link_over is not None:
+        policy = f'[policy]\nlink_attachments_over = "{link_over}"\nlink_total_over = "1TiB"\n'
     worker_lines = "".join(f"{key} = {value}\n" for key, value in (worker or {}).items())
     key_file = directory / "dkim.pem"
     dkim.write_private_key(dkim.generate_private_key(), key_file)
@@ -490,8 +505,15 @@ async def bench(args: argparse.Namespace) -> int:
                 )
                 if value is not None
             }
+            link_over = f"{args.web_file_kib // 2}KiB" if args.web_rps else None
             config = write_config(
-                directory, db_url, (smtp_port, web_port, sink_port), args.size, args.links, worker
+                directory,
+                db_url,
+                (smtp_port, web_port, sink_port),
+                args.size,
+                args.links,
+                worker,
+                link_over,
             )
             await asyncio.to_thread(add_agent, config)
             with sink_process(sink_port, tally, loop) as sink_pid, log.open("wb") as out:
@@ -508,9 +530,15 @@ async def bench(args: argparse.Namespace) -> int:
                     env=child_environment(),
                 )
                 try:
+                    if args.web_rps:
+                        from bench.mixed import measure_mixed
+
+                        ports = (smtp_port, web_port)
+                        return await measure_mixed(args, relay, ports, log, tally, sink_pid, db_url)
                     return await measure(args, relay, (smtp_port, web_port), log, tally, sink_pid)
                 finally:
-                    relay.terminate()
+                    if relay.returncode is None:
+                        relay.terminate()
                     try:
                         await asyncio.wait_for(relay.wait(), 15)
                     except TimeoutError:
@@ -747,6 +775,22 @@ def main() -> None:
         default=None,
         help="[worker] destination_concurrency (default: shipped); the sink is one destination",
     )
+    parser.add_argument(
+        "--web-rps",
+        type=float,
+        default=0,
+        help="mixed load (bench/mixed.py): prospects' page views and downloads at this many"
+        " requests/s beside the mail, in turns with and without them",
+    )
+    parser.add_argument(
+        "--web-file-kib", type=int, default=100, help="with --web-rps: the linked file, KiB"
+    )
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=2,
+        help="with --web-rps: mail turns, without and with the web load in alternation",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for delivery")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument(
@@ -764,6 +808,11 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = parser.parse_args()
+    if args.processes > 1 and args.backend == "sqlite":
+        parser.error(
+            "--processes above 1 needs --backend postgres: the relay refuses it on SQLite,"
+            " which has one writer (docs/deployment.md)"
+        )
     sys.exit(asyncio.run(bench(args)))
 
 
