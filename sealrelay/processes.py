@@ -256,6 +256,7 @@ def serve_processes(settings: Settings, roles: Collection[str], count: int) -> N
     from sealrelay.serve import load_signer, run
 
     signer = load_signer(settings)  # once: a key that does not load stops it here
+    settings = delivery_share(settings, count)
 
     async def prepare() -> bool:
         relay = _relay(settings, roles, signer)
@@ -287,6 +288,32 @@ def serve_processes(settings: Settings, roles: Collection[str], count: int) -> N
     # otherwise write to every inherited object and copy its page.
     gc.freeze()
     Supervisor(count, child).run()
+
+
+def delivery_share(settings: Settings, count: int) -> Settings:
+    """`settings` for one of `count` processes: the delivery limits divided among them.
+
+    `[worker] concurrency` and `destination_concurrency` say what a destination may see from
+    the relay, and a destination cannot tell processes apart: a provider that allows 10
+    connections counts all of them. So each process takes an equal share, rounded down (at
+    least 1), and the sum stays within what was configured.
+    """
+    worker = settings.worker
+    if count <= 1:
+        return settings
+    share = worker.model_copy(
+        update={
+            "concurrency": max(1, worker.concurrency // count),
+            "destination_concurrency": max(1, worker.destination_concurrency // count),
+        }
+    )
+    log.info(
+        "supervisor: each of %d processes sends at most %d groups at once, %d to one destination",
+        count,
+        share.concurrency,
+        share.destination_concurrency,
+    )
+    return settings.model_copy(update={"worker": share})
 
 
 def _relay(settings: Settings, roles: Collection[str], signer: Signer) -> Relay:

@@ -194,7 +194,8 @@ class Relay:
         self.smtp = SmtpFront(
             settings, self.db, self.pipeline, self.login_throttle, store=self.blob_health
         )
-        self.milter = MilterFront(settings, self.db, self.pipeline)  # listens if [milter] listen
+        # listens if [milter] listen
+        self.milter = MilterFront(settings, self.db, self.pipeline, store=self.blob_health)
         self._sessions: SessionDesk | None = None
         self.agent_logins = AgentLogins.from_settings(settings, self.db, clock)
         self.worker = DeliveryWorker(

@@ -32,6 +32,7 @@ from gateway.rejections import Rejected
 from gateway.store.blobs import StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.events import MESSAGE_MILTER, MessageMilter
+from gateway.store.health import BlobHealth
 
 log = logging.getLogger(__name__)
 STOP_GRACE = 30.0  # seconds a message under way may take to be answered when the relay stops
@@ -77,6 +78,8 @@ class MilterSession:
         self._reset()
         address = (args[0] if args else "").strip().removeprefix("<").removesuffix(">")
         front = self.front
+        if front.store is not None and not front.store.available:
+            return mp.reply_code(Reply.STORE_UNAVAILABLE)  # before the MTA takes the data
         login = self.macros.get("auth_authen") or None
         try:
             agent = await users.agent_by_address(front.db, login) if login else None
@@ -142,6 +145,8 @@ class MilterSession:
                 self.mail_from,
                 exc,
             )
+            if self.front.store is not None:
+                self.front.store.failed(exc)
             return [mp.reply_code(Reply.STORE_UNAVAILABLE)]
         except Exception:
             log.exception("milter %s: could not take mail from %s", self.peer, self.mail_from)
@@ -187,12 +192,22 @@ class MilterSession:
 
 
 class MilterFront:
-    """The `[milter] listen` socket; only the `allow_from` networks may speak to it."""
+    """The `[milter] listen` socket; only the `allow_from` networks may speak to it.
 
-    def __init__(self, settings: Settings, db: Database, pipeline: Pipeline) -> None:
+    `store`: while it says the blob store is unavailable, MAIL FROM hears 451, as on the SMTP
+    front, so the MTA keeps the message in its queue without sending us its data first."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        pipeline: Pipeline,
+        store: BlobHealth | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
         self.pipeline = pipeline
+        self.store = store
         milter = settings.milter
         entry = TrustedClient(
             name="milter",

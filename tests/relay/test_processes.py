@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from gateway.store.db import Database
 from gateway.store.models import Consent, Event
 from gateway.store.sweeper import SweepReport
+from sealrelay.processes import delivery_share
 from sealrelay.serve import Relay
 from tests.cli_runner import sealrelay
 from tests.conftest import AGENT, PASSWORD, relay_settings
@@ -126,6 +127,10 @@ async def test_two_processes_share_mail_letters_and_downloads(
     pids = children(relay)
     assert len(pids) == 2
     first, second = sorted(pids)
+    # the delivery limits are the relay's, shared between its processes
+    assert "each of 2 processes sends at most 10 groups at once, 5 to one destination" in (
+        relay.log_tail(200)
+    )
 
     # both take mail, at the same time; every message is delivered once
     sessions = {pid: await smtp_to(relay, pid) for pid in (first, second)}
@@ -238,6 +243,35 @@ def _listens(pid: int, port: int) -> bool:
         c.status == psutil.CONN_LISTEN and c.laddr.port == port
         for c in psutil.Process(pid).net_connections(kind="tcp")
     )
+
+
+@pytest.mark.parametrize(
+    ("configured", "count", "share"),
+    [
+        ((20, 10), 1, (20, 10)),
+        ((20, 10), 2, (10, 5)),
+        ((20, 10), 3, (6, 3)),
+        ((4, 4), 8, (1, 1)),
+    ],
+)
+def test_each_process_takes_its_share_of_the_delivery_limits(
+    tmp_path: Path,
+    configured: tuple[int, int],
+    count: int,
+    share: tuple[int, int],
+) -> None:
+    """A destination sees the relay, not its processes: N processes together keep to the
+    configured limits (rounded down, at least 1 each), and nothing else changes."""
+    base = relay_settings(tmp_path, 25)
+    worker = base.worker.model_copy(
+        update={"concurrency": configured[0], "destination_concurrency": configured[1]}
+    )
+    settings = base.model_copy(update={"worker": worker})
+    shared = delivery_share(settings, count)
+    assert (shared.worker.concurrency, shared.worker.destination_concurrency) == share
+    assert shared.worker.lease_seconds == settings.worker.lease_seconds
+    assert shared.smtp == settings.smtp
+    assert (settings.worker.concurrency, settings.worker.destination_concurrency) == configured
 
 
 async def test_several_processes_are_refused_on_sqlite(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ nothing written), delivery (deferred, retried, never bounced).
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import json
 import logging
 import re
@@ -26,11 +27,13 @@ import aiosmtplib
 import pytest
 from sqlalchemy import func, select, update
 
+from gateway.fronts.smtp import Reply
 from gateway.store.blobs import BlobMissing, BlobStore, StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import Consent, Delivery, DeliveryStatus, Event, Message
-from tests.conftest import StartRelay, make_message
+from tests.conftest import AGENT, StartRelay, make_message
+from tests.fronts.milter_client import MilterClient
 from tests.letter_site import LetterSite
 from tests.links.test_downloads import Clock, running_pages, text_of
 from tests.queue_wait import queue_idle
@@ -206,6 +209,49 @@ async def test_smtp_intake_with_the_store_down_answers_451_and_writes_nothing(
     assert await messages(database) == 1
     [received] = await harness.sink.expect(1)
     assert b"danach" in received.data
+
+
+PROSPECT = "prospect@example.com"
+
+
+def milter_raw(subject: str) -> bytes:
+    return make_message(to=PROSPECT, subject=subject).as_bytes(policy=email.policy.SMTP)
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("outages", ["local", "s3-down"], indirect=True)
+async def test_the_milter_with_the_store_down_tempfails_then_refuses_at_mail_from(
+    relay_factory: StartRelay,
+    database: Database,
+    tmp_path: Path,
+    outages: Outages,
+    s3_server: S3Server,
+) -> None:
+    """As the SMTP front: the first message finds out at its end, the next hears 451 at
+    MAIL FROM, so Postfix keeps them queued without sending the data; nothing is written."""
+    harness = await relay_factory(
+        storage=outages.storage(tmp_path),
+        milter={"listen": f"127.0.0.1:{free_port()}"},
+    )
+    client = await MilterClient.open(harness.relay.milter.port)
+    await client.start()
+    before = outages.leftovers(s3_server)
+    await outages.down()
+    assert (await client.envelope(AGENT, [PROSPECT]))[-1].code == b"c"
+    answers = await client.content(milter_raw("während des Ausfalls"))
+    assert [(a.code, a.text) for a in answers] == [(b"y", Reply.STORE_UNAVAILABLE)]
+    assert not harness.relay.blob_health.available
+    refused = await client.envelope(AGENT, [PROSPECT])
+    assert [(a.code, a.text) for a in refused] == [(b"y", Reply.STORE_UNAVAILABLE)]
+    await outages.up()
+    assert await messages(database) == 0
+    assert outages.leftovers(s3_server) == before
+    await until_healthy(harness.web_url)
+    assert (await client.envelope(AGENT, [PROSPECT]))[-1].code == b"c"
+    passed = await client.content(milter_raw("danach"))
+    assert passed[-1].code == b"c"
+    assert await messages(database) == 1
+    await client.close()
 
 
 async def set_due(db: Database, when: datetime, **values: Any) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final
 from zoneinfo import ZoneInfo
 
@@ -50,6 +50,9 @@ KEYS = ADMIN + "/keys"
 JOURNAL = ADMIN + "/journal"
 POLICY = ADMIN + "/policy"
 TEXTS = ADMIN + "/texts"
+# Events wait for the sequencer about a second (database.chain_interval); a minute means
+# no relay process is chaining them.
+CHAIN_LATE_SECONDS = 60
 DKIM = ADMIN + "/dkim"
 
 TEST_REFRESH_SECONDS: Final = 2
@@ -608,9 +611,12 @@ class AdminPages:
 
     async def journal(self, request: web.Request) -> web.StreamResponse:
         report = await self.chain()
+        waited = report.lag.age(datetime.now(UTC))
         return self.view.render(
             request,
             "console/admin_journal.html",
             self._t(request, "work.journal_title"),
             report=report,
+            waited=round(waited),
+            late=waited > CHAIN_LATE_SECONDS,
         )
