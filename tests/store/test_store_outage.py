@@ -214,8 +214,9 @@ async def test_smtp_intake_with_the_store_down_answers_451_and_writes_nothing(
 PROSPECT = "prospect@example.com"
 
 
-def milter_raw(subject: str) -> bytes:
-    return make_message(to=PROSPECT, subject=subject).as_bytes(policy=email.policy.SMTP)
+def milter_raw(subject: str, body: str = "Guten Tag!\n") -> bytes:
+    message = make_message(to=PROSPECT, subject=subject, body=body)
+    return message.as_bytes(policy=email.policy.SMTP)
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
@@ -238,7 +239,7 @@ async def test_the_milter_with_the_store_down_tempfails_then_refuses_at_mail_fro
     before = outages.leftovers(s3_server)
     await outages.down()
     assert (await client.envelope(AGENT, [PROSPECT]))[-1].code == b"c"
-    answers = await client.content(milter_raw("während des Ausfalls"))
+    answers = await client.content(milter_raw("während des Ausfalls", FILE_SIZED))
     assert [(a.code, a.text) for a in answers] == [(b"y", Reply.STORE_UNAVAILABLE)]
     assert not harness.relay.blob_health.available
     refused = await client.envelope(AGENT, [PROSPECT])
