@@ -24,15 +24,17 @@ import aiosmtplib
 import dkim as dkimpy
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from gateway import users
 from gateway.fronts.smtp import SmtpFront
 from gateway.intake.pipeline import Pipeline
 from gateway.mail import dkim, headers
 from gateway.mail.outgoing import Signer
+from gateway.store import bulk
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
-from gateway.store.models import Delivery, Event, Message
+from gateway.store.models import Delivery, Event, InlineBlob, Message
 from sealrelay.serve import Relay
 from tests.conftest import (
     AGENT,
@@ -171,6 +173,9 @@ async def agent(wire: Wire) -> Wire:
 
 
 # -- messages and what the store holds
+
+
+FILE_SIZED = b"Guten Tag!\r\n" * 8000  # over [storage] inline_max_bytes
 
 
 def raw_message(
@@ -767,10 +772,11 @@ async def test_local_failure_at_intake_451_and_nothing_half_written(
     def disk_full(data: bytes) -> str:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(relay.relay.blobs, "put_sync", disk_full)
+    # a message over [storage] inline_max_bytes, so that its original goes to the files
+    monkeypatch.setattr(relay.relay.blobs.files, "put_sync", disk_full)  # type: ignore[attr-defined]
     async with relay.client(username=AGENT, password=PASSWORD) as client:
         with pytest.raises(aiosmtplib.SMTPDataError) as refused:
-            await client.sendmail(AGENT, [PROSPECT], raw_message())
+            await client.sendmail(AGENT, [PROSPECT], raw_message(body=FILE_SIZED))
         assert refused.value.code == 451
         assert refused.value.message == (
             "4.3.0 The message was not accepted because of a local problem; try again"
@@ -778,10 +784,35 @@ async def test_local_failure_at_intake_451_and_nothing_half_written(
         await assert_nothing_written(relay)
 
         monkeypatch.undo()
-        text = await submit(client, [PROSPECT], raw_message())
+        text = await submit(client, [PROSPECT], raw_message(body=FILE_SIZED))
     assert text.startswith("2.0.0 Ok: queued as ")
     await relay.sink.expect(1)
     assert await stored(relay) == (1, 1)
+
+
+async def test_a_failed_commit_of_a_small_message_451_and_no_blob_left(
+    relay: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small message's original is written in the commit's transaction: when that fails
+    after the blob's INSERT, the blob goes with the rows."""
+
+    def full(connection: Any, rows: Any) -> None:
+        raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(bulk, "insert_rows", full)
+    async with relay.client(username=AGENT, password=PASSWORD) as client:
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await client.sendmail(AGENT, [PROSPECT], raw_message())
+        assert refused.value.code == 451
+        await assert_nothing_written(relay)
+        async with relay.relay.db.transaction() as session:
+            assert await session.scalar(select(func.count()).select_from(InlineBlob)) == 0
+        monkeypatch.undo()
+        text = await submit(client, [PROSPECT], raw_message())
+    assert text.startswith("2.0.0 Ok: queued as ")
+    await relay.sink.expect(1)
+    async with relay.relay.db.transaction() as session:
+        assert await session.scalar(select(func.count()).select_from(InlineBlob)) == 1
 
 
 # -- acceptance

@@ -215,7 +215,8 @@ PROSPECT = "prospect@example.com"
 
 
 def milter_raw(subject: str, body: str = "Guten Tag!\n") -> bytes:
-    return make_message(to=PROSPECT, subject=subject, body=body).as_bytes(policy=email.policy.SMTP)
+    message = make_message(to=PROSPECT, subject=subject, body=body)
+    return message.as_bytes(policy=email.policy.SMTP)
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
