@@ -29,7 +29,7 @@ from gateway.outbound.smtp_connection import (
     stuffed_pieces,
     stuffed_stream,
 )
-from gateway.outbound.stored_copy import WHOLE, StoredCopy, build
+from gateway.outbound.stored_copy import WHOLE, StoredCopy, build, keep
 from gateway.store.blobs import BlobStore
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import Message
@@ -288,3 +288,12 @@ async def test_a_10_mb_copy_is_hashed_and_sent_in_a_window(tmp_path: Path, key: 
         tracemalloc.stop()
     assert sent > 10_000_000
     assert peak < 4 * 1024 * 1024, f"{peak / 2**20:.1f} MiB held for a 10 MB copy"
+
+
+async def test_a_kept_signed_copy_is_the_streamed_copy(store: BlobStore, key: DkimKey) -> None:
+    """A released original's signed copy is stored from the pieces that leave."""
+    raw = big_message()
+    async with stored_copy(store, raw, Signer({DOMAIN: key}), 4093) as (copy, whole):
+        digest = await keep(copy, store)
+    assert await store.read(digest) == whole
+    assert await keep(whole, store) == digest
