@@ -79,8 +79,8 @@ class BareLineEnd(aiosmtplib.SMTPException):
 
 
 class SourceFailed(Exception):
-    """A stored copy could not be read to its end (the store failed, the blob is gone or
-    ended early) while it was sent: the connection is closed before the data's end, so the
+    """A stored copy could not be read to its end (the store failed, the blob is gone, ended
+    early or changed) while it was sent: the connection is closed before the data's end, so the
     upstream discards what it got. The store's error is the cause."""
 
 
@@ -121,13 +121,11 @@ def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
         yield b"\r\n"
 
 
-async def checked_pieces(copy: StoredCopy) -> AsyncIterator[bytes]:
-    """The copy's bytes as they are read, in pieces never cut between a CR and its LF, each
-    checked for bare line ends as it leaves (BareLineEnd, the connection then closed before
-    the data's end): the first pass checked the blob, this checks what is written.
-    SourceFailed when the store fails."""
+async def copy_pieces(copy: StoredCopy) -> AsyncIterator[bytes]:
+    """The copy's bytes as they are read, in pieces never cut between a CR and its LF (so
+    that "CRLF ." is seen whole); SourceFailed when the store fails or the blob is not what
+    its first read saw, which found no bare line end in it."""
     held = b""  # a CR at a chunk's end, until its LF is seen
-    position = 0
     async with aclosing(copy.chunks()) as chunks:
         while True:
             try:
@@ -140,13 +138,10 @@ async def checked_pieces(copy: StoredCopy) -> AsyncIterator[bytes]:
             held = b""
             if data.endswith(b"\r"):
                 data, held = data[:-1], b"\r"
-            if (offset := lines.bare_line_end(data)) != -1:
-                raise BareLineEnd(_refused(len(copy), position + offset))
-            position += len(data)
             if data:
                 yield data
     if held:
-        raise BareLineEnd(_refused(len(copy), position))
+        yield held
 
 
 async def stuffed_stream(copy: StoredCopy) -> AsyncIterator[bytes]:
@@ -154,7 +149,7 @@ async def stuffed_stream(copy: StoredCopy) -> AsyncIterator[bytes]:
     doubled also where a piece begins at a line start."""
     line_start = True
     ending = b""
-    async for data in checked_pieces(copy):
+    async for data in copy_pieces(copy):
         piece = data.replace(b"\r\n.", b"\r\n..")
         if line_start and data.startswith(b"."):
             piece = b"." + piece
@@ -324,7 +319,7 @@ class SmtpConnection:
         Each reply and each piece's drain gets `reply_timeout`. A copy with a bare CR or LF is
         refused before any byte is written (BareLineEnd): a receiver that ends the data at
         LF "." CRLF would read what follows as a second message. A stored copy that cannot
-        be read to its end (SourceFailed) or holds one after all closes the connection before
+        be read to its end as it was first read (SourceFailed) closes the connection before
         the data's end: the upstream takes nothing.
         """
         if (problem := bare_line_end_refusal(data)) is not None:

@@ -29,7 +29,7 @@ from gateway.outbound.smtp_connection import (
     ConnectionEnded,
     SmtpConnection,
     bare_line_end_refusal,
-    checked_pieces,
+    copy_pieces,
 )
 from gateway.outbound.stored_copy import Outgoing, StoredCopy
 from gateway.store.models import new_id
@@ -117,14 +117,14 @@ class CaptureUpstream:
     async def _write_stream(
         self, mail_from: str, recipients: Sequence[str], copy: StoredCopy
     ) -> Path:
-        """A stored copy written as it is read and checked as an SMTP upstream checks it;
-        nothing is published when it cannot be read to its end."""
+        """A stored copy written as it is read; nothing is published when it cannot be read
+        to its end as it was first read."""
         staged = [await asyncio.to_thread(self._stage, _envelope(mail_from, recipients))]
         try:
             fd, tmp = await asyncio.to_thread(tempfile.mkstemp, dir=self.directory, prefix=".tmp-")
             staged.append(tmp)
             with os.fdopen(fd, "wb") as handle:
-                async for piece in checked_pieces(copy):
+                async for piece in copy_pieces(copy):
                     await asyncio.to_thread(handle.write, piece)
             name = relay_id(copy.head) or new_id()
             return await asyncio.to_thread(self._publish, name, *staged)
