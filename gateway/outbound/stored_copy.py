@@ -134,14 +134,19 @@ async def build(
     if body is not None:
         body.update(first[body_start:])
     sums = [zlib.adler32(first)]
-    start = len(first)
+    start = position = len(first)
     del first
     window = window or blob.window
-    async for chunk in blob.stream(start, blob.size - start, window):
+    while position < blob.size:  # reads of exactly these ranges, as chunks() reads them
+        length = min(window, blob.size - position)
+        chunk = await blob.read(position, length)
+        if len(chunk) != length:
+            raise BlobChanged(f"the stored copy ended at byte {position + len(chunk)}")
         scan.update(chunk)
         if body is not None:
             body.update(chunk)
         sums.append(zlib.adler32(chunk))
+        position += length
     fields = head.fields(body.value() if body is not None else None, now=now)
     found = scan.end() + len(fields) if scan.end() != -1 else -1
     return StoredCopy(fields, blob, found, tuple(sums), start, window)

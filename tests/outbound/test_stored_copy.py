@@ -148,7 +148,7 @@ def big_message(pad: int = 0) -> bytes:
 
 @asynccontextmanager
 async def stored_copy(
-    store: BlobStore, raw: bytes, signer: Signer, read: int, loop: LoopMarks | None = None
+    store: BlobStore, raw: bytes, signer: Signer, read: int | None, loop: LoopMarks | None = None
 ) -> AsyncIterator[tuple[StoredCopy, bytes]]:
     """The streamed copy, its blob open for the block, and the copy built whole."""
     digest = await store.put(raw)
@@ -168,7 +168,7 @@ async def joined(copy: StoredCopy) -> bytes:
 @pytest.mark.parametrize("pad", [0, 1, 2])
 @pytest.mark.parametrize(
     ("store", "read"),
-    [("local", 7), ("local", 4093), ("local", 1024 * 1024), ("s3", 4093)],
+    [("local", 7), ("local", 4093), ("local", 1024 * 1024), ("s3", 4093), ("s3", None)],
     indirect=["store"],
 )
 async def test_the_streamed_copy_is_the_copy_built_whole(
