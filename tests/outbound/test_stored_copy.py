@@ -30,6 +30,7 @@ from gateway.outbound.smtp_connection import (
     stuffed_stream,
 )
 from gateway.outbound.stored_copy import WHOLE, BlobChanged, StoredCopy, build, keep, window_sums
+from gateway.outbound.upstream import CaptureUpstream
 from gateway.store.blobs import BlobStore
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import Message
@@ -305,3 +306,21 @@ async def test_a_kept_signed_copy_is_the_streamed_copy(store: BlobStore, key: Dk
         digest = await keep(copy, store)
     assert await store.read(digest) == whole
     assert await keep(whole, store) == digest
+
+
+async def test_a_capture_directory_gets_the_streamed_copy_whole(
+    tmp_path: Path, key: DkimKey
+) -> None:
+    raw = big_message()
+    capture = CaptureUpstream(tmp_path / "capture")
+    async with stored_copy(
+        LocalBlobStore(tmp_path / "blobs"), raw, Signer({DOMAIN: key}), 4093
+    ) as (
+        copy,
+        whole,
+    ):
+        [outcome] = (await capture.send("anna@broker.example", ["p@example.org"], copy)).values()
+    assert outcome.delivered
+    [written] = (tmp_path / "capture").glob("*.eml")
+    assert written.read_bytes() == whole
+    assert written.name == f"{row(raw).id}.eml"
