@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -136,19 +136,42 @@ class S3Door:
         self._listener: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
         self.answering_503 = False
+        self._budget: int | None = None  # answer bytes still let through, then shut
+        self.cut = asyncio.Event()  # set when the budget ran out and the door shut
+        self._shutting: asyncio.Task[None] | None = None
 
     def store(self, bucket: str, **options: Any) -> S3BlobStore:
         """A store for `bucket` that reaches the server through this door."""
         return S3Server(self.endpoint_url).store(bucket, **options)
+
+    def cut_after(self, size: int) -> None:
+        """Let `size` more bytes of the server's answers through, then shut, mid-answer: a
+        store failing while a blob is read."""
+        self._budget = size
+        self.cut.clear()
+
+    def _spend(self, size: int) -> bool:
+        """Whether `size` more bytes of an answer may pass; the door shuts when not."""
+        if self._budget is None:
+            return True
+        self._budget -= size
+        if self._budget >= 0:
+            return True
+        self._budget = None
+        self.cut.set()
+        self._shutting = asyncio.get_running_loop().create_task(self.shut())
+        return False
 
     async def open(self) -> None:
         self._listener = await asyncio.start_server(self._pass, "127.0.0.1", self.port)
 
     async def shut(self) -> None:
         assert self._listener is not None
-        self._listener.close()
-        await self._listener.wait_closed()
-        self._listener = None
+        listener, self._listener = self._listener, None
+        listener.close()
+        for writer in list(self._open):
+            writer.transport.abort()
+        await listener.wait_closed()
         for writer in list(self._open):
             writer.transport.abort()
         self._open.clear()
@@ -171,7 +194,7 @@ class S3Door:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
             ends.append(up_writer)
             self._open.add(up_writer)
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer, self._spend))
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -180,8 +203,14 @@ class S3Door:
                 end.transport.abort()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    may_pass: Callable[[int], bool] = lambda size: True,
+) -> None:
     while data := await reader.read(256 * 1024):
+        if not may_pass(len(data)):
+            break
         writer.write(data)
         await writer.drain()
     writer.transport.abort()

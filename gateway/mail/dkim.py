@@ -196,6 +196,105 @@ def body_hash(data: bytes, start: int = 0, piece: int = PIECE) -> str:
     return base64.b64encode(digest.digest()).decode("ascii")
 
 
+class BodyHash:
+    """body_hash() of a body fed in pieces of any size, cut anywhere: a stored 10 MB body is
+    hashed as it is read, never held whole. The value is exactly body_hash()'s.
+
+    Whole lines are canonicalized as they come (relaxed canonicalization joins bytes within
+    a line only); a line not yet ended waits for its end, or, past `piece` octets, is fed up
+    to its last octet that is not white space. CRLFs that end what was canonicalized so far
+    are held back as a count: the body's end drops all of them but one, anything after them
+    lets them through. As body_hash() does, a body not ending in CRLF gets one.
+    """
+
+    def __init__(self, piece: int = PIECE) -> None:
+        self._digest = hashlib.sha256()
+        self._piece = piece
+        self._partial = b""  # the line not ended yet, as it came
+        self._crlfs = 0  # canonical CRLFs held back
+        self._fed = False  # whether any canonical octet went into the digest
+        self._last = b""  # the body's last two octets
+
+    def update(self, data: bytes) -> None:
+        if not data:
+            return
+        self._last = (self._last + data[-2:])[-2:]
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            self._partial += data
+            if len(self._partial) > self._piece:
+                self._spill()
+            return
+        start = 0
+        if self._partial:
+            start = data.find(b"\n") + 1
+            self._lines(self._partial + data[:start], 0, len(self._partial) + start)
+        self._lines(data, start, cut)
+        self._partial = data[cut:]
+
+    def value(self) -> str:
+        """The bh= value; the hash takes no more data after it."""
+        if self._partial or (self._last and self._last != b"\r\n"):
+            final = _relaxed_lines(self._partial + b"\r\n")
+            self._partial = b""
+            self._emit(final, 0, len(final))
+        if self._crlfs and self._fed:
+            self._digest.update(b"\r\n")
+        self._crlfs = 0
+        return base64.b64encode(self._digest.digest()).decode("ascii")
+
+    def _lines(self, data: bytes, start: int, end: int) -> None:
+        """data[start:end], whole lines, canonicalized and fed."""
+        if data.find(b" ", start, end) == -1 and data.find(b"\t", start, end) == -1:
+            self._emit(data, start, end)
+        else:
+            canonical = _relaxed_lines(data[start:end])
+            self._emit(canonical, 0, len(canonical))
+
+    def _spill(self) -> None:
+        """A long line not ended yet: up to its last octet that is not white space (or a CR)
+        it canonicalizes on its own, since white-space runs and " CRLF" do not cross it."""
+        kept = len(self._partial.rstrip(b" \t\r"))
+        if kept:
+            canonical = _relaxed_lines(self._partial[:kept])
+            self._emit(canonical, 0, len(canonical))
+        self._partial = _relaxed_lines(self._partial[kept:])
+
+    def _emit(self, data: bytes, start: int, end: int) -> None:
+        """Canonical octets data[start:end]: their ending CRLFs are held back, the rest fed
+        after the CRLFs held so far."""
+        crlfs = _crlfs_ending(data, start, end)
+        end -= 2 * crlfs
+        if end > start:
+            while self._crlfs:
+                run = min(self._crlfs, len(_CRLFS) // 2)
+                self._digest.update(_CRLFS[: 2 * run])
+                self._crlfs -= run
+            self._digest.update(memoryview(data)[start:end])
+            self._fed = True
+        self._crlfs += crlfs
+
+
+_CRLFS = b"\r\n" * 32768
+
+
+def _crlfs_ending(data: bytes, start: int, end: int) -> int:
+    """How many CRLFs end data[start:end], counted in growing windows from the end."""
+    count, window = 0, 64
+    while end - start >= 2:
+        low = max(start, end - window)
+        low += (end - low) % 2  # whole pairs, counted from the end
+        tail = data[low:end]
+        run = tail[len(tail.rstrip(b"\r\n")) :][::-1]
+        match = _REVERSED_CRLFS.match(run)
+        pairs = match.end() // 2 if match else 0
+        count += pairs
+        if 2 * pairs < len(tail):
+            break
+        end, window = low, window * 16
+    return count
+
+
 def _tail_start(data: bytes, start: int) -> int:
     """The start of the line holding the last octet that is not white space or a line end
     (`start` when there is none), found in growing windows from the end, not a copy."""

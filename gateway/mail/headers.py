@@ -50,6 +50,17 @@ def split_offsets(raw: bytes) -> tuple[int, int]:
     return match.start() + first_eol, match.end()
 
 
+def split_offsets_at_start(start: bytes) -> tuple[int, int] | None:
+    """split_offsets() of a message known by its first bytes `start` alone; None when they
+    do not settle it (no blank line among them, or one too near their end to be sure of)."""
+    if start.startswith((b"\r\n", b"\n")):
+        return split_offsets(start)
+    match = _BLANK_LINE.search(start)
+    if match is None or match.start() + 4 > len(start):
+        return None
+    return split_offsets(start)
+
+
 def header_block(raw: bytes) -> bytes:
     """The header block with its last line end, without the body."""
     return raw[: split_offsets(raw)[0]]

@@ -22,7 +22,7 @@ _NOT_LINE_END = bytes(b for b in range(256) if b not in b"\r\n")
 Data = bytes | bytearray
 
 
-def bare_line_end(data: Data, window: int = WINDOW) -> int:
+def bare_line_end(data: Data, window: int = WINDOW, start: int = 0, end: int | None = None) -> int:
     """The offset of the first CR not followed by LF or LF not preceded by CR; -1 if none.
 
     Such line ends are the stuff of SMTP smuggling. Per window: a regex finds a bare CR
@@ -30,10 +30,10 @@ def bare_line_end(data: Data, window: int = WINDOW) -> int:
     stands before an LF, so the window's CR and LF counts differ exactly when an LF is
     bare; they are counted in the window's CR/LF bytes alone, as `translate` leaves them.
     Windows never end between a CR and its LF. Only a window that fails is searched with
-    the slow lookaround pattern, to say where.
+    the slow lookaround pattern, to say where. `start` and `end` bound the scan without a
+    copy (a CR at `end` counts as bare).
     """
-    size = len(data)
-    start = 0
+    size = len(data) if end is None else end
     while start < size:
         end = min(start + window, size)
         if end < size and data[end - 1] == 0x0D:  # keep a CRLF in one window
@@ -105,3 +105,34 @@ def unstuffed(data: Data) -> bytes:
         first = 1 if data.startswith(b".") else 0
         return bytes(memoryview(data)[first:]).replace(b"\r\n.", b"\r\n")
     return without(data, [0, *dots] if data.startswith(b".") else dots)
+
+
+class LineEndScan:
+    """bare_line_end() over data that comes in pieces cut anywhere, each scanned as it
+    comes: a stored copy is checked as it is read, never held whole."""
+
+    def __init__(self) -> None:
+        self.found = -1  # the offset of the first bare CR or LF, once seen
+        self._seen = 0
+        self._cr = False  # the last piece ended with a CR, its LF not seen yet
+
+    def update(self, data: Data) -> None:
+        if self.found != -1 or not data:
+            return
+        start = 0
+        if self._cr:
+            if data[0] != 0x0A:
+                self.found = self._seen - 1
+                return
+            start = 1
+        self._cr = data[-1] == 0x0D
+        offset = bare_line_end(data, start=start, end=len(data) - self._cr)
+        if offset != -1:
+            self.found = self._seen + offset
+        self._seen += len(data)
+
+    def end(self) -> int:
+        """The offset of the first bare CR or LF in all the data; -1 when there is none."""
+        if self.found == -1 and self._cr:
+            self.found = self._seen - 1
+        return self.found

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from email.utils import format_datetime
 
 from gateway.mail import dkim, headers
@@ -35,37 +36,73 @@ def prepare(
     hostname: str,
     signer: Signer,
     loop: LoopMarks | None = None,
+    *,
+    now: int | None = None,
 ) -> bytes:
     """`raw` with the trace fields, the loop mark and the DKIM signature in front, built in
     one join.
 
     Each intermediate copy of a 10 MB message would be 10 MB more memory: the signature is
     made over the new header block alone, with the body hash computed from `raw` in place.
+    A big stored copy is not read whole at all (gateway/outbound/stored_copy.py). `now`:
+    the signature's t=, when not the present second.
+    """
+    header_end, body_start = headers.split_offsets(raw)
+    head = Head.of(raw[:header_end], message, hostname, signer, loop)
+    bh = dkim.body_hash(raw, body_start) if head.key is not None else None
+    return headers.prepend(raw, [head.fields(bh, now=now)])
+
+
+@dataclass(frozen=True)
+class Head:
+    """What goes in front of a stored copy, but for the body hash: the fields added (trace
+    field, loop mark, a Message-ID and Date the agent left out), the copy's own header block
+    they are signed with, and the key that signs, if the From domain has one.
+
     The loop mark is signed and oversigned: a DKIM verifier sees that our domain put it
     there, and a second mark added later breaks the signature.
     """
-    header_end, body_start = headers.split_offsets(raw)
-    header_block = raw[:header_end]
-    fields = headers.parse_fields(header_block)
-    added = [received_field(message, hostname)]
-    if loop is not None:
-        added.append(loop.field(message))
-    if headers.first_value(fields, "message-id") is None:
-        added.append(headers.format_field("Message-ID", message.message_id_header))
-    if headers.first_value(fields, "date") is None:
-        added.append(headers.format_field("Date", format_datetime(message.received_at)))
-    authors = headers.addresses(fields, "from")
-    key = signer.key_for(authors[0].rpartition("@")[2]) if authors else None
-    if key is None:
-        return headers.prepend(raw, added)
-    bh = dkim.body_hash(raw, body_start)
-    signature = dkim.sign(
-        b"".join(added) + header_block,
-        key,
-        bh=bh,
-        extra_oversigned=(*OVERSIGNED_HEADERS, LOOP_HEADER),
-    )
-    return headers.prepend(raw, [signature, *added])
+
+    added: tuple[bytes, ...]
+    header_block: bytes
+    key: dkim.DkimKey | None
+
+    @classmethod
+    def of(
+        cls,
+        header_block: bytes,
+        message: Message,
+        hostname: str,
+        signer: Signer,
+        loop: LoopMarks | None = None,
+    ) -> Head:
+        fields = headers.parse_fields(header_block)
+        added = [received_field(message, hostname)]
+        if loop is not None:
+            added.append(loop.field(message))
+        if headers.first_value(fields, "message-id") is None:
+            added.append(headers.format_field("Message-ID", message.message_id_header))
+        if headers.first_value(fields, "date") is None:
+            added.append(headers.format_field("Date", format_datetime(message.received_at)))
+        authors = headers.addresses(fields, "from")
+        key = signer.key_for(authors[0].rpartition("@")[2]) if authors else None
+        return cls(tuple(added), header_block, key)
+
+    def fields(self, bh: str | None, *, now: int | None = None) -> bytes:
+        """The bytes to put in front of the copy: the signature over the body hash `bh`
+        (body_hash() or BodyHash) first, when there is a key, then the added fields."""
+        if self.key is None:
+            return b"".join(self.added)
+        if bh is None:
+            raise ValueError("a signed copy needs its body hash")
+        signature = dkim.sign(
+            b"".join(self.added) + self.header_block,
+            self.key,
+            bh=bh,
+            extra_oversigned=(*OVERSIGNED_HEADERS, LOOP_HEADER),
+            now=now,
+        )
+        return b"".join((signature, *self.added))
 
 
 _OUR_ID = re.compile(rb"\(sealrelay\)\s+with\s+[A-Z]+\s+id\s+([0-9a-f]+);")

@@ -26,13 +26,15 @@ from typing import Any
 from gateway.agent_logins import AgentLogins, LoginKeyMissing, LoginUnreadable
 from gateway.config import Settings
 from gateway.mail.loop_mark import LoopMarks
-from gateway.mail.outgoing import Signer, prepare
+from gateway.mail.outgoing import Signer
 from gateway.mail.own_mail import OwnMail
 from gateway.outbound import dsn, queue
 from gateway.outbound.destination_gates import DestinationGates
 from gateway.outbound.local_mail import prepare as prepare_own_mail
 from gateway.outbound.queue_signal import QueueSignal
 from gateway.outbound.routes import Route, RouteTable
+from gateway.outbound.smtp_connection import SourceFailed
+from gateway.outbound.stored_copy import keep, outgoing
 from gateway.outbound.upstream import Destination, Outcome, SmtpUpstream, relay_name
 from gateway.store import group_commit
 from gateway.store.blobs import BlobStore, StoreUnavailable
@@ -256,23 +258,23 @@ class DeliveryWorker:
         deliveries = [item.delivery for item in group]
         recipients = [d.recipient for d in deliveries]
         signed = None
+        hostname = self.settings.server.hostname
         try:
-            # Not kept in a local: the stored bytes are freed once the copy is built.
-            data = prepare(
-                await self.blobs.read(deliveries[0].blob),
-                message,
-                self.settings.server.hostname,
-                self.signer,
-                self.loop,
-            )
-            if any(d.keep_signed for d in deliveries):
-                signed = await self.blobs.put(data)
-            outcomes = await route.upstream.send(message.sender, recipients, data)
-        except StoreUnavailable as exc:  # deferred as any temporary error: retried, never bounced
-            log.warning("%s: deferred, blob store unavailable: %s", message.id, exc)
-            unavailable = Outcome(f"blob store unavailable: {exc}", store_unavailable=True)
-            return dict.fromkeys(recipients, unavailable), None
+            # A big copy is read from the store as it leaves (gateway/outbound/stored_copy.py)
+            async with outgoing(
+                self.blobs, deliveries[0].blob, message, hostname, self.signer, self.loop
+            ) as data:
+                if any(d.keep_signed for d in deliveries):
+                    signed = await keep(data, self.blobs)
+                outcomes = await route.upstream.send(message.sender, recipients, data)
         except Exception as exc:
+            # A store that failed while the copy was sent closed the connection before the
+            # data's end: nothing was delivered.
+            cause = exc.__cause__ if isinstance(exc, SourceFailed) else exc
+            if isinstance(cause, StoreUnavailable):  # deferred: retried, never bounced
+                log.warning("%s: deferred, blob store unavailable: %s", message.id, cause)
+                unavailable = Outcome(f"blob store unavailable: {cause}", store_unavailable=True)
+                return dict.fromkeys(recipients, unavailable), None
             return _local_error(message.id, recipients, exc), None
         if all(not o.delivered and not o.permanent for o in outcomes.values()):
             self.destinations.failed(destination.key)

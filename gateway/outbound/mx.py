@@ -27,6 +27,7 @@ from gateway.outbound.destinations import DestinationLimits
 from gateway.outbound.mta_sts import MtaSts, Policy, verified_context
 from gateway.outbound.mx_lookup import DnsResolver, DnsTrouble, MxLookupError, mx_hosts
 from gateway.outbound.smtp_connection import ConnectionEnded, SmtpConnection
+from gateway.outbound.stored_copy import Outgoing
 from gateway.outbound.upstream import (
     Destination,
     Outcome,
@@ -91,7 +92,7 @@ class MxUpstream:
         return Destination(("mx", domain_of(recipient)), self.limits.per_destination)
 
     async def send(
-        self, mail_from: str, recipients: Sequence[str], data: bytes
+        self, mail_from: str, recipients: Sequence[str], data: Outgoing
     ) -> dict[str, Outcome]:
         """One transaction per recipient domain, the domains at the same time."""
         by_domain: dict[str, list[str]] = {}
@@ -103,7 +104,7 @@ class MxUpstream:
         return {recipient: outcome for result in results for recipient, outcome in result.items()}
 
     async def _to_domain(
-        self, domain: str, recipients: list[str], mail_from: str, data: bytes
+        self, domain: str, recipients: list[str], mail_from: str, data: Outgoing
     ) -> dict[str, Outcome]:
         def every(error: str, permanent: bool = False) -> dict[str, Outcome]:
             return dict.fromkeys(recipients, Outcome(error, permanent))
@@ -182,7 +183,7 @@ class MxUpstream:
         policy: Policy | None,
         mail_from: str,
         recipients: list[str],
-        data: bytes,
+        data: Outgoing,
     ) -> dict[str, Outcome] | None:
         """The copy over a kept connection to `domain`; None when there is none, or when it
         ended before the data began (then the hosts are tried on new connections)."""
@@ -217,7 +218,7 @@ class MxUpstream:
         mode: str,
         mail_from: str,
         recipients: list[str],
-        data: bytes,
+        data: Outgoing,
         kept_as: str,
     ) -> dict[str, Outcome]:
         """One connection to one address of `host`; HostFailed before a transaction began.

@@ -19,13 +19,15 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import cast
 
 import aiosmtplib
 
 from gateway.mail import lines
+from gateway.outbound.stored_copy import Outgoing, StoredCopy
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +78,26 @@ class BareLineEnd(aiosmtplib.SMTPException):
     """The copy would put a bare CR or LF on the wire; it is kept queued, not sent."""
 
 
-def bare_line_end_refusal(data: bytes) -> str | None:
+class SourceFailed(Exception):
+    """A stored copy could not be read to its end (the store failed, the blob is gone, ended
+    early or changed) while it was sent: the connection is closed before the data's end, so the
+    upstream discards what it got. The store's error is the cause."""
+
+
+def bare_line_end_refusal(data: Outgoing) -> str | None:
     """Why `data` must not leave, logged once with where it breaks; None when every line
     ends in CRLF. Copies are made CRLF-only; this is the last line of defence."""
-    offset = lines.bare_line_end(data)
+    offset = data.bare_line_end if isinstance(data, StoredCopy) else lines.bare_line_end(data)
     if offset == -1:
         return None
+    return _refused(len(data), offset)
+
+
+def _refused(size: int, offset: int) -> str:
     log.error(
         "refusing to send a copy of %d bytes: bare CR or LF at byte %d (SMTP smuggling risk);"
         " the copy stays queued",
-        len(data),
+        size,
         offset,
     )
     return f"copy not sent: it holds a bare CR or LF at byte {offset}"
@@ -106,6 +118,45 @@ def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
         yield piece.replace(b"\r\n.", b"\r\n..")
         start = end
     if data and not data.endswith(b"\r\n"):
+        yield b"\r\n"
+
+
+async def copy_pieces(copy: StoredCopy) -> AsyncIterator[bytes]:
+    """The copy's bytes as they are read, in pieces never cut between a CR and its LF (so
+    that "CRLF ." is seen whole); SourceFailed when the store fails or the blob is not what
+    its first read saw, which found no bare line end in it."""
+    held = b""  # a CR at a chunk's end, until its LF is seen
+    async with aclosing(copy.chunks()) as chunks:
+        while True:
+            try:
+                chunk = await anext(chunks, None)
+            except Exception as exc:
+                raise SourceFailed(f"reading the stored copy failed: {exc}") from exc
+            if chunk is None:
+                break
+            data = held + chunk if held else chunk
+            held = b""
+            if data.endswith(b"\r"):
+                data, held = data[:-1], b"\r"
+            if data:
+                yield data
+    if held:
+        yield held
+
+
+async def stuffed_stream(copy: StoredCopy) -> AsyncIterator[bytes]:
+    """stuffed_pieces() of a stored copy, read as it is sent: a line's leading dot is
+    doubled also where a piece begins at a line start."""
+    line_start = True
+    ending = b""
+    async for data in copy_pieces(copy):
+        piece = data.replace(b"\r\n.", b"\r\n..")
+        if line_start and data.startswith(b"."):
+            piece = b"." + piece
+        line_start = data.endswith(b"\n")
+        ending = (ending + data[-2:])[-2:]
+        yield piece
+    if ending and ending != b"\r\n":
         yield b"\r\n"
 
 
@@ -261,13 +312,15 @@ class SmtpConnection:
         return self.usable and not self._transport.is_closing() and not self._reader.unread
 
     async def send(
-        self, mail_from: str, recipients: Sequence[str], data: bytes, reply_timeout: float
+        self, mail_from: str, recipients: Sequence[str], data: Outgoing, reply_timeout: float
     ) -> Replies:
         """One transaction: RSET when one was begun before, MAIL, RCPT each, DATA, the data.
 
         Each reply and each piece's drain gets `reply_timeout`. A copy with a bare CR or LF is
         refused before any byte is written (BareLineEnd): a receiver that ends the data at
-        LF "." CRLF would read what follows as a second message.
+        LF "." CRLF would read what follows as a second message. A stored copy that cannot
+        be read to its end as it was first read (SourceFailed) closes the connection before
+        the data's end: the upstream takes nothing.
         """
         if (problem := bare_line_end_refusal(data)) is not None:
             raise BareLineEnd(problem)
@@ -296,7 +349,7 @@ class SmtpConnection:
             raise
 
     async def _transaction(
-        self, commands: list[bytes], recipients: int, data: bytes, reply_timeout: float
+        self, commands: list[bytes], recipients: int, data: Outgoing, reply_timeout: float
     ) -> Replies:
         self._data_started = False
         reset = commands[0] == b"RSET\r\n"
@@ -334,9 +387,14 @@ class SmtpConnection:
             await self._reply(reply_timeout)
             return Replies(mail, rcpt, None)
         self._data_started = True
-        for piece in stuffed_pieces(data):
-            self._write(piece)
-            await self._reader.drained(reply_timeout)
+        if isinstance(data, StoredCopy):
+            async for piece in stuffed_stream(data):
+                self._write(piece)
+                await self._reader.drained(reply_timeout)
+        else:
+            for piece in stuffed_pieces(data):
+                self._write(piece)
+                await self._reader.drained(reply_timeout)
         self._write(b".\r\n")
         return Replies(mail, rcpt, await self._reply(reply_timeout))
 

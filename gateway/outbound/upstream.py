@@ -25,7 +25,13 @@ import aiosmtplib
 from gateway.config import UpstreamSettings
 from gateway.mail.outgoing import relay_id
 from gateway.outbound.connection_cache import ConnectionCache
-from gateway.outbound.smtp_connection import ConnectionEnded, SmtpConnection, bare_line_end_refusal
+from gateway.outbound.smtp_connection import (
+    ConnectionEnded,
+    SmtpConnection,
+    bare_line_end_refusal,
+    copy_pieces,
+)
+from gateway.outbound.stored_copy import Outgoing, StoredCopy
 from gateway.store.models import new_id
 
 log = logging.getLogger(__name__)
@@ -61,7 +67,7 @@ class Destination:
 
 class Upstream(Protocol):
     async def send(
-        self, mail_from: str, recipients: Sequence[str], data: bytes
+        self, mail_from: str, recipients: Sequence[str], data: Outgoing
     ) -> dict[str, Outcome]: ...
 
     def destination(self, recipient: str) -> Destination:
@@ -83,11 +89,14 @@ class CaptureUpstream:
         directory.mkdir(parents=True, exist_ok=True)
 
     async def send(
-        self, mail_from: str, recipients: Sequence[str], data: bytes
+        self, mail_from: str, recipients: Sequence[str], data: Outgoing
     ) -> dict[str, Outcome]:
         if (refusal := bare_line_end_refusal(data)) is not None:
             return dict.fromkeys(recipients, Outcome(refusal))
-        path = await asyncio.to_thread(self._write, mail_from, recipients, data)
+        if isinstance(data, StoredCopy):
+            path = await self._write_stream(mail_from, recipients, data)
+        else:
+            path = await asyncio.to_thread(self._write, mail_from, recipients, data)
         return dict.fromkeys(recipients, Outcome(reply=f"written to {path}"))
 
     def destination(self, recipient: str) -> Destination:
@@ -97,19 +106,38 @@ class CaptureUpstream:
         """Nothing is kept open."""
 
     def _write(self, mail_from: str, recipients: Sequence[str], data: bytes) -> Path:
-        envelope = json.dumps({"mail_from": mail_from, "rcpt_tos": list(recipients)})
-        staged = []
-        for content in (envelope.encode(), data):
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(content)
-            staged.append(tmp)
+        staged = [self._stage(_envelope(mail_from, recipients)), self._stage(data)]
         try:
             return self._publish(relay_id(data) or new_id(), *staged)
         finally:
             for tmp in staged:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+
+    async def _write_stream(
+        self, mail_from: str, recipients: Sequence[str], copy: StoredCopy
+    ) -> Path:
+        """A stored copy written as it is read; nothing is published when it cannot be read
+        to its end as it was first read."""
+        staged = [await asyncio.to_thread(self._stage, _envelope(mail_from, recipients))]
+        try:
+            fd, tmp = await asyncio.to_thread(tempfile.mkstemp, dir=self.directory, prefix=".tmp-")
+            staged.append(tmp)
+            with os.fdopen(fd, "wb") as handle:
+                async for piece in copy_pieces(copy):
+                    await asyncio.to_thread(handle.write, piece)
+            name = relay_id(copy.head) or new_id()
+            return await asyncio.to_thread(self._publish, name, *staged)
+        finally:
+            for tmp in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def _stage(self, content: bytes) -> str:
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+        return tmp
 
     def _publish(self, name: str, envelope: str, message: str) -> Path:
         """Link both files under the first free name; the .eml appears last and whole, so a
@@ -123,6 +151,10 @@ class CaptureUpstream:
             os.link(message, self.directory / f"{stem}.eml")
             return self.directory / f"{stem}.eml"
         raise AssertionError("unreachable")
+
+
+def _envelope(mail_from: str, recipients: Sequence[str]) -> bytes:
+    return json.dumps({"mail_from": mail_from, "rcpt_tos": list(recipients)}).encode()
 
 
 def client_tls_context(*, verify: bool, upstream: UpstreamSettings | None = None) -> ssl.SSLContext:
@@ -220,7 +252,7 @@ class SmtpUpstream:
         return Destination(("smtp", self.host, self.port, self.username))
 
     async def send(
-        self, mail_from: str, recipients: Sequence[str], data: bytes
+        self, mail_from: str, recipients: Sequence[str], data: Outgoing
     ) -> dict[str, Outcome]:
         """Over a kept connection when there is one, else a new one; a kept connection that
         fails before the data began is given up and the copy tried once more on a new one.
@@ -287,7 +319,7 @@ class SmtpUpstream:
         connection: SmtpConnection,
         mail_from: str,
         recipients: Sequence[str],
-        data: bytes,
+        data: Outgoing,
     ) -> dict[str, Outcome]:
         """The copy over `connection`, which is kept afterwards when it is still fit (a copy
         refused before anything was written leaves it so), else closed."""
@@ -337,7 +369,7 @@ async def transaction(
     connection: SmtpConnection,
     mail_from: str,
     recipients: Sequence[str],
-    data: bytes,
+    data: Outgoing,
     reply_timeout: float,
 ) -> dict[str, Outcome]:
     """One copy over `connection`; the upstream's refusals per recipient.

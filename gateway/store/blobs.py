@@ -70,6 +70,10 @@ class BlobInfo:
 class BlobReader(ABC):
     """An open blob: its size and its bytes, from any position (for HTTP ranges)."""
 
+    # What a reader going through the whole blob asks for at a time (an outgoing copy): a
+    # window held in memory per reader, against one request per window.
+    window = CHUNK_SIZE
+
     @property
     @abstractmethod
     def size(self) -> int: ...

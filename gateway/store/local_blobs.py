@@ -235,6 +235,8 @@ class LocalBlobStore(BlobStore):
 
 
 class LocalBlobReader(BlobReader):
+    window = 256 * 1024  # a pread from the page cache: small windows cost nothing more
+
     def __init__(self, file: IO[bytes], store: LocalBlobStore, digest: str) -> None:
         self._file = file
         self._size = os.fstat(file.fileno()).st_size

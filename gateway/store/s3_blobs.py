@@ -424,6 +424,9 @@ class S3BlobReader(BlobReader):
                 data: bytes = await body.read()
         finally:
             body.close()
+        if len(data) != end - start:  # a connection cut mid-answer can end the body quietly
+            where = self._store.location(self._digest)
+            raise S3StoreError(f"cannot read {where}: the answer ended after {len(data)} bytes")
         return data
 
     async def stream(
