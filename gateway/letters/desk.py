@@ -35,7 +35,7 @@ from gateway.letters.evidence import (
     texts_sha256,
 )
 from gateway.letters.expiry_notice import ExpiredLetter, expiry_notice_mail
-from gateway.links.desk import MAX_DAYS, copy_delivered_at, judge_visit
+from gateway.links.desk import MAX_DAYS, copy_delivered_at, journal_visit, judge_visit
 from gateway.links.tokens import (
     Closed,
     TokenClosed,
@@ -187,7 +187,7 @@ class LetterDesk:
 
     async def find(self, token: str) -> FoundLetter:
         """The letter behind a token; LetterUnknown or LetterExpired (unless released)."""
-        async with self.db.transaction() as session:
+        async with self.db.snapshot() as session:
             found = await self._find(session, token, lock=False)
         return found
 
@@ -249,8 +249,7 @@ class LetterDesk:
             visit["automated"] = True
             visit["automated_reasons"] = list(verdict.reasons)
         event = LETTER_VIEWED.new(visit, message_id=found.letter.message_id)
-        async with self.db.transaction() as session:
-            await journal.append(session, [event], self.clock())
+        await journal_visit(self.db, event, self.clock())
         return verdict
 
     async def request_new_link(self, letter: Letter, message: Message, ip: str) -> bool:
