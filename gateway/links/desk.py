@@ -118,7 +118,7 @@ class LinkDesk:
         async with self.db.snapshot() as session:
             found = await find_link(session, token, now)
             if found is not None and found.state is LinkState.VALID:
-                at = await _copy_delivered_at(session, found.link, now)
+                at = await copy_delivered_in(session, found.link, now)
                 found = replace(found, delivered=Delivered(at))
         if found is None:
             raise LinkUnknown(token)
@@ -400,10 +400,11 @@ async def copy_delivered_at(db: Database, link: Link, now: datetime) -> datetime
     mailbox just fetched the link from (a deferred copy arrives minutes or hours after the
     link was made; a letter's released original, with its download link, days after)."""
     async with db.snapshot() as session:
-        return await _copy_delivered_at(session, link, now)
+        return await copy_delivered_in(session, link, now)
 
 
-async def _copy_delivered_at(session: AsyncSession, link: Link, now: datetime) -> datetime | None:
+async def copy_delivered_in(session: AsyncSession, link: Link, now: datetime) -> datetime | None:
+    """`copy_delivered_at` inside a transaction the caller holds (its lookup's snapshot)."""
     return await session.scalar(
         select(func.max(Delivery.updated_at)).where(
             Delivery.message_id == link.message_id,
