@@ -48,6 +48,12 @@ async def visit_events(relay: Harness) -> list[str]:
     return [t for t in types if t.startswith(("link.viewed", "download."))]
 
 
+async def metric(http: aiohttp.ClientSession, relay: Harness, name: str) -> float:
+    async with http.get(f"{relay.web_url}/metrics") as response:
+        [value] = re.findall(rf"^{name} (\S+)$", await response.text(), re.MULTILINE)
+    return float(value)
+
+
 async def test_saturated_visits_get_503_and_the_mail_goes_on(relay: Harness) -> None:
     await relay.send(mail("Exposé", PDF), recipients=[PROSPECT])
     [copy] = await relay.sink.expect(1)
@@ -61,6 +67,7 @@ async def test_saturated_visits_get_503_and_the_mail_goes_on(relay: Harness) -> 
         async with http.get(page) as response:
             assert response.status == 200
             [file_path] = re.findall(rf'href="(/d/{token}/f/[0-9a-f]+)"', await response.text())
+        turned_away = await metric(http, relay, "sealrelay_web_visits_turned_away_total")
         for _ in range(2):
             await slots.acquire()  # every slot the visits may use, taken
         try:
@@ -82,6 +89,9 @@ async def test_saturated_visits_get_503_and_the_mail_goes_on(relay: Harness) -> 
             slots.release()
             slots.release()
         assert await visit_events(relay) == ["link.viewed"], "a visit turned away wrote nothing"
+        assert await metric(http, relay, "sealrelay_web_visits_turned_away_total") == (
+            turned_away + 2
+        )
 
         async with http.get(f"{relay.web_url}{file_path}") as response:
             assert response.status == 200
