@@ -402,6 +402,18 @@ def _route_references(
 class WebSettings(Section):
     listen: HostPort = "127.0.0.1:8080"
     trusted_proxies: list[str] = []
+    # Prospects' visits (download and letter pages, files) share the database with the relay:
+    # at most this many of their transactions at once (gateway/store/admission.py), at most
+    # half of PostgreSQL's pool of 10, so delivery, leases and the sequencer always get one.
+    visit_db_limit: int = Field(
+        default=4, ge=1, le=5, description="visits' database transactions at once"
+    )
+    visit_wait: float = Field(
+        default=0.5,
+        gt=0,
+        le=10,
+        description="seconds a new visit waits for its share before it is answered 503",
+    )
 
     @field_validator("listen")
     @classmethod

@@ -26,6 +26,7 @@ from gateway.console.waiting import WaitingLetters
 from gateway.dns_lookup import DnsLookup
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
+from gateway.store.admission import Admission, Busy, visiting
 from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.journal import ChainReport, Lag
 from gateway.store.metrics import JOURNAL_LAG, JOURNAL_UNCHAINED, QUEUE_DEPTH
@@ -86,6 +87,9 @@ class WebParts:
 
 
 PARTS = web.AppKey("parts", WebParts)
+ADMISSION = web.AppKey("admission", Admission)
+# the prospect's pages: download links (web/downloads.py) and registered letters (web/letters.py)
+VISIT_PATHS = ("/d/", "/l/")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -132,12 +136,34 @@ def store_unavailable(site: ProspectSite) -> Callable[..., Awaitable[web.StreamR
     return middleware
 
 
+def visits_admitted(
+    site: ProspectSite, admission: Admission
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A prospect's request (a download or letter page, a file) uses the database under
+    `admission`; turned away, it is answered 503 with Retry-After at once, in the browser's
+    language, rather than after waiting for a connection the relay needs."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith(VISIT_PATHS):
+            return await handler(request)
+        try:
+            with visiting(admission):
+                return await handler(request)
+        except Busy:
+            log.info("%s %s: busy, answered 503", request.method, request.path)
+            raise RaisedPage(site.busy(request, site.catalog_for(request))) from None
+
+    return middleware
+
+
 def create_app(parts: WebParts) -> web.Application:
     settings = parts.settings
     site = ProspectSite(settings, clock=lambda: parts.clock().timestamp())
     forms = ConsoleForms(key_path(settings), settings.server.public_url)
     console = ConsolePages(site, parts.sessions, forms)
     view = ConsoleView(site, forms, console)
+    admission = Admission(settings.web.visit_db_limit, settings.web.visit_wait)
     app = web.Application(
         middlewares=[
             api_problems,
@@ -147,9 +173,11 @@ def create_app(parts: WebParts) -> web.Application:
                 login_url=site.url(CONSOLE_LOGIN),
             ),
             store_unavailable(site),
+            visits_admitted(site, admission),
         ]
     )
     app[PARTS] = parts
+    app[ADMISSION] = admission
     routes = Routes(app)
     routes.public("GET", "/healthz", healthz)
     routes.public("GET", "/metrics", metrics)

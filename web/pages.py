@@ -58,6 +58,7 @@ BAD_TOKEN_WINDOW = 600.0  # seconds
 USER_AGENT_MAX = 512
 HEADER_PEEK = 64 * 1024  # enough of the original to read the agent's From
 STORE_RETRY_AFTER = 60  # seconds a page asks to wait while the blob store cannot be reached
+BUSY_RETRY_AFTER = 5  # seconds a page asks to wait while the visits' database share is in use
 
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self' https: data:;"
@@ -487,6 +488,20 @@ class ProspectSite:
             message=catalog.t("error.unavailable"),
         )
         response.headers["Retry-After"] = str(STORE_RETRY_AFTER)
+        return response
+
+    def busy(self, request: web.Request, catalog: Catalog) -> web.Response:
+        """503 while the visits' share of the database is in use (gateway/store/admission.py):
+        turned away at once, so the relay's own work keeps its connections."""
+        response = self.render(
+            request,
+            "error.html",
+            catalog,
+            status=503,
+            title=catalog.t("error.unavailable_title"),
+            message=catalog.t("error.busy"),
+        )
+        response.headers["Retry-After"] = str(BUSY_RETRY_AFTER)
         return response
 
     def render(

@@ -8,6 +8,7 @@ start-up, so no prospect ever reads one as written.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,9 +65,11 @@ def fill(text: str, values: Mapping[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda match: values[match[1]], text).strip()
 
 
+@functools.lru_cache(maxsize=512)
 def markdown_html(text: str) -> Markup:
     """HTML of the broker's Markdown, safe to place in a page or mail as it is: raw HTML is
-    off, so every `<` of the source arrives escaped once, and only once."""
+    off, so every `<` of the source arrives escaped once, and only once. Remembered: every
+    view of a letter renders the same few blocks of its block set again."""
     return Markup(_markdown.render(text))  # noqa: S704
 
 

@@ -35,9 +35,16 @@ from gateway.letters.evidence import (
     texts_sha256,
 )
 from gateway.letters.expiry_notice import ExpiredLetter, expiry_notice_mail
-from gateway.links.desk import MAX_DAYS, copy_delivered_at, judge_visit
+from gateway.links.desk import (
+    MAX_DAYS,
+    copy_delivered_at,
+    copy_delivered_in,
+    journal_visit,
+    judge_visit,
+)
 from gateway.links.tokens import (
     Closed,
+    Delivered,
     TokenClosed,
     TokenUnknown,
     hash_token,
@@ -119,6 +126,8 @@ class FoundLetter:
     link: Link
     blocks: tuple[ShownBlock, ...]
     consent: Consent | None
+    # when the letter's copy was delivered, read with the letter (LetterDesk.find)
+    delivered: Delivered | None = None
 
     @property
     def released(self) -> bool:
@@ -187,9 +196,10 @@ class LetterDesk:
 
     async def find(self, token: str) -> FoundLetter:
         """The letter behind a token; LetterUnknown or LetterExpired (unless released)."""
-        async with self.db.transaction() as session:
+        async with self.db.snapshot() as session:
             found = await self._find(session, token, lock=False)
-        return found
+            at = await copy_delivered_in(session, found.link, self.clock())
+        return replace(found, delivered=Delivered(at))
 
     async def _find(self, session: AsyncSession, token: str, *, lock: bool) -> FoundLetter:
         if not token or len(token) > 100:
@@ -235,7 +245,10 @@ class LetterDesk:
         """`letter.viewed`: a GET of the letter's page, which never consents; marked when it
         looks like a link scanner's (rules/automated_visits.py)."""
         now = self.clock()
-        delivered = await copy_delivered_at(self.db, found.link, now)
+        if found.delivered is not None:
+            delivered = found.delivered.at
+        else:
+            delivered = await copy_delivered_at(self.db, found.link, now)
         verdict = judge_visit(
             self.scanners, found.link, now, ip, user_agent, method, has_cookie, delivered
         )
@@ -249,8 +262,7 @@ class LetterDesk:
             visit["automated"] = True
             visit["automated_reasons"] = list(verdict.reasons)
         event = LETTER_VIEWED.new(visit, message_id=found.letter.message_id)
-        async with self.db.transaction() as session:
-            await journal.append(session, [event], self.clock())
+        await journal_visit(self.db, event, self.clock())
         return verdict
 
     async def request_new_link(self, letter: Letter, message: Message, ip: str) -> bool:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.agent_actions import (
@@ -36,6 +37,7 @@ from gateway.agent_actions import (
 from gateway.config import DOWNLOAD_LINK_DAYS_MAX, LETTER_LINK_DAYS_MAX
 from gateway.links.tokens import (
     Closed,
+    Delivered,
     FoundLink,
     LinkState,
     TokenClosed,
@@ -44,7 +46,7 @@ from gateway.links.tokens import (
     find_recipient_link,
     found_of,
 )
-from gateway.store import journal
+from gateway.store import group_commit, journal
 from gateway.store.db import Database
 from gateway.store.events import (
     DOWNLOAD_AUTOMATED,
@@ -59,6 +61,7 @@ from gateway.store.events import (
     NewEvent,
     ZipDownload,
 )
+from gateway.store.group_commit import Done
 from gateway.store.models import (
     Delivery,
     DeliveryStatus,
@@ -111,8 +114,12 @@ class LinkDesk:
 
     async def find(self, token: str) -> FoundLink:
         """The valid link behind `token`; LinkUnknown or LinkExpired (expired or revoked)."""
-        async with self.db.transaction() as session:
-            found = await find_link(session, token, self.clock())
+        now = self.clock()
+        async with self.db.snapshot() as session:
+            found = await find_link(session, token, now)
+            if found is not None and found.state is LinkState.VALID:
+                at = await copy_delivered_in(session, found.link, now)
+                found = replace(found, delivered=Delivered(at))
         if found is None:
             raise LinkUnknown(token)
         if found.state is LinkState.REVOKED:
@@ -122,11 +129,16 @@ class LinkDesk:
         return found
 
     async def judge(
-        self, link: Link, ip: str, user_agent: str, method: str, has_cookie: bool
+        self, found: FoundLink, ip: str, user_agent: str, method: str, has_cookie: bool
     ) -> Verdict:
         now = self.clock()
-        delivered = await copy_delivered_at(self.db, link, now)
-        return judge_visit(self.scanners, link, now, ip, user_agent, method, has_cookie, delivered)
+        if found.delivered is not None:
+            delivered = found.delivered.at
+        else:
+            delivered = await copy_delivered_at(self.db, found.link, now)
+        return judge_visit(
+            self.scanners, found.link, now, ip, user_agent, method, has_cookie, delivered
+        )
 
     async def recipient_link(self, message: Message, recipient: str) -> FoundLink | None:
         """The valid download link `message` made for `recipient`, if there is one: a
@@ -145,12 +157,11 @@ class LinkDesk:
         has_cookie: bool = False,
     ) -> Verdict:
         """`link.viewed`: a page view, never a download; marked when it looks automated."""
-        verdict = await self.judge(found.link, ip, user_agent, method, has_cookie)
+        verdict = await self.judge(found, ip, user_agent, method, has_cookie)
         event = LINK_VIEWED.new(
             _visit(found, ip, user_agent, verdict), message_id=found.link.message_id
         )
-        async with self.db.transaction() as session:
-            await journal.append(session, [event], self.clock())
+        await journal_visit(self.db, event, self.clock())
         return verdict
 
     async def record_download(
@@ -167,31 +178,21 @@ class LinkDesk:
         Nothing is written when the link lost the file since it was found. A scanner's
         fetch is `download.automated` and counts nothing."""
         now = self.clock()
-        verdict = await self.judge(found.link, ip, user_agent, method, has_cookie)
+        verdict = await self.judge(found, ip, user_agent, method, has_cookie)
         if verdict.automated:
             await self._record_automated_download(found, stored, ip, user_agent, verdict)
             return False
-        async with self.db.transaction() as session:
-            downloads = (
-                await session.execute(
-                    update(LinkFile)
-                    .where(LinkFile.link_id == found.link.id, LinkFile.file_id == stored.id)
-                    .values(downloads=LinkFile.downloads + 1)
-                    .returning(LinkFile.downloads)
-                )
-            ).scalar_one_or_none()
-            if downloads is None:
-                return False
-            data: FileDownload = {
-                **_visit(found, ip, user_agent, verdict),
-                "file_id": stored.id,
-                "filename": stored.filename,
-            }
-            first = downloads == 1
-            event = (DOWNLOAD_FIRST if first else DOWNLOAD_REPEAT).new(
-                data, message_id=found.link.message_id
-            )
-            await journal.append(session, [event], now)
+        data: FileDownload = {
+            **_visit(found, ip, user_agent, verdict),
+            "file_id": stored.id,
+            "filename": stored.filename,
+        }
+        event = await group_commit.submit(
+            self.db, _CountDownload(found.link.id, stored.id, data, found.link.message_id, now)
+        )
+        if event is None:
+            return False
+        first = event.type == DOWNLOAD_FIRST.name
         log.info(
             "%s: download=%s to=<%s>, ip=%s, file=%s %s",
             found.link.message_id,
@@ -212,8 +213,7 @@ class LinkDesk:
             "filename": stored.filename,
         }
         event = DOWNLOAD_AUTOMATED.new(data, message_id=found.link.message_id)
-        async with self.db.transaction() as session:
-            await journal.append(session, [event], self.clock())
+        await journal_visit(self.db, event, self.clock())
         log.info(
             "%s: download=automated to=<%s>, ip=%s, file=%s, why=%s",
             found.link.message_id,
@@ -233,14 +233,13 @@ class LinkDesk:
         has_cookie: bool = False,
     ) -> None:
         """`download.zip` naming every file of the link; marked when it looks automated."""
-        verdict = await self.judge(found.link, ip, user_agent, method, has_cookie)
+        verdict = await self.judge(found, ip, user_agent, method, has_cookie)
         data: ZipDownload = {
             **_visit(found, ip, user_agent, verdict),
             "files": [{"file_id": f.id, "filename": f.filename} for f in found.files],
         }
         event = DOWNLOAD_ZIP.new(data, message_id=found.link.message_id)
-        async with self.db.transaction() as session:
-            await journal.append(session, [event], self.clock())
+        await journal_visit(self.db, event, self.clock())
         log.info(
             "%s: download=zip to=<%s>, ip=%s, files=%d",
             found.link.message_id,
@@ -401,15 +400,54 @@ async def copy_delivered_at(db: Database, link: Link, now: datetime) -> datetime
     mailbox just fetched the link from (a deferred copy arrives minutes or hours after the
     link was made; a letter's released original, with its download link, days after)."""
     async with db.snapshot() as session:
-        return await session.scalar(
-            select(func.max(Delivery.updated_at)).where(
-                Delivery.message_id == link.message_id,
-                func.lower(Delivery.recipient) == link.recipient.lower(),
-                Delivery.status == DeliveryStatus.DELIVERED,
-                Delivery.updated_at >= link.created_at,
-                Delivery.updated_at <= now,
-            )
+        return await copy_delivered_in(session, link, now)
+
+
+async def copy_delivered_in(session: AsyncSession, link: Link, now: datetime) -> datetime | None:
+    """`copy_delivered_at` inside a transaction the caller holds (its lookup's snapshot)."""
+    return await session.scalar(
+        select(func.max(Delivery.updated_at)).where(
+            Delivery.message_id == link.message_id,
+            func.lower(Delivery.recipient) == link.recipient.lower(),
+            Delivery.status == DeliveryStatus.DELIVERED,
+            Delivery.updated_at >= link.created_at,
+            Delivery.updated_at <= now,
         )
+    )
+
+
+async def journal_visit(db: Database, event: NewEvent, at: datetime) -> None:
+    """A visit's event, durably, in the next group commit (gateway/store/group_commit.py):
+    many visits and messages share one transaction and its fsync, and the visit holds no
+    connection of its own while it waits."""
+    await group_commit.submit(db, lambda _connection: Done(None, [event], at))
+
+
+@dataclass(frozen=True)
+class _CountDownload:
+    """A person's download as a group-commit unit: the counter goes up and its event,
+    `download.first` for the 1, is journaled in the same transaction; None (nothing
+    written) when the link lost the file since it was found. Units of one batch run one
+    after another, so of two first downloads exactly one reads 1."""
+
+    link_id: str
+    file_id: str
+    data: FileDownload
+    message_id: str
+    at: datetime
+
+    def __call__(self, connection: Connection) -> Done[NewEvent | None]:
+        downloads = connection.execute(
+            update(LinkFile)
+            .where(LinkFile.link_id == self.link_id, LinkFile.file_id == self.file_id)
+            .values(downloads=LinkFile.downloads + 1)
+            .returning(LinkFile.downloads)
+        ).scalar_one_or_none()
+        if downloads is None:
+            return Done(None)
+        kind = DOWNLOAD_FIRST if downloads == 1 else DOWNLOAD_REPEAT
+        event = kind.new(self.data, message_id=self.message_id)
+        return Done(event, [event], self.at)
 
 
 async def _recipient_links(session: AsyncSession, message_id: str, recipient: str) -> list[Link]:

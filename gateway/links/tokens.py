@@ -90,11 +90,20 @@ class TokenClosed(Exception):
 
 
 @dataclass(frozen=True)
+class Delivered:
+    """When the link's copy reached its recipient's server, read with the link itself
+    (`at` None: no copy yet), so a visit's judgement needs no second read."""
+
+    at: datetime | None
+
+
+@dataclass(frozen=True)
 class FoundLink:
     link: Link
     message: Message
     files: list[StoredFile]
     state: LinkState
+    delivered: Delivered | None = None
 
 
 async def find_link(

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from gateway.store import admission
 from gateway.store.schema_version import migration_heads, stored_revisions
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -89,7 +90,7 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """Commits on leaving, rolls back on any exception."""
-        async with self.sessions() as session:
+        async with admission.hold(), self.sessions() as session:
             async with session.begin():
                 yield session
             if session.info.pop(JOURNALED, False):
@@ -108,7 +109,7 @@ class Database:
         PostgreSQL's REPEATABLE READ, SQLite's deferred read transaction in WAL. Neither
         blocks writers.
         """
-        async with self.sessions() as session, session.begin():
+        async with admission.hold(), self.sessions() as session, session.begin():
             if self.is_postgres:
                 await session.connection(
                     execution_options={

@@ -82,6 +82,9 @@ def test_dkim_domains_from_file_are_lower_cased(tmp_path: Path) -> None:
             "config: group g: letter_block_set 'lawyer' is not in letter.block_sets",
         ),
         ("[web]\ntrusted_proxies = ['10.0.0.0/8', 'proxy']\n", {}, "web.trusted_proxies: 'proxy'"),
+        ("[web]\nvisit_db_limit = 0\n", {}, "web.visit_db_limit: Input should be greater than"),
+        ("[web]\nvisit_db_limit = 6\n", {}, "web.visit_db_limit: Input should be less than"),
+        ("[web]\nvisit_wait = 0\n", {}, "web.visit_wait: Input should be greater than 0"),
         ("[smtp]\ntls_cert = 'a.pem'\n", {}, "smtp: Value error, tls_cert and tls_key go together"),
         (
             "[smtp]\nimplicit_tls_listen = ['0.0.0.0:465']\n",
