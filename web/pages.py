@@ -479,29 +479,25 @@ class ProspectSite:
     def unavailable(self, request: web.Request, catalog: Catalog) -> web.Response:
         """503 while the blob store cannot be reached: the file is not gone, so the page
         asks the prospect to come back (Retry-After), never says "not found"."""
-        response = self.render(
-            request,
-            "error.html",
-            catalog,
-            status=503,
-            title=catalog.t("error.unavailable_title"),
-            message=catalog.t("error.unavailable"),
-        )
-        response.headers["Retry-After"] = str(STORE_RETRY_AFTER)
-        return response
+        return self._come_back(request, catalog, "error.unavailable", STORE_RETRY_AFTER)
 
     def busy(self, request: web.Request, catalog: Catalog) -> web.Response:
         """503 while the visits' share of the database is in use (gateway/store/admission.py):
         turned away at once, so the relay's own work keeps its connections."""
+        return self._come_back(request, catalog, "error.busy", BUSY_RETRY_AFTER)
+
+    def _come_back(
+        self, request: web.Request, catalog: Catalog, message: str, after: int
+    ) -> web.Response:
         response = self.render(
             request,
             "error.html",
             catalog,
             status=503,
             title=catalog.t("error.unavailable_title"),
-            message=catalog.t("error.busy"),
+            message=catalog.t(message),
         )
-        response.headers["Retry-After"] = str(BUSY_RETRY_AFTER)
+        response.headers["Retry-After"] = str(after)
         return response
 
     def render(
