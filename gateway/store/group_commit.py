@@ -19,6 +19,7 @@ SAVEPOINT around each unit, so the others commit and the bad one gets its own ex
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -112,7 +113,11 @@ class _Writer:
         self.db = db
         self.queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self.closed = False
-        self.task = asyncio.create_task(self._run(), name="group-commit")
+        # A context of its own: the first caller may be a prospect's visit, whose marks
+        # (gateway/store/admission.py) the writer of everyone's work must not inherit.
+        self.task = asyncio.create_task(
+            self._run(), name="group-commit", context=contextvars.Context()
+        )
 
     def put(self, unit: Unit[Any]) -> asyncio.Future[Any]:
         if self.closed:

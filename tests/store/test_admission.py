@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
+from gateway.store import admission, group_commit
 from gateway.store.admission import Admission, Busy, visiting
 from gateway.store.db import Database
 
@@ -42,3 +43,19 @@ async def test_an_admitted_visit_waits_and_a_new_one_is_turned_away(database: Da
     assert await visit == 2
     with visiting(admission):
         assert await one(database) == 1, "the slot is free again"
+
+
+@pytest.mark.parametrize("database", ["postgres"], indirect=True)
+async def test_the_group_commit_started_by_a_visit_is_no_visit(database: Database) -> None:
+    """The group commit's writer starts with its first caller; when that is a visit, the
+    writer of everyone's work must not carry the visit's mark. (PostgreSQL: there the units
+    run in the writer's task, where the mark would show; on SQLite they run on the driver's
+    thread.)"""
+
+    def unit(connection: Connection) -> group_commit.Done[bool]:
+        return group_commit.Done(admission._visit.get() is None)
+
+    with visiting(Admission(limit=1, wait=0.05)):
+        assert admission._visit.get() is not None
+        assert await group_commit.submit(database, unit)
+    assert await group_commit.submit(database, unit)
