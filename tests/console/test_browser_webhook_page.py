@@ -97,7 +97,7 @@ async def test_the_endpoint_page_tests_replays_and_rotates(
             await page.locator("#since").fill((now - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M"))
             await page.locator("#until").fill((now + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M"))
             await page.locator("form[action$='/replay-range'] button").click()
-            assert "202" not in page.url
+            assert "202" not in page.url.rsplit("/", 1)[-1]  # the port or id may hold 202
             await shots.take(page, "webhook-replayed", viewport["width"])
 
             await page.locator("form[action$='/rotate-secret'] button").click()
