@@ -6,6 +6,7 @@ install, it never skips.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,29 @@ def playwright_api() -> Any:
             pytrace=False,
         )
     return async_playwright
+
+
+async def assert_error_page_reads_clean(
+    url: str, *, locale: str, status: int, text: str, shots: Path, name: str
+) -> None:
+    """An error page as Chromium draws it at phone and desktop size: `status`, `text` in
+    the expected language, no markup or catalog key, nothing wider than the screen; each
+    drawing kept as `shots`/`name`-{phone,desktop}.png to look at."""
+    async with playwright_api()() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            for size, viewport in (("phone", PHONE), ("desktop", {"width": 1280, "height": 800})):
+                page = await browser.new_page(viewport=viewport, locale=locale)
+                response = await page.goto(url)
+                assert response is not None and response.status == status
+                body = await page.locator("body").inner_text()
+                assert text in body
+                assert not re.search(r"[<>{}]|error\.|_title", body), body
+                width = await page.evaluate("document.documentElement.scrollWidth")
+                assert width <= viewport["width"]
+                await page.screenshot(path=str(shots / f"{name}-{size}.png"))
+                await page.close()
+        finally:
+            await browser.close()

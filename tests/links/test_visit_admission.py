@@ -106,7 +106,7 @@ async def test_the_busy_page_reads_clean_on_a_phone_and_a_desktop(
 ) -> None:
     """What a prospect sees when turned away, as Chromium draws it: the browser's language,
     no markup or catalog key, nothing wider than the screen."""
-    from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
+    from tests.browser import assert_error_page_reads_clean
 
     await relay.send(mail("Exposé", PDF), recipients=[PROSPECT])
     [copy] = await relay.sink.expect(1)
@@ -117,27 +117,14 @@ async def test_the_busy_page_reads_clean_on_a_phone_and_a_desktop(
     for _ in range(2):
         await slots.acquire()
     try:
-        async with playwright_api()() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-            )
-            try:
-                for size, viewport in (
-                    ("phone", PHONE),
-                    ("desktop", {"width": 1280, "height": 800}),
-                ):
-                    page = await browser.new_page(viewport=viewport, locale="de-DE")
-                    response = await page.goto(f"{relay.web_url}/d/{token}")
-                    assert response is not None and response.status == 503
-                    text = await page.locator("body").inner_text()
-                    assert "zu viele Besucher" in text
-                    assert not re.search(r"[<>{}]|error\.|_title", text), text
-                    width = await page.evaluate("document.documentElement.scrollWidth")
-                    assert width <= viewport["width"]
-                    await page.screenshot(path=str(tmp_path / f"busy-{size}.png"))
-                    await page.close()
-            finally:
-                await browser.close()
+        await assert_error_page_reads_clean(
+            f"{relay.web_url}/d/{token}",
+            locale="de-DE",
+            status=503,
+            text="zu viele Besucher",
+            shots=tmp_path,
+            name="busy",
+        )
     finally:
         slots.release()
         slots.release()

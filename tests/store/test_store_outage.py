@@ -445,32 +445,19 @@ async def test_the_503_page_reads_clean_on_a_phone_and_a_desktop(
 ) -> None:
     """What a prospect sees while the store is down, as Chromium draws it: the link's
     language, no markup or catalog key, nothing wider than the screen."""
-    from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
+    from tests.browser import assert_error_page_reads_clean
 
     blobs = outages.store()
     async with running_pages(database, tmp_path, Clock(), blobs) as pages:
         made = await pages.link([("Exposé.pdf", "application/pdf", b"%PDF" * 100)], language="de")
         await outages.down()
-        async with playwright_api()() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-            )
-            try:
-                for size, viewport in (
-                    ("phone", PHONE),
-                    ("desktop", {"width": 1280, "height": 800}),
-                ):
-                    page = await browser.new_page(viewport=viewport, locale="en-GB")
-                    response = await page.goto(pages.url + made.file_path(made.files[0]))
-                    assert response is not None and response.status == 503
-                    text = await page.locator("body").inner_text()
-                    assert "Vorübergehend nicht erreichbar" in text
-                    assert not re.search(r"[<>{}]|error\.|_title", text), text
-                    width = await page.evaluate("document.documentElement.scrollWidth")
-                    assert width <= viewport["width"]
-                    await page.screenshot(path=str(tmp_path / f"store-down-{size}.png"))
-                    await page.close()
-            finally:
-                await browser.close()
+        await assert_error_page_reads_clean(
+            pages.url + made.file_path(made.files[0]),
+            locale="en-GB",
+            status=503,
+            text="Vorübergehend nicht erreichbar",
+            shots=tmp_path,
+            name="store-down",
+        )
         await outages.up()
     await blobs.close()
