@@ -173,7 +173,7 @@ class SmtpSettings(Section):
     proxy_timeout: float = Field(default=10, gt=0, description="seconds to wait for the header")
     trusted: list[TrustedClient] = []
     data_in_memory: int = Field(
-        default=32 * 1024 * 1024,
+        default=16 * 1024 * 1024,
         ge=1024 * 1024,
         description="octets of received messages the pipeline holds at once; more wait spooled",
     )

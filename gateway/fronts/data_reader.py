@@ -6,7 +6,8 @@ measured facts). Here the stream is searched for the end of data in windows of `
 octets at C speed; each window's complete lines are checked for length and dot-unstuffed
 (`gateway.mail.lines`) as they arrive. The first `KEPT` octets stay in memory (small mail
 costs no file); past them everything goes to a nameless spool file. So a session holds a
-window or two while its client sends, not the message: with 20 big messages arriving at
+window or two while its client sends (a piece is at most `WINDOW` octets, though the
+reader's buffer may hold more), not the message: with 20 big messages arriving at
 once that was 20 whole messages in memory (issue 18). The message is read back in one
 piece only when the front hands it on (gateway/fronts/byte_budget.py says when).
 
@@ -160,7 +161,8 @@ async def _spool(reader: asyncio.StreamReader, size_limit: int | None, spool: _S
             try:
                 piece = await reader.readuntil(_END)
             except asyncio.LimitOverrunError as exc:
-                piece = await reader.readexactly(exc.consumed)
+                # the reader's buffer may hold up to twice its limit and a socket read more
+                piece = await reader.readexactly(min(exc.consumed, WINDOW))
             received += len(piece)
             tail = (tail + piece[-5:])[-5:]
             if size_limit is not None and received - len(_END) > size_limit:

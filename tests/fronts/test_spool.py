@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Settings
-from gateway.fronts.data_reader import KEPT
+from gateway.fronts.data_reader import KEPT, WINDOW
 from gateway.fronts.smtp import spool_directory
 from tests.conftest import AGENT, Harness, StartRelay
 from tests.fronts.test_smtp_front import (
@@ -24,6 +24,8 @@ from tests.fronts.test_smtp_front import (
     raw_message,
     send_sentinel,
 )
+
+PAST_KEPT = KEPT + WINDOW + 100_000  # a read takes a piece of at most WINDOW octets
 
 
 def spool_files(spool: Path) -> list[str]:
@@ -76,16 +78,17 @@ async def test_the_message_is_in_the_spool_file_while_it_arrives(
     relay, spool = spooling
     assert spool.is_dir() and list(spool.iterdir()) == []
     wire = await logged_in(relay)
-    payload = dotted(raw_message(body=line_block(600_000)))
+    payload = dotted(raw_message(body=line_block(900_000)))
     assert (await wire.command("DATA")).code == 354
-    await wire.write(payload[: KEPT + 100_000])  # past what stays in memory
+    # past what stays in memory
+    await wire.write(payload[:PAST_KEPT])
     await until(lambda: len(spool_files(spool)) == 1, "a spool file open during DATA")
-    await wire.write(payload[KEPT + 100_000 :])
+    await wire.write(payload[PAST_KEPT:])
     answer = await wire.answer()
     assert answer.code == 250, answer
     assert spool_files(spool) == [] and list(spool.iterdir()) == []
     [copy] = await relay.sink.expect(1)
-    assert line_block(600_000) in copy.data
+    assert line_block(900_000) in copy.data
     await wire.close()
 
 
@@ -114,7 +117,7 @@ async def test_a_client_gone_mid_data_leaves_no_spool_file(
     relay, spool = spooling
     wire = await logged_in(relay)
     assert (await wire.command("DATA")).code == 354
-    await wire.write(raw_message(body=line_block(KEPT + 200_000))[: KEPT + 100_000])
+    await wire.write(raw_message(body=line_block(PAST_KEPT + 100_000))[:PAST_KEPT])
     await until(lambda: len(spool_files(spool)) == 1, "a spool file open during DATA")
     await wire.close()
     await until(lambda: spool_files(spool) == [], "the spool file closed")
