@@ -154,15 +154,22 @@ async def _spool(reader: asyncio.StreamReader, size_limit: int | None, spool: _S
     received = 0
     too_big = False
     held = False  # a piece ended in ".\r\n", which ends the data if the line began there
+    clear = 0  # octets at the buffer's start known to hold no ".\r\n", not yet taken
     saved_limit = reader._limit  # type: ignore[attr-defined]
     reader._limit = WINDOW  # type: ignore[attr-defined]
     try:
         while tail != b"\r\n.\r\n":
-            try:
-                piece = await reader.readuntil(_END)
-            except asyncio.LimitOverrunError as exc:
-                # the reader's buffer may hold up to twice its limit and a socket read more
-                piece = await reader.readexactly(min(exc.consumed, WINDOW))
+            if clear:
+                piece = await reader.readexactly(min(clear, WINDOW))
+                clear -= len(piece)
+            else:
+                try:
+                    piece = await reader.readuntil(_END)
+                except asyncio.LimitOverrunError as exc:
+                    # the buffer may hold twice its limit and a socket read more: taken a
+                    # window at a time, and searched once
+                    clear = exc.consumed
+                    continue
             received += len(piece)
             tail = (tail + piece[-5:])[-5:]
             if size_limit is not None and received - len(_END) > size_limit:
