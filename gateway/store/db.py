@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import PoolResetState
 
 from gateway.store import admission, sqlite_thread
 from gateway.store.schema_version import migration_heads, stored_revisions
@@ -39,7 +40,9 @@ def make_engine(url: str, *, schema: str | None = None) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=120)
+        engine = create_async_engine(
+            url, pool_size=1, max_overflow=0, pool_timeout=120, pool_reset_on_return=None
+        )
         _configure_sqlite(engine)
         return engine
     connect_args: dict[str, Any] = {}
@@ -58,6 +61,15 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _on_reset(dbapi_connection: Any, record: Any, state: PoolResetState) -> None:
+        """The pool's rollback on return, left out after a transaction that SQLAlchemy or
+        SQLite's thread (gateway/store/sqlite_thread.py) already ended: on aiosqlite each
+        is a round trip to the driver's thread."""
+        settled = record.info.pop(sqlite_thread.SETTLED, False)
+        if not (settled or state.transaction_was_reset) and state.asyncio_safe:
+            dbapi_connection.rollback()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:

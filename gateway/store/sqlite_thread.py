@@ -22,11 +22,13 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["run"]
+__all__ = ["SETTLED", "run"]
 
 T = TypeVar("T")
 
 _SNAPSHOT = "sealrelay_thread_snapshot"
+# in a pooled connection's `info`: its transaction was ended on the thread (gateway/store/db.py)
+SETTLED = "sealrelay_thread_settled"
 
 # one synchronous engine per aiosqlite connection, over its sqlite3 connection
 _engines: weakref.WeakKeyDictionary[Any, Engine] = weakref.WeakKeyDictionary()
@@ -46,6 +48,8 @@ async def run(
         engine = _engines[driver] = _engine_over(driver)
     # aiosqlite's queue of calls for its thread; SQLAlchemy's own adapter uses it as well
     result: T = await driver._execute(_transaction, engine, work, snapshot)
+    # ended on the thread: the pool's ROLLBACK on return, one more hop, has nothing to do
+    raw.info[SETTLED] = True
     return result
 
 
