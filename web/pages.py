@@ -28,6 +28,7 @@ import os
 import re
 import time
 import unicodedata
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -301,16 +302,46 @@ class Agent:
         return self.name or self.address
 
 
+# per blob store, (original's digest, sender) -> Agent: an original never changes under its
+# digest, and every view of a link or letter page names the agent, which otherwise reads
+# and parses up to HEADER_PEEK bytes of the original each time
+_AGENTS: weakref.WeakKeyDictionary[BlobStore, OrderedDict[tuple[str, str], Agent]] = (
+    weakref.WeakKeyDictionary()
+)
+AGENTS_KEPT = 1024
+
+
 async def agent_of(blobs: BlobStore, message: Message) -> Agent:
-    """The agent of `message`, their name read from the From of the original as received."""
+    """The agent of `message`, their name read from the From of the original as received
+    (remembered for the last AGENTS_KEPT originals; an original that could not be read is
+    not remembered)."""
+    kept = _AGENTS.get(blobs)
+    if kept is None:
+        kept = _AGENTS[blobs] = OrderedDict()
+    key = (message.blob, message.sender)
+    known = kept.get(key)
+    if known is not None:
+        kept.move_to_end(key)
+        return known
+    agent = await _read_agent(blobs, message)
+    if agent is not None:
+        kept[key] = agent
+        if len(kept) > AGENTS_KEPT:
+            kept.popitem(last=False)
+        return agent
+    return Agent("", message.sender)
+
+
+async def _read_agent(blobs: BlobStore, message: Message) -> Agent | None:
+    """The agent from the original's From; None when the original cannot be read."""
     try:
         peek = await blobs.read_start(message.blob, HEADER_PEEK)
     except StoreUnavailable as exc:
         log.warning("blob store unavailable, the agent's name is left out: %s", exc)
-        return Agent("", message.sender)
+        return None
     except (OSError, ValueError) as exc:
         log.error("original %s of message %s: %s", message.blob, message.id, exc)
-        return Agent("", message.sender)
+        return None
     block, _ = headers.split_message(peek)
     values = headers.values(headers.parse_fields(block), "from")
     for display, address in getaddresses(values):

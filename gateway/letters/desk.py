@@ -13,13 +13,14 @@ gateway/agent_actions.py's errors before it writes, and shares release's small s
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import and_, select
+from sqlalchemy import Connection, and_, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.agent_actions import UnknownTarget, WrongState, checked_actor, checked_reason
@@ -38,7 +39,6 @@ from gateway.letters.expiry_notice import ExpiredLetter, expiry_notice_mail
 from gateway.links.desk import (
     MAX_DAYS,
     copy_delivered_at,
-    copy_delivered_in,
     journal_visit,
     judge_visit,
 )
@@ -47,6 +47,7 @@ from gateway.links.tokens import (
     Delivered,
     TokenClosed,
     TokenUnknown,
+    delivered_at,
     hash_token,
     letter_url,
     new_link,
@@ -82,6 +83,7 @@ from gateway.store.models import (
     MessageKind,
     new_id,
 )
+from gateway.store.raw_sql import RawStatement, mapped_columns, plain
 from rules.automated_visits import Verdict
 
 log = logging.getLogger(__name__)
@@ -196,10 +198,8 @@ class LetterDesk:
 
     async def find(self, token: str) -> FoundLetter:
         """The letter behind a token; LetterUnknown or LetterExpired (unless released)."""
-        async with self.db.snapshot() as session:
-            found = await self._find(session, token, lock=False)
-            at = await copy_delivered_in(session, found.link, self.clock())
-        return replace(found, delivered=Delivered(at))
+        now = self.clock()
+        return await self.db.read(lambda connection: _read_letter(connection, token, now))
 
     async def _find(self, session: AsyncSession, token: str, *, lock: bool) -> FoundLetter:
         if not token or len(token) > 100:
@@ -738,6 +738,66 @@ class LetterDesk:
             user_id=message.user_id,
             now=now,
         )
+
+
+def _read_letter(connection: Connection, token: str, now: datetime) -> FoundLetter:
+    """`LetterDesk._find` without a lock, as raw statements in a read transaction
+    (`Database.read`), with when the letter's copy was delivered: a visit's whole lookup in
+    one call, its rows plain objects as a session loads them."""
+    if not token or len(token) > 100:
+        raise LetterUnknown(token)
+    rows = _letter_by_token().rows(connection, {"token_hash": hash_token(token)})
+    if not rows:
+        raise LetterUnknown(token)
+    letter_end = len(_LETTER_KEYS)
+    message_end = letter_end + len(_MESSAGE_KEYS)
+    letter = plain(Letter, _LETTER_KEYS, rows[0][:letter_end])
+    message = plain(Message, _MESSAGE_KEYS, rows[0][letter_end:message_end])
+    link = plain(Link, _LINK_KEYS, rows[0][message_end:])
+    consents = _consent_of().rows(connection, {"letter_id": letter.id})
+    consent = plain(Consent, _CONSENT_KEYS, consents[0]) if consents else None
+    closed = _closed(letter, link, now)
+    if closed is not None:
+        raise LetterExpired(letter, message, link.expires_at, closed)
+    blocks = tuple(ShownBlock(**block) for block in letter.blocks)
+    at = delivered_at(connection, link, now)
+    return FoundLetter(letter, message, link, blocks, consent, Delivered(at))
+
+
+_LETTER_COLUMNS = mapped_columns(Letter)
+_MESSAGE_COLUMNS = mapped_columns(Message)
+_LINK_COLUMNS = mapped_columns(Link)
+_CONSENT_COLUMNS = mapped_columns(Consent)
+_LETTER_KEYS = [key for _c, key in _LETTER_COLUMNS]
+_MESSAGE_KEYS = [key for _c, key in _MESSAGE_COLUMNS]
+_LINK_KEYS = [key for _c, key in _LINK_COLUMNS]
+_CONSENT_KEYS = [key for _c, key in _CONSENT_COLUMNS]
+
+
+@functools.cache
+def _letter_by_token() -> RawStatement:
+    """The query of `LetterDesk._find`, built once."""
+    columns = (*_LETTER_COLUMNS, *_MESSAGE_COLUMNS, *_LINK_COLUMNS)
+    return RawStatement(
+        select(*(c for c, _k in columns))
+        .select_from(Letter.__table__)
+        .join(
+            Link.__table__,
+            and_(Link.message_id == Letter.message_id, Link.recipient == Letter.recipient),
+        )
+        .join(Message.__table__, Message.id == Letter.message_id)
+        .where(Link.token_hash == bindparam("token_hash"), Link.kind == LinkKind.LETTER)
+        .limit(1)
+    )
+
+
+@functools.cache
+def _consent_of() -> RawStatement:
+    return RawStatement(
+        select(*(c for c, _k in _CONSENT_COLUMNS)).where(
+            Consent.letter_id == bindparam("letter_id")
+        )
+    )
 
 
 def _closed(letter: Letter, link: Link, now: datetime) -> Closed | None:

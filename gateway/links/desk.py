@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, func, select, update
@@ -37,14 +37,14 @@ from gateway.agent_actions import (
 from gateway.config import DOWNLOAD_LINK_DAYS_MAX, LETTER_LINK_DAYS_MAX
 from gateway.links.tokens import (
     Closed,
-    Delivered,
     FoundLink,
     LinkState,
     TokenClosed,
     TokenUnknown,
-    find_link,
+    delivered_at,
     find_recipient_link,
     found_of,
+    read_link,
 )
 from gateway.store import group_commit, journal
 from gateway.store.db import Database
@@ -63,8 +63,6 @@ from gateway.store.events import (
 )
 from gateway.store.group_commit import Done
 from gateway.store.models import (
-    Delivery,
-    DeliveryStatus,
     Letter,
     LetterStatus,
     Link,
@@ -115,11 +113,7 @@ class LinkDesk:
     async def find(self, token: str) -> FoundLink:
         """The valid link behind `token`; LinkUnknown or LinkExpired (expired or revoked)."""
         now = self.clock()
-        async with self.db.snapshot() as session:
-            found = await find_link(session, token, now)
-            if found is not None and found.state is LinkState.VALID:
-                at = await copy_delivered_in(session, found.link, now)
-                found = replace(found, delivered=Delivered(at))
+        found = await self.db.read(lambda connection: read_link(connection, token, now))
         if found is None:
             raise LinkUnknown(token)
         if found.state is LinkState.REVOKED:
@@ -399,21 +393,7 @@ async def copy_delivered_at(db: Database, link: Link, now: datetime) -> datetime
     between the link's creation and `now`: the copy a scanner in front of the recipient's
     mailbox just fetched the link from (a deferred copy arrives minutes or hours after the
     link was made; a letter's released original, with its download link, days after)."""
-    async with db.snapshot() as session:
-        return await copy_delivered_in(session, link, now)
-
-
-async def copy_delivered_in(session: AsyncSession, link: Link, now: datetime) -> datetime | None:
-    """`copy_delivered_at` inside a transaction the caller holds (its lookup's snapshot)."""
-    return await session.scalar(
-        select(func.max(Delivery.updated_at)).where(
-            Delivery.message_id == link.message_id,
-            func.lower(Delivery.recipient) == link.recipient.lower(),
-            Delivery.status == DeliveryStatus.DELIVERED,
-            Delivery.updated_at >= link.created_at,
-            Delivery.updated_at <= now,
-        )
-    )
+    return await db.read(lambda connection: delivered_at(connection, link, now))
 
 
 async def journal_visit(db: Database, event: NewEvent, at: datetime) -> None:

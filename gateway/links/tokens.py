@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from collections.abc import Sequence
@@ -9,10 +10,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.store.models import Link, LinkFile, LinkKind, Message, StoredFile, new_id
+from gateway.store.models import (
+    Delivery,
+    DeliveryStatus,
+    Link,
+    LinkFile,
+    LinkKind,
+    Message,
+    StoredFile,
+    new_id,
+)
+from gateway.store.raw_sql import RawStatement, mapped_columns, plain
 
 TOKEN_BYTES = 32
 
@@ -123,6 +134,90 @@ async def find_link(
         return None
     link, message = row
     return await found_of(session, link, message, now)
+
+
+def read_link(
+    connection: Connection, token: str, now: datetime, kind: LinkKind = LinkKind.DOWNLOAD
+) -> FoundLink | None:
+    """`find_link` as raw statements in the caller's read transaction (`Database.read`),
+    with when the recipient's copy was delivered (`Delivered`) for a valid link: a visit's
+    whole lookup in one call. The rows come back as plain objects, as a session loads them."""
+    if not token or len(token) > 100:
+        return None
+    rows = _link_by_token().rows(connection, {"token_hash": hash_token(token), "kind": kind})
+    if not rows:
+        return None
+    split = len(_LINK_KEYS)
+    link = plain(Link, _LINK_KEYS, rows[0][:split])
+    message = plain(Message, _MESSAGE_KEYS, rows[0][split:])
+    files = [
+        plain(StoredFile, _FILE_KEYS, row)
+        for row in _link_files().rows(connection, {"link_id": link.id})
+    ]
+    state = link_state(link, now)
+    delivered = Delivered(delivered_at(connection, link, now)) if state is LinkState.VALID else None
+    return FoundLink(link, message, files, state, delivered)
+
+
+def delivered_at(connection: Connection, link: Link, now: datetime) -> datetime | None:
+    """When the newest copy of the link's message to its recipient was accepted upstream,
+    between the link's creation and `now` (gateway/links/desk.py, `copy_delivered_at`)."""
+    rows = _delivered().rows(
+        connection,
+        {
+            "message_id": link.message_id,
+            "recipient": link.recipient.lower(),
+            "created_at": link.created_at,
+            "now": now,
+        },
+    )
+    found: datetime | None = rows[0][0] if rows else None
+    return found
+
+
+_LINK_COLUMNS = mapped_columns(Link)
+_MESSAGE_COLUMNS = mapped_columns(Message)
+_FILE_COLUMNS = mapped_columns(StoredFile)
+_LINK_KEYS = [key for _c, key in _LINK_COLUMNS]
+_MESSAGE_KEYS = [key for _c, key in _MESSAGE_COLUMNS]
+_FILE_KEYS = [key for _c, key in _FILE_COLUMNS]
+
+
+# A visit's statements, each built once: building one cost more than running it.
+
+
+@functools.cache
+def _link_by_token() -> RawStatement:
+    return RawStatement(
+        select(*(c for c, _k in _LINK_COLUMNS), *(c for c, _k in _MESSAGE_COLUMNS))
+        .select_from(Link.__table__)
+        .join(Message.__table__, Message.id == Link.message_id)
+        .where(Link.token_hash == bindparam("token_hash"), Link.kind == bindparam("kind"))
+    )
+
+
+@functools.cache
+def _link_files() -> RawStatement:
+    return RawStatement(
+        select(*(c for c, _k in _FILE_COLUMNS))
+        .select_from(StoredFile.__table__)
+        .join(LinkFile.__table__, LinkFile.file_id == StoredFile.id)
+        .where(LinkFile.link_id == bindparam("link_id"))
+        .order_by(LinkFile.position)
+    )
+
+
+@functools.cache
+def _delivered() -> RawStatement:
+    return RawStatement(
+        select(func.max(Delivery.updated_at)).where(
+            Delivery.message_id == bindparam("message_id"),
+            func.lower(Delivery.recipient) == bindparam("recipient"),
+            Delivery.status == DeliveryStatus.DELIVERED,
+            Delivery.updated_at >= bindparam("created_at"),
+            Delivery.updated_at <= bindparam("now"),
+        )
+    )
 
 
 async def find_recipient_link(

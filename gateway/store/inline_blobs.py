@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -31,11 +32,12 @@ import aiosqlite
 from sqlalchemy import Connection, Insert, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from gateway.store.blobs import BlobInfo, BlobReader, BlobStore, checked_digest
+from gateway.store.blobs import BlobInfo, BlobMissing, BlobReader, BlobStore, checked_digest
 from gateway.store.db import SQLITE_BUSY_TIMEOUT_MS, Database
 from gateway.store.models import InlineBlob
 
 LIST_PAGE = 1000  # rows per query while the sweeper lists
+FILED_KEPT = 4096  # digests remembered as found in the files, the latest kept
 
 
 def insert(connection: Connection, blobs: Iterable[tuple[str, bytes, datetime]]) -> None:
@@ -70,6 +72,8 @@ class InlineBlobStore(BlobStore):
         self.files = files
         self.max_inline = max_inline
         self._reads: _Reads = _PostgresReads(db) if db.is_postgres else _SqliteReads(db)
+        # digests last opened from `files`: a download link's file is opened there first
+        self._filed: OrderedDict[str, None] = OrderedDict()
 
     def takes_inline(self, size: int) -> bool:
         return 0 < size <= self.max_inline
@@ -93,11 +97,23 @@ class InlineBlobStore(BlobStore):
 
     @asynccontextmanager
     async def _open(self, digest: str) -> AsyncIterator[BlobReader]:
-        data = await self._data(digest)
-        if data is not None:
-            yield InlineBlobReader(data)
-            return
-        async with self.files.open(digest) as blob:
+        async with AsyncExitStack() as held:
+            if digest in self._filed:  # a linked file downloaded again: no look in the table
+                try:
+                    blob = await held.enter_async_context(self.files.open(digest))
+                except BlobMissing:  # gone from the files: the table may hold the bytes
+                    self._filed.pop(digest, None)
+                else:
+                    yield blob
+                    return
+            data = await self._data(digest)
+            if data is not None:
+                yield InlineBlobReader(data)
+                return
+            blob = await held.enter_async_context(self.files.open(digest))
+            self._filed[digest] = None
+            if len(self._filed) > FILED_KEPT:
+                self._filed.popitem(last=False)
             yield blob
 
     async def read(self, digest: str) -> bytes:

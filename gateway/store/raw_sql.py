@@ -20,15 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Column, Connection, Dialect
+from sqlalchemy import Column, Connection, Dialect, inspect
+from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-__all__ = ["RawStatement"]
+__all__ = ["RawStatement", "mapped_columns", "plain"]
 
 _Processor = Callable[[Any], Any] | None
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -197,3 +199,18 @@ def _cursor(connection: Connection) -> Any:
     """The DBAPI cursor of `connection` (on PostgreSQL SQLAlchemy's asyncpg adapter, which
     runs each call on the connection's greenlet)."""
     return connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+
+
+def mapped_columns(cls: type[Any]) -> list[tuple[Column[Any], str]]:
+    """Every column of a mapped class's table with the attribute it loads into, in order:
+    a raw SELECT of them gives `plain` its values."""
+    mapper = inspect(cls)
+    return [(c, mapper.get_property_by_column(c).key) for c in cls.__table__.c]
+
+
+def plain(cls: type[_T], keys: Sequence[str], values: Sequence[Any]) -> _T:
+    """A transient `cls` holding `values`, made as the ORM makes the rows it loads: no
+    constructor, no change events per attribute (which cost five times as much)."""
+    instance: _T = manager_of_class(cls).new_instance()
+    instance.__dict__.update(zip(keys, values, strict=True))
+    return instance

@@ -22,30 +22,43 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["run"]
+__all__ = ["SETTLED", "run"]
 
 T = TypeVar("T")
+
+_SNAPSHOT = "sealrelay_thread_snapshot"
+# in a pooled connection's `info`: its transaction was ended on the thread (gateway/store/db.py)
+SETTLED = "sealrelay_thread_settled"
 
 # one synchronous engine per aiosqlite connection, over its sqlite3 connection
 _engines: weakref.WeakKeyDictionary[Any, Engine] = weakref.WeakKeyDictionary()
 
 
-async def run(connection: AsyncConnection, work: Callable[[Connection], T]) -> T:
+async def run(
+    connection: AsyncConnection, work: Callable[[Connection], T], *, snapshot: bool = False
+) -> T:
     """`work(sync_connection)` in one transaction on `connection`'s SQLite thread; committed
-    when it returns, rolled back when it raises (the exception comes through)."""
+    when it returns, rolled back when it raises (the exception comes through). `snapshot`:
+    a deferred read transaction (plain BEGIN, which in WAL blocks no writer) for work that
+    only reads."""
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection  # the aiosqlite.Connection
     engine = _engines.get(driver)
     if engine is None:
         engine = _engines[driver] = _engine_over(driver)
     # aiosqlite's queue of calls for its thread; SQLAlchemy's own adapter uses it as well
-    result: T = await driver._execute(_transaction, engine, work)
+    result: T = await driver._execute(_transaction, engine, work, snapshot)
+    # ended on the thread: the pool's ROLLBACK on return, one more hop, has nothing to do
+    raw.info[SETTLED] = True
     return result
 
 
-def _transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
-    with engine.begin() as connection:
-        return work(connection)
+def _transaction(engine: Engine, work: Callable[[Connection], T], snapshot: bool) -> T:
+    with engine.connect() as connection:
+        if snapshot:
+            connection.execution_options(**{_SNAPSHOT: True})
+        with connection.begin():
+            return work(connection)
 
 
 def _engine_over(driver: Any) -> Engine:
@@ -59,6 +72,7 @@ def _engine_over(driver: Any) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        snapshot = connection.get_execution_options().get(_SNAPSHOT)
+        connection.exec_driver_sql("BEGIN" if snapshot else "BEGIN IMMEDIATE")
 
     return engine

@@ -7,39 +7,14 @@ figure came out as a number. Missing smtp-source, Postfix or nginx makes it fail
 
 from __future__ import annotations
 
-import asyncio
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.bench.support import NUMBER, run_bench
 from tests.postfix_instance import postfix_command
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent.parent
-NUMBER = r"[0-9]+(?:\.[0-9]+)?"
-
-
-async def run_quick() -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "bench" / "compare.py"),
-        "--quick",
-        cwd=ROOT,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), 600)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode("utf-8", errors="replace")
 
 
 def one_line(out: str, pattern: str) -> str:
@@ -51,7 +26,7 @@ def one_line(out: str, pattern: str) -> str:
 async def test_the_quick_comparison_prints_each_figure() -> None:
     for tool in ("smtp-sink", "smtp-source", "postfix"):
         postfix_command(tool)  # a missing Postfix fails here, saying how to install it
-    status, out = await run_quick()
+    status, out = await run_bench("compare.py", "--quick", timeout=600)
     assert status == 0, out
     mail = (
         rf"{NUMBER} msg/s delivered, {NUMBER} MB/s, .*CPU {NUMBER} ms/msg"

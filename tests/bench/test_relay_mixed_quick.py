@@ -5,41 +5,24 @@ lost, or the journal misses an answered visit)."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
 from bench.mixed import journal_problems
 from bench.web_load import Outcome
+from tests.bench.support import NUMBER, run_bench
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-NUMBER = r"[0-9]+(?:\.[0-9]+)?"
-
 
 async def run_mixed(backend: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "bench" / "relay.py"),
+    return await run_bench(
+        "relay.py",
         *("--backend", backend, "--messages", "20", "--sessions", "2"),
         *("--web-rps", "10", "--web-file-kib", "16", "--turns", "2"),
-        cwd=ROOT,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        timeout=300,
     )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), 300)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode("utf-8", errors="replace")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

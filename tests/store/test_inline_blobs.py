@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, delete, func, select
 
 from gateway import users
 from gateway.config import Settings
@@ -158,6 +158,29 @@ async def test_reads_find_inline_blobs_and_files_alike(
         await store.read(missing)
     with pytest.raises(ValueError):
         await store.read("../etc/passwd")
+
+
+async def test_a_file_opened_again_is_opened_from_the_files_and_from_the_table_once_gone(
+    store: InlineBlobStore, database: Database, tmp_path: Path
+) -> None:
+    """A download link's file is opened from the files without a look in the table once it
+    was found there; should the file go while the same bytes are a row, the row serves."""
+    data = os.urandom(1000)
+    digest = await store.put(data)
+    for _ in range(2):
+        async with store.open(digest) as blob:
+            assert await blob.read(0, blob.size) == data
+    await group_commit.insert(database, [], [], datetime.now(UTC), {digest: data})
+    await store.files.delete(digest)
+    for _ in range(2):
+        async with store.open(digest) as blob:
+            assert blob.kernel_file() is None  # the row's bytes, not a file
+            assert await blob.read(0, blob.size) == data
+    async with database.transaction() as session:
+        await session.execute(delete(InlineBlob).where(InlineBlob.digest == digest))
+    with pytest.raises(BlobMissing):
+        async with store.open(digest):
+            pass
 
 
 async def test_a_blob_is_read_while_the_reader_holds_a_transaction(
