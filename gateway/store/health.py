@@ -208,6 +208,10 @@ class WatchedBlobStore(BlobStore):
     def location(self, digest: str) -> str:
         return self.store.location(digest)
 
+    async def where(self, digest: str) -> str:
+        with self._watch():
+            return await self.store.where(digest)
+
     async def check(self) -> None:
         with self._watch():
             await self.store.check()
