@@ -177,7 +177,10 @@ class Relay:
         self.clock = clock
         self.roles = frozenset(roles)
         self.db = db or Database.connect(settings.database.url)
-        self.blobs = blob_store(settings, self.db, blobs)
+        files = blobs or file_store(settings)
+        # every put or read of the store that fails marks the relay degraded at once
+        self.blob_health = health.BlobHealth(files)
+        self.blobs = blob_store(settings, self.db, self.blob_health.watched(files))
         self.signal = QueueSignal()
         self.loop = load_loop_marks(settings, clock)
         self.pipeline = Pipeline(settings, self.db, self.blobs, self.signal, clock, self.loop)
@@ -190,7 +193,6 @@ class Relay:
         self.letters = LetterDesk(settings, self.db, self.blobs, self.signal.notify, clock)
         # one count of failed logins for SMTP AUTH and the console's sign-in together
         self.login_throttle = LoginThrottle.from_settings(settings.smtp)
-        self.blob_health = health.BlobHealth(self.blobs)
         self.smtp = SmtpFront(
             settings, self.db, self.pipeline, self.login_throttle, store=self.blob_health
         )

@@ -256,7 +256,10 @@ async def relay_factory(
     started: list[Relay] = []
     await users.add_user(database, AGENT, PASSWORD, aliases=(ALIAS,))
 
-    async def start(roles: Collection[str] = ROLES, **sections: dict[str, Any]) -> Harness:
+    async def start(
+        roles: Collection[str] = ROLES, *, singletons: bool = True, **sections: dict[str, Any]
+    ) -> Harness:
+        """`singletons=False`: as process 1 of `--processes N`, no sweep nor notices round."""
         cert, key = tls_files
         smtp = {
             "tls_cert": str(cert),
@@ -277,7 +280,8 @@ async def relay_factory(
             **sections,
         )
         relay = Relay(settings, roles=roles, db=database, signer=Signer({DKIM_DOMAIN: dkim_key}))
-        await relay.start()
+        if await relay.prepare():
+            await relay.start_roles(singletons=singletons)
         started.append(relay)
         return Harness(relay, sink, settings, dkim_key)
 

@@ -2,17 +2,19 @@
 
 It speaks the S3 protocol over HTTP like AWS, MinIO or Garage, so S3BlobStore is tested
 through aiobotocore, signing and all; nothing of the store is stubbed. One server per run,
-one new bucket per test. `refusing_unknown_keys` makes it check credentials as AWS does (it
-takes any key otherwise), and `set_written_at` changes an object's age, which the S3
-protocol cannot.
+one new bucket per test; requests reach moto one at a time (`_OneRequestAtATime` says
+why). `refusing_unknown_keys` makes it check credentials as AWS does (it takes any key
+otherwise), and `set_written_at` changes an object's age, which the S3 protocol cannot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import secrets
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,8 +26,14 @@ import pytest
 import yarl
 from moto import settings as moto_settings
 from moto.core.authorization import ActionAuthenticatorMixin
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
 from moto.s3.models import s3_backends
-from moto.server import ThreadedMotoServer
+from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.wsgi import get_input_stream
 
 from gateway.store.s3_blobs import S3BlobStore
 from tests.support import free_port
@@ -106,15 +114,49 @@ def _boto3_client(endpoint_url: str, service: str) -> Any:
     )
 
 
+class _OneRequestAtATime:
+    """moto's app behind a lock, as moto's S3 is not safe under concurrent requests and AWS
+    is: a PutObject closes the buffer of the version it replaces while the PutObject that
+    wrote that version still reads it for its ETag, and answers 500 "I/O operation on
+    closed file" (a GetObject racing a put fails the same way). Each request's body is read
+    before the lock and its answer made whole inside it, so sockets still run concurrently
+    and only moto's work is serialized."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        environ["wsgi.input"] = io.BytesIO(get_input_stream(environ).read())
+        with self._lock:
+            answer = self._app(environ, start_response)
+            try:
+                return [b"".join(answer)]
+            finally:
+                getattr(answer, "close", lambda: None)()
+
+
+def start_server() -> tuple[BaseWSGIServer, threading.Thread]:
+    """moto's S3 on a free loopback port, served by threads, requests one at a time."""
+    app = _OneRequestAtATime(DomainDispatcherApplication(create_backend_app))
+    server = make_server(
+        "127.0.0.1", free_port(), app, threaded=True, request_handler=MotoRequestHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="moto S3", daemon=True)
+    thread.start()
+    return server, thread
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    server, thread = start_server()
+    host, port = server.server_address[:2]
     try:
-        yield S3Server(f"http://{host}:{port}")
+        yield S3Server(f"http://{host!s}:{port}")
     finally:
-        server.stop()
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 @pytest.fixture

@@ -459,4 +459,4 @@ async def consent_evidence(
 async def _evidence_file(blobs: BlobStore, label: str, digest: str) -> EvidenceFile:
     if not is_digest(digest):
         return EvidenceFile(label, digest, None, False)
-    return EvidenceFile(label, digest, blobs.location(digest), await blobs.exists(digest))
+    return EvidenceFile(label, digest, await blobs.where(digest), await blobs.exists(digest))

@@ -153,6 +153,11 @@ class BlobStore(ABC):
     def location(self, digest: str) -> str:
         """Where an operator finds the blob outside sealrelay: a file name, a URL."""
 
+    async def where(self, digest: str) -> str:
+        """Where the blob is held now, said for an operator (`sealrelay evidence`): its
+        `location`, unless the store keeps some blobs elsewhere and must look."""
+        return self.location(digest)
+
     async def check(self) -> None:
         """Returns when the store answers, StoreUnavailable when not: a cheap question,
         asked while the relay runs (gateway/store/health.py BlobHealth)."""

@@ -177,9 +177,15 @@ class InlineBlobStore(BlobStore):
             yield info
 
     def location(self, digest: str) -> str:
-        """Where the file is or would be: a blob of the intake at most `max_inline` bytes
-        long is a row of the database's inline_blobs table instead."""
+        """Where `files` keeps the blob, or would: a blob held in the table is not there,
+        which only a query can tell (`where`)."""
         return self.files.location(digest)
+
+    async def where(self, digest: str) -> str:
+        """The table's row when the blob is one, else where `files` has it."""
+        if await self._size(digest) is not None:
+            return f"database table {InlineBlob.__tablename__}, digest {digest}"
+        return await self.files.where(digest)
 
     async def check(self) -> None:
         await self.files.check()

@@ -773,7 +773,7 @@ async def test_local_failure_at_intake_451_and_nothing_half_written(
         raise OSError(28, "No space left on device")
 
     # a message over [storage] inline_max_bytes, so that its original goes to the files
-    monkeypatch.setattr(relay.relay.blobs.files, "put_sync", disk_full)  # type: ignore[attr-defined]
+    monkeypatch.setattr(relay.relay.blob_health.blobs, "put_sync", disk_full)
     async with relay.client(username=AGENT, password=PASSWORD) as client:
         with pytest.raises(aiosmtplib.SMTPDataError) as refused:
             await client.sendmail(AGENT, [PROSPECT], raw_message(body=FILE_SIZED))

@@ -23,14 +23,15 @@ from gateway.letters.evidence import (
     evidence_fields,
     texts_sha256,
 )
-from gateway.letters.verification import VerificationReport, verify_released
+from gateway.letters.verification import VerificationReport, consent_evidence, verify_released
 from gateway.mail import dkim, outgoing
 from gateway.mail.evidence_headers import CONSENT_HEADER, EVIDENCE_HEADERS, LETTER_SENT_HEADER
 from gateway.mail.headers import remove_fields
 from gateway.outbound.queue import new_delivery
-from gateway.store import journal
+from gateway.store import group_commit, journal
 from gateway.store.db import Database
 from gateway.store.events import CONSENT_GIVEN, LETTER_HELD, LETTER_RELEASED
+from gateway.store.inline_blobs import InlineBlobStore
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import (
     Consent,
@@ -629,3 +630,48 @@ async def test_sealrelay_evidence(cli_setup: tuple[Path, Seeded]) -> None:
     assert unknown.code == 1
     assert unknown.out == ""
     assert unknown.error_line == "Error: no consent with id '0123456789abcdef0123'"
+
+
+async def keep_in_the_database(db: Database, files: LocalBlobStore, data: bytes) -> str:
+    """Move a blob from the files to the inline table, where the intake keeps a small one."""
+    digest = hashlib.sha256(data).hexdigest()
+    await group_commit.insert(db, [], [], datetime.now(UTC), {digest: data})
+    await files.delete(digest)
+    return digest
+
+
+async def test_the_evidence_says_a_blob_held_in_the_database_is_there(
+    database: Database, settings: Settings, dkim_key: dkim.DkimKey
+) -> None:
+    """Not a file name where no file is: the table and the digest."""
+    seeded = await seed(database, settings, dkim_key)
+    files = LocalBlobStore(settings.storage.path)
+    held = await keep_in_the_database(database, files, OFFER)
+    found = await consent_evidence(
+        database, InlineBlobStore(database, files, 64 * 1024), seeded.consent_id
+    )
+    assert found is not None
+    where = {file.label: (file.location, file.present) for file in found.files}
+    assert where["held original"] == (f"database table inline_blobs, digest {held}", True)
+    assert where["consent PDF"] == (str(seeded.pdf_path), True)
+
+
+async def test_sealrelay_evidence_names_the_table_of_a_small_original(
+    cli_setup: tuple[Path, Seeded],
+) -> None:
+    config, seeded = cli_setup
+    db = Database.connect(sqlite_url(config))
+    try:
+        files = LocalBlobStore(config.parent / "blobs")
+        held = await keep_in_the_database(db, files, OFFER)
+    finally:
+        await db.close()
+    result = await sealrelay("evidence", seeded.consent_id, "-c", str(config))
+    assert result.code == 0, result
+    rows = {
+        line.split("  ", 1)[0].strip(): line.split("  ", 1)[1].strip()
+        for line in result.out.splitlines()
+        if not line.startswith(" ")
+    }
+    assert rows["held original"] == f"database table inline_blobs, digest {held}"
+    assert rows["PDF"] == str(seeded.pdf_path)

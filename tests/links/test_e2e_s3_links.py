@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.store.health import WatchedBlobStore
 from gateway.store.inline_blobs import InlineBlobStore
 from gateway.store.s3_blobs import S3BlobStore
 from tests.conftest import Harness, StartRelay
@@ -46,7 +47,8 @@ async def test_a_linked_file_is_stored_in_s3_and_downloaded_from_it(
     relay: Harness, s3_server: S3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
     assert isinstance(relay.relay.blobs, InlineBlobStore)  # small mail in the database
-    assert isinstance(relay.relay.blobs.files, S3BlobStore)
+    assert isinstance(relay.relay.blobs.files, WatchedBlobStore)  # its failures are told
+    assert isinstance(relay.relay.blobs.files.store, S3BlobStore)
     await relay.send(offer(), recipients=[PROSPECT])
     [copy] = await relay.sink.expect(1)
     text, _ = bodies(copy.data)

@@ -183,6 +183,22 @@ async def test_a_file_opened_again_is_opened_from_the_files_and_from_the_table_o
             pass
 
 
+async def test_where_names_the_table_for_a_row_and_the_file_for_a_file(
+    store: InlineBlobStore, database: Database, tmp_path: Path
+) -> None:
+    small = b"Subject: hi\r\n\r\nsmall\r\n"
+    digest = hashlib.sha256(small).hexdigest()
+    await group_commit.insert(database, [], [], datetime.now(UTC), {digest: small})
+    file_digest = await store.put(os.urandom(100_000))
+    missing = hashlib.sha256(b"never stored").hexdigest()
+    assert await store.where(digest) == f"database table inline_blobs, digest {digest}"
+    assert await store.where(file_digest) == store.location(file_digest)
+    assert Path(store.location(file_digest)).is_file()
+    assert await store.where(missing) == store.location(missing)  # where it would be
+    with pytest.raises(ValueError):
+        await store.where("../etc/passwd")
+
+
 async def test_a_blob_is_read_while_the_reader_holds_a_transaction(
     store: InlineBlobStore, database: Database
 ) -> None:

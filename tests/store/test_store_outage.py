@@ -88,6 +88,13 @@ class Outages:
         else:
             await self.door.open()
 
+    def said_by_a_read(self, reason: str) -> bool:
+        """Whether `reason` is a read's (or a look-up's) failure, not the health check's
+        ("cannot list" the prefix; the local tmp directory "not there")."""
+        if self.kind == "local":
+            return reason.startswith(("cannot read in", "cannot open in", "cannot look up in"))
+        return reason.startswith(("cannot read s3://", "cannot look up s3://"))
+
     def leftovers(self, s3: S3Server) -> list[str]:
         """What a put left behind in the store: temp files, objects, multipart uploads."""
         if self.kind == "local":
@@ -163,6 +170,8 @@ async def test_a_download_while_the_store_is_down_is_a_503_then_a_200(
         logged = " ".join(record.getMessage() for record in caplog.records)
         assert "blob store unavailable" in logged
         assert "missing" not in logged
+        assert not pages.relay.blob_health.available
+        assert outages.said_by_a_read(degraded_by(caplog)), logged  # not by a check
         async with database.transaction() as session:
             downloads = await session.scalar(
                 select(func.count()).select_from(Event).where(Event.type.like("download.%"))
@@ -315,6 +324,57 @@ async def test_a_small_message_is_delivered_with_the_store_down(
     await queue_idle(database)
     assert (await the_delivery(database)).status == DeliveryStatus.DELIVERED
     await outages.up()
+
+
+def degraded_by(caplog: pytest.LogCaptureFixture) -> str:
+    """Why the relay said it became degraded (it says so once, when it does)."""
+    [reason] = [
+        record.getMessage().partition("the relay is degraded: ")[2]
+        for record in caplog.records
+        if "the relay is degraded: " in record.getMessage()
+    ]
+    return reason
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"], indirect=True)
+async def test_a_read_that_fails_in_delivery_degrades_the_relay_at_once(
+    relay_factory: StartRelay,
+    database: Database,
+    tmp_path: Path,
+    outages: Outages,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The delivery's failed read, not the next check (up to 30 s later), makes SMTP and
+    /healthz say the store is unavailable; a small message, which needs no store, hears 451
+    at MAIL FROM all the same (the relay cannot know its size there). The checks, woken by
+    the failure, make the relay whole again once the store is back."""
+    storage = outages.storage(tmp_path)
+    intake = await relay_factory(roles={"smtp"}, storage=storage)
+    await intake.send(make_message(subject="beim Lesen ausgefallen", body=FILE_SIZED))
+    await set_due(database, datetime.now(UTC) + timedelta(days=1))
+    # no sweep: its listing would fail too, and say so before the delivery
+    harness = await relay_factory(storage=storage, singletons=False)
+    assert harness.relay.blob_health.available
+    await outages.down()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gateway.store.health"):
+        await set_due(database, datetime.now(UTC) - timedelta(seconds=1))
+        async with asyncio.timeout(30):
+            while (await the_delivery(database)).attempts == 0:
+                await asyncio.sleep(0.05)
+        assert not harness.relay.blob_health.available
+        assert outages.said_by_a_read(degraded_by(caplog)), degraded_by(caplog)
+    with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+        await harness.send(make_message(subject="klein, aber zu früh"))
+    assert refused.value.code == 451 and refused.value.message.startswith("4.3.0")
+    status, said = await healthz(harness.web_url)
+    assert (status, said["blob_store"]) == (503, "unavailable")
+    await outages.up()
+    await until_healthy(harness.web_url)
+    await set_due(database, datetime.now(UTC) - timedelta(seconds=1))
+    [received] = await intake.sink.expect(1)
+    assert b"beim Lesen ausgefallen" in received.data
+    assert await messages(database) == 1
 
 
 async def healthz(url: str) -> tuple[int, dict[str, Any]]:
