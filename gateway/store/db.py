@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import PoolResetState
 
 from gateway.store import admission
 from gateway.store.schema_version import migration_heads, stored_revisions
@@ -38,7 +39,9 @@ def make_engine(url: str, *, schema: str | None = None) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=120)
+        engine = create_async_engine(
+            url, pool_size=1, max_overflow=0, pool_timeout=120, pool_reset_on_return=None
+        )
         _configure_sqlite(engine)
         return engine
     connect_args: dict[str, Any] = {}
@@ -58,12 +61,34 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
+    @event.listens_for(engine.sync_engine, "reset")
+    def _on_reset(dbapi_connection: Any, _record: Any, state: PoolResetState) -> None:
+        """The pool's rollback on check-in, only when a transaction is open.
+
+        The group commit and the sequencer check the connection out, run their transaction
+        whole on the driver's thread (gateway/store/sqlite_thread.py) and give it back with
+        nothing open; a rollback there is a no-op in sqlite3 that still cost a hop to that
+        thread and back for every batch."""
+        if state.transaction_was_reset or not state.asyncio_safe:
+            return  # what the pool's own reset skips as well
+        if _in_transaction(dbapi_connection):
+            dbapi_connection.rollback()
+
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
         if connection.get_execution_options().get(_SNAPSHOT):
             connection.exec_driver_sql("BEGIN")  # WAL: a read snapshot that blocks no writer
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _in_transaction(dbapi_connection: Any) -> bool:
+    """Whether the sqlite3 connection under SQLAlchemy's aiosqlite adapter has a transaction
+    open (True when that cannot be told: the rollback then decides)."""
+    try:
+        return bool(dbapi_connection.driver_connection._conn.in_transaction)
+    except Exception:
+        return True
 
 
 class Database:
