@@ -389,14 +389,13 @@ class SmtpConnection:
             self._in_transaction = False
             return Replies(mail, rcpt, None)
         self._data_started = True
-        # each piece leaves when the next is made, the last with the terminator: a small
-        # copy is one write (one send, one wake-up of the upstream), not two
         last = b""
-        if isinstance(data, StoredCopy):
+        if isinstance(data, StoredCopy):  # big: no piece is held while the next is read
             async for piece in stuffed_stream(data):
-                await self._write_drained(last, reply_timeout)
-                last = piece
+                await self._write_drained(piece, reply_timeout)
         else:
+            # the last piece leaves with the terminator: a small copy is one write (one
+            # send, one wake-up of the upstream), not two
             for piece in stuffed_pieces(data):
                 await self._write_drained(last, reply_timeout)
                 last = piece
