@@ -402,7 +402,10 @@ def _names(*groups: Sequence[str]) -> list[str]:
 
 def _canon_field(raw: bytes) -> bytes:
     name, _, value = raw.partition(b":")
-    value = _WSP_RUN.sub(b" ", _LINE_BREAK.sub(b"", value)).strip(b" \t\r\n")
+    if b"\t" in value or b"  " in value or value.find(b"\n", 0, len(value) - 1) != -1:
+        value = _WSP_RUN.sub(b" ", _LINE_BREAK.sub(b"", value))
+    # else: one line, single spaces: the substitutions would change nothing
+    value = value.strip(b" \t\r\n")
     return name.strip(b" \t").lower() + b":" + value
 
 

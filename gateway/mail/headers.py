@@ -7,6 +7,7 @@ new, generated fields in front.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from gateway.mail import lines
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+# A message's header block is parsed by intake's checks, the copies' base, the MIME parse and
+# again by delivery: the fields of recent small blocks are kept (immutable) to be given again.
+_CACHED_BLOCKS = 512
+_CACHED_BLOCK_BYTES = 4096
 MAX_LINE = 78
 
 
@@ -32,8 +38,9 @@ class HeaderField:
     def value(self) -> str:
         """The unfolded value, undecoded, leading white space removed."""
         _, _, value = self.raw.partition(b":")
-        unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", value).rstrip(b"\r\n")
-        return unfolded.decode("utf-8", errors="replace").strip()
+        if value.find(b"\n", 0, len(value) - 1) != -1:  # folded: a line end before the last
+            value = _FOLD.sub(b"", value)
+        return value.rstrip(b"\r\n").decode("utf-8", errors="replace").strip()
 
 
 def split_offsets(raw: bytes) -> tuple[int, int]:
@@ -75,6 +82,17 @@ def split_message(raw: bytes) -> tuple[bytes, bytes]:
 
 def parse_fields(header_block: bytes) -> list[HeaderField]:
     """The fields of a header block, in order; a leading non-field line is kept as its own."""
+    if len(header_block) <= _CACHED_BLOCK_BYTES:
+        return list(_parsed(header_block))
+    return _parse_fields(header_block)
+
+
+@functools.lru_cache(maxsize=_CACHED_BLOCKS)
+def _parsed(header_block: bytes) -> tuple[HeaderField, ...]:
+    return tuple(_parse_fields(header_block))
+
+
+def _parse_fields(header_block: bytes) -> list[HeaderField]:
     starts = [m.start() for m in _FIELD_START.finditer(header_block)]
     if not starts or starts[0] != 0:
         starts.insert(0, 0)

@@ -276,7 +276,7 @@ class SmtpConnection:
         self.opened_at = time.monotonic()
         self.messages = 0  # transactions begun on it
         self.usable = True  # False once anything went wrong: never reused then
-        self._in_transaction = False  # a transaction was begun: RSET before the next
+        self._in_transaction = False  # a transaction was begun and not ended: RSET first
         self._data_started = False
 
     @classmethod
@@ -314,7 +314,8 @@ class SmtpConnection:
     async def send(
         self, mail_from: str, recipients: Sequence[str], data: Outgoing, reply_timeout: float
     ) -> Replies:
-        """One transaction: RSET when one was begun before, MAIL, RCPT each, DATA, the data.
+        """One transaction: RSET when one begun before did not end (MAIL answered, no data
+        sent: every recipient refused one at a time), MAIL, RCPT each, DATA, the data.
 
         Each reply and each piece's drain gets `reply_timeout`. A copy with a bare CR or LF is
         refused before any byte is written (BareLineEnd): a receiver that ends the data at
@@ -385,18 +386,28 @@ class SmtpConnection:
             # RFC 2920 3.1: nobody to send to, yet the upstream waits for data; end it empty
             self._write(b".\r\n")
             await self._reply(reply_timeout)
+            self._in_transaction = False
             return Replies(mail, rcpt, None)
         self._data_started = True
-        if isinstance(data, StoredCopy):
+        last = b""
+        if isinstance(data, StoredCopy):  # big: no piece is held while the next is read
             async for piece in stuffed_stream(data):
-                self._write(piece)
-                await self._reader.drained(reply_timeout)
+                await self._write_drained(piece, reply_timeout)
         else:
+            # the last piece leaves with the terminator: a small copy is one write (one
+            # send, one wake-up of the upstream), not two
             for piece in stuffed_pieces(data):
-                self._write(piece)
-                await self._reader.drained(reply_timeout)
-        self._write(b".\r\n")
-        return Replies(mail, rcpt, await self._reply(reply_timeout))
+                await self._write_drained(last, reply_timeout)
+                last = piece
+        self._write(last + b".\r\n")
+        reply = await self._reply(reply_timeout)
+        self._in_transaction = False  # ended by its reply: the next MAIL needs no RSET
+        return Replies(mail, rcpt, reply)
+
+    async def _write_drained(self, piece: bytes, reply_timeout: float) -> None:
+        if piece:
+            self._write(piece)
+            await self._reader.drained(reply_timeout)
 
     async def _reply(self, reply_timeout: float) -> Reply:
         reply = await self._reader.reply(reply_timeout)

@@ -32,6 +32,7 @@ from gateway.mail.dkim import (
     sign,
     write_private_key,
 )
+from gateway.mail.dkim import _canon_field as canon_field
 from gateway.mail.outgoing import Signer
 from gateway.store.db import Database
 from sealrelay.serve import Relay
@@ -600,3 +601,17 @@ def test_a_relay_given_its_signer_reads_no_key_file(key: DkimKey, tmp_path: Path
     assert Relay(settings, db=db, signer=signer).worker.signer is signer
     with pytest.raises(DkimError, match="cannot read"):
         Relay(settings, db=db)
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"Subject:", b" a", b"  b", b"\tc", b"\r\n", b"\n", b" \r\n d", b"\r"])
+    ).map(b"".join)
+)
+def test_a_field_is_canonicalized_as_rfc_6376_relaxed_says(raw: bytes) -> None:
+    name, _, value = raw.partition(b":")
+    unfolded = re.sub(rb"\r?\n", b"", value)
+    expected = (
+        name.strip(b" \t").lower() + b":" + re.sub(rb"[ \t]+", b" ", unfolded).strip(b" \t\r\n")
+    )
+    assert canon_field(raw) == expected

@@ -109,3 +109,29 @@ def test_values_without_encoded_words_read_as_the_parser_reads_them() -> None:
         if "=?" in value:
             continue
         assert headers.decoded(value) == re.sub(r"[\x00-\x1f\x7f]", " ", str(parser("x", value)))
+
+
+PIECES = [b"From: a\r\n", b" folded\r\n", b"\tx\n", b"Subject:  two  spaces \r\n", b"bad\r\n"]
+BLOCKS = st.lists(st.sampled_from([*PIECES, b"X:\r\n \r\n", b"\r", b"\n", b"a", b" "])).map(
+    b"".join
+) | st.binary(max_size=300)
+
+
+@given(BLOCKS, st.booleans())
+def test_a_block_parsed_again_gives_the_same_fields_as_one_too_big_to_keep(
+    block: bytes, pad: bool
+) -> None:
+    if pad:  # over the size of blocks kept for parsing again: the uncached path
+        block += b"X-Pad: " + b"a" * headers._CACHED_BLOCK_BYTES + b"\r\n"
+    first = headers.parse_fields(block)
+    first.append(headers.HeaderField("mine", b"Mine: 1\r\n"))  # the caller's own list
+    again = headers.parse_fields(block)
+    assert again == headers._parse_fields(block)
+    assert b"".join(field.raw for field in again) == block
+    assert [field.value for field in again] == [
+        re.sub(rb"\r?\n(?=[ \t])", b"", field.raw.partition(b":")[2])
+        .rstrip(b"\r\n")
+        .decode("utf-8", errors="replace")
+        .strip()
+        for field in again
+    ]

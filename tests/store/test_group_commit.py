@@ -289,3 +289,26 @@ async def test_on_sqlite_a_batch_runs_off_the_event_loop(database: Database) -> 
     assert ticks >= 5, f"the event loop ran {ticks} times in 0.3 s"
     assert await stored_ids(database) == {row.id}
     assert (await chained(database)).ok
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_on_sqlite_a_connection_comes_back_rolled_back_only_when_a_transaction_is_open(
+    database: Database,
+) -> None:
+    """The pool's rollback on check-in is skipped when nothing is open (a group commit's
+    batch ends committed on the driver's thread); a connection given back inside a
+    transaction is still rolled back, so the next user never inherits it."""
+    row = message()
+    await group_commit.insert(database, [row], [kept(row.id)], row.received_at)
+    async with database.engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        assert not driver._conn.in_transaction
+        await driver.execute("BEGIN IMMEDIATE")
+        await driver.execute("DELETE FROM messages")
+        assert driver._conn.in_transaction
+    async with database.engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        assert not driver._conn.in_transaction  # the open one was rolled back
+    assert await stored_ids(database) == {row.id}
