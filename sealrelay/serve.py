@@ -267,7 +267,9 @@ class Relay:
         `reuse_port`: bind with SO_REUSEPORT, so that every process listens on the same ports.
         """
         self.sequencer.start()
-        self._tasks.append(asyncio.create_task(self.blob_health.run(self._stop)))
+        # the listeners open knowing whether the store answers (up to CHECK_TIMEOUT)
+        await self.blob_health.check()
+        self._tasks.append(asyncio.create_task(self.blob_health.run(self._stop, checked=True)))
         if "worker" in self.roles:
             self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
             self._tasks.append(asyncio.create_task(self.webhook_worker.run(self._stop)))

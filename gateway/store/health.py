@@ -122,16 +122,21 @@ class BlobHealth:
         else:
             loop.call_soon_threadsafe(self._changed.set)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Check until `stop`: backing off while the store fails, at RECHECK_MAX while not."""
+    async def run(self, stop: asyncio.Event, *, checked: bool = False) -> None:
+        """Check until `stop`: backing off while the store fails, at RECHECK_MAX while not.
+        `checked`: a check was just made (the relay's start), so the first one waits."""
         self._loop = asyncio.get_running_loop()
         wait = RECHECK_FIRST
+        answered: bool | None = self.available if checked else None
         while not stop.is_set():
-            if await self.check():
+            if answered is None:
+                answered = await self.check()
+            if answered:
                 wait = RECHECK_FIRST
                 pause = RECHECK_MAX
             else:
                 pause, wait = wait, min(wait * 2, RECHECK_MAX)
+            answered = None
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
