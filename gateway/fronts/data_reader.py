@@ -51,6 +51,8 @@ class _Spool:
         self.kept: list[bytes] = []
         self.size = 0
         self.file: IO[bytes] | None = None
+        self.pending: list[bytes] = []  # for the file, written a window at a time
+        self.pending_size = 0
 
     async def feed(self, piece: bytes, end: int) -> None:
         """`piece[:end]`, which continues what came before."""
@@ -81,18 +83,28 @@ class _Spool:
             self.kept.extend(bytes(piece) for piece in pieces)
             if self.size <= KEPT:
                 return
-            file = await asyncio.to_thread(_nameless_file, self.spool_dir)
-            self.file = file
+            self.file = await asyncio.to_thread(_nameless_file, self.spool_dir)
             pieces, self.kept = list(self.kept), []
-        await asyncio.to_thread(file.writelines, pieces)
+        # one write per window, not per piece: lines of "." make pieces of a few octets
+        self.pending.extend(bytes(piece) for piece in pieces)
+        self.pending_size += sum(len(piece) for piece in pieces)
+        if self.pending_size >= WINDOW:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self.file is not None and self.pending:
+            pending, self.pending, self.pending_size = self.pending, [], 0
+            await asyncio.to_thread(self.file.writelines, pending)
 
     async def read(self) -> bytes:
         if self.file is None:
             return b"".join(self.kept)
+        await self._flush()
         return await asyncio.to_thread(_read_back, self.file)
 
     def close(self) -> None:
         self.kept = []
+        self.pending = []
         if self.file is not None:
             self.file.close()
 

@@ -144,3 +144,29 @@ async def test_small_data_stays_in_memory_and_big_data_goes_to_the_spool(
     finally:
         spooled.close()
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_lines_of_dots_reach_the_spool_a_window_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ".\r\n" ends a piece of the read, so lines of dots make pieces of a few octets;
+    the spool file still gets one write per window, not one hop to a thread per piece
+    (a 10 MB message of such lines took a minute to receive)."""
+    writes: list[int] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(function: object, *args: object) -> object:
+        if getattr(function, "__name__", "") == "writelines":
+            writes.append(sum(len(piece) for piece in args[0]))  # type: ignore[attr-defined]
+        return await to_thread(function, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    dots = b"..\r\n...\r\n..x\r\n" * (3 * KEPT // 14)  # stuffed: ".", "..", ".x"
+    spooled = await spool_data(reader_with(dots + b".\r\n"), None, LIMIT, tmp_path)
+    try:
+        expected = dots.replace(b"\r\n.", b"\r\n")[1:]
+        assert await spooled.read() == expected
+        assert sum(writes) == len(expected)
+        assert len(writes) <= len(expected) // WINDOW + 2
+    finally:
+        spooled.close()
