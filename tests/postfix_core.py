@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import free_port
+from tests.support import free_port, run_process
 
 SBIN = Path("/usr/sbin")
 START_TIMEOUT = 30.0
@@ -215,25 +215,16 @@ class PostfixInstance:
 
     async def run(self, command: str, *args: str) -> str:
         """One of Postfix's commands against this instance; its output, or an AssertionError."""
-        process = await asyncio.create_subprocess_exec(
+        status, text = await run_process(
             postfix_command(command),
             "-c",
             str(self.config_directory),
             *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            timeout=COMMAND_TIMEOUT,
         )
-        try:
-            out, _ = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
-        text = out.decode("utf-8", errors="replace")
-        if process.returncode != 0:
+        if status != 0:
             raise AssertionError(
-                f"{command} {' '.join(args)} exited with {process.returncode}: {text}\n{self.log()}"
+                f"{command} {' '.join(args)} exited with {status}: {text}\n{self.log()}"
             )
         return text
 

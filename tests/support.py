@@ -302,3 +302,23 @@ async def chained(db: Database) -> ChainReport:
     relay's sequencer does within `database.chain_interval`, done at once."""
     await chain_all(db)
     return await verify_database(db)
+
+
+async def run_process(*argv: str, timeout: float, cwd: Path | None = None) -> tuple[int, str]:
+    """A command's exit status and output (stdout and stderr together); past `timeout`
+    seconds it is killed and TimeoutError raised, so no process outlives its test."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode("utf-8", errors="replace")

@@ -6,8 +6,6 @@ like any trusted host, and every message it sends arrives upstream exactly once.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from sqlalchemy import func, select
 
@@ -15,7 +13,7 @@ from gateway.store.models import Delivery, Message
 from tests.conftest import AGENT, StartRelay
 from tests.postfix_instance import postfix_command
 from tests.queue_wait import queue_idle
-from tests.support import free_port
+from tests.support import free_port, run_process
 
 pytestmark = pytest.mark.slow
 
@@ -25,21 +23,7 @@ RECIPIENT = "x@elsewhere.example"
 
 
 async def smtp_source(*args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        postfix_command("smtp-source"),
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), 120)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode("utf-8", errors="replace")
+    return await run_process(postfix_command("smtp-source"), *args, timeout=120)
 
 
 async def test_smtp_source_without_auth_through_a_trusted_network(

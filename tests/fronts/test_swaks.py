@@ -7,7 +7,6 @@ bounded.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 
 import dkim as dkimpy
@@ -17,6 +16,7 @@ from sqlalchemy import func, select
 from gateway.mail import headers
 from gateway.store.models import Delivery, Message
 from tests.conftest import AGENT, PASSWORD, Harness, dkim_dns
+from tests.support import run_process
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,21 +42,7 @@ def swaks() -> str:
 
 async def run(swaks: str, *args: str) -> tuple[int, str]:
     """swaks' exit status and transcript (stdout and stderr together)."""
-    process = await asyncio.create_subprocess_exec(
-        swaks,
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode("utf-8", errors="replace")
+    return await run_process(swaks, *args, timeout=TIMEOUT)
 
 
 def common(port: int, subject: str) -> list[str]:
