@@ -83,7 +83,7 @@ from gateway.store.models import (
     MessageKind,
     new_id,
 )
-from gateway.store.raw_sql import RawStatement, mapped_columns, plain
+from gateway.store.raw_sql import RawStatement, loaded
 from rules.automated_visits import Verdict
 
 log = logging.getLogger(__name__)
@@ -749,13 +749,13 @@ def _read_letter(connection: Connection, token: str, now: datetime) -> FoundLett
     rows = _letter_by_token().rows(connection, {"token_hash": hash_token(token)})
     if not rows:
         raise LetterUnknown(token)
-    letter_end = len(_LETTER_KEYS)
-    message_end = letter_end + len(_MESSAGE_KEYS)
-    letter = plain(Letter, _LETTER_KEYS, rows[0][:letter_end])
-    message = plain(Message, _MESSAGE_KEYS, rows[0][letter_end:message_end])
-    link = plain(Link, _LINK_KEYS, rows[0][message_end:])
+    letter_end = len(_LETTER)
+    message_end = letter_end + len(_MESSAGE)
+    letter = _LETTER.load(rows[0][:letter_end])
+    message = _MESSAGE.load(rows[0][letter_end:message_end])
+    link = _LINK.load(rows[0][message_end:])
     consents = _consent_of().rows(connection, {"letter_id": letter.id})
-    consent = plain(Consent, _CONSENT_KEYS, consents[0]) if consents else None
+    consent = _CONSENT.load(consents[0]) if consents else None
     closed = _closed(letter, link, now)
     if closed is not None:
         raise LetterExpired(letter, message, link.expires_at, closed)
@@ -764,22 +764,17 @@ def _read_letter(connection: Connection, token: str, now: datetime) -> FoundLett
     return FoundLetter(letter, message, link, blocks, consent, Delivered(at))
 
 
-_LETTER_COLUMNS = mapped_columns(Letter)
-_MESSAGE_COLUMNS = mapped_columns(Message)
-_LINK_COLUMNS = mapped_columns(Link)
-_CONSENT_COLUMNS = mapped_columns(Consent)
-_LETTER_KEYS = [key for _c, key in _LETTER_COLUMNS]
-_MESSAGE_KEYS = [key for _c, key in _MESSAGE_COLUMNS]
-_LINK_KEYS = [key for _c, key in _LINK_COLUMNS]
-_CONSENT_KEYS = [key for _c, key in _CONSENT_COLUMNS]
+_LETTER = loaded(Letter)
+_MESSAGE = loaded(Message)
+_LINK = loaded(Link)
+_CONSENT = loaded(Consent)
 
 
 @functools.cache
 def _letter_by_token() -> RawStatement:
     """The query of `LetterDesk._find`, built once."""
-    columns = (*_LETTER_COLUMNS, *_MESSAGE_COLUMNS, *_LINK_COLUMNS)
     return RawStatement(
-        select(*(c for c, _k in columns))
+        select(*_LETTER.columns, *_MESSAGE.columns, *_LINK.columns)
         .select_from(Letter.__table__)
         .join(
             Link.__table__,
@@ -794,9 +789,7 @@ def _letter_by_token() -> RawStatement:
 @functools.cache
 def _consent_of() -> RawStatement:
     return RawStatement(
-        select(*(c for c, _k in _CONSENT_COLUMNS)).where(
-            Consent.letter_id == bindparam("letter_id")
-        )
+        select(*_CONSENT.columns).where(Consent.letter_id == bindparam("letter_id"))
     )
 
 

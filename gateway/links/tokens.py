@@ -23,7 +23,7 @@ from gateway.store.models import (
     StoredFile,
     new_id,
 )
-from gateway.store.raw_sql import RawStatement, mapped_columns, plain
+from gateway.store.raw_sql import RawStatement, loaded
 
 TOKEN_BYTES = 32
 
@@ -147,13 +147,10 @@ def read_link(
     rows = _link_by_token().rows(connection, {"token_hash": hash_token(token), "kind": kind})
     if not rows:
         return None
-    split = len(_LINK_KEYS)
-    link = plain(Link, _LINK_KEYS, rows[0][:split])
-    message = plain(Message, _MESSAGE_KEYS, rows[0][split:])
-    files = [
-        plain(StoredFile, _FILE_KEYS, row)
-        for row in _link_files().rows(connection, {"link_id": link.id})
-    ]
+    split = len(_LINK)
+    link = _LINK.load(rows[0][:split])
+    message = _MESSAGE.load(rows[0][split:])
+    files = [_FILE.load(row) for row in _link_files().rows(connection, {"link_id": link.id})]
     state = link_state(link, now)
     delivered = Delivered(delivered_at(connection, link, now)) if state is LinkState.VALID else None
     return FoundLink(link, message, files, state, delivered)
@@ -175,12 +172,9 @@ def delivered_at(connection: Connection, link: Link, now: datetime) -> datetime 
     return found
 
 
-_LINK_COLUMNS = mapped_columns(Link)
-_MESSAGE_COLUMNS = mapped_columns(Message)
-_FILE_COLUMNS = mapped_columns(StoredFile)
-_LINK_KEYS = [key for _c, key in _LINK_COLUMNS]
-_MESSAGE_KEYS = [key for _c, key in _MESSAGE_COLUMNS]
-_FILE_KEYS = [key for _c, key in _FILE_COLUMNS]
+_LINK = loaded(Link)
+_MESSAGE = loaded(Message)
+_FILE = loaded(StoredFile)
 
 
 # A visit's statements, each built once: building one cost more than running it.
@@ -189,7 +183,7 @@ _FILE_KEYS = [key for _c, key in _FILE_COLUMNS]
 @functools.cache
 def _link_by_token() -> RawStatement:
     return RawStatement(
-        select(*(c for c, _k in _LINK_COLUMNS), *(c for c, _k in _MESSAGE_COLUMNS))
+        select(*_LINK.columns, *_MESSAGE.columns)
         .select_from(Link.__table__)
         .join(Message.__table__, Message.id == Link.message_id)
         .where(Link.token_hash == bindparam("token_hash"), Link.kind == bindparam("kind"))
@@ -199,7 +193,7 @@ def _link_by_token() -> RawStatement:
 @functools.cache
 def _link_files() -> RawStatement:
     return RawStatement(
-        select(*(c for c, _k in _FILE_COLUMNS))
+        select(*_FILE.columns)
         .select_from(StoredFile.__table__)
         .join(LinkFile.__table__, LinkFile.file_id == StoredFile.id)
         .where(LinkFile.link_id == bindparam("link_id"))

@@ -29,7 +29,7 @@ from gateway.store.events import (
 from gateway.store.group_commit import Done
 from gateway.store.leases import LeasedQueue, backoff
 from gateway.store.models import AgentLogin, Base, Delivery, DeliveryStatus, Message, new_id
-from gateway.store.raw_sql import RawStatement, mapped_columns, plain
+from gateway.store.raw_sql import RawStatement, loaded
 
 __all__ = [
     "LEASES",
@@ -88,10 +88,8 @@ class Claimed:
     login_changed: datetime | None = None
 
 
-_DELIVERY_COLUMNS = mapped_columns(Delivery)
-_MESSAGE_COLUMNS = mapped_columns(Message)
-_DELIVERY_KEYS = [key for _c, key in _DELIVERY_COLUMNS]
-_MESSAGE_KEYS = [key for _c, key in _MESSAGE_COLUMNS]
+_DELIVERY = loaded(Delivery)
+_MESSAGE = loaded(Message)
 
 
 async def claim(
@@ -123,16 +121,14 @@ class Claim:
         if not ids:
             return Done([])
         rows = _claimed_rows().rows(connection, {"ids": ids})
-        split = len(_DELIVERY_COLUMNS)
+        split = len(_DELIVERY)
         claimed = []
         messages: dict[str, Message] = {}
         for row in rows:
-            delivery = plain(Delivery, _DELIVERY_KEYS, row[:split])
+            delivery = _DELIVERY.load(row[:split])
             message = messages.get(delivery.message_id)
             if message is None:
-                message = messages[delivery.message_id] = plain(
-                    Message, _MESSAGE_KEYS, row[split:-1]
-                )
+                message = messages[delivery.message_id] = _MESSAGE.load(row[split:-1])
             claimed.append(Claimed(delivery, message, row[-1]))
         return Done(claimed)
 
@@ -143,8 +139,8 @@ def _claimed_rows() -> RawStatement:
     CPU than running it."""
     return RawStatement(
         select(
-            *(column for column, _key in _DELIVERY_COLUMNS),
-            *(column for column, _key in _MESSAGE_COLUMNS),
+            *_DELIVERY.columns,
+            *_MESSAGE.columns,
             AgentLogin.updated_at,
         )
         .select_from(Delivery.__table__)

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Column, Connection, Dialect, inspect
 from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-__all__ = ["RawStatement", "mapped_columns", "plain"]
+__all__ = ["Loaded", "RawStatement", "loaded"]
 
 _Processor = Callable[[Any], Any] | None
 _T = TypeVar("_T")
@@ -201,16 +201,27 @@ def _cursor(connection: Connection) -> Any:
     return connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
 
 
-def mapped_columns(cls: type[Any]) -> list[tuple[Column[Any], str]]:
-    """Every column of a mapped class's table with the attribute it loads into, in order:
-    a raw SELECT of them gives `plain` its values."""
+@dataclass(frozen=True)
+class Loaded(Generic[_T]):
+    """A mapped class as a raw SELECT reads it: every column of its table, in order, and the
+    attribute each loads into; `load` makes the object from a row's slice of values."""
+
+    cls: type[_T]
+    columns: tuple[Column[Any], ...]
+    keys: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def load(self, values: Sequence[Any]) -> _T:
+        """A transient object holding `values`, made as the ORM makes the rows it loads: no
+        constructor, no change events per attribute (which cost five times as much)."""
+        instance: _T = manager_of_class(self.cls).new_instance()
+        instance.__dict__.update(zip(self.keys, values, strict=True))
+        return instance
+
+
+def loaded(cls: type[_T]) -> Loaded[_T]:
     mapper = inspect(cls)
-    return [(c, mapper.get_property_by_column(c).key) for c in cls.__table__.c]
-
-
-def plain(cls: type[_T], keys: Sequence[str], values: Sequence[Any]) -> _T:
-    """A transient `cls` holding `values`, made as the ORM makes the rows it loads: no
-    constructor, no change events per attribute (which cost five times as much)."""
-    instance: _T = manager_of_class(cls).new_instance()
-    instance.__dict__.update(zip(keys, values, strict=True))
-    return instance
+    columns = tuple(cls.__table__.c)  # type: ignore[attr-defined]
+    return Loaded(cls, columns, tuple(mapper.get_property_by_column(c).key for c in columns))
