@@ -14,7 +14,7 @@ from typing import IO
 
 from sqlalchemy import func, select, text
 
-from gateway.store import journal
+from gateway.store import journal, loop_events
 from gateway.store.blobs import CHUNK_SIZE, BlobInfo, BlobReader, BlobStore, StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.metrics import BLOB_STORE_AVAILABLE
@@ -111,16 +111,7 @@ class BlobHealth:
         if loop is None:  # `run` has not started: nothing waits on the event yet
             self._changed.set()
             return
-        if loop.is_closed():
-            return
-        try:
-            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if here is loop:
-            self._changed.set()
-        else:
-            loop.call_soon_threadsafe(self._changed.set)
+        loop_events.set_in(loop, self._changed)
 
     async def run(self, stop: asyncio.Event, *, checked: bool = False) -> None:
         """Check until `stop`: backing off while the store fails, at RECHECK_MAX while not.

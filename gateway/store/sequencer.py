@@ -27,7 +27,7 @@ from typing import cast
 
 from sqlalchemy import Connection, Integer, Table, bindparam, select, update
 
-from gateway.store import sqlite_thread
+from gateway.store import loop_events, sqlite_thread
 from gateway.store.db import Database
 from gateway.store.journal import event_hash
 from gateway.store.models import Event, JournalHead
@@ -167,17 +167,8 @@ class Sequencer:
 
     def wake(self) -> None:
         """Run a pass soon: events were committed. Safe from another thread."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            here = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if here is loop:
-            self._wake.set()
-        else:
-            loop.call_soon_threadsafe(self._wake.set)
+        if self._loop is not None:
+            loop_events.set_in(self._loop, self._wake)
 
     async def close(self) -> None:
         """Stop the background passes, then chain what is left."""
