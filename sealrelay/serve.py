@@ -253,10 +253,8 @@ class Relay:
         """What killed writers left in the blob store; a store that cannot be reached does
         not stop the start: the relay runs degraded until it answers (BlobHealth), and the
         sweep clears the leftovers later."""
-        try:
+        with contextlib.suppress(StoreUnavailable):  # the watched store told BlobHealth
             await self.blobs.remove_interrupted_writes()
-        except StoreUnavailable as exc:
-            self.blob_health.failed(exc)
 
     async def start_roles(self, *, singletons: bool = True, reuse_port: bool = False) -> None:
         """Start this process's listeners and workers, after `prepare`.

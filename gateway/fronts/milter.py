@@ -145,9 +145,7 @@ class MilterSession:
                 self.mail_from,
                 exc,
             )
-            if self.front.store is not None:
-                self.front.store.failed(exc)
-            return [mp.reply_code(Reply.STORE_UNAVAILABLE)]
+            return [mp.reply_code(Reply.STORE_UNAVAILABLE)]  # BlobHealth knows (watched)
         except Exception:
             log.exception("milter %s: could not take mail from %s", self.peer, self.mail_from)
             return [mp.reply_code(Reply.TEMPORARY)]

@@ -312,9 +312,7 @@ class SubmissionHandler:
             log.warning(
                 "deferred mail from %s, blob store unavailable: %s", envelope.mail_from, exc
             )
-            if self.store is not None:
-                self.store.failed(exc)
-            return _count(Reply.STORE_UNAVAILABLE)
+            return _count(Reply.STORE_UNAVAILABLE)  # the store told BlobHealth itself
         except Exception:
             log.exception("could not accept mail from %s", envelope.mail_from)
             return _count(Reply.TEMPORARY)
