@@ -281,6 +281,35 @@ def make_message(
     return (header + head).encode() + encoded + end
 
 
+def stuffed(mail: bytes) -> bytes:
+    """The DATA section as it goes on the wire: dot-stuffed and terminated.
+
+    Done once before the clock starts: aiosmtplib's `sendmail` runs two regexes over the
+    whole message first, about 0.55 s of CPU for a 34 MiB mail on this kind of machine,
+    before it writes the first byte. A mail client on an agent's own computer does that
+    (in C, if at all) on its own CPU, so it would only measure the bench's client.
+    """
+    assert b"\n" not in mail.replace(b"\r\n", b""), "the bench's mails use CRLF only"
+    return re.sub(rb"(?m)^\.", b"..", mail) + b".\r\n"
+
+
+async def send_stuffed(
+    client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes
+) -> None:
+    """MAIL, RCPT and DATA with an already stuffed body, over aiosmtplib's connection."""
+    await client.mail(sender)
+    for recipient in recipients:
+        await client.rcpt(recipient)
+    reply = await client.execute_command(b"DATA")
+    if reply.code != 354:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    assert client.protocol is not None
+    client.protocol.write(data)
+    reply = await client.protocol.read_response(timeout=client.timeout)
+    if reply.code != 250:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+
+
 def link_tokens(raw: bytes, public_url: str) -> list[str]:
     """The download tokens in a copy's text body (decoded: it may be quoted-printable)."""
     message = email.message_from_bytes(raw, policy=email.policy.default)
@@ -473,23 +502,26 @@ class Run:
         ]
         del attachment
         f["message_mib"] = round(len(mails[0]) / MIB, 1)
+        mails = [stuffed(mail) for mail in mails]
 
         was_reset = reset_peak(self.relay_pid)
         before = psutil.Process(self.relay_pid).memory_info().rss
         sampler = RssSampler(self.relay_pid)
         sampler.start()
         cpu_before = cpu_seconds(self.relay_pid)
+        own_before = own_cpu_seconds()
         sent: list[tuple[str, float, float]] = []  # Message-ID, MAIL FROM, 250
         refused: list[str] = []
         for n, mail in enumerate(mails):
             message_id = f"<links-{self.tag}-{n}@{DOMAIN}>"
             began = time.monotonic()
             try:
-                await client.sendmail(AGENT, recipients, mail)
+                await send_stuffed(client, AGENT, recipients, mail)
             except aiosmtplib.SMTPResponseException as exc:
                 refused.append(f"{message_id}: {exc.code} {exc.message}")
                 continue
             sent.append((message_id, began, time.monotonic()))
+        own_cpu = own_cpu_seconds() - own_before
         del mails
 
         wanted = {(mid, r) for mid, _, _ in sent for r in recipients}
@@ -535,7 +567,8 @@ class Run:
             peak_rss_sampled_mib=mib(sampler.peak),
             rss_target_mib=target,
             rss_target_met=traffic_hwm is not None and traffic_hwm / 1024 < target,
-            cpu_relay_mail_s=round(cpu_seconds(self.relay_pid) - cpu_before, 1),
+            cpu_relay_mail_s=round(cpu_seconds(self.relay_pid) - cpu_before, 2),
+            cpu_client_send_s=round(own_cpu, 2),
         )
         if refused:
             self.problems.append(f"refused: {refused[:3]}")
@@ -689,7 +722,10 @@ def print_report(f: dict[str, Any], args: argparse.Namespace) -> None:
         f" {f['peak_rss_sampled_mib']} MiB); target < {f['rss_target_mib']} MiB"
         f" (3 x attachment + 100 MiB): {met[f['rss_target_met']]}"
     )
-    print(f"  relay CPU     {f['cpu_relay_mail_s']} s for the mail")
+    print(
+        f"  CPU           relay {f['cpu_relay_mail_s']} s for the mail; the bench's client"
+        f" {f['cpu_client_send_s']} s sending it (the body stuffed beforehand, untimed)"
+    )
     if "sealrelay_mib_s" not in f:
         return
     print(
