@@ -28,6 +28,8 @@ class Draft:
     rows: list[Base] = field(default_factory=list)
     events: list[journal.NewEvent] = field(default_factory=list)
     files: dict[str, StoredFile] = field(default_factory=dict)
+    # the message without linked parts, parsed, by the ids of those parts
+    stripped: dict[tuple[str, ...], tuple[bytes, mime.MimePart]] = field(default_factory=dict)
     # small blobs committed with the rows instead of put (gateway/store/inline_blobs.py)
     inline_blobs: dict[str, bytes] = field(default_factory=dict)
 

@@ -41,10 +41,12 @@ class RegisteredLetterMaterializer:
 
     async def __call__(self, draft: Draft, recipient: str, action: RegisteredLetter) -> str:
         letter_keys.require_key(self.settings, draft.raw)
-        held = remove_subject_tag(draft.raw, action.tag) if action.tag else draft.raw
+        held = draft.raw
         if action.link_parts:
             plan = LinkAttachments(action.link_parts, action.download_days, action.language)
-            held = await self.links.copy_with_links(draft, held, recipient, plan)
+            held = await self.links.copy_with_links(draft, recipient, plan)
+        if action.tag:
+            held = remove_subject_tag(held, action.tag)
         fields = headers.fields_of(held)
         subject = headers.decoded(headers.first_value(fields, "subject") or "")
         block_set = self.block_sets.get(action.block_set, action.language)

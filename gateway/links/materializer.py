@@ -25,13 +25,10 @@ class LinkAttachmentsMaterializer:
         self.blobs = blobs
 
     async def __call__(self, draft: Draft, recipient: str, action: LinkAttachments) -> str:
-        return await self.blobs.put(await self.copy_with_links(draft, draft.raw, recipient, action))
+        return await self.blobs.put(await self.copy_with_links(draft, recipient, action))
 
-    async def copy_with_links(
-        self, draft: Draft, raw: bytes, recipient: str, action: LinkAttachments
-    ) -> bytes:
-        """`raw` (the draft's bytes, or a copy differing only in top-level fields) with the
-        planned parts replaced by the recipient's own link."""
+    async def copy_with_links(self, draft: Draft, recipient: str, action: LinkAttachments) -> bytes:
+        """The draft's message with the planned parts replaced by the recipient's own link."""
         files = [await self._stored_file(draft, part_id) for part_id in action.part_ids]
         token = new_token()
         link, entries = new_link(
@@ -64,8 +61,8 @@ class LinkAttachmentsMaterializer:
             self.settings.branding.primary_color,
             self.settings.branding.timezone,
         )
-        without = mime.remove_parts(raw, mime.parse(raw), action.part_ids)
-        return mime.add_link_block(without, mime.parse(without), text, html)
+        without, root = _without_parts(draft, action.part_ids)
+        return mime.add_link_block(without, root, text, html)
 
     async def _stored_file(self, draft: Draft, part_id: str) -> StoredFile:
         """One row and one blob per linked part, shared by every recipient's link."""
@@ -85,6 +82,17 @@ class LinkAttachmentsMaterializer:
         draft.files[part_id] = stored
         draft.rows.append(stored)
         return stored
+
+
+def _without_parts(draft: Draft, part_ids: tuple[str, ...]) -> tuple[bytes, mime.MimePart]:
+    """The message without these parts, parsed: the same for every recipient, so made once.
+    With a 25 MB attachment, parsing the original again per recipient cost more than
+    sending the copy."""
+    stripped = draft.stripped.get(part_ids)
+    if stripped is None:
+        without = mime.remove_parts(draft.raw, draft.root, part_ids)
+        stripped = draft.stripped[part_ids] = (without, mime.parse(without))
+    return stripped
 
 
 def _fallback_name(part: mime.MimePart) -> str:
