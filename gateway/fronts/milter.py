@@ -88,7 +88,7 @@ class MilterSession:
                     return mp.reply_code(Reply.not_your_address(address))
                 self.submitter = agent
             else:
-                self.domains = await trusted.allowed_domains(front.match, front.settings, front.db)
+                self.domains = await front.served.allowed(front.match, address)
                 if trusted.domain_of(address) not in self.domains:
                     log.info("milter %s: refused sender %s", self.peer, address)
                     return mp.reply_code(Reply.not_our_domain(address, "MAIL FROM"))
@@ -215,6 +215,7 @@ class MilterFront:
             map_agents=milter.map_agents,
         )
         self.match = TrustedMatch(TrustedEntry.load(entry), None)
+        self.served = trusted.ServedDomains(settings, db)
         self.networks = self.match.entry.networks
         self.server: asyncio.Server | None = None
         self.connections: dict[asyncio.Task[None], mp.MilterConnection] = {}

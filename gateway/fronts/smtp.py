@@ -126,6 +126,7 @@ class SubmissionHandler:
         self.throttle = throttle
         self.store = store
         self.failed_logins = throttle.per_address
+        self.served = trusted.ServedDomains(settings, db)
         self._auth_failures: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
         self._throttled = ThrottledLog(log)
 
@@ -243,7 +244,7 @@ class SubmissionHandler:
             return _count(Reply.STORE_UNAVAILABLE)  # before the client sends its data
         if not session.authenticated:
             found = _trusted_match(server)
-            domains = await trusted.allowed_domains(found, self.settings, self.db)
+            domains = await self.served.allowed(found, address)
             assert isinstance(server, SubmissionSMTP)  # _trusted_match found an entry
             server.sender_domains = domains
             if trusted.domain_of(address) not in domains:

@@ -12,7 +12,8 @@ for any address. docs/trusted-hosts.md is the user's side of this.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -168,10 +169,40 @@ class TrustedSubmitter:
         return domain_of(address) in self.domains
 
 
-async def allowed_domains(found: TrustedMatch, settings: Settings, db: Database) -> frozenset[str]:
-    served = await served_domains(settings, db)
-    own = found.entry.settings.domains
-    return served if own is None else served & frozenset(own)
+class ServedDomains:
+    """`served_domains`, kept between messages: reading every user and alias for each MAIL
+    FROM cost a trusted client's message more than the rest of its checks.
+
+    A sender's domain that is not among the kept ones is looked up again at once, so a user
+    or alias just added (by the console, or `sealrelay user` in another process) sends
+    straight away. A domain no longer served is refused once the kept set is `FRESH`
+    seconds old; until then its mail still goes out, as it did a moment before.
+    """
+
+    FRESH = 10.0
+
+    def __init__(
+        self, settings: Settings, db: Database, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.clock = clock
+        self._kept: frozenset[str] | None = None
+        self._read_at = 0.0
+
+    async def allowed(self, found: TrustedMatch, sender: str) -> frozenset[str]:
+        """The domains this client may send for, read again if `sender`'s is not among them."""
+        served = self._kept
+        if (
+            served is None
+            or self.clock() - self._read_at > self.FRESH
+            or (domain_of(sender) not in served)
+        ):
+            read_at = self.clock()
+            served = await served_domains(self.settings, self.db)
+            self._kept, self._read_at = served, read_at
+        own = found.entry.settings.domains
+        return served if own is None else served & frozenset(own)
 
 
 async def submitter_for(

@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from gateway import users
 from gateway.config import Settings, SmtpSettings, TrustedClient
 from gateway.config_check import settings_problems
+from gateway.fronts import trusted
 from gateway.fronts.trusted import ClientFacts, TrustedEntry, match
 from gateway.store.models import Delivery, Event, Message
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
@@ -384,6 +385,58 @@ async def test_entry_domains_narrow_what_a_trusted_client_may_send_for(
         for sender in (SERVED, "scan@other.example"):
             answer = await client.command(f"MAIL FROM:<{sender}>")
             assert answer.startswith("550 5.7.1 "), answer
+    finally:
+        await client.close()
+    assert await stored(relay) == (0, 0, 0)
+
+
+async def test_served_domains_are_kept_between_messages_and_read_again_when_needed(
+    relay_factory: StartRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new alias's domain may send at once; a removed one is refused once the kept set is
+    older than FRESH; in between, MAIL FROM reads no user table."""
+    relay = await relay_factory(
+        smtp={"trusted": [{"name": "scanner", "networks": [f"{INSIDE}/32"]}]}
+    )
+    served = relay.relay.smtp.handler.served
+    now = [1000.0]
+    served.clock = lambda: now[0]
+    reads = []
+    real = trusted.served_domains
+
+    async def counted(settings: Settings, db: object) -> frozenset[str]:
+        reads.append(now[0])
+        return await real(settings, db)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trusted, "served_domains", counted)
+    scan = "scan@newly.example"
+    refused = (
+        "550 5.7.1 This client may send only for the domains this relay serves;"
+        f" <{scan}> (MAIL FROM) is not in one of them"
+    )
+    client = await Client.open(relay.smtp_port, INSIDE)
+    try:
+        assert (await client.command("EHLO scanner.example")).startswith("250")
+
+        async def mail(sender: str) -> str:
+            answer = await client.command(f"MAIL FROM:<{sender}>")
+            assert (await client.command("RSET")).startswith("250")
+            return answer
+
+        assert await mail(scan) == refused
+        await users.add_alias(relay.relay.db, AGENT, "desk@newly.example", by="test")
+        assert (await mail(scan)).startswith("250")
+        read = len(reads)
+        for _ in range(3):
+            assert (await mail(SERVED)).startswith("250")
+            assert (await mail(scan)).startswith("250")
+        assert len(reads) == read  # kept: no reads for served domains
+
+        await users.remove_alias(relay.relay.db, AGENT, "desk@newly.example", by="test")
+        assert (await mail(scan)).startswith("250")  # still within FRESH
+        now[0] += served.FRESH + 1
+        assert await mail(scan) == refused
+        assert (await mail(SERVED)).startswith("250")
     finally:
         await client.close()
     assert await stored(relay) == (0, 0, 0)
