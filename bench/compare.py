@@ -769,13 +769,20 @@ def summarize_mail(workload: str, runs: dict[str, list[MailRun]]) -> None:
         if name == "postfix":
             continue
         throughput = [s.msg_per_s / p.msg_per_s for s, p in zip(done, postfix, strict=True)]
+        # a short run can leave Postfix under one tick of the CPU clock (10 ms): no ratio then
         cpu = [
-            s.cpu_ms_per_message / p.cpu_ms_per_message for s, p in zip(done, postfix, strict=True)
+            s.cpu_ms_per_message / p.cpu_ms_per_message
+            for s, p in zip(done, postfix, strict=True)
+            if p.cpu_ms_per_message > 0
         ]
         print(
             f"  ratio {name} / postfix: throughput {median(throughput):.2f}x"
             f" (rounds {', '.join(f'{r:.2f}' for r in throughput)}),"
-            f" CPU per message {median(cpu):.2f}x"
+            + (
+                f" CPU per message {median(cpu):.2f}x"
+                if cpu
+                else " CPU per message: not measured (Postfix's CPU was under a clock tick)"
+            )
         )
 
 
