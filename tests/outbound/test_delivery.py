@@ -34,6 +34,7 @@ from gateway.mail.dkim import DkimKey
 from gateway.mail.outgoing import Signer
 from gateway.outbound import queue
 from gateway.outbound.delivery import DeliveryWorker
+from gateway.store import group_commit
 from gateway.store.db import Database
 from gateway.store.models import Delivery, DeliveryStatus, Event, MessageKind, new_id, utcnow
 from gateway.store.models import Message as MessageRow
@@ -661,6 +662,42 @@ async def test_a_live_worker_sends_no_copy_whose_lease_another_took_over(
     rows = await deliveries(database)
     assert all(d.status == DeliveryStatus.DELIVERED and d.attempts == 1 for d in rows)
     assert len(await events(database, "delivery.delivered")) == 2
+
+
+async def test_only_a_copy_that_waited_a_third_of_a_lease_is_held_again_before_it_leaves(
+    start_relay: StartRelay, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy that gets its slot at once still has two thirds of the lease its claim set:
+    it leaves without a hold (a commit of its own). One that waited longer is held first."""
+    clock = FakeClock()
+    harness = await start_relay(
+        sink, clock=clock, roles=("smtp",), worker={"lease_seconds": 30, "concurrency": 1}
+    )
+    relay = harness.relay
+    for recipient in ("first@example.com", "second@example.com"):
+        await harness.send(make_message(to=recipient))
+    clock.now = utcnow()
+    holds: list[list[str]] = []
+    submit = group_commit.submit
+
+    async def counted(db: Database, unit: Any) -> Any:
+        if isinstance(unit, queue.Hold):
+            holds.append(list(unit.ids))
+        return await submit(db, unit)
+
+    monkeypatch.setattr(group_commit, "submit", counted)
+    hold = sink.hold = asyncio.Event()
+    sending = asyncio.create_task(relay.worker.run_once())
+    await sink.wait_held(1, WAIT)
+    sink.hold = None
+    assert holds == []  # the first copy left straight after its claim
+    clock.advance(11)  # the second waits for the one slot past a third of the lease
+    hold.set()
+    async with asyncio.timeout(WAIT):
+        assert await sending == 2
+    assert len(holds) == 1 and len(holds[0]) == 1
+    got = Counter(r for m in sink.messages for r in m.rcpt_tos)
+    assert got == Counter({"first@example.com": 1, "second@example.com": 1})
 
 
 async def test_settle_refuses_a_worker_whose_lease_was_taken(database: Database) -> None:
