@@ -621,6 +621,18 @@ async def test_an_expired_lease_is_claimed_by_another_worker(
     assert len(await events(database, "delivery.delivered", "delivery.bounced")) == 1
 
 
+async def two_copies_for_one_slot(start_relay: StartRelay, sink: Sink) -> tuple[Harness, FakeClock]:
+    """A relay with one delivery slot and a 30 s lease, two copies queued, the clock at now."""
+    clock = FakeClock()
+    harness = await start_relay(
+        sink, clock=clock, roles=("smtp",), worker={"lease_seconds": 30, "concurrency": 1}
+    )
+    for recipient in ("first@example.com", "second@example.com"):
+        await harness.send(make_message(to=recipient))
+    clock.now = utcnow()
+    return harness, clock
+
+
 async def test_a_live_worker_sends_no_copy_whose_lease_another_took_over(
     start_relay: StartRelay, sink: Sink, database: Database
 ) -> None:
@@ -628,14 +640,8 @@ async def test_a_live_worker_sends_no_copy_whose_lease_another_took_over(
     copy was in flight and another waited for its one slot. The other process took both
     over; the slow one must not send the one that was still waiting. (The one in flight
     had left already: it arrives twice, the most a late heartbeat can cost.)"""
-    clock = FakeClock()
-    harness = await start_relay(
-        sink, clock=clock, roles=("smtp",), worker={"lease_seconds": 30, "concurrency": 1}
-    )
+    harness, clock = await two_copies_for_one_slot(start_relay, sink)
     relay = harness.relay
-    for recipient in ("first@example.com", "second@example.com"):
-        await harness.send(make_message(to=recipient))
-    clock.now = utcnow()
     other = DeliveryWorker(
         harness.settings,
         database,
@@ -669,14 +675,8 @@ async def test_only_a_copy_that_waited_a_third_of_a_lease_is_held_again_before_i
 ) -> None:
     """A copy that gets its slot at once still has two thirds of the lease its claim set:
     it leaves without a hold (a commit of its own). One that waited longer is held first."""
-    clock = FakeClock()
-    harness = await start_relay(
-        sink, clock=clock, roles=("smtp",), worker={"lease_seconds": 30, "concurrency": 1}
-    )
+    harness, clock = await two_copies_for_one_slot(start_relay, sink)
     relay = harness.relay
-    for recipient in ("first@example.com", "second@example.com"):
-        await harness.send(make_message(to=recipient))
-    clock.now = utcnow()
     holds: list[list[str]] = []
     submit = group_commit.submit
 
