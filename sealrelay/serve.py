@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Collection, Coroutine
@@ -74,6 +75,19 @@ def event_loop() -> tuple[Callable[[], asyncio.AbstractEventLoop], str]:
         version = ".".join(map(str, sys.version_info[:3]))
         return asyncio.new_event_loop, f"asyncio (Python {version}; install uvloop for less CPU)"
     return uvloop.new_event_loop, f"uvloop {metadata.version('uvloop')}"
+
+
+def _freeze_start_up() -> None:
+    """Keep what the start-up made (the libraries, settings, mappers, templates: most of the
+    objects the relay will ever hold) out of the garbage collector's full collections.
+
+    Each full collection walked all of them with the event loop stopped: 4 of about 57 ms in
+    3,000 small messages, and the p99 time to 250 was 82 ms; frozen, those collections took
+    at most 14 ms and the p99 was 47 ms (bench/README.md). Garbage left by the start-up is
+    collected first, so nothing unreachable is kept for good.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -387,6 +401,7 @@ class Relay:
             return
         await self.start_roles(singletons=singletons, reuse_port=reuse_port)
         log.info("sealrelay running: roles %s", ", ".join(sorted(self.roles)))
+        _freeze_start_up()
         if ready is not None:
             ready()
         await self._stop.wait()

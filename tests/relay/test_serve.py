@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import importlib.util
 import json
 import re
@@ -12,11 +13,17 @@ import signal
 import smtplib
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 
-from tests.support import LETTER_TOML, free_port, serve_config, wait_for_port
+from gateway.mail.dkim import DkimKey
+from gateway.mail.outgoing import Signer
+from gateway.store.db import Database
+from sealrelay.serve import ROLES, Relay
+from tests.conftest import DKIM_DOMAIN, DKIM_SELECTOR, relay_settings
+from tests.support import LETTER_TOML, Sink, free_port, serve_config, wait_for_port
 
 SEALRELAY = str(Path(sys.executable).parent / "sealrelay")
 AGENT = "anna@broker.example"
@@ -163,3 +170,40 @@ async def test_serve_stops_promptly_and_says_so(tmp_path: Path, signum: signal.S
     assert lines[-1].endswith("INFO sealrelay.serve: sealrelay stopped"), lines[-3:]
     assert any(line.endswith(f"sealrelay stopping on {signum.name}") for line in lines)
     print(f"serve stopped {took:.2f} s after {signum.name}")
+
+
+async def test_serve_keeps_what_the_start_up_made_out_of_full_collections(
+    database: Database, sink: Sink, tmp_path: Path, dkim_key: DkimKey, dkim_key_file: Path
+) -> None:
+    """A full collection walked every object of the start-up with the event loop stopped
+    (about 57 ms each, the p99 time to 250 with them); serving, they are frozen, and garbage
+    the start-up left is collected before."""
+    settings = relay_settings(
+        tmp_path,
+        sink.port,
+        smtp={"allow_plaintext_auth_on_loopback": True},
+        dkim={DKIM_DOMAIN: {"selector": DKIM_SELECTOR, "key_file": str(dkim_key_file)}},
+    )
+    relay = Relay(settings, roles=ROLES, db=database, signer=Signer({DKIM_DOMAIN: dkim_key}))
+    gc.unfreeze()
+    ready = asyncio.Event()
+
+    class Cycle:
+        me: Cycle | None = None
+
+    left = Cycle()
+    left.me = left
+    gone = weakref.ref(left)
+    del left  # start-up garbage: unreachable, but only a collection can free a cycle
+    serving = asyncio.create_task(relay.serve_forever(ready=ready.set))
+    try:
+        started = asyncio.create_task(ready.wait())
+        await asyncio.wait([started, serving], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert started.done(), serving.exception() if serving.done() else "not ready in 30 s"
+        assert gc.get_freeze_count() > 10_000
+        assert gone() is None
+    finally:
+        relay.request_stop()
+        await asyncio.wait_for(serving, 30)
+        await relay.stop()
+        gc.unfreeze()
