@@ -51,7 +51,7 @@ async def test_the_quick_comparison_prints_each_figure() -> None:
     )
     assert ratios == ["postfix", "postfix", "nginx"], out
     # Postfix's CPU over the quick run's few messages may stay under one clock tick
-    cpu = rf"CPU per message (?:{NUMBER}x|: not measured \(Postfix's CPU was under a clock tick\))$"
+    cpu = rf"CPU per message(?: {NUMBER}x|: not measured \(Postfix's CPU was under a clock tick\))$"
     assert len(re.findall(cpu, out, re.MULTILINE)) == 2, out
 
 
