@@ -12,8 +12,8 @@ last cycle the relay runs until every accepted message has reached the sink.
 
 Prints per backend: cycles, accepted, lost (accepted, never delivered), duplicates (copies
 the sink got more than once) in all and per kill. A kill can cause at most as many
-duplicates as copies were in flight: `[worker] destination_concurrency` groups, the sink being
-one destination (10 as shipped). Exits 1 if any
+duplicates as copies were sent and not yet recorded: `[worker] concurrency` groups (20 as
+shipped; a destination's turn ends with its send, its slot with the record). Exits 1 if any
 accepted message was lost.
 """
 

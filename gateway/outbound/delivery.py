@@ -3,10 +3,11 @@
 Copies of one message that share a blob, a route (gateway/outbound/routes.py) and a
 destination leave in one SMTP transaction, prepared and signed once; its outcomes are recorded
 as soon as the upstream has answered, before the worker slot is given up. At most
-`[worker] concurrency` groups are sent at once, and at most `destination_concurrency` of them
-to one destination (gateway/outbound/destination_gates.py). Temporary failures retry with
-backoff until the copy's queue lifetime runs out; then, or at once on a permanent failure,
-the copy bounces and the agent gets a DSN.
+`[worker] concurrency` groups are sent or waiting for their outcomes' commit at once, and at
+most `destination_concurrency` of them are in conversation with one destination
+(gateway/outbound/destination_gates.py). Temporary failures retry with backoff until the
+copy's queue lifetime runs out; then, or at once on a permanent failure, the copy bounces
+and the agent gets a DSN.
 """
 
 from __future__ import annotations
@@ -186,33 +187,40 @@ class DeliveryWorker:
     async def _deliver(
         self, route: Route, group: Sequence[queue.Claimed], stop: asyncio.Event | None = None
     ) -> None:
-        """Send one group and record its outcomes before giving up the slot, so that copies
-        sent but not yet recorded (sent again after a crash) are at most the slots.
+        """Send one group and record its outcomes before giving up the worker slot, so that
+        copies sent but not yet recorded (sent again after a crash) are at most the slots.
 
-        The group first waits for its destination's turn, holding no slot meanwhile, so
-        that groups for other destinations take the slots."""
+        The group first waits for its destination's turn, holding no worker slot meanwhile,
+        so that groups for other destinations take the slots. The destination's turn ends
+        with the send: its connection carries the next copy while this one's outcome waits
+        for its commit (that wait paced delivery to one smart host: 10 conversations, each
+        idle for a group commit between copies)."""
         ids = [item.delivery.id for item in group]
         self._waiting += len(ids)
         waiting = True
+        slot = False
         try:
             route, unusable = await self._route_of(route, group)
             destination = route.upstream.destination(group[0].delivery.recipient)
             async with self.destinations.slot(destination.key, destination.limit):
                 self._waiting -= len(ids)
                 waiting = False
-                async with self._slots:
-                    if stop is not None and stop.is_set():
-                        await self._release(ids)
+                await self._slots.acquire()
+                slot = True
+                if stop is not None and stop.is_set():
+                    await self._release(ids)
+                    return
+                if not self._just_claimed(ids):
+                    group = await self._hold(group)
+                    if not group:
                         return
-                    if not self._just_claimed(ids):
-                        group = await self._hold(group)
-                        if not group:
-                            return
-                    outcomes, signed = unusable or await self._send(route, destination, group)
-                    await self._record(
-                        group[0].message, [item.delivery for item in group], outcomes, route, signed
-                    )
+                outcomes, signed = unusable or await self._send(route, destination, group)
+            await self._record(
+                group[0].message, [item.delivery for item in group], outcomes, route, signed
+            )
         finally:
+            if slot:
+                self._slots.release()
             if waiting:
                 self._waiting -= len(ids)
             for held in ids:

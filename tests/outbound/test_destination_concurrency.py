@@ -290,3 +290,35 @@ async def test_a_destination_s_own_lower_limit_wins_and_a_higher_one_does_not() 
 async def _enter(gates: DestinationGates, key: str, limit: int) -> None:
     async with gates.slot(key, limit):
         pass
+
+
+async def test_a_destination_s_turn_ends_with_its_send_and_the_slot_with_the_record(
+    relay_factory: StartRelay, sink: CountingSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one conversation allowed to the sink and two slots in all, the second copy is
+    sent while the first one's outcome still waits for its commit; a third waits until one
+    of the two is recorded, so that copies sent and not yet recorded stay at most the slots."""
+    harness = await relay_factory(worker={"concurrency": 2, "destination_concurrency": 1})
+    worker = harness.relay.worker
+    recorded = worker._record
+    commit = asyncio.Event()
+    waiting: list[str] = []
+
+    async def held_record(message: Any, deliveries: Any, *args: Any) -> None:
+        waiting.append(message.id)
+        await commit.wait()
+        await recorded(message, deliveries, *args)
+
+    monkeypatch.setattr(worker, "_record", held_record)
+    await send_each(harness, [f"p{n}@example.com" for n in range(3)])
+
+    try:
+        gates, key = worker.destinations, key_of(harness)
+        await until(lambda: len(waiting) == 2 and gates.running(key) == 1)
+        assert len(sink.messages) == 2 and sink.own.most == 1
+        assert worker._slots.locked()  # the third took the destination's turn, waits here
+    finally:
+        commit.set()
+    await all_delivered_once(harness, [sink], 3)
+    rows = await deliveries(harness.relay.db)
+    assert all(d.attempts == 1 for d in rows)
