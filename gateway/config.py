@@ -180,7 +180,8 @@ class SmtpSettings(Section):
     spool_dir: Path | None = Field(
         default=None,
         description="where DATA is spooled while it arrives (nameless files); default:"
-        " spool/ beside the blob store directory",
+        " spool/ beside the blob store directory. On the blob store's file system, a big"
+        " message's spool file becomes its stored original; elsewhere it is copied",
     )
 
     @field_validator("listen", "implicit_tls_listen")

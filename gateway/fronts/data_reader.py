@@ -5,7 +5,9 @@ message that is ~4x its size in memory and most of a minimal relay's CPU (DESIGN
 measured facts). Here the stream is searched for the end of data in windows of `WINDOW`
 octets at C speed; each window's complete lines are checked for length and dot-unstuffed
 (`gateway.mail.lines`) as they arrive. The first `KEPT` octets stay in memory (small mail
-costs no file); past them everything goes to a nameless spool file. So a session holds a
+costs no file); past them everything goes to a nameless spool file, hashed (sha256) as it
+is written, so that the blob store can take the file as the message's original instead of a
+second copy of its bytes (`Spooled.hashed_file`). So a session holds a
 window or two while its client sends (a piece is at most `WINDOW` octets, though the
 reader's buffer may hold more), not the message: with 20 big messages arriving at
 once that was 20 whole messages in memory (issue 18). The message is read back in one
@@ -18,12 +20,15 @@ The end is only ever CRLF "." CRLF: a bare LF or CR before the dot does not end 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from gateway.mail import lines
+from gateway.store.blobs import HashedFile
 
 WINDOW = 256 * 1024
 KEPT = 256 * 1024  # octets kept in memory before a spool file is made
@@ -53,6 +58,7 @@ class _Spool:
         self.file: IO[bytes] | None = None
         self.pending: list[bytes] = []  # for the file, written a window at a time
         self.pending_size = 0
+        self.hash = hashlib.sha256()  # of what went to the file
 
     async def feed(self, piece: bytes, end: int) -> None:
         """`piece[:end]`, which continues what came before."""
@@ -94,7 +100,7 @@ class _Spool:
     async def _flush(self) -> None:
         if self.file is not None and self.pending:
             pending, self.pending, self.pending_size = self.pending, [], 0
-            await asyncio.to_thread(self.file.writelines, pending)
+            await asyncio.to_thread(_write_out, self.file, self.hash, pending)
 
     async def read(self) -> bytes:
         if self.file is None:
@@ -137,6 +143,14 @@ class Spooled:
 
     async def read(self) -> bytes:
         return await self._spool.read()
+
+    def hashed_file(self) -> HashedFile | None:
+        """The spool file with the digest of what `read` gave, for the blob store to take
+        (None when the message stayed in memory). Valid until `close`."""
+        spool = self._spool
+        if spool.file is None or spool.pending:
+            return None
+        return HashedFile(spool.file.fileno(), spool.hash.hexdigest(), spool.size)
 
     def close(self) -> None:
         self._spool.close()
@@ -216,7 +230,22 @@ async def read_data(
 
 
 def _nameless_file(directory: Path | None) -> IO[bytes]:
-    return tempfile.TemporaryFile(dir=directory)
+    """A file with no name, gone with its last descriptor however the process ends. Made
+    with O_TMPFILE and without O_EXCL (which Python's TemporaryFile sets), so the blob store
+    may still give it a name; a file system without O_TMPFILE gets a temp file unlinked at
+    once, which the store copies instead."""
+    where = str(directory) if directory is not None else tempfile.gettempdir()
+    try:
+        fd = os.open(where, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+    except (OSError, AttributeError):
+        return tempfile.TemporaryFile(dir=directory)
+    return os.fdopen(fd, "w+b")
+
+
+def _write_out(file: IO[bytes], digest: hashlib._Hash, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        digest.update(piece)
+    file.writelines(pieces)
 
 
 def _read_back(file: IO[bytes]) -> bytes:

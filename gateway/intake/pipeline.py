@@ -26,7 +26,7 @@ from gateway.outbound.queue import new_delivery
 from gateway.outbound.queue_signal import QueueSignal
 from gateway.rejections import Rejected
 from gateway.store import group_commit, journal
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobStore, HashedFile
 from gateway.store.db import Database
 from gateway.store.events import (
     DELIVERY_QUEUED,
@@ -126,15 +126,27 @@ class Pipeline:
         self.materializers = materializers(settings, blobs)
 
     async def submit(
-        self, envelope: Envelope, raw: bytes, submitter: Submitter, origin: Origin
+        self,
+        envelope: Envelope,
+        raw: bytes,
+        submitter: Submitter,
+        origin: Origin,
+        received: HashedFile | None = None,
     ) -> str:
-        """The new message's id once it is durable; raises Rejected with the reply to give."""
-        prepared = await self.prepare(envelope, raw, submitter, origin)
+        """The new message's id once it is durable; raises Rejected with the reply to give.
+        `received`: `raw` as the front spooled it to a file, which the blob store may keep
+        as the original instead of writing the bytes again."""
+        prepared = await self.prepare(envelope, raw, submitter, origin, received)
         copies = await self.materialize(prepared.draft, prepared.decisions)
         return await self.commit(prepared.draft, envelope, copies)
 
     async def prepare(
-        self, envelope: Envelope, raw: bytes, submitter: Submitter, origin: Origin
+        self,
+        envelope: Envelope,
+        raw: bytes,
+        submitter: Submitter,
+        origin: Origin,
+        received: HashedFile | None = None,
     ) -> Prepared:
         """Checked, the original stored, each recipient's decision made; nothing committed.
 
@@ -144,7 +156,7 @@ class Pipeline:
         fields = self.receive(envelope, raw, submitter)
         ignored = self.refuse_loops(fields)
         fields = [field for field in fields if field.name != LOOP_HEADER.lower()]
-        draft = await self.draft(envelope, raw, fields, submitter, origin)
+        draft = await self.draft(envelope, raw, fields, submitter, origin, received)
         draft.events.extend(trusted_origin(origin, draft.message.id))
         draft.events.extend(ignored_marks(ignored, draft.message.id))
         facts = message_facts(envelope, fields, submitter, draft)
@@ -201,6 +213,7 @@ class Pipeline:
         fields: list[HeaderField],
         submitter: Submitter,
         origin: Origin,
+        received: HashedFile | None = None,
     ) -> Draft:
         """Store the original as received; prepare what every copy starts from.
 
@@ -214,7 +227,7 @@ class Pipeline:
             raise Rejected(f"554 5.6.0 {exc}") from exc
         now = self.clock()
         inline: dict[str, bytes] = {}
-        original = await self._keep(raw, inline)
+        original = await self._keep(raw, inline, received)
         message = Message(
             id=new_id(),
             received_at=now,
@@ -234,11 +247,15 @@ class Pipeline:
         copy_base = original if base == raw else await self._keep(base, inline)
         return Draft(message, now, base, root, copy_base, inline_blobs=inline)
 
-    async def _keep(self, data: bytes, inline: dict[str, bytes]) -> str:
+    async def _keep(
+        self, data: bytes, inline: dict[str, bytes], file: HashedFile | None = None
+    ) -> str:
         """Put `data` in the blob store, or, when it is small, leave it in `inline` for the
         commit's transaction: it is then durable with the message and needs no fsync of its
-        own (gateway/store/inline_blobs.py)."""
+        own (gateway/store/inline_blobs.py). `file`, when given, holds `data` already."""
         if not self.blobs.takes_inline(len(data)):
+            if file is not None and file.size == len(data):
+                return await self.blobs.put_file(file)
             return await self.blobs.put(data)
         digest = hashlib.sha256(data).hexdigest()
         inline[digest] = data

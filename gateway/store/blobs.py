@@ -6,6 +6,7 @@ implementation keeps, checked for each by tests/store/test_blob_contract.py:
 
 - `put_stream` returns the sha256 hex digest only once the whole blob is durable, and a
   failed put leaves nothing under that digest; putting the same bytes again is harmless.
+  `put_file` keeps the same promises for a file whose digest its writer already knows.
 - A put, even of bytes already stored, makes the blob young again (`BlobInfo.written_at`):
   the sweeper spares young blobs because an intake stores its blobs before it commits the
   rows that name them.
@@ -22,6 +23,8 @@ implementation keeps, checked for each by tests/store/test_blob_contract.py:
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator
@@ -67,6 +70,18 @@ class BlobInfo:
     written_at: datetime  # the last put of these bytes, aware (UTC)
 
 
+@dataclass(frozen=True)
+class HashedFile:
+    """An open file that nothing writes to any more, with the sha256 and size of its
+    content: a big message as the SMTP front spooled it, hashed as it was written. A store
+    on the same disk takes the file itself (gateway/store/local_blobs.py links it into
+    place), so 10 MB of mail is not written to the disk a second time."""
+
+    fd: int
+    digest: str
+    size: int
+
+
 class BlobReader(ABC):
     """An open blob: its size and its bytes, from any position (for HTTP ranges)."""
 
@@ -110,6 +125,11 @@ class BlobStore(ABC):
     async def put(self, data: bytes) -> str:
         """The sha256 of `data`, once it is durably stored."""
         return await self.put_stream(_once(data))
+
+    async def put_file(self, file: HashedFile) -> str:
+        """The file's content stored as `put_stream` stores it: its sha256, once durable.
+        The file is read as it is, from its start, whatever its position."""
+        return await self.put_stream(_file_chunks(file))
 
     def takes_inline(self, size: int) -> bool:
         """Whether a writer may keep a blob of `size` bytes in its own database transaction
@@ -175,3 +195,10 @@ class BlobStore(ABC):
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def _file_chunks(file: HashedFile) -> AsyncIterator[bytes]:
+    position = 0
+    while chunk := await asyncio.to_thread(os.pread, file.fd, CHUNK_SIZE, position):
+        position += len(chunk)
+        yield chunk

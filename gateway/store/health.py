@@ -15,7 +15,14 @@ from typing import IO
 from sqlalchemy import func, select, text
 
 from gateway.store import journal, loop_events
-from gateway.store.blobs import CHUNK_SIZE, BlobInfo, BlobReader, BlobStore, StoreUnavailable
+from gateway.store.blobs import (
+    CHUNK_SIZE,
+    BlobInfo,
+    BlobReader,
+    BlobStore,
+    HashedFile,
+    StoreUnavailable,
+)
 from gateway.store.db import Database
 from gateway.store.metrics import BLOB_STORE_AVAILABLE
 from gateway.store.models import Delivery, DeliveryStatus
@@ -159,6 +166,10 @@ class WatchedBlobStore(BlobStore):
     async def put(self, data: bytes) -> str:
         with self._watch():
             return await self.store.put(data)
+
+    async def put_file(self, file: HashedFile) -> str:
+        with self._watch():
+            return await self.store.put_file(file)
 
     def takes_inline(self, size: int) -> bool:
         return self.store.takes_inline(size)

@@ -32,7 +32,14 @@ import aiosqlite
 from sqlalchemy import Connection, Insert, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from gateway.store.blobs import BlobInfo, BlobMissing, BlobReader, BlobStore, checked_digest
+from gateway.store.blobs import (
+    BlobInfo,
+    BlobMissing,
+    BlobReader,
+    BlobStore,
+    HashedFile,
+    checked_digest,
+)
 from gateway.store.db import SQLITE_BUSY_TIMEOUT_MS, Database
 from gateway.store.models import InlineBlob
 
@@ -83,6 +90,9 @@ class InlineBlobStore(BlobStore):
 
     async def put(self, data: bytes) -> str:
         return await self.files.put(data)
+
+    async def put_file(self, file: HashedFile) -> str:
+        return await self.files.put_file(file)
 
     async def _data(self, digest: str) -> bytes | None:
         found: bytes | None = await self._reads.value(_DATA, checked_digest(digest))

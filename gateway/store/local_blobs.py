@@ -8,6 +8,10 @@ drops the lock when the process dies however it dies. So a temp file nobody has 
 left by a killed writer, and start-up removes it, while the temp files of another instance
 still writing into the same store stay.
 
+A big message the SMTP front spooled is not copied in: its nameless spool file (opened
+with O_TMPFILE, so it can be given a name) is fsynced and linked into place, when the
+spool is on the store's file system; elsewhere its bytes are copied in the kernel.
+
 A disk error (EIO, a full disk, a permission taken away) raises StoreUnavailable, and so
 does a blob missing from a store whose `tmp` directory is gone too: the store's directory
 was unmounted or removed, which says nothing about the blob (as S3's NoSuchBucket).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -33,6 +38,7 @@ from gateway.store.blobs import (
     BlobMissing,
     BlobReader,
     BlobStore,
+    HashedFile,
     StoreUnavailable,
     checked_digest,
     is_digest,
@@ -78,6 +84,41 @@ class LocalBlobStore(BlobStore):
             with self._trouble("write", None):
                 await asyncio.to_thread(self._settle, tmp, name, hasher.hexdigest())
         return hasher.hexdigest()
+
+    async def put_file(self, file: HashedFile) -> str:
+        with self._trouble("write", None):
+            return await asyncio.to_thread(self._put_file, file)
+
+    def _put_file(self, file: HashedFile) -> str:
+        digest = checked_digest(file.digest)
+        if os.fstat(file.fd).st_size != file.size:
+            raise ValueError(
+                f"the file to store holds {os.fstat(file.fd).st_size} bytes, not {file.size}"
+            )
+        if self._refresh(digest):
+            return digest
+        os.utime(file.fd)  # young, as a put makes a blob
+        os.fsync(file.fd)
+        target = self._path(digest)
+        _make_dirs_durably(target.parent, self.root)
+        directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:  # a directory's fd makes this linkat(), which follows /proc's magic link
+                os.link(f"/proc/self/fd/{file.fd}", target.name, dst_dir_fd=directory)
+            except FileExistsError:
+                self._refresh(digest)  # another put of the same bytes came first
+                return digest
+            except OSError as exc:
+                if exc.errno not in _CANNOT_LINK:
+                    raise
+                with self._temp_file() as (tmp, name):
+                    _copy_in_kernel(file, tmp)
+                    self._settle(tmp, name, digest)
+                return digest
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return digest
 
     def _refresh(self, digest: str) -> bool:
         """Whether the blob is stored; if so it is young again, as a fresh put would be."""
@@ -269,6 +310,24 @@ class _TempFile:
         self.file.close()
         if exc_info[0] is not None:
             Path(self.name).unlink(missing_ok=True)
+
+
+# another file system (EXDEV), a file that may not be named (ENOENT: a temp file made with
+# O_EXCL or deleted; no /proc), a file system or policy that refuses hard links
+_CANNOT_LINK = frozenset(
+    {errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EACCES, errno.EMLINK, errno.EOPNOTSUPP}
+)
+
+
+def _copy_in_kernel(file: HashedFile, tmp: IO[bytes]) -> None:
+    """The file's `size` bytes into `tmp`, without passing through this process."""
+    tmp.flush()
+    position = 0
+    while position < file.size:
+        sent = os.sendfile(tmp.fileno(), file.fd, position, file.size - position)
+        if sent == 0:
+            raise OSError(errno.EIO, f"the file to store ended at byte {position}")
+        position += sent
 
 
 def _pread(fd: int, start: int, length: int) -> bytes:

@@ -43,6 +43,7 @@ from gateway.store.blobs import (
     BlobMissing,
     BlobReader,
     BlobStore,
+    HashedFile,
     StoreUnavailable,
     checked_digest,
     is_digest,
@@ -169,6 +170,16 @@ class S3BlobStore(BlobStore):
                 await self._upload_in_parts(digest, spool)
         return digest
 
+    async def put_file(self, file: HashedFile) -> str:
+        """Uploaded from the file itself: its digest is known, so no spool of our own."""
+        digest = checked_digest(file.digest)
+        parts = _FileParts(file)
+        if file.size <= PART_SIZE:
+            await self._put_object(digest, await parts.read(0, file.size))
+        elif not await self._refresh(digest, file.size):
+            await self._upload_in_parts(digest, parts)
+        return digest
+
     async def _put_object(self, digest: str, data: bytes) -> None:
         s3 = await self._client()
         with self._errors("put", digest):
@@ -194,7 +205,7 @@ class S3BlobStore(BlobStore):
             return False  # a sweeper took it meanwhile: upload it again
         return True
 
-    async def _upload_in_parts(self, digest: str, spool: _Spool) -> None:
+    async def _upload_in_parts(self, digest: str, spool: _Spool | _FileParts) -> None:
         s3 = await self._client()
         key = self._key(digest)
         with self._errors("start upload of", digest):
@@ -451,6 +462,20 @@ class S3BlobReader(BlobReader):
                 yield chunk
         finally:
             body.close()
+
+
+class _FileParts:
+    """A HashedFile read as `_Spool` is, for the parts of an upload."""
+
+    def __init__(self, file: HashedFile) -> None:
+        self._fd = file.fd
+        self.size = file.size
+
+    async def read(self, start: int, length: int) -> bytes:
+        data = await asyncio.to_thread(os.pread, self._fd, length, start)
+        if len(data) != min(length, self.size - start):
+            raise OSError(f"the file to upload ended at byte {start + len(data)}")
+        return data
 
 
 class _Spool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from pathlib import Path
 
@@ -141,6 +142,21 @@ async def test_small_data_stays_in_memory_and_big_data_goes_to_the_spool(
         assert spooled_to_file == (size > KEPT)
         assert spooled.size == len(data) - 1
         assert await spooled.read() == data[1:]
+        hashed = spooled.hashed_file()
+        if size > KEPT:
+            assert hashed is not None
+            assert hashed.digest == hashlib.sha256(data[1:]).hexdigest()
+            assert hashed.size == len(data) - 1
+            # the blob store may give the spool file a name (its original, not a copy)
+            directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.link(f"/proc/self/fd/{hashed.fd}", "named", dst_dir_fd=directory)
+            finally:
+                os.close(directory)
+            assert (tmp_path / "named").read_bytes() == data[1:]
+            (tmp_path / "named").unlink()
+        else:
+            assert hashed is None
     finally:
         spooled.close()
     assert list(tmp_path.iterdir()) == []
@@ -156,8 +172,8 @@ async def test_lines_of_dots_reach_the_spool_a_window_at_a_time(
     to_thread = asyncio.to_thread
 
     async def counting(function: object, *args: object) -> object:
-        if getattr(function, "__name__", "") == "writelines":
-            writes.append(sum(len(piece) for piece in args[0]))  # type: ignore[attr-defined]
+        if getattr(function, "__name__", "") == "_write_out":
+            writes.append(sum(len(piece) for piece in args[2]))  # type: ignore[attr-defined]
         return await to_thread(function, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(asyncio, "to_thread", counting)

@@ -5,6 +5,7 @@ after a 250, a 552, a 500 and a client gone mid-DATA, with nothing left in the d
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -123,6 +124,42 @@ async def test_a_client_gone_mid_data_leaves_no_spool_file(
     await until(lambda: spool_files(spool) == [], "the spool file closed")
     assert list(spool.iterdir()) == []
     await assert_nothing_written(relay)
+
+
+def spool_inodes(spool: Path) -> list[int]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{spool}/"):
+                found.append(os.stat(f"/proc/self/fd/{fd}").st_ino)
+        except OSError:
+            continue
+    return found
+
+
+async def test_a_big_message_s_spool_file_becomes_its_stored_original(
+    spooling: tuple[Harness, Path],
+) -> None:
+    """Not written to the disk twice: the blob store names the spool file (same inode), and
+    the stored original is the message as received, byte for byte."""
+    relay, spool = spooling
+    wire = await logged_in(relay)
+    raw = raw_message(body=line_block(900_000))
+    payload = dotted(raw)
+    assert (await wire.command("DATA")).code == 354
+    await wire.write(payload[:PAST_KEPT])
+    await until(lambda: len(spool_inodes(spool)) == 1, "a spool file open during DATA")
+    [inode] = spool_inodes(spool)
+    await wire.write(payload[PAST_KEPT:])
+    answer = await wire.answer()
+    assert answer.code == 250, answer
+    stored = Path(relay.relay.blobs.location(hashlib.sha256(raw).hexdigest()))
+    assert stored.read_bytes() == raw
+    assert stored.stat().st_ino == inode
+    assert list(spool.iterdir()) == []
+    [copy] = await relay.sink.expect(1)
+    assert copy.data.endswith(raw[raw.index(b"\r\n\r\n") :])
+    await wire.close()
 
 
 def test_the_spool_is_beside_the_blobs_unless_configured() -> None:

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store.blobs import BlobInfo, BlobMissing, BlobReader, BlobStore, checked_digest
+from gateway.store.blobs import (
+    BlobInfo,
+    BlobMissing,
+    BlobReader,
+    BlobStore,
+    HashedFile,
+    checked_digest,
+)
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.s3_blobs import S3BlobStore
 from tests.s3_server import S3Server
@@ -130,6 +137,21 @@ async def test_put_stream_returns_the_sha256_of_all_chunks(store: BlobStore) -> 
     assert await store.read(digest) == whole
     assert await store.size(digest) == len(whole)
     assert await store.exists(digest)
+
+
+async def test_put_file_stores_the_whole_file_whatever_its_position(
+    store: BlobStore, tmp_path: Path
+) -> None:
+    data = bytes(range(256)) * 9000  # past a chunk, as a spooled message
+    digest = hashlib.sha256(data).hexdigest()
+    with open(tmp_path / "spooled", "w+b") as file:
+        file.write(data)
+        file.flush()  # left at its end, as the spool leaves it
+        assert await store.put_file(HashedFile(file.fileno(), digest, len(data))) == digest
+        assert await store.read(digest) == data
+        assert await store.put_file(HashedFile(file.fileno(), digest, len(data))) == digest
+    assert (tmp_path / "spooled").read_bytes() == data  # the writer's file is not consumed
+    assert await store.read(digest) == data
 
 
 async def test_put_of_bytes_is_the_same_blob(store: BlobStore) -> None:

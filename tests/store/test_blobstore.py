@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from gateway.store.blobs import HashedFile
 from gateway.store.local_blobs import LocalBlobStore
 from tests.support import LETTER_TOML, free_port
 
@@ -42,6 +45,7 @@ async def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
 _STUCK_WRITER = """
 import os, stat, sys, time
 from pathlib import Path
+from gateway.store.blobs import HashedFile
 from gateway.store.local_blobs import LocalBlobStore
 
 fsync = os.fsync
@@ -107,3 +111,73 @@ async def test_temp_files_of_a_killed_writer_go_at_start_up(tmp_path: Path) -> N
     finally:
         working.kill()
         await working.wait()
+
+
+def nameless(directory: Path, data: bytes) -> int:
+    """A file as the SMTP front spools one: O_TMPFILE, no O_EXCL, so it may be named."""
+    fd = os.open(directory, os.O_RDWR | os.O_TMPFILE, 0o600)
+    os.write(fd, data)
+    return fd
+
+
+async def test_a_spooled_file_is_linked_into_place_not_copied(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = b"a big message, as spooled\r\n" * 40_000
+    fd = nameless(tmp_path, data)
+    try:
+        digest = await store.put_file(HashedFile(fd, hashlib.sha256(data).hexdigest(), len(data)))
+        stored = Path(store.location(digest))
+        assert stored.stat().st_ino == os.fstat(fd).st_ino  # the same file, now named
+    finally:
+        os.close(fd)
+    assert stored.read_bytes() == data
+    assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["another file system", "a file that may not be named"])
+async def test_a_file_that_cannot_be_linked_is_copied(tmp_path: Path, where: str) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = b"spooled elsewhere\r\n" * 40_000
+    if where == "another file system":
+        shm = Path("/dev/shm")
+        assert os.stat(shm).st_dev != os.stat(tmp_path).st_dev, "the test needs /dev/shm apart"
+        fd = nameless(shm, data)
+    else:
+        with tempfile.TemporaryFile(dir=tmp_path) as unnamable:  # O_EXCL: never named
+            fd = os.dup(unnamable.fileno())
+        os.write(fd, data)
+    try:
+        digest = await store.put_file(HashedFile(fd, hashlib.sha256(data).hexdigest(), len(data)))
+        stored = Path(store.location(digest))
+        assert stored.stat().st_ino != os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    assert stored.read_bytes() == data
+    assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
+
+
+async def test_a_file_of_bytes_stored_already_only_makes_the_blob_young(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = b"sent twice\r\n" * 40_000
+    digest = await store.put(data)
+    stored = Path(store.location(digest))
+    os.utime(stored, (0, 0))
+    fd = nameless(tmp_path, data)
+    try:
+        assert await store.put_file(HashedFile(fd, digest, len(data))) == digest
+        assert stored.stat().st_ino != os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    assert stored.stat().st_mtime > 0 and stored.read_bytes() == data
+
+
+async def test_a_file_of_another_size_than_said_is_refused(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = b"short\r\n"
+    fd = nameless(tmp_path, data)
+    try:
+        with pytest.raises(ValueError, match="holds 7 bytes"):
+            await store.put_file(HashedFile(fd, hashlib.sha256(data).hexdigest(), 8))
+    finally:
+        os.close(fd)
+    assert [info async for info in store.list()] == []

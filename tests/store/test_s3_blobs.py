@@ -17,7 +17,7 @@ from sqlalchemy import select
 from gateway import users
 from gateway.intake.pipeline import Envelope, Origin, Pipeline
 from gateway.store import s3_blobs, sweeper
-from gateway.store.blobs import BlobMissing
+from gateway.store.blobs import BlobMissing, HashedFile
 from gateway.store.db import Database
 from gateway.store.models import Message, StoredFile
 from gateway.store.s3_blobs import PART_SIZE, S3BlobStore, S3StoreError
@@ -70,6 +70,24 @@ async def test_a_big_blob_goes_up_in_parts_and_reads_back_by_range(
         with pytest.raises(OSError, match="early"):
             [c async for c in blob.stream(len(data) - 10, 20)]
     assert await store.read(digest) == data
+
+
+async def test_a_spooled_message_goes_up_in_parts_from_its_own_file(
+    store: S3BlobStore, s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    data = os.urandom(PART_SIZE + 4321)
+    digest = hashlib.sha256(data).hexdigest()
+    with open(tmp_path / "spooled", "w+b") as file:
+        file.write(data)
+        file.flush()
+        assert await store.put_file(HashedFile(file.fileno(), digest, len(data))) == digest
+        stored = s3_server.client().head_object(Bucket=s3_bucket, Key=f"relay/{digest}")
+        assert stored["ETag"].endswith('-2"')
+        assert await store.read(digest) == data
+        with pytest.raises(OSError, match="ended at byte"):  # shorter than its writer said
+            await store.put_file(HashedFile(file.fileno(), "0" * 64, len(data) + PART_SIZE))
+    assert uploads(s3_server, s3_bucket) == []
+    assert not await store.exists("0" * 64)
 
 
 async def test_only_a_blob_over_a_mebibyte_is_spooled_to_disk(
