@@ -11,6 +11,7 @@ no second pass over the blob.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ from gateway.mail import dkim, headers, lines
 from gateway.mail.loop_mark import LoopMarks
 from gateway.mail.outgoing import Head, Signer, prepare
 from gateway.store.blobs import BlobReader, BlobStore
-from gateway.store.models import Message
+from gateway.store.models import Message, MessageKind
 
 # Copies up to this size are built whole; a bigger one's header block must lie within it.
 WHOLE = 256 * 1024
@@ -102,7 +103,7 @@ async def outgoing(
         yield prepare(await blobs.read(digest), message, hostname, signer, loop)
         return
     async with blobs.open(digest) as blob:
-        yield await build(blob, message, hostname, signer, loop)
+        yield await build(blob, message, hostname, signer, loop, digest=digest)
 
 
 async def build(
@@ -114,12 +115,19 @@ async def build(
     *,
     window: int | None = None,
     now: int | None = None,
+    digest: str | None = None,
 ) -> Outgoing:
     """The copy of an open blob: built whole when it is small or its header block does not
     end within the first WHOLE bytes (no real mail), else a StoredCopy after one pass
     over the blob for the body hash and the line ends. `window`: the size of each read,
     in this pass and as the copy is sent (the store's own when None: 256 KiB from a file,
-    1 MiB from S3, one GET each); `now`: the signature's t=, if not now."""
+    1 MiB from S3, one GET each); `now`: the signature's t=, if not now; `digest`: the
+    blob's name.
+
+    A submitted message's original (`digest` is its `blob`) passed the intake's line-end
+    check under that name (Pipeline.receive): here its sha256 proves that these are those
+    bytes, at a tenth of a second scan's CPU (1 against 10 ms per 10 MB), and bytes that
+    are not raise BlobChanged."""
     first = await blob.read(0, min(blob.size, WHOLE))
     offsets = headers.split_offsets_at_start(first)
     if len(first) == blob.size or offsets is None:
@@ -128,7 +136,10 @@ async def build(
         return prepare(first, message, hostname, signer, loop, now=now)
     header_end, body_start = offsets
     head = Head.of(first[:header_end], message, hostname, signer, loop)
-    scan = lines.LineEndScan()
+    checked = (
+        digest is not None and digest == message.blob and message.kind == MessageKind.SUBMITTED
+    )
+    scan = _Verify(digest) if checked and digest is not None else lines.LineEndScan()
     body = dkim.BodyHash() if head.key is not None else None
     scan.update(first)
     if body is not None:
@@ -150,3 +161,20 @@ async def build(
     fields = head.fields(body.value() if body is not None else None, now=now)
     found = scan.end() + len(fields) if scan.end() != -1 else -1
     return StoredCopy(fields, blob, found, tuple(sums), start, window)
+
+
+class _Verify:
+    """In place of a LineEndScan for bytes checked before under their digest: -1 (no bare
+    line end) once the bytes prove to be those."""
+
+    def __init__(self, digest: str) -> None:
+        self._digest = digest
+        self._hash = hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    def end(self) -> int:
+        if self._hash.hexdigest() != self._digest:
+            raise BlobChanged(f"the stored blob {self._digest} does not hold the bytes it names")
+        return -1

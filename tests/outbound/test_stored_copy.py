@@ -33,7 +33,7 @@ from gateway.outbound.stored_copy import WHOLE, BlobChanged, StoredCopy, build, 
 from gateway.outbound.upstream import CaptureUpstream
 from gateway.store.blobs import BlobStore
 from gateway.store.local_blobs import LocalBlobStore
-from gateway.store.models import Message
+from gateway.store.models import Message, MessageKind
 from tests.conftest import dkim_dns
 from tests.s3_server import S3Server
 
@@ -205,6 +205,35 @@ async def test_small_copies_and_header_blocks_past_the_first_read_are_built_whol
         async with store.open(await store.put(raw)) as blob:
             built = await build(blob, row(raw), "relay.broker.example", signer, now=NOW)
         assert built == prepare(raw, row(raw), "relay.broker.example", signer, now=NOW)
+
+
+@pytest.mark.parametrize("damage", [b"\n", b"#"], ids=["a bare LF", "one octet"])
+async def test_a_submitted_original_is_proved_by_its_digest(tmp_path: Path, damage: bytes) -> None:
+    """The intake checked a submitted message's original for bare line ends under its
+    digest, so its copy is proved by its sha256 instead of scanned again; bytes changed on
+    the disk since (a bare LF, or any other octet) are not sent."""
+    store = LocalBlobStore(tmp_path)
+    raw = big_message()
+    digest = await store.put(raw)
+    message = row(raw)
+    message.blob, message.kind = digest, MessageKind.SUBMITTED
+    async with store.open(digest) as blob:
+        copy = await build(blob, message, "relay.broker.example", Signer({}), digest=digest)
+        assert isinstance(copy, StoredCopy) and copy.bare_line_end == -1
+        assert await joined(copy) == prepare(raw, message, "relay.broker.example", Signer({}))
+    stored = Path(store.location(digest))
+    changed = bytearray(raw)
+    at = raw.rindex(b"Zeile") + 2  # within a line
+    assert changed[at] != damage[0]
+    changed[at] = damage[0]
+    stored.write_bytes(bytes(changed))
+    async with store.open(digest) as blob:
+        with pytest.raises(BlobChanged, match="does not hold the bytes it names"):
+            await build(blob, message, "relay.broker.example", Signer({}), digest=digest)
+        message.kind = MessageKind.BOUNCE  # not checked at an intake: scanned, as before
+        copy = await build(blob, message, "relay.broker.example", Signer({}), digest=digest)
+        assert isinstance(copy, StoredCopy)
+        assert (copy.bare_line_end != -1) == (damage == b"\n")
 
 
 # --- what the SMTP writer sends ---------------------------------------------------------------
