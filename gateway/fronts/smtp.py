@@ -29,6 +29,7 @@ from gateway.config import Settings
 from gateway.fronts import trusted
 from gateway.fronts.byte_budget import ByteBudget
 from gateway.fronts.client_address import client_address
+from gateway.fronts.command_tables import CommandTableNames
 from gateway.fronts.data_reader import Spooled, spool_data
 from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
 from gateway.fronts.proxy_header import ProxyPolicy, proxied_client
@@ -111,7 +112,7 @@ class Reply:
         return f"553 5.1.3 The recipient address <{address}> is not valid: {why}"
 
 
-class SubmissionHandler:
+class SubmissionHandler(CommandTableNames):
     def __init__(
         self,
         settings: Settings,
@@ -333,7 +334,7 @@ def address_problem(address: str) -> str | None:
     return None
 
 
-class SubmissionSMTP(SMTP):
+class SubmissionSMTP(CommandTableNames, SMTP):
     """aiosmtpd's protocol with DATA read in large pieces (gateway/fronts/data_reader.py).
 
     `timeout` means client silence, as Postfix's smtpd_timeout does: aiosmtpd restarts its
