@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/crash.py --cycles 20
     .venv/bin/python bench/crash.py --cycles 5 --backend sqlite --sessions 10
+    .venv/bin/python bench/crash.py --cycles 5 --size 600000 --min-kill 5 --max-kill 30
 
 Per backend (SQLite in a temp directory, a fresh PostgreSQL database), a real relay process
 runs with the shipped worker settings and a recording SMTP sink as its upstream. Each cycle
@@ -13,8 +14,10 @@ last cycle the relay runs until every accepted message has reached the sink.
 Prints per backend: cycles, accepted, lost (accepted, never delivered), duplicates (copies
 the sink got more than once) in all and per kill. A kill can cause at most as many
 duplicates as copies were sent and not yet recorded: `[worker] concurrency` groups (20 as
-shipped; a destination's turn ends with its send, its slot with the record). Exits 1 if any
-accepted message was lost.
+shipped; a destination's turn ends with its send, its slot with the record). With --size,
+each message carries that many octets more (past 256 KiB: spooled, and its spool file kept
+as the stored original) and must reach the sink whole: a copy without its last line counts
+as damaged. Exits 1 if any accepted message was lost or damaged.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from email.message import EmailMessage
 from pathlib import Path
 
 import aiosmtplib
@@ -52,11 +56,24 @@ class Figures:
     lost: int = 0
     duplicates: int = 0
     duplicates_per_kill: float = 0.0
+    damaged: int = 0  # with --size: copies that reached the sink without their last line
     client_errors: int = 0
     seconds: float = 0.0
 
 
-async def send_until(relay: RelayProcess, tag: str, kill_after: int, sessions: int) -> set[str]:
+def crash_message(tag: str, number: int, size: int) -> tuple[str, EmailMessage]:
+    """burst_message(), `size` octets longer, its last line naming it."""
+    message_id, message = burst_message(tag, number)
+    if size:
+        line = "x" * 76 + "\n"
+        padding = line * (size // len(line))
+        message.set_content(f"Message {number}\n{padding}end of {message_id}\n")
+    return message_id, message
+
+
+async def send_until(
+    relay: RelayProcess, tag: str, kill_after: int, sessions: int, size: int = 0
+) -> set[str]:
     """Send from `sessions` sessions; SIGKILL the relay once `kill_after` messages got 250."""
     accepted: set[str] = set()
     numbers = iter(range(1_000_000))
@@ -73,7 +90,7 @@ async def send_until(relay: RelayProcess, tag: str, kill_after: int, sessions: i
             await client.connect()
             await client.login(AGENT, PASSWORD)
             for number in numbers:
-                message_id, message = burst_message(tag, number)
+                message_id, message = crash_message(tag, number, size)
                 await client.send_message(message)
                 accepted.add(message_id)
                 if len(accepted) == kill_after:
@@ -106,7 +123,11 @@ async def run_backend(backend: str, args: argparse.Namespace) -> Figures:
                         await relay.start()
                         tag = f"{backend}-{cycle}"
                         got = await send_until(
-                            relay, tag, rng.randint(args.min_kill, args.max_kill), args.sessions
+                            relay,
+                            tag,
+                            rng.randint(args.min_kill, args.max_kill),
+                            args.sessions,
+                            args.size,
                         )
                         if await relay.wait_exit() != -signal.SIGKILL:
                             raise SystemExit(f"the relay ended on its own:\n{relay.log_tail()}")
@@ -126,6 +147,10 @@ async def run_backend(backend: str, args: argparse.Namespace) -> Figures:
     figures.delivered = len(accepted & copies.keys())
     figures.lost = len(accepted - copies.keys())
     figures.duplicates = sum(n - 1 for n in copies.values() if n > 1)
+    if args.size:
+        figures.damaged = sum(
+            1 for copy in sink.messages if b"end of <dur-" not in copy.data[-200:]
+        )
     figures.duplicates_per_kill = round(figures.duplicates / max(figures.cycles, 1), 2)
     figures.seconds = round(time.monotonic() - began, 1)
     return figures
@@ -141,14 +166,14 @@ async def wait_delivered(sink: Sink, wanted: set[str], relay: RelayProcess) -> N
 
 def print_figures(all_figures: list[Figures]) -> None:
     print(
-        f"{'backend':10} {'cycles':>6} {'accepted':>8} {'lost':>5} {'duplicates':>10}"
-        f" {'dup %':>6} {'dup/kill':>8} {'seconds':>8}"
+        f"{'backend':10} {'cycles':>6} {'accepted':>8} {'lost':>5} {'damaged':>7}"
+        f" {'duplicates':>10} {'dup %':>6} {'dup/kill':>8} {'seconds':>8}"
     )
     for f in all_figures:
         share = 100 * f.duplicates / f.accepted if f.accepted else 0.0
         print(
-            f"{f.backend:10} {f.cycles:>6} {f.accepted:>8} {f.lost:>5} {f.duplicates:>10}"
-            f" {share:>6.2f} {f.duplicates_per_kill:>8} {f.seconds:>8}"
+            f"{f.backend:10} {f.cycles:>6} {f.accepted:>8} {f.lost:>5} {f.damaged:>7}"
+            f" {f.duplicates:>10} {share:>6.2f} {f.duplicates_per_kill:>8} {f.seconds:>8}"
         )
 
 
@@ -159,7 +184,7 @@ async def main_async(args: argparse.Namespace) -> int:
     print_figures(results)
     if args.json:
         print(json.dumps([asdict(f) for f in results]))
-    return 1 if any(f.lost for f in results) else 0
+    return 1 if any(f.lost or f.damaged for f in results) else 0
 
 
 def main() -> None:
@@ -178,6 +203,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds to deliver all")
     parser.add_argument(
         "--lease", type=float, default=None, help="worker lease seconds (default: as shipped)"
+    )
+    parser.add_argument(
+        "--size", type=int, default=0, help="octets added to each message (default: none)"
     )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
