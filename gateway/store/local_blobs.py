@@ -103,22 +103,24 @@ class LocalBlobStore(BlobStore):
         _make_dirs_durably(target.parent, self.root)
         directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            try:  # a directory's fd makes this linkat(), which follows /proc's magic link
-                os.link(f"/proc/self/fd/{file.fd}", target.name, dst_dir_fd=directory)
-            except FileExistsError:
-                self._refresh(digest)  # another put of the same bytes came first
+            while True:
+                try:  # a directory's fd makes this linkat(), which follows /proc's magic link
+                    os.link(f"/proc/self/fd/{file.fd}", target.name, dst_dir_fd=directory)
+                except FileExistsError:
+                    if self._refresh(digest):  # another put of the same bytes came first
+                        return digest
+                    continue  # and a sweep took it away again: link ours
+                except OSError as exc:
+                    if exc.errno not in _CANNOT_LINK:
+                        raise
+                    with self._temp_file() as (tmp, name):
+                        _copy_in_kernel(file, tmp)
+                        self._settle(tmp, name, digest)
+                    return digest
+                os.fsync(directory)
                 return digest
-            except OSError as exc:
-                if exc.errno not in _CANNOT_LINK:
-                    raise
-                with self._temp_file() as (tmp, name):
-                    _copy_in_kernel(file, tmp)
-                    self._settle(tmp, name, digest)
-                return digest
-            os.fsync(directory)
         finally:
             os.close(directory)
-        return digest
 
     def _refresh(self, digest: str) -> bool:
         """Whether the blob is stored; if so it is young again, as a fresh put would be."""

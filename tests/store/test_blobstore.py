@@ -181,3 +181,20 @@ async def test_a_file_of_another_size_than_said_is_refused(tmp_path: Path) -> No
     finally:
         os.close(fd)
     assert [info async for info in store.list()] == []
+
+
+async def test_files_of_the_same_bytes_put_at_once_make_one_blob(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = b"the same offer, from eight sessions at once\r\n" * 20_000
+    digest = hashlib.sha256(data).hexdigest()
+    fds = [nameless(tmp_path, data) for _ in range(8)]
+    try:
+        put = [store.put_file(HashedFile(fd, digest, len(data))) for fd in fds]
+        assert await asyncio.gather(*put) == [digest] * 8
+        inodes = {os.fstat(fd).st_ino for fd in fds}
+        assert Path(store.location(digest)).stat().st_ino in inodes  # one of them, linked
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert [info.digest async for info in store.list()] == [digest]
+    assert Path(store.location(digest)).read_bytes() == data
