@@ -291,8 +291,16 @@ class LocalBlobReader(BlobReader):
         return self._size
 
     async def read(self, start: int, length: int) -> bytes:
+        """Read on the event loop when the page cache holds the whole range (a read that
+        cannot wait for the disk), else in a thread: a 10 MB copy leaves in 80 reads of
+        256 KiB, nearly always from the cache, and a thread's hop for each cost the relay
+        about 9 ms of CPU per such message (bench/README)."""
         with self._store._trouble("read", self._digest):
-            return await asyncio.to_thread(_pread, self._file.fileno(), start, length)
+            fd = self._file.fileno()
+            cached = _read_cached(fd, start, max(0, min(length, self._size - start)))
+            if cached is not None:
+                return cached
+            return await asyncio.to_thread(_pread, fd, start, length)
 
     def kernel_file(self) -> IO[bytes]:
         return self._file
@@ -330,6 +338,28 @@ def _copy_in_kernel(file: HashedFile, tmp: IO[bytes]) -> None:
         if sent == 0:
             raise OSError(errno.EIO, f"the file to store ended at byte {position}")
         position += sent
+
+
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14 and later
+
+
+def _read_cached(fd: int, start: int, length: int) -> bytes | None:
+    """`length` bytes from `start` if the page cache holds them all, else None. A file
+    system that does not take RWF_NOWAIT is not asked again."""
+    global _NOWAIT
+    if _NOWAIT is None:
+        return None
+    buffer = bytearray(length)
+    try:
+        got = os.preadv(fd, [buffer], start, _NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        _NOWAIT = None
+        return None
+    return bytes(buffer) if got == length else None
 
 
 def _pread(fd: int, start: int, length: int) -> bytes:

@@ -4,15 +4,18 @@ its durability, and what a killed writer leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway.store import local_blobs
 from gateway.store.blobs import HashedFile
 from gateway.store.local_blobs import LocalBlobStore
 from tests.support import LETTER_TOML, free_port
@@ -198,3 +201,45 @@ async def test_files_of_the_same_bytes_put_at_once_make_one_blob(tmp_path: Path)
             os.close(fd)
     assert [info.digest async for info in store.list()] == [digest]
     assert Path(store.location(digest)).read_bytes() == data
+
+
+async def test_a_read_the_page_cache_holds_needs_no_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(3 * 256 * 1024 + 77)
+    digest = await store.put(data)
+    hops: list[object] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(function: Any, *args: Any) -> Any:
+        hops.append(function)
+        return await to_thread(function, *args)
+
+    async with store.open(digest) as blob:
+        monkeypatch.setattr(asyncio, "to_thread", counted)
+        assert await blob.read(0, len(data)) == data  # just written: in the cache
+        assert await blob.read(len(data) - 100, 500) == data[-100:]
+        assert hops == []
+        with open(store.location(digest), "rb") as file:
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert await blob.read(256 * 1024, 256 * 1024) == data[256 * 1024 : 512 * 1024]
+        assert len(hops) == 1  # from the disk: in a thread, not on the event loop
+
+
+async def test_a_file_system_without_nowait_reads_are_read_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(300_000)
+    digest = await store.put(data)
+    monkeypatch.setattr(local_blobs, "_NOWAIT", local_blobs._NOWAIT)  # restored afterwards
+
+    def refused(*args: object) -> int:
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(os, "preadv", refused)
+    async with store.open(digest) as blob:
+        assert await blob.read(0, len(data)) == data
+        assert local_blobs._NOWAIT is None  # not asked again
+        assert await blob.read(10, 20) == data[10:30]
