@@ -91,34 +91,38 @@ class LocalBlobStore(BlobStore):
 
     def _put_file(self, file: HashedFile) -> str:
         digest = checked_digest(file.digest)
-        if os.fstat(file.fd).st_size != file.size:
-            raise ValueError(
-                f"the file to store holds {os.fstat(file.fd).st_size} bytes, not {file.size}"
-            )
+        size = os.fstat(file.fd).st_size
+        if size != file.size:
+            raise ValueError(f"the file to store holds {size} bytes, not {file.size}")
         if self._refresh(digest):
             return digest
         os.utime(file.fd)  # young, as a put makes a blob
         os.fsync(file.fd)
         target = self._path(digest)
         _make_dirs_durably(target.parent, self.root)
+        try:
+            self._link(file.fd, target, digest)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_LINK:
+                raise
+            with self._temp_file() as (tmp, name):
+                _copy_in_kernel(file, tmp)
+                self._settle(tmp, name, digest)
+        return digest
+
+    def _link(self, fd: int, target: Path, digest: str) -> None:
+        """Name the open file `target` durably, unless a put of the same bytes came first."""
         directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             while True:
                 try:  # a directory's fd makes this linkat(), which follows /proc's magic link
-                    os.link(f"/proc/self/fd/{file.fd}", target.name, dst_dir_fd=directory)
+                    os.link(f"/proc/self/fd/{fd}", target.name, dst_dir_fd=directory)
                 except FileExistsError:
-                    if self._refresh(digest):  # another put of the same bytes came first
-                        return digest
+                    if self._refresh(digest):
+                        return
                     continue  # and a sweep took it away again: link ours
-                except OSError as exc:
-                    if exc.errno not in _CANNOT_LINK:
-                        raise
-                    with self._temp_file() as (tmp, name):
-                        _copy_in_kernel(file, tmp)
-                        self._settle(tmp, name, digest)
-                    return digest
                 os.fsync(directory)
-                return digest
+                return
         finally:
             os.close(directory)
 
