@@ -1,15 +1,16 @@
-"""CPU per copy sent upstream: a new connection each, a kept connection, kept and pipelined.
+"""CPU per copy sent upstream: a new connection each, kept, pipelined, pipelined with BDAT.
 
     .venv/bin/python bench/upstream.py --copies 2000 --size 5000
     .venv/bin/python bench/upstream.py --copies 2000 --size 5000 --uvloop
 
 The relay's own upstream code (gateway/outbound/upstream.py, SmtpUpstream) sends `--copies`
 copies of about `--size` bytes to an aiosmtpd sink in a child process of its own, which offers
-PIPELINING and throws the bodies away, once per way of sending:
+PIPELINING and CHUNKING and throws the bodies away, once per way of sending:
 
 - **new**: `connection_cache = 0`, a connection per copy (what the relay did before);
 - **kept**: kept connections, `pipelining = false` (RSET, MAIL, RCPT, DATA one at a time);
-- **pipelined**: kept connections with PIPELINING (RSET, MAIL, RCPT and DATA in one write).
+- **pipelined**: kept connections with PIPELINING (RSET, MAIL, RCPT and DATA in one write);
+- **chunked**: pipelined, and the copy as one BDAT chunk (CHUNKING), not dot-stuffed.
 
 `--concurrency` copies are in flight at a time (default 4). For each it prints the CPU time
 of this process (the sending side only: user + system) per copy, the copies per second, and
@@ -43,14 +44,15 @@ from gateway.outbound.upstream import SmtpUpstream  # noqa: E402
 from sealrelay.serve import event_loop  # noqa: E402
 
 WAYS = {
-    "new": {"connection_cache": 0},
-    "kept": {"pipelining": False},
-    "pipelined": {},
+    "new": {"connection_cache": 0, "chunking": False},
+    "kept": {"pipelining": False, "chunking": False},
+    "pipelined": {"chunking": False},
+    "chunked": {},
 }
 
 
 class _Sink:
-    """aiosmtpd handler: offers PIPELINING, counts connections, keeps no body."""
+    """aiosmtpd handler: offers PIPELINING and CHUNKING, counts connections, keeps no body."""
 
     def __init__(self) -> None:
         self.connections = 0
@@ -60,7 +62,7 @@ class _Sink:
     ) -> list[str]:
         session.host_name = hostname
         self.connections += 1
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return [*responses[:-1], "250-PIPELINING", "250-CHUNKING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         envelope.content = envelope.original_content = None
@@ -71,12 +73,16 @@ def run_sink(port: int, conn: Connection) -> None:
     """The sink's process: answers each request on `conn` with the connections so far."""
     from aiosmtpd.smtp import SMTP
 
+    from tests.chunking_smtp import ChunkingSMTP
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         handler = _Sink()
 
         def make() -> SMTP:
-            return SMTP(handler, hostname="sink.bench", decode_data=False, data_size_limit=None)
+            return ChunkingSMTP(
+                handler, hostname="sink.bench", decode_data=False, data_size_limit=None
+            )
 
         server = await loop.create_server(make, "127.0.0.1", port)
         conn.send("ready")

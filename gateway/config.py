@@ -253,6 +253,8 @@ class UpstreamSettings(Section):
     )
     # RSET, MAIL, RCPT and DATA in one write when the upstream offers PIPELINING (RFC 2920)
     pipelining: bool = True
+    # the copy as one BDAT chunk, not dot-stuffed, when the upstream offers CHUNKING (RFC 3030)
+    chunking: bool = True
 
     @field_validator("url")
     @classmethod

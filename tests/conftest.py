@@ -27,7 +27,7 @@ from gateway.mail import dkim
 from gateway.mail.outgoing import Signer
 from gateway.store.db import Database, make_engine
 from sealrelay.serve import ROLES, Relay
-from tests import db_templates
+from tests import db_templates, task_dump
 from tests.support import Sink, free_port, make_certificate, undeclared_event_types
 
 POSTGRES_URL = os.environ.get(
@@ -40,6 +40,9 @@ DKIM_DOMAIN = "broker.example"
 DKIM_SELECTOR = "s2026"
 
 pytest_plugins = ["tests.letter_fixtures", "tests.s3_server"]
+
+
+task_dump.install()
 
 
 @pytest.fixture(scope="session")

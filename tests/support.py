@@ -26,6 +26,7 @@ from gateway.store.db import Database
 from gateway.store.journal import ChainReport, verify_database
 from gateway.store.models import Event
 from gateway.store.sequencer import chain_all
+from tests.chunking_smtp import ChunkedEnvelope, ChunkingSMTP
 
 
 def screenshot_dir(suite: str) -> Path:
@@ -144,9 +145,10 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     tls: bool = False  # it came over STARTTLS
+    chunks: int = 0  # the BDAT chunks it came in; 0: it came by DATA
 
 
-class _CountingSMTP(SMTP):
+class _CountingSMTP(ChunkingSMTP):
     """aiosmtpd's server, telling its sink when a connection opens and closes."""
 
     def __init__(self, sink: Sink, **kwargs: Any) -> None:
@@ -181,6 +183,8 @@ class Sink:
     held: int = 0
     open_connections: int = 0
     most_connections: int = 0  # open at the same time, at most
+    pipelining: bool = False  # offers PIPELINING (RFC 2920)
+    chunking: bool = False  # offers CHUNKING: takes BDAT (RFC 3030)
     _counted: set[SMTP] = field(default_factory=set)
     _server: asyncio.Server | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -191,6 +195,13 @@ class Sink:
             return True
         self._counted.add(server)
         return False
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, lines: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        offered = [("PIPELINING", self.pipelining), ("CHUNKING", self.chunking)]
+        return [*lines[:-1], *(f"250-{name}" for name, on in offered if on), lines[-1]]
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -216,6 +227,7 @@ class Sink:
                     list(envelope.rcpt_tos),
                     envelope.original_content,
                     tls=session.ssl is not None,
+                    chunks=envelope.chunks if isinstance(envelope, ChunkedEnvelope) else 0,
                 )
             )
             self._changed.notify_all()

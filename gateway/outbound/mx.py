@@ -65,6 +65,7 @@ class MxUpstream:
         self.min_transfer_rate = settings.min_transfer_rate
         self.local_hostname = local_hostname
         self.pipelining = settings.pipelining
+        self.chunking = settings.chunking
         # per domain and MTA-STS mode: a connection opened under one mode serves no other
         self.connections = ConnectionCache(settings)
         self.settings = settings
@@ -241,7 +242,11 @@ class MxUpstream:
                     await client.connect(timeout=self.connect_timeout)
                     await self._secure(client, domain, host, where, mode)
                     connection = await SmtpConnection.adopt(
-                        client, remote=host, where=where, pipelining=self.pipelining
+                        client,
+                        remote=host,
+                        where=where,
+                        pipelining=self.pipelining,
+                        chunking=self.chunking,
                     )
                     adopted = True
                 except HostFailed:

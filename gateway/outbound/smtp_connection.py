@@ -6,9 +6,16 @@ and drops the rest: with PIPELINING (RFC 2920) offered, RSET, MAIL, every RCPT a
 in one write and their replies are read back in order, one round trip instead of three or
 more. Without it, each command waits for its reply, as RFC 5321 has it.
 
-A conversation that fails before the upstream said 354 to DATA has sent no byte of the
-message, so the caller may try again on a fresh connection; once the data started, never:
-the upstream could have taken the copy. `ConnectionEnded.before_data` says which.
+With CHUNKING (RFC 3030) offered, the copy leaves as one `BDAT <size> LAST` chunk once MAIL
+and RCPT were answered, in place of DATA: its octets as they are, with no dot to double on
+the way out and no terminator for the upstream to look for. BDAT is not sent in the same
+write as the commands before it: a 10 MB chunk would leave even when every recipient is
+refused, and a kept connection that turns out to be gone would have carried message bytes.
+
+A conversation that fails before the upstream said 354 to DATA (before BDAT was written) has
+sent no byte of the message, so the caller may try again on a fresh connection; once the data
+started, never: the upstream could have taken the copy. `ConnectionEnded.before_data` says
+which.
 """
 
 from __future__ import annotations
@@ -55,8 +62,8 @@ class Replies:
     """What the upstream answered to one transaction, in the order the commands went.
 
     `rcpt` has one reply per recipient; `data` is the reply to DATA when it was not 354,
-    else the reply after the data; None when DATA was not sent (MAIL or every RCPT refused
-    without PIPELINING)."""
+    else the reply after the data (the reply to BDAT with CHUNKING); None when no data was
+    sent (MAIL or every RCPT refused, without PIPELINING or with CHUNKING)."""
 
     mail: Reply
     rcpt: tuple[Reply, ...]
@@ -265,6 +272,7 @@ class SmtpConnection:
         remote: str,
         where: str,
         pipelining: bool,
+        chunking: bool,
     ) -> None:
         self._transport = transport
         self._reader = _ReplyReader()
@@ -272,6 +280,7 @@ class SmtpConnection:
         self.remote = remote
         self.where = where
         self.pipelining = pipelining and "pipelining" in extensions
+        self.chunking = chunking and "chunking" in extensions
         self.size = "size" in extensions
         self.opened_at = time.monotonic()
         self.messages = 0  # transactions begun on it
@@ -281,7 +290,13 @@ class SmtpConnection:
 
     @classmethod
     async def adopt(
-        cls, client: aiosmtplib.SMTP, *, remote: str, where: str, pipelining: bool
+        cls,
+        client: aiosmtplib.SMTP,
+        *,
+        remote: str,
+        where: str,
+        pipelining: bool,
+        chunking: bool,
     ) -> SmtpConnection:
         """Take over `client`'s transport after its handshake; the client is not used again.
 
@@ -304,6 +319,7 @@ class SmtpConnection:
             remote=remote,
             where=where,
             pipelining=pipelining,
+            chunking=chunking,
         )
 
     @property
@@ -315,7 +331,8 @@ class SmtpConnection:
         self, mail_from: str, recipients: Sequence[str], data: Outgoing, reply_timeout: float
     ) -> Replies:
         """One transaction: RSET when one begun before did not end (MAIL answered, no data
-        sent: every recipient refused one at a time), MAIL, RCPT each, DATA, the data.
+        sent: every recipient refused one at a time), MAIL, RCPT each, DATA and the data, or
+        BDAT with the data when the upstream offers CHUNKING.
 
         Each reply and each piece's drain gets `reply_timeout`. A copy with a bare CR or LF is
         refused before any byte is written (BareLineEnd): a receiver that ends the data at
@@ -328,12 +345,13 @@ class SmtpConnection:
         for address in (mail_from, *recipients):
             if _CONTROL.search(address):
                 raise ValueError(f"address with a control character: {address!r}")
-        mail = f"MAIL FROM:<{mail_from}>" + (f" SIZE={len(data)}" if self.size else "")
+        size = len(data) + len(_ending(data))
+        mail = f"MAIL FROM:<{mail_from}>" + (f" SIZE={size}" if self.size else "")
         commands = [
             *(["RSET"] if self._in_transaction else []),
             mail,
             *(f"RCPT TO:<{recipient}>" for recipient in recipients),
-            "DATA",
+            *(() if self.chunking else ("DATA",)),
         ]
         encoded = [f"{command}\r\n".encode("ascii") for command in commands]
         self.messages += 1
@@ -379,6 +397,10 @@ class SmtpConnection:
             raise ConnectionEnded(
                 f"{self.where}: RSET refused: {replies[0].text}", before_data=True
             )
+        if self.chunking:
+            return await self._chunk(
+                replies[reset], tuple(replies[1 + reset :]), data, reply_timeout
+            )
         mail, rcpt, go = replies[reset], tuple(replies[1 + reset : -1]), replies[-1]
         if go.code != 354:
             return Replies(mail, rcpt, go)
@@ -404,7 +426,36 @@ class SmtpConnection:
         self._in_transaction = False  # ended by its reply: the next MAIL needs no RSET
         return Replies(mail, rcpt, reply)
 
-    async def _write_drained(self, piece: bytes, reply_timeout: float) -> None:
+    async def _chunk(
+        self, mail: Reply, rcpt: tuple[Reply, ...], data: Outgoing, reply_timeout: float
+    ) -> Replies:
+        """The copy as one `BDAT <size> LAST` chunk, when MAIL and a recipient were taken.
+
+        A refused BDAT leaves the transaction begun (RFC 3030 4.2: the sender sends no more
+        chunks), so the next one starts with RSET."""
+        if not _ok(mail) or not any(map(_accepted, rcpt)):
+            return Replies(mail, rcpt, None)
+        ending = _ending(data)
+        self._data_started = True
+        command = f"BDAT {len(data) + len(ending)} LAST\r\n".encode("ascii")
+        if isinstance(data, StoredCopy):
+            self._write(command)
+            async for piece in copy_pieces(data):
+                await self._write_drained(piece, reply_timeout)
+            self._write(ending)
+        elif len(data) <= PIECE:
+            self._write(command + data + ending)
+        else:
+            self._write(command)
+            view = memoryview(data)
+            for start in range(0, len(data), PIECE):
+                await self._write_drained(view[start : start + PIECE], reply_timeout)
+            self._write(ending)
+        reply = await self._reply(reply_timeout)
+        self._in_transaction = not _ok(reply)
+        return Replies(mail, rcpt, reply)
+
+    async def _write_drained(self, piece: bytes | memoryview, reply_timeout: float) -> None:
         if piece:
             self._write(piece)
             await self._reader.drained(reply_timeout)
@@ -415,7 +466,7 @@ class SmtpConnection:
             raise ConnectionEnded(reply.text, before_data=not self._data_started, reply=reply)
         return reply
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         if self._transport.is_closing():
             raise ConnectionError(self._reader.ended or "connection lost")
         self._transport.write(data)
@@ -433,6 +484,14 @@ class SmtpConnection:
     def close(self) -> None:
         self.usable = False
         self._transport.close()
+
+
+def _ending(data: Outgoing) -> bytes:
+    """What the copy needs after it to end in CRLF, as DATA ends it: RFC 5322's lines all
+    end so, and the upstream keeps the octets a chunk carries as they are."""
+    if isinstance(data, StoredCopy):
+        return b"" if data.ends_in_crlf else b"\r\n"
+    return b"" if not data or data.endswith(b"\r\n") else b"\r\n"
 
 
 def _ok(reply: Reply) -> bool:

@@ -41,7 +41,8 @@ class StoredCopy:
     copy is refused before a byte is written, as a whole one is. The second read goes over
     the same ranges as the first (`first` octets, then `window` at a time) and each must
     have the Adler-32 the first pass saw (`sums`): the bytes sent are the bytes hashed and
-    checked, at a few ms per 10 MB instead of a second scan."""
+    checked, at a few ms per 10 MB instead of a second scan. `ends_in_crlf`, seen in the
+    first pass too, lets a BDAT chunk's size be said before its octets are read."""
 
     head: bytes
     blob: BlobReader
@@ -49,6 +50,7 @@ class StoredCopy:
     sums: tuple[int, ...]
     first: int
     window: int
+    ends_in_crlf: bool
 
     def __len__(self) -> int:
         return len(self.head) + self.blob.size
@@ -145,6 +147,7 @@ async def build(
         body.update(first[body_start:])
     sums = [zlib.adler32(first)]
     start = position = len(first)
+    tail = first[-2:]
     del first
     window = window or blob.window
     while position < blob.size:  # reads of exactly these ranges, as chunks() reads them
@@ -156,10 +159,11 @@ async def build(
         if body is not None:
             body.update(chunk)
         sums.append(zlib.adler32(chunk))
+        tail = (tail + chunk[-2:])[-2:]
         position += length
     fields = head.fields(body.value() if body is not None else None, now=now)
     found = scan.end() + len(fields) if scan.end() != -1 else -1
-    return StoredCopy(fields, blob, found, tuple(sums), start, window)
+    return StoredCopy(fields, blob, found, tuple(sums), start, window, tail == b"\r\n")
 
 
 class _Verify:

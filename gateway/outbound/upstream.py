@@ -234,6 +234,7 @@ class SmtpUpstream:
         self.min_transfer_rate = settings.min_transfer_rate
         self.local_hostname = local_hostname
         self.pipelining = settings.pipelining
+        self.chunking = settings.chunking
         self.connections = ConnectionCache(settings)
         self.tls_context = client_tls_context(verify=settings.verify_tls, upstream=settings)
         self.client_certificate = settings.client_certificate
@@ -278,7 +279,11 @@ class SmtpUpstream:
                 if self.username and self.password:
                     await client.login(self.username, self.password)
                 connection = await SmtpConnection.adopt(
-                    client, remote=self.host, where=self.where, pipelining=self.pipelining
+                    client,
+                    remote=self.host,
+                    where=self.where,
+                    pipelining=self.pipelining,
+                    chunking=self.chunking,
                 )
                 client = None
                 return await self._transaction(connection, mail_from, recipients, data)

@@ -232,7 +232,9 @@ async def test_the_upstream_writer_refuses_a_bare_cr_or_lf_before_writing_anythi
             hostname="127.0.0.1", port=sink.port, timeout=5, local_hostname="relay.test"
         )
         await client.connect()
-        connection = await SmtpConnection.adopt(client, remote="lax", where="lax", pipelining=True)
+        connection = await SmtpConnection.adopt(
+            client, remote="lax", where="lax", pipelining=True, chunking=True
+        )
         with pytest.raises(aiosmtplib.SMTPException, match="bare CR or LF"):
             await connection.send("a@broker.example", ["p@example.com"], b"x\r\n\r\n" + bad, 5)
         await connection.quit()

@@ -247,7 +247,9 @@ async def test_dot_stuffing_across_reads_is_the_whole_copys(tmp_path: Path, read
     raw = b".\r\n" + HEADER + b".\r\n..\r\n.x\r\nText.\r\n\r\n.\r\n" * 50
     async with store.open(await store.put(raw)) as blob:
         for head in (b"", b"X-Head: 1\r\n"):
-            copy = StoredCopy(head, blob, -1, window_sums(raw, read, read), read, read)
+            copy = StoredCopy(
+                head, blob, -1, window_sums(raw, read, read), read, read, raw.endswith(b"\r\n")
+            )
             sent = b"".join([piece async for piece in stuffed_stream(copy)])
             assert sent == b"".join(stuffed_pieces(head + raw))
             assert b"\r\n.\r\n" not in sent and not sent.startswith(b".\r\n")
