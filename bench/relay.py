@@ -8,7 +8,8 @@ The relay runs as a real subprocess with a temporary config (SQLite in a temp di
 a fresh PostgreSQL database), plaintext AUTH on loopback and a DKIM key for the sender
 domain, so signing is part of the cost. The sink runs in a child process of its own so that
 its DATA parsing does not share an event loop with the clients; it counts messages and bytes
-and throws the bodies away.
+and throws the bodies away. It offers PIPELINING and CHUNKING, as Postfix's smtpd does
+(`--no-chunking`: DATA only, as Postfix's smtp-sink in bench/compare.py).
 
 Prints accepted and delivered msgs/s, p50/p99 time-to-250, the relay's peak RSS and the loss;
 exits 1 if a message was lost (or not accepted).
@@ -64,11 +65,13 @@ _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re
 
 class CountingSink:
     """aiosmtpd handler: reports (Message-ID, size) of each message and drops the bytes, and
-    each new connection as ("", -1). It offers PIPELINING, as Postfix's smtpd does. A copy
-    for a `SEED` recipient is reported with its bytes, so that its links can be read."""
+    each new connection as ("", -1). It offers PIPELINING and (unless `chunking` is False)
+    CHUNKING, as Postfix's smtpd does. A copy for a `SEED` recipient is reported with its
+    bytes, so that its links can be read."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, chunking: bool = True) -> None:
         self.conn = conn
+        self.offers = ["250-PIPELINING", *(["250-CHUNKING"] if chunking else [])]
         self._greeted: weakref.WeakSet[Any] = weakref.WeakSet()  # sessions (one per connection)
 
     async def handle_EHLO(
@@ -78,7 +81,7 @@ class CountingSink:
         if session not in self._greeted:
             self._greeted.add(session)
             self.conn.send(("", -1))
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return [*responses[:-1], *self.offers, responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         data: bytes = envelope.original_content
@@ -92,15 +95,19 @@ class CountingSink:
         return "250 2.0.0 Ok: counted"
 
 
-def run_sink(port: int, conn: Connection) -> None:
+def run_sink(port: int, conn: Connection, chunking: bool = True) -> None:
     from aiosmtpd.smtp import SMTP
+
+    from tests.chunking_smtp import ChunkingSMTP
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        handler = CountingSink(conn)
+        handler = CountingSink(conn, chunking)
 
         def make() -> SMTP:
-            return SMTP(handler, hostname="sink.bench", decode_data=False, data_size_limit=None)
+            return ChunkingSMTP(
+                handler, hostname="sink.bench", decode_data=False, data_size_limit=None
+            )
 
         server = await loop.create_server(make, "127.0.0.1", port)
         conn.send(("ready", 0))
@@ -148,11 +155,13 @@ class Tally:
 
 
 @contextlib.contextmanager
-def sink_process(port: int, tally: Tally, loop: asyncio.AbstractEventLoop) -> Iterator[int]:
+def sink_process(
+    port: int, tally: Tally, loop: asyncio.AbstractEventLoop, chunking: bool = True
+) -> Iterator[int]:
     """Start the sink child; a reader thread feeds its reports into `tally`. Yields its pid."""
     parent, child = multiprocessing.get_context("spawn").Pipe(duplex=False)
     process = multiprocessing.get_context("spawn").Process(
-        target=run_sink, args=(port, child), daemon=True
+        target=run_sink, args=(port, child, chunking), daemon=True
     )
     process.start()
     child.close()
@@ -516,7 +525,10 @@ async def bench(args: argparse.Namespace) -> int:
                 link_over,
             )
             await asyncio.to_thread(add_agent, config)
-            with sink_process(sink_port, tally, loop) as sink_pid, log.open("wb") as out:
+            with (
+                sink_process(sink_port, tally, loop, not args.no_chunking) as sink_pid,
+                log.open("wb") as out,
+            ):
                 profile = ("-m", "cProfile", "-o", str(args.profile)) if args.profile else ()
                 relay = await asyncio.create_subprocess_exec(
                     *((sys.executable, *profile) if profile else ()),
@@ -807,6 +819,11 @@ def main() -> None:
         " (.json: speedscope, otherwise collapsed stacks for bench/stages.py)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    parser.add_argument(
+        "--no-chunking",
+        action="store_true",
+        help="the sink does not offer CHUNKING (Postfix's smtp-sink, older servers): DATA",
+    )
     args = parser.parse_args()
     if args.processes > 1 and args.backend == "sqlite":
         parser.error(
