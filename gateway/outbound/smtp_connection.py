@@ -122,7 +122,7 @@ def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
         piece = data[start:end]
         if piece.startswith(b"."):
             piece = b"." + piece
-        yield piece.replace(b"\r\n.", b"\r\n..")
+        yield lines.stuffed(piece)
         start = end
     if data and not data.endswith(b"\r\n"):
         yield b"\r\n"
@@ -157,7 +157,7 @@ async def stuffed_stream(copy: StoredCopy) -> AsyncIterator[bytes]:
     line_start = True
     ending = b""
     async for data in copy_pieces(copy):
-        piece = data.replace(b"\r\n.", b"\r\n..")
+        piece = lines.stuffed(data)
         if line_start and data.startswith(b"."):
             piece = b"." + piece
         line_start = data.endswith(b"\n")

@@ -103,6 +103,31 @@ def test_unstuffing_and_dot_lines(data: bytes) -> None:
     assert lines.has_dot_line(data) is (data.startswith(b".") or b"\r\n." in data)
 
 
+@settings(max_examples=1000, deadline=None)
+@given(data=DATA, start=st.integers(0, 70), cut=st.integers(0, 70))
+def test_dot_line_is_find(data: bytes, start: int, cut: int) -> None:
+    end = max(len(data) - cut, 0)
+    assert lines.dot_line(data, start, end) == data.find(b"\r\n.", start, end)
+    assert lines.dot_line(bytearray(data), start) == data.find(b"\r\n.", start)
+    assert lines.stuffed(data) == data.replace(b"\r\n.", b"\r\n..")
+
+
+@pytest.mark.parametrize("before", [0, 1, 2, 3, 65_530, 65_536, 200_000])
+def test_dot_line_in_prose_windows_and_at_their_borders(before: int) -> None:
+    """Text with a dot every few octets and no line start before them makes the search go
+    a window at a time; the dot line is found wherever it falls, a window's border too."""
+    prose = (b"Mr. Smith wrote: 3.5 rooms... e.g. a.b.c " * 5000)[:before]
+    for line_start in (b"\r\n.", b"\r\n\r\n.end"):
+        data = prose + line_start + b" more. text." * 100
+        at = before + line_start.find(b"\r\n.")
+        assert lines.dot_line(data) == data.find(b"\r\n.") == at
+        for start in range(max(at - 3, 0), at + 2):
+            assert lines.dot_line(data, start) == data.find(b"\r\n.", start)
+    assert lines.dot_line(prose + b"\r\n", 0) == -1
+    base64 = (b"QUJD" * 19 + b"\r\n") * 1000
+    assert lines.dot_line(base64) == -1 and lines.stuffed(base64) is base64  # not copied
+
+
 def test_many_dot_lines_are_unstuffed_alike() -> None:
     data = b"..a\r\n" + b"..b\r\n" * 300 + b"c\r\n..\r\n"
     assert lines.unstuffed(bytearray(data)) == b".a\r\n" + b".b\r\n" * 300 + b"c\r\n.\r\n"
