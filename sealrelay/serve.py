@@ -191,6 +191,9 @@ class Relay:
         self.clock = clock
         self.roles = frozenset(roles)
         self.db = db or Database.connect(settings.database.url)
+        # closed by whoever opened it: relays that share a database (tests, a supervisor's
+        # checks) must not close it under each other
+        self._owns_db = db is None
         files = blobs or file_store(settings)
         # every put or read of the store that fails marks the relay degraded at once
         self.blob_health = health.BlobHealth(files)
@@ -385,7 +388,10 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.worker.close()
         await self.blobs.close()
-        await self.db.close()
+        if self._owns_db:
+            await self.db.close()  # drains the group commit, then chains what is left
+        else:
+            await self.sequencer.close()  # its own: chains what is left
         log.info("sealrelay stopped")
 
     async def serve_forever(
