@@ -37,10 +37,10 @@ from gateway.fronts.smtp_guard import ConnectionGate, Refusal, ThrottledLog, ses
 from gateway.fronts.smtp_paths import plain_path
 from gateway.fronts.trusted import ClientFacts, TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Envelope as PipelineEnvelope
-from gateway.intake.pipeline import Origin, Pipeline, Submitter, TrustedOrigin
+from gateway.intake.pipeline import Origin, Pipeline, Received, Submitter, TrustedOrigin
 from gateway.login_throttle import LoginThrottle
 from gateway.rejections import Rejected
-from gateway.store.blobs import HashedFile, StoreUnavailable
+from gateway.store.blobs import StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.health import BlobHealth
 from gateway.store.metrics import SMTP_REPLIES
@@ -306,7 +306,7 @@ class SubmissionHandler(CommandTableNames):
                 raw,
                 submitter,
                 origin,
-                received=server.received_file if isinstance(server, SubmissionSMTP) else None,
+                received=server.received if isinstance(server, SubmissionSMTP) else None,
             )
         except Rejected as refusal:
             log.info("refused mail from %s: %s", envelope.mail_from, refusal.reply)
@@ -352,7 +352,7 @@ class SubmissionSMTP(CommandTableNames, SMTP):
     trusted: tuple[TrustedEntry, ...] = ()
     spool_dir: Path | None = None  # where DATA is spooled; the system's temp directory if None
     data_budget: ByteBudget | None = None  # received messages in memory at once; None: no bound
-    received_file: HashedFile | None = None  # the message in the DATA hook, as it was spooled
+    received: Received | None = None  # what the spool learned of the message in the DATA hook
 
     def __init__(
         self,
@@ -660,12 +660,12 @@ class SubmissionSMTP(CommandTableNames, SMTP):
         budget = self.data_budget or ByteBudget(spooled.size)
         async with budget.holding(spooled.size):
             self.envelope.content = self.envelope.original_content = await spooled.read()
-            self.received_file = spooled.hashed_file()
+            self.received = Received(spooled.hashed_file(), spooled.bare_line_end)
             try:
                 status = await self._call_handler_hook("DATA")
             finally:
                 self.envelope.content = self.envelope.original_content = None
-                self.received_file = None
+                self.received = None
         return "250 OK" if status is MISSING else str(status)
 
 

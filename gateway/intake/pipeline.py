@@ -83,6 +83,17 @@ class Origin:
 
 
 @dataclass(frozen=True)
+class Received:
+    """What a front learned of the bytes as it read them, so that the pipeline does not
+    pass over a big message again: `file`, the bytes as a spool file the blob store may
+    keep as the original; `bare_line_end`, whether a bare CR or LF was among them (None:
+    not looked for, the pipeline looks)."""
+
+    file: HashedFile | None = None
+    bare_line_end: bool | None = None
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A message the pipeline has checked and planned, not yet committed."""
 
@@ -131,11 +142,10 @@ class Pipeline:
         raw: bytes,
         submitter: Submitter,
         origin: Origin,
-        received: HashedFile | None = None,
+        received: Received | None = None,
     ) -> str:
         """The new message's id once it is durable; raises Rejected with the reply to give.
-        `received`: `raw` as the front spooled it to a file, which the blob store may keep
-        as the original instead of writing the bytes again."""
+        `received`: what the front learned of `raw` as it read it."""
         prepared = await self.prepare(envelope, raw, submitter, origin, received)
         copies = await self.materialize(prepared.draft, prepared.decisions)
         return await self.commit(prepared.draft, envelope, copies)
@@ -146,17 +156,18 @@ class Pipeline:
         raw: bytes,
         submitter: Submitter,
         origin: Origin,
-        received: HashedFile | None = None,
+        received: Received | None = None,
     ) -> Prepared:
         """Checked, the original stored, each recipient's decision made; nothing committed.
 
         The milter front looks at the decisions before choosing to commit copies or only a
         record (`pass_on`); every other front goes straight on, as `submit` does.
         """
-        fields = self.receive(envelope, raw, submitter)
+        received = received or Received()
+        fields = self.receive(envelope, raw, submitter, received.bare_line_end)
         ignored = self.refuse_loops(fields)
         fields = [field for field in fields if field.name != LOOP_HEADER.lower()]
-        draft = await self.draft(envelope, raw, fields, submitter, origin, received)
+        draft = await self.draft(envelope, raw, fields, submitter, origin, received.file)
         draft.events.extend(trusted_origin(origin, draft.message.id))
         draft.events.extend(ignored_marks(ignored, draft.message.id))
         facts = message_facts(envelope, fields, submitter, draft)
@@ -171,9 +182,18 @@ class Pipeline:
         prepared.draft.events.extend(events)
         return await self.commit(prepared.draft, prepared.envelope, {})
 
-    def receive(self, envelope: Envelope, raw: bytes, submitter: Submitter) -> list[HeaderField]:
-        """Refuse what must not be relayed; the checks every front shares."""
-        if headers.has_bare_line_end(raw):
+    def receive(
+        self,
+        envelope: Envelope,
+        raw: bytes,
+        submitter: Submitter,
+        bare_line_end: bool | None = None,
+    ) -> list[HeaderField]:
+        """Refuse what must not be relayed; the checks every front shares. `bare_line_end`:
+        what the front found as it read `raw` (None: it did not look)."""
+        if bare_line_end is None:
+            bare_line_end = headers.has_bare_line_end(raw)
+        if bare_line_end:
             raise Rejected(
                 "550 5.6.0 The message contains a bare CR or LF; lines must end with CRLF"
             )

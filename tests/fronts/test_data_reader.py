@@ -8,8 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.fronts.data_reader import KEPT, WINDOW, read_data, spool_data
+from gateway.mail import lines
 
 LIMIT = 1001
 
@@ -186,3 +189,49 @@ async def test_lines_of_dots_reach_the_spool_a_window_at_a_time(
         assert len(writes) <= len(expected) // WINDOW + 2
     finally:
         spooled.close()
+
+
+LINE_END_PIECES = st.sampled_from(
+    [b"a", b".", b"x.", b"..", b"\r\n", b"\r\n", b"\r\n.", b"\r", b"\n", b"\n\r", b"\r\r\n"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(LINE_END_PIECES, max_size=50), size=st.integers(1, 9))
+async def test_a_bare_line_end_is_found_as_the_lines_arrive(pieces: list[bytes], size: int) -> None:
+    """The spool's finding, made a block of lines at a time whatever the pieces, is the
+    whole content's: the pipeline takes it instead of scanning the message again."""
+    content = b"".join(pieces)
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    if content == b"\r\n":
+        content = b""
+    wire = (b"." if content.startswith(b".") else b"") + lines.stuffed(content) + b".\r\n"
+    if b"\r\n.\r\n" in b"\r\n" + wire[:-3]:
+        return  # the content would end before its end (a line of one dot, unstuffed)
+    reader, feeding = fed_in_pieces(wire + b"QUIT\r\n", size)
+    spooled = await spool_data(reader, None, LIMIT)
+    await feeding
+    try:
+        found = lines.bare_line_end(content) != -1
+        assert spooled.bare_line_end is found
+        if not found:  # a dot after a bare LF may be taken for stuffing: refused anyway
+            assert await spooled.read() == content
+    finally:
+        spooled.close()
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+
+
+async def test_a_bare_line_end_past_the_first_window_is_found(tmp_path: Path) -> None:
+    line = b"QUJD" * 19 + b"\r\n"
+    for bad in (b"bare\nLF\r\n", b"bare\rCR\r\n", b"\n"):
+        content = line * (3 * WINDOW // len(line)) + bad + line * 10
+        spooled = await spool_data(reader_with(content + b".\r\n"), None, LIMIT, tmp_path)
+        try:
+            assert spooled.bare_line_end and await spooled.read() == content
+        finally:
+            spooled.close()
+    clean = line * (3 * WINDOW // len(line))
+    spooled = await spool_data(reader_with(clean + b".\r\n"), None, LIMIT, tmp_path)
+    assert not spooled.bare_line_end
+    spooled.close()

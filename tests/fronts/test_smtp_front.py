@@ -731,6 +731,8 @@ BARE_LINE_ENDS = {
     "cr-before-crlf": raw_message(body=b"ends with a bare CR\r\r\n"),
     "lf-at-the-end": raw_message() + b"\n",
     "cr-at-the-end": raw_message() + b"\r",
+    # past the spool's first windows: found as the lines arrived, not by a second pass
+    "deep-in-a-big-message": raw_message(body=(b"QUJD" * 19 + b"\r\n") * 8000 + b"bare\nLF\r\n"),
 }
 
 
