@@ -5,8 +5,8 @@ message that is ~4x its size in memory and most of a minimal relay's CPU (DESIGN
 measured facts). Here the stream is searched for the end of data in windows of `WINDOW`
 octets at C speed; each window's complete lines are checked for length, searched for a bare
 CR or LF and dot-unstuffed (`gateway.mail.lines`) as they arrive, while they are still in
-the CPU's cache: the pipeline's own pass for bare line ends, over 10 MB read back cold, cost
-about 20 ms in the relay against 8 ms here. The first `KEPT` octets stay in memory (small
+the CPU's cache: the pipeline's own pass for bare line ends, over 10 MB read back cold, took
+about 21 ms of the relay's CPU, the same search here about 15 ms (py-spy, bench/relay.py). The first `KEPT` octets stay in memory (small
 mail costs no file); past them everything goes to a nameless spool file, hashed (sha256) as
 it is written, so that the blob store can take the file as the message's original instead
 of a second copy of its bytes (`Spooled.hashed_file`). So a session holds a window or two
