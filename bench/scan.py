@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/scan.py
     .venv/bin/python bench/scan.py --mib 25 --rounds 9
+    .venv/bin/python bench/scan.py --text
 
 The steps a 10 MiB message goes through on the event loop thread between the socket and
 the upstream, through their public functions only (so the same script measures an older
 checkout: `PYTHONPATH=/path/to/old/tree`): reading DATA (dot-unstuffing and the line
 length check included), the bare CR/LF check, the MIME parse, the part sizes policy reads,
 and the outgoing copy (trace fields, DKIM body hash and signature). The message is
-bench/relay.py's: a short quoted-printable text and a base64 attachment, CRLF throughout.
+bench/relay.py's: a short quoted-printable text and a base64 attachment, CRLF throughout;
+with `--text`, plain text whose lines mostly end in a full stop, with dots every few words
+(where the end of DATA, CRLF "." CRLF, is hardest to find).
 
 For each step it prints the least CPU time of `--rounds` runs (ms per 10 MiB; CPU time,
 and the least, since other work on the machine inflates wall times and medians) and the peak
@@ -45,8 +48,18 @@ LINE_LIMIT = 1001
 FEED = 256 * 1024  # what a socket read hands the stream reader under load
 
 
-def the_message(size: int) -> bytes:
+TEXT = (
+    b"Das Haus hat 3.5 Zimmer, ca. 120 m2 Wohnflaeche und liegt am See.\r\n"
+    b"Besichtigung nach Vereinbarung, z.B. am Sa. oder So.\r\n"
+    b"Mit freundlichen Gruessen\r\n"
+)
+
+
+def the_message(size: int, text: bool = False) -> bytes:
     _, header = make_header("scan", 1)
+    if text:
+        header += b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+        return header + TEXT * max(1, (size - len(header)) // len(TEXT))
     return header + make_body(size, len(header))
 
 
@@ -123,8 +136,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--mib", type=float, default=10, help="message size in MiB")
     parser.add_argument("--rounds", type=int, default=7, help="timed runs per step (least)")
+    parser.add_argument("--text", action="store_true", help="plain text, not an attachment")
     args = parser.parse_args()
-    raw = the_message(int(args.mib * MIB))
+    raw = the_message(int(args.mib * MIB), args.text)
     per = MIB * 10 / len(raw)
     print(
         f"one message of {len(raw) / MIB:.1f} MiB;"

@@ -235,3 +235,47 @@ async def test_a_bare_line_end_past_the_first_window_is_found(tmp_path: Path) ->
     spooled = await spool_data(reader_with(clean + b".\r\n"), None, LIMIT, tmp_path)
     assert not spooled.bare_line_end
     spooled.close()
+
+
+@pytest.mark.parametrize("size", [1000, 65_536, 300_001])
+async def test_prose_whose_lines_end_in_a_full_stop_is_gathered_whole(
+    tmp_path: Path, size: int
+) -> None:
+    """Each such line is a piece of its own; gathered a window at a time, the content is
+    the same, the spool file holds it, and the next command stays in the reader."""
+    content = b"The house has 3.5 rooms.\r\n.Near the lake.\r\n..\r\nx\r\n" * 20_000
+    wire = content.replace(b"\r\n.", b"\r\n..") + b".\r\nQUIT\r\n"
+    reader, feeding = fed_in_pieces(wire, size)
+    spooled = await spool_data(reader, None, LIMIT, tmp_path)
+    await feeding
+    try:
+        assert spooled.size == len(content) and not spooled.bare_line_end
+        assert await spooled.read() == content
+        assert spooled.hashed_file() is not None
+    finally:
+        spooled.close()
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+
+
+FAKE_ENDS = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"x.\r\n", b"\r\n.x", b"\r\n..\r\n"]
+
+
+@pytest.mark.parametrize("fake_end", FAKE_ENDS)
+@pytest.mark.parametrize("at", [0, 3, WINDOW - 2, 2 * WINDOW + 1])
+@pytest.mark.parametrize("size", [7, 65_536])
+async def test_only_crlf_dot_crlf_ends_a_big_message_whatever_comes_first(
+    fake_end: bytes, at: int, size: int
+) -> None:
+    """Found by its dot in base64 (no dot at all) and in text alike: no other dot ends the
+    data, wherever it falls against the windows and the pieces the client's writes make."""
+    line = b"QUJD" * 19 + b"\r\n"
+    body = (line * (3 * WINDOW // len(line)))[:at] + fake_end + line * 100
+    for content in (body, b"Text. More text.\r\n" * 40 + body):
+        content += b"" if content.endswith(b"\r\n") else b"\r\n"
+        wire = (b"." if content.startswith(b".") else b"") + lines.stuffed(content)
+        reader, feeding = fed_in_pieces(wire + b".\r\nQUIT\r\n", size)
+        result = await read_data(reader, None, LIMIT)
+        await feeding
+        assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"  # still in step
+        if lines.bare_line_end(content) == -1:  # else refused: a dot after LF may go
+            assert result.content == content
