@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from gateway.config import UpstreamSettings
 from gateway.mail.outgoing import Signer
 from gateway.outbound.smtp_connection import SourceFailed
 from gateway.outbound.stored_copy import BlobChanged
@@ -84,21 +83,6 @@ async def sink() -> AsyncIterator[WireSink]:
     server = await WireSink().start()
     yield server
     await server.stop()
-
-
-@pytest.fixture
-async def upstreams(sink: WireSink) -> AsyncIterator[Callable[..., SmtpUpstream]]:
-    made: list[SmtpUpstream] = []
-
-    def make(**settings: Any) -> SmtpUpstream:
-        values = {"url": f"smtp://127.0.0.1:{sink.port}", "timeout": 5, **settings}
-        upstream = SmtpUpstream(UpstreamSettings(**values), "relay.broker.example")
-        made.append(upstream)
-        return upstream
-
-    yield make
-    for upstream in made:
-        await upstream.close()
 
 
 async def send(upstream: SmtpUpstream, *recipients: str, data: Any = DATA) -> dict[str, Outcome]:

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from gateway.config import UpstreamSettings
 from gateway.outbound.upstream import KEPT, Outcome, SmtpUpstream
 from tests.conftest import StartRelay, make_message
 from tests.support import Sink
@@ -114,22 +113,6 @@ async def sink() -> AsyncIterator[RecordingSink]:
     server = await RecordingSink().start()
     yield server
     await server.stop()
-
-
-@pytest.fixture
-async def upstreams(sink: RecordingSink) -> AsyncIterator[Callable[..., SmtpUpstream]]:
-    """Makes smart-host upstreams to the sink; closes them after the test."""
-    made: list[SmtpUpstream] = []
-
-    def make(**settings: Any) -> SmtpUpstream:
-        values = {"url": f"smtp://127.0.0.1:{sink.port}", "timeout": 5, **settings}
-        upstream = SmtpUpstream(UpstreamSettings(**values), "relay.broker.example")
-        made.append(upstream)
-        return upstream
-
-    yield make
-    for upstream in made:
-        await upstream.close()
 
 
 async def send(upstream: SmtpUpstream, *recipients: str) -> dict[str, Outcome]:
