@@ -98,13 +98,15 @@ class Setup:
         ) as postfix:
             yield postfix
 
-    async def sealrelay(self, relay_factory: StartRelay, **sections: Any) -> Harness:
+    async def sealrelay(
+        self, relay_factory: StartRelay, upstream: dict[str, Any] | None = None, **sections: Any
+    ) -> Harness:
         """sealrelay with the docs' TOML block on top of the test relay's settings."""
         toml = tomllib.loads(self.ports(documented("### sealrelay: sealrelay.toml")))
         relay = await relay_factory(
             # the limits docs' main.cf matches: sealrelay's defaults
             smtp={**toml["smtp"], "max_message_size": 52428800, "max_recipients": 100},
-            upstream=toml["upstream"],
+            upstream={**toml["upstream"], **(upstream or {})},
             **sections,
         )
         return relay
@@ -193,6 +195,29 @@ async def test_plain_mail_passes_once_signed_and_marked(
     async with relay.relay.db.transaction() as session:
         [row] = (await session.scalars(select(Message))).all()
     assert agent is not None and row.user_id == agent.user_id  # map_agents: the agent's policy
+
+
+async def test_the_copies_go_back_to_postfix_as_bdat_chunks(
+    setup: Setup, relay_factory: StartRelay
+) -> None:
+    """The re-injection smtpd offers CHUNKING (Postfix 3.4 and later): sealrelay hands each
+    copy back as one BDAT chunk, a big one streamed from the blob store, and Postfix passes
+    them on whole and verifiable. A connection per copy, so that Postfix logs each one's
+    commands when it ends."""
+    relay = await setup.sealrelay(relay_factory, upstream={"connection_cache": 0})
+    async with setup.postfix() as postfix:
+        await submit(postfix, mail(subject="klein"))
+        await submit(postfix, mail(subject="groß", pdf=MIDSIZE_PDF))
+        copies = await setup.sink.expect(2)
+        await settled(relay, postfix)
+        said = re.compile(r"disconnect from \S+ .*\bbdat=1 .*commands=\d+")
+        async with asyncio.timeout(30):
+            while len(said.findall(postfix.log())) < 2:
+                await asyncio.sleep(0.1)
+    for copy in copies:
+        assert dkimpy.verify(copy.data, dnsfunc=dkim_dns(relay.dkim_key))
+    big = max(copies, key=lambda copy: len(copy.data))
+    assert len(big.data) > len(MIDSIZE_PDF) and b"Expose.pdf" in big.data
 
 
 async def test_large_attachment_arrives_as_a_download_link_by_the_agents_group(
