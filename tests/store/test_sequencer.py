@@ -22,7 +22,7 @@ from gateway.store.db import Database
 from gateway.store.events import BLOBS_DELETED
 from gateway.store.models import Event, JournalHead
 from gateway.store.sequencer import BATCH, Sequencer, chain_all, chain_pass
-from tests.conftest import Harness, make_message
+from tests.conftest import Harness, StartRelay, make_message
 
 WAIT = 20
 
@@ -259,6 +259,22 @@ async def test_a_running_relay_chains_its_events_on_its_own(relay: Harness) -> N
     async with db.transaction() as session:
         types = list(await session.scalars(select(Event.type).order_by(Event.seq)))
     assert {"message.received", "delivery.queued"} <= set(types)
+
+
+async def test_a_relay_that_stops_leaves_a_shared_database_to_the_others(
+    relay_factory: StartRelay, database: Database
+) -> None:
+    """Relays given one Database (these tests start several) do not close it under each
+    other: the one left keeps taking, delivering and chaining after the other stopped. The
+    first one's stop used to run every close hook, the other's sequencer included, and to
+    dispose of the pool while the other's group commit waited for a connection."""
+    first = await relay_factory(roles={"smtp"})
+    second = await relay_factory()
+    await first.relay.stop()
+    await second.send(make_message(to="p@example.com"))
+    await second.sink.expect(1)
+    report = await until_chained(database)
+    assert report.ok and report.events >= 3
 
 
 async def test_a_stopped_relay_leaves_nothing_unchained(relay: Harness) -> None:
