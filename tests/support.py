@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from cryptography import x509
@@ -148,7 +148,7 @@ class Received:
     chunks: int = 0  # the BDAT chunks it came in; 0: it came by DATA
 
 
-class _CountingSMTP(ChunkingSMTP):
+class CountingSMTP(ChunkingSMTP):
     """aiosmtpd's server, telling its sink when a connection opens and closes."""
 
     def __init__(self, sink: Sink, **kwargs: Any) -> None:
@@ -185,6 +185,7 @@ class Sink:
     most_connections: int = 0  # open at the same time, at most
     pipelining: bool = False  # offers PIPELINING (RFC 2920)
     chunking: bool = False  # offers CHUNKING: takes BDAT (RFC 3030)
+    protocol: ClassVar[type[CountingSMTP]] = CountingSMTP  # each connection's server
     _counted: set[SMTP] = field(default_factory=set)
     _server: asyncio.Server | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -238,7 +239,7 @@ class Sink:
         self.port = port or self.port or free_port()
 
         def make() -> SMTP:
-            return _CountingSMTP(
+            return self.protocol(
                 self,
                 hostname="sink.test",
                 decode_data=False,

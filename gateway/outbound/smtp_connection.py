@@ -124,8 +124,8 @@ def stuffed_pieces(data: bytes, size: int = PIECE) -> Iterator[bytes]:
             piece = b"." + piece
         yield lines.stuffed(piece)
         start = end
-    if data and not data.endswith(b"\r\n"):
-        yield b"\r\n"
+    if ending := _ending(data):
+        yield ending
 
 
 async def copy_pieces(copy: StoredCopy) -> AsyncIterator[bytes]:
@@ -155,16 +155,14 @@ async def stuffed_stream(copy: StoredCopy) -> AsyncIterator[bytes]:
     """stuffed_pieces() of a stored copy, read as it is sent: a line's leading dot is
     doubled also where a piece begins at a line start."""
     line_start = True
-    ending = b""
     async for data in copy_pieces(copy):
         piece = lines.stuffed(data)
         if line_start and data.startswith(b"."):
             piece = b"." + piece
         line_start = data.endswith(b"\n")
-        ending = (ending + data[-2:])[-2:]
         yield piece
-    if ending and ending != b"\r\n":
-        yield b"\r\n"
+    if ending := _ending(copy):
+        yield ending
 
 
 class _ReplyReader(asyncio.Protocol):

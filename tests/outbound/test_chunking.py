@@ -13,28 +13,27 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from aiosmtpd.smtp import SMTP
 
 from gateway.mail.outgoing import Signer
 from gateway.outbound.smtp_connection import SourceFailed
 from gateway.outbound.stored_copy import BlobChanged
 from gateway.outbound.upstream import Outcome, SmtpUpstream
 from gateway.store.local_blobs import LocalBlobStore
-from tests.chunking_smtp import ChunkingSMTP
 from tests.conftest import StartRelay, make_message
 from tests.outbound.test_stored_copy import big_message, stored_copy
-from tests.support import Sink, free_port
+from tests.support import CountingSMTP, Sink
 
 SENDER = "agent@broker.example"
 DATA = b"From: agent@broker.example\r\nSubject: x\r\n\r\n.leading dot\r\n..two\r\n.\r\nend\r\n"
 
 
-class _WireSMTP(ChunkingSMTP):
-    def __init__(self, sink: WireSink, **kwargs: Any) -> None:
+class _WireSMTP(CountingSMTP):
+    def __init__(self, sink: Sink, **kwargs: Any) -> None:
         super().__init__(sink, **kwargs)
+        assert isinstance(sink, WireSink)
         self.wire = bytearray()
         sink.wires.append(self.wire)
 
@@ -50,17 +49,7 @@ class WireSink(Sink):
     pipelining: bool = True
     chunking: bool = True
     wires: list[bytearray] = field(default_factory=list)
-
-    async def start(self, port: int | None = None) -> WireSink:
-        import asyncio
-
-        self.port = port or free_port()
-
-        def make() -> SMTP:
-            return _WireSMTP(self, hostname="sink.test", decode_data=False, data_size_limit=None)
-
-        self._server = await asyncio.get_running_loop().create_server(make, self.host, self.port)
-        return self
+    protocol: ClassVar[type[CountingSMTP]] = _WireSMTP
 
     def verbs(self) -> list[str]:
         """The commands each connection sent, in order (chunks' octets left out)."""

@@ -53,13 +53,10 @@ class RecordingSink(Sink):
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: Any
     ) -> list[str]:
-        session.host_name = hostname
         if id(session) not in self._seen:
             self.servers.append(server)
         self._verb(session, f"EHLO {hostname}")
-        if self.pipelining:
-            responses.insert(-1, "250-PIPELINING")
-        return list(responses)
+        return await super().handle_EHLO(server, session, envelope, hostname, responses)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
