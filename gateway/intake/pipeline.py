@@ -24,6 +24,7 @@ from gateway.mail.headers import HeaderField
 from gateway.mail.loop_mark import LOOP_HEADER, Finding, LoopMarks
 from gateway.outbound.queue import new_delivery
 from gateway.outbound.queue_signal import QueueSignal
+from gateway.outbound.stored_copy import intake_body_hash
 from gateway.rejections import Rejected
 from gateway.store import group_commit, journal
 from gateway.store.blobs import BlobStore, HashedFile
@@ -135,6 +136,7 @@ class Pipeline:
         self.signal = signal or QueueSignal()
         self.policy = settings.policy_config()
         self.materializers = materializers(settings, blobs)
+        self.signing_domains = frozenset(domain.lower() for domain in settings.dkim)
 
     async def submit(
         self,
@@ -263,6 +265,7 @@ class Pipeline:
             protocol=origin.protocol,
             trusted_client=origin.trusted.describe() if origin.trusted else None,
             trusted_entry=origin.trusted.entry if origin.trusted else None,
+            body_hash=intake_body_hash(raw, fields, self.signing_domains),
         )
         copy_base = original if base == raw else await self._keep(base, inline)
         return Draft(message, now, base, root, copy_base, inline_blobs=inline)

@@ -84,8 +84,8 @@ class Head:
             added.append(headers.format_field("Message-ID", message.message_id_header))
         if headers.first_value(fields, "date") is None:
             added.append(headers.format_field("Date", format_datetime(message.received_at)))
-        authors = headers.addresses(fields, "from")
-        key = signer.key_for(authors[0].rpartition("@")[2]) if authors else None
+        domain = author_domain(fields)
+        key = signer.key_for(domain) if domain is not None else None
         return cls(tuple(added), header_block, key)
 
     def fields(self, bh: str | None, *, now: int | None = None) -> bytes:
@@ -103,6 +103,12 @@ class Head:
             now=now,
         )
         return b"".join((signature, *self.added))
+
+
+def author_domain(fields: list[headers.HeaderField]) -> str | None:
+    """The domain of the first From address: the one whose key signs (Signer.key_for)."""
+    authors = headers.addresses(fields, "from")
+    return authors[0].rpartition("@")[2] if authors else None
 
 
 _OUR_ID = re.compile(rb"\(sealrelay\)\s+with\s+[A-Z]+\s+id\s+([0-9a-f]+);")

@@ -1,25 +1,30 @@
 """A big outgoing copy sent from its stored blob in pieces, never whole in memory.
 
 A 10 MB copy built whole costs 20 MB per delivery slot (the stored bytes, then the copy with
-the new fields in front). Here the blob is read twice through the store's `open`, a window
-at a time: once for the DKIM body hash (and to find a bare CR or LF before a byte leaves),
-then again as it is sent, after the new header block, each read checked against the first
-by its Adler-32. Memory per copy is the window,
-whatever the message's size. Small copies are still built whole (`prepare`): one read, and
-no second pass over the blob.
+the new fields in front). Here the blob is read a window at a time, and memory per copy is
+a window or two, whatever the message's size. Small copies are still built whole
+(`prepare`): one read.
+
+A submitted message's original, the copy nearly every big message leaves as, is read once:
+the intake checked its line ends and kept its DKIM body hash (`Message.body_hash`), so the
+new header block is known before its body is read, and its sha256 proves as it is sent that
+these are the bytes the intake checked (`DigestProof`). Any other blob (a materialized copy)
+is read twice: once for the body hash and to find a bare CR or LF before a byte leaves, then
+as it is sent, each read checked against the first by its Adler-32 (`WindowSums`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from gateway.mail import dkim, headers, lines
 from gateway.mail.loop_mark import LoopMarks
-from gateway.mail.outgoing import Head, Signer, prepare
+from gateway.mail.outgoing import Head, Signer, author_domain, prepare
 from gateway.store.blobs import BlobReader, BlobStore
 from gateway.store.models import Message, MessageKind
 
@@ -28,8 +33,14 @@ WHOLE = 256 * 1024
 
 
 class BlobChanged(OSError):
-    """The blob read as the copy is sent is not what the first read saw (changed behind the
+    """The blob read as the copy is sent is not what was checked (changed behind the
     store's back): what would leave is not what was signed and checked."""
+
+
+class Reads(Protocol):
+    """How a StoredCopy reads its blob as it is sent, and proves each read."""
+
+    def of(self, blob: BlobReader) -> AsyncIterator[bytes]: ...
 
 
 @dataclass(frozen=True)
@@ -37,20 +48,16 @@ class StoredCopy:
     """The new header block (signature, trace fields) and the stored copy after it, open.
 
     Only valid while the blob is open (`outgoing` holds it). `bare_line_end` is where the
-    first bare CR or LF is in the copy, found in the first pass (-1: none), so that such a
-    copy is refused before a byte is written, as a whole one is. The second read goes over
-    the same ranges as the first (`first` octets, then `window` at a time) and each must
-    have the Adler-32 the first pass saw (`sums`): the bytes sent are the bytes hashed and
-    checked, at a few ms per 10 MB instead of a second scan. `ends_in_crlf`, seen in the
-    first pass too, lets a BDAT chunk's size be said before its octets are read."""
+    first bare CR or LF is in the copy (-1: none), so that such a copy is refused before a
+    byte is written, as a whole one is. `ends_in_crlf` lets a BDAT chunk's size be said
+    before the octets are read. `reads` reads the blob and raises BlobChanged where the
+    bytes are not the ones checked."""
 
     head: bytes
     blob: BlobReader
     bare_line_end: int
-    sums: tuple[int, ...]
-    first: int
-    window: int
     ends_in_crlf: bool
+    reads: Reads
 
     def __len__(self) -> int:
         return len(self.head) + self.blob.size
@@ -59,23 +66,68 @@ class StoredCopy:
         """The copy's bytes, the blob's a read at a time; OSError (StoreUnavailable,
         BlobMissing, BlobChanged) when the store fails or the blob is not as it was."""
         yield self.head
+        async for chunk in self.reads.of(self.blob):
+            yield chunk
+
+
+@dataclass(frozen=True)
+class WindowSums:
+    """Reads of the ranges a first pass read (`first` octets, then `window` at a time),
+    each with the Adler-32 the first pass saw (`sums`): the bytes sent are the bytes hashed
+    and checked, at a few ms per 10 MB instead of a second scan."""
+
+    sums: tuple[int, ...]
+    first: int
+    window: int
+
+    async def of(self, blob: BlobReader) -> AsyncIterator[bytes]:
         position = 0
         for index, expected in enumerate(self.sums):
-            length = min(self.first if index == 0 else self.window, self.blob.size - position)
-            chunk = await self.blob.read(position, length)
+            length = min(self.first if index == 0 else self.window, blob.size - position)
+            chunk = await blob.read(position, length)
             if len(chunk) != length or zlib.adler32(chunk) != expected:
                 raise BlobChanged(f"the stored copy changed at byte {position} since it was read")
             position += length
             yield chunk
 
 
-def window_sums(data: bytes, first: int, window: int) -> tuple[int, ...]:
-    """The `sums` of a StoredCopy over `data`, read as its `first` and `window` say."""
+@dataclass(frozen=True)
+class DigestProof:
+    """Reads of a blob whose name is its sha256 (`digest`), `first` (its first octets, read
+    already for the header block) then `window` at a time. The last read is held back until
+    the digest is proved, so a blob that is not what it names never leaves whole: the data
+    stops short of its end and the upstream never takes it. `tail`: the blob's last octets
+    as seen before, which said the copy's size on the wire."""
+
+    digest: str
+    first: bytes
+    window: int
+    tail: bytes
+
+    async def of(self, blob: BlobReader) -> AsyncIterator[bytes]:
+        proof = hashlib.sha256(self.first)
+        held, position = self.first, len(self.first)
+        while position < blob.size:
+            length = min(self.window, blob.size - position)
+            chunk = await blob.read(position, length)
+            if len(chunk) != length:
+                raise BlobChanged(f"the stored copy ended at byte {position + len(chunk)}")
+            proof.update(chunk)
+            yield held
+            held, position = chunk, position + length
+        if proof.hexdigest() != self.digest or not held.endswith(self.tail):
+            raise BlobChanged(f"the stored blob {self.digest} does not hold the bytes it names")
+        yield held
+
+
+def window_sums(data: bytes, first: int, window: int) -> WindowSums:
+    """The reads of a StoredCopy over `data` in a `first` read then `window` at a time."""
     starts = [0, *range(first, len(data), window)] if data else []
-    return tuple(
+    sums = tuple(
         zlib.adler32(data[start : first if index == 0 else start + window])
         for index, start in enumerate(starts)
     )
+    return WindowSums(sums, first, window)
 
 
 Outgoing = bytes | StoredCopy
@@ -86,6 +138,22 @@ async def keep(data: Outgoing, blobs: BlobStore) -> str:
     if isinstance(data, StoredCopy):
         return await blobs.put_stream(data.chunks())
     return await blobs.put(data)
+
+
+def intake_body_hash(
+    raw: bytes, fields: list[headers.HeaderField], signing_domains: Collection[str]
+) -> str | None:
+    """What a submitted original keeps as its `Message.body_hash`: the DKIM body hash of
+    one big enough to be sent from its blob whose From domain is in `signing_domains`
+    (lower case), so that `build` reads it once. Computed while the intake holds it in
+    memory."""
+    if len(raw) <= WHOLE:
+        return None
+    domain = author_domain(fields)
+    if domain is None or domain.lower() not in signing_domains:
+        return None
+    _, body_start = headers.split_offsets(raw)
+    return dkim.body_hash(raw, body_start)
 
 
 @asynccontextmanager
@@ -120,16 +188,15 @@ async def build(
     digest: str | None = None,
 ) -> Outgoing:
     """The copy of an open blob: built whole when it is small or its header block does not
-    end within the first WHOLE bytes (no real mail), else a StoredCopy after one pass
-    over the blob for the body hash and the line ends. `window`: the size of each read,
-    in this pass and as the copy is sent (the store's own when None: 256 KiB from a file,
-    1 MiB from S3, one GET each); `now`: the signature's t=, if not now; `digest`: the
-    blob's name.
+    end within the first WHOLE bytes (no real mail), else a StoredCopy. `window`: the size
+    of each read (the store's own when None: 256 KiB from a file, 1 MiB from S3, one GET
+    each); `now`: the signature's t=, if not now; `digest`: the blob's name.
 
     A submitted message's original (`digest` is its `blob`) passed the intake's line-end
-    check under that name (Pipeline.receive): here its sha256 proves that these are those
-    bytes, for a tenth of the CPU of scanning them again (1 against 10 ms per 10 MB), and
-    bytes that are not raise BlobChanged."""
+    check under that name (Pipeline.receive), and the intake kept its body hash when it is
+    signed: it is read once, as it is sent (DigestProof). Any other copy, or an original
+    stored before body hashes were kept, takes a first pass for the body hash and the
+    line ends (`_first_pass`)."""
     first = await blob.read(0, min(blob.size, WHOLE))
     offsets = headers.split_offsets_at_start(first)
     if len(first) == blob.size or offsets is None:
@@ -138,9 +205,24 @@ async def build(
         return prepare(first, message, hostname, signer, loop, now=now)
     header_end, body_start = offsets
     head = Head.of(first[:header_end], message, hostname, signer, loop)
-    scan: lines.LineEndScan | _Verify = lines.LineEndScan()
-    if digest is not None and digest == message.blob and message.kind == MessageKind.SUBMITTED:
-        scan = _Verify(digest)
+    window = window or blob.window
+    checked = digest is not None and digest == message.blob
+    if checked and message.kind == MessageKind.SUBMITTED:
+        assert digest is not None
+        if head.key is None or message.body_hash is not None:
+            tail = await blob.read(blob.size - 2, 2)
+            fields = head.fields(message.body_hash, now=now)
+            proof = DigestProof(digest, first, window, tail)
+            return StoredCopy(fields, blob, -1, tail == b"\r\n", proof)
+    return await _first_pass(blob, head, first, body_start, window, now)
+
+
+async def _first_pass(
+    blob: BlobReader, head: Head, first: bytes, body_start: int, window: int, now: int | None
+) -> StoredCopy:
+    """The body hash and the first bare line end, in reads of exactly the ranges the copy
+    is sent in."""
+    scan = lines.LineEndScan()
     body = dkim.BodyHash() if head.key is not None else None
     scan.update(first)
     if body is not None:
@@ -149,8 +231,7 @@ async def build(
     start = position = len(first)
     tail = first[-2:]
     del first
-    window = window or blob.window
-    while position < blob.size:  # reads of exactly these ranges, as chunks() reads them
+    while position < blob.size:
         length = min(window, blob.size - position)
         chunk = await blob.read(position, length)
         if len(chunk) != length:
@@ -163,21 +244,5 @@ async def build(
         position += length
     fields = head.fields(body.value() if body is not None else None, now=now)
     found = scan.end() + len(fields) if scan.end() != -1 else -1
-    return StoredCopy(fields, blob, found, tuple(sums), start, window, tail == b"\r\n")
-
-
-class _Verify:
-    """In place of a LineEndScan for bytes checked before under their digest: -1 (no bare
-    line end) once the bytes prove to be those."""
-
-    def __init__(self, digest: str) -> None:
-        self._digest = digest
-        self._hash = hashlib.sha256()
-
-    def update(self, data: bytes) -> None:
-        self._hash.update(data)
-
-    def end(self) -> int:
-        if self._hash.hexdigest() != self._digest:
-            raise BlobChanged(f"the stored blob {self._digest} does not hold the bytes it names")
-        return -1
+    reads = WindowSums(tuple(sums), start, window)
+    return StoredCopy(fields, blob, found, tail == b"\r\n", reads)

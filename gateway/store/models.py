@@ -138,6 +138,9 @@ class Message(Base):
     trusted_client: Mapped[str | None] = mapped_column(String(300), default=None)
     # the [[smtp.trusted]] entry's name, what a route's `trusted` condition matches
     trusted_entry: Mapped[str | None] = mapped_column(String(100), default=None)
+    # the DKIM body hash (relaxed, sha256) of a big signed original, kept by the intake so
+    # that its delivery reads the blob once (gateway/outbound/stored_copy.py)
+    body_hash: Mapped[str | None] = mapped_column(String(44), default=None)
 
 
 class DeliveryStatus(StrEnum):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from gateway.mail import lines
 from gateway.mail.dkim import BodyHash, DkimKey, body_hash, generate_private_key
+from gateway.mail.headers import parse_fields, split_offsets
 from gateway.mail.loop_mark import LoopMarks
 from gateway.mail.outgoing import Signer, prepare
 from gateway.outbound.smtp_connection import (
@@ -29,9 +30,17 @@ from gateway.outbound.smtp_connection import (
     stuffed_pieces,
     stuffed_stream,
 )
-from gateway.outbound.stored_copy import WHOLE, BlobChanged, StoredCopy, build, keep, window_sums
+from gateway.outbound.stored_copy import (
+    WHOLE,
+    BlobChanged,
+    StoredCopy,
+    build,
+    intake_body_hash,
+    keep,
+    window_sums,
+)
 from gateway.outbound.upstream import CaptureUpstream
-from gateway.store.blobs import BlobStore
+from gateway.store.blobs import BlobReader, BlobStore
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import Message, MessageKind
 from tests.conftest import dkim_dns
@@ -207,29 +216,115 @@ async def test_small_copies_and_header_blocks_past_the_first_read_are_built_whol
         assert built == prepare(raw, row(raw), "relay.broker.example", signer, now=NOW)
 
 
-@pytest.mark.parametrize("damage", [b"\n", b"#"], ids=["a bare LF", "one octet"])
-async def test_a_submitted_original_is_proved_by_its_digest(tmp_path: Path, damage: bytes) -> None:
-    """The intake checked a submitted message's original for bare line ends under its
-    digest, so its copy is proved by its sha256 instead of scanned again; bytes changed on
-    the disk since (a bare LF, or any other octet) are not sent."""
+class CountedReads(BlobReader):
+    """A reader that notes the ranges read through it."""
+
+    def __init__(self, blob: BlobReader) -> None:
+        self.blob = blob
+        self.reads: list[tuple[int, int]] = []
+
+    @property
+    def size(self) -> int:
+        return self.blob.size
+
+    async def read(self, start: int, length: int) -> bytes:
+        self.reads.append((start, length))
+        return await self.blob.read(start, length)
+
+
+def submitted(raw: bytes, digest: str, body_hash: str | None) -> Message:
+    message = row(raw)
+    message.blob, message.kind, message.body_hash = digest, MessageKind.SUBMITTED, body_hash
+    return message
+
+
+def body_hash_of(raw: bytes) -> str | None:
+    fields = parse_fields(raw[: raw.index(b"\r\n\r\n") + 2])
+    return intake_body_hash(raw, fields, {DOMAIN})
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+async def test_a_submitted_original_is_read_once(
+    store: BlobStore, key: DkimKey, signed: bool
+) -> None:
+    """The intake checked a submitted original's line ends under its digest and kept its
+    body hash: its copy is built before its body is read, then read once as it is sent.
+    The same copy as built whole, signature included."""
+    raw = big_message(1)
+    digest = await store.put(raw)
+    signer = Signer({DOMAIN: key} if signed else {})
+    message = submitted(raw, digest, body_hash_of(raw) if signed else None)
+    async with store.open(digest) as opened:
+        blob = CountedReads(opened)
+        copy = await build(
+            blob, message, "relay.broker.example", signer, window=4093, now=NOW, digest=digest
+        )
+        assert isinstance(copy, StoredCopy) and copy.bare_line_end == -1
+        assert blob.reads == [(0, WHOLE), (len(raw) - 2, 2)]
+        sent = await joined(copy)
+    whole = prepare(raw, message, "relay.broker.example", signer, now=NOW)
+    assert sent == whole
+    body = blob.reads[2:]
+    assert body[0] == (WHOLE, 4093) and sum(length for _, length in body) == len(raw) - WHOLE
+    assert not signed or dkimpy.verify(whole, dnsfunc=dkim_dns(key))
+
+
+async def test_an_original_without_its_body_hash_is_read_twice(
+    tmp_path: Path, key: DkimKey
+) -> None:
+    """Stored before body hashes were kept (or with a key added since): the first pass
+    hashes the body, and the copy is the same."""
     store = LocalBlobStore(tmp_path)
     raw = big_message()
     digest = await store.put(raw)
-    message = row(raw)
-    message.blob, message.kind = digest, MessageKind.SUBMITTED
-    async with store.open(digest) as blob:
-        copy = await build(blob, message, "relay.broker.example", Signer({}), digest=digest)
-        assert isinstance(copy, StoredCopy) and copy.bare_line_end == -1
-        assert await joined(copy) == prepare(raw, message, "relay.broker.example", Signer({}))
-    stored = Path(store.location(digest))
+    message = submitted(raw, digest, None)
+    signer = Signer({DOMAIN: key})
+    async with store.open(digest) as opened:
+        blob = CountedReads(opened)
+        copy = await build(blob, message, "relay.broker.example", signer, now=NOW, digest=digest)
+        assert sum(length for _, length in blob.reads) == len(raw)
+        assert await joined(copy) == prepare(raw, message, "relay.broker.example", signer, now=NOW)
+
+
+def test_the_intake_keeps_the_body_hash_of_big_signed_originals_only() -> None:
+    raw = big_message()
+    _, body_start = split_offsets(raw)
+    assert body_hash_of(raw) == body_hash(raw, body_start)
+    assert body_hash_of(raw.replace(b"anna@broker.example", b"anna@other.example")) is None
+    assert body_hash_of(HEADER + b"Guten Tag!\r\n") is None
+    upper = raw.replace(b"anna@broker.example", b"anna@Broker.EXAMPLE")
+    assert body_hash_of(upper) == body_hash(raw, body_start)
+
+
+@pytest.mark.parametrize("damage", [b"\n", b"#"], ids=["a bare LF", "one octet"])
+@pytest.mark.parametrize("where", ["last", "middle"], ids=["in the last read", "in a middle read"])
+async def test_an_original_that_is_not_what_it_names_never_leaves_whole(
+    tmp_path: Path, damage: bytes, where: str
+) -> None:
+    """Bytes changed on the disk since the intake checked them (a bare LF, or any other
+    octet), wherever they are: the last read is held back until the sha256 proves the
+    blob, so the data stops short of its end and the upstream never takes it."""
+    store = LocalBlobStore(tmp_path)
+    raw = big_message()
+    digest = await store.put(raw)
+    message = submitted(raw, digest, None)
     changed = bytearray(raw)
-    at = raw.rindex(b"Zeile") + 2  # within a line
-    assert changed[at] != damage[0]
+    at = raw.rindex(b".x") + 1 if where == "last" else raw.index(b"Zeile", WHOLE) + 2
     changed[at] = damage[0]
-    stored.write_bytes(bytes(changed))
+    Path(store.location(digest)).write_bytes(bytes(changed))
+    whole = prepare(raw, message, "relay.broker.example", Signer({}))
     async with store.open(digest) as blob:
-        with pytest.raises(BlobChanged, match="does not hold the bytes it names"):
-            await build(blob, message, "relay.broker.example", Signer({}), digest=digest)
+        copy = await build(
+            blob, message, "relay.broker.example", Signer({}), window=1024, digest=digest
+        )
+        assert isinstance(copy, StoredCopy)
+        sent = 0
+        with pytest.raises(SourceFailed) as failed:
+            async for piece in stuffed_stream(copy):
+                sent += len(piece)
+        assert isinstance(failed.value.__cause__, BlobChanged)
+        assert "does not hold the bytes it names" in str(failed.value.__cause__)
+        assert 0 < sent < sum(map(len, stuffed_pieces(whole)))
         message.kind = MessageKind.BOUNCE  # not checked at an intake: scanned, as before
         copy = await build(blob, message, "relay.broker.example", Signer({}), digest=digest)
         assert isinstance(copy, StoredCopy)
@@ -247,9 +342,7 @@ async def test_dot_stuffing_across_reads_is_the_whole_copys(tmp_path: Path, read
     raw = b".\r\n" + HEADER + b".\r\n..\r\n.x\r\nText.\r\n\r\n.\r\n" * 50
     async with store.open(await store.put(raw)) as blob:
         for head in (b"", b"X-Head: 1\r\n"):
-            copy = StoredCopy(
-                head, blob, -1, window_sums(raw, read, read), read, read, raw.endswith(b"\r\n")
-            )
+            copy = StoredCopy(head, blob, -1, raw.endswith(b"\r\n"), window_sums(raw, read, read))
             sent = b"".join([piece async for piece in stuffed_stream(copy)])
             assert sent == b"".join(stuffed_pieces(head + raw))
             assert b"\r\n.\r\n" not in sent and not sent.startswith(b".\r\n")
