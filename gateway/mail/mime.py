@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import unquote_to_bytes
 
-from gateway.mail import headers
+from gateway.mail import headers, lines
 from gateway.mail.headers import HeaderField
 from rules.facts import PartFacts
 
@@ -275,7 +275,7 @@ def _child_ranges(
     seen = False
     count = 0
     while True:
-        found = raw.find(needle, pos, end)
+        found = lines.find_by(raw, needle, 0, pos, end)  # base64 holds no hyphen
         if found < 0:
             break
         line_end = _delimiter_line_end(raw, found, body_start, end, len(needle))

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -110,6 +111,51 @@ def test_dot_line_is_find(data: bytes, start: int, cut: int) -> None:
     assert lines.dot_line(data, start, end) == data.find(b"\r\n.", start, end)
     assert lines.dot_line(bytearray(data), start) == data.find(b"\r\n.", start)
     assert lines.stuffed(data) == data.replace(b"\r\n.", b"\r\n..")
+
+
+NEEDLES = st.sampled_from([b"\r\n.", b"--=_b1", b"--x", b"-", b"ab-ab-"])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    needle=NEEDLES,
+    rare=st.integers(0, 5),
+    pieces=st.lists(st.sampled_from([b"-", b"--", b"=_b1", b"x", b"\r\n", b".", b"ab", b"ab-"])),
+    start=st.integers(0, 40),
+    cut=st.integers(0, 40),
+    window=st.sampled_from([7, 11, 64 * 1024]),
+    misses=st.sampled_from([0, 1, 8]),
+)
+def test_find_by_is_find(
+    needle: bytes, rare: int, pieces: list[bytes], start: int, cut: int, window: int, misses: int
+) -> None:
+    """Also with windows of a few octets, and text assumed after `misses` misses, so that
+    needles across every window border are looked for."""
+    data = b"".join(pieces)
+    rare = min(rare, len(needle) - 1)
+    end = max(len(data) - cut, 0)
+    with (
+        mock.patch.object(lines, "_TEXT_WINDOW", window),
+        mock.patch.object(lines, "_MISSES_IN_TEXT", misses),
+    ):
+        assert lines.find_by(data, needle, rare, start, end) == data.find(needle, start, end)
+        assert lines.find_by(bytearray(data), needle, rare, start) == data.find(needle, start)
+
+
+@pytest.mark.parametrize("before", [0, 1, 5, 65_530, 65_536, 200_000])
+@pytest.mark.parametrize("rare", [0, 2, 5])
+def test_find_by_in_text_windows_and_at_their_borders(before: int, rare: int) -> None:
+    """A hyphen every few octets with no boundary after it (text) makes the search go a
+    window at a time; the boundary is found wherever it falls, a window's border too."""
+    text = (b"well-kept, up-to-date - e-mail " * 10_000)[:before]
+    needle = b"--=_b1"
+    data = text + b"\r\n" + needle + b"--\r\n" + b"after - text" * 50
+    at = before + 2
+    assert lines.find_by(data, needle, rare) == data.find(needle) == at
+    for start in range(max(at - 7, 0), at + 2):
+        assert lines.find_by(data, needle, rare, start) == data.find(needle, start)
+        assert lines.find_by(data, needle, rare, 0, at + len(needle) - 1) == -1
+    assert lines.find_by((b"QUJD" * 19 + b"\r\n") * 1000, needle, 0) == -1
 
 
 @pytest.mark.parametrize("before", [0, 1, 2, 3, 65_530, 65_536, 200_000])
