@@ -168,7 +168,7 @@ async def running_site(
         tmp_path,
         sink.port,
         server={"public_url": f"http://127.0.0.1:{port}", **sections.pop("server", {})},
-        web={"listen": f"127.0.0.1:{port}"},
+        web={"listen": f"127.0.0.1:{port}", **sections.pop("web", {})},
         smtp={
             "tls_cert": str(cert),
             "tls_key": str(key),

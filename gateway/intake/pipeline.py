@@ -330,6 +330,7 @@ class Pipeline:
         await group_commit.insert(
             self.db, [message, *draft.rows, *deliveries], events, now, draft.inline_blobs
         )
+        self.blobs.committed_inline(draft.inline_blobs)
         self.signal.notify()
         log.info(
             "accepted %s from %s for %d recipients", message.id, message.sender, len(deliveries)

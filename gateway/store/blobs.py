@@ -27,7 +27,7 @@ import asyncio
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -136,6 +136,11 @@ class BlobStore(ABC):
         (gateway/store/inline_blobs.py) instead of putting it here: only a store that reads
         such blobs back says yes."""
         return False
+
+    def committed_inline(self, blobs: Mapping[str, bytes]) -> None:
+        """Blobs a writer kept in its own transaction (`takes_inline`), just committed:
+        a store that reads such blobs back may keep these at hand for their first reads."""
+        return None
 
     @abstractmethod
     def open(self, digest: str) -> AbstractAsyncContextManager[BlobReader]:

@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -336,3 +337,69 @@ async def test_the_same_bytes_from_several_messages_of_one_group_commit_are_one_
     assert written_at.replace(tzinfo=UTC) == later
     assert await store.read(messages[0].blob) == SMALL
     assert "each unit again on its own" not in caplog.text  # no batch failed over it
+
+
+class CountedReads:
+    """The store's reads of its table, counted."""
+
+    def __init__(self, reads: Any) -> None:
+        self.reads = reads
+        self.count = 0
+
+    async def value(self, column: str, digest: str) -> Any:
+        self.count += 1
+        return await self.reads.value(column, digest)
+
+
+def counted(store: InlineBlobStore) -> CountedReads:
+    reads = store._reads = CountedReads(store._reads)
+    return reads
+
+
+async def test_the_intakes_small_originals_are_read_back_without_a_query(
+    store: InlineBlobStore, database: Database, tmp_path: Path
+) -> None:
+    """Delivery reads a small message's original moments after its commit: from memory,
+    not with a query and a pooled connection each."""
+    await submit(database, store, SMALL, START, tmp_path)
+    async with database.transaction() as session:
+        [message] = (await session.scalars(select(Message))).all()
+    reads = counted(store)
+    assert await store.read(message.blob) == SMALL
+    assert await store.size(message.blob) == len(SMALL)
+    async with store.open(message.blob) as blob:
+        assert await blob.read(0, blob.size) == SMALL
+    assert reads.count == 0
+    assert await inline_rows(database) == {message.blob: SMALL}  # and durable in the table
+
+
+async def test_the_originals_kept_in_memory_are_bounded(
+    store: InlineBlobStore, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inline_blobs, "RECENT_BYTES", 100)
+    blobs = {digest_of(data): data for data in (b"a" * 40, b"b" * 40, b"c" * 40)}
+    for digest, data in blobs.items():
+        await group_commit.insert(database, [], [], START, {digest: data})
+        store.committed_inline({digest: data})
+    reads = counted(store)
+    first, *rest = blobs
+    for digest in rest:
+        assert await store.read(digest) == blobs[digest]
+    assert reads.count == 0
+    assert await store.read(first) == blobs[first]  # forgotten, read from the table
+    assert reads.count == 1
+
+
+@pytest.mark.parametrize("how", ["delete", "delete_stale"])
+async def test_a_deleted_blob_is_not_read_from_memory(
+    store: InlineBlobStore, database: Database, tmp_path: Path, how: str
+) -> None:
+    await submit(database, store, SMALL, START, tmp_path)
+    digest = digest_of(SMALL)
+    if how == "delete":
+        await store.delete(digest)
+    else:
+        assert await store.delete_stale(digest, START + timedelta(days=1)) == len(SMALL)
+    assert not await store.exists(digest)
+    with pytest.raises(BlobMissing):
+        await store.read(digest)

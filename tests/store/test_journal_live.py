@@ -59,7 +59,9 @@ def plain_text(raw: bytes) -> str:
 
 @pytest.fixture
 async def site(site_factory: StartSite) -> LetterSite:
-    return await site_factory(policy={"link_attachments_over": "10KB"})
+    # the most a visit may wait for its share of the database: on a loaded box a consent
+    # otherwise meets admission's 503 (tests/links/test_visit_admission.py), not the point here
+    return await site_factory(policy={"link_attachments_over": "10KB"}, web={"visit_wait": 10})
 
 
 async def second_connection(database: Database, tmp_path: Path) -> Database:
