@@ -107,15 +107,17 @@ class DigestProof:
     async def of(self, blob: BlobReader) -> AsyncIterator[bytes]:
         proof = hashlib.sha256(self.first)
         held, position = self.first, len(self.first)
+        ending = held[-2:]
         while position < blob.size:
             length = min(self.window, blob.size - position)
             chunk = await blob.read(position, length)
             if len(chunk) != length:
                 raise BlobChanged(f"the stored copy ended at byte {position + len(chunk)}")
             proof.update(chunk)
+            ending = (ending + chunk[-2:])[-2:]
             yield held
             held, position = chunk, position + length
-        if proof.hexdigest() != self.digest or not held.endswith(self.tail):
+        if proof.hexdigest() != self.digest or ending != self.tail:
             raise BlobChanged(f"the stored blob {self.digest} does not hold the bytes it names")
         yield held
 
@@ -194,9 +196,9 @@ async def build(
 
     A submitted message's original (`digest` is its `blob`) passed the intake's line-end
     check under that name (Pipeline.receive), and the intake kept its body hash when it is
-    signed: it is read once, as it is sent (DigestProof). Any other copy, or an original
-    stored before body hashes were kept, takes a first pass for the body hash and the
-    line ends (`_first_pass`)."""
+    signed: it is read once, as it is sent, proved by its digest (DigestProof); one stored
+    before body hashes were kept is read once more first, for the body hash alone. Any
+    other copy takes a first pass for the body hash and the line ends (`_first_pass`)."""
     first = await blob.read(0, min(blob.size, WHOLE))
     offsets = headers.split_offsets_at_start(first)
     if len(first) == blob.size or offsets is None:
@@ -206,15 +208,29 @@ async def build(
     header_end, body_start = offsets
     head = Head.of(first[:header_end], message, hostname, signer, loop)
     window = window or blob.window
-    checked = digest is not None and digest == message.blob
-    if checked and message.kind == MessageKind.SUBMITTED:
-        assert digest is not None
-        if head.key is None or message.body_hash is not None:
-            tail = await blob.read(blob.size - 2, 2)
-            fields = head.fields(message.body_hash, now=now)
-            proof = DigestProof(digest, first, window, tail)
-            return StoredCopy(fields, blob, -1, tail == b"\r\n", proof)
-    return await _first_pass(blob, head, first, body_start, window, now)
+    if digest is None or digest != message.blob or message.kind != MessageKind.SUBMITTED:
+        return await _first_pass(blob, head, first, body_start, window, now)
+    bh = message.body_hash
+    if head.key is not None and bh is None:
+        bh = await _body_hash(blob, first, body_start, window)
+    tail = await blob.read(blob.size - 2, 2)
+    proof = DigestProof(digest, first, window, tail)
+    return StoredCopy(head.fields(bh, now=now), blob, -1, tail == b"\r\n", proof)
+
+
+async def _body_hash(blob: BlobReader, first: bytes, body_start: int, window: int) -> str:
+    """The body hash of a blob read after its `first` octets, whose body starts at
+    `body_start`."""
+    body = dkim.BodyHash()
+    body.update(first[body_start:])
+    position = len(first)
+    while position < blob.size:
+        chunk = await blob.read(position, min(window, blob.size - position))
+        if not chunk:
+            raise BlobChanged(f"the stored copy ended at byte {position}")
+        body.update(chunk)
+        position += len(chunk)
+    return body.value()
 
 
 async def _first_pass(

@@ -33,6 +33,7 @@ from gateway.outbound.smtp_connection import (
 from gateway.outbound.stored_copy import (
     WHOLE,
     BlobChanged,
+    DigestProof,
     StoredCopy,
     build,
     intake_body_hash,
@@ -272,8 +273,8 @@ async def test_a_submitted_original_is_read_once(
 async def test_an_original_without_its_body_hash_is_read_twice(
     tmp_path: Path, key: DkimKey
 ) -> None:
-    """Stored before body hashes were kept (or with a key added since): the first pass
-    hashes the body, and the copy is the same."""
+    """Stored before body hashes were kept (or with a key added since): a first read
+    hashes the body, then it is sent, proved by its digest; the copy is the same."""
     store = LocalBlobStore(tmp_path)
     raw = big_message()
     digest = await store.put(raw)
@@ -282,7 +283,28 @@ async def test_an_original_without_its_body_hash_is_read_twice(
     async with store.open(digest) as opened:
         blob = CountedReads(opened)
         copy = await build(blob, message, "relay.broker.example", signer, now=NOW, digest=digest)
-        assert sum(length for _, length in blob.reads) == len(raw)
+        assert isinstance(copy, StoredCopy) and isinstance(copy.reads, DigestProof)
+        assert sum(length for _, length in blob.reads) == len(raw) + 2  # and the tail
+        assert await joined(copy) == prepare(raw, message, "relay.broker.example", signer, now=NOW)
+
+
+@pytest.mark.parametrize("last", [1, 2, 3])
+async def test_an_original_whose_last_read_is_an_octet_or_two(
+    tmp_path: Path, key: DkimKey, last: int
+) -> None:
+    """The copy's last two octets, which said its size on the wire, may span two reads."""
+    store = LocalBlobStore(tmp_path)
+    raw = big_message()
+    raw = raw[:-2] + b"x" * ((last - len(raw) + WHOLE) % 1024) + b"\r\n"
+    assert (len(raw) - WHOLE) % 1024 == last
+    digest = await store.put(raw)
+    signer = Signer({DOMAIN: key})
+    message = submitted(raw, digest, body_hash_of(raw))
+    async with store.open(digest) as blob:
+        copy = await build(
+            blob, message, "relay.broker.example", signer, window=1024, now=NOW, digest=digest
+        )
+        assert isinstance(copy, StoredCopy) and copy.ends_in_crlf
         assert await joined(copy) == prepare(raw, message, "relay.broker.example", signer, now=NOW)
 
 
@@ -298,8 +320,9 @@ def test_the_intake_keeps_the_body_hash_of_big_signed_originals_only() -> None:
 
 @pytest.mark.parametrize("damage", [b"\n", b"#"], ids=["a bare LF", "one octet"])
 @pytest.mark.parametrize("where", ["last", "middle"], ids=["in the last read", "in a middle read"])
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed, no body hash kept"])
 async def test_an_original_that_is_not_what_it_names_never_leaves_whole(
-    tmp_path: Path, damage: bytes, where: str
+    tmp_path: Path, key: DkimKey, damage: bytes, where: str, signed: bool
 ) -> None:
     """Bytes changed on the disk since the intake checked them (a bare LF, or any other
     octet), wherever they are: the last read is held back until the sha256 proves the
@@ -308,14 +331,15 @@ async def test_an_original_that_is_not_what_it_names_never_leaves_whole(
     raw = big_message()
     digest = await store.put(raw)
     message = submitted(raw, digest, None)
+    signer = Signer({DOMAIN: key} if signed else {})
     changed = bytearray(raw)
     at = raw.rindex(b".x") + 1 if where == "last" else raw.index(b"Zeile", WHOLE) + 2
     changed[at] = damage[0]
     Path(store.location(digest)).write_bytes(bytes(changed))
-    whole = prepare(raw, message, "relay.broker.example", Signer({}))
+    whole = prepare(raw, message, "relay.broker.example", signer)
     async with store.open(digest) as blob:
         copy = await build(
-            blob, message, "relay.broker.example", Signer({}), window=1024, digest=digest
+            blob, message, "relay.broker.example", signer, window=1024, digest=digest
         )
         assert isinstance(copy, StoredCopy)
         sent = 0
@@ -326,7 +350,7 @@ async def test_an_original_that_is_not_what_it_names_never_leaves_whole(
         assert "does not hold the bytes it names" in str(failed.value.__cause__)
         assert 0 < sent < sum(map(len, stuffed_pieces(whole)))
         message.kind = MessageKind.BOUNCE  # not checked at an intake: scanned, as before
-        copy = await build(blob, message, "relay.broker.example", Signer({}), digest=digest)
+        copy = await build(blob, message, "relay.broker.example", signer, digest=digest)
         assert isinstance(copy, StoredCopy)
         assert (copy.bare_line_end != -1) == (damage == b"\n")
 
