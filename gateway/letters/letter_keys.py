@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gateway.config import Settings
-from gateway.mail import headers
+from gateway.mail import headers, outgoing
 from gateway.problems import Problem
 from gateway.rejections import Rejected
 
@@ -28,9 +28,8 @@ class UnsignedLetter(Rejected):
 
 
 def author_domain(raw: bytes) -> str:
-    """The domain DKIM signs for: the first From address's (gateway.mail.outgoing.prepare)."""
-    authors = headers.addresses(headers.fields_of(raw), "from")
-    return authors[0].rpartition("@")[2].lower() if authors else ""
+    """The domain DKIM signs for (gateway.mail.outgoing.author_domain), lower case."""
+    return (outgoing.author_domain(headers.fields_of(raw)) or "").lower()
 
 
 def require_key(settings: Settings, raw: bytes) -> None:
