@@ -8,6 +8,7 @@ upgrading a read lock.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from gateway.store.schema_version import migration_heads, stored_revisions
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_WAL_ATTEMPTS = 40  # about 4 s of waiting in all
 _SNAPSHOT = "sealrelay_snapshot"
 # set in a session's `info` by whatever journaled events in its transaction (journal.append)
 JOURNALED = "sealrelay_journaled"
@@ -56,9 +58,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        _switch_to_wal(cursor, engine.dialect.loaded_dbapi.OperationalError)
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -77,6 +79,22 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             connection.exec_driver_sql("BEGIN")  # WAL: a read snapshot that blocks no writer
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _switch_to_wal(cursor: Any, locked: type[Exception]) -> None:
+    """While another process is creating a new database (two CLI commands started together,
+    or `serve` and a CLI command), SQLite can refuse the switch to WAL with "database is
+    locked" at once, without waiting in the busy handler: a lock upgrade it would otherwise
+    have to deadlock on. The other process's switch takes milliseconds, so this one tries
+    again, for a bounded time."""
+    for attempt in range(_WAL_ATTEMPTS):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except locked:
+            if attempt == _WAL_ATTEMPTS - 1:
+                raise
+            time.sleep(0.005 * (attempt + 1))
 
 
 class Database:
