@@ -81,14 +81,14 @@ class WindowSums:
     window: int
 
     async def of(self, blob: BlobReader) -> AsyncIterator[bytes]:
-        position = 0
-        for index, expected in enumerate(self.sums):
-            length = min(self.first if index == 0 else self.window, blob.size - position)
-            chunk = await blob.read(position, length)
-            if len(chunk) != length or zlib.adler32(chunk) != expected:
+        sums, position = iter(self.sums), 0
+        async for chunk in _reads(blob, 0, self.window, first=self.first):
+            if zlib.adler32(chunk) != next(sums, None):
                 raise BlobChanged(f"the stored copy changed at byte {position} since it was read")
-            position += length
+            position += len(chunk)
             yield chunk
+        if next(sums, None) is not None:
+            raise BlobChanged(f"the stored copy ended at byte {position} since it was read")
 
 
 @dataclass(frozen=True)
@@ -106,17 +106,13 @@ class DigestProof:
 
     async def of(self, blob: BlobReader) -> AsyncIterator[bytes]:
         proof = hashlib.sha256(self.first)
-        held, position = self.first, len(self.first)
+        held = self.first
         ending = held[-2:]
-        while position < blob.size:
-            length = min(self.window, blob.size - position)
-            chunk = await blob.read(position, length)
-            if len(chunk) != length:
-                raise BlobChanged(f"the stored copy ended at byte {position + len(chunk)}")
+        async for chunk in _reads(blob, len(self.first), self.window):
             proof.update(chunk)
             ending = (ending + chunk[-2:])[-2:]
             yield held
-            held, position = chunk, position + length
+            held = chunk
         if proof.hexdigest() != self.digest or ending != self.tail:
             raise BlobChanged(f"the stored blob {self.digest} does not hold the bytes it names")
         yield held
@@ -223,13 +219,8 @@ async def _body_hash(blob: BlobReader, first: bytes, body_start: int, window: in
     `body_start`."""
     body = dkim.BodyHash()
     body.update(first[body_start:])
-    position = len(first)
-    while position < blob.size:
-        chunk = await blob.read(position, min(window, blob.size - position))
-        if not chunk:
-            raise BlobChanged(f"the stored copy ended at byte {position}")
+    async for chunk in _reads(blob, len(first), window):
         body.update(chunk)
-        position += len(chunk)
     return body.value()
 
 
@@ -244,21 +235,32 @@ async def _first_pass(
     if body is not None:
         body.update(first[body_start:])
     sums = [zlib.adler32(first)]
-    start = position = len(first)
+    start = len(first)
     tail = first[-2:]
     del first
-    while position < blob.size:
-        length = min(window, blob.size - position)
-        chunk = await blob.read(position, length)
-        if len(chunk) != length:
-            raise BlobChanged(f"the stored copy ended at byte {position + len(chunk)}")
+    async for chunk in _reads(blob, start, window):
         scan.update(chunk)
         if body is not None:
             body.update(chunk)
         sums.append(zlib.adler32(chunk))
         tail = (tail + chunk[-2:])[-2:]
-        position += length
     fields = head.fields(body.value() if body is not None else None, now=now)
     found = scan.end() + len(fields) if scan.end() != -1 else -1
     reads = WindowSums(tuple(sums), start, window)
     return StoredCopy(fields, blob, found, tail == b"\r\n", reads)
+
+
+async def _reads(
+    blob: BlobReader, start: int, window: int, *, first: int | None = None
+) -> AsyncIterator[bytes]:
+    """The blob from `start` to its end, `window` octets a read (`first` for the first one,
+    if given; the last may be shorter), so that every pass reads the same ranges: each one
+    GET from S3. A read that comes back short means the blob changed."""
+    position, length = start, first or window
+    while position < blob.size:
+        length = min(length, blob.size - position)
+        chunk = await blob.read(position, length)
+        if len(chunk) != length:
+            raise BlobChanged(f"the stored copy ended at byte {position + len(chunk)}")
+        yield chunk
+        position, length = position + length, window
