@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import tomllib
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -966,7 +967,12 @@ class Settings(Section):
     @field_validator("dkim")
     @classmethod
     def _lower_domains(cls, value: dict[str, DkimDomain]) -> dict[str, DkimDomain]:
-        return {domain.lower(): entry for domain, entry in value.items()}
+        """Domains compare without case; every user of `dkim` relies on lower-case keys."""
+        named = Counter(domain.lower() for domain in value)
+        if twice := sorted(domain for domain, count in named.items() if count > 1):
+            raise ValueError(f"[dkim] names {', '.join(twice)} more than once (case is ignored)")
+        lowered = {domain.lower(): entry for domain, entry in value.items()}
+        return lowered
 
 
 SYSTEM_CONFIG = Path("/etc/sealrelay/sealrelay.toml")

@@ -136,7 +136,7 @@ class Pipeline:
         self.signal = signal or QueueSignal()
         self.policy = settings.policy_config()
         self.materializers = materializers(settings, blobs)
-        self.signing_domains = frozenset(domain.lower() for domain in settings.dkim)
+        self.signing_domains = frozenset(settings.dkim)  # lower case (Settings)
 
     async def submit(
         self,

@@ -99,6 +99,12 @@ def test_dkim_domains_from_file_are_lower_cased(tmp_path: Path) -> None:
         ),
         ("[dkim.'a.example']\nselector = 'bad selector'\nkey_file = 'k'\n", {}, "dkim.a.example"),
         (
+            "[dkim.'A.example']\nselector = 's1'\nkey_file = 'k'\n"
+            "[dkim.'a.EXAMPLE']\nselector = 's2'\nkey_file = 'k'\n",
+            {},
+            "dkim: Value error, [dkim] names a.example more than once (case is ignored)",
+        ),
+        (
             "[console]\nidle_timeout = 7200\nabsolute_timeout = 3600\n",
             {},
             "console: Value error, idle_timeout must not exceed absolute_timeout",
