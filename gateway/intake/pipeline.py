@@ -265,7 +265,6 @@ class Pipeline:
             protocol=origin.protocol,
             trusted_client=origin.trusted.describe() if origin.trusted else None,
             trusted_entry=origin.trusted.entry if origin.trusted else None,
-            body_hash=intake_body_hash(raw, fields, self.signing_domains),
         )
         copy_base = original if base == raw else await self._keep(base, inline)
         return Draft(message, now, base, root, copy_base, inline_blobs=inline)
@@ -301,6 +300,8 @@ class Pipeline:
         for the transaction that carries its message, shared with other sessions' messages.
         """
         message, now = draft.message, draft.now
+        if message.blob in copies.values():  # the original itself leaves: read once (stored_copy)
+            message.body_hash = intake_body_hash(draft.raw, self.signing_domains)
         lifetime = self.settings.upstream.queue_lifetime
         deliveries = [
             new_delivery(message.id, recipient, blob, now, lifetime)

@@ -138,16 +138,14 @@ async def keep(data: Outgoing, blobs: BlobStore) -> str:
     return await blobs.put(data)
 
 
-def intake_body_hash(
-    raw: bytes, fields: list[headers.HeaderField], signing_domains: Collection[str]
-) -> str | None:
+def intake_body_hash(raw: bytes, signing_domains: Collection[str]) -> str | None:
     """What a submitted original keeps as its `Message.body_hash`: the DKIM body hash of
     one big enough to be sent from its blob whose From domain is in `signing_domains`
     (lower case), so that `build` reads it once. Computed while the intake holds it in
     memory."""
     if len(raw) <= WHOLE:
         return None
-    domain = author_domain(fields)
+    domain = author_domain(headers.fields_of(raw))
     if domain is None or domain.lower() not in signing_domains:
         return None
     _, body_start = headers.split_offsets(raw)

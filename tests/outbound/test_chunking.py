@@ -218,3 +218,20 @@ async def test_the_relay_signs_a_big_original_with_the_body_hash_kept_at_intake(
     raw = await harness.relay.blobs.read(row.blob)
     assert row.body_hash is not None
     assert row.body_hash == body_hash(raw, split_offsets(raw)[1])
+
+
+async def test_a_big_original_that_does_not_leave_as_received_keeps_no_body_hash(
+    relay_factory: StartRelay, database: Database
+) -> None:
+    """An instruction to the relay (X-Sealrelay-*) is taken out of every copy: what leaves
+    is another blob, hashed as it is read, so the intake spends nothing on the original's."""
+    harness = await relay_factory()
+    message = make_message(subject="Exposé groß", body="Zeile  mit Leerzeichen\n" * 20_000)
+    message["X-Sealrelay-Language"] = "de"
+    await harness.send(message)
+    [received] = await harness.sink.expect(1)
+    assert dkimpy.verify(received.data, dnsfunc=dkim_dns(harness.dkim_key))
+    assert b"X-Sealrelay-Language" not in received.data
+    async with database.transaction() as session:
+        [row] = (await session.scalars(select(Message))).all()
+    assert row.size > 256 * 1024 and row.body_hash is None
