@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -30,6 +30,8 @@ from gateway.store.schema_version import migration_heads, stored_revisions
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _WAL_ATTEMPTS = 40  # about 4 s of waiting in all
+# PostgreSQL advisory lock held while migrating: any constant unique to sealrelay
+_MIGRATION_LOCK = int.from_bytes(b"sealmigr", "big") >> 1
 _SNAPSHOT = "sealrelay_snapshot"
 # set in a session's `info` by whatever journaled events in its transaction (journal.append)
 JOURNALED = "sealrelay_journaled"
@@ -204,9 +206,16 @@ def _current_revisions(connection: Connection) -> set[str]:
 
 
 def _upgrade(connection: Connection) -> None:
+    """Processes that start on a new database at once (hosts started together, or `serve`
+    and a CLI command) take turns: on PostgreSQL each waits for a lock held to the end of the
+    other's migration, and alembic then reads the version the other wrote; without it the
+    second failed creating tables the first had just created. SQLite's BEGIN IMMEDIATE does
+    the same (make_engine)."""
     from alembic import command
     from alembic.config import Config
 
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
