@@ -971,8 +971,7 @@ class Settings(Section):
         named = Counter(domain.lower() for domain in value)
         if twice := sorted(domain for domain, count in named.items() if count > 1):
             raise ValueError(f"[dkim] names {', '.join(twice)} more than once (case is ignored)")
-        lowered = {domain.lower(): entry for domain, entry in value.items()}
-        return lowered
+        return {domain.lower(): entry for domain, entry in value.items()}
 
 
 SYSTEM_CONFIG = Path("/etc/sealrelay/sealrelay.toml")

@@ -88,7 +88,8 @@ def _switch_to_wal(cursor: Any, locked: type[Exception]) -> None:
     or `serve` and a CLI command), SQLite can refuse the switch to WAL with "database is
     locked" at once, without waiting in the busy handler: a lock upgrade it would otherwise
     have to deadlock on. The other process's switch takes milliseconds, so this one tries
-    again, for a bounded time."""
+    again, for a bounded time. It sleeps on the thread that connects (the event loop's):
+    only a new database's first connection can meet this, at start-up."""
     for attempt in range(_WAL_ATTEMPTS):
         try:
             cursor.execute("PRAGMA journal_mode=WAL")
