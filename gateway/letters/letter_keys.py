@@ -29,7 +29,7 @@ class UnsignedLetter(Rejected):
 
 def author_domain(raw: bytes) -> str:
     """The domain DKIM signs for (gateway.mail.outgoing.author_domain), lower case."""
-    return (outgoing.author_domain(headers.fields_of(raw)) or "").lower()
+    return outgoing.author_domain(headers.fields_of(raw)) or ""
 
 
 def require_key(settings: Settings, raw: bytes) -> None:

@@ -106,9 +106,10 @@ class Head:
 
 
 def author_domain(fields: list[headers.HeaderField]) -> str | None:
-    """The domain of the first From address: the one whose key signs (Signer.key_for)."""
+    """The domain of the first From address, lower case: the one whose key signs
+    (Signer.key_for)."""
     authors = headers.addresses(fields, "from")
-    return authors[0].rpartition("@")[2] if authors else None
+    return authors[0].rpartition("@")[2].lower() if authors else None
 
 
 _OUR_ID = re.compile(rb"\(sealrelay\)\s+with\s+[A-Z]+\s+id\s+([0-9a-f]+);")

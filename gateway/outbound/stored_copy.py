@@ -146,7 +146,7 @@ def intake_body_hash(raw: bytes, signing_domains: Collection[str]) -> str | None
     if len(raw) <= WHOLE:
         return None
     domain = author_domain(headers.fields_of(raw))
-    if domain is None or domain.lower() not in signing_domains:
+    if domain is None or domain not in signing_domains:
         return None
     _, body_start = headers.split_offsets(raw)
     return dkim.body_hash(raw, body_start)
