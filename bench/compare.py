@@ -371,7 +371,7 @@ async def start_sealrelay(
             "serve",
             "--config",
             str(config),
-            *(("--processes", str(processes)) if processes > 1 and backend != "sqlite" else ()),
+            *(("--processes", str(processes)) if processes > 1 else ()),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
@@ -916,7 +916,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--processes",
         type=int,
         default=1,
-        help="sealrelay serve --processes N on PostgreSQL (SQLite keeps 1: one writer)",
+        help="sealrelay serve --processes N",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every run here")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
     .venv/bin/python bench/crash.py --cycles 20
     .venv/bin/python bench/crash.py --cycles 5 --backend sqlite --sessions 10
     .venv/bin/python bench/crash.py --cycles 5 --size 600000 --min-kill 5 --max-kill 30
+    .venv/bin/python bench/crash.py --cycles 5 --processes 2
 
 Per backend (SQLite in a temp directory, a fresh PostgreSQL database), a real relay process
 runs with the shipped worker settings and a recording SMTP sink as its upstream. Each cycle
@@ -17,7 +18,8 @@ duplicates as copies were sent and not yet recorded: `[worker] concurrency` grou
 shipped; a destination's turn ends with its send, its slot with the record). With --size,
 each message carries that many octets more (past 256 KiB: spooled, and its spool file kept
 as the stored original) and must reach the sink whole: a copy without its last line counts
-as damaged. Exits 1 if any accepted message was lost or damaged.
+as damaged. With --processes N the relay runs `serve --processes N`, and a kill ends the
+supervisor and every process at once. Exits 1 if any accepted message was lost or damaged.
 """
 
 from __future__ import annotations
@@ -110,7 +112,12 @@ async def run_backend(backend: str, args: argparse.Namespace) -> Figures:
         with tempfile.TemporaryDirectory(prefix="sealrelay-crash-") as tmp:
             directory = Path(tmp)
             async with database_url(backend, directory) as url:
-                relay = RelayProcess(directory, url, sink.port)
+                relay = RelayProcess(
+                    directory,
+                    url,
+                    sink.port,
+                    serve_args=("--processes", str(args.processes)),
+                )
                 relay.write_config()
                 lease = f"lease_seconds = {args.lease}\n" if args.lease else ""
                 relay.config.write_text(
@@ -206,6 +213,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--size", type=int, default=0, help="octets added to each message (default: none)"
+    )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="sealrelay serve --processes N (default 1)"
     )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()

@@ -825,11 +825,6 @@ def main() -> None:
         help="the sink does not offer CHUNKING (Postfix's smtp-sink, older servers): DATA",
     )
     args = parser.parse_args()
-    if args.processes > 1 and args.backend == "sqlite":
-        parser.error(
-            "--processes above 1 needs --backend postgres: the relay refuses it on SQLite,"
-            " which has one writer (docs/deployment.md)"
-        )
     sys.exit(asyncio.run(bench(args)))
 
 

@@ -71,7 +71,7 @@ class ServerSettings(Section):
         ge=1,
         le=64,
         description="relay processes, each with its own event loop and the same listening"
-        " ports (SO_REUSEPORT); more than 1 needs PostgreSQL (docs/deployment.md)",
+        " ports (SO_REUSEPORT), sharing one database (docs/deployment.md)",
     )
 
     @field_validator("public_url")

@@ -75,7 +75,6 @@ def settings_problems(settings: Settings, *, reach_bucket: bool = True) -> Itera
         yield from _upstream(upstream, f"upstreams.{name}")
     yield from _direct_delivery(settings)
     yield from _database(settings.database.url)
-    yield from processes_problems(settings.database.url, settings.server.processes)
     yield from _storage(settings.storage, reach_bucket=reach_bucket)
     yield from _secrets(settings)
     for domain, entry in settings.dkim.items():
@@ -240,7 +239,15 @@ def _direct_delivery(settings: Settings) -> Iterator[Problem]:
 
 def _database(url: str) -> Iterator[Problem]:
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    if parsed.get_backend_name() != "sqlite":
+        return
+    if parsed.database in (None, "", ":memory:"):
+        yield Problem(
+            "database.url",
+            f"{url}: SQLite needs a file (sqlite+aiosqlite:///var/sealrelay.db): an in-memory"
+            " database would lose the queue at every restart, and each process would have"
+            " its own",
+        )
         return
     path = Path(parsed.database)
     problem = (
@@ -250,21 +257,6 @@ def _database(url: str) -> Iterator[Problem]:
     )
     if problem is not None:
         yield problem
-
-
-def processes_problems(database_url: str, processes: int) -> list[Problem]:
-    """Several processes need a database with more than one writer: SQLite has one, so the
-    others would wait on its lock (or fail with "database is locked") instead of working."""
-    if processes == 1 or make_url(database_url).get_backend_name() != "sqlite":
-        return []
-    return [
-        Problem(
-            "server.processes",
-            f"{processes} processes need PostgreSQL: SQLite has one writer, so extra processes"
-            " would only wait for its lock. Use processes = 1 with SQLite, or a"
-            " postgresql+asyncpg:// database.url (docs/deployment.md)",
-        )
-    ]
 
 
 def _storage(storage: StorageSettings, *, reach_bucket: bool = True) -> Iterator[Problem]:

@@ -180,7 +180,7 @@ def main() -> None:
     type=click.IntRange(1, 64),
     default=None,
     help="Relay processes sharing the listening ports, one per core (default: [server]"
-    " processes, 1). More than 1 needs PostgreSQL.",
+    " processes, 1), sharing one database.",
 )
 def serve(config: Path | None, roles: str, processes: int | None) -> None:
     """Run the relay until SIGTERM or Ctrl-C."""
@@ -199,7 +199,6 @@ def serve(config: Path | None, roles: str, processes: int | None) -> None:
             server = settings.server.model_copy(update={"processes": processes})
             settings = settings.model_copy(update={"server": server})
             problems = [p for p in problems if p.key != "server.processes"]
-            problems += config_check.processes_problems(settings.database.url, processes)
         problems += config_check.listen_problems(settings, chosen)
     _stop_on_errors(problems)
     assert settings is not None
