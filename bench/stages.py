@@ -7,7 +7,9 @@
 bench/relay.py records with `py-spy record --threads --gil`: a sample is taken of the thread
 that holds the GIL, so the shares are of the Python work, the event loop's and the worker
 threads'. Time in the kernel (fsync, socket writes) and in C code that lets the GIL go
-(SQLite's own work) is not sampled; bench/relay.py's CPU figures include it.
+(SQLite's own work) is not sampled; bench/relay.py's CPU figures include it. With
+`--processes N` py-spy follows the relay's processes (`--subprocesses`), and the shares are
+over all of them.
 
 Each stack counts for one stage: from the innermost frame outwards, the first frame of our
 own code that belongs to a stage decides (a library frame counts for our code that called
@@ -85,7 +87,12 @@ def read(path: Path) -> list[tuple[str, list[str], int]]:
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
-        thread, *frames = stack.split(";")
+        parts = stack.split(";")
+        while parts and parts[0].startswith("process "):  # py-spy --subprocesses
+            parts.pop(0)
+        if not parts:
+            continue
+        thread, *frames = parts
         stacks.append(("loop" if "MainThread" in thread else "threads", frames, int(count)))
     return stacks
 
