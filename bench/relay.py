@@ -678,7 +678,16 @@ def start_py_spy(path: Path | None, pid: int) -> subprocess.Popen[bytes] | None:
     command = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     fmt = "speedscope" if path.suffix == ".json" else "raw"
     # --gil: the thread holding the GIL is sampled, so the shares are of Python's work
-    options = ["--rate", "200", "--nonblocking", "--threads", "--gil", "--subprocesses", "--format", fmt]
+    options = [
+        "--rate",
+        "200",
+        "--nonblocking",
+        "--threads",
+        "--gil",
+        "--subprocesses",
+        "--format",
+        fmt,
+    ]
     return subprocess.Popen(
         [command, "record", "--pid", str(pid), *options, "--output", str(path)],
         stdout=subprocess.DEVNULL,
