@@ -29,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
 
 from gateway.texts.catalog import DEFAULT_TIMEZONE, time_zone
 from rules.automated_visits import ScannerRules
@@ -514,6 +515,12 @@ class DatabaseSettings(Section):
     def _supported(cls, value: str) -> str:
         if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        if value.startswith("sqlite") and make_url(value).database in (None, "", ":memory:"):
+            raise ValueError(
+                f"{value}: SQLite needs a file (sqlite+aiosqlite:///var/sealrelay.db): an"
+                " in-memory database would lose the queue at every restart, and each process"
+                " would have its own"
+            )
         return value
 
 

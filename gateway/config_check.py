@@ -239,16 +239,8 @@ def _direct_delivery(settings: Settings) -> Iterator[Problem]:
 
 def _database(url: str) -> Iterator[Problem]:
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return
-    if parsed.database in (None, "", ":memory:"):
-        yield Problem(
-            "database.url",
-            f"{url}: SQLite needs a file (sqlite+aiosqlite:///var/sealrelay.db): an in-memory"
-            " database would lose the queue at every restart, and each process would have"
-            " its own",
-        )
-        return
+    if parsed.get_backend_name() != "sqlite" or parsed.database is None:
+        return  # Settings refuses a SQLite database without a file
     path = Path(parsed.database)
     problem = (
         writable_file("database.url", path)

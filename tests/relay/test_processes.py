@@ -300,6 +300,8 @@ async def test_an_in_memory_database_is_refused(tmp_path: Path) -> None:
     assert checked.code == 1
     assert "database.url" in checked.err and "SQLite needs a file" in checked.err
     assert "Traceback" not in checked.err
+    upgraded = await sealrelay("db", "upgrade", "--config", str(config))
+    assert upgraded.code == 1 and "SQLite needs a file" in upgraded.error_line
 
 
 async def test_the_number_of_processes_is_bounded(tmp_path: Path) -> None:
