@@ -778,8 +778,7 @@ def main() -> None:
         "--processes",
         type=int,
         default=1,
-        help="sealrelay serve --processes N (more than 1 needs --backend postgres);"
-        " RSS and CPU are summed over the processes",
+        help="sealrelay serve --processes N; RSS and CPU are summed over the processes",
     )
     parser.add_argument(
         "--links",

@@ -13,9 +13,11 @@ over all of them.
 
 Each stack counts for one stage: from the innermost frame outwards, the first frame of our
 own code that belongs to a stage decides (a library frame counts for our code that called
-it); a stack with no such frame goes to the first library stage that matches (aiosmtpd,
-SQLAlchemy, aiosqlite), else to "event loop, asyncio, other". With --cpu-ms (the relay's CPU
-per message that bench/relay.py printed) the shares are also shown as milliseconds.
+it, and so do our shared scans in gateway/mail/lines.py, used by the DATA reader, the
+parser and the sender alike); a stack with no such frame goes to the first library stage
+that matches (aiosmtpd, SQLAlchemy, aiosqlite), else to "event loop, asyncio, other". With
+--cpu-ms (the relay's CPU per message that bench/relay.py printed) the shares are also
+shown as milliseconds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 OURS = ("gateway/", "rules/", "sealrelay/", "web/")
+SHARED = ("gateway/mail/lines.py",)  # counts for its caller
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("logging", ("(logging/",)),
     ("DKIM sign", ("gateway/mail/dkim.py",)),
@@ -54,7 +57,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("group commit: transaction, writer", ("group_commit.py", "sqlite_thread.py")),
     (
         "delivery send (upstream)",
-        ("upstream.py", "smtp_connection.py", "mail/lines.py", "connection_cache.py"),
+        ("upstream.py", "smtp_connection.py", "connection_cache.py"),
     ),
     ("delivery worker", ("outbound/delivery.py", "outbound/routes.py")),
     ("SMTP front (aiosmtpd, checks, DATA)", ("aiosmtpd/", "gateway/fronts/")),
@@ -73,6 +76,8 @@ def stage(frames: list[str]) -> str:
     for own in (True, False):
         for frame in reversed(frames):
             if own and not any(f"({p}" in frame for p in OURS) and "(logging/" not in frame:
+                continue
+            if own and any(key in frame for key in SHARED):
                 continue
             for name, keys in STAGES:
                 if any(key in frame for key in keys):
@@ -117,7 +122,8 @@ def main() -> None:
         for _, frames, count in stacks:
             if args.detail.lower() in stage(frames).lower():
                 own = [f.split(" (")[0] for f in frames if any(f"({p}" in f for p in OURS)]
-                detail[" < ".join(own[-3:][::-1]) + " || " + frames[-1]] += count
+                innermost = frames[-1] if frames else "(no frames)"
+                detail[" < ".join(own[-3:][::-1]) + " || " + innermost] += count
         for line, count in detail.most_common(30):
             print(f"{count:6d} {line}")
 
