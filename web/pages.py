@@ -218,6 +218,10 @@ def file_kind(content_type: str, filename: str) -> str:
         return "document"
     if any(word in ctype for word in ("zip", "compressed", "x-tar", "gzip", "rar")):
         return "archive"
+    if ctype == "text/calendar" or ext == ".ics":
+        return "calendar"
+    if ctype in {"text/vcard", "text/x-vcard", "text/directory"} or ext == ".vcf":
+        return "contact"
     if major == "text":
         return "text"
     return "other"

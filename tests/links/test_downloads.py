@@ -48,6 +48,7 @@ from web.downloads import (
     plan_range,
     safe_filename,
 )
+from web.pages import file_kind
 
 START = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 PROSPECT = "prospect@example.com"
@@ -591,6 +592,29 @@ def test_content_disposition_is_always_safe() -> None:
         assert decoded and not set(decoded) & set("/\\\r\n\u202e") and decoded != "..", header
     assert safe_filename("x" * 300 + ".pdf").endswith("x.pdf")
     assert len(safe_filename("x" * 300 + ".pdf")) == 150
+
+
+@pytest.mark.parametrize(
+    ("content_type", "filename", "german"),
+    [
+        ("text/calendar", "Besichtigung.ics", "Kalendereintrag"),
+        ("application/octet-stream", "Termin.ICS", "Kalendereintrag"),
+        ("text/vcard", "Jürgen.vcf", "Kontaktkarte"),
+        ("text/x-vcard", "karte", "Kontaktkarte"),
+        ("text/plain", "notiz.txt", "Text"),
+        ("application/pdf", "Exposé.pdf", "PDF-Dokument"),
+        ("application/octet-stream", "daten.bin", "Datei"),
+    ],
+)
+def test_files_are_named_as_a_person_would_call_them(
+    content_type: str, filename: str, german: str
+) -> None:
+    """Invitations and contact cards stay attached to every copy, so the offer page lists
+    them often: "Text" would tell the prospect nothing."""
+    catalogs = load_catalogs()
+    kind = file_kind(content_type, filename)
+    assert catalogs["de"].t(f"kind.{kind}") == german
+    assert all(catalogs[language].t(f"kind.{kind}") for language in SHIPPED_LANGUAGES)
 
 
 # --- expired, unknown, tricks -------------------------------------------------------------------
