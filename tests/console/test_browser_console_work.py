@@ -93,7 +93,7 @@ async def test_agent_follows_acts_and_previews(
             await page.get_by_role("link", name="Unterlagen Villa am See").click()
             scanner = page.locator(".scanner")
             assert await scanner.is_visible()
-            heading = "Link-Scanner" if german else "Link scanner"
+            heading = "Automatische Aufrufe" if german else "Automated visits"
             assert heading in await scanner.inner_text()
             people = page.locator(".recipient .events").first
             first = "Erster Download" if german else "First download"

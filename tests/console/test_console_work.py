@@ -71,9 +71,9 @@ async def test_the_story_shows_scanner_views_apart_and_the_first_download(world:
     page = await agent.get(f"/console/messages/{world.link_message}")
     assert page.status == 200
     text = visible(page.text)
-    scanner = text.split("Link scanner (automated, not a person)")[1]
+    scanner = text.split("Automated visits (not a person)")[1]
     assert "Download page viewed" in scanner and "Why automated" in scanner
-    people = text.split("Link scanner")[0]
+    people = text.split("Automated visits")[0]
     assert people.count("First download") == 1
     assert "Repeated download" in people
     assert "Exposé Villa am See.pdf" in people
@@ -85,7 +85,7 @@ async def test_the_story_shows_scanner_views_apart_and_the_first_download(world:
         headers={"Accept-Language": "de"},
     ) as german:
         text_de = visible(await german.text())
-    assert "Erster Download" in text_de and "Link-Scanner" in text_de
+    assert "Erster Download" in text_de and "Automatische Aufrufe" in text_de
     assert re.search(r"\d\d:\d\d:\d\d Uhr ME", text_de), text_de[:400]
 
 
