@@ -8,7 +8,9 @@ One `smtp-sink` (Postfix's counting sink, bodies thrown away) receives everythin
 Postfix (tests/postfix_core.py: loopback only, relayhost = the sink) and one `sealrelay serve`
 per database backend (DKIM on, a `[[smtp.trusted]]` listener for 127.0.0.1 so that
 `smtp-source` sends without AUTH) take the same load from `smtp-source`, one after another,
-round after round. Downloads: a 100 MiB file behind a sealrelay link against nginx serving the
+round after round. With `--forwarder`, bench/forwarder.py (aiosmtpd in, aiosmtplib out, nothing
+stored or signed) takes its turn too: the ceiling of the Python stack sealrelay is built on.
+Downloads: a 100 MiB file behind a sealrelay link against nginx serving the
 very same blob file from disk. bench/README.md says what each figure means.
 
 Exits 1 when a run failed (a refusal, a message missing at the sink, a short download), 2 when
@@ -407,6 +409,25 @@ http {{
     }}
 }}
 """
+
+
+async def start_forwarder(sink_port: int, stack: contextlib.AsyncExitStack) -> Server:
+    """bench/forwarder.py on a free port, handing everything to the sink."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "bench" / "forwarder.py"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"127.0.0.1:{sink_port}",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        env=child_environment(),
+    )
+    stack.push_async_callback(stop_process, process)
+    await wait_listening(port, process, "bench/forwarder.py")
+    return Server("aiosmtpd-forwarder", port, process.pid)
 
 
 async def start_nginx(file: Path, stack: contextlib.AsyncExitStack) -> Server:
@@ -822,6 +843,8 @@ async def compare_mail(
             servers.append(
                 Server(relay.name, relay.trusted_port, relay.process.pid, relay.database_port)
             )
+        if args.forwarder:
+            servers.append(await start_forwarder(sink.port, stack))
         shapes = {
             "small": (args.messages, args.size, args.sessions, args.probes),
             "big": (args.big_messages, args.big_size, args.big_sessions, 0),
@@ -917,6 +940,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="sealrelay serve --processes N",
+    )
+    parser.add_argument(
+        "--forwarder",
+        action="store_true",
+        help="also run bench/forwarder.py (aiosmtpd in, aiosmtplib out, nothing stored,"
+        " signed or journaled) under the same mail load",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every run here")
     args = parser.parse_args(argv)
