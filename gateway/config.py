@@ -14,6 +14,7 @@ import socket
 import tomllib
 from collections import Counter
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -547,6 +548,13 @@ class StorageSettings(Section):
     access_key_id: str | None = Field(default=None, pattern=r"^\S+$")
     secret_access_key_file: Path | None = None
     blob_grace_days: float = Field(default=7, ge=0)
+    keep_originals_days: float = Field(
+        default=30,
+        ge=0,
+        description="days a message's original and copies are kept after it was received,"
+        " once no copy waits, no link of it lives and no letter of it is evidence; 0 keeps"
+        " them for ever",
+    )
     sweep_interval: float = Field(default=3600, gt=0, description="seconds between sweeps")
     inline_max_bytes: int = Field(
         default=INLINE_DEFAULT,
@@ -554,6 +562,10 @@ class StorageSettings(Section):
         " control headers) of at most this many bytes in the database, committed with the"
         " message, instead of a file or object with fsyncs of its own; 0 turns it off",
     )
+
+    def originals_kept(self) -> timedelta | None:
+        """How long the sweeper keeps originals (gateway/store/blob_columns.py); None: always."""
+        return timedelta(days=self.keep_originals_days) if self.keep_originals_days else None
 
     @field_validator("inline_max_bytes")
     @classmethod

@@ -159,6 +159,7 @@ def sweeper_for(
             now,
             timedelta(days=settings.storage.blob_grace_days),
             evidence_years=settings.letter.evidence_retention,
+            originals=settings.storage.originals_kept(),
             expire_letters=letters.expire_due,
         )
         ended = await delete_timed_out(db, settings.console, now)

@@ -41,7 +41,7 @@ from aiohttp import web
 
 from gateway.config import BrandingSettings, Settings
 from gateway.mail import headers
-from gateway.store.blobs import BlobStore, StoreUnavailable
+from gateway.store.blobs import BlobMissing, BlobStore, StoreUnavailable
 from gateway.store.models import Message
 from gateway.texts.catalog import Catalog, load_catalogs, negotiate
 from rules.language import shipped_language
@@ -337,9 +337,14 @@ async def agent_of(blobs: BlobStore, message: Message) -> Agent:
 
 
 async def _read_agent(blobs: BlobStore, message: Message) -> Agent | None:
-    """The agent from the original's From; None when the original cannot be read."""
+    """The agent from the original's From; None when the original cannot be read. An
+    original gone past `[storage] keep_originals_days` (its links long expired) leaves the
+    address alone."""
     try:
         peek = await blobs.read_start(message.blob, HEADER_PEEK)
+    except BlobMissing:
+        log.debug("original %s of message %s is no longer kept", message.blob, message.id)
+        return Agent("", message.sender)
     except StoreUnavailable as exc:
         log.warning("blob store unavailable, the agent's name is left out: %s", exc)
         return None

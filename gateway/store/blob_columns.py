@@ -10,6 +10,14 @@ delivered, the consent PDF; the texts shown live in the rows themselves) is kept
 `[letter] evidence_retention` years counted from the end of the year in which the consent was
 given or the letter's link expired, as limitation periods run (§§ 195, 199 BGB) and the
 shipped privacy text says. The link sweep never touches it.
+
+Everything else follows data minimisation (DESIGN.md): a message's original and its copies
+are kept while a copy waits to leave (or is held), while a link of the message is valid or
+expired less than the grace period ago (its pages name the agent from the original's From),
+while a letter of it is evidence, and for `[storage] keep_originals_days` after it was
+received; then they go, and the message's rows and journal events stay. Postfix keeps a
+message no longer than its delivery; a relay that kept every attachment of every mail for
+ever would hold the brokerage's whole correspondence.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CompoundSelect, Select, func, select, union
+from sqlalchemy import CompoundSelect, Select, Subquery, func, select, union
 from sqlalchemy.orm import InstrumentedAttribute
 
 from gateway.store.models import (
@@ -27,6 +35,7 @@ from gateway.store.models import (
     Consent,
     ConsoleSession,
     Delivery,
+    DeliveryStatus,
     Event,
     InlineBlob,
     JournalHead,
@@ -47,6 +56,7 @@ class Horizon:
     now: datetime
     link_grace: timedelta
     evidence_years: int
+    originals: timedelta | None = None  # how long a message's original is kept; None: always
 
     @property
     def evidence_since(self) -> datetime:
@@ -66,12 +76,13 @@ class BlobColumn:
     needed: Callable[[Horizon], Query]
 
 
-def _always(column: InstrumentedAttribute[str]) -> Callable[[Horizon], Query]:
-    return lambda _: select(column)
+def _live_link(horizon: Horizon) -> Any:
+    """A link that is valid, or expired less than the grace period ago."""
+    return Link.expired.is_(False) | (Link.expires_at > horizon.now - horizon.link_grace)
 
 
 def _linked_file(horizon: Horizon) -> Query:
-    live = Link.expired.is_(False) | (Link.expires_at > horizon.now - horizon.link_grace)
+    live = _live_link(horizon)
     linked = select(LinkFile.file_id)
     linked_live = linked.join(Link, Link.id == LinkFile.link_id).where(live)
     return select(StoredFile.sha256).where(
@@ -106,16 +117,51 @@ def _signed_release(horizon: Horizon) -> Query:
     )
 
 
+def _kept_messages(horizon: Horizon) -> Subquery | None:
+    """The messages whose original and copies are still kept; None: every message."""
+    if horizon.originals is None:
+        return None
+    arose = func.coalesce(Consent.given_at, Link.expires_at)
+    evidence = (
+        select(Letter.message_id)
+        .join(Link, Link.id == Letter.link_id)
+        .outerjoin(Consent, Consent.letter_id == Letter.id)
+        .where(arose >= horizon.evidence_since)
+    )
+    return union(
+        select(Message.id).where(Message.received_at >= horizon.now - horizon.originals),
+        select(Delivery.message_id).where(Delivery.status == DeliveryStatus.QUEUED),
+        select(Link.message_id).where(_live_link(horizon)),
+        evidence,
+    ).subquery()
+
+
+def _of_kept_messages(
+    column: InstrumentedAttribute[str], message_id: InstrumentedAttribute[str]
+) -> Callable[[Horizon], Query]:
+    def needed(horizon: Horizon) -> Query:
+        kept = _kept_messages(horizon)
+        if kept is None:
+            return select(column)
+        return select(column).where(message_id.in_(select(kept.c[0])))
+
+    return needed
+
+
 def _consent_pdf(horizon: Horizon) -> Query:
     return select(Consent.pdf_blob).where(Consent.given_at >= horizon.evidence_since)
 
 
 BLOB_COLUMNS: tuple[BlobColumn, ...] = (
-    BlobColumn(Message.blob, "as long as the message", _always(Message.blob)),
+    BlobColumn(
+        Message.blob,
+        "while a copy waits, a link lives or a letter is evidence, and keep_originals_days",
+        _of_kept_messages(Message.blob, Message.id),
+    ),
     BlobColumn(
         Delivery.blob,
-        "as long as the delivery (a released original is one)",
-        _always(Delivery.blob),
+        "as its message's original (a released original is one: evidence for the retention)",
+        _of_kept_messages(Delivery.blob, Delivery.message_id),
     ),
     BlobColumn(
         StoredFile.sha256,

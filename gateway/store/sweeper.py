@@ -79,10 +79,8 @@ async def expire_links(db: Database, now: datetime) -> int:
     return len(rows)
 
 
-async def needed_blobs(
-    db: Database, now: datetime, grace: timedelta, evidence_years: int = EVIDENCE_YEARS
-) -> set[str]:
-    query = needed_query(Horizon(now, grace, evidence_years))
+async def needed_blobs(db: Database, horizon: Horizon) -> set[str]:
+    query = needed_query(horizon)
     async with db.transaction() as session:
         return set((await session.scalars(query)).all())
 
@@ -124,12 +122,15 @@ async def sweep(
     grace: timedelta,
     *,
     evidence_years: int = EVIDENCE_YEARS,
+    originals: timedelta | None = None,
     expire_letters: ExpireLetters | None = None,
 ) -> SweepReport:
+    """`originals`: how long a message's original outlives the reasons to keep it
+    (gateway/store/blob_columns.py); None keeps originals for ever."""
     expired = await expire_links(db, now)
     letters = await expire_letters(now) if expire_letters is not None else 0
-    horizon = Horizon(now, grace, evidence_years)
-    needed = await needed_blobs(db, now, grace, evidence_years)
+    horizon = Horizon(now, grace, evidence_years, originals)
+    needed = await needed_blobs(db, horizon)
     deleted, freed = await _delete_unneeded(db, blobs, horizon, needed, now - grace)
     if deleted:
         async with db.transaction() as session:

@@ -18,11 +18,11 @@ from sqlalchemy import String, select
 
 from gateway.letters.desk import LetterDesk
 from gateway.store import blob_columns, sweeper
-from gateway.store.models import Base, Consent, Letter, LetterStatus
+from gateway.store.models import Base, Consent, Delivery, Letter, LetterStatus, Message
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
-from tests.letter_site import PROSPECT, Clock, LetterSite, token_in
+from tests.letter_site import PROSPECT, Clock, LetterSite, offer, token_in
 from tests.queue_wait import queue_idle
-from tests.support import screenshot_dir
+from tests.support import chained, screenshot_dir
 
 GRACE = timedelta(days=7)
 OTHER = "omar@example.org"
@@ -90,6 +90,49 @@ async def test_evidence_goes_after_its_retention_and_not_before(
     clock.offset = datetime(2031, 1, 2, tzinfo=UTC) - datetime.now(UTC)
     await sweep(site)
     assert not any([await site.relay.blobs.exists(digest) for digest in evidence])
+
+
+async def test_a_delivered_mail_goes_after_its_days_and_the_evidence_stays(
+    site: LetterSite, clock: Clock
+) -> None:
+    """The relay's own sweep with the shipped `keep_originals_days` (30): a plain mail's
+    original and copy go once delivered and 30 days old; the released offer's evidence and
+    every page of it stay, and the journal stays whole."""
+    token, _ = await site.send_offer()
+    assert (await site.consent(token)).status == 303
+    before = len(site.sink.messages)
+    await site.harness.send(offer(subject="Termin am Montag", big=False), recipients=[OTHER])
+    await site.sink.expect(before + 1)
+    await queue_idle(site.relay.db)
+    async with site.relay.db.transaction() as session:
+        [plain] = (
+            await session.scalars(select(Message).where(Message.subject == "Termin am Montag"))
+        ).all()
+        copies = list(
+            (
+                await session.scalars(select(Delivery.blob).where(Delivery.message_id == plain.id))
+            ).all()
+        )
+        [letter] = (await session.scalars(select(Letter))).all()
+        [consent] = (await session.scalars(select(Consent))).all()
+    assert copies
+
+    clock.advance(days=29)
+    await sweep(site)
+    assert await site.relay.blobs.exists(plain.blob)
+
+    clock.advance(days=2)
+    report = await sweep(site)
+    assert report.blobs_deleted >= 1
+    assert not await site.relay.blobs.exists(plain.blob)
+    assert not any([await site.relay.blobs.exists(digest) for digest in copies])
+    for digest in (letter.held_blob, letter.letter_blob, consent.pdf_blob):
+        assert await site.relay.blobs.exists(digest)
+    for path in ("/offer", "/consent.pdf"):
+        response, body = await site.get(f"/l/{token}{path}")
+        assert response.status == 200, (path, body[:300])
+    assert await site.count(Message, Message.id == plain.id) == 1
+    assert (await chained(site.relay.db)).ok
 
 
 async def test_a_letter_expired_by_another_instance_cannot_be_consented(

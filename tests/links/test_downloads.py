@@ -10,6 +10,7 @@ import asyncio
 import email.message
 import hashlib
 import io
+import logging
 import os
 import re
 import zipfile
@@ -30,6 +31,7 @@ from gateway.config import BrandingSettings
 from gateway.links.tokens import new_link, new_token
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
+from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import Event, Link, LinkFile, LinkKind, Message, StoredFile
 from gateway.texts.catalog import load_catalogs, negotiate
 from rules.language import SHIPPED_LANGUAGES
@@ -48,7 +50,7 @@ from web.downloads import (
     plan_range,
     safe_filename,
 )
-from web.pages import file_kind
+from web.pages import agent_of, file_kind
 
 START = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 PROSPECT = "prospect@example.com"
@@ -592,6 +594,18 @@ def test_content_disposition_is_always_safe() -> None:
         assert decoded and not set(decoded) & set("/\\\r\n\u202e") and decoded != "..", header
     assert safe_filename("x" * 300 + ".pdf").endswith("x.pdf")
     assert len(safe_filename("x" * 300 + ".pdf")) == 150
+
+
+async def test_an_original_no_longer_kept_leaves_the_agent_by_address(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past `[storage] keep_originals_days` and its links' grace the original is gone, as
+    intended: the expired link's page names the agent by the address the row keeps, and no
+    visit logs an error for it."""
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    gone = Message(id="m1", sender=AGENT, blob="0" * 64, size=10, message_id_header="<a@b>")
+    assert (await agent_of(blobs, gone)).label == AGENT
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,15 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from gateway import users
+from gateway.config import StorageSettings
 from gateway.intake.pipeline import Envelope, Origin, Pipeline
 from gateway.store import sweeper
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
-from gateway.store.models import Event, Link, Message, StoredFile
+from gateway.store.models import Delivery, DeliveryStatus, Event, Link, Message, StoredFile
 from gateway.users import Agent
 from tests.conftest import AGENT, relay_settings
 from tests.support import chained
@@ -82,6 +83,57 @@ async def test_links_expire_then_their_files_go_after_the_grace_period(
     assert link.expired
     assert types.count("link.expired") == 1
     assert types.count("blobs.deleted") == 2
+
+
+async def test_originals_go_once_nothing_needs_them_and_their_days_are_over(
+    database: Database, tmp_path: Path
+) -> None:
+    """Data minimisation: a message's original and copies live while a copy waits, while a
+    link of it lives, and `keep_originals_days` from its receipt; its rows and events stay."""
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    keep = timedelta(days=30)
+    await submit(database, blobs, offer(1000), START)  # small: no link
+    await submit(database, blobs, offer(3 * 1024 * 1024), START)  # a link for 90 days
+    await submit(database, blobs, offer(2000), START + timedelta(days=20))
+    async with database.transaction() as session:
+        plain, recent, linked = sorted(
+            (await session.scalars(select(Message))).all(), key=lambda m: m.size
+        )
+        copies = {d.message_id: d.blob for d in await session.scalars(select(Delivery))}
+
+    waiting = await sweeper.sweep(
+        database, blobs, START + timedelta(days=40), GRACE, originals=keep
+    )
+    assert waiting.blobs_deleted == 0, "copies still waiting to leave keep their originals"
+
+    async with database.transaction() as session:
+        await session.execute(update(Delivery).values(status=DeliveryStatus.DELIVERED))
+    await sweeper.sweep(database, blobs, START + timedelta(days=40), GRACE, originals=keep)
+    assert not await blobs.exists(plain.blob)
+    assert not await blobs.exists(copies[plain.id])
+    for kept in (recent, linked):  # received 20 days ago; a link that lives
+        assert await blobs.exists(kept.blob)
+        assert await blobs.exists(copies[kept.id])
+
+    # the link expired on day 90 and its grace ended on day 97
+    await sweeper.sweep(database, blobs, START + timedelta(days=99), GRACE, originals=keep)
+    assert not await blobs.exists(linked.blob)
+    assert not await blobs.exists(recent.blob)
+    async with database.transaction() as session:
+        assert len((await session.scalars(select(Message))).all()) == 3
+    assert (await chained(database)).ok
+
+
+async def test_without_a_limit_originals_stay(database: Database, tmp_path: Path) -> None:
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    await submit(database, blobs, offer(1000), START)
+    async with database.transaction() as session:
+        await session.execute(update(Delivery).values(status=DeliveryStatus.DELIVERED))
+        [message] = (await session.scalars(select(Message))).all()
+    originals = StorageSettings(keep_originals_days=0).originals_kept()
+    assert originals is None
+    await sweeper.sweep(database, blobs, START + timedelta(days=999), GRACE, originals=originals)
+    assert await blobs.exists(message.blob)
 
 
 async def test_a_blob_still_linked_elsewhere_is_kept(database: Database, tmp_path: Path) -> None:
