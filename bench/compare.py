@@ -8,10 +8,10 @@ One `smtp-sink` (Postfix's counting sink, bodies thrown away) receives everythin
 Postfix (tests/postfix_core.py: loopback only, relayhost = the sink) and one `sealrelay serve`
 per database backend (DKIM on, a `[[smtp.trusted]]` listener for 127.0.0.1 so that
 `smtp-source` sends without AUTH) take the same load from `smtp-source`, one after another,
-round after round. With `--forwarder`, bench/forwarder.py (aiosmtpd in, aiosmtplib out, nothing
-stored or signed) takes its turn too: the ceiling of the Python stack sealrelay is built on.
-Downloads: a 100 MiB file behind a sealrelay link against nginx serving the
-very same blob file from disk. bench/README.md says what each figure means.
+round after round. With `--forwarder`, bench/forwarder.py (aiosmtpd in, aiosmtplib out,
+nothing stored or signed) takes its turn too: the ceiling of the Python stack sealrelay is
+built on. Downloads: a 100 MiB file behind a sealrelay link against nginx serving the very
+same blob file from disk. bench/README.md says what each figure means.
 
 Exits 1 when a run failed (a refusal, a message missing at the sink, a short download), 2 when
 a tool is missing (never a silent skip).
