@@ -54,6 +54,7 @@ from gateway.links.tokens import (
     new_token,
 )
 from gateway.mail import headers
+from gateway.mail.own_mail import console_url
 from gateway.outbound.local_mail import Queued, enqueue
 from gateway.outbound.queue import new_delivery
 from gateway.store import journal
@@ -726,6 +727,7 @@ class LetterDesk:
                 expired=link.expires_at,
             ),
             agent_address=message.sender,
+            console=console_url(self.settings.server.public_url, message.id),
             language=self.settings.policy.language,
             zone=self.settings.branding.timezone,
         )

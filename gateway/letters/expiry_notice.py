@@ -28,9 +28,10 @@ class ExpiredLetter:
 
 
 def expiry_notice_mail(
-    expired: ExpiredLetter, *, agent_address: str, language: str, zone: str
+    expired: ExpiredLetter, *, agent_address: str, console: str, language: str, zone: str
 ) -> OwnMail:
-    """The notice to ``agent_address``, its times in ``zone`` (``[branding] timezone``)."""
+    """The notice to ``agent_address``, its times in ``zone`` (``[branding] timezone``);
+    ``console`` is the message's console page, where the letter is sent again in one step."""
     lang = shipped_language(language)
     texts = load_texts("letter_expired")[lang]
     recipient = one_line(expired.recipient, SUBJECT_PART_LIMIT)
@@ -40,6 +41,7 @@ def expiry_notice_mail(
         offer_subject=offer,
         letter_sent=moment(texts, expired.letter_sent, lang, zone),
         expired=moment(texts, expired.expired, lang, zone),
+        console_url=console,
         letter_id=expired.letter_id,
     )
     return OwnMail(

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Settings
-from gateway.mail.own_mail import OwnMail, one_line, text_part
+from gateway.mail.own_mail import OwnMail, console_url, one_line, text_part
 from gateway.outbound.local_mail import enqueue
 from gateway.store import journal
 from gateway.store.blobs import BlobStore
@@ -33,20 +33,22 @@ SUBJECT_MAX = 300
 def request_mail(
     catalog: Catalog,
     *,
-    hostname: str,
+    console: str,
     agent: str,
     recipient: str,
     subject: str,
     expired_on: datetime,
 ) -> OwnMail:
-    """The mail to the agent, answered to the prospect; every value reduced to one line."""
+    """The mail to the agent, answered to the prospect; every value reduced to one line.
+    `console` is the message's console page, where the agent sends the letter again with a
+    fresh link and the same texts in one step."""
     recipient, subject = one_line(recipient, SUBJECT_MAX), one_line(subject, SUBJECT_MAX)
     body = catalog.t(
         "renewal.body",
         recipient=recipient,
         subject=subject,
         date=catalog.moment(expired_on),
-        hostname=hostname,
+        console_url=console,
     )
     return OwnMail(
         to=agent,
@@ -85,7 +87,7 @@ async def queue_request(
     link = await session.scalar(select(Link).where(Link.id == letter.link_id))
     mail = request_mail(
         catalog,
-        hostname=settings.server.hostname,
+        console=console_url(settings.server.public_url, letter.message_id),
         agent=message.sender,
         recipient=letter.recipient,
         subject=letter.subject,

@@ -90,6 +90,12 @@ def encoded_subject(subject: str) -> str:
     return " ".join(encoded.split())
 
 
+def console_url(public_url: str, message_id: str) -> str:
+    """The console's page of the message (every event per recipient, and the agent's
+    actions: resend a letter, extend or end links)."""
+    return f"{public_url.rstrip('/')}/console/messages/{message_id}"
+
+
 def message_id(hostname: str, about: str | None = None) -> str:
     """A fresh Message-ID in our host's name, led by the id of what the mail is about."""
     if about is None:

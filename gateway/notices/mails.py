@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from gateway.letters.consent_texts import moment
-from gateway.mail.own_mail import ADDRESS_LIMIT, OwnMail, one_line, text_part
+from gateway.mail.own_mail import ADDRESS_LIMIT, OwnMail, console_url, one_line, text_part
 from gateway.texts.files import load_texts
 from rules.language import shipped_language
 
@@ -40,11 +40,6 @@ class WaitingLetter:
     offer_subject: str
     letter_sent: datetime
     expires: datetime
-
-
-def console_url(public_url: str, message_id: str) -> str:
-    """The console's page of the message (every event per recipient)."""
-    return f"{public_url.rstrip('/')}/console/messages/{message_id}"
 
 
 def _addressee(agent_address: str) -> str:

@@ -162,6 +162,7 @@ def test_the_notice_reads_in_each_language_and_keeps_values_on_one_line(
             expired=moment,
         ),
         agent_address=AGENT,
+        console="https://relay.broker.example/console/messages/0190aa55bb66cc77dd88",
         language=language,
         zone="Europe/Berlin",
     )

@@ -406,7 +406,7 @@ def test_renewal_mail_keeps_every_value_on_one_line() -> None:
     now = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
     mail = request_mail(
         catalog,
-        hostname="relay.broker.example",
+        console="https://relay.broker.example/console/messages/0190aa55bb66cc77dd88",
         agent=AGENT,
         recipient=PROSPECT,
         subject="Villa\r\nBcc: victim@example.com\u2028am See " + "ä" * 200,

@@ -52,6 +52,8 @@ ZONE = "Europe/Berlin"
 NOW = datetime(2026, 11, 23, 14, 5, 9, tzinfo=UTC)
 CONSENT_ID = "0190abcdef0123456789"
 LETTER_ID = "0190fedcba9876543210"
+MESSAGE_ID = "0190aa55bb66cc77dd88"
+PUBLIC_URL = "https://relay.broker.example"
 # a stand-in: the consent PDF and the terms have their own tests; here only their place counts
 PDF = b"%PDF-1.7\n% stand-in for a PDF in the golden mails\n%%EOF\n"
 OFFER_HEADER = (
@@ -163,7 +165,7 @@ def confirmation(language: str) -> bytes:
 def renewal(language: str) -> bytes:
     mail = request_mail(
         shipped_catalogs(ZONE)[language],
-        hostname=HOSTNAME,
+        console=f"{PUBLIC_URL}/console/messages/{MESSAGE_ID}",
         agent=AGENT,
         recipient=PROSPECT,
         subject=f"[Exposé] {OFFER_SUBJECT}",
@@ -182,14 +184,11 @@ def expiry_notice(language: str) -> bytes:
             expired=NOW,
         ),
         agent_address=AGENT,
+        console=f"{PUBLIC_URL}/console/messages/{MESSAGE_ID}",
         language=language,
         zone=ZONE,
     )
     return sent(mail)
-
-
-MESSAGE_ID = "0190aa55bb66cc77dd88"
-PUBLIC_URL = "https://relay.broker.example"
 
 
 def first_download(language: str) -> bytes:
