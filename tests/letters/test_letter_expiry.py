@@ -74,6 +74,9 @@ async def test_the_agent_is_told_once_when_a_letter_expires_unconsented(
 
     letter = await site.letter_row()
     assert letter.status == LetterStatus.EXPIRED
+    assert (
+        f"{site.url}/console/messages/{letter.message_id}" in text.splitlines()
+    )  # one-step resend
     [event] = await site.events("letter.expired")
     assert event.message_id == letter.message_id
     assert event.data["letter_id"] == letter.id and event.data["recipient"] == PROSPECT

@@ -365,6 +365,8 @@ async def test_expired_letter_offers_to_ask_the_agent_once_a_day(
     letter = await site.letter_row()
     assert event.data["letter_id"] == letter.id and event.data["ip"] == "127.0.0.1"
     assert event.message_id == letter.message_id
+    # where one step sends the same letter again
+    assert f"{site.url}/console/messages/{letter.message_id}" in body_text.splitlines()
     async with site.relay.db.transaction() as session:
         [request_message] = (
             await session.scalars(
