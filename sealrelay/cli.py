@@ -120,8 +120,8 @@ def _run(
 
 def _require_sqlite_file(url: str) -> None:
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return  # Settings refuses a SQLite database without a file
     path = Path(parsed.database)
     if not path.is_file():
         raise click.ClickException(

@@ -121,18 +121,11 @@ def _kept_messages(horizon: Horizon) -> Subquery | None:
     """The messages whose original and copies are still kept; None: every message."""
     if horizon.originals is None:
         return None
-    arose = func.coalesce(Consent.given_at, Link.expires_at)
-    evidence = (
-        select(Letter.message_id)
-        .join(Link, Link.id == Letter.link_id)
-        .outerjoin(Consent, Consent.letter_id == Letter.id)
-        .where(arose >= horizon.evidence_since)
-    )
     return union(
         select(Message.id).where(Message.received_at >= horizon.now - horizon.originals),
         select(Delivery.message_id).where(Delivery.status == DeliveryStatus.QUEUED),
         select(Link.message_id).where(_live_link(horizon)),
-        evidence,
+        _letter_evidence(Letter.message_id)(horizon),
     ).subquery()
 
 
