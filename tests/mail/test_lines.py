@@ -77,6 +77,65 @@ def test_crlf_split_across_every_window_border() -> None:
     assert lines.bare_line_end(broken, 4096) == reference_bare(broken)
 
 
+CHANGES = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=300),
+        st.sampled_from([b"\r", b"\n", b"a", b"\r\n", b""]),
+        st.integers(min_value=0, max_value=1),
+    ),
+    max_size=2,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    head=DATA,
+    width=st.integers(min_value=1, max_value=6),
+    count=st.integers(min_value=0, max_value=30),
+    tail=DATA,
+    changes=CHANGES,
+    window=st.integers(min_value=1, max_value=80),
+)
+def test_bare_line_end_in_lines_of_one_width(
+    head: bytes,
+    width: int,
+    count: int,
+    tail: bytes,
+    changes: list[tuple[int, bytes, int]],
+    window: int,
+) -> None:
+    """Base64-like lines take the strided path: octets put in, taken out or changed
+    anywhere (a bare CR in one line and a bare LF in another included) are found as the
+    plain search finds them, whatever the windows and however the data comes in pieces."""
+    data = head + (b"x" * (width - 1) + b"\r\n") * count + tail
+    for at, octet, replaced in changes:
+        at = min(at, len(data))
+        data = data[:at] + octet + data[at + replaced :]
+    assert lines.bare_line_end(data, window) == reference_bare(data)
+    scan = lines.LineEndScan()
+    for piece in range(0, len(data), window):
+        scan.update(data[piece : piece + window])
+    assert scan.end() == reference_bare(data)
+
+
+@pytest.mark.parametrize(
+    "lines_of_one_width",
+    [
+        b"ab\r\nab\r\n\rb\r\nab\r\na\n\r\nab\r\n",  # a bare CR and a bare LF, paired in count
+        b"ab\r\nab\r\nab\ra\nab\r\n\rb\r\nab\r\n",  # a line's CR moved into another line
+        b"ab\r\nab\r\nab\r\nab\r\nab\r\nab\n\r",  # the last line's CRLF the wrong way round
+        b"ab\r\nab\r\nab\rza\n\r\nab\r\n",  # a line's LF moved into the next line
+    ],
+)
+def test_strided_line_ends_that_only_pair_up_in_count_are_found(
+    lines_of_one_width: bytes,
+) -> None:
+    expected = reference_bare(lines_of_one_width)
+    assert expected != -1
+    for window in (1, 7, 1024):
+        assert lines.bare_line_end(lines_of_one_width, window) == expected
+
+
 @settings(max_examples=500, deadline=None)
 @given(data=DATA, limit=st.integers(min_value=1, max_value=8))
 def test_line_limit_matches_the_per_line_count(data: bytes, limit: int) -> None:
