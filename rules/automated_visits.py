@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -91,9 +92,48 @@ class VisitFacts:
 
 
 @dataclass(frozen=True)
+class Reason:
+    """One reason a visit looks automated. Its text (`str`) is what the journal keeps, in
+    English for the API and webhooks; `read` takes the text back, so that a page can say
+    the reason in its reader's language, for events journaled before this class too."""
+
+    kind: Literal["head", "no_user_agent", "user_agent", "network"]
+    detail: str = ""  # the user-agent pattern matched, or the network's provider
+    seconds: int = 0  # since delivery, for "network"
+
+    def __str__(self) -> str:
+        if self.kind == "head":
+            return "HEAD request"
+        if self.kind == "no_user_agent":
+            return "no user agent"
+        if self.kind == "user_agent":
+            return f"scanner user agent ({self.detail})"
+        return f"{self.detail} address, no cookie, {self.seconds} s after delivery"
+
+    @classmethod
+    def read(cls, text: str) -> Reason | None:
+        """The reason whose text this is; None for any other text."""
+        if text == "HEAD request":
+            return cls("head")
+        if text == "no user agent":
+            return cls("no_user_agent")
+        if found := _USER_AGENT_REASON.fullmatch(text):
+            return cls("user_agent", found["pattern"])
+        if found := _NETWORK_REASON.fullmatch(text):
+            return cls("network", found["provider"], int(found["seconds"]))
+        return None
+
+
+_USER_AGENT_REASON = re.compile(r"scanner user agent \((?P<pattern>.*)\)", re.DOTALL)
+_NETWORK_REASON = re.compile(
+    r"(?P<provider>\S+) address, no cookie, (?P<seconds>\d+) s after delivery"
+)
+
+
+@dataclass(frozen=True)
 class Verdict:
     automated: bool
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()  # each a Reason's text
 
 
 @dataclass(frozen=True)
@@ -144,23 +184,21 @@ class ScannerRules:
 
 def classify(facts: VisitFacts, rules: ScannerRules) -> Verdict:
     """Automated or a person, with every reason that applied (empty for a person)."""
-    reasons: list[str] = []
+    reasons: list[Reason] = []
     if facts.method.upper() == "HEAD":
-        reasons.append("HEAD request")
+        reasons.append(Reason("head"))
     agent = facts.user_agent.strip()
     if not agent:
-        reasons.append("no user agent")
+        reasons.append(Reason("no_user_agent"))
     else:
         matched = next((p for p in rules.patterns if p.search(agent)), None)
         if matched is not None:
-            reasons.append(f"scanner user agent ({matched.pattern})")
+            reasons.append(Reason("user_agent", matched.pattern))
     network = rules.network_of(facts.ip)
     if (
         network is not None
         and not facts.has_cookie
         and 0 <= facts.seconds_since_delivery <= rules.window_seconds
     ):
-        reasons.append(
-            f"{network} address, no cookie, {int(facts.seconds_since_delivery)} s after delivery"
-        )
-    return Verdict(bool(reasons), tuple(reasons))
+        reasons.append(Reason("network", network, int(facts.seconds_since_delivery)))
+    return Verdict(bool(reasons), tuple(str(reason) for reason in reasons))

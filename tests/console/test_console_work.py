@@ -73,6 +73,8 @@ async def test_the_story_shows_scanner_views_apart_and_the_first_download(world:
     text = visible(page.text)
     scanner = text.split("Automated visits (not a person)")[1]
     assert "Download page viewed" in scanner and "Why automated" in scanner
+    assert "asked with HEAD, which browsers do not use" in scanner
+    assert "the browser named is a scanner or a program" in scanner
     people = text.split("Automated visits")[0]
     assert people.count("First download") == 1
     assert "Repeated download" in people
@@ -86,6 +88,10 @@ async def test_the_story_shows_scanner_views_apart_and_the_first_download(world:
     ) as german:
         text_de = visible(await german.text())
     assert "Erster Download" in text_de and "Automatische Aufrufe" in text_de
+    scanner_de = text_de.split("Automatische Aufrufe")[1]
+    assert "mit HEAD abgefragt, was Browser nicht tun" in scanner_de
+    assert "der angegebene Browser ist ein Scanner oder ein Programm" in scanner_de
+    assert "HEAD request" not in text_de and "scanner user agent" not in text_de
     assert re.search(r"\d\d:\d\d:\d\d Uhr ME", text_de), text_de[:400]
 
 

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from rules.automated_visits import (
     SHIPPED_NETWORKS,
+    SHIPPED_USER_AGENTS,
+    Reason,
     ScannerRules,
     VisitFacts,
     classify,
@@ -115,3 +117,32 @@ def test_properties(method: str, agent: str, cookie: bool, ip: str, seconds: flo
     assert late.automated == (method == "HEAD")
     with_cookie = classify(visit("GET", BROWSER, True, ip, seconds), RULES)
     assert not with_cookie.automated
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        Reason("head"),
+        Reason("no_user_agent"),
+        *(Reason("user_agent", pattern) for pattern in SHIPPED_USER_AGENTS),
+        Reason("user_agent", r"^Acme \(Guard\) scan(ner)?"),
+        *(Reason("network", provider, 7) for provider, _ in SHIPPED_NETWORKS),
+        Reason("network", "configured", 0),
+    ],
+)
+def test_a_reason_reads_back_from_its_journaled_text(reason: Reason) -> None:
+    assert Reason.read(str(reason)) == reason
+
+
+def test_classify_writes_reasons_that_read_back() -> None:
+    verdict = classify(visit("HEAD", "", False, DEFENDER, 2.7), RULES)
+    assert [Reason.read(text) for text in verdict.reasons] == [
+        Reason("head"),
+        Reason("no_user_agent"),
+        Reason("network", "microsoft", 2),
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "HEAD", "a person", "scanner user agent", "x address"])
+def test_other_texts_are_no_reason(text: str) -> None:
+    assert Reason.read(text) is None

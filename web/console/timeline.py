@@ -44,6 +44,7 @@ from gateway.store.events import (
     POLICY_KEPT,
 )
 from gateway.texts.catalog import Catalog
+from rules.automated_visits import Reason
 from web.console.view import ConsoleView
 from web.guard import Routes
 
@@ -51,6 +52,16 @@ MESSAGES = "/console/messages"
 SEARCH_MAX = 200
 # noise on a recipient's story: every copy is queued before it is delivered or bounces
 QUIET = frozenset({DELIVERY_QUEUED.name})
+# the shipped scanner networks' providers (rules/automated_visits.py), as they write themselves
+_PROVIDERS = {
+    "microsoft": "Microsoft",
+    "google": "Google",
+    "proofpoint": "Proofpoint",
+    "mimecast": "Mimecast",
+    "barracuda": "Barracuda",
+    "aws": "AWS",
+    "azure": "Azure",
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,18 @@ class RecipientView:
 
 def automated(event: EventRow) -> bool:
     return event.type == DOWNLOAD_AUTOMATED.name or event.data.get("automated") is True
+
+
+def reason_said(text: str, catalog: Catalog) -> str:
+    """A journaled reason (English, rules/automated_visits.py) in the reader's language; a
+    text the rules never wrote as it is."""
+    reason = Reason.read(text)
+    if reason is None:
+        return text
+    if reason.kind == "network" and reason.detail == "configured":
+        return catalog.t("work.automated.network_configured", seconds=reason.seconds)
+    provider = _PROVIDERS.get(reason.detail, reason.detail)
+    return catalog.t(f"work.automated.{reason.kind}", network=provider, seconds=reason.seconds)
 
 
 def describe(event: EventRow, catalog: Catalog) -> Line:
@@ -124,7 +147,8 @@ def describe(event: EventRow, catalog: Catalog) -> Line:
     fact("user_agent", data.get("user_agent"))
     fact("texts_sha256", data.get("texts_sha256") if event.type == CONSENT_GIVEN.name else None)
     if automated(event):
-        fact("why_automated", ", ".join(data.get("automated_reasons", [])))
+        reasons = data.get("automated_reasons", [])
+        fact("why_automated", "; ".join(reason_said(text, catalog) for text in reasons))
     kind = {
         DOWNLOAD_FIRST.name: "download",
         DOWNLOAD_REPEAT.name: "download",
