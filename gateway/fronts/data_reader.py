@@ -62,12 +62,14 @@ class _Spool:
         self.kept: list[bytes] = []
         self.size = 0
         self.file: IO[bytes] | None = None
-        self.pending: list[bytes] = []  # for the file, written a window at a time
+        self.pending: list[bytes | memoryview] = []  # for the file, a window at a time
         self.pending_size = 0
         self.hash = hashlib.sha256()  # of what went to the file
 
     async def feed(self, piece: bytes, end: int) -> None:
-        """`piece[:end]`, which continues what came before."""
+        """`piece[:end]`, which continues what came before. Its lines are taken where they
+        lie in `piece`, not copied into a block first; only a line begun in the piece
+        before is joined to its end."""
         if self.line_too_long or end == 0:
             return
         last = piece.rfind(b"\n", 0, end)
@@ -75,22 +77,26 @@ class _Spool:
             self.carry += memoryview(piece)[:end]
             self.line_too_long = len(self.carry) > self.line_limit
             return
+        start = 0
         if self.carry:
-            self.carry += memoryview(piece)[: last + 1]
-            block: bytes | bytearray = self.carry
-        else:
-            block = piece[: last + 1] if last + 1 < len(piece) else piece
+            start = piece.find(b"\n", 0, end) + 1
+            self.carry += memoryview(piece)[:start]
+            await self._take(bytes(self.carry), 0, len(self.carry))
         self.carry = bytearray(memoryview(piece)[last + 1 : end])
-        if lines.has_line_longer_than(block, self.line_limit) or (
-            len(self.carry) > self.line_limit
-        ):
+        self.line_too_long = self.line_too_long or len(self.carry) > self.line_limit
+        await self._take(piece, start, last + 1)
+
+    async def _take(self, data: bytes, start: int, end: int) -> None:
+        """`data[start:end]`, whole lines: a bare CR or LF cannot straddle two of these,
+        and unstuffing takes only dots after an LF."""
+        if self.line_too_long or start == end:
+            return
+        if lines.has_line_longer_than(data, self.line_limit, start, end):
             self.line_too_long = True
             return
-        # whole lines after an LF: a bare one cannot straddle two blocks, and unstuffing
-        # takes only dots after an LF
         if not self.bare_line_end:
-            self.bare_line_end = lines.bare_line_end(block) != -1
-        await self._write(_unstuffed_pieces(block))
+            self.bare_line_end = lines.bare_line_end(data, start=start, end=end) != -1
+        await self._write(_unstuffed_pieces(data, start, end))
 
     async def _write(self, pieces: list[bytes | memoryview]) -> None:
         self.size += sum(len(piece) for piece in pieces)
@@ -101,8 +107,9 @@ class _Spool:
                 return
             self.file = await asyncio.to_thread(_nameless_file, self.spool_dir)
             pieces, self.kept = list(self.kept), []
-        # one write per window, not per piece: lines of "." make pieces of a few octets
-        self.pending.extend(bytes(piece) for piece in pieces)
+        # one write per window, not per piece: lines of "." make pieces of a few octets;
+        # views of the (immutable) pieces read, not copies
+        self.pending.extend(pieces)
         self.pending_size += sum(len(piece) for piece in pieces)
         if self.pending_size >= WINDOW:
             await self._flush()
@@ -125,19 +132,19 @@ class _Spool:
             self.file.close()
 
 
-def _unstuffed_pieces(block: bytes | bytearray) -> list[bytes | memoryview]:
-    """`block` (whole lines) without the stuffing dots, as slices of it where they are few."""
-    dots = lines.stuffing_dots(block)
+def _unstuffed_pieces(data: bytes, start: int, end: int) -> list[bytes | memoryview]:
+    """`data[start:end]` (whole lines) without the stuffing dots, as views of `data` where
+    they are few."""
+    dots = lines.stuffing_dots(data, start, end=end)
     if dots is None:
-        return [lines.unstuffed(block)]
-    positions = [0, *dots] if block.startswith(b".") else dots
-    view = memoryview(block)
+        return [lines.unstuffed(data[start:end])]
+    positions = [start, *dots] if data.startswith(b".", start) else dots
+    view = memoryview(data)
     pieces: list[bytes | memoryview] = []
-    start = 0
     for position in positions:
         pieces.append(view[start:position])
         start = position + 1
-    pieces.append(view[start:])
+    pieces.append(view[start:end])
     return pieces
 
 
@@ -278,7 +285,7 @@ def _nameless_file(directory: Path | None) -> IO[bytes]:
     return os.fdopen(fd, "w+b")
 
 
-def _write_out(file: IO[bytes], digest: hashlib._Hash, pieces: list[bytes]) -> None:
+def _write_out(file: IO[bytes], digest: hashlib._Hash, pieces: list[bytes | memoryview]) -> None:
     for piece in pieces:
         digest.update(piece)
     file.writelines(pieces)

@@ -73,19 +73,19 @@ def _even_lines(data: Data, start: int, end: int, line_ends: int) -> bool:
     return crs.count(b"\r") == count and lfs.count(b"\n") == count
 
 
-def has_line_longer_than(data: Data, limit: int) -> bool:
+def has_line_longer_than(data: Data, limit: int, start: int = 0, end: int | None = None) -> bool:
     """Whether a line is longer than `limit` octets, its LF included (RFC 5321 counts the
     CRLF); the last line needs no line end. Lines end at LF, as aiosmtpd counts them.
 
     From each line start, the next `limit` octets must hold an LF; the scan goes on after
     the last LF among them, so it steps about `limit` octets at a time, not a line.
     """
-    start, size = 0, len(data)
+    size = len(data) if end is None else end
     while size - start > limit:
-        end = data.rfind(b"\n", start, start + limit)
-        if end == -1:
+        found = data.rfind(b"\n", start, start + limit)
+        if found == -1:
             return True
-        start = end + 1
+        start = found + 1
     return False
 
 
@@ -126,17 +126,19 @@ def find_by(data: Data, needle: bytes, rare: int, start: int = 0, end: int | Non
     return -1
 
 
-def stuffing_dots(data: Data, start: int = 0, most: int = MANY_DOTS) -> list[int] | None:
-    """Where a dot follows a CRLF, the first CRLF at `start` or later; None when there are
-    more than `most` (then replacing them all at C speed beats listing them). A dot at the
-    very start of the data is the caller's to see."""
+def stuffing_dots(
+    data: Data, start: int = 0, most: int = MANY_DOTS, end: int | None = None
+) -> list[int] | None:
+    """Where a dot follows a CRLF, the first CRLF at `start` or later, before `end`; None
+    when there are more than `most` (then replacing them all at C speed beats listing
+    them). A dot at `start` is the caller's to see."""
     dots: list[int] = []
-    found = dot_line(data, start)
+    found = dot_line(data, start, end)
     while found != -1:
         if len(dots) == most:
             return None
         dots.append(found + 2)
-        found = dot_line(data, found + 3)
+        found = dot_line(data, found + 3, end)
     return dots
 
 
