@@ -552,8 +552,7 @@ class StorageSettings(Section):
         default=30,
         ge=0,
         description="days a message's original and copies are kept after it was received,"
-        " once no copy waits, no link of it lives and no letter of it is evidence; 0 keeps"
-        " them for ever",
+        " once no copy waits and no letter of it is evidence; 0 keeps them for ever",
     )
     sweep_interval: float = Field(default=3600, gt=0, description="seconds between sweeps")
     inline_max_bytes: int = Field(

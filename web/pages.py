@@ -32,7 +32,6 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from email.utils import getaddresses
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -316,9 +315,12 @@ AGENTS_KEPT = 1024
 
 
 async def agent_of(blobs: BlobStore, message: Message) -> Agent:
-    """The agent of `message`, their name read from the From of the original as received
-    (remembered for the last AGENTS_KEPT originals; an original that could not be read is
-    not remembered)."""
+    """The agent of `message`, named as the intake kept it. A message stored before the
+    name was kept (`sender_name` null) has it read from the From of the original as
+    received (remembered for the last AGENTS_KEPT originals; an original that could not be
+    read is not remembered)."""
+    if message.sender_name is not None:
+        return Agent(message.sender_name, message.sender)
     kept = _AGENTS.get(blobs)
     if kept is None:
         kept = _AGENTS[blobs] = OrderedDict()
@@ -352,11 +354,7 @@ async def _read_agent(blobs: BlobStore, message: Message) -> Agent | None:
         log.error("original %s of message %s: %s", message.blob, message.id, exc)
         return None
     block, _ = headers.split_message(peek)
-    values = headers.values(headers.parse_fields(block), "from")
-    for display, address in getaddresses(values):
-        if address.lower() == message.sender.lower() or len(values) == 1:
-            return Agent(headers.decoded(display).strip()[:200], message.sender)
-    return Agent("", message.sender)
+    return Agent(headers.sender_name(headers.parse_fields(block), message.sender), message.sender)
 
 
 # --- the site -------------------------------------------------------------------------------

@@ -260,6 +260,7 @@ class Pipeline:
             message_id_header=headers.first_value(fields, "message-id")
             or make_msgid(domain=self.settings.server.hostname),
             subject=headers.decoded(headers.first_value(fields, "subject") or "")[:998],
+            sender_name=headers.sender_name(fields, envelope.mail_from),
             helo=origin.helo[:255],
             peer=origin.peer[:100],
             protocol=origin.protocol,

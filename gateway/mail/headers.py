@@ -144,6 +144,16 @@ def addresses(fields: Iterable[HeaderField], name: str) -> list[str]:
     return [addr.lower() for _, addr in pairs if addr]
 
 
+def sender_name(fields: Iterable[HeaderField], sender: str) -> str:
+    """The display name the From gives the envelope sender (or its only address), decoded,
+    at most 200 characters; "" when it gives none. Prospects' pages name the agent so."""
+    authors = getaddresses(values(fields, "from"))
+    named = [display for display, address in authors if address.lower() == sender.lower()]
+    if not named and len(authors) == 1:
+        named = [authors[0][0]]
+    return decoded(named[0]).strip()[:200] if named else ""
+
+
 def format_field(name: str, value: str) -> bytes:
     """A generated field, folded at white space, CRLF-terminated.
 

@@ -124,7 +124,10 @@ def _kept_messages(horizon: Horizon) -> Subquery | None:
     return union(
         select(Message.id).where(Message.received_at >= horizon.now - horizon.originals),
         select(Delivery.message_id).where(Delivery.status == DeliveryStatus.QUEUED),
-        select(Link.message_id).where(_live_link(horizon)),
+        # pages read the agent's name from these originals while their links live
+        select(Link.message_id)
+        .join(Message, Message.id == Link.message_id)
+        .where(_live_link(horizon) & Message.sender_name.is_(None)),
         _letter_evidence(Letter.message_id)(horizon),
     ).subquery()
 
@@ -148,7 +151,8 @@ def _consent_pdf(horizon: Horizon) -> Query:
 BLOB_COLUMNS: tuple[BlobColumn, ...] = (
     BlobColumn(
         Message.blob,
-        "while a copy waits, a link lives or a letter is evidence, and keep_originals_days",
+        "while a copy waits or a letter is evidence, and keep_originals_days (a message"
+        " stored before revision 0016: also while a link of it lives)",
         _of_kept_messages(Message.blob, Message.id),
     ),
     BlobColumn(

@@ -141,6 +141,10 @@ class Message(Base):
     # the DKIM body hash (relaxed, sha256) of a big signed original, kept by the intake so
     # that its delivery reads the blob once (gateway/outbound/stored_copy.py)
     body_hash: Mapped[str | None] = mapped_column(String(44), default=None)
+    # the display name the From gives the sender ("" for none), which prospects' pages name;
+    # null for a message stored before revision 0016, whose pages read it from the original
+    # (so its original is kept while a link of it lives, gateway/store/blob_columns.py)
+    sender_name: Mapped[str | None] = mapped_column(String(200), default=None)
 
 
 class DeliveryStatus(StrEnum):

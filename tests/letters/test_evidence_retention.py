@@ -7,6 +7,8 @@ the sweep is the one the relay runs every hour. SQLite and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import re
 import sys
 from dataclasses import dataclass
@@ -18,15 +20,30 @@ from sqlalchemy import String, select
 
 from gateway.letters.desk import LetterDesk
 from gateway.store import blob_columns, sweeper
-from gateway.store.models import Base, Consent, Delivery, Letter, LetterStatus, Message
+from gateway.store.models import (
+    Base,
+    Consent,
+    Delivery,
+    Letter,
+    LetterStatus,
+    Message,
+    StoredFile,
+)
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
-from tests.letter_site import PROSPECT, Clock, LetterSite, offer, token_in
+from tests.letter_site import AGENT, PROSPECT, Clock, LetterSite, offer, text_of, token_in
 from tests.queue_wait import queue_idle
 from tests.support import chained, screenshot_dir
 
 GRACE = timedelta(days=7)
 OTHER = "omar@example.org"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def text_of_copy(raw: bytes) -> str:
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    body = parsed.get_body(("plain",))
+    assert body is not None
+    return str(body.get_content())
 
 
 async def sweep(site: LetterSite) -> sweeper.SweepReport:
@@ -133,6 +150,30 @@ async def test_a_delivered_mail_goes_after_its_days_and_the_evidence_stays(
         assert response.status == 200, (path, body[:300])
     assert await site.count(Message, Message.id == plain.id) == 1
     assert (await chained(site.relay.db)).ok
+
+
+async def test_a_linked_mail_goes_after_its_days_and_its_page_still_names_the_agent(
+    site: LetterSite, clock: Clock
+) -> None:
+    """Its original and copy go at day 31 like any other; the linked file stays while the
+    link lives, and the download page names the agent as the intake kept them: the page
+    needs no original."""
+    await site.harness.send(offer(subject="Unterlagen Grüner Weg"), recipients=[OTHER])
+    [copy] = await site.sink.expect(1)
+    await queue_idle(site.relay.db)
+    [token] = set(re.findall(r"/d/([A-Za-z0-9_-]{43})", text_of_copy(copy.data)))
+    async with site.relay.db.transaction() as session:
+        [message] = (await session.scalars(select(Message))).all()
+        files = list((await session.scalars(select(StoredFile.sha256))).all())
+    assert message.sender_name == "Anna Agent" and files
+
+    clock.advance(days=31)
+    await sweep(site)
+    assert not await site.relay.blobs.exists(message.blob)
+    assert all([await site.relay.blobs.exists(digest) for digest in files])
+    response, body = await site.get(f"/d/{token}")
+    assert response.status == 200, body[:300]
+    assert f"Anna Agent ({AGENT})" in text_of(body)
 
 
 async def test_a_letter_expired_by_another_instance_cannot_be_consented(

@@ -135,3 +135,30 @@ def test_a_block_parsed_again_gives_the_same_fields_as_one_too_big_to_keep(
         .strip()
         for field in again
     ]
+
+
+@pytest.mark.parametrize(
+    ("from_field", "sender", "name"),
+    [
+        ("Anna Agent <anna@broker.example>", "anna@broker.example", "Anna Agent"),
+        (
+            "=?utf-8?q?J=C3=BCrgen_M=C3=BCller?= <j@broker.example>",
+            "J@Broker.example",
+            "Jürgen Müller",
+        ),
+        ("anna@broker.example", "anna@broker.example", ""),
+        # a team address in From, the agent's own in the envelope: the only name there is
+        ("Team Nord <nord@broker.example>", "anna@broker.example", "Team Nord"),
+        # several authors: the one who sent it
+        ("Bert <b@broker.example>, Anna <anna@broker.example>", "anna@broker.example", "Anna"),
+        ("Bert <b@broker.example>, Cleo <c@broker.example>", "anna@broker.example", ""),
+        (
+            "=?utf-8?q?Evil=0D=0AX-Injected=3A_1?= <anna@broker.example>",
+            "anna@broker.example",
+            "Evil  X-Injected: 1",
+        ),
+    ],
+)
+def test_sender_name(from_field: str, sender: str, name: str) -> None:
+    fields = headers.parse_fields(f"From: {from_field}\r\n".encode())
+    assert headers.sender_name(fields, sender) == name

@@ -88,16 +88,23 @@ async def test_links_expire_then_their_files_go_after_the_grace_period(
 async def test_originals_go_once_nothing_needs_them_and_their_days_are_over(
     database: Database, tmp_path: Path
 ) -> None:
-    """Data minimisation: a message's original and copies live while a copy waits, while a
-    link of it lives, and `keep_originals_days` from its receipt; its rows and events stay."""
+    """Data minimisation: a message's original and copies live while a copy waits and
+    `keep_originals_days` from its receipt; a link of it does not need them (its pages name
+    the agent as the intake kept them), unless the message was stored before that name was
+    kept. Its rows and events stay."""
     blobs = LocalBlobStore(tmp_path / "blobs")
     keep = timedelta(days=30)
     await submit(database, blobs, offer(1000), START)  # small: no link
     await submit(database, blobs, offer(3 * 1024 * 1024), START)  # a link for 90 days
+    await submit(database, blobs, offer(3 * 1024 * 1024 + 1), START)  # ... stored before 0016
     await submit(database, blobs, offer(2000), START + timedelta(days=20))
     async with database.transaction() as session:
-        plain, recent, linked = sorted(
+        plain, recent, linked, older = sorted(
             (await session.scalars(select(Message))).all(), key=lambda m: m.size
+        )
+        assert linked.sender_name == ""  # the From names no one, only the address
+        await session.execute(
+            update(Message).where(Message.id == older.id).values(sender_name=None)
         )
         copies = {d.message_id: d.blob for d in await session.scalars(select(Delivery))}
 
@@ -109,18 +116,19 @@ async def test_originals_go_once_nothing_needs_them_and_their_days_are_over(
     async with database.transaction() as session:
         await session.execute(update(Delivery).values(status=DeliveryStatus.DELIVERED))
     await sweeper.sweep(database, blobs, START + timedelta(days=40), GRACE, originals=keep)
-    assert not await blobs.exists(plain.blob)
-    assert not await blobs.exists(copies[plain.id])
-    for kept in (recent, linked):  # received 20 days ago; a link that lives
+    for gone in (plain, linked):
+        assert not await blobs.exists(gone.blob)
+        assert not await blobs.exists(copies[gone.id])
+    for kept in (recent, older):  # received 20 days ago; a link that lives, name unknown
         assert await blobs.exists(kept.blob)
         assert await blobs.exists(copies[kept.id])
 
     # the link expired on day 90 and its grace ended on day 97
     await sweeper.sweep(database, blobs, START + timedelta(days=99), GRACE, originals=keep)
-    assert not await blobs.exists(linked.blob)
+    assert not await blobs.exists(older.blob)
     assert not await blobs.exists(recent.blob)
     async with database.transaction() as session:
-        assert len((await session.scalars(select(Message))).all()) == 3
+        assert len((await session.scalars(select(Message))).all()) == 4
     assert (await chained(database)).ok
 
 
