@@ -671,10 +671,13 @@ def queue_list(config: Path | None, show_all: bool) -> None:
 @click.argument("recipients", nargs=-1)
 def queue_retry(config: Path | None, message_id: str, recipients: tuple[str, ...]) -> None:
     """Try a message's queued (or bounced) copies again now; only to RECIPIENTS if given."""
-    lifetime = timedelta(seconds=_settings(config).upstream.queue_lifetime)
+    from sealrelay.serve import blob_store
+
+    settings = _settings(config)
+    lifetime = timedelta(seconds=settings.upstream.queue_lifetime)
 
     async def retry(db: Database) -> list[Delivery]:
-        async with db.transaction() as session:
+        async with db.snapshot() as session:
             copies = _named(
                 await queue.copies_of(session, message_id, recipients),
                 message_id,
@@ -682,9 +685,16 @@ def queue_retry(config: Path | None, message_id: str, recipients: tuple[str, ...
                 {DeliveryStatus.QUEUED, DeliveryStatus.BOUNCED},
                 "queued or bounced copy to retry",
             )
+        blobs = blob_store(settings, db)
+        try:
+            for copy in copies:
+                await queue.check_kept(blobs, copy)
+        finally:
+            await blobs.close()
+        async with db.transaction() as session:
             for copy in copies:
                 await queue.retry_now(session, copy.id, utcnow(), lifetime)
-            return copies
+        return copies
 
     for copy in _run(retry, config, Access.WRITE):
         click.echo(

@@ -329,7 +329,10 @@ class Relay:
             timeline=Timeline(db),
             api_keys=ApiKeyDesk(db, self.clock),
             queue=QueueDesk(
-                db, self.clock, timedelta(seconds=self.settings.upstream.queue_lifetime)
+                db,
+                self.blobs,
+                self.clock,
+                timedelta(seconds=self.settings.upstream.queue_lifetime),
             ),
             users=UserDesk(db),
             webhooks=self.webhooks,

@@ -10,13 +10,21 @@ from gateway import users
 from gateway.config import Settings
 from gateway.console import totp
 from gateway.outbound import queue
+from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
 from gateway.store.models import Delivery, DeliveryStatus, Role, User
 
 
 class QueueDesk:
-    def __init__(self, db: Database, clock: Callable[[], datetime], lifetime: timedelta) -> None:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        clock: Callable[[], datetime],
+        lifetime: timedelta,
+    ) -> None:
         self.db = db
+        self.blobs = blobs
         self.clock = clock
         self.lifetime = lifetime
 
@@ -28,6 +36,10 @@ class QueueDesk:
 
     async def retry(self, delivery_id: str) -> Delivery:
         """Raises QueueError when there is no such copy or nothing to retry."""
+        async with self.db.snapshot() as session:
+            delivery = await session.get(Delivery, delivery_id)
+        if delivery is not None:
+            await queue.check_kept(self.blobs, delivery)
         async with self.db.transaction() as session:
             return await queue.retry_now(session, delivery_id, self.clock(), self.lifetime)
 

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.store import bulk, journal
+from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.events import (
     DELIVERY_BOUNCED,
     DELIVERY_DEFERRED,
@@ -374,6 +375,24 @@ async def list_deliveries(
         .limit(limit)
     )
     return [Claimed(delivery, message) for delivery, message in rows]
+
+
+async def check_kept(blobs: BlobStore, delivery: Delivery) -> None:
+    """QueueError for a bounced copy whose bytes the sweep has deleted ([storage]
+    keep_originals_days): a retry would queue a copy that can only fail until it expires.
+    Asked before the retry's transaction (the store is not asked inside one); a store that
+    cannot be asked leaves the retry to the worker, which defers the copy."""
+    if delivery.status != DeliveryStatus.BOUNCED:
+        return
+    try:
+        kept = await blobs.exists(delivery.blob)
+    except StoreUnavailable:
+        return
+    if not kept:
+        raise QueueError(
+            f"the copy to {delivery.recipient} is no longer kept (deleted by the sweep after"
+            " [storage] keep_originals_days); nothing to retry"
+        )
 
 
 async def retry_now(

@@ -19,6 +19,7 @@ from gateway import users
 from gateway.outbound import queue
 from gateway.store import journal
 from gateway.store.db import Database
+from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import Delivery, DeliveryStatus, Event, Message, new_id, utcnow
 from tests.cli_runner import sealrelay, sqlite_url, write_config
 from tests.conftest import AGENT
@@ -44,13 +45,14 @@ class Seeded:
     delivered: str
 
 
-async def seed_queue(db: Database) -> Seeded:
-    """Through the queue's own functions: claimed, then deferred, bounced and delivered."""
+async def seed_queue(db: Database, blob: str = "0" * 64) -> Seeded:
+    """Through the queue's own functions: claimed, then deferred, bounced and delivered,
+    all naming `blob` (by default bytes no store holds)."""
     now = utcnow()
     message = Message(
         id=new_id(),
         sender=AGENT,
-        blob="0" * 64,
+        blob=blob,
         size=100,
         message_id_header="<offer@broker.example>",
         subject="Exposé Lindenstraße 5",
@@ -62,7 +64,7 @@ async def seed_queue(db: Database) -> Seeded:
             id=new_id(),
             message_id=message.id,
             recipient=f"{name}@example.com",
-            blob="0" * 64,
+            blob=blob,
             next_attempt_at=now,
             expires_at=now + LIFETIME,
         )
@@ -168,7 +170,8 @@ async def test_queue_functions_list_retry_and_delete(database: Database) -> None
 async def test_cli_queue_list_retry_delete(config: Path, tmp_path: Path) -> None:
     db = Database.connect(sqlite_url(config))
     await db.upgrade()
-    seeded = await seed_queue(db)
+    kept = await LocalBlobStore(config.parent / "blobs").put(b"Subject: x\r\n\r\nhello\r\n")
+    seeded = await seed_queue(db, kept)
     await db.close()
     cfg = ("-c", str(config))
     empty = write_config(tmp_path / "empty")
@@ -334,3 +337,27 @@ async def test_a_copy_being_sent_cannot_be_retried_or_deleted(database: Database
     later = now + timedelta(minutes=6)
     async with database.transaction() as session:
         await queue.retry_now(session, seeded.fresh, later, LIFETIME)
+
+
+async def test_cli_will_not_retry_a_bounced_copy_whose_bytes_are_gone(config: Path) -> None:
+    """Past [storage] keep_originals_days the sweep deletes a bounced copy's bytes: a retry
+    would queue a copy that can only fail until it expires, so it is refused and nothing
+    changes."""
+    db = Database.connect(sqlite_url(config))
+    await db.upgrade()
+    seeded = await seed_queue(db)  # names bytes the store does not hold
+    await db.close()
+    gone = await sealrelay(
+        "queue", "retry", seeded.message, "bounced@example.com", "-c", str(config)
+    )
+    assert gone.code == 1
+    assert gone.error_line == (
+        "Error: the copy to bounced@example.com is no longer kept (deleted by the sweep after"
+        " [storage] keep_originals_days); nothing to retry"
+    )
+    db = Database.connect(sqlite_url(config))
+    try:
+        assert (await rows_by_id(db))[seeded.bounced].status == DeliveryStatus.BOUNCED
+        assert "delivery.retried" not in [t for t, _ in await event_types(db)]
+    finally:
+        await db.close()

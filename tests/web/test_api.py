@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from sqlalchemy import update
 
 from gateway import users
 from gateway.access import MessageScope, Permission, Principal
@@ -19,7 +20,7 @@ from gateway.console.admin import QueueDesk
 from gateway.console.api_keys import ApiKeyDesk
 from gateway.console.timeline import Timeline
 from gateway.store.db import Database
-from gateway.store.models import ApiKeyScope, Role, utcnow
+from gateway.store.models import ApiKeyScope, Delivery, Role, utcnow
 from gateway.store.sequencer import chain_all
 from sealrelay.serve import Relay
 from tests.conftest import Harness, make_message, relay_settings
@@ -451,9 +452,8 @@ async def test_the_queue_lists_retries_and_deletes(database: Database, tmp_path:
     read = _bearer((await desk.create("r", ApiKeyScope.READ, "t")).key)
     app = web.Application(middlewares=[api_problems, guard([bearer_authenticator(desk)])])
     parts = Relay(relay_settings(tmp_path, free_port()), db=db).web_parts()  # never started
-    api(replace(parts, api_keys=desk, queue=QueueDesk(db, utcnow, timedelta(days=1)))).register(
-        Routes(app)
-    )
+    queue = QueueDesk(db, parts.blobs, utcnow, timedelta(days=1))
+    api(replace(parts, api_keys=desk, queue=queue)).register(Routes(app))
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -473,6 +473,13 @@ async def test_the_queue_lists_retries_and_deletes(database: Database, tmp_path:
             gone, waits = items["gone@example.com"]["id"], items["waits@example.com"]["id"]
             async with http.post(base + f"/queue/{gone}/retry", headers=read) as r:
                 assert r.status == 403
+            # the seeded copy names bytes the store never had, as after the sweep deleted them
+            async with http.post(base + f"/queue/{gone}/retry", headers=write) as r:
+                assert r.status == 409
+                assert "no longer kept" in (await r.json())["detail"]
+            kept = await parts.blobs.put(b"Subject: kept\r\n\r\nstill here\r\n")
+            async with db.transaction() as session:
+                await session.execute(update(Delivery).where(Delivery.id == gone).values(blob=kept))
             async with http.post(base + f"/queue/{gone}/retry", headers=write) as r:
                 assert r.status == 204
             async with http.delete(base + f"/queue/{waits}", headers=write) as r:
