@@ -170,6 +170,7 @@ async def outgoing(
         return
     async with blobs.open(digest) as blob:
         yield await build(blob, message, hostname, signer, loop, digest=digest)
+        blob.uncache()  # sent (or deferred): a retry may read it from the disk
 
 
 async def build(

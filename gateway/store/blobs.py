@@ -114,6 +114,14 @@ class BlobReader(ABC):
         the web sends through it and streams otherwise."""
         return None
 
+    def uncache(self) -> None:
+        """The blob's bytes are not wanted again soon (a big original, sent): a store that
+        holds them in the page cache lets them go. A relay keeps originals for days where
+        Postfix deletes its queue file, and the pages of every kept original would crowd
+        the cache until reclaimed. Never raises, and never waits: it runs between a copy
+        sent and its outcome recorded. Nothing to do for a store without such a cache."""
+        return None
+
 
 class BlobStore(ABC):
     """Content-addressed, durable bytes; see the module for the contract."""

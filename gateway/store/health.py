@@ -264,6 +264,9 @@ class WatchedBlobReader(BlobReader):
     def kernel_file(self) -> IO[bytes] | None:
         return self._blob.kernel_file()
 
+    def uncache(self) -> None:
+        self._blob.uncache()
+
 
 async def _first(*events: asyncio.Event) -> None:
     """Until one of `events` is set."""

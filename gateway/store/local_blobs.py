@@ -309,6 +309,17 @@ class LocalBlobReader(BlobReader):
     def kernel_file(self) -> IO[bytes]:
         return self._file
 
+    def uncache(self) -> None:
+        """POSIX_FADV_DONTNEED: the blob is durable, so its pages are clean and dropped at
+        once (about 1 ms per 10 MB; 10 MB rounds: 90 -> 59 ms of relay CPU per message,
+        bench/README)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:  # only the cache is at stake
+            log.debug("blob %s stays in the page cache: %s", self._digest, exc)
+
 
 class _TempFile:
     """A locked temp file open for writing; removed unless it was moved into place."""

@@ -195,6 +195,17 @@ async def test_open_reads_any_range(store: BlobStore) -> None:
     assert await store.read_start(digest, 10**6) == data
 
 
+async def test_a_blob_let_go_of_by_the_cache_reads_the_same(store: BlobStore) -> None:
+    """`uncache` (a big original, sent) only ever costs a later read a trip to the disk."""
+    data = bytes(range(256)) * 40
+    digest = await store.put(data)
+    async with store.open(digest) as blob:
+        assert await blob.read(0, len(data)) == data
+        blob.uncache()
+        assert await blob.read(0, len(data)) == data
+    assert await store.read(digest) == data
+
+
 async def test_a_missing_blob_raises_blob_missing(store: BlobStore) -> None:
     assert not await store.exists(UNKNOWN)
     with pytest.raises(BlobMissing) as missing:
