@@ -242,13 +242,16 @@ def offer(
     return message.as_bytes(policy=email.policy.SMTP)
 
 
-def token_in(raw: bytes, public_url: str) -> str:
+def plain_body(raw: bytes) -> str:
+    """The text/plain body of a mail as a reader sees it (links are read from it)."""
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     body = parsed.get_body(("plain",))
     assert body is not None
-    [token] = set(
-        re.findall(rf"{re.escape(public_url)}/l/([A-Za-z0-9_-]{{43}})", body.get_content())
-    )
+    return str(body.get_content())
+
+
+def token_in(raw: bytes, public_url: str) -> str:
+    [token] = set(re.findall(rf"{re.escape(public_url)}/l/([A-Za-z0-9_-]{{43}})", plain_body(raw)))
     return token
 
 

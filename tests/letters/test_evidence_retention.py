@@ -7,8 +7,6 @@ the sweep is the one the relay runs every hour. SQLite and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import re
 import sys
 from dataclasses import dataclass
@@ -30,20 +28,22 @@ from gateway.store.models import (
     StoredFile,
 )
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
-from tests.letter_site import AGENT, PROSPECT, Clock, LetterSite, offer, text_of, token_in
+from tests.letter_site import (
+    AGENT,
+    PROSPECT,
+    Clock,
+    LetterSite,
+    offer,
+    plain_body,
+    text_of,
+    token_in,
+)
 from tests.queue_wait import queue_idle
 from tests.support import chained, screenshot_dir
 
 GRACE = timedelta(days=7)
 OTHER = "omar@example.org"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-def text_of_copy(raw: bytes) -> str:
-    parsed = email.message_from_bytes(raw, policy=email.policy.default)
-    body = parsed.get_body(("plain",))
-    assert body is not None
-    return str(body.get_content())
 
 
 async def sweep(site: LetterSite) -> sweeper.SweepReport:
@@ -161,7 +161,7 @@ async def test_a_linked_mail_goes_after_its_days_and_its_page_still_names_the_ag
     await site.harness.send(offer(subject="Unterlagen Grüner Weg"), recipients=[OTHER])
     [copy] = await site.sink.expect(1)
     await queue_idle(site.relay.db)
-    [token] = set(re.findall(r"/d/([A-Za-z0-9_-]{43})", text_of_copy(copy.data)))
+    [token] = set(re.findall(r"/d/([A-Za-z0-9_-]{43})", plain_body(copy.data)))
     async with site.relay.db.transaction() as session:
         [message] = (await session.scalars(select(Message))).all()
         files = list((await session.scalars(select(StoredFile.sha256))).all())
