@@ -59,6 +59,17 @@ SHIPPED_NETWORKS: tuple[tuple[str, str], ...] = (
     ("azure", "40.64.0.0/13"),
 )
 
+# The shipped networks' providers as they write their names, for pages that name them.
+PROVIDER_NAMES: dict[str, str] = {
+    "microsoft": "Microsoft",
+    "google": "Google",
+    "proofpoint": "Proofpoint",
+    "mimecast": "Mimecast",
+    "barracuda": "Barracuda",
+    "aws": "AWS",
+    "azure": "Azure",
+}
+
 # Case-insensitive regular expressions of user agents that are never a person's browser.
 SHIPPED_USER_AGENTS: tuple[str, ...] = (
     r"bot\b",

@@ -12,10 +12,12 @@ given or the letter's link expired, as limitation periods run (§§ 195, 199 BGB
 shipped privacy text says. The link sweep never touches it.
 
 Everything else follows data minimisation (DESIGN.md): a message's original and its copies
-are kept while a copy waits to leave (or is held), while a link of the message is valid or
-expired less than the grace period ago (its pages name the agent from the original's From),
-while a letter of it is evidence, and for `[storage] keep_originals_days` after it was
-received; then they go, and the message's rows and journal events stay. Postfix keeps a
+are kept while a copy waits to leave (or is held), while a letter of it is evidence, and for
+`[storage] keep_originals_days` after it was received; then they go, and the message's rows
+and journal events stay. Linked files live as long as their links plus the grace period; the
+links' pages name the agent as the intake kept it (`Message.sender_name`), so they need no
+original, except for a message stored before revision 0016, whose original stays while a
+link of it is valid or expired less than the grace period ago. Postfix keeps a
 message no longer than its delivery; a relay that kept every attachment of every mail for
 ever would hold the brokerage's whole correspondence.
 """

@@ -125,8 +125,9 @@ async def sweep(
     originals: timedelta | None = None,
     expire_letters: ExpireLetters | None = None,
 ) -> SweepReport:
-    """`originals`: how long a message's original outlives the reasons to keep it
-    (gateway/store/blob_columns.py); None keeps originals for ever."""
+    """`originals`: how long after its receipt a message's original is kept at least
+    (longer while a copy waits or it is evidence, gateway/store/blob_columns.py); None
+    keeps originals for ever."""
     expired = await expire_links(db, now)
     letters = await expire_letters(now) if expire_letters is not None else 0
     horizon = Horizon(now, grace, evidence_years, originals)

@@ -44,7 +44,7 @@ from gateway.store.events import (
     POLICY_KEPT,
 )
 from gateway.texts.catalog import Catalog
-from rules.automated_visits import Reason
+from rules.automated_visits import PROVIDER_NAMES, Reason
 from web.console.view import ConsoleView
 from web.guard import Routes
 
@@ -52,16 +52,6 @@ MESSAGES = "/console/messages"
 SEARCH_MAX = 200
 # noise on a recipient's story: every copy is queued before it is delivered or bounces
 QUIET = frozenset({DELIVERY_QUEUED.name})
-# the shipped scanner networks' providers (rules/automated_visits.py), as they write themselves
-_PROVIDERS = {
-    "microsoft": "Microsoft",
-    "google": "Google",
-    "proofpoint": "Proofpoint",
-    "mimecast": "Mimecast",
-    "barracuda": "Barracuda",
-    "aws": "AWS",
-    "azure": "Azure",
-}
 
 
 @dataclass(frozen=True)
@@ -103,7 +93,7 @@ def reason_said(text: str, catalog: Catalog) -> str:
         return text
     if reason.kind == "network" and reason.detail == "configured":
         return catalog.t("work.automated.network_configured", seconds=reason.seconds)
-    provider = _PROVIDERS.get(reason.detail, reason.detail)
+    provider = PROVIDER_NAMES.get(reason.detail, reason.detail)
     return catalog.t(f"work.automated.{reason.kind}", network=provider, seconds=reason.seconds)
 
 
