@@ -381,6 +381,24 @@ class SubmissionSMTP(CommandTableNames, SMTP):
         self._proxy_data: ProxyData | None = None
         self._refused = False
         self.closed = asyncio.Event()
+        self._held_lines: list[bytes] = []
+
+    async def push(self, status: str | bytes) -> None:
+        """A reply's lines before its last ("250-SIZE ...") wait to leave with it: aiosmtpd
+        writes each EHLO line on its own, a send and a wake-up of the client per extension
+        on every connection."""
+        line = (
+            status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+            if isinstance(status, str)
+            else status
+        )
+        if line[3:4] == b"-":
+            self._held_lines.append(line)
+            return
+        if self._held_lines:
+            line = b"\r\n".join([*self._held_lines, line])
+            self._held_lines.clear()
+        await super().push(line)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's reading of a MAIL or RCPT path, a plain `<local@domain>` read quickly

@@ -11,6 +11,7 @@ prepends the returned field to exactly the bytes that were signed.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import re
@@ -389,15 +390,23 @@ def sign(
 
 
 def _names(*groups: Sequence[str]) -> list[str]:
-    seen: dict[str, None] = {}
     for group in groups:
         if isinstance(group, str):
             raise DkimError(f"header names must be a sequence of names, not the string {group!r}")
+    return list(_checked_names(tuple(tuple(group) for group in groups)))
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_names(groups: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
+    """The names of `groups` lower-cased, each once, in order: the same few lists are given
+    for every copy, so their check is kept."""
+    seen: dict[str, None] = {}
+    for group in groups:
         for name in group:
             if not _FIELD_NAME.fullmatch(name):
                 raise DkimError(f"{name!r} is not a header field name")
             seen.setdefault(name.lower(), None)
-    return list(seen)
+    return tuple(seen)
 
 
 def _canon_field(raw: bytes) -> bytes:

@@ -140,14 +140,21 @@ def decoded(value: str) -> str:
 
 def addresses(fields: Iterable[HeaderField], name: str) -> list[str]:
     """The bare addresses of an address-list field (From, To, Cc ...), lower-cased."""
-    pairs = getaddresses(values(fields, name))
+    pairs = _address_pairs(tuple(values(fields, name)))
     return [addr.lower() for _, addr in pairs if addr]
+
+
+@functools.lru_cache(maxsize=_CACHED_BLOCKS)
+def _address_pairs(field_values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """getaddresses() of these values, kept: a message's From is read by the intake's checks,
+    for the sender's name and again by each copy's signer, and an agent's From recurs."""
+    return tuple(getaddresses(field_values))
 
 
 def sender_name(fields: Iterable[HeaderField], sender: str) -> str:
     """The display name the From gives the envelope sender (or its only address), decoded,
     at most 200 characters; "" when it gives none. Prospects' pages name the agent so."""
-    authors = getaddresses(values(fields, "from"))
+    authors = _address_pairs(tuple(values(fields, "from")))
     named = [display for display, address in authors if address.lower() == sender.lower()]
     if not named and len(authors) == 1:
         named = [authors[0][0]]

@@ -236,6 +236,8 @@ class _ReplyReader(asyncio.Protocol):
 
     async def reply(self, reply_timeout: float) -> Reply:
         """The next reply; TimeoutError when none came in `reply_timeout` seconds."""
+        if self._replies:  # pipelined replies often come together: no timer for those
+            return self._replies.popleft()
         async with asyncio.timeout(reply_timeout):
             while not self._replies:
                 if self.ended is not None:

@@ -927,3 +927,27 @@ async def test_a_stop_answers_the_message_under_way_then_closes(relay: Harness) 
         await client.noop()
     async with relay.relay.db.transaction() as session:
         assert await session.scalar(select(func.count()).select_from(Message)) == 1
+
+
+async def test_a_multiline_reply_leaves_in_one_write(relay: Harness) -> None:
+    """The EHLO reply's lines go out together: one send per reply, not one per extension."""
+    wire = await Wire.open(relay.smtp_port)
+    try:
+        (session,) = relay.relay.smtp.gate.sessions
+        writes: list[bytes] = []
+        write = session._writer.write
+
+        def recorded(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        session._writer.write = recorded
+        offered = await wire.ehlo()
+        assert len(offered.lines) >= 4, offered
+        assert writes == ["".join(f"{line}\r\n" for line in offered.lines).encode()]
+
+        writes.clear()
+        assert (await wire.command("NOOP")).lines == ["250 OK"]
+        assert writes == [b"250 OK\r\n"]
+    finally:
+        await wire.close()
