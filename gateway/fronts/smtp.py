@@ -11,7 +11,6 @@ import binascii
 import functools
 import logging
 import ssl
-import warnings
 from asyncio import sslproto
 from base64 import b64decode
 from pathlib import Path
@@ -50,15 +49,12 @@ TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds an implicit-TLS client may take to say h
 STOP_GRACE = 30.0  # seconds a message under way may take to be answered when the relay stops
 
 
-class _ImplicitTlsNoise(logging.Filter):
-    """aiosmtpd warns on every connection where AUTH does not require STARTTLS; ours are
-    implicit-TLS sockets (already encrypted) and the loopback dev listener, so it is noise.
-    It also warns on every successful login that `Session.login_data` (which it sets itself,
-    and which we never read) is deprecated, and on every connection when smtp.proxy_timeout
-    is below 3 s, a choice the operator made once."""
+class _AiosmtpdNoise(logging.Filter):
+    """aiosmtpd warns on every successful login that `Session.login_data` (which it sets
+    itself, and which we never read) is deprecated, and on every connection when
+    smtp.proxy_timeout is below 3 s, a choice the operator made once."""
 
     NOISE = (
-        "auth_require_tls == False",
         "Session.login_data is deprecated",
         "proxy_protocol_timeout < 3.0",
     )
@@ -68,8 +64,7 @@ class _ImplicitTlsNoise(logging.Filter):
         return not any(noise in message for noise in self.NOISE)
 
 
-logging.getLogger("mail.log").addFilter(_ImplicitTlsNoise())
-warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+logging.getLogger("mail.log").addFilter(_AiosmtpdNoise())
 
 
 class Reply:
@@ -367,7 +362,12 @@ class SubmissionSMTP(CommandTableNames, SMTP):
         the PROXY header (without a proxy, the listening socket itself does TLS)."""
         if proxy is not None:
             kwargs["proxy_protocol_timeout"] = proxy.timeout
+        # aiosmtpd warns and logs on every connection where AUTH is required without
+        # STARTTLS: here the implicit-TLS and loopback listeners, by the front's policy
+        # (plaintext_logins_allowed). The requirement is set after that check.
+        auth_required = kwargs.pop("auth_required", False)
         super().__init__(handler, **kwargs)
+        self._auth_required = auth_required
         self._gate = gate
         self._proxy = proxy
         self._implicit_tls = implicit_tls
@@ -792,6 +792,8 @@ class SmtpFront:
     ) -> Any:
         smtp = self.settings.smtp
 
+        loop = asyncio.get_running_loop()
+
         def make() -> SMTP:
             session = SubmissionSMTP(
                 self.handler,
@@ -807,6 +809,7 @@ class SmtpFront:
                 tls_context=tls,
                 require_starttls=tls is not None and require_tls,
                 timeout=smtp.timeout,
+                loop=loop,
                 auth_required=True,
                 auth_require_tls=require_tls,
             )

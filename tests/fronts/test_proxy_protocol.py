@@ -25,7 +25,6 @@ from gateway.config import SmtpSettings
 from gateway.store.models import Event
 from tests.conftest import AGENT, Harness, StartRelay
 from tests.fronts.test_smtp_front import (
-    AUTH_WITHOUT_STARTTLS,
     PROSPECT,
     TIMEOUT,
     Wire,
@@ -335,7 +334,6 @@ def test_settings_that_work() -> None:
 # -- implicit TLS (port 465 style): the header comes first, in clear, then the handshake
 
 
-@AUTH_WITHOUT_STARTTLS
 async def test_implicit_tls_after_the_header_takes_mail_from_the_real_client(
     proxied: Harness,
 ) -> None:
@@ -355,7 +353,6 @@ async def test_implicit_tls_after_the_header_takes_mail_from_the_real_client(
     assert b"with ESMTPSA" in copy.data
 
 
-@AUTH_WITHOUT_STARTTLS
 async def test_implicit_tls_client_hello_in_the_same_packet_as_the_header(
     proxied: Harness,
 ) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import smtplib
 import ssl
+import warnings
 from base64 import b64encode
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -50,11 +52,6 @@ from tests.conftest import (
 from tests.support import Sink, free_port
 
 TIMEOUT = 15
-# aiosmtpd warns for each connection to a listener where AUTH does not wait for its STARTTLS:
-# the implicit-TLS port (TLS is already there) and the loopback development front.
-AUTH_WITHOUT_STARTTLS = pytest.mark.filterwarnings(
-    "ignore:Requiring AUTH while not requiring TLS:UserWarning"
-)
 PROSPECT = "prospect@example.com"
 VICTIM = "victim@example.net"
 
@@ -368,7 +365,6 @@ async def test_auth_protocol_mistakes_get_one_reply_each(relay: Harness, wire: W
     await send_sentinel(relay, wire)
 
 
-@AUTH_WITHOUT_STARTTLS
 async def test_implicit_tls_port_takes_auth_and_mail(relay: Harness) -> None:
     wire = await Wire.open(relay.tls_port, implicit_tls=True)
     try:
@@ -433,7 +429,6 @@ def smtplib_plaintext_submit(port: int) -> dict[str, str]:
         return features
 
 
-@AUTH_WITHOUT_STARTTLS
 async def test_dev_relay_allows_plaintext_auth_on_loopback(dev_relay: Harness) -> None:
     features = await asyncio.to_thread(smtplib_plaintext_submit, dev_relay.smtp_port)
     assert "starttls" not in features
@@ -443,6 +438,26 @@ async def test_dev_relay_allows_plaintext_auth_on_loopback(dev_relay: Harness) -
     received = headers.first_value(headers.fields_of(copy.data), "received")
     assert received is not None and "with ESMTPA " in received
     verify_dkim(dev_relay, copy.data)
+
+
+async def test_connections_to_a_plaintext_listener_log_no_warning_and_still_need_auth(
+    dev_relay: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiosmtpd would warn on each connection that AUTH does not wait for STARTTLS: on the
+    loopback development front that is the configured policy, not news for the log."""
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        for _ in range(2):
+            wire = await Wire.open(dev_relay.smtp_port)
+            try:
+                await wire.ehlo()
+                answer = await wire.command(f"MAIL FROM:<{AGENT}>")
+                assert answer.lines == ["530 5.7.0 Authentication required"]
+            finally:
+                await wire.close()
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    await assert_nothing_written(dev_relay)
 
 
 @pytest.mark.parametrize(

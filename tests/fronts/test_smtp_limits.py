@@ -31,7 +31,6 @@ from gateway.store.models import User
 from tests.cli_runner import SEALRELAY
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay
 from tests.fronts.test_smtp_front import (
-    AUTH_WITHOUT_STARTTLS,
     PROSPECT,
     TIMEOUT,
     Answer,
@@ -184,7 +183,6 @@ def log_lines(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if words in r.getMessage()]
 
 
-@AUTH_WITHOUT_STARTTLS
 async def test_connections_over_the_per_address_limit_get_421_and_others_get_in(
     relay_factory: StartRelay, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,11 +18,7 @@ from gateway.store.models import Delivery, Message
 from tests.conftest import AGENT, PASSWORD, Harness, dkim_dns
 from tests.support import run_process
 
-pytestmark = [
-    pytest.mark.slow,
-    # aiosmtpd warns per connection to the implicit-TLS listener (its TLS is not STARTTLS)
-    pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning"),
-]
+pytestmark = pytest.mark.slow
 
 TIMEOUT = 60
 PROSPECT = "prospect@example.com"

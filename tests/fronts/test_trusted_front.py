@@ -41,8 +41,6 @@ PROSPECT = "prospect@example.com"
 SERVED = "office@broker.example"  # no agent has it; broker.example is served
 NOT_SERVED = "someone@elsewhere.example"
 
-pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
-
 
 @dataclass(frozen=True)
 class Pki:

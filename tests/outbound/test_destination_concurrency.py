@@ -24,8 +24,6 @@ from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, make_message
 from tests.outbound.test_delivery import WAIT, deliveries, eventually
 from tests.support import Sink
 
-pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
-
 
 @dataclass
 class Tally:

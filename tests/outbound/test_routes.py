@@ -32,8 +32,6 @@ from tests.fronts.test_trusted_front import INSIDE, PROSPECT, SERVED, Client, me
 from tests.outbound.test_delivery import deliveries, events, eventually, queued_id
 from tests.support import Sink, free_port
 
-pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
-
 
 @pytest.fixture
 async def other_sink() -> AsyncIterator[Sink]:

@@ -28,7 +28,6 @@ from gateway.store.db import Database, make_engine
 from sealrelay.serve import Relay
 from tests.conftest import AGENT, PASSWORD, POSTGRES_URL, relay_settings
 from tests.fronts.test_smtp_front import (
-    AUTH_WITHOUT_STARTTLS,
     PROSPECT,
     Wire,
     plain_token,
@@ -125,7 +124,6 @@ def internals_in(reply: str, forwarder: Forwarder) -> list[str]:
     return [word for word in secrets_ if word in reply]
 
 
-@AUTH_WITHOUT_STARTTLS
 async def test_auth_during_a_database_outage_is_454_and_the_log_has_the_detail(
     outage_relay: Relay, forwarder: Forwarder, sink: Sink, caplog: pytest.LogCaptureFixture
 ) -> None:
