@@ -26,9 +26,9 @@ from sqlalchemy.pool import PoolResetState
 
 from gateway.store import admission, sqlite_thread
 from gateway.store.schema_version import migration_heads, stored_revisions
+from gateway.store.sqlite_lock import SQLITE_BUSY_TIMEOUT_MS
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 _WAL_ATTEMPTS = 40  # about 4 s of waiting in all
 # PostgreSQL advisory lock held while migrating: any constant unique to sealrelay
 _MIGRATION_LOCK = int.from_bytes(b"sealmigr", "big") >> 1

@@ -45,8 +45,9 @@ from gateway.store.blobs import (
     HashedFile,
     checked_digest,
 )
-from gateway.store.db import SQLITE_BUSY_TIMEOUT_MS, Database
+from gateway.store.db import Database
 from gateway.store.models import InlineBlob
+from gateway.store.sqlite_lock import SQLITE_BUSY_TIMEOUT_MS
 
 LIST_PAGE = 1000  # rows per query while the sweeper lists
 FILED_KEPT = 4096  # digests remembered as found in the files, the latest kept

@@ -9,7 +9,8 @@ sqlite3 connection: one hop per batch, and the statements' CPU off the event loo
 
 The async connection stays checked out for the whole call, so nothing else uses the sqlite3
 connection meanwhile; the transaction opens with BEGIN IMMEDIATE as every write does
-(gateway/store/db.py).
+(gateway/store/db.py), waiting for another process's lock by polling it
+(gateway/store/sqlite_lock.py), which can sleep here: this is the driver's thread.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import StaticPool
+
+from gateway.store.sqlite_lock import begin_immediate
 
 __all__ = ["SETTLED", "run"]
 
@@ -72,7 +75,9 @@ def _engine_over(driver: Any) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        snapshot = connection.get_execution_options().get(_SNAPSHOT)
-        connection.exec_driver_sql("BEGIN" if snapshot else "BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(_SNAPSHOT):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            begin_immediate(sqlite)  # polled: see gateway/store/sqlite_lock.py
 
     return engine

@@ -5,11 +5,13 @@ and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway.outbound import queue
 from gateway.outbound.queue import new_delivery
-from gateway.store import group_commit, journal
+from gateway.store import group_commit, journal, sqlite_lock
 from gateway.store.db import Database
 from gateway.store.events import POLICY_KEPT, NewEvent, UndeclaredEvent
 from gateway.store.group_commit import Done
@@ -287,6 +289,35 @@ async def test_on_sqlite_a_batch_runs_off_the_event_loop(database: Database) -> 
         ticker.cancel()
     assert threads and threading.get_ident() not in threads
     assert ticks >= 5, f"the event loop ran {ticks} times in 0.3 s"
+    assert await stored_ids(database) == {row.id}
+    assert (await chained(database)).ok
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_on_sqlite_a_batch_waits_for_another_process_lock_by_polling(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's write lock on the file (here: another connection's) is waited for
+    in half-millisecond polls (gateway/store/sqlite_lock.py), not in SQLite's busy handler,
+    whose sleeps grow to 25 ms and more; the batch commits once the lock is free."""
+    other = sqlite3.connect(
+        tmp_path / "relay.db", timeout=0, isolation_level=None, check_same_thread=False
+    )
+    other.execute("BEGIN IMMEDIATE")
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 2:
+            other.execute("COMMIT")
+
+    monkeypatch.setattr(sqlite_lock, "sleep", pause)
+    row = message()
+    try:
+        await group_commit.insert(database, [row], [kept(row.id)], utcnow())
+    finally:
+        other.close()
+    assert pauses == [sqlite_lock.FAST_POLL] * 2
     assert await stored_ids(database) == {row.id}
     assert (await chained(database)).ok
 
