@@ -392,7 +392,7 @@ class SubmissionSMTP(CommandTableNames, SMTP):
             if isinstance(status, str)
             else status
         )
-        if line[3:4] == b"-":
+        if line[line.rfind(b"\n") + 1 :][3:4] == b"-":  # its last line is not the reply's
             self._held_lines.append(line)
             return
         if self._held_lines:

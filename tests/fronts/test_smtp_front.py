@@ -964,5 +964,10 @@ async def test_a_multiline_reply_leaves_in_one_write(relay: Harness) -> None:
         writes.clear()
         assert (await wire.command("NOOP")).lines == ["250 OK"]
         assert writes == [b"250 OK\r\n"]
+
+        writes.clear()  # a reply given whole, lines and all, is not held back
+        await session.push("250-first\r\n250 last")
+        assert (await wire.answer()).lines == ["250-first", "250 last"]
+        assert writes == [b"250-first\r\n250 last\r\n"]
     finally:
         await wire.close()
