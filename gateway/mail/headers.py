@@ -24,6 +24,7 @@ _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 # again by delivery: the fields of recent small blocks are kept (immutable) to be given again.
 _CACHED_BLOCKS = 512
 _CACHED_BLOCK_BYTES = 4096
+_CACHED_ADDRESS_LISTS = 512
 MAX_LINE = 78
 
 
@@ -144,7 +145,7 @@ def addresses(fields: Iterable[HeaderField], name: str) -> list[str]:
     return [addr.lower() for _, addr in pairs if addr]
 
 
-@functools.lru_cache(maxsize=_CACHED_BLOCKS)
+@functools.lru_cache(maxsize=_CACHED_ADDRESS_LISTS)
 def _address_pairs(field_values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """getaddresses() of these values, kept: a message's From is read by the intake's checks,
     for the sender's name and again by each copy's signer, and an agent's From recurs."""

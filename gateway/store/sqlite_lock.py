@@ -38,7 +38,8 @@ def begin_immediate(sqlite: sqlite3.Connection, timeout_ms: int = SQLITE_BUSY_TI
                 sqlite.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or monotonic() >= deadline:
+                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # BUSY_RECOVERY too
+                if not busy or monotonic() >= deadline:
                     raise
             tries += 1
             sleep(FAST_POLL if tries < FAST_TRIES else SLOW_POLL)
