@@ -23,10 +23,11 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.pool import PoolResetState
+from sqlalchemy.util import await_only
 
 from gateway.store import admission, sqlite_thread
 from gateway.store.schema_version import migration_heads, stored_revisions
-from gateway.store.sqlite_lock import SQLITE_BUSY_TIMEOUT_MS
+from gateway.store.sqlite_lock import SQLITE_BUSY_TIMEOUT_MS, begin_immediate
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _WAL_ATTEMPTS = 40  # about 4 s of waiting in all
@@ -79,8 +80,11 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _on_begin(connection: Connection) -> None:
         if connection.get_execution_options().get(_SNAPSHOT):
             connection.exec_driver_sql("BEGIN")  # WAL: a read snapshot that blocks no writer
-        else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        # another process's write lock is polled for on aiosqlite's thread, where waiting
+        # may sleep (gateway/store/sqlite_lock.py), as the group commit's batches do
+        driver: Any = connection.connection.driver_connection
+        await_only(driver._execute(begin_immediate, driver._conn))
 
 
 def _switch_to_wal(cursor: Any, locked: type[Exception]) -> None:

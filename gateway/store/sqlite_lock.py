@@ -9,9 +9,9 @@ that sleeping was most of the p99 time to 250 with two processes (bench/README.m
 lock is tried again every half millisecond for the first 20 ms, then every 5 ms (a long
 holder: a CLI command, a checkpoint), within the busy handler's bound.
 
-The transactions of every message, the group commit's and the journal sequencer's, take the
-lock so (gateway/store/sqlite_thread.py, on the driver's thread, where waiting may sleep).
-The ORM's transactions begin on the event loop's side of aiosqlite and keep SQLite's handler.
+Every write takes the lock so, on aiosqlite's thread, where waiting may sleep: the group
+commit's and the journal sequencer's batches (gateway/store/sqlite_thread.py) and the ORM's
+transactions (gateway/store/db.py).
 """
 
 from __future__ import annotations

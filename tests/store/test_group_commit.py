@@ -294,12 +294,14 @@ async def test_on_sqlite_a_batch_runs_off_the_event_loop(database: Database) -> 
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
-async def test_on_sqlite_a_batch_waits_for_another_process_lock_by_polling(
-    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("path", ["group commit", "orm"])
+async def test_on_sqlite_a_write_waits_for_another_process_lock_by_polling(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     """Another process's write lock on the file (here: another connection's) is waited for
     in half-millisecond polls (gateway/store/sqlite_lock.py), not in SQLite's busy handler,
-    whose sleeps grow to 25 ms and more; the batch commits once the lock is free."""
+    whose sleeps grow to 25 ms and more; the write commits once the lock is free. Both ways
+    of writing: the group commit's batch and an ORM transaction."""
     other = sqlite3.connect(
         tmp_path / "relay.db", timeout=0, isolation_level=None, check_same_thread=False
     )
@@ -314,7 +316,11 @@ async def test_on_sqlite_a_batch_waits_for_another_process_lock_by_polling(
     monkeypatch.setattr(sqlite_lock, "sleep", pause)
     row = message()
     try:
-        await group_commit.insert(database, [row], [kept(row.id)], utcnow())
+        if path == "orm":
+            async with database.transaction() as session:
+                session.add(row)
+        else:
+            await group_commit.insert(database, [row], [kept(row.id)], utcnow())
     finally:
         other.close()
     assert pauses == [sqlite_lock.FAST_POLL] * 2
