@@ -27,7 +27,7 @@ from sqlalchemy.util import await_only
 
 from gateway.store import admission, sqlite_thread
 from gateway.store.schema_version import migration_heads, stored_revisions
-from gateway.store.sqlite_lock import SQLITE_BUSY_TIMEOUT_MS, begin_immediate
+from gateway.store.sqlite_lock import SQLITE_BUSY_TIMEOUT_MS, begin_write
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _WAL_ATTEMPTS = 40  # about 4 s of waiting in all
@@ -84,7 +84,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         # another process's write lock is polled for on aiosqlite's thread, where waiting
         # may sleep (gateway/store/sqlite_lock.py), as the group commit's batches do
         driver: Any = connection.connection.driver_connection
-        await_only(driver._execute(begin_immediate, driver._conn))
+        await_only(driver._execute(begin_write, driver._conn))
 
 
 def _switch_to_wal(cursor: Any, locked: type[Exception]) -> None:

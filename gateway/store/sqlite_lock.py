@@ -19,6 +19,8 @@ from __future__ import annotations
 import sqlite3
 from time import monotonic, sleep
 
+from sqlalchemy.exc import DBAPIError
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 FAST_POLL = 0.0005  # seconds between tries while another process's transaction ends
 FAST_TRIES = 40  # about 20 ms of fast tries
@@ -45,3 +47,13 @@ def begin_immediate(sqlite: sqlite3.Connection, timeout_ms: int = SQLITE_BUSY_TI
             sleep(FAST_POLL if tries < FAST_TRIES else SLOW_POLL)
     finally:
         sqlite.execute(f"PRAGMA busy_timeout={timeout_ms}")
+
+
+def begin_write(sqlite: sqlite3.Connection) -> None:
+    """begin_immediate() for an engine's "begin" event, its errors raised as SQLAlchemy's
+    (`sqlalchemy.exc.OperationalError` for a lock held too long), as a BEGIN IMMEDIATE run
+    through the engine raised them: callers take those for a database they cannot use now."""
+    try:
+        begin_immediate(sqlite, SQLITE_BUSY_TIMEOUT_MS)
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import StaticPool
 
-from gateway.store.sqlite_lock import begin_immediate
+from gateway.store.sqlite_lock import begin_write
 
 __all__ = ["SETTLED", "run"]
 
@@ -78,6 +78,6 @@ def _engine_over(driver: Any) -> Engine:
         if connection.get_execution_options().get(_SNAPSHOT):
             connection.exec_driver_sql("BEGIN")
         else:
-            begin_immediate(sqlite)  # polled: see gateway/store/sqlite_lock.py
+            begin_write(sqlite)  # polled: see gateway/store/sqlite_lock.py
 
     return engine

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, event, func, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from gateway.outbound import queue
 from gateway.outbound.queue import new_delivery
@@ -326,6 +326,38 @@ async def test_on_sqlite_a_write_waits_for_another_process_lock_by_polling(
     assert pauses == [sqlite_lock.FAST_POLL] * 2
     assert await stored_ids(database) == {row.id}
     assert (await chained(database)).ok
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("path", ["group commit", "orm"])
+async def test_on_sqlite_a_lock_held_too_long_is_sqlalchemys_operational_error(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Past the busy timeout the write fails as it did through the engine: an
+    `OperationalError` of SQLAlchemy's, which the front and the CLI take for a database they
+    cannot use now (451, a clear error); nothing is written, and the next write goes through."""
+    monkeypatch.setattr(sqlite_lock, "SQLITE_BUSY_TIMEOUT_MS", 30)
+    other = sqlite3.connect(
+        tmp_path / "relay.db", timeout=0, isolation_level=None, check_same_thread=False
+    )
+    other.execute("BEGIN IMMEDIATE")
+    row = message()
+
+    async def write() -> None:
+        if path == "orm":
+            async with database.transaction() as session:
+                session.add(row)
+        else:
+            await group_commit.insert(database, [row], [kept(row.id)], utcnow())
+
+    try:
+        with pytest.raises(OperationalError, match="database is locked"):
+            await write()
+    finally:
+        other.close()
+    assert await stored_ids(database) == set()
+    await write()
+    assert await stored_ids(database) == {row.id}
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
