@@ -293,6 +293,24 @@ async def test_on_sqlite_a_batch_runs_off_the_event_loop(database: Database) -> 
     assert (await chained(database)).ok
 
 
+def other_process_writing(tmp_path: Path) -> sqlite3.Connection:
+    """A connection of its own to the test's SQLite file, holding its write lock."""
+    other = sqlite3.connect(
+        tmp_path / "relay.db", timeout=0, isolation_level=None, check_same_thread=False
+    )
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+async def write_row(database: Database, row: Message, path: str) -> None:
+    """The row written by the group commit's batch or by an ORM transaction."""
+    if path == "orm":
+        async with database.transaction() as session:
+            session.add(row)
+    else:
+        await group_commit.insert(database, [row], [kept(row.id)], utcnow())
+
+
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("path", ["group commit", "orm"])
 async def test_on_sqlite_a_write_waits_for_another_process_lock_by_polling(
@@ -302,10 +320,7 @@ async def test_on_sqlite_a_write_waits_for_another_process_lock_by_polling(
     in half-millisecond polls (gateway/store/sqlite_lock.py), not in SQLite's busy handler,
     whose sleeps grow to 25 ms and more; the write commits once the lock is free. Both ways
     of writing: the group commit's batch and an ORM transaction."""
-    other = sqlite3.connect(
-        tmp_path / "relay.db", timeout=0, isolation_level=None, check_same_thread=False
-    )
-    other.execute("BEGIN IMMEDIATE")
+    other = other_process_writing(tmp_path)
     pauses: list[float] = []
 
     def pause(seconds: float) -> None:
@@ -316,11 +331,7 @@ async def test_on_sqlite_a_write_waits_for_another_process_lock_by_polling(
     monkeypatch.setattr(sqlite_lock, "sleep", pause)
     row = message()
     try:
-        if path == "orm":
-            async with database.transaction() as session:
-                session.add(row)
-        else:
-            await group_commit.insert(database, [row], [kept(row.id)], utcnow())
+        await write_row(database, row, path)
     finally:
         other.close()
     assert pauses == [sqlite_lock.FAST_POLL] * 2
@@ -337,26 +348,15 @@ async def test_on_sqlite_a_lock_held_too_long_is_sqlalchemys_operational_error(
     `OperationalError` of SQLAlchemy's, which the front and the CLI take for a database they
     cannot use now (451, a clear error); nothing is written, and the next write goes through."""
     monkeypatch.setattr(sqlite_lock, "SQLITE_BUSY_TIMEOUT_MS", 30)
-    other = sqlite3.connect(
-        tmp_path / "relay.db", timeout=0, isolation_level=None, check_same_thread=False
-    )
-    other.execute("BEGIN IMMEDIATE")
+    other = other_process_writing(tmp_path)
     row = message()
-
-    async def write() -> None:
-        if path == "orm":
-            async with database.transaction() as session:
-                session.add(row)
-        else:
-            await group_commit.insert(database, [row], [kept(row.id)], utcnow())
-
     try:
         with pytest.raises(OperationalError, match="database is locked"):
-            await write()
+            await write_row(database, row, path)
     finally:
         other.close()
     assert await stored_ids(database) == set()
-    await write()
+    await write_row(database, row, path)
     assert await stored_ids(database) == {row.id}
 
 
