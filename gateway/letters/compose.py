@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from email.utils import format_datetime, getaddresses
+from email.utils import format_datetime
 from typing import Any
 
 import jinja2
@@ -52,15 +52,6 @@ def remove_subject_tag(raw: bytes, tag: str) -> bytes:
         start = block.index(field.raw)
         return b"".join((raw[:start], new, memoryview(raw)[start + len(field.raw) :]))
     return raw
-
-
-def display_name(fields: list[headers.HeaderField], names: tuple[str, ...], address: str) -> str:
-    """The name `address` goes by in the `names` fields ("to", "cc"); "" when it has none."""
-    pairs = getaddresses([value for name in names for value in headers.values(fields, name)])
-    for display, addr in pairs:
-        if addr.lower() == address.lower():
-            return headers.decoded(display).strip()
-    return ""
 
 
 def _greeted(block_set: BlockSet, recipient_name: str) -> str:
@@ -160,8 +151,8 @@ def letter_for_held(
         block_set,
         LetterMail(
             recipient=recipient,
-            recipient_name=display_name(held_fields, ("to", "cc"), recipient),
-            agent_name=display_name(held_fields, ("from",), agent_address) or agent_address,
+            recipient_name=headers.display_name(held_fields, ("to", "cc"), recipient),
+            agent_name=headers.display_name(held_fields, ("from",), agent_address) or agent_address,
             subject=subject,
             language=language,
             url=url,

@@ -152,14 +152,22 @@ def _address_pairs(field_values: tuple[str, ...]) -> tuple[tuple[str, str], ...]
     return tuple(getaddresses(field_values))
 
 
+def display_name(fields: Iterable[HeaderField], names: tuple[str, ...], address: str) -> str:
+    """The name `address` goes by in the `names` fields ("from", or "to" and "cc"), decoded;
+    "" when it has none."""
+    pairs = _address_pairs(tuple(v for name in names for v in values(fields, name)))
+    wanted = address.lower()
+    return next((decoded(d).strip() for d, a in pairs if a.lower() == wanted), "")
+
+
 def sender_name(fields: Iterable[HeaderField], sender: str) -> str:
-    """The display name the From gives the envelope sender (or its only address), decoded,
-    at most 200 characters; "" when it gives none. Prospects' pages name the agent so."""
+    """The display name the From gives the envelope sender (or its only address), at most
+    200 characters; "" when it gives none. Prospects' pages name the agent so."""
+    fields = list(fields)
     authors = _address_pairs(tuple(values(fields, "from")))
-    named = [display for display, address in authors if address.lower() == sender.lower()]
-    if not named and len(authors) == 1:
-        named = [authors[0][0]]
-    return decoded(named[0]).strip()[:200] if named else ""
+    if len(authors) == 1 and authors[0][1].lower() != sender.lower():
+        return decoded(authors[0][0]).strip()[:200]  # a team's address, the agent's envelope
+    return display_name(fields, ("from",), sender)[:200]
 
 
 def format_field(name: str, value: str) -> bytes:
