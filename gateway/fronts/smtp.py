@@ -28,7 +28,7 @@ from gateway.config import Settings
 from gateway.fronts import trusted
 from gateway.fronts.byte_budget import ByteBudget
 from gateway.fronts.client_address import client_address
-from gateway.fronts.command_tables import CommandTableNames
+from gateway.fronts.command_tables import BARE_HANDLER, CommandTables
 from gateway.fronts.data_reader import Spooled, spool_data
 from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
 from gateway.fronts.proxy_header import ProxyPolicy, proxied_client
@@ -107,7 +107,7 @@ class Reply:
         return f"553 5.1.3 The recipient address <{address}> is not valid: {why}"
 
 
-class SubmissionHandler(CommandTableNames):
+class SubmissionHandler:
     def __init__(
         self,
         settings: Settings,
@@ -329,7 +329,7 @@ def address_problem(address: str) -> str | None:
     return None
 
 
-class SubmissionSMTP(CommandTableNames, SMTP):
+class SubmissionSMTP(CommandTables, SMTP):
     """aiosmtpd's protocol with DATA read in large pieces (gateway/fronts/data_reader.py).
 
     `timeout` means client silence, as Postfix's smtpd_timeout does: aiosmtpd restarts its
@@ -366,7 +366,8 @@ class SubmissionSMTP(CommandTableNames, SMTP):
         # STARTTLS: here the implicit-TLS and loopback listeners, by the front's policy
         # (plaintext_logins_allowed). The requirement is set after that check.
         auth_required = kwargs.pop("auth_required", False)
-        super().__init__(handler, **kwargs)
+        super().__init__(BARE_HANDLER, **kwargs)  # the tables come from set_tables
+        self.set_tables(handler, kwargs.get("auth_exclude_mechanism") or ())
         self._auth_required = auth_required
         self._gate = gate
         self._proxy = proxy
