@@ -383,6 +383,7 @@ class SubmissionSMTP(CommandTables, SMTP):
         self._refused = False
         self.closed = asyncio.Event()
         self._held_lines: list[bytes] = []
+        self._idle_deadline = self._timer_set_for = 0.0  # loop times (_reset_timeout)
 
     async def push(self, status: str | bytes) -> None:
         """A reply's lines before its last ("250-SIZE ...") wait to leave with it: aiosmtpd
@@ -547,9 +548,31 @@ class SubmissionSMTP(CommandTables, SMTP):
         return False
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        if duration is None and self._gate.under_stress and not self._logged_in:
-            duration = self._gate.busy_timeout
-        super()._reset_timeout(duration)
+        """Moves the idle deadline; a timer already set is kept when it fires no later.
+
+        aiosmtpd cancels and sets a timer for every command and this front for every piece
+        of DATA: several per message on a connection of its own. A timer that fires before
+        the deadline sets itself again for the rest (_idle_timer_fired)."""
+        if duration is None:
+            stressed = self._gate.under_stress and not self._logged_in
+            duration = self._gate.busy_timeout if stressed else self._timeout_duration
+        self._idle_deadline = deadline = self.loop.time() + duration
+        timer = self._timeout_handle
+        if timer is not None and not timer.cancelled():
+            if self._timer_set_for <= deadline:
+                return
+            timer.cancel()
+        self._set_idle_timer()
+
+    def _set_idle_timer(self) -> None:
+        self._timer_set_for = self._idle_deadline
+        self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer_fired)
+
+    def _idle_timer_fired(self) -> None:
+        if self._idle_deadline > self._timer_set_for:
+            self._set_idle_timer()
+            return
+        self._timeout_cb()
 
     def close_for_stop(self, *, now: bool = False) -> None:
         """The relay stops: a session between messages hears 421 and is closed at once, one

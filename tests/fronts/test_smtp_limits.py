@@ -131,6 +131,29 @@ async def test_slow_steady_data_longer_than_the_timeout_gets_250(
         await wire.close()
 
 
+async def test_commands_that_keep_coming_keep_the_session_past_the_timeout(
+    relay_factory: StartRelay,
+) -> None:
+    """The idle timer set at the first command fires while later ones have moved the
+    deadline on: it must wait the rest, not close (gateway/fronts/smtp.py _reset_timeout)."""
+    timeout = 1.0
+    relay = await relay_factory(smtp={"timeout": timeout})
+    await with_a_cheap_password_hash(relay)
+    wire = await logged_in(relay)
+    try:
+        pace = timeout * 0.3
+        for _ in range(10):  # three timeouts long in all
+            await asyncio.sleep(pace)
+            assert (await wire.command("NOOP")).code == 250
+        await send_sentinel(relay, wire)
+        # and silence still ends it, one timeout after the last command
+        answer = await wire.answer()
+        assert answer.lines[0].startswith("421 4.4.2 "), answer
+        assert await wire.closed_by_server()
+    finally:
+        await wire.close()
+
+
 async def with_a_cheap_password_hash(relay: Harness) -> None:
     """The agent's password stored with argon2's smallest cost (the verifier reads the cost
     from the stored hash). The 1 s timeout also runs while the relay checks AUTH, and the
