@@ -48,6 +48,7 @@ from gateway.store.models import (
     utcnow,
 )
 from gateway.webhooks.desk import Created, DeliveryView, WebhookDesk, WebhookError
+from sealrelay import log_lines
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,12 +204,7 @@ def serve(config: Path | None, roles: str, processes: int | None) -> None:
     _stop_on_errors(problems)
     assert settings is not None
     count = settings.server.processes
-    pid = " [%(process)d]" if count > 1 else ""
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s{pid} %(levelname)s %(name)s: %(message)s"
-    )
-    # aiosmtpd logs every command line at INFO, inline AUTH PLAIN credentials included.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    log_lines.configure(count)
     log.info("config: %s", path.absolute() if path else "the embedded defaults (no file found)")
     for problem in problems:
         log.warning("config: %s", problem)
