@@ -11,6 +11,7 @@ for any address. docs/trusted-hosts.md is the user's side of this.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Callable, Iterable
@@ -132,7 +133,10 @@ def _certificate(der: bytes | None) -> x509.Certificate | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Kept per text: a client connects again and again (a connection per message), and
+    parsing the address cost more than matching it."""
     try:
         address = ipaddress.ip_address(peer.split("%", 1)[0])
     except ValueError:
