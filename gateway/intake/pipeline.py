@@ -28,6 +28,7 @@ from gateway.outbound.stored_copy import intake_body_hash
 from gateway.rejections import Rejected
 from gateway.store import group_commit, journal
 from gateway.store.blobs import BlobStore, HashedFile
+from gateway.store.bulk import new_row
 from gateway.store.db import Database
 from gateway.store.events import (
     DELIVERY_QUEUED,
@@ -250,7 +251,8 @@ class Pipeline:
         now = self.clock()
         inline: dict[str, bytes] = {}
         original = await self._keep(raw, inline, received)
-        message = Message(
+        message = new_row(
+            Message,
             id=new_id(),
             received_at=now,
             sender=envelope.mail_from,

@@ -67,7 +67,8 @@ def new_delivery(
 
     `keep_signed`: the copy is evidence (a released original), so the worker stores the
     DKIM-signed bytes it delivers (`signed_blob`)."""
-    return Delivery(
+    return bulk.new_row(
+        Delivery,
         id=new_id(),
         message_id=message_id,
         recipient=recipient,

@@ -11,14 +11,29 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table, insert, inspect
 
 from gateway.store.models import Base
-from gateway.store.raw_sql import RawStatement
+from gateway.store.raw_sql import RawStatement, transient
 
 _ORDER = {table: index for index, table in enumerate(Base.metadata.sorted_tables)}
+Row = TypeVar("Row", bound=Base)
+
+
+def new_row(model: type[Row], **values: Any) -> Row:
+    """`model(**values)` without the ORM's attribute events, which record each value as a
+    change for a flush: they cost 24 of a Message's 26 us, on every message."""
+    unknown = values.keys() - _attributes(model)
+    if unknown:
+        raise TypeError(f"{model.__name__} has no attribute(s) {', '.join(sorted(unknown))}")
+    return transient(model, values.items())
+
+
+@functools.cache
+def _attributes(model: type[Base]) -> frozenset[str]:
+    return frozenset(inspect(model).attrs.keys())
 
 
 def insert_rows(connection: Connection, rows: Sequence[Base]) -> None:

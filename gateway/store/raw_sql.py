@@ -18,7 +18,7 @@ SQLAlchemy itself writes and reads, on both backends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -214,11 +214,16 @@ class Loaded(Generic[_T]):
         return len(self.columns)
 
     def load(self, values: Sequence[Any]) -> _T:
-        """A transient object holding `values`, made as the ORM makes the rows it loads: no
-        constructor, no change events per attribute (which cost five times as much)."""
-        instance: _T = manager_of_class(self.cls).new_instance()
-        instance.__dict__.update(zip(self.keys, values, strict=True))
-        return instance
+        return transient(self.cls, zip(self.keys, values, strict=True))
+
+
+def transient(cls: type[_T], values: Iterable[tuple[str, Any]]) -> _T:
+    """A transient object holding `values`, made as the ORM makes the rows it loads: no
+    constructor, no change events per attribute (which cost ten times as much). A flush
+    after `session.add` still inserts them all: an INSERT takes the object's dict."""
+    instance: _T = manager_of_class(cls).new_instance()
+    instance.__dict__.update(values)
+    return instance
 
 
 def loaded(cls: type[_T]) -> Loaded[_T]:
