@@ -6,9 +6,11 @@ Fields are only ever prepended; the agent's own header bytes are never rewritten
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from email.utils import format_datetime
 
 from gateway.mail import dkim, headers
@@ -83,7 +85,7 @@ class Head:
         if headers.first_value(fields, "message-id") is None:
             added.append(headers.format_field("Message-ID", message.message_id_header))
         if headers.first_value(fields, "date") is None:
-            added.append(headers.format_field("Date", format_datetime(message.received_at)))
+            added.append(headers.format_field("Date", received_date(message)))
         domain = author_domain(fields)
         key = signer.key_for(domain) if domain is not None else None
         return cls(tuple(added), header_block, key)
@@ -125,6 +127,17 @@ def relay_id(data: bytes) -> str | None:
     return None
 
 
+def received_date(message: Message) -> str:
+    """When `message` came, as RFC 5322 writes dates, which show no fraction of a second."""
+    return _date_of_second(message.received_at.replace(microsecond=0))
+
+
+@functools.lru_cache(maxsize=64)
+def _date_of_second(moment: datetime) -> str:
+    """Kept: every copy of every message received in the same second shares it."""
+    return format_datetime(moment)
+
+
 def received_field(message: Message, hostname: str) -> bytes:
     helo = _HELO_UNSAFE.sub("", message.helo) or "unknown"
     source = f"from {helo} ({message.peer}) " if message.peer else ""
@@ -133,5 +146,5 @@ def received_field(message: Message, hostname: str) -> bytes:
     return headers.format_field(
         "Received",
         f"{source}by {hostname} (sealrelay) with {message.protocol} id {message.id};"
-        f" {format_datetime(message.received_at)}",
+        f" {received_date(message)}",
     )

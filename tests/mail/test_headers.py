@@ -6,12 +6,16 @@ import email.policy
 import random
 import re
 import string
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.mail import headers
+from gateway.mail.outgoing import received_field
+from gateway.store.bulk import new_row
+from gateway.store.models import Message
 
 RAW = (
     b"From: Anna <anna@broker.example>\r\n"
@@ -162,3 +166,17 @@ def test_a_block_parsed_again_gives_the_same_fields_as_one_too_big_to_keep(
 def test_sender_name(from_field: str, sender: str, name: str) -> None:
     fields = headers.parse_fields(f"From: {from_field}\r\n".encode())
     assert headers.sender_name(fields, sender) == name
+
+
+def test_the_received_field_dates_the_message_to_its_second() -> None:
+    """outgoing.received_date keeps one text per second; a new second gets its own."""
+
+    def field(at: datetime) -> str:
+        message = new_row(Message, id="m1", received_at=at, helo="pc", peer="192.0.2.7",
+                          protocol="ESMTPA", trusted_client=None)  # fmt: skip
+        return received_field(message, "relay.example").decode("ascii")
+
+    first = datetime(2026, 12, 5, 13, 2, 59, 999_999, tzinfo=UTC)
+    assert "; Sat, 05 Dec 2026 13:02:59 +0000" in " ".join(field(first).split())
+    assert field(first.replace(microsecond=1)) == field(first)
+    assert "13:03:00 +0000" in field(datetime(2026, 12, 5, 13, 3, tzinfo=UTC))
