@@ -175,6 +175,9 @@ class _ReplyReader(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self.ended: str | None = None  # why no more replies will come
+        self._deadline: float | None = None  # loop time the awaited reply or drain is due
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = 0.0
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -211,6 +214,9 @@ class _ReplyReader(asyncio.Protocol):
         self._end(f"connection lost: {exc}" if exc else "the upstream closed the connection")
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     def pause_writing(self) -> None:
         self._writable = asyncio.get_running_loop().create_future()
@@ -236,9 +242,10 @@ class _ReplyReader(asyncio.Protocol):
 
     async def reply(self, reply_timeout: float) -> Reply:
         """The next reply; TimeoutError when none came in `reply_timeout` seconds."""
-        if self._replies:  # pipelined replies often come together: no timer for those
+        if self._replies:  # pipelined replies often come together: no wait for those
             return self._replies.popleft()
-        async with asyncio.timeout(reply_timeout):
+        self._watch(reply_timeout)
+        try:
             while not self._replies:
                 if self.ended is not None:
                     raise ConnectionError(self.ended)
@@ -247,14 +254,47 @@ class _ReplyReader(asyncio.Protocol):
                     await self._waiter
                 finally:
                     self._waiter = None
+        finally:
+            self._deadline = None
         return self._replies.popleft()
 
     async def drained(self, reply_timeout: float) -> None:
         """Until the transport takes more: an upstream that stops reading raises TimeoutError
         instead of holding the copy forever."""
         if self._writable is not None:
-            async with asyncio.timeout(reply_timeout):
+            self._watch(reply_timeout)
+            try:
                 await self._writable
+            finally:
+                self._deadline = None
+
+    def _watch(self, seconds: float) -> None:
+        """The wait now begun is due in `seconds`. One timer watches the connection's waits:
+        a timer per wait (asyncio.timeout), two or three per copy, cost more than the
+        rest of reading the replies. It is set again only when it would fire too late."""
+        loop = asyncio.get_running_loop()
+        self._deadline = deadline = loop.time() + seconds
+        if self._watchdog is not None:
+            if self._watchdog_at <= deadline:
+                return
+            self._watchdog.cancel()
+        self._watchdog_at = deadline
+        self._watchdog = loop.call_at(deadline, self._overdue)
+
+    def _overdue(self) -> None:
+        """The watchdog's time: a wait still under way past its deadline fails with
+        TimeoutError; one due later is watched again; with none it rests until the next."""
+        self._watchdog = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if deadline > self._watchdog_at:
+            self._watchdog_at = deadline
+            self._watchdog = asyncio.get_running_loop().call_at(deadline, self._overdue)
+            return
+        waiting = self._waiter if self._waiter is not None else self._writable
+        if waiting is not None and not waiting.done():
+            waiting.set_exception(TimeoutError())
 
 
 class SmtpConnection:

@@ -173,3 +173,34 @@ async def test_a_conversation_over_its_whole_deadline_is_deferred(
     slow_sink.delay = 0
     [copy] = await slow_sink.expect(1)
     assert copy.rcpt_tos == [FAST]
+
+
+async def test_each_reply_has_its_own_deadline_on_a_kept_connection(
+    relay_factory: StartRelay, slow_sink: SlowSink
+) -> None:
+    """Replies 0.4 s apart, each well within the 1 s reply timeout, three per copy and
+    copies one after another on one kept connection: the connection's one watchdog timer
+    fires while a later reply is still within its own time, and must wait for that."""
+    slow_sink.delay = 0.4
+    relay = await relay_factory(
+        upstream={"url": f"smtp://127.0.0.1:{slow_sink.port}", "timeout": 1.0}
+    )
+    for number in range(2):
+        await relay.send(make_message(to=FAST, subject=f"Frage {number}"))
+        copies = await slow_sink.expect(number + 1)
+        assert [c.rcpt_tos for c in copies] == [[FAST]] * (number + 1)
+    assert await deferrals(relay, FAST) == []
+
+
+async def test_a_reply_that_does_not_come_in_time_defers_the_copy(
+    relay_factory: StartRelay, slow_sink: SlowSink
+) -> None:
+    slow_sink.delay = 1.5
+    relay = await relay_factory(
+        upstream={"url": f"smtp://127.0.0.1:{slow_sink.port}", "timeout": 0.5}
+    )
+    await relay.send(make_message(to=FAST))
+    async with asyncio.timeout(30):
+        while not (deferred := await deferrals(relay, FAST)):
+            await asyncio.sleep(0.05)
+    assert "no reply in time" in deferred[0].data["error"], deferred[0].data
