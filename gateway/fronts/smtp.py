@@ -43,6 +43,7 @@ from gateway.store.blobs import StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.health import BlobHealth
 from gateway.store.metrics import SMTP_REPLIES
+from gateway.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds an implicit-TLS client may take to say hello
@@ -383,7 +384,7 @@ class SubmissionSMTP(CommandTables, SMTP):
         self._refused = False
         self.closed = asyncio.Event()
         self._held_lines: list[bytes] = []
-        self._idle_deadline = self._timer_set_for = 0.0  # loop times (_reset_timeout)
+        self._idle = Watchdog(self.loop, self._timeout_cb)
 
     async def push(self, status: str | bytes) -> None:
         """A reply's lines before its last ("250-SIZE ...") wait to leave with it: aiosmtpd
@@ -511,7 +512,6 @@ class SubmissionSMTP(CommandTables, SMTP):
             # The TLS layer closes the socket but, the handshake never done, does not call
             # our connection_lost: the session ends here, or the gate would count it forever.
             log.info("%s: TLS handshake failed: %s", _peer_of(self), exc)
-            self._pause_timeout()
             self._leave_gate()
             return False
         return True
@@ -532,6 +532,7 @@ class SubmissionSMTP(CommandTables, SMTP):
             self._leave_gate()
 
     def _leave_gate(self) -> None:
+        self._idle.stop()
         self.closed.set()
         if self._admitted is not None:
             self._gate.release(self._admitted, self)
@@ -548,31 +549,14 @@ class SubmissionSMTP(CommandTables, SMTP):
         return False
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        """Moves the idle deadline; a timer already set is kept when it fires no later.
-
-        aiosmtpd cancels and sets a timer for every command and this front for every piece
-        of DATA: several per message on a connection of its own. A timer that fires before
-        the deadline sets itself again for the rest (_idle_timer_fired)."""
+        """The session's silence is watched by a Watchdog: aiosmtpd sets a timer for every
+        command, and this front would for every piece of DATA."""
         if duration is None:
             stressed = self._gate.under_stress and not self._logged_in
             duration = self._gate.busy_timeout if stressed else self._timeout_duration
-        self._idle_deadline = deadline = self.loop.time() + duration
-        timer = self._timeout_handle
-        if timer is not None and not timer.cancelled():
-            if self._timer_set_for <= deadline:
-                return
-            timer.cancel()
-        self._set_idle_timer()
-
-    def _set_idle_timer(self) -> None:
-        self._timer_set_for = self._idle_deadline
-        self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer_fired)
-
-    def _idle_timer_fired(self) -> None:
-        if self._idle_deadline > self._timer_set_for:
-            self._set_idle_timer()
-            return
-        self._timeout_cb()
+        self._idle.due_in(duration)
+        if self._idle.timer is not None:
+            self._timeout_handle = self._idle.timer  # aiosmtpd's connection_lost cancels it
 
     def close_for_stop(self, *, now: bool = False) -> None:
         """The relay stops: a session between messages hears 421 and is closed at once, one
@@ -663,8 +647,7 @@ class SubmissionSMTP(CommandTables, SMTP):
             self._pause_timeout()
 
     def _pause_timeout(self) -> None:
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
+        self._idle.rest()
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

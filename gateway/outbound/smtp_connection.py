@@ -35,6 +35,7 @@ import aiosmtplib
 
 from gateway.mail import lines
 from gateway.outbound.stored_copy import Outgoing, StoredCopy
+from gateway.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,7 @@ class _ReplyReader(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self.ended: str | None = None  # why no more replies will come
-        self._deadline: float | None = None  # loop time the awaited reply or drain is due
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._watchdog_at = 0.0
+        self._watchdog: Watchdog | None = None  # bounds each reply and drain awaited
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -215,8 +214,7 @@ class _ReplyReader(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+            self._watchdog.stop()
 
     def pause_writing(self) -> None:
         self._writable = asyncio.get_running_loop().create_future()
@@ -244,7 +242,7 @@ class _ReplyReader(asyncio.Protocol):
         """The next reply; TimeoutError when none came in `reply_timeout` seconds."""
         if self._replies:  # pipelined replies often come together: no wait for those
             return self._replies.popleft()
-        self._watch(reply_timeout)
+        watchdog = self._watch(reply_timeout)
         try:
             while not self._replies:
                 if self.ended is not None:
@@ -255,43 +253,27 @@ class _ReplyReader(asyncio.Protocol):
                 finally:
                     self._waiter = None
         finally:
-            self._deadline = None
+            watchdog.rest()
         return self._replies.popleft()
 
     async def drained(self, reply_timeout: float) -> None:
         """Until the transport takes more: an upstream that stops reading raises TimeoutError
         instead of holding the copy forever."""
         if self._writable is not None:
-            self._watch(reply_timeout)
+            watchdog = self._watch(reply_timeout)
             try:
                 await self._writable
             finally:
-                self._deadline = None
+                watchdog.rest()
 
-    def _watch(self, seconds: float) -> None:
-        """The wait now begun is due in `seconds`. One timer watches the connection's waits:
-        a timer per wait (asyncio.timeout), two or three per copy, cost more than the
-        rest of reading the replies. It is set again only when it would fire too late."""
-        loop = asyncio.get_running_loop()
-        self._deadline = deadline = loop.time() + seconds
-        if self._watchdog is not None:
-            if self._watchdog_at <= deadline:
-                return
-            self._watchdog.cancel()
-        self._watchdog_at = deadline
-        self._watchdog = loop.call_at(deadline, self._overdue)
+    def _watch(self, seconds: float) -> Watchdog:
+        """One timer for the connection's waits, not one per wait (two or three per copy)."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog(asyncio.get_running_loop(), self._overdue)
+        self._watchdog.due_in(seconds)
+        return self._watchdog
 
     def _overdue(self) -> None:
-        """The watchdog's time: a wait still under way past its deadline fails with
-        TimeoutError; one due later is watched again; with none it rests until the next."""
-        self._watchdog = None
-        deadline = self._deadline
-        if deadline is None:
-            return
-        if deadline > self._watchdog_at:
-            self._watchdog_at = deadline
-            self._watchdog = asyncio.get_running_loop().call_at(deadline, self._overdue)
-            return
         waiting = self._waiter if self._waiter is not None else self._writable
         if waiting is not None and not waiting.done():
             waiting.set_exception(TimeoutError())
