@@ -47,8 +47,8 @@ def _keyed(cls: type, prefix: str) -> tuple[tuple[str, str], ...]:
 
 
 def _key(name: str, method: Any) -> str:
-    """A method's key in its table, as aiosmtpd keys it: `smtp_DATA` is DATA, `auth_PLAIN`
-    is PLAIN (or the name @auth_mechanism gave it)."""
+    """A method's key in its table, as aiosmtpd keys it: `smtp_DATA` and `handle_DATA` are
+    DATA, `auth_PLAIN` is PLAIN (or the name @auth_mechanism gave it)."""
     prefix, _, rest = name.partition("_")
     if prefix == "auth":
         return str(getattr(method, "__auth_mechanism_name__", rest.replace("__", "-")))
@@ -59,14 +59,11 @@ def _handler_tables(handler: Any) -> tuple[dict[str, Any], dict[str, _AuthMechAt
     """Its hooks, its mechanisms and the form of its EHLO hook, as aiosmtpd finds them."""
     found = _handlers.get(handler)
     if found is None:
-        hooks: dict[str, Any] = {}
-        mechanisms: dict[str, _AuthMechAttr] = {}
-        for name in dir(handler):
-            if name.startswith("handle_"):
-                hooks[name.replace("handle_", "")] = getattr(handler, name)
-            elif name.startswith("auth_"):
-                method = getattr(handler, name)
-                mechanisms[_key(name, method)] = _AuthMechAttr(method, False)
+        cls = type(handler)
+        hooks = {key: getattr(handler, name) for key, name in _keyed(cls, "handle_")}
+        mechanisms = {
+            key: _AuthMechAttr(getattr(handler, name), False) for key, name in _keyed(cls, "auth_")
+        }
         ehlo = hooks.get("EHLO")
         form = None if ehlo is None else _ehlo_form(ehlo)
         found = _handlers[handler] = (hooks, mechanisms, form)
