@@ -32,6 +32,11 @@ class Watchdog:
             timer.cancel()
         self._set(deadline)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a wait is under way (a deadline is set)."""
+        return self._deadline is not None
+
     def rest(self) -> None:
         """Nothing is awaited: the timer, when it fires, lapses."""
         self._deadline = None

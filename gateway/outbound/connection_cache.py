@@ -10,6 +10,10 @@ limit bounds, so that the next burst finds every connection the last one opened)
 none used for more than `connection_reuse_count_limit` copies or after
 `connection_reuse_time_limit` seconds since it opened. A connection that had any trouble
 (a lost reply, a 421, a timeout) is never kept. Closing the cache says QUIT on every kept one.
+
+Idle limits are watched by one timer for the whole cache (gateway/watchdog.py), due at the
+oldest kept connection's limit: a timer set at every keep and cancelled at every take cost
+more than the rest of the cache's work for each copy.
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections import deque
 from collections.abc import Hashable
 
 from gateway.config import UpstreamSettings
 from gateway.outbound.smtp_connection import SmtpConnection
+from gateway.watchdog import Watchdog
+
+# A kept connection and the loop time its idle limit ends.
+_Kept = tuple[SmtpConnection, float]
 
 
 class ConnectionCache:
@@ -30,7 +39,9 @@ class ConnectionCache:
         self.idle_limit = settings.connection_cache_time_limit
         self.count_limit = settings.connection_reuse_count_limit
         self.age_limit = settings.connection_reuse_time_limit
-        self._idle: dict[Hashable, list[tuple[SmtpConnection, asyncio.TimerHandle]]] = {}
+        self._idle: dict[Hashable, list[_Kept]] = {}  # per key, oldest first
+        self._expiries: deque[tuple[Hashable, _Kept]] = deque()  # every keep, oldest first
+        self._sweeper: Watchdog | None = None
         self._quitting: set[asyncio.Task[None]] = set()
         self.closed = False
 
@@ -38,8 +49,7 @@ class ConnectionCache:
         """The most recently used idle connection to `key` still fit for a copy, or None."""
         kept = self._idle.get(key)
         while kept:
-            connection, expiry = kept.pop()
-            expiry.cancel()
+            connection, _ = kept.pop()  # its entry in _expiries lapses
             if self._reusable(connection):
                 if not kept:
                     del self._idle[key]
@@ -56,10 +66,14 @@ class ConnectionCache:
                 del self._idle[key]
             self._end(connection)
             return
-        expiry = asyncio.get_running_loop().call_later(
-            self.idle_limit, self._expire, key, connection
-        )
-        kept.append((connection, expiry))
+        loop = asyncio.get_running_loop()
+        entry = (connection, loop.time() + self.idle_limit)
+        kept.append(entry)
+        self._expiries.append((key, entry))
+        if self._sweeper is None:
+            self._sweeper = Watchdog(loop, self._sweep)
+        if not self._sweeper.waiting:  # else it is due at an older connection's limit
+            self._sweeper.due_in(self.idle_limit)
 
     def idle(self, key: Hashable) -> int:
         """How many connections to `key` wait for a copy."""
@@ -69,11 +83,13 @@ class ConnectionCache:
         """QUIT on every idle connection, and on each one handed back from now on; returns
         once the upstreams answered (or a few seconds passed)."""
         self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.stop()
         for kept in self._idle.values():
-            for connection, expiry in kept:
-                expiry.cancel()
+            for connection, _ in kept:
                 self._end(connection)
         self._idle.clear()
+        self._expiries.clear()
         while self._quitting:
             await asyncio.gather(*self._quitting, return_exceptions=True)
 
@@ -84,15 +100,26 @@ class ConnectionCache:
             and time.monotonic() - connection.opened_at < self.age_limit
         )
 
-    def _expire(self, key: Hashable, connection: SmtpConnection) -> None:
-        kept = self._idle.get(key, [])
-        for entry in kept:
-            if entry[0] is connection:
-                kept.remove(entry)
-                break
-        if not kept:
-            self._idle.pop(key, None)
-        self._end(connection)
+    def _sweep(self) -> None:
+        """QUIT on the connections idle past their limit; then due at the next one's.
+
+        Keeps and expiries go oldest first, and take() pops the newest, so a connection
+        still kept when its expiry comes round is its key's oldest: an expiry whose
+        connection was taken meanwhile finds another entry first, or none, and lapses."""
+        assert self._sweeper is not None
+        now = asyncio.get_running_loop().time()
+        while self._expiries:
+            key, entry = self._expiries[0]
+            if entry[1] > now:
+                self._sweeper.due_in(entry[1] - now)
+                return
+            self._expiries.popleft()
+            kept = self._idle.get(key)
+            if kept and kept[0] is entry:
+                del kept[0]
+                if not kept:
+                    del self._idle[key]
+                self._end(entry[0])
 
     def _end(self, connection: SmtpConnection) -> None:
         """QUIT in the background when the connection can still hear it, else just close."""

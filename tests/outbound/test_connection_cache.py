@@ -223,6 +223,22 @@ async def test_an_idle_connection_is_closed_with_quit_after_its_idle_limit(
     assert sink.connections == 2
 
 
+async def test_a_connection_used_again_gets_its_idle_limit_from_its_last_copy(
+    sink: RecordingSink, upstreams: Callable[..., SmtpUpstream]
+) -> None:
+    """The cache's one timer comes due at the first copy's limit; the connection, taken and
+    kept again since, is not the one that expired then."""
+    upstream = upstreams(connection_cache_time_limit=1.2)
+    assert delivered(await send(upstream))
+    await asyncio.sleep(0.6)
+    assert delivered(await send(upstream))
+    await asyncio.sleep(0.8)  # past the first copy's limit, 0.4 s before the second's
+    assert (sink.quits, upstream.connections.idle(KEPT)) == (0, 1)
+    await sink.wait_for(lambda: sink.quits == 1)
+    assert upstream.connections.idle(KEPT) == 0
+    assert sink.connections == 1
+
+
 async def test_no_cache_means_a_connection_per_copy(
     sink: RecordingSink, upstreams: Callable[..., SmtpUpstream]
 ) -> None:
