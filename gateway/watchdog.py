@@ -47,6 +47,13 @@ class Watchdog:
             self.timer.cancel()
             self.timer = None
 
+    def close(self) -> None:
+        """Stop for good, letting go of the callback: it is usually a method of the
+        watchdog's owner, which would otherwise stay in a reference cycle until the garbage
+        collector's next full pass."""
+        self.stop()
+        self._expired = _nothing
+
     def _set(self, at: float) -> None:
         self._timer_at = at
         self.timer = self._loop.call_at(at, self._fired)
@@ -61,3 +68,7 @@ class Watchdog:
             return
         self._deadline = None
         self._expired()
+
+
+def _nothing() -> None:
+    pass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 from gateway.watchdog import Watchdog
 
@@ -59,3 +61,31 @@ async def test_a_timer_cancelled_from_outside_is_set_again() -> None:
     watchdog.timer.cancel()
     watchdog.due_in(0.01)
     await asyncio.wait_for(fired, 2)
+
+
+async def test_a_closed_watchdog_lets_go_of_its_owner() -> None:
+    """The callback is usually the owner's method: closed, the owner is freed by reference
+    counting, not left in a cycle for the garbage collector; a waiting watchdog (`waiting`)
+    is one with a deadline."""
+
+    class Owner:
+        def __init__(self) -> None:
+            self.watchdog = Watchdog(asyncio.get_running_loop(), self.expired)
+
+        def expired(self) -> None:
+            raise AssertionError("a closed watchdog fired")
+
+    gc.collect()
+    gc.disable()
+    try:
+        owner = Owner()
+        owner.watchdog.due_in(0.01)
+        assert owner.watchdog.waiting
+        owner.watchdog.close()
+        assert not owner.watchdog.waiting and owner.watchdog.timer is None
+        gone = weakref.ref(owner)
+        del owner
+        assert gone() is None
+    finally:
+        gc.enable()
+    await asyncio.sleep(0.05)  # past the old deadline: nothing fires

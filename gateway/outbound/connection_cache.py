@@ -84,7 +84,7 @@ class ConnectionCache:
         once the upstreams answered (or a few seconds passed)."""
         self.closed = True
         if self._sweeper is not None:
-            self._sweeper.stop()
+            self._sweeper.close()
         for kept in self._idle.values():
             for connection, _ in kept:
                 self._end(connection)

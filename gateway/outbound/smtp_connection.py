@@ -214,7 +214,7 @@ class _ReplyReader(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         if self._watchdog is not None:
-            self._watchdog.stop()
+            self._watchdog.close()
 
     def pause_writing(self) -> None:
         self._writable = asyncio.get_running_loop().create_future()
