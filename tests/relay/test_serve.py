@@ -21,7 +21,7 @@ import pytest
 from gateway.mail.dkim import DkimKey
 from gateway.mail.outgoing import Signer
 from gateway.store.db import Database
-from sealrelay.serve import ROLES, Relay
+from sealrelay.serve import ROLES, YOUNG_OBJECTS, Relay
 from tests.conftest import DKIM_DOMAIN, DKIM_SELECTOR, relay_settings
 from tests.support import LETTER_TOML, Sink, free_port, serve_config, wait_for_port
 
@@ -177,7 +177,7 @@ async def test_serve_keeps_what_the_start_up_made_out_of_full_collections(
 ) -> None:
     """A full collection walked every object of the start-up with the event loop stopped
     (about 57 ms each, the p99 time to 250 with them); serving, they are frozen, and garbage
-    the start-up left is collected before."""
+    the start-up left is collected before. The young generation is collected less often."""
     settings = relay_settings(
         tmp_path,
         sink.port,
@@ -186,6 +186,7 @@ async def test_serve_keeps_what_the_start_up_made_out_of_full_collections(
     )
     relay = Relay(settings, roles=ROLES, db=database, signer=Signer({DKIM_DOMAIN: dkim_key}))
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     ready = asyncio.Event()
 
     class Cycle:
@@ -202,8 +203,10 @@ async def test_serve_keeps_what_the_start_up_made_out_of_full_collections(
         assert started.done(), serving.exception() if serving.done() else "not ready in 30 s"
         assert gc.get_freeze_count() > 10_000
         assert gone() is None
+        assert gc.get_threshold() == (YOUNG_OBJECTS, *thresholds[1:])
     finally:
         relay.request_stop()
         await asyncio.wait_for(serving, 30)
         await relay.stop()
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
