@@ -80,7 +80,7 @@ def event_loop() -> tuple[Callable[[], asyncio.AbstractEventLoop], str]:
 YOUNG_OBJECTS = 20_000  # new objects between the collector's passes; Python's default is 700
 
 
-def _freeze_start_up() -> None:
+def _collector_for_serving() -> None:
     """Keep what the start-up made (the libraries, settings, mappers, templates: most of the
     objects the relay will ever hold) out of the garbage collector's full collections, and
     let the young generation grow to YOUNG_OBJECTS before it is collected.
@@ -421,7 +421,7 @@ class Relay:
             return
         await self.start_roles(singletons=singletons, reuse_port=reuse_port)
         log.info("sealrelay running: roles %s", ", ".join(sorted(self.roles)))
-        _freeze_start_up()
+        _collector_for_serving()
         if ready is not None:
             ready()
         await self._stop.wait()

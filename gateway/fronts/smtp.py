@@ -546,9 +546,9 @@ class SubmissionSMTP(CommandTables, SMTP):
 
         Each session was about 50 objects in reference cycles (its table of bound commands,
         the stream reader and writer, the watchdog's callback, the handler task ended by an
-        exception whose traceback holds the task's frames); the collector
-        found them only in its full passes, which stopped the loop for 7-8 ms about every
-        1.4 s under load (bench/README.md).
+        exception whose traceback holds the task's frames); the collector found them only in
+        its full passes, which stopped the loop for 7-8 ms about every 1.4 s under load
+        (bench/README.md).
         """
         self._smtp_methods = {}
         self._client_connected_cb = None

@@ -16,8 +16,9 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.fronts.smtp import SubmissionSMTP
-from tests.conftest import AGENT, Harness, StartRelay
-from tests.fronts.test_smtp_front import PROSPECT, Wire, dotted, plain_token, raw_message
+from tests.conftest import Harness, StartRelay
+from tests.fronts.test_smtp_front import Wire, assert_nothing_written, dotted, raw_message
+from tests.fronts.test_spool import logged_in
 
 TURNS = 200  # loop turns, 10 ms apart, for an ended session's task to unwind
 
@@ -58,21 +59,10 @@ async def left_alone(count: int) -> bool:
     return False
 
 
-async def logged_in_wire(relay: Harness) -> Wire:
-    wire = await Wire.open(relay.smtp_port)
-    await wire.ehlo()
-    await wire.starttls()
-    await wire.ehlo()
-    assert (await wire.command(f"AUTH PLAIN {plain_token()}")).code == 235
-    return wire
-
-
 @pytest.mark.usefixtures("no_collector")
 async def test_a_session_that_sent_mail_and_said_quit_is_freed(relay: Harness) -> None:
-    wire = await logged_in_wire(relay)
+    wire = await logged_in(relay)  # and MAIL, RCPT
     session = the_session(relay)
-    assert (await wire.command(f"MAIL FROM:<{AGENT}>")).code == 250
-    assert (await wire.command(f"RCPT TO:<{PROSPECT}>")).code == 250
     assert (await wire.data(dotted(raw_message()))).code == 250
     assert (await wire.command("QUIT")).code == 221
     await wire.close()
@@ -84,24 +74,22 @@ async def test_a_session_that_sent_mail_and_said_quit_is_freed(relay: Harness) -
 async def test_a_session_cut_off_mid_transaction_is_freed(relay: Harness) -> None:
     """The client goes away after RCPT: aiosmtpd cancels the session's task, whose
     CancelledError holds the task's frames."""
-    wire = await logged_in_wire(relay)
+    wire = await logged_in(relay)
     session = the_session(relay)
-    assert (await wire.command(f"MAIL FROM:<{AGENT}>")).code == 250
-    assert (await wire.command(f"RCPT TO:<{PROSPECT}>")).code == 250
     wire.writer.transport.abort()
     assert await freed(session)
+    await assert_nothing_written(relay)
 
 
 @pytest.mark.usefixtures("no_collector")
 async def test_a_session_cut_off_during_data_is_freed(relay: Harness) -> None:
-    wire = await logged_in_wire(relay)
+    wire = await logged_in(relay)
     session = the_session(relay)
-    assert (await wire.command(f"MAIL FROM:<{AGENT}>")).code == 250
-    assert (await wire.command(f"RCPT TO:<{PROSPECT}>")).code == 250
     assert (await wire.command("DATA")).code == 354
     await wire.write(b"Subject: half\r\n\r\nhalf a message")
     wire.writer.transport.abort()
     assert await freed(session)
+    await assert_nothing_written(relay)
 
 
 @pytest.mark.usefixtures("no_collector")
