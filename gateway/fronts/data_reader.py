@@ -2,17 +2,17 @@
 
 aiosmtpd keeps every line of DATA as its own object and joins them at the end: for a 10 MB
 message that is ~4x its size in memory and most of a minimal relay's CPU (DESIGN.md,
-measured facts). Here the stream is searched for the end of data at C speed (`_spool` says
-how); the pieces are gathered into windows of `WINDOW` octets, and each window's complete
-lines are checked for length, searched for a bare CR or LF and dot-unstuffed
+measured facts). Here each piece the connection delivers is searched for the end of data
+at C speed (`DataFeed`); the pieces are gathered into windows of `WINDOW` octets, and each
+window's complete lines are checked for length, searched for a bare CR or LF and dot-unstuffed
 (`gateway.mail.lines`) while they are still in the CPU's cache: the pipeline's own pass for
 bare line ends, over 10 MB read back cold, took about 21 ms of the relay's CPU, the same
 search here about 15 ms (py-spy, bench/relay.py). The first `KEPT` octets stay in memory
 (small mail costs no file); past them everything goes to a nameless spool file, hashed
 (sha256) as it is written, so that the blob store can take the file as the message's
 original instead of a second copy of its bytes (`Spooled.hashed_file`). So a session holds
-a window or two while its client sends (a piece is at most `WINDOW` octets, though the
-reader's buffer may hold more), not the message: with 20 big messages arriving at once that
+a window or two while its client sends (the protocol stops reading while more waits for
+the spool), not the message: with 20 big messages arriving at once that
 was 20 whole messages in memory (issue 18). The message is read back in one piece only when
 the front hands it on (gateway/fronts/byte_budget.py says when).
 
@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -174,102 +175,91 @@ class Spooled:
         self._spool.close()
 
 
-async def spool_data(
-    reader: asyncio.StreamReader,
-    size_limit: int | None,
-    line_limit: int,
-    spool_dir: Path | None = None,
-) -> Spooled:
-    """Everything up to CRLF.CRLF, dot-unstuffed, in memory up to `KEPT` octets and in a
-    spool file past them, which the caller closes; the rest stays in `reader` for the next
-    command (clients may pipeline QUIT behind the data). The file is made in `spool_dir`
-    (the system's temp directory when None) without a name, so nothing is left there
-    however the session ends, a killed process included."""
-    spool = _Spool(line_limit, spool_dir)
-    try:
-        return await _spool(reader, size_limit, spool)
-    except BaseException:
-        spool.close()
-        raise
+class DataFeed:
+    """DATA as the connection delivers it, fed piece by piece from `data_received`.
+
+    `feed` runs in the protocol's callback and only finds the end (CRLF "." CRLF, also
+    across pieces) and gathers windows; `spooled` checks and writes them in the session's
+    task, since the spool file is written off the loop. The bytes behind the end are the
+    next commands (clients pipeline QUIT behind the data), and `feed` says where they begin.
+    `pending` tells the protocol when to stop reading: the spool is behind its client.
+    """
+
+    def __init__(self, size_limit: int | None, line_limit: int, spool_dir: Path | None) -> None:
+        self._spool = _Spool(line_limit, spool_dir)
+        self._size_limit = size_limit
+        self._tail = b"\r\n"  # the DATA command's line end stands before the first line
+        self.received = 0
+        self.too_big = False
+        self.ended = False
+        self._gathered: list[bytes] = []
+        self._gathered_size = 0
+        self._windows: list[tuple[bytes, int]] = []
+        self._wake: asyncio.Future[None] | None = None
+        self.drained: Callable[[], None] | None = None  # called as the spool catches up
+
+    def feed(self, data: bytes) -> int | None:
+        """Takes `data`; the index in it just past the end of data, or None before that."""
+        end = _end_in(self._tail, data)
+        piece = data if end is None else data[:end]
+        self.received += len(piece)
+        self._tail = (self._tail + piece[-4:])[-4:]
+        if self._size_limit is not None and self.received - len(_END) > self._size_limit:
+            self.too_big = True
+        if self.too_big or self._spool.line_too_long:
+            self._gathered, self._gathered_size, self._windows = [], 0, []
+        else:
+            self._gathered.append(piece)
+            self._gathered_size += len(piece)
+            if end is None and self._gathered_size >= WINDOW:
+                # the last octets wait: they may be the start of the end
+                block = b"".join(self._gathered)
+                self._windows.append((block, len(block) - 4))
+                self._gathered, self._gathered_size = [block[-4:]], 4
+        if end is not None:
+            self.ended = True
+            if self._gathered:
+                block = b"".join(self._gathered)
+                self._windows.append((block, len(block) - len(_END)))
+                self._gathered, self._gathered_size = [], 0
+        if self._wake is not None and not self._wake.done() and (self._windows or self.ended):
+            self._wake.set_result(None)
+        return end
+
+    @property
+    def pending(self) -> int:
+        """Octets received and not yet spooled."""
+        return self._gathered_size + sum(len(block) for block, _ in self._windows)
+
+    async def spooled(self) -> Spooled:
+        """The whole DATA once its end has come, checked and spooled; the caller closes it."""
+        spool = self._spool
+        try:
+            while True:
+                while self._windows:
+                    block, end = self._windows.pop(0)
+                    await spool.feed(block, end)
+                    if self.drained is not None:
+                        self.drained()
+                if self.ended:
+                    break
+                self._wake = asyncio.get_running_loop().create_future()
+                await self._wake
+                self._wake = None
+        except BaseException:
+            spool.close()
+            raise
+        return Spooled(spool, self.too_big)
 
 
-async def _spool(reader: asyncio.StreamReader, size_limit: int | None, spool: _Spool) -> Spooled:
-    """The end is searched for by its dot: `readuntil(b".")` finds one with memchr (0.2 ms
-    per 10 MB; base64 holds none), and only a dot after CRLF has its next two octets read
-    to see whether it ends the data. Searching for ".\r\n" steps a few octets at a time
-    (7 ms per 10 MB); it is what finds the end in text, where dots come every few words:
-    after a dot found soon, the rest of the window is searched so.
-
-    Pieces are gathered and fed to the spool a window at a time: text whose lines end in a
-    full stop comes a line per piece, and feeding each on its own cost 870 ms per 10 MB."""
-    tail = b"\r\n"  # the DATA command's line end stands before the first line
-    received = 0
-    too_big = False
-    clear = 0  # octets at the buffer's start known to hold no end, not yet taken
-    by_dot_from = 0  # `received` from which the end is searched for by its dot again
-    gathered: list[bytes] = []
-    gathered_size = 0
-    saved_limit = reader._limit  # type: ignore[attr-defined]
-    reader._limit = WINDOW  # type: ignore[attr-defined]
-    try:
-        while tail != b"\r\n.\r\n":
-            if clear:
-                piece = await reader.readexactly(min(clear, WINDOW))
-                clear -= len(piece)
-            elif received >= by_dot_from:
-                try:
-                    piece = await reader.readuntil(_DOT)
-                except asyncio.LimitOverrunError as exc:
-                    clear = exc.consumed  # the buffer (twice the limit or more) has no dot
-                    continue
-                if (tail + piece[-3:])[-3:] == b"\r\n.":
-                    piece += await reader.readexactly(2)  # CRLF here ends the data
-                if len(piece) < _DOTS_APART:
-                    by_dot_from = received + len(piece) + WINDOW
-            else:
-                try:
-                    piece = await reader.readuntil(_END)
-                except asyncio.LimitOverrunError as exc:
-                    # taken a window at a time, and searched once
-                    clear = exc.consumed
-                    continue
-            received += len(piece)
-            tail = (tail + piece[-5:])[-5:]
-            if size_limit is not None and received - len(_END) > size_limit:
-                too_big = True
-            if too_big or spool.line_too_long:
-                gathered, gathered_size = [], 0
-                continue  # read to the end, so that the session stays in step
-            gathered.append(piece)
-            gathered_size += len(piece)
-            if gathered_size >= WINDOW and tail != b"\r\n.\r\n":
-                # the end's ".\r\n" is the last piece's, so all of this is content
-                await spool.feed(b"".join(gathered), gathered_size)
-                gathered, gathered_size = [], 0
-        if gathered and not too_big:
-            block = b"".join(gathered)
-            await spool.feed(block, len(block) - len(_END))
-    finally:
-        reader._limit = saved_limit  # type: ignore[attr-defined]
-    return Spooled(spool, too_big)
-
-
-async def read_data(
-    reader: asyncio.StreamReader,
-    size_limit: int | None,
-    line_limit: int,
-    spool_dir: Path | None = None,
-) -> DataResult:
-    """`spool_data`, read back into memory at once."""
-    spooled = await spool_data(reader, size_limit, line_limit, spool_dir)
-    try:
-        if spooled.too_big:
-            return DataResult(b"", too_big=True)
-        if spooled.line_too_long:
-            return DataResult(b"", line_too_long=True)
-        return DataResult(await spooled.read())
-    finally:
-        spooled.close()
+def _end_in(tail: bytes, data: bytes) -> int | None:
+    """Where in `data` the end of data stops, when it does; `tail` are the octets before."""
+    joined = tail + data[:4]
+    found = joined.find(b"\r\n.\r\n")
+    if found != -1:
+        return found + 5 - len(tail)
+    found = data.find(b"\r\n.\r\n")
+    return None if found == -1 else found + 5
 
 
 def _nameless_file(directory: Path | None) -> IO[bytes]:

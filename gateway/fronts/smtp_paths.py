@@ -11,6 +11,8 @@ source routes, non-ASCII, the null path) goes to aiosmtpd's parser as before.
 from __future__ import annotations
 
 import re
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
@@ -27,3 +29,38 @@ def plain_path(arg: str) -> tuple[str, str] | None:
     if rest.startswith("("):
         return None
     return found.group(1), rest
+
+
+def read_path(arg: str) -> tuple[str, str] | None:
+    """(the address, the rest) of a MAIL or RCPT path; ("", "") for an empty argument;
+    None for one that cannot be read. Any path that is not plain is read by the email
+    package's RFC 5322 parser, as aiosmtpd read every path."""
+    plain = plain_path(arg)
+    if plain is not None:
+        return plain
+    if not arg:
+        return "", ""
+    try:
+        address = get_angle_addr(arg) if arg.lstrip().startswith("<") else get_addr_spec(arg)
+    except HeaderParseError:
+        return None
+    return str(address[0].addr_spec), str(address[1])
+
+
+def after_keyword(keyword: str, arg: str) -> str | None:
+    """`arg` past `FROM:` or `TO:` (in any case), or None when it does not start so."""
+    if arg[: len(keyword)].upper() == keyword:
+        return arg[len(keyword) :].strip()
+    return None
+
+
+def parameters(options: list[str]) -> dict[str, str | bool] | None:
+    """ESMTP parameters (`SIZE=5123`, `BODY=8BITMIME`) by keyword, a bare keyword as True;
+    None when one is malformed (RFC 1869)."""
+    found: dict[str, str | bool] = {}
+    for option in options:
+        keyword, equals, value = option.partition("=")
+        if not keyword.isalnum() or (equals and not value):
+            return None
+        found[keyword] = value if equals else True
+    return found

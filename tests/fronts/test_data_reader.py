@@ -1,4 +1,4 @@
-"""The chunked DATA reader on a real asyncio.StreamReader: ends, smuggling, limits, sync."""
+"""The DATA feed, given pieces as data_received would: ends, smuggling, limits, sync."""
 
 from __future__ import annotations
 
@@ -11,122 +11,131 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.fronts.data_reader import KEPT, WINDOW, read_data, spool_data
+from gateway.fronts.data_reader import KEPT, WINDOW, DataFeed, DataResult, Spooled
 from gateway.mail import lines
 
 LIMIT = 1001
 
 
-def reader_with(*chunks: bytes, eof: bool = False) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader(limit=LIMIT)
-    for chunk in chunks:
-        reader.feed_data(chunk)
-    if eof:
-        reader.feed_eof()
-    return reader
+def pieces_of(data: bytes, size: int) -> list[bytes]:
+    return [data[index : index + size] for index in range(0, len(data), size)]
+
+
+class Fed:
+    """What a connection's pieces made: the spooled DATA and the octets behind its end."""
+
+    def __init__(self, pieces: list[bytes], size_limit: int | None, spool_dir: Path | None):
+        self.feed = DataFeed(size_limit, LIMIT, spool_dir)
+        self.rest = b""
+        for piece in pieces:
+            if self.feed.ended:
+                self.rest += piece
+                continue
+            end = self.feed.feed(piece)
+            if end is not None:
+                self.rest += piece[end:]
+
+
+async def spool_data(
+    pieces: list[bytes], size_limit: int | None, spool_dir: Path | None = None
+) -> tuple[Spooled, bytes]:
+    fed = Fed(pieces, size_limit, spool_dir)
+    assert fed.feed.ended, "the end of data was not found"
+    return await fed.feed.spooled(), fed.rest
+
+
+async def read_data(pieces: list[bytes], size_limit: int | None = None) -> tuple[DataResult, bytes]:
+    spooled, rest = await spool_data(pieces, size_limit)
+    try:
+        if spooled.too_big:
+            return DataResult(b"", too_big=True), rest
+        if spooled.line_too_long:
+            return DataResult(b"", line_too_long=True), rest
+        return DataResult(await spooled.read()), rest
+    finally:
+        spooled.close()
 
 
 async def test_reads_to_the_end_and_leaves_pipelined_commands() -> None:
-    reader = reader_with(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
-    result = await read_data(reader, None, LIMIT)
+    result, rest = await read_data([b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n"])
     assert result.content == b"Subject: x\r\n\r\nbody\r\n"
-    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+    assert rest == b"QUIT\r\n"
 
 
 @pytest.mark.parametrize("split", range(1, 12))
 async def test_the_end_split_across_pieces(split: int) -> None:
     data = b"a\r\nbc\r\n.\r\nNOOP\r\n"
-    reader = asyncio.StreamReader(limit=LIMIT)
-
-    async def feed() -> None:
-        for index in range(0, len(data), split):
-            reader.feed_data(data[index : index + split])
-            await asyncio.sleep(0)
-
-    feeding = asyncio.create_task(feed())
-    result = await read_data(reader, None, LIMIT)
-    await feeding
+    result, rest = await read_data(pieces_of(data, split))
     assert result.content == b"a\r\nbc\r\n"
-    assert await reader.readuntil(b"\r\n") == b"NOOP\r\n"
+    assert rest == b"NOOP\r\n"
+
+
+async def test_the_spool_is_waited_for_until_the_end_comes() -> None:
+    """`spooled` waits for pieces still to come, as a session's task does."""
+    feed = DataFeed(None, LIMIT, None)
+    spooling = asyncio.create_task(feed.spooled())
+    assert feed.feed(b"one\r\n") is None
+    await asyncio.sleep(0)
+    assert not spooling.done()
+    assert feed.feed(b"two\r\n.\r\nQUIT\r\n") == 8
+    spooled = await spooling
+    try:
+        assert await spooled.read() == b"one\r\ntwo\r\n"
+    finally:
+        spooled.close()
 
 
 async def test_empty_data_and_dot_stuffing() -> None:
-    assert (await read_data(reader_with(b".\r\n"), None, LIMIT)).content == b""
+    assert (await read_data([b".\r\n"]))[0].content == b""
     stuffed = b"..leading\r\nmid\r\n...\r\n.\r\n"
-    assert (await read_data(reader_with(stuffed), None, LIMIT)).content == (
-        b".leading\r\nmid\r\n..\r\n"
-    )
+    assert (await read_data([stuffed]))[0].content == b".leading\r\nmid\r\n..\r\n"
 
 
 @pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"x.\r\n"])
 async def test_only_crlf_dot_crlf_ends_the_data(fake_end: bytes) -> None:
     data = b"one\r\n" + fake_end + b"MAIL FROM:<evil@example.com>\r\n.\r\n"
-    reader = reader_with(data + b"QUIT\r\n")
-    result = await read_data(reader, None, LIMIT)
+    result, rest = await read_data([data + b"QUIT\r\n"])
     assert result.content.endswith(b"MAIL FROM:<evil@example.com>\r\n")  # all one message
-    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+    assert rest == b"QUIT\r\n"
 
 
 async def test_too_big_is_read_to_the_end_so_the_session_stays_in_step() -> None:
     body = b"x" * 70 + b"\r\n"
-    reader = reader_with(body * 2000 + b".\r\nRSET\r\n")
-    result = await read_data(reader, 10_000, LIMIT)
+    result, rest = await read_data(pieces_of(body * 2000 + b".\r\nRSET\r\n", 4096), 10_000)
     assert result.too_big and result.content == b""
-    assert await reader.readuntil(b"\r\n") == b"RSET\r\n"
+    assert rest == b"RSET\r\n"
 
 
 async def test_pieces_larger_than_the_window() -> None:
     lines = [os.urandom(30).hex().encode() + b"\r\n" for _ in range(70_000)]
     data = b"".join(lines)
     assert len(data) > 4 * WINDOW
-    result = await read_data(reader_with(data + b".\r\n"), None, LIMIT)
-    assert result.content == data
+    assert (await read_data([data + b".\r\n"]))[0].content == data
 
 
 async def test_line_length() -> None:
     ok = b"y" * 999 + b"\r\n"
-    assert (await read_data(reader_with(ok + b".\r\n"), None, LIMIT)).content == ok
+    assert (await read_data([ok + b".\r\n"]))[0].content == ok
     long = b"y" * 1000 + b"\r\n"
-    assert (await read_data(reader_with(long + b".\r\n"), None, LIMIT)).line_too_long
-
-
-async def test_the_reader_limit_is_restored() -> None:
-    reader = reader_with(b"x\r\n.\r\n")
-    await read_data(reader, None, LIMIT)
-    assert reader._limit == LIMIT  # type: ignore[attr-defined]
-
-
-def fed_in_pieces(data: bytes, size: int) -> tuple[asyncio.StreamReader, asyncio.Task[None]]:
-    reader = asyncio.StreamReader(limit=LIMIT)
-
-    async def feed() -> None:
-        for index in range(0, len(data), size):
-            reader.feed_data(data[index : index + size])
-            await asyncio.sleep(0)
-
-    return reader, asyncio.create_task(feed())
+    assert (await read_data([long + b".\r\n"]))[0].line_too_long
 
 
 @pytest.mark.parametrize("dot_lines", [3, 300])  # a few dots are listed, many replaced
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 4096])
 async def test_dots_and_long_lines_across_piece_borders(dot_lines: int, size: int) -> None:
-    """The scans run on each piece as it arrives: whatever the borders, the result is the
-    whole message's, unstuffed at every line start and refused for a line one octet over."""
+    """The scans run on each window as it is spooled: whatever the borders, the result is
+    the whole message's, unstuffed at every line start and refused for a line one octet over."""
     content = b".first.\r\n" + b"text.\r\n.dot.\r\n..two\r\n" * dot_lines + b"y" * 999 + b"\r\n."
     wire = content.replace(b"\r\n.", b"\r\n..")
     wire = b"." + wire + b"\r\n.\r\nQUIT\r\n"
-    reader, feeding = fed_in_pieces(wire, size)
-    result = await read_data(reader, None, LIMIT)
-    await feeding
+    result, rest = await read_data(pieces_of(wire, size))
     assert result.content == content + b"\r\n"
-    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+    assert rest == b"QUIT\r\n"
 
     over = wire.replace(b"y" * 999, b"y" * 1000)
-    reader, feeding = fed_in_pieces(over, size)
-    result = await read_data(reader, None, LIMIT)
-    await feeding
+    result, rest = await read_data(pieces_of(over, size))
     assert result.line_too_long and result.content == b""
-    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+    assert rest == b"QUIT\r\n"
 
 
 @pytest.mark.parametrize("size", [KEPT - 1000, KEPT + 1000, 3 * KEPT])
@@ -135,7 +144,7 @@ async def test_small_data_stays_in_memory_and_big_data_goes_to_the_spool(
 ) -> None:
     line = b"z" * 98 + b"\r\n"
     data = b"." + line * (size // len(line))  # a stuffed dot first: the data starts a line
-    spooled = await spool_data(reader_with(data + b".\r\n"), None, LIMIT, tmp_path)
+    spooled, _ = await spool_data(pieces_of(data + b".\r\n", 65_536), None, tmp_path)
     try:
         spooled_to_file = any(
             os.readlink(f"/proc/self/fd/{fd}").startswith(f"{tmp_path}/")
@@ -181,7 +190,7 @@ async def test_lines_of_dots_reach_the_spool_a_window_at_a_time(
 
     monkeypatch.setattr(asyncio, "to_thread", counting)
     dots = b"..\r\n...\r\n..x\r\n" * (3 * KEPT // 14)  # stuffed: ".", "..", ".x"
-    spooled = await spool_data(reader_with(dots + b".\r\n"), None, LIMIT, tmp_path)
+    spooled, _ = await spool_data(pieces_of(dots + b".\r\n", 65_536), None, tmp_path)
     try:
         expected = dots.replace(b"\r\n.", b"\r\n")[1:]
         assert await spooled.read() == expected
@@ -209,9 +218,7 @@ async def test_a_bare_line_end_is_found_as_the_lines_arrive(pieces: list[bytes],
     wire = (b"." if content.startswith(b".") else b"") + lines.stuffed(content) + b".\r\n"
     if b"\r\n.\r\n" in b"\r\n" + wire[:-3]:
         return  # the content would end before its end (a line of one dot, unstuffed)
-    reader, feeding = fed_in_pieces(wire + b"QUIT\r\n", size)
-    spooled = await spool_data(reader, None, LIMIT)
-    await feeding
+    spooled, behind = await spool_data(pieces_of(wire + b"QUIT\r\n", size), None)
     try:
         found = lines.bare_line_end(content) != -1
         assert spooled.bare_line_end is found
@@ -219,20 +226,20 @@ async def test_a_bare_line_end_is_found_as_the_lines_arrive(pieces: list[bytes],
             assert await spooled.read() == content
     finally:
         spooled.close()
-    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+    assert behind == b"QUIT\r\n"
 
 
 async def test_a_bare_line_end_past_the_first_window_is_found(tmp_path: Path) -> None:
     line = b"QUJD" * 19 + b"\r\n"
     for bad in (b"bare\nLF\r\n", b"bare\rCR\r\n", b"\n"):
         content = line * (3 * WINDOW // len(line)) + bad + line * 10
-        spooled = await spool_data(reader_with(content + b".\r\n"), None, LIMIT, tmp_path)
+        spooled, _ = await spool_data([content + b".\r\n"], None, tmp_path)
         try:
             assert spooled.bare_line_end and await spooled.read() == content
         finally:
             spooled.close()
     clean = line * (3 * WINDOW // len(line))
-    spooled = await spool_data(reader_with(clean + b".\r\n"), None, LIMIT, tmp_path)
+    spooled, _ = await spool_data([clean + b".\r\n"], None, tmp_path)
     assert not spooled.bare_line_end
     spooled.close()
 
@@ -245,16 +252,14 @@ async def test_prose_whose_lines_end_in_a_full_stop_is_gathered_whole(
     the same, the spool file holds it, and the next command stays in the reader."""
     content = b"The house has 3.5 rooms.\r\n.Near the lake.\r\n..\r\nx\r\n" * 20_000
     wire = content.replace(b"\r\n.", b"\r\n..") + b".\r\nQUIT\r\n"
-    reader, feeding = fed_in_pieces(wire, size)
-    spooled = await spool_data(reader, None, LIMIT, tmp_path)
-    await feeding
+    spooled, behind = await spool_data(pieces_of(wire, size), None, tmp_path)
     try:
         assert spooled.size == len(content) and not spooled.bare_line_end
         assert await spooled.read() == content
         assert spooled.hashed_file() is not None
     finally:
         spooled.close()
-    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+    assert behind == b"QUIT\r\n"
 
 
 FAKE_ENDS = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"x.\r\n", b"\r\n.x", b"\r\n..\r\n"]
@@ -273,9 +278,7 @@ async def test_only_crlf_dot_crlf_ends_a_big_message_whatever_comes_first(
     for content in (body, b"Text. More text.\r\n" * 40 + body):
         content += b"" if content.endswith(b"\r\n") else b"\r\n"
         wire = (b"." if content.startswith(b".") else b"") + lines.stuffed(content)
-        reader, feeding = fed_in_pieces(wire + b".\r\nQUIT\r\n", size)
-        result = await read_data(reader, None, LIMIT)
-        await feeding
-        assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"  # still in step
+        result, rest = await read_data(pieces_of(wire + b".\r\nQUIT\r\n", size))
+        assert rest == b"QUIT\r\n"  # still in step
         if lines.bare_line_end(content) == -1:  # else refused: a dot after LF may go
             assert result.content == content

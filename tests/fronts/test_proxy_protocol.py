@@ -273,11 +273,11 @@ async def test_failed_logins_are_counted_for_the_real_client(proxied: Harness) -
 
 
 class _Seen(logging.Handler):
-    """Sets `event` when aiosmtpd logs that it handles a connection: the moment a connection
-    waiting for its header exists on the relay's side."""
+    """Sets `event` when the front logs that it handles a connection: the moment a
+    connection waiting for its header exists on the relay's side."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.event = asyncio.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -298,16 +298,16 @@ async def test_stopping_the_front_closes_a_connection_still_waiting_for_its_head
         }
     )
     seen = _Seen()
-    aiosmtpd_log = logging.getLogger("mail.log")
-    level = aiosmtpd_log.level
-    aiosmtpd_log.addHandler(seen)
-    aiosmtpd_log.setLevel(logging.INFO)
+    front_log = logging.getLogger("gateway.fronts.smtp_protocol")
+    level = front_log.level
+    front_log.addHandler(seen)
+    front_log.setLevel(logging.DEBUG)
     try:
         wire = await connect(relay, b"PROX")
         await asyncio.wait_for(seen.event.wait(), TIMEOUT)
     finally:
-        aiosmtpd_log.removeHandler(seen)
-        aiosmtpd_log.setLevel(level)
+        front_log.removeHandler(seen)
+        front_log.setLevel(level)
     await asyncio.wait_for(relay.relay.smtp.stop(), TIMEOUT)
     await closed_silently(wire)
 

@@ -1,0 +1,264 @@
+"""The front's own SMTP protocol: pipelining, back-pressure, framing across pieces, STARTTLS.
+
+Framing is tested by calling the protocol with pieces cut where the test says (a transport
+of our own records what it writes), so no test depends on how TCP happens to cut the bytes;
+STARTTLS with a real connection and handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from gateway.fronts.proxy_header import header_length
+from gateway.fronts.smtp_protocol import KEPT_WHILE_BUSY, Listener, SubmissionSMTP
+from tests.conftest import AGENT, Harness, StartRelay
+from tests.fronts.test_smtp_front import (
+    PROSPECT,
+    TIMEOUT,
+    Wire,
+    assert_nothing_written,
+    b64,
+    client_tls,
+    dotted,
+    plain_token,
+    raw_message,
+)
+
+PEER = ("127.0.0.1", 40123)
+
+
+class Transport:
+    """What a session writes, and whether it reads, for a session driven by the test."""
+
+    def __init__(self, peer: tuple[str, int] = PEER) -> None:
+        self.peer = peer
+        self.written = bytearray()
+        self.closed = False
+        self.reading = True
+        self.wrote = asyncio.Event()
+        self.paused = asyncio.Event()
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+        self.wrote.set()
+
+    def close(self) -> None:
+        """As a real transport: the session hears of it on the loop's next turn."""
+        if not self.closed and self.protocol is not None:
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+        self.paused.set()
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def lines(self) -> list[str]:
+        return self.written.decode().splitlines()
+
+    async def replies(self, count: int) -> list[str]:
+        """The last line of each of the first `count` replies, once written."""
+        while True:
+            done = [line for line in self.lines() if line[3:4] != "-"]
+            if len(done) >= count:
+                return done[:count]
+            self.wrote.clear()
+            await asyncio.wait_for(self.wrote.wait(), TIMEOUT)
+
+
+def session_on(relay: Harness, **changes: Any) -> tuple[SubmissionSMTP, Transport]:
+    """A session of the relay's front on a transport of the test's, greeted."""
+    front = relay.relay.smtp
+    listener = Listener(
+        handler=front.handler,
+        gate=front.gate,
+        hostname=relay.settings.server.hostname,
+        timeout=relay.settings.smtp.timeout,
+        size_limit=relay.settings.smtp.max_message_size,
+        spool_dir=front.spool_dir,
+        **changes,
+    )
+    session = SubmissionSMTP(listener)
+    transport = Transport()
+    transport.protocol = session
+    session.connection_made(transport)  # type: ignore[arg-type]
+    assert transport.lines()[0].startswith("220 "), transport.lines()
+    transport.written.clear()
+    return session, transport
+
+
+def fed(session: SubmissionSMTP, data: bytes, size: int) -> None:
+    for index in range(0, len(data), size):
+        session.data_received(data[index : index + size])
+
+
+LOGIN = f"EHLO client.example\r\nAUTH PLAIN {plain_token()}\r\n".encode()
+
+
+async def test_pipelined_commands_are_answered_in_order_around_the_busy_ones(
+    relay: Harness,
+) -> None:
+    """AUTH and DATA wait for the relay; the commands behind them are kept, not read,
+    and their replies follow in order."""
+    session, transport = session_on(relay)
+    message = dotted(raw_message())
+    envelope = f"MAIL FROM:<{AGENT}>\r\nRCPT TO:<{PROSPECT}>\r\nDATA\r\n".encode()
+    session.data_received(LOGIN + envelope + message + envelope + message + b"NOOP\r\nQUIT\r\n")
+    replies = await transport.replies(12)
+    assert [reply[:3] for reply in replies] == [
+        "250",  # EHLO
+        "235",
+        "250",
+        "250",
+        "354",
+        "250",  # queued
+        "250",
+        "250",
+        "354",
+        "250",  # queued
+        "250",  # NOOP
+        "221",
+    ], replies
+    assert "queued as" in replies[5] and "queued as" in replies[9]
+    assert transport.closed
+    await relay.sink.expect(2)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 100])
+async def test_the_end_of_data_split_across_pieces(relay: Harness, size: int) -> None:
+    """CRLF.CRLF is found wherever the pieces cut it, and what follows it is commands."""
+    session, transport = session_on(relay)
+    session.data_received(LOGIN)
+    await transport.replies(2)
+    envelope = f"MAIL FROM:<{AGENT}>\r\nRCPT TO:<{PROSPECT}>\r\nDATA\r\n".encode()
+    fed(session, envelope + dotted(raw_message(body=b".dot\r\n")) + b"NOOP\r\n", size)
+    replies = await transport.replies(7)
+    assert replies[4].startswith("354 ") and replies[6] == "250 OK", replies
+    assert replies[5].startswith("250 2.0.0 Ok: queued as"), replies
+    [copy] = await relay.sink.expect(1)
+    assert b"\r\n.dot\r\n" in copy.data and b"NOOP" not in copy.data
+    transport.close()
+
+
+async def test_reading_pauses_while_a_busy_command_leaves_input_waiting(
+    relay: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a login is checked, the client's pipelined commands are kept up to a bound;
+    past it the session stops reading, and reads again once it has caught up."""
+    release = asyncio.Event()
+    handler = relay.relay.smtp.handler
+    checked = handler.authenticate
+
+    async def held(session: SubmissionSMTP, mechanism: str, args: list[str]) -> None:
+        await release.wait()
+        await checked(session, mechanism, args)
+
+    monkeypatch.setattr(handler, "authenticate", held)
+    session, transport = session_on(relay)
+    session.data_received(LOGIN)
+    await transport.replies(1)
+    noops = KEPT_WHILE_BUSY // len(b"NOOP\r\n") + 100
+    fed(session, b"NOOP\r\n" * noops, 4096)
+    await asyncio.wait_for(transport.paused.wait(), TIMEOUT)
+    assert "250 OK" not in transport.lines()  # the NOOPs wait behind the login
+    release.set()
+    replies = await transport.replies(2 + noops)
+    assert replies[1].startswith("235 ") and replies[2:] == ["250 OK"] * noops
+    assert transport.reading
+    transport.close()
+
+
+@pytest.mark.parametrize("size", [1, 5, 12, 13, 16, 17])
+def test_a_proxy_header_is_found_whatever_the_pieces(size: int) -> None:
+    v1 = b"PROXY TCP4 192.0.2.7 192.0.2.1 40001 25\r\n"
+    v2 = (
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+        + bytes([192, 0, 2, 7, 192, 0, 2, 1])
+        + (40001).to_bytes(2, "big")
+        + (25).to_bytes(2, "big")
+    )
+    for header in (v1, v2):
+        for cut in range(0, len(header), size):
+            assert header_length(header[:cut]) is None, cut  # more is needed to tell
+        assert header_length(header + b"EHLO x\r\n") == len(header)
+    assert header_length(b"EHLO x\r\n") == 0
+    assert header_length(b"PROXY " + b"x" * 200) == 0  # no end within a v1 header's bound
+
+
+@pytest.mark.parametrize("size", [1, 4, 9, 50])
+async def test_a_proxy_header_in_pieces_names_the_client(
+    relay_factory: StartRelay, size: int
+) -> None:
+    relay = await relay_factory(
+        smtp={"implicit_tls_listen": [], "proxy_protocol": True, "proxy_from": ["127.0.0.1"]}
+    )
+    front = relay.relay.smtp
+    listener = Listener(
+        handler=front.handler,
+        gate=front.gate,
+        hostname=relay.settings.server.hostname,
+        timeout=relay.settings.smtp.timeout,
+        size_limit=relay.settings.smtp.max_message_size,
+        proxy=front.proxy,
+    )
+    session = SubmissionSMTP(listener)
+    transport = Transport()
+    transport.protocol = session
+    session.connection_made(transport)  # type: ignore[arg-type]
+    assert transport.written == b""  # nothing is said before the header
+    fed(session, b"PROXY TCP4 192.0.2.7 127.0.0.1 40001 25\r\nNOOP\r\n", size)
+    assert await transport.replies(2) == [transport.lines()[0], "250 OK"]
+    assert transport.lines()[0].startswith("220 ")
+    assert session.peer == ("192.0.2.7", 40001)
+    transport.close()
+
+
+async def test_commands_behind_starttls_in_the_same_packet_are_never_read(
+    relay: Harness,
+) -> None:
+    """RFC 3207: plain text after STARTTLS is thrown away, never read as commands once
+    TLS is up (the injection of CVE-2011-0411)."""
+    wire = await Wire.open(relay.smtp_port)
+    try:
+        await wire.ehlo()
+        await wire.write(
+            b"STARTTLS\r\nEHLO evil.example\r\nAUTH PLAIN " + b64("x").encode() + b"\r\n"
+        )
+        assert (await wire.answer()).lines == ["220 Ready to start TLS"]
+        await asyncio.wait_for(wire.writer.start_tls(client_tls()), TIMEOUT)
+        assert (await wire.command("NOOP")).lines == ["250 OK"]  # no reply was left over
+        assert (await wire.command(f"MAIL FROM:<{AGENT}>")).lines == [
+            "503 Error: send HELO first"
+        ]  # the session started over: the smuggled EHLO was not read
+        await wire.ehlo()
+        assert (await wire.command(f"AUTH PLAIN {plain_token()}")).code == 235
+    finally:
+        await wire.close()
+    await assert_nothing_written(relay)
+
+
+async def test_a_connection_lost_mid_data_stores_nothing(relay: Harness) -> None:
+    session, transport = session_on(relay)
+    session.data_received(LOGIN)
+    await transport.replies(2)
+    envelope = f"MAIL FROM:<{AGENT}>\r\nRCPT TO:<{PROSPECT}>\r\nDATA\r\n".encode()
+    session.data_received(envelope + b"Subject: half\r\n\r\nhalf a message\r\n")
+    assert (await transport.replies(5))[4].startswith("354 ")
+    receiving = session._busy
+    assert receiving is not None
+    session.connection_lost(ConnectionResetError())
+    assert session.closed.is_set()
+    await asyncio.wait_for(asyncio.wait([receiving]), TIMEOUT)
+    await assert_nothing_written(relay)
