@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from aiosmtpd.proxy_protocol import ProxyData
 
@@ -42,9 +42,6 @@ from gateway.fronts.smtp_replies import Reply, count
 from gateway.fronts.trusted import ClientFacts, TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Received
 from gateway.watchdog import Watchdog
-
-if TYPE_CHECKING:
-    from gateway.fronts.smtp import SubmissionHandler
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +72,31 @@ EXTENDED_SYNTAX = " [SP <mail-parameters>]"  # MAIL and RCPT after EHLO
 MECHANISMS = ("LOGIN", "PLAIN")
 
 
+class SessionHandler(Protocol):
+    """What the session asks of the checks behind it (gateway/fronts/smtp.py)."""
+
+    async def authenticate(
+        self, session: SubmissionSMTP, mechanism: str, args: list[str]
+    ) -> None: ...
+
+    def agent_sender(self, session: SubmissionSMTP, address: str, options: list[str]) -> str: ...
+
+    async def trusted_sender(
+        self, session: SubmissionSMTP, address: str, options: list[str]
+    ) -> None: ...
+
+    def recipient(self, session: SubmissionSMTP, address: str, options: list[str]) -> str: ...
+
+    async def handle_DATA(self, session: SubmissionSMTP, raw: bytes) -> str: ...
+
+    def handle_exception(self, error: Exception) -> str: ...
+
+
 @dataclass(frozen=True)
 class Listener:
     """What every session on one listening socket shares."""
 
-    handler: SubmissionHandler
+    handler: SessionHandler
     gate: ConnectionGate
     hostname: str
     timeout: float
