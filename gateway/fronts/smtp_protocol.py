@@ -20,7 +20,6 @@ import asyncio
 import binascii
 import logging
 import ssl
-from asyncio import sslproto
 from base64 import b64decode, b64encode
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any, ClassVar, Protocol
 from aiosmtpd.proxy_protocol import ProxyData
 
 from gateway import users
-from gateway.fronts import trusted
+from gateway.fronts import tls_layer, trusted
 from gateway.fronts.byte_budget import ByteBudget
 from gateway.fronts.client_address import client_address
 from gateway.fronts.data_reader import WINDOW, DataFeed, Spooled
@@ -45,7 +44,7 @@ from gateway.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to finish a TLS handshake
+TLS_HANDSHAKE_TIMEOUT = tls_layer.HANDSHAKE_TIMEOUT
 COMMAND_LIMIT = 512  # octets of a command line (RFC 5321 4.5.3.1.4), as aiosmtpd counts them
 MAIL_LIMIT = COMMAND_LIMIT + 26  # MAIL after EHLO, for SIZE= (RFC 1870)
 LINE_LIMIT = 1001  # a longer line is thrown away while its end is awaited
@@ -499,31 +498,13 @@ class SubmissionSMTP(asyncio.Protocol):
         return True
 
     async def _implicit_tls(self, context: ssl.SSLContext) -> None:
-        """The TLS layer goes between the socket and the session after the PROXY header.
-        Octets the client sent right behind the header (its ClientHello, often in the same
-        packet) are handed to that layer, which `loop.start_tls` would not take."""
+        """After the PROXY header the handshake comes first; octets the client sent right
+        behind the header (its ClientHello) go to the TLS layer (tls_layer.py)."""
         assert self.transport is not None
         early = bytes(self._buffer)
         self._buffer.clear()
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        layer = sslproto.SSLProtocol(
-            loop,
-            self,
-            context,
-            waiter,
-            server_side=True,
-            call_connection_made=False,
-            ssl_handshake_timeout=int(TLS_HANDSHAKE_TIMEOUT),
-        )
-        socket = self.transport
-        socket.set_protocol(layer)
-        self.transport = layer._app_transport
-        layer.connection_made(socket)
-        if early:
-            _feed(layer, early)
         try:
-            await waiter
+            self.transport = await tls_layer.secured(self.transport, self, context, early)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             # The layer closes the socket but, no handshake done, may not call our
             # connection_lost: the session ends here, or the gate would count it forever.
@@ -869,13 +850,3 @@ def _commands_of(
 
 
 SubmissionSMTP.COMMANDS = _commands_of(SubmissionSMTP)
-
-
-def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        buffer = memoryview(protocol.get_buffer(len(view)))
-        size = min(len(buffer), len(view))
-        buffer[:size] = view[:size]
-        protocol.buffer_updated(size)
-        view = view[size:]

@@ -72,8 +72,8 @@ async def test_a_session_that_sent_mail_and_said_quit_is_freed(relay: Harness) -
 
 @pytest.mark.usefixtures("no_collector")
 async def test_a_session_cut_off_mid_transaction_is_freed(relay: Harness) -> None:
-    """The client goes away after RCPT: aiosmtpd cancels the session's task, whose
-    CancelledError holds the task's frames."""
+    """The client goes away after RCPT, between commands: the transport, the timer and
+    the gate each refer back to the session until it lets go of them."""
     wire = await logged_in(relay)
     session = the_session(relay)
     wire.writer.transport.abort()
@@ -83,6 +83,7 @@ async def test_a_session_cut_off_mid_transaction_is_freed(relay: Harness) -> Non
 
 @pytest.mark.usefixtures("no_collector")
 async def test_a_session_cut_off_during_data_is_freed(relay: Harness) -> None:
+    """DATA's task is cancelled; a CancelledError raised out of it would hold its frames."""
     wire = await logged_in(relay)
     session = the_session(relay)
     assert (await wire.command("DATA")).code == 354

@@ -32,8 +32,8 @@ CLASS_NAMES: list[tuple[Any, str, str]] = [
     (proxy_protocol, "ProxyData", "gateway/fronts/proxy_header.py: the header read"),
     (proxy_protocol.ProxyData, "valid", "gateway/fronts/proxy_header.py: proxied_client"),
     (proxy_protocol.ProxyData, "with_error", "gateway/fronts/proxy_header.py: parse_header"),
-    (sslproto.SSLProtocol, "get_buffer", "gateway/fronts/smtp_protocol.py: implicit TLS"),
-    (sslproto.SSLProtocol, "buffer_updated", "gateway/fronts/smtp_protocol.py: implicit TLS"),
+    (sslproto.SSLProtocol, "get_buffer", "gateway/fronts/tls_layer.py: implicit TLS"),
+    (sslproto.SSLProtocol, "buffer_updated", "gateway/fronts/tls_layer.py: implicit TLS"),
     (aiosmtplib.SMTP, "execute_command", "gateway/outbound/upstream.py: TLS answered or not"),
 ]
 
@@ -75,7 +75,7 @@ def test_the_proxy_parser_reads_a_header_it_is_given_whole_without_waiting() -> 
 
 
 async def test_names_of_an_ssl_protocol_made_without_connection_made() -> None:
-    """gateway/fronts/smtp_protocol.py puts a TLS layer under a session after the PROXY
+    """gateway/fronts/tls_layer.py puts a TLS layer under a session after the PROXY
     header itself, handing it the octets that came with the header."""
     loop = asyncio.get_running_loop()
     layer = sslproto.SSLProtocol(
@@ -86,7 +86,7 @@ async def test_names_of_an_ssl_protocol_made_without_connection_made() -> None:
         server_side=True,
         call_connection_made=False,
     )
-    user = "gateway/fronts/smtp_protocol.py: the session writes through the layer"
+    user = "gateway/fronts/tls_layer.py: the session writes through the layer"
     assert isinstance(layer._app_transport, asyncio.Transport), gone(layer, "_app_transport", user)
 
 
