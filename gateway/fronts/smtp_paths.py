@@ -64,3 +64,27 @@ def parameters(options: list[str]) -> dict[str, str | bool] | None:
             return None
         found[keyword] = value if equals else True
     return found
+
+
+def mail_parameters_problem(options: list[str], size_limit: int | None, syntax: str) -> str | None:
+    """The reply refusing MAIL's parameters (uppercased), in aiosmtpd's words; None when
+    they are fine. `syntax` is the reply to a malformed one. SMTPUTF8 is not offered."""
+    found = parameters(options)
+    if found is None:
+        return syntax
+    if found.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
+        return "501 Error: BODY can only be one of 7BIT, 8BITMIME"
+    smtputf8 = found.pop("SMTPUTF8", False)
+    if smtputf8 is True:
+        return "501 Error: SMTPUTF8 disabled"
+    if smtputf8 is not False:
+        return "501 Error: SMTPUTF8 takes no arguments"
+    size = found.pop("SIZE", None)
+    if size:
+        if isinstance(size, bool) or not size.isdigit():
+            return syntax
+        if size_limit and int(size) > size_limit:
+            return "552 Error: message size exceeds fixed maximum message size"
+    if found:
+        return "555 MAIL FROM parameters not recognized or not implemented"
+    return None

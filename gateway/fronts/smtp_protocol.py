@@ -36,7 +36,12 @@ from gateway.fronts.client_address import client_address
 from gateway.fronts.data_reader import WINDOW, DataFeed, Spooled
 from gateway.fronts.proxy_header import ProxyPolicy, header_length, parse_header, proxied_client
 from gateway.fronts.smtp_guard import ConnectionGate, Refusal
-from gateway.fronts.smtp_paths import after_keyword, parameters, read_path
+from gateway.fronts.smtp_paths import (
+    after_keyword,
+    mail_parameters_problem,
+    parameters,
+    read_path,
+)
 from gateway.fronts.smtp_replies import Reply, count
 from gateway.fronts.trusted import ClientFacts, TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Received
@@ -727,32 +732,9 @@ class SubmissionSMTP(asyncio.Protocol):
             self._reply("503 Error: nested MAIL command")
             return
         options = rest.upper().split()
-        params = parameters(options)
-        if params is None:
-            self._reply(syntax)
-            return
-        if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
-            self._reply("501 Error: BODY can only be one of 7BIT, 8BITMIME")
-            return
-        smtputf8 = params.pop("SMTPUTF8", False)
-        if smtputf8 is not False:
-            self._reply(
-                "501 Error: SMTPUTF8 disabled"
-                if smtputf8 is True
-                else "501 Error: SMTPUTF8 takes no arguments"
-            )
-            return
-        size = params.pop("SIZE", None)
-        if size:
-            limit = self.listener.size_limit
-            if isinstance(size, bool) or not size.isdigit():
-                self._reply(syntax)
-                return
-            if limit and int(size) > limit:
-                self._reply("552 Error: message size exceeds fixed maximum message size")
-                return
-        if params:
-            self._reply("555 MAIL FROM parameters not recognized or not implemented")
+        problem = mail_parameters_problem(options, self.listener.size_limit, syntax)
+        if problem is not None:
+            self._reply(problem)
             return
         handler = self.listener.handler
         if self.agent is not None:

@@ -9,7 +9,7 @@ import string
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from gateway.fronts.smtp_paths import plain_path, read_path
+from gateway.fronts.smtp_paths import mail_parameters_problem, plain_path, read_path
 
 
 class _Server(SMTP):
@@ -85,3 +85,27 @@ def test_every_path_reads_as_aiosmtpd_read_it(arg: str) -> None:
     """The front's reading, quick or full, is the one clients knew from aiosmtpd."""
     read = read_path(arg)
     assert (read if read is not None else (None, None)) == aiosmtpd_reading(arg)
+
+
+SYNTAX = "501 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
+
+
+@pytest.mark.parametrize(
+    ("options", "reply"),
+    [
+        ("", None),
+        ("SIZE=100 BODY=8BITMIME", None),
+        ("BODY=7BIT", None),
+        ("SIZE=1001", "552 Error: message size exceeds fixed maximum message size"),
+        ("SIZE=x", SYNTAX),
+        ("SIZE", SYNTAX),  # SIZE needs its number
+        ("BODY=BINARYMIME", "501 Error: BODY can only be one of 7BIT, 8BITMIME"),
+        ("SMTPUTF8", "501 Error: SMTPUTF8 disabled"),
+        ("SMTPUTF8=1", "501 Error: SMTPUTF8 takes no arguments"),
+        ("RET=HDRS", "555 MAIL FROM parameters not recognized or not implemented"),
+        ("SIZE=", SYNTAX),
+        ("A-B=1", SYNTAX),
+    ],
+)
+def test_mail_parameters_are_refused_in_aiosmtpds_words(options: str, reply: str | None) -> None:
+    assert mail_parameters_problem(options.split(), 1000, SYNTAX) == reply
