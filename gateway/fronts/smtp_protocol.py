@@ -154,10 +154,6 @@ class SubmissionSMTP(asyncio.Protocol):
         self._trusted_found: tuple[tuple[str, object], TrustedMatch | None] | None = None
         self._idle = Watchdog(asyncio.get_running_loop(), self._timed_out)
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.COMMANDS = _commands_of(cls)
-
     # -- the connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -191,7 +187,7 @@ class SubmissionSMTP(asyncio.Protocol):
         self._greet()
 
     def _greet(self) -> None:
-        self._reply(f"220 {self.hostname} sealrelay")
+        self.reply(f"220 {self.hostname} sealrelay")
         self._flush()
         self._reset_timeout()
 
@@ -270,7 +266,7 @@ class SubmissionSMTP(asyncio.Protocol):
             start = end + 1
             if self._too_long or len(line) > LINE_LIMIT:
                 self._too_long = False
-                self._reply("500 Command line too long")
+                self.reply("500 Command line too long")
                 continue
             self._command(line)
         if self._discarding or self._closing:
@@ -288,37 +284,37 @@ class SubmissionSMTP(asyncio.Protocol):
     def _command(self, line: bytes) -> None:
         line = line.rstrip(b"\r")
         if not line:
-            self._reply("500 Error: bad syntax")
+            self.reply("500 Error: bad syntax")
             return
         word, _, rest = line.partition(b" ")
         try:
             command = word.upper().decode("ascii")
         except UnicodeDecodeError:
-            self._reply("500 Error: bad syntax")
+            self.reply("500 Error: bad syntax")
             return
         arg = None
         if rest:
             try:
                 arg = rest.strip().decode("ascii")
             except UnicodeDecodeError:
-                self._reply("500 Error: strict ASCII mode")
+                self.reply("500 Error: strict ASCII mode")
                 return
         limit = MAIL_LIMIT if command == "MAIL" and self.extended_smtp else COMMAND_LIMIT
         if len(line) > limit:
-            self._reply("500 Command line too long")
+            self.reply("500 Command line too long")
             return
         if command not in BEFORE_STARTTLS and self._starttls_needed():
-            self._reply("530 Must issue a STARTTLS command first")
+            self.reply("530 Must issue a STARTTLS command first")
             return
         method = self.COMMANDS.get(command)
         if method is None:
             self._bogus -= 1
             if self._bogus < 1:
                 log.warning("%s: too many unknown commands", client_address(self))
-                self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
+                self.reply("502 5.5.1 Too many unrecognized commands, goodbye.")
                 self.close()
                 return
-            self._reply(f'500 Error: command "{command}" not recognized')
+            self.reply(f'500 Error: command "{command}" not recognized')
             return
         self._reset_timeout()
         method(self, arg)
@@ -374,8 +370,6 @@ class SubmissionSMTP(asyncio.Protocol):
         """A reply, sent with the others of its batch (`_flush`)."""
         self._out.append(text.encode("ascii", errors="replace") + b"\r\n")
 
-    _reply = reply
-
     def _flush(self) -> None:
         out = self._out
         if not out:
@@ -409,7 +403,7 @@ class SubmissionSMTP(asyncio.Protocol):
             self._busy = None
             return
         except Exception as error:
-            self._reply(self.listener.handler.handle_exception(error))
+            self.reply(self.listener.handler.handle_exception(error))
         self._busy = None
         if not self._ended:
             self._process()
@@ -437,7 +431,7 @@ class SubmissionSMTP(asyncio.Protocol):
             self.transport.close()
             return
         log.info("%s: silent too long; closing", client_address(self))
-        self._reply(count(Reply.TIMEOUT.format(hostname=self.hostname)))
+        self.reply(count(Reply.TIMEOUT.format(hostname=self.hostname)))
         self.close()
 
     def close_for_stop(self, *, now: bool = False) -> None:
@@ -455,7 +449,7 @@ class SubmissionSMTP(asyncio.Protocol):
         if self._awaiting_header:
             transport.close()  # still waiting for the PROXY header: nobody to speak SMTP to
             return
-        self._reply(count(Reply.STOPPING.format(hostname=self.hostname)))
+        self.reply(count(Reply.STOPPING.format(hostname=self.hostname)))
         self.close()
 
     # -- the PROXY header and TLS
@@ -582,14 +576,14 @@ class SubmissionSMTP(asyncio.Protocol):
     def _helo_needed(self, helo: str = "HELO") -> bool:
         if self.host_name:
             return False
-        self._reply(f"503 Error: send {helo} first")
+        self.reply(f"503 Error: send {helo} first")
         return True
 
     def _auth_needed(self) -> bool:
         """A client that matches a trusted entry needs no AUTH; every other hears 530."""
         if self.agent is not None or self.trusted_match() is not None:
             return False
-        self._reply("530 5.7.0 Authentication required")
+        self.reply("530 5.7.0 Authentication required")
         return True
 
     def _reset_envelope(self) -> None:
@@ -602,16 +596,16 @@ class SubmissionSMTP(asyncio.Protocol):
 
     def smtp_HELO(self, arg: str | None) -> None:
         if not arg:
-            self._reply("501 Syntax: HELO hostname")
+            self.reply("501 Syntax: HELO hostname")
             return
         self._reset_envelope()
         self.extended_smtp = False
         self.host_name = arg
-        self._reply(f"250 {self.hostname}")
+        self.reply(f"250 {self.hostname}")
 
     def smtp_EHLO(self, arg: str | None) -> None:
         if not arg:
-            self._reply("501 Syntax: EHLO hostname")
+            self.reply("501 Syntax: EHLO hostname")
             return
         self._reset_envelope()
         self.extended_smtp = True
@@ -626,37 +620,37 @@ class SubmissionSMTP(asyncio.Protocol):
             lines.append("250-AUTH " + " ".join(MECHANISMS))
         lines.append("250-PIPELINING")
         lines.append("250 HELP")
-        self._reply("\r\n".join(lines))
+        self.reply("\r\n".join(lines))
 
     def smtp_NOOP(self, arg: str | None) -> None:
-        self._reply("250 OK")
+        self.reply("250 OK")
 
     def smtp_QUIT(self, arg: str | None) -> None:
         if arg:
-            self._reply("501 Syntax: QUIT")
+            self.reply("501 Syntax: QUIT")
             return
-        self._reply("221 Bye")
+        self.reply("221 Bye")
         self.close()
 
     def smtp_RSET(self, arg: str | None) -> None:
         if arg:
-            self._reply("501 Syntax: RSET")
+            self.reply("501 Syntax: RSET")
             return
         self._reset_envelope()
-        self._reply("250 OK")
+        self.reply("250 OK")
 
     def smtp_EXPN(self, arg: str | None) -> None:
-        self._reply("502 EXPN not implemented")
+        self.reply("502 EXPN not implemented")
 
     def smtp_VRFY(self, arg: str | None) -> None:
         if self._auth_needed():
             return
         if not arg:
-            self._reply("501 Syntax: VRFY <address>")
+            self.reply("501 Syntax: VRFY <address>")
         elif read_path(arg) is None:
-            self._reply("502 Could not VRFY " + arg)
+            self.reply("502 Could not VRFY " + arg)
         else:
-            self._reply("252 Cannot VRFY user, but will accept message and attempt delivery")
+            self.reply("252 Cannot VRFY user, but will accept message and attempt delivery")
 
     def smtp_HELP(self, arg: str | None) -> None:
         if self._auth_needed():
@@ -667,22 +661,22 @@ class SubmissionSMTP(asyncio.Protocol):
             command = arg.upper()
             if command in offered:
                 extended = self.extended_smtp and command in ("MAIL", "RCPT")
-                self._reply(
+                self.reply(
                     f"250 Syntax: {HELP_SYNTAX[command]}{EXTENDED_SYNTAX if extended else ''}"
                 )
                 return
             code = 501
-        self._reply(f"{code} Supported commands: {' '.join(offered)}")
+        self.reply(f"{code} Supported commands: {' '.join(offered)}")
 
     def smtp_STARTTLS(self, arg: str | None) -> None:
         if arg:
-            self._reply("501 Syntax: STARTTLS")
+            self.reply("501 Syntax: STARTTLS")
             return
         context = self.listener.tls
         if context is None or self.tls:
-            self._reply("454 TLS not available")
+            self.reply("454 TLS not available")
             return
-        self._reply("220 Ready to start TLS")
+        self.reply("220 Ready to start TLS")
         self._discarding = True
         self._run(partial(self._start_tls, context))
 
@@ -690,32 +684,32 @@ class SubmissionSMTP(asyncio.Protocol):
         if self._helo_needed("EHLO"):
             return
         if not self.extended_smtp:
-            self._reply("500 Error: command 'AUTH' not recognized")
+            self.reply("500 Error: command 'AUTH' not recognized")
         elif self.listener.require_tls and not self.tls:
-            self._reply("538 5.7.11 Encryption required for requested authentication mechanism")
+            self.reply("538 5.7.11 Encryption required for requested authentication mechanism")
         elif self.agent is not None:
-            self._reply("503 Already authenticated")
+            self.reply("503 Already authenticated")
         elif not arg:
-            self._reply("501 Not enough value")
+            self.reply("501 Not enough value")
         elif len(args := arg.split()) > 2:
-            self._reply("501 Too many values")
+            self.reply("501 Too many values")
         elif args[0] not in MECHANISMS:
-            self._reply("504 5.5.4 Unrecognized authentication type")
+            self.reply("504 5.5.4 Unrecognized authentication type")
         else:
             self._run(partial(self.listener.handler.authenticate, self, args[0], args[1:]))
 
     async def challenge(self, challenge: str) -> bytes | None:
         """The client's answer to a 334 challenge, decoded; None when it gave up ("*") or
         sent no base64, which has been answered then."""
-        self._reply("334 " + b64encode(challenge.encode()).decode("ascii"))
+        self.reply("334 " + b64encode(challenge.encode()).decode("ascii"))
         answer = (await self.read_line()).strip()
         if answer == b"*":
-            self._reply("501 5.7.0 Auth aborted")
+            self.reply("501 5.7.0 Auth aborted")
             return None
         try:
             return b64decode(answer, validate=True)
         except binascii.Error:
-            self._reply("501 5.5.2 Can't decode base64")
+            self.reply("501 5.5.2 Can't decode base64")
             return None
 
     def smtp_MAIL(self, arg: str | None) -> None:
@@ -729,16 +723,16 @@ class SubmissionSMTP(asyncio.Protocol):
             return
         address, rest = path
         if self.mail_from:
-            self._reply("503 Error: nested MAIL command")
+            self.reply("503 Error: nested MAIL command")
             return
         options = rest.upper().split()
         problem = mail_parameters_problem(options, self.listener.size_limit, syntax)
         if problem is not None:
-            self._reply(problem)
+            self.reply(problem)
             return
         handler = self.listener.handler
         if self.agent is not None:
-            self._reply(handler.agent_sender(self, address, options))
+            self.reply(handler.agent_sender(self, address, options))
         else:
             self._run(partial(handler.trusted_sender, self, address, options))
 
@@ -746,7 +740,7 @@ class SubmissionSMTP(asyncio.Protocol):
         if self._helo_needed() or self._auth_needed():
             return
         if not self.mail_from:
-            self._reply("503 Error: need MAIL command")
+            self.reply("503 Error: need MAIL command")
             return
         syntax = "501 Syntax: RCPT TO: <address>" + (EXTENDED_SYNTAX if self.extended_smtp else "")
         path = self._path(arg, "TO:", syntax)
@@ -756,24 +750,24 @@ class SubmissionSMTP(asyncio.Protocol):
         options = rest.upper().split()
         params = parameters(options)
         if params is None:
-            self._reply(syntax)
+            self.reply(syntax)
         elif params:
-            self._reply("555 RCPT TO parameters not recognized or not implemented")
+            self.reply("555 RCPT TO parameters not recognized or not implemented")
         else:
-            self._reply(self.listener.handler.recipient(self, address, options))
+            self.reply(self.listener.handler.recipient(self, address, options))
 
     def _path(self, arg: str | None, keyword: str, syntax: str) -> tuple[str, str] | None:
         """MAIL's or RCPT's address and parameters, or None when the reply is given."""
         given = after_keyword(keyword, arg) if arg is not None else None
         if given is None:
-            self._reply(syntax)
+            self.reply(syntax)
             return None
         path = read_path(given)
         if path is None:
-            self._reply("553 5.1.3 Error: malformed address")
+            self.reply("553 5.1.3 Error: malformed address")
             return None
         if not path[0] or (path[1] and not self.extended_smtp):
-            self._reply(syntax)
+            self.reply(syntax)
             return None
         return path
 
@@ -781,12 +775,12 @@ class SubmissionSMTP(asyncio.Protocol):
         if self._helo_needed() or self._auth_needed():
             return
         if not self.rcpt_tos:
-            self._reply("503 Error: need RCPT command")
+            self.reply("503 Error: need RCPT command")
             return
         if arg:
-            self._reply("501 Syntax: DATA")
+            self.reply("501 Syntax: DATA")
             return
-        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        self.reply("354 End data with <CR><LF>.<CR><LF>")
         listener = self.listener
         feed = DataFeed(listener.size_limit, DATA_LINE_LIMIT, listener.spool_dir)
         feed.drained = self._spool_caught_up
@@ -806,7 +800,7 @@ class SubmissionSMTP(asyncio.Protocol):
         finally:
             spooled.close()
         self._reset_envelope()
-        self._reply(reply)
+        self.reply(reply)
         if self._stopping:
             self._say_stopping()
             return
