@@ -508,6 +508,7 @@ class SubmissionSMTP(asyncio.Protocol):
             # The layer closes the socket but, no handshake done, may not call our
             # connection_lost: the session ends here, or the gate would count it forever.
             log.info("%s: TLS handshake failed: %s", client_address(self), exc)
+            exc.__traceback__ = None  # its frames (the layer's waiter holds it) hold the session
             self._end()
             self._let_go()
             return
@@ -533,6 +534,7 @@ class SubmissionSMTP(asyncio.Protocol):
             )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             log.info("%s: TLS handshake failed: %s", client_address(self), exc)
+            exc.__traceback__ = None  # its frames (start_tls's waiter holds it) hold the session
             transport.close()
             self._end()
             return

@@ -9,6 +9,7 @@ once it has ended is in a cycle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import weakref
 from collections.abc import Iterator
@@ -103,3 +104,35 @@ async def test_a_session_refused_at_the_gate_is_freed(relay_factory: StartRelay)
     writer.close()
     assert await left_alone(1), "the refused session is still in memory"
     await admitted.close()
+
+
+@pytest.mark.usefixtures("no_collector")
+async def test_a_session_whose_starttls_handshake_fails_is_freed(relay: Harness) -> None:
+    """No handshake done, the TLS layer never calls the session's connection_lost: the
+    session ends and lets go by itself, and leaves the gate."""
+    wire = await Wire.open(relay.smtp_port)
+    await wire.ehlo()
+    session = the_session(relay)
+    assert (await wire.command("STARTTLS")).code == 220
+    await wire.write(b"this is no TLS ClientHello\r\n" * 20)
+    assert await freed(session)
+    assert not relay.relay.smtp.gate.sessions
+    await wire.close()
+
+
+@pytest.mark.usefixtures("no_collector")
+async def test_a_session_whose_tls_after_a_proxy_header_fails_is_freed(
+    relay_factory: StartRelay,
+) -> None:
+    """The same on an implicit-TLS listener behind a proxy, where the handshake follows
+    the PROXY header: plain text in place of a ClientHello."""
+    relay = await relay_factory(
+        smtp={"proxy_protocol": True, "proxy_from": ["127.0.0.1/32"], "proxy_timeout": 5}
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.tls_port)
+    writer.write(b"PROXY TCP4 192.0.2.7 127.0.0.1 40001 465\r\nEHLO client.example\r\n")
+    with contextlib.suppress(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 15)  # at most a TLS alert, then the close
+    writer.close()
+    assert await left_alone(0), "the session is still in memory"
+    assert not relay.relay.smtp.gate.sessions
