@@ -27,7 +27,6 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -39,13 +38,6 @@ KEPT = 256 * 1024  # octets kept in memory before a spool file is made
 _END = b".\r\n"
 _DOT = b"."
 _END_OF_DATA = b"\r\n.\r\n"
-
-
-@dataclass(frozen=True)
-class DataResult:
-    content: bytes
-    too_big: bool = False
-    line_too_long: bool = False
 
 
 class _Spool:

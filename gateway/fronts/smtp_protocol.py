@@ -121,7 +121,6 @@ class SubmissionSMTP(asyncio.Protocol):
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
-        self.hostname = listener.hostname
         self.transport: asyncio.Transport | None = None
         self.peer: object = None  # the TCP peer, or the client a PROXY header named
         self.tls = False
@@ -187,7 +186,7 @@ class SubmissionSMTP(asyncio.Protocol):
         self._greet()
 
     def _greet(self) -> None:
-        self.reply(f"220 {self.hostname} sealrelay")
+        self.reply(f"220 {self.listener.hostname} sealrelay")
         self._flush()
         self._reset_timeout()
 
@@ -431,7 +430,7 @@ class SubmissionSMTP(asyncio.Protocol):
             self.transport.close()
             return
         log.info("%s: silent too long; closing", client_address(self))
-        self.reply(count(Reply.TIMEOUT.format(hostname=self.hostname)))
+        self.reply(count(Reply.TIMEOUT.format(hostname=self.listener.hostname)))
         self.close()
 
     def close_for_stop(self, *, now: bool = False) -> None:
@@ -449,7 +448,7 @@ class SubmissionSMTP(asyncio.Protocol):
         if self._awaiting_header:
             transport.close()  # still waiting for the PROXY header: nobody to speak SMTP to
             return
-        self.reply(count(Reply.STOPPING.format(hostname=self.hostname)))
+        self.reply(count(Reply.STOPPING.format(hostname=self.listener.hostname)))
         self.close()
 
     # -- the PROXY header and TLS
@@ -603,7 +602,7 @@ class SubmissionSMTP(asyncio.Protocol):
         self._reset_envelope()
         self.extended_smtp = False
         self.host_name = arg
-        self.reply(f"250 {self.hostname}")
+        self.reply(f"250 {self.listener.hostname}")
 
     def smtp_EHLO(self, arg: str | None) -> None:
         if not arg:
@@ -612,7 +611,7 @@ class SubmissionSMTP(asyncio.Protocol):
         self._reset_envelope()
         self.extended_smtp = True
         self.host_name = arg
-        lines = [f"250-{self.hostname}"]
+        lines = [f"250-{self.listener.hostname}"]
         if self.listener.size_limit:
             lines.append(f"250-SIZE {self.listener.size_limit}")
         lines.append("250-8BITMIME")

@@ -5,16 +5,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.fronts.data_reader import KEPT, WINDOW, DataFeed, DataResult, Spooled
+from gateway.fronts.data_reader import KEPT, WINDOW, DataFeed, Spooled
 from gateway.mail import lines
 
 LIMIT = 1001
+
+
+@dataclass(frozen=True)
+class DataResult:
+    """What the session hands on: the content, or why there is none."""
+
+    content: bytes
+    too_big: bool = False
+    line_too_long: bool = False
 
 
 def pieces_of(data: bytes, size: int) -> list[bytes]:

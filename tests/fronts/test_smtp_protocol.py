@@ -78,8 +78,8 @@ class Transport:
             await asyncio.wait_for(self.wrote.wait(), TIMEOUT)
 
 
-def session_on(relay: Harness, **changes: Any) -> tuple[SubmissionSMTP, Transport]:
-    """A session of the relay's front on a transport of the test's, greeted."""
+def connected(relay: Harness, **changes: Any) -> tuple[SubmissionSMTP, Transport]:
+    """A session of the relay's front on a transport of the test's."""
     front = relay.relay.smtp
     listener = Listener(
         handler=front.handler,
@@ -94,6 +94,12 @@ def session_on(relay: Harness, **changes: Any) -> tuple[SubmissionSMTP, Transpor
     transport = Transport()
     transport.protocol = session
     session.connection_made(transport)  # type: ignore[arg-type]
+    return session, transport
+
+
+def session_on(relay: Harness, **changes: Any) -> tuple[SubmissionSMTP, Transport]:
+    """`connected`, and greeted."""
+    session, transport = connected(relay, **changes)
     assert transport.lines()[0].startswith("220 "), transport.lines()
     transport.written.clear()
     return session, transport
@@ -204,19 +210,7 @@ async def test_a_proxy_header_in_pieces_names_the_client(
     relay = await relay_factory(
         smtp={"implicit_tls_listen": [], "proxy_protocol": True, "proxy_from": ["127.0.0.1"]}
     )
-    front = relay.relay.smtp
-    listener = Listener(
-        handler=front.handler,
-        gate=front.gate,
-        hostname=relay.settings.server.hostname,
-        timeout=relay.settings.smtp.timeout,
-        size_limit=relay.settings.smtp.max_message_size,
-        proxy=front.proxy,
-    )
-    session = SubmissionSMTP(listener)
-    transport = Transport()
-    transport.protocol = session
-    session.connection_made(transport)  # type: ignore[arg-type]
+    session, transport = connected(relay, proxy=relay.relay.smtp.proxy)
     assert transport.written == b""  # nothing is said before the header
     fed(session, b"PROXY TCP4 192.0.2.7 127.0.0.1 40001 25\r\nNOOP\r\n", size)
     assert await transport.replies(2) == [transport.lines()[0], "250 OK"]
