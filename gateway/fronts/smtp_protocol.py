@@ -139,7 +139,7 @@ class SubmissionSMTP(asyncio.Protocol):
         self._out: list[bytes] = []
         self._busy: asyncio.Task[None] | None = None
         self._data: DataFeed | None = None
-        self._line_wanted: asyncio.Future[bytes] | None = None
+        self._line_wanted: asyncio.Future[bytes | None] | None = None
         self._awaiting_header = False
         self._admitted: str | None = None  # the client address while the gate counts it
         self._refused = False
@@ -319,19 +319,26 @@ class SubmissionSMTP(asyncio.Protocol):
         method(self, arg)
 
     def _give_line(self) -> None:
-        """A line the session awaits (an AUTH answer) instead of a command."""
-        end = self._buffer.find(b"\n")
+        """A line the session awaits (an AUTH answer) instead of a command; None for one
+        over LINE_LIMIT, whose octets are thrown away as they come."""
         waiter = self._line_wanted
-        if end == -1 or waiter is None:
+        if waiter is None:
             return
-        line = bytes(self._buffer[: end + 1])
+        end = self._buffer.find(b"\n")
+        if end == -1:
+            if len(self._buffer) > LINE_LIMIT:
+                self._too_long = True
+                self._buffer.clear()
+            return
+        line = None if self._too_long else bytes(self._buffer[: end + 1])
+        self._too_long = False
         del self._buffer[: end + 1]
         self._line_wanted = None
         if not waiter.done():
             waiter.set_result(line)
 
-    async def read_line(self) -> bytes:
-        """The client's next line, read while a command's task runs."""
+    async def read_line(self) -> bytes | None:
+        """The client's next line, read while a command's task runs; None for one too long."""
         self._flush()
         self._line_wanted = asyncio.get_running_loop().create_future()
         self._give_line()
@@ -700,10 +707,14 @@ class SubmissionSMTP(asyncio.Protocol):
             self._run(partial(self.listener.handler.authenticate, self, args[0], args[1:]))
 
     async def challenge(self, challenge: str) -> bytes | None:
-        """The client's answer to a 334 challenge, decoded; None when it gave up ("*") or
-        sent no base64, which has been answered then."""
+        """The client's answer to a 334 challenge, decoded; None when it gave up ("*"), sent
+        no base64 or too long a line, which has been answered then."""
         self.reply("334 " + b64encode(challenge.encode()).decode("ascii"))
-        answer = (await self.read_line()).strip()
+        line = await self.read_line()
+        if line is None:
+            self.reply("500 5.5.6 Authentication Exchange line is too long")  # RFC 4954 4
+            return None
+        answer = line.strip()
         if answer == b"*":
             self.reply("501 5.7.0 Auth aborted")
             return None

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.fronts.proxy_header import header_length
-from gateway.fronts.smtp_protocol import KEPT_WHILE_BUSY, Listener, SubmissionSMTP
+from gateway.fronts.smtp_protocol import KEPT_WHILE_BUSY, LINE_LIMIT, Listener, SubmissionSMTP
 from tests.conftest import AGENT, Harness, StartRelay
 from tests.fronts.test_smtp_front import (
     PROSPECT,
@@ -155,6 +155,23 @@ async def test_the_end_of_data_split_across_pieces(relay: Harness, size: int) ->
     assert replies[5].startswith("250 2.0.0 Ok: queued as"), replies
     [copy] = await relay.sink.expect(1)
     assert b"\r\n.dot\r\n" in copy.data and b"NOOP" not in copy.data
+    transport.close()
+
+
+async def test_an_endless_answer_to_an_auth_challenge_is_not_kept(relay: Harness) -> None:
+    """A client that never ends its answer to a 334 does not fill the relay's memory: the
+    octets past a line's bound are thrown away as they come, the answer is refused once its
+    line ends, and the session is still in step."""
+    session, transport = session_on(relay)
+    session.data_received(b"EHLO client.example\r\nAUTH LOGIN\r\n")
+    assert (await transport.replies(2))[1].startswith("334 ")
+    for _ in range(100):
+        session.data_received(b"QUJD" * 2500)  # 10 KB a piece, no line end
+        assert len(session._buffer) <= 2 * LINE_LIMIT + 10_000
+    session.data_received(b"QUJD\r\nNOOP\r\n")
+    replies = await transport.replies(4)
+    assert replies[2:] == ["500 5.5.6 Authentication Exchange line is too long", "250 OK"]
+    assert session.agent is None
     transport.close()
 
 
