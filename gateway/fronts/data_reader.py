@@ -145,11 +145,12 @@ class Spooled:
     """DATA as received, in memory or its spool file until `read` takes it whole; `close`
     ends the file (it has no name, so nothing is left behind)."""
 
-    def __init__(self, spool: _Spool, too_big: bool = False) -> None:
+    def __init__(self, spool: _Spool, too_big: bool = False, failed: OSError | None = None) -> None:
         self._spool = spool
         self.too_big = too_big
-        self.line_too_long = spool.line_too_long and not too_big
-        self.size = 0 if too_big or spool.line_too_long else spool.size
+        self.failed = None if too_big else failed  # why the spool could not be written
+        self.line_too_long = spool.line_too_long and not too_big and failed is None
+        self.size = 0 if too_big or failed or spool.line_too_long else spool.size
         self.bare_line_end = spool.bare_line_end  # in what `read` gives
 
     async def read(self) -> bytes:
@@ -189,6 +190,7 @@ class DataFeed:
         self._windows: list[tuple[bytes, int]] = []
         self._wake: asyncio.Future[None] | None = None
         self.drained: Callable[[], None] | None = None  # called as the spool catches up
+        self.failed: OSError | None = None  # the spool could not be written: read on to the end
 
     def feed(self, data: bytes) -> int | None:
         """Takes `data`; the index in it just past the end of data, or None before that."""
@@ -198,7 +200,7 @@ class DataFeed:
         self._tail = (self._tail + piece[-4:])[-4:]
         if self._size_limit is not None and self.received - len(_END) > self._size_limit:
             self.too_big = True
-        if self.too_big or self._spool.line_too_long:
+        if self.too_big or self.failed is not None or self._spool.line_too_long:
             self._gathered, self._gathered_size, self._windows = [], 0, []
         else:
             self._gathered.append(piece)
@@ -224,13 +226,20 @@ class DataFeed:
         return self._gathered_size + sum(len(block) for block, _ in self._windows)
 
     async def spooled(self) -> Spooled:
-        """The whole DATA once its end has come, checked and spooled; the caller closes it."""
+        """The whole DATA once its end has come, checked and spooled; the caller closes it.
+
+        A spool that cannot be written (a full disk) is given up, not the data: the rest is
+        read to its end, so that the client hears its answer then, in step."""
         spool = self._spool
         try:
             while True:
                 while self._windows:
                     block, end = self._windows.pop(0)
-                    await spool.feed(block, end)
+                    try:
+                        await spool.feed(block, end)
+                    except OSError as exc:
+                        self.failed = exc
+                        self._windows = []
                     if self.drained is not None:
                         self.drained()
                 if self.ended:
@@ -241,7 +250,7 @@ class DataFeed:
         except BaseException:
             spool.close()
             raise
-        return Spooled(spool, self.too_big)
+        return Spooled(spool, self.too_big, self.failed)
 
 
 def _end_in(tail: bytes, data: bytes) -> int | None:

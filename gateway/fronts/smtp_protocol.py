@@ -410,6 +410,8 @@ class SubmissionSMTP(asyncio.Protocol):
             return
         except Exception as error:
             self.reply(self.listener.handler.handle_exception(error))
+            if not self._ended:
+                self._reset_timeout()  # it may rest while the relay works (DATA)
         self._busy = None
         if not self._ended:
             self._process()
@@ -807,11 +809,14 @@ class SubmissionSMTP(asyncio.Protocol):
                 reply = count(Reply.TOO_BIG.format(limit=self.listener.size_limit))
             elif spooled.line_too_long:
                 reply = count(Reply.LINE_TOO_LONG)
+            elif spooled.failed is not None:
+                log.error("%s: cannot spool a message: %s", client_address(self), spooled.failed)
+                reply = count(Reply.TEMPORARY)
             else:
                 reply = await self._hand_over(spooled)
         finally:
             spooled.close()
-        self._reset_envelope()
+            self._reset_envelope()  # DATA ends the transaction, whatever its answer
         self.reply(reply)
         if self._stopping:
             self._say_stopping()

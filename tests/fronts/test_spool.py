@@ -5,6 +5,7 @@ after a 250, a 552, a 500 and a client gone mid-DATA, with nothing left in the d
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Settings
+from gateway.fronts import data_reader
 from gateway.fronts.data_reader import KEPT, WINDOW
 from gateway.fronts.smtp import spool_directory
 from tests.conftest import AGENT, Harness, StartRelay
@@ -109,6 +111,60 @@ async def test_a_refused_message_leaves_no_spool_file(
     await assert_nothing_written(relay)
     await send_sentinel(relay, wire)
     assert spool_files(spool) == []
+    await wire.close()
+
+
+async def test_a_spool_that_cannot_be_written_is_answered_451_after_the_data(
+    spooling: tuple[Harness, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk under the spool: the client hears 451 once its data has ended (not while
+    it still sends), the session stays in step, and nothing is stored or left behind."""
+    relay, spool = spooling
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data_reader, "_write_out", full)
+    wire = await logged_in(relay)
+    answer = await wire.data(dotted(raw_message(body=line_block(900_000))))
+    assert answer.code == 451, answer
+    assert spool_files(spool) == [] and list(spool.iterdir()) == []
+    await assert_nothing_written(relay)
+    monkeypatch.undo()
+    await send_sentinel(relay, wire)
+
+
+def unreadable(*args: object) -> bytes:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+async def test_a_spool_that_cannot_be_read_back_ends_the_transaction(
+    spooling: tuple[Harness, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message is answered 451 and its transaction is over: the next MAIL starts one."""
+    relay, spool = spooling
+    monkeypatch.setattr(data_reader, "_read_back", unreadable)
+    wire = await logged_in(relay)
+    answer = await wire.data(dotted(raw_message(body=line_block(900_000))))
+    assert answer.code == 451, answer
+    assert spool_files(spool) == []
+    await assert_nothing_written(relay)
+    monkeypatch.undo()
+    await send_sentinel(relay, wire)
+
+
+async def test_a_client_silent_after_a_failed_message_is_timed_out(
+    relay_factory: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle timer, resting while the relay worked on the message, runs again after
+    the 451: a client that then says nothing does not keep its place for ever."""
+    relay = await relay_factory(smtp={"spool_dir": str(tmp_path / "spool"), "timeout": 2})
+    monkeypatch.setattr(data_reader, "_read_back", unreadable)
+    wire = await logged_in(relay)
+    answer = await wire.data(dotted(raw_message(body=line_block(900_000))))
+    assert answer.code == 451, answer
+    timed_out = await asyncio.wait_for(wire.answer(), 15)
+    assert timed_out.code == 421, timed_out
     await wire.close()
 
 
