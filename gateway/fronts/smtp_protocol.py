@@ -123,7 +123,6 @@ class SubmissionSMTP(asyncio.Protocol):
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.peer: object = None  # the TCP peer, or the client a PROXY header named
-        self.tls = False
         self.host_name = ""  # as HELO or EHLO gave it
         self.extended_smtp = False
         self.agent: users.Agent | None = None
@@ -159,7 +158,6 @@ class SubmissionSMTP(asyncio.Protocol):
         """The gate decides before anything is said; behind a proxy it waits for the header."""
         self.transport = transport  # type: ignore[assignment]  # a stream transport
         self.peer = transport.get_extra_info("peername")
-        self.tls = transport.get_extra_info("ssl_object") is not None
         address = client_address(self)
         gate = self.listener.gate
         proxy = self.listener.proxy
@@ -520,7 +518,6 @@ class SubmissionSMTP(asyncio.Protocol):
             self._end()
             self._let_go()
             return
-        self.tls = True
         self._greet()
 
     async def _start_tls(self, context: ssl.SSLContext) -> None:
@@ -549,7 +546,6 @@ class SubmissionSMTP(asyncio.Protocol):
         if secured is None or self._ended:
             return
         self.transport = secured
-        self.tls = True
         self.host_name = ""
         self.extended_smtp = False
         self.agent = None
@@ -557,6 +553,11 @@ class SubmissionSMTP(asyncio.Protocol):
         self._reset_timeout()
 
     # -- who the client is
+
+    @property
+    def tls(self) -> bool:
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("ssl_object") is not None
 
     @property
     def authenticated(self) -> bool:
@@ -604,22 +605,23 @@ class SubmissionSMTP(asyncio.Protocol):
 
     # -- the commands
 
-    def smtp_HELO(self, arg: str | None) -> None:
+    def _hello(self, arg: str | None, command: str) -> bool:
+        """HELO or EHLO starts the session over under the client's name; False when none."""
         if not arg:
-            self.reply("501 Syntax: HELO hostname")
-            return
+            self.reply(f"501 Syntax: {command} hostname")
+            return False
         self._reset_envelope()
-        self.extended_smtp = False
+        self.extended_smtp = command == "EHLO"
         self.host_name = arg
-        self.reply(f"250 {self.listener.hostname}")
+        return True
+
+    def smtp_HELO(self, arg: str | None) -> None:
+        if self._hello(arg, "HELO"):
+            self.reply(f"250 {self.listener.hostname}")
 
     def smtp_EHLO(self, arg: str | None) -> None:
-        if not arg:
-            self.reply("501 Syntax: EHLO hostname")
+        if not self._hello(arg, "EHLO"):
             return
-        self._reset_envelope()
-        self.extended_smtp = True
-        self.host_name = arg
         lines = [f"250-{self.listener.hostname}"]
         if self.listener.size_limit:
             lines.append(f"250-SIZE {self.listener.size_limit}")
