@@ -338,9 +338,10 @@ class SubmissionSMTP(asyncio.Protocol):
     async def read_line(self) -> bytes | None:
         """The client's next line, read while a command's task runs; None for one too long."""
         self._flush()
-        self._line_wanted = asyncio.get_running_loop().create_future()
-        self._give_line()
-        return await self._line_wanted
+        wanted: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._line_wanted = wanted
+        self._give_line()  # the line may be here already
+        return await wanted
 
     def _take_data(self, data: bytes) -> None:
         feed = self._data

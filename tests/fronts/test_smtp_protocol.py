@@ -273,3 +273,63 @@ async def test_a_connection_lost_mid_data_stores_nothing(relay: Harness) -> None
     assert session.closed.is_set()
     await asyncio.wait_for(asyncio.wait([receiving]), TIMEOUT)
     await assert_nothing_written(relay)
+
+
+@pytest.mark.parametrize(
+    ("changes", "wire", "replies"),
+    [
+        ({}, b"MAIL FROM:<a@b.example>\r\n", ["503 Error: send HELO first"]),
+        ({}, b"AUTH PLAIN\r\n", ["503 Error: send EHLO first"]),
+        ({}, b"HELO\r\n", ["501 Syntax: HELO hostname"]),
+        ({}, b"HELO x\r\nAUTH PLAIN\r\n", ["250 ", "500 Error: command 'AUTH' not recognized"]),
+        ({}, b"EHLO x\r\nSTARTTLS\r\n", ["250 HELP", "454 TLS not available"]),
+        ({}, b"EHLO x\r\nNOOP \xff\r\n", ["250 HELP", "500 Error: strict ASCII mode"]),
+        (
+            {},
+            b"EHLO x\r\n" + b"NOOP " + b"x" * 600 + b"\r\n",
+            ["250 HELP", "500 Command line too long"],
+        ),
+        ({}, b"EHLO x\r\nAUTH\r\n", ["250 HELP", "501 Not enough value"]),
+        ({}, b"EHLO x\r\nAUTH PLAIN a b\r\n", ["250 HELP", "501 Too many values"]),
+        (
+            {},
+            b"EHLO x\r\nAUTH CRAM-MD5\r\n",
+            ["250 HELP", "504 5.5.4 Unrecognized authentication type"],
+        ),
+        (
+            {},
+            b"EHLO x\r\nAUTH LOGIN\r\n*\r\n",
+            ["250 HELP", "334 VXNlciBOYW1lAA==", "501 5.7.0 Auth aborted"],
+        ),
+        (
+            {},
+            b"EHLO x\r\nAUTH LOGIN\r\n!!\r\n",
+            ["250 HELP", "334 VXNlciBOYW1lAA==", "501 5.5.2 Can't decode base64"],
+        ),
+        ({}, b"EHLO x\r\nEXPN x\r\n", ["250 HELP", "502 EXPN not implemented"]),
+        ({}, b"EHLO x\r\nVRFY x\r\n", ["250 HELP", "530 5.7.0 Authentication required"]),
+        (
+            {"require_tls": True},
+            b"EHLO x\r\nAUTH PLAIN\r\n",
+            ["250 HELP", "538 5.7.11 Encryption required for requested authentication mechanism"],
+        ),
+    ],
+)
+async def test_each_refusal_in_its_words(
+    relay: Harness, changes: dict[str, Any], wire: bytes, replies: list[str]
+) -> None:
+    """The replies the session gives of its own, as aiosmtpd worded them for clients."""
+    session, transport = session_on(relay, **changes)
+    session.data_received(wire)
+    got = await transport.replies(len(replies))
+    assert [line[: len(want)] for line, want in zip(got, replies, strict=True)] == replies
+    transport.close()
+
+
+async def test_a_client_sending_unknown_commands_is_sent_away(relay: Harness) -> None:
+    session, transport = session_on(relay)
+    session.data_received(b"BOGUS\r\n" * 5)
+    got = await transport.replies(5)
+    assert got[:4] == ['500 Error: command "BOGUS" not recognized'] * 4
+    assert got[4] == "502 5.5.1 Too many unrecognized commands, goodbye."
+    assert transport.closed
