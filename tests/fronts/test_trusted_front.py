@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from gateway import users
 from gateway.config import Settings, SmtpSettings, TrustedClient
@@ -435,6 +436,34 @@ async def test_served_domains_are_kept_between_messages_and_read_again_when_need
         now[0] += served.FRESH + 1
         assert await mail(scan) == refused
         assert (await mail(SERVED)).startswith("250")
+    finally:
+        await client.close()
+    assert await stored(relay) == (0, 0, 0)
+
+
+async def test_served_domains_that_cannot_be_read_are_a_451_and_the_session_goes_on(
+    relay_factory: StartRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read behind a trusted client's first MAIL FROM fails (the database is away): the
+    client hears 451 and may try again in the same session, which then reads and sends."""
+    relay = await relay_factory(
+        smtp={"trusted": [{"name": "scanner", "networks": [f"{INSIDE}/32"]}]}
+    )
+    real = trusted.served_domains
+
+    async def away(settings: Settings, db: object) -> frozenset[str]:
+        raise OperationalError("SELECT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(trusted, "served_domains", away)
+    client = await Client.open(relay.smtp_port, INSIDE)
+    try:
+        assert (await client.command("EHLO scanner.example")).startswith("250")
+        assert await client.command(f"MAIL FROM:<{SERVED}>") == (
+            "451 4.3.0 A local problem; try again later"
+        )
+        monkeypatch.setattr(trusted, "served_domains", real)
+        assert (await client.command(f"MAIL FROM:<{SERVED}>")).startswith("250")
+        assert (await client.command(f"RCPT TO:<{PROSPECT}>")).startswith("250")
     finally:
         await client.close()
     assert await stored(relay) == (0, 0, 0)
