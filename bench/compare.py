@@ -153,14 +153,17 @@ class TreeMemory:
 
 
 def database_cpu(server: Server) -> dict[int, float]:
-    """The PostgreSQL backends serving the server's connections now, with their CPU seconds
-    so far: the database's work is part of what a message costs on PostgreSQL."""
+    """The PostgreSQL backends serving the server's connections now (its processes' too,
+    with --processes), with their CPU seconds so far: the database's work is part of what a
+    message costs on PostgreSQL."""
     if server.database_port is None:
         return {}
     try:
+        server_process = psutil.Process(server.pid)
         ours = {
             c.laddr.port
-            for c in psutil.Process(server.pid).net_connections(kind="tcp")
+            for process in (server_process, *server_process.children(recursive=True))
+            for c in process.net_connections(kind="tcp")
             if c.raddr and c.raddr.port == server.database_port
         }
         backends = {
