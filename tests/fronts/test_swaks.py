@@ -125,3 +125,40 @@ async def test_swaks_with_a_wrong_password_gets_535(relay: Harness, swaks: str) 
     assert "-> DATA" not in transcript
     assert await stored(relay) == (0, 0)
     assert relay.sink.messages == []
+
+
+async def test_swaks_pipelines_its_envelope_and_a_refused_recipient_keeps_its_place(
+    relay: Harness, swaks: str
+) -> None:
+    """swaks sends MAIL, both RCPTs and DATA in one write once EHLO offers PIPELINING; the
+    replies come back in the commands' order, the refused recipient's 553 in its place, and
+    the message goes to the other one alone."""
+    bad = "bad..dots@example.com"
+    status, transcript = await run(
+        swaks,
+        *common(relay.smtp_port, "pipelined"),
+        "--to",
+        f"{PROSPECT},{bad}",
+        "--pipeline",
+        "--tls",
+        *credentials(),
+    )
+    assert status == 0, transcript  # swaks: sent, to at least one recipient
+    assert "<~  250-PIPELINING" in transcript
+    lines = transcript.splitlines()
+    sent = [line.strip() for line in lines if line.startswith(" ~> ")]
+    got = [line[4:].strip() for line in lines if line.startswith(("<~ ", "<~*"))]
+    mail = sent.index(f"~> MAIL FROM:<{AGENT}>")
+    assert sent[mail + 1 : mail + 4] == [
+        f"~> RCPT TO:<{PROSPECT}>",
+        f"~> RCPT TO:<{bad}>",
+        "~> DATA",
+    ]
+    start = got.index("250 2.1.0 Ok", got.index("235 2.7.0 Authentication successful"))
+    assert got[start + 1] == "250 2.1.5 Ok", got
+    assert got[start + 2].startswith(f"553 5.1.3 The recipient address <{bad}> is not valid"), got
+    assert got[start + 3].startswith("354 "), got
+    assert got[start + 4].startswith("250 2.0.0 Ok: queued as "), got
+    [copy] = await relay.sink.expect(1)
+    assert copy.rcpt_tos == [PROSPECT]
+    assert await stored(relay) == (1, 1)
