@@ -445,7 +445,8 @@ async def test_served_domains_that_cannot_be_read_are_a_451_and_the_session_goes
     relay_factory: StartRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The read behind a trusted client's first MAIL FROM fails (the database is away): the
-    client hears 451 and may try again in the same session, which then reads and sends."""
+    client hears 451 and may try again in the same session, where the read then succeeds
+    and the sender and recipient are taken."""
     relay = await relay_factory(
         smtp={"trusted": [{"name": "scanner", "networks": [f"{INSIDE}/32"]}]}
     )
