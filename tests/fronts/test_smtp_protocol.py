@@ -8,6 +8,7 @@ STARTTLS with a real connection and handshake.
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import pytest
@@ -156,6 +157,40 @@ async def test_the_end_of_data_split_across_pieces(relay: Harness, size: int) ->
     [copy] = await relay.sink.expect(1)
     assert b"\r\n.dot\r\n" in copy.data and b"NOOP" not in copy.data
     transport.close()
+
+
+def cut_at_random(data: bytes, rng: random.Random) -> list[bytes]:
+    """`data` in 1 to 40 pieces, cut where `rng` says."""
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(1, 40))))
+    return [data[start:end] for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+async def test_transactions_cut_anywhere_are_read_alike(relay: Harness) -> None:
+    """Envelope, data and the command after it, cut into pieces where a seeded random
+    says (a CR apart from its LF, a dot apart from its line, the end of data across three
+    pieces): every cutting gives the same replies and relays the same body."""
+    bodies = [
+        b".a dot at a line's start\r\n..two\r\n.\r\nnot the end\r\n",
+        b"\r\n\r\n. \r\nTschuess\r\n",
+    ]
+    envelope = f"MAIL FROM:<{AGENT}>\r\nRCPT TO:<{PROSPECT}>\r\nDATA\r\n".encode()
+    rng = random.Random(18)
+    for turn in range(12):
+        session, transport = session_on(relay)
+        session.data_received(LOGIN)
+        await transport.replies(2)
+        for number, body in enumerate(bodies):
+            for piece in cut_at_random(
+                envelope + dotted(raw_message(body=body)) + b"NOOP\r\n", rng
+            ):
+                session.data_received(piece)
+            replies = await transport.replies(2 + 5 * (number + 1))
+            assert [reply[:4] for reply in replies[-5:]] == ["250 ", "250 ", "354 ", "250 ", "250 "]
+            assert replies[-2].startswith("250 2.0.0 Ok: queued as "), replies
+        transport.close()
+        copies = await relay.sink.expect(2 * (turn + 1))
+        got = [copy.data.split(b"\r\n\r\n", 1)[1] for copy in copies[-2:]]
+        assert got == bodies, turn
 
 
 async def test_an_endless_answer_to_an_auth_challenge_is_not_kept(relay: Harness) -> None:
