@@ -190,7 +190,7 @@ async def test_transactions_cut_anywhere_are_read_alike(relay: Harness) -> None:
         transport.close()
         copies = await relay.sink.expect(2 * (turn + 1))
         got = [copy.data.split(b"\r\n\r\n", 1)[1] for copy in copies[-2:]]
-        assert got == bodies, turn
+        assert sorted(got) == sorted(bodies), turn  # delivered in either order
 
 
 async def test_an_endless_answer_to_an_auth_challenge_is_not_kept(relay: Harness) -> None:
