@@ -6,16 +6,20 @@ and drops the rest: with PIPELINING (RFC 2920) offered, RSET, MAIL, every RCPT a
 in one write and their replies are read back in order, one round trip instead of three or
 more. Without it, each command waits for its reply, as RFC 5321 has it.
 
-With CHUNKING (RFC 3030) offered, the copy leaves as one `BDAT <size> LAST` chunk once MAIL
-and RCPT were answered, in place of DATA: its octets as they are, with no dot to double on
-the way out and no terminator for the upstream to look for. BDAT is not sent in the same
-write as the commands before it: a 10 MB chunk would leave even when every recipient is
-refused, and a kept connection that turns out to be gone would have carried message bytes.
+With CHUNKING (RFC 3030) offered, the copy leaves as one `BDAT <size> LAST` chunk in place
+of DATA: its octets as they are, with no dot to double on the way out and no terminator for
+the upstream to look for. A small copy (one that is one write anyway) leaves in the same
+write as MAIL and RCPT when PIPELINING is offered too, as RFC 3030 4.2 allows: one round trip
+per copy instead of two. When every recipient is refused, that chunk has travelled for
+nobody and the upstream refuses and throws it away; a chunk's octets are read whatever its
+reply, which is what lets BDAT be pipelined at all. A big copy waits for MAIL's and RCPT's
+replies, so that megabytes do not leave for nobody, and so does one behind an RSET.
 
-A conversation that fails before the upstream said 354 to DATA (before BDAT was written) has
-sent no byte of the message, so the caller may try again on a fresh connection; once the data
-started, never: the upstream could have taken the copy. `ConnectionEnded.before_data` says
-which.
+A conversation that fails before the upstream answered anything of the transaction may be
+tried again at once on a fresh connection: a kept connection found gone when used. Once the
+upstream said 354 to DATA, wrote BDAT's chunk after the replies, or answered MAIL of a
+pipelined chunk, never: the upstream could have taken the copy; the copy is deferred.
+`ConnectionEnded.before_data` says which.
 """
 
 from __future__ import annotations
@@ -63,8 +67,8 @@ class Replies:
     """What the upstream answered to one transaction, in the order the commands went.
 
     `rcpt` has one reply per recipient; `data` is the reply to DATA when it was not 354,
-    else the reply after the data (the reply to BDAT with CHUNKING); None when no data was
-    sent (MAIL or every RCPT refused, without PIPELINING or with CHUNKING)."""
+    else the reply after the data (the reply to BDAT with CHUNKING); None when MAIL or every
+    RCPT was refused and the data was not sent, or sent in a chunk the upstream refused."""
 
     mail: Reply
     rcpt: tuple[Reply, ...]
@@ -394,6 +398,8 @@ class SmtpConnection:
     ) -> Replies:
         self._data_started = False
         reset = commands[0] == b"RSET\r\n"
+        if self.pipelining and not reset and (chunk := _small_chunk(data, self.chunking)):
+            return await self._envelope_and_chunk(commands, chunk, reply_timeout)
         replies: list[Reply] = []
         if self.pipelining:
             self._write(b"".join(commands))
@@ -448,6 +454,26 @@ class SmtpConnection:
         self._in_transaction = False  # ended by its reply: the next MAIL needs no RSET
         return Replies(mail, rcpt, reply)
 
+    async def _envelope_and_chunk(
+        self, commands: list[bytes], chunk: bytes, reply_timeout: float
+    ) -> Replies:
+        """MAIL, each RCPT and the copy's one chunk in one write, their replies read in order.
+
+        Until MAIL is answered, a break is most likely a kept connection found gone, and the
+        copy goes again at once on a new one. Had the upstream taken it all the same (Postfix's
+        smtpd answers a pipelined group once it has queued the message), a deferral would send
+        the same duplicate later. Once MAIL is answered, the upstream is reading this
+        transaction, and a break defers the copy as one after DATA's 354 does."""
+        self._write(b"".join(commands) + chunk)
+        mail = await self._reply(reply_timeout)
+        self._data_started = True
+        rcpt = tuple([await self._reply(reply_timeout) for _ in commands[1:]])
+        reply = await self._reply(reply_timeout)
+        self._in_transaction = not _ok(reply)
+        if not _ok(mail) or not any(map(_accepted, rcpt)):
+            return Replies(mail, rcpt, None)  # the chunk was refused for want of a recipient
+        return Replies(mail, rcpt, reply)
+
     async def _chunk(
         self, mail: Reply, rcpt: tuple[Reply, ...], data: Outgoing, reply_timeout: float
     ) -> Replies:
@@ -459,7 +485,7 @@ class SmtpConnection:
             return Replies(mail, rcpt, None)
         ending = _ending(data)
         self._data_started = True
-        command = f"BDAT {len(data) + len(ending)} LAST\r\n".encode("ascii")
+        command = _bdat_last(data)
         if isinstance(data, StoredCopy):
             self._write(command)
             async for piece in copy_pieces(data):
@@ -514,6 +540,18 @@ def _ending(data: Outgoing) -> bytes:
     if isinstance(data, StoredCopy):
         return b"" if data.ends_in_crlf else b"\r\n"
     return b"" if not data or data.endswith(b"\r\n") else b"\r\n"
+
+
+def _small_chunk(data: Outgoing, chunking: bool) -> bytes:
+    """A small copy as its `BDAT <size> LAST` command and octets, to go with its envelope;
+    empty when it goes after the envelope's replies (no CHUNKING, a stored or big copy)."""
+    if not chunking or isinstance(data, StoredCopy) or len(data) > PIECE:
+        return b""
+    return _bdat_last(data) + data + _ending(data)
+
+
+def _bdat_last(data: Outgoing) -> bytes:
+    return f"BDAT {len(data) + len(_ending(data))} LAST\r\n".encode("ascii")
 
 
 def _ok(reply: Reply) -> bool:

@@ -3,8 +3,9 @@ upstream offers it, as Microsoft 365, Gmail and Postfix's smtpd do.
 
 Against a real aiosmtpd receiver taught BDAT (tests/chunking_smtp.py) that records the
 octets it read per connection: what arrives is the copy byte for byte, with no dot doubled
-and the size said in BDAT exact; refusals keep their replies; nothing leaves for nobody;
-a copy whose blob changes on the way is cut before its chunk is whole, so nothing arrives.
+and the size said in BDAT exact; refusals keep their replies; a small copy's chunk leaves
+with its envelope, a big one only for somebody; a copy whose blob changes on the way is cut
+before its chunk is whole, so nothing arrives.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sqlalchemy import select
 from gateway.mail.dkim import body_hash
 from gateway.mail.headers import split_offsets
 from gateway.mail.outgoing import Signer
-from gateway.outbound.smtp_connection import SourceFailed
+from gateway.outbound.smtp_connection import PIECE, SourceFailed
 from gateway.outbound.stored_copy import BlobChanged
 from gateway.outbound.upstream import Outcome, SmtpUpstream
 from gateway.store.db import Database
@@ -34,18 +35,25 @@ from tests.support import CountingSMTP, Sink
 
 SENDER = "agent@broker.example"
 DATA = b"From: agent@broker.example\r\nSubject: x\r\n\r\n.leading dot\r\n..two\r\n.\r\nend\r\n"
+BIG = DATA + b"x" * PIECE + b"\r\n"  # too big to leave before the envelope is answered
 
 
 class _WireSMTP(CountingSMTP):
     def __init__(self, sink: Sink, **kwargs: Any) -> None:
         super().__init__(sink, **kwargs)
         assert isinstance(sink, WireSink)
+        self.sink = sink
         self.wire = bytearray()
         sink.wires.append(self.wire)
 
     def data_received(self, data: bytes) -> None:
         self.wire += data
         super().data_received(data)
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        # what the client wrote before it heard MAIL's reply is in the reader already
+        self.sink.chunk_before_mail_reply.append(b"\r\nBDAT " in bytes(self._reader._buffer))
+        await super().smtp_MAIL(arg)
 
 
 @dataclass
@@ -55,6 +63,7 @@ class WireSink(Sink):
     pipelining: bool = True
     chunking: bool = True
     wires: list[bytearray] = field(default_factory=list)
+    chunk_before_mail_reply: list[bool] = field(default_factory=list)  # per MAIL
     protocol: ClassVar[type[CountingSMTP]] = _WireSMTP
 
     def verbs(self) -> list[str]:
@@ -112,9 +121,11 @@ async def test_a_copy_without_a_final_crlf_gets_one_counted_in_the_chunk(
     assert bdat_sizes(sink) == [len(data) + 2]
 
 
-async def test_no_chunk_leaves_for_nobody_and_the_next_transaction_resets(
+async def test_a_small_chunk_for_nobody_is_refused_and_the_next_transaction_resets(
     sink: WireSink, upstreams: Callable[..., SmtpUpstream]
 ) -> None:
+    """A small copy's chunk leaves with its envelope (one round trip): with every recipient
+    refused, the upstream reads it, refuses it and keeps nothing."""
     sink.refuse["gone@example.com"] = "550 5.1.1 no such user"
     sink.refuse["later@example.com"] = "451 4.3.0 try again later"
     upstream = upstreams()
@@ -124,8 +135,38 @@ async def test_no_chunk_leaves_for_nobody_and_the_next_transaction_resets(
     assert not nobody["later@example.com"].permanent
     some = await send(upstream, "p@example.com", "gone@example.com")
     assert some["p@example.com"].delivered and some["gone@example.com"].permanent
-    assert sink.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT", "RSET", "MAIL", "RCPT", "RCPT", "BDAT"]
+    transaction = ["MAIL", "RCPT", "RCPT", "BDAT"]
+    assert sink.verbs() == ["EHLO", *transaction, "RSET", *transaction]
     assert [m.rcpt_tos for m in sink.messages] == [["p@example.com"]]
+    assert len(sink.wires) == 1
+
+
+@pytest.mark.parametrize("data, pipelining", [(BIG, True), (DATA, False)], ids=["big", "small"])
+async def test_no_big_chunk_and_none_unpipelined_leaves_for_nobody(
+    sink: WireSink, upstreams: Callable[..., SmtpUpstream], data: bytes, pipelining: bool
+) -> None:
+    """A big copy waits for the envelope's replies: megabytes do not leave for nobody. Nor
+    does any chunk where the upstream answers one command at a time."""
+    sink.pipelining = pipelining
+    sink.refuse["gone@example.com"] = "550 5.1.1 no such user"
+    upstream = upstreams()
+    [refused] = (await send(upstream, "gone@example.com", data=data)).values()
+    assert refused.permanent
+    [taken] = (await send(upstream, data=data)).values()
+    assert taken.delivered
+    assert sink.verbs() == ["EHLO", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "BDAT"]
+    assert [m.data for m in sink.messages] == [data]
+
+
+async def test_a_big_chunk_waits_for_the_envelopes_replies(
+    sink: WireSink, upstreams: Callable[..., SmtpUpstream]
+) -> None:
+    """What the sink had read when MAIL came: the chunk of a small copy, none of a big one."""
+    upstream = upstreams()
+    for data in (DATA, BIG, DATA):
+        assert all(o.delivered for o in (await send(upstream, data=data)).values())
+    assert sink.chunk_before_mail_reply == [True, False, True]
+    assert [m.data for m in sink.messages] == [DATA, BIG, DATA]
 
 
 async def test_a_refused_chunk_is_the_copys_reply_and_the_next_transaction_resets(

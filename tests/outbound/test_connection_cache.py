@@ -3,8 +3,9 @@ every connection, every command and whether the client had sent the rest of the 
 before MAIL was answered (the bytes already waiting in the server's reader).
 
 The guarantees under test: a copy is never sent twice because a kept connection broke (only
-a failure before 354 is tried again, once, on a new connection); per-recipient replies stay
-what they are without PIPELINING; a 421 ends the connection; shutdown says QUIT.
+a failure before the upstream answered is tried again, once, on a new connection: before 354
+to DATA, before MAIL's reply when a small copy's BDAT chunk went with it); per-recipient
+replies stay what they are without PIPELINING; a 421 ends the connection; shutdown says QUIT.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class RecordingSink(Sink):
 
     pipelining: bool = True  # offered in EHLO
     sessions: list[list[str]] = field(default_factory=list)  # the verbs, per connection
-    pipelined: list[bool] = field(default_factory=list)  # per MAIL: DATA already sent
+    pipelined: list[bool] = field(default_factory=list)  # per MAIL: DATA (BDAT) already sent
     quits: int = 0
     mails: int = 0
     cut_at_mail: set[int] = field(default_factory=set)  # the Nth MAIL: connection cut
@@ -63,7 +64,8 @@ class RecordingSink(Sink):
     ) -> str:
         self._verb(session, "MAIL")
         self.mails += 1
-        self.pipelined.append(b"DATA\r\n" in bytes(server._reader._buffer))
+        waiting = bytes(server._reader._buffer)
+        self.pipelined.append(b"DATA\r\n" in waiting or b"\r\nBDAT " in waiting)
         assert server.transport is not None
         if self.mails in self.cut_at_mail:
             server.transport.abort()
@@ -120,9 +122,11 @@ def delivered(outcomes: dict[str, Outcome]) -> bool:
     return all(outcome.delivered for outcome in outcomes.values())
 
 
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
 async def test_copies_share_one_connection_and_are_pipelined(
-    sink: RecordingSink, upstreams: Callable[..., SmtpUpstream]
+    sink: RecordingSink, upstreams: Callable[..., SmtpUpstream], chunking: bool
 ) -> None:
+    sink.chunking = chunking
     upstream = upstreams()
     for number in range(5):
         assert delivered(await send(upstream, f"p{number}@example.com"))
@@ -275,9 +279,11 @@ async def test_unset_the_cache_keeps_every_connection_a_burst_opened(
     assert (sink.connections, four.connections.idle(KEPT)) == (12, 4)
 
 
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
 async def test_a_kept_connection_that_broke_before_data_is_retried_once_on_a_new_one(
-    sink: RecordingSink, upstreams: Callable[..., SmtpUpstream]
+    sink: RecordingSink, upstreams: Callable[..., SmtpUpstream], chunking: bool
 ) -> None:
+    sink.chunking = chunking
     upstream = upstreams()
     sink.cut_at_mail = {2}
     assert delivered(await send(upstream, "a@example.com"))
@@ -306,9 +312,11 @@ async def test_an_idle_connection_the_upstream_ended_is_replaced(
     assert [m.rcpt_tos for m in sink.messages] == [["a@example.com"], ["b@example.com"]]
 
 
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
 async def test_a_connection_lost_after_the_data_is_never_sent_again(
-    sink: RecordingSink, upstreams: Callable[..., SmtpUpstream]
+    sink: RecordingSink, upstreams: Callable[..., SmtpUpstream], chunking: bool
 ) -> None:
+    sink.chunking = chunking
     upstream = upstreams()
     sink.cut_after_data = {2}
     assert delivered(await send(upstream, "a@example.com"))
