@@ -318,7 +318,8 @@ class SubmissionSMTP(asyncio.Protocol):
 
     def _give_line(self) -> None:
         """A line the session awaits (an AUTH answer) instead of a command; None for one
-        over LINE_LIMIT, whose octets are thrown away as they come."""
+        over LINE_LIMIT, as `_process` counts it, whether it came in one piece or many (the
+        octets of one whose end is still awaited are thrown away as they come)."""
         waiter = self._line_wanted
         if waiter is None:
             return
@@ -328,7 +329,8 @@ class SubmissionSMTP(asyncio.Protocol):
                 self._too_long = True
                 self._buffer.clear()
             return
-        line = None if self._too_long else bytes(self._buffer[: end + 1])
+        too_long = self._too_long or end > LINE_LIMIT
+        line = None if too_long else bytes(self._buffer[: end + 1])
         self._too_long = False
         del self._buffer[: end + 1]
         self._line_wanted = None

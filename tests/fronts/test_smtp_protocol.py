@@ -210,6 +210,29 @@ async def test_an_endless_answer_to_an_auth_challenge_is_not_kept(relay: Harness
     transport.close()
 
 
+@pytest.mark.parametrize("quads", [250, 251])  # a line of 1001 octets before its LF, 1005
+async def test_an_auth_answer_is_judged_alike_in_one_piece_or_many(
+    relay: Harness, quads: int
+) -> None:
+    """An answer to a 334 is taken or refused by its length alone, as a command line is, not
+    by how the network cut it: in one piece with its line end, or a few octets at a time."""
+    answer = b"QUJD" * quads + b"\r\n"
+    said = []
+    for size in (len(answer), 7):
+        session, transport = session_on(relay)
+        session.data_received(b"EHLO client.example\r\nAUTH LOGIN\r\n")
+        assert (await transport.replies(2))[1].startswith("334 ")
+        for start in range(0, len(answer), size):
+            session.data_received(answer[start : start + size])
+        said.append((await transport.replies(3))[2])
+        transport.close()
+    too_long = "500 5.5.6 Authentication Exchange line is too long"
+    if len(answer) - 1 > LINE_LIMIT:
+        assert said == [too_long, too_long]
+    else:
+        assert said[0] == said[1] != too_long and said[0].startswith("334 "), said
+
+
 async def test_reading_pauses_while_a_busy_command_leaves_input_waiting(
     relay: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
