@@ -4,6 +4,7 @@
     .venv/bin/python bench/crash.py --cycles 5 --backend sqlite --sessions 10
     .venv/bin/python bench/crash.py --cycles 5 --size 600000 --min-kill 5 --max-kill 30
     .venv/bin/python bench/crash.py --cycles 5 --processes 2
+    .venv/bin/python bench/crash.py --cycles 10 --chunking
 
 Per backend (SQLite in a temp directory, a fresh PostgreSQL database), a real relay process
 runs with the shipped worker settings and a recording SMTP sink as its upstream. Each cycle
@@ -107,7 +108,7 @@ async def run_backend(backend: str, args: argparse.Namespace) -> Figures:
     figures = Figures(backend)
     rng = random.Random(f"{args.seed}-{backend}")
     began = time.monotonic()
-    sink = await Sink().start()
+    sink = await Sink(pipelining=args.chunking, chunking=args.chunking).start()
     try:
         with tempfile.TemporaryDirectory(prefix="sealrelay-crash-") as tmp:
             directory = Path(tmp)
@@ -216,6 +217,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--processes", type=int, default=1, help="sealrelay serve --processes N (default 1)"
+    )
+    parser.add_argument(
+        "--chunking",
+        action="store_true",
+        help="the sink offers PIPELINING and CHUNKING, as Microsoft 365 and Gmail do: a small"
+        " copy leaves as one BDAT chunk in the same write as its envelope",
     )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
