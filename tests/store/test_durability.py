@@ -316,6 +316,17 @@ async def test_sigkill_mid_burst_loses_no_accepted_message(
     await sigkill_mid_burst(relay_process, sink, make_url(database_url).get_backend_name())
 
 
+async def test_sigkill_with_chunks_sent_with_their_envelopes_loses_nothing(
+    relay_process: RelayProcess, sink: Sink, database_url: str
+) -> None:
+    """An upstream offering PIPELINING and CHUNKING, as Microsoft 365 and Gmail do: each
+    small copy leaves whole in its first write, so every copy in flight at the kill may
+    arrive and be sent again; still within the bound, and none lost."""
+    sink.pipelining = sink.chunking = True
+    await sigkill_mid_burst(relay_process, sink, make_url(database_url).get_backend_name())
+    assert all(copy.chunks == 1 for copy in sink.messages)
+
+
 async def test_sigkill_of_two_processes_on_one_sqlite_file_loses_nothing(
     sink: Sink, tmp_path: Path
 ) -> None:
