@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -482,6 +483,7 @@ class MailRun:
     peak_rss: int
     peak_pss: int
     database_cpu_seconds: float = 0.0  # PostgreSQL's backends serving the relay
+    load_cpu_seconds: float = 0.0  # smtp-source and smtp-sink: the load's share of the cores
     latencies: list[float] = field(default_factory=list)
 
     @property
@@ -500,6 +502,17 @@ class MailRun:
     @property
     def database_ms_per_message(self) -> float:
         return self.database_cpu_seconds * 1000 / self.messages
+
+    @property
+    def load_ms_per_message(self) -> float:
+        return self.load_cpu_seconds * 1000 / self.messages
+
+    @property
+    def ceiling(self) -> float:
+        """Messages per second were every core busy with this server and the load alone:
+        on a box whose cores the load shares, what no waiting could beat."""
+        per_message = (self.cpu_ms_per_message + self.load_ms_per_message) / 1000
+        return (os.cpu_count() or 1) / per_message if per_message else float("nan")
 
 
 def probe_message(size: int) -> bytes:
@@ -571,6 +584,7 @@ async def mail_run(
     start_count = sink.count
     cpu_before = tree_cpu_seconds(server.pid)
     database_before = database_cpu(server)
+    load_before = load_cpu_seconds(sink)
     sampler = TreeMemory(server.pid)
     sampler.start()
     latencies: list[float] = []
@@ -602,6 +616,7 @@ async def mail_run(
         raise Failed(f"smtp-source against {server.name} exited {source.returncode}: {text}")
     total = messages + probed
     done = await sink.reach(start_count + total, seconds)
+    load = load_cpu_seconds(sink) - load_before
     await settle(server.pid)
     await sampler.stop()
     return MailRun(
@@ -611,10 +626,19 @@ async def mail_run(
         octets=total * size,
         cpu_seconds=tree_cpu_seconds(server.pid) - cpu_before,
         database_cpu_seconds=cpu_spent(database_before, database_cpu(server)),
+        load_cpu_seconds=load,
         peak_rss=sampler.peak_rss,
         peak_pss=sampler.peak_pss,
         latencies=latencies,
     )
+
+
+def load_cpu_seconds(sink: SmtpSink) -> float:
+    """CPU so far of smtp-sink and of this script's reaped children (every smtp-source run
+    once it has ended; the servers under test are not reaped while they run)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert sink.process is not None
+    return children.ru_utime + children.ru_stime + tree_cpu_seconds(sink.process.pid)
 
 
 def ms(seconds: float) -> str:
@@ -631,6 +655,7 @@ def print_mail_run(workload: str, round_number: int, run: MailRun) -> None:
             if run.database_cpu_seconds
             else ""
         ),
+        f"load CPU {run.load_ms_per_message:.2f} ms/msg",
         f"peak RSS {run.peak_rss / MIB:.0f} MiB (PSS {run.peak_pss / MIB:.0f} MiB)",
     ]
     if run.latencies:
@@ -777,7 +802,9 @@ def summarize_mail(workload: str, runs: dict[str, list[MailRun]]) -> None:
         line = (
             f"  {name:18} {median([r.msg_per_s for r in done]):.1f} msg/s,"
             f" {median([r.mb_per_s for r in done]):.1f} MB/s,"
-            f" CPU {median([r.cpu_ms_per_message for r in done]):.2f} ms/msg,"
+            f" CPU {median([r.cpu_ms_per_message for r in done]):.2f} ms/msg"
+            f" (load {median([r.load_ms_per_message for r in done]):.2f};"
+            f" every core busy: {median([r.ceiling for r in done]):.0f} msg/s at most),"
             f" peak RSS {max(r.peak_rss for r in done) / MIB:.0f} MiB"
             f" (PSS {max(r.peak_pss for r in done) / MIB:.0f} MiB)"
         )
