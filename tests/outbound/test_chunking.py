@@ -142,7 +142,7 @@ async def test_a_small_chunk_for_nobody_is_refused_and_the_next_transaction_rese
 
 
 @pytest.mark.parametrize("data, pipelining", [(BIG, True), (DATA, False)], ids=["big", "small"])
-async def test_no_big_chunk_and_none_unpipelined_leaves_for_nobody(
+async def test_a_big_chunk_or_an_unpipelined_one_never_leaves_for_nobody(
     sink: WireSink, upstreams: Callable[..., SmtpUpstream], data: bytes, pipelining: bool
 ) -> None:
     """A big copy waits for the envelope's replies: megabytes do not leave for nobody. Nor
