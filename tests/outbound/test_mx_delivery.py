@@ -614,6 +614,27 @@ async def test_a_null_mx_recipient_bounces_to_the_agent_through_the_agents_mx(
 # -- kept connections ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
+async def test_a_kept_mx_connection_cut_before_the_upstream_answered_is_replaced_once(
+    net: Net, chunking: bool
+) -> None:
+    """The MX host drops a kept connection at MAIL, before any reply: with BDAT the copy's
+    chunk had gone with it, yet nothing was taken, so it goes again on a new connection."""
+    net.mx("a.test", (10, "mx1.a.test"))
+    net.a("mx1.a.test", 10)
+    sink = await RecordingSink(host=net.address(10), port=net.port, chunking=chunking).start()
+    net.stack.push_async_callback(sink.stop)
+    sink.cut_at_mail = {2}
+    upstream = await net.upstream()
+    for number in range(2):
+        [outcome] = (await send(upstream, f"p{number}@a.test")).values()
+        assert outcome.delivered and outcome.remote_mta == "mx1.a.test"
+    assert sink.connections == 2 and sink.pipelined == [True] * 3
+    assert [m.rcpt_tos for m in sink.messages] == [["p0@a.test"], ["p1@a.test"]]
+    assert [m.chunks for m in sink.messages] == [int(chunking)] * 2
+    await upstream.close()
+
+
 async def test_copies_to_one_domain_share_a_kept_connection(net: Net) -> None:
     net.mx("a.test", (10, "mx1.a.test"))
     net.a("mx1.a.test", 10)
