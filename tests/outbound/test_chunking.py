@@ -238,6 +238,22 @@ async def test_the_relay_sends_a_big_signed_message_in_one_chunk(
     assert b"\r\n.am Anfang\r\n" in received.data and b"\r\n..am Anfang" not in received.data
 
 
+async def test_the_relay_sends_small_signed_messages_with_their_envelopes(
+    relay_factory: StartRelay,
+) -> None:
+    """Through the whole relay to an upstream offering PIPELINING and CHUNKING: each small
+    copy one chunk, sent with its envelope, signed, its dotted lines as they were."""
+    harness = await relay_factory()
+    harness.sink.pipelining = harness.sink.chunking = True
+    for number in range(3):
+        await harness.send(make_message(subject=f"Exposé {number}", body=".Punkt\n..zwei\n"))
+    received = await harness.sink.expect(3)
+    assert [copy.chunks for copy in received] == [1, 1, 1]
+    for copy in received:
+        assert dkimpy.verify(copy.data, dnsfunc=dkim_dns(harness.dkim_key))
+        assert copy.data.endswith(b"\r\n.Punkt\r\n..zwei\r\n")
+
+
 @pytest.mark.parametrize("chunking", [True, False], ids=["BDAT", "DATA"])
 async def test_the_relay_signs_a_big_original_with_the_body_hash_kept_at_intake(
     relay_factory: StartRelay, database: Database, chunking: bool
