@@ -398,8 +398,9 @@ class SmtpConnection:
     ) -> Replies:
         self._data_started = False
         reset = commands[0] == b"RSET\r\n"
-        if self.pipelining and not reset and (chunk := _small_chunk(data, self.chunking)):
-            return await self._envelope_and_chunk(commands, chunk, reply_timeout)
+        small = isinstance(data, bytes) and len(data) <= PIECE  # a big one waits for replies
+        if small and self.pipelining and self.chunking and not reset:
+            return await self._envelope_and_chunk(commands, cast(bytes, data), reply_timeout)
         replies: list[Reply] = []
         if self.pipelining:
             self._write(b"".join(commands))
@@ -455,7 +456,7 @@ class SmtpConnection:
         return Replies(mail, rcpt, reply)
 
     async def _envelope_and_chunk(
-        self, commands: list[bytes], chunk: bytes, reply_timeout: float
+        self, commands: list[bytes], data: bytes, reply_timeout: float
     ) -> Replies:
         """MAIL, each RCPT and the copy's one chunk in one write, their replies read in order.
 
@@ -464,7 +465,7 @@ class SmtpConnection:
         smtpd answers a pipelined group once it has queued the message), a deferral would send
         the same duplicate later. Once MAIL is answered, the upstream is reading this
         transaction, and a break defers the copy as one after DATA's 354 does."""
-        self._write(b"".join(commands) + chunk)
+        self._write(b"".join([*commands, _bdat_last(data), data, _ending(data)]))
         mail = await self._reply(reply_timeout)
         self._data_started = True
         rcpt = tuple([await self._reply(reply_timeout) for _ in commands[1:]])
@@ -540,14 +541,6 @@ def _ending(data: Outgoing) -> bytes:
     if isinstance(data, StoredCopy):
         return b"" if data.ends_in_crlf else b"\r\n"
     return b"" if not data or data.endswith(b"\r\n") else b"\r\n"
-
-
-def _small_chunk(data: Outgoing, chunking: bool) -> bytes:
-    """A small copy as its `BDAT <size> LAST` command and octets, to go with its envelope;
-    empty when it goes after the envelope's replies (no CHUNKING, a stored or big copy)."""
-    if not chunking or isinstance(data, StoredCopy) or len(data) > PIECE:
-        return b""
-    return _bdat_last(data) + data + _ending(data)
 
 
 def _bdat_last(data: Outgoing) -> bytes:
