@@ -73,6 +73,7 @@ from bench.relay import (  # noqa: E402
     wait_ready,
     write_config,
 )
+from tests.opendkim_core import OpenDkim, OpenDkimMissing, opendkim_command  # noqa: E402
 from tests.postfix_core import PostfixInstance, PostfixMissing, postfix_command  # noqa: E402
 
 MB = 1_000_000  # mail throughput in MB/s (10^6 bytes), downloads in MiB/s
@@ -119,23 +120,24 @@ def pss_bytes(pid: int) -> int:
 
 
 class TreeMemory:
-    """Samples a process tree's summed RSS and summed PSS every 100 ms; keeps each peak."""
+    """Samples process trees' summed RSS and summed PSS every 100 ms; keeps each peak."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, *pids: int) -> None:
+        self.pids = pids
         self.peak_rss = 0
         self.peak_pss = 0
         self._task: asyncio.Task[None] | None = None
 
     def sample(self) -> None:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(self.pid)
-            rss = pss = 0
-            for process in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    rss += process.memory_info().rss
-                    pss += pss_bytes(process.pid)
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        rss = pss = 0
+        for pid in self.pids:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                for process in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        rss += process.memory_info().rss
+                        pss += pss_bytes(process.pid)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
 
     async def _run(self) -> None:
         while True:
@@ -305,16 +307,38 @@ class Server:
     port: int
     pid: int
     database_port: int | None = None  # PostgreSQL's: its backends serving `pid` count too
+    helpers: tuple[int, ...] = ()  # processes it relies on (a milter), measured with it
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return (self.pid, *self.helpers)
+
+    def cpu_seconds(self) -> float:
+        return sum(tree_cpu_seconds(pid) for pid in self.pids)
 
 
 async def start_postfix(
-    directory: Path, sink_port: int, stack: contextlib.AsyncExitStack
+    directory: Path, sink_port: int, stack: contextlib.AsyncExitStack, *, signed: bool = False
 ) -> Server:
-    """A private Postfix relaying everything to the sink; stopped (by its pid) on the way out."""
+    """A private Postfix relaying everything to the sink; stopped (by its pid) on the way out.
+
+    `signed`: with OpenDKIM as its milter (tests/opendkim_core.py), signing the mail of the
+    sender's domain as sealrelay does; its CPU and memory count as Postfix's. A message the
+    milter cannot sign is refused for now (milter_default_action = tempfail), so a run whose
+    milter failed fails rather than measuring an unsigned Postfix."""
+    main_cf = ["message_size_limit = 1073741824", "mailbox_size_limit = 0"]
+    helpers: tuple[int, ...] = ()
+    if signed:
+        milter = OpenDkim(directory / "opendkim", DOMAIN)
+        stack.push_async_callback(milter.stop)
+        await milter.start()
+        assert milter.process is not None
+        helpers = (milter.process.pid,)
+        main_cf += [f"smtpd_milters = {milter.milter}", "milter_default_action = tempfail"]
     instance = PostfixInstance(
-        directory / "postfix",
+        directory / ("postfix-opendkim" if signed else "postfix"),
         relayhost=f"[127.0.0.1]:{sink_port}",
-        main_cf=["message_size_limit = 1073741824", "mailbox_size_limit = 0"],
+        main_cf=main_cf,
     )
 
     async def stop() -> None:
@@ -324,7 +348,8 @@ async def start_postfix(
     stack.push_async_callback(stop)
     await instance.start()
     assert instance._master is not None  # the `postfix start-fg` child: master's tree
-    return Server("postfix", instance.smtpd_port, instance._master.pid)
+    name = "postfix-opendkim" if signed else "postfix"
+    return Server(name, instance.smtpd_port, instance._master.pid, helpers=helpers)
 
 
 TRUSTED = """
@@ -582,10 +607,10 @@ async def mail_run(
     """smtp-source sends `messages` of `size` bytes over `sessions`, `probes` sessions of our
     own alongside; the run ends when the sink has every message (theirs and the probes')."""
     start_count = sink.count
-    cpu_before = tree_cpu_seconds(server.pid)
+    cpu_before = server.cpu_seconds()
     database_before = database_cpu(server)
     load_before = load_cpu_seconds(sink)
-    sampler = TreeMemory(server.pid)
+    sampler = TreeMemory(*server.pids)
     sampler.start()
     latencies: list[float] = []
     stop = asyncio.Event()
@@ -624,7 +649,7 @@ async def mail_run(
         messages=total,
         seconds=done - began,
         octets=total * size,
-        cpu_seconds=tree_cpu_seconds(server.pid) - cpu_before,
+        cpu_seconds=server.cpu_seconds() - cpu_before,
         database_cpu_seconds=cpu_spent(database_before, database_cpu(server)),
         load_cpu_seconds=load,
         peak_rss=sampler.peak_rss,
@@ -815,26 +840,32 @@ def summarize_mail(workload: str, runs: dict[str, list[MailRun]]) -> None:
                 f" p99 {ms(percentile(latencies, 0.99))}"
             )
         print(line)
-    postfix = runs["postfix"]
+    baselines = [name for name in runs if name.startswith("postfix")]
     for name, done in runs.items():
-        if name == "postfix":
+        if name in baselines:
             continue
-        throughput = [s.msg_per_s / p.msg_per_s for s, p in zip(done, postfix, strict=True)]
-        # a short run can leave Postfix under one tick of the CPU clock (10 ms): no ratio then
-        cpu = [
-            s.cpu_ms_per_message / p.cpu_ms_per_message
-            for s, p in zip(done, postfix, strict=True)
-            if p.cpu_ms_per_message > 0
-        ]
-        print(
-            f"  ratio {name} / postfix: throughput {median(throughput):.2f}x"
-            f" (rounds {', '.join(f'{r:.2f}' for r in throughput)}),"
-            + (
-                f" CPU per message {median(cpu):.2f}x"
-                if cpu
-                else " CPU per message: not measured (Postfix's CPU was under a clock tick)"
-            )
+        for baseline in baselines:
+            print_ratio(name, done, baseline, runs[baseline])
+
+
+def print_ratio(name: str, done: list[MailRun], baseline: str, base: list[MailRun]) -> None:
+    """The median of the round-by-round ratios of `name` to `baseline`."""
+    throughput = [s.msg_per_s / p.msg_per_s for s, p in zip(done, base, strict=True)]
+    # a short run can leave Postfix under one tick of the CPU clock (10 ms): no ratio then
+    cpu = [
+        s.cpu_ms_per_message / p.cpu_ms_per_message
+        for s, p in zip(done, base, strict=True)
+        if p.cpu_ms_per_message > 0
+    ]
+    print(
+        f"  ratio {name} / {baseline}: throughput {median(throughput):.2f}x"
+        f" (rounds {', '.join(f'{r:.2f}' for r in throughput)}),"
+        + (
+            f" CPU per message {median(cpu):.2f}x"
+            if cpu
+            else " CPU per message: not measured (Postfix's CPU was under a clock tick)"
         )
+    )
 
 
 def summarize_downloads(runs: dict[str, list[DownloadRun]]) -> None:
@@ -866,6 +897,8 @@ async def compare_mail(
         await sink.start()
         largest = max(args.size, args.big_size if "big" in workloads else 0)
         servers = [await start_postfix(directory, sink.port, stack)]
+        if args.postfix_dkim:
+            servers.append(await start_postfix(directory, sink.port, stack, signed=True))
         for backend in args.backends:
             relay = await start_sealrelay(
                 backend, sink.port, largest, stack, processes=args.processes
@@ -917,6 +950,8 @@ async def compare(args: argparse.Namespace) -> int:
     try:
         for name in ("smtp-sink", "smtp-source", "postfix"):
             postfix_command(name)
+        if args.postfix_dkim:
+            opendkim_command()
         if "dl" in workloads:
             tool("nginx", "nginx")
         mail = [w for w in workloads if w != "dl"]
@@ -926,7 +961,7 @@ async def compare(args: argparse.Namespace) -> int:
             downloads = await download_pair(args, args.backends[0])
             summarize_downloads(downloads)
             record["dl"] = {name: [as_record(r) for r in done] for name, done in downloads.items()}
-    except (Missing, PostfixMissing) as exc:
+    except (Missing, PostfixMissing, OpenDkimMissing) as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
     except Failed as exc:
@@ -970,6 +1005,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="sealrelay serve --processes N",
+    )
+    parser.add_argument(
+        "--postfix-dkim",
+        action="store_true",
+        help="also run a Postfix that signs with OpenDKIM as its milter, as sealrelay signs"
+        " (the plain Postfix signs nothing)",
     )
     parser.add_argument(
         "--forwarder",

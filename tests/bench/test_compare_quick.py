@@ -1,9 +1,9 @@
 """bench/compare.py --quick: the comparison runs end to end and prints every figure.
 
-It is a smoke test, not a speed test: it starts smtp-sink, a private Postfix, a sealrelay on
-SQLite, bench/forwarder.py and nginx, drives each with smtp-source and parallel downloads,
-and checks that each figure came out as a number. Missing smtp-source, Postfix or nginx
-makes it fail, not skip.
+It is a smoke test, not a speed test: it starts smtp-sink, a private Postfix, a second one
+signing with OpenDKIM, a sealrelay on SQLite, bench/forwarder.py and nginx, drives each with
+smtp-source and parallel downloads, and checks that each figure came out as a number.
+Missing smtp-source, Postfix, OpenDKIM or nginx makes it fail, not skip.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 import pytest
 
 from tests.bench.support import NUMBER, run_bench
+from tests.opendkim_core import opendkim_command
 from tests.postfix_instance import postfix_command
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,10 @@ def one_line(out: str, pattern: str) -> str:
 async def test_the_quick_comparison_prints_each_figure() -> None:
     for tool in ("smtp-sink", "smtp-source", "postfix"):
         postfix_command(tool)  # a missing Postfix fails here, saying how to install it
-    status, out = await run_bench("compare.py", "--quick", "--forwarder", timeout=600)
+    opendkim_command()
+    status, out = await run_bench(
+        "compare.py", "--quick", "--forwarder", "--postfix-dkim", timeout=600
+    )
     assert status == 0, out
     mail = (
         rf"{NUMBER} msg/s delivered, {NUMBER} MB/s, (?:time to 250 .*, )?CPU {NUMBER} ms/msg"
@@ -35,7 +39,7 @@ async def test_the_quick_comparison_prints_each_figure() -> None:
         rf" peak RSS {NUMBER} MiB \(PSS {NUMBER} MiB\)$"
     )
     latency = rf"time to 250 p50 {NUMBER} ms p99 {NUMBER} ms \([1-9][0-9]* probes\)"
-    for server in ("postfix", "sealrelay-sqlite", "aiosmtpd-forwarder"):
+    for server in ("postfix", "postfix-opendkim", "sealrelay-sqlite", "aiosmtpd-forwarder"):
         small = one_line(out, rf"^  round 1 small {server} +(.*)$")
         assert re.fullmatch(mail, small) and re.search(latency, small), small
         big = one_line(out, rf"^  round 1 big   {server} +(.*)$")
@@ -48,14 +52,14 @@ async def test_the_quick_comparison_prints_each_figure() -> None:
             download,
         ), download
     ratios = re.findall(
-        rf"^  ratio sealrelay-sqlite / (postfix|nginx): throughput {NUMBER}x", out, re.MULTILINE
+        rf"^  ratio sealrelay-sqlite / ([a-z-]+): throughput {NUMBER}x", out, re.MULTILINE
     )
-    assert ratios == ["postfix", "postfix", "nginx"], out
-    ceiling = rf"^  ratio aiosmtpd-forwarder / postfix: throughput {NUMBER}x"
-    assert len(re.findall(ceiling, out, re.MULTILINE)) == 2, out
+    assert ratios == ["postfix", "postfix-opendkim"] * 2 + ["nginx"], out
+    ceiling = rf"^  ratio aiosmtpd-forwarder / (postfix|postfix-opendkim): throughput {NUMBER}x"
+    assert len(re.findall(ceiling, out, re.MULTILINE)) == 4, out
     # Postfix's CPU over the quick run's few messages may stay under one clock tick
     cpu = rf"CPU per message(?: {NUMBER}x|: not measured \(Postfix's CPU was under a clock tick\))$"
-    assert len(re.findall(cpu, out, re.MULTILINE)) == 4, out
+    assert len(re.findall(cpu, out, re.MULTILINE)) == 8, out
 
 
 def test_a_missing_tool_is_named_with_its_package() -> None:
