@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import functools
 import re
 import secrets
 import unicodedata
@@ -47,6 +48,9 @@ from rules.facts import PartFacts
 
 CRLF = b"\r\n"
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+# what the header blocks of parts say is kept for recent blocks up to this size
+_CACHED_READINGS = 512
+_CACHED_BLOCK_BYTES = 4096
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_BREAK = re.compile(rb"\r\n|\n")
 _TEXT_LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -137,18 +141,13 @@ class MimePart:
 # --- parsing -------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Draft:
     id: str
     start: int
     end: int
     body_start: int
-    content_type: str
-    params: Mapping[str, str]
-    disposition: str | None
-    filename: str | None
-    transfer_encoding: str
-    content_id: str | None
+    reading: _Reading
     children: list[int] = field(default_factory=list)
 
 
@@ -163,7 +162,7 @@ def parse(raw: bytes, limits: Limits = Limits()) -> MimePart:
     while pending:
         index = pending.pop()
         draft = drafts[index]
-        if not draft.content_type.startswith("multipart/"):
+        if not draft.reading.content_type.startswith("multipart/"):
             continue
         depth = draft.id.count(".") + 2 if draft.id else 1
         if depth > limits.max_depth:
@@ -171,28 +170,31 @@ def parse(raw: bytes, limits: Limits = Limits()) -> MimePart:
                 f"The message nests MIME parts deeper than {limits.max_depth} levels."
             )
         prefix = f"{draft.id}." if draft.id else ""
-        ranges = _child_ranges(raw, draft.body_start, draft.end, _boundary(draft.params))
+        ranges = _child_ranges(raw, draft.body_start, draft.end, _boundary(draft.reading.params))
         for number, (start, end) in enumerate(ranges, 1):
             if len(drafts) >= limits.max_parts:
                 raise UnsafeMessage(f"The message has more than {limits.max_parts} MIME parts.")
-            child = _read_part(raw, f"{prefix}{number}", start, end, draft.content_type, limits)
+            child = _read_part(
+                raw, f"{prefix}{number}", start, end, draft.reading.content_type, limits
+            )
             draft.children.append(len(drafts))
             pending.append(len(drafts))
             drafts.append(child)
     built: dict[int, MimePart] = {}
     for index in range(len(drafts) - 1, -1, -1):
         d = drafts[index]
+        r = d.reading
         built[index] = MimePart(
             id=d.id,
             start=d.start,
             end=d.end,
             body_start=d.body_start,
-            content_type=d.content_type,
-            params=d.params,
-            disposition=d.disposition,
-            filename=d.filename,
-            transfer_encoding=d.transfer_encoding,
-            content_id=d.content_id,
+            content_type=r.content_type,
+            params=r.params,
+            disposition=r.disposition,
+            filename=r.filename,
+            transfer_encoding=r.transfer_encoding,
+            content_id=r.content_id,
             children=tuple(built.pop(child) for child in d.children),
         )
     return built[0]
@@ -202,28 +204,58 @@ def _read_part(
     raw: bytes, part_id: str, start: int, end: int, parent: str, limits: Limits
 ) -> _Draft:
     block, body_start = _header_bounds(raw, start, end, limits)
-    fields = headers.parse_fields(block)
     default = "message/rfc822" if parent == "multipart/digest" else "text/plain"
-    type_value = headers.first_value(fields, "content-type")
+    if len(block) <= _CACHED_BLOCK_BYTES:
+        reading = _cached_reading(block, default)
+    else:
+        reading = _reading(block, default)
+    return _Draft(part_id, start, end, body_start, reading)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    """What a part's header block says of the part."""
+
+    content_type: str
+    params: Mapping[str, str]
+    disposition: str | None
+    filename: str | None
+    transfer_encoding: str
+    content_id: str | None
+
+
+_PART_FIELDS = frozenset(
+    ("content-type", "content-disposition", "content-transfer-encoding", "content-id")
+)
+
+
+def _reading(block: bytes, default: str) -> _Reading:
+    values: dict[str, str] = {}
+    for found in headers.parse_fields(block):
+        if found.name in _PART_FIELDS and found.name not in values:
+            values[found.name] = found.value
+    type_value = values.get("content-type")
     content_type, params = _content_type(type_value) if type_value is not None else (default, {})
-    disposition_value = headers.first_value(fields, "content-disposition")
+    disposition_value = values.get("content-disposition")
     disposition, disposition_params = (
         _disposition(disposition_value) if disposition_value is not None else (None, {})
     )
-    encoding = (headers.first_value(fields, "content-transfer-encoding") or "7bit").strip()
-    content_id = (headers.first_value(fields, "content-id") or "").strip() or None
-    return _Draft(
-        id=part_id,
-        start=start,
-        end=end,
-        body_start=body_start,
+    encoding = (values.get("content-transfer-encoding") or "7bit").strip()
+    return _Reading(
         content_type=content_type,
         params=MappingProxyType(params),
         disposition=disposition,
         filename=_filename(disposition_params.get("filename") or params.get("name")),
         transfer_encoding=encoding.lower() or "7bit",
-        content_id=content_id,
+        content_id=(values.get("content-id") or "").strip() or None,
     )
+
+
+@functools.lru_cache(maxsize=_CACHED_READINGS)
+def _cached_reading(block: bytes, default: str) -> _Reading:
+    """_reading(), kept: the parts inside a message have the header blocks of the program
+    that wrote it (the same text part, the same kind of attachment), message after message."""
+    return _reading(block, default)
 
 
 def _header_bounds(raw: bytes, start: int, end: int, limits: Limits) -> tuple[bytes, int]:

@@ -299,6 +299,25 @@ def test_digest_parts_default_to_attached_messages() -> None:
     assert mime.decoded_body(raw, root.children[0]) == b"Subject: one\r\n\r\nfirst"
 
 
+def test_a_part_header_read_before_is_read_alike_under_another_parent() -> None:
+    """Part header blocks are kept once read (the same text part comes message after
+    message): a kept reading still depends on the parent, and nobody can change it."""
+    part = b"Content-Disposition: inline\r\n\r\nbody\r\n"
+    digest = b'Content-Type: multipart/digest; boundary="d"\r\n\r\n--d\r\n' + part + b"--d--\r\n"
+    mixed = b'Content-Type: multipart/mixed; boundary="d"\r\n\r\n--d\r\n' + part + b"--d--\r\n"
+    for first, second in ((digest, mixed), (mixed, digest), (digest, digest)):
+        types = [mime.parse(raw).children[0].content_type for raw in (first, second)]
+        expected = {digest: "message/rfc822", mixed: "text/plain"}
+        assert types == [expected[first], expected[second]]
+    top = b'Content-Type: multipart/mixed; boundary="d"\r\n\r\n--d\r\n'
+    attachment = b'Content-Type: application/pdf; name="a.pdf"\r\n\r\nx\r\n--d--\r\n'
+    one, two = (mime.parse(top + attachment).children[0] for _ in range(2))
+    assert one.params == two.params == {"name": "a.pdf"}
+    with pytest.raises(TypeError):
+        one.params["name"] = "b.pdf"  # type: ignore[index]
+    assert mime.parse(top + attachment).children[0].filename == "a.pdf"
+
+
 def test_part_without_blank_line_or_headers() -> None:
     raw = (
         b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
