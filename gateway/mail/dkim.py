@@ -359,20 +359,24 @@ def sign(
     fields = [f for f in parse_fields(message[:header_end]) if b":" in f.raw]
     over = _names(oversigned, extra_oversigned)
     wanted = _names(DEFAULT_SIGNED, extra_signed, over)
+    over_set, wanted_set = frozenset(over), frozenset(wanted)
 
     by_name: dict[str, list[bytes]] = {}
     for field in fields:
-        by_name.setdefault(field.name, []).append(field.raw)
+        if field.name in wanted_set:
+            by_name.setdefault(field.name, []).append(field.raw)
     if "from" not in by_name:
         raise DkimError("message has no From field; DKIM requires it to be signed")
 
     h_names: list[str] = []
     hashed: list[bytes] = []
     for name in wanted:
-        present = by_name.get(name, [])
-        count = len(present) + (1 if name in over else 0)
-        h_names.extend([name] * count)
-        hashed.extend(_canon_field(raw) + b"\r\n" for raw in reversed(present))
+        present = by_name.get(name)
+        if present is not None:
+            h_names += [name] * (len(present) + (name in over_set))
+            hashed += [_canon_field(raw) for raw in reversed(present)]
+        elif name in over_set:
+            h_names.append(name)
 
     timestamp = int(time.time()) if now is None else now
     tags = [
@@ -385,7 +389,8 @@ def sign(
     ]
     unsigned = _fold(tags, h_names, bh if bh is not None else body_hash(message, body_start))
     hashed.append(_canon_field(unsigned))
-    signature = key.private_key.sign(b"".join(hashed), padding.PKCS1v15(), hashes.SHA256())
+    data = b"\r\n".join(hashed)  # each field's CRLF, the signature's own field without one
+    signature = key.private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
     return _append_b(unsigned, base64.b64encode(signature))
 
 
