@@ -346,17 +346,26 @@ def sign(
     now: int | None = None,
     oversigned: Sequence[str] = DEFAULT_OVERSIGN,
     bh: str | None = None,
+    added: Sequence[bytes] = (),
 ) -> bytes:
-    """The DKIM-Signature field for `message`, to be prepended to exactly these bytes.
+    """The DKIM-Signature field for `added` fields followed by `message`, to be prepended to
+    exactly these bytes.
 
     Oversigned names go into h= once more than they occur, so that adding such a field
     later (a second From, a forged evidence header) breaks the signature. `bh` takes a
     body_hash() of this body computed earlier, when one body goes out under several headers.
+    `added`: whole fields (CRLF-terminated) put above the message's own as it leaves; its
+    own header block is then parsed once for both (parse_fields keeps recent blocks).
     """
     if bh is not None and not _BODY_HASH.fullmatch(bh):
         raise DkimError(f"{bh!r} is not a body_hash() value")
     header_end, body_start = split_offsets(message)
-    fields = [f for f in parse_fields(message[:header_end]) if b":" in f.raw]
+    parsed = parse_fields(message[:header_end])
+    if added:
+        if not all(field.endswith(b"\r\n") for field in added):
+            raise DkimError("added fields must be whole, each ending in CRLF")
+        parsed = parse_fields(b"".join(added)) + parsed
+    fields = [f for f in parsed if b":" in f.raw]
     over = _names(oversigned, extra_oversigned)
     wanted = _names(DEFAULT_SIGNED, extra_signed, over)
     over_set, wanted_set = frozenset(over), frozenset(wanted)

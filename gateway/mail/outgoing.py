@@ -98,11 +98,12 @@ class Head:
         if bh is None:
             raise ValueError("a signed copy needs its body hash")
         signature = dkim.sign(
-            b"".join(self.added) + self.header_block,
+            self.header_block,
             self.key,
             bh=bh,
             extra_oversigned=(*OVERSIGNED_HEADERS, LOOP_HEADER),
             now=now,
+            added=self.added,
         )
         return b"".join((signature, *self.added))
 

@@ -264,6 +264,17 @@ def test_precomputed_body_hash_gives_the_same_signature(key: DkimKey) -> None:
     assert sign(SIMPLE, key, now=1) == sign(SIMPLE, key, now=1, bh=body_hash(body))
 
 
+def test_fields_added_above_are_signed_as_if_they_stood_in_the_message(key: DkimKey) -> None:
+    added = [b"Received: from a (b) by c;\r\n Sun, 6 Dec 2026 02:00:00 +0000\r\n", b"To: x@y\r\n"]
+    whole = b"".join(added) + SIMPLE
+    signature = sign(SIMPLE, key, now=1, added=added)
+    assert signature == sign(whole, key, now=1)
+    assert verifies(signature + whole, key)
+    assert h_list(signature).count(b"to") == 3  # the added To, the message's, oversigned
+    with pytest.raises(DkimError, match="each ending in CRLF"):
+        sign(SIMPLE, key, added=[b"To: x@y"])
+
+
 def test_malformed_precomputed_body_hash_is_refused(key: DkimKey) -> None:
     with pytest.raises(DkimError, match="body_hash"):
         sign(SIMPLE, key, bh="abc; x=1")
