@@ -19,10 +19,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.mail import dkim
-from tests.support import free_port
+from tests.support import free_port, wait_for_port
 
 SELECTOR = "postfix"
-START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
 
@@ -104,27 +103,13 @@ class OpenDkim:
                 stderr=asyncio.subprocess.STDOUT,
             )
         try:
-            await self._wait_listening()
+            await wait_for_port(self.port, self.process, "opendkim")
+        except AssertionError as exc:
+            await self.stop()
+            raise AssertionError(f"{exc}:\n{self.log()}") from None
         except BaseException:
             await self.stop()
             raise
-
-    async def _wait_listening(self) -> None:
-        async with asyncio.timeout(START_TIMEOUT):
-            while True:
-                assert self.process is not None
-                if self.process.returncode is not None:
-                    raise AssertionError(
-                        f"opendkim exited with {self.process.returncode}:\n{self.log()}"
-                    )
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                except OSError:
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.close()
-                await writer.wait_closed()
-                return
 
     def log(self) -> str:
         path = self.directory / "opendkim.log"

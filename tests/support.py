@@ -287,12 +287,15 @@ async def undeclared_event_types(db: Database) -> list[str]:
     return sorted(set(stored) - set(events.CATALOG))
 
 
-async def wait_for_port(port: int, process: asyncio.subprocess.Process) -> None:
-    """Until a `serve` process listens on `port`; at once an error if it exited instead."""
+async def wait_for_port(
+    port: int, process: asyncio.subprocess.Process, what: str = "serve"
+) -> None:
+    """Until the process (a `serve` by default) listens on `port`; at once an error if it
+    exited instead."""
     async with asyncio.timeout(30):
         while True:
             if process.returncode is not None:
-                raise AssertionError(f"serve exited early with {process.returncode}")
+                raise AssertionError(f"{what} exited early with {process.returncode}")
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", port)
             except OSError:
