@@ -22,8 +22,8 @@ _FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 # A message's header block is parsed by intake's checks, the copies' base, the MIME parse and
 # again by delivery: the fields of recent small blocks are kept (immutable) to be given again.
-_CACHED_BLOCKS = 512
-_CACHED_BLOCK_BYTES = 4096
+CACHED_BLOCKS = 512
+CACHED_BLOCK_BYTES = 4096  # larger blocks are parsed anew: rare, and costly to keep
 _CACHED_ADDRESS_LISTS = 512
 MAX_LINE = 78
 
@@ -83,12 +83,12 @@ def split_message(raw: bytes) -> tuple[bytes, bytes]:
 
 def parse_fields(header_block: bytes) -> list[HeaderField]:
     """The fields of a header block, in order; a leading non-field line is kept as its own."""
-    if len(header_block) <= _CACHED_BLOCK_BYTES:
+    if len(header_block) <= CACHED_BLOCK_BYTES:
         return list(_parsed(header_block))
     return _parse_fields(header_block)
 
 
-@functools.lru_cache(maxsize=_CACHED_BLOCKS)
+@functools.lru_cache(maxsize=CACHED_BLOCKS)
 def _parsed(header_block: bytes) -> tuple[HeaderField, ...]:
     return tuple(_parse_fields(header_block))
 

@@ -48,9 +48,6 @@ from rules.facts import PartFacts
 
 CRLF = b"\r\n"
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
-# what the header blocks of parts say is kept for recent blocks up to this size
-_CACHED_READINGS = 512
-_CACHED_BLOCK_BYTES = 4096
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_BREAK = re.compile(rb"\r\n|\n")
 _TEXT_LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -205,7 +202,7 @@ def _read_part(
 ) -> _Draft:
     block, body_start = _header_bounds(raw, start, end, limits)
     default = "message/rfc822" if parent == "multipart/digest" else "text/plain"
-    if len(block) <= _CACHED_BLOCK_BYTES:
+    if len(block) <= headers.CACHED_BLOCK_BYTES:
         reading = _cached_reading(block, default)
     else:
         reading = _reading(block, default)
@@ -251,7 +248,7 @@ def _reading(block: bytes, default: str) -> _Reading:
     )
 
 
-@functools.lru_cache(maxsize=_CACHED_READINGS)
+@functools.lru_cache(maxsize=headers.CACHED_BLOCKS)
 def _cached_reading(block: bytes, default: str) -> _Reading:
     """_reading(), kept: the parts inside a message have the header blocks of the program
     that wrote it (the same text part, the same kind of attachment), message after message."""

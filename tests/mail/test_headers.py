@@ -126,7 +126,7 @@ def test_a_block_parsed_again_gives_the_same_fields_as_one_too_big_to_keep(
     block: bytes, pad: bool
 ) -> None:
     if pad:  # over the size of blocks kept for parsing again: the uncached path
-        block += b"X-Pad: " + b"a" * headers._CACHED_BLOCK_BYTES + b"\r\n"
+        block += b"X-Pad: " + b"a" * headers.CACHED_BLOCK_BYTES + b"\r\n"
     first = headers.parse_fields(block)
     first.append(headers.HeaderField("mine", b"Mine: 1\r\n"))  # the caller's own list
     again = headers.parse_fields(block)
