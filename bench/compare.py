@@ -323,9 +323,10 @@ async def start_postfix(
     """A private Postfix relaying everything to the sink; stopped (by its pid) on the way out.
 
     `signed`: with OpenDKIM as its milter (tests/opendkim_core.py), signing the mail of the
-    sender's domain as sealrelay does; its CPU and memory count as Postfix's. A message the
-    milter cannot sign is refused for now (milter_default_action = tempfail), so a run whose
+    sender's domain as sealrelay does; its CPU and memory count as Postfix's. Mail is refused
+    for now when the milter does not answer (milter_default_action = tempfail), so a run whose
     milter failed fails rather than measuring an unsigned Postfix."""
+    name = "postfix-opendkim" if signed else "postfix"
     main_cf = ["message_size_limit = 1073741824", "mailbox_size_limit = 0"]
     helpers: tuple[int, ...] = ()
     if signed:
@@ -336,7 +337,7 @@ async def start_postfix(
         helpers = (milter.process.pid,)
         main_cf += [f"smtpd_milters = {milter.milter}", "milter_default_action = tempfail"]
     instance = PostfixInstance(
-        directory / ("postfix-opendkim" if signed else "postfix"),
+        directory / name,
         relayhost=f"[127.0.0.1]:{sink_port}",
         main_cf=main_cf,
     )
@@ -348,7 +349,6 @@ async def start_postfix(
     stack.push_async_callback(stop)
     await instance.start()
     assert instance._master is not None  # the `postfix start-fg` child: master's tree
-    name = "postfix-opendkim" if signed else "postfix"
     return Server(name, instance.smtpd_port, instance._master.pid, helpers=helpers)
 
 
