@@ -37,7 +37,11 @@ async def test_the_signing_postfix_signs_what_it_relays(sink: Sink, tmp_path: Pa
         postfix = await start_postfix(tmp_path, sink.port, stack, signed=True)
         assert postfix.name == "postfix-opendkim" and len(postfix.helpers) == 1
         await aiosmtplib.send(
-            plain_mail("signed"), sender=AGENT, recipients=[RECIPIENT], port=postfix.port
+            plain_mail("signed"),
+            sender=AGENT,
+            recipients=[RECIPIENT],
+            hostname="127.0.0.1",
+            port=postfix.port,
         )
         [copy] = await sink.expect(1, timeout=60)
     public = OpenDkim(tmp_path / "opendkim", DOMAIN).public_key()
@@ -60,7 +64,11 @@ async def test_without_its_milter_the_signing_postfix_refuses_for_now(
         os.kill(postfix.helpers[0], signal.SIGKILL)
         with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
             await aiosmtplib.send(
-                plain_mail("unsigned"), sender=AGENT, recipients=[RECIPIENT], port=postfix.port
+                plain_mail("unsigned"),
+                sender=AGENT,
+                recipients=[RECIPIENT],
+                hostname="127.0.0.1",
+                port=postfix.port,
             )
     assert 400 <= refused.value.code < 500, refused.value
     assert sink.messages == []
