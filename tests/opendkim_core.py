@@ -16,8 +16,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import rsa
-
 from gateway.mail import dkim
 from tests.support import free_port, wait_for_port
 
@@ -58,8 +56,9 @@ class OpenDkim:
     def key_file(self) -> Path:
         return self.directory / "opendkim.pem"
 
-    def public_key(self) -> rsa.RSAPublicKey:
-        return dkim.DkimKey.load(self.domain, SELECTOR, self.key_file).private_key.public_key()
+    def signing_key(self) -> dkim.DkimKey:
+        """The key it signs with, as sealrelay would load it (for tests' DNS answers)."""
+        return dkim.DkimKey.load(self.domain, SELECTOR, self.key_file)
 
     def write_config(self) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)

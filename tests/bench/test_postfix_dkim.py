@@ -16,40 +16,32 @@ import aiosmtplib
 import dkim as dkimpy
 import pytest
 
-from bench.compare import start_postfix
+from bench.compare import Server, start_postfix
 from bench.relay import AGENT, DOMAIN, RECIPIENT
-from gateway.mail import dkim
-from tests.opendkim_core import SELECTOR, OpenDkim
+from tests.conftest import dkim_dns
+from tests.opendkim_core import OpenDkim
 from tests.support import Sink
 
 pytestmark = pytest.mark.slow
 
 
-def plain_mail(subject: str) -> bytes:
-    return (
+async def send_through(postfix: Server, subject: str) -> None:
+    message = (
         f"From: Anna Agent <{AGENT}>\r\nTo: <{RECIPIENT}>\r\nSubject: {subject}\r\n"
         "Message-ID: <compare-dkim@demo.sealrelay.example>\r\n\r\nHello\r\n"
     ).encode()
+    await aiosmtplib.send(
+        message, sender=AGENT, recipients=[RECIPIENT], hostname="127.0.0.1", port=postfix.port
+    )
 
 
 async def test_the_signing_postfix_signs_what_it_relays(sink: Sink, tmp_path: Path) -> None:
     async with contextlib.AsyncExitStack() as stack:
         postfix = await start_postfix(tmp_path, sink.port, stack, signed=True)
         assert postfix.name == "postfix-opendkim" and len(postfix.helpers) == 1
-        await aiosmtplib.send(
-            plain_mail("signed"),
-            sender=AGENT,
-            recipients=[RECIPIENT],
-            hostname="127.0.0.1",
-            port=postfix.port,
-        )
+        await send_through(postfix, "signed")
         [copy] = await sink.expect(1, timeout=60)
-    public = OpenDkim(tmp_path / "opendkim", DOMAIN).public_key()
-    record = dkim.public_txt_value(public).encode()
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes:
-        return record if name == f"{SELECTOR}._domainkey.{DOMAIN}.".encode() else b""
-
+    lookup = dkim_dns(OpenDkim(tmp_path / "opendkim", DOMAIN).signing_key())
     assert copy.data.startswith(b"DKIM-Signature:"), copy.data[:400]
     assert f"d={DOMAIN};".encode() in copy.data.split(b"\r\n\r\n", 1)[0]
     assert dkimpy.verify(copy.data, dnsfunc=lookup)
@@ -63,12 +55,6 @@ async def test_without_its_milter_the_signing_postfix_refuses_for_now(
         postfix = await start_postfix(tmp_path, sink.port, stack, signed=True)
         os.kill(postfix.helpers[0], signal.SIGKILL)
         with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
-            await aiosmtplib.send(
-                plain_mail("unsigned"),
-                sender=AGENT,
-                recipients=[RECIPIENT],
-                hostname="127.0.0.1",
-                port=postfix.port,
-            )
+            await send_through(postfix, "unsigned")
     assert 400 <= refused.value.code < 500, refused.value
     assert sink.messages == []
