@@ -44,16 +44,20 @@ class HeaderField:
         return value.rstrip(b"\r\n").decode("utf-8", errors="replace").strip()
 
 
-def split_offsets(raw: bytes) -> tuple[int, int]:
+def split_offsets(raw: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
     """Where the header block ends (after its last line end) and where the body starts
-    (after the blank line): offsets, so that a 10 MB body is never copied to find them."""
-    if raw.startswith(b"\r\n"):
-        return 0, 2
-    if raw.startswith(b"\n"):
-        return 0, 1
-    match = _BLANK_LINE.search(raw)
+    (after the blank line): offsets, so that a 10 MB body is never copied to find them.
+
+    With `start` and `end`, of the part of `raw` between them (a MIME part's), as offsets
+    into `raw`; without a blank line both are `end`: it is all header."""
+    stop = len(raw) if end is None else end
+    if raw.startswith(b"\r\n", start, stop):
+        return start, start + 2
+    if raw.startswith(b"\n", start, stop):
+        return start, start + 1
+    match = _BLANK_LINE.search(raw, start, stop)
     if match is None:
-        return len(raw), len(raw)
+        return stop, stop
     first_eol = 2 if raw[match.start()] == 0x0D else 1
     return match.start() + first_eol, match.end()
 

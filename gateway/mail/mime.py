@@ -47,7 +47,6 @@ from gateway.mail.headers import HeaderField
 from rules.facts import PartFacts
 
 CRLF = b"\r\n"
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_BREAK = re.compile(rb"\r\n|\n")
 _TEXT_LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -258,23 +257,17 @@ def _cached_reading(block: bytes, default: str) -> _Reading:
 def _header_bounds(raw: bytes, start: int, end: int, limits: Limits) -> tuple[bytes, int]:
     """The header block of the part at `start` and the offset of its first body byte.
 
-    Only a window up to the blank line is copied, never the body. A part without a blank
-    line is all header (its body is empty), as in `headers.split_message`.
+    Only the block is copied, never the body, and the search for its blank line stops a
+    little past `max_header_bytes`. A part without a blank line is all header (its body is
+    empty), as in `headers.split_message`.
     """
-    if raw.startswith(CRLF, start, end):
-        window_end = start + 2
-    elif raw.startswith(b"\n", start, end):
-        window_end = start + 1
-    else:
-        limit = min(end, start + limits.max_header_bytes + 4)
-        found = _BLANK_LINE.search(raw, start, limit)
-        if found is None and limit < end:
-            raise _header_too_large(limits)
-        window_end = found.end() if found is not None else end
-    block, _ = headers.split_message(raw[start:window_end])
-    if len(block) > limits.max_header_bytes:
+    limit = min(end, start + limits.max_header_bytes + 4)
+    header_end, body_start = headers.split_offsets(raw, start, limit)
+    if header_end == body_start < end:  # no blank line before the limit, and more follows
         raise _header_too_large(limits)
-    return block, window_end
+    if header_end - start > limits.max_header_bytes:
+        raise _header_too_large(limits)
+    return raw[start:header_end], body_start
 
 
 def _header_too_large(limits: Limits) -> UnsafeMessage:

@@ -180,3 +180,18 @@ def test_the_received_field_dates_the_message_to_its_second() -> None:
     assert "; Sat, 05 Dec 2026 13:02:59 +0000" in " ".join(field(first).split())
     assert field(first.replace(microsecond=1)) == field(first)
     assert "13:03:00 +0000" in field(datetime(2026, 12, 5, 13, 3, tzinfo=UTC))
+
+
+@given(
+    st.lists(st.sampled_from([b"a", b":", b" ", b"\r", b"\n", b"\r\n"]), max_size=40),
+    st.integers(0, 60),
+    st.integers(0, 60),
+)
+def test_offsets_of_a_window_are_those_of_its_copy(
+    pieces: list[bytes], start: int, length: int
+) -> None:
+    raw = b"".join(pieces)
+    start = min(start, len(raw))
+    end = min(start + length, len(raw))
+    header_end, body_start = headers.split_offsets(raw[start:end])
+    assert headers.split_offsets(raw, start, end) == (start + header_end, start + body_start)

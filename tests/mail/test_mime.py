@@ -1052,3 +1052,16 @@ def test_base64_size_is_counted_without_decoding(size: int) -> None:
     root = mime.parse(raw)
     [attachment] = [p for p in root.walk() if p.filename == "x.pdf"]
     assert mime.decoded_size(raw, attachment) == len(mime.decoded_body(raw, attachment)) == size
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+def test_a_header_block_of_exactly_the_limit_is_read(ending: bytes) -> None:
+    field = b"X-Filler: " + b"y" * 88 + ending  # 100 bytes with CRLF
+    limit = Limits(max_header_bytes=len(field))
+    body = ending + b"body" + ending
+    assert mime.parse(field + body, limit).body_start == len(field) + len(ending)
+    with pytest.raises(UnsafeMessage, match="header block larger"):
+        mime.parse(b"X" + field + body, limit)
+    with pytest.raises(UnsafeMessage, match="header block larger"):
+        mime.parse(field * 2, limit)  # no blank line: all header, too much of it
+    assert mime.parse(field, limit).body_start == len(field)
