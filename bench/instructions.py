@@ -1,5 +1,5 @@
-"""Instructions per message of the mail code's two passes, counted by callgrind: a figure
-that does not move with the machine's load.
+"""Instructions per message of the mail code's two passes and of the group commit's writes,
+counted by callgrind: a figure that does not move with the machine's load.
 
     .venv/bin/python bench/instructions.py
     .venv/bin/python bench/instructions.py --stages intake --messages 600
@@ -17,6 +17,11 @@ count, run after run, within a few hundred instructions.
   trace fields, loop mark, body hash, DKIM signature). The RSA step itself is left out (a
   stand-in key returns fixed bytes): it is OpenSSL's, about 0.4 ms a signature here, the
   same for every change to our code; bench/dkim.py times it.
+- **commit**: a small message's writes in the group commit (gateway/store/group_commit.py),
+  on SQLite, `BATCH_OF` messages to a transaction as under load: intake's rows, inline blob
+  and events; the claim; the hold before sending; the outcome with its event; the
+  sequencer's pass that numbers and chains the events. SQLite's own work (the SQL, the
+  pages) is counted with ours; its fsyncs are the kernel's and are not.
 
 The messages are bench/relay.py's (5 KB, a text part and a PDF in base64), each header block
 new, as in real traffic. Exit status 2 when valgrind is missing (apt-get install -y valgrind).
@@ -34,19 +39,29 @@ if str(ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import hashlib  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
+from datetime import UTC, datetime, timedelta  # noqa: E402
+from typing import Any  # noqa: E402
+
+from sqlalchemy import create_engine, insert  # noqa: E402
 
 from bench.relay import AGENT, make_body, make_header  # noqa: E402
 from gateway.intake.pipeline import STRIPPED_FIELDS  # noqa: E402
 from gateway.mail import dkim, headers, mime  # noqa: E402
 from gateway.mail.outgoing import Signer, prepare  # noqa: E402
-from gateway.store.models import Message  # noqa: E402
+from gateway.outbound.queue import Claim, Hold, Settle, delivered, new_delivery  # noqa: E402
+from gateway.store import group_commit, journal, sequencer  # noqa: E402
+from gateway.store.bulk import new_row  # noqa: E402
+from gateway.store.events import DELIVERY_QUEUED, MESSAGE_RECEIVED  # noqa: E402
+from gateway.store.models import Base, JournalHead, Message, new_id  # noqa: E402
 
-STAGES = ("intake", "copy")
+STAGES = ("intake", "copy", "commit")
+BATCH_OF = 20  # messages per group transaction: bench/relay.py's sessions
 # callgrind counts from entering this C function to leaving it: the loop over the messages
 COUNTED = "functools_reduce"
 
@@ -103,8 +118,86 @@ def copier() -> Callable[[bytes], bytes]:
     return copy
 
 
+def committer(directory: Path) -> Callable[[list[tuple[bytes, str]]], None]:
+    """The group commit's transactions for a batch of messages, on a SQLite file in
+    `directory`, run on this thread (as on the driver's thread in the relay)."""
+    engine = create_engine(f"sqlite:///{directory / 'commit.db'}")
+    with engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+    Base.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(insert(JournalHead).values(id=1, seq=0, hash=journal.GENESIS))
+    lease = timedelta(minutes=5)
+
+    def transaction(units: Sequence[group_commit.Unit[Any]]) -> list[Any]:
+        with engine.begin() as connection:
+            results, _ = group_commit._all_at_once(connection, units)
+        return results
+
+    def commit(batch: list[tuple[bytes, str]]) -> None:
+        now = datetime.now(UTC)
+        inserts = []
+        for raw, digest in batch:
+            message = new_row(
+                Message,
+                id=new_id(),
+                received_at=now,
+                sender=AGENT,
+                user_id=None,
+                blob=digest,
+                size=len(raw),
+                message_id_header=f"<{digest[:16]}@bench.example>",
+                subject="Commit",
+                sender_name="Agent",
+                helo="client.bench.example",
+                peer="127.0.0.1",
+                protocol="ESMTP",
+                trusted_client=None,
+                trusted_entry=None,
+            )
+            delivery = new_delivery(message.id, "prospect@sink.example", digest, now, 86400)
+            received = MESSAGE_RECEIVED.new(
+                {
+                    "sender": AGENT,
+                    "recipients": ["prospect@sink.example"],
+                    "size": len(raw),
+                    "subject": "Commit",
+                    "message_id": message.message_id_header,
+                    "user_id": None,
+                    "peer": "127.0.0.1",
+                },
+                message_id=message.id,
+            )
+            queued = DELIVERY_QUEUED.new(
+                {"recipient": delivery.recipient}, message_id=message.id, delivery_id=delivery.id
+            )
+            inserts.append(
+                group_commit._Insert([message, delivery], [received, queued], now, {digest: raw})
+            )
+        transaction(inserts)
+        (claimed,) = transaction([Claim("bench", now, lease, len(batch))])
+        ids = [c.delivery.id for c in claimed]
+        transaction([Hold("bench", ids, now + lease)])
+        transaction(
+            [Settle("bench", now, [delivered(c.delivery, "250 2.0.0 Ok")]) for c in claimed]
+        )
+        with engine.begin() as connection:
+            sequencer._chain(connection, sequencer.BATCH, True)
+
+    return commit
+
+
 def run_stage(stage: str, count: int) -> None:
     """The stage over `count` new messages, inside the one call callgrind counts."""
+    if stage == "commit":
+        with tempfile.TemporaryDirectory() as directory:
+            commit = committer(Path(directory))
+            # digested before: the intake's, not the commit's work
+            found = [(raw, hashlib.sha256(raw).hexdigest()) for raw in messages(BATCH_OF + count)]
+            commit(found[:BATCH_OF])  # statements compiled, caches filled: not counted
+            batches = [found[i : i + BATCH_OF] for i in range(BATCH_OF, len(found), BATCH_OF)]
+            functools.reduce(lambda _, batch: commit(batch), batches, None)
+        return
     work: Callable[[bytes], object] = intake if stage == "intake" else copier()
     functools.reduce(lambda _, raw: work(raw), messages(count), None)
 
@@ -141,7 +234,9 @@ def counted(stage: str, count: int) -> int:
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated: intake, copy")
+    parser.add_argument(
+        "--stages", default=",".join(STAGES), help="comma-separated: " + ", ".join(STAGES)
+    )
     parser.add_argument("--messages", type=int, default=300, help="messages per stage")
     parser.add_argument("--inner", choices=STAGES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -5,6 +5,10 @@ Counting under callgrind takes a minute a stage, so the suite runs the stages wi
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
+from pathlib import Path
+
 import pytest
 
 from bench import instructions
@@ -22,6 +26,33 @@ def test_the_copy_stage_signs_what_leaves() -> None:
     assert copy.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
     assert b"\r\nReceived: from client.bench.example (127.0.0.1) by relay.bench.example" in copy
     assert copy.endswith(raw)
+
+
+def test_the_commit_stage_delivers_and_chains_what_it_takes(tmp_path: Path) -> None:
+    """The writes it counts are a message's whole life in the database: taken with its blob
+    and events, claimed, held, delivered, every event numbered and chained."""
+    commit = instructions.committer(tmp_path)
+    found = instructions.messages(2 * instructions.BATCH_OF)
+    batches = [found[: instructions.BATCH_OF], found[instructions.BATCH_OF :]]
+    for batch in batches:
+        commit([(raw, hashlib.sha256(raw).hexdigest()) for raw in batch])
+    database = sqlite3.connect(tmp_path / "commit.db")
+    try:
+        count = len(found)
+        assert database.execute(
+            "SELECT status, count(*) FROM deliveries GROUP BY status"
+        ).fetchall() == [("delivered", count)]
+        assert database.execute("SELECT count(*) FROM inline_blobs").fetchone() == (count,)
+        assert database.execute(
+            "SELECT type, count(*), count(seq) FROM events GROUP BY type ORDER BY type"
+        ).fetchall() == [
+            ("delivery.delivered", count, count),
+            ("delivery.queued", count, count),
+            ("message.received", count, count),
+        ]
+        assert database.execute("SELECT seq FROM journal_head").fetchone() == (3 * count,)
+    finally:
+        database.close()
 
 
 def test_a_missing_valgrind_is_named_with_its_package(
