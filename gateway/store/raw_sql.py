@@ -18,6 +18,7 @@ SQLAlchemy itself writes and reads, on both backends.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -33,14 +34,32 @@ _Processor = Callable[[Any], Any] | None
 _T = TypeVar("_T")
 
 
+_Processed = tuple[tuple[int, Callable[[Any], Any]], ...]
+
+
 @dataclass(frozen=True)
 class _Variant:
-    """The SQL for one length of each IN list, its positional parameters and processors."""
+    """The SQL for one length of each IN list, and how its positional arguments are made."""
 
     sql: str
-    params: tuple[tuple[str, _Processor], ...]
+    pick: Callable[[Mapping[str, Any]], tuple[Any, ...]]  # the values by name, in order
+    processed: _Processed  # the positions that have a bind processor, with it
     fixed: dict[str, Any]  # values bound in the statement itself (literals)
     expansion: dict[str, list[str]]  # an IN list's name -> the names of its elements
+
+    def arguments(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The positional arguments for `values` (every name bound), each processed."""
+        return _processed_row(self.pick(values), self.processed)
+
+
+def _picker(names: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """itemgetter, always giving a tuple."""
+    if len(names) == 1:
+        one = names[0]
+        return lambda values: (values[one],)
+    if not names:
+        return lambda values: ()
+    return operator.itemgetter(*names)
 
 
 class _Compiled:
@@ -59,7 +78,7 @@ class _Compiled:
             (column.key, _default_of(column, column.onupdate))
             for column in compiled.update_prefetch
         )
-        self.results: tuple[_Processor, ...] = tuple(
+        self.results = _processed(
             column.type.dialect_impl(dialect).result_processor(dialect, None)
             for column in compiled._result_columns
         )
@@ -76,7 +95,8 @@ class _Compiled:
             processors: dict[str, Any] = {**self.compiled._bind_processors, **state.processors}
             found = self.variants[lengths] = _Variant(
                 state.statement,
-                tuple((name, processors.get(name)) for name in state.positiontup),
+                _picker(state.positiontup),
+                _processed(processors.get(name) for name in state.positiontup),
                 {
                     k: v
                     for k, v in state.parameters.items()
@@ -100,12 +120,7 @@ class RawStatement:
         """Execute with `params`; the rows it returns (RETURNING or SELECT), converted."""
         compiled = self._compiled(connection)
         fetched = _run(connection, compiled, [params], fetch=True)
-        results = compiled.results
-        if not any(results):
-            return [tuple(row) for row in fetched]
-        return [
-            tuple(p(v) if p else v for p, v in zip(results, row, strict=True)) for row in fetched
-        ]
+        return [_processed_row(tuple(row), compiled.results) for row in fetched]
 
     def execute(self, connection: Connection, params: Mapping[str, Any]) -> None:
         """Execute with `params`, reading nothing back."""
@@ -144,7 +159,7 @@ def _run(
         for row in rows:
             variant, values = _values(compiled, row)
             sql = variant.sql
-            args.append(tuple(p(values[name]) if p else values[name] for name, p in variant.params))
+            args.append(variant.arguments(values))
         assert sql is not None
         cursor = _cursor(connection)
         if len(args) == 1:
@@ -158,8 +173,11 @@ def _run(
         connection._handle_dbapi_exception(exc, sql, args, cursor, None)
 
 
-def _values(compiled: _Compiled, params: Mapping[str, Any]) -> tuple[_Variant, dict[str, Any]]:
+def _values(compiled: _Compiled, params: Mapping[str, Any]) -> tuple[_Variant, Mapping[str, Any]]:
     """The statement's form for `params`, and every value it binds by name (unprocessed)."""
+    if not compiled.defaults and not compiled.expanding:  # one form; nothing to add per row
+        variant = compiled.variants.get(()) or compiled.variant(params)
+        return variant, {**params, **variant.fixed} if variant.fixed else params
     values = dict(params)
     for key, default in compiled.defaults:
         if key not in values:
@@ -171,6 +189,20 @@ def _values(compiled: _Compiled, params: Mapping[str, Any]) -> tuple[_Variant, d
     for name, names in variant.expansion.items():
         values.update(zip(names, values[name], strict=True))
     return variant, values
+
+
+def _processed(processors: Iterable[_Processor]) -> _Processed:
+    """The positions that have a processor, with it: most values need none."""
+    return tuple((index, p) for index, p in enumerate(processors) if p is not None)
+
+
+def _processed_row(values: tuple[Any, ...], processed: _Processed) -> tuple[Any, ...]:
+    if not processed:
+        return values
+    found = list(values)
+    for index, process in processed:
+        found[index] = process(found[index])
+    return tuple(found)
 
 
 def _padded(items: Sequence[Any]) -> Sequence[Any]:
