@@ -10,13 +10,13 @@ column that has a Python-side default gets its value, so callers can read `row.i
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table, insert, inspect
 
 from gateway.store.models import Base
-from gateway.store.raw_sql import RawStatement, transient
+from gateway.store.raw_sql import RawStatement, python_default, transient
 
 _ORDER = {table: index for index, table in enumerate(Base.metadata.sorted_tables)}
 Row = TypeVar("Row", bound=Base)
@@ -57,19 +57,32 @@ def _insert(table: Table, keys: tuple[str, ...]) -> RawStatement:
 
 def _values(row: Base) -> tuple[Table, dict[str, Any]]:
     """The row's table and its column values, Python-side defaults filled in on the object."""
-    mapper = inspect(row).mapper
-    table = mapper.local_table
-    assert isinstance(table, Table)
+    table, layout = _layout(type(row))
     values: dict[str, Any] = {}
     state = row.__dict__
-    for prop in mapper.column_attrs:
-        column = prop.columns[0]
-        if state.get(prop.key) is None:
+    for key, column_key, default in layout:
+        value = state.get(key)
+        if value is None:
             # As a flush does: None leaves the column to its default, Python's or the server's.
-            default = column.default
-            if default is None or not (default.is_scalar or default.is_callable):
+            if default is None:
                 continue
-            arg = default.arg
-            setattr(row, prop.key, arg(None) if default.is_callable else arg)
-        values[column.key] = state[prop.key]
+            value = default()
+            setattr(row, key, value)
+        values[column_key] = value
     return table, values
+
+
+_Layout = tuple[tuple[str, str, Callable[[], Any] | None], ...]
+
+
+@functools.cache
+def _layout(model: type[Base]) -> tuple[Table, _Layout]:
+    """The model's table, and per column its attribute, its key and its Python-side default
+    (None when it has none that can be computed here)."""
+    mapper = inspect(model)
+    table = mapper.local_table
+    assert isinstance(table, Table)
+    return table, tuple(
+        (prop.key, prop.columns[0].key, python_default(prop.columns[0].default))
+        for prop in mapper.column_attrs
+    )

@@ -28,7 +28,7 @@ from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-__all__ = ["Loaded", "RawStatement", "loaded"]
+__all__ = ["Loaded", "RawStatement", "loaded", "python_default", "transient"]
 
 _Processor = Callable[[Any], Any] | None
 _T = TypeVar("_T")
@@ -217,10 +217,18 @@ def _padded(items: Sequence[Any]) -> Sequence[Any]:
 
 
 def _default_of(column: Column[Any], default: Any) -> Callable[[], Any]:
-    """A column's Python-side default (on INSERT) or onupdate (on UPDATE), as Core computes
-    it for a column the statement does not set: a scalar, or a function of no context."""
-    if default is None or not (default.is_scalar or default.is_callable):
+    found = python_default(default)
+    if found is None:
         raise ValueError(f"{column}: a default that cannot be computed here")
+    return found
+
+
+def python_default(default: Any) -> Callable[[], Any] | None:
+    """A column's Python-side default (on INSERT) or onupdate (on UPDATE), as Core computes
+    it for a column the statement does not set: a scalar, or a function of no context. None
+    when there is none, or only one the server computes."""
+    if default is None or not (default.is_scalar or default.is_callable):
+        return None
     arg = default.arg
     if default.is_callable:
         return lambda: arg(None)
