@@ -66,8 +66,7 @@ def _values(row: Base) -> tuple[Table, dict[str, Any]]:
             # As a flush does: None leaves the column to its default, Python's or the server's.
             if default is None:
                 continue
-            value = default()
-            setattr(row, key, value)
+            value = state[key] = default()  # no attribute event: the row is transient
         values[column_key] = value
     return table, values
 
