@@ -73,8 +73,8 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 def _sqlite_text(value: datetime | None) -> str | None:
-    """"2026-12-06 05:30:00.000000", the instant in UTC as SQLAlchemy's SQLite DATETIME
-    stores it: always six digits of microseconds, so that text order is time order."""
+    """The instant in UTC as SQLAlchemy's SQLite DATETIME stores it, 2026-12-06
+    05:30:00.000000: always six digits of microseconds, so that text order is time order."""
     if value is None:
         return None
     offset = value.utcoffset()

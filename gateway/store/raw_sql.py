@@ -31,10 +31,8 @@ from sqlalchemy.sql.expression import ClauseElement
 __all__ = ["Loaded", "RawStatement", "loaded", "python_default", "transient"]
 
 _Processor = Callable[[Any], Any] | None
+_Processed = tuple[tuple[int, Callable[[Any], Any]], ...]  # (position, processor), where one is
 _T = TypeVar("_T")
-
-
-_Processed = tuple[tuple[int, Callable[[Any], Any]], ...]
 
 
 @dataclass(frozen=True)
