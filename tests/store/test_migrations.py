@@ -27,6 +27,13 @@ def _upgrade_to(connection: Connection, revision: str) -> None:
     command.upgrade(config, revision)
 
 
+def _downgrade_to(connection: Connection, revision: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    command.downgrade(config, revision)
+
+
 def _differences(connection: Connection) -> list[object]:
     context = MigrationContext.configure(connection, opts={"include_object": include_object})
     return list(compare_metadata(context, Base.metadata))
@@ -105,5 +112,44 @@ async def test_the_journal_keeps_its_chain_across_the_sequencer_migration(
         assert ids == [4]
         await chain_all(db)
         assert await journal.verify_database(db) == journal.ChainReport(4)
+    finally:
+        await db.close()
+
+
+def _compression(connection: Connection) -> str | None:
+    """How PostgreSQL compresses inline blobs written now: 'l' lz4, '' the server's default;
+    None on SQLite, which has no such setting."""
+    if connection.dialect.name != "postgresql":
+        return None
+    return connection.scalar(
+        text(
+            "SELECT attcompression::text FROM pg_attribute"
+            " WHERE attrelid = 'inline_blobs'::regclass AND attname = 'data'"
+        )
+    )
+
+
+async def test_inline_blobs_are_compressed_with_lz4_on_postgresql(database_url: str) -> None:
+    """This machine's PostgreSQL has lz4 (Debian's is built with it): the test says so rather
+    than pass on a server that would keep pglz."""
+    db = Database.connect(database_url)
+    try:
+        await db.upgrade()
+        async with db.engine.begin() as connection:
+            expected = None if not db.is_postgres else "l"
+            assert await connection.run_sync(_compression) == expected
+            await connection.run_sync(_downgrade_to, "0016_sender_name")
+            assert await connection.run_sync(_compression) == (None if not db.is_postgres else "")
+            await connection.run_sync(_upgrade_to, "head")
+            assert await connection.run_sync(_compression) == expected
+            await connection.execute(
+                text(
+                    "INSERT INTO inline_blobs (digest, size, written_at, data)"
+                    " VALUES ('d', 3, CURRENT_TIMESTAMP, :data)"
+                ),
+                {"data": b"abc" * 4000},
+            )
+            stored = await connection.scalar(text("SELECT data FROM inline_blobs"))
+        assert stored == b"abc" * 4000
     finally:
         await db.close()
