@@ -20,18 +20,19 @@ from gateway.store.search_indexes import include_object
 from gateway.store.sequencer import chain_all
 
 
-def _upgrade_to(connection: Connection, revision: str) -> None:
+def _config(connection: Connection) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
-    command.upgrade(config, revision)
+    return config
+
+
+def _upgrade_to(connection: Connection, revision: str) -> None:
+    command.upgrade(_config(connection), revision)
 
 
 def _downgrade_to(connection: Connection, revision: str) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["connection"] = connection
-    command.downgrade(config, revision)
+    command.downgrade(_config(connection), revision)
 
 
 def _differences(connection: Connection) -> list[object]:
