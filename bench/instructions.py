@@ -51,13 +51,12 @@ from typing import Any  # noqa: E402
 from sqlalchemy import create_engine, insert  # noqa: E402
 
 from bench.relay import AGENT, make_body, make_header  # noqa: E402
-from gateway.intake.pipeline import STRIPPED_FIELDS  # noqa: E402
+from gateway.intake.pipeline import STRIPPED_FIELDS, intake_events  # noqa: E402
 from gateway.mail import dkim, headers, mime  # noqa: E402
 from gateway.mail.outgoing import Signer, prepare  # noqa: E402
 from gateway.outbound.queue import Claim, Hold, Settle, delivered, new_delivery  # noqa: E402
 from gateway.store import group_commit, journal, sequencer  # noqa: E402
 from gateway.store.bulk import new_row  # noqa: E402
-from gateway.store.events import DELIVERY_QUEUED, MESSAGE_RECEIVED  # noqa: E402
 from gateway.store.models import Base, JournalHead, Message, new_id  # noqa: E402
 
 STAGES = ("intake", "copy", "commit")
@@ -156,24 +155,8 @@ def committer(directory: Path) -> Callable[[list[tuple[bytes, str]]], None]:
                 trusted_entry=None,
             )
             delivery = new_delivery(message.id, "prospect@sink.example", digest, now, 86400)
-            received = MESSAGE_RECEIVED.new(
-                {
-                    "sender": AGENT,
-                    "recipients": ["prospect@sink.example"],
-                    "size": len(raw),
-                    "subject": "Commit",
-                    "message_id": message.message_id_header,
-                    "user_id": None,
-                    "peer": "127.0.0.1",
-                },
-                message_id=message.id,
-            )
-            queued = DELIVERY_QUEUED.new(
-                {"recipient": delivery.recipient}, message_id=message.id, delivery_id=delivery.id
-            )
-            inserts.append(
-                group_commit._Insert([message, delivery], [received, queued], now, {digest: raw})
-            )
+            events = intake_events(message, [delivery.recipient], [delivery])
+            inserts.append(group_commit._Insert([message, delivery], events, now, {digest: raw}))
         transaction(inserts)
         (claimed,) = transaction([Claim("bench", now, lease, len(batch))])
         ids = [c.delivery.id for c in claimed]

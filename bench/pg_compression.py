@@ -10,7 +10,7 @@ the server's, not the relay's (bench/compare.py counts it as "of it PostgreSQL")
 inserts bench/relay.py's 5 KB messages, 20 to a transaction as under load, into a table
 shaped like inline_blobs with the column set to each method in turn (pglz, PostgreSQL's
 default; lz4, what migration 0017 sets; none: `STORAGE EXTERNAL`), and prints the server
-backend's CPU per row (read from /proc: the server must run on this host) and the table's
+backend's CPU per row (the server must run on this host) and the table's
 size. A fresh database on the server `SEALRELAY_TEST_POSTGRES_URL` names (default
 postgresql+asyncpg://postgres@127.0.0.1:5432/test), dropped at the end.
 """
@@ -27,7 +27,6 @@ if str(ROOT) not in sys.path:
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import hashlib  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -35,20 +34,13 @@ from collections.abc import Sequence  # noqa: E402
 import asyncpg  # noqa: E402
 
 from bench.instructions import BATCH_OF, messages  # noqa: E402
-from bench.relay import database_url  # noqa: E402
+from bench.relay import cpu_seconds, database_url  # noqa: E402
 
 METHODS = {
     "pglz": "SET COMPRESSION pglz",
     "lz4": "SET COMPRESSION lz4",
     "none": "SET STORAGE EXTERNAL",
 }
-
-
-def backend_cpu(pid: int) -> float:
-    """User + system seconds of the server process `pid`."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def one_round(
@@ -63,13 +55,13 @@ async def one_round(
     await connection.execute(f"ALTER TABLE blob_probe ALTER COLUMN data {METHODS[method]}")
     pid = await connection.fetchval("SELECT pg_backend_pid()")
     rows = [(hashlib.sha256(raw).hexdigest(), len(raw), raw) for raw in raws]
-    start = backend_cpu(pid)
+    start = cpu_seconds([pid])
     for first in range(0, len(rows), BATCH_OF):
         async with connection.transaction():
             await connection.executemany(
                 "INSERT INTO blob_probe VALUES ($1, $2, now(), $3)", rows[first : first + BATCH_OF]
             )
-    used = backend_cpu(pid) - start
+    used = cpu_seconds([pid]) - start
     size = await connection.fetchval("SELECT pg_total_relation_size('blob_probe')")
     return used / len(rows), int(size)
 

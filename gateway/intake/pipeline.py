@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import make_msgid
@@ -40,7 +40,7 @@ from gateway.store.events import (
     MessageLoopMarkForged,
     MessageTrustedClient,
 )
-from gateway.store.models import Message, new_id, utcnow
+from gateway.store.models import Delivery, Message, new_id, utcnow
 from rules.actions import KeepOriginal
 from rules.facts import MessageFacts
 from rules.language import LANGUAGE_HEADER_NAME, unsupported_request
@@ -310,27 +310,7 @@ class Pipeline:
             new_delivery(message.id, recipient, blob, now, lifetime)
             for recipient, blob in copies.items()
         ]
-        events = [
-            MESSAGE_RECEIVED.new(
-                {
-                    "sender": message.sender,
-                    "recipients": list(envelope.recipients),
-                    "size": message.size,
-                    "subject": message.subject,
-                    "message_id": message.message_id_header,
-                    "user_id": message.user_id,
-                    "peer": message.peer,
-                },
-                message_id=message.id,
-            ),
-            *draft.events,
-            *(
-                DELIVERY_QUEUED.new(
-                    {"recipient": d.recipient}, message_id=message.id, delivery_id=d.id
-                )
-                for d in deliveries
-            ),
-        ]
+        events = intake_events(message, envelope.recipients, deliveries, draft.events)
         await group_commit.insert(
             self.db, [message, *draft.rows, *deliveries], events, now, draft.inline_blobs
         )
@@ -340,6 +320,35 @@ class Pipeline:
             "accepted %s from %s for %d recipients", message.id, message.sender, len(deliveries)
         )
         return message.id
+
+
+def intake_events(
+    message: Message,
+    recipients: Sequence[str],
+    deliveries: Sequence[Delivery],
+    between: Sequence[journal.NewEvent] = (),
+) -> list[journal.NewEvent]:
+    """What the journal says of a message taken: received, then `between` (the plan's),
+    then each copy queued."""
+    return [
+        MESSAGE_RECEIVED.new(
+            {
+                "sender": message.sender,
+                "recipients": list(recipients),
+                "size": message.size,
+                "subject": message.subject,
+                "message_id": message.message_id_header,
+                "user_id": message.user_id,
+                "peer": message.peer,
+            },
+            message_id=message.id,
+        ),
+        *between,
+        *(
+            DELIVERY_QUEUED.new({"recipient": d.recipient}, message_id=message.id, delivery_id=d.id)
+            for d in deliveries
+        ),
+    ]
 
 
 def message_facts(

@@ -47,16 +47,14 @@ class UtcDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(UTC)
+        value = _in_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         assert isinstance(value, datetime)
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return _read_as_utc(value)
 
     def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
         """On SQLite, the text SQLAlchemy's DATETIME writes, in one step: the group commit
@@ -77,19 +75,23 @@ def _sqlite_text(value: datetime | None) -> str | None:
     05:30:00.000000: always six digits of microseconds, so that text order is time order."""
     if value is None:
         return None
-    offset = value.utcoffset()
-    if offset is None:
-        raise ValueError("naive datetime given to a UTC column")
-    if offset:
-        value = value.astimezone(UTC)
-    return value.isoformat(" ", "microseconds")[:-6]  # without its "+00:00"
+    return _in_utc(value).isoformat(" ", "microseconds")[:-6]  # without its "+00:00"
 
 
 def _from_sqlite_text(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    parsed = datetime.fromisoformat(value)
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    return None if value is None else _read_as_utc(datetime.fromisoformat(value))
+
+
+def _in_utc(value: datetime) -> datetime:
+    """`value` written to a UTC column: aware, or refused."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
+
+
+def _read_as_utc(value: datetime) -> datetime:
+    """A stored time as Python gets it: naive ones were stored in UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):

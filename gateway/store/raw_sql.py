@@ -174,7 +174,7 @@ def _run(
 def _values(compiled: _Compiled, params: Mapping[str, Any]) -> tuple[_Variant, Mapping[str, Any]]:
     """The statement's form for `params`, and every value it binds by name (unprocessed)."""
     if not compiled.defaults and not compiled.expanding:  # one form; nothing to add per row
-        variant = compiled.variants.get(()) or compiled.variant(params)
+        variant = compiled.variant(params)
         return variant, {**params, **variant.fixed} if variant.fixed else params
     values = dict(params)
     for key, default in compiled.defaults:
