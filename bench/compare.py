@@ -60,6 +60,7 @@ from bench.links import (  # noqa: E402
     verify,
 )
 from bench.links import sink_process as keeping_sink  # noqa: E402
+from bench.prefill import prefill as fill  # noqa: E402
 from bench.relay import (  # noqa: E402
     AGENT,
     DOMAIN,
@@ -385,12 +386,15 @@ async def start_sealrelay(
     *,
     links: bool = False,
     processes: int = 1,
+    prefill: int = 0,
 ) -> Relay:
     """bench/relay.py's relay (DKIM for the sender domain, SQLite in its temp directory or a
-    fresh PostgreSQL database, dropped afterwards) plus a trusted listener for smtp-source."""
+    fresh PostgreSQL database, dropped afterwards) plus a trusted listener for smtp-source.
+    `prefill`: delivered messages in the database before it starts (bench/prefill.py)."""
     directory = Path(tempfile.mkdtemp(prefix=f"sealrelay-compare-{backend}-"))
     stack.callback(shutil.rmtree, directory, True)
     db_url = await stack.enter_async_context(database_url(backend, directory))
+    await fill(db_url, prefill)
     smtp_port, web_port, trusted_port = free_port(), free_port(), free_port()
     config = write_config(directory, db_url, (smtp_port, web_port, sink_port), largest, links)
     with config.open("a", encoding="utf-8") as out:
@@ -901,7 +905,7 @@ async def compare_mail(
             servers.append(await start_postfix(directory, sink.port, stack, signed=True))
         for backend in args.backends:
             relay = await start_sealrelay(
-                backend, sink.port, largest, stack, processes=args.processes
+                backend, sink.port, largest, stack, processes=args.processes, prefill=args.prefill
             )
             servers.append(
                 Server(relay.name, relay.trusted_port, relay.process.pid, relay.database_port)
@@ -944,7 +948,12 @@ async def compare(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {"arguments": {k: v for k, v in vars(args).items() if k != "json"}}
     print(
         f"compare: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start;"
-        f" backends {', '.join(args.backends)}; {args.rounds} round(s)",
+        f" backends {', '.join(args.backends)}; {args.rounds} round(s); each sealrelay"
+        + (
+            f" database holding {args.prefill} delivered messages first"
+            if args.prefill
+            else " database new"
+        ),
         flush=True,
     )
     try:
@@ -1018,10 +1027,20 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also run bench/forwarder.py (aiosmtpd in, aiosmtplib out, nothing stored,"
         " signed or journaled) under the same mail load",
     )
+    parser.add_argument(
+        "--prefill",
+        type=int,
+        default=10000,
+        help="mail: delivered messages in each sealrelay database before the runs, as in"
+        " service (bench/prefill.py; 0: a new database)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every run here")
     args = parser.parse_args(argv)
+    if args.prefill < 0:
+        parser.error("--prefill: at least 0")
     if args.quick:
         args.rounds = 1
+        args.prefill = min(args.prefill, 40)
         args.messages, args.sessions, args.probes = 40, 4, 1
         args.big_messages, args.big_size, args.big_sessions = 4, 1 * MB, 2
         args.download_mib, args.clients = 5, 2

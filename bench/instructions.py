@@ -46,9 +46,9 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, cast  # noqa: E402
 
-from sqlalchemy import create_engine, insert  # noqa: E402
+from sqlalchemy import Connection, create_engine, insert  # noqa: E402
 
 from bench.relay import AGENT, make_body, make_header  # noqa: E402
 from gateway.intake.pipeline import STRIPPED_FIELDS, intake_events  # noqa: E402
@@ -65,10 +65,11 @@ BATCH_OF = 20  # messages per group transaction: bench/relay.py's sessions
 COUNTED = "functools_reduce"
 
 
-def messages(count: int) -> list[bytes]:
+def messages(count: int, tag: str = "instructions") -> list[bytes]:
+    """`count` messages, each header block its own (and its own from another `tag`'s)."""
     found = []
     for number in range(count):
-        _, header = make_header("instructions", number)
+        _, header = make_header(tag, number)
         found.append(header + make_body(5000, len(header)))
     return found
 
@@ -126,48 +127,71 @@ def committer(directory: Path) -> Callable[[list[tuple[bytes, str]]], None]:
     Base.metadata.create_all(engine)
     with engine.begin() as connection:
         connection.execute(insert(JournalHead).values(id=1, seq=0, hash=journal.GENESIS))
+
+    def transaction(work: Callable[[Connection], Any]) -> Any:
+        with engine.begin() as connection:
+            return work(connection)
+
+    return lambda batch: commit_steps(batch, transaction, lambda _step: None)
+
+
+def transactions_on(connection: Connection) -> Callable[[Callable[[Connection], Any]], Any]:
+    """`commit_steps`'s `transaction` on one connection, each step its own transaction."""
+
+    def transaction(work: Callable[[Connection], Any]) -> Any:
+        with connection.begin():
+            return work(connection)
+
+    return transaction
+
+
+def commit_steps(
+    batch: list[tuple[bytes, str]],
+    transaction: Callable[[Callable[[Connection], Any]], Any],
+    after: Callable[[str], None],
+) -> None:
+    """A batch's writes as the relay makes them, each step its own transaction run by
+    `transaction`; `after(step)` once each step has committed (bench/pg_commit.py reads
+    the server's CPU there)."""
+    now = datetime.now(UTC)
     lease = timedelta(minutes=5)
 
-    def transaction(units: Sequence[group_commit.Unit[Any]]) -> list[Any]:
-        with engine.begin() as connection:
-            results, _ = group_commit._all_at_once(connection, units)
-        return results
+    def units(found: Sequence[group_commit.Unit[Any]]) -> list[Any]:
+        results, _ = transaction(lambda connection: group_commit._all_at_once(connection, found))
+        return cast(list[Any], results)
 
-    def commit(batch: list[tuple[bytes, str]]) -> None:
-        now = datetime.now(UTC)
-        inserts = []
-        for raw, digest in batch:
-            message = new_row(
-                Message,
-                id=new_id(),
-                received_at=now,
-                sender=AGENT,
-                user_id=None,
-                blob=digest,
-                size=len(raw),
-                message_id_header=f"<{digest[:16]}@bench.example>",
-                subject="Commit",
-                sender_name="Agent",
-                helo="client.bench.example",
-                peer="127.0.0.1",
-                protocol="ESMTP",
-                trusted_client=None,
-                trusted_entry=None,
-            )
-            delivery = new_delivery(message.id, "prospect@sink.example", digest, now, 86400)
-            events = intake_events(message, [delivery.recipient], [delivery])
-            inserts.append(group_commit._Insert([message, delivery], events, now, {digest: raw}))
-        transaction(inserts)
-        (claimed,) = transaction([Claim("bench", now, lease, len(batch))])
-        ids = [c.delivery.id for c in claimed]
-        transaction([Hold("bench", ids, now + lease)])
-        transaction(
-            [Settle("bench", now, [delivered(c.delivery, "250 2.0.0 Ok")]) for c in claimed]
+    inserts = []
+    for raw, digest in batch:
+        message = new_row(
+            Message,
+            id=new_id(),
+            received_at=now,
+            sender=AGENT,
+            user_id=None,
+            blob=digest,
+            size=len(raw),
+            message_id_header=f"<{digest[:16]}@bench.example>",
+            subject="Commit",
+            sender_name="Agent",
+            helo="client.bench.example",
+            peer="127.0.0.1",
+            protocol="ESMTP",
+            trusted_client=None,
+            trusted_entry=None,
         )
-        with engine.begin() as connection:
-            sequencer._chain(connection, sequencer.BATCH, True)
-
-    return commit
+        delivery = new_delivery(message.id, "prospect@sink.example", digest, now, 86400)
+        events = intake_events(message, [delivery.recipient], [delivery])
+        inserts.append(group_commit._Insert([message, delivery], events, now, {digest: raw}))
+    units(inserts)
+    after("intake")
+    (claimed,) = units([Claim("bench", now, lease, len(batch))])
+    after("claim")
+    units([Hold("bench", [c.delivery.id for c in claimed], now + lease)])
+    after("hold")
+    units([Settle("bench", now, [delivered(c.delivery, "250 2.0.0 Ok")]) for c in claimed])
+    after("settle")
+    transaction(lambda connection: sequencer._chain(connection, sequencer.BATCH, True))
+    after("chain")
 
 
 def run_stage(stage: str, count: int) -> None:

@@ -33,6 +33,7 @@ async def test_the_quick_comparison_prints_each_figure() -> None:
         "compare.py", "--quick", "--forwarder", "--postfix-dkim", timeout=600
     )
     assert status == 0, out
+    assert "each sealrelay database holding 40 delivered messages first" in out, out
     mail = (
         rf"{NUMBER} msg/s delivered, {NUMBER} MB/s, (?:time to 250 .*, )?CPU {NUMBER} ms/msg"
         rf"(?: \({NUMBER} of it PostgreSQL\))?, load CPU {NUMBER} ms/msg,"
