@@ -247,7 +247,7 @@ class Event(Base):
     seq: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     at: Mapped[datetime] = mapped_column(UtcDateTime)
     type: Mapped[str] = mapped_column(String(60), index=True)
-    message_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    message_id: Mapped[str | None] = mapped_column(String(32))  # ix_events_message_order
     delivery_id: Mapped[str | None] = mapped_column(String(32))
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     prev_hash: Mapped[str | None] = mapped_column(String(64))

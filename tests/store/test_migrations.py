@@ -10,7 +10,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, inspect, text
 
 from gateway.store import journal
 from gateway.store.db import MIGRATIONS, Database
@@ -152,5 +152,38 @@ async def test_inline_blobs_are_compressed_with_lz4_on_postgresql(database_url: 
             )
             stored = await connection.scalar(text("SELECT data FROM inline_blobs"))
         assert stored == b"abc" * 4000
+    finally:
+        await db.close()
+
+
+def _event_indexes(connection: Connection) -> set[str]:
+    return {index["name"] or "" for index in inspect(connection).get_indexes("events")}
+
+
+def _message_lookup_plan(connection: Connection) -> str:
+    """How the database reads a message's events in order (the timeline's query)."""
+    sql = "SELECT id FROM events WHERE message_id = 'm' ORDER BY id"
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SET LOCAL enable_seqscan = off"))  # an empty table
+        rows = connection.execute(text(f"EXPLAIN {sql}"))
+        return "\n".join(str(row[0]) for row in rows)
+    return "\n".join(str(row[-1]) for row in connection.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
+
+
+async def test_events_keep_one_index_by_message(database_url: str) -> None:
+    """ix_events_message_order answers lookups by message; the single-column index it made
+    redundant goes, and comes back on a downgrade."""
+    db = Database.connect(database_url)
+    try:
+        await db.upgrade()
+        async with db.engine.begin() as connection:
+            indexes = await connection.run_sync(_event_indexes)
+            assert "ix_events_message_order" in indexes
+            assert "ix_events_message_id" not in indexes
+            assert "ix_events_message_order" in await connection.run_sync(_message_lookup_plan)
+            await connection.run_sync(_downgrade_to, "0017_inline_blobs_lz4")
+            assert "ix_events_message_id" in await connection.run_sync(_event_indexes)
+            await connection.run_sync(_upgrade_to, "head")
+            assert "ix_events_message_id" not in await connection.run_sync(_event_indexes)
     finally:
         await db.close()
