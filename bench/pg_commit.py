@@ -8,9 +8,10 @@ small message); this says where it goes. It runs bench/instructions.py's commit 
 relay's own statements: intake's rows, inline blob and events, 20 messages to a
 transaction; the claim; the hold; the outcome with its event; the sequencer's pass) on a
 fresh, migrated database on the server `SEALRELAY_TEST_POSTGRES_URL` names (default
-postgresql+asyncpg://postgres@127.0.0.1:5432/test; it must run on this host), and reads the
-server backend's CPU from /proc after each step. Nothing else runs, so the figures move far
-less than an end-to-end run's; the relay's own CPU is bench/instructions.py's.
+postgresql+asyncpg://postgres@127.0.0.1:5432/test; it must run on this host). After each
+step it reads the server backend's CPU from /proc, and this process's CPU: the relay's
+statements and the driver, as the group commit runs them. Nothing else runs, so the
+figures move far less than an end-to-end run's.
 
 `--prefill N` first commits N messages and ANALYZEs (bench/prefill.py), as a database in
 service. `--prefill 0` measures a new one, never analyzed: there the claim reads both
@@ -32,6 +33,7 @@ import asyncio  # noqa: E402
 import hashlib  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from sqlalchemy import Connection, text  # noqa: E402
@@ -46,27 +48,29 @@ STEPS = ("intake", "claim", "hold", "settle", "chain")
 
 def one_round(
     connection: Connection, batches: Sequence[list[tuple[bytes, str]]]
-) -> dict[str, float]:
-    """Server CPU seconds per message of each step, over `batches`; run on the
-    connection's greenlet (AsyncConnection.run_sync), each step its own transaction."""
+) -> dict[str, tuple[float, float]]:
+    """Per step, CPU seconds per message of the server and of this process (the relay's code
+    and the driver), over `batches`; run on the connection's greenlet
+    (AsyncConnection.run_sync), each step its own transaction."""
     pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
     connection.commit()
-    used = dict.fromkeys(STEPS, 0.0)
-    mark = [cpu_seconds([pid])]
+    used = {step: [0.0, 0.0] for step in STEPS}
+    mark = [cpu_seconds([pid]), time.process_time()]
     transaction = transactions_on(connection)
 
     def after(step: str) -> None:
-        now = cpu_seconds([pid])
-        used[step] += now - mark[0]
-        mark[0] = now
+        now = [cpu_seconds([pid]), time.process_time()]
+        for side in (0, 1):
+            used[step][side] += now[side] - mark[side]
+        mark[:] = now
 
     for batch in batches:
         commit_steps(batch, transaction, after)
     count = sum(len(batch) for batch in batches)
-    return {step: seconds / count for step, seconds in used.items()}
+    return {step: (server / count, ours / count) for step, (server, ours) in used.items()}
 
 
-async def measure(count: int, rounds: int, prefill: int) -> list[dict[str, float]]:
+async def measure(count: int, rounds: int, prefill: int) -> list[dict[str, tuple[float, float]]]:
     raws = messages(BATCH_OF + count * rounds)
     found = [(raw, hashlib.sha256(raw).hexdigest()) for raw in raws]
     results = []
@@ -94,6 +98,12 @@ def _batches(found: list[tuple[bytes, str]]) -> list[list[tuple[bytes, str]]]:
     return [found[i : i + BATCH_OF] for i in range(0, len(found), BATCH_OF)]
 
 
+def _of(found: dict[str, tuple[float, float]], step: str, side: int) -> float:
+    if step == "all":
+        return sum(sides[side] for sides in found.values())
+    return found[step][side]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--messages", type=int, default=3000, help="5 KB messages per round")
@@ -108,12 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     held = f"after {args.prefill} analyzed" if args.prefill else "on a new, unanalyzed database"
     print(
         f"pg_commit: {args.messages} messages of about 5 KB per round, {BATCH_OF} to a"
-        f" transaction, {args.rounds} round(s), {held}; the server's CPU per message, median"
+        f" transaction, {args.rounds} round(s), {held}; CPU per message, median"
     )
-    for step in STEPS:
-        print(f"  {step:6} {statistics.median(r[step] for r in found) * 1000:.3f} ms")
-    total = statistics.median(sum(r.values()) for r in found) * 1000
-    print(f"  {'all':6} {total:.3f} ms")
+    print(f"  {'step':6} {'server':>8} {'relay':>8}")
+    for step in (*STEPS, "all"):
+        server, ours = (
+            statistics.median(_of(r, step, side) for r in found) * 1000 for side in (0, 1)
+        )
+        print(f"  {step:6} {server:.3f} ms {ours:.3f} ms")
     return 0
 
 

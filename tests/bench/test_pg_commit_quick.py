@@ -19,7 +19,7 @@ def test_it_prints_each_step(prefill: str, said: str, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert said in out
     for step in (*pg_commit.STEPS, "all"):
-        assert re.search(rf"^  {step} +\d+\.\d{{3}} ms$", out, re.M), out
+        assert re.search(rf"^  {step} +\d+\.\d{{3}} ms \d+\.\d{{3}} ms$", out, re.M), out
 
 
 def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
