@@ -338,12 +338,16 @@ class SubmissionSMTP(asyncio.Protocol):
             waiter.set_result(line)
 
     async def read_line(self) -> bytes | None:
-        """The client's next line, read while a command's task runs; None for one too long."""
+        """The client's next line, read while a command's task runs; None for one too long.
+        The client's turn: the idle timer runs until the line is here."""
         self._flush()
         wanted: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self._line_wanted = wanted
+        self._reset_timeout()
         self._give_line()  # the line may be here already
-        return await wanted
+        line = await wanted
+        self._idle.rest()
+        return line
 
     def _take_data(self, data: bytes) -> None:
         feed = self._data
@@ -394,10 +398,19 @@ class SubmissionSMTP(asyncio.Protocol):
 
     # -- what must wait runs in a task
 
-    def _run(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    def _run(
+        self, work: Callable[[], Coroutine[Any, Any, None]], *, client_first: bool = False
+    ) -> None:
         """`work` in a task; made there, so that a task cancelled before its first step
-        leaves no coroutine that was never awaited."""
+        leaves no coroutine that was never awaited.
+
+        While it works (a password checked, a sender looked up) the client waits for us, and
+        the idle timer rests: a login queued behind others' on a busy relay is not closed as
+        silent. `client_first`: the task waits for the client first (the message after 354,
+        a TLS handshake), and the timer runs until it has what it waits for."""
         self._flush()
+        if not client_first:
+            self._idle.rest()
         self._busy = asyncio.get_running_loop().create_task(self._work(work))
 
     async def _work(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -411,10 +424,10 @@ class SubmissionSMTP(asyncio.Protocol):
             return
         except Exception as error:
             self.reply(self.listener.handler.handle_exception(error))
-            if not self._ended:
-                self._reset_timeout()  # it may rest while the relay works (DATA)
         self._busy = None
         if not self._ended:
+            if not self._closing:
+                self._reset_timeout()  # the client's turn again
             self._process()
 
     # -- timers and stopping
@@ -426,7 +439,12 @@ class SubmissionSMTP(asyncio.Protocol):
 
     def shorten_idle(self) -> None:
         """The gate is under stress: a session not logged in gets the shorter timeout."""
-        if self.agent is None and self.transport is not None and self._admitted is not None:
+        if (
+            self.agent is None
+            and self.transport is not None
+            and self._admitted is not None
+            and self._idle.waiting  # not while the relay works for it
+        ):
             self._reset_timeout()
 
     def _timed_out(self) -> None:
@@ -476,7 +494,7 @@ class SubmissionSMTP(asyncio.Protocol):
             return
         if self.listener.implicit_tls is not None:
             self._reset_timeout()
-            self._run(partial(self._implicit_tls, self.listener.implicit_tls))
+            self._run(partial(self._implicit_tls, self.listener.implicit_tls), client_first=True)
             return
         self._greet()
         if self._buffer:
@@ -693,7 +711,7 @@ class SubmissionSMTP(asyncio.Protocol):
             return
         self.reply("220 Ready to start TLS")
         self._discarding = True
-        self._run(partial(self._start_tls, context))
+        self._run(partial(self._start_tls, context), client_first=True)
 
     def smtp_AUTH(self, arg: str | None) -> None:
         if self._helo_needed("EHLO"):
@@ -804,7 +822,7 @@ class SubmissionSMTP(asyncio.Protocol):
         feed = DataFeed(listener.size_limit, DATA_LINE_LIMIT, listener.spool_dir)
         feed.drained = self._spool_caught_up
         self._data = feed
-        self._run(partial(self._take_message, feed))
+        self._run(partial(self._take_message, feed), client_first=True)
 
     async def _take_message(self, feed: DataFeed) -> None:
         spooled = await feed.spooled()
@@ -825,8 +843,6 @@ class SubmissionSMTP(asyncio.Protocol):
         self.reply(reply)
         if self._stopping:
             self._say_stopping()
-            return
-        self._reset_timeout()
 
     async def _hand_over(self, spooled: Spooled) -> str:
         """The message to the handler, in memory only while the budget holds its size."""

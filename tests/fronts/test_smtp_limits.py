@@ -156,12 +156,52 @@ async def test_commands_that_keep_coming_keep_the_session_past_the_timeout(
 
 async def with_a_cheap_password_hash(relay: Harness) -> None:
     """The agent's password stored with argon2's smallest cost (the verifier reads the cost
-    from the stored hash). The 1 s timeout also runs while the relay checks AUTH, and the
-    relay's real cost (19 MiB, tens of ms) could take longer than that on a loaded machine:
-    the session would hear 421 before 235 and the test fail for the wrong reason."""
+    from the stored hash), so that the logins of tests with a short timeout take little of
+    it."""
     cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash(PASSWORD)
     async with relay.relay.db.transaction() as session:
         await session.execute(update(User).where(User.email == AGENT).values(password_hash=cheap))
+
+
+async def test_a_login_checked_longer_than_the_timeout_is_not_closed_as_silent(
+    relay_factory: StartRelay,
+) -> None:
+    """The client waits for the relay while its password is checked (on a busy relay, in a
+    queue of others): the idle timer rests then, and the session hears 235, not 421."""
+    timeout = 0.3
+    relay = await relay_factory(smtp={"timeout": timeout})
+    # a check that takes seconds here: 16 passes over 64 MiB
+    slow = PasswordHasher(time_cost=16, memory_cost=64 * 1024, parallelism=1).hash(PASSWORD)
+    async with relay.relay.db.transaction() as session:
+        await session.execute(update(User).where(User.email == AGENT).values(password_hash=slow))
+    wire = await started_tls(relay, AGENT_IP)
+    try:
+        started = asyncio.get_running_loop().time()
+        answer = await wire.command(f"AUTH PLAIN {plain_token()}")
+        took = asyncio.get_running_loop().time() - started
+        assert took > 2 * timeout, f"the check took {took:.2f} s: not longer than the timeout"
+        assert answer.code == 235, answer
+        # the client's turn again: the timer runs, and silence still ends the session
+        answer = await wire.answer()
+        assert answer.lines[0].startswith("421 4.4.2 "), answer
+        assert await wire.closed_by_server()
+    finally:
+        await wire.close()
+
+
+async def test_a_client_silent_after_an_auth_challenge_gets_421(
+    relay_factory: StartRelay,
+) -> None:
+    """While the relay waits for the answer to 334, it is the client's turn."""
+    relay = await relay_factory(smtp={"timeout": 1.0})
+    wire = await started_tls(relay, AGENT_IP)
+    try:
+        assert (await wire.command("AUTH LOGIN")).code == 334
+        answer = await wire.answer()  # bounded by TIMEOUT; the relay must speak first
+        assert answer.lines[0].startswith("421 4.4.2 "), answer
+        assert await wire.closed_by_server()
+    finally:
+        await wire.close()
 
 
 @pytest.mark.parametrize("phase", ["during-data", "between-commands"])
