@@ -38,6 +38,7 @@ from bench.relay import (
     Tally,
     cpu_seconds,
     cpu_until_idle,
+    database_state,
     open_sessions,
     percentile,
     relay_pids,
@@ -225,6 +226,7 @@ def summary(
     figures: dict[str, Any] = {
         "backend": args.backend,
         "processes": args.processes,
+        "prefill": args.prefill,
         "messages": args.messages,
         "size": args.size,
         "sessions": args.sessions,
@@ -331,8 +333,8 @@ def print_turn(number: int, turn: Turn, args: argparse.Namespace) -> None:
 def print_summary(f: dict[str, Any]) -> None:
     print(
         f"sealrelay mixed bench: {f['messages']} x {f['size']} B over {f['sessions']} sessions"
-        f" per turn, {f['turns']} turns ({f['backend']}, {f['processes']} process(es);"
-        f" load averages {f['load_averages']})"
+        f" per turn, {f['turns']} turns ({f['backend']}, {f['processes']} process(es),"
+        f" {database_state(f['prefill'])}; load averages {f['load_averages']})"
     )
     for label, name in (("mail_only", "mail only"), ("mixed", "mixed")):
         if label in f:

@@ -506,6 +506,10 @@ async def bench(args: argparse.Namespace) -> int:
     log = directory / "relay.log"
     try:
         async with database_url(args.backend, directory) as db_url:
+            if args.prefill:
+                from bench.prefill import prefill  # it builds on this module's messages
+
+                await prefill(db_url, args.prefill)
             worker = {
                 key: value
                 for key, value in (
@@ -610,6 +614,7 @@ async def measure(
         "sessions": args.sessions,
         "links": args.links,
         "processes": args.processes,
+        "prefill": args.prefill,
         "accepted": len(results.accepted),
         "refused": len(results.refused),
         "delivered": len(tally.wanted & tally.copies.keys()),
@@ -734,11 +739,18 @@ def mib(kib: int | None) -> float | None:
     return None if kib is None else round(kib / 1024, 1)
 
 
+def database_state(prefill: int) -> str:
+    """How the database began, for a report's first line."""
+    return (
+        f"the database holding {prefill} delivered messages first" if prefill else "a new database"
+    )
+
+
 def print_report(f: dict[str, Any], results: Results, lost: list[str]) -> None:
     print(
         f"sealrelay bench: {f['messages']} x {f['size']} B over {f['sessions']} sessions"
-        f" ({f['backend']}, {f['processes']} process(es), links {'on' if f['links'] else 'off'};"
-        f" load average {f['load_average_at_start']} at start)"
+        f" ({f['backend']}, {f['processes']} process(es), links {'on' if f['links'] else 'off'},"
+        f" {database_state(f['prefill'])}; load average {f['load_average_at_start']} at start)"
     )
     print(
         f"  accepted      {f['accepted']} in {f['accept_seconds']} s: {f['accepted_per_s']} msg/s"
@@ -826,6 +838,13 @@ def main() -> None:
         help="record the relay with py-spy during the traffic into this file"
         " (.json: speedscope, otherwise collapsed stacks for bench/stages.py)",
     )
+    parser.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="delivered messages in the database before the relay starts, as in service"
+        " (bench/prefill.py; default 0: a new database)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     parser.add_argument(
         "--no-chunking",
@@ -833,6 +852,8 @@ def main() -> None:
         help="the sink does not offer CHUNKING (Postfix's smtp-sink, older servers): DATA",
     )
     args = parser.parse_args()
+    if args.prefill < 0:
+        parser.error("--prefill: at least 0")
     sys.exit(asyncio.run(bench(args)))
 
 
