@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence  # noqa: E402
 
 from sqlalchemy import Connection  # noqa: E402
 
+from bench.options import comma_separated  # noqa: E402
 from bench.relay import database_url  # noqa: E402
 from gateway.store import group_commit  # noqa: E402
 from gateway.store.db import Database  # noqa: E402
@@ -101,15 +102,17 @@ async def measure(db: Database, backend: str, count: int, groups: Sequence[int])
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--backends", default="sqlite", help="comma-separated: sqlite, postgres")
+    parser.add_argument(
+        "--backends",
+        type=comma_separated(BACKENDS),
+        default="sqlite",
+        help="comma-separated: sqlite, postgres",
+    )
     parser.add_argument("--transactions", type=int, default=3000, help="per figure (default 3000)")
     parser.add_argument(
         "--groups", default="1,5,20", help="units submitted at once (default 1,5,20)"
     )
     args = parser.parse_args(argv)
-    args.backends = args.backends.split(",")
-    if wrong := set(args.backends) - set(BACKENDS):
-        parser.error(f"--backends: unknown {', '.join(sorted(wrong))}")
     if args.transactions < 1:
         parser.error("--transactions: at least 1")
     try:

@@ -50,6 +50,7 @@ from typing import Any, cast  # noqa: E402
 
 from sqlalchemy import Connection, create_engine, insert  # noqa: E402
 
+from bench.options import comma_separated  # noqa: E402
 from bench.relay import AGENT, make_body, make_header  # noqa: E402
 from gateway.intake.pipeline import STRIPPED_FIELDS, intake_events  # noqa: E402
 from gateway.mail import dkim, headers, mime  # noqa: E402
@@ -242,14 +243,14 @@ def counted(stage: str, count: int) -> int:
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--stages", default=",".join(STAGES), help="comma-separated: " + ", ".join(STAGES)
+        "--stages",
+        type=comma_separated(STAGES),
+        default=",".join(STAGES),
+        help="comma-separated: " + ", ".join(STAGES),
     )
     parser.add_argument("--messages", type=int, default=300, help="messages per stage")
     parser.add_argument("--inner", choices=STAGES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.stages = args.stages.split(",")
-    if wrong := set(args.stages) - set(STAGES):
-        parser.error(f"--stages: unknown {', '.join(sorted(wrong))}")
     if args.messages < 1:
         parser.error("--messages: at least 1")
     return args
