@@ -326,9 +326,17 @@ class PostfixInstance:
             os.killpg(pid, signal.SIGKILL)
 
     async def queue(self) -> list[dict[str, object]]:
-        """The queue as `postqueue -j` lists it: one dict per message (queue_id, recipients...)."""
+        """The queue as `postqueue -j` lists it: one dict per message (queue_id, recipients...).
+        showq reads the queue directories one after another, so a message the queue manager
+        moves from one to the next meanwhile can be listed in both: it counts once, as last
+        listed."""
         out = await self.run("postqueue", "-j")
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
+        listed: dict[object, dict[str, object]] = {}
+        for line in out.splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                listed[entry["queue_id"]] = entry
+        return list(listed.values())
 
     async def flush(self) -> None:
         """Ask Postfix to try every deferred message now (`postqueue -f`)."""

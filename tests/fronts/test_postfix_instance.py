@@ -38,7 +38,9 @@ async def test_relays_queues_while_relayhost_is_down_and_stops_cleanly(tmp_path:
     sink = Sink(port=free_port())
     async with postfix_instance(tmp_path, relayhost=f"[127.0.0.1]:{sink.port}") as postfix:
         await aiosmtplib.send(note("first"), hostname="127.0.0.1", port=postfix.smtpd_port)
-        (queued,) = await postfix.wait_deferred()  # nobody listens on the relayhost yet
+        deferred = await postfix.wait_deferred()  # nobody listens on the relayhost yet
+        assert len(deferred) == 1, f"{deferred}\n{postfix.log()}"
+        queued = deferred[0]
         assert queued["sender"] == "someone@sender.example"
         [reason] = delay_reasons(queued)
         assert f"127.0.0.1[127.0.0.1]:{sink.port}: Connection refused" in reason
