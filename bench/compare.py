@@ -515,6 +515,7 @@ class MailRun:
     database_cpu_seconds: float = 0.0  # PostgreSQL's backends serving the relay
     load_cpu_seconds: float = 0.0  # smtp-source and smtp-sink: the load's share of the cores
     latencies: list[float] = field(default_factory=list)
+    late: int = 0  # paced: messages that started over LATE after their time, every session busy
 
     @property
     def msg_per_s(self) -> float:
@@ -663,6 +664,108 @@ async def mail_run(
     )
 
 
+LATE = 0.010  # seconds after its time a paced message may start and still count as on time
+
+
+async def paced_run(
+    server: Server,
+    sink: SmtpSink,
+    *,
+    messages: int,
+    size: int,
+    sessions: int,
+    rate: float,
+    seconds: float,
+    reuse: bool = False,
+) -> MailRun:
+    """`messages` of `size` bytes offered at `rate` a second, the k-th due k/rate seconds after
+    the start whether or not the ones before have been answered, over at most `sessions`
+    sessions of our own (a new connection each message, as smtp-source; `reuse`: one each).
+
+    smtp-source sends as fast as the server answers, so its time to 250 is mostly the wait
+    behind the other sessions: at saturation, 20 sessions in flight take 20 / throughput
+    seconds a message, whatever the server does. Below saturation the time is the server's
+    own. Every message's time from MAIL FROM to its 250 counts; a message that could not
+    start within LATE of its time, every session being busy, is counted as `late`."""
+    start_count = sink.count
+    cpu_before = server.cpu_seconds()
+    database_before = database_cpu(server)
+    load_before = load_cpu_seconds(sink) + own_cpu_seconds()
+    sampler = TreeMemory(*server.pids)
+    sampler.start()
+    latencies: list[float] = []
+    late = 0
+    numbers = iter(range(messages))
+    loop = asyncio.get_running_loop()
+    began = time.perf_counter()
+    start = loop.time()
+
+    async def connected() -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=server.port,
+            start_tls=False,
+            local_hostname="paced.bench.example",
+            timeout=120,
+        )
+        await client.connect()
+        await client.ehlo()
+        return client
+
+    async def session() -> None:
+        nonlocal late
+        client = await connected() if reuse else None
+        try:
+            for number in numbers:
+                due = start + number / rate
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)  # the offered load's clock, not a wait for an event
+                elif -wait > LATE:
+                    late += 1
+                one = client or await connected()
+                sending = time.perf_counter()
+                try:
+                    await one.sendmail(AGENT, [RECIPIENT], probe_message(size))
+                except aiosmtplib.SMTPResponseException as exc:
+                    raise Failed(f"{server.name} refused a paced message: {exc}") from exc
+                latencies.append(time.perf_counter() - sending)
+                if client is None:
+                    with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                        await one.quit()
+        finally:
+            if client is not None:
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                    await client.quit()
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(session() for _ in range(sessions))), seconds)
+    except TimeoutError:
+        raise Failed(f"the paced load against {server.name} took over {seconds} s") from None
+    done = await sink.reach(start_count + messages, seconds)
+    load = load_cpu_seconds(sink) + own_cpu_seconds() - load_before
+    await settle(server.pid)
+    await sampler.stop()
+    return MailRun(
+        server=server.name,
+        messages=messages,
+        seconds=done - began,
+        octets=messages * size,
+        cpu_seconds=server.cpu_seconds() - cpu_before,
+        database_cpu_seconds=cpu_spent(database_before, database_cpu(server)),
+        load_cpu_seconds=load,
+        peak_rss=sampler.peak_rss,
+        peak_pss=sampler.peak_pss,
+        latencies=latencies,
+        late=late,
+    )
+
+
+def own_cpu_seconds() -> float:
+    """This script's CPU so far: the paced load's clients run in it."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def load_cpu_seconds(sink: SmtpSink) -> float:
     """CPU so far of smtp-sink and of this script's reaped children (every smtp-source run
     once it has ended; the servers under test are not reaped while they run)."""
@@ -689,11 +792,14 @@ def print_mail_run(workload: str, round_number: int, run: MailRun) -> None:
         f"peak RSS {run.peak_rss / MIB:.0f} MiB (PSS {run.peak_pss / MIB:.0f} MiB)",
     ]
     if run.latencies:
+        counted = "every message" if workload == "paced" else f"{len(run.latencies)} probes"
         figures.insert(
             2,
             f"time to 250 p50 {ms(percentile(run.latencies, 0.5))}"
-            f" p99 {ms(percentile(run.latencies, 0.99))} ({len(run.latencies)} probes)",
+            f" p99 {ms(percentile(run.latencies, 0.99))} ({counted})",
         )
+    if workload == "paced":
+        figures.append(f"{run.late} started late")
     print(f"  round {round_number} {workload:5} {run.server:18} " + ", ".join(figures), flush=True)
 
 
@@ -844,18 +950,32 @@ def summarize_mail(workload: str, runs: dict[str, list[MailRun]]) -> None:
                 f", time to 250 p50 {ms(percentile(latencies, 0.5))}"
                 f" p99 {ms(percentile(latencies, 0.99))}"
             )
+        if workload == "paced":
+            line += f", {sum(r.late for r in done)} started late"
         print(line)
     baselines = [name for name in runs if name.startswith("postfix")]
     for name, done in runs.items():
         if name in baselines:
             continue
         for baseline in baselines:
-            print_ratio(name, done, baseline, runs[baseline])
+            print_ratio(name, done, baseline, runs[baseline], paced=workload == "paced")
 
 
-def print_ratio(name: str, done: list[MailRun], baseline: str, base: list[MailRun]) -> None:
-    """The median of the round-by-round ratios of `name` to `baseline`."""
-    throughput = [s.msg_per_s / p.msg_per_s for s, p in zip(done, base, strict=True)]
+def print_ratio(
+    name: str, done: list[MailRun], baseline: str, base: list[MailRun], *, paced: bool = False
+) -> None:
+    """The median of the round-by-round ratios of `name` to `baseline`; `paced`: the two
+    took the same offered load, so their times to 250 compare instead of their throughputs."""
+    if paced:
+        ours = percentile([x for r in done for x in r.latencies], 0.99)
+        theirs = percentile([x for r in base for x in r.latencies], 0.99)
+        first = f"time to 250 p99 {ms(ours)} against {ms(theirs)}"
+    else:
+        throughput = [s.msg_per_s / p.msg_per_s for s, p in zip(done, base, strict=True)]
+        first = (
+            f"throughput {median(throughput):.2f}x"
+            f" (rounds {', '.join(f'{r:.2f}' for r in throughput)})"
+        )
     # a short run can leave Postfix under one tick of the CPU clock (10 ms): no ratio then
     cpu = [
         s.cpu_ms_per_message / p.cpu_ms_per_message
@@ -863,8 +983,7 @@ def print_ratio(name: str, done: list[MailRun], baseline: str, base: list[MailRu
         if p.cpu_ms_per_message > 0
     ]
     print(
-        f"  ratio {name} / {baseline}: throughput {median(throughput):.2f}x"
-        f" (rounds {', '.join(f'{r:.2f}' for r in throughput)}),"
+        f"  ratio {name} / {baseline}: {first},"
         + (
             f" CPU per message {median(cpu):.2f}x"
             if cpu
@@ -888,6 +1007,22 @@ def summarize_downloads(runs: dict[str, list[DownloadRun]]) -> None:
     print(
         f"  ratio {name} / nginx: throughput {median(ratios):.2f}x"
         f" (rounds {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
+
+
+def workload_line(
+    workload: str, messages: int, size: int, sessions: int, probes: int, args: argparse.Namespace
+) -> str:
+    connections = "one connection each" if args.reuse_connections else "a new connection each"
+    if workload == "paced":
+        return (
+            f"paced: {messages} messages of {size} B offered at {args.rate:g} a second, over at"
+            f" most {sessions} sessions of this script's ({connections} message)"
+        )
+    return (
+        f"{workload}: smtp-source -s {sessions} -m {messages} -l {size}"
+        + (" -d" if args.reuse_connections else "")
+        + (f", {probes} latency probe session(s) alongside" if probes else "")
     )
 
 
@@ -916,28 +1051,36 @@ async def compare_mail(
         shapes = {
             "small": (args.messages, args.size, args.sessions, args.probes),
             "big": (args.big_messages, args.big_size, args.big_sessions, 0),
+            "paced": (args.messages, args.size, args.sessions, 0),
         }
         for workload in workloads:
             messages, size, sessions, probes = shapes[workload]
-            print(
-                f"{workload}: smtp-source -s {sessions} -m {messages} -l {size}"
-                + (" -d" if args.reuse_connections else "")
-                + (f", {probes} latency probe session(s) alongside" if probes else ""),
-                flush=True,
-            )
+            print(workload_line(workload, messages, size, sessions, probes, args), flush=True)
             runs: dict[str, list[MailRun]] = {s.name: [] for s in servers}
             for number in range(1, args.rounds + 1):
                 for server in servers if number % 2 else reversed(servers):
-                    run = await mail_run(
-                        server,
-                        sink,
-                        messages=messages,
-                        size=size,
-                        sessions=sessions,
-                        probes=probes,
-                        seconds=args.timeout,
-                        reuse=args.reuse_connections,
-                    )
+                    if workload == "paced":
+                        run = await paced_run(
+                            server,
+                            sink,
+                            messages=messages,
+                            size=size,
+                            sessions=sessions,
+                            rate=args.rate,
+                            seconds=args.timeout,
+                            reuse=args.reuse_connections,
+                        )
+                    else:
+                        run = await mail_run(
+                            server,
+                            sink,
+                            messages=messages,
+                            size=size,
+                            sessions=sessions,
+                            probes=probes,
+                            seconds=args.timeout,
+                            reuse=args.reuse_connections,
+                        )
                     runs[server.name].append(run)
                     print_mail_run(workload, number, run)
             summarize_mail(workload, runs)
@@ -995,9 +1138,16 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workloads",
-        type=comma_separated(("small", "big", "dl")),
+        type=comma_separated(("small", "big", "dl", "paced")),
         default="small,big,dl",
-        help="comma-separated: small, big, dl",
+        help="comma-separated: small, big, dl, paced (small mail offered at --rate, not as"
+        " fast as the server answers; not in the default)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=300,
+        help="paced: messages offered a second (default 300)",
     )
     parser.add_argument("--messages", type=int, default=3000, help="small mail: how many")
     parser.add_argument("--size", type=int, default=5000, help="small mail: bytes (-l)")
@@ -1043,6 +1193,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.prefill < 0:
         parser.error("--prefill: at least 0")
+    if not args.rate > 0:
+        parser.error("--rate: more than 0 messages a second")
     if args.quick:
         args.rounds = 1
         args.prefill = min(args.prefill, 40)

@@ -158,7 +158,7 @@ async def one_turn(
         await asyncio.sleep(WARM_UP)
     cpu_before = cpu_seconds(pids)
     try:
-        results = await send_all(clients, args.messages, args.size, secrets.token_hex(4))
+        results = await send_all(clients, args.messages, args.size, secrets.token_hex(4), args.rate)
         tally.wanted = set(results.accepted)
         tally.done.clear()
         tally.check()
@@ -230,6 +230,7 @@ def summary(
         "messages": args.messages,
         "size": args.size,
         "sessions": args.sessions,
+        "rate": args.rate,
         "web_rps": args.web_rps,
         "web_file_kib": args.web_file_kib,
         "turns": len(turns),
@@ -333,7 +334,8 @@ def print_turn(number: int, turn: Turn, args: argparse.Namespace) -> None:
 def print_summary(f: dict[str, Any]) -> None:
     print(
         f"sealrelay mixed bench: {f['messages']} x {f['size']} B over {f['sessions']} sessions"
-        f" per turn, {f['turns']} turns ({f['backend']}, {f['processes']} process(es),"
+        + (f" offered at {f['rate']:g} a second" if f["rate"] else "")
+        + f" per turn, {f['turns']} turns ({f['backend']}, {f['processes']} process(es),"
         f" {database_state(f['prefill'])}; load averages {f['load_averages']})"
     )
     for label, name in (("mail_only", "mail only"), ("mixed", "mixed")):

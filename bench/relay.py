@@ -462,15 +462,23 @@ async def open_sessions(count: int, smtp_port: int) -> list[aiosmtplib.SMTP]:
     return list(await asyncio.gather(*(login() for _ in range(count))))
 
 
-async def send_all(clients: list[aiosmtplib.SMTP], messages: int, size: int, run: str) -> Results:
-    """`messages` mails of about `size` bytes, spread over the sessions as each gets free."""
+async def send_all(
+    clients: list[aiosmtplib.SMTP], messages: int, size: int, run: str, rate: float | None = None
+) -> Results:
+    """`messages` mails of about `size` bytes, spread over the sessions as each gets free;
+    with `rate`, the k-th not before k/rate seconds after the first (an offered load below
+    saturation, where CPU per message and time to 250 are those of a box not flat out)."""
     results = Results()
     body = make_body(size, len(make_header(run, 0)[1]))
     numbers = iter(range(messages))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
 
     async def session(client: aiosmtplib.SMTP) -> None:
         try:
             for number in numbers:
+                if rate is not None and (wait := start + number / rate - loop.time()) > 0:
+                    await asyncio.sleep(wait)  # the offered load's clock, not a wait for an event
                 message_id, header = make_header(run, number)
                 began = time.perf_counter()
                 try:
@@ -589,7 +597,7 @@ async def measure(
     loop_before_traffic = loop_thread_seconds(pids)
     recorder = start_py_spy(args.py_spy, relay.pid)
 
-    results = await send_all(clients, args.messages, args.size, secrets.token_hex(4))
+    results = await send_all(clients, args.messages, args.size, secrets.token_hex(4), args.rate)
     tally.wanted = set(results.accepted)
     tally.check()
     with contextlib.suppress(TimeoutError):
@@ -612,6 +620,7 @@ async def measure(
         "messages": args.messages,
         "size": args.size,
         "sessions": args.sessions,
+        "rate": args.rate,
         "links": args.links,
         "processes": args.processes,
         "prefill": args.prefill,
@@ -749,7 +758,8 @@ def database_state(prefill: int) -> str:
 def print_report(f: dict[str, Any], results: Results, lost: list[str]) -> None:
     print(
         f"sealrelay bench: {f['messages']} x {f['size']} B over {f['sessions']} sessions"
-        f" ({f['backend']}, {f['processes']} process(es), links {'on' if f['links'] else 'off'},"
+        + (f" offered at {f['rate']:g} a second" if f["rate"] else "")
+        + f" ({f['backend']}, {f['processes']} process(es), links {'on' if f['links'] else 'off'},"
         f" {database_state(f['prefill'])}; load average {f['load_average_at_start']} at start)"
     )
     print(
@@ -786,6 +796,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=5000, help="bytes per message, about")
     parser.add_argument("--sessions", type=int, default=10, help="parallel SMTP sessions (C)")
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="messages offered a second, the sessions waiting for each one's time"
+        " (default: as fast as the relay answers)",
+    )
     parser.add_argument(
         "--processes",
         type=int,
@@ -854,6 +871,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.prefill < 0:
         parser.error("--prefill: at least 0")
+    if args.rate is not None and not args.rate > 0:
+        parser.error("--rate: more than 0 messages a second")
     sys.exit(asyncio.run(bench(args)))
 
 
