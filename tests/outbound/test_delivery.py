@@ -858,6 +858,77 @@ async def test_two_workers_deliver_each_copy_once(
     assert len(await events(database, "delivery.delivered")) == 50
 
 
+def counting_claims(worker: DeliveryWorker) -> list[int]:
+    """The limit of each claim `worker` makes from now on (its own claims run unchanged)."""
+    limits: list[int] = []
+    claim = worker._claim
+
+    async def counted(limit: int) -> tuple[list[queue.Claimed], int]:
+        limits.append(limit)
+        return await claim(limit)
+
+    worker._claim = counted  # type: ignore[method-assign]
+    return limits
+
+
+async def test_mail_coming_one_at_a_time_costs_one_claim_a_message(
+    start_relay: StartRelay, sink: Sink, database: Database
+) -> None:
+    """A claim that found less than its room emptied what was due: the worker waits for
+    the next commit instead of asking again at once and again when the group has gone (two
+    transactions a message that found nothing, most of a message's CPU at 100 a second)."""
+    harness = await start_relay(sink, worker={"poll_seconds": 60})
+    claims = counting_claims(harness.relay.worker)
+    for number in range(1, 5):
+        await harness.send(make_message(to=f"r{number}@example.com"))
+        await sink.expect(number)
+        await eventually(
+            lambda: _when(deliveries(database), lambda r: all_in({DeliveryStatus.DELIVERED}, r))
+        )
+    assert len(claims) <= 4, claims  # one a message; the poll (60 s) never came
+
+
+async def test_a_claim_short_of_room_goes_on_when_a_group_has_gone(
+    start_relay: StartRelay, sink: Sink, database: Database
+) -> None:
+    """With room for one copy, each claim fills it; the next waits for the group to end,
+    not for the poll."""
+    harness = await start_relay(sink, roles=("smtp",), worker={"poll_seconds": 60, "batch_size": 1})
+    agent = await users.authenticate(database, AGENT, PASSWORD)
+    assert agent is not None
+    for number in range(3):
+        raw = make_message(to=f"r{number}@example.com").as_bytes(policy=email.policy.SMTP)
+        await harness.relay.pipeline.submit(
+            PipelineEnvelope(AGENT, (f"r{number}@example.com",)),
+            raw,
+            agent,
+            Origin("pc", "127.0.0.1", "ESMTPSA"),
+        )
+    worker = DeliveryWorker(
+        harness.settings,
+        database,
+        harness.relay.blobs,
+        harness.relay.worker.routes,
+        harness.relay.worker.signer,
+        harness.relay.signal,
+    )
+    claims = counting_claims(worker)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        received = await sink.expect(3, timeout=WAIT)  # far inside the 60 s poll
+    finally:
+        stop.set()
+        harness.relay.signal.notify()
+        await running
+    assert sorted(r for m in received for r in m.rcpt_tos) == [
+        "r0@example.com",
+        "r1@example.com",
+        "r2@example.com",
+    ]
+    assert claims[:3] == [1, 1, 1], claims
+
+
 # -- transports ------------------------------------------------------------------------------
 
 
