@@ -167,7 +167,9 @@ class DeliveryWorker:
         renewed it)."""
         lease = timedelta(seconds=self.settings.worker.lease_seconds)
         now = self.clock()
-        claimed = await group_commit.submit(self.db, queue.Claim(self.name, now, lease, limit))
+        claimed = await group_commit.submit(
+            self.db, queue.Claim(self.name, now, lease, limit), linger=True
+        )
         fresh = [item for item in claimed if item.delivery.id not in self._held]
         self._held.update((item.delivery.id, now) for item in fresh)
         return fresh, len(claimed)
@@ -426,6 +428,7 @@ class DeliveryWorker:
                 dsn_mail.rows if dsn_mail else (),
                 dsn_mail.events if dsn_mail else (),
             ),
+            linger=True,
         )
         if bounce is not None:
             self.signal.notify()

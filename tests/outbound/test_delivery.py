@@ -680,10 +680,10 @@ async def test_only_a_copy_that_waited_a_third_of_a_lease_is_held_again_before_i
     holds: list[list[str]] = []
     submit = group_commit.submit
 
-    async def counted(db: Database, unit: Any) -> Any:
+    async def counted(db: Database, unit: Any, *, linger: bool = False) -> Any:
         if isinstance(unit, queue.Hold):
             holds.append(list(unit.ids))
-        return await submit(db, unit)
+        return await submit(db, unit, linger=linger)
 
     monkeypatch.setattr(group_commit, "submit", counted)
     hold = sink.hold = asyncio.Event()

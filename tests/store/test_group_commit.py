@@ -200,6 +200,70 @@ async def test_closing_the_database_commits_what_is_queued(database: Database) -
     assert (await chained(database)).ok
 
 
+def batch_sizes(db: Database) -> list[int]:
+    """The size of each batch `db`'s writer commits from now on (committed as before)."""
+    writer = group_commit._writer(db)
+    sizes: list[int] = []
+    commit = writer._commit
+
+    async def counted(batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        await commit(batch)
+
+    writer._commit = counted  # type: ignore[method-assign]
+    return sizes
+
+
+def nothing(connection: Connection) -> Done[str]:
+    return Done("done")
+
+
+async def test_a_lingering_unit_commits_with_the_next_unit_that_may_not_wait(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outcome or a claim waits for company; a message whose client awaits its 250 does
+    not, and takes it along: one transaction, however long the linger would have been."""
+    monkeypatch.setattr(group_commit, "LINGER", 60.0)
+    sizes = batch_sizes(database)
+    writer = group_commit._writer(database)
+    lingering = writer.put(nothing, linger=True)
+    while writer.queue.qsize():
+        await asyncio.sleep(0)  # until the writer has taken it and lingers
+    row = message()
+    async with asyncio.timeout(10):
+        await group_commit.insert(database, [row], [kept(row.id)], utcnow())
+        assert await lingering == "done"
+    assert sizes == [2]
+    assert await stored_ids(database) == {row.id}
+
+
+async def test_a_lingering_unit_alone_commits_once_the_linger_is_over(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(group_commit, "LINGER", 0.2)
+    sizes = batch_sizes(database)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with asyncio.timeout(10):
+        assert await group_commit.submit(database, nothing, linger=True) == "done"
+        assert await group_commit.submit(database, nothing, linger=True) == "done"
+    assert loop.time() - began >= 0.4  # each waited its linger, in vain
+    assert sizes == [1, 1]
+
+
+async def test_closing_the_database_commits_a_lingering_unit_at_once(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(group_commit, "LINGER", 60.0)
+    writer = group_commit._writer(database)
+    lingering = writer.put(nothing, linger=True)
+    while writer.queue.qsize():
+        await asyncio.sleep(0)  # until the writer has taken it and lingers
+    async with asyncio.timeout(10):  # not the linger's 60 s
+        await database.close()
+    assert lingering.done() and lingering.result() == "done"
+
+
 def vars_of(row: Message) -> dict[str, Any]:
     return {k: v for k, v in vars(row).items() if not k.startswith("_")}
 
