@@ -95,7 +95,6 @@ class DeliveryWorker:
         # claimed here and not yet recorded (the heartbeat's list), with the claim's time
         self._held: dict[str, datetime] = {}
         self._waiting = 0  # of those, copies waiting for their destination's turn
-        self._short_of_room = False  # a claim was cut to the room left: a finish wakes the next
         self._closings: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -109,11 +108,11 @@ class DeliveryWorker:
         try:
             while not stop.is_set():
                 try:
-                    more = await self._start_due(sending, stop)
+                    started = await self._start_due(sending, stop)
                 except Exception:
                     log.exception("claiming due copies failed; trying again shortly")
-                    more = False
-                if not more:
+                    started = 0
+                if not started:
                     await self.signal.wait(self.settings.worker.poll_seconds)
         finally:
             await asyncio.gather(*sending, return_exceptions=True)
@@ -123,19 +122,13 @@ class DeliveryWorker:
 
     async def run_once(self) -> int:
         """One round: claim what is due and deliver it. Returns how many copies it handled."""
-        claimed, _ = await self._claim(self.settings.worker.batch_size)
+        claimed = await self._claim(self.settings.worker.batch_size)
         groups = _groups(claimed, self._route_for)
         await asyncio.gather(*(self._deliver(route, group) for route, group in groups))
         return len(claimed)
 
-    async def _start_due(self, sending: set[asyncio.Task[None]], stop: asyncio.Event) -> bool:
-        """Claim up to the room left in the batch; a task per group. Whether more may be due
-        at once: the claim filled the room it had.
-
-        A claim that found less than it asked for emptied what was due, and the worker waits
-        for the signal: new mail, a finished group when the room was short, or the poll. At
-        a light load each claim asking again at once, and again after each finished group,
-        found nothing: three transactions a message where one does (bench/README.md).
+    async def _start_due(self, sending: set[asyncio.Task[None]], stop: asyncio.Event) -> int:
+        """Claim up to the room left in the batch; a task per group. How many were claimed.
 
         Copies waiting for a busy destination do not count against the batch (up to
         WAITING_BATCHES of them): a burst to one destination does not stop the claims of
@@ -143,28 +136,24 @@ class DeliveryWorker:
         batch = self.settings.worker.batch_size
         ready = len(self._held) - self._waiting
         room = min(batch - ready, batch * WAITING_BATCHES - self._waiting)
-        self._short_of_room = room <= 0
         if room <= 0:
-            return False
-        claimed, found = await self._claim(room)
+            return 0
+        claimed = await self._claim(room)
         for route, group in _groups(claimed, self._route_for):
             task = asyncio.create_task(self._deliver(route, group, stop))
             sending.add(task)
             task.add_done_callback(lambda done: self._finished(done, sending))
-        return found >= room
+        return len(claimed)
 
     def _finished(self, task: asyncio.Task[None], sending: set[asyncio.Task[None]]) -> None:
         sending.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivering a group failed", exc_info=task.exception())
-        if self._short_of_room:
-            self._short_of_room = False
-            self.signal.notify()  # room for the claim that had none
+        self.signal.notify()  # room for more claims
 
-    async def _claim(self, limit: int) -> tuple[list[queue.Claimed], int]:
-        """Due copies, leased to this worker, and how many the claim found; never one it
-        already holds (its lease ran out while it waited for a slot, and the claim just
-        renewed it)."""
+    async def _claim(self, limit: int) -> list[queue.Claimed]:
+        """Due copies, leased to this worker; never one it already holds (its lease ran out
+        while it waited for a slot, and the claim just renewed it)."""
         lease = timedelta(seconds=self.settings.worker.lease_seconds)
         now = self.clock()
         claimed = await group_commit.submit(
@@ -172,7 +161,7 @@ class DeliveryWorker:
         )
         fresh = [item for item in claimed if item.delivery.id not in self._held]
         self._held.update((item.delivery.id, now) for item in fresh)
-        return fresh, len(claimed)
+        return fresh
 
     async def _renew_leases(self) -> None:
         """The heartbeat: every third of a lease, extend the leases of every copy held."""

@@ -863,29 +863,12 @@ def counting_claims(worker: DeliveryWorker) -> list[int]:
     limits: list[int] = []
     claim = worker._claim
 
-    async def counted(limit: int) -> tuple[list[queue.Claimed], int]:
+    async def counted(limit: int) -> list[queue.Claimed]:
         limits.append(limit)
         return await claim(limit)
 
     worker._claim = counted  # type: ignore[method-assign]
     return limits
-
-
-async def test_mail_coming_one_at_a_time_costs_one_claim_a_message(
-    start_relay: StartRelay, sink: Sink, database: Database
-) -> None:
-    """A claim that found less than its room emptied what was due: the worker waits for
-    the next commit instead of asking again at once and again when the group has gone (two
-    transactions a message that found nothing, most of a message's CPU at 100 a second)."""
-    harness = await start_relay(sink, worker={"poll_seconds": 60})
-    claims = counting_claims(harness.relay.worker)
-    for number in range(1, 5):
-        await harness.send(make_message(to=f"r{number}@example.com"))
-        await sink.expect(number)
-        await eventually(
-            lambda: _when(deliveries(database), lambda r: all_in({DeliveryStatus.DELIVERED}, r))
-        )
-    assert len(claims) <= 4, claims  # one a message; the poll (60 s) never came
 
 
 async def test_a_claim_short_of_room_goes_on_when_a_group_has_gone(
