@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator  # noqa: E402
 from multiprocessing.connection import Connection  # noqa: E402
 from typing import Any  # noqa: E402
 
+from bench.options import comma_separated  # noqa: E402
 from gateway.config import UpstreamSettings  # noqa: E402
 from gateway.outbound.upstream import SmtpUpstream  # noqa: E402
 from sealrelay.serve import event_loop  # noqa: E402
@@ -200,7 +201,12 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=2000)
     parser.add_argument("--size", type=int, default=5000, help="bytes per copy, about")
     parser.add_argument("--concurrency", type=int, default=4, help="copies in flight at once")
-    parser.add_argument("--ways", default=",".join(WAYS), help=f"of {', '.join(WAYS)}")
+    parser.add_argument(
+        "--ways",
+        type=comma_separated(WAYS),
+        default=",".join(WAYS),
+        help=f"comma-separated: {', '.join(WAYS)}",
+    )
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (installed)")
     parser.add_argument("--rtt", type=float, default=0, help="round-trip time to the sink, ms")
     args = parser.parse_args()
@@ -213,7 +219,7 @@ def main() -> None:
         f" load average {os.getloadavg()[0]:.2f} at start"
     )
     with sink(port, args.rtt / 1000) as connections:
-        for way in args.ways.split(","):
+        for way in args.ways:
             before = connections()
             wall = time.perf_counter()
             with asyncio.Runner(loop_factory=factory) as runner:

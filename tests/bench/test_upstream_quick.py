@@ -17,3 +17,9 @@ async def test_the_upstream_bench_prints_each_way_over_a_round_trip() -> None:
             rf"^  {way} +CPU {NUMBER} ms per copy, {NUMBER} copies/s, [1-9][0-9]* connections$"
         )
         assert re.search(figures, text, re.MULTILINE), text
+
+
+async def test_an_unknown_way_is_refused_naming_it() -> None:
+    status, text = await run_bench("upstream.py", "--ways", "kept,carrier-pigeon", timeout=60)
+    assert status == 2, text
+    assert "--ways: unknown carrier-pigeon" in text, text
