@@ -599,6 +599,47 @@ async def settle(pid: int, limit: float = 15.0) -> None:
         last = now
 
 
+class Meter:
+    """One server's turn measured: its CPU, its database's, the load's (smtp-sink's, the
+    reaped smtp-source runs', and with `own_load` this script's clients') and its memory,
+    from its start until every message is at the sink and the server has gone idle."""
+
+    def __init__(self, server: Server, sink: SmtpSink, *, own_load: bool = False) -> None:
+        self.server, self.sink, self.own_load = server, sink, own_load
+        self.start_count = sink.count
+        self.cpu_before = server.cpu_seconds()
+        self.database_before = database_cpu(server)
+        self.load_before = self._load()
+        self.sampler = TreeMemory(*server.pids)
+        self.sampler.start()
+        self.began = time.perf_counter()
+
+    def _load(self) -> float:
+        return load_cpu_seconds(self.sink) + (own_cpu_seconds() if self.own_load else 0.0)
+
+    async def run(
+        self, messages: int, size: int, seconds: float, latencies: list[float], late: int = 0
+    ) -> MailRun:
+        """The turn of `messages` of `size` bytes, once the sink has them all."""
+        done = await self.sink.reach(self.start_count + messages, seconds)
+        load = self._load() - self.load_before
+        await settle(self.server.pid)
+        await self.sampler.stop()
+        return MailRun(
+            server=self.server.name,
+            messages=messages,
+            seconds=done - self.began,
+            octets=messages * size,
+            cpu_seconds=self.server.cpu_seconds() - self.cpu_before,
+            database_cpu_seconds=cpu_spent(self.database_before, database_cpu(self.server)),
+            load_cpu_seconds=load,
+            peak_rss=self.sampler.peak_rss,
+            peak_pss=self.sampler.peak_pss,
+            latencies=latencies,
+            late=late,
+        )
+
+
 async def mail_run(
     server: Server,
     sink: SmtpSink,
@@ -612,15 +653,9 @@ async def mail_run(
 ) -> MailRun:
     """smtp-source sends `messages` of `size` bytes over `sessions`, `probes` sessions of our
     own alongside; the run ends when the sink has every message (theirs and the probes')."""
-    start_count = sink.count
-    cpu_before = server.cpu_seconds()
-    database_before = database_cpu(server)
-    load_before = load_cpu_seconds(sink)
-    sampler = TreeMemory(*server.pids)
-    sampler.start()
+    meter = Meter(server, sink)
     latencies: list[float] = []
     stop = asyncio.Event()
-    began = time.perf_counter()
     source = await asyncio.create_subprocess_exec(
         postfix_command("smtp-source"),
         "-s", str(sessions), "-m", str(messages), "-l", str(size),
@@ -645,23 +680,7 @@ async def mail_run(
     if source.returncode != 0:
         text = out.decode("utf-8", errors="replace")[-2000:]
         raise Failed(f"smtp-source against {server.name} exited {source.returncode}: {text}")
-    total = messages + probed
-    done = await sink.reach(start_count + total, seconds)
-    load = load_cpu_seconds(sink) - load_before
-    await settle(server.pid)
-    await sampler.stop()
-    return MailRun(
-        server=server.name,
-        messages=total,
-        seconds=done - began,
-        octets=total * size,
-        cpu_seconds=server.cpu_seconds() - cpu_before,
-        database_cpu_seconds=cpu_spent(database_before, database_cpu(server)),
-        load_cpu_seconds=load,
-        peak_rss=sampler.peak_rss,
-        peak_pss=sampler.peak_pss,
-        latencies=latencies,
-    )
+    return await meter.run(messages + probed, size, seconds, latencies)
 
 
 LATE = 0.010  # seconds after its time a paced message may start and still count as on time
@@ -687,17 +706,11 @@ async def paced_run(
     seconds a message, whatever the server does. Below saturation the time is the server's
     own. Every message's time from MAIL FROM to its 250 counts; a message that could not
     start within LATE of its time, every session being busy, is counted as `late`."""
-    start_count = sink.count
-    cpu_before = server.cpu_seconds()
-    database_before = database_cpu(server)
-    load_before = load_cpu_seconds(sink) + own_cpu_seconds()
-    sampler = TreeMemory(*server.pids)
-    sampler.start()
+    meter = Meter(server, sink, own_load=True)
     latencies: list[float] = []
     late = 0
     numbers = iter(range(messages))
     loop = asyncio.get_running_loop()
-    began = time.perf_counter()
     start = loop.time()
 
     async def connected() -> aiosmtplib.SMTP:
@@ -741,23 +754,7 @@ async def paced_run(
         await asyncio.wait_for(asyncio.gather(*(session() for _ in range(sessions))), seconds)
     except TimeoutError:
         raise Failed(f"the paced load against {server.name} took over {seconds} s") from None
-    done = await sink.reach(start_count + messages, seconds)
-    load = load_cpu_seconds(sink) + own_cpu_seconds() - load_before
-    await settle(server.pid)
-    await sampler.stop()
-    return MailRun(
-        server=server.name,
-        messages=messages,
-        seconds=done - began,
-        octets=messages * size,
-        cpu_seconds=server.cpu_seconds() - cpu_before,
-        database_cpu_seconds=cpu_spent(database_before, database_cpu(server)),
-        load_cpu_seconds=load,
-        peak_rss=sampler.peak_rss,
-        peak_pss=sampler.peak_pss,
-        latencies=latencies,
-        late=late,
-    )
+    return await meter.run(messages, size, seconds, latencies, late)
 
 
 def own_cpu_seconds() -> float:
