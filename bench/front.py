@@ -27,14 +27,14 @@ from gateway.login_throttle import FailedLogins
 BODY = b"Subject: bench\r\n\r\n" + (b"y" * 76 + b"\r\n") * 64 + b".\r\n"
 
 
-class _Agent:
+class Agent:
     email = "agent@bench.example"
 
     def may_send_as(self, address: str) -> bool:
         return True
 
 
-class _Handler:
+class Handler:
     """Says yes to everything at once: what is left is the front's own work."""
 
     async def authenticate(self, session: SubmissionSMTP, mechanism: str, args: list[str]) -> None:
@@ -60,17 +60,27 @@ class _Handler:
         raise error
 
 
+class LoggedIn(SubmissionSMTP):
+    """A session whose agent has logged in, as after AUTH."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.agent = Agent()  # type: ignore[assignment]
+
+
+def listener() -> Listener:
+    """The shipped SMTP settings, with `Handler` behind them."""
+    gate = ConnectionGate(SmtpSettings(), FailedLogins(budget=100, forget_seconds=60.0), 1000)
+    return Listener(
+        handler=Handler(), gate=gate, hostname="bench", timeout=300, size_limit=10_000_000
+    )
+
+
 async def serve(port: int, messages: int) -> None:
-    smtp = SmtpSettings()
-    gate = ConnectionGate(smtp, FailedLogins(budget=100, forget_seconds=60.0), 1000)
     ended = asyncio.Event()
     count = 0
 
-    class Session(SubmissionSMTP):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            self.agent = _Agent()  # type: ignore[assignment]  # logged in, as after AUTH
-
+    class Session(LoggedIn):
         def connection_lost(self, error: Exception | None) -> None:
             nonlocal count
             super().connection_lost(error)
@@ -78,11 +88,9 @@ async def serve(port: int, messages: int) -> None:
             if count >= messages:
                 ended.set()
 
-    listener = Listener(
-        handler=_Handler(), gate=gate, hostname="bench", timeout=300, size_limit=10_000_000
-    )
+    shared = listener()
     server = await asyncio.get_running_loop().create_server(
-        lambda: Session(listener), "127.0.0.1", port
+        lambda: Session(shared), "127.0.0.1", port
     )
     print("ready", flush=True)
     started = time.process_time()

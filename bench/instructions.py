@@ -1,5 +1,5 @@
-"""Instructions per message of the mail code's two passes and of the group commit's writes,
-counted by callgrind: a figure that does not move with the machine's load.
+"""Instructions per message of the SMTP front, the mail code's two passes and the group commit's
+writes, counted by callgrind: a figure that does not move with the machine's load.
 
     .venv/bin/python bench/instructions.py
     .venv/bin/python bench/instructions.py --stages intake --messages 600
@@ -13,6 +13,11 @@ count, run after run, within a few hundred instructions.
 - **intake**: what the pipeline does with a message's bytes before the plan (its fields
   read and checked, the copy's base without our control fields, the MIME tree, the parts'
   facts, the names and subject): gateway/intake/pipeline.py's parsing, without the database.
+- **front**: a submission session as an agent's client holds it (greeting, EHLO, MAIL,
+  RCPT, DATA with the message, QUIT) in gateway/fronts/smtp_protocol.py, each command
+  answered before the next is written, behind bench/front.py's handler, which answers at
+  once (the pipeline is the intake stage's). The bytes come and go through a transport in
+  memory, so the kernel's side of the sockets is not counted; the event loop's is.
 - **copy**: what delivery does to a small copy before it leaves (gateway/mail/outgoing.py:
   trace fields, loop mark, body hash, DKIM signature). The RSA step itself is left out (a
   stand-in key returns fixed bytes): it is OpenSSL's, about 0.4 ms a signature here, the
@@ -38,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import asyncio  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
 import re  # noqa: E402
@@ -48,8 +54,10 @@ from collections.abc import Callable, Sequence  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
 from typing import Any, cast  # noqa: E402
 
+import uvloop  # noqa: E402
 from sqlalchemy import Connection, create_engine, insert  # noqa: E402
 
+from bench.front import LoggedIn, listener  # noqa: E402
 from bench.options import comma_separated  # noqa: E402
 from bench.relay import AGENT, make_body, make_header  # noqa: E402
 from gateway.intake.pipeline import STRIPPED_FIELDS, intake_events  # noqa: E402
@@ -60,7 +68,7 @@ from gateway.store import group_commit, journal, sequencer  # noqa: E402
 from gateway.store.bulk import new_row  # noqa: E402
 from gateway.store.models import Base, JournalHead, Message, new_id  # noqa: E402
 
-STAGES = ("intake", "copy", "commit")
+STAGES = ("front", "intake", "copy", "commit")
 BATCH_OF = 20  # messages per group transaction: bench/relay.py's sessions
 # callgrind counts from entering this C function to leaving it: the loop over the messages
 COUNTED = "functools_reduce"
@@ -86,6 +94,94 @@ def intake(raw: bytes) -> None:
     mime.part_facts(base, root)
     mime.is_signed(root)
     tuple((field.name, field.value) for field in fields)
+
+
+class _MemoryTransport(asyncio.Transport):
+    """A connection's two ends in memory: what the session writes is kept, and `reply`
+    waits for a whole reply (its last line's code followed by a space)."""
+
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.written = bytearray()
+        self.closing = False
+        self._waiter: asyncio.Future[bytes] | None = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 2525)}.get(
+            name, default
+        )
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+        if self._waiter is not None:
+            self._answered(self._waiter)
+
+    def _answered(self, waiter: asyncio.Future[bytes]) -> None:
+        written = self.written
+        last = written.rfind(b"\n", 0, len(written) - 1) + 1
+        if written.endswith(b"\r\n") and written[last + 3 : last + 4] == b" ":
+            waiter.set_result(bytes(written))
+            written.clear()
+            self._waiter = None
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    async def reply(self, sent: bytes) -> bytes:
+        """What the session answers to `sent` (nothing sent: its greeting)."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        self._answered(waiter)  # the greeting came before we waited
+        if sent:
+            cast(LoggedIn, self.protocol).data_received(sent)
+        return await waiter
+
+
+def conversation(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """What an agent's client writes to send `raw`, each with the reply code it expects."""
+    return [
+        (b"", b"220"),
+        (b"EHLO client.bench.example\r\n", b"250"),
+        (f"MAIL FROM:<{AGENT}>\r\n".encode(), b"250"),
+        (b"RCPT TO:<prospect@sink.example>\r\n", b"250"),
+        (b"DATA\r\n", b"354"),
+        (re.sub(rb"(?m)^\.", b"..", raw) + b".\r\n", b"250"),
+        (b"QUIT\r\n", b"221"),
+    ]
+
+
+async def session(steps: list[tuple[bytes, bytes]]) -> None:
+    """One message's submission session; a reply other than the one expected stops the
+    count with the session's words."""
+    protocol = LoggedIn(_front())
+    transport = _MemoryTransport(protocol)
+    protocol.connection_made(transport)
+    for sent, code in steps:
+        answer = await transport.reply(sent)
+        if not answer.startswith(code):
+            raise SystemExit(f"instructions: the front answered {answer!r} to {sent[:40]!r}")
+    await protocol.closed.wait()
+
+
+async def sessions(found: list[list[tuple[bytes, bytes]]]) -> None:
+    for steps in found:
+        await session(steps)
+
+
+@functools.cache
+def _front() -> Any:
+    return listener()
 
 
 class _FixedSignature:
@@ -205,6 +301,14 @@ def run_stage(stage: str, count: int) -> None:
             commit(found[:BATCH_OF])  # statements compiled, caches filled: not counted
             batches = [found[i : i + BATCH_OF] for i in range(BATCH_OF, len(found), BATCH_OF)]
             functools.reduce(lambda _, batch: commit(batch), batches, None)
+        return
+    if stage == "front":
+        loop = uvloop.new_event_loop()
+        steps = [conversation(raw) for raw in messages(count + 1)]
+        loop.run_until_complete(session(steps[0]))  # imports done, caches filled: not counted
+        # one run of the loop for them all: each run of it sets up its signal handling anew
+        functools.reduce(lambda _, __: loop.run_until_complete(sessions(steps[1:])), [1], None)
+        loop.close()
         return
     work: Callable[[bytes], object] = intake if stage == "intake" else copier()
     functools.reduce(lambda _, raw: work(raw), messages(count), None)

@@ -5,6 +5,7 @@ Counting under callgrind takes a minute a stage, so the suite runs the stages wi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 from pathlib import Path
@@ -70,3 +71,22 @@ def test_an_unknown_stage_is_refused(capsys: pytest.CaptureFixture[str]) -> None
         instructions.parse(["--stages", "intake,send"])
     assert exited.value.code == 2
     assert "--stages: unknown send" in capsys.readouterr().err
+
+
+def test_the_front_stage_holds_a_whole_session_with_the_front() -> None:
+    """Each step of the counted conversation got the reply a client would: the front took
+    the message and said goodbye, or the stage would have stopped."""
+    raw = instructions.messages(1)[0]
+    steps = instructions.conversation(raw)
+    assert [code for _, code in steps] == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
+    assert steps[5][0].endswith(b"\r\n.\r\n")
+    asyncio.run(instructions.session(steps))
+
+
+def test_a_front_that_refuses_a_step_stops_the_stage_with_its_reply() -> None:
+    steps = instructions.conversation(instructions.messages(1)[0])
+    steps[3] = (b"RCPT prospect@sink.example\r\n", b"250")
+    with pytest.raises(SystemExit) as stopped:
+        asyncio.run(instructions.session(steps))
+    assert "the front answered b'5" in str(stopped.value)
+    assert "RCPT prospect@sink.example" in str(stopped.value)
