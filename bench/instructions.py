@@ -22,6 +22,12 @@ count, run after run, within a few hundred instructions.
   trace fields, loop mark, body hash, DKIM signature). The RSA step itself is left out (a
   stand-in key returns fixed bytes): it is OpenSSL's, about 0.4 ms a signature here, the
   same for every change to our code; bench/dkim.py times it.
+- **send**: a small copy handed to the smart host over a kept connection
+  (gateway/outbound/upstream.py and smtp_connection.py: the connection taken from the
+  cache, MAIL, RCPT and the copy as one BDAT chunk in one write, the three replies read,
+  the outcome, the connection kept again). The smart host is a transport in memory that
+  answers each write with its three replies, as a server offering PIPELINING and CHUNKING
+  does.
 - **commit**: a small message's writes in the group commit (gateway/store/group_commit.py),
   on SQLite, `BATCH_OF` messages to a transaction as under load: intake's rows, inline blob
   and events; the claim; the hold before sending; the outcome with its event; the
@@ -60,15 +66,18 @@ from sqlalchemy import Connection, create_engine, insert  # noqa: E402
 from bench.front import LoggedIn, listener  # noqa: E402
 from bench.options import comma_separated  # noqa: E402
 from bench.relay import AGENT, make_body, make_header  # noqa: E402
+from gateway.config import UpstreamSettings  # noqa: E402
 from gateway.intake.pipeline import STRIPPED_FIELDS, intake_events  # noqa: E402
 from gateway.mail import dkim, headers, mime  # noqa: E402
 from gateway.mail.outgoing import Signer, prepare  # noqa: E402
 from gateway.outbound.queue import Claim, Hold, Settle, delivered, new_delivery  # noqa: E402
+from gateway.outbound.smtp_connection import SmtpConnection  # noqa: E402
+from gateway.outbound.upstream import KEPT, SmtpUpstream  # noqa: E402
 from gateway.store import group_commit, journal, sequencer  # noqa: E402
 from gateway.store.bulk import new_row  # noqa: E402
 from gateway.store.models import Base, JournalHead, Message, new_id  # noqa: E402
 
-STAGES = ("front", "intake", "copy", "commit")
+STAGES = ("front", "intake", "copy", "send", "commit")
 BATCH_OF = 20  # messages per group transaction: bench/relay.py's sessions
 # callgrind counts from entering this C function to leaving it: the loop over the messages
 COUNTED = "functools_reduce"
@@ -182,6 +191,68 @@ async def sessions(found: list[list[tuple[bytes, bytes]]]) -> None:
 @functools.cache
 def _front() -> Any:
     return listener()
+
+
+class _SmartHost(asyncio.Transport):
+    """A smart host in memory offering PIPELINING and CHUNKING: each write must be one small
+    copy's MAIL, RCPT and BDAT chunk, and is answered with their three replies."""
+
+    REPLIES = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued as 1\r\n"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: asyncio.BaseProtocol | None = None
+        self.copies = 0
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not bytes(data[:11]) == b"MAIL FROM:<" or b"\r\nBDAT " not in data:
+            raise SystemExit(f"instructions: the smart host got {bytes(data[:60])!r}")
+        self.copies += 1
+        protocol = cast(asyncio.Protocol, self.protocol)
+        asyncio.get_running_loop().call_soon(protocol.data_received, self.REPLIES)
+
+
+def smart_host_upstream(copies: int) -> tuple[SmtpUpstream, SmtpConnection, _SmartHost]:
+    """The upstream, a connection to the smart host fit for `copies` copies, and the host.
+    (Made outside the count: the upstream's TLS context reads the system's certificates.)"""
+    settings = UpstreamSettings(
+        url="smtp://sink.bench.example", connection_reuse_count_limit=copies + 1
+    )
+    upstream = SmtpUpstream(settings, "relay.bench.example")
+    host = _SmartHost()
+    connection = SmtpConnection(
+        host,
+        {"pipelining", "chunking", "8bitmime", "size"},
+        remote="sink.bench.example",
+        where=upstream.where,
+        pipelining=True,
+        chunking=True,
+    )
+    return upstream, connection, host
+
+
+async def sends(upstream: SmtpUpstream, copies: list[bytes]) -> None:
+    """Each copy to the smart host over the connection the upstream keeps."""
+    for copy in copies:
+        outcomes = await upstream.send(AGENT, ["prospect@sink.example"], copy)
+        if not outcomes["prospect@sink.example"].delivered:
+            raise SystemExit(f"instructions: a copy was not delivered: {outcomes}")
+
+
+async def first_send(upstream: SmtpUpstream, connection: SmtpConnection, copy: bytes) -> None:
+    """The connection kept, as after the copy that opened it, and one copy sent over it."""
+    upstream.connections.keep(KEPT, connection)
+    await sends(upstream, [copy])
 
 
 class _FixedSignature:
@@ -308,6 +379,16 @@ def run_stage(stage: str, count: int) -> None:
         loop.run_until_complete(session(steps[0]))  # imports done, caches filled: not counted
         # one run of the loop for them all: each run of it sets up its signal handling anew
         functools.reduce(lambda _, __: loop.run_until_complete(sessions(steps[1:])), [1], None)
+        loop.close()
+        return
+    if stage == "send":
+        loop = uvloop.new_event_loop()
+        found = messages(count + 1)
+        upstream, connection, _ = smart_host_upstream(count + 1)
+        loop.run_until_complete(first_send(upstream, connection, found[0]))  # not counted
+        functools.reduce(
+            lambda _, __: loop.run_until_complete(sends(upstream, found[1:])), [1], None
+        )
         loop.close()
         return
     work: Callable[[bytes], object] = intake if stage == "intake" else copier()

@@ -68,9 +68,9 @@ def test_a_missing_valgrind_is_named_with_its_package(
 
 def test_an_unknown_stage_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
-        instructions.parse(["--stages", "intake,send"])
+        instructions.parse(["--stages", "intake,deliver"])
     assert exited.value.code == 2
-    assert "--stages: unknown send" in capsys.readouterr().err
+    assert "--stages: unknown deliver" in capsys.readouterr().err
 
 
 def test_the_front_stage_holds_a_whole_session_with_the_front() -> None:
@@ -90,3 +90,28 @@ def test_a_front_that_refuses_a_step_stops_the_stage_with_its_reply() -> None:
         asyncio.run(instructions.session(steps))
     assert "the front answered b'5" in str(stopped.value)
     assert "RCPT prospect@sink.example" in str(stopped.value)
+
+
+def test_the_send_stage_sends_each_copy_pipelined_over_the_kept_connection() -> None:
+    """One write a copy (MAIL, RCPT and the BDAT chunk together), all over the connection
+    kept: no new connection is opened, which here would fail."""
+    found = instructions.messages(4)
+    upstream, connection, host = instructions.smart_host_upstream(len(found))
+
+    async def run() -> None:
+        await instructions.first_send(upstream, connection, found[0])
+        await instructions.sends(upstream, found[1:])
+
+    asyncio.run(run())
+    assert host.copies == len(found)
+    assert connection.messages == len(found)
+
+
+def test_a_copy_the_smart_host_refuses_stops_the_stage_with_the_outcome() -> None:
+    found = instructions.messages(2)
+    upstream, connection, host = instructions.smart_host_upstream(len(found))
+    host.REPLIES = b"250 2.1.0 Ok\r\n550 5.1.1 No such user\r\n554 5.5.1 No valid recipients\r\n"
+    with pytest.raises(SystemExit) as stopped:
+        asyncio.run(instructions.first_send(upstream, connection, found[0]))
+    assert "a copy was not delivered" in str(stopped.value)
+    assert "550 5.1.1 No such user" in str(stopped.value)
