@@ -1,5 +1,6 @@
-"""Instructions per message of the SMTP front, the mail code's two passes and the group commit's
-writes, counted by callgrind: a figure that does not move with the machine's load.
+"""Instructions per message of the SMTP front, the mail code's two passes, the send to the
+smart host and the group commit's writes, counted by callgrind: a figure that does not move
+with the machine's load.
 
     .venv/bin/python bench/instructions.py
     .venv/bin/python bench/instructions.py --stages intake --messages 600
@@ -56,7 +57,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Awaitable, Callable, Coroutine, Sequence  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
 from typing import Any, cast  # noqa: E402
 
@@ -67,6 +68,7 @@ from bench.front import LoggedIn, listener  # noqa: E402
 from bench.options import comma_separated  # noqa: E402
 from bench.relay import AGENT, make_body, make_header  # noqa: E402
 from gateway.config import UpstreamSettings  # noqa: E402
+from gateway.fronts.smtp_protocol import Listener  # noqa: E402
 from gateway.intake.pipeline import STRIPPED_FIELDS, intake_events  # noqa: E402
 from gateway.mail import dkim, headers, mime  # noqa: E402
 from gateway.mail.outgoing import Signer, prepare  # noqa: E402
@@ -170,10 +172,10 @@ def conversation(raw: bytes) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def session(steps: list[tuple[bytes, bytes]]) -> None:
+async def session(shared: Listener, steps: list[tuple[bytes, bytes]]) -> None:
     """One message's submission session; a reply other than the one expected stops the
     count with the session's words."""
-    protocol = LoggedIn(_front())
+    protocol = LoggedIn(shared)
     transport = _MemoryTransport(protocol)
     protocol.connection_made(transport)
     for sent, code in steps:
@@ -183,14 +185,9 @@ async def session(steps: list[tuple[bytes, bytes]]) -> None:
     await protocol.closed.wait()
 
 
-async def sessions(found: list[list[tuple[bytes, bytes]]]) -> None:
+async def sessions(shared: Listener, found: list[list[tuple[bytes, bytes]]]) -> None:
     for steps in found:
-        await session(steps)
-
-
-@functools.cache
-def _front() -> Any:
-    return listener()
+        await session(shared, steps)
 
 
 class _SmartHost(asyncio.Transport):
@@ -215,7 +212,7 @@ class _SmartHost(asyncio.Transport):
         return False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not bytes(data[:11]) == b"MAIL FROM:<" or b"\r\nBDAT " not in data:
+        if bytes(data[:11]) != b"MAIL FROM:<" or b"\r\nBDAT " not in data:
             raise SystemExit(f"instructions: the smart host got {bytes(data[:60])!r}")
         self.copies += 1
         protocol = cast(asyncio.Protocol, self.protocol)
@@ -374,25 +371,26 @@ def run_stage(stage: str, count: int) -> None:
             functools.reduce(lambda _, batch: commit(batch), batches, None)
         return
     if stage == "front":
-        loop = uvloop.new_event_loop()
+        shared = listener()
         steps = [conversation(raw) for raw in messages(count + 1)]
-        loop.run_until_complete(session(steps[0]))  # imports done, caches filled: not counted
-        # one run of the loop for them all: each run of it sets up its signal handling anew
-        functools.reduce(lambda _, __: loop.run_until_complete(sessions(steps[1:])), [1], None)
-        loop.close()
+        _on_a_loop(session(shared, steps[0]), lambda: sessions(shared, steps[1:]))
         return
     if stage == "send":
-        loop = uvloop.new_event_loop()
         found = messages(count + 1)
         upstream, connection, _ = smart_host_upstream(count + 1)
-        loop.run_until_complete(first_send(upstream, connection, found[0]))  # not counted
-        functools.reduce(
-            lambda _, __: loop.run_until_complete(sends(upstream, found[1:])), [1], None
-        )
-        loop.close()
+        _on_a_loop(first_send(upstream, connection, found[0]), lambda: sends(upstream, found[1:]))
         return
     work: Callable[[bytes], object] = intake if stage == "intake" else copier()
     functools.reduce(lambda _, raw: work(raw), messages(count), None)
+
+
+def _on_a_loop(first: Coroutine[Any, Any, None], rest: Callable[[], Awaitable[None]]) -> None:
+    """`first` (imports done, caches filled: not counted), then `rest` counted, on uvloop as
+    in the relay; in one run of the loop, since each run sets up its signal handling anew."""
+    loop = uvloop.new_event_loop()
+    loop.run_until_complete(first)
+    functools.reduce(lambda _, __: loop.run_until_complete(rest()), [1], None)
+    loop.close()
 
 
 def counted(stage: str, count: int) -> int:

@@ -202,8 +202,8 @@ class _ReplyReader(asyncio.Protocol):
             self._end(f"the upstream sent no SMTP reply: {line[:80]!r}")
             return
         if not self._lines and line[3:4] != b"-":  # a reply of one line: most of them
-            text = line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape")
-            self._replies.append(Reply(int(code), text))
+            message = line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape")
+            self._replies.append(Reply(int(code), message))
             return
         self._lines.append(line)
         if sum(map(len, self._lines)) > MAX_REPLY:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import instructions
+from bench.front import listener
 
 
 @pytest.mark.parametrize("stage", instructions.STAGES)
@@ -80,14 +81,14 @@ def test_the_front_stage_holds_a_whole_session_with_the_front() -> None:
     steps = instructions.conversation(raw)
     assert [code for _, code in steps] == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
     assert steps[5][0].endswith(b"\r\n.\r\n")
-    asyncio.run(instructions.session(steps))
+    asyncio.run(instructions.session(listener(), steps))
 
 
 def test_a_front_that_refuses_a_step_stops_the_stage_with_its_reply() -> None:
     steps = instructions.conversation(instructions.messages(1)[0])
     steps[3] = (b"RCPT prospect@sink.example\r\n", b"250")
     with pytest.raises(SystemExit) as stopped:
-        asyncio.run(instructions.session(steps))
+        asyncio.run(instructions.session(listener(), steps))
     assert "the front answered b'5" in str(stopped.value)
     assert "RCPT prospect@sink.example" in str(stopped.value)
 
