@@ -172,10 +172,10 @@ class _Writer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LINGER):
                 while len(batch) < BATCH:
-                    item = await self.queue.get()
-                    if self._take(batch, item):
+                    taken = len(batch)
+                    if self._take(batch, await self.queue.get()):
                         return True
-                    if not all(queued.linger for queued in batch):
+                    if not all(queued.linger for queued in batch[taken:]):
                         break
         return False
 

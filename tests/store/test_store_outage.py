@@ -36,6 +36,7 @@ from tests.conftest import AGENT, StartRelay, make_message
 from tests.fronts.milter_client import MilterClient
 from tests.letter_site import LetterSite
 from tests.links.test_downloads import Clock, running_pages, text_of
+from tests.outbound.test_delivery import eventually
 from tests.queue_wait import queue_idle
 from tests.s3_server import KEY_ID, REGION, SECRET, S3Door, S3Server
 from tests.support import free_port, serve_config, wait_for_port
@@ -304,9 +305,11 @@ async def test_delivery_with_the_store_down_is_deferred_not_bounced_then_deliver
     assert "delivery.bounced" not in types
     deferred = [event.data["error"] for event in events if event.type == "delivery.deferred"]
     assert deferred and all(e.startswith("blob store unavailable: cannot read ") for e in deferred)
-    async with asyncio.timeout(30):  # the outcome is recorded after the sink's 250
-        while (await the_delivery(database)).status != DeliveryStatus.DELIVERED:
-            await asyncio.sleep(0.05)
+
+    async def delivered() -> bool:  # the outcome is recorded after the sink's 250
+        return (await the_delivery(database)).status == DeliveryStatus.DELIVERED
+
+    await eventually(delivered, 30)
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
