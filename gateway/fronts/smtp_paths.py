@@ -14,6 +14,8 @@ import re
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 
+from gateway.fronts.smtp_replies import Reply
+
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
@@ -67,24 +69,20 @@ def parameters(options: list[str]) -> dict[str, str | bool] | None:
 
 
 def mail_parameters_problem(options: list[str], size_limit: int | None, syntax: str) -> str | None:
-    """The reply refusing MAIL's parameters (uppercased), in aiosmtpd's words; None when
-    they are fine. `syntax` is the reply to a malformed one. SMTPUTF8 is not offered."""
+    """The reply refusing MAIL's parameters (uppercased); None when they are fine. `syntax`
+    is the reply to a malformed one. SMTPUTF8 is not offered, so a client that asks for it
+    hears it is not (RFC 5321 4.1.1.11's 555)."""
     found = parameters(options)
     if found is None:
         return syntax
     if found.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
-        return "501 Error: BODY can only be one of 7BIT, 8BITMIME"
-    smtputf8 = found.pop("SMTPUTF8", False)
-    if smtputf8 is True:
-        return "501 Error: SMTPUTF8 disabled"
-    if smtputf8 is not False:
-        return "501 Error: SMTPUTF8 takes no arguments"
+        return "501 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME"
     size = found.pop("SIZE", None)
     if size:
         if isinstance(size, bool) or not size.isdigit():
             return syntax
         if size_limit and int(size) > size_limit:
-            return "552 Error: message size exceeds fixed maximum message size"
+            return Reply.TOO_BIG.format(limit=size_limit)
     if found:
-        return "555 MAIL FROM parameters not recognized or not implemented"
+        return f"555 5.5.4 Unsupported MAIL FROM parameter: {min(found)}"
     return None

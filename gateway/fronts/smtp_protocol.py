@@ -22,7 +22,7 @@ import logging
 import ssl
 from base64 import b64decode, b64encode
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -42,7 +42,7 @@ from gateway.fronts.smtp_paths import (
     parameters,
     read_path,
 )
-from gateway.fronts.smtp_replies import Reply, count
+from gateway.fronts.smtp_replies import Reply, count, printable
 from gateway.fronts.trusted import ClientFacts, TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Received
 from gateway.watchdog import Watchdog
@@ -112,6 +112,29 @@ class Listener:
     trusted: tuple[TrustedEntry, ...] = ()
     spool_dir: Path | None = None
     data_budget: ByteBudget | None = None  # received messages in memory at once
+    ehlo_reply: dict[bool, bytes] = field(init=False, repr=False)  # by whether TLS is on
+
+    def __post_init__(self) -> None:
+        """EHLO's reply is the same for every session of the listener but for TLS: both
+        forms are written once here, each line through `printable` as every reply is."""
+        replies = {secure: self._ehlo_lines(secure) for secure in (False, True)}
+        object.__setattr__(self, "ehlo_reply", replies)
+
+    def _ehlo_lines(self, secure: bool) -> bytes:
+        lines = [self.hostname]
+        if self.size_limit:
+            lines.append(f"SIZE {self.size_limit}")
+        lines.append("8BITMIME")
+        if self.tls is not None and not secure:
+            lines.append("STARTTLS")
+        if not self.require_tls or secure:
+            lines.append("AUTH " + " ".join(MECHANISMS))
+        lines += ["ENHANCEDSTATUSCODES", "PIPELINING", "HELP"]
+        last = len(lines) - 1
+        return b"".join(
+            printable(f"250{' ' if i == last else '-'}{line}").encode("ascii") + b"\r\n"
+            for i, line in enumerate(lines)
+        )
 
 
 class SubmissionSMTP(asyncio.Protocol):
@@ -263,7 +286,7 @@ class SubmissionSMTP(asyncio.Protocol):
             start = end + 1
             if self._too_long or len(line) > LINE_LIMIT:
                 self._too_long = False
-                self.reply("500 Command line too long")
+                self.reply("500 5.5.2 Error: command line too long")
                 continue
             self._command(line)
         if self._discarding or self._closing:
@@ -281,27 +304,30 @@ class SubmissionSMTP(asyncio.Protocol):
     def _command(self, line: bytes) -> None:
         line = line.rstrip(b"\r")
         if not line:
-            self.reply("500 Error: bad syntax")
+            self.reply("500 5.5.2 Error: bad syntax")
             return
         word, _, rest = line.partition(b" ")
         try:
             command = word.upper().decode("ascii")
         except UnicodeDecodeError:
-            self.reply("500 Error: bad syntax")
+            self.reply("500 5.5.2 Error: bad syntax")
             return
         arg = None
         if rest:
             try:
                 arg = rest.strip().decode("ascii")
             except UnicodeDecodeError:
-                self.reply("500 Error: strict ASCII mode")
+                if command in ("MAIL", "RCPT"):
+                    self.reply(Reply.NON_ASCII_ADDRESS)  # RFC 6531 3.7.4.1 without SMTPUTF8
+                else:
+                    self.reply("500 5.5.2 Error: only ASCII is accepted in commands")
                 return
         limit = MAIL_LIMIT if command == "MAIL" and self.extended_smtp else COMMAND_LIMIT
         if len(line) > limit:
-            self.reply("500 Command line too long")
+            self.reply("500 5.5.2 Error: command line too long")
             return
         if command not in BEFORE_STARTTLS and self._starttls_needed():
-            self.reply("530 Must issue a STARTTLS command first")
+            self.reply("530 5.7.0 Must issue a STARTTLS command first")
             return
         method = self.COMMANDS.get(command)
         if method is None:
@@ -311,7 +337,7 @@ class SubmissionSMTP(asyncio.Protocol):
                 self.reply("502 5.5.1 Too many unrecognized commands, goodbye.")
                 self.close()
                 return
-            self.reply(f'500 Error: command "{command}" not recognized')
+            self.reply(f'500 5.5.1 Error: command "{command}" not recognized')
             return
         self._reset_timeout()
         method(self, arg)
@@ -378,8 +404,11 @@ class SubmissionSMTP(asyncio.Protocol):
     # -- output
 
     def reply(self, text: str) -> None:
-        """A reply, sent with the others of its batch (`_flush`)."""
-        self._out.append(text.encode("ascii", errors="replace") + b"\r\n")
+        """One line of a reply, sent with the others of its batch (`_flush`); one that holds
+        anything but printable ASCII is made to (`printable`)."""
+        if not (text.isascii() and text.isprintable()):
+            text = printable(text)
+        self._out.append(text.encode("ascii") + b"\r\n")
 
     def _flush(self) -> None:
         out = self._out
@@ -608,7 +637,7 @@ class SubmissionSMTP(asyncio.Protocol):
     def _helo_needed(self, helo: str = "HELO") -> bool:
         if self.host_name:
             return False
-        self.reply(f"503 Error: send {helo} first")
+        self.reply(f"503 5.5.1 Error: send {helo} first")
         return True
 
     def _auth_needed(self) -> bool:
@@ -629,7 +658,7 @@ class SubmissionSMTP(asyncio.Protocol):
     def _hello(self, arg: str | None, command: str) -> bool:
         """HELO or EHLO starts the session over under the client's name; False when none."""
         if not arg:
-            self.reply(f"501 Syntax: {command} hostname")
+            self.reply(f"501 5.5.4 Syntax: {command} hostname")
             return False
         self._reset_envelope()
         self.extended_smtp = command == "EHLO"
@@ -643,73 +672,63 @@ class SubmissionSMTP(asyncio.Protocol):
     def smtp_EHLO(self, arg: str | None) -> None:
         if not self._hello(arg, "EHLO"):
             return
-        lines = [f"250-{self.listener.hostname}"]
-        if self.listener.size_limit:
-            lines.append(f"250-SIZE {self.listener.size_limit}")
-        lines.append("250-8BITMIME")
-        if self.listener.tls is not None and not self.tls:
-            lines.append("250-STARTTLS")
-        if not self.listener.require_tls or self.tls:
-            lines.append("250-AUTH " + " ".join(MECHANISMS))
-        lines.append("250-PIPELINING")
-        lines.append("250 HELP")
-        self.reply("\r\n".join(lines))
+        self._out.append(self.listener.ehlo_reply[self.tls])
 
     def smtp_NOOP(self, arg: str | None) -> None:
-        self.reply("250 OK")
+        self.reply("250 2.0.0 OK")
 
     def smtp_QUIT(self, arg: str | None) -> None:
         if arg:
-            self.reply("501 Syntax: QUIT")
+            self.reply("501 5.5.4 Syntax: QUIT")
             return
-        self.reply("221 Bye")
+        self.reply("221 2.0.0 Bye")
         self.close()
 
     def smtp_RSET(self, arg: str | None) -> None:
         if arg:
-            self.reply("501 Syntax: RSET")
+            self.reply("501 5.5.4 Syntax: RSET")
             return
         self._reset_envelope()
-        self.reply("250 OK")
+        self.reply("250 2.0.0 OK")
 
     def smtp_EXPN(self, arg: str | None) -> None:
-        self.reply("502 EXPN not implemented")
+        self.reply("502 5.5.1 EXPN not implemented")
 
     def smtp_VRFY(self, arg: str | None) -> None:
         if self._auth_needed():
             return
         if not arg:
-            self.reply("501 Syntax: VRFY <address>")
+            self.reply("501 5.5.4 Syntax: VRFY <address>")
         elif read_path(arg) is None:
-            self.reply("502 Could not VRFY " + arg)
+            self.reply("502 5.5.4 Could not VRFY " + arg)
         else:
-            self.reply("252 Cannot VRFY user, but will accept message and attempt delivery")
+            self.reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
 
     def smtp_HELP(self, arg: str | None) -> None:
         if self._auth_needed():
             return
         offered = sorted(c for c in HELP_SYNTAX if c != "STARTTLS" or self.listener.tls)
-        code = 250
+        code = "214 2.0.0"
         if arg:
             command = arg.upper()
             if command in offered:
                 extended = self.extended_smtp and command in ("MAIL", "RCPT")
                 self.reply(
-                    f"250 Syntax: {HELP_SYNTAX[command]}{EXTENDED_SYNTAX if extended else ''}"
+                    f"214 2.0.0 Syntax: {HELP_SYNTAX[command]}{EXTENDED_SYNTAX if extended else ''}"
                 )
                 return
-            code = 501
+            code = "501 5.5.4"
         self.reply(f"{code} Supported commands: {' '.join(offered)}")
 
     def smtp_STARTTLS(self, arg: str | None) -> None:
         if arg:
-            self.reply("501 Syntax: STARTTLS")
+            self.reply("501 5.5.4 Syntax: STARTTLS")
             return
         context = self.listener.tls
         if context is None or self.tls:
-            self.reply("454 TLS not available")
+            self.reply("454 4.7.0 TLS not available")
             return
-        self.reply("220 Ready to start TLS")
+        self.reply("220 2.0.0 Ready to start TLS")
         self._discarding = True
         self._run(partial(self._start_tls, context), client_first=True)
 
@@ -717,15 +736,13 @@ class SubmissionSMTP(asyncio.Protocol):
         if self._helo_needed("EHLO"):
             return
         if not self.extended_smtp:
-            self.reply("500 Error: command 'AUTH' not recognized")
+            self.reply("500 5.5.1 Error: command 'AUTH' not recognized")
         elif self.listener.require_tls and not self.tls:
             self.reply("538 5.7.11 Encryption required for requested authentication mechanism")
         elif self.agent is not None:
-            self.reply("503 Already authenticated")
-        elif not arg:
-            self.reply("501 Not enough value")
-        elif len(args := arg.split()) > 2:
-            self.reply("501 Too many values")
+            self.reply("503 5.5.1 Already authenticated")
+        elif not arg or len(args := arg.split()) > 2:
+            self.reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
         elif args[0] not in MECHANISMS:
             self.reply("504 5.5.4 Unrecognized authentication type")
         else:
@@ -752,7 +769,7 @@ class SubmissionSMTP(asyncio.Protocol):
     def smtp_MAIL(self, arg: str | None) -> None:
         if self._helo_needed() or self._auth_needed():
             return
-        syntax = "501 Syntax: MAIL FROM: <address>" + (
+        syntax = "501 5.5.4 Syntax: MAIL FROM: <address>" + (
             EXTENDED_SYNTAX if self.extended_smtp else ""
         )
         path = self._path(arg, "FROM:", syntax)
@@ -760,7 +777,7 @@ class SubmissionSMTP(asyncio.Protocol):
             return
         address, rest = path
         if self.mail_from:
-            self.reply("503 Error: nested MAIL command")
+            self.reply("503 5.5.1 Error: nested MAIL command")
             return
         options = rest.upper().split()
         problem = mail_parameters_problem(options, self.listener.size_limit, syntax)
@@ -777,9 +794,11 @@ class SubmissionSMTP(asyncio.Protocol):
         if self._helo_needed() or self._auth_needed():
             return
         if not self.mail_from:
-            self.reply("503 Error: need MAIL command")
+            self.reply("503 5.5.1 Error: need MAIL command")
             return
-        syntax = "501 Syntax: RCPT TO: <address>" + (EXTENDED_SYNTAX if self.extended_smtp else "")
+        syntax = "501 5.5.4 Syntax: RCPT TO: <address>" + (
+            EXTENDED_SYNTAX if self.extended_smtp else ""
+        )
         path = self._path(arg, "TO:", syntax)
         if path is None:
             return
@@ -789,7 +808,7 @@ class SubmissionSMTP(asyncio.Protocol):
         if params is None:
             self.reply(syntax)
         elif params:
-            self.reply("555 RCPT TO parameters not recognized or not implemented")
+            self.reply("555 5.5.4 RCPT TO parameters not recognized or not implemented")
         else:
             self.reply(self.listener.handler.recipient(self, address, options))
 
@@ -812,10 +831,10 @@ class SubmissionSMTP(asyncio.Protocol):
         if self._helo_needed() or self._auth_needed():
             return
         if not self.rcpt_tos:
-            self.reply("503 Error: need RCPT command")
+            self.reply("503 5.5.1 Error: need RCPT command")
             return
         if arg:
-            self.reply("501 Syntax: DATA")
+            self.reply("501 5.5.4 Syntax: DATA")
             return
         self.reply("354 End data with <CR><LF>.<CR><LF>")
         listener = self.listener

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from gateway.fronts import trusted
 from gateway.store.metrics import SMTP_REPLIES
 
@@ -19,6 +21,9 @@ class Reply:
     AUTH_TOO_MANY = "421 4.7.0 Too many failed logins; closing the connection"
     AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 answer"
     AUTH_BAD_PLAIN = "501 5.5.2 AUTH PLAIN needs authzid NUL login NUL password"
+    NON_ASCII_ADDRESS = (
+        "553 5.6.7 Non-ASCII addresses are not accepted: this relay does not offer SMTPUTF8"
+    )
     TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients; at most {limit} per message"
     TOO_BIG = "552 5.3.4 The message is too big; at most {limit} bytes are accepted"
     LINE_TOO_LONG = "500 5.5.6 Line too long; at most 1000 octets per line (RFC 5321 4.5.3.1.6)"
@@ -44,6 +49,26 @@ class Reply:
     @staticmethod
     def bad_recipient(address: str, why: str) -> str:
         return f"553 5.1.3 The recipient address <{address}> is not valid: {why}"
+
+
+_UNPRINTABLE = re.compile(r"[^\t\x20-\x7e]")
+_CODE = re.compile(r"[2-5][0-9][0-9][ -]")
+
+
+def printable(reply: str) -> str:
+    """`reply` (one line of a reply, `code text` or `code-text`) as RFC 5321 4.2 allows it
+    on the wire: tab and printable US-ASCII only. Replies quote words of the client's (an
+    address, a command, a From header), which may hold a control character, a line end or,
+    in a header, any octet: each such character becomes `?`, and a line end inside the text
+    starts a continuation line of the same code, so that nothing quoted can end the reply
+    early or give it another code."""
+    code, last = reply[:3], reply[3:4] if reply[3:4] == "-" else " "
+    texts = [line[4:] if _CODE.match(line) else line for line in re.split(r"\r\n|\r|\n", reply)]
+    end = len(texts) - 1
+    return "\r\n".join(
+        f"{code}{last if i == end else '-'}{_UNPRINTABLE.sub('?', text)}"
+        for i, text in enumerate(texts)
+    )
 
 
 def count(reply: str) -> str:

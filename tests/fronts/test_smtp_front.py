@@ -30,6 +30,7 @@ from sqlalchemy.exc import OperationalError
 
 from gateway import users
 from gateway.fronts.smtp import SmtpFront
+from gateway.fronts.smtp_replies import Reply
 from gateway.intake.pipeline import Pipeline
 from gateway.mail import dkim, headers
 from gateway.mail.outgoing import Signer
@@ -257,7 +258,7 @@ async def test_plain_port_offers_auth_only_after_starttls(relay: Harness) -> Non
         assert not any("AUTH" in line for line in offered.lines)
         for command in (f"AUTH PLAIN {plain_token()}", "AUTH LOGIN", f"MAIL FROM:<{AGENT}>"):
             answer = await wire.command(command)
-            assert answer.lines == ["530 Must issue a STARTTLS command first"], command
+            assert answer.lines == ["530 5.7.0 Must issue a STARTTLS command first"], command
 
         await wire.starttls()
         offered = await wire.ehlo()
@@ -356,11 +357,11 @@ async def test_auth_protocol_mistakes_get_one_reply_each(relay: Harness, wire: W
             assert (await wire.command(command)).code == 334, commands
         answer = await wire.command(commands[-1])
         assert answer.lines[0].startswith(expected), (commands, answer)
-        assert (await wire.command("NOOP")).lines == ["250 OK"], commands
+        assert (await wire.command("NOOP")).lines == ["250 2.0.0 OK"], commands
     # protocol mistakes are not failed logins: the connection is still open and usable
     assert (await wire.command(f"AUTH PLAIN {plain_token()}")).code == 235
     assert (await wire.command(f"AUTH PLAIN {plain_token()}")).lines == [
-        "503 Already authenticated"
+        "503 5.5.1 Already authenticated"
     ]
     await send_sentinel(relay, wire)
 
@@ -645,10 +646,37 @@ async def test_invalid_recipients_553_513_and_the_valid_one_still_gets_it(
     assert await stored(relay) == (1, 1)
 
 
+def on_the_wire(answer: Answer) -> bool:
+    """Every line of `answer` holds RFC 5321's reply text: tab and printable US-ASCII."""
+    return all(ch == "\t" or " " <= ch <= "~" for line in answer.lines for ch in line)
+
+
+async def test_what_the_client_sent_comes_back_printable(relay: Harness, agent: Wire) -> None:
+    """Replies quote the client's address, command or From header: a control character or
+    a non-ASCII letter in them is never written back as it came."""
+    assert "250-ENHANCEDSTATUSCODES" in (await agent.ehlo()).lines
+    assert (await agent.command(f"MAIL FROM:<{AGENT}>")).code == 250
+    refused = await agent.command("RCPT TO:<a\x00b\x1b@example.com>")
+    assert refused.code == 553 and refused.text.startswith("5.1.3 "), refused
+    assert "<a?b?@example.com>" in refused.text and on_the_wire(refused), refused
+
+    await agent.write("RCPT TO:<müller@example.de>\r\n".encode())
+    assert (await agent.answer()).lines == [Reply.NON_ASCII_ADDRESS]
+    unknown = await agent.command("\x07BOGUS")
+    assert unknown.lines == ['500 5.5.1 Error: command "?BOGUS" not recognized']
+
+    assert (await agent.command(f"RCPT TO:<{PROSPECT}>")).code == 250
+    answer = await agent.data(dotted(raw_message(author="bö\x01ss@broker.example")))
+    assert answer.code == 553 and answer.text.startswith("5.7.1 "), answer
+    assert "?ss@broker.example" in answer.text and on_the_wire(answer), answer
+    await assert_nothing_written(relay)
+    await send_sentinel(relay, agent)
+
+
 async def test_data_without_a_valid_recipient_is_refused(relay: Harness, agent: Wire) -> None:
     assert (await agent.command(f"MAIL FROM:<{AGENT}>")).code == 250
     assert (await agent.command("RCPT TO:<a@b>")).code == 553
-    assert (await agent.command("DATA")).lines == ["503 Error: need RCPT command"]
+    assert (await agent.command("DATA")).lines == ["503 5.5.1 Error: need RCPT command"]
     await assert_nothing_written(relay)
 
 
@@ -680,7 +708,9 @@ async def test_size_parameter_over_the_limit_552(relay: Harness, agent: Wire) ->
     assert "250-SIZE 1048576" in (await agent.ehlo()).lines
     answer = await agent.command(f"MAIL FROM:<{AGENT}> SIZE={1024 * 1024 + 1}")
     assert answer.code == 552
-    assert (await agent.command(f"RCPT TO:<{PROSPECT}>")).lines == ["503 Error: need MAIL command"]
+    assert (await agent.command(f"RCPT TO:<{PROSPECT}>")).lines == [
+        "503 5.5.1 Error: need MAIL command"
+    ]
     await assert_nothing_written(relay)
     answer = await agent.command(f"MAIL FROM:<{AGENT}> SIZE={1024 * 1024}")
     assert answer.lines == ["250 2.1.0 Ok"]
@@ -731,7 +761,7 @@ async def test_smuggled_end_of_data_is_refused_whole_550_560(relay: Harness, age
         assert answer.lines == [
             "550 5.6.0 The message contains a bare CR or LF; lines must end with CRLF"
         ], separator
-        assert (await agent.command("NOOP")).lines == ["250 OK"], separator
+        assert (await agent.command("NOOP")).lines == ["250 2.0.0 OK"], separator
     await assert_nothing_written(relay)
     await send_sentinel(relay, agent)
     assert relay.sink.to(VICTIM) == []
@@ -758,7 +788,7 @@ async def test_bare_cr_or_lf_anywhere_550_560(relay: Harness, agent: Wire) -> No
         payload = raw + (b".\r\n" if raw.endswith(b"\r\n") else b"\r\n.\r\n")
         answer = await agent.data(payload)
         assert answer.code == 550 and answer.text.startswith("5.6.0 "), (case, answer)
-        assert (await agent.command("NOOP")).lines == ["250 OK"], case
+        assert (await agent.command("NOOP")).lines == ["250 2.0.0 OK"], case
     await assert_nothing_written(relay)
     await send_sentinel(relay, agent)
 
@@ -971,13 +1001,13 @@ async def test_a_multiline_reply_leaves_in_one_write(relay: Harness) -> None:
         assert recorded.writes == ["".join(f"{line}\r\n" for line in offered.lines).encode()]
 
         recorded.writes.clear()
-        assert (await wire.command("NOOP")).lines == ["250 OK"]
-        assert recorded.writes == [b"250 OK\r\n"]
+        assert (await wire.command("NOOP")).lines == ["250 2.0.0 OK"]
+        assert recorded.writes == [b"250 2.0.0 OK\r\n"]
 
         recorded.writes.clear()
         await wire.write(b"NOOP\r\nNOOP\r\nNOOP\r\n")
         answers = [await wire.answer() for _ in range(3)]
-        assert [a.lines for a in answers] == [["250 OK"], ["250 OK"], ["250 OK"]]
-        assert recorded.writes == [b"250 OK\r\n250 OK\r\n250 OK\r\n"]
+        assert [a.lines for a in answers] == [["250 2.0.0 OK"], ["250 2.0.0 OK"], ["250 2.0.0 OK"]]
+        assert recorded.writes == [b"250 2.0.0 OK\r\n" * 3]
     finally:
         await wire.close()

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.fronts.proxy_header import header_length
 from gateway.fronts.smtp_protocol import KEPT_WHILE_BUSY, LINE_LIMIT, Listener, SubmissionSMTP
+from gateway.fronts.smtp_replies import Reply
 from tests.conftest import AGENT, Harness, StartRelay
 from tests.fronts.test_smtp_front import (
     PROSPECT,
@@ -29,6 +30,7 @@ from tests.fronts.test_smtp_front import (
 )
 
 PEER = ("127.0.0.1", 40123)
+AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
 
 
 class Transport:
@@ -152,7 +154,7 @@ async def test_the_end_of_data_split_across_pieces(relay: Harness, size: int) ->
     envelope = f"MAIL FROM:<{AGENT}>\r\nRCPT TO:<{PROSPECT}>\r\nDATA\r\n".encode()
     fed(session, envelope + dotted(raw_message(body=b".dot\r\n")) + b"NOOP\r\n", size)
     replies = await transport.replies(7)
-    assert replies[4].startswith("354 ") and replies[6] == "250 OK", replies
+    assert replies[4].startswith("354 ") and replies[6] == "250 2.0.0 OK", replies
     assert replies[5].startswith("250 2.0.0 Ok: queued as"), replies
     [copy] = await relay.sink.expect(1)
     assert b"\r\n.dot\r\n" in copy.data and b"NOOP" not in copy.data
@@ -205,7 +207,7 @@ async def test_an_endless_answer_to_an_auth_challenge_is_not_kept(relay: Harness
         assert len(session._buffer) <= 2 * LINE_LIMIT + 10_000
     session.data_received(b"QUJD\r\nNOOP\r\n")
     replies = await transport.replies(4)
-    assert replies[2:] == ["500 5.5.6 Authentication Exchange line is too long", "250 OK"]
+    assert replies[2:] == ["500 5.5.6 Authentication Exchange line is too long", "250 2.0.0 OK"]
     assert session.agent is None
     transport.close()
 
@@ -253,10 +255,10 @@ async def test_reading_pauses_while_a_busy_command_leaves_input_waiting(
     noops = KEPT_WHILE_BUSY // len(b"NOOP\r\n") + 100
     fed(session, b"NOOP\r\n" * noops, 4096)
     await asyncio.wait_for(transport.paused.wait(), TIMEOUT)
-    assert "250 OK" not in transport.lines()  # the NOOPs wait behind the login
+    assert "250 2.0.0 OK" not in transport.lines()  # the NOOPs wait behind the login
     release.set()
     replies = await transport.replies(2 + noops)
-    assert replies[1].startswith("235 ") and replies[2:] == ["250 OK"] * noops
+    assert replies[1].startswith("235 ") and replies[2:] == ["250 2.0.0 OK"] * noops
     assert transport.reading
     transport.close()
 
@@ -288,7 +290,7 @@ async def test_a_proxy_header_in_pieces_names_the_client(
     session, transport = connected(relay, proxy=relay.relay.smtp.proxy)
     assert transport.written == b""  # nothing is said before the header
     fed(session, b"PROXY TCP4 192.0.2.7 127.0.0.1 40001 25\r\nNOOP\r\n", size)
-    assert await transport.replies(2) == [transport.lines()[0], "250 OK"]
+    assert await transport.replies(2) == [transport.lines()[0], "250 2.0.0 OK"]
     assert transport.lines()[0].startswith("220 ")
     assert session.peer == ("192.0.2.7", 40001)
     transport.close()
@@ -305,11 +307,11 @@ async def test_commands_behind_starttls_in_the_same_packet_are_never_read(
         await wire.write(
             b"STARTTLS\r\nEHLO evil.example\r\nAUTH PLAIN " + b64("x").encode() + b"\r\n"
         )
-        assert (await wire.answer()).lines == ["220 Ready to start TLS"]
+        assert (await wire.answer()).lines == ["220 2.0.0 Ready to start TLS"]
         await asyncio.wait_for(wire.writer.start_tls(client_tls()), TIMEOUT)
-        assert (await wire.command("NOOP")).lines == ["250 OK"]  # no reply was left over
+        assert (await wire.command("NOOP")).lines == ["250 2.0.0 OK"]  # no reply was left over
         assert (await wire.command(f"MAIL FROM:<{AGENT}>")).lines == [
-            "503 Error: send HELO first"
+            "503 5.5.1 Error: send HELO first"
         ]  # the session started over: the smuggled EHLO was not read
         await wire.ehlo()
         assert (await wire.command(f"AUTH PLAIN {plain_token()}")).code == 235
@@ -336,19 +338,35 @@ async def test_a_connection_lost_mid_data_stores_nothing(relay: Harness) -> None
 @pytest.mark.parametrize(
     ("changes", "wire", "replies"),
     [
-        ({}, b"MAIL FROM:<a@b.example>\r\n", ["503 Error: send HELO first"]),
-        ({}, b"AUTH PLAIN\r\n", ["503 Error: send EHLO first"]),
-        ({}, b"HELO\r\n", ["501 Syntax: HELO hostname"]),
-        ({}, b"HELO x\r\nAUTH PLAIN\r\n", ["250 ", "500 Error: command 'AUTH' not recognized"]),
-        ({}, b"EHLO x\r\nSTARTTLS\r\n", ["250 HELP", "454 TLS not available"]),
-        ({}, b"EHLO x\r\nNOOP \xff\r\n", ["250 HELP", "500 Error: strict ASCII mode"]),
+        ({}, b"MAIL FROM:<a@b.example>\r\n", ["503 5.5.1 Error: send HELO first"]),
+        ({}, b"AUTH PLAIN\r\n", ["503 5.5.1 Error: send EHLO first"]),
+        ({}, b"HELO\r\n", ["501 5.5.4 Syntax: HELO hostname"]),
+        (
+            {},
+            b"HELO x\r\nAUTH PLAIN\r\n",
+            ["250 ", "500 5.5.1 Error: command 'AUTH' not recognized"],
+        ),
+        ({}, b"EHLO x\r\nSTARTTLS\r\n", ["250 HELP", "454 4.7.0 TLS not available"]),
+        (
+            {},
+            b"EHLO x\r\nNOOP \xff\r\n",
+            ["250 HELP", "500 5.5.2 Error: only ASCII is accepted in commands"],
+        ),
         (
             {},
             b"EHLO x\r\n" + b"NOOP " + b"x" * 600 + b"\r\n",
-            ["250 HELP", "500 Command line too long"],
+            ["250 HELP", "500 5.5.2 Error: command line too long"],
         ),
-        ({}, b"EHLO x\r\nAUTH\r\n", ["250 HELP", "501 Not enough value"]),
-        ({}, b"EHLO x\r\nAUTH PLAIN a b\r\n", ["250 HELP", "501 Too many values"]),
+        (
+            {},
+            b"EHLO x\r\nAUTH\r\n",
+            ["250 HELP", "501 5.5.4 Syntax: AUTH mechanism [initial-response]"],
+        ),
+        (
+            {},
+            b"EHLO x\r\nAUTH PLAIN a b\r\n",
+            ["250 HELP", "501 5.5.4 Syntax: AUTH mechanism [initial-response]"],
+        ),
         (
             {},
             b"EHLO x\r\nAUTH CRAM-MD5\r\n",
@@ -364,7 +382,17 @@ async def test_a_connection_lost_mid_data_stores_nothing(relay: Harness) -> None
             b"EHLO x\r\nAUTH LOGIN\r\n!!\r\n",
             ["250 HELP", "334 VXNlciBOYW1lAA==", "501 5.5.2 Can't decode base64"],
         ),
-        ({}, b"EHLO x\r\nEXPN x\r\n", ["250 HELP", "502 EXPN not implemented"]),
+        ({}, b"EHLO x\r\nEXPN x\r\n", ["250 HELP", "502 5.5.1 EXPN not implemented"]),
+        (
+            {},
+            "EHLO x\r\nMAIL FROM:<jörg@b.example>\r\nRCPT TO:<p@bücher.example>\r\n".encode(),
+            ["250 HELP", Reply.NON_ASCII_ADDRESS, Reply.NON_ASCII_ADDRESS],
+        ),
+        (
+            {},
+            b"EHLO x\r\n\x1b[2J\x00\r\n",
+            ["250 HELP", '500 5.5.1 Error: command "?[2J?" not recognized'],
+        ),
         ({}, b"EHLO x\r\nVRFY x\r\n", ["250 HELP", "530 5.7.0 Authentication required"]),
         (
             {"require_tls": True},
@@ -376,7 +404,8 @@ async def test_a_connection_lost_mid_data_stores_nothing(relay: Harness) -> None
 async def test_each_refusal_in_its_words(
     relay: Harness, changes: dict[str, Any], wire: bytes, replies: list[str]
 ) -> None:
-    """The replies the session gives of its own, as aiosmtpd worded them for clients."""
+    """The replies the session gives of its own, each with its RFC 3463 code; nothing of
+    the client's is echoed that is not printable ASCII."""
     session, transport = session_on(relay, **changes)
     session.data_received(wire)
     got = await transport.replies(len(replies))
@@ -388,6 +417,6 @@ async def test_a_client_sending_unknown_commands_is_sent_away(relay: Harness) ->
     session, transport = session_on(relay)
     session.data_received(b"BOGUS\r\n" * 5)
     got = await transport.replies(5)
-    assert got[:4] == ['500 Error: command "BOGUS" not recognized'] * 4
+    assert got[:4] == ['500 5.5.1 Error: command "BOGUS" not recognized'] * 4
     assert got[4] == "502 5.5.1 Too many unrecognized commands, goodbye."
     assert transport.closed

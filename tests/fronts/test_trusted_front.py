@@ -161,7 +161,7 @@ async def stored(relay: Harness) -> tuple[int, int, int]:
 # -- the table
 
 
-STARTTLS_FIRST = "530 Must issue a STARTTLS command first"
+STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 
 
