@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.fronts.reply_text import printable
+
 log = logging.getLogger(__name__)
 
 VERSION = 6
@@ -94,11 +96,12 @@ REJECT = Reply(R_REJECT)
 
 def reply_code(text: str) -> Reply:
     """An SMTP reply for the MTA to give ("550 5.7.1 sentence"): a 4xx tempfails, a 5xx
-    rejects. One line; sendmail expands `%`, so it is doubled."""
-    line = " ".join(text.split()).replace("%", "%%")
+    rejects. One line of printable ASCII (`printable`); sendmail expands `%`, so it is
+    doubled."""
+    line = " ".join(text.split())
     if len(line) < 4 or line[0] not in "45" or not line[:3].isdigit() or line[3] != " ":
         raise ValueError(f"not an SMTP 4xx/5xx reply: {text!r}")
-    return Reply(R_REPLYCODE, line.encode("utf-8", errors="replace") + b"\0")
+    return Reply(R_REPLYCODE, printable(line).replace("%", "%%").encode("ascii") + b"\0")
 
 
 def add_header(name: str, value: str) -> Reply:

@@ -35,6 +35,7 @@ from gateway.fronts.byte_budget import ByteBudget
 from gateway.fronts.client_address import client_address
 from gateway.fronts.data_reader import WINDOW, DataFeed, Spooled
 from gateway.fronts.proxy_header import ProxyPolicy, header_length, parse_header, proxied_client
+from gateway.fronts.reply_text import printable
 from gateway.fronts.smtp_guard import ConnectionGate, Refusal
 from gateway.fronts.smtp_paths import (
     after_keyword,
@@ -42,7 +43,7 @@ from gateway.fronts.smtp_paths import (
     parameters,
     read_path,
 )
-from gateway.fronts.smtp_replies import Reply, count, printable
+from gateway.fronts.smtp_replies import Reply, count
 from gateway.fronts.trusted import ClientFacts, TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Received
 from gateway.watchdog import Watchdog

@@ -167,6 +167,8 @@ async def test_reply_codes_must_be_smtp_refusals() -> None:
         with pytest.raises(ValueError):
             mp.reply_code(text)
     assert mp.reply_code("451 4.3.0 two\r\nlines").data == b"451 4.3.0 two lines\0"
+    quoting = mp.reply_code("553 5.7.1 You may not send as b\x00\xf6ss@x.example")
+    assert quoting.data == b"553 5.7.1 You may not send as b??ss@x.example\0"
     assert mp.TEMPFAIL.packet() == b"\0\0\0\x01t"
     assert mp.DISCARD.packet() == b"\0\0\0\x01d"
 

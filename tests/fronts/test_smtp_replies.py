@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.fronts.smtp_replies import printable
+from gateway.fronts.reply_text import printable
 
 
 @pytest.mark.parametrize(
