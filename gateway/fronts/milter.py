@@ -84,12 +84,12 @@ class MilterSession:
         try:
             agent = await users.agent_by_address(front.db, login) if login else None
             if agent is not None:
-                if not agent.may_send_as(address):
+                if address and not agent.may_send_as(address):
                     return mp.reply_code(Reply.not_your_address(address))
                 self.submitter = agent
             else:
                 self.domains = await front.served.allowed(front.match, address)
-                if trusted.domain_of(address) not in self.domains:
+                if address and trusted.domain_of(address) not in self.domains:
                     log.info("milter %s: refused sender %s", self.peer, address)
                     return mp.reply_code(Reply.not_our_domain(address, "MAIL FROM"))
         except Exception:

@@ -168,15 +168,16 @@ class SubmissionHandler:
     # -- the envelope
 
     def agent_sender(self, session: SubmissionSMTP, address: str, options: list[str]) -> str:
-        """MAIL FROM from an agent who logged in: one of the agent's addresses."""
-        problem = address_problem(address)
+        """MAIL FROM from an agent who logged in: one of the agent's addresses, or the null
+        sender (the From header, checked at the end of DATA, is still the agent's)."""
+        problem = address_problem(address) if address else None
         if problem is not None:
             return count(Reply.bad_sender(address, problem))
         if self.store is not None and not self.store.available:
             return count(Reply.STORE_UNAVAILABLE)  # before the client sends its data
         agent = session.agent
         assert agent is not None
-        if not agent.may_send_as(address):
+        if address and not agent.may_send_as(address):
             return count(Reply.not_your_address(address))
         session.mail_from = address
         session.mail_options = options
@@ -185,8 +186,9 @@ class SubmissionHandler:
     async def trusted_sender(
         self, session: SubmissionSMTP, address: str, options: list[str]
     ) -> None:
-        """MAIL FROM from a trusted client: a domain it may send for (a database lookup)."""
-        problem = address_problem(address)
+        """MAIL FROM from a trusted client: a domain it may send for (a database lookup), or
+        the null sender, whose From header must be in one at the end of DATA."""
+        problem = address_problem(address) if address else None
         if problem is not None:
             session.reply(count(Reply.bad_sender(address, problem)))
             return
@@ -196,7 +198,7 @@ class SubmissionHandler:
         found = _trusted_match(session)
         domains = await self.served.allowed(found, address)
         session.sender_domains = domains
-        if trusted.domain_of(address) not in domains:
+        if address and trusted.domain_of(address) not in domains:
             log.info(
                 "%s (%s): refused sender %s", client_address(session), found.entry.name, address
             )

@@ -113,7 +113,7 @@ class Listener:
     trusted: tuple[TrustedEntry, ...] = ()
     spool_dir: Path | None = None
     data_budget: ByteBudget | None = None  # received messages in memory at once
-    ehlo_reply: dict[bool, bytes] = field(init=False, repr=False)  # by whether TLS is on
+    ehlo_reply: dict[bool, bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """EHLO's reply is the same for every session of the listener but for TLS: both
@@ -496,7 +496,7 @@ class SubmissionSMTP(asyncio.Protocol):
         in the middle of a message once that is answered (`_take_message`), so a message
         being stored is not cut off before its 250; `now` closes either."""
         self._stopping = True
-        if now or (not self.mail_from and self._data is None):
+        if now or (self.mail_from is None and self._data is None):
             self._say_stopping()
 
     def _say_stopping(self) -> None:
@@ -777,7 +777,7 @@ class SubmissionSMTP(asyncio.Protocol):
         if path is None:
             return
         address, rest = path
-        if self.mail_from:
+        if self.mail_from is not None:
             self.reply("503 5.5.1 Error: nested MAIL command")
             return
         options = rest.upper().split()
@@ -794,7 +794,7 @@ class SubmissionSMTP(asyncio.Protocol):
     def smtp_RCPT(self, arg: str | None) -> None:
         if self._helo_needed() or self._auth_needed():
             return
-        if not self.mail_from:
+        if self.mail_from is None:
             self.reply("503 5.5.1 Error: need MAIL command")
             return
         syntax = "501 5.5.4 Syntax: RCPT TO: <address>" + (
@@ -814,7 +814,9 @@ class SubmissionSMTP(asyncio.Protocol):
             self.reply(self.listener.handler.recipient(self, address, options))
 
     def _path(self, arg: str | None, keyword: str, syntax: str) -> tuple[str, str] | None:
-        """MAIL's or RCPT's address and parameters, or None when the reply is given."""
+        """MAIL's or RCPT's address and parameters, or None when the reply is given. MAIL's
+        `<>` is the null reverse-path (RFC 5321 4.5.5) of an auto-reply, a DSN or a read
+        receipt: its address is ""."""
         given = after_keyword(keyword, arg) if arg is not None else None
         if given is None:
             self.reply(syntax)
@@ -826,6 +828,11 @@ class SubmissionSMTP(asyncio.Protocol):
         if not path[0] or (path[1] and not self.extended_smtp):
             self.reply(syntax)
             return None
+        if path[0] == "<>":
+            if keyword == "TO:":
+                self.reply(syntax)
+                return None
+            return "", path[1]
         return path
 
     def smtp_DATA(self, arg: str | None) -> None:

@@ -195,12 +195,13 @@ class ServedDomains:
         self._read_at = 0.0
 
     async def allowed(self, found: TrustedMatch, sender: str) -> frozenset[str]:
-        """The domains this client may send for, read again if `sender`'s is not among them."""
+        """The domains this client may send for, read again if `sender`'s is not among them
+        (the null sender's "" reads nothing again)."""
         served = self._kept
         if (
             served is None
             or self.clock() - self._read_at > self.FRESH
-            or (domain_of(sender) not in served)
+            or (sender and domain_of(sender) not in served)
         ):
             read_at = self.clock()
             served = await served_domains(self.settings, self.db)
@@ -241,4 +242,4 @@ async def submitter_of_message(
     for author in authors:
         if domain_of(author) not in domains:
             raise Rejected(not_our_domain(author, "From header"))
-    return await submitter_for(found, domains, db, [mail_from, *authors])
+    return await submitter_for(found, domains, db, [a for a in (mail_from, *authors) if a])

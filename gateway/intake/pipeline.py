@@ -204,7 +204,7 @@ class Pipeline:
         hops = sum(1 for field in fields if field.name == "received")
         if hops >= self.settings.smtp.max_received_headers:
             raise Rejected(f"554 5.4.6 Too many Received headers ({hops}): a mail loop?")
-        if not submitter.may_send_as(envelope.mail_from):
+        if envelope.mail_from and not submitter.may_send_as(envelope.mail_from):
             raise Rejected(f"553 5.7.1 You may not send as <{envelope.mail_from}>")
         authors = headers.addresses(fields, "from")
         if not authors:

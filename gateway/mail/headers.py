@@ -166,11 +166,14 @@ def display_name(fields: Iterable[HeaderField], names: tuple[str, ...], address:
 
 def sender_name(fields: Iterable[HeaderField], sender: str) -> str:
     """The display name the From gives the envelope sender (or its only address), at most
-    200 characters; "" when it gives none. Prospects' pages name the agent so."""
+    200 characters; "" when it gives none. Prospects' pages name the agent so. Mail with
+    the null sender has no address of the agent's beside the name: its only author's
+    address stands in for a name it lacks."""
     fields = list(fields)
     authors = _address_pairs(tuple(values(fields, "from")))
     if len(authors) == 1 and authors[0][1].lower() != sender.lower():
-        return decoded(authors[0][0]).strip()[:200]  # a team's address, the agent's envelope
+        name = decoded(authors[0][0]).strip()  # a team's address, the agent's envelope
+        return (name or ("" if sender else authors[0][1]))[:200]
     return display_name(fields, ("from",), sender)[:200]
 
 

@@ -20,8 +20,9 @@ from sqlalchemy import select
 
 from gateway.store import journal
 from gateway.store.events import BLOBS_DELETED
-from gateway.store.models import Event, JournalHead, Link, LinkKind
+from gateway.store.models import Event, JournalHead, Link, LinkKind, Message
 from gateway.store.sequencer import chain_all
+from tests.conftest import PASSWORD
 from tests.console.work_world import (
     ADMIN,
     AGENT,
@@ -521,3 +522,20 @@ async def test_webhook_deliveries_are_listed_and_one_is_replayed(world: World) -
         assert bad.status == 409
     finally:
         await runner.cleanup()
+
+
+async def test_a_null_sender_message_shows_its_sender_as_the_null_path(world: World) -> None:
+    """A read receipt sent with MAIL FROM:<> is the agent's; its story names the sender `<>`
+    rather than leaving the line empty."""
+    site = world.site
+    raw = offer(subject="Gelesen: Villa am See", big=False)
+    before = len(site.sink.messages)
+    async with site.harness.client(username=AGENT, password=PASSWORD) as client:
+        await client.sendmail("", [BUYER], raw)
+    copies = await site.sink.expect(before + 1)
+    assert copies[-1].mail_from == "<>"
+    async with site.relay.db.transaction() as session:
+        [message_id] = (await session.scalars(select(Message.id).where(Message.sender == ""))).all()
+    page = await world.consoles[AGENT].get(f"/console/messages/{message_id}")
+    assert page.status == 200
+    assert "Sender <>" in visible(page.text), visible(page.text)[:600]

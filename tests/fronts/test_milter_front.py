@@ -183,6 +183,24 @@ async def test_a_foreign_from_header_is_refused_at_the_end(relay_factory: StartR
     await client.close()
 
 
+@pytest.mark.parametrize("login", [None, AGENT])
+async def test_null_sender_mail_is_judged_by_its_from_header(
+    relay_factory: StartRelay, login: str | None
+) -> None:
+    """Postfix hands on an auto-reply or a read receipt with MAIL FROM:<>, from a logged-in
+    agent or not: it passes when its From header may send, and is refused when not."""
+    relay, client = await start(relay_factory)
+    assert [a.code for a in await client.envelope("", [PROSPECT], login=login)] == [b"c"]
+    assert [a.code for a in await client.content(message())] == [b"h", b"c"]
+    await client.envelope("", [PROSPECT], login=login)
+    answers = await client.content(message("boss@elsewhere.example"))
+    assert [a.code for a in answers] == [b"y"] and " 5.7.1 " in answers[0].text
+    async with relay.relay.db.transaction() as session:
+        senders = (await session.scalars(select(Message.sender))).all()
+    assert senders == [""]
+    await client.close()
+
+
 async def test_too_many_recipients_and_too_big_are_refused(relay_factory: StartRelay) -> None:
     relay, client = await start(relay_factory)
     recipients = [f"p{n}@example.com" for n in range(6)]

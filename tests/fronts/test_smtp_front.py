@@ -646,6 +646,10 @@ async def test_invalid_recipients_553_513_and_the_valid_one_still_gets_it(
     assert await stored(relay) == (1, 1)
 
 
+MAIL_SYNTAX = "501 5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
+RCPT_SYNTAX = "501 5.5.4 Syntax: RCPT TO: <address> [SP <mail-parameters>]"
+
+
 def on_the_wire(answer: Answer) -> bool:
     """Every line of `answer` holds RFC 5321's reply text: tab and printable US-ASCII."""
     return all(ch == "\t" or " " <= ch <= "~" for line in answer.lines for ch in line)
@@ -671,6 +675,28 @@ async def test_what_the_client_sent_comes_back_printable(relay: Harness, agent: 
     assert "?ss@broker.example" in answer.text and on_the_wire(answer), answer
     await assert_nothing_written(relay)
     await send_sentinel(relay, agent)
+
+
+async def test_an_agents_read_receipt_with_the_null_sender_goes_out_with_it(
+    relay: Harness, agent: Wire
+) -> None:
+    """MAIL FROM:<> (a read receipt, an auto-reply) is the agent's when the From header is;
+    `<>` is no recipient and no empty path."""
+    assert (await agent.command("MAIL FROM:")).lines == [MAIL_SYNTAX]
+    assert (await agent.command("MAIL FROM:<>")).lines == ["250 2.1.0 Ok"]
+    assert (await agent.command("MAIL FROM:<>")).lines == ["503 5.5.1 Error: nested MAIL command"]
+    assert (await agent.command("RCPT TO:<>")).lines == [RCPT_SYNTAX]
+    assert (await agent.command(f"RCPT TO:<{PROSPECT}>")).code == 250
+    answer = await agent.data(dotted(raw_message(author="boss@broker.example")))
+    assert answer.lines == ["553 5.7.1 You may not send as boss@broker.example (From header)"]
+    await assert_nothing_written(relay)
+
+    assert (await agent.command("MAIL FROM:<> BODY=8BITMIME")).code == 250
+    assert (await agent.command(f"RCPT TO:<{PROSPECT}>")).code == 250
+    assert (await agent.data(dotted(raw_message()))).code == 250
+    [copy] = await relay.sink.expect(1)
+    assert (copy.mail_from, copy.rcpt_tos) == ("<>", [PROSPECT])
+    verify_dkim(relay, copy.data)
 
 
 async def test_data_without_a_valid_recipient_is_refused(relay: Harness, agent: Wire) -> None:

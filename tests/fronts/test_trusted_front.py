@@ -667,3 +667,25 @@ async def test_a_trusted_client_keeps_the_recipient_and_size_limits(
     finally:
         await client.close()
     assert await stored(relay) == (0, 0, 0)
+
+
+async def test_a_trusted_client_relays_null_sender_mail_checked_by_its_from_header(
+    relay_factory: StartRelay,
+) -> None:
+    """An auto-reply, a DSN or a read receipt comes with MAIL FROM:<> (RFC 3834, 3464,
+    8098): a connector relays it as any other mail of a served domain's, the upstream gets
+    the null sender, and a failure bounces to nobody. Its From header decides."""
+    relay = await relay_factory(smtp={"trusted": [{"name": "crm", "networks": [f"{INSIDE}/32"]}]})
+    for connection in range(2):  # the served domains read once, then kept
+        answer = await attempt(
+            relay.smtp_port, INSIDE, tls=False, certificate=None, mail_from="", author=SERVED
+        )
+        assert answer.startswith("250 2.0.0 Ok: queued"), (connection, answer)
+    copies = await relay.sink.expect(2)
+    assert [(c.mail_from, c.rcpt_tos) for c in copies] == [("<>", [PROSPECT])] * 2
+
+    outside = await attempt(
+        relay.smtp_port, INSIDE, tls=False, certificate=None, mail_from="", author=NOT_SERVED
+    )
+    assert outside.startswith("550 5.7.1 ") and f"<{NOT_SERVED}> (From header)" in outside
+    assert await stored(relay) == (2, 2, 2)

@@ -156,6 +156,9 @@ def test_a_block_parsed_again_gives_the_same_fields_as_one_too_big_to_keep(
         # several authors: the one who sent it
         ("Bert <b@broker.example>, Anna <anna@broker.example>", "anna@broker.example", "Anna"),
         ("Bert <b@broker.example>, Cleo <c@broker.example>", "anna@broker.example", ""),
+        # the null sender (a read receipt): the author's name, else the author's address
+        ("Anna Agent <anna@broker.example>", "", "Anna Agent"),
+        ("anna@broker.example", "", "anna@broker.example"),
         (
             "=?utf-8?q?Evil=0D=0AX-Injected=3A_1?= <anna@broker.example>",
             "anna@broker.example",
