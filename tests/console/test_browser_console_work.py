@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from gateway.store.models import Message
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, PHONE, playwright_api
+from tests.conftest import PASSWORD
 from tests.console.browser_sign_in import sign_in
 from tests.console.work_world import ADMIN, AGENT, AUDITOR, BUYER, World, build_world
 from tests.letter_site import LetterSite, offer
@@ -71,6 +74,12 @@ async def test_agent_follows_acts_and_previews(
     assert (await site.consent(world.letter_token)).status == 303
     await queue_idle(site.relay.db)  # the released copy and the agent's confirmation
     second_token, _ = await site.send_offer(recipient="second@example.com")
+    async with site.harness.client(username=AGENT, password=PASSWORD) as client:
+        await client.sendmail("", [BUYER], offer(subject="Gelesen: Villa am See", big=False))
+    async with site.relay.db.transaction() as session:
+        receipt = await session.scalar(
+            select(Message.id).where(Message.subject == "Gelesen: Villa am See")
+        )
 
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
@@ -89,6 +98,12 @@ async def test_agent_follows_acts_and_previews(
             assert await page.get_by_text("second@example.com").is_visible()
             await page.goto(f"{base}/console/messages")
             await shots.take(page, "timeline", viewport["width"])
+
+            await page.goto(f"{base}/console/messages/{receipt}")  # a read receipt, MAIL FROM:<>
+            sender = page.locator("dd").filter(has_text="<>")
+            assert await sender.inner_text() == "<>"
+            await shots.take(page, "message-null-sender", viewport["width"])
+            await page.goto(f"{base}/console/messages")
 
             await page.get_by_role("link", name="Unterlagen Villa am See").click()
             scanner = page.locator(".scanner")
