@@ -174,7 +174,11 @@ class PostfixInstance:
             *(self.sasl_logins() if self.logins else []),
             *self.main_cf,
         ]
-        (self.config_directory / "main.cf").write_text("\n".join(main) + "\n", encoding="utf-8")
+        # a later line takes an earlier one's place: Postfix warns of each override, on the
+        # output of commands whose output is read (postqueue -j)
+        lines = {line.partition("=")[0].strip(): line for line in main}
+        text = "\n".join(lines.values()) + "\n"
+        (self.config_directory / "main.cf").write_text(text, encoding="utf-8")
         smtpd, rest = MASTER_CF.format(smtpd_listener=f"127.0.0.1:{self.smtpd_port}").split("\n", 1)
         options = "".join(f"  -o {option}\n" for option in self.smtpd_options)
         (self.config_directory / "master.cf").write_text(

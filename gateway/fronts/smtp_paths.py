@@ -17,6 +17,7 @@ from email.errors import HeaderParseError
 from gateway.fronts.smtp_replies import Reply
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")  # RFC 3461 4
 _PLAIN = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
 
@@ -71,12 +72,17 @@ def parameters(options: list[str]) -> dict[str, str | bool] | None:
 def mail_parameters_problem(options: list[str], size_limit: int | None, syntax: str) -> str | None:
     """The reply refusing MAIL's parameters (uppercased); None when they are fine. `syntax`
     is the reply to a malformed one. SMTPUTF8 is not offered, so a client that asks for it
-    hears it is not (RFC 5321 4.1.1.11's 555)."""
+    hears it is not (RFC 5321 4.1.1.11's 555). AUTH= (RFC 4954 5), which Postfix and other
+    MTAs that log in add to every MAIL, names who first submitted the message; the relay
+    takes the agent it logged in as instead, so the value is only checked for its form."""
     found = parameters(options)
     if found is None:
         return syntax
     if found.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
         return "501 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME"
+    auth = found.pop("AUTH", "<>")
+    if auth != "<>" and (isinstance(auth, bool) or not _XTEXT.fullmatch(auth)):
+        return "501 5.5.4 Error: AUTH= takes <> or an xtext mailbox (RFC 4954 5)"
     size = found.pop("SIZE", None)
     if size:
         if isinstance(size, bool) or not size.isdigit():

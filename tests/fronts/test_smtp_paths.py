@@ -103,6 +103,13 @@ SYNTAX = "501 5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
         ("SMTPUTF8", "555 5.5.4 Unsupported MAIL FROM parameter: SMTPUTF8"),
         ("SMTPUTF8=1", "555 5.5.4 Unsupported MAIL FROM parameter: SMTPUTF8"),
         ("SMTPUTF8 RET=HDRS", "555 5.5.4 Unsupported MAIL FROM parameter: RET"),
+        # RFC 4954 5: what Postfix adds once it logged in, and a mailbox in xtext
+        ("AUTH=<>", None),
+        ("SIZE=100 AUTH=<> BODY=8BITMIME", None),
+        ("AUTH=AGENT+2BTAG@BROKER.EXAMPLE", None),
+        ("AUTH=A+2", "501 5.5.4 Error: AUTH= takes <> or an xtext mailbox (RFC 4954 5)"),
+        ("AUTH=A+B", "501 5.5.4 Error: AUTH= takes <> or an xtext mailbox (RFC 4954 5)"),
+        ("AUTH", "501 5.5.4 Error: AUTH= takes <> or an xtext mailbox (RFC 4954 5)"),
         ("RET=HDRS", "555 5.5.4 Unsupported MAIL FROM parameter: RET"),
         ("SIZE=", SYNTAX),
         ("A-B=1", SYNTAX),
