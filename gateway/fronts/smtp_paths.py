@@ -72,9 +72,9 @@ def parameters(options: list[str]) -> dict[str, str | bool] | None:
 def mail_parameters_problem(options: list[str], size_limit: int | None, syntax: str) -> str | None:
     """The reply refusing MAIL's parameters (uppercased); None when they are fine. `syntax`
     is the reply to a malformed one. SMTPUTF8 is not offered, so a client that asks for it
-    hears it is not (RFC 5321 4.1.1.11's 555). AUTH= (RFC 4954 5), which Postfix and other
-    MTAs that log in add to every MAIL, names who first submitted the message; the relay
-    takes the agent it logged in as instead, so the value is only checked for its form."""
+    hears it is not (RFC 5321 4.1.1.11's 555). AUTH= (RFC 4954 5), which Exim and other
+    MTAs that log in to a smart host add to every MAIL, names who first submitted the
+    message; the relay goes by the login instead, so the value is only checked for its form."""
     found = parameters(options)
     if found is None:
         return syntax

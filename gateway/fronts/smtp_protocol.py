@@ -319,7 +319,7 @@ class SubmissionSMTP(asyncio.Protocol):
                 arg = rest.strip().decode("ascii")
             except UnicodeDecodeError:
                 if command in ("MAIL", "RCPT"):
-                    self.reply(Reply.NON_ASCII_ADDRESS)  # RFC 6531 3.7.4.1 without SMTPUTF8
+                    self.reply(Reply.NON_ASCII_ADDRESS)  # RFC 6531's X.6.7: no SMTPUTF8 here
                 else:
                     self.reply("500 5.5.2 Error: only ASCII is accepted in commands")
                 return
