@@ -6,6 +6,7 @@ import re
 
 _UNPRINTABLE = re.compile(r"[^\t\x20-\x7e]")
 _CODE = re.compile(r"[2-5][0-9][0-9][ -]")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def printable(reply: str) -> str:
@@ -16,7 +17,7 @@ def printable(reply: str) -> str:
     starts a continuation line of the same code, so that nothing quoted can end the reply
     early or give it another code."""
     code, last = reply[:3], reply[3:4] if reply[3:4] == "-" else " "
-    texts = [line[4:] if _CODE.match(line) else line for line in re.split(r"\r\n|\r|\n", reply)]
+    texts = [line[4:] if _CODE.match(line) else line for line in _LINE_END.split(reply)]
     end = len(texts) - 1
     return "\r\n".join(
         f"{code}{last if i == end else '-'}{_UNPRINTABLE.sub('?', text)}"
