@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import SystemRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.agent_logins import AgentLogins
@@ -34,7 +35,7 @@ from gateway.webhooks.desk import WebhookDesk
 from web.api.actions import MessageActions
 from web.api.agent_logins import AgentLoginOperations
 from web.api.auth import bearer_authenticator
-from web.api.problems import api_problems
+from web.api.problems import API_PREFIX, api_problems
 from web.api.routes import Api
 from web.api.settings import SettingsOperations
 from web.api.webhooks import WebhookOperations
@@ -136,6 +137,33 @@ def store_unavailable(site: ProspectSite) -> Callable[..., Awaitable[web.StreamR
     return middleware
 
 
+def unknown_paths(site: ProspectSite) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A path no route knows gets the link-not-found page in the browser's language, not
+    aiohttp's bare "404: Not Found": whoever lands there most likely followed a link that a
+    mail program cut short or ran into the next word. The API keeps its problem details."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route
+        if (
+            isinstance(route, SystemRoute)
+            and route.status == 404
+            and not request.path.startswith(API_PREFIX)
+        ):
+            return site.not_found(request, site.catalog_for(request))
+        return await handler(request)
+
+    return middleware
+
+
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """Without a version: aiohttp would name itself and Python with theirs on every
+    response, which tells a scanner what to try (the SMTP greeting names none either).
+    A request too malformed to parse is still answered by aiohttp before any hook of the
+    app; a reverse proxy in front answers those itself."""
+    response.headers["Server"] = "sealrelay"
+
+
 def visits_admitted(
     site: ProspectSite, admission: Admission
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -174,8 +202,10 @@ def create_app(parts: WebParts) -> web.Application:
             ),
             store_unavailable(site),
             visits_admitted(site, admission),
+            unknown_paths(site),
         ]
     )
+    app.on_response_prepare.append(name_the_server)
     app[PARTS] = parts
     app[ADMISSION] = admission
     routes = Routes(app)

@@ -185,6 +185,8 @@ async def test_every_console_link_form_and_redirect_carries_public_urls_path(
     async with ConsoleClient(relay.web_url, behind_https=True) as admin:
         assert (await admin.sign_in(ADMIN, PASSWORD)).status == 303
         crawl = Crawl(prefix, admin)
+        for typed in ("/", "/console"):  # what an admin types leads to the console's home
+            assert crawl.location(await admin.get(typed), f"GET {typed}") == "/console/"
         await crawl.visit("/console/")
         visited = {urlsplit(p).path for p in crawl.seen}
         for page in (

@@ -49,6 +49,7 @@ class Case:
 # every console route: (method, path) -> its case; a missing route fails the test
 CASES: dict[tuple[str, str], Case] = {
     ("GET", "/console/"): Case("all", 200),
+    ("GET", "/console"): Case("all", 303),  # on to /console/
     ("POST", "/console/logout"): Case("all", 303, post=True, covered_elsewhere="test_sessions"),
     ("POST", "/console/logout-everywhere"): Case(
         "all", 303, post=True, covered_elsewhere="test_sessions"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 
 from tests.conftest import Harness, make_message
+from web.guard import CONSOLE_LOGIN
 
 
 async def test_healthz_and_metrics(relay: Harness) -> None:
@@ -39,3 +42,51 @@ async def test_healthz_reports_a_dead_database(relay: Harness) -> None:
             assert (await response.json())["status"] == "error"
     finally:
         relay.relay.db.transaction = original  # type: ignore[method-assign]
+
+
+async def test_typed_addresses_lead_to_the_console_and_unknown_paths_get_a_page(
+    relay: Harness, tmp_path: Path
+) -> None:
+    """What someone who types the server's address, or follows a link a mail program cut,
+    gets: the root and /console lead on to the console's sign-in; any other unknown path
+    gets the link-not-found page in the browser's language (as Chromium draws it), the API
+    its problem details; every response names the server without a version."""
+    from tests.browser import assert_error_page_reads_clean
+
+    base = relay.web_url
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/", allow_redirects=False) as response:
+            assert response.status == 303
+            assert response.headers["Location"] == "/console/"
+            assert response.headers["Server"] == "sealrelay"
+        for path in ("/", "/console"):
+            async with http.get(base + path) as response:
+                assert response.status == 200
+                assert response.url.path == CONSOLE_LOGIN
+        for method in ("GET", "HEAD", "POST"):
+            async with http.request(
+                method, f"{base}/Expos%C3%A9.pdf", headers={"Accept-Language": "de-DE"}
+            ) as response:
+                assert response.status == 404
+                assert response.content_type == "text/html"
+                assert response.headers["Server"] == "sealrelay"
+                if method != "HEAD":
+                    assert "Link nicht gefunden" in await response.text()
+        async with http.get(f"{base}/api/v1/nothing") as response:
+            assert response.status == 404
+            assert response.content_type == "application/problem+json"
+            assert response.headers["Server"] == "sealrelay"
+        async with http.post(f"{base}/healthz") as response:
+            assert response.status == 405  # a known path: aiohttp's answer, with the Allow header
+            assert response.headers["Allow"] == "GET,HEAD"
+        for path in ("/healthz", "/static/base.css", "/console/login", "/d/unknown-token"):
+            async with http.get(base + path) as response:
+                assert response.headers["Server"] == "sealrelay", path
+    await assert_error_page_reads_clean(
+        f"{base}/Expos%C3%A9.pdf",
+        locale="en-GB",
+        status=404,
+        text="This link does not exist",
+        shots=tmp_path,
+        name="unknown-path",
+    )

@@ -75,6 +75,8 @@ class ConsolePages:
         routes.public("GET", CONSOLE_LOGIN, self.login_page)
         routes.public("POST", CONSOLE_LOGIN, self.login)
         routes.console("GET", HOME, self.home, Permission.VIEW_MESSAGES)
+        routes.console("GET", CONSOLE, self.to_home, Permission.VIEW_MESSAGES)
+        routes.public("GET", "/", self.to_home)
         routes.console("POST", "/console/logout", self.logout, Permission.VIEW_MESSAGES)
         routes.console(
             "POST", "/console/logout-everywhere", self.logout_everywhere, Permission.VIEW_MESSAGES
@@ -115,6 +117,12 @@ class ConsolePages:
             response.headers.update(SECURITY_HEADERS)
 
     # -- pages
+
+    async def to_home(self, request: web.Request) -> web.StreamResponse:
+        """The addresses people type: the server's root and the console without its slash.
+        Only staff go there (a prospect's links all lead further), so both lead to the
+        console, which sends a visitor who is not signed in on to the sign-in page."""
+        raise web.HTTPSeeOther(self.site.url(HOME))
 
     async def login_page(self, request: web.Request) -> web.StreamResponse:
         target = safe_next(request.query.get("next"))
