@@ -155,6 +155,7 @@ class SubmissionSMTP(asyncio.Protocol):
         self.mail_options: list[str] = []
         self.rcpt_tos: list[str] = []
         self.rcpt_options: list[str] = []
+        self.rcpt_tried = False  # an RCPT came after MAIL, though maybe refused
         self.sender_domains: frozenset[str] = frozenset()  # a trusted client's, as MAIL found
         self.received: Received | None = None  # what the spool learned, during the DATA hook
         self.closed = asyncio.Event()
@@ -653,6 +654,7 @@ class SubmissionSMTP(asyncio.Protocol):
         self.mail_options = []
         self.rcpt_tos = []
         self.rcpt_options = []
+        self.rcpt_tried = False
 
     # -- the commands
 
@@ -797,6 +799,7 @@ class SubmissionSMTP(asyncio.Protocol):
         if self.mail_from is None:
             self.reply("503 5.5.1 Error: need MAIL command")
             return
+        self.rcpt_tried = True
         syntax = "501 5.5.4 Syntax: RCPT TO: <address>" + (
             EXTENDED_SYNTAX if self.extended_smtp else ""
         )
@@ -839,7 +842,11 @@ class SubmissionSMTP(asyncio.Protocol):
         if self._helo_needed() or self._auth_needed():
             return
         if not self.rcpt_tos:
-            self.reply("503 5.5.1 Error: need RCPT command")
+            # RFC 5321 3.3 allows either; the second tells a pipelining client why
+            if self.rcpt_tried:
+                self.reply("554 5.5.1 Error: no valid recipients")
+            else:
+                self.reply("503 5.5.1 Error: need RCPT command")
             return
         if arg:
             self.reply("501 5.5.4 Syntax: DATA")

@@ -700,8 +700,15 @@ async def test_an_agents_read_receipt_with_the_null_sender_goes_out_with_it(
 
 
 async def test_data_without_a_valid_recipient_is_refused(relay: Harness, agent: Wire) -> None:
+    """Every RCPT refused: 554 as Postfix and Exim answer, which tells a client that sent
+    DATA in the same batch why; no RCPT at all is a command out of order (503)."""
     assert (await agent.command(f"MAIL FROM:<{AGENT}>")).code == 250
+    assert (await agent.command("DATA")).lines == ["503 5.5.1 Error: need RCPT command"]
     assert (await agent.command("RCPT TO:<a@b>")).code == 553
+    assert (await agent.command("RCPT TO:<>")).code == 501
+    assert (await agent.command("DATA")).lines == ["554 5.5.1 Error: no valid recipients"]
+    assert (await agent.command("RSET")).code == 250
+    assert (await agent.command(f"MAIL FROM:<{AGENT}>")).code == 250
     assert (await agent.command("DATA")).lines == ["503 5.5.1 Error: need RCPT command"]
     await assert_nothing_written(relay)
 
