@@ -6,6 +6,7 @@ with one line naming the key (and the environment variable when that is where it
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
@@ -16,7 +17,8 @@ from collections import Counter
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -1082,7 +1084,39 @@ def _problem(error: Any, sources: Mapping[str, str], prefix: str) -> str:
     key = prefix + ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        message = "unknown setting"
+        meant = _meant(error["loc"])
+        message = f"unknown setting; did you mean {meant}?" if meant else "unknown setting"
     origin = next((var for k, var in sources.items() if key.startswith(k)), None)
     where = f" (from {origin})" if origin else ""
     return f"{key.rstrip('.') or 'config'}: {message}{where}"
+
+
+def _meant(loc: tuple[int | str, ...]) -> str | None:
+    """The key a mistyped one most likely stands for: a setting of the same section whose
+    name is nearly the same (`max_recipient` for `max_recipients`)."""
+    node: Any = Settings
+    for part in loc[:-1]:
+        node = _inside(node, str(part))
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), list(node.model_fields), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _inside(node: Any, key: str) -> Any:
+    """What a key holds: a section's setting, or an entry of a table of tables (`[dkim."D"]`)
+    or of an array of tables (`[[rules]]`); None past anything else."""
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        field = node.model_fields.get(key)
+        return None if field is None else _unwrapped(field.annotation)
+    if get_origin(node) in (dict, list):
+        return _unwrapped(get_args(node)[-1])
+    return None
+
+
+def _unwrapped(annotation: Any) -> Any:
+    """`X | None` as X."""
+    if get_origin(annotation) in (Union, UnionType):
+        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+        return kinds[0] if len(kinds) == 1 else None
+    return annotation

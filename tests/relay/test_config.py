@@ -72,6 +72,33 @@ def test_dkim_domains_from_file_are_lower_cased(tmp_path: Path) -> None:
         ("[smtp]\nlisten = ['nope']\n", {}, "smtp.listen: 'nope' is not HOST:PORT"),
         ("[smtp]\ncolour = 'red'\n", {}, "smtp.colour: unknown setting"),
         ("[nonsense]\nx = 1\n", {}, "nonsense: unknown setting"),
+        # a key nearly like one of its section's is named as what was likely meant
+        (
+            "[upstrem]\nurl = 'smtp://x:25'\n",
+            {},
+            "upstrem: unknown setting; did you mean upstream?",
+        ),
+        (
+            "[smtp]\nmax_recipient = 10\n",
+            {},
+            "smtp.max_recipient: unknown setting; did you mean max_recipients?",
+        ),
+        (
+            '[dkim."b.example"]\nselector = "s"\nkey_file = "k.pem"\nkey_fiel = "k.pem"\n',
+            {},
+            "dkim.b.example.key_fiel: unknown setting; did you mean key_file?",
+        ),
+        (
+            "[[rules]]\nname = 'a'\n[rules.set]\nregistered_leter = true\n",
+            {},
+            "rules.0.set.registered_leter: unknown setting; did you mean registered_letter?",
+        ),
+        (
+            "",
+            {"SEALRELAY_WORKER__CONCURENCY": "3"},
+            "worker.concurency: unknown setting; did you mean concurrency?"
+            " (from SEALRELAY_WORKER__CONCURENCY)",
+        ),
         ("[upstream]\nurl = 'http://x'\n", {}, "upstream.url: must be smtp://"),
         ("[upstream]\nurl = 'capture:'\n", {}, "upstream.url: capture: needs a directory"),
         ("[server]\npublic_url = 'ftp://x'\n", {}, "server.public_url: must be an http"),
