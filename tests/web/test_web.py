@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -13,13 +14,20 @@ from web.guard import CONSOLE_LOGIN
 async def test_healthz_and_metrics(relay: Harness) -> None:
     await relay.send(make_message())
     await relay.sink.expect(1)
+    delivered = 'sealrelay_delivery_outcomes_total{outcome="delivered"}'
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{relay.web_url}/healthz") as response:
             assert response.status == 200
             assert (await response.json())["status"] == "ok"
-        async with http.get(f"{relay.web_url}/metrics") as response:
-            assert response.status == 200
-            text = await response.text()
+        # the outcome is counted once recorded, which may be just after the sink's 250
+        async with asyncio.timeout(15):
+            while True:
+                async with http.get(f"{relay.web_url}/metrics") as response:
+                    assert response.status == 200
+                    text = await response.text()
+                if delivered in text:
+                    break
+                await asyncio.sleep(0.05)
     assert 'sealrelay_smtp_replies_total{code="250"}' in text
     assert "sealrelay_queue_deliveries" in text
     assert 'sealrelay_delivery_outcomes_total{outcome="delivered"}' in text
