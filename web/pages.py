@@ -77,6 +77,12 @@ SEGMENT = r"[A-Za-z0-9_-]{1,100}"  # what tokens and file ids are made of
 _MIME_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+$")
 
 
+async def robots(request: web.Request) -> web.Response:
+    """Every page here is one person's (a link, a letter, the console): no crawler that asks
+    should fetch any of them. The pages say noindex too, for those that never ask."""
+    return web.Response(text="User-agent: *\nDisallow: /\n", content_type="text/plain")
+
+
 def under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
 
@@ -418,6 +424,7 @@ class ProspectSite:
 
     def register(self, routes: Routes) -> None:
         routes.public("GET", "/branding.css", self.branding)
+        routes.public("GET", "/robots.txt", robots)
         routes.public_static("/static/", STATIC)
         routes.app.middlewares.append(self.rate_limit)
         routes.app.on_response_prepare.append(self.add_headers)

@@ -87,6 +87,10 @@ async def test_typed_addresses_lead_to_the_console_and_unknown_paths_get_a_page(
         async with http.post(f"{base}/healthz") as response:
             assert response.status == 405  # a known path: aiohttp's answer, with the Allow header
             assert response.headers["Allow"] == "GET,HEAD"
+        async with http.get(f"{base}/robots.txt") as response:  # crawlers that ask stay out
+            assert response.status == 200
+            assert response.content_type == "text/plain"
+            assert await response.text() == "User-agent: *\nDisallow: /\n"
         for path in ("/healthz", "/static/base.css", "/console/login", "/d/unknown-token"):
             async with http.get(base + path) as response:
                 assert response.headers["Server"] == "sealrelay", path
