@@ -27,7 +27,14 @@ from gateway.fronts import trusted
 from gateway.fronts.listen_addresses import split_address
 from gateway.fronts.smtp import Reply
 from gateway.fronts.trusted import TrustedEntry, TrustedMatch
-from gateway.intake.pipeline import STRIPPED_FIELDS, Envelope, Origin, Pipeline, TrustedOrigin
+from gateway.intake.pipeline import (
+    STRIPPED_FIELDS,
+    Envelope,
+    Origin,
+    Pipeline,
+    TrustedOrigin,
+    may_use_sender,
+)
 from gateway.rejections import Rejected
 from gateway.store.blobs import StoreUnavailable
 from gateway.store.db import Database
@@ -84,12 +91,12 @@ class MilterSession:
         try:
             agent = await users.agent_by_address(front.db, login) if login else None
             if agent is not None:
-                if address and not agent.may_send_as(address):
+                if not may_use_sender(agent, address):
                     return mp.reply_code(Reply.not_your_address(address))
                 self.submitter = agent
             else:
                 self.domains = await front.served.allowed(front.match, address)
-                if address and trusted.domain_of(address) not in self.domains:
+                if not trusted.sends_for(self.domains, address):
                     log.info("milter %s: refused sender %s", self.peer, address)
                     return mp.reply_code(Reply.not_our_domain(address, "MAIL FROM"))
         except Exception:

@@ -33,7 +33,7 @@ from gateway.fronts.smtp_protocol import TLS_HANDSHAKE_TIMEOUT, Listener, Submis
 from gateway.fronts.smtp_replies import Reply, count
 from gateway.fronts.trusted import TrustedEntry, TrustedMatch
 from gateway.intake.pipeline import Envelope as PipelineEnvelope
-from gateway.intake.pipeline import Origin, Pipeline, Submitter, TrustedOrigin
+from gateway.intake.pipeline import Origin, Pipeline, Submitter, TrustedOrigin, may_use_sender
 from gateway.login_throttle import LoginThrottle
 from gateway.rejections import Rejected
 from gateway.store.blobs import StoreUnavailable
@@ -177,7 +177,7 @@ class SubmissionHandler:
             return count(Reply.STORE_UNAVAILABLE)  # before the client sends its data
         agent = session.agent
         assert agent is not None
-        if address and not agent.may_send_as(address):
+        if not may_use_sender(agent, address):
             return count(Reply.not_your_address(address))
         session.mail_from = address
         session.mail_options = options
@@ -198,7 +198,7 @@ class SubmissionHandler:
         found = _trusted_match(session)
         domains = await self.served.allowed(found, address)
         session.sender_domains = domains
-        if address and trusted.domain_of(address) not in domains:
+        if not trusted.sends_for(domains, address):
             log.info(
                 "%s (%s): refused sender %s", client_address(session), found.entry.name, address
             )

@@ -150,6 +150,12 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].strip().lower().rstrip(".")
 
 
+def sends_for(domains: frozenset[str], sender: str) -> bool:
+    """Whether MAIL FROM's `sender` is in one of `domains`. The null sender "" is in all:
+    its From header must be in one, which the end of DATA checks."""
+    return not sender or domain_of(sender) in domains
+
+
 async def served_domains(settings: Settings, db: Database) -> frozenset[str]:
     """The domains we serve: those of every user's address and alias, and the [dkim] domains.
 
@@ -201,7 +207,7 @@ class ServedDomains:
         if (
             served is None
             or self.clock() - self._read_at > self.FRESH
-            or (sender and domain_of(sender) not in served)
+            or not sends_for(served, sender)
         ):
             read_at = self.clock()
             served = await served_domains(self.settings, self.db)

@@ -119,6 +119,13 @@ class Submitter(Protocol):
     def may_send_as(self, address: str) -> bool: ...
 
 
+def may_use_sender(submitter: Submitter, mail_from: str) -> bool:
+    """MAIL FROM's address: one the submitter may send as, or the null sender "" of an
+    auto-reply, a delivery report or a read receipt, which is anyone's: its From header,
+    checked as every other message's, says whose mail it is."""
+    return not mail_from or submitter.may_send_as(mail_from)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -204,7 +211,7 @@ class Pipeline:
         hops = sum(1 for field in fields if field.name == "received")
         if hops >= self.settings.smtp.max_received_headers:
             raise Rejected(f"554 5.4.6 Too many Received headers ({hops}): a mail loop?")
-        if envelope.mail_from and not submitter.may_send_as(envelope.mail_from):
+        if not may_use_sender(submitter, envelope.mail_from):
             raise Rejected(f"553 5.7.1 You may not send as <{envelope.mail_from}>")
         authors = headers.addresses(fields, "from")
         if not authors:
