@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import SystemRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.access import Permission
 from gateway.agent_logins import AgentLogins
 from gateway.config import Settings
 from gateway.console.admin import QueueDesk, UserDesk
@@ -140,7 +141,8 @@ def store_unavailable(site: ProspectSite) -> Callable[..., Awaitable[web.StreamR
 def unknown_paths(site: ProspectSite) -> Callable[..., Awaitable[web.StreamResponse]]:
     """A path no route knows gets the link-not-found page in the browser's language, not
     aiohttp's bare "404: Not Found": whoever lands there most likely followed a link that a
-    mail program cut short or ran into the next word. The API keeps its problem details."""
+    mail program cut short or ran into the next word. The API keeps its problem details, and
+    a GET under /console/ has the console's own 404 (register_console_work)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -246,6 +248,8 @@ def register_console_work(
     AccountPages(
         view, view.site, parts.users, parts.sessions, parts.settings, parts.agent_logins
     ).register(routes)
+    # last, after every console page: any other path under /console/
+    routes.console("GET", "/console/{rest:.*}", view.unknown_page, Permission.VIEW_MESSAGES)
 
 
 def api(parts: WebParts, lookup: DnsLookup | None = None) -> Api:

@@ -103,6 +103,14 @@ async def test_agent_follows_acts_and_previews(
             sender = page.locator("dd").filter(has_text="<>")
             assert await sender.inner_text() == "<>"
             await shots.take(page, "message-null-sender", viewport["width"])
+
+            answer = await page.goto(f"{base}/console/no-such-page")
+            assert answer is not None and answer.status == 404
+            heading = "Seite nicht gefunden" if german else "Page not found"
+            assert await page.get_by_role("heading", name=heading).is_visible()
+            menu = page.get_by_role("navigation").get_by_role("link")
+            assert await menu.filter(has_text="Nachrichten" if german else "Messages").is_visible()
+            await shots.take(page, "no-such-page", viewport["width"])
             await page.goto(f"{base}/console/messages")
 
             await page.get_by_role("link", name="Unterlagen Villa am See").click()

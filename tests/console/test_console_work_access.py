@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 import pytest
 from aiohttp.web_urldispatcher import AbstractRoute
@@ -106,6 +107,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/console/admin/policy"): Case("admin", 200),
     ("GET", "/console/admin/texts"): Case("admin", 200),
     ("GET", "/console/admin/dkim"): Case("admin", 200),
+    ("GET", "/console/{rest}"): Case("all", 404),  # any other path: the console's own 404
 }
 
 MINE_CAN = {AGENT, LEAD, AUDITOR, ADMIN}  # the agent, their team lead, the two who see all
@@ -179,6 +181,7 @@ async def test_every_console_route_answers_each_caller_as_its_rule_says(world: W
             template.replace("{id}", ident)
             .replace("{letter}", world.letter_id)
             .replace("{link}", world.link_id)
+            .replace("{rest}", "no-such-page/at-all")
         )
 
     answers: list[tuple[str, str, str, int, int]] = []
@@ -284,4 +287,31 @@ async def test_a_refused_page_is_the_consoles_own_page_in_the_users_language(
     )
     assert refused.status == 403 and "Not allowed" in refused.text
     assert "new@broker.example" not in refused.text
+    assert await world.journal_size() == before
+
+
+async def test_an_unknown_console_path_is_the_consoles_own_404_behind_sign_in(
+    world: World,
+) -> None:
+    before = await world.journal_size()
+    agent = world.consoles[AGENT]
+    for path in ("/console/no-such-page", "/console/messages/x/y/z", "/console/admin/nope"):
+        answer = await agent.get(path)
+        assert answer.status == 404, path
+        assert answer.headers["Content-Type"].startswith("text/html")
+        assert "Page not found" in answer.text and "no such page in the console" in answer.text
+        assert 'href="/console/messages"' in answer.text, "the console's navigation"
+        assert "Link not found" not in answer.text, "not the prospects' page"
+        assert answer.headers["Cache-Control"] == "no-store"
+    nobody = world.consoles[NOBODY]
+    answer = await nobody.get("/console/no-such-page?x=1")
+    assert answer.status == 303
+    login, _, query = answer.location.partition("?")
+    assert login == "/console/login"
+    assert parse_qs(query) == {"next": ["/console/no-such-page?x=1"]}
+    # a wrong method on a known page keeps its 405; the prospects' unknown paths their page
+    token = await world.csrf(AGENT)
+    assert (await agent.post("/console/messages", {"csrf": token})).status == 405
+    outside = await agent.get("/no-such-page")
+    assert outside.status == 404 and "Link not found" in outside.text
     assert await world.journal_size() == before

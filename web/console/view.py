@@ -119,6 +119,20 @@ class ConsoleView:
             message=catalog.t("work.not_found"),
         )
 
+    async def unknown_page(self, request: web.Request) -> web.StreamResponse:
+        """Any other console path: the console's own 404, behind sign-in like every console
+        page (a visitor not signed in is sent there first, so it tells them nothing), rather
+        than the prospects' "link not found". Only GET: a wrong method on a known page keeps
+        its 405."""
+        catalog = self.catalog(request)
+        return self.render(
+            request,
+            "console/work_message.html",
+            catalog.t("work.no_page_title"),
+            status=404,
+            message=catalog.t("work.no_page"),
+        )
+
     def forbidden(self, request: web.Request) -> web.Response:
         """What a signed-in user sees on a page or action their role does not allow."""
         catalog = self.catalog(request)
