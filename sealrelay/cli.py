@@ -385,7 +385,10 @@ def user_list(config: Path | None) -> None:
     default of their group or installation ([notices]), shows as a flag: no-first-download,
     expiry-warning."""
     settings = _settings(config)
-    for account, aliases in _run(users.list_users, config):
+    listed = _run(users.list_users, config)
+    if not listed:
+        click.echo("no users; add one with: sealrelay user add EMAIL")
+    for account, aliases in listed:
         defaults = settings.notices_for(account.group_name)
         prefs = users.NoticePrefs.of(account.notify, defaults)
         flags = [account.role, *_notice_flags(prefs, defaults)]

@@ -33,7 +33,9 @@ async def test_a_user_is_deleted_only_when_confirmed_and_aliases_come_and_go(
     assert (await sealrelay("user", "list", *cfg)).out == f"{ANNA}  [agent]\n"
     deleted = await sealrelay("user", "delete", ANNA, *cfg, stdin="y\n")
     assert deleted.code == 0 and deleted.out.endswith(f"deleted {ANNA}\n")
-    assert (await sealrelay("user", "list", *cfg)).out == ""
+    assert (
+        await sealrelay("user", "list", *cfg)
+    ).out == "no users; add one with: sealrelay user add EMAIL\n"
     again = await sealrelay("user", "delete", ANNA, "--yes", *cfg)
     assert again.code == 1 and again.error_line == f"Error: no user {ANNA}"
     readd = await sealrelay("user", "add", ANNA, *cfg)
