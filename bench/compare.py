@@ -50,19 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.links import (  # noqa: E402
-    MIB,
-    Inbox,
-    link_tokens,
-    make_attachment,
-    make_message,
-    one_round,
-    verify,
-)
-from bench.links import sink_process as keeping_sink  # noqa: E402
-from bench.options import comma_separated  # noqa: E402
-from bench.prefill import prefill as fill  # noqa: E402
-from bench.relay import (  # noqa: E402
+from bench.harness import (  # noqa: E402
     AGENT,
     DOMAIN,
     RECIPIENT,
@@ -75,6 +63,18 @@ from bench.relay import (  # noqa: E402
     wait_ready,
     write_config,
 )
+from bench.links import (  # noqa: E402
+    MIB,
+    Inbox,
+    link_tokens,
+    make_attachment,
+    make_message,
+    one_round,
+    verify,
+)
+from bench.links import sink_process as keeping_sink  # noqa: E402
+from bench.options import comma_separated  # noqa: E402
+from bench.prefill import prefill as fill  # noqa: E402
 from tests.opendkim_core import OpenDkim, OpenDkimMissing, opendkim_command  # noqa: E402
 from tests.postfix_core import PostfixInstance, PostfixMissing, postfix_command  # noqa: E402
 

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.relay import database_url  # noqa: E402
+from bench.harness import database_url  # noqa: E402
 from tests.conftest import AGENT, PASSWORD  # noqa: E402
 from tests.store.test_durability import RelayProcess, burst_message, message_ids  # noqa: E402
 from tests.support import Sink  # noqa: E402

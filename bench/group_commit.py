@@ -36,8 +36,8 @@ from collections.abc import Awaitable, Callable, Sequence  # noqa: E402
 
 from sqlalchemy import Connection  # noqa: E402
 
+from bench.harness import database_url  # noqa: E402
 from bench.options import comma_separated  # noqa: E402
-from bench.relay import database_url  # noqa: E402
 from gateway.store import group_commit  # noqa: E402
 from gateway.store.db import Database  # noqa: E402
 from gateway.store.group_commit import Done  # noqa: E402

@@ -65,8 +65,8 @@ import uvloop  # noqa: E402
 from sqlalchemy import Connection, create_engine, insert  # noqa: E402
 
 from bench.front import LoggedIn, listener  # noqa: E402
+from bench.harness import AGENT, make_body, make_header  # noqa: E402
 from bench.options import comma_separated  # noqa: E402
-from bench.relay import AGENT, make_body, make_header  # noqa: E402
 from gateway.config import UpstreamSettings  # noqa: E402
 from gateway.fronts.smtp_protocol import Listener  # noqa: E402
 from gateway.intake.pipeline import STRIPPED_FIELDS, intake_events  # noqa: E402

@@ -5,7 +5,7 @@
 
 It starts a real `sealrelay serve` process with the shipped policy (attachments over 2 MiB
 become one personal link per recipient) and a sink in a child process, the same way as
-bench/relay.py, whose helpers it imports. Then:
+bench/relay.py, whose helpers (bench/harness.py) it shares. Then:
 
 1. Sends N messages, each with a 25 MiB PDF attachment (random bytes), to 5 external
    recipients over one SMTP session: time to 250 and until the sink has all 5 copies, the
@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.relay import (  # noqa: E402
+from bench.harness import (  # noqa: E402
     _MESSAGE_ID,
     AGENT,
     DOMAIN,

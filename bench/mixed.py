@@ -30,8 +30,7 @@ from typing import Any
 import aiohttp
 import aiosmtplib
 
-from bench.links import TOKEN, make_attachment, make_message
-from bench.relay import (
+from bench.harness import (
     AGENT,
     DOMAIN,
     SEED,
@@ -45,6 +44,7 @@ from bench.relay import (
     send_all,
     wait_ready,
 )
+from bench.links import TOKEN, make_attachment, make_message
 from bench.web_load import BROWSER, Outcome, Target, WebLoad
 
 WARM_UP = 1.0  # seconds of web load before the mail, so the mail meets it at its rate

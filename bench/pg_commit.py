@@ -39,9 +39,9 @@ from collections.abc import Sequence  # noqa: E402
 from sqlalchemy import Connection, text  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 
+from bench.harness import cpu_seconds, database_url  # noqa: E402
 from bench.instructions import BATCH_OF, commit_steps, messages, transactions_on  # noqa: E402
 from bench.prefill import prefill as fill  # noqa: E402
-from bench.relay import cpu_seconds, database_url  # noqa: E402
 
 STEPS = ("intake", "claim", "hold", "settle", "chain")
 

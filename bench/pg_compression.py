@@ -33,8 +33,8 @@ from collections.abc import Sequence  # noqa: E402
 
 import asyncpg  # noqa: E402
 
+from bench.harness import cpu_seconds, database_url  # noqa: E402
 from bench.instructions import BATCH_OF, messages  # noqa: E402
-from bench.relay import cpu_seconds, database_url  # noqa: E402
 
 METHODS = {
     "pglz": "SET COMPRESSION pglz",

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.relay import free_port  # noqa: E402
+from bench.harness import free_port  # noqa: E402
 from gateway.store.blobs import BlobStore  # noqa: E402
 from gateway.store.local_blobs import LocalBlobStore  # noqa: E402
 from gateway.store.s3_blobs import S3BlobStore  # noqa: E402

@@ -17,7 +17,7 @@ import dkim as dkimpy
 import pytest
 
 from bench.compare import Server, start_postfix
-from bench.relay import AGENT, DOMAIN, RECIPIENT
+from bench.harness import AGENT, DOMAIN, RECIPIENT
 from tests.conftest import dkim_dns
 from tests.opendkim_core import OpenDkim
 from tests.support import Sink
