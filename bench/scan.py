@@ -38,13 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.relay import make_body, make_header  # noqa: E402
-from gateway.fronts.data_reader import read_data  # noqa: E402
+from bench.harness import make_body, make_header  # noqa: E402
+from gateway.fronts.data_reader import DataFeed  # noqa: E402
+from gateway.fronts.smtp_protocol import DATA_LINE_LIMIT  # noqa: E402
 from gateway.mail import dkim, headers, mime, outgoing  # noqa: E402
 from gateway.store.models import Message  # noqa: E402
 
 MIB = 1024 * 1024
-LINE_LIMIT = 1001
 FEED = 256 * 1024  # what a socket read hands the stream reader under load
 
 
@@ -64,23 +64,24 @@ def the_message(size: int, text: bool = False) -> bytes:
 
 
 def read_wire(wire: bytes) -> int:
-    """`read_data` on a real StreamReader fed in socket-sized pieces, as the front runs it.
+    """The front's `DataFeed` given socket-sized pieces while its session spools them, then
+    the message read back, as a session runs it (the spool in the temp directory).
 
     The size, not the bytes, is the coroutine's result: asyncio would repr a 10 MB result.
     """
 
     async def run() -> int:
-        reader = asyncio.StreamReader(limit=LINE_LIMIT)
-
-        async def feed() -> None:
-            for start in range(0, len(wire), FEED):
-                reader.feed_data(wire[start : start + FEED])
-                await asyncio.sleep(0)
-
-        feeding = asyncio.create_task(feed())
-        result = await read_data(reader, None, LINE_LIMIT)
-        await feeding
-        return len(result.content)
+        feed = DataFeed(None, DATA_LINE_LIMIT, None)
+        spooling = asyncio.create_task(feed.spooled())
+        for start in range(0, len(wire), FEED):
+            if feed.feed(wire[start : start + FEED]) is not None:
+                break
+            await asyncio.sleep(0)
+        spooled = await spooling
+        try:
+            return len(await spooled.read())
+        finally:
+            spooled.close()
 
     return asyncio.run(run())
 
@@ -100,7 +101,7 @@ def steps(raw: bytes) -> dict[str, Callable[[], Any]]:
         trusted_client=None,
     )
     return {
-        "read DATA (unstuff, line limit)": lambda: read_wire(wire),
+        "read DATA (end, unstuff, line limit, spool)": lambda: read_wire(wire),
         "bare CR/LF check": lambda: headers.has_bare_line_end(raw),
         "MIME parse": lambda: mime.parse(raw),
         "part sizes (decoded_size)": lambda: mime.part_facts(raw, root),
