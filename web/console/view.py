@@ -110,38 +110,28 @@ class ConsoleView:
 
     def not_found(self, request: web.Request) -> web.Response:
         """The same page for "does not exist" and "not yours": an id reveals nothing."""
-        catalog = self.catalog(request)
-        return self.render(
-            request,
-            "console/work_message.html",
-            catalog.t("work.not_found_title"),
-            status=404,
-            message=catalog.t("work.not_found"),
-        )
+        return self._message_page(request, "work.not_found", 404)
 
     async def unknown_page(self, request: web.Request) -> web.StreamResponse:
         """Any other console path: the console's own 404, behind sign-in like every console
         page (a visitor not signed in is sent there first, so it tells them nothing), rather
         than the prospects' "link not found". Only GET: a wrong method on a known page keeps
         its 405."""
-        catalog = self.catalog(request)
-        return self.render(
-            request,
-            "console/work_message.html",
-            catalog.t("work.no_page_title"),
-            status=404,
-            message=catalog.t("work.no_page"),
-        )
+        return self._message_page(request, "work.no_page", 404)
 
     def forbidden(self, request: web.Request) -> web.Response:
         """What a signed-in user sees on a page or action their role does not allow."""
+        return self._message_page(request, "work.forbidden", 403)
+
+    def _message_page(self, request: web.Request, key: str, status: int) -> web.Response:
+        """`key` names the text; `key`_title, its heading."""
         catalog = self.catalog(request)
         return self.render(
             request,
             "console/work_message.html",
-            catalog.t("work.forbidden_title"),
-            status=403,
-            message=catalog.t("work.forbidden"),
+            catalog.t(f"{key}_title"),
+            status=status,
+            message=catalog.t(key),
         )
 
     def see_other(self, path: str, done: str) -> web.HTTPSeeOther:
