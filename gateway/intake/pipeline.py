@@ -323,8 +323,12 @@ class Pipeline:
         )
         self.blobs.committed_inline(draft.inline_blobs)
         self.signal.notify()
-        log.info(
-            "accepted %s from %s for %d recipients", message.id, message.sender, len(deliveries)
+        log.info(  # as the outcome lines, in Postfix's words: grep finds a message by its id
+            "%s: from=<%s>, size=%d, nrcpt=%d (accepted)",
+            message.id,
+            message.sender,
+            message.size,
+            len(deliveries),
         )
         return message.id
 

@@ -117,7 +117,7 @@ async def test_one_message_id_in_reply_queue_outbox_log_and_journal(
         assert line["relay"] == f"capture:{outbox}"
         assert (line["dsn"], line["status"]) == ("2.0.0", "sent")
         assert line["reply"] == f"written to {outbox / message_id}.eml"
-    assert f"accepted {message_id} from {AGENT} for 2 recipients" in log_text
+    assert re.search(rf"{message_id}: from=<{AGENT}>, size=[0-9]+, nrcpt=2 \(accepted\)", log_text)
     assert f"failed login '{AGENT}' from 127.0.0.1" in log_text
     assert "login_data is deprecated" not in log_text
     assert not re.search(r"\bb['\"]", log_text), log_text
