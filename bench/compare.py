@@ -54,6 +54,7 @@ from bench.harness import (  # noqa: E402
     AGENT,
     DOMAIN,
     RECIPIENT,
+    Sampler,
     child_environment,
     database_url,
     free_port,
@@ -121,14 +122,15 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-class TreeMemory:
+class TreeMemory(Sampler):
     """Samples process trees' summed RSS and summed PSS every 100 ms; keeps each peak."""
+
+    period = 0.1
 
     def __init__(self, *pids: int) -> None:
         self.pids = pids
         self.peak_rss = 0
         self.peak_pss = 0
-        self._task: asyncio.Task[None] | None = None
 
     def sample(self) -> None:
         rss = pss = 0
@@ -140,21 +142,6 @@ class TreeMemory:
                         rss += process.memory_info().rss
                         pss += pss_bytes(process.pid)
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-
-    async def _run(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(0.1)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self.sample()
 
 
 def database_cpu(server: Server) -> dict[int, float]:

@@ -342,26 +342,20 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
-class RssSampler:
-    """Samples RSS of the relay and its children every 50 ms; keeps the maximum."""
+class Sampler:
+    """Calls `sample` every `period` seconds while started, and once more as it stops."""
 
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._task: asyncio.Task[None] | None = None
+    period = 0.05
+
+    _task: asyncio.Task[None] | None = None
 
     def sample(self) -> None:
-        with contextlib.suppress(psutil.Error):
-            total = self.process.memory_info().rss
-            for child in self.process.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += child.memory_info().rss
-            self.peak = max(self.peak, total)
+        raise NotImplementedError
 
     async def _run(self) -> None:
         while True:
             self.sample()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(self.period)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -372,6 +366,22 @@ class RssSampler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.sample()
+
+
+class RssSampler(Sampler):
+    """Samples RSS of the relay and its children every 50 ms; keeps the maximum."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+
+    def sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            total = self.process.memory_info().rss
+            for child in self.process.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+            self.peak = max(self.peak, total)
 
 
 # -- the messages ----------------------------------------------------------------------------
