@@ -292,8 +292,14 @@ async def test_bad_input_gets_a_problem_naming_the_parameter(
     assert status == 422
     status, body = await problem("GET", base + "/nothing-here", read)
     assert status == 404
+    assert (
+        body["detail"] == "No such path in the API; its paths are listed in /api/v1/openapi.json."
+    )
     status, body = await problem("PUT", base + "/messages", read)
     assert status == 405
+    assert body["detail"] == "PUT is not allowed on this path; it takes GET, HEAD."
+    status, body = await problem("GET", base + "/messages/no-such-id", read)
+    assert (status, body["detail"]) == (404, "No such message.")  # a route's own 404 stays
     async with http.get(base + "/api-keys", headers=read) as r:
         names = [k["name"] for k in (await r.json())["items"]]
     assert names == ["crm read", "crm write", "old"]  # nothing half-written

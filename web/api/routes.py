@@ -21,6 +21,7 @@ from web.api import models as m
 from web.api.actions import MessageActions
 from web.api.agent_logins import AgentLoginOperations
 from web.api.declare import Call, NoBody, NoQuery, Operation, openapi
+from web.api.problems import OPENAPI_PATH
 from web.api.settings import SettingsOperations
 from web.api.webhooks import WebhookOperations
 from web.guard import Routes
@@ -323,7 +324,7 @@ class Api:
         async def openapi_json(request: web.Request) -> web.Response:
             return web.json_response(document)
 
-        routes.public("GET", f"{PREFIX}/openapi.json", openapi_json)
+        routes.public("GET", OPENAPI_PATH, openapi_json)
 
 
 def _user_problem(exc: UserError, invalid: int = 404) -> ProblemResponse:
