@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from argon2 import PasswordHasher
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -37,12 +38,37 @@ AGENT = "agent@broker.example"
 ALIAS = "team@broker.example"
 PASSWORD = "correct horse battery"
 DKIM_DOMAIN = "broker.example"
+RELAY_HASHER = users._hasher
+CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 DKIM_SELECTOR = "s2026"
 
 pytest_plugins = ["tests.letter_fixtures", "tests.s3_server"]
 
 
 task_dump.install()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cheap_password_hashes() -> Iterator[None]:
+    """Passwords hashed in these tests use argon2's smallest cost, as Django advises for test
+    runs: at the relay's cost every user added and every login checked took 70-180 ms here.
+    A stored hash carries its parameters, so checks follow whatever a test stored; the
+    relay's own parameters are checked in tests/relay/test_users.py, and relays started as
+    processes (`sealrelay serve`) use them throughout."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(users, "_hasher", CHEAP_HASHER)
+        users._dummy_hash.cache_clear()
+        yield
+    users._dummy_hash.cache_clear()
+
+
+@pytest.fixture
+def relay_password_cost(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The relay's own argon2 parameters, for the tests that check them."""
+    monkeypatch.setattr(users, "_hasher", RELAY_HASHER)
+    users._dummy_hash.cache_clear()
+    yield
+    users._dummy_hash.cache_clear()
 
 
 @pytest.fixture(scope="session")

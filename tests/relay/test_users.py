@@ -10,6 +10,22 @@ from gateway.store.db import Database
 from gateway.store.models import User
 
 PASSWORD = "a long enough password"
+RELAY_COST = "$argon2id$v=19$m=19456,t=2,p=1$"
+
+
+@pytest.mark.usefixtures("relay_password_cost")
+async def test_passwords_are_stored_and_checked_at_the_relays_argon2_cost(
+    database: Database,
+) -> None:
+    """OWASP's argon2id minimum, in what is stored and in the stand-in checked for an unknown
+    login (so that its check takes as long as a known one's)."""
+    await users.add_user(database, "anna@broker.example", PASSWORD)
+    async with database.transaction() as session:
+        stored = await session.scalar(select(User))
+    assert stored is not None and stored.password_hash.startswith(RELAY_COST)
+    assert users._dummy_hash().startswith(RELAY_COST)
+    assert await users.authenticate(database, "anna@broker.example", PASSWORD) is not None
+    assert await users.authenticate(database, "nobody@broker.example", PASSWORD) is None
 
 
 async def test_add_and_authenticate_with_aliases(database: Database) -> None:
