@@ -139,7 +139,6 @@ async def test_commands_that_keep_coming_keep_the_session_past_the_timeout(
     deadline on: it must wait the rest, not close (gateway/fronts/smtp.py _reset_timeout)."""
     timeout = 1.0
     relay = await relay_factory(smtp={"timeout": timeout})
-    await with_a_cheap_password_hash(relay)
     wire = await logged_in(relay)
     try:
         pace = timeout * 0.3
@@ -153,15 +152,6 @@ async def test_commands_that_keep_coming_keep_the_session_past_the_timeout(
         assert await wire.closed_by_server()
     finally:
         await wire.close()
-
-
-async def with_a_cheap_password_hash(relay: Harness) -> None:
-    """The agent's password stored with argon2's smallest cost (the verifier reads the cost
-    from the stored hash), so that the logins of tests with a short timeout take little of
-    it."""
-    cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash(PASSWORD)
-    async with relay.relay.db.transaction() as session:
-        await session.execute(update(User).where(User.email == AGENT).values(password_hash=cheap))
 
 
 def a_hash_checked_in_more_than(seconds: float) -> str:
@@ -222,7 +212,6 @@ async def test_a_silent_client_gets_421_timeout_and_nothing_is_stored(
     relay_factory: StartRelay, phase: str
 ) -> None:
     relay = await relay_factory(smtp={"timeout": 1.0})
-    await with_a_cheap_password_hash(relay)
     wire = await logged_in(relay)
     try:
         if phase == "during-data":
