@@ -38,9 +38,9 @@ AGENT = "agent@broker.example"
 ALIAS = "team@broker.example"
 PASSWORD = "correct horse battery"
 DKIM_DOMAIN = "broker.example"
+DKIM_SELECTOR = "s2026"
 RELAY_HASHER = users._hasher
 CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-DKIM_SELECTOR = "s2026"
 
 pytest_plugins = ["tests.letter_fixtures", "tests.s3_server"]
 
