@@ -1,0 +1,1 @@
+"""The `sealrelay` commands, one module per command or group, each imported only when it runs."""
