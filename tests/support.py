@@ -85,6 +85,15 @@ _PORTS = random.Random()
 _GIVEN: set[int] = set()
 
 
+def _own_ports() -> range:
+    """This process's share of 20000-31999: each pytest-xdist worker has its own, so two
+    workers never hand out the same port between one's check and its test's bind."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    share = 12000 // workers
+    return range(20000 + index * share, 20000 + (index + 1) * share)
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range (32768-60999 here).
 
@@ -93,8 +102,9 @@ def free_port() -> int:
     ("address already in use" at a relay's start). Ports below the range are never given
     out by the kernel, only taken by us; each is handed out once per run.
     """
+    ports = _own_ports()
     for _ in range(200):
-        port = _PORTS.randrange(20000, 32000)
+        port = _PORTS.choice(ports)
         if port in _GIVEN:
             continue
         with socket.socket() as sock:
@@ -104,7 +114,7 @@ def free_port() -> int:
                 continue
         _GIVEN.add(port)
         return port
-    raise RuntimeError("no free port in 20000-31999 after 200 tries")
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1} after 200 tries")
 
 
 def make_certificate(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
