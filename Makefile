@@ -25,8 +25,10 @@ $(DEV_DKIM_KEY): | $(STAMP)
 
 # Installs chromium, swaks, postfix and nginx when missing (as root) and starts a throw-away
 # PostgreSQL when none answers on 127.0.0.1:5432; see scripts/with-test-services.
+# JOBS workers (pytest-xdist); JOBS=1 runs the suite in one process.
+JOBS ?= 2
 test: $(STAMP)
-	scripts/with-test-services $(BIN)/pytest
+	scripts/with-test-services $(BIN)/pytest $(if $(filter 1,$(JOBS)),,-n $(JOBS))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
