@@ -3,12 +3,14 @@ imports what it needs, not the whole relay (IT runs them one after another)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 from click.testing import CliRunner
 
 from sealrelay.cli import COMMANDS, main
+from tests.cli_runner import SEALRELAY
 
 
 def test_every_command_is_listed_and_answers_help() -> None:
@@ -54,3 +56,27 @@ def test_a_user_command_does_not_import_the_relay() -> None:
         "sealrelay.commands.webhook",
     }
     assert not not_needed & loaded
+
+
+def test_the_shell_completes_commands_and_subcommands() -> None:
+    """What README's `eval "$(_SEALRELAY_COMPLETE=bash_source sealrelay)"` asks the script."""
+
+    def complete(*words: str) -> list[str]:
+        done = subprocess.run(
+            [str(SEALRELAY)],
+            env={
+                **os.environ,
+                "_SEALRELAY_COMPLETE": "bash_complete",
+                "COMP_WORDS": " ".join(("sealrelay", *words)),
+                "COMP_CWORD": str(len(words)),
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return done.stdout.split()
+
+    assert complete("") == [f"plain,{name}" for name in sorted(COMMANDS)]
+    assert complete("we") == ["plain,webhook"]
+    assert complete("user", "up") == ["plain,upstream-login"]
