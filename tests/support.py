@@ -156,6 +156,7 @@ class Received:
     data: bytes
     tls: bool = False  # it came over STARTTLS
     chunks: int = 0  # the BDAT chunks it came in; 0: it came by DATA
+    smtputf8: bool = False  # MAIL asked for SMTPUTF8 (RFC 6531)
 
 
 class CountingSMTP(ChunkingSMTP):
@@ -195,6 +196,7 @@ class Sink:
     most_connections: int = 0  # open at the same time, at most
     pipelining: bool = False  # offers PIPELINING (RFC 2920)
     chunking: bool = False  # offers CHUNKING: takes BDAT (RFC 3030)
+    smtputf8: bool = False  # offers SMTPUTF8: takes UTF-8 addresses (RFC 6531)
     protocol: ClassVar[type[CountingSMTP]] = CountingSMTP  # each connection's server
     _counted: set[SMTP] = field(default_factory=set)
     _server: asyncio.Server | None = None
@@ -239,6 +241,7 @@ class Sink:
                     envelope.original_content,
                     tls=session.ssl is not None,
                     chunks=envelope.chunks if isinstance(envelope, ChunkedEnvelope) else 0,
+                    smtputf8=envelope.smtp_utf8,
                 )
             )
             self._changed.notify_all()
@@ -255,6 +258,7 @@ class Sink:
                 decode_data=False,
                 data_size_limit=None,
                 tls_context=self.tls_context,
+                enable_SMTPUTF8=self.smtputf8,
             )
 
         self._server = await loop.create_server(make, self.host, self.port)

@@ -58,6 +58,7 @@ class MilterSession:
 
     def _reset(self) -> None:
         self.mail_from: str | None = None
+        self.smtputf8 = False  # the client's MAIL asked for SMTPUTF8 (RFC 6531)
         self.recipients: list[str] = []
         self.submitter: users.Agent | trusted.TrustedSubmitter | None = None
         self.domains: frozenset[str] = frozenset()
@@ -103,6 +104,7 @@ class MilterSession:
             log.exception("milter %s: cannot check the sender %s", self.peer, address)
             return mp.reply_code(Reply.TEMPORARY)
         self.mail_from = address
+        self.smtputf8 = any(arg.upper() == "SMTPUTF8" for arg in args[1:])
         return mp.CONTINUE
 
     async def rcpt(self, args: list[str]) -> mp.Reply:
@@ -169,7 +171,7 @@ class MilterSession:
         origin = Origin(
             helo=self.helo_name or self.client.hostname,
             peer=self.peer,
-            protocol="ESMTPA" if login else "ESMTP",
+            protocol=("UTF8SMTP" if self.smtputf8 else "ESMTP") + ("A" if login else ""),
             trusted=(
                 None
                 if isinstance(submitter, users.Agent)

@@ -5,7 +5,7 @@ typing.Protocol class inside its `_getaddr` on every call; together about a fift
 millisecond per command. Nearly every path is a dot-atom local part at a dot-separated
 domain, whose addr_spec is the text between the brackets; that case is read with one
 regular expression here, and anything else (quoted local parts, comments, domain literals,
-source routes, non-ASCII, the null path) goes to aiosmtpd's parser as before.
+source routes, UTF-8 (RFC 6531), the null path) goes to aiosmtpd's parser as before.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def parameters(options: list[str]) -> dict[str, str | bool] | None:
 
 def mail_parameters_problem(options: list[str], size_limit: int | None, syntax: str) -> str | None:
     """The reply refusing MAIL's parameters (uppercased); None when they are fine. `syntax`
-    is the reply to a malformed one. SMTPUTF8 is not offered, so a client that asks for it
-    hears it is not (RFC 5321 4.1.1.11's 555). AUTH= (RFC 4954 5), which Exim and other
+    is the reply to a malformed one. SMTPUTF8 (RFC 6531) lets the envelope's addresses be
+    UTF-8; it takes no value. AUTH= (RFC 4954 5), which Exim and other
     MTAs that log in to a smart host add to every MAIL, names who first submitted the
     message; the relay goes by the login instead, so the value is only checked for its form."""
     found = parameters(options)
@@ -80,6 +80,8 @@ def mail_parameters_problem(options: list[str], size_limit: int | None, syntax: 
         return syntax
     if found.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
         return "501 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME"
+    if found.pop("SMTPUTF8", True) is not True:
+        return "501 5.5.4 Error: SMTPUTF8 takes no value"
     auth = found.pop("AUTH", "<>")
     if auth != "<>" and (isinstance(auth, bool) or not _XTEXT.fullmatch(auth)):
         return "501 5.5.4 Error: AUTH= takes <> or an xtext mailbox (RFC 4954 5)"

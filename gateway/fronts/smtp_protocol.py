@@ -125,7 +125,7 @@ class Listener:
         lines = [self.hostname]
         if self.size_limit:
             lines.append(f"SIZE {self.size_limit}")
-        lines.append("8BITMIME")
+        lines += ["8BITMIME", "SMTPUTF8"]
         if self.tls is not None and not secure:
             lines.append("STARTTLS")
         if not self.require_tls or secure:
@@ -316,11 +316,12 @@ class SubmissionSMTP(asyncio.Protocol):
             return
         arg = None
         if rest:
+            path = command in ("MAIL", "RCPT")  # RFC 6531: an address may be UTF-8
             try:
-                arg = rest.strip().decode("ascii")
+                arg = rest.strip().decode("utf-8" if path else "ascii")
             except UnicodeDecodeError:
-                if command in ("MAIL", "RCPT"):
-                    self.reply(Reply.NON_ASCII_ADDRESS)  # RFC 6531's X.6.7: no SMTPUTF8 here
+                if path:
+                    self.reply(Reply.NOT_UTF8_ADDRESS)
                 else:
                     self.reply("500 5.5.2 Error: only ASCII is accepted in commands")
                 return
@@ -787,6 +788,9 @@ class SubmissionSMTP(asyncio.Protocol):
         if problem is not None:
             self.reply(problem)
             return
+        if not address.isascii() and "SMTPUTF8" not in options:
+            self.reply(Reply.NON_ASCII_ADDRESS)  # RFC 6531 3.7.4.1
+            return
         handler = self.listener.handler
         if self.agent is not None:
             self.reply(handler.agent_sender(self, address, options))
@@ -811,6 +815,8 @@ class SubmissionSMTP(asyncio.Protocol):
         params = parameters(options)
         if params is None:
             self.reply(syntax)
+        elif not address.isascii() and "SMTPUTF8" not in self.mail_options:
+            self.reply(Reply.NON_ASCII_ADDRESS)
         elif params:
             self.reply("555 5.5.4 RCPT TO parameters not recognized or not implemented")
         else:

@@ -19,9 +19,8 @@ class Reply:
     AUTH_TOO_MANY = "421 4.7.0 Too many failed logins; closing the connection"
     AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 answer"
     AUTH_BAD_PLAIN = "501 5.5.2 AUTH PLAIN needs authzid NUL login NUL password"
-    NON_ASCII_ADDRESS = (
-        "553 5.6.7 Non-ASCII addresses are not accepted: this relay does not offer SMTPUTF8"
-    )
+    NON_ASCII_ADDRESS = "553 5.6.7 A non-ASCII address needs the SMTPUTF8 parameter at MAIL FROM"
+    NOT_UTF8_ADDRESS = "501 5.5.2 Error: an address must be ASCII or UTF-8"
     TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients; at most {limit} per message"
     TOO_BIG = "552 5.3.4 The message is too big; at most {limit} bytes are accepted"
     LINE_TOO_LONG = "500 5.5.6 Line too long; at most 1000 octets per line (RFC 5321 4.5.3.1.6)"

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import aiosmtplib
 
 from gateway.config import MxSettings, UpstreamSettings
+from gateway.mail.idn import ascii_domain
 from gateway.outbound.connection_cache import ConnectionCache
 from gateway.outbound.destinations import DestinationLimits
 from gateway.outbound.mta_sts import MtaSts, Policy, verified_context
@@ -111,8 +112,8 @@ class MxUpstream:
             return dict.fromkeys(recipients, Outcome(error, permanent))
 
         try:
-            name = domain.rstrip(".").encode("idna").decode("ascii")
-        except UnicodeError:
+            name = ascii_domain(domain.rstrip("."))
+        except ValueError:
             return every(f"5.1.2 {domain!r} is not a domain name", permanent=True)
         if not name or name.startswith("["):
             return every(f"5.1.2 {domain!r}: direct delivery needs a domain name", True)

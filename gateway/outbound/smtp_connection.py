@@ -312,6 +312,7 @@ class SmtpConnection:
         self.pipelining = pipelining and "pipelining" in extensions
         self.chunking = chunking and "chunking" in extensions
         self.size = "size" in extensions
+        self.smtputf8 = "smtputf8" in extensions
         self.opened_at = time.monotonic()
         self.messages = 0  # transactions begun on it
         self.usable = True  # False once anything went wrong: never reused then
@@ -368,22 +369,32 @@ class SmtpConnection:
         refused before any byte is written (BareLineEnd): a receiver that ends the data at
         LF "." CRLF would read what follows as a second message. A stored copy that cannot
         be read to its end as it was first read (SourceFailed) closes the connection before
-        the data's end: the upstream takes nothing.
+        the data's end: the upstream takes nothing. A UTF-8 address goes with MAIL's SMTPUTF8
+        (RFC 6531), which the upstream must offer (upstream.transaction sees to it).
         """
         if (problem := bare_line_end_refusal(data)) is not None:
             raise BareLineEnd(problem)
+        utf8 = False
         for address in (mail_from, *recipients):
             if _CONTROL.search(address):
                 raise ValueError(f"address with a control character: {address!r}")
+            utf8 = utf8 or not address.isascii()
+        if utf8 and not self.smtputf8:
+            raise ValueError(f"{self.where} does not offer SMTPUTF8 for a UTF-8 address")
         size = len(data) + len(_ending(data))
-        mail = f"MAIL FROM:<{mail_from}>" + (f" SIZE={size}" if self.size else "")
+        mail = (
+            f"MAIL FROM:<{mail_from}>"
+            + (f" SIZE={size}" if self.size else "")
+            + (" SMTPUTF8" if utf8 else "")
+        )
         commands = [
             *(["RSET"] if self._in_transaction else []),
             mail,
             *(f"RCPT TO:<{recipient}>" for recipient in recipients),
             *(() if self.chunking else ("DATA",)),
         ]
-        encoded = [f"{command}\r\n".encode("ascii") for command in commands]
+        encoding = "utf-8" if utf8 else "ascii"
+        encoded = [f"{command}\r\n".encode(encoding) for command in commands]
         self.messages += 1
         self._in_transaction = True
         try:

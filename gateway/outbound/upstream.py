@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 import aiosmtplib
 
 from gateway.config import UpstreamSettings
+from gateway.mail.idn import ascii_address
 from gateway.mail.outgoing import relay_id
 from gateway.outbound.connection_cache import ConnectionCache
 from gateway.outbound.smtp_connection import (
@@ -382,11 +383,17 @@ async def transaction(
     Outcomes name `connection.remote` (the smart host, or the MX host used). Raises
     ConnectionEnded when the conversation broke, BareLineEnd before anything was sent."""
     remote = connection.remote
-    replies = await connection.send(mail_from, recipients, data, reply_timeout)
-    if replies.mail.code != 250:
-        return dict.fromkeys(recipients, refusal(replies.mail.code, replies.mail.message, remote))
     outcomes: dict[str, Outcome] = {}
-    for recipient, reply in zip(recipients, replies.rcpt, strict=True):
+    written, sent = recipients, recipients  # RCPT's addresses, and the caller's for each
+    if not connection.smtputf8 and not all(a.isascii() for a in (mail_from, *recipients)):
+        mail_from, written, sent, outcomes = _without_smtputf8(mail_from, recipients, remote)
+        if not sent:
+            return outcomes
+    replies = await connection.send(mail_from, written, data, reply_timeout)
+    if replies.mail.code != 250:
+        failed = refusal(replies.mail.code, replies.mail.message, remote)
+        return outcomes | dict.fromkeys(sent, failed)
+    for recipient, reply in zip(sent, replies.rcpt, strict=True):
         if reply.code not in (250, 251):
             outcomes[recipient] = refusal(reply.code, reply.message, remote)
     accepted = [r for r in recipients if r not in outcomes]
@@ -400,6 +407,32 @@ async def transaction(
     else:
         outcomes.update(dict.fromkeys(accepted, Outcome(reply=taken.text, remote_mta=remote)))
     return outcomes
+
+
+def _without_smtputf8(
+    mail_from: str, recipients: Sequence[str], remote: str
+) -> tuple[str, list[str], list[str], dict[str, Outcome]]:
+    """The envelope for an upstream that does not offer SMTPUTF8: each address with its domain
+    in A-labels (the same mailbox); the recipients so written and the caller's for each; and
+    the outcome of each copy that cannot go so. A UTF-8 local part needs SMTPUTF8 (RFC 6531
+    3.2): a permanent failure, as Postfix gives it; a UTF-8 sender fails every recipient."""
+    sender = ascii_address(mail_from)
+    written: list[str] = []
+    sent: list[str] = []
+    outcomes: dict[str, Outcome] = {}
+    for recipient in recipients:
+        address = ascii_address(recipient)
+        if sender is None or address is None:
+            whose = "the sender's" if sender is None else "this recipient's"
+            outcomes[recipient] = Outcome(
+                f"550 5.6.7 {remote} does not offer SMTPUTF8, which {whose} address needs",
+                permanent=True,
+                remote_mta=remote,
+            )
+        else:
+            written.append(address)
+            sent.append(recipient)
+    return sender or mail_from, written, sent, outcomes
 
 
 def refusal(code: int, message: str, remote: str) -> Outcome:

@@ -79,12 +79,18 @@ class MilterClient:
         assert (await self.ask(mp.HELO, strings(helo)))[-1].code == b"c"
 
     async def envelope(
-        self, sender: str, recipients: list[str], *, login: str | None = None
+        self,
+        sender: str,
+        recipients: list[str],
+        *,
+        login: str | None = None,
+        mail_args: tuple[str, ...] = (),
     ) -> list[Answer]:
-        """MAIL and each RCPT; the answers to the first one refused, else to the last."""
+        """MAIL (with the client's ESMTP `mail_args`) and each RCPT; the answers to the first
+        one refused, else to the last."""
         macros = ["auth_authen", login] if login else []
         await self.tell(mp.MACRO, b"M" + strings(*macros))
-        answers = await self.ask(mp.MAIL, strings(f"<{sender}>"))
+        answers = await self.ask(mp.MAIL, strings(f"<{sender}>", *mail_args))
         if answers[-1].code != b"c":
             return answers
         for recipient in recipients:

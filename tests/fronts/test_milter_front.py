@@ -151,6 +151,29 @@ async def test_mail_that_needs_a_link_is_taken_over_and_delivered_once(
     await client.close()
 
 
+async def test_a_utf8_recipient_the_mta_took_with_smtputf8_goes_out_with_it(
+    relay_factory: StartRelay,
+) -> None:
+    """Postfix hands on MAIL's SMTPUTF8 (RFC 6531): the trace says UTF8SMTPA, and the copies
+    the relay takes over go to an upstream that offers SMTPUTF8 with the address as written."""
+    relay, client = await start(relay_factory)
+    relay.sink.smtputf8 = True
+    utf8_prospect = "jörg@bücher.example"
+    answers = await client.envelope(
+        AGENT, [utf8_prospect, OTHER], login=AGENT, mail_args=("SMTPUTF8", "SIZE=4000000")
+    )
+    assert [a.code for a in answers] == [b"c"]
+    answers = await client.content(message(attachment=3 * MiB), queue_id="4QUTF")
+    assert [a.code for a in answers] == [b"d"]
+    copies = await relay.sink.expect(2)
+    await queue_idle(relay.relay.db)
+    assert sorted(r for copy in copies for r in copy.rcpt_tos) == [OTHER, utf8_prospect]
+    assert [copy.smtputf8 for copy in copies if utf8_prospect in copy.rcpt_tos] == [True]
+    for copy in copies:
+        assert b" with UTF8SMTPA id " in b" ".join(copy.data.split())
+    await client.close()
+
+
 @pytest.mark.parametrize(
     ("sender", "login", "reply"),
     [

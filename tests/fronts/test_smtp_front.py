@@ -677,6 +677,38 @@ async def test_what_the_client_sent_comes_back_printable(relay: Harness, agent: 
     await send_sentinel(relay, agent)
 
 
+async def test_a_utf8_address_needs_smtputf8_at_mail(relay: Harness, agent: Wire) -> None:
+    """RFC 6531: SMTPUTF8 is offered; a UTF-8 address is taken only in a transaction whose
+    MAIL asked for it, a path that is not UTF-8 is a syntax error, and the parameter takes
+    no value. Nothing of the refused transactions is kept."""
+    assert "250-SMTPUTF8" in (await agent.ehlo()).lines
+    await agent.write(f"MAIL FROM:<jörg@{DKIM_DOMAIN}>\r\n".encode())
+    assert (await agent.answer()).lines == [Reply.NON_ASCII_ADDRESS]
+    refused = await agent.command(f"MAIL FROM:<{AGENT}> SMTPUTF8=yes")
+    assert refused.lines == ["501 5.5.4 Error: SMTPUTF8 takes no value"]
+
+    assert (await agent.command(f"MAIL FROM:<{AGENT}>")).code == 250
+    await agent.write("RCPT TO:<jörg@bücher.example>\r\n".encode())
+    assert (await agent.answer()).lines == [Reply.NON_ASCII_ADDRESS]
+    await agent.write("RCPT TO:<jörg@bücher.example>\r\n".encode("latin-1"))
+    assert (await agent.answer()).lines == [Reply.NOT_UTF8_ADDRESS]
+    assert (await agent.command("RSET")).code == 250
+
+    await agent.write(f"MAIL FROM:<jörg@{DKIM_DOMAIN}> SMTPUTF8\r\n".encode())
+    refused = await agent.answer()
+    assert refused.code == 553 and refused.text.startswith("5.7.1 "), refused
+    assert on_the_wire(refused), refused
+    assert (await agent.command(f"MAIL FROM:<{AGENT}> SMTPUTF8")).code == 250
+    await agent.write("RCPT TO:<jörg@bücher.example>\r\n".encode())
+    assert (await agent.answer()).lines == [Reply.RCPT_OK]
+    await agent.write("RCPT TO:<jörg@bü..example>\r\n".encode())
+    refused = await agent.answer()
+    assert refused.code == 553 and refused.text.startswith("5.1.3 "), refused
+    assert (await agent.command("RSET")).code == 250
+    await assert_nothing_written(relay)
+    await send_sentinel(relay, agent)
+
+
 async def test_an_agents_read_receipt_with_the_null_sender_goes_out_with_it(
     relay: Harness, agent: Wire
 ) -> None:

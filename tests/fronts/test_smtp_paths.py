@@ -100,8 +100,9 @@ SYNTAX = "501 5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
         ("SIZE=x", SYNTAX),
         ("SIZE", SYNTAX),  # SIZE needs its number
         ("BODY=BINARYMIME", "501 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME"),
-        ("SMTPUTF8", "555 5.5.4 Unsupported MAIL FROM parameter: SMTPUTF8"),
-        ("SMTPUTF8=1", "555 5.5.4 Unsupported MAIL FROM parameter: SMTPUTF8"),
+        ("SMTPUTF8", None),
+        ("SMTPUTF8 BODY=8BITMIME SIZE=10", None),
+        ("SMTPUTF8=1", "501 5.5.4 Error: SMTPUTF8 takes no value"),
         ("SMTPUTF8 RET=HDRS", "555 5.5.4 Unsupported MAIL FROM parameter: RET"),
         # RFC 4954 5: what Postfix adds once it logged in, and a mailbox in xtext
         ("AUTH=<>", None),

@@ -385,8 +385,10 @@ async def test_a_connection_lost_mid_data_stores_nothing(relay: Harness) -> None
         ({}, b"EHLO x\r\nEXPN x\r\n", ["250 HELP", "502 5.5.1 EXPN not implemented"]),
         (
             {},
-            "EHLO x\r\nMAIL FROM:<jörg@b.example>\r\nRCPT TO:<p@bücher.example>\r\n".encode(),
-            ["250 HELP", Reply.NON_ASCII_ADDRESS, Reply.NON_ASCII_ADDRESS],
+            "EHLO x\r\nMAIL FROM:<jörg@b.example>\r\nRCPT TO:<p@bücher.example>\r\n".encode(
+                "latin-1"
+            ),
+            ["250 HELP", Reply.NOT_UTF8_ADDRESS, Reply.NOT_UTF8_ADDRESS],
         ),
         (
             {},

@@ -157,6 +157,27 @@ async def test_the_most_preferred_mx_gets_the_copy(net: Net) -> None:
     assert second.messages == []
 
 
+async def test_an_international_domain_is_looked_up_by_its_idna_2008_a_labels(net: Net) -> None:
+    """`straße.test` is `xn--strae-oqa.test`; Python's IDNA 2003 codec would have asked for
+    `strasse.test`, another domain. An MX without SMTPUTF8 gets the address in A-labels, and
+    a mailbox that needs SMTPUTF8 bounces at once rather than wait for an MX that has it."""
+    net.mx("xn--strae-oqa.test", (10, "mx.xn--strae-oqa.test"))
+    net.a("mx.xn--strae-oqa.test", 10)
+    net.mx("strasse.test", (10, "mx.strasse.test"))
+    net.a("mx.strasse.test", 11)
+    right, wrong = await net.sink(10), await net.sink(11)
+    outcomes = await send(await net.upstream(), "p@straße.test", "jörg@straße.test")
+    assert outcomes["p@straße.test"].delivered
+    failed = outcomes["jörg@straße.test"]
+    assert failed.permanent and failed.remote_mta == "mx.xn--strae-oqa.test"
+    assert failed.error == (
+        "550 5.6.7 mx.xn--strae-oqa.test does not offer SMTPUTF8, which this recipient's"
+        " address needs"
+    )
+    assert [m.rcpt_tos for m in right.messages] == [["p@xn--strae-oqa.test"]]
+    assert wrong.messages == []
+
+
 async def test_a_down_mx_passes_the_copy_to_the_next(net: Net) -> None:
     net.mx("a.test", (10, "mx1.a.test"), (20, "mx2.a.test"))
     net.a("mx1.a.test", 10)  # nothing listens there

@@ -1,0 +1,146 @@
+"""UTF-8 addresses (SMTPUTF8, RFC 6531) from an agent's client to the upstream.
+
+A real relay, aiosmtplib asking for SMTPUTF8 as any client does for such an address, and the
+recording sink (aiosmtpd) offering SMTPUTF8 or not. An upstream that offers it gets every
+address as the agent wrote it; one that does not gets an international domain in A-labels
+(the same mailbox), and a UTF-8 local part, which nothing else can carry, bounces with
+5.6.7 instead of waiting in the queue for an upstream that will never take it.
+"""
+
+from __future__ import annotations
+
+from email.utils import format_datetime, make_msgid
+
+import pytest
+
+from gateway.mail.idn import ascii_address, ascii_domain
+from gateway.store.models import DeliveryStatus, utcnow
+from tests.conftest import AGENT, PASSWORD, Harness
+from tests.outbound.test_delivery import (
+    deliveries,
+    eventually,
+    parse_dsn,
+    queued_id,
+    unfolded,
+)
+
+UTF8_PROSPECT = "jörg@bücher.example"  # a UTF-8 local part: SMTPUTF8 or nothing
+IDN_PROSPECT = "info@müller-immobilien.de"  # an ASCII mailbox at an international domain
+IDN_IN_A_LABELS = "info@xn--mller-immobilien-jzb.de"
+
+
+def utf8_message(recipients: list[str]) -> bytes:
+    """An RFC 6532 message: UTF-8 in its header fields as in its body."""
+    fields = [
+        f"From: Anna Agent <{AGENT}>",
+        f"To: {', '.join(recipients)}",
+        "Subject: Ihr Exposé für Jörg",
+        f"Message-ID: {make_msgid(domain='broker.example')}",
+        f"Date: {format_datetime(utcnow())}",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+    ]
+    return ("\r\n".join(fields) + "\r\n\r\nGuten Tag, Jörg!\r\n").encode()
+
+
+async def send_utf8(relay: Harness, recipients: list[str]) -> str:
+    """As the agent, MAIL with SMTPUTF8; the 250's text."""
+    async with relay.client(username=AGENT, password=PASSWORD) as client:
+        assert client.supports_extension("smtputf8")
+        _, reply = await client.sendmail(
+            AGENT, recipients, utf8_message(recipients), mail_options=["SMTPUTF8"]
+        )
+    return reply
+
+
+async def settled(relay: Harness, message_id: str) -> dict[str, DeliveryStatus]:
+    """Each recipient's state once none is queued any more."""
+    db = relay.relay.db
+
+    async def done() -> dict[str, DeliveryStatus] | None:
+        rows = await deliveries(db, message_id)
+        finished = {DeliveryStatus.DELIVERED, DeliveryStatus.BOUNCED}
+        if rows and all(row.status in finished for row in rows):
+            return {row.recipient: DeliveryStatus(row.status) for row in rows}
+        return None
+
+    return await eventually(done)
+
+
+async def test_an_upstream_that_offers_smtputf8_gets_the_addresses_as_written(
+    relay: Harness,
+) -> None:
+    relay.sink.smtputf8 = True
+    message_id = queued_id(await send_utf8(relay, [UTF8_PROSPECT, IDN_PROSPECT]))
+
+    assert await settled(relay, message_id) == {
+        IDN_PROSPECT: DeliveryStatus.DELIVERED,
+        UTF8_PROSPECT: DeliveryStatus.DELIVERED,
+    }
+    copies = relay.sink.messages
+    assert sorted(r for copy in copies for r in copy.rcpt_tos) == [IDN_PROSPECT, UTF8_PROSPECT]
+    for copy in copies:
+        assert copy.mail_from == AGENT and copy.smtputf8
+        # RFC 6531 3.7.3: the trace names the protocol the message came by
+        assert b" with UTF8SMTPSA id " in b" ".join(copy.data.split())
+        assert "Subject: Ihr Exposé für Jörg".encode() in copy.data
+
+
+async def test_without_smtputf8_upstream_a_domain_goes_in_a_labels_and_a_utf8_mailbox_bounces(
+    relay: Harness,
+) -> None:
+    message_id = queued_id(await send_utf8(relay, [IDN_PROSPECT, UTF8_PROSPECT]))
+
+    assert await settled(relay, message_id) == {
+        IDN_PROSPECT: DeliveryStatus.DELIVERED,
+        UTF8_PROSPECT: DeliveryStatus.BOUNCED,
+    }
+    received = await relay.sink.expect(2)  # the copy, and the agent's bounce
+    [copy] = [m for m in received if m.mail_from == AGENT]
+    assert copy.rcpt_tos == [IDN_IN_A_LABELS] and not copy.smtputf8
+    [report] = [m for m in received if m.mail_from == "<>"]
+    assert report.rcpt_tos == [AGENT]
+    _, _, [block] = parse_dsn(report.data)
+    assert unfolded(block["Final-Recipient"]) == "utf-8; j\\x{F6}rg@b\\x{FC}cher.example"
+    assert block["Action"] == "failed" and block["Status"] == "5.6.7"
+    assert unfolded(block["Diagnostic-Code"]) == (
+        "smtp; 550 5.6.7 127.0.0.1 does not offer SMTPUTF8, which this recipient's address needs"
+    )
+    assert len(relay.sink.messages) == 2
+
+
+@pytest.mark.parametrize(
+    ("domain", "a_labels"),
+    [
+        ("straße.de", "xn--strae-oqa.de"),  # IDNA 2008: not strasse.de, another domain
+        ("Müller.DE", "xn--mller-kva.de"),
+        ("例子.广告", "xn--fsqu00a.xn--4rr70v"),
+        ("xn--mller-kva.de", "xn--mller-kva.de"),
+        ("example.com", "example.com"),
+    ],
+)
+def test_a_domain_in_a_labels(domain: str, a_labels: str) -> None:
+    assert ascii_domain(domain) == a_labels
+
+
+@pytest.mark.parametrize("domain", ["ü..de", "-bad-ü.de", "ü" * 64 + ".de"])
+def test_what_is_no_domain_has_no_a_labels(domain: str) -> None:
+    with pytest.raises(ValueError):
+        ascii_domain(domain)
+
+
+@pytest.mark.parametrize(
+    ("address", "ascii"),
+    [
+        ("a@example.com", "a@example.com"),
+        (IDN_PROSPECT, IDN_IN_A_LABELS),
+        ('"jo hn"@straße.de', '"jo hn"@xn--strae-oqa.de'),
+        (UTF8_PROSPECT, None),
+        ("jörg@example.com", None),
+        ("a@-bad-ü.de", None),
+        ("no-at-sign-ü", None),
+    ],
+)
+def test_an_address_in_ascii_when_its_mailbox_is(address: str, ascii: str | None) -> None:
+    assert ascii_address(address) == ascii
