@@ -239,6 +239,8 @@ def _reason(status: str) -> str:
         return "too_big"
     if subject == "7":
         return "rejected"
+    if code == "6.7":  # RFC 6531: the address needs SMTPUTF8, which the way lacks
+        return "international_address"
     return "other"
 
 

@@ -24,7 +24,7 @@ from gateway.letters.evidence import parse_evidence
 from gateway.letters.verification import verify_released
 from gateway.mail import headers
 from gateway.store.models import Consent, Delivery, Event, Letter, LetterStatus
-from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
+from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, dkim_dns
 from tests.support import chained
 
 PROSPECT = "paula@example.com"
@@ -147,6 +147,27 @@ async def test_offer_is_held_and_released_with_signed_evidence(relay: Harness) -
     assert events.count("letter.held") == 2
     assert events.count("consent.given") == 1
     assert events.count("letter.released") == 1
+
+
+async def test_a_letter_to_a_utf8_address_is_held_and_released_to_it(relay: Harness) -> None:
+    """SMTPUTF8 end to end (RFC 6531): the letter and, after the consent, the signed original
+    reach the mailbox as the agent wrote it, and the evidence verifies."""
+    relay.sink.smtputf8 = True
+    prospect = "jörg@bücher.example"
+    original = offer().replace(f"Paula Prospect <{PROSPECT}>".encode(), prospect.encode())
+    async with relay.client(username=AGENT, password=PASSWORD) as client:
+        await client.sendmail(AGENT, [prospect], original, mail_options=["SMTPUTF8"])
+    [letter] = await relay.sink.expect(1)
+    assert letter.rcpt_tos == [prospect] and letter.smtputf8
+    [token] = set(LETTER_LINK.findall(text_of(letter.data)))
+
+    await relay.relay.letters.release(token, REQUIRED, "127.0.0.1", "Mozilla/5.0 pytest")
+    arrived = await relay.sink.expect(3)  # and the agent's notice
+    [released] = [m for m in arrived if b"X-Sealrelay-Consent" in m.data]
+    assert released.rcpt_tos == [prospect] and released.smtputf8
+    assert dkimpy.verify(released.data, dnsfunc=dkim_dns(relay.dkim_key))
+    report = await verify_released(relay.relay.db, relay.settings, released.data)
+    assert report.ok, report.lines()
 
 
 async def test_concurrent_consents_release_once(relay: Harness) -> None:

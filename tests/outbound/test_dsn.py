@@ -297,6 +297,27 @@ def test_non_ascii_diagnostic_stays_ascii_in_the_status_part() -> None:
     assert "Postfach voll – bitte später" in text
 
 
+@pytest.mark.parametrize(
+    ("language", "explained"),
+    [
+        ("de", "der Weg zum Empfänger kann solche Adressen nicht übermitteln"),
+        ("en", "the way to the recipient cannot carry such addresses"),
+        ("es", "el camino hasta el destinatario no puede transmitir esas direcciones"),
+    ],
+)
+def test_an_address_that_needed_smtputf8_is_explained(language: str, explained: str) -> None:
+    utf8 = FailedRecipient(
+        address="jörg@bücher.example",
+        status="5.6.7",
+        diagnostic="550 5.6.7 smtp.example does not offer SMTPUTF8, which this recipient's"
+        " address needs",
+        last_attempt=NOW,
+        remote_mta="smtp.example",
+    )
+    text = " ".join(text_of(build(failed=(utf8,), language=language)).split())
+    assert explained in text and "SMTPUTF8" in text
+
+
 def test_smtputf8_recipient_uses_utf8_address_type() -> None:
     intl = FailedRecipient(
         address="jürgen@example.org",
