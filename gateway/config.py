@@ -36,6 +36,7 @@ from sqlalchemy.engine import make_url
 
 from gateway.texts.catalog import DEFAULT_TIMEZONE, time_zone
 from rules.automated_visits import ScannerRules
+from rules.domains import domain_key
 from rules.language import SHIPPED_LANGUAGES
 from rules.matching import ConfiguredRule, Match, PolicyConfig
 from rules.policy import Policy
@@ -134,10 +135,15 @@ class TrustedClient(Section):
     def _addresses(cls, value: list[str]) -> list[str]:
         return [_host_port(v) for v in value]
 
-    @field_validator("certificate_names", "domains")
+    @field_validator("certificate_names")
     @classmethod
     def _lower(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else [v.strip().lower().rstrip(".") for v in value]
+
+    @field_validator("domains")
+    @classmethod
+    def _domain_keys(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _domains(value)
 
     @model_validator(mode="after")
     def _certificate_needs_ca(self) -> TrustedClient:
@@ -335,7 +341,7 @@ ROUTE_NAME = r"^[A-Za-z0-9._-]{1,100}$"
 
 
 def _domains(value: list[str]) -> list[str]:
-    return [v.strip().lower().rstrip(".") for v in value]
+    return [domain_key(v) for v in value]
 
 
 class RouteSettings(Section):

@@ -7,12 +7,18 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from rules.domains import domain_key
 from rules.facts import MessageFacts
 from rules.policy import Layer, Policy, Resolved, resolve
 
 
 def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    return domain_key(address.rpartition("@")[2])
+
+
+def _sender_pattern(pattern: str) -> str:
+    """A `senders` entry as senders compare: an address in lower case, `@domain` as domains do."""
+    return f"@{domain_key(pattern[1:])}" if pattern.startswith("@") else pattern.lower()
 
 
 @dataclass(frozen=True)
@@ -29,10 +35,10 @@ class Match:
         sender = facts.sender.lower()
         checks = (
             not self.senders
-            or any(s.lower() in (sender, f"@{_domain(sender)}") for s in self.senders),
+            or any(_sender_pattern(s) in (sender, f"@{_domain(sender)}") for s in self.senders),
             not self.groups or facts.group in self.groups,
             not self.recipient_domains
-            or _domain(recipient) in {d.lower() for d in self.recipient_domains},
+            or _domain(recipient) in {domain_key(d) for d in self.recipient_domains},
             not self.subject_prefixes
             or any(facts.subject.lower().startswith(p.lower()) for p in self.subject_prefixes),
             not self.filenames

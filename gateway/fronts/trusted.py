@@ -26,6 +26,7 @@ from gateway.config import Settings, TrustedClient
 from gateway.mail import headers
 from gateway.rejections import Rejected
 from gateway.store.db import Database
+from rules.domains import domain_key
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -147,7 +148,7 @@ def _address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].strip().lower().rstrip(".")
+    return domain_key(address.rpartition("@")[2])
 
 
 def sends_for(domains: frozenset[str], sender: str) -> bool:
@@ -161,7 +162,7 @@ async def served_domains(settings: Settings, db: Database) -> frozenset[str]:
 
     An entry's own `domains` list narrows a trusted client to fewer.
     """
-    return await users.address_domains(db) | frozenset(settings.dkim)
+    return frozenset(map(domain_key, await users.address_domains(db) | frozenset(settings.dkim)))
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,15 @@
-"""International domain names and addresses on the way out.
+"""International addresses on the way out.
 
-An address may come in UTF-8 (SMTPUTF8, RFC 6531), and a domain in its Unicode form. The
-next hop may not take UTF-8, and DNS takes only A-labels (`xn--...`). The A-labels are those
-of IDNA 2008 with UTS 46's mapping, as email-validator checks a domain at intake and browsers
-resolve it: Python's own "idna" codec is IDNA 2003, which turns `straße.de` into
-`strasse.de`, another domain with other mail servers.
+An address may come in UTF-8 (SMTPUTF8, RFC 6531), and its domain in its Unicode form. A next
+hop that does not offer SMTPUTF8 takes only ASCII; the domain's A-labels (rules/domains.py)
+name the same domain, a UTF-8 local part has no ASCII form.
 """
 
 from __future__ import annotations
 
-import idna
+from rules.domains import ascii_domain
 
-__all__ = ["ascii_address", "ascii_domain"]
-
-
-def ascii_domain(domain: str) -> str:
-    """`domain` in A-labels; an ASCII one as it is. Raises ValueError (idna.IDNAError) when
-    it is no domain name."""
-    if domain.isascii():
-        return domain
-    return idna.encode(domain, uts46=True).decode("ascii")
+__all__ = ["ascii_address"]
 
 
 def ascii_address(address: str) -> str | None:

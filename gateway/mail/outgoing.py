@@ -17,6 +17,7 @@ from gateway.mail import dkim, headers
 from gateway.mail.evidence_headers import OVERSIGNED_HEADERS
 from gateway.mail.loop_mark import LOOP_HEADER, LoopMarks
 from gateway.store.models import Message
+from rules.domains import domain_key
 
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 .,:@_+-]")  # no parentheses, no backslash, ASCII
@@ -26,10 +27,11 @@ class Signer:
     """DKIM keys by the From domain, loaded once at start-up."""
 
     def __init__(self, keys: Mapping[str, dkim.DkimKey]) -> None:
-        self.keys = {domain.lower(): key for domain, key in keys.items()}
+        self.keys = {domain_key(domain): key for domain, key in keys.items()}
 
     def key_for(self, author_domain: str) -> dkim.DkimKey | None:
-        return self.keys.get(author_domain.lower())
+        """The key of a From domain in either form, `bücher.example` or its A-labels."""
+        return self.keys.get(domain_key(author_domain))
 
 
 def prepare(

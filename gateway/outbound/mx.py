@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import aiosmtplib
 
 from gateway.config import MxSettings, UpstreamSettings
-from gateway.mail.idn import ascii_domain
 from gateway.outbound.connection_cache import ConnectionCache
 from gateway.outbound.destinations import DestinationLimits
 from gateway.outbound.mta_sts import MtaSts, Policy, verified_context
@@ -39,6 +38,7 @@ from gateway.outbound.upstream import (
     show_client_certificate,
     transaction,
 )
+from rules.domains import ascii_domain
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from typing import Protocol
 from gateway.config import DEFAULT_ROUTE, MxSettings, RouteSettings, Settings, UpstreamSettings
 from gateway.outbound.mx import MxUpstream
 from gateway.outbound.upstream import CaptureUpstream, SmtpUpstream, Upstream, relay_name
+from rules.domains import domain_key
 
 
 class Routed(Protocol):
@@ -116,7 +117,7 @@ class RouteTable:
 def domain_of(address: str) -> str | None:
     """The domain part, lower-cased; None for the null sender."""
     local, at, domain = address.rpartition("@")
-    return domain.lower().rstrip(".") if at and local and domain else None
+    return domain_key(domain) if at and local and domain else None
 
 
 def describe_routes(settings: Settings) -> list[str]:

@@ -13,7 +13,7 @@ from email.utils import format_datetime, make_msgid
 
 import pytest
 
-from gateway.mail.idn import ascii_address, ascii_domain
+from gateway.mail.idn import ascii_address
 from gateway.store.models import DeliveryStatus, utcnow
 from tests.conftest import AGENT, PASSWORD, Harness
 from tests.outbound.test_delivery import (
@@ -108,26 +108,6 @@ async def test_without_smtputf8_upstream_a_domain_goes_in_a_labels_and_a_utf8_ma
         "smtp; 550 5.6.7 127.0.0.1 does not offer SMTPUTF8, which this recipient's address needs"
     )
     assert len(relay.sink.messages) == 2
-
-
-@pytest.mark.parametrize(
-    ("domain", "a_labels"),
-    [
-        ("straße.de", "xn--strae-oqa.de"),  # IDNA 2008: not strasse.de, another domain
-        ("Müller.DE", "xn--mller-kva.de"),
-        ("例子.广告", "xn--fsqu00a.xn--4rr70v"),
-        ("xn--mller-kva.de", "xn--mller-kva.de"),
-        ("example.com", "example.com"),
-    ],
-)
-def test_a_domain_in_a_labels(domain: str, a_labels: str) -> None:
-    assert ascii_domain(domain) == a_labels
-
-
-@pytest.mark.parametrize("domain", ["ü..de", "-bad-ü.de", "ü" * 64 + ".de"])
-def test_what_is_no_domain_has_no_a_labels(domain: str) -> None:
-    with pytest.raises(ValueError):
-        ascii_domain(domain)
 
 
 @pytest.mark.parametrize(
