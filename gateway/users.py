@@ -145,7 +145,7 @@ class Agent:
         return self.role == Role.ADMIN
 
     def may_send_as(self, address: str) -> bool:
-        return address.lower() in self.addresses
+        return address.lower() in self.addresses or lookup_form(address) in self.addresses
 
 
 def normalize_address(address: str) -> str:
@@ -155,6 +155,19 @@ def normalize_address(address: str) -> str:
     except EmailNotValidError as exc:
         raise UserError(f"{address!r} is not a valid address: {exc}") from exc
     return valid.normalized.lower()
+
+
+def lookup_form(address: str) -> str:
+    """A login or sender address as addresses are stored (`normalize_address`: the domain in
+    its Unicode form), so that `anna@xn--mller-kva.de` finds `anna@müller.de`; lower-cased
+    as it is when it is no valid address. Plain ASCII needs no validator."""
+    text = address.strip().lower()
+    if text.isascii() and "xn--" not in text:
+        return text
+    try:
+        return normalize_address(text)
+    except UserError:
+        return text
 
 
 def generate_password() -> str:
@@ -520,7 +533,7 @@ async def authenticate(
 
     Checks with a lower `priority` go first when several wait for their turn.
     """
-    login = login.strip().lower()
+    login = lookup_form(login)
     async with _login_queue().turn(priority):
         async with db.transaction() as session:
             user = await session.scalar(select(User).where(User.email == login))
@@ -559,7 +572,7 @@ def _verify(stored: str, password: str) -> bool:
 async def agent_by_address(db: Database, address: str) -> Agent | None:
     """The enabled agent whose address or alias `address` is, for a trusted client's mail
     (gateway/fronts/trusted.py); None when nobody has it."""
-    address = address.strip().lower()
+    address = lookup_form(address)
     async with db.transaction() as session:
         user = await session.scalar(select(User).where(User.email == address))
         if user is None:

@@ -44,6 +44,26 @@ async def test_add_and_authenticate_with_aliases(database: Database) -> None:
     assert PASSWORD not in stored.password_hash
 
 
+async def test_an_international_domain_logs_in_and_sends_in_either_form(
+    database: Database,
+) -> None:
+    """Addresses are stored with the domain in its Unicode form (email-validator's normal
+    form); IT may have told the agent either form, and the mail client may write either."""
+    await users.add_user(database, "Anna@xn--mller-kva.de", PASSWORD, aliases=("büro@müller.de",))
+    async with database.transaction() as session:
+        assert (await session.scalar(select(User.email))) == "anna@müller.de"
+    for login in ("anna@xn--mller-kva.de", "Anna@Müller.de"):
+        agent = await users.authenticate(database, login, PASSWORD)
+        assert agent is not None, login
+        assert agent.may_send_as("anna@xn--mller-kva.de") and agent.may_send_as("ANNA@müller.de")
+        assert agent.may_send_as("büro@xn--mller-kva.de")
+        assert not agent.may_send_as("anna@mueller.de")
+    for address in ("anna@xn--mller-kva.de", "büro@xn--mller-kva.de"):
+        found = await users.agent_by_address(database, address)
+        assert found is not None and found.email == "anna@müller.de"
+    assert await users.authenticate(database, "anna@xn--mller.de", PASSWORD) is None
+
+
 async def test_wrong_password_unknown_and_disabled_users(database: Database) -> None:
     await users.add_user(database, "anna@broker.example", PASSWORD)
     assert await users.authenticate(database, "anna@broker.example", "wrong password!") is None
