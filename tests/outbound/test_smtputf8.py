@@ -9,11 +9,13 @@ address as the agent wrote it; one that does not gets an international domain in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from email.utils import format_datetime, make_msgid
 
 import pytest
 
 from gateway.mail.idn import ascii_address
+from gateway.outbound.upstream import SmtpUpstream
 from gateway.store.models import DeliveryStatus, utcnow
 from tests.conftest import AGENT, PASSWORD, Harness
 from tests.outbound.test_delivery import (
@@ -23,6 +25,7 @@ from tests.outbound.test_delivery import (
     queued_id,
     unfolded,
 )
+from tests.support import Sink
 
 UTF8_PROSPECT = "jörg@bücher.example"  # a UTF-8 local part: SMTPUTF8 or nothing
 IDN_PROSPECT = "info@müller-immobilien.de"  # an ASCII mailbox at an international domain
@@ -108,6 +111,32 @@ async def test_without_smtputf8_upstream_a_domain_goes_in_a_labels_and_a_utf8_ma
         "smtp; 550 5.6.7 127.0.0.1 does not offer SMTPUTF8, which this recipient's address needs"
     )
     assert len(relay.sink.messages) == 2
+
+
+async def test_a_utf8_sender_without_smtputf8_upstream_fails_every_recipient(
+    sink: Sink, upstreams: Callable[..., SmtpUpstream]
+) -> None:
+    """The sender's mailbox has no ASCII form: no recipient can get the copy that way, and
+    the upstream gets nothing; a sender at an international domain goes in A-labels."""
+    data = b"From: x@example.com\r\nSubject: x\r\n\r\nx\r\n"
+    upstream = upstreams()
+    failed = await upstream.send(UTF8_PROSPECT, ["a@example.com", IDN_PROSPECT], data)
+    for outcome in failed.values():
+        assert outcome.permanent and outcome.error == (
+            "550 5.6.7 127.0.0.1 does not offer SMTPUTF8, which the sender's address needs"
+        )
+    assert set(failed) == {"a@example.com", IDN_PROSPECT} and sink.messages == []
+
+    [taken] = (await upstream.send(IDN_PROSPECT, ["a@example.com"], data)).values()
+    assert taken.delivered
+    assert [(m.mail_from, m.rcpt_tos, m.smtputf8) for m in sink.messages] == [
+        (IDN_IN_A_LABELS, ["a@example.com"], False)
+    ]
+
+    sink.smtputf8 = True
+    [taken] = (await upstreams().send(UTF8_PROSPECT, ["a@example.com"], data)).values()
+    assert taken.delivered
+    assert (sink.messages[-1].mail_from, sink.messages[-1].smtputf8) == (UTF8_PROSPECT, True)
 
 
 @pytest.mark.parametrize(
