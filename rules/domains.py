@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import idna
 
-__all__ = ["ascii_domain", "domain_key"]
+__all__ = ["ascii_domain", "domain_key", "domain_of"]
 
 
 def ascii_domain(domain: str) -> str:
@@ -33,3 +33,8 @@ def domain_key(domain: str) -> str:
         return ascii_domain(name)
     except ValueError:
         return name
+
+
+def domain_of(address: str) -> str:
+    """The key of `address`'s domain (after its last @)."""
+    return domain_key(address.rpartition("@")[2])

@@ -7,13 +7,9 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-from rules.domains import domain_key
+from rules.domains import domain_key, domain_of
 from rules.facts import MessageFacts
 from rules.policy import Layer, Policy, Resolved, resolve
-
-
-def _domain(address: str) -> str:
-    return domain_key(address.rpartition("@")[2])
 
 
 def _sender_pattern(pattern: str) -> str:
@@ -35,10 +31,10 @@ class Match:
         sender = facts.sender.lower()
         checks = (
             not self.senders
-            or any(_sender_pattern(s) in (sender, f"@{_domain(sender)}") for s in self.senders),
+            or any(_sender_pattern(s) in (sender, f"@{domain_of(sender)}") for s in self.senders),
             not self.groups or facts.group in self.groups,
             not self.recipient_domains
-            or _domain(recipient) in {domain_key(d) for d in self.recipient_domains},
+            or domain_of(recipient) in {domain_key(d) for d in self.recipient_domains},
             not self.subject_prefixes
             or any(facts.subject.lower().startswith(p.lower()) for p in self.subject_prefixes),
             not self.filenames

@@ -26,7 +26,7 @@ from gateway.config import Settings, TrustedClient
 from gateway.mail import headers
 from gateway.rejections import Rejected
 from gateway.store.db import Database
-from rules.domains import domain_key
+from rules.domains import domain_key, domain_of
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -145,10 +145,6 @@ def _address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
-
-
-def domain_of(address: str) -> str:
-    return domain_key(address.rpartition("@")[2])
 
 
 def sends_for(domains: frozenset[str], sender: str) -> bool:
