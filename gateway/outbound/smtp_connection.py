@@ -37,7 +37,7 @@ from typing import cast
 
 import aiosmtplib
 
-from gateway.mail import lines
+from gateway.mail import headers, lines
 from gateway.outbound.stored_copy import Outgoing, StoredCopy
 from gateway.watchdog import Watchdog
 
@@ -103,6 +103,14 @@ def bare_line_end_refusal(data: Outgoing) -> str | None:
     if offset == -1:
         return None
     return _refused(len(data), offset)
+
+
+def utf8_header(data: Outgoing) -> bool:
+    """Whether the copy's header block holds UTF-8 (RFC 6532): a UTF-8 Subject or display
+    name, which SMTPUTF8 is the way to carry even when every address is ASCII."""
+    if isinstance(data, StoredCopy):
+        return data.utf8_header
+    return not headers.header_block(data).isascii()
 
 
 def _refused(size: int, offset: int) -> str:
@@ -370,7 +378,10 @@ class SmtpConnection:
         LF "." CRLF would read what follows as a second message. A stored copy that cannot
         be read to its end as it was first read (SourceFailed) closes the connection before
         the data's end: the upstream takes nothing. A UTF-8 address goes with MAIL's SMTPUTF8
-        (RFC 6531), which the upstream must offer (upstream.transaction sees to it).
+        (RFC 6531), which the upstream must offer (upstream.transaction sees to it); so does a
+        UTF-8 header block where the upstream offers it. One that does not offer it gets
+        such a copy as 8-bit data, as mail without SMTPUTF8 always went: no address needs
+        it, and a receiver that takes 8-bit headers shows them.
         """
         if (problem := bare_line_end_refusal(data)) is not None:
             raise BareLineEnd(problem)
@@ -381,11 +392,12 @@ class SmtpConnection:
             utf8 = utf8 or not address.isascii()
         if utf8 and not self.smtputf8:
             raise ValueError(f"{self.where} does not offer SMTPUTF8 for a UTF-8 address")
+        smtputf8 = utf8 or (self.smtputf8 and utf8_header(data))
         size = len(data) + len(_ending(data))
         mail = (
             f"MAIL FROM:<{mail_from}>"
             + (f" SIZE={size}" if self.size else "")
-            + (" SMTPUTF8" if utf8 else "")
+            + (" SMTPUTF8" if smtputf8 else "")
         )
         commands = [
             *(["RSET"] if self._in_transaction else []),

@@ -51,13 +51,15 @@ class StoredCopy:
     first bare CR or LF is in the copy (-1: none), so that such a copy is refused before a
     byte is written, as a whole one is. `ends_in_crlf` lets a BDAT chunk's size be said
     before the octets are read. `reads` reads the blob and raises BlobChanged where the
-    bytes are not the ones checked."""
+    bytes are not the ones checked. `utf8_header`: the copy's header block holds UTF-8
+    (RFC 6532), which goes with SMTPUTF8 where the upstream offers it."""
 
     head: bytes
     blob: BlobReader
     bare_line_end: int
     ends_in_crlf: bool
     reads: Reads
+    utf8_header: bool = False
 
     def __len__(self) -> int:
         return len(self.head) + self.blob.size
@@ -210,7 +212,8 @@ async def build(
         bh = await _body_hash(blob, first, body_start, window)
     tail = await blob.read(blob.size - 2, 2)
     proof = DigestProof(digest, first, window, tail)
-    return StoredCopy(head.fields(bh, now=now), blob, -1, tail == b"\r\n", proof)
+    fields = head.fields(bh, now=now)
+    return StoredCopy(fields, blob, -1, tail == b"\r\n", proof, not head.header_block.isascii())
 
 
 async def _body_hash(blob: BlobReader, first: bytes, body_start: int, window: int) -> str:
@@ -246,7 +249,8 @@ async def _first_pass(
     fields = head.fields(body.value() if body is not None else None, now=now)
     found = scan.end() + len(fields) if scan.end() != -1 else -1
     reads = WindowSums(tuple(sums), start, window)
-    return StoredCopy(fields, blob, found, tail == b"\r\n", reads)
+    utf8 = not head.header_block.isascii()
+    return StoredCopy(fields, blob, found, tail == b"\r\n", reads, utf8)
 
 
 async def _reads(

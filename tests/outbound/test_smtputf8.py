@@ -139,6 +139,59 @@ async def test_a_utf8_sender_without_smtputf8_upstream_fails_every_recipient(
     assert (sink.messages[-1].mail_from, sink.messages[-1].smtputf8) == (UTF8_PROSPECT, True)
 
 
+def headed(subject: str, body: bytes = b"Guten Tag!\r\n") -> bytes:
+    """A message to ASCII addresses whose Subject may be UTF-8 (RFC 6532)."""
+    fields = [
+        f"From: Anna Agent <{AGENT}>",
+        "To: prospect@example.com",
+        f"Subject: {subject}",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+    ]
+    return ("\r\n".join(fields) + "\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("size", [100, 400_000], ids=["whole", "from-the-blob"])
+async def test_a_utf8_header_block_goes_with_smtputf8_where_the_upstream_offers_it(
+    relay: Harness, size: int
+) -> None:
+    """Every address ASCII, the Subject UTF-8: RFC 6532 mail, which SMTPUTF8 carries. A big
+    copy (sent from its stored blob, never whole) is marked as a small one is."""
+    relay.sink.smtputf8 = True
+    raw = headed("Ihr Exposé für Jörg", (b"x" * 70 + b"\r\n") * (size // 72 + 1))
+    async with relay.client(username=AGENT, password=PASSWORD) as client:
+        await client.sendmail(AGENT, ["prospect@example.com"], raw, mail_options=["SMTPUTF8"])
+    [copy] = await relay.sink.expect(1)
+    assert copy.smtputf8 and copy.rcpt_tos == ["prospect@example.com"]
+    assert "Subject: Ihr Exposé für Jörg".encode() in copy.data
+    assert copy.data.endswith(raw[-200:])
+
+
+async def test_a_utf8_header_block_goes_as_8bit_data_where_the_upstream_does_not_offer_it(
+    sink: Sink, upstreams: Callable[..., SmtpUpstream]
+) -> None:
+    """No address needs SMTPUTF8: the copy goes as such mail always went, its bytes as they
+    are, rather than bouncing over a Subject."""
+    data = headed("Ihr Exposé für Jörg")
+    [taken] = (await upstreams().send(AGENT, ["prospect@example.com"], data)).values()
+    assert taken.delivered
+    [copy] = sink.messages
+    assert not copy.smtputf8 and copy.data.endswith(data)
+
+
+async def test_an_ascii_header_block_asks_for_no_smtputf8_whatever_its_body(
+    sink: Sink, upstreams: Callable[..., SmtpUpstream]
+) -> None:
+    """UTF-8 in the body alone is 8BITMIME's business (RFC 6152), not SMTPUTF8's."""
+    sink.smtputf8 = True
+    data = headed("=?utf-8?q?Ihr_Expos=C3=A9?=", "Grüße\r\n".encode())
+    [taken] = (await upstreams().send(AGENT, ["prospect@example.com"], data)).values()
+    assert taken.delivered
+    [copy] = sink.messages
+    assert not copy.smtputf8 and copy.data.endswith(data)
+
+
 @pytest.mark.parametrize(
     ("address", "ascii"),
     [
