@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import idna
 
-__all__ = ["ascii_domain", "domain_key", "domain_of"]
+__all__ = ["address_key", "ascii_domain", "domain_key", "domain_of"]
 
 
 def ascii_domain(domain: str) -> str:
@@ -38,3 +38,9 @@ def domain_key(domain: str) -> str:
 def domain_of(address: str) -> str:
     """The key of `address`'s domain (after its last @)."""
     return domain_key(address.rpartition("@")[2])
+
+
+def address_key(address: str) -> str:
+    """`address` as addresses are compared: in lower case, its domain by its key."""
+    local, at, domain = address.rpartition("@")
+    return f"{local.lower()}@{domain_key(domain)}" if at else address.lower()

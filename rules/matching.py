@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-from rules.domains import domain_key, domain_of
+from rules.domains import address_key, domain_key, domain_of
 from rules.facts import MessageFacts
 from rules.policy import Layer, Policy, Resolved, resolve
 
 
 def _sender_pattern(pattern: str) -> str:
-    """A `senders` entry as senders compare: an address in lower case, `@domain` as domains do."""
-    return f"@{domain_key(pattern[1:])}" if pattern.startswith("@") else pattern.lower()
+    """A `senders` entry as senders compare: `@domain` as domains do, an address by its key."""
+    return f"@{domain_key(pattern[1:])}" if pattern.startswith("@") else address_key(pattern)
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Match:
     filenames: tuple[str, ...] = ()
 
     def matches(self, facts: MessageFacts, recipient: str) -> bool:
-        sender = facts.sender.lower()
+        sender = address_key(facts.sender)
         checks = (
             not self.senders
             or any(_sender_pattern(s) in (sender, f"@{domain_of(sender)}") for s in self.senders),

@@ -38,13 +38,9 @@ from gateway.outbound.upstream import (
     show_client_certificate,
     transaction,
 )
-from rules.domains import ascii_domain
+from rules.domains import ascii_domain, domain_of
 
 log = logging.getLogger(__name__)
-
-
-def domain_of(recipient: str) -> str:
-    return recipient.rpartition("@")[2].lower()
 
 
 class HostFailed(Exception):

@@ -270,6 +270,22 @@ async def test_recipients_of_two_domains_go_to_each_domains_mx(net: Net) -> None
     assert [m.rcpt_tos for m in b.messages] == [["q@b.test"]]
 
 
+async def test_a_domain_in_either_form_is_one_transaction(net: Net) -> None:
+    """`straße.test`, `Straße.TEST` and `xn--strae-oqa.test` are one domain: one lookup,
+    one transaction with every recipient, not one for each way of writing it."""
+    net.mx("xn--strae-oqa.test", (10, "mx.xn--strae-oqa.test"))
+    net.a("mx.xn--strae-oqa.test", 10)
+    sink = await net.sink(10)
+    recipients = ["p@straße.test", "q@Straße.TEST", "r@xn--strae-oqa.test"]
+    outcomes = await send(await net.upstream(), *recipients)
+    assert all(outcome.delivered for outcome in outcomes.values()) and set(outcomes) == set(
+        recipients
+    )
+    assert [m.rcpt_tos for m in sink.messages] == [
+        ["p@xn--strae-oqa.test", "q@xn--strae-oqa.test", "r@xn--strae-oqa.test"]
+    ]
+
+
 async def test_starttls_is_used_whenever_offered_unverified(net: Net, tmp_path: Path) -> None:
     net.mx("a.test", (10, "mx1.a.test"))
     net.a("mx1.a.test", 10)

@@ -59,6 +59,9 @@ def test_rules_match_a_recipient_or_sender_domain_in_either_form() -> None:
     assert not Match(recipient_domains=("bucher.example",)).matches(facts, "p@bücher.example")
     assert Match(senders=("@xn--mller-immobilien-jzb.de",)).matches(facts, "p@example.com")
     assert Match(senders=("@müller-immobilien.de",)).matches(facts, "p@example.com")
+    assert Match(senders=("Anna@xn--mller-immobilien-jzb.de",)).matches(facts, "p@example.com")
+    assert Match(senders=("anna@MÜLLER-immobilien.de",)).matches(facts, "p@example.com")
+    assert not Match(senders=("ann@müller-immobilien.de",)).matches(facts, "p@example.com")
 
 
 def test_a_route_for_a_domain_takes_it_in_either_form() -> None:
