@@ -818,6 +818,10 @@ class LetterSettings(Section):
     evidence_retention: int = Field(default=3, ge=1, le=30, description="years")
     # Tell the agent by mail when a letter's link ran out without a consent.
     expired_notice: bool = True
+    # A TrueType font file for the consent PDF, so that every letter of a name shows (its
+    # -Bold and -Italic files beside it are used too); unset: the PDF's built-in fonts,
+    # which draw Windows-1252 only (German, English, Spanish).
+    pdf_font: Path | None = None
 
     @field_validator("archive_bcc")
     @classmethod

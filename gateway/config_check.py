@@ -38,6 +38,7 @@ from gateway.config import (
 from gateway.fronts.listen_addresses import listen_host, plaintext_logins_allowed
 from gateway.fronts.trusted import TrustedEntry
 from gateway.letters import letter_keys
+from gateway.letters.pdf_font import STYLE_NAMES, font_files, font_problem
 from gateway.mail import dkim
 from gateway.mail.loop_mark import LoopKeyError, load_or_create_key
 from gateway.problems import Problem
@@ -372,6 +373,26 @@ def _letter(letter: LetterSettings) -> Iterator[Problem]:
         problem = readable_file(f"letter.terms_pdf.{language}", pdf)
         if problem is not None:
             yield problem
+    if letter.pdf_font is not None:
+        yield from _pdf_font(letter.pdf_font)
+
+
+def _pdf_font(path: Path) -> Iterator[Problem]:
+    if (problem := readable_file("letter.pdf_font", path)) is not None:
+        yield problem
+        return
+    if (text := font_problem(path)) is not None:
+        yield Problem("letter.pdf_font", text)
+        return
+    files = font_files(path)
+    lacking = [name for style, name in STYLE_NAMES.items() if files[style] == path]
+    if lacking:
+        yield Problem(
+            "letter.pdf_font",
+            f"no {', '.join(lacking)} file beside {path.name}: the consent PDF draws those"
+            " styles in the regular one",
+            error=False,
+        )
 
 
 def _texts() -> Iterator[Problem]:

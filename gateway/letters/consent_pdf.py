@@ -7,36 +7,49 @@ ticked it, and the SHA-256 of those texts with how to check it. The wording live
 ``gateway/texts/catalogs/consent_pdf/{de,en,es}.toml``.
 
 fpdf2's built-in Helvetica needs no font file, so this works wherever Python runs. Those fonts
-cover Windows-1252 only (German, English and Spanish, with „ “ – … €); anything else is
-reduced to its base letter where one exists (ő -> o) or shown as "?", never an error. The
-hash is taken over the original texts, not over what the PDF can show.
+cover Windows-1252 only (German, English and Spanish, with „ “ – … €). `[letter] pdf_font`
+names a TrueType font whose letters the PDF embeds (DejaVu Sans or Noto Sans covers Polish,
+Turkish, Greek and Cyrillic names). A letter the font lacks is reduced to its base letter
+where one exists (ő -> o) or shown as "?", never an error. The hash is taken over the
+original texts, not over what the PDF can show.
 """
 
 from __future__ import annotations
 
+import logging
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
+from pathlib import Path
 
+from fontTools.ttLib import TTLibError
 from fpdf import FPDF, FontFace
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from gateway.letters.consent_texts import moment
 from gateway.letters.evidence import ConsentRecord, ShownBlock
+from gateway.letters.pdf_font import font_files
 from gateway.texts.catalog import DEFAULT_TIMEZONE
 from gateway.texts.files import load_texts
 from rules.language import shipped_language
 
-FONT = "helvetica"
+log = logging.getLogger(__name__)
+
+CORE_FONT = "helvetica"
+FAMILY = "body"  # a [letter] pdf_font's name inside the PDF
 MONO = "courier"
 MARGIN = 20.0  # mm
 LINE = 5.0  # mm per line of body text
 BODY_SIZE = 10.0
 BOX = 3.4  # mm, the side of a drawn checkbox
 
-# Typographic characters outside Windows-1252 that have a plain equivalent.
+# Formatting characters that show nothing: dropped whatever the font.
+_INVISIBLE = str.maketrans(
+    dict.fromkeys("\u200b\u200c\u200d\u2060\ufeff\u00ad")  # \u00ad: fpdf2 would break there
+)
+# Typographic characters with a plain equivalent, for a font that lacks them.
 _PLAIN = str.maketrans(
     {
         "\u2010": "-",  # hyphen
@@ -50,12 +63,6 @@ _PLAIN = str.maketrans(
         "\u2007": " ",  # figure space
         "\u2002": " ",
         "\u2003": " ",
-        "\u200b": "",  # zero-width space
-        "\u200c": "",
-        "\u200d": "",
-        "\u2060": "",
-        "\ufeff": "",
-        "\u00ad": "",  # soft hyphen: fpdf2 treats it as a break hint we do not need
         "\u2192": "->",
         "\u2190": "<-",
         "\u2264": "<=",
@@ -78,25 +85,30 @@ _BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u20
 # -- wording ---------------------------------------------------------------------------------
 
 
-def pdf_text(text: str) -> str:
-    """``text`` in Windows-1252, which the core fonts draw: never raises, never drops a line.
+def pdf_text(text: str, drawn: Callable[[str], bool] | None = None) -> str:
+    """``text`` in the letters the font draws (`drawn`; the core fonts' Windows-1252 when
+    None): never raises, never drops a line.
 
-    Control characters become spaces, bidi overrides go, typographic extras get their plain
-    form, accented letters outside the code page lose the accent, and the rest become "?".
+    Control characters become spaces, bidi overrides and invisible formatting go, and a
+    letter the font lacks takes its plain form (a typographic dash or space), else loses its
+    accent, else becomes "?".
     """
+    has = drawn or _in_cp1252
     out: list[str] = []
-    for char in text.translate(_PLAIN):
+    for char in text.translate(_INVISIBLE):
         if char in _BIDI_CONTROLS:
             continue
         if char in "\t\r\n" or unicodedata.category(char) in ("Cc", "Zl", "Zp"):
             out.append(" ")
-        elif _in_cp1252(char):
+        elif has(char):
             out.append(char)
+        elif (plain := char.translate(_PLAIN)) != char and all(has(c) for c in plain):
+            out.append(plain)
         else:
             base = "".join(
                 c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c)
             )
-            out.append(base if base and all(_in_cp1252(c) for c in base) else "?")
+            out.append(base if base and all(has(c) for c in base) else "?")
     return "".join(out)
 
 
@@ -210,73 +222,96 @@ def _spans(children: list[Token], *, bold: bool) -> tuple[tuple[str, str], ...]:
 # -- the document ----------------------------------------------------------------------------
 
 
-class _ConsentDocument(FPDF):
-    """A4 with the page number and consent id in every footer."""
+class _Pdf(FPDF):
+    """A4 with the page number and consent id in every footer, in the core fonts or the
+    family of `font`; `shown` puts a text in the letters that family draws."""
 
-    def __init__(self, page_text: str, consent_id: str) -> None:
+    def __init__(self, page_text: str, consent_id: str, font: Path | None) -> None:
         super().__init__(orientation="portrait", unit="mm", format="A4")
-        # The core fonts' PDF encoding is WinAnsi (cp1252); fpdf2 checks latin-1 by default.
-        self.core_fonts_encoding = "cp1252"
         self.page_text = page_text
         self.consent_id = consent_id
+        # The core fonts' PDF encoding is WinAnsi (cp1252); fpdf2 checks latin-1 by default.
+        self.core_fonts_encoding = "cp1252"
+        self.family = CORE_FONT
+        self.drawn: Callable[[str], bool] | None = None
+        if font is not None:
+            try:
+                self._embed(font)
+            except (OSError, TTLibError) as exc:
+                # a font gone since check-config is no reason to refuse a prospect's consent
+                log.error("consent PDF in the built-in fonts: %s cannot be used (%s)", font, exc)
+
+    def _embed(self, font: Path) -> None:
+        for style, path in font_files(font).items():
+            self.add_font(FAMILY, style, path)
+        styles = [self.fonts[f"{FAMILY}{style}"] for style in ("", "B", "I", "BI")]
+        common = frozenset.intersection(*(frozenset(getattr(f, "cmap", ())) for f in styles))
+        self.drawn = lambda char: ord(char) in common
+        self.family = FAMILY
+
+    def shown(self, text: str) -> str:
+        return pdf_text(text, self.drawn)
 
     def footer(self) -> None:
         # "{nb}" is fpdf2's alias for the page count, filled in when the document is closed.
         page = self.page_text.format(page=self.page_no(), pages="{nb}")
         self.set_y(-14)
-        self.set_font(FONT, size=8)
+        self.set_font(self.family, size=8)
         self.set_text_color(110)
-        self.cell(0, 5, pdf_text(f"{page}  \u00b7  {self.consent_id}"), align="C")
+        self.cell(0, 5, self.shown(f"{page}  \u00b7  {self.consent_id}"), align="C")
         self.set_text_color(0)
 
 
-def render(record: ConsentRecord, zone: str = DEFAULT_TIMEZONE) -> bytes:
-    """The consent PDF for ``record``, times in ``zone``; the same input, the same bytes."""
+def render(record: ConsentRecord, zone: str = DEFAULT_TIMEZONE, font: Path | None = None) -> bytes:
+    """The consent PDF for ``record``, times in ``zone``, in the core fonts or the family of
+    the font file `font`; the same input, the same bytes."""
     language = shipped_language(record.language)
     texts = load_texts("consent_pdf")[language]
-    pdf = _ConsentDocument(texts["page"], record.consent_id)
+    pdf = _Pdf(texts["page"], record.consent_id, font)
     pdf.set_margins(MARGIN, MARGIN, MARGIN)
     pdf.set_auto_page_break(True, margin=MARGIN)
     pdf.set_creation_date(record.given_at.astimezone(UTC))
     pdf.set_lang(language)
-    pdf.set_title(pdf_text(f"{texts['title']}: {record.subject}"))
-    pdf.set_author(pdf_text(record.company))
-    pdf.set_subject(pdf_text(record.subject))
+    pdf.set_title(pdf.shown(f"{texts['title']}: {record.subject}"))
+    pdf.set_author(pdf.shown(record.company))
+    pdf.set_subject(pdf.shown(record.subject))
     pdf.set_creator("sealrelay")
     pdf.add_page()
 
-    pdf.set_font(FONT, "B", 11)
-    pdf.multi_cell(0, 6, pdf_text(record.company), new_x="LMARGIN", new_y="NEXT", align="L")
+    pdf.set_font(pdf.family, "B", 11)
+    pdf.multi_cell(0, 6, pdf.shown(record.company), new_x="LMARGIN", new_y="NEXT", align="L")
     pdf.ln(2)
-    pdf.set_font(FONT, "B", 17)
-    pdf.multi_cell(0, 8, pdf_text(texts["title"]), new_x="LMARGIN", new_y="NEXT", align="L")
+    pdf.set_font(pdf.family, "B", 17)
+    pdf.multi_cell(0, 8, pdf.shown(texts["title"]), new_x="LMARGIN", new_y="NEXT", align="L")
     pdf.ln(2)
-    pdf.set_font(FONT, "", BODY_SIZE)
-    pdf.multi_cell(0, LINE, pdf_text(texts["intro"]), new_x="LMARGIN", new_y="NEXT", align="L")
+    pdf.set_font(pdf.family, "", BODY_SIZE)
+    pdf.multi_cell(0, LINE, pdf.shown(texts["intro"]), new_x="LMARGIN", new_y="NEXT", align="L")
     pdf.ln(4)
 
     _facts(pdf, texts, record, zone)
     pdf.ln(6)
 
-    pdf.set_font(FONT, "B", 13)
-    pdf.multi_cell(0, 7, pdf_text(texts["declarations"]), new_x="LMARGIN", new_y="NEXT", align="L")
+    pdf.set_font(pdf.family, "B", 13)
+    pdf.multi_cell(0, 7, pdf.shown(texts["declarations"]), new_x="LMARGIN", new_y="NEXT", align="L")
     pdf.ln(2)
     for block in record.blocks:
         _block(pdf, texts, block, block.id in record.checked)
 
     pdf.ln(4)
-    pdf.set_font(FONT, "B", BODY_SIZE)
-    pdf.multi_cell(0, LINE, pdf_text(texts["texts_hash"]), new_x="LMARGIN", new_y="NEXT", align="L")
+    pdf.set_font(pdf.family, "B", BODY_SIZE)
+    pdf.multi_cell(
+        0, LINE, pdf.shown(texts["texts_hash"]), new_x="LMARGIN", new_y="NEXT", align="L"
+    )
     pdf.set_font(MONO, "", 9)
     pdf.multi_cell(0, LINE, record.texts_sha256, new_x="LMARGIN", new_y="NEXT", align="L")
     pdf.ln(3)
-    pdf.set_font(FONT, "", 9)
+    pdf.set_font(pdf.family, "", 9)
     verify = texts["verify"].format(company=record.company, consent_id=record.consent_id)
-    pdf.multi_cell(0, 4.5, pdf_text(verify), new_x="LMARGIN", new_y="NEXT", align="L")
+    pdf.multi_cell(0, 4.5, pdf.shown(verify), new_x="LMARGIN", new_y="NEXT", align="L")
     return bytes(pdf.output())
 
 
-def _facts(pdf: FPDF, texts: Mapping[str, str], record: ConsentRecord, zone: str) -> None:
+def _facts(pdf: _Pdf, texts: Mapping[str, str], record: ConsentRecord, zone: str) -> None:
     rows = [
         ("fields.company", record.company),
         ("fields.recipient", record.recipient),
@@ -288,7 +323,7 @@ def _facts(pdf: FPDF, texts: Mapping[str, str], record: ConsentRecord, zone: str
         ("fields.user_agent", record.user_agent),
         ("fields.consent_id", record.consent_id),
     ]
-    pdf.set_font(FONT, "", 9.5)
+    pdf.set_font(pdf.family, "", 9.5)
     label_style = FontFace(emphasis="BOLD")
     with pdf.table(
         col_widths=(32, 68),
@@ -301,15 +336,15 @@ def _facts(pdf: FPDF, texts: Mapping[str, str], record: ConsentRecord, zone: str
     ) as table:
         for key, value in rows:
             row = table.row()
-            row.cell(pdf_text(texts[key]), style=label_style)
-            row.cell(pdf_text(value) or "-")
+            row.cell(pdf.shown(texts[key]), style=label_style)
+            row.cell(pdf.shown(value) or "-")
 
 
-def _block(pdf: FPDF, texts: Mapping[str, str], block: ShownBlock, ticked: bool) -> None:
+def _block(pdf: _Pdf, texts: Mapping[str, str], block: ShownBlock, ticked: bool) -> None:
     if pdf.will_page_break(4 * LINE):
         pdf.add_page()
-    pdf.set_font(FONT, "B", 11.5)
-    pdf.multi_cell(0, 6, pdf_text(block.title), new_x="LMARGIN", new_y="NEXT", align="L")
+    pdf.set_font(pdf.family, "B", 11.5)
+    pdf.multi_cell(0, 6, pdf.shown(block.title), new_x="LMARGIN", new_y="NEXT", align="L")
     pdf.ln(1)
     for paragraph in markdown_paragraphs(block.text):
         _paragraph(pdf, paragraph)
@@ -318,30 +353,26 @@ def _block(pdf: FPDF, texts: Mapping[str, str], block: ShownBlock, ticked: bool)
     pdf.ln(3)
 
 
-def _paragraph(pdf: FPDF, paragraph: Paragraph) -> None:
+def _paragraph(pdf: _Pdf, paragraph: Paragraph) -> None:
     indent = 7.0 * paragraph.level + (5.0 if paragraph.quote else 0.0)
     left = MARGIN + indent
     if paragraph.marker:
-        pdf.set_font(FONT, "", BODY_SIZE)
+        pdf.set_font(pdf.family, "", BODY_SIZE)
         pdf.set_x(left - 6.0)
         pdf.write(LINE, paragraph.marker)
     pdf.set_left_margin(left)
     pdf.set_x(left)
     for text, style in paragraph.spans:
-        pdf.set_font(FONT, style, BODY_SIZE)
-        pdf.write(LINE, _pdf_lines(text))
+        pdf.set_font(pdf.family, style, BODY_SIZE)
+        # a hard line break stays one: shown() makes a line end a space
+        pdf.write(LINE, "\n".join(pdf.shown(line) for line in text.split("\n")))
     pdf.ln(LINE)
     pdf.set_left_margin(MARGIN)
     pdf.set_x(MARGIN)
     pdf.ln(1.0 if paragraph.level else 1.8)
 
 
-def _pdf_lines(text: str) -> str:
-    """As ``pdf_text``, but a hard line break stays one."""
-    return "\n".join(pdf_text(line) for line in text.split("\n"))
-
-
-def _checkbox(pdf: FPDF, texts: Mapping[str, str], label: str, ticked: bool) -> None:
+def _checkbox(pdf: _Pdf, texts: Mapping[str, str], label: str, ticked: bool) -> None:
     if pdf.will_page_break(2 * LINE):
         pdf.add_page()
     pdf.ln(0.5)
@@ -355,10 +386,10 @@ def _checkbox(pdf: FPDF, texts: Mapping[str, str], label: str, ticked: bool) -> 
     left = MARGIN + BOX + 2.5
     pdf.set_left_margin(left)
     pdf.set_x(left)
-    pdf.set_font(FONT, "B", BODY_SIZE)
-    pdf.write(LINE, pdf_text(texts["ticked" if ticked else "not_ticked"]) + ": ")
-    pdf.set_font(FONT, "", BODY_SIZE)
-    pdf.write(LINE, pdf_text(label))  # labels are plain text, as the letter shows them
+    pdf.set_font(pdf.family, "B", BODY_SIZE)
+    pdf.write(LINE, pdf.shown(texts["ticked" if ticked else "not_ticked"]) + ": ")
+    pdf.set_font(pdf.family, "", BODY_SIZE)
+    pdf.write(LINE, pdf.shown(label))  # labels are plain text, as the letter shows them
     pdf.ln(LINE)
     pdf.set_left_margin(MARGIN)
     pdf.set_x(MARGIN)

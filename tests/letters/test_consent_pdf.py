@@ -10,6 +10,7 @@ import re
 from dataclasses import replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from pathlib import Path
 
 import pypdf
 import pytest
@@ -18,6 +19,7 @@ from gateway.letters import consent_pdf
 from gateway.letters.confirmation import confirmation_mail
 from gateway.letters.consent_pdf import Paragraph, markdown_paragraphs, pdf_text
 from gateway.letters.evidence import ConsentRecord, ShownBlock, texts_sha256
+from gateway.letters.pdf_font import font_files
 from gateway.mail.own_mail import render
 from gateway.texts.files import SHIPPED_BLOCK_SET, load_texts
 from rules.language import shipped_language
@@ -383,3 +385,88 @@ def test_values_cannot_add_header_fields() -> None:
         confirmation_mail(
             record, b"%PDF", agent_address="a@b.example\r\nBcc: x@y", offer_subject="x"
         )
+
+
+# -- a TrueType font ([letter] pdf_font) -----------------------------------------------------
+
+DEJAVU = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")  # fonts-dejavu-core
+
+
+def base_fonts(pdf: bytes) -> set[str]:
+    reader = pypdf.PdfReader(io.BytesIO(pdf))
+    return {
+        str(font["/BaseFont"]).lstrip("/").split("+")[-1]
+        for page in reader.pages
+        for font in page["/Resources"]["/Font"].values()
+    }
+
+
+def test_a_truetype_font_shows_every_letter_it_has() -> None:
+    """Polish, Turkish, Greek and Cyrillic names as written; what even the font lacks (Han
+    characters in DejaVu) reduced as with the core fonts, and the bold and oblique files
+    beside the regular one used for their styles."""
+    assert DEJAVU.is_file(), "fonts-dejavu-core is missing (scripts/with-test-services installs it)"
+    record = make_record(
+        recipient="Łukasz Wiśniewski <lukasz@example.com>",
+        company="Şükrü Öztürk Emlak",
+        agent="Γιώργος Παπαδόπουλος / Дмитрий Иванов <agent@broker.example>",
+        user_agent="Agent\x00with\ncontrols\u202e 李 ő",
+    )
+    blocks = (*record.blocks, ShownBlock("note", "Hinweis", "Ein *kursiver* Satz.", None))
+    record = replace(record, blocks=blocks, texts_sha256=texts_sha256(blocks))
+    pdf = consent_pdf.render(record, font=DEJAVU)
+    text = text_of(pdf)
+    assert "Łukasz Wiśniewski <lukasz@example.com>" in text
+    assert "Şükrü Öztürk Emlak" in text
+    assert "Γιώργος Παπαδόπουλος / Дмитрий Иванов" in text
+    assert "Agent with controls ? ő" in text
+    assert "„Anführungszeichen“ – Gedankenstrich … 100 €" in text
+    assert base_fonts(pdf) == {"DejaVuSansBook", "DejaVuSansBold", "DejaVuSansOblique", "Courier"}
+    assert "Helvetica" not in base_fonts(pdf)
+    assert consent_pdf.render(record, font=DEJAVU) == pdf  # the same record, the same bytes
+
+
+def test_without_a_font_the_core_fonts_draw_it() -> None:
+    pdf = consent_pdf.render(make_record(recipient="Łukasz <l@example.com>"))
+    assert "?ukasz <l@example.com>" in text_of(pdf)
+    assert base_fonts(pdf) == {"Helvetica", "Helvetica-Bold", "Courier"}
+
+
+def test_a_font_that_cannot_be_read_leaves_the_consent_in_the_core_fonts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gone or broken since check-config looked: the prospect's consent is still recorded."""
+    broken = tmp_path / "Broken.ttf"
+    broken.write_bytes(b"\x00\x01\x00\x00 not a font")
+    for font in (tmp_path / "Gone.ttf", broken):
+        pdf = consent_pdf.render(make_record(), font=font)
+        assert "Peter Müller <peter@example.com>" in text_of(pdf)
+        assert base_fonts(pdf) == {"Helvetica", "Helvetica-Bold", "Courier"}
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(logged) == 2 and all("consent PDF in the built-in fonts" in m for m in logged)
+
+
+@pytest.mark.parametrize(
+    ("names", "styles"),
+    [
+        (
+            ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf"],
+            {"": "DejaVuSans.ttf", "B": "DejaVuSans-Bold.ttf", "I": "DejaVuSans-Oblique.ttf"},
+        ),
+        (
+            ["NotoSans-Regular.ttf", "NotoSans-Bold.ttf", "NotoSans-BoldItalic.ttf"],
+            {"": "NotoSans-Regular.ttf", "B": "NotoSans-Bold.ttf", "BI": "NotoSans-BoldItalic.ttf"},
+        ),
+        (["Solo.otf", "Solo-Bold.ttf"], {"": "Solo.otf"}),
+    ],
+)
+def test_a_familys_styles_are_found_beside_its_regular_file(
+    tmp_path: Path, names: list[str], styles: dict[str, str]
+) -> None:
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    files = font_files(tmp_path / names[0])
+    regular = styles[""]
+    assert {style: path.name for style, path in files.items()} == {
+        style: styles.get(style, regular) for style in ("", "B", "I", "BI")
+    }

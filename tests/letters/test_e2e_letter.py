@@ -25,6 +25,8 @@ from gateway.letters.verification import verify_released
 from gateway.mail import headers
 from gateway.store.models import Consent, Delivery, Event, Letter, LetterStatus
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, dkim_dns
+from tests.letters.test_consent_pdf import DEJAVU
+from tests.letters.test_consent_pdf import text_of as pdf_text_of
 from tests.support import chained
 
 PROSPECT = "paula@example.com"
@@ -192,6 +194,30 @@ async def test_concurrent_consents_release_once(relay: Harness) -> None:
         m for m in relay.sink.messages if m.rcpt_tos == [OTHER] and b"X-Sealrelay-Consent" in m.data
     ]
     assert len(released) == 1
+
+
+async def test_the_consent_pdf_in_the_configured_font_shows_every_letter(
+    relay_factory: StartRelay,
+) -> None:
+    """`[letter] pdf_font`: the PDF the agent gets and the one kept as evidence show a
+    Polish company name as written (the built-in fonts would show `?d?`)."""
+    company = "Łódź Nieruchomości Sp. z o.o."
+    relay = await relay_factory(
+        smtp={"max_message_size": 50 * 1024 * 1024},
+        branding={"company_name": company},
+        letter={"pdf_font": str(DEJAVU)},
+    )
+    await relay.send(offer(), recipients=[PROSPECT])
+    [letter] = await relay.sink.expect(1)
+    [token] = set(LETTER_LINK.findall(text_of(letter.data)))
+    release = await relay.relay.letters.release(token, REQUIRED, "127.0.0.1", "pytest")
+    notices = [m for m in await relay.sink.expect(3) if m.rcpt_tos == [AGENT]]
+    notice = email.message_from_bytes(notices[0].data, policy=email.policy.default)
+    [pdf] = [p for p in notice.iter_attachments() if p.get_content_type() == "application/pdf"]
+    sent = pdf.get_payload(decode=True)
+    assert isinstance(sent, bytes) and company in pdf_text_of(sent)
+    kept = await relay.relay.letters.consent_pdf(release.letter.id, "admin@broker.example")
+    assert kept == sent
 
 
 async def test_terms_pdf_travels_with_the_letter_and_the_archive_gets_copies(

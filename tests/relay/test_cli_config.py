@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.config import SYSTEM_CONFIG
 from tests.cli_runner import SEALRELAY, Run, sealrelay, write_config
+from tests.letters.test_consent_pdf import DEJAVU
 from tests.support import LETTER_TOML, free_port
 
 AGENT = "anna@broker.example"
@@ -219,6 +220,36 @@ async def test_check_config_warns_of_capture_and_unknown_groups(
         f" in {tmp_path}/outbox, nothing is sent; set smtp://HOST:PORT or smtps://HOST:PORT"
         " to deliver",
     ]
+
+
+async def test_check_config_names_a_consent_pdf_font_that_is_none_or_lacks_styles(
+    tmp_path: Path,
+) -> None:
+    """A file that is no font stops start-up; a regular file with no bold or italic beside it
+    is worth a warning (those styles are drawn in it); DejaVu's family as installed, none."""
+    not_a_font = tmp_path / "fonts" / "Logo.ttf"
+    not_a_font.parent.mkdir()
+    not_a_font.write_bytes(b"<svg/>")
+    alone = tmp_path / "fonts" / "DejaVuSans.ttf"
+    shutil.copyfile(DEJAVU, alone)
+    outcomes = []
+    for font in (not_a_font, alone, DEJAVU):
+        extra = "[smtp]\nallow_plaintext_auth_on_loopback = true\n" + LETTER_TOML
+        config = write_config(tmp_path / font.stem, extra=extra + f"pdf_font = '{font}'\n")
+        outcomes.append(await sealrelay("check-config", str(config)))
+    wrong, lacking, family = outcomes
+    assert wrong.code == 1
+    assert errors(wrong) == [
+        f"Error: config error: letter.pdf_font: {not_a_font} is not a TrueType or OpenType"
+        " font (.ttf, .otf)"
+    ]
+    assert lacking.code == 0, lacking.err
+    assert (
+        "Warning: letter.pdf_font: no bold, italic, bold italic file beside DejaVuSans.ttf: the"
+        " consent PDF draws those styles in the regular one"
+    ) in lacking.err.splitlines()
+    assert family.code == 0, family.err
+    assert "pdf_font" not in family.err
 
 
 # -- item 20: the config found as users expect; looking never creates a database ---------------
