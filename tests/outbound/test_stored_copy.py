@@ -29,6 +29,7 @@ from gateway.outbound.smtp_connection import (
     bare_line_end_refusal,
     stuffed_pieces,
     stuffed_stream,
+    utf8_header,
 )
 from gateway.outbound.stored_copy import (
     WHOLE,
@@ -471,3 +472,22 @@ async def test_a_capture_directory_gets_the_streamed_copy_whole(
     [written] = (tmp_path / "capture").glob("*.eml")
     assert written.read_bytes() == whole
     assert written.name == f"{row(raw).id}.eml"
+
+
+@pytest.mark.parametrize("subject", ["Exposé für Jörg", "Expose"])
+async def test_a_stored_copy_says_whether_its_header_block_is_utf8(
+    tmp_path: Path, subject: str
+) -> None:
+    """Read from the header block the copy is built from, on both ways a big copy is built
+    (an original proved by its digest, another copy by a first pass), as a whole one says
+    it from its bytes: SMTPUTF8 goes with it where the upstream offers it."""
+    store = LocalBlobStore(tmp_path)
+    raw = big_message().replace(b"Subject: ", f"Subject: {subject} ".encode(), 1)
+    digest = await store.put(raw)
+    utf8 = not subject.isascii()
+    for message, named in ((submitted(raw, digest, None), digest), (row(raw), None)):
+        async with store.open(digest) as blob:
+            copy = await build(blob, message, "relay.broker.example", Signer({}), digest=named)
+            assert isinstance(copy, StoredCopy) and copy.utf8_header is utf8
+            assert utf8_header(copy) is utf8
+    assert utf8_header(prepare(raw, row(raw), "relay.broker.example", Signer({}))) is utf8
