@@ -9,7 +9,8 @@ ticked it, and the SHA-256 of those texts with how to check it. The wording live
 fpdf2's built-in Helvetica needs no font file, so this works wherever Python runs. Those fonts
 cover Windows-1252 only (German, English and Spanish, with „ “ – … €). `[letter] pdf_font`
 names a TrueType font whose letters the PDF embeds (DejaVu Sans or Noto Sans covers Polish,
-Turkish, Greek and Cyrillic names). A letter the font lacks is reduced to its base letter
+Turkish, Greek, Cyrillic, Hebrew and Arabic names), shaped by HarfBuzz so that right-to-left
+text reads so. A letter the font lacks is reduced to its base letter
 where one exists (ő -> o) or shown as "?", never an error. The hash is taken over the
 original texts, not over what the PDF can show.
 """
@@ -224,7 +225,7 @@ def _spans(children: list[Token], *, bold: bool) -> tuple[tuple[str, str], ...]:
 
 class _Pdf(FPDF):
     """A4 with the page number and consent id in every footer, in the core fonts or the
-    family of `font`; `shown` puts a text in the letters that family draws."""
+    family of `font`; `shown` puts a text in the letters the current font draws."""
 
     def __init__(self, page_text: str, consent_id: str, font: Path | None) -> None:
         super().__init__(orientation="portrait", unit="mm", format="A4")
@@ -233,7 +234,6 @@ class _Pdf(FPDF):
         # The core fonts' PDF encoding is WinAnsi (cp1252); fpdf2 checks latin-1 by default.
         self.core_fonts_encoding = "cp1252"
         self.family = CORE_FONT
-        self.drawn: Callable[[str], bool] | None = None
         if font is not None:
             try:
                 self._embed(font)
@@ -244,22 +244,29 @@ class _Pdf(FPDF):
     def _embed(self, font: Path) -> None:
         for style, path in font_files(font).items():
             self.add_font(FAMILY, style, path)
-        styles = [self.fonts[f"{FAMILY}{style}"] for style in ("", "B", "I", "BI")]
-        common = frozenset.intersection(*(frozenset(getattr(f, "cmap", ())) for f in styles))
-        self.drawn = lambda char: ord(char) in common
+        # HarfBuzz: Arabic letters joined, Hebrew and Arabic right to left (drawn as stored,
+        # a name would read backwards)
+        self.set_text_shaping(True)
         self.family = FAMILY
 
     def shown(self, text: str) -> str:
-        return pdf_text(text, self.drawn)
+        if self.family == CORE_FONT:
+            return pdf_text(text)
+        cmap = getattr(self.current_font or self.fonts[FAMILY], "cmap", {})
+        return pdf_text(text, lambda char: ord(char) in cmap)
 
     def footer(self) -> None:
-        # "{nb}" is fpdf2's alias for the page count, filled in when the document is closed.
+        # "{nb}" is fpdf2's alias for the page count, filled in when the document is closed;
+        # shaped, it would keep the width of its four characters
+        shaped = self.text_shaping is not None
+        self.set_text_shaping(False)
         page = self.page_text.format(page=self.page_no(), pages="{nb}")
         self.set_y(-14)
         self.set_font(self.family, size=8)
         self.set_text_color(110)
         self.cell(0, 5, self.shown(f"{page}  \u00b7  {self.consent_id}"), align="C")
         self.set_text_color(0)
+        self.set_text_shaping(shaped)
 
 
 def render(record: ConsentRecord, zone: str = DEFAULT_TIMEZONE, font: Path | None = None) -> bytes:

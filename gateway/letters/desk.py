@@ -317,7 +317,7 @@ class LetterDesk:
             from gateway.letters import consent_pdf
 
             zone = self.settings.branding.timezone
-            # 25 ms of CPU in the built-in fonts, ~200 ms with a TrueType font to subset:
+            # 25 ms of CPU in the built-in fonts, ~270 ms with a TrueType font to shape and subset:
             # off the event loop, which other sessions and prospects share
             pdf = await asyncio.to_thread(
                 consent_pdf.render, record, zone, self.settings.letter.pdf_font
