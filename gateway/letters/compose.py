@@ -46,9 +46,7 @@ def remove_subject_tag(raw: bytes, tag: str) -> bytes:
             text = headers.decoded(field.value)
             if not text.casefold().startswith(tag.casefold()):
                 return raw
-            new = headers.format_field(
-                "Subject", own_mail.encoded_subject(text[len(tag) :].strip())
-            )
+            new = headers.format_field("Subject", own_mail.encoded_words(text[len(tag) :].strip()))
         start = block.index(field.raw)
         return b"".join((raw[:start], new, memoryview(raw)[start + len(field.raw) :]))
     return raw
@@ -118,8 +116,8 @@ def compose_letter(
     subject = fill(block_set.letter_subject, values)
     head = [
         next(f.raw for f in original_fields if f.name == "from"),
-        headers.format_field("To", f"<{mail.recipient}>"),
-        headers.format_field("Subject", own_mail.encoded_subject(subject)),
+        headers.format_field("To", own_mail.named_address(mail.recipient_name, mail.recipient)),
+        headers.format_field("Subject", own_mail.encoded_words(subject)),
         headers.format_field("Date", format_datetime(now)),
         headers.format_field("Message-ID", own_mail.message_id(settings.server.hostname)),
         *(f.raw for f in original_fields if f.name in ("reply-to", "in-reply-to", "references")),

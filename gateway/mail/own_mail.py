@@ -33,6 +33,7 @@ ADDRESS_LIMIT: Final = 320
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _FILENAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
@@ -80,14 +81,30 @@ def one_line(text: str, limit: int) -> str:
     return single if len(single) <= limit else single[: limit - 1].rstrip() + "…"
 
 
-def encoded_subject(subject: str) -> str:
+def encoded_words(text: str) -> str:
     """All ASCII: RFC 2047 encoded words where needed, space-separated so format_field can
     fold between them (white space between encoded words is dropped when they are decoded).
-    An ASCII subject holding ``=?`` is encoded too, so it is never read as an encoded word."""
-    if subject.isascii() and "=?" not in subject:
-        return subject
-    encoded = Header(subject, "utf-8", header_name="Subject").encode(linesep="\n")
+    An ASCII text holding ``=?`` is encoded too, so it is never read as an encoded word. The
+    words use only what RFC 2047 allows in a phrase, so a display name may be one."""
+    if text.isascii() and "=?" not in text:
+        return text
+    encoded = Header(text, "utf-8", header_name="Subject").encode(linesep="\n")
     return " ".join(encoded.split())
+
+
+def named_address(name: str, address: str) -> str:
+    """`Name <address>` for a To field, the name taken from someone else's header: one line,
+    encoded words when it is not ASCII, a quoted string when it holds a special character
+    (RFC 5322 3.2.3); `<address>` alone when there is no name."""
+    name = one_line(name, 200)
+    if not name:
+        return f"<{address}>"
+    if not name.isascii() or "=?" in name:
+        return f"{encoded_words(name)} <{address}>"
+    if _SPECIALS.search(name):
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{quoted}" <{address}>'
+    return f"{name} <{address}>"
 
 
 def console_url(public_url: str, message_id: str) -> str:
@@ -214,7 +231,7 @@ def render(mail: OwnMail, *, sender: str, hostname: str, now: datetime) -> bytes
     head = [
         format_field("From", f"{mail.display_name} <{one_line(sender, ADDRESS_LIMIT)}>"),
         format_field("To", one_line(mail.to, ADDRESS_LIMIT)),
-        format_field("Subject", encoded_subject(mail.subject)),
+        format_field("Subject", encoded_words(mail.subject)),
         format_field("Date", format_datetime(now)),
         format_field("Message-ID", message_id(hostname, mail.about)),
         *(format_field(name, value) for name, value in mail.fields),
