@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# The first bytes of a TrueType (1.0 or Apple's "true") or an OpenType (CFF) font file.
-_FONT_MAGIC = (b"\x00\x01\x00\x00", b"true", b"OTTO")
+# The first bytes of a TrueType (1.0 or Apple's "true") or an OpenType (CFF) font file, or
+# of a collection (Noto CJK's .ttc), whose first font is used.
+_FONT_MAGIC = (b"\x00\x01\x00\x00", b"true", b"OTTO", b"ttcf")
 _SIBLINGS = {
     "B": ("-Bold",),
     "I": ("-Italic", "-Oblique"),
@@ -39,5 +40,5 @@ def font_problem(path: Path) -> str | None:
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror or exc}"
     if magic not in _FONT_MAGIC:
-        return f"{path} is not a TrueType or OpenType font (.ttf, .otf)"
+        return f"{path} is not a TrueType or OpenType font (.ttf, .otf, .ttc)"
     return None

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pypdf
 import pytest
+from fontTools.ttLib import TTCollection, TTFont
 
 from gateway.letters import consent_pdf
 from gateway.letters.confirmation import confirmation_mail
 from gateway.letters.consent_pdf import Paragraph, markdown_paragraphs, pdf_text
 from gateway.letters.evidence import ConsentRecord, ShownBlock, texts_sha256
-from gateway.letters.pdf_font import font_files
+from gateway.letters.pdf_font import font_files, font_problem
 from gateway.mail.own_mail import render
 from gateway.texts.files import SHIPPED_BLOCK_SET, load_texts
 from rules.language import shipped_language
@@ -472,3 +473,15 @@ def test_a_familys_styles_are_found_beside_its_regular_file(
     assert {style: path.name for style, path in files.items()} == {
         style: styles.get(style, regular) for style in ("", "B", "I", "BI")
     }
+
+
+def test_a_font_collection_draws_in_its_first_font(tmp_path: Path) -> None:
+    """Noto CJK and others ship as .ttc: its first font is the family's."""
+    collection = TTCollection()
+    collection.fonts = [TTFont(DEJAVU), TTFont(DEJAVU.with_name("DejaVuSans-Bold.ttf"))]
+    ttc = tmp_path / "Collected.ttc"
+    collection.save(ttc)
+    assert font_problem(ttc) is None
+    pdf = consent_pdf.render(make_record(recipient="Łukasz <l@example.com>"), font=ttc)
+    assert "Łukasz <l@example.com>" in text_of(pdf)
+    assert "Helvetica" not in base_fonts(pdf)

@@ -241,7 +241,7 @@ async def test_check_config_names_a_consent_pdf_font_that_is_none_or_lacks_style
     assert wrong.code == 1
     assert errors(wrong) == [
         f"Error: config error: letter.pdf_font: {not_a_font} is not a TrueType or OpenType"
-        " font (.ttf, .otf)"
+        " font (.ttf, .otf, .ttc)"
     ]
     assert lacking.code == 0, lacking.err
     assert (
