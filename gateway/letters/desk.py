@@ -55,7 +55,7 @@ from gateway.links.tokens import (
     new_token,
 )
 from gateway.mail import headers
-from gateway.mail.own_mail import console_url
+from gateway.mail.own_mail import OwnMail, console_url
 from gateway.outbound.local_mail import Queued, enqueue
 from gateway.outbound.queue import new_delivery
 from gateway.store import journal
@@ -151,6 +151,16 @@ class Release:
     consent: Consent
     letter: Letter
     already: bool
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """What a consent records, made before the transaction that records it."""
+
+    record: ConsentRecord
+    released_blob: str
+    pdf_blob: str
+    notice: OwnMail
 
 
 UNSIGNED_HEADER = "X-Sealrelay-Unsigned-Copy"
@@ -282,68 +292,45 @@ class LetterDesk:
         return sent
 
     async def release(self, token: str, checked: set[str], ip: str, user_agent: str) -> Release:
-        """Consent and release in one transaction; a second call changes nothing."""
+        """Consent and release, recorded in one transaction; a second call changes nothing.
+
+        The evidence (the original stamped with the consent, the consent PDF) is made from a
+        read of the letter before that transaction begins: on SQLite every write transaction
+        holds the one write lock, and mail waits behind it while a PDF is drawn. The
+        transaction finds the letter again, locked; one that finds a consent recorded
+        meanwhile (a second click) records nothing, and the files made for it are left to
+        the sweeper as no row names them."""
         now = self.clock()
-        async with self.db.transaction() as session:
-            found = await self._find(session, token, lock=True)
+        async with self.db.snapshot() as session:
+            found = await self._find(session, token, lock=False)
             if found.consent is not None:
                 return Release(found.consent, found.letter, already=True)
             missing = [b for b in found.blocks if b.required and b.id not in checked]
             if missing:
                 raise ConsentIncomplete(missing)
+            sent_at = await _letter_sent_at(session, found.letter)
+        evidence = await self._evidence(found, checked, ip, user_agent, sent_at, now)
+        record = evidence.record
+        async with self.db.transaction() as session:
+            found = await self._find(session, token, lock=True)
+            if found.consent is not None:
+                return Release(found.consent, found.letter, already=True)
             letter, message = found.letter, found.message
-            sent_at = await _letter_sent_at(session, letter)
-            consent_id = new_id()
-            ticked = sorted(checked & {b.id for b in found.blocks})
-            record = ConsentRecord(
-                consent_id=consent_id,
-                recipient=letter.recipient,
-                subject=letter.subject,
-                agent=message.sender,
-                company=self.settings.branding.company_name,
-                language=letter.language,
-                letter_sent_at=sent_at,
-                given_at=now,
-                ip=ip,
-                user_agent=user_agent[:1000],
-                blocks=found.blocks,
-                checked=frozenset(ticked),
-                texts_sha256=letter.texts_sha256,
-            )
-            released_blob = await self._stamped(
-                letter, evidence_fields(consent_id, now, ip, letter.texts_sha256, sent_at)
-            )
-            # fpdf2 (with Pillow) costs ~44 MiB resident: only a release pays for it.
-            from gateway.letters import consent_pdf
-
-            zone = self.settings.branding.timezone
-            # 25 ms of CPU in the built-in fonts, ~270 ms with a TrueType font to shape and subset:
-            # off the event loop, which other sessions and prospects share
-            pdf = await asyncio.to_thread(
-                consent_pdf.render, record, zone, self.settings.letter.pdf_font
-            )
-            pdf_blob = await self.blobs.put(pdf)
-            notice = confirmation.confirmation_mail(
-                record,
-                pdf,
-                agent_address=message.sender,
-                offer_subject=letter.subject,
-                zone=zone,
-                language=self.settings.policy.language,
-            )
             archive = self._archive()
-            deliveries = self._copies(message, letter.recipient, released_blob, now, released=True)
+            deliveries = self._copies(
+                message, letter.recipient, evidence.released_blob, now, released=True
+            )
             consent = Consent(
-                id=consent_id,
+                id=record.consent_id,
                 letter_id=letter.id,
                 given_at=now,
                 ip=ip,
-                user_agent=user_agent[:1000],
+                user_agent=record.user_agent,
                 blocks=[asdict(b) for b in found.blocks],
-                checked=ticked,
+                checked=sorted(record.checked),
                 texts_sha256=letter.texts_sha256,
                 letter_sent_at=sent_at,
-                pdf_blob=pdf_blob,
+                pdf_blob=evidence.pdf_blob,
                 released_delivery_id=deliveries[0].id,
             )
             _mark_released(letter, now)
@@ -354,7 +341,7 @@ class LetterDesk:
                 session,
                 self.blobs,
                 self.settings,
-                notice,
+                evidence.notice,
                 kind=MessageKind.CONFIRMATION,
                 user_id=message.user_id,
                 now=now,
@@ -365,18 +352,18 @@ class LetterDesk:
                 [
                     CONSENT_GIVEN.new(
                         {
-                            "consent_id": consent_id,
+                            "consent_id": consent.id,
                             "letter_id": letter.id,
                             "recipient": letter.recipient,
                             "ip": ip,
                             "user_agent": user_agent[:300],
                             "texts_sha256": letter.texts_sha256,
-                            "checked": ticked,
+                            "checked": consent.checked,
                         },
                         message_id=message.id,
                     ),
                     LETTER_RELEASED.new(
-                        {"consent_id": consent_id, "recipient": letter.recipient},
+                        {"consent_id": consent.id, "recipient": letter.recipient},
                         message_id=message.id,
                         delivery_id=deliveries[0].id,
                     ),
@@ -389,12 +376,62 @@ class LetterDesk:
         log.info(
             "%s: consent=%s to=<%s>, ip=%s, letter=%s, status=released",
             message.id,
-            consent_id,
+            consent.id,
             letter.recipient,
             ip,
             letter.id,
         )
         return Release(consent, letter, already=False)
+
+    async def _evidence(
+        self,
+        found: FoundLetter,
+        checked: set[str],
+        ip: str,
+        user_agent: str,
+        sent_at: datetime,
+        now: datetime,
+    ) -> _Evidence:
+        """The consent's record and its files: the original stamped with the consent's
+        fields, the consent PDF, the agent's confirmation."""
+        letter, message = found.letter, found.message
+        consent_id = new_id()
+        record = ConsentRecord(
+            consent_id=consent_id,
+            recipient=letter.recipient,
+            subject=letter.subject,
+            agent=message.sender,
+            company=self.settings.branding.company_name,
+            language=letter.language,
+            letter_sent_at=sent_at,
+            given_at=now,
+            ip=ip,
+            user_agent=user_agent[:1000],
+            blocks=found.blocks,
+            checked=frozenset(checked & {b.id for b in found.blocks}),
+            texts_sha256=letter.texts_sha256,
+        )
+        released_blob = await self._stamped(
+            letter, evidence_fields(consent_id, now, ip, letter.texts_sha256, sent_at)
+        )
+        # fpdf2 (with Pillow) costs ~44 MiB resident: only a release pays for it.
+        from gateway.letters import consent_pdf
+
+        zone = self.settings.branding.timezone
+        # 25 ms of CPU in the built-in fonts, ~270 ms with a TrueType font to shape and
+        # subset: off the event loop, which other sessions and prospects share
+        pdf = await asyncio.to_thread(
+            consent_pdf.render, record, zone, self.settings.letter.pdf_font
+        )
+        notice = confirmation.confirmation_mail(
+            record,
+            pdf,
+            agent_address=message.sender,
+            offer_subject=letter.subject,
+            zone=zone,
+            language=self.settings.policy.language,
+        )
+        return _Evidence(record, released_blob, await self.blobs.put(pdf), notice)
 
     # -- what agents do (the console and the API call these)
 

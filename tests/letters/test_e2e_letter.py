@@ -11,14 +11,17 @@ import email
 import email.policy
 import os
 import re
+import threading
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import dkim as dkimpy
 import pytest
 from sqlalchemy import func, select
 
+from gateway.letters import consent_pdf
 from gateway.letters.desk import ConsentIncomplete, LetterUnknown
 from gateway.letters.evidence import parse_evidence
 from gateway.letters.verification import verify_released
@@ -194,6 +197,39 @@ async def test_concurrent_consents_release_once(relay: Harness) -> None:
         m for m in relay.sink.messages if m.rcpt_tos == [OTHER] and b"X-Sealrelay-Consent" in m.data
     ]
     assert len(released) == 1
+
+
+async def test_mail_is_taken_while_a_consent_pdf_is_drawn(
+    relay: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PDF is drawn before the transaction that records the consent: a write of the
+    relay's (here another message taken) and the letter's row itself stay free meanwhile.
+    The old order held SQLite's write lock, and PostgreSQL's lock on the letter, across it."""
+    _, copies = await send_offer(relay)
+    [token] = set(LETTER_LINK.findall(text_of(copies[OTHER])))
+    loop = asyncio.get_running_loop()
+    drawing, may_finish = asyncio.Event(), threading.Event()
+    render = consent_pdf.render
+
+    def held_render(*args: Any) -> bytes:
+        loop.call_soon_threadsafe(drawing.set)
+        assert may_finish.wait(30), "the test never let the PDF finish"
+        return render(*args)
+
+    monkeypatch.setattr(consent_pdf, "render", held_render)
+    release = asyncio.create_task(relay.relay.letters.release(token, REQUIRED, "127.0.0.9", "t"))
+    try:
+        await asyncio.wait_for(drawing.wait(), 30)
+        mail = EmailMessage()
+        mail["From"], mail["To"], mail["Subject"] = AGENT, PROSPECT, "Meanwhile"
+        mail.set_content("Taken while the consent PDF is drawn.")
+        await asyncio.wait_for(relay.send(mail, recipients=[PROSPECT]), 10)
+        async with relay.relay.db.transaction() as session:
+            locked = select(Letter).where(Letter.recipient == OTHER).with_for_update(nowait=True)
+            assert (await asyncio.wait_for(session.execute(locked), 10)).first() is not None
+    finally:
+        may_finish.set()
+    assert not (await release).already
 
 
 async def test_the_consent_pdf_in_the_configured_font_shows_every_letter(
