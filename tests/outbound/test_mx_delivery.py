@@ -270,6 +270,23 @@ async def test_recipients_of_two_domains_go_to_each_domains_mx(net: Net) -> None
     assert [m.rcpt_tos for m in b.messages] == [["q@b.test"]]
 
 
+async def test_a_utf8_subject_goes_with_smtputf8_to_an_mx_that_offers_it(net: Net) -> None:
+    """RFC 6532 mail to ASCII addresses: SMTPUTF8 where the MX offers it, 8-bit data where it
+    does not, the bytes as they are either way."""
+    data = "From: agent@broker.example\r\nSubject: Exposé für Jörg\r\n\r\nHallo.\r\n".encode()
+    net.mx("a.test", (10, "mx.a.test"))
+    net.mx("b.test", (10, "mx.b.test"))
+    net.a("mx.a.test", 10)
+    net.a("mx.b.test", 20)
+    offering, plain = await net.sink(10), await net.sink(20)
+    offering.smtputf8 = True
+    upstream = await net.upstream()
+    outcomes = await upstream.send(MAIL_FROM, ["p@a.test", "q@b.test"], data)
+    assert all(outcome.delivered for outcome in outcomes.values())
+    assert [(m.smtputf8, m.data.endswith(data)) for m in offering.messages] == [(True, True)]
+    assert [(m.smtputf8, m.data.endswith(data)) for m in plain.messages] == [(False, True)]
+
+
 async def test_a_domain_in_either_form_is_one_transaction(net: Net) -> None:
     """`straße.test`, `Straße.TEST` and `xn--strae-oqa.test` are one domain: one lookup,
     one transaction with every recipient, not one for each way of writing it."""
