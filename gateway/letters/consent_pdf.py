@@ -10,9 +10,9 @@ fpdf2's built-in Helvetica needs no font file, so this works wherever Python run
 cover Windows-1252 only (German, English and Spanish, with „ “ – … €). `[letter] pdf_font`
 names a TrueType font whose letters the PDF embeds (DejaVu Sans or Noto Sans covers Polish,
 Turkish, Greek, Cyrillic, Hebrew and Arabic names), shaped by HarfBuzz so that right-to-left
-text reads so. A letter the font lacks is reduced to its base letter
-where one exists (ő -> o) or shown as "?", never an error. The hash is taken over the
-original texts, not over what the PDF can show.
+text reads so. A letter the font lacks is reduced to its base letter where one exists
+(ő -> o) or shown as "?", never an error. The hash is taken over the original texts, not
+over what the PDF can show.
 """
 
 from __future__ import annotations
