@@ -996,12 +996,13 @@ class Settings(Section):
 
     @field_validator("dkim")
     @classmethod
-    def _lower_domains(cls, value: dict[str, DkimDomain]) -> dict[str, DkimDomain]:
-        """Domains compare without case; every user of `dkim` relies on lower-case keys."""
-        named = Counter(domain.lower() for domain in value)
+    def _domain_keys(cls, value: dict[str, DkimDomain]) -> dict[str, DkimDomain]:
+        """Each domain by its key (rules/domains.py: lower case, A-labels), which every user
+        of `dkim` compares a From domain's key with, and DNS publishes the key under."""
+        named = Counter(domain_key(domain) for domain in value)
         if twice := sorted(domain for domain, count in named.items() if count > 1):
             raise ValueError(f"[dkim] names {', '.join(twice)} more than once (case is ignored)")
-        return {domain.lower(): entry for domain, entry in value.items()}
+        return {domain_key(domain): entry for domain, entry in value.items()}
 
 
 SYSTEM_CONFIG = Path("/etc/sealrelay/sealrelay.toml")

@@ -43,6 +43,7 @@ from gateway.store.events import (
 )
 from gateway.store.metrics import AUTH_CHECKS_WAITING
 from gateway.store.models import AgentLogin, Alias, ConsoleSession, Role, User, utcnow
+from rules.domains import domain_of
 
 # OWASP's argon2id minimum (19 MiB, 2 passes, 1 lane): the library default takes 64 MiB per
 # check, which a relay doing SMTP AUTH all day pays in resident memory. Stored hashes carry
@@ -593,8 +594,9 @@ async def agent_by_address(db: Database, address: str) -> Agent | None:
 
 
 async def address_domains(db: Database) -> frozenset[str]:
-    """The domains of every user's address and alias: part of "the domains we serve"."""
+    """The domains of every user's address and alias, by their keys (rules/domains.py): part
+    of "the domains we serve"."""
     async with db.transaction() as session:
         emails = (await session.scalars(select(User.email))).all()
         aliases = (await session.scalars(select(Alias.address))).all()
-    return frozenset(a.rpartition("@")[2].lower() for a in (*emails, *aliases))
+    return frozenset(domain_of(a) for a in (*emails, *aliases))

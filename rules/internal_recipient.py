@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rules.actions import Action, KeepOriginal
+from rules.domains import domain_key, domain_of
 from rules.facts import MessageFacts
 from rules.policy import Policy
 
@@ -10,7 +11,6 @@ name = "internal-recipient"
 
 
 def decide(facts: MessageFacts, recipient: str, policy: Policy) -> Action | None:
-    domain = recipient.rpartition("@")[2].lower()
-    if domain in {d.lower() for d in policy.internal_domains}:
+    if domain_of(recipient) in {domain_key(d) for d in policy.internal_domains}:
         return KeepOriginal("internal recipient")
     return None

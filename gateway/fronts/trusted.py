@@ -26,7 +26,7 @@ from gateway.config import Settings, TrustedClient
 from gateway.mail import headers
 from gateway.rejections import Rejected
 from gateway.store.db import Database
-from rules.domains import domain_key, domain_of
+from rules.domains import domain_of
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -158,7 +158,7 @@ async def served_domains(settings: Settings, db: Database) -> frozenset[str]:
 
     An entry's own `domains` list narrows a trusted client to fewer.
     """
-    return frozenset(map(domain_key, await users.address_domains(db) | frozenset(settings.dkim)))
+    return await users.address_domains(db) | frozenset(settings.dkim)
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ class Pipeline:
         self.signal = signal or QueueSignal()
         self.policy = settings.policy_config()
         self.materializers = materializers(settings, blobs)
-        self.signing_domains = frozenset(settings.dkim)  # lower case (Settings)
+        self.signing_domains = frozenset(settings.dkim)  # domain keys (Settings)
 
     async def submit(
         self,

@@ -13,6 +13,7 @@ from gateway.config import Settings
 from gateway.mail import headers, outgoing
 from gateway.problems import Problem
 from gateway.rejections import Rejected
+from rules.domains import domain_key, domain_of
 
 
 class UnsignedLetter(Rejected):
@@ -28,7 +29,7 @@ class UnsignedLetter(Rejected):
 
 
 def author_domain(raw: bytes) -> str:
-    """The domain DKIM signs for (gateway.mail.outgoing.author_domain), lower case."""
+    """The domain DKIM signs for (gateway.mail.outgoing.author_domain), by its key."""
     return outgoing.author_domain(headers.fields_of(raw)) or ""
 
 
@@ -78,8 +79,8 @@ def problems(settings: Settings) -> list[Problem]:
 
 
 def _sender_domains(senders: Iterable[str]) -> list[str]:
-    return [sender.rpartition("@")[2].lower() for sender in senders if "@" in sender]
+    return [domain_of(sender) for sender in senders if "@" in sender]
 
 
 def _unsigned(settings: Settings, domains: Iterable[str]) -> list[str]:
-    return sorted({d.lower() for d in domains} - set(settings.dkim))
+    return sorted({domain_key(d) for d in domains} - set(settings.dkim))

@@ -17,7 +17,7 @@ from gateway.mail import dkim, headers
 from gateway.mail.evidence_headers import OVERSIGNED_HEADERS
 from gateway.mail.loop_mark import LOOP_HEADER, LoopMarks
 from gateway.store.models import Message
-from rules.domains import domain_key
+from rules.domains import domain_key, domain_of
 
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 .,:@_+-]")  # no parentheses, no backslash, ASCII
@@ -111,10 +111,10 @@ class Head:
 
 
 def author_domain(fields: list[headers.HeaderField]) -> str | None:
-    """The domain of the first From address, lower case: the one whose key signs
-    (Signer.key_for)."""
+    """The domain of the first From address by its key (rules/domains.py), as `[dkim]` names
+    it: the one whose key signs (Signer.key_for)."""
     authors = headers.addresses(fields, "from")
-    return authors[0].rpartition("@")[2].lower() if authors else None
+    return domain_of(authors[0]) if authors else None
 
 
 _OUR_ID = re.compile(rb"\(sealrelay\)\s+with\s+[A-Z]+\s+id\s+([0-9a-f]+);")

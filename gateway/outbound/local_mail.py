@@ -21,6 +21,7 @@ from gateway.outbound.queue import new_delivery
 from gateway.store.blobs import BlobStore
 from gateway.store.events import BOUNCE_QUEUED, DELIVERY_QUEUED, NewEvent
 from gateway.store.models import Base, Delivery, Message, MessageKind, new_id
+from rules.domains import domain_of
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def own_sender(settings: Settings, agent: str, local_part: str | None = None) ->
     domain the agent's mailbox trusts; the relay's host name otherwise. `local_part` defaults
     to `[server] own_mail_sender`; bounces pass MAILER-DAEMON.
     """
-    domain = agent.rpartition("@")[2].lower()
+    domain = domain_of(agent)
     signed = domain if domain in settings.dkim else settings.server.hostname
     return f"{local_part or settings.server.own_mail_sender}@{signed}"
 

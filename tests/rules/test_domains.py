@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from gateway.config import Settings
 from gateway.fronts.trusted import sends_for
+from gateway.letters import letter_keys
 from gateway.mail.outgoing import Signer
+from gateway.outbound.local_mail import own_sender
 from gateway.outbound.routes import RouteTable
+from rules import internal_recipient
+from rules.actions import KeepOriginal
 from rules.domains import ascii_domain, domain_key
 from rules.facts import MessageFacts
 from rules.matching import Match
+from rules.policy import Policy
 
 BUECHER = "xn--bcher-kva.example"
 
@@ -93,3 +99,46 @@ def test_the_dkim_key_of_a_from_domain_in_either_form() -> None:
     assert signer.key_for("BÜCHER.example") is key
     assert signer.key_for(BUECHER) is key
     assert signer.key_for("bucher.example") is None
+
+
+def test_the_dkim_table_names_a_domain_by_its_key_for_every_reader(tmp_path: Path) -> None:
+    """`[dkim."Bücher.example"]` is the key DNS publishes under `xn--bcher-kva.example`: an
+    offer from either form has its key, the relay's own mail to an agent there comes from
+    that domain, and no rule or internal domain in either form is reported unsigned."""
+    settings = Settings.model_validate(
+        {
+            "dkim": {"Bücher.example": {"selector": "s1", "key_file": str(tmp_path / "k.pem")}},
+            "policy": {"internal_domains": [BUECHER]},
+            "rules": [
+                {
+                    "name": "offers",
+                    "match": {"senders": ["anna@bücher.example"]},
+                    "set": {"registered_letter": True},
+                }
+            ],
+        }
+    )
+    assert list(settings.dkim) == [BUECHER]
+    for author in ("anna@bücher.example", f"anna@{BUECHER}"):
+        letter_keys.require_key(settings, f"From: {author}\r\n\r\nx\r\n".encode())
+    with pytest.raises(letter_keys.UnsignedLetter):
+        letter_keys.require_key(settings, b"From: anna@bucher.example\r\n\r\nx\r\n")
+    assert own_sender(settings, "anna@bücher.example") == f"postmaster@{BUECHER}"
+    assert letter_keys.problems(settings) == []
+
+
+def test_an_internal_domain_in_either_form_keeps_the_original() -> None:
+    facts = MessageFacts(
+        sender="anna@broker.example",
+        group=None,
+        recipients=("kollege@bücher.example",),
+        subject="Exposé",
+        headers=(),
+        parts=(),
+        signed=False,
+    )
+    for internal in (BUECHER, "Bücher.example"):
+        policy = Policy(internal_domains=frozenset({internal}))
+        for recipient in ("kollege@bücher.example", f"kollege@{BUECHER}"):
+            assert isinstance(internal_recipient.decide(facts, recipient, policy), KeepOriginal)
+    assert internal_recipient.decide(facts, "p@bucher.example", Policy()) is None
