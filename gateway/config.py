@@ -906,8 +906,8 @@ class MilterSettings(Section):
 
     @field_validator("domains")
     @classmethod
-    def _lower(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else [v.strip().lower().rstrip(".") for v in value]
+    def _domain_keys(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _domains(value)
 
 
 class Settings(Section):

@@ -142,3 +142,11 @@ def test_an_internal_domain_in_either_form_keeps_the_original() -> None:
         for recipient in ("kollege@bücher.example", f"kollege@{BUECHER}"):
             assert isinstance(internal_recipient.decide(facts, recipient, policy), KeepOriginal)
     assert internal_recipient.decide(facts, "p@bucher.example", Policy()) is None
+
+
+def test_the_milters_domains_in_either_form() -> None:
+    settings = Settings.model_validate(
+        {"milter": {"listen": "127.0.0.1:8891", "domains": ["Bücher.example."]}}
+    )
+    assert settings.milter.domains == [BUECHER]
+    assert sends_for(frozenset(settings.milter.domains), "office@bücher.example")
