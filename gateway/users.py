@@ -172,7 +172,11 @@ def lookup_form(address: str) -> str:
 
 
 def generate_password() -> str:
-    return secrets.token_urlsafe(15)
+    """20 characters of base64url. Never a leading "-": pasted after `--auth-password` (swaks,
+    as the README shows) or any option, it would be read as an option of its own."""
+    while (password := secrets.token_urlsafe(15)).startswith("-"):
+        pass  # one in 64 draws
+    return password
 
 
 async def add_user(

@@ -117,3 +117,10 @@ async def test_unknown_user_operations(database: Database) -> None:
         await users.set_disabled(database, "ghost@broker.example")
     with pytest.raises(users.UserError, match="no user"):
         await users.set_password(database, "ghost@broker.example", PASSWORD)
+
+
+def test_a_generated_password_never_starts_like_an_option() -> None:
+    """Pasted after `--auth-password` it must not read as an option; one draw in 64 would."""
+    passwords = [users.generate_password() for _ in range(2000)]
+    assert not [p for p in passwords if p.startswith("-")]
+    assert all(len(p) == 20 for p in passwords) and len(set(passwords)) == len(passwords)
