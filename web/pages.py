@@ -227,6 +227,8 @@ def file_kind(content_type: str, filename: str) -> str:
         return "calendar"
     if ctype in {"text/vcard", "text/x-vcard", "text/directory"} or ext == ".vcf":
         return "contact"
+    if major == "message" or ext in {".eml", ".msg"}:
+        return "message"
     if major == "text":
         return "text"
     return "other"

@@ -618,6 +618,8 @@ async def test_an_original_no_longer_kept_leaves_the_agent_by_address(
         ("text/plain", "notiz.txt", "Text"),
         ("application/pdf", "Exposé.pdf", "PDF-Dokument"),
         ("application/octet-stream", "daten.bin", "Datei"),
+        ("message/rfc822", "Grundbuchauszug.eml", "E-Mail"),
+        ("application/octet-stream", "Anfrage.eml", "E-Mail"),
     ],
 )
 def test_files_are_named_as_a_person_would_call_them(

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 from email.message import EmailMessage
+from urllib.parse import quote
 
 import aiohttp
 import aiosmtplib
@@ -185,3 +186,57 @@ async def test_unsafe_mime_is_refused_before_250(relay: Harness) -> None:
     async with relay.relay.db.transaction() as session:
         assert (await session.scalars(select(Message))).all() == []
     assert relay.sink.messages == []
+
+
+def forwarded(name: str | None) -> tuple[bytes, bytes]:
+    """An agent's mail with an inquiry forwarded as an attachment, named or (as some clients
+    attach it) not; and the forwarded message's bytes."""
+    inner = EmailMessage()
+    inner["From"] = "Notar Weber <weber@notariat.example>"
+    inner["To"] = AGENT
+    inner["Subject"] = "=?utf-8?q?Grundbuchauszug_M=C3=BCllerstra=C3=9Fe_12?="
+    inner.set_content("Anbei der Auszug.\n")
+    inner.add_attachment(PDF, maintype="application", subtype="pdf", filename="auszug.pdf")
+    message = EmailMessage()
+    message["From"] = f"Anna Agent <{AGENT}>"
+    message["To"] = PROSPECT
+    message["Subject"] = "WG: Grundbuchauszug"
+    message.set_content("Guten Tag,\n\nanbei weitergeleitet.\n")
+    message.add_attachment(inner)
+    if name is not None:
+        [part] = message.iter_attachments()
+        part.replace_header("Content-Disposition", f'attachment; filename="{name}"')
+    raw = message.as_bytes(policy=email.policy.SMTP)
+    [part] = email.message_from_bytes(raw, policy=email.policy.default).iter_attachments()
+    return raw, part.get_payload(0).as_bytes(policy=email.policy.SMTP)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [(None, "Grundbuchauszug Müllerstraße 12.eml"), ("Anfrage.eml", "Anfrage.eml")],
+)
+async def test_a_forwarded_message_is_linked_under_its_subject(
+    relay: Harness, given: str | None, shown: str
+) -> None:
+    """Not as "attachment-2.eml": the prospect sees what the mail is about, and the file
+    saved is the forwarded message as it was attached."""
+    raw, inner = forwarded(given)
+    await relay.send(raw, recipients=[PROSPECT])
+    [copy] = await relay.sink.expect(1)
+    body_part = email.message_from_bytes(copy.data, policy=email.policy.default).get_body()
+    assert body_part is not None
+    text = body_part.get_content()
+    assert f"  - {shown} (" in text and "attachment-" not in text
+    [token] = set(LINK.findall(text))
+    async with aiohttp.ClientSession(headers={"User-Agent": PERSON_UA}) as http:
+        async with http.get(f"{relay.web_url}/d/{token}") as page:
+            assert page.status == 200
+            html_page = await page.text()
+        assert shown in html_page and "E-Mail, " in html_page
+        [file_path] = re.findall(rf'href="(/d/{token}/f/[0-9a-f]+)"', html_page)
+        async with http.get(f"{relay.web_url}{file_path}") as download:
+            assert download.status == 200
+            disposition = download.headers["Content-Disposition"]
+            body = await download.read()
+    assert disposition.endswith("''" + quote(shown, safe="")), disposition
+    assert body.replace(b"\r\n", b"\n") == inner.replace(b"\r\n", b"\n")
