@@ -37,11 +37,19 @@ class HeaderField:
 
     @property
     def value(self) -> str:
-        """The unfolded value, undecoded, leading white space removed."""
+        """The unfolded value, undecoded, leading white space removed.
+
+        Raw 8-bit that is not UTF-8 is what older clients and scanners wrote in their own
+        code page: read as Windows-1252 (Latin-1's superset), a Subject "Grüße" is shown so
+        on the console and the prospect's page, not as "Gr??e"."""
         _, _, value = self.raw.partition(b":")
         if value.find(b"\n", 0, len(value) - 1) != -1:  # folded: a line end before the last
             value = _FOLD.sub(b"", value)
-        return value.rstrip(b"\r\n").decode("utf-8", errors="replace").strip()
+        value = value.rstrip(b"\r\n")
+        try:
+            return value.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return value.decode("cp1252", errors="replace").strip()
 
 
 def split_offsets(raw: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:

@@ -930,6 +930,19 @@ async def test_a_failed_commit_of_a_small_message_451_and_no_blob_left(
 # -- acceptance
 
 
+async def test_a_subject_in_an_old_code_page_is_stored_readable(relay: Harness) -> None:
+    """A scanner or an old client writes its Subject in Windows-1252, unencoded: the
+    console, the journal and the prospect's page read it, the copy keeps its bytes."""
+    raw = raw_message().replace(b"Subject: Ihr Expose", "Subject: Grüße, Exposé".encode("cp1252"))
+    async with relay.client(username=AGENT, password=PASSWORD) as client:
+        text = await submit(client, [PROSPECT], raw)
+    [copy] = await relay.sink.expect(1)
+    assert copy.data.endswith(raw)
+    async with relay.relay.db.transaction() as session:
+        message = await session.get(Message, text.rsplit(" ", 1)[1])
+    assert message is not None and message.subject == "Grüße, Exposé"
+
+
 async def test_queued_250_names_a_stored_message_with_its_journal(relay: Harness) -> None:
     recipients = [PROSPECT, "other@example.org"]
     async with relay.client(username=AGENT, password=PASSWORD) as client:

@@ -102,6 +102,20 @@ def test_decoded_is_one_line_of_text(value: str, text: str) -> None:
     assert headers.decoded(value) == text
 
 
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("Subject: Grüße\r\n".encode(), "Grüße"),
+        ("Subject: Grüße – 3 Zimmer\r\n".encode("cp1252"), "Grüße – 3 Zimmer"),
+        ("Subject: Gr\xfc\xdfe\r\n \xe0 bient\xf4t\r\n".encode("latin-1"), "Grüße à bientôt"),
+        (b"Subject: a\x81b\r\n", "a\ufffdb"),  # a byte Windows-1252 leaves undefined
+    ],
+)
+def test_raw_8bit_that_is_not_utf8_reads_as_windows_1252(raw: bytes, value: str) -> None:
+    [field] = headers.parse_fields(raw)
+    assert field.value == value
+
+
 def test_values_without_encoded_words_read_as_the_parser_reads_them() -> None:
     """decoded() skips the header parser for ASCII without `=?`: the parser gives those back
     unchanged, which this checks on random values (control characters, quotes, comments)."""
