@@ -52,7 +52,7 @@ from gateway.letters.desk import (
 )
 from gateway.links.desk import LinkDesk
 from gateway.links.tokens import Closed, FoundLink
-from gateway.mail import mime
+from gateway.mail import headers, mime
 from gateway.store.blobs import BlobMissing, BlobStore, StoreUnavailable
 from gateway.store.models import Letter, Message
 from gateway.texts.catalog import Catalog
@@ -87,6 +87,9 @@ _ALLOWED_ATTRIBUTES = {
     tag: set(attributes) for tag, attributes in nh3.ALLOWED_ATTRIBUTES.items() if tag != "area"
 }
 _URL_SCHEMES = {"http", "https", "mailto", "tel", "cid", "data"}
+_READ_AS_WINDOWS_1252 = frozenset(
+    {"us-ascii", "ascii", "iso-8859-1", "iso8859-1", "iso_8859-1", "latin1", "latin-1", "l1"}
+)
 
 
 @dataclass(frozen=True)
@@ -588,13 +591,17 @@ def body_of(raw: bytes, root: mime.MimePart) -> tuple[str | None, str | None]:
 
 
 def _decode(raw: bytes, part: mime.MimePart) -> str:
+    """A body read as a browser reads its label (WHATWG's Encoding Standard: ASCII and
+    ISO-8859-1 are Windows-1252, whose € and „“ Outlook writes under them); without a
+    label, or with one Python does not know, UTF-8 if it is valid, else Windows-1252."""
     data = mime.decoded_body(raw, part)
-    charset = part.params.get("charset", "utf-8").strip().strip('"') or "utf-8"
+    label = part.params.get("charset", "").strip().strip('"').lower()
+    codec = "cp1252" if label in _READ_AS_WINDOWS_1252 else label
     try:
-        text = data.decode(charset, errors="replace")
+        text = data.decode(codec, errors="replace") if codec else None
     except LookupError:
-        text = data.decode("utf-8", errors="replace")
-    return text[:BODY_MAX]
+        text = None
+    return (text if text is not None else headers.utf8_or_windows_1252(data))[:BODY_MAX]
 
 
 def sanitized_html(html: str, inline: dict[str, str]) -> Markup:

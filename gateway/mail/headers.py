@@ -45,11 +45,16 @@ class HeaderField:
         _, _, value = self.raw.partition(b":")
         if value.find(b"\n", 0, len(value) - 1) != -1:  # folded: a line end before the last
             value = _FOLD.sub(b"", value)
-        value = value.rstrip(b"\r\n")
-        try:
-            return value.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            return value.decode("cp1252", errors="replace").strip()
+        return utf8_or_windows_1252(value.rstrip(b"\r\n")).strip()
+
+
+def utf8_or_windows_1252(data: bytes) -> str:
+    """8-bit text whose charset is not declared: UTF-8 when it is valid UTF-8, else the
+    Windows code page that mail programs wrote before it (Latin-1 plus € and „“)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
 
 
 def split_offsets(raw: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:

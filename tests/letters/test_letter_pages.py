@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import select
 
 from gateway.letters.renewal import request_mail
-from gateway.mail import headers
+from gateway.mail import headers, mime
 from gateway.mail.own_mail import render
 from gateway.store.models import Consent, Delivery, LetterStatus, Message
 from gateway.texts.catalog import load_catalogs
@@ -42,6 +42,7 @@ from tests.letter_site import (
 from tests.queue_wait import queue_idle
 from tests.support import chained
 from web.csrf import FormTokens, load_or_create_key, origin_of
+from web.letters import body_of
 
 
 async def test_get_shows_the_letter_and_records_only_a_view(site: LetterSite) -> None:
@@ -551,3 +552,33 @@ async def test_the_key_lives_beside_the_blob_store(site: LetterSite) -> None:
     await site.csrf(token)
     path = site.harness.settings.storage.path.parent / "secret.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_bytes()) == 32
+
+
+@pytest.mark.parametrize(
+    ("charset", "body", "shown"),
+    [
+        ("utf-8", "Preis: 450.000 € „verhandelbar“".encode(), "Preis: 450.000 € „verhandelbar“"),
+        ("iso-8859-1", "Preis: 450.000 € „VB“".encode("cp1252"), "Preis: 450.000 € „VB“"),
+        ('"US-ASCII"', "Grüße".encode("cp1252"), "Grüße"),
+        (None, "Grüße €".encode(), "Grüße €"),
+        (None, "Grüße €".encode("cp1252"), "Grüße €"),
+        ("x-unknown", "Grüße".encode("cp1252"), "Grüße"),
+        ("koi8-r", "Привет".encode("koi8-r"), "Привет"),
+    ],
+)
+def test_the_offer_body_is_read_as_a_browser_reads_its_charset(
+    charset: str | None, body: bytes, shown: str
+) -> None:
+    """Outlook labels Windows-1252 as ISO-8859-1; a label-less or unknown 8-bit body is
+    UTF-8 when it can be, else the code page of the mail programs that wrote it."""
+    label = f"; charset={charset}" if charset else ""
+    raw = (
+        (
+            f"From: {AGENT}\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+            f"Content-Type: text/plain{label}\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        ).encode()
+        + body
+        + b"\r\n"
+    )
+    html, text = body_of(raw, mime.parse(raw))
+    assert html is None and text == shown + "\r\n"
