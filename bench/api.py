@@ -279,6 +279,7 @@ async def main() -> None:
             f'[server]\nhostname = "relay.bench.example"\n[database]\nurl = "{url}"\n'
             f'[web]\nlisten = "127.0.0.1:{port}"\n[storage]\npath = "{work / "blobs"}"\n'
             "[smtp]\nallow_plaintext_auth_on_loopback = true\n"
+            '[branding]\ncompany_name = "Bench Immobilien GmbH"\n'
             '[letter]\ncompany_address = "x"\ncompany_email = "x@bench.example"\n'
             'company_phone = "1"\ncommission = "1 %"\n',
             encoding="utf-8",

@@ -91,6 +91,7 @@ async def main() -> None:
                 "database": {"url": url},
                 "web": {"listen": f"127.0.0.1:{port}"},
                 "storage": {"path": str(work / "blobs")},
+                "branding": {"company_name": "Bench Immobilien GmbH"},
                 "letter": {"company_address": "x", "company_email": "x@bench.example",
                            "company_phone": "1", "commission": "1 %"},
             }

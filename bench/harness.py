@@ -273,6 +273,9 @@ url = "{db_url}"
 [storage]
 path = "{directory / "blobs"}"
 
+[branding]
+company_name = "Bench Immobilien GmbH"
+
 [letter]
 company_address = "Benchstraße 1, 12345 Benchstadt"
 company_email = "widerruf@bench.invalid"

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import LETTER_TOML
+from tests.support import BRANDING_TOML, LETTER_VALUES_TOML
 
 SEALRELAY = Path(sys.executable).with_name("sealrelay")
 
@@ -51,11 +51,15 @@ async def sealrelay(
 def write_config(
     directory: Path, name: str = "sealrelay.toml", extra: str = "", *, letter: bool = True
 ) -> Path:
-    """A config in `directory`; the letter values `serve` needs unless `extra` sets [letter]
-    itself or `letter` is False."""
+    """A config in `directory`; the letter values `serve` needs unless `extra` sets
+    [branding] or [letter] itself (that section is then its own) or `letter` is False."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    letter_values = LETTER_TOML if letter and "[letter]" not in extra else ""
+    letter_values = "".join(
+        toml
+        for section, toml in (("[branding]", BRANDING_TOML), ("[letter]", LETTER_VALUES_TOML))
+        if letter and section not in extra
+    )
     path.write_text(
         "[server]\n"
         'hostname = "relay.broker.example"\n'

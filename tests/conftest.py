@@ -197,6 +197,7 @@ def relay_settings(tmp_path: Path, upstream_port: int, **sections: Any) -> Setti
         # no test asks the machine's DNS; the DKIM page's tests bring their own server
         "console": {"dns_checks": False},
         # the letter texts' placeholders need values, or the relay refuses to start
+        "branding": {"company_name": "Müller Immobilien GmbH"},
         "letter": {
             "company_address": "Musterstraße 1, 80331 München",
             "company_email": "widerruf@broker.example",

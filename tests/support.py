@@ -43,13 +43,18 @@ def screenshot_dir(suite: str) -> Path:
 
 
 # What a config file needs for the letter texts' placeholders, or serve refuses to start.
-LETTER_TOML = """
+BRANDING_TOML = """
+[branding]
+company_name = "Müller Immobilien GmbH"
+"""
+LETTER_VALUES_TOML = """
 [letter]
 company_address = "Musterstraße 1, 80331 München"
 company_email = "widerruf@broker.example"
 company_phone = "+49 89 123456"
 commission = "3,57 % des Kaufpreises inkl. MwSt."
 """
+LETTER_TOML = BRANDING_TOML + LETTER_VALUES_TOML
 
 
 def serve_config(

@@ -96,7 +96,7 @@ class BlockSets:
     def __init__(self, settings: Settings) -> None:
         letter = settings.letter
         values = {
-            "company": settings.branding.company_name,
+            "company": contracting_company(settings),
             "company_address": letter.company_address,
             "company_email": letter.company_email,
             "company_phone": letter.company_phone,
@@ -124,6 +124,15 @@ class BlockSets:
 
     def get(self, name: str, language: str) -> BlockSet:
         return self.sets[(name, language)]
+
+
+def contracting_company(settings: Settings) -> str:
+    """The brokerage the letters' texts name as the prospect's contracting party: only a
+    name IT set. The default, sealrelay's own name, brands a page well enough, but in a
+    brokerage contract it would name the wrong party, so unset it stops start-up as a
+    missing address does."""
+    branding = settings.branding
+    return branding.company_name if "company_name" in branding.model_fields_set else ""
 
 
 def used_block_sets(settings: Settings) -> set[str]:

@@ -7,6 +7,7 @@ dev config of `make run` fills demo values and passes.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -137,3 +138,30 @@ async def test_the_relay_never_starts_with_unfilled_letter_texts(
             " has no value: set [letter] company_email"
         ) in message
     assert sink.messages == []
+
+
+async def test_the_letters_never_name_sealrelay_as_the_broker(tmp_path: Path) -> None:
+    """`[branding] company_name` defaults to sealrelay's own name, which brands a page but
+    would make the letters' texts name the wrong contracting party: unset, it stops
+    check-config (and so serve) as a missing address does."""
+    config = write_config(
+        tmp_path,
+        extra=FILLED
+        + 'commission = "3,57 %"\n'
+        + '[branding]\nprimary_color = "#1f4e79"\n'
+        + "[smtp]\nallow_plaintext_auth_on_loopback = true\n",
+    )
+    run = await sealrelay("check-config", str(config))
+    assert run.code == 1
+    for language in ("de", "en", "es"):
+        assert re.search(
+            rf'letter block set "default", language {language}: \{{company\}} in [^\n]+'
+            r" has no value: set \[branding\] company_name",
+            run.err,
+        ), run.err
+    named = config.read_text(encoding="utf-8").replace(
+        "[branding]\n", '[branding]\ncompany_name = "Müller Immobilien GmbH"\n'
+    )
+    config.write_text(named, encoding="utf-8")
+    run = await sealrelay("check-config", str(config))
+    assert run.code == 0, run.err
