@@ -14,7 +14,7 @@ from typing import Any
 import jinja2
 
 from gateway.config import Settings
-from gateway.letters.blocks import BlockSet, fill, markdown_html
+from gateway.letters.blocks import BlockSet, contracting_company, fill, markdown_html
 from gateway.mail import headers, mime, own_mail
 from gateway.mail.markdown_text import markdown_text
 from gateway.texts.catalog import shipped_catalogs
@@ -86,7 +86,7 @@ def compose_letter(
     values = {
         "recipient_name": mail.recipient_name,
         "agent_name": mail.agent_name,
-        "company": settings.branding.company_name,
+        "company": contracting_company(settings),
         "subject": mail.subject,
         "days": str(mail.days),
     }

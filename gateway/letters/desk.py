@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.agent_actions import UnknownTarget, WrongState, checked_actor, checked_reason
 from gateway.config import Settings
 from gateway.letters import confirmation, renewal
-from gateway.letters.blocks import BlockSet, BlockSets
+from gateway.letters.blocks import BlockSet, BlockSets, contracting_company
 from gateway.letters.compose import letter_for_held
 from gateway.letters.evidence import (
     ConsentRecord,
@@ -401,7 +401,7 @@ class LetterDesk:
             recipient=letter.recipient,
             subject=letter.subject,
             agent=message.sender,
-            company=self.settings.branding.company_name,
+            company=contracting_company(self.settings),
             language=letter.language,
             letter_sent_at=sent_at,
             given_at=now,
