@@ -10,6 +10,7 @@ meeting `[Errno 2] No such file or directory` one problem at a time.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import pwd
 import socket
@@ -18,6 +19,7 @@ from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
@@ -35,7 +37,7 @@ from gateway.config import (
     read_config,
     validation_problems,
 )
-from gateway.fronts.listen_addresses import listen_host, plaintext_logins_allowed
+from gateway.fronts.listen_addresses import is_loopback, listen_host, plaintext_logins_allowed
 from gateway.fronts.trusted import TrustedEntry
 from gateway.letters import letter_keys
 from gateway.letters.pdf_font import STYLE_NAMES, font_files, font_problem
@@ -71,6 +73,7 @@ def check_config(
 def settings_problems(settings: Settings, *, reach_bucket: bool = True) -> Iterator[Problem]:
     """What the valid settings point at: files, directories, keys, names."""
     yield from _smtp(settings.smtp)
+    yield from _public_url(settings)
     yield from _upstream(settings.upstream)
     for name, upstream in settings.upstreams.items():
         yield from _upstream(upstream, f"upstreams.{name}")
@@ -170,6 +173,41 @@ def _logins_without_tls(smtp: SmtpSettings) -> Iterator[Problem]:
                 f"{address}: agents could not log in: set smtp.tls_cert and smtp.tls_key,"
                 " or allow_plaintext_auth_on_loopback on a loopback address",
             )
+
+
+def _public_url(settings: Settings) -> Iterator[Problem]:
+    """The address every download link and letter in prospects' mail points at. Left at its
+    default on a relay that sends mail, the links lead to the relay's own machine: a
+    warning, since a staging relay may mean it, but one no real prospect could follow."""
+    if settings.upstream.url.startswith("capture:"):
+        return  # nothing leaves this relay: a machine of one's own
+    url = settings.server.public_url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if is_loopback(host) or (address is not None and address.is_unspecified):
+        where = "this machine's own address"
+    elif address is not None and (address.is_private or address.is_link_local):
+        where = "an address of a private network"
+    elif parts.scheme == "http":
+        yield Problem(
+            "server.public_url",
+            f"{url}: prospects' personal links would travel unencrypted; serve the web over"
+            " https:// (a reverse proxy, docs/deployment.md)",
+            error=False,
+        )
+        return
+    else:
+        return
+    yield Problem(
+        "server.public_url",
+        f"{url} is {where}: the download links and letters in prospects' mail would lead"
+        " nowhere they can reach; set the https:// address prospects open them at",
+        error=False,
+    )
 
 
 def _upstream(upstream: UpstreamSettings, key: str = "upstream") -> Iterator[Problem]:

@@ -154,6 +154,7 @@ async def test_check_config_refuses_paths_the_relay_user_cannot_use(
     os.chown(secret_key, 65534, 65534)
     config = foreign_directory.parent / f"{foreign_directory.name}.toml"
     config.write_text(
+        "[server]\npublic_url = 'https://relay.broker.example'\n"
         "[smtp]\nallow_plaintext_auth_on_loopback = true\n"
         "[upstream]\nurl = 'smtp://smarthost.example:587'\n"
         f"[database]\nurl = 'sqlite+aiosqlite:///{foreign_directory}/relay.db'\n"
@@ -220,6 +221,45 @@ async def test_check_config_warns_of_capture_and_unknown_groups(
         f" in {tmp_path}/outbox, nothing is sent; set smtp://HOST:PORT or smtps://HOST:PORT"
         " to deliver",
     ]
+
+
+@pytest.mark.parametrize(
+    ("public_url", "warning"),
+    [
+        (None, "http://127.0.0.1:8080 is this machine's own address: the download links"),
+        ("http://[::1]:8080", "http://[::1]:8080 is this machine's own address"),
+        ("https://10.1.2.3", "https://10.1.2.3 is an address of a private network"),
+        ("http://relay.broker.example", "personal links would travel unencrypted"),
+        ("https://relay.broker.example", None),
+    ],
+)
+async def test_check_config_warns_of_links_prospects_cannot_open(
+    tmp_path: Path, public_url: str | None, warning: str | None
+) -> None:
+    """A relay that sends mail with `server.public_url` left at its default puts links to
+    its own loopback into every prospect's mail: check-config says so (a warning: a
+    staging relay may mean it). With a capture: upstream nothing leaves, nothing to say."""
+    server = f"public_url = '{public_url}'\n" if public_url else ""
+    config = write_config(
+        tmp_path,
+        extra="[smtp]\nallow_plaintext_auth_on_loopback = true\n"
+        "[upstream]\nurl = 'smtp://127.0.0.1:2526'\n",
+    )
+    config.write_text(
+        config.read_text().replace("[server]\n", f"[server]\n{server}"), encoding="utf-8"
+    )
+    checked = await sealrelay("check-config", str(config))
+    assert checked.code == 0, checked.err
+    found = [line for line in checked.err.splitlines() if "server.public_url" in line]
+    if warning is None:
+        assert found == []
+    else:
+        [line] = found
+        assert line.startswith("Warning: server.public_url: ") and warning in line, line
+    captured = config.read_text().replace("smtp://127.0.0.1:2526", f"capture:{tmp_path}/out")
+    config.write_text(captured, encoding="utf-8")
+    checked = await sealrelay("check-config", str(config))
+    assert checked.code == 0 and "public_url" not in checked.err, checked.err
 
 
 async def test_check_config_names_a_consent_pdf_font_that_is_none_or_lacks_styles(
