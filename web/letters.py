@@ -552,13 +552,14 @@ def offer_parts(raw: bytes, root: mime.MimePart) -> dict[str, OfferPart]:
     """The attachments the page lists, plus the inline images the HTML body shows."""
     facts = mime.part_facts(raw, root)
     inline = set(inline_images(root).values())
+    tree = {part.id: part for part in root.walk()}
     parts = {}
-    for number, fact in enumerate(facts, 1):
+    for fact in facts:
         if not (fact.is_attachment or fact.id in inline):
             continue
         parts[fact.id] = OfferPart(
             id=fact.id,
-            filename=safe_filename(fact.filename or "", f"attachment-{number}"),
+            filename=safe_filename(fact.filename or mime.name_for_unnamed(raw, tree[fact.id])),
             content_type=fact.content_type,
             size=fact.size,
             listed=fact.is_attachment,

@@ -6,20 +6,15 @@ one link per recipient. A registered letter's held original is made the same way
 
 from __future__ import annotations
 
-import mimetypes
-
 from gateway.config import Settings
 from gateway.draft import Draft
 from gateway.links import linkblock
 from gateway.links.tokens import download_url, new_link, new_token
-from gateway.mail import headers, mime
+from gateway.mail import mime
 from gateway.store.blobs import BlobStore
 from gateway.store.events import LINK_CREATED
 from gateway.store.models import LinkKind, StoredFile, new_id
 from rules.actions import LinkAttachments
-
-FORWARDED = frozenset({"message/rfc822", "message/global"})
-FORWARDED_NAME_MAX = 120
 
 
 class LinkAttachmentsMaterializer:
@@ -77,7 +72,7 @@ class LinkAttachmentsMaterializer:
             id=new_id(),
             message_id=draft.message.id,
             sha256=await self.blobs.put(data),
-            filename=(part.filename or _fallback_name(part, data))[:255],
+            filename=(part.filename or mime.name_for_unnamed(draft.raw, part))[:255],
             content_type=part.content_type,
             size=len(data),
             created_at=draft.now,
@@ -96,14 +91,3 @@ def _without_parts(draft: Draft, part_ids: tuple[str, ...]) -> tuple[bytes, mime
         without = mime.remove_parts(draft.raw, draft.root, part_ids)
         stripped = draft.stripped[part_ids] = (without, mime.parse(without))
     return stripped
-
-
-def _fallback_name(part: mime.MimePart, data: bytes) -> str:
-    """A forwarded message is attached without a name by some clients: it goes by its
-    Subject, as mail programs show it, not as "attachment-2.eml"."""
-    if part.content_type in FORWARDED:
-        subject = headers.decoded(headers.first_value(headers.fields_of(data), "subject") or "")
-        if subject := " ".join(subject.split())[:FORWARDED_NAME_MAX]:
-            return f"{subject}.eml"
-    extension = mimetypes.guess_extension(part.content_type) or ".bin"
-    return f"attachment-{part.id}{extension}"

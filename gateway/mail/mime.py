@@ -34,6 +34,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import functools
+import mimetypes
 import re
 import secrets
 import unicodedata
@@ -1031,3 +1032,20 @@ def _encode_qp(data: bytes) -> bytes:
         encoded = binascii.b2a_qp(line, quotetabs=False, istext=True, header=False)
         lines.append(encoded.replace(b"\r", b"=0D").replace(b"\n", CRLF))
     return CRLF.join(lines)
+
+
+FORWARDED_TYPES = frozenset({"message/rfc822", "message/global"})
+_FORWARDED_NAME_MAX = 120
+
+
+def name_for_unnamed(raw: bytes, part: MimePart) -> str:
+    """What a part without a filename is offered to a prospect as. Some clients attach a
+    forwarded message with no name: it goes by its Subject, as mail programs show it, not
+    as "attachment-2.eml"; anything else by its place and type."""
+    if part.content_type in FORWARDED_TYPES:
+        inner = decoded_body(raw, part)
+        subject = headers.decoded(headers.first_value(headers.fields_of(inner), "subject") or "")
+        if subject := " ".join(subject.split())[:_FORWARDED_NAME_MAX]:
+            return f"{subject}.eml"
+    extension = mimetypes.guess_extension(part.content_type) or ".bin"
+    return f"attachment-{part.id}{extension}"

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import email
+import email.message
 import email.policy
 import hashlib
 import re
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import select
@@ -582,3 +584,29 @@ def test_the_offer_body_is_read_as_a_browser_reads_its_charset(
     )
     html, text = body_of(raw, mime.parse(raw))
     assert html is None and text == shown + "\r\n"
+
+
+async def test_the_offer_lists_a_forwarded_message_under_its_subject(site: LetterSite) -> None:
+    """A forwarded message attached without a name is offered as the download links offer
+    it: by its Subject, as an email, served as it was attached."""
+    inner = email.message.EmailMessage()
+    inner["From"] = "Hausverwaltung <hv@verwaltung.example>"
+    inner["Subject"] = "=?utf-8?q?Protokoll_Eigent=C3=BCmerversammlung_2026?="
+    inner.set_content("Anbei das Protokoll.\n")
+    message = email.message_from_bytes(offer(big=False), policy=email.policy.default)
+    assert isinstance(message, email.message.EmailMessage)
+    message.add_attachment(inner)
+    token, _ = await site.send_offer(message.as_bytes(policy=email.policy.SMTP))
+    await site.csrf(token)
+    assert (await site.consent(token)).status == 303
+    response, body = await site.get(f"/l/{token}/offer")
+    assert response.status == 200
+    html, text = body.decode(), text_of(body)
+    name = "Protokoll Eigentümerversammlung 2026.eml"
+    assert name in text and "E-Mail, " in text and "attachment-" not in text
+    [path] = re.findall(
+        rf'href="(/l/{token}/a/[0-9.]+)"[^>]*>\s*<span class="file-badge"[^>]*>EML', html
+    )
+    response, data = await site.get(path)
+    assert response.status == 200 and b"Anbei das Protokoll." in data
+    assert response.headers["Content-Disposition"].endswith("''" + quote(name, safe=""))
