@@ -50,8 +50,10 @@ log = logging.getLogger(__name__)
 
 # The agent's instructions to the relay; they never leave it.
 CONTROL_FIELDS = ("x-sealrelay-language", "x-sealrelay-action")
-# Marks that came in (not loops: forged or expired) never leave; each copy gets our own.
-STRIPPED_FIELDS = (*CONTROL_FIELDS, LOOP_HEADER.lower())
+# Marks that came in (not loops: forged or expired) never leave; each copy gets our own. A Bcc
+# field some clients leave in the message would show every recipient who else got it (RFC
+# 5322 3.6.3): it goes too, as Postfix's cleanup removes it.
+STRIPPED_FIELDS = (*CONTROL_FIELDS, LOOP_HEADER.lower(), "bcc")
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,8 @@ class Pipeline:
     ) -> Draft:
         """Store the original as received; prepare what every copy starts from.
 
-        Copies lose the agent's instructions to us (X-Sealrelay-* fields); the original keeps
-        them, as the record of what the agent sent.
+        Copies lose the agent's instructions to us (X-Sealrelay-* fields) and any Bcc field;
+        the original keeps them, as the record of what the agent sent.
         """
         base = headers.remove_fields(raw, STRIPPED_FIELDS)
         try:

@@ -943,6 +943,26 @@ async def test_a_subject_in_an_old_code_page_is_stored_readable(relay: Harness) 
     assert message is not None and message.subject == "Grüße, Exposé"
 
 
+async def test_a_bcc_field_left_in_the_message_reaches_no_recipient(relay: Harness) -> None:
+    """Some clients write the Bcc field into the message they submit: every recipient would
+    read who else got it. Copies lose it (as Postfix's cleanup removes it), signed without
+    it; the stored original keeps it as the record of what the agent sent."""
+    hidden = "buyer@example.net"
+    raw = raw_message(extra=(f"Bcc: {hidden},\r\n boss@broker.example",))
+    async with relay.client(username=AGENT, password=PASSWORD) as client:
+        text = await submit(client, [PROSPECT, hidden], raw)
+    copies = await relay.sink.expect(1)
+    assert sorted(r for copy in copies for r in copy.rcpt_tos) == sorted([PROSPECT, hidden])
+    for copy in copies:
+        assert not [f for f in headers.fields_of(copy.data) if f.name == "bcc"]
+        assert hidden.encode() not in copy.data and b"boss@" not in copy.data
+        verify_dkim(relay, copy.data)
+    async with relay.relay.db.transaction() as session:
+        message = await session.get(Message, text.rsplit(" ", 1)[1])
+    assert message is not None
+    assert await relay.relay.blobs.read(message.blob) == raw
+
+
 async def test_queued_250_names_a_stored_message_with_its_journal(relay: Harness) -> None:
     recipients = [PROSPECT, "other@example.org"]
     async with relay.client(username=AGENT, password=PASSWORD) as client:
