@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 CONTROL_FIELDS = ("x-sealrelay-language", "x-sealrelay-action")
 # Marks that came in (not loops: forged or expired) never leave; each copy gets our own. A Bcc
 # field some clients leave in the message would show every recipient who else got it (RFC
-# 5322 3.6.3): it goes too, as Postfix's cleanup removes it.
-STRIPPED_FIELDS = (*CONTROL_FIELDS, LOOP_HEADER.lower(), "bcc")
+# 5322 3.6.3): it goes too (and Resent-Bcc), as Postfix's cleanup removes them.
+STRIPPED_FIELDS = (*CONTROL_FIELDS, LOOP_HEADER.lower(), "bcc", "resent-bcc")
 
 
 @dataclass(frozen=True)
