@@ -1034,7 +1034,7 @@ def _encode_qp(data: bytes) -> bytes:
     return CRLF.join(lines)
 
 
-FORWARDED_TYPES = frozenset({"message/rfc822", "message/global"})
+_FORWARDED_TYPES = frozenset({"message/rfc822", "message/global"})
 _FORWARDED_NAME_MAX = 120
 
 
@@ -1042,7 +1042,7 @@ def name_for_unnamed(raw: bytes, part: MimePart) -> str:
     """What a part without a filename is offered to a prospect as. Some clients attach a
     forwarded message with no name: it goes by its Subject, as mail programs show it, not
     as "attachment-2.eml"; anything else by its place and type."""
-    if part.content_type in FORWARDED_TYPES:
+    if part.content_type in _FORWARDED_TYPES:
         inner = decoded_body(raw, part)
         subject = headers.decoded(headers.first_value(headers.fields_of(inner), "subject") or "")
         if subject := " ".join(subject.split())[:_FORWARDED_NAME_MAX]:
