@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 CONTROL_FIELDS = ("x-sealrelay-language", "x-sealrelay-action")
 # Marks that came in (not loops: forged or expired) never leave; each copy gets our own. A Bcc
 # field some clients leave in the message would show every recipient who else got it (RFC
-# 5322 3.6.3): it goes too (and Resent-Bcc), as Postfix's cleanup removes them.
-STRIPPED_FIELDS = (*CONTROL_FIELDS, LOOP_HEADER.lower(), "bcc", "resent-bcc")
+# 5322 3.6.3): it goes too (and Resent-Bcc), as Postfix's cleanup removes them; so does a
+# Return-Path, which only the final delivery writes (RFC 5321 4.4: not sent on).
+STRIPPED_FIELDS = (*CONTROL_FIELDS, LOOP_HEADER.lower(), "bcc", "resent-bcc", "return-path")
 
 
 @dataclass(frozen=True)
@@ -249,8 +250,8 @@ class Pipeline:
     ) -> Draft:
         """Store the original as received; prepare what every copy starts from.
 
-        Copies lose the agent's instructions to us (X-Sealrelay-* fields) and any Bcc field;
-        the original keeps them, as the record of what the agent sent.
+        Copies lose the agent's instructions to us (X-Sealrelay-* fields), any Bcc field and
+        a Return-Path; the original keeps them, as the record of what the agent sent.
         """
         base = headers.remove_fields(raw, STRIPPED_FIELDS)
         try:
