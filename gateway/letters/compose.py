@@ -83,10 +83,11 @@ def compose_letter(
     now: datetime,
 ) -> bytes:
     """The letter as bytes: the agent's own From, our body with every block in full."""
+    company = contracting_company(settings)
     values = {
         "recipient_name": mail.recipient_name,
         "agent_name": mail.agent_name,
-        "company": contracting_company(settings),
+        "company": company,
         "subject": mail.subject,
         "days": str(mail.days),
     }
@@ -103,7 +104,7 @@ def compose_letter(
         "link_label": block_set.link_label,
         "color": settings.branding.primary_color,
         "agent_name": mail.agent_name,
-        "company": settings.branding.company_name,
+        "company": company,
         "blocks": [
             {
                 **asdict(block),

@@ -17,9 +17,9 @@ from gateway.outbound.routes import RouteTable
 from rules import internal_recipient
 from rules.actions import KeepOriginal
 from rules.domains import ascii_domain, domain_key
-from rules.facts import MessageFacts
 from rules.matching import Match
 from rules.policy import Policy
+from tests.rules.test_rules import facts as rule_facts
 
 BUECHER = "xn--bcher-kva.example"
 
@@ -51,15 +51,7 @@ def test_every_form_of_a_domain_has_one_key(form: str) -> None:
 
 
 def test_rules_match_a_recipient_or_sender_domain_in_either_form() -> None:
-    facts = MessageFacts(
-        sender="anna@Müller-Immobilien.de",
-        group=None,
-        recipients=("jörg@bücher.example",),
-        subject="Exposé",
-        headers=(),
-        parts=(),
-        signed=False,
-    )
+    facts = rule_facts(recipients=("jörg@bücher.example",), sender="anna@Müller-Immobilien.de")
     assert Match(recipient_domains=(BUECHER,)).matches(facts, "jörg@bücher.example")
     assert Match(recipient_domains=("Bücher.example",)).matches(facts, f"p@{BUECHER}")
     assert not Match(recipient_domains=("bucher.example",)).matches(facts, "p@bücher.example")
@@ -128,15 +120,7 @@ def test_the_dkim_table_names_a_domain_by_its_key_for_every_reader(tmp_path: Pat
 
 
 def test_an_internal_domain_in_either_form_keeps_the_original() -> None:
-    facts = MessageFacts(
-        sender="anna@broker.example",
-        group=None,
-        recipients=("kollege@bücher.example",),
-        subject="Exposé",
-        headers=(),
-        parts=(),
-        signed=False,
-    )
+    facts = rule_facts(recipients=("kollege@bücher.example",))
     for internal in (BUECHER, "Bücher.example"):
         policy = Policy(internal_domains=frozenset({internal}))
         for recipient in ("kollege@bücher.example", f"kollege@{BUECHER}"):

@@ -22,9 +22,10 @@ def facts(
     headers: tuple[tuple[str, str], ...] = (),
     signed: bool = False,
     subject: str = "Exposé",
+    sender: str = "anna@broker.example",
 ) -> MessageFacts:
     return MessageFacts(
-        sender="anna@broker.example",
+        sender=sender,
         group=group,
         recipients=recipients,
         subject=subject,
