@@ -543,17 +543,19 @@ def _parent(part: MimePart, parts: Mapping[str, MimePart]) -> MimePart | None:
 def _is_attachment(part: MimePart, parts: Mapping[str, MimePart]) -> bool:
     """Attachment unless it is a body, a body alternative or an inline related resource.
 
-    An image with a Content-ID in multipart/related is shown by the HTML through "cid:";
-    linking it would break the HTML, so it is not an attachment even with a file name.
+    A part with a Content-ID in multipart/related is what the HTML shows through "cid:";
+    linking it would leave a broken image in the body, so it is not an attachment even with
+    a file name, nor with ``Content-Disposition: attachment`` (Python's ``add_related`` and
+    some mailers write that for pictures in the body).
     """
     if part.is_multipart:
         return False
-    if part.disposition == "attachment":
-        return True
     parent = _parent(part, parts)
     parent_type = parent.content_type if parent is not None else ""
     inline_related = parent_type == "multipart/related" and part.content_id is not None
-    if part.filename is not None and not inline_related:
+    if inline_related:
+        return False
+    if part.disposition == "attachment" or part.filename is not None:
         return True
     if part.content_type in _BODY_TYPES:
         return False
@@ -562,7 +564,7 @@ def _is_attachment(part: MimePart, parts: Mapping[str, MimePart]) -> bool:
         and parent_type == "multipart/related"
         and (parent.children[0].id == part.id)
     )
-    return not (inline_related or related_root or parent_type == "multipart/alternative")
+    return not (related_root or parent_type == "multipart/alternative")
 
 
 def is_signed(root: MimePart) -> bool:

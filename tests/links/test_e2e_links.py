@@ -240,3 +240,33 @@ async def test_a_forwarded_message_is_linked_under_its_subject(
             body = await download.read()
     assert disposition.endswith("''" + quote(shown, safe="")), disposition
     assert body.replace(b"\r\n", b"\n") == inner.replace(b"\r\n", b"\n")
+
+
+async def test_a_large_picture_in_the_body_stays_where_the_html_shows_it(
+    relay: Harness,
+) -> None:
+    """The PDF beside it is linked; the photo the HTML shows by cid: goes along, with its
+    Content-ID, even though the mailer (Python's add_related) called it an attachment."""
+    photo = os.urandom(3 * 1024 * 1024)
+    message = EmailMessage()
+    message["From"] = f"Anna Agent <{AGENT}>"
+    message["To"] = PROSPECT
+    message["Subject"] = "Objektfoto Müllerstraße 12"
+    message.set_content("Guten Tag,\n\nhier das Foto.\n")
+    message.add_alternative(
+        '<html><body><p>Guten Tag,</p><img src="cid:photo@broker"></body></html>',
+        subtype="html",
+    )
+    message.get_payload()[1].add_related(  # type: ignore[index]
+        photo, "image", "jpeg", cid="<photo@broker>", filename="foto.jpg"
+    )
+    message.add_attachment(PDF, maintype="application", subtype="pdf", filename="Exposé.pdf")
+    await relay.send(message.as_bytes(policy=email.policy.SMTP), recipients=[PROSPECT])
+    [copy] = await relay.sink.expect(1)
+    parsed = email.message_from_bytes(copy.data, policy=email.policy.default)
+    [shown] = [part for part in parsed.walk() if part["Content-ID"] == "<photo@broker>"]
+    assert shown.get_payload(decode=True) == photo
+    text, html = bodies(copy.data)
+    assert '<img src="cid:photo@broker">' in html
+    assert "Exposé.pdf" in text and "foto.jpg" not in text and "foto.jpg" not in html
+    assert all(part.get_filename() != "Exposé.pdf" for part in parsed.walk())

@@ -198,6 +198,23 @@ def test_part_facts_classify_and_measure_leaves() -> None:
     assert facts["1.2.2"].filename == "logo.png"
 
 
+def test_a_picture_in_the_body_is_never_an_attachment_whatever_its_disposition() -> None:
+    """Python's add_related (and some mailers) write "attachment" for a picture the HTML
+    shows by cid:; linking it would leave a broken image in the body."""
+    message = EmailMessage()
+    message.set_content("Guten Tag\n")
+    message.add_alternative('<p><img src="cid:photo@broker"></p>', subtype="html")
+    message.get_payload()[1].add_related(
+        b"\xff\xd8" + bytes(300), "image", "jpeg", cid="<photo@broker>", filename="foto.jpg"
+    )
+    message.get_payload()[1].add_related(b"\xff\xd8", "image", "jpeg", filename="no-cid.jpg")
+    raw = with_top(message)
+    root = mime.parse(raw)
+    assert by_id(root)["2.2"].disposition == "attachment"
+    facts = {fact.id: fact.is_attachment for fact in mime.part_facts(raw, root)}
+    assert facts == {"1": False, "2.1": False, "2.2": False, "2.3": True}
+
+
 ODD = (
     TOP + b"MIME-Version: 1.0\r\n"
     b"Content-Type: multipart/mixed;\r\n"
