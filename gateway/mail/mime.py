@@ -745,6 +745,8 @@ def add_link_block(raw: bytes, root: MimePart, text_block: str, html_block: str)
     - Text whose (known) charset cannot: the body is decoded strictly and re-encoded as
       UTF-8, and only the charset parameter of its Content-Type field changes (or is added).
       The text is the same text, its bytes are UTF-8 (unchanged for ASCII bodies).
+    - Text without a charset parameter whose bytes are not ASCII is read as UTF-8, else
+      Windows-1252 (as the relay reads undeclared header bytes), and re-encoded as above.
     - Text whose charset is unknown, whose bytes are not valid in the declared charset, or
       whose charset parameter cannot be edited safely (RFC 2231 form, duplicates): the
       block is transliterated to ASCII (ä → ae, é → e, others → ?) and appended.
@@ -881,7 +883,12 @@ def _body_edits(
     try:
         addition = block.encode(charset, "xmlcharrefreplace" if html else "strict")
     except UnicodeEncodeError:
-        text = _strict_decode(body, charset) if can_switch and codec is not None else None
+        undeclared = "charset" not in part.params
+        text = (
+            _strict_decode(body, charset, undeclared=undeclared)
+            if can_switch and codec is not None
+            else None
+        )
         if text is None:
             addition = _transliterated(block).encode(charset, "replace")
         else:
@@ -906,9 +913,16 @@ def _body_edits(
     return _rewrite_body(raw, root, part, layout, new_body, None, switch=False)
 
 
-def _strict_decode(body: bytes, codec: str) -> str | None:
+def _strict_decode(body: bytes, codec: str, *, undeclared: bool) -> str | None:
+    """The body as text, or None. Without a charset parameter the text is US-ASCII by
+    RFC 2045, but 8-bit bytes there are what a script or scanner wrote in its own charset:
+    read as the relay reads undeclared header bytes (UTF-8, else Windows-1252)."""
     try:
         return body.decode(codec)
+    except UnicodeDecodeError:
+        pass
+    try:
+        return headers.utf8_or_windows_1252(body, errors="strict") if undeclared else None
     except UnicodeDecodeError:
         return None
 

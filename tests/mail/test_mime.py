@@ -716,6 +716,30 @@ def test_mislabelled_or_unknown_charset_gets_a_transliterated_block() -> None:
     assert not headers.has_bare_line_end(out)
 
 
+@pytest.mark.parametrize(
+    ("written", "text"),
+    [
+        ("Grüße, Exposé anbei\n".encode(), "Grüße, Exposé anbei\n"),
+        (b"Gr\xfc\xdfe \x80 5\n", "Grüße € 5\n"),
+    ],
+)
+def test_undeclared_8bit_text_is_read_as_utf8_else_windows_1252(written: bytes, text: str) -> None:
+    """swaks and scripts send 8-bit text with no charset: the block is not transliterated
+    ("fuer") but the body is declared UTF-8, the agent's text the same text."""
+    raw = (
+        TOP
+        + b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
+        + written.replace(b"\n", b"\r\n")
+    )
+    out = mime.add_link_block(raw, mime.parse(raw), TEXT_BLOCK, HTML_BLOCK)
+    message = assert_clean(out)
+    assert message["content-type"].params["charset"] == "utf-8"
+    body = message.get_content()
+    assert body == (text + "\n" + TEXT_BLOCK).replace("\n", "\r\n")
+    assert "Exposé für Käufer" in body
+    assert not headers.has_bare_line_end(out)
+
+
 def test_utf16_body_is_left_as_written_and_the_block_gets_its_own_part() -> None:
     body = base64.encodebytes("Grüße\r\n".encode("utf-16")).replace(b"\n", b"\r\n")
     raw = (
