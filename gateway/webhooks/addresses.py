@@ -29,6 +29,10 @@ class EndpointUrlError(ValueError):
     """An endpoint URL that is malformed, or that leads where endpoints may not go."""
 
 
+class PrivateAddress(EndpointUrlError):
+    """A host that resolves to an address only an endpoint allowing private ones may reach."""
+
+
 class RefusedAddress(OSError):
     """A host that resolved to an address endpoints may not reach (raised at connect time)."""
 
@@ -103,7 +107,7 @@ async def check(url: str, *, allow_private: bool) -> None:
         return
     refused = [r for r in map(refusal, addresses) if r]
     if refused:
-        raise EndpointUrlError(
+        raise PrivateAddress(
             f"{host} leads to an address webhooks may not reach ({'; '.join(refused)});"
             " allow private addresses for this endpoint if it is an on-premises receiver"
         )

@@ -65,6 +65,10 @@ class UrlRefused(WebhookError):
     """The URL is malformed or leads to an address webhooks may not reach."""
 
 
+class PrivateUrlRefused(UrlRefused):
+    """The URL leads to a private address and the endpoint does not allow them."""
+
+
 @dataclass(frozen=True)
 class Created:
     """A new endpoint and its secret, which is shown this once."""
@@ -135,6 +139,8 @@ class WebhookDesk:
     async def _url(self, url: str, allow_private: bool) -> str:
         try:
             await addresses.check(url, allow_private=allow_private)
+        except addresses.PrivateAddress as exc:
+            raise PrivateUrlRefused(str(exc)) from exc
         except addresses.EndpointUrlError as exc:
             raise UrlRefused(str(exc)) from exc
         return url

@@ -12,7 +12,13 @@ import click
 
 from gateway.store.db import Database
 from gateway.store.models import WebhookEndpoint, utcnow
-from gateway.webhooks.desk import Created, DeliveryView, WebhookDesk, WebhookError
+from gateway.webhooks.desk import (
+    Created,
+    DeliveryView,
+    PrivateUrlRefused,
+    WebhookDesk,
+    WebhookError,
+)
 from sealrelay.commands.common import Access, T, config_option, run
 
 _run = functools.partial(run, refused=(WebhookError,))
@@ -39,6 +45,10 @@ def _moment(text: str) -> datetime:
     except ValueError as exc:
         raise click.BadParameter(f"{text!r} is not an ISO 8601 time") from exc
     return at if at.tzinfo is not None else at.replace(tzinfo=ZoneInfo("UTC"))
+
+
+def _naming_the_option(exc: PrivateUrlRefused) -> WebhookError:
+    return WebhookError(f"{exc} (--allow-private)")
 
 
 def _endpoint_line(endpoint: WebhookEndpoint) -> str:
@@ -70,13 +80,16 @@ def webhook_add(
     """Add an endpoint; prints its signing secret, this once."""
 
     async def add(desk: WebhookDesk) -> Created:
-        return await desk.create(
-            url,
-            event_types=events,
-            thin=thin,
-            allow_private=allow_private,
-            description=description,
-        )
+        try:
+            return await desk.create(
+                url,
+                event_types=events,
+                thin=thin,
+                allow_private=allow_private,
+                description=description,
+            )
+        except PrivateUrlRefused as exc:
+            raise _naming_the_option(exc) from exc
 
     created = _desk_run(add, config, Access.WRITE)
     click.echo(_endpoint_line(created.endpoint))
@@ -110,15 +123,18 @@ def webhook_change(
     types: list[str] | None = list(events) if events else ([] if all_events else None)
 
     async def change(desk: WebhookDesk) -> WebhookEndpoint:
-        return await desk.update(
-            endpoint_id,
-            url=url,
-            event_types=types,
-            description=description,
-            thin=thin,
-            allow_private=allow_private,
-            by="cli",
-        )
+        try:
+            return await desk.update(
+                endpoint_id,
+                url=url,
+                event_types=types,
+                description=description,
+                thin=thin,
+                allow_private=allow_private,
+                by="cli",
+            )
+        except PrivateUrlRefused as exc:
+            raise _naming_the_option(exc) from exc
 
     click.echo(_endpoint_line(_desk_run(change, config, Access.WRITE)))
 

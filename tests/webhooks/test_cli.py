@@ -25,6 +25,7 @@ async def test_an_admin_manages_endpoints_from_the_command_line(config: Path) ->
     refused = await sealrelay("webhook", "add", "http://127.0.0.1:9/h", *c)
     assert refused.code == 1
     assert "127.0.0.1 is loopback" in refused.error_line
+    assert refused.error_line.endswith("(--allow-private)")
     unknown = await sealrelay("webhook", "add", "http://127.0.0.1:9/h", "--event", "nope", *c)
     assert unknown.code == 1 and "unknown event type(s): nope" in unknown.error_line
 
@@ -57,6 +58,7 @@ async def test_an_admin_manages_endpoints_from_the_command_line(config: Path) ->
         "webhook", "change", endpoint_id, "--public-only", *c
     )  # the URL is checked again: loopback without --allow-private
     assert refused_change.code == 1 and "is loopback" in refused_change.error_line
+    assert refused_change.error_line.endswith("(--allow-private)")
     both = await sealrelay("webhook", "change", endpoint_id, "--event", "x", "--all-events", *c)
     assert both.code == 2
     changed = await sealrelay(
