@@ -16,6 +16,12 @@ from sealrelay.commands.common import Access, config_option, run, settings_for
 _run = functools.partial(run, refused=(queue.QueueError,))
 
 
+def shown_subject(subject: str, limit: int = 40) -> str:
+    """Quoted with escapes, so that a control character in it cannot move the terminal; a cut
+    one ends in an ellipsis, so it is not read as the whole subject."""
+    return repr(subject if len(subject) <= limit else subject[: limit - 1] + "…")
+
+
 @click.group("queue")
 def queue_group() -> None:
     """The outbound queue."""
@@ -40,9 +46,8 @@ def queue_list(config: Path | None, show_all: bool) -> None:
         by_message.setdefault(row.message.id, []).append(row)
     for copies in by_message.values():
         m = copies[0].message
-        click.echo(
-            f"{m.id}  {m.received_at:%Y-%m-%d %H:%M:%S}Z  {m.sender or '<>'}  {m.subject[:40]!r}"
-        )
+        received = f"{m.received_at:%Y-%m-%d %H:%M:%S}Z"
+        click.echo(f"{m.id}  {received}  {m.sender or '<>'}  {shown_subject(m.subject)}")
         for copy in copies:
             d = copy.delivery
             error = f"  last error: {d.last_error}" if d.last_error else ""

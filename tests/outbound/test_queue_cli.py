@@ -21,6 +21,7 @@ from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.local_blobs import LocalBlobStore
 from gateway.store.models import Delivery, DeliveryStatus, Event, Message, new_id, utcnow
+from sealrelay.commands.queue import shown_subject
 from tests.cli_runner import sealrelay, sqlite_url, write_config
 from tests.conftest import AGENT
 from tests.support import LETTER_TOML, chained
@@ -361,3 +362,9 @@ async def test_cli_will_not_retry_a_bounced_copy_whose_bytes_are_gone(config: Pa
         assert "delivery.retried" not in [t for t, _ in await event_types(db)]
     finally:
         await db.close()
+
+
+def test_a_long_subject_is_cut_with_an_ellipsis_and_controls_are_escaped() -> None:
+    long = "Einwilligung erteilt: Musterstraße 5 – omar@example.org"
+    assert shown_subject(long) == repr(long[:39] + "…")
+    assert shown_subject("Exposé\x1b[2J") == "'Exposé\\x1b[2J'"
