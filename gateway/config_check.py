@@ -37,7 +37,12 @@ from gateway.config import (
     read_config,
     validation_problems,
 )
-from gateway.fronts.listen_addresses import is_loopback, listen_host, plaintext_logins_allowed
+from gateway.fronts.listen_addresses import (
+    is_loopback,
+    listen_host,
+    logins_needed,
+    plaintext_logins_allowed,
+)
 from gateway.fronts.trusted import TrustedEntry
 from gateway.letters import letter_keys
 from gateway.letters.pdf_font import STYLE_NAMES, font_files, font_problem
@@ -167,7 +172,9 @@ def _smtp(smtp: SmtpSettings) -> Iterator[Problem]:
 
 def _logins_without_tls(smtp: SmtpSettings) -> Iterator[Problem]:
     for address in smtp.listen:
-        if not plaintext_logins_allowed(smtp, listen_host(address)):
+        if logins_needed(smtp, address) and not plaintext_logins_allowed(
+            smtp, listen_host(address)
+        ):
             yield Problem(
                 "smtp.listen",
                 f"{address}: agents could not log in: set smtp.tls_cert and smtp.tls_key,"

@@ -31,3 +31,10 @@ def is_loopback(host: str) -> bool:
 def plaintext_logins_allowed(smtp: SmtpSettings, host: str) -> bool:
     """Logins without TLS only where the settings allow them and nobody else can listen."""
     return smtp.allow_plaintext_auth_on_loopback and is_loopback(host)
+
+
+def logins_needed(smtp: SmtpSettings, address: str) -> bool:
+    """Whether agents must be able to log in on `address`: on every listener but one that a
+    `[[smtp.trusted]]` entry names as its own (Postfix handing mail over on loopback), where
+    that client sends without AUTH, whether or not `[smtp] listen` names it too."""
+    return not any(address in entry.listen for entry in smtp.trusted)

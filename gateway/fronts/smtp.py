@@ -26,7 +26,11 @@ from gateway.config import Settings
 from gateway.fronts import trusted
 from gateway.fronts.byte_budget import ByteBudget
 from gateway.fronts.client_address import client_address
-from gateway.fronts.listen_addresses import plaintext_logins_allowed, split_address
+from gateway.fronts.listen_addresses import (
+    logins_needed,
+    plaintext_logins_allowed,
+    split_address,
+)
 from gateway.fronts.proxy_header import ProxyPolicy
 from gateway.fronts.smtp_guard import ConnectionGate, ThrottledLog, session_ceiling
 from gateway.fronts.smtp_protocol import TLS_HANDSHAKE_TIMEOUT, Listener, SubmissionSMTP
@@ -315,7 +319,7 @@ class SmtpFront:
         for address in smtp.listen:
             host, port = split_address(address)
             plaintext_ok = plaintext_logins_allowed(smtp, host)
-            if self.tls is None and not plaintext_ok:
+            if self.tls is None and not plaintext_ok and logins_needed(smtp, address):
                 raise RuntimeError(
                     f"smtp.listen {address}: agents could not log in; set smtp.tls_cert and"
                     " smtp.tls_key, or allow_plaintext_auth_on_loopback on a loopback address"
