@@ -161,7 +161,7 @@ class SmtpSettings(Section):
     implicit_tls_listen: list[HostPort] = []
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    max_message_size: int = Field(default=50 * 1024 * 1024, gt=1024)
+    max_message_size: ByteSize = Field(default=ByteSize(50 * 1024 * 1024), gt=1024)
     max_recipients: int = Field(default=100, ge=1)
     max_auth_failures: int = Field(default=3, ge=1)
     max_received_headers: int = Field(default=30, ge=5)
@@ -183,8 +183,8 @@ class SmtpSettings(Section):
     proxy_from: list[str] = []
     proxy_timeout: float = Field(default=10, gt=0, description="seconds to wait for the header")
     trusted: list[TrustedClient] = []
-    data_in_memory: int = Field(
-        default=16 * 1024 * 1024,
+    data_in_memory: ByteSize = Field(
+        default=ByteSize(16 * 1024 * 1024),
         ge=1024 * 1024,
         description="octets of received messages the pipeline holds at once; more wait spooled",
     )
@@ -563,8 +563,8 @@ class StorageSettings(Section):
         " once no copy waits and no letter of it is evidence; 0 keeps them for ever",
     )
     sweep_interval: float = Field(default=3600, gt=0, description="seconds between sweeps")
-    inline_max_bytes: int = Field(
-        default=INLINE_DEFAULT,
+    inline_max_bytes: ByteSize = Field(
+        default=ByteSize(INLINE_DEFAULT),
         description="the intake keeps a message (original and the copy without the relay's"
         " control headers) of at most this many bytes in the database, committed with the"
         " message, instead of a file or object with fsyncs of its own; 0 turns it off",
@@ -1097,6 +1097,8 @@ def _problem(error: Any, sources: Mapping[str, str], prefix: str) -> str:
     if error["type"] == "extra_forbidden":
         meant = _meant(error["loc"])
         message = f"unknown setting; did you mean {meant}?" if meant else "unknown setting"
+    elif error["type"] in ("byte_size", "byte_size_unit"):
+        message = f"{error['input']!r} is not a size: bytes, or a number with a unit (50MiB, 2MB)"
     origin = next((var for k, var in sources.items() if key.startswith(k)), None)
     where = f" (from {origin})" if origin else ""
     return f"{key.rstrip('.') or 'config'}: {message}{where}"

@@ -121,8 +121,8 @@ def test_dkim_domains_from_file_are_lower_cased(tmp_path: Path) -> None:
         (
             "",
             {"SEALRELAY_SMTP__MAX_MESSAGE_SIZE": "big"},
-            "smtp.max_message_size: Input should be a valid integer, unable to parse string as an"
-            " integer (from SEALRELAY_SMTP__MAX_MESSAGE_SIZE)",
+            "smtp.max_message_size: 'big' is not a size: bytes, or a number with a unit"
+            " (50MiB, 2MB) (from SEALRELAY_SMTP__MAX_MESSAGE_SIZE)",
         ),
         ("[dkim.'a.example']\nselector = 'bad selector'\nkey_file = 'k'\n", {}, "dkim.a.example"),
         (
@@ -201,3 +201,22 @@ def test_environment_into_a_scalar_is_refused() -> None:
                 "SEALRELAY_SMTP__MAX_RECIPIENTS__X": "1",
             }
         )
+
+
+def test_sizes_take_units_everywhere(tmp_path: Path) -> None:
+    """As the policy's sizes do: IT writes "50MiB" for the message size too."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[smtp]\nmax_message_size = "50MiB"\ndata_in_memory = "32MB"\n'
+        '[storage]\ninline_max_bytes = "64KiB"\n[policy]\nlink_attachments_over = "1MiB"\n'
+    )
+    settings = load_settings(path, environ={"SEALRELAY_SMTP__MAX_RECIPIENTS": "5"})
+    assert settings.smtp.max_message_size == 50 * 1024 * 1024
+    assert settings.smtp.data_in_memory == 32_000_000
+    assert settings.storage.inline_max_bytes == 64 * 1024
+    env = {"SEALRELAY_SMTP__MAX_MESSAGE_SIZE": "10MB"}
+    assert load_settings(path, environ=env).smtp.max_message_size == 10_000_000
+    path.write_text('[smtp]\nmax_message_size = "50 apples"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path, environ={})
+    assert "smtp.max_message_size: '50 apples' is not a size" in str(refused.value)
