@@ -113,6 +113,11 @@ def console_url(public_url: str, message_id: str) -> str:
     return f"{public_url.rstrip('/')}/console/messages/{message_id}"
 
 
+def account_url(public_url: str) -> str:
+    """The console's "My account" page, where each user chooses the optional notices."""
+    return f"{public_url.rstrip('/')}/console/account"
+
+
 def message_id(hostname: str, about: str | None = None) -> str:
     """A fresh Message-ID in our host's name, led by the id of what the mail is about."""
     if about is None:

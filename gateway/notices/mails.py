@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from gateway.letters.consent_texts import moment
-from gateway.mail.own_mail import ADDRESS_LIMIT, OwnMail, console_url, one_line, text_part
+from gateway.mail.own_mail import (
+    ADDRESS_LIMIT,
+    OwnMail,
+    account_url,
+    console_url,
+    one_line,
+    text_part,
+)
 from gateway.texts.files import load_texts
 from rules.language import shipped_language
 
@@ -67,6 +74,7 @@ def first_download_mail(
         files=_file_lines(texts["file"], downloads.filenames),
         when=moment(texts, downloads.at, lang, zone),
         console_url=console_url(public_url, downloads.message_id),
+        account_url=account_url(public_url),
     )
     return OwnMail(
         to=_addressee(agent_address),
@@ -91,6 +99,7 @@ def expiry_warning_mail(
         expires=moment(texts, letter.expires, lang, zone),
         console_url=console_url(public_url, letter.message_id),
         letter_id=letter.letter_id,
+        account_url=account_url(public_url),
     )
     return OwnMail(
         to=_addressee(agent_address),

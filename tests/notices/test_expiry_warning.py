@@ -20,6 +20,7 @@ from gateway.store.models import Delivery, Letter, Link, Message
 from tests.conftest import AGENT, dkim_dns
 from tests.letter_site import PROSPECT, Clock, LetterSite
 from tests.support import chained
+from web.console.account import ACCOUNT
 
 
 async def to_agent(site: LetterSite) -> int:
@@ -62,6 +63,7 @@ async def test_one_warning_two_days_before_the_link_runs_out(
     text = text_of(notice.data)
     assert f"{PROSPECT} hat dem Angebot „Villa am See“ noch nicht zugestimmt" in text
     assert f"{site.url}/console/messages/{letter.message_id}" in text
+    assert f"Mein Konto“ ein:\r\n{site.url}{ACCOUNT}\r\n" in text  # where it is turned off
     assert f"Brief-ID: {letter.id}" in text
     async with site.relay.db.snapshot() as session:
         row = await session.get(Message, warned.data["notice_message_id"])

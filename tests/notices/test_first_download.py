@@ -29,6 +29,7 @@ from tests.conftest import AGENT, dkim_dns
 from tests.letter_fixtures import StartSite
 from tests.letter_site import PROSPECT, Clock, LetterSite
 from tests.support import PERSON_UA, chained
+from web.console.account import ACCOUNT
 
 PLAN = os.urandom(3 * 1024 * 1024)
 PHOTOS = os.urandom(3 * 1024 * 1024)
@@ -136,6 +137,7 @@ async def test_first_downloads_make_one_notice_and_repeats_and_scanners_none(
     assert f"{PROSPECT} hat Dateien zu Ihrer Nachricht „{SUBJECT}“" in text
     assert "• Grundriss.pdf" in text and "• Fotos.zip" in text
     assert f"{site.url}/console/messages/{message_id}" in text
+    assert f"Mein Konto“ ein:\r\n{site.url}{ACCOUNT}\r\n" in text  # where it is turned off
     assert "MEZ" in text and "UTC" in text  # [branding] timezone, named
     assert queued.data["recipient"] == PROSPECT and len(queued.data["file_ids"]) == 2
 
