@@ -33,7 +33,10 @@ def _desk_run(
     work: Callable[[WebhookDesk], Awaitable[T]], config: Path | None, access: Access
 ) -> T:
     async def with_desk(db: Database) -> T:
-        return await work(WebhookDesk(db))
+        try:
+            return await work(WebhookDesk(db))
+        except PrivateUrlRefused as exc:
+            raise WebhookError(f"{exc} (--allow-private)") from exc
 
     return _run(with_desk, config, access)
 
@@ -45,10 +48,6 @@ def _moment(text: str) -> datetime:
     except ValueError as exc:
         raise click.BadParameter(f"{text!r} is not an ISO 8601 time") from exc
     return at if at.tzinfo is not None else at.replace(tzinfo=ZoneInfo("UTC"))
-
-
-def _naming_the_option(exc: PrivateUrlRefused) -> WebhookError:
-    return WebhookError(f"{exc} (--allow-private)")
 
 
 def _endpoint_line(endpoint: WebhookEndpoint) -> str:
@@ -80,16 +79,13 @@ def webhook_add(
     """Add an endpoint; prints its signing secret, this once."""
 
     async def add(desk: WebhookDesk) -> Created:
-        try:
-            return await desk.create(
-                url,
-                event_types=events,
-                thin=thin,
-                allow_private=allow_private,
-                description=description,
-            )
-        except PrivateUrlRefused as exc:
-            raise _naming_the_option(exc) from exc
+        return await desk.create(
+            url,
+            event_types=events,
+            thin=thin,
+            allow_private=allow_private,
+            description=description,
+        )
 
     created = _desk_run(add, config, Access.WRITE)
     click.echo(_endpoint_line(created.endpoint))
@@ -123,18 +119,15 @@ def webhook_change(
     types: list[str] | None = list(events) if events else ([] if all_events else None)
 
     async def change(desk: WebhookDesk) -> WebhookEndpoint:
-        try:
-            return await desk.update(
-                endpoint_id,
-                url=url,
-                event_types=types,
-                description=description,
-                thin=thin,
-                allow_private=allow_private,
-                by="cli",
-            )
-        except PrivateUrlRefused as exc:
-            raise _naming_the_option(exc) from exc
+        return await desk.update(
+            endpoint_id,
+            url=url,
+            event_types=types,
+            description=description,
+            thin=thin,
+            allow_private=allow_private,
+            by="cli",
+        )
 
     click.echo(_endpoint_line(_desk_run(change, config, Access.WRITE)))
 

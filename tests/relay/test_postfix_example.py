@@ -7,17 +7,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import smtplib
-import sys
 from pathlib import Path
 
 import dkim as dkimpy
 import pytest
 
 from gateway.mail.dkim import DkimKey
+from tests.cli_runner import SEALRELAY, sealrelay
 from tests.conftest import dkim_dns
 from tests.support import Sink, free_port, wait_for_port
 
-SEALRELAY = str(Path(sys.executable).parent / "sealrelay")
 EXAMPLE = Path(__file__).parents[2] / "examples" / "postfix-content-filter.toml"
 AGENT = "anna@broker.example"
 
@@ -35,15 +34,6 @@ def example_config(directory: Path, smtp_port: int, web_port: int, sink_port: in
     config = directory / "sealrelay.toml"
     config.write_text(text + f'\n[loop]\nkey_file = "{directory}/var/loop.key"\n')
     return config
-
-
-async def run(*args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        SEALRELAY, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode()
 
 
 def hand_over(port: int) -> None:
@@ -65,13 +55,13 @@ async def test_the_content_filter_example_starts_and_relays_without_logins(
     smtp_port, web_port = free_port(), free_port()
     config = example_config(tmp_path, smtp_port, web_port, sink.port)
     key = tmp_path / "var" / "dkim" / "broker.example.s2026.pem"
-    code, out = await run(
+    made = await sealrelay(
         "dkim", "keygen", "--domain", "broker.example", "--selector", "s2026", "--out", str(key)
     )
-    assert code == 0, out
-    code, out = await run("check-config", "--config", str(config))
-    assert code == 0, out
-    assert "agents could not log in" not in out
+    assert made.code == 0, made.err
+    checked = await sealrelay("check-config", "--config", str(config))
+    assert checked.code == 0, checked.err
+    assert "agents could not log in" not in checked.err
     log_path = tmp_path / "serve.log"
     try:
         with log_path.open("wb") as log:
