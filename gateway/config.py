@@ -228,7 +228,7 @@ class SmtpSettings(Section):
 class UpstreamSettings(Section):
     url: str = "capture:var/outbox"
     username: str | None = None
-    password: str | None = Field(default=None, validate_default=True)
+    password: str | None = None
     timeout: float = Field(default=60, gt=0, description="seconds for each reply and each write")
     connect_timeout: float = Field(default=30, gt=0, description="seconds to connect (TCP, TLS)")
     session_timeout: float = Field(
@@ -280,22 +280,6 @@ class UpstreamSettings(Section):
         parts = urlsplit(value)
         if scheme not in {"smtp", "smtps"} or not parts.hostname:
             raise ValueError("must be smtp://HOST[:PORT], smtps://HOST[:PORT], capture:DIR or mx:")
-        return value
-
-    @field_validator("password")
-    @classmethod
-    def _password_with_username(cls, value: str | None, info: ValidationInfo) -> str | None:
-        """Both or neither: a login without its password fails at every send, and the copies
-        would wait out queue_lifetime deferred."""
-        username = info.data.get("username")
-        if value is None and username is not None:
-            raise ValueError(
-                "missing: username needs its password, here or, better, in the relay's"
-                " environment (SEALRELAY_UPSTREAM__PASSWORD; for [upstreams.NAME]"
-                " SEALRELAY_UPSTREAMS__NAME__PASSWORD)"
-            )
-        if value is not None and username is None and "username" in info.data:
-            raise ValueError("set username too: a password alone logs in as nobody")
         return value
 
     @field_validator("client_key")

@@ -219,6 +219,7 @@ def _public_url(settings: Settings) -> Iterator[Problem]:
 
 def _upstream(upstream: UpstreamSettings, key: str = "upstream") -> Iterator[Problem]:
     """`key`: the table, `upstream` or a named one's `upstreams.NAME`."""
+    yield from _login(upstream, key)
     yield from _client_certificate(upstream, key)
     if not upstream.url.startswith("capture:"):
         return
@@ -232,6 +233,21 @@ def _upstream(upstream: UpstreamSettings, key: str = "upstream") -> Iterator[Pro
         " sent; set smtp://HOST:PORT or smtps://HOST:PORT to deliver",
         error=False,
     )
+
+
+def _login(upstream: UpstreamSettings, key: str) -> Iterator[Problem]:
+    """Both or neither: a login without its password fails at every send, and the copies
+    would wait out queue_lifetime deferred. Here and not in the settings' validation, so
+    that admin commands run without the secret in their environment."""
+    variable = "SEALRELAY_" + key.upper().replace(".", "__") + "__PASSWORD"
+    if upstream.username is not None and upstream.password is None:
+        yield Problem(
+            f"{key}.password",
+            f"missing: username {upstream.username!r} needs its password, here or, better,"
+            f" in the relay's environment ({variable})",
+        )
+    elif upstream.password is not None and upstream.username is None:
+        yield Problem(f"{key}.username", "missing: a password alone logs in as nobody")
 
 
 def _client_certificate(upstream: UpstreamSettings, key: str) -> Iterator[Problem]:

@@ -363,7 +363,7 @@ BASE = {"upstreams": {"m365": {"url": "smtp://m365.example"}}}
             " every route; set it on [upstream]",
         ),
         (
-            {"upstreams": {"m365": {"username": "relay", "password": "pw"}}},
+            {"upstreams": {"m365": {"username": "relay"}}},
             "upstreams: m365.url: required, an upstream names where its mail goes",
         ),
         (

@@ -411,3 +411,35 @@ async def test_serve_names_a_listen_address_that_is_taken(tmp_path: Path) -> Non
     assert run.error_line == (
         f"Error: config error: smtp.listen: 127.0.0.1:{port}: cannot listen: Address already in use"
     )
+
+
+async def test_an_upstream_username_needs_its_password_for_check_config_not_for_admin_work(
+    tmp_path: Path,
+) -> None:
+    """Without it every send would fail and the copies wait out the queue's lifetime. The
+    password belongs in the relay's environment, which the admin's shell need not have."""
+    config = write_config(
+        tmp_path,
+        extra=(
+            "[smtp]\nallow_plaintext_auth_on_loopback = true\n"
+            '[upstream]\nurl = "smtp://smtp.example.com:587"\nusername = "relay@broker.example"\n'
+            '[upstreams.m365]\nurl = "smtp://m365.example:587"\npassword = "pw"\n'
+        ),
+    )
+    checked, added = await asyncio.gather(
+        sealrelay("check-config", "--config", str(config)),
+        sealrelay("user", "add", AGENT, "--config", str(config)),
+    )
+    assert checked.code == 1
+    assert errors(checked) == [
+        "Error: config error: upstream.password: missing: username 'relay@broker.example'"
+        " needs its password, here or, better, in the relay's environment"
+        " (SEALRELAY_UPSTREAM__PASSWORD)",
+        "Error: config error: upstreams.m365.username: missing: a password alone logs in as nobody",
+    ]
+    assert added.code == 0, added.err
+    with_secret = await sealrelay(
+        "check-config", "--config", str(config), env={"SEALRELAY_UPSTREAM__PASSWORD": "secret"}
+    )
+    assert [line for line in errors(with_secret) if "upstream.password" in line] == []
+    assert "upstreams.m365.username" in with_secret.err

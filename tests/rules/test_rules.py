@@ -253,7 +253,7 @@ def test_the_example_rule_videos_always_linked_links_the_videos_only() -> None:
     from gateway.config import load_settings
 
     example = Path(__file__).parents[2] / "examples" / "sealrelay.toml"
-    config = load_settings(example, environ={"SEALRELAY_UPSTREAM__PASSWORD": "pw"}).policy_config()
+    config = load_settings(example, environ={}).policy_config()
     parts = (
         BODY,
         attachment("2", 3 * 1024 * 1024 // 2, "video/mp4", "Rundgang.MP4"),
