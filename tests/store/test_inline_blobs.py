@@ -117,9 +117,11 @@ async def test_the_copy_without_control_headers_is_inline_too(relay: Harness) ->
 
 
 def test_the_limit_is_checked_with_a_clear_error(tmp_path: Path) -> None:
-    for wrong in (-1, 2 * 1024 * 1024):
+    for wrong in (2 * 1024 * 1024, "2MiB"):
         with pytest.raises(ValidationError, match=r"must be from 0 .* to 1048576 bytes"):
             relay_settings(tmp_path, 25, storage={"inline_max_bytes": wrong})
+    with pytest.raises(ValidationError, match="byte_size"):  # no size at all
+        relay_settings(tmp_path, 25, storage={"inline_max_bytes": -1})
     assert Settings().storage.inline_max_bytes == 64 * 1024
 
 
