@@ -307,3 +307,30 @@ async def test_the_endpoint_forms_refuse_bad_input_and_write_nothing(
     assert test.status == 409
     assert (await world.journal_size(), await queued()) == after_disable
     assert after_disable[1] == before[1]
+
+
+async def test_a_refused_new_endpoint_keeps_what_was_typed(
+    world: World, receiver: Receiver
+) -> None:
+    """The admin corrects the one typo instead of typing the endpoint again."""
+    admin = world.consoles[ADMIN]
+    csrf = await world.csrf(ADMIN, PAGE)
+    before = await world.journal_size()
+    typed = {
+        "url": receiver.url,
+        "description": "CRM <Nord> & Co",
+        "event_types": "consent.given downlod.first",
+        "thin": "yes",
+        "allow_private": "yes",
+    }
+    refused = await admin.post(PAGE, {"csrf": csrf, **typed})
+    assert refused.status == 400
+    assert "unknown event type(s): downlod.first" in visible(refused.text)
+    for name in ("url", "description", "event_types"):
+        assert f'name="{name}" type="' in refused.text
+        assert f'value="{html.escape(typed[name])}"' in refused.text, name
+    for box in ("thin", "allow_private"):
+        assert re.search(
+            rf'id="{box}" name="{box}" type="checkbox" value="yes" checked>', refused.text
+        )
+    assert await world.journal_size() == before

@@ -305,9 +305,21 @@ async def test_admin_adds_a_user_who_then_sends_mail_and_changes_things(world: W
     await world.site.sink.expect(sent + 1)
 
     duplicate = await admin.post(
-        "/console/admin/users", {"csrf": csrf, "email": "new.agent@broker.example", "role": "agent"}
+        "/console/admin/users",
+        {
+            "csrf": csrf,
+            "email": "new.agent@broker.example",
+            "role": "team_lead",
+            "group": "west",
+            "aliases": "team-west@broker.example",
+        },
     )
     assert duplicate.status == 400 and "could not be saved" in visible(duplicate.text)
+    # what was typed stays in the form, for the admin to correct
+    assert 'id="new-email" name="email" type="email" required maxlength="320"' in duplicate.text
+    assert 'value="new.agent@broker.example"' in duplicate.text
+    assert '<option value="team_lead" selected>' in duplicate.text
+    assert 'value="west"' in duplicate.text and 'value="team-west@broker.example"' in duplicate.text
     changed = await admin.post(
         "/console/admin/users/change",
         {

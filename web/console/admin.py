@@ -11,7 +11,7 @@ that made them, and never again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -168,7 +168,9 @@ class AdminPages:
         created: tuple[str, str] | None = None,
         reset: tuple[str, str] | None = None,
         status: int = 200,
+        kept: Mapping[str, str] | None = None,
     ) -> web.Response:
+        """`kept`: what was typed into the add form, shown again with the error."""
         catalog = self.view.catalog(request)
         return self.view.render(
             request,
@@ -176,6 +178,7 @@ class AdminPages:
             catalog.t("work.users_title"),
             status=status,
             error=error,
+            kept=kept or {},
             users=await self.users.listing(),
             logins=await self.logins.views(),
             roles=[(r.value, catalog.t(f"console.roles.{r.value}")) for r in Role],
@@ -200,7 +203,7 @@ class AdminPages:
             role = Role(form.get("role", ""))
         except ValueError:
             return await self.user_list(
-                request, error=self._t(request, "work.error.bad_role"), status=400
+                request, error=self._t(request, "work.error.bad_role"), status=400, kept=form
             )
         aliases = [a for a in form.get("aliases", "").replace(",", " ").split() if a]
         try:
@@ -208,9 +211,8 @@ class AdminPages:
                 form.get("email", ""), role, form.get("group") or None, aliases
             )
         except UserError as exc:
-            return await self.user_list(
-                request, error=self._t(request, "work.error.user", detail=str(exc)), status=400
-            )
+            error = self._t(request, "work.error.user", detail=str(exc))
+            return await self.user_list(request, error=error, status=400, kept=form)
         log.info("console: %s added user %s", self.view.principal(request).name, user.email)
         return await self.user_list(request, created=(user.email, password), status=201)
 
@@ -372,13 +374,16 @@ class AdminPages:
         error: str | None = None,
         secret: str | None = None,
         status: int = 200,
+        kept: Mapping[str, str] | None = None,
     ) -> web.Response:
+        """`kept`: what was typed into the add form, shown again with the error."""
         return self.view.render(
             request,
             "console/admin_webhooks.html",
             self._t(request, "work.webhooks_title"),
             status=status,
             error=error,
+            kept=kept or {},
             endpoints=await self.webhooks.list_endpoints(),
             secret=secret,
         )
@@ -396,9 +401,8 @@ class AdminPages:
                 by=self.view.principal(request).name,
             )
         except WebhookError as exc:
-            return await self.endpoint_list(
-                request, error=self._t(request, "work.error.webhook", detail=str(exc)), status=400
-            )
+            error = self._t(request, "work.error.webhook", detail=str(exc))
+            return await self.endpoint_list(request, error=error, status=400, kept=form)
         return await self.endpoint_list(request, secret=created.secret, status=201)
 
     async def endpoint(
