@@ -9,6 +9,7 @@ message.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -119,10 +120,21 @@ def _view(d: WebhookDelivery, event_type: str) -> DeliveryView:
 def checked_types(event_types: Sequence[str]) -> list[str]:
     unknown = sorted(set(event_types) - set(CATALOG))
     if unknown:
+        meant = [_meant_type(name) for name in unknown]
+        hints = "; ".join(f"did you mean {m}?" for m in meant if m)
         raise WebhookError(
-            f"unknown event type(s): {', '.join(unknown)} (see docs/events.md for the catalog)"
+            f"unknown event type(s): {', '.join(unknown)}"
+            + (f"; {hints}" if hints else "")
+            + " (see docs/events.md for the catalog)"
         )
     return list(dict.fromkeys(event_types))
+
+
+def _meant_type(name: str) -> str | None:
+    """The catalog's type a mistyped one most likely stands for (download.first for
+    downlod.first), as check-config guesses a mistyped setting."""
+    close = difflib.get_close_matches(name, list(CATALOG), n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def checked_description(description: str) -> str:

@@ -325,7 +325,9 @@ async def test_a_refused_new_endpoint_keeps_what_was_typed(
     }
     refused = await admin.post(PAGE, {"csrf": csrf, **typed})
     assert refused.status == 400
-    assert "unknown event type(s): downlod.first" in visible(refused.text)
+    assert "unknown event type(s): downlod.first; did you mean download.first?" in visible(
+        refused.text
+    )
     for name in ("url", "description", "event_types"):
         assert f'name="{name}" type="' in refused.text
         assert f'value="{html.escape(typed[name])}"' in refused.text, name
