@@ -1057,6 +1057,11 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         raise ConfigError(*validation_problems(exc, sources)) from exc
 
 
+def environment_variable(key: str) -> str:
+    """The variable that sets `key` (`upstream.password`: SEALRELAY_UPSTREAM__PASSWORD)."""
+    return ENV_PREFIX + key.upper().replace(".", "__")
+
+
 def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
     """Overlay SEALRELAY_<SECTION>__<KEY> variables; returns key -> variable for messages."""
     sources = {}

@@ -34,6 +34,7 @@ from gateway.config import (
     SmtpSettings,
     StorageSettings,
     UpstreamSettings,
+    environment_variable,
     read_config,
     validation_problems,
 )
@@ -239,12 +240,11 @@ def _login(upstream: UpstreamSettings, key: str) -> Iterator[Problem]:
     """Both or neither: a login without its password fails at every send, and the copies
     would wait out queue_lifetime deferred. Here and not in the settings' validation, so
     that admin commands run without the secret in their environment."""
-    variable = "SEALRELAY_" + key.upper().replace(".", "__") + "__PASSWORD"
     if upstream.username is not None and upstream.password is None:
         yield Problem(
             f"{key}.password",
             f"missing: username {upstream.username!r} needs its password, here or, better,"
-            f" in the relay's environment ({variable})",
+            f" in the relay's environment ({environment_variable(f'{key}.password')})",
         )
     elif upstream.password is not None and upstream.username is None:
         yield Problem(f"{key}.username", "missing: a password alone logs in as nobody")
