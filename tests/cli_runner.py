@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from tests.support import BRANDING_TOML, LETTER_VALUES_TOML
 
@@ -46,6 +50,21 @@ async def sealrelay(
         out, err = await process.communicate(stdin.encode() if stdin is not None else None)
     assert process.returncode is not None
     return Run(process.returncode, out.decode(), err.decode())
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Path, log: BinaryIO) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`sealrelay serve` as a process writing to `log`; on the way out SIGTERM, and its exit
+    awaited (its code is then the process's returncode)."""
+    process = await asyncio.create_subprocess_exec(
+        SEALRELAY, "serve", "--config", str(config), stdout=log, stderr=log
+    )
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            await process.wait()
 
 
 def write_config(

@@ -5,7 +5,6 @@ loopback (no AUTH, no TLS) leaves DKIM-signed through the re-injection port."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import smtplib
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import dkim as dkimpy
 import pytest
 
 from gateway.mail.dkim import DkimKey
-from tests.cli_runner import SEALRELAY, sealrelay
+from tests.cli_runner import sealrelay, serving
 from tests.conftest import dkim_dns
 from tests.support import Sink, free_port, wait_for_port
 
@@ -65,17 +64,11 @@ async def test_the_content_filter_example_starts_and_relays_without_logins(
     log_path = tmp_path / "serve.log"
     try:
         with log_path.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                SEALRELAY, "serve", "--config", str(config), stdout=log, stderr=log
-            )
-            try:
+            async with serving(config, log) as process:
                 await wait_for_port(smtp_port, process)
                 await asyncio.to_thread(hand_over, smtp_port)
                 [copy] = await sink.expect(1)
-            finally:
-                process.send_signal(signal.SIGTERM)
-                async with asyncio.timeout(20):
-                    assert await process.wait() == 0, log_path.read_text()
+        assert process.returncode == 0, log_path.read_text()
     finally:
         await sink.stop()
     assert copy.rcpt_tos == ["prospect@example.com"]

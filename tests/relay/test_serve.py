@@ -22,6 +22,7 @@ from gateway.mail.dkim import DkimKey
 from gateway.mail.outgoing import Signer
 from gateway.store.db import Database
 from sealrelay.serve import ROLES, YOUNG_OBJECTS, Relay
+from tests.cli_runner import serving
 from tests.conftest import DKIM_DOMAIN, DKIM_SELECTOR, relay_settings
 from tests.support import LETTER_TOML, Sink, free_port, serve_config, wait_for_port
 
@@ -81,20 +82,13 @@ key_file = "{tmp_path / "loop.key"}"
 
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            SEALRELAY, "serve", "--config", str(config), stdout=log, stderr=log
-        )
-        try:
+        async with serving(config, log) as process:
             await wait_for_port(smtp_port, process)
             await asyncio.to_thread(_send, smtp_port)
             async with asyncio.timeout(20):
                 while not list((tmp_path / "outbox").glob("*.eml")):
                     await asyncio.sleep(0.05)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(20):
-                code = await process.wait()
-    assert code == 0
+    assert process.returncode == 0
     [envelope] = [json.loads(p.read_text()) for p in (tmp_path / "outbox").glob("*.json")]
     assert envelope == {"mail_from": AGENT, "rcpt_tos": ["prospect@example.com"]}
     log_text = log_path.read_text()
