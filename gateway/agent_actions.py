@@ -8,10 +8,12 @@ action checks before it writes, in the transaction it writes in, so a refusal le
 
 from __future__ import annotations
 
+from gateway.texts.refusals import Refused
+
 REASON_MAX = 500
 
 
-class ActionRefused(Exception):
+class ActionRefused(Refused):
     """An agent's action that was not carried out; nothing was written."""
 
 
@@ -31,7 +33,7 @@ def checked_actor(actor: str) -> str:
     """Who acts, as the journal names them; an action without one is refused."""
     actor = actor.strip()
     if not actor or len(actor) > 320:
-        raise InvalidRequest("an action needs the name of who does it (at most 320 characters)")
+        raise InvalidRequest("action.no_actor", maximum=320)
     return actor
 
 
@@ -39,7 +41,7 @@ def checked_reason(reason: str, *, required: bool) -> str:
     """A reason as given, stripped; required ones must say something, none may be too long."""
     reason = reason.strip()
     if required and not reason:
-        raise InvalidRequest("a reason is required")
+        raise InvalidRequest("action.no_reason")
     if len(reason) > REASON_MAX:
-        raise InvalidRequest(f"the reason is longer than {REASON_MAX} characters")
+        raise InvalidRequest("action.reason_length", maximum=REASON_MAX)
     return reason

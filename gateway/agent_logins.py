@@ -83,13 +83,13 @@ def check_url(url: str) -> str:
         parts = urlsplit(url.strip())
         parts.port  # noqa: B018 (raises on a bad port)
     except ValueError as exc:
-        raise UserError("the URL has a bad port") from exc
+        raise UserError("login.bad_port") from exc
     if parts.scheme not in {"smtp", "smtps"} or not parts.hostname:
-        raise UserError("the URL must be smtp://HOST[:PORT] or smtps://HOST[:PORT]")
+        raise UserError("login.not_smtp")
     if parts.username is not None or parts.password is not None:
-        raise UserError("put the username and password in their own fields, not in the URL")
+        raise UserError("login.credentials_in_url")
     if parts.path not in {"", "/"} or parts.query or parts.fragment:
-        raise UserError("the URL must be smtp://HOST[:PORT] or smtps://HOST[:PORT]")
+        raise UserError("login.not_smtp")
     return f"{parts.scheme}://{parts.netloc}"
 
 
@@ -195,9 +195,9 @@ class AgentLogins:
         url = check_url(url)
         username = username.strip()
         if not username or len(username) > 320:
-            raise UserError("the username must have 1 to 320 characters")
+            raise UserError("login.username_length", maximum=320)
         if not password or len(password) > MAX_PASSWORD:
-            raise UserError(f"the password must have 1 to {MAX_PASSWORD} characters")
+            raise UserError("login.password_length", maximum=MAX_PASSWORD)
         box = await self._open_box(create=True)
         now = self.clock()
         async with self.db.transaction() as session:
@@ -305,5 +305,5 @@ class AgentLogins:
 async def _live_user(session: AsyncSession, email: str) -> User:
     user = await session.scalar(select(User).where(User.email == email, User.deleted_at.is_(None)))
     if user is None:
-        raise UnknownUser(f"no user {email}")
+        raise UnknownUser("user.unknown", email=email)
     return user

@@ -43,6 +43,7 @@ from gateway.store.events import (
 )
 from gateway.store.metrics import AUTH_CHECKS_WAITING
 from gateway.store.models import AgentLogin, Alias, ConsoleSession, Role, User, utcnow
+from gateway.texts.refusals import Refused
 from rules.domains import domain_of
 
 # OWASP's argon2id minimum (19 MiB, 2 passes, 1 lane): the library default takes 64 MiB per
@@ -114,8 +115,8 @@ def _login_queue() -> _LoginQueue:
     return queue
 
 
-class UserError(Exception):
-    """A request about users that cannot be done; the message is for the person asking."""
+class UserError(Refused):
+    """A request about users that cannot be done; said to the person asking."""
 
 
 class UnknownUser(UserError):
@@ -128,6 +129,7 @@ class UserConflict(UserError):
 
 
 MAX_ALIASES = 50
+MIN_PASSWORD = 10
 DELETED_PASSWORD = "!deleted"  # noqa: S105 (not an argon2 hash: no password verifies)
 
 
@@ -154,7 +156,7 @@ def normalize_address(address: str) -> str:
     try:
         valid = validate_email(address, check_deliverability=False)
     except EmailNotValidError as exc:
-        raise UserError(f"{address!r} is not a valid address: {exc}") from exc
+        raise UserError("user.not_an_address", address=address, reason=str(exc)) from exc
     return valid.normalized.lower()
 
 
@@ -190,22 +192,20 @@ async def add_user(
 ) -> User:
     email = normalize_address(email)
     alias_addresses = sorted({normalize_address(a) for a in aliases} - {email})
-    if len(password) < 10:
-        raise UserError("the password must have at least 10 characters")
+    if len(password) < MIN_PASSWORD:
+        raise UserError("user.password_short", minimum=MIN_PASSWORD)
     password_hash = await asyncio.to_thread(_hasher.hash, password)
     user = User(email=email, password_hash=password_hash, role=role, group_name=group)
     try:
         async with db.transaction() as session:
             taken = await session.scalar(select(Alias).where(Alias.address == email))
             if taken is not None:
-                raise UserError(f"{email} is already an alias of another user")
+                raise UserConflict("user.alias_of_another", email=email)
             gone = await session.scalar(
                 select(User.id).where(User.email == email, User.deleted_at.is_not(None))
             )
             if gone is not None:
-                raise UserConflict(
-                    f"{email} belonged to a deleted user and stays reserved for their messages"
-                )
+                raise UserConflict("user.reserved", email=email)
             session.add(user)
             await session.flush()
             session.add_all(Alias(address=a, user_id=user.id) for a in alias_addresses)
@@ -218,7 +218,7 @@ async def add_user(
                 ],
             )
     except IntegrityError as exc:
-        raise UserError(f"{email} or one of its aliases is already in use") from exc
+        raise UserConflict("user.taken", email=email) from exc
     return user
 
 
@@ -241,7 +241,7 @@ async def _live(session: AsyncSession, email: str, *, lock: bool = False) -> Use
     query = select(User).where(User.email == email, User.deleted_at.is_(None))
     user = await session.scalar(query.with_for_update() if lock else query)
     if user is None:
-        raise UnknownUser(f"no user {email}")
+        raise UnknownUser("user.unknown", email=email)
     return user
 
 
@@ -265,7 +265,7 @@ async def _keep_an_admin(session: AsyncSession, user: User) -> None:
         )
     ).all()
     if not others:
-        raise UserConflict(f"{user.email} is the last enabled admin; make another admin first")
+        raise UserConflict("user.last_admin", email=user.email)
 
 
 async def _end_sessions(session: AsyncSession, user_id: int, keep: str | None = None) -> int:
@@ -341,7 +341,7 @@ async def set_notifications(
     unknown kind is refused, nothing is written."""
     unknown = sorted(set(changes) - set(NOTICE_KINDS))
     if unknown:
-        raise UserError(f"unknown notice kinds: {', '.join(unknown)}")
+        raise UserError("user.unknown_notices", kinds=", ".join(unknown))
     email = normalize_address(email)
     async with db.transaction() as session:
         user = await _live(session, email, lock=True)
@@ -421,8 +421,8 @@ async def set_password(
 
 
 async def _hash_new(password: str) -> str:
-    if len(password) < 10:
-        raise UserError("the password must have at least 10 characters")
+    if len(password) < MIN_PASSWORD:
+        raise UserError("user.password_short", minimum=MIN_PASSWORD)
     return await asyncio.to_thread(_hasher.hash, password)
 
 
@@ -458,7 +458,7 @@ async def delete_user(db: Database, email: str, *, by: str) -> None:
     """
     email = normalize_address(email)
     if by.strip().lower() == email:
-        raise UserConflict("you cannot delete your own account; ask another admin")
+        raise UserConflict("user.own_account")
     async with db.transaction() as session:
         user = await _live(session, email, lock=True)
         await _keep_an_admin(session, user)
@@ -488,15 +488,15 @@ async def add_alias(db: Database, email: str, address: str, *, by: str) -> list[
         async with db.transaction() as session:
             user = await _live(session, email, lock=True)
             if await session.scalar(select(User.id).where(User.email == alias)) is not None:
-                raise UserConflict(f"{alias} is a user's own address")
+                raise UserConflict("user.login_address", alias=alias)
             owner = await session.scalar(select(Alias.user_id).where(Alias.address == alias))
             if owner is not None:
-                raise UserConflict(f"{alias} is already an alias")
+                raise UserConflict("user.alias_taken", alias=alias)
             count = await session.scalar(
                 select(func.count()).select_from(Alias).where(Alias.user_id == user.id)
             )
             if (count or 0) >= MAX_ALIASES:
-                raise UserConflict(f"{email} has {MAX_ALIASES} aliases already")
+                raise UserConflict("user.too_many_aliases", email=email, maximum=MAX_ALIASES)
             session.add(Alias(address=alias, user_id=user.id))
             await session.flush()
             await journal.append(
@@ -504,7 +504,7 @@ async def add_alias(db: Database, email: str, address: str, *, by: str) -> list[
             )
             return await _aliases(session, user.id)
     except IntegrityError as exc:  # the same address added twice at once
-        raise UserConflict(f"{alias} is already an alias") from exc
+        raise UserConflict("user.alias_taken", alias=alias) from exc
 
 
 async def remove_alias(db: Database, email: str, address: str, *, by: str) -> list[str]:
@@ -518,7 +518,7 @@ async def remove_alias(db: Database, email: str, address: str, *, by: str) -> li
             delete(Alias).where(Alias.user_id == user.id, Alias.address == alias)
         )
         if not result.rowcount:  # type: ignore[attr-defined]
-            raise UnknownUser(f"{alias} is not an alias of {email}")
+            raise UnknownUser("user.not_an_alias", alias=alias, email=email)
         await journal.append(
             session, [USER_ALIAS_REMOVED.new({"email": email, "alias": alias, "by": by})]
         )

@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.texts.refusals import Refused
+
 MEDIA_TYPE = "application/problem+json"
 
 _TITLES = {
@@ -52,3 +54,9 @@ class ProblemResponse(web.HTTPException):
         super().__init__(
             headers=headers, text=json.dumps(body, ensure_ascii=False), content_type=MEDIA_TYPE
         )
+
+    @classmethod
+    def refused(cls, status: int, refusal: Refused) -> ProblemResponse:
+        """A desk's refusal: its English text, and its key as `code` for a program to branch
+        on (the text may be reworded; the code stays)."""
+        return cls(status, str(refusal), code=refusal.key)

@@ -20,14 +20,15 @@ from gateway.store import journal
 from gateway.store.db import Database
 from gateway.store.events import API_KEY_CREATED, API_KEY_REVOKED
 from gateway.store.models import ApiKey, ApiKeyScope, new_id
+from gateway.texts.refusals import Refused
 
 PREFIX = "sr_"
 DISPLAY_CHARS = 10  # "sr_" and seven characters: enough to tell keys apart, useless to guess
 LAST_USED_EVERY = timedelta(minutes=1)
 
 
-class ApiKeyError(Exception):
-    """A request about keys that cannot be done; the message is for the person asking."""
+class ApiKeyError(Refused):
+    """A request about keys that cannot be done; said to the person asking."""
 
 
 class ApiKeyNotFound(ApiKeyError):
@@ -77,7 +78,7 @@ class ApiKeyDesk:
     async def create(self, name: str, scope: ApiKeyScope, by: str) -> NewKey:
         name = name.strip()
         if not name or len(name) > 200:
-            raise ApiKeyError("a key needs a name of 1 to 200 characters")
+            raise ApiKeyError("key.name_length", maximum=200)
         key = PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
         now = self.clock()
         row = ApiKey(
@@ -119,9 +120,9 @@ class ApiKeyDesk:
         async with self.db.transaction() as session:
             row = await session.get(ApiKey, key_id, with_for_update=True)
             if row is None:
-                raise ApiKeyNotFound(f"no API key {key_id}")
+                raise ApiKeyNotFound("key.unknown", key=key_id)
             if row.revoked_at is not None:
-                raise ApiKeyError(f"API key {key_id} is already revoked")
+                raise ApiKeyError("key.revoked", key=key_id)
             row.revoked_at = now
             await journal.append(
                 session,

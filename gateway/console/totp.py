@@ -75,7 +75,7 @@ async def enable(db: Database, email: str, issuer: str = ISSUER) -> TotpSetup:
             select(User).where(User.email == email, User.deleted_at.is_(None))
         )
         if user is None:
-            raise UnknownUser(f"no user {email}")
+            raise UnknownUser("user.unknown", email=email)
         user.totp_secret = secret
         await journal.append(session, [USER_TOTP_ENABLED.new({"email": email})])
     uri = pyotp.TOTP(secret).provisioning_uri(name=email, issuer_name=issuer)
@@ -91,7 +91,7 @@ async def disable(db: Database, email: str, *, by: str | None = None) -> bool:
             select(User).where(User.email == email, User.deleted_at.is_(None))
         )
         if user is None:
-            raise UnknownUser(f"no user {email}")
+            raise UnknownUser("user.unknown", email=email)
         if user.totp_secret is None:
             return False
         user.totp_secret = None

@@ -86,6 +86,7 @@ from gateway.store.models import (
     new_id,
 )
 from gateway.store.raw_sql import RawStatement, loaded
+from gateway.texts.refusals import Term
 from rules.automated_visits import Verdict
 
 log = logging.getLogger(__name__)
@@ -447,7 +448,7 @@ class LetterDesk:
         reason = checked_reason(reason, required=True)
         now = self.clock()
         async with self.db.transaction() as session:
-            letter, message = await _held_letter(session, letter_id, "released")
+            letter, message = await _held_letter(session, letter_id, "release")
             blob = await _stored_or_refused(
                 letter, self._stamped(letter, [released_by_agent_field(letter.id, now)])
             )
@@ -492,10 +493,10 @@ class LetterDesk:
         actor = checked_actor(actor)
         now = self.clock()
         async with self.db.transaction() as session:
-            letter, message = await _held_letter(session, letter_id, "re-sent", expired_ok=True)
+            letter, message = await _held_letter(session, letter_id, "resend", expired_ok=True)
             old = await session.scalar(select(Link).where(Link.id == letter.link_id))
             if old is None:  # the foreign key makes this impossible
-                raise UnknownTarget(f"letter {letter_id!r} has no link")
+                raise UnknownTarget("action.letter_without_link", letter=letter_id)
             days = min(max((old.expires_at - old.created_at).days, 1), MAX_DAYS[LinkKind.LETTER])
             token = new_token()
             link, _ = new_link(
@@ -587,7 +588,7 @@ class LetterDesk:
                 )
             ).first()
             if row is None:
-                raise UnknownTarget(f"no letter has the id {letter_id!r}")
+                raise UnknownTarget("action.no_letter", letter=letter_id)
             letter, message, link = row
             consent = await session.scalar(select(Consent).where(Consent.letter_id == letter.id))
         blocks = tuple(ShownBlock(**block) for block in letter.blocks)
@@ -602,10 +603,10 @@ class LetterDesk:
         async with self.db.transaction() as session:
             letter = await session.get(Letter, letter_id)
             if letter is None:
-                raise UnknownTarget(f"no letter has the id {letter_id!r}")
+                raise UnknownTarget("action.no_letter", letter=letter_id)
             consent = await session.scalar(select(Consent).where(Consent.letter_id == letter.id))
         if consent is None:
-            raise WrongState(f"letter {letter_id} has no consent (status {letter.status})")
+            raise WrongState("action.no_consent", letter=letter_id)
         log.info("%s: letter=%s consent PDF read by=%s", letter.message_id, letter.id, actor)
         return await self.blobs.read(consent.pdf_blob)
 
@@ -618,9 +619,9 @@ class LetterDesk:
         async with self.db.transaction() as session:
             letter = await session.get(Letter, letter_id)
             if letter is None:
-                raise UnknownTarget(f"no letter has the id {letter_id!r}")
+                raise UnknownTarget("action.no_letter", letter=letter_id)
             if letter.status != LetterStatus.RELEASED:
-                raise WrongState(f"letter {letter_id} was not released (status {letter.status})")
+                raise WrongState("action.not_released", letter=letter_id)
             delivery_id = await session.scalar(
                 select(Consent.released_delivery_id).where(Consent.letter_id == letter.id)
             )
@@ -628,7 +629,7 @@ class LetterDesk:
                 delivery_id = await _released_by_agent_delivery(session, letter)
             delivery = await session.get(Delivery, delivery_id) if delivery_id else None
         if delivery is None:
-            raise WrongState(f"letter {letter_id}: the released copy is not on record")
+            raise WrongState("action.released_copy_missing", letter=letter_id)
         signed = delivery.signed_blob is not None
         log.info(
             "%s: letter=%s released original read by=%s signed=%s",
@@ -863,11 +864,15 @@ async def _held_letter(
         )
     ).first()
     if row is None:
-        raise UnknownTarget(f"no letter has the id {letter_id!r}")
+        raise UnknownTarget("action.no_letter", letter=letter_id)
     letter, message = row
     allowed = {LetterStatus.HELD, LetterStatus.EXPIRED} if expired_ok else {LetterStatus.HELD}
     if letter.status not in allowed:
-        raise WrongState(f"letter {letter_id} is {letter.status}; only a held letter is {action}")
+        raise WrongState(
+            f"action.not_held_{action}",
+            letter=letter_id,
+            status=Term(f"work.state.{letter.status}"),
+        )
     return letter, message
 
 
@@ -903,9 +908,7 @@ async def _stored_or_refused(letter: Letter, reading: Awaitable[T]) -> T:
     try:
         return await reading
     except BlobMissing as missing:
-        raise WrongState(
-            f"letter {letter.id}: the held original {missing.digest} is no longer stored"
-        ) from missing
+        raise WrongState("action.original_gone", letter=letter.id, blob=missing.digest) from missing
 
 
 def _mark_released(letter: Letter, now: datetime) -> None:

@@ -297,9 +297,9 @@ class LinkDesk:
         actor = checked_actor(actor)
         now = self.clock()
         if until.tzinfo is None:
-            raise InvalidRequest("the new expiry needs a time zone")
+            raise InvalidRequest("action.expiry_zone")
         if until <= now:
-            raise InvalidRequest("the new expiry must lie in the future")
+            raise InvalidRequest("action.expiry_past")
         async with self.db.transaction() as session:
             links = await self._extendable(session, target, now)
             events: list[NewEvent] = []
@@ -307,8 +307,7 @@ class LinkDesk:
                 longest = now + timedelta(days=MAX_DAYS[LinkKind(link.kind)])
                 if until > longest:
                     raise InvalidRequest(
-                        f"a {link.kind} link may be valid for at most"
-                        f" {MAX_DAYS[LinkKind(link.kind)]} days from now"
+                        f"action.expiry_beyond_{link.kind}", days=MAX_DAYS[LinkKind(link.kind)]
                     )
                 events.append(
                     LINK_EXTENDED.new(
@@ -336,7 +335,7 @@ class LinkDesk:
         if isinstance(target, str):
             link = await session.scalar(select(Link).where(Link.id == target).with_for_update())
             if link is None:
-                raise UnknownTarget(f"no link has the id {target!r}")
+                raise UnknownTarget("action.no_link", link=target)
             links: Sequence[Link] = [link]
         else:
             links = await _recipient_links(session, *target)
@@ -344,12 +343,9 @@ class LinkDesk:
             links = live or links  # only revoked ones: refused just below, by name
         for link in links:
             if link.revoked_at is not None:
-                raise WrongState(f"link {link.id} was revoked; a revoked link cannot be extended")
+                raise WrongState("action.revoked", link=link.id)
             if link.kind == LinkKind.DOWNLOAD and link.expires_at <= now - self.link_grace:
-                raise WrongState(
-                    f"link {link.id} expired on {link.expires_at:%Y-%m-%d} and its files are"
-                    " no longer kept; it cannot be opened again"
-                )
+                raise WrongState("action.files_gone", link=link.id, day=link.expires_at)
         return links
 
     async def preview(self, link_id: str, actor: str) -> FoundLink:
@@ -365,7 +361,7 @@ class LinkDesk:
                 )
             ).first()
             if row is None:
-                raise UnknownTarget(f"no download link has the id {link_id!r}")
+                raise UnknownTarget("action.no_download_link", link=link_id)
             found = await found_of(session, row[0], row[1], self.clock())
         log.info("%s: link=%s previewed by=%s", found.link.message_id, found.link.id, actor)
         return found
@@ -444,7 +440,7 @@ async def _recipient_links(session: AsyncSession, message_id: str, recipient: st
         )
     ).all()
     if not links:
-        raise UnknownTarget(f"message {message_id!r} has no link for {recipient!r}")
+        raise UnknownTarget("action.no_recipient_link", message=message_id, recipient=recipient)
     return list(links)
 
 

@@ -31,6 +31,7 @@ from gateway.store.group_commit import Done
 from gateway.store.leases import LeasedQueue, backoff
 from gateway.store.models import AgentLogin, Base, Delivery, DeliveryStatus, Message, new_id
 from gateway.store.raw_sql import RawStatement, loaded
+from gateway.texts.refusals import Refused, Term
 
 __all__ = [
     "LEASES",
@@ -50,8 +51,12 @@ __all__ = [
 LEASES = LeasedQueue(Delivery, DeliveryStatus.QUEUED)
 
 
-class QueueError(Exception):
-    """An admin request on the queue that cannot be done."""
+class QueueError(Refused):
+    """An admin request on the queue that cannot be done; said to the admin asking."""
+
+
+class UnknownDelivery(QueueError):
+    """No copy in the queue has the id given."""
 
 
 def new_delivery(
@@ -390,10 +395,7 @@ async def check_kept(blobs: BlobStore, delivery: Delivery) -> None:
     except StoreUnavailable:
         return
     if not kept:
-        raise QueueError(
-            f"the copy to {delivery.recipient} is no longer kept (deleted by the sweep after"
-            " [storage] keep_originals_days); nothing to retry"
-        )
+        raise QueueError("queue.not_kept", recipient=delivery.recipient)
 
 
 async def retry_now(
@@ -402,7 +404,11 @@ async def retry_now(
     """Make a queued copy due at once; a bounced one is queued again for a new lifetime."""
     delivery = await _get(session, delivery_id, now)
     if delivery.status not in (DeliveryStatus.QUEUED, DeliveryStatus.BOUNCED):
-        raise QueueError(f"delivery {delivery_id} is {delivery.status}; nothing to retry")
+        raise QueueError(
+            "queue.no_retry",
+            delivery=delivery_id,
+            status=Term(f"work.queue_status.{delivery.status}"),
+        )
     if delivery.status == DeliveryStatus.BOUNCED:
         delivery.expires_at = now + lifetime
     delivery.status = DeliveryStatus.QUEUED
@@ -427,7 +433,11 @@ async def delete(session: AsyncSession, delivery_id: str, now: datetime) -> Deli
     """Give up a queued copy without a bounce, as an admin decides."""
     delivery = await _get(session, delivery_id, now)
     if delivery.status != DeliveryStatus.QUEUED:
-        raise QueueError(f"delivery {delivery_id} is {delivery.status}; only queued ones go")
+        raise QueueError(
+            "queue.not_queued",
+            delivery=delivery_id,
+            status=Term(f"work.queue_status.{delivery.status}"),
+        )
     delivery.status = DeliveryStatus.DELETED
     delivery.lease_until = None
     delivery.leased_by = None
@@ -449,9 +459,9 @@ async def _get(session: AsyncSession, delivery_id: str, now: datetime) -> Delive
     """The delivery, unless a worker is sending it right now (changing it could send twice)."""
     delivery = await session.get(Delivery, delivery_id, with_for_update=True)
     if delivery is None:
-        raise QueueError(f"no delivery {delivery_id}")
+        raise UnknownDelivery("queue.unknown", delivery=delivery_id)
     if delivery.lease_until is not None and delivery.lease_until > now:
-        raise QueueError(f"delivery {delivery_id} is being sent right now; try again shortly")
+        raise QueueError("queue.sending", delivery=delivery_id)
     return delivery
 
 

@@ -40,7 +40,7 @@ class Catalog:
     def keys(self) -> set[str]:
         return set(self._texts)
 
-    def t(self, key: str, **params: Any) -> str:
+    def t(self, key: str, /, **params: Any) -> str:
         text = self._texts[key]
         return str(text).format(**params) if params else str(text)
 

@@ -19,13 +19,15 @@ from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from gateway.texts.refusals import Refused
+
 SCHEMES: Final = ("http", "https")
 URL_LIMIT: Final = 2000
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class EndpointUrlError(ValueError):
+class EndpointUrlError(Refused, ValueError):
     """An endpoint URL that is malformed, or that leads where endpoints may not go."""
 
 
@@ -58,20 +60,20 @@ def refusal(address: Address) -> str | None:
 def parse(url: str) -> tuple[str, int]:
     """The host and port of an endpoint URL, or EndpointUrlError saying what is wrong."""
     if len(url) > URL_LIMIT:
-        raise EndpointUrlError(f"the URL is longer than {URL_LIMIT} characters")
+        raise EndpointUrlError("url.length", maximum=URL_LIMIT)
     if any(ord(c) < 33 or ord(c) == 127 for c in url):
-        raise EndpointUrlError("the URL holds spaces or control characters")
+        raise EndpointUrlError("url.spaces")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise EndpointUrlError(f"not a URL: {exc}") from exc
+        raise EndpointUrlError("url.unreadable", reason=str(exc)) from exc
     if parts.scheme not in SCHEMES:
-        raise EndpointUrlError("the URL must start with http:// or https://")
+        raise EndpointUrlError("url.scheme")
     if not parts.hostname:
-        raise EndpointUrlError("the URL names no host")
+        raise EndpointUrlError("url.no_host")
     if parts.fragment:
-        raise EndpointUrlError("the URL may not have a #fragment")
+        raise EndpointUrlError("url.fragment")
     return parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
@@ -92,7 +94,7 @@ async def resolve(host: str, port: int) -> list[Address]:
             host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
         )
     except OSError as exc:
-        raise EndpointUrlError(f"{host} does not resolve: {exc}") from exc
+        raise EndpointUrlError("url.unresolved", host=host, reason=str(exc)) from exc
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
 
 
@@ -102,15 +104,12 @@ async def check(url: str, *, allow_private: bool) -> None:
     host, port = parse(url)
     addresses = await resolve(host, port)
     if not addresses:
-        raise EndpointUrlError(f"{host} resolves to no address")
+        raise EndpointUrlError("url.no_address", host=host)
     if allow_private:
         return
     refused = [r for r in map(refusal, addresses) if r]
     if refused:
-        raise PrivateAddress(
-            f"{host} leads to an address webhooks may not reach ({'; '.join(refused)});"
-            " allow private addresses for this endpoint if it is an on-premises receiver"
-        )
+        raise PrivateAddress("url.private", host=host, reasons="; ".join(refused))
 
 
 class GuardedResolver(AbstractResolver):

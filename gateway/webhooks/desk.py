@@ -36,14 +36,15 @@ from gateway.store.models import (
     new_id,
     utcnow,
 )
+from gateway.texts.refusals import Refused
 from gateway.webhooks import addresses
 from gateway.webhooks.fanout import wants
 from gateway.webhooks.payloads import new_secret
 from gateway.webhooks.tunables import DESCRIPTION_LIMIT, REPLAY_LIMIT, ROTATION_GRACE
 
 
-class WebhookError(ValueError):
-    """A request on webhooks that cannot be done; the text says why, for the admin."""
+class WebhookError(Refused, ValueError):
+    """A request on webhooks that cannot be done; said to the admin asking."""
 
 
 class EndpointNotFound(WebhookError):
@@ -120,13 +121,11 @@ def _view(d: WebhookDelivery, event_type: str) -> DeliveryView:
 def checked_types(event_types: Sequence[str]) -> list[str]:
     unknown = sorted(set(event_types) - set(CATALOG))
     if unknown:
-        meant = [_meant_type(name) for name in unknown]
-        hints = "; ".join(f"did you mean {m}?" for m in meant if m)
-        raise WebhookError(
-            f"unknown event type(s): {', '.join(unknown)}"
-            + (f"; {hints}" if hints else "")
-            + " (see docs/events.md for the catalog)"
-        )
+        types = ", ".join(unknown)
+        meant = ", ".join(m for m in map(_meant_type, unknown) if m)
+        if meant:
+            raise WebhookError("webhook.unknown_types_meant", types=types, meant=meant)
+        raise WebhookError("webhook.unknown_types", types=types)
     return list(dict.fromkeys(event_types))
 
 
@@ -139,7 +138,7 @@ def _meant_type(name: str) -> str | None:
 
 def checked_description(description: str) -> str:
     if len(description) > DESCRIPTION_LIMIT:
-        raise WebhookError(f"the description is longer than {DESCRIPTION_LIMIT} characters")
+        raise WebhookError("webhook.description_length", maximum=DESCRIPTION_LIMIT)
     return description
 
 
@@ -152,9 +151,9 @@ class WebhookDesk:
         try:
             await addresses.check(url, allow_private=allow_private)
         except addresses.PrivateAddress as exc:
-            raise PrivateUrlRefused(str(exc)) from exc
+            raise PrivateUrlRefused(exc.key, **exc.params) from exc
         except addresses.EndpointUrlError as exc:
-            raise UrlRefused(str(exc)) from exc
+            raise UrlRefused(exc.key, **exc.params) from exc
         return url
 
     async def create(
@@ -314,7 +313,7 @@ class WebhookDesk:
         async with self.db.transaction() as session:
             endpoint = await _endpoint(session, endpoint_id)
             if not endpoint.enabled:
-                raise EndpointDisabled(f"endpoint {endpoint_id} is disabled; enable it first")
+                raise EndpointDisabled("webhook.disabled", endpoint=endpoint_id)
             [event_id] = await journal.append(
                 session,
                 [WEBHOOK_TEST_REQUESTED.new({"endpoint_id": endpoint.id, "by": by})],
@@ -338,14 +337,14 @@ class WebhookDesk:
         `webhook.test` events), and is refused whole when it holds more than REPLAY_LIMIT
         events: a half-done replay is harder to reason about than a shorter range."""
         if (seq is None) == (since is None and until is None):
-            raise WebhookError("replay one event (seq) or a time range (since, until)")
+            raise WebhookError("webhook.replay_what")
         if since is not None and until is not None and since >= until:
-            raise WebhookError("the range is empty: since must be before until")
+            raise WebhookError("webhook.range_reversed")
         now = self.clock()
         async with self.db.transaction() as session:
             endpoint = await _endpoint(session, endpoint_id)
             if not endpoint.enabled:
-                raise EndpointDisabled(f"endpoint {endpoint_id} is disabled; enable it first")
+                raise EndpointDisabled("webhook.disabled", endpoint=endpoint_id)
             if seq is not None:
                 events = await _one_event(session, endpoint, seq)
             else:
@@ -394,7 +393,7 @@ class WebhookDesk:
                 or event.type != WEBHOOK_TEST_REQUESTED.name
                 or event.data.get("endpoint_id") != endpoint_id
             ):
-                raise NotATest(f"event {seq} is no test sent to endpoint {endpoint_id}")
+                raise NotATest("webhook.not_a_test", seq=seq, endpoint=endpoint_id)
             row = (
                 await session.execute(
                     select(WebhookDelivery)
@@ -451,7 +450,7 @@ async def _endpoint(
 ) -> WebhookEndpoint:
     endpoint = await session.get(WebhookEndpoint, endpoint_id, with_for_update=lock)
     if endpoint is None:
-        raise EndpointNotFound(f"no webhook endpoint {endpoint_id}")
+        raise EndpointNotFound("webhook.unknown", endpoint=endpoint_id)
     return endpoint
 
 
@@ -464,10 +463,10 @@ async def _one_event(
 ) -> list[tuple[int, str | None]]:
     event = await _chained(session, seq)
     if event is None:
-        raise WebhookError(f"no event {seq} in the journal")
+        raise WebhookError("webhook.no_event", seq=seq)
     # An explicit replay may reach back before the endpoint existed.
     if not wants(endpoint, event, since_creation=False):
-        raise WebhookError(f"endpoint {endpoint.id} does not receive {event.type}")
+        raise WebhookError("webhook.not_received", endpoint=endpoint.id, type=event.type)
     return [(seq, event.message_id)]
 
 
@@ -512,10 +511,7 @@ async def _range(
         if type_ != WEBHOOK_TEST_REQUESTED.name or data.get("endpoint_id") == endpoint.id
     ]
     if len(rows) > REPLAY_LIMIT:
-        raise ReplayTooLarge(
-            f"the range holds more than {REPLAY_LIMIT} events for this endpoint;"
-            " replay a shorter range, one after another"
-        )
+        raise ReplayTooLarge("webhook.replay_too_large", maximum=REPLAY_LIMIT)
     return rows
 
 

@@ -125,11 +125,11 @@ def _named(
     statuses: set[DeliveryStatus],
     wanted: str,
 ) -> list[Delivery]:
-    """The copies to act on, or a QueueError saying why there are none."""
+    """The copies to act on, or the line saying why there are none."""
     if not copies:
         to = f" to {', '.join(recipients)}" if recipients else ""
-        raise queue.QueueError(f"no message {message_id}{to} in the queue")
+        raise click.ClickException(f"no message {message_id}{to} in the queue")
     chosen = [copy for copy in copies if copy.status in statuses]
     if not chosen:
-        raise queue.QueueError(f"message {message_id} has no {wanted}")
+        raise click.ClickException(f"message {message_id} has no {wanted}")
     return chosen

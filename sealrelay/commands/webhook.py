@@ -36,7 +36,7 @@ def _desk_run(
         try:
             return await work(WebhookDesk(db))
         except PrivateUrlRefused as exc:
-            raise WebhookError(f"{exc} (--allow-private)") from exc
+            raise click.ClickException(f"{exc} (--allow-private)") from exc
 
     return _run(with_desk, config, access)
 

@@ -82,6 +82,18 @@ async def test_refused_forms_change_nothing_and_name_the_problem(world: World) -
         assert answer.status == status, form
         assert says in visible(answer.text), visible(answer.text)
         assert 'value="x"' not in answer.text, "a typed password is not sent back"
+    agent.headers["Accept-Language"] = "de"
+    try:
+        german = await agent.post(
+            path, {"csrf": csrf, **FORM, "url": "http://mail.example", "password": "x"}
+        )
+    finally:
+        agent.headers["Accept-Language"] = "en"
+    assert german.status == 400
+    assert (
+        "Nicht gespeichert: Der Server muss als smtp://HOST[:PORT] oder smtps://HOST[:PORT]"
+        " angegeben werden." in visible(german.text)
+    )
     # without the CSRF token, nothing at all
     assert (await agent.post(path, {**FORM, "password": SECRET})).status == 403
     admin_path = USERS + "/upstream-login"

@@ -328,6 +328,16 @@ async def test_a_refused_new_endpoint_keeps_what_was_typed(
     assert "unknown event type(s): downlod.first; did you mean download.first?" in visible(
         refused.text
     )
+    admin.headers["Accept-Language"] = "de"
+    try:
+        german = await admin.post(PAGE, {"csrf": csrf, **typed})
+    finally:
+        admin.headers["Accept-Language"] = "en"
+    assert german.status == 400
+    assert (
+        "Der Endpunkt konnte nicht gespeichert werden: Unbekannte Ereignistypen: downlod.first;"
+        " meinten Sie download.first?" in visible(german.text)
+    )
     for name in ("url", "description", "event_types"):
         assert f'name="{name}" type="' in refused.text
         assert f'value="{html.escape(typed[name])}"' in refused.text, name

@@ -199,6 +199,7 @@ async def test_a_revoked_key_is_refused_at_once(
         relay.web_url + f"/api/v1/api-keys/{made['id']}", headers=_bearer(keys.write)
     ) as r:
         assert r.status == 409
+        assert (await r.json())["code"] == "key.revoked"
     async with http.get(relay.web_url + "/api/v1/api-keys", headers=_bearer(keys.read)) as r:
         listed = {k["id"]: k for k in (await r.json())["items"]}
     assert listed[made["id"]]["revoked_at"] is not None
@@ -327,6 +328,13 @@ async def test_users_are_provisioned_and_changed(
     assert agent is not None and agent.role == Role.TEAM_LEAD and agent.group == "north"
     async with http.post(base + "/users", headers=write, json={"email": "neu@broker.example"}) as r:
         assert r.status == 409
+        taken = await r.json()
+    assert taken["code"] == "user.taken" and "already in use" in taken["detail"]
+    async with http.post(
+        base + "/users", headers=write, json={"email": "sales@broker.example"}
+    ) as r:
+        assert r.status == 409
+        assert (await r.json())["code"] == "user.alias_of_another"
     async with http.patch(
         base + "/users/neu@broker.example", headers=write, json={"disabled": True, "group": None}
     ) as r:

@@ -143,6 +143,7 @@ async def test_links_and_letters_through_the_api(site: LetterSite, letter_api: A
     assert status == 200 and again == {"link_ids": []}
     status, problem, _ = await api.call("POST", f"{links}/extend", {"until": until.isoformat()})
     assert status == 409 and "revoked" in problem["detail"]
+    assert problem["code"] == "action.revoked"
     response, _ = await site.get(f"/l/{token}")
     assert response.status == 410
 

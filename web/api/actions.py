@@ -34,11 +34,11 @@ def _refusals() -> Iterator[None]:
     try:
         yield
     except UnknownTarget as exc:
-        raise ProblemResponse(404, str(exc)) from exc
+        raise ProblemResponse.refused(404, exc) from exc
     except WrongState as exc:
-        raise ProblemResponse(409, str(exc)) from exc
+        raise ProblemResponse.refused(409, exc) from exc
     except InvalidRequest as exc:
-        raise ProblemResponse(422, str(exc)) from exc
+        raise ProblemResponse.refused(422, exc) from exc
 
 
 @dataclass(frozen=True)

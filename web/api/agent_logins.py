@@ -64,9 +64,9 @@ def _refusals() -> Iterator[None]:
     try:
         yield
     except UnknownUser as exc:
-        raise ProblemResponse(404, str(exc)) from exc
+        raise ProblemResponse.refused(404, exc) from exc
     except UserError as exc:
-        raise ProblemResponse(422, str(exc)) from exc
+        raise ProblemResponse.refused(422, exc) from exc
     except LoginKeyMissing as exc:
         # the operator's problem, not the caller's: the file's path stays in the log
         raise ProblemResponse(
@@ -79,7 +79,7 @@ def _user_in_path(call: Call[Any, Any]) -> str:
     try:
         return normalize_address(call.path["email"])
     except UserError as exc:
-        raise ProblemResponse(404, str(exc)) from exc
+        raise ProblemResponse.refused(404, exc) from exc
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast, get_args, get_origin
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from gateway.access import Permission, Principal
@@ -47,6 +47,11 @@ class Problem(BaseModel):
     status: int
     detail: str
     errors: list[dict[str, Any]] | None = None
+    code: str | None = Field(
+        default=None,
+        description="Why a request was refused, stable across releases and languages"
+        " (`user.taken`, `queue.no_retry`, `action.expiry_past`); the `detail` may be reworded.",
+    )
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from gateway.access import Permission
 from gateway.console.admin import QueueDesk, UserDesk
 from gateway.console.api_keys import ApiKeyDesk, ApiKeyError, ApiKeyNotFound, KeyInfo
 from gateway.console.timeline import BadCursor, EventRow, MessageFilter, Timeline
-from gateway.outbound.queue import QueueError
+from gateway.outbound.queue import QueueError, UnknownDelivery
 from gateway.store.models import DeliveryStatus, Role, User
 from gateway.users import KEEP, UnknownUser, UserConflict, UserError, normalize_address
 from web.api import models as m
@@ -166,7 +166,7 @@ class Api:
         try:
             made = await self.keys.create(call.body.name, call.body.scope, call.principal.name)
         except ApiKeyError as exc:
-            raise ProblemResponse(422, str(exc)) from exc
+            raise ProblemResponse.refused(422, exc) from exc
         return m.ApiKeyCreated(**_key(made.info), key=made.key)
 
     async def revoke_api_key(self, call: Call[NoQuery, NoBody]) -> None:
@@ -175,7 +175,7 @@ class Api:
         except ApiKeyNotFound as exc:
             raise ProblemResponse(404, "No such API key.") from exc
         except ApiKeyError as exc:
-            raise ProblemResponse(409, str(exc)) from exc
+            raise ProblemResponse.refused(409, exc) from exc
 
     # -- users ------------------------------------------------------------------------------
 
@@ -187,9 +187,9 @@ class Api:
         try:
             user, aliases, password = await self.users.add(b.email, b.role, b.group, b.aliases)
         except UserError as exc:
-            taken = isinstance(exc, UserConflict) or "in use" in str(exc) or "already" in str(exc)
-            status = 409 if taken else 422
-            raise ProblemResponse(status, str(exc)) from exc
+            raise ProblemResponse.refused(
+                409 if isinstance(exc, UserConflict) else 422, exc
+            ) from exc
         return m.UserCreated(**_user(user, aliases), password=password)
 
     async def change_user(self, call: Call[NoQuery, m.UserPatch]) -> m.UserOut:
@@ -332,15 +332,15 @@ def _user_problem(exc: UserError, invalid: int = 404) -> ProblemResponse:
     last admin, an address in use); `invalid` for an address that is none (404 when it came
     in the path: no user has it; 422 when in the body)."""
     if isinstance(exc, UnknownUser):
-        return ProblemResponse(404, str(exc))
+        return ProblemResponse.refused(404, exc)
     if isinstance(exc, UserConflict):
-        return ProblemResponse(409, str(exc))
-    return ProblemResponse(invalid, str(exc))
+        return ProblemResponse.refused(409, exc)
+    return ProblemResponse.refused(invalid, exc)
 
 
 async def _queue_action(action: Any, delivery_id: str) -> None:
     try:
         await action(delivery_id)
     except QueueError as exc:
-        status = 404 if str(exc).startswith("no delivery") else 409
-        raise ProblemResponse(status, str(exc)) from exc
+        status = 404 if isinstance(exc, UnknownDelivery) else 409
+        raise ProblemResponse.refused(status, exc) from exc

@@ -25,11 +25,11 @@ def _refusals() -> Iterator[None]:
     try:
         yield
     except EndpointNotFound as exc:
-        raise ProblemResponse(404, str(exc)) from exc
+        raise ProblemResponse.refused(404, exc) from exc
     except EndpointDisabled as exc:
-        raise ProblemResponse(409, str(exc)) from exc
+        raise ProblemResponse.refused(409, exc) from exc
     except WebhookError as exc:
-        raise ProblemResponse(422, str(exc)) from exc
+        raise ProblemResponse.refused(422, exc) from exc
 
 
 def _out(e: WebhookEndpoint) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from gateway.agent_logins import AgentLogins
 from gateway.config import Settings
 from gateway.console.admin import UserDesk
 from gateway.console.sessions import Client, Refusal, SessionDesk, SignInRefused
-from gateway.users import NOTICE_KINDS, UserError
+from gateway.users import MIN_PASSWORD, NOTICE_KINDS, UserError
 from web.console.pages import CONSOLE_USER
 from web.console.upstream_login import LoginRefused, apply_login_form
 from web.console.view import ConsoleView, form_text
@@ -104,7 +104,7 @@ class AccountPages:
             return await self.page(
                 request, password_error=catalog.t("account.error.repeat"), status=400
             )
-        if len(new) < 10:
+        if len(new) < MIN_PASSWORD:
             return await self.page(
                 request, password_error=catalog.t("account.error.short"), status=400
             )

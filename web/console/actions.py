@@ -109,7 +109,7 @@ class ActionPages:
         return self.pages.render_story(
             request,
             story,
-            error=catalog.t(key, detail=str(exc)),
+            error=catalog.t(key, detail=exc.said(catalog)),
             status=status,
         )
 
@@ -274,5 +274,5 @@ def _end_of_day(text: str, catalog: Catalog) -> datetime:
     try:
         day = date.fromisoformat(text)
     except ValueError:
-        raise InvalidRequest("the new expiry is not a date (YYYY-MM-DD)") from None
+        raise InvalidRequest("action.expiry_not_a_date") from None
     return datetime.combine(day, time(23, 59), catalog.zone)

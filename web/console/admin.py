@@ -26,6 +26,7 @@ from gateway.console.api_keys import ApiKeyDesk, ApiKeyError
 from gateway.outbound.queue import QueueError
 from gateway.store.journal import ChainReport
 from gateway.store.models import ApiKeyScope, DeliveryStatus, Role, WebhookDeliveryStatus
+from gateway.texts.refusals import Refused
 from gateway.users import UnknownUser, UserConflict, UserError, normalize_address
 from gateway.webhooks.desk import (
     DeliveryView,
@@ -139,6 +140,9 @@ class AdminPages:
     def _t(self, request: web.Request, key: str, **params: object) -> str:
         return self.view.catalog(request).t(key, **params)
 
+    def _said(self, request: web.Request, refused: Refused) -> str:
+        return refused.said(self.view.catalog(request))
+
     # -- overview
 
     async def overview(self, request: web.Request) -> web.StreamResponse:
@@ -194,7 +198,9 @@ class AdminPages:
             404 if isinstance(exc, UnknownUser) else 409 if isinstance(exc, UserConflict) else 400
         )
         return await self.user_list(
-            request, error=self._t(request, "work.error.user", detail=str(exc)), status=status
+            request,
+            error=self._t(request, "work.error.user", detail=self._said(request, exc)),
+            status=status,
         )
 
     async def add_user(self, request: web.Request) -> web.StreamResponse:
@@ -211,7 +217,7 @@ class AdminPages:
                 form.get("email", ""), role, form.get("group") or None, aliases
             )
         except UserError as exc:
-            error = self._t(request, "work.error.user", detail=str(exc))
+            error = self._t(request, "work.error.user", detail=self._said(request, exc))
             return await self.user_list(request, error=error, status=400, kept=form)
         log.info("console: %s added user %s", self.view.principal(request).name, user.email)
         return await self.user_list(request, created=(user.email, password), status=201)
@@ -233,10 +239,9 @@ class AdminPages:
                 raise ValueError(action)
         except UserError as exc:
             return await self._user_refused(request, exc)
-        except ValueError as exc:
-            return await self.user_list(
-                request, error=self._t(request, "work.error.user", detail=str(exc)), status=400
-            )
+        except ValueError:  # a role or an action the form does not offer
+            key = "work.error.bad_role" if action == "save" else "admin_users.error.action"
+            return await self.user_list(request, error=self._t(request, key), status=400)
         raise self.view.see_other(USERS, "user_changed")
 
     async def confirm_delete(self, request: web.Request) -> web.StreamResponse:
@@ -246,7 +251,9 @@ class AdminPages:
             user, aliases = await self.users.find(request.query.get("email", ""))
         except UserError as exc:
             return await self.user_list(
-                request, error=self._t(request, "work.error.user", detail=str(exc)), status=404
+                request,
+                error=self._t(request, "work.error.user", detail=self._said(request, exc)),
+                status=404,
             )
         return self.view.render(
             request,
@@ -361,7 +368,9 @@ class AdminPages:
             await action(request.match_info["id"])
         except QueueError as exc:
             return await self.queue_list(
-                request, error=self._t(request, "work.error.queue", detail=str(exc)), status=409
+                request,
+                error=self._t(request, "work.error.queue", detail=self._said(request, exc)),
+                status=409,
             )
         raise self.view.see_other(QUEUE, done)
 
@@ -401,7 +410,7 @@ class AdminPages:
                 by=self.view.principal(request).name,
             )
         except WebhookError as exc:
-            error = self._t(request, "work.error.webhook", detail=str(exc))
+            error = self._t(request, "work.error.webhook", detail=self._said(request, exc))
             return await self.endpoint_list(request, error=error, status=400, kept=form)
         return await self.endpoint_list(request, secret=created.secret, status=201)
 
@@ -479,7 +488,9 @@ class AdminPages:
             return self.view.not_found(request)
         except WebhookError as exc:
             return await self.endpoint(
-                request, error=self._t(request, "work.error.webhook", detail=str(exc)), status=400
+                request,
+                error=self._t(request, "work.error.webhook", detail=self._said(request, exc)),
+                status=400,
             )
         raise self.view.see_other(f"{WEBHOOKS}/{endpoint_id}", "endpoint_changed")
 
@@ -501,7 +512,9 @@ class AdminPages:
             return self.view.not_found(request)
         except WebhookError as exc:
             return await self.endpoint(
-                request, error=self._t(request, "work.error.replay", detail=str(exc)), status=409
+                request,
+                error=self._t(request, "work.error.replay", detail=self._said(request, exc)),
+                status=409,
             )
         raise web.HTTPSeeOther(self.view.site.url(f"{WEBHOOKS}/{endpoint_id}?test={seq}"))
 
@@ -526,10 +539,10 @@ class AdminPages:
         except EndpointNotFound:
             return self.view.not_found(request)
         except EndpointDisabled as exc:
-            detail = catalog.t("work.error.replay", detail=str(exc))
+            detail = catalog.t("work.error.replay", detail=exc.said(catalog))
             return await self.endpoint(request, error=detail, status=409, kept=kept)
         except WebhookError as exc:
-            detail = catalog.t("work.error.replay", detail=str(exc))
+            detail = catalog.t("work.error.replay", detail=exc.said(catalog))
             return await self.endpoint(request, error=detail, status=400, kept=kept)
         return await self.endpoint(request, replayed=count, status=202, kept=kept)
 
@@ -564,7 +577,9 @@ class AdminPages:
             return self.view.not_found(request)
         except WebhookError as exc:
             return await self.endpoint(
-                request, error=self._t(request, "work.error.webhook", detail=str(exc)), status=409
+                request,
+                error=self._t(request, "work.error.webhook", detail=self._said(request, exc)),
+                status=409,
             )
         raise self.view.see_other(f"{WEBHOOKS}/{endpoint_id}", "replayed")
 
@@ -593,12 +608,19 @@ class AdminPages:
         form = await self._form(request)
         try:
             scope = ApiKeyScope(form.get("scope", ""))
+        except ValueError:
+            return await self.key_list(
+                request, error=self._t(request, "work.error.bad_scope"), status=400
+            )
+        try:
             made = await self.keys.create(
                 form.get("name", ""), scope, self.view.principal(request).name
             )
-        except (ApiKeyError, ValueError) as exc:
+        except ApiKeyError as exc:
             return await self.key_list(
-                request, error=self._t(request, "work.error.key", detail=str(exc)), status=400
+                request,
+                error=self._t(request, "work.error.key", detail=self._said(request, exc)),
+                status=400,
             )
         return await self.key_list(request, key=made.key, status=201)
 
@@ -607,7 +629,9 @@ class AdminPages:
             await self.keys.revoke(request.match_info["id"], self.view.principal(request).name)
         except ApiKeyError as exc:
             return await self.key_list(
-                request, error=self._t(request, "work.error.key", detail=str(exc)), status=409
+                request,
+                error=self._t(request, "work.error.key", detail=self._said(request, exc)),
+                status=409,
             )
         raise self.view.see_other(KEYS, "key_revoked")
 

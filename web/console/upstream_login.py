@@ -49,6 +49,10 @@ async def apply_login_form(
         log.error("console: an upstream login cannot be changed: %s", exc)
         raise LoginRefused(catalog.t("upstream_login.error.key"), 503) from exc
     except UnknownUser as exc:
-        raise LoginRefused(catalog.t("upstream_login.error.refused", detail=str(exc)), 404) from exc
+        raise LoginRefused(
+            catalog.t("upstream_login.error.refused", detail=exc.said(catalog)), 404
+        ) from exc
     except UserError as exc:  # the reason names the field, never the password
-        raise LoginRefused(catalog.t("upstream_login.error.refused", detail=str(exc)), 400) from exc
+        raise LoginRefused(
+            catalog.t("upstream_login.error.refused", detail=exc.said(catalog)), 400
+        ) from exc
