@@ -94,6 +94,9 @@ async def test_refused_forms_change_nothing_and_name_the_problem(world: World) -
         "Nicht gespeichert: Der Server muss als smtp://HOST[:PORT] oder smtps://HOST[:PORT]"
         " angegeben werden." in visible(german.text)
     )
+    # what was typed stays in the form, so the one slip is mended, not all typed again
+    assert 'name="url" type="text"' in german.text and 'value="http://mail.example"' in german.text
+    assert 'value="anna"' in german.text and 'value="x"' not in german.text
     # without the CSRF token, nothing at all
     assert (await agent.post(path, {**FORM, "password": SECRET})).status == 403
     admin_path = USERS + "/upstream-login"
@@ -118,6 +121,20 @@ async def test_an_admin_sets_and_clears_another_users_login(world: World) -> Non
         path, {"csrf": csrf, **FORM, "email": "nobody@broker.example", "password": SECRET}
     )
     assert nobody.status == 404 and "no user nobody@broker.example" in visible(nobody.text)
+    slip = await admin.post(
+        path,
+        {
+            "csrf": csrf,
+            **FORM,
+            "url": "smtp://a:b@mail.example",
+            "email": OTHER_AGENT,
+            "password": "x",
+        },
+    )
+    assert slip.status == 400 and "their own fields" in visible(slip.text)
+    # typed back into that user's form only; the password is not sent back
+    assert slip.text.count('value="smtp://a:b@mail.example"') == 1
+    assert slip.text.count('value="anna"') == 1 and 'value="x"' not in slip.text
 
     saved = await admin.post(path, {"csrf": csrf, **FORM, "email": OTHER_AGENT, "password": SECRET})
     assert saved.status == 303 and saved.location == f"{USERS}?done=user_login_saved"

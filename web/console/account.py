@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -62,6 +63,7 @@ class AccountPages:
         error: str | None = None,
         password_error: str | None = None,
         login_error: str | None = None,
+        login_typed: Mapping[str, str] | None = None,
         status: int = 200,
     ) -> web.Response:
         catalog = self.view.catalog(request)
@@ -74,6 +76,7 @@ class AccountPages:
             error=error,
             password_error=password_error,
             login_error=login_error,
+            login_typed=login_typed or {},
             prefs=await self.users.notices(user.email, self.settings),
             login=await self.logins.show(user.email),
         )
@@ -144,5 +147,10 @@ class AccountPages:
                 self.logins, user.email, await request.post(), catalog, by=user.email
             )
         except LoginRefused as refused:
-            return await self.page(request, login_error=refused.message, status=refused.status)
+            return await self.page(
+                request,
+                login_error=refused.message,
+                login_typed=refused.typed,
+                status=refused.status,
+            )
         raise self.view.see_other(ACCOUNT, done)

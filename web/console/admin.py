@@ -173,8 +173,10 @@ class AdminPages:
         reset: tuple[str, str] | None = None,
         status: int = 200,
         kept: Mapping[str, str] | None = None,
+        login_typed: Mapping[str, str] | None = None,
     ) -> web.Response:
-        """`kept`: what was typed into the add form, shown again with the error."""
+        """`kept`: what was typed into the add form, shown again with the error;
+        `login_typed`: what was typed into one user's login form (`email` names whose)."""
         catalog = self.view.catalog(request)
         return self.view.render(
             request,
@@ -183,6 +185,7 @@ class AdminPages:
             status=status,
             error=error,
             kept=kept or {},
+            login_typed=login_typed or {},
             users=await self.users.listing(),
             logins=await self.logins.views(),
             roles=[(r.value, catalog.t(f"console.roles.{r.value}")) for r in Role],
@@ -337,7 +340,10 @@ class AdminPages:
                 by=self.view.principal(request).name,
             )
         except LoginRefused as refused:
-            return await self.user_list(request, error=refused.message, status=refused.status)
+            typed = {**refused.typed, "email": form_text(posted.get("email"))}
+            return await self.user_list(
+                request, error=refused.message, status=refused.status, login_typed=typed
+            )
         raise self.view.see_other(USERS, f"user_{done}")
 
     # -- the queue
@@ -384,8 +390,10 @@ class AdminPages:
         secret: str | None = None,
         status: int = 200,
         kept: Mapping[str, str] | None = None,
+        login_typed: Mapping[str, str] | None = None,
     ) -> web.Response:
-        """`kept`: what was typed into the add form, shown again with the error."""
+        """`kept`: what was typed into the add form, shown again with the error;
+        `login_typed`: what was typed into one user's login form (`email` names whose)."""
         return self.view.render(
             request,
             "console/admin_webhooks.html",
