@@ -229,6 +229,9 @@ class UpstreamSettings(Section):
     url: str = "capture:var/outbox"
     username: str | None = None
     password: str | None = None
+    # a file whose one line is the password (a systemd credential, a container secret): read
+    # when the relay starts, so that admin commands run without access to it
+    password_file: Path | None = None
     timeout: float = Field(default=60, gt=0, description="seconds for each reply and each write")
     connect_timeout: float = Field(default=30, gt=0, description="seconds to connect (TCP, TLS)")
     session_timeout: float = Field(
@@ -281,6 +284,19 @@ class UpstreamSettings(Section):
         if scheme not in {"smtp", "smtps"} or not parts.hostname:
             raise ValueError("must be smtp://HOST[:PORT], smtps://HOST[:PORT], capture:DIR or mx:")
         return value
+
+    @model_validator(mode="after")
+    def _one_password(self) -> UpstreamSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password and password_file: set one of them, not both")
+        return self
+
+    def login_password(self) -> str | None:
+        """The password to log in with: `password`, else the line in `password_file` (its
+        line end is not part of it)."""
+        if self.password_file is None:
+            return self.password
+        return read_secret(self.password_file)
 
     @field_validator("client_key")
     @classmethod
@@ -1057,9 +1073,23 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         raise ConfigError(*validation_problems(exc, sources)) from exc
 
 
+def read_secret(path: Path) -> str:
+    """A secret kept in a file of its own: its text without the line end editors and `echo`
+    leave (spaces inside and around it count)."""
+    text = path.read_text(encoding="utf-8")
+    return text.removesuffix("\n").removesuffix("\r")
+
+
 def environment_variable(key: str) -> str:
     """The variable that sets `key` (`upstream.password`: SEALRELAY_UPSTREAM__PASSWORD)."""
     return ENV_PREFIX + key.upper().replace(".", "__")
+
+
+def settable_from_environment(key: str) -> bool:
+    """Whether a variable can set `key`: a shell or a systemd unit takes only letters,
+    digits and _ in a name, and names are read back in lower case."""
+    variable = environment_variable(key)
+    return key == key.lower() and re.fullmatch(r"[A-Z_][A-Z0-9_]*", variable) is not None
 
 
 def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:

@@ -36,6 +36,8 @@ from gateway.config import (
     UpstreamSettings,
     environment_variable,
     read_config,
+    read_secret,
+    settable_from_environment,
     validation_problems,
 )
 from gateway.fronts.listen_addresses import (
@@ -239,15 +241,38 @@ def _upstream(upstream: UpstreamSettings, key: str = "upstream") -> Iterator[Pro
 def _login(upstream: UpstreamSettings, key: str) -> Iterator[Problem]:
     """Both or neither: a login without its password fails at every send, and the copies
     would wait out queue_lifetime deferred. Here and not in the settings' validation, so
-    that admin commands run without the secret in their environment."""
-    if upstream.username is not None and upstream.password is None:
+    that admin commands run without the secret in their environment or its file."""
+    if upstream.password_file is not None:
+        yield from _password_file(upstream.password_file, f"{key}.password_file")
+    has_password = upstream.password is not None or upstream.password_file is not None
+    if upstream.username is not None and not has_password:
+        variable = environment_variable(f"{key}.password")
+        where = (
+            f"in the relay's environment ({variable}) or in a file named by password_file"
+            if settable_from_environment(f"{key}.password")
+            else "in a file named by password_file (no environment variable can set it:"
+            f" {key} has characters other than a-z, 0-9 and _)"
+        )
         yield Problem(
             f"{key}.password",
-            f"missing: username {upstream.username!r} needs its password, here or, better,"
-            f" in the relay's environment ({environment_variable(f'{key}.password')})",
+            f"missing: username {upstream.username!r} needs its password, here or, better, {where}",
         )
-    elif upstream.password is not None and upstream.username is None:
+    elif has_password and upstream.username is None:
         yield Problem(f"{key}.username", "missing: a password alone logs in as nobody")
+
+
+def _password_file(path: Path, key: str) -> Iterator[Problem]:
+    problem = readable_file(key, path)
+    if problem is not None:
+        yield problem
+        return
+    try:
+        secret = read_secret(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        yield Problem(key, f"{_shown(path)}: cannot read: {exc}")
+        return
+    if not secret:
+        yield Problem(key, f"{_shown(path)} is empty; it must hold the password")
 
 
 def _client_certificate(upstream: UpstreamSettings, key: str) -> Iterator[Problem]:

@@ -226,7 +226,9 @@ class SmtpUpstream:
         self.implicit_tls = parts.scheme == "smtps"
         self.port = parts.port or (465 if self.implicit_tls else 25)
         self.username = settings.username or (unquote(parts.username) if parts.username else None)
-        self.password = settings.password or (unquote(parts.password) if parts.password else None)
+        self.password = settings.login_password() or (
+            unquote(parts.password) if parts.password else None
+        )
         if login is not None:
             self.username, self.password = login
         self.timeout = settings.timeout

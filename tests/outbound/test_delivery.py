@@ -1037,6 +1037,26 @@ async def test_smtp_upstream_with_tls_and_auth(
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)  # no database question
+async def test_the_upstream_password_can_come_from_a_file(
+    start_relay: StartRelay, secure_sink: SecureSink, database: Database, tmp_path: Path
+) -> None:
+    """A systemd credential or a container secret: the file's line, without its line end."""
+    secret = tmp_path / "upstream-password"
+    secret.write_text("upstream secret 1\n")
+    harness = await start_relay(
+        secure_sink,
+        upstream={
+            "url": f"smtp://127.0.0.1:{secure_sink.port}",
+            "username": "relay@broker.example",
+            "password_file": str(secret),
+        },
+    )
+    await harness.send(make_message(to="p@example.com"))
+    [copy] = await secure_sink.expect(1)
+    assert secure_sink.logins == ["relay@broker.example"] and secure_sink.failed_logins == 0
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)  # no database question
 async def test_wrong_upstream_credentials_defer_instead_of_bouncing(
     start_relay: StartRelay, secure_sink: SecureSink, database: Database
 ) -> None:

@@ -434,7 +434,7 @@ async def test_an_upstream_username_needs_its_password_for_check_config_not_for_
     assert errors(checked) == [
         "Error: config error: upstream.password: missing: username 'relay@broker.example'"
         " needs its password, here or, better, in the relay's environment"
-        " (SEALRELAY_UPSTREAM__PASSWORD)",
+        " (SEALRELAY_UPSTREAM__PASSWORD) or in a file named by password_file",
         "Error: config error: upstreams.m365.username: missing: a password alone logs in as nobody",
     ]
     assert added.code == 0, added.err
@@ -443,3 +443,36 @@ async def test_an_upstream_username_needs_its_password_for_check_config_not_for_
     )
     assert [line for line in errors(with_secret) if "upstream.password" in line] == []
     assert "upstreams.m365.username" in with_secret.err
+
+
+async def test_a_password_file_serves_an_upstream_no_variable_can_name(tmp_path: Path) -> None:
+    """`[upstreams.brand-two]`: no shell or systemd unit takes SEALRELAY_UPSTREAMS__BRAND-TWO__
+    PASSWORD, so check-config points to password_file, and a file there is checked as the
+    relay will read it."""
+    upstream = '[upstreams.brand-two]\nurl = "smtp://partner.example:587"\nusername = "relay"\n'
+    base = "[smtp]\nallow_plaintext_auth_on_loopback = true\n"
+    config = write_config(tmp_path, extra=base + upstream)
+    missing = await sealrelay("check-config", "--config", str(config))
+    assert [line for line in errors(missing) if "brand-two" in line] == [
+        "Error: config error: upstreams.brand-two.password: missing: username 'relay' needs its"
+        " password, here or, better, in a file named by password_file (no environment variable"
+        " can set it: upstreams.brand-two has characters other than a-z, 0-9 and _)"
+    ]
+    secret = tmp_path / "brand-two.password"
+    for content, problem in (
+        (None, f"{secret}: no such file"),
+        ("\n", f"{secret} is empty; it must hold the password"),
+        ("s3cret\n", None),
+    ):
+        if content is not None:
+            secret.write_text(content)
+        config = write_config(tmp_path, extra=base + upstream + f'password_file = "{secret}"\n')
+        checked = await sealrelay("check-config", "--config", str(config))
+        found = [line for line in errors(checked) if "brand-two" in line]
+        expected = f"Error: config error: upstreams.brand-two.password_file: {problem}"
+        assert found == ([expected] if problem else []), checked.err
+    both = write_config(
+        tmp_path, extra=base + upstream + f'password = "pw"\npassword_file = "{secret}"\n'
+    )
+    refused = await sealrelay("check-config", "--config", str(both))
+    assert refused.code == 1 and "set one of them, not both" in refused.err
