@@ -1053,6 +1053,7 @@ async def test_the_upstream_password_can_come_from_a_file(
     )
     await harness.send(make_message(to="p@example.com"))
     [copy] = await secure_sink.expect(1)
+    assert copy.rcpt_tos == ["p@example.com"]
     assert secure_sink.logins == ["relay@broker.example"] and secure_sink.failed_logins == 0
 
 
