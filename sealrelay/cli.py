@@ -41,5 +41,6 @@ class CommandsOnDemand(click.Group):
 
 
 @click.group(cls=CommandsOnDemand)
+@click.version_option(package_name="sealrelay", message="%(prog)s %(version)s")
 def main() -> None:
     """sealrelay: the outbound SMTP relay for brokerages."""

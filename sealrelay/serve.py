@@ -420,7 +420,11 @@ class Relay:
         if not prepared and not await self.prepare():
             return
         await self.start_roles(singletons=singletons, reuse_port=reuse_port)
-        log.info("sealrelay running: roles %s", ", ".join(sorted(self.roles)))
+        log.info(
+            "sealrelay running: version %s, roles %s",
+            metadata.version("sealrelay"),
+            ", ".join(sorted(self.roles)),
+        )
         _collector_for_serving()
         if ready is not None:
             ready()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import re
@@ -22,7 +23,7 @@ from gateway.mail.dkim import DkimKey
 from gateway.mail.outgoing import Signer
 from gateway.store.db import Database
 from sealrelay.serve import ROLES, YOUNG_OBJECTS, Relay
-from tests.cli_runner import serving
+from tests.cli_runner import sealrelay, serving
 from tests.conftest import DKIM_DOMAIN, DKIM_SELECTOR, relay_settings
 from tests.support import LETTER_TOML, Sink, free_port, serve_config, wait_for_port
 
@@ -98,6 +99,9 @@ key_file = "{tmp_path / "loop.key"}"
     # uvloop when installed (the `fast` extra); its transports pass the front's checks too
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     assert f"INFO sealrelay.serve: event loop: {loop}" in log_text
+    # which release runs, for whoever reads the log after an upgrade
+    installed = importlib.metadata.version("sealrelay")
+    assert f"INFO sealrelay.serve: sealrelay running: version {installed}, roles " in log_text
     # the loop key was made at the first start, for the relay's user alone, and marks the copy
     assert (tmp_path / "loop.key").stat().st_mode & 0o777 == 0o600
     [copy] = [p.read_bytes() for p in (tmp_path / "outbox").glob("*.eml")]
@@ -204,3 +208,10 @@ async def test_serve_keeps_what_the_start_up_made_out_of_full_collections(
         await relay.stop()
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+async def test_the_command_says_its_version() -> None:
+    run = await sealrelay("--version")
+    assert (
+        run.code == 0 and run.out.strip() == f"sealrelay {importlib.metadata.version('sealrelay')}"
+    )
