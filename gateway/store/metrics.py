@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from importlib import metadata
+
+from prometheus_client import Counter, Gauge, Info
+
+BUILD = Info("sealrelay_build", "The running release")
+BUILD.info({"version": metadata.version("sealrelay")})
 
 SMTP_REPLIES = Counter(
     "sealrelay_smtp_replies_total", "Final SMTP replies given to clients, by code", ["code"]

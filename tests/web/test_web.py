@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from importlib import metadata
 from pathlib import Path
 
 import aiohttp
@@ -31,6 +32,7 @@ async def test_healthz_and_metrics(relay: Harness) -> None:
     assert 'sealrelay_smtp_replies_total{code="250"}' in text
     assert "sealrelay_queue_deliveries" in text
     assert 'sealrelay_delivery_outcomes_total{outcome="delivered"}' in text
+    assert f'sealrelay_build_info{{version="{metadata.version("sealrelay")}"}} 1.0' in text
 
 
 async def test_healthz_reports_a_dead_database(relay: Harness) -> None:
