@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from gateway.store.models import AgentLogin
+from tests.console.client import speaking
 from tests.console.test_console_users_admin import journal, visible
 from tests.console.work_world import ADMIN, AGENT, AUDITOR, OTHER_AGENT, World, world_of
 from tests.letter_site import LetterSite
@@ -82,13 +83,8 @@ async def test_refused_forms_change_nothing_and_name_the_problem(world: World) -
         assert answer.status == status, form
         assert says in visible(answer.text), visible(answer.text)
         assert 'value="x"' not in answer.text, "a typed password is not sent back"
-    agent.headers["Accept-Language"] = "de"
-    try:
-        german = await agent.post(
-            path, {"csrf": csrf, **FORM, "url": "http://mail.example", "password": "x"}
-        )
-    finally:
-        agent.headers["Accept-Language"] = "en"
+    slip = {"csrf": csrf, **FORM, "url": "http://mail.example", "password": "x"}
+    german = await agent.post(path, slip, **speaking("de"))
     assert german.status == 400
     assert (
         "Nicht gespeichert: Der Server muss als smtp://HOST[:PORT] oder smtps://HOST[:PORT]"

@@ -22,7 +22,7 @@ from gateway.store.journal import lag
 from gateway.store.models import Event, WebhookDelivery
 from gateway.webhooks.desk import WebhookDesk
 from gateway.webhooks.fanout import behind
-from tests.console.client import ConsoleClient
+from tests.console.client import ConsoleClient, speaking
 from tests.console.work_world import ADMIN, AUDITOR, BUYER, World, world_of
 from tests.letter_site import LetterSite, offer
 from tests.queue_wait import queue_idle
@@ -328,11 +328,7 @@ async def test_a_refused_new_endpoint_keeps_what_was_typed(
     assert "unknown event type(s): downlod.first; did you mean download.first?" in visible(
         refused.text
     )
-    admin.headers["Accept-Language"] = "de"
-    try:
-        german = await admin.post(PAGE, {"csrf": csrf, **typed})
-    finally:
-        admin.headers["Accept-Language"] = "en"
+    german = await admin.post(PAGE, {"csrf": csrf, **typed}, **speaking("de"))
     assert german.status == 400
     assert (
         "Der Endpunkt konnte nicht gespeichert werden: Unbekannte Ereignistypen: downlod.first;"

@@ -23,6 +23,7 @@ from gateway.store.events import BLOBS_DELETED
 from gateway.store.models import Event, JournalHead, Link, LinkKind, Message
 from gateway.store.sequencer import chain_all
 from tests.conftest import PASSWORD
+from tests.console.client import speaking
 from tests.console.work_world import (
     ADMIN,
     AGENT,
@@ -155,24 +156,15 @@ async def test_revoke_extend_and_their_refusals(world: World) -> None:
     )
     assert bad_date.status == 400 and "Please check the input" in visible(bad_date.text)
     # the refusal's own words are in the reader's language too, not English inside German
-    agent.headers["Accept-Language"] = "de"
-    try:
-        revoked_de = visible(
-            (
-                await agent.post(
-                    path + "/extend", {"csrf": csrf, "recipient": BUYER, "until": later}
-                )
-            ).text
-        )
-        bad_date_de = visible(
-            (
-                await agent.post(
-                    path + "/extend", {"csrf": csrf, "recipient": BUYER, "until": "31.12.2027"}
-                )
-            ).text
-        )
-    finally:
-        agent.headers["Accept-Language"] = "en"
+    extend = {"csrf": csrf, "recipient": BUYER}
+    revoked_de = visible(
+        (await agent.post(path + "/extend", {**extend, "until": later}, **speaking("de"))).text
+    )
+    bad_date_de = visible(
+        (
+            await agent.post(path + "/extend", {**extend, "until": "31.12.2027"}, **speaking("de"))
+        ).text
+    )
     assert "ein beendeter Link lässt sich nicht verlängern" in revoked_de
     assert "was revoked" not in revoked_de
     assert "Das neue Ablaufdatum ist kein Datum (JJJJ-MM-TT)." in bad_date_de
@@ -230,13 +222,8 @@ async def test_resend_release_and_a_preview_that_records_nothing(world: World) -
     twice = await agent.post(letter + "/release", {"csrf": csrf, "reason": "noch einmal"})
     assert twice.status == 409
     assert "is released; only a held letter can be released" in visible(twice.text)
-    agent.headers["Accept-Language"] = "es"
-    try:
-        twice_es = visible(
-            (await agent.post(letter + "/release", {"csrf": csrf, "reason": "otra vez"})).text
-        )
-    finally:
-        agent.headers["Accept-Language"] = "en"
+    again = {"csrf": csrf, "reason": "otra vez"}
+    twice_es = visible((await agent.post(letter + "/release", again, **speaking("es"))).text)
     assert "tiene el estado «liberado»; solo se puede liberar una carta retenida" in twice_es
     status, eml, _ = await get_bytes(agent, letter + "/original.eml")
     assert status == 200 and b"X-Sealrelay-Released-By-Agent" in eml
@@ -513,11 +500,7 @@ async def test_a_bounce_shows_the_upstream_reply_and_the_admin_retries_it(world:
     assert "no such user" not in (await admin.get("/console/admin/queue")).text
     again = await admin.post(retry, {"csrf": csrf})
     assert again.status == 409 and "nothing to retry" in visible(again.text)
-    admin.headers["Accept-Language"] = "de"
-    try:
-        again_de = visible((await admin.post(retry, {"csrf": csrf})).text)
-    finally:
-        admin.headers["Accept-Language"] = "en"
+    again_de = visible((await admin.post(retry, {"csrf": csrf}, **speaking("de"))).text)
     assert "es gibt nichts zu wiederholen" in again_de and "nothing to retry" not in again_de
 
 
