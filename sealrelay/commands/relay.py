@@ -18,9 +18,17 @@ from gateway.config import Settings
 from gateway.mail import dkim
 from gateway.outbound.routes import describe_routes
 from gateway.problems import Problem
+from gateway.store import sqlite_backup
 from gateway.store.db import Database
 from sealrelay import log_lines
-from sealrelay.commands.common import Access, config_option, config_path, require_sqlite_file, run
+from sealrelay.commands.common import (
+    Access,
+    config_option,
+    config_path,
+    require_sqlite_file,
+    run,
+    settings_for,
+)
 
 log = logging.getLogger(__name__)
 DEMO_AGENT = "agent@demo.sealrelay.example"
@@ -179,6 +187,35 @@ def db_upgrade(config: Path | None) -> None:
 
     _run(noop, config, Access.CREATE)
     click.echo("database is up to date")
+
+
+@db.command("backup")
+@click.argument("destination", type=click.Path(dir_okay=False, path_type=Path))
+@config_option
+def db_backup(destination: Path, config: Path | None) -> None:
+    """Copy the SQLite database to DESTINATION, a new file, while the relay runs.
+
+    A consistent snapshot, checked before it gets its name. Copy the blob store and the key
+    files after it (docs/deployment.md, Backups); PostgreSQL is backed up with pg_dump.
+    """
+    settings = settings_for(config)
+    url = make_url(settings.database.url)
+    if url.get_backend_name() != "sqlite":
+        raise click.ClickException(
+            f"database.url is {url.render_as_string(hide_password=True)}: back it up with"
+            " pg_dump --format=custom (docs/deployment.md, Backups)"
+        )
+    require_sqlite_file(settings.database.url)
+    source = Path(url.database or "")
+    try:
+        size = sqlite_backup.backup(source, destination)
+    except sqlite_backup.BackupError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"{destination}: {size} bytes, a checked copy of {source}; now copy the blob store"
+        f" ({settings.storage.url or settings.storage.path}) and the key files"
+        " (docs/deployment.md, Backups)"
+    )
 
 
 @click.command("demo-agent")
