@@ -43,6 +43,7 @@ from gateway.outbound.queue_signal import QueueSignal
 from gateway.outbound.routes import RouteTable
 from gateway.outbound.upstream import Upstream
 from gateway.store import health, journal, sweeper
+from gateway.store.blob_columns import Horizon
 from gateway.store.blobs import BlobStore, StoreUnavailable
 from gateway.store.db import Database
 from gateway.store.inline_blobs import InlineBlobStore
@@ -148,6 +149,16 @@ def file_store(settings: Settings) -> BlobStore:
     return s3_store(settings.storage)
 
 
+def blob_horizon(settings: Settings, now: datetime) -> Horizon:
+    """Which blobs the configured retention keeps at `now` (the sweep, verify --blobs)."""
+    return Horizon(
+        now,
+        timedelta(days=settings.storage.blob_grace_days),
+        settings.letter.evidence_retention,
+        settings.storage.originals_kept(),
+    )
+
+
 def sweeper_for(
     settings: Settings,
     db: Database,
@@ -163,13 +174,14 @@ def sweeper_for(
             warned = await notices.expiry_warnings(now)
             if warned:
                 log.info("sweep: %d letters about to expire, agents warned", warned)
+        horizon = blob_horizon(settings, now)
         report = await sweeper.sweep(
             db,
             blobs,
             now,
-            timedelta(days=settings.storage.blob_grace_days),
-            evidence_years=settings.letter.evidence_retention,
-            originals=settings.storage.originals_kept(),
+            horizon.link_grace,
+            evidence_years=horizon.evidence_years,
+            originals=horizon.originals,
             expire_letters=letters.expire_due,
         )
         ended = await delete_timed_out(db, settings.console, now)

@@ -11,8 +11,10 @@ from zoneinfo import ZoneInfo
 
 import click
 
+from gateway.config import Settings
 from gateway.letters import verification
-from gateway.store import journal
+from gateway.store import blob_audit, journal
+from gateway.store.blob_audit import BlobAudit
 from gateway.store.db import Database
 from sealrelay.commands.common import config_option, run, settings_for
 
@@ -20,30 +22,40 @@ from sealrelay.commands.common import config_option, run, settings_for
 @click.command()
 @config_option
 @click.option("--journal", "check_journal", is_flag=True, help="Check the journal's hash chain.")
+@click.option(
+    "--blobs",
+    "check_blobs",
+    is_flag=True,
+    help="Check that the blob store holds every blob the database still needs.",
+)
 @click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
-def verify(config: Path | None, check_journal: bool, file: Path | None) -> None:
-    """Check evidence: a released original FILE.eml, and/or the journal's hash chain.
+def verify(config: Path | None, check_journal: bool, check_blobs: bool, file: Path | None) -> None:
+    """Check evidence: a released original FILE.eml, the journal's hash chain, the blobs.
 
     FILE.eml is checked offline against the configured DKIM key, the consent in the database
-    and the journal. Exit status: 0 OK, 1 NOT OK, 2 the file cannot be read as a message.
+    and the journal. --blobs looks up every original, linked file and piece of evidence the
+    retention still keeps (after a restore, say). Exit status: 0 OK, 1 NOT OK, 2 the file
+    cannot be read as a message.
     """
-    if not check_journal and file is None:
-        raise click.UsageError("say what to verify: FILE.eml, --journal, or both")
+    if not check_journal and not check_blobs and file is None:
+        raise click.UsageError("say what to verify: FILE.eml, --journal, --blobs, or several")
     raw = _read_message(file) if file is not None else None
     settings = settings_for(config)
 
     async def check(
         db: Database,
-    ) -> tuple[verification.VerificationReport | None, journal.ChainReport | None]:
+    ) -> tuple[
+        verification.VerificationReport | None, journal.ChainReport | None, BlobAudit | None
+    ]:
         report = None
         if raw is not None:
             report = await verification.verify_released(db, settings, raw)
         chain = None
         if check_journal:
             chain = await journal.verify_database(db)
-        return report, chain
+        return report, chain, await _audit_blobs(settings, db) if check_blobs else None
 
-    report, chain = run(check, config)
+    report, chain, blobs = run(check, config)
     ok = True
     if report is not None:
         for line in report.lines():
@@ -60,8 +72,26 @@ def verify(config: Path | None, check_journal: bool, file: Path | None) -> None:
             ok = False
         if chain.lag.unchained:
             click.echo(_lag_line(chain.lag, datetime.now(UTC)))
+    if blobs is not None:
+        for gone in blobs.missing:
+            click.echo(f"blob missing: {gone.digest} named by {gone.column} (kept {gone.kept})")
+        if blobs.missing:
+            click.echo(f"blobs NOT OK: {len(blobs.missing)} of {blobs.checked} needed are missing")
+            ok = False
+        else:
+            click.echo(f"blobs OK: all {blobs.checked} the database still needs are stored")
     if not ok:
         sys.exit(1)
+
+
+async def _audit_blobs(settings: Settings, db: Database) -> BlobAudit:
+    from sealrelay.serve import blob_horizon, blob_store
+
+    blobs = blob_store(settings, db)
+    try:
+        return await blob_audit.audit(db, blobs, blob_horizon(settings, datetime.now(UTC)))
+    finally:
+        await blobs.close()
 
 
 def _lag_line(lag: journal.Lag, now: datetime) -> str:

@@ -632,6 +632,28 @@ async def test_sealrelay_evidence(cli_setup: tuple[Path, Seeded]) -> None:
     assert unknown.error_line == "Error: no consent with id '0123456789abcdef0123'"
 
 
+async def test_sealrelay_verify_blobs_names_each_blob_the_database_needs_and_lacks(
+    cli_setup: tuple[Path, Seeded],
+) -> None:
+    """After a restore from a blob copy older than the database, say: the seed names an
+    original and a letter by digests no store holds, then the consent's PDF goes too."""
+    config, seeded = cli_setup
+    before = await sealrelay("verify", "--blobs", "-c", str(config))
+    lost = [
+        f"blob missing: {'0' * 64} named by messages.blob",
+        f"blob missing: {'1' * 64} named by letters.letter_blob",
+    ]
+    assert before.code == 1
+    assert [line.split(" (kept ")[0] for line in before.out.splitlines()[:-1]] == lost
+    assert before.out.splitlines()[-1].startswith("blobs NOT OK: 2 of ")
+    pdf = seeded.pdf_path.name
+    seeded.pdf_path.unlink()
+    after = await sealrelay("verify", "--blobs", "--journal", "-c", str(config))
+    assert after.code == 1
+    assert f"blob missing: {pdf} named by consents.pdf_blob (kept evidence:" in after.out
+    assert "journal OK: " in after.out and "blobs NOT OK: 3 of " in after.out
+
+
 async def keep_in_the_database(db: Database, files: LocalBlobStore, data: bytes) -> str:
     """Move a blob from the files to the inline table, where the intake keeps a small one."""
     digest = hashlib.sha256(data).hexdigest()

@@ -21,7 +21,9 @@ import pytest
 from sqlalchemy import select
 
 from gateway.mail import headers
-from gateway.store.models import Event, Message
+from gateway.store import blob_audit
+from gateway.store.models import Event, Message, utcnow
+from sealrelay.serve import blob_horizon
 from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
 from tests.support import PERSON_UA, chained
 
@@ -270,3 +272,17 @@ async def test_a_large_picture_in_the_body_stays_where_the_html_shows_it(
     assert '<img src="cid:photo@broker">' in html
     assert "Exposé.pdf" in text and "foto.jpg" not in text and "foto.jpg" not in html
     assert all(part.get_filename() != "Exposé.pdf" for part in parsed.walk())
+
+
+async def test_the_blob_audit_finds_what_a_lost_file_takes_from_the_links(relay: Harness) -> None:
+    """What `sealrelay verify --blobs` reads: every blob the sweep would keep is looked up."""
+    await relay.send(offer(), recipients=[PROSPECT])
+    await relay.sink.expect(1)
+    horizon = blob_horizon(relay.settings, utcnow())
+    whole = await blob_audit.audit(relay.relay.db, relay.relay.blobs, horizon)
+    assert whole.missing == [] and whole.checked >= 2  # the original and the linked PDF
+    linked = hashlib.sha256(PDF).hexdigest()
+    await relay.relay.blobs.delete(linked)
+    after = await blob_audit.audit(relay.relay.db, relay.relay.blobs, horizon)
+    assert [(m.column, m.digest) for m in after.missing] == [("files.sha256", linked)]
+    assert after.checked == whole.checked
