@@ -225,12 +225,17 @@ class SmtpUpstream:
         self.host = parts.hostname or "localhost"
         self.implicit_tls = parts.scheme == "smtps"
         self.port = parts.port or (465 if self.implicit_tls else 25)
-        self.username = settings.username or (unquote(parts.username) if parts.username else None)
-        self.password = settings.login_password() or (
-            unquote(parts.password) if parts.password else None
-        )
+        self.username: str | None
+        self.password: str | None
         if login is not None:
             self.username, self.password = login
+        else:  # the relay's own login; a password_file is read here, once per upstream
+            self.username = settings.username or (
+                unquote(parts.username) if parts.username else None
+            )
+            self.password = settings.login_password() or (
+                unquote(parts.password) if parts.password else None
+            )
         self.timeout = settings.timeout
         self.connect_timeout = settings.connect_timeout
         self.session_timeout = settings.session_timeout
