@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from gateway.agent_logins import MAX_PASSWORD, AgentLogins, LoginKeyMissing
 from gateway.texts.catalog import Catalog
@@ -34,7 +35,7 @@ async def apply_login_form(
     LoginRefused when nothing was done. The password is taken as typed (spaces count)."""
     action = form_text(posted.get("action"))
     url, username = form_text(posted.get("url")), form_text(posted.get("username"))
-    typed = {"url": url, "username": username} if action == "set" else {}
+    typed = {"url": _without_password(url), "username": username} if action == "set" else {}
 
     def refused(key: str, status: int, **params: str) -> LoginRefused:
         return LoginRefused(catalog.t(key, **params), status, typed)
@@ -60,3 +61,14 @@ async def apply_login_form(
         raise refused("upstream_login.error.refused", 404, detail=exc.said(catalog)) from exc
     except UserError as exc:  # the reason names the field, never the password
         raise refused("upstream_login.error.refused", 400, detail=exc.said(catalog)) from exc
+
+
+def _without_password(url: str) -> str:
+    """The URL shown again without a username and password typed into it (refused there)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
