@@ -77,6 +77,7 @@ class AccountPages:
             password_error=password_error,
             login_error=login_error,
             login_typed=login_typed or {},
+            min_password=MIN_PASSWORD,
             prefs=await self.users.notices(user.email, self.settings),
             login=await self.logins.show(user.email),
         )
@@ -109,7 +110,9 @@ class AccountPages:
             )
         if len(new) < MIN_PASSWORD:
             return await self.page(
-                request, password_error=catalog.t("account.error.short"), status=400
+                request,
+                password_error=catalog.t("account.error.short", minimum=MIN_PASSWORD),
+                status=400,
             )
         visitor = self.site.visitor(request)
         try:
@@ -134,7 +137,9 @@ class AccountPages:
         except UserError as exc:
             log.info("console: password change refused: %s", exc)
             return await self.page(
-                request, password_error=catalog.t("account.error.short"), status=400
+                request,
+                password_error=catalog.t("account.error.short", minimum=MIN_PASSWORD),
+                status=400,
             )
         raise self.view.see_other(ACCOUNT, "password_changed")
 
