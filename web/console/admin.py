@@ -140,8 +140,10 @@ class AdminPages:
     def _t(self, request: web.Request, key: str, **params: object) -> str:
         return self.view.catalog(request).t(key, **params)
 
-    def _said(self, request: web.Request, refused: Refused) -> str:
-        return refused.said(self.view.catalog(request))
+    def _refused(self, request: web.Request, key: str, refusal: Refused) -> str:
+        """`key`'s sentence around the desk's reason, both in the reader's language."""
+        catalog = self.view.catalog(request)
+        return catalog.t(key, detail=refusal.said(catalog))
 
     # -- overview
 
@@ -202,7 +204,7 @@ class AdminPages:
         )
         return await self.user_list(
             request,
-            error=self._t(request, "work.error.user", detail=self._said(request, exc)),
+            error=self._refused(request, "work.error.user", exc),
             status=status,
         )
 
@@ -220,7 +222,7 @@ class AdminPages:
                 form.get("email", ""), role, form.get("group") or None, aliases
             )
         except UserError as exc:
-            error = self._t(request, "work.error.user", detail=self._said(request, exc))
+            error = self._refused(request, "work.error.user", exc)
             return await self.user_list(request, error=error, status=400, kept=form)
         log.info("console: %s added user %s", self.view.principal(request).name, user.email)
         return await self.user_list(request, created=(user.email, password), status=201)
@@ -255,7 +257,7 @@ class AdminPages:
         except UserError as exc:
             return await self.user_list(
                 request,
-                error=self._t(request, "work.error.user", detail=self._said(request, exc)),
+                error=self._refused(request, "work.error.user", exc),
                 status=404,
             )
         return self.view.render(
@@ -375,7 +377,7 @@ class AdminPages:
         except QueueError as exc:
             return await self.queue_list(
                 request,
-                error=self._t(request, "work.error.queue", detail=self._said(request, exc)),
+                error=self._refused(request, "work.error.queue", exc),
                 status=409,
             )
         raise self.view.see_other(QUEUE, done)
@@ -418,7 +420,7 @@ class AdminPages:
                 by=self.view.principal(request).name,
             )
         except WebhookError as exc:
-            error = self._t(request, "work.error.webhook", detail=self._said(request, exc))
+            error = self._refused(request, "work.error.webhook", exc)
             return await self.endpoint_list(request, error=error, status=400, kept=form)
         return await self.endpoint_list(request, secret=created.secret, status=201)
 
@@ -497,7 +499,7 @@ class AdminPages:
         except WebhookError as exc:
             return await self.endpoint(
                 request,
-                error=self._t(request, "work.error.webhook", detail=self._said(request, exc)),
+                error=self._refused(request, "work.error.webhook", exc),
                 status=400,
             )
         raise self.view.see_other(f"{WEBHOOKS}/{endpoint_id}", "endpoint_changed")
@@ -521,7 +523,7 @@ class AdminPages:
         except WebhookError as exc:
             return await self.endpoint(
                 request,
-                error=self._t(request, "work.error.replay", detail=self._said(request, exc)),
+                error=self._refused(request, "work.error.replay", exc),
                 status=409,
             )
         raise web.HTTPSeeOther(self.view.site.url(f"{WEBHOOKS}/{endpoint_id}?test={seq}"))
@@ -586,7 +588,7 @@ class AdminPages:
         except WebhookError as exc:
             return await self.endpoint(
                 request,
-                error=self._t(request, "work.error.webhook", detail=self._said(request, exc)),
+                error=self._refused(request, "work.error.webhook", exc),
                 status=409,
             )
         raise self.view.see_other(f"{WEBHOOKS}/{endpoint_id}", "replayed")
@@ -627,7 +629,7 @@ class AdminPages:
         except ApiKeyError as exc:
             return await self.key_list(
                 request,
-                error=self._t(request, "work.error.key", detail=self._said(request, exc)),
+                error=self._refused(request, "work.error.key", exc),
                 status=400,
             )
         return await self.key_list(request, key=made.key, status=201)
@@ -638,7 +640,7 @@ class AdminPages:
         except ApiKeyError as exc:
             return await self.key_list(
                 request,
-                error=self._t(request, "work.error.key", detail=self._said(request, exc)),
+                error=self._refused(request, "work.error.key", exc),
                 status=409,
             )
         raise self.view.see_other(KEYS, "key_revoked")
