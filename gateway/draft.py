@@ -27,7 +27,8 @@ class Draft:
     copy_base: str
     rows: list[Base] = field(default_factory=list)
     events: list[journal.NewEvent] = field(default_factory=list)
-    files: dict[str, StoredFile] = field(default_factory=dict)
+    # the stored files of each linked part (more than one: a winmail.dat's)
+    files: dict[str, list[StoredFile]] = field(default_factory=dict)
     # the message without linked parts, parsed, by the ids of those parts
     stripped: dict[tuple[str, ...], tuple[bytes, mime.MimePart]] = field(default_factory=dict)
     # small blobs committed with the rows instead of put (gateway/store/inline_blobs.py)

@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 from email.message import EmailMessage
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aiohttp
 import aiosmtplib
@@ -25,6 +25,7 @@ from gateway.store import blob_audit
 from gateway.store.models import Event, Message, utcnow
 from sealrelay.serve import blob_horizon
 from tests.conftest import AGENT, Harness, StartRelay, dkim_dns
+from tests.mail import tnef_stream
 from tests.support import PERSON_UA, chained
 
 PROSPECT = "prospect@example.com"
@@ -286,3 +287,72 @@ async def test_the_blob_audit_finds_what_a_lost_file_takes_from_the_links(relay:
     after = await blob_audit.audit(relay.relay.db, relay.relay.blobs, horizon)
     assert [(m.column, m.digest) for m in after.missing] == [("files.sha256", linked)]
     assert after.checked == whole.checked
+
+
+def outlook_rich_text(winmail: bytes) -> bytes:
+    """As Outlook sends a message written in Rich Text: the text, then winmail.dat."""
+    message = EmailMessage()
+    message["From"] = f"Anna Agent <{AGENT}>"
+    message["To"] = PROSPECT
+    message["Subject"] = "Exposé Müllerstraße 12"
+    message.set_content("Guten Tag,\n\nanbei Exposé und Grundriss.\n")
+    message.add_attachment(
+        winmail, maintype="application", subtype="ms-tnef", filename="winmail.dat"
+    )
+    return message.as_bytes(policy=email.policy.SMTP)
+
+
+async def linked_files(relay: Harness, copy: bytes) -> dict[str, bytes]:
+    """What the prospect can download from the copy's link, by the name the page shows."""
+    body_part = email.message_from_bytes(copy, policy=email.policy.default).get_body()
+    assert body_part is not None
+    [token] = set(LINK.findall(body_part.get_content()))
+    files = {}
+    async with aiohttp.ClientSession(headers={"User-Agent": PERSON_UA}) as http:
+        async with http.get(f"{relay.web_url}/d/{token}") as page:
+            assert page.status == 200
+            html_page = await page.text()
+        for path in re.findall(rf'href="(/d/{token}/f/[0-9a-f]+)"', html_page):
+            async with http.get(f"{relay.web_url}{path}") as download:
+                assert download.status == 200
+                [name] = re.findall(
+                    r"filename\*=UTF-8''(.+)$", download.headers["Content-Disposition"]
+                )
+                files[unquote(name)] = await download.read()
+    return files
+
+
+async def test_a_linked_winmail_dat_is_offered_as_the_files_it_carries(relay: Harness) -> None:
+    """A phone cannot open winmail.dat: the prospect gets the PDF and the plan, by name."""
+    plan = os.urandom(200_000)
+    winmail = tnef_stream.stream(
+        [
+            tnef_stream.Attachment(PDF, title="EXPOSE~1.PDF", long_filename="Exposé.pdf"),
+            tnef_stream.Attachment(plan, title="Grundriss.png"),
+        ]
+    )
+    await relay.send(outlook_rich_text(winmail), recipients=[PROSPECT])
+    [copy] = await relay.sink.expect(1)
+    assert attachments(copy.data) == {}
+    text = email.message_from_bytes(copy.data, policy=email.policy.default).get_body().get_content()  # type: ignore[union-attr]
+    assert "Exposé.pdf" in text and "Grundriss.png" in text and "winmail" not in text
+    assert await linked_files(relay, copy.data) == {"Exposé.pdf": PDF, "Grundriss.png": plan}
+    async with relay.relay.db.transaction() as session:
+        [created] = (await session.scalars(select(Event).where(Event.type == "link.created"))).all()
+    assert created.data["files"] == ["Exposé.pdf", "Grundriss.png"]
+
+
+@pytest.mark.parametrize("kind", ["meeting-request", "damaged"])
+async def test_a_winmail_dat_that_is_more_than_files_is_linked_whole(
+    relay: Harness, kind: str
+) -> None:
+    """Nothing of it is lost: an invitation's meeting, or a stream we cannot read, goes to
+    the prospect as the winmail.dat it was."""
+    carried = [tnef_stream.Attachment(PDF, title="a.pdf")]
+    if kind == "meeting-request":
+        winmail = tnef_stream.stream(carried, message_class=tnef_stream.MEETING_REQUEST)
+    else:
+        winmail = tnef_stream.stream(carried)[:-5000]
+    await relay.send(outlook_rich_text(winmail), recipients=[PROSPECT])
+    [copy] = await relay.sink.expect(1)
+    assert await linked_files(relay, copy.data) == {"winmail.dat": winmail}
