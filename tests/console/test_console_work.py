@@ -10,7 +10,7 @@ import email.policy
 import html
 import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -175,6 +175,36 @@ async def test_revoke_extend_and_their_refusals(world: World) -> None:
     assert len(await types_of(world)) == before, "refusals write nothing"
     story = visible((await agent.get(path)).text)
     assert "Access ended" in story and "Objekt verkauft" in story and "Link extended" in story
+
+
+def last_offered(page: str, recipient: str) -> date:
+    """The `max` of the extend form's date field for this recipient."""
+    form = re.search(
+        rf'value="{re.escape(recipient)}">\s*<label[^>]*>[^<]*</label>\s*<input[^>]*max="([0-9-]+)"',
+        page,
+    )
+    assert form is not None, recipient
+    return date.fromisoformat(form.group(1))
+
+
+@pytest.mark.parametrize(("kind", "days"), [("download", 3650), ("letter", 365)])
+async def test_the_extend_form_offers_no_day_the_desk_refuses(
+    world: World, kind: str, days: int
+) -> None:
+    """The date picker stops at the last day the link may run to: no refusal to meet."""
+    agent = world.consoles[AGENT]
+    message, recipient = (
+        (world.link_message, BUYER) if kind == "download" else (world.letter_message, PROSPECT)
+    )
+    path = f"/console/messages/{message}"
+    last = last_offered((await agent.get(path)).text, recipient)
+    assert abs(last - (datetime.now(UTC) + timedelta(days=days)).date()) <= timedelta(days=1)
+    csrf = await world.csrf(AGENT, path)
+    form = {"csrf": csrf, "recipient": recipient}
+    beyond = await agent.post(path + "/extend", {**form, "until": str(last + timedelta(days=1))})
+    assert beyond.status == 400 and f"at most {days} days" in visible(beyond.text)
+    answer = await agent.post(path + "/extend", {**form, "until": last.isoformat()})
+    assert answer.status == 303 and answer.location == path + "?done=extended"
 
 
 async def test_resend_release_and_a_preview_that_records_nothing(world: World) -> None:

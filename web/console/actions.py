@@ -11,7 +11,7 @@ a refusal (`ActionRefused`) has written nothing and is shown on the message page
 from __future__ import annotations
 
 import logging
-from datetime import date, datetime, time
+from datetime import date, datetime
 
 from aiohttp import web
 
@@ -22,7 +22,13 @@ from gateway.letters.blocks import markdown_html
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.texts.catalog import Catalog
-from web.console.timeline import MESSAGES, TimelinePages, story_letters, story_links
+from web.console.timeline import (
+    MESSAGES,
+    VALID_UNTIL,
+    TimelinePages,
+    story_letters,
+    story_links,
+)
 from web.console.view import ConsoleView, form_text
 from web.guard import Routes
 from web.pages import content_disposition
@@ -275,4 +281,4 @@ def _end_of_day(text: str, catalog: Catalog) -> datetime:
         day = date.fromisoformat(text)
     except ValueError:
         raise InvalidRequest("action.expiry_not_a_date") from None
-    return datetime.combine(day, time(23, 59), catalog.zone)
+    return datetime.combine(day, VALID_UNTIL, catalog.zone)

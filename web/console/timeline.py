@@ -25,6 +25,7 @@ from gateway.console.timeline import (
     Timeline,
 )
 from gateway.console.waiting import WaitingLetters
+from gateway.links.desk import MAX_DAYS
 from gateway.store.events import (
     CONSENT_GIVEN,
     DELIVERY_BOUNCED,
@@ -43,6 +44,7 @@ from gateway.store.events import (
     LINK_REVOKED,
     POLICY_KEPT,
 )
+from gateway.store.models import LinkKind
 from gateway.texts.catalog import Catalog
 from rules.automated_visits import PROVIDER_NAMES, Reason
 from web.console.view import ConsoleView
@@ -64,6 +66,9 @@ class Line:
     kind: str  # a css hook: "download", "consent", "bounce", "action", ""
     facts: list[tuple[str, str]]
     download: tuple[str, str] | None = None  # (href, label) of a document the event made
+
+
+VALID_UNTIL = time(23, 59)  # a link extended to a day is valid to its last minute
 
 
 @dataclass
@@ -190,6 +195,14 @@ def recipient_views(story: MessageStory, catalog: Catalog) -> list[RecipientView
     return views
 
 
+def last_day(view: RecipientView, now: datetime) -> date:
+    """The last day the extend form offers: links extended to a day are valid to its last
+    minute, and the desk refuses one past the kind's maximum (a letter's is the shorter)."""
+    kind = LinkKind.LETTER if view.letters else LinkKind.DOWNLOAD
+    limit = now + timedelta(days=MAX_DAYS[kind])
+    return limit.date() if limit.time() >= VALID_UNTIL else limit.date() - timedelta(days=1)
+
+
 def story_letters(story: MessageStory) -> dict[str, str]:
     """letter id -> recipient, for every letter this message made."""
     return {
@@ -314,6 +327,7 @@ class TimelinePages:
             recipients=recipient_views(story, catalog),
             state_label=lambda s: catalog.t(f"work.state.{s}"),
             today=datetime.now(catalog.zone).date().isoformat(),
+            last_day=lambda view: last_day(view, datetime.now(catalog.zone)).isoformat(),
         )
 
     async def letters(self, request: web.Request) -> web.StreamResponse:
