@@ -273,6 +273,7 @@ def _password_file(path: Path, key: str) -> Iterator[Problem]:
         return
     if not secret:
         yield Problem(key, f"{_shown(path)} is empty; it must hold the password")
+    yield from _open_to_others(key, path)
 
 
 def _client_certificate(upstream: UpstreamSettings, key: str) -> Iterator[Problem]:
@@ -355,12 +356,7 @@ def _bucket(storage: StorageSettings, reach: bool) -> Iterator[Problem]:
         if (problem := readable_file("storage.secret_access_key_file", secret)) is not None:
             yield problem
             return
-        if secret.stat().st_mode & 0o077:
-            yield Problem(
-                "storage.secret_access_key_file",
-                f"{_shown(secret)} can be read by other users; chmod 600 it",
-                error=False,
-            )
+        yield from _open_to_others("storage.secret_access_key_file", secret)
     try:
         from gateway.store import s3_blobs
     except ImportError:
@@ -406,12 +402,13 @@ def _secrets(settings: Settings) -> Iterator[Problem]:
         yield Problem(
             "secrets.key_file", f"{_shown(path)} must hold exactly {agent_logins.KEY_BYTES} bytes"
         )
+    yield from _open_to_others("secrets.key_file", path)
+
+
+def _open_to_others(key: str, path: Path) -> Iterator[Problem]:
+    """A warning: a secret the group or others may read is one a mistake away from leaking."""
     if path.stat().st_mode & 0o077:
-        yield Problem(
-            "secrets.key_file",
-            f"{_shown(path)} can be read by other users; chmod 600 it",
-            error=False,
-        )
+        yield Problem(key, f"{_shown(path)} can be read by other users; chmod 600 it", error=False)
 
 
 def _dkim(domain: str, entry: DkimDomain) -> Iterator[Problem]:

@@ -466,11 +466,20 @@ async def test_a_password_file_serves_an_upstream_no_variable_can_name(tmp_path:
     ):
         if content is not None:
             secret.write_text(content)
+            secret.chmod(0o600)
         config = write_config(tmp_path, extra=base + upstream + f'password_file = "{secret}"\n')
         checked = await sealrelay("check-config", "--config", str(config))
         found = [line for line in errors(checked) if "brand-two" in line]
         expected = f"Error: config error: upstreams.brand-two.password_file: {problem}"
         assert found == ([expected] if problem else []), checked.err
+        assert "can be read by other users" not in checked.err
+    secret.chmod(0o640)
+    shared = await sealrelay("check-config", "--config", str(config))
+    assert shared.code == 0
+    assert [line for line in shared.err.splitlines() if "brand-two" in line] == [
+        f"Warning: upstreams.brand-two.password_file: {secret} can be read by other users;"
+        " chmod 600 it"
+    ]
     both = write_config(
         tmp_path, extra=base + upstream + f'password = "pw"\npassword_file = "{secret}"\n'
     )
