@@ -22,17 +22,21 @@ class Draft:
 
     message: Message
     now: datetime
+    # what the plan reads and every copy the relay changes is made from: the original
+    # without the fields no copy carries, a winmail.dat unpacked (gateway/mail/winmail.py)
     raw: bytes
     root: mime.MimePart
-    copy_base: str
+    copy_base: str  # the digest of the unchanged copy
+    base: bytes  # its bytes: the original without the fields no copy carries
     rows: list[Base] = field(default_factory=list)
     events: list[journal.NewEvent] = field(default_factory=list)
-    # the stored files of each linked part (more than one: a winmail.dat's)
-    files: dict[str, list[StoredFile]] = field(default_factory=dict)
+    files: dict[str, StoredFile] = field(default_factory=dict)
     # the message without linked parts, parsed, by the ids of those parts
     stripped: dict[tuple[str, ...], tuple[bytes, mime.MimePart]] = field(default_factory=dict)
     # small blobs committed with the rows instead of put (gateway/store/inline_blobs.py)
     inline_blobs: dict[str, bytes] = field(default_factory=dict)
+    # the names of the files a winmail.dat carried, now parts of `raw` in its place
+    unpacked: list[str] = field(default_factory=list)
 
 
 class Materializer(Protocol):

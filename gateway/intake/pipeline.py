@@ -19,7 +19,7 @@ from typing import Protocol
 from gateway.config import Settings
 from gateway.draft import Draft
 from gateway.intake.materializers import materializers
-from gateway.mail import headers, mime
+from gateway.mail import headers, mime, winmail
 from gateway.mail.headers import HeaderField
 from gateway.mail.loop_mark import LOOP_HEADER, Finding, LoopMarks
 from gateway.outbound.queue import new_delivery
@@ -36,9 +36,11 @@ from gateway.store.events import (
     MESSAGE_LOOP_MARK_FORGED,
     MESSAGE_RECEIVED,
     MESSAGE_TRUSTED_CLIENT,
+    WINMAIL_UNPACKED,
     LanguageUnsupported,
     MessageLoopMarkForged,
     MessageTrustedClient,
+    WinmailUnpacked,
 )
 from gateway.store.models import Delivery, Message, new_id, utcnow
 from rules.actions import KeepOriginal
@@ -186,7 +188,11 @@ class Pipeline:
         facts = message_facts(envelope, fields, submitter, draft)
         decisions = plan(facts, self.policy).per_recipient
         draft.events.extend(language_warnings(facts, decisions, draft.message.id))
-        return Prepared(envelope, draft, decisions)
+        prepared = Prepared(envelope, draft, decisions)
+        if draft.unpacked and not prepared.unchanged:
+            files: WinmailUnpacked = {"files": draft.unpacked}
+            draft.events.append(WINMAIL_UNPACKED.new(files, message_id=draft.message.id))
+        return prepared
 
     async def pass_on(self, prepared: Prepared, events: list[journal.NewEvent]) -> str:
         """Journal a message another MTA delivers itself (every copy is the original): the
@@ -280,7 +286,19 @@ class Pipeline:
             trusted_entry=origin.trusted.entry if origin.trusted else None,
         )
         copy_base = original if base == raw else await self._keep(base, inline)
-        return Draft(message, now, base, root, copy_base, inline_blobs=inline)
+        unpacked = winmail.unpacked(base, root, message.id)
+        if unpacked is None:
+            return Draft(message, now, base, root, copy_base, base, inline_blobs=inline)
+        return Draft(
+            message,
+            now,
+            unpacked.raw,
+            unpacked.root,
+            copy_base,
+            base,
+            inline_blobs=inline,
+            unpacked=list(unpacked.files),
+        )
 
     async def _keep(
         self, data: bytes, inline: dict[str, bytes], file: HashedFile | None = None
@@ -314,7 +332,7 @@ class Pipeline:
         """
         message, now = draft.message, draft.now
         if message.blob in copies.values():  # the original itself leaves: read once (stored_copy)
-            message.body_hash = intake_body_hash(draft.raw, self.signing_domains)
+            message.body_hash = intake_body_hash(draft.base, self.signing_domains)
         lifetime = self.settings.upstream.queue_lifetime
         deliveries = [
             new_delivery(message.id, recipient, blob, now, lifetime)

@@ -38,7 +38,7 @@ import mimetypes
 import re
 import secrets
 import unicodedata
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import unquote_to_bytes
@@ -684,6 +684,27 @@ def remove_parts(raw: bytes, root: MimePart, part_ids: Collection[str]) -> bytes
                     (begin - _line_break_before(raw, begin, parent.body_start), child.end, b"")
                 )
     return _splice(raw, _merged(edits))
+
+
+def replace_parts(raw: bytes, root: MimePart, pieces: Mapping[str, Sequence[bytes]]) -> bytes:
+    """`raw` with each named part of a multipart replaced by its pieces, whole parts (header
+    block, blank line, body without a final line break) that stand in its place as siblings.
+
+    Nothing else changes. The root, a part inside another named one, or a part replaced by
+    nothing (remove_parts takes parts out) raise ValueError.
+    """
+    parts = {part.id: part for part in root.walk()}
+    edits: list[_Edit] = []
+    for part_id, replacement in pieces.items():
+        if part_id not in parts or not part_id or not replacement:
+            raise ValueError(f"cannot replace MIME part {part_id!r} by {len(replacement)} parts")
+        if _has_ancestor_in(part_id, set(pieces)):
+            raise ValueError(f"MIME part {part_id!r} is inside another one replaced")
+        parent = parts[part_id.rpartition(".")[0]]
+        delimiter = CRLF + b"--" + _boundary(parent.params) + CRLF
+        part = parts[part_id]
+        edits.append((part.start, part.end, delimiter.join(replacement)))
+    return _splice(raw, edits)
 
 
 def _has_ancestor_in(part_id: str, ids: set[str]) -> bool:

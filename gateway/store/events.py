@@ -231,6 +231,20 @@ LANGUAGE_UNSUPPORTED = _declare(
 )
 
 
+class WinmailUnpacked(TypedDict):
+    files: Annotated[list[str], About("The names of the files it carried.", personal=True)]
+
+
+WINMAIL_UNPACKED = _declare(
+    "winmail.unpacked",
+    "The message carried Outlook's winmail.dat (mail written in Rich Text), which a phone"
+    " cannot open: the copies the relay changes (download links, registered letters) carry"
+    " the files inside it instead. Copies that go out unchanged keep it.",
+    WinmailUnpacked,
+    message="the message",
+)
+
+
 # -- download links -----------------------------------------------------------------------------
 
 

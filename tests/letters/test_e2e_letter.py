@@ -30,6 +30,7 @@ from gateway.store.models import Consent, Delivery, Event, Letter, LetterStatus
 from tests.conftest import AGENT, PASSWORD, Harness, StartRelay, dkim_dns
 from tests.letters.test_consent_pdf import DEJAVU
 from tests.letters.test_consent_pdf import text_of as pdf_text_of
+from tests.mail import tnef_stream
 from tests.support import chained
 
 PROSPECT = "paula@example.com"
@@ -283,3 +284,38 @@ async def test_terms_pdf_travels_with_the_letter_and_the_archive_gets_copies(
     assert len(to_archive) == 3
     assert any(b"X-Sealrelay-Consent" in data for data in to_archive)
     assert any(b"application/pdf" in data for data in to_archive)
+
+
+async def test_an_offer_from_outlook_in_rich_text_is_released_with_its_files(
+    relay: Harness,
+) -> None:
+    """Outlook puts the offer's PDF inside winmail.dat; the prospect who consented gets the
+    PDF itself, in the original the evidence is signed over."""
+    small_pdf = b"%PDF-1.7\n" + os.urandom(300_000)
+    winmail = tnef_stream.stream(
+        [tnef_stream.Attachment(small_pdf, title="EXPOSE~1.PDF", long_filename="Exposé Villa.pdf")]
+    )
+    message = EmailMessage()
+    message["From"] = f"Anna Agent <{AGENT}>"
+    message["To"] = PROSPECT
+    message["Subject"] = "[Exposé] Villa am See"
+    message.set_content("Guten Tag,\n\nhier ist das Exposé zur Villa am See.\n")
+    message.add_attachment(
+        winmail, maintype="application", subtype="ms-tnef", filename="winmail.dat"
+    )
+    await relay.send(message.as_bytes(policy=email.policy.SMTP), recipients=[PROSPECT])
+    [letter] = await relay.sink.expect(1)
+    assert b"winmail.dat" not in letter.data and small_pdf[:64] not in letter.data
+    [token] = set(LETTER_LINK.findall(text_of(letter.data)))
+
+    await relay.relay.letters.release(token, REQUIRED, "127.0.0.1", "Mozilla/5.0 pytest")
+    arrived = await relay.sink.expect(3)  # and the agent's notice
+    [released] = [m.data for m in arrived if b"X-Sealrelay-Consent" in m.data]
+    parsed = email.message_from_bytes(released, policy=email.policy.default)
+    files = {
+        part.get_filename(): part.get_payload(decode=True) for part in parsed.iter_attachments()
+    }
+    assert files == {"Exposé Villa.pdf": small_pdf}
+    assert dkimpy.verify(released, dnsfunc=dkim_dns(relay.dkim_key))
+    report = await verify_released(relay.relay.db, relay.settings, released)
+    assert report.ok, report.lines()

@@ -322,24 +322,49 @@ async def linked_files(relay: Harness, copy: bytes) -> dict[str, bytes]:
     return files
 
 
-async def test_a_linked_winmail_dat_is_offered_as_the_files_it_carries(relay: Harness) -> None:
-    """A phone cannot open winmail.dat: the prospect gets the PDF and the plan, by name."""
+async def test_a_winmail_dat_goes_to_the_prospect_as_the_files_it_carries(relay: Harness) -> None:
+    """A phone cannot open winmail.dat: the big PDF inside is linked by its name, the plan
+    beside it attached, the contact card too. The colleague gets what Outlook sent."""
     plan = os.urandom(200_000)
+    card = b"BEGIN:VCARD\r\nVERSION:3.0\r\nFN:Anna Agent\r\nEND:VCARD\r\n"
     winmail = tnef_stream.stream(
         [
             tnef_stream.Attachment(PDF, title="EXPOSE~1.PDF", long_filename="Exposé.pdf"),
             tnef_stream.Attachment(plan, title="Grundriss.png"),
+            tnef_stream.Attachment(card, title="anna.vcf", mime_tag="text/vcard"),
         ]
     )
-    await relay.send(outlook_rich_text(winmail), recipients=[PROSPECT])
-    [copy] = await relay.sink.expect(1)
-    assert attachments(copy.data) == {}
-    text = email.message_from_bytes(copy.data, policy=email.policy.default).get_body().get_content()  # type: ignore[union-attr]
-    assert "Exposé.pdf" in text and "Grundriss.png" in text and "winmail" not in text
-    assert await linked_files(relay, copy.data) == {"Exposé.pdf": PDF, "Grundriss.png": plan}
+    original = outlook_rich_text(winmail)
+    await relay.send(original, recipients=[PROSPECT, COLLEAGUE])
+    copies = {copy.rcpt_tos[0]: copy.data for copy in await relay.sink.expect(2)}
+    assert copies[COLLEAGUE].endswith(original)
+    copy = copies[PROSPECT]
+    assert dkimpy.verify(copy, dnsfunc=dkim_dns(relay.dkim_key))
+    assert attachments(copy) == {"Grundriss.png": plan, "anna.vcf": card}
+    body = email.message_from_bytes(copy, policy=email.policy.default).get_body()
+    assert body is not None
+    text = body.get_content()
+    assert "Exposé.pdf" in text and "winmail" not in text and "Grundriss.png" not in text
+    assert await linked_files(relay, copy) == {"Exposé.pdf": PDF}
     async with relay.relay.db.transaction() as session:
-        [created] = (await session.scalars(select(Event).where(Event.type == "link.created"))).all()
-    assert created.data["files"] == ["Exposé.pdf", "Grundriss.png"]
+        events = (await session.scalars(select(Event).order_by(Event.id))).all()
+    [unpacked] = [e for e in events if e.type == "winmail.unpacked"]
+    assert unpacked.data == {"files": ["Exposé.pdf", "Grundriss.png", "anna.vcf"]}
+    [created] = [e for e in events if e.type == "link.created"]
+    assert created.data["files"] == ["Exposé.pdf"]
+    assert (await chained(relay.relay.db)).ok
+
+
+async def test_a_small_winmail_dat_to_be_sent_unchanged_is_not_touched(relay: Harness) -> None:
+    """No copy is changed, so none is changed for it: no event claims it was unpacked."""
+    winmail = tnef_stream.stream([tnef_stream.Attachment(b"%PDF small", title="a.pdf")])
+    original = outlook_rich_text(winmail)
+    await relay.send(original, recipients=[PROSPECT])
+    [copy] = await relay.sink.expect(1)
+    assert copy.data.endswith(original)
+    async with relay.relay.db.transaction() as session:
+        types = (await session.scalars(select(Event.type))).all()
+    assert "winmail.unpacked" not in types
 
 
 @pytest.mark.parametrize("kind", ["meeting-request", "damaged"])

@@ -26,6 +26,7 @@ STORED_NAMES = {
     "message.received",
     "policy.kept",
     "language.unsupported",
+    "winmail.unpacked",
     "link.created",
     "link.viewed",
     "link.expired",

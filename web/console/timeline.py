@@ -43,6 +43,7 @@ from gateway.store.events import (
     LINK_EXTENDED,
     LINK_REVOKED,
     POLICY_KEPT,
+    WINMAIL_UNPACKED,
 )
 from gateway.store.models import LinkKind
 from gateway.texts.catalog import Catalog
@@ -128,7 +129,7 @@ def describe(event: EventRow, catalog: Catalog) -> Line:
     fact("file", data.get("filename"))
     if event.type == DOWNLOAD_ZIP.name:
         fact("files", ", ".join(f.get("filename", "") for f in data.get("files", [])))
-    if event.type == LINK_CREATED.name:
+    if event.type in (LINK_CREATED.name, WINMAIL_UNPACKED.name):
         fact("files", ", ".join(data.get("files", [])))
     fact("error", data.get("error"))
     fact("status", data.get("status") if event.type == DELIVERY_BOUNCED.name else None)
