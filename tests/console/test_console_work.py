@@ -12,12 +12,15 @@ import re
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
+from zoneinfo import ZoneInfo
 
 import aiosmtplib
 import pytest
 from aiohttp import web
 from sqlalchemy import select
 
+from gateway.console.timeline import RecipientState
+from gateway.links.desk import MAX_DAYS
 from gateway.store import journal
 from gateway.store.events import BLOBS_DELETED
 from gateway.store.models import Event, JournalHead, Link, LinkKind, Message
@@ -38,6 +41,7 @@ from tests.letter_site import BIG_PDF, PROSPECT, LetterSite, offer, token_in
 from tests.links.test_link_actions import SAFE_LINKS
 from tests.queue_wait import queue_idle
 from tests.support import free_port
+from web.console.timeline import VALID_UNTIL, RecipientView, last_day
 
 FILE_PATH = re.compile(r'href="(/d/[A-Za-z0-9_-]{43}/f/[0-9a-f]+)"')
 
@@ -601,3 +605,21 @@ async def test_a_null_sender_message_shows_its_sender_as_the_null_path(world: Wo
     page = await world.consoles[AGENT].get(f"/console/messages/{message_id}")
     assert page.status == 200
     assert "Sender <>" in visible(page.text), visible(page.text)[:600]
+
+
+@pytest.mark.parametrize("kind", ["download", "letter"])
+def test_the_last_day_offered_holds_across_a_clock_change(kind: str) -> None:
+    """Hour by hour around both of Berlin's clock changes: the last day offered ends (at its
+    last minute) within the maximum, and the day after it would not."""
+    zone = ZoneInfo("Europe/Berlin")
+    view = RecipientView("paula@example.com", RecipientState.DELIVERED)
+    if kind == "letter":
+        view.letters.append("letter-1")
+    days = MAX_DAYS[LinkKind(kind)]
+    for start in (datetime(2026, 3, 27, tzinfo=UTC), datetime(2026, 10, 23, tzinfo=UTC)):
+        for hour in range(24 * 4):
+            now = (start + timedelta(hours=hour, minutes=30)).astimezone(zone)
+            last = last_day(view, now)
+            limit = now.astimezone(UTC) + timedelta(days=days)  # as the desk counts
+            assert datetime.combine(last, VALID_UNTIL, zone) <= limit, now
+            assert datetime.combine(last + timedelta(days=1), VALID_UNTIL, zone) > limit, now

@@ -9,7 +9,7 @@ the same 404 page as one that does not exist. Views a link scanner made (journal
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -198,9 +198,10 @@ def recipient_views(story: MessageStory, catalog: Catalog) -> list[RecipientView
 
 def last_day(view: RecipientView, now: datetime) -> date:
     """The last day the extend form offers: links extended to a day are valid to its last
-    minute, and the desk refuses one past the kind's maximum (a letter's is the shorter)."""
+    minute, and the desk refuses one past the kind's maximum (a letter's is the shorter),
+    counted in real time: across a clock change a day is not 24 hours of the wall clock."""
     kind = LinkKind.LETTER if view.letters else LinkKind.DOWNLOAD
-    limit = now + timedelta(days=MAX_DAYS[kind])
+    limit = (now.astimezone(UTC) + timedelta(days=MAX_DAYS[kind])).astimezone(now.tzinfo)
     return limit.date() if limit.time() >= VALID_UNTIL else limit.date() - timedelta(days=1)
 
 
