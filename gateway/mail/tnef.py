@@ -1,9 +1,8 @@
-"""The files inside Outlook's winmail.dat (TNEF, [MS-OXTNEF]), for a link to offer them.
+"""The files inside Outlook's winmail.dat (TNEF, [MS-OXTNEF]).
 
 Outlook sends a message written in Rich Text as a text body plus one application/ms-tnef
 part named winmail.dat that carries the formatting and every attachment. A phone cannot
-open it, so a linked winmail.dat would give a prospect one useless file; linked, it is
-offered as the files it carries.
+open it: gateway/mail/winmail.py puts these files in its place.
 
 Read here, not with tnefparse: that library believes the counts in the stream (one
 multi-valued property claiming 2^32 values appends entries until memory runs out), and a

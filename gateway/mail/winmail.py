@@ -31,13 +31,15 @@ class Unpacked:
 
 def unpacked(raw: bytes, root: mime.MimePart, message_id: str) -> Unpacked | None:
     """The message with each unpackable winmail.dat replaced by its files; None when there
-    is none (or the message is signed)."""
+    is none (or the message is signed). Only one among the attachments of a multipart/mixed,
+    where Outlook puts it: in an alternative or related part its files would be taken for
+    another view of the body."""
     if mime.is_signed(root):
         return None
     pieces: dict[str, list[bytes]] = {}
     names: list[str] = []
-    for part in root.walk():
-        if not part.id or part.children or not tnef.is_tnef(part.content_type, part.filename):
+    for part in _attachments_of_mixed(root):
+        if part.children or not tnef.is_tnef(part.content_type, part.filename):
             continue
         try:
             carried = tnef.carried_files(mime.decoded_body(raw, part))
@@ -55,6 +57,15 @@ def unpacked(raw: bytes, root: mime.MimePart, message_id: str) -> Unpacked | Non
     except mime.UnsafeMessage as exc:  # more files than a message may have parts
         log.info("message %s: winmail.dat kept: %s", message_id, exc)
         return None
+
+
+def _attachments_of_mixed(root: mime.MimePart) -> list[mime.MimePart]:
+    return [
+        child
+        for part in root.walk()
+        if part.content_type == "multipart/mixed"
+        for child in part.children
+    ]
 
 
 def _part(file: tnef.CarriedFile) -> bytes:

@@ -100,6 +100,18 @@ def test_a_winmail_dat_that_is_the_whole_message_stays() -> None:
     assert unpack(message.as_bytes(policy=email.policy.SMTP)) is None
 
 
+def test_a_winmail_dat_in_an_alternative_stays() -> None:
+    """Its files would be read as other views of the body, not as attachments."""
+    message = EmailMessage()
+    message["Subject"] = "x"
+    message.set_content("Guten Tag")
+    message.add_alternative(
+        w.stream([Attachment(PDF, title="a.pdf")]), "application", "ms-tnef", filename="winmail.dat"
+    )
+    assert mime.parse(raw := message.as_bytes()).content_type == "multipart/alternative"
+    assert unpack(raw) is None
+
+
 def test_more_files_than_a_message_may_have_parts_keep_it_whole() -> None:
     many = [Attachment(b"x", title=f"{n}.txt") for n in range(mime.Limits().max_parts + 1)]
     assert unpack(rich_text_mail(w.stream(many))) is None
