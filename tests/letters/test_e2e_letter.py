@@ -295,15 +295,14 @@ async def test_an_offer_from_outlook_in_rich_text_is_released_with_its_files(
     winmail = tnef_stream.stream(
         [tnef_stream.Attachment(small_pdf, title="EXPOSE~1.PDF", long_filename="Exposé Villa.pdf")]
     )
-    message = EmailMessage()
-    message["From"] = f"Anna Agent <{AGENT}>"
-    message["To"] = PROSPECT
-    message["Subject"] = "[Exposé] Villa am See"
-    message.set_content("Guten Tag,\n\nhier ist das Exposé zur Villa am See.\n")
-    message.add_attachment(
-        winmail, maintype="application", subtype="ms-tnef", filename="winmail.dat"
+    sent = tnef_stream.outlook_mail(
+        winmail,
+        sender=f"Anna Agent <{AGENT}>",
+        to=PROSPECT,
+        subject="[Exposé] Villa am See",
+        text="Guten Tag,\n\nhier ist das Exposé zur Villa am See.\n",
     )
-    await relay.send(message.as_bytes(policy=email.policy.SMTP), recipients=[PROSPECT])
+    await relay.send(sent, recipients=[PROSPECT])
     [letter] = await relay.sink.expect(1)
     assert b"winmail.dat" not in letter.data and small_pdf[:64] not in letter.data
     [token] = set(LETTER_LINK.findall(text_of(letter.data)))

@@ -290,16 +290,13 @@ async def test_the_blob_audit_finds_what_a_lost_file_takes_from_the_links(relay:
 
 
 def outlook_rich_text(winmail: bytes) -> bytes:
-    """As Outlook sends a message written in Rich Text: the text, then winmail.dat."""
-    message = EmailMessage()
-    message["From"] = f"Anna Agent <{AGENT}>"
-    message["To"] = PROSPECT
-    message["Subject"] = "Exposé Müllerstraße 12"
-    message.set_content("Guten Tag,\n\nanbei Exposé und Grundriss.\n")
-    message.add_attachment(
-        winmail, maintype="application", subtype="ms-tnef", filename="winmail.dat"
+    return tnef_stream.outlook_mail(
+        winmail,
+        sender=f"Anna Agent <{AGENT}>",
+        to=PROSPECT,
+        subject="Exposé Müllerstraße 12",
+        text="Guten Tag,\n\nanbei Exposé und Grundriss.\n",
     )
-    return message.as_bytes(policy=email.policy.SMTP)
 
 
 async def linked_files(relay: Harness, copy: bytes) -> dict[str, bytes]:

@@ -6,8 +6,10 @@ stream is no private dialect of the reader under test.
 
 from __future__ import annotations
 
+import email.policy
 import struct
 from dataclasses import dataclass
+from email.message import EmailMessage
 
 SIGNATURE = 0x223E9F78
 NOTE = "IPM.Microsoft Mail.Note"
@@ -87,3 +89,16 @@ def stream(
         block = properties(*props) if item.raw_properties is None else item.raw_properties
         out.append(attribute(2, 0x0006, 0x9005, block))
     return b"".join(out)
+
+
+def outlook_mail(winmail: bytes, *, sender: str, to: str, subject: str, text: str) -> bytes:
+    """As Outlook sends a message written in Rich Text: the text, then winmail.dat."""
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = subject
+    message.set_content(text)
+    message.add_attachment(
+        winmail, maintype="application", subtype="ms-tnef", filename="winmail.dat"
+    )
+    return message.as_bytes(policy=email.policy.SMTP)
