@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import datetime
 
 import jinja2
 
+from gateway.mail import headers
 from gateway.store.models import StoredFile
 from gateway.texts.catalog import DEFAULT_TIMEZONE, shipped_catalogs
 from gateway.texts.files import TEMPLATES
@@ -20,7 +20,6 @@ _text = jinja2.Environment(
     keep_trailing_newline=True,
 )
 _html = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=True)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def render(
@@ -40,7 +39,7 @@ def render(
         "expires": catalog.moment(expires_at),
         "color": color,
         "files": [
-            {"name": _CONTROL.sub(" ", f.filename), "size": catalog.size(f.size)} for f in files
+            {"name": headers.one_line(f.filename), "size": catalog.size(f.size)} for f in files
         ],
     }
     text = _text.get_template(f"{language}.txt.j2").render(context)

@@ -143,6 +143,17 @@ def first_value(fields: Iterable[HeaderField], name: str) -> str | None:
 _UNSTRUCTURED = HeaderRegistry()["x"]
 
 
+def one_line(text: str) -> str:
+    """Control characters (CR and LF among them) as spaces: a name or value from the mail that
+    is shown, logged or written into a header can never start a new line there."""
+    return _CONTROL.sub(" ", text)
+
+
+def has_control(text: str) -> bool:
+    """Whether one_line would change `text`."""
+    return _CONTROL.search(text) is not None
+
+
 def decoded(value: str) -> str:
     """An RFC 2047 encoded value as one line of text, for display, logs and the journal.
 
@@ -150,12 +161,12 @@ def decoded(value: str) -> str:
     start a new line wherever it is shown.
     """
     if value.isascii() and "=?" not in value:
-        return _CONTROL.sub(" ", value)  # no encoded word: the parser would give it back as is
+        return one_line(value)  # no encoded word: the parser would give it back as is
     try:
         text = str(_UNSTRUCTURED("x", value))
     except (ValueError, LookupError, IndexError):
         text = value
-    return _CONTROL.sub(" ", text)
+    return one_line(text)
 
 
 def addresses(fields: Iterable[HeaderField], name: str) -> list[str]:

@@ -48,7 +48,6 @@ from gateway.mail.headers import HeaderField
 from rules.facts import PartFacts
 
 CRLF = b"\r\n"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_BREAK = re.compile(rb"\r\n|\n")
 _TEXT_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _HTML_BODY_END = re.compile(rb"</body\s*>", re.IGNORECASE)
@@ -453,7 +452,7 @@ def _filename(value: str | None) -> str | None:
         return None
     if "=?" in value and len(value) <= 4096:
         value = headers.decoded(value)
-    value = _CONTROL.sub(" ", value)
+    value = headers.one_line(value)
     return value or None
 
 

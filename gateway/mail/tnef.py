@@ -22,6 +22,8 @@ import re
 import struct
 from dataclasses import dataclass, field
 
+from gateway.mail import headers
+
 SIGNATURE = 0x223E9F78
 TNEF_TYPES = frozenset({"application/ms-tnef", "application/vnd.ms-tnef"})
 
@@ -51,7 +53,6 @@ _VARIABLE = frozenset({_STRING8, _UNICODE, _BINARY, _OBJECT, _UNSPECIFIED})
 _SHORTS = frozenset({0x0002, 0x000B})
 
 _MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # TNEF writes a note's class the old way ("IPM.Microsoft Mail.Note"), MAPI the new one
 _NOTE = re.compile(r"IPM\.(Microsoft Mail\.)?Note(\.|$)")
 
@@ -237,4 +238,4 @@ def _codec(codepage: int) -> str:
 def _base_name(name: str) -> str:
     """Without a folder Outlook may leave in front of it, control characters blanked."""
     base = re.split(r"[\\/]", name)[-1]
-    return _CONTROL.sub(" ", base).strip()
+    return headers.one_line(base).strip()

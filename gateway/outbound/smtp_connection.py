@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -43,7 +42,6 @@ from gateway.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_LINE = 8192  # one reply line at most, as aiosmtplib allows
 MAX_REPLY = 4 * MAX_LINE  # a whole (multi-line) reply at most
 PIECE = 256 * 1024
@@ -387,7 +385,7 @@ class SmtpConnection:
             raise BareLineEnd(problem)
         utf8 = False
         for address in (mail_from, *recipients):
-            if _CONTROL.search(address):
+            if headers.has_control(address):
                 raise ValueError(f"address with a control character: {address!r}")
             utf8 = utf8 or not address.isascii()
         if utf8 and not self.smtputf8:

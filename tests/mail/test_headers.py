@@ -102,6 +102,18 @@ def test_decoded_is_one_line_of_text(value: str, text: str) -> None:
     assert headers.decoded(value) == text
 
 
+@given(st.text())
+def test_one_line_leaves_no_control_character_and_keeps_the_rest(text: str) -> None:
+    line = headers.one_line(text)
+    assert len(line) == len(text)
+    assert not headers.has_control(line)
+    assert not any(c in line for c in "\r\n\x00\x7f")
+    assert headers.has_control(text) == (line != text)
+    assert all(
+        b == a or (b == " " and (a < " " or a == "\x7f")) for a, b in zip(text, line, strict=True)
+    )
+
+
 @pytest.mark.parametrize(
     ("raw", "value"),
     [
