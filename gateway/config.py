@@ -780,6 +780,7 @@ class PolicyOverrides(Section):
     registered_letter: bool | None = None
     letter_link_days: int | None = Field(default=None, ge=1, le=LETTER_LINK_DAYS_MAX)
     letter_block_set: str | None = Field(default=None, min_length=1)
+    unpack_winmail: bool | None = None
 
     def values(self) -> dict[str, Any]:
         """The set values, in the types rules.policy.Policy expects."""
@@ -815,6 +816,7 @@ class PolicySettings(PolicyOverrides):
         default=DEFAULT_POLICY.letter_link_days, ge=1, le=LETTER_LINK_DAYS_MAX
     )
     letter_block_set: str | None = DEFAULT_POLICY.letter_block_set
+    unpack_winmail: bool | None = DEFAULT_POLICY.unpack_winmail
 
 
 class LetterSettings(Section):

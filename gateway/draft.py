@@ -7,12 +7,14 @@ from the materializers, so each of them and the pipeline depend on this and not 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from gateway.mail import mime
 from gateway.store import journal
+from gateway.store.blobs import BlobStore, HashedFile
 from gateway.store.models import Base, Message, StoredFile
 
 
@@ -37,6 +39,23 @@ class Draft:
     inline_blobs: dict[str, bytes] = field(default_factory=dict)
     # the names of the files a winmail.dat carried, now parts of `raw` in its place
     unpacked: list[str] = field(default_factory=list)
+    # the digest of `raw` as a copy, once a recipient's copy is the message unpacked
+    unpacked_copy: str | None = None
+
+
+async def keep(
+    blobs: BlobStore, data: bytes, inline: dict[str, bytes], file: HashedFile | None = None
+) -> str:
+    """`data` durable by the commit: put in the blob store, or, when it is small, left in
+    `inline` for the commit's transaction, where it needs no fsync of its own
+    (gateway/store/inline_blobs.py). `file`, when given, holds `data` already."""
+    if not blobs.takes_inline(len(data)):
+        if file is not None and file.size == len(data):
+            return await blobs.put_file(file)
+        return await blobs.put(data)
+    digest = hashlib.sha256(data).hexdigest()
+    inline[digest] = data
+    return digest
 
 
 class Materializer(Protocol):

@@ -38,4 +38,10 @@ class RegisteredLetter:
     download_days: int  # for `link_parts`; the policy's download_link_days
 
 
-Action = KeepOriginal | LinkAttachments | RegisteredLetter
+@dataclass(frozen=True)
+class UnpackWinmail:
+    """The recipient gets the message with each winmail.dat replaced by the files it carries;
+    nothing else changes."""
+
+
+Action = KeepOriginal | LinkAttachments | RegisteredLetter | UnpackWinmail

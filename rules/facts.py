@@ -25,6 +25,8 @@ class MessageFacts:
     headers: tuple[tuple[str, str], ...]
     parts: tuple[PartFacts, ...] = ()
     signed: bool = False
+    # the parts include files a winmail.dat carried; the original holds the winmail.dat
+    winmail: bool = False
 
     def header(self, name: str) -> str | None:
         wanted = name.lower()

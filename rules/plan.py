@@ -10,7 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 
-from rules import internal_recipient, large_attachments, registered_letter, signed_message
+from rules import (
+    internal_recipient,
+    large_attachments,
+    registered_letter,
+    signed_message,
+    winmail,
+)
 from rules.actions import Action, KeepOriginal
 from rules.facts import MessageFacts
 from rules.matching import PolicyConfig
@@ -20,6 +26,7 @@ CHAIN: tuple[ModuleType, ...] = (
     registered_letter,
     signed_message,
     large_attachments,
+    winmail,
 )
 
 

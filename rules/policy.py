@@ -30,6 +30,7 @@ class Policy:
     registered_letter: bool = False
     letter_link_days: int = 14
     letter_block_set: str = "default"
+    unpack_winmail: bool = True
 
 
 POLICY_FIELDS = frozenset(f.name for f in dataclasses.fields(Policy))

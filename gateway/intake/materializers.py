@@ -7,12 +7,12 @@ the table the pipeline picks from, so a new kind of action adds one entry here.
 from __future__ import annotations
 
 from gateway.config import Settings
-from gateway.draft import Draft, Materializer
+from gateway.draft import Draft, Materializer, keep
 from gateway.letters.materializer import RegisteredLetterMaterializer
 from gateway.links.materializer import LinkAttachmentsMaterializer
 from gateway.store.blobs import BlobStore
 from gateway.store.events import POLICY_KEPT
-from rules.actions import Action, KeepOriginal, LinkAttachments, RegisteredLetter
+from rules.actions import Action, KeepOriginal, LinkAttachments, RegisteredLetter, UnpackWinmail
 
 
 class KeepOriginalMaterializer:
@@ -27,10 +27,24 @@ class KeepOriginalMaterializer:
         return draft.copy_base
 
 
+class UnpackWinmailMaterializer:
+    """The draft's message as it stands: each winmail.dat already replaced by its files
+    (gateway/mail/winmail.py); one copy for every recipient who gets it."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+
+    async def __call__(self, draft: Draft, recipient: str, action: UnpackWinmail) -> str:
+        if draft.unpacked_copy is None:
+            draft.unpacked_copy = await keep(self.blobs, draft.raw, draft.inline_blobs)
+        return draft.unpacked_copy
+
+
 def materializers(settings: Settings, blobs: BlobStore) -> dict[type[Action], Materializer]:
     links = LinkAttachmentsMaterializer(settings, blobs)
     return {
         KeepOriginal: KeepOriginalMaterializer(),
         LinkAttachments: links,
         RegisteredLetter: RegisteredLetterMaterializer(settings, blobs, links),
+        UnpackWinmail: UnpackWinmailMaterializer(blobs),
     }

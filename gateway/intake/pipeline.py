@@ -8,7 +8,6 @@ only once the message and every copy to deliver are durable; after that the fron
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from email.utils import make_msgid
 from typing import Protocol
 
 from gateway.config import Settings
-from gateway.draft import Draft
+from gateway.draft import Draft, keep
 from gateway.intake.materializers import materializers
 from gateway.mail import headers, mime, winmail
 from gateway.mail.headers import HeaderField
@@ -266,7 +265,7 @@ class Pipeline:
             raise Rejected(f"554 5.6.0 {exc}") from exc
         now = self.clock()
         inline: dict[str, bytes] = {}
-        original = await self._keep(raw, inline, received)
+        original = await keep(self.blobs, raw, inline, received)
         message = new_row(
             Message,
             id=new_id(),
@@ -285,7 +284,7 @@ class Pipeline:
             trusted_client=origin.trusted.describe() if origin.trusted else None,
             trusted_entry=origin.trusted.entry if origin.trusted else None,
         )
-        copy_base = original if base == raw else await self._keep(base, inline)
+        copy_base = original if base == raw else await keep(self.blobs, base, inline)
         unpacked = winmail.unpacked(base, root, message.id)
         if unpacked is None:
             return Draft(message, now, base, root, copy_base, base, inline_blobs=inline)
@@ -299,20 +298,6 @@ class Pipeline:
             inline_blobs=inline,
             unpacked=list(unpacked.files),
         )
-
-    async def _keep(
-        self, data: bytes, inline: dict[str, bytes], file: HashedFile | None = None
-    ) -> str:
-        """Put `data` in the blob store, or, when it is small, leave it in `inline` for the
-        commit's transaction: it is then durable with the message and needs no fsync of its
-        own (gateway/store/inline_blobs.py). `file`, when given, holds `data` already."""
-        if not self.blobs.takes_inline(len(data)):
-            if file is not None and file.size == len(data):
-                return await self.blobs.put_file(file)
-            return await self.blobs.put(data)
-        digest = hashlib.sha256(data).hexdigest()
-        inline[digest] = data
-        return digest
 
     async def materialize(
         self, draft: Draft, per_recipient: Mapping[str, Decision]
@@ -394,6 +379,7 @@ def message_facts(
         headers=tuple((field.name, field.value) for field in fields),
         parts=mime.part_facts(draft.raw, draft.root),
         signed=mime.is_signed(draft.root),
+        winmail=bool(draft.unpacked),
     )
 
 

@@ -1,10 +1,10 @@
 """A message with its winmail.dat unpacked into the files it carries.
 
-The copies the relay changes (links, registered letters) are made from this, so a prospect
-gets the offer as a PDF, not inside a file a phone cannot open, and the policy sees the real
-files: a big PDF is linked, a floor plan beside it stays attached, as would a calendar
-invitation. Copies that go out unchanged keep the winmail.dat as the agent's Outlook wrote
-it, and so does a signed message, whose bytes must not change.
+Copies to people outside the brokerage are made from this (rules/winmail.py; links and
+registered letters too), so a prospect gets the offer as a PDF, not inside a file a phone
+cannot open, and the policy sees the real files: a big PDF is linked, a floor plan beside it
+stays attached, as would a calendar invitation. Colleagues' copies keep the winmail.dat as
+the agent's Outlook wrote it, and so does a signed message, whose bytes must not change.
 """
 
 from __future__ import annotations

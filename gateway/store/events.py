@@ -238,8 +238,9 @@ class WinmailUnpacked(TypedDict):
 WINMAIL_UNPACKED = _declare(
     "winmail.unpacked",
     "The message carried Outlook's winmail.dat (mail written in Rich Text), which a phone"
-    " cannot open: the copies the relay changes (download links, registered letters) carry"
-    " the files inside it instead. Copies that go out unchanged keep it.",
+    " cannot open: copies to recipients outside the brokerage carry the files inside it"
+    " instead (policy `unpack_winmail`), as do download links and registered letters."
+    " Colleagues' copies keep it.",
     WinmailUnpacked,
     message="the message",
 )

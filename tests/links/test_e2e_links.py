@@ -352,8 +352,39 @@ async def test_a_winmail_dat_goes_to_the_prospect_as_the_files_it_carries(relay:
     assert (await chained(relay.relay.db)).ok
 
 
-async def test_a_small_winmail_dat_to_be_sent_unchanged_is_not_touched(relay: Harness) -> None:
-    """No copy is changed, so none is changed for it: no event claims it was unpacked."""
+async def test_a_small_winmail_dat_reaches_the_prospect_as_its_files(relay: Harness) -> None:
+    """Nothing to link, yet the prospect's phone gets the PDF, not winmail.dat; the text and
+    every field stay as Outlook wrote them. The colleague gets what Outlook sent."""
+    pdf = b"%PDF-1.4 small offer\r\n"
+    winmail = tnef_stream.stream([tnef_stream.Attachment(pdf, title="Angebot.pdf")])
+    original = outlook_rich_text(winmail)
+    await relay.send(original, recipients=[PROSPECT, COLLEAGUE])
+    copies = {copy.rcpt_tos[0]: copy.data for copy in await relay.sink.expect(2)}
+    assert copies[COLLEAGUE].endswith(original)
+    copy = copies[PROSPECT]
+    assert dkimpy.verify(copy, dnsfunc=dkim_dns(relay.dkim_key))
+    assert attachments(copy) == {"Angebot.pdf": pdf}
+    assert b"winmail" not in copy and b"ms-tnef" not in copy
+    head, _, _ = original.partition(b"\r\n\r\n")
+    assert head in copy  # every field of the agent's, byte for byte
+    body = email.message_from_bytes(copy, policy=email.policy.default).get_body(("plain",))
+    assert body is not None
+    assert body.get_content().replace("\r\n", "\n") == "Guten Tag,\n\nanbei Exposé und Grundriss.\n"
+    async with relay.relay.db.transaction() as session:
+        events = (await session.scalars(select(Event).order_by(Event.id))).all()
+    [unpacked] = [e for e in events if e.type == "winmail.unpacked"]
+    assert unpacked.data == {"files": ["Angebot.pdf"]}
+    assert [e.data["recipient"] for e in events if e.type == "delivery.queued"] == [
+        PROSPECT,
+        COLLEAGUE,
+    ]
+    assert (await chained(relay.relay.db)).ok
+
+
+async def test_unpack_winmail_off_leaves_an_otherwise_unchanged_copy_alone(
+    relay_factory: StartRelay,
+) -> None:
+    relay = await relay_factory(policy={"unpack_winmail": False})
     winmail = tnef_stream.stream([tnef_stream.Attachment(b"%PDF small", title="a.pdf")])
     original = outlook_rich_text(winmail)
     await relay.send(original, recipients=[PROSPECT])

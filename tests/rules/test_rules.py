@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rules.actions import KeepOriginal, LinkAttachments, RegisteredLetter
+from rules.actions import KeepOriginal, LinkAttachments, RegisteredLetter, UnpackWinmail
 from rules.facts import MessageFacts, PartFacts
 from rules.matching import ConfiguredRule, Match, PolicyConfig
 from rules.plan import CHAIN, check_chain, plan, plan_for_recipient
@@ -23,6 +23,7 @@ def facts(
     signed: bool = False,
     subject: str = "Exposé",
     sender: str = "anna@broker.example",
+    winmail: bool = False,
 ) -> MessageFacts:
     return MessageFacts(
         sender=sender,
@@ -32,6 +33,7 @@ def facts(
         headers=headers,
         parts=parts,
         signed=signed,
+        winmail=winmail,
     )
 
 
@@ -79,6 +81,24 @@ def test_internal_and_signed_mail_keep_the_original_with_a_reason() -> None:
     assert isinstance(internal.per_recipient["p@example.com"].action, LinkAttachments)
     signed = plan(facts(big, signed=True), config).per_recipient["p@example.com"]
     assert isinstance(signed.action, KeepOriginal) and "signature" in signed.action.reason
+
+
+def test_a_winmail_dat_goes_outside_as_its_files_and_to_colleagues_as_it_came() -> None:
+    config = PolicyConfig(Policy(internal_domains=frozenset({"broker.example"})))
+    small = facts(
+        (BODY, attachment("2", MiB)), ("ben@broker.example", "p@example.com"), winmail=True
+    )
+    decided = plan(small, config).per_recipient
+    assert decided["p@example.com"].action == UnpackWinmail()
+    assert decided["p@example.com"].rule == "winmail"
+    assert decided["ben@broker.example"].action == KeepOriginal("internal recipient")
+    big = facts((BODY, attachment("2", 8 * MiB)), winmail=True)
+    assert plan(big, config).per_recipient["p@example.com"].action == LinkAttachments(
+        ("2",), 90, "de"
+    )
+    off = PolicyConfig(Policy(unpack_winmail=False))
+    assert plan(small, off).per_recipient["p@example.com"].action == KeepOriginal()
+    assert plan(facts((BODY,)), config).per_recipient["p@example.com"].action == KeepOriginal()
 
 
 @pytest.mark.parametrize(
