@@ -20,7 +20,7 @@ from gateway.store.models import Delivery, Letter, Link, Message
 from tests.conftest import AGENT, dkim_dns
 from tests.letter_site import PROSPECT, Clock, LetterSite
 from tests.support import chained
-from web.console.account import ACCOUNT
+from web.console.paths import ACCOUNT
 
 
 async def to_agent(site: LetterSite) -> int:

@@ -29,7 +29,7 @@ from tests.conftest import AGENT, dkim_dns
 from tests.letter_fixtures import StartSite
 from tests.letter_site import PROSPECT, Clock, LetterSite
 from tests.support import PERSON_UA, chained
-from web.console.account import ACCOUNT
+from web.console.paths import ACCOUNT
 
 PLAN = os.urandom(3 * 1024 * 1024)
 PHOTOS = os.urandom(3 * 1024 * 1024)

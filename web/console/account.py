@@ -21,6 +21,7 @@ from gateway.console.admin import UserDesk
 from gateway.console.sessions import Client, Refusal, SessionDesk, SignInRefused
 from gateway.users import MIN_PASSWORD, NOTICE_KINDS, UserError
 from web.console.pages import CONSOLE_USER
+from web.console.paths import ACCOUNT
 from web.console.upstream_login import LoginRefused, apply_login_form
 from web.console.view import ConsoleView, form_text
 from web.guard import Routes
@@ -28,7 +29,6 @@ from web.pages import ProspectSite
 
 log = logging.getLogger(__name__)
 
-ACCOUNT = "/console/account"
 PASSWORD_MAX = 1000
 
 

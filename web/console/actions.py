@@ -22,8 +22,8 @@ from gateway.letters.blocks import markdown_html
 from gateway.letters.desk import LetterDesk
 from gateway.links.desk import LinkDesk
 from gateway.texts.catalog import Catalog
+from web.console.paths import MESSAGES
 from web.console.timeline import (
-    MESSAGES,
     VALID_UNTIL,
     TimelinePages,
     story_letters,

@@ -37,13 +37,13 @@ from gateway.webhooks.desk import (
     WebhookError,
 )
 from gateway.webhooks.tunables import REPLAY_LIMIT
+from web.console.paths import ADMIN
 from web.console.upstream_login import LoginRefused, apply_login_form
 from web.console.view import ConsoleView, form_text
 from web.guard import Routes
 
 log = logging.getLogger(__name__)
 
-ADMIN = "/console/admin"
 USERS = ADMIN + "/users"
 QUEUE = ADMIN + "/queue"
 WEBHOOKS = ADMIN + "/webhooks"

@@ -27,13 +27,12 @@ from gateway.console.sessions import (
 )
 from gateway.texts.catalog import Catalog
 from web.console.forms import FIELD, ConsoleForms, CsrfRefused
+from web.console.paths import CONSOLE, HOME
 from web.guard import CONSOLE_LOGIN, Audience, Routes, rule_of
 from web.pages import STATIC, ProspectSite, digest, under
 
 log = logging.getLogger(__name__)
 
-CONSOLE = "/console"
-HOME = "/console/"
 CONSOLE_USER = web.RequestKey("console_user", ConsoleUser)
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self' https: data:;"

@@ -48,10 +48,10 @@ from gateway.store.events import (
 from gateway.store.models import LinkKind
 from gateway.texts.catalog import Catalog
 from rules.automated_visits import PROVIDER_NAMES, Reason
+from web.console.paths import LETTERS, MESSAGES
 from web.console.view import ConsoleView
 from web.guard import Routes
 
-MESSAGES = "/console/messages"
 SEARCH_MAX = 200
 # noise on a recipient's story: every copy is queued before it is delivered or bounces
 QUIET = frozenset({DELIVERY_QUEUED.name})
@@ -241,7 +241,7 @@ class TimelinePages:
     def register(self, routes: Routes) -> None:
         routes.console("GET", MESSAGES, self.messages, Permission.VIEW_MESSAGES)
         routes.console("GET", MESSAGES + "/{id}", self.message, Permission.VIEW_MESSAGES)
-        routes.console("GET", "/console/letters", self.letters, Permission.VIEW_MESSAGES)
+        routes.console("GET", LETTERS, self.letters, Permission.VIEW_MESSAGES)
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         catalog = self.view.catalog(request)

@@ -16,6 +16,7 @@ from gateway.access import Permission, Principal
 from gateway.texts.catalog import Catalog
 from web.console.forms import FIELD, ConsoleForms
 from web.console.pages import CONSOLE_USER, ConsolePages
+from web.console.paths import ACCOUNT, ADMIN, HOME, LETTERS, MESSAGES
 from web.guard import CONSOLE_LOGIN, PRINCIPAL
 from web.pages import ProspectSite
 
@@ -141,19 +142,19 @@ class ConsoleView:
 
     def _nav(self, request: web.Request, catalog: Catalog, principal: Principal) -> list[NavItem]:
         items = [
-            ("/console/", "work.nav.home"),
-            ("/console/messages", "work.nav.messages"),
-            ("/console/letters", "work.nav.letters"),
+            (HOME, "work.nav.home"),
+            (MESSAGES, "work.nav.messages"),
+            (LETTERS, "work.nav.letters"),
         ]
         if principal.may(Permission.VIEW_ADMIN):
-            items.append(("/console/admin", "work.nav.admin"))
-        items.append(("/console/account", "work.nav.account"))
+            items.append((ADMIN, "work.nav.admin"))
+        items.append((ACCOUNT, "work.nav.account"))
         path = request.path
         return [
             NavItem(
                 href,
                 catalog.t(key),
-                path == href or (href not in ("/console/",) and path.startswith(href + "/")),
+                path == href or (href != HOME and path.startswith(href + "/")),
             )
             for href, key in items
         ]
