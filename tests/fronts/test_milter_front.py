@@ -23,6 +23,7 @@ from gateway.fronts.smtp import Reply
 from gateway.store.models import Delivery, Event, Message
 from tests.conftest import AGENT, Harness, StartRelay
 from tests.fronts.milter_client import MilterClient
+from tests.mail import tnef_stream
 from tests.queue_wait import queue_idle
 from tests.support import free_port
 
@@ -148,6 +149,32 @@ async def test_mail_that_needs_a_link_is_taken_over_and_delivered_once(
         bodies = [p.get_content() for p in text.walk() if p.get_content_maintype() == "text"]
         assert any("http://127.0.0.1:8080/d/" in body for body in bodies)
         assert copy.mail_from == AGENT and b"DKIM-Signature" in copy.data
+    await client.close()
+
+
+async def test_an_outlook_winmail_dat_for_prospects_is_taken_over_as_its_files(
+    relay_factory: StartRelay,
+) -> None:
+    """Postfix would deliver the winmail.dat a prospect cannot open: the relay takes the mail
+    over and sends the file inside instead."""
+    relay, client = await start(relay_factory)
+    pdf = b"%PDF-1.4 offer"
+    raw = tnef_stream.outlook_mail(
+        tnef_stream.stream([tnef_stream.Attachment(pdf, title="Angebot.pdf")]),
+        sender=AGENT,
+        to=PROSPECT,
+        subject="Angebot",
+        text="Guten Tag!\n",
+    )
+    await client.envelope(AGENT, [PROSPECT], login=AGENT)
+    answers = await client.content(raw, queue_id="4QTNEF")
+    assert [a.code for a in answers] == [b"d"]
+    *_, records = await stored(relay)
+    assert records == [{"outcome": "taken_over", "mta_queue_id": "4QTNEF", "login": AGENT}]
+    [copy] = await relay.sink.expect(1)
+    parsed = email.message_from_bytes(copy.data, policy=email.policy.default)
+    files = {p.get_filename(): p.get_content() for p in parsed.iter_attachments()}
+    assert files == {"Angebot.pdf": pdf}
     await client.close()
 
 
