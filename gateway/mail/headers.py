@@ -48,15 +48,13 @@ class HeaderField:
         return utf8_or_windows_1252(value.rstrip(b"\r\n")).strip()
 
 
-def utf8_or_windows_1252(data: bytes, errors: str = "replace") -> str:
-    """8-bit text whose charset is not declared: UTF-8 when it is valid UTF-8, else the
-    Windows code page that mail programs wrote before it (Latin-1 plus € and „“).
-
-    With ``errors="strict"``, bytes that are neither raise UnicodeDecodeError."""
+def utf8_or_windows_1252(data: bytes) -> str:
+    """8-bit text whose charset is not declared, for display: UTF-8 when it is valid UTF-8,
+    else the Windows code page that mail programs wrote before it (Latin-1 plus € and „“)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        return data.decode("cp1252", errors=errors)
+        return data.decode("cp1252", errors="replace")
 
 
 def split_offsets(raw: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:

@@ -766,7 +766,8 @@ def add_link_block(raw: bytes, root: MimePart, text_block: str, html_block: str)
       UTF-8, and only the charset parameter of its Content-Type field changes (or is added).
       The text is the same text, its bytes are UTF-8 (unchanged for ASCII bodies).
     - Text without a charset parameter whose bytes are not ASCII is read as UTF-8, else
-      Windows-1252 (as the relay reads undeclared header bytes), and re-encoded as above.
+      Windows-1252 (as the relay reads undeclared header bytes) when that reads like Western
+      text, and re-encoded as above; otherwise (Greek, Cyrillic) as in the next case.
     - Text whose charset is unknown, whose bytes are not valid in the declared charset, or
       whose charset parameter cannot be edited safely (RFC 2231 form, duplicates): the
       block is transliterated to ASCII (ä → ae, é → e, others → ?) and appended.
@@ -936,15 +937,33 @@ def _body_edits(
 def _strict_decode(body: bytes, codec: str, *, undeclared: bool) -> str | None:
     """The body as text, or None. Without a charset parameter the text is US-ASCII by
     RFC 2045, but 8-bit bytes there are what a script or scanner wrote in its own charset:
-    read as the relay reads undeclared header bytes (UTF-8, else Windows-1252)."""
+    read as the relay reads undeclared header bytes (UTF-8, else Windows-1252), as long as
+    what Windows-1252 makes of them reads like Western text (`_western`)."""
     try:
         return body.decode(codec)
     except UnicodeDecodeError:
         pass
+    if not undeclared:
+        return None
     try:
-        return headers.utf8_or_windows_1252(body, errors="strict") if undeclared else None
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:
+        text = body.decode("cp1252")
     except UnicodeDecodeError:
         return None
+    return text if _western(text) else None
+
+
+def _western(text: str) -> bool:
+    """Whether `text`, read as Windows-1252, is likely what was written: German, French or
+    Spanish keep most letters ASCII ("Grüße aus München": 3 of 14 are not, "Müßig" 2 of 5).
+    Greek or Cyrillic bytes read so become nothing but accented letters ("Ïðèâåò"); declared
+    UTF-8 they would be garbage for good, so such a body keeps its bytes and the receiver's
+    guess."""
+    letters = [char for char in text if char.isalpha()]
+    return 2 * sum(1 for char in letters if not char.isascii()) <= len(letters)
 
 
 def _needs_qp(encoding: str, added: bytes) -> bool:

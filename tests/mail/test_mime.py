@@ -740,6 +740,44 @@ def test_undeclared_8bit_text_is_read_as_utf8_else_windows_1252(written: bytes, 
     assert not headers.has_bare_line_end(out)
 
 
+@pytest.mark.parametrize(
+    ("written", "codec"),
+    [
+        ("Здравствуйте, Анна!\nПрилагаю экспозе.\n", "koi8-r"),
+        ("Здравствуйте, Анна!\nПрилагаю экспозе.\n", "cp1251"),
+        ("Καλημέρα σας,\nσας στέλνω την προσφορά.\n", "cp1253"),
+    ],
+)
+def test_undeclared_8bit_text_that_is_not_western_keeps_its_bytes(written: str, codec: str) -> None:
+    """Read as Windows-1252 and declared UTF-8, a Russian or Greek body would be garbage for
+    good: its bytes stay as written, the receiver guesses as before, the block is ASCII."""
+    body = written.replace("\n", "\r\n").encode(codec)
+    raw = TOP + b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n" + body
+    out = mime.add_link_block(raw, mime.parse(raw), TEXT_BLOCK, HTML_BLOCK)
+    root = mime.parse(out)
+    text_part = next(p for p in root.walk() if p.content_type == "text/plain")
+    assert "charset" not in text_part.params
+    kept = mime.decoded_body(out, text_part)
+    assert kept.startswith(body)
+    assert kept[len(body) :].isascii() and b"Expose fuer Kaeufer" in kept
+    assert not headers.has_bare_line_end(out)
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["Grüße aus München,\nanbei das Exposé.\n", "Müßig\n", "À bientôt, señora Núñez\n"],
+)
+def test_western_text_in_windows_1252_is_read_so(written: str) -> None:
+    raw = (
+        TOP
+        + b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
+        + written.replace("\n", "\r\n").encode("cp1252")
+    )
+    message = assert_clean(mime.add_link_block(raw, mime.parse(raw), TEXT_BLOCK, HTML_BLOCK))
+    assert message["content-type"].params["charset"] == "utf-8"
+    assert message.get_content().startswith(written.replace("\n", "\r\n"))
+
+
 def test_utf16_body_is_left_as_written_and_the_block_gets_its_own_part() -> None:
     body = base64.encodebytes("Grüße\r\n".encode("utf-16")).replace(b"\n", b"\r\n")
     raw = (
