@@ -319,6 +319,16 @@ async def linked_files(relay: Harness, copy: bytes) -> dict[str, bytes]:
     return files
 
 
+async def prospects_copy(relay: Harness, original: bytes) -> bytes:
+    """Sent to a prospect and a colleague: the colleague's copy is what Outlook sent, the
+    prospect's is signed; the prospect's is returned."""
+    await relay.send(original, recipients=[PROSPECT, COLLEAGUE])
+    copies = {copy.rcpt_tos[0]: copy.data for copy in await relay.sink.expect(2)}
+    assert copies[COLLEAGUE].endswith(original)
+    assert dkimpy.verify(copies[PROSPECT], dnsfunc=dkim_dns(relay.dkim_key))
+    return copies[PROSPECT]
+
+
 async def test_a_winmail_dat_goes_to_the_prospect_as_the_files_it_carries(relay: Harness) -> None:
     """A phone cannot open winmail.dat: the big PDF inside is linked by its name, the plan
     beside it attached, the contact card too. The colleague gets what Outlook sent."""
@@ -332,11 +342,7 @@ async def test_a_winmail_dat_goes_to_the_prospect_as_the_files_it_carries(relay:
         ]
     )
     original = outlook_rich_text(winmail)
-    await relay.send(original, recipients=[PROSPECT, COLLEAGUE])
-    copies = {copy.rcpt_tos[0]: copy.data for copy in await relay.sink.expect(2)}
-    assert copies[COLLEAGUE].endswith(original)
-    copy = copies[PROSPECT]
-    assert dkimpy.verify(copy, dnsfunc=dkim_dns(relay.dkim_key))
+    copy = await prospects_copy(relay, original)
     assert attachments(copy) == {"Grundriss.png": plan, "anna.vcf": card}
     body = email.message_from_bytes(copy, policy=email.policy.default).get_body()
     assert body is not None
@@ -358,11 +364,7 @@ async def test_a_small_winmail_dat_reaches_the_prospect_as_its_files(relay: Harn
     pdf = b"%PDF-1.4 small offer\r\n"
     winmail = tnef_stream.stream([tnef_stream.Attachment(pdf, title="Angebot.pdf")])
     original = outlook_rich_text(winmail)
-    await relay.send(original, recipients=[PROSPECT, COLLEAGUE])
-    copies = {copy.rcpt_tos[0]: copy.data for copy in await relay.sink.expect(2)}
-    assert copies[COLLEAGUE].endswith(original)
-    copy = copies[PROSPECT]
-    assert dkimpy.verify(copy, dnsfunc=dkim_dns(relay.dkim_key))
+    copy = await prospects_copy(relay, original)
     assert attachments(copy) == {"Angebot.pdf": pdf}
     assert b"winmail" not in copy and b"ms-tnef" not in copy
     head, _, _ = original.partition(b"\r\n\r\n")
