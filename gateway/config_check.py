@@ -97,6 +97,7 @@ def settings_problems(settings: Settings, *, reach_bucket: bool = True) -> Itera
     yield from _letter_texts(settings)
     yield from _letter_keys(settings)
     yield from _rule_groups(settings)
+    yield from _internal_domains(settings)
 
 
 def unknown_group_problems(settings: Settings, user_groups: Mapping[str, str]) -> list[Problem]:
@@ -517,6 +518,23 @@ def _rule_groups(settings: Settings) -> Iterator[Problem]:
                     f"rule {rule.name!r} matches group {group!r}, which is not in [[groups]]",
                     error=False,
                 )
+
+
+def _internal_domains(settings: Settings) -> Iterator[Problem]:
+    """A relay that signs for the brokerage's domains but was never told they are its own
+    treats a colleague as a prospect: links instead of files, an offer held for consent."""
+    decided = "internal_domains" in settings.policy.model_fields_set or any(
+        "internal_domains" in group.model_fields_set for group in settings.groups
+    )
+    if settings.dkim and not decided:
+        yield Problem(
+            "policy.internal_domains",
+            f"not set: mail to colleagues at {', '.join(sorted(settings.dkim))} is handled as"
+            " mail to prospects (attachments become links, offers registered letters,"
+            " winmail.dat unpacked); list the brokerage's own domains, or set it to [] to keep"
+            " it so",
+            error=False,
+        )
 
 
 # -- files and directories, as the user the relay runs as sees them

@@ -159,7 +159,8 @@ async def test_check_config_refuses_paths_the_relay_user_cannot_use(
         "[upstream]\nurl = 'smtp://smarthost.example:587'\n"
         f"[database]\nurl = 'sqlite+aiosqlite:///{foreign_directory}/relay.db'\n"
         f"[storage]\npath = '{foreign_directory}/blobs'\n"
-        f"[dkim.'broker.example']\nselector = 's1'\nkey_file = '{secret_key}'\n" + LETTER_TOML
+        f"[dkim.'broker.example']\nselector = 's1'\nkey_file = '{secret_key}'\n"
+        "[policy]\ninternal_domains = ['broker.example']\n" + LETTER_TOML
     )
     try:
         process = await asyncio.create_subprocess_exec(
@@ -221,6 +222,39 @@ async def test_check_config_warns_of_capture_and_unknown_groups(
         f" in {tmp_path}/outbox, nothing is sent; set smtp://HOST:PORT or smtps://HOST:PORT"
         " to deliver",
     ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "warned"),
+    [
+        ("", True),
+        ("[policy]\ninternal_domains = []\n", False),
+        ("[policy]\ninternal_domains = ['broker.example']\n", False),
+        ("[[groups]]\nname = 'sales'\ninternal_domains = ['broker.example']\n", False),
+    ],
+)
+async def test_check_config_warns_when_the_signed_domains_are_not_called_internal(
+    tmp_path: Path, dkim_key_file: Path, setting: str, warned: bool
+) -> None:
+    """Without internal_domains a colleague's mail is planned as a prospect's; once it is
+    set anywhere, even empty, the admin decided."""
+    config = write_config(
+        tmp_path,
+        extra="[smtp]\nallow_plaintext_auth_on_loopback = true\n"
+        f"[dkim.'broker.example']\nselector = 's1'\nkey_file = '{dkim_key_file}'\n{setting}",
+    )
+    checked = await sealrelay("check-config", str(config))
+    assert checked.code == 0, checked.err
+    found = [line for line in checked.err.splitlines() if "internal_domains" in line]
+    if warned:
+        assert found == [
+            "Warning: policy.internal_domains: not set: mail to colleagues at broker.example is"
+            " handled as mail to prospects (attachments become links, offers registered"
+            " letters, winmail.dat unpacked); list the brokerage's own domains, or set it to []"
+            " to keep it so"
+        ]
+    else:
+        assert found == []
 
 
 @pytest.mark.parametrize(
