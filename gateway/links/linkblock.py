@@ -39,7 +39,8 @@ def render(
         "expires": catalog.moment(expires_at),
         "color": color,
         "files": [
-            {"name": headers.one_line(f.filename), "size": catalog.size(f.size)} for f in files
+            {"name": headers.controls_blanked(f.filename), "size": catalog.size(f.size)}
+            for f in files
         ],
     }
     text = _text.get_template(f"{language}.txt.j2").render(context)

@@ -141,14 +141,14 @@ def first_value(fields: Iterable[HeaderField], name: str) -> str | None:
 _UNSTRUCTURED = HeaderRegistry()["x"]
 
 
-def one_line(text: str) -> str:
+def controls_blanked(text: str) -> str:
     """Control characters (CR and LF among them) as spaces: a name or value from the mail that
     is shown, logged or written into a header can never start a new line there."""
     return _CONTROL.sub(" ", text)
 
 
 def has_control(text: str) -> bool:
-    """Whether one_line would change `text`."""
+    """Whether controls_blanked would change `text`."""
     return _CONTROL.search(text) is not None
 
 
@@ -159,12 +159,12 @@ def decoded(value: str) -> str:
     start a new line wherever it is shown.
     """
     if value.isascii() and "=?" not in value:
-        return one_line(value)  # no encoded word: the parser would give it back as is
+        return controls_blanked(value)  # no encoded word: the parser would give it back as is
     try:
         text = str(_UNSTRUCTURED("x", value))
     except (ValueError, LookupError, IndexError):
         text = value
-    return one_line(text)
+    return controls_blanked(text)
 
 
 def addresses(fields: Iterable[HeaderField], name: str) -> list[str]:

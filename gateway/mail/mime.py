@@ -452,7 +452,7 @@ def _filename(value: str | None) -> str | None:
         return None
     if "=?" in value and len(value) <= 4096:
         value = headers.decoded(value)
-    value = headers.one_line(value)
+    value = headers.controls_blanked(value)
     return value or None
 
 

@@ -238,4 +238,4 @@ def _codec(codepage: int) -> str:
 def _base_name(name: str) -> str:
     """Without a folder Outlook may leave in front of it, control characters blanked."""
     base = re.split(r"[\\/]", name)[-1]
-    return headers.one_line(base).strip()
+    return headers.controls_blanked(base).strip()

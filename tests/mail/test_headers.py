@@ -103,8 +103,8 @@ def test_decoded_is_one_line_of_text(value: str, text: str) -> None:
 
 
 @given(st.text())
-def test_one_line_leaves_no_control_character_and_keeps_the_rest(text: str) -> None:
-    line = headers.one_line(text)
+def test_controls_blanked_leaves_no_control_character_and_keeps_the_rest(text: str) -> None:
+    line = headers.controls_blanked(text)
     assert len(line) == len(text)
     assert not headers.has_control(line)
     assert not any(c in line for c in "\r\n\x00\x7f")
