@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, Settings, load_settings
+from rules.policy import POLICY_FIELDS
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
@@ -25,6 +26,13 @@ def test_embedded_defaults_are_the_dev_relay() -> None:
 def test_shipped_examples_validate(name: str) -> None:
     settings = load_settings(EXAMPLES / name, environ={})
     assert isinstance(settings, Settings)
+
+
+def test_the_example_config_shows_every_policy_setting() -> None:
+    """IT learns the policy keys from the example: a new one must appear there too
+    (letter_tags is [letter] tags)."""
+    text = (EXAMPLES / "sealrelay.toml").read_text(encoding="utf-8")
+    assert sorted(name for name in POLICY_FIELDS - {"letter_tags"} if f"{name} =" not in text) == []
 
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
