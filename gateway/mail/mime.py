@@ -51,6 +51,10 @@ CRLF = b"\r\n"
 _LINE_BREAK = re.compile(rb"\r\n|\n")
 _TEXT_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _HTML_BODY_END = re.compile(rb"</body\s*>", re.IGNORECASE)
+_ASCII_LETTERS = bytes(range(ord("A"), ord("Z") + 1)) + bytes(range(ord("a"), ord("z") + 1))
+_CP1252_LETTERS = bytes(
+    b for b in range(0x80, 0x100) if bytes([b]).decode("cp1252", "ignore").isalpha()
+)
 _COMMENT_SYNTAX = re.compile(r'\\.|[()"]', re.DOTALL)
 _MIME_ATOM = r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+"
 _TYPE = re.compile(rf"\s*({_MIME_ATOM})\s*/\s*({_MIME_ATOM})")
@@ -953,17 +957,18 @@ def _strict_decode(body: bytes, codec: str, *, undeclared: bool) -> str | None:
         text = body.decode("cp1252")
     except UnicodeDecodeError:
         return None
-    return text if _western(text) else None
+    return text if _western(body) else None
 
 
-def _western(text: str) -> bool:
-    """Whether `text`, read as Windows-1252, is likely what was written: German, French or
+def _western(body: bytes) -> bool:
+    """Whether `body`, read as Windows-1252, is likely what was written: German, French or
     Spanish keep most letters ASCII ("Grüße aus München": 3 of 14 are not, "Müßig" 2 of 5).
     Greek or Cyrillic bytes read so become nothing but accented letters ("Ïðèâåò"); declared
     UTF-8 they would be garbage for good, so such a body keeps its bytes and the receiver's
-    guess."""
-    letters = [char for char in text if char.isalpha()]
-    return 2 * sum(1 for char in letters if not char.isascii()) <= len(letters)
+    guess. Counted by `translate`, at C speed: a body may be megabytes."""
+    ascii_letters = len(body) - len(body.translate(None, _ASCII_LETTERS))
+    other_letters = len(body) - len(body.translate(None, _CP1252_LETTERS))
+    return other_letters <= ascii_letters
 
 
 def _needs_qp(encoding: str, added: bytes) -> bool:
