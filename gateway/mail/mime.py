@@ -1008,7 +1008,7 @@ def _rewrite_body(
     if _needs_qp(encoding, new_body):
         encoding = "quoted-printable"
     if encoding == "base64":
-        encoded = _encode_base64(new_body)
+        encoded = base64_lines(new_body)
     elif encoding == "quoted-printable":
         encoded = _encode_qp(new_body)
     else:
@@ -1080,7 +1080,8 @@ def _utf8_content_type(part: MimePart, field_raw: bytes) -> bytes | None:
     return field_raw[: matches[0].start(2)] + new_value + field_raw[matches[0].end(2) :]
 
 
-def _encode_base64(data: bytes) -> bytes:
+def base64_lines(data: bytes) -> bytes:
+    """Base64 in lines of 76 characters, each ending in CRLF (RFC 2045 section 6.8)."""
     lines = [binascii.b2a_base64(data[i : i + 57], newline=False) for i in range(0, len(data), 57)]
     return CRLF.join(lines) + (CRLF if lines else b"")
 

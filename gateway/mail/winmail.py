@@ -69,16 +69,17 @@ def _attachments_of_mixed(root: mime.MimePart) -> list[mime.MimePart]:
 
 
 def _part(file: tnef.CarriedFile) -> bytes:
-    """An attachment part, its name in RFC 2231 form where it needs it."""
+    """An attachment part, its name in RFC 2231 form where it needs it. The standard library
+    writes the fields; the body is encoded apart, as its generator writes base64 a line at a
+    time in Python (0.3 s for 20 MB, on the event loop)."""
     maintype, _, subtype = file.content_type.partition("/")
     if maintype not in _FILE_TYPES:
         maintype, subtype = "application", "octet-stream"
-    part = MIMEPart()
-    part.set_content(
-        file.data,
-        maintype=maintype,
-        subtype=subtype,
-        disposition="attachment",
-        filename=file.filename,
+    head = MIMEPart()
+    head.set_content(
+        b"", maintype=maintype, subtype=subtype, disposition="attachment", filename=file.filename
     )
-    return part.as_bytes(policy=email.policy.SMTP).removesuffix(b"\r\n")
+    fields = head.as_bytes(policy=email.policy.SMTP).removesuffix(b"\r\n")
+    if not file.data:
+        return fields
+    return fields + b"\r\n" + mime.base64_lines(file.data).removesuffix(b"\r\n")
