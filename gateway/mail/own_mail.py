@@ -14,7 +14,6 @@ the agent's own From, builds its head itself and shares the rest (``message``).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 import secrets
@@ -26,6 +25,7 @@ from email.header import Header
 from email.utils import format_datetime
 from typing import Final
 
+from gateway.mail import mime
 from gateway.mail.headers import format_field
 
 CRLF: Final = b"\r\n"
@@ -142,12 +142,6 @@ def quoted_printable(text: str) -> bytes:
     return b"".join(_LINE_END.sub(CRLF, line) + CRLF for line in encoded)
 
 
-def base64_lines(data: bytes) -> bytes:
-    """Base64 in lines of 76 characters, each ending in CRLF (RFC 2045 §6.8)."""
-    encoded = base64.b64encode(data)
-    return b"".join(encoded[i : i + 76] + CRLF for i in range(0, len(encoded), 76))
-
-
 def crlf_lines(data: bytes) -> bytes:
     """Every line end as CRLF and a final one (nothing for nothing)."""
     if not data:
@@ -183,7 +177,7 @@ def attachment(data: bytes, content_type: str, filename: str) -> Part:
         format_field("Content-Transfer-Encoding", "base64"),
         format_field("Content-Disposition", f'attachment; filename="{filename}"'),
     )
-    return Part(fields, base64_lines(data))
+    return Part(fields, mime.base64_lines(data))
 
 
 def plain_part(content_type: str, body: bytes, *, description: str = "") -> Part:
